@@ -1,0 +1,60 @@
+"""The ``fpstate`` command line.
+
+Each subcommand lives in its own module under ``fpstate.commands`` with two functions:
+``register(subparsers)`` adds its parser (with ``set_defaults(run=...)``), and the ``run(args)``
+it names returns the exit status. This file only wires them together and turns every
+`FpstateError` into one line on stderr with exit status 2 (argparse does the same for bad
+arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fpstate import __version__
+from fpstate.errors import FpstateError
+
+#: Subcommand modules, in the order ``fpstate --help`` lists them.
+COMMANDS: tuple[str, ...] = (
+    "fpstate.commands.layout",
+    "fpstate.commands.conform",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"fpstate: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fpstate",
+        description="x86 and arm64 extended register state: the architecture, Linux and KVM, "
+        "as a model and on the real machine.",
+    )
+    parser.add_argument("--version", action="version", version=f"fpstate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except FpstateError as e:
+        sys.stderr.write(f"fpstate: error: {e}\n")
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
