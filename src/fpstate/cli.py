@@ -19,8 +19,6 @@ from fpstate.errors import FpstateError
 
 #: Subcommand modules, in the order ``fpstate --help`` lists them.
 COMMANDS: tuple[str, ...] = (
-    "fpstate.commands.layout",
-    "fpstate.commands.conform",
 )
 
 
