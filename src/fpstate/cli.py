@@ -19,6 +19,7 @@ from fpstate.errors import FpstateError
 
 #: Subcommand modules, in the order ``fpstate --help`` lists them.
 COMMANDS: tuple[str, ...] = (
+    "fpstate.commands.layout",
 )
 
 

@@ -276,7 +276,10 @@ def parse_dump(text: str, name: str, source: str, selector: str | None = None) -
     """A profile from ``text`` in any supported format (auto-detected)."""
     if "\0" in text:
         raise ProfileError(f"{source}: binary data (NUL bytes), not a CPUID dump")
-    fmt = detect_format(text)
+    try:
+        fmt = detect_format(text)
+    except ProfileError as e:
+        raise ProfileError(f"{source}: {e}") from None
     if fmt == "cpuid-r":
         return parse_cpuid_r(text, name, source)
     if fmt == "aida64":
