@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+from pathlib import Path
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpstate.errors import MaskError, ProfileError
 from fpstate.x86.cpuid import FLAGS, Component, CpuidProfile, vendor_of
+from fpstate.x86.layout import layout_table
+from fpstate.x86.profiles import list_profiles, load_profile
+from fpstate.x86.profiles.dumps import parse_dump
 
 # Real registers: Sapphire Rapids w7-2475X (InstLatx64 GenuineIntel00806F8_SapphireRapids_05).
 SPR_LEAVES = {
@@ -121,3 +130,173 @@ def test_bad_json_is_a_profile_error(text: str, message: str) -> None:
 def test_brand_and_family() -> None:
     assert SPR.family_model_stepping == (6, 0x8F, 8)
     assert SPR.brand == ""  # the table above has no brand leaves
+
+
+# -- dump parsers (fpstate.x86.profiles.dumps) and the loader ---------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+CPUID_R = (DATA / "epyc-zen5-kvm.cpuid-r.txt").read_text()  # `cpuid -r` on this host, 2 vCPUs
+SPR_AIDA = (DATA / "SapphireRapids_05-cpu0.aida64.txt").read_text()  # InstLatx64, CPU #0 + #1
+SNB_AIDA = (DATA / "SandyBridge-old-aida64.txt").read_text()  # AIDA64 v1.20: no [SL nn]
+CORPUS = json.loads(gzip.decompress((DATA / "cpuid-corpus.json.gz").read_bytes()))
+
+
+def test_cpuid_r_reads_cpu_0_only() -> None:
+    p = parse_dump(CPUID_R, "kvm", "fixture")
+    assert (p.vendor, p.brand) == ("amd", "AMD EPYC")
+    assert p.cpuid(0xD, 0) == (0xE7, 0x980, 0x980, 0)
+    assert p.cpuid(0xD, 1) == (0xF, 0x9A8, 0x1800, 0)
+    assert p.cpuid(1)[1] == 0x00020800  # CPU 0's APIC id; CPU 1's block says 0x01020800
+    assert p.family_model_stepping == (0x1A, 0x02, 1)
+
+
+def test_cpuid_r_single_cpu_header() -> None:
+    block = CPUID_R.split("CPU 1:")[0].replace("CPU 0:", "CPU:")
+    assert parse_dump(block, "kvm", "fixture").leaves == parse_dump(CPUID_R, "k", "f").leaves
+
+
+def test_cpuid_r_truncated_mid_line_names_the_line() -> None:
+    cut = CPUID_R[: CPUID_R.index("0x0000000d 0x02") + 30]
+    with pytest.raises(ProfileError, match=r"fixture line 20: not a 'cpuid -r' register line"):
+        parse_dump(cut, "kvm", "fixture")
+
+
+def test_cpuid_r_truncated_at_a_line_end_misses_the_last_leaf() -> None:
+    cut = CPUID_R[: CPUID_R.index("   0x80000021")]
+    with pytest.raises(ProfileError, match=r"truncated: CPUID leaf 0x80000021 is missing"):
+        parse_dump(cut, "kvm", "fixture")
+
+
+def test_cpuid_r_garbled_register_and_duplicate() -> None:
+    bad = CPUID_R.replace("eax=0x000000e7", "eax=0x0000g0e7")
+    with pytest.raises(ProfileError, match="line 18: not a 'cpuid -r' register line"):
+        parse_dump(bad, "kvm", "fixture")
+    lines = CPUID_R.splitlines()
+    dup = "\n".join([*lines[:5], lines[4], *lines[5:]])
+    with pytest.raises(ProfileError, match="line 6: CPUID leaf 0x3 sub-leaf 0x0 appears twice"):
+        parse_dump(dup, "kvm", "fixture")
+
+
+def test_aida64_matches_the_corpus_entry_of_the_same_dump() -> None:
+    p = parse_dump(SPR_AIDA, "spr", "fixture")
+    corpus = load_profile(f"{DATA / 'cpuid-corpus.json.gz'}#SapphireRapids_05_CPUID")
+    assert p.leaves == corpus.leaves
+    assert p.cpuid(0xD, 0x12) == (0x2000, 0xB00, 6, 0)
+    assert p.brand == "Intel(R) Xeon(R) w7-2475X"
+
+
+def test_old_aida64_without_subleaf_numbers() -> None:
+    p = parse_dump(SNB_AIDA, "snb", "fixture")
+    assert p.cpuid(4, 3) == (0x1C03C163, 0x02C0003F, 0x1FFF, 6)  # repeated lines: 0, 1, 2, 3
+    assert p.cpuid(0xB, 1) == (4, 4, 0x201, 0)
+    # leaf 0xD printed only non-zero sub-leaves 0..2: the (256, 576) line is AVX's sub-leaf 2
+    assert p.cpuid(0xD, 1) == (0, 0, 0, 0)
+    assert p.component(2) == Component(2, 256, 576, False, False, False)
+
+
+def test_aida64_truncated_block_without_its_end() -> None:
+    block = SPR_AIDA[: SPR_AIDA.index("CPUID 80000005")]
+    head = block[: block.index("\nL1")] if "\nL1" in block else block
+    with pytest.raises(ProfileError, match="truncated: CPUID leaf 0x80000008 is missing"):
+        parse_dump(head, "spr", "fixture")
+
+
+def test_aida64_garbled_line_is_named() -> None:
+    bad = SPR_AIDA.replace("CPUID 0000000D: 00000100-00000240", "CPUID 0000000D: 00000100-0000024")
+    with pytest.raises(ProfileError, match=r"fixture line 26: not an AIDA64 CPUID line"):
+        parse_dump(bad, "spr", "fixture")
+
+
+def test_corpus_entries_and_selection() -> None:
+    path = DATA / "cpuid-corpus.json.gz"
+    assert load_profile(f"{path}#0").name == "K15_Bulldozer"
+    with pytest.raises(ProfileError, match="holds 339 CPUs"):
+        load_profile(str(path))
+    with pytest.raises(ProfileError, match="'Zen' matches 82 entries, not 1"):
+        load_profile(f"{path}#Zen")
+    # the one excerpt cut inside leaf 0xD sub-leaf 2 (google/cpu_features#440)
+    with pytest.raises(ProfileError, match=r"leaf_0xd sub-leaf '2': None is not a hex string"):
+        load_profile(f"{path}#cpu_features")
+
+
+def test_loader_names_and_errors(tmp_path: Path) -> None:
+    assert {"haswell", "skylake-sp", "icelake-sp", "sapphire-rapids", "alder-lake", "zen2",
+            "zen3", "zen4", "zen5"} <= set(list_profiles())
+    with pytest.raises(ProfileError, match=r"unknown profile 'zen9'.*zen4"):
+        load_profile("zen9")
+    junk = tmp_path / "junk.txt"
+    junk.write_text("hello\nworld\n")
+    with pytest.raises(ProfileError, match=r"junk.txt: unrecognised CPUID dump"):
+        load_profile(str(junk))
+    saved = tmp_path / "spr.json"
+    saved.write_text(SPR.to_json())
+    assert load_profile(str(saved)) == SPR
+
+
+def _mutate(text: str, data: st.DataObject) -> str:
+    """One random damage: cut, delete a span, insert junk, or duplicate/swap lines."""
+    kind = data.draw(st.sampled_from(["cut", "delete", "insert", "dupline", "flip"]))
+    i = data.draw(st.integers(0, len(text)))
+    if kind == "cut":
+        return text[:i]
+    if kind == "delete":
+        return text[:i] + text[i + data.draw(st.integers(1, 40)):]
+    if kind == "insert":
+        return text[:i] + data.draw(st.text(max_size=20)) + text[i:]
+    if kind == "flip":
+        return text[:i] + data.draw(st.sampled_from("0123456789abcdefxX-:=[] \n")) + text[i + 1:]
+    lines = text.splitlines()
+    j = data.draw(st.integers(0, len(lines) - 1))
+    return "\n".join([*lines[: j + 1], lines[j], *lines[j + 1:]])
+
+
+def _only_profile_errors(text: str) -> None:
+    try:
+        p = parse_dump(text, "fuzz", "fuzz")
+    except ProfileError:
+        return
+    # whatever parsed must answer layout questions with package errors only
+    try:
+        layout_table(p, p.xfeatures_supported)
+    except (ProfileError, MaskError):
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes(raw: bytes) -> None:
+    _only_profile_errors(raw.decode("latin-1"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([CPUID_R, SPR_AIDA, SNB_AIDA, SPR.to_json()]), st.data())
+def test_fuzz_mutated_dumps(text: str, data: st.DataObject) -> None:
+    _only_profile_errors(_mutate(text, data))
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                               max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["leaf_0xd", "cpuid_raw_cpu0", "source", "microarch_tag"]), _JSON,
+       st.data())
+def test_fuzz_corpus_objects(key: str, value: object, data: st.DataObject) -> None:
+    entry = dict(CORPUS[data.draw(st.integers(0, len(CORPUS) - 1))])
+    entry[key] = value
+    _only_profile_errors(json.dumps(entry))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_JSON, _JSON)
+def test_fuzz_profile_json(leaves: object, other: object) -> None:
+    for obj in (other, {"format": "fpstate-cpuid-profile/1", "name": "x", "vendor": "amd",
+                        "source": "", "leaves": leaves}):
+        try:
+            CpuidProfile.from_json(json.dumps(obj))
+        except ProfileError:
+            pass

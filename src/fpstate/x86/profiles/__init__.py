@@ -4,9 +4,9 @@
 
 - ``"host"``: this CPU, by executing CPUID (``fpstate.host.cpuid.host_profile``);
 - a bundled name (:func:`list_profiles`): a JSON file of this directory;
-- a path to a dump in any supported format (``fpstate.x86.profiles.dumps``), optionally
-  followed by ``#INDEX`` or ``#TEXT`` to pick one CPU of a file that holds several (the
-  cpuid-corpus.json list: ``cpuid-corpus.json#SapphireRapids_05``).
+- a path to a dump in any supported format (``fpstate.x86.profiles.dumps``), gzipped or not,
+  optionally followed by ``#INDEX`` or ``#TEXT`` to pick one CPU of a file that holds several
+  (the cpuid-corpus.json list: ``cpuid-corpus.json#SapphireRapids_05``).
 
 The bundled profiles are CPU #0 of real InstLatx64 AIDA64 dumps (commit 087af2c), taken from
 cpuid-corpus.json (its checked ``leaf_0xd`` replaces the raw leaf 0xD); :data:`BUNDLED` names
@@ -18,7 +18,9 @@ on the OS.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from pathlib import Path
 
 from fpstate.errors import ProfileError
@@ -66,6 +68,11 @@ def load_path(spec: str) -> CpuidProfile:
         data = path.read_bytes()
     except OSError as e:
         raise ProfileError(f"cannot read {path_s}: {e.strerror or e}") from None
+    if data[:2] == b"\x1f\x8b":  # gzip (the test copy of cpuid-corpus.json is gzipped)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ProfileError(f"{path_s}: broken gzip data: {e}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

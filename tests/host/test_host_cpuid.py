@@ -1,0 +1,125 @@
+"""The layout model against this CPU and this kernel.
+
+- standard_size(XGETBV(0)) must equal CPUID.(EAX=0DH,ECX=0).EBX, the size the CPU reports for
+  the components enabled in XCR0 (SDM 13.2);
+- compacted_size(XCR0 | IA32_XSS) must equal CPUID.(EAX=0DH,ECX=1).EBX. IA32_XSS is an MSR that
+  user space cannot read, so it is derived: Linux writes IA32_XSS = xfeatures_mask_supervisor()
+  | xfeatures_mask_independent() (fpu__init_cpu_xstate, xstate.c), and prints
+  fpu_kernel_cfg.max_features = XCR0 | supervisor features in "x86/fpu: Enabled xstate features
+  0x...". So IA32_XSS = that mask & ~XCR0, plus independent features (arch LBR), which the line
+  does not show: the test skips on a CPU that enumerates arch LBR in XSS.
+- the kernel's own printed compacted offsets and context size must equal the model's.
+
+Skipped off x86-64, and (for the dmesg checks) where dmesg is unreadable or has rotated out the
+boot lines.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fpstate.host import native
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.layout import compacted_offset, compacted_size, standard_size
+
+pytestmark = pytest.mark.host
+
+if not native.is_x86_64():
+    pytest.skip("host is not x86-64: CPUID/XGETBV cannot be executed", allow_module_level=True)
+
+from fpstate.host.cpuid import host_profile  # noqa: E402
+from fpstate.x86.profiles.dumps import parse_cpuid_r  # noqa: E402
+
+ENABLED = re.compile(r"x86/fpu: Enabled xstate features (0x[0-9a-f]+), context size is (\d+) "
+                     r"bytes, using '(\w+)' format")
+OFFSET = re.compile(r"x86/fpu: xstate_offset\[(\d+)\]:\s*(\d+), xstate_sizes\[\d+\]:\s*(\d+)")
+
+
+@pytest.fixture(scope="module")
+def host() -> CpuidProfile:
+    return host_profile()
+
+
+@pytest.fixture(scope="module")
+def dmesg() -> str:
+    try:
+        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"dmesg cannot run: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"dmesg is unreadable (exit {r.returncode}: {r.stderr.strip()[:80]})")
+    if not ENABLED.search(r.stdout):
+        pytest.skip("dmesg no longer holds the 'x86/fpu: Enabled xstate features' boot line")
+    return r.stdout
+
+
+def test_xcr0_is_within_the_supported_mask(host: CpuidProfile) -> None:
+    if not host.has("OSXSAVE"):
+        pytest.skip("host lacks OSXSAVE: CPUID.(EAX=1):ECX[27]=0, XGETBV would fault")
+    xcr0 = native.xgetbv(0)
+    assert xcr0 & 0x3 == 0x3 and xcr0 & ~host.xcr0_supported == 0
+
+
+def test_standard_size_of_xcr0_is_subleaf0_ebx(host: CpuidProfile) -> None:
+    if not host.has("OSXSAVE"):
+        pytest.skip("host lacks OSXSAVE: CPUID.(EAX=1):ECX[27]=0, XGETBV would fault")
+    xcr0 = native.xgetbv(0)
+    assert standard_size(host, xcr0) == host.cpuid(0xD, 0)[1]
+    assert standard_size(host, host.xcr0_supported) == host.cpuid(0xD, 0)[2]
+
+
+def test_compacted_size_of_xcr0_and_xss_is_subleaf1_ebx(host: CpuidProfile, dmesg: str) -> None:
+    if not host.has("XSAVES"):
+        pytest.skip("host lacks XSAVES: CPUID.(EAX=0DH,ECX=1):EAX[3]=0, IA32_XSS is unused")
+    if host.xss_supported & (1 << 15):
+        pytest.skip("host enumerates arch LBR in XSS: IA32_XSS holds an independent feature "
+                    "that the 'Enabled xstate features' line does not show")
+    xcr0 = native.xgetbv(0)
+    enabled = int(ENABLED.search(dmesg).group(1), 16)  # type: ignore[union-attr]
+    xss = enabled & ~xcr0
+    assert enabled & xcr0 == xcr0, "the kernel's features include XCR0"
+    assert compacted_size(host, xcr0 | xss) == host.cpuid(0xD, 1)[1]
+
+
+def test_kernel_printed_offsets_and_context_size(host: CpuidProfile, dmesg: str) -> None:
+    m = ENABLED.search(dmesg)
+    assert m is not None
+    features, size, fmt = int(m.group(1), 16), int(m.group(2)), m.group(3)
+    offsets = {int(i): (int(o), int(s)) for i, o, s in OFFSET.findall(dmesg)}
+    assert offsets, "the kernel prints xstate_offset lines for every extended feature"
+    if fmt == "compacted":
+        assert compacted_size(host, features) == size
+        for i, (offset, sz) in offsets.items():
+            assert compacted_offset(host, features, i) == offset
+            assert host.component(i).size == sz
+    else:
+        assert standard_size(host, features) == size
+        for i, (offset, _) in offsets.items():
+            assert host.component(i).offset == offset
+
+
+def test_xinuse_is_within_xcr0(host: CpuidProfile) -> None:
+    if not host.has("XGETBV1"):
+        pytest.skip("host lacks XGETBV1: CPUID.(EAX=0DH,ECX=1):EAX[2]=0")
+    assert native.xgetbv(1) & ~native.xgetbv(0) == 0
+
+
+def test_host_profile_agrees_with_cpuid_tool(host: CpuidProfile) -> None:
+    if shutil.which("cpuid") is None:
+        pytest.skip("the 'cpuid' tool is not installed (Debian package cpuid)")
+    r = subprocess.run(["cpuid", "-r", "-1"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cpuid -r failed: {r.stderr.strip()[:80]}")
+    tool = parse_cpuid_r(r.stdout, "tool", "cpuid -r -1")
+    # leaf 0xD and the feature leaves do not depend on which CPU the process runs on
+    for key in [(0xD, s) for s in range(64)] + [(7, 0), (7, 1), (0x80000001, 0)]:
+        assert host.cpuid(*key) == tool.cpuid(*key), f"leaf {key[0]:#x}.{key[1]}"
+
+
+def test_host_profile_round_trips_through_json(host: CpuidProfile) -> None:
+    again = CpuidProfile.from_json(host.to_json())
+    assert again == host and again.xfeatures_supported == host.xfeatures_supported
