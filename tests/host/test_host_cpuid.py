@@ -11,7 +11,8 @@
 - the kernel's own printed compacted offsets and context size must equal the model's.
 
 Skipped off x86-64, and (for the dmesg checks) where dmesg is unreadable or has rotated out the
-boot lines.
+boot lines. The sub-leaf walk of host_profile() is tested everywhere, replayed on a bundled
+profile.
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ import subprocess
 import pytest
 
 from fpstate.host import native
+from fpstate.host.cpuid import host_profile, snapshot
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import compacted_offset, compacted_size, standard_size
-
-pytestmark = pytest.mark.host
-
-if not native.is_x86_64():
-    pytest.skip("host is not x86-64: CPUID/XGETBV cannot be executed", allow_module_level=True)
-
-from fpstate.host.cpuid import host_profile  # noqa: E402
-from fpstate.x86.profiles.dumps import parse_cpuid_r  # noqa: E402
+from fpstate.x86.profiles import bundled_profile
+from fpstate.x86.profiles.dumps import parse_cpuid_r
 
 ENABLED = re.compile(r"x86/fpu: Enabled xstate features (0x[0-9a-f]+), context size is (\d+) "
                      r"bytes, using '(\w+)' format")
@@ -41,7 +37,36 @@ OFFSET = re.compile(r"x86/fpu: xstate_offset\[(\d+)\]:\s*(\d+), xstate_sizes\[\d
 
 @pytest.fixture(scope="module")
 def host() -> CpuidProfile:
+    if not native.is_x86_64():
+        pytest.skip("host is not x86-64: CPUID/XGETBV cannot be executed")
     return host_profile()
+
+
+def test_snapshot_walks_the_subleaves_the_cpu_enumerates() -> None:
+    spr = bundled_profile("sapphire-rapids")
+    leaves = snapshot(spr.cpuid)
+    subs = {leaf: sorted(s for lf, s in leaves if lf == leaf) for leaf, _ in leaves}
+    assert subs[0x4] == [0, 1, 2, 3, 4]  # 4 caches, then the null cache type
+    assert subs[0x7] == [0, 1, 2]  # sub-leaf 0 EAX = 2
+    assert subs[0xB] == [0, 1, 2]  # SMT, core, then level type 0
+    assert subs[0xD] == list(range(64))
+    assert subs[0xF] == [0, 1]  # sub-leaf 0 EDX = 2: L3 monitoring only
+    assert subs[0x10] == [0, 1, 2, 3]  # sub-leaf 0 EBX = 0xE: L3, L2 CAT, MBA
+    assert subs[0x12] == [0, 1, 2]  # no EPC section: sub-leaf 2 type 0 ends the walk
+    assert subs[0x18] == list(range(9)) and subs[0x1D] == [0, 1]
+    assert subs[0x1F] == [0, 1, 2]
+    assert max(lf for lf, _ in leaves if lf < 1 << 31) == 0x20
+    assert max(lf for lf, _ in leaves) == 0x80000008
+    # every register the dump holds is read back unchanged
+    assert all(leaves[k] == v for k, v in spr.leaves.items() if k in leaves)
+    assert {k for k in spr.leaves if k not in leaves} == set()
+
+
+def test_snapshot_ignores_an_absurd_leaf_range() -> None:
+    def cpuid(leaf: int, sub: int) -> tuple[int, int, int, int]:
+        return (0xFFFFFFFF, 0, 0, 0) if leaf in (0, 0x80000000) else (0, 0, 0, 0)
+
+    assert set(snapshot(cpuid)) == {(0, 0), (0x80000000, 0)}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +82,7 @@ def dmesg() -> str:
     return r.stdout
 
 
+@pytest.mark.host
 def test_xcr0_is_within_the_supported_mask(host: CpuidProfile) -> None:
     if not host.has("OSXSAVE"):
         pytest.skip("host lacks OSXSAVE: CPUID.(EAX=1):ECX[27]=0, XGETBV would fault")
@@ -64,6 +90,7 @@ def test_xcr0_is_within_the_supported_mask(host: CpuidProfile) -> None:
     assert xcr0 & 0x3 == 0x3 and xcr0 & ~host.xcr0_supported == 0
 
 
+@pytest.mark.host
 def test_standard_size_of_xcr0_is_subleaf0_ebx(host: CpuidProfile) -> None:
     if not host.has("OSXSAVE"):
         pytest.skip("host lacks OSXSAVE: CPUID.(EAX=1):ECX[27]=0, XGETBV would fault")
@@ -72,6 +99,7 @@ def test_standard_size_of_xcr0_is_subleaf0_ebx(host: CpuidProfile) -> None:
     assert standard_size(host, host.xcr0_supported) == host.cpuid(0xD, 0)[2]
 
 
+@pytest.mark.host
 def test_compacted_size_of_xcr0_and_xss_is_subleaf1_ebx(host: CpuidProfile, dmesg: str) -> None:
     if not host.has("XSAVES"):
         pytest.skip("host lacks XSAVES: CPUID.(EAX=0DH,ECX=1):EAX[3]=0, IA32_XSS is unused")
@@ -85,6 +113,7 @@ def test_compacted_size_of_xcr0_and_xss_is_subleaf1_ebx(host: CpuidProfile, dmes
     assert compacted_size(host, xcr0 | xss) == host.cpuid(0xD, 1)[1]
 
 
+@pytest.mark.host
 def test_kernel_printed_offsets_and_context_size(host: CpuidProfile, dmesg: str) -> None:
     m = ENABLED.search(dmesg)
     assert m is not None
@@ -102,12 +131,14 @@ def test_kernel_printed_offsets_and_context_size(host: CpuidProfile, dmesg: str)
             assert host.component(i).offset == offset
 
 
+@pytest.mark.host
 def test_xinuse_is_within_xcr0(host: CpuidProfile) -> None:
     if not host.has("XGETBV1"):
         pytest.skip("host lacks XGETBV1: CPUID.(EAX=0DH,ECX=1):EAX[2]=0")
     assert native.xgetbv(1) & ~native.xgetbv(0) == 0
 
 
+@pytest.mark.host
 def test_host_profile_agrees_with_cpuid_tool(host: CpuidProfile) -> None:
     if shutil.which("cpuid") is None:
         pytest.skip("the 'cpuid' tool is not installed (Debian package cpuid)")
@@ -120,6 +151,7 @@ def test_host_profile_agrees_with_cpuid_tool(host: CpuidProfile) -> None:
         assert host.cpuid(*key) == tool.cpuid(*key), f"leaf {key[0]:#x}.{key[1]}"
 
 
+@pytest.mark.host
 def test_host_profile_round_trips_through_json(host: CpuidProfile) -> None:
     again = CpuidProfile.from_json(host.to_json())
     assert again == host and again.xfeatures_supported == host.xfeatures_supported
