@@ -195,7 +195,8 @@ class CpuidProfile:
     vendor: str
     leaves: Mapping[tuple[int, int], Regs]
     source: str
-    _subleafed: frozenset[int] = field(default=frozenset(), repr=False, compare=False)
+    _subleafed: frozenset[int] = field(default=frozenset(), init=False, repr=False,
+                                       compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -261,7 +262,7 @@ class CpuidProfile:
         fam, model, step = (eax >> 8) & 0xF, (eax >> 4) & 0xF, eax & 0xF
         if fam == 0xF:
             fam += (eax >> 20) & 0xFF
-        if fam in (0x6, 0xF) or fam >= 0xF:
+        if fam == 0x6 or fam >= 0xF:
             model |= ((eax >> 16) & 0xF) << 4
         return fam, model, step
 
@@ -339,8 +340,13 @@ class CpuidProfile:
         }
 
     def to_json(self) -> str:
-        """The profile as JSON text (the bundled-profile format, :data:`FORMAT`)."""
-        return json.dumps(self.to_dict(), indent=1) + "\n"
+        """The profile as JSON text (the bundled-profile format, :data:`FORMAT`), one line per
+        leaf so that a diff of two profiles reads leaf by leaf."""
+        d = self.to_dict()
+        leaves = d.pop("leaves")
+        head = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
+        body = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in leaves.items()]
+        return "{\n" + "\n".join(head) + '\n "leaves": {\n' + ",\n".join(body) + "\n }\n}\n"
 
     @classmethod
     def from_json(cls, data: str | bytes | Mapping[str, Any]) -> CpuidProfile:
