@@ -86,7 +86,7 @@ def print_table(profile: CpuidProfile, table: LayoutTable) -> None:
     title = f"XSAVE layout of {profile.name}"
     if profile.brand:
         title += f" ({profile.brand})"
-    t = Table(title=f"{title}, mask {table.mask:#x}", title_justify="left")
+    t = Table()
     for head in ("#", "name", "size", "offset", "compacted", "aligned", "XFD"):
         t.add_column(head, justify="left" if head == "name" else "right")
     for r in table.rows:
@@ -95,6 +95,7 @@ def print_table(profile: CpuidProfile, table: LayoutTable) -> None:
                   f"{r.compacted_offset} ({r.compacted_offset:#x})", _yes(r.aligned),
                   _yes(r.xfd))
     con = _console()
+    con.print(f"{title}, mask {table.mask:#x}")
     con.print(t)
     con.print(f"standard size:  {table.standard_size} ({table.standard_size:#x}) bytes "
               "(user components)")
@@ -123,10 +124,12 @@ def run_cpus(args: argparse.Namespace) -> int:
                  "source": p.source} for p in profiles]
         sys.stdout.write(json.dumps(rows) + "\n")
         return 0
-    t = Table(title="Bundled CPU profiles (fpstate layout --cpu NAME)", title_justify="left")
+    t = Table()
     for head in ("name", "vendor", "CPU", "XCR0", "XSS"):
         t.add_column(head, justify="right" if head in ("XCR0", "XSS") else "left")
     for p in profiles:
         t.add_row(p.name, p.vendor, p.brand, f"{p.xcr0_supported:#x}", f"{p.xss_supported:#x}")
-    _console().print(t)
+    con = _console()
+    con.print("Bundled CPU profiles (fpstate layout --cpu NAME)")
+    con.print(t)
     return 0
