@@ -1,0 +1,247 @@
+"""ptrace of a real child: NT_X86_XSTATE and NT_PRFPREG read and written through
+PTRACE_GETREGSET / PTRACE_SETREGSET.
+
+Kernel paths exercised: ``ptrace_regset`` (kernel/ptrace.c: iov_len must be a multiple of the
+regset's unit, 8 bytes here, and is clamped to n * size), then for NT_X86_XSTATE
+``xstateregs_get`` (copy_xstate_to_uabi_buf, XSTATE_COPY_XSAVE) and ``xstateregs_set``
+(count must be exactly fpu_user_cfg.max_size, else -EFAULT; copy_uabi_from_kernel_to_xstate
+validates the header and MXCSR), for NT_PRFPREG ``xfpregs_get`` / ``xfpregs_set`` (exactly 512
+bytes, else -EINVAL; reserved MXCSR bits -EINVAL) in arch/x86/kernel/fpu/regset.c.
+
+Theory of operation
+-------------------
+A forked child asks to be traced (PTRACE_TRACEME), then machine code loads every register
+with a pattern, XSAVEs it ("before"), and stops itself with ``kill(getpid(), SIGSTOP)``. The
+parent, stopped child in hand, reads the regsets, makes the requested writes (reading
+NT_X86_XSTATE back after each), and resumes the child with PTRACE_CONT (signal 0); the child's
+code continues after the syscall, XSAVEs its registers again ("after": what the kernel
+restored from the possibly modified fpstate) and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fpstate.errors import HostUnavailable
+from fpstate.host.child import (
+    PAGE,
+    SYS,
+    Asm,
+    ChildExit,
+    CodePages,
+    Reg,
+    SharedMemory,
+    XsaveImage,
+    fork_child,
+    host_user_xstate_size,
+    load_patterns,
+    pattern_table,
+    raw_syscall,
+    xsave_image,
+)
+
+PTRACE_TRACEME = 0
+PTRACE_CONT = 7
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+NT_PRFPREG = 2  #: 512-byte fxregs_state on x86-64 (REGSET64_FP)
+NT_X86_XSTATE = 0x202  #: standard-format XSAVE image, fpu_user_cfg.max_size bytes
+#: Bytes offered to GETREGSET: more than any XSAVE area, so iov_len comes back clamped to the
+#: regset's real size (ptrace_regset: min(iov_len, n * size)).
+READ_BUFFER = 16384
+USER_XSTATE_XCR0_OFFSET = 464  #: xstate_fx_sw_bytes[USER_XSTATE_XCR0_WORD]
+
+
+@dataclass(frozen=True, slots=True)
+class RegsetRead:
+    """PTRACE_GETREGSET: the errno (0 = success), the iov_len offered and returned, bytes."""
+
+    note: int
+    offered: int
+    returned: int
+    errno: int
+    data: bytes
+
+    @property
+    def image(self) -> XsaveImage:
+        return xsave_image(self.data)
+
+    @property
+    def xcr0(self) -> int:
+        """The u64 at byte 464 of NT_X86_XSTATE: fpu_user_cfg.max_features."""
+        return int.from_bytes(self.data[USER_XSTATE_XCR0_OFFSET:USER_XSTATE_XCR0_OFFSET + 8],
+                              "little")
+
+
+@dataclass(frozen=True, slots=True)
+class RegsetWrite:
+    """One PTRACE_SETREGSET request: ``data`` offered with iov_len ``length`` (default its
+    length)."""
+
+    note: int
+    data: bytes
+    what: str
+    length: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegsetWriteResult:
+    request: RegsetWrite
+    errno: int  #: 0 accepted, else the errno
+    read_back: RegsetRead  #: NT_X86_XSTATE read right after the write
+
+
+@dataclass(frozen=True, slots=True)
+class PtraceSession:
+    """A traced child over pattern registers (``seed``), read and written while stopped."""
+
+    seed: int
+    before: XsaveImage  #: the child's own XSAVE just before it stopped itself
+    stop_signal: int
+    xstate: RegsetRead  #: NT_X86_XSTATE, offered READ_BUFFER bytes
+    fpregs: RegsetRead  #: NT_PRFPREG, offered READ_BUFFER bytes
+    writes: tuple[RegsetWriteResult, ...]
+    after: XsaveImage | None  #: the child's XSAVE after PTRACE_CONT (None if it never ran)
+    exit: ChildExit
+
+
+def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    return raw_syscall(SYS["ptrace"], req, pid, addr, data)
+
+
+def _getregset(pid: int, note: int, offered: int) -> RegsetRead:
+    buf = (ctypes.c_ubyte * max(offered, 1))()
+    iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), offered)
+    ret = _ptrace(PTRACE_GETREGSET, pid, note, ctypes.addressof(iov))
+    n = int(iov[1]) if ret == 0 else 0
+    return RegsetRead(note, offered, n, -ret if ret < 0 else 0, bytes(buf)[:n])
+
+
+def _setregset(pid: int, w: RegsetWrite) -> int:
+    length = len(w.data) if w.length is None else w.length
+    buf = (ctypes.c_ubyte * max(len(w.data), length, 1)).from_buffer_copy(
+        w.data.ljust(max(len(w.data), length, 1), b"\0"))
+    iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), length)
+    ret = _ptrace(PTRACE_SETREGSET, pid, w.note, ctypes.addressof(iov))
+    return -ret if ret < 0 else 0
+
+
+def _wait(pid: int, deadline: float) -> int:
+    while True:
+        wpid, status = os.waitpid(pid, os.WNOHANG)
+        if wpid == pid:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"child {pid} did not report")
+        time.sleep(0.001)
+
+
+def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
+                   timeout: float = 20.0) -> PtraceSession:
+    """Trace a child whose registers hold the patterns of ``seed`` while it is stopped by
+    its own SIGSTOP: read NT_X86_XSTATE and NT_PRFPREG, make ``writes`` in order (reading
+    NT_X86_XSTATE back after each), resume it and capture the registers it runs with.
+
+    Kernel path: ptrace_regset -> xstateregs_get/set, xfpregs_get/set
+    (arch/x86/kernel/fpu/regset.c); on resume the modified fpstate is restored because
+    fpu_force_restore() invalidated the register copy.
+    """
+    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    shm = SharedMemory(PAGE + 2 * xs)
+    shm.write(0, pattern_table(seed))
+    before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
+
+    def body() -> int:
+        if _ptrace(PTRACE_TRACEME, 0) != 0:
+            return 3
+        pages = CodePages(1)
+        a = Asm()
+        load_patterns(a, shm.address)
+        a.xsave(shm.address + before_off)
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGSTOP)
+        a.xsave(shm.address + after_off)
+        a.mov_imm(a.R.RAX, 1)
+        a.store_rax(shm.address + flag)
+        a.exit_group(0)
+        pages.call(pages.place(0, a))
+        return 6
+
+    deadline = time.monotonic() + timeout
+    pid = fork_child(body)
+    try:
+        status = _wait(pid, deadline)
+        if not os.WIFSTOPPED(status):
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+            raise HostUnavailable(f"traced child did not stop (status {code}): "
+                                  "PTRACE_TRACEME refused?")
+        stop = os.WSTOPSIG(status)
+        xstate = _getregset(pid, NT_X86_XSTATE, READ_BUFFER)
+        fpregs = _getregset(pid, NT_PRFPREG, READ_BUFFER)
+        results = []
+        for w in writes:
+            err = _setregset(pid, w)
+            results.append(RegsetWriteResult(w, err, _getregset(pid, NT_X86_XSTATE,
+                                                                 READ_BUFFER)))
+        _ptrace(PTRACE_CONT, pid, 0, 0)
+        status = _wait(pid, deadline)
+        if os.WIFEXITED(status):
+            ex = ChildExit(pid, os.WEXITSTATUS(status), None)
+        elif os.WIFSIGNALED(status):
+            ex = ChildExit(pid, None, os.WTERMSIG(status))
+        else:  # stopped again (a signal under ptrace): report and kill
+            ex = ChildExit(pid, None, os.WSTOPSIG(status))
+        pid = 0
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    ran = shm.u64(flag) == 1
+    return PtraceSession(
+        seed=seed, before=xsave_image(shm.read(before_off, xs)), stop_signal=stop,
+        xstate=xstate, fpregs=fpregs, writes=tuple(results),
+        after=xsave_image(shm.read(after_off, xs)) if ran else None, exit=ex,
+    )
+
+
+def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple[RegsetRead, ...]:
+    """PTRACE_GETREGSET of a child stopped over pattern registers, once per (note, iov_len)
+    in ``reads``: observes ptrace_regset's clamping to the regset size, its -EINVAL for an
+    iov_len that is not a multiple of the unit (8) and for an unknown note, and partial
+    reads. The child is killed afterwards."""
+    out: list[RegsetRead] = []
+    shm = SharedMemory(PAGE)
+    shm.write(0, pattern_table(seed))
+
+    def body() -> int:
+        if _ptrace(PTRACE_TRACEME, 0) != 0:
+            return 3
+        pages = CodePages(1)
+        a = Asm()
+        load_patterns(a, shm.address)
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGSTOP)
+        a.exit_group(0)
+        pages.call(pages.place(0, a))
+        return 6
+
+    pid = fork_child(body)
+    try:
+        status = _wait(pid, time.monotonic() + 20)
+        if not os.WIFSTOPPED(status):
+            raise HostUnavailable("traced child did not stop")
+        out = [_getregset(pid, note, offered) for note, offered in reads]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return tuple(out)

@@ -1,0 +1,316 @@
+"""Signal frames of the running kernel: layout, handler state, and sigreturn's restore rules."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from fpstate.errors import HostUnavailable
+from fpstate.host import native
+from fpstate.host.child import (
+    FCW_DEFAULT,
+    MXCSR_DEFAULT,
+    MXCSR_PATTERN,
+    X87_PI,
+    host_standard_layout,
+    host_user_xstate_size,
+    opmask_pattern,
+    register_class,
+    zmm_pattern,
+)
+from fpstate.host.signals import (
+    FP_XSTATE_MAGIC1,
+    FP_XSTATE_MAGIC2,
+    RT_SIGFRAME_SIZE,
+    SEGV_EXIT,
+    SI_KERNEL,
+    UC_FP_XSTATE,
+    UC_SIGCONTEXT_SS,
+    UC_STRICT_RESTORE_SS,
+    SignalRun,
+    corrupt_magic1,
+    corrupt_magic2,
+    patch_u32,
+    raise_signal,
+    set_header_byte,
+    set_mxcsr,
+    set_sw_xfeatures,
+    set_xcomp_bv,
+    set_xmm,
+    set_xstate_bv,
+)
+
+pytestmark = pytest.mark.host
+
+NEW_XMM3 = bytes(range(0x10, 0x20))
+SI_USER = 0
+
+
+@pytest.fixture(scope="module")
+def rc():
+    try:
+        return register_class()
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def avx512(rc):
+    if rc.vector_bytes != 64:
+        pytest.skip(f"host lacks AVX-512: XCR0 {rc.xcr0:#x} has not all of bits 5-7")
+    return rc
+
+
+@pytest.fixture(scope="module")
+def plain(rc) -> SignalRun:
+    return raise_signal(seed=0x3C)
+
+
+def _all_vectors(rc):
+    return range(rc.vector_regs)
+
+
+def _vec(image, rc, n):
+    if rc.vector_bytes == 64:
+        return image.zmm(n)
+    if rc.vector_bytes == 32:
+        return image.ymm(n)
+    return image.xmm(n)
+
+
+def _assert_fx_only(run: SignalRun, rc) -> None:
+    """FXRSTOR (or XRSTOR of FP|SSE) from the frame, every other user component in its
+    initial configuration (restore_fpregs_from_user: init_bv = user_xfeatures & ~xrestore)."""
+    assert run.sigreturn_ok and run.after is not None
+    a = run.after
+    assert a.xmm(3) == NEW_XMM3
+    assert a.xmm(5) == zmm_pattern(5, run.seed)[:16]
+    assert a.mxcsr == MXCSR_PATTERN
+    assert a.st(0) == X87_PI
+    for n in _all_vectors(rc):
+        assert _vec(a, rc, n)[16:] == bytes(len(_vec(a, rc, n)) - 16)
+    if rc.opmask:
+        assert all(a.opmask(k) == 0 for k in range(8))
+
+
+# -- the frame the kernel builds ----------------------------------------------------------
+
+def test_frame_sw_bytes_describe_the_standard_xsave_area(plain: SignalRun, rc) -> None:
+    """save_xstate_epilog: magic1, extended_size = user_size + 4, xfeatures = user_xfeatures
+    (= XCR0 here), xstate_size = user_size = CPUID.(0DH,0).EBX, magic2 after the area."""
+    f = plain.frame
+    assert f is not None
+    size = host_user_xstate_size()
+    assert f.sw_bytes.magic1 == FP_XSTATE_MAGIC1
+    assert f.sw_bytes.xstate_size == size
+    assert f.sw_bytes.extended_size == size + 4
+    assert f.sw_bytes.xfeatures == rc.xcr0
+    assert f.sw_bytes.padding == bytes(28)
+    assert f.magic2 == FP_XSTATE_MAGIC2
+
+
+def test_frame_header_is_standard_format_with_fp_sse_forced(plain: SignalRun, rc) -> None:
+    """XSAVE (not XSAVEC) to the user stack: XCOMP_BV = 0, reserved bytes zeroed by
+    __clear_user, XSTATE_BV = XINUSE | FP | SSE; here every component is in use."""
+    x = plain.frame.xsave
+    assert x.xcomp_bv == 0
+    assert x.header_reserved == bytes(48)
+    assert x.xstate_bv & 0x3 == 0x3
+    assert x.xstate_bv == rc.xcr0
+
+
+def test_frame_holds_the_interrupted_registers(plain: SignalRun, rc) -> None:
+    x = plain.frame.xsave
+    for n in _all_vectors(rc):
+        assert _vec(x, rc, n) == zmm_pattern(n, plain.seed)[:rc.vector_bytes]
+    if rc.opmask:
+        assert [x.opmask(k) for k in range(8)] == [
+            opmask_pattern(k, plain.seed) & (2**64 - 1 if rc.kmovq else 0xFFFF)
+            for k in range(8)]
+    assert x.mxcsr == MXCSR_PATTERN
+    assert x.st(0) == X87_PI
+    assert plain.frame.xsave.raw == plain.frame.xsave.raw[:host_user_xstate_size()]
+
+
+def test_frame_xmm3_bytes_at_160_plus_48(plain: SignalRun) -> None:
+    x = plain.frame.xsave
+    assert x.raw[160 + 48:160 + 64] == zmm_pattern(3, plain.seed)[:16]
+
+
+def test_frame_geometry_follows_get_sigframe(plain: SignalRun) -> None:
+    """get_sigframe: sp -= 128 (red zone); fpstate = round_down(sp - (user_size + 4), 64);
+    frame = round_down(fpstate - sizeof(rt_sigframe), 16) - 8."""
+    f = plain.frame
+    size = host_user_xstate_size()
+    fpstate = (f.interrupted_sp - 128 - (size + 4)) // 64 * 64
+    assert f.fpstate_address == fpstate
+    assert f.frame_address == (fpstate - RT_SIGFRAME_SIZE) // 16 * 16 - 8
+    assert f.fpstate_aligned64
+    assert f.entry_sp_mod16 == 8
+    assert f.ucontext_address == f.frame_address + 8
+    assert f.siginfo_address == f.frame_address + 8 + 304
+
+
+def test_frame_ucontext_and_siginfo(plain: SignalRun) -> None:
+    f = plain.frame
+    assert f.signo == signal.SIGUSR1
+    assert f.si_code == SI_USER
+    assert f.uc_flags == UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+
+
+def test_handler_starts_with_init_fpu_state(plain: SignalRun, rc) -> None:
+    """fpu__clear_user_states(): the handler runs with init_fpstate's user state."""
+    e = plain.frame.handler_entry
+    for n in _all_vectors(rc):
+        assert _vec(e, rc, n) == bytes(rc.vector_bytes)
+    if rc.opmask:
+        assert all(e.opmask(k) == 0 for k in range(8))
+    assert e.mxcsr == MXCSR_DEFAULT
+    assert e.fcw == FCW_DEFAULT
+    assert e.st(0) == bytes(10)
+
+
+# -- sigreturn ----------------------------------------------------------------------------
+
+def test_sigreturn_restores_everything(plain: SignalRun, rc) -> None:
+    a = plain.after
+    assert plain.sigreturn_ok and a is not None and plain.segv is None
+    assert plain.exit.exit_code == 0
+    for n in _all_vectors(rc):
+        assert _vec(a, rc, n) == _vec(plain.before, rc, n)
+    if rc.opmask:
+        assert [a.opmask(k) for k in range(8)] == [plain.before.opmask(k) for k in range(8)]
+    assert a.mxcsr == MXCSR_PATTERN
+    assert a.st(0) == X87_PI
+
+
+def test_sigreturn_takes_a_modified_xmm_from_the_frame(avx512) -> None:
+    run = raise_signal((set_xmm(3, NEW_XMM3),))
+    a = run.after
+    assert a.xmm(3) == NEW_XMM3
+    assert a.zmm(3)[16:] == zmm_pattern(3, run.seed)[16:]
+
+
+@pytest.mark.parametrize("corruption", ["magic1", "magic2", "sw.xfeatures=FP|SSE",
+                                        "xstate_size>user_size", "xstate_size<576",
+                                        "extended_size<xstate_size"])
+def test_sigreturn_falls_back_to_fx_only(corruption: str, rc) -> None:
+    """check_xstate_in_sigframe() fails (or sw.xfeatures asks for FP|SSE only): the legacy
+    512 bytes are restored from the frame, every other component goes to init."""
+    size = host_user_xstate_size()
+    patch = {
+        "magic1": corrupt_magic1(),
+        "magic2": corrupt_magic2(),
+        "sw.xfeatures=FP|SSE": set_sw_xfeatures(0x3),
+        "xstate_size>user_size": patch_u32(464 + 16, size + 1, "xstate_size"),
+        "xstate_size<576": patch_u32(464 + 16, 575, "xstate_size"),
+        "extended_size<xstate_size": patch_u32(464 + 4, size - 1, "extended_size"),
+    }[corruption]
+    run = raise_signal((patch, set_xmm(3, NEW_XMM3)))
+    _assert_fx_only(run, rc)
+
+
+def test_magic2_is_looked_for_at_the_frames_own_xstate_size(rc) -> None:
+    """This kernel (6.18.44) reads magic2 at fpstate + fx_sw->xstate_size: a smaller
+    self-consistent size with magic2 moved there restores the full state."""
+    run = raise_signal((patch_u32(464 + 16, 896, "xstate_size"),
+                        patch_u32(896, FP_XSTATE_MAGIC2, "magic2@896"), corrupt_magic2()))
+    assert run.sigreturn_ok
+    for n in _all_vectors(rc):
+        if n != 0:
+            assert _vec(run.after, rc, n) == _vec(run.before, rc, n)
+    if rc.vector_bytes == 64 and dict((c, o) for c, o, _ in host_standard_layout())[6] == 896:
+        # offset 896 is ZMM_Hi256 of zmm0: the magic word was restored as register data
+        assert run.after.zmm(0)[32:36] == FP_XSTATE_MAGIC2.to_bytes(4, "little")
+
+
+def test_sigreturn_ignores_unsupported_sw_xfeatures_bits(rc) -> None:
+    """xrestore = fx_sw->xfeatures & fpstate->user_xfeatures."""
+    run = raise_signal((set_sw_xfeatures(2**64 - 1),))
+    assert run.sigreturn_ok
+    for n in _all_vectors(rc):
+        assert _vec(run.after, rc, n) == _vec(run.before, rc, n)
+
+
+def test_xstate_bv_zero_inits_registers_but_loads_mxcsr(rc) -> None:
+    """XRSTOR: components with XSTATE_BV[i] = 0 are initialised, but MXCSR is loaded from
+    memory whenever RFBM[1] or RFBM[2] is set (SDM 13.8.1)."""
+    run = raise_signal((set_xstate_bv(0),))
+    a = run.after
+    assert run.sigreturn_ok
+    for n in _all_vectors(rc):
+        assert _vec(a, rc, n) == bytes(rc.vector_bytes)
+    assert a.st(0) == bytes(10)
+    assert a.mxcsr == MXCSR_PATTERN
+
+
+def _assert_segv_after_failed_restore(run: SignalRun, rc) -> None:
+    """fpu__restore_sig fails -> fpu__clear_user_states() + force_sig(SIGSEGV): the SIGSEGV
+    frame (built from the registers after the failure) holds the init state."""
+    assert not run.sigreturn_ok and run.after is None
+    assert run.exit.exit_code == SEGV_EXIT
+    s = run.segv
+    assert s is not None and s.signo == signal.SIGSEGV and s.si_code == SI_KERNEL
+    for n in _all_vectors(rc):
+        assert _vec(s.xsave, rc, n) == bytes(rc.vector_bytes)
+    if rc.opmask:
+        assert all(s.xsave.opmask(k) == 0 for k in range(8))
+    assert s.xsave.mxcsr == MXCSR_DEFAULT
+    assert s.xsave.st(0) == bytes(10)
+
+
+def test_xstate_bv_bit_outside_xcr0_is_sigsegv(rc) -> None:
+    """XRSTOR #GP: XSTATE_BV has a bit that XCR0 lacks (here bit 9, PKRU, or the first
+    absent bit)."""
+    absent = next(i for i in range(2, 63) if not (rc.xcr0 >> i) & 1)
+    run = raise_signal((set_xstate_bv(rc.xcr0 | (1 << absent)),))
+    _assert_segv_after_failed_restore(run, rc)
+
+
+def test_header_bytes_8_to_23_must_be_zero(rc) -> None:
+    _assert_segv_after_failed_restore(raise_signal((set_header_byte(16, 1),)), rc)
+    _assert_segv_after_failed_restore(raise_signal((set_xcomp_bv(1),)), rc)
+
+
+def test_header_bytes_24_to_63_are_not_checked(rc) -> None:
+    """Standard-form XRSTOR checks only header bytes 8..23; the sigreturn path has no
+    software check of its own."""
+    for index in (24, 63):
+        run = raise_signal((set_header_byte(index, 0xA5),))
+        assert run.sigreturn_ok
+        for n in _all_vectors(rc):
+            assert _vec(run.after, rc, n) == _vec(run.before, rc, n)
+
+
+def test_xcomp_bv_compacted_form_is_accepted(rc) -> None:
+    """XCOMP_BV[63] = 1 selects XRSTOR's compacted form: no fault; the registers come back
+    intact when the compacted offsets of XCR0 coincide with the standard ones."""
+    run = raise_signal((set_xcomp_bv((1 << 63) | rc.xcr0),))
+    assert run.sigreturn_ok and run.segv is None
+    off, same = 576, True
+    for nr, std, size in host_standard_layout():
+        if nr < 2:
+            continue
+        align = (native.cpuid(0xD, nr)[2] >> 1) & 1
+        off = (off + 63) // 64 * 64 if align else off
+        same &= off == std
+        off += size
+    if same:
+        for n in _all_vectors(rc):
+            assert _vec(run.after, rc, n) == _vec(run.before, rc, n)
+
+
+def test_mxcsr_reserved_bit_is_sigsegv_on_both_restore_paths(rc) -> None:
+    _assert_segv_after_failed_restore(raise_signal((set_mxcsr(0x80001F80),)), rc)
+    _assert_segv_after_failed_restore(
+        raise_signal((corrupt_magic1(), set_mxcsr(0x80001F80))), rc)
+
+
+def test_mxcsr_bit_within_mxcsr_mask_is_restored(plain: SignalRun) -> None:
+    mask = plain.frame.xsave.mxcsr_mask
+    extra = next((1 << b for b in range(16, 32) if (mask >> b) & 1), None)
+    if extra is None:
+        pytest.skip(f"MXCSR_MASK {mask:#x} has no bit above 15 to try")
+    run = raise_signal((set_mxcsr(MXCSR_DEFAULT | extra),))
+    assert run.sigreturn_ok and run.after.mxcsr == MXCSR_DEFAULT | extra
