@@ -20,6 +20,7 @@ from fpstate.errors import FpstateError
 #: Subcommand modules, in the order ``fpstate --help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "fpstate.commands.layout",
+    "fpstate.commands.bootlog",
 )
 
 

@@ -1,0 +1,122 @@
+"""The ``x86/fpu:`` lines of this machine's kernel log, and the boot-lines differential case.
+
+Reads the kernel ring buffer through /dev/kmsg (one record per read(2), non-blocking, the
+structured "PRIO,SEQ,USEC,FLAGS;MESSAGE" format of Documentation/ABI/testing/dev-kmsg), falling
+back to the ``dmesg`` tool. Timestamps, levels and caller ids are stripped, so the lines compare
+equal to the ``lines`` of ``fpstate.kernel.x86.xstate.fpu__init_system_xstate()``.
+
+HostUnavailable (with the reason) when the log cannot be read (kernel.dmesg_restrict without
+CAP_SYSLOG, no /dev/kmsg) or no longer holds the boot lines (the ring buffer wrapped).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+
+from fpstate.errors import HostUnavailable
+
+PREFIX = "x86/fpu: "
+KMSG = "/dev/kmsg"
+
+#: "[    0.123456] ", "[Tue Nov 19 19:51:02 2025] ", "[    T0] " (CONFIG_PRINTK_CALLER), "<6>".
+_DECORATION = re.compile(r"^(?:<\d+>)?(?:\[[^\]]*\]\s*)*")
+#: A /dev/kmsg record header: "6,1234,5678901,-;" (optionally more ",key" fields).
+_KMSG_HEADER = re.compile(r"^\d+,\d+,\d+,[^;]*;")
+
+
+def message_of(line: str) -> str:
+    """One log line without its kmsg header, syslog level, timestamps and caller id."""
+    line = line.rstrip("\r\n")
+    m = _KMSG_HEADER.match(line)
+    if m:
+        return line[m.end():]
+    return line[_DECORATION.match(line).end():]  # type: ignore[union-attr]
+
+
+def fpu_lines(text: str) -> tuple[str, ...]:
+    """The ``x86/fpu:`` messages of a kernel log (dmesg output or /dev/kmsg records), in order.
+
+    /dev/kmsg continuation lines (dictionary "KEY=value" lines, which start with a space) are
+    not messages and are skipped.
+    """
+    out = []
+    for line in text.splitlines():
+        if line.startswith(" "):
+            continue
+        msg = message_of(line)
+        if msg.startswith(PREFIX):
+            out.append(msg)
+    return tuple(out)
+
+
+def _read_kmsg(path: str = KMSG) -> str:
+    """Every record /dev/kmsg still holds, one message per line (HostUnavailable if unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise HostUnavailable(f"cannot open {path}: {e.strerror}") from None
+    records = []
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # a record was overwritten while we read: go on
+                    continue
+                if e.errno == errno.EINVAL:  # a record larger than our buffer: skip it
+                    continue
+                raise HostUnavailable(f"cannot read {path}: {e.strerror}") from None
+            if not rec:
+                break
+            records.append(rec.decode("utf-8", "replace").split("\n", 1)[0])
+    finally:
+        os.close(fd)
+    return "\n".join(records)
+
+
+def _read_dmesg_tool() -> str:
+    try:
+        done = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HostUnavailable(f"cannot run dmesg: {e}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+        raise HostUnavailable(f"dmesg exited with status {done.returncode}: {why}")
+    return done.stdout
+
+
+def host_fpu_lines() -> tuple[str, ...]:
+    """The ``x86/fpu:`` lines of this machine's kernel log, timestamps stripped."""
+    errors = []
+    for reader in (_read_kmsg, _read_dmesg_tool):
+        try:
+            text = reader()
+        except HostUnavailable as e:
+            errors.append(str(e))
+            continue
+        lines = fpu_lines(text)
+        if lines:
+            return lines
+        errors.append(f"{reader.__name__.strip('_')}: the log holds no '{PREFIX.strip()}' line "
+                      "(ring buffer overwritten since boot?)")
+    raise HostUnavailable("kernel log unreadable: " + "; ".join(errors))
+
+
+def compare_boot_lines() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(model lines, host lines): fpu__init_system_xstate() on this CPU's CPUID for the running
+    kernel (os.uname().release mapped by versions.version_for_release()), and the kernel log.
+
+    HostUnavailable when the log cannot be read or CPUID cannot be executed."""
+    from fpstate.kernel.x86.versions import version_for_release
+    from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+    from fpstate.x86.profiles import load_profile
+
+    host = host_fpu_lines()
+    kernel = version_for_release(os.uname().release)
+    model = fpu__init_system_xstate(load_profile("host"), kernel).lines
+    return model, host

@@ -1,0 +1,167 @@
+"""Kernel versions of the x86 boot-time xstate setup, and every place their behaviour differs.
+
+Models the history of arch/x86/kernel/fpu/xstate.c, arch/x86/include/asm/fpu/xstate.h and
+types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18.
+Each difference is one row of :data:`CHANGES`: a key, the first listed version that has it, and
+the commit (or tip/stable mail) it comes from. A :class:`KernelVersion` is a name plus the set
+of keys it has; everything version-dependent in ``fpstate.kernel.x86.xstate`` asks
+``kernel.has(KEY)``, never compares version numbers.
+
+Rules of this file:
+- a version is listed where behaviour changes, plus the LTS names people ask for (6.1, 6.6,
+  6.12); a kernel between two listed versions behaves as the earlier one;
+- a change is dated by the mainline release that first carried it; stable backports (erratum
+  1386 and the LBR/IA32_XSS fix reached older LTS trees) are noted in the row, not modelled;
+- the kernel is a 64-bit build with a distribution configuration
+  (CONFIG_X86_INTEL_MEMORY_PROTECTION_KEYS=y, so X86_FEATURE_OSPKE is set whenever the CPU has
+  PKU: setup_pku() runs before fpu__init_system() since v6.5).
+
+Facts were read in these copies: Kingxukai/linux (~v6.17, xstate.c/init.c/cpuid-deps.c),
+gregkh/linux (~v6.16), a v5.16-era xstate.c, and tip-bot2/stable mails for each commit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fpstate.errors import FpstateError
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One behaviour difference: ``key`` holds from mainline ``since`` on."""
+
+    key: str
+    since: str
+    origin: str  #: commit id and subject, or the mail it was read in
+    summary: str
+
+
+CHANGES: tuple[Change, ...] = (
+    Change("xcompacted_xsavec", "5.19",
+           "8ad7e8f69695 x86/fpu/xsave: Support XSAVEC in the kernel",
+           "X86_FEATURE_XCOMPACTED = XSAVEC || XSAVES (before: compacted only with XSAVES); "
+           "supervisor features masked out of max_features when XSAVES is absent"),
+    Change("warn_with_reason", "6.1",
+           "48280042f2c6 XSTATE_WARN_ON() takes a reason (Andrew Cooper, mainline 6.0)",
+           "'XSAVE consistency problem: <reason>' instead of '..., dumping leaves'"),
+    Change("init_fpstate_default", "6.1",
+           "d3e021adac7c x86/fpu: Fix the init_fpstate size check with the actual size; "
+           "x86/fpu: Exclude dynamic states from init_fpstate",
+           "init_fpstate sized for the kernel default features and checked against its 4096-byte "
+           "buffer in fpu__init_system_xstate() (before: max features, and "
+           "is_supported_xstate_size() on the default size in init_xstate_size())"),
+    Change("erratum_1386", "6.3",
+           "x86/amd: Work around Erratum 1386 - XSAVES malfunction on context switch "
+           "(Andrew Cooper, March 2023; backported to stable)",
+           "X86_FEATURE_XSAVES cleared on AMD family 0x17 (Zen1/Zen2)"),
+    Change("cet_user", "6.6",
+           "x86/fpu/xstate: Introduce CET MSR and XSAVES supervisor states (Rick Edgecombe)",
+           "XFEATURE_CET_USER gated on SHSTK and in SUPERVISOR_SUPPORTED; names for 11/12; "
+           "SHSTK depends on XSAVES; XCHECK_SZ names the feature with xfeature_names[]"),
+    Change("pkru_ospke", "6.6",
+           "18032b47adf1 x86/fpu/xstate: Fix PKRU covert channel",
+           "XFEATURE_PKRU gated on X86_FEATURE_OSPKE instead of X86_FEATURE_PKU"),
+    Change("independent_enumerated", "6.11",
+           "2848ff28d180 x86/fpu: Avoid writing LBR bit to IA32_XSS unless supported",
+           "fpu_kernel_cfg.independent_features = enumerated & LBR; IA32_XSS gets LBR only when "
+           "the CPU enumerates it (before: whenever X86_FEATURE_ARCH_LBR)"),
+    Change("apx", "6.16",
+           "x86/fpu/apx series (Chang S. Bae): XFEATURE_APX, APX/MPX conflict check, "
+           "xfeature_uncompact_order[]",
+           "APX gated on X86_FEATURE_APX and user-supported; 'Both APX/MPX present' disables "
+           "XSAVE; standard sizes walk components by offset"),
+    Change("print_loop", "6.16",
+           "x86/fpu/xstate: Simplify print_xstate_features() (Chang S. Bae)",
+           "'Supporting XSAVE feature' lines for every bit 0..XFEATURE_MAX-1 (before: a list)"),
+    Change("xsave_disabled_line", "6.16",
+           "fpu__init_disable_system_xstate() prints 'XSAVE disabled' (APX series, April 2025)",
+           "every disable path prints 'x86/fpu: XSAVE disabled'; the ', disabling XSAVE' "
+           "suffixes are dropped"),
+    Change("guest_only_cet_kernel", "6.17",
+           "8b05b3c98816 x86/fpu/xstate: Add CET supervisor xfeature support as a guest-only "
+           "feature; 7bc4ed75f2d6 Differentiate default features for host and guest FPUs",
+           "XFEATURE_CET_KERNEL gated on SHSTK, supervisor-supported and guest-only: in "
+           "max_features and guest_default_cfg, not in the host defaults; '(KVM only)'"),
+)
+
+_BY_KEY = {c.key: c for c in CHANGES}
+
+
+def _vkey(name: str) -> tuple[int, int]:
+    major, minor = name.split(".")
+    return int(major), int(minor)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelVersion:
+    """A kernel release as far as boot-time xstate setup is concerned."""
+
+    name: str
+    changes: frozenset[str]
+
+    def has(self, key: str) -> bool:
+        """Whether this kernel has the behaviour of :data:`CHANGES` row ``key``."""
+        assert key in _BY_KEY, f"unknown change key {key!r}"
+        return key in self.changes
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return _vkey(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: Every version ``--kernel`` accepts, oldest first.
+VERSION_NAMES: tuple[str, ...] = (
+    "5.16", "5.19", "6.1", "6.3", "6.6", "6.11", "6.12", "6.16", "6.17", "6.18",
+)
+NEWEST = VERSION_NAMES[-1]
+
+KERNELS: dict[str, KernelVersion] = {
+    name: KernelVersion(name, frozenset(
+        c.key for c in CHANGES if _vkey(c.since) <= _vkey(name)))
+    for name in VERSION_NAMES
+}
+
+_RELEASE = re.compile(r"^v?(\d+)\.(\d+)(?:[.\-+~_].*)?$")
+
+
+def kernel_version(spec: str | KernelVersion = NEWEST) -> KernelVersion:
+    """The listed version ``spec`` ("6.12", "v6.12" or a release like "6.12.8-arch1").
+
+    FpstateError naming the known versions when ``spec`` is not one of them."""
+    if isinstance(spec, KernelVersion):
+        return spec
+    m = _RELEASE.match(str(spec).strip())
+    name = f"{m.group(1)}.{m.group(2)}" if m else str(spec)
+    if name not in KERNELS:
+        raise FpstateError(
+            f"unknown kernel version {spec!r}; known: {', '.join(VERSION_NAMES)}"
+        )
+    return KERNELS[name]
+
+
+def version_for_release(release: str) -> KernelVersion:
+    """The behaviour of a running kernel's ``uname -r`` release: its own row when listed, else
+    the newest listed version older than it (behaviour only changes at listed versions).
+
+    FpstateError for a release older than 5.16 or not of the form MAJOR.MINOR[...]."""
+    m = _RELEASE.match(release.strip())
+    if not m:
+        raise FpstateError(f"kernel release {release!r} is not of the form MAJOR.MINOR[...]")
+    want = (int(m.group(1)), int(m.group(2)))
+    older = [n for n in VERSION_NAMES if _vkey(n) <= want]
+    if not older:
+        raise FpstateError(
+            f"kernel release {release!r} is older than the oldest modelled kernel "
+            f"({VERSION_NAMES[0]})"
+        )
+    return KERNELS[older[-1]]
+
+
+def change(key: str) -> Change:
+    """The :data:`CHANGES` row ``key``."""
+    return _BY_KEY[key]
