@@ -86,7 +86,8 @@ _libc.getauxval.argtypes = [ctypes.c_ulong]
 
 def getauxval(at_type: int) -> int | None:
     """glibc getauxval(): the value, or None when the kernel did not supply the entry
-    (getauxval returns 0 with errno ENOENT)."""
+    (getauxval returns 0 with errno ENOENT). On x86-64 glibc answers AT_HWCAP with its own
+    dl_hwcap (HWCAP_X86_64 ...), not the kernel's word: use `read_auxv` for that."""
     ctypes.set_errno(0)
     value = int(_libc.getauxval(at_type))
     if value == 0 and ctypes.get_errno() != 0:
