@@ -349,7 +349,8 @@ def _generate(program: Program, lay: _Layout, host: HostXsave, arena: int, base:
 
 
 class Runner:
-    """Runs programs on this CPU; owns the arena and the executable mapping (reused)."""
+    """Runs programs on this CPU; owns the arena and the executable mapping (reused, so one
+    Runner runs one program at a time: not thread-safe)."""
 
     def __init__(self, spawn: str = "vfork") -> None:
         if spawn not in SPAWN_MODES:
@@ -360,6 +361,8 @@ class Runner:
         self._arena_addr = 0
         self._code: native.ExecutableCode | None = None
         self._proto = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_uint64)
+        self._spawn_fn: ctypes._CFuncPtr | None = None
+        self._spawn_at = 0
 
     def _ensure(self, arena_size: int, code_size: int) -> None:
         if self._arena is None or len(self._arena) < arena_size:
@@ -374,10 +377,11 @@ class Runner:
         if program.cpl == 0:
             raise HostUnavailable("CPL 0 needs a KVM guest")
         lay = _layout(program)
-        self._ensure(lay.size, 64 * len(program.insns) + 4096)
+        self._ensure(lay.size, 128 * len(program.insns) + 8192)
         assert self._arena is not None and self._code is not None
         arena, base = self._arena_addr, self._code.address
         code, body, allowed = _generate(program, lay, self.host, arena, base)
+        assert len(code) <= self._code.size, f"{len(code)} bytes of code"
         self._code.mem[: len(code)] = code
         m = self._arena
         m[: lay.size] = bytes(lay.size)
@@ -393,7 +397,9 @@ class Runner:
 
     def _spawn(self, body: int, spawn: int) -> int:
         if self.spawn == "vfork":
-            pid = self._proto(spawn)(self._arena_addr)
+            if self._spawn_fn is None or self._spawn_at != spawn:
+                self._spawn_fn, self._spawn_at = self._proto(spawn), spawn
+            pid = self._spawn_fn(self._arena_addr)
             if pid < 0:
                 raise HostUnavailable(f"clone(CLONE_VM|CLONE_VFORK) failed: errno {-pid}")
         else:
@@ -425,6 +431,8 @@ class Runner:
                     f"runner bug: fault at {q(RIP):#x}, step {step} is at {allowed[step]}")
         elif os.WIFSIGNALED(status):
             signo = os.WTERMSIG(status)
+            if signo not in CAUGHT:
+                raise HostUnavailable(f"runner child killed by {signal.Signals(signo).name}")
             fault = Fault(fault_vector(signo, None, None),
                           f"killed by {signal.Signals(signo).name}")
         else:
