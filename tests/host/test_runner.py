@@ -10,6 +10,8 @@ import signal
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpstate.errors import HostUnavailable, ProgramError
 from fpstate.host import native
@@ -287,3 +289,42 @@ def test_amx_tile_config_round_trip_and_tileloadd_row() -> None:
     tiles = offset(18)
     assert out.buffers[1][tiles:tiles + 8] == rows[:8]  # row 0 of tmm0
     assert out.buffers[1][tiles + 64:tiles + 72] == rows[8:]  # row 1, 64 bytes further
+
+
+_LOADS = st.one_of(
+    st.tuples(st.just("MOVDQU"), st.integers(0, 15), st.binary(min_size=16, max_size=16)),
+    st.tuples(st.just("VMOVDQU"), st.integers(0, 15), st.binary(min_size=32, max_size=32)),
+    st.tuples(st.just("VMOVDQU64"), st.integers(0, 31), st.binary(min_size=64, max_size=64)),
+    st.tuples(st.just("KMOVQ"), st.integers(0, 7), st.binary(min_size=8, max_size=8)),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_LOADS, max_size=12))
+def test_register_loads_land_where_the_standard_layout_says(loads) -> None:
+    """A tiny register-file model: legacy MOVDQU keeps bits 511:128, VEX.256 zeroes 511:256
+    (SDM Vol. 1 14.1.3 / 15.5), and every byte is found at its standard offset in the final
+    image (XMM at 160 + 16i, YMM_H at AVX + 16i, ZMM_H at ZMM_Hi256 + 32i, ZMM16-31 at
+    Hi16_ZMM + 64(i - 16), k at opmask + 8i)."""
+    need("MOVDQU", "VMOVDQU", "VMOVDQU64", "KMOVQ")
+    zmm = [bytearray(64) for _ in range(32)]
+    k = [bytes(8) for _ in range(8)]
+    for m, reg, data in loads:
+        if m == "MOVDQU":
+            zmm[reg][:16] = data
+        elif m == "VMOVDQU":
+            zmm[reg][:] = data + bytes(32)
+        elif m == "VMOVDQU64":
+            zmm[reg][:] = data
+        else:
+            k[reg] = data
+    out = run([Insn(m, reg=r, data=d) for m, r, d in loads])
+    f = out.final
+    assert out.fault is None and f is not None
+    for i in range(16):
+        assert f[160 + 16 * i:176 + 16 * i] == zmm[i][:16], f"xmm{i}"
+        assert f[offset(2) + 16 * i:offset(2) + 16 * i + 16] == zmm[i][16:32], f"ymm{i}_h"
+        assert f[offset(6) + 32 * i:offset(6) + 32 * i + 32] == zmm[i][32:], f"zmm{i}_h"
+        assert f[offset(7) + 64 * i:offset(7) + 64 * i + 64] == zmm[16 + i], f"zmm{16 + i}"
+    for i in range(8):
+        assert f[offset(5) + 8 * i:offset(5) + 8 * i + 8] == k[i], f"k{i}"
