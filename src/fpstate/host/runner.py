@@ -136,6 +136,8 @@ def host_lacks(mnemonic: str) -> str | None:
         return f"the host is {platform.machine()}, not x86-64"
     for need in REQUIRES[mnemonic]:
         if need in XCR0_NEEDS:
+            if not host_has("OSXSAVE"):
+                return "host lacks OSXSAVE: CPUID.(EAX=1):ECX[27]=0 (XCR0 not enabled)"
             xcr0 = host_xsave().xcr0
             if xcr0 & XCR0_NEEDS[need] != XCR0_NEEDS[need]:
                 return f"host XCR0 {xcr0:#x} lacks {need} state {XCR0_NEEDS[need]:#x}"
