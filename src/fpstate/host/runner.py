@@ -22,7 +22,16 @@ with iced-x86 (`fpstate.host.asm`), runs in a child process and never returns:
 
 A fault enters the handler, which records the signal, ``si_code``, the trap number, error
 code and RIP from the signal frame and calls exit_group. No Python runs in the child between
-the start XRSTOR and the final XSAVE. The parent reads the arena after waitpid().
+the start XRSTOR and the final XSAVE. The parent reads the arena after waitpid(). Because
+the child ends in exit_group, the body neither preserves callee-saved registers nor restores
+any FPU state: the parent process never executes program code (only the spawn stub, which
+keeps rbx).
+
+What the host cannot make deterministic (details in /work/notes/host-findings.md): a
+preemption inside a program lets the kernel XSAVES/XRSTORS the registers, which may turn an
+in-use component holding initial values into XINUSE 0 and resets XSAVEOPT's modified
+tracking; x87 FIP/FDP hold the runner's addresses if a program leaves an unmasked x87
+exception pending (this CPU saves them as 0 otherwise).
 
 Two ways to start the child (`SPAWN_MODES`): ``"vfork"`` (default) issues
 clone(CLONE_VM | CLONE_VFORK | SIGCHLD) from machine code onto the arena's stack: a separate
