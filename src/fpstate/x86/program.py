@@ -2,7 +2,7 @@
 
 A `Program` is a short straight-line sequence of x86 instructions over a set of memory
 buffers. The model (`fpstate.x86.insn.run_program`) and the host
-(`fpstate.host.native.run_program`) both take a `Program` and answer with an `Outcome`;
+(`fpstate.host.runner.run_program`) both take a `Program` and answer with an `Outcome`;
 the differential tests compare the two byte for byte.
 
 Theory of operation
