@@ -314,3 +314,72 @@ def test_mxcsr_bit_within_mxcsr_mask_is_restored(plain: SignalRun) -> None:
         pytest.skip(f"MXCSR_MASK {mask:#x} has no bit above 15 to try")
     run = raise_signal((set_mxcsr(MXCSR_DEFAULT | extra),))
     assert run.sigreturn_ok and run.after.mxcsr == MXCSR_DEFAULT | extra
+
+
+# -- sigaltstack ---------------------------------------------------------------------------
+
+def test_sigaltstack_size_rules(rc) -> None:
+    """do_sigaltstack: ss_size < MINSIGSTKSZ (2048) -> ENOMEM; a mode other than 0,
+    SS_ONSTACK or SS_DISABLE -> EINVAL; SS_DISABLE ignores the size. Without dynamic
+    features and without strict_sas_size, sigaltstack_size_valid() accepts any size >= 2048,
+    even one too small for this machine's frame."""
+    import errno
+
+    from fpstate.host.sigaltstack import (
+        SS_AUTODISARM,
+        SS_ONSTACK,
+        AltstackRequest,
+        disable_request,
+        sigaltstack_errnos,
+    )
+    reqs = [AltstackRequest(2047), AltstackRequest(2048), AltstackRequest(0),
+            AltstackRequest(100, SS_ONSTACK), AltstackRequest(4096, 4),
+            AltstackRequest(4096, SS_AUTODISARM), disable_request(), AltstackRequest(1 << 40)]
+    got = sigaltstack_errnos(reqs)
+    if (native.cpuid(7, 0)[3] >> 24) & 1:
+        pytest.skip("host has AMX: sigaltstack_size_valid() may enforce the frame size")
+    assert got == (errno.ENOMEM, 0, errno.ENOMEM, errno.ENOMEM, errno.EINVAL, 0, 0, 0)
+
+
+def test_frame_on_the_altstack_has_no_red_zone(rc) -> None:
+    """get_sigframe: entering the altstack sets sp = ss_sp + ss_size (no 128-byte red zone),
+    then the usual fpstate and rt_sigframe placement."""
+    run = raise_signal(altstack_size=8192)
+    f = run.frame
+    ss_sp, _, ss_size = f.uc_stack
+    assert ss_size == 8192
+    top = ss_sp + ss_size
+    size = host_user_xstate_size()
+    assert f.fpstate_address == (top - (size + 4)) // 64 * 64
+    assert f.frame_address == (f.fpstate_address - RT_SIGFRAME_SIZE) // 16 * 16 - 8
+    assert run.sigreturn_ok
+
+
+def test_smallest_altstack_and_overflow(rc) -> None:
+    """With a page-aligned top the frame starts at top - S where
+    S = round_up(round_up(user_size + 4, 64) + 440, 16) + 8; delivery needs sp > ss_sp, so
+    the smallest working size is S + 1. One byte less: 'overflowed sigaltstack' and a forced
+    SIGSEGV (si_code SI_KERNEL). AT_MINSIGSTKSZ covers it."""
+    from fpstate.host.auxv import at_minsigstksz
+    from fpstate.host.sigaltstack import deliver_on_altstack, smallest_altstack
+
+    size = host_user_xstate_size()
+    need = ((size + 4 + 63) // 64 * 64 + RT_SIGFRAME_SIZE + 15) // 16 * 16 + 8 + 1
+    assert smallest_altstack(2048, 16384) == need
+    over = deliver_on_altstack(need - 1)
+    assert over.frame is None and over.segv is not None
+    assert over.segv.signo == signal.SIGSEGV and over.segv.si_code == SI_KERNEL
+    assert at_minsigstksz() >= need
+
+
+def test_amx_request_with_a_small_altstack_is_enospc() -> None:
+    """validate_sigaltstack(): an installed altstack smaller than the AMX frame makes
+    ARCH_REQ_XCOMP_PERM(XTILE_DATA) fail with ENOSPC."""
+    import errno
+
+    from fpstate.host.sigaltstack import amx_altstack_interplay
+    try:
+        r = amx_altstack_interplay(4096, 4096)
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    assert r.installed_errno == 0 and r.req_errno == errno.ENOSPC

@@ -30,6 +30,7 @@ import signal
 import struct
 from dataclasses import dataclass
 
+from fpstate.errors import FpstateError
 from fpstate.host.child import (
     PAGE,
     SA_ONSTACK,
@@ -204,7 +205,7 @@ def set_mxcsr(value: int) -> FramePatch:
 
 def set_xmm(n: int, data: bytes) -> FramePatch:
     if len(data) != 16:
-        raise ValueError("an XMM register is 16 bytes")
+        raise FpstateError(f"an XMM register is 16 bytes, not {len(data)}")
     return FramePatch(160 + 16 * n, bytes(data), f"xmm{n}")
 
 
