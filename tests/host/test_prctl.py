@@ -165,3 +165,25 @@ def test_auxv_parser_stops_at_at_null() -> None:
            + bytes(16) + (99).to_bytes(8, "little") + (1).to_bytes(8, "little"))
     assert parse_auxv(raw).entries == ((AT_MINSIGSTKSZ, 3376),)
     assert getauxval(0x7FFF) is None
+
+
+def test_ia32_frame_and_the_at_minsigstksz_formula(xcr0: int) -> None:
+    """init_sigframe_size(): max_frame_size = round_up(sizeof(struct sigframe_ia32) + 15 +
+    fpu__get_fpstate_size() + 63, 16), with fpu__get_fpstate_size() = user max_size + 4
+    (magic2) + 112 (fregs_state, IA32_EMULATION) and sizeof(struct sigframe_ia32) = 736 in a
+    64-bit kernel (732 bytes of members, 8-aligned by _fpx_sw_bytes.xfeatures). The 32-bit
+    frame itself confirms the size range: its handler ESP sits 740 bytes below the fsave
+    header, i.e. ((-S + 4) & -16) - 4 = -740 for S in 725..740."""
+    from fpstate.host.auxv import ia32_sigframe
+    from fpstate.host.child import host_user_xstate_size
+
+    try:
+        f = ia32_sigframe()
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    user = host_user_xstate_size()
+    assert f.extended_size == user + 4 + 112
+    assert f.xstate_size == user and f.xfeatures == xcr0
+    assert (f.fpstate + 112) % 64 == 0
+    assert f.frame_bytes == 740
+    assert at_minsigstksz() == (736 + 15 + (user + 4 + 112) + 63 + 15) // 16 * 16

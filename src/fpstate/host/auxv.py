@@ -11,9 +11,12 @@ AT_HWCAP is ELF_HWCAP = boot_cpu_data.x86_capability[CPUID_1_EDX]; AT_HWCAP2 is 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import shutil
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
@@ -117,3 +120,120 @@ def max_sigframe_size_from_dmesg() -> int:
         raise HostUnavailable("dmesg has no 'signal: max sigframe size' line (not readable, "
                               "or rotated out of the ring buffer)")
     return int(m.group(1))
+
+
+# -- the ia32 frame that max_frame_size reserves room for -----------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ia32Frame:
+    """A non-RT signal frame (struct sigframe_ia32) delivered to a 32-bit process: the frame
+    MAX_FRAME_SIGINFO_UCTXT_SIZE is sized for on IA32_EMULATION kernels."""
+
+    esp: int  #: handler ESP on entry = &sigframe_ia32.pretcode
+    fpstate: int  #: sc.fpstate: the fsave header, 112 bytes before the 64-aligned fxsave
+    magic1: int
+    extended_size: int  #: user_size + 4 + sizeof(struct fregs_state) (112)
+    xfeatures: int
+    xstate_size: int
+
+    @property
+    def frame_bytes(self) -> int:
+        """fpstate - ESP = ((fpstate - sizeof(sigframe_ia32) + 4) & -16) - 4 subtracted."""
+        return self.fpstate - self.esp
+
+
+_IA32_BASE = 0x08048000
+_IA32_BSS = _IA32_BASE + 0x4000
+_SC_FPSTATE = 8 + 76  #: pretcode, sig, then sigcontext_32.fpstate
+_FREGS_STATE = 112
+
+
+def _ia32_code(handler: int) -> tuple[bytes, int]:
+    from iced_x86 import BlockEncoder, Decoder
+    from iced_x86 import Code as C
+    from iced_x86 import Instruction as In
+    from iced_x86 import MemoryOperand as M
+    from iced_x86 import Register as R
+
+    act, out = _IA32_BSS, _IA32_BSS + 64
+    items: list[In] = []
+    marks: dict[str, int] = {}
+
+    def e(i: In) -> None:
+        i.ip = len(items) + 1
+        items.append(i)
+
+    def mov(reg: int, value: int) -> None:
+        e(In.create_reg_u32(C.MOV_R32_IMM32, reg, value))
+
+    def int80() -> None:
+        e(In.create_u32(C.INT_IMM8, 0x80))
+
+    e(In.create_mem_u32(C.MOV_RM32_IMM32, M(displ=act, displ_size=4), handler))
+    mov(R.EAX, 174)  # rt_sigaction(SIGUSR1, &act, NULL, 8), no SA_SIGINFO: sigframe_ia32
+    mov(R.EBX, 10)
+    mov(R.ECX, act)
+    mov(R.EDX, 0)
+    mov(R.ESI, 8)
+    int80()
+    mov(R.EAX, 20)  # getpid
+    int80()
+    e(In.create_reg_reg(C.MOV_R32_RM32, R.EBX, R.EAX))
+    mov(R.EAX, 37)  # kill(pid, SIGUSR1)
+    mov(R.ECX, 10)
+    int80()
+    mov(R.EAX, 252)  # exit_group(3): the handler did not run
+    mov(R.EBX, 3)
+    int80()
+    marks["handler"] = len(items)
+    e(In.create_mem_reg(C.MOV_RM32_R32, M(displ=out, displ_size=4), R.ESP))
+    e(In.create_reg_mem(C.MOV_R32_RM32, R.EAX, M(R.ESP, displ=_SC_FPSTATE)))
+    e(In.create_mem_reg(C.MOV_RM32_R32, M(displ=out + 4, displ_size=4), R.EAX))
+    for k in range(6):
+        e(In.create_reg_mem(C.MOV_R32_RM32, R.ECX, M(R.EAX, displ=_FREGS_STATE + 464 + 4 * k)))
+        e(In.create_mem_reg(C.MOV_RM32_R32, M(displ=out + 8 + 4 * k, displ_size=4), R.ECX))
+    mov(R.EAX, 4)  # write(1, out, 32)
+    mov(R.EBX, 1)
+    mov(R.ECX, out)
+    mov(R.EDX, 32)
+    int80()
+    mov(R.EAX, 252)
+    mov(R.EBX, 0)
+    int80()
+    enc = BlockEncoder(32)
+    enc.add_many(items)
+    entry = _IA32_BASE + 52 + 32
+    code = enc.encode(entry)
+    ips = [i.ip for i in Decoder(32, code, ip=entry)]
+    return code, ips[marks["handler"]]
+
+
+def ia32_sigframe() -> Ia32Frame:
+    """Run a minimal static 32-bit ELF that sends itself SIGUSR1 through a handler without
+    SA_SIGINFO, so the kernel builds ``struct sigframe_ia32`` (ia32_setup_frame,
+    arch/x86/kernel/signal_32.c), and report where the handler found it."""
+    _, handler = _ia32_code(0)
+    code, again = _ia32_code(handler)
+    assert again == handler, "handler moved between encodings"
+    filesz = 52 + 32 + len(code)
+    ehdr = struct.pack("<4sBBBBB7sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, 0, bytes(7),
+                       2, 3, 1, _IA32_BASE + 52 + 32, 52, 0, 0, 52, 32, 1, 0, 0, 0)
+    phdr = struct.pack("<IIIIIIII", 1, 0, _IA32_BASE, _IA32_BASE, filesz,
+                       _IA32_BSS - _IA32_BASE + 0x1000, 7, 0x1000)
+    tmp = tempfile.mkdtemp(prefix="fpstate-ia32-")
+    try:
+        path = os.path.join(tmp, "probe32")
+        with open(path, "wb") as f:
+            f.write(ehdr + phdr + code)
+        os.chmod(path, 0o700)
+        try:
+            run = subprocess.run([path], capture_output=True, timeout=10)
+        except OSError as e:
+            raise HostUnavailable(f"cannot run a 32-bit ELF ({e.strerror}): "
+                                  "IA32_EMULATION off or ia32_emulation=false") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if run.returncode != 0 or len(run.stdout) != 32:
+        raise HostUnavailable(f"32-bit probe failed (status {run.returncode})")
+    esp, fp, magic1, ext, xf_lo, xf_hi, size, _ = struct.unpack("<8I", run.stdout)
+    return Ia32Frame(esp, fp, magic1, ext, xf_lo | xf_hi << 32, size)
