@@ -155,10 +155,11 @@ class BootResult:
     ``disabled`` is None when XSAVE is in use, else the path that gave up on it:
     "no_fpu", "no_xsave", "fp_sse_missing", "apx_mpx", "xstate_buffer_too_small" (v5.16-v6.0),
     "paranoid_size", "init_fpstate_too_small" (v6.1+), or "xsetbv_gp" (the XCR0 the kernel
-    computed faults: the boot dies, no disable path runs). ``xcr0``/``ia32_xss``/``ia32_xfd`` are the
-    values fpu__init_cpu_xstate() writes (None when it never writes that register);
+    computed faults: the boot dies, no disable path runs). ``xcr0``/``ia32_xss``/``ia32_xfd``
+    are the values fpu__init_cpu_xstate() writes (None when it never writes that register);
     ``user_size_reported``/``kernel_size_reported`` are what CPUID leaf 0xD sub-leaf 0 and 1 EBX
-    report after those writes (the numbers init_xstate_size() reads). ``lines`` are the exact
+    report after those writes (the numbers init_xstate_size() reads; sub-leaf 1 only with the
+    compacted format). ``lines`` are the exact
     ``x86/fpu:`` lines of the kernel log, in order; ``log`` every message the model printed,
     including WARN texts and the CPUID leaf dump, which have no ``x86/fpu:`` prefix.
     """

@@ -17,7 +17,7 @@ PROTECTION_KEYS=y), so a dump's OSPKE bit (the dumping OS's CR4.PKE) is ignored.
 from __future__ import annotations
 
 from fpstate.kernel.x86.config import BootCpuCaps
-from fpstate.kernel.x86.versions import KernelVersion, change
+from fpstate.kernel.x86.versions import KernelVersion
 from fpstate.x86.cpuid import FLAGS, CpuidProfile
 from fpstate.x86.xfeatures import XFEATURE_MASK_FP, XFEATURE_MASK_FPSSE
 
@@ -58,19 +58,13 @@ FREGS_STATE_SIZE = 112
 NO_FPU_LINE = "x86/fpu: Giving up, no FPU found and no math emulation present"
 
 
-def _version_key(name: str) -> tuple[int, int]:
-    major, minor = name.split(".")
-    return int(major), int(minor)
-
-
 def _do_clear_cpu_cap(
     flags: set[str], feature: str, reason: str, kernel: KernelVersion,
     cleared: list[tuple[str, str]],
 ) -> None:
     """do_clear_cpu_cap() (cpuid-deps.c): clear ``feature`` and, until nothing changes, every
     feature whose cpuid_deps[] row depends on a cleared one."""
-    deps = [(f, d) for f, d, since in CPUID_DEPS
-            if _version_key(since) <= _version_key(kernel.name)]
+    deps = [(f, d) for f, d, since in CPUID_DEPS if kernel.at_least(since)]
     disable = {feature}
     if feature in flags:
         flags.discard(feature)
@@ -101,8 +95,8 @@ def boot_cpu_caps(profile: CpuidProfile, kernel: KernelVersion) -> BootCpuCaps:
     cleared: list[tuple[str, str]] = []
     family = profile.family_model_stepping[0]
     if kernel.has("erratum_1386") and profile.vendor == "amd" and family == 0x17:
-        _do_clear_cpu_cap(flags, "XSAVES", "AMD erratum 1386 on family 0x17 (Zen1/Zen2): "
-                          + change("erratum_1386").origin.split(" (")[0], kernel, cleared)
+        _do_clear_cpu_cap(flags, "XSAVES", "AMD erratum 1386 (XSAVES malfunction on context "
+                          "switch) on family 0x17, Zen1/Zen2", kernel, cleared)
     if "PKU" in flags:
         flags.add("OSPKE")
     return BootCpuCaps(flags=frozenset(flags), cleared=tuple(cleared))

@@ -89,7 +89,8 @@ CHANGES: tuple[Change, ...] = (
 _BY_KEY = {c.key: c for c in CHANGES}
 
 
-def _vkey(name: str) -> tuple[int, int]:
+def version_key(name: str) -> tuple[int, int]:
+    """(major, minor) of a listed version name, for ordering."""
     major, minor = name.split(".")
     return int(major), int(minor)
 
@@ -106,9 +107,9 @@ class KernelVersion:
         assert key in _BY_KEY, f"unknown change key {key!r}"
         return key in self.changes
 
-    @property
-    def sort_key(self) -> tuple[int, int]:
-        return _vkey(self.name)
+    def at_least(self, name: str) -> bool:
+        """Whether this kernel is ``name`` (a "MAJOR.MINOR" string) or newer."""
+        return version_key(self.name) >= version_key(name)
 
     def __str__(self) -> str:
         return self.name
@@ -122,7 +123,7 @@ NEWEST = VERSION_NAMES[-1]
 
 KERNELS: dict[str, KernelVersion] = {
     name: KernelVersion(name, frozenset(
-        c.key for c in CHANGES if _vkey(c.since) <= _vkey(name)))
+        c.key for c in CHANGES if version_key(c.since) <= version_key(name)))
     for name in VERSION_NAMES
 }
 
@@ -153,7 +154,7 @@ def version_for_release(release: str) -> KernelVersion:
     if not m:
         raise FpstateError(f"kernel release {release!r} is not of the form MAJOR.MINOR[...]")
     want = (int(m.group(1)), int(m.group(2)))
-    older = [n for n in VERSION_NAMES if _vkey(n) <= want]
+    older = [n for n in VERSION_NAMES if version_key(n) <= want]
     if not older:
         raise FpstateError(
             f"kernel release {release!r} is older than the oldest modelled kernel "

@@ -293,10 +293,13 @@ def _independent_mask(b: _Boot) -> int:
     return mask if b.caps.has("ARCH_LBR") else mask & ~XFEATURE_MASK_LBR
 
 
-def xsetbv_fault(xcr0: int) -> str | None:
+def xsetbv_fault(xcr0: int, supported: int | None = None) -> str | None:
     """Why XSETBV(XCR0 = ``xcr0``) raises #GP(0), None when it does not (SDM Vol. 2 XSETBV and
-    Vol. 1 13.3: x87 must be set; AVX needs SSE; the AVX-512 trio is all or nothing and needs
-    AVX; the two AMX components, and the two MPX components, go together)."""
+    Vol. 1 13.3: only bits of CPUID.(0xD,0):EDX:EAX (``supported``, when given); x87 must be
+    set; AVX needs SSE; the AVX-512 trio is all or nothing and needs AVX; the two AMX
+    components, and the two MPX components, go together)."""
+    if supported is not None and xcr0 & ~supported:
+        return f"bits 0x{xcr0 & ~supported:x} not supported in XCR0 (CPUID.(EAX=0DH,ECX=0))"
     if not xcr0 & 1:
         return "XCR0[0] (x87) clear"
     if xcr0 & XFEATURE_MASK_YMM and not xcr0 & 2:
@@ -322,7 +325,7 @@ def fpu__init_cpu_xstate(b: _Boot) -> bool:
         return True
     if b.caps.has("XFD"):
         b.xfd = b.init_xfd
-    fault = xsetbv_fault(b.umax)
+    fault = xsetbv_fault(b.umax, b.profile.xcr0_supported)
     if fault is not None:
         b.log.append(f"#GP(0) in xsetbv(XCR_XFEATURE_ENABLED_MASK, 0x{b.umax:x}): {fault}")
         b.disabled = "xsetbv_gp"
