@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 
-from fpstate.errors import HostUnavailable
+from fpstate.errors import FpstateError, HostUnavailable
 
 PREFIX = "x86/fpu: "
 KMSG = "/dev/kmsg"
@@ -111,12 +111,16 @@ def compare_boot_lines() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(model lines, host lines): fpu__init_system_xstate() on this CPU's CPUID for the running
     kernel (os.uname().release mapped by versions.version_for_release()), and the kernel log.
 
-    HostUnavailable when the log cannot be read or CPUID cannot be executed."""
+    HostUnavailable when the log cannot be read, CPUID cannot be executed or the running
+    kernel is older than every modelled version."""
     from fpstate.kernel.x86.versions import version_for_release
     from fpstate.kernel.x86.xstate import fpu__init_system_xstate
     from fpstate.x86.profiles import load_profile
 
     host = host_fpu_lines()
-    kernel = version_for_release(os.uname().release)
+    try:
+        kernel = version_for_release(os.uname().release)
+    except FpstateError as e:
+        raise HostUnavailable(f"the running kernel cannot be modelled: {e}") from None
     model = fpu__init_system_xstate(load_profile("host"), kernel).lines
     return model, host
