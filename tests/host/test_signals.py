@@ -120,6 +120,24 @@ def test_frame_header_is_standard_format_with_fp_sse_forced(plain: SignalRun, rc
     assert x.xstate_bv == rc.xcr0
 
 
+def test_frame_header_is_xinuse_plus_fp_sse_and_sw_xfeatures_is_not(rc) -> None:
+    """XSAVE writes XSTATE_BV[i] = XINUSE[i]; save_xstate_epilog ORs in FP|SSE;
+    sw_bytes.xfeatures is fpstate->user_xfeatures whatever is in use."""
+    upper = rc.xcr0 & ~0x3
+    if not upper:
+        pytest.skip("host XCR0 has nothing beyond x87/SSE")
+    run = raise_signal(init_mask=upper)
+    assert run.before.xstate_bv == 0x3
+    assert run.frame.xsave.xstate_bv == 0x3
+    assert run.frame.sw_bytes.xfeatures == rc.xcr0
+    if rc.vector_bytes == 64:
+        assert run.after.zmm(3)[16:] == bytes(48)
+    run = raise_signal(init_mask=0x3)
+    assert run.before.xstate_bv & 0x3 == 0
+    assert run.frame.xsave.xstate_bv == rc.xcr0
+    assert run.frame.xsave.xmm(3) == bytes(16)
+
+
 def test_frame_holds_the_interrupted_registers(plain: SignalRun, rc) -> None:
     x = plain.frame.xsave
     for n in _all_vectors(rc):

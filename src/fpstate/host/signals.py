@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from fpstate.errors import FpstateError
 from fpstate.host.child import (
+    MXCSR_PATTERN,
     PAGE,
     SA_ONSTACK,
     SA_RESTORER,
@@ -338,15 +339,32 @@ def _parse_slot(shm: SharedMemory, lay: _Layout, k: int) -> SignalFrame | None:
     )
 
 
+def _xrstor_init(asm: Asm, area: int, mask: int) -> None:
+    """XRSTOR64 [area] with RFBM = mask; the caller's area is zero but for MXCSR (set here to
+    the pattern), so every component in ``mask`` is initialised and MXCSR kept."""
+    R, C, In, M = asm.R, asm.C, asm.In, asm.M
+    asm.mov_imm(R.RDI, area)
+    asm.emit(In.create_mem_u32(C.MOV_RM32_IMM32, M(R.RDI, displ=24), MXCSR_PATTERN))
+    asm.mov_imm(R.RAX, mask & 0xFFFFFFFF)
+    asm.mov_imm(R.RDX, mask >> 32)
+    asm.emit(In.create_mem(C.XRSTOR64_MEM, M(R.RDI)))
+    asm.emit(In.create_mem_u32(C.MOV_RM32_IMM32, M(R.RDI, displ=24), 0))
+
+
 def _sigaction(sig: int, handler: int, flags: int, restorer: int) -> int:
     act = (ctypes.c_uint64 * 4)(handler, flags | SA_RESTORER, restorer, 0)
     return raw_syscall(SYS["rt_sigaction"], sig, ctypes.addressof(act), 0, 8)
 
 
 def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
-                 altstack_size: int | None = None, timeout: float = 20.0) -> SignalRun:
+                 altstack_size: int | None = None, init_mask: int = 0,
+                 timeout: float = 20.0) -> SignalRun:
     """Raise SIGUSR1 with kill(getpid()) over pattern registers (seed ``seed``) in a forked
     child, capture the frame the kernel built, apply ``patches`` to it and sigreturn.
+
+    ``init_mask`` puts those components back in their initial configuration after the
+    pattern load (XRSTOR with RFBM = init_mask from an area whose XSTATE_BV is 0 and whose
+    MXCSR is the pattern's), so the frame shows the kernel's XSAVE init optimisation.
 
     With ``altstack_size`` the child first installs a sigaltstack of that many bytes whose
     top is the end of a private mapping, and SIGUSR1 is registered with SA_ONSTACK: the frame
@@ -385,6 +403,8 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
             return 5
         main = Asm()
         load_patterns(main, shm.address + lay.table)
+        if init_mask:
+            _xrstor_init(main, shm.address + lay.after, init_mask)
         main.xsave(shm.address + lay.before)
         main.syscall(SYS["getpid"])
         main.syscall(SYS["kill"], Reg(main.R.RAX), signal.SIGUSR1)
