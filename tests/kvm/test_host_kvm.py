@@ -426,3 +426,19 @@ def test_backend_divergences_name_known_backends() -> None:
     assert set(BACKEND_DIVERGENCES) <= set(KVM_BACKENDS)
     assert guest_xcr0_in_hardware("kvm_intel") and guest_xcr0_in_hardware("kvm_amd")
     assert not guest_xcr0_in_hardware("kvm_pvm")
+
+
+@pytest.mark.parametrize(("insns", "buffers", "divergence", "hardware"), [
+    ((Insn("LDMXCSR", value=1 << 16),), (), "#UD", "#GP"),
+    ((Insn("FXSAVE", buf=0),), (Buffer(misalign=8),), None, "#GP"),
+])
+def test_cpl3_gp_under_the_backend(machine: GuestMachine, insns: tuple, buffers: tuple,
+                                   divergence: str | None, hardware: str) -> None:
+    """SDM: LDMXCSR of a reserved bit and a misaligned FXSAVE64 raise #GP(0). Where KVM hands
+    guest #GP to its emulator (BACKEND_DIVERGENCES "cpl3_gp_emulated") the guest sees
+    something else."""
+    out = machine.run_insns(insns, xcr0=0x3, cpl=3, buffers=buffers)
+    emulated = "cpl3_gp_emulated" in BACKEND_DIVERGENCES.get(kvm_backend() or "", {})
+    expected = divergence if emulated else hardware
+    assert (out.fault.vector if out.fault else None) == expected
+    assert out.fault_step == (0 if expected else None)
