@@ -180,12 +180,13 @@ class Outcome:
     def differences(self, other: Outcome) -> list[str]:
         """Human-readable list of what differs from ``other`` (empty when equal)."""
         out = []
-        for i, (a, b) in enumerate(zip(self.buffers, other.buffers)):
+        for i, (a, b) in enumerate(zip(self.buffers, other.buffers, strict=False)):
             if a != b:
                 first = next(j for j in range(min(len(a), len(b))) if a[j] != b[j])
                 out.append(f"buf{i} differs from byte {first:#x}")
         if self.values != other.values:
-            out.append(f"values {[hex(v) for v in self.values]} != {[hex(v) for v in other.values]}")
+            mine, theirs = [hex(v) for v in self.values], [hex(v) for v in other.values]
+            out.append(f"values {mine} != {theirs}")
         if (self.fault and self.fault.vector) != (other.fault and other.fault.vector) or (
             self.fault_step != other.fault_step
         ):
@@ -194,7 +195,8 @@ class Outcome:
             out.append(f"xinuse {self.xinuse!r:} != {other.xinuse!r}")
         if self.final != other.final:
             a, b = self.final or b"", other.final or b""
-            first = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+            n = min(len(a), len(b))
+            first = next((j for j in range(n) if a[j] != b[j]), n)
             out.append(f"final registers differ from byte {first:#x}")
         return out
 
@@ -222,7 +224,8 @@ def check_program(program: Program) -> None:
         if needs_buf and not 0 <= insn.buf < len(program.buffers):
             raise ProgramError(f"{where}: buffer {insn.buf} does not exist")
         if reg_range and not reg_range[0] <= insn.reg <= reg_range[1]:
-            raise ProgramError(f"{where}: register {insn.reg} outside {reg_range[0]}..{reg_range[1]}")
+            low, high = reg_range
+            raise ProgramError(f"{where}: register {insn.reg} outside {low}..{high}")
         if data_len is not None and len(insn.data) != data_len:
             raise ProgramError(f"{where}: {len(insn.data)} bytes of data, {data_len} needed")
         if not 0 <= insn.mask < 1 << 64 or not 0 <= insn.value < 1 << 64:
