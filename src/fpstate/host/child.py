@@ -505,7 +505,3 @@ def elf_exec_image(code: Callable[[int, int], Asm], bss: int = 3 * PAGE) -> byte
     phdr = struct.pack("<IIQQQQQQ", 1, 7, 0, base, base, filesz, memsz, PAGE)
     return ehdr + phdr + text
 
-
-def sequence_results(shm: SharedMemory, offset: int, count: int) -> Sequence[int]:
-    """``count`` signed u64 words from ``shm`` at ``offset``."""
-    return struct.unpack_from(f"<{count}q", shm.mem, offset)
