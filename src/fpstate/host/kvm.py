@@ -28,6 +28,7 @@ Theory of operation
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -38,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fpstate.errors import HostUnavailable
+from fpstate.errors import FpstateError, HostUnavailable
 from fpstate.host import kvm_uapi as u
 from fpstate.host.kvm_uapi import HostError, KvmError
 
@@ -94,7 +95,7 @@ def _arch_prctl(code: int, arg: int) -> int:
 def arch_prctl_get(code: int) -> int:
     """One of the ARCH_GET_XCOMP_{SUPP,PERM,GUEST_PERM} arch_prctls: the u64 it writes."""
     if code not in (u.ARCH_GET_XCOMP_SUPP, u.ARCH_GET_XCOMP_PERM, u.ARCH_GET_XCOMP_GUEST_PERM):
-        raise KvmError(22, f"arch_prctl({code:#x})", "not an ARCH_GET_XCOMP_* code")
+        raise FpstateError(f"arch_prctl({code:#x}) is not one of the ARCH_GET_XCOMP_* codes")
     out = ctypes.c_uint64(0)
     _arch_prctl(code, ctypes.addressof(out))
     return out.value
@@ -105,7 +106,7 @@ def arch_prctl_req(code: int, xfeature: int) -> None:
     refusal: EOPNOTSUPP for a feature that needs no permission or that the host lacks, EBUSY
     for guest permission after a vCPU was created, ENOSPC for a too small sigaltstack)."""
     if code not in (u.ARCH_REQ_XCOMP_PERM, u.ARCH_REQ_XCOMP_GUEST_PERM):
-        raise KvmError(22, f"arch_prctl({code:#x})", "not an ARCH_REQ_XCOMP_* code")
+        raise FpstateError(f"arch_prctl({code:#x}) is not one of the ARCH_REQ_XCOMP_* codes")
     _arch_prctl(code, xfeature)
 
 
@@ -194,7 +195,7 @@ class Kvm:
             try:
                 _ioctl(self.fd, u.KVM_GET_SUPPORTED_CPUID, buf)
             except KvmError as e:
-                if e.errno == 7 and nent < 4096:  # E2BIG
+                if e.errno == errno.E2BIG and nent < 4096:
                     nent *= 2
                     continue
                 raise
@@ -271,10 +272,7 @@ class Vm:
             os.close(self.fd)
             self.fd = -1
         for m in self.memory:
-            try:
-                m.close()
-            except BufferError:  # a ctypes view still exists; the mapping dies with it
-                pass
+            m.close()
         self.memory.clear()
 
     def check_extension(self, cap: int) -> int:
@@ -369,23 +367,12 @@ class Vcpu:
         n = _ioctl(self.fd, u.KVM_GET_MSRS, m)
         return {m.entries[i].index: m.entries[i].data for i in range(n)}
 
-    def set_msrs(self, values: Mapping[int, int]) -> int:
-        """KVM_SET_MSRS (host-initiated writes): the number of MSRs written before the first
-        refusal."""
-        m = u.kvm_msrs(list(values.items()))
+    def set_msrs(self, values: Mapping[int, int] | Iterable[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS (host-initiated writes, in order): the number of MSRs written before
+        the first refusal."""
+        pairs = list(values.items() if isinstance(values, Mapping) else values)
+        m = u.kvm_msrs(pairs)
         return _ioctl(self.fd, u.KVM_SET_MSRS, m)
-
-    def get_msr(self, index: int) -> int:
-        """One MSR, KvmError(EINVAL) when KVM refuses the read."""
-        got = self.get_msrs([index])
-        if index not in got:
-            raise KvmError(22, "KVM_GET_MSRS", f"MSR {index:#x} refused")
-        return got[index]
-
-    def set_msr(self, index: int, value: int) -> None:
-        """One MSR, KvmError(EINVAL) when KVM refuses the write (kvm_set_msr_common says 1)."""
-        if self.set_msrs({index: value}) != 1:
-            raise KvmError(22, "KVM_SET_MSRS", f"MSR {index:#x} <- {value:#x} refused")
 
     # XCRs
 
@@ -416,10 +403,11 @@ class Vcpu:
         return bytes(x)
 
     def get_xsave2(self, size: int | None = None) -> bytes:
-        """KVM_GET_XSAVE2 into a buffer of ``size`` bytes (default: KVM_CAP_XSAVE2 on the VM);
-        KVM writes guest_fpu.uabi_size bytes whatever the buffer is."""
-        size = self.vm.cap_xsave2() if size is None else size
-        buf = (ctypes.c_uint8 * max(size, 4096))()
+        """KVM_GET_XSAVE2: the first ``size`` bytes (default: KVM_CAP_XSAVE2 on the VM) of what
+        KVM writes, guest_fpu.uabi_size bytes into a buffer of at least KVM_CAP_XSAVE2."""
+        cap = self.vm.cap_xsave2()
+        size = cap if size is None else size
+        buf = (ctypes.c_uint8 * max(size, cap, 4096))()  # KVM writes uabi_size bytes
         _ioctl(self.fd, u.KVM_GET_XSAVE2, buf)
         return bytes(buf)[:size]
 

@@ -177,8 +177,9 @@ def _operands(program: Program) -> tuple[list[Operands], list[tuple[int, bytes]]
         value = 0
         if m in VALUE_MNEMONICS:
             value, slot = slot, slot + 8
-        buf = buffer_address(insn.buf, program.buffers[insn.buf].misalign) if insn.buf >= 0 \
-            and insn.buf < len(program.buffers) else 0
+        buf = 0
+        if 0 <= insn.buf < len(program.buffers):
+            buf = buffer_address(insn.buf, program.buffers[insn.buf].misalign)
         ops.append(Operands(buf=buf, data=where, value=value))
     if at > MEM_SIZE or slot > STATUS + 0x1000:
         raise ProgramError("the program's data or values do not fit in the guest's memory")
@@ -211,8 +212,13 @@ class GuestMachine:
 
     def __init__(self, kvm: Kvm | None = None, *, cpuid: Sequence[CpuidEntry] | None = None,
                  irqchip: bool = False) -> None:
+        self._own_kvm = kvm is None
         self.kvm = kvm or open_kvm()
-        self.vm = self.kvm.create_vm(irqchip=irqchip)
+        try:
+            self.vm = self.kvm.create_vm(irqchip=irqchip)
+        except BaseException:
+            self.close_kvm()
+            raise
         try:
             self.mem = self.vm.add_memory(0, 0, MEM_SIZE)
             self.vcpu = self.vm.create_vcpu(0)
@@ -220,7 +226,7 @@ class GuestMachine:
             self.vcpu.set_cpuid2(self.cpuid)
             self._build_tables()
         except BaseException:
-            self.vm.close()
+            self.close()
             raise
         d1 = find_cpuid(self.cpuid, 0xD, 1)[0]
         self.has_xgetbv1 = bool(d1 & 4)
@@ -231,6 +237,12 @@ class GuestMachine:
 
     def close(self) -> None:
         self.vm.close()
+        self.close_kvm()
+
+    def close_kvm(self) -> None:
+        """Close /dev/kvm if this machine opened it."""
+        if self._own_kvm:
+            self.kvm.close()
 
     def __enter__(self) -> GuestMachine:
         return self
