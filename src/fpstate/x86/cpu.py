@@ -1,0 +1,430 @@
+"""The register file of one logical CPU: every XSAVE-managed state component as bytes.
+
+Models the state of Intel SDM Vol. 1 chapter 13 ("Managing State Using the XSAVE Feature Set")
+and the control registers around it: CR0.TS, CR4.OSXSAVE, CR4.PKE, XCR0, IA32_XSS, IA32_XFD,
+IA32_XFD_ERR, the CPL, and the processor's own tracking (13.6): XINUSE (reported by XGETBV
+with ECX = 1), XMODIFIED and XRSTOR_INFO (the modified optimisation of XSAVEOPT/XSAVES).
+
+Theory of operation
+-------------------
+A `Machine` is the frozen, per-profile part: one `StateComponent` row per component the CPU
+enumerates (number, size, standard offset, alignment, supervisor, XFD, initial configuration),
+the CPUID flags that gate instructions, and the AMX palettes. The generic XSAVE/XRSTOR loops of
+`fpstate.x86.insn` walk these rows; only x87, SSE/MXCSR and the AMX components have code of
+their own.
+
+A `Cpu` is the mutable part. Every component's registers are kept as the bytes of that
+component's section of a standard-format XSAVE area (SDM 13.5), so that saving and restoring
+a generic component is a copy:
+
+- x87 (component 0): 160 bytes laid out as the legacy region, bytes 23:0 (FCW, FSW, the
+  abridged tag byte, FOP, 64-bit FIP and FDP) and 159:32, which here hold the *physical*
+  registers R0-R7 (10 bytes used of each 16): a save writes ST(i) = R((TOP + i) mod 8) there,
+  so that instructions that change TOP (FLD, FNINIT) need not move registers. Bytes 31:24
+  belong to SSE and stay zero here. The abridged tag bit j is R(j) (as FXSAVE stores it);
+- SSE (component 1): XMM0-XMM15, 256 bytes; MXCSR is the separate integer ``mxcsr``;
+- AVX (2): YMM0_H-YMM15_H; opmask (5): k0-k7; ZMM_Hi256 (6): ZMM0_H-ZMM15_H; Hi16_ZMM (7):
+  ZMM16-ZMM31; PKRU (9); TILECFG (17) in the LDTILECFG/STTILECFG memory format; TILEDATA (18)
+  tile t row r at t * 1024 + r * 64; APX (19); the MPX components (3, 4); and the supervisor
+  components CET_U (11), CET_S (12) and PASID (10), which only XSAVES/XRSTORS reach.
+
+Components the model does not implement (PT 8, HDC 13, UINTR 14, LBR 15, HWP 16: each has
+special XSAVES/XRSTORS rules of its own, SDM 13.5.6-13.5.13) are refused by name
+(`require_modelled`) rather than treated as plain bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+
+from fpstate.errors import FpstateError, MaskError
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.impl import (
+    FCW_RESERVED,
+    FSW_SUMMARY_ON_LOAD,
+    MXCSR_MASK,
+    WRITE_XINUSE,
+    X87_POINTER_BITS,
+    X87_POINTERS,
+    ImplDefined,
+)
+from fpstate.x86.xfeatures import BY_NUMBER, MXCSR_DEFAULT, bits
+
+#: Components with special XSAVES/XRSTORS behaviour that the model does not implement.
+NOT_MODELLED: dict[int, str] = {
+    8: "PT (XSAVES clears IA32_RTIT_CTL.TraceEn, SDM 13.5.6)",
+    13: "HDC (initial configuration IA32_PM_CTL1 = 1, SDM 13.5.10)",
+    14: "UINTR (XRSTORS checks UINV, SDM 13.5.11)",
+    15: "LBR (depth-dependent save and restore, SDM 13.5.12)",
+    16: "HWP (initial configuration 8000FF01H, SDM 13.5.13)",
+}
+
+X87, SSE, YMM, BNDREGS, BNDCSR, OPMASK, ZMM_HI256, HI16_ZMM = 0, 1, 2, 3, 4, 5, 6, 7
+PKRU, PASID, CET_U, CET_S, XTILECFG, XTILEDATA, APX = 9, 10, 11, 12, 17, 18, 19
+
+FCW_INIT = 0x037F
+#: The x87 FPU's "real indefinite" QNaN (SDM Vol. 1 4.8.3.7): what a masked stack fault loads.
+X87_INDEFINITE = bytes.fromhex("00000000000000c0ffff")
+FSW_IE, FSW_SF, FSW_ES, FSW_C1, FSW_B = 0x0001, 0x0040, 0x0080, 0x0200, 0x8000
+FSW_EXCEPTIONS = 0x003F
+FSW_TOP_SHIFT = 11
+
+
+class UnknownPointers(FpstateError):
+    """A save would write FIP/FDP of an FLD: the linear addresses of its code and operand,
+    which the model does not have. Programs that show them cannot be answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateComponent:
+    """One row of the table that drives the generic XSAVE/XRSTOR loops (CPUID.(0DH, i))."""
+
+    number: int
+    name: str
+    size: int  #: CPUID.(EAX=0DH,ECX=i):EAX (x87 160, SSE 256: the legacy region)
+    offset: int  #: standard-format offset (EBX); 0 for supervisor components
+    aligned: bool  #: ECX[1], 64-byte aligned in the compacted format
+    supervisor: bool  #: ECX[0], IA32_XSS
+    xfd: bool  #: ECX[2], IA32_XFD may arm it
+    init: bytes  #: the initial configuration (SDM 13.6), ``size`` bytes
+
+    @property
+    def mask(self) -> int:
+        return 1 << self.number
+
+
+@dataclass(frozen=True, slots=True)
+class Palette:
+    """One AMX palette, CPUID.(EAX=1DH,ECX=n) (SDM Vol. 1 18.2, "palette_table")."""
+
+    total_tile_bytes: int
+    bytes_per_tile: int
+    bytes_per_row: int
+    max_names: int
+    max_rows: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Machine:
+    """What a CPU is, as opposed to the state it is in: the frozen part of the model."""
+
+    profile: CpuidProfile
+    components: Mapping[int, StateComponent]
+    flags: frozenset[str]  #: the CPUID flags the instructions check (see `machine`)
+    palettes: tuple[Palette, ...]  #: palette 1 at index 0
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    @property
+    def xcr0_supported(self) -> int:
+        return self.profile.xcr0_supported
+
+    @property
+    def xss_supported(self) -> int:
+        return self.profile.xss_supported
+
+
+def _initial_configuration(number: int, size: int) -> bytes:
+    """SDM 13.6: x87 has FCW = 037FH and everything else zero (empty tags: abridged byte 0);
+    every other modelled component is all zeros."""
+    if number == X87:
+        return struct.pack("<H", FCW_INIT) + bytes(size - 2)
+    return bytes(size)
+
+
+#: Flags read straight from CPUID where `CpuidProfile.FLAGS` has no name for them.
+_EXTRA_FLAGS = {"SSE2": (1, 0, 3, 26), "MMX": (1, 0, 3, 23), "AVX512BW": (7, 0, 1, 30)}
+_PROFILE_FLAGS = ("FPU", "FXSR", "XMM", "XSAVE", "OSXSAVE", "AVX", "AVX512F", "PKU", "OSPKE",
+                  "AMX_TILE", "XSAVEOPT", "XSAVEC", "XGETBV1", "XSAVES", "XFD")
+
+
+@cache
+def machine(profile: CpuidProfile) -> Machine:
+    """The `Machine` of ``profile`` (cached: profiles are frozen and hashable)."""
+    comps = {}
+    for i in bits(profile.xfeatures_supported):
+        if i >= 63:
+            continue
+        c = profile.component(i)
+        name = BY_NUMBER[i].short if i in BY_NUMBER else f"bit{i}"
+        comps[i] = StateComponent(i, name, c.size, c.offset, c.aligned, c.supervisor, c.xfd,
+                                  _initial_configuration(i, c.size))
+    flags = {f for f in _PROFILE_FLAGS if profile.has(f)}
+    for name, (leaf, sub, reg, bit) in _EXTRA_FLAGS.items():
+        if profile.max_basic_leaf >= leaf and profile.cpuid(leaf, sub)[reg] >> bit & 1:
+            flags.add(name)
+    palettes = []
+    if "AMX_TILE" in flags and profile.max_basic_leaf >= 0x1D:
+        for n in range(1, profile.cpuid(0x1D, 0)[0] + 1):
+            a, b, c, _ = profile.cpuid(0x1D, n)
+            palettes.append(Palette(a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16, c & 0xFFFF))
+    return Machine(profile, comps, frozenset(flags), tuple(palettes))
+
+
+def require_modelled(mask: int, what: str) -> None:
+    """MaskError if ``mask`` names a component the model does not implement (NOT_MODELLED)."""
+    for i in bits(mask):
+        if i in NOT_MODELLED:
+            raise MaskError(f"{what}: component {i}, {NOT_MODELLED[i]}, is not modelled")
+
+
+class Cpu:
+    """The mutable state of one logical CPU (see the module docstring for the layout).
+
+    ``xrstor_info`` is the SDM's 4-tuple <CPL, VMXNR, linear address, XCOMP_BV> of the last
+    XRSTOR/XRSTORS; addresses are symbolic (``("buf", n)``, ``("start",)``, ``("kernel",)``)
+    since only their equality matters. ``x87_pointers_known`` is False after an FLD: FIP and
+    FDP then hold the linear addresses of that instruction and its operand, which a model
+    does not have (see `fpstate.x86.insn.store_x87`).
+    """
+
+    __slots__ = (
+        "cpl",
+        "cr0_ts",
+        "cr4_osxsave",
+        "cr4_pke",
+        "impl",
+        "machine",
+        "mxcsr",
+        "regs",
+        "x87_pointers_known",
+        "xcr0",
+        "xfd",
+        "xfd_err",
+        "xinuse",
+        "xmodified",
+        "xrstor_info",
+        "xss",
+    )
+
+    def __init__(self, m: Machine, impl: ImplDefined, *, xcr0: int, xss: int = 0, xfd: int = 0,
+                 cpl: int = 3) -> None:
+        self.machine = m
+        self.impl = impl
+        self.regs: dict[int, bytearray] = {i: bytearray(c.init) for i, c in m.components.items()}
+        self.mxcsr = MXCSR_DEFAULT
+        self.xcr0 = xcr0
+        self.xss = xss
+        self.xfd = xfd
+        self.xfd_err = 0
+        self.cr0_ts = False
+        self.cr4_osxsave = m.has("XSAVE")
+        self.cr4_pke = m.has("OSPKE")
+        self.cpl = cpl
+        self.xinuse = 0
+        self.xmodified = (1 << 64) - 1
+        self.xrstor_info: tuple | None = None
+        self.x87_pointers_known = True
+
+    def copy(self) -> Cpu:
+        new = Cpu.__new__(Cpu)
+        for name in Cpu.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.regs = {i: bytearray(r) for i, r in self.regs.items()}
+        return new
+
+    def key(self) -> tuple:
+        """Everything that can influence what a later instruction does or shows."""
+        return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
+                self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
+                self.xrstor_info, self.x87_pointers_known)
+
+    # -- tracking (SDM 13.6) -------------------------------------------------------------
+
+    def in_init_configuration(self, i: int) -> bool:
+        """Whether component ``i`` holds its initial configuration (SDM 13.6). x87: FCW =
+        037FH, FSW = 0, all tags empty, ST0-ST7 zero (FOP/FIP/FDP are not considered: the
+        host's XINUSE ignores them); SSE: the XMM registers only, not MXCSR."""
+        r = self.regs[i]
+        if i == X87:
+            return (r[0:6] == b"\x7f\x03\x00\x00\x00\x00"
+                    and not any(r[32 + 16 * j:42 + 16 * j].strip(b"\0") for j in range(8)))
+        return r == self.machine.components[i].init
+
+    def wrote(self, mask: int) -> None:
+        """An instruction wrote the components of ``mask``: they are modified (XMODIFIED)
+        and, as WRITE_XINUSE says, in use, or in use exactly when not initial."""
+        self.xmodified |= mask
+        by_value = self.impl[WRITE_XINUSE] & mask
+        self.xinuse |= mask & ~by_value
+        for i in bits(by_value):
+            self.track_value(i)
+
+    def track_value(self, i: int) -> None:
+        """XINUSE[i] := component i is not in its initial configuration."""
+        if self.in_init_configuration(i):
+            self.xinuse &= ~(1 << i)
+        else:
+            self.xinuse |= 1 << i
+
+    # -- x87 (SDM Vol. 1 8.1, 13.5.1) -------------------------------------------------------
+
+    @property
+    def fcw(self) -> int:
+        return self.regs[X87][0] | self.regs[X87][1] << 8
+
+    @property
+    def fsw(self) -> int:
+        return self.regs[X87][2] | self.regs[X87][3] << 8
+
+    @property
+    def ftw(self) -> int:
+        """The abridged tag byte: bit j set = physical register j is not empty."""
+        return self.regs[X87][4]
+
+    @property
+    def top(self) -> int:
+        return self.fsw >> FSW_TOP_SHIFT & 7
+
+    def set_fcw(self, value: int) -> None:
+        """FCW with the reserved bits as this CPU forces them (impl FCW_RESERVED)."""
+        and_mask, or_mask = self.impl[FCW_RESERVED]
+        struct.pack_into("<H", self.regs[X87], 0, value & and_mask | or_mask)
+
+    def set_fsw(self, value: int, *, summary: bool = True) -> None:
+        """FSW; with ``summary`` ES and B are recomputed: set iff an exception flag is set
+        whose mask bit in FCW is clear (SDM 8.1.3.1: B mirrors ES)."""
+        if summary:
+            pending = value & FSW_EXCEPTIONS & ~self.fcw
+            value = value & ~(FSW_ES | FSW_B) | (FSW_ES | FSW_B if pending else 0)
+        struct.pack_into("<H", self.regs[X87], 2, value & 0xFFFF)
+
+    def x87_pending(self) -> bool:
+        """An unmasked x87 exception is pending (FSW.ES): a waiting instruction raises #MF."""
+        return bool(self.fsw & FSW_ES)
+
+    def load_x87(self, image: bytes | bytearray, at: int = 0) -> None:
+        """Load x87 state from the legacy region at ``image[at:]`` (XRSTOR, FXRSTOR 64-bit
+        forms): FCW, FSW, the abridged tag byte, FOP (11 bits), FIP, FDP and the 80 bits of
+        each ST register; byte 5 and the 6 unused bytes of each register slot are ignored."""
+        r = self.regs[X87]
+        fcw, fsw, ftw, _, fop, fip, fdp = struct.unpack_from("<HHBBHQQ", image, at)
+        self.set_fcw(fcw)
+        r[4], r[5] = ftw, 0
+        width = self.impl[X87_POINTER_BITS]
+        struct.pack_into("<HQQ", r, 6, fop & 0x7FF, _sign_extend(fip, width),
+                         _sign_extend(fdp, width))
+        self.set_fsw(fsw, summary=self.impl[FSW_SUMMARY_ON_LOAD] == "recomputed")
+        top = self.top
+        for i in range(8):
+            src, j = at + 32 + 16 * i, (top + i) & 7
+            r[32 + 16 * j:42 + 16 * j] = image[src:src + 10]
+            r[42 + 16 * j:48 + 16 * j] = bytes(6)
+        self.x87_pointers_known = True
+
+    def store_x87(self, dst: bytearray) -> None:
+        """Save x87 state into the legacy region at ``dst`` (SDM 13.5.1, 64-bit form): FCW,
+        FSW, the abridged tag byte, FOP, FIP, FDP (as X87_POINTERS says: always, or only while
+        FSW.ES = 1, else 0), ST0-ST7 with their 6 unused bytes as 0. UnknownPointers if the
+        pointers must be written and an FLD of the program set them."""
+        r = self.regs[X87]
+        dst[0:6] = r[0:6]
+        if self.impl[X87_POINTERS] == "always" or self.x87_pending():
+            if not self.x87_pointers_known:
+                raise UnknownPointers(
+                    "a save writes FIP/FDP of an FLD (the linear addresses of the instruction "
+                    "and its operand); the model has no addresses")
+            dst[6:24] = r[6:24]
+        else:
+            dst[6:24] = bytes(18)
+        top = self.top
+        dst[32:160] = r[32 + 16 * top:160] + r[32:32 + 16 * top]
+
+    def store_sse(self, dst: bytearray, *, xmm: bool, mxcsr: bool) -> None:
+        """XMM0-15 at 160 and/or MXCSR and MXCSR_MASK at 24 (SDM 13.5.2)."""
+        if mxcsr:
+            struct.pack_into("<II", dst, 24, self.mxcsr, self.impl[MXCSR_MASK])
+        if xmm:
+            dst[160:416] = self.regs[SSE]
+
+    def init_x87(self) -> None:
+        self.regs[X87][:] = self.machine.components[X87].init
+        self.x87_pointers_known = True
+
+    def st(self, i: int) -> bytes:
+        """ST(i), 10 bytes: physical register (TOP + i) mod 8."""
+        j = (self.top + i) & 7
+        return bytes(self.regs[X87][32 + 16 * j:42 + 16 * j])
+
+    def push_x87(self, value: bytes) -> None:
+        """Decrement TOP and put ``value`` in the new ST(0), tagged valid (FLD's push)."""
+        r = self.regs[X87]
+        top = (self.top - 1) & 7
+        r[32 + 16 * top:42 + 16 * top] = value
+        struct.pack_into("<H", r, 2, self.fsw & ~(7 << FSW_TOP_SHIFT) | top << FSW_TOP_SHIFT)
+        r[4] |= 1 << top
+
+    # -- MXCSR (SDM Vol. 1 10.2.3, 11.6.6) ----------------------------------------------------
+
+    def mxcsr_reserved(self, value: int) -> bool:
+        """Whether ``value`` sets an MXCSR bit outside MXCSR_MASK: LDMXCSR, FXRSTOR and XRSTOR
+        #GP on it (MXCSR_MASK is this CPU's, see impl MXCSR_MASK)."""
+        return bool(value & ~self.impl[MXCSR_MASK] & 0xFFFFFFFF) or value >> 32 != 0
+
+    # -- AMX (SDM Vol. 1 18, Vol. 2A LDTILECFG) -------------------------------------------
+
+    def palette(self) -> Palette | None:
+        """The palette of the current TILECFG; None when TILES_CONFIGURED = 0."""
+        pid = self.regs[XTILECFG][0] if XTILECFG in self.regs else 0
+        return self.machine.palettes[pid - 1] if pid else None
+
+    def tile_shape(self, t: int) -> tuple[int, int]:
+        """(rows, colsb) of tile ``t`` in the current TILECFG."""
+        cfg = self.regs[XTILECFG]
+        return cfg[48 + t], struct.unpack_from("<H", cfg, 16 + 2 * t)[0]
+
+
+def _sign_extend(value: int, width: int) -> int:
+    value &= (1 << width) - 1
+    if value >> (width - 1):
+        value |= (1 << 64) - (1 << width)
+    return value
+
+
+@dataclass(slots=True)
+class Area:
+    """An instruction's memory operand: its bytes, a symbolic linear address (only equality
+    matters: XRSTOR_INFO) and the address modulo 64 (the alignment checks)."""
+
+    data: bytearray
+    address: tuple
+    misalign: int = 0
+
+
+def tilecfg_valid(cpu: Cpu, cfg: bytes | bytearray) -> bool:
+    """LDTILECFG's checks (SDM Vol. 2A LDTILECFG, Operation): palette_id <= max palette and
+    supported by XCR0; for palette != 0 bytes 15:2 zero, colsb <= bytes_per_row and rows <=
+    max_rows for each of max_names tiles, the rest of bytes 47:16 and 63:48 zero, and rows and
+    colsb both 0 or both non-zero."""
+    pid = cfg[0]
+    if pid == 0:
+        return True
+    pals = cpu.machine.palettes
+    if pid > len(pals) or cpu.xcr0 & 0x60000 != 0x60000:
+        return False
+    p = pals[pid - 1]
+    if any(cfg[2:16]) or any(cfg[16 + 2 * p.max_names:48]) or any(cfg[48 + p.max_names:64]):
+        return False
+    for n in range(p.max_names):
+        colsb, rows = struct.unpack_from("<H", cfg, 16 + 2 * n)[0], cfg[48 + n]
+        if colsb > p.bytes_per_row or rows > p.max_rows or (colsb == 0) != (rows == 0):
+            return False
+    return True
+
+
+__all__ = [
+    "NOT_MODELLED",
+    "Area",
+    "Cpu",
+    "Machine",
+    "Palette",
+    "StateComponent",
+    "UnknownPointers",
+    "machine",
+    "require_modelled",
+    "tilecfg_valid",
+]

@@ -1,0 +1,250 @@
+"""Implementation-defined choices of the XSAVE feature set, as data, with their origin.
+
+Where the Intel SDM leaves a behaviour to the implementation ("XINUSE[i] may be set to 0 or
+1", "state component i may be tracked as unmodified", "C0, C2, C3: undefined") the CPU model
+(`fpstate.x86.insn`) does not guess: it asks an `ImplDefined` for the choice, by the key of a
+`Choice` whose ``phrase`` is the SDM's own wording (the Sail ``ImpDefBool`` idea). A few
+points where a CPU measurably departs from the SDM's literal text (AMD's value-based XINUSE
+after XRSTOR) are recorded the same way, with ``deviates`` set.
+
+Rules of this file:
+- every choice the model makes is one row of :data:`CHOICES` (key, SDM phrase, reference, the
+  allowed values); the model calls ``impl[KEY]`` and nothing else;
+- every `ImplDefined` gives a value for every key, and an origin for every value: "measured"
+  (with the probe that shows it, kept as a differential test) or "assumed" (documented
+  behaviour of that vendor, not measured here);
+- :func:`for_profile` picks the record for a CPUID profile by vendor; the host's own record is
+  :data:`AMD_ZEN5_HOST` (an AMD family 1Ah CPU in a nested KVM guest, measured with
+  `fpstate.host.runner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fpstate.errors import ProfileError
+from fpstate.x86.cpuid import CpuidProfile
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One point the SDM leaves open (or where a CPU is known to depart from it)."""
+
+    key: str
+    phrase: str  #: the SDM's words that leave the choice open
+    reference: str  #: where the phrase is
+    values: tuple[Any, ...] | type  #: the allowed values, or the type of a numeric value
+    deviates: bool = False  #: a value other than the SDM's literal reading exists in silicon
+
+
+# Keys (the model refers to these names, never to strings).
+XRSTOR_INIT_XINUSE = "xrstor_init_xinuse"
+XRSTOR_LOAD_XINUSE = "xrstor_load_xinuse"
+WRITE_XINUSE = "write_xinuse"
+ZEROING_CLEARS_XINUSE = "zeroing_clears_xinuse"
+MODIFIED_OPTIMIZATION = "modified_optimization"
+X87_POINTERS = "x87_pointers"
+FSW_SUMMARY_ON_LOAD = "fsw_summary_on_load"
+FCW_RESERVED = "fcw_reserved"
+FLD_UNDEFINED_FLAGS = "fld_undefined_flags"
+MXCSR_MASK = "mxcsr_mask"
+COMPACTED_XSTATE_BV63 = "compacted_xstate_bv63"
+FXSAVE_RESERVED = "fxsave_reserved"
+X87_POINTER_BITS = "x87_pointer_bits"
+LEGACY_SSE_UPPER = "legacy_sse_upper"
+EMMS_TOP = "emms_top"
+
+CHOICES: dict[str, Choice] = {c.key: c for c in (
+    Choice(XRSTOR_INIT_XINUSE,
+           "If RFBM[i] = 1 and XSTATE_BV[i] = 0, state component i may be tracked as init; "
+           "XINUSE[i] may be set to 0 or 1.",
+           "SDM Vol. 1 13.8.3 (XRSTOR), 13.12 (XRSTORS)", ("init", "in-use")),
+    Choice(XRSTOR_LOAD_XINUSE,
+           "If RFBM[i] = 1 and XSTATE_BV[i] = 1, state component i is tracked as not init; "
+           "XINUSE[i] is set to 1.",
+           "SDM Vol. 1 13.8.3", ("set", "value"), deviates=True),
+    Choice(WRITE_XINUSE,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration.",
+           "SDM Vol. 1 13.6 (the value: the components whose XINUSE follows their value when "
+           "an instruction writes them; every other write sets XINUSE)", int),
+    Choice(ZEROING_CLEARS_XINUSE,
+           "If XINUSE[i] = 0, state component i is known to be in its initial configuration "
+           "(whether VZEROUPPER, VZEROALL, FNINIT, TILERELEASE clear it is not specified).",
+           "SDM Vol. 1 13.6", (True, False)),
+    Choice(MODIFIED_OPTIMIZATION,
+           "If RFBM[i] = 1, state component i may be tracked as unmodified; XMODIFIED[i] may "
+           "be set to 0 or 1.",
+           "SDM Vol. 1 13.8.3, 13.9, 13.11", (True, False)),
+    Choice(X87_POINTERS,
+           "FIP, FDP and FOP are saved (FXSAVE, XSAVE*) only when FSW.ES = 1 (AMD: \"only if "
+           "an unmasked x87 exception is pending\"), or always.",
+           "AMD APM Vol. 5 FXSAVE; arch/x86/kernel/cpu/amd.c X86_BUG_FXSAVE_LEAK",
+           ("when-es", "always"), deviates=True),
+    Choice(FSW_SUMMARY_ON_LOAD,
+           "FSW.ES (bit 7) and FSW.B (bit 15) as loaded by XRSTOR/FXRSTOR: recomputed from the "
+           "exception flags and the FCW masks, or taken from memory.",
+           "SDM Vol. 1 8.1.3.1 (B mirrors ES), 13.5.1", ("recomputed", "loaded")),
+    Choice(FCW_RESERVED,
+           "(and-mask, or-mask) applied to every value loaded into FCW: bits 15:13 and 7 are "
+           "reserved, bit 6 reads as 1.",
+           "SDM Vol. 1 8.1.5 (Figure 8-6)", tuple),
+    Choice(FLD_UNDEFINED_FLAGS,
+           "C0, C2, C3: Undefined. (FLD)",
+           "SDM Vol. 2A FLD, FPU Flags Affected", ("unchanged", "cleared")),
+    Choice(MXCSR_MASK,
+           "MXCSR_MASK: the bits of MXCSR this processor supports; LDMXCSR, FXRSTOR and XRSTOR "
+           "#GP on any other bit.",
+           "SDM Vol. 1 11.6.6 (Guidelines for Writing to the MXCSR Register)", int),
+    Choice(COMPACTED_XSTATE_BV63,
+           "The XSTATE_BV field of the XSAVE header sets a bit (including bit 63) that is not "
+           "set in XCOMP_BV. (#GP) -- XCOMP_BV[63] is set in the compacted form, so the "
+           "literal rule lets XSTATE_BV[63] = 1 pass.",
+           "SDM Vol. 1 13.8.2, 13.12", ("gp", "allowed"), deviates=True),
+    Choice(FXSAVE_RESERVED,
+           "Bytes 463:416 of the FXSAVE area are reserved (bytes 511:464 are available to "
+           "software): written as zeros, or not written.",
+           "SDM Vol. 1 10.5.1, Table 10-2", ("untouched", "zeroed")),
+    Choice(X87_POINTER_BITS,
+           "If the instruction has a REX prefix with REX.W = 1, bytes 15:8 are used for the "
+           "full 64 bits of FIP (and 23:16 for FDP): how many low bits the FPU keeps, the rest "
+           "being their sign extension.",
+           "SDM Vol. 1 13.5.1", int),
+    Choice(LEGACY_SSE_UPPER,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration. (Here: a legacy SSE write of an XMM register while "
+           "ZMM_Hi256 is in use also marks AVX state in use.)",
+           "SDM Vol. 1 13.6", (True, False)),
+    Choice(EMMS_TOP,
+           "EMMS: x87FPUTagWord := FFFFH (the Operation names nothing else; whether FSW.TOP "
+           "is also reset to 0, as MMX instructions do, is not said).",
+           "SDM Vol. 2A EMMS; Vol. 1 9.5.1", ("kept", "zeroed"), deviates=True),
+)}
+
+
+@dataclass(frozen=True, slots=True)
+class ImplDefined:
+    """One CPU's answer to every :data:`CHOICES` key, each with its origin."""
+
+    name: str
+    values: Mapping[str, Any]
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = set(CHOICES) - set(self.values)
+        extra = set(self.values) - set(CHOICES)
+        assert not missing and not extra, (self.name, missing, extra)
+        for key, value in self.values.items():
+            allowed = CHOICES[key].values
+            if isinstance(allowed, type):
+                assert isinstance(value, allowed), (self.name, key, value)
+            else:
+                assert value in allowed, (self.name, key, value)
+        assert set(self.origins) == set(CHOICES), (self.name, set(CHOICES) ^ set(self.origins))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def with_choice(self, key: str, value: Any, origin: str = "chosen by the caller"
+                    ) -> ImplDefined:
+        """A copy with one choice changed (the explorer tries both sides of a point)."""
+        if key not in CHOICES:
+            raise ProfileError(f"unknown implementation-defined choice {key!r}; "
+                               f"known: {', '.join(CHOICES)}")
+        return replace(self, name=f"{self.name}+{key}={value}",
+                       values={**self.values, key: value}, origins={**self.origins, key: origin})
+
+
+_MEASURED = "measured on the Zen 5 host with fpstate.host.runner; test_differential checks it"
+
+#: This machine: AMD EPYC family 1Ah (Zen 5) in a nested KVM guest, Linux 6.18.
+AMD_ZEN5_HOST = ImplDefined(
+    name="amd-zen5-host",
+    values={
+        XRSTOR_INIT_XINUSE: "init",
+        XRSTOR_LOAD_XINUSE: "value",
+        WRITE_XINUSE: 0x1,
+        ZEROING_CLEARS_XINUSE: True,
+        MODIFIED_OPTIMIZATION: True,
+        X87_POINTERS: "when-es",
+        FSW_SUMMARY_ON_LOAD: "recomputed",
+        FCW_RESERVED: (0x1F3F, 0x0040),
+        FLD_UNDEFINED_FLAGS: "unchanged",
+        MXCSR_MASK: 0x0002FFFF,
+        COMPACTED_XSTATE_BV63: "gp",
+        FXSAVE_RESERVED: "untouched",
+        X87_POINTER_BITS: 57,
+        LEGACY_SSE_UPPER: True,
+        EMMS_TOP: "zeroed",
+    },
+    origins={
+        XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
+        XRSTOR_LOAD_XINUSE: _MEASURED + " (XSTATE_BV[i]=1 with initial-configuration data "
+                            "leaves XINUSE[i]=0; x87 ignores FOP/FIP/FDP in that test)",
+        WRITE_XINUSE: _MEASURED + " (MOVDQU/VMOVDQU/VMOVDQU64/KMOVQ of zeros set XINUSE; x87 "
+                      "is the exception: its XINUSE follows its value after FLDCW/FNINIT/EMMS)",
+        ZEROING_CLEARS_XINUSE: _MEASURED + " (VZEROUPPER clears XINUSE[2,6], VZEROALL [1,2,6])",
+        MODIFIED_OPTIMIZATION: _MEASURED + " (XRSTOR b; XSAVEC b, 0x80; XSAVEOPT b leaves the "
+                               "XSAVEC bytes where unmodified AVX state would go)",
+        X87_POINTERS: _MEASURED + " (saved as 0 unless FSW.ES=1, although CPUID "
+                      "0x80000008:EBX[2] XSAVEERPTR is set; the pointers are kept and reappear "
+                      "when FLDCW unmasks a pending exception)",
+        FSW_SUMMARY_ON_LOAD: _MEASURED + " (FSW=0x8000 or 0x0080 alone loads as 0)",
+        FCW_RESERVED: _MEASURED + " (FLDCW 0xFFFF reads back 0x1F7F, FLDCW 0 reads 0x0040)",
+        FLD_UNDEFINED_FLAGS: "assumed (differential tests with C0/C2/C3 set in the start "
+                             "image check it)",
+        MXCSR_MASK: _MEASURED + " (FXSAVE/XSAVE write MXCSR_MASK 0x0002FFFF: DAZ and MM)",
+        COMPACTED_XSTATE_BV63: _MEASURED + " (XSTATE_BV=1<<63, XCOMP_BV=1<<63|XCR0 -> #GP)",
+        FXSAVE_RESERVED: _MEASURED + " (FXSAVE64 leaves bytes 416-511 as they were)",
+        X87_POINTER_BITS: _MEASURED + " (XRSTOR64 of FIP = FDP = 1 << 56 saves "
+                          "0xFF00000000000000: bits 56:0 kept, sign-extended)",
+        LEGACY_SSE_UPPER: _MEASURED + " (XRSTOR of ZMM_Hi256 alone, then MOVDQU xmm4: "
+                          "XGETBV(1) = 0x46; with opmask or Hi16_ZMM alone: 0x22, 0x82)",
+        EMMS_TOP: _MEASURED + " (FSW 0x2800 reads 0 after EMMS)",
+    },
+)
+
+_INTEL_ASSUMED = "assumed: Intel behaviour as documented (not measured on this machine)"
+
+#: Intel cores (Haswell .. Granite Rapids): the SDM's literal reading where it has one.
+INTEL = ImplDefined(
+    name="intel",
+    values={
+        XRSTOR_INIT_XINUSE: "init",
+        XRSTOR_LOAD_XINUSE: "set",
+        WRITE_XINUSE: 0x0,
+        ZEROING_CLEARS_XINUSE: True,
+        MODIFIED_OPTIMIZATION: True,
+        X87_POINTERS: "always",
+        FSW_SUMMARY_ON_LOAD: "recomputed",
+        FCW_RESERVED: (0x1F3F, 0x0040),
+        FLD_UNDEFINED_FLAGS: "unchanged",
+        MXCSR_MASK: 0x0000FFFF,
+        COMPACTED_XSTATE_BV63: "allowed",
+        FXSAVE_RESERVED: "untouched",
+        X87_POINTER_BITS: 64,
+        LEGACY_SSE_UPPER: False,
+        EMMS_TOP: "kept",
+    },
+    origins={key: _INTEL_ASSUMED for key in CHOICES},
+)
+
+_AMD_ASSUMED = "assumed: as measured on the Zen 5 host (same microcode family behaviour)"
+
+#: Other AMD cores (Zen 2-4): the Zen 5 host's measured choices, not measured themselves.
+AMD = replace(AMD_ZEN5_HOST, name="amd",
+              origins={key: _AMD_ASSUMED for key in CHOICES})
+
+
+def for_profile(profile: CpuidProfile) -> ImplDefined:
+    """The implementation-defined choices of ``profile``'s CPU (by vendor; the measured host
+    record for a family 1Ah AMD CPU)."""
+    if profile.vendor in ("amd", "hygon"):
+        family = profile.family_model_stepping[0]
+        return AMD_ZEN5_HOST if family == 0x1A else AMD
+    return INTEL
+
+
+__all__ = ["AMD", "AMD_ZEN5_HOST", "CHOICES", "INTEL", "Choice", "ImplDefined", "for_profile"]

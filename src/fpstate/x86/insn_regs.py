@@ -1,0 +1,550 @@
+"""The instructions around the XSAVE family: FXSAVE/FXRSTOR, XGETBV/XSETBV, and those that
+change XSAVE-managed registers directly: SSE/AVX/AVX-512 loads, VZEROUPPER/VZEROALL, x87
+(FLD, FLDCW, FNINIT, EMMS, FNSTSW, FNSTCW), MXCSR, PKRU and AMX.
+
+Models the Intel SDM Vol. 2 pages of each instruction (the opcode is in each docstring) and
+the XINUSE/XMODIFIED tracking of Vol. 1 13.6 as the implementation records it
+(`fpstate.x86.impl`). Same conventions as `fpstate.x86.insn`: the `Cpu` first, a `Fault` or
+None (or the value read) back, nothing changed by a faulting instruction.
+
+Tracking, as measured on the host and recorded in `fpstate.x86.impl`:
+- a load sets XINUSE and XMODIFIED of every component it writes (`Cpu.wrote`), whatever the
+  value, except where WRITE_XINUSE says the component's XINUSE follows its value (x87);
+- VEX.256 and EVEX loads zero the bits above them (up to 511); that zeroing marks the
+  component modified but does not set its XINUSE (measured: VMOVDQU ymm from the initial
+  state leaves XINUSE[6] = 0);
+- VZEROUPPER/VZEROALL/TILERELEASE put whole components in their initial configuration and,
+  with ZEROING_CLEARS_XINUSE, clear their XINUSE bits;
+- LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fpstate.x86.cpu import (
+    FSW_C1,
+    FSW_IE,
+    FSW_SF,
+    HI16_ZMM,
+    OPMASK,
+    PKRU,
+    SSE,
+    X87,
+    X87_INDEFINITE,
+    XTILECFG,
+    XTILEDATA,
+    YMM,
+    ZMM_HI256,
+    Area,
+    Cpu,
+    Machine,
+    tilecfg_valid,
+)
+from fpstate.x86.impl import (
+    EMMS_TOP,
+    FLD_UNDEFINED_FLAGS,
+    FXSAVE_RESERVED,
+    LEGACY_SSE_UPPER,
+    XRSTOR_LOAD_XINUSE,
+    ZEROING_CLEARS_XINUSE,
+)
+from fpstate.x86.program import Fault
+from fpstate.x86.xfeatures import MXCSR_DEFAULT
+
+_NM_TS = Fault("#NM", "CR0.TS[bit 3] = 1")
+
+
+def _avx_faults(cpu: Cpu, flag: str, xcr0: int) -> Fault | None:
+    """#UD unless CPUID has ``flag``, CR4.OSXSAVE = 1 and XCR0 enables ``xcr0`` (SDM 13.3:
+    "software can execute Intel AVX instructions only if CR4.OSXSAVE = XCR0[2] = 1", AVX-512
+    only with XCR0[7:5] = 111b and XCR0[2:1] = 11b); #NM if CR0.TS."""
+    if not cpu.machine.has(flag):
+        return Fault("#UD", f"CPUID lacks {flag}")
+    if not cpu.cr4_osxsave or cpu.xcr0 & xcr0 != xcr0:
+        return Fault("#UD", f"CR4.OSXSAVE = 0 or XCR0 lacks {xcr0:#x}")
+    if cpu.cr0_ts:
+        return _NM_TS
+    return None
+
+
+def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
+    """Zero bits 511:``width`` of ZMM ``reg`` (< 16): "DEST[MAXVL-1:...] := 0"."""
+    if width <= 128 and YMM in cpu.regs:
+        cpu.regs[YMM][16 * reg:16 * reg + 16] = bytes(16)
+        cpu.xmodified |= 1 << YMM
+    if width <= 256 and ZMM_HI256 in cpu.regs:
+        cpu.regs[ZMM_HI256][32 * reg:32 * reg + 32] = bytes(32)
+        cpu.xmodified |= 1 << ZMM_HI256
+
+
+def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
+    """MOVDQU xmm, m128 (F3 0F 6F /r): XMM[reg] := data; "DEST[MAXVL-1:128] (Unmodified)".
+    With LEGACY_SSE_UPPER, AVX state is marked in use too while ZMM_Hi256 is."""
+    if cpu.cr0_ts:
+        return _NM_TS
+    cpu.regs[SSE][16 * reg:16 * reg + 16] = data
+    upper = cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1
+    cpu.wrote(1 << SSE | (1 << YMM if upper else 0))
+    return None
+
+
+def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
+    """VMOVDQU ymm, m256 (VEX.256.F3.0F.WIG 6F /r): YMM[reg] := data, bits 511:256 zeroed."""
+    fault = _avx_faults(cpu, "AVX", 0b110)
+    if fault:
+        return fault
+    cpu.regs[SSE][16 * reg:16 * reg + 16] = data[:16]
+    cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
+    _zero_above(cpu, reg, 256)
+    cpu.wrote(1 << SSE | 1 << YMM)
+    return None
+
+
+def VMOVDQU64(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
+    """VMOVDQU64 zmm, m512 (EVEX.512.F3.0F.W1 6F /r): ZMM[reg] := data. ZMM0-15 span SSE,
+    AVX and ZMM_Hi256; ZMM16-31 are Hi16_ZMM."""
+    fault = _avx_faults(cpu, "AVX512F", 0xE6)
+    if fault:
+        return fault
+    if reg >= 16:
+        cpu.regs[HI16_ZMM][64 * (reg - 16):64 * (reg - 15)] = data
+        cpu.wrote(1 << HI16_ZMM)
+        return None
+    cpu.regs[SSE][16 * reg:16 * reg + 16] = data[:16]
+    cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
+    cpu.regs[ZMM_HI256][32 * reg:32 * reg + 32] = data[32:64]
+    cpu.wrote(1 << SSE | 1 << YMM | 1 << ZMM_HI256)
+    return None
+
+
+def KMOVQ(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
+    """KMOVQ k, m64 (VEX.L0.0F.W1 90 /r, AVX512BW): k[reg] := data."""
+    fault = _avx_faults(cpu, "AVX512BW", 0xE6)
+    if fault:
+        return fault
+    cpu.regs[OPMASK][8 * reg:8 * reg + 8] = data
+    cpu.wrote(1 << OPMASK)
+    return None
+
+
+def _zeroed(cpu: Cpu, mask: int) -> None:
+    """Whole components put in their initial configuration by an instruction."""
+    cpu.xmodified |= mask
+    if cpu.impl[ZEROING_CLEARS_XINUSE]:
+        cpu.xinuse &= ~mask
+    else:
+        cpu.xinuse |= mask
+
+
+def VZEROUPPER(cpu: Cpu) -> Fault | None:
+    """VZEROUPPER (VEX.128.0F.WIG 77): zero bits MAXVL-1:128 of ZMM0-15 (AVX and ZMM_Hi256
+    state); ZMM16-31 unchanged."""
+    fault = _avx_faults(cpu, "AVX", 0b110)
+    if fault:
+        return fault
+    mask = 0
+    for i in (YMM, ZMM_HI256):
+        if i in cpu.regs:
+            cpu.regs[i][:] = bytes(len(cpu.regs[i]))
+            mask |= 1 << i
+    _zeroed(cpu, mask)
+    return None
+
+
+def VZEROALL(cpu: Cpu) -> Fault | None:
+    """VZEROALL (VEX.256.0F.WIG 77): zero ZMM0-15 entirely (SSE, AVX, ZMM_Hi256 state); MXCSR
+    and ZMM16-31 unchanged."""
+    fault = _avx_faults(cpu, "AVX", 0b110)
+    if fault:
+        return fault
+    mask = 0
+    for i in (SSE, YMM, ZMM_HI256):
+        if i in cpu.regs:
+            cpu.regs[i][:] = bytes(len(cpu.regs[i]))
+            mask |= 1 << i
+    _zeroed(cpu, mask)
+    return None
+
+
+# --- x87 (SDM Vol. 1 8; Vol. 2A FLD, FLDCW, FNINIT, FSTSW, FSTCW, EMMS) -----------------------
+
+
+def _x87_wait(cpu: Cpu) -> Fault | None:
+    """A waiting x87 instruction: #NM if CR0.TS, #MF if an unmasked exception is pending."""
+    if cpu.cr0_ts:
+        return _NM_TS
+    if cpu.x87_pending():
+        return Fault("#MF", "pending unmasked x87 exception (FSW.ES = 1)")
+    return None
+
+
+def FLD(cpu: Cpu, data: bytes) -> Fault | None:
+    """FLD m80fp (DB /5): push the 80-bit value, loaded without conversion (no #IA, #D).
+
+    If the register that becomes ST(0) is not empty: stack overflow, FSW.IE, SF and C1 set;
+    masked (FCW.IM = 1) the QNaN indefinite is pushed, unmasked nothing is pushed and ES is
+    set. Otherwise C1 := 0. C0, C2, C3 are "undefined" (FLD_UNDEFINED_FLAGS). FIP, FDP and FOP
+    become this instruction's: addresses the model does not know (`Cpu.x87_pointers_known`)."""
+    fault = _x87_wait(cpu)
+    if fault:
+        return fault
+    fsw = cpu.fsw
+    if cpu.impl[FLD_UNDEFINED_FLAGS] == "cleared":
+        fsw &= ~0x4500
+    new_top = (cpu.top - 1) & 7
+    if cpu.ftw >> new_top & 1:
+        cpu.set_fsw(fsw | FSW_IE | FSW_SF | FSW_C1)
+        if cpu.fcw & FSW_IE:
+            cpu.push_x87(X87_INDEFINITE)
+    else:
+        cpu.set_fsw(fsw & ~FSW_C1)
+        cpu.push_x87(data)
+    cpu.x87_pointers_known = False
+    cpu.wrote(1 << X87)
+    return None
+
+
+def FLDCW(cpu: Cpu, value: int) -> Fault | None:
+    """FLDCW m2byte (D9 /5), a waiting instruction: FCW := the low 16 bits (reserved bits as
+    the CPU forces them); an exception it unmasks becomes pending at once (FSW.ES, B)."""
+    fault = _x87_wait(cpu)
+    if fault:
+        return fault
+    cpu.set_fcw(value & 0xFFFF)
+    cpu.set_fsw(cpu.fsw)
+    cpu.wrote(1 << X87)
+    return None
+
+
+def FNINIT(cpu: Cpu) -> Fault | None:
+    """FNINIT (DB E3), no wait: FCW := 037FH, FSW := 0, all tags empty, FOP/FIP/FDP := 0; the
+    data registers ST0-7 keep their contents."""
+    if cpu.cr0_ts:
+        return _NM_TS
+    r = cpu.regs[X87]
+    r[0:24] = struct.pack("<HHBBHQQ", 0x037F, 0, 0, 0, 0, 0, 0)
+    cpu.x87_pointers_known = True
+    cpu.wrote(1 << X87)
+    return None
+
+
+def EMMS(cpu: Cpu) -> Fault | None:
+    """EMMS (NP 0F 77), waiting: every tag empty (FTW := FFFFH); FSW.TOP := 0 as EMMS_TOP
+    says (AMD)."""
+    fault = _x87_wait(cpu)
+    if fault:
+        return fault
+    cpu.regs[X87][4] = 0
+    if cpu.impl[EMMS_TOP] == "zeroed":
+        cpu.regs[X87][3] &= ~0x38
+    cpu.wrote(1 << X87)
+    return None
+
+
+def FNSTSW(cpu: Cpu) -> Fault | int:
+    """FNSTSW m2byte (DD /7), no wait: the x87 status word."""
+    return _NM_TS if cpu.cr0_ts else cpu.fsw
+
+
+def FNSTCW(cpu: Cpu) -> Fault | int:
+    """FNSTCW m2byte (D9 /7), no wait: the x87 control word."""
+    return _NM_TS if cpu.cr0_ts else cpu.fcw
+
+
+def LDMXCSR(cpu: Cpu, value: int) -> Fault | None:
+    """LDMXCSR m32 (NP 0F AE /2): MXCSR := the low 32 bits; #GP(0) if a bit outside
+    MXCSR_MASK is set. Not an XINUSE[1] event (SDM 13.6)."""
+    if cpu.cr0_ts:
+        return _NM_TS
+    value &= 0xFFFFFFFF
+    if cpu.mxcsr_reserved(value):
+        return Fault("#GP", f"MXCSR {value:#x} sets reserved bits")
+    cpu.mxcsr = value
+    cpu.xmodified |= 1 << SSE
+    return None
+
+
+def STMXCSR(cpu: Cpu) -> Fault | int:
+    """STMXCSR m32 (NP 0F AE /3): MXCSR."""
+    return _NM_TS if cpu.cr0_ts else cpu.mxcsr
+
+
+# --- PKRU (SDM Vol. 2B RDPKRU, WRPKRU) ---------------------------------------------------
+
+
+def WRPKRU(cpu: Cpu, value: int) -> Fault | None:
+    """WRPKRU (NP 0F 01 EF): PKRU := EAX; #UD if CR4.PKE = 0, #GP if ECX != 0 or EDX != 0
+    (the runner passes ECX = 0, EDX:EAX = ``value``)."""
+    if not cpu.machine.has("PKU") or not cpu.cr4_pke:
+        return Fault("#UD", "CR4.PKE = 0")
+    if value >> 32:
+        return Fault("#GP", "EDX != 0")
+    struct.pack_into("<I", cpu.regs[PKRU], 0, value)
+    cpu.wrote(1 << PKRU)
+    return None
+
+
+def RDPKRU(cpu: Cpu) -> Fault | int:
+    """RDPKRU (NP 0F 01 EE): EAX := PKRU (ECX = 0); #UD if CR4.PKE = 0."""
+    if not cpu.machine.has("PKU") or not cpu.cr4_pke:
+        return Fault("#UD", "CR4.PKE = 0")
+    return struct.unpack_from("<I", cpu.regs[PKRU])[0]
+
+
+# --- AMX (SDM Vol. 2A 2.10 exception classes AMX-E1..E6; Vol. 1 13.14 XFD) ---------------------
+
+_TILES = 1 << XTILECFG | 1 << XTILEDATA
+
+
+def _amx_faults(cpu: Cpu) -> Fault | None:
+    """#UD unless CPUID has AMX-TILE, CR4.OSXSAVE = 1 and XCR0[18:17] = 11b (64-bit mode)."""
+    if not cpu.machine.has("AMX_TILE"):
+        return Fault("#UD", "CPUID.(EAX=07H,ECX=0):EDX.AMX-TILE[bit 24] = 0")
+    if not cpu.cr4_osxsave or cpu.xcr0 & _TILES != _TILES:
+        return Fault("#UD", "CR4.OSXSAVE = 0 or XCR0[18:17] != 11b")
+    return None
+
+
+def _tile_faults(cpu: Cpu, t: int, load_store: bool) -> Fault | None:
+    """AMX-E3 (``load_store``) and AMX-E5: the enabling #UD, then #NM if XFD is enabled for
+    TILEDATA (IA32_XFD_ERR := IA32_XFD AND the components the instruction needs), then the
+    #UDs that depend on TILECFG."""
+    fault = _amx_faults(cpu)
+    if fault:
+        return fault
+    armed = cpu.xcr0 & cpu.xfd & 1 << XTILEDATA
+    if armed:
+        cpu.xfd_err = cpu.xfd & _TILES
+        return Fault("#NM", "XFD enabled for TILEDATA (XCR0[18] = IA32_XFD[18] = 1)")
+    p = cpu.palette()
+    if p is None:
+        return Fault("#UD", "TILES_CONFIGURED = 0")
+    rows, colsb = cpu.tile_shape(t) if t < p.max_names else (0, 0)
+    if t >= p.max_names or not rows or not colsb:
+        return Fault("#UD", f"tmm{t} is not a valid tile")
+    if load_store and (colsb % 4 or cpu.regs[XTILECFG][1] >= rows):
+        return Fault("#UD", f"tmm{t}: colsb not a multiple of 4 or start_row >= rows")
+    return None
+
+
+def _zero_tiles(cpu: Cpu) -> None:
+    cpu.regs[XTILEDATA][:] = bytes(len(cpu.regs[XTILEDATA]))
+
+
+def LDTILECFG(cpu: Cpu, data: bytes) -> Fault | None:
+    """LDTILECFG m512 (VEX.128.NP.0F38.W0 49 !(11):000:bbb), AMX-E1 (no #NM: "LDTILECFG and
+    TILERELEASE initialize the TILEDATA state component", SDM 13.14): #GP for a configuration
+    `tilecfg_valid` refuses; palette 0 is TILERELEASE; else load it and zero all tiles."""
+    fault = _amx_faults(cpu)
+    if fault:
+        return fault
+    if not tilecfg_valid(cpu, data):
+        return Fault("#GP", "invalid tile configuration")
+    if data[0] == 0:
+        return TILERELEASE(cpu)
+    cfg = bytearray(data)
+    cpu.regs[XTILECFG][:] = cfg
+    cpu.wrote(1 << XTILECFG)
+    _zero_tiles(cpu)
+    _zeroed(cpu, 1 << XTILEDATA)
+    return None
+
+
+def STTILECFG(cpu: Cpu, dst: bytearray) -> Fault | None:
+    """STTILECFG m512 (VEX.128.66.0F38.W0 49 !(11):000:bbb), AMX-E2: the 64-byte configuration,
+    or 64 zero bytes when TILES_CONFIGURED = 0 (no #NM: it does not use TILEDATA)."""
+    fault = _amx_faults(cpu)
+    if fault:
+        return fault
+    dst[0:64] = cpu.regs[XTILECFG] if cpu.palette() else bytes(64)
+    return None
+
+
+def TILELOADD(cpu: Cpu, t: int, data: bytes) -> Fault | None:
+    """TILELOADD tmm, sibmem (VEX.128.F2.0F38.W0 4B !(11):rrr:100), AMX-E3: rows start_row ..
+    rows-1 of tmm ``t`` from memory (``colsb`` bytes each, stride ``colsb`` as the runner lays
+    them out), each row zeroed beyond colsb, rows >= rows zeroed; start_row := 0."""
+    fault = _tile_faults(cpu, t, True)
+    if fault:
+        return fault
+    p = cpu.palette()
+    assert p is not None
+    rows, colsb = cpu.tile_shape(t)
+    tile = cpu.regs[XTILEDATA]
+    base = t * p.bytes_per_tile
+    start = cpu.regs[XTILECFG][1]
+    data = data.ljust(rows * colsb, b"\0")
+    for r in range(start, p.max_rows):
+        row = data[r * colsb:(r + 1) * colsb] if r < rows else b""
+        tile[base + r * p.bytes_per_row:base + (r + 1) * p.bytes_per_row] = \
+            row.ljust(p.bytes_per_row, b"\0")
+    cpu.regs[XTILECFG][1] = 0
+    cpu.wrote(_TILES)
+    return None
+
+
+def TILEZERO(cpu: Cpu, t: int) -> Fault | None:
+    """TILEZERO tmm (VEX.128.F2.0F38.W0 49 11:rrr:000), AMX-E5: zero every row of tmm ``t``."""
+    fault = _tile_faults(cpu, t, False)
+    if fault:
+        return fault
+    p = cpu.palette()
+    assert p is not None
+    base = t * p.bytes_per_tile
+    cpu.regs[XTILEDATA][base:base + p.max_rows * p.bytes_per_row] = \
+        bytes(p.max_rows * p.bytes_per_row)
+    cpu.regs[XTILECFG][1] = 0
+    cpu.wrote(_TILES)
+    return None
+
+
+def TILERELEASE(cpu: Cpu) -> Fault | None:
+    """TILERELEASE (VEX.128.NP.0F38.W0 49 C0), AMX-E6: TILECFG and TILEDATA to their initial
+    configuration (TILES_CONFIGURED = 0); no #NM under XFD (SDM 13.14)."""
+    fault = _amx_faults(cpu)
+    if fault:
+        return fault
+    cpu.regs[XTILECFG][:] = bytes(64)
+    _zero_tiles(cpu)
+    _zeroed(cpu, _TILES)
+    return None
+
+
+# --- FXSAVE / FXRSTOR (SDM Vol. 2A, Vol. 1 10.5.1) ------------------------------------------
+
+
+def _fx_faults(cpu: Cpu, area: Area) -> Fault | None:
+    if not cpu.machine.has("FXSR"):
+        return Fault("#UD", "CPUID.01H:EDX.FXSR[bit 24] = 0")
+    if cpu.cr0_ts:
+        return Fault("#NM", "CR0.TS[bit 3] = 1")
+    if area.misalign % 16:
+        return Fault("#GP", "memory operand is not aligned on a 16-byte boundary")
+    return None
+
+
+def FXSAVE(cpu: Cpu, area: Area) -> Fault | None:
+    """FXSAVE64 m512byte (NP REX.W 0F AE /0): x87 state, MXCSR, MXCSR_MASK and XMM0-15 into
+    bytes 0-415 (CR4.OSFXSR = 1); bytes 463:416 as FXSAVE_RESERVED says, 511:464 untouched."""
+    fault = _fx_faults(cpu, area)
+    if fault:
+        return fault
+    cpu.store_x87(area.data)
+    cpu.store_sse(area.data, xmm=True, mxcsr=True)
+    if cpu.impl[FXSAVE_RESERVED] == "zeroed":
+        area.data[416:464] = bytes(48)
+    return None
+
+
+def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
+    """FXRSTOR64 m512byte (NP REX.W 0F AE /1): #GP if misaligned or MXCSR sets a bit outside
+    MXCSR_MASK; loads x87 state, MXCSR and XMM0-15. The host tracks XINUSE[0] and [1] after it
+    as it does after XRSTOR (XRSTOR_LOAD_XINUSE)."""
+    fault = _fx_faults(cpu, area)
+    if fault:
+        return fault
+    mxcsr = struct.unpack_from("<I", area.data, 24)[0]
+    if cpu.mxcsr_reserved(mxcsr):
+        return Fault("#GP", f"MXCSR {mxcsr:#x} sets bits outside MXCSR_MASK")
+    cpu.load_x87(area.data)
+    cpu.mxcsr = mxcsr
+    cpu.regs[SSE][:] = area.data[160:416]
+    cpu.xmodified |= 0b11
+    if cpu.impl[XRSTOR_LOAD_XINUSE] == "set":
+        cpu.xinuse |= 0b11
+    else:
+        cpu.track_value(X87)
+        cpu.track_value(SSE)
+    return None
+
+
+# --- XGETBV / XSETBV (SDM Vol. 2C, Vol. 1 13.3) ------------------------------------------------
+
+
+def _xcr_faults(cpu: Cpu) -> Fault | None:
+    if not cpu.machine.has("XSAVE"):
+        return Fault("#UD", "CPUID.01H:ECX.XSAVE[bit 26] = 0")
+    if not cpu.cr4_osxsave:
+        return Fault("#UD", "CR4.OSXSAVE[bit 18] = 0")
+    return None
+
+
+def XGETBV(cpu: Cpu, ecx: int) -> Fault | int:
+    """XGETBV (NP 0F 01 D0): EDX:EAX := XCR0 for ECX = 0; for ECX = 1 (with CPUID.(EAX=0DH,
+    ECX=1):EAX.XG1[bit 2]) XCR0 AND XINUSE, "always" with bit 1 set if XCR0[1] = 1 and MXCSR
+    is not 1F80H (SDM 13.6); #GP for any other ECX. ECX[63:32] are ignored."""
+    fault = _xcr_faults(cpu)
+    if fault:
+        return fault
+    ecx &= 0xFFFFFFFF
+    if ecx == 0:
+        return cpu.xcr0
+    if ecx == 1 and cpu.machine.has("XGETBV1"):
+        return (cpu.xinuse | (2 if cpu.mxcsr != MXCSR_DEFAULT else 0)) & cpu.xcr0
+    return Fault("#GP", f"invalid XCR {ecx:#x} in ECX")
+
+
+def xcr0_fault(m: Machine, value: int) -> str | None:
+    """Why XSETBV(0, ``value``) would #GP (SDM 13.3), or None."""
+    if not value & 1:
+        return "XCR0[0] (x87) must be 1"
+    if value & ~m.xcr0_supported:
+        return f"sets bits {value & ~m.xcr0_supported:#x} not in CPUID.(EAX=0DH,ECX=0):EDX:EAX"
+    if value & 0b110 == 0b100:
+        return "XCR0[2:1] = 10b (AVX without SSE)"
+    if value & 0xE0 and (value & 0xE0 != 0xE0 or value & 0b110 != 0b110):
+        return "XCR0[7:5] is neither 000b nor 111b with XCR0[2:1] = 11b"
+    if value >> 3 & 3 in (1, 2):
+        return "XCR0[4:3] is neither 00b nor 11b"
+    if value >> 17 & 3 in (1, 2):
+        return "XCR0[18:17] is neither 00b nor 11b"
+    return None
+
+
+def XSETBV(cpu: Cpu, ecx: int, value: int) -> Fault | None:
+    """XSETBV (NP 0F 01 D1): XCR[ECX] := EDX:EAX. #UD without XSAVE or CR4.OSXSAVE; #GP if
+    CPL != 0, ECX != 0, or the value is not a legal XCR0 (`xcr0_fault`). The state of a
+    component that XCR0 stops enabling is kept (SDM 13.3)."""
+    fault = _xcr_faults(cpu)
+    if fault:
+        return fault
+    if cpu.cpl != 0:
+        return Fault("#GP", "CPL > 0")
+    if ecx & 0xFFFFFFFF != 0:
+        return Fault("#GP", f"invalid XCR {ecx & 0xFFFFFFFF:#x} in ECX")
+    why = xcr0_fault(cpu.machine, value)
+    if why:
+        return Fault("#GP", why)
+    cpu.xcr0 = value
+    return None
+
+
+__all__ = [
+    "EMMS",
+    "FLD",
+    "FLDCW",
+    "FNINIT",
+    "FNSTCW",
+    "FNSTSW",
+    "FXRSTOR",
+    "FXSAVE",
+    "KMOVQ",
+    "LDMXCSR",
+    "LDTILECFG",
+    "MOVDQU",
+    "RDPKRU",
+    "STMXCSR",
+    "STTILECFG",
+    "TILELOADD",
+    "TILERELEASE",
+    "TILEZERO",
+    "VMOVDQU",
+    "VMOVDQU64",
+    "VZEROALL",
+    "VZEROUPPER",
+    "WRPKRU",
+    "XGETBV",
+    "XSETBV",
+    "xcr0_fault",
+]
