@@ -1,0 +1,284 @@
+"""ptrace regsets: NT_X86_XSTATE and NT_PRFPREG, and the UABI copy routines behind them.
+
+Models arch/x86/kernel/fpu/regset.c (xstateregs_get/set, xfpregs_get/set), the UABI copies of
+arch/x86/kernel/fpu/xstate.c (__copy_xstate_to_uabi_buf, copy_uabi_to_xstate,
+validate_user_xstate_header), update_regset_xstate_info() (arch/x86/kernel/ptrace.c) and the
+generic ptrace_regset() (kernel/ptrace.c), Linux v6.17.
+
+The exported xstate is always the *standard* format, fpu_user_cfg.max_size bytes: the legacy
+area (from the task's image, or init_fpstate's for components in init state), bytes 464..511 the
+xstate_fx_sw_bytes with XCR0 (fpu_user_cfg.max_features) in the first u64, a header with only
+XSTATE_BV (= image's & user_xfeatures), then each component in the header at its standard
+offset -- PKRU from thread.pkru, not from the buffer -- and zeros everywhere else.
+
+Setting goes the other way with the kernel's validation: the header's XSTATE_BV must be within
+the target's user_xfeatures, XCOMP_BV and the reserved bytes zero, MXCSR within
+mxcsr_feature_mask (only if FP, SSE or YMM is set); user components of the header are copied,
+supervisor ones in the image kept.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.context import __fpu_invalidate_fpregs_state
+from fpstate.kernel.x86.hw import HDR, MXCSR_OFFSET
+from fpstate.kernel.x86.types import (
+    XFEATURE_MASK_SUPERVISOR_ALL,
+    XFEATURE_MAX,
+    Fpstate,
+    Fpu,
+    FpuSystem,
+    IllegalEvent,
+    KernelBug,
+)
+from fpstate.kernel.x86.xstate_prctl import EFAULT, EINVAL
+from fpstate.x86.xfeatures import (
+    FXSAVE_SIZE,
+    XFEATURE_MASK_FP,
+    XFEATURE_MASK_FPSSE,
+    XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_SSE,
+    XFEATURE_MASK_YMM,
+    bits,
+)
+
+if TYPE_CHECKING:
+    from fpstate.kernel.x86.sched import Cpu, Task
+
+NT_PRFPREG = 2
+NT_X86_XSTATE = 0x202
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+ENODEV, ESRCH = 19, 3
+XSTATE_COPY_FP, XSTATE_COPY_FX, XSTATE_COPY_XSAVE = "fp", "fx", "xsave"
+#: USER_XSTATE_FX_SW_WORDS / USER_XSTATE_XCR0_WORD (asm/user.h): 6 u64 at fxsave offset 464.
+USER_XSTATE_FX_SW_WORDS = 6
+USER_XSTATE_XCR0_WORD = 0
+_EXTENDED = 576
+
+
+def xstate_fx_sw_bytes(system: FpuSystem) -> bytes:
+    """xstate_fx_sw_bytes[] as update_regset_xstate_info() leaves it: XCR0 in word 0."""
+    words = [0] * USER_XSTATE_FX_SW_WORDS
+    words[USER_XSTATE_XCR0_WORD] = system.user.max_features
+    return b"".join(w.to_bytes(8, "little") for w in words)
+
+
+def regset_xstate_size(system: FpuSystem) -> int:
+    """regset->n * regset->size of NT_X86_XSTATE: fpu_user_cfg.max_size (n u64 words)."""
+    return system.user.max_size
+
+
+def __copy_xstate_to_uabi_buf(system: FpuSystem, init_regs: bytes, fps: Fpstate,
+                              xfeatures: int, pkru_val: int, mode: str, size: int) -> bytes:
+    """__copy_xstate_to_uabi_buf() (xstate.c): the UABI (standard) image of ``fps``, ``size``
+    bytes (truncated, or zero-filled past what the mode writes)."""
+    fps.check_alive("__copy_xstate_to_uabi_buf")
+    xsave = fps.regs
+    hdr = fps.xstate_bv
+    if mode == XSTATE_COPY_FP:
+        hdr &= XFEATURE_MASK_FP
+    elif mode == XSTATE_COPY_FX:
+        hdr &= XFEATURE_MASK_FPSSE
+    else:
+        hdr &= fps.user_xfeatures & xfeatures
+    out = bytearray()
+
+    def feature(present: int, lo: int, hi: int) -> None:
+        out.extend((xsave if present else init_regs)[lo:hi])
+
+    feature(hdr & XFEATURE_MASK_FP, 0, MXCSR_OFFSET)
+    feature(hdr & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM), MXCSR_OFFSET, MXCSR_OFFSET + 8)
+    feature(hdr & XFEATURE_MASK_FP, 32, 160)
+    feature(hdr & XFEATURE_MASK_SSE, 160, 416)
+    if mode == XSTATE_COPY_XSAVE:
+        out.extend(bytes(48))
+        out.extend(xstate_fx_sw_bytes(system))
+        out.extend(hdr.to_bytes(8, "little") + bytes(56))
+        assert len(out) == _EXTENDED
+        order = sorted(bits(hdr & ~XFEATURE_MASK_FPSSE),
+                       key=lambda i: system.profile.component(i).offset)
+        for i in order:
+            comp = system.profile.component(i)
+            if len(out) < comp.offset:
+                out.extend(bytes(comp.offset - len(out)))
+            if i == 9:
+                out.extend(pkru_val.to_bytes(4, "little") + bytes(4))
+            else:
+                off = core._component_offset(system, fps, i)
+                out.extend(xsave[off:off + comp.size])
+    if len(out) < size:
+        out.extend(bytes(size - len(out)))
+    return bytes(out[:size])
+
+
+def copy_xstate_to_uabi_buf(c: Cpu, tsk: Task, mode: str, size: int) -> bytes:
+    """copy_xstate_to_uabi_buf(): the task's fpstate with its user_xfeatures and thread.pkru."""
+    fps = tsk.fpu.fpstate
+    return __copy_xstate_to_uabi_buf(c.m.system, bytes(c.m.init_fpstate.regs), fps,
+                                     fps.user_xfeatures, tsk.thread_pkru, mode, size)
+
+
+def validate_user_xstate_header(hdr: bytes, fps: Fpstate) -> bool:
+    """validate_user_xstate_header() (xstate.c): no feature outside the fpstate's
+    user_xfeatures, XCOMP_BV zero (uncompacted UABI), no reserved byte set. True if valid."""
+    xfeatures = int.from_bytes(hdr[0:8], "little")
+    if xfeatures & ~fps.user_xfeatures:
+        return False
+    if int.from_bytes(hdr[8:16], "little"):
+        return False
+    return not any(hdr[16:64])
+
+
+def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
+                        pkru: list[int] | None) -> int:
+    """copy_uabi_to_xstate() (xstate.c) from a kernel copy of the buffer: 0, or -EINVAL for a
+    bad header or MXCSR, -EFAULT when the buffer is too short to read what the header names.
+    ``pkru`` is a one-element list standing for the u32 *pkru (None: KVM's NULL)."""
+    fps.check_alive("copy_uabi_to_xstate")
+
+    def read(off: int, n: int) -> bytes | None:
+        return kbuf[off:off + n] if off + n <= len(kbuf) else None
+
+    hdr = read(HDR, 64)
+    if hdr is None:
+        return -EFAULT
+    if not validate_user_xstate_header(hdr, fps):
+        return -EINVAL
+    xfeatures = int.from_bytes(hdr[0:8], "little")
+    if xfeatures & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
+        mx = read(MXCSR_OFFSET, 8)
+        if mx is None:
+            return -EFAULT
+        if int.from_bytes(mx[0:4], "little") & ~system.mxcsr_feature_mask:
+            return -EINVAL
+        if not xfeatures & XFEATURE_MASK_FP:
+            fps.regs[MXCSR_OFFSET:MXCSR_OFFSET + 8] = mx
+    for i in range(XFEATURE_MAX):
+        if not (xfeatures >> i) & 1:
+            continue
+        comp = system.profile.component(i)
+        data = read(comp.offset, comp.size)
+        if data is None:
+            return -EFAULT
+        dst = core._component_offset(system, fps, i)
+        if dst + comp.size > len(fps.regs):
+            raise KernelBug("xsave-out-of-bounds",
+                            f"copy_uabi_to_xstate: component {i} at {dst} of "
+                            f"{len(fps.regs)}-byte fpstate #{fps.ident}")
+        fps.regs[dst:dst + comp.size] = data
+    if xfeatures & XFEATURE_MASK_PKRU:
+        off = core._component_offset(system, fps, 9)
+        value = int.from_bytes(fps.regs[off:off + 4], "little")
+        if pkru is not None:
+            pkru[0] = value
+    elif pkru is not None:
+        pkru[0] = 0
+    fps.xstate_bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
+    return 0
+
+
+def sync_fpstate(c: Cpu, fpu: Fpu) -> None:
+    """sync_fpstate() (regset.c): a get on current (core dump) saves its live registers."""
+    if fpu is c.current.fpu:
+        core.fpu_sync_fpstate(c, fpu)
+
+
+def fpu_force_restore(c: Cpu, fpu: Fpu) -> None:
+    """fpu_force_restore() (regset.c): only stopped children are modified in memory; zap
+    last_cpu so their next return to user reloads. Modifying current is a WARN."""
+    if fpu is c.current.fpu:
+        raise KernelBug("force-restore-current", "fpu_force_restore() on current")
+    __fpu_invalidate_fpregs_state(fpu)
+
+
+def xstateregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
+    """xstateregs_get(): -ENODEV without XSAVE; else the UABI image, ``size`` bytes."""
+    if not c.m.system.xsave:
+        return -ENODEV
+    sync_fpstate(c, target.fpu)
+    return copy_xstate_to_uabi_buf(c, target, XSTATE_COPY_XSAVE, size)
+
+
+def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
+    """xstateregs_set(): -ENODEV without XSAVE; the write must be one whole standard buffer
+    (pos 0, count == fpu_user_cfg.max_size) else -EFAULT; then fpu_force_restore() and
+    copy_uabi_from_kernel_to_xstate(). Variant ``ptrace-set-no-invalidate`` skips the
+    invalidation."""
+    system = c.m.system
+    if not system.xsave:
+        return -ENODEV
+    if pos != 0 or count != system.user.max_size:
+        return -EFAULT
+    if not system.has_variant("ptrace-set-no-invalidate"):
+        fpu_force_restore(c, target.fpu)
+    pkru = [target.thread_pkru]
+    ret = copy_uabi_to_xstate(system, target.fpu.fpstate, data[:count], pkru)
+    target.thread_pkru = pkru[0]
+    return ret
+
+
+def xfpregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
+    """xfpregs_get() (NT_PRFPREG on x86-64): the 512-byte FXSAVE image (init values for
+    components in init state)."""
+    if not c.m.system.fxsr:
+        return -ENODEV
+    sync_fpstate(c, target.fpu)
+    return copy_xstate_to_uabi_buf(c, target, XSTATE_COPY_FX, size)
+
+
+def xfpregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
+    """xfpregs_set(): exactly 512 bytes at pos 0 else -EINVAL; MXCSR reserved bits -EINVAL;
+    invalidate, copy the fxsave area, and mark FP|SSE in use in the header."""
+    system = c.m.system
+    if not system.fxsr:
+        return -ENODEV
+    if pos != 0 or count != FXSAVE_SIZE:
+        return -EINVAL
+    new = data[:FXSAVE_SIZE]
+    if int.from_bytes(new[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") & ~system.mxcsr_feature_mask:
+        return -EINVAL
+    fpu_force_restore(c, target.fpu)
+    fps = target.fpu.fpstate
+    fps.check_alive("xfpregs_set")
+    fps.regs[0:FXSAVE_SIZE] = new
+    if system.xsave:
+        fps.xstate_bv = fps.xstate_bv | XFEATURE_MASK_FPSSE
+    return 0
+
+
+def ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
+                  data: bytes = b"") -> tuple[int, bytes]:
+    """ptrace_regset() (kernel/ptrace.c) for the two FPU regsets, with ptrace_check_attach's
+    "the tracee must be stopped" (-ESRCH otherwise).
+
+    iov_len must be a multiple of the regset's word size (8) else -EINVAL; it is clamped to
+    the regset size. GETREGSET returns (0, the first iov_len bytes); SETREGSET passes iov_len
+    as count (so a short NT_X86_XSTATE write is -EFAULT, a longer one is clamped and accepted).
+    Returns (result, bytes read).
+    """
+    from fpstate.kernel.x86.sched import TaskState
+
+    if target.state is not TaskState.STOPPED:
+        return -ESRCH, b""
+    if note == NT_X86_XSTATE:
+        full = regset_xstate_size(c.m.system)
+    elif note == NT_PRFPREG:
+        full = FXSAVE_SIZE
+    else:
+        return -EINVAL, b""
+    if iov_len % 8:
+        return -EINVAL, b""
+    n = min(iov_len, full)
+    if req == PTRACE_GETREGSET:
+        got = (xstateregs_get(c, target, n) if note == NT_X86_XSTATE
+               else xfpregs_get(c, target, n))
+        return (got, b"") if isinstance(got, int) else (0, got)
+    if req == PTRACE_SETREGSET:
+        if len(data) < n:
+            return -EFAULT, b""
+        setter = xstateregs_set if note == NT_X86_XSTATE else xfpregs_set
+        return setter(c, target, 0, n, data[:n]), b""
+    raise IllegalEvent(f"ptrace request {req:#x} is not a regset request")

@@ -1,0 +1,670 @@
+"""A small machine: CPUs, processes, threads, the scheduler and the user/kernel boundary.
+
+Models the parts of kernel/sched/core.c, arch/x86/kernel/process_64.c (__switch_to),
+kernel/fork.c + arch/x86/kernel/process.c (copy_process, copy_thread, flush_thread),
+kernel/exit.c and the generic entry code (exit_to_user_mode_prepare) that decide when the FPU
+functions of core.py and context.py run (Linux v6.17).
+
+Theory of operation
+-------------------
+- A `Machine` owns the kernel-wide state (`FpuSystem`, init_fpstate, jiffies), ``cpus`` and
+  ``tasks``. Each `Cpu` carries its registers (`FpRegs`), the per-CPU kernel variables
+  (fpu_fpregs_owner_ctx, kernel_fpu_allowed, xfd_state), ``current`` and its execution context
+  (IRQs, bottom halves, preempt count, interrupt nesting) that `requires` checks.
+- A task is in one `TaskState`; `TASK_TRANSITIONS` is the table of legal events, and an
+  illegal event raises `IllegalEvent` and changes nothing.
+- Kernel work that can be preempted in the kernel is a *kernel path*: a generator taking the CPU
+  it starts on; every ``c = yield`` is a preemption point, and the value sent back is the CPU
+  it resumes on (maybe another one). `Machine.step` runs a path to its next preemption point,
+  `Machine.preempt` switches tasks there, `Machine.syscall` runs a whole path without
+  preemption. Everything between two yields is atomic, as it is under the locks the kernel
+  holds there.
+- User mode is entered and left only through `exit_to_user_mode` and `enter_kernel`; user
+  instructions (`user_write` & co.) run only for the current task in user mode, where
+  TIF_NEED_FPU_LOAD is clear and the registers are its own.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.context import switch_fpu
+from fpstate.kernel.x86.hw import FpRegs, UserMemory, token
+from fpstate.kernel.x86.types import (
+    CLONE_THREAD,
+    CLONE_VFORK,
+    CLONE_VM,
+    PF_KTHREAD,
+    PF_USER_WORKER,
+    Fpstate,
+    Fpu,
+    FpuStatePerm,
+    FpuSystem,
+    IllegalEvent,
+)
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.program import Fault
+from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, bits
+
+KPath = Generator[None, "Cpu", Any]
+
+USER_STACK_TOP = 0x7FFF_FFFF_0000
+USER_STACK_SIZE = 0x40000
+MMAP_BASE = 0x7F00_0000_0000
+
+SIGILL, SIGKILL, SIGSEGV, SIGUSR1 = 4, 9, 11, 10
+ILL_ILLOPC, ILL_ILLOPN = 1, 2
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
+SA_ONSTACK = 0x08000000
+
+
+class TaskState(enum.Enum):
+    USER = "running in user mode"
+    KERNEL = "running in the kernel"
+    RUNNABLE = "switched out, runnable"
+    STOPPED = "switched out, ptrace-stopped"
+    DEAD = "dead"
+
+
+_U, _K, _RN, _ST, _D = (TaskState.USER, TaskState.KERNEL, TaskState.RUNNABLE,
+                        TaskState.STOPPED, TaskState.DEAD)
+TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
+    (_U, "enter_kernel"): _K,  # syscall, exception, interrupt
+    (_K, "exit_to_user"): _U,
+    (_K, "switch_out"): _RN,
+    (_RN, "stop"): _ST,  # ptrace_stop(): scheduled away in TASK_TRACED
+    (_RN, "switch_in"): _K,
+    (_ST, "resume"): _RN,
+    (_K, "exit"): _D,
+    (_RN, "reap"): _D,  # a switched-out thread killed with its group
+    (_ST, "reap"): _D,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A pending signal: number, si_code and si_addr (the trapping instruction)."""
+
+    sig: int
+    code: int = 0
+    addr: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SigAction:
+    flags: int = 0  #: SA_ONSTACK etc.
+
+
+@dataclass(slots=True, eq=False)
+class Process:
+    """A thread group: its leader (whose fpu holds the group's permissions), its mm and the
+    sighand->siglock (``siglock_holder`` is the CPU holding it)."""
+
+    tgid: int
+    mm: UserMemory
+    threads: list[Task] = field(default_factory=list)
+    siglock_holder: Cpu | None = None
+    pasid: int = 0  #: mm->pasid, 0 when none was allocated
+    next_mmap: int = MMAP_BASE
+
+    @property
+    def leader(self) -> Task:
+        return self.threads[0]
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    """A task_struct, as far as the FPU code reads it."""
+
+    pid: int
+    comm: str
+    flags: int
+    process: Process
+    fpu: Fpu
+    state: TaskState = TaskState.RUNNABLE
+    need_fpu_load: bool = True  #: TIF_NEED_FPU_LOAD
+    on_cpu: int | None = None
+    thread_pkru: int = core.INIT_PKRU_VALUE  #: thread.pkru
+    sas_ss_sp: int = 0
+    sas_ss_size: int = 0
+    sas_ss_flags: int = SS_DISABLE
+    user_sp: int = USER_STACK_TOP - 0x1000
+    pasid_activated: bool = False
+    kpath: KPath | None = None
+    kresult: Any = None
+    pending: list[Signal] = field(default_factory=list)
+    handlers: dict[int, SigAction] = field(default_factory=dict)
+    killed_by: Signal | None = None
+    generation: int = 0
+
+    def event(self, name: str) -> None:
+        new = TASK_TRANSITIONS.get((self.state, name))
+        if new is None:
+            raise IllegalEvent(f"task {self.pid} ({self.comm}): {name!r} is illegal while "
+                               f"{self.state.value}")
+        self.state = new
+
+    def __repr__(self) -> str:
+        return f"Task({self.pid} {self.comm}, {self.state.name}, TIF={int(self.need_fpu_load)})"
+
+
+@dataclass(slots=True, eq=False)
+class Cpu:
+    """One CPU: registers, per-CPU FPU variables, current task and execution context."""
+
+    nr: int
+    m: Machine
+    regs: FpRegs
+    current: Task
+    idle: Task
+    fpu_fpregs_owner_ctx: Fpu | None = None
+    kernel_fpu_allowed: bool = True
+    xfd_state: int = 0
+    irqs_disabled: bool = False
+    bh_disabled: int = 0
+    preempt_count: int = 0
+    hardirq: int = 0
+    softirq: int = 0
+    nmi: int = 0
+    pagefault_disabled: int = 0
+
+    def __repr__(self) -> str:
+        return f"Cpu({self.nr}, current={self.current.comm})"
+
+
+class Machine:
+    """The kernel model: ``ncpus`` CPUs booted with ``system``."""
+
+    def __init__(self, system: FpuSystem, ncpus: int = 2) -> None:
+        if ncpus < 1:
+            raise IllegalEvent("a machine needs at least one CPU")
+        self.system = system
+        self.init_fpstate: Fpstate = core.build_init_fpstate(system)
+        self.jiffies = 1
+        self.generation = 0
+        self.next_pid = 1
+        self.tasks: dict[int, Task] = {}
+        self.freed: list[Fpstate] = []
+        self.unreferenced: list[Fpstate] = []
+        self.log: list[str] = []
+        self.cpus: list[Cpu] = []
+        for nr in range(ncpus):
+            idle = self._new_task(f"swapper/{nr}", PF_KTHREAD, None)
+            idle.state = TaskState.KERNEL
+            idle.on_cpu = nr
+            regs = FpRegs(system.profile, xcr0=system.xcr0, xss=system.xss,
+                          xsavec_supported=system.xsavec, mxcsr_mask=system.mxcsr_feature_mask)
+            cpu = Cpu(nr, self, regs, current=idle, idle=idle)
+            # fpu__init_cpu_xstate(): XFD = init_fpstate.xfd (through xfd_set_state).
+            if system.xfd:
+                core.xfd_set_state(cpu, self.init_fpstate.xfd)
+            self.cpus.append(cpu)
+
+    @classmethod
+    def boot(cls, cpu: str | CpuidProfile = "host", kernel: str | None = None, ncpus: int = 2,
+             **options: Any) -> Machine:
+        """Boot ``kernel`` (default the newest modelled) on ``cpu`` (a profile or a name for
+        ``load_profile``: "host", a bundled CPU, a dump path) with ``ncpus`` CPUs; ``options``
+        go to `FpuSystem.from_boot` (build options, ``variants``)."""
+        from fpstate.kernel.x86.versions import NEWEST
+        from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+        from fpstate.x86.profiles import load_profile
+
+        profile = load_profile(cpu) if isinstance(cpu, str) else cpu
+        result = fpu__init_system_xstate(profile, kernel or NEWEST)
+        return cls(FpuSystem.from_boot(profile, result, **options), ncpus)
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def _new_fpu(self, owner: str) -> Fpu:
+        s = self.system
+        emb = core.fpstate_alloc(s, s.kernel.default_size, valloc=False)
+        fpu = Fpu(embedded=emb, fpstate=emb, perm=FpuStatePerm(0, 0, 0),
+                  guest_perm=FpuStatePerm(0, 0, 0), owner=owner)
+        core.fpstate_reset(s, fpu)
+        return fpu
+
+    def _new_task(self, comm: str, flags: int, process: Process | None) -> Task:
+        pid = self.next_pid
+        self.next_pid += 1
+        if process is None:
+            process = Process(pid, UserMemory())
+        fpu = self._new_fpu(f"task {pid} ({comm})")
+        t = Task(pid, comm, flags, process, fpu)
+        process.threads.append(t)
+        self.tasks[pid] = t
+        return t
+
+    def spawn(self, comm: str = "init") -> Task:
+        """A new user process as the kernel leaves it after execve from a kernel thread: a
+        fresh mm with a stack, default fpstate and permissions, init register image,
+        TIF_NEED_FPU_LOAD. It is runnable; `run` puts it on a CPU."""
+        t = self._new_task(comm, 0, None)
+        t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
+        n = core.init_fpstate_copy_size(self.system)
+        t.fpu.fpstate.regs[0:n] = self.init_fpstate.regs[0:n]
+        t.need_fpu_load = True
+        return t
+
+    def kthread(self, comm: str) -> Task:
+        """A kernel thread (PF_KTHREAD), runnable; its FPU state is never saved or restored."""
+        return self._new_task(comm, PF_KTHREAD, None)
+
+    def cpu_of(self, task: Task) -> Cpu:
+        if task.on_cpu is None:
+            raise IllegalEvent(f"{task!r} is not on a CPU")
+        return self.cpus[task.on_cpu]
+
+    def mmap(self, task: Task, size: int) -> int:
+        """Map ``size`` bytes (page-rounded) in the task's mm; returns the address."""
+        size = (size + 4095) & ~4095
+        addr = task.process.next_mmap
+        task.process.mm.map(addr, size)
+        task.process.next_mmap += size + 4096
+        return addr
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def switch_to(self, nr: int, nxt: Task) -> None:
+        """__schedule() -> context_switch() -> __switch_to() on CPU ``nr``: the outgoing task
+        (in the kernel at a preemption point, or idle) runs switch_fpu() with IRQs off and the
+        PKRU of the incoming task is loaded eagerly (x86_pkru_load)."""
+        c = self.cpus[nr]
+        prev = c.current
+        if nxt is prev:
+            return
+        if nxt.state is not TaskState.RUNNABLE:
+            raise IllegalEvent(f"switch_to {nxt!r}: not runnable")
+        if prev.state is not TaskState.KERNEL:
+            raise IllegalEvent(f"switch_to on CPU {nr}: {prev!r} is not in the kernel")
+        if c.bh_disabled or c.preempt_count or c.hardirq or c.softirq or c.irqs_disabled:
+            raise IllegalEvent(f"switch_to on CPU {nr}: not at a preemption point")
+        self._context_switch(c, nxt)
+
+    def run(self, nr: int, task: Task) -> None:
+        """Switch ``task`` in on CPU ``nr`` (preempting whatever runs there) and let it return
+        to user mode if it has no unfinished kernel path."""
+        c = self.cpus[nr]
+        if c.current is not task:
+            self.preempt(nr, task)
+        if task.kpath is None and task.state is TaskState.KERNEL:
+            self.exit_to_user_mode(nr)
+
+    def preempt(self, nr: int, nxt: Task) -> None:
+        """An interrupt or a preemption point on CPU ``nr``: a task in user mode enters the
+        kernel first; then switch to ``nxt`` (or to idle when ``nxt`` is the current)."""
+        c = self.cpus[nr]
+        if c.current.state is TaskState.USER:
+            self.enter_kernel(nr)
+        if c.current is nxt:
+            return
+        self.switch_to(nr, nxt)
+
+    def idle(self, nr: int) -> None:
+        """Schedule CPU ``nr``'s idle task."""
+        c = self.cpus[nr]
+        if c.current is not c.idle:
+            if c.current.state is TaskState.USER:
+                self.enter_kernel(nr)
+            self._switch_to_idle(c)
+
+    def _switch_to_idle(self, c: Cpu) -> None:
+        self._context_switch(c, c.idle)
+
+    def _context_switch(self, c: Cpu, nxt: Task) -> None:
+        """context_switch() -> __switch_to(): IRQs off, switch_fpu(prev), x86_pkru_load()
+        (stash prev's PKRU, write next's if it differs), current = next."""
+        prev = c.current
+        c.irqs_disabled = True
+        switch_fpu(c, prev)
+        if self.system.ospke:
+            prev.thread_pkru = int.from_bytes(c.regs.component(9)[:4], "little")
+            if prev.thread_pkru != nxt.thread_pkru:
+                c.regs.set_component(9, nxt.thread_pkru.to_bytes(4, "little") + bytes(4))
+        if prev.state is TaskState.KERNEL and prev is not c.idle:
+            prev.event("switch_out")
+        prev.on_cpu = None
+        c.current = nxt
+        if nxt is not c.idle:
+            nxt.event("switch_in")
+        nxt.on_cpu = c.nr
+        c.irqs_disabled = False
+        self.jiffies += 1
+
+    def migrate(self, task: Task, nr: int) -> None:
+        """Move ``task`` to CPU ``nr``: switch it out where it runs (through an interrupt if it
+        is in user mode), in on ``nr``, and back to user mode if it was there."""
+        was_user = task.state is TaskState.USER
+        if task.on_cpu is not None:
+            src = task.on_cpu
+            if was_user:
+                self.enter_kernel(src)
+            self._switch_to_idle(self.cpus[src])
+        self.preempt(nr, task)
+        if was_user:
+            self.exit_to_user_mode(nr)
+
+    # -- the user/kernel boundary -------------------------------------------------------------
+
+    def enter_kernel(self, nr: int) -> Cpu:
+        """Syscall, exception or interrupt entry from user mode on CPU ``nr``."""
+        c = self.cpus[nr]
+        c.current.event("enter_kernel")
+        return c
+
+    def exit_to_user_mode(self, nr: int) -> None:
+        """exit_to_user_mode_prepare(): deliver pending signals (arch_do_signal_or_restart),
+        then arch_exit_to_user_mode_prepare(): switch_fpu_return() if TIF_NEED_FPU_LOAD."""
+        from fpstate.kernel.x86.signal import handle_signal
+
+        c = self.cpus[nr]
+        t = c.current
+        if t.kpath is not None:
+            raise IllegalEvent(f"{t!r} still has an unfinished kernel path")
+        while t.pending and t.state is TaskState.KERNEL:
+            sig = t.pending.pop(0)
+            if sig.sig in t.handlers and sig.sig != SIGKILL:
+                handle_signal(c, sig)
+            else:
+                self.do_group_exit(nr, sig)
+                return
+        if t.need_fpu_load:
+            core.switch_fpu_return(c)
+        core.fpregs_assert_state_consistent(c)
+        t.event("exit_to_user")
+
+    # -- kernel paths -------------------------------------------------------------------------
+
+    def start(self, nr: int, path: Callable[..., KPath], *args: Any) -> None:
+        """Begin a kernel path for the current task of CPU ``nr`` (in the kernel)."""
+        c = self.cpus[nr]
+        t = c.current
+        if t.state is not TaskState.KERNEL or t.kpath is not None:
+            raise IllegalEvent(f"{t!r} cannot start a kernel path now")
+        t.kpath = path(c, *args)
+        t.kresult = None
+        self._advance(c, first=True)
+
+    def step(self, nr: int) -> bool:
+        """Run the current task's kernel path on CPU ``nr`` to its next preemption point;
+        True when the path has finished (its value is in ``task.kresult``)."""
+        c = self.cpus[nr]
+        if c.current.kpath is None:
+            raise IllegalEvent(f"{c.current!r} has no kernel path to step")
+        self._advance(c, first=False)
+        return c.current.kpath is None
+
+    def _advance(self, c: Cpu, first: bool) -> None:
+        t = c.current
+        assert t.kpath is not None
+        try:
+            if first:
+                next(t.kpath)
+            else:
+                t.kpath.send(c)
+        except StopIteration as done:
+            t.kpath = None
+            t.kresult = done.value
+            return
+        assert not (c.bh_disabled or c.preempt_count or c.irqs_disabled), \
+            "a kernel path yielded inside a non-preemptible section"
+
+    def finish(self, nr: int) -> Any:
+        """Run the current task's kernel path to completion; its result."""
+        c = self.cpus[nr]
+        while c.current.kpath is not None:
+            self._advance(c, first=False)
+        return c.current.kresult
+
+    def syscall(self, nr: int, path: Callable[..., KPath], *args: Any) -> Any:
+        """A system call (or trap) by the current task of CPU ``nr``: enter the kernel, run the
+        path without preemption, return to user mode; the path's result."""
+        c = self.enter_kernel(nr)
+        t = c.current
+        self.start(nr, path, *args)
+        result = self.finish(nr)
+        if t.state is TaskState.KERNEL and c.current is t:
+            self.exit_to_user_mode(nr)
+        return result
+
+    # -- user mode ----------------------------------------------------------------------------
+
+    def _user(self, nr: int) -> Cpu:
+        c = self.cpus[nr]
+        if c.current.state is not TaskState.USER:
+            raise IllegalEvent(f"CPU {nr}: {c.current!r} is not in user mode")
+        return c
+
+    def user_write(self, nr: int, i: int, value: bytes | None = None) -> Fault | None:
+        """The current task writes component ``i`` (VMOVDQU, KMOVQ, LDTILECFG, TILELOADD...),
+        with ``value`` or a fresh token naming it. A #NM (XFD) goes through
+        exc_device_not_available() and the instruction is retried once the kernel returns; a
+        #UD raises SIGILL/ILL_ILLOPN. The fault the first attempt took, or None."""
+        from fpstate.kernel.x86.xfd import exc_device_not_available
+
+        c = self._user(nr)
+        t = c.current
+        if value is None:
+            t.generation += 1
+            value = token(t.pid, t.generation, i, c.regs.size(i))
+        fault = c.regs.user_write(i, value)
+        if fault is None:
+            return None
+        if fault.vector == "#NM":
+            self.syscall(nr, exc_device_not_available)
+            if t.state is TaskState.USER and t.on_cpu is not None and not t.pending:
+                retry = self.cpus[t.on_cpu].regs.user_write(i, value)
+                assert retry is None, f"retry after #NM faulted again: {retry}"
+        elif fault.vector == "#UD":
+            self.enter_kernel(nr)
+            t.pending.append(Signal(SIGILL, ILL_ILLOPN))
+            self.exit_to_user_mode(nr)
+        return fault
+
+    def user_read(self, nr: int, i: int) -> bytes:
+        """The current task reads component ``i`` from its registers."""
+        return self._user(nr).regs.component(i)
+
+    def user_release(self, nr: int, mask: int) -> None:
+        """TILERELEASE / VZEROUPPER-like instructions: components of ``mask`` back to init."""
+        self._user(nr).regs.init_components(mask)
+
+    def user_state(self, task: Task) -> dict[int, bytes]:
+        """The task's user-visible xstate wherever it lives now: its registers if running in
+        user mode, else what the next return to user mode would load (memory image, or the
+        cached registers when the restore would be skipped)."""
+        from fpstate.kernel.x86.context import fpregs_state_valid
+
+        if task.state is TaskState.USER:
+            return self.cpus[task.on_cpu].regs.snapshot()  # type: ignore[index]
+        fpu = task.fpu
+        if task.need_fpu_load:
+            last = fpu.last_cpu
+            if 0 <= last < len(self.cpus) and fpregs_state_valid(self.cpus[last], fpu):
+                return self.cpus[last].regs.snapshot()
+            return self._image_state(fpu.fpstate)
+        return self.cpus[task.on_cpu].regs.snapshot()  # type: ignore[index]
+
+    def _image_state(self, fps: Fpstate) -> dict[int, bytes]:
+        """What restore_fpregs_from_fpstate() would load from ``fps``, as a snapshot."""
+        from fpstate.kernel.x86.hw import KernelBuf
+
+        regs = FpRegs(self.system.profile, xcr0=self.system.xcr0, xss=self.system.xss,
+                      xsavec_supported=self.system.xsavec,
+                      mxcsr_mask=self.system.mxcsr_feature_mask, xfd=fps.xfd)
+        from fpstate.kernel.x86.types import XFEATURE_MASK_FPSTATE
+
+        fault = regs.xrstor(KernelBuf(fps.regs, "image"),
+                            self.system.kernel.max_features & XFEATURE_MASK_FPSTATE,
+                            self.system.xrstor_insn)
+        assert fault is None, fault
+        return regs.snapshot()
+
+    # -- interrupts ---------------------------------------------------------------------------
+
+    def irq_kernel_fpu(self, nr: int, *, hardirq: bool = False, clobber: int = 0) -> bool:
+        """An interrupt on CPU ``nr`` whose handler wants the FPU (softirq crypto, or a hard
+        interrupt): kernel_fpu_begin() if irq_fpu_usable(), clobber the components of
+        ``clobber``, kernel_fpu_end(). False when the FPU was not usable (the handler takes
+        its scalar fallback). A softirq cannot run inside fpregs_lock(). An interrupt taken in
+        user mode enters the kernel and returns through exit_to_user_mode(), which reloads the
+        task's registers."""
+        c = self.cpus[nr]
+        if not hardirq and (c.bh_disabled or c.hardirq):
+            raise IllegalEvent(f"softirq on CPU {nr} while bottom halves are disabled")
+        if c.current.state is TaskState.USER:
+            self.enter_kernel(nr)
+            try:
+                return self.irq_kernel_fpu(nr, hardirq=hardirq, clobber=clobber)
+            finally:
+                self.exit_to_user_mode(nr)
+        saved_irqs = c.irqs_disabled
+        if hardirq:
+            c.hardirq += 1
+            c.irqs_disabled = True
+        else:
+            c.softirq += 1
+        try:
+            if not core.irq_fpu_usable(c):
+                return False
+            core.kernel_fpu_begin_mask(c)
+            core.kernel_fpu_clobber(c, clobber)
+            core.kernel_fpu_end(c)
+            return True
+        finally:
+            if hardirq:
+                c.hardirq -= 1
+                c.irqs_disabled = saved_irqs
+            else:
+                c.softirq -= 1
+
+    # -- fork, exec, exit ---------------------------------------------------------------------
+
+    def do_group_exit(self, nr: int, sig: Signal) -> None:
+        """The default action of a fatal signal: every thread of the group dies."""
+        c = self.cpus[nr]
+        proc = c.current.process
+        for t in list(proc.threads):
+            t.killed_by = sig
+            if t is c.current:
+                self.do_exit(nr)
+            elif t.state in (TaskState.RUNNABLE, TaskState.STOPPED):
+                self._release(t, reap=True)
+            elif t.state is not TaskState.DEAD:
+                ocpu = self.cpus[t.on_cpu]  # type: ignore[index]
+                if t.state is TaskState.USER:
+                    self.enter_kernel(ocpu.nr)
+                t.kpath = None
+                self.do_exit(ocpu.nr)
+
+    def do_exit(self, nr: int) -> None:
+        """do_exit() for current on CPU ``nr``: exit_thread() -> fpu__drop(), schedule away for
+        the last time, and release (arch_release_task_struct -> fpstate_free)."""
+        c = self.cpus[nr]
+        t = c.current
+        core.fpu__drop(c, t)
+        t.event("exit")
+        self._switch_to_idle(c)
+        self._release(t, reap=False)
+
+    def _release(self, t: Task, *, reap: bool) -> None:
+        if reap:
+            t.event("reap")
+        if self.system.fpu_state_size_dynamic and not t.flags & (PF_KTHREAD | PF_USER_WORKER):
+            core.fpstate_free(self.cpus[0], t.fpu)
+
+    def stop(self, task: Task) -> None:
+        """ptrace_stop(): the task enters the kernel if it is in user mode, schedules away
+        (switch_fpu saves its registers) and is TASK_TRACED until `resume`."""
+        if task.on_cpu is not None:
+            nr = task.on_cpu
+            if task.state is TaskState.USER:
+                self.enter_kernel(nr)
+            if task.kpath is not None:
+                raise IllegalEvent(f"{task!r} is in the middle of a kernel path")
+            self._switch_to_idle(self.cpus[nr])
+        task.event("stop")
+
+    def resume(self, task: Task) -> None:
+        """PTRACE_CONT: a stopped task becomes runnable."""
+        task.event("resume")
+
+
+def copy_thread_fpu(m: Machine, c: Cpu, child: Task, clone_flags: int, minimal: bool,
+                    ssp: int) -> int:
+    """The FPU part of copy_thread() (arch/x86/kernel/process.c): fpu_clone(), and the child's
+    PKRU (the parent's current value; init_pkru_value for kernel threads)."""
+    ret = core.fpu_clone(c, child, clone_flags, minimal, ssp)
+    if m.system.ospke and not minimal:
+        child.thread_pkru = int.from_bytes(c.regs.component(9)[:4], "little")
+    return ret
+
+
+def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -> KPath:
+    """clone()/fork() (kernel/fork.c copy_process): a new task in the caller's group
+    (CLONE_THREAD) or a new process with a copied (or, with CLONE_VM, shared) mm. The sigaltstack
+    is inherited unless CLONE_VM without CLONE_VFORK. The allocation of the child is a
+    preemption point before its FPU state is copied. Returns the child."""
+    m = c.m
+    parent = c.current
+    c = yield  # dup_task_struct(): may sleep
+    if clone_flags & CLONE_THREAD:
+        proc = parent.process
+    else:
+        mm = parent.process.mm if clone_flags & CLONE_VM else parent.process.mm.copy()
+        proc = Process(m.next_pid, mm, next_mmap=parent.process.next_mmap,
+                       pasid=parent.process.pasid)
+    child = m._new_task(comm or parent.comm, parent.flags & ~PF_KTHREAD, proc)
+    child.handlers = dict(parent.handlers)
+    child.user_sp = parent.user_sp
+    child.sas_ss_sp, child.sas_ss_size = parent.sas_ss_sp, parent.sas_ss_size
+    child.sas_ss_flags = parent.sas_ss_flags
+    if (clone_flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM:
+        child.sas_ss_sp, child.sas_ss_size, child.sas_ss_flags = 0, 0, SS_DISABLE
+    ret = copy_thread_fpu(m, c, child, clone_flags, False, ssp)
+    if ret:
+        raise IllegalEvent(f"copy_thread failed ({ret}): shadow stack pointer without CET state")
+    return child
+
+
+def sys_execve(c: Cpu, comm: str) -> KPath:
+    """execve() (fs/exec.c begin_new_exec): other threads of the group die (de_thread), a new
+    mm, the sigaltstack is cleared (sas_ss_sp = sas_ss_size = 0), then flush_thread():
+    fpu_flush_thread() and the default PKRU (pkru_flush_thread)."""
+    m = c.m
+    t = c.current
+    for other in list(t.process.threads):
+        if other is not t and other.state is not TaskState.DEAD:
+            other.killed_by = Signal(SIGKILL)
+            if other.state in (TaskState.RUNNABLE, TaskState.STOPPED):
+                m._release(other, reap=True)
+            else:
+                oc = m.cpu_of(other)
+                if other.state is TaskState.USER:
+                    m.enter_kernel(oc.nr)
+                other.kpath = None
+                m.do_exit(oc.nr)
+    c = yield  # loading the binary: may sleep
+    t.process.threads[:] = [t]
+    t.process.mm = UserMemory()
+    t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
+    t.process.next_mmap = MMAP_BASE
+    t.user_sp = USER_STACK_TOP - 0x1000
+    t.comm = comm
+    t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
+    t.handlers = {}
+    core.fpu_flush_thread(c)
+    if m.system.ospke:
+        t.thread_pkru = core.INIT_PKRU_VALUE
+        c.regs.set_component(9, core.INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
+    return 0
+
+
+def user_components(system: FpuSystem) -> list[int]:
+    """The user components a task can write on this system (XCR0 minus PKRU, which is not a
+    plain register file)."""
+    return [i for i in bits(system.xcr0 & ~XFEATURE_MASK_PKRU)]

@@ -1,0 +1,476 @@
+"""Signal frames: the FPU part of delivering a signal and of sigreturn, byte-exact.
+
+Models arch/x86/kernel/fpu/signal.c (copy_fpstate_to_sigframe, fpu__restore_sig,
+fpu__alloc_mathframe, fpu__get_fpstate_size), the signal-frame helpers of kernel/fpu/xstate.h
+(xsave_to_user_sigframe, update_pkru_in_sigframe) and arch/x86/kernel/signal.c (get_sigframe,
+init_sigframe_size, handle_signal), Linux v6.17, for 64-bit frames.
+
+The 64-bit frame, from high to low addresses (``sp`` the interrupted stack pointer)::
+
+    sp - 128                              red zone skipped (or the top of the sigaltstack)
+    buf_fx = round_down(sp - (user_size + 4), 64)
+        [0, 512)       FXSAVE-format legacy area; bytes 464..511 = struct _fpx_sw_bytes:
+                       magic1 = FP_XSTATE_MAGIC1, extended_size = user_size + 4,
+                       xfeatures = fpstate->user_xfeatures, xstate_size = user_size
+        [512, 576)     XSAVE header (zeroed, then written by XSAVE; FP|SSE forced on)
+        [576, user_size)  components at their standard offsets
+        [user_size, +4)   FP_XSTATE_MAGIC2
+    frame = round_down(buf_fx - sizeof(struct rt_sigframe), 16) - 8
+        frame + 232    uc.uc_mcontext.fpstate = buf_fx
+
+AT_MINSIGSTKSZ (`get_sigframe_size`) is the worst case over all frame types and the *maximum*
+user size, whatever the task's permissions. The ia32 (fsave header) frames are not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.context import (
+    __cpu_invalidate_fpregs_state,
+    fpregs_restore_userregs,
+    requires,
+)
+from fpstate.kernel.x86.hw import HDR, KernelBuf, PageFault, UserBuf
+from fpstate.kernel.x86.types import (
+    FREGS_STATE_SIZE,
+    XFEATURE_MASK_SIGFRAME_INITOPT,
+    XFEATURE_MASK_USER_SUPPORTED,
+    FpuSystem,
+    IllegalEvent,
+)
+from fpstate.x86.program import Fault
+from fpstate.x86.xfeatures import FXSAVE_SIZE, XFEATURE_MASK_FPSSE, XFEATURE_MASK_PKRU
+
+if TYPE_CHECKING:
+    from fpstate.kernel.x86.sched import Cpu, KPath, Signal
+
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2 = 0x46505845
+FP_XSTATE_MAGIC2_SIZE = 4
+SW_BYTES_OFFSET = 464  #: struct _fpx_sw_bytes inside fxregs_state.sw_reserved
+SW_BYTES_SIZE = 48
+#: sizeof(struct rt_sigframe) on x86-64: pretcode 8 + ucontext 304 + siginfo 128.
+RT_SIGFRAME_SIZE = 440
+#: sizeof(struct sigframe_ia32): 4 + 4 + sigcontext_32 88 + _fpstate_32 624 + 4 + 8, padded to
+#: the 8-byte alignment of _fpx_sw_bytes.
+SIGFRAME_IA32_SIZE = 736
+FRAME_ALIGNMENT = 16
+MAX_FRAME_PADDING = FRAME_ALIGNMENT - 1
+MAX_XSAVE_PADDING = 63
+REDZONE = 128
+#: Offsets in struct rt_sigframe (x86-64): uc at 8, uc_stack at 24, uc_mcontext at 48.
+UC_STACK_OFFSET = 24
+SC_RSP_OFFSET = 48 + 15 * 8
+SC_FPSTATE_OFFSET = 48 + 23 * 8
+SIGINFO_OFFSET = 312
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+
+def xstate_sigframe_size(system: FpuSystem, user_size: int) -> int:
+    """xstate_sigframe_size(): the task's user_size, + 4 for MAGIC2 with XSAVE."""
+    return user_size + FP_XSTATE_MAGIC2_SIZE if system.xsave else user_size
+
+
+def fpu__get_fpstate_size(system: FpuSystem) -> int:
+    """fpu__get_fpstate_size() (signal.c, __init): the maximum user size + MAGIC2, + the
+    112-byte fsave header whenever IA32_EMULATION (or a 32-bit kernel) is built in."""
+    ret = system.user.max_size
+    if system.xsave:
+        ret += FP_XSTATE_MAGIC2_SIZE
+    if system.ia32_emulation and system.fxsr:
+        ret += FREGS_STATE_SIZE
+    return ret
+
+
+def get_sigframe_size(system: FpuSystem) -> int:
+    """get_sigframe_size() = max_frame_size (init_sigframe_size(), arch/x86/kernel/signal.c):
+    the largest siginfo+ucontext frame (sizeof(struct sigframe_ia32) with IA32_EMULATION, else
+    sizeof(struct rt_sigframe)) + 15 + fpu__get_fpstate_size() + 63, rounded up to 16. This is
+    AT_MINSIGSTKSZ and the "signal: max sigframe size" boot line."""
+    base = SIGFRAME_IA32_SIZE if system.ia32_emulation else RT_SIGFRAME_SIZE
+    size = base + MAX_FRAME_PADDING + fpu__get_fpstate_size(system) + MAX_XSAVE_PADDING
+    return (size + FRAME_ALIGNMENT - 1) // FRAME_ALIGNMENT * FRAME_ALIGNMENT
+
+
+def at_minsigstksz(system: FpuSystem) -> int:
+    """AT_MINSIGSTKSZ of the auxiliary vector (ARCH_DLINFO, asm/elf.h): get_sigframe_size()."""
+    return get_sigframe_size(system)
+
+
+def boot_line(system: FpuSystem) -> str:
+    """The pr_info of init_sigframe_size() (pr_fmt "signal: ")."""
+    return f"signal: max sigframe size: {get_sigframe_size(system)}"
+
+
+# -- struct _fpx_sw_bytes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FpxSwBytes:
+    """struct _fpx_sw_bytes (uapi/asm/sigcontext.h), 48 bytes at fxsave offset 464."""
+
+    magic1: int
+    extended_size: int
+    xfeatures: int
+    xstate_size: int
+
+    def pack(self) -> bytes:
+        return (self.magic1.to_bytes(4, "little") + self.extended_size.to_bytes(4, "little")
+                + self.xfeatures.to_bytes(8, "little") + self.xstate_size.to_bytes(4, "little")
+                + bytes(28))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> FpxSwBytes:
+        assert len(data) >= SW_BYTES_SIZE
+        return cls(int.from_bytes(data[0:4], "little"), int.from_bytes(data[4:8], "little"),
+                   int.from_bytes(data[8:16], "little"), int.from_bytes(data[16:20], "little"))
+
+
+def save_sw_bytes(user_size: int, user_xfeatures: int, ia32_frame: bool) -> FpxSwBytes:
+    """save_sw_bytes() (signal.c)."""
+    ext = user_size + FP_XSTATE_MAGIC2_SIZE + (FREGS_STATE_SIZE if ia32_frame else 0)
+    return FpxSwBytes(FP_XSTATE_MAGIC1, ext, user_xfeatures, user_size)
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+def fpu__alloc_mathframe(c: Cpu, sp: int, ia32_frame: bool) -> tuple[int, int, int]:
+    """fpu__alloc_mathframe(): (sp, buf_fx, size) with buf_fx = round_down(sp - frame, 64)."""
+    frame_size = xstate_sigframe_size(c.m.system, c.current.fpu.fpstate.user_size)
+    sp = buf_fx = (sp - frame_size) & ~63
+    if ia32_frame and c.m.system.fxsr:
+        frame_size += FREGS_STATE_SIZE
+        sp -= FREGS_STATE_SIZE
+    return sp, buf_fx, frame_size
+
+
+def xfeatures_need_sigframe_write(c: Cpu) -> int:
+    """xfeatures_need_sigframe_write(): in-use features (XGETBV(1)) plus every user feature
+    outside SIGFRAME_INITOPT."""
+    return c.regs.xgetbv1() | (XFEATURE_MASK_USER_SUPPORTED & ~XFEATURE_MASK_SIGFRAME_INITOPT)
+
+
+def _u64(c: Cpu, addr: int, *, faults: bool = True) -> int:
+    return int.from_bytes(c.current.process.mm.read(addr, 8, faults_enabled=faults), "little")
+
+
+def set_xfeature_in_sigframe(c: Cpu, buf_fx: int, mask: int, *, faults: bool = True) -> None:
+    """set_xfeature_in_sigframe(): OR ``mask`` into the frame header's xfeatures."""
+    mm = c.current.process.mm
+    value = _u64(c, buf_fx + HDR, faults=faults) | mask
+    mm.write(buf_fx + HDR, value.to_bytes(8, "little"), faults_enabled=faults)
+
+
+def update_pkru_in_sigframe(c: Cpu, buf_fx: int, pkru: int) -> None:
+    """update_pkru_in_sigframe(): with OSPKE, mark PKRU in use in the frame and store the
+    pre-signal PKRU (the register is 0 while the frame is written) at its standard offset."""
+    if not c.m.system.ospke:
+        return
+    set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_PKRU, faults=False)
+    off = c.m.system.profile.component(9).offset
+    c.current.process.mm.write(buf_fx + off, pkru.to_bytes(4, "little"), faults_enabled=False)
+
+
+def xsave_to_user_sigframe(c: Cpu, buf_fx: int, pkru: int) -> Fault | None:
+    """xsave_to_user_sigframe() (kernel/fpu/xstate.h): plain XSAVE (standard format, no
+    XSAVEOPT: the area may have been modified since) of RFBM = fpstate->user_xfeatures, minus
+    the in-init-state SIGFRAME_INITOPT features when dynamic sizing is on; then the PKRU fix."""
+    fps = c.current.fpu.fpstate
+    mask = fps.user_xfeatures
+    if c.m.system.fpu_state_size_dynamic:
+        mask &= xfeatures_need_sigframe_write(c)
+    core.xfd_validate_state(c, fps, mask, False)
+    buf = UserBuf(c.current.process.mm, buf_fx, faults_enabled=not c.pagefault_disabled)
+    fault = c.regs.xsave(buf, mask, "XSAVE")
+    if fault is None:
+        try:
+            update_pkru_in_sigframe(c, buf_fx, pkru)
+        except PageFault as e:
+            return Fault("#PF", f"{e.addr:#x}")
+    return fault
+
+
+def __clear_user(c: Cpu, addr: int, n: int) -> bool:
+    """__clear_user() with page faults enabled: True when all ``n`` bytes were zeroed."""
+    try:
+        c.current.process.mm.write(addr, bytes(n))
+    except PageFault:
+        return False
+    return True
+
+
+@requires("task_context", "user_task")
+def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int, pkru: int) -> bool:
+    """copy_fpstate_to_sigframe() (signal.c) for 64-bit frames (buf == buf_fx).
+
+    Zero the user header, then under fpregs_lock: load current's registers if they are not
+    live and XSAVE them straight to the user frame with page faults disabled. A fault unlocks,
+    clears (and so faults in) the frame and retries; if that clearing faults too, failure.
+    Finally the software bytes, MAGIC2 and the forced FP|SSE bits (save_xstate_epilog).
+    """
+    if buf != buf_fx:
+        raise IllegalEvent("ia32 signal frames (fsave header) are not modelled")
+    fps = c.current.fpu.fpstate
+    if not __clear_user(c, buf_fx + HDR, 64):
+        return False
+    while True:
+        core.fpregs_lock(c)
+        if c.current.need_fpu_load:
+            fpregs_restore_userregs(c)
+        c.pagefault_disabled += 1
+        fault = xsave_to_user_sigframe(c, buf_fx, pkru)
+        c.pagefault_disabled -= 1
+        core.fpregs_unlock(c)
+        if fault is None:
+            break
+        if not __clear_user(c, buf_fx, fps.user_size):
+            return False
+    return save_xstate_epilog(c, buf_fx, False, fps.user_size, fps.user_xfeatures)
+
+
+def save_xstate_epilog(c: Cpu, buf_fx: int, ia32_frame: bool, user_size: int,
+                       user_xfeatures: int) -> bool:
+    """save_xstate_epilog(): sw_bytes at 464, MAGIC2 at buf_fx + user_size, and FP|SSE set in
+    the header so legacy code editing only the fxsave part gets its changes restored."""
+    mm = c.current.process.mm
+    sw = save_sw_bytes(user_size, user_xfeatures, ia32_frame)
+    try:
+        mm.write(buf_fx + SW_BYTES_OFFSET, sw.pack())
+        if not c.m.system.xsave:
+            return True
+        mm.write(buf_fx + user_size, FP_XSTATE_MAGIC2.to_bytes(4, "little"))
+        set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_FPSSE)
+    except PageFault:
+        return False
+    return True
+
+
+def read_pkru(c: Cpu) -> int:
+    """read_pkru(): RDPKRU with OSPKE, else 0."""
+    if not c.m.system.ospke:
+        return 0
+    return int.from_bytes(c.regs.component(9)[:4], "little")
+
+
+def write_pkru(c: Cpu, pkru: int) -> None:
+    """write_pkru(): WRPKRU with OSPKE (no-op otherwise)."""
+    if c.m.system.ospke:
+        c.regs.set_component(9, pkru.to_bytes(4, "little") + bytes(4))
+
+
+def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE) -> tuple[int, int]:
+    """get_sigframe() (arch/x86/kernel/signal.c), 64-bit: (frame, fpstate); frame = -1 when it
+    would overflow the sigaltstack or the FPU state could not be written."""
+    from fpstate.kernel.x86.sched import SA_ONSTACK
+    from fpstate.kernel.x86.xstate_prctl import on_sig_stack
+
+    t = c.current
+    nested = on_sig_stack(t, t.user_sp)
+    entering = False
+    sp = t.user_sp - REDZONE
+    if sa_flags & SA_ONSTACK and t.sas_ss_size and not on_sig_stack(t, sp):
+        sp = t.sas_ss_sp + t.sas_ss_size
+        entering = True
+    sp, buf_fx, math_size = fpu__alloc_mathframe(c, sp, False)
+    fpstate = sp
+    sp -= frame_size
+    sp = (sp & ~(FRAME_ALIGNMENT - 1)) - 8
+    if (nested or entering) and not (t.sas_ss_sp < sp <= t.sas_ss_sp + t.sas_ss_size):
+        c.m.log.append(f"{t.comm}[{t.pid}] overflowed sigaltstack")
+        return -1, fpstate
+    pkru = read_pkru(c)
+    write_pkru(c, 0)
+    if not copy_fpstate_to_sigframe(c, fpstate, buf_fx, math_size, pkru):
+        write_pkru(c, pkru)
+        return -1, fpstate
+    return sp, fpstate
+
+
+def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
+    """x64_setup_rt_frame() as far as the model writes it: the FPU frame, uc_stack, the saved
+    rsp and uc_mcontext.fpstate, si_signo. 0, or -EFAULT (the caller forces SIGSEGV)."""
+    from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE, SS_ONSTACK
+    from fpstate.kernel.x86.xstate_prctl import EFAULT, on_sig_stack
+
+    t = c.current
+    action = t.handlers[sig.sig]
+    frame, fpstate = get_sigframe(c, action.flags)
+    if frame == -1:
+        return -EFAULT
+    mm = t.process.mm
+    ss_flags = SS_DISABLE if not t.sas_ss_size else (
+        SS_ONSTACK if on_sig_stack(t, t.user_sp) else 0)
+    try:
+        mm.write(frame + UC_STACK_OFFSET, t.sas_ss_sp.to_bytes(8, "little")
+                 + (ss_flags | (t.sas_ss_flags & SS_AUTODISARM)).to_bytes(4, "little")
+                 + bytes(4) + t.sas_ss_size.to_bytes(8, "little"))
+        mm.write(frame + SC_RSP_OFFSET, t.user_sp.to_bytes(8, "little"))
+        mm.write(frame + SC_FPSTATE_OFFSET, fpstate.to_bytes(8, "little"))
+        mm.write(frame + SIGINFO_OFFSET, sig.sig.to_bytes(4, "little"))
+    except PageFault:
+        return -EFAULT
+    t.user_sp = frame
+    if t.sas_ss_flags & SS_AUTODISARM:
+        t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
+    return 0
+
+
+def handle_signal(c: Cpu, sig: Signal) -> None:
+    """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure force SIGSEGV
+    (fatal); on success the handler starts with init user FPU state (fpu__clear_user_states).
+    """
+    from fpstate.kernel.x86.sched import SIGSEGV
+    from fpstate.kernel.x86.sched import Signal as Sig
+
+    t = c.current
+    if x64_setup_rt_frame(c, sig):
+        t.handlers.pop(SIGSEGV, None)
+        t.pending.insert(0, Sig(SIGSEGV))
+        return
+    core.fpu__clear_user_states(c, t.fpu)
+
+
+# -- sigreturn ------------------------------------------------------------------------------------
+
+
+def check_xstate_in_sigframe(c: Cpu, buf_fx: int) -> FpxSwBytes | None:
+    """check_xstate_in_sigframe(): the sw bytes, or None when they cannot be read. Without
+    MAGIC1, or without MAGIC2 at buf_fx + *current's* user_size, the frame is taken as
+    FXSAVE-only (magic1 = 0, xstate_size 512, xfeatures FP|SSE) -- not an error. The user's
+    extended_size and xstate_size are never checked."""
+    mm = c.current.process.mm
+    try:
+        sw = FpxSwBytes.unpack(mm.read(buf_fx + SW_BYTES_OFFSET, SW_BYTES_SIZE))
+    except PageFault:
+        return None
+    if sw.magic1 == FP_XSTATE_MAGIC1:
+        try:
+            magic2 = int.from_bytes(mm.read(buf_fx + c.current.fpu.fpstate.user_size, 4),
+                                    "little")
+        except PageFault:
+            return None
+        if magic2 == FP_XSTATE_MAGIC2:
+            return sw
+    return FpxSwBytes(0, sw.extended_size, XFEATURE_MASK_FPSSE, FXSAVE_SIZE)
+
+
+def __restore_fpregs_from_user(c: Cpu, buf: int, ufeatures: int, xrestore: int,
+                               fx_only: bool) -> Fault | None:
+    """__restore_fpregs_from_user(): XRSTOR (or FXRSTOR when fx_only) from the user frame,
+    then the features in ufeatures but not restored go to init from init_fpstate."""
+    ubuf = UserBuf(c.current.process.mm, buf, faults_enabled=not c.pagefault_disabled)
+    init_bv = ufeatures & ~xrestore
+    fault = c.regs.fxrstor_legacy(ubuf) if fx_only else c.regs.xrstor(ubuf, xrestore, "XRSTOR")
+    if fault is None and init_bv:
+        init = c.m.init_fpstate
+        assert c.regs.xrstor(KernelBuf(init.regs, "init_fpstate"), init_bv,
+                             c.m.system.xrstor_insn) is None
+    return fault
+
+
+def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> bool:
+    """restore_fpregs_from_user() (signal.c): restore straight into the registers, validated by
+    the hardware. Only enabled features (user_xfeatures); XFD updated first. On a fault: if the
+    registers were not current's, this CPU's copy is invalidated; a #PF is faulted in and
+    retried, anything else (#GP from a bad header, MXCSR, XSTATE_BV bits) fails. Success
+    restores supervisor state from memory if the registers were not live, and activates."""
+    fpu = c.current.fpu
+    xrestore &= fpu.fpstate.user_xfeatures
+    mm = c.current.process.mm
+    while True:
+        core.fpregs_lock(c)
+        core.xfd_update_state(c, fpu.fpstate)
+        c.pagefault_disabled += 1
+        fault = __restore_fpregs_from_user(c, buf, fpu.fpstate.user_xfeatures, xrestore,
+                                           fx_only)
+        c.pagefault_disabled -= 1
+        if fault is None:
+            break
+        if c.current.need_fpu_load:
+            __cpu_invalidate_fpregs_state(c)
+        core.fpregs_unlock(c)
+        if fault.vector != "#PF":
+            return False
+        try:
+            mm.read(buf, fpu.fpstate.user_size)  # fault_in_readable()
+        except PageFault:
+            return False
+    if c.current.need_fpu_load and c.m.system.xfeatures_mask_supervisor:
+        core.os_xrstor_supervisor(c, fpu.fpstate)
+    core.fpregs_mark_activate(c)
+    core.fpregs_unlock(c)
+    return True
+
+
+def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> bool:
+    """__fpu_restore_sig(): read the sw bytes; user_xfeatures from them (user-controlled) or
+    FP|SSE for an FXSAVE-only frame; 64-bit frames restore directly from user memory."""
+    if ia32_fxstate:
+        raise IllegalEvent("ia32 signal frames (fsave header) are not modelled")
+    if c.m.system.xsave:
+        sw = check_xstate_in_sigframe(c, buf_fx)
+        if sw is None:
+            return False
+        fx_only = not sw.magic1
+        user_xfeatures = sw.xfeatures
+    else:
+        fx_only, user_xfeatures = True, XFEATURE_MASK_FPSSE
+    return restore_fpregs_from_user(c, buf_fx, user_xfeatures, fx_only)
+
+
+@requires("task_context", "user_task")
+def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> bool:
+    """fpu__restore_sig() (signal.c): NULL -> clear the user states (success); the frame must
+    be accessible (access_ok over xstate_sigframe_size of the *current* fpstate); any failure
+    leaves the task with init user state (fpu__clear_user_states) and returns False."""
+    fpu = c.current.fpu
+    if not buf:
+        core.fpu__clear_user_states(c, fpu)
+        return True
+    size = xstate_sigframe_size(c.m.system, fpu.fpstate.user_size)
+    ok = c.current.process.mm.access_ok(buf, size) and __fpu_restore_sig(c, buf, buf, False)
+    if not ok:
+        core.fpu__clear_user_states(c, fpu)
+    return ok
+
+
+def sys_rt_sigreturn(c: Cpu) -> KPath:
+    """rt_sigreturn() (arch/x86/kernel/signal_64.c): the frame is at user sp - 8 (the handler's
+    ret popped the restorer address); restore the FPU from uc_mcontext.fpstate and the stack
+    pointer, then the sigaltstack (restore_altstack, errors ignored). A bad frame -> SIGSEGV
+    (signal_fault). Returns 0 on success, -EFAULT after a bad frame."""
+    from fpstate.kernel.x86.sched import SIGSEGV
+    from fpstate.kernel.x86.sched import Signal as Sig
+    from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack
+
+    if False:  # pragma: no cover - a kernel path without preemption points
+        yield
+    t = c.current
+    frame = t.user_sp - 8
+    try:
+        fpstate = _u64(c, frame + SC_FPSTATE_OFFSET)
+        sp = _u64(c, frame + SC_RSP_OFFSET)
+        stack = t.process.mm.read(frame + UC_STACK_OFFSET, 24)
+    except PageFault:
+        t.pending.insert(0, Sig(SIGSEGV))
+        return -EFAULT
+    if not fpu__restore_sig(c, fpstate, False):
+        t.handlers.pop(SIGSEGV, None)
+        t.pending.insert(0, Sig(SIGSEGV))
+        return -EFAULT
+    t.user_sp = sp
+    do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),
+                   int.from_bytes(stack[8:12], "little"))
+    return 0
+
+
+def handler_return(task: object) -> None:
+    """What the handler's final RET does before the restorer calls rt_sigreturn: pop the
+    return address (user sp + 8)."""
+    task.user_sp += 8  # type: ignore[attr-defined]

@@ -1,0 +1,433 @@
+"""The kernel's FPU data structures: struct fpstate, struct fpu, fpu_state_perm, fpu_guest.
+
+Models arch/x86/include/asm/fpu/types.h (Linux v6.17, Kingxukai/linux 9b44fff6) and the masks of
+arch/x86/include/asm/fpu/xstate.h, plus `FpuSystem`: the frozen boot-time facts the run-time model
+reads (fpu_kernel_cfg, fpu_user_cfg, guest_default_cfg, init_fpstate.xfd, the CPU flags the
+kernel's alternatives were patched for, build options, and the selected model variants).
+
+Rules of this file:
+- kernel structs are mutable (they are state); everything describing the system is frozen;
+- field names are the kernel's, with the leading ``__`` of private fields turned into ``_``;
+- the register image ``Fpstate.regs`` is a real ``bytearray`` in the kernel's format (compacted
+  when XCOMPACTED), ``size`` bytes long: an XSAVE that would write past it is a model-detected
+  kernel bug (`KernelBug`), which is how the seed-000 out-of-bounds write shows up;
+- `KernelBug` is what the model raises where the kernel would WARN or corrupt memory; a caller's
+  illegal request (a precondition the kernel states) raises `IllegalEvent` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fpstate.errors import FpstateError
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.xfeatures import (
+    XCOMP_BV_COMPACTED_FORMAT,
+    XFEATURE_MASK_APX,
+    XFEATURE_MASK_AVX512,
+    XFEATURE_MASK_BNDCSR,
+    XFEATURE_MASK_BNDREGS,
+    XFEATURE_MASK_CET_KERNEL,
+    XFEATURE_MASK_CET_USER,
+    XFEATURE_MASK_FPSSE,
+    XFEATURE_MASK_LBR,
+    XFEATURE_MASK_PASID,
+    XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_PT,
+    XFEATURE_MASK_XTILE,
+    XFEATURE_MASK_XTILE_DATA,
+    XFEATURE_MASK_YMM,
+)
+
+# -- masks of arch/x86/include/asm/fpu/xstate.h (64-bit kernel, v6.17) ----------------------------
+
+XFEATURE_MASK_USER_SUPPORTED = (
+    XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM | XFEATURE_MASK_AVX512 | XFEATURE_MASK_PKRU
+    | XFEATURE_MASK_BNDREGS | XFEATURE_MASK_BNDCSR | XFEATURE_MASK_XTILE | XFEATURE_MASK_APX
+)
+#: PKRU is switched eagerly (switch_to, flush_thread), never by XRSTOR on the way to user space.
+XFEATURE_MASK_USER_RESTORE = XFEATURE_MASK_USER_SUPPORTED & ~XFEATURE_MASK_PKRU
+#: The only permission-gated, XFD-armed feature.
+XFEATURE_MASK_USER_DYNAMIC = XFEATURE_MASK_XTILE_DATA
+XFEATURE_MASK_GUEST_SUPERVISOR = XFEATURE_MASK_CET_KERNEL
+XFEATURE_MASK_SUPERVISOR_SUPPORTED = (
+    XFEATURE_MASK_PASID | XFEATURE_MASK_CET_USER | XFEATURE_MASK_GUEST_SUPERVISOR
+)
+XFEATURE_MASK_INDEPENDENT = XFEATURE_MASK_LBR
+XFEATURE_MASK_SUPERVISOR_UNSUPPORTED = XFEATURE_MASK_PT
+XFEATURE_MASK_SUPERVISOR_ALL = (
+    XFEATURE_MASK_SUPERVISOR_SUPPORTED | XFEATURE_MASK_INDEPENDENT
+    | XFEATURE_MASK_SUPERVISOR_UNSUPPORTED
+)
+#: RFBM of every restore of a task's fpstate (restore_fpregs_from_fpstate callers).
+XFEATURE_MASK_FPSTATE = XFEATURE_MASK_USER_RESTORE | XFEATURE_MASK_SUPERVISOR_SUPPORTED
+#: Features with space in the signal frame that may be left unwritten while in init state.
+XFEATURE_MASK_SIGFRAME_INITOPT = XFEATURE_MASK_XTILE | XFEATURE_MASK_USER_DYNAMIC
+#: Software bit in guest_perm.__state_perm: set by the first vCPU's fpstate allocation.
+FPU_GUEST_PERM_LOCKED = 1 << 63
+
+XFEATURE_MAX = 20
+#: offsetof(struct fpstate, regs), 64-aligned: allocations are ksize + this.
+FPSTATE_REGS_OFFSET = 64
+#: sizeof(union fpregs_state): the embedded init_fpstate buffer is one page.
+FPREGS_STATE_SIZE = 4096
+#: sizeof(struct xregs_state): legacy area plus header, what init_fpstate_copy_size() copies.
+XREGS_STATE_SIZE = 576
+#: sizeof(struct fregs_state), the 32-bit fsave header of ia32 frames.
+FREGS_STATE_SIZE = 112
+
+# Thread flags and task flags used by the FPU code (include/linux/sched.h, thread_info.h).
+PF_KTHREAD = 0x00200000
+PF_USER_WORKER = 0x00004000
+CLONE_VM = 0x00000100
+CLONE_VFORK = 0x00004000
+CLONE_THREAD = 0x00010000
+
+
+class KernelBug(AssertionError):
+    """The kernel as modelled would WARN, corrupt memory or lose state here.
+
+    ``name`` is a stable identifier the checker reports (e.g. ``xsave-out-of-bounds``).
+    """
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.name = name
+        self.detail = detail
+
+
+class IllegalEvent(FpstateError):
+    """A model event that the kernel's stated preconditions forbid (wrong context, lock not
+    held, task in the wrong state). Raised before anything changes."""
+
+
+# -- model variants -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A design the kernel rejected, kept as a selectable behaviour so the checker can show it
+    is caught."""
+
+    name: str
+    function: str  #: the model function whose behaviour changes
+    origin: str  #: the thread or commit that rejected it
+    effect: str
+
+
+VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
+    Variant("pasid-write-incoherent", "fpregs_update_current_xstate",
+            "seed 004: fpu__pasid_write() v1 (Fenghua Yu, Sep 2021), NAKed by Andy Lutomirski",
+            "writes the register whenever !TIF_NEED_FPU_LOAD or fpregs_state_valid(); with "
+            "TIF_NEED_FPU_LOAD set the memory image is the truth, so the write is lost as soon "
+            "as anything reloads from memory"),
+    Variant("realloc-no-restore-userregs", "fpstate_realloc",
+            "xstate.c fpstate_realloc(): the fpregs_restore_userregs() before the pointer swap",
+            "swaps in the zeroed larger buffer while the state lives only in the old one; the "
+            "next restore loads init state and the task's registers are lost"),
+    Variant("ptrace-set-no-invalidate", "xstateregs_set",
+            "regset.c fpu_force_restore(): 'Invalidate cached FPU registers before modifying'",
+            "modifies a stopped task's fpstate without zapping last_cpu; if its registers are "
+            "still cached on a CPU, the restore is skipped and the ptrace write is lost"),
+)}
+
+
+# -- the boot-time configuration the model runs on ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """struct fpu_state_config (fpu_kernel_cfg / fpu_user_cfg), types.h."""
+
+    max_size: int
+    default_size: int
+    max_features: int
+    default_features: int
+    legacy_features: int = 0
+    independent_features: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    """struct vcpu_fpu_config guest_default_cfg (types.h, v6.17)."""
+
+    size: int
+    features: int
+
+
+@dataclass(frozen=True, slots=True)
+class FpuSystem:
+    """The frozen facts of one booted kernel that the run-time model reads.
+
+    Built from the boot sizing (`from_boot`); ``variants`` selects rejected designs by name
+    (`VARIANTS`). ``ia32_emulation`` and ``strict_sigaltstack_size`` are the build options that
+    change numbers userspace sees (max_frame_size, sigaltstack's check);
+    ``sigframe_xstate_size_checks`` is the one run-time behaviour that differs between the
+    kernels modelled (`sigframe_xstate_size_checks`).
+    """
+
+    profile: CpuidProfile
+    kernel: StateConfig  #: fpu_kernel_cfg
+    user: StateConfig  #: fpu_user_cfg
+    guest: GuestConfig  #: guest_default_cfg
+    init_xfd: int  #: init_fpstate.xfd
+    xsave: bool
+    xsaveopt: bool
+    xsavec: bool
+    xsaves: bool
+    xgetbv1: bool
+    xfd: bool
+    ospke: bool
+    fxsr: bool = True
+    kernel_version: str = "6.18"
+    mxcsr_feature_mask: int = 0x0000FFFF
+    sigframe_xstate_size_checks: bool = True
+    ia32_emulation: bool = True
+    strict_sigaltstack_size: bool = False
+    user_shadow_stack: bool = True
+    variants: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.variants) - set(VARIANTS)
+        if unknown:
+            raise FpstateError(
+                f"unknown model variant(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(VARIANTS)})")
+
+    # The kernel's derived predicates, each named as in the kernel.
+    @property
+    def xcompacted(self) -> bool:
+        """X86_FEATURE_XCOMPACTED: forced when XSAVEC or XSAVES (fpu__init_system_xstate)."""
+        return self.xsavec or self.xsaves
+
+    @property
+    def fpu_state_size_dynamic(self) -> bool:
+        """fpu_state_size_dynamic(): the static key enabled iff init_fpstate.xfd != 0."""
+        return self.init_xfd != 0
+
+    @property
+    def xfeatures_mask_supervisor(self) -> int:
+        """xfeatures_mask_supervisor() (kernel/fpu/xstate.h)."""
+        return self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
+
+    @property
+    def xcr0(self) -> int:
+        """XCR0 as fpu__init_cpu_xstate() writes it: fpu_user_cfg.max_features."""
+        return self.user.max_features
+
+    @property
+    def xss(self) -> int:
+        """IA32_XSS as fpu__init_cpu_xstate() writes it (independent features included)."""
+        return (self.xfeatures_mask_supervisor | self.kernel.independent_features) \
+            if self.xsaves else 0
+
+    @property
+    def xsave_insn(self) -> str:
+        """The alternative os_xsave() was patched to: XSAVES > XSAVEC > XSAVEOPT > XSAVE."""
+        if self.xsaves:
+            return "XSAVES"
+        if self.xsavec:
+            return "XSAVEC"
+        return "XSAVEOPT" if self.xsaveopt else "XSAVE"
+
+    @property
+    def xrstor_insn(self) -> str:
+        """The alternative os_xrstor() was patched to: XRSTORS if XSAVES, else XRSTOR."""
+        return "XRSTORS" if self.xsaves else "XRSTOR"
+
+    def has_variant(self, name: str) -> bool:
+        assert name in VARIANTS, f"unknown variant {name}"
+        return name in self.variants
+
+    def with_options(self, **changes: Any) -> FpuSystem:
+        """A copy with some fields changed (e.g. ``variants={"pasid-write-incoherent"}``)."""
+        from dataclasses import replace
+
+        if "variants" in changes:
+            changes["variants"] = frozenset(changes["variants"])
+        return replace(self, **changes)
+
+    @classmethod
+    def from_boot(cls, profile: CpuidProfile, boot: Any, **options: Any) -> FpuSystem:
+        """The run-time facts of ``profile`` booted as ``boot``.
+
+        ``boot`` is the `fpstate.kernel.x86.config.BootResult` of
+        ``fpu__init_system_xstate(profile, kernel)``: fpu_kernel_cfg, fpu_user_cfg,
+        guest_default_cfg, init_fpstate and the X86_FEATURE flags as boot_cpu_has() sees them
+        (errata cleared, e.g. XSAVES on Zen1/2). ``options`` override build options and select
+        ``variants``. FpstateError if the kernel runs without XSAVE (not modelled here).
+        """
+        if not boot.xsave_enabled:
+            raise FpstateError(f"{profile.name}: kernel {boot.kernel} booted without XSAVE "
+                               f"({boot.disabled}); the run-time model needs XSAVE")
+        k, u, g = boot.fpu_kernel_cfg, boot.fpu_user_cfg, boot.guest_default_cfg
+        kernel = StateConfig(k.max_size, k.default_size, k.max_features, k.default_features,
+                             k.legacy_features, k.independent_features)
+        user = StateConfig(u.max_size, u.default_size, u.max_features, u.default_features,
+                           u.legacy_features, 0)
+        # Before v6.17 there is no guest_default_cfg: guests used the kernel defaults.
+        guest = (GuestConfig(g.size, g.features) if g is not None
+                 else GuestConfig(k.default_size, k.default_features))
+        caps = boot.caps
+        facts: dict[str, Any] = dict(
+            profile=profile, kernel=kernel, user=user, guest=guest,
+            init_xfd=boot.init_fpstate.xfd, kernel_version=boot.kernel,
+            xsave=True, xsaveopt=caps.has("XSAVEOPT"), xsavec=caps.has("XSAVEC"),
+            xsaves=caps.has("XSAVES"), xgetbv1=caps.has("XGETBV1"), xfd=caps.has("XFD"),
+            ospke=bool(u.max_features & XFEATURE_MASK_PKRU), fxsr=caps.has("FXSR"),
+            mxcsr_feature_mask=mxcsr_feature_mask(profile),
+            sigframe_xstate_size_checks=sigframe_xstate_size_checks(boot.kernel),
+        )
+        if "variants" in options:
+            options["variants"] = frozenset(options["variants"])
+        facts.update(options)
+        return cls(**facts)
+
+
+def mxcsr_feature_mask(profile: CpuidProfile) -> int:
+    """mxcsr_feature_mask as fpu__init_system_mxcsr() finds it: the MXCSR_MASK that FXSAVE
+    writes. Every x86-64 CPU has DAZ (bit 6), hence 0xFFFF; CPUs with misaligned SSE mode
+    (CPUID.80000001H:ECX[7], AMD) also allow MM, bit 17 (this host: 0x0002FFFF, host finding 8).
+    """
+    misalign_sse = (profile.cpuid(0x80000001)[2] >> 7) & 1
+    return 0xFFFF | misalign_sse << 17
+
+
+def sigframe_xstate_size_checks(kernel: str) -> bool:
+    """Whether sigreturn's check_xstate_in_sigframe() validates fx_sw->xstate_size (at least
+    576, at most the task's user_size, at most extended_size) and reads MAGIC2 at
+    fpstate + xstate_size. True up to v6.14 and again after the revert 44eeff9bc467 (mainline
+    7.1, backported to 6.18.y: this host's 6.18.44 measures it); False for v6.15..v6.17, where
+    dc8aa31a7ac2 "x86/fpu: Refine and simplify the magic number check during signal return"
+    reads MAGIC2 at fpstate + current's user_size and checks nothing else."""
+    try:
+        major, minor = (int(x) for x in kernel.split(".")[:2])
+    except ValueError:
+        return True
+    return not ((6, 15) <= (major, minor) < (6, 18))
+
+
+# -- the kernel structs -------------------------------------------------------------------------
+
+_ALLOC_IDS = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class Fpstate:
+    """struct fpstate (types.h): a register image and what it is sized for.
+
+    ``regs`` is the image itself (``size`` bytes, kernel format). ``ident`` names the allocation
+    so the checker can tell buffers apart; ``freed`` marks a vfree()d buffer, which no one may
+    touch again (use after free is a `KernelBug`).
+    """
+
+    size: int
+    user_size: int
+    xfeatures: int
+    user_xfeatures: int
+    xfd: int
+    regs: bytearray
+    is_valloc: bool = False
+    is_guest: bool = False
+    is_confidential: bool = False
+    in_use: bool = False
+    ident: int = field(default_factory=lambda: next(_ALLOC_IDS))
+    freed: bool = False
+
+    def check_alive(self, who: str) -> None:
+        if self.freed:
+            raise KernelBug("use-after-free", f"{who} touches fpstate #{self.ident} after vfree")
+
+    @property
+    def xstate_bv(self) -> int:
+        """regs.xsave.header.xfeatures (XSTATE_BV)."""
+        return int.from_bytes(self.regs[512:520], "little")
+
+    @xstate_bv.setter
+    def xstate_bv(self, value: int) -> None:
+        self.regs[512:520] = value.to_bytes(8, "little")
+
+    @property
+    def xcomp_bv(self) -> int:
+        """regs.xsave.header.xcomp_bv."""
+        return int.from_bytes(self.regs[520:528], "little")
+
+    @xcomp_bv.setter
+    def xcomp_bv(self, value: int) -> None:
+        self.regs[520:528] = value.to_bytes(8, "little")
+
+    def __repr__(self) -> str:
+        return (f"Fpstate(#{self.ident}, size={self.size}, xfeatures={self.xfeatures:#x}, "
+                f"xfd={self.xfd:#x}, xstate_bv={self.xstate_bv:#x}"
+                f"{', guest' if self.is_guest else ''}{', freed' if self.freed else ''})")
+
+
+@dataclass(slots=True)
+class FpuStatePerm:
+    """struct fpu_state_perm: permitted features and the sizes they need (group leader's copy
+    is authoritative; written under sighand->siglock)."""
+
+    state_perm: int  #: __state_perm
+    state_size: int  #: __state_size
+    user_state_size: int  #: __user_state_size
+
+    def copy(self) -> FpuStatePerm:
+        return FpuStatePerm(self.state_perm, self.state_size, self.user_state_size)
+
+
+@dataclass(slots=True, eq=False)
+class Fpu:
+    """struct fpu (types.h): one per task, allocated after task_struct since v6.15.
+
+    ``last_cpu`` is -1 when no CPU's registers may hold a newer copy than memory.
+    ``fpstate`` points at ``embedded`` (the kernel's ``__fpstate``, default-sized) or at a
+    vzalloc()ed larger buffer after an XFD reallocation, or at a guest fpstate while KVM has
+    it swapped in (``task_fpstate`` then keeps the task's own, the kernel's ``__task_fpstate``).
+    """
+
+    embedded: Fpstate
+    fpstate: Fpstate
+    perm: FpuStatePerm
+    guest_perm: FpuStatePerm
+    owner: str  #: a name for reports ("task 7 (a.out)")
+    last_cpu: int = -1
+    avx512_timestamp: int = 0
+    task_fpstate: Fpstate | None = None
+
+    def __repr__(self) -> str:
+        return f"Fpu({self.owner}, last_cpu={self.last_cpu}, fpstate={self.fpstate!r})"
+
+
+@dataclass(slots=True, eq=False)
+class FpuGuest:
+    """struct fpu_guest (types.h, v6.16+ without ``perm``): KVM's guest FPU container.
+
+    Only the shape lives here; the guest FPU model (fpu_alloc_guest_fpstate & co.) is the KVM
+    layer's. ``fpu_swap_kvm_fpstate`` in core.py swaps ``fpstate`` in and out.
+    """
+
+    xfeatures: int
+    xfd_err: int
+    uabi_size: int
+    fpstate: Fpstate
+
+
+def xstate_init_xcomp_bv(system: FpuSystem, fps: Fpstate, mask: int) -> None:
+    """xstate_init_xcomp_bv() (kernel/fpu/xstate.h): XRSTORS needs XCOMP_BV = mask | bit 63."""
+    if system.xcompacted:
+        fps.xcomp_bv = mask | XCOMP_BV_COMPACTED_FORMAT
+
+
+def user_visible_masks() -> dict[str, int]:
+    """The xstate.h masks by kernel name, for reports and tests."""
+    return {
+        "XFEATURE_MASK_USER_SUPPORTED": XFEATURE_MASK_USER_SUPPORTED,
+        "XFEATURE_MASK_USER_RESTORE": XFEATURE_MASK_USER_RESTORE,
+        "XFEATURE_MASK_USER_DYNAMIC": XFEATURE_MASK_USER_DYNAMIC,
+        "XFEATURE_MASK_SUPERVISOR_SUPPORTED": XFEATURE_MASK_SUPERVISOR_SUPPORTED,
+        "XFEATURE_MASK_FPSTATE": XFEATURE_MASK_FPSTATE,
+        "XFEATURE_MASK_SIGFRAME_INITOPT": XFEATURE_MASK_SIGFRAME_INITOPT,
+    }

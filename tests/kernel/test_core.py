@@ -1,0 +1,347 @@
+"""Lazy FPU restore across tasks and CPUs, kernel-mode FPU use, and seed 004's update rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.context import (
+    TRANSITIONS,
+    FpregsState,
+    check_transition,
+    fpregs_state,
+    fpregs_state_valid,
+)
+from fpstate.kernel.x86.hw import KernelBuf, read_token, token
+from fpstate.kernel.x86.sched import Machine, TaskState
+from fpstate.kernel.x86.types import FpuGuest, IllegalEvent, KernelBug
+from fpstate.x86.xfeatures import MXCSR_DEFAULT
+
+YMM, ZMM_HI256, CET_USER = 2, 6, 11
+
+
+@pytest.fixture
+def m() -> Machine:
+    return Machine.boot("zen5")
+
+
+def two_tasks(m: Machine):
+    a, b = m.spawn("a"), m.spawn("b")
+    m.run(0, a)
+    return a, b
+
+
+# -- init_fpstate and fresh tasks -----------------------------------------------------------------
+
+def test_init_fpstate_is_the_kernel_default_image(m: Machine) -> None:
+    """setup_init_fpu_buf(): default size/features, XCOMP_BV = defaults | bit 63, XSTATE_BV 0,
+    FCW 037FH, MXCSR 1F80H, MXCSR_MASK of the CPU (0x2FFFF with AMD's misaligned SSE)."""
+    init = m.init_fpstate
+    assert (init.size, init.xfeatures) == (m.system.kernel.default_size,
+                                           m.system.kernel.default_features)
+    assert init.xcomp_bv == m.system.kernel.default_features | 1 << 63
+    assert init.xstate_bv == 0
+    assert init.regs[0:2] == b"\x7f\x03"
+    assert int.from_bytes(init.regs[24:28], "little") == MXCSR_DEFAULT
+    assert int.from_bytes(init.regs[28:32], "little") == 0x2FFFF
+    assert len(init.regs) == 4096
+
+
+def test_new_process_starts_in_init_state_and_loads_on_return(m: Machine) -> None:
+    a = m.spawn()
+    assert a.need_fpu_load and a.fpu.last_cpu == -1
+    assert a.fpu.fpstate is a.fpu.embedded and a.fpu.fpstate.size == m.system.kernel.default_size
+    m.run(0, a)
+    assert not a.need_fpu_load
+    assert fpregs_state_valid(m.cpus[0], a.fpu)
+    assert m.user_read(0, YMM) == bytes(256)
+    assert m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
+
+
+# -- lazy restore ---------------------------------------------------------------------------------
+
+def test_switch_out_saves_and_keeps_the_registers_cached(m: Machine) -> None:
+    """switch_fpu(): TIF_NEED_FPU_LOAD set, XSAVES into the fpstate, last_cpu = cpu, owner_ctx
+    still the task: CACHED."""
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    value = m.user_read(0, YMM)
+    m.idle(0)
+    assert a.need_fpu_load and a.fpu.last_cpu == 0
+    assert m.cpus[0].fpu_fpregs_owner_ctx is a.fpu
+    assert fpregs_state(a, m.cpus) is FpregsState.CACHED
+    assert core.fpstate_read_component(m.system, a.fpu.fpstate, YMM) == value
+
+
+def test_return_to_the_same_cpu_skips_the_restore(m: Machine) -> None:
+    """fpregs_restore_userregs(): valid registers are not reloaded -- proven by changing the
+    memory image behind the kernel's back: the task still sees its register value."""
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    live = m.user_read(0, YMM)
+    m.idle(0)
+    core.fpstate_write_component(m.system, a.fpu.fpstate, YMM, token(99, 1, YMM, 256))
+    m.run(0, a)
+    assert m.user_read(0, YMM) == live
+
+
+def test_another_task_in_between_forces_a_restore(m: Machine) -> None:
+    a, b = two_tasks(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    m.run(0, b)
+    assert fpregs_state(a, m.cpus) is FpregsState.MEMORY
+    assert m.user_read(0, YMM) == bytes(256)  # b's own init state, not a's registers
+    m.user_write(0, YMM)
+    m.run(0, a)
+    assert m.user_read(0, YMM) == mine
+
+
+def test_migration_restores_from_memory_and_back_again(m: Machine) -> None:
+    """last_cpu names one CPU: running elsewhere invalidates the first CPU's cached copy even
+    though its owner_ctx still names the task."""
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    first = m.user_read(0, YMM)
+    m.migrate(a, 1)
+    assert m.user_read(1, YMM) == first and a.fpu.last_cpu == 1
+    m.user_write(1, YMM)
+    second = m.user_read(1, YMM)
+    m.migrate(a, 0)
+    assert m.cpus[0].fpu_fpregs_owner_ctx is a.fpu  # stale: CPU 0 still holds `first`
+    assert m.user_read(0, YMM) == second
+
+
+def test_state_table_matches_every_primitive(m: Machine) -> None:
+    """Each primitive moves a task between FpregsState as TRANSITIONS says."""
+    a, b = two_tasks(m)
+    m.user_write(0, YMM)
+    seen = []
+
+    def step(event, fn):
+        before = fpregs_state(a, m.cpus)
+        fn()
+        after = fpregs_state(a, m.cpus)
+        check_transition(before, event, after)
+        seen.append((before, event))
+
+    step("switch_out", lambda: m.idle(0))
+    step("restore", lambda: m.run(0, a))
+    m.enter_kernel(0)
+    step("kernel_fpu_begin", lambda: m.irq_kernel_fpu(0, clobber=1 << YMM))
+    step("restore", lambda: m.exit_to_user_mode(0))
+    step("switch_out", lambda: m.idle(0))
+    step("cpu_taken", lambda: m.run(0, b))
+    step("restore", lambda: m.run(1, a))
+    assert (FpregsState.REGS, "switch_out") in seen and len(seen) == 7
+
+
+def test_table_rejects_illegal_events() -> None:
+    with pytest.raises(IllegalEvent, match="illegal in state regs"):
+        check_transition(FpregsState.REGS, "modify_memory", FpregsState.REGS)
+    with pytest.raises(IllegalEvent, match="the kernel's rules say memory"):
+        check_transition(FpregsState.CACHED, "kernel_fpu_begin", FpregsState.CACHED)
+    assert (FpregsState.CACHED, "modify_regs") not in TRANSITIONS
+
+
+# -- kernel-mode FPU ------------------------------------------------------------------------------
+
+def test_softirq_kernel_fpu_on_a_cpu_running_a_user_task(m: Machine) -> None:
+    """kernel_fpu_begin() from softirq: the interrupted task's registers are saved first, the
+    kernel's use is invisible to it, and it reloads on the way back to user mode."""
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    m.enter_kernel(0)
+    assert m.irq_kernel_fpu(0, clobber=1 << YMM | 1 << ZMM_HI256)
+    assert a.need_fpu_load and m.cpus[0].fpu_fpregs_owner_ctx is None
+    assert read_token(m.cpus[0].regs.component(YMM))[0] == core.KERNEL_OWNER
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, YMM) == mine
+    assert m.user_read(0, ZMM_HI256) == bytes(512)
+
+
+def test_kernel_fpu_on_a_cpu_that_caches_a_switched_out_task(m: Machine) -> None:
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    m.idle(0)
+    assert fpregs_state(a, m.cpus) is FpregsState.CACHED
+    m.irq_kernel_fpu(0, hardirq=True, clobber=1 << YMM)
+    assert fpregs_state(a, m.cpus) is FpregsState.MEMORY
+    m.run(0, a)
+    assert m.user_read(0, YMM) == mine
+
+
+def test_hardirq_inside_fpregs_lock_cannot_use_the_fpu(m: Machine) -> None:
+    """irq_fpu_usable(): in a hard interrupt only if softirq_count() == 0, i.e. the interrupt
+    did not hit a fpregs_lock()ed section; a softirq cannot run there at all."""
+    two_tasks(m)
+    m.enter_kernel(0)
+    c = m.cpus[0]
+    core.fpregs_lock(c)
+    assert m.irq_kernel_fpu(0, hardirq=True) is False
+    with pytest.raises(IllegalEvent, match="softirq on CPU 0 while bottom halves"):
+        m.irq_kernel_fpu(0)
+    core.fpregs_unlock(c)
+    assert m.irq_kernel_fpu(0, hardirq=True) is True
+
+
+def test_nested_kernel_fpu_begin_is_refused_and_changes_nothing(m: Machine) -> None:
+    two_tasks(m)
+    m.enter_kernel(0)
+    c = m.cpus[0]
+    core.kernel_fpu_begin_mask(c)
+    snapshot = (c.bh_disabled, c.kernel_fpu_allowed, c.fpu_fpregs_owner_ctx)
+    with pytest.raises(IllegalEvent, match="irq_fpu_usable"):
+        core.kernel_fpu_begin_mask(c)
+    assert (c.bh_disabled, c.kernel_fpu_allowed, c.fpu_fpregs_owner_ctx) == snapshot
+    core.kernel_fpu_end(c)
+    with pytest.raises(IllegalEvent, match="without kernel_fpu_begin"):
+        core.kernel_fpu_end(c)
+
+
+def test_kfpu_387_and_mxcsr_defaults(m: Machine) -> None:
+    two_tasks(m)
+    m.user_write(0, 0, token(3, 1, 0, 160))
+    assert m.cpus[0].regs.set_mxcsr(0x1F00) is None
+    m.enter_kernel(0)
+    c = m.cpus[0]
+    core.kernel_fpu_begin_mask(c, core.KFPU_387 | core.KFPU_MXCSR)
+    assert c.regs.mxcsr == MXCSR_DEFAULT and c.regs.component(0)[:2] == b"\x7f\x03"
+    core.kernel_fpu_end(c)
+    m.exit_to_user_mode(0)
+    assert m.cpus[0].regs.mxcsr == 0x1F00
+
+
+def test_save_requires_fpregs_lock(m: Machine) -> None:
+    a, _ = two_tasks(m)
+    with pytest.raises(IllegalEvent, match=r"save_fpregs_to_fpstate\(\) on CPU 0 requires "
+                                           r"fpregs_lock"):
+        core.save_fpregs_to_fpstate(m.cpus[0], a.fpu)
+
+
+def test_switching_to_a_task_running_elsewhere_is_illegal(m: Machine) -> None:
+    a, b = two_tasks(m)
+    m.run(1, b)
+    m.enter_kernel(0)
+    with pytest.raises(IllegalEvent, match="not runnable"):
+        m.switch_to(0, b)
+    assert m.cpus[0].current is a and a.state is TaskState.KERNEL
+    with pytest.raises(IllegalEvent, match="'exit_to_user' is illegal while running in user"):
+        b.event("exit_to_user")
+
+
+def test_fpu_sync_fpstate_keeps_registers_live(m: Machine) -> None:
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    m.enter_kernel(0)
+    core.fpu_sync_fpstate(m.cpus[0], a.fpu)
+    assert not a.need_fpu_load and fpregs_state(a, m.cpus) is FpregsState.REGS
+    assert core.fpstate_read_component(m.system, a.fpu.fpstate, YMM) == \
+        m.cpus[0].regs.component(YMM)
+
+
+# -- seed 004: changing current's xstate ---------------------------------------------------------
+
+def _kernel_with_cached_registers(m: Machine):
+    """Task a in the kernel with TIF_NEED_FPU_LOAD set but its registers still valid on CPU 0
+    (it was switched out to idle and back, and has not returned to user mode yet)."""
+    a, _ = two_tasks(m)
+    m.enter_kernel(0)
+    m.idle(0)
+    m.switch_to(0, a)
+    assert a.need_fpu_load and fpregs_state_valid(m.cpus[0], a.fpu)
+    return a
+
+
+@pytest.mark.parametrize("variant", [(), ("pasid-write-incoherent",)])
+def test_update_with_live_registers_writes_the_register(variant) -> None:
+    m = Machine.boot("zen5", variants=variant)
+    a, _ = two_tasks(m)
+    m.enter_kernel(0)
+    value = token(a.pid, 7, CET_USER, 16)
+    assert core.fpregs_update_current_xstate(m.cpus[0], CET_USER, value) == "regs"
+    m.exit_to_user_mode(0)
+    assert m.user_state(a)[CET_USER] == value
+
+
+def test_update_with_cached_registers_goes_to_memory_and_invalidates(m: Machine) -> None:
+    """Andy Lutomirski's rule: TIF_NEED_FPU_LOAD set -> change the memory image and zap
+    last_cpu; a kernel_fpu_begin() before the return does not lose the write."""
+    a = _kernel_with_cached_registers(m)
+    value = token(a.pid, 8, CET_USER, 16)
+    assert core.fpregs_update_current_xstate(m.cpus[0], CET_USER, value) == "memory"
+    assert a.fpu.last_cpu == -1
+    m.irq_kernel_fpu(0, clobber=1 << YMM)
+    m.exit_to_user_mode(0)
+    assert m.user_state(a)[CET_USER] == value
+
+
+def test_pasid_write_incoherent_variant_loses_the_write() -> None:
+    """fpu__pasid_write() v1: with TIF_NEED_FPU_LOAD set and fpregs_state_valid() it writes the
+    register only; a kernel_fpu_begin() on that CPU before the return to user mode makes the
+    restore read the stale memory image."""
+    m = Machine.boot("zen5", variants={"pasid-write-incoherent"})
+    a = _kernel_with_cached_registers(m)
+    value = token(a.pid, 9, CET_USER, 16)
+    assert core.fpregs_update_current_xstate(m.cpus[0], CET_USER, value) == "regs"
+    m.irq_kernel_fpu(0, clobber=1 << YMM)
+    m.exit_to_user_mode(0)
+    assert m.user_state(a)[CET_USER] == bytes(16)
+
+
+def test_update_refuses_a_component_without_space(m: Machine) -> None:
+    """CET_KERNEL (12) is guest-only since v6.17: host fpstates have no room for it."""
+    two_tasks(m)
+    m.enter_kernel(0)
+    with pytest.raises(IllegalEvent, match="component 12 has no space"):
+        core.fpregs_update_current_xstate(m.cpus[0], 12, bytes(24))
+
+
+# -- exit and the KVM swap ------------------------------------------------------------------------
+
+def test_exit_drops_the_registers_and_the_task(m: Machine) -> None:
+    a, b = two_tasks(m)
+    m.user_write(0, YMM)
+    m.enter_kernel(0)
+    m.do_exit(0)
+    assert a.state is TaskState.DEAD and m.cpus[0].current is m.cpus[0].idle
+    m.run(0, b)
+    assert m.user_read(0, YMM) == bytes(256)
+
+
+def test_fpu_swap_kvm_fpstate_round_trip(m: Machine) -> None:
+    """fpu_swap_kvm_fpstate(): entering the guest saves the task's live state and loads the
+    guest's; leaving saves the guest's and brings the task's back."""
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    gfps = core.fpstate_alloc(m.system, m.system.guest.size, valloc=True)
+    gfps.is_guest = True
+    core.__fpstate_reset(m.system, gfps)
+    core.fpstate_init_user(m.system, gfps)
+    guest_ymm = token(500, 1, YMM, 256)
+    core.fpstate_write_component(m.system, gfps, YMM, guest_ymm)
+    gfpu = FpuGuest(m.system.guest.features, 0, 4096, gfps)
+    assert gfps.size == m.system.guest.size and gfps.xfd == 0
+    m.enter_kernel(0)
+    c = m.cpus[0]
+    core.fpu_swap_kvm_fpstate(c, gfpu, True)
+    assert a.fpu.fpstate is gfps and gfps.in_use and a.fpu.task_fpstate is a.fpu.embedded
+    assert c.regs.component(YMM) == guest_ymm
+    c.regs.set_component(YMM, token(500, 2, YMM, 256))
+    core.fpu_swap_kvm_fpstate(c, gfpu, False)
+    assert a.fpu.fpstate is a.fpu.embedded and not gfps.in_use
+    assert core.fpstate_read_component(m.system, gfps, YMM) == token(500, 2, YMM, 256)
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, YMM) == mine
+
+
+def test_xsave_past_the_buffer_is_a_kernel_bug(m: Machine) -> None:
+    """The seed-000 failure mode: an XSAVE sized for more than the buffer holds."""
+    two_tasks(m)
+    m.user_write(0, YMM)
+    small = bytearray(600)
+    with pytest.raises(KernelBug, match="xsave-out-of-bounds"):
+        m.cpus[0].regs.xsave(KernelBuf(small, "small"), 1 << YMM | 0x3, "XSAVES")
