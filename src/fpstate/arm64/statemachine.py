@@ -1,0 +1,115 @@
+"""Small building blocks for the arm64 host and KVM models: immutable maps and lifecycles.
+
+Rules of this file
+------------------
+* Every model state is immutable; an event is a function from a state to a new state.  An
+  event that the modelled code could never see (a guest instruction while the vCPU is not
+  running, an FP trap while the guest already owns the registers) raises `IllegalEvent`
+  naming the lifecycle, the state and the event; because states are immutable the caller's
+  state is unchanged by construction (tests assert both).
+* A lifecycle is a `TransitionTable`: a frozen mapping (state, event) -> next state.  A pair
+  that is absent from the table is illegal.  The tables are data, so tests and the checker
+  can enumerate them.
+* Errno returns of ioctls are *not* illegal events: the kernel answers them, and the model
+  returns them as values (``-errno``), exactly like the kernel function it models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from fpstate.errors import FpstateError
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class IllegalEvent(FpstateError):
+    """An event the modelled code can never receive in the current state (a model misuse)."""
+
+    def __init__(self, lifecycle: str, state: str, event: str, why: str = "") -> None:
+        self.lifecycle, self.state, self.event = lifecycle, state, event
+        extra = f": {why}" if why else ""
+        super().__init__(f"{lifecycle}: event {event!r} is illegal in state {state!r}{extra}")
+
+
+class FrozenMap(Mapping[K, V], Generic[K, V]):
+    """An immutable, hashable mapping; `set` and `remove` return a new map."""
+
+    __slots__ = ("_d", "_h")
+
+    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._d: dict[K, V] = dict(items)
+        self._h: int | None = None
+
+    def __getitem__(self, key: K) -> V:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        if self._h is None:
+            self._h = hash(frozenset(self._d.items()))
+        return self._h
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._d == other._d
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._d!r})"
+
+    def set(self, key: K, value: V) -> FrozenMap[K, V]:
+        d = dict(self._d)
+        d[key] = value
+        return FrozenMap(d)
+
+    def update(self, items: Mapping[K, V]) -> FrozenMap[K, V]:
+        d = dict(self._d)
+        d.update(items)
+        return FrozenMap(d)
+
+    def remove(self, key: K) -> FrozenMap[K, V]:
+        d = dict(self._d)
+        del d[key]
+        return FrozenMap(d)
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionTable:
+    """A lifecycle: ``step(state, event)`` is the next state, or `IllegalEvent`."""
+
+    name: str
+    table: FrozenMap[tuple[str, str], str]
+
+    @classmethod
+    def of(cls, name: str, rows: Iterable[tuple[str, str, str]]) -> TransitionTable:
+        table: dict[tuple[str, str], str] = {}
+        for state, event, nxt in rows:
+            assert (state, event) not in table, f"{name}: duplicate row {(state, event)}"
+            table[(state, event)] = nxt
+        return cls(name, FrozenMap(table))
+
+    @property
+    def states(self) -> frozenset[str]:
+        return frozenset(s for s, _ in self.table) | frozenset(self.table.values())
+
+    @property
+    def events(self) -> frozenset[str]:
+        return frozenset(e for _, e in self.table)
+
+    def allows(self, state: str, event: str) -> bool:
+        return (state, event) in self.table
+
+    def step(self, state: str, event: str, why: str = "") -> str:
+        try:
+            return self.table[(state, event)]
+        except KeyError:
+            raise IllegalEvent(self.name, state, event, why) from None

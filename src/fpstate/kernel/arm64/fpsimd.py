@@ -1,0 +1,654 @@
+"""Linux arm64 FP/SIMD/SVE/SME/FPMR context management: arch/arm64/kernel/fpsimd.c (v6.17).
+
+Rules this file keeps (the kernel's, from the comment at the top of fpsimd.c)
+--------------------------------------------------------------------------------
+1. Each CPU's fpsimd_last_state names the context whose state its registers hold, or nobody
+   (``st is None``: kernel-mode NEON or a flush ran since).  A task's ``fpsimd_cpu`` names
+   the CPU that last held its state.  TIF_FOREIGN_FPSTATE is set unless the registers of
+   this CPU hold current's latest user state.
+2. Saves go through the binding, never through ``current``: when a VMM thread runs a vCPU,
+   KVM binds the vCPU's storage and a save (kernel NEON, context switch) writes guest state
+   into the vCPU.  ``to_save`` says the format; a save at a VL other than the live one
+   cannot be made consistent and kills the task (fpsimd_save_user_state()).
+3. FPSR/FPCR always live in user_fpsimd_state; Z/P/FFR in sve_state when fp_type is SVE.
+4. The syscall ABI discards streaming mode and the non-FPSIMD SVE state at syscall entry.
+
+Theory of operation
+-------------------
+Events are functions ``Host -> Host``, named after the kernel function they model.  User
+instructions are modelled by `user_op` (which takes the SVE/SME access traps exactly where
+the CPACR_EL1 EL0 enables say), preemption by `schedule`, interrupts by `interrupt` /
+`ret_to_user`.  Every context's writes are recorded in ``Host.latest``; every legitimate
+discard (syscall, exec, SMSTOP, VL change) records the value the architecture leaves, so
+the invariants can check that a context reads back exactly its own latest state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fpstate.arm64.cpu import CpuProfile
+from fpstate.arm64.regs import (
+    FPMR,
+    FPSR,
+    FPSR_STREAMING,
+    SVCR_SM,
+    SVCR_ZA,
+    VL_ARCH_MAX,
+    ZA,
+    ZERO,
+    ZHI,
+    ZT0,
+    ZT_SIG_REG_SIZE,
+    FpRegs,
+    P,
+    V,
+    effective_vq,
+    smstart,
+    smstop,
+    sve_regs_size,
+    sve_vl_from_vq,
+    sve_vl_valid,
+    sve_vq_from_vl,
+    za_regs_size,
+)
+from fpstate.arm64.statemachine import IllegalEvent, TransitionTable
+from fpstate.kernel.arm64.state import (
+    ARM64_VEC_SME,
+    ARM64_VEC_SVE,
+    FP_STATE_CURRENT,
+    FP_STATE_FPSIMD,
+    FP_STATE_SVE,
+    NR_CPUS,
+    TASK_KERNEL,
+    TASK_NEW,
+    TASK_SLEEPING,
+    TASK_USER,
+    Binding,
+    Cpu,
+    FpStore,
+    Host,
+    HostCaps,
+    Observation,
+    Task,
+)
+
+#: Task mode lifecycle (where the task is with respect to its FP state).
+TASK_LIFECYCLE = TransitionTable.of("task", [
+    (TASK_NEW, "schedule_in", TASK_KERNEL),
+    (TASK_SLEEPING, "schedule_in", TASK_KERNEL),
+    (TASK_KERNEL, "schedule_out", TASK_SLEEPING),
+    (TASK_KERNEL, "ret_to_user", TASK_USER),
+    (TASK_USER, "syscall", TASK_KERNEL),
+    (TASK_USER, "interrupt", TASK_KERNEL),
+    (TASK_USER, "user_op", TASK_USER),
+    (TASK_KERNEL, "kernel_op", TASK_KERNEL),
+])
+
+PR_SVE_SET_VL_ONEXEC = 1 << 18
+PR_SVE_VL_INHERIT = 1 << 17
+PR_SVE_VL_LEN_MASK = 0xFFFF
+EINVAL, ENOMEM = 22, 12
+
+
+# --- boot and task creation ------------------------------------------------------------------
+def boot(profile: CpuProfile, ncpus: int = 2) -> Host:
+    """A host of ``ncpus`` identical CPUs after fpsimd_init()/sve_setup()/sme_setup()."""
+    caps = HostCaps.from_profile(profile)
+    regs = FpRegs(zcr_limit=15)
+    return Host(caps, tuple(Cpu(i, regs) for i in range(ncpus)))
+
+
+def spawn(host: Host, name: str) -> Host:
+    """A new user task in the state exec leaves it in (fpsimd_flush_thread() applied)."""
+    if name in host.tasks:
+        raise IllegalEvent("task", "exists", "spawn", f"task {name!r} already exists")
+    task = Task(name)
+    host = host.with_task(task).with_store(task.store, FpStore(name))
+    return _flush_thread(host, name)
+
+
+def _vl_default(host: Host, kind: str, onexec: int) -> int:
+    info = host.caps.vl_info(kind)
+    assert info is not None
+    vl = onexec or info.default_vl
+    return info.find_supported_vector_length(vl)
+
+
+def _flush_thread(host: Host, name: str) -> Host:
+    """fpsimd_flush_thread() for task ``name`` (exec): zero the FP state, drop sve_state and
+    sme_state, reset the VLs to vl_onexec or the default, SVCR=0, FPMR=0, fp_type=FPSIMD."""
+    t = fpsimd_flush_task_state(host, name).task(name)
+    caps = host.caps
+    if caps.sve:
+        vl = _vl_default(host, ARM64_VEC_SVE, t.sve_vl_onexec)
+        t = replace(t, tif_sve=False, sve_vl=vl,
+                    sve_vl_onexec=t.sve_vl_onexec if t.tif_sve_vl_inherit else 0)
+    if caps.sme:
+        vl = _vl_default(host, ARM64_VEC_SME, t.sme_vl_onexec)
+        t = replace(t, tif_sme=False, sme_vl=vl,
+                    sme_vl_onexec=t.sme_vl_onexec if t.tif_sme_vl_inherit else 0)
+    host = host.with_task(t).with_store(t.store, FpStore(name))
+    return host.expect(name, {c: ZERO for c in (V, ZHI, P, FPSR, FPMR, ZA, ZT0)})
+
+
+# --- small helpers --------------------------------------------------------------------------
+def _cur(host: Host, cpu: int) -> Task:
+    t = host.current(cpu)
+    if t is None:
+        raise IllegalEvent("cpu", "idle", "task event", f"no task runs on CPU {cpu}")
+    return t
+
+
+def _lifecycle(host: Host, task: Task, event: str) -> Host:
+    return host.with_task(replace(task, mode=TASK_LIFECYCLE.step(task.mode, event,
+                                                                 f"task {task.name}")))
+
+
+def live_vl(host: Host, cpu: int) -> int:
+    """RDVL: the live vector length in bytes (the SME VL in streaming mode)."""
+    regs, caps = host.cpus[cpu].regs, host.caps
+    if regs.sm and caps.sme_vl:
+        return sve_vl_from_vq(effective_vq(regs.smcr_len, 15, caps.sme_vl.vqs))
+    if caps.sve_vl:
+        return sve_vl_from_vq(effective_vq(regs.zcr_len, regs.zcr_limit, caps.sve_vl.vqs))
+    return 0
+
+
+def sve_state_size(sve_vl: int, sme_vl: int) -> int:
+    """__sve_state_size(): SVE_SIG_REGS_SIZE at the larger of the two vector lengths."""
+    return sve_regs_size(sve_vq_from_vl(max(sve_vl, sme_vl)))
+
+
+def sme_state_size(host: Host, sme_vl: int) -> int:
+    """__sme_state_size(): ZA_SIG_REGS_SIZE plus ZT_SIG_REG_SIZE with SME2.  The kernel adds
+    ZT_SIG_REG_SIZE, which is 512 (bits), although ZT0 needs 64 bytes: 448 bytes of slack."""
+    return za_regs_size(sve_vq_from_vl(sme_vl)) + (ZT_SIG_REG_SIZE if host.caps.sme2 else 0)
+
+
+# --- binding, flush, save, load ---------------------------------------------------------------
+def fpsimd_flush_task_state(host: Host, name: str) -> Host:
+    """fpsimd_flush_task_state(): invalidate any CPU copy (fpsimd_cpu = NR_CPUS, TIF_FOREIGN)."""
+    t = host.task(name)
+    return host.with_task(replace(t, fpsimd_cpu=NR_CPUS,
+                                  tif_foreign_fpstate=t.tif_foreign_fpstate or host.caps.fpsimd))
+
+
+def fpsimd_flush_cpu_state(host: Host, cpu: int) -> Host:
+    """fpsimd_flush_cpu_state(): nobody's state is bound (st = NULL); SMSTOP so that SM and
+    ZA are off; TIF_FOREIGN_FPSTATE set for current."""
+    c = host.cpus[cpu]
+    regs = smstop(c.regs, True, True) if host.caps.sme else c.regs
+    host = host.with_cpu(replace(c, regs=regs, last=replace(c.last, st=None)))
+    t = host.current(cpu)
+    if t is not None:
+        host = host.with_task(replace(t, tif_foreign_fpstate=True))
+    return host
+
+
+def fpsimd_bind_task_to_cpu(host: Host, cpu: int) -> Host:
+    """fpsimd_bind_task_to_cpu(): bind current's thread storage, to_save = FP_STATE_CURRENT,
+    fpsimd_cpu = this CPU, EL0 SVE/SME traps per TIF_SVE/TIF_SME."""
+    t = _cur(host, cpu)
+    last = Binding(t.store, t.sve_vl, t.sme_vl, FP_STATE_CURRENT, t.store)
+    c = replace(host.cpus[cpu], last=last,
+                el0_sve=t.tif_sve and host.caps.sve, el0_sme=t.tif_sme and host.caps.sme)
+    return host.with_cpu(c).with_task(replace(t, fpsimd_cpu=cpu))
+
+
+def fpsimd_bind_state_to_cpu(host: Host, cpu: int, state: Binding) -> Host:
+    """fpsimd_bind_state_to_cpu(): copy an arbitrary descriptor into fpsimd_last_state."""
+    return host.with_cpu(replace(host.cpus[cpu], last=state))
+
+
+def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
+    """fpsimd_save_user_state(): write the registers into the storage the binding names.
+
+    Skipped when TIF_FOREIGN_FPSTATE is set.  FPMR is stored whenever the *host* has it;
+    SVE format when to_save says SVE (or CURRENT with TIF_SVE) or in streaming mode, at the
+    bound VL; a live VL other than the bound one cannot be saved and current is killed."""
+    t = host.current(cpu)
+    if t is None or t.tif_foreign_fpstate:
+        return host
+    c, caps = host.cpus[cpu], host.caps
+    last, regs = c.last, c.regs
+    assert last.st is not None, "TIF_FOREIGN_FPSTATE clear but nothing bound"
+    if caps.fpmr:
+        key = last.fpmr or last.st
+        host = host.with_store(key, replace(host.store(key), fpmr=regs.fpmr))
+    st = host.store(last.st)
+    save_sve = (last.to_save == FP_STATE_CURRENT and t.tif_sve) or last.to_save == FP_STATE_SVE
+    vl = last.sve_vl
+    if caps.sme:
+        st = replace(st, svcr=regs.svcr)
+        if regs.za_on:
+            st = replace(st, za=regs.za, zt0=regs.zt0 if caps.sme2 else st.zt0)
+        if regs.sm:
+            save_sve, vl = True, last.sme_vl
+    if save_sve:
+        if live_vl(host, cpu) != vl:
+            # WARN_ON(sve_get_vl() != vl): force_signal_inject(SIGKILL)
+            host = host.with_store(last.st, st)
+            return host.with_task(replace(t, killed="SIGKILL"))
+        assert st.sve_size >= sve_regs_size(sve_vq_from_vl(vl)), "sve_state too small"
+        st = replace(st, sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl,
+                     fpsr=regs.fpsr, fp_type=FP_STATE_SVE)
+    else:
+        st = replace(st, vregs=regs.v, fpsr=regs.fpsr, fp_type=FP_STATE_FPSIMD)
+    return host.with_store(last.st, st)
+
+
+def fpsimd_save_and_flush_cpu_state(host: Host, cpu: int) -> Host:
+    """fpsimd_save_and_flush_cpu_state(): save through the binding, then flush (KVM, PM)."""
+    if not host.caps.fpsimd:
+        return host
+    return fpsimd_flush_cpu_state(fpsimd_save_user_state(host, cpu), cpu)
+
+
+def fpsimd_save_and_flush_current_state(host: Host, cpu: int) -> Host:
+    """fpsimd_save_and_flush_current_state(): save current's state, invalidate its copies."""
+    if not host.caps.fpsimd:
+        return host
+    host = fpsimd_save_user_state(host, cpu)
+    return fpsimd_flush_task_state(host, _cur(host, cpu).name)
+
+
+def task_fpsimd_load(host: Host, cpu: int) -> Host:
+    """task_fpsimd_load(): load current's user state from thread_struct into the registers."""
+    t, caps = _cur(host, cpu), host.caps
+    st = host.store(t.store)
+    regs = host.cpus[cpu].regs
+    restore_sve = False
+    if caps.sve or caps.sme:
+        if st.fp_type == FP_STATE_FPSIMD:
+            t = replace(t, tif_sve=False)
+        else:
+            if not st.svcr & SVCR_SM:
+                t = replace(t, tif_sve=True)
+            if t.tif_sve:
+                regs = replace(regs, zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zcr_limit=15)
+            restore_sve = True
+    if caps.sme:
+        if t.tif_sme:
+            regs = replace(regs, smcr_len=sve_vq_from_vl(t.sme_vl) - 1)
+        regs = replace(regs, sm=bool(st.svcr & SVCR_SM), za_on=bool(st.svcr & SVCR_ZA))
+        if regs.za_on:
+            regs = replace(regs, za=st.za, zt0=st.zt0 if caps.sme2 else ZERO)
+    if caps.fpmr:
+        regs = replace(regs, fpmr=st.fpmr)
+    if restore_sve:
+        regs = replace(regs, v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
+        host = host.with_task(t).with_regs(cpu, regs)
+        assert live_vl(host, cpu) == st.sve_vl, "sve_state laid out for another VL"
+        return host
+    # fpsimd_load_state(): AdvSIMD loads of V0-31 zero Zn[VL-1:128]; P/FFR keep stale
+    # contents, unreachable while TIF_SVE is clear (the first SVE use traps and zeroes them).
+    regs = replace(regs, v=st.vregs, zhi=ZERO, fpsr=st.fpsr)
+    return host.with_task(t).with_regs(cpu, regs)
+
+
+def fpsimd_restore_current_state(host: Host, cpu: int) -> Host:
+    """fpsimd_restore_current_state(): on return to user, load and bind if TIF_FOREIGN."""
+    t = _cur(host, cpu)
+    if not host.caps.fpsimd:
+        return host.with_task(replace(t, tif_foreign_fpstate=False))
+    if t.tif_foreign_fpstate:
+        host = host.with_task(replace(t, tif_foreign_fpstate=False))
+        host = fpsimd_bind_task_to_cpu(task_fpsimd_load(host, cpu), cpu)
+    return host
+
+
+# --- kernel-mode NEON ---------------------------------------------------------------------------
+def fpsimd_save_kernel_state(host: Host, cpu: int, name: str) -> Host:
+    """fpsimd_save_kernel_state(): save the task's kernel-mode NEON state and bind it."""
+    t, regs = host.task(name), host.cpus[cpu].regs
+    st = host.mem.get(t.kernel_store, FpStore(f"kernel:{name}"))
+    host = host.with_store(t.kernel_store, replace(st, vregs=regs.v, fpsr=regs.fpsr))
+    host = fpsimd_bind_state_to_cpu(host, cpu, Binding(t.kernel_store, to_save=FP_STATE_FPSIMD))
+    return host.with_task(replace(t, kernel_fpsimd_cpu=cpu))
+
+
+def fpsimd_load_kernel_state(host: Host, cpu: int, name: str) -> Host:
+    """fpsimd_load_kernel_state(): reload unless this CPU still holds it."""
+    t, c = host.task(name), host.cpus[cpu]
+    if c.last.st == t.kernel_store and t.kernel_fpsimd_cpu == cpu:
+        return host
+    st = host.store(t.kernel_store)
+    return host.with_regs(cpu, replace(c.regs, v=st.vregs, zhi=ZERO, fpsr=st.fpsr))
+
+
+def kernel_neon_begin(host: Host, cpu: int, softirq: bool = False) -> Host:
+    """kernel_neon_begin(): save whatever the binding names (maybe a vCPU), mark
+    TIF_KERNEL_FPSTATE in task context, then flush the CPU."""
+    t = _cur(host, cpu)
+    c = host.cpus[cpu]
+    if softirq and c.in_softirq_neon:
+        raise IllegalEvent("kernel-neon", "softirq", "kernel_neon_begin",
+                           "softirqs do not nest")
+    if not softirq and (t.mode != TASK_KERNEL or t.tif_kernel_fpstate):
+        raise IllegalEvent("kernel-neon", t.mode, "kernel_neon_begin",
+                           "task-context kernel NEON needs a task in the kernel, not nested")
+    if t.tif_kernel_fpstate:
+        host = fpsimd_save_kernel_state(host, cpu, t.name)
+    else:
+        host = fpsimd_save_user_state(host, cpu)
+        if not softirq:
+            host = host.with_task(replace(host.task(t.name), tif_kernel_fpstate=True))
+    host = fpsimd_flush_cpu_state(host, cpu)
+    return host.with_cpu(replace(host.cpus[cpu], in_softirq_neon=softirq or c.in_softirq_neon))
+
+
+def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
+    """kernel_neon_end(): a softirq that interrupted task kernel NEON restores the task's
+    kernel state; otherwise TIF_KERNEL_FPSTATE is cleared."""
+    t = _cur(host, cpu)
+    if softirq:
+        if not host.cpus[cpu].in_softirq_neon:
+            raise IllegalEvent("kernel-neon", "idle", "kernel_neon_end(softirq)")
+        host = host.with_cpu(replace(host.cpus[cpu], in_softirq_neon=False))
+        if t.tif_kernel_fpstate:
+            return fpsimd_load_kernel_state(host, cpu, t.name)
+        return host
+    if not t.tif_kernel_fpstate:
+        raise IllegalEvent("kernel-neon", "idle", "kernel_neon_end")
+    return host.with_task(replace(t, tif_kernel_fpstate=False))
+
+
+def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
+    """kernel_neon_begin(); NEON code clobbers V/FPSR; kernel_neon_end().  A softirq taken
+    from user mode returns through ret_to_user, which reloads the task's state."""
+    t = _cur(host, cpu)
+    host = kernel_neon_begin(host.clear_obs(), cpu, softirq)
+    writer = f"softirq:{cpu}" if softirq else f"kernel:{t.name}"
+    host, tok = host.fresh(writer)
+    regs = host.cpus[cpu].regs
+    host = host.with_regs(cpu, replace(regs, v=tok, zhi=ZERO, fpsr=tok))
+    host = kernel_neon_end(host, cpu, softirq)
+    if softirq and host.task(t.name).mode == TASK_USER:
+        host = fpsimd_restore_current_state(host, cpu)
+    return host
+
+
+# --- scheduling, syscalls, interrupts -------------------------------------------------------
+def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None) -> Host:
+    """fpsimd_thread_switch(): save prev (kernel or user state), then decide next's
+    TIF_FOREIGN_FPSTATE from fpsimd_last_state and next's fpsimd_cpu."""
+    if not host.caps.fpsimd:
+        return host
+    prev = host.current(cpu)
+    if prev is not None:
+        if prev.tif_kernel_fpstate:
+            host = fpsimd_save_kernel_state(host, cpu, prev.name)
+        else:
+            host = fpsimd_save_user_state(host, cpu)
+    if nxt is None:
+        return host
+    n = host.task(nxt)
+    if n.tif_kernel_fpstate:
+        host = fpsimd_flush_cpu_state(host, cpu)
+        return fpsimd_load_kernel_state(host, cpu, nxt)
+    wrong_task = host.cpus[cpu].last.st != n.store
+    wrong_cpu = n.fpsimd_cpu != cpu
+    return host.with_task(replace(n, tif_foreign_fpstate=wrong_task or wrong_cpu))
+
+
+def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
+    """__schedule(): prev (in the kernel) sleeps, ``nxt`` (or idle) runs on ``cpu``."""
+    host = host.clear_obs()
+    prev = host.current(cpu)
+    if nxt is not None:
+        n = host.task(nxt)
+        if n.mode not in (TASK_NEW, TASK_SLEEPING):
+            raise IllegalEvent("task", n.mode, "schedule_in", f"{nxt} is already running")
+    if prev is not None:
+        host = _lifecycle(host, prev, "schedule_out")
+    host = fpsimd_thread_switch(host, cpu, nxt)
+    host = host.with_cpu(replace(host.cpus[cpu], current=nxt))
+    if nxt is not None:
+        host = _lifecycle(host, host.task(nxt), "schedule_in")
+    return host
+
+
+def ret_to_user(host: Host, cpu: int) -> Host:
+    """exit_to_user_mode(): do_notify_resume() -> fpsimd_restore_current_state()."""
+    t = _cur(host, cpu)
+    host = _lifecycle(host.clear_obs(), t, "ret_to_user")
+    return fpsimd_restore_current_state(host, cpu)
+
+
+def interrupt(host: Host, cpu: int) -> Host:
+    """An IRQ taken from user mode: the task enters the kernel (registers stay live)."""
+    return _lifecycle(host.clear_obs(), _cur(host, cpu), "interrupt")
+
+
+def syscall_enter(host: Host, cpu: int) -> Host:
+    """el0_svc: fpsimd_syscall_enter(): SMSTOP SM; with TIF_SVE zero Z[VL-1:128], P, FFR;
+    to_save = FP_STATE_FPSIMD so that a later save may discard the SVE state lazily."""
+    t = _cur(host, cpu)
+    host = _lifecycle(host.clear_obs(), t, "syscall")
+    t = replace(host.task(t.name), in_syscall=True)
+    host = host.with_task(t)
+    regs = host.cpus[cpu].regs
+    if host.caps.sme and regs.sm:
+        host = host.with_regs(cpu, smstop(regs, True, False))
+        host = host.expect(t.name, {V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+    if not host.caps.sve:
+        return host
+    if t.tif_sve:
+        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, zhi=ZERO, p=ZERO))
+        host = host.expect(t.name, {ZHI: ZERO, P: ZERO})
+    c = host.cpus[cpu]
+    return host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_FPSIMD)))
+
+
+def syscall_exit(host: Host, cpu: int) -> Host:
+    """Return from a syscall: ret_to_user, then fpsimd_syscall_exit() (to_save = CURRENT)."""
+    host = ret_to_user(host, cpu)
+    t = _cur(host, cpu)
+    host = host.with_task(replace(t, in_syscall=False))
+    if host.caps.sve:
+        c = host.cpus[cpu]
+        host = host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_CURRENT)))
+    return host
+
+
+def exec_task(host: Host, cpu: int) -> Host:
+    """execve() of current: flush_thread() -> fpsimd_flush_thread()."""
+    t = _cur(host, cpu)
+    host = _lifecycle(host.clear_obs(), t, "kernel_op")
+    return _flush_thread(host, t.name)
+
+
+# --- traps ---------------------------------------------------------------------------------
+def sve_alloc(host: Host, name: str, flush: bool) -> Host:
+    """sve_alloc(): allocate (zeroed) or, with ``flush``, zero sve_state."""
+    t = host.task(name)
+    st = host.store(t.store)
+    if st.sve_size and not flush:
+        return host
+    size = st.sve_size or sve_state_size(t.sve_vl, t.sme_vl)
+    return host.with_store(t.store, replace(st, sve_size=size, sve_v=ZERO, sve_zhi=ZERO,
+                                            sve_p=ZERO))
+
+
+def sme_alloc(host: Host, name: str, flush: bool) -> Host:
+    t = host.task(name)
+    st = host.store(t.store)
+    if st.sme_size and not flush:
+        return host
+    size = st.sme_size or sme_state_size(host, t.sme_vl)
+    return host.with_store(t.store, replace(st, sme_size=size, za=ZERO, zt0=ZERO))
+
+
+def do_sve_acc(host: Host, cpu: int) -> Host:
+    """do_sve_acc(): first SVE use: allocate sve_state, set TIF_SVE, zero the non-FPSIMD
+    part live (sve_flush_live) or in memory (fpsimd_to_sve), then bind."""
+    t = _cur(host, cpu)
+    host = sve_alloc(host, t.name, True)
+    t = replace(host.task(t.name), tif_sve=True)
+    host = host.with_task(t).expect(t.name, {ZHI: ZERO, P: ZERO})
+    if not t.tif_foreign_fpstate:
+        regs = replace(host.cpus[cpu].regs, zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zhi=ZERO,
+                       p=ZERO)
+        return fpsimd_bind_task_to_cpu(host.with_regs(cpu, regs), cpu)
+    st = host.store(t.store)
+    host = host.with_store(t.store, replace(st, sve_v=st.vregs, sve_zhi=ZERO, sve_p=ZERO,
+                                            sve_vl=t.sve_vl, fp_type=FP_STATE_SVE))
+    return fpsimd_flush_task_state(host, t.name)
+
+
+def do_sme_acc(host: Host, cpu: int) -> Host:
+    """do_sme_acc() for an 'SME disabled' trap: allocate both buffers, set TIF_SME, set the
+    SME VL and bind (the live state is current's: SM and ZA are still off)."""
+    t = _cur(host, cpu)
+    host = sme_alloc(sve_alloc(host, t.name, False), t.name, True)
+    t = replace(host.task(t.name), tif_sme=True)
+    host = host.with_task(t)
+    if not t.tif_foreign_fpstate:
+        regs = replace(host.cpus[cpu].regs, smcr_len=sve_vq_from_vl(t.sme_vl) - 1)
+        return fpsimd_bind_task_to_cpu(host.with_regs(cpu, regs), cpu)
+    return fpsimd_flush_task_state(host, t.name)
+
+
+USER_OPS = ("fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "smstart_sm",
+            "smstart_za", "smstop", "za_write", "za_read", "zt0_write", "zt0_read",
+            "fpmr_write", "fpmr_read")
+
+
+def user_op(host: Host, cpu: int, op: str) -> Host:
+    """Current executes one FP instruction at EL0; faults become SIGILL observations."""
+    t = _cur(host, cpu)
+    if op not in USER_OPS:
+        raise IllegalEvent("user", t.mode, op, f"unknown user op (known: {USER_OPS})")
+    host = _lifecycle(host.clear_obs(), t, "user_op")
+    assert not t.tif_foreign_fpstate, "user mode without live registers"
+    caps, name = host.caps, t.name
+    regs = host.cpus[cpu].regs
+    group, verb = op.rsplit("_", 1) if "_" in op and op != "smstop" else (op, "")
+
+    def sigill(feature: str) -> Host:
+        return host.observe(Observation(name, op, feature, "sigill"))
+
+    if group == "fpsimd":
+        if not caps.fpsimd or (regs.sm and not caps.fa64):
+            return sigill("FP")
+        return _rw(host, cpu, name, verb, {V: None, ZHI: ZERO, FPSR: None}, "FP")
+    if group == "sve":
+        if not regs.sm:
+            if not caps.sve:
+                return sigill("SVE")
+            if not host.cpus[cpu].el0_sve:
+                host = do_sve_acc(host, cpu)
+        return _rw(host, cpu, name, verb, {V: None, ZHI: None, P: None, FPSR: None}, "SVE")
+    if group == "fpmr":
+        if not caps.fpmr:
+            return sigill("FPMR")
+        return _rw(host, cpu, name, verb, {FPMR: None}, "FPMR")
+    # SME: SMSTART/SMSTOP, ZA and ZT0
+    feature = "SME2" if group == "zt0" else "SME"
+    if not caps.sme or (group == "zt0" and not caps.sme2):
+        return sigill(feature)
+    if not host.cpus[cpu].el0_sme:
+        host = do_sme_acc(host, cpu)
+    regs = host.cpus[cpu].regs
+    if group in ("za", "zt0"):
+        if not regs.za_on:
+            return host.observe(Observation(name, op, feature, "sigill"))
+        return _rw(host, cpu, name, verb, {ZA if group == "za" else ZT0: None}, feature)
+    if op == "smstop":
+        new = smstop(regs, True, True)
+    else:
+        new = smstart(regs, sm=(op == "smstart_sm"), za=(op == "smstart_za"))
+    expect = {}
+    if new.sm != regs.sm:
+        expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+    if new.za_on and not regs.za_on:
+        expect.update({ZA: ZERO, ZT0: ZERO})
+    host = host.with_regs(cpu, new).expect(name, expect)
+    return host.observe(Observation(name, "SVCR", "SME", "write", new.svcr))
+
+
+def _rw(host: Host, cpu: int, ctx: str, verb: str, comps: dict[str, object],
+        feature: str) -> Host:
+    """Read each component of ``comps``, or write a fresh token (or the given value)."""
+    regs = host.cpus[cpu].regs
+    if verb == "read":
+        return host.observe(*(Observation(ctx, c, feature, "read", regs.get(c))
+                              for c in comps if comps[c] is None))
+    host, tok = host.fresh(ctx)
+    values = {c: (tok if v is None else v) for c, v in comps.items()}
+    host = host.with_regs(cpu, regs.put(**values)).expect(ctx, values)
+    return host.observe(Observation(ctx, next(iter(comps)), feature, "write", tok))
+
+
+# --- vector length control (prctl) -------------------------------------------------------------
+def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
+                          flags: int) -> tuple[Host, int]:
+    """vec_set_vector_length() for current, then vec_prctl_status(); -errno on error."""
+    t = _cur(host, cpu)
+    info = host.caps.vl_info(kind)
+    if info is None:
+        return host, -EINVAL
+    if flags & ~(PR_SVE_VL_INHERIT | PR_SVE_SET_VL_ONEXEC) or not sve_vl_valid(vl):
+        return host, -EINVAL
+    vl = info.find_supported_vector_length(min(vl, VL_ARCH_MAX))
+    onexec, inherit = bool(flags & PR_SVE_SET_VL_ONEXEC), bool(flags & PR_SVE_VL_INHERIT)
+    cur_vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
+    if not onexec and vl != cur_vl:
+        host = _change_live_vector_length(host, cpu, kind, vl)
+    t = host.task(t.name)
+    keep = vl if (onexec or inherit) else 0
+    if kind == ARM64_VEC_SVE:
+        t = replace(t, sve_vl_onexec=keep, tif_sve_vl_inherit=inherit)
+        status = (t.sve_vl_onexec if onexec else t.sve_vl)
+    else:
+        t = replace(t, sme_vl_onexec=keep, tif_sme_vl_inherit=inherit)
+        status = (t.sme_vl_onexec if onexec else t.sme_vl)
+    return host.with_task(t), status | (PR_SVE_VL_INHERIT if inherit else 0)
+
+
+def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int) -> Host:
+    """change_live_vector_length(): save and flush, keep PSTATE.SM and the effective FPSIMD
+    state, zero the other SVE state, reallocate; an SME VL change also discards ZA."""
+    host = fpsimd_save_and_flush_current_state(host, cpu)
+    t = host.task(_cur(host, cpu).name)
+    st = host.store(t.store)
+    sm = bool(st.svcr & SVCR_SM)
+    vregs = st.sve_v if st.fp_type == FP_STATE_SVE else st.vregs  # sync_from_effective_state
+    t = replace(t, **({"sve_vl": vl} if kind == ARM64_VEC_SVE else {"sme_vl": vl}))
+    cur_vl = t.sme_vl if sm else t.sve_vl
+    st = replace(st, vregs=vregs, sve_size=sve_state_size(t.sve_vl, t.sme_vl), sve_v=vregs,
+                 sve_zhi=ZERO, sve_p=ZERO, sve_vl=cur_vl)
+    expect = {ZHI: ZERO, P: ZERO}
+    if kind == ARM64_VEC_SME:
+        st = replace(st, svcr=st.svcr & ~SVCR_ZA, za=ZERO, zt0=ZERO,
+                     sme_size=sme_state_size(host, vl))
+        expect.update({ZA: ZERO, ZT0: ZERO})
+    return host.with_task(t).with_store(t.store, st).expect(t.name, expect)
+
+
+def prctl_set_vl(host: Host, cpu: int, kind: str, arg: int) -> tuple[Host, int]:
+    """PR_SVE_SET_VL / PR_SME_SET_VL: sve_set_current_vl() / sme_set_current_vl()."""
+    t = _cur(host, cpu)
+    host = _lifecycle(host.clear_obs(), t, "kernel_op")
+    vl, flags = arg & PR_SVE_VL_LEN_MASK, arg & ~PR_SVE_VL_LEN_MASK
+    return vec_set_vector_length(host, cpu, kind, vl, flags)
+
+
+def prctl_get_vl(host: Host, cpu: int, kind: str) -> int:
+    """PR_SVE_GET_VL / PR_SME_GET_VL."""
+    t = _cur(host, cpu)
+    if host.caps.vl_info(kind) is None:
+        return -EINVAL
+    vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
+    inherit = t.tif_sve_vl_inherit if kind == ARM64_VEC_SVE else t.tif_sme_vl_inherit
+    return vl | (PR_SVE_VL_INHERIT if inherit else 0)
+
+
+def sve_max_vl(host: Host) -> int:
+    return host.caps.sve_vl.max_vl if host.caps.sve_vl else 0
+
+
+def sme_max_vl(host: Host) -> int:
+    return host.caps.sme_vl.max_vl if host.caps.sme_vl else 0
+

@@ -1,0 +1,346 @@
+"""arm64 signal frames: the FP records of arch/arm64/kernel/signal.c and uapi sigcontext.h.
+
+Byte-exact model of what setup_sigframe_layout() allocates and setup_sigframe() writes in
+``uc_mcontext.__reserved[]`` (v6.17): fpsimd_context, esr_context, sve_context (also for
+streaming mode, with SVE_SIG_FLAG_SM), tpidr2_context, za_context, zt_context, fpmr_context,
+the extra_context that takes records beyond the 4096 bytes of ``__reserved`` and the null
+terminator; plus parse_user_sigframe()'s validation for sigreturn, and AT_MINSIGSTKSZ
+(minsigstksz_setup()).
+
+Offsets are from the start of ``struct rt_sigframe`` (siginfo 128 bytes, then ucontext:
+uc_flags, uc_link, uc_stack, uc_sigmask, 120 bytes of glibc sigset padding, then the
+16-byte aligned sigcontext: fault_address, regs[31], sp, pc, pstate, __reserved[4096]).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+from fpstate.arm64.regs import (
+    FPMR,
+    FPSR,
+    FPSR_STREAMING,
+    SVCR_SM,
+    SVCR_ZA,
+    ZA,
+    ZERO,
+    ZHI,
+    ZT0,
+    ZT_SIG_REG_BYTES,
+    P,
+    V,
+    sve_regs_size,
+    sve_vq_from_vl,
+    za_regs_size,
+)
+from fpstate.errors import BlobError
+from fpstate.kernel.arm64 import fpsimd
+from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, Host, HostCaps
+
+FPSIMD_MAGIC = 0x46508001
+ESR_MAGIC = 0x45535201
+POE_MAGIC = 0x504F4530
+EXTRA_MAGIC = 0x45585401
+SVE_MAGIC = 0x53564501
+TPIDR2_MAGIC = 0x54504902
+FPMR_MAGIC = 0x46504D52
+ZA_MAGIC = 0x54366345
+ZT_MAGIC = 0x5A544E01
+GCS_MAGIC = 0x47435300
+SVE_SIG_FLAG_SM = 0x1
+
+CTX_HEADER_SIZE = 8                         #: struct _aarch64_ctx {u32 magic; u32 size;}
+FPSIMD_CONTEXT_SIZE = 8 + 4 + 4 + 32 * 16   #: 528 = 0x210
+ESR_CONTEXT_SIZE = 16
+POE_CONTEXT_SIZE = 16
+EXTRA_CONTEXT_STRUCT_SIZE = 8 + 8 + 4 + 12  #: head, datap, size, __reserved[3]
+SVE_CONTEXT_SIZE = 16                       #: head, vl, flags, __reserved[2]
+TPIDR2_CONTEXT_SIZE = 16
+FPMR_CONTEXT_SIZE = 16
+ZA_CONTEXT_SIZE = 16                        #: head, vl, __reserved[3]
+ZT_CONTEXT_SIZE = 16                        #: head, nregs, __reserved[3]
+GCS_CONTEXT_SIZE = 32
+
+SIGINFO_SIZE = 128
+UCONTEXT_MCONTEXT_OFFSET = 176              #: 8 + 8 + 24 + 8 + 120, rounded up to 16
+SIGCONTEXT_RESERVED_OFFSET = 8 + 31 * 8 + 8 + 8 + 8  # 280, then aligned to 16 -> 288
+RESERVED_SIZE = 4096
+RESERVED_OFFSET = SIGINFO_SIZE + UCONTEXT_MCONTEXT_OFFSET + 288   #: 592
+RT_SIGFRAME_SIZE = RESERVED_OFFSET + RESERVED_SIZE                #: 4688
+FRAME_RECORD_SIZE = 16
+TERMINATOR_SIZE = 16                        #: round_up(sizeof(struct _aarch64_ctx), 16)
+EXTRA_CONTEXT_SIZE = 32                     #: round_up(sizeof(struct extra_context), 16)
+SIGFRAME_MAXSZ = 256 * 1024
+EINVAL, ENOMEM = 22, 12
+
+
+def _round16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def sve_sig_context_size(vq: int) -> int:
+    """SVE_SIG_CONTEXT_SIZE(vq) = SVE_SIG_REGS_OFFSET (16) + SVE_SIG_REGS_SIZE(vq)."""
+    return _round16(SVE_CONTEXT_SIZE) + sve_regs_size(vq)
+
+
+def za_sig_context_size(vq: int) -> int:
+    """ZA_SIG_CONTEXT_SIZE(vq) = ZA_SIG_REGS_OFFSET (16) + (vq*16)**2."""
+    return _round16(ZA_CONTEXT_SIZE) + za_regs_size(vq)
+
+
+def zt_sig_context_size(nregs: int) -> int:
+    """ZT_SIG_CONTEXT_SIZE(n) = sizeof(struct zt_context) + 64 * n."""
+    return ZT_CONTEXT_SIZE + ZT_SIG_REG_BYTES * nregs
+
+
+@dataclass(frozen=True, slots=True)
+class SigTask:
+    """The parts of a task that decide its signal frame (thread_struct fields)."""
+
+    fp_type: str = FP_STATE_FPSIMD
+    sm: bool = False
+    za: bool = False
+    sve_vl: int = 0
+    sme_vl: int = 0
+    fault_code: int = 0
+    fpsr: int = 0
+    fpcr: int = 0
+    fpmr: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    name: str
+    magic: int
+    offset: int   #: from the start of struct rt_sigframe
+    alloc: int    #: bytes allocated (rounded up to 16)
+    size: int     #: the head.size the kernel writes
+
+
+@dataclass(frozen=True, slots=True)
+class SigframeLayout:
+    records: tuple[Record, ...]
+    size: int
+    extra_offset: int = 0
+    end_offset: int = 0
+    error: int = 0
+
+    def record(self, name: str) -> Record | None:
+        return next((r for r in self.records if r.name == name), None)
+
+
+class _Layout:
+    """struct rt_sigframe_user_layout and __sigframe_alloc()."""
+
+    def __init__(self) -> None:
+        self.size = RESERVED_OFFSET
+        self.limit = RESERVED_OFFSET + RESERVED_SIZE - TERMINATOR_SIZE - EXTRA_CONTEXT_SIZE
+        self.extra_offset = 0
+        self.records: list[Record] = []
+
+    def alloc(self, name: str, magic: int, size: int, head_size: int,
+              extend: bool = True) -> int:
+        padded = _round16(size)
+        if padded > self.limit - self.size and not self.extra_offset and extend:
+            self.limit += EXTRA_CONTEXT_SIZE
+            if self.alloc("extra", EXTRA_MAGIC, EXTRA_CONTEXT_STRUCT_SIZE, EXTRA_CONTEXT_SIZE,
+                          extend=False):
+                self.limit -= EXTRA_CONTEXT_SIZE
+                return -ENOMEM
+            self.extra_offset = self.records[-1].offset
+            self.size += TERMINATOR_SIZE
+            self.limit = SIGFRAME_MAXSZ - TERMINATOR_SIZE
+        if padded > self.limit - self.size:
+            return -ENOMEM
+        self.records.append(Record(name, magic, self.size, padded, head_size))
+        self.size += padded
+        return 0
+
+
+def sig_features(caps: HostCaps) -> dict[str, bool]:
+    """system_supports_*() answers the layout depends on (TPIDR2 comes with SME)."""
+    return {"fpsimd": caps.fpsimd, "sve": caps.sve, "sme": caps.sme, "sme2": caps.sme2,
+            "tpidr2": caps.sme, "fpmr": caps.fpmr, "poe": False, "gcs": False}
+
+
+def setup_sigframe_layout(caps: HostCaps, task: SigTask | None,
+                          add_all: bool = False) -> SigframeLayout:
+    """setup_sigframe_layout(): the records of a frame for ``task`` (or the largest possible
+    frame with ``add_all``), then the terminator."""
+    f = sig_features(caps)
+    task = task or SigTask()
+    lay = _Layout()
+    sve_max = caps.sve_vl.max_vl if caps.sve_vl else 0
+    sme_max = caps.sme_vl.max_vl if caps.sme_vl else 0
+
+    def alloc(name: str, magic: int, size: int, head_size: int | None = None) -> int:
+        return lay.alloc(name, magic, size, size if head_size is None else head_size)
+
+    steps: list[tuple[bool, str, int, int, int | None]] = []
+    if f["fpsimd"]:
+        steps.append((True, "fpsimd", FPSIMD_MAGIC, FPSIMD_CONTEXT_SIZE, None))
+    if add_all or task.fault_code:
+        steps.append((True, "esr", ESR_MAGIC, ESR_CONTEXT_SIZE, None))
+    if f["sve"] or f["sme"]:
+        vq = 0
+        if add_all or task.fp_type == FP_STATE_SVE or task.sm:
+            vl = max(sve_max, sme_max) if add_all else (task.sme_vl if task.sm else task.sve_vl)
+            vq = sve_vq_from_vl(vl)
+        size = sve_sig_context_size(vq)
+        steps.append((True, "sve", SVE_MAGIC, size, _round16(size)))
+    if f["tpidr2"]:
+        steps.append((True, "tpidr2", TPIDR2_MAGIC, TPIDR2_CONTEXT_SIZE, None))
+    if f["sme"]:
+        vl = sme_max if add_all else task.sme_vl
+        size = za_sig_context_size(sve_vq_from_vl(vl) if task.za else 0)
+        steps.append((True, "za", ZA_MAGIC, size, _round16(size)))
+    if f["sme2"] and (add_all or task.za):
+        size = zt_sig_context_size(1)
+        steps.append((True, "zt", ZT_MAGIC, size, _round16(size)))
+    if f["fpmr"]:
+        steps.append((True, "fpmr", FPMR_MAGIC, FPMR_CONTEXT_SIZE, None))
+    if f["poe"]:
+        steps.append((True, "poe", POE_MAGIC, POE_CONTEXT_SIZE, None))
+    for _, name, magic, size, head in steps:
+        err = alloc(name, magic, size, head)
+        if err:
+            return SigframeLayout(tuple(lay.records), lay.size, lay.extra_offset, 0, err)
+    # sigframe_alloc_end(): un-reserve the terminator, allocate it, forbid more.
+    lay.limit += TERMINATOR_SIZE
+    err = lay.alloc("end", 0, CTX_HEADER_SIZE, 0)
+    end = lay.records[-1].offset if not err else 0
+    return SigframeLayout(tuple(r for r in lay.records if r.name != "end"), lay.size,
+                          lay.extra_offset, end, err)
+
+
+def sigframe_size(layout: SigframeLayout) -> int:
+    """sigframe_size(): round_up(max(size, sizeof(struct rt_sigframe)), 16)."""
+    return _round16(max(layout.size, RT_SIGFRAME_SIZE))
+
+
+def minsigstksz(caps: HostCaps) -> int:
+    """minsigstksz_setup(): AT_MINSIGSTKSZ = the add_all frame + frame record + 16."""
+    layout = setup_sigframe_layout(caps, None, add_all=True)
+    return sigframe_size(layout) + _round16(FRAME_RECORD_SIZE) + 16
+
+
+def sig_task(host: Host, name: str) -> SigTask:
+    """The SigTask of a task after fpsimd_save_and_flush_current_state()."""
+    t, st = host.task(name), host.store(host.task(name).store)
+    return SigTask(st.fp_type, bool(st.svcr & SVCR_SM), bool(st.svcr & SVCR_ZA), t.sve_vl,
+                   t.sme_vl)
+
+
+def encode_sigframe(layout: SigframeLayout, task: SigTask, base: int = 0) -> bytes:
+    """setup_sigframe(): the frame's bytes with every FP record header written as the kernel
+    writes it (payload registers zero except FPSR/FPCR/FPMR); ``base`` is the frame's
+    address, used for extra_context.datap."""
+    if layout.error:
+        raise BlobError(f"no frame: setup_sigframe_layout() failed with {layout.error}")
+    buf = bytearray(sigframe_size(layout))
+    for r in layout.records:
+        struct.pack_into("<II", buf, r.offset, r.magic, r.size)
+        if r.name == "fpsimd":
+            struct.pack_into("<II", buf, r.offset + 8, task.fpsr, task.fpcr)
+        elif r.name == "esr":
+            struct.pack_into("<Q", buf, r.offset + 8, task.fault_code)
+        elif r.name == "sve":
+            vl = task.sme_vl if task.sm else task.sve_vl
+            struct.pack_into("<HH", buf, r.offset + 8, vl, SVE_SIG_FLAG_SM if task.sm else 0)
+        elif r.name == "za":
+            struct.pack_into("<H", buf, r.offset + 8, task.sme_vl)
+        elif r.name == "zt":
+            struct.pack_into("<H", buf, r.offset + 8, 1)
+        elif r.name == "fpmr":
+            struct.pack_into("<Q", buf, r.offset + 8, task.fpmr)
+        elif r.name == "extra":
+            userp = r.offset + EXTRA_CONTEXT_SIZE + TERMINATOR_SIZE
+            struct.pack_into("<QI", buf, r.offset + 8, base + userp,
+                             _round16(layout.size) - userp)
+    return bytes(buf)
+
+
+_KNOWN = {FPSIMD_MAGIC: ("fpsimd", "fpsimd"), ESR_MAGIC: ("esr", None),
+          POE_MAGIC: ("poe", "poe"), SVE_MAGIC: ("sve", "sve|sme"),
+          TPIDR2_MAGIC: ("tpidr2", "tpidr2"), ZA_MAGIC: ("za", "sme"),
+          ZT_MAGIC: ("zt", "sme2"), FPMR_MAGIC: ("fpmr", "fpmr"), GCS_MAGIC: ("gcs", "gcs")}
+
+
+def parse_user_sigframe(frame: bytes, caps: HostCaps, base: int = 0) -> dict[str, tuple[int, int]]:
+    """parse_user_sigframe(): walk the records for rt_sigreturn; {name: (offset, size)}.
+
+    Raises BlobError naming the rule the kernel would reject the frame for (-EINVAL)."""
+    feats = sig_features(caps)
+    if len(frame) < RT_SIGFRAME_SIZE:
+        raise BlobError(f"frame is {len(frame)} bytes, struct rt_sigframe is {RT_SIGFRAME_SIZE}")
+    found: dict[str, tuple[int, int]] = {}
+    start, offset, limit = RESERVED_OFFSET, 0, RESERVED_SIZE
+    have_extra = False
+    while True:
+        if limit - offset < CTX_HEADER_SIZE:
+            raise BlobError(f"record at {start + offset:#x}: no room for a header")
+        if offset % 16:
+            raise BlobError(f"record at {start + offset:#x} is not 16-byte aligned")
+        if start + offset + CTX_HEADER_SIZE > len(frame):
+            raise BlobError(f"record at {start + offset:#x} is beyond the frame")
+        magic, size = struct.unpack_from("<II", frame, start + offset)
+        if limit - offset < size:
+            raise BlobError(f"record {magic:#x} at {start + offset:#x}: size {size} overruns")
+        if magic == 0:
+            if size:
+                raise BlobError(f"terminator at {start + offset:#x} has size {size}")
+            return found
+        if magic == EXTRA_MAGIC:
+            if have_extra:
+                raise BlobError("more than one extra_context")
+            if size < EXTRA_CONTEXT_STRUCT_SIZE:
+                raise BlobError(f"extra_context size {size} < {EXTRA_CONTEXT_STRUCT_SIZE}")
+            datap, esize = struct.unpack_from("<QI", frame, start + offset + 8)
+            if limit - offset - size < TERMINATOR_SIZE:
+                raise BlobError("extra_context not followed by a terminator in __reserved")
+            end = start + offset + size
+            if struct.unpack_from("<II", frame, end) != (0, 0):
+                raise BlobError("extra_context not followed by a null terminator")
+            userp = end + TERMINATOR_SIZE
+            have_extra = True
+            if datap % 16 or esize % 16 or datap != base + userp:
+                raise BlobError("extra_context.datap/size misaligned or not right after the "
+                                "terminator")
+            if esize > SIGFRAME_MAXSZ - userp or userp + esize > len(frame):
+                raise BlobError(f"extra space of {esize} bytes is unreasonably large")
+            start, offset, limit = userp, 0, esize
+            continue
+        if magic not in _KNOWN:
+            raise BlobError(f"unknown record magic {magic:#010x} at {start + offset:#x}")
+        name, need = _KNOWN[magic]
+        if need is not None and not any(feats[n] for n in need.split("|")):
+            raise BlobError(f"{name}_context but the system lacks {need.upper()}")
+        if name in found and name != "esr":
+            raise BlobError(f"duplicate {name}_context")
+        if size < CTX_HEADER_SIZE:
+            raise BlobError(f"{name}_context size {size} < 8")
+        found[name] = (start + offset, size)
+        offset += size
+
+
+def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
+    """setup_rt_frame() + setup_return() for current: save and flush the FP state, lay out
+    the frame, then enter the handler with SM and ZA off (task_smstop_sm(), SVCR.ZA=0,
+    TPIDR2_EL0=0); FPMR is zeroed with streaming mode."""
+    host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
+    t = host.current(cpu)
+    assert t is not None
+    layout = setup_sigframe_layout(host.caps, sig_task(host, t.name))
+    if host.caps.sme:
+        st = host.store(t.store)
+        expect = {}
+        if st.svcr & SVCR_SM:
+            st = replace(st, vregs=ZERO, fpsr=FPSR_STREAMING, fp_type=FP_STATE_FPSIMD,
+                         fpmr=ZERO if host.caps.fpmr else st.fpmr)
+            expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING, FPMR: ZERO})
+        if st.svcr & SVCR_ZA:
+            expect.update({ZA: ZERO, ZT0: ZERO})
+        st = replace(st, svcr=0)
+        host = host.with_store(t.store, st).expect(t.name, expect)
+    return host, layout

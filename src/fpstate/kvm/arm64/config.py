@@ -1,0 +1,49 @@
+"""Which KVM/arm64 design the model runs: upstream, or a design the seed's review rejected.
+
+Seed 002 (Marc Zyngier reviewing Mark Brown's "[PATCH v3 15/21] KVM: arm64: Support
+FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant here:
+
+* ``fpmr-ungated``: HCRX_EL2.EnFPM in the fixed HCRX_GUEST_FLAGS, FPMR switched with the FP
+  state and its one_reg visible whenever the *host* has FEAT_FPMR, whatever the VM's
+  ID_AA64PFR2_EL1.FPMR says.  ("We really need to stop piling the save/restore of stuff
+  that isn't advertised to the guest.")
+* ``fpmr-shared-layout``: the pre-v6.15 ownership scheme (host state left live at
+  vcpu_load, saved by hyp on the first guest FP trap) where hyp finds the host task's FPMR
+  by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
+  sort of pointer arithmetic that assumes some pre-defined layout.")
+
+The configuration is frozen data passed to every model function; nothing is monkeypatched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fpstate.errors import FpstateError
+
+UPSTREAM = "upstream"
+FPMR_UNGATED = "fpmr-ungated"
+FPMR_SHARED_LAYOUT = "fpmr-shared-layout"
+
+VARIANTS: dict[str, str] = {
+    UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
+              "trapped, switched and exposed only if the host has it and the VM advertises it",
+    FPMR_UNGATED: "seed 002: FPMR enabled (HCRX_EL2.EnFPM), switched and visible to "
+                  "userspace for every guest of an FPMR host",
+    FPMR_SHARED_LAYOUT: "seed 002: hyp saves the host FPMR through a pointer past "
+                        "uw.fpsimd_state, assuming thread_struct places fpmr there",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KvmConfig:
+    """``variant``: a key of VARIANTS; ``vhe``: run the host at EL2 (CPACR_EL1-layout traps)
+    rather than nVHE (CPTR_EL2 layout)."""
+
+    variant: str = UPSTREAM
+    vhe: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise FpstateError(f"unknown KVM arm64 variant {self.variant!r} "
+                               f"(known: {', '.join(VARIANTS)})")
