@@ -38,6 +38,7 @@ from fpstate.host.child import (
     Reg,
     SharedMemory,
     XsaveImage,
+    errno_name,
     fork_child,
     host_user_xstate_size,
     load_patterns,
@@ -245,3 +246,39 @@ def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
     return tuple(out)
+
+
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+_WALL = 0x40000000
+
+
+def read_xstate_of(tid: int, *, timeout: float = 10.0) -> RegsetRead:
+    """NT_X86_XSTATE of a running thread ``tid`` that is not our child: PTRACE_SEIZE, then
+    PTRACE_INTERRUPT to stop it (a group-stop free interruption), PTRACE_GETREGSET, and
+    PTRACE_DETACH, which lets it run on unchanged (kernel/ptrace.c ptrace_attach with
+    PTRACE_SEIZE; the regset read is xstateregs_get). HostUnavailable when the kernel
+    refuses to attach (permissions, Yama, a thread already traced)."""
+    ret = _ptrace(PTRACE_SEIZE, tid, 0, 0)
+    if ret != 0:
+        raise HostUnavailable(f"PTRACE_SEIZE of {tid} failed: {errno_name(ret)}")
+    try:
+        _ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        deadline = time.monotonic() + timeout
+        while True:
+            wpid, status = os.waitpid(tid, os.WNOHANG | _WALL)
+            if wpid == tid:
+                break
+            if time.monotonic() > deadline:
+                raise HostUnavailable(f"thread {tid} did not stop for PTRACE_INTERRUPT")
+            time.sleep(0.001)
+        if not os.WIFSTOPPED(status):
+            raise HostUnavailable(f"thread {tid} exited while being attached")
+        read = _getregset(tid, NT_X86_XSTATE, READ_BUFFER)
+    finally:
+        _ptrace(PTRACE_DETACH, tid, 0, 0)
+    if read.errno:
+        raise HostUnavailable(f"PTRACE_GETREGSET NT_X86_XSTATE of {tid}: "
+                              f"{errno_name(-read.errno)}")
+    return read
