@@ -27,6 +27,7 @@ Theory of operation
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from fpstate.kernel.x86.types import (
     FpuStatePerm,
     FpuSystem,
     IllegalEvent,
+    KernelBug,
 )
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.program import Fault
@@ -191,6 +193,8 @@ class Machine:
         self.freed: list[Fpstate] = []
         self.unreferenced: list[Fpstate] = []
         self.log: list[str] = []
+        #: how often each retry/fixup path ran (e.g. "sigframe-retry"), for tests and reports
+        self.events: Counter[str] = Counter()
         self.cpus: list[Cpu] = []
         for nr in range(ncpus):
             idle = self._new_task(f"swapper/{nr}", PF_KTHREAD, None)
@@ -250,9 +254,14 @@ class Machine:
         t.need_fpu_load = True
         return t
 
-    def kthread(self, comm: str) -> Task:
-        """A kernel thread (PF_KTHREAD), runnable; its FPU state is never saved or restored."""
-        return self._new_task(comm, PF_KTHREAD, None)
+    def kthread(self, comm: str, *, user_worker: bool = False) -> Task:
+        """A kernel thread (PF_KTHREAD) or an io_uring/vhost-style user worker
+        (PF_USER_WORKER), created by copy_thread() with ``minimal``: fpu_clone() gives it the
+        init image and TIF_NEED_FPU_LOAD; its FPU state is never saved or restored."""
+        t = self._new_task(comm, PF_USER_WORKER if user_worker else PF_KTHREAD, None)
+        c = next(c for c in self.cpus if not (c.hardirq or c.softirq or c.nmi))
+        core.fpu_clone(c, t, 0, True)
+        return t
 
     def cpu_of(self, task: Task) -> Cpu:
         if task.on_cpu is None:
@@ -448,16 +457,21 @@ class Machine:
 
         c = self._user(nr)
         t = c.current
-        if value is None:
+        if value is None and (i < 2 or (c.regs.xcr0 >> i) & 1):
             t.generation += 1
             value = token(t.pid, t.generation, i, c.regs.size(i))
+        value = value or b""  # an instruction XCR0 does not enable: #UD before any data
         fault = c.regs.user_write(i, value)
         if fault is None:
             return None
         if fault.vector == "#NM":
-            self.syscall(nr, exc_device_not_available)
-            if t.state is TaskState.USER and t.on_cpu is not None and not t.pending:
-                retry = self.cpus[t.on_cpu].regs.user_write(i, value)
+            self.enter_kernel(nr)
+            self.start(nr, exc_device_not_available)
+            self.finish(nr)
+            signalled = bool(t.pending)
+            self.exit_to_user_mode(nr)
+            if not signalled and t.state is TaskState.USER:
+                retry = self.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
                 assert retry is None, f"retry after #NM faulted again: {retry}"
         elif fault.vector == "#UD":
             self.enter_kernel(nr)
@@ -503,6 +517,16 @@ class Machine:
                             self.system.xrstor_insn)
         assert fault is None, fault
         return regs.snapshot()
+
+    def kill(self, task: Task, sig: int, code: int = 0) -> None:
+        """tgkill(): queue ``sig``; a task in user mode takes it at once (the signalling IPI's
+        interrupt returns through exit_to_user_mode), others on their next return."""
+        task.pending.append(Signal(sig, code))
+        if task.state is TaskState.USER:
+            nr = task.on_cpu
+            assert nr is not None
+            self.enter_kernel(nr)
+            self.exit_to_user_mode(nr)
 
     # -- interrupts ---------------------------------------------------------------------------
 
@@ -627,7 +651,8 @@ def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -
         child.sas_ss_sp, child.sas_ss_size, child.sas_ss_flags = 0, 0, SS_DISABLE
     ret = copy_thread_fpu(m, c, child, clone_flags, False, ssp)
     if ret:
-        raise IllegalEvent(f"copy_thread failed ({ret}): shadow stack pointer without CET state")
+        raise KernelBug("update-fpu-shstk",
+                        "WARN: clone with a shadow stack pointer but CET_USER in init state")
     return child
 
 

@@ -229,6 +229,7 @@ def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int, pkru: int
         core.fpregs_unlock(c)
         if fault is None:
             break
+        c.m.events["sigframe-retry"] += 1
         if not __clear_user(c, buf_fx, fps.user_size):
             return False
     return save_xstate_epilog(c, buf_fx, False, fps.user_size, fps.user_xfeatures)
@@ -322,15 +323,17 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
 
 
 def handle_signal(c: Cpu, sig: Signal) -> None:
-    """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure force SIGSEGV
-    (fatal); on success the handler starts with init user FPU state (fpu__clear_user_states).
-    """
+    """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure
+    force_sigsegv(); on success the handler starts with init user FPU state
+    (fpu__clear_user_states)."""
     from fpstate.kernel.x86.sched import SIGSEGV
     from fpstate.kernel.x86.sched import Signal as Sig
 
     t = c.current
     if x64_setup_rt_frame(c, sig):
-        t.handlers.pop(SIGSEGV, None)
+        # signal_setup_done() -> force_sigsegv(): a failing SIGSEGV frame resets the handler.
+        if sig.sig == SIGSEGV:
+            t.handlers.pop(SIGSEGV, None)
         t.pending.insert(0, Sig(SIGSEGV))
         return
     core.fpu__clear_user_states(c, t.fpu)
@@ -340,19 +343,28 @@ def handle_signal(c: Cpu, sig: Signal) -> None:
 
 
 def check_xstate_in_sigframe(c: Cpu, buf_fx: int) -> FpxSwBytes | None:
-    """check_xstate_in_sigframe(): the sw bytes, or None when they cannot be read. Without
-    MAGIC1, or without MAGIC2 at buf_fx + *current's* user_size, the frame is taken as
-    FXSAVE-only (magic1 = 0, xstate_size 512, xfeatures FP|SSE) -- not an error. The user's
-    extended_size and xstate_size are never checked."""
+    """check_xstate_in_sigframe(): the sw bytes, or None when they cannot be read.
+
+    With the xstate_size checks (up to v6.14, and 6.18.y / 7.1 after the revert, the host):
+    MAGIC1, 576 <= xstate_size <= current's user_size, xstate_size <= extended_size, and
+    MAGIC2 at buf_fx + xstate_size. Without them (v6.15..v6.17, dc8aa31a7ac2): MAGIC1 and
+    MAGIC2 at buf_fx + current's user_size. Failing either makes the frame FXSAVE-only
+    (magic1 = 0, xstate_size 512, xfeatures FP|SSE) -- not an error.
+    """
     mm = c.current.process.mm
+    user_size = c.current.fpu.fpstate.user_size
     try:
         sw = FpxSwBytes.unpack(mm.read(buf_fx + SW_BYTES_OFFSET, SW_BYTES_SIZE))
     except PageFault:
         return None
-    if sw.magic1 == FP_XSTATE_MAGIC1:
+    checks = c.m.system.sigframe_xstate_size_checks
+    ok = sw.magic1 == FP_XSTATE_MAGIC1
+    if ok and checks:
+        ok = FXSAVE_SIZE + 64 <= sw.xstate_size <= min(user_size, sw.extended_size)
+    if ok:
+        at = sw.xstate_size if checks else user_size
         try:
-            magic2 = int.from_bytes(mm.read(buf_fx + c.current.fpu.fpstate.user_size, 4),
-                                    "little")
+            magic2 = int.from_bytes(mm.read(buf_fx + at, 4), "little")
         except PageFault:
             return None
         if magic2 == FP_XSTATE_MAGIC2:
@@ -397,6 +409,7 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
         core.fpregs_unlock(c)
         if fault.vector != "#PF":
             return False
+        c.m.events["sigreturn-retry"] += 1
         try:
             mm.read(buf, fpu.fpstate.user_size)  # fault_in_readable()
         except PageFault:
@@ -461,8 +474,7 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
         t.pending.insert(0, Sig(SIGSEGV))
         return -EFAULT
     if not fpu__restore_sig(c, fpstate, False):
-        t.handlers.pop(SIGSEGV, None)
-        t.pending.insert(0, Sig(SIGSEGV))
+        t.pending.insert(0, Sig(SIGSEGV))  # signal_fault() -> force_sig(SIGSEGV)
         return -EFAULT
     t.user_sp = sp
     do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),
