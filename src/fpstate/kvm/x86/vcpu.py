@@ -1,0 +1,547 @@
+"""VMs and vCPUs in the model: /dev/kvm on the kernel model, the guest permission flow, vCPU
+creation and KVM_SET_CPUID2, KVM_RUN with a guest that touches its state, INIT, and a VMM.
+
+Models the vCPU lifecycle of arch/x86/kvm/x86.c and cpuid.c (Linux v6.18): kvm_arch_vcpu_create()
+(fpu_alloc_guest_fpstate, which locks the process's guest permission, then RESET),
+kvm_vcpu_ioctl_set_cpuid2() (kvm_set_cpuid: identical re-sets only once the vCPU has run;
+kvm_check_cpuid sizes the guest fpstate for dynamic features, EPERM without guest permission;
+kvm_vcpu_after_set_cpuid derives guest_supported_xcr0/xss), kvm_arch_vcpu_ioctl_run() with
+vcpu_enter_guest() (what each guest action costs in exits), and INIT through
+kvm_apic_accept_events() (KVM_GET_MP_STATE, or inside KVM_RUN).
+
+Theory of operation
+-------------------
+`Kvm` is the kvm module loaded on a kernel `Machine`: its frozen `KvmConfig` (kvm_caps, the
+host's raw CPUID, the selected rejected designs) plus the VMs. The ioctl functions take the
+per-CPU context ``c`` whose current task is the VMM thread, as the kernel runs them; `Vmm` is
+a VMM process on the machine whose methods are the system calls (arch_prctl, KVM ioctls),
+each entering and leaving the kernel. A guest is a sequence of `GuestOp`s run between VM entry
+and exit on the CPU's registers; an op KVM intercepts costs an exit and a re-entry.
+
+Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fpu.py),
+``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
+default features include CET_KERNEL, applied to the booted kernel by `model_system`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fpstate.errors import FpstateError, ProgramError
+from fpstate.kernel.x86.sched import KPath, Machine, Task
+from fpstate.kernel.x86.types import (
+    XFEATURE_MASK_GUEST_SUPERVISOR,
+    Fpstate,
+    FpuGuest,
+    FpuSystem,
+    IllegalEvent,
+    StateConfig,
+    Variant,
+)
+from fpstate.kernel.x86.xstate_prctl import EINVAL, sys_arch_prctl, xstate_get_group_perm
+from fpstate.kvm.x86 import fpu as kfpu
+from fpstate.kvm.x86 import x86
+from fpstate.kvm.x86.cpuid import (
+    XFD,
+    XGETBV1,
+    XSAVEC,
+    XSAVEOPT,
+    XSAVES,
+    CpuidEntry2,
+    KvmCaps,
+    cpuid_get_supported_xcr0,
+    cpuid_get_supported_xss,
+    cpuid_regs,
+    guest_cpu_cap_has,
+    kvm_cap_xsave2,
+    kvm_check_cpuid_dynamic,
+    kvm_update_cpuid_runtime,
+    kvm_x86_dev_get_attr,
+    kvm_x86_vendor_init,
+    supported_cpuid_leaf_0xd,
+)
+from fpstate.kvm.x86.fpu_api import fpu_alloc_guest_fpstate, fpu_enable_guest_xfd_features
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.layout import compacted_size
+from fpstate.x86.program import Fault, Outcome, Program
+from fpstate.x86.xfeatures import XFEATURE_MASK_FP
+
+KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("kvm-save-min-size", "kvm_load_guest_fpu",
+            "seed 000: kvm_save_current_fpu() in [v10,10/28] of the AMX series (Aug 2021), "
+            "rejected by Thomas Gleixner ('that assumption is just broken')",
+            "the task's registers are saved with the task's own feature mask into "
+            "vcpu->arch.user_fpu, allocated at vCPU creation with the default size: once the "
+            "task's fpstate grew for AMX tile data the XSAVE writes past the allocation"),
+    Variant("init-keeps-cet", "kvm_xstate_reset",
+            "seed 003: kvm_xstate_reset() before the CET series (MPX-only clearing)",
+            "INIT zeroes BNDREGS/BNDCSR but leaves CET_USER and CET_KERNEL (IA32_U_CET, "
+            "IA32_PL0-3_SSP) as they were, though INIT architecturally clears them"),
+    Variant("guest-only-in-host-fpstate", "fpu__init_system_xstate",
+            "seed 001: case 3 of the CET supervisor series' measurements (v4 cover letter, "
+            "Mar 2025): 'allocate CET-S space for all tasks'",
+            "CET_KERNEL is in fpu_kernel_cfg.default_features: every host fpstate carries the "
+            "24 bytes of guest-only state (and init_fpstate too)"),
+)}
+
+#: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable
+#: XSAVES/XRSTORS" VM-execution control, assumed present; SVM: no XFD on AMD; PVM, measured on
+#: this host: none of them).
+VENDOR_D1_EAX = {"vmx": 0x1F, "svm": 0x0F, "pvm": 0x00}
+
+
+@dataclass(frozen=True, slots=True)
+class KvmConfig:
+    """What the model of KVM is configured with: kvm_caps (`KvmCaps`), the host's raw CPUID
+    (do_host_cpuid's answers) and the selected variants."""
+
+    caps: KvmCaps
+    host: CpuidProfile
+    variants: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.variants) - set(KVM_VARIANTS)
+        if unknown:
+            raise FpstateError(f"unknown KVM model variant(s) {', '.join(sorted(unknown))} "
+                               f"(known: {', '.join(KVM_VARIANTS)})")
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A named kernel rule the model saw broken (the checker reports it by ``name``)."""
+
+    name: str
+    detail: str
+
+
+class Kvm:
+    """The kvm module loaded on ``m``: configuration, VMs, and what went wrong."""
+
+    def __init__(self, m: Machine, config: KvmConfig) -> None:
+        self.m = m
+        self.config = config
+        self.caps = config.caps
+        self.vms: list[KvmVm] = []
+        self.violations: list[Violation] = []
+        self.warnings: list[Violation] = []
+
+    def has_variant(self, name: str) -> bool:
+        assert name in KVM_VARIANTS, f"unknown variant {name}"
+        return name in self.config.variants
+
+    def violation(self, name: str, detail: str) -> None:
+        self.violations.append(Violation(name, detail))
+
+    def warn(self, name: str, detail: str) -> None:
+        self.warnings.append(Violation(name, detail))
+
+
+@dataclass(slots=True, eq=False)
+class KvmVm:
+    kvm: Kvm
+    vcpus: list[KvmVcpu] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class VcpuArch:
+    """struct kvm_vcpu_arch, the XSAVE-related fields."""
+
+    guest_fpu: FpuGuest
+    xcr0: int = XFEATURE_MASK_FP
+    ia32_xss: int = 0
+    pkru: int = 0
+    host_pkru: int = 0
+    guest_supported_xcr0: int = 0
+    guest_supported_xss: int = 0
+    cpuid: tuple[CpuidEntry2, ...] = ()
+    cpuid_dynamic_bits_dirty: bool = False
+    xfd_no_write_intercept: bool = False
+    cr4_osxsave: bool = False
+    cr4_pke: bool = False
+    cr0_ts: bool = False
+    user_fpu: Fpstate | None = None  #: variant kvm-save-min-size only
+    user_fpu_tail: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(slots=True, eq=False)
+class KvmVcpu:
+    kvm: Kvm
+    vm: KvmVm
+    vcpu_id: int
+    arch: VcpuArch
+    wants_to_run: bool = False
+    last_vmentry_cpu: int = -1  #: kvm_vcpu_has_run() is last_vmentry_cpu != -1
+    stat_fpu_reload: int = 0
+    pending_init: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GuestOp:
+    """One thing the guest does between VM entry and exit.
+
+    ``write`` component ``number`` (``data`` or a token naming the guest), ``read`` component
+    ``number``, ``release`` the components of mask ``value`` (TILERELEASE, VZEROALL...),
+    ``xsetbv`` XCR ``number`` = ``value`` at ``cpl``, ``wrmsr``/``rdmsr`` MSR ``number``,
+    ``clts``/``stts`` guest CR0.TS, ``init`` an INIT IPI processed inside KVM_RUN."""
+
+    kind: str
+    number: int = 0
+    value: int = 0
+    data: bytes | None = None
+    cpl: int = 0
+
+
+GUEST_OPS = frozenset({"write", "read", "release", "xsetbv", "wrmsr", "rdmsr", "clts", "stts",
+                       "init"})
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What KVM_RUN did: one result per guest op (None, a value, bytes, or the Fault the guest
+    took), and the out-of-bounds write of the user-FPU save, if any (variant only)."""
+
+    results: tuple[Any, ...]
+    overflow: kfpu.OutOfBounds | None = None
+
+
+# -- system and VM ioctls -------------------------------------------------------------------------
+
+
+def kvm_dev_get_supported_cpuid_0xd(c: Any, kvm: Kvm) -> tuple[CpuidEntry2, ...]:
+    """KVM_GET_SUPPORTED_CPUID, leaf 0xD, for the calling process's guest permission."""
+    return supported_cpuid_leaf_0xd(kvm.caps, kvm.config.host, xstate_get_group_perm(c, True))
+
+
+def kvm_vm_check_extension_xsave2(c: Any, kvm: Kvm) -> int:
+    """KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) for the calling process's guest permission."""
+    return kvm_cap_xsave2(kvm.caps, xstate_get_group_perm(c, True))
+
+
+def kvm_arch_vcpu_create(c: Any, vm: KvmVm, vcpu_id: int) -> KvmVcpu:
+    """KVM_CREATE_VCPU -> kvm_arch_vcpu_create() (x86.c): the guest fpstate is allocated with
+    the guest defaults (fpu_alloc_guest_fpstate, which locks the guest permission of the
+    process: a later ARCH_REQ_XCOMP_GUEST_PERM that changes it gets EBUSY), then
+    kvm_vcpu_reset(vcpu, false) (RESET: XCR0 = 1, nothing to clear)."""
+    kvm = vm.kvm
+    arch = VcpuArch(guest_fpu=fpu_alloc_guest_fpstate(c))
+    if kvm.has_variant("kvm-save-min-size"):
+        arch.user_fpu = kfpu.alloc_user_fpu(c.m.system)
+    vcpu = KvmVcpu(kvm, vm, vcpu_id, arch)
+    x86.kvm_vcpu_reset(c, vcpu, False)
+    vm.vcpus.append(vcpu)
+    return vcpu
+
+
+def kvm_vcpu_after_set_cpuid(vcpu: KvmVcpu) -> None:
+    """kvm_vcpu_after_set_cpuid() (cpuid.c), XSAVE part: guest_supported_xcr0/xss from the new
+    CPUID, and the runtime bits of leaf 0xD for the current XCR0/XSS."""
+    arch = vcpu.arch
+    caps = vcpu.kvm.caps
+    arch.guest_supported_xcr0 = cpuid_get_supported_xcr0(caps, arch.cpuid)
+    arch.guest_supported_xss = cpuid_get_supported_xss(caps, arch.cpuid)
+    arch.cpuid = kvm_update_cpuid_runtime(caps, arch.cpuid, arch.xcr0, arch.ia32_xss)
+
+
+def kvm_vcpu_ioctl_set_cpuid2(c: Any, vcpu: KvmVcpu, entries: Sequence[CpuidEntry2]) -> KPath:
+    """KVM_SET_CPUID2 -> kvm_set_cpuid() (cpuid.c). Once the vCPU has run only an identical
+    table is accepted (0, nothing changes; anything else -EINVAL). Else kvm_check_cpuid():
+    the dynamic features CPUID.(0DH,0) enumerates get space in the guest fpstate now
+    (fpu_enable_guest_xfd_features: -EPERM without guest permission, and the old CPUID stays);
+    then the table is installed and kvm_vcpu_after_set_cpuid() runs."""
+    entries = tuple(entries)
+    if vcpu.last_vmentry_cpu != -1:
+        return 0 if entries == vcpu.arch.cpuid else -EINVAL
+    dynamic = kvm_check_cpuid_dynamic(entries)
+    if dynamic:
+        r = yield from fpu_enable_guest_xfd_features(c, vcpu.arch.guest_fpu, dynamic)
+        if r:
+            return r
+    vcpu.arch.cpuid = entries
+    kvm_vcpu_after_set_cpuid(vcpu)
+    return 0
+
+
+def kvm_apic_accept_events(c: Any, vcpu: KvmVcpu) -> int:
+    """kvm_apic_accept_events() (lapic.c), INIT part: a latched INIT runs kvm_vcpu_reset(vcpu,
+    init_event=true). Returns the xfeature mask INIT zeroed (0 when none was pending)."""
+    if not vcpu.pending_init:
+        return 0
+    vcpu.pending_init = False
+    return x86.kvm_vcpu_reset(c, vcpu, True)
+
+
+# -- KVM_RUN --------------------------------------------------------------------------------------
+
+
+def _exit(c: Any, vcpu: KvmVcpu) -> None:
+    kfpu.kvm_load_host_xsave_state(c, vcpu)
+    kfpu.vcpu_exit_xfd(c, vcpu)
+
+
+def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
+    """One guest action on the CPU (in guest mode, guest XCR0/XSS/PKRU loaded)."""
+    arch = vcpu.arch
+    if op.kind in ("write", "read") and op.number >= 2 and not arch.cr4_osxsave:
+        return Fault("#UD", "guest CR4.OSXSAVE = 0: no XSAVE-managed state beyond x87/SSE")
+    if op.kind == "write":
+        data = op.data if op.data is not None else _guest_token(c, vcpu, op.number)
+        fault = c.regs.user_write(op.number, data)
+        if fault is not None and fault.vector == "#NM" and arch.xfd_no_write_intercept:
+            _exit(c, vcpu)  # the #NM intercept (exception bitmap), then re-injection
+            kfpu.handle_nm_fault_irqoff(c, vcpu)
+            kfpu.kvm_load_guest_xsave_state(c, vcpu)
+        return fault
+    if op.kind == "read":
+        if op.number >= 2 and not (c.regs.xcr0 >> op.number) & 1:
+            return Fault("#UD", f"XCR0[{op.number}] = 0")
+        return c.regs.component(op.number)
+    if op.kind == "release":
+        c.regs.init_components(op.value & c.regs.xcr0)
+        return None
+    if op.kind in ("clts", "stts"):
+        arch.cr0_ts = op.kind == "stts"
+        return None
+    if op.kind == "rdmsr" and op.number == x86.MSR_IA32_XFD_ERR and guest_cpu_cap_has(
+            vcpu.kvm.caps, arch.cpuid, XFD):
+        return c.regs.xfd_err  # reads pass through once the guest has XFD (vmx.c)
+    if op.kind == "wrmsr" and op.number == x86.MSR_IA32_XFD and arch.xfd_no_write_intercept:
+        if op.value & ~x86.kvm_guest_supported_xfd(vcpu):
+            return Fault("#GP", f"WRMSR IA32_XFD {op.value:#x}: bits the CPU cannot arm")
+        c.regs.xfd = op.value  # passed through since the first nonzero write
+        return None
+    # Everything else is intercepted: exit, handle, re-enter.
+    _exit(c, vcpu)
+    if op.kind == "xsetbv":
+        result: Any = x86.kvm_emulate_xsetbv(vcpu, op.cpl, op.number, op.value)
+    elif op.kind == "wrmsr":
+        ret = x86.kvm_do_msr_access_write(c, vcpu, op.number, op.value, False)
+        result = Fault("#GP", f"WRMSR {op.number:#x} refused") if ret else None
+    elif op.kind == "rdmsr":
+        ret, value = x86.kvm_do_msr_access_read(vcpu, op.number, False)
+        result = Fault("#GP", f"RDMSR {op.number:#x} refused") if ret else value
+    elif op.kind == "init":
+        vcpu.pending_init = True
+        result = kvm_apic_accept_events(c, vcpu)
+    else:
+        raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {', '.join(sorted(GUEST_OPS))})")
+    kfpu.kvm_load_guest_xsave_state(c, vcpu)
+    return result
+
+
+def _guest_token(c: Any, vcpu: KvmVcpu, i: int) -> bytes:
+    from fpstate.kernel.x86.hw import token
+
+    c.m.generation += 1
+    return token(0x8000 | vcpu.vcpu_id, c.m.generation, i, c.regs.size(i))
+
+
+def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KPath:
+    """KVM_RUN -> kvm_arch_vcpu_ioctl_run() (x86.c): kvm_load_guest_fpu(); a pending INIT is
+    accepted with the guest FPU loaded; one preemption point (the run loop's cond_resched());
+    vcpu_enter_guest(): guest XCR0/XSS/PKRU and XFD_ERR loaded, the ops, host state back;
+    kvm_put_guest_fpu(). Returns a `RunResult`."""
+    for op in ops:
+        if op.kind not in GUEST_OPS:
+            raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {sorted(GUEST_OPS)})")
+    vcpu.wants_to_run = True
+    overflow = kfpu.kvm_load_guest_fpu(c, vcpu)
+    kvm_apic_accept_events(c, vcpu)
+    c = yield
+    c.irqs_disabled = True
+    vcpu.last_vmentry_cpu = c.nr
+    kfpu.kvm_load_guest_xsave_state(c, vcpu)
+    results = [_guest_op(c, vcpu, op) for op in ops]
+    _exit(c, vcpu)
+    c.irqs_disabled = False
+    kfpu.kvm_put_guest_fpu(c, vcpu)
+    vcpu.wants_to_run = False
+    return RunResult(tuple(results), overflow)
+
+
+# -- a VMM process ------------------------------------------------------------------------------
+
+
+def _as_path(fn: Callable[..., Any]) -> Callable[..., KPath]:
+    """A kernel path (generator) that runs ``fn`` without preemption points."""
+    def path(c: Any, *args: Any) -> KPath:
+        result = fn(c, *args)
+        if False:  # pragma: no cover - makes this a generator
+            yield
+        return result
+    return path
+
+
+class Vmm:
+    """A VMM process (QEMU-like) on the kernel model: one thread on CPU 0 of ``machine`` that
+    makes system calls. Each method is one arch_prctl or KVM ioctl from user mode."""
+
+    def __init__(self, machine: Machine, config: KvmConfig, comm: str = "qemu") -> None:
+        self.m = machine
+        self.kvm = Kvm(machine, config)
+        self.task: Task = machine.spawn(comm)
+        machine.run(0, self.task)
+
+    @property
+    def nr(self) -> int:
+        assert self.task.on_cpu is not None, "the VMM thread is not running"
+        return self.task.on_cpu
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.m.syscall(self.nr, _as_path(fn), *args)
+
+    def arch_prctl(self, option: int, arg2: int) -> int:
+        return self.m.syscall(self.nr, sys_arch_prctl, option, arg2)
+
+    def create_vm(self) -> KvmVm:
+        vm = KvmVm(self.kvm)
+        self.kvm.vms.append(vm)
+        return vm
+
+    def create_vcpu(self, vm: KvmVm, vcpu_id: int = 0) -> KvmVcpu:
+        return self.call(kvm_arch_vcpu_create, vm, vcpu_id)
+
+    def supported_cpuid_0xd(self) -> tuple[CpuidEntry2, ...]:
+        return self.call(kvm_dev_get_supported_cpuid_0xd, self.kvm)
+
+    def cap_xsave2(self) -> int:
+        return self.call(kvm_vm_check_extension_xsave2, self.kvm)
+
+    def xcomp_guest_supp(self) -> int:
+        return kvm_x86_dev_get_attr(self.kvm.caps, 0, 0)
+
+    def set_cpuid2(self, vcpu: KvmVcpu, entries: Sequence[CpuidEntry2]) -> int:
+        return self.m.syscall(self.nr, kvm_vcpu_ioctl_set_cpuid2, vcpu, entries)
+
+    def set_cr4(self, vcpu: KvmVcpu, *, osxsave: bool = True, pke: bool = False) -> None:
+        """KVM_SET_SREGS, the CR4 bits the model reads (OSXSAVE, PKE)."""
+        vcpu.arch.cr4_osxsave, vcpu.arch.cr4_pke = osxsave, pke
+
+    def get_xcrs(self, vcpu: KvmVcpu) -> dict[int, int]:
+        return self.call(lambda c: x86.kvm_vcpu_ioctl_x86_get_xcrs(vcpu))
+
+    def set_xcrs(self, vcpu: KvmVcpu, xcrs: list[tuple[int, int]], flags: int = 0) -> int:
+        return self.call(lambda c: x86.kvm_vcpu_ioctl_x86_set_xcrs(vcpu, xcrs, flags))
+
+    def get_msrs(self, vcpu: KvmVcpu, indices: list[int]) -> dict[int, int]:
+        return self.call(lambda c: x86.kvm_vcpu_ioctl_get_msrs(vcpu, indices))
+
+    def set_msrs(self, vcpu: KvmVcpu, msrs: list[tuple[int, int]]) -> int:
+        return self.call(x86.kvm_vcpu_ioctl_set_msrs, vcpu, msrs)
+
+    def get_xsave(self, vcpu: KvmVcpu) -> bytes | int:
+        return self.call(x86.kvm_arch_vcpu_ioctl_get_xsave, vcpu)
+
+    def get_xsave2(self, vcpu: KvmVcpu) -> bytes:
+        return self.call(x86.kvm_arch_vcpu_ioctl_get_xsave2, vcpu)
+
+    def set_xsave(self, vcpu: KvmVcpu, buf: bytes) -> int:
+        return self.call(x86.kvm_arch_vcpu_ioctl_set_xsave, vcpu, buf)
+
+    def init(self, vcpu: KvmVcpu) -> int:
+        """INIT the way the real backend does: latch it (KVM_SET_VCPU_EVENTS), then
+        KVM_GET_MP_STATE runs kvm_apic_accept_events(). Returns the mask INIT zeroed."""
+        vcpu.pending_init = True
+        return self.call(kvm_apic_accept_events, vcpu)
+
+    def run(self, vcpu: KvmVcpu, ops: Sequence[GuestOp] = ()) -> RunResult:
+        return self.m.syscall(self.nr, kvm_arch_vcpu_ioctl_run, vcpu, tuple(ops))
+
+
+# -- configurations -------------------------------------------------------------------------------
+
+
+def model_system(profile: CpuidProfile, variants: frozenset[str] = frozenset(),
+                 kernel: str | None = None) -> FpuSystem:
+    """The kernel model booted on ``profile`` (fpu__init_system_xstate, then the run-time
+    facts of FpuSystem.from_boot). Variant
+    ``guest-only-in-host-fpstate`` adds the guest-only supervisor features the CPU has to
+    fpu_kernel_cfg.default_features (and the default size)."""
+    from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+
+    boot = fpu__init_system_xstate(profile, kernel) if kernel else fpu__init_system_xstate(profile)
+    system = FpuSystem.from_boot(profile, boot)
+    if "guest-only-in-host-fpstate" in variants:
+        k = system.kernel
+        feats = k.default_features | (k.max_features & XFEATURE_MASK_GUEST_SUPERVISOR)
+        size = compacted_size(profile, feats) if system.xcompacted else k.default_size
+        system = system.with_options(kernel=StateConfig(k.max_size, size, k.max_features, feats,
+                                                        k.legacy_features,
+                                                        k.independent_features))
+    return system
+
+
+def model_config(system: FpuSystem, vendor: str = "vmx",
+                 variants: frozenset[str] | Sequence[str] = frozenset()) -> KvmConfig:
+    """KVM loaded on the kernel model: kvm_x86_vendor_init() with the XCR0 and IA32_XSS that
+    kernel wrote, for a vendor module of `VENDOR_D1_EAX`."""
+    if vendor not in VENDOR_D1_EAX:
+        raise FpstateError(f"unknown KVM vendor {vendor!r} (known: {', '.join(VENDOR_D1_EAX)})")
+    p = system.profile
+    host_d1 = sum(bit for bit, flag in ((XSAVEOPT, system.xsaveopt), (XSAVEC, system.xsavec),
+                                        (XGETBV1, system.xgetbv1), (XSAVES, system.xsaves),
+                                        (XFD, system.xfd)) if flag)
+    caps = kvm_x86_vendor_init(p, system.xcr0, system.xss, host_d1_eax=host_d1,
+                               vendor_d1_eax=VENDOR_D1_EAX[vendor],
+                               cet=p.has("SHSTK") or p.has("IBT"))
+    return KvmConfig(caps, p, frozenset(variants))
+
+
+def model_vmm(profile: CpuidProfile, vendor: str = "vmx",
+              variants: Sequence[str] = (), ncpus: int = 1) -> Vmm:
+    """A machine booted on ``profile`` with KVM loaded and a VMM process running on CPU 0."""
+    variants = frozenset(variants)
+    system = model_system(profile, variants)
+    return Vmm(Machine(system, ncpus), model_config(system, vendor, variants))
+
+
+# -- guest programs -------------------------------------------------------------------------------
+
+
+def guest_hardware_profile(vcpu: KvmVcpu) -> CpuidProfile:
+    """The CPU a guest's instructions meet: the host's silicon (XSAVEC and XGETBV(1) work in a
+    guest whatever its CPUID says: KVM cannot intercept them), XCR0 limited to what
+    __kvm_set_xcr lets the guest enable, IA32_XSS to guest_supported_xss, and XSAVES/XRSTORS
+    only where KVM enables them for the guest (#UD otherwise: VMX's enable-XSAVES control)."""
+    host = vcpu.kvm.config.host
+    arch = vcpu.arch
+    xcr0 = arch.guest_supported_xcr0 | XFEATURE_MASK_FP
+    xss = arch.guest_supported_xss
+    leaves = dict(host.leaves)
+    a0, b0, c0, _ = host.cpuid(0xD, 0)
+    leaves[(0xD, 0)] = (a0 & xcr0 & 0xFFFFFFFF, b0, c0, host.cpuid(0xD, 0)[3] & xcr0 >> 32)
+    a1, b1, _, _ = host.cpuid(0xD, 1)
+    if not guest_cpu_cap_has(vcpu.kvm.caps, arch.cpuid, XSAVES):
+        a1 &= ~XSAVES
+    leaves[(0xD, 1)] = (a1, b1, xss & 0xFFFFFFFF, xss >> 32)
+    return CpuidProfile.from_leaves(f"{host.name} as KVM guest", leaves,
+                                    "host CPUID, XSAVE enumeration as KVM lets the guest use it")
+
+
+def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 0
+                      ) -> list[Outcome]:
+    """The model's answer to what `fpstate.host.kvm_guest` runs: the guest's own XSETBV of
+    ``xcr0`` at CPL 0 (kvm_emulate_xsetbv; a refusal is ProgramError, as on the host), then
+    the program on the CPU model (`fpstate.x86.insn.run_program`) of the guest's hardware
+    (`guest_hardware_profile`). XINUSE is not reported where the guest CPUID lacks XGETBV1
+    (the runner reads it only then). Returns the set of outcomes the CPU may give."""
+    from fpstate.x86.insn import run_program
+
+    vcpu.arch.cr4_osxsave = True
+    fault = x86.kvm_emulate_xsetbv(vcpu, 0, 0, xcr0)
+    if fault is not None:
+        raise ProgramError(f"XSETBV of XCR0 faulted in the guest: {fault} (xcr0 {xcr0:#x})")
+    outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss)
+    if not cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XGETBV1:
+        outcomes = [Outcome(o.buffers, o.values, o.fault, o.fault_step, None, o.final)
+                    for o in outcomes]
+    return outcomes
+
+
+__all__ = [
+    "GUEST_OPS", "KVM_VARIANTS", "VENDOR_D1_EAX", "GuestOp", "Kvm", "KvmConfig", "KvmVcpu",
+    "KvmVm", "RunResult", "VcpuArch", "Violation", "Vmm", "guest_hardware_profile",
+    "kvm_arch_vcpu_create", "kvm_arch_vcpu_ioctl_run", "kvm_vcpu_ioctl_set_cpuid2",
+    "model_config", "model_system", "model_vmm", "run_guest_program",
+]
