@@ -345,3 +345,86 @@ def test_xsave_past_the_buffer_is_a_kernel_bug(m: Machine) -> None:
     small = bytearray(600)
     with pytest.raises(KernelBug, match="xsave-out-of-bounds"):
         m.cpus[0].regs.xsave(KernelBuf(small, "small"), 1 << YMM | 0x3, "XSAVES")
+
+
+# -- stateful: any interleaving keeps every task's state -----------------------------------------
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+COMPONENTS = (YMM, ZMM_HI256, 7)
+
+
+class LazyRestore(RuleBasedStateMachine):
+    """Three user tasks on two CPUs, with writes, switches, migrations, softirq and hardirq
+    kernel FPU use, and fpu_sync_fpstate(). Invariant: every task sees exactly what it last
+    wrote (never another task's or the kernel's bytes), and a task in user mode has valid
+    registers (fpregs_assert_state_consistent)."""
+
+    @initialize()
+    def boot(self) -> None:
+        self.m = Machine.boot("zen5")
+        self.tasks = [self.m.spawn(f"t{i}") for i in range(3)]
+        self.want = {t.pid: {i: self.m.init_value(i) for i in COMPONENTS} for t in self.tasks}
+        self.m.run(0, self.tasks[0])
+        self.m.run(1, self.tasks[1])
+
+    def _user_cpus(self) -> list[int]:
+        return [c.nr for c in self.m.cpus if c.current.state is TaskState.USER]
+
+    @precondition(lambda self: self._user_cpus())
+    @rule(data=st.data(), comp=st.sampled_from(COMPONENTS))
+    def write(self, data, comp) -> None:
+        nr = data.draw(st.sampled_from(self._user_cpus()))
+        t = self.m.cpus[nr].current
+        self.m.user_write(nr, comp)
+        self.want[t.pid][comp] = self.m.user_read(nr, comp)
+
+    @rule(nr=st.integers(0, 1), k=st.integers(0, 2))
+    def schedule(self, nr, k) -> None:
+        t = self.tasks[k]
+        if t.state is TaskState.RUNNABLE:
+            self.m.run(nr, t)
+
+    @rule(nr=st.integers(0, 1))
+    def idle(self, nr) -> None:
+        self.m.idle(nr)
+
+    @rule(k=st.integers(0, 2), nr=st.integers(0, 1))
+    def migrate(self, k, nr) -> None:
+        t = self.tasks[k]
+        if t.state is TaskState.USER and t.on_cpu != nr:
+            self.m.migrate(t, nr)
+
+    @rule(nr=st.integers(0, 1), hard=st.booleans())
+    def interrupt(self, nr, hard) -> None:
+        self.m.irq_kernel_fpu(nr, hardirq=hard, clobber=1 << YMM | 1 << 7)
+
+    @precondition(lambda self: self._user_cpus())
+    @rule(data=st.data())
+    def sync(self, data) -> None:
+        nr = data.draw(st.sampled_from(self._user_cpus()))
+        c = self.m.enter_kernel(nr)
+        core.fpu_sync_fpstate(c, c.current.fpu)
+        self.m.exit_to_user_mode(nr)
+
+    @invariant()
+    def every_task_sees_its_own_state(self) -> None:
+        for t in self.tasks:
+            state = self.m.user_state(t)
+            for i in COMPONENTS:
+                assert state[i] == self.want[t.pid][i], (t, i)
+            if t.state is TaskState.USER:
+                core.fpregs_assert_state_consistent(self.m.cpus[t.on_cpu])
+
+
+LazyRestore.TestCase.settings = settings(max_examples=40, stateful_step_count=25,
+                                         deadline=None)
+test_lazy_restore_state_machine = LazyRestore.TestCase

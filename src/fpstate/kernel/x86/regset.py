@@ -45,7 +45,7 @@ from fpstate.x86.xfeatures import (
 )
 
 if TYPE_CHECKING:
-    from fpstate.kernel.x86.sched import Cpu, Task
+    from fpstate.kernel.x86.sched import Cpu, KPath, Task
 
 NT_PRFPREG = 2
 NT_X86_XSTATE = 0x202
@@ -282,3 +282,12 @@ def ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
         setter = xstateregs_set if note == NT_X86_XSTATE else xfpregs_set
         return setter(c, target, 0, n, data[:n]), b""
     raise IllegalEvent(f"ptrace request {req:#x} is not a regset request")
+
+
+def sys_ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
+                      data: bytes = b"") -> KPath:
+    """ptrace(PTRACE_GETREGSET / PTRACE_SETREGSET, pid, note, &iov) by the current task (the
+    tracer) as a kernel path; (result, bytes read)."""
+    if False:  # pragma: no cover - a kernel path without preemption points
+        yield
+    return ptrace_regset(c, target, req, note, iov_len, data)

@@ -479,6 +479,12 @@ class Machine:
             self.exit_to_user_mode(nr)
         return fault
 
+    def init_value(self, i: int) -> bytes:
+        """Component ``i`` in its initial configuration, as XSAVE writes it."""
+        from fpstate.kernel.x86.hw import init_value
+
+        return init_value(i, self.system.profile.component(i).size)
+
     def user_read(self, nr: int, i: int) -> bytes:
         """The current task reads component ``i`` from its registers."""
         return self._user(nr).regs.component(i)

@@ -1,0 +1,272 @@
+"""ptrace NT_X86_XSTATE and NT_PRFPREG in the model, against the rules the real kernel showed
+(tests/host/test_ptrace.py): sizes, the XCR0 word at 464, the length rules, every SETREGSET
+decision, and what the stopped child runs with afterwards."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fpstate.kernel.x86 import xstate_prctl as xp
+from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.regset import (
+    ENODEV,
+    ESRCH,
+    NT_PRFPREG,
+    NT_X86_XSTATE,
+    PTRACE_GETREGSET,
+    PTRACE_SETREGSET,
+    sys_ptrace_regset,
+)
+from fpstate.kernel.x86.sched import Machine
+from fpstate.x86.xfeatures import MXCSR_DEFAULT
+
+EFAULT, EINVAL = xp.EFAULT, xp.EINVAL
+SSE, YMM, PKRU, TILEDATA = 1, 2, 9, 18
+MXCSR_PATTERN = 0x1F00
+NEW = bytes(range(0x40, 0x50))
+
+
+class Session:
+    """A tracee stopped on CPU 0's side and a tracer running on CPU 1."""
+
+    def __init__(self, m: Machine) -> None:
+        self.m = m
+        self.child = m.spawn("child")
+        m.run(0, self.child)
+        for i in (0, SSE, YMM, 5, 6, 7):
+            if (m.system.xcr0 >> i) & 1:
+                m.user_write(0, i)
+        assert m.cpus[0].regs.set_mxcsr(MXCSR_PATTERN) is None
+        self.before = {i: m.user_read(0, i) for i in (SSE, YMM)}
+        m.stop(self.child)
+        self.tracer = m.spawn("tracer")
+        m.run(1, self.tracer)
+
+    def get(self, note: int = NT_X86_XSTATE, n: int | None = None) -> tuple[int, bytes]:
+        size = self.m.system.user.max_size if n is None else n
+        return self.m.syscall(1, sys_ptrace_regset, self.child, PTRACE_GETREGSET, note, size)
+
+    def set(self, data: bytes, note: int = NT_X86_XSTATE) -> int:
+        return self.m.syscall(1, sys_ptrace_regset, self.child, PTRACE_SETREGSET, note,
+                              len(data), data)[0]
+
+    def resume(self, nr: int = 0) -> None:
+        self.m.resume(self.child)
+        self.m.run(nr, self.child)
+
+
+def host_machine(**options) -> Machine:
+    m = Machine.boot("host", **options)
+    if m.system.user.max_features != 0xE7 or m.system.user.max_size != 2432:
+        pytest.skip("host is not this Zen 5 VM (XCR0 0xe7, standard size 2432)")
+    return m
+
+
+def _with(buf: bytes, off: int, data: bytes) -> bytes:
+    return buf[:off] + data + buf[off + len(data):]
+
+
+@pytest.fixture
+def s() -> Session:
+    return Session(host_machine())
+
+
+def test_xstate_get_is_the_standard_image(s: Session) -> None:
+    ret, data = s.get()
+    assert ret == 0 and len(data) == 2432
+    assert struct.unpack_from("<Q", data, 464)[0] == 0xE7 and data[472:512] == bytes(40)
+    xstate_bv, xcomp_bv = struct.unpack_from("<QQ", data, 512)
+    assert (xstate_bv, xcomp_bv) == (0xE7, 0) and data[528:576] == bytes(48)
+    assert data[576:832] == s.before[YMM]
+    assert data[160:416] == s.before[SSE]
+    assert struct.unpack_from("<I", data, 24)[0] == MXCSR_PATTERN
+
+
+def test_components_in_init_state_read_as_zero() -> None:
+    m = host_machine()
+    fresh = m.spawn("fresh")
+    m.run(0, fresh)
+    m.stop(fresh)
+    tracer = m.spawn("tracer")
+    m.run(1, tracer)
+    ret, data = m.syscall(1, sys_ptrace_regset, fresh, PTRACE_GETREGSET, NT_X86_XSTATE, 2432)
+    assert ret == 0 and struct.unpack_from("<Q", data, 512)[0] == 0
+    assert data[576:] == bytes(2432 - 576)
+    assert data[0:2] == b"\x7f\x03" and struct.unpack_from("<I", data, 24)[0] == MXCSR_DEFAULT
+
+
+def test_prfpreg_is_the_512_byte_fxsave_image(s: Session) -> None:
+    ret, fx = s.get(NT_PRFPREG, 512)
+    _, xs = s.get()
+    assert ret == 0 and len(fx) == 512 and fx[:416] == xs[:416] and fx[416:] == bytes(96)
+
+
+def test_getregset_length_rules(s: Session) -> None:
+    assert s.get(NT_X86_XSTATE, 4)[0] == -EINVAL
+    ret, data = s.get(NT_X86_XSTATE, 512)
+    assert ret == 0 and len(data) == 512
+    assert s.get(0x999, 8)[0] == -EINVAL
+    ret, data = s.get(NT_PRFPREG, 8)
+    assert ret == 0 and len(data) == 8
+
+
+def test_setregset_decisions(s: Session) -> None:
+    base = s.get()[1]
+    size = len(base)
+    cases = {
+        "unchanged": (base, NT_X86_XSTATE, 0),
+        "count < max_size": (base[:size - 8], NT_X86_XSTATE, -EFAULT),
+        "count > max_size (clamped)": (base + bytes(8), NT_X86_XSTATE, 0),
+        "count % 8 != 0": (base[:size - 2], NT_X86_XSTATE, -EINVAL),
+        "XSTATE_BV outside user_xfeatures": (
+            _with(base, 512, struct.pack("<Q", 0xE7 | 1 << 3)), NT_X86_XSTATE, -EINVAL),
+        "XCOMP_BV != 0": (_with(base, 520, struct.pack("<Q", 1 << 63 | 0xE7)),
+                          NT_X86_XSTATE, -EINVAL),
+        "reserved byte 56": (_with(base, 568, b"\x01"), NT_X86_XSTATE, -EINVAL),
+        "MXCSR bit 31": (_with(base, 24, struct.pack("<I", 0x80001F80)), NT_X86_XSTATE,
+                         -EINVAL),
+        "sw_reserved ignored": (_with(base, 464, b"\xff" * 48), NT_X86_XSTATE, 0),
+        "fxsave": (base[:512], NT_PRFPREG, 0),
+        "fxsave count 504": (base[:504], NT_PRFPREG, -EINVAL),
+        "fxsave count 520 (clamped)": (base[:512] + bytes(8), NT_PRFPREG, 0),
+        "fxsave MXCSR bit 31": (_with(base[:512], 24, struct.pack("<I", 0x80001F80)),
+                                NT_PRFPREG, -EINVAL),
+    }
+    got = {what: s.set(data, note) for what, (data, note, _) in cases.items()}
+    assert got == {what: want for what, (_, _, want) in cases.items()}
+    assert s.get()[1][464:472] == struct.pack("<Q", 0xE7)
+
+
+def test_setregset_xmm3_reaches_the_child(s: Session) -> None:
+    """fpu_force_restore(): last_cpu = -1, so the child reloads from the written fpstate even
+    though CPU 0 still caches its registers."""
+    assert s.m.cpus[0].fpu_fpregs_owner_ctx is s.child.fpu
+    assert s.set(_with(s.get()[1], 160 + 48, NEW)) == 0
+    assert s.child.fpu.last_cpu == -1
+    s.resume(0)
+    assert s.m.user_read(0, SSE)[48:64] == NEW
+    assert s.m.user_read(0, SSE)[64:80] == s.before[SSE][64:80]
+
+
+def test_without_the_invalidation_the_write_is_lost() -> None:
+    """Variant ptrace-set-no-invalidate: the child returns to the CPU that caches its old
+    registers, fpregs_state_valid() holds, the restore is skipped."""
+    s = Session(host_machine(variants={"ptrace-set-no-invalidate"}))
+    assert s.set(_with(s.get()[1], 160 + 48, NEW)) == 0
+    s.resume(0)
+    assert s.m.user_read(0, SSE)[48:64] == s.before[SSE][48:64]
+
+
+def test_prfpreg_set_keeps_upper_halves(s: Session) -> None:
+    buf = _with(s.get(NT_PRFPREG, 512)[1], 160 + 16 * 5, NEW)
+    assert s.set(buf, NT_PRFPREG) == 0
+    s.resume(1)
+    assert s.m.user_read(1, SSE)[80:96] == NEW
+    assert s.m.user_read(1, YMM) == s.before[YMM]
+
+
+def test_xstate_bv_zero_puts_everything_in_init(s: Session) -> None:
+    assert s.set(_with(s.get()[1], 512, bytes(8))) == 0
+    s.resume(0)
+    assert s.m.user_read(0, SSE) == bytes(256) and s.m.user_read(0, YMM) == bytes(256)
+    assert s.m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
+
+
+def test_ymm_without_sse_mxcsr_differs_between_view_and_registers(s: Session) -> None:
+    """copy_uabi_to_xstate stores MXCSR (YMM set, FP not): GETREGSET shows it; the compacted
+    XRSTORS that restores the task initialises MXCSR because XSTATE_BV[1] = 0."""
+    assert s.set(_with(s.get()[1], 512, struct.pack("<Q", 0x4))) == 0
+    assert struct.unpack_from("<I", s.get()[1], 24)[0] == MXCSR_PATTERN
+    s.resume(0)
+    assert s.m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
+
+
+def test_a_running_tracee_is_esrch() -> None:
+    m = host_machine()
+    child, tracer = m.spawn("child"), m.spawn("tracer")
+    m.run(0, child)
+    m.run(1, tracer)
+    assert m.syscall(1, sys_ptrace_regset, child, PTRACE_GETREGSET, NT_X86_XSTATE, 2432) == \
+        (-ESRCH, b"")
+    assert ENODEV == 19
+
+
+def _predict(buf: bytes, mxcsr_mask: int) -> int:
+    """copy_uabi_to_xstate's checks in its order (header, then MXCSR)."""
+    xfeatures, xcomp_bv = struct.unpack_from("<QQ", buf, 512)
+    if xfeatures & ~0xE7 or xcomp_bv or any(buf[528:576]):
+        return -EINVAL
+    if xfeatures & 0x7 and struct.unpack_from("<I", buf, 24)[0] & ~mxcsr_mask:
+        return -EINVAL
+    return 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(xstate_bv=st.integers(0, 2**64 - 1) | st.sampled_from([0, 1, 2, 4, 0xE7]),
+       xcomp_bv=st.sampled_from([0, 1 << 63, 1, 2**64 - 1]),
+       reserved=st.one_of(st.none(), st.tuples(st.integers(0, 47), st.integers(1, 255))),
+       mxcsr=st.integers(0, 2**32 - 1) | st.sampled_from([0x1F80, 0x21F80, 0x41F80]))
+def test_random_headers_follow_copy_uabi_to_xstate(xstate_bv, xcomp_bv, reserved,
+                                                   mxcsr) -> None:
+    s = Session(host_machine())
+    b = bytearray(s.get()[1])
+    struct.pack_into("<QQ", b, 512, xstate_bv, xcomp_bv)
+    struct.pack_into("<I", b, 24, mxcsr)
+    if reserved:
+        b[528 + reserved[0]] = reserved[1]
+    assert s.set(bytes(b)) == _predict(bytes(b), 0x2FFFF)
+
+
+# -- Sapphire Rapids: AMX and PKRU ----------------------------------------------------------------
+
+def test_spr_regset_is_max_size_and_refuses_tiles_without_amx() -> None:
+    m = Machine.boot("sapphire-rapids")
+    s = Session(m)
+    ret, data = s.get()
+    assert ret == 0 and len(data) == 11008 and s.child.fpu.fpstate.user_size == 2816
+    assert struct.unpack_from("<Q", data, 464)[0] == 0x602E7
+    tile = token(9, 9, TILEDATA, 8192)
+    buf = _with(_with(data, 512, struct.pack("<Q", 0x402E7)), 2816, tile)
+    assert s.set(buf) == -EINVAL
+
+
+def test_spr_tiles_of_an_amx_tracee_are_read_and_written() -> None:
+    m = Machine.boot("sapphire-rapids")
+    child = m.spawn("child")
+    m.run(0, child)
+    assert m.syscall(0, xp.sys_arch_prctl, xp.ARCH_REQ_XCOMP_PERM, 18) == 0
+    m.user_write(0, TILEDATA)
+    mine = m.user_read(0, TILEDATA)
+    m.stop(child)
+    tracer = m.spawn("tracer")
+    m.run(1, tracer)
+    ret, data = m.syscall(1, sys_ptrace_regset, child, PTRACE_GETREGSET, NT_X86_XSTATE, 11008)
+    assert ret == 0 and data[2816:] == mine
+    tile = token(9, 9, TILEDATA, 8192)
+    ret, _ = m.syscall(1, sys_ptrace_regset, child, PTRACE_SETREGSET, NT_X86_XSTATE, 11008,
+                       _with(data, 2816, tile))
+    assert ret == 0
+    m.resume(child)
+    m.run(0, child)
+    assert m.user_read(0, TILEDATA) == tile
+
+
+def test_spr_pkru_comes_from_thread_pkru() -> None:
+    """__copy_xstate_to_uabi_buf writes thread.pkru into the PKRU slot (2688);
+    copy_uabi_to_xstate sets thread.pkru from the buffer, or to 0 when the header lacks PKRU
+    (XRSTOR's init value)."""
+    m = Machine.boot("sapphire-rapids")
+    s = Session(m)
+    s.child.thread_pkru = 0x55555550
+    data = s.get()[1]
+    assert struct.unpack_from("<Q", data, 512)[0] & (1 << PKRU)
+    assert struct.unpack_from("<I", data, 2688)[0] == 0x55555550
+    assert s.set(_with(_with(data, 512, struct.pack("<Q", 0x2E7)), 2688,
+                       struct.pack("<I", 0x11111110))) == 0
+    assert s.child.thread_pkru == 0x11111110
+    assert s.set(_with(data, 512, struct.pack("<Q", 0x0E7))) == 0
+    assert s.child.thread_pkru == 0
