@@ -92,8 +92,12 @@ def reg_name(reg_id: int) -> str:
             return f"V{(low - CORE_VREG0) // 4}"
     if coproc == KVM_REG_ARM64_SVE:
         n, sl = (low >> 5) & 0x1F, low & 0x1F
-        base = low & 0x600
-        kind = {0: f"Z{n}", 0x400: f"P{n}", 0x600: "FFR"}.get(base, "?")
+        if low < 0x400:
+            kind = f"Z{n}"
+        elif low < 0x600:
+            kind = f"P{n & 0xF}"
+        else:
+            kind = "FFR"
         return kind if sl == 0 else f"{kind}[slice {sl}]"
     return f"{reg_id:#018x}"
 

@@ -1,0 +1,56 @@
+"""``fpstate compat --arch ARCH SRC DST [--json]``: can a VM move from SRC to DST?
+
+For ``--arch arm64`` SRC and DST are bundled arm64 profile names (``neoverse-n1``,
+``neoverse-v1``, ``neoverse-v2``, ``apple-m4``, ``fvp-aem-fpmr``), arm64 profile JSON files,
+or VM configuration JSON files (see `fpstate.tools.compat_arm64`).  The report lists what
+the guest or the VMM would lose, what would become visible, and which ioctls the
+destination KVM would refuse.  Exit status: 0 safe, 1 unsafe, 2 bad input.
+
+Each architecture is one entry of `ARCH_RUNNERS`: a function (args) -> exit status; the
+x86 side is added there (and to ``--arch``'s choices) by its own module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from fpstate.kvm.arm64.config import UPSTREAM, VARIANTS
+from fpstate.tools.compat_arm64 import compat_arm64, format_report, load_vm_config
+
+
+def run_arm64(args: argparse.Namespace) -> int:
+    src, dst = load_vm_config(args.src), load_vm_config(args.dst)
+    report = compat_arm64(src, dst, args.variant or UPSTREAM)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_report(report) + "\n")
+    return 0 if report.safe else 1
+
+
+ARCH_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {"arm64": run_arm64}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compat",
+        help="migration compatibility of a VM between two CPUs",
+        description="Whether a VM configured on SRC can be restored on DST: what it would "
+        "lose, what would become visible, and what the destination KVM refuses. Exit 0 if "
+        "safe, 1 if not, 2 on bad input.",
+    )
+    p.add_argument("--arch", required=True, choices=sorted(ARCH_RUNNERS),
+                   help="architecture of SRC and DST")
+    p.add_argument("src", metavar="SRC", help="source: profile name or JSON file")
+    p.add_argument("dst", metavar="DST", help="destination: profile name or JSON file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--variant", choices=sorted(VARIANTS),
+                   help="arm64: run a KVM design the seeds rejected (default: upstream)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return ARCH_RUNNERS[args.arch](args)
