@@ -8,17 +8,15 @@ from fpstate.kernel.x86 import core
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.context import FpregsState, fpregs_state
 from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.process import sys_clone, sys_execve
 from fpstate.kernel.x86.sched import (
-    CLONE_THREAD,
     SS_DISABLE,
     Machine,
     SigAction,
     Task,
     TaskState,
-    sys_clone,
-    sys_execve,
 )
-from fpstate.kernel.x86.types import CLONE_VFORK, CLONE_VM, KernelBug
+from fpstate.kernel.x86.types import CLONE_THREAD, CLONE_VFORK, CLONE_VM, KernelBug
 
 YMM, HI16_ZMM, PASID, CET_USER, TILECFG, TILEDATA = 2, 7, 10, 11, 17, 18
 

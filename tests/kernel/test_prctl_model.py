@@ -10,18 +10,16 @@ from __future__ import annotations
 import pytest
 
 from fpstate.kernel.x86 import xstate_prctl as xp
+from fpstate.kernel.x86.process import sys_clone, sys_execve
 from fpstate.kernel.x86.sched import (
-    CLONE_THREAD,
     SS_AUTODISARM,
     SS_DISABLE,
     SS_ONSTACK,
     Machine,
     Task,
-    sys_clone,
-    sys_execve,
 )
 from fpstate.kernel.x86.signal import fpu__get_fpstate_size, get_sigframe_size
-from fpstate.kernel.x86.types import CLONE_VM, FPU_GUEST_PERM_LOCKED
+from fpstate.kernel.x86.types import CLONE_THREAD, CLONE_VM, FPU_GUEST_PERM_LOCKED
 from fpstate.x86.layout import compacted_size, standard_size
 
 XTILE_DATA = 1 << 18

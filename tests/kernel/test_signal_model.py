@@ -14,6 +14,7 @@ from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.hw import PAGE_SIZE, token
 from fpstate.kernel.x86.sched import (
     SA_ONSTACK,
+    SI_KERNEL,
     SIGSEGV,
     SIGUSR1,
     Machine,
@@ -98,6 +99,8 @@ def test_host_frame_geometry_and_sw_bytes() -> None:
     assert int.from_bytes(mm.read(fp + 2432, 4), "little") == sg.FP_XSTATE_MAGIC2
     header = mm.read(fp + 512, 64)
     assert int.from_bytes(header[:8], "little") == 0xE7 and header[8:] == bytes(56)
+    assert mm.read(frame + sg.UC_STACK_OFFSET, 24) == bytes(24)  # raw sas_ss_*: (0, 0, 0)
+    assert fp - frame == 456
 
 
 def test_frame_holds_the_interrupted_registers_and_the_handler_starts_clean() -> None:
@@ -204,7 +207,8 @@ def test_bad_frames_are_sigsegv_with_init_state(what: str, off: int, data: bytes
     _, fp = deliver(m, t)
     patch(t, fp + off, data)
     assert sigreturn(m, t) == -xp.EFAULT
-    assert t.state is TaskState.DEAD and t.killed_by.sig == SIGSEGV
+    assert t.state is TaskState.DEAD
+    assert (t.killed_by.sig, t.killed_by.code) == (SIGSEGV, SI_KERNEL)
 
 
 def test_segv_handler_sees_init_state_after_a_failed_restore() -> None:

@@ -8,8 +8,8 @@ from fpstate.kernel.x86 import core
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.context import FpregsState, fpregs_state
 from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.process import sys_clone
 from fpstate.kernel.x86.sched import (
-    CLONE_THREAD,
     ILL_ILLOPC,
     ILL_ILLOPN,
     SIGILL,
@@ -17,9 +17,8 @@ from fpstate.kernel.x86.sched import (
     SigAction,
     Task,
     TaskState,
-    sys_clone,
 )
-from fpstate.kernel.x86.types import CLONE_VM, KernelBug
+from fpstate.kernel.x86.types import CLONE_THREAD, CLONE_VM, KernelBug
 from fpstate.kernel.x86.xfd import exc_device_not_available, try_fixup_enqcmd_gp
 
 YMM, TILECFG, TILEDATA = 2, 17, 18

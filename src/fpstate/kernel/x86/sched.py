@@ -36,9 +36,6 @@ from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import switch_fpu
 from fpstate.kernel.x86.hw import FpRegs, UserMemory, token
 from fpstate.kernel.x86.types import (
-    CLONE_THREAD,
-    CLONE_VFORK,
-    CLONE_VM,
     PF_KTHREAD,
     PF_USER_WORKER,
     Fpstate,
@@ -46,7 +43,6 @@ from fpstate.kernel.x86.types import (
     FpuStatePerm,
     FpuSystem,
     IllegalEvent,
-    KernelBug,
 )
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.program import Fault
@@ -60,6 +56,8 @@ MMAP_BASE = 0x7F00_0000_0000
 
 SIGILL, SIGKILL, SIGSEGV, SIGUSR1 = 4, 9, 11, 10
 ILL_ILLOPC, ILL_ILLOPN = 1, 2
+#: si_code of force_sig(): the kernel raised it (a failed sigreturn or frame setup).
+SI_KERNEL = 0x80
 SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
 SA_ONSTACK = 0x08000000
 
@@ -133,7 +131,7 @@ class Task:
     thread_pkru: int = core.INIT_PKRU_VALUE  #: thread.pkru
     sas_ss_sp: int = 0
     sas_ss_size: int = 0
-    sas_ss_flags: int = SS_DISABLE
+    sas_ss_flags: int = 0  #: raw, as the frame's uc_stack shows it (0, not SS_DISABLE, at exec)
     user_sp: int = USER_STACK_TOP - 0x1000
     pasid_activated: bool = False
     kpath: KPath | None = None
@@ -622,77 +620,6 @@ class Machine:
     def resume(self, task: Task) -> None:
         """PTRACE_CONT: a stopped task becomes runnable."""
         task.event("resume")
-
-
-def copy_thread_fpu(m: Machine, c: Cpu, child: Task, clone_flags: int, minimal: bool,
-                    ssp: int) -> int:
-    """The FPU part of copy_thread() (arch/x86/kernel/process.c): fpu_clone(), and the child's
-    PKRU (the parent's current value; init_pkru_value for kernel threads)."""
-    ret = core.fpu_clone(c, child, clone_flags, minimal, ssp)
-    if m.system.ospke and not minimal:
-        child.thread_pkru = int.from_bytes(c.regs.component(9)[:4], "little")
-    return ret
-
-
-def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -> KPath:
-    """clone()/fork() (kernel/fork.c copy_process): a new task in the caller's group
-    (CLONE_THREAD) or a new process with a copied (or, with CLONE_VM, shared) mm. The sigaltstack
-    is inherited unless CLONE_VM without CLONE_VFORK. The allocation of the child is a
-    preemption point before its FPU state is copied. Returns the child."""
-    m = c.m
-    parent = c.current
-    c = yield  # dup_task_struct(): may sleep
-    if clone_flags & CLONE_THREAD:
-        proc = parent.process
-    else:
-        mm = parent.process.mm if clone_flags & CLONE_VM else parent.process.mm.copy()
-        proc = Process(m.next_pid, mm, next_mmap=parent.process.next_mmap,
-                       pasid=parent.process.pasid)
-    child = m._new_task(comm or parent.comm, parent.flags & ~PF_KTHREAD, proc)
-    child.handlers = dict(parent.handlers)
-    child.user_sp = parent.user_sp
-    child.sas_ss_sp, child.sas_ss_size = parent.sas_ss_sp, parent.sas_ss_size
-    child.sas_ss_flags = parent.sas_ss_flags
-    if (clone_flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM:
-        child.sas_ss_sp, child.sas_ss_size, child.sas_ss_flags = 0, 0, SS_DISABLE
-    ret = copy_thread_fpu(m, c, child, clone_flags, False, ssp)
-    if ret:
-        raise KernelBug("update-fpu-shstk",
-                        "WARN: clone with a shadow stack pointer but CET_USER in init state")
-    return child
-
-
-def sys_execve(c: Cpu, comm: str) -> KPath:
-    """execve() (fs/exec.c begin_new_exec): other threads of the group die (de_thread), a new
-    mm, the sigaltstack is cleared (sas_ss_sp = sas_ss_size = 0), then flush_thread():
-    fpu_flush_thread() and the default PKRU (pkru_flush_thread)."""
-    m = c.m
-    t = c.current
-    for other in list(t.process.threads):
-        if other is not t and other.state is not TaskState.DEAD:
-            other.killed_by = Signal(SIGKILL)
-            if other.state in (TaskState.RUNNABLE, TaskState.STOPPED):
-                m._release(other, reap=True)
-            else:
-                oc = m.cpu_of(other)
-                if other.state is TaskState.USER:
-                    m.enter_kernel(oc.nr)
-                other.kpath = None
-                m.do_exit(oc.nr)
-    c = yield  # loading the binary: may sleep
-    t.process.threads[:] = [t]
-    t.process.mm = UserMemory()
-    t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
-    t.process.next_mmap = MMAP_BASE
-    t.user_sp = USER_STACK_TOP - 0x1000
-    t.comm = comm
-    t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
-    t.handlers = {}
-    core.fpu_flush_thread(c)
-    if m.system.ospke:
-        t.thread_pkru = core.INIT_PKRU_VALUE
-        c.regs.set_component(9, core.INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
-    return 0
 
 
 def user_components(system: FpuSystem) -> list[int]:

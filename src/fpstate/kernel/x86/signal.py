@@ -296,8 +296,8 @@ def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE) -> t
 def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     """x64_setup_rt_frame() as far as the model writes it: the FPU frame, uc_stack, the saved
     rsp and uc_mcontext.fpstate, si_signo. 0, or -EFAULT (the caller forces SIGSEGV)."""
-    from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE, SS_ONSTACK
-    from fpstate.kernel.x86.xstate_prctl import EFAULT, on_sig_stack
+    from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE
+    from fpstate.kernel.x86.xstate_prctl import EFAULT
 
     t = c.current
     action = t.handlers[sig.sig]
@@ -305,11 +305,9 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     if frame == -1:
         return -EFAULT
     mm = t.process.mm
-    ss_flags = SS_DISABLE if not t.sas_ss_size else (
-        SS_ONSTACK if on_sig_stack(t, t.user_sp) else 0)
-    try:
+    try:  # unsafe_save_altstack(): the raw sas_ss_* fields (host: (0, 0, 0) without one)
         mm.write(frame + UC_STACK_OFFSET, t.sas_ss_sp.to_bytes(8, "little")
-                 + (ss_flags | (t.sas_ss_flags & SS_AUTODISARM)).to_bytes(4, "little")
+                 + t.sas_ss_flags.to_bytes(4, "little")
                  + bytes(4) + t.sas_ss_size.to_bytes(8, "little"))
         mm.write(frame + SC_RSP_OFFSET, t.user_sp.to_bytes(8, "little"))
         mm.write(frame + SC_FPSTATE_OFFSET, fpstate.to_bytes(8, "little"))
@@ -326,7 +324,7 @@ def handle_signal(c: Cpu, sig: Signal) -> None:
     """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure
     force_sigsegv(); on success the handler starts with init user FPU state
     (fpu__clear_user_states)."""
-    from fpstate.kernel.x86.sched import SIGSEGV
+    from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
     from fpstate.kernel.x86.sched import Signal as Sig
 
     t = c.current
@@ -334,7 +332,7 @@ def handle_signal(c: Cpu, sig: Signal) -> None:
         # signal_setup_done() -> force_sigsegv(): a failing SIGSEGV frame resets the handler.
         if sig.sig == SIGSEGV:
             t.handlers.pop(SIGSEGV, None)
-        t.pending.insert(0, Sig(SIGSEGV))
+        t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return
     core.fpu__clear_user_states(c, t.fpu)
 
@@ -458,7 +456,7 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
     ret popped the restorer address); restore the FPU from uc_mcontext.fpstate and the stack
     pointer, then the sigaltstack (restore_altstack, errors ignored). A bad frame -> SIGSEGV
     (signal_fault). Returns 0 on success, -EFAULT after a bad frame."""
-    from fpstate.kernel.x86.sched import SIGSEGV
+    from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
     from fpstate.kernel.x86.sched import Signal as Sig
     from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack
 
@@ -471,10 +469,10 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
         sp = _u64(c, frame + SC_RSP_OFFSET)
         stack = t.process.mm.read(frame + UC_STACK_OFFSET, 24)
     except PageFault:
-        t.pending.insert(0, Sig(SIGSEGV))
+        t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return -EFAULT
     if not fpu__restore_sig(c, fpstate, False):
-        t.pending.insert(0, Sig(SIGSEGV))  # signal_fault() -> force_sig(SIGSEGV)
+        t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))  # signal_fault() -> force_sig(SIGSEGV)
         return -EFAULT
     t.user_sp = sp
     do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),

@@ -1,0 +1,107 @@
+"""fork, clone and execve: the FPU side of creating and replacing a process image.
+
+Models copy_process() (kernel/fork.c: sigaltstack inheritance), copy_thread()
+(arch/x86/kernel/process.c: fpu_clone(), PKRU), begin_new_exec() / setup_new_exec()
+(fs/exec.c: de_thread(), "the point of no return" clearing sas_ss_sp and sas_ss_size) and
+flush_thread() (fpu_flush_thread(), pkru_flush_thread()), Linux v6.17 / 6.18. Both syscalls are
+kernel paths (`fpstate.kernel.x86.sched`): allocating the child and loading the binary may
+sleep, so each has a preemption point before its FPU work.
+"""
+
+from __future__ import annotations
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.hw import UserMemory
+from fpstate.kernel.x86.sched import (
+    MMAP_BASE,
+    SIGKILL,
+    SS_DISABLE,
+    USER_STACK_SIZE,
+    USER_STACK_TOP,
+    Cpu,
+    KPath,
+    Machine,
+    Process,
+    Signal,
+    Task,
+    TaskState,
+)
+from fpstate.kernel.x86.types import (
+    CLONE_THREAD,
+    CLONE_VFORK,
+    CLONE_VM,
+    PF_KTHREAD,
+    KernelBug,
+)
+
+
+def copy_thread_fpu(m: Machine, c: Cpu, child: Task, clone_flags: int, minimal: bool,
+                    ssp: int) -> int:
+    """The FPU part of copy_thread() (arch/x86/kernel/process.c): fpu_clone(), and the child's
+    PKRU (the parent's current value; init_pkru_value for kernel threads)."""
+    ret = core.fpu_clone(c, child, clone_flags, minimal, ssp)
+    if m.system.ospke and not minimal:
+        child.thread_pkru = int.from_bytes(c.regs.component(9)[:4], "little")
+    return ret
+
+
+def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -> KPath:
+    """clone()/fork() (kernel/fork.c copy_process): a new task in the caller's group
+    (CLONE_THREAD) or a new process with a copied (or, with CLONE_VM, shared) mm. The sigaltstack
+    is inherited unless CLONE_VM without CLONE_VFORK. The allocation of the child is a
+    preemption point before its FPU state is copied. Returns the child."""
+    m = c.m
+    parent = c.current
+    c = yield  # dup_task_struct(): may sleep
+    if clone_flags & CLONE_THREAD:
+        proc = parent.process
+    else:
+        mm = parent.process.mm if clone_flags & CLONE_VM else parent.process.mm.copy()
+        proc = Process(m.next_pid, mm, next_mmap=parent.process.next_mmap,
+                       pasid=parent.process.pasid)
+    child = m._new_task(comm or parent.comm, parent.flags & ~PF_KTHREAD, proc)
+    child.handlers = dict(parent.handlers)
+    child.user_sp = parent.user_sp
+    child.sas_ss_sp, child.sas_ss_size = parent.sas_ss_sp, parent.sas_ss_size
+    child.sas_ss_flags = parent.sas_ss_flags
+    if (clone_flags & (CLONE_VM | CLONE_VFORK)) == CLONE_VM:
+        child.sas_ss_sp, child.sas_ss_size, child.sas_ss_flags = 0, 0, SS_DISABLE
+    ret = copy_thread_fpu(m, c, child, clone_flags, False, ssp)
+    if ret:
+        raise KernelBug("update-fpu-shstk",
+                        "WARN: clone with a shadow stack pointer but CET_USER in init state")
+    return child
+
+
+def sys_execve(c: Cpu, comm: str) -> KPath:
+    """execve() (fs/exec.c begin_new_exec): other threads of the group die (de_thread), a new
+    mm, the sigaltstack is cleared (sas_ss_sp = sas_ss_size = 0; the flags stay), then
+    flush_thread():
+    fpu_flush_thread() and the default PKRU (pkru_flush_thread)."""
+    m = c.m
+    t = c.current
+    for other in list(t.process.threads):
+        if other is not t and other.state is not TaskState.DEAD:
+            other.killed_by = Signal(SIGKILL)
+            if other.state in (TaskState.RUNNABLE, TaskState.STOPPED):
+                m._release(other, reap=True)
+            else:
+                oc = m.cpu_of(other)
+                if other.state is TaskState.USER:
+                    m.enter_kernel(oc.nr)
+                other.kpath = None
+                m.do_exit(oc.nr)
+    c = yield  # loading the binary: may sleep
+    t.process.threads[:] = [t]
+    t.process.mm = UserMemory()
+    t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
+    t.process.next_mmap = MMAP_BASE
+    t.user_sp = USER_STACK_TOP - 0x1000
+    t.comm = comm
+    t.sas_ss_sp, t.sas_ss_size = 0, 0
+    t.handlers = {}
+    core.fpu_flush_thread(c)
+    if m.system.ospke:
+        t.thread_pkru = core.INIT_PKRU_VALUE
+        c.regs.set_component(9, core.INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
+    return 0
