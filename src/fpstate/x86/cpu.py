@@ -213,7 +213,7 @@ class Cpu:
         self.xfd_err = 0
         self.cr0_ts = False
         self.cr4_osxsave = m.has("XSAVE")
-        self.cr4_pke = m.has("OSPKE")
+        self.cr4_pke = m.has("PKU")  # Linux's setup_pku() enables CR4.PKE on PKU CPUs
         self.cpl = cpl
         self.xinuse = 0
         self.xmodified = (1 << 64) - 1

@@ -47,6 +47,7 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.image import normalise_image
 from fpstate.x86.impl import (
     COMPACTED_XSTATE_BV63,
+    LEGACY_SSE_UPPER,
     MODIFIED_OPTIMIZATION,
     X87_POINTERS,
     XRSTOR_INIT_XINUSE,
@@ -379,10 +380,13 @@ def default_xcr0(profile: CpuidProfile) -> int:
     """The XCR0 Linux programs on ``profile``: fpu_user_cfg.max_features as
     fpu__init_system_xstate() computes it (arch/x86/kernel/fpu/xstate.c): CPUID.(0DH,0)
     within XFEATURE_MASK_USER_SUPPORTED, minus components whose xsave_cpuid_features[] gate
-    the CPU lacks, minus XTILE_DATA without XFD."""
+    the CPU lacks, minus XTILE_DATA without XFD. PKRU's gate is X86_FEATURE_OSPKE, which the
+    kernel sets itself when it enables CR4.PKE (setup_pku()); a dump's live OSPKE bit says
+    only what the dumping OS did, so PKU stands for it here."""
     xcr0 = profile.xcr0_supported & USER_SUPPORTED
     for i in bits(xcr0):
         gate = BY_NUMBER[i].gate if i in BY_NUMBER else None
+        gate = "PKU" if gate == "OSPKE" else gate
         if i > 1 and (gate is None or not profile.has(gate)):
             xcr0 &= ~(1 << i)
     if not profile.has("XFD"):
@@ -430,17 +434,23 @@ def kernel_switch(cpu: Cpu) -> Cpu:
 def preemptions(cpu: Cpu) -> list[Cpu]:
     """The states a preemption may leave (see `kernel_switch`), other than ``cpu`` itself.
 
-    Measured on the host, and kept here: in about 1 run in 100 a preempted program finds
-    XINUSE[1] set with XMM0-15 zero and MXCSR = 1F80H (the origin, kernel or the hypervisor of
-    this nested guest, is not identified), so that variant is allowed too."""
+    Measured on the host, and kept here: in about 1 run in 100 a preempted program finds its
+    XINUSE as a legacy SSE write of an XMM register would leave it (XINUSE[1] set with
+    XMM0-15 zero and MXCSR = 1F80H, and XINUSE[2] too while ZMM_Hi256 is in use, the
+    LEGACY_SSE_UPPER rule) although the program wrote nothing: something on the way back to
+    the program (the kernel or the hypervisor of this nested guest: not identified) does. So
+    that variant is allowed too."""
     out = []
     k = kernel_switch(cpu)
     if k.key() != cpu.key():
         out.append(k)
-    if cpu.xcr0 & 2 and not k.xinuse & 2:
+    if cpu.xcr0 & 2:
         s = k.copy()
         s.xinuse |= 2
-        out.append(s)
+        if cpu.impl[LEGACY_SSE_UPPER] and s.xinuse >> 6 & 1:
+            s.xinuse |= 4
+        if s.xinuse != k.xinuse:
+            out.append(s)
     return out
 
 
@@ -500,8 +510,8 @@ def _preempt(worlds: list[_World]) -> list[_World]:
 
 
 def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = None,
-                xss: int = 0, xfd: int = 0, impl: ImplDefined | None = None
-                ) -> list[Outcome]:
+                xss: int = 0, xfd: int = 0, impl: ImplDefined | None = None,
+                preempt: bool = True) -> list[Outcome]:
     """The model's answer to ``program`` on ``profile``: the SET of outcomes the CPU may give
     (usually one), as the host runner produces them (`fpstate.x86.program`, `fpstate.host.
     runner`): XRSTOR64 of the start image with RFBM = XCR0, the instructions at the program's
@@ -509,7 +519,8 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
 
     The outcome varies only where a preemption between two instructions changes what the
     CPU tracks (`preemptions`: the modified optimisation is lost, XINUSE is re-derived); every
-    such point is tried. ``xcr0`` defaults to the XCR0 Linux programs (`default_xcr0`).
+    such point is tried (``preempt=False``: none is, the outcome of an undisturbed run).
+    ``xcr0`` defaults to the XCR0 Linux programs (`default_xcr0`).
     ProgramError for a start image the XRSTOR refuses (the runner does the same);
     UnknownPointers when the program would show FIP/FDP of an FLD."""
     check_program(program)
@@ -536,7 +547,7 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
     worlds = [_World(cpu, bufs, [])]
     outcomes: dict[tuple, Outcome] = {}
     for step, insn in enumerate(program.insns):
-        worlds = _preempt(worlds)
+        worlds = _preempt(worlds) if preempt else worlds
         alive = []
         for w in worlds:
             result = _execute(w.cpu, insn, w.bufs)
@@ -548,7 +559,7 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
                 w.values.append(result)
             alive.append(w)
         worlds = alive
-    for w in _preempt(worlds) if worlds else []:
+    for w in _preempt(worlds) if worlds and preempt else worlds:
         o = _final(w, xcr0)
         outcomes.setdefault(o.key(), o)
     return list(outcomes.values())

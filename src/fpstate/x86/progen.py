@@ -202,8 +202,9 @@ def _request_mask(d: Draw, xcr0: int) -> int:
     return sub | (1 << d.integer(8, 63) if kind == "high" else 0)
 
 
-def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bool) -> Insn:
-    mn = d.choice(_MNEMONICS)
+def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bool,
+          mn: str | None = None) -> Insn:
+    mn = mn or d.choice(_MNEMONICS)
     buf = d.integer(0, nbuf - 1)
     if mn in _XSAVE_FAMILY or mn in ("XSAVES", "XRSTORS"):
         return Insn(mn, buf=buf, mask=_request_mask(d, xcr0))
@@ -236,8 +237,10 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
 
 
 def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
-                     mxcsr_mask: int = 0xFFFF, max_insns: int = 8) -> Program:
-    """One random program for ``profile`` (see the module docstring)."""
+                     mxcsr_mask: int = 0xFFFF, max_insns: int = 8,
+                     focus: str | None = None) -> Program:
+    """One random program for ``profile`` (see the module docstring); with ``focus`` the
+    program has at least one instruction of that mnemonic."""
     m = machine(profile)
     xcr0 = default_xcr0(profile) if xcr0 is None else xcr0
     n = d.integer(1, max_insns)
@@ -251,6 +254,11 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
         if insn.mnemonic == "FLD" and not has_fld:
             insn = Insn("FNINIT")
         insns.append(insn)
+    if focus is not None:
+        at = d.integer(0, len(insns) - 1)
+        insns[at] = _insn(d, m, xcr0, nbuf, mxcsr_mask, has_fld, focus)
+        if focus == "FLD" and not has_fld:
+            insns[at] = Insn("FNINIT")
     return Program(start, tuple(insns), buffers)
 
 

@@ -1,0 +1,192 @@
+"""The CPU model against this CPU: the same programs on both, byte for byte.
+
+`fpstate.x86.insn.run_program` returns the set of outcomes the architecture (and this CPU's
+implementation-defined choices, `fpstate.x86.impl`) allows; `fpstate.host.runner.run_program`
+runs the program for real. Every test asserts the real outcome is in the model's set:
+buffers, values read, the fault and its step, XINUSE and the final registers.
+
+- `test_random_programs` and `test_xsave_variant` run 2,100 hypothesis programs (fixed seed:
+  ``derandomize=True``) over every user component of this CPU's XCR0 and every user-mode XSAVE
+  variant, with valid and broken images, misaligned buffers and random request masks;
+- `test_implementation_choice` names every implementation-defined choice: the host agrees
+  with the model under the recorded choice and disagrees under the other one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from fpstate.errors import HostUnavailable
+from fpstate.host import native
+from fpstate.x86 import impl as I
+from fpstate.x86.program import Buffer, Insn, Outcome, Program
+
+pytestmark = pytest.mark.host
+
+if not native.is_x86_64():
+    pytest.skip("the host is not x86-64", allow_module_level=True)
+
+from fpstate.host.runner import host_lacks, host_xsave  # noqa: E402
+from fpstate.host.runner import run_program as host_run  # noqa: E402
+from fpstate.x86.insn import run_program as model_run  # noqa: E402
+from fpstate.x86.profiles import load_profile  # noqa: E402
+
+try:
+    host_xsave()
+except HostUnavailable as e:  # pragma: no cover - a CPU without OS-enabled XSAVE
+    pytest.skip(str(e), allow_module_level=True)
+
+
+def _strategies():  # tests/x86/strategies.py, by path (pytest runs in importlib mode)
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "x86_strategies" not in sys.modules:
+        path = pathlib.Path(__file__).with_name("strategies.py")
+        spec = importlib.util.spec_from_file_location("x86_strategies", path)
+        assert spec and spec.loader
+        sys.modules["x86_strategies"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["x86_strategies"]
+
+
+image, programs = _strategies().image, _strategies().programs
+
+PROFILE = load_profile("host")
+IMPL = I.for_profile(PROFILE)
+RANDOM_CASES = 1200
+VARIANT_CASES = 150
+VARIANTS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR")
+
+
+def _settings(examples: int) -> settings:
+    return settings(max_examples=examples, derandomize=True, deadline=None, database=None,
+                    print_blob=True, suppress_health_check=[HealthCheck.too_slow,
+                                                            HealthCheck.data_too_large])
+
+
+def describe(program: Program, host: Outcome, model: list[Outcome]) -> str:
+    lines = [f"host: fault {host.fault} at {host.fault_step}, values "
+             f"{[hex(v) for v in host.values]}, xinuse {host.xinuse}",
+             "program: " + "; ".join(str(i) for i in program.insns),
+             f"buffers: {[(len(b.data), b.misalign) for b in program.buffers]}"]
+    for o in model[:4]:
+        lines.append(f"model outcome differs: {o.differences(host)}")
+    return "\n".join(lines)
+
+
+def check(program: Program) -> None:
+    host = host_run(program)
+    model = model_run(PROFILE, program)
+    assert any(o.key() == host.key() for o in model), describe(program, host, model)
+
+
+@_settings(RANDOM_CASES)
+@given(programs(PROFILE))
+def test_random_programs(program: Program) -> None:
+    check(program)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_xsave_variant(variant: str) -> None:
+    """Programs with at least one ``variant`` instruction among the others."""
+    reason = host_lacks(variant)
+    if reason:
+        pytest.skip(reason)
+
+    @_settings(VARIANT_CASES)
+    @given(programs(PROFILE, focus=variant))
+    def run(program: Program) -> None:
+        check(program)
+
+    run()
+
+
+def test_at_least_2000_cases() -> None:
+    assert RANDOM_CASES + VARIANT_CASES * len(VARIANTS) >= 2000
+
+
+@pytest.mark.parametrize("focus", ["WRPKRU", "LDTILECFG"])
+def test_feature_programs(focus: str) -> None:
+    """PKRU and AMX state against the host, where the host has them."""
+    reason = host_lacks(focus)
+    if reason:
+        pytest.skip(reason)
+
+    @_settings(100)
+    @given(programs(PROFILE, focus=focus))
+    def run(program: Program) -> None:
+        check(program)
+
+    run()
+
+
+# --- implementation-defined choices, each named and discriminated -------------------------
+
+_AA = Buffer(bytes([0xAA]) * 4096)
+_ZMM_H = [(0x380, b"\x11")] if PROFILE.vendor == "amd" else []
+_STD_AVX = PROFILE.component(2).offset
+
+#: choice -> (the other value, a program whose host outcome tells the two apart)
+CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
+    I.XRSTOR_INIT_XINUSE: ("in-use", Program(image(0), (Insn("XGETBV", reg=1),))),
+    I.XRSTOR_LOAD_XINUSE: ("set", Program(image(0xE7), (Insn("XGETBV", reg=1),))),
+    I.WRITE_XINUSE: (0, Program(image(0), (Insn("FLDCW", value=0x27F),
+                                           Insn("FLDCW", value=0x37F),
+                                           Insn("XGETBV", reg=1)))),
+    I.ZEROING_CLEARS_XINUSE: (False, Program(image(0), (
+        Insn("VMOVDQU", reg=1, data=bytes(range(32))), Insn("VZEROUPPER"),
+        Insn("XGETBV", reg=1)))),
+    I.MODIFIED_OPTIMIZATION: (False, Program(image(0x80, patch=[(0x580, b"\x55" * 8)]), (
+        Insn("XRSTOR", buf=0, mask=0xE7), Insn("XSAVEC", buf=0, mask=0x80),
+        Insn("XSAVEOPT", buf=0, mask=0xE7)),
+        (Buffer(image(0xE7, patch=[(_STD_AVX, b"\x22" * 16), (0x580, b"\x77" * 8)])),))),
+    I.X87_POINTERS: ("always", Program(image(1, fop=0x123, fip=0x1111, fdp=0x2222,
+                                              fsw=0x4000), (Insn("XSAVE", buf=0, mask=1),),
+                                        (_AA,))),
+    I.FSW_SUMMARY_ON_LOAD: ("loaded", Program(image(1, fsw=0x8081), (Insn("FNSTSW"),))),
+    I.FCW_RESERVED: ((0xFFFF, 0), Program(image(0), (Insn("FLDCW", value=0xFFFF),
+                                                      Insn("FNSTCW")))),
+    I.FLD_UNDEFINED_FLAGS: ("cleared", Program(image(1, fsw=0x4500), (
+        Insn("FLD", data=bytes(10)), Insn("FNSTSW")))),
+    I.MXCSR_MASK: (0xFFFF, Program(image(0), (Insn("LDMXCSR", value=0x21F80),
+                                              Insn("STMXCSR")))),
+    I.COMPACTED_XSTATE_BV63: ("allowed", Program(image(0), (
+        Insn("XRSTOR", buf=0, mask=0xE7),),
+        (Buffer(image(1 << 63, xcomp_bv=1 << 63 | 0xE7)),))),
+    I.FXSAVE_RESERVED: ("zeroed", Program(image(0), (Insn("FXSAVE", buf=0),), (_AA,))),
+    I.X87_POINTER_BITS: (64, Program(image(1, fcw=0x37E, fsw=1, fip=1 << 56, fdp=1 << 56),
+                                     (Insn("XSAVE", buf=0, mask=1),), (_AA,))),
+    I.LEGACY_SSE_UPPER: (not IMPL[I.LEGACY_SSE_UPPER], Program(image(0x40, patch=_ZMM_H), (
+        Insn("MOVDQU", reg=4, data=bytes(16)), Insn("XGETBV", reg=1)))),
+    I.EMMS_TOP: ("kept" if IMPL[I.EMMS_TOP] == "zeroed" else "zeroed",
+                 Program(image(1, fsw=0x2800, ftw=0x20), (Insn("EMMS"), Insn("FNSTSW")))),
+}
+
+
+def test_every_choice_has_a_program() -> None:
+    assert set(CHOICE_PROGRAMS) == set(I.CHOICES)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICE_PROGRAMS))
+def test_implementation_choice(key: str) -> None:
+    """The host behaves as ``IMPL[key]`` says and not as the other value would (in a run
+    without preemption: a preemption re-derives XINUSE, which can blur the difference)."""
+    other, program = CHOICE_PROGRAMS[key]
+    for needed in {i.mnemonic for i in program.insns}:
+        reason = host_lacks(needed)
+        if reason:
+            pytest.skip(reason)
+    alternative = IMPL.with_choice(key, other)
+    seen = []
+    for _ in range(5):  # a preemption can make one run ambiguous (see insn.preemptions)
+        host = host_run(program)
+        ours = model_run(PROFILE, program, impl=IMPL)
+        theirs = model_run(PROFILE, program, impl=alternative, preempt=False)
+        assert any(o.key() == host.key() for o in ours), describe(program, host, ours)
+        seen.append(all(o.key() != host.key() for o in theirs))
+        if seen[-1]:
+            return
+    pytest.fail(f"{key}={other!r} explains the host's outcome as well as {IMPL[key]!r}")
