@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpstate.errors import FpstateError, ProgramError
+from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.sched import KPath, Machine, Task
 from fpstate.kernel.x86.types import (
     XFEATURE_MASK_GUEST_SUPERVISOR,
@@ -340,8 +341,9 @@ def _guest_token(c: Any, vcpu: KvmVcpu, i: int) -> bytes:
 def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KPath:
     """KVM_RUN -> kvm_arch_vcpu_ioctl_run() (x86.c): kvm_load_guest_fpu(); a pending INIT is
     accepted with the guest FPU loaded; one preemption point (the run loop's cond_resched());
-    vcpu_enter_guest(): guest XCR0/XSS/PKRU and XFD_ERR loaded, the ops, host state back;
-    kvm_put_guest_fpu(). Returns a `RunResult`."""
+    vcpu_enter_guest(): the guest registers reloaded if a context switch saved them
+    (TIF_NEED_FPU_LOAD -> switch_fpu_return), guest XCR0/XSS/PKRU and XFD_ERR loaded, the ops,
+    host state back; kvm_put_guest_fpu(). Returns a `RunResult`."""
     for op in ops:
         if op.kind not in GUEST_OPS:
             raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {sorted(GUEST_OPS)})")
@@ -349,6 +351,10 @@ def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KP
     overflow = kfpu.kvm_load_guest_fpu(c, vcpu)
     kvm_apic_accept_events(c, vcpu)
     c = yield
+    if c.current.need_fpu_load:
+        # vcpu_enter_guest(): a context switch saved the guest registers into the guest
+        # fpstate (fpu->fpstate while loaded) and set TIF_NEED_FPU_LOAD; reload them now.
+        core.switch_fpu_return(c)
     c.irqs_disabled = True
     vcpu.last_vmentry_cpu = c.nr
     kfpu.kvm_load_guest_xsave_state(c, vcpu)

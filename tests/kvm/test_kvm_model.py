@@ -1,0 +1,514 @@
+"""The model of KVM's x86 guest FPU (fpstate.kvm.x86): concrete expectations from the kernel's
+rules, on bundled CPUs that have what this host lacks (AMX, XFD, XSAVES in guests, MPX, CET).
+
+Each test states a behaviour of arch/x86/kvm/{x86.c,cpuid.c} and arch/x86/kernel/fpu/core.c
+(v6.18): an errno, a size, a mask, which bytes a buffer holds, which variant breaks which rule.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+
+import pytest
+
+from fpstate.errors import FpstateError
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.sched import Machine
+from fpstate.kernel.x86.types import FPU_GUEST_PERM_LOCKED
+from fpstate.kernel.x86.xstate_prctl import (
+    ARCH_REQ_XCOMP_GUEST_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    EBUSY,
+    EINVAL,
+    EOPNOTSUPP,
+    EPERM,
+)
+from fpstate.kvm.x86 import x86
+from fpstate.kvm.x86.cpuid import (
+    KvmCaps,
+    find_cpuid,
+    kvm_get_filtered_xcr0,
+    xstate_required_size,
+)
+from fpstate.kvm.x86.fpu import default_configs, host_fpstates_with_guest_only_state
+from fpstate.kvm.x86.vcpu import (
+    GuestOp,
+    KvmConfig,
+    Vmm,
+    guest_hardware_profile,
+    model_config,
+    model_system,
+    model_vmm,
+)
+from fpstate.x86.profiles import load_profile
+
+SPR = load_profile("sapphire-rapids")
+SKX = load_profile("skylake-sp")
+ZEN5 = load_profile("zen5")
+XTILE_DATA, XTILE_CFG = 1 << 18, 1 << 17
+CET = (1 << 11) | (1 << 12)
+
+
+def vmm(profile, **kw) -> Vmm:
+    return model_vmm(profile, **kw)
+
+
+def vcpu_with_cpuid(v: Vmm, entries=None):
+    vm = v.create_vm()
+    vcpu = v.create_vcpu(vm)
+    entries = v.supported_cpuid_0xd() if entries is None else entries
+    assert v.set_cpuid2(vcpu, entries) == 0
+    v.set_cr4(vcpu, osxsave=True)
+    return vcpu
+
+
+def with_leaf(entries, index, **regs):
+    return tuple(replace(e, **regs) if e.function == 0xD and e.index == index else e
+                 for e in entries)
+
+
+def uabi(xstate_bv=0, mxcsr=0x1F80, size=4096, xcomp_bv=0, fill=None):
+    """A UABI (standard format) buffer: FCW 037FH, MXCSR, the header; ``fill`` {offset: bytes}."""
+    b = bytearray(size)
+    struct.pack_into("<H", b, 0, 0x037F)
+    struct.pack_into("<I", b, 24, mxcsr)
+    struct.pack_into("<QQ", b, 512, xstate_bv, xcomp_bv)
+    for off, data in (fill or {}).items():
+        b[off:off + len(data)] = data
+    return bytes(b)
+
+
+# -- KVM_GET_SUPPORTED_CPUID, KVM_CAP_XSAVE2 and the guest permission flow ----------------------
+
+
+def test_supported_cpuid_hides_amx_until_the_process_has_guest_permission() -> None:
+    v = vmm(SPR)
+    d0 = find_cpuid(v.supported_cpuid_0xd(), 0xD, 0)
+    assert (d0.eax, d0.ebx, d0.ecx) == (0x2E7, 2696, 2696)  # no XTILE_CFG without DATA
+    assert find_cpuid(v.supported_cpuid_0xd(), 0xD, 18) is None
+    assert v.cap_xsave2() == 4096
+    assert v.xcomp_guest_supp() == 0x602E7  # unfiltered by permission
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    sup = v.supported_cpuid_0xd()
+    assert (find_cpuid(sup, 0xD, 0).eax, find_cpuid(sup, 0xD, 0).ebx) == (0x602E7, 11008)
+    d18 = find_cpuid(sup, 0xD, 18)
+    assert (d18.eax, d18.ebx, d18.ecx & 4) == (8192, 2816, 4)  # XFD-capable (VMX has XFD)
+    assert find_cpuid(sup, 0xD, 1).ebx == 10752  # compacted, with XSS CET_U|CET_S
+    assert v.cap_xsave2() == 11008
+
+
+def test_filtered_xcr0_drops_xtile_cfg_when_xtile_data_is_not_permitted() -> None:
+    caps = vmm(SPR).kvm.caps
+    assert kvm_get_filtered_xcr0(caps, 0x21EE7) == 0x2E7  # guest default perm has CFG only
+    assert kvm_get_filtered_xcr0(caps, 0x61EE7) == 0x602E7
+
+
+def test_required_size_aligns_tile_components_in_the_compacted_format() -> None:
+    caps = vmm(SPR).kvm.caps
+    assert xstate_required_size(caps, 0x2E7, True) == 2440
+    assert xstate_required_size(caps, 0x202E7, True) == 2560  # CFG rounded up to 2496
+    assert xstate_required_size(caps, 0x602E7, False) == 11008
+
+
+def test_vcpu_creation_locks_the_guest_permission() -> None:
+    v = vmm(SPR)
+    v.create_vcpu(v.create_vm())
+    assert v.task.fpu.guest_perm.state_perm & FPU_GUEST_PERM_LOCKED
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == -EBUSY
+    assert v.arch_prctl(ARCH_REQ_XCOMP_PERM, 18) == 0  # the host permission is not locked
+
+
+def test_guest_permission_taken_before_the_vcpu_stays_granted() -> None:
+    v = vmm(SPR)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    v.create_vcpu(v.create_vm())
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0  # already permitted: no lock check
+
+
+def test_guest_permission_for_amx_on_a_cpu_without_amx_is_eopnotsupp() -> None:
+    v = vmm(ZEN5)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == -EOPNOTSUPP
+    assert v.cap_xsave2() == 4096
+
+
+# -- KVM_SET_CPUID2 -----------------------------------------------------------------------------
+
+
+def test_set_cpuid2_with_amx_needs_guest_permission() -> None:
+    v = vmm(SPR)
+    vcpu = v.create_vcpu(v.create_vm())
+    fps = vcpu.arch.guest_fpu.fpstate
+    amx = with_leaf(v.supported_cpuid_0xd(), 0, eax=0x602E7)
+    assert v.set_cpuid2(vcpu, amx) == -EPERM
+    assert vcpu.arch.cpuid == () and vcpu.arch.guest_supported_xcr0 == 0
+    assert vcpu.arch.guest_fpu.fpstate is fps
+
+
+def test_set_cpuid2_with_amx_reallocates_the_guest_fpstate() -> None:
+    v = vmm(SPR)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    vcpu = v.create_vcpu(v.create_vm())
+    old = vcpu.arch.guest_fpu.fpstate
+    assert (old.size, vcpu.arch.guest_fpu.uabi_size) == (2560, 4096)
+    assert v.set_cpuid2(vcpu, v.supported_cpuid_0xd()) == 0
+    gfpu = vcpu.arch.guest_fpu
+    assert old.freed and gfpu.fpstate is not old
+    assert gfpu.fpstate.size == v.task.fpu.guest_perm.state_size == 10752
+    assert gfpu.uabi_size == 11008 and gfpu.xfeatures & XTILE_DATA
+    assert gfpu.fpstate.is_guest and gfpu.fpstate.xfd == 0
+    assert vcpu.arch.guest_supported_xcr0 == 0x602E7
+    assert v.get_xsave(vcpu) == -EINVAL  # struct kvm_xsave is only 4096 bytes
+    assert len(v.get_xsave2(vcpu)) == 11008
+
+
+def test_set_cpuid2_after_the_vcpu_ran_must_be_identical() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    v.run(vcpu)
+    same = vcpu.arch.cpuid
+    assert v.set_cpuid2(vcpu, same) == 0
+    assert v.set_cpuid2(vcpu, with_leaf(same, 0, eax=0x7)) == -EINVAL
+    assert vcpu.arch.guest_supported_xcr0 == 0x2E7
+
+
+def test_guest_supported_xcr0_is_guest_cpuid_and_kvm_supported() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v, with_leaf(v.supported_cpuid_0xd(), 0, eax=0x800FF))
+    assert vcpu.arch.guest_supported_xcr0 == 0xE7  # MPX and APX bits are not KVM-supported
+
+
+# -- XCR0 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("xcr0", "ok"), [
+    (0x1, True), (0x3, True), (0x7, True), (0xE7, True), (0x2E7, True), (0x602E7, True),
+    (0x0, False), (0x2, False), (0x5, False), (0x27, False), (0xE3, False), (0x67, False),
+    (0x202E7, False), (0x402E7, False), (0x800E7, False), (0x1 | 1 << 63, False),
+])
+def test_kvm_set_xcrs_applies_the_xcr0_rules(xcr0: int, ok: bool) -> None:
+    v = vmm(SPR)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, xcr0)]) == (0 if ok else -EINVAL)
+    assert v.get_xcrs(vcpu) == {0: xcr0 if ok else 1}
+
+
+@pytest.mark.parametrize(("xcr0", "ok"), [(0x1F, True), (0xF, False), (0x17, False),
+                                          (0x2FF, True)])
+def test_mpx_components_must_be_enabled_together(xcr0: int, ok: bool) -> None:
+    v = vmm(SKX)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, xcr0)]) == (0 if ok else -EINVAL)
+
+
+def test_kvm_set_xcrs_entry_rules() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(1, 0)] * 17) == -EINVAL
+    assert v.set_xcrs(vcpu, [(0, 7)], flags=1) == -EINVAL
+    assert v.set_xcrs(vcpu, [(1, 0x3), (0, 0x7), (0, 0xE7)]) == 0
+    assert v.get_xcrs(vcpu) == {0: 0x7}  # only the first XCR0 entry counts
+    assert v.set_xcrs(vcpu, [(1, 0x55)]) == 0 and v.get_xcrs(vcpu) == {0: 0x7}
+
+
+def test_guest_xsetbv_faults_and_successes() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    vcpu.arch.cpuid_dynamic_bits_dirty = False
+    r = v.run(vcpu, [GuestOp("xsetbv", 0, 0x7, cpl=3), GuestOp("xsetbv", 0, 0x5),
+                     GuestOp("xsetbv", 1, 0x7), GuestOp("xsetbv", 0, 0xE7)])
+    assert [f.vector if f else None for f in r.results] == ["#GP", "#GP", "#GP", None]
+    assert v.get_xcrs(vcpu) == {0: 0xE7} and vcpu.arch.cpuid_dynamic_bits_dirty
+    v.set_cr4(vcpu, osxsave=False)
+    assert v.run(vcpu, [GuestOp("xsetbv", 0, 0x7)]).results[0].vector == "#UD"
+
+
+def test_guest_xcr0_is_loaded_around_vm_entry_only() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0x3)]) == 0
+    r = v.run(vcpu, [GuestOp("write", 2), GuestOp("write", 1)])
+    assert r.results[0].vector == "#UD" and r.results[1] is None  # AVX off in the guest's XCR0
+    assert v.m.cpus[v.nr].regs.xcr0 == v.m.system.xcr0  # the host's XCR0 is back
+
+
+# -- IA32_XSS, IA32_XFD, IA32_XFD_ERR -------------------------------------------------------------
+
+
+def test_ia32_xss_follows_the_guest_cpuid() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    assert vcpu.arch.guest_supported_xss == 0x1800
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XSS, 0x1800)]) == 1
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XSS, 0x400)]) == 0  # PASID: not KVM-supported
+    assert v.get_msrs(vcpu, [x86.MSR_IA32_XSS]) == {x86.MSR_IA32_XSS: 0x1800}
+    no_xsaves = with_leaf(v.supported_cpuid_0xd(), 1, eax=0x17)
+    other = vcpu_with_cpuid(v, no_xsaves)
+    assert v.set_msrs(other, [(x86.MSR_IA32_XSS, 0)]) == 1  # advertised: a zero write passes
+    assert v.set_msrs(other, [(x86.MSR_IA32_XSS, 0x800)]) == 0
+
+
+def test_ia32_xss_zero_write_is_refused_where_kvm_supports_no_xss() -> None:
+    v = vmm(ZEN5, vendor="pvm")  # no XSAVES for guests, hence supported_xss = 0
+    vcpu = vcpu_with_cpuid(v)
+    assert v.kvm.caps.supported_xss == 0
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XSS, 0)]) == 0
+    assert v.get_msrs(vcpu, [x86.MSR_IA32_XSS]) == {x86.MSR_IA32_XSS: 0}
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, 0)]) == 1  # host writes pass the CPUID check
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == 0
+
+
+def test_guest_xfd_nm_is_intercepted_and_the_buffer_is_never_reallocated() -> None:
+    v = vmm(SPR)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0x602E7)]) == 0
+    fps = vcpu.arch.guest_fpu.fpstate
+    r = v.run(vcpu, [
+        GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA),  # emulated, then passed through
+        GuestOp("write", 18),  # #NM: intercepted, XFD_ERR saved, re-injected
+        GuestOp("rdmsr", x86.MSR_IA32_XFD_ERR),
+        GuestOp("wrmsr", x86.MSR_IA32_XFD_ERR, 0),
+        GuestOp("wrmsr", x86.MSR_IA32_XFD, 0),  # not intercepted any more
+        GuestOp("write", 18),
+    ])
+    assert r.results[0] is None and r.results[1].vector == "#NM"
+    assert r.results[2] == XTILE_DATA and r.results[3:] == (None, None, None)
+    assert vcpu.arch.xfd_no_write_intercept
+    assert vcpu.arch.guest_fpu.fpstate is fps and fps.xfd == 0  # synced at VM exit
+    assert vcpu.arch.guest_fpu.xfd_err == 0
+    assert v.m.cpus[v.nr].regs.xfd_err == 0  # the host never keeps the guest's XFD_ERR
+    assert fps.xstate_bv & XTILE_DATA
+
+
+def test_xfd_writes_outside_the_guests_dynamic_features_are_refused() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)  # no AMX in the guest CPUID (no permission)
+    r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+    assert r.results[0].vector == "#GP"
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == 0
+
+
+# -- KVM_GET_XSAVE / KVM_GET_XSAVE2 / KVM_SET_XSAVE --------------------------------------------
+
+
+def test_a_new_vcpus_xsave_buffer() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    buf = v.get_xsave(vcpu)
+    assert len(buf) == 4096
+    assert buf[0:2] == b"\x7f\x03" and struct.unpack_from("<II", buf, 24) == (0x1F80, 0xFFFF)
+    assert struct.unpack_from("<Q", buf, 464)[0] == 0x602E7  # xstate_fx_sw_bytes: host XCR0
+    assert buf[512:576] == bytes(64) and buf[576:] == bytes(4096 - 576)
+
+
+@pytest.mark.parametrize(("what", "buf"), [
+    ("bit outside KVM's supported XCR0", uabi(xstate_bv=0x3 | 1 << 19)),
+    ("a supervisor bit", uabi(xstate_bv=0x3 | 1 << 11)),
+    ("XCOMP_BV", uabi(xstate_bv=0x3, xcomp_bv=1 << 63 | 0x3)),
+    ("a reserved header byte", uabi(xstate_bv=0x3, fill={540: b"\x01"})),
+    ("MXCSR bit outside MXCSR_MASK", uabi(xstate_bv=0x2, mxcsr=0x10000)),
+    ("MXCSR with only YMM", uabi(xstate_bv=0x4, mxcsr=1 << 31)),
+])
+def test_kvm_set_xsave_rejects_with_einval(what: str, buf: bytes) -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    before = bytes(vcpu.arch.guest_fpu.fpstate.regs)
+    assert v.set_xsave(vcpu, buf) == -EINVAL, what
+    assert bytes(vcpu.arch.guest_fpu.fpstate.regs) == before  # nothing changed
+
+
+def test_kvm_set_xsave_ignores_mxcsr_without_fp_sse_ymm_and_needs_uabi_size_bytes() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x20, mxcsr=0xFFFFFFFF)) == 0
+    assert v.set_xsave(vcpu, uabi()[:4000]) == -14  # memdup_user of 4096 bytes faults
+
+
+def test_set_checks_kvm_wide_xcr0_but_get_masks_with_the_guests() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v, with_leaf(v.supported_cpuid_0xd(), 0, eax=0x207))  # no AVX-512
+    k1 = bytes(range(8))
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x27, fill={1088: k1})) == 0  # opmask at 1088
+    out = v.get_xsave(vcpu)
+    assert struct.unpack_from("<Q", out, 512)[0] == 0x7 and out[1088:1096] == bytes(8)
+    assert vcpu.arch.guest_fpu.fpstate.xstate_bv & 0x20  # the state is there, only hidden
+
+
+def test_pkru_lives_in_vcpu_arch_pkru() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    pkru = struct.pack("<II", 0x55555554, 0)
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x203, fill={2688: pkru})) == 0
+    assert vcpu.arch.pkru == 0x55555554
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x3)) == 0
+    assert vcpu.arch.pkru == 0x55555554  # PKRU bit clear: KVM's ABI keeps vcpu->arch.pkru
+    out = v.get_xsave(vcpu)
+    assert struct.unpack_from("<QI", out, 512)[0] == 0x3 and out[2688:2696] == bytes(8)
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x203, fill={2688: pkru})) == 0
+    vcpu.arch.pkru = 0x12345678  # as a guest WRPKRU leaves it after VM exit
+    out = v.get_xsave(vcpu)
+    assert struct.unpack_from("<I", out, 2688)[0] == 0x12345678  # from arch.pkru, not memory
+
+
+def test_set_then_get_round_trips_the_guest_visible_components() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    fill = {160: bytes(range(256)), 576: bytes(range(255, -1, -1)), 832: bytes(range(64))}
+    buf = uabi(xstate_bv=0x27, mxcsr=0x1F00, fill=fill)
+    assert v.set_xsave(vcpu, buf) == 0
+    out = v.get_xsave(vcpu)
+    assert out[160:416] == fill[160] and out[576:832] == fill[576] and out[832:896] == fill[832]
+    assert struct.unpack_from("<IQ", out, 24)[0] == 0x1F00
+    assert struct.unpack_from("<Q", out, 512)[0] == 0x27
+
+
+# -- INIT and RESET (seed 003) ----------------------------------------------------------------
+
+
+def test_reset_needs_nothing_the_buffer_is_zero_allocated() -> None:
+    v = vmm(SKX)
+    vcpu = v.create_vcpu(v.create_vm())
+    fps = vcpu.arch.guest_fpu.fpstate
+    assert fps.xstate_bv == 0 and bytes(fps.regs[576:]) == bytes(fps.size - 576)
+    assert v.call(x86.kvm_xstate_reset, vcpu, False) == 0
+
+
+def test_init_zeroes_mpx_and_keeps_everything_else() -> None:
+    v = vmm(SKX)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0x1F)]) == 0
+    v.run(vcpu, [GuestOp("write", 2), GuestOp("write", 3), GuestOp("write", 4)])
+    fps = vcpu.arch.guest_fpu.fpstate
+    ymm = core.fpstate_read_component(v.m.system, fps, 2)
+    reloads = vcpu.stat_fpu_reload
+    assert v.init(vcpu) == 0x18
+    assert core.fpstate_read_component(v.m.system, fps, 3) == bytes(64)
+    assert core.fpstate_read_component(v.m.system, fps, 4) == bytes(64)
+    assert fps.xstate_bv & 0x18 == 0x18  # memset only: the header bits stay
+    assert core.fpstate_read_component(v.m.system, fps, 2) == ymm
+    assert vcpu.stat_fpu_reload == reloads  # the FPU was not loaded: no put/load
+    assert v.get_xcrs(vcpu) == {0: 0x1F}  # XCR0 survives INIT
+
+
+def test_init_inside_kvm_run_puts_and_reloads_the_guest_fpu() -> None:
+    v = vmm(SKX)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0x1F)]) == 0
+    r = v.run(vcpu, [GuestOp("write", 3), GuestOp("read", 3), GuestOp("init"),
+                     GuestOp("read", 3)])
+    assert r.results[1] != bytes(64) and r.results[2] == 0x18
+    assert r.results[3] == bytes(64)  # the registers were reloaded from the cleared buffer
+    assert vcpu.stat_fpu_reload == 2 and not v.kvm.warnings
+
+
+def test_init_zeroes_cet_unless_the_rejected_variant() -> None:
+    user_cet = bytes(range(1, 17))
+    for variants, expected in (((), bytes(16)), (("init-keeps-cet",), user_cet)):
+        v = vmm(SPR, variants=variants)
+        vcpu = vcpu_with_cpuid(v)
+        fps = vcpu.arch.guest_fpu.fpstate
+        core.fpstate_write_component(v.m.system, fps, 11, user_cet)  # guest WRMSR IA32_U_CET
+        assert v.init(vcpu) == (0 if variants else CET)
+        assert core.fpstate_read_component(v.m.system, fps, 11) == expected
+
+
+# -- seed 000: the task's buffer grows for AMX before KVM_RUN ---------------------------------
+
+
+@pytest.mark.parametrize("variant", [None, "kvm-save-min-size"])
+def test_amx_user_then_kvm_run(variant: str | None) -> None:
+    v = vmm(SPR, variants=(variant,) if variant else ())
+    vcpu = vcpu_with_cpuid(v)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_PERM, 18) == 0
+    assert v.m.user_write(v.nr, 18).vector == "#NM"  # first use: XFD #NM, reallocation
+    assert v.task.fpu.fpstate.size == 10752
+    tiles = v.m.user_read(v.nr, 18)
+    r = v.run(vcpu, [GuestOp("write", 2)])
+    assert v.m.user_read(v.nr, 18) == tiles
+    if variant is None:
+        assert r.overflow is None and not v.kvm.violations
+    else:
+        assert (r.overflow.alloc, r.overflow.end, r.overflow.bytes_beyond) == (2560, 10752, 8192)
+        assert [x.name for x in v.kvm.violations] == ["xsave-out-of-bounds"]
+
+
+def test_kvm_run_preempted_with_the_guest_fpu_loaded() -> None:
+    system = model_system(ZEN5)
+    m = Machine(system, 1)
+    v = Vmm(m, model_config(system))
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0xE7)]) == 0
+    ymm = bytes(range(32)) * 8
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x7, fill={576: ymm})) == 0
+    assert v.m.user_write(0, 2, bytes(256)) is None
+    other = m.spawn("other")
+    from fpstate.kvm.x86.vcpu import kvm_arch_vcpu_ioctl_run
+
+    m.enter_kernel(0)
+    m.start(0, kvm_arch_vcpu_ioctl_run, vcpu, (GuestOp("read", 2),))  # stops after loading
+    m.run(0, other)
+    assert m.user_write(0, 2, bytes([0xEE]) * 256) is None  # the other task clobbers YMM
+    m.preempt(0, v.task)
+    result = m.finish(0)
+    m.exit_to_user_mode(0)
+    assert result.results[0] == ymm  # restored from the guest fpstate after the switch
+    assert m.user_read(0, 2) == bytes(256)  # and the VMM's own state from its fpstate
+
+
+# -- seed 001: guest-only supervisor state ----------------------------------------------------
+
+
+def test_guest_default_features_and_sizes_next_to_the_hosts() -> None:
+    spr = default_configs(model_system(SPR))
+    assert (spr.host_features, spr.guest_features, spr.guest_only) == (0x20EE7, 0x21EE7, 1 << 12)
+    assert (spr.host_size, spr.guest_size) == (2560, 2560)  # padding absorbs the 24 bytes
+    zen = default_configs(model_system(ZEN5))
+    assert (zen.host_size, zen.guest_size) == (2456, 2480)  # the 24 bytes of CET_S
+
+
+def test_cet_kernel_only_ever_in_guest_fpstates() -> None:
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    v.run(vcpu, [GuestOp("write", 2)])
+    assert vcpu.arch.guest_fpu.fpstate.xcomp_bv & 1 << 12
+    assert not v.task.fpu.fpstate.xcomp_bv & 1 << 12
+    assert host_fpstates_with_guest_only_state(v.m) == []
+
+
+def test_variant_guest_only_in_host_fpstate_is_caught() -> None:
+    v = vmm(ZEN5, variants=("guest-only-in-host-fpstate",))
+    assert v.m.system.kernel.default_size == 2480
+    bad = host_fpstates_with_guest_only_state(v.m)
+    assert bad and bad[0].startswith("init_fpstate") and any("qemu" in b for b in bad)
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_unknown_variants_and_vendors_are_refused() -> None:
+    system = model_system(ZEN5)
+    caps = model_config(system).caps
+    with pytest.raises(FpstateError, match="unknown KVM model variant"):
+        KvmConfig(caps, ZEN5, frozenset({"no-such"}))
+    with pytest.raises(FpstateError, match="unknown KVM vendor"):
+        model_config(system, vendor="hyperv")
+
+
+def test_kvm_caps_from_what_a_kvm_reports() -> None:
+    v = vmm(ZEN5, vendor="pvm")
+    sup = v.supported_cpuid_0xd()
+    caps = KvmCaps.from_kvm(v.xcomp_guest_supp(), sup, ZEN5)
+    assert (caps.supported_xcr0, caps.supported_xss, caps.d1_eax) == (0x2E7, 0, 0)
+    assert caps.xstate == v.kvm.caps.xstate
+
+
+def test_guest_hardware_has_no_xsaves_unless_kvm_enables_it() -> None:
+    v = vmm(SPR)
+    with_xsaves = vcpu_with_cpuid(v)
+    without = vcpu_with_cpuid(v, with_leaf(v.supported_cpuid_0xd(), 1, eax=0x17))
+    assert guest_hardware_profile(with_xsaves).has("XSAVES")
+    assert not guest_hardware_profile(without).has("XSAVES")
+    assert guest_hardware_profile(without).has("XSAVEC")  # not interceptable
+    assert guest_hardware_profile(with_xsaves).xss_supported == 0x1800
