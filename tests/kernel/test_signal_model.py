@@ -350,3 +350,33 @@ def test_spr_frame_with_tiles_in_use_and_released(spr: Machine) -> None:
     assert int.from_bytes(mm.read(fp + 512, 8), "little") & 0x60000 == 0
     assert mm.read(fp + 2752, 64 + 8192) == b"\xee" * (64 + 8192)
     assert sigreturn(spr, t) == 0 and spr.user_read(0, TILEDATA) == bytes(8192)
+
+
+def test_sigreturn_preempted_reloads_supervisor_state_from_memory() -> None:
+    """rt_sigreturn can sleep before the restore: another task then owns the CPU's registers.
+    XRSTOR from the frame restores only user components; with TIF_NEED_FPU_LOAD set the
+    supervisor ones (CET_USER here) come from the task's own fpstate (os_xrstor_supervisor),
+    not from whatever the other task left in the registers."""
+    from fpstate.kernel.x86 import core
+
+    m = host_machine()
+    t = running(m)
+    other = m.spawn("other")
+    mine, theirs = token(t.pid, 1, 11, 16), token(other.pid, 1, 11, 16)
+    c = m.enter_kernel(0)
+    core.fpregs_update_current_xstate(c, 11, mine)
+    m.exit_to_user_mode(0)
+    ymm = m.user_read(0, YMM)
+    deliver(m, t)
+    sg.handler_return(t)
+    m.enter_kernel(0)
+    m.start(0, sg.sys_rt_sigreturn)  # at copy_from_user()
+    m.switch_to(0, other)
+    m.exit_to_user_mode(0)
+    c = m.enter_kernel(0)
+    core.fpregs_update_current_xstate(c, 11, theirs)
+    m.switch_to(0, t)
+    assert t.need_fpu_load and m.step(0) and t.kresult == 0
+    m.exit_to_user_mode(0)
+    assert m.cpus[0].regs.component(11) == mine
+    assert m.user_read(0, YMM) == ymm

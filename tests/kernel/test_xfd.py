@@ -200,3 +200,40 @@ def test_enqcmd_gp_fixup_writes_the_live_pasid_msr(spr: Machine) -> None:
     assert spr.cpus[0].regs.component(10) == value
     spr.idle(0)
     assert core.fpstate_read_component(spr.system, t.fpu.fpstate, 10) == value
+
+
+def _guest_fpu(m: Machine):
+    """A vCPU's fpstate as fpu_alloc_guest_fpstate() makes it (the KVM layer owns that
+    function): guest defaults, xfd 0, is_guest, uabi_size 4096."""
+    from fpstate.kernel.x86.types import FpuGuest
+
+    gfps = core.fpstate_alloc(m.system, m.system.guest.size, valloc=True)
+    gfps.is_guest = True
+    core.__fpstate_reset(m.system, gfps)
+    core.fpstate_init_user(m.system, gfps)
+    return FpuGuest(m.system.guest.features, 0, 4096, gfps)
+
+
+def test_guest_fpstate_realloc(spr: Machine) -> None:
+    """__xfd_enable_feature(xfd_err, guest_fpu) (KVM_SET_CPUID2 with AMX): checks the *guest*
+    permission, grows the guest fpstate to guest_perm's size, keeps is_guest, updates the
+    container's xfeatures and uabi_size, and leaves the task's own fpstate alone."""
+    from fpstate.kernel.x86.xfd import __xfd_enable_feature
+
+    t = start(spr)
+    gfpu = _guest_fpu(spr)
+    old = gfpu.fpstate
+    assert (old.size, old.xfeatures, old.xfd) == (2560, 0x21EE7, 0)
+    spr.enter_kernel(0)
+    spr.start(0, __xfd_enable_feature, XTILE_DATA, gfpu)
+    assert spr.finish(0) == -xp.EPERM and gfpu.fpstate is old
+    spr.exit_to_user_mode(0)
+    assert spr.syscall(0, xp.sys_arch_prctl, xp.ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    spr.enter_kernel(0)
+    spr.start(0, __xfd_enable_feature, XTILE_DATA, gfpu)
+    assert spr.finish(0) == 0
+    new = gfpu.fpstate
+    assert new is not old and old.freed and new.is_guest and not new.in_use
+    assert (new.size, new.user_size, new.xfeatures) == (10752, 11008, 0x61EE7)
+    assert (gfpu.xfeatures, gfpu.uabi_size) == (0x61EE7, 11008)
+    assert t.fpu.fpstate is t.fpu.embedded

@@ -384,15 +384,17 @@ def __restore_fpregs_from_user(c: Cpu, buf: int, ufeatures: int, xrestore: int,
     return fault
 
 
-def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> bool:
+def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> KPath:
     """restore_fpregs_from_user() (signal.c): restore straight into the registers, validated by
     the hardware. Only enabled features (user_xfeatures); XFD updated first. On a fault: if the
-    registers were not current's, this CPU's copy is invalidated; a #PF is faulted in and
-    retried, anything else (#GP from a bad header, MXCSR, XSTATE_BV bits) fails. Success
-    restores supervisor state from memory if the registers were not live, and activates."""
-    fpu = c.current.fpu
+    registers were not current's, this CPU's copy is invalidated; a #PF is faulted in
+    (fault_in_readable may sleep: a preemption point) and retried, anything else (#GP from a
+    bad header, MXCSR, XSTATE_BV bits) fails. Success restores supervisor state from memory if
+    the registers were not live (they may hold another task's), and activates. A kernel path
+    returning True or False."""
+    task = c.current
+    fpu = task.fpu
     xrestore &= fpu.fpstate.user_xfeatures
-    mm = c.current.process.mm
     while True:
         core.fpregs_lock(c)
         core.xfd_update_state(c, fpu.fpstate)
@@ -402,24 +404,25 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
         c.pagefault_disabled -= 1
         if fault is None:
             break
-        if c.current.need_fpu_load:
+        if task.need_fpu_load:
             __cpu_invalidate_fpregs_state(c)
         core.fpregs_unlock(c)
         if fault.vector != "#PF":
             return False
         c.m.events["sigreturn-retry"] += 1
+        c = yield  # fault_in_readable(): may sleep
         try:
-            mm.read(buf, fpu.fpstate.user_size)  # fault_in_readable()
+            task.process.mm.read(buf, fpu.fpstate.user_size)
         except PageFault:
             return False
-    if c.current.need_fpu_load and c.m.system.xfeatures_mask_supervisor:
+    if task.need_fpu_load and c.m.system.xfeatures_mask_supervisor:
         core.os_xrstor_supervisor(c, fpu.fpstate)
     core.fpregs_mark_activate(c)
     core.fpregs_unlock(c)
     return True
 
 
-def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> bool:
+def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> KPath:
     """__fpu_restore_sig(): read the sw bytes; user_xfeatures from them (user-controlled) or
     FP|SSE for an FXSAVE-only frame; 64-bit frames restore directly from user memory."""
     if ia32_fxstate:
@@ -432,36 +435,38 @@ def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> bool
         user_xfeatures = sw.xfeatures
     else:
         fx_only, user_xfeatures = True, XFEATURE_MASK_FPSSE
-    return restore_fpregs_from_user(c, buf_fx, user_xfeatures, fx_only)
+    return (yield from restore_fpregs_from_user(c, buf_fx, user_xfeatures, fx_only))
 
 
 @requires("task_context", "user_task")
-def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> bool:
+def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> KPath:
     """fpu__restore_sig() (signal.c): NULL -> clear the user states (success); the frame must
     be accessible (access_ok over xstate_sigframe_size of the *current* fpstate); any failure
     leaves the task with init user state (fpu__clear_user_states) and returns False."""
-    fpu = c.current.fpu
+    task = c.current
+    fpu = task.fpu
     if not buf:
         core.fpu__clear_user_states(c, fpu)
         return True
     size = xstate_sigframe_size(c.m.system, fpu.fpstate.user_size)
-    ok = c.current.process.mm.access_ok(buf, size) and __fpu_restore_sig(c, buf, buf, False)
+    ok = task.process.mm.access_ok(buf, size)
+    if ok:
+        ok = yield from __fpu_restore_sig(c, buf, buf, False)
     if not ok:
-        core.fpu__clear_user_states(c, fpu)
+        core.fpu__clear_user_states(c.m.cpu_of(task), fpu)
     return ok
 
 
 def sys_rt_sigreturn(c: Cpu) -> KPath:
     """rt_sigreturn() (arch/x86/kernel/signal_64.c): the frame is at user sp - 8 (the handler's
-    ret popped the restorer address); restore the FPU from uc_mcontext.fpstate and the stack
-    pointer, then the sigaltstack (restore_altstack, errors ignored). A bad frame -> SIGSEGV
-    (signal_fault). Returns 0 on success, -EFAULT after a bad frame."""
+    ret popped the restorer address); copying it in may sleep (a preemption point); restore the
+    FPU from uc_mcontext.fpstate and the stack pointer, then the sigaltstack
+    (restore_altstack, errors ignored). A bad frame -> SIGSEGV (signal_fault). Returns 0 on
+    success, -EFAULT after a bad frame."""
     from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
     from fpstate.kernel.x86.sched import Signal as Sig
     from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack
 
-    if False:  # pragma: no cover - a kernel path without preemption points
-        yield
     t = c.current
     frame = t.user_sp - 8
     try:
@@ -471,9 +476,11 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
     except PageFault:
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return -EFAULT
-    if not fpu__restore_sig(c, fpstate, False):
+    c = yield  # copy_from_user() of the frame: may sleep
+    if not (yield from fpu__restore_sig(c, fpstate, False)):
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))  # signal_fault() -> force_sig(SIGSEGV)
         return -EFAULT
+    c = c.m.cpu_of(t)
     t.user_sp = sp
     do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),
                    int.from_bytes(stack[8:12], "little"))
