@@ -626,3 +626,13 @@ def user_components(system: FpuSystem) -> list[int]:
     """The user components a task can write on this system (XCR0 minus PKRU, which is not a
     plain register file)."""
     return [i for i in bits(system.xcr0 & ~XFEATURE_MASK_PKRU)]
+
+
+def __getattr__(name: str) -> Any:
+    """fork/clone/exec live in `fpstate.kernel.x86.process`; importing them from here still
+    works (PEP 562) for code written before the split."""
+    if name in ("sys_clone", "sys_execve", "copy_thread_fpu"):
+        from fpstate.kernel.x86 import process
+
+        return getattr(process, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
