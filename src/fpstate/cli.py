@@ -21,6 +21,7 @@ from fpstate.errors import FpstateError
 COMMANDS: tuple[str, ...] = (
     "fpstate.commands.layout",
     "fpstate.commands.bootlog",
+    "fpstate.commands.decode",
     "fpstate.commands.compat",
 )
 

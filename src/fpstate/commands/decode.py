@@ -1,0 +1,244 @@
+"""``fpstate decode``, ``encode``, ``validate``, ``record``, ``translate``: state blobs for people.
+
+- ``fpstate decode SOURCE --cpu CPU [--format F] [--xcr0 MASK] [--all] [--json]``: the header,
+  every component's registers by name (hex), which components are in their initial state, and
+  warnings. SOURCE is a file (raw area, ELF core, state record), ``pid:TID`` or ``kvm[:SEED]``
+  (`fpstate.tools.sources`). The JSON is what ``encode`` reads.
+- ``fpstate encode JSON --cpu CPU [--format F] [-o OUT]``: the bytes back (byte-exact for the
+  JSON's own format; another format lays the registers out afresh).
+- ``fpstate validate SOURCE --cpu CPU --as sigreturn|ptrace|kvm [--kernel V] [--task T]``:
+  whether the kernel takes the blob on that path, and the rule that refuses it: exit 0 when
+  accepted, 1 when refused (`fpstate.tools.validate`).
+- ``fpstate record SOURCE --cpu CPU [--format F] [-o OUT]``: a portable state record (state
+  + CPUID leaf 0xD + XCR0/XSS, `fpstate.tools.record`).
+- ``fpstate translate RECORD --to CPU [--layout standard|compacted] [-o OUT]``: the record
+  re-laid out for another CPU; exit 1 naming each component the target cannot hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fpstate.commands.layout import mask_arg, resolve_cpu
+from fpstate.errors import BlobError
+from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
+from fpstate.tools.blob import FORMATS, Blob, decode, encode
+from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
+from fpstate.tools.sources import Source, read_source
+from fpstate.tools.validate import PATHS, TASKS, validate
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.xfeatures import mask_names
+
+_CPU_HELP = ("'host', a bundled profile (fpstate cpus) or a CPUID dump; default host (a state "
+             "record brings its own CPU)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = subparsers.add_parser("decode", help="decode an XSAVE area, signal frame, ptrace/core "
+                              "note or KVM buffer",
+                              description="Header, registers by name, init components and "
+                              "warnings of a state blob.")
+    d.add_argument("source", metavar="SOURCE", help="a file (raw blob, ELF core, state record), "
+                   "pid:TID (ptrace a running thread) or kvm[:SEED] (a KVM vCPU of this host)")
+    d.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+    d.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    d.add_argument("--xcr0", type=mask_arg, metavar="MASK",
+                   help="the XCR0 a standard-format area was saved under (default: what the "
+                   "blob says, else the CPU's)")
+    d.add_argument("--all", action="store_true", help="also list registers that are zero")
+    d.add_argument("--json", action="store_true", help="print JSON (what 'encode' reads)")
+    d.set_defaults(run=run_decode)
+
+    e = subparsers.add_parser("encode", help="bytes of a decoded blob (decode --json)",
+                              description="Write the blob a 'decode --json' object describes.")
+    e.add_argument("json_file", metavar="JSON")
+    e.add_argument("--cpu", default="host", metavar="CPU", help=_CPU_HELP)
+    e.add_argument("--format", default=None, choices=FORMATS,
+                   help="default: the JSON's own (byte-exact)")
+    e.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
+    e.set_defaults(run=run_encode)
+
+    v = subparsers.add_parser("validate", help="would sigreturn / ptrace / KVM_SET_XSAVE take "
+                              "this blob (kernel model)",
+                              description="Run the kernel's rules of one path on a blob; exit "
+                              "0 accepted, 1 refused (the rule is named).")
+    v.add_argument("source", metavar="SOURCE")
+    v.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+    v.add_argument("--as", dest="path", required=True, choices=PATHS)
+    v.add_argument("--kernel", default=NEWEST, choices=VERSION_NAMES)
+    v.add_argument("--task", default="auto", choices=TASKS,
+                   help="the receiving task: default, AMX permission, or AMX in use "
+                   "(auto: from the blob's header)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=run_validate)
+
+    r = subparsers.add_parser("record", help="a portable state record (state + CPUID 0xD)",
+                              description="State, CPUID leaf 0xD, XCR0 and IA32_XSS as JSON.")
+    r.add_argument("source", metavar="SOURCE")
+    r.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+    r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    r.add_argument("--xcr0", type=mask_arg, metavar="MASK")
+    r.add_argument("-o", "--output", metavar="OUT")
+    r.set_defaults(run=run_record)
+
+    t = subparsers.add_parser("translate", help="re-lay a state record out for another CPU",
+                              description="Translate a state record to another CPU's offsets "
+                              "and/or format; exit 1 naming each component the target cannot "
+                              "hold.")
+    t.add_argument("record", metavar="RECORD")
+    t.add_argument("--to", required=True, metavar="CPU", help="target CPU (host, bundled, dump)")
+    t.add_argument("--layout", default="standard", choices=LAYOUTS)
+    t.add_argument("--xcr0", type=mask_arg, metavar="MASK",
+                   help="target XCR0 (default: Linux's on the target)")
+    t.add_argument("-o", "--output", metavar="OUT")
+    t.set_defaults(run=run_translate)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _profile(src: Source, cpu: str | None) -> CpuidProfile:
+    if src.record is not None and cpu is None:
+        return src.record.profile()
+    return resolve_cpu(cpu or "host")
+
+
+def _decode(src: Source, cpu: str | None, fmt: str, xcr0: int | None) -> Blob:
+    if src.record is not None and xcr0 is None and src.record.layout == "standard":
+        xcr0 = src.record.xcr0
+    return decode(src.data, _profile(src, cpu), src.fmt if fmt == "auto" else fmt, xcr0=xcr0)
+
+
+def _write(text_or_bytes: str | bytes, output: str | None) -> None:
+    if output:
+        mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
+        try:
+            with open(output, mode) as f:
+                f.write(text_or_bytes)
+        except OSError as e:
+            raise BlobError(f"cannot write {output}: {e.strerror or e}") from None
+    elif isinstance(text_or_bytes, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text_or_bytes)
+    else:
+        sys.stdout.write(text_or_bytes)
+
+
+def render(blob: Blob, label: str, show_all: bool = False) -> str:
+    """The text view of a decoded blob."""
+    lines = [f"{label}: {blob.fmt}, {blob.size} bytes, CPU {blob.profile}"
+             + (f" (detected: {blob.detected})" if blob.detected else "")]
+    lines.append(f"XSTATE_BV {blob.xstate_bv:#x} ({mask_names(blob.xstate_bv)})  "
+                 f"XCOMP_BV {blob.xcomp_bv:#x}")
+    if blob.sw_bytes is not None:
+        sw = blob.sw_bytes
+        m2 = "absent" if blob.magic2 is None else f"{blob.magic2:#x}"
+        lines.append(f"fx_sw_bytes: magic1 {sw.magic1:#x}, extended_size {sw.extended_size}, "
+                     f"xfeatures {sw.xfeatures:#x}, xstate_size {sw.xstate_size}; magic2 {m2}")
+    elif blob.xcr0 is not None:
+        lines.append(f"XCR0 (u64 at 464) {blob.xcr0:#x} ({mask_names(blob.xcr0)})")
+    for c in blob.components:
+        lines.append(f"[{c.number}] {c.name} at {c.offset:#x}, {c.size} bytes: {c.state}")
+        hidden = 0
+        for name, value in c.registers:
+            if value == 0 and not show_all:
+                hidden += 1
+                continue
+            width = next(f.size for f in _fields(c.number, c.size) if f.name == name)
+            lines.append(f"    {name:<11} 0x{value:0{2 * width}x}")
+        if hidden and hidden != len(c.registers):
+            lines.append(f"    ({hidden} registers are zero)")
+        elif hidden:
+            lines.append("    (all registers zero)")
+    for off, raw in blob.extra:
+        shown = raw[:32].hex() + ("..." if len(raw) > 32 else "")
+        lines.append(f"bytes outside any register at {off:#x}+{len(raw)}: {shown}")
+    lines.extend(f"warning: {w}" for w in blob.warnings)
+    return "\n".join(lines) + "\n"
+
+
+def _fields(number: int, size: int):  # -> tuple[Field, ...]
+    from fpstate.tools.registers import component_fields
+
+    return component_fields(number, 160 if number == 0 else size)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    sources = read_source(args.source)
+    blobs = [(s, _decode(s, args.cpu, args.format, args.xcr0)) for s in sources]
+    if args.json:
+        out = [dict(b.to_dict(), source=s.label) for s, b in blobs]
+        sys.stdout.write(json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
+    else:
+        sys.stdout.write("\n".join(render(b, s.label, args.all) for s, b in blobs))
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.json_file).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlobError(f"cannot read {args.json_file}: {getattr(e, 'strerror', None) or e}") \
+            from None
+    obj = json.loads(text) if text.lstrip()[:1] == "[" else None
+    if isinstance(obj, list):
+        if len(obj) != 1:
+            raise BlobError(f"{args.json_file} holds {len(obj)} blobs; encode takes one")
+        text = json.dumps(obj[0])
+    _write(encode(text, resolve_cpu(args.cpu), args.format), args.output)
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    sources = read_source(args.source)
+    status = 0
+    for src in sources:
+        verdict = validate(src.data, _profile(src, args.cpu), args.path, kernel=args.kernel,
+                           task=args.task)
+        status |= 0 if verdict.accepted else 1
+        if args.json:
+            sys.stdout.write(json.dumps(dict(verdict.to_dict(), source=src.label)) + "\n")
+            continue
+        head = "accepted" if verdict.accepted else "REFUSED"
+        sys.stdout.write(f"{src.label}: {args.path}: {head} ({verdict.result}) -- "
+                         f"{verdict.rule}" + (f": {verdict.detail}" if not verdict.accepted
+                                              else "") + "\n")
+        for note in verdict.notes:
+            sys.stdout.write(f"  note: {note}\n")
+    return status
+
+
+def run_record(args: argparse.Namespace) -> int:
+    sources = read_source(args.source)
+    if len(sources) != 1:
+        raise BlobError(f"{args.source} holds {len(sources)} blobs (threads); a record holds one")
+    src = sources[0]
+    if src.record is not None:
+        _write(src.record.to_json(), args.output)
+        return 0
+    fmt = src.fmt if args.format == "auto" else args.format
+    rec = record_from_blob(src.data, _profile(src, args.cpu), fmt, xcr0=args.xcr0)
+    _write(rec.to_json(), args.output)
+    return 0
+
+
+def run_translate(args: argparse.Namespace) -> int:
+    try:
+        rec = StateRecord.from_json(Path(args.record).read_bytes())
+    except OSError as e:
+        raise BlobError(f"cannot read {args.record}: {e.strerror or e}") from None
+    target = resolve_cpu(args.to)
+    result = translate(rec, target, args.layout, xcr0=args.xcr0)
+    for note in result.notes:
+        sys.stderr.write(f"fpstate: note: {note}\n")
+    if result.record is None:
+        sys.stdout.write(refusal_message(result, target.name) + "\n")
+        return 1
+    _write(result.record.to_json(), args.output)
+    return 0

@@ -1,0 +1,659 @@
+"""State blobs: decode, encode and auto-detect the XSAVE-area formats people hold in files.
+
+Formats (every offset comes from the CPU profile's CPUID leaf 0xD, never from a table):
+
+- ``xsave``: the standard format (Intel SDM Vol. 1 13.4.1-13.4.2), as XSAVE/XSAVEOPT write it:
+  legacy region 0-511, header 512-575 (XSTATE_BV, XCOMP_BV = 0), component i at
+  CPUID.(EAX=0DH,ECX=i).EBX;
+- ``xsavec`` / ``xsaves``: the compacted format (13.4.3): XCOMP_BV[63] = 1 and components of
+  XCOMP_BV[62:0] packed in ascending order (64-byte aligned where ECX[1] says so);
+  ``xsaves`` may hold supervisor (IA32_XSS) components, ``xsavec`` may not;
+- ``uabi``: the kernel's user ABI copy of an fpstate, which ptrace's NT_X86_XSTATE regset and
+  core files carry (copy_xstate_to_uabi_buf(), XSTATE_COPY_XSAVE, arch/x86/kernel/fpu/xstate.c):
+  standard format, fpu_user_cfg.max_size bytes, with ``xstate_fx_sw_bytes`` in the legacy
+  region's software-reserved bytes, i.e. XCR0 (fpu_user_cfg.max_features) as a u64 at 464
+  (USER_XSTATE_XCR0_WORD, the offset gdb reads);
+- ``sigframe``: the fpstate of a 64-bit signal frame (copy_fpstate_to_sigframe(),
+  save_xstate_epilog(), arch/x86/kernel/fpu/signal.c): standard format with
+  ``struct _fpx_sw_bytes`` at 464 (magic1 FP_XSTATE_MAGIC1, extended_size, xfeatures,
+  xstate_size) and FP_XSTATE_MAGIC2 at offset xstate_size; the blob is extended_size bytes;
+- ``kvm``: ``struct kvm_xsave`` of KVM_GET_XSAVE (4096 bytes) or KVM_GET_XSAVE2
+  (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes): the same uabi copy of the guest fpstate
+  (fpu_copy_guest_fpstate_to_uabi()), zero-padded to the buffer size.
+
+Rules of this file:
+- decoding never raises anything but `BlobError` (fuzzed with hypothesis); oddities a kernel or
+  XRSTOR would refuse are *warnings* naming the rule, so a broken blob can still be read;
+- every byte of a blob is either in a named field (header, software bytes, a register of
+  ``fpstate.tools.registers``) or in an "extra" run (reserved bytes, padding, gaps), and
+  `encode` writes both back: decode then encode is byte-exact;
+- registers are hex strings of the little-endian value, zero-padded to the register's width.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fpstate.errors import BlobError, FpstateError
+from fpstate.tools.registers import MXCSR_OFFSET, Field, component_fields
+from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.image import FCW_INIT
+from fpstate.x86.layout import XSAVE_EXTENDED_START, standard_size
+from fpstate.x86.xfeatures import (
+    BY_NUMBER,
+    XCOMP_BV_COMPACTED_FORMAT,
+    XFEATURE_MASK_FPSSE,
+    XSAVE_ALIGNMENT,
+    XSAVE_HDR_OFFSET,
+    bits,
+    mask_names,
+)
+
+FORMATS: tuple[str, ...] = ("xsave", "xsavec", "xsaves", "uabi", "sigframe", "kvm")
+COMPACTED_FORMATS = frozenset({"xsavec", "xsaves"})
+JSON_FORMAT = "fpstate-blob/1"
+
+SW_BYTES_OFFSET = 464  #: struct _fpx_sw_bytes / xstate_fx_sw_bytes in fxregs_state.sw_reserved
+USER_XSTATE_XCR0_OFFSET = 464  #: xstate_fx_sw_bytes[USER_XSTATE_XCR0_WORD]
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2 = 0x46505845
+FP_XSTATE_MAGIC2_SIZE = 4
+KVM_XSAVE_SIZE = 4096  #: sizeof(struct kvm_xsave): __u32 region[1024]
+MAX_BLOB_SIZE = 1 << 20  #: far above any XSAVE area (SPR: 11008), a guard against garbage
+XSTATE_BV_OFFSET = XSAVE_HDR_OFFSET
+XCOMP_BV_OFFSET = XSAVE_HDR_OFFSET + 8
+MXCSR_DEFAULT_MASK = 0xFFBF  #: SDM 11.6.6: the mask to assume when MXCSR_MASK reads 0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a component's save area lies in a blob."""
+
+    number: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentState:
+    """One component of a decoded blob.
+
+    ``in_xstate_bv``: XSTATE_BV[i] (XRSTOR loads it from the area; else the component is in
+    its initial configuration whatever the bytes say). ``init_values``: its registers hold the
+    initial configuration (SDM 13.6). ``stale``: not in XSTATE_BV but the bytes are not the
+    initial configuration (XSAVEOPT/XSAVEC leave such bytes untouched; XRSTOR ignores them).
+    """
+
+    number: int
+    name: str
+    offset: int
+    size: int
+    in_xstate_bv: bool
+    init_values: bool
+    registers: tuple[tuple[str, int], ...]
+
+    @property
+    def stale(self) -> bool:
+        return not self.in_xstate_bv and not self.init_values
+
+    @property
+    def state(self) -> str:
+        if not self.in_xstate_bv:
+            return "init (stale bytes ignored)" if self.stale else "init"
+        return "in use (initial values)" if self.init_values else "in use"
+
+    def register(self, name: str) -> int:
+        for n, v in self.registers:
+            if n == name:
+                return v
+        raise BlobError(f"component {self.name} has no register {name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SwBytes:
+    """struct _fpx_sw_bytes (arch/x86/include/uapi/asm/sigcontext.h), 48 bytes at 464."""
+
+    magic1: int
+    extended_size: int
+    xfeatures: int
+    xstate_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A decoded blob. ``layout_mask`` is the set of components laid out (decoded)."""
+
+    fmt: str
+    profile: str
+    size: int
+    detected: str | None
+    xstate_bv: int
+    xcomp_bv: int
+    xcr0: int | None
+    sw_bytes: SwBytes | None
+    magic2: int | None
+    layout_mask: int
+    components: tuple[ComponentState, ...]
+    extra: tuple[tuple[int, bytes], ...]
+    warnings: tuple[str, ...]
+
+    def component(self, number: int) -> ComponentState:
+        for c in self.components:
+            if c.number == number:
+                return c
+        raise BlobError(f"the blob has no component {number}")
+
+    def register(self, name: str) -> int:
+        """A register by name, whichever component holds it."""
+        for c in self.components:
+            for n, v in c.registers:
+                if n == name:
+                    return v
+        raise BlobError(f"the blob has no register {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``fpstate decode --json`` object, which `encode` reads back."""
+        d: dict[str, Any] = {
+            "format": JSON_FORMAT,
+            "blob_format": self.fmt,
+            "cpu": self.profile,
+            "size": self.size,
+            "detected": self.detected,
+            "header": {"xstate_bv": f"{self.xstate_bv:#018x}",
+                       "xcomp_bv": f"{self.xcomp_bv:#018x}"},
+        }
+        if self.xcr0 is not None and self.sw_bytes is None:
+            d["xcr0"] = f"{self.xcr0:#018x}"
+        if self.sw_bytes is not None:
+            sw = self.sw_bytes
+            d["sw_bytes"] = {"magic1": f"{sw.magic1:#010x}",
+                             "extended_size": sw.extended_size,
+                             "xfeatures": f"{sw.xfeatures:#018x}",
+                             "xstate_size": sw.xstate_size}
+            d["magic2"] = None if self.magic2 is None else f"{self.magic2:#010x}"
+        d["components"] = [
+            {"number": c.number, "name": c.name, "offset": c.offset, "size": c.size,
+             "state": c.state, "in_xstate_bv": c.in_xstate_bv,
+             "registers": {n: _hex(v, _width(c, n)) for n, v in c.registers}}
+            for c in self.components
+        ]
+        d["extra"] = [{"offset": off, "hex": raw.hex()} for off, raw in self.extra]
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def _width(c: ComponentState, name: str) -> int:
+    for f in component_fields(c.number, c.size):
+        if f.name == name:
+            return f.size
+    raise AssertionError(name)
+
+
+def _hex(value: int, size: int) -> str:
+    return f"0x{value:0{2 * size}x}"
+
+
+# -- layouts -------------------------------------------------------------------------------------
+
+
+def supported_mxcsr_mask(profile: CpuidProfile) -> int:
+    """The MXCSR_MASK FXSAVE writes on ``profile``: DAZ on every x86-64 CPU (0xFFFF), plus MM
+    (bit 17) with AMD's misaligned SSE mode, CPUID.80000001H:ECX[7] (host finding 8)."""
+    return 0xFFFF | ((profile.cpuid(0x80000001)[2] >> 7) & 1) << 17
+
+
+def _component(profile: CpuidProfile, i: int, warn: list[str]):  # -> Component | None
+    try:
+        return profile.component(i)
+    except FpstateError as e:
+        warn.append(f"component {i} ({_name(i)}) cannot be laid out on {profile.name}: {e}")
+        return None
+
+
+def _name(i: int) -> str:
+    f = BY_NUMBER.get(i)
+    return f.short if f else f"bit{i}"
+
+
+def standard_places(profile: CpuidProfile, mask: int, end: int,
+                    warn: list[str]) -> list[Placement]:
+    """Extended components of ``mask`` at their standard offsets (CPUID EBX, SDM 13.4.2) that
+    end by ``end``. Supervisor and unenumerated bits are reported in ``warn``."""
+    out = []
+    for i in bits(mask & ~XFEATURE_MASK_FPSSE):
+        comp = _component(profile, i, warn)
+        if comp is None:
+            continue
+        if comp.supervisor:
+            warn.append(f"component {i} ({comp.name}) is a supervisor component: the standard "
+                        "format has no place for it")
+            continue
+        if comp.offset < XSAVE_EXTENDED_START or comp.offset + comp.size > end:
+            warn.append(f"component {i} ({comp.name}) at {comp.offset:#x}+{comp.size:#x} does "
+                        f"not fit in the {end}-byte area")
+            continue
+        out.append(Placement(i, comp.offset, comp.size))
+    return out
+
+
+def compacted_places(profile: CpuidProfile, xcomp_bv: int, end: int,
+                     warn: list[str]) -> list[Placement]:
+    """Components of XCOMP_BV[62:2] packed as SDM 13.4.3 says (the walk of
+    xfeature_get_offset()); the walk stops at a bit the profile does not enumerate, since no
+    later offset can be known."""
+    out = []
+    offs = XSAVE_EXTENDED_START
+    for i in bits(xcomp_bv & ~XCOMP_BV_COMPACTED_FORMAT & ~XFEATURE_MASK_FPSSE):
+        comp = _component(profile, i, warn)
+        if comp is None:
+            warn.append(f"XCOMP_BV bit {i} is unknown to {profile.name}: components after it "
+                        "cannot be located")
+            break
+        if comp.aligned:
+            offs = (offs + XSAVE_ALIGNMENT - 1) // XSAVE_ALIGNMENT * XSAVE_ALIGNMENT
+        if offs + comp.size > end:
+            warn.append(f"component {i} ({comp.name}) at {offs:#x}+{comp.size:#x} does not "
+                        f"fit in the {end}-byte area")
+            break
+        out.append(Placement(i, offs, comp.size))
+        offs += comp.size
+    return out
+
+
+# -- auto-detection ------------------------------------------------------------------------------
+
+
+def _u(data: bytes, fmt: str, off: int) -> int:
+    return int(struct.unpack_from(fmt, data, off)[0])
+
+
+def _plausible_xcr0(value: int, profile: CpuidProfile) -> bool:
+    return (value & XFEATURE_MASK_FPSSE == XFEATURE_MASK_FPSSE
+            and not value & ~profile.xcr0_supported)
+
+
+def detect_format(data: bytes, profile: CpuidProfile) -> tuple[str, str]:
+    """The format of ``data`` and why: a signal frame has both magics, a compacted area has
+    XCOMP_BV[63], a uabi/KVM copy has a plausible XCR0 at 464 (4096 bytes: struct kvm_xsave),
+    anything else is a plain standard-format area."""
+    _check_size(data)
+    magic1 = _u(data, "<I", SW_BYTES_OFFSET)
+    xstate_size = _u(data, "<I", SW_BYTES_OFFSET + 16)
+    if (magic1 == FP_XSTATE_MAGIC1 and XSAVE_EXTENDED_START <= xstate_size <= len(data) - 4
+            and _u(data, "<I", xstate_size) == FP_XSTATE_MAGIC2):
+        return "sigframe", (f"FP_XSTATE_MAGIC1 at {SW_BYTES_OFFSET} and FP_XSTATE_MAGIC2 at "
+                            f"xstate_size {xstate_size}")
+    xcomp_bv = _u(data, "<Q", XCOMP_BV_OFFSET)
+    if xcomp_bv & XCOMP_BV_COMPACTED_FORMAT:
+        if xcomp_bv & profile.xss_supported:
+            return "xsaves", f"XCOMP_BV {xcomp_bv:#x}: bit 63 and supervisor components"
+        return "xsavec", f"XCOMP_BV {xcomp_bv:#x}: bit 63, user components only"
+    xcr0 = _u(data, "<Q", USER_XSTATE_XCR0_OFFSET)
+    if _plausible_xcr0(xcr0, profile):
+        if len(data) == KVM_XSAVE_SIZE and _standard_size(profile, xcr0) != KVM_XSAVE_SIZE:
+            return "kvm", f"XCR0 {xcr0:#x} at {USER_XSTATE_XCR0_OFFSET}, 4096 bytes"
+        return "uabi", f"XCR0 {xcr0:#x} at {USER_XSTATE_XCR0_OFFSET}"
+    return "xsave", "no signal-frame magic, XCOMP_BV[63] clear, no XCR0 at 464"
+
+
+def _standard_size(profile: CpuidProfile, mask: int) -> int | None:
+    try:
+        return standard_size(profile, mask)
+    except FpstateError:
+        return None
+
+
+def _check_size(data: bytes) -> None:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BlobError(f"a blob is bytes, not {type(data).__name__}")
+    if len(data) < XSAVE_EXTENDED_START:
+        raise BlobError(f"blob is {len(data)} bytes; an XSAVE area has at least "
+                        f"{XSAVE_EXTENDED_START} (legacy region + header)")
+    if len(data) > MAX_BLOB_SIZE:
+        raise BlobError(f"blob is {len(data)} bytes, more than any XSAVE area "
+                        f"({MAX_BLOB_SIZE} is the limit)")
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """The layout of one blob: where its fields and components are."""
+
+    area_end: int  #: end of the XSAVE area proper (sigframe: xstate_size)
+    mask: int  #: XCR0 the format says the area was saved under (warnings about XSTATE_BV)
+    places: tuple[Placement, ...]
+    specials: tuple[Field, ...]  #: header, software bytes, XCR0, magic2 (absolute offsets)
+
+
+def _frame(data: bytes, profile: CpuidProfile, fmt: str, xcr0: int | None,
+           warn: list[str]) -> tuple[_Frame, int | None, SwBytes | None, int | None]:
+    n = len(data)
+    specials = [Field("xstate_bv", XSTATE_BV_OFFSET, 8), Field("xcomp_bv", XCOMP_BV_OFFSET, 8)]
+    xcomp_bv = _u(data, "<Q", XCOMP_BV_OFFSET)
+    blob_xcr0: int | None = None
+    sw: SwBytes | None = None
+    magic2: int | None = None
+    end = n
+    if fmt in COMPACTED_FORMATS:
+        if not xcomp_bv & XCOMP_BV_COMPACTED_FORMAT:
+            warn.append(f"XCOMP_BV {xcomp_bv:#x} lacks bit 63: XRSTOR reads this area in the "
+                        "standard form (SDM 13.8), not compacted")
+        places = compacted_places(profile, xcomp_bv, n, warn)
+        mask = xcr0 if xcr0 is not None else profile.xcr0_supported | (
+            profile.xss_supported if fmt == "xsaves" else 0)
+        return _Frame(n, mask, tuple(places), tuple(specials)), blob_xcr0, sw, magic2
+    if fmt == "sigframe":
+        sw = SwBytes(_u(data, "<I", 464), _u(data, "<I", 468), _u(data, "<Q", 472),
+                     _u(data, "<I", 480))
+        specials += [Field("magic1", 464, 4), Field("extended_size", 468, 4),
+                     Field("xfeatures", 472, 8), Field("xstate_size", 480, 4)]
+        mask = sw.xfeatures
+        if sw.magic1 != FP_XSTATE_MAGIC1:
+            warn.append(f"magic1 {sw.magic1:#x} is not FP_XSTATE_MAGIC1: sigreturn treats the "
+                        "frame as FXSAVE-only (check_xstate_in_sigframe), restoring x87 and SSE")
+            mask = XFEATURE_MASK_FPSSE
+        elif not XSAVE_EXTENDED_START <= sw.xstate_size <= n - FP_XSTATE_MAGIC2_SIZE:
+            warn.append(f"xstate_size {sw.xstate_size} does not fit the {n}-byte frame")
+        else:
+            end = sw.xstate_size
+            magic2 = _u(data, "<I", end)
+            specials.append(Field("magic2", end, 4))
+            if magic2 != FP_XSTATE_MAGIC2:
+                warn.append(f"magic2 {magic2:#x} at {end} is not FP_XSTATE_MAGIC2: sigreturn "
+                            "treats the frame as FXSAVE-only (check_xstate_in_sigframe)")
+            if sw.extended_size != sw.xstate_size + FP_XSTATE_MAGIC2_SIZE:
+                warn.append(f"extended_size {sw.extended_size} != xstate_size + 4 "
+                            f"({sw.xstate_size + 4}) as save_sw_bytes() writes it")
+    elif fmt in ("uabi", "kvm"):
+        blob_xcr0 = _u(data, "<Q", USER_XSTATE_XCR0_OFFSET)
+        specials.append(Field("xcr0", USER_XSTATE_XCR0_OFFSET, 8))
+        mask = blob_xcr0
+        if not _plausible_xcr0(blob_xcr0, profile):
+            warn.append(f"XCR0 {blob_xcr0:#x} at 464 is not a user XCR0 of {profile.name} "
+                        f"(supported {profile.xcr0_supported:#x}); laying out the supported "
+                        "components instead")
+            mask = profile.xcr0_supported
+        if fmt == "kvm" and n < KVM_XSAVE_SIZE:
+            warn.append(f"{n} bytes: struct kvm_xsave is at least {KVM_XSAVE_SIZE}")
+        if fmt == "uabi" and _plausible_xcr0(blob_xcr0, profile):
+            want = _standard_size(profile, blob_xcr0)
+            if want is not None and want != n:
+                warn.append(f"{n} bytes, but NT_X86_XSTATE for XCR0 {blob_xcr0:#x} is "
+                            f"fpu_user_cfg.max_size = {want}")
+    else:
+        mask = profile.xcr0_supported if xcr0 is None else xcr0
+    if xcr0 is not None:
+        mask = xcr0
+    places = standard_places(profile, mask & profile.xcr0_supported, end, warn)
+    return _Frame(end, mask, tuple(places), tuple(specials)), blob_xcr0, sw, magic2
+
+
+def _init_values(number: int, regs: dict[str, int]) -> bool:
+    """Whether the registers are the initial configuration (SDM 13.6): x87 FCW 037FH and zeros
+    (abridged FTW 0 = all empty); XMM zero (MXCSR is not part of XINUSE[1]); zero elsewhere."""
+    if number == 0:
+        return all(v == (FCW_INIT if n == "fcw" else 0) for n, v in regs.items())
+    if number == 1:
+        return all(v == 0 for n, v in regs.items() if n.startswith("xmm"))
+    return all(v == 0 for v in regs.values())
+
+
+def decode(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
+           xcr0: int | None = None) -> Blob:
+    """Decode ``data`` as ``fmt`` (or detect it) on ``profile``. ``xcr0`` overrides the set of
+    user components a standard-format area is taken to hold (default: what the format says --
+    the XCR0 at 464, the signal frame's xfeatures -- or the profile's supported XCR0)."""
+    data = bytes(data) if not isinstance(data, bytes) else data
+    _check_size(data)
+    detected = None
+    if fmt == "auto":
+        fmt, detected = detect_format(data, profile)
+    if fmt not in FORMATS:
+        raise BlobError(f"unknown blob format {fmt!r} (known: auto, {', '.join(FORMATS)})")
+    if xcr0 is not None and (xcr0 < 0 or xcr0 >> 64):
+        raise BlobError(f"XCR0 {xcr0!r} is not a 64-bit value")
+    warn: list[str] = []
+    frame, blob_xcr0, sw, magic2 = _frame(data, profile, fmt, xcr0, warn)
+    covered = bytearray(len(data))
+    for f in frame.specials:
+        covered[f.offset:f.offset + f.size] = b"\1" * f.size
+    xstate_bv = _u(data, "<Q", XSTATE_BV_OFFSET)
+    xcomp_bv = _u(data, "<Q", XCOMP_BV_OFFSET)
+    comps = []
+    places = [Placement(0, 0, 160), Placement(1, 0, 256), *frame.places]
+    for p in places:
+        regs: dict[str, int] = {}
+        for f in component_fields(p.number, 160 if p.number == 0 else p.size):
+            at = p.offset + f.offset
+            regs[f.name] = int.from_bytes(data[at:at + f.size], "little")
+            covered[at:at + f.size] = b"\1" * f.size
+        comps.append(ComponentState(p.number, _name(p.number), p.offset if p.number > 1 else
+                                    (0 if p.number == 0 else 160), p.size,
+                                    bool(xstate_bv >> p.number & 1),
+                                    _init_values(p.number, regs), tuple(regs.items())))
+    extra = _runs(data, covered)
+    _header_warnings(data, profile, fmt, frame, xstate_bv, xcomp_bv, places, comps, warn)
+    return Blob(fmt, profile.name, len(data), detected, xstate_bv, xcomp_bv,
+                blob_xcr0 if sw is None else sw.xfeatures, sw, magic2,
+                sum(1 << p.number for p in places), tuple(comps), extra, tuple(warn))
+
+
+def _runs(data: bytes, covered: bytearray) -> tuple[tuple[int, bytes], ...]:
+    """Maximal runs of non-zero bytes that no field covers."""
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        if covered[i] or not data[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not covered[j] and data[j]:
+            j += 1
+        out.append((i, data[i:j]))
+        i = j
+    return tuple(out)
+
+
+def _header_warnings(data: bytes, profile: CpuidProfile, fmt: str, frame: _Frame,
+                     xstate_bv: int, xcomp_bv: int, places: list[Placement],
+                     comps: list[ComponentState], warn: list[str]) -> None:
+    compacted = fmt in COMPACTED_FORMATS
+    if xstate_bv & ~frame.mask:
+        bad = xstate_bv & ~frame.mask
+        warn.append(f"XSTATE_BV {xstate_bv:#x} has {mask_names(bad)} ({bad:#x}) outside XCR0 "
+                    f"{frame.mask:#x}: XRSTOR raises #GP (SDM 13.8.1)")
+    laid = sum(1 << p.number for p in places)
+    bad = xstate_bv & frame.mask & ~laid
+    if bad:
+        warn.append(f"XSTATE_BV has {mask_names(bad)} ({bad:#x}) but the area has no room for "
+                    "them")
+    reserved = data[XSAVE_HDR_OFFSET + 16:XSAVE_HDR_OFFSET + 64]
+    if compacted:
+        if xstate_bv & ~xcomp_bv:
+            bad = xstate_bv & ~xcomp_bv
+            warn.append(f"XSTATE_BV bits {bad:#x} are not in XCOMP_BV {xcomp_bv:#x}: XRSTOR "
+                        "raises #GP (SDM 13.8.1)")
+        sup = xcomp_bv & profile.xss_supported & ~XCOMP_BV_COMPACTED_FORMAT
+        if fmt == "xsavec" and sup:
+            warn.append(f"XCOMP_BV holds supervisor components {mask_names(sup)}: only XSAVES "
+                        "writes them, and XRSTOR (not XRSTORS) raises #GP on them")
+        if any(reserved):
+            warn.append("XSAVE header bytes 16-63 are not zero: compacted XRSTOR raises #GP "
+                        "(SDM 13.8.1)")
+    else:
+        if xcomp_bv:
+            warn.append(f"XCOMP_BV {xcomp_bv:#x} is not 0 in a standard-format area: XRSTOR "
+                        "raises #GP (header bytes 8-23 must be zero, SDM 13.8.1)"
+                        + ("; bit 63 makes it the compacted form" if
+                           xcomp_bv & XCOMP_BV_COMPACTED_FORMAT else ""))
+        if any(reserved):
+            warn.append("XSAVE header bytes 16-63 are not zero: the kernel refuses such a "
+                        "header from userspace (validate_user_xstate_header: -EINVAL)")
+    mxcsr = _u(data, "<I", MXCSR_OFFSET)
+    mxcsr_mask = supported_mxcsr_mask(profile)
+    if mxcsr & ~mxcsr_mask:
+        warn.append(f"MXCSR {mxcsr:#x} sets reserved bits {mxcsr & ~mxcsr_mask:#x} (MXCSR_MASK "
+                    f"{mxcsr_mask:#x}): XRSTOR raises #GP when it loads MXCSR (SDM 13.8.1)")
+    stale = [c.name for c in comps if c.stale]
+    if stale:
+        warn.append(f"not in XSTATE_BV but holding non-initial bytes (ignored by XRSTOR): "
+                    f"{', '.join(stale)}")
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _get(obj: Mapping[str, Any], key: str, what: str) -> Any:
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise BlobError(f"{what}: field {key!r} is missing")
+    return obj[key]
+
+
+def _int(value: Any, what: str, width: int) -> int:
+    if isinstance(value, bool):
+        raise BlobError(f"{what}: {value!r} is not a number")
+    if isinstance(value, int):
+        v = value
+    elif isinstance(value, str):
+        try:
+            v = int(value, 16) if value.lower().startswith("0x") else int(value, 0)
+        except ValueError:
+            raise BlobError(f"{what}: {value!r} is not a number") from None
+    else:
+        raise BlobError(f"{what}: {value!r} is not a number")
+    if v < 0 or v >> (8 * width):
+        raise BlobError(f"{what}: {value!r} does not fit in {width} bytes")
+    return v
+
+
+def encode(obj: Mapping[str, Any] | str, profile: CpuidProfile, fmt: str | None = None) -> bytes:
+    """The bytes of a decoded blob (the `Blob.to_dict` object or its JSON text).
+
+    With ``fmt`` equal to the object's format (the default) the result is byte-exact: every
+    field and every extra run is written back. With another format the registers are laid out
+    afresh for it (by name, at the offsets of ``profile``) and extra runs, which belong to the
+    old layout, are dropped; a component the new layout lacks must be in its initial state.
+    """
+    if isinstance(obj, (str, bytes)):
+        try:
+            obj = json.loads(obj)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BlobError(f"blob JSON does not parse: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise BlobError("blob JSON is not an object")
+    if obj.get("format") != JSON_FORMAT:
+        raise BlobError(f"blob JSON: field 'format' is {obj.get('format')!r}, not "
+                        f"{JSON_FORMAT!r}")
+    src_fmt = _get(obj, "blob_format", "blob JSON")
+    fmt = src_fmt if fmt is None else fmt
+    if fmt not in FORMATS or src_fmt not in FORMATS:
+        raise BlobError(f"unknown blob format {fmt if fmt not in FORMATS else src_fmt!r} "
+                        f"(known: {', '.join(FORMATS)})")
+    header = _get(obj, "header", "blob JSON")
+    xstate_bv = _int(_get(header, "xstate_bv", "header"), "header xstate_bv", 8)
+    xcomp_bv = _int(_get(header, "xcomp_bv", "header"), "header xcomp_bv", 8)
+    comps = _get(obj, "components", "blob JSON")
+    if not isinstance(comps, list):
+        raise BlobError("blob JSON: 'components' is not a list")
+    values: dict[int, dict[str, Any]] = {}
+    for c in comps:
+        num = _int(_get(c, "number", "component"), "component number", 1)
+        if num > 63:
+            raise BlobError(f"component number {num} is not in 0..63")
+        regs = _get(c, "registers", f"component {num}")
+        if not isinstance(regs, Mapping):
+            raise BlobError(f"component {num}: 'registers' is not an object")
+        values[num] = dict(regs)
+    same = fmt == src_fmt
+    if fmt in COMPACTED_FORMATS and not same:
+        xcomp_bv = XCOMP_BV_COMPACTED_FORMAT | sum(1 << n for n in values)
+    elif fmt not in COMPACTED_FORMATS and not same:
+        xcomp_bv = 0
+    sw = obj.get("sw_bytes") if same else None
+    xcr0_field = obj.get("xcr0") if same else None
+    std_mask = sum(1 << n for n in values if n < 64) & profile.xcr0_supported
+    if fmt in ("uabi", "kvm") and xcr0_field is None:
+        xcr0_field = f"{std_mask | XFEATURE_MASK_FPSSE:#x}"
+    if fmt == "sigframe" and sw is None:
+        mask = std_mask | XFEATURE_MASK_FPSSE
+        size = standard_size(profile, mask)
+        sw = {"magic1": FP_XSTATE_MAGIC1, "extended_size": size + 4, "xfeatures": mask,
+              "xstate_size": size}
+    if same:
+        size = _int(_get(obj, "size", "blob JSON"), "size", 4)
+    else:
+        size = _target_size(profile, fmt, xcomp_bv, std_mask | XFEATURE_MASK_FPSSE)
+    if not XSAVE_EXTENDED_START <= size <= MAX_BLOB_SIZE:
+        raise BlobError(f"blob JSON: size {size} is not between {XSAVE_EXTENDED_START} and "
+                        f"{MAX_BLOB_SIZE}")
+    out = bytearray(size)
+    struct.pack_into("<QQ", out, XSTATE_BV_OFFSET, xstate_bv, xcomp_bv)
+    if xcr0_field is not None:
+        struct.pack_into("<Q", out, USER_XSTATE_XCR0_OFFSET,
+                         _int(xcr0_field, "xcr0", 8))
+    if sw is not None:
+        struct.pack_into("<IIQI", out, SW_BYTES_OFFSET,
+                         _int(_get(sw, "magic1", "sw_bytes"), "magic1", 4),
+                         _int(_get(sw, "extended_size", "sw_bytes"), "extended_size", 4),
+                         _int(_get(sw, "xfeatures", "sw_bytes"), "xfeatures", 8),
+                         _int(_get(sw, "xstate_size", "sw_bytes"), "xstate_size", 4))
+    # Lay out the components exactly as decode() would for these header bytes.
+    warn: list[str] = []
+    frame = _frame(bytes(out), profile, fmt, None, warn)[0]
+    if fmt == "sigframe" and same and obj.get("magic2") is not None:
+        end = frame.area_end
+        if end + 4 <= size:
+            struct.pack_into("<I", out, end, _int(obj["magic2"], "magic2", 4))
+    elif fmt == "sigframe" and frame.area_end + 4 <= size:
+        struct.pack_into("<I", out, frame.area_end, FP_XSTATE_MAGIC2)
+    places = {p.number: p for p in (Placement(0, 0, 160), Placement(1, 0, 256), *frame.places)}
+    for num, regs in values.items():
+        place = places.get(num)
+        if place is None:
+            if not all(_int(v, f"{_name(num)}.{k}", 1 << 16) == 0 for k, v in regs.items()
+                       if not (num == 0 and k == "fcw")):
+                raise BlobError(f"component {num} ({_name(num)}) holds state but the {fmt} "
+                                f"layout on {profile.name} has no place for it")
+            continue
+        fields = {f.name: f for f in component_fields(num, 160 if num == 0 else place.size)}
+        for name, value in regs.items():
+            f = fields.get(name)
+            if f is None:
+                raise BlobError(f"component {num} ({_name(num)}) has no register {name!r}")
+            at = place.offset + f.offset
+            out[at:at + f.size] = _int(value, f"{_name(num)}.{name}", f.size).to_bytes(
+                f.size, "little")
+    if same:
+        for run in _get(obj, "extra", "blob JSON"):
+            off = _int(_get(run, "offset", "extra run"), "extra offset", 4)
+            try:
+                raw = bytes.fromhex(_get(run, "hex", "extra run"))
+            except (TypeError, ValueError):
+                raise BlobError(f"extra run at {off}: 'hex' is not hex text") from None
+            if off + len(raw) > size:
+                raise BlobError(f"extra run at {off} ({len(raw)} bytes) is beyond the "
+                                f"{size}-byte blob")
+            out[off:off + len(raw)] = raw
+    return bytes(out)
+
+
+def _target_size(profile: CpuidProfile, fmt: str, xcomp_bv: int, user_mask: int) -> int:
+    from fpstate.x86.layout import compacted_size
+
+    try:
+        if fmt in COMPACTED_FORMATS:
+            return compacted_size(profile, xcomp_bv & profile.xfeatures_supported)
+        size = standard_size(profile, user_mask)
+    except FpstateError as e:
+        raise BlobError(f"cannot lay out a {fmt} area on {profile.name}: {e}") from None
+    if fmt == "sigframe":
+        return size + FP_XSTATE_MAGIC2_SIZE
+    if fmt == "kvm":
+        return max(size, KVM_XSAVE_SIZE)
+    return size

@@ -1,0 +1,88 @@
+"""Extended register state from ELF core files: the NT_X86_XSTATE note of every thread.
+
+Linux writes one set of notes per thread (fill_thread_core_info(), fs/binfmt_elf.c): first
+NT_PRSTATUS (whose pr_pid names the thread), then one note per regset of the task view
+(x86_64_regsets[], arch/x86/kernel/ptrace.c) -- NT_PRFPREG (the 512-byte FXSAVE image) and,
+with XSAVE, NT_X86_XSTATE (name "LINUX", type 0x202), the uabi copy of the thread's fpstate that
+``xstateregs_get()`` produces: standard format, fpu_user_cfg.max_size bytes, XCR0 at 464. gdb's
+``gcore`` writes the same notes from its own register cache.
+
+What a core does *not* record is the CPUID leaf 0xD the state was saved under (the proposal
+for an NT_X86_CPUID note, discourse.llvm.org/t/74458, would); decoding therefore needs a CPU
+profile, and `fpstate.tools.record` keeps the two together. The notes are found with
+pyelftools (PT_NOTE segments, ``iter_notes``); nothing else of the core is read.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from fpstate.errors import BlobError
+
+NT_PRSTATUS = 1
+NT_PRFPREG = 2
+NT_X86_XSTATE = 0x202
+#: struct elf_prstatus (x86-64): elf_siginfo (12), pr_cursig (2) + pad (2), pr_sigpend (8),
+#: pr_sighold (8), then pr_pid.
+PRSTATUS_PID_OFFSET = 32
+ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadXstate:
+    """One thread's NT_X86_XSTATE note: the thread id from the NT_PRSTATUS before it."""
+
+    tid: int | None
+    data: bytes
+    offset: int  #: file offset of the note header
+
+
+def _note_type(value: object) -> int | None:
+    if isinstance(value, int):
+        return value
+    named = {"NT_PRSTATUS": NT_PRSTATUS, "NT_FPREGSET": NT_PRFPREG}
+    return named.get(str(value))
+
+
+def is_core(data: bytes) -> bool:
+    """Whether ``data`` starts with the ELF magic."""
+    return data[:4] == ELF_MAGIC
+
+
+def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
+    """Every NT_X86_XSTATE note of the ELF core ``data``, in file order, each with the pid of
+    the NT_PRSTATUS note that precedes it. BlobError when ``data`` is not an ELF core or has
+    no such note."""
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        if elf.header["e_type"] != "ET_CORE":
+            raise BlobError(f"ELF file of type {elf.header['e_type']}, not a core file (ET_CORE)")
+        out: list[ThreadXstate] = []
+        tid: int | None = None
+        for seg in elf.iter_segments():
+            if seg.header["p_type"] != "PT_NOTE":
+                continue
+            for note in seg.iter_notes():
+                kind = _note_type(note["n_type"])
+                desc = bytes(note["n_descdata"])
+                if kind == NT_PRSTATUS and note["n_name"] == "CORE":
+                    if len(desc) >= PRSTATUS_PID_OFFSET + 4:
+                        tid = int.from_bytes(desc[PRSTATUS_PID_OFFSET:PRSTATUS_PID_OFFSET + 4],
+                                             "little")
+                elif kind == NT_X86_XSTATE and note["n_name"] == "LINUX":
+                    out.append(ThreadXstate(tid, desc, int(note["n_offset"])))
+    except BlobError:
+        raise
+    except (ELFError, ValueError, KeyError, EOFError, OSError, AttributeError, TypeError,
+            IndexError, UnicodeDecodeError) as e:
+        raise BlobError(f"not a readable ELF core file: {e}") from None
+    except Exception as e:  # construct's parse errors have no common public base class
+        raise BlobError(f"not a readable ELF core file: {type(e).__name__}: {e}") from None
+    if not out:
+        raise BlobError("the core file has no NT_X86_XSTATE note (a CPU or kernel without "
+                        "XSAVE writes only NT_PRFPREG)")
+    return tuple(out)
