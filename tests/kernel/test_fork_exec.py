@@ -192,3 +192,4 @@ def test_exec_resets_everything(spr: Machine) -> None:
     assert (p.sas_ss_sp, p.sas_ss_size, p.handlers) == (0, 0, {})
     assert spr.user_read(0, YMM) == bytes(256)
     assert spr.user_read(0, TILEDATA) == bytes(8192)
+    assert spr.cpus[0].regs.xgetbv1() == 1 << 9  # only PKRU (init_pkru_value) is in use

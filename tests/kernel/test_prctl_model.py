@@ -101,8 +101,9 @@ def test_host_sigaltstack_errno_table() -> None:
     start(m)
     got = [sigaltstack(m, 0, 2047), sigaltstack(m, 0, 2048), sigaltstack(m, 0, 0),
            sigaltstack(m, 0, 100, SS_ONSTACK), sigaltstack(m, 0, 4096, 4),
-           sigaltstack(m, 0, 4096, SS_AUTODISARM), sigaltstack(m, 0, 0, SS_DISABLE)]
-    assert got == [-xp.ENOMEM, 0, -xp.ENOMEM, -xp.ENOMEM, -xp.EINVAL, 0, 0]
+           sigaltstack(m, 0, 4096, SS_AUTODISARM), sigaltstack(m, 0, 0, SS_DISABLE),
+           m.syscall(0, xp.sys_sigaltstack, 0x1000, 1 << 40)]  # only recorded
+    assert got == [-xp.ENOMEM, 0, -xp.ENOMEM, -xp.ENOMEM, -xp.EINVAL, 0, 0, 0]
 
 
 def test_strict_sigaltstack_size_rejects_small_stacks_on_the_host() -> None:
