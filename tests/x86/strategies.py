@@ -53,6 +53,7 @@ def image(xstate_bv: int = 0, *, fcw: int = 0x037F, fsw: int = 0, ftw: int = 0, 
     header, and ``patch`` = (offset, bytes) pairs written over it."""
     import struct
 
+    size = max([size] + [off + len(data) for off, data in patch])
     b = bytearray(size)
     struct.pack_into("<HHBBHQQII", b, 0, fcw, fsw, ftw, 0, fop, fip, fdp, mxcsr, 0)
     struct.pack_into("<QQ", b, 512, xstate_bv, xcomp_bv)

@@ -1,0 +1,479 @@
+"""The XSAVE-family and register instructions of the model, against the SDM's own numbers.
+
+Each test states one rule of Intel SDM Vol. 1 chapter 13 or a Vol. 2 instruction page (or an
+implementation-defined choice of `fpstate.x86.impl`, named) with concrete bytes, offsets and
+fault vectors, on bundled CPU profiles: model only, no host needed. XSAVES/XRSTORS (CPL 0)
+are checked here against SDM-derived expectations; on real hardware they run in KVM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import struct
+import sys
+
+import pytest
+
+from fpstate.errors import MaskError, ProgramError
+from fpstate.x86 import impl as I
+from fpstate.x86.cpu import Area, Cpu, UnknownPointers, machine
+from fpstate.x86.insn import XSAVE, XSAVEC, default_xcr0, run_program
+from fpstate.x86.insn_regs import LDTILECFG, STTILECFG, TILELOADD, TILERELEASE, TILEZERO
+from fpstate.x86.profiles import load_profile
+from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Outcome, Program
+
+
+def _image():
+    if "x86_strategies" not in sys.modules:
+        path = pathlib.Path(__file__).with_name("strategies.py")
+        spec = importlib.util.spec_from_file_location("x86_strategies", path)
+        assert spec and spec.loader
+        sys.modules["x86_strategies"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["x86_strategies"].image
+
+
+image = _image()
+ZEN4 = load_profile("zen4")
+SPR = load_profile("sapphire-rapids")
+HSW = load_profile("haswell")
+AA = Buffer(bytes([0xAA]) * 4096)
+BIT63 = 1 << 63
+
+
+def one(profile, program: Program, **kw) -> Outcome:
+    """The outcome of an undisturbed run (no preemption: exactly one)."""
+    outs = run_program(profile, program, preempt=False, **kw)
+    assert len(outs) == 1, outs
+    return outs[0]
+
+
+def hdr(buf: bytes) -> tuple[int, int]:
+    return struct.unpack_from("<QQ", buf, 512)
+
+
+def q(buf: bytes, at: int) -> int:
+    return struct.unpack_from("<Q", buf, at)[0]
+
+
+# --- XSAVEC / compacted format (SDM 13.4.3, 13.10) --------------------------------------------
+
+
+def test_xsavec_opmask_after_avx_lands_at_832_on_zen4() -> None:
+    start = image(0x24, patch=[(576, b"\x22" * 256), (832, b"\x55" * 64)])
+    o = one(ZEN4, Program(start, (Insn("XSAVEC", buf=0, mask=0x24),), (AA,)))
+    b = o.buffers[0]
+    assert hdr(b) == (0x24, BIT63 | 0x24)
+    assert b[576:832] == b"\x22" * 256 and b[832:896] == b"\x55" * 64
+    assert b[896:900] == b"\xaa" * 4  # nothing past the last component
+    assert b[528:576] == b"\xaa" * 48  # XSAVEC writes only XSTATE_BV and XCOMP_BV
+
+
+def test_xsavec_opmask_alone_is_first_at_576() -> None:
+    start = image(0x24, patch=[(576, b"\x22" * 256), (832, b"\x55" * 64)])
+    b = one(ZEN4, Program(start, (Insn("XSAVEC", buf=0, mask=0x20),), (AA,))).buffers[0]
+    assert b[576:640] == b"\x55" * 64 and hdr(b) == (0x20, BIT63 | 0x20)
+
+
+def test_xsavec_skips_components_in_their_initial_configuration() -> None:
+    start = image(0x20, patch=[(832, b"\x55" * 64)])
+    b = one(ZEN4, Program(start, (Insn("XSAVEC", buf=0, mask=0xE7),), (AA,))).buffers[0]
+    assert hdr(b) == (0x20, BIT63 | 0xE7)  # XSTATE_BV = RFBM AND XINUSE
+    assert b[576:832] == b"\xaa" * 256  # AVX not in use: its space left alone
+    assert b[832:896] == b"\x55" * 64
+    assert b[0:32] == b"\xaa" * 32  # x87 and SSE (MXCSR 1F80H) not written
+
+
+def test_xsavec_saves_sse_when_mxcsr_is_not_1f80() -> None:
+    b = one(ZEN4, Program(image(0, mxcsr=0x1F00), (Insn("XSAVEC", buf=0, mask=0xE7),),
+                          (AA,))).buffers[0]
+    assert hdr(b)[0] == 0x2 and struct.unpack_from("<I", b, 24)[0] == 0x1F00
+    assert b[160:416] == bytes(256)
+
+
+def test_xsavec_64_byte_aligns_tilecfg_and_tiledata_on_sapphire_rapids() -> None:
+    cfg = bytearray(64)
+    cfg[0], cfg[16], cfg[48] = 1, 64, 16  # palette 1, tmm0 16 rows x 64 bytes
+    start = image(0x60200, size=11008,
+                  patch=[(2688, b"\x99" * 4), (2752, bytes(cfg)), (2816, b"\x77" * 1024)])
+    o = one(SPR, Program(start, (Insn("XSAVEC", buf=0, mask=0x602E7),),
+                         (Buffer(bytes([0xAA]) * 11000),)))
+    b = o.buffers[0]
+    assert hdr(b) == (0x60200, BIT63 | 0x602E7)
+    assert b[2432:2436] == b"\x99" * 4  # PKRU right after Hi16_ZMM (1408 + 1024)
+    assert b[2440:2496] == b"\xaa" * 56  # padding to the 64-byte boundary
+    assert b[2496:2560] == bytes(cfg) and b[2560:3584] == b"\x77" * 1024
+
+
+# --- XSAVE / XSAVEOPT (SDM 13.7, 13.9) ------------------------------------------------------
+
+
+def test_xsave_writes_every_rfbm_component_and_merges_xstate_bv() -> None:
+    buf = Buffer(image(0xFF00, patch=[(576, b"\xaa" * 256)]))  # OLD_BV bits outside RFBM
+    b = one(ZEN4, Program(image(0), (Insn("XSAVE", buf=0, mask=0x4),), (buf,))).buffers[0]
+    assert b[576:832] == bytes(256)  # written although not in use
+    assert hdr(b) == (0xFF00 & ~0x4, 0)  # (OLD_BV AND NOT RFBM) OR (XINUSE AND RFBM)
+    assert struct.unpack_from("<II", b, 24) == (0x1F80, 0x2FFFF)  # MXCSR for RFBM[2]
+
+
+def test_xsave_misaligned_is_gp() -> None:
+    for mn in ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR"):
+        o = one(ZEN4, Program(image(0), (Insn(mn, buf=0, mask=0xE7),),
+                              (Buffer(misalign=16),)))
+        assert (o.fault.vector, o.fault_step) == ("#GP", 0), mn
+    assert one(ZEN4, Program(image(0), (Insn("FXSAVE", buf=0),),
+                             (Buffer(misalign=16),))).fault is None
+    assert one(ZEN4, Program(image(0), (Insn("FXSAVE", buf=0),),
+                             (Buffer(misalign=8),))).fault.vector == "#GP"
+
+
+def test_xsaveopt_init_optimisation_still_writes_mxcsr() -> None:
+    b = one(ZEN4, Program(image(0), (Insn("XSAVEOPT", buf=0, mask=0xE7),), (AA,))).buffers[0]
+    assert b[0:24] == b"\xaa" * 24 and b[160:416] == b"\xaa" * 256
+    assert struct.unpack_from("<II", b, 24) == (0x1F80, 0x2FFFF)
+
+
+def test_xsaveopt_modified_optimisation_and_its_loss_on_preemption() -> None:
+    """XRSTOR b; XSAVEC b, 0x80 (Hi16_ZMM over the standard AVX area); XSAVEOPT b: the
+    unmodified AVX state is not written back (SDM 13.9) unless a preemption came between."""
+    start = image(0x80, patch=[(1408, b"\x55" * 8)])
+    buf = Buffer(image(0xE7, patch=[(576, b"\x22" * 16), (1408, b"\x77" * 8)]))
+    prog = Program(start, (Insn("XRSTOR", buf=0, mask=0xE7), Insn("XSAVEC", buf=0, mask=0x80),
+                           Insn("XSAVEOPT", buf=0, mask=0xE7)), (buf,))
+    assert one(ZEN4, prog).buffers[0][576:578] == b"\x77\x77"
+    kept = {o.buffers[0][576:578] for o in run_program(ZEN4, prog)}
+    assert kept == {b"\x77\x77", b"\x22\x22"}
+    no_opt = ZEN4_IMPL.with_choice(I.MODIFIED_OPTIMIZATION, False)
+    assert one(ZEN4, prog, impl=no_opt).buffers[0][576:578] == b"\x22\x22"
+
+
+ZEN4_IMPL = I.for_profile(ZEN4)
+
+
+# --- XRSTOR checks (SDM 13.8, XRSTOR exceptions) ----------------------------------------------
+
+
+@pytest.mark.parametrize(("xstate_bv", "xcomp_bv", "patch", "vector"), [
+    (0, 0x1, [], "#GP"),  # standard form: XCOMP_BV != 0 (bytes 23:8)
+    (0, 0, [(528, b"\x01")], "#GP"),  # standard form: bytes 23:16
+    (0, 0, [(540, b"\x01")], None),  # standard form: bytes 63:24 are not checked
+    (0x8, 0, [], "#GP"),  # standard form: XSTATE_BV bit 3 not in XCR0
+    (0, BIT63 | 0x8, [], "#GP"),  # compacted: XCOMP_BV bit not in XCR0
+    (0, BIT63 | 0x800, [], "#GP"),  # compacted: CET_U is IA32_XSS, not XCR0
+    (0x2, BIT63 | 0x1, [], "#GP"),  # compacted: XSTATE_BV not within XCOMP_BV
+    (0, BIT63 | 0xE7, [(560, b"\x01")], "#GP"),  # compacted: bytes 63:16
+    (0x2, BIT63 | 0x3, [], None),
+])
+def test_xrstor_header_checks(xstate_bv, xcomp_bv, patch, vector) -> None:
+    buf = Buffer(image(xstate_bv, xcomp_bv=xcomp_bv, patch=patch))
+    o = one(ZEN4, Program(image(0), (Insn("XRSTOR", buf=0, mask=0x1),), (buf,)))
+    assert (o.fault.vector if o.fault else None) == vector
+
+
+def test_xrstor_compacted_needs_xsavec() -> None:
+    buf = Buffer(image(0, xcomp_bv=BIT63 | 0x3))
+    o = one(HSW, Program(image(0), (Insn("XRSTOR", buf=0, mask=0x7),), (buf,)))
+    assert o.fault.vector == "#GP" and "XSAVEC" in o.fault.reason
+
+
+def test_xrstor_xstate_bv_bit_63_is_an_implementation_choice() -> None:
+    buf = Buffer(image(BIT63, xcomp_bv=BIT63 | 0xE7))
+    prog = Program(image(0), (Insn("XRSTOR", buf=0, mask=0xE7),), (buf,))
+    assert one(ZEN4, prog).fault.vector == "#GP"  # AMD: COMPACTED_XSTATE_BV63 = "gp"
+    allowed = ZEN4_IMPL.with_choice(I.COMPACTED_XSTATE_BV63, "allowed")
+    assert one(ZEN4, prog, impl=allowed).fault is None
+
+
+def test_xrstor_mxcsr_rules_of_the_two_forms() -> None:
+    bad = 0x41F80  # bit 18: outside MXCSR_MASK 0x2FFFF
+    std = Buffer(image(0, mxcsr=bad))
+    for mask, vector in ((0xE7, "#GP"), (0x4, "#GP"), (0x1, None)):
+        o = one(ZEN4, Program(image(0), (Insn("XRSTOR", buf=0, mask=mask),), (std,)))
+        assert (o.fault.vector if o.fault else None) == vector, mask
+    # Compacted, XSTATE_BV[1] = 0: MXCSR is not loaded (no #GP) but set to 1F80H.
+    comp = Buffer(image(0, mxcsr=bad, xcomp_bv=BIT63 | 0x3))
+    o = one(ZEN4, Program(image(0, mxcsr=0x1F00), (Insn("XRSTOR", buf=0, mask=0xE7),
+                                                    Insn("STMXCSR")), (comp,)))
+    assert o.fault is None and o.values == (0x1F80,)
+    # Standard form loads MXCSR whatever XSTATE_BV says, when RFBM[2] = 1.
+    o = one(ZEN4, Program(image(0), (Insn("XRSTOR", buf=0, mask=0x4), Insn("STMXCSR")),
+                          (Buffer(image(0, mxcsr=0x1F00)),)))
+    assert o.values == (0x1F00,)
+
+
+def test_xrstor_initialises_components_whose_xstate_bv_bit_is_clear() -> None:
+    start = image(0xE7, fcw=0x27F, patch=[(160, b"\x11" * 256), (576, b"\x22" * 256)])
+    o = one(ZEN4, Program(start, (Insn("XRSTOR", buf=0, mask=0x6), Insn("XGETBV", reg=1),
+                                  Insn("XSAVE", buf=1, mask=0x7)),
+                          (Buffer(image(0)), AA)))
+    b = o.buffers[1]
+    assert b[160:416] == bytes(256) and b[576:832] == bytes(256)  # SSE, AVX initialised
+    assert struct.unpack_from("<H", b, 0)[0] == 0x27F  # x87 not in RFBM: kept
+    assert o.values == (0x1,)  # only x87 left in use (the others' data were zero)
+
+
+def test_xrstor_compacted_force_init_of_rfbm_bits_outside_xcomp_bv() -> None:
+    start = image(0x4, patch=[(576, b"\x22" * 256)])
+    buf = Buffer(image(0, xcomp_bv=BIT63 | 0x20))
+    o = one(ZEN4, Program(start, (Insn("XRSTOR", buf=0, mask=0xE7), Insn("XGETBV", reg=1)),
+                          (buf,)))
+    assert o.values == (0,)
+
+
+# --- XGETBV / XSETBV -----------------------------------------------------------------------
+
+
+def test_xgetbv1_after_vzeroupper_lacks_bit_2() -> None:
+    prog = Program(image(0), (Insn("VMOVDQU", reg=3, data=bytes(range(1, 33))),
+                              Insn("XGETBV", reg=1), Insn("VZEROUPPER"), Insn("XGETBV", reg=1)))
+    assert one(ZEN4, prog).values == (0x6, 0x2)
+
+
+def test_xgetbv1_reports_sse_when_mxcsr_is_not_1f80() -> None:
+    prog = Program(image(0), (Insn("LDMXCSR", value=0x1F00), Insn("XGETBV", reg=1),
+                              Insn("XSAVE", buf=0, mask=0x2)), (AA,))
+    o = one(ZEN4, prog)
+    assert o.values == (0x2,) and hdr(o.buffers[0])[0] & 2 == 0
+
+
+def test_xgetbv_invalid_ecx_and_missing_xgetbv1_are_gp() -> None:
+    assert one(ZEN4, Program(image(0), (Insn("XGETBV", reg=2),))).fault.vector == "#GP"
+    assert one(HSW, Program(image(0), (Insn("XGETBV", reg=1),))).fault.vector == "#GP"
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (0x7, True), (0xE7, True), (0x6, False), (0x5, False), (0x27, False), (0xE3, False),
+    (0x107, False), (0x207, True), (1 << 40 | 7, False),
+])
+def test_xsetbv_at_cpl0(value: int, ok: bool) -> None:
+    prog = Program(image(0), (Insn("XSETBV", reg=0, value=value), Insn("XGETBV", reg=0)),
+                   cpl=0)
+    o = one(ZEN4, prog)
+    assert (o.fault is None) == ok
+    if ok:
+        assert o.values == (value,)
+
+
+def test_xsetbv_cpl3_and_ecx1_are_gp() -> None:
+    assert one(ZEN4, Program(image(0), (Insn("XSETBV", value=0xE7),))).fault.vector == "#GP"
+    o = one(ZEN4, Program(image(0), (Insn("XSETBV", reg=1, value=0xE7),), cpl=0))
+    assert o.fault.vector == "#GP"
+
+
+# --- XSAVES / XRSTORS at CPL 0 (SDM 13.11, 13.12) -----------------------------------------------
+
+_CET = struct.pack("<QQ", 0x1, 0x7FFF_FFFF_F000)  # IA32_U_CET.SH_STK_EN, IA32_PL3_SSP
+
+
+#: XCR0 | IA32_XSS on zen4 with CET: x87..Hi16_ZMM, PKRU at 2432, CET_U at 2440, CET_S at 2456.
+ALL_S = 0x1AE7
+
+
+def _cet_image(u_cet: bytes = _CET, xcomp: int = BIT63 | ALL_S) -> Buffer:
+    return Buffer(image(0x800, xcomp_bv=xcomp, patch=[(2440, u_cet)]))
+
+
+def test_xrstors_then_xsaves_cet_user_at_compacted_offset_2440() -> None:
+    prog = Program(image(0), (Insn("XRSTORS", buf=0, mask=2**64 - 1),
+                              Insn("XSAVES", buf=1, mask=2**64 - 1)),
+                   (_cet_image(), AA), cpl=0)
+    o = one(ZEN4, prog, xss=0x1800)
+    b = o.buffers[1]
+    assert hdr(b) == (0x800, BIT63 | ALL_S)
+    assert b[2440:2456] == _CET  # Hi16_ZMM ends at 2432, PKRU (8 bytes), then CET_U
+    assert b[2432:2440] == b"\xaa" * 8  # PKRU in its initial configuration: not written
+    assert b[2456:2480] == b"\xaa" * 24  # nor CET_S
+
+
+def test_xsaves_and_xrstors_need_cpl0() -> None:
+    for mn in ("XSAVES", "XRSTORS"):
+        o = one(ZEN4, Program(image(0), (Insn(mn, buf=0, mask=0xE7),), (_cet_image(),)),
+                xss=0x1800)
+        assert o.fault.vector == "#GP" and o.fault.reason == "CPL > 0"
+
+
+@pytest.mark.parametrize(("buf", "why"), [
+    (_cet_image(xcomp=ALL_S), "XCOMP_BV[63] = 0"),
+    (_cet_image(u_cet=struct.pack("<QQ", 0x40, 0)), "reserved bits 9:6"),
+    (_cet_image(u_cet=struct.pack("<QQ", 0, 0x7FFF_FFFF_F002)), "4-byte aligned"),
+    (_cet_image(u_cet=struct.pack("<QQ", 0, 1 << 47)), "canonical"),
+])
+def test_xrstors_gp(buf: Buffer, why: str) -> None:
+    o = one(ZEN4, Program(image(0), (Insn("XRSTORS", buf=0, mask=2**64 - 1),), (buf,), cpl=0),
+            xss=0x1800)
+    assert o.fault.vector == "#GP" and why in o.fault.reason
+
+
+def test_xsaves_modified_optimisation_needs_the_same_xcomp_bv() -> None:
+    buf = Buffer(image(0x884, xcomp_bv=BIT63 | ALL_S,
+                       patch=[(576, b"\x22" * 256), (1408, b"\x55" * 8), (2440, _CET)]))
+    same = Program(image(0), (
+        Insn("XRSTORS", buf=0, mask=2**64 - 1), Insn("XSAVEC", buf=0, mask=0x80),
+        Insn("XSAVES", buf=0, mask=2**64 - 1)), (buf,), cpl=0)
+    b = one(ZEN4, same, xss=0x1800).buffers[0]
+    assert b[576:584] == b"\x55" * 8  # AVX unmodified since XRSTORS from here: not written
+    other = Program(same.start, (*same.insns[:2], Insn("XSAVES", buf=0, mask=ALL_S & ~1)),
+                    same.buffers, cpl=0)
+    b = one(ZEN4, other, xss=0x1800).buffers[0]
+    assert b[576:584] == b"\x22" * 8  # RFBM differs from XCOMP_BV: no modified optimisation
+
+
+# --- XFD and AMX (SDM 13.14, Vol. 2A AMX exception classes) ----------------------------------
+
+TILE_CFG = bytes([1, 0] + [0] * 14 + [64, 0] + [0] * 30 + [16] + [0] * 15)
+
+
+def spr_cpu(xfd: int = 0) -> Cpu:
+    return Cpu(machine(SPR), I.for_profile(SPR), xcr0=default_xcr0(SPR), xfd=xfd)
+
+
+def test_tileloadd_with_xfd_armed_is_nm_with_xfd_err() -> None:
+    cpu = spr_cpu(xfd=0x40000)
+    assert LDTILECFG(cpu, TILE_CFG) is None  # LDTILECFG initialises TILEDATA: no #NM
+    fault = TILELOADD(cpu, 0, bytes(1024))
+    assert fault.vector == "#NM" and cpu.xfd_err == 0x40000
+    assert TILEZERO(cpu, 0).vector == "#NM"
+    dst = bytearray(64)
+    assert STTILECFG(cpu, dst) is None and bytes(dst) == TILE_CFG
+    assert TILERELEASE(cpu) is None
+
+
+def test_tile_instructions_without_configuration_are_ud() -> None:
+    cpu = spr_cpu()
+    assert TILEZERO(cpu, 0).vector == "#UD"
+    dst = bytearray(b"\xff" * 64)
+    assert STTILECFG(cpu, dst) is None and bytes(dst) == bytes(64)
+    LDTILECFG(cpu, TILE_CFG)
+    assert TILEZERO(cpu, 1).vector == "#UD"  # tmm1 is not configured (rows = colsb = 0)
+
+
+@pytest.mark.parametrize("patch", [(0, 2), (2, 1), (16, 65), (48, 17), (18, 4), (56, 1)])
+def test_ldtilecfg_refuses_invalid_configurations(patch: tuple[int, int]) -> None:
+    cfg = bytearray(TILE_CFG)
+    cfg[patch[0]] = patch[1]
+    assert LDTILECFG(spr_cpu(), bytes(cfg)).vector == "#GP"
+
+
+def test_tileloadd_loads_rows_and_zeroes_the_rest() -> None:
+    cfg = bytearray(TILE_CFG)
+    cfg[16], cfg[48], cfg[1] = 8, 2, 1  # tmm0: 2 rows x 8 bytes, start_row 1
+    cpu = spr_cpu()
+    LDTILECFG(cpu, bytes(cfg))
+    assert TILELOADD(cpu, 0, bytes(range(16))) is None
+    tile = cpu.regs[18][0:1024]
+    assert tile[0:64] == bytes(64)  # row 0 below start_row: untouched (zero from LDTILECFG)
+    assert tile[64:72] == bytes(range(8, 16)) and tile[72:1024] == bytes(952)
+    assert cpu.regs[17][1] == 0  # start_row := 0
+
+
+def test_xsave_of_xfd_armed_tiledata_saves_its_initial_configuration() -> None:
+    cpu = spr_cpu()
+    LDTILECFG(cpu, TILE_CFG)
+    TILELOADD(cpu, 0, b"\x77" * 1024)
+    cpu.xfd = 0x40000  # WRMSR IA32_XFD: the tile data stay in the registers
+    a, c = (Area(bytearray(b"\xaa" * 512 + bytes(64) + b"\xaa" * 10432), ("buf", n))
+            for n in (0, 1))
+    assert XSAVE(cpu, a, 0x60000) is None and XSAVEC(cpu, c, 0x60000) is None
+    assert hdr(a.data)[0] == 0x20000 and a.data[2816:11008] == bytes(8192)
+    assert hdr(c.data) == (0x20000, BIT63 | 0x60000)
+    assert c.data[2560:2568] == b"\xaa" * 8  # XSAVEC does not save it
+    assert cpu.regs[18][0:4] == b"\x77" * 4
+
+
+def test_xrstor_under_xfd_nm_only_when_loading() -> None:
+    load = Buffer(image(0x40000, size=11008, patch=[(2816, b"\x77" * 8192)]))
+    prog = Program(image(0), (Insn("XRSTOR", buf=0, mask=0x60000),), (load,))
+    o = one(SPR, prog, xfd=0x40000)
+    assert (o.fault.vector, o.fault_step) == ("#NM", 0)
+    init = Program(image(0), (Insn("XRSTOR", buf=0, mask=0x60000),), (Buffer(image(0)),))
+    assert one(SPR, init, xfd=0x40000).fault is None
+
+
+def test_xrstor_of_an_invalid_tilecfg_initialises_it() -> None:
+    bad = bytearray(TILE_CFG)
+    bad[0] = 7  # no palette 7
+    buf = Buffer(image(0x20000, size=3000, patch=[(2752, bytes(bad))]))
+    prog = Program(image(0), (Insn("XRSTOR", buf=0, mask=0x60000), Insn("STTILECFG", buf=1)),
+                   (buf, AA))
+    o = one(SPR, prog)
+    assert o.fault is None and o.buffers[1][:64] == bytes(64)
+
+
+# --- PKRU, x87, MXCSR -----------------------------------------------------------------------
+
+
+def test_wrpkru_rdpkru_and_xsave_of_pkru() -> None:
+    prog = Program(image(0, size=2696), (Insn("WRPKRU", value=0x5555_0004), Insn("RDPKRU"),
+                                         Insn("XSAVE", buf=0, mask=0x200)), (AA,))
+    o = one(SPR, prog)
+    assert o.values == (0x5555_0004,) and o.buffers[0][2688:2696] == bytes.fromhex(
+        "0400555500000000")
+    assert one(SPR, Program(image(0), (Insn("WRPKRU", value=1 << 32),))).fault.vector == "#GP"
+    assert one(load_profile("zen2"), Program(image(0), (Insn("RDPKRU"),))).fault.vector == "#UD"
+
+
+def test_fld_stack_overflow_masked_pushes_the_indefinite() -> None:
+    prog = Program(image(1, ftw=0xFF), (Insn("FLD", data=bytes(range(10))), Insn("FNSTSW"),
+                                        Insn("FNINIT"), Insn("XSAVE", buf=0, mask=1)), (AA,))
+    o = one(ZEN4, prog)
+    assert o.values == (0x3A41,)  # TOP 7, C1, SF, IE
+    assert o.buffers[0][32 + 7 * 16:32 + 7 * 16 + 10] == bytes.fromhex("00000000000000c0ffff")
+
+
+def test_fld_pointers_are_unknown_to_the_model() -> None:
+    prog = Program(image(1, fcw=0x37E), (Insn("FLD", data=bytes(10)),) * 9 +
+                   (Insn("XSAVE", buf=0, mask=1),), (AA,))
+    with pytest.raises(UnknownPointers):
+        run_program(ZEN4, prog)
+    # Intel saves FIP/FDP always (X87_POINTERS "always"): any save after an FLD.
+    with pytest.raises(UnknownPointers):
+        run_program(SPR, Program(image(0), (Insn("FLD", data=bytes(10)),
+                                            Insn("FXSAVE", buf=0)), (AA,)))
+
+
+def test_fninit_keeps_the_data_registers() -> None:
+    prog = Program(image(0), (Insn("FLD", data=bytes(range(1, 11))), Insn("FNINIT"),
+                              Insn("XGETBV", reg=1), Insn("XSAVE", buf=0, mask=1)), (AA,))
+    o = one(ZEN4, prog)
+    assert o.values == (0x1,)  # the x87 state is not initial: ST7 holds the value
+    assert o.buffers[0][0:6] == bytes.fromhex("7f0300000000")
+    assert o.buffers[0][144:154] == bytes(range(1, 11))
+
+
+def test_ldmxcsr_reserved_bit_is_gp() -> None:
+    o = one(ZEN4, Program(image(0), (Insn("LDMXCSR", value=0x21F80), Insn("LDMXCSR",
+                                                                          value=0x41F80))))
+    assert (o.fault.vector, o.fault_step) == ("#GP", 1)
+    intel = one(SPR, Program(image(0), (Insn("LDMXCSR", value=0x21F80),)))
+    assert intel.fault.vector == "#GP"  # Intel's MXCSR_MASK is 0xFFFF
+
+
+# --- run_program's contract ---------------------------------------------------------------
+
+
+def test_run_program_rejects_bad_configuration() -> None:
+    prog = Program(image(0), (Insn("XGETBV"),))
+    with pytest.raises(MaskError, match="XCR0"):
+        run_program(ZEN4, prog, xcr0=0x5)
+    with pytest.raises(MaskError, match="IA32_XSS"):
+        run_program(ZEN4, prog, xss=0x400)
+    with pytest.raises(MaskError, match="LBR"):
+        run_program(SPR, prog, xss=1 << 15)
+    with pytest.raises(MaskError, match="IA32_XFD"):
+        run_program(ZEN4, prog, xfd=0x40000)
+    with pytest.raises(ProgramError, match="start image rejected"):
+        run_program(ZEN4, Program(image(0x8), (Insn("XGETBV"),)))
+
+
+def test_default_xcr0_is_what_linux_enables() -> None:
+    assert default_xcr0(SPR) == 0x602E7
+    assert default_xcr0(ZEN4) == 0x2E7
+    assert default_xcr0(HSW) == 0x7
+    assert default_xcr0(load_profile("skylake-sp")) == 0x2FF
+
+
+def test_outcome_buffers_are_whole_buffers() -> None:
+    o = one(ZEN4, Program(image(0), (Insn("XSAVE", buf=0, mask=0),), (Buffer(b"\x01"),)))
+    assert len(o.buffers[0]) == BUFFER_SIZE and o.buffers[0][0] == 1
+
