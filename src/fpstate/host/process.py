@@ -27,6 +27,7 @@ import shutil
 import signal
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fpstate.errors import FpstateError, HostUnavailable
@@ -93,11 +94,13 @@ def _xs() -> int:
     return (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
 
 
-def inherit(kind: str = "fork", *, seed: int = 0x6E, timeout: float = 20.0) -> InheritRun:
+def inherit(kind: str = "fork", *, seed: int = 0x6E, timeout: float = 20.0,
+            prelude: Callable[[Asm], None] | None = None) -> InheritRun:
     """Create a task with ``kind`` (fork, vfork, thread = clone(CLONE_THREAD|CLONE_VM|...),
     clone_vm = clone(CLONE_VM, SIGCHLD): a new process sharing memory) over pattern
     registers and capture what the new task starts with (kernel path: copy_thread ->
-    fpu_clone)."""
+    fpu_clone). ``prelude`` emits machine code run after the pattern load (e.g. the AMX
+    permission request and tile loads of `fpstate.host.amx`)."""
     if kind not in KINDS:
         raise FpstateError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     xs = _xs()
@@ -113,6 +116,8 @@ def inherit(kind: str = "fork", *, seed: int = 0x6E, timeout: float = 20.0) -> I
         a = Asm()
         R, C, In, M = a.R, a.C, a.In, a.M
         load_patterns(a, shm.address)
+        if prelude is not None:
+            prelude(a)
         a.xsave(shm.address + before)
         if kind == "fork":
             a.syscall(SYS["fork"])

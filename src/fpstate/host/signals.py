@@ -28,6 +28,7 @@ import ctypes
 import mmap
 import signal
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fpstate.errors import FpstateError
@@ -358,9 +359,13 @@ def _sigaction(sig: int, handler: int, flags: int, restorer: int) -> int:
 
 def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
                  altstack_size: int | None = None, init_mask: int = 0,
+                 prelude: Callable[[Asm], None] | None = None,
                  timeout: float = 20.0) -> SignalRun:
     """Raise SIGUSR1 with kill(getpid()) over pattern registers (seed ``seed``) in a forked
     child, capture the frame the kernel built, apply ``patches`` to it and sigreturn.
+
+    ``prelude`` emits machine code that runs right after the pattern load (e.g. the AMX
+    permission request and tile loads of `fpstate.host.amx`).
 
     ``init_mask`` puts those components back in their initial configuration after the
     pattern load (XRSTOR with RFBM = init_mask from an area whose XSTATE_BV is 0 and whose
@@ -403,6 +408,8 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
             return 5
         main = Asm()
         load_patterns(main, shm.address + lay.table)
+        if prelude is not None:
+            prelude(main)
         if init_mask:
             _xrstor_init(main, shm.address + lay.after, init_mask)
         main.xsave(shm.address + lay.before)

@@ -1,0 +1,231 @@
+"""Kernel-layer cases about tasks: AMX first use (XFD), fork/vfork/clone, execve.
+
+Real side: `fpstate.host.runner` (an AMX instruction on a kernel that did not enable AMX),
+`fpstate.host.amx` (first use without permission; fork after tile use), `fpstate.host.process`
+(the registers and permission a new task starts with, and what an execve'd image starts with).
+Model side: `Machine.user_write` (#UD, or #NM -> handle_xfd_event), `process.sys_clone` (fpu_clone,
+fpu_inherit_perms) and `process.sys_execve` (fpu_flush_thread) from the registers the host
+probe loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from fpstate.errors import HostUnavailable
+from fpstate.kernel.x86.conform import (
+    Case,
+    Facts,
+    HostAnswer,
+    answer,
+    errno_of,
+    host_amx_reason,
+    host_system,
+    host_without_amx_reason,
+    image_registers,
+    load_registers,
+    model_registers,
+    prefixed,
+    user_task,
+)
+from fpstate.kernel.x86.sched import SIGILL, Machine
+from fpstate.kernel.x86.types import CLONE_THREAD, CLONE_VFORK, CLONE_VM, FpuSystem
+from fpstate.kernel.x86.xstate_prctl import (
+    ARCH_GET_XCOMP_GUEST_PERM,
+    ARCH_GET_XCOMP_PERM,
+    ARCH_GET_XCOMP_SUPP,
+    ARCH_REQ_XCOMP_PERM,
+    ARCH_XCOMP_TILEDATA,
+    sys_arch_prctl,
+)
+from fpstate.x86.xfeatures import MXCSR_DEFAULT
+
+# -- XFD: AMX instructions ------------------------------------------------------------------------
+
+_SIGINFO = re.compile(r"(SIG[A-Z]+) si_code=(0x[0-9a-f]+|\d+)")
+
+
+def _amx_insn_host() -> HostAnswer:
+    from fpstate.host.runner import host_xsave, run_program
+    from fpstate.x86.program import Insn, Program
+
+    start = bytearray(host_xsave().size)
+    start[0:2] = (0x37F).to_bytes(2, "little")
+    start[24:28] = MXCSR_DEFAULT.to_bytes(4, "little")
+    cfg = bytes([1, 0]) + bytes(14) + (64).to_bytes(2, "little") + bytes(30) + bytes([16]) + \
+        bytes(15)
+    out = run_program(Program(bytes(start), (Insn("LDTILECFG", data=cfg),)))
+    facts: Facts = {"vector": out.fault.vector if out.fault else None}
+    match = _SIGINFO.search(out.fault.reason if out.fault else "")
+    facts["signal"] = match.group(1) if match else None
+    facts["si_code"] = int(match.group(2), 0) if match else None
+    return HostAnswer(facts)
+
+
+def _amx_insn_model(system: FpuSystem, given: Any) -> Facts:
+    """LDTILECFG with XCR0[17] = 0: #UD -> SIGILL/ILL_ILLOPN (do_error_trap), fatal here."""
+    m = Machine(system, 1)
+    t = user_task(m)
+    fault = m.user_write(0, 17)
+    sig = t.killed_by
+    return {"vector": fault.vector if fault else None,
+            "signal": "SIGILL" if sig and sig.sig == SIGILL else (str(sig.sig) if sig else None),
+            "si_code": sig.code if sig else None}
+
+
+def _sigill_host() -> HostAnswer:
+    from fpstate.host.amx import first_use_without_permission
+
+    signo, si_code = first_use_without_permission()
+    return HostAnswer({"signal": "SIGILL" if signo == SIGILL else str(signo), "si_code": si_code})
+
+
+def _sigill_model(system: FpuSystem, given: Any) -> Facts:
+    """TILERELEASE-class first use with IA32_XFD[18] armed and no permission: #NM ->
+    handle_xfd_event -> xfd_enable_feature() = -EPERM -> SIGILL/ILL_ILLOPC."""
+    m = Machine(system, 1)
+    t = user_task(m)
+    m.user_write(0, 18)
+    sig = t.killed_by
+    return {"signal": "SIGILL" if sig and sig.sig == SIGILL else (str(sig.sig) if sig else None),
+            "si_code": sig.code if sig else None}
+
+
+# -- fork, clone, exec ----------------------------------------------------------------------------
+
+SIGCHLD = 17
+#: pthread_create's CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD |
+#: CLONE_SYSVSEM, as fpstate.host.process uses it.
+THREAD_FLAGS = 0x00050F00
+assert THREAD_FLAGS & CLONE_THREAD and THREAD_FLAGS & CLONE_VM
+#: The probes' clone flags (fpstate.host.process): fork and vfork are clone() with these.
+INHERIT_FLAGS = {
+    "fork": SIGCHLD,
+    "vfork": CLONE_VM | CLONE_VFORK | SIGCHLD,
+    "thread": THREAD_FLAGS,
+    "clone-vm": CLONE_VM | SIGCHLD,
+}
+
+
+def _inherit_host(kind: str) -> Callable[[], HostAnswer]:
+    def host() -> HostAnswer:
+        from fpstate.host.process import inherit
+
+        run = inherit(kind.replace("-", "_"))
+        system = host_system()
+        facts: Facts = {"child ran": run.child is not None,
+                        "parent resumed": run.parent_after is not None}
+        if run.child is not None:
+            facts.update(prefixed("child", image_registers(system, run.child.raw)))
+            facts["child GET_XCOMP_PERM"] = answer(run.child_perm_ret, run.child_perm
+                                                    if run.child_perm_ret == 0 else None)
+        if run.parent_after is not None:
+            facts.update(prefixed("parent after", image_registers(system, run.parent_after.raw)))
+        return HostAnswer(facts, run.parent_before.raw)
+
+    return host
+
+
+def _inherit_model(kind: str) -> Callable[[FpuSystem, Any], Facts]:
+    def model(system: FpuSystem, before: bytes) -> Facts:
+        from fpstate.kernel.x86.process import sys_clone
+
+        m = Machine(system, 2)
+        parent = user_task(m, 0)
+        load_registers(m, 0, before)
+        child = m.syscall(0, sys_clone, INHERIT_FLAGS[kind])
+        m.run(1, child)
+        facts: Facts = {"child ran": True, "parent resumed": True}
+        facts.update(prefixed("child", model_registers(m, 1)))
+        out = child.user_sp - 64
+        ret = m.syscall(1, sys_arch_prctl, ARCH_GET_XCOMP_PERM, out)
+        value = int.from_bytes(child.process.mm.read(out, 8), "little") if ret == 0 else None
+        facts["child GET_XCOMP_PERM"] = answer(ret, value)
+        facts.update(prefixed("parent after", model_registers(m, 0)))
+        del parent
+        return facts
+
+    return model
+
+
+def _exec_host() -> HostAnswer:
+    from fpstate.host.process import exec_state
+
+    run = exec_state()
+    system = host_system()
+    facts: Facts = prefixed("image", image_registers(system, run.image.raw))
+    facts["image XINUSE"] = run.image.xstate_bv
+    facts["GET_XCOMP_SUPP"] = run.supp
+    facts["GET_XCOMP_PERM"] = run.perm
+    facts["GET_XCOMP_GUEST_PERM"] = run.guest_perm
+    return HostAnswer(facts, run.parent_before.raw)
+
+
+def _exec_model(system: FpuSystem, before: bytes) -> Facts:
+    from fpstate.kernel.x86.process import sys_execve
+
+    m = Machine(system, 1)
+    t = user_task(m)
+    load_registers(m, 0, before)
+    m.syscall(0, sys_execve, "probe")
+    facts: Facts = prefixed("image", model_registers(m, 0))
+    facts["image XINUSE"] = m.cpus[0].regs.xgetbv1() & system.xcr0
+    out = t.user_sp - 64
+    for option, name in ((ARCH_GET_XCOMP_SUPP, "GET_XCOMP_SUPP"),
+                         (ARCH_GET_XCOMP_PERM, "GET_XCOMP_PERM"),
+                         (ARCH_GET_XCOMP_GUEST_PERM, "GET_XCOMP_GUEST_PERM")):
+        ret = m.syscall(0, sys_arch_prctl, option, out)
+        facts[name] = int.from_bytes(t.process.mm.read(out, 8), "little") if ret == 0 \
+            else errno_of(ret)
+    return facts
+
+
+def _amx_inherit_host() -> HostAnswer:
+    from fpstate.host.amx import inherit_after_tiles
+
+    run = inherit_after_tiles()
+    if run.child is None:
+        raise HostUnavailable(f"the AMX fork probe's child never ran ({run.exit})")
+    facts = prefixed("child", image_registers(host_system(), run.child.raw))
+    facts["child XINUSE"] = run.child.xstate_bv
+    facts["child GET_XCOMP_PERM"] = answer(run.child_perm_ret, run.child_perm
+                                           if run.child_perm_ret == 0 else None)
+    return HostAnswer(facts, run.parent_before.raw)
+
+
+def amx_inherit_model(system: FpuSystem, given: Any) -> Facts:
+    """fork() after AMX permission and tile use: the child gets the permission (fpu_inherit_
+    perms) and every register but tile data, which starts in its initial state (fpu_clone
+    saves with the child's default features)."""
+    from fpstate.kernel.x86.process import sys_clone
+
+    m = Machine(system, 2)
+    user_task(m, 0)
+    m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
+    load_registers(m, 0, given)
+    child = m.syscall(0, sys_clone, 17)
+    m.run(1, child)
+    facts = prefixed("child", model_registers(m, 1))
+    facts["child XINUSE"] = m.cpus[1].regs.xgetbv1() & system.xcr0
+    out = child.user_sp - 64
+    ret = m.syscall(1, sys_arch_prctl, ARCH_GET_XCOMP_PERM, out)
+    facts["child GET_XCOMP_PERM"] = answer(ret, int.from_bytes(child.process.mm.read(out, 8),
+                                                                "little") if ret == 0 else None)
+    return facts
+
+
+
+CASES: tuple[Case, ...] = (
+    Case("xfd/amx-insn-without-xcr0", "#UD -> do_error_trap -> SIGILL/ILL_ILLOPN",
+         _amx_insn_host, _amx_insn_model, host_without_amx_reason),
+    Case("xfd/sigill-without-permission", "handle_xfd_event, __xfd_enable_feature (-EPERM)",
+         _sigill_host, _sigill_model, host_amx_reason),
+    *(Case(f"inherit/{k}", "copy_thread -> fpu_clone, fpu_inherit_perms", _inherit_host(k),
+           _inherit_model(k)) for k in INHERIT_FLAGS),
+    Case("inherit/amx-tiles-and-permission", "fpu_clone (tile data not copied), "
+         "fpu_inherit_perms", _amx_inherit_host, amx_inherit_model, host_amx_reason),
+    Case("exec/reset", "fpu_flush_thread -> fpstate_reset, fpu_reset_fpstate_regs",
+         _exec_host, _exec_model),
+)

@@ -1,0 +1,294 @@
+"""Kernel-layer cases about ptrace: NT_X86_XSTATE and NT_PRFPREG, read and written.
+
+The real side is `fpstate.host.ptrace`: a child loads pattern registers and stops itself with
+SIGSTOP; the parent reads both regsets, makes a list of PTRACE_SETREGSET writes (reading
+NT_X86_XSTATE back after each) and resumes it; the child XSAVEs what it runs with. The model
+side replays the run on a model task holding the same registers, stopped (switch_fpu saves it),
+with the tracer on the CPU: ptrace_regset() of `fpstate.kernel.x86.regset`, then PTRACE_CONT
+and the return to user mode of the tracee.
+
+Compared: the bytes GETREGSET returns (standard format, XCR0 at 464, init components as
+zeros), the errno of every write (xstateregs_set / xfpregs_set / copy_uabi_to_xstate /
+ptrace_regset), what the kernel stored (the read-back after each write), the iov_len clamping
+and -EINVAL rules, and the registers the tracee runs with after PTRACE_CONT. The random writes
+(`random_mutation`) mutate a real image where the kernel's validation looks: XSTATE_BV,
+XCOMP_BV, the reserved header bytes, MXCSR and MXCSR_MASK, sw_reserved, component bytes and
+the write length.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fpstate.kernel.x86.conform import (
+    Case,
+    Facts,
+    HostAnswer,
+    errno_of,
+    host_system,
+    image_registers,
+    load_registers,
+    model_registers,
+    prefixed,
+    user_task,
+)
+from fpstate.kernel.x86.regset import (
+    NT_PRFPREG,
+    NT_X86_XSTATE,
+    PTRACE_GETREGSET,
+    PTRACE_SETREGSET,
+    ptrace_regset,
+)
+from fpstate.kernel.x86.sched import Machine
+from fpstate.kernel.x86.types import FpuSystem
+
+READ_BUFFER = 16384  #: iov_len offered to GETREGSET (clamped by the kernel to the regset size)
+NOTE_NAMES = {NT_X86_XSTATE: "NT_X86_XSTATE", NT_PRFPREG: "NT_PRFPREG"}
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One PTRACE_SETREGSET: ``data`` with iov_len ``length`` (zero-padded when longer)."""
+
+    note: int
+    data: bytes
+    what: str
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PtraceGiven:
+    before: bytes  #: the tracee's registers (standard XSAVE image)
+    writes: tuple[Write, ...]
+
+
+def _read_fact(prefix: str, errno: int, data: bytes) -> Facts:
+    return {prefix: data if not errno else errno_of(-errno)}
+
+
+def _write_facts(k: int, w: Write, errno: int, back: tuple[int, bytes]) -> Facts:
+    key = f"write {k:03d} {NOTE_NAMES.get(w.note, hex(w.note))} {w.what}"
+    return {f"{key}: errno": errno_of(-errno) if errno else "OK",
+            **_read_fact(f"{key}: NT_X86_XSTATE read back", *back)}
+
+
+# -- the host side --------------------------------------------------------------------------------
+
+
+def _host_session(writes: Sequence[Write]) -> tuple[Facts, Any]:
+    from fpstate.host.ptrace import RegsetWrite, ptrace_session
+
+    s = ptrace_session([RegsetWrite(w.note, w.data, w.what, w.length) for w in writes])
+    facts: Facts = {"stop signal": s.stop_signal}
+    facts.update(_read_fact("GET NT_X86_XSTATE", s.xstate.errno, s.xstate.data))
+    facts.update(_read_fact("GET NT_PRFPREG", s.fpregs.errno, s.fpregs.data))
+    for k, (w, r) in enumerate(zip(writes, s.writes, strict=True)):
+        facts.update(_write_facts(k, w, r.errno, (r.read_back.errno, r.read_back.data)))
+    facts["tracee ran after PTRACE_CONT"] = s.after is not None
+    if s.after is not None:
+        facts.update(prefixed("after", image_registers(host_system(), s.after.raw)))
+    return facts, s
+
+
+def _base_images() -> tuple[bytes, bytes]:
+    """NT_X86_XSTATE and NT_PRFPREG of a stopped pattern child (the bases writes mutate)."""
+    from fpstate.host.ptrace import ptrace_session
+
+    s = ptrace_session()
+    return s.xstate.data, s.fpregs.data
+
+
+# -- the model side -------------------------------------------------------------------------------
+
+
+def ptrace_model(system: FpuSystem, g: PtraceGiven) -> Facts:
+    """The tracee holds ``g.before`` and is stopped; the tracer reads, writes and resumes."""
+    m = Machine(system, 1)
+    t = user_task(m, 0, comm="tracee")
+    load_registers(m, 0, g.before)
+    m.stop(t)
+    user_task(m, 0, comm="tracer")
+    c = m.enter_kernel(0)
+
+    def get(note: int) -> tuple[int, bytes]:
+        ret, data = ptrace_regset(c, t, PTRACE_GETREGSET, note, READ_BUFFER)
+        return -ret, data
+
+    facts: Facts = {"stop signal": 19}
+    facts.update(_read_fact("GET NT_X86_XSTATE", *get(NT_X86_XSTATE)))
+    facts.update(_read_fact("GET NT_PRFPREG", *get(NT_PRFPREG)))
+    for k, w in enumerate(g.writes):
+        data = w.data.ljust(w.length, b"\0")
+        ret, _ = ptrace_regset(c, t, PTRACE_SETREGSET, w.note, w.length, data)
+        facts.update(_write_facts(k, w, -ret, get(NT_X86_XSTATE)))
+    m.exit_to_user_mode(0)
+    m.resume(t)
+    m.run(0, t)
+    facts["tracee ran after PTRACE_CONT"] = True
+    facts.update(prefixed("after", model_registers(m, 0)))
+    return facts
+
+
+# -- the write lists ------------------------------------------------------------------------------
+
+
+def _put(buf: bytes, off: int, fmt: str, value: int) -> bytes:
+    out = bytearray(buf)
+    struct.pack_into(fmt, out, off, value)
+    return bytes(out)
+
+
+def rule_writes(xstate: bytes, fpregs: bytes, xcr0: int) -> tuple[Write, ...]:
+    """The writes of kernel-findings section 6, in order (state carries from one to the next);
+    the last leaves XSTATE_BV = YMM only with MXCSR 0xffc0 in the buffer."""
+    n = len(xstate)
+    X, F = NT_X86_XSTATE, NT_PRFPREG
+    xmm5 = bytearray(fpregs)
+    xmm5[160 + 80:160 + 96] = bytes(range(0x50, 0x60))
+    xmm3 = bytearray(xstate)
+    xmm3[160 + 48:160 + 64] = bytes(range(0x30, 0x40))
+    rows = [
+        Write(X, xstate, "unchanged", n),
+        Write(X, xstate, "8 bytes short", n - 8),
+        Write(X, xstate, "8 bytes long", n + 8),
+        Write(X, xstate, "not a multiple of 8", n - 2),
+        *(Write(X, _put(xstate, 512, "<Q", xcr0 | 1 << b), f"XSTATE_BV bit {b}", n)
+          for b in (8, 9, 11)),
+        Write(X, _put(xstate, 520, "<Q", 1 << 63 | xcr0), "XCOMP_BV compacted", n),
+        Write(X, _put(xstate, 512 + 56, "<B", 1), "header byte 56", n),
+        Write(X, _put(xstate, 24, "<I", 0x8000_1F80), "MXCSR bit 31", n),
+        Write(X, _put(xstate, 24, "<I", 0x21F80), "MXCSR 0x21f80", n),
+        Write(X, xstate[:464] + b"\xff" * 48 + xstate[512:], "sw_reserved 0xff", n),
+        Write(X, bytes(xmm3), "XMM3 edited", n),
+        Write(F, bytes(xmm5), "XMM5 edited", 512),
+        Write(F, fpregs, "504 bytes", 504),
+        Write(F, fpregs, "520 bytes", 520),
+        Write(F, _put(fpregs, 24, "<I", 0x8000_1F80), "MXCSR bit 31", 512),
+        Write(X, _put(xstate, 512, "<Q", 0x3), "XSTATE_BV FP|SSE", n),
+        Write(X, _put(xstate, 512, "<Q", 0), "XSTATE_BV 0", n),
+        Write(X, _put(_put(xstate, 512, "<Q", 0x4), 24, "<I", 0xFFC0),
+              "XSTATE_BV YMM only, MXCSR 0xffc0", n),
+    ]
+    return tuple(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """Where a random NT_X86_XSTATE write differs from a real image."""
+
+    xstate_bv: int
+    xcomp_bv: int
+    reserved: tuple[int, int] | None  #: (header byte 16..63, value)
+    mxcsr: int
+    mxcsr_mask: int | None
+    sw_reserved: bytes | None  #: 48 bytes at 464
+    pokes: tuple[tuple[int, int], ...]  #: (offset, byte) anywhere in the image
+    length_delta: int  #: iov_len - the image size
+
+    def apply(self, base: bytes) -> Write:
+        buf = bytearray(base)
+        struct.pack_into("<QQ", buf, 512, self.xstate_bv, self.xcomp_bv)
+        struct.pack_into("<I", buf, 24, self.mxcsr)
+        if self.mxcsr_mask is not None:
+            struct.pack_into("<I", buf, 28, self.mxcsr_mask)
+        if self.sw_reserved is not None:
+            buf[464:512] = self.sw_reserved
+        for off, value in self.pokes:
+            buf[off % len(buf)] = value
+        if self.reserved is not None:
+            buf[512 + self.reserved[0]] = self.reserved[1]
+        what = (f"XSTATE_BV={self.xstate_bv:#x} XCOMP_BV={self.xcomp_bv:#x} "
+                f"MXCSR={self.mxcsr:#x}" + (f" hdr[{self.reserved[0]}]={self.reserved[1]:#x}"
+                                             if self.reserved else "")
+                + (f" len{self.length_delta:+d}" if self.length_delta else ""))
+        return Write(NT_X86_XSTATE, bytes(buf), what, max(0, len(base) + self.length_delta))
+
+
+def random_mutation(rng: random.Random, xcr0: int) -> Mutation:
+    """A mutation biased towards the kernel's decision points (each check is hit often)."""
+    pick = rng.random
+    sub = rng.getrandbits(64) & xcr0
+    bv = rng.choice([sub, xcr0, sub | 1 << rng.randrange(64), rng.getrandbits(64), 0x4, 0])
+    xcomp = 0 if pick() < 0.8 else rng.choice([1 << 63, 1 << 63 | xcr0, 1 << rng.randrange(64)])
+    reserved = None if pick() < 0.8 else (rng.randrange(16, 64), rng.randrange(1, 256))
+    mxcsr = rng.choice([0x1F80, 0xFFC0, 0x21F80, rng.getrandbits(32), rng.getrandbits(16),
+                        0x8000_1F80, 0x1F80 | 1 << rng.randrange(32)])
+    mask = None if pick() < 0.7 else rng.getrandbits(32)
+    sw = None if pick() < 0.8 else rng.randbytes(48)
+    pokes = tuple((rng.randrange(4096), rng.randrange(256)) for _ in range(rng.randrange(4)))
+    delta = 0 if pick() < 0.85 else rng.choice([-8, 8, -2, 64, -16])
+    return Mutation(bv, xcomp, reserved, mxcsr, mask, sw, pokes, delta)
+
+
+RANDOM_WRITES = 256
+RANDOM_SEED = 0x6A7E
+
+
+def _rules_host() -> HostAnswer:
+    from fpstate.host.child import register_class
+
+    xstate, fpregs = _base_images()
+    writes = rule_writes(xstate, fpregs, register_class().xcr0)
+    facts, s = _host_session(writes)
+    return HostAnswer(facts, PtraceGiven(s.before.raw, writes))
+
+
+def _random_host() -> HostAnswer:
+    from fpstate.host.child import register_class
+
+    xstate, _ = _base_images()
+    rng = random.Random(RANDOM_SEED)
+    xcr0 = register_class().xcr0
+    writes = tuple(random_mutation(rng, xcr0).apply(xstate) for _ in range(RANDOM_WRITES))
+    facts, s = _host_session(writes)
+    return HostAnswer(facts, PtraceGiven(s.before.raw, writes))
+
+
+def _get_host() -> HostAnswer:
+    facts, s = _host_session(())
+    return HostAnswer(facts, PtraceGiven(s.before.raw, ()))
+
+
+#: (note, iov_len) of GETREGSET reads: ptrace_regset's multiple-of-8 rule and clamping.
+LENGTH_READS: tuple[tuple[int, int], ...] = (
+    (NT_X86_XSTATE, 4), (NT_X86_XSTATE, 0), (NT_X86_XSTATE, 512), (NT_X86_XSTATE, 16384),
+    (0x999, 16), (NT_PRFPREG, 8), (NT_PRFPREG, 12), (NT_PRFPREG, 4096),
+)
+
+
+def _lengths_host() -> HostAnswer:
+    from fpstate.host.ptrace import read_regsets
+
+    reads = read_regsets(LENGTH_READS)
+    return HostAnswer({f"GETREGSET {hex(n)} iov_len {k}": (errno_of(-r.errno) if r.errno
+                                                           else r.returned)
+                       for (n, k), r in zip(LENGTH_READS, reads, strict=True)})
+
+
+def _lengths_model(system: FpuSystem, given: Any) -> Facts:
+    m = Machine(system, 1)
+    t = user_task(m, 0, comm="tracee")
+    m.stop(t)
+    user_task(m, 0, comm="tracer")
+    c = m.enter_kernel(0)
+    out = {}
+    for note, n in LENGTH_READS:
+        ret, data = ptrace_regset(c, t, PTRACE_GETREGSET, note, n)
+        out[f"GETREGSET {hex(note)} iov_len {n}"] = errno_of(ret) if ret else len(data)
+    return out
+
+
+_RULE = "ptrace_regset, xstateregs_get/set, xfpregs_get/set, copy_uabi_to_xstate"
+
+CASES: tuple[Case, ...] = (
+    Case("ptrace/get-and-resume", _RULE + ", __copy_xstate_to_uabi_buf", _get_host, ptrace_model),
+    Case("ptrace/iov-lengths", "ptrace_regset (iov_len % 8, clamping, unknown note)",
+         _lengths_host, _lengths_model),
+    Case("ptrace/set-rules", _RULE + ", validate_user_xstate_header", _rules_host, ptrace_model),
+    Case(f"ptrace/set-random-{RANDOM_WRITES}", _RULE + " on random buffers", _random_host,
+         ptrace_model),
+)

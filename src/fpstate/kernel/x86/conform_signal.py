@@ -1,0 +1,367 @@
+"""Kernel-layer cases about signals: frame contents and placement, sigaltstack, sigreturn.
+
+The real side is `fpstate.host.signals.raise_signal`: a forked child loads pattern registers,
+raises SIGUSR1 with kill(), its machine-code handler copies the frame and may patch it, and
+rt_sigreturn restores (or fails into SIGSEGV). The model side replays the same run from what
+the host recorded (`SignalGiven`: the registers before the raise, the stack pointer the signal
+interrupted, the alternate stack, the patches) through handle_signal() and sys_rt_sigreturn()
+of `fpstate.kernel.x86.signal`, so frame addresses and bytes compare exactly.
+
+Compared for every delivery: the frame's placement (frame and fpstate addresses, fpstate -
+frame, alignment), uc_flags, uc_stack, the saved sp and fpstate pointer, si_signo (and si_code
+of a forced SIGSEGV), struct _fpx_sw_bytes, MAGIC2 at fpstate + xstate_size, the XSAVE header,
+the register values the frame holds, and the handler's initial FPU state. For sigreturn: which
+way it went (restored, or SIGSEGV) and every register afterwards.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from fpstate.kernel.x86.conform import (
+    Case,
+    Facts,
+    HostAnswer,
+    host_amx_reason,
+    host_system,
+    image_registers,
+    load_registers,
+    model_registers,
+    prefixed,
+    user_task,
+)
+from fpstate.kernel.x86.sched import SA_ONSTACK, SIGSEGV, SIGUSR1, Machine, SigAction, Signal, Task
+from fpstate.kernel.x86.signal import handler_return, sys_rt_sigreturn
+from fpstate.kernel.x86.types import FpuSystem
+from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA, sys_arch_prctl
+from fpstate.kernel.x86.xstate_prctl import sys_sigaltstack as model_sigaltstack
+from fpstate.x86.xfeatures import XFEATURE_MASK_XTILE
+
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2 = 0x46505845
+SW = 464  #: struct _fpx_sw_bytes in the fxsave area
+#: Offsets from the frame start (struct rt_sigframe on x86-64; uc at 8, siginfo at 312).
+UC_FLAGS, UC_STACK, MC_SP, MC_FPSTATE, SIGINFO = 8, 24, 168, 232, 312
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """Bytes written at fpstate + ``offset`` by the handler before it returns."""
+
+    offset: int
+    data: bytes
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignalGiven:
+    """What the model replays of one host run."""
+
+    before: bytes  #: the registers when kill() was made (standard XSAVE image)
+    sp: int  #: the interrupted stack pointer (uc_mcontext.sp)
+    altstack: tuple[int, int] | None = None  #: (ss_sp, ss_size) with SA_ONSTACK
+    patches: tuple[Patch, ...] = ()
+    amx_permitted: bool = False  #: ARCH_REQ_XCOMP_PERM(XTILE_DATA) before the registers
+    tiles: tuple[bytes, bytes] | None = None  #: (XTILECFG, XTILEDATA) used, then released
+
+
+def _u(raw: bytes, off: int, fmt: str = "<Q") -> int:
+    return int(struct.unpack_from(fmt, raw, off)[0])
+
+
+def frame_facts(system: FpuSystem, raw: bytes, frame: int) -> Facts:
+    """The facts of one 64-bit rt_sigframe: ``raw`` = the bytes from ``frame`` (the handler's
+    RSP) up to fpstate + extended_size."""
+    fpstate = _u(raw, MC_FPSTATE)
+    fo = fpstate - frame
+    magic1, ext, xfeatures, size = struct.unpack_from("<IIQI", raw, fo + SW)
+    facts: Facts = {
+        "frame": frame, "fpstate": fpstate, "fpstate - frame": fo,
+        "frame % 16": frame % 16, "fpstate % 64": fpstate % 64,
+        "uc_flags": _u(raw, UC_FLAGS),
+        "uc_stack": struct.unpack_from("<QixxxxQ", raw, UC_STACK),
+        "uc_mcontext.sp": _u(raw, MC_SP), "si_signo": _u(raw, SIGINFO, "<i"),
+        "sw.magic1": magic1, "sw.extended_size": ext, "sw.xfeatures": xfeatures,
+        "sw.xstate_size": size, "sw.padding": raw[fo + SW + 20:fo + 512],
+    }
+    if magic1 == FP_XSTATE_MAGIC1 and fo + size + 4 <= len(raw):
+        facts["magic2 @fpstate+xstate_size"] = _u(raw, fo + size, "<I")
+        facts["XSTATE_BV"] = _u(raw, fo + 512)
+        facts["XCOMP_BV"] = _u(raw, fo + 520)
+        facts["header[16:64]"] = raw[fo + 528:fo + 576]
+        facts.update(prefixed("frame", image_registers(system, raw[fo:fo + size])))
+    if facts["si_signo"] == SIGSEGV:
+        facts["si_code"] = _u(raw, SIGINFO + 8, "<i")
+    return facts
+
+
+def _model_frame(m: Machine, t: Task) -> tuple[bytes, int]:
+    mm = t.process.mm
+    frame = t.user_sp
+    fpstate = int.from_bytes(mm.read(frame + MC_FPSTATE, 8), "little")
+    sw = mm.read(fpstate + SW, 8)
+    ext = int.from_bytes(sw[4:8], "little") if sw[:4] == FP_XSTATE_MAGIC1.to_bytes(4, "little") \
+        else 512
+    return mm.read(frame, fpstate - frame + ext), frame
+
+
+def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
+    """handle_signal() of SIGUSR1 over the replayed registers; SIGUSR1 and SIGSEGV have
+    handlers, SIGUSR1 with SA_ONSTACK when an altstack is given."""
+    m = Machine(system, 1)
+    t = user_task(m, sp=g.sp)
+    if g.altstack:
+        ss_sp, ss_size = g.altstack
+        lo = ss_sp & ~0xFFF
+        t.process.mm.map(lo, ss_sp + ss_size - lo)
+        m.syscall(0, model_sigaltstack, ss_sp, ss_size, 0)
+    if g.amx_permitted:
+        m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
+    if g.tiles:
+        m.user_write(0, 17, g.tiles[0])
+        m.user_write(0, 18, g.tiles[1])
+        m.user_release(0, XFEATURE_MASK_XTILE)
+    load_registers(m, 0, g.before)
+    t.handlers[SIGUSR1] = SigAction(SA_ONSTACK if g.altstack else 0)
+    t.handlers[SIGSEGV] = SigAction()
+    m.enter_kernel(0)
+    t.pending.append(Signal(SIGUSR1))
+    m.exit_to_user_mode(0)
+    return m, t
+
+
+def _outcome_model(m: Machine, t: Task) -> str:
+    if t.killed_by is not None:
+        return f"killed by signal {t.killed_by.sig}"
+    signo = int.from_bytes(t.process.mm.read(t.user_sp + SIGINFO, 4), "little")
+    return {SIGUSR1: "SIGUSR1 handler", SIGSEGV: "SIGSEGV handler"}.get(signo, f"signal {signo}")
+
+
+def _model_delivery_facts(system: FpuSystem, m: Machine, t: Task) -> Facts:
+    facts: Facts = {"delivered": _outcome_model(m, t)}
+    if t.killed_by is None:
+        raw, frame = _model_frame(m, t)
+        facts.update(frame_facts(system, raw, frame))
+        facts.update(prefixed("handler entry", model_registers(m, 0)))
+        facts["handler entry XINUSE"] = m.cpus[0].regs.xgetbv1() & system.xcr0
+    return facts
+
+
+def delivery_model(system: FpuSystem, g: SignalGiven) -> Facts:
+    """The frame handle_signal() builds and the state the handler starts with."""
+    m, t = model_deliver(system, g)
+    return _model_delivery_facts(system, m, t)
+
+
+def _host_delivery_facts(run: Any, *, usr1: bool = True) -> Facts:
+    """Facts of the SIGUSR1 frame the host captured, else of the SIGSEGV frame."""
+    system = host_system()
+    if usr1 and run.frame is not None:
+        facts: Facts = {"delivered": "SIGUSR1 handler"}
+        frame = run.frame
+    elif run.segv is not None:
+        facts, frame = {"delivered": "SIGSEGV handler"}, run.segv
+    else:
+        return {"delivered": f"killed by signal {run.exit.signal}"}
+    facts.update(frame_facts(system, frame.raw, frame.frame_address))
+    facts.update(prefixed("handler entry", image_registers(system, frame.handler_entry.raw)))
+    facts["handler entry XINUSE"] = frame.handler_entry.xstate_bv
+    return facts
+
+
+def _given(run: Any, **extra: Any) -> SignalGiven:
+    frame = run.frame or run.segv
+    if frame is None:
+        from fpstate.errors import HostUnavailable
+
+        raise HostUnavailable(f"no signal frame was captured ({run.exit})")
+    altstack = None
+    if extra.pop("altstack", False):
+        ss_sp, _flags, ss_size = frame.uc_stack
+        altstack = (ss_sp, ss_size)
+    return SignalGiven(run.before.raw, frame.interrupted_sp, altstack, **extra)
+
+
+# -- delivery cases -------------------------------------------------------------------------------
+
+
+def _delivery(init_mask: int) -> Any:
+    def host() -> HostAnswer:
+        from fpstate.host.signals import raise_signal
+
+        run = raise_signal(init_mask=init_mask)
+        return HostAnswer(_host_delivery_facts(run), _given(run))
+
+    return host
+
+
+def _altstack_delivery(size: int) -> Any:
+    def host() -> HostAnswer:
+        from fpstate.host.sigaltstack import deliver_on_altstack
+
+        run = deliver_on_altstack(size)
+        return HostAnswer(_host_delivery_facts(run), _given(run, altstack=True))
+
+    return host
+
+
+def _amx_delivery(state: str) -> Any:
+    def host() -> HostAnswer:
+        from fpstate.host.amx import raise_signal_with_tiles
+
+        run, tiles = raise_signal_with_tiles(state)
+        extra: dict[str, Any] = {"amx_permitted": True}
+        if state == "released":
+            extra["tiles"] = tiles
+        return HostAnswer(_host_delivery_facts(run), _given(run, **extra))
+
+    return host
+
+
+# -- sigreturn ------------------------------------------------------------------------------------
+
+
+def model_sigreturn(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
+    """Deliver, patch the model's frame as the host handler did, and return from the handler
+    (RET to the restorer, rt_sigreturn)."""
+    m, t = model_deliver(system, g)
+    raw, _ = _model_frame(m, t)
+    fpstate = int.from_bytes(raw[MC_FPSTATE:MC_FPSTATE + 8], "little")
+    for p in g.patches:
+        t.process.mm.write(fpstate + p.offset, p.data)
+    handler_return(t)
+    m.syscall(0, sys_rt_sigreturn)
+    return m, t
+
+
+def sigreturn_model(system: FpuSystem, g: SignalGiven) -> Facts:
+    """The outcome of the return and the registers the task continues with."""
+    m, t = model_sigreturn(system, g)
+    if t.killed_by is None and t.user_sp == g.sp:
+        return {"outcome": "restored", **prefixed("after", model_registers(m, 0))}
+    return {"outcome": "SIGSEGV"}
+
+
+def _sigreturn(patches: Any) -> Any:
+    """``patches(xstate_size, xcr0)`` -> the host FramePatch list of one row."""
+
+    def host() -> HostAnswer:
+        from fpstate.host.child import host_user_xstate_size, register_class
+        from fpstate.host.signals import raise_signal
+
+        rows = tuple(patches(host_user_xstate_size(), register_class().xcr0))
+        run = raise_signal(rows)
+        if run.sigreturn_ok and run.after is not None:
+            facts = {"outcome": "restored",
+                     **prefixed("after", image_registers(host_system(), run.after.raw))}
+        elif run.segv is not None:
+            facts = {"outcome": "SIGSEGV"}
+        else:
+            facts = {"outcome": f"child ended: {run.exit}"}
+        given = _given(run, patches=tuple(Patch(p.offset, p.data, p.what) for p in rows))
+        return HostAnswer(facts, given)
+
+    return host
+
+
+def _p32(off: int, v: int) -> Any:
+    from fpstate.host.signals import patch_u32
+
+    return patch_u32(off, v, f"u32@{off}={v:#x}")
+
+
+def _p64(off: int, v: int) -> Any:
+    from fpstate.host.signals import patch_u64
+
+    return patch_u64(off, v, f"u64@{off}={v:#x}")
+
+
+def _b(off: int, v: int) -> Any:
+    from fpstate.host.signals import set_bytes
+
+    return set_bytes(off, bytes([v]), f"byte@{off}={v:#x}")
+
+
+#: name -> patches(xstate_size, xcr0): the rows of kernel-findings section 4.
+SIGRETURN_ROWS: dict[str, Any] = {
+    "unchanged": lambda n, x: (),
+    "xmm3-edited": lambda n, x: (_p64(208, 0x0123456789ABCDEF), _p64(216, 0x1122334455667788)),
+    "magic1-zero": lambda n, x: (_p32(SW, 0),),
+    "magic2-zero": lambda n, x: (_p32(n, 0),),
+    "xstate_size-too-big": lambda n, x: (_p32(SW + 16, n + 1),),
+    "xstate_size-575": lambda n, x: (_p32(SW + 16, 575),),
+    "xstate_size-0": lambda n, x: (_p32(SW + 16, 0),),
+    "extended_size-below-xstate_size": lambda n, x: (_p32(SW + 4, n - 1),),
+    "extended_size-0": lambda n, x: (_p32(SW + 4, 0),),
+    "extended_size-larger": lambda n, x: (_p32(SW + 4, n + 5),),
+    "extended_size-9999": lambda n, x: (_p32(SW + 4, 9999),),
+    "xstate_size-896-magic2-moved": lambda n, x: (_p32(SW + 16, 896), _p32(896, FP_XSTATE_MAGIC2),
+                                                 _p32(n, 0)),
+    "sw.xfeatures-fpsse": lambda n, x: (_p64(SW + 8, 0x3),),
+    "sw.xfeatures-fp": lambda n, x: (_p64(SW + 8, 0x1),),
+    "sw.xfeatures-0": lambda n, x: (_p64(SW + 8, 0),),
+    "sw.xfeatures-all-ones": lambda n, x: (_p64(SW + 8, 2**64 - 1),),
+    "sw.xfeatures-plus-pkru": lambda n, x: (_p64(SW + 8, x | 1 << 9),),
+    "XSTATE_BV-0": lambda n, x: (_p64(512, 0),),
+    "XSTATE_BV-fpsse": lambda n, x: (_p64(512, 0x3),),
+    "XSTATE_BV-plus-bit9": lambda n, x: (_p64(512, x | 1 << 9),),
+    "XSTATE_BV-plus-bit8": lambda n, x: (_p64(512, x | 1 << 8),),
+    "XSTATE_BV-plus-bit11": lambda n, x: (_p64(512, x | 1 << 11),),
+    "XCOMP_BV-1": lambda n, x: (_p64(520, 1),),
+    "XCOMP_BV-bit63": lambda n, x: (_p64(520, 1 << 63),),
+    "XCOMP_BV-compacted-xcr0": lambda n, x: (_p64(520, 1 << 63 | x),),
+    "header-byte16": lambda n, x: (_b(512 + 16, 1),),
+    "header-byte24": lambda n, x: (_b(512 + 24, 0xA5),),
+    "header-byte63": lambda n, x: (_b(512 + 63, 0xA5),),
+    "mxcsr-bit31": lambda n, x: (_p32(24, 0x8000_1F80),),
+    "mxcsr-0x21f80": lambda n, x: (_p32(24, 0x21F80),),
+    "magic1-zero-xstate_bv-plus-bit9": lambda n, x: (_p32(SW, 0), _p64(512, x | 1 << 9)),
+    "magic1-zero-mxcsr-bit31": lambda n, x: (_p32(SW, 0), _p32(24, 0x8000_1F80)),
+}
+
+
+def _segv_host() -> HostAnswer:
+    from fpstate.host.child import register_class
+    from fpstate.host.signals import raise_signal
+
+    rows = SIGRETURN_ROWS["XSTATE_BV-plus-bit9"](0, register_class().xcr0)
+    run = raise_signal(tuple(rows))
+    facts = _host_delivery_facts(run, usr1=False)
+    return HostAnswer(facts, _given(run, patches=tuple(Patch(p.offset, p.data, p.what)
+                                                        for p in rows)))
+
+
+def _segv_model(system: FpuSystem, g: SignalGiven) -> Facts:
+    """A failed sigreturn: fpu__clear_user_states() and force_sig(SIGSEGV), which the task's
+    SIGSEGV handler catches (signal_fault in rt_sigreturn is not fatal)."""
+    m, t = model_sigreturn(system, g)
+    return _model_delivery_facts(system, m, t)
+
+
+_FRAME_RULE = "get_sigframe, fpu__alloc_mathframe, copy_fpstate_to_sigframe, save_xstate_epilog"
+_INIT_UPPER = 0xE4  # YMM, opmask, ZMM_Hi256, Hi16_ZMM
+
+CASES: tuple[Case, ...] = (
+    Case("sigframe/all-in-use", _FRAME_RULE + ", fpu__clear_user_states", _delivery(0),
+         delivery_model),
+    Case("sigframe/upper-state-init", _FRAME_RULE + " (XSAVE init optimisation)",
+         _delivery(_INIT_UPPER), delivery_model),
+    Case("sigframe/x87-sse-init", _FRAME_RULE + " (FP|SSE forced in XSTATE_BV)",
+         _delivery(0x3), delivery_model),
+    Case("sigframe/amx-permitted", _FRAME_RULE + " (permission alone: default user_size)",
+         _amx_delivery("permitted"), delivery_model, host_amx_reason),
+    Case("sigframe/amx-tiles-in-use", _FRAME_RULE + " (XFD realloc'ed fpstate)",
+         _amx_delivery("in-use"), delivery_model, host_amx_reason),
+    Case("sigframe/amx-tiles-released", _FRAME_RULE + " (SIGFRAME_INITOPT: tiles not written)",
+         _amx_delivery("released"), delivery_model, host_amx_reason),
+    *(Case(f"sigaltstack/deliver-{size}", "get_sigframe on the altstack, __on_sig_stack, "
+           "force_sigsegv", _altstack_delivery(size), delivery_model)
+      for size in (2952, 2953, 3376, 8192)),
+    *(Case(f"sigreturn/{name}", "fpu__restore_sig, check_xstate_in_sigframe, "
+           "restore_fpregs_from_user", _sigreturn(rows), sigreturn_model)
+      for name, rows in SIGRETURN_ROWS.items()),
+    Case("sigreturn/failure-sigsegv-frame", "rt_sigreturn badframe: fpu__clear_user_states, "
+         "signal_fault -> force_sig(SIGSEGV)", _segv_host, _segv_model),
+)
