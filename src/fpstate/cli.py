@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.bootlog",
     "fpstate.commands.decode",
     "fpstate.commands.compat",
+    "fpstate.commands.conform",
 )
 
 
