@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from hypothesis import strategies as st
 
 from fpstate.x86.cpuid import CpuidProfile
-from fpstate.x86.impl import MXCSR_MASK, for_profile
 from fpstate.x86.progen import generate_program
 from fpstate.x86.program import Program
 
@@ -40,10 +39,9 @@ class HypothesisDraw:
 def programs(draw: Callable[[st.SearchStrategy[Any]], Any], profile: CpuidProfile, *,
              xcr0: int | None = None, focus: str | None = None,
              max_insns: int = 8) -> Program:
-    """Programs for ``profile`` (its XCR0 and MXCSR_MASK), optionally with ``focus``."""
-    return generate_program(HypothesisDraw(draw), profile, xcr0=xcr0,
-                            mxcsr_mask=for_profile(profile)[MXCSR_MASK],
-                            max_insns=max_insns, focus=focus)
+    """Programs for ``profile`` (its XCR0 and implementation), optionally with ``focus``."""
+    return generate_program(HypothesisDraw(draw), profile, xcr0=xcr0, max_insns=max_insns,
+                            focus=focus)
 
 
 def image(xstate_bv: int = 0, *, fcw: int = 0x037F, fsw: int = 0, ftw: int = 0, fop: int = 0,

@@ -127,7 +127,6 @@ def run_cpu_layer(samples: int, seed: int) -> LayerResult:
         return LayerResult("cpu", 0, skipped=[f"the host is {platform.machine()}, not x86-64"])
     from fpstate.host.runner import host_xsave
     from fpstate.host.runner import run_program as host_run
-    from fpstate.x86.impl import MXCSR_MASK, for_profile
     from fpstate.x86.insn import run_program as model_run
     from fpstate.x86.profiles import load_profile
     from fpstate.x86.progen import RandomDraw, generate_program
@@ -137,10 +136,9 @@ def run_cpu_layer(samples: int, seed: int) -> LayerResult:
     except HostUnavailable as e:
         return LayerResult("cpu", 0, skipped=[str(e)])
     profile = load_profile("host")
-    mask = for_profile(profile)[MXCSR_MASK]
     mismatches = []
     for n in range(samples):
-        program = generate_program(RandomDraw(seed + n), profile, mxcsr_mask=mask)
+        program = generate_program(RandomDraw(seed + n), profile)
         host = host_run(program)
         try:
             model = model_run(profile, program)

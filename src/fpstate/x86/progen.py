@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 
 from fpstate.x86.cpu import Machine, machine
 from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
 from fpstate.x86.layout import standard_size
 from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Program
@@ -237,14 +238,18 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
 
 
 def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
-                     mxcsr_mask: int = 0xFFFF, max_insns: int = 8,
+                     impl: ImplDefined | None = None, max_insns: int = 8,
                      focus: str | None = None) -> Program:
-    """One random program for ``profile`` (see the module docstring); with ``focus`` the
-    program has at least one instruction of that mnemonic."""
+    """One random program for ``profile`` (see the module docstring) whose MXCSR values
+    follow ``impl``'s MXCSR_MASK (default: `for_profile`); with ``focus`` the program has at
+    least one instruction of that mnemonic. Where the CPU saves x87 pointers always
+    (X87_POINTERS "always", Intel) programs have no FLD at all."""
     m = machine(profile)
+    impl = impl or for_profile(profile)
+    mxcsr_mask = impl[MXCSR_MASK]
     xcr0 = default_xcr0(profile) if xcr0 is None else xcr0
     n = d.integer(1, max_insns)
-    has_fld = _chance(d, 25)
+    has_fld = _chance(d, 25) and impl[X87_POINTERS] == "when-es"
     nbuf = d.integer(1, 3)
     buffers = tuple(_buffer(d, m, xcr0, mxcsr_mask, has_fld) for _ in range(nbuf))
     start = standard_image(d, m, xcr0, mxcsr_mask, has_fld)
