@@ -382,8 +382,8 @@ def answer(ret: int, value: int | None) -> str:
 @dataclass(frozen=True, slots=True)
 class PermState:
     """A permission state the calls are made in: ``setup`` calls first (REQ options with a
-    feature number), an altstack of ``altstack`` bytes, a vCPU (``vcpu``: guest permission
-    locked)."""
+    feature number), then an altstack of ``altstack`` bytes, then a vCPU (``vcpu``: the guest
+    permission is locked by KVM_CREATE_VCPU)."""
 
     name: str
     setup: tuple[tuple[int, int], ...] = ()
@@ -420,11 +420,17 @@ def _prctl_host(state: PermState) -> HostAnswer:
 
     def body() -> int:
         keep: list[Any] = []
-        if state.vcpu:
-            from fpstate.host.kvm import open_kvm
+        out = ctypes.c_uint64()
 
-            vm = open_kvm().create_vm()
-            keep += [vm, vm.create_vcpu()]
+        def calls_from(k: int, todo: Any) -> None:
+            for option, arg in todo:
+                out.value = 0
+                ptr = ctypes.addressof(out) if arg is None else arg
+                ret = raw_syscall(SYS["arch_prctl"], option, ptr)
+                struct.pack_into("<qQ", shm.mem, 16 * k, ret, out.value)
+                k += 1
+
+        calls_from(0, state.setup)
         if state.altstack:
             region = mmap.mmap(-1, state.altstack + PAGE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             keep.append(region)
@@ -432,13 +438,12 @@ def _prctl_host(state: PermState) -> HostAnswer:
                                        state.altstack)
             if raw_syscall(SYS["sigaltstack"], ctypes.addressof(ss), 0):
                 return 3
-        out = ctypes.c_uint64()
-        every = [(o, a) for o, a in state.setup] + list(calls)
-        for k, (option, arg) in enumerate(every):
-            out.value = 0
-            ptr = ctypes.addressof(out) if arg is None else arg
-            ret = raw_syscall(SYS["arch_prctl"], option, ptr)
-            struct.pack_into("<qQ", shm.mem, 16 * k, ret, out.value)
+        if state.vcpu:
+            from fpstate.host.kvm import open_kvm
+
+            vm = open_kvm().create_vm()
+            keep += [vm, vm.create_vcpu()]
+        calls_from(len(state.setup), calls)
         return 0
 
     ex = run_child(body)
@@ -462,21 +467,26 @@ def _prctl_model(state: PermState) -> Callable[[FpuSystem, Any], Facts]:
     def model(system: FpuSystem, given: Any) -> Facts:
         m = Machine(system, 1)
         t = user_task(m)
-        if state.vcpu:
-            m.enter_kernel(0)
-            fpu_lock_guest_permissions(m.cpus[0])
-            m.exit_to_user_mode(0)
+        out = t.user_sp - 64
+        answers = []
+
+        def calls(todo: Any) -> None:
+            for option, arg in todo:
+                t.process.mm.write(out, bytes(8))
+                ret = m.syscall(0, sys_arch_prctl, option, out if arg is None else arg)
+                answers.append((ret, int.from_bytes(t.process.mm.read(out, 8), "little")))
+
+        calls(state.setup)
         if state.altstack:
             base = m.mmap(t, state.altstack)
             ret = m.syscall(0, sys_sigaltstack, base, state.altstack, 0)
             if ret:
                 raise FpstateError(f"model refused the altstack: {errno_of(ret)}")
-        out = t.user_sp - 64
-        answers = []
-        for option, arg in list(state.setup) + list(prctl_calls()):
-            t.process.mm.write(out, bytes(8))
-            ret = m.syscall(0, sys_arch_prctl, option, out if arg is None else arg)
-            answers.append((ret, int.from_bytes(t.process.mm.read(out, 8), "little")))
+        if state.vcpu:  # KVM_CREATE_VCPU -> fpu_alloc_guest_fpstate
+            m.enter_kernel(0)
+            fpu_lock_guest_permissions(m.cpus[0])
+            m.exit_to_user_mode(0)
+        calls(prctl_calls())
         return _prctl_facts(state, answers)
 
     return model

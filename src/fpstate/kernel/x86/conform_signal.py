@@ -61,7 +61,8 @@ class SignalGiven:
 
     before: bytes  #: the registers when kill() was made (standard XSAVE image)
     sp: int  #: the interrupted stack pointer (uc_mcontext.sp)
-    altstack: tuple[int, int] | None = None  #: (ss_sp, ss_size) with SA_ONSTACK
+    sas: tuple[int, int, int] = (0, 0, 0)  #: the task's sigaltstack (ss_sp, ss_flags, ss_size)
+    onstack: bool = False  #: SIGUSR1 has SA_ONSTACK (the probe installed that altstack)
     patches: tuple[Patch, ...] = ()
     amx_permitted: bool = False  #: ARCH_REQ_XCOMP_PERM(XTILE_DATA) before the registers
     tiles: tuple[bytes, bytes] | None = None  #: (XTILECFG, XTILEDATA) used, then released
@@ -108,15 +109,16 @@ def _model_frame(m: Machine, t: Task) -> tuple[bytes, int]:
 
 
 def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
-    """handle_signal() of SIGUSR1 over the replayed registers; SIGUSR1 and SIGSEGV have
-    handlers, SIGUSR1 with SA_ONSTACK when an altstack is given."""
+    """handle_signal() of SIGUSR1 over the replayed registers and sigaltstack; SIGUSR1 and
+    SIGSEGV have handlers, SIGUSR1 with SA_ONSTACK when ``g.onstack``."""
     m = Machine(system, 1)
     t = user_task(m, sp=g.sp)
-    if g.altstack:
-        ss_sp, ss_size = g.altstack
+    ss_sp, ss_flags, ss_size = g.sas
+    if g.onstack:
         lo = ss_sp & ~0xFFF
         t.process.mm.map(lo, ss_sp + ss_size - lo)
-        m.syscall(0, model_sigaltstack, ss_sp, ss_size, 0)
+    if ss_size:  # the probe's, or one the host process had (pytest's faulthandler installs one)
+        m.syscall(0, model_sigaltstack, ss_sp, ss_size, ss_flags)
     if g.amx_permitted:
         m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
     if g.tiles:
@@ -124,7 +126,7 @@ def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
         m.user_write(0, 18, g.tiles[1])
         m.user_release(0, XFEATURE_MASK_XTILE)
     load_registers(m, 0, g.before)
-    t.handlers[SIGUSR1] = SigAction(SA_ONSTACK if g.altstack else 0)
+    t.handlers[SIGUSR1] = SigAction(SA_ONSTACK if g.onstack else 0)
     t.handlers[SIGSEGV] = SigAction()
     m.enter_kernel(0)
     t.pending.append(Signal(SIGUSR1))
@@ -177,11 +179,7 @@ def _given(run: Any, **extra: Any) -> SignalGiven:
         from fpstate.errors import HostUnavailable
 
         raise HostUnavailable(f"no signal frame was captured ({run.exit})")
-    altstack = None
-    if extra.pop("altstack", False):
-        ss_sp, _flags, ss_size = frame.uc_stack
-        altstack = (ss_sp, ss_size)
-    return SignalGiven(run.before.raw, frame.interrupted_sp, altstack, **extra)
+    return SignalGiven(run.before.raw, frame.interrupted_sp, tuple(frame.uc_stack), **extra)
 
 
 # -- delivery cases -------------------------------------------------------------------------------
@@ -202,7 +200,7 @@ def _altstack_delivery(size: int) -> Any:
         from fpstate.host.sigaltstack import deliver_on_altstack
 
         run = deliver_on_altstack(size)
-        return HostAnswer(_host_delivery_facts(run), _given(run, altstack=True))
+        return HostAnswer(_host_delivery_facts(run), _given(run, onstack=True))
 
     return host
 
