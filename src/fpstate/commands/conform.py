@@ -57,7 +57,7 @@ class Layer:
 
 LAYERS: dict[str, Layer] = {}
 #: Modules that register further layers when imported (kernel, KVM).
-LAYER_MODULES: tuple[str, ...] = ()
+LAYER_MODULES: tuple[str, ...] = ("fpstate.kvm.x86.conform",)
 
 
 def register_layer(layer: Layer) -> Layer:
@@ -203,7 +203,8 @@ def _summary(result: LayerResult) -> None:
                   "; ".join(result.skipped) or "-", f"{result.seconds:.1f}")
     console.print(table)
     for m in result.mismatches[:10]:
-        insns = "; ".join(i["text"] for i in m["program"]["insns"])
+        insns = ("; ".join(i["text"] for i in m["program"]["insns"]) if m.get("program")
+                 else m.get("what", ""))
         console.print(f"[red]case {m['case']}[/red]: {insns}")
         for line in m.get("differences", [m["model"]] if isinstance(m["model"], str) else []):
             console.print(f"    {line}")

@@ -147,18 +147,20 @@ class KvmCaps:
 
     @classmethod
     def from_kvm(cls, xcomp_guest_supp: int, supported: Sequence[CpuidEntry2],
-                 host: CpuidProfile, *, host_xss: int | None = None) -> KvmCaps:
+                 host: CpuidProfile, *, host_xcr0: int | None = None,
+                 host_xss: int | None = None) -> KvmCaps:
         """The configuration of a real KVM from what it reports: KVM_X86_XCOMP_GUEST_SUPP is
         kvm_caps.supported_xcr0 (unfiltered by permission), KVM_GET_SUPPORTED_CPUID leaf 0xD
         sub-leaf 1 gives kvm_cpu_caps[CPUID_D_1_EAX] (EAX) and kvm_caps.supported_xss
         (EDX:ECX); the size cache is the host's raw CPUID leaf 0xD, as kvm_init_xstate_sizes()
-        reads it. ``host_xss`` defaults to the host's enumerable XSS bits."""
+        reads it. ``host_xcr0`` / ``host_xss`` (what the host kernel wrote) default to the bits
+        the host enumerates."""
         d1 = find_cpuid(supported, 0xD, 1)
         d1_eax, sxss = (d1.eax, d1.edx << 32 | d1.ecx) if d1 else (0, 0)
         return cls(
             supported_xcr0=xcomp_guest_supp,
             supported_xss=sxss,
-            host_xcr0=host.xcr0_supported,
+            host_xcr0=host.xcr0_supported if host_xcr0 is None else host_xcr0,
             host_xss=host.xss_supported if host_xss is None else host_xss,
             d1_eax=d1_eax,
             xstate=xstate_cache(host),

@@ -264,6 +264,16 @@ def kvm_vcpu_ioctl_set_cpuid2(c: Any, vcpu: KvmVcpu, entries: Sequence[CpuidEntr
     return 0
 
 
+def kvm_vcpu_ioctl_get_cpuid2(vcpu: KvmVcpu) -> tuple[CpuidEntry2, ...]:
+    """KVM_GET_CPUID2: the guest CPUID as KVM holds it, its dynamic bits (leaf 0xD EBX) brought
+    up to date first when XCR0 or IA32_XSS changed (kvm_update_cpuid_runtime)."""
+    arch = vcpu.arch
+    if arch.cpuid_dynamic_bits_dirty:
+        arch.cpuid = kvm_update_cpuid_runtime(vcpu.kvm.caps, arch.cpuid, arch.xcr0, arch.ia32_xss)
+        arch.cpuid_dynamic_bits_dirty = False
+    return arch.cpuid
+
+
 def kvm_apic_accept_events(c: Any, vcpu: KvmVcpu) -> int:
     """kvm_apic_accept_events() (lapic.c), INIT part: a latched INIT runs kvm_vcpu_reset(vcpu,
     init_event=true). Returns the xfeature mask INIT zeroed (0 when none was pending)."""
