@@ -585,8 +585,8 @@ def encode(obj: Mapping[str, Any] | str, profile: CpuidProfile, fmt: str | None 
         size = standard_size(profile, mask)
         sw = {"magic1": FP_XSTATE_MAGIC1, "extended_size": size + 4, "xfeatures": mask,
               "xstate_size": size}
-    if same:
-        size = _int(_get(obj, "size", "blob JSON"), "size", 4)
+    if same and "size" in obj:
+        size = _int(obj["size"], "size", 4)
     else:
         size = _target_size(profile, fmt, xcomp_bv, std_mask | XFEATURE_MASK_FPSSE)
     if not XSAVE_EXTENDED_START <= size <= MAX_BLOB_SIZE:
@@ -630,7 +630,10 @@ def encode(obj: Mapping[str, Any] | str, profile: CpuidProfile, fmt: str | None 
             out[at:at + f.size] = _int(value, f"{_name(num)}.{name}", f.size).to_bytes(
                 f.size, "little")
     if same:
-        for run in _get(obj, "extra", "blob JSON"):
+        runs = obj.get("extra", [])
+        if not isinstance(runs, list):
+            raise BlobError("blob JSON: 'extra' is not a list")
+        for run in runs:
             off = _int(_get(run, "offset", "extra run"), "extra offset", 4)
             try:
                 raw = bytes.fromhex(_get(run, "hex", "extra run"))

@@ -86,3 +86,41 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
         raise BlobError("the core file has no NT_X86_XSTATE note (a CPU or kernel without "
                         "XSAVE writes only NT_PRFPREG)")
     return tuple(out)
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+#: sizeof(struct elf_prstatus) on x86-64.
+PRSTATUS_SIZE = 336
+EM_X86_64 = 62
+ET_CORE = 4
+PT_NOTE = 4
+
+
+def _note(name: bytes, kind: int, desc: bytes) -> bytes:
+    name += b"\0"
+    pad = b"\0" * (-len(name) % 4)
+    return (len(name).to_bytes(4, "little") + len(desc).to_bytes(4, "little")
+            + kind.to_bytes(4, "little") + name + pad + desc + b"\0" * (-len(desc) % 4))
+
+
+def build_core(threads: list[tuple[int, bytes]]) -> bytes:
+    """A minimal x86-64 ELF core file: one PT_NOTE segment holding, per thread, an NT_PRSTATUS
+    (only pr_pid filled in) and an NT_X86_XSTATE with the given bytes, in the order
+    fill_thread_core_info() writes them. For cores of CPUs this machine is not (AMX), whose
+    notes come from the kernel model's xstateregs_get()."""
+    notes = b""
+    for tid, xstate in threads:
+        prstatus = bytearray(PRSTATUS_SIZE)
+        prstatus[PRSTATUS_PID_OFFSET:PRSTATUS_PID_OFFSET + 4] = tid.to_bytes(4, "little")
+        notes += _note(b"CORE", NT_PRSTATUS, bytes(prstatus))
+        notes += _note(b"LINUX", NT_X86_XSTATE, xstate)
+    ehdr = (ELF_MAGIC + bytes([2, 1, 1, 0]) + bytes(8)
+            + ET_CORE.to_bytes(2, "little") + EM_X86_64.to_bytes(2, "little")
+            + (1).to_bytes(4, "little") + bytes(8) + (64).to_bytes(8, "little") + bytes(8)
+            + bytes(4) + (64).to_bytes(2, "little") + (56).to_bytes(2, "little")
+            + (1).to_bytes(2, "little") + (64).to_bytes(2, "little") + bytes(4))
+    phdr = (PT_NOTE.to_bytes(4, "little") + bytes(4) + (120).to_bytes(8, "little") + bytes(16)
+            + len(notes).to_bytes(8, "little") + bytes(8) + (4).to_bytes(8, "little"))
+    assert len(ehdr) == 64 and len(phdr) == 56
+    return ehdr + phdr + notes

@@ -1,0 +1,219 @@
+"""NT_X86_XSTATE from core files: a real core of a process that used AVX-512 (dumped by the kernel
+and by gdb's gcore), and a constructed core of an AMX process on Sapphire Rapids whose note is
+what the kernel model's xstateregs_get() writes (this host has no AMX)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fpstate.errors import BlobError, HostUnavailable
+from fpstate.kernel.x86 import regset
+from fpstate.kernel.x86 import xstate_prctl as xp
+from fpstate.kernel.x86.sched import Machine
+from fpstate.tools.blob import decode
+from fpstate.tools.corefile import build_core, xstate_notes
+from fpstate.x86.profiles import bundled_profile
+
+SEED = 0x77
+
+
+def _path(fn):
+    def path(c, *args):
+        result = fn(c, *args)
+        if False:  # pragma: no cover
+            yield
+        return result
+    return path
+
+
+# -- host cores -----------------------------------------------------------------------------------
+
+def _avx512_host():
+    from fpstate.host.child import register_class
+
+    try:
+        rc = register_class()
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    if rc.vector_bytes != 64:
+        pytest.skip(f"host XCR0 {rc.xcr0:#x} lacks AVX-512 (opmask|ZMM_Hi256|Hi16_ZMM = 0xe0)")
+    return rc
+
+
+def _pattern_child(shm_address: int, body_tail):
+    from fpstate.host.child import Asm, CodePages, load_patterns
+
+    pages = CodePages(1)
+    a = Asm()
+    load_patterns(a, shm_address)
+    body_tail(a)
+    pages.call(pages.place(0, a))
+    return 6
+
+
+@pytest.mark.host
+def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
+    """The child raises its own RLIMIT_CORE (no system setting changes; core_pattern must write
+    a file in its directory), loads every register with a pattern in machine code and kills
+    itself with SIGQUIT: the kernel's core has the zmm/k values it set."""
+    from fpstate.host.child import (
+        SYS,
+        Reg,
+        SharedMemory,
+        fork_child,
+        opmask_pattern,
+        pattern_table,
+        raw_syscall,
+        wait_child,
+        zmm_pattern,
+    )
+
+    _avx512_host()
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if pattern.startswith("|") or "/" in pattern:
+        pytest.skip(f"core_pattern {pattern!r} does not write a file in the process's directory")
+    shm = SharedMemory(4096)
+    shm.write(0, pattern_table(SEED))
+
+    def tail(a) -> None:
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
+        a.exit_group(7)
+
+    def body() -> int:
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
+                                                  resource.RLIM_INFINITY))
+        raw_syscall(SYS["prctl"], 4, 1)  # PR_SET_DUMPABLE 1 (fork_child cleared it)
+        os.chdir(tmp_path)
+        act = (ctypes.c_uint64 * 4)(0, 0, 0, 0)  # SIG_DFL: dump core
+        raw_syscall(SYS["rt_sigaction"], signal.SIGQUIT, ctypes.addressof(act), 0, 8)
+        return _pattern_child(shm.address, tail)
+
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    except OSError:
+        hard = 0
+    if hard == 0:
+        pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
+    ex = wait_child(fork_child(body))
+    assert ex.signal == signal.SIGQUIT
+    cores = [p for p in tmp_path.iterdir() if p.name.startswith(pattern.split("%")[0] or "core")]
+    if not cores:
+        pytest.skip(f"no core file appeared (core_pattern {pattern!r})")
+    notes = xstate_notes(cores[0].read_bytes())
+    assert len(notes) == 1 and notes[0].tid == ex.pid
+    from fpstate.x86.profiles import load_profile
+
+    blob = decode(notes[0].data, load_profile("host"))
+    assert blob.fmt == "uabi" and blob.warnings == ()
+    assert blob.xstate_bv & 0xE6 == 0xE6
+    for n in (0, 5, 16, 31):
+        z = int.from_bytes(zmm_pattern(n, SEED), "little")
+        if n < 16:
+            got = (blob.register(f"zmm_h{n}") << 256 | blob.register(f"ymmh{n}") << 128
+                   | blob.register(f"xmm{n}"))
+        else:
+            got = blob.register(f"zmm{n}")
+        assert got == z
+    assert blob.register("k7") == opmask_pattern(7, SEED)
+    assert blob.register("mxcsr") == 0xFFC0
+
+
+@pytest.mark.host
+def test_gdb_gcore_of_an_avx512_process(tmp_path: Path) -> None:
+    """gdb -p PID -batch -ex generate-core-file: the note has the registers; gdb 13 sizes it
+    by Intel's layout (2688 for XCR0 0xe7) on this AMD host, which decode flags."""
+    from fpstate.host.child import SharedMemory, fork_child, pattern_table, zmm_pattern
+    from fpstate.x86.profiles import load_profile
+
+    _avx512_host()
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed")
+    shm = SharedMemory(4096)
+    shm.write(0, pattern_table(SEED))
+
+    def tail(a) -> None:
+        a.mov_imm(a.R.RAX, 1)
+        a.store_rax(shm.address + 4000)
+        a.label("again")
+        a.syscall(34)  # pause
+        a.jump("JMP_REL32_64", "again")
+
+    pid = fork_child(lambda: _pattern_child(shm.address, tail))
+    try:
+        deadline = time.monotonic() + 20
+        while shm.u64(4000) != 1:
+            assert time.monotonic() < deadline, "child never loaded its registers"
+            time.sleep(0.005)
+        out = tmp_path / "gcore"
+        subprocess.run([gdb, "-nx", "-batch", "-p", str(pid), "-ex",
+                        f"generate-core-file {out}"], capture_output=True, timeout=120,
+                       check=False)
+        if not out.exists():
+            pytest.skip("gdb could not attach (ptrace permissions)")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    notes = xstate_notes(out.read_bytes())
+    host = load_profile("host")
+    blob = decode(notes[0].data, host)
+    assert blob.register("zmm17") == int.from_bytes(zmm_pattern(17, SEED), "little")
+    expected = blob.xcr0 is not None and len(notes[0].data)
+    from fpstate.x86.layout import standard_size
+
+    if expected != standard_size(host, blob.xcr0):
+        assert any("fpu_user_cfg.max_size" in w for w in blob.warnings)
+
+
+# -- a constructed AMX core -----------------------------------------------------------------------
+
+def test_constructed_sapphire_rapids_core_with_amx_tiles() -> None:
+    """An SPR task with AMX permission writes TILECFG and TILEDATA (the first use grows its
+    buffer through XFD #NM); the kernel model's xstateregs_get() -- the regset get that
+    fill_thread_core_info() calls -- gives the note; decoding the core finds the tiles."""
+    spr = bundled_profile("sapphire-rapids")
+    m = Machine.boot(spr, ncpus=1)
+    t = m.spawn("amx")
+    m.run(0, t)
+    assert m.syscall(0, xp.sys_arch_prctl, xp.ARCH_REQ_XCOMP_PERM, 18) == 0
+    cfg = bytearray(64)
+    cfg[0] = 1  # palette 1
+    for n in range(8):
+        cfg[16 + 2 * n:18 + 2 * n] = (64).to_bytes(2, "little")
+        cfg[48 + n] = 16
+    tiles = bytes((7 * k + 3) & 0xFF for k in range(8192))
+    m.user_write(0, 17, bytes(cfg))
+    m.user_write(0, 18, tiles)
+    size = regset.regset_xstate_size(m.system)
+    note = m.syscall(0, _path(regset.xstateregs_get), t, size)
+    assert len(note) == 11008
+    core = build_core([(t.pid, note)])
+    blob = decode(xstate_notes(core)[0].data, spr)
+    assert blob.fmt == "uabi" and blob.xcr0 == 0x602E7 and blob.warnings == ()
+    assert blob.component(18).offset == 0xB00 and blob.component(18).state == "in use"
+    assert blob.register("palette") == 1 and blob.register("rows7") == 16
+    for tile, row in ((0, 0), (5, 9), (7, 15)):
+        at = tile * 1024 + row * 64
+        assert blob.register(f"tmm{tile}_r{row}") == int.from_bytes(tiles[at:at + 64], "little")
+
+
+def test_core_errors_are_blob_errors(tmp_path: Path) -> None:
+    with pytest.raises(BlobError, match="not a readable ELF core"):
+        xstate_notes(b"\x7fELF" + bytes(10))
+    with pytest.raises(BlobError, match="no NT_X86_XSTATE"):
+        xstate_notes(build_core([])[:120])
+    exe = Path("/bin/true").read_bytes()
+    with pytest.raises(BlobError, match="not a core file"):
+        xstate_notes(exe)

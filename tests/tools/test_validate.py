@@ -1,0 +1,171 @@
+"""validate: the verdicts of the kernel and KVM models on blobs, the rule each refusal names, and
+the same blobs given to this machine's kernel (PTRACE_SETREGSET, sigreturn) for comparison."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from fpstate.errors import BlobError, FpstateError, HostUnavailable
+from fpstate.kernel.x86.versions import version_for_release
+from fpstate.tools.blob import encode
+from fpstate.tools.validate import validate
+from fpstate.x86.profiles import bundled_profile, load_profile
+
+SPR = bundled_profile("sapphire-rapids")
+ZEN4 = bundled_profile("zen4")
+
+
+def spr_amx_uabi(xstate_bv: int = 0x602E7) -> bytes:
+    obj = {"format": "fpstate-blob/1", "blob_format": "uabi", "xcr0": "0x602e7",
+           "header": {"xstate_bv": hex(xstate_bv), "xcomp_bv": "0"},
+           "components": [{"number": 0, "registers": {"fcw": "0x37f"}},
+                          {"number": 1, "registers": {"mxcsr": "0x1f80", "xmm3": "0x1234"}},
+                          {"number": 17, "registers": {"palette": "0x1"}},
+                          {"number": 18, "registers": {"tmm0_r3": "0xabcdef"}}]}
+    return encode(obj, SPR)
+
+
+def zen4_uabi() -> bytearray:
+    data = bytearray(2440)
+    struct.pack_into("<HI", data, 0, 0x37F, 0)
+    struct.pack_into("<I", data, 24, 0x1F80)
+    struct.pack_into("<QQ", data, 464, 0x2E7, 0)
+    struct.pack_into("<Q", data, 512, 0x3)
+    return data
+
+
+# -- model verdicts -------------------------------------------------------------------------------
+
+def test_ptrace_amx_state_needs_the_tiles_in_use() -> None:
+    """xstateregs_set -> validate_user_xstate_header: XSTATE_BV within the *tracee's*
+    fpstate->user_xfeatures, which has XTILE_DATA only once its buffer grew."""
+    blob = spr_amx_uabi()
+    assert validate(blob, SPR, "ptrace").accepted  # auto: a tracee with tiles in use
+    v = validate(blob, SPR, "ptrace", task="perm")
+    assert (v.accepted, v.result) == (False, "-EINVAL")
+    assert v.rule == "copy_uabi_to_xstate -> validate_user_xstate_header"
+    assert "xtiledata (0x40000) outside the fpstate's user_xfeatures 0x202e7" in v.detail
+
+
+def test_ptrace_count_must_be_the_regset_size() -> None:
+    v = validate(bytes(zen4_uabi())[:2432], ZEN4, "ptrace")
+    assert (v.result, v.rule) == ("-EFAULT", "xstateregs_set: count must be fpu_user_cfg.max_size")
+    v = validate(bytes(zen4_uabi()) + bytes(3), ZEN4, "ptrace")
+    assert v.result == "-EINVAL" and "multiple of the regset unit" in v.rule
+    v = validate(bytes(zen4_uabi()) + bytes(8), ZEN4, "ptrace")
+    assert v.accepted and any("clamped" in n for n in v.notes)
+
+
+def test_ptrace_mxcsr_and_header_rules() -> None:
+    data = zen4_uabi()
+    struct.pack_into("<I", data, 24, 0x41F80)
+    v = validate(bytes(data), ZEN4, "ptrace")
+    assert v.rule == "copy_uabi_to_xstate: MXCSR reserved bits (mxcsr_feature_mask)"
+    data = zen4_uabi()
+    data[512 + 40] = 1
+    v = validate(bytes(data), ZEN4, "ptrace")
+    assert v.result == "-EINVAL" and v.detail == "reserved header bytes 16-63 are not zero"
+
+
+def test_kvm_amx_buffer_needs_guest_permission_before_the_vcpu() -> None:
+    """KVM_SET_XSAVE reads guest_fpu.uabi_size bytes: 11008 once KVM_SET_CPUID2 enabled tile
+    data (guest permission first), else 4096 and the header's XTILE_DATA is refused."""
+    blob = spr_amx_uabi()
+    ok = validate(blob, SPR, "kvm")
+    assert ok.accepted and ok.task == "perm"
+    assert any("guest_fpu.uabi_size 11008" in n for n in ok.notes)
+    v = validate(blob, SPR, "kvm", task="default")
+    assert not v.accepted and v.result == "-EINVAL"
+    assert any("the 6912 bytes beyond are never looked at" in n for n in v.notes)
+    short = validate(blob[:4000], SPR, "kvm")
+    assert (short.result, short.rule) == ("-EFAULT",
+                                          "KVM_SET_XSAVE: memdup_user of guest_fpu.uabi_size "
+                                          "bytes")
+
+
+def test_kvm_refuses_xstate_bv_outside_kvm_supported_xcr0() -> None:
+    data = zen4_uabi().ljust(4096, b"\0")
+    struct.pack_into("<Q", data, 512, 0x3 | 1 << 17)
+    v = validate(bytes(data), ZEN4, "kvm")
+    assert v.rule == ("fpu_copy_uabi_to_guest_fpstate: XSTATE_BV outside "
+                      "kvm_caps.supported_xcr0") and v.detail == "xtilecfg (0x20000)"
+
+
+def test_sigreturn_names_the_xrstor_fault() -> None:
+    sig = bytearray(zen4_uabi()) + bytes(4)
+    struct.pack_into("<IIQI", sig, 464, 0x46505853, 2444, 0x2E7, 2440)
+    struct.pack_into("<I", sig, 2440, 0x46505845)
+    assert validate(bytes(sig), ZEN4, "sigreturn").accepted
+    struct.pack_into("<Q", sig, 520, 1)
+    v = validate(bytes(sig), ZEN4, "sigreturn")
+    assert v.result == "SIGSEGV" and v.rule.startswith("restore_fpregs_from_user")
+    assert "#GP" in v.detail
+
+
+def test_bad_input() -> None:
+    with pytest.raises(BlobError, match="576-byte"):
+        validate(bytes(100), ZEN4, "ptrace")
+    with pytest.raises(FpstateError, match="unknown path"):
+        validate(bytes(600), ZEN4, "fork")
+
+
+# -- the real kernel agrees -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def host():
+    try:
+        from fpstate.host.child import register_class
+
+        register_class()
+        return load_profile("host")
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+
+
+KERNEL = version_for_release(os.uname().release).name
+
+
+@pytest.mark.host
+def test_ptrace_verdicts_match_the_real_kernel(host) -> None:
+    """The same NT_X86_XSTATE writes to a real stopped child: the errno the kernel returns is
+    the model's verdict, for an unchanged image and five broken ones."""
+    from fpstate.host.ptrace import NT_X86_XSTATE, RegsetWrite, ptrace_session
+
+    base = ptrace_session().xstate.data
+    cases = {"as read": bytes(base)}
+    for name, (off, fmt, value) in {
+        "mxcsr bit 18": (24, "<I", 0x41F80), "xcomp_bv": (520, "<Q", 1 << 63 | 0x3),
+        "reserved header": (552, "<Q", 1), "xstate_bv bit 9": (512, "<Q", 0x203)}.items():
+        b = bytearray(base)
+        struct.pack_into(fmt, b, off, value)
+        cases[name] = bytes(b)
+    cases["short"] = bytes(base[:-8])
+    run = ptrace_session([RegsetWrite(NT_X86_XSTATE, d, n) for n, d in cases.items()])
+    for (name, data), result in zip(cases.items(), run.writes, strict=True):
+        verdict = validate(data, host, "ptrace", kernel=KERNEL)
+        assert verdict.accepted == (result.errno == 0), name
+        assert verdict.result == ("0" if result.errno == 0 else
+                                  {22: "-EINVAL", 14: "-EFAULT"}[result.errno]), name
+
+
+@pytest.mark.host
+def test_sigreturn_verdicts_match_the_real_kernel(host) -> None:
+    """A real frame, patched as the real handler patches it: sigreturn succeeds or forces
+    SIGSEGV exactly when the model says so."""
+    from fpstate.host import signals as hs
+
+    patches = [(), (hs.set_mxcsr(0x41F80),), (hs.set_xstate_bv(0xEF),),
+               (hs.set_xcomp_bv(1),), (hs.corrupt_magic1(),), (hs.set_header_byte(20, 1),),
+               (hs.set_sw_xfeatures(0x3),)]
+    for patch in patches:
+        run = hs.raise_signal(patch)
+        f = run.frame
+        frame = bytearray(f.raw[f.fpstate_offset:f.fpstate_offset + f.sw_bytes.extended_size])
+        for p in patch:
+            frame[p.offset:p.offset + len(p.data)] = p.data
+        verdict = validate(bytes(frame), host, "sigreturn", kernel=KERNEL)
+        assert verdict.accepted == run.sigreturn_ok, [p.what for p in patch]
+        assert (run.segv is not None) == (not verdict.accepted)
