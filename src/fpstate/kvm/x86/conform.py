@@ -455,10 +455,13 @@ def case_guest_xsetbv(ctx: Context, report: Report, rng: random.Random, samples:
         report.compare(case, "KVM_GET_XCRS after it", v.get_xcrs(mvcpu), g.vcpu.get_xcrs())
 
 
-def case_guest_programs(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
-    """Random guest programs around XSAVE/XSAVEOPT/XSAVEC/XRSTOR (fpstate.x86.progen): the real
-    guest's outcome must be one the CPU model allows for the guest's hardware, with the XCR0 the
-    guest set itself. CPL 0 where this KVM runs the XSAVE family there, else CPL 3."""
+def case_guest_programs(ctx: Context, report: Report, rng: random.Random, samples: int, *,
+                        focuses: tuple[str, ...] = XSAVE_MNEMONICS * 6 + ("XSAVES", "XRSTORS")
+                        ) -> None:
+    """Random guest programs around XSAVE/XSAVEOPT/XSAVEC/XRSTOR (fpstate.x86.progen; each has
+    at least one of ``focuses``): the real guest's outcome must be one the CPU model allows for
+    the guest's hardware, with the XCR0 the guest set itself. CPL 0 where this KVM runs the
+    XSAVE family there, else CPL 3."""
     from fpstate.x86.progen import RandomDraw, generate_program
 
     case = "guest-programs"
@@ -487,7 +490,7 @@ def case_guest_programs(ctx: Context, report: Report, rng: random.Random, sample
     while done < samples and tries < 4 * samples:
         tries += 1
         xcr0 = rng.choice(xcr0s)
-        focus = rng.choice(XSAVE_MNEMONICS * 6 + ("XSAVES", "XRSTORS"))
+        focus = rng.choice(focuses)
         prog = replace(generate_program(draw, hw, xcr0=xcr0, focus=focus), cpl=cpl)
         try:
             outs = run_guest_program(mvcpu, prog, xcr0=xcr0)

@@ -1,0 +1,113 @@
+"""The model of KVM (fpstate.kvm.x86) against this machine's real KVM, case by case.
+
+Each test runs one case of `fpstate.kvm.x86.conform` (the same code `fpstate conform --layer
+kvm` runs) and requires zero mismatches over at least the stated number of comparisons. The
+model is configured only with what KVM reports about the host; see the conform module. Where
+this host's KVM cannot do something (XSAVES in a guest, AMX guests, guest CPL 0 XSAVE on PVM)
+the test skips with the measured reason and the model tests cover the kernel's rules.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fpstate.errors import HostUnavailable
+from fpstate.kvm.x86 import conform
+from fpstate.kvm.x86.cpuid import XSAVES, find_cpuid
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def ctx() -> conform.Context:
+    try:
+        c = conform.Context()
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    yield c
+    c.close()
+
+
+def run_case(ctx: conform.Context, case, samples: int, seed: int = 1) -> conform.Report:
+    report = conform.Report()
+    case(ctx, report, random.Random(seed), samples)
+    assert report.mismatches == [], json.dumps(report.mismatches[:5], indent=1)
+    return report
+
+
+def test_supported_cpuid_and_cap_xsave2_around_guest_permission(ctx) -> None:
+    r = run_case(ctx, conform.case_supported_cpuid, 0)
+    assert r.cases == 10
+
+
+def test_set_cpuid2_of_features_kvm_lacks(ctx) -> None:
+    assert run_case(ctx, conform.case_set_cpuid2, 0).cases == 18
+
+
+def test_cpuid_leaf_0xd_ebx_follows_xcr0(ctx) -> None:
+    assert run_case(ctx, conform.case_cpuid_runtime, 0).cases >= 8
+
+
+def test_xss_xfd_xfd_err_msrs(ctx) -> None:
+    assert run_case(ctx, conform.case_msrs, 0).cases == 54
+
+
+def test_kvm_set_xcrs_500_values(ctx) -> None:
+    assert run_case(ctx, conform.case_set_xcrs, 500).cases == 1000
+
+
+def test_kvm_set_xsave_and_get_xsave2_500_buffers(ctx) -> None:
+    assert run_case(ctx, conform.case_xsave_round_trip, 500).cases >= 1000
+
+
+def test_xsave_buffer_across_kvm_run(ctx) -> None:
+    assert run_case(ctx, conform.case_xsave_across_run, 50).cases == 100
+
+
+def test_guest_xsetbv_faults(ctx) -> None:
+    assert run_case(ctx, conform.case_guest_xsetbv, 200).cases == 400
+
+
+def test_guest_xsave_programs_500(ctx) -> None:
+    r = run_case(ctx, conform.case_guest_programs, 500)
+    assert r.cases == 500
+
+
+def test_what_survives_init(ctx) -> None:
+    assert run_case(ctx, conform.case_init, 25).cases == 50
+
+
+def test_guest_xsaves_and_xrstors(ctx) -> None:
+    """XSAVES/XRSTORS in a guest only where KVM enables them (guest CPUID XSAVES & KVM cap)."""
+    d1 = find_cpuid(ctx.entries, 0xD, 1)
+    if not (d1 and d1.eax & XSAVES):
+        pytest.skip("KVM offers no XSAVES to guests here: "
+                    "KVM_GET_SUPPORTED_CPUID.(EAX=0DH,ECX=1):EAX[3]=0")
+    r = conform.Report()
+    rng = random.Random(7)
+    conform.case_guest_programs(ctx, r, rng, 100, focuses=("XSAVES", "XRSTORS"))
+    assert r.mismatches == [] and r.cases == 100
+
+
+def test_amx_guest(ctx) -> None:
+    """Guest permission, KVM_SET_CPUID2 reallocation and KVM_GET_XSAVE's EINVAL for AMX."""
+    if not ctx.host.has("AMX_TILE"):
+        pytest.skip("host lacks AMX: CPUID.(EAX=7,ECX=0):EDX[24]=0")
+    r = run_case(ctx, conform.case_supported_cpuid, 0)
+    assert r.cases == 10
+
+
+def test_fpstate_conform_layer_kvm_json(capsys) -> None:
+    from fpstate.cli import main
+
+    status = main(["conform", "--layer", "kvm", "--samples", "20", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"layer", "cases", "mismatches", "skipped"}
+    assert out["layer"] == "kvm" and out["mismatches"] == [] and status == 0
+    if out["cases"] == 0:
+        assert out["skipped"], "a layer that compared nothing says why"
+    else:
+        assert out["cases"] > 100
