@@ -281,7 +281,8 @@ def test_amx_signal_frames_on_sapphire_rapids(state: str) -> None:
         from fpstate.host.amx import tile_data
 
         assert facts["frame.xtiledata"] == tile_data()
-    assert facts["handler entry XINUSE"] == 1 << 9  # only PKRU = init_pkru_value (OSPKE)
+    assert facts["handler entry.pkru"] == (0x55555554).to_bytes(4, "little") + bytes(4)
+    assert facts["handler entry.xtiledata"] == bytes(8192)
 
 
 def test_amx_fork_keeps_permission_not_tiles() -> None:
@@ -348,3 +349,39 @@ def test_model_machine_of_this_host_boots() -> None:
     m = Machine(system, 1)
     t = conform.user_task(m, sp=SP)
     assert t.user_sp == SP and m.cpus[0].current is t
+
+
+# -- the worked example (docs/kernel-example.md) -------------------------------------------------
+
+def test_worked_example_model_flow_on_sapphire_rapids() -> None:
+    from fpstate.kernel.x86.conform_example import model_flow
+
+    text = "\n".join(model_flow("sapphire-rapids"))
+    assert "REQ_XCOMP_PERM(18) OK, GET_XCOMP_PERM 0x602e7" in text
+    assert "fpstate before first use: size 2560, user_size 2816, xfd 0x40000" in text
+    assert "LDTILECFG: #NM" in text
+    assert "fpstate after:            size 10752, user_size 11008, xfd 0x0" in text
+    assert "extended_size 11012 xfeatures 0x602e7 xstate_size 11008; magic2 at +11008: " \
+           "0x46505845" in text
+    assert "tiles in the frame: True" in text and "every register restored: True" in text
+    assert "11008 bytes, XCR0@464 0x602e7" in text and "TILELOADD loaded: True" in text
+
+
+def test_worked_example_model_flow_without_amx_uses_avx512() -> None:
+    from fpstate.kernel.x86.conform_example import model_flow
+
+    text = "\n".join(model_flow("zen5"))
+    assert "REQ_XCOMP_PERM(18) EOPNOTSUPP" in text and "VMOVDQU64" in text
+    assert "xstate_size 2432; magic2 at +2432: 0x46505845" in text
+
+
+@x86_only
+def test_worked_example_host_flow_replays_on_the_model() -> None:
+    from fpstate.kernel.x86.conform_example import host_flow
+
+    lines = list(host_flow())
+    assert lines[0].startswith("real kernel: arch_prctl GET_XCOMP_SUPP")
+    reason = conform.host_amx_reason()
+    if reason:
+        assert f"  sigframe/amx-tiles-in-use: skipped: {reason}" in lines
+    assert any(line.startswith("  ptrace/get-and-resume: ") for line in lines)

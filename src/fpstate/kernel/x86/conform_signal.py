@@ -147,7 +147,6 @@ def _model_delivery_facts(system: FpuSystem, m: Machine, t: Task) -> Facts:
         raw, frame = _model_frame(m, t)
         facts.update(frame_facts(system, raw, frame))
         facts.update(prefixed("handler entry", model_registers(m, 0)))
-        facts["handler entry XINUSE"] = m.cpus[0].regs.xgetbv1() & system.xcr0
     return facts
 
 
@@ -168,8 +167,9 @@ def _host_delivery_facts(run: Any, *, usr1: bool = True) -> Facts:
     else:
         return {"delivered": f"killed by signal {run.exit.signal}"}
     facts.update(frame_facts(system, frame.raw, frame.frame_address))
+    # The handler's registers, not its XINUSE: after fpu__clear_user_states() this CPU reports
+    # XINUSE[1] set or clear from run to run (kernel-findings section 4, last note).
     facts.update(prefixed("handler entry", image_registers(system, frame.handler_entry.raw)))
-    facts["handler entry XINUSE"] = frame.handler_entry.xstate_bv
     return facts
 
 
