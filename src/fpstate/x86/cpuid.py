@@ -197,6 +197,9 @@ class CpuidProfile:
     source: str
     _subleafed: frozenset[int] = field(default=frozenset(), init=False, repr=False,
                                        compare=False)
+    #: component() answers, memoised (the leaves are immutable; the models ask millions of times)
+    _components: dict[int, Component] = field(default_factory=dict, init=False, repr=False,
+                                              compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -291,6 +294,9 @@ class CpuidProfile:
         MaskError when the CPU does not enumerate ``i``; ProfileError when it enumerates it but
         the sub-leaf reads size 0 (a hypervisor masking the sub-leaf, or a truncated dump).
         """
+        cached = self._components.get(i)
+        if cached is not None:
+            return cached
         if i == 0:
             return X87
         if i == 1:
@@ -310,7 +316,7 @@ class CpuidProfile:
                 f"CPUID.(EAX=0DH,ECX={i}) reports size 0"
             )
         supervisor = bool(ecx & 1)
-        return Component(
+        comp = self._components[i] = Component(
             number=i,
             size=eax,
             offset=0 if supervisor else ebx,
@@ -318,6 +324,7 @@ class CpuidProfile:
             aligned=bool(ecx & 2),
             xfd=bool(ecx & 4),
         )
+        return comp
 
     def components(self, mask: int | None = None) -> list[Component]:
         """The components of ``mask`` (default: all enumerated) in ascending bit order."""
