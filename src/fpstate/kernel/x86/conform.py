@@ -526,6 +526,46 @@ def _altstack_model(system: FpuSystem, given: Any) -> Facts:
     return _altstack_facts(errnos)
 
 
+#: (altstack installed before the request, altstack asked for after it): a too-small one makes
+#: the request fail (ENOSPC, nothing granted, the later one is fine); a large one lets it pass
+#: and a later small one fails (ENOMEM).
+AMX_ALTSTACKS: tuple[tuple[int, int], ...] = ((2048, 2048), (65536, 4096), (65536, 65536))
+
+
+def _amx_altstack_facts(rows: Iterable[tuple[int, int, int, int, int, int]]) -> Facts:
+    facts: Facts = {}
+    for first, installed, req, perm, later, later_errno in rows:
+        key = f"sigaltstack({first}) then REQ_XCOMP_PERM(18) then sigaltstack({later})"
+        facts[key] = (errno_of(-installed), errno_of(-req), perm, errno_of(-later_errno))
+    return facts
+
+
+def _amx_altstack_host() -> HostAnswer:
+    from fpstate.host.sigaltstack import amx_altstack_interplay
+
+    rows = []
+    for first, later in AMX_ALTSTACKS:
+        r = amx_altstack_interplay(first, later)
+        rows.append((first, r.installed_errno, r.req_errno, r.perm_after, later, r.later_errno))
+    return HostAnswer(_amx_altstack_facts(rows))
+
+
+def _amx_altstack_model(system: FpuSystem, given: Any) -> Facts:
+    """validate_sigaltstack() on the request, sigaltstack_size_valid() afterwards."""
+    rows = []
+    for first, later in AMX_ALTSTACKS:
+        m = Machine(system, 1)
+        t = user_task(m)
+        installed = -m.syscall(0, sys_sigaltstack, m.mmap(t, first), first, 0)
+        req = -m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
+        out = t.user_sp - 64
+        m.syscall(0, sys_arch_prctl, ARCH_GET_XCOMP_PERM, out)
+        perm = int.from_bytes(t.process.mm.read(out, 8), "little")
+        later_errno = -m.syscall(0, sys_sigaltstack, m.mmap(t, later), later, 0)
+        rows.append((first, installed, req, perm, later, later_errno))
+    return _amx_altstack_facts(rows)
+
+
 BASE_CASES: tuple[Case, ...] = (
     Case("boot/lines", "fpu__init_system_xstate, init_sigframe_size: the boot log",
          _boot_host, _boot_model),
@@ -536,6 +576,8 @@ BASE_CASES: tuple[Case, ...] = (
            (lambda s=s: _prctl_host(s)), _prctl_model(s), s.needs) for s in PERM_STATES),
     Case("sigaltstack/sizes", "do_sigaltstack, sigaltstack_size_valid", _altstack_host,
          _altstack_model),
+    Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
+         _amx_altstack_host, _amx_altstack_model, host_amx_reason),
 )
 
 __all__ = ["BASE_CASES", "Case", "CaseResult", "HostAnswer", "Mismatch", "compare",
