@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from fpstate.errors import FpstateError
+from fpstate.errors import FpstateError, ProgramError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import FPU_GUEST_PERM_LOCKED
@@ -40,8 +40,10 @@ from fpstate.kvm.x86.vcpu import (
     model_config,
     model_system,
     model_vmm,
+    run_guest_program,
 )
 from fpstate.x86.profiles import load_profile
+from fpstate.x86.program import Buffer, Insn, Program
 
 SPR = load_profile("sapphire-rapids")
 SKX = load_profile("skylake-sp")
@@ -512,3 +514,38 @@ def test_guest_hardware_has_no_xsaves_unless_kvm_enables_it() -> None:
     assert not guest_hardware_profile(without).has("XSAVES")
     assert guest_hardware_profile(without).has("XSAVEC")  # not interceptable
     assert guest_hardware_profile(with_xsaves).xss_supported == 0x1800
+
+
+# -- guest programs where KVM enables XSAVES (this host's KVM does not) --------------------------
+
+
+def _xsaves_program(cpl: int) -> Program:
+    start = uabi(size=576)
+    ones = (1 << 64) - 1
+    return Program(start, (Insn("XSAVES", buf=0, mask=ones), Insn("XRSTORS", buf=0, mask=ones)),
+                   (Buffer(),), cpl=cpl)
+
+
+def test_guest_xsaves_with_cet_in_ia32_xss() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    outcomes = run_guest_program(vcpu, _xsaves_program(0), xcr0=0x2E7, xss=0x1800)
+    for o in outcomes:  # (they differ only in what a preemption would change)
+        xstate_bv, xcomp_bv = struct.unpack_from("<QQ", o.buffers[0], 512)
+        assert o.fault is None and xcomp_bv == 1 << 63 | 0x1AE7
+        assert xstate_bv & ~0x2 == 0  # CET_U and CET_S are in their initial configuration
+    assert v.get_msrs(vcpu, [x86.MSR_IA32_XSS]) == {x86.MSR_IA32_XSS: 0x1800}
+    (o,) = run_guest_program(vcpu, _xsaves_program(3), xcr0=0x2E7, xss=0x1800)
+    assert (o.fault.vector, o.fault_step) == ("#GP", 0)
+
+
+def test_guest_xsaves_is_ud_and_ia32_xss_refused_without_the_cap() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v, with_leaf(v.supported_cpuid_0xd(), 1, eax=0x17))
+    (o,) = run_guest_program(vcpu, _xsaves_program(0), xcr0=0x2E7)
+    assert (o.fault.vector, o.fault_step) == ("#UD", 0)
+    with pytest.raises(ProgramError, match="needs XSAVES"):
+        run_guest_program(vcpu, _xsaves_program(0), xcr0=0x2E7, xss=0x800)
+    other = vcpu_with_cpuid(v)
+    with pytest.raises(ProgramError, match="IA32_XSS 0x400"):
+        run_guest_program(other, _xsaves_program(0), xcr0=0x2E7, xss=0x400)  # PASID
