@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.layout",
     "fpstate.commands.bootlog",
     "fpstate.commands.decode",
+    "fpstate.commands.sizes",
     "fpstate.commands.compat",
     "fpstate.commands.conform",
 )
