@@ -26,6 +26,7 @@ from fpstate.kernel.x86.xstate_prctl import (
 )
 from fpstate.kvm.x86 import x86
 from fpstate.kvm.x86.cpuid import (
+    CpuidEntry2,
     KvmCaps,
     find_cpuid,
     kvm_get_filtered_xcr0,
@@ -405,15 +406,54 @@ def test_init_inside_kvm_run_puts_and_reloads_the_guest_fpu() -> None:
     assert vcpu.stat_fpu_reload == 2 and not v.kvm.warnings
 
 
+def cet_cpuid(v: Vmm) -> tuple:
+    """The supported leaf 0xD plus CPUID.7.0 with SHSTK (ECX[7]) and IBT (EDX[20])."""
+    leaf7 = CpuidEntry2(7, 0, 1, 0, 0, 1 << 7, 1 << 20)
+    return (*v.supported_cpuid_0xd(), leaf7)
+
+
+def test_cet_msrs_live_in_the_guest_registers() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v, cet_cpuid(v))
+    msrs = [(x86.MSR_IA32_U_CET, 0x1), (x86.MSR_IA32_PL3_SSP, 0x7FF8),
+            (x86.MSR_IA32_PL0_SSP, 0x1000), (x86.MSR_IA32_PL2_SSP, 0x2000)]
+    assert v.set_msrs(vcpu, msrs) == 4
+    assert vcpu.stat_fpu_reload == 1  # one load/put around the whole batch
+    fps = vcpu.arch.guest_fpu.fpstate
+    assert core.fpstate_read_component(v.m.system, fps, 11) == struct.pack("<QQ", 0x1, 0x7FF8)
+    assert core.fpstate_read_component(v.m.system, fps, 12)[0:8] == struct.pack("<Q", 0x1000)
+    assert v.get_msrs(vcpu, [i for i, _ in msrs]) == dict(msrs)
+
+
+@pytest.mark.parametrize(("index", "value"), [
+    (x86.MSR_IA32_U_CET, 1 << 6),  # reserved
+    (x86.MSR_IA32_U_CET, 1 << 10 | 1 << 11),  # SUPPRESS with WAIT_ENDBR
+    (x86.MSR_IA32_PL0_SSP, 0x1001),  # not 4-byte aligned
+    (x86.MSR_IA32_PL3_SSP, 1 << 47),  # not canonical
+])
+def test_bad_cet_msr_values_are_refused(index: int, value: int) -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v, cet_cpuid(v))
+    assert v.set_msrs(vcpu, [(index, value)]) == 0
+
+
+def test_cet_msrs_need_the_guest_capability() -> None:
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)  # no CPUID.7 SHSTK/IBT
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_U_CET, 0x1)]) == 0
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_U_CET, 0)]) == 1  # advertised: zero write ignored
+    assert v.get_msrs(vcpu, [x86.MSR_IA32_PL0_SSP]) == {x86.MSR_IA32_PL0_SSP: 0}
+
+
 def test_init_zeroes_cet_unless_the_rejected_variant() -> None:
-    user_cet = bytes(range(1, 17))
-    for variants, expected in (((), bytes(16)), (("init-keeps-cet",), user_cet)):
+    msrs = [(x86.MSR_IA32_U_CET, 0x1), (x86.MSR_IA32_PL3_SSP, 0x7FF8),
+            (x86.MSR_IA32_PL0_SSP, 0x1000)]
+    for variants, expected in (((), {i: 0 for i, _ in msrs}), (("init-keeps-cet",), dict(msrs))):
         v = vmm(SPR, variants=variants)
-        vcpu = vcpu_with_cpuid(v)
-        fps = vcpu.arch.guest_fpu.fpstate
-        core.fpstate_write_component(v.m.system, fps, 11, user_cet)  # guest WRMSR IA32_U_CET
+        vcpu = vcpu_with_cpuid(v, cet_cpuid(v))
+        assert v.set_msrs(vcpu, msrs) == 3
         assert v.init(vcpu) == (0 if variants else CET)
-        assert core.fpstate_read_component(v.m.system, fps, 11) == expected
+        assert v.get_msrs(vcpu, [i for i, _ in msrs]) == expected
 
 
 # -- seed 000: the task's buffer grows for AMX before KVM_RUN ---------------------------------

@@ -282,12 +282,14 @@ _MSR_VALUES = (0, 1, 0x100, 0x800, 0x1000, 0x1800, 0x40000, 0x60000, 1 << 63)
 
 
 def case_msrs(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
-    """KVM_SET_MSRS / KVM_GET_MSRS of IA32_XSS, IA32_XFD and IA32_XFD_ERR (host-initiated)."""
+    """KVM_SET_MSRS / KVM_GET_MSRS (host-initiated) of IA32_XSS, IA32_XFD, IA32_XFD_ERR and the
+    XSAVE-managed CET MSRs (IA32_U_CET, IA32_PL0_SSP, IA32_PL3_SSP)."""
     case = "msrs"
     v = ctx.vmm()
     mvcpu = ctx.model_vcpu(v)
     rvcpu = ctx.real_vcpu()
-    for index in (x86.MSR_IA32_XSS, x86.MSR_IA32_XFD, x86.MSR_IA32_XFD_ERR):
+    for index in (x86.MSR_IA32_XSS, x86.MSR_IA32_XFD, x86.MSR_IA32_XFD_ERR, x86.MSR_IA32_U_CET,
+                  x86.MSR_IA32_PL0_SSP, x86.MSR_IA32_PL3_SSP):
         for value in _MSR_VALUES:
             report.compare(case, f"KVM_SET_MSRS {index:#x} = {value:#x}",
                            v.set_msrs(mvcpu, [(index, value)]), rvcpu.set_msrs({index: value}))

@@ -330,7 +330,7 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
         ret = x86.kvm_do_msr_access_write(c, vcpu, op.number, op.value, False)
         result = Fault("#GP", f"WRMSR {op.number:#x} refused") if ret else None
     elif op.kind == "rdmsr":
-        ret, value = x86.kvm_do_msr_access_read(vcpu, op.number, False)
+        ret, value = x86.kvm_do_msr_access_read(c, vcpu, op.number, False)
         result = Fault("#GP", f"RDMSR {op.number:#x} refused") if ret else value
     elif op.kind == "init":
         vcpu.pending_init = True
@@ -441,7 +441,7 @@ class Vmm:
         return self.call(lambda c: x86.kvm_vcpu_ioctl_x86_set_xcrs(vcpu, xcrs, flags))
 
     def get_msrs(self, vcpu: KvmVcpu, indices: list[int]) -> dict[int, int]:
-        return self.call(lambda c: x86.kvm_vcpu_ioctl_get_msrs(vcpu, indices))
+        return self.call(x86.kvm_vcpu_ioctl_get_msrs, vcpu, indices)
 
     def set_msrs(self, vcpu: KvmVcpu, msrs: list[tuple[int, int]]) -> int:
         return self.call(x86.kvm_vcpu_ioctl_set_msrs, vcpu, msrs)

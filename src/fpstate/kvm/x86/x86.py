@@ -22,9 +22,11 @@ KVM_MSR_RET_UNSUPPORTED. The rejected design "init-keeps-cet" (seed 003) is a va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fpstate.errors import FpstateError
+from fpstate.kernel.x86.types import KernelBug
 from fpstate.kvm.x86 import fpu as kfpu
 from fpstate.kvm.x86.cpuid import XFD, XSAVES, guest_cpu_cap_has
 from fpstate.kvm.x86.fpu_api import (
@@ -67,8 +69,23 @@ XFEATURE_MASK_EXTEND = ~(XFEATURE_MASK_FPSSE | (1 << 63)) & ((1 << 64) - 1)
 XFEATURE_MASK_CET_ALL = XFEATURE_MASK_CET_USER | XFEATURE_MASK_CET_KERNEL
 #: The components INIT zeroes (kvm_xstate_reset, v6.18): MPX and CET.
 XSTATE_CLEAR_ON_INIT = XFEATURE_MASK_BNDREGS | XFEATURE_MASK_BNDCSR | XFEATURE_MASK_CET_ALL
+MSR_IA32_U_CET = 0x6A0
+MSR_IA32_PL0_SSP, MSR_IA32_PL1_SSP, MSR_IA32_PL2_SSP, MSR_IA32_PL3_SSP = 0x6A4, 0x6A5, 0x6A6, 0x6A7
+#: The XSAVE-managed CET MSRs (is_xstate_managed_msr, x86.h v6.18): MSR -> (component, byte
+#: offset in it). CET_USER = IA32_U_CET, IA32_PL3_SSP; CET_KERNEL = IA32_PL0_SSP..PL2_SSP.
+XSTATE_MSRS: dict[int, tuple[int, int]] = {
+    MSR_IA32_U_CET: (11, 0), MSR_IA32_PL3_SSP: (11, 8), MSR_IA32_PL0_SSP: (12, 0),
+    MSR_IA32_PL1_SSP: (12, 8), MSR_IA32_PL2_SSP: (12, 16),
+}
+#: x86.h: IA32_U_CET bits that must be 0, and the bits that need SHSTK / IBT.
+CET_US_RESERVED_BITS = 0xF << 6
+CET_US_SHSTK_MASK_BITS = 0x3
+CET_US_IBT_MASK_BITS = (0xF << 2) | (((1 << 64) - 1) & ~((1 << 10) - 1))
+CET_SUPPRESS, CET_WAIT_ENDBR = 1 << 10, 1 << 11
 MODELLED_MSRS = {MSR_IA32_XSS: "MSR_IA32_XSS", MSR_IA32_XFD: "MSR_IA32_XFD",
-                 MSR_IA32_XFD_ERR: "MSR_IA32_XFD_ERR"}
+                 MSR_IA32_XFD_ERR: "MSR_IA32_XFD_ERR", MSR_IA32_U_CET: "MSR_IA32_U_CET",
+                 MSR_IA32_PL0_SSP: "MSR_IA32_PL0_SSP", MSR_IA32_PL1_SSP: "MSR_IA32_PL1_SSP",
+                 MSR_IA32_PL2_SSP: "MSR_IA32_PL2_SSP", MSR_IA32_PL3_SSP: "MSR_IA32_PL3_SSP"}
 
 
 # -- XCR0 -----------------------------------------------------------------------------------------
@@ -156,10 +173,13 @@ def kvm_guest_supported_xfd(vcpu: KvmVcpu) -> int:
 
 def kvm_is_advertised_msr(vcpu: KvmVcpu, index: int) -> bool:
     """kvm_is_advertised_msr(): in msrs_to_save after kvm_probe_msr_to_save() -- XSS only with
-    a nonzero supported_xss, XFD and XFD_ERR only with the XFD cap."""
+    a nonzero supported_xss, XFD and XFD_ERR only with the XFD cap, the CET MSRs only with
+    KVM's SHSTK/IBT caps (which it keeps only with both CET bits in supported_xss)."""
     caps = vcpu.kvm.caps
     if index == MSR_IA32_XSS:
         return caps.supported_xss != 0
+    if index in XSTATE_MSRS:
+        return caps.supported_xss & XFEATURE_MASK_CET_ALL == XFEATURE_MASK_CET_ALL
     return caps.cap(XFD)
 
 
@@ -197,11 +217,18 @@ def kvm_set_msr_common(c: Cpu, vcpu: KvmVcpu, index: int, data: int,
         else:
             arch.guest_fpu.xfd_err = data
         return 0
+    if index in XSTATE_MSRS:
+        ret = kvm_cet_msr_valid(vcpu, index, data)
+        if ret:
+            return ret
+        kvm_set_xstate_msr(c, vcpu, index, data)
+        return 0
     raise FpstateError(f"MSR {index:#x} is not modelled (the model knows "
                        f"{', '.join(MODELLED_MSRS.values())})")
 
 
-def kvm_get_msr_common(vcpu: KvmVcpu, index: int, host_initiated: bool) -> tuple[int, int]:
+def kvm_get_msr_common(c: Cpu, vcpu: KvmVcpu, index: int,
+                       host_initiated: bool) -> tuple[int, int]:
     """The XSAVE MSR cases of kvm_get_msr_common(): (ret, value). A guest read of IA32_XSS
     needs XSAVES in the guest CPUID, of XFD / XFD_ERR the guest's XFD cap; host reads always
     succeed. XFD reads the guest fpstate's xfd, XFD_ERR guest_fpu.xfd_err."""
@@ -216,6 +243,10 @@ def kvm_get_msr_common(vcpu: KvmVcpu, index: int, host_initiated: bool) -> tuple
             return 1, 0
         gfpu = arch.guest_fpu
         return 0, gfpu.fpstate.xfd if index == MSR_IA32_XFD else gfpu.xfd_err
+    if index in XSTATE_MSRS:
+        if not _cet_cap(vcpu, index):
+            return KVM_MSR_RET_UNSUPPORTED, 0
+        return 0, kvm_get_xstate_msr(c, vcpu, index)
     raise FpstateError(f"MSR {index:#x} is not modelled (the model knows "
                        f"{', '.join(MODELLED_MSRS.values())})")
 
@@ -233,9 +264,10 @@ def kvm_do_msr_access_write(c: Cpu, vcpu: KvmVcpu, index: int, data: int,
     return 1
 
 
-def kvm_do_msr_access_read(vcpu: KvmVcpu, index: int, host_initiated: bool) -> tuple[int, int]:
+def kvm_do_msr_access_read(c: Cpu, vcpu: KvmVcpu, index: int,
+                           host_initiated: bool) -> tuple[int, int]:
     """kvm_do_msr_access() for a read: an unsupported, advertised MSR reads 0 for the host."""
-    ret, value = kvm_get_msr_common(vcpu, index, host_initiated)
+    ret, value = kvm_get_msr_common(c, vcpu, index, host_initiated)
     if ret != KVM_MSR_RET_UNSUPPORTED:
         return ret, value
     if host_initiated and kvm_is_advertised_msr(vcpu, index):
@@ -243,25 +275,115 @@ def kvm_do_msr_access_read(vcpu: KvmVcpu, index: int, host_initiated: bool) -> t
     return 1, 0
 
 
-def kvm_vcpu_ioctl_set_msrs(c: Cpu, vcpu: KvmVcpu, msrs: list[tuple[int, int]]) -> int:
-    """KVM_SET_MSRS (msr_io with do_set_msr): host-initiated writes in order; the number written
-    before the first refusal."""
-    for n, (index, data) in enumerate(msrs):
-        if kvm_do_msr_access_write(c, vcpu, index, data, True):
-            return n
-    return len(msrs)
-
-
-def kvm_vcpu_ioctl_get_msrs(vcpu: KvmVcpu, indices: list[int]) -> dict[int, int]:
-    """KVM_GET_MSRS: host-initiated reads in order, stopping at the first refusal; the values
-    read (an index missing from the result was refused)."""
-    out: dict[int, int] = {}
-    for index in indices:
-        ret, value = kvm_do_msr_access_read(vcpu, index, True)
-        if ret:
+def __msr_io(c: Cpu, vcpu: KvmVcpu, indices: list[int],
+             do_msr: Callable[[int], bool]) -> int:
+    """__msr_io() (x86.c, v6.18): the entries in order until the first refusal; with a
+    nonzero supported_xss the guest FPU is loaded before the first XSAVE-managed MSR (its value
+    lives in the guest's registers) and put after the loop. The number processed."""
+    fpu_loaded = False
+    n = 0
+    for n, index in enumerate(indices):  # noqa: B007 - n is the count on break
+        if (vcpu.kvm.caps.supported_xss and not fpu_loaded and index in XSTATE_MSRS
+                and not vcpu.arch.guest_fpu.fpstate.in_use):
+            kfpu.kvm_load_guest_fpu(c, vcpu)
+            fpu_loaded = True
+        if not do_msr(index):
             break
-        out[index] = value
+    else:
+        n = len(indices)
+    if fpu_loaded:
+        kfpu.kvm_put_guest_fpu(c, vcpu)
+    return n
+
+
+def kvm_vcpu_ioctl_set_msrs(c: Cpu, vcpu: KvmVcpu, msrs: list[tuple[int, int]]) -> int:
+    """KVM_SET_MSRS (__msr_io with do_set_msr): host-initiated writes in order; the number
+    written before the first refusal."""
+    values = dict(msrs)
+    return __msr_io(c, vcpu, [i for i, _ in msrs],
+                    lambda i: not kvm_do_msr_access_write(c, vcpu, i, values[i], True))
+
+
+def kvm_vcpu_ioctl_get_msrs(c: Cpu, vcpu: KvmVcpu, indices: list[int]) -> dict[int, int]:
+    """KVM_GET_MSRS (__msr_io with do_get_msr): host-initiated reads in order, stopping at the
+    first refusal; the values read (an index missing from the result was refused)."""
+    out: dict[int, int] = {}
+
+    def read(index: int) -> bool:
+        ret, value = kvm_do_msr_access_read(c, vcpu, index, True)
+        if not ret:
+            out[index] = value
+        return not ret
+
+    __msr_io(c, vcpu, list(indices), read)
     return out
+
+
+# -- the XSAVE-managed CET MSRs (v6.18) -----------------------------------------------------
+
+
+def _cet_cap(vcpu: KvmVcpu, index: int) -> bool:
+    """The guest capability an XSAVE-managed CET MSR needs: SHSTK for the SSPs, SHSTK or IBT
+    for IA32_U_CET (guest CPUID leaf 7 & KVM's caps, which keep SHSTK/IBT only with CET in
+    supported_xss)."""
+    shstk = _guest_leaf7(vcpu, 2, 7)
+    ibt = _guest_leaf7(vcpu, 3, 20)
+    return shstk or ibt if index == MSR_IA32_U_CET else shstk
+
+
+def _guest_leaf7(vcpu: KvmVcpu, reg: int, bit: int) -> bool:
+    from fpstate.kvm.x86.cpuid import cpuid_regs
+
+    cet = vcpu.kvm.caps.supported_xss & XFEATURE_MASK_CET_ALL == XFEATURE_MASK_CET_ALL
+    return cet and bool(cpuid_regs(vcpu.arch.cpuid, 7, 0)[reg] >> bit & 1)
+
+
+def kvm_cet_msr_valid(vcpu: KvmVcpu, index: int, data: int) -> int:
+    """The CET checks of __kvm_set_msr() / kvm_is_valid_u_s_cet() (x86.c, x86.h v6.18): 0 when
+    the write may proceed, KVM_MSR_RET_UNSUPPORTED without the guest capability, 1 for a bad
+    value (IA32_U_CET: reserved bits 9:6, SHSTK or IBT bits the guest lacks, a legacy bitmap
+    base not 4-aligned, SUPPRESS with WAIT_ENDBR; an SSP: non-canonical or not 4-aligned)."""
+    if not _cet_cap(vcpu, index):
+        return KVM_MSR_RET_UNSUPPORTED
+    if index == MSR_IA32_U_CET:
+        if data & CET_US_RESERVED_BITS:
+            return 1
+        if not _guest_leaf7(vcpu, 2, 7) and data & CET_US_SHSTK_MASK_BITS:
+            return 1
+        if not _guest_leaf7(vcpu, 3, 20) and data & CET_US_IBT_MASK_BITS:
+            return 1
+        if (data >> 12) & 3:
+            return 1
+        if data & CET_SUPPRESS and data & CET_WAIT_ENDBR:
+            return 1
+        return 0
+    canonical = data >> 47 in (0, (1 << 17) - 1)
+    if not canonical or data & 3:
+        return 1
+    return 0
+
+
+def kvm_set_xstate_msr(c: Cpu, vcpu: KvmVcpu, index: int, data: int) -> None:
+    """kvm_set_xstate_msr() (x86.h): WRMSR straight into the guest's registers, which must be
+    loaded (KVM_BUG_ON otherwise: the model raises KernelBug)."""
+    _check_loaded(vcpu, index)
+    i, off = XSTATE_MSRS[index]
+    value = bytearray(c.regs.component(i))
+    value[off:off + 8] = data.to_bytes(8, "little")
+    c.regs.set_component(i, bytes(value))
+
+
+def kvm_get_xstate_msr(c: Cpu, vcpu: KvmVcpu, index: int) -> int:
+    """kvm_get_xstate_msr() (x86.h): RDMSR from the loaded guest registers."""
+    _check_loaded(vcpu, index)
+    i, off = XSTATE_MSRS[index]
+    return int.from_bytes(c.regs.component(i)[off:off + 8], "little")
+
+
+def _check_loaded(vcpu: KvmVcpu, index: int) -> None:
+    if not vcpu.arch.guest_fpu.fpstate.in_use:
+        raise KernelBug("kvm-bug-xstate-msr", f"{MODELLED_MSRS[index]} accessed with the guest "
+                        "FPU not loaded (KVM_BUG_ON)")
 
 
 # -- the XSAVE buffer ioctls ----------------------------------------------------------------------
