@@ -1,10 +1,11 @@
 """The XSAVE-family instructions, with the SDM's semantics and faults, one function each.
 
 Models Intel SDM Vol. 1 chapter 13 (13.7 XSAVE, 13.8 XRSTOR, 13.9 XSAVEOPT, 13.10 XSAVEC,
-13.11 XSAVES, 13.12 XRSTORS, 13.14 XFD) and the Vol. 2 pages of XGETBV, XSETBV, FXSAVE and
-FXRSTOR. The register loads, x87, PKRU and AMX instructions that change the same state are in
-`fpstate.x86.insn_regs`; `run_program` (the model's answer to a `Program`) is in
-`fpstate.x86.run`.
+13.11 XSAVES, 13.12 XRSTORS, 13.14 XFD) and the XSAVE-family pages of Vol. 2. FXSAVE/FXRSTOR,
+XGETBV/XSETBV and the register loads, x87, PKRU and AMX instructions are in
+`fpstate.x86.insn_regs`. The end of this module answers whole programs: `run_program` (the
+model's side of `fpstate.x86.program`), with `kernel_switch`/`preemptions` for what a
+preemption between two instructions may change.
 
 Rules of this file:
 - every instruction is a function named after its mnemonic, taking the `Cpu` first; it
