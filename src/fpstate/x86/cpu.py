@@ -212,7 +212,7 @@ class Cpu:
         self.xfd = xfd
         self.xfd_err = 0
         self.cr0_ts = False
-        self.cr4_osxsave = m.has("XSAVE")
+        self.cr4_osxsave = m.has("XSAVE")  # Linux sets CR4.OSXSAVE wherever XSAVE exists
         self.cr4_pke = m.has("PKU")  # Linux's setup_pku() enables CR4.PKE on PKU CPUs
         self.cpl = cpl
         self.xinuse = 0
