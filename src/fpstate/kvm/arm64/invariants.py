@@ -32,6 +32,7 @@ from fpstate.kvm.arm64.kvm_host import (
 )
 from fpstate.kvm.arm64.reset import kvm_arm_vcpu_is_finalized, vcpu_sve_state_size
 from fpstate.kvm.arm64.sys_regs import DESC_BY_NAME, HCRX_EL2_ENFPM, kvm_calculate_traps
+from fpstate.kvm.arm64.uapi import KVM_REG_ARM64_SVE_VLS
 
 SEED = "seed 002 (Marc Zyngier, KVM FPMR review, 2023-12-07)"
 
@@ -295,6 +296,8 @@ def same_advertised_same_registers(src: KvmWorld, src_ctx: str, dst: KvmWorld,
         side = "source" if rid in src_ids else "destination"
         out.append(f"{reg_name(rid)} listed only on the {side}")
     _, saved = _save(src, src_ctx)
+    if dst.vcpu(dst_ctx).sve_finalized:   # the VL set is part of `same_advertised`
+        saved = [(rid, v) for rid, v in saved if rid != KVM_REG_ARM64_SVE_VLS]
     _, failures = restore_vcpu_regs(dst, dst_ctx, saved)
     out += [f"restore of {reg_name(rid)} failed with {ret}" for rid, ret in failures]
     a = guest_accessible(src, src.vcpu(src_ctx))
