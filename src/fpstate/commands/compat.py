@@ -31,7 +31,24 @@ def run_arm64(args: argparse.Namespace) -> int:
     return 0 if report.safe else 1
 
 
-ARCH_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {"arm64": run_arm64}
+def run_x86(args: argparse.Namespace) -> int:
+    """x86: SRC and DST are CPU profiles ('host', bundled names, CPUID dumps); see
+    `fpstate.tools.compat`."""
+    from fpstate.kernel.x86.versions import NEWEST
+    from fpstate.tools.compat import compat_x86
+    from fpstate.tools.compat import format_report as format_x86
+    from fpstate.x86.profiles import load_profile
+
+    report = compat_x86(load_profile(args.src), load_profile(args.dst), args.kernel or NEWEST)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_x86(report) + "\n")
+    return 0 if report.safe else 1
+
+
+ARCH_RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {"arm64": run_arm64,
+                                                                 "x86": run_x86}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lose, what would become visible, and what the destination KVM refuses. Exit 0 if "
         "safe, 1 if not, 2 on bad input.",
     )
-    p.add_argument("--arch", required=True, choices=sorted(ARCH_RUNNERS),
-                   help="architecture of SRC and DST")
+    p.add_argument("--arch", default="x86", choices=sorted(ARCH_RUNNERS),
+                   help="architecture of SRC and DST (default x86)")
     p.add_argument("src", metavar="SRC", help="source: profile name or JSON file")
     p.add_argument("dst", metavar="DST", help="destination: profile name or JSON file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--kernel", metavar="V",
+                   help="x86: the kernel version on both sides (default: the newest modelled)")
     p.add_argument("--variant", choices=sorted(VARIANTS),
                    help="arm64: run a KVM design the seeds rejected (default: upstream)")
     p.set_defaults(run=run)

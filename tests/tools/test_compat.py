@@ -1,0 +1,113 @@
+"""fpstate compat (x86): every pair of bundled profiles, the findings that decide safety, and
+the command's exit statuses."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from fpstate.cli import main
+from fpstate.kernel.x86.sched import Machine
+from fpstate.tools.compat import compat_x86, glibc_xsave_state_size
+from fpstate.x86.profiles import bundled_profile, list_profiles
+
+NAMES = sorted(list_profiles())
+PROFILES = {n: bundled_profile(n) for n in NAMES}
+USER = {n: Machine.boot(p, ncpus=1).system.user.max_features for n, p in PROFILES.items()}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return {(a, b): compat_x86(PROFILES[a], PROFILES[b])
+            for a, b in itertools.product(NAMES, repeat=2)}
+
+
+def _offsets_differ(a: str, b: str) -> bool:
+    pa, pb = PROFILES[a], PROFILES[b]
+    shared = USER[a] & USER[b] & ~0x3
+    return any(pa.component(i).offset != pb.component(i).offset
+               for i in range(64) if shared >> i & 1)
+
+
+def test_every_pair(reports) -> None:
+    """Per pair: the same CPU is safe with nothing lost; a lost user feature makes the process
+    unsafe with a refusal naming it; shared components at other offsets make the guest unsafe
+    and the opaque-buffer VMMs get wrong registers."""
+    for (a, b), r in reports.items():
+        lost = USER[a] & ~USER[b]
+        assert r.user_lost == tuple(i for i in range(64) if lost >> i & 1), (a, b)
+        if a == b:
+            assert r.safe and all(x == y for _, x, y in r.sizes), a
+            continue
+        if lost:
+            assert not r.process_restores, (a, b)
+            refusal = next(f.text for f in r.process if f.text.startswith("state translation"))
+            for i in r.user_lost:
+                assert f"(component {i})" in refusal, (a, b, i)
+            assert not r.guest_restores, (a, b)
+        if _offsets_differ(a, b):
+            assert not r.guest_restores, (a, b)
+            fc = next(f for f in r.vmm if f.who == "Firecracker")
+            assert fc.blocking and ("arrive wrong" in fc.text or "-EINVAL" in fc.text), (a, b)
+        if not lost and not _offsets_differ(a, b):
+            assert r.guest_restores, (a, b)
+        assert r.safe == (r.process_restores and r.guest_restores)
+
+
+def test_amd_to_intel_avx512_layout(reports) -> None:
+    r = reports[("zen4", "sapphire-rapids")]
+    assert "opmask: standard offset 0x340 -> 0x440" in r.layout
+    assert r.process_restores and not r.guest_restores
+    fc = next(f for f in r.vmm if f.who == "Firecracker")
+    assert "KVM_SET_XSAVE of SRC's 4096-byte buffer as it is: 0" in fc.text
+    assert "opmask: 8 of 8 registers" in fc.text
+    assert r.amx_guest_permission.startswith("not needed")
+
+
+def test_amx_guest_to_a_cpu_without_amx(reports) -> None:
+    r = reports[("sapphire-rapids", "zen4")]
+    assert r.guest[0].text == ("KVM_SET_CPUID2 with the guest's (SRC's) leaf 0xD "
+                                            "on DST: -EPERM")
+    assert "its tile state cannot be restored" in r.amx_guest_permission
+    assert dict((k, (x, y)) for k, x, y in r.sizes)["kvm_xsave2_size.guest_perm"] == (11008, 4096)
+    r = reports[("sapphire-rapids", "granite-rapids")]
+    assert r.amx_guest_permission.startswith("needed: DST's VMM must call "
+                                             "ARCH_REQ_XCOMP_GUEST_PERM")
+
+
+def test_glibc_buffer_sized_on_a_smaller_cpu(reports) -> None:
+    """criu#3120: glibc's XSAVEC area is sized at startup; zen2 (AVX) -> Skylake-SP (MPX,
+    AVX-512) writes 2496 bytes into 832."""
+    assert glibc_xsave_state_size(PROFILES["zen2"], USER["zen2"]) == (832, 832)
+    r = reports[("zen2", "skylake-sp")]
+    glibc = [f for f in r.process if f.text.startswith("glibc")]
+    assert glibc and glibc[0].blocking and "writes 2496" in glibc[0].text
+    assert r.guest_restores and not r.safe
+
+
+def test_cli_exit_statuses_and_json(capsys) -> None:
+    assert main(["compat", "zen4", "zen5"]) == 0
+    assert "zen4 -> zen5 (kernel 6.18): SAFE" in capsys.readouterr().out
+    assert main(["compat", "zen4", "haswell", "--json"]) == 1
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["safe"] is False and obj["features"]["user_lost"] == ["opmask", "zmm_hi256",
+                                                                     "hi16_zmm", "pkru"]
+    assert {"registers_lost", "layout_changes", "sizes", "amx_guest_permission", "process",
+            "guest", "vmm"} <= set(obj)
+    assert main(["compat", "zen4", "no-such-cpu"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["compat", "zen4", "zen5", "--kernel", "9.9"]) == 2
+
+
+@pytest.mark.host
+def test_host_to_itself_is_safe(capsys) -> None:
+    from fpstate.errors import HostUnavailable
+    from fpstate.x86.profiles import load_profile
+
+    try:
+        load_profile("host")
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    assert main(["compat", "host", "host"]) == 0
