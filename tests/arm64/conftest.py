@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from fpstate.arm64.cpu import load_profile
-from fpstate.kernel.arm64 import fpsimd as k
+from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kvm.arm64 import arm, guest, reset
 from fpstate.kvm.arm64 import invariants as inv
 from fpstate.kvm.arm64.config import KvmConfig
@@ -41,7 +41,7 @@ def checked(world, steps):
 
 
 def vmm_op(op):
-    return lambda w: w.with_host(k.user_op(w.host, w.vmm_cpu(), op))
+    return lambda w: w.with_host(e.user_op(w.host, w.vmm_cpu(), op))
 
 
 def g(ctx, op, arg=None):

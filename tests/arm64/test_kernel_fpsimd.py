@@ -8,6 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from fpstate.arm64.cpu import load_profile
 from fpstate.arm64.regs import FPSR_STREAMING, ZERO, Tok, sve_regs_size, za_regs_size
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kernel.arm64 import fpsimd as k
 from fpstate.kernel.arm64.state import (
     ARM64_VEC_SME,
@@ -31,11 +32,11 @@ def host(profile="neoverse-v1", tasks=("a", "b"), ncpus=2):
 
 
 def running(h, cpu, name):
-    return k.ret_to_user(k.schedule(h, cpu, name), cpu)
+    return e.ret_to_user(k.schedule(h, cpu, name), cpu)
 
 
 def read(h, cpu, op):
-    h = k.user_op(h, cpu, op)
+    h = e.user_op(h, cpu, op)
     return h, {o.what: o.value for o in h.obs}
 
 
@@ -65,26 +66,26 @@ def test_new_task_has_no_live_state():
 
 def test_context_switch_is_lazy_and_state_follows_its_owner():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     mine = written(h)
-    h = k.interrupt(h, 0)
+    h = e.interrupt(h, 0)
     h = running(h, 0, "b")                  # saves a, b gets its own (zero) state
     assert h.store("thread:a").vregs == mine
     h, seen = read(h, 0, "fpsimd_read")
     assert seen["V"] == ZERO
-    h = k.user_op(h, 0, "fpsimd_write")
-    h = k.interrupt(h, 0)
+    h = e.user_op(h, 0, "fpsimd_write")
+    h = e.interrupt(h, 0)
     h = k.schedule(h, 0, "a")
     assert h.task("a").tif_foreign_fpstate      # fpsimd_last_state is b's
-    h, seen = read(k.ret_to_user(h, 0), 0, "fpsimd_read")
+    h, seen = read(e.ret_to_user(h, 0), 0, "fpsimd_read")
     assert seen["V"] == mine and h.task("a").fpsimd_cpu == 0
 
 
 def test_same_cpu_no_intervening_user_keeps_registers():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     tok = written(h)
-    h = k.schedule(k.interrupt(h, 0), 0, None)         # idle: a kernel thread
+    h = k.schedule(e.interrupt(h, 0), 0, None)         # idle: a kernel thread
     h = k.schedule(h, 0, "a")
     assert not h.task("a").tif_foreign_fpstate          # wrong_task = wrong_cpu = false
     assert h.cpus[0].regs.v == tok
@@ -92,12 +93,12 @@ def test_same_cpu_no_intervening_user_keeps_registers():
 
 def test_moving_to_another_cpu_reloads_from_memory():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     tok = written(h)
-    h = k.schedule(k.interrupt(h, 0), 0, None)
+    h = k.schedule(e.interrupt(h, 0), 0, None)
     h = k.schedule(h, 1, "a")
     assert h.task("a").tif_foreign_fpstate              # wrong_cpu
-    h, seen = read(k.ret_to_user(h, 1), 1, "fpsimd_read")
+    h, seen = read(e.ret_to_user(h, 1), 1, "fpsimd_read")
     assert seen["V"] == tok and h.cpus[1].last.st == "thread:a"
 
 
@@ -105,53 +106,53 @@ def test_stale_binding_on_the_old_cpu_is_not_reused():
     """a runs on CPU 0, then on CPU 1 (writes again), then back on CPU 0 whose
     fpsimd_last_state still names a: only wrong_cpu (fpsimd_cpu == 1) forces the reload."""
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     old = written(h)
-    h = k.schedule(k.interrupt(h, 0), 0, None)
+    h = k.schedule(e.interrupt(h, 0), 0, None)
     h = running(h, 1, "a")
-    h = k.user_op(h, 1, "fpsimd_write")
+    h = e.user_op(h, 1, "fpsimd_write")
     new = written(h)
-    h = k.schedule(k.interrupt(h, 1), 1, None)
+    h = k.schedule(e.interrupt(h, 1), 1, None)
     assert h.cpus[0].last.st == "thread:a" and h.cpus[0].regs.v == old
     h = k.schedule(h, 0, "a")
     assert h.task("a").tif_foreign_fpstate
-    h, seen = read(k.ret_to_user(h, 0), 0, "fpsimd_read")
+    h, seen = read(e.ret_to_user(h, 0), 0, "fpsimd_read")
     assert seen["V"] == new
 
 
 def test_kernel_neon_saves_user_state_and_user_gets_it_back():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     tok = written(h)
-    h = k.syscall_enter(h, 0)
+    h = e.syscall_enter(h, 0)
     h = k.kernel_neon_begin(h, 0)
     assert h.task("a").tif_kernel_fpstate and h.task("a").tif_foreign_fpstate
     assert h.cpus[0].last.st is None and h.store("thread:a").vregs == tok
     h = k.kernel_neon_end(h, 0)
     assert not h.task("a").tif_kernel_fpstate
-    h, seen = read(k.syscall_exit(h, 0), 0, "fpsimd_read")
+    h, seen = read(e.syscall_exit(h, 0), 0, "fpsimd_read")
     assert seen["V"] == tok
 
 
 def test_preemptible_kernel_neon_is_context_switched():
     h = running(host(), 0, "a")
-    h = k.syscall_enter(h, 0)
+    h = e.syscall_enter(h, 0)
     h = k.kernel_neon_begin(h, 0)
     h, ktok = h.fresh("kernel:a")
     h = h.with_regs(0, h.cpus[0].regs.put(V=ktok))
     h = running(h, 0, "b")                      # TIF_KERNEL_FPSTATE: kernel state saved
     assert h.store("kernel:a").vregs == ktok
-    h = k.user_op(h, 0, "fpsimd_write")
-    h = k.schedule(k.interrupt(h, 0), 0, "a")
+    h = e.user_op(h, 0, "fpsimd_write")
+    h = k.schedule(e.interrupt(h, 0), 0, "a")
     assert h.cpus[0].regs.v == ktok             # fpsimd_load_kernel_state()
     h = k.kernel_neon_end(h, 0)
-    h, seen = read(k.syscall_exit(h, 0), 0, "fpsimd_read")
+    h, seen = read(e.syscall_exit(h, 0), 0, "fpsimd_read")
     assert seen["V"] == ZERO                    # a never wrote user V
 
 
 def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():
     h = running(host(), 0, "a")
-    h = k.syscall_enter(h, 0)
+    h = e.syscall_enter(h, 0)
     h = k.kernel_neon_begin(h, 0)
     h, ktok = h.fresh("kernel:a")
     h = h.with_regs(0, h.cpus[0].regs.put(V=ktok))
@@ -161,7 +162,7 @@ def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():
 
 def test_softirq_neon_from_user_mode_returns_through_ret_to_user():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     tok = written(h)
     h = k.kernel_neon(h, 0, softirq=True)
     assert not h.task("a").tif_foreign_fpstate and h.cpus[0].regs.v == tok
@@ -172,10 +173,10 @@ def test_softirq_neon_from_user_mode_returns_through_ret_to_user():
     lambda h: k.kernel_neon_end(h, 0),
     lambda h: k.kernel_neon_end(h, 0, softirq=True),
     lambda h: k.schedule(h, 1, "a"),
-    lambda h: k.syscall_enter(h, 0),
+    lambda h: e.syscall_enter(h, 0),
 ])
 def test_illegal_kernel_events_raise_and_change_nothing(event):
-    h = k.syscall_enter(running(host(), 0, "a"), 0)
+    h = e.syscall_enter(running(host(), 0, "a"), 0)
     before = h
     with pytest.raises(IllegalEvent):
         event(h)
@@ -183,16 +184,16 @@ def test_illegal_kernel_events_raise_and_change_nothing(event):
 
 
 def test_user_op_in_kernel_mode_is_illegal():
-    h = k.syscall_enter(running(host(), 0, "a"), 0)
+    h = e.syscall_enter(running(host(), 0, "a"), 0)
     with pytest.raises(IllegalEvent, match="user_op"):
-        k.user_op(h, 0, "fpsimd_write")
+        e.user_op(h, 0, "fpsimd_write")
     assert h.task("a").mode == "kernel"
 
 
 def test_first_sve_use_traps_and_allocates_for_the_vl():
     h = running(host(), 0, "a")
     assert not h.cpus[0].el0_sve
-    h = k.user_op(h, 0, "sve_write")
+    h = e.user_op(h, 0, "sve_write")
     t, st = h.task("a"), h.store("thread:a")
     assert t.tif_sve and h.cpus[0].el0_sve
     assert st.sve_size == sve_regs_size(2) == 1092      # __sve_state_size(32, 0)
@@ -201,21 +202,21 @@ def test_first_sve_use_traps_and_allocates_for_the_vl():
 
 def test_sve_without_sve_is_sigill():
     h = running(host("neoverse-n1"), 0, "a")
-    h = k.user_op(h, 0, "sve_write")
+    h = e.user_op(h, 0, "sve_write")
     assert h.obs[-1].action == "sigill" and not h.task("a").tif_sve
 
 
 def test_syscall_discards_sve_state_but_keeps_fpsimd():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "sve_write")
+    h = e.user_op(h, 0, "sve_write")
     tok = written(h)
-    h = k.syscall_enter(h, 0)
+    h = e.syscall_enter(h, 0)
     assert h.cpus[0].last.to_save == FP_STATE_FPSIMD
     assert h.cpus[0].regs.zhi == ZERO and h.cpus[0].regs.v == tok
     h = running(h, 0, "b")                        # save during the syscall: FPSIMD format
     assert h.store("thread:a").fp_type == FP_STATE_FPSIMD
-    h = k.schedule(k.interrupt(h, 0), 0, "a")
-    h = k.syscall_exit(h, 0)
+    h = k.schedule(e.interrupt(h, 0), 0, "a")
+    h = e.syscall_exit(h, 0)
     assert not h.task("a").tif_sve and h.cpus[0].last.to_save == FP_STATE_CURRENT
     h, seen = read(h, 0, "sve_read")              # traps again: zeroed non-FPSIMD state
     assert seen == {"V": tok, "ZHI": ZERO, "P": ZERO, "FPSR": tok}
@@ -223,20 +224,20 @@ def test_syscall_discards_sve_state_but_keeps_fpsimd():
 
 def test_sve_state_survives_a_switch_outside_syscalls():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "sve_write")
+    h = e.user_op(h, 0, "sve_write")
     tok = written(h)
-    h = running(k.interrupt(h, 0), 0, "b")
+    h = running(e.interrupt(h, 0), 0, "b")
     st = h.store("thread:a")
     assert (st.fp_type, st.sve_vl, st.sve_zhi) == (FP_STATE_SVE, 32, tok)
-    h = running(k.interrupt(h, 0), 0, "a")
+    h = running(e.interrupt(h, 0), 0, "a")
     h, seen = read(h, 0, "sve_read")
     assert seen == {"V": tok, "ZHI": tok, "P": tok, "FPSR": tok} and h.task("a").tif_sve
 
 
 def test_exec_resets_state_and_vector_lengths():
     h = running(host("fvp-aem-fpmr"), 0, "a")
-    h = k.user_op(k.user_op(h, 0, "sve_write"), 0, "fpmr_write")
-    h, ret = k.prctl_set_vl(k.syscall_enter(h, 0), 0, ARM64_VEC_SVE, 16)
+    h = e.user_op(e.user_op(h, 0, "sve_write"), 0, "fpmr_write")
+    h, ret = k.prctl_set_vl(e.syscall_enter(h, 0), 0, ARM64_VEC_SVE, 16)
     assert ret == 16
     h = k.exec_task(h, 0)
     t = h.task("a")
@@ -246,7 +247,7 @@ def test_exec_resets_state_and_vector_lengths():
 
 
 def test_vl_onexec_and_inherit():
-    h = k.syscall_enter(running(host("fvp-aem-fpmr"), 0, "a"), 0)
+    h = e.syscall_enter(running(host("fvp-aem-fpmr"), 0, "a"), 0)
     h, ret = k.vec_set_vector_length(h, 0, ARM64_VEC_SVE, 16, k.PR_SVE_SET_VL_ONEXEC)
     assert ret == 16 and h.task("a").sve_vl == 64 and h.task("a").sve_vl_onexec == 16
     h = k.exec_task(h, 0)
@@ -269,70 +270,70 @@ def test_vl_onexec_and_inherit():
 ])
 def test_prctl_set_vl(profile, kind, arg, want):
     h = running(host(profile), 0, "a")
-    _, ret = k.prctl_set_vl(k.syscall_enter(h, 0), 0, kind, arg)
+    _, ret = k.prctl_set_vl(e.syscall_enter(h, 0), 0, kind, arg)
     assert ret == want
 
 
 def test_changing_the_live_vl_keeps_fpsimd_zeroes_the_rest():
     h = running(host("fvp-aem-fpmr"), 0, "a")
-    h = k.user_op(h, 0, "sve_write")
+    h = e.user_op(h, 0, "sve_write")
     tok = written(h)
-    h, ret = k.prctl_set_vl(k.syscall_enter(h, 0), 0, ARM64_VEC_SVE, 32)
+    h, ret = k.prctl_set_vl(e.syscall_enter(h, 0), 0, ARM64_VEC_SVE, 32)
     st = h.store("thread:a")
     assert ret == 32 and st.sve_size == sve_regs_size(2) and st.sve_zhi == ZERO
-    h, seen = read(k.syscall_exit(h, 0), 0, "fpsimd_read")
+    h, seen = read(e.syscall_exit(h, 0), 0, "fpsimd_read")
     assert seen["V"] == tok
 
 
 def test_streaming_mode_and_za():
     h = running(host("fvp-aem-fpmr"), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
-    h = k.user_op(h, 0, "smstart_sm")
+    h = e.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "smstart_sm")
     assert h.task("a").tif_sme and h.cpus[0].regs.sm
     h, seen = read(h, 0, "fpsimd_read")
     assert seen == {"V": ZERO, "FPSR": FPSR_STREAMING}
-    h = k.user_op(h, 0, "za_write")
+    h = e.user_op(h, 0, "za_write")
     assert h.obs[-1].action == "sigill"           # ZA not enabled
-    h = k.user_op(k.user_op(h, 0, "smstart_za"), 0, "za_write")
+    h = e.user_op(e.user_op(h, 0, "smstart_za"), 0, "za_write")
     za = written(h)
-    h = k.syscall_enter(h, 0)                     # SM off, ZA kept
+    h = e.syscall_enter(h, 0)                     # SM off, ZA kept
     assert not h.cpus[0].regs.sm and h.cpus[0].regs.za_on
     h = running(h, 0, "b")
     st = h.store("thread:a")
     assert st.za == za and st.svcr == 0b10
     assert st.sme_size == za_regs_size(2) + 512   # SME VL 32 bytes; ZT_SIG_REG_SIZE slack
-    h = running(k.interrupt(h, 0), 0, "a")
+    h = running(e.interrupt(h, 0), 0, "a")
     h, seen = read(h, 0, "za_read")
     assert seen["ZA"] == za
 
 
 def test_streaming_fpsimd_needs_fa64():
     h = running(host("apple-m4"), 0, "a")
-    h = k.user_op(h, 0, "smstart_sm")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "smstart_sm")
+    h = e.user_op(h, 0, "fpsimd_write")
     assert h.obs[-1].action == "sigill"           # M4 has no FA64
-    h = k.user_op(h, 0, "sve_write")              # streaming SVE is fine without SVE
+    h = e.user_op(h, 0, "sve_write")              # streaming SVE is fine without SVE
     assert h.obs[-1].action == "write"
 
 
 def test_fpmr_needs_feat_fpmr_and_is_per_task():
     h = running(host("neoverse-v2"), 0, "a")
-    assert k.user_op(h, 0, "fpmr_write").obs[-1].action == "sigill"
+    assert e.user_op(h, 0, "fpmr_write").obs[-1].action == "sigill"
     h = running(host("fvp-aem-fpmr"), 0, "a")
-    h = k.user_op(h, 0, "fpmr_write")
+    h = e.user_op(h, 0, "fpmr_write")
     tok = written(h)
-    h = running(k.interrupt(h, 0), 0, "b")
+    h = running(e.interrupt(h, 0), 0, "b")
     assert h.store("thread:a").fpmr == tok
     h, seen = read(h, 0, "fpmr_read")
     assert seen["FPMR"] == ZERO
-    h = running(k.interrupt(h, 0), 0, "a")
+    h = running(e.interrupt(h, 0), 0, "a")
     h, seen = read(h, 0, "fpmr_read")
     assert seen["FPMR"] == tok
 
 
 def test_save_at_a_live_vl_other_than_the_bound_one_kills():
     h = running(host("fvp-aem-fpmr"), 0, "a")
-    h = k.user_op(h, 0, "sve_write")                 # TIF_SVE, VL 64
+    h = e.user_op(h, 0, "sve_write")                 # TIF_SVE, VL 64
     last = h.cpus[0].last
     h = k.fpsimd_bind_state_to_cpu(h, 0, Binding(last.st, 32, 0, FP_STATE_SVE, last.st))
     h = k.fpsimd_save_user_state(h, 0)
@@ -381,19 +382,19 @@ class HostMachine(RuleBasedStateMachine):
         cur = self.h.current(cpu)
         if cur.tif_kernel_fpstate:
             self.h = k.kernel_neon_end(self.h, cpu)
-        self.h = (k.syscall_exit if cur.in_syscall else k.ret_to_user)(self.h, cpu)
+        self.h = (e.syscall_exit if cur.in_syscall else e.ret_to_user)(self.h, cpu)
 
     @precondition(lambda self: self._cpus("user"))
     @rule(data=st.data(), syscall=st.booleans())
     def to_kernel(self, data, syscall):
         cpu = data.draw(st.sampled_from(self._cpus("user")))
-        self.h = (k.syscall_enter if syscall else k.interrupt)(self.h, cpu)
+        self.h = (e.syscall_enter if syscall else e.interrupt)(self.h, cpu)
 
     @precondition(lambda self: self._cpus("user"))
-    @rule(data=st.data(), op=st.sampled_from(k.USER_OPS))
+    @rule(data=st.data(), op=st.sampled_from(e.USER_OPS))
     def user(self, data, op):
         cpu = data.draw(st.sampled_from(self._cpus("user")))
-        self.h = k.user_op(self.h, cpu, op)
+        self.h = e.user_op(self.h, cpu, op)
         self._check()
 
     @precondition(lambda self: self._cpus("user", "kernel"))
@@ -427,5 +428,5 @@ TestHostMachine.settings = settings(max_examples=60, stateful_step_count=60, dea
 
 def test_observation_tokens_name_their_writer():
     h = running(host(), 0, "a")
-    h = k.user_op(h, 0, "fpsimd_write")
+    h = e.user_op(h, 0, "fpsimd_write")
     assert isinstance(written(h), Tok) and written(h).writer == "a"

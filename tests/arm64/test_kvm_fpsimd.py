@@ -4,6 +4,7 @@ import pytest
 
 from fpstate.arm64.regs import ZERO
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kernel.arm64 import fpsimd as k
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE
 from fpstate.kvm.arm64 import arm
@@ -122,9 +123,9 @@ def test_preemption_inside_kvm_run(kvm):
     tok = w.host.obs[-1].value
     w = arm.preempt_vcpu(arm.exit_guest(w, c), c, "other")
     assert w.vcpu(c).run == "PREEMPTED" and w.host.store(f"vcpu:{c}").sve_v == tok
-    w = w.with_host(k.ret_to_user(w.host, 0))
-    w = w.with_host(k.user_op(w.host, 0, "sve_write"))     # other uses the registers
-    w = w.with_host(k.interrupt(w.host, 0))
+    w = w.with_host(e.ret_to_user(w.host, 0))
+    w = w.with_host(e.user_op(w.host, 0, "sve_write"))     # other uses the registers
+    w = w.with_host(e.interrupt(w.host, 0))
     w = arm.resume_vcpu(w, c, 0)
     w = guest_op(arm.enter_guest(w, c), c, "fpsimd_read")
     assert obs(w)["V"] == ("read", tok)

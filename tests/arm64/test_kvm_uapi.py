@@ -7,7 +7,7 @@ import pytest
 
 from fpstate.arm64.regs import Tok
 from fpstate.arm64.statemachine import IllegalEvent
-from fpstate.kernel.arm64 import fpsimd as k
+from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kvm.arm64 import arm, guest, reset
 from fpstate.kvm.arm64 import uapi as u
 from fpstate.kvm.arm64.reset import SVE_VCPU_CONFIG_TABLE
@@ -169,7 +169,7 @@ def _drive(kvm, state, ioctl):
     if order.index(state) >= 3:
         w, _ = arm.kvm_run(w, c)
         w = arm.kvm_arch_vcpu_put(w, c)
-        w = w.with_host(k.syscall_exit(w.host, 0))
+        w = w.with_host(e.syscall_exit(w.host, 0))
     if ioctl == "INIT":
         w, ret = reset.kvm_arm_vcpu_init(w, c, frozenset({"SVE"}))
     elif ioctl == "SET_SVE_VLS":

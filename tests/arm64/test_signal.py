@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fpstate.arm64.cpu import load_profile, profile_from_json
 from fpstate.errors import BlobError
+from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kernel.arm64 import fpsimd as k
 from fpstate.kernel.arm64 import signal as sig
 from fpstate.kernel.arm64.signal import SigTask
@@ -160,14 +161,14 @@ def test_parser_only_raises_blob_error(junk, at):
 
 def test_delivery_leaves_streaming_mode_and_za():
     h = k.boot(load_profile("fvp-aem-fpmr"))
-    h = k.ret_to_user(k.schedule(k.spawn(h, "a"), 0, "a"), 0)
+    h = e.ret_to_user(k.schedule(k.spawn(h, "a"), 0, "a"), 0)
     for op in ("fpmr_write", "smstart_sm", "smstart_za", "sve_write", "za_write"):
-        h = k.user_op(h, 0, op)
-    h = k.interrupt(h, 0)
+        h = e.user_op(h, 0, op)
+    h = e.interrupt(h, 0)
     h, lay = sig.deliver_signal(h, 0)
     assert lay.record("sve").size == 1120 and lay.record("za").size == 16 + 1024
     assert lay.record("zt") is not None
     st_ = h.store("thread:a")
     assert st_.svcr == 0 and st_.fp_type == FP_STATE_FPSIMD and st_.fpmr.gen == 0
-    h = k.ret_to_user(h, 0)
+    h = e.ret_to_user(h, 0)
     assert not h.cpus[0].regs.sm and not h.cpus[0].regs.za_on

@@ -15,12 +15,13 @@ Rules this file keeps (the kernel's, from the comment at the top of fpsimd.c)
 
 Theory of operation
 -------------------
-Events are functions ``Host -> Host``, named after the kernel function they model.  User
-instructions are modelled by `user_op` (which takes the SVE/SME access traps exactly where
-the CPACR_EL1 EL0 enables say), preemption by `schedule`, interrupts by `interrupt` /
-`ret_to_user`.  Every context's writes are recorded in ``Host.latest``; every legitimate
-discard (syscall, exec, SMSTOP, VL change) records the value the architecture leaves, so
-the invariants can check that a context reads back exactly its own latest state.
+Events are functions ``Host -> Host``, named after the kernel function they model;
+preemption is `schedule`.  EL0 entry/exit and user instructions (which take the SVE/SME
+access traps exactly where the CPACR_EL1 EL0 enables say) are in
+`fpstate.kernel.arm64.entry_common`.  Every context's writes are recorded in
+``Host.latest``; every legitimate discard (syscall, exec, SMSTOP, VL change) records the
+value the architecture leaves, so the invariants can check that a context reads back
+exactly its own latest state.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import (
     FPMR,
     FPSR,
-    FPSR_STREAMING,
     SVCR_SM,
     SVCR_ZA,
     VL_ARCH_MAX,
@@ -44,7 +44,6 @@ from fpstate.arm64.regs import (
     P,
     V,
     effective_vq,
-    smstart,
     smstop,
     sve_regs_size,
     sve_vl_from_vq,
@@ -69,7 +68,6 @@ from fpstate.kernel.arm64.state import (
     FpStore,
     Host,
     HostCaps,
-    Observation,
     Task,
 )
 
@@ -133,14 +131,16 @@ def _flush_thread(host: Host, name: str) -> Host:
 
 
 # --- small helpers --------------------------------------------------------------------------
-def _cur(host: Host, cpu: int) -> Task:
+def current_task(host: Host, cpu: int) -> Task:
+    """``current`` on ``cpu``; IllegalEvent if the CPU is idle."""
     t = host.current(cpu)
     if t is None:
         raise IllegalEvent("cpu", "idle", "task event", f"no task runs on CPU {cpu}")
     return t
 
 
-def _lifecycle(host: Host, task: Task, event: str) -> Host:
+def task_event(host: Host, task: Task, event: str) -> Host:
+    """Step ``task`` through TASK_LIFECYCLE (IllegalEvent if the event is not allowed)."""
     return host.with_task(replace(task, mode=TASK_LIFECYCLE.step(task.mode, event,
                                                                  f"task {task.name}")))
 
@@ -189,7 +189,7 @@ def fpsimd_flush_cpu_state(host: Host, cpu: int) -> Host:
 def fpsimd_bind_task_to_cpu(host: Host, cpu: int) -> Host:
     """fpsimd_bind_task_to_cpu(): bind current's thread storage, to_save = FP_STATE_CURRENT,
     fpsimd_cpu = this CPU, EL0 SVE/SME traps per TIF_SVE/TIF_SME."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     last = Binding(t.store, t.sve_vl, t.sme_vl, FP_STATE_CURRENT, t.store)
     c = replace(host.cpus[cpu], last=last,
                 el0_sve=t.tif_sve and host.caps.sve, el0_sme=t.tif_sme and host.caps.sme)
@@ -250,12 +250,12 @@ def fpsimd_save_and_flush_current_state(host: Host, cpu: int) -> Host:
     if not host.caps.fpsimd:
         return host
     host = fpsimd_save_user_state(host, cpu)
-    return fpsimd_flush_task_state(host, _cur(host, cpu).name)
+    return fpsimd_flush_task_state(host, current_task(host, cpu).name)
 
 
 def task_fpsimd_load(host: Host, cpu: int) -> Host:
     """task_fpsimd_load(): load current's user state from thread_struct into the registers."""
-    t, caps = _cur(host, cpu), host.caps
+    t, caps = current_task(host, cpu), host.caps
     st = host.store(t.store)
     regs = host.cpus[cpu].regs
     restore_sve = False
@@ -289,7 +289,7 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
 
 def fpsimd_restore_current_state(host: Host, cpu: int) -> Host:
     """fpsimd_restore_current_state(): on return to user, load and bind if TIF_FOREIGN."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     if not host.caps.fpsimd:
         return host.with_task(replace(t, tif_foreign_fpstate=False))
     if t.tif_foreign_fpstate:
@@ -320,7 +320,7 @@ def fpsimd_load_kernel_state(host: Host, cpu: int, name: str) -> Host:
 def kernel_neon_begin(host: Host, cpu: int, softirq: bool = False) -> Host:
     """kernel_neon_begin(): save whatever the binding names (maybe a vCPU), mark
     TIF_KERNEL_FPSTATE in task context, then flush the CPU."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     c = host.cpus[cpu]
     if softirq and c.in_softirq_neon:
         raise IllegalEvent("kernel-neon", "softirq", "kernel_neon_begin",
@@ -341,7 +341,7 @@ def kernel_neon_begin(host: Host, cpu: int, softirq: bool = False) -> Host:
 def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
     """kernel_neon_end(): a softirq that interrupted task kernel NEON restores the task's
     kernel state; otherwise TIF_KERNEL_FPSTATE is cleared."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     if softirq:
         if not host.cpus[cpu].in_softirq_neon:
             raise IllegalEvent("kernel-neon", "idle", "kernel_neon_end(softirq)")
@@ -357,7 +357,7 @@ def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
 def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
     """kernel_neon_begin(); NEON code clobbers V/FPSR; kernel_neon_end().  A softirq taken
     from user mode returns through ret_to_user, which reloads the task's state."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     host = kernel_neon_begin(host.clear_obs(), cpu, softirq)
     writer = f"softirq:{cpu}" if softirq else f"kernel:{t.name}"
     host, tok = host.fresh(writer)
@@ -401,61 +401,18 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
         if n.mode not in (TASK_NEW, TASK_SLEEPING):
             raise IllegalEvent("task", n.mode, "schedule_in", f"{nxt} is already running")
     if prev is not None:
-        host = _lifecycle(host, prev, "schedule_out")
+        host = task_event(host, prev, "schedule_out")
     host = fpsimd_thread_switch(host, cpu, nxt)
     host = host.with_cpu(replace(host.cpus[cpu], current=nxt))
     if nxt is not None:
-        host = _lifecycle(host, host.task(nxt), "schedule_in")
-    return host
-
-
-def ret_to_user(host: Host, cpu: int) -> Host:
-    """exit_to_user_mode(): do_notify_resume() -> fpsimd_restore_current_state()."""
-    t = _cur(host, cpu)
-    host = _lifecycle(host.clear_obs(), t, "ret_to_user")
-    return fpsimd_restore_current_state(host, cpu)
-
-
-def interrupt(host: Host, cpu: int) -> Host:
-    """An IRQ taken from user mode: the task enters the kernel (registers stay live)."""
-    return _lifecycle(host.clear_obs(), _cur(host, cpu), "interrupt")
-
-
-def syscall_enter(host: Host, cpu: int) -> Host:
-    """el0_svc: fpsimd_syscall_enter(): SMSTOP SM; with TIF_SVE zero Z[VL-1:128], P, FFR;
-    to_save = FP_STATE_FPSIMD so that a later save may discard the SVE state lazily."""
-    t = _cur(host, cpu)
-    host = _lifecycle(host.clear_obs(), t, "syscall")
-    t = replace(host.task(t.name), in_syscall=True)
-    host = host.with_task(t)
-    regs = host.cpus[cpu].regs
-    if host.caps.sme and regs.sm:
-        host = host.with_regs(cpu, smstop(regs, True, False))
-        host = host.expect(t.name, {V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
-    if not host.caps.sve:
-        return host
-    if t.tif_sve:
-        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, zhi=ZERO, p=ZERO))
-        host = host.expect(t.name, {ZHI: ZERO, P: ZERO})
-    c = host.cpus[cpu]
-    return host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_FPSIMD)))
-
-
-def syscall_exit(host: Host, cpu: int) -> Host:
-    """Return from a syscall: ret_to_user, then fpsimd_syscall_exit() (to_save = CURRENT)."""
-    host = ret_to_user(host, cpu)
-    t = _cur(host, cpu)
-    host = host.with_task(replace(t, in_syscall=False))
-    if host.caps.sve:
-        c = host.cpus[cpu]
-        host = host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_CURRENT)))
+        host = task_event(host, host.task(nxt), "schedule_in")
     return host
 
 
 def exec_task(host: Host, cpu: int) -> Host:
     """execve() of current: flush_thread() -> fpsimd_flush_thread()."""
-    t = _cur(host, cpu)
-    host = _lifecycle(host.clear_obs(), t, "kernel_op")
+    t = current_task(host, cpu)
+    host = task_event(host.clear_obs(), t, "kernel_op")
     return _flush_thread(host, t.name)
 
 
@@ -483,7 +440,7 @@ def sme_alloc(host: Host, name: str, flush: bool) -> Host:
 def do_sve_acc(host: Host, cpu: int) -> Host:
     """do_sve_acc(): first SVE use: allocate sve_state, set TIF_SVE, zero the non-FPSIMD
     part live (sve_flush_live) or in memory (fpsimd_to_sve), then bind."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     host = sve_alloc(host, t.name, True)
     t = replace(host.task(t.name), tif_sve=True)
     host = host.with_task(t).expect(t.name, {ZHI: ZERO, P: ZERO})
@@ -500,7 +457,7 @@ def do_sve_acc(host: Host, cpu: int) -> Host:
 def do_sme_acc(host: Host, cpu: int) -> Host:
     """do_sme_acc() for an 'SME disabled' trap: allocate both buffers, set TIF_SME, set the
     SME VL and bind (the live state is current's: SM and ZA are still off)."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     host = sme_alloc(sve_alloc(host, t.name, False), t.name, True)
     t = replace(host.task(t.name), tif_sme=True)
     host = host.with_task(t)
@@ -510,82 +467,11 @@ def do_sme_acc(host: Host, cpu: int) -> Host:
     return fpsimd_flush_task_state(host, t.name)
 
 
-USER_OPS = ("fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "smstart_sm",
-            "smstart_za", "smstop", "za_write", "za_read", "zt0_write", "zt0_read",
-            "fpmr_write", "fpmr_read")
-
-
-def user_op(host: Host, cpu: int, op: str) -> Host:
-    """Current executes one FP instruction at EL0; faults become SIGILL observations."""
-    t = _cur(host, cpu)
-    if op not in USER_OPS:
-        raise IllegalEvent("user", t.mode, op, f"unknown user op (known: {USER_OPS})")
-    host = _lifecycle(host.clear_obs(), t, "user_op")
-    assert not t.tif_foreign_fpstate, "user mode without live registers"
-    caps, name = host.caps, t.name
-    regs = host.cpus[cpu].regs
-    group, verb = op.rsplit("_", 1) if "_" in op and op != "smstop" else (op, "")
-
-    def sigill(feature: str) -> Host:
-        return host.observe(Observation(name, op, feature, "sigill"))
-
-    if group == "fpsimd":
-        if not caps.fpsimd or (regs.sm and not caps.fa64):
-            return sigill("FP")
-        return _rw(host, cpu, name, verb, {V: None, ZHI: ZERO, FPSR: None}, "FP")
-    if group == "sve":
-        if not regs.sm:
-            if not caps.sve:
-                return sigill("SVE")
-            if not host.cpus[cpu].el0_sve:
-                host = do_sve_acc(host, cpu)
-        return _rw(host, cpu, name, verb, {V: None, ZHI: None, P: None, FPSR: None}, "SVE")
-    if group == "fpmr":
-        if not caps.fpmr:
-            return sigill("FPMR")
-        return _rw(host, cpu, name, verb, {FPMR: None}, "FPMR")
-    # SME: SMSTART/SMSTOP, ZA and ZT0
-    feature = "SME2" if group == "zt0" else "SME"
-    if not caps.sme or (group == "zt0" and not caps.sme2):
-        return sigill(feature)
-    if not host.cpus[cpu].el0_sme:
-        host = do_sme_acc(host, cpu)
-    regs = host.cpus[cpu].regs
-    if group in ("za", "zt0"):
-        if not regs.za_on:
-            return host.observe(Observation(name, op, feature, "sigill"))
-        return _rw(host, cpu, name, verb, {ZA if group == "za" else ZT0: None}, feature)
-    if op == "smstop":
-        new = smstop(regs, True, True)
-    else:
-        new = smstart(regs, sm=(op == "smstart_sm"), za=(op == "smstart_za"))
-    expect = {}
-    if new.sm != regs.sm:
-        expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
-    if new.za_on and not regs.za_on:
-        expect.update({ZA: ZERO, ZT0: ZERO})
-    host = host.with_regs(cpu, new).expect(name, expect)
-    return host.observe(Observation(name, "SVCR", "SME", "write", new.svcr))
-
-
-def _rw(host: Host, cpu: int, ctx: str, verb: str, comps: dict[str, object],
-        feature: str) -> Host:
-    """Read each component of ``comps``, or write a fresh token (or the given value)."""
-    regs = host.cpus[cpu].regs
-    if verb == "read":
-        return host.observe(*(Observation(ctx, c, feature, "read", regs.get(c))
-                              for c in comps if comps[c] is None))
-    host, tok = host.fresh(ctx)
-    values = {c: (tok if v is None else v) for c, v in comps.items()}
-    host = host.with_regs(cpu, regs.put(**values)).expect(ctx, values)
-    return host.observe(Observation(ctx, next(iter(comps)), feature, "write", tok))
-
-
 # --- vector length control (prctl) -------------------------------------------------------------
 def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
                           flags: int) -> tuple[Host, int]:
     """vec_set_vector_length() for current, then vec_prctl_status(); -errno on error."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     info = host.caps.vl_info(kind)
     if info is None:
         return host, -EINVAL
@@ -611,7 +497,7 @@ def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int) -> Host
     """change_live_vector_length(): save and flush, keep PSTATE.SM and the effective FPSIMD
     state, zero the other SVE state, reallocate; an SME VL change also discards ZA."""
     host = fpsimd_save_and_flush_current_state(host, cpu)
-    t = host.task(_cur(host, cpu).name)
+    t = host.task(current_task(host, cpu).name)
     st = host.store(t.store)
     sm = bool(st.svcr & SVCR_SM)
     vregs = st.sve_v if st.fp_type == FP_STATE_SVE else st.vregs  # sync_from_effective_state
@@ -629,15 +515,15 @@ def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int) -> Host
 
 def prctl_set_vl(host: Host, cpu: int, kind: str, arg: int) -> tuple[Host, int]:
     """PR_SVE_SET_VL / PR_SME_SET_VL: sve_set_current_vl() / sme_set_current_vl()."""
-    t = _cur(host, cpu)
-    host = _lifecycle(host.clear_obs(), t, "kernel_op")
+    t = current_task(host, cpu)
+    host = task_event(host.clear_obs(), t, "kernel_op")
     vl, flags = arg & PR_SVE_VL_LEN_MASK, arg & ~PR_SVE_VL_LEN_MASK
     return vec_set_vector_length(host, cpu, kind, vl, flags)
 
 
 def prctl_get_vl(host: Host, cpu: int, kind: str) -> int:
     """PR_SVE_GET_VL / PR_SME_GET_VL."""
-    t = _cur(host, cpu)
+    t = current_task(host, cpu)
     if host.caps.vl_info(kind) is None:
         return -EINVAL
     vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl

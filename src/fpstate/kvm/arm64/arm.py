@@ -19,6 +19,7 @@ import errno
 from dataclasses import replace
 
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64.state import TASK_KERNEL
 from fpstate.kvm.arm64.fpsimd import (
@@ -75,10 +76,10 @@ def kvm_arch_vcpu_put(world: KvmWorld, ctx: str, preempt: bool = False) -> KvmWo
 def kvm_run(world: KvmWorld, ctx: str) -> tuple[KvmWorld, int]:
     """KVM_RUN entry: the VMM (in user mode) makes the syscall; first-run checks; load."""
     cpu = world.vmm_cpu()
-    host = host_fpsimd.syscall_enter(world.host, cpu)
+    host = entry_common.syscall_enter(world.host, cpu)
     world, ret = kvm_arch_vcpu_run_pid_change(world.with_host(host), ctx)
     if ret:
-        return world.with_host(host_fpsimd.syscall_exit(world.host, cpu)), ret
+        return world.with_host(entry_common.syscall_exit(world.host, cpu)), ret
     return kvm_arch_vcpu_load(world, ctx, cpu), 0
 
 
@@ -109,7 +110,7 @@ def return_to_user(world: KvmWorld, ctx: str) -> KvmWorld:
     cpu = world.vcpu(ctx).cpu
     assert cpu is not None
     world = kvm_arch_vcpu_put(world, ctx)
-    return world.with_host(host_fpsimd.syscall_exit(world.host, cpu))
+    return world.with_host(entry_common.syscall_exit(world.host, cpu))
 
 
 def host_softirq_neon(world: KvmWorld, ctx: str) -> KvmWorld:

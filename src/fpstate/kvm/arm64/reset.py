@@ -18,7 +18,7 @@ from dataclasses import replace
 from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import ZERO, sve_regs_size, sve_vq_from_vl
 from fpstate.arm64.statemachine import IllegalEvent
-from fpstate.kernel.arm64 import fpsimd
+from fpstate.kernel.arm64 import entry_common, fpsimd
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FpStore
 from fpstate.kvm.arm64.config import KvmConfig
 from fpstate.kvm.arm64.kvm_host import (
@@ -39,7 +39,7 @@ def kvm_init(profile: CpuProfile, config: KvmConfig | None = None, ncpus: int = 
     """Boot the host, start the VMM task in user mode on CPU 0 (kvm_arm_init())."""
     host = fpsimd.boot(profile, ncpus)
     host = fpsimd.spawn(host, vmm)
-    host = fpsimd.ret_to_user(fpsimd.schedule(host, 0, vmm), 0)
+    host = entry_common.ret_to_user(fpsimd.schedule(host, 0, vmm), 0)
     return KvmWorld(host, config or KvmConfig(), tuple(HypCpu() for _ in range(ncpus)), vmm)
 
 

@@ -1,0 +1,143 @@
+"""EL0 entry and exit for FP state: arch/arm64/kernel/entry-common.c (v6.17), and the
+instructions a user task executes (the CPU side: where CPACR_EL1's EL0 enables trap).
+
+* el0_svc: fpsimd_syscall_enter() on the way in (SMSTOP SM; with TIF_SVE zero the non-FPSIMD
+  SVE state; to_save = FP_STATE_FPSIMD so a save during the syscall may discard SVE state),
+  exit_to_user_mode() -> fpsimd_restore_current_state() and fpsimd_syscall_exit()
+  (to_save = FP_STATE_CURRENT) on the way out.
+* an IRQ from EL0 enters the kernel without touching FP state and returns through
+  exit_to_user_mode() like a syscall.
+* `user_op`: one EL0 FP/SVE/SME/FPMR instruction of the current task.  An SVE instruction
+  with CPACR_EL1.ZEN's EL0 enable clear traps to do_sve_acc(), SME to do_sme_acc(); an
+  instruction of a feature the system lacks, an AdvSIMD one in streaming mode without FA64,
+  or a ZA/ZT0 access with PSTATE.ZA clear is a SIGILL (recorded as an observation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fpstate.arm64.regs import FPMR, FPSR, FPSR_STREAMING, ZA, ZERO, ZHI, ZT0, P, V, smstart, smstop
+from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.kernel.arm64.fpsimd import (
+    current_task,
+    do_sme_acc,
+    do_sve_acc,
+    fpsimd_restore_current_state,
+    task_event,
+)
+from fpstate.kernel.arm64.state import FP_STATE_CURRENT, FP_STATE_FPSIMD, Host, Observation
+
+
+def ret_to_user(host: Host, cpu: int) -> Host:
+    """exit_to_user_mode(): do_notify_resume() -> fpsimd_restore_current_state()."""
+    t = current_task(host, cpu)
+    host = task_event(host.clear_obs(), t, "ret_to_user")
+    return fpsimd_restore_current_state(host, cpu)
+
+
+def interrupt(host: Host, cpu: int) -> Host:
+    """An IRQ taken from user mode: the task enters the kernel (registers stay live)."""
+    return task_event(host.clear_obs(), current_task(host, cpu), "interrupt")
+
+
+def syscall_enter(host: Host, cpu: int) -> Host:
+    """el0_svc: fpsimd_syscall_enter(): SMSTOP SM; with TIF_SVE zero Z[VL-1:128], P, FFR;
+    to_save = FP_STATE_FPSIMD so that a later save may discard the SVE state lazily."""
+    t = current_task(host, cpu)
+    host = task_event(host.clear_obs(), t, "syscall")
+    t = replace(host.task(t.name), in_syscall=True)
+    host = host.with_task(t)
+    regs = host.cpus[cpu].regs
+    if host.caps.sme and regs.sm:
+        host = host.with_regs(cpu, smstop(regs, True, False))
+        host = host.expect(t.name, {V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+    if not host.caps.sve:
+        return host
+    if t.tif_sve:
+        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, zhi=ZERO, p=ZERO))
+        host = host.expect(t.name, {ZHI: ZERO, P: ZERO})
+    c = host.cpus[cpu]
+    return host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_FPSIMD)))
+
+
+def syscall_exit(host: Host, cpu: int) -> Host:
+    """Return from a syscall: ret_to_user, then fpsimd_syscall_exit() (to_save = CURRENT)."""
+    host = ret_to_user(host, cpu)
+    t = current_task(host, cpu)
+    host = host.with_task(replace(t, in_syscall=False))
+    if host.caps.sve:
+        c = host.cpus[cpu]
+        host = host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_CURRENT)))
+    return host
+
+
+USER_OPS = ("fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "smstart_sm",
+            "smstart_za", "smstop", "za_write", "za_read", "zt0_write", "zt0_read",
+            "fpmr_write", "fpmr_read")
+
+
+def user_op(host: Host, cpu: int, op: str) -> Host:
+    """Current executes one FP instruction at EL0; faults become SIGILL observations."""
+    t = current_task(host, cpu)
+    if op not in USER_OPS:
+        raise IllegalEvent("user", t.mode, op, f"unknown user op (known: {USER_OPS})")
+    host = task_event(host.clear_obs(), t, "user_op")
+    assert not t.tif_foreign_fpstate, "user mode without live registers"
+    caps, name = host.caps, t.name
+    regs = host.cpus[cpu].regs
+    group, verb = op.rsplit("_", 1) if "_" in op and op != "smstop" else (op, "")
+
+    def sigill(feature: str) -> Host:
+        return host.observe(Observation(name, op, feature, "sigill"))
+
+    if group == "fpsimd":
+        if not caps.fpsimd or (regs.sm and not caps.fa64):
+            return sigill("FP")
+        return _rw(host, cpu, name, verb, {V: None, ZHI: ZERO, FPSR: None}, "FP")
+    if group == "sve":
+        if not regs.sm:
+            if not caps.sve:
+                return sigill("SVE")
+            if not host.cpus[cpu].el0_sve:
+                host = do_sve_acc(host, cpu)
+        return _rw(host, cpu, name, verb, {V: None, ZHI: None, P: None, FPSR: None}, "SVE")
+    if group == "fpmr":
+        if not caps.fpmr:
+            return sigill("FPMR")
+        return _rw(host, cpu, name, verb, {FPMR: None}, "FPMR")
+    # SME: SMSTART/SMSTOP, ZA and ZT0
+    feature = "SME2" if group == "zt0" else "SME"
+    if not caps.sme or (group == "zt0" and not caps.sme2):
+        return sigill(feature)
+    if not host.cpus[cpu].el0_sme:
+        host = do_sme_acc(host, cpu)
+    regs = host.cpus[cpu].regs
+    if group in ("za", "zt0"):
+        if not regs.za_on:
+            return host.observe(Observation(name, op, feature, "sigill"))
+        return _rw(host, cpu, name, verb, {ZA if group == "za" else ZT0: None}, feature)
+    if op == "smstop":
+        new = smstop(regs, True, True)
+    else:
+        new = smstart(regs, sm=(op == "smstart_sm"), za=(op == "smstart_za"))
+    expect = {}
+    if new.sm != regs.sm:
+        expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+    if new.za_on and not regs.za_on:
+        expect.update({ZA: ZERO, ZT0: ZERO})
+    host = host.with_regs(cpu, new).expect(name, expect)
+    return host.observe(Observation(name, "SVCR", "SME", "write", new.svcr))
+
+
+def _rw(host: Host, cpu: int, ctx: str, verb: str, comps: dict[str, object],
+        feature: str) -> Host:
+    """Read each component of ``comps``, or write a fresh token (or the given value)."""
+    regs = host.cpus[cpu].regs
+    if verb == "read":
+        return host.observe(*(Observation(ctx, c, feature, "read", regs.get(c))
+                              for c in comps if comps[c] is None))
+    host, tok = host.fresh(ctx)
+    values = {c: (tok if v is None else v) for c, v in comps.items()}
+    host = host.with_regs(cpu, regs.put(**values)).expect(ctx, values)
+    return host.observe(Observation(ctx, next(iter(comps)), feature, "write", tok))
