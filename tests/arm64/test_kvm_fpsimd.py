@@ -4,19 +4,21 @@ import pytest
 
 from fpstate.arm64.regs import ZERO
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.errors import FpstateError
 from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kernel.arm64 import fpsimd as k
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE
 from fpstate.kvm.arm64 import arm
 from fpstate.kvm.arm64 import fpsimd as kf
 from fpstate.kvm.arm64.config import KvmConfig
+from fpstate.kvm.arm64.guest import kvm_arm_get_reg
 from fpstate.kvm.arm64.handle_exit import guest_op
 from fpstate.kvm.arm64.kvm_host import (
     FP_STATE_FREE,
     FP_STATE_GUEST_OWNED,
     FP_STATE_HOST_OWNED,
 )
-from fpstate.kvm.arm64.sys_regs import HCRX_EL2_ENFPM, HCRX_EL2_SMPME
+from fpstate.kvm.arm64.sys_regs import HCRX_EL2_ENFPM, HCRX_EL2_SMPME, sysreg_one_reg_id
 
 
 def obs(w):
@@ -183,8 +185,6 @@ def test_hidden_fpmr_slot_is_written_but_never_observable(kvm):
     w = guest_op(kvm.run(c)(w), c, "fpsimd_write")
     w = kvm.leave(c)(w)
     assert w.host.store(f"vcpu:{c}").fpmr.writer == "vmm"
-    from fpstate.kvm.arm64.guest import kvm_arm_get_reg
-    from fpstate.kvm.arm64.sys_regs import sysreg_one_reg_id
     _, ret, _ = kvm_arm_get_reg(w, c, sysreg_one_reg_id("FPMR"))
     assert ret == -2
     w = guest_op(kvm.run(c)(w), c, "fpmr_read")
@@ -250,7 +250,6 @@ def test_upstream_state_is_clean_after_a_full_run(kvm):
 
 
 def test_config_rejects_unknown_variants():
-    from fpstate.errors import FpstateError
     with pytest.raises(FpstateError, match="unknown KVM arm64 variant"):
         KvmConfig("fpmr-everywhere")
 
@@ -259,3 +258,12 @@ def test_vcpu_store_starts_zeroed(kvm):
     w, c = kvm.make_vm()
     st = w.host.store(f"vcpu:{c}")
     assert (st.vregs, st.sve_v, st.fpmr, st.sve_size) == (ZERO, ZERO, ZERO, 2184)
+
+
+def test_worlds_are_hashable_values(kvm):
+    """The checker hashes states: equal histories give equal, hashable worlds."""
+    a, c = kvm.make_vm()
+    b, _ = kvm.make_vm()
+    assert a == b and hash(a) == hash(b)
+    a2 = guest_op(kvm.run(c)(a), c, "fpsimd_write")
+    assert a2 != a and len({a, b, a2}) == 2

@@ -88,3 +88,14 @@ def test_components_have_features():
     assert set(r.COMPONENT_FEATURE) == set(r.COMPONENTS)
     assert r.COMPONENT_FEATURE["FPMR"] == "FPMR" and r.COMPONENT_FEATURE["ZHI"] == "SVE"
     assert str(Tok("vm0/0", 3)) == "vm0/0#3" and str(FPSR_STREAMING) == "arch#0x800009f"
+
+
+def test_ptrace_regset_sizes():
+    # SVE_PT_SIZE: 16-byte header, Z/P/FFR at the VL, FPSR/FPCR 16-byte aligned after FFR.
+    assert r.sve_pt_fpsr_offset(1) == 576
+    assert r.sve_pt_size(1, r.SVE_PT_REGS_SVE) == 592
+    assert r.sve_pt_size(2, r.SVE_PT_REGS_SVE) == 1136
+    assert r.sve_pt_size(4, r.SVE_PT_REGS_SVE) == 2224
+    assert r.sve_pt_size(4, r.SVE_PT_REGS_FPSIMD) == 16 + 528
+    assert r.za_pt_size(0) == 16 and r.za_pt_size(2) == 16 + 1024
+    assert (r.SVE_PT_VL_INHERIT, r.SVE_PT_VL_ONEXEC) == (2, 4)

@@ -137,6 +137,35 @@ def unpack_user_fpsimd_state(blob: bytes) -> tuple[tuple[int, ...], int, int]:
     return vregs, fpsr, fpcr
 
 
+# --- ptrace regsets (uapi/asm/ptrace.h): NT_ARM_SVE / NT_ARM_SSVE, NT_ARM_ZA -----------------
+USER_SVE_HEADER_SIZE = 16          #: struct user_sve_header / user_za_header
+SVE_PT_REGS_FPSIMD, SVE_PT_REGS_SVE = 0, 1
+SVE_PT_VL_INHERIT, SVE_PT_VL_ONEXEC = (1 << 17) >> 16, (1 << 18) >> 16
+
+
+def _round16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def sve_pt_fpsr_offset(vq: int) -> int:
+    """SVE_PT_SVE_FPSR_OFFSET(vq): after FFR, 16-byte aligned (FPCR follows at +4)."""
+    return _round16(USER_SVE_HEADER_SIZE + sve_ffr_offset(vq) + sve_ffr_size(vq))
+
+
+def sve_pt_size(vq: int, flags: int) -> int:
+    """SVE_PT_SIZE(vq, flags): header plus the SVE payload (Z, P, FFR, FPSR, FPCR) or the
+    user_fpsimd_state payload."""
+    if flags & SVE_PT_REGS_SVE:
+        body = sve_pt_fpsr_offset(vq) + 4 + 4 - USER_SVE_HEADER_SIZE
+        return USER_SVE_HEADER_SIZE + _round16(body)
+    return USER_SVE_HEADER_SIZE + USER_FPSIMD_STATE_SIZE
+
+
+def za_pt_size(vq: int) -> int:
+    """ZA_PT_SIZE(vq): header plus ZA (vq=0: header only, ZA disabled)."""
+    return USER_SVE_HEADER_SIZE + za_regs_size(vq)
+
+
 # --- system register encodings (Arm ARM; Linux sys_reg()) ---------------------------------
 @dataclass(frozen=True, slots=True)
 class SysRegEnc:
