@@ -538,3 +538,17 @@ def sve_max_vl(host: Host) -> int:
 def sme_max_vl(host: Host) -> int:
     return host.caps.sme_vl.max_vl if host.caps.sme_vl else 0
 
+
+
+#: EL0 entry/exit and user instructions live in entry_common.py (entry-common.c); these names
+#: were importable from here first and stay reachable for callers written against that.
+_IN_ENTRY_COMMON = frozenset({"ret_to_user", "interrupt", "syscall_enter", "syscall_exit",
+                              "user_op", "USER_OPS"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _IN_ENTRY_COMMON:
+        from fpstate.kernel.arm64 import entry_common  # imported late: it imports this module
+
+        return getattr(entry_common, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
