@@ -1,0 +1,435 @@
+"""The arm64 host and KVM/arm64 models under the checker (helper E's models).
+
+The model is immutable (`fpstate.kvm.arm64.kvm_host.KvmWorld` over
+`fpstate.kernel.arm64.state.Host`): every event is a function from a world to a new world, an
+event the modelled code could never see raises the model's `IllegalEvent` and changes nothing.
+This world holds the current `KvmWorld`, turns actions into those functions
+(kernel/arm64/fpsimd.py, kvm/arm64/{arm,handle_exit,reset,sys_regs}.py) and keys states by
+their content with token generations ranked (fpstate.check.statekey).
+
+The contract of what each context should read back lives in the model itself
+(``Host.latest``: every write and every architectural discard records it), so this world adds
+no bookkeeping of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+from fpstate.arm64.cpu import load_profile
+from fpstate.arm64.idregs import reg_def
+from fpstate.arm64.regs import COMPONENTS
+from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.check.world import (
+    WHERE_BOTH,
+    WHERE_MEMORY,
+    WHERE_REGS,
+    Action,
+    ActionSpec,
+    ContextView,
+    CpuView,
+    FieldSpec,
+    Frame,
+    StepError,
+    Value,
+    Violation,
+    World,
+)
+from fpstate.kernel.arm64 import fpsimd as host_fpsimd
+from fpstate.kernel.arm64.state import TASK_USER
+from fpstate.kvm.arm64 import arm, reset, sys_regs
+from fpstate.kvm.arm64.config import UPSTREAM, KvmConfig
+from fpstate.kvm.arm64.handle_exit import GUEST_OPS, guest_op
+from fpstate.kvm.arm64.kvm_host import (
+    FP_STATE_GUEST_OWNED,
+    KVM_ARM_VCPU_SVE,
+    VCPU_IN_GUEST,
+    VCPU_LOADED,
+    VCPU_OUT,
+    VCPU_PREEMPTED,
+    KvmWorld,
+)
+
+_VCPU = FieldSpec(str, "a vCPU context (<vm>/<n>)")
+_TASK = FieldSpec(str, "a host task (vmm, or one of config.tasks)")
+_CPU = FieldSpec(int, "a CPU number")
+USER_OPS = host_fpsimd.USER_OPS
+
+ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
+    ActionSpec("run", "schedule a host task on a CPU and return it to user mode (the task "
+               "there, in user mode, is interrupted and scheduled out)",
+               {"task": _TASK, "cpu": _CPU}),
+    ActionSpec("idle", "the CPU's task is interrupted and the CPU goes idle", {"cpu": _CPU}),
+    ActionSpec("user_op", f"the task executes an FP instruction at EL0 ({', '.join(USER_OPS)})",
+               {"task": _TASK, "op": FieldSpec(str, "the instruction", choices=USER_OPS)}),
+    ActionSpec("syscall", "a system call (fpsimd_syscall_enter/exit)", {"task": _TASK}),
+    ActionSpec("kernel_neon", "a softirq on the CPU uses kernel-mode NEON", {"cpu": _CPU}),
+    ActionSpec("vcpu_init", "KVM_ARM_VCPU_INIT (kvm_reset_vcpu)", {
+        "vcpu": _VCPU, "sve": FieldSpec(bool, "KVM_ARM_VCPU_SVE", required=False,
+                                        default=False)}),
+    ActionSpec("finalize", "KVM_ARM_VCPU_FINALIZE(SVE)", {"vcpu": _VCPU}),
+    ActionSpec("hide_fpmr", "KVM_SET_ONE_REG ID_AA64PFR2_EL1 with FPMR = 0 (the VMM does not "
+               "advertise FPMR to this VM)", {"vcpu": _VCPU}),
+    ActionSpec("get_reg", "KVM_GET_ONE_REG of a system register (FPMR, ZCR_EL1, SVCR...)",
+               {"vcpu": _VCPU, "reg": FieldSpec(str, "the register name")}),
+    ActionSpec("set_reg", "KVM_SET_ONE_REG of FPMR with a value the VMM writes",
+               {"vcpu": _VCPU, "reg": FieldSpec(str, "FPMR", choices=("FPMR",))}),
+    ActionSpec("kvm_run", "KVM_RUN: the VMM enters the kernel and loads the vCPU",
+               {"vcpu": _VCPU}),
+    ActionSpec("enter_guest", "flush, traps, lazy switch, ERET to the guest", {"vcpu": _VCPU}),
+    ActionSpec("guest_op", f"the guest executes an FP operation ({', '.join(GUEST_OPS)})",
+               {"vcpu": _VCPU, "op": FieldSpec(str, "the operation", choices=tuple(GUEST_OPS)),
+                "arg": FieldSpec(str, "ZCR_EL1.LEN or ID register name", required=False)}),
+    ActionSpec("exit_guest", "a guest exit handled in the host", {"vcpu": _VCPU}),
+    ActionSpec("return_to_user", "KVM_RUN returns to the VMM (vcpu_put, syscall exit)",
+               {"vcpu": _VCPU}),
+    ActionSpec("preempt_vcpu", "the VMM is preempted inside KVM_RUN (preempt notifier put)",
+               {"vcpu": _VCPU, "next": FieldSpec(str, "the host task to run, or idle",
+                                                 required=False, default="idle")}),
+    ActionSpec("resume_vcpu", "the VMM is scheduled back in inside KVM_RUN",
+               {"vcpu": _VCPU, "cpu": _CPU}),
+    ActionSpec("host_softirq_neon", "a softirq uses NEON between two guest exits",
+               {"vcpu": _VCPU}),
+)}
+
+
+class Arm64World(World):
+    """The arm64 host with KVM (module docstring). Configuration: ``cpu`` (an arm64 profile,
+    default fvp-aem-fpmr), ``cpus`` (2), ``tasks`` (host tasks beside the VMM, default
+    ``[other]``), ``vms`` (VM name -> ``{vcpus: n, sve: bool}``, default one VM with one vCPU,
+    initialised), ``vhe`` (True)."""
+
+    model: ClassVar[str] = "arm64"
+    SPECS: ClassVar[dict[str, ActionSpec]] = ARM64_SPECS
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "cpus", "tasks", "vms", "vhe")
+    rollback_on_illegal: ClassVar[bool] = True
+
+    def __init__(self, config: dict[str, Any], variant: str | None) -> None:
+        super().__init__(config, variant)
+        profile = load_profile(self.config.get("cpu", "fvp-aem-fpmr"))
+        kcfg = KvmConfig(variant or UPSTREAM, bool(self.config.get("vhe", True)))
+        kw = reset.kvm_init(profile, kcfg, int(self.config.get("cpus", 2)))
+        host = kw.host
+        for name in self.config.get("tasks", ["other"]):
+            host = host_fpsimd.spawn(host, str(name))
+        kw = kw.with_host(host)
+        for vm_name, spec in (self.config.get("vms", {"vm0": {"vcpus": 1}}) or {}).items():
+            spec = dict(spec or {})
+            kw = reset.kvm_create_vm(kw, vm_name)
+            for _ in range(int(spec.get("vcpus", 1))):
+                kw, ctx = reset.kvm_create_vcpu(kw, vm_name)
+                feats = frozenset({KVM_ARM_VCPU_SVE}) if spec.get("sve") else frozenset()
+                kw, ret = reset.kvm_arm_vcpu_init(kw, ctx, feats)
+                assert ret == 0, f"KVM_ARM_VCPU_INIT of {ctx}: {ret}"
+                if spec.get("sve"):
+                    kw, ret = reset.kvm_arm_vcpu_finalize(kw, ctx)
+                    assert ret == 0, f"KVM_ARM_VCPU_FINALIZE of {ctx}: {ret}"
+        self.kw: KvmWorld = kw.with_host(kw.host.clear_obs())
+
+    # -- World -------------------------------------------------------------------------------
+
+    def illegal_types(self) -> tuple[type[BaseException], ...]:
+        return (IllegalEvent,)
+
+    def bug_violation(self, exc: BaseException) -> Violation | None:
+        return None
+
+    def check(self) -> list[Violation]:
+        from fpstate.check import invariants
+
+        return invariants.check(self)
+
+    def clone(self) -> Arm64World:
+        new = copy.copy(self)
+        new.history = list(self.history)
+        return new
+
+    def _apply(self, action: Action) -> dict[str, Value]:
+        fn = getattr(self, f"do_{action.name}", None)
+        if fn is None:
+            raise StepError(f"action {action.name!r} is not known to model {self.model}")
+        saved = self.kw
+        try:
+            return fn(**dict(action.args)) or {}
+        except BaseException:
+            self.kw = saved  # the model is immutable: the world before the action
+            raise
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _cpu(self, nr: Any) -> int:
+        if not isinstance(nr, int) or not 0 <= nr < len(self.kw.host.cpus):
+            raise StepError(f"no CPU {nr}")
+        return nr
+
+    def _task_cpu(self, task: str) -> int:
+        if task not in self.kw.host.tasks:
+            raise StepError(f"no host task {task!r}")
+        for c in self.kw.host.cpus:
+            if c.current == task:
+                return c.idx
+        raise StepError(f"task {task} is not running on a CPU")
+
+    def _vcpu(self, ctx: str) -> Any:
+        if ctx not in self.kw.vcpus:
+            raise StepError(f"no vCPU {ctx!r} (vCPUs: {', '.join(self.kw.vcpus) or 'none'})")
+        return self.kw.vcpus[ctx]
+
+    def _off_cpu(self, nr: int) -> None:
+        """Interrupt the task of CPU ``nr`` (if in user mode) and schedule it out."""
+        host = self.kw.host
+        cur = host.current(nr)
+        if cur is None:
+            return
+        for v in self.kw.vcpus.values():
+            if v.cpu == nr and v.run != VCPU_OUT:
+                raise StepError(f"CPU {nr}: the VMM is inside KVM_RUN of {v.ctx} "
+                                "(use preempt_vcpu)")
+        if cur.mode == TASK_USER:
+            host = host_fpsimd.interrupt(host, nr)
+        self.kw = self.kw.with_host(host_fpsimd.schedule(host, nr, None))
+
+    # -- actions: host -----------------------------------------------------------------------
+
+    def do_run(self, task: str, cpu: int) -> dict[str, Value]:
+        nr = self._cpu(cpu)
+        if task not in self.kw.host.tasks:
+            raise StepError(f"no host task {task!r}")
+        if self.kw.host.task(task).mode not in ("new", "sleeping"):
+            raise StepError(f"task {task} is not runnable ({self.kw.host.task(task).mode})")
+        self._off_cpu(nr)
+        host = host_fpsimd.schedule(self.kw.host, nr, task)
+        self.kw = self.kw.with_host(host_fpsimd.ret_to_user(host, nr))
+        return {}
+
+    def do_idle(self, cpu: int) -> dict[str, Value]:
+        nr = self._cpu(cpu)
+        if self.kw.host.current(nr) is None:
+            raise StepError(f"CPU {cpu} is already idle")
+        self._off_cpu(nr)
+        return {}
+
+    def do_user_op(self, task: str, op: str) -> dict[str, Value]:
+        nr = self._task_cpu(task)
+        if self.kw.host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        self.kw = self.kw.with_host(host_fpsimd.user_op(self.kw.host, nr, op))
+        return self._observed()
+
+    def do_syscall(self, task: str) -> dict[str, Value]:
+        nr = self._task_cpu(task)
+        if self.kw.host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        host = host_fpsimd.syscall_exit(host_fpsimd.syscall_enter(self.kw.host, nr), nr)
+        self.kw = self.kw.with_host(host)
+        return {}
+
+    def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
+        nr = self._cpu(cpu)
+        for v in self.kw.vcpus.values():
+            if v.cpu == nr and v.run != VCPU_OUT:
+                raise StepError(f"CPU {cpu} runs a vCPU loop (use host_softirq_neon)")
+        self.kw = self.kw.with_host(host_fpsimd.kernel_neon(self.kw.host, nr, softirq=True))
+        return {}
+
+    def _observed(self) -> dict[str, Value]:
+        out: dict[str, Value] = {}
+        for o in self.kw.host.obs:
+            out[f"{o.what}"] = o.action if o.value is None else str(o.value)
+        return out
+
+    # -- actions: KVM ------------------------------------------------------------------------
+
+    def _vmm_out(self, ctx: str) -> None:
+        v = self._vcpu(ctx)
+        if v.run != VCPU_OUT:
+            raise StepError(f"{ctx}: the VMM is inside KVM_RUN")
+        if self.kw.host.task(self.kw.vmm).mode != TASK_USER:
+            raise StepError("the VMM is not running in user mode")
+
+    def do_vcpu_init(self, vcpu: str, sve: bool = False) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        feats = frozenset({KVM_ARM_VCPU_SVE}) if sve else frozenset()
+        self.kw, ret = reset.kvm_arm_vcpu_init(self.kw, vcpu, feats)
+        return {"ret": ret}
+
+    def do_finalize(self, vcpu: str) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        self.kw, ret = reset.kvm_arm_vcpu_finalize(self.kw, vcpu)
+        return {"ret": ret}
+
+    def do_hide_fpmr(self, vcpu: str) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        v = self._vcpu(vcpu)
+        reg = "ID_AA64PFR2_EL1"
+        val = reg_def(reg).field("FPMR").put(self.kw.vm(v.vm).id_regs.get(reg), 0)
+        self.kw, ret = sys_regs.set_id_reg(self.kw, v, reg, val)
+        return {"ret": ret}
+
+    def do_get_reg(self, vcpu: str, reg: str) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        self.kw, ret, val = sys_regs.kvm_sys_reg_get_user(self.kw, self._vcpu(vcpu), reg)
+        return {"ret": ret, "value": str(val) if val is not None else "none"}
+
+    def do_set_reg(self, vcpu: str, reg: str) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        host, tok = self.kw.host.fresh(f"user:{vcpu}")
+        self.kw = self.kw.with_host(host)
+        self.kw, ret = sys_regs.kvm_sys_reg_set_user(self.kw, self._vcpu(vcpu), reg, tok)
+        return {"ret": ret}
+
+    def do_kvm_run(self, vcpu: str) -> dict[str, Value]:
+        self._vmm_out(vcpu)
+        self.kw, ret = arm.kvm_run(self.kw, vcpu)
+        return {"ret": ret}
+
+    def do_enter_guest(self, vcpu: str) -> dict[str, Value]:
+        self._vcpu(vcpu)
+        self.kw = arm.enter_guest(self.kw, vcpu)
+        return {}
+
+    def do_guest_op(self, vcpu: str, op: str, arg: str | None = None) -> dict[str, Value]:
+        self._vcpu(vcpu)
+        value: int | str | None = arg
+        if op == "zcr_write" and arg is not None:
+            value = int(arg, 0)
+        self.kw = guest_op(self.kw, vcpu, op, value)
+        return self._observed()
+
+    def do_exit_guest(self, vcpu: str) -> dict[str, Value]:
+        self._vcpu(vcpu)
+        self.kw = arm.exit_guest(self.kw, vcpu)
+        return {}
+
+    def do_return_to_user(self, vcpu: str) -> dict[str, Value]:
+        if self._vcpu(vcpu).run != VCPU_LOADED:
+            raise StepError(f"{vcpu} is not loaded between guest runs")
+        self.kw = arm.return_to_user(self.kw, vcpu)
+        return {}
+
+    def do_preempt_vcpu(self, vcpu: str, next: str = "idle") -> dict[str, Value]:
+        self._vcpu(vcpu)
+        nxt = None if next == "idle" else next
+        self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
+        if nxt is not None:
+            nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
+            self.kw = self.kw.with_host(host_fpsimd.ret_to_user(self.kw.host, nr))
+        return {}
+
+    def do_resume_vcpu(self, vcpu: str, cpu: int) -> dict[str, Value]:
+        nr = self._cpu(cpu)
+        v = self._vcpu(vcpu)
+        if v.run != VCPU_PREEMPTED:
+            raise StepError(f"{vcpu} is not preempted")
+        cur = self.kw.host.current(nr)
+        if cur is not None and cur.mode == TASK_USER:
+            self.kw = self.kw.with_host(host_fpsimd.interrupt(self.kw.host, nr))
+        self.kw = arm.resume_vcpu(self.kw, vcpu, nr)
+        return {}
+
+    def do_host_softirq_neon(self, vcpu: str) -> dict[str, Value]:
+        self._vcpu(vcpu)
+        self.kw = arm.host_softirq_neon(self.kw, vcpu)
+        return {}
+
+    # -- exploration -------------------------------------------------------------------------
+
+    GUEST_EXPLORE: ClassVar[tuple[str, ...]] = (
+        "fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "fpmr_write", "fpmr_read",
+        "fp8_op", "smstart")
+
+    def enabled(self) -> list[Action]:
+        A = Action.of
+        kw = self.kw
+        host = kw.host
+        out: list[Action] = []
+        ncpu = len(host.cpus)
+        in_run = {v.cpu for v in kw.vcpus.values() if v.run != VCPU_OUT and v.cpu is not None}
+        for name, t in host.tasks.items():
+            if t.mode in ("new", "sleeping"):
+                preempted = name == kw.vmm and any(v.run == VCPU_PREEMPTED
+                                                   for v in kw.vcpus.values())
+                if not preempted:
+                    out += [A("run", task=name, cpu=n) for n in range(ncpu) if n not in in_run]
+            elif t.mode == TASK_USER:
+                ops = ["fpsimd_write", "fpsimd_read", "fpmr_write", "fpmr_read"]
+                if host.caps.sve:
+                    ops += ["sve_write", "sve_read"]
+                out += [A("user_op", task=name, op=op) for op in ops]
+                out.append(A("syscall", task=name))
+        for c in host.cpus:
+            if c.current is not None and c.idx not in in_run:
+                out.append(A("idle", cpu=c.idx))
+            if c.idx not in in_run:
+                out.append(A("kernel_neon", cpu=c.idx))
+        vmm_user = host.task(kw.vmm).mode == TASK_USER
+        for ctx, v in kw.vcpus.items():
+            if v.run == VCPU_OUT and vmm_user:
+                out += [A("kvm_run", vcpu=ctx), A("hide_fpmr", vcpu=ctx),
+                        A("get_reg", vcpu=ctx, reg="FPMR"), A("set_reg", vcpu=ctx, reg="FPMR")]
+            elif v.run == VCPU_LOADED:
+                out += [A("enter_guest", vcpu=ctx), A("return_to_user", vcpu=ctx),
+                        A("host_softirq_neon", vcpu=ctx), A("preempt_vcpu", vcpu=ctx)]
+                out += [A("preempt_vcpu", vcpu=ctx, next=n) for n, t in host.tasks.items()
+                        if t.mode in ("new", "sleeping")]
+            elif v.run == VCPU_IN_GUEST:
+                out += [A("guest_op", vcpu=ctx, op=op) for op in self.GUEST_EXPLORE]
+                out.append(A("exit_guest", vcpu=ctx))
+            elif v.run == VCPU_PREEMPTED:
+                out += [A("resume_vcpu", vcpu=ctx, cpu=n) for n in range(ncpu)
+                        if n not in in_run]
+        return out
+
+    def key(self) -> Hashable:
+        from fpstate.check.statekey import arm64_key
+
+        return arm64_key(self.kw)
+
+    def frame(self, action: str, violation: str | None) -> Frame:
+        kw, host = self.kw, self.kw.host
+        cpus = []
+        for c in host.cpus:
+            hyp = kw.hyp[c.idx]
+            running = hyp.guest or c.current or "idle"
+            holds = _ctx_of_store(c.last.st)
+            writers = tuple((comp, str(c.regs.get(comp))) for comp in COMPONENTS
+                            if c.regs.get(comp).writer)
+            cpus.append(CpuView(c.idx, running, holds, writers))
+        ctxs = []
+        for name, t in host.tasks.items():
+            cpu = next((c.idx for c in host.cpus if c.last.st == t.store), None)
+            if cpu is not None and not t.tif_foreign_fpstate and host.cpus[cpu].current == name:
+                where = WHERE_REGS
+            elif cpu is not None and t.fpsimd_cpu == cpu:
+                where = WHERE_BOTH
+            else:
+                where, cpu = WHERE_MEMORY, None
+            ctxs.append(ContextView(name, where, cpu, _store_writers(host.store(t.store))))
+        for ctx, v in kw.vcpus.items():
+            owned = v.cpu is not None and kw.hyp[v.cpu].fp_owner == FP_STATE_GUEST_OWNED and (
+                host.cpus[v.cpu].last.st == v.store)
+            where = WHERE_REGS if owned else WHERE_MEMORY
+            ctxs.append(ContextView(ctx, where, v.cpu if owned else None,
+                                    _store_writers(host.store(v.store))))
+        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation)
+
+
+def _ctx_of_store(st: str | None) -> str | None:
+    if st is None:
+        return None
+    return st.split(":", 1)[1]
+
+
+def _store_writers(store: Any) -> tuple[tuple[str, str], ...]:
+    out = []
+    for comp, field in (("V", "vregs"), ("FPSR", "fpsr"), ("ZHI", "sve_zhi"), ("P", "sve_p"),
+                        ("FPMR", "fpmr"), ("ZA", "za")):
+        tok = getattr(store, field)
+        if tok.writer:
+            out.append((comp, str(tok)))
+    return tuple(out)
+
+
+__all__ = ["ARM64_SPECS", "Arm64World"]

@@ -1,0 +1,469 @@
+"""KVM x86 under the checker: VMs and vCPUs of helper I's model on top of the kernel model.
+
+The world is the x86 kernel world (fpstate.check.actions_x86) plus the kvm module
+(`fpstate.kvm.x86.vcpu.Kvm`) loaded on the same `Machine`: a VMM is one of the configured
+processes, its KVM ioctls are system calls of that task, and each vCPU is a context of its own
+(``<vm>.v<n>``) whose guest writes tokens that name it. Every action calls the model's
+functions (kvm_arch_vcpu_create, kvm_vcpu_ioctl_set_cpuid2, kvm_arch_vcpu_ioctl_run,
+kvm_apic_accept_events, kvm_arch_vcpu_ioctl_get_xsave2, kvm_load/put_guest_fpu).
+
+The guest's contract (what each vCPU expects to read back): its own writes; INIT puts the
+components the SDM clears on INIT in their initial configuration (and leaves the rest);
+userspace's XSAVE-managed MSR writes (KVM_SET_MSRS of IA32_U_CET / IA32_PL0_SSP) set them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any, ClassVar
+
+from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
+from fpstate.check.world import (
+    WHERE_MEMORY,
+    Action,
+    ActionSpec,
+    ContextView,
+    FieldSpec,
+    Frame,
+    StepError,
+)
+from fpstate.check.world import Value as V
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.sched import Machine, Task, TaskState
+from fpstate.kernel.x86.types import Fpstate
+from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
+from fpstate.kvm.x86 import fpu as kfpu
+from fpstate.kvm.x86 import vcpu as kv
+from fpstate.kvm.x86 import x86 as kx86
+from fpstate.x86.profiles import load_profile
+from fpstate.x86.xfeatures import (
+    BY_NUMBER,
+    XFEATURE_MASK_BNDCSR,
+    XFEATURE_MASK_BNDREGS,
+    XFEATURE_MASK_CET_KERNEL,
+    XFEATURE_MASK_CET_USER,
+    XFEATURE_MASK_FP,
+    XFEATURE_MASK_PKRU,
+    bits,
+)
+
+#: The XSAVE components the SDM puts in their initial configuration on INIT (MPX BNDREGS and
+#: BNDCSR, CET IA32_U_CET/IA32_PL3_SSP and IA32_PL0-2_SSP); seed 003.
+ARCH_INIT_CLEARED = (XFEATURE_MASK_BNDREGS | XFEATURE_MASK_BNDCSR | XFEATURE_MASK_CET_USER
+                     | XFEATURE_MASK_CET_KERNEL)
+GUEST_OWNER = 0x8000
+_VCPU = FieldSpec(str, "a vCPU name (<vm>.v<n>)")
+_VMM = FieldSpec(str, "the VMM task (a task of the configuration)")
+
+
+def _path(fn: Any) -> Any:
+    """A kernel path without preemption points around a model function (an ioctl body)."""
+    def path(c: Any, *args: Any) -> Any:
+        result = fn(c, *args)
+        if False:  # pragma: no cover - a generator
+            yield
+        return result
+    path.__qualname__ = fn.__qualname__
+    return path
+
+
+KVM_SPECS: dict[str, ActionSpec] = dict(X86_SPECS)
+KVM_SPECS.update({s.name: s for s in (
+    ActionSpec("create_vcpu", "KVM_CREATE_VCPU (kvm_arch_vcpu_create: guest fpstate allocated "
+               "with guest_default_cfg, guest permission locked, RESET)",
+               {"task": _VMM, "vm": FieldSpec(str, "VM name"), "vcpu": _VCPU}),
+    ActionSpec("set_cpuid", "KVM_SET_CPUID2 with everything KVM_GET_SUPPORTED_CPUID offers in "
+               "leaf 0xD (dynamic features get space now: EPERM without guest permission)",
+               {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("set_xcr0", "KVM_SET_XCRS: XCR0 = every feature the guest CPUID supports",
+               {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("kvm_run", "KVM_RUN: the guest runs a ';'-separated program of 'write <comp>', "
+               "'read <comp>', 'release <comp|comp>', 'xsetbv', 'init'",
+               {"task": _VMM, "vcpu": _VCPU, "guest": FieldSpec(str, "the guest program")}),
+    ActionSpec("kvm_enter", "KVM_RUN up to its preemption point (guest FPU loaded, VMM in the "
+               "kernel): a later idle/run preempts it there",
+               {"task": _VMM, "vcpu": _VCPU,
+                "guest": FieldSpec(str, "the guest program", required=False, default="")}),
+    ActionSpec("kvm_finish", "the suspended KVM_RUN runs the guest and returns to user mode",
+               {"task": _VMM}),
+    ActionSpec("kvm_init", "INIT latched (KVM_SET_VCPU_EVENTS) and accepted by "
+               "KVM_GET_MP_STATE (kvm_apic_accept_events -> kvm_vcpu_reset(init_event))",
+               {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("get_xsave", "KVM_GET_XSAVE2 of a vCPU", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
+               "cet_user, IA32_PL0_SSP for cet_kernel): the guest FPU is loaded around the "
+               "WRMSR", {"task": _VMM, "vcpu": _VCPU,
+                         "component": FieldSpec(str, "cet_user or cet_kernel",
+                                                choices=("cet_user", "cet_kernel"))}),
+)})
+
+
+class _Eio(Exception):
+    """A KVM ioctl from an mm that does not own the VM: -EIO."""
+
+
+class KvmX86World(X86World):
+    """The x86 kernel model with KVM loaded (see the module docstring).
+
+    Extra configuration: ``vms`` maps a VM name to ``{vmm: <task>, vcpus: <n>,
+    guest_amx: <bool>}`` (default ``{vm0: {vmm: p1.t0, vcpus: 1}}``; ``{}`` for none). At boot
+    the VMM creates the VM and its vCPUs and sets their CPUID (guest_amx: asks for the guest
+    AMX permission first). ``kvm_vendor``: vmx or svm (default by the CPU's vendor).
+    """
+
+    model: ClassVar[str] = "x86"
+    SPECS: ClassVar[dict[str, ActionSpec]] = KVM_SPECS
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = (*X86World.CONFIG_KEYS, "vms", "kvm_vendor")
+    KVM_VARIANTS: ClassVar[frozenset[str]] = frozenset(kv.KVM_VARIANTS)
+
+    def _boot(self) -> Machine:
+        profile = load_profile(self.config.get("cpu", "sapphire-rapids"))
+        kvm_variants = frozenset({self.variant} & self.KVM_VARIANTS)
+        system = kv.model_system(profile, kvm_variants, self.config.get("kernel"))
+        if self._system_variants():
+            system = system.with_options(variants=self._system_variants())
+        m = Machine(system, int(self.config.get("cpus", 2)))
+        vendor = self.config.get("kvm_vendor") or (
+            "vmx" if profile.vendor == "intel" else "svm")
+        self.kvm = kv.Kvm(m, kv.model_config(system, vendor, kvm_variants))
+        self.vcpus: dict[str, kv.KvmVcpu] = {}
+        self.vm_mm: dict[str, Any] = {}
+        self.vm_names: dict[int, str] = {}
+        self._seen_bugs = 0
+        return m
+
+    def _setup(self) -> None:
+        super()._setup()
+        vms = self.config.get("vms", {"vm0": {"vmm": "p1.t0", "vcpus": 1}})
+        for vm_name, spec in (vms or {}).items():
+            spec = dict(spec or {})
+            vmm = self.task(spec.get("vmm", "p1.t0"))
+            self.m.run(0, vmm)
+            if spec.get("guest_amx"):
+                self.m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_GUEST_PERM, 18)
+            vm = kv.KvmVm(self.kvm)
+            self.kvm.vms.append(vm)
+            self.vm_names[id(vm)] = vm_name
+            for n in range(int(spec.get("vcpus", 1))):
+                name = f"{vm_name}.v{n}"
+                self.do_create_vcpu(vmm.comm, vm_name, name)
+                self.do_set_cpuid(vmm.comm, name)
+                self.do_set_xcr0(vmm.comm, name)
+            self.m.idle(0)
+        self.emitted = []
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def vcpu(self, name: Any) -> kv.KvmVcpu:
+        v = self.vcpus.get(name)
+        if v is None:
+            raise StepError(f"no vCPU {name!r} (vCPUs: {', '.join(self.vcpus) or 'none'})")
+        return v
+
+    def vm(self, name: str) -> kv.KvmVm:
+        for vm in self.kvm.vms:
+            if self.vm_names[id(vm)] == name:
+                return vm
+        raise StepError(f"no VM {name!r}")
+
+    def vmm_cpu(self, task: str, vcpu: str | None = None) -> tuple[Task, int]:
+        """The VMM task and its CPU for an ioctl on ``vcpu``. A VM belongs to the mm that
+        created it: from any other mm (another process, or the same one after execve) the
+        ioctl fails with EIO (kvm_vcpu_ioctl: kvm->mm != current->mm), which `_Eio`
+        carries to the action."""
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if vcpu is not None:
+            self.vcpu(vcpu)
+            if self.vm_mm[vcpu] is not t.process.mm:
+                raise _Eio()
+        return t, nr
+
+    def name_of_owner(self, owner: int) -> str:
+        if owner & GUEST_OWNER and owner != core.KERNEL_OWNER:
+            for name, v in self.vcpus.items():
+                if GUEST_OWNER | v.vcpu_id == owner:
+                    return name
+        return super().name_of_owner(owner)
+
+    def fpstates(self) -> Iterable[tuple[str, Fpstate, Task | None]]:
+        yield from super().fpstates()
+        for name, v in self.vcpus.items():
+            owner = self._vmm_task(name)
+            yield f"{name} (guest fpstate)", v.arch.guest_fpu.fpstate, owner
+
+    def _vmm_task(self, vcpu: str) -> Task | None:
+        """A live task of the mm that owns ``vcpu``'s VM (None once that mm is gone)."""
+        mm = self.vm_mm.get(vcpu)
+        for t in self.live():
+            if t.process.mm is mm:
+                return t
+        return None
+
+    def guest_tracked(self, v: kv.KvmVcpu) -> tuple[int, ...]:
+        caps = self.kvm.caps
+        mask = (v.arch.guest_supported_xcr0 | XFEATURE_MASK_FP) & ~XFEATURE_MASK_PKRU
+        mask |= caps.supported_xss & v.arch.guest_supported_xss
+        return tuple(bits(mask & v.arch.guest_fpu.fpstate.xfeatures))
+
+    def guest_seen(self, name: str) -> dict[int, bytes]:
+        """What the guest of ``name`` would see: its fpstate's image, or -- while KVM_RUN has
+        it loaded -- wherever the VMM task's current state lives."""
+        v = self.vcpu(name)
+        fps = v.arch.guest_fpu.fpstate
+        t = self._loaded_in(fps)
+        if t is not None:
+            return self.seen(t)
+        from fpstate.check.invariants_x86 import image_state
+
+        return image_state(self, fps)
+
+    def guest_where(self, name: str) -> tuple[str, int | None]:
+        t = self._loaded_in(self.vcpu(name).arch.guest_fpu.fpstate)
+        if t is not None:
+            return self.where(t)
+        return WHERE_MEMORY, None
+
+    def _loaded_in(self, fps: Fpstate) -> Task | None:
+        """The task that has guest fpstate ``fps`` swapped in (inside KVM_RUN), if any."""
+        if not fps.in_use:
+            return None
+        for t in self.live():
+            if t.fpu.fpstate is fps:
+                return t
+        return None
+
+    def _token(self, v: kv.KvmVcpu, i: int) -> bytes:
+        self.m.generation += 1
+        return token(GUEST_OWNER | v.vcpu_id, self.m.generation, i,
+                     self.m.system.profile.component(i).size)
+
+    def _apply(self, action: Action) -> dict[str, V]:
+        try:
+            return super()._apply(action)
+        except _Eio:
+            return {"ret": -5, "errno": "EIO"}
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check(self) -> list[Any]:
+        from fpstate.check import invariants
+
+        out = []
+        bugs = self.kvm.violations + self.kvm.warnings
+        for b in bugs[self._seen_bugs:]:
+            out.append(invariants.violation_for_bug(b.name, b.detail))
+        self._seen_bugs = len(bugs)
+        return out + super().check()
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def do_create_vcpu(self, task: str, vm: str, vcpu: str) -> dict[str, V]:
+        t, nr = self.vmm_cpu(task)
+        if vcpu in self.vcpus:
+            raise StepError(f"vCPU name {vcpu!r} is taken")
+        kvm_vm = self.vm(vm)
+        v = self.m.syscall(nr, _path(kv.kvm_arch_vcpu_create), kvm_vm, len(kvm_vm.vcpus))
+        self.vcpus[vcpu] = v
+        self.vm_mm[vcpu] = t.process.mm
+        self.expected[vcpu] = {}
+        self.emitted.append(("reset", (vcpu, v)))
+        return {"size": v.arch.guest_fpu.fpstate.size,
+                "xfeatures": v.arch.guest_fpu.fpstate.xfeatures}
+
+    def do_set_cpuid(self, task: str, vcpu: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        entries = self.m.syscall(nr, _path(kv.kvm_dev_get_supported_cpuid_0xd), self.kvm)
+        ret = self.m.syscall(nr, kv.kvm_vcpu_ioctl_set_cpuid2, v, entries)
+        v.arch.cr4_osxsave = True  # KVM_SET_SREGS: the guest OS enables XSAVE
+        return {"ret": ret, "xcr0_supported": v.arch.guest_supported_xcr0}
+
+    def do_set_xcr0(self, task: str, vcpu: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        xcr0 = v.arch.guest_supported_xcr0 | XFEATURE_MASK_FP
+        ret = self.m.syscall(nr, _path(lambda c: kx86.kvm_vcpu_ioctl_x86_set_xcrs(
+            v, [(0, xcr0)])))
+        return {"ret": ret}
+
+    def _guest_ops(self, v: kv.KvmVcpu, program: str) -> list[tuple[kv.GuestOp, int | None]]:
+        ops: list[tuple[kv.GuestOp, int | None]] = []
+        for part in (p.strip() for p in program.split(";")):
+            if not part:
+                continue
+            word, _, arg = part.partition(" ")
+            arg = arg.strip()
+            if word == "write":
+                i = component_number(arg)
+                ops.append((kv.GuestOp("write", i, data=self._token(v, i)), i))
+            elif word == "read":
+                ops.append((kv.GuestOp("read", component_number(arg)), None))
+            elif word == "release":
+                mask = sum(1 << component_number(x.strip()) for x in arg.split("|"))
+                ops.append((kv.GuestOp("release", value=mask), None))
+            elif word == "xsetbv":
+                ops.append((kv.GuestOp("xsetbv", 0, v.arch.guest_supported_xcr0
+                                       | XFEATURE_MASK_FP), None))
+            elif word == "init":
+                ops.append((kv.GuestOp("init"), None))
+            else:
+                raise StepError(f"unknown guest op {part!r}")
+        return ops
+
+    def _guest_contract(self, name: str, v: kv.KvmVcpu,
+                        ops: list[tuple[kv.GuestOp, int | None]], results: tuple[Any, ...]) -> None:
+        exp = self.expected[name]
+        for (op, i), r in zip(ops, results, strict=False):
+            if op.kind == "write" and r is None and i is not None:
+                exp[i] = op.data  # type: ignore[assignment]
+            elif op.kind == "release":
+                for b in bits(op.value & v.arch.xcr0):
+                    exp.pop(b, None)
+            elif op.kind == "init":
+                self._init_contract(name)
+
+    def _init_contract(self, name: str) -> None:
+        caps = self.kvm.caps
+        for b in bits((caps.supported_xcr0 | caps.supported_xss) & ARCH_INIT_CLEARED):
+            self.expected[name].pop(b, None)
+
+    def do_kvm_run(self, task: str, vcpu: str, guest: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        ops = self._guest_ops(v, guest)
+        result = self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops))
+        return self._after_run(vcpu, v, ops, result)
+
+    def _after_run(self, name: str, v: kv.KvmVcpu, ops: list[tuple[kv.GuestOp, int | None]],
+                   result: kv.RunResult) -> dict[str, V]:
+        self._guest_contract(name, v, ops, result.results)
+        inits = [n for n, (op, _) in enumerate(ops) if op.kind == "init"]
+        if inits:
+            # INIT inside KVM_RUN: the components it clears must read as initial afterwards
+            # unless the guest wrote them after the INIT (the state before is not observable
+            # from here, so "everything else unchanged" is checked by the no-lost-write
+            # contract instead).
+            rewritten = {i for op, i in ops[inits[-1] + 1:] if op.kind == "write" and i is not None}
+            self.emitted.append(("init", (name, v, None, self.guest_seen(name), rewritten)))
+        faults = [r.vector for r in result.results if hasattr(r, "vector")]
+        return {"faults": ",".join(faults) or "none",
+                "overflow": 0 if result.overflow is None else result.overflow.bytes_beyond}
+
+    def do_kvm_enter(self, task: str, vcpu: str, guest: str = "") -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        ops = self._guest_ops(v, guest)
+        self.m.enter_kernel(nr)
+        self.m.start(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops))
+        self._pending_run = (vcpu, v, ops)
+        return {}
+
+    _pending_run: tuple[str, kv.KvmVcpu, list[Any]] | None = None
+
+    def do_kvm_finish(self, task: str) -> dict[str, V]:
+        t = self.task(task)
+        if t.kpath is None or self._pending_run is None or t.on_cpu is None:
+            raise StepError(f"{task} has no KVM_RUN in progress on a CPU")
+        nr = t.on_cpu
+        result = self.m.finish(nr)
+        self.m.exit_to_user_mode(nr)
+        name, v, ops = self._pending_run
+        self._pending_run = None
+        return self._after_run(name, v, ops, result)
+
+    def do_kvm_init(self, task: str, vcpu: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        before = self.guest_seen(vcpu)
+        v.pending_init = True
+        cleared = self.m.syscall(nr, _path(kv.kvm_apic_accept_events), v)
+        self._init_contract(vcpu)
+        self.emitted.append(("init", (vcpu, v, before, self.guest_seen(vcpu), set())))
+        return {"cleared": cleared}
+
+    def do_get_xsave(self, task: str, vcpu: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
+        self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
+        return {"size": len(buf), "xstate_bv": int.from_bytes(buf[512:520], "little")}
+
+    def do_set_cet_msr(self, task: str, vcpu: str, component: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        i = component_number(component)
+        if not (v.arch.guest_supported_xss >> i) & 1:
+            return {"ret": 1}  # kvm_set_msr_common: not supported for this guest
+        value = self._token(v, i)
+
+        def set_msr(c: Any) -> int:
+            kfpu.kvm_load_guest_fpu(c, v)
+            c.regs.set_component(i, value)  # WRMSR of the XSAVE-managed MSR
+            kfpu.kvm_put_guest_fpu(c, v)
+            return 0
+
+        ret = self.m.syscall(nr, _path(set_msr))
+        self.expected[vcpu][i] = value
+        return {"ret": ret}
+
+    # -- exploration -------------------------------------------------------------------------
+
+    GUEST_PROGRAMS: ClassVar[tuple[str, ...]] = ("write avx", "write opmask", "write xtiledata",
+                                                 "xsetbv; write avx", "init", "read avx")
+
+    def enabled(self) -> list[Action]:
+        out = super().enabled()
+        A = Action.of
+        for name, v in self.vcpus.items():
+            t = self._vmm_task(name)
+            if t is None:
+                continue
+            if t.state is TaskState.USER and t.process.mm is self.vm_mm[name]:
+                for prog in self.GUEST_PROGRAMS:
+                    out.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
+                out.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
+                out.append(A("kvm_init", task=t.comm, vcpu=name))
+                out.append(A("get_xsave", task=t.comm, vcpu=name))
+                out.append(A("set_cpuid", task=t.comm, vcpu=name))
+                for comp in ("cet_user", "cet_kernel"):
+                    if (v.arch.guest_supported_xss >> component_number(comp)) & 1:
+                        out.append(A("set_cet_msr", task=t.comm, vcpu=name, component=comp))
+                out.append(A("arch_prctl", task=t.comm, option="req_guest_perm", feature=18))
+            elif (t.kpath is not None and t.on_cpu is not None and self._pending_run
+                  and self.m.cpus[t.on_cpu].current is t):
+                out.append(A("kvm_finish", task=t.comm))
+        return out
+
+    def extra_key(self, cn: Any) -> Hashable:
+        from fpstate.check.statekey import fps_values
+
+        out = []
+        for name in sorted(self.vcpus):
+            v = self.vcpus[name]
+            a = v.arch
+            fps = a.guest_fpu.fpstate
+            exp = tuple(sorted((i, cn.value(x, i)) for i, x in self.expected[name].items()))
+            out.append((name, a.xcr0, a.ia32_xss, a.guest_supported_xcr0, a.guest_supported_xss,
+                        a.cpuid, v.pending_init, v.wants_to_run, v.last_vmentry_cpu != -1,
+                        a.guest_fpu.xfeatures, a.guest_fpu.xfd_err, a.xfd_no_write_intercept,
+                        (fps.size, fps.xfeatures, fps.xfd, fps.xstate_bv, fps.in_use,
+                         fps_values(cn, self.m.system, fps)), exp))
+        return tuple(out), self._pending_run is not None
+
+    def frame(self, action: str, violation: str | None) -> Frame:
+        f = super().frame(action, violation)
+        ctxs = list(f.contexts)
+        for name in self.vcpus:
+            where, cpu = self.guest_where(name)
+            seen = self.guest_seen(name)
+            writers = tuple((BY_NUMBER[i].short, self.writer(seen[i], i))
+                            for i in self.guest_tracked(self.vcpus[name])
+                            if i in seen and self.writer(seen[i], i) != "init")
+            ctxs.append(ContextView(name, where, cpu, writers))
+        # The VMM task's own state while the guest's is loaded: its task fpstate in memory.
+        return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation)
+
+
+__all__ = ["ARCH_INIT_CLEARED", "GUEST_OWNER", "KVM_SPECS", "KvmX86World"]

@@ -1,0 +1,734 @@
+"""The x86 kernel model under the checker: its action vocabulary and what each context expects.
+
+The model is `fpstate.kernel.x86.sched.Machine` (helper H's kernel model); every action below
+calls the model's own functions (the scheduler, user-mode instructions, system calls, signal
+delivery, ptrace, kernel-mode FPU use) and adds nothing but the bookkeeping the invariants need.
+
+What each context *expects* to see
+----------------------------------
+The checker keeps, beside the model, the user-visible contract of every action -- the value
+each task should read back from each tracked component -- and the invariants compare it with
+what the task would really see (`Machine.user_state`). The contract, action by action:
+
+- ``write``: the instruction's value (a token naming the task and a generation);
+- ``release``: the released components are in their initial configuration;
+- a signal handler starts with the initial user state (arch/x86/kernel/signal.c handle_signal
+  -> fpu__clear_user_states) and ``sigreturn`` gives back what the task had before the signal;
+- ``fork``/``clone``: the child sees its parent's values except the dynamic features, which are
+  caller-saved and never copied (Documentation/arch/x86/xstate.rst; fpu_clone), and PASID,
+  which a child never inherits;
+- ``exec``: everything initial; ``ptrace_set``: the value the tracer wrote;
+- ``pasid_write``: the new IA32_PASID value (seed 004).
+
+Nothing here decides *where* the state lives or how it moves; that is the model's business and
+the invariants' to judge.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable, Iterable
+from typing import Any, ClassVar
+
+from fpstate.check import invariants
+from fpstate.check.world import (
+    WHERE_BOTH,
+    WHERE_GONE,
+    WHERE_MEMORY,
+    WHERE_REGS,
+    Action,
+    ActionSpec,
+    ContextView,
+    CpuView,
+    FieldSpec,
+    Frame,
+    StepError,
+    Value,
+    Violation,
+    World,
+)
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.context import fpregs_state_valid
+from fpstate.kernel.x86.hw import init_value, read_token
+from fpstate.kernel.x86.process import sys_clone, sys_execve
+from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
+from fpstate.kernel.x86.sched import SA_ONSTACK, SIGUSR1, Machine, SigAction, Task, TaskState
+from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET, handler_return, sys_rt_sigreturn
+from fpstate.kernel.x86.types import (
+    CLONE_THREAD,
+    CLONE_VM,
+    PF_KTHREAD,
+    PF_USER_WORKER,
+    XFEATURE_MASK_USER_DYNAMIC,
+    Fpstate,
+    IllegalEvent,
+    KernelBug,
+)
+from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
+from fpstate.kernel.x86.xstate_prctl import (
+    ARCH_GET_XCOMP_GUEST_PERM,
+    ARCH_GET_XCOMP_PERM,
+    ARCH_GET_XCOMP_SUPP,
+    ARCH_REQ_XCOMP_GUEST_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    ERRNO_NAMES,
+    sys_arch_prctl,
+    sys_sigaltstack,
+)
+from fpstate.x86.xfeatures import (
+    BY_NUMBER,
+    BY_SHORT,
+    XFEATURE_MASK_PASID,
+    XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_XTILE,
+    XFEATURE_MASK_XTILE_DATA,
+    bits,
+)
+
+PASID = 10
+KERNEL_NAME = "kernel"
+ARCH_OPTIONS = {"req_perm": ARCH_REQ_XCOMP_PERM, "req_guest_perm": ARCH_REQ_XCOMP_GUEST_PERM,
+                "get_perm": ARCH_GET_XCOMP_PERM, "get_guest_perm": ARCH_GET_XCOMP_GUEST_PERM,
+                "get_supp": ARCH_GET_XCOMP_SUPP}
+_TASK = FieldSpec(str, "a task name (processes/threads of the configuration, fork/clone)")
+_CPU = FieldSpec(int, "a CPU number")
+
+
+def component_number(name: str) -> int:
+    """The xfeature number of a short name (fpstate.x86.xfeatures: avx, xtiledata, pasid...)."""
+    try:
+        return BY_SHORT[name].number
+    except KeyError:
+        raise StepError(f"unknown component {name!r} (known: {', '.join(BY_SHORT)})") from None
+
+
+def errno_name(ret: int) -> str:
+    return ERRNO_NAMES.get(-ret, str(ret)) if ret < 0 else "0"
+
+
+X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
+    ActionSpec("run", "schedule a runnable task on a CPU (preempting what runs there) and "
+               "return it to user mode (exit_to_user_mode: switch_fpu_return)",
+               {"task": _TASK, "cpu": _CPU}),
+    ActionSpec("switch_in", "schedule a runnable task on a CPU and leave it in the kernel "
+               "(TIF_NEED_FPU_LOAD still set, registers maybe still cached)",
+               {"task": _TASK, "cpu": _CPU}),
+    ActionSpec("return_to_user", "the task in the kernel on this CPU returns to user mode",
+               {"cpu": _CPU}),
+    ActionSpec("idle", "an interrupt schedules the CPU's idle task (switch_fpu saves the "
+               "outgoing task)", {"cpu": _CPU}),
+    ActionSpec("write", "a user instruction writes a component (VMOVDQU, KMOVQ, LDTILECFG, "
+               "TILELOADD...); #NM goes through the XFD handler",
+               {"task": _TASK, "component": FieldSpec(str, "component short name")}),
+    ActionSpec("release", "TILERELEASE (or any instruction that puts components in their "
+               "initial configuration)",
+               {"task": _TASK,
+                "components": FieldSpec(str, "'|'-joined short names", required=False,
+                                        default="xtilecfg|xtiledata")}),
+    ActionSpec("syscall", "a system call that does nothing with the FPU (enter and leave the "
+               "kernel)", {"task": _TASK}),
+    ActionSpec("arch_prctl", "arch_prctl(ARCH_*_XCOMP_*)",
+               {"task": _TASK,
+                "option": FieldSpec(str, "req_perm, req_guest_perm, get_perm, get_guest_perm, "
+                                    "get_supp", choices=tuple(ARCH_OPTIONS)),
+                "feature": FieldSpec(int, "xfeature number for req_*", required=False,
+                                     default=18)}),
+    ActionSpec("sigaction", "install a SIGUSR1 handler", {
+        "task": _TASK,
+        "onstack": FieldSpec(bool, "SA_ONSTACK", required=False, default=False)}),
+    ActionSpec("sigaltstack", "map and install an alternate signal stack",
+               {"task": _TASK, "size": FieldSpec(int, "ss_size in bytes")}),
+    ActionSpec("signal", "tgkill(SIGUSR1) of a task running in user mode: delivered at once",
+               {"task": _TASK}),
+    ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)", {"task": _TASK}),
+    ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
+               "clobbers components", {
+                   "cpu": _CPU,
+                   "components": FieldSpec(str, "'|'-joined short names", required=False,
+                                           default="sse|avx"),
+                   "hardirq": FieldSpec(bool, "hard interrupt rather than softirq",
+                                        required=False, default=False)}),
+    ActionSpec("fork", "fork(): a new process", {"task": _TASK, "child": _TASK}),
+    ActionSpec("clone", "clone(CLONE_VM|CLONE_THREAD): a new thread",
+               {"task": _TASK, "child": _TASK}),
+    ActionSpec("exec", "execve(): other threads die, default fpstate and permissions",
+               {"task": _TASK}),
+    ActionSpec("exit", "the task exits", {"task": _TASK}),
+    ActionSpec("ptrace_stop", "the task stops for its tracer (switched out, TASK_TRACED)",
+               {"task": _TASK}),
+    ActionSpec("ptrace_cont", "PTRACE_CONT: the stopped task becomes runnable",
+               {"task": _TASK}),
+    ActionSpec("ptrace_set", "PTRACE_SETREGSET NT_X86_XSTATE by a tracer running in user mode: "
+               "one component of the stopped task gets a value the tracer wrote",
+               {"tracer": _TASK, "task": _TASK,
+                "component": FieldSpec(str, "component short name")}),
+    ActionSpec("ptrace_get", "PTRACE_GETREGSET NT_X86_XSTATE of a stopped task",
+               {"tracer": _TASK, "task": _TASK}),
+    ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
+               "fpregs_update_current_xstate); a task in user mode enters the kernel first",
+               {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
+                                                  default=1)}),
+    ActionSpec("observe", "what a task would see and where its state lives (for expect:)",
+               {"task": _TASK}),
+)}
+
+
+class X86World(World):
+    """The x86 kernel model with the checker's bookkeeping (module docstring).
+
+    Configuration (the ``config`` mapping of a scenario): ``cpu`` (a profile name or path,
+    default sapphire-rapids), ``kernel`` (default the newest modelled), ``cpus`` (default 2),
+    ``processes`` (name -> number of threads, created at boot and runnable; default
+    ``{p0: 2, p1: 2}``), ``max_tasks`` (the explorer's bound on fork/clone, default 6).
+    Threads are named ``<process>.t<n>``.
+    """
+
+    model: ClassVar[str] = "x86"
+    SPECS: ClassVar[dict[str, ActionSpec]] = X86_SPECS
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "kernel", "cpus", "processes",
+                                              "max_tasks")
+    #: Kernel-model variants (FpuSystem.variants) this world accepts.
+    KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
+        {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate"})
+
+    def __init__(self, config: dict[str, Any], variant: str | None) -> None:
+        super().__init__(config, variant)
+        self.m = self._boot()
+        self.tasks: dict[str, Task] = {}
+        self.expected: dict[str, dict[int, bytes]] = {}
+        self.sigstack: dict[str, list[dict[int, bytes]]] = {}
+        self.frames: dict[str, list[tuple[int, int]]] = {}
+        self.emitted: list[tuple[str, Any]] = []
+        s = self.m.system
+        self.tracked = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + (
+            (PASID,) if s.kernel.default_features & XFEATURE_MASK_PASID else ())
+        self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU))
+        self.supervisor_tracked = tuple(i for i in self.tracked if i not in self.writable)
+        self.max_tasks = int(self.config.get("max_tasks", 6))
+        self._image_cache: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
+        self._setup()
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def _system_variants(self) -> set[str]:
+        return {self.variant} if self.variant in self.KERNEL_VARIANTS else set()
+
+    def _boot(self) -> Machine:
+        return Machine.boot(self.config.get("cpu", "sapphire-rapids"), self.config.get("kernel"),
+                            int(self.config.get("cpus", 2)), variants=self._system_variants())
+
+    def _setup(self) -> None:
+        procs = self.config.get("processes", {"p0": 2, "p1": 2})
+        for pname, nthreads in procs.items():
+            leader = self.m.spawn(f"{pname}.t0")
+            self._adopt(leader, {})
+            if int(nthreads) > 1:
+                self.m.run(0, leader)
+                for n in range(1, int(nthreads)):
+                    child = self.m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD,
+                                           f"{pname}.t{n}")
+                    self._adopt(child, {})
+                self.m.idle(0)
+        self.m.log.clear()
+
+    def _adopt(self, t: Task, expected: dict[int, bytes]) -> None:
+        self.tasks[t.comm] = t
+        self.expected[t.comm] = expected
+        self.sigstack[t.comm] = []
+        self.frames[t.comm] = []
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def task(self, name: Any) -> Task:
+        t = self.tasks.get(name)
+        if t is None or t.state is TaskState.DEAD:
+            raise StepError(f"no live task {name!r}")
+        return t
+
+    def user_cpu(self, t: Task) -> int:
+        if t.state is not TaskState.USER:
+            raise StepError(f"task {t.comm} is not running in user mode ({t.state.value})")
+        assert t.on_cpu is not None
+        return t.on_cpu
+
+    def cpu(self, nr: Any) -> int:
+        if not isinstance(nr, int) or not 0 <= nr < len(self.m.cpus):
+            raise StepError(f"no CPU {nr}")
+        return nr
+
+    def live(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.state is not TaskState.DEAD]
+
+    def name_of_owner(self, owner: int) -> str:
+        if owner == core.KERNEL_OWNER:
+            return KERNEL_NAME
+        t = self.m.tasks.get(owner)
+        return t.comm if t is not None else f"pid{owner}"
+
+    def writer(self, value: bytes, i: int) -> str:
+        """Who wrote ``value`` of component ``i``: ``init``, ``<task>#<gen>``, or raw bytes."""
+        if value == init_value(i, len(value)):
+            return "init"
+        tok = read_token(value)
+        if tok is None:
+            if len(value) <= 8:
+                return f"{int.from_bytes(value, 'little'):#x}"
+            return "raw:" + value[:8].hex()
+        return f"{self.name_of_owner(tok[0])}#{tok[1]}"
+
+    def _supervisor(self, exp: dict[int, bytes]) -> dict[int, bytes]:
+        return {i: v for i, v in exp.items() if i in self.supervisor_tracked}
+
+    def expected_value(self, name: str, i: int) -> bytes:
+        v = self.expected[name].get(i)
+        return v if v is not None else init_value(i, self.m.system.profile.component(i).size)
+
+    def seen(self, t: Task) -> dict[int, bytes]:
+        """What ``t`` would see on its next instruction in user mode (Machine.user_state),
+        with memory images decoded once per distinct image."""
+        fpu = t.fpu
+        if t.state is TaskState.USER or not t.need_fpu_load:
+            return self.m.user_state(t)
+        last = fpu.last_cpu
+        if 0 <= last < len(self.m.cpus) and fpregs_state_valid(self.m.cpus[last], fpu):
+            return self.m.cpus[last].regs.snapshot()
+        fps = fpu.fpstate
+        k = (fps.ident, fps.xfd, bytes(fps.regs))
+        got = self._image_cache.get(k)
+        if got is None:
+            if len(self._image_cache) > 256:
+                self._image_cache.clear()
+            got = self._image_cache[k] = self.m.user_state(t)
+        return got
+
+    def where(self, t: Task) -> tuple[str, int | None]:
+        if t.state is TaskState.DEAD:
+            return WHERE_GONE, None
+        if not t.need_fpu_load:
+            return WHERE_REGS, t.on_cpu
+        last = t.fpu.last_cpu
+        if 0 <= last < len(self.m.cpus) and fpregs_state_valid(self.m.cpus[last], t.fpu):
+            return WHERE_BOTH, last
+        return WHERE_MEMORY, None
+
+    def fpstates(self) -> Iterable[tuple[str, Fpstate, Task | None]]:
+        """Every fpstate a live context references: (label, fpstate, owning host task or None
+        for a guest's)."""
+        for t in self.live():
+            if t.flags & (PF_KTHREAD | PF_USER_WORKER):
+                continue
+            fpu = t.fpu
+            if fpu.task_fpstate is not None:
+                yield f"{t.comm} (task fpstate)", fpu.task_fpstate, t
+                if not fpu.fpstate.is_guest:
+                    yield f"{t.comm}", fpu.fpstate, t
+            else:
+                yield t.comm, fpu.fpstate, t
+
+    # -- World -----------------------------------------------------------------------------
+
+    def illegal_types(self) -> tuple[type[BaseException], ...]:
+        return (IllegalEvent,)
+
+    def bug_violation(self, exc: BaseException) -> Violation | None:
+        if isinstance(exc, KernelBug):
+            return invariants.violation_for_bug(exc.name, exc.detail)
+        return None
+
+    def check(self) -> list[Violation]:
+        out = invariants.check(self)
+        self.emitted = []
+        return out
+
+    def in_flight(self) -> bool:
+        return any(t.kpath is not None for t in self.m.tasks.values())
+
+    def clone(self) -> X86World:
+        if self.in_flight():
+            return self.replay(self.history)  # type: ignore[return-value]
+        s = self.m.system
+        memo = {id(s): s, id(s.profile): s.profile, id(self._image_cache): {}}
+        return copy.deepcopy(self, memo)
+
+    def _apply(self, action: Action) -> dict[str, Value]:
+        fn = getattr(self, f"do_{action.name}", None)
+        if fn is None:
+            raise StepError(f"action {action.name!r} is not known to model {self.model}")
+        self.emitted = []
+        return fn(**dict(action.args)) or {}
+
+    # -- actions: scheduling -----------------------------------------------------------------
+
+    def do_run(self, task: str, cpu: int) -> dict[str, Value]:
+        t, nr = self.task(task), self.cpu(cpu)
+        if t.state is not TaskState.RUNNABLE:
+            raise StepError(f"task {task} is not runnable ({t.state.value})")
+        self.m.run(nr, t)
+        return {}
+
+    def do_switch_in(self, task: str, cpu: int) -> dict[str, Value]:
+        t, nr = self.task(task), self.cpu(cpu)
+        if t.state is not TaskState.RUNNABLE:
+            raise StepError(f"task {task} is not runnable ({t.state.value})")
+        self.m.preempt(nr, t)
+        return {}
+
+    def do_return_to_user(self, cpu: int) -> dict[str, Value]:
+        c = self.m.cpus[self.cpu(cpu)]
+        t = c.current
+        if t is c.idle or t.state is not TaskState.KERNEL or t.kpath is not None:
+            raise StepError(f"CPU {cpu}: no task in the kernel ready to return to user mode")
+        self.m.exit_to_user_mode(c.nr)
+        return {}
+
+    def do_idle(self, cpu: int) -> dict[str, Value]:
+        nr = self.cpu(cpu)
+        if self.m.cpus[nr].current is self.m.cpus[nr].idle:
+            raise StepError(f"CPU {cpu} is already idle")
+        self.m.idle(nr)
+        return {}
+
+    # -- actions: user mode ------------------------------------------------------------------
+
+    def do_write(self, task: str, component: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        i = component_number(component)
+        fault = self.m.user_write(nr, i)
+        alive = t.state is TaskState.USER
+        if alive and t.on_cpu is not None:
+            value = self.m.cpus[t.on_cpu].regs.component(i)
+            tok = read_token(value)
+            if tok is not None and tok[0] == t.pid:
+                self.expected[t.comm][i] = value
+        return {"fault": fault.vector if fault else "none", "alive": alive}
+
+    def do_release(self, task: str, components: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        mask = 0
+        for part in components.split("|"):
+            mask |= 1 << component_number(part.strip())
+        self.m.user_release(nr, mask)
+        for i in bits(mask):
+            self.expected[t.comm].pop(i, None)
+        return {}
+
+    def do_syscall(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        self.m.enter_kernel(nr)
+        self.m.exit_to_user_mode(nr)
+        return {}
+
+    def do_arch_prctl(self, task: str, option: str, feature: int = 18) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        code = ARCH_OPTIONS[option]
+        if code in (ARCH_REQ_XCOMP_PERM, ARCH_REQ_XCOMP_GUEST_PERM):
+            ret = self.m.syscall(nr, sys_arch_prctl, code, feature)
+            return {"ret": ret, "errno": errno_name(ret)}
+        addr = self.m.mmap(t, 4096)
+        ret = self.m.syscall(nr, sys_arch_prctl, code, addr)
+        value = int.from_bytes(t.process.mm.read(addr, 8), "little") if ret == 0 else 0
+        self.emitted.append(("xcomp_mask", (t, option, value)))
+        return {"ret": ret, "errno": errno_name(ret), "value": value}
+
+    def do_sigaction(self, task: str, onstack: bool = False) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        self.m.enter_kernel(nr)
+        t.handlers[SIGUSR1] = SigAction(SA_ONSTACK if onstack else 0)
+        self.m.exit_to_user_mode(nr)
+        return {}
+
+    def do_sigaltstack(self, task: str, size: int) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        addr = self.m.mmap(t, size)
+        ret = self.m.syscall(nr, sys_sigaltstack, addr, size, 0)
+        return {"ret": ret, "errno": errno_name(ret)}
+
+    def do_signal(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        self.user_cpu(t)
+        handled = SIGUSR1 in t.handlers
+        before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
+        self.m.kill(t, SIGUSR1)
+        delivered = handled and t.state is TaskState.USER
+        if delivered:
+            # The handler starts with the initial *user* state; supervisor state (PASID) is
+            # not part of the signal frame and stays (fpu__clear_user_states).
+            self.sigstack[t.comm].append(dict(self.expected[t.comm]))
+            self.expected[t.comm] = self._supervisor(self.expected[t.comm])
+            frame = t.user_sp
+            fpstate = int.from_bytes(t.process.mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
+            self.emitted.append(("sigframe", (t, frame, fpstate, before)))
+            self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4))
+            return {"delivered": True, "frame": frame}
+        return {"delivered": False, "alive": t.state is not TaskState.DEAD}
+
+    def do_sigreturn(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if not self.sigstack[t.comm]:
+            raise StepError(f"task {task} is not in a signal handler")
+        handler_return(t)
+        ret = self.m.syscall(nr, sys_rt_sigreturn)
+        saved = self.sigstack[t.comm].pop()
+        self.frames[t.comm].pop()
+        if ret == 0:
+            sup = self._supervisor(self.expected[t.comm])
+            self.expected[t.comm] = {i: v for i, v in saved.items()
+                                     if i not in self.supervisor_tracked} | sup
+        return {"ret": ret, "errno": errno_name(ret)}
+
+    def do_kernel_fpu(self, cpu: int, components: str = "sse|avx",
+                      hardirq: bool = False) -> dict[str, Value]:
+        nr = self.cpu(cpu)
+        mask = 0
+        for part in components.split("|"):
+            mask |= 1 << component_number(part.strip())
+        used = self.m.irq_kernel_fpu(nr, hardirq=hardirq, clobber=mask)
+        return {"used": used}
+
+    # -- actions: task lifetime ------------------------------------------------------------
+
+    def _spawn_child(self, task: str, child: str, flags: int) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if child in self.tasks:
+            raise StepError(f"task name {child!r} is taken")
+        new = self.m.syscall(nr, sys_clone, flags, child)
+        # fpu_clone: dynamic features are caller-saved, PASID is never inherited.
+        drop = XFEATURE_MASK_USER_DYNAMIC | XFEATURE_MASK_PASID
+        self._adopt(new, {i: v for i, v in self.expected[t.comm].items() if not (drop >> i) & 1})
+        return {"pid": new.pid}
+
+    def do_fork(self, task: str, child: str) -> dict[str, Value]:
+        return self._spawn_child(task, child, 0)
+
+    def do_clone(self, task: str, child: str) -> dict[str, Value]:
+        return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD)
+
+    def do_exec(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        self.m.syscall(nr, sys_execve, t.comm)
+        self.expected[t.comm] = {}
+        self.sigstack[t.comm] = []
+        self.frames[t.comm] = []
+        return {}
+
+    def do_exit(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        self.m.enter_kernel(nr)
+        self.m.do_exit(nr)
+        return {}
+
+    def do_ptrace_stop(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        if t.state not in (TaskState.USER, TaskState.RUNNABLE) or t.kpath is not None:
+            raise StepError(f"task {task} cannot stop now ({t.state.value})")
+        self.m.stop(t)
+        return {}
+
+    def do_ptrace_cont(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        if t.state is not TaskState.STOPPED:
+            raise StepError(f"task {task} is not stopped")
+        self.m.resume(t)
+        return {}
+
+    def _tracer(self, tracer: str, task: str) -> tuple[Task, Task, int]:
+        tr, t = self.task(tracer), self.task(task)
+        nr = self.user_cpu(tr)
+        if t.state is not TaskState.STOPPED:
+            raise StepError(f"task {task} is not stopped")
+        return tr, t, nr
+
+    def do_ptrace_get(self, tracer: str, task: str) -> dict[str, Value]:
+        from fpstate.kernel.x86.regset import ptrace_regset
+
+        _tr, t, nr = self._tracer(tracer, task)
+        size = self.m.system.user.max_size
+        self.m.enter_kernel(nr)
+        ret, buf = ptrace_regset(self.m.cpus[nr], t, PTRACE_GETREGSET, NT_X86_XSTATE, size)
+        self.m.exit_to_user_mode(nr)
+        if ret == 0:
+            self.emitted.append(("uabi", (t, buf)))
+        xstate_bv = int.from_bytes(buf[512:520], "little") if ret == 0 else 0
+        return {"ret": ret, "xstate_bv": xstate_bv}
+
+    def do_ptrace_set(self, tracer: str, task: str, component: str) -> dict[str, Value]:
+        from fpstate.kernel.x86.hw import token
+        from fpstate.kernel.x86.regset import ptrace_regset
+
+        tr, t, nr = self._tracer(tracer, task)
+        i = component_number(component)
+        s = self.m.system
+        if i < 2 or not (s.user.max_features >> i) & 1 or i == 9:
+            raise StepError(f"ptrace_set of {component}: not a user component of this CPU")
+        size = s.user.max_size
+        self.m.enter_kernel(nr)
+        c = self.m.cpus[nr]
+        ret, buf = ptrace_regset(c, t, PTRACE_GETREGSET, NT_X86_XSTATE, size)
+        if ret == 0:
+            tr.generation += 1
+            comp = s.profile.component(i)
+            value = token(tr.pid, tr.generation, i, comp.size)
+            data = bytearray(buf)
+            data[comp.offset:comp.offset + comp.size] = value
+            bv = int.from_bytes(data[512:520], "little") | 1 << i
+            data[512:520] = bv.to_bytes(8, "little")
+            ret, _ = ptrace_regset(c, t, PTRACE_SETREGSET, NT_X86_XSTATE, size, bytes(data))
+            if ret == 0:
+                self.expected[t.comm][i] = value
+        self.m.exit_to_user_mode(nr)
+        return {"ret": ret, "errno": errno_name(ret)}
+
+    def do_pasid_write(self, task: str, pasid: int = 1) -> dict[str, Value]:
+        t = self.task(task)
+        if not self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
+            raise StepError("this CPU has no PASID state (ENQCMD)")
+        if t.on_cpu is None or t.kpath is not None:
+            raise StepError(f"task {task} is not current on a CPU")
+        nr = t.on_cpu
+        was_user = t.state is TaskState.USER
+        if was_user:
+            self.m.enter_kernel(nr)
+        value = (pasid | MSR_IA32_PASID_VALID).to_bytes(8, "little")
+        t.process.pasid = pasid
+        where = core.fpregs_update_current_xstate(self.m.cpus[nr], PASID, value)
+        self.expected[t.comm][PASID] = value
+        if was_user:
+            self.m.exit_to_user_mode(nr)
+        return {"where": where}
+
+    def do_observe(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        where, cpu = self.where(t)
+        out: dict[str, Value] = {"where": where, "cpu": -1 if cpu is None else cpu,
+                                 "state": t.state.name.lower(),
+                                 "xfeatures": t.fpu.fpstate.xfeatures,
+                                 "size": t.fpu.fpstate.size, "xfd": t.fpu.fpstate.xfd}
+        seen = self.seen(t)
+        for i in self.tracked:
+            out[BY_NUMBER[i].short] = self.writer(seen[i], i)
+        return out
+
+    # -- exploration -------------------------------------------------------------------------
+
+    def enabled(self) -> list[Action]:
+        """The actions the explorer may take now; their preconditions mirror the model's."""
+        A = Action.of
+        out: list[Action] = []
+        live = self.live()
+        user = [t for t in live if t.state is TaskState.USER]
+        runnable = [t for t in live if t.state is TaskState.RUNNABLE]
+        ncpu = len(self.m.cpus)
+        for t in runnable:
+            for nr in range(ncpu):
+                out.append(A("run", task=t.comm, cpu=nr))
+                out.append(A("switch_in", task=t.comm, cpu=nr))
+        for c in self.m.cpus:
+            cur = c.current
+            if cur is not c.idle:
+                out.append(A("idle", cpu=c.nr))
+                if cur.state is TaskState.KERNEL and cur.kpath is None:
+                    out.append(A("return_to_user", cpu=c.nr))
+                    if self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
+                        out.append(A("pasid_write", task=cur.comm))
+            out.append(A("kernel_fpu", cpu=c.nr))
+        ntasks = len(live)
+        busy = {t.process.tgid for t in live if t.kpath is not None}
+        for t in user:
+            # A thread group with a thread inside a kernel path is never torn down under it
+            # (the model's de_thread/do_group_exit would drop the path): no group-killing
+            # actions then -- exec, an unhandled signal, AMX use without permission.
+            calm = t.process.tgid not in busy
+            perm = t.process.leader.fpu.perm.state_perm
+            for i in self.writable:
+                if calm or not (XFEATURE_MASK_XTILE >> i) & 1 or perm & XFEATURE_MASK_XTILE_DATA:
+                    out.append(A("write", task=t.comm, component=BY_NUMBER[i].short))
+            if self.m.system.xcr0 & XFEATURE_MASK_XTILE:
+                out.append(A("release", task=t.comm, components="xtilecfg|xtiledata"))
+            out.append(A("arch_prctl", task=t.comm, option="req_perm", feature=18))
+            out.append(A("arch_prctl", task=t.comm, option="get_perm"))
+            if SIGUSR1 not in t.handlers:
+                out.append(A("sigaction", task=t.comm, onstack=True))
+            elif calm:
+                out.append(A("signal", task=t.comm))
+            if t.sas_ss_size == 0:
+                out.append(A("sigaltstack", task=t.comm, size=16384))
+            if self.sigstack[t.comm]:
+                out.append(A("sigreturn", task=t.comm))
+            if self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
+                out.append(A("pasid_write", task=t.comm))
+            out.append(A("ptrace_stop", task=t.comm))
+            if ntasks < self.max_tasks:
+                n = self.m.next_pid
+                out.append(A("fork", task=t.comm, child=f"f{n}.t0"))
+                out.append(A("clone", task=t.comm, child=f"{t.comm.split('.')[0]}.c{n}"))
+            if calm:
+                out.append(A("exec", task=t.comm))
+            for s in live:
+                if s.state is TaskState.STOPPED:
+                    out.append(A("ptrace_get", tracer=t.comm, task=s.comm))
+                    for i in self.writable[2:4]:
+                        out.append(A("ptrace_set", tracer=t.comm, task=s.comm,
+                                     component=BY_NUMBER[i].short))
+        for s in live:
+            if s.state is TaskState.STOPPED:
+                out.append(A("ptrace_cont", task=s.comm))
+        return out
+
+    # -- canonical state -------------------------------------------------------------------
+
+    def key(self) -> Hashable:
+        from fpstate.check.statekey import x86_key
+
+        return x86_key(self)
+
+    def extra_key(self, cn: Any) -> Hashable:
+        """What a subclass adds to the canonical key (KVM guests); ``cn`` is the key's
+        `fpstate.check.statekey.Canon`."""
+        return ()
+
+    def _writers(self, seen: dict[int, bytes]) -> tuple[tuple[str, str], ...]:
+        out = []
+        for i in self.tracked:
+            if i in seen:
+                w = self.writer(seen[i], i)
+                if w != "init":
+                    out.append((BY_NUMBER[i].short, w))
+        return tuple(out)
+
+    def frame(self, action: str, violation: str | None) -> Frame:
+        cpus = []
+        holders = {id(t.fpu): t.comm for t in self.tasks.values()}
+        for c in self.m.cpus:
+            owner = c.fpu_fpregs_owner_ctx
+            writers = tuple((BY_NUMBER[i].short, self.writer(v, i))
+                            for i, v in sorted(c.regs.values.items()) if i in self.tracked)
+            cpus.append(CpuView(c.nr, c.current.comm if c.current is not c.idle else "idle",
+                                holders.get(id(owner)) if owner is not None else None, writers))
+        ctxs = []
+        for name, t in self.tasks.items():
+            where, cpu = self.where(t)
+            writers: tuple[tuple[str, str], ...] = ()
+            image: tuple[tuple[str, str], ...] = ()
+            if where != WHERE_GONE:
+                seen = self.seen(t)
+                writers = self._writers(seen)
+            if where == WHERE_BOTH:
+                from fpstate.check.invariants_x86 import image_state
+
+                mem = self._writers(image_state(self, t.fpu.fpstate))
+                image = mem if mem != writers else ()
+            ctxs.append(ContextView(name, where, cpu, writers, image))
+        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation)
+
+
+__all__ = ["X86_SPECS", "X86World", "component_number"]

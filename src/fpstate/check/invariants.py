@@ -1,0 +1,174 @@
+"""Every invariant the checker holds the models to, named, with the rule it comes from.
+
+This module is the one place where invariants are stated. `INVARIANTS` lists them in the order
+they are reported; each predicate below is registered under an invariant's name and a model
+(``x86`` for the kernel model with KVM on top, ``arm64`` for the arm64 host with KVM/arm64) and
+yields one line of evidence per violation. The models themselves detect some bugs at the very
+instruction (an XSAVE past the end of its buffer raises `KernelBug("xsave-out-of-bounds")`
+before a byte is written); `BUG_INVARIANTS` says which invariant each such model report is a
+violation of. The checker runs every predicate of a world after every step.
+
+A predicate reads the model and the checker's bookkeeping (the values each context expects,
+what the step emitted); it never decides how the kernel should have moved state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fpstate.check.world import Violation
+
+
+@dataclass(frozen=True, slots=True)
+class Invariant:
+    name: str
+    statement: str  #: what must hold
+    origin: str  #: the seed thread or kernel rule it encodes
+
+
+INVARIANTS: tuple[Invariant, ...] = (
+    Invariant(
+        "save-within-allocation",
+        "No XSAVE*/XRSTOR* or memcpy of register state touches bytes outside the buffer it "
+        "was allocated for, and no freed buffer is referenced.",
+        "seed 000 (tglx on kvm_save_current_fpu: 'save_fpregs_to_fpstate(fpu); <- Out of "
+        "bounds write'); xstate.c xfd_validate_state()/xstate_op_valid()"),
+    Invariant(
+        "size-covers-features",
+        "Every live fpstate's size covers the XSAVE size of its xfeatures (compacted when the "
+        "kernel uses XSAVEC/XSAVES, else standard), user_size covers user_xfeatures in the "
+        "standard format, and the allocation covers size.",
+        "seed 000 (tglx: 'What guarantees that the state size of @fpu is big enough when "
+        "src_fpu has dynamic features included?'); xstate.c fpstate_realloc()"),
+    Invariant(
+        "xcomp-bv-matches-features",
+        "In a compacted buffer XCOMP_BV = xfeatures | bit 63 and XSTATE_BV is within XCOMP_BV; "
+        "in a standard one XCOMP_BV = 0 and XSTATE_BV is within xfeatures.",
+        "SDM 13.8.1 (XRSTOR #GP when XSTATE_BV has bits outside XCOMP_BV); xstate.h "
+        "xstate_init_xcomp_bv(); seed 004 (BUG_ON(!(xcomp_bv & XFEATURE_MASK_PASID)))"),
+    Invariant(
+        "valid-registers-match-memory",
+        "Registers marked valid for a context (fpregs_state_valid on its last_cpu while "
+        "TIF_NEED_FPU_LOAD is set) equal what restoring its memory image would load.",
+        "seed 004 (Andy Lutomirski: 'you will break coherence between CPU regs and the memory "
+        "image'); context.h: the save on switch-out preserves the registers"),
+    Invariant(
+        "tif-clear-owns-registers",
+        "A context whose TIF_NEED_FPU_LOAD is clear is current on a CPU whose registers it "
+        "owns (fpu_fpregs_owner_ctx == fpu and last_cpu == cpu).",
+        "context.h / fpregs_assert_state_consistent(): 'If TIF_NEED_FPU_LOAD is cleared then "
+        "the CPU's FPU registers are holding the current thread's FPU registers'"),
+    Invariant(
+        "dynamic-state-needs-permission",
+        "No fpstate holds or enables a dynamic feature (AMX tile data) the process was not "
+        "permitted (guest fpstates: the guest permission), and a host fpstate without space "
+        "for a permitted dynamic feature keeps it armed in XFD.",
+        "Documentation/arch/x86/xstate.rst (arch_prctl ARCH_REQ_XCOMP_PERM); xstate.c "
+        "__xfd_enable_feature(), fpstate_realloc(); seed 000"),
+    Invariant(
+        "guest-only-not-in-host-fpstate",
+        "A guest-only supervisor feature (CET_KERNEL) is never in a non-guest fpstate's "
+        "xfeatures, XCOMP_BV or XSTATE_BV, nor in a host task's permission.",
+        "seed 001 (guest_default_cfg: 'CET-S space is allocated for guest fpu only'); types.h "
+        "XFEATURE_MASK_GUEST_SUPERVISOR"),
+    Invariant(
+        "init-clears-architectural",
+        "vCPU INIT zeroes exactly the XSAVE components the SDM clears on INIT that the guest can "
+        "use (MPX BNDREGS/BNDCSR, CET_USER, CET_KERNEL in KVM's supported XCR0|XSS) and leaves "
+        "every other component as it was.",
+        "seed 003 (Sean Christopherson: kvm_xstate_reset(), XSTATE_CLEAR_ON_INIT); SDM Vol. 3 "
+        "Table 10-1 (state after INIT)"),
+    Invariant(
+        "reset-zeroed-buffer",
+        "After vCPU RESET (creation) the guest fpstate is zero apart from the header and "
+        "legacy fields fpstate_init_user() writes (XCOMP_BV, FCW, MXCSR).",
+        "seed 003 ('fpstate is zero allocated, and KVM absolutely relies on that')"),
+    Invariant(
+        "nothing-beyond-advertised",
+        "Nothing a guest or userspace can observe (registers, signal frames, ptrace and "
+        "KVM_GET_XSAVE buffers, ONE_REG, ARCH_GET_XCOMP_*) carries state of a feature it was "
+        "not advertised; an access to such state is refused (UNDEF, #UD, errno).",
+        "seed 002 (Marc Zyngier: 'userspace shouldn't be able to observe the state that a "
+        "guest isn't supposed to generate'); x86.c kvm_vcpu_ioctl_x86_get_xsave2()"),
+    Invariant(
+        "sigframe-fits-and-describes",
+        "A signal frame lies entirely within the stack it was placed on (the sigaltstack when "
+        "one was used) and its fx_sw_bytes describe it: MAGIC1, xstate_size covering "
+        "xfeatures in the standard format, extended_size = xstate_size + 4, MAGIC2 at "
+        "xstate_size, header XSTATE_BV within xfeatures.",
+        "arch/x86/kernel/fpu/signal.c save_sw_bytes(), save_xstate_epilog(); "
+        "arch/x86/kernel/signal.c get_sigframe()"),
+    Invariant(
+        "no-foreign-value",
+        "No context observes a value written by another context (another task, a guest, or "
+        "the kernel's own FPU use) that it did not legitimately receive.",
+        "context.h (the owner tracking exists so that a CPU's registers are never restored "
+        "into the wrong context); seed 002 (no covert channel)"),
+    Invariant(
+        "no-lost-write",
+        "A context observes its own latest value of every tracked component: what it wrote "
+        "last, or what the ABI set (signal entry/return, fork, exec, ptrace, the kernel's "
+        "xstate updates).",
+        "seed 004 (Andy Lutomirski: modify the registers only when they are the one source "
+        "of truth, else the memory image, and invalidate every cached copy)"),
+    Invariant(
+        "kernel-warn",
+        "The modelled kernel never reaches a WARN/BUG it states (any other model-detected "
+        "bug: raw-xsave-addr, bad-fpu-state, unexpected-nm, ...).",
+        "the WARN_ON_FPU()/WARN_ON_ONCE() assertions of arch/x86/kernel/fpu and "
+        "arch/arm64/kvm"),
+)
+
+BY_NAME: dict[str, Invariant] = {i.name: i for i in INVARIANTS}
+
+#: Model-detected bugs (KernelBug.name and kin) -> the invariant they violate.
+BUG_INVARIANTS: dict[str, str] = {
+    "xsave-out-of-bounds": "save-within-allocation",
+    "use-after-free": "save-within-allocation",
+    "xfd-state-invalid": "save-within-allocation",
+    "free-guest-fpstate-in-use": "save-within-allocation",
+    "fpregs-inconsistent": "tif-clear-owns-registers",
+    "pasid-fixup-not-live": "tif-clear-owns-registers",
+}
+
+
+def violation_for_bug(name: str, detail: str) -> Violation:
+    """The violation a model-detected bug stands for."""
+    inv = BUG_INVARIANTS.get(name, "kernel-warn")
+    return Violation(inv, f"{name}: {detail}")
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+Predicate = Callable[[Any], Iterator[str]]
+PREDICATES: dict[str, list[tuple[str, Predicate]]] = {}
+
+
+def predicate(name: str, *models: str) -> Callable[[Predicate], Predicate]:
+    """Register ``fn`` as the check of invariant ``name`` for worlds of ``models``."""
+    assert name in BY_NAME, f"unknown invariant {name}"
+
+    def wrap(fn: Predicate) -> Predicate:
+        for model in models:
+            PREDICATES.setdefault(model, []).append((name, fn))
+        return fn
+
+    return wrap
+
+
+def check(world: Any) -> list[Violation]:
+    """Every registered predicate of ``world.model``, in `INVARIANTS` order."""
+    order = {i.name: n for n, i in enumerate(INVARIANTS)}
+    out = []
+    for name, fn in sorted(PREDICATES.get(world.model, ()), key=lambda p: order[p[0]]):
+        out.extend(Violation(name, detail) for detail in fn(world))
+    return out
+
+
+# The predicates live next to the models they read; importing them registers them.
+from fpstate.check import invariants_arm64, invariants_x86  # noqa: E402,F401
+
+__all__ = ["BUG_INVARIANTS", "BY_NAME", "INVARIANTS", "Invariant", "check", "predicate",
+           "violation_for_bug"]

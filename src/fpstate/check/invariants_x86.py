@@ -1,0 +1,392 @@
+"""The x86 predicates of the invariants stated in `fpstate.check.invariants`.
+
+Each function reads an `X86World` (fpstate.check.actions_x86): the kernel model ``w.m``
+(`Machine`), the fpstates live contexts reference (``w.fpstates()``), the values each task
+expects (``w.expected``) and what the last step emitted (``w.emitted``). KVM guests add their
+own predicates in `fpstate.check.actions_kvm`. The register images of memory are decoded with
+the architecture's XRSTOR (`FpRegs.xrstor`), exactly as the kernel's restore would load them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fpstate.check.invariants import predicate
+from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
+from fpstate.kernel.x86.hw import FpRegs, KernelBuf, read_token
+from fpstate.kernel.x86.sched import Task, TaskState
+from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
+from fpstate.kernel.x86.types import (
+    PF_KTHREAD,
+    PF_USER_WORKER,
+    XFEATURE_MASK_FPSTATE,
+    XFEATURE_MASK_GUEST_SUPERVISOR,
+    XFEATURE_MASK_USER_DYNAMIC,
+    XFEATURE_MASK_USER_SUPPORTED,
+    Fpstate,
+)
+from fpstate.x86.layout import compacted_size, standard_size
+from fpstate.x86.xfeatures import (
+    BY_NUMBER,
+    XCOMP_BV_COMPACTED_FORMAT,
+    bits,
+    mask_names,
+)
+
+X86 = "x86"
+_HDR = 512
+
+
+def image_state(w: Any, fps: Fpstate) -> dict[int, bytes]:
+    """What restore_fpregs_from_fpstate() would load from ``fps`` (RFBM = max_features &
+    XFEATURE_MASK_FPSTATE, XFD = fps->xfd): an XRSTOR(S) into a scratch register file."""
+    s = w.m.system
+    regs = FpRegs(s.profile, xcr0=s.xcr0, xss=s.xss, xsavec_supported=s.xsavec,
+                  mxcsr_mask=s.mxcsr_feature_mask, xfd=fps.xfd)
+    fault = regs.xrstor(KernelBuf(fps.regs, f"fpstate #{fps.ident}"),
+                        s.kernel.max_features & XFEATURE_MASK_FPSTATE, s.xrstor_insn)
+    if fault is not None:
+        return {-2: str(fault).encode()}
+    return regs.snapshot()
+
+
+def user_tasks(w: Any) -> Iterator[Task]:
+    for t in w.live():
+        if not t.flags & (PF_KTHREAD | PF_USER_WORKER):
+            yield t
+
+
+def _name(i: int) -> str:
+    return BY_NUMBER[i].short if i in BY_NUMBER else ("MXCSR" if i == -1 else f"bit{i}")
+
+
+# -- buffers -------------------------------------------------------------------------------------
+
+
+@predicate("save-within-allocation", X86)
+def referenced_buffers_alive(w: Any) -> Iterator[str]:
+    for label, fps, _ in w.fpstates():
+        if fps.freed:
+            yield f"{label} references fpstate #{fps.ident}, which was vfree()d"
+
+
+@predicate("size-covers-features", X86)
+def sizes_cover_features(w: Any) -> Iterator[str]:
+    s = w.m.system
+    for label, fps, _ in w.fpstates():
+        need = (compacted_size(s.profile, fps.xfeatures) if s.xcompacted
+                else standard_size(s.profile, fps.xfeatures))
+        if fps.size < need:
+            yield (f"{label}: fpstate #{fps.ident} size {fps.size} < {need} needed for "
+                   f"xfeatures {mask_names(fps.xfeatures)}")
+        if len(fps.regs) < fps.size:
+            yield (f"{label}: fpstate #{fps.ident} claims size {fps.size} but has "
+                   f"{len(fps.regs)} bytes")
+        uneed = standard_size(s.profile, fps.user_xfeatures & s.user.max_features)
+        if fps.user_size < uneed:
+            yield (f"{label}: fpstate #{fps.ident} user_size {fps.user_size} < {uneed} for "
+                   f"user_xfeatures {mask_names(fps.user_xfeatures)}")
+
+
+@predicate("xcomp-bv-matches-features", X86)
+def xcomp_bv_matches(w: Any) -> Iterator[str]:
+    s = w.m.system
+    for label, fps, _ in w.fpstates():
+        xstate_bv, xcomp_bv = fps.xstate_bv, fps.xcomp_bv
+        if s.xcompacted:
+            if xcomp_bv != fps.xfeatures | XCOMP_BV_COMPACTED_FORMAT:
+                yield (f"{label}: fpstate #{fps.ident} XCOMP_BV {xcomp_bv:#x} != xfeatures "
+                       f"{fps.xfeatures:#x} | bit 63")
+            if xstate_bv & ~xcomp_bv:
+                yield (f"{label}: fpstate #{fps.ident} XSTATE_BV {xstate_bv:#x} has "
+                       f"{mask_names(xstate_bv & ~xcomp_bv)} outside XCOMP_BV {xcomp_bv:#x}")
+        else:
+            if xcomp_bv:
+                yield f"{label}: standard-format fpstate #{fps.ident} has XCOMP_BV {xcomp_bv:#x}"
+            if xstate_bv & ~fps.xfeatures:
+                yield (f"{label}: fpstate #{fps.ident} XSTATE_BV {xstate_bv:#x} beyond "
+                       f"xfeatures {fps.xfeatures:#x}")
+
+
+# -- lazy restore --------------------------------------------------------------------------------
+
+
+@predicate("valid-registers-match-memory", X86)
+def cached_registers_match_image(w: Any) -> Iterator[str]:
+    cpus = w.m.cpus
+    compare = [i for i in bits(w.m.system.kernel.max_features & XFEATURE_MASK_FPSTATE)] + [-1]
+    for t in user_tasks(w):
+        fpu = t.fpu
+        if not t.need_fpu_load or not 0 <= fpu.last_cpu < len(cpus):
+            continue
+        c = cpus[fpu.last_cpu]
+        if not fpregs_state_valid(c, fpu):
+            continue
+        regs = c.regs.snapshot()
+        image = image_state(w, fpu.fpstate)
+        for i in compare:
+            if regs.get(i) != image.get(i):
+                yield (f"{t.comm}: TIF_NEED_FPU_LOAD set and CPU {c.nr} registers marked valid, "
+                       f"but {_name(i)} is {_writer(w, regs.get(i), i)} in the registers and "
+                       f"{_writer(w, image.get(i), i)} in fpstate #{fpu.fpstate.ident}")
+                break
+
+
+@predicate("tif-clear-owns-registers", X86)
+def tif_clear_owns_registers(w: Any) -> Iterator[str]:
+    cpus = w.m.cpus
+    for t in user_tasks(w):
+        if t.need_fpu_load:
+            continue
+        if fpregs_state(t, cpus) is FpregsState.INCONSISTENT:
+            c = None if t.on_cpu is None else cpus[t.on_cpu]
+            owner = None if c is None else c.fpu_fpregs_owner_ctx
+            yield (f"{t.comm}: TIF_NEED_FPU_LOAD clear but it does not own CPU "
+                   f"{t.on_cpu}'s registers (owner {getattr(owner, 'owner', None)}, "
+                   f"last_cpu {t.fpu.last_cpu})")
+
+
+def _writer(w: Any, value: bytes | None, i: int) -> str:
+    if value is None:
+        return "absent"
+    if i == -1:
+        return f"MXCSR {int.from_bytes(value, 'little'):#x}"
+    return w.writer(value, i)
+
+
+@predicate("no-foreign-value", X86)
+def no_foreign_value(w: Any) -> Iterator[str]:
+    yield from (msg for kind, msg in _observations(w) if kind == "foreign")
+
+
+@predicate("no-lost-write", X86)
+def no_lost_write(w: Any) -> Iterator[str]:
+    yield from (msg for kind, msg in _observations(w) if kind == "lost")
+
+
+def _observations(w: Any) -> list[tuple[str, str]]:
+    """Compare what every task would see with what it expects; cached per step."""
+    cached = getattr(w, "_obs_cache", None)
+    if cached is not None and cached[0] == w.steps:
+        return cached[1]
+    out: list[tuple[str, str]] = []
+    for t in user_tasks(w):
+        if t.fpu.task_fpstate is not None:
+            continue  # in KVM_RUN: the guest's state is live (the KVM predicates judge it)
+        seen = w.seen(t)
+        for i in w.tracked:
+            got = seen.get(i)
+            want = w.expected_value(t.comm, i)
+            if got == want:
+                continue
+            tok = read_token(got) if got is not None else None
+            where, cpu = w.where(t)
+            place = f"{where}" + (f" on CPU {cpu}" if cpu is not None else "")
+            if tok is not None and tok[0] != t.pid:
+                out.append(("foreign", f"{t.comm} would see {_name(i)} = {w.writer(got, i)} "
+                            f"(expected {w.writer(want, i)}; state in {place})"))
+            else:
+                out.append(("lost", f"{t.comm} would see {_name(i)} = "
+                            f"{_writer(w, got, i)} instead of its {w.writer(want, i)} "
+                            f"(state in {place})"))
+    out += _guest_observations(w)
+    w._obs_cache = (w.steps, out)
+    return out
+
+
+# -- permissions and guest-only state ------------------------------------------------------------
+
+
+@predicate("dynamic-state-needs-permission", X86)
+def dynamic_state_permitted(w: Any) -> Iterator[str]:
+    s = w.m.system
+    for label, fps, t in w.fpstates():
+        if t is None:
+            continue
+        leader = t.process.leader.fpu
+        perm = (leader.guest_perm if fps.is_guest else leader.perm).state_perm
+        dyn = (fps.xfeatures | fps.xstate_bv) & XFEATURE_MASK_USER_DYNAMIC & ~perm
+        if dyn:
+            yield (f"{label}: fpstate #{fps.ident} has {mask_names(dyn)} without permission "
+                   f"(perm {perm:#x})")
+        if not fps.is_guest and s.fpu_state_size_dynamic:
+            unarmed = (XFEATURE_MASK_USER_DYNAMIC & s.user.max_features & ~fps.xfeatures
+                       & ~fps.xfd)
+            if unarmed:
+                yield (f"{label}: fpstate #{fps.ident} has no space for {mask_names(unarmed)} "
+                       f"but does not arm it in XFD ({fps.xfd:#x})")
+    for c in w.m.cpus:
+        t = c.current
+        if t is c.idle or t.state is not TaskState.USER or t.fpu.task_fpstate is not None:
+            continue
+        perm = t.process.leader.fpu.perm.state_perm
+        dyn = c.regs.xinuse & XFEATURE_MASK_USER_DYNAMIC & ~perm
+        if dyn:
+            yield f"{t.comm} runs on CPU {c.nr} with {mask_names(dyn)} in use, not permitted"
+
+
+@predicate("guest-only-not-in-host-fpstate", X86)
+def guest_only_state_stays_in_guests(w: Any) -> Iterator[str]:
+    for label, fps, t in w.fpstates():
+        if fps.is_guest:
+            continue
+        found = (fps.xfeatures | fps.xcomp_bv | fps.xstate_bv) & XFEATURE_MASK_GUEST_SUPERVISOR
+        if found:
+            yield f"{label}: host fpstate #{fps.ident} carries {mask_names(found)}"
+        if t is not None and t.fpu.perm.state_perm & XFEATURE_MASK_GUEST_SUPERVISOR:
+            yield f"{label}: host permission includes guest-only {mask_names(found)}"
+    init = w.m.init_fpstate
+    found = (init.xfeatures | init.xcomp_bv | init.xstate_bv) & XFEATURE_MASK_GUEST_SUPERVISOR
+    if found:
+        yield f"init_fpstate carries guest-only {mask_names(found)}"
+
+
+# -- what userspace sees -------------------------------------------------------------------------
+
+
+@predicate("nothing-beyond-advertised", X86)
+def userspace_sees_only_advertised(w: Any) -> Iterator[str]:
+    s = w.m.system
+    for kind, payload in w.emitted:
+        if kind == "uabi":
+            t, buf = payload
+            bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
+            extra = bv & ~t.fpu.fpstate.user_xfeatures
+            if extra:
+                yield (f"NT_X86_XSTATE of {t.comm}: XSTATE_BV {bv:#x} shows "
+                       f"{mask_names(extra)} beyond user_xfeatures")
+        elif kind == "xcomp_mask":
+            t, option, value = payload
+            extra = value & ~(XFEATURE_MASK_USER_SUPPORTED & s.user.max_features)
+            if extra and option != "get_supp":
+                yield f"ARCH_{option.upper()} of {t.comm} = {value:#x}: shows {extra:#x}"
+
+
+@predicate("sigframe-fits-and-describes", X86)
+def sigframe_ok(w: Any) -> Iterator[str]:
+    s = w.m.system
+    for kind, payload in w.emitted:
+        if kind != "sigframe":
+            continue
+        t, frame, buf_fx, (ss_sp, ss_size, _action) = payload
+        mm = t.process.mm
+        sw = mm.read(buf_fx + SW_BYTES_OFFSET, 20)
+        magic1 = int.from_bytes(sw[0:4], "little")
+        ext = int.from_bytes(sw[4:8], "little")
+        xfeatures = int.from_bytes(sw[8:16], "little")
+        xsize = int.from_bytes(sw[16:20], "little")
+        if magic1 != FP_XSTATE_MAGIC1:
+            yield f"{t.comm}: frame at {buf_fx:#x} has magic1 {magic1:#x}"
+            continue
+        need = standard_size(s.profile, xfeatures & s.user.max_features)
+        if xsize < need:
+            yield (f"{t.comm}: fx_sw_bytes xstate_size {xsize} < {need} needed for "
+                   f"xfeatures {mask_names(xfeatures)}")
+        if ext != xsize + 4:
+            yield f"{t.comm}: fx_sw_bytes extended_size {ext} != xstate_size {xsize} + 4"
+        if not mm.access_ok(buf_fx + xsize, 4) or int.from_bytes(
+                mm.read(buf_fx + xsize, 4), "little") != FP_XSTATE_MAGIC2:
+            yield f"{t.comm}: no FP_XSTATE_MAGIC2 at buf_fx + xstate_size ({xsize})"
+        bv = int.from_bytes(mm.read(buf_fx + _HDR, 8), "little")
+        if bv & ~xfeatures:
+            yield (f"{t.comm}: frame XSTATE_BV {bv:#x} has {mask_names(bv & ~xfeatures)} "
+                   f"beyond its fx_sw_bytes xfeatures")
+        end = buf_fx + ext
+        if ss_size and ss_sp <= frame < ss_sp + ss_size:
+            if end > ss_sp + ss_size:
+                yield (f"{t.comm}: frame [{frame:#x}, {end:#x}) overflows the sigaltstack "
+                       f"[{ss_sp:#x}, {ss_sp + ss_size:#x})")
+        elif not mm.access_ok(frame, end - frame):
+            yield f"{t.comm}: frame [{frame:#x}, {end:#x}) is not inside one mapped stack"
+
+
+
+# -- KVM guests (worlds with ``vcpus``) ----------------------------------------------------------
+
+
+def _guest_observations(w: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, v in getattr(w, "vcpus", {}).items():
+        if w._vmm_task(name) is None:
+            continue
+        seen = w.guest_seen(name)
+        for i in w.guest_tracked(v):
+            got = seen.get(i)
+            want = w.expected_value(name, i)
+            if got == want:
+                continue
+            tok = read_token(got) if got is not None else None
+            where, cpu = w.guest_where(name)
+            place = where + (f" on CPU {cpu}" if cpu is not None else "")
+            mine = tok is not None and w.name_of_owner(tok[0]) == name
+            kind = "lost" if tok is None or mine else "foreign"
+            out.append((kind, f"guest {name} would see {_name(i)} = {_writer(w, got, i)} "
+                              f"(expected {w.writer(want, i)}; state in {place})"))
+    return out
+
+
+@predicate("init-clears-architectural", X86)
+def init_clears_architectural(w: Any) -> Iterator[str]:
+    from fpstate.check.actions_kvm import ARCH_INIT_CLEARED
+
+    for kind, payload in w.emitted:
+        if kind != "init":
+            continue
+        name, v, before, after, rewritten = payload
+        caps = v.kvm.caps
+        cleared = (caps.supported_xcr0 | caps.supported_xss) & ARCH_INIT_CLEARED
+        for i in sorted(set(before or {}) | set(after)):
+            if i < 0 or i in rewritten:
+                continue
+            if (cleared >> i) & 1:
+                if after.get(i) != init_value_of(w, i):
+                    yield (f"guest {name}: INIT left {_name(i)} = {_writer(w, after.get(i), i)} "
+                           f"(the SDM clears it on INIT)")
+            elif before is not None and after.get(i) != before.get(i):
+                yield (f"guest {name}: INIT changed {_name(i)} from "
+                       f"{_writer(w, before.get(i), i)} to {_writer(w, after.get(i), i)}")
+
+
+@predicate("reset-zeroed-buffer", X86)
+def reset_zeroed_buffer(w: Any) -> Iterator[str]:
+    for kind, payload in w.emitted:
+        if kind != "reset":
+            continue
+        name, v = payload
+        fps = v.arch.guest_fpu.fpstate
+        regs = bytearray(fps.regs)
+        # fpstate_init_user(): FCW 037FH, MXCSR 1F80H and XCOMP_BV are the only writes.
+        if bytes(regs[0:2]) != b"\x7f\x03":
+            yield f"guest {name}: FCW after RESET is {bytes(regs[0:2]).hex()}"
+        regs[0:2] = bytes(2)
+        regs[24:28] = bytes(4)
+        regs[_HDR + 8:_HDR + 16] = bytes(8)
+        dirty = [n for n, b in enumerate(regs) if b]
+        if dirty:
+            yield (f"guest {name}: RESET left {len(dirty)} nonzero bytes in fpstate "
+                   f"#{fps.ident} (first at offset {dirty[0]})")
+
+
+@predicate("nothing-beyond-advertised", X86)
+def guest_sees_only_advertised(w: Any) -> Iterator[str]:
+    from fpstate.x86.xfeatures import XFEATURE_MASK_FPSSE
+
+    for kind, payload in w.emitted:
+        if kind != "kvm_uabi":
+            continue
+        name, v, buf = payload
+        bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
+        allowed = v.arch.guest_supported_xcr0 | XFEATURE_MASK_FPSSE
+        if bv & ~allowed:
+            yield (f"KVM_GET_XSAVE2 of {name}: XSTATE_BV {bv:#x} shows "
+                   f"{mask_names(bv & ~allowed)} beyond the guest's CPUID")
+    for name, v in getattr(w, "vcpus", {}).items():
+        if v.arch.xcr0 & ~(v.arch.guest_supported_xcr0 | 1):
+            yield f"guest {name} runs with XCR0 {v.arch.xcr0:#x} beyond its CPUID"
+
+
+def init_value_of(w: Any, i: int) -> bytes:
+    from fpstate.kernel.x86.hw import init_value
+
+    return init_value(i, w.m.system.profile.component(i).size)

@@ -1,0 +1,279 @@
+"""The checker's view of a model: actions, worlds, steps, violations and timeline frames.
+
+Rules of this file
+------------------
+- A *world* is one model instance (the x86 kernel `Machine` with KVM on top, or the arm64
+  host with KVM/arm64) plus what the checker tracks beside it: the values each context should
+  see (its *expected* state, from the user-visible contract of every action) and what the last
+  step emitted (signal frames, ptrace buffers, KVM_GET_XSAVE images).
+- An `Action` is data: a name and sorted keyword arguments of plain values (str, int, bool).
+  Scenarios, the explorer, shrinking and the executor all pass actions around as data; nothing
+  holds a reference into a model.
+- `World.step` applies one action: the model's `IllegalEvent` (a precondition the kernel states)
+  becomes `StepError` and the step does not count; the model's `KernelBug` (what the kernel
+  would WARN about or the memory it would corrupt) becomes a `Violation` of the invariant its
+  name maps to; otherwise every invariant of the world is checked (fpstate.check.invariants).
+- A world can `clone` itself (a deep copy, or a replay of its history when a kernel path is in
+  flight: generators cannot be copied) and name its state canonically with `key`, so the
+  explorer can hash states.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fpstate.errors import FpstateError
+
+Value = str | int | bool
+
+
+class ScenarioError(FpstateError):
+    """A scenario or action that cannot be run: bad YAML, unknown action, bad field."""
+
+
+class StepError(FpstateError):
+    """An action the model refuses in the current state (its IllegalEvent), or one whose
+    arguments name nothing that exists (a task or CPU that is not there)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step: ``name`` and its arguments as sorted (key, value) pairs."""
+
+    name: str
+    args: tuple[tuple[str, Value], ...] = ()
+
+    @classmethod
+    def of(cls, name: str, **args: Value) -> Action:
+        return cls(name, tuple(sorted(args.items())))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        for k, v in self.args:
+            if k == key:
+                return v
+        return default
+
+    def as_dict(self) -> dict[str, Any]:
+        """The scenario form: ``{name: {arg: value, ...}}`` (``{name: {}}`` without args)."""
+        return {self.name: dict(self.args)}
+
+    def __str__(self) -> str:
+        inner = ", ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool)
+                          and v > 4096 else f"{k}={v}" for k, v in self.args)
+        return f"{self.name}({inner})"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One argument of an action: its type, whether it is required, the allowed values."""
+
+    kind: type
+    doc: str
+    required: bool = True
+    choices: tuple[Value, ...] = ()
+    default: Value | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """An action of a world's vocabulary: what it models and its arguments."""
+
+    name: str
+    doc: str
+    fields: Mapping[str, FieldSpec] = field(default_factory=dict)
+
+    def validate(self, args: Mapping[str, Any], where: str) -> Action:
+        """An `Action` from scenario arguments; ScenarioError naming the bad field."""
+        if not isinstance(args, Mapping):
+            raise ScenarioError(f"{where}: arguments of {self.name!r} must be a mapping, "
+                                f"not {type(args).__name__}")
+        unknown = sorted(set(args) - set(self.fields))
+        if unknown:
+            raise ScenarioError(f"{where}: {self.name}: unknown field {unknown[0]!r} "
+                                f"(fields: {', '.join(self.fields) or 'none'})")
+        out: dict[str, Value] = {}
+        for key, spec in self.fields.items():
+            if key not in args:
+                if spec.required:
+                    raise ScenarioError(f"{where}: {self.name}: missing field {key!r}")
+                if spec.default is not None:
+                    out[key] = spec.default
+                continue
+            value = args[key]
+            ok = isinstance(value, spec.kind) and not (spec.kind is int
+                                                       and isinstance(value, bool))
+            if not ok:
+                raise ScenarioError(f"{where}: {self.name}: field {key!r} must be "
+                                    f"{spec.kind.__name__}, not {value!r}")
+            if spec.choices and value not in spec.choices:
+                raise ScenarioError(f"{where}: {self.name}: field {key!r} = {value!r} is not "
+                                    f"one of {', '.join(map(str, spec.choices))}")
+            out[key] = value
+        return Action.of(self.name, **out)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A broken invariant: its name (fpstate.check.invariants.INVARIANTS) and the evidence."""
+
+    invariant: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step returned (for expectations) and the invariants it broke."""
+
+    observed: Mapping[str, Value]
+    violations: tuple[Violation, ...]
+
+
+# -- timeline frames -----------------------------------------------------------------------------
+
+#: Where a context's state lives (the lanes of the counterexample picture).
+WHERE_REGS = "regs"  #: its registers on a CPU are the only truth
+WHERE_BOTH = "both"  #: the memory image is the truth and a CPU holds a valid copy
+WHERE_MEMORY = "memory"  #: only the memory image
+WHERE_GONE = "gone"  #: not created yet, or dead
+
+
+@dataclass(frozen=True, slots=True)
+class CpuView:
+    """One CPU after a step: what runs there, whose registers it holds, who wrote them."""
+
+    nr: int
+    running: str  #: the context running (a task, a vCPU, "idle")
+    holds: str | None  #: the context whose state the registers hold (owner_ctx), None if none
+    writers: tuple[tuple[str, str], ...]  #: (component, writer) for components not in init
+
+
+@dataclass(frozen=True, slots=True)
+class ContextView:
+    """One context (a task, a vCPU) after a step."""
+
+    name: str
+    where: str  #: one of WHERE_*
+    cpu: int | None  #: the CPU whose registers are involved (regs/both)
+    writers: tuple[tuple[str, str], ...]  #: what it would see: (component, writer)
+    #: where the memory image says otherwise (only for WHERE_BOTH): (component, writer)
+    image: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    step: int
+    action: str
+    cpus: tuple[CpuView, ...]
+    contexts: tuple[ContextView, ...]
+    violation: str | None = None
+
+
+# -- worlds --------------------------------------------------------------------------------------
+
+
+class World(abc.ABC):
+    """One model instance under the checker (see the module docstring)."""
+
+    #: The model name scenarios use (``model: x86``).
+    model: ClassVar[str]
+    #: The action vocabulary.
+    SPECS: ClassVar[Mapping[str, ActionSpec]]
+
+    def __init__(self, config: Mapping[str, Any], variant: str | None) -> None:
+        self.config = dict(config)
+        self.variant = variant
+        self.history: list[Action] = []
+        self.steps = 0
+        self.broken = False  #: a model-detected bug left the model in an unknown state
+
+    # -- what a world provides ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def enabled(self) -> list[Action]:
+        """The actions whose preconditions hold now (the explorer picks among them)."""
+
+    @abc.abstractmethod
+    def _apply(self, action: Action) -> dict[str, Value]:
+        """Run ``action`` on the model; what it observed. Raises the model's IllegalEvent,
+        KernelBug, or StepError."""
+
+    @abc.abstractmethod
+    def check(self) -> list[Violation]:
+        """Every invariant of this world, evaluated on the current state."""
+
+    @abc.abstractmethod
+    def bug_violation(self, exc: BaseException) -> Violation | None:
+        """The violation a model-detected bug (KernelBug and kin) stands for, None if
+        ``exc`` is not one."""
+
+    @abc.abstractmethod
+    def key(self) -> Hashable:
+        """A canonical, hashable name of the state (equal for states that behave alike)."""
+
+    @abc.abstractmethod
+    def frame(self, action: str, violation: str | None) -> Frame:
+        """The timeline view of the current state."""
+
+    @abc.abstractmethod
+    def illegal_types(self) -> tuple[type[BaseException], ...]:
+        """The model exception types that mean "illegal in this state"."""
+
+    # -- provided ------------------------------------------------------------------------------
+
+    @classmethod
+    def spec(cls, name: str, where: str) -> ActionSpec:
+        try:
+            return cls.SPECS[name]
+        except KeyError:
+            raise ScenarioError(f"{where}: unknown action {name!r} for model {cls.model!r} "
+                                f"(known: {', '.join(sorted(cls.SPECS))})") from None
+
+    #: True when an illegal action leaves the world exactly as it was (immutable models), so
+    #: a random walk may try another action; False when it may be left half-changed.
+    rollback_on_illegal: ClassVar[bool] = False
+
+    def step(self, action: Action, check: bool = True) -> StepResult:
+        """Apply ``action`` and check every invariant (see the module docstring); with
+        ``check`` False only model-detected bugs are reported (replaying a checked path)."""
+        try:
+            observed = self._apply(action)
+        except StepError:
+            raise
+        except self.illegal_types() as e:
+            raise StepError(f"illegal in this state: {e}") from e
+        except Exception as e:
+            v = self.bug_violation(e)
+            if v is None:
+                raise
+            self.history.append(action)
+            self.steps += 1
+            self.broken = True
+            return StepResult({}, (v,))
+        self.history.append(action)
+        self.steps += 1
+        return StepResult(observed, tuple(self.check()) if check else ())
+
+    def in_flight(self) -> bool:
+        """True when a kernel path is suspended inside the model (a deep copy cannot be made:
+        clone replays the history instead)."""
+        return False
+
+    def clone(self) -> World:
+        if not self.in_flight():
+            return copy.deepcopy(self)
+        return self.replay(self.history)
+
+    def replay(self, actions: Iterable[Action]) -> World:
+        """A fresh world of the same configuration after ``actions`` (StepError if one of
+        them is illegal on the way)."""
+        w = type(self)(self.config, self.variant)
+        for a in actions:
+            w.step(a)
+        return w
