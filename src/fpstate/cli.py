@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.decode",
     "fpstate.commands.sizes",
     "fpstate.commands.cost",
+    "fpstate.commands.cost",
     "fpstate.commands.compat",
     "fpstate.commands.conform",
     "fpstate.commands.run",
