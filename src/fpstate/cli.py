@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.bootlog",
     "fpstate.commands.decode",
     "fpstate.commands.sizes",
+    "fpstate.commands.cost",
     "fpstate.commands.compat",
     "fpstate.commands.conform",
     "fpstate.commands.run",
