@@ -6,6 +6,9 @@ or VM configuration JSON files (see `fpstate.tools.compat_arm64`).  The report l
 the guest or the VMM would lose, what would become visible, and which ioctls the
 destination KVM would refuse.  Exit status: 0 safe, 1 unsafe, 2 bad input.
 
+For ``--arch x86`` (the default) SRC and DST are x86 CPU profiles ('host', bundled names, CPUID
+dumps) and ``--kernel`` picks the modelled kernel on both sides (see `fpstate.tools.compat`).
+
 Each architecture is one entry of `ARCH_RUNNERS`: a function (args) -> exit status; the
 x86 side is added there (and to ``--arch``'s choices) by its own module.
 """
