@@ -257,3 +257,20 @@ def test_encode_refuses_a_component_the_layout_lacks() -> None:
     with pytest.raises(BlobError, match="does not fit in 64 bytes"):
         encode({**obj, "components": [{"number": 7, "registers": {"zmm16": hex(1 << 512)}}]},
                ZEN4)
+
+
+def test_apx_registers_at_the_reused_mpx_offset() -> None:
+    """APX (component 19) reuses the MPX standard offset 960: r16 at 960, r31 at 1080, on an
+    SPR-like profile that enumerates APX."""
+    from fpstate.x86.cpuid import CpuidProfile
+
+    leaves = dict(SPR.leaves)
+    a, b, c, d = leaves[(0xD, 0)]
+    leaves[(0xD, 0)] = (a | 1 << 19, b, c, d)
+    leaves[(0xD, 19)] = (128, 960, 0, 0)
+    apx = CpuidProfile("spr+apx", "intel", leaves, "test")
+    data = area(apx, 0x802E7, 0x80003, {19: (960, (0x1616).to_bytes(8, "little"))})
+    data[1080:1088] = (0x3131).to_bytes(8, "little")
+    blob = decode(bytes(data), apx, "xsave")
+    assert blob.component(19).offset == 960 and blob.component(19).state == "in use"
+    assert blob.register("r16") == 0x1616 and blob.register("r31") == 0x3131
