@@ -62,7 +62,11 @@ MAX_FRAME_PADDING = FRAME_ALIGNMENT - 1
 MAX_XSAVE_PADDING = 63
 REDZONE = 128
 #: Offsets in struct rt_sigframe (x86-64): uc at 8, uc_stack at 24, uc_mcontext at 48.
+UC_FLAGS_OFFSET = 8
 UC_STACK_OFFSET = 24
+#: uc_flags bits (uapi/asm/ucontext.h) and si_code's offset in siginfo_t.
+UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x1, 0x2, 0x4
+SI_CODE_OFFSET = 8
 SC_RSP_OFFSET = 48 + 15 * 8
 SC_FPSTATE_OFFSET = 48 + 23 * 8
 SIGINFO_OFFSET = 312
@@ -293,9 +297,17 @@ def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE) -> t
     return sp, fpstate
 
 
+def frame_uc_flags(system: FpuSystem) -> int:
+    """frame_uc_flags() (signal_64.c) for a 64-bit task: UC_SIGCONTEXT_SS |
+    UC_STRICT_RESTORE_SS, and UC_FP_XSTATE with XSAVE (host: 0x7)."""
+    flags = UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+    return flags | UC_FP_XSTATE if system.xsave else flags
+
+
 def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
-    """x64_setup_rt_frame() as far as the model writes it: the FPU frame, uc_stack, the saved
-    rsp and uc_mcontext.fpstate, si_signo. 0, or -EFAULT (the caller forces SIGSEGV)."""
+    """x64_setup_rt_frame() as far as the model writes it: the FPU frame, uc_flags, uc_stack,
+    the saved rsp and uc_mcontext.fpstate, si_signo and si_code. 0, or -EFAULT (the caller
+    forces SIGSEGV)."""
     from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE
     from fpstate.kernel.x86.xstate_prctl import EFAULT
 
@@ -306,12 +318,15 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
         return -EFAULT
     mm = t.process.mm
     try:  # unsafe_save_altstack(): the raw sas_ss_* fields (host: (0, 0, 0) without one)
+        mm.write(frame + UC_FLAGS_OFFSET, frame_uc_flags(c.m.system).to_bytes(8, "little"))
         mm.write(frame + UC_STACK_OFFSET, t.sas_ss_sp.to_bytes(8, "little")
                  + t.sas_ss_flags.to_bytes(4, "little")
                  + bytes(4) + t.sas_ss_size.to_bytes(8, "little"))
         mm.write(frame + SC_RSP_OFFSET, t.user_sp.to_bytes(8, "little"))
         mm.write(frame + SC_FPSTATE_OFFSET, fpstate.to_bytes(8, "little"))
         mm.write(frame + SIGINFO_OFFSET, sig.sig.to_bytes(4, "little"))
+        mm.write(frame + SIGINFO_OFFSET + SI_CODE_OFFSET, sig.code.to_bytes(4, "little",
+                                                                          signed=True))
     except PageFault:
         return -EFAULT
     t.user_sp = frame
@@ -460,8 +475,8 @@ def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> KPath:
 def sys_rt_sigreturn(c: Cpu) -> KPath:
     """rt_sigreturn() (arch/x86/kernel/signal_64.c): the frame is at user sp - 8 (the handler's
     ret popped the restorer address); copying it in may sleep (a preemption point); restore the
-    FPU from uc_mcontext.fpstate and the stack pointer, then the sigaltstack
-    (restore_altstack, errors ignored). A bad frame -> SIGSEGV (signal_fault). Returns 0 on
+    sigaltstack (restore_altstack, errors ignored), then restore_sigcontext(): the stack pointer,
+    then the FPU from uc_mcontext.fpstate. A bad frame -> SIGSEGV (signal_fault). Returns 0 on
     success, -EFAULT after a bad frame."""
     from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
     from fpstate.kernel.x86.sched import Signal as Sig
@@ -477,13 +492,15 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return -EFAULT
     c = yield  # copy_from_user() of the frame: may sleep
+    # restore_altstack() comes first (its errors are squashed), then restore_sigcontext():
+    # regs->sp = sc.sp before fpu__restore_sig(), so a SIGSEGV forced by a bad FPU frame is
+    # delivered on the interrupted stack (kernel-findings section 4).
+    do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),
+                   int.from_bytes(stack[8:12], "little"))
+    t.user_sp = sp
     if not (yield from fpu__restore_sig(c, fpstate, False)):
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))  # signal_fault() -> force_sig(SIGSEGV)
         return -EFAULT
-    c = c.m.cpu_of(t)
-    t.user_sp = sp
-    do_sigaltstack(c, int.from_bytes(stack[0:8], "little"), int.from_bytes(stack[16:24], "little"),
-                   int.from_bytes(stack[8:12], "little"))
     return 0
 
 
