@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpstate.errors import BlobError, HostUnavailable
 from fpstate.kernel.x86 import regset
@@ -217,3 +219,16 @@ def test_core_errors_are_blob_errors(tmp_path: Path) -> None:
     exe = Path("/bin/true").read_bytes()
     with pytest.raises(BlobError, match="not a core file"):
         xstate_notes(exe)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tail=st.binary(max_size=600), cut=st.integers(0, 2000))
+def test_corrupt_cores_raise_only_blob_error(tail: bytes, cut: int) -> None:
+    """Random ELF-looking bytes, and a real constructed core cut short or with garbage
+    appended: BlobError or notes, nothing else."""
+    good = build_core([(1, bytes(2432))])
+    for data in (b"\x7fELF" + tail, good[:cut], good[:64] + tail, good + tail):
+        try:
+            xstate_notes(data)
+        except BlobError:
+            pass
