@@ -57,7 +57,7 @@ class Layer:
 
 LAYERS: dict[str, Layer] = {}
 #: Modules that register further layers when imported (kernel, KVM).
-LAYER_MODULES: tuple[str, ...] = ("fpstate.kvm.x86.conform",)
+LAYER_MODULES: tuple[str, ...] = ("fpstate.kernel.x86.conform", "fpstate.kvm.x86.conform")
 
 
 def register_layer(layer: Layer) -> Layer:

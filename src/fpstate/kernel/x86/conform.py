@@ -87,8 +87,11 @@ class Mismatch:
     model: str
     real: str
 
-    def as_dict(self) -> dict[str, str]:
-        return {"case": self.case, "field": self.field, "model": self.model, "real": self.real}
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form; ``what`` and ``differences`` are what the conform summary prints."""
+        return {"case": self.case, "field": self.field, "model": self.model, "real": self.real,
+                "what": self.field,
+                "differences": [f"{self.field}: model {self.model} / real {self.real}"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,17 +159,25 @@ def run_case(case: Case, system: FpuSystem | None = None) -> CaseResult:
     return compare(case.name, case.model(system, ans.given), ans.facts)
 
 
-def kernel_cases() -> tuple[Case, ...]:
-    """Every case of the kernel layer, in report order."""
+def kernel_cases(samples: int | None = None, seed: int = 0) -> tuple[Case, ...]:
+    """Every case of the kernel layer, in report order. ``samples`` sets the number of random
+    ptrace writes (default `conform_ptrace.RANDOM_WRITES`), ``seed`` shifts their seed."""
     from fpstate.kernel.x86 import conform_process, conform_ptrace, conform_signal
 
-    return (*BASE_CASES, *conform_process.CASES, *conform_signal.CASES, *conform_ptrace.CASES)
+    ptrace = conform_ptrace.CASES
+    if samples is not None or seed:
+        count = conform_ptrace.RANDOM_WRITES if samples is None else samples
+        ptrace = tuple(c for c in ptrace if c.name != "ptrace/set-random")
+        ptrace += (conform_ptrace.random_case(count, conform_ptrace.RANDOM_SEED + seed),)
+    return (*BASE_CASES, *conform_process.CASES, *conform_signal.CASES, *ptrace)
 
 
-def run_kernel_layer(select: str | None = None) -> dict[str, Any]:
+def run_kernel_layer(select: str | None = None, samples: int | None = None,
+                     seed: int = 0) -> dict[str, Any]:
     """Run the cases whose name starts with ``select`` (all by default) and return the report:
-    ``{"layer": "kernel", "cases": N, "mismatches": [...], "skipped": [...]}``."""
-    cases = [c for c in kernel_cases() if select is None or c.name.startswith(select)]
+    ``{"layer": "kernel", "cases": N, "mismatches": [...], "skipped": [...]}``; each skipped
+    entry is ``"case: reason"``."""
+    cases = [c for c in kernel_cases(samples, seed) if select is None or c.name.startswith(select)]
     if not cases:
         raise FpstateError(f"no kernel case is named {select!r}*")
     results = [run_case(c) for c in cases]
@@ -174,8 +185,21 @@ def run_kernel_layer(select: str | None = None) -> dict[str, Any]:
         "layer": "kernel",
         "cases": len(results),
         "mismatches": [m.as_dict() for r in results for m in r.mismatches],
-        "skipped": [{"case": r.case, "reason": r.skipped} for r in results if r.skipped],
+        "skipped": [f"{r.case}: {r.skipped}" for r in results if r.skipped],
     }
+
+
+def _layer_run(samples: int, seed: int) -> Any:
+    """The registry's entry point (``fpstate conform --layer kernel``): every case, with
+    ``samples`` random ptrace writes."""
+    import time
+
+    from fpstate.commands.conform import LayerResult
+
+    start = time.monotonic()
+    r = run_kernel_layer(samples=samples, seed=seed)
+    return LayerResult("kernel", r["cases"], r["mismatches"], r["skipped"],
+                       time.monotonic() - start)
 
 
 # -- the model of this machine ------------------------------------------------------------------
@@ -579,6 +603,15 @@ BASE_CASES: tuple[Case, ...] = (
     Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
          _amx_altstack_host, _amx_altstack_model, host_amx_reason),
 )
+
+def _register() -> None:
+    from fpstate.commands.conform import Layer, register_layer
+
+    register_layer(Layer("kernel", "Linux x86 FPU core: the kernel model vs the running kernel "
+                         "(permissions, signal frames, sigreturn, ptrace, fork/exec)", _layer_run))
+
+
+_register()
 
 __all__ = ["BASE_CASES", "Case", "CaseResult", "HostAnswer", "Mismatch", "compare",
            "host_amx_reason", "host_system", "image_registers", "kernel_cases", "load_registers",

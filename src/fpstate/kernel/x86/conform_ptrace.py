@@ -226,6 +226,7 @@ def random_mutation(rng: random.Random, xcr0: int) -> Mutation:
 
 RANDOM_WRITES = 256
 RANDOM_SEED = 0x6A7E
+_RULE = "ptrace_regset, xstateregs_get/set, xfpregs_get/set, copy_uabi_to_xstate"
 
 
 def _rules_host() -> HostAnswer:
@@ -237,15 +238,22 @@ def _rules_host() -> HostAnswer:
     return HostAnswer(facts, PtraceGiven(s.before.raw, writes))
 
 
-def _random_host() -> HostAnswer:
-    from fpstate.host.child import register_class
+def random_case(count: int = RANDOM_WRITES, seed: int = RANDOM_SEED) -> Case:
+    """``count`` random NT_X86_XSTATE writes (`random_mutation` seeded with ``seed``) in one
+    traced child, model vs real."""
 
-    xstate, _ = _base_images()
-    rng = random.Random(RANDOM_SEED)
-    xcr0 = register_class().xcr0
-    writes = tuple(random_mutation(rng, xcr0).apply(xstate) for _ in range(RANDOM_WRITES))
-    facts, s = _host_session(writes)
-    return HostAnswer(facts, PtraceGiven(s.before.raw, writes))
+    def host() -> HostAnswer:
+        from fpstate.host.child import register_class
+
+        xstate, _ = _base_images()
+        rng = random.Random(seed)
+        xcr0 = register_class().xcr0
+        writes = tuple(random_mutation(rng, xcr0).apply(xstate) for _ in range(count))
+        facts, s = _host_session(writes)
+        return HostAnswer(facts, PtraceGiven(s.before.raw, writes))
+
+    return Case("ptrace/set-random", f"{_RULE} on {count} random buffers (seed {seed:#x})",
+                host, ptrace_model)
 
 
 def _get_host() -> HostAnswer:
@@ -282,13 +290,10 @@ def _lengths_model(system: FpuSystem, given: Any) -> Facts:
     return out
 
 
-_RULE = "ptrace_regset, xstateregs_get/set, xfpregs_get/set, copy_uabi_to_xstate"
-
 CASES: tuple[Case, ...] = (
     Case("ptrace/get-and-resume", _RULE + ", __copy_xstate_to_uabi_buf", _get_host, ptrace_model),
     Case("ptrace/iov-lengths", "ptrace_regset (iov_len % 8, clamping, unknown note)",
          _lengths_host, _lengths_model),
     Case("ptrace/set-rules", _RULE + ", validate_user_xstate_header", _rules_host, ptrace_model),
-    Case(f"ptrace/set-random-{RANDOM_WRITES}", _RULE + " on random buffers", _random_host,
-         ptrace_model),
+    random_case(),
 )
