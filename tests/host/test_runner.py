@@ -291,6 +291,30 @@ def test_amx_tile_config_round_trip_and_tileloadd_row() -> None:
     assert out.buffers[1][tiles + 64:tiles + 72] == rows[8:]  # row 1, 64 bytes further
 
 
+def test_amx_tilestored_writes_rows_at_the_configured_stride() -> None:
+    need("LDTILECFG", "TILELOADD", "TILESTORED")
+    cfg = bytearray(64)
+    cfg[0] = 1  # palette 1
+    struct.pack_into("<H", cfg, 16 + 2 * 3, 12)  # tmm3: 12 bytes per row
+    cfg[48 + 3] = 3  # tmm3: 3 rows
+    rows = bytes(range(1, 37))
+    out = run([Insn("LDTILECFG", data=bytes(cfg)), Insn("TILELOADD", reg=3, data=rows),
+               Insn("TILESTORED", buf=0, reg=3)], (Buffer(b"\xaa" * 64),))
+    assert out.fault is None
+    assert out.buffers[0][:36] == rows and out.buffers[0][36:64] == b"\xaa" * 28
+
+
+def test_tilestored_without_amx_is_ud_at_its_step() -> None:
+    """Where the host lacks AMX the whole TILESTORED sequence (STTILECFG for the stride, then
+    the store) faults #UD at the TILESTORED's step, and the buffer is untouched."""
+    reason = host_lacks("TILESTORED")
+    if reason is None:
+        pytest.skip("host has AMX: TILESTORED executes (test_amx_tilestored_...)")
+    out = run([Insn("STMXCSR"), Insn("TILESTORED", buf=0, reg=0)], (Buffer(b"\xaa" * 64),))
+    assert (out.fault.vector, out.fault_step) == ("#UD", 1) and out.values == (0x1F80,)
+    assert out.buffers[0][:64] == b"\xaa" * 64
+
+
 _LOADS = st.one_of(
     st.tuples(st.just("MOVDQU"), st.integers(0, 15), st.binary(min_size=16, max_size=16)),
     st.tuples(st.just("VMOVDQU"), st.integers(0, 15), st.binary(min_size=32, max_size=32)),

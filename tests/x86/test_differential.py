@@ -108,7 +108,7 @@ def test_at_least_2000_cases() -> None:
     assert RANDOM_CASES + VARIANT_CASES * len(VARIANTS) >= 2000
 
 
-@pytest.mark.parametrize("focus", ["WRPKRU", "LDTILECFG"])
+@pytest.mark.parametrize("focus", ["WRPKRU", "LDTILECFG", "TILESTORED"])
 def test_feature_programs(focus: str) -> None:
     """PKRU and AMX state against the host, where the host has them."""
     reason = host_lacks(focus)

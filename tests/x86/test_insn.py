@@ -19,7 +19,14 @@ from fpstate.errors import MaskError, ProgramError
 from fpstate.x86 import impl as I
 from fpstate.x86.cpu import Area, Cpu, UnknownPointers, machine
 from fpstate.x86.insn import XSAVE, XSAVEC, default_xcr0, run_program
-from fpstate.x86.insn_regs import LDTILECFG, STTILECFG, TILELOADD, TILERELEASE, TILEZERO
+from fpstate.x86.insn_regs import (
+    LDTILECFG,
+    STTILECFG,
+    TILELOADD,
+    TILERELEASE,
+    TILESTORED,
+    TILEZERO,
+)
 from fpstate.x86.profiles import load_profile
 from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Outcome, Program
 
@@ -365,6 +372,70 @@ def test_tileloadd_loads_rows_and_zeroes_the_rest() -> None:
     assert tile[0:64] == bytes(64)  # row 0 below start_row: untouched (zero from LDTILECFG)
     assert tile[64:72] == bytes(range(8, 16)) and tile[72:1024] == bytes(952)
     assert cpu.regs[17][1] == 0  # start_row := 0
+
+
+def _tmm0(rows: int, colsb: int, start_row: int = 0) -> bytes:
+    cfg = bytearray(TILE_CFG)
+    struct.pack_into("<H", cfg, 16, colsb)
+    cfg[48], cfg[1] = rows, start_row
+    return bytes(cfg)
+
+
+def test_tilestored_stores_the_configured_rows_only() -> None:
+    """LDTILECFG tmm0 = 3 rows x 12 bytes, TILELOADD, TILESTORED into 0xAA: rows at stride 12
+    (bytes [0, 36)), nothing beyond; the final image holds the same rows 64 bytes apart."""
+    rows = bytes(range(1, 37))
+    prog = Program(image(0), (Insn("LDTILECFG", data=_tmm0(3, 12)),
+                              Insn("TILELOADD", reg=0, data=rows),
+                              Insn("TILESTORED", buf=0, reg=0)), (AA,))
+    o = one(SPR, prog)
+    assert o.fault is None
+    assert o.buffers[0][:36] == rows and o.buffers[0][36:4096] == b"\xaa" * 4060
+    tiles = SPR.component(18).offset
+    assert [o.final[tiles + 64 * r:tiles + 64 * r + 12] for r in range(3)] == \
+        [rows[0:12], rows[12:24], rows[24:36]]
+
+
+def test_tilestored_from_start_row_and_resets_it() -> None:
+    """start_row 1: row 0 is not written (stays 0xAA), row 1 is at [8, 16); start_row := 0."""
+    cpu = spr_cpu()
+    assert LDTILECFG(cpu, _tmm0(2, 8)) is None
+    assert TILELOADD(cpu, 0, bytes(range(100, 116))) is None
+    cpu.regs[17][1] = 1  # start_row as an interrupted TILESTORED leaves it (XRSTOR can load it)
+    dst = bytearray(b"\xaa" * 64)
+    assert TILESTORED(cpu, 0, dst) is None
+    assert dst[:8] == b"\xaa" * 8 and dst[8:16] == bytes(range(108, 116))
+    assert dst[16:] == b"\xaa" * 48 and cpu.regs[17][1] == 0
+
+
+def test_tilestored_with_xfd_armed_is_nm_with_xfd_err() -> None:
+    """AMX-E3 under IA32_XFD[18] = 1: #NM, IA32_XFD_ERR := 0x40000, memory untouched."""
+    cpu = spr_cpu(xfd=0x40000)
+    assert LDTILECFG(cpu, TILE_CFG) is None
+    dst = bytearray(b"\xaa" * 1024)
+    fault = TILESTORED(cpu, 0, dst)
+    assert fault.vector == "#NM" and cpu.xfd_err == 0x40000 and dst == b"\xaa" * 1024
+    prog = Program(image(0), (Insn("LDTILECFG", data=TILE_CFG), Insn("TILESTORED", buf=0)),
+                   (AA,))
+    o = one(SPR, prog, xfd=0x40000)
+    assert (o.fault.vector, o.fault_step) == ("#NM", 1) and o.buffers[0] == AA.data.ljust(
+        BUFFER_SIZE, b"\0")
+
+
+def test_tilestored_ud_cases() -> None:
+    """AMX-E3 #UD: no AMX-TILE (Zen 4), XCR0[18:17] != 11b, TILES_CONFIGURED = 0, a tile the
+    palette has but the configuration leaves empty, start_row >= rows, colsb % 4 != 0."""
+    store = Program(image(0), (Insn("LDTILECFG", data=TILE_CFG), Insn("TILESTORED", buf=0)),
+                    (AA,))
+    assert one(ZEN4, store).fault.vector == "#UD"
+    assert one(SPR, store, xcr0=default_xcr0(SPR) & ~0x60000).fault.vector == "#UD"
+    dst = bytearray(64)
+    assert "TILES_CONFIGURED" in TILESTORED(spr_cpu(), 0, dst).reason
+    for cfg, t in ((TILE_CFG, 1), (_tmm0(2, 8, start_row=2), 0), (_tmm0(2, 6), 0)):
+        cpu = spr_cpu()
+        assert LDTILECFG(cpu, cfg) is None
+        fault = TILESTORED(cpu, t, dst)
+        assert fault is not None and fault.vector == "#UD" and dst == bytes(64), (cfg, t)
 
 
 def test_xsave_of_xfd_armed_tiledata_saves_its_initial_configuration() -> None:

@@ -9,7 +9,10 @@ Rules of this file:
 - the operands of `fpstate.x86.program.Insn` map to registers exactly as the SDM's
   instruction pages name them: EDX:EAX = ``mask`` for the XSAVE family, ECX = ``reg`` and
   EDX:EAX = ``value`` for XSETBV, ECX = ``reg`` for XGETBV, ECX = 0 and EDX:EAX = ``value`` for
-  WRPKRU (so a value of 2**32 or more gives WRPKRU's #GP for EDX != 0), ECX = 0 for RDPKRU.
+  WRPKRU (so a value of 2**32 or more gives WRPKRU's #GP for EDX != 0), ECX = 0 for RDPKRU;
+- TILELOADD and TILESTORED (`emit_tile_move`) take their stride from the tile's bytes per row
+  in the *current* configuration: STTILECFG to a 64-byte scratch area, then MOVZX ECX from its
+  colsb word, then the move with ``[rbx + rcx*1 + disp32]``.
 
 64-bit forms are used throughout (XSAVE64, FXSAVE64, ...): FIP and FDP are 64-bit fields.
 """
@@ -41,7 +44,11 @@ LOAD_CODES = {
     "VMOVDQU": (Code.VEX_VMOVDQU_YMM_YMMM256, Register.YMM0),
     "VMOVDQU64": (Code.EVEX_VMOVDQU64_ZMM_K1Z_ZMMM512, Register.ZMM0),
     "KMOVQ": (Code.VEX_KMOVQ_KR_KM64, Register.K0),
-    "TILELOADD": (Code.VEX_TILELOADD_TMM_SIBMEM, Register.TMM0),
+}
+#: Tile rows to or from memory with a stride (SIB addressing, the index register is the stride).
+TILE_MOVES = {
+    "TILELOADD": Code.VEX_TILELOADD_TMM_SIBMEM,
+    "TILESTORED": Code.VEX_TILESTORED_SIBMEM_TMM,
 }
 #: Memory-operand instructions without a register: mnemonic -> code.
 MEM_CODES = {
@@ -139,7 +146,7 @@ class Operands:
     buf: int = 0  #: the buffer (already including its misalignment)
     data: int = 0  #: the instruction's ``data`` (or packed ``value``) in the data pool
     value: int = 0  #: the value slot (8 bytes, zeroed) for instructions in VALUE_MNEMONICS
-    stride: int = 0  #: TILELOADD's row stride
+    scratch: int = 0  #: 64 bytes where TILELOADD/TILESTORED read the tile's bytes per row
 
 
 def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:
@@ -171,12 +178,9 @@ def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:
         return at
     if m in LOAD_CODES:
         code, first = LOAD_CODES[m]
-        if m == "TILELOADD":
-            asm.mov32(Register.ECX, ops.stride)
-            operand = mem(ops.data, Register.RCX)
-        else:
-            operand = mem(ops.data)
-        return asm.emit(Instruction.create_reg_mem(code, first + insn.reg, operand))
+        return asm.emit(Instruction.create_reg_mem(code, first + insn.reg, mem(ops.data)))
+    if m in TILE_MOVES:
+        return emit_tile_move(asm, insn, ops)[-1]
     if m == "TILEZERO":
         return asm.emit(Instruction.create_reg(Code.VEX_TILEZERO_TMM, Register.TMM0 + insn.reg))
     if m in MEM_CODES:
@@ -189,3 +193,23 @@ def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:
         return asm.emit(Instruction.create_mem(MEM_CODES[m], mem(disp)))
     assert m in NO_OPERAND_CODES, f"no encoding for {m}"
     return asm.op(NO_OPERAND_CODES[m])
+
+
+def emit_tile_move(asm: Asm, insn: Insn, ops: Operands) -> tuple[int, int]:
+    """TILELOADD tmm, [rbx + rcx*1 + data] or TILESTORED [rbx + rcx*1 + buf], tmm with RCX =
+    the bytes per row of tmm ``insn.reg`` in the current TILECFG: STTILECFG [scratch] and
+    MOVZX ECX, word [scratch + 16 + 2 * reg] first (STTILECFG stores zeros when
+    TILES_CONFIGURED = 0: the move then #UDs for that reason, not for its operand).
+    Returns the addresses of the STTILECFG and of the move: either may fault (#UD without
+    AMX at the first, AMX-E3 at the second)."""
+    m = insn.mnemonic
+    first = asm.emit(Instruction.create_mem(Code.VEX_STTILECFG_M512, mem(ops.scratch)))
+    asm.emit(Instruction.create_reg_mem(Code.MOVZX_R32_RM16, Register.ECX,
+                                        mem(ops.scratch + 16 + 2 * insn.reg)))
+    tmm = Register.TMM0 + insn.reg
+    if m == "TILELOADD":
+        move = Instruction.create_reg_mem(TILE_MOVES[m], tmm, mem(ops.data, Register.RCX))
+    else:
+        assert m == "TILESTORED", m
+        move = Instruction.create_mem_reg(TILE_MOVES[m], mem(ops.buf, Register.RCX), tmm)
+    return first, asm.emit(move)

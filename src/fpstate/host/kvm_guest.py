@@ -31,8 +31,8 @@ The run ends at that KVM_EXIT_IO (or a KVM_EXIT_HLT); any other exit is a HostEr
 
 The instructions are encoded exactly as the user-mode runner encodes them
 (`fpstate.host.asm.emit_insn`: 64-bit forms, memory operands ``[rbx + disp32]``); RBX is 0 in
-the guest, so displacements are guest-physical (= linear) addresses. TILELOADD's stride is read
-with STTILECFG just before it, as the runner does.
+the guest, so displacements are guest-physical (= linear) addresses. The stride of TILELOADD
+and TILESTORED is read with STTILECFG just before them, as the runner does.
 """
 
 from __future__ import annotations
@@ -180,22 +180,16 @@ def _operands(program: Program) -> tuple[list[Operands], list[tuple[int, bytes]]
         buf = 0
         if 0 <= insn.buf < len(program.buffers):
             buf = buffer_address(insn.buf, program.buffers[insn.buf].misalign)
-        ops.append(Operands(buf=buf, data=where, value=value))
+        ops.append(Operands(buf=buf, data=where, value=value, scratch=SCRATCH))
     if at > MEM_SIZE or slot > STATUS + 0x1000:
         raise ProgramError("the program's data or values do not fit in the guest's memory")
     return ops, pool
 
 
 def _emit(a: Asm, insn: Insn, ops: Operands) -> None:
-    """One program instruction; TILELOADD first reads its tile's bytes per row (STTILECFG)."""
-    if insn.mnemonic == "TILELOADD":
-        a.emit(Instruction.create_mem(Code.VEX_STTILECFG_M512, mem(SCRATCH)))
-        a.emit(Instruction.create_reg_mem(Code.MOVZX_R32_RM16, Register.ECX,
-                                          mem(SCRATCH + 16 + 2 * insn.reg)))
-        a.emit(Instruction.create_reg_mem(Code.VEX_TILELOADD_TMM_SIBMEM,
-                                          Register.TMM0 + insn.reg, mem(ops.data, Register.RCX)))
-    else:
-        emit_insn(a, insn, ops)
+    """One program instruction; TILELOADD/TILESTORED first read their tile's bytes per row
+    (STTILECFG to SCRATCH: `fpstate.host.asm.emit_tile_move`)."""
+    emit_insn(a, insn, ops)
 
 
 # -- the guest machine -----------------------------------------------------------------------

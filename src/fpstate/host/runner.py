@@ -50,8 +50,9 @@ expected only where the kernel refuses it. If the child died without the handler
 the handler itself), the signal alone decides: SIGSEGV and SIGBUS #GP, SIGILL #UD, SIGFPE #MF.
 
 Operand conventions (the model follows the same): see `fpstate.host.asm`; FLDCW stores the
-low 16 bits of ``value``, LDMXCSR the low 32 bits; TILELOADD's stride is the bytes-per-row of
-the tile's *current* configuration, read with STTILECFG into a scratch area just before it.
+low 16 bits of ``value``, LDMXCSR the low 32 bits; the stride of TILELOADD and TILESTORED is
+the bytes-per-row of the tile's *current* configuration, read with STTILECFG into a scratch
+area just before it (`fpstate.host.asm.emit_tile_move`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,15 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from fpstate.errors import HostUnavailable, ProgramError
 from fpstate.host import native
-from fpstate.host.asm import VALUE_MNEMONICS, Asm, Operands, emit_insn, mem
+from fpstate.host.asm import (
+    TILE_MOVES,
+    VALUE_MNEMONICS,
+    Asm,
+    Operands,
+    emit_insn,
+    emit_tile_move,
+    mem,
+)
 from fpstate.x86.image import normalise_image
 from fpstate.x86.program import (
     BUFFER_SIZE,
@@ -119,8 +128,8 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "FLD": ("FPU",), "FLDCW": ("FPU",), "FNINIT": ("FPU",), "FNSTSW": ("FPU",),
     "FNSTCW": ("FPU",), "EMMS": ("MMX",),
     "WRPKRU": ("PKU", "OSPKE"), "RDPKRU": ("PKU", "OSPKE"),
-    "LDTILECFG": _AMX, "STTILECFG": _AMX, "TILELOADD": _AMX, "TILEZERO": _AMX,
-    "TILERELEASE": _AMX,
+    "LDTILECFG": _AMX, "STTILECFG": _AMX, "TILELOADD": _AMX, "TILESTORED": _AMX,
+    "TILEZERO": _AMX, "TILERELEASE": _AMX,
 }
 assert set(REQUIRES) == MNEMONICS, set(REQUIRES) ^ MNEMONICS
 
@@ -205,7 +214,7 @@ def host_xsave() -> HostXsave:
 STEP, DONE, FAULTED, SIGNO, SICODE, TRAPNO, ERR, RIP, XINUSE = 0, 8, 16, 24, 28, 32, 40, 48, 64
 SIGACTION = 128  #: struct kernel_sigaction {handler, flags, restorer, mask}
 RLIMIT0 = 192  #: struct rlimit {0, 0}
-SCRATCH = 256  #: 64 bytes for STTILECFG before TILELOADD
+SCRATCH = 256  #: 64 bytes for STTILECFG before TILELOADD/TILESTORED
 STACK_BOTTOM, STACK_TOP = 0x1000, 0x11000  #: the vfork child's stack (signal frames too)
 START = STACK_TOP  #: the start image
 FINAL = START + BUFFER_SIZE  #: the final image
@@ -263,7 +272,7 @@ def _layout(program: Program) -> _Layout:
             pool.append((at, data))
             at = _up(at + len(data))
         buf = buffers[insn.buf] if 0 <= insn.buf < len(buffers) else 0
-        operands.append(Operands(buf=buf, data=where, value=value))
+        operands.append(Operands(buf=buf, data=where, value=value, scratch=SCRATCH))
     return _Layout(_up(at, mmap.PAGESIZE), tuple(buffers), tuple(operands), tuple(pool))
 
 
@@ -342,18 +351,10 @@ def _generate(program: Program, lay: _Layout, host: HostXsave, arena: int, base:
     allowed = []
     for n, (insn, ops) in enumerate(zip(program.insns, lay.operands, strict=True)):
         a.store_imm(STEP, n)
-        here = []
-        if insn.mnemonic == "TILELOADD":
-            # the stride is the tile's current bytes per row: STTILECFG, then colsb[reg]
-            here.append(a.emit(Instruction.create_mem(Code.VEX_STTILECFG_M512, mem(SCRATCH))))
-            a.emit(Instruction.create_reg_mem(Code.MOVZX_R32_RM16, Register.ECX,
-                                              mem(SCRATCH + 16 + 2 * insn.reg)))
-            code = Instruction.create_reg_mem(Code.VEX_TILELOADD_TMM_SIBMEM,
-                                              Register.TMM0 + insn.reg, mem(ops.data, Register.RCX))
-            here.append(a.emit(code))
+        if insn.mnemonic in TILE_MOVES:  # stride: the tile's current bytes per row
+            allowed.append(emit_tile_move(a, insn, ops))
         else:
-            here.append(emit_insn(a, insn, ops))
-        allowed.append(tuple(here))
+            allowed.append((emit_insn(a, insn, ops),))
     a.store_imm(STEP, len(program.insns))
     a.code += _epilogue(host.xcr0, host.xgetbv1)
     return bytes(a.code), body, tuple(allowed)

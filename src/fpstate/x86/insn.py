@@ -468,6 +468,8 @@ def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
         return R.XSETBV(cpu, insn.reg, insn.value)
     if mn == "STTILECFG":
         return R.STTILECFG(cpu, bufs[insn.buf].data)
+    if mn == "TILESTORED":
+        return R.TILESTORED(cpu, insn.reg, bufs[insn.buf].data)
     fn = getattr(R, mn)
     if mn in ("MOVDQU", "VMOVDQU", "VMOVDQU64", "KMOVQ", "TILELOADD"):
         return fn(cpu, insn.reg, insn.data)

@@ -384,6 +384,30 @@ def TILELOADD(cpu: Cpu, t: int, data: bytes) -> Fault | None:
     return None
 
 
+def TILESTORED(cpu: Cpu, t: int, dst: bytearray) -> Fault | None:
+    """TILESTORED sibmem, tmm (VEX.128.F3.0F38.W0 4B !(11):rrr:100), AMX-E3: rows start_row ..
+    rows-1 of tmm ``t`` to memory, ``colsb`` bytes each at ``row * stride`` (stride ``colsb``
+    as the runner lays them out: `fpstate.x86.program`); nothing else is written; start_row
+    := 0 ("zero_tilecfg_start"). No register but start_row changes: TILECFG counts as
+    modified only if start_row was not 0."""
+    fault = _tile_faults(cpu, t, True)
+    if fault:
+        return fault
+    p = cpu.palette()
+    assert p is not None
+    rows, colsb = cpu.tile_shape(t)
+    tile = cpu.regs[XTILEDATA]
+    base = t * p.bytes_per_tile
+    start = cpu.regs[XTILECFG][1]
+    for r in range(start, rows):
+        at = base + r * p.bytes_per_row
+        dst[r * colsb:(r + 1) * colsb] = tile[at:at + colsb]
+    if start:
+        cpu.regs[XTILECFG][1] = 0
+        cpu.xmodified |= 1 << XTILECFG
+    return None
+
+
 def TILEZERO(cpu: Cpu, t: int) -> Fault | None:
     """TILEZERO tmm (VEX.128.F2.0F38.W0 49 11:rrr:000), AMX-E5: zero every row of tmm ``t``."""
     fault = _tile_faults(cpu, t, False)
@@ -538,6 +562,7 @@ __all__ = [
     "STTILECFG",
     "TILELOADD",
     "TILERELEASE",
+    "TILESTORED",
     "TILEZERO",
     "VMOVDQU",
     "VMOVDQU64",

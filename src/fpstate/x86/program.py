@@ -39,7 +39,9 @@ Instructions
   the configured bytes-per-row, stride = bytes per row).
 - No operands: VZEROUPPER, VZEROALL, FNINIT, EMMS, TILERELEASE; TILEZERO takes tmm ``reg``.
 - Stores append to `Outcome.values`: RDPKRU (EAX), STMXCSR (the 32-bit value), FNSTSW (AX),
-  FNSTCW (the control word). STTILECFG stores into buffer ``buf`` at offset 0.
+  FNSTCW (the control word). STTILECFG stores into buffer ``buf`` at offset 0; TILESTORED
+  stores tmm ``reg`` into buffer ``buf`` from offset 0: rows of the configured bytes-per-row,
+  stride = bytes per row (as TILELOADD), bytes between and after them untouched.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ SUPERVISOR_ONLY = frozenset({"XSAVES", "XRSTORS", "XSETBV"})
 _OPERANDS: dict[str, tuple[bool, tuple[int, int] | None, int | None]] = {
     **{m: (True, None, None) for m in XSAVE_FAMILY},
     "STTILECFG": (True, None, None),
+    "TILESTORED": (True, (0, 7), None),
     "XGETBV": (False, (0, 0xFFFFFFFF), None),
     "XSETBV": (False, (0, 0xFFFFFFFF), None),
     "MOVDQU": (False, (0, 15), 16),
@@ -104,6 +107,8 @@ class Insn:
 
     def __str__(self) -> str:
         m = self.mnemonic
+        if m == "TILESTORED":
+            return f"{m} [buf{self.buf}], tmm{self.reg}"
         if m in XSAVE_FAMILY or m == "STTILECFG":
             return f"{m} [buf{self.buf}], {self.mask:#x}" if m[0] == "X" else f"{m} [buf{self.buf}]"
         if m in ("XGETBV", "XSETBV"):
