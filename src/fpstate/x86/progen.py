@@ -27,7 +27,7 @@ import struct
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from fpstate.x86.cpu import Machine, machine
+from fpstate.x86.cpu import XTILECFG, Machine, machine
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
@@ -112,6 +112,11 @@ def _mxcsr(d: Draw, m: Machine, mask: int, valid: bool = True) -> int:
     return d.choice((0x10000, 0x80000000, d.integer(0, 0xFFFFFFFF) | ~mask & 0xFFFFFFFF))
 
 
+def _component(d: Draw, m: Machine, i: int, size: int) -> bytes:
+    """The bytes of component ``i`` in an image; TILECFG as LDTILECFG's operand (`_tilecfg`)."""
+    return _tilecfg(d, m) if i == XTILECFG else _value_bytes(d, size)
+
+
 def standard_image(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool) -> bytes:
     """A valid standard-format XSAVE image of XCR0 with random XSTATE_BV and contents."""
     img = bytearray(standard_size(m.profile, xcr0))
@@ -120,7 +125,7 @@ def standard_image(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool
     img[160:416] = _value_bytes(d, 256)
     for i in bits(xcr0 & ~3):
         c = m.components[i]
-        img[c.offset:c.offset + c.size] = _value_bytes(d, c.size)
+        img[c.offset:c.offset + c.size] = _component(d, m, i, c.size)
     struct.pack_into("<Q", img, 512, _submask(d, xcr0))
     return bytes(img)
 
@@ -136,7 +141,7 @@ def compacted_image(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: boo
     end = 576
     for i, off in compacted_offsets(m, xcomp):
         size = m.components[i].size
-        img[off:off + size] = _value_bytes(d, size)
+        img[off:off + size] = _component(d, m, i, size)
         end = off + size
     struct.pack_into("<QQ", img, 512, _submask(d, xcomp & ~XCOMP_BV_COMPACTED_FORMAT), xcomp)
     return bytes(img[:end])
@@ -188,9 +193,31 @@ _WEIGHTS: tuple[tuple[str, int], ...] = (
     ("KMOVQ", 3), ("VZEROUPPER", 3), ("VZEROALL", 2), ("FLD", 3), ("FLDCW", 2), ("FNINIT", 2),
     ("EMMS", 1), ("FNSTSW", 1), ("FNSTCW", 1), ("LDMXCSR", 3), ("STMXCSR", 1),
     ("XSAVES", 1), ("XRSTORS", 1), ("XSETBV", 1), ("WRPKRU", 1), ("RDPKRU", 1),
-    ("LDTILECFG", 1), ("STTILECFG", 1), ("TILELOADD", 1), ("TILEZERO", 1), ("TILERELEASE", 1),
+    ("LDTILECFG", 1), ("STTILECFG", 1), ("TILELOADD", 1), ("TILESTORED", 1), ("TILEZERO", 1),
+    ("TILERELEASE", 1),
 )
 _MNEMONICS = tuple(m for m, w in _WEIGHTS for _ in range(w))
+
+
+def _tilecfg(d: Draw, m: Machine) -> bytes:
+    """LDTILECFG's operand: on a CPU with AMX palettes, half the time a valid palette-1
+    configuration (random shapes, colsb mostly a multiple of 4, some tiles left empty,
+    start_row mostly 0), so that TILELOADD/TILESTORED/TILEZERO get past their #UD checks;
+    otherwise any bytes (mostly LDTILECFG's #GP)."""
+    if not m.palettes or _chance(d, 50):
+        return _value_bytes(d, 64)
+    p = m.palettes[0]
+    cfg = bytearray(64)
+    cfg[0] = 1
+    for n in range(p.max_names):
+        if _chance(d, 20):
+            continue
+        colsb = d.choice((p.bytes_per_row, 4 * d.integer(1, p.bytes_per_row // 4),
+                          d.integer(1, p.bytes_per_row)))
+        struct.pack_into("<H", cfg, 16 + 2 * n, colsb)
+        cfg[48 + n] = d.integer(1, p.max_rows)
+    cfg[1] = d.choice((0, 0, 0, d.integer(0, p.max_rows)))
+    return bytes(cfg)
 
 
 def _request_mask(d: Draw, xcr0: int) -> int:
@@ -229,9 +256,11 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
     if mn == "WRPKRU":
         return Insn(mn, value=d.integer(0, 0xFFFFFFFF))
     if mn == "LDTILECFG":
-        return Insn(mn, data=_value_bytes(d, 64))
+        return Insn(mn, data=_tilecfg(d, m))
     if mn == "TILELOADD":
         return Insn(mn, reg=d.integer(0, 7), data=_value_bytes(d, 1024))
+    if mn == "TILESTORED":
+        return Insn(mn, buf=buf, reg=d.integer(0, 7))
     if mn == "TILEZERO":
         return Insn(mn, reg=d.integer(0, 7))
     return Insn(mn)
