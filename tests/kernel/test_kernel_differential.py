@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,7 +36,12 @@ from fpstate.x86 import layout
 from fpstate.x86.profiles import load_profile
 
 CASES = kernel_cases()
-x86_only = pytest.mark.skipif(not native.is_x86_64(), reason="the host is not x86-64")
+_not_x86 = pytest.mark.skipif(not native.is_x86_64(), reason="the host is not x86-64")
+
+
+def x86_only(fn: Any) -> Any:
+    """Runs on this machine's kernel: marked ``host`` and skipped off x86-64."""
+    return pytest.mark.host(_not_x86(fn))
 
 
 def _mismatch_text(result: conform.CaseResult) -> str:
