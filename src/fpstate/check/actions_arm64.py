@@ -151,6 +151,8 @@ class Arm64World(World):
         if fn is None:
             raise StepError(f"action {action.name!r} is not known to model {self.model}")
         saved = self.kw
+        # Observations belong to one event: what this action lets a context see.
+        self.kw = self.kw.with_host(self.kw.host.clear_obs())
         try:
             return fn(**dict(action.args)) or {}
         except BaseException:
@@ -275,7 +277,7 @@ class Arm64World(World):
 
     def do_set_reg(self, vcpu: str, reg: str) -> dict[str, Value]:
         self._vmm_out(vcpu)
-        host, tok = self.kw.host.fresh(f"user:{vcpu}")
+        host, tok = self.kw.host.fresh(vcpu)  # the value becomes the vCPU's own
         self.kw = self.kw.with_host(host)
         self.kw, ret = sys_regs.kvm_sys_reg_set_user(self.kw, self._vcpu(vcpu), reg, tok)
         return {"ret": ret}
@@ -314,7 +316,7 @@ class Arm64World(World):
         nxt = None if next == "idle" else next
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
-            nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
+            nr = [c.idx for c in self.kw.host.cpus if c.current == nxt][0]
             self.kw = self.kw.with_host(host_fpsimd.ret_to_user(self.kw.host, nr))
         return {}
 

@@ -91,6 +91,8 @@ KVM_SPECS.update({s.name: s for s in (
                "KVM_GET_MP_STATE (kvm_apic_accept_events -> kvm_vcpu_reset(init_event))",
                {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("get_xsave", "KVM_GET_XSAVE2 of a vCPU", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("observe_vcpu", "what the guest would see and where its state lives (for "
+               "expect:)", {"vcpu": _VCPU}),
     ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
                "cet_user, IA32_PL0_SSP for cet_kernel): the guest FPU is loaded around the "
                "WRMSR", {"task": _VMM, "vcpu": _VCPU,
@@ -390,6 +392,18 @@ class KvmX86World(X86World):
         self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
         return {"size": len(buf), "xstate_bv": int.from_bytes(buf[512:520], "little")}
 
+    def do_observe_vcpu(self, vcpu: str) -> dict[str, V]:
+        v = self.vcpu(vcpu)
+        where, cpu = self.guest_where(vcpu)
+        fps = v.arch.guest_fpu.fpstate
+        out: dict[str, V] = {"where": where, "cpu": -1 if cpu is None else cpu,
+                             "xfeatures": fps.xfeatures, "size": fps.size,
+                             "xcr0": v.arch.xcr0}
+        seen = self.guest_seen(vcpu)
+        for i in self.guest_tracked(v):
+            out[BY_NUMBER[i].short] = self.writer(seen[i], i)
+        return out
+
     def do_set_cet_msr(self, task: str, vcpu: str, component: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
@@ -421,8 +435,11 @@ class KvmX86World(X86World):
             if t is None:
                 continue
             if t.state is TaskState.USER and t.process.mm is self.vm_mm[name]:
+                xcr0 = v.arch.guest_supported_xcr0
                 for prog in self.GUEST_PROGRAMS:
-                    out.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
+                    comps = [w.split()[1] for w in prog.split(";") if w.split()[0] == "write"]
+                    if all((xcr0 >> component_number(c)) & 1 for c in comps):
+                        out.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
                 out.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
                 out.append(A("kvm_init", task=t.comm, vcpu=name))
                 out.append(A("get_xsave", task=t.comm, vcpu=name))

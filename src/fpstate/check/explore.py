@@ -16,8 +16,9 @@ Theory of operation
   paths and expands every enabled action; only states whose key was never seen go on. The first
   violation found is at the smallest depth.
 - **Shrinking** (`shrink`): the violating path is cut at its first violating step, then
-  reduced by delta debugging and single-step removal until no step can be removed (a path
-  still "fails" only if the *same* invariant is violated at its first violating step).
+  reduced by delta debugging and by removing windows of steps of every width (widest first,
+  down to single steps) until no step can be removed (a path still "fails" only if the *same*
+  invariant is violated at its first violating step).
 """
 
 from __future__ import annotations
@@ -319,16 +320,19 @@ def shrink(job: Job, path: Sequence[Action], invariant: str) -> tuple[Action, ..
             if granularity >= len(cur):
                 break
             granularity = min(len(cur), granularity * 2)
-    changed = True
-    while changed:
-        changed = False
-        for i in range(len(cur)):
-            cand = cur[:i] + cur[i + 1:]
+    # Windows of every width, widest first (steps that only make sense together, such as a
+    # KVM_RUN begun and finished, go away in one piece), down to single steps.
+    width = len(cur) - 1
+    while width >= 1:
+        for i in range(len(cur) - width + 1):
+            cand = cur[:i] + cur[i + width:]
             m = first_violation(job, cand, invariant)
             if m is not None:
                 cur = cand[:m]
-                changed = True
+                width = min(width, len(cur) - 1)
                 break
+        else:
+            width -= 1
     return tuple(cur)
 
 

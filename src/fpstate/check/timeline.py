@@ -38,6 +38,14 @@ def _short(writers: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{'/'.join(c)}:{w}" for w, c in sorted(by.items()))
 
 
+def _involved(frames: Sequence[Frame], name: str) -> bool:
+    """Whether a context takes part: named by an action, or its state moves or changes."""
+    if any(name in f.action for f in frames):
+        return True
+    views = {(c.where, c.cpu, c.writers) for f in frames for c in f.contexts if c.name == name}
+    return len(views) > 1 or any(w[2] for w in views)
+
+
 def draw(frames: Sequence[Frame], target: str, title: str) -> list[Path]:
     """Draw ``frames`` (step 0 = the configuration) and write the picture(s)."""
     import matplotlib
@@ -52,7 +60,7 @@ def draw(frames: Sequence[Frame], target: str, title: str) -> list[Path]:
     names: list[str] = []
     for f in frames:
         for c in f.contexts:
-            if c.where != WHERE_GONE and c.name not in names:
+            if c.where != WHERE_GONE and c.name not in names and _involved(frames, c.name):
                 names.append(c.name)
     lanes = [f"CPU {n}" for n in range(ncpu)] + names
     nsteps = len(frames)

@@ -25,33 +25,37 @@ class Variant:
     expect: str  #: the invariant it violates
     #: explorer configuration overrides (merged into the model's default configuration)
     config: Mapping[str, object] = field(default_factory=dict)
+    #: what the CPU must have for the design to matter: x86 xfeature numbers the kernel must
+    #: support, or an arm64 feature name
+    needs: tuple[int | str, ...] = ()
 
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("kvm-save-min-size", "x86", "seed 000",
             "KVM saves the VMM task's registers into a user_fpu allocated at the default size, "
             "after the task's fpstate grew for AMX (kvm_save_current_fpu)",
-            "save-within-allocation"),
+            "save-within-allocation", needs=(18,)),
     Variant("guest-only-in-host-fpstate", "x86", "seed 001",
             "CET supervisor state (CET_KERNEL) in every fpstate, host tasks included "
-            "(no guest_default_cfg)", "guest-only-not-in-host-fpstate"),
+            "(no guest_default_cfg)", "guest-only-not-in-host-fpstate", needs=(12,)),
     Variant("fpmr-ungated", "arm64", "seed 002",
             "HCRX_EL2.EnFPM fixed on: FPMR switched and reachable by every guest of an FPMR "
-            "host, advertised or not", "nothing-beyond-advertised"),
+            "host, advertised or not", "nothing-beyond-advertised", needs=("FPMR",)),
     Variant("init-keeps-cet", "x86", "seed 003",
             "vCPU INIT clears only the MPX components: CET_USER/CET_KERNEL survive INIT",
-            "init-clears-architectural"),
+            "init-clears-architectural", needs=(11,)),
     Variant("pasid-write-incoherent", "x86", "seed 004",
             "fpu__pasid_write() v1: write IA32_PASID to the register whenever "
             "!TIF_NEED_FPU_LOAD or fpregs_state_valid(); with the flag set the memory image is "
-            "the truth", "valid-registers-match-memory"),
+            "the truth", "valid-registers-match-memory", needs=(10,)),
     Variant("fpmr-shared-layout", "arm64", "seed 002",
             "hyp saves the host FPMR through a pointer past uw.fpsimd_state "
-            "(fpsimd_share_end()), assuming thread_struct's layout", "save-within-allocation"),
+            "(fpsimd_share_end()), assuming thread_struct's layout", "save-within-allocation",
+            needs=("FPMR",)),
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",
-            "no-lost-write"),
+            "no-lost-write", needs=(18,)),
     Variant("ptrace-set-no-invalidate", "x86", "regset.c fpu_force_restore()",
             "PTRACE_SETREGSET modifies a stopped task's fpstate without zapping last_cpu: a "
             "still-cached register copy wins over the write", "valid-registers-match-memory"),
@@ -63,6 +67,25 @@ SEED_VARIANTS: tuple[str, ...] = ("kvm-save-min-size", "guest-only-in-host-fpsta
                                   "fpmr-ungated", "init-keeps-cet", "pasid-write-incoherent")
 
 
+def missing(v: Variant, cpu: str) -> str | None:
+    """Why CPU profile ``cpu`` cannot show variant ``v`` (None when it can): an x86 feature
+    the kernel booted on it does not support, or an arm64 feature it lacks."""
+    if v.model == "arm64":
+        from fpstate.arm64.cpu import load_profile as load_arm64
+
+        regs = load_arm64(cpu).id_regs
+        lacking = [n for n in v.needs if isinstance(n, str) and not getattr(regs, n.lower())]
+        return f"{cpu} lacks {', '.join(lacking)}" if lacking else None
+    from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+    from fpstate.x86.profiles import load_profile
+    from fpstate.x86.xfeatures import BY_NUMBER
+
+    boot = fpu__init_system_xstate(load_profile(cpu))
+    have = boot.fpu_kernel_cfg.max_features if boot.xsave_enabled else 0
+    lacking = [BY_NUMBER[n].short for n in v.needs if isinstance(n, int) and not have >> n & 1]
+    return f"{cpu}: the kernel has no {', '.join(lacking)}" if lacking else None
+
+
 def get(name: str) -> Variant:
     """The variant called ``name``; FpstateError naming the known ones otherwise."""
     try:
@@ -71,4 +94,4 @@ def get(name: str) -> Variant:
         raise FpstateError(f"unknown variant {name!r} (known: {', '.join(BY_NAME)})") from None
 
 
-__all__ = ["BY_NAME", "SEED_VARIANTS", "VARIANTS", "Variant", "get"]
+__all__ = ["BY_NAME", "SEED_VARIANTS", "VARIANTS", "Variant", "get", "missing"]
