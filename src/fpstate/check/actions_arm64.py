@@ -86,8 +86,8 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("return_to_user", "KVM_RUN returns to the VMM (vcpu_put, syscall exit)",
                {"vcpu": _VCPU}),
     ActionSpec("preempt_vcpu", "the VMM is preempted inside KVM_RUN (preempt notifier put)",
-               {"vcpu": _VCPU, "next": FieldSpec(str, "the host task to run, or idle",
-                                                 required=False, default="idle")}),
+               {"vcpu": _VCPU, "to": FieldSpec(str, "the host task to run, or idle",
+                                               required=False, default="idle")}),
     ActionSpec("resume_vcpu", "the VMM is scheduled back in inside KVM_RUN",
                {"vcpu": _VCPU, "cpu": _CPU}),
     ActionSpec("host_softirq_neon", "a softirq uses NEON between two guest exits",
@@ -311,12 +311,12 @@ class Arm64World(World):
         self.kw = arm.return_to_user(self.kw, vcpu)
         return {}
 
-    def do_preempt_vcpu(self, vcpu: str, next: str = "idle") -> dict[str, Value]:
+    def do_preempt_vcpu(self, vcpu: str, to: str = "idle") -> dict[str, Value]:
         self._vcpu(vcpu)
-        nxt = None if next == "idle" else next
+        nxt = None if to == "idle" else to
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
-            nr = [c.idx for c in self.kw.host.cpus if c.current == nxt][0]
+            nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
             self.kw = self.kw.with_host(host_fpsimd.ret_to_user(self.kw.host, nr))
         return {}
 
@@ -374,7 +374,7 @@ class Arm64World(World):
             elif v.run == VCPU_LOADED:
                 out += [A("enter_guest", vcpu=ctx), A("return_to_user", vcpu=ctx),
                         A("host_softirq_neon", vcpu=ctx), A("preempt_vcpu", vcpu=ctx)]
-                out += [A("preempt_vcpu", vcpu=ctx, next=n) for n, t in host.tasks.items()
+                out += [A("preempt_vcpu", vcpu=ctx, to=n) for n, t in host.tasks.items()
                         if t.mode in ("new", "sleeping")]
             elif v.run == VCPU_IN_GUEST:
                 out += [A("guest_op", vcpu=ctx, op=op) for op in self.GUEST_EXPLORE]
