@@ -27,6 +27,9 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.compat",
     "fpstate.commands.conform",
     "fpstate.commands.run",
+    "fpstate.commands.explore",
+    "fpstate.commands.variants",
+    "fpstate.commands.check",
 )
 
 
