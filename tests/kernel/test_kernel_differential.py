@@ -238,7 +238,7 @@ def test_amx_permission_states_on_sapphire_rapids() -> None:
 def test_amx_altstack_enospc_then_enomem_on_sapphire_rapids() -> None:
     """validate_sigaltstack(): an altstack smaller than the AMX frame refuses the request;
     sigaltstack_size_valid(): after the grant, a smaller altstack is refused."""
-    facts = list(conform._amx_altstack_model(_spr_system(), None).values())
+    facts = list(conform_signal._amx_altstack_model(_spr_system(), None).values())
     assert facts == [("OK", "ENOSPC", 0x202E7, "OK"), ("OK", "OK", 0x602E7, "ENOMEM"),
                      ("OK", "OK", 0x602E7, "OK")]
 

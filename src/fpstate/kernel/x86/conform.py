@@ -17,17 +17,19 @@ Theory of operation
   case *skipped* with the precise reason; the model side of such a case is still exercised by
   the tests on a profile that has the feature (tests/kernel/test_kernel_differential.py).
 
-The cases live in three modules: this one (boot, auxv, arch_prctl, sigaltstack sizes, XFD,
-fork/clone/exec), `conform_signal` (signal frames, sigaltstack placement, sigreturn) and
-`conform_ptrace` (NT_X86_XSTATE, NT_PRFPREG). `kernel_cases()` lists them all;
-`run_kernel_layer()` runs them and returns the report ``fpstate conform --layer kernel``
-prints.
+The cases live in four modules: this one (boot lines, AT_MINSIGSTKSZ, arch_prctl in each
+permission state), `conform_process` (AMX first use, fork/vfork/clone, execve),
+`conform_signal` (signal frames, sigaltstack, sigreturn) and `conform_ptrace` (NT_X86_XSTATE,
+NT_PRFPREG). `kernel_cases()` lists them all; `run_kernel_layer()` runs them and returns the
+report ``fpstate conform --layer kernel`` prints (the layer registers itself with
+`fpstate.commands.conform` on import). `conform_example` is the worked example of
+docs/kernel-example.md.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -516,80 +518,6 @@ def _prctl_model(state: PermState) -> Callable[[FpuSystem, Any], Facts]:
     return model
 
 
-# -- sigaltstack sizes ----------------------------------------------------------------------------
-
-SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
-#: (ss_size, ss_flags) in order, in one process (do_sigaltstack / sigaltstack_size_valid).
-ALTSTACK_REQUESTS: tuple[tuple[int, int], ...] = (
-    (2047, 0), (2048, 0), (0, 0), (100, SS_ONSTACK), (4096, 4), (4096, SS_AUTODISARM),
-    (0, SS_DISABLE), (3375, 0), (3376, 0), (8192, SS_ONSTACK | SS_AUTODISARM),
-    (1 << 40, 0),  # last: a stack this large covers the caller's sp (later calls: EPERM)
-)
-
-
-def _altstack_facts(errnos: Iterable[int]) -> Facts:
-    return {f"sigaltstack(size={show(s)}, flags={show(f)})": errno_of(-e) if e else "OK"
-            for (s, f), e in zip(ALTSTACK_REQUESTS, errnos, strict=True)}
-
-
-def _altstack_host() -> HostAnswer:
-    from fpstate.host.sigaltstack import AltstackRequest, sigaltstack_errnos
-
-    errnos = sigaltstack_errnos([AltstackRequest(s, f) for s, f in ALTSTACK_REQUESTS])
-    return HostAnswer(_altstack_facts(errnos))
-
-
-def _altstack_model(system: FpuSystem, given: Any) -> Facts:
-    m = Machine(system, 1)
-    t = user_task(m)
-    errnos = []
-    for k, (size, flags) in enumerate(ALTSTACK_REQUESTS):
-        base = 0x5000_0000_0000 + (k << 41)  # do_sigaltstack only records the range
-        errnos.append(-m.syscall(0, sys_sigaltstack, base, size, flags))
-    del t
-    return _altstack_facts(errnos)
-
-
-#: (altstack installed before the request, altstack asked for after it): a too-small one makes
-#: the request fail (ENOSPC, nothing granted, the later one is fine); a large one lets it pass
-#: and a later small one fails (ENOMEM).
-AMX_ALTSTACKS: tuple[tuple[int, int], ...] = ((2048, 2048), (65536, 4096), (65536, 65536))
-
-
-def _amx_altstack_facts(rows: Iterable[tuple[int, int, int, int, int, int]]) -> Facts:
-    facts: Facts = {}
-    for first, installed, req, perm, later, later_errno in rows:
-        key = f"sigaltstack({first}) then REQ_XCOMP_PERM(18) then sigaltstack({later})"
-        facts[key] = (errno_of(-installed), errno_of(-req), perm, errno_of(-later_errno))
-    return facts
-
-
-def _amx_altstack_host() -> HostAnswer:
-    from fpstate.host.sigaltstack import amx_altstack_interplay
-
-    rows = []
-    for first, later in AMX_ALTSTACKS:
-        r = amx_altstack_interplay(first, later)
-        rows.append((first, r.installed_errno, r.req_errno, r.perm_after, later, r.later_errno))
-    return HostAnswer(_amx_altstack_facts(rows))
-
-
-def _amx_altstack_model(system: FpuSystem, given: Any) -> Facts:
-    """validate_sigaltstack() on the request, sigaltstack_size_valid() afterwards."""
-    rows = []
-    for first, later in AMX_ALTSTACKS:
-        m = Machine(system, 1)
-        t = user_task(m)
-        installed = -m.syscall(0, sys_sigaltstack, m.mmap(t, first), first, 0)
-        req = -m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
-        out = t.user_sp - 64
-        m.syscall(0, sys_arch_prctl, ARCH_GET_XCOMP_PERM, out)
-        perm = int.from_bytes(t.process.mm.read(out, 8), "little")
-        later_errno = -m.syscall(0, sys_sigaltstack, m.mmap(t, later), later, 0)
-        rows.append((first, installed, req, perm, later, later_errno))
-    return _amx_altstack_facts(rows)
-
-
 BASE_CASES: tuple[Case, ...] = (
     Case("boot/lines", "fpu__init_system_xstate, init_sigframe_size: the boot log",
          _boot_host, _boot_model),
@@ -598,10 +526,6 @@ BASE_CASES: tuple[Case, ...] = (
     *(Case(f"arch_prctl/{s.name}", "fpu_xstate_prctl, xstate_request_perm, "
            "__xstate_request_perm, validate_sigaltstack, fpu_lock_guest_permissions",
            (lambda s=s: _prctl_host(s)), _prctl_model(s), s.needs) for s in PERM_STATES),
-    Case("sigaltstack/sizes", "do_sigaltstack, sigaltstack_size_valid", _altstack_host,
-         _altstack_model),
-    Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
-         _amx_altstack_host, _amx_altstack_model, host_amx_reason),
 )
 
 def _register() -> None:

@@ -133,7 +133,7 @@ def _inherit_model(kind: str) -> Callable[[FpuSystem, Any], Facts]:
         from fpstate.kernel.x86.process import sys_clone
 
         m = Machine(system, 2)
-        parent = user_task(m, 0)
+        user_task(m, 0)
         load_registers(m, 0, before)
         child = m.syscall(0, sys_clone, INHERIT_FLAGS[kind])
         m.run(1, child)
@@ -144,7 +144,6 @@ def _inherit_model(kind: str) -> Callable[[FpuSystem, Any], Facts]:
         value = int.from_bytes(child.process.mm.read(out, 8), "little") if ret == 0 else None
         facts["child GET_XCOMP_PERM"] = answer(ret, value)
         facts.update(prefixed("parent after", model_registers(m, 0)))
-        del parent
         return facts
 
     return model

@@ -17,6 +17,7 @@ way it went (restored, or SIGSEGV) and every register afterwards.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +25,26 @@ from fpstate.kernel.x86.conform import (
     Case,
     Facts,
     HostAnswer,
+    errno_of,
     host_amx_reason,
     host_system,
     image_registers,
     load_registers,
     model_registers,
     prefixed,
+    show,
     user_task,
 )
 from fpstate.kernel.x86.sched import SA_ONSTACK, SIGSEGV, SIGUSR1, Machine, SigAction, Signal, Task
 from fpstate.kernel.x86.signal import handler_return, sys_rt_sigreturn
 from fpstate.kernel.x86.types import FpuSystem
-from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA, sys_arch_prctl
-from fpstate.kernel.x86.xstate_prctl import sys_sigaltstack as model_sigaltstack
+from fpstate.kernel.x86.xstate_prctl import (
+    ARCH_GET_XCOMP_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    ARCH_XCOMP_TILEDATA,
+    sys_arch_prctl,
+    sys_sigaltstack,
+)
 from fpstate.x86.xfeatures import XFEATURE_MASK_XTILE
 
 FP_XSTATE_MAGIC1 = 0x46505853
@@ -118,7 +126,7 @@ def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
         lo = ss_sp & ~0xFFF
         t.process.mm.map(lo, ss_sp + ss_size - lo)
     if ss_size:  # the probe's, or one the host process had (pytest's faulthandler installs one)
-        m.syscall(0, model_sigaltstack, ss_sp, ss_size, ss_flags)
+        m.syscall(0, sys_sigaltstack, ss_sp, ss_size, ss_flags)
     if g.amx_permitted:
         m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
     if g.tiles:
@@ -338,6 +346,79 @@ def _segv_model(system: FpuSystem, g: SignalGiven) -> Facts:
     return _model_delivery_facts(system, m, t)
 
 
+# -- sigaltstack sizes ----------------------------------------------------------------------------
+
+SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
+#: (ss_size, ss_flags) in order, in one process (do_sigaltstack / sigaltstack_size_valid).
+ALTSTACK_REQUESTS: tuple[tuple[int, int], ...] = (
+    (2047, 0), (2048, 0), (0, 0), (100, SS_ONSTACK), (4096, 4), (4096, SS_AUTODISARM),
+    (0, SS_DISABLE), (3375, 0), (3376, 0), (8192, SS_ONSTACK | SS_AUTODISARM),
+    (1 << 40, 0),  # last: a stack this large covers the caller's sp (later calls: EPERM)
+)
+
+
+def _altstack_facts(errnos: Iterable[int]) -> Facts:
+    return {f"sigaltstack(size={show(s)}, flags={show(f)})": errno_of(-e) if e else "OK"
+            for (s, f), e in zip(ALTSTACK_REQUESTS, errnos, strict=True)}
+
+
+def _altstack_host() -> HostAnswer:
+    from fpstate.host.sigaltstack import AltstackRequest, sigaltstack_errnos
+
+    errnos = sigaltstack_errnos([AltstackRequest(s, f) for s, f in ALTSTACK_REQUESTS])
+    return HostAnswer(_altstack_facts(errnos))
+
+
+def _altstack_model(system: FpuSystem, given: Any) -> Facts:
+    m = Machine(system, 1)
+    user_task(m)
+    errnos = []
+    for k, (size, flags) in enumerate(ALTSTACK_REQUESTS):
+        base = 0x5000_0000_0000 + (k << 41)  # do_sigaltstack only records the range
+        errnos.append(-m.syscall(0, sys_sigaltstack, base, size, flags))
+    return _altstack_facts(errnos)
+
+
+#: (altstack installed before the request, altstack asked for after it): a too-small one makes
+#: the request fail (ENOSPC, nothing granted, the later one is fine); a large one lets it pass
+#: and a later small one fails (ENOMEM).
+AMX_ALTSTACKS: tuple[tuple[int, int], ...] = ((2048, 2048), (65536, 4096), (65536, 65536))
+
+
+def _amx_altstack_facts(rows: Iterable[tuple[int, int, int, int, int, int]]) -> Facts:
+    facts: Facts = {}
+    for first, installed, req, perm, later, later_errno in rows:
+        key = f"sigaltstack({first}) then REQ_XCOMP_PERM(18) then sigaltstack({later})"
+        facts[key] = (errno_of(-installed), errno_of(-req), perm, errno_of(-later_errno))
+    return facts
+
+
+def _amx_altstack_host() -> HostAnswer:
+    from fpstate.host.sigaltstack import amx_altstack_interplay
+
+    rows = []
+    for first, later in AMX_ALTSTACKS:
+        r = amx_altstack_interplay(first, later)
+        rows.append((first, r.installed_errno, r.req_errno, r.perm_after, later, r.later_errno))
+    return HostAnswer(_amx_altstack_facts(rows))
+
+
+def _amx_altstack_model(system: FpuSystem, given: Any) -> Facts:
+    """validate_sigaltstack() on the request, sigaltstack_size_valid() afterwards."""
+    rows = []
+    for first, later in AMX_ALTSTACKS:
+        m = Machine(system, 1)
+        t = user_task(m)
+        installed = -m.syscall(0, sys_sigaltstack, m.mmap(t, first), first, 0)
+        req = -m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, ARCH_XCOMP_TILEDATA)
+        out = t.user_sp - 64
+        m.syscall(0, sys_arch_prctl, ARCH_GET_XCOMP_PERM, out)
+        perm = int.from_bytes(t.process.mm.read(out, 8), "little")
+        later_errno = -m.syscall(0, sys_sigaltstack, m.mmap(t, later), later, 0)
+        rows.append((first, installed, req, perm, later, later_errno))
+    return _amx_altstack_facts(rows)
+
+
 _FRAME_RULE = "get_sigframe, fpu__alloc_mathframe, copy_fpstate_to_sigframe, save_xstate_epilog"
 _INIT_UPPER = 0xE4  # YMM, opmask, ZMM_Hi256, Hi16_ZMM
 
@@ -360,6 +441,10 @@ CASES: tuple[Case, ...] = (
     *(Case(f"sigreturn/{name}", "fpu__restore_sig, check_xstate_in_sigframe, "
            "restore_fpregs_from_user", _sigreturn(rows), sigreturn_model)
       for name, rows in SIGRETURN_ROWS.items()),
+    Case("sigaltstack/sizes", "do_sigaltstack, sigaltstack_size_valid", _altstack_host,
+         _altstack_model),
+    Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
+         _amx_altstack_host, _amx_altstack_model, host_amx_reason),
     Case("sigreturn/failure-sigsegv-frame", "rt_sigreturn badframe: fpu__clear_user_states, "
          "signal_fault -> force_sig(SIGSEGV)", _segv_host, _segv_model),
 )
