@@ -9,6 +9,7 @@ log cannot be read (kernel.dmesg_restrict, no /dev/kmsg) or no longer holds the 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from hypothesis import given
@@ -60,15 +61,52 @@ def test_message_of_keeps_the_text_after_the_timestamp() -> None:
     assert message_of("[   12.345678] x86/fpu: a [b] c\n") == "x86/fpu: a [b] c"
     assert message_of("4,99,123456,-;x86/fpu: xfeatures modified") == "x86/fpu: xfeatures modified"
     assert fpu_lines("x86/fpux: not ours\nfoo x86/fpu: not at the start\n") == ()
+    assert message_of("<6>x86/fpu: no time (printk.time=0)") == "x86/fpu: no time (printk.time=0)"
+    assert message_of("[    T0] x86/fpu: caller only") == "x86/fpu: caller only"
+    # Records are "\\n"-separated; U+2028 inside a message does not split it.
+    assert fpu_lines("[    0.1] x\n[    0.000001] x86/fpu: a\u2028b\n") == ("x86/fpu: a\u2028b",)
 
 
+#: Any message text. Excluded: line breaks and other control characters (the kernel's syslog
+#: format splits a record at "\\n"; dmesg escapes the rest), surrogates (not text), and a message
+#: that itself begins with a caller-id-shaped "[    T0]", which no reader can tell from
+#: CONFIG_PRINTK_CALLER's field (util-linux dmesg cannot either).
 _MESSAGE = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=60).filter(
-    lambda m: not m.startswith(("[", "<", " ")) and m == m.rstrip())
+    lambda m: re.match(r"\[ *[TC]\d+\]", m) is None)
 
 
 @given(ts=st.floats(0, 99999, allow_nan=False), msg=_MESSAGE)
 def test_timestamp_is_stripped_from_any_message(ts: float, msg: str) -> None:
+    # print_time() + ONE space (info_print_prefix); whatever follows, leading blanks, U+00A0,
+    # brackets or trailing spaces included, is the message.
     assert message_of(f"[{ts:12.6f}] {msg}") == msg
+    assert message_of(f"<6>[{ts:12.6f}][    T1] {msg}") == msg
+    assert message_of(f"[{ts:12.6f}] [    T1] {msg}") == msg
+
+
+def _msg_add_ext_text(text: str) -> str:
+    """What /dev/kmsg writes for a message (msg_add_ext_text: bytes < 0x20, >= 0x7f and the
+    backslash as "\\xNN")."""
+    return "".join(f"\\x{b:02x}" if b < 0x20 or b >= 0x7f or b == 0x5c else chr(b)
+                   for b in text.encode("utf-8"))
+
+
+@given(seq=st.integers(0, 2**32), usec=st.integers(0, 2**40),
+       msg=st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_kmsg_record_text_is_unescaped_to_the_message(seq: int, usec: int, msg: str) -> None:
+    assert message_of(f"6,{seq},{usec},-;{_msg_add_ext_text(msg)}\n") == msg
+    assert message_of(f"4,{seq},{usec},c,caller=T17;{_msg_add_ext_text(msg)}") == msg
+
+
+def test_a_message_that_starts_with_a_tab_keeps_it_in_both_formats() -> None:
+    # As this kernel logs it: /dev/kmsg "6,91,241258,-;\\x09Trampoline variant of Tasks RCU
+    # enabled.", dmesg "[    0.241258] \tTrampoline variant of Tasks RCU enabled."
+    msg = "\tTrampoline variant of Tasks RCU enabled."
+    assert message_of("6,91,241258,-;\\x09Trampoline variant of Tasks RCU enabled.") == msg
+    assert message_of("[    0.241258] \tTrampoline variant of Tasks RCU enabled.") == msg
+    assert message_of("[    0.201607]   #1  #3  #5  #7") == "  #1  #3  #5  #7"
+    assert message_of("[    0.000000] [Firmware Bug]: TSC doesn't count") == \
+        "[Firmware Bug]: TSC doesn't count"
 
 
 @given(st.text(max_size=400))

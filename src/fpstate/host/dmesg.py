@@ -2,8 +2,10 @@
 
 Reads the kernel ring buffer through /dev/kmsg (one record per read(2), non-blocking, the
 structured "PRIO,SEQ,USEC,FLAGS;MESSAGE" format of Documentation/ABI/testing/dev-kmsg), falling
-back to the ``dmesg`` tool. Timestamps, levels and caller ids are stripped, so the lines compare
-equal to the ``lines`` of ``fpstate.kernel.x86.xstate.fpu__init_system_xstate()``.
+back to the ``dmesg`` tool. Record headers, timestamps, levels and caller ids are stripped and
+/dev/kmsg's "\\xNN" escapes undone, so the lines compare equal to the ``lines`` of
+``fpstate.kernel.x86.xstate.fpu__init_system_xstate()``; what follows the prefix's single space
+is the message verbatim (leading blanks and brackets included), as both formats print it.
 
 HostUnavailable (with the reason) when the log cannot be read (kernel.dmesg_restrict without
 CAP_SYSLOG, no /dev/kmsg) or no longer holds the boot lines (the ring buffer wrapped).
@@ -21,29 +23,57 @@ from fpstate.errors import FpstateError, HostUnavailable
 PREFIX = "x86/fpu: "
 KMSG = "/dev/kmsg"
 
-#: "[    0.123456] ", "[Tue Nov 19 19:51:02 2025] ", "[    T0] " (CONFIG_PRINTK_CALLER), "<6>".
-_DECORATION = re.compile(r"^(?:<\d+>)?(?:\[[^\]]*\]\s*)*")
-#: A /dev/kmsg record header: "6,1234,5678901,-;" (optionally more ",key" fields).
+#: The prefix the kernel puts before each line in the syslog format (info_print_prefix():
+#: "<%u>" with syslog, "[%5lu.%06lu]" print_time, "[%6s]" print_caller with CONFIG_PRINTK_CALLER,
+#: then ONE space if there was a time or caller) and the one util-linux dmesg prints ("[time] ",
+#: "-T" ctime "[Tue Nov 19 19:51:02 2025] ", caller "[    T0] " after a space, "-r" level
+#: "<6>"). Exactly one space separates prefix and message: kernel messages may begin with
+#: spaces or a tab (``"\tTrampoline variant of Tasks RCU enabled."``) or with brackets
+#: (``"[drm] ..."``, ``"[Firmware Bug]: ..."``), and those belong to the message.
+_SYSLOG_PREFIX = re.compile(r"""
+    (?:<\d+>)?                                         # print_syslog: (facility << 3) | level
+    (?:
+        (?:
+            (?:\[\ *\d+\.\d{6}\]                         # print_time: [%5lu.%06lu]
+             |\[\w+\ \w+\ [\ \d]\d\ \d\d:\d\d:\d\d\ \d{4}\])  # dmesg -T: [Tue Nov 19 19:51:02 2025]
+            (?:\ ?\[\ *[TC]\d+\])?                       # caller: kernel "][", util-linux "] ["
+          | \[\ *[TC]\d+\]                               # caller alone (printk.time=0)
+        )
+        \                                              # the one separating space
+    )?
+    """, re.X)
+#: A /dev/kmsg record header (info_print_ext_header): "PRIO,SEQ,USEC,FLAGS[,caller=T0];".
 _KMSG_HEADER = re.compile(r"^\d+,\d+,\d+,[^;]*;")
+#: msg_add_ext_text() writes every byte < 0x20, >= 0x7f and the backslash as "\xNN".
+_KMSG_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def kmsg_unescape(text: str) -> str:
+    """The message text of a /dev/kmsg record with msg_add_ext_text()'s "\\xNN" escapes undone
+    (the bytes are then UTF-8, as printk stored them; undecodable bytes become U+FFFD)."""
+    raw = _KMSG_ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), text.encode("utf-8"))
+    return raw.decode("utf-8", "replace")
 
 
 def message_of(line: str) -> str:
-    """One log line without its kmsg header, syslog level, timestamps and caller id."""
+    """One log line without its prefix: a /dev/kmsg record header (the text is then unescaped),
+    or the syslog level, timestamp and caller id of the kernel's syslog format / dmesg output."""
     line = line.rstrip("\r\n")
     m = _KMSG_HEADER.match(line)
     if m:
-        return line[m.end():]
-    return line[_DECORATION.match(line).end():]  # type: ignore[union-attr]
+        return kmsg_unescape(line[m.end():])
+    return line[_SYSLOG_PREFIX.match(line).end():]  # type: ignore[union-attr]
 
 
 def fpu_lines(text: str) -> tuple[str, ...]:
     """The ``x86/fpu:`` messages of a kernel log (dmesg output or /dev/kmsg records), in order.
 
-    /dev/kmsg continuation lines (dictionary "KEY=value" lines, which start with a space) are
-    not messages and are skipped.
+    Lines are split at "\\n" only (the separator both formats use; str.splitlines() would also
+    split inside a message at U+2028, U+0085, form feeds...). /dev/kmsg continuation lines
+    (dictionary " KEY=value" lines, which start with a space) are not messages and are skipped.
     """
     out = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         if line.startswith(" "):
             continue
         msg = message_of(line)
