@@ -27,6 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.compat",
     "fpstate.commands.conform",
     "fpstate.commands.run",
+    "fpstate.commands.campaign",
     "fpstate.commands.explore",
     "fpstate.commands.variants",
     "fpstate.commands.check",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -157,6 +158,8 @@ class LocalEngine(Engine):
 
 def _serve(conn: Connection) -> None:
     """A partition worker process: answers the coordinator's requests until told to stop."""
+    # Ctrl-C reaches the whole process group: the coordinator decides, the worker waits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     part: Partition | None = None
     while True:
         try:
@@ -247,6 +250,7 @@ class ProcessPool:
                 os.environ["PYTHONHASHSEED"] = saved
         self.cell: CellJob | None = None
         self._sent: dict[int, WorkerLost | None] = {}
+        self._busy: set[int] = set()  #: workers inside a round (killed, not asked, to stop)
 
     def pids(self) -> list[int]:
         """The worker processes' ids, by partition."""
@@ -267,6 +271,7 @@ class ProcessPool:
             self._sent[index] = None
         except WorkerLost as e:
             self._sent[index] = e
+        self._busy.add(index)
 
     def collect(self) -> dict[int, RoundResult | WorkerLost]:
         out: dict[int, RoundResult | WorkerLost] = {}
@@ -288,10 +293,12 @@ class ProcessPool:
                     except WorkerLost as e:
                         out[p] = e
                     del waiting[p]
+                    self._busy.discard(p)
         return out
 
     def restart(self, index: int, visited: list[int]) -> None:
         assert self.cell is not None
+        self._busy.discard(index)
         self.workers[index].stop(kill=True)
         w = self.workers[index] = _Worker(self._ctx)
         w.call("reset", self.cell, index, self.size)
@@ -302,8 +309,9 @@ class ProcessPool:
         self._sent = {}
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            w.stop()
+        for p, w in enumerate(self.workers):
+            w.stop(kill=p in self._busy)
+        self._busy = set()
 
 
 # -- Ray -------------------------------------------------------------------------------------
@@ -392,6 +400,7 @@ class RayEngine(Engine):
         self.release()
         if self._owns:
             self.ray.shutdown()
+            self._owns = False
 
     def describe(self) -> str:
         where = f"cluster {self.address}" if self.address else "local Ray instance"
