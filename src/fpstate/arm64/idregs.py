@@ -1,8 +1,8 @@
 """The AArch64 ID registers that enumerate FP, SVE, SME and FPMR, with their real fields.
 
-Field positions are those of the Arm ARM (DDI0601 2024-09) as transcribed in Linux
-``arch/arm64/tools/sysreg`` (v6.17): ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, ID_AA64PFR2_EL1,
-ID_AA64ZFR0_EL1, ID_AA64SMFR0_EL1 and ID_AA64FPFR0_EL1.  ``safe`` is the field's
+Field positions are those of the Arm ARM (DDI0601) as transcribed in Linux
+``arch/arm64/tools/sysreg`` (v6.17), every field of it: ID_AA64PFR0_EL1, ID_AA64PFR1_EL1,
+ID_AA64PFR2_EL1, ID_AA64ZFR0_EL1, ID_AA64SMFR0_EL1 and ID_AA64FPFR0_EL1.  ``safe`` is the field's
 arm64_ftr_bits safe-value type as KVM's arm64_check_features() applies it: for ``LOWER``
 fields a value is acceptable if it is not above the limit (signed fields compare signed:
 FP/AdvSIMD 0xF means "not implemented" and is the lowest value).
@@ -80,7 +80,7 @@ class IdRegDef:
 
 _NI_IMP = ((0, "NI"), (1, "IMP"))
 _SIGNED_FP = ((0, "IMP"), (1, "FP16"), (-1, "NI"))
-_REF = "Arm ARM DDI0601 2024-09; Linux arch/arm64/tools/sysreg"
+_REF = "Arm ARM DDI0601; Linux arch/arm64/tools/sysreg (v6.17)"
 
 ID_AA64PFR0_EL1 = IdRegDef("ID_AA64PFR0_EL1", (3, 0, 0, 4, 0), (
     Field("CSV3", 60, values=_NI_IMP), Field("CSV2", 56, values=_NI_IMP),
@@ -106,25 +106,28 @@ ID_AA64PFR1_EL1 = IdRegDef("ID_AA64PFR1_EL1", (3, 0, 0, 4, 1), (
 ), _REF)
 
 ID_AA64PFR2_EL1 = IdRegDef("ID_AA64PFR2_EL1", (3, 0, 0, 4, 2), (
-    Field("FPMR", 32, values=_NI_IMP), Field("GCIE", 12),
+    Field("FPMR", 32, values=_NI_IMP), Field("UINJ", 16), Field("GCIE", 12),
     Field("MTEFAR", 8), Field("MTESTOREONLY", 4), Field("MTEPERM", 0),
 ), _REF)
 
 ID_AA64ZFR0_EL1 = IdRegDef("ID_AA64ZFR0_EL1", (3, 0, 0, 4, 4), (
-    Field("F64MM", 56), Field("F32MM", 52), Field("I8MM", 44), Field("SM4", 40),
-    Field("SHA3", 32), Field("B16B16", 24), Field("BF16", 20), Field("BitPerm", 16),
-    Field("AES", 4), Field("SVEver", 0, values=((0, "IMP"), (1, "SVE2"), (2, "SVE2p1"))),
+    Field("F64MM", 56), Field("F32MM", 52), Field("F16MM", 48), Field("I8MM", 44),
+    Field("SM4", 40), Field("SHA3", 32), Field("B16B16", 24), Field("BF16", 20),
+    Field("BitPerm", 16), Field("EltPerm", 12), Field("AES", 4),
+    Field("SVEver", 0, values=((0, "IMP"), (1, "SVE2"), (2, "SVE2p1"), (3, "SVE2p2"))),
 ), _REF)
 
 # ID_AA64SMFR0_EL1 and ID_AA64FPFR0_EL1 use the "alternative ID scheme" (single-bit fields).
 ID_AA64SMFR0_EL1 = IdRegDef("ID_AA64SMFR0_EL1", (3, 0, 0, 4, 5), (
     Field("FA64", 63, 1), Field("LUTv2", 60, 1),
-    Field("SMEver", 56, values=((0, "SME"), (1, "SME2"), (2, "SME2p1"))),
+    Field("SMEver", 56, values=((0, "SME"), (1, "SME2"), (2, "SME2p1"), (3, "SME2p2"))),
     Field("I16I64", 52), Field("F64F64", 48, 1), Field("I16I32", 44),
     Field("B16B16", 43, 1), Field("F16F16", 42, 1), Field("F8F16", 41, 1),
     Field("F8F32", 40, 1), Field("I8I32", 36), Field("F16F32", 35, 1),
     Field("B16F32", 34, 1), Field("BI32I32", 33, 1), Field("F32F32", 32, 1),
     Field("SF8FMA", 30, 1), Field("SF8DP4", 29, 1), Field("SF8DP2", 28, 1),
+    Field("SBitPerm", 25, 1), Field("AES", 24, 1), Field("SFEXPA", 23, 1),
+    Field("STMOP", 16, 1), Field("SMOP4", 0, 1),
 ), _REF)
 
 ID_AA64FPFR0_EL1 = IdRegDef("ID_AA64FPFR0_EL1", (3, 0, 0, 4, 7), (
