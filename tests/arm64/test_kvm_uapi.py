@@ -10,6 +10,7 @@ from fpstate.arm64.statemachine import IllegalEvent
 from fpstate.kernel.arm64 import entry_common as e
 from fpstate.kvm.arm64 import arm, guest, reset
 from fpstate.kvm.arm64 import uapi as u
+from fpstate.kvm.arm64.handle_exit import guest_op
 from fpstate.kvm.arm64.reset import SVE_VCPU_CONFIG_TABLE
 from fpstate.kvm.arm64.sys_regs import kvm_read_sanitised_id_reg, sysreg_one_reg_id
 
@@ -276,7 +277,15 @@ def test_sysreg_visibility(kvm, reg, sve, want):
         assert val == 0x700
 
 
-def test_zcr_el1_one_reg_keeps_len(kvm):
+def test_zcr_el1_one_reg_stores_the_value_and_the_guest_gets_len(kvm):
+    """ZCR_EL1's sys_reg_desc has no set_user: the value is stored and read back as written;
+    hyp loads it into ZCR_EL1, whose bits [63:4] are RES0, so after the guest ran with the
+    FP registers the hardware's value (LEN) is what the exit saved."""
     w, c = kvm.make_vm()
-    w, ret = guest.kvm_arm_set_reg(w, c, sysreg_one_reg_id("ZCR_EL1"), 0x1F2)
-    assert ret == 0 and guest.kvm_arm_get_reg(w, c, sysreg_one_reg_id("ZCR_EL1"))[2] == 2
+    zcr = sysreg_one_reg_id("ZCR_EL1")
+    w, ret = guest.kvm_arm_set_reg(w, c, zcr, 0x1F2)
+    assert ret == 0 and guest.kvm_arm_get_reg(w, c, zcr)[2] == 0x1F2
+    w = guest_op(kvm.run(c)(w), c, "zcr_read")
+    assert w.host.obs[-1].value == 2                     # LEN 2: VQ 3 asked for
+    w = kvm.leave(c)(w)
+    assert guest.kvm_arm_get_reg(w, c, zcr)[2] == 2

@@ -92,6 +92,8 @@ CPACR_EL1_TTA = 1 << 28
 CPACR_EL1_SMEN = 0b11 << 24
 CPACR_EL1_FPEN = 0b11 << 20
 CPACR_EL1_ZEN = 0b11 << 16
+#: ZCR_ELx.LEN, bits [3:0] (arch/arm64/tools/sysreg ZCR_ELx); bits [63:4] are RES0.
+ZCR_ELX_LEN_MASK = 0xF
 
 
 def run_step(world: KvmWorld, vcpu: Vcpu, event: str) -> KvmWorld:
@@ -218,13 +220,15 @@ def fpsimd_lazy_switch_to_guest(world: KvmWorld, ctx: str) -> KvmWorld:
     if not (guest_owns_fp_regs(world, cpu) and vcpu_has_sve(world, vcpu)):
         return world
     regs = world.host.cpus[cpu].regs
-    regs = replace(regs, zcr_limit=sve_vq_from_vl(vcpu.sve_max_vl) - 1, zcr_len=vcpu.zcr_el1)
+    regs = replace(regs, zcr_limit=sve_vq_from_vl(vcpu.sve_max_vl) - 1,
+                   zcr_len=vcpu.zcr_el1 & ZCR_ELX_LEN_MASK)
     return world.with_host(world.host.with_regs(cpu, regs))
 
 
 def fpsimd_lazy_switch_to_host(world: KvmWorld, ctx: str) -> KvmWorld:
-    """fpsimd_lazy_switch_to_host(): save the guest's ZCR_EL1 and set the live VL to the
-    vCPU's maximum, so that a host-side save uses the layout the binding announces."""
+    """fpsimd_lazy_switch_to_host(): save the guest's ZCR_EL1 (read from the hardware: LEN,
+    the other bits RES0) and set the live VL to the vCPU's maximum, so that a host-side save
+    uses the layout the binding announces."""
     vcpu = world.vcpu(ctx)
     cpu = vcpu.cpu
     assert cpu is not None
@@ -255,7 +259,7 @@ def kvm_hyp_handle_fpsimd(world: KvmWorld, ctx: str, ec: str) -> tuple[KvmWorld,
         assert st.sve_size and st.sve_vl == vcpu.sve_max_vl, "vCPU sve_state not at max VL"
         regs = replace(regs, zcr_limit=max_len, zcr_len=max_len)
         regs = replace(regs, v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr,
-                       zcr_len=vcpu.zcr_el1)
+                       zcr_len=vcpu.zcr_el1 & ZCR_ELX_LEN_MASK)
     else:
         regs = replace(regs, v=st.vregs, zhi=ZERO, fpsr=st.fpsr)
     if fpmr_switched(world, vcpu):

@@ -240,8 +240,10 @@ def kvm_sys_reg_set_user(world: KvmWorld, vcpu: Vcpu, name: str,
         assert isinstance(value, int)
         return set_id_reg(world, vcpu, name, value)
     if name == "ZCR_EL1":
+        # No .set_user: the 64-bit value is stored as given (and read back so); only LEN
+        # reaches the hardware when hyp writes ZCR_EL1 (__hyp_sve_restore_guest()).
         assert isinstance(value, int)
-        return world.with_vcpu(replace(vcpu, zcr_el1=value & 0xF)), 0
+        return world.with_vcpu(replace(vcpu, zcr_el1=value & ((1 << 64) - 1))), 0
     if name == "FPEXC32_EL2":
         assert isinstance(value, int)
         return world.with_vcpu(replace(vcpu, fpexc32_el2=value)), 0
