@@ -217,9 +217,7 @@ class KvmX86World(X86World):
         t = self._loaded_in(fps)
         if t is not None:
             return self.seen(t)
-        from fpstate.check.invariants_x86 import image_state
-
-        return image_state(self, fps)
+        return self.image(fps)
 
     def guest_where(self, name: str) -> tuple[str, int | None]:
         t = self._loaded_in(self.vcpu(name).arch.guest_fpu.fpstate)

@@ -59,6 +59,7 @@ from fpstate.kernel.x86.types import (
     CLONE_VM,
     PF_KTHREAD,
     PF_USER_WORKER,
+    XFEATURE_MASK_FPSTATE,
     XFEATURE_MASK_USER_DYNAMIC,
     Fpstate,
     IllegalEvent,
@@ -205,7 +206,12 @@ class X86World(World):
         self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU))
         self.supervisor_tracked = tuple(i for i in self.tracked if i not in self.writable)
         self.max_tasks = int(self.config.get("max_tasks", 6))
-        self._image_cache: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
+        self._image_cache: dict[tuple[int, bytes], dict[int, bytes]] = {}
+        self.sizes: dict[tuple[int, bool], int] = {}  #: XSAVE sizes by (mask, compacted)
+        self.init_values = {i: init_value(i, s.profile.component(i).size)
+                            for i in bits(s.xcr0 | s.xss)}
+        self.view_comps = tuple(sorted(set(self.tracked) | set(
+            bits(s.kernel.max_features & XFEATURE_MASK_FPSTATE))))
         self._setup()
 
     # -- configuration ---------------------------------------------------------------------
@@ -281,24 +287,58 @@ class X86World(World):
 
     def expected_value(self, name: str, i: int) -> bytes:
         v = self.expected[name].get(i)
-        return v if v is not None else init_value(i, self.m.system.profile.component(i).size)
+        return v if v is not None else self.init_values[i]
+
+    def xsave_size(self, mask: int, compacted: bool) -> int:
+        """compacted_size/standard_size of the layout functions, memoised per world."""
+        size = self.sizes.get((mask, compacted))
+        if size is None:
+            from fpstate.x86.layout import compacted_size, standard_size
+
+            profile = self.m.system.profile
+            size = self.sizes[(mask, compacted)] = (
+                compacted_size(profile, mask) if compacted else standard_size(profile, mask))
+        return size
+
+    def live_fpstates(self) -> list[tuple[str, Fpstate, Task | None]]:
+        """`fpstates` of the current step, computed once."""
+        cached = getattr(self, "_fps_cache", None)
+        if cached is not None and cached[0] == self.steps:
+            return cached[1]
+        out = list(self.fpstates())
+        self._fps_cache = (self.steps, out)
+        return out
 
     def seen(self, t: Task) -> dict[int, bytes]:
-        """What ``t`` would see on its next instruction in user mode (Machine.user_state),
-        with memory images decoded once per distinct image."""
+        """What ``t`` would see on its next instruction in user mode (what Machine.user_state
+        answers): its CPU's registers when they are live or validly cached, else what the
+        restore would load from its memory image (decoded once per distinct image)."""
         fpu = t.fpu
-        if t.state is TaskState.USER or not t.need_fpu_load:
-            return self.m.user_state(t)
+        if (t.state is TaskState.USER or not t.need_fpu_load) and t.on_cpu is not None:
+            return self.regs_view(self.m.cpus[t.on_cpu].regs)
         last = fpu.last_cpu
         if 0 <= last < len(self.m.cpus) and fpregs_state_valid(self.m.cpus[last], fpu):
-            return self.m.cpus[last].regs.snapshot()
-        fps = fpu.fpstate
-        k = (fps.ident, fps.xfd, bytes(fps.regs))
+            return self.regs_view(self.m.cpus[last].regs)
+        return self.image(fpu.fpstate)
+
+    def regs_view(self, regs: Any) -> dict[int, bytes]:
+        """A register file's values of the compared components (init values where not in
+        use) and MXCSR as key -1: FpRegs.snapshot() restricted to what the checker reads."""
+        vals, iv = regs.values, self.init_values
+        out = {i: vals.get(i) or iv[i] for i in self.view_comps}
+        out[-1] = regs.mxcsr.to_bytes(4, "little")
+        return out
+
+    def image(self, fps: Fpstate) -> dict[int, bytes]:
+        """What restoring ``fps`` would load (invariants_x86.image_state), cached by content."""
+        from fpstate.check.invariants_x86 import image_state
+
+        k = (fps.xfd, bytes(fps.regs))
         got = self._image_cache.get(k)
         if got is None:
-            if len(self._image_cache) > 256:
+            if len(self._image_cache) > 512:
                 self._image_cache.clear()
-            got = self._image_cache[k] = self.m.user_state(t)
+            got = self._image_cache[k] = image_state(self, fps)
         return got
 
     def where(self, t: Task) -> tuple[str, int | None]:
@@ -723,9 +763,7 @@ class X86World(World):
                 seen = self.seen(t)
                 writers = self._writers(seen)
             if where == WHERE_BOTH:
-                from fpstate.check.invariants_x86 import image_state
-
-                mem = self._writers(image_state(self, t.fpu.fpstate))
+                mem = self._writers(self.image(t.fpu.fpstate))
                 image = mem if mem != writers else ()
             ctxs.append(ContextView(name, where, cpu, writers, image))
         return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation)

@@ -117,8 +117,8 @@ INVARIANTS: tuple[Invariant, ...] = (
         "kernel-warn",
         "The modelled kernel never reaches a WARN/BUG it states (any other model-detected "
         "bug: raw-xsave-addr, bad-fpu-state, unexpected-nm, ...).",
-        "the WARN_ON_FPU()/WARN_ON_ONCE() assertions of arch/x86/kernel/fpu and "
-        "arch/arm64/kvm"),
+        "the WARN_ON_FPU()/WARN_ON_ONCE() assertions of arch/x86/kernel/fpu/{core,xstate}.c, "
+        "arch/x86/kvm/x86.c and arch/arm64/kvm/fpsimd.c"),
 )
 
 BY_NAME: dict[str, Invariant] = {i.name: i for i in INVARIANTS}

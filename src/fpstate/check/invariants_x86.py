@@ -1,7 +1,7 @@
 """The x86 predicates of the invariants stated in `fpstate.check.invariants`.
 
 Each function reads an `X86World` (fpstate.check.actions_x86): the kernel model ``w.m``
-(`Machine`), the fpstates live contexts reference (``w.fpstates()``), the values each task
+(`Machine`), the fpstates live contexts reference (``w.live_fpstates()``), the values each task
 expects (``w.expected``) and what the last step emitted (``w.emitted``). KVM guests add their
 own predicates in `fpstate.check.actions_kvm`. The register images of memory are decoded with
 the architecture's XRSTOR (`FpRegs.xrstor`), exactly as the kernel's restore would load them.
@@ -26,7 +26,6 @@ from fpstate.kernel.x86.types import (
     XFEATURE_MASK_USER_SUPPORTED,
     Fpstate,
 )
-from fpstate.x86.layout import compacted_size, standard_size
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
     XCOMP_BV_COMPACTED_FORMAT,
@@ -48,7 +47,7 @@ def image_state(w: Any, fps: Fpstate) -> dict[int, bytes]:
                         s.kernel.max_features & XFEATURE_MASK_FPSTATE, s.xrstor_insn)
     if fault is not None:
         return {-2: str(fault).encode()}
-    return regs.snapshot()
+    return w.regs_view(regs)
 
 
 def user_tasks(w: Any) -> Iterator[Task]:
@@ -66,7 +65,7 @@ def _name(i: int) -> str:
 
 @predicate("save-within-allocation", X86)
 def referenced_buffers_alive(w: Any) -> Iterator[str]:
-    for label, fps, _ in w.fpstates():
+    for label, fps, _ in w.live_fpstates():
         if fps.freed:
             yield f"{label} references fpstate #{fps.ident}, which was vfree()d"
 
@@ -74,16 +73,15 @@ def referenced_buffers_alive(w: Any) -> Iterator[str]:
 @predicate("size-covers-features", X86)
 def sizes_cover_features(w: Any) -> Iterator[str]:
     s = w.m.system
-    for label, fps, _ in w.fpstates():
-        need = (compacted_size(s.profile, fps.xfeatures) if s.xcompacted
-                else standard_size(s.profile, fps.xfeatures))
+    for label, fps, _ in w.live_fpstates():
+        need = w.xsave_size(fps.xfeatures, s.xcompacted)
         if fps.size < need:
             yield (f"{label}: fpstate #{fps.ident} size {fps.size} < {need} needed for "
                    f"xfeatures {mask_names(fps.xfeatures)}")
         if len(fps.regs) < fps.size:
             yield (f"{label}: fpstate #{fps.ident} claims size {fps.size} but has "
                    f"{len(fps.regs)} bytes")
-        uneed = standard_size(s.profile, fps.user_xfeatures & s.user.max_features)
+        uneed = w.xsave_size(fps.user_xfeatures & s.user.max_features, False)
         if fps.user_size < uneed:
             yield (f"{label}: fpstate #{fps.ident} user_size {fps.user_size} < {uneed} for "
                    f"user_xfeatures {mask_names(fps.user_xfeatures)}")
@@ -92,7 +90,7 @@ def sizes_cover_features(w: Any) -> Iterator[str]:
 @predicate("xcomp-bv-matches-features", X86)
 def xcomp_bv_matches(w: Any) -> Iterator[str]:
     s = w.m.system
-    for label, fps, _ in w.fpstates():
+    for label, fps, _ in w.live_fpstates():
         xstate_bv, xcomp_bv = fps.xstate_bv, fps.xcomp_bv
         if s.xcompacted:
             if xcomp_bv != fps.xfeatures | XCOMP_BV_COMPACTED_FORMAT:
@@ -123,8 +121,8 @@ def cached_registers_match_image(w: Any) -> Iterator[str]:
         c = cpus[fpu.last_cpu]
         if not fpregs_state_valid(c, fpu):
             continue
-        regs = c.regs.snapshot()
-        image = image_state(w, fpu.fpstate)
+        regs = w.regs_view(c.regs)
+        image = w.image(fpu.fpstate)
         for i in compare:
             if regs.get(i) != image.get(i):
                 yield (f"{t.comm}: TIF_NEED_FPU_LOAD set and CPU {c.nr} registers marked valid, "
@@ -201,7 +199,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
 @predicate("dynamic-state-needs-permission", X86)
 def dynamic_state_permitted(w: Any) -> Iterator[str]:
     s = w.m.system
-    for label, fps, t in w.fpstates():
+    for label, fps, t in w.live_fpstates():
         if t is None:
             continue
         leader = t.process.leader.fpu
@@ -228,7 +226,7 @@ def dynamic_state_permitted(w: Any) -> Iterator[str]:
 
 @predicate("guest-only-not-in-host-fpstate", X86)
 def guest_only_state_stays_in_guests(w: Any) -> Iterator[str]:
-    for label, fps, t in w.fpstates():
+    for label, fps, t in w.live_fpstates():
         if fps.is_guest:
             continue
         found = (fps.xfeatures | fps.xcomp_bv | fps.xstate_bv) & XFEATURE_MASK_GUEST_SUPERVISOR
@@ -279,7 +277,7 @@ def sigframe_ok(w: Any) -> Iterator[str]:
         if magic1 != FP_XSTATE_MAGIC1:
             yield f"{t.comm}: frame at {buf_fx:#x} has magic1 {magic1:#x}"
             continue
-        need = standard_size(s.profile, xfeatures & s.user.max_features)
+        need = w.xsave_size(xfeatures & s.user.max_features, False)
         if xsize < need:
             yield (f"{t.comm}: fx_sw_bytes xstate_size {xsize} < {need} needed for "
                    f"xfeatures {mask_names(xfeatures)}")

@@ -103,6 +103,8 @@ class Scenario:
             entry: dict[str, Any] = s.action.as_dict()
             if s.expect:
                 entry["expect"] = dict(s.expect)
+            if s.note:
+                entry["note"] = s.note
             steps.append(entry)
         doc["steps"] = steps
         return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)

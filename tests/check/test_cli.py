@@ -1,0 +1,87 @@
+"""``fpstate variants``, ``fpstate explore``, ``fpstate check`` and the counterexample picture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fpstate.check import scenario as scn
+from fpstate.check.timeline import draw, plot_paths
+from fpstate.check.variants import SEED_VARIANTS, VARIANTS
+from fpstate.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_variants_lists_one_line_each(capsys: pytest.CaptureFixture) -> None:
+    assert main(["variants"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(VARIANTS)
+    for name in SEED_VARIANTS:
+        line = next(x for x in lines if x.startswith(name))
+        assert "breaks " in line and "seed 00" in line
+    assert main(["variants", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {d["name"] for d in data} == {v.name for v in VARIANTS}
+
+
+def test_explore_json_writes_a_runnable_counterexample(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cx.yaml"
+    rc = main(["explore", "--variant", "pasid-write-incoherent", "--seconds", "30",
+               "--workers", "1", "--json", "--out", str(out)])
+    assert rc == 1
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) >= {"violations", "states", "transitions", "seconds"}
+    (v,) = data["violations"]
+    assert v["invariant"] == "valid-registers-match-memory"
+    assert v["scenario_file"] == str(out) and v["steps"] >= 2
+    s = scn.load(out)
+    assert s.variants == {"pasid-write-incoherent": "valid-registers-match-memory"}
+    assert main(["run", str(out), "--variant", "pasid-write-incoherent"]) == 1
+    assert main(["run", str(out)]) == 0
+
+
+def test_explore_without_violation_prints_coverage(capsys: pytest.CaptureFixture) -> None:
+    assert main(["explore", "--model", "arm64", "--seconds", "2", "--workers", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("no violation: model arm64 (the kernel's design, cpu fvp-aem-fpmr)")
+    assert out[1].split()[0] == "states" and int(out[1].split()[1]) > 0
+
+
+def test_explore_rejects_a_variant_of_another_model(capsys: pytest.CaptureFixture) -> None:
+    assert main(["explore", "--model", "x86", "--variant", "fpmr-ungated"]) == 2
+    assert "variant of model arm64" in capsys.readouterr().err
+
+
+def test_plot_writes_png_and_svg(tmp_path: Path) -> None:
+    report = scn.run(scn.load(ROOT / "scenarios" / "seed-004-pasid-write.yaml"),
+                     "pasid-write-incoherent", frames=True)
+    assert [f.violation for f in report.frames][-1] == "valid-registers-match-memory"
+    both = draw(report.frames, str(tmp_path / "t"), "seed 004")
+    assert [p.suffix for p in both] == [".png", ".svg"]
+    assert both[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = both[1].read_text()
+    assert "valid-registers-match-memory" in svg and "<svg" in svg
+    assert plot_paths(str(tmp_path / "x.svg")) == [tmp_path / "x.svg"]
+
+
+def test_run_plot_option(tmp_path: Path) -> None:
+    target = tmp_path / "seed0.png"
+    assert main(["run", str(ROOT / "scenarios" / "seed-000-kvm-save-min-size.yaml"),
+                 "--variant", "kvm-save-min-size", "--plot", str(target)]) == 1
+    assert target.exists() and target.stat().st_size > 10_000
+
+
+def test_check_runs_everything_and_prints_one_table(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    rc = main(["check", "--seconds", "1", "--budget", "60", "--no-conform", "--json",
+               "--workers", "1", "--out", str(tmp_path)])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0, [r for r in data["rows"] if not r["ok"]]
+    kinds = [r["kind"] for r in data["rows"]]
+    assert kinds.count("variant") == len(SEED_VARIANTS)
+    assert kinds.count("scenario") >= 10 and "explore" in kinds
+    assert {p.name for p in tmp_path.glob("*.yaml")} == {f"{v}.yaml" for v in SEED_VARIANTS}

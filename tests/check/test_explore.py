@@ -1,0 +1,107 @@
+"""The explorer: nothing under the kernel's design, every variant found, minimal shrinking,
+exhaustive search with state hashing, canonical keys, the executor interface."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.check import variants as vreg
+from fpstate.check.executor import Executor, LocalExecutor, SerialExecutor, local
+from fpstate.check.explore import (
+    Job,
+    default_config,
+    explore,
+    first_violation,
+    random_slice,
+    shrink,
+)
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action
+
+A = Action.of
+SERIAL = SerialExecutor()
+SMALL = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 1}, "vms": {}}
+
+
+@pytest.mark.parametrize("model", ["x86", "arm64"])
+def test_the_kernels_design_survives_a_short_random_run(model: str) -> None:
+    res = explore(Job(model, default_config(model)), SERIAL, seconds=3.0, seed=7)
+    assert res.found is None, res.found
+    assert res.transitions > 100 and res.states > 50
+    assert res.per_action["run"] > 0
+
+
+FINDABLE = [v.name for v in vreg.VARIANTS if v.name != "realloc-no-restore-userregs"]
+
+
+@pytest.mark.parametrize("name", FINDABLE)
+def test_each_variant_is_found_and_shrunk_to_a_minimal_scenario(name: str) -> None:
+    v = vreg.get(name)
+    job = Job(v.model, default_config(v.model), name)
+    res = explore(job, SERIAL, seconds=60.0, seed=0)
+    assert res.found is not None, f"{name} not found in {res.transitions} transitions"
+    assert v.expect in res.found.invariants
+    path = shrink(job, res.found.path, res.found.invariant)
+    assert first_violation(job, path, res.found.invariant) == len(path)
+    for i in range(len(path)):  # no step can be removed
+        assert first_violation(job, path[:i] + path[i + 1:], res.found.invariant) is None
+
+
+def test_the_seed_000_counterexample_is_the_thread_s_sequence() -> None:
+    job = Job("x86", default_config("x86"), "kvm-save-min-size")
+    res = explore(job, SERIAL, seconds=60.0, seed=0)
+    assert res.found is not None
+    path = shrink(job, res.found.path, res.found.invariant)
+    names = [a.name for a in path]
+    assert names[0] == "run" and names[1:3] == ["arch_prctl", "write"]
+    assert path[2].get("component") == "xtiledata"
+    assert names[-1] in ("kvm_run", "kvm_enter", "set_cet_msr")  # kvm_load_guest_fpu()
+
+
+def test_exhaustive_mode_finds_the_shortest_counterexample() -> None:
+    job = Job("x86", dict(SMALL, cpus=1), "pasid-write-incoherent")
+    res = explore(job, SERIAL, mode="exhaustive", seconds=120.0, depth=4)
+    assert res.found is not None and res.found.invariant == "valid-registers-match-memory"
+    assert len(res.found.path) == 4  # run, idle, switch_in, pasid_write is the shortest
+    assert [a.name for a in res.found.path][-1] == "pasid_write"
+
+
+def test_exhaustive_mode_without_violation_reports_complete_coverage() -> None:
+    job = Job("x86", SMALL)
+    res = explore(job, SERIAL, mode="exhaustive", seconds=120.0, depth=2)
+    assert res.found is None and res.complete and res.depth == 2
+    assert res.states > 10 and res.transitions >= res.states - 1
+
+
+def test_canonical_keys_ignore_generation_numbers_only() -> None:
+    a = make_world("x86", SMALL, None)
+    b = make_world("x86", SMALL, None)
+    for w, writes in ((a, 2), (b, 1)):
+        w.step(A("run", task="p0.t0", cpu=0))
+        for _ in range(writes):
+            w.step(A("write", task="p0.t0", component="avx"))
+    assert a.key() == b.key()  # the same state, only the token's generation differs
+    b.step(A("write", task="p0.t0", component="sse"))
+    assert a.key() != b.key()
+    assert hash(a.clone().key()) == hash(a.key())
+
+
+def test_random_slices_are_reproducible_from_their_seed() -> None:
+    job = Job("x86", SMALL, "pasid-write-incoherent")
+    one = random_slice(job, 11, 30.0, 30)
+    two = random_slice(job, 11, 30.0, 30)
+    assert one.found is not None and one.found.path == two.found.path
+
+
+def test_executors_satisfy_the_protocol() -> None:
+    assert isinstance(SERIAL, Executor)
+    ex = LocalExecutor(2)
+    try:
+        assert isinstance(ex, Executor) and ex.workers == 2
+        assert ex.submit(pow, 3, 4).result() == 81
+    finally:
+        ex.close()
+    assert isinstance(local(1), SerialExecutor)
+    f = SERIAL.submit(int, "x")
+    with pytest.raises(ValueError):
+        f.result()

@@ -1,0 +1,165 @@
+"""Every invariant is a predicate that can fail: each test breaks one rule by hand in a state the
+model reached and checks that exactly that invariant reports it (and that it held before)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.check import invariants
+from fpstate.check.invariants import BUG_INVARIANTS, BY_NAME, INVARIANTS, PREDICATES
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.signal import SW_BYTES_OFFSET
+from fpstate.kernel.x86.types import XFEATURE_MASK_GUEST_SUPERVISOR
+
+A = Action.of
+AVX, TILEDATA, CET_KERNEL = 2, 18, 12
+SPR = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 1, "p1": 1}, "vms": {}}
+KVM = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"vmm": 1},
+       "vms": {"vm0": {"vmm": "vmm.t0", "vcpus": 1}}}
+
+
+def world(config=SPR, variant=None, steps=()):
+    w = make_world("x86", config, variant)
+    for a in steps:
+        r = w.step(a)
+        assert not r.violations, r.violations
+    return w
+
+
+def broken(w) -> set[str]:
+    w.steps += 1  # a new step: the per-step caches are stale
+    return {v.invariant for v in w.check()}
+
+
+def test_the_registry_is_complete() -> None:
+    checked = {name for preds in PREDICATES.values() for name, _ in preds}
+    assert checked | set(BUG_INVARIANTS.values()) | {"kernel-warn"} == set(BY_NAME)
+    assert all(i.origin and i.statement for i in INVARIANTS)
+    assert set(PREDICATES) == {"x86", "arm64"}
+
+
+def test_model_bugs_map_to_invariants() -> None:
+    v = invariants.violation_for_bug("xsave-out-of-bounds", "bytes 2560..10752")
+    assert (v.invariant, v.detail) == ("save-within-allocation",
+                                       "xsave-out-of-bounds: bytes 2560..10752")
+    assert invariants.violation_for_bug("raw-xsave-addr", "x").invariant == "kernel-warn"
+
+
+def test_a_freed_buffer_still_referenced() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0)])
+    assert broken(w) == set()
+    w.tasks["p0.t0"].fpu.fpstate.freed = True
+    assert "save-within-allocation" in broken(w)
+
+
+def test_a_buffer_too_small_for_its_features() -> None:
+    w = world()
+    fps = w.tasks["p0.t0"].fpu.fpstate
+    fps.xfeatures |= 1 << TILEDATA
+    fps.xcomp_bv |= 1 << TILEDATA
+    assert "size-covers-features" in broken(w)
+
+
+def test_xcomp_bv_must_match_the_features() -> None:
+    w = world()
+    fps = w.tasks["p0.t0"].fpu.fpstate
+    fps.xcomp_bv &= ~(1 << AVX)
+    assert broken(w) >= {"xcomp-bv-matches-features"}
+
+
+def test_valid_registers_must_equal_the_image() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx"),
+                     A("idle", cpu=0)])
+    t = w.tasks["p0.t0"]
+    assert w.where(t)[0] == "both" and broken(w) == set()
+    other = token(t.pid, 99, AVX, 256)
+    core.fpstate_write_component(w.m.system, t.fpu.fpstate, AVX, other)
+    assert "valid-registers-match-memory" in broken(w)
+
+
+def test_tif_clear_means_owning_the_registers() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("idle", cpu=0)])
+    w.tasks["p0.t0"].need_fpu_load = False
+    assert "tif-clear-owns-registers" in broken(w)
+
+
+def test_a_value_of_another_context_and_a_lost_write() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx")])
+    other = w.tasks["p1.t0"]
+    w.m.cpus[0].regs.set_component(AVX, token(other.pid, 5, AVX, 256))
+    assert broken(w) == {"no-foreign-value"}
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx")])
+    w.m.cpus[0].regs.init_components(1 << AVX)
+    assert broken(w) == {"no-lost-write"}
+
+
+def test_dynamic_state_needs_permission() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0)])
+    w.m.cpus[0].regs.set_component(TILEDATA, token(w.tasks["p0.t0"].pid, 1, TILEDATA, 8192))
+    w.expected["p0.t0"][TILEDATA] = w.m.cpus[0].regs.values[TILEDATA]
+    assert broken(w) == {"dynamic-state-needs-permission"}
+
+
+def test_guest_only_state_in_a_host_fpstate() -> None:
+    w = world()
+    fps = w.tasks["p1.t0"].fpu.fpstate
+    fps.xstate_bv |= XFEATURE_MASK_GUEST_SUPERVISOR
+    assert "guest-only-not-in-host-fpstate" in broken(w)
+
+
+def test_init_must_clear_cet_and_reset_must_leave_zeros() -> None:
+    w = world(KVM, steps=[A("run", task="vmm.t0", cpu=0),
+                          A("set_cet_msr", task="vmm.t0", vcpu="vm0.v0", component="cet_kernel")])
+    v = w.vcpus["vm0.v0"]
+    seen = w.guest_seen("vm0.v0")
+    w.emitted = [("init", ("vm0.v0", v, seen, seen, set()))]  # an INIT that cleared nothing
+    assert "init-clears-architectural" in broken(w)
+    v.arch.guest_fpu.fpstate.regs[700] = 1
+    w.emitted = [("reset", ("vm0.v0", v))]
+    assert "reset-zeroed-buffer" in broken(w)
+
+
+def test_nothing_beyond_what_is_advertised() -> None:
+    w = world(KVM, steps=[A("run", task="vmm.t0", cpu=0)])
+    r = w.step(A("get_xsave", task="vmm.t0", vcpu="vm0.v0"))
+    assert not r.violations
+    v = w.vcpus["vm0.v0"]
+    buf = bytearray(4096)
+    buf[512:520] = (v.arch.guest_supported_xcr0 | 1 << 19).to_bytes(8, "little")
+    w.emitted = [("kvm_uabi", ("vm0.v0", v, bytes(buf)))]
+    assert broken(w) == {"nothing-beyond-advertised"}
+
+
+def test_signal_frames_must_describe_themselves() -> None:
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+                     A("write", task="p0.t0", component="avx")])
+    r = w.step(A("signal", task="p0.t0"))
+    assert not r.violations and r.observed["delivered"] is True
+    t = w.tasks["p0.t0"]
+    frame = r.observed["frame"]
+    buf_fx = int.from_bytes(t.process.mm.read(frame + 232, 8), "little")
+    record = ("sigframe", (t, frame, buf_fx, (0, 0, None)))
+    mm = t.process.mm
+    sw = bytearray(mm.read(buf_fx + SW_BYTES_OFFSET, 20))
+    sw[16:20] = (576).to_bytes(4, "little")  # xstate_size too small for the features
+    mm.write(buf_fx + SW_BYTES_OFFSET, bytes(sw))
+    w.emitted = [record]
+    assert broken(w) == {"sigframe-fits-and-describes"}
+
+
+def test_arm64_rules_are_registered_under_the_checkers_names() -> None:
+    from fpstate.check.invariants_arm64 import ARM64_RULES
+    from fpstate.kvm.arm64 import invariants as kvm_inv
+
+    names = {i.name for i in kvm_inv.INVARIANTS}
+    assert set(ARM64_RULES) == names
+    assert set(ARM64_RULES.values()) <= set(BY_NAME)
+
+
+@pytest.mark.parametrize("name", [i.name for i in INVARIANTS])
+def test_every_invariant_has_a_documented_origin(name: str) -> None:
+    inv = BY_NAME[name]
+    assert any(word in inv.origin for word in ("seed", ".c", ".h", "SDM", "Documentation"))

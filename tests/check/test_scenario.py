@@ -1,0 +1,177 @@
+"""Scenario files: the format, its one-line errors, the seed scenarios, the `fpstate run` trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fpstate.check import scenario as scn
+from fpstate.check.world import ScenarioError, StepError
+from fpstate.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
+SEEDS = [p for p in SCENARIOS if p.name.startswith("seed-")]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+model: x86
+config: {cpu: sapphire-rapids, cpus: 1, processes: {p0: 1}, vms: {}}
+steps:
+  - run: {task: p0.t0, cpu: 0}
+  - write: {task: p0.t0, component: avx}
+    expect: {fault: none}
+"""
+
+
+def test_there_is_one_scenario_per_seed() -> None:
+    assert [p.name[:8] for p in SEEDS] == [f"seed-00{n}" for n in range(5)]
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_scenarios_hold_under_the_kernels_design(path: Path) -> None:
+    report = scn.run(scn.load(path))
+    assert report.ok, "\n".join(scn.format_report(report))
+    assert len(report.records) == len(scn.load(path).steps)
+
+
+@pytest.mark.parametrize("path", SEEDS, ids=lambda p: p.name)
+def test_each_seed_scenario_breaks_its_invariant_under_the_rejected_design(path: Path) -> None:
+    s = scn.load(path)
+    assert len(s.variants) == 1
+    (variant, invariant), = s.variants.items()
+    report = scn.run(s, variant)
+    assert report.violation is not None
+    step, _ = report.violation
+    first = (report.initial if step == 0
+             else next(r.violations for r in report.records if r.n == step))
+    assert invariant in {v.invariant for v in first}
+
+
+def test_run_prints_the_trace_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(write(tmp_path, MINIMAL))]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  1  run(cpu=0, task=p0.t0)"
+    assert out[2].startswith("  2  write(component=avx, task=p0.t0)  -> fault=none")
+    assert out[-1] == "OK: 2 steps, every invariant held"
+
+
+def test_a_violation_exits_1_naming_the_invariant(capsys: pytest.CaptureFixture) -> None:
+    path = ROOT / "scenarios" / "seed-004-pasid-write.yaml"
+    assert main(["run", str(path), "--variant", "pasid-write-incoherent"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: invariant valid-registers-match-memory violated at step 6" in out
+    assert "pasid is 0x80000007 in the registers and init in fpstate" in out
+
+
+def test_a_failed_expectation_shows_expected_and_observed(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = MINIMAL.replace("expect: {fault: none}", "expect: {fault: '#NM'}")
+    assert main(["run", str(write(tmp_path, text))]) == 1
+    out = capsys.readouterr().out
+    assert "EXPECTATION FAILED fault: expected #NM, observed none" in out
+    assert out.splitlines()[-1] == "FAIL: expectation failed at step 2"
+
+
+def test_writer_expectations_match_any_generation(tmp_path: Path) -> None:
+    text = MINIMAL + "  - observe: {task: p0.t0}\n    expect: {avx: p0.t0, sse: init}\n"
+    assert scn.run(scn.load(write(tmp_path, text))).ok
+    text = MINIMAL + "  - observe: {task: p0.t0}\n    expect: {avx: p0.t0#2}\n"
+    assert not scn.run(scn.load(write(tmp_path, text))).ok
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("model: x86\nsteps: [\n", "bad YAML (line 3)"),
+    ("- 1\n- 2\n", "a scenario is a YAML mapping"),
+    ("steps: []\n", "'model' is required"),
+    ("model: riscv\nsteps: []\n", "unknown model 'riscv'"),
+    ("model: x86\nsteps: []\ncolour: red\n", "unknown key 'colour'"),
+    ("model: x86\nconfig: {cpus: 2, ram: 4}\nsteps: []\n", "config: unknown key 'ram'"),
+    ("model: x86\nsteps: {run: 1}\n", "'steps' must be a list"),
+    ("model: x86\nsteps:\n  - fly: {task: a}\n", "step 1: unknown action 'fly'"),
+    ("model: x86\nsteps:\n  - run: {task: a}\n", "step 1: run: missing field 'cpu'"),
+    ("model: x86\nsteps:\n  - run: {task: a, cpu: zero}\n",
+     "step 1: run: field 'cpu' must be int, not 'zero'"),
+    ("model: x86\nsteps:\n  - run: {task: a, cpu: 0, prio: 1}\n",
+     "step 1: run: unknown field 'prio'"),
+    ("model: x86\nsteps:\n  - run: {task: a, cpu: 0}\n    idle: {cpu: 0}\n",
+     "step 1: one action per step"),
+    ("model: x86\nsteps:\n  - arch_prctl: {task: a, option: frob}\n",
+     "field 'option' = 'frob' is not one of"),
+    ("model: x86\nvariants: {fpmr-ungated: no-lost-write}\nsteps: []\n",
+     "fpmr-ungated is a variant of model arm64"),
+    ("model: x86\nvariants: {pasid-write-incoherent: be-nice}\nsteps: []\n",
+     "unknown invariant 'be-nice'"),
+])
+def test_bad_files_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           text: str, message: str) -> None:
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fpstate: error: ")
+    assert message in err
+
+
+def test_an_illegal_step_is_one_line_and_exit_2(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    text = MINIMAL.replace("  - run: {task: p0.t0, cpu: 0}\n", "")
+    assert main(["run", str(write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "step 1 write(component=avx, task=p0.t0): task p0.t0 is not running in user mode" in err
+
+
+def test_an_unknown_variant_and_a_missing_file_exit_2(tmp_path: Path) -> None:
+    assert main(["run", str(write(tmp_path, MINIMAL)), "--variant", "nope"]) == 2
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert main(["run", str(write(tmp_path, MINIMAL)), "--variant", "fpmr-ungated"]) == 2
+
+
+def test_to_yaml_round_trips(tmp_path: Path) -> None:
+    s = scn.load(ROOT / "scenarios" / "seed-003-init-clears-cet.yaml")
+    again = scn.parse(yaml.safe_load(s.to_yaml()))
+    assert again.steps == s.steps and again.config == s.config and again.variants == s.variants
+
+
+def test_list_actions_names_every_action(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--list-actions"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pasid_write(task: str, pasid?: int)", "kvm_init(task: str, vcpu: str)",
+                 "guest_op(vcpu: str, op: str, arg?: str)"):
+        assert name in out
+
+
+_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6))
+_DOC = st.recursive(_VALUE, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(
+        ["model", "steps", "config", "run", "task", "cpu", "write", "expect", "x86", "arm64",
+         "variants", "note", "component", "p0.t0"]), kids, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_DOC)
+def test_the_parser_only_raises_scenario_errors(doc: object) -> None:
+    try:
+        scn.parse(doc, "fuzz")
+    except ScenarioError:
+        pass
+
+
+def test_steps_error_on_unknown_names() -> None:
+    w = scn.make_world("x86", {"cpu": "sapphire-rapids", "processes": {"p0": 1}, "vms": {}},
+                       None)
+    from fpstate.check.world import Action
+
+    with pytest.raises(StepError, match="no live task 'zz'"):
+        w.step(Action.of("run", task="zz", cpu=0))
+    with pytest.raises(StepError, match="no CPU 9"):
+        w.step(Action.of("run", task="p0.t0", cpu=9))
