@@ -148,7 +148,7 @@ def _pages(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
 
 
-def _amx_buffer(system: FpuSystem) -> tuple[int, int]:
+def amx_buffer(system: FpuSystem) -> tuple[int, int]:
     """(size, xfeatures) of the fpstate a permitted task gets at its first AMX instruction: the
     machine model runs ARCH_REQ_XCOMP_PERM and the XFD #NM. (default size, default features)
     when the CPU has no AMX."""
@@ -186,7 +186,7 @@ def class_costs(profile: CpuidProfile, policy_alloc: str, cet: str,
                 "avx512": ClassCost(base.memory, host_max, avx_use),
                 "amx": ClassCost(base.memory, host_max, amx_use),
                 "vcpu": ClassCost(plain.memory + guest.memory, guest.rfbm, avx_use)}
-    amx_size, amx_features = _amx_buffer(system)
+    amx_size, amx_features = amx_buffer(system)
     amx_memory = embedded + (_pages(header + amx_size) if amx_features != k.default_features
                              else 0)
     guest_memory = _pages(header + system.guest.size)
@@ -284,6 +284,8 @@ def load_workload(path: str) -> tuple[str | None, tuple[Mix, ...]]:
                              m.get("vcpus", 0), m.get("modified_fraction", 0.5)))
         except TypeError as e:
             raise FpstateError(f"{path}: mix {i}: {e}") from None
+        except FpstateError as e:
+            raise FpstateError(f"{path}: {e}") from None
     cpu = data.get("cpu")
     if cpu is not None and not isinstance(cpu, str):
         raise FpstateError(f"{path}: 'cpu' must be a profile name")
