@@ -4,7 +4,8 @@ Byte-exact model of what setup_sigframe_layout() allocates and setup_sigframe() 
 ``uc_mcontext.__reserved[]`` (v6.17): fpsimd_context, esr_context, sve_context (also for
 streaming mode, with SVE_SIG_FLAG_SM), tpidr2_context, za_context, zt_context, fpmr_context,
 the extra_context that takes records beyond the 4096 bytes of ``__reserved`` and the null
-terminator; plus parse_user_sigframe()'s validation for sigreturn, and AT_MINSIGSTKSZ
+terminator; plus parse_user_sigframe()'s validation for sigreturn and the size, VL and
+order rules of the restore_*_context() functions restore_sigframe() calls, and AT_MINSIGSTKSZ
 (minsigstksz_setup()).
 
 Offsets are from the start of ``struct rt_sigframe`` (siginfo 128 bytes, then ucontext:
@@ -322,6 +323,89 @@ def parse_user_sigframe(frame: bytes, caps: HostCaps, base: int = 0) -> dict[str
             raise BlobError(f"{name}_context size {size} < 8")
         found[name] = (start + offset, size)
         offset += size
+
+
+@dataclass(frozen=True, slots=True)
+class SigReturn:
+    """What restore_sigframe() makes of a frame's FP records: 0, or -EINVAL (rt_sigreturn's
+    badframe: SIGSEGV) with the rule that refused it; ``task`` is the FP state restored."""
+
+    ret: int
+    reason: str
+    task: SigTask
+
+
+def restore_sigframe_fp(frame: bytes, caps: HostCaps, task: SigTask,
+                        base: int = 0) -> SigReturn:
+    """restore_sigframe(), FP part: parse_user_sigframe(), then restore_sve_fpsimd_context()
+    (or restore_fpsimd_context() without an sve_context), restore_tpidr2_context(),
+    restore_fpmr_context(), restore_za_context() and restore_zt_context(), in that order,
+    each with its size rule.  ``task`` gives current's VLs and PSTATE.ZA at sigreturn."""
+
+    def bad(reason: str) -> SigReturn:
+        return SigReturn(-EINVAL, reason, task)
+
+    try:
+        found = parse_user_sigframe(frame, caps, base)
+    except BlobError as e:
+        return bad(f"parse_user_sigframe: {e}")
+    if not caps.fpsimd:
+        return SigReturn(0, "", task)
+    if "fpsimd" not in found:
+        return bad("restore_sigframe: no fpsimd_context")
+    new = replace(task, fp_type=FP_STATE_FPSIMD, sm=False)
+    if "sve" in found:                       # restore_sve_fpsimd_context()
+        off, size = found["sve"]
+        if size < SVE_CONTEXT_SIZE:
+            return bad(f"restore_sve_fpsimd_context: size {size} < {SVE_CONTEXT_SIZE}")
+        user_vl, flags = struct.unpack_from("<HH", frame, off + 8)
+        sm = bool(flags & SVE_SIG_FLAG_SM)
+        if sm and not caps.sme:
+            return bad("restore_sve_fpsimd_context: SVE_SIG_FLAG_SM without SME")
+        vl = task.sme_vl if sm else task.sve_vl
+        if user_vl != vl:
+            return bad(f"restore_sve_fpsimd_context: vl {user_vl} != the task's {vl}")
+        if sm or size != SVE_CONTEXT_SIZE:   # else: header only, restore_fpsimd_context()
+            need = sve_sig_context_size(sve_vq_from_vl(vl))
+            if size < need:
+                return bad(f"restore_sve_fpsimd_context: size {size} < "
+                           f"SVE_SIG_CONTEXT_SIZE {need}")
+            new = replace(new, fp_type=FP_STATE_SVE, sm=sm)
+    fp_off, fp_size = found["fpsimd"]        # read_fpsimd_context(), last on both paths
+    if fp_size != FPSIMD_CONTEXT_SIZE:
+        return bad(f"read_fpsimd_context: size {fp_size} != {FPSIMD_CONTEXT_SIZE}")
+    fpsr, fpcr = struct.unpack_from("<II", frame, fp_off + 8)
+    new = replace(new, fpsr=fpsr, fpcr=fpcr)
+    if caps.sme and "tpidr2" in found and found["tpidr2"][1] != TPIDR2_CONTEXT_SIZE:
+        return bad(f"restore_tpidr2_context: size {found['tpidr2'][1]} != "
+                   f"{TPIDR2_CONTEXT_SIZE}")
+    if caps.fpmr and "fpmr" in found:        # restore_fpmr_context()
+        off, size = found["fpmr"]
+        if size != FPMR_CONTEXT_SIZE:
+            return bad(f"restore_fpmr_context: size {size} != {FPMR_CONTEXT_SIZE}")
+        new = replace(new, fpmr=struct.unpack_from("<Q", frame, off + 8)[0])
+    if caps.sme and "za" in found:           # restore_za_context()
+        off, size = found["za"]
+        if size < ZA_CONTEXT_SIZE:
+            return bad(f"restore_za_context: size {size} < {ZA_CONTEXT_SIZE}")
+        user_vl = struct.unpack_from("<H", frame, off + 8)[0]
+        if user_vl != task.sme_vl:
+            return bad(f"restore_za_context: vl {user_vl} != the task's {task.sme_vl}")
+        za = size != ZA_CONTEXT_SIZE
+        if za and size < (need := za_sig_context_size(sve_vq_from_vl(user_vl))):
+            return bad(f"restore_za_context: size {size} < ZA_SIG_CONTEXT_SIZE {need}")
+        new = replace(new, za=za)
+    if caps.sme2 and "zt" in found:          # restore_zt_context()
+        off, size = found["zt"]
+        if not new.za:
+            return bad("restore_zt_context: ZA is not enabled")
+        if size != zt_sig_context_size(1):
+            return bad(f"restore_zt_context: size {size} != ZT_SIG_CONTEXT_SIZE(1) "
+                       f"{zt_sig_context_size(1)}")
+        nregs = struct.unpack_from("<H", frame, off + 8)[0]
+        if nregs != 1:
+            return bad(f"restore_zt_context: nregs {nregs} != 1")
+    return SigReturn(0, "", new)
 
 
 def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
