@@ -81,5 +81,10 @@ def test_host_measurements_agree_with_the_model(capsys) -> None:
             assert f.measured == f.value, (f.key, f.how)
         else:
             assert f.how, f.key  # says why it was not measured
+    from fpstate.host.amx import amx_unavailable
+
+    in_use = measured.figure("sigframe_xstate_size.in_use")
+    why = amx_unavailable()
+    assert (in_use.measured is None and in_use.how == why) if why else in_use.measured
     assert main(["sizes", "--cpu", "host"]) == 0
     assert "DIFFERS" not in capsys.readouterr().out

@@ -220,12 +220,6 @@ def _kernel_max_from_log() -> int:
     raise HostUnavailable("no 'context size is N bytes' line in the kernel log")
 
 
-def _no_amx(profile: CpuidProfile) -> str | None:
-    if profile.has("AMX_TILE"):
-        return None
-    return "host lacks AMX (CPUID.(EAX=7,ECX=0):EDX[24]=0): no AMX instruction can run"
-
-
 def _after_perm_request(fn: Callable[[], int]) -> tuple[int, int]:
     """(errno of ARCH_REQ_XCOMP_PERM(XTILE_DATA), fn()) in a forked child that made the
     request first; ``fn`` may fork again (permissions are inherited at fork)."""
@@ -271,8 +265,16 @@ def measure_host(predicted: Sizes, profile: CpuidProfile) -> Sizes:
             finally:
                 vm.close()
 
+    def frame_with_tiles() -> int:
+        from fpstate.host.amx import raise_signal_with_tiles
+
+        run, _ = raise_signal_with_tiles("in-use")
+        frame = run.frame  # type: ignore[attr-defined]
+        if frame is None:
+            raise HostUnavailable("the signal handler never ran (tiles in use)")
+        return int(frame.sw_bytes.xstate_size)
+
     frame = _measure(frame_size)
-    amx = _no_amx(profile)
 
     def perm(fn: Callable[[], int], what: str) -> tuple[tuple[int | None, str], str]:
         try:
@@ -299,8 +301,10 @@ def measure_host(predicted: Sizes, profile: CpuidProfile) -> Sizes:
         "at_minsigstksz": (_measure(auxv.at_minsigstksz), "getauxval(AT_MINSIGSTKSZ)"),
         "sigframe_xstate_size.no_perm": (frame, "sw_bytes.xstate_size of a real frame"),
         "sigframe_xstate_size.perm_unused": perm(frame_size, "sw_bytes.xstate_size"),
-        "sigframe_xstate_size.in_use": ((None, amx or "the frame probe does not run AMX "
-                                         "instructions"), ""),
+        "sigframe_xstate_size.in_use": (_measure(frame_with_tiles),
+                                        "sw_bytes.xstate_size of a real frame raised after "
+                                        "ARCH_REQ_XCOMP_PERM, LDTILECFG and TILELOADD of 8 "
+                                        "tiles"),
         "sigaltstack_min.no_perm": (_measure(_host_altstack), "smallest ss_size sigaltstack() "
                                     "accepts (real syscalls in a child)"),
         "sigaltstack_min.perm": perm(_host_altstack, "smallest ss_size"),
