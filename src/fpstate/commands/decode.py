@@ -186,7 +186,12 @@ def run_encode(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise BlobError(f"cannot read {args.json_file}: {getattr(e, 'strerror', None) or e}") \
             from None
-    obj = json.loads(text) if text.lstrip()[:1] == "[" else None
+    obj = None
+    if text.lstrip()[:1] == "[":
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise BlobError(f"blob JSON does not parse: {e}") from None
     if isinstance(obj, list):
         if len(obj) != 1:
             raise BlobError(f"{args.json_file} holds {len(obj)} blobs; encode takes one")
