@@ -134,3 +134,17 @@ def test_cli_rejects_an_unknown_arch(capsys):
     with pytest.raises(SystemExit) as e:
         main(["compat", "--arch", "riscv", "neoverse-v1", "neoverse-v1"])
     assert e.value.code == 2 and "--arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("src", [
+    "{nope", '{"cpu": "neoverse-v1", "colour": 1}', "[1, 2]",
+    '{"cpu": "neoverse-v1", "id_regs": {"ID_AA64PFR0_EL1": "zz"}}',
+    '{"cpu": "neoverse-v2", "id_regs": {"ID_AA64PFR2_EL1": "0x100000000"}}',
+    '{"name": "x", "sve_vl_bits": [128]}',
+])
+def test_cli_bad_input_is_one_line_on_stderr_and_exit_2(capsys, tmp_path, src):
+    p = tmp_path / "src.json"
+    p.write_text(src)
+    assert main(["compat", "--arch", "arm64", str(p), "neoverse-v1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("fpstate: error: ") and err.count("\n") == 1
