@@ -236,6 +236,15 @@ def test_guest_xcr0_is_loaded_around_vm_entry_only() -> None:
     assert v.m.cpus[v.nr].regs.xcr0 == v.m.system.xcr0  # the host's XCR0 is back
 
 
+def test_a_guest_write_of_a_component_the_cpu_lacks_is_ud() -> None:
+    """BNDMOV on Sapphire Rapids (no MPX): XCR0[3] can never be set, so #UD -- found by the
+    state machine (tests/kvm/test_kvm_stateful.py), where it used to raise ProfileError."""
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    (fault,) = v.run(vcpu, [GuestOp("write", 3)]).results
+    assert (fault.vector, fault.reason) == ("#UD", "XCR0[3] = 0")
+
+
 # -- IA32_XSS, IA32_XFD, IA32_XFD_ERR -------------------------------------------------------------
 
 

@@ -297,6 +297,8 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
     if op.kind in ("write", "read") and op.number >= 2 and not arch.cr4_osxsave:
         return Fault("#UD", "guest CR4.OSXSAVE = 0: no XSAVE-managed state beyond x87/SSE")
     if op.kind == "write":
+        if op.number >= 2 and not (c.regs.xcr0 >> op.number) & 1:
+            return Fault("#UD", f"XCR0[{op.number}] = 0")  # before any operand is read
         data = op.data if op.data is not None else _guest_token(c, vcpu, op.number)
         fault = c.regs.user_write(op.number, data)
         if fault is not None and fault.vector == "#NM" and arch.xfd_no_write_intercept:
