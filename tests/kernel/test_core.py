@@ -278,6 +278,20 @@ def test_update_with_cached_registers_goes_to_memory_and_invalidates(m: Machine)
     assert m.user_state(a)[CET_USER] == value
 
 
+def test_update_with_cached_registers_reaches_user_mode_through_the_restore(m: Machine) -> None:
+    """The invalidation is what makes it work: nothing else touches CPU 0 before the return,
+    so without last_cpu = -1 fpregs_restore_userregs() would find the registers valid, skip the
+    XRSTOR and hand the task the old value from the stale registers."""
+    a = _kernel_with_cached_registers(m)
+    old = m.cpus[0].regs.component(CET_USER)
+    value = token(a.pid, 10, CET_USER, 16)
+    assert value != old
+    assert core.fpregs_update_current_xstate(m.cpus[0], CET_USER, value) == "memory"
+    assert m.cpus[0].regs.component(CET_USER) == old  # the registers were not touched
+    m.exit_to_user_mode(0)
+    assert m.cpus[0].regs.component(CET_USER) == value
+
+
 def test_pasid_write_incoherent_variant_loses_the_write() -> None:
     """fpu__pasid_write() v1: with TIF_NEED_FPU_LOAD set and fpregs_state_valid() it writes the
     register only; a kernel_fpu_begin() on that CPU before the return to user mode makes the
