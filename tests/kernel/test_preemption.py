@@ -1,7 +1,8 @@
 """Preemption at every preemption point of every kernel path, and interrupts that use the FPU there.
 
 Each kernel path of the model (rt_sigreturn, its fault-in retry, the XFD #NM handler, clone,
-execve) is run once undisturbed and then once per (preemption point, disturbance):
+execve, and a sleeping system call followed by signal delivery) is run once undisturbed and
+then once per (preemption point, disturbance):
 
 - ``switch``: another task runs on the same CPU, writes every user register and its CET_USER
   (supervisor) state, and the task comes back on that CPU;
@@ -30,7 +31,7 @@ from fpstate.kernel.x86 import signal as sg
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.hw import PAGE_SIZE, token
 from fpstate.kernel.x86.process import sys_clone, sys_execve
-from fpstate.kernel.x86.sched import SIGUSR1, Machine, SigAction, Task, TaskState
+from fpstate.kernel.x86.sched import SIGUSR1, Machine, SigAction, Signal, Task, TaskState
 from fpstate.kernel.x86.xfd import exc_device_not_available
 
 YMM, OPMASK, ZMM_HI256, HI16, CET_USER, TILECFG, TILEDATA = 2, 5, 6, 7, 11, 17, 18
@@ -106,6 +107,28 @@ def _clone_observe(m: Machine, t: Task, child: Task) -> Any:
     return m.user_state(t), m.user_state(child), child.need_fpu_load, child.fpu.last_cpu
 
 
+def _sleeping_syscall(c: Any) -> Any:
+    """A system call that sleeps once (nanosleep, a blocking read): one preemption point."""
+    yield
+    return 0
+
+
+def _signal_delivery(m: Machine, t: Task):
+    """A signal queued while the task sleeps in a system call is delivered on the way out
+    (copy_fpstate_to_sigframe: the registers are reloaded first if TIF_NEED_FPU_LOAD is set,
+    then XSAVE straight to the user frame)."""
+    t.handlers[SIGUSR1] = SigAction()
+    _fill(m, t)
+    t.pending.append(Signal(SIGUSR1))
+    return _sleeping_syscall, ()
+
+
+def _frame_observe(m: Machine, t: Task, result: Any) -> Any:
+    fp = int.from_bytes(t.process.mm.read(t.user_sp + sg.SC_FPSTATE_OFFSET, 8), "little")
+    size = t.fpu.fpstate.user_size + 4
+    return result, t.user_sp, t.process.mm.read(fp, size), m.user_state(t)
+
+
 def _execve(m: Machine, t: Task):
     _fill(m, t)
     return sys_execve, ("new",)
@@ -116,6 +139,7 @@ SCENARIOS = (
     Scenario("rt_sigreturn-fault-in", "sapphire-rapids", _sigreturn_fault_in, _state, 2),
     Scenario("xfd-first-use", "sapphire-rapids", _xfd_first_use, _state, 1),
     Scenario("clone", "zen5", _clone, _clone_observe, 1),
+    Scenario("signal-delivery", "zen5", _signal_delivery, _frame_observe, 1),
     Scenario("execve", "zen5", _execve, _state, 1),
 )
 
