@@ -63,34 +63,22 @@ def _pattern_child(shm_address: int, body_tail):
     return 6
 
 
-@pytest.mark.host
-def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
-    """The child raises its own RLIMIT_CORE (no system setting changes; core_pattern must write
-    a file in its directory), loads every register with a pattern in machine code and kills
-    itself with SIGQUIT: the kernel's core has the zmm/k values it set."""
-    from fpstate.host.child import (
-        SYS,
-        Reg,
-        SharedMemory,
-        fork_child,
-        opmask_pattern,
-        pattern_table,
-        raw_syscall,
-        wait_child,
-        zmm_pattern,
-    )
+def _kernel_core(tmp_path: Path, code) -> tuple[Path, object]:
+    """Fork a child that raises its own RLIMIT_CORE (no system setting changes; core_pattern
+    must write a file in its directory), runs the machine code ``code(asm)`` emits and kills
+    itself with SIGQUIT: the core file the kernel wrote and the child's exit."""
+    from fpstate.host.child import SYS, CodePages, Reg, fork_child, raw_syscall, wait_child
+    from fpstate.host.child import Asm as HostAsm
 
-    _avx512_host()
     pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
     if pattern.startswith("|") or "/" in pattern:
         pytest.skip(f"core_pattern {pattern!r} does not write a file in the process's directory")
-    shm = SharedMemory(4096)
-    shm.write(0, pattern_table(SEED))
-
-    def tail(a) -> None:
-        a.syscall(SYS["getpid"])
-        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
-        a.exit_group(7)
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    except OSError:
+        hard = 0
+    if hard == 0:
+        pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
 
     def body() -> int:
         resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
@@ -99,23 +87,42 @@ def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
         os.chdir(tmp_path)
         act = (ctypes.c_uint64 * 4)(0, 0, 0, 0)  # SIG_DFL: dump core
         raw_syscall(SYS["rt_sigaction"], signal.SIGQUIT, ctypes.addressof(act), 0, 8)
-        return _pattern_child(shm.address, tail)
+        pages = CodePages(1)
+        a = HostAsm()
+        code(a)
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
+        a.exit_group(7)
+        pages.call(pages.place(0, a))
+        return 6
 
-    try:
-        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
-    except OSError:
-        hard = 0
-    if hard == 0:
-        pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
     ex = wait_child(fork_child(body))
-    assert ex.signal == signal.SIGQUIT
+    assert ex.signal == signal.SIGQUIT, ex
     cores = [p for p in tmp_path.iterdir() if p.name.startswith(pattern.split("%")[0] or "core")]
     if not cores:
         pytest.skip(f"no core file appeared (core_pattern {pattern!r})")
-    notes = xstate_notes(cores[0].read_bytes())
-    assert len(notes) == 1 and notes[0].tid == ex.pid
+    return cores[0], ex
+
+
+@pytest.mark.host
+def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
+    """The child loads every register with a pattern in machine code and dumps core: the
+    kernel's core has the zmm/k values it set."""
+    from fpstate.host.child import (
+        SharedMemory,
+        load_patterns,
+        opmask_pattern,
+        pattern_table,
+        zmm_pattern,
+    )
     from fpstate.x86.profiles import load_profile
 
+    _avx512_host()
+    shm = SharedMemory(4096)
+    shm.write(0, pattern_table(SEED))
+    core, ex = _kernel_core(tmp_path, lambda a: load_patterns(a, shm.address))
+    notes = xstate_notes(core.read_bytes())
+    assert len(notes) == 1 and notes[0].tid == ex.pid
     blob = decode(notes[0].data, load_profile("host"))
     assert blob.fmt == "uabi" and blob.warnings == ()
     assert blob.xstate_bv & 0xE6 == 0xE6
@@ -129,6 +136,48 @@ def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
         assert got == z
     assert blob.register("k7") == opmask_pattern(7, SEED)
     assert blob.register("mxcsr") == 0xFFC0
+
+
+@pytest.mark.host
+def test_kernel_core_dump_of_an_amx_process(tmp_path: Path) -> None:
+    """On an AMX host: ARCH_REQ_XCOMP_PERM(XTILE_DATA), LDTILECFG, TILELOADD of all eight
+    tiles, then a core dump. The note is fpu_user_cfg.max_size bytes with TILECFG/TILEDATA in
+    XSTATE_BV, and decoding it gives back the configuration and every tile row loaded."""
+    from fpstate.host.amx import (
+        COLSB,
+        ROWS,
+        TILE_BYTES,
+        amx_unavailable,
+        emit_tiles,
+        tile_config,
+        tile_data,
+    )
+    from fpstate.host.child import PAGE, SharedMemory
+    from fpstate.x86.layout import standard_size
+    from fpstate.x86.profiles import load_profile
+
+    why = amx_unavailable()
+    if why:
+        pytest.skip(why)
+    shm = SharedMemory(PAGE + len(tile_data()))
+    shm.write(0, tile_config())
+    shm.write(PAGE, tile_data())
+    core, ex = _kernel_core(tmp_path, lambda a: emit_tiles(a, shm.address, shm.address + PAGE,
+                                                           load=True, release=False))
+    notes = xstate_notes(core.read_bytes())
+    host = load_profile("host")
+    blob = decode(notes[0].data, host)
+    assert notes[0].tid == ex.pid and blob.fmt == "uabi" and blob.warnings == ()
+    assert blob.xstate_bv & 0x60000 == 0x60000
+    assert len(notes[0].data) == standard_size(host, blob.xcr0)
+    assert blob.register("palette") == 1
+    assert blob.register("colsb0") == COLSB and blob.register("rows7") == ROWS
+    tiles = tile_data()
+    for tile in range(8):
+        for row in (0, ROWS - 1):
+            at = tile * TILE_BYTES + row * COLSB
+            assert blob.register(f"tmm{tile}_r{row}") == int.from_bytes(tiles[at:at + COLSB],
+                                                                         "little")
 
 
 @pytest.mark.host
