@@ -193,3 +193,30 @@ def test_exec_resets_everything(spr: Machine) -> None:
     assert spr.user_read(0, YMM) == bytes(256)
     assert spr.user_read(0, TILEDATA) == bytes(8192)
     assert spr.cpus[0].regs.xgetbv1() == 1 << 9  # only PKRU (init_pkru_value) is in use
+
+
+@pytest.mark.parametrize("user_worker", [False, True])
+def test_kernel_thread_kernel_fpu_never_saves_and_takes_a_cached_cpu(user_worker: bool) -> None:
+    """A kworker (PF_KTHREAD) or io_uring worker (PF_USER_WORKER) doing kernel_fpu_begin() in
+    task context on a CPU that still caches a switched-out user task: the worker's own fpstate
+    is never written (the `flags & (PF_KTHREAD | PF_USER_WORKER)` test), the CPU's registers
+    are invalidated, and the user task reloads its own values from memory."""
+    m = Machine.boot("zen5")
+    a = start(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    kt = m.kthread("kworker/0:1", user_worker=user_worker)
+    image = bytes(kt.fpu.fpstate.regs)
+    m.preempt(0, kt)
+    assert fpregs_state(a, m.cpus) is FpregsState.CACHED
+    c = m.cpus[0]
+    assert core.irq_fpu_usable(c)
+    core.kernel_fpu_begin_mask(c)
+    core.kernel_fpu_clobber(c, 1 << YMM)
+    core.kernel_fpu_end(c)
+    assert bytes(kt.fpu.fpstate.regs) == image
+    assert fpregs_state(a, m.cpus) is FpregsState.MEMORY
+    m.idle(0)
+    assert bytes(kt.fpu.fpstate.regs) == image
+    m.run(0, a)
+    assert m.user_read(0, YMM) == mine
