@@ -331,6 +331,25 @@ def test_fpmr_needs_feat_fpmr_and_is_per_task():
     assert seen["FPMR"] == tok
 
 
+def test_streaming_mode_changes_zero_fpmr():
+    """DDI0601 FPMR: entering or leaving Streaming SVE mode sets FPMR to zero, whether by
+    SMSTART/SMSTOP at EL0 or by the SMSTOP SM of fpsimd_syscall_enter(); ZA changes do not."""
+    h = running(host("fvp-aem-fpmr"), 0, "a")
+    h = e.user_op(h, 0, "fpmr_write")
+    tok = written(h)
+    h, seen = read(e.user_op(h, 0, "smstart_za"), 0, "fpmr_read")
+    assert seen["FPMR"] == tok                                # ZA on: FPMR kept
+    h, seen = read(e.user_op(h, 0, "smstart_sm"), 0, "fpmr_read")
+    assert seen["FPMR"] == ZERO
+    h = e.user_op(h, 0, "fpmr_write")
+    tok = written(h)
+    h = e.syscall_exit(e.syscall_enter(h, 0), 0)              # syscall from streaming mode
+    h, seen = read(h, 0, "fpmr_read")
+    assert seen["FPMR"] == ZERO and tok != ZERO
+    w = KvmWorld(h, KvmConfig(), (), "a")
+    assert inv.context_reads_own_latest(w) == []
+
+
 def test_save_at_a_live_vl_other_than_the_bound_one_kills():
     h = running(host("fvp-aem-fpmr"), 0, "a")
     h = e.user_op(h, 0, "sve_write")                 # TIF_SVE, VL 64

@@ -63,17 +63,19 @@ def test_sysreg_encodings():
     assert (r.FP_SYSREGS["ZCR_EL1"].op1, r.FP_SYSREGS["ZCR_EL1"].crn) == (0, 1)
 
 
-def test_smstart_sm_zeroes_vector_state_and_sets_fpsr():
+def test_smstart_sm_zeroes_vector_state_and_fpmr_and_sets_fpsr():
     a = Tok("t", 1)
     regs = FpRegs(v=a, zhi=a, p=a, fpsr=a, fpmr=a)
     on = r.smstart(regs, sm=True, za=False)
-    assert (on.v, on.zhi, on.p, on.fpsr, on.fpmr) == (ZERO, ZERO, ZERO, FPSR_STREAMING, a)
+    assert (on.v, on.zhi, on.p, on.fpsr, on.fpmr) == (ZERO, ZERO, ZERO, FPSR_STREAMING, ZERO)
     assert on.sm and not on.za_on and on.svcr == r.SVCR_SM
     assert FPSR_STREAMING.gen == 0x0800009F
-    # entering again changes nothing; leaving zeroes again
-    assert r.smstart(on.put(V=a), sm=True, za=False).v == a
-    off = r.smstop(on.put(V=a), sm=True, za=False)
-    assert off.v == ZERO and not off.sm
+    # entering again changes nothing; leaving zeroes again (FPMR included)
+    assert r.smstart(on.put(V=a, FPMR=a), sm=True, za=False).fpmr == a
+    off = r.smstop(on.put(V=a, FPMR=a), sm=True, za=False)
+    assert (off.v, off.fpmr) == (ZERO, ZERO) and not off.sm
+    # PSTATE.ZA changes leave FPMR alone
+    assert r.smstop(r.smstart(regs, sm=False, za=True), sm=False, za=True).fpmr == a
 
 
 def test_za_enable_zeroes_za_and_zt0():

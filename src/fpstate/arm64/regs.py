@@ -270,20 +270,23 @@ def effective_vq(requested_len: int, limit_len: int, vqs: frozenset[int]) -> int
 
 
 def smstart(regs: FpRegs, sm: bool, za: bool) -> FpRegs:
-    """SMSTART {SM,ZA}: entering streaming mode zeroes Z, P, FFR and sets FPSR to
-    FPSR_SMSTOP; enabling ZA zeroes ZA and ZT0 (Arm ARM, SME, 'PSTATE.SM/ZA changes')."""
+    """SMSTART {SM,ZA}: entering streaming mode zeroes Z, P, FFR, sets FPSR to FPSR_SMSTOP
+    and sets FPMR to zero (DDI0601 FPMR: zeroed on entry to and exit from Streaming SVE mode;
+    the kernel relies on it in task_smstop_sm() and writes FPMR after SVCR in
+    task_fpsimd_load()); enabling ZA zeroes ZA and ZT0 (Arm ARM, SME, 'PSTATE.SM/ZA
+    changes')."""
     if sm and not regs.sm:
-        regs = replace(regs, v=ZERO, zhi=ZERO, p=ZERO, fpsr=FPSR_STREAMING, sm=True)
+        regs = replace(regs, v=ZERO, zhi=ZERO, p=ZERO, fpsr=FPSR_STREAMING, fpmr=ZERO, sm=True)
     if za and not regs.za_on:
         regs = replace(regs, za=ZERO, zt0=ZERO, za_on=True)
     return regs
 
 
 def smstop(regs: FpRegs, sm: bool, za: bool) -> FpRegs:
-    """SMSTOP {SM,ZA}: leaving streaming mode zeroes Z, P, FFR and sets FPSR to
+    """SMSTOP {SM,ZA}: leaving streaming mode zeroes Z, P, FFR and FPMR and sets FPSR to
     FPSR_SMSTOP; disabling ZA leaves nothing observable (ZA is zeroed when next enabled)."""
     if sm and regs.sm:
-        regs = replace(regs, v=ZERO, zhi=ZERO, p=ZERO, fpsr=FPSR_STREAMING, sm=False)
+        regs = replace(regs, v=ZERO, zhi=ZERO, p=ZERO, fpsr=FPSR_STREAMING, fpmr=ZERO, sm=False)
     if za and regs.za_on:
         regs = replace(regs, za=ZERO, zt0=ZERO, za_on=False)
     return regs

@@ -1,8 +1,9 @@
 """EL0 entry and exit for FP state: arch/arm64/kernel/entry-common.c (v6.17), and the
 instructions a user task executes (the CPU side: where CPACR_EL1's EL0 enables trap).
 
-* el0_svc: fpsimd_syscall_enter() on the way in (SMSTOP SM; with TIF_SVE zero the non-FPSIMD
-  SVE state; to_save = FP_STATE_FPSIMD so a save during the syscall may discard SVE state),
+* el0_svc: fpsimd_syscall_enter() on the way in (SMSTOP SM, which also zeroes FPMR; with
+  TIF_SVE zero the non-FPSIMD SVE state; to_save = FP_STATE_FPSIMD so a save during the
+  syscall may discard SVE state),
   exit_to_user_mode() -> fpsimd_restore_current_state() and fpsimd_syscall_exit()
   (to_save = FP_STATE_CURRENT) on the way out.
 * an IRQ from EL0 enters the kernel without touching FP state and returns through
@@ -51,7 +52,8 @@ def syscall_enter(host: Host, cpu: int) -> Host:
     regs = host.cpus[cpu].regs
     if host.caps.sme and regs.sm:
         host = host.with_regs(cpu, smstop(regs, True, False))
-        host = host.expect(t.name, {V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+        host = host.expect(t.name, {V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING,
+                                    FPMR: ZERO})
     if not host.caps.sve:
         return host
     if t.tif_sve:
@@ -123,7 +125,7 @@ def user_op(host: Host, cpu: int, op: str) -> Host:
         new = smstart(regs, sm=(op == "smstart_sm"), za=(op == "smstart_za"))
     expect = {}
     if new.sm != regs.sm:
-        expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING})
+        expect.update({V: ZERO, ZHI: ZERO, P: ZERO, FPSR: FPSR_STREAMING, FPMR: ZERO})
     if new.za_on and not regs.za_on:
         expect.update({ZA: ZERO, ZT0: ZERO})
     host = host.with_regs(cpu, new).expect(name, expect)
