@@ -15,7 +15,7 @@ import random
 import pytest
 
 from fpstate.errors import HostUnavailable
-from fpstate.kvm.x86 import conform
+from fpstate.kvm.x86 import conform, conform_guest
 from fpstate.kvm.x86.cpuid import XSAVES, find_cpuid
 
 pytestmark = pytest.mark.host
@@ -80,12 +80,33 @@ def test_what_survives_init(ctx) -> None:
     assert run_case(ctx, conform.case_init, 25).cases == 50
 
 
+def test_guest_xsaves_refusals(ctx) -> None:
+    """XSAVES/XRSTORS at guest CPL 3 and the guest's WRMSR IA32_XSS under a CPUID claiming
+    XSAVES: the model's answer is the real one (5 comparisons)."""
+    assert run_case(ctx, conform.case_guest_xsaves, 0).cases == 5
+
+
+def test_why_no_guest_xsaves_runs_here_is_measured(ctx) -> None:
+    """Every fact of the XSAVES skip reason is measured on this machine: KVM's supported CPUID,
+    the guest's faults, the KVM exit at guest CPL 0, the bare CPU's #GP at CPL 3."""
+    probe = conform_guest.measure_guest_xsaves(ctx)
+    d1 = find_cpuid(ctx.entries, 0xD, 1)
+    assert probe.offered == bool(d1 and d1.eax & XSAVES)
+    assert probe.user_mode == {"XSAVES": "#GP", "XRSTORS": "#GP"}  # SDM: #GP(0) if CPL > 0
+    if not probe.offered:
+        assert probe.cpl3 == {"XSAVES": "#UD", "XRSTORS": "#UD"}
+        assert probe.claimed_wrmsr == "#GP"  # kvm_cpu_caps lacks XSAVES: IA32_XSS refused
+        assert probe.claimed[0] & XSAVES == 0
+    if ctx.backend == "kvm_pvm":
+        assert probe.cpl0 is not None and "xsaves64" in probe.cpl0
+        assert "KVM_INTERNAL_ERROR_EMULATION" in probe.cpl0
+
+
 def test_guest_xsaves_and_xrstors(ctx) -> None:
     """XSAVES/XRSTORS in a guest only where KVM enables them (guest CPUID XSAVES & KVM cap)."""
-    d1 = find_cpuid(ctx.entries, 0xD, 1)
-    if not (d1 and d1.eax & XSAVES):
-        pytest.skip("KVM offers no XSAVES to guests here: "
-                    "KVM_GET_SUPPORTED_CPUID.(EAX=0DH,ECX=1):EAX[3]=0")
+    probe = conform_guest.measure_guest_xsaves(ctx)
+    if not probe.offered:
+        pytest.skip(probe.reason())
     r = conform.Report()
     rng = random.Random(7)
     conform.case_guest_programs(ctx, r, rng, 100, focuses=("XSAVES", "XRSTORS"))
