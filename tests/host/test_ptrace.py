@@ -168,6 +168,29 @@ def test_xstate_bv_zero_puts_everything_in_init(session, rc) -> None:
     assert s.writes[0].read_back.image.mxcsr == MXCSR_DEFAULT
 
 
+@pytest.mark.parametrize("xstate_bv", [0x3, 0x0])
+def test_components_in_init_state_read_as_zero(session, rc, xstate_bv: int) -> None:
+    """The written buffer still carries the pattern bytes of every component, and
+    copy_uabi_to_xstate() leaves the fpstate's old bytes where XSTATE_BV says init; yet the
+    read-back shows init values there: __copy_xstate_to_uabi_buf() copies only what the header
+    names (legacy parts from init_fpstate, extended ones as zeros)."""
+    size = len(session.xstate.data)
+    s = ptrace_session([RegsetWrite(NT_X86_XSTATE,
+                                    _with(session.xstate.data, 512, struct.pack("<Q", xstate_bv)),
+                                    f"XSTATE_BV={xstate_bv:#x}")], seed=session.seed)
+    assert s.writes[0].errno == 0
+    back = s.writes[0].read_back.data
+    assert struct.unpack_from("<Q", back, 512)[0] == xstate_bv
+    assert session.xstate.data[576:] != bytes(size - 576)  # the patterns were there
+    assert back[576:] == bytes(size - 576)
+    assert back[464:472] == struct.pack("<Q", rc.xcr0)
+    if xstate_bv == 0:
+        assert back[160:416] == bytes(256) and back[32:160] == bytes(128)
+        assert back[0:2] == b"\x7f\x03"
+    else:
+        assert back[160:416] == session.xstate.data[160:416]
+
+
 def test_ymm_without_sse_mxcsr_differs_between_view_and_registers(session, rc) -> None:
     """copy_uabi_to_xstate stores MXCSR when YMM is set without FP (the standard-format rule:
     XRSTOR loads MXCSR when RFBM[1] or RFBM[2]), so GETREGSET shows it; but the kernel

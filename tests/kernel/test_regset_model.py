@@ -176,6 +176,28 @@ def test_xstate_bv_zero_puts_everything_in_init(s: Session) -> None:
     assert s.m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
 
 
+@pytest.mark.parametrize("xstate_bv", [0x3, 0x0])
+def test_init_components_read_as_zero_over_stale_buffer_bytes(s: Session, xstate_bv: int) -> None:
+    """copy_uabi_to_xstate() copies only the components XSTATE_BV names and keeps the rest of the
+    buffer: after the write the tracee's fpstate still holds its old YMM (and, with 0, XMM)
+    bytes. __copy_xstate_to_uabi_buf() takes a legacy component outside XSTATE_BV from
+    init_fpstate and writes nothing but zeros for an extended one, so GETREGSET reads the init
+    values there (the host shows the same, tests/host/test_ptrace.py)."""
+    assert s.set(_with(s.get()[1], 512, struct.pack("<Q", xstate_bv))) == 0
+    fps = s.child.fpu.fpstate
+    assert fps.xstate_bv & 0xE7 == xstate_bv
+    assert bytes(fps.regs[576:832]) == s.before[YMM]  # stale: compacted YMM offset is 576 here
+    assert bytes(fps.regs[160:416]) == s.before[SSE]
+    ret, data = s.get()
+    assert ret == 0 and struct.unpack_from("<Q", data, 512)[0] == xstate_bv
+    assert data[576:2432] == bytes(2432 - 576)
+    if xstate_bv == 0:
+        assert data[160:416] == bytes(256) and data[0:2] == b"\x7f\x03"
+        assert struct.unpack_from("<I", data, 24)[0] == MXCSR_DEFAULT
+    else:
+        assert data[160:416] == s.before[SSE]
+
+
 def test_ymm_without_sse_mxcsr_differs_between_view_and_registers(s: Session) -> None:
     """copy_uabi_to_xstate stores MXCSR (YMM set, FP not): GETREGSET shows it; the compacted
     XRSTORS that restores the task initialises MXCSR because XSTATE_BV[1] = 0."""
