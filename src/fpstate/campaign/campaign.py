@@ -196,7 +196,7 @@ def parse(doc: Any, path: str = "<campaign>", source: str = "") -> Campaign:
     if not isinstance(description, str):
         raise fail("description", f"must be text, not {_kind(description)}")
     model = doc.get("model", "x86")
-    if model not in MODELS:
+    if not isinstance(model, str) or model not in MODELS:
         raise fail("model", f"unknown model {model!r} (known: {', '.join(MODELS)})")
     cls = world_class(model)
 
@@ -248,7 +248,7 @@ def _profiles(model: str, raw: Any, fail: Any) -> list[str]:
         return known
     out = []
     for n, p in enumerate(_names(raw, "matrix.profiles", fail)):
-        if p not in known:
+        if not isinstance(p, str) or p not in known:
             raise fail(f"matrix.profiles[{n}]", f"unknown {model} profile {p!r} (bundled: "
                        f"{', '.join(known)})")
         out.append(p)
@@ -284,6 +284,8 @@ def _variants(model: str, raw: Any, fail: Any) -> list[str | None]:
     out: list[str | None] = []
     for n, v in enumerate(_names(raw, "matrix.variants", fail)):
         where = f"matrix.variants[{n}]"
+        if not isinstance(v, str):
+            raise fail(where, f"must be a variant name, not {_kind(v)}")
         if v == NO_VARIANT:
             out.append(None)
         elif v == "seeds":
@@ -340,7 +342,7 @@ def _configurations(cls: Any, raw: Any, fail: Any) -> list[Configuration]:
 def _actions(cls: Any, raw: Any, where: str, fail: Any) -> tuple[str, ...]:
     names = _names(raw, where, fail)
     for n, a in enumerate(names):
-        if a not in cls.SPECS:
+        if not isinstance(a, str) or a not in cls.SPECS:
             raise fail(f"{where}[{n}]", f"unknown action {a!r} of model {cls.model} "
                        f"(known: {', '.join(sorted(cls.SPECS))})")
     return tuple(dict.fromkeys(names))
@@ -357,7 +359,7 @@ def _explore(raw: Any, fail: Any) -> Exploration:
         raise fail("explore", "required: a mapping with 'mode' (exhaustive or random)")
     _no_unknown(raw, EXPLORE_KEYS, "explore.", fail)
     mode = raw.get("mode")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise fail("explore.mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "exhaustive":
         for k in ("seeds", "walks", "walk_length"):
@@ -367,7 +369,7 @@ def _explore(raw: Any, fail: Any) -> Exploration:
             raise fail("explore.depth", "required for mode exhaustive (the bound in actions)")
         depth = _int(raw["depth"], "explore.depth", fail, 1)
         stop = raw.get("stop", "bound")
-        if stop not in STOPS:
+        if not isinstance(stop, str) or stop not in STOPS:
             raise fail("explore.stop", f"must be one of {', '.join(STOPS)}, not {stop!r}")
         return Exploration("exhaustive", depth=depth, stop=stop)
     for k in ("depth", "stop"):

@@ -28,12 +28,14 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, TypeVar
 
 from fpstate.campaign.partition import (
+    ACCEPT,
     CellJob,
     InlinePool,
     Partition,
     PartitionPool,
     RoundResult,
     WorkerLost,
+    serve,
 )
 from fpstate.check.executor import Executor, LocalExecutor, SerialExecutor
 from fpstate.errors import FpstateError
@@ -176,9 +178,9 @@ def _serve(conn: Connection) -> None:
             elif op == "restore":
                 assert part is not None, "restore before reset"
                 conn.send(("ok", part.restore(msg[1])))
-            elif op == "round":
-                assert part is not None, "round before reset"
-                conn.send(("ok", part.round(msg[1], msg[2], msg[3])))
+            elif op == "serve":
+                assert part is not None, "request before reset"
+                conn.send(("ok", serve(part, msg[1], msg[2], msg[3])))
             else:
                 raise AssertionError(f"unknown request {op!r}")
         except Exception:  # handed to the coordinator, which raises it
@@ -265,9 +267,9 @@ class ProcessPool:
             except WorkerLost:
                 self.restart(p, [])
 
-    def submit(self, index: int, level: int, expand: bool, inputs: list[Any]) -> None:
+    def submit(self, index: int, op: str, level: int, inputs: list[Any]) -> None:
         try:
-            self.workers[index].send("round", level, expand, inputs)
+            self.workers[index].send("serve", op, level, inputs)
             self._sent[index] = None
         except WorkerLost as e:
             self._sent[index] = e
@@ -339,9 +341,13 @@ class PartitionActor:
         assert self.part is not None, "restore before reset"
         return self.part.restore(visited)
 
-    def round(self, level: int, expand: bool, *batches: Any) -> tuple[Any, ...]:
-        assert self.part is not None, "round before reset"
-        out, stats = self.part.round(level, expand, batches)
+    def accept(self, level: int, *batches: Any) -> Any:
+        assert self.part is not None, "accept before reset"
+        return self.part.accept(level, batches)
+
+    def expand(self, level: int) -> tuple[Any, ...]:
+        assert self.part is not None, "expand before reset"
+        out, stats = self.part.expand(level)
         return (*out, stats)
 
 
@@ -433,10 +439,13 @@ class RayPool:
                     raise
                 self.restart(p, [])
 
-    def submit(self, index: int, level: int, expand: bool, inputs: list[Any]) -> None:
-        refs = self.actors[index].round.options(num_returns=self.size + 1).remote(
-            level, expand, *inputs)
-        self._refs[index] = list(refs)
+    def submit(self, index: int, op: str, level: int, inputs: list[Any]) -> None:
+        actor = self.actors[index]
+        if op == ACCEPT:
+            self._refs[index] = [actor.accept.remote(level, *inputs)]
+        else:
+            self._refs[index] = list(
+                actor.expand.options(num_returns=self.size + 1).remote(level))
 
     def collect(self) -> dict[int, RoundResult | WorkerLost]:
         out: dict[int, RoundResult | WorkerLost] = {}

@@ -9,26 +9,30 @@ states are the same when their canonical keys are (``World.key``). Each state is
 per process (PYTHONHASHSEED) and so differs between workers. Worker ``p`` of ``n`` owns the
 states whose ``digest % n == p``: their part of the visited set, and their expansion.
 
-The search is breadth-first and level-synchronous. Round ``r`` hands each partition the
-*candidates* (digest, path from boot) of level ``r`` addressed to it; the partition keeps those
-it never visited, choosing for each new digest the smallest path (shortest, then by action
-names and arguments: a total order that does not depend on who sent what), rebuilds each new
-state by replaying its path from the initial world, takes every enabled action once, checks
-every invariant, and sends each successor's candidate to its owner for round ``r + 1``.
-Because the representative of every state is chosen by the same order whatever the number of
-partitions, 1 partition and ``n`` partitions visit the same states, take the same transitions
-and find the same violations: the union is what one process explores, state for state.
+The search is breadth-first and level-synchronous; each level is two requests to every
+partition. *Accept*: the partition is handed the candidates (digest, path from boot) of the
+level addressed to it, keeps those it never visited and chooses for each new digest the
+smallest path (shortest, then by action names and arguments: a total order that does not
+depend on who sent what). *Expand*: it rebuilds each accepted state by replaying its path from
+the initial world, takes every enabled action once, checks every invariant, and returns each
+successor's candidate, batched by owner, for the next level. Because every state's
+representative is chosen by the same order whatever the number of partitions, 1 partition and
+``n`` partitions visit the same states, take the same transitions and find the same
+violations: the union is what one process explores, state for state. Between the two requests
+the coordinator decides whether to go on (the bound, a budget, the first violation), so a
+search cut short is still exactly a breadth-first search to a smaller depth.
 
 A path travels instead of the world (a world pickles to hundreds of kilobytes and cannot be
-pickled at all while a kernel path is suspended in it); the receiver pays one replay of ``r``
-steps per new state. A successor that violates an invariant is recorded (per invariant: the
-number of violating transitions and the smallest violating path) and not expanded further; a
-model crash (an exception that is neither a refused action nor a detected bug) is recorded as
-an error with its path, and the rest of the cell goes on.
+pickled at all while a kernel path is suspended in it); the owner pays one replay of the path
+per new state. A successor that violates an invariant is recorded (per invariant: the number
+of violating transitions and the smallest violating path) and not expanded further; a model
+crash (an exception that is neither a refused action nor a detected bug) is recorded as an
+error with its path, and the rest of the cell goes on.
 
-Fault tolerance: after every round the coordinator appends each partition's newly visited
-digests to a `Spill`. A partition whose worker died is rebuilt from its spill (the visited set
-up to the previous round) and handed the same round again; a round is a function of the
+Fault tolerance: after every accept the coordinator appends each partition's newly visited
+digests to a `Spill`, one segment per level. A partition whose worker died is rebuilt from
+its spill (the visited set before the current level), accepts the level's candidates again
+(the coordinator still holds them) and is asked again; each request is a function of the
 visited set and its input, so the result is the same.
 """
 
@@ -168,10 +172,12 @@ class Partition:
         self.index = index
         self.partitions = partitions
         self.visited: set[int] = set()
+        self.frontier: list[Candidate] = []  #: accepted in the last `accept`, by digest
 
     def restore(self, digests: Iterable[int]) -> int:
         """Start again from a spilled visited set (after the worker died)."""
         self.visited = set(digests)
+        self.frontier = []
         return len(self.visited)
 
     def rebuild(self, path: ActionPath) -> World:
@@ -182,10 +188,9 @@ class Partition:
             w.step(a, check=False)
         return w
 
-    def round(self, level: int, expand: bool,
-              batches: Sequence[Sequence[Candidate]]) -> tuple[list[list[Candidate]], RoundStats]:
-        """Visit the new candidates of ``level`` and, if ``expand``, take every enabled action
-        from each: the candidates of level + 1 by destination partition, and the stats."""
+    def accept(self, level: int, batches: Sequence[Sequence[Candidate]]) -> RoundStats:
+        """Visit the candidates of ``level`` never visited: for each new digest the smallest
+        path becomes the state's representative; they are the next `expand`'s frontier."""
         start = time.perf_counter()
         best: dict[int, ActionPath] = {}
         received = 0
@@ -200,16 +205,23 @@ class Partition:
                     best[d] = path
         accepted = sorted(best)
         self.visited.update(accepted)
+        self.frontier = [(d, best[d]) for d in accepted]
+        return RoundStats(self.index, level, accepted, Tally(), received, 0,
+                          time.perf_counter() - start)
+
+    def expand(self, level: int) -> tuple[list[list[Candidate]], RoundStats]:
+        """Take every enabled action from each state of the frontier: the candidates of
+        ``level + 1`` by destination partition, and the stats (transitions, violations)."""
+        start = time.perf_counter()
         tally = Tally()
         out: list[dict[int, ActionPath]] = [{} for _ in range(self.partitions)]
-        if expand:
-            for d in accepted:
-                self._expand(best[d], tally, out)
-        batches_out = [sorted(o.items()) for o in out]
-        sent = sum(len(b) for p, b in enumerate(batches_out) if p != self.index)
-        stats = RoundStats(self.index, level, accepted, tally, received, sent,
-                           time.perf_counter() - start)
-        return batches_out, stats
+        for _, path in self.frontier:
+            self._expand(path, tally, out)
+        self.frontier = []
+        batches = [sorted(o.items()) for o in out]
+        sent = sum(len(b) for p, b in enumerate(batches) if p != self.index)
+        return batches, RoundStats(self.index, level, [], tally, 0, sent,
+                                   time.perf_counter() - start)
 
     def _expand(self, path: ActionPath, tally: Tally, out: list[dict[int, ActionPath]]) -> None:
         try:
@@ -254,10 +266,14 @@ class WorkerLost(FpstateError):
     """A worker died (killed, out of memory, its node lost) before answering."""
 
 
+ACCEPT, EXPAND = "accept", "expand"
+
+
 @dataclass(slots=True)
 class RoundResult:
-    """A finished round of one partition: its stats and a handle per destination batch (the
-    batches themselves for local workers, object references for Ray)."""
+    """A finished request of one partition: its stats and, for `EXPAND`, a handle per
+    destination batch (the batches themselves for local workers, object references for
+    Ray)."""
 
     stats: RoundStats
     out: list[Any]
@@ -265,11 +281,13 @@ class RoundResult:
 
 class PartitionPool(Protocol):
     """What an engine provides for partitioned exploration: ``size`` partitions, each on a
-    worker that keeps its visited set between rounds."""
+    worker that keeps its visited set and frontier between requests. ``submit`` sends
+    `ACCEPT` (with the level's input batch handles) or `EXPAND` (``inputs`` empty) to a
+    partition; ``collect`` waits for every submitted request."""
 
     size: int
 
-    def submit(self, index: int, level: int, expand: bool, inputs: list[Any]) -> None: ...
+    def submit(self, index: int, op: str, level: int, inputs: list[Any]) -> None: ...
 
     def collect(self) -> dict[int, RoundResult | WorkerLost]: ...
 
@@ -279,12 +297,13 @@ class PartitionPool(Protocol):
 
 
 class Spill:
-    """Each partition's visited digests, appended after every finished round: in memory, or in
-    files of a directory (``p<N>.digests``, 16 bytes a digest) so that the coordinator's memory
-    does not hold them."""
+    """Each partition's visited digests, one segment per level, appended after every accept:
+    in memory, or in files of a directory (``p<N>.digests``, 16 bytes a digest) so that the
+    coordinator's memory does not hold them."""
 
     def __init__(self, directory: str | Path | None = None, partitions: int = 1) -> None:
         self._mem: dict[int, list[int]] | None = None
+        self._segments: dict[int, list[int]] = {p: [] for p in range(partitions)}
         if directory is None:
             self._mem = {p: [] for p in range(partitions)}
             self.dir = None
@@ -295,6 +314,8 @@ class Spill:
                 (self.dir / f"p{p}.digests").write_bytes(b"")
 
     def append(self, index: int, digests: Sequence[int]) -> None:
+        """The next level's segment of partition ``index``."""
+        self._segments[index].append(len(digests))
         if self._mem is not None:
             self._mem[index].extend(digests)
             return
@@ -302,11 +323,15 @@ class Spill:
         with open(self.dir / f"p{index}.digests", "ab") as f:
             f.write(b"".join(d.to_bytes(DIGEST_BYTES, "big") for d in digests))
 
-    def read(self, index: int) -> list[int]:
+    def read(self, index: int, levels: int | None = None) -> list[int]:
+        """The digests of the first ``levels`` segments (all by default)."""
+        count = sum(self._segments[index][:levels] if levels is not None
+                    else self._segments[index])
         if self._mem is not None:
-            return list(self._mem[index])
+            return self._mem[index][:count]
         assert self.dir is not None
-        raw = (self.dir / f"p{index}.digests").read_bytes()
+        with open(self.dir / f"p{index}.digests", "rb") as f:
+            raw = f.read(count * DIGEST_BYTES)
         return [int.from_bytes(raw[i:i + DIGEST_BYTES], "big")
                 for i in range(0, len(raw), DIGEST_BYTES)]
 
@@ -334,11 +359,11 @@ class ExhaustiveResult:
     #: "states"/"seconds" (the budget), "first-violation", "initial-violation"
     stopped_by: str = ""
     seconds: float = 0.0
-    rounds: int = 0
+    rounds: int = 0  #: levels visited (each an accept and, but for the last, an expand)
     restarts: int = 0  #: partitions rebuilt after their worker died
     messages: int = 0  #: candidates sent between different partitions
     received: int = 0  #: candidates handed to partitions (including their own)
-    worker_seconds: float = 0.0  #: time the workers spent in rounds, summed
+    worker_seconds: float = 0.0  #: time the workers spent in requests, summed
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -351,10 +376,12 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
                        ) -> ExhaustiveResult:
     """Breadth-first search of ``cell`` to ``depth`` actions over ``pool``'s partitions.
 
-    Budgets and ``stop='first-violation'`` are checked after each round: when one ends the
-    search, one more round visits the successors already generated without expanding them,
-    so the result is exactly a breadth-first search to a smaller depth (the same states
-    whatever the number of partitions), marked incomplete."""
+    Each level is two requests to every partition: accept the level's candidates, then (if
+    the search goes on) expand them. Budgets and ``stop='first-violation'`` are checked in
+    between: when one ends the search, the level just visited is not expanded, so the result
+    is exactly a breadth-first search to a smaller depth -- the same states whatever the number
+    of partitions -- marked incomplete. (The checker's explorer stops the same way at its first
+    violation: the level whose expansion found it is visited, not expanded.)"""
     start = time.perf_counter()
     n = pool.size
     spill = spill if spill is not None else Spill(None, n)
@@ -373,24 +400,24 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
     inputs: list[list[Any]] = [[] for _ in range(n)]
     inputs[owner(d0, n)] = [[(d0, ())]]
     level = 0
-    final = False  # a budget or the first violation ends the search after this level
-    while True:
-        expand = level < depth and not final
+
+    def request(op: str) -> dict[int, RoundResult]:
         for p in range(n):
-            pool.submit(p, level, expand, inputs[p])
+            pool.submit(p, op, level, inputs[p] if op == ACCEPT else [])
         if progress is not None:
-            progress("dispatched", {"level": level})
-        results = _collect(pool, level, expand, inputs, spill, res, max_restarts, progress)
-        res.rounds += 1
+            progress("dispatched", {"level": level, "op": op})
+        return _collect(pool, op, level, inputs, spill, res, max_restarts, progress)
+
+    while True:
+        accepted = request(ACCEPT)
         new = 0
         for p in range(n):
-            st = results[p].stats
+            st = accepted[p].stats
             spill.append(p, st.accepted)
             new += len(st.accepted)
-            res.tally.add(st.tally)
-            res.messages += st.sent
             res.received += st.received
             res.worker_seconds += st.seconds
+        res.rounds += 1
         if new:
             res.levels.append(new)
             res.states += new
@@ -401,46 +428,76 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
                                "violations": sum(c for c, _ in res.tally.violations.values()),
                                "seconds": time.perf_counter() - start})
         if new == 0:
-            res.complete, res.stopped_by = not final, res.stopped_by or "fixpoint"
-            break
-        if not expand:
-            res.complete = not final
-            res.stopped_by = res.stopped_by or "bound"
+            res.complete, res.stopped_by = True, "fixpoint"
             break
         if stop == "first-violation" and res.tally.violations:
-            res.stopped_by, final = "first-violation", True
-        elif max_states is not None and res.states >= max_states:
-            res.stopped_by, final = "states", True
-        elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
-            res.stopped_by, final = "seconds", True
-        inputs = [[results[q].out[p] for q in range(n)] for p in range(n)]
+            res.stopped_by = "first-violation"
+            break
+        if level == depth:
+            res.complete, res.stopped_by = True, "bound"
+            break
+        if max_states is not None and res.states >= max_states:
+            res.stopped_by = "states"
+            break
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            res.stopped_by = "seconds"
+            break
+        expanded = request(EXPAND)
+        for p in range(n):
+            st = expanded[p].stats
+            res.tally.add(st.tally)
+            res.messages += st.sent
+            res.worker_seconds += st.seconds
+        inputs = [[expanded[q].out[p] for q in range(n)] for p in range(n)]
         level += 1
     res.seconds = time.perf_counter() - start
     return res
 
 
-def _collect(pool: PartitionPool, level: int, expand: bool, inputs: list[list[Any]],
+def _collect(pool: PartitionPool, op: str, level: int, inputs: list[list[Any]],
              spill: Spill, res: ExhaustiveResult, max_restarts: int,
              progress: Progress | None) -> dict[int, RoundResult]:
-    """Every partition's result of this round; a partition whose worker died is rebuilt from
-    the spill and handed the round again (at most ``max_restarts`` times per round)."""
+    """Every partition's answer to ``op`` at ``level``. A partition whose worker died is
+    rebuilt: its visited set before this level from the spill, this level's candidates
+    accepted again (for `EXPAND`), then ``op`` again -- at most ``max_restarts`` times."""
     done: dict[int, RoundResult] = {}
     tries: Counter[int] = Counter()
     while len(done) < pool.size:
+        lost: dict[int, WorkerLost] = {}
         for p, r in pool.collect().items():
             if isinstance(r, RoundResult):
                 done[p] = r
-                continue
-            tries[p] += 1
-            if tries[p] > max_restarts:
-                raise FpstateError(f"partition {p}: its worker died {tries[p]} times in round "
-                                   f"{level} ({r})")
-            res.restarts += 1
-            if progress is not None:
-                progress("restart", {"level": level, "partition": p, "reason": str(r)})
-            pool.restart(p, spill.read(p))
-            pool.submit(p, level, expand, inputs[p])
+            else:
+                lost[p] = r
+        for p, err in lost.items():
+            while True:
+                tries[p] += 1
+                if tries[p] > max_restarts:
+                    raise FpstateError(f"partition {p}: its worker died {tries[p]} times at "
+                                       f"level {level} ({err})")
+                res.restarts += 1
+                if progress is not None:
+                    progress("restart", {"level": level, "op": op, "partition": p,
+                                         "reason": str(err)})
+                pool.restart(p, spill.read(p, level))
+                if op == EXPAND:
+                    pool.submit(p, ACCEPT, level, inputs[p])
+                    again = pool.collect()[p]
+                    if isinstance(again, WorkerLost):
+                        err = again
+                        continue
+                pool.submit(p, op, level, inputs[p] if op == ACCEPT else [])
+                break
     return done
+
+
+def serve(part: Partition, op: str, level: int, inputs: Sequence[Any]
+          ) -> tuple[list[Any], RoundStats]:
+    """A worker's answer to one request: (batches, stats)."""
+    if op == ACCEPT:
+        return [], part.accept(level, inputs)
+    assert op == EXPAND, f"unknown request {op!r}"
+    return part.expand(level)
 
 
 class InlinePool:
@@ -450,16 +507,16 @@ class InlinePool:
         self.cell = cell
         self.size = partitions
         self.parts = [Partition(cell, p, partitions) for p in range(partitions)]
-        self._queue: list[tuple[int, int, bool, list[Any]]] = []
+        self._queue: list[tuple[int, str, int, list[Any]]] = []
 
-    def submit(self, index: int, level: int, expand: bool, inputs: list[Any]) -> None:
-        self._queue.append((index, level, expand, inputs))
+    def submit(self, index: int, op: str, level: int, inputs: list[Any]) -> None:
+        self._queue.append((index, op, level, inputs))
 
     def collect(self) -> dict[int, RoundResult | WorkerLost]:
         out: dict[int, RoundResult | WorkerLost] = {}
         queue, self._queue = self._queue, []
-        for index, level, expand, inputs in queue:
-            batches, stats = self.parts[index].round(level, expand, inputs)
+        for index, op, level, inputs in queue:
+            batches, stats = serve(self.parts[index], op, level, inputs)
             out[index] = RoundResult(stats, batches)
         return out
 
@@ -471,6 +528,6 @@ class InlinePool:
         self._queue = []
 
 
-__all__ = ["Candidate", "CellJob", "ExhaustiveResult", "InlinePool", "Partition",
-           "PartitionPool", "RoundResult", "RoundStats", "Spill", "Tally", "WorkerLost",
-           "explore_exhaustive", "owner", "path_order", "state_digest"]
+__all__ = ["ACCEPT", "EXPAND", "Candidate", "CellJob", "ExhaustiveResult", "InlinePool",
+           "Partition", "PartitionPool", "RoundResult", "RoundStats", "Spill", "Tally",
+           "WorkerLost", "explore_exhaustive", "owner", "path_order", "serve", "state_digest"]
