@@ -105,6 +105,17 @@ def test_refusal_names_every_component_the_target_cannot_hold() -> None:
     assert [r.name for r in t.refused] == ["xtiledata"]
 
 
+def test_compacted_target_is_the_kernels_task_layout() -> None:
+    """To compacted SPR: XCOMP_BV = fpu_kernel_cfg.max_features | bit 63 (0x61ee7: arch LBR,
+    in IA32_XSS but independent, is no part of a task's area) and the area is max_size."""
+    rec = make_record("zen4", "standard", {5, 6, 7}, random.Random(4))
+    t = translate(rec, PROFILES["sapphire-rapids"], "compacted")
+    assert t.ok and t.record.xcomp_bv == 1 << 63 | 0x61EE7 and len(t.record.state) == 10752
+    assert t.record.xss == 0x1C00 and LINUX["sapphire-rapids"] == (0x602E7, 0x1C00)
+    assert decode(t.record.state, PROFILES["sapphire-rapids"], "xsaves").component(18).offset \
+        == 0xA00
+
+
 def test_state_with_initial_values_is_dropped_not_refused() -> None:
     rec = make_record("zen4", "standard", set(), random.Random(1))
     state = bytearray(rec.state)

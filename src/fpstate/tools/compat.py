@@ -264,8 +264,9 @@ def _process(src: CpuidProfile, dst: CpuidProfile, kernel: str, ss: Sizes,
     ks, kd = ss.figure("user_default_size").value, ds.figure("user_default_size").value
     if (us, ks) != (ud, kd):
         out.append(Finding("CRIU", False,
-                           f"--cpu-cap=fpu (the default, CPU_CAP_DEFAULT) refuses: xsave_size {ks} -> {kd}, xsave_size_max "
-                           f"{us} -> {ud} (compel's cpu-cap check wants them equal)"))
+                           f"--cpu-cap=fpu (the default, CPU_CAP_DEFAULT) refuses: xsave_size "
+                           f"{ks} -> {kd}, xsave_size_max {us} -> {ud} (compel's cpu-cap check "
+                           "wants them equal)"))
     return out
 
 

@@ -12,7 +12,8 @@ compacted, Intel <-> AMD offsets. Rules:
 
 - the legacy region (bytes 0-511: x87, MXCSR, XMM, the software bytes) and the header's reserved
   bytes are copied as they are; XSTATE_BV is carried, XCOMP_BV is the target layout's (0, or
-  XCR0 | IA32_XSS | bit 63 as the kernel's XSAVES writes it);
+  XCR0 | the task supervisor features | bit 63, as the kernel's XSAVES of a task writes it:
+  IA32_XSS without arch LBR, which only perf saves);
 - each extended component the source lays out is copied byte for byte to its place in the
   target (the CPUID offsets, or the compacted walk of SDM 13.4.3), whether or not XSTATE_BV
   names it, so stale bytes survive too;
@@ -164,15 +165,18 @@ def record_leaves(profile: CpuidProfile) -> tuple[tuple[int, int, Regs], ...]:
 
 
 def linux_xcr0_xss(profile: CpuidProfile, kernel: str | None = None) -> tuple[int, int]:
-    """XCR0 and IA32_XSS as Linux (the boot model, fpu__init_system_xstate) writes them on
-    ``profile``; (supported XCR0, 0) where the kernel would not use XSAVE."""
+    """XCR0 as Linux (the boot model, fpu__init_system_xstate) writes it on ``profile``, and
+    the supervisor components of IA32_XSS that a task's state holds: the MSR without the
+    independent features (arch LBR, xfeatures_mask_independent(): XSAVES'd only by perf into
+    its own buffer, never into an fpstate, so never in the XCOMP_BV of a task's area).
+    (supported XCR0, 0) where the kernel would not use XSAVE."""
     from fpstate.kernel.x86.xstate import fpu__init_system_xstate
 
     boot = fpu__init_system_xstate(profile, kernel) if kernel else fpu__init_system_xstate(
         profile)
     if boot.xcr0 is None:
         return profile.xcr0_supported, 0
-    return boot.xcr0, boot.ia32_xss or 0
+    return boot.xcr0, (boot.ia32_xss or 0) & ~boot.independent_features
 
 
 def record_from_blob(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
