@@ -537,14 +537,15 @@ def guest_hardware_profile(vcpu: KvmVcpu) -> CpuidProfile:
                                     "host CPUID, XSAVE enumeration as KVM lets the guest use it")
 
 
-def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 0
-                      ) -> list[Outcome]:
+def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 0,
+                      preempt: bool = True) -> list[Outcome]:
     """The model's answer to what `fpstate.host.kvm_guest` runs: the guest's own XSETBV of
     ``xcr0`` at CPL 0 (kvm_emulate_xsetbv) and, when the guest CPUID has XSAVES, its WRMSR of
     IA32_XSS = ``xss`` (kvm_set_msr_common) -- a refusal of either is ProgramError, as on the
     host -- then the program on the CPU model (`fpstate.x86.insn.run_program`) of the guest's
     hardware (`guest_hardware_profile`). XINUSE is not reported where the guest CPUID lacks
-    XGETBV1 (the runner reads it only then). Returns the set of outcomes the CPU may give."""
+    XGETBV1 (the runner reads it only then). Returns the set of outcomes the CPU may give
+    (``preempt=False``: only that of an undisturbed run, as `run_program` takes it)."""
     from fpstate.x86.insn import run_program
 
     vcpu.arch.cr4_osxsave = True
@@ -558,7 +559,8 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
     elif xss:
         raise ProgramError(f"IA32_XSS={xss:#x} needs XSAVES, and the guest CPUID lacks it: "
                            "CPUID.(EAX=0DH,ECX=1):EAX[3]=0")
-    outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss)
+    outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss,
+                           preempt=preempt)
     if not cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XGETBV1:
         outcomes = [Outcome(o.buffers, o.values, o.fault, o.fault_step, None, o.final)
                     for o in outcomes]
