@@ -120,8 +120,50 @@ def _read_dmesg_tool() -> str:
     return done.stdout
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def _cache_path() -> str | None:
+    """Where the boot lines of *this boot* are kept once read: keyed by the kernel's boot_id,
+    so a file from an earlier boot is never taken for this one."""
+    try:
+        with open(BOOT_ID) as f:
+            boot_id = f.read().strip()
+    except OSError:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fpstate", f"boot-lines-{boot_id}.txt")
+
+
+def _remember(lines: tuple[str, ...]) -> None:
+    path = _cache_path()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    except OSError:
+        pass  # a cache that cannot be written only means the next read must find the log
+
+
+def _recall() -> tuple[str, ...]:
+    path = _cache_path()
+    if path is None:
+        return ()
+    try:
+        with open(path) as f:
+            return fpu_lines(f.read())
+    except OSError:
+        return ()
+
+
 def host_fpu_lines() -> tuple[str, ...]:
-    """The ``x86/fpu:`` lines of this machine's kernel log, timestamps stripped."""
+    """The ``x86/fpu:`` lines of this machine's kernel log, timestamps stripped.
+
+    The ring buffer is small and other messages push the boot lines out (every bad
+    rt_sigreturn frame prints one line), so the lines read once in a boot are kept under the
+    boot's boot_id and used when the log no longer holds them."""
     errors = []
     for reader in (_read_kmsg, _read_dmesg_tool):
         try:
@@ -131,9 +173,13 @@ def host_fpu_lines() -> tuple[str, ...]:
             continue
         lines = fpu_lines(text)
         if lines:
+            _remember(lines)
             return lines
         errors.append(f"{reader.__name__.strip('_')}: the log holds no '{PREFIX.strip()}' line "
                       "(ring buffer overwritten since boot?)")
+    kept = _recall()
+    if kept:
+        return kept
     raise HostUnavailable("kernel log unreadable: " + "; ".join(errors))
 
 
