@@ -163,6 +163,36 @@ def test_guest_xsaves_is_ud_when_the_guest_cpuid_lacks_xsaves(machine: GuestMach
     assert out.buffers[0] == bytes(len(out.buffers[0]))
 
 
+def _amx_program() -> Program:
+    """LDTILECFG of palette 1 with tmm0 = 16 rows x 64 bytes, then TILEZERO tmm0."""
+    cfg = bytearray(64)
+    cfg[0], cfg[48] = 1, 16
+    struct.pack_into("<H", cfg, 16, 64)
+    return Program(start_image(), (Insn("LDTILECFG", data=bytes(cfg)), Insn("TILEZERO", reg=0)),
+                   cpl=3)
+
+
+def test_a_guest_xfd_program_needs_xfd_in_the_guest_cpuid(machine: GuestMachine) -> None:
+    """The guest arms IA32_XFD only where its CPUID has XFD (else KVM refuses the WRMSR)."""
+    if machine.has_xfd:
+        pytest.skip("this KVM offers XFD in the guest CPUID")
+    with pytest.raises(HostUnavailable, match=r"CPUID\.\(EAX=0DH,ECX=1\):EAX\[4\]=0"):
+        machine.run_program(_amx_program(), xcr0=0x3, xfd=1 << 18)
+
+
+def test_guest_amx_under_xfd_is_nm_at_the_first_tile_data_access(machine: GuestMachine) -> None:
+    """SDM 13.14: with XCR0[18] = IA32_XFD[18] = 1, TILEZERO raises #NM (the guest's own
+    handler sees it: KVM intercepts the #NM only to read IA32_XFD_ERR, then re-injects it)."""
+    if not machine.has_xfd:
+        pytest.skip("KVM offers no XFD to guests here: "
+                    "KVM_GET_SUPPORTED_CPUID.(EAX=0DH,ECX=1):EAX[4]=0")
+    if not _supported_xcr0(machine) & XTILE == XTILE:
+        pytest.skip("KVM offers no AMX to guests here: KVM_GET_SUPPORTED_CPUID.(EAX=0DH,"
+                    "ECX=0):EAX[18:17] != 11b")
+    out = machine.run_program(_amx_program(), xcr0=_supported_xcr0(machine), xfd=1 << 18)
+    assert out.fault is not None and (out.fault.vector, out.fault_step) == ("#NM", 1)
+
+
 def test_misaligned_guest_xsave_is_gp(machine: GuestMachine) -> None:
     """SDM XSAVE: #GP(0) if the memory operand is not 64-byte aligned."""
     prog = Program(start_image(), (Insn("XSAVE", buf=0, mask=0x3),), (Buffer(misalign=16),),

@@ -598,3 +598,37 @@ def test_guest_xsaves_is_ud_and_ia32_xss_refused_without_the_cap() -> None:
     other = vcpu_with_cpuid(v)
     with pytest.raises(ProgramError, match="IA32_XSS 0x400"):
         run_guest_program(other, _xsaves_program(0), xcr0=0x2E7, xss=0x400)  # PASID
+
+
+# -- AMX under XFD in a guest program (this host's KVM offers neither) -------------------------
+
+
+def _amx_program(cpl: int = 0) -> Program:
+    cfg = bytearray(64)
+    cfg[0], cfg[48] = 1, 16
+    struct.pack_into("<H", cfg, 16, 64)
+    return Program(uabi(size=576), (Insn("LDTILECFG", data=bytes(cfg)),
+                                    Insn("TILEZERO", reg=0)), cpl=cpl)
+
+
+def test_guest_amx_under_xfd_is_nm_and_the_guest_fpstate_keeps_its_size() -> None:
+    v = vmm(SPR)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    vcpu = vcpu_with_cpuid(v)
+    size = vcpu.arch.guest_fpu.fpstate.size
+    (o,) = run_guest_program(vcpu, _amx_program(), xcr0=0x602E7, preempt=False)
+    assert o.fault is None
+    (o,) = run_guest_program(vcpu, _amx_program(), xcr0=0x602E7, xfd=1 << 18, preempt=False)
+    assert (o.fault.vector, o.fault_step) == ("#NM", 1)  # TILEZERO touches tile data
+    assert v.get_msrs(vcpu, [x86.MSR_IA32_XFD]) == {x86.MSR_IA32_XFD: 1 << 18}
+    assert vcpu.arch.xfd_no_write_intercept  # the first nonzero guest write (vmx_set_msr)
+    assert vcpu.arch.guest_fpu.fpstate.size == size  # sized at KVM_SET_CPUID2, never on #NM
+    (o,) = run_guest_program(vcpu, _amx_program(), xcr0=0x602E7, preempt=False)
+    assert o.fault is None  # the next run disarms XFD again
+
+
+def test_guest_xfd_needs_the_guest_xfd_cap() -> None:
+    v = vmm(ZEN5, vendor="svm")  # no XFD on AMD
+    vcpu = vcpu_with_cpuid(v)
+    with pytest.raises(ProgramError, match=r"EAX\[4\]=0"):
+        run_guest_program(vcpu, _amx_program(), xcr0=0xE7, xfd=1 << 18)

@@ -16,8 +16,10 @@ Guest-physical memory (one 2 MiB slot, identity-mapped by one 2 MiB page, user-a
 
 Theory of operation
 -------------------
-1. Setup at CPL 0: XSETBV(0, xcr0); WRMSR(IA32_XSS, xss) when the guest CPUID has XSAVES. KVM
-   intercepts both. A fault here is bad input (ProgramError).
+1. Setup at CPL 0: XSETBV(0, xcr0); WRMSR(IA32_XSS, xss) when the guest CPUID has XSAVES;
+   WRMSR(IA32_XFD, xfd) when it has XFD (AMX under XFD; a nonzero ``xfd`` needs it). KVM
+   intercepts the XSETBV and the WRMSRs (until a nonzero IA32_XFD write stops XFD write
+   interception on VMX). A fault here is bad input (ProgramError).
 2. IRETQ to ``program.cpl`` (CPL 3 runs with RFLAGS.IOPL = 3 so that it may report with OUT;
    CR0.AM is set as Linux sets it, RFLAGS.AC clear), then XRSTOR64 of ``start`` with RFBM =
    xcr0 (a fault there is bad input too).
@@ -71,9 +73,9 @@ _STATE, _VECTOR, _ERROR, _STEP, _RIP, _XINUSE, _VALUES = 0, 4, 8, 16, 24, 32, 64
 _MAX_VALUES = (0x1000 - _VALUES) // 8
 _DONE, _FAULTED = 1, 2
 #: Setup steps, stored sign-extended in the step word (program steps are 0..n-1, final n).
-_STEP_XSETBV, _STEP_XSS, _STEP_XRSTOR = -1, -2, -3
+_STEP_XSETBV, _STEP_XSS, _STEP_XRSTOR, _STEP_XFD = -1, -2, -3, -4
 _SETUP_NAMES = {_STEP_XSETBV: "XSETBV of XCR0", _STEP_XSS: "WRMSR IA32_XSS",
-                _STEP_XRSTOR: "XRSTOR64 of the start image"}
+                _STEP_XRSTOR: "XRSTOR64 of the start image", _STEP_XFD: "WRMSR IA32_XFD"}
 
 KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, TSS_SEL = 0x08, 0x10, 0x1B, 0x23, 0x28
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 18, 1 << 31
@@ -225,6 +227,7 @@ class GuestMachine:
         d1 = find_cpuid(self.cpuid, 0xD, 1)[0]
         self.has_xgetbv1 = bool(d1 & 4)
         self.has_xsaves = bool(d1 & 8)
+        self.has_xfd = bool(d1 & 0x10)
         self.offsets = {i: (o, s) for i in range(2, 63)
                         for s, o, _c, _d in [find_cpuid(self.cpuid, 0xD, i)] if s}
         self._cpl0: str | None = ""  # "" = not probed yet (xstate_at_cpl0)
@@ -303,9 +306,11 @@ class GuestMachine:
         return {"state": state, "vector": vector, "error": error, "step": step, "rip": rip,
                 "xinuse": xinuse}
 
-    def run_program(self, program: Program, *, xcr0: int, xss: int = 0) -> Outcome:
-        """Run ``program`` in the guest (see the module docstring) and return its Outcome."""
-        return self._run(program, xcr0=xcr0, xss=xss, xstate=True)
+    def run_program(self, program: Program, *, xcr0: int, xss: int = 0, xfd: int = 0
+                    ) -> Outcome:
+        """Run ``program`` in the guest (see the module docstring) and return its Outcome;
+        ``xfd`` is the IA32_XFD the guest arms before the program (AMX under XFD)."""
+        return self._run(program, xcr0=xcr0, xss=xss, xfd=xfd, xstate=True)
 
     def run_insns(self, insns: Sequence[Insn], *, xcr0: int, cpl: int = 0,
                   buffers: Sequence[Buffer] = ()) -> Outcome:
@@ -315,14 +320,19 @@ class GuestMachine:
         and for hosts whose KVM cannot run the XSAVE family at guest CPL 0. ``final`` and
         ``xinuse`` of the Outcome are None."""
         program = Program(start=bytes(576), insns=tuple(insns), buffers=tuple(buffers), cpl=cpl)
-        return self._run(program, xcr0=xcr0, xss=0, xstate=False)
+        return self._run(program, xcr0=xcr0, xss=0, xfd=0, xstate=False)
 
-    def _run(self, program: Program, *, xcr0: int, xss: int, xstate: bool) -> Outcome:
+    def _run(self, program: Program, *, xcr0: int, xss: int, xfd: int, xstate: bool
+             ) -> Outcome:
         check_program(program)
         if xss and not self.has_xsaves:
             raise HostUnavailable(
                 f"IA32_XSS={xss:#x} needs XSAVES, and the guest CPUID lacks it: "
                 f"CPUID.(EAX=0DH,ECX=1):EAX[3]=0")
+        if xfd and not self.has_xfd:
+            raise HostUnavailable(
+                f"IA32_XFD={xfd:#x} needs XFD, and the guest CPUID lacks it: "
+                f"CPUID.(EAX=0DH,ECX=1):EAX[4]=0")
         ops, pool = _operands(program)
         # 1. setup at CPL 0: XCR0 and IA32_XSS (KVM intercepts both), then IRETQ to program.cpl
         a = Asm(SETUP_CODE)
@@ -334,6 +344,11 @@ class GuestMachine:
             _step(a, _STEP_XSS)
             a.mov32(Register.ECX, u.MSR_IA32_XSS)
             a.edx_eax(xss)
+            a.op(Code.WRMSR)
+        if self.has_xfd:  # every run: IA32_XFD is vCPU state that outlives a run
+            _step(a, _STEP_XFD)
+            a.mov32(Register.ECX, u.MSR_IA32_XFD)
+            a.edx_eax(xfd)
             a.op(Code.WRMSR)
         user = program.cpl == 3
         for value in (USER_DS if user else KERNEL_DS, USER_STACK if user else KERNEL_STACK - 0x1000,
@@ -433,11 +448,12 @@ def machine_for(cpuid: Sequence[CpuidEntry] | None = None) -> GuestMachine:
     return _machines[key]
 
 
-def run_guest_program(program: Program, *, xcr0: int, xss: int = 0,
+def run_guest_program(program: Program, *, xcr0: int, xss: int = 0, xfd: int = 0,
                       cpuid: Sequence[CpuidEntry] | None = None) -> Outcome:
     """Run ``program`` at ``program.cpl`` in a KVM guest whose own XSETBV sets XCR0 = ``xcr0``
-    (and WRMSR sets IA32_XSS = ``xss`` when the guest CPUID has XSAVES); see the module
-    docstring. ProgramError for a malformed program or a setup that faults (an XCR0 KVM
-    rejects, a start image XRSTOR rejects); HostError for an unexpected KVM exit (on a host
-    whose KVM cannot run the XSAVE family at guest CPL 0, a CPL 0 program ends in one)."""
-    return machine_for(cpuid).run_program(program, xcr0=xcr0, xss=xss)
+    (and WRMSR sets IA32_XSS = ``xss`` when the guest CPUID has XSAVES, IA32_XFD = ``xfd``
+    when asked for); see the module docstring. ProgramError for a malformed program or a
+    setup that faults (an XCR0 KVM rejects, a start image XRSTOR rejects); HostError for an
+    unexpected KVM exit (on a host whose KVM cannot run the XSAVE family at guest CPL 0, a
+    CPL 0 program ends in one)."""
+    return machine_for(cpuid).run_program(program, xcr0=xcr0, xss=xss, xfd=xfd)

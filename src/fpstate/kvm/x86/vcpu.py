@@ -538,14 +538,16 @@ def guest_hardware_profile(vcpu: KvmVcpu) -> CpuidProfile:
 
 
 def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 0,
-                      preempt: bool = True) -> list[Outcome]:
+                      xfd: int = 0, preempt: bool = True) -> list[Outcome]:
     """The model's answer to what `fpstate.host.kvm_guest` runs: the guest's own XSETBV of
     ``xcr0`` at CPL 0 (kvm_emulate_xsetbv) and, when the guest CPUID has XSAVES, its WRMSR of
-    IA32_XSS = ``xss`` (kvm_set_msr_common) -- a refusal of either is ProgramError, as on the
-    host -- then the program on the CPU model (`fpstate.x86.insn.run_program`) of the guest's
-    hardware (`guest_hardware_profile`). XINUSE is not reported where the guest CPUID lacks
-    XGETBV1 (the runner reads it only then). Returns the set of outcomes the CPU may give
-    (``preempt=False``: only that of an undisturbed run, as `run_program` takes it)."""
+    IA32_XSS = ``xss`` (kvm_set_msr_common) and, when the guest CPUID has XFD, its WRMSR of
+    IA32_XFD = ``xfd`` (AMX under XFD: fpu_update_guest_xfd) -- a refusal of any is
+    ProgramError, as on the host -- then the program on the CPU model
+    (`fpstate.x86.insn.run_program`) of the guest's hardware (`guest_hardware_profile`).
+    XINUSE is not reported where the guest CPUID lacks XGETBV1 (the runner reads it only
+    then). Returns the set of outcomes the CPU may give (``preempt=False``: only that of an
+    undisturbed run, as `run_program` takes it)."""
     from fpstate.x86.insn import run_program
 
     vcpu.arch.cr4_osxsave = True
@@ -559,7 +561,14 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
     elif xss:
         raise ProgramError(f"IA32_XSS={xss:#x} needs XSAVES, and the guest CPUID lacks it: "
                            "CPUID.(EAX=0DH,ECX=1):EAX[3]=0")
-    outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss,
+    if cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XFD:  # every run, as the host runner does
+        c = vcpu.kvm.m.cpus[0]
+        if x86.kvm_do_msr_access_write(c, vcpu, x86.MSR_IA32_XFD, xfd, False):
+            raise ProgramError(f"WRMSR IA32_XFD {xfd:#x} faulted in the guest (#GP)")
+    elif xfd:
+        raise ProgramError(f"IA32_XFD={xfd:#x} needs XFD, and the guest CPUID lacks it: "
+                           "CPUID.(EAX=0DH,ECX=1):EAX[4]=0")
+    outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss, xfd=xfd,
                            preempt=preempt)
     if not cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XGETBV1:
         outcomes = [Outcome(o.buffers, o.values, o.fault, o.fault_step, None, o.final)
