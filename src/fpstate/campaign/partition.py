@@ -161,6 +161,7 @@ class RoundStats:
     received: int = 0  #: candidates handed in
     sent: int = 0  #: candidates sent to other partitions
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  #: CPU time of the worker process (contention does not count)
 
 
 class Partition:
@@ -191,7 +192,7 @@ class Partition:
     def accept(self, level: int, batches: Sequence[Sequence[Candidate]]) -> RoundStats:
         """Visit the candidates of ``level`` never visited: for each new digest the smallest
         path becomes the state's representative; they are the next `expand`'s frontier."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         best: dict[int, ActionPath] = {}
         received = 0
         for batch in batches:
@@ -207,12 +208,12 @@ class Partition:
         self.visited.update(accepted)
         self.frontier = [(d, best[d]) for d in accepted]
         return RoundStats(self.index, level, accepted, Tally(), received, 0,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, time.process_time() - cpu)
 
     def expand(self, level: int) -> tuple[list[list[Candidate]], RoundStats]:
         """Take every enabled action from each state of the frontier: the candidates of
         ``level + 1`` by destination partition, and the stats (transitions, violations)."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         tally = Tally()
         out: list[dict[int, ActionPath]] = [{} for _ in range(self.partitions)]
         for _, path in self.frontier:
@@ -221,7 +222,7 @@ class Partition:
         batches = [sorted(o.items()) for o in out]
         sent = sum(len(b) for p, b in enumerate(batches) if p != self.index)
         return batches, RoundStats(self.index, level, [], tally, 0, sent,
-                                   time.perf_counter() - start)
+                                   time.perf_counter() - start, time.process_time() - cpu)
 
     def _expand(self, path: ActionPath, tally: Tally, out: list[dict[int, ActionPath]]) -> None:
         try:
@@ -364,6 +365,7 @@ class ExhaustiveResult:
     messages: int = 0  #: candidates sent between different partitions
     received: int = 0  #: candidates handed to partitions (including their own)
     worker_seconds: float = 0.0  #: time the workers spent in requests, summed
+    worker_cpu_seconds: float = 0.0  #: their CPU time, summed
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -417,6 +419,7 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
             new += len(st.accepted)
             res.received += st.received
             res.worker_seconds += st.seconds
+            res.worker_cpu_seconds += st.cpu_seconds
         res.rounds += 1
         if new:
             res.levels.append(new)
@@ -448,6 +451,7 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
             res.tally.add(st.tally)
             res.messages += st.sent
             res.worker_seconds += st.seconds
+            res.worker_cpu_seconds += st.cpu_seconds
         inputs = [[expanded[q].out[p] for q in range(n)] for p in range(n)]
         level += 1
     res.seconds = time.perf_counter() - start

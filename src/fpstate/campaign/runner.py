@@ -119,6 +119,7 @@ def _cell_report(cell: Cell, campaign: Campaign, engine: Engine, rd: ReportDir,
     if isinstance(res, ExhaustiveResult):
         report.update({"depth_bound": ex.depth, "stop": ex.stop, "depth": res.depth,
                        "levels": res.levels, "rounds": res.rounds, "messages": res.messages,
+                       "worker_cpu_seconds": round(res.worker_cpu_seconds, 3),
                        "received": res.received, "restarts": res.restarts})
     else:
         report.update({"seeds": res.seeds, "walks": res.walks, "walk_length": ex.walk_length})
