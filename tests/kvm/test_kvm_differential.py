@@ -132,3 +132,18 @@ def test_fpstate_conform_layer_kvm_json(capsys) -> None:
         assert out["skipped"], "a layer that compared nothing says why"
     else:
         assert out["cases"] > 100
+
+
+def test_the_layer_is_skipped_with_the_reason_without_dev_kvm(monkeypatch, capsys) -> None:
+    """No usable /dev/kvm: nothing compared, one skip naming why, exit 0 (nothing mismatched)."""
+    from fpstate.cli import main
+    from fpstate.host import kvm as host_kvm
+
+    def no_kvm():
+        return host_kvm.Kvm("/nonexistent/kvm")
+
+    monkeypatch.setattr(host_kvm, "open_kvm", no_kvm)
+    status = main(["conform", "--layer", "kvm", "--samples", "5", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert status == 0 and out["cases"] == 0 and out["mismatches"] == []
+    assert out["skipped"] == ["all: /nonexistent/kvm: No such file or directory"]
