@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -124,4 +125,20 @@ def test_unsupported_mask_bits(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_mask_text(capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, ["layout", "--cpu", "zen4", "--mask", "0xZZ"], "mask '0xZZ'")
-    _fails(capsys, ["layout", "--cpu", "zen4", "--mask", "1" + "0" * 17], "not a 64-bit value")
+    _fails(capsys, ["layout", "--cpu", "zen4", "--mask", "1" + "0" * 17],
+           "mask 0x100000000000000000 is not a 64-bit value")
+
+
+def test_corpus_object_of_ones_own(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A corpus-format object without 'source' (one written by hand) is named by its file;
+    a garbled register in it is named by leaf and sub-leaf."""
+    corpus = json.loads(gzip.decompress((DATA / "cpuid-corpus.json.gz").read_bytes()))
+    entry = next(e for e in corpus if e.get("microarch_tag") == "SapphireRapids_05")
+    del entry["source"]
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(entry))
+    assert _json(capsys, "--cpu", str(mine), "--mask", "0x602e7")["standard_size"] == 11008
+    entry["cpuid_raw_cpu0"]["0x00000001"]["0"][2] = "0xZZ"
+    mine.write_text(json.dumps(entry))
+    _fails(capsys, ["layout", "--cpu", str(mine)],
+           "mine.json: cpuid_raw_cpu0 leaf '0x00000001' sub-leaf '0': '0xZZ' is not a hex number")

@@ -42,7 +42,8 @@ def _round_up(value: int, align: int) -> int:
 
 def _check_64(mask: int, what: str) -> None:
     if not isinstance(mask, int) or isinstance(mask, bool) or mask < 0 or mask >> 64:
-        raise MaskError(f"{what} {mask!r} is not a 64-bit value")
+        shown = f"{mask:#x}" if isinstance(mask, int) and not isinstance(mask, bool) else repr(mask)
+        raise MaskError(f"{what} {shown} is not a 64-bit value")
 
 
 def check_mask(profile: CpuidProfile, mask: int, *, supervisor_ok: bool) -> int:

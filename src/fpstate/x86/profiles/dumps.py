@@ -291,4 +291,6 @@ def parse_dump(text: str, name: str, source: str, selector: str | None = None) -
         return CpuidProfile.from_json(data)
     entries = data if isinstance(data, list) else [data]
     entry = _select(entries, selector, source)
-    return parse_corpus_object(entry)
+    # An entry of the corpus names its own source; one a user wrote may not: then the file.
+    own = entry.get("source") if isinstance(entry, Mapping) else None
+    return parse_corpus_object(entry, source=own if isinstance(own, str) else source)
