@@ -161,6 +161,15 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
                                      (Insn("XSAVE", buf=0, mask=1),), (_AA,))),
     I.LEGACY_SSE_UPPER: (not IMPL[I.LEGACY_SSE_UPPER], Program(image(0x40, patch=_ZMM_H), (
         Insn("MOVDQU", reg=4, data=bytes(16)), Insn("XGETBV", reg=1)))),
+    I.RESTORE_ZMM_XINUSE: ("kept" if IMPL[I.RESTORE_ZMM_XINUSE] == "value" else "value",
+                           Program(image(0), (
+                               Insn("VMOVDQU", reg=1, data=b"\x33" * 16 + bytes(16)),
+                               Insn("XRSTOR", buf=0, mask=0x2), Insn("XGETBV", reg=1)),
+                               (Buffer(image(0)),))),
+    I.VEX256_HI256_XINUSE: (
+        "kept" if IMPL[I.VEX256_HI256_XINUSE] == "per-register" else "per-register",
+        Program(image(0), (Insn("VMOVDQU64", reg=11, data=bytes(range(1, 65))),
+                           Insn("VMOVDQU", reg=11, data=bytes(32)), Insn("XGETBV", reg=1)))),
     I.EMMS_TOP: ("kept" if IMPL[I.EMMS_TOP] == "zeroed" else "zeroed",
                  Program(image(1, fsw=0x2800, ftw=0x20), (Insn("EMMS"), Insn("FNSTSW")))),
 }

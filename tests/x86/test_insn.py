@@ -244,6 +244,58 @@ def test_xgetbv1_reports_sse_when_mxcsr_is_not_1f80() -> None:
     assert o.values == (0x2,) and hdr(o.buffers[0])[0] & 2 == 0
 
 
+@pytest.mark.parametrize(("restore", "amd", "intel"), [
+    (Insn("FXRSTOR", buf=0), 0x00, 0x07),  # Intel: FXRSTOR sets XINUSE[1:0]
+    (Insn("XRSTOR", buf=0, mask=0x2), 0x00, 0x04),
+    (Insn("XRSTOR", buf=0, mask=0x40), 0x02, 0x06),
+    (Insn("XRSTOR", buf=0, mask=0x1), 0x06, 0x06),
+    (Insn("XRSTOR", buf=0, mask=0x80), 0x06, 0x06),
+])
+def test_restore_of_zmm0_15_recomputes_xinuse_on_amd(restore: Insn, amd: int, intel: int) -> None:
+    """RESTORE_ZMM_XINUSE: VMOVDQU ymm1 = (0x33 * 16, zeros) sets XINUSE[1] and [2] although
+    AVX holds zeros; a restore that touches ZMM0-15 then makes XINUSE[1], [2], [6] follow the
+    values on AMD (measured on Zen 5), and leaves the bits it did not load on Intel."""
+    prog = Program(image(0), (Insn("VMOVDQU", reg=1, data=b"\x33" * 16 + bytes(16)), restore,
+                              Insn("XGETBV", reg=1)), (Buffer(image(0)),))
+    assert one(ZEN4, prog).values == (amd,)
+    assert one(SPR, prog).values == (intel,)
+
+
+_NZ64 = bytes(range(1, 65))
+
+
+@pytest.mark.parametrize(("start", "insns", "amd"), [
+    (image(0), [Insn("VMOVDQU64", reg=11, data=_NZ64), Insn("VMOVDQU", reg=11, data=bytes(32))],
+     0x06),
+    (image(0), [Insn("VMOVDQU64", reg=12, data=bytes(64)), Insn("VMOVDQU64", reg=11, data=_NZ64),
+                Insn("VMOVDQU", reg=11, data=bytes(32))], 0x46),  # zmm12 written: still in use
+    (image(0x40, patch=[(0x380 + 3 * 32, b"\x5a" * 32)]),
+     [Insn("VMOVDQU", reg=5, data=bytes(32))], 0x46),  # ZMM3_H non-zero
+    (image(0x40, patch=[(0x380 + 3 * 32, b"\x5a" * 32)]),
+     [Insn("VMOVDQU", reg=3, data=bytes(32))], 0x06),
+])
+def test_vex256_load_clears_zmm_hi256_xinuse_per_register(start: bytes, insns: list[Insn],
+                                                          amd: int) -> None:
+    """VEX256_HI256_XINUSE: a VEX.256 load zeroes ZMMr[511:256]; on AMD XINUSE[6] then stays 1
+    only while another of ZMM0-15 has those bits non-zero or written by an EVEX.512 load."""
+    prog = Program(start, (*insns, Insn("XGETBV", reg=1)))
+    assert one(ZEN4, prog).values == (amd,)
+    assert one(SPR, prog).values[0] & 0x40  # Intel: kept
+
+
+def test_legacy_sse_write_marks_avx_in_use_but_not_modified() -> None:
+    """LEGACY_SSE_UPPER on AMD: MOVDQU while ZMM_Hi256 is in use sets XINUSE[2]; AVX is still
+    unmodified since the XRSTOR from buf0, so XSAVEOPT writes XSTATE_BV[2] = 1 but not the AVX
+    bytes (they keep buf0's 0x22, which XRSTOR did not load: XSTATE_BV[2] was 0)."""
+    buf = Buffer(image(0x40, patch=[(0x240, b"\x22" * 256), (0x380, b"\x5a" * 32)]))
+    prog = Program(image(0), (Insn("XRSTOR", buf=0, mask=0xE7),
+                              Insn("MOVDQU", reg=8, data=_NZ64[:16]),
+                              Insn("XSAVEOPT", buf=0, mask=0xE7)), (buf,))
+    o = one(ZEN4, prog)
+    assert hdr(o.buffers[0])[0] == 0x46 and o.buffers[0][0x240:0x340] == b"\x22" * 256
+    assert o.final[0x240:0x340] == bytes(256)
+
+
 def test_xgetbv_invalid_ecx_and_missing_xgetbv1_are_gp() -> None:
     assert one(ZEN4, Program(image(0), (Insn("XGETBV", reg=2),))).fault.vector == "#GP"
     assert one(HSW, Program(image(0), (Insn("XGETBV", reg=1),))).fault.vector == "#GP"

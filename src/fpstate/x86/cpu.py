@@ -3,7 +3,10 @@
 Models the state of Intel SDM Vol. 1 chapter 13 ("Managing State Using the XSAVE Feature Set")
 and the control registers around it: CR0.TS, CR4.OSXSAVE, CR4.PKE, XCR0, IA32_XSS, IA32_XFD,
 IA32_XFD_ERR, the CPL, and the processor's own tracking (13.6): XINUSE (reported by XGETBV
-with ECX = 1), XMODIFIED and XRSTOR_INFO (the modified optimisation of XSAVEOPT/XSAVES).
+with ECX = 1), XMODIFIED and XRSTOR_INFO (the modified optimisation of XSAVEOPT/XSAVES), and,
+where the implementation tracks ZMM_Hi256 per register (`fpstate.x86.impl`
+VEX256_HI256_XINUSE), which of ZMM0-15 an EVEX.512 load wrote since XINUSE[6] was last
+recomputed.
 
 Theory of operation
 -------------------
@@ -199,6 +202,7 @@ class Cpu:
         "xmodified",
         "xrstor_info",
         "xss",
+        "zmm_hi256_written",
     )
 
     def __init__(self, m: Machine, impl: ImplDefined, *, xcr0: int, xss: int = 0, xfd: int = 0,
@@ -216,6 +220,9 @@ class Cpu:
         self.cr4_pke = m.has("PKU")  # Linux's setup_pku() enables CR4.PKE on PKU CPUs
         self.cpl = cpl
         self.xinuse = 0
+        #: bit r: ZMMr's bits 511:256 written by an EVEX.512 load since XINUSE[6] was last
+        #: recomputed from the registers (VEX256_HI256_XINUSE "per-register")
+        self.zmm_hi256_written = 0
         self.xmodified = (1 << 64) - 1
         self.xrstor_info: tuple | None = None
         self.x87_pointers_known = True
@@ -231,7 +238,7 @@ class Cpu:
         """Everything that can influence what a later instruction does or shows."""
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
-                self.xrstor_info, self.x87_pointers_known)
+                self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 
@@ -256,6 +263,8 @@ class Cpu:
 
     def track_value(self, i: int) -> None:
         """XINUSE[i] := component i is not in its initial configuration."""
+        if i == ZMM_HI256:
+            self.zmm_hi256_written = 0
         if self.in_init_configuration(i):
             self.xinuse &= ~(1 << i)
         else:

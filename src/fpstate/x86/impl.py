@@ -54,6 +54,8 @@ COMPACTED_XSTATE_BV63 = "compacted_xstate_bv63"
 FXSAVE_RESERVED = "fxsave_reserved"
 X87_POINTER_BITS = "x87_pointer_bits"
 LEGACY_SSE_UPPER = "legacy_sse_upper"
+RESTORE_ZMM_XINUSE = "restore_zmm_xinuse"
+VEX256_HI256_XINUSE = "vex256_hi256_xinuse"
 EMMS_TOP = "emms_top"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
@@ -117,6 +119,20 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "initial configuration. (Here: a legacy SSE write of an XMM register while "
            "ZMM_Hi256 is in use also marks AVX state in use.)",
            "SDM Vol. 1 13.6", (True, False)),
+    Choice(RESTORE_ZMM_XINUSE,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration. (Here: an XRSTOR whose RFBM includes SSE, AVX or "
+           "ZMM_Hi256, or an FXRSTOR, leaves XINUSE[1], [2], [6] of what it did not load as "
+           "they were ('kept'), or recomputes all three from the values of ZMM0-15, which "
+           "span them ('value').)",
+           "SDM Vol. 1 13.6, 13.8.3", ("kept", "value")),
+    Choice(VEX256_HI256_XINUSE,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration. (Here: a VEX.256 load of YMMr zeroes bits 511:256 of ZMMr; "
+           "XINUSE[6] stays as it was ('kept'), or is cleared unless another of ZMM0-15 has "
+           "non-zero bits 511:256 or had them written by an EVEX.512 load since XINUSE[6] was "
+           "last recomputed ('per-register').)",
+           "SDM Vol. 1 13.6", ("kept", "per-register")),
     Choice(EMMS_TOP,
            "EMMS: x87FPUTagWord := FFFFH (the Operation names nothing else; whether FSW.TOP "
            "is also reset to 0, as MMX instructions do, is not said).",
@@ -177,6 +193,8 @@ AMD_ZEN5_HOST = ImplDefined(
         FXSAVE_RESERVED: "untouched",
         X87_POINTER_BITS: 57,
         LEGACY_SSE_UPPER: True,
+        RESTORE_ZMM_XINUSE: "value",
+        VEX256_HI256_XINUSE: "per-register",
         EMMS_TOP: "zeroed",
     },
     origins={
@@ -202,6 +220,13 @@ AMD_ZEN5_HOST = ImplDefined(
                           "0xFF00000000000000: bits 56:0 kept, sign-extended)",
         LEGACY_SSE_UPPER: _MEASURED + " (XRSTOR of ZMM_Hi256 alone, then MOVDQU xmm4: "
                           "XGETBV(1) = 0x46; with opmask or Hi16_ZMM alone: 0x22, 0x82)",
+        RESTORE_ZMM_XINUSE: _MEASURED + " (VMOVDQU ymm1 with bits 255:128 zero: XINUSE 0x6; "
+                            "then FXRSTOR, or XRSTOR with RFBM 0x2, 0x4 or 0x40: XINUSE[2] = "
+                            "0; with RFBM 0x1, 0x20 or 0x80 it stays 1. Hi16_ZMM and opmask "
+                            "are not recomputed)",
+        VEX256_HI256_XINUSE: _MEASURED + " (VMOVDQU64 zmm11 = non-zero, then VMOVDQU ymm11 = "
+                             "0: XINUSE 0x6; with VMOVDQU64 zmm12 = zeros before: 0x46; with "
+                             "non-zero ZMM3_H from XRSTOR, VMOVDQU ymm5 = 0: 0x46, ymm3: 0x6)",
         EMMS_TOP: _MEASURED + " (FSW 0x2800 reads 0 after EMMS)",
     },
 )
@@ -226,6 +251,8 @@ INTEL = ImplDefined(
         FXSAVE_RESERVED: "untouched",
         X87_POINTER_BITS: 64,
         LEGACY_SSE_UPPER: False,
+        RESTORE_ZMM_XINUSE: "kept",
+        VEX256_HI256_XINUSE: "kept",
         EMMS_TOP: "kept",
     },
     origins={key: _INTEL_ASSUMED for key in CHOICES},

@@ -37,6 +37,7 @@ from fpstate.x86.cpu import (
     X87,
     XTILECFG,
     XTILEDATA,
+    ZMM_HI256,
     Area,
     Cpu,
     Machine,
@@ -310,6 +311,10 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
         cpu.xinuse &= ~TO_BE_INITIALIZED
     else:
         cpu.xinuse |= TO_BE_INITIALIZED
+    if RFBM >> ZMM_HI256 & 1:
+        cpu.zmm_hi256_written = 0  # XINUSE[6] recomputed by this restore
+    if RFBM & R.ZMM0_15:
+        R.restore_zmm_xinuse(cpu)
     all_ones = (1 << 64) - 1
     cpu.xmodified = all_ones & ~RFBM if cpu.impl[MODIFIED_OPTIMIZATION] else all_ones
     cpu.xrstor_info = (cpu.cpl, 0, area.address, 0 if standard else COMPMASK)

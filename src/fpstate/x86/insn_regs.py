@@ -12,10 +12,14 @@ Tracking, as measured on the host and recorded in `fpstate.x86.impl`:
   value, except where WRITE_XINUSE says the component's XINUSE follows its value (x87);
 - VEX.256 and EVEX loads zero the bits above them (up to 511); that zeroing marks the
   component modified but does not set its XINUSE (measured: VMOVDQU ymm from the initial
-  state leaves XINUSE[6] = 0);
+  state leaves XINUSE[6] = 0), and with VEX256_HI256_XINUSE "per-register" it clears
+  XINUSE[6] when no other of ZMM0-15 keeps it in use (`Cpu.zmm_hi256_written`);
+- LEGACY_SSE_UPPER marks AVX in use, not modified (XSAVEOPT still skips it after an XRSTOR);
 - VZEROUPPER/VZEROALL/TILERELEASE put whole components in their initial configuration and,
   with ZEROING_CLEARS_XINUSE, clear their XINUSE bits;
-- LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6).
+- LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6);
+- with RESTORE_ZMM_XINUSE "value", a restore that touches ZMM0-15 (FXRSTOR; XRSTOR with RFBM
+  bit 1, 2 or 6) recomputes XINUSE[1], [2], [6] from the registers (`restore_zmm_xinuse`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from fpstate.x86.impl import (
     FLD_UNDEFINED_FLAGS,
     FXSAVE_RESERVED,
     LEGACY_SSE_UPPER,
+    RESTORE_ZMM_XINUSE,
+    VEX256_HI256_XINUSE,
     XRSTOR_LOAD_XINUSE,
     ZEROING_CLEARS_XINUSE,
 )
@@ -68,6 +74,19 @@ def _avx_faults(cpu: Cpu, flag: str, xcr0: int) -> Fault | None:
     return None
 
 
+#: The components that ZMM0-15 span: XMM (SSE), bits 255:128 (AVX), bits 511:256 (ZMM_Hi256).
+ZMM0_15 = 1 << SSE | 1 << YMM | 1 << ZMM_HI256
+
+
+def restore_zmm_xinuse(cpu: Cpu) -> None:
+    """After FXRSTOR, or an XRSTOR/XRSTORS whose RFBM meets `ZMM0_15`, with RESTORE_ZMM_XINUSE
+    "value": XINUSE[1], [2], [6] := not in the initial configuration (SDM 13.6)."""
+    if cpu.impl[RESTORE_ZMM_XINUSE] == "value":
+        for i in (SSE, YMM, ZMM_HI256):
+            if cpu.xcr0 >> i & 1:
+                cpu.track_value(i)
+
+
 def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
     """Zero bits 511:``width`` of ZMM ``reg`` (< 16): "DEST[MAXVL-1:...] := 0"."""
     if width <= 128 and YMM in cpu.regs:
@@ -80,17 +99,19 @@ def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
 
 def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """MOVDQU xmm, m128 (F3 0F 6F /r): XMM[reg] := data; "DEST[MAXVL-1:128] (Unmodified)".
-    With LEGACY_SSE_UPPER, AVX state is marked in use too while ZMM_Hi256 is."""
+    With LEGACY_SSE_UPPER, AVX state is marked in use (not modified) too while ZMM_Hi256 is."""
     if cpu.cr0_ts:
         return _NM_TS
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data
-    upper = cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1
-    cpu.wrote(1 << SSE | (1 << YMM if upper else 0))
+    cpu.wrote(1 << SSE)
+    if cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1:
+        cpu.xinuse |= 1 << YMM
     return None
 
 
 def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
-    """VMOVDQU ymm, m256 (VEX.256.F3.0F.WIG 6F /r): YMM[reg] := data, bits 511:256 zeroed."""
+    """VMOVDQU ymm, m256 (VEX.256.F3.0F.WIG 6F /r): YMM[reg] := data, bits 511:256 zeroed
+    (XINUSE[6] as VEX256_HI256_XINUSE says)."""
     fault = _avx_faults(cpu, "AVX", 0b110)
     if fault:
         return fault
@@ -98,6 +119,10 @@ def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
     _zero_above(cpu, reg, 256)
     cpu.wrote(1 << SSE | 1 << YMM)
+    if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and ZMM_HI256 in cpu.regs:
+        cpu.zmm_hi256_written &= ~(1 << reg)
+        if not cpu.zmm_hi256_written and not any(cpu.regs[ZMM_HI256]):
+            cpu.xinuse &= ~(1 << ZMM_HI256)
     return None
 
 
@@ -115,6 +140,7 @@ def VMOVDQU64(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
     cpu.regs[ZMM_HI256][32 * reg:32 * reg + 32] = data[32:64]
     cpu.wrote(1 << SSE | 1 << YMM | 1 << ZMM_HI256)
+    cpu.zmm_hi256_written |= 1 << reg
     return None
 
 
@@ -131,6 +157,8 @@ def KMOVQ(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
 def _zeroed(cpu: Cpu, mask: int) -> None:
     """Whole components put in their initial configuration by an instruction."""
     cpu.xmodified |= mask
+    if mask >> ZMM_HI256 & 1:
+        cpu.zmm_hi256_written = 0
     if cpu.impl[ZEROING_CLEARS_XINUSE]:
         cpu.xinuse &= ~mask
     else:
@@ -328,10 +356,6 @@ def _tile_faults(cpu: Cpu, t: int, load_store: bool) -> Fault | None:
     return None
 
 
-def _zero_tiles(cpu: Cpu) -> None:
-    cpu.regs[XTILEDATA][:] = bytes(len(cpu.regs[XTILEDATA]))
-
-
 def LDTILECFG(cpu: Cpu, data: bytes) -> Fault | None:
     """LDTILECFG m512 (VEX.128.NP.0F38.W0 49 !(11):000:bbb), AMX-E1 (no #NM: "LDTILECFG and
     TILERELEASE initialize the TILEDATA state component", SDM 13.14): #GP for a configuration
@@ -346,7 +370,7 @@ def LDTILECFG(cpu: Cpu, data: bytes) -> Fault | None:
     cfg = bytearray(data)
     cpu.regs[XTILECFG][:] = cfg
     cpu.wrote(1 << XTILECFG)
-    _zero_tiles(cpu)
+    cpu.regs[XTILEDATA][:] = bytes(len(cpu.regs[XTILEDATA]))
     _zeroed(cpu, 1 << XTILEDATA)
     return None
 
@@ -386,22 +410,18 @@ def TILELOADD(cpu: Cpu, t: int, data: bytes) -> Fault | None:
 
 def TILESTORED(cpu: Cpu, t: int, dst: bytearray) -> Fault | None:
     """TILESTORED sibmem, tmm (VEX.128.F3.0F38.W0 4B !(11):rrr:100), AMX-E3: rows start_row ..
-    rows-1 of tmm ``t`` to memory, ``colsb`` bytes each at ``row * stride`` (stride ``colsb``
-    as the runner lays them out: `fpstate.x86.program`); nothing else is written; start_row
-    := 0 ("zero_tilecfg_start"). No register but start_row changes: TILECFG counts as
-    modified only if start_row was not 0."""
+    rows-1 of tmm ``t``, ``colsb`` bytes each at ``row * colsb`` (the runner's stride); then
+    start_row := 0, the only register change (TILECFG modified only if it was not 0)."""
     fault = _tile_faults(cpu, t, True)
     if fault:
         return fault
     p = cpu.palette()
     assert p is not None
     rows, colsb = cpu.tile_shape(t)
-    tile = cpu.regs[XTILEDATA]
-    base = t * p.bytes_per_tile
     start = cpu.regs[XTILECFG][1]
     for r in range(start, rows):
-        at = base + r * p.bytes_per_row
-        dst[r * colsb:(r + 1) * colsb] = tile[at:at + colsb]
+        at = t * p.bytes_per_tile + r * p.bytes_per_row
+        dst[r * colsb:(r + 1) * colsb] = cpu.regs[XTILEDATA][at:at + colsb]
     if start:
         cpu.regs[XTILECFG][1] = 0
         cpu.xmodified |= 1 << XTILECFG
@@ -430,7 +450,7 @@ def TILERELEASE(cpu: Cpu) -> Fault | None:
     if fault:
         return fault
     cpu.regs[XTILECFG][:] = bytes(64)
-    _zero_tiles(cpu)
+    cpu.regs[XTILEDATA][:] = bytes(len(cpu.regs[XTILEDATA]))
     _zeroed(cpu, _TILES)
     return None
 
@@ -464,7 +484,7 @@ def FXSAVE(cpu: Cpu, area: Area) -> Fault | None:
 def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
     """FXRSTOR64 m512byte (NP REX.W 0F AE /1): #GP if misaligned or MXCSR sets a bit outside
     MXCSR_MASK; loads x87 state, MXCSR and XMM0-15. The host tracks XINUSE[0] and [1] after it
-    as it does after XRSTOR (XRSTOR_LOAD_XINUSE)."""
+    as it does after XRSTOR (XRSTOR_LOAD_XINUSE), and [2], [6] as RESTORE_ZMM_XINUSE says."""
     fault = _fx_faults(cpu, area)
     if fault:
         return fault
@@ -480,6 +500,7 @@ def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
     else:
         cpu.track_value(X87)
         cpu.track_value(SSE)
+    restore_zmm_xinuse(cpu)
     return None
 
 
@@ -571,5 +592,7 @@ __all__ = [
     "WRPKRU",
     "XGETBV",
     "XSETBV",
+    "ZMM0_15",
+    "restore_zmm_xinuse",
     "xcr0_fault",
 ]
