@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 from fpstate.cli import main
 from fpstate.errors import HostUnavailable
 from fpstate.host import native
-from fpstate.host.dmesg import _read_kmsg, compare_boot_lines, fpu_lines, message_of
+from fpstate.host.dmesg import (
+    _read_kmsg,
+    compare_boot_lines,
+    fpu_lines,
+    message_of,
+    oldest_record_is_fpu_line,
+)
 
 ENABLED = ("x86/fpu: Enabled xstate features 0x18e7, context size is 2472 bytes, using "
            "'compacted' format.")
@@ -147,3 +153,29 @@ def test_boot_log_compare_exits_0_on_this_host(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["boot-log", "--compare"]) == 0
     assert capsys.readouterr().out.startswith(f"identical: {len(boot_lines[1])} x86/fpu lines")
+
+
+def test_a_log_whose_oldest_record_is_an_fpu_line_may_be_truncated() -> None:
+    """The ring buffer drops the oldest records first: a log that begins inside the x86/fpu
+    block may have lost its first lines, and comparing the rest would be a false mismatch."""
+    assert not oldest_record_is_fpu_line(DMESG) and not oldest_record_is_fpu_line(KMSG)
+    wrapped = "".join(DMESG.splitlines(keepends=True)[2:])
+    assert wrapped.startswith("[    0.000000] x86/fpu: xstate_offset[2]")
+    assert oldest_record_is_fpu_line(wrapped)
+    kmsg_wrapped = "".join(KMSG.splitlines(keepends=True)[3:])
+    assert oldest_record_is_fpu_line(kmsg_wrapped)
+    assert not oldest_record_is_fpu_line("")
+
+
+def test_truncated_log_is_host_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fpstate.host import dmesg
+
+    wrapped = "".join(DMESG.splitlines(keepends=True)[2:])
+    monkeypatch.setattr(dmesg, "_read_kmsg", lambda: wrapped)
+    monkeypatch.setattr(dmesg, "_read_dmesg_tool", lambda: "[    1.0] nothing here\n")
+    with pytest.raises(HostUnavailable, match=r"/dev/kmsg: the oldest record left is an "
+                                              r"'x86/fpu:' line.*; dmesg: the log holds no "
+                                              r"'x86/fpu:' line"):
+        dmesg.host_fpu_lines()
+    monkeypatch.setattr(dmesg, "_read_dmesg_tool", lambda: DMESG)
+    assert dmesg.host_fpu_lines() == EXPECTED

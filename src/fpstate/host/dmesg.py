@@ -158,29 +158,42 @@ def _recall() -> tuple[str, ...]:
         return ()
 
 
+def oldest_record_is_fpu_line(text: str) -> bool:
+    """Whether the oldest message a log still holds is an ``x86/fpu:`` line.
+
+    The ring buffer drops the oldest records first, and a complete boot log starts with
+    "Linux version ..." long before fpu__init_system_xstate() prints. When the oldest record
+    left is itself an x86/fpu line, earlier ones of the same block may have been overwritten:
+    comparing what is left would report a difference that is only the log's."""
+    for line in text.split("\n"):
+        if line and not line.startswith(" "):
+            return message_of(line).startswith(PREFIX)
+    return False
+
+
 def host_fpu_lines() -> tuple[str, ...]:
     """The ``x86/fpu:`` lines of this machine's kernel log, timestamps stripped.
 
-    The ring buffer is small and other messages push the boot lines out (every bad
-    rt_sigreturn frame prints one line), so the lines read once in a boot are kept under the
-    boot's boot_id and used when the log no longer holds them."""
+    HostUnavailable when no reader can open the log, when the log holds none (the ring buffer
+    was overwritten since boot) or only part of the block (its oldest record is an x86/fpu line).
+    """
     errors = []
-    for reader in (_read_kmsg, _read_dmesg_tool):
+    for name, reader in ((KMSG, _read_kmsg), ("dmesg", _read_dmesg_tool)):
         try:
             text = reader()
         except HostUnavailable as e:
             errors.append(str(e))
             continue
         lines = fpu_lines(text)
-        if lines:
-            _remember(lines)
+        if lines and not oldest_record_is_fpu_line(text):
             return lines
-        errors.append(f"{reader.__name__.strip('_')}: the log holds no '{PREFIX.strip()}' line "
-                      "(ring buffer overwritten since boot?)")
-    kept = _recall()
-    if kept:
-        return kept
-    raise HostUnavailable("kernel log unreadable: " + "; ".join(errors))
+        if lines:
+            errors.append(f"{name}: the oldest record left is an '{PREFIX.strip()}' line, so "
+                          "the ring buffer may have overwritten the first ones of the block")
+        else:
+            errors.append(f"{name}: the log holds no '{PREFIX.strip()}' line "
+                          "(ring buffer overwritten since boot?)")
+    raise HostUnavailable("no usable x86/fpu boot lines in the kernel log: " + "; ".join(errors))
 
 
 def compare_boot_lines() -> tuple[tuple[str, ...], tuple[str, ...]]:
