@@ -167,15 +167,25 @@ def test_a_log_whose_oldest_record_is_an_fpu_line_may_be_truncated() -> None:
     assert not oldest_record_is_fpu_line("")
 
 
-def test_truncated_log_is_host_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_truncated_log_is_neither_used_nor_kept(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path) -> None:
     from fpstate.host import dmesg
 
+    kept = tmp_path / "boot-lines.txt"
+    monkeypatch.setattr(dmesg, "_cache_path", lambda: str(kept))
     wrapped = "".join(DMESG.splitlines(keepends=True)[2:])
     monkeypatch.setattr(dmesg, "_read_kmsg", lambda: wrapped)
     monkeypatch.setattr(dmesg, "_read_dmesg_tool", lambda: "[    1.0] nothing here\n")
-    with pytest.raises(HostUnavailable, match=r"/dev/kmsg: the oldest record left is an "
-                                              r"'x86/fpu:' line.*; dmesg: the log holds no "
-                                              r"'x86/fpu:' line"):
+    with pytest.raises(HostUnavailable, match=r"none kept in this boot: /dev/kmsg: the oldest "
+                                              r"record left is an 'x86/fpu:' line.*; dmesg: the "
+                                              r"log holds no 'x86/fpu:' line"):
         dmesg.host_fpu_lines()
+    assert not kept.exists()
     monkeypatch.setattr(dmesg, "_read_dmesg_tool", lambda: DMESG)
     assert dmesg.host_fpu_lines() == EXPECTED
+    # The block and the later 'signal: max sigframe size' line are kept...
+    assert kept.read_text().splitlines() == [*EXPECTED, "signal: max sigframe size: 3376"]
+    # ...and answer later in the same boot, when the log has lost them.
+    monkeypatch.setattr(dmesg, "_read_dmesg_tool", lambda: "[ 3081.4] bad frame\n")
+    assert dmesg.host_fpu_lines() == EXPECTED
+    assert "signal: max sigframe size: 3376" in dmesg.kept_boot_messages()

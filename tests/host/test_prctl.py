@@ -138,6 +138,24 @@ def test_at_minsigstksz_is_the_boot_time_max_sigframe_size() -> None:
         pytest.skip(str(e))
 
 
+def test_sigframe_line_falls_back_to_the_messages_kept_in_this_boot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Once the ring buffer has overwritten the boot, the line comes from what
+    fpstate.host.dmesg kept under this boot's boot_id; nothing kept -> HostUnavailable."""
+    import subprocess
+
+    from fpstate.host import auxv, dmesg
+
+    kept = tmp_path / "boot-lines.txt"
+    monkeypatch.setattr(dmesg, "_cache_path", lambda: str(kept))
+    monkeypatch.setattr(auxv.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, "[ 3081.401660] fpstate[8888] bad frame in rt_sigreturn\n", ""))
+    with pytest.raises(HostUnavailable, match="none was kept in this boot"):
+        max_sigframe_size_from_dmesg()
+    kept.write_text("x86/fpu: Enabled xstate features 0x18e7\nsignal: max sigframe size: 3376\n")
+    assert max_sigframe_size_from_dmesg() == 3376
+
+
 def test_at_minsigstksz_exceeds_the_uapi_constant_with_avx512(xcr0: int) -> None:
     """The XSAVE area alone (2432+ bytes with AVX-512) outgrows MINSIGSTKSZ = 2048."""
     if xcr0 & 0xE0 != 0xE0:

@@ -110,15 +110,21 @@ _SIGFRAME_LINE = re.compile(r"signal: max sigframe size: (\d+)")
 
 
 def max_sigframe_size_from_dmesg() -> int:
-    """The ``signal: max sigframe size: N`` line init_sigframe_size() printed at boot."""
+    """The ``signal: max sigframe size: N`` line init_sigframe_size() printed at boot: from the
+    ``dmesg`` tool, or -- once the ring buffer has overwritten it -- from the boot messages
+    fpstate.host.dmesg kept in this boot (keyed by boot_id)."""
+    from fpstate.host.dmesg import kept_boot_messages
+
     try:
         out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise HostUnavailable(f"cannot run dmesg: {e}") from e
-    m = _SIGFRAME_LINE.search(out.stdout)
-    if out.returncode != 0 or m is None:
+    m = _SIGFRAME_LINE.search(out.stdout) if out.returncode == 0 else None
+    if m is None:
+        m = _SIGFRAME_LINE.search(kept_boot_messages())
+    if m is None:
         raise HostUnavailable("dmesg has no 'signal: max sigframe size' line (not readable, "
-                              "or rotated out of the ring buffer)")
+                              "or rotated out of the ring buffer) and none was kept in this boot")
     return int(m.group(1))
 
 

@@ -21,6 +21,8 @@ import subprocess
 from fpstate.errors import FpstateError, HostUnavailable
 
 PREFIX = "x86/fpu: "
+#: init_sigframe_size()'s pr_info, kept with the x86/fpu block (fpstate.host.auxv compares it).
+SIGFRAME_PREFIX = "signal: max sigframe size: "
 KMSG = "/dev/kmsg"
 
 #: The prefix the kernel puts before each line in the syslog format (info_print_prefix():
@@ -148,14 +150,27 @@ def _remember(lines: tuple[str, ...]) -> None:
 
 
 def _recall() -> tuple[str, ...]:
+    return fpu_lines(kept_boot_messages())
+
+
+def kept_boot_messages() -> str:
+    """The boot messages kept in this boot (the x86/fpu block, then the signal line), one per
+    line; empty when none were kept."""
     path = _cache_path()
     if path is None:
-        return ()
+        return ""
     try:
         with open(path) as f:
-            return fpu_lines(f.read())
+            return f.read()
     except OSError:
-        return ()
+        return ""
+
+
+def _boot_messages(text: str, lines: tuple[str, ...]) -> tuple[str, ...]:
+    """What is kept of a log whose x86/fpu block is complete: the block and the
+    ``signal: max sigframe size`` line (printed later in the boot, so present too)."""
+    signal = [m for m in map(message_of, text.split("\n")) if m.startswith(SIGFRAME_PREFIX)]
+    return lines + tuple(signal[:1])
 
 
 def oldest_record_is_fpu_line(text: str) -> bool:
@@ -174,8 +189,13 @@ def oldest_record_is_fpu_line(text: str) -> bool:
 def host_fpu_lines() -> tuple[str, ...]:
     """The ``x86/fpu:`` lines of this machine's kernel log, timestamps stripped.
 
-    HostUnavailable when no reader can open the log, when the log holds none (the ring buffer
-    was overwritten since boot) or only part of the block (its oldest record is an x86/fpu line).
+    The ring buffer is small and other messages push the boot lines out (every bad
+    rt_sigreturn frame prints one line), so the lines read once in a boot are kept under the
+    boot's boot_id and used when the log no longer holds them. A log that holds only part of
+    the block (its oldest record is an x86/fpu line) is neither used nor kept.
+
+    HostUnavailable when no reader can open the log, or it holds no complete block and none was
+    kept in this boot.
     """
     errors = []
     for name, reader in ((KMSG, _read_kmsg), ("dmesg", _read_dmesg_tool)):
@@ -186,6 +206,7 @@ def host_fpu_lines() -> tuple[str, ...]:
             continue
         lines = fpu_lines(text)
         if lines and not oldest_record_is_fpu_line(text):
+            _remember(_boot_messages(text, lines))
             return lines
         if lines:
             errors.append(f"{name}: the oldest record left is an '{PREFIX.strip()}' line, so "
@@ -193,7 +214,11 @@ def host_fpu_lines() -> tuple[str, ...]:
         else:
             errors.append(f"{name}: the log holds no '{PREFIX.strip()}' line "
                           "(ring buffer overwritten since boot?)")
-    raise HostUnavailable("no usable x86/fpu boot lines in the kernel log: " + "; ".join(errors))
+    kept = _recall()
+    if kept:
+        return kept
+    raise HostUnavailable("no usable x86/fpu boot lines in the kernel log, none kept in this "
+                          "boot: " + "; ".join(errors))
 
 
 def compare_boot_lines() -> tuple[tuple[str, ...], tuple[str, ...]]:

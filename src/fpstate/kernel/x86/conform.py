@@ -341,24 +341,32 @@ def host_kvm_reason() -> str | None:
 
 
 def _boot_host() -> HostAnswer:
-    from fpstate.host.auxv import max_sigframe_size_from_dmesg
     from fpstate.host.dmesg import host_fpu_lines
 
     lines = host_fpu_lines()
     facts: Facts = {f"x86/fpu line {k}": line for k, line in enumerate(lines)}
     facts["x86/fpu lines"] = len(lines)
-    facts["signal line"] = f"signal: max sigframe size: {max_sigframe_size_from_dmesg()}"
     return HostAnswer(facts)
 
 
 def _boot_model(system: FpuSystem, given: Any) -> Facts:
-    from fpstate.kernel.x86.signal import boot_line
-
     lines = host_boot()[1].lines
     facts: Facts = {f"x86/fpu line {k}": line for k, line in enumerate(lines)}
     facts["x86/fpu lines"] = len(lines)
-    facts["signal line"] = boot_line(system)
     return facts
+
+
+def _sigframe_line_host() -> HostAnswer:
+    from fpstate.host.auxv import max_sigframe_size_from_dmesg
+
+    return HostAnswer({"signal line": f"signal: max sigframe size: "
+                                      f"{max_sigframe_size_from_dmesg()}"})
+
+
+def _sigframe_line_model(system: FpuSystem, given: Any) -> Facts:
+    from fpstate.kernel.x86.signal import boot_line
+
+    return {"signal line": boot_line(system)}
 
 
 def _minsigstksz_host() -> HostAnswer:
@@ -519,8 +527,10 @@ def _prctl_model(state: PermState) -> Callable[[FpuSystem, Any], Facts]:
 
 
 BASE_CASES: tuple[Case, ...] = (
-    Case("boot/lines", "fpu__init_system_xstate, init_sigframe_size: the boot log",
+    Case("boot/lines", "fpu__init_system_xstate: the x86/fpu lines of the boot log",
          _boot_host, _boot_model),
+    Case("boot/sigframe-line", "init_sigframe_size: 'signal: max sigframe size' of the boot log",
+         _sigframe_line_host, _sigframe_line_model),
     Case("auxv/AT_MINSIGSTKSZ", "get_sigframe_size (ARCH_DLINFO)", _minsigstksz_host,
          _minsigstksz_model),
     *(Case(f"arch_prctl/{s.name}", "fpu_xstate_prctl, xstate_request_perm, "
