@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fpstate.errors import FpstateError, HostUnavailable
+from fpstate.errors import FpstateError, HostUnavailable, ProgramError
 from fpstate.x86.program import Insn, Outcome, Program
 
 
@@ -89,16 +89,39 @@ def program_to_json(program: Program) -> dict[str, Any]:
     }
 
 
-def program_from_json(obj: dict[str, Any]) -> Program:
-    from fpstate.x86.program import Buffer
+def program_from_json(obj: Any) -> Program:
+    """The program of a mismatch record (`program_to_json`), checked (`check_program`); a
+    malformed record is a ProgramError naming what is wrong, never a KeyError."""
+    from fpstate.x86.program import Buffer, check_program
 
-    return Program(
-        start=bytes.fromhex(obj["start"]),
-        insns=tuple(Insn(i["mnemonic"], i["buf"], i["mask"], i["reg"], i["value"],
-                         bytes.fromhex(i["data"])) for i in obj["insns"]),
-        buffers=tuple(Buffer(bytes.fromhex(b["data"]), b["misalign"]) for b in obj["buffers"]),
-        cpl=obj["cpl"],
-    )
+    def integer(value: Any, what: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProgramError(f"program JSON: {what} {value!r} is not an integer")
+        return value
+
+    def hexbytes(value: Any, what: str) -> bytes:
+        try:
+            return bytes.fromhex(value)
+        except (TypeError, ValueError):
+            raise ProgramError(f"program JSON: {what} is not a hex string") from None
+
+    try:
+        program = Program(
+            start=hexbytes(obj["start"], "start"),
+            insns=tuple(Insn(i["mnemonic"] if isinstance(i["mnemonic"], str) else "?",
+                             *(integer(i[k], f"insns[{n}].{k}")
+                               for k in ("buf", "mask", "reg", "value")),
+                             hexbytes(i["data"], f"insns[{n}].data"))
+                        for n, i in enumerate(obj["insns"])),
+            buffers=tuple(Buffer(hexbytes(b["data"], f"buffers[{n}].data"),
+                                 integer(b["misalign"], f"buffers[{n}].misalign"))
+                          for n, b in enumerate(obj["buffers"])),
+            cpl=integer(obj["cpl"], "cpl"),
+        )
+    except (KeyError, TypeError, IndexError) as e:
+        raise ProgramError(f"program JSON: missing or malformed field {e}") from None
+    check_program(program)
+    return program
 
 
 def outcome_to_json(o: Outcome) -> dict[str, Any]:
