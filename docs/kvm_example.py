@@ -16,7 +16,7 @@ it reports) for the same attempt.
 Part B, KVM_GET_XSAVE2. A real vCPU's guest loads ZMM0-31 and k0-7 with the pattern of SEED at
 CPL 3 (the program of ``fpstate decode kvm:SEED``, `fpstate.tools.sources`); KVM_GET_XSAVE2
 gives its buffer. The model runs the same guest program on the CPU model, its registers go into
-the model vCPU through a KVM_RUN (guest XSETBV, then a write of each component in use), and the
+the model vCPU through a KVM_RUN (`fpstate.kvm.x86.conform_guest.load_guest_registers`), and the
 model's KVM_GET_XSAVE2 (`fpstate.kvm.x86.x86`) gives its buffer. Both are decoded and compared
 byte for byte. tests/kvm/test_kvm_example.py runs this comparison.
 """
@@ -37,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 from fpstate.errors import FpstateError
 from fpstate.host.child import opmask_pattern, zmm_pattern
 from fpstate.kvm.x86.cpuid import find_cpuid
-from fpstate.kvm.x86.vcpu import GuestOp, model_vmm, run_guest_program
+from fpstate.kvm.x86.vcpu import model_vmm, run_guest_program
 from fpstate.tools.blob import Blob, decode
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.profiles import load_profile
 from fpstate.x86.program import Buffer, Insn, Program
-from fpstate.x86.xfeatures import bits
 
 if TYPE_CHECKING:
     from fpstate.kvm.x86.conform_host import Context
@@ -185,6 +184,7 @@ class Xsave2Pair:
 def kvm_get_xsave2_pair(ctx: Context, seed: int) -> Xsave2Pair:
     """The real vCPU's KVM_GET_XSAVE2 after the guest loaded its registers, and the model's
     for the same guest state (see the module docstring)."""
+    from fpstate.kvm.x86.conform_guest import load_guest_registers
     from fpstate.tools.sources import read_source
 
     g = ctx.guest_machine()
@@ -198,17 +198,8 @@ def kvm_get_xsave2_pair(ctx: Context, seed: int) -> Xsave2Pair:
     real = g.vcpu.get_xsave2()
     v = ctx.vmm()
     mvcpu = ctx.model_vcpu(v)
-    (mout,) = run_guest_program(mvcpu, prog, xcr0=xcr0, preempt=False)
-    assert mout.fault is None and mout.key() == out.key(), "the guest program differs"
-    final = mout.final
-    if struct.unpack_from("<I", final, 24)[0] != 0x1F80:
-        raise FpstateError("a guest op for MXCSR is not modelled; the program must keep 1F80H")
-    ops = [GuestOp("xsetbv", 0, xcr0)]
-    for i in bits(struct.unpack_from("<Q", final, 512)[0]):
-        at, size = (0, 160) if i == 0 else (160, 256) if i == 1 else \
-            (ctx.host.component(i).offset, ctx.host.component(i).size)
-        ops.append(GuestOp("write", i, data=bytes(final[at:at + size])))
-    assert all(r is None for r in v.run(mvcpu, ops).results)
+    mout = load_guest_registers(ctx, v, mvcpu, prog, xcr0)
+    assert mout.key() == out.key(), "the model's outcome of the guest program differs"
     model = v.get_xsave2(mvcpu)
     cli = read_source(f"kvm:{seed:#x}")[0].data
     return Xsave2Pair(model, real, cli, xcr0)

@@ -476,3 +476,22 @@ def test_cpl3_gp_under_the_backend(machine: GuestMachine, insns: tuple, buffers:
     expected = divergence if emulated else hardware
     assert (out.fault.vector if out.fault else None) == expected
     assert out.fault_step == (0 if expected else None)
+
+
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_a_guest_run_leaves_sse_initial_and_under_pvm_may_mark_it_in_use(cpl: int) -> None:
+    """A fresh vCPU runs only its setup (XSETBV) and, at ``cpl``, its report (OUT): XMM and
+    MXCSR keep their initial values; under kvm_pvm reaching CPL 3 marks SSE in use all the
+    same, at CPL 0 it may (BACKEND_DIVERGENCES "sse_marked_in_use"); the model's KVM never."""
+    with _machine() as m:
+        assert struct.unpack_from("<Q", m.vcpu.get_xsave2(), 512)[0] == 0
+        m.run_insns([], xcr0=0x3, cpl=cpl)
+        after = m.vcpu.get_xsave2()
+    assert after[160:416] == bytes(256) and struct.unpack_from("<I", after, 24)[0] == 0x1F80
+    xstate_bv = struct.unpack_from("<Q", after, 512)[0]
+    if "sse_marked_in_use" not in BACKEND_DIVERGENCES.get(kvm_backend() or "", {}):
+        assert xstate_bv == 0
+    elif cpl == 3:
+        assert xstate_bv == 0x2
+    else:
+        assert xstate_bv in (0, 0x2)

@@ -28,8 +28,15 @@ from fpstate.kvm.x86.conform_host import (
     random_xcr0,
 )
 from fpstate.kvm.x86.cpuid import XSAVES, find_cpuid
-from fpstate.kvm.x86.vcpu import GuestOp, KvmVcpu, guest_hardware_profile, run_guest_program
-from fpstate.x86.program import Buffer, Insn, Program
+from fpstate.kvm.x86.vcpu import (
+    GuestOp,
+    KvmVcpu,
+    Vmm,
+    guest_hardware_profile,
+    run_guest_program,
+)
+from fpstate.x86.program import Buffer, Insn, Outcome, Program
+from fpstate.x86.xfeatures import bits
 
 XSAVE_MNEMONICS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR")
 #: Guest #GP that a backend hands to KVM's emulator first (fpstate.host.kvm_guest
@@ -188,6 +195,37 @@ def case_init(ctx: Context, report: Report, rng: random.Random, samples: int) ->
                        g.vcpu.get_xcrs())
 
 
+def load_guest_registers(ctx: Context, v: Vmm, vcpu: KvmVcpu, program: Program,
+                         xcr0: int, real: Outcome | None = None) -> Outcome:
+    """Put into the model vCPU the registers the real guest holds after running ``program``
+    (`fpstate.host.kvm_guest`: XSETBV, XRSTOR64 of the start image, the program, the final
+    XSAVE64): the program runs on the CPU model of the guest's hardware -- undisturbed, or,
+    given the ``real`` outcome, every way a preemption may leave it, taking the one the real
+    guest gave (`fpstate.x86.insn.preemptions`) -- then one KVM_RUN does the guest's XSETBV,
+    a release of every XCR0 component (what the XRSTOR64 of an all-init start image does,
+    MXCSR back to 1F80H included) and a write of each component in use at the end. The
+    model's outcome is returned: the one equal to ``real`` if there is one, else the
+    undisturbed one (ProgramError where the model cannot answer; FpstateError for an MXCSR
+    other than 1F80H, which no guest op writes)."""
+    outs = run_guest_program(vcpu, program, xcr0=xcr0, preempt=real is not None)
+    out = next((o for o in outs if real is not None and o.key() == real.key()), outs[0])
+    if out.fault is not None:
+        return out
+    final = out.final
+    assert final is not None
+    if struct.unpack_from("<I", final, 24)[0] != 0x1F80:
+        raise FpstateError("the program leaves MXCSR != 1F80H; no guest op writes MXCSR")
+    in_use = struct.unpack_from("<Q", final, 512)[0] & xcr0
+    ops = [GuestOp("xsetbv", 0, xcr0), GuestOp("release", 0, xcr0)]
+    for i in bits(in_use):
+        at, size = (0, 160) if i == 0 else (160, 256) if i == 1 else \
+            (ctx.host.component(i).offset, ctx.host.component(i).size)
+        ops.append(GuestOp("write", i, data=bytes(final[at:at + size])))
+    results = v.run(vcpu, ops).results
+    assert all(r is None for r in results), results
+    return out
+
+
 # -- XSAVES / XRSTORS: where this KVM offers them, and measured why not ------------------------
 
 
@@ -325,6 +363,14 @@ def case_guest_xsaves(ctx: Context, report: Report, rng: random.Random, samples:
                           + probe.reason())
 
 
-__all__ = ["GuestXsaves", "case_guest_programs", "case_guest_xsaves",
-           "case_guest_xsetbv", "case_init", "case_xsave_across_run", "measure_guest_xsaves",
-           "supervisor_program"]
+__all__ = [
+    "GuestXsaves",
+    "case_guest_programs",
+    "case_guest_xsaves",
+    "case_guest_xsetbv",
+    "case_init",
+    "case_xsave_across_run",
+    "load_guest_registers",
+    "measure_guest_xsaves",
+    "supervisor_program",
+]
