@@ -396,6 +396,7 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
         for f in res.initial_violations:
             res.tally.violations.setdefault(f.invariant, (1, f))
         res.stopped_by = "initial-violation"
+        res.states, res.levels = 1, [1]  # the boot state, visited and found broken
         res.seconds = time.perf_counter() - start
         return res
     d0 = state_digest(initial)

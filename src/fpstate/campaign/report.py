@@ -87,12 +87,14 @@ def write_summary(root: Path, campaign_name: str, description: str, engine: str,
             lines.append(f"- `{c['cell']['id']}`: {e['error']} x{e['count']} "
                          f"([{e['scenario']}]({e['scenario']}))")
         lines.append("")
-    never = Counter(a for c in cells for a in c["not_covered"])
+    explored = [c for c in cells if c["transitions"]]
+    never = Counter(a for c in explored for a in c["not_covered"])
     if never:
         lines += ["## Actions never taken", "",
                   "Actions of the vocabulary (after the configuration's filter) that no "
-                  "explored transition took, with the number of cells:", ""]
-        lines += [f"- `{a}`: {n} of {len(cells)}" for a, n in sorted(never.items())]
+                  "transition took, with the number of cells (of those with transitions) "
+                  "that never took them:", ""]
+        lines += [f"- `{a}`: {n} of {len(explored)}" for a, n in sorted(never.items())]
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(root)})" for p in plots] + [""]
@@ -110,8 +112,8 @@ def _variant_table(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     profiles = list(dict.fromkeys(c["cell"]["profile"] for c in cells))
     lines = ["## Seed variants caught", "",
              "Each rejected design against the invariant it must break: `yes (n)` = found, "
-             "with a shrunk counterexample of n steps; `no` = not within the bound; several "
-             "kernels or configurations: the best of them.", "",
+             "with a shrunk counterexample of n steps (`yes (0)`: broken at boot); `no` = not "
+             "within the bound; several kernels or configurations: the shortest.", "",
              "| variant (expected invariant) | " + " | ".join(profiles) + " |",
              "|---|" + "---|" * len(profiles)]
     for var in variants:
@@ -187,18 +189,21 @@ def _plots(root: Path, cells: Sequence[Mapping[str, Any]]) -> list[Path]:
         grid[r][k] += sum(v["count"] for v in c["violations"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(profiles) + 3),
                                     max(2.5, 0.5 * len(variants) + 1.5)))
-    im = ax.imshow([[min(1e9, x) for x in row] for row in grid], cmap="Reds", aspect="auto")
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow([[x + 1 for x in row] for row in grid], cmap="Reds", aspect="auto",
+                   norm=LogNorm(vmin=1, vmax=max(2.0, max(max(r) for r in grid) + 1)))
     ax.set_xticks(range(len(profiles)))
     ax.set_xticklabels(profiles, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(variants)))
     ax.set_yticklabels(variants, fontsize=7)
-    top = max(max(row) for row in grid) or 1.0
+    top = max(max(row) for row in grid) + 1
     for r, row in enumerate(grid):
         for k, x in enumerate(row):
             ax.text(k, r, f"{int(x)}", ha="center", va="center", fontsize=7,
-                    color="white" if x > top / 2 else "black")
+                    color="white" if x + 1 > top ** 0.6 else "black")
     ax.set_title("Violating transitions (variant x profile)")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="violating transitions + 1 (log)")
     fig.tight_layout()
     paths.append(_save(fig, out / "violations.png"))
     plt.close(fig)

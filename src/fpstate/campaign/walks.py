@@ -52,8 +52,9 @@ def random_walks(cell: CellJob, seed: int, walks: int, walk_length: int) -> Seed
     if bad:
         names = tuple(dict.fromkeys(v.invariant for v in bad))
         out.initial_violations = [Found(v.invariant, v.detail, (), names) for v in bad]
-        return out
     out.digests.add(state_digest(initial))
+    if bad:
+        return out
     t = out.tally
     for _ in range(walks):
         w = initial.clone()
@@ -93,6 +94,7 @@ class RandomResult:
     tally: Tally = field(default_factory=Tally)
     initial_violations: list[Found] = field(default_factory=list)
     complete: bool = True  #: every seed of the campaign ran
+    #: "seeds" (all ran), "states"/"seconds" (the budget), "initial-violation"
     stopped_by: str = "seeds"
     seconds: float = 0.0
     worker_seconds: float = 0.0
@@ -108,6 +110,7 @@ def merge(results: Sequence[SeedResult], max_states: int | None = None) -> Rando
             out.initial_violations = r.initial_violations
             out.stopped_by, out.complete = "initial-violation", False
             out.seeds.append(r.seed)
+            union |= r.digests
             break
         out.seeds.append(r.seed)
         out.walks += r.walks
@@ -155,9 +158,9 @@ def explore_random(cell: CellJob, seeds: Sequence[int], walks: int, walk_length:
             stopped = "seconds"
             break
     out = merge(done, max_states)
-    if stopped == "seconds" or len(out.seeds) < len(seeds):
-        out.complete = False
-        out.stopped_by = out.stopped_by if out.stopped_by != "seeds" else stopped or "states"
+    if out.stopped_by == "seeds" and len(out.seeds) < len(seeds):
+        out.stopped_by = stopped or "states"
+    out.complete = out.stopped_by != "initial-violation" and len(out.seeds) == len(seeds)
     out.seconds = time.perf_counter() - start
     return out
 
