@@ -632,3 +632,21 @@ def test_guest_xfd_needs_the_guest_xfd_cap() -> None:
     vcpu = vcpu_with_cpuid(v)
     with pytest.raises(ProgramError, match=r"EAX\[4\]=0"):
         run_guest_program(vcpu, _amx_program(), xcr0=0xE7, xfd=1 << 18)
+
+
+def test_kvm_get_xsave2_can_report_an_mxcsr_the_guest_does_not_hold() -> None:
+    """KVM_SET_XSAVE with XSTATE_BV = YMM only stores its MXCSR ("SSE and YMM require MXCSR even
+    when FP is not in use", copy_uabi_to_xstate); KVM_RUN's XRSTORS then gives the guest
+    MXCSR = 1F80H (SSE in its initial state), and its XSAVES does not write MXCSR (SSE not in
+    use), so KVM_GET_XSAVE2 -- which copies MXCSR whenever YMM is in the header -- reports the
+    stale value. Measured the same on this machine's KVM (where no host event re-saves SSE)."""
+    v = vmm(ZEN5)
+    vcpu = vcpu_with_cpuid(v)
+    buf = uabi(xstate_bv=0x4, mxcsr=0x25F36, fill={576: bytes([3]) * 256})
+    assert v.set_xsave(vcpu, buf) == 0
+    v.run(vcpu, [GuestOp("xsetbv", 0, 0xE7)])
+    fps = vcpu.arch.guest_fpu.fpstate
+    assert fps.xstate_bv & 0x7 == 0x4  # saved with SSE not in use: the guest's MXCSR was 1F80H
+    out = v.get_xsave2(vcpu)
+    assert struct.unpack_from("<Q", out, 512)[0] & 0x7 == 0x4
+    assert struct.unpack_from("<I", out, 24)[0] == 0x25F36  # what KVM_SET_XSAVE left
