@@ -105,21 +105,47 @@ def _offset(profile: Any, xcomp_bv: int, i: int) -> int:
     return off
 
 
-def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
-    """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR."""
+_DECODED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
+    """The stored components of an image as (i, raw value) with tokens as (owner, gen),
+    memoised by content (most images do not change from one step to the next)."""
     regs = fps.regs
+    k = (id(system), fps.xstate_bv, fps.xcomp_bv, bytes(regs))
+    got = _DECODED.get(k)
+    if got is not None:
+        return got
     xcomp_bv = fps.xcomp_bv if system.xcompacted else 0
-    out = []
+    out: list[Any] = []
     for i in bits(fps.xstate_bv & ~XCOMP_BV_COMPACTED_FORMAT):
         if i == 0:
             v = bytes(regs[0:24]) + bytes(8) + bytes(regs[32:160])
         else:
             if system.xcompacted and not (xcomp_bv >> i) & 1:
-                return (bytes(regs),)
+                out = [(-1, bytes(regs))]
+                break
             off = _offset(system.profile, xcomp_bv, i)
             v = bytes(regs[off:off + system.profile.component(i).size])
-        out.append((i, cn.value(v, i)))
-    return (tuple(out), bytes(regs[24:28]))
+        tok = read_token(v)
+        if v == init_value(i, len(v)):
+            out.append((i, 0))
+        elif tok is not None:
+            out.append((i, ("T", tok[0], tok[1])))
+        else:
+            out.append((i, v))
+    got = (tuple(out), bytes(regs[24:28]))
+    if len(_DECODED) > 4096:
+        _DECODED.clear()
+    _DECODED[k] = got
+    return got
+
+
+def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
+    """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR."""
+    comps, mxcsr = _decode(system, fps)
+    out = tuple((i, cn.tok(v[1], i, v[2]) if isinstance(v, tuple) else v) for i, v in comps)
+    return (out, mxcsr)
 
 
 def x86_key(w: Any) -> Hashable:
@@ -182,30 +208,67 @@ def x86_key(w: Any) -> Hashable:
 
 
 _SKIP = frozenset({"obs", "caps", "config", "profile", "gen"})
+_FIELDS: dict[type, tuple[str, ...]] = {}
+#: id(object) -> (object, structure, tokens): immutable arm64 model objects are shared from
+#: one state to the next, so each is canonicalised once.
+_ARM_MEMO: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
+
+
+def _arm_canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
+    """(structure with tokens as ("T", writer), the (writer, gen) of those tokens in order)."""
+    if isinstance(x, ArmTok):
+        return (("T", x.writer), ((x.writer, x.gen),)) if x.writer else (("A", x.gen), ())
+    if isinstance(x, (str, int, float, bool, type(None))):
+        return x, ()
+    hit = _ARM_MEMO.get(id(x))
+    if hit is not None and hit[0] is x:
+        return hit[1], hit[2]
+    toks: list[tuple[str, int]] = []
+    parts: list[Any] = []
+    if isinstance(x, FrozenMap):
+        for k, v in sorted(x.items(), key=lambda kv: repr(kv[0])):
+            sv, tv = _arm_canon(v)
+            parts.append((k, sv))
+            toks.extend(tv)
+        struct: Any = tuple(parts)
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            sv, tv = _arm_canon(y)
+            parts.append(sv)
+            toks.extend(tv)
+        struct = tuple(parts)
+    elif isinstance(x, (frozenset, set)):
+        struct = tuple(sorted(map(repr, x)))
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        names = _FIELDS.get(type(x))
+        if names is None:
+            names = _FIELDS[type(x)] = tuple(f.name for f in dataclasses.fields(x)
+                                             if f.name not in _SKIP)
+        parts.append(type(x).__name__)
+        for n in names:
+            sv, tv = _arm_canon(getattr(x, n))
+            parts.append(sv)
+            toks.extend(tv)
+        struct = tuple(parts)
+    else:
+        struct = repr(x)
+    out = tuple(toks)
+    if len(_ARM_MEMO) > 200_000:
+        _ARM_MEMO.clear()
+    _ARM_MEMO[id(x)] = (x, struct, out)
+    return struct, out
 
 
 def arm64_key(kw: Any) -> Hashable:
-    """The canonical key of a KVM/arm64 world (immutable dataclasses and FrozenMaps):
-    its content without the last event's observations, tokens ranked."""
-    cn = Canon()
-
-    def canon(x: Any) -> Any:
-        if isinstance(x, ArmTok):
-            return cn.tok(x.writer, 0, x.gen) if x.writer else ("A", x.gen)
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            fields = (canon(getattr(x, f.name)) for f in dataclasses.fields(x)
-                      if f.name not in _SKIP)
-            return (type(x).__name__, *fields)
-        if isinstance(x, FrozenMap):
-            return tuple(sorted(((k, canon(v)) for k, v in x.items()),
-                                key=lambda kv: repr(kv[0])))
-        if isinstance(x, (tuple, list)):
-            return tuple(canon(y) for y in x)
-        if isinstance(x, (frozenset, set)):
-            return tuple(sorted(map(repr, x)))
-        return x
-
-    return cn.finish(canon(kw))
+    """The canonical key of a KVM/arm64 world (immutable dataclasses and FrozenMaps): its
+    content without the last event's observations, with token generations replaced by their
+    rank per writer (the structure and the pattern of ranks, in traversal order)."""
+    struct, toks = _arm_canon(kw)
+    gens: dict[str, set[int]] = {}
+    for w, g in toks:
+        gens.setdefault(w, set()).add(g)
+    ranks = {w: {g: n for n, g in enumerate(sorted(v))} for w, v in gens.items()}
+    return (struct, tuple(ranks[w][g] for w, g in toks))
 
 
 __all__ = ["Canon", "Tok", "arm64_key", "fps_values", "x86_key"]

@@ -49,7 +49,13 @@ class Action:
 
     @classmethod
     def of(cls, name: str, **args: Value) -> Action:
-        return cls(name, tuple(sorted(args.items())))
+        k = (name, *args.items())
+        got = _ACTIONS.get(k)
+        if got is None:
+            if len(_ACTIONS) > 100_000:
+                _ACTIONS.clear()
+            got = _ACTIONS[k] = cls(name, tuple(sorted(args.items())))
+        return got
 
     def get(self, key: str, default: Any = None) -> Any:
         for k, v in self.args:
@@ -65,6 +71,10 @@ class Action:
         inner = ", ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool)
                           and v > 4096 else f"{k}={v}" for k, v in self.args)
         return f"{self.name}({inner})"
+
+
+#: Actions are immutable values: the explorer builds the same ones at every step.
+_ACTIONS: dict[tuple[Any, ...], Action] = {}
 
 
 @dataclass(frozen=True, slots=True)
