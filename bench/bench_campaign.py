@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import statistics
@@ -107,6 +108,44 @@ def barrier(pool: Any, rounds: int = 30) -> float:
     return round(1000 * statistics.median(times), 3)
 
 
+def model(p: dict[str, Any], levels: list[int], workers: int, t_barrier_ms: float,
+          transitions: int) -> float:
+    """Predicted seconds of a breadth-first cell with ``levels`` (new states per depth) on
+    ``workers`` workers (docs/campaigns.md: T_level summed over the levels)."""
+    expanded = sum(levels[:-1])
+    b = transitions / expanded  # transitions per expanded state
+    t_state = p["t_rebuild_ms"] / 1000 + b * p["t_transition_ms"] / 1000
+    total = 0.0
+    for f in levels[:-1]:
+        share = f / workers
+        # The busiest of W partitions of a level holds about share + sqrt(2 share ln W)
+        # states (the maximum of W Poisson counts): the level waits for it.
+        imbalance = (2 * math.log(workers) / share) ** 0.5 if workers > 1 else 0.0
+        expand = share * t_state * (1 + min(imbalance, workers - 1))
+        codec = share * b * p["t_codec_us"] / 1e6 * (workers - 1) / workers
+        total += expand + codec + 2 * t_barrier_ms / 1000 + f * p["t_driver_us"] / 1e6
+    return total + 2 * t_barrier_ms / 1000  # the last level is accepted, not expanded
+
+
+def predictions(p: dict[str, Any], levels: list[int], transitions: int) -> None:
+    """The model for this cell and for deeper ones (the last growth ratio per level), on a
+    32-node cluster: 32 or 256 workers, a cluster barrier of 0.5 ms per worker."""
+    ratio = levels[-1] / levels[-2]
+    print(f"\nmodel (b = {transitions / sum(levels[:-1]):.1f} transitions per expanded "
+          f"state, levels grow x{ratio:.1f}):")
+    print(f"{'depth':>5} {'states':>12} " + " ".join(f"{'W=' + str(w):>9}" for w in
+                                                      (1, 2, 32, 256)) + "  (seconds; speedup)")
+    for extra in range(0, 4):
+        lv = levels + [int(levels[-1] * ratio ** k) for k in range(1, extra + 1)]
+        tr = int(transitions * sum(lv[:-1]) / sum(levels[:-1]))
+        t1 = model(p, lv, 1, 0.0, tr)
+        cells = []
+        for w in (1, 2, 32, 256):
+            t = model(p, lv, w, 0.1 if w <= 2 else 0.5 * w, tr)
+            cells.append(f"{t:>9.1f}" if w == 1 else f"{t:>5.1f};{t1 / t:>3.0f}")
+        print(f"{len(lv) - 1:>5} {sum(lv):>12,} " + " ".join(f"{c:>9}" for c in cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=int, default=4)
@@ -155,6 +194,7 @@ def main() -> None:
     print("\nper-item costs (one process):")
     for k, v in p.items():
         print(f"  {k:20} {v}")
+    predictions(p, rows[0]["levels"], rows[0]["transitions"])
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if a.json:
         with open(a.json, "w") as f:
