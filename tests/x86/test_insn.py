@@ -564,6 +564,28 @@ def test_fninit_keeps_the_data_registers() -> None:
     assert o.buffers[0][144:154] == bytes(range(1, 11))
 
 
+_FLD0 = Insn("FLD", data=bytes(10))
+
+
+@pytest.mark.parametrize(("start", "insns", "xinuse"), [
+    (image(0), [_FLD0, Insn("EMMS")], 0x1),  # R7 written by the FLD: still in use
+    (image(0), [_FLD0, Insn("EMMS"), Insn("FLDCW", value=0x37F)], 0x1),
+    (image(0), [_FLD0, Insn("FNINIT")], 0x0),  # FNINIT: back to the registers' value
+    (image(0), [_FLD0, Insn("FNINIT"), Insn("EMMS")], 0x0),
+    (image(0), [_FLD0, Insn("EMMS"), Insn("FXRSTOR", buf=0)], 0x0),  # a restore, too
+    (image(1, fsw=0x3800), [Insn("EMMS")], 0x0),  # TOP 7 from XRSTOR: EMMS makes it initial
+    (image(1, ftw=0x01), [Insn("EMMS")], 0x0),
+    (image(1, fsw=0x0001), [Insn("EMMS")], 0x1),  # EMMS keeps the exception flags
+])
+def test_x87_xinuse_follows_its_value_with_fld_written_registers(start: bytes,
+                                                                 insns: list[Insn],
+                                                                 xinuse: int) -> None:
+    """WRITE_XINUSE on AMD (measured): x87 XINUSE follows the state's value, but R0-R7
+    count as in use from an FLD until FNINIT or a restore, even when they hold zeros."""
+    prog = Program(start, (*insns, Insn("XGETBV", reg=1)), (Buffer(image(0)[:512]),))
+    assert one(ZEN4, prog).values == (xinuse,)
+
+
 def test_ldmxcsr_reserved_bit_is_gp() -> None:
     o = one(ZEN4, Program(image(0), (Insn("LDMXCSR", value=0x21F80), Insn("LDMXCSR",
                                                                           value=0x41F80))))

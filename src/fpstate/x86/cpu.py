@@ -6,7 +6,8 @@ IA32_XFD_ERR, the CPL, and the processor's own tracking (13.6): XINUSE (reported
 with ECX = 1), XMODIFIED and XRSTOR_INFO (the modified optimisation of XSAVEOPT/XSAVES), and,
 where the implementation tracks ZMM_Hi256 per register (`fpstate.x86.impl`
 VEX256_HI256_XINUSE), which of ZMM0-15 an EVEX.512 load wrote since XINUSE[6] was last
-recomputed.
+recomputed, and whether an FLD wrote the x87 data registers since a restore or FNINIT
+(``x87_regs_written``: AMD's value-based x87 XINUSE counts them in use until then).
 
 Theory of operation
 -------------------
@@ -195,6 +196,7 @@ class Cpu:
         "mxcsr",
         "regs",
         "x87_pointers_known",
+        "x87_regs_written",
         "xcr0",
         "xfd",
         "xfd_err",
@@ -226,6 +228,9 @@ class Cpu:
         self.xmodified = (1 << 64) - 1
         self.xrstor_info: tuple | None = None
         self.x87_pointers_known = True
+        #: an FLD wrote R0-R7 since the last XRSTOR/FXRSTOR/FNINIT: where WRITE_XINUSE makes
+        #: x87 XINUSE follow its value, the registers count as in use even when zero
+        self.x87_regs_written = False
 
     def copy(self) -> Cpu:
         new = Cpu.__new__(Cpu)
@@ -238,17 +243,19 @@ class Cpu:
         """Everything that can influence what a later instruction does or shows."""
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
-                self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written)
+                self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written,
+                self.x87_regs_written)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 
     def in_init_configuration(self, i: int) -> bool:
         """Whether component ``i`` holds its initial configuration (SDM 13.6). x87: FCW =
-        037FH, FSW = 0, all tags empty, ST0-ST7 zero (FOP/FIP/FDP are not considered: the
-        host's XINUSE ignores them); SSE: the XMM registers only, not MXCSR."""
+        037FH, FSW = 0, all tags empty, ST0-ST7 zero and not written by an FLD since the last
+        restore or FNINIT (``x87_regs_written``; FOP/FIP/FDP are not considered: the host's
+        XINUSE ignores them); SSE: the XMM registers only, not MXCSR."""
         r = self.regs[i]
         if i == X87:
-            return (r[0:6] == b"\x7f\x03\x00\x00\x00\x00"
+            return (r[0:6] == b"\x7f\x03\x00\x00\x00\x00" and not self.x87_regs_written
                     and not any(r[32 + 16 * j:42 + 16 * j].strip(b"\0") for j in range(8)))
         return r == self.machine.components[i].init
 
@@ -324,6 +331,7 @@ class Cpu:
             r[32 + 16 * j:42 + 16 * j] = image[src:src + 10]
             r[42 + 16 * j:48 + 16 * j] = bytes(6)
         self.x87_pointers_known = True
+        self.x87_regs_written = False
 
     def store_x87(self, dst: bytearray) -> None:
         """Save x87 state into the legacy region at ``dst`` (SDM 13.5.1, 64-bit form): FCW,
@@ -353,6 +361,7 @@ class Cpu:
     def init_x87(self) -> None:
         self.regs[X87][:] = self.machine.components[X87].init
         self.x87_pointers_known = True
+        self.x87_regs_written = False
 
     def st(self, i: int) -> bytes:
         """ST(i), 10 bytes: physical register (TOP + i) mod 8."""

@@ -202,7 +202,9 @@ AMD_ZEN5_HOST = ImplDefined(
         XRSTOR_LOAD_XINUSE: _MEASURED + " (XSTATE_BV[i]=1 with initial-configuration data "
                             "leaves XINUSE[i]=0; x87 ignores FOP/FIP/FDP in that test)",
         WRITE_XINUSE: _MEASURED + " (MOVDQU/VMOVDQU/VMOVDQU64/KMOVQ of zeros set XINUSE; x87 "
-                      "is the exception: its XINUSE follows its value after FLDCW/FNINIT/EMMS)",
+                      "is the exception: its XINUSE follows its value after FLDCW/FNINIT/EMMS, "
+                      "where R0-R7 count as in use from an FLD until FNINIT or a restore: FLD "
+                      "0.0; EMMS reads 1, FLD 0.0; FNINIT and XRSTOR FSW=0x3800; EMMS read 0)",
         ZEROING_CLEARS_XINUSE: _MEASURED + " (VZEROUPPER clears XINUSE[2,6], VZEROALL [1,2,6])",
         MODIFIED_OPTIMIZATION: _MEASURED + " (XRSTOR b; XSAVEC b, 0x80; XSAVEOPT b leaves the "
                                "XSAVEC bytes where unmodified AVX state would go)",

@@ -229,6 +229,7 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
         cpu.set_fsw(fsw & ~FSW_C1)
         cpu.push_x87(data)
     cpu.x87_pointers_known = False
+    cpu.x87_regs_written = True
     cpu.wrote(1 << X87)
     return None
 
@@ -253,6 +254,7 @@ def FNINIT(cpu: Cpu) -> Fault | None:
     r = cpu.regs[X87]
     r[0:24] = struct.pack("<HHBBHQQ", 0x037F, 0, 0, 0, 0, 0, 0)
     cpu.x87_pointers_known = True
+    cpu.x87_regs_written = False
     cpu.wrote(1 << X87)
     return None
 
