@@ -122,3 +122,34 @@ def test_random_campaign_on_one_and_two_processes(campaigns, tmp_path: Path) -> 
 def test_unknown_engine_is_named() -> None:
     with pytest.raises(FpstateError, match="unknown engine 'spark'"):
         make_engine("spark")
+
+
+ARM64 = """
+name: arm
+model: arm64
+matrix:
+  profiles: [fvp-aem-fpmr, neoverse-v2]
+  variants: [none, fpmr-ungated]
+  configurations:
+    - {name: one-cpu, cpus: 1}
+explore: {mode: exhaustive, depth: 2}
+"""
+
+
+def test_arm64_campaign_on_one_and_two_processes(campaigns, tmp_path: Path) -> None:
+    """Seed 002 on arm64: FPMR reachable by a guest that was not offered it, on the FPMR
+    profile only (Neoverse V2 has no FPMR); the same on one and two processes."""
+    from fpstate.campaign.campaign import loads
+
+    c = loads(ARM64, "arm.yaml")
+    one = run_campaign(c, make_engine("local", 1), str(tmp_path / "one"))
+    eng = make_engine("local", 2)
+    try:
+        two = run_campaign(c, eng, str(tmp_path / "two"))
+    finally:
+        eng.close()
+    assert campaigns.facts(one.cells) == campaigns.facts(two.cells)
+    caught = {cell["cell"]["profile"]: cell["caught"] for cell in one.cells
+              if cell["cell"]["variant"]}
+    assert caught == {"fvp-aem-fpmr": True, "neoverse-v2": False}
+    assert one.cells[0]["cell"]["kernel"] is None and one.cells[0]["messages"] == 0
