@@ -373,7 +373,8 @@ def test_worked_example_model_flow_on_sapphire_rapids() -> None:
     text = "\n".join(model_flow("sapphire-rapids"))
     assert "REQ_XCOMP_PERM(18) OK, GET_XCOMP_PERM 0x602e7" in text
     assert "fpstate before first use: size 2560, user_size 2816, xfd 0x40000" in text
-    assert "LDTILECFG: #NM" in text
+    assert "LDTILECFG: no fault" in text
+    assert "TILELOADD: #NM" in text
     assert "fpstate after:            size 10752, user_size 11008, xfd 0x0" in text
     assert "extended_size 11012 xfeatures 0x602e7 xstate_size 11008; magic2 at +11008: " \
            "0x46505845" in text

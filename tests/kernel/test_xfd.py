@@ -60,12 +60,15 @@ def test_first_use_without_permission_is_sigill_illopc(spr: Machine) -> None:
     assert spr.cpus[0].regs.xfd_err == 0
 
 
-def test_ldtilecfg_also_traps_while_tile_data_is_armed(spr: Machine) -> None:
+def test_ldtilecfg_does_not_trap_while_tile_data_is_armed(spr: Machine) -> None:
+    """Without permission too: LDTILECFG is exempt from the XFD #NM (SDM 13.14), so no
+    SIGILL; TILECFG is loaded and the task's buffer keeps its default size."""
     t = start(spr)
     t.handlers[SIGILL] = SigAction()
-    fault = spr.user_write(0, TILECFG)
-    assert fault.vector == "#NM" and t.state is TaskState.USER  # the handler runs
-    assert spr.cpus[0].regs.xinuse & (1 << TILECFG) == 0
+    assert spr.user_write(0, TILECFG) is None
+    assert t.state is TaskState.USER and not t.pending
+    assert spr.cpus[0].regs.xinuse & (1 << TILECFG)
+    assert t.fpu.fpstate.size == 2560
 
 
 def test_seed_000_first_use_grows_the_buffer_to_the_permitted_size(spr: Machine) -> None:
@@ -237,3 +240,22 @@ def test_guest_fpstate_realloc(spr: Machine) -> None:
     assert (new.size, new.user_size, new.xfeatures) == (10752, 11008, 0x61EE7)
     assert (gfpu.xfeatures, gfpu.uabi_size) == (0x61EE7, 11008)
     assert t.fpu.fpstate is t.fpu.embedded
+
+
+def test_ldtilecfg_never_takes_the_xfd_nm_and_initialises_tile_data() -> None:
+    """SDM 13.14: LDTILECFG does not generate #NM when XCR0[18] = IA32_XFD[18] = 1; it
+    loads TILECFG and initialises TILEDATA. The first TILEDATA access takes the #NM."""
+    from fpstate.kernel.x86.sched import Machine
+    from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
+
+    m = Machine.boot("sapphire-rapids")
+    t = m.spawn()
+    m.run(0, t)
+    assert m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, 18) == 0
+    assert m.user_write(0, 17) is None
+    regs = m.cpus[0].regs
+    assert regs.xinuse & (1 << 17) and not regs.xinuse & (1 << 18)
+    assert t.fpu.fpstate.size == 2560 and regs.xfd_err == 0
+    fault = m.user_write(0, 18)
+    assert fault is not None and fault.vector == "#NM"
+    assert t.fpu.fpstate.size == 10752

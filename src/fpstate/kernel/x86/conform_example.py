@@ -61,8 +61,9 @@ def _use_state(m: Machine, amx: bool) -> Iterator[str]:
         yield (f"  fpstate before first use: size {fps.size}, user_size {fps.user_size}, "
                f"xfd {fps.xfd:#x}")
         fault = m.user_write(0, 17, tile_config())
-        yield f"  LDTILECFG: {fault or 'no fault'} -> handle_xfd_event -> fpstate_realloc"
-        m.user_write(0, 18, tile_data())
+        yield f"  LDTILECFG: {fault or 'no fault'} (SDM 13.14: LDTILECFG never takes the XFD #NM)"
+        fault = m.user_write(0, 18, tile_data())
+        yield f"  TILELOADD: {fault or 'no fault'} -> handle_xfd_event -> fpstate_realloc"
         fps = t.fpu.fpstate
         yield (f"  fpstate after:            size {fps.size}, user_size {fps.user_size}, "
                f"xfd {fps.xfd:#x}, xfeatures {fps.xfeatures:#x}")

@@ -42,7 +42,7 @@ from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
     XCOMP_BV_COMPACTED_FORMAT,
     XFEATURE_MASK_SSE,
-    XFEATURE_MASK_XTILE,
+    XFEATURE_MASK_XTILE_CFG,
     XFEATURE_MASK_XTILE_DATA,
     XFEATURE_MASK_YMM,
     bits,
@@ -260,19 +260,23 @@ class FpRegs:
     def user_write(self, i: int, value: bytes) -> Fault | None:
         """A user instruction writing component ``i`` (VMOVDQU, KMOVQ, LDTILECFG, TILELOADD...).
 
-        #UD if XCR0[i] = 0 (the instruction is not enabled); #NM with XFD_ERR set if an AMX
-        component is armed in IA32_XFD (SDM 3.2.6: every AMX instruction checks XFD[18]).
+        #UD if XCR0[i] = 0 (the instruction is not enabled); #NM with XFD_ERR set if the
+        component is armed in IA32_XFD. A write of TILECFG is LDTILECFG, which the SDM
+        (13.14, "Extended Feature Disable") exempts: "LDTILECFG and TILERELEASE initialize the
+        TILEDATA state component. An execution of either of these instructions does not
+        generate #NM when XCR0[18] = IA32_XFD[18] = 1; instead, it initializes TILEDATA
+        normally." So LDTILECFG loads TILECFG and puts TILEDATA in its initial state, armed
+        or not; the first TILEDATA access (TILELOADD, TILEZERO...) takes the #NM.
         """
         if i >= 2 and not (self.xcr0 >> i) & 1:
             return Fault("#UD", f"XCR0[{i}] = 0")
         mask = 1 << i
-        if mask & XFEATURE_MASK_XTILE and self.xfd & XFEATURE_MASK_XTILE_DATA:
-            self.xfd_err |= XFEATURE_MASK_XTILE_DATA
-            return Fault("#NM", f"IA32_XFD[18] = 1 (component {i})")
         if self.xfd & mask:
             self.xfd_err |= mask
             return Fault("#NM", f"IA32_XFD[{i}] = 1")
         self.set_component(i, value)
+        if mask == XFEATURE_MASK_XTILE_CFG:
+            self.init_components(XFEATURE_MASK_XTILE_DATA)
         return None
 
     def set_component(self, i: int, value: bytes) -> None:
