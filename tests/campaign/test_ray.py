@@ -90,15 +90,20 @@ def test_an_actor_killed_mid_campaign_is_replaced(ray2: RayEngine, small_results
     assert all(cell["complete"] for cell in out.cells)
 
 
-def test_partitions_on_ray_with_depth_3(ray2: RayEngine) -> None:
-    cell = CellJob(Job("x86", CFG, "init-keeps-cet"))
-    ref = explore_exhaustive(cell, InlinePool(cell, 1), 3)
-    r = explore_exhaustive(cell, ray2.partition_pool(cell), 3)
+def test_signal_frames_name_one_state_in_every_actor(ray2: RayEngine) -> None:
+    """A task's signal frames are in the state key through Python's hash() of their bytes,
+    salted per process: Ray actors would give one state several digests (measured: 600
+    states instead of 588 at depth 5) unless every worker runs with the same PYTHONHASHSEED,
+    as RayEngine arranges."""
+    cell = CellJob(Job("x86", {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 1},
+                               "vms": {}}, None),
+                   frozenset({"run", "write", "sigaction", "signal", "sigreturn", "idle",
+                              "syscall"}))
+    ref = explore_exhaustive(cell, InlinePool(cell, 1), 5)
+    r = explore_exhaustive(cell, ray2.partition_pool(cell), 5)
+    assert ref.tally.per_action["signal"] > 0 and ref.tally.per_action["sigreturn"] > 0
     assert (r.states, r.levels, r.tally.transitions) == \
         (ref.states, ref.levels, ref.tally.transitions)
-    assert {k: (n, f.path) for k, (n, f) in r.tally.violations.items()} == \
-        {k: (n, f.path) for k, (n, f) in ref.tally.violations.items()}
-    assert "init-clears-architectural" in r.tally.violations
 
 
 def test_random_seeds_as_ray_tasks(ray2: RayEngine) -> None:
@@ -107,5 +112,6 @@ def test_random_seeds_as_ray_tasks(ray2: RayEngine) -> None:
     on_ray = ray2.run_tasks(random_walks, calls)
     local = LocalEngine(1).run_tasks(random_walks, calls)
     for a, b in zip(on_ray, local, strict=True):
-        assert (a.seed, a.digests, a.tally.transitions, sorted(a.tally.violations)) == \
-            (b.seed, b.digests, b.tally.transitions, sorted(b.tally.violations))
+        # The number of states, not their digests: this process hashes with its own salt.
+        assert (a.seed, len(a.digests), a.tally.transitions, sorted(a.tally.violations)) == \
+            (b.seed, len(b.digests), b.tally.transitions, sorted(b.tally.violations))
