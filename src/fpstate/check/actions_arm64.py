@@ -389,7 +389,7 @@ class Arm64World(World):
 
         return arm64_key(self.kw)
 
-    def frame(self, action: str, violation: str | None) -> Frame:
+    def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
         kw, host = self.kw, self.kw.host
         cpus = []
         for c in host.cpus:
@@ -415,7 +415,7 @@ class Arm64World(World):
             where = WHERE_REGS if owned else WHERE_MEMORY
             ctxs.append(ContextView(ctx, where, v.cpu if owned else None,
                                     _store_writers(host.store(v.store))))
-        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation)
+        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation, detail)
 
 
 def _ctx_of_store(st: str | None) -> str | None:

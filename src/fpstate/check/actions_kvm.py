@@ -467,8 +467,8 @@ class KvmX86World(X86World):
                          fps_values(cn, self.m.system, fps)), exp))
         return tuple(out), self._pending_run is not None
 
-    def frame(self, action: str, violation: str | None) -> Frame:
-        f = super().frame(action, violation)
+    def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
+        f = super().frame(action, violation, detail)
         ctxs = list(f.contexts)
         for name in self.vcpus:
             where, cpu = self.guest_where(name)
@@ -476,9 +476,9 @@ class KvmX86World(X86World):
             writers = tuple((BY_NUMBER[i].short, self.writer(seen[i], i))
                             for i in self.guest_tracked(self.vcpus[name])
                             if i in seen and self.writer(seen[i], i) != "init")
-            ctxs.append(ContextView(name, where, cpu, writers))
-        # The VMM task's own state while the guest's is loaded: its task fpstate in memory.
-        return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation)
+            note = f"guest fpstate {self.vcpus[name].arch.guest_fpu.fpstate.size} B"
+            ctxs.append(ContextView(name, where, cpu, writers, (), note))
+        return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation, f.detail)
 
 
 __all__ = ["ARCH_INIT_CLEARED", "GUEST_OWNER", "KVM_SPECS", "KvmX86World"]

@@ -745,7 +745,7 @@ class X86World(World):
                     out.append((BY_NUMBER[i].short, w))
         return tuple(out)
 
-    def frame(self, action: str, violation: str | None) -> Frame:
+    def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
         cpus = []
         holders = {id(t.fpu): t.comm for t in self.tasks.values()}
         for c in self.m.cpus:
@@ -765,8 +765,9 @@ class X86World(World):
             if where == WHERE_BOTH:
                 mem = self._writers(self.image(t.fpu.fpstate))
                 image = mem if mem != writers else ()
-            ctxs.append(ContextView(name, where, cpu, writers, image))
-        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation)
+            note = f"fpstate {t.fpu.fpstate.size} B" if where != WHERE_GONE else ""
+            ctxs.append(ContextView(name, where, cpu, writers, image, note))
+        return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation, detail)
 
 
 __all__ = ["X86_SPECS", "X86World", "component_number"]

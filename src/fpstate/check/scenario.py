@@ -267,7 +267,8 @@ def run(scn: Scenario, variant: str | None = None, frames: bool = False) -> Repo
     report = Report(scn, variant, [], [])
     report.initial = tuple(world.check())
     if frames:
-        report.frames.append(world.frame("(configuration)", _first(report.initial)))
+        report.frames.append(world.frame("(configuration)", _first(report.initial),
+                                         _detail(report.initial)))
     if report.initial:
         return report
     for n, step in enumerate(scn.steps, 1):
@@ -281,7 +282,8 @@ def run(scn: Scenario, variant: str | None = None, frames: bool = False) -> Repo
                          step.note)
         report.records.append(rec)
         if frames:
-            report.frames.append(world.frame(str(step.action), _first(result.violations)))
+            report.frames.append(world.frame(str(step.action), _first(result.violations),
+                                             _detail(result.violations)))
         if result.violations or mismatches:
             break
     return report
@@ -289,6 +291,10 @@ def run(scn: Scenario, variant: str | None = None, frames: bool = False) -> Repo
 
 def _first(vs: Sequence[Violation]) -> str | None:
     return vs[0].invariant if vs else None
+
+
+def _detail(vs: Sequence[Violation]) -> str:
+    return vs[0].detail if vs else ""
 
 
 def format_report(report: Report) -> list[str]:

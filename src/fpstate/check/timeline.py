@@ -103,7 +103,10 @@ def draw(frames: Sequence[Frame], target: str, title: str) -> list[Path]:
                         bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none",
                               "pad": 1.5})
             else:
-                ax.text(x + 0.48, y + 0.5, _short(c.writers) or "init", ha="center",
+                text = _short(c.writers) or "init"
+                if c.note:
+                    text += f"\n{c.note}"
+                ax.text(x + 0.48, y + 0.5, text, ha="center",
                         va="center", fontsize=6.0,
                         bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none",
                               "pad": 1.0})
@@ -129,7 +132,16 @@ def draw(frames: Sequence[Frame], target: str, title: str) -> list[Path]:
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
               frameon=False)
     ax.set_title(title, fontsize=10, loc="left")
-    fig.tight_layout()
+    bad = next((f for f in frames if f.violation), None)
+    if bad is not None and bad.detail:
+        import textwrap
+
+        caption = textwrap.fill(f"step {bad.step}, {bad.violation}: {bad.detail}",
+                                width=int(width * 14))
+        fig.text(0.01, 0.005, caption, fontsize=7.5, color=VIOLATION_COLOUR, va="bottom")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     out = plot_paths(target)
     for p in out:
         p.parent.mkdir(parents=True, exist_ok=True)

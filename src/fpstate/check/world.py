@@ -174,6 +174,7 @@ class ContextView:
     writers: tuple[tuple[str, str], ...]  #: what it would see: (component, writer)
     #: where the memory image says otherwise (only for WHERE_BOTH): (component, writer)
     image: tuple[tuple[str, str], ...] = ()
+    note: str = ""  #: e.g. the size of its buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,7 @@ class Frame:
     cpus: tuple[CpuView, ...]
     contexts: tuple[ContextView, ...]
     violation: str | None = None
+    detail: str = ""  #: the violation's evidence
 
 
 # -- worlds --------------------------------------------------------------------------------------
@@ -228,8 +230,9 @@ class World(abc.ABC):
         """A canonical, hashable name of the state (equal for states that behave alike)."""
 
     @abc.abstractmethod
-    def frame(self, action: str, violation: str | None) -> Frame:
-        """The timeline view of the current state."""
+    def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
+        """The timeline view of the current state (``violation``: the invariant the step
+        broke, ``detail`` its evidence)."""
 
     @abc.abstractmethod
     def illegal_types(self) -> tuple[type[BaseException], ...]:
