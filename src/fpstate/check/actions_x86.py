@@ -10,7 +10,8 @@ The checker keeps, beside the model, the user-visible contract of every action -
 each task should read back from each tracked component -- and the invariants compare it with
 what the task would really see (`Machine.user_state`). The contract, action by action:
 
-- ``write``: the instruction's value (a token naming the task and a generation);
+- ``write``: the instruction's value (a token naming the task and a generation); LDTILECFG
+  also puts TILEDATA in its initial configuration (SDM Vol. 1 3.2.6);
 - ``release``: the released components are in their initial configuration;
 - a signal handler starts with the initial user state (arch/x86/kernel/signal.c handle_signal
   -> fpu__clear_user_states) and ``sigreturn`` gives back what the task had before the signal;
@@ -87,6 +88,7 @@ from fpstate.x86.xfeatures import (
 )
 
 PASID = 10
+XTILE_CFG, XTILE_DATA = 17, 18
 KERNEL_NAME = "kernel"
 ARCH_OPTIONS = {"req_perm": ARCH_REQ_XCOMP_PERM, "req_guest_perm": ARCH_REQ_XCOMP_GUEST_PERM,
                 "get_perm": ARCH_GET_XCOMP_PERM, "get_guest_perm": ARCH_GET_XCOMP_GUEST_PERM,
@@ -441,6 +443,8 @@ class X86World(World):
             tok = read_token(value)
             if tok is not None and tok[0] == t.pid:
                 self.expected[t.comm][i] = value
+                if i == XTILE_CFG:  # LDTILECFG puts TILEDATA in its initial configuration
+                    self.expected[t.comm].pop(XTILE_DATA, None)
         return {"fault": fault.vector if fault else "none", "alive": alive}
 
     def do_release(self, task: str, components: str) -> dict[str, Value]:
