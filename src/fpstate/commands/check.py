@@ -101,9 +101,14 @@ def check_scenarios(directory: Path | None) -> list[Row]:
     rows = []
     for path in sorted(directory.glob("*.yaml")):
         t0 = time.perf_counter()
-        s = scn.load(path)
+        try:
+            s = scn.load(path)
+            report = scn.run(s)
+        except Exception as e:  # a bad file or a model crash is a failed row
+            rows.append(Row("scenario", path.name, "-", "every invariant holds",
+                            f"error: {type(e).__name__}: {e}", False, time.perf_counter() - t0))
+            continue
         cpu = str(s.config.get("cpu", "default"))
-        report = scn.run(s)
         found = report.violation
         if report.ok:
             outcome, ok = f"held ({len(report.records)} steps)", True
@@ -148,7 +153,13 @@ def check_variants(ex: executors.Executor, budget: float, out: Path, host_cpu: s
         cfg.update(v.config)
         job = Job(v.model, cfg, name)
         t0 = time.perf_counter()
-        res = explore(job, ex, mode="random", seconds=budget, seed=0)
+        try:
+            res = explore(job, ex, mode="random", seconds=budget, seed=0)
+        except Exception as e:  # a model crash is a failed row
+            rows.append(Row("variant", name, cpu, f"finds {v.expect}",
+                            f"model error: {type(e).__name__}: {e}", False,
+                            time.perf_counter() - t0))
+            continue
         if res.found is None:
             rows.append(Row("variant", name, cpu, f"finds {v.expect}",
                             f"nothing in {res.seconds:.1f} s ({res.transitions} transitions)"
@@ -173,7 +184,12 @@ def check_kernel_design(ex: executors.Executor, seconds: float, host_cpu: str) -
     cpus.append(("arm64", BUNDLED_ARM64))
     for model, cpu in cpus:
         job = Job(model, default_config(model, cpu))
-        res = explore(job, ex, mode="random", seconds=seconds, seed=1)
+        try:
+            res = explore(job, ex, mode="random", seconds=seconds, seed=1)
+        except Exception as e:  # a model crash is a failed row
+            rows.append(Row("explore", f"{model}, the kernel's design", cpu, "no violation",
+                            f"model error: {type(e).__name__}: {e}", False, 0.0))
+            continue
         if res.found is None:
             outcome = (f"nothing: {res.states} states, {res.transitions} transitions in "
                        f"{res.seconds:.1f} s")
