@@ -283,6 +283,34 @@ def test_vex256_load_clears_zmm_hi256_xinuse_per_register(start: bytes, insns: l
     assert one(SPR, prog).values[0] & 0x40  # Intel: kept
 
 
+def test_legacy_sse_write_marks_its_upper_half_in_use() -> None:
+    """While ZMM_Hi256 is in use, MOVDQU xmm8 marks ZMM8's upper half in use too (AMD): a
+    VEX.256 load clearing ZMM2's then leaves XINUSE[6] set (measured: 0x46, 60 of 60)."""
+    prog = Program(image(0), (Insn("VMOVDQU64", reg=2, data=_NZ64),
+                              Insn("MOVDQU", reg=8, data=_NZ64[:16]),
+                              Insn("VMOVDQU", reg=2, data=_NZ64[:32]), Insn("XGETBV", reg=1)))
+    assert one(ZEN4, prog).values == (0x46,)
+
+
+@pytest.mark.parametrize(("between", "allowed"), [
+    ([], {0x06, 0x46}),  # measured: both, about half each
+    ([Insn("KMOVQ", reg=1, data=bytes(8))], {0x26, 0x66}),  # 0x66 in 1 run of 60
+    ([Insn("XGETBV", reg=1)], {0x06}),  # never 0x46 (60 of 60)
+    ([Insn("FNINIT")], {0x06}),
+])
+def test_legacy_sse_write_may_see_a_just_cleared_xinuse_6(between: list[Insn],
+                                                         allowed: set[int]) -> None:
+    """`lagging_tracking`: after VMOVDQU ymm2 cleared XINUSE[6], a MOVDQU right after (or
+    after a KMOVQ) may still find ZMM_Hi256 in use; a serialising XGETBV or an FNINIT between
+    settles it. Both outcomes are in the model's set, without any preemption."""
+    prog = Program(image(0), (Insn("VMOVDQU64", reg=2, data=_NZ64),
+                              Insn("VMOVDQU", reg=2, data=_NZ64[:32]), *between,
+                              Insn("MOVDQU", reg=8, data=_NZ64[:16]), Insn("XGETBV", reg=1)))
+    assert {o.values[-1] for o in run_program(ZEN4, prog, preempt=False)} == allowed
+    intel = run_program(SPR, prog, preempt=False)
+    assert len(intel) == 1 and intel[0].values[-1] & 0x40  # Intel: XINUSE[6] kept
+
+
 def test_legacy_sse_write_marks_avx_in_use_but_not_modified() -> None:
     """LEGACY_SSE_UPPER on AMD: MOVDQU while ZMM_Hi256 is in use sets XINUSE[2]; AVX is still
     unmodified since the XRSTOR from buf0, so XSAVEOPT writes XSTATE_BV[2] = 1 but not the AVX

@@ -204,6 +204,7 @@ class Cpu:
         "xmodified",
         "xrstor_info",
         "xss",
+        "zmm_hi256_lag",
         "zmm_hi256_written",
     )
 
@@ -225,6 +226,9 @@ class Cpu:
         #: bit r: ZMMr's bits 511:256 written by an EVEX.512 load since XINUSE[6] was last
         #: recomputed from the registers (VEX256_HI256_XINUSE "per-register")
         self.zmm_hi256_written = 0
+        #: the ``zmm_hi256_written`` a VEX.256 load just cleared XINUSE[6] from, while a legacy
+        #: SSE write may still see ZMM_Hi256 in use (`fpstate.x86.insn.lagging_tracking`)
+        self.zmm_hi256_lag = 0
         self.xmodified = (1 << 64) - 1
         self.xrstor_info: tuple | None = None
         self.x87_pointers_known = True
@@ -244,7 +248,7 @@ class Cpu:
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
                 self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written,
-                self.x87_regs_written)
+                self.x87_regs_written, self.zmm_hi256_lag)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 

@@ -106,6 +106,8 @@ def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     cpu.wrote(1 << SSE)
     if cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1:
         cpu.xinuse |= 1 << YMM
+        if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and reg < 16:
+            cpu.zmm_hi256_written |= 1 << reg  # its upper half now counts as in use too
     return None
 
 
@@ -120,9 +122,12 @@ def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     _zero_above(cpu, reg, 256)
     cpu.wrote(1 << SSE | 1 << YMM)
     if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and ZMM_HI256 in cpu.regs:
+        before = cpu.zmm_hi256_written | 1 << reg
         cpu.zmm_hi256_written &= ~(1 << reg)
-        if not cpu.zmm_hi256_written and not any(cpu.regs[ZMM_HI256]):
+        if cpu.xinuse >> ZMM_HI256 & 1 and not cpu.zmm_hi256_written \
+                and not any(cpu.regs[ZMM_HI256]):
             cpu.xinuse &= ~(1 << ZMM_HI256)
+            cpu.zmm_hi256_lag = before
     return None
 
 
