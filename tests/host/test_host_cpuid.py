@@ -10,9 +10,9 @@
   does not show: the test skips on a CPU that enumerates arch LBR in XSS.
 - the kernel's own printed compacted offsets and context size must equal the model's.
 
-Skipped off x86-64, and (for the dmesg checks) where dmesg is unreadable or has rotated out the
-boot lines. The sub-leaf walk of host_profile() is tested everywhere, replayed on a bundled
-profile.
+Skipped off x86-64, and (for the dmesg checks) where the kernel log is unreadable, or has
+rotated out the boot lines and none were kept in this boot. The sub-leaf walk of
+host_profile() is tested everywhere, replayed on a bundled profile.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import subprocess
 
 import pytest
 
+from fpstate.errors import HostUnavailable
 from fpstate.host import native
 from fpstate.host.cpuid import host_profile, snapshot
+from fpstate.host.dmesg import host_fpu_lines
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import compacted_offset, compacted_size, standard_size
 from fpstate.x86.profiles import bundled_profile
@@ -71,15 +73,15 @@ def test_snapshot_ignores_an_absurd_leaf_range() -> None:
 
 @pytest.fixture(scope="module")
 def dmesg() -> str:
+    """The kernel's x86/fpu boot lines: from the log, or as kept in this boot once the ring
+    buffer has wrapped (`fpstate.host.dmesg.host_fpu_lines`)."""
     try:
-        r = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"dmesg cannot run: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"dmesg is unreadable (exit {r.returncode}: {r.stderr.strip()[:80]})")
-    if not ENABLED.search(r.stdout):
-        pytest.skip("dmesg no longer holds the 'x86/fpu: Enabled xstate features' boot line")
-    return r.stdout
+        text = "\n".join(host_fpu_lines())
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    if not ENABLED.search(text):
+        pytest.skip("the kernel log holds no 'x86/fpu: Enabled xstate features' boot line")
+    return text
 
 
 @pytest.mark.host
