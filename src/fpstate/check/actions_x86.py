@@ -223,9 +223,17 @@ class X86World(X86Views, World):
                 for n in range(1, int(nthreads)):
                     child = self.m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD,
                                            f"{pname}.t{n}")
+                    self._thread_stack(child)
                     self._adopt(child, {})
                 self.m.idle(0)
         self.m.log.clear()
+
+    def _thread_stack(self, t: Task) -> None:
+        """clone()'s new stack pointer, as pthread_create() passes one: a thread sharing
+        its parent's mm gets a stack of its own (Machine's sys_clone copies the parent's
+        stack pointer, which would put both threads' signal frames at the same address)."""
+        size = 0x20000
+        t.user_sp = self.m.mmap(t, size) + size - 0x1000
 
     def _adopt(self, t: Task, expected: dict[int, bytes]) -> None:
         self.tasks[t.comm] = t
@@ -410,6 +418,8 @@ class X86World(X86Views, World):
         if child in self.tasks:
             raise StepError(f"task name {child!r} is taken")
         new = self.m.syscall(nr, sys_clone, flags, child)
+        if flags & CLONE_VM:
+            self._thread_stack(new)
         # fpu_clone: dynamic features are caller-saved, PASID is never inherited.
         drop = XFEATURE_MASK_USER_DYNAMIC | XFEATURE_MASK_PASID
         self._adopt(new, {i: v for i, v in self.expected[t.comm].items() if not (drop >> i) & 1})

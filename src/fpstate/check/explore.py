@@ -185,7 +185,7 @@ class Result:
 
 
 def explore(job: Job, executor: Executor, *, mode: str = "random", seconds: float = 10.0,
-            seed: int = 0, depth: int = 6, walk_length: int = 30) -> Result:
+            seed: int = 0, depth: int = 6, walk_length: int = 60) -> Result:
     """Explore ``job`` until ``seconds`` have passed or a violation is found."""
     start = time.perf_counter()
     if mode == "random":
