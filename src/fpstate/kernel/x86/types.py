@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpstate.errors import FpstateError
+from fpstate.kernel.x86.config import FpuStateConfig, VcpuFpuConfig
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import (
     XCOMP_BV_COMPACTED_FORMAT,
@@ -138,24 +139,10 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
 # -- the boot-time configuration the model runs on ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class StateConfig:
-    """struct fpu_state_config (fpu_kernel_cfg / fpu_user_cfg), types.h."""
-
-    max_size: int
-    default_size: int
-    max_features: int
-    default_features: int
-    legacy_features: int = 0
-    independent_features: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class GuestConfig:
-    """struct vcpu_fpu_config guest_default_cfg (types.h, v6.17)."""
-
-    size: int
-    features: int
+#: struct fpu_state_config and struct vcpu_fpu_config are the boot model's dataclasses
+#: (fpstate.kernel.x86.config); the run-time model keeps its short names for them.
+StateConfig = FpuStateConfig
+GuestConfig = VcpuFpuConfig
 
 
 @dataclass(frozen=True, slots=True)
