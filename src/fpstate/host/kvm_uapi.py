@@ -19,6 +19,15 @@ import ctypes
 import errno as _errno
 
 from fpstate.errors import FpstateError
+from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
+    ARCH_GET_XCOMP_GUEST_PERM,
+    ARCH_GET_XCOMP_PERM,
+    ARCH_GET_XCOMP_SUPP,
+    ARCH_REQ_XCOMP_GUEST_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    ARCH_XCOMP_TILECFG,
+    ARCH_XCOMP_TILEDATA,
+)
 
 # -- errors ----------------------------------------------------------------------------------
 
@@ -344,10 +353,3 @@ XCR_XFEATURE_ENABLED_MASK = 0
 # -- arch_prctl (arch/x86/include/uapi/asm/prctl.h) -------------------------------------------
 
 SYS_ARCH_PRCTL = 158  # x86-64 syscall number
-ARCH_GET_XCOMP_SUPP = 0x1021
-ARCH_GET_XCOMP_PERM = 0x1022
-ARCH_REQ_XCOMP_PERM = 0x1023
-ARCH_GET_XCOMP_GUEST_PERM = 0x1024
-ARCH_REQ_XCOMP_GUEST_PERM = 0x1025
-ARCH_XCOMP_TILECFG = 17
-ARCH_XCOMP_TILEDATA = 18

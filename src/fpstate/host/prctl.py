@@ -26,14 +26,15 @@ from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
 from fpstate.host.child import SYS, SharedMemory, errno_name, raw_syscall, run_child
-
-ARCH_GET_XCOMP_SUPP = 0x1021
-ARCH_GET_XCOMP_PERM = 0x1022
-ARCH_REQ_XCOMP_PERM = 0x1023
-ARCH_GET_XCOMP_GUEST_PERM = 0x1024
-ARCH_REQ_XCOMP_GUEST_PERM = 0x1025
-ARCH_XCOMP_TILECFG = 17
-ARCH_XCOMP_TILEDATA = 18
+from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
+    ARCH_GET_XCOMP_GUEST_PERM,
+    ARCH_GET_XCOMP_PERM,
+    ARCH_GET_XCOMP_SUPP,
+    ARCH_REQ_XCOMP_GUEST_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    ARCH_XCOMP_TILECFG,
+    ARCH_XCOMP_TILEDATA,
+)
 
 OPTION_NAMES = {
     ARCH_GET_XCOMP_SUPP: "ARCH_GET_XCOMP_SUPP",

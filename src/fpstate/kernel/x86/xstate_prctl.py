@@ -41,13 +41,15 @@ if TYPE_CHECKING:
     from fpstate.kernel.x86.sched import Cpu, KPath
 
 # arch/x86/include/uapi/asm/prctl.h
-ARCH_GET_XCOMP_SUPP = 0x1021
-ARCH_GET_XCOMP_PERM = 0x1022
-ARCH_REQ_XCOMP_PERM = 0x1023
-ARCH_GET_XCOMP_GUEST_PERM = 0x1024
-ARCH_REQ_XCOMP_GUEST_PERM = 0x1025
-ARCH_XCOMP_TILECFG = 17
-ARCH_XCOMP_TILEDATA = 18
+from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
+    ARCH_GET_XCOMP_GUEST_PERM,
+    ARCH_GET_XCOMP_PERM,
+    ARCH_GET_XCOMP_SUPP,
+    ARCH_REQ_XCOMP_GUEST_PERM,
+    ARCH_REQ_XCOMP_PERM,
+    ARCH_XCOMP_TILECFG,
+    ARCH_XCOMP_TILEDATA,
+)
 
 # include/uapi/asm-generic/errno-base.h, errno.h
 EPERM, ENOMEM, EFAULT, EBUSY, EINVAL, ENOSPC, EOPNOTSUPP = 1, 12, 14, 16, 22, 28, 95
