@@ -19,6 +19,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
@@ -213,3 +214,17 @@ def emit_tile_move(asm: Asm, insn: Insn, ops: Operands) -> tuple[int, int]:
         assert m == "TILESTORED", m
         move = Instruction.create_mem_reg(TILE_MOVES[m], mem(ops.buf, Register.RCX), tmm)
     return first, asm.emit(move)
+
+
+def operand_data(insn: Insn) -> bytes:
+    """The memory operand an instruction loads from the runner's data pool: ``data``, or the
+    16-bit FLDCW / 32-bit LDMXCSR value, or TILELOADD rows padded to 16 rows of 64 bytes (the
+    most palette 1 can configure). Shared by the user-mode runner and the KVM guest runner."""
+    m, data = insn.mnemonic, insn.data
+    if m == "FLDCW":
+        return struct.pack("<H", insn.value & 0xFFFF)
+    if m == "LDMXCSR":
+        return struct.pack("<I", insn.value & 0xFFFFFFFF)
+    if m == "TILELOADD":
+        return data.ljust(1024, b"\0")
+    return data

@@ -36,12 +36,12 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from fpstate.errors import FpstateError, HostUnavailable
 from fpstate.host import kvm_uapi as u
 from fpstate.host.kvm_uapi import HostError, KvmError
+from fpstate.kvm.x86.cpuid import CpuidEntry2
 
 __all__ = [
     "CpuidEntry", "HostError", "Kvm", "KvmError", "Vcpu", "Vm", "arch_prctl_get",
@@ -113,21 +113,8 @@ def arch_prctl_req(code: int, xfeature: int) -> None:
 # -- data ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
-    """One struct kvm_cpuid_entry2: leaf ``function``, sub-leaf ``index``, KVM_CPUID_FLAG_*."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
-
-    @property
-    def regs(self) -> tuple[int, int, int, int]:
-        return (self.eax, self.ebx, self.ecx, self.edx)
+#: struct kvm_cpuid_entry2 is uapi data: the same dataclass as the KVM model's.
+CpuidEntry = CpuidEntry2
 
 
 def cpuid_leaves(entries: Iterable[CpuidEntry]) -> dict[tuple[int, int], tuple[int, int, int, int]]:

@@ -46,7 +46,7 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from fpstate.errors import HostUnavailable, ProgramError
 from fpstate.host import kvm_uapi as u
-from fpstate.host.asm import VALUE_MNEMONICS, Asm, Operands, emit_insn, mem
+from fpstate.host.asm import VALUE_MNEMONICS, Asm, Operands, emit_insn, mem, operand_data
 from fpstate.host.kvm import CpuidEntry, Kvm, find_cpuid, open_kvm
 from fpstate.host.kvm_uapi import HostError
 from fpstate.x86.image import normalise_image
@@ -171,13 +171,7 @@ def _operands(program: Program) -> tuple[list[Operands], list[tuple[int, bytes]]
     """Where each instruction's operands live: buffer, data pool entry, value slot."""
     ops, pool, at, slot = [], [], DATA, STATUS + _VALUES
     for insn in program.insns:
-        m, data = insn.mnemonic, insn.data
-        if m == "FLDCW":
-            data = struct.pack("<H", insn.value & 0xFFFF)
-        elif m == "LDMXCSR":
-            data = struct.pack("<I", insn.value & 0xFFFFFFFF)
-        elif m == "TILELOADD":
-            data = data.ljust(1024, b"\0")  # 16 rows of 64 bytes at most (palette 1)
+        m, data = insn.mnemonic, operand_data(insn)
         where = 0
         if data:
             where, at = at, (at + len(data) + 63) // 64 * 64

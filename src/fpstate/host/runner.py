@@ -77,6 +77,7 @@ from fpstate.host.asm import (
     emit_insn,
     emit_tile_move,
     mem,
+    operand_data,
 )
 from fpstate.x86.image import normalise_image
 from fpstate.x86.program import (
@@ -259,13 +260,7 @@ def _layout(program: Program) -> _Layout:
         at += BUFFER_SIZE + 64
     pool, operands = [], []
     for insn, value in zip(program.insns, values, strict=True):
-        m, data = insn.mnemonic, insn.data
-        if m == "FLDCW":
-            data = struct.pack("<H", insn.value & 0xFFFF)
-        elif m == "LDMXCSR":
-            data = struct.pack("<I", insn.value & 0xFFFFFFFF)
-        elif m == "TILELOADD":
-            data = data.ljust(1024, b"\0")  # 16 rows of 64 bytes at most (palette 1)
+        data = operand_data(insn)
         where = 0
         if data:
             where = at
