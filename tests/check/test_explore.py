@@ -111,3 +111,32 @@ def test_executors_satisfy_the_protocol() -> None:
     f = SERIAL.submit(int, "x")
     with pytest.raises(ValueError):
         f.result()
+
+
+_KEY_OF_A_SIGNAL_FRAME = """
+import hashlib
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action
+A = Action.of
+w = make_world("x86", {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 1},
+                       "vms": {}}, None)
+for a in (A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx"),
+          A("sigaction", task="p0.t0", onstack=False), A("signal", task="p0.t0")):
+    w.step(a)
+assert w.frames["p0.t0"], "no signal frame to key"
+print(hashlib.blake2b(repr(w.key()).encode()).hexdigest())
+"""
+
+
+def test_state_keys_name_signal_frames_alike_in_every_process() -> None:
+    """Worker processes have differently salted hash(): a key holding hash(frame bytes)
+    would name the same state differently in each."""
+    import os
+    import subprocess
+    import sys
+
+    got = {subprocess.run([sys.executable, "-c", _KEY_OF_A_SIGNAL_FRAME], check=True,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+           for seed in ("1", "2")}
+    assert len(got) == 1, got

@@ -15,6 +15,7 @@ executor can return them from worker processes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Hashable
 from typing import Any
 
@@ -201,7 +202,10 @@ def x86_key(w: Any) -> Hashable:
         exp = tuple(sorted((i, cn.value(v, i)) for i, v in w.expected[name].items()))
         stack = tuple(tuple(sorted((i, cn.value(v, i)) for i, v in d.items()))
                       for d in w.sigstack[name])
-        frames = tuple(hash(t.process.mm.read(lo, hi - lo)) for lo, hi in w.frames[name])
+        # By content (a digest: Python's hash() of bytes is salted per process, so worker
+        # processes would name the same state differently).
+        frames = tuple(hashlib.blake2b(t.process.mm.read(lo, hi - lo), digest_size=16).digest()
+                       for lo, hi in w.frames[name])
         expected.append((name, exp, stack, frames))
     raw = (m.next_pid, tuple(cpus), tuple(tasks), tuple(expected), w.extra_key(cn))
     return cn.finish(raw)
