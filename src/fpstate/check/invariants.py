@@ -160,11 +160,20 @@ def predicate(name: str, *models: str) -> Callable[[Predicate], Predicate]:
 
 def check(world: Any) -> list[Violation]:
     """Every registered predicate of ``world.model``, in `INVARIANTS` order."""
-    order = {i.name: n for n, i in enumerate(INVARIANTS)}
+    preds = _ORDERED.get(world.model)
+    if preds is None or len(preds) != len(PREDICATES.get(world.model, ())):
+        order = {i.name: n for n, i in enumerate(INVARIANTS)}
+        preds = _ORDERED[world.model] = tuple(sorted(PREDICATES.get(world.model, ()),
+                                                     key=lambda p: order[p[0]]))
     out = []
-    for name, fn in sorted(PREDICATES.get(world.model, ()), key=lambda p: order[p[0]]):
-        out.extend(Violation(name, detail) for detail in fn(world))
+    for name, fn in preds:
+        for detail in fn(world):
+            out.append(Violation(name, detail))
     return out
+
+
+#: PREDICATES of each model in INVARIANTS order (sorted once).
+_ORDERED: dict[str, tuple[tuple[str, Predicate], ...]] = {}
 
 
 # The predicates live next to the models they read; importing them registers them.

@@ -173,9 +173,12 @@ def _observations(w: Any) -> list[tuple[str, str]]:
         if t.fpu.task_fpstate is not None:
             continue  # in KVM_RUN: the guest's state is live (the KVM predicates judge it)
         seen = w.seen(t)
+        exp, init = w.expected[t.comm], w.init_values
         for i in w.tracked:
             got = seen.get(i)
-            want = w.expected_value(t.comm, i)
+            want = exp.get(i)  # w.expected_value(t.comm, i), inlined: the hottest loop
+            if want is None:
+                want = init[i]
             if got == want:
                 continue
             tok = read_token(got) if got is not None else None

@@ -251,10 +251,13 @@ class World(abc.ABC):
     #: True when an illegal action leaves the world exactly as it was (immutable models), so
     #: a random walk may try another action; False when it may be left half-changed.
     rollback_on_illegal: ClassVar[bool] = False
+    #: What `clone` may reuse while the world is unchanged (dropped by every step).
+    _snapshot: Any = None
 
     def step(self, action: Action, check: bool = True) -> StepResult:
         """Apply ``action`` and check every invariant (see the module docstring); with
         ``check`` False only model-detected bugs are reported (replaying a checked path)."""
+        self._snapshot = None  # a clone's snapshot of the state before (see X86World.clone)
         try:
             observed = self._apply(action)
         except StepError:
