@@ -7,10 +7,12 @@ Theory of operation
   process builds the initial world once and clones it (`World.clone`) for every walk or path.
 - **Random** mode: every worker runs random walks (`walk_length` steps from the initial
   state; at each step an action *name* is drawn uniformly among the enabled ones, then one of
-  its instances, so that rare actions are not drowned by numerous ones) in slices of about a
-  second, and reports transitions, per-action counts, the hashes of the state keys it reached
-  and the first violation. The coordinator keeps submitting slices until the time is up or a
-  violation is found. Seeds are (seed, slice number): a slice replays identically.
+  its instances, so that rare actions are not drowned by numerous ones; each walk keeps a
+  random half of the action names (swarm testing) and mostly stays with the task of its
+  previous step, see `_pick`) in slices of about a second, and reports transitions,
+  per-action counts, the hashes of the state keys it reached and the first violation. The
+  coordinator keeps submitting slices until the time is up or a violation is found.
+  Seeds are (seed, slice number): a slice replays identically.
 - **Exhaustive** mode: breadth-first search by levels up to ``depth`` actions with state
   hashing (`World.key`): each level's frontier is cut into pieces, each piece replays its
   paths and expands every enabled action; only states whose key was never seen go on. The first
@@ -100,7 +102,34 @@ def _found(w: World, violations: Sequence[Any]) -> Found:
                  tuple(dict.fromkeys(x.invariant for x in violations)))
 
 
-def _pick(rng: random.Random, actions: list[Action]) -> Action:
+#: How often a random walk stays with the task of its previous step (see `_pick`).
+FOCUS = 0.75
+#: Swarm testing (Groce et al., ISSTA 2012): each walk keeps each action name with this
+#: probability (a name is drawn the first time the walk meets it); a step picks among the
+#: kept names when any is enabled, else among all.
+SWARM = 0.5
+
+
+def _pick(rng: random.Random, actions: list[Action], prev: Action | None = None,
+          swarm: dict[str, bool] | None = None) -> Action:
+    """One enabled action for a random walk: first the walk's swarm (`SWARM`) narrows the
+    candidates, then with probability `FOCUS` they narrow to those of the previous step's
+    task (a bug usually needs several steps of one context in a row -- a permission, a first
+    use, a KVM entry -- which interleaving with every other task makes rare), then an action
+    *name* is drawn uniformly and one of its instances. Blind to variants and scenarios."""
+    if swarm is not None:
+        for a in actions:
+            if a.name not in swarm:
+                swarm[a.name] = rng.random() < SWARM
+        kept = [a for a in actions if swarm[a.name]]
+        if kept:
+            actions = kept
+    if prev is not None and FOCUS and rng.random() < FOCUS:
+        task = prev.get("task")
+        if task is not None:
+            same = [a for a in actions if a.get("task") == task]
+            if same:
+                actions = same
     by: dict[str, list[Action]] = defaultdict(list)
     for a in actions:
         by[a.name].append(a)
@@ -120,11 +149,13 @@ def random_slice(job: Job, seed: int, seconds: float, walk_length: int) -> Slice
     while time.perf_counter() - start < seconds and out.found is None:
         w = initial.clone()
         out.walks += 1
+        a = None
+        swarm: dict[str, bool] | None = {} if SWARM < 1 else None
         for _ in range(walk_length):
             actions = w.enabled()
             if not actions:
                 break
-            a = _pick(rng, actions)
+            a = _pick(rng, actions, a, swarm)
             try:
                 r = w.step(a)
             except StepError:
