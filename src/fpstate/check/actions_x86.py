@@ -573,6 +573,29 @@ class X86World(X86Views, World):
 
     # -- exploration -------------------------------------------------------------------------
 
+    def _task_actions(self, comm: str) -> dict[str, Any]:
+        """The actions of a user task that depend only on its name (built once: `Action`s
+        are interned values)."""
+        k = (comm, self.writable)
+        got = _TASK_ACTIONS.get(k)
+        if got is None:
+            A = Action.of
+            if len(_TASK_ACTIONS) > 10_000:
+                _TASK_ACTIONS.clear()
+            got = _TASK_ACTIONS[k] = {
+                "write": tuple((i, A("write", task=comm, component=BY_NUMBER[i].short))
+                               for i in self.writable),
+                "release": A("release", task=comm, components="xtilecfg|xtiledata"),
+                "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
+                "get_perm": A("arch_prctl", task=comm, option="get_perm"),
+                "sigaction": A("sigaction", task=comm, onstack=True),
+                "signal": A("signal", task=comm),
+                "sigaltstack": A("sigaltstack", task=comm, size=16384),
+                "sigreturn": A("sigreturn", task=comm),
+                "pasid_write": A("pasid_write", task=comm),
+                "ptrace_stop": A("ptrace_stop", task=comm)}
+        return got
+
     def enabled(self) -> list[Action]:
         """The actions the explorer may take now; their preconditions mirror the model's."""
         A = Action.of
@@ -596,30 +619,33 @@ class X86World(X86Views, World):
             out.append(A("kernel_fpu", cpu=c.nr))
         ntasks = len(live)
         busy = {t.process.tgid for t in live if t.kpath is not None}
+        amx = self.m.system.xcr0 & XFEATURE_MASK_XTILE
+        pasid = self.m.system.kernel.max_features & XFEATURE_MASK_PASID
         for t in user:
             # A thread group with a thread inside a kernel path is never torn down under it
             # (the model's de_thread/do_group_exit would drop the path): no group-killing
             # actions then -- exec, an unhandled signal, AMX use without permission.
             calm = t.process.tgid not in busy
             perm = t.process.leader.fpu.perm.state_perm
-            for i in self.writable:
+            ta = self._task_actions(t.comm)
+            for i, a in ta["write"]:
                 if calm or not (XFEATURE_MASK_XTILE >> i) & 1 or perm & XFEATURE_MASK_XTILE_DATA:
-                    out.append(A("write", task=t.comm, component=BY_NUMBER[i].short))
-            if self.m.system.xcr0 & XFEATURE_MASK_XTILE:
-                out.append(A("release", task=t.comm, components="xtilecfg|xtiledata"))
-            out.append(A("arch_prctl", task=t.comm, option="req_perm", feature=18))
-            out.append(A("arch_prctl", task=t.comm, option="get_perm"))
+                    out.append(a)
+            if amx:
+                out.append(ta["release"])
+            out.append(ta["req_perm"])
+            out.append(ta["get_perm"])
             if SIGUSR1 not in t.handlers:
-                out.append(A("sigaction", task=t.comm, onstack=True))
+                out.append(ta["sigaction"])
             elif calm:
-                out.append(A("signal", task=t.comm))
+                out.append(ta["signal"])
             if t.sas_ss_size == 0:
-                out.append(A("sigaltstack", task=t.comm, size=16384))
+                out.append(ta["sigaltstack"])
             if self.sigstack[t.comm]:
-                out.append(A("sigreturn", task=t.comm))
-            if self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
-                out.append(A("pasid_write", task=t.comm))
-            out.append(A("ptrace_stop", task=t.comm))
+                out.append(ta["sigreturn"])
+            if pasid:
+                out.append(ta["pasid_write"])
+            out.append(ta["ptrace_stop"])
             if ntasks < self.max_tasks:
                 n = self.m.next_pid
                 out.append(A("fork", task=t.comm, child=f"f{n}.t0"))
@@ -637,5 +663,8 @@ class X86World(X86Views, World):
                 out.append(A("ptrace_cont", task=s.comm))
         return out
 
+
+#: (task name, writable components) -> X86World._task_actions.
+_TASK_ACTIONS: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
 
 __all__ = ["X86_SPECS", "X86World", "component_number"]
