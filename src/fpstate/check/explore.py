@@ -128,7 +128,9 @@ def _pick(rng: random.Random, actions: list[Action], prev: Action | None = None,
         task = prev.get("task")
         if task is not None:
             same = [a for a in actions if a.get("task") == task]
-            if same:
+            # Not when the task has a single kind of action (a task in the kernel can only
+            # be the target of pasid_write): the walk would repeat it.
+            if same and any(a.name != same[0].name for a in same):
                 actions = same
     by: dict[str, list[Action]] = defaultdict(list)
     for a in actions:
