@@ -435,19 +435,32 @@ class KvmX86World(X86World):
             if t is None:
                 continue
             if t.state is TaskState.USER and t.process.mm is self.vm_mm[name]:
-                xcr0 = v.arch.guest_supported_xcr0
-                for prog in self.GUEST_PROGRAMS:
-                    comps = [w.split()[1] for w in prog.split(";") if w.split()[0] == "write"]
-                    if all((xcr0 >> component_number(c)) & 1 for c in comps):
-                        out.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
-                out.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
-                out.append(A("kvm_init", task=t.comm, vcpu=name))
-                out.append(A("get_xsave", task=t.comm, vcpu=name))
-                out.append(A("set_cpuid", task=t.comm, vcpu=name))
-                for comp in ("cet_user", "cet_kernel"):
-                    if (v.arch.guest_supported_xss >> component_number(comp)) & 1:
-                        out.append(A("set_cet_msr", task=t.comm, vcpu=name, component=comp))
-                out.append(A("arch_prctl", task=t.comm, option="req_guest_perm", feature=18))
+                xcr0, xss = v.arch.guest_supported_xcr0, v.arch.guest_supported_xss
+                # These depend only on the names and the guest's supported XCR0/XSS: built
+                # once (Actions are interned values).
+                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS)
+                acts = _VMM_ACTIONS.get(k)
+                if acts is None:
+                    acts = []
+                    for prog in self.GUEST_PROGRAMS:
+                        comps = [w.split()[1] for w in prog.split(";")
+                                 if w.split()[0] == "write"]
+                        if all((xcr0 >> component_number(c)) & 1 for c in comps):
+                            acts.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
+                    acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
+                    acts.append(A("kvm_init", task=t.comm, vcpu=name))
+                    acts.append(A("get_xsave", task=t.comm, vcpu=name))
+                    acts.append(A("set_cpuid", task=t.comm, vcpu=name))
+                    for comp in ("cet_user", "cet_kernel"):
+                        if (xss >> component_number(comp)) & 1:
+                            acts.append(A("set_cet_msr", task=t.comm, vcpu=name,
+                                          component=comp))
+                    acts.append(A("arch_prctl", task=t.comm, option="req_guest_perm",
+                                  feature=18))
+                    if len(_VMM_ACTIONS) > 10_000:
+                        _VMM_ACTIONS.clear()
+                    _VMM_ACTIONS[k] = acts = tuple(acts)
+                out.extend(acts)
             elif (t.kpath is not None and t.on_cpu is not None and self._pending_run
                   and self.m.cpus[t.on_cpu].current is t):
                 out.append(A("kvm_finish", task=t.comm))
@@ -482,5 +495,8 @@ class KvmX86World(X86World):
             ctxs.append(ContextView(name, where, cpu, writers, (), note))
         return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation, f.detail)
 
+
+#: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
+_VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}
 
 __all__ = ["ARCH_INIT_CLEARED", "GUEST_OWNER", "KVM_SPECS", "KvmX86World"]
