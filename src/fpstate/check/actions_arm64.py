@@ -385,7 +385,7 @@ class Arm64World(World):
         return out
 
     def key(self) -> Hashable:
-        from fpstate.check.statekey import arm64_key
+        from fpstate.check.statekey_arm64 import arm64_key
 
         return arm64_key(self.kw)
 
