@@ -8,8 +8,11 @@ each generation by its rank among the generations of the same writer and compone
 the state (the checker's expected values included). A kernel path in flight is keyed by its
 function and the task; the user memory a task can read back (its signal frames) by content.
 
-Keys are nested tuples of ints, strings and `Tok` placeholders (hashable and picklable), so the
-executor can return them from worker processes.
+A key is ``(structure, ranks)``: the structure is nested tuples of ints, strings and bytes in
+which a token is ``("T", writer, component)``, and ranks gives each token's rank in traversal
+order. Keys are hashable and picklable, so the executor can return them from worker processes.
+Values, decoded images and buffers are memoised (the same bytes objects and buffers recur from
+one state to the next); a buffer's memo is verified against a snapshot of its content.
 """
 
 from __future__ import annotations
@@ -19,77 +22,67 @@ from collections.abc import Hashable
 from typing import Any
 
 from fpstate.kernel.x86.hw import init_value, read_token
+from fpstate.kernel.x86.sched import TaskState
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 
-class Tok:
-    """A token in a key: (writer, component, rank of its generation)."""
-
-    __slots__ = ("comp", "gen", "owner", "rank")
-
-    def __init__(self, owner: Any, comp: Any, gen: int) -> None:
-        self.owner, self.comp, self.gen, self.rank = owner, comp, gen, -1
-
-    def _k(self) -> tuple[Any, Any, int]:
-        return (self.owner, self.comp, self.rank)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tok) and self._k() == other._k()
-
-    def __hash__(self) -> int:
-        return hash(self._k())
-
-    def __repr__(self) -> str:
-        return f"Tok({self.owner}, {self.comp}, {self.rank})"
-
-    def __reduce__(self) -> Any:
-        return (_tok, (self.owner, self.comp, self.rank))
-
-
-def _tok(owner: Any, comp: Any, rank: int) -> Tok:
-    t = Tok(owner, comp, -1)
-    t.rank = rank
-    return t
-
-
 class Canon:
-    """Collects the tokens of one key, then ranks their generations."""
+    """Collects the tokens of one key in traversal order: a value in the key's structure is
+    None, 0 (initial), the raw bytes, or ``("T", owner, component)``; the generation of each
+    token goes to `toks` as (owner, component, gen), and `finish` turns them into ranks."""
+
+    __slots__ = ("toks",)
 
     def __init__(self) -> None:
-        self.toks: list[Tok] = []
-        self._init: dict[tuple[int, int], bytes] = {}
-
-    def tok(self, owner: Any, comp: Any, gen: int) -> Tok:
-        t = Tok(owner, comp, gen)
-        self.toks.append(t)
-        return t
+        self.toks: list[tuple[int, int, int]] = []
 
     def value(self, v: bytes | None, i: int) -> Any:
-        """An x86 component value: None, 0 (initial), a Tok, or the raw bytes."""
+        """An x86 component value of the key (see the class docstring)."""
         if v is None:
             return None
-        n = len(v)
-        init = self._init.get((i, n))
-        if init is None:
-            init = self._init[(i, n)] = init_value(i, n)
-        if v == init:
-            return 0
-        tok = read_token(v)
+        memo = _VALUES[i] if i < len(_VALUES) else None
+        hit = memo.get(v) if memo is not None else None
+        if hit is None:
+            hit = _classify(v, i)
+            if memo is not None:
+                if len(memo) > 50_000:
+                    memo.clear()
+                memo[bytes(v)] = hit
+        struct, tok = hit
         if tok is not None:
-            return self.tok(tok[0], i, tok[1])
-        return v
+            self.toks.append(tok)
+        return struct
 
-    def finish(self, key: Any) -> Any:
-        gens: dict[tuple[Any, Any], set[int]] = {}
-        for t in self.toks:
-            gens.setdefault((t.owner, t.comp), set()).add(t.gen)
-        ranks = {k: {g: n for n, g in enumerate(sorted(v))} for k, v in gens.items()}
-        for t in self.toks:
-            t.rank = ranks[(t.owner, t.comp)][t.gen]
-        return key
+    def finish(self, raw: Any) -> tuple[Any, tuple[int, ...]]:
+        """``(raw, ranks)``: each token's generation replaced by its rank among the
+        generations of the same writer and component in this state."""
+        toks = self.toks
+        if not toks:
+            return (raw, ())
+        rank: dict[tuple[int, int, int], int] = {}
+        prev = None
+        n = 0
+        for t in sorted(set(toks)):
+            oc = t[:2]
+            n = n + 1 if oc == prev else 0
+            prev = oc
+            rank[t] = n
+        return (raw, tuple([rank[t] for t in toks]))
 
 
+def _classify(v: bytes, i: int) -> tuple[Any, tuple[int, int, int] | None]:
+    if v == init_value(i, len(v)):
+        return 0, None
+    tok = read_token(v)
+    if tok is not None:
+        return ("T", tok[0], i), (tok[0], i, tok[1])
+    return bytes(v), None
+
+
+#: Per component number: value bytes -> (structure, token): values are shared from one state to
+#: the next (and bytes cache their hash), so each is classified once.
+_VALUES: list[dict[bytes, tuple[Any, Any]]] = [{} for _ in range(64)]
 _OFFSETS: dict[tuple[int, int, int], int] = {}
 
 
@@ -103,47 +96,84 @@ def _offset(profile: Any, xcomp_bv: int, i: int) -> int:
     return off
 
 
+#: Decoded images by content, and by buffer identity (verified by content: a buffer is
+#: compared with its snapshot, which is much cheaper than hashing it).
 _DECODED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_BY_BUFFER: dict[int, tuple[Any, Any, bytes, tuple[Any, ...]]] = {}
 
 
 def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
-    """The stored components of an image as (i, raw value) with tokens as (owner, gen),
-    memoised by content (most images do not change from one step to the next)."""
+    """The stored components of an image as (structure, tokens, MXCSR bytes), memoised."""
     regs = fps.regs
-    k = (id(system), fps.xstate_bv, fps.xcomp_bv, bytes(regs))
+    hit = _BY_BUFFER.get(id(fps))
+    if hit is not None and hit[0] is fps and hit[1] is system and hit[2] == regs:
+        return hit[3]
+    snap = bytes(regs)
+    k = (id(system), snap)
     got = _DECODED.get(k)
-    if got is not None:
-        return got
-    xcomp_bv = fps.xcomp_bv if system.xcompacted else 0
+    if got is None:
+        got = _decode_image(system, snap)
+        if len(_DECODED) > 4096:
+            _DECODED.clear()
+        _DECODED[k] = got
+    if len(_BY_BUFFER) > 4096:
+        _BY_BUFFER.clear()
+    _BY_BUFFER[id(fps)] = (fps, system, snap, got)
+    return got
+
+
+def _decode_image(system: Any, regs: bytes) -> tuple[Any, ...]:
+    xstate_bv = int.from_bytes(regs[512:520], "little")
+    xcomp_bv = int.from_bytes(regs[520:528], "little") if system.xcompacted else 0
     out: list[Any] = []
-    for i in bits(fps.xstate_bv & ~XCOMP_BV_COMPACTED_FORMAT):
+    toks: list[tuple[int, int, int]] = []
+    for i in bits(xstate_bv & ~XCOMP_BV_COMPACTED_FORMAT):
         if i == 0:
-            v = bytes(regs[0:24]) + bytes(8) + bytes(regs[32:160])
+            v = regs[0:24] + bytes(8) + regs[32:160]
         else:
             if system.xcompacted and not (xcomp_bv >> i) & 1:
-                out = [(-1, bytes(regs))]
+                out = [(-1, regs)]
+                toks = []
                 break
             off = _offset(system.profile, xcomp_bv, i)
-            v = bytes(regs[off:off + system.profile.component(i).size])
-        tok = read_token(v)
-        if v == init_value(i, len(v)):
-            out.append((i, 0))
-        elif tok is not None:
-            out.append((i, ("T", tok[0], tok[1])))
-        else:
-            out.append((i, v))
-    got = (tuple(out), bytes(regs[24:28]))
-    if len(_DECODED) > 4096:
-        _DECODED.clear()
-    _DECODED[k] = got
-    return got
+            v = regs[off:off + system.profile.component(i).size]
+        struct, tok = _classify(v, i)
+        out.append((i, struct))
+        if tok is not None:
+            toks.append(tok)
+    return (tuple(out), tuple(toks), regs[24:28])
 
 
 def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
     """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR."""
-    comps, mxcsr = _decode(system, fps)
-    out = tuple((i, cn.tok(v[1], i, v[2]) if isinstance(v, tuple) else v) for i, v in comps)
-    return (out, mxcsr)
+    struct, toks, mxcsr = _decode(system, fps)
+    if toks:
+        cn.toks.extend(toks)
+    return (struct, mxcsr)
+
+
+#: id(dict of component values) -> (the dict, a copy of it, structure, tokens): register
+#: files and expected values change a few components per step, so most dicts are met again
+#: unchanged (verified by comparing with the copy: the values are the same bytes objects).
+_BY_DICT: dict[int, tuple[Any, dict[int, bytes], tuple[Any, ...], tuple[Any, ...]]] = {}
+
+
+def _regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
+    """((i, key value), ...) of a dict of component values, sorted by component."""
+    hit = _BY_DICT.get(id(values))
+    if hit is not None and hit[0] is values and hit[1] == values:
+        if hit[3]:
+            cn.toks.extend(hit[3])
+        return hit[2]
+    sub = Canon()
+    struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
+    toks = tuple(sub.toks)
+    if len(_BY_DICT) > 8192:
+        _BY_DICT.clear()
+    _BY_DICT[id(values)] = (values, dict(values), struct, toks)
+    if toks:
+        cn.toks.extend(toks)
+    return struct
 
 
 def x86_key(w: Any) -> Hashable:
@@ -152,22 +182,19 @@ def x86_key(w: Any) -> Hashable:
     s = m.system
     cn = Canon()
     fps_ids: dict[int, int] = {}
-
-    def fid(fps: Any) -> int:
-        return fps_ids.setdefault(id(fps), len(fps_ids))
-
     fpu_pid = {id(t.fpu): t.pid for t in m.tasks.values()}
     cpus = []
     for c in m.cpus:
-        vals = tuple(sorted((i, cn.value(v, i)) for i, v in c.regs.values.items()))
+        r = c.regs
         owner = c.fpu_fpregs_owner_ctx
         cpus.append((c.current.pid, fpu_pid.get(id(owner), -1) if owner is not None else None,
-                     c.regs.xfd, c.regs.xfd_err, c.regs.xinuse, c.regs.mxcsr, c.regs.xcr0,
-                     c.regs.xss, vals, c.kernel_fpu_allowed, c.xfd_state))
+                     r.xfd, r.xfd_err, r.xinuse, r.mxcsr, r.xcr0, r.xss,
+                     _regs_values(cn, r.values), c.kernel_fpu_allowed, c.xfd_state))
     tasks = []
+    dead = TaskState.DEAD
     for pid in sorted(m.tasks):
         t = m.tasks[pid]
-        if t.state.name == "DEAD":
+        if t.state is dead:
             tasks.append((pid, "DEAD"))
             continue
         fpu = t.fpu
@@ -176,36 +203,38 @@ def x86_key(w: Any) -> Hashable:
             if fps is None:
                 shapes.append(None)
                 continue
-            shapes.append((fid(fps), fps is fpu.embedded, fps.size, fps.user_size,
-                           fps.xfeatures, fps.user_xfeatures, fps.xfd, fps.xstate_bv,
-                           fps.xcomp_bv, fps.is_guest, fps.in_use, fps.freed,
-                           fps_values(cn, s, fps)))
+            regs = fps.regs
+            shapes.append((fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
+                           fps.size, len(regs), fps.user_size, fps.xfeatures,
+                           fps.user_xfeatures, fps.xfd, fps.is_guest, fps.in_use, fps.freed,
+                           fps_values(cn, s, fps), bytes(regs[512:528])))
         kp = t.kpath
+        perm, gperm = fpu.perm, fpu.guest_perm
         tasks.append((
-            pid, t.comm, t.flags, t.process.tgid, t.process.pasid, t.state.name,
+            pid, t.comm, t.flags, t.process.tgid, t.process.pasid, t.state,
             t.need_fpu_load, t.on_cpu, fpu.last_cpu, tuple(shapes),
-            (fpu.perm.state_perm, fpu.perm.state_size, fpu.perm.user_state_size),
-            (fpu.guest_perm.state_perm, fpu.guest_perm.state_size),
+            perm.state_perm, perm.state_size, perm.user_state_size,
+            gperm.state_perm, gperm.state_size,
             t.thread_pkru, t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags, t.user_sp,
             t.pasid_activated, None if kp is None else kp.__qualname__,
-            tuple((p.sig, p.code) for p in t.pending),
-            tuple(sorted((k, v.flags) for k, v in t.handlers.items())),
+            tuple([(p.sig, p.code) for p in t.pending]),
+            tuple(sorted([(k, v.flags) for k, v in t.handlers.items()])),
         ))
     expected = []
     for name in sorted(w.expected):
         t = w.tasks.get(name)
-        if t is None or t.state.name == "DEAD":
+        if t is None or t.state is dead:
             continue
-        exp = tuple(sorted((i, cn.value(v, i)) for i, v in w.expected[name].items()))
-        stack = tuple(tuple(sorted((i, cn.value(v, i)) for i, v in d.items()))
-                      for d in w.sigstack[name])
+        exp = _regs_values(cn, w.expected[name])
+        stack = tuple([_regs_values(cn, d) for d in w.sigstack[name]])
         # By content (a digest: Python's hash() of bytes is salted per process, so worker
         # processes would name the same state differently).
-        frames = tuple(hashlib.blake2b(t.process.mm.read(lo, hi - lo), digest_size=16).digest()
-                       for lo, hi in w.frames[name])
+        frames = tuple([hashlib.blake2b(t.process.mm.read(lo, hi - lo),
+                                        digest_size=16).digest()
+                        for lo, hi in w.frames[name]])
         expected.append((name, exp, stack, frames))
     raw = (m.next_pid, tuple(cpus), tuple(tasks), tuple(expected), w.extra_key(cn))
     return cn.finish(raw)
 
 
-__all__ = ["Canon", "Tok", "fps_values", "x86_key"]
+__all__ = ["Canon", "fps_values", "x86_key"]
