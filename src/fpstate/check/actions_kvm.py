@@ -247,6 +247,12 @@ class KvmX86World(X86World):
 
     # -- checks ------------------------------------------------------------------------------
 
+    def event_key(self) -> Any:
+        """As X86World's; a bug the KVM model reported in this step is judged too."""
+        if len(self.kvm.violations) + len(self.kvm.warnings) != self._seen_bugs:
+            return None
+        return super().event_key()
+
     def check(self) -> list[Any]:
         from fpstate.check import invariants
 

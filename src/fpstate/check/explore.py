@@ -147,14 +147,14 @@ def random_slice(job: Job, seed: int, seconds: float, walk_length: int) -> Slice
     if initial.check():
         out.found = _found(initial, initial.check())
         return out
-    out.keys.add(hash(initial.key()))
+    out.keys.add(initial.state_hash())
     while time.perf_counter() - start < seconds and out.found is None:
         w = initial.clone()
         out.walks += 1
         a = None
         swarm: dict[str, bool] | None = {} if SWARM < 1 else None
         for _ in range(walk_length):
-            actions = w.enabled()
+            actions = w.enabled_actions()
             if not actions:
                 break
             a = _pick(rng, actions, a, swarm)
@@ -170,7 +170,7 @@ def random_slice(job: Job, seed: int, seconds: float, walk_length: int) -> Slice
             if r.violations:
                 out.found = _found(w, r.violations)
                 break
-            out.keys.add(hash(w.key()))
+            out.keys.add(w.state_hash())
     return out
 
 
@@ -186,7 +186,7 @@ def expand_slice(job: Job, paths: list[tuple[Action, ...]]) -> Slice:
         except StepError:
             out.illegal += 1
             continue
-        for a in w.enabled():
+        for a in w.enabled_actions():
             c = w.clone()
             try:
                 r = c.step(a)
@@ -199,7 +199,7 @@ def expand_slice(job: Job, paths: list[tuple[Action, ...]]) -> Slice:
                 if out.found is None:
                     out.found = _found(c, r.violations)
                 continue
-            out.children.append(((*path, a), hash(c.key())))
+            out.children.append(((*path, a), c.state_hash()))
     return out
 
 
@@ -282,7 +282,7 @@ def _explore_exhaustive(job: Job, executor: Executor, seconds: float, depth: int
     if bad:
         res.found = _found(initial, bad)
         return res
-    seen = {hash(initial.key())}
+    seen = {initial.state_hash()}
     frontier: list[tuple[Action, ...]] = [()]
     level = 0
     while frontier and level < depth and time.perf_counter() - start < seconds:

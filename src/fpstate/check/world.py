@@ -16,6 +16,12 @@ Rules of this file
 - A world can `clone` itself (a deep copy, or a replay of its history when a kernel path is in
   flight: generators cannot be copied) and name its state canonically with `key`, so the
   explorer can hash states.
+- Equal keys mean states that behave alike (that is what makes state hashing sound), so a world
+  that says so (`MEMO`) has its invariant checks and its enabled actions memoised by the hash
+  of its key, per model, configuration and variant: a state whose key was checked clean is not
+  checked again (`checked`), unless the step also emitted something the key does not hold
+  (`event_key` None: a signal frame, a ptrace buffer, a model-reported bug). Keys are hashed to
+  64 bits; with a few million states per process a collision has a probability below 1e-6.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from typing import Any, ClassVar
 from fpstate.errors import FpstateError
 
 Value = str | int | bool
+
+
+#: Memo of each (model, configuration, variant) in this process (World.memo).
+_MEMOS: dict[tuple[str, str, str | None], tuple[set[int], dict[int, list[Any]]]] = {}
+#: Entries a memo may hold before it is cleared (about 100 bytes each).
+MEMO_LIMIT = 2_000_000
 
 
 class ScenarioError(FpstateError):
@@ -274,7 +286,72 @@ class World(abc.ABC):
             return StepResult({}, (v,))
         self.history.append(action)
         self.steps += 1
-        return StepResult(observed, tuple(self.check()) if check else ())
+        return StepResult(observed, tuple(self.checked()) if check else ())
+
+    # -- memoised by key (see the module docstring) -------------------------------------------
+
+    #: True when `key` names everything the invariants and `enabled` read (besides what
+    #: `event_key` adds), so results may be memoised by key.
+    MEMO: ClassVar[bool] = False
+    #: (steps, hash of key) of the state last hashed.
+    _hashed: tuple[int, int] | None = None
+
+    def event_key(self) -> Hashable | None:
+        """What the last step emitted that the invariants read and `key` does not hold, or
+        None when the step cannot be judged from its state alone (no memo then)."""
+        return ()
+
+    def state_hash(self) -> int:
+        """``hash(self.key())``, computed once per state."""
+        h = self._hashed
+        if h is None or h[0] != self.steps:
+            h = self._hashed = (self.steps, hash(self.key()))
+        return h[1]
+
+    def memo(self) -> tuple[set[int], dict[int, list[Action]]]:
+        """This world's memo: (hashes of states checked clean, enabled actions by hash),
+        shared by every world of the same model, configuration and variant in this process."""
+        k = (self.model, repr(sorted(self.config.items())), self.variant)
+        got = _MEMOS.get(k)
+        if got is None:
+            got = _MEMOS[k] = (set(), {})
+        return got
+
+    def checked(self) -> list[Violation]:
+        """`check`, skipped for a state whose key was checked clean before (MEMO worlds)."""
+        if not self.MEMO:
+            return self.check()
+        ev = self.event_key()
+        if ev is None:
+            return self.check()
+        h = hash((self.state_hash(), ev)) if ev != () else self.state_hash()
+        clean = self.memo()[0]
+        if h in clean:
+            self.discard_events()
+            return []
+        out = self.check()
+        if not out:
+            if len(clean) > MEMO_LIMIT:
+                clean.clear()
+            clean.add(h)
+        return out
+
+    def discard_events(self) -> None:  # noqa: B027 (a hook: most worlds emit nothing)
+        """What `check` does besides checking (forget the step's emissions), for a step whose
+        check was skipped."""
+
+    def enabled_actions(self) -> list[Action]:
+        """`enabled`, memoised by key for MEMO worlds."""
+        if not self.MEMO:
+            return self.enabled()
+        by_key = self.memo()[1]
+        h = self.state_hash()
+        got = by_key.get(h)
+        if got is None:
+            if len(by_key) > MEMO_LIMIT // 4:
+                by_key.clear()
+            got = by_key[h] = self.enabled()
+        return got
 
     def in_flight(self) -> bool:
         """True when a kernel path is suspended inside the model (a deep copy cannot be made:
