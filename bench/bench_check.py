@@ -3,10 +3,15 @@ each seed variant from a cold start.
 
     python3 bench/bench_check.py [--seconds S] [--budget S] [--skip-variants] [--runs N]
 
-Part 1 runs random walks in this process (one core) on the default configuration of each model
-under the kernel's design, every invariant checked and every state keyed after every step,
-and reports transitions per CPU second (process time, so other load on the machine does not
-count) with where the time goes. Part 2 starts ``fpstate explore --variant NAME`` as a fresh
+Part 1 runs the explorer's random walks in this process (one core) on the default
+configuration of each model under the kernel's design, every invariant in force and every
+state keyed after every step, and reports transitions per CPU second (process time, so other
+load on the machine counts less) and the distinct states reached, then where the time goes.
+The invariants of a state whose key was already checked clean are not evaluated again (equal
+keys are states that behave alike: fpstate.check.world), so the rate grows as a run revisits
+states; a fresh process starts with an empty memo, as ``fpstate explore`` does.
+
+Part 2 starts ``fpstate explore --variant NAME`` as a fresh
 process for each seed variant (every core) and reports the wall time until it exits with the
 counterexample written, interpreter start-up and imports included (with ``--runs N``: N
 cold starts with seeds 0..N-1, the median and the worst).
@@ -24,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from fpstate.check.explore import Job, default_config
+from fpstate.check.explore import Job, _pick, default_config, random_slice
 from fpstate.check.variants import SEED_VARIANTS
 from fpstate.check.world import StepError
 from fpstate.errors import FpstateError
@@ -33,46 +38,61 @@ MODELS = (("x86", "sapphire-rapids"), ("x86", "host"), ("arm64", "fvp-aem-fpmr")
 
 
 def throughput(model: str, cpu: str, seconds: float) -> dict[str, float]:
-    """Random walks of 30 steps for ``seconds`` of CPU time; per-part CPU costs."""
+    """The explorer's random walks (`random_slice`: walks of 60 steps, swarm and focus as in
+    ``fpstate explore``) for ``seconds`` of CPU time in this process; then the same walks
+    instrumented, for the CPU cost of each part of a transition."""
     job = Job(model, default_config(model, cpu))
+    clock = time.process_time
+    start = clock()
+    s = random_slice(job, 1, seconds, 60)
+    if s.found is not None:
+        raise SystemExit(f"{model}/{cpu}: the kernel's design violated {s.found.invariant} "
+                         f"after {s.found.path}")
+    out = {"transitions": s.transitions, "cpu_seconds": clock() - start, "states": len(s.keys)}
+    out["per_second"] = s.transitions / out["cpu_seconds"]
+    out.update(parts(job, min(seconds, 3.0)))
+    return out
+
+
+def parts(job: Job, seconds: float) -> dict[str, float]:
+    """Microseconds per transition in each part: the model's step, the state key (hashed once
+    per state), the invariants (skipped for a state whose key was checked clean), the enabled
+    actions (memoised by key) and cloning the initial world for each walk."""
     w0 = job.world()
-    rng = random.Random(1)
-    parts = collections.Counter()
+    rng = random.Random(2)
+    cost = collections.Counter()
     n = 0
     clock = time.process_time
     start = clock()
     while clock() - start < seconds:
         t = clock()
         w = w0.clone()
-        parts["clone"] += clock() - t
-        for _ in range(30):
+        cost["clone"] += clock() - t
+        a = None
+        swarm: dict[str, bool] = {}
+        for _ in range(60):
             t = clock()
-            acts = w.enabled()
-            by = collections.defaultdict(list)
-            for a in acts:
-                by[a.name].append(a)
-            a = rng.choice(by[rng.choice(sorted(by))])
-            parts["enabled"] += clock() - t
+            acts = w.enabled_actions()
+            a = _pick(rng, acts, a, swarm)
+            cost["enabled"] += clock() - t
             t = clock()
             try:
                 w.step(a, check=False)
             except StepError:
+                if w.rollback_on_illegal:
+                    continue
                 break
-            parts["model"] += clock() - t
+            cost["model"] += clock() - t
             t = clock()
-            bad = w.check()
-            parts["invariants"] += clock() - t
+            w.state_hash()
+            cost["key"] += clock() - t
             t = clock()
-            hash(w.key())
-            parts["key"] += clock() - t
+            bad = w.checked()
+            cost["invariants"] += clock() - t
             n += 1
             if bad:
-                raise SystemExit(f"{model}/{cpu}: the kernel's design violated {bad[0]} after "
-                                 f"{w.history}")
-    total = clock() - start
-    out = {"transitions": n, "cpu_seconds": total, "per_second": n / total}
-    out.update({f"us_{k}": v / n * 1e6 for k, v in parts.items()})
-    return out
+                raise SystemExit(f"the kernel's design violated {bad[0]} after {w.history}")
+    return {f"us_{k}": v / n * 1e6 for k, v in cost.items()}
 
 
 def time_to_find(variant: str, budget: float, seed: int = 0) -> tuple[float, str, int]:
@@ -105,15 +125,15 @@ def main() -> int:
     args = ap.parse_args()
     print(f"transitions per second, one core, every invariant on ({args.seconds:.0f} CPU s "
           "each; microseconds per transition by part)")
-    print(f"{'model':6} {'cpu':16} {'trans/s':>8} {'model':>7} {'invar.':>7} {'key':>6} "
-          f"{'enabled':>8} {'clone':>6}")
+    print(f"{'model':6} {'cpu':16} {'trans/s':>8} {'states':>7} {'model':>7} {'invar.':>7} "
+          f"{'key':>6} {'enabled':>8} {'clone':>6}")
     for model, cpu in MODELS:
         try:
             r = throughput(model, cpu, args.seconds)
         except FpstateError as e:  # a profile this host cannot load
             print(f"{model:6} {cpu:16} skipped: {e}")
             continue
-        print(f"{model:6} {cpu:16} {r['per_second']:8.0f} {r['us_model']:7.0f} "
+        print(f"{model:6} {cpu:16} {r['per_second']:8.0f} {r['states']:7} {r['us_model']:7.0f} "
               f"{r['us_invariants']:7.0f} {r['us_key']:6.0f} {r['us_enabled']:8.0f} "
               f"{r['us_clone']:6.0f}")
     if args.skip_variants:
