@@ -4,66 +4,140 @@ The arm64 model's states are immutable dataclasses and FrozenMaps shared from on
 next; the key is their content (without the last event's observations) with each register
 token's generation replaced by its rank among the generations of the same writer (see
 fpstate.check.statekey for the x86 twin and why ranks).
+
+Theory of operation (speed)
+---------------------------
+A step of the model rebuilds only the objects on the path to what it changed (a handful of
+dataclasses); every other object is shared with the state before.  So each object is
+canonicalised once and memoised by identity (`_MEMO`, which keeps the object alive so that its
+id cannot be reused while the entry stands); a dataclass is walked field by field with the
+leaves (tokens, strings, ints, bools, None) handled inline, and only its composite fields
+recurse.  A FrozenMap's entries are sorted by the repr of their keys; the sorted order of a
+key set is memoised too (the map of expected values changes at every write, its key set
+almost never).  The result is the same key, value for value, as a plain recursive walk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from fpstate.arm64.regs import Tok as ArmTok
 from fpstate.arm64.statemachine import FrozenMap
 
 _SKIP = frozenset({"obs", "caps", "config", "profile", "gen"})
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+#: Field annotations whose values are leaves kept as they are.
+_PLAIN_ANNOTATIONS = frozenset({"str", "int", "bool", "float", "str | None", "int | None"})
 #: id(object) -> (object, structure, tokens): immutable arm64 model objects are shared from
-#: one state to the next, so each is canonicalised once.
-_ARM_MEMO: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
+#: one state to the next, so each is canonicalised once.  Two generations: when `_MEMO` is
+#: full it becomes `_OLD` (entries found there move back), so the objects every walk shares
+#: (the initial world's) stay while those of finished walks go.  A small memo matters: every
+#: entry keeps its object alive, and the collector's full passes walk them all.
+_MEMO: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
+_OLD: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
+_MEMO_MAX = 4096
+#: the keys of a FrozenMap in insertion order -> the same keys sorted by repr.
+_ORDER: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+#: ("T", writer) of a written token by writer, ("A", value) of an architectural one by value.
+_WRITTEN: dict[str, tuple[str, str]] = {}
+_ARCH: dict[int, tuple[str, int]] = {}
+_NO_TOKS: tuple[tuple[str, int], ...] = ()
+#: dataclass type -> its generated canonicaliser (see `_compile`).
+_CANON: dict[type, Callable[[Any, list[tuple[str, int]]], tuple[Any, ...]]] = {}
 
 
-def _arm_canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
-    """(structure with tokens as ("T", writer), the (writer, gen) of those tokens in order)."""
-    if isinstance(x, ArmTok):
-        return (("T", x.writer), ((x.writer, x.gen),)) if x.writer else (("A", x.gen), ())
-    if isinstance(x, (str, int, float, bool, type(None))):
-        return x, ()
-    hit = _ARM_MEMO.get(id(x))
+def _tok(v: ArmTok, toks: list[tuple[str, int]]) -> tuple[str, Any]:
+    """The structure of a token; a written one's (writer, gen) goes to ``toks``."""
+    w = v.writer
+    if w:
+        toks.append((w, v.gen))
+        s = _WRITTEN.get(w)
+        if s is None:
+            s = _WRITTEN[w] = ("T", w)
+        return s
+    a = _ARCH.get(v.gen)
+    if a is None:
+        a = _ARCH[v.gen] = ("A", v.gen)
+    return a
+
+
+def _value(v: Any, toks: list[tuple[str, int]]) -> Any:
+    """The structure of any field value or element."""
+    t = type(v)
+    if t is ArmTok:
+        return _tok(v, toks)
+    if t in _PLAIN:
+        return v
+    sv, st = _canon(v)
+    if st:
+        toks.extend(st)
+    return sv
+
+
+def _compile(t: type) -> Callable[[Any, list[tuple[str, int]]], tuple[Any, ...]]:
+    """A function building the structure of a ``t`` instance: ``(type name, field, ...)``
+    without the `_SKIP` fields, reading each field directly (fields annotated ``Tok`` through
+    `_tok`, plain ones as they are, any other through `_value`)."""
+    exprs = []
+    for f in dataclasses.fields(t):
+        if f.name in _SKIP:
+            continue
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if ann == "Tok" and t.__module__.startswith("fpstate."):
+            exprs.append(f"_tok(x.{f.name}, toks)")
+        elif ann in _PLAIN_ANNOTATIONS:
+            exprs.append(f"x.{f.name}")
+        else:
+            exprs.append(f"_value(x.{f.name}, toks)")
+    src = f"def canon(x, toks):\n    return ({t.__name__!r}, {', '.join(exprs)},)\n"
+    ns: dict[str, Any] = {"_tok": _tok, "_value": _value}
+    exec(compile(src, f"<statekey_arm64 {t.__name__}>", "exec"), ns)
+    return ns["canon"]
+
+
+def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
+    """(structure with written tokens as ("T", writer) and architectural values as
+    ("A", value), the (writer, gen) of the written tokens in traversal order)."""
+    t = type(x)
+    if t is ArmTok:
+        toks: list[tuple[str, int]] = []
+        return _tok(x, toks), tuple(toks)
+    if t in _PLAIN:
+        return x, _NO_TOKS
+    global _MEMO, _OLD
+    hit = _MEMO.get(id(x))
     if hit is not None and hit[0] is x:
         return hit[1], hit[2]
-    toks: list[tuple[str, int]] = []
-    parts: list[Any] = []
-    if isinstance(x, FrozenMap):
-        for k, v in sorted(x.items(), key=lambda kv: repr(kv[0])):
-            sv, tv = _arm_canon(v)
-            parts.append((k, sv))
-            toks.extend(tv)
-        struct: Any = tuple(parts)
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            sv, tv = _arm_canon(y)
-            parts.append(sv)
-            toks.extend(tv)
-        struct = tuple(parts)
-    elif isinstance(x, (frozenset, set)):
+    hit = _OLD.get(id(x))
+    if hit is not None and hit[0] is x:
+        _MEMO[id(x)] = hit
+        return hit[1], hit[2]
+    toks = []
+    fn = _CANON.get(t)
+    if fn is not None:
+        struct: Any = fn(x, toks)
+    elif t is FrozenMap:
+        d = x._d
+        keys = tuple(d)
+        order = _ORDER.get(keys)
+        if order is None:
+            order = _ORDER[keys] = tuple(sorted(keys, key=repr))
+        struct = tuple([(k, _value(d[k], toks)) for k in order])
+    elif t is tuple or t is list:
+        struct = tuple([_value(y, toks) for y in x])
+    elif t is frozenset or t is set:
         struct = tuple(sorted(map(repr, x)))
     elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        names = _FIELDS.get(type(x))
-        if names is None:
-            names = _FIELDS[type(x)] = tuple(f.name for f in dataclasses.fields(x)
-                                             if f.name not in _SKIP)
-        parts.append(type(x).__name__)
-        for n in names:
-            sv, tv = _arm_canon(getattr(x, n))
-            parts.append(sv)
-            toks.extend(tv)
-        struct = tuple(parts)
+        fn = _CANON[t] = _compile(t)
+        struct = fn(x, toks)
     else:
         struct = repr(x)
-    out = tuple(toks)
-    if len(_ARM_MEMO) > 200_000:
-        _ARM_MEMO.clear()
-    _ARM_MEMO[id(x)] = (x, struct, out)
+    out = tuple(toks) if toks else _NO_TOKS
+    if len(_MEMO) >= _MEMO_MAX:
+        _OLD, _MEMO = _MEMO, {}
+    _MEMO[id(x)] = (x, struct, out)
     return struct, out
 
 
@@ -71,12 +145,26 @@ def arm64_key(kw: Any) -> Hashable:
     """The canonical key of a KVM/arm64 world (immutable dataclasses and FrozenMaps): its
     content without the last event's observations, with token generations replaced by their
     rank per writer (the structure and the pattern of ranks, in traversal order)."""
-    struct, toks = _arm_canon(kw)
-    gens: dict[str, set[int]] = {}
-    for w, g in toks:
-        gens.setdefault(w, set()).add(g)
-    ranks = {w: {g: n for n, g in enumerate(sorted(v))} for w, v in gens.items()}
-    return (struct, tuple(ranks[w][g] for w, g in toks))
+    struct, toks = _canon(kw)
+    ranks = _RANKS.get(toks)
+    if ranks is None:
+        rank: dict[tuple[str, int], int] = {}
+        prev, n = None, 0
+        for w, g in sorted(set(toks)):
+            if w != prev:
+                prev, n = w, 0
+            rank[(w, g)] = n
+            n += 1
+        ranks = tuple(map(rank.__getitem__, toks))
+        if len(_RANKS) >= _MEMO_MAX:
+            _RANKS.clear()
+        _RANKS[toks] = ranks
+    return (struct, ranks)
+
+
+#: the tokens of a world in traversal order -> their ranks (walks from one initial state
+#: meet the same generations again and again).
+_RANKS: dict[tuple[tuple[str, int], ...], tuple[int, ...]] = {}
 
 
 __all__ = ["arm64_key"]
