@@ -8,10 +8,11 @@ vocabulary of invariant names covers both architectures.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from fpstate.check.invariants import predicate
+from fpstate.kvm.arm64 import invariants as kvm_inv
 
 ARM64 = "arm64"
 
@@ -32,12 +33,11 @@ ARM64_RULES: dict[str, str] = {
 
 
 def _register(rule: str, invariant: str) -> None:
-    def check(w: Any) -> Iterator[str]:
-        from fpstate.kvm.arm64 import invariants as kvm_inv
+    fn = getattr(kvm_inv, rule)
 
-        fn = getattr(kvm_inv, rule)
-        for detail in fn(w.kw):
-            yield f"{rule}: {detail}"
+    def check(w: Any) -> Iterable[str]:
+        found = fn(w.kw)
+        return [f"{rule}: {detail}" for detail in found] if found else ()
 
     check.__name__ = rule
     predicate(invariant, ARM64)(check)
