@@ -198,7 +198,6 @@ class X86World(X86Views, World):
         self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU))
         self.supervisor_tracked = tuple(i for i in self.tracked if i not in self.writable)
         self.max_tasks = int(self.config.get("max_tasks", 6))
-        self._image_cache: dict[tuple[int, bytes], dict[int, bytes]] = {}
         #: (steps, pickled world) for `clone`, valid while ``steps`` is unchanged
         self._snapshot: tuple[int, bytes] | None = None
         self.sizes: dict[tuple[int, bool], int] = {}  #: XSAVE sizes by (mask, compacted)
@@ -259,7 +258,11 @@ class X86World(X86Views, World):
     MEMO: ClassVar[bool] = True
 
     def check(self) -> list[Violation]:
-        out = invariants.check(self)
+        self._live_cache = [t for t in self.tasks.values() if t.state is not TaskState.DEAD]
+        try:
+            out = invariants.check(self)
+        finally:
+            self._live_cache = None
         self.discard_events()
         return out
 
@@ -276,7 +279,7 @@ class X86World(X86Views, World):
         return any(t.kpath is not None for t in self.m.tasks.values())
 
     def clone(self) -> X86World:
-        """A deep copy sharing the immutable system and profile, with an empty image cache.
+        """A deep copy sharing the immutable system and profile.
 
         Made by unpickling a snapshot of this world (several times faster than deepcopy);
         the snapshot is kept until the world next changes (`World.step`), so the many
@@ -289,17 +292,17 @@ class X86World(X86Views, World):
                 blob = self._snapshot = (self.steps, self._pickle())
             except (pickle.PicklingError, TypeError, AttributeError):
                 s = self.m.system
-                memo = {id(s): s, id(s.profile): s.profile, id(self._image_cache): {}}
+                memo = {id(s): s, id(s.profile): s.profile}
                 return copy.deepcopy(self, memo)
         s = self.m.system
         shared = {"system": s, "profile": s.profile}
         up = pickle.Unpickler(io.BytesIO(blob[1]))
-        up.persistent_load = lambda pid: {} if pid == "image_cache" else shared[pid]
+        up.persistent_load = shared.__getitem__
         return up.load()
 
     def _pickle(self) -> bytes:
         s = self.m.system
-        ids = {id(s): "system", id(s.profile): "profile", id(self._image_cache): "image_cache"}
+        ids = {id(s): "system", id(s.profile): "profile"}
         f = io.BytesIO()
         p = pickle.Pickler(f, pickle.HIGHEST_PROTOCOL)
         p.persistent_id = lambda obj: ids.get(id(obj))
@@ -594,8 +597,11 @@ class X86World(X86Views, World):
             if len(_TASK_ACTIONS) > 10_000:
                 _TASK_ACTIONS.clear()
             got = _TASK_ACTIONS[k] = {
-                "write": tuple((i, A("write", task=comm, component=BY_NUMBER[i].short))
-                               for i in self.writable),
+                "writes": tuple(A("write", task=comm, component=BY_NUMBER[i].short)
+                                for i in self.writable),
+                "writes_no_amx": tuple(A("write", task=comm, component=BY_NUMBER[i].short)
+                                       for i in self.writable
+                                       if not (XFEATURE_MASK_XTILE >> i) & 1),
                 "release": A("release", task=comm, components="xtilecfg|xtiledata"),
                 "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
                 "get_perm": A("arch_prctl", task=comm, option="get_perm"),
@@ -604,75 +610,134 @@ class X86World(X86Views, World):
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
                 "sigreturn": A("sigreturn", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
-                "ptrace_stop": A("ptrace_stop", task=comm)}
+                "ptrace_stop": A("ptrace_stop", task=comm),
+                "ptrace_cont": A("ptrace_cont", task=comm),
+                "exec": A("exec", task=comm)}
         return got
 
     def enabled(self) -> list[Action]:
         """The actions the explorer may take now; their preconditions mirror the model's."""
-        A = Action.of
         out: list[Action] = []
+        add = out.append
         live = self.live()
-        user = [t for t in live if t.state is TaskState.USER]
-        runnable = [t for t in live if t.state is TaskState.RUNNABLE]
         ncpu = len(self.m.cpus)
-        for t in runnable:
-            for nr in range(ncpu):
-                out.append(A("run", task=t.comm, cpu=nr))
-                out.append(A("switch_in", task=t.comm, cpu=nr))
+        user = []
+        stopped = []
+        busy = set()
+        for t in live:
+            st = t.state
+            if st is TaskState.USER:
+                user.append(t)
+            elif st is TaskState.RUNNABLE:
+                out.extend(_scheduling(t.comm, ncpu))
+            elif st is TaskState.STOPPED:
+                stopped.append(t)
+            if t.kpath is not None:
+                busy.add(t.process.tgid)
+        s = self.m.system
+        pasid = s.kernel.max_features & XFEATURE_MASK_PASID
         for c in self.m.cpus:
+            idle, ret, kfpu = _cpu_actions(c.nr)
             cur = c.current
             if cur is not c.idle:
-                out.append(A("idle", cpu=c.nr))
+                add(idle)
                 if cur.state is TaskState.KERNEL and cur.kpath is None:
-                    out.append(A("return_to_user", cpu=c.nr))
-                    if self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
-                        out.append(A("pasid_write", task=cur.comm))
-            out.append(A("kernel_fpu", cpu=c.nr))
+                    add(ret)
+                    if pasid:
+                        add(self._task_actions(cur.comm)["pasid_write"])
+            add(kfpu)
         ntasks = len(live)
-        busy = {t.process.tgid for t in live if t.kpath is not None}
-        amx = self.m.system.xcr0 & XFEATURE_MASK_XTILE
-        pasid = self.m.system.kernel.max_features & XFEATURE_MASK_PASID
+        amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:
             # A thread group with a thread inside a kernel path is never torn down under it
             # (the model's de_thread/do_group_exit would drop the path): no group-killing
             # actions then -- exec, an unhandled signal, AMX use without permission.
             calm = t.process.tgid not in busy
-            perm = t.process.leader.fpu.perm.state_perm
             ta = self._task_actions(t.comm)
-            for i, a in ta["write"]:
-                if calm or not (XFEATURE_MASK_XTILE >> i) & 1 or perm & XFEATURE_MASK_XTILE_DATA:
-                    out.append(a)
+            if calm or t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA:
+                out.extend(ta["writes"])
+            else:
+                out.extend(ta["writes_no_amx"])
             if amx:
-                out.append(ta["release"])
-            out.append(ta["req_perm"])
-            out.append(ta["get_perm"])
+                add(ta["release"])
+            add(ta["req_perm"])
+            add(ta["get_perm"])
             if SIGUSR1 not in t.handlers:
-                out.append(ta["sigaction"])
+                add(ta["sigaction"])
             elif calm:
-                out.append(ta["signal"])
+                add(ta["signal"])
             if t.sas_ss_size == 0:
-                out.append(ta["sigaltstack"])
+                add(ta["sigaltstack"])
             if self.sigstack[t.comm]:
-                out.append(ta["sigreturn"])
+                add(ta["sigreturn"])
             if pasid:
-                out.append(ta["pasid_write"])
-            out.append(ta["ptrace_stop"])
+                add(ta["pasid_write"])
+            add(ta["ptrace_stop"])
             if ntasks < self.max_tasks:
-                n = self.m.next_pid
-                out.append(A("fork", task=t.comm, child=f"f{n}.t0"))
-                out.append(A("clone", task=t.comm, child=f"{t.comm.split('.')[0]}.c{n}"))
+                out.extend(_spawn(t.comm, self.m.next_pid))
             if calm:
-                out.append(A("exec", task=t.comm))
-            for s in live:
-                if s.state is TaskState.STOPPED:
-                    out.append(A("ptrace_get", tracer=t.comm, task=s.comm))
-                    for i in self.writable[2:4]:
-                        out.append(A("ptrace_set", tracer=t.comm, task=s.comm,
-                                     component=BY_NUMBER[i].short))
-        for s in live:
-            if s.state is TaskState.STOPPED:
-                out.append(A("ptrace_cont", task=s.comm))
+                add(ta["exec"])
+            for st in stopped:
+                out.extend(self._ptrace_actions(t.comm, st.comm))
+        for st in stopped:
+            add(self._task_actions(st.comm)["ptrace_cont"])
         return out
+
+    def _ptrace_actions(self, tracer: str, task: str) -> tuple[Action, ...]:
+        k = (tracer, task, self.writable)
+        got = _PTRACE_ACTIONS.get(k)
+        if got is None:
+            A = Action.of
+            if len(_PTRACE_ACTIONS) > 10_000:
+                _PTRACE_ACTIONS.clear()
+            got = _PTRACE_ACTIONS[k] = (A("ptrace_get", tracer=tracer, task=task), *(
+                A("ptrace_set", tracer=tracer, task=task, component=BY_NUMBER[i].short)
+                for i in self.writable[2:4]))
+        return got
+
+
+def _scheduling(comm: str, ncpu: int) -> tuple[Action, ...]:
+    """run and switch_in of a runnable task on every CPU."""
+    k = (comm, ncpu)
+    got = _SCHED_ACTIONS.get(k)
+    if got is None:
+        if len(_SCHED_ACTIONS) > 10_000:
+            _SCHED_ACTIONS.clear()
+        got = _SCHED_ACTIONS[k] = tuple(
+            a for nr in range(ncpu)
+            for a in (Action.of("run", task=comm, cpu=nr), Action.of("switch_in", task=comm,
+                                                                       cpu=nr)))
+    return got
+
+
+def _cpu_actions(nr: int) -> tuple[Action, Action, Action]:
+    """idle, return_to_user and kernel_fpu of CPU ``nr``."""
+    got = _CPU_ACTIONS.get(nr)
+    if got is None:
+        got = _CPU_ACTIONS[nr] = (Action.of("idle", cpu=nr),
+                                  Action.of("return_to_user", cpu=nr),
+                                  Action.of("kernel_fpu", cpu=nr))
+    return got
+
+
+def _spawn(comm: str, pid: int) -> tuple[Action, Action]:
+    """fork and clone by ``comm`` when the next pid is ``pid`` (it names the child)."""
+    k = (comm, pid)
+    got = _SPAWN_ACTIONS.get(k)
+    if got is None:
+        if len(_SPAWN_ACTIONS) > 10_000:
+            _SPAWN_ACTIONS.clear()
+        got = _SPAWN_ACTIONS[k] = (
+            Action.of("fork", task=comm, child=f"f{pid}.t0"),
+            Action.of("clone", task=comm, child=f"{comm.split('.')[0]}.c{pid}"))
+    return got
+
+
+#: Interned action tuples of `X86World.enabled`.
+_SCHED_ACTIONS: dict[tuple[str, int], tuple[Action, ...]] = {}
+_CPU_ACTIONS: dict[int, tuple[Action, Action, Action]] = {}
+_SPAWN_ACTIONS: dict[tuple[str, int], tuple[Action, Action]] = {}
+_PTRACE_ACTIONS: dict[tuple[str, str, tuple[int, ...]], tuple[Action, ...]] = {}
 
 
 #: (task name, writable components) -> X86World._task_actions.

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from fpstate.kernel.x86.sched import Machine
 
 KERNEL_NAME = "kernel"
+#: X86Views.image's memo: (id(system), XFD, image bytes) -> registers, and id(fpstate) ->
+#: (fpstate, system, XFD, snapshot of its image, registers).
+_IMAGES: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
+_IMAGE_BY_BUFFER: dict[int, tuple[Any, Any, int, bytes, dict[int, bytes]]] = {}
 
 
 class X86Views:
@@ -45,7 +49,6 @@ class X86Views:
     init_values: dict[int, bytes]
     sizes: dict[tuple[int, bool], int]
     steps: int
-    _image_cache: dict[tuple[int, bytes], dict[int, bytes]]
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -66,7 +69,13 @@ class X86Views:
             raise StepError(f"no CPU {nr}")
         return nr
 
+    #: The live tasks while the invariants run (X86World.check): nothing changes then.
+    _live_cache: list[Task] | None = None
+
     def live(self) -> list[Task]:
+        cached = self._live_cache
+        if cached is not None:
+            return cached
         return [t for t in self.tasks.values() if t.state is not TaskState.DEAD]
 
     def name_of_owner(self, owner: int) -> str:
@@ -134,15 +143,28 @@ class X86Views:
         return out
 
     def image(self, fps: Fpstate) -> dict[int, bytes]:
-        """What restoring ``fps`` would load (invariants_x86.image_state), cached by content."""
+        """What restoring ``fps`` would load (invariants_x86.image_state), memoised by content
+        for every world of this process (a buffer met again is compared with its snapshot
+        rather than hashed: most images do not change from one step to the next). The dict
+        returned is shared: read it, never change it."""
         from fpstate.check.invariants_x86 import image_state
 
-        k = (fps.xfd, bytes(fps.regs))
-        got = self._image_cache.get(k)
+        s = self.m.system
+        regs = fps.regs
+        hit = _IMAGE_BY_BUFFER.get(id(fps))
+        if (hit is not None and hit[0] is fps and hit[1] is s and hit[2] == fps.xfd
+                and hit[3] == regs):
+            return hit[4]
+        snap = bytes(regs)
+        k = (id(s), fps.xfd, snap)
+        got = _IMAGES.get(k)
         if got is None:
-            if len(self._image_cache) > 512:
-                self._image_cache.clear()
-            got = self._image_cache[k] = image_state(self, fps)
+            if len(_IMAGES) > 2048:
+                _IMAGES.clear()
+            got = _IMAGES[k] = image_state(self, fps)
+        if len(_IMAGE_BY_BUFFER) > 2048:
+            _IMAGE_BY_BUFFER.clear()
+        _IMAGE_BY_BUFFER[id(fps)] = (fps, s, fps.xfd, snap, got)
         return got
 
     def where(self, t: Task) -> tuple[str, int | None]:
