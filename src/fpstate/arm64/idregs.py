@@ -13,8 +13,9 @@ every register has an encoding, a reference and at least one field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
+from fpstate.arm64.statemachine import replace
 from fpstate.errors import ProfileError
 
 

@@ -26,7 +26,9 @@ SVCR.SM and SVCR.ZA are plain bits.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from fpstate.arm64.statemachine import replace
 
 # --- sve_context.h ---------------------------------------------------------------------
 SVE_VQ_BYTES = 16            #: __SVE_VQ_BYTES: bytes per quadword

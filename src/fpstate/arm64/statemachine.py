@@ -12,18 +12,67 @@ Rules of this file
   can enumerate them.
 * Errno returns of ioctls are *not* illegal events: the kernel answers them, and the model
   returns them as values (``-errno``), exactly like the kernel function it models.
+* A new state is an old one with some fields changed: `replace` is ``dataclasses.replace``
+  for the model's frozen slotted dataclasses without its per-call introspection (the checker
+  takes a dozen such copies per transition).  An update that changes nothing (every new
+  value *is* the old one) returns the object itself, here and in `FrozenMap.set`/`update`:
+  states are immutable values, so sharing is invisible to the model, and the checker's
+  memos, keyed by identity, keep hitting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import dataclasses
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fpstate.errors import FpstateError
 
 K = TypeVar("K")
 V = TypeVar("V")
+D = TypeVar("D")
+
+
+def replace(obj: D, /, **changes: Any) -> D:
+    """``dataclasses.replace(obj, **changes)``: a copy of the dataclass instance ``obj`` with
+    ``changes`` applied (TypeError for a name that is not a field), or ``obj`` itself when
+    every change is the value the field already holds.  Frozen slotted classes without
+    ``__post_init__`` are copied by a function generated once per class that sets each slot;
+    any other class goes through ``dataclasses.replace``."""
+    for k, v in changes.items():
+        if getattr(obj, k, _UNSET) is not v:
+            break
+    else:
+        return obj
+    fn = _REPLACERS.get(type(obj))
+    if fn is None:
+        fn = _REPLACERS[type(obj)] = _replacer(type(obj))
+    return fn(obj, **changes)
+
+
+_REPLACERS: dict[type, Callable[..., Any]] = {}
+_UNSET = object()
+
+
+def _replacer(cls: type) -> Callable[..., Any]:
+    fields = dataclasses.fields(cls)
+    plain = (not hasattr(cls, "__post_init__")
+             and all(f.init and f._field_type is dataclasses._FIELD for f in fields)  # type: ignore[attr-defined]
+             and all(isinstance(cls.__dict__.get(f.name), types.MemberDescriptorType)
+                     for f in fields))
+    if not plain:
+        return dataclasses.replace
+    names = [f.name for f in fields]
+    src = [f"def replace(o, /, *, {', '.join(f'{n}=_UNSET' for n in names)}):",
+           "    x = _new(_cls)"]
+    src += [f"    _set_{n}(x, o.{n} if {n} is _UNSET else {n})" for n in names]
+    src.append("    return x")
+    ns: dict[str, Any] = {"_UNSET": _UNSET, "_new": object.__new__, "_cls": cls}
+    ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
+    exec(compile("\n".join(src) + "\n", f"<replace {cls.__qualname__}>", "exec"), ns)
+    return ns["replace"]
 
 
 class IllegalEvent(FpstateError):
@@ -67,11 +116,19 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
         return f"FrozenMap({self._d!r})"
 
     def set(self, key: K, value: V) -> FrozenMap[K, V]:
+        if self._d.get(key, _UNSET) is value:
+            return self
         d = dict(self._d)
         d[key] = value
         return FrozenMap(d)
 
     def update(self, items: Mapping[K, V]) -> FrozenMap[K, V]:
+        get = self._d.get
+        for k, v in items.items():
+            if get(k, _UNSET) is not v:
+                break
+        else:
+            return self
         d = dict(self._d)
         d.update(items)
         return FrozenMap(d)

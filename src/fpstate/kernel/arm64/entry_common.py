@@ -16,10 +16,8 @@ instructions a user task executes (the CPU side: where CPACR_EL1's EL0 enables t
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fpstate.arm64.regs import FPMR, FPSR, FPSR_STREAMING, ZA, ZERO, ZHI, ZT0, P, V, smstart, smstop
-from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64.fpsimd import (
     current_task,
     do_sme_acc,

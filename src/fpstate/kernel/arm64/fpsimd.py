@@ -26,8 +26,6 @@ exactly its own latest state.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import (
     FPMR,
@@ -51,7 +49,7 @@ from fpstate.arm64.regs import (
     sve_vq_from_vl,
     za_regs_size,
 )
-from fpstate.arm64.statemachine import IllegalEvent, TransitionTable
+from fpstate.arm64.statemachine import IllegalEvent, TransitionTable, replace
 from fpstate.kernel.arm64.state import (
     ARM64_VEC_SME,
     ARM64_VEC_SVE,

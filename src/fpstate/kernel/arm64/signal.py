@@ -16,7 +16,7 @@ uc_flags, uc_link, uc_stack, uc_sigmask, 120 bytes of glibc sigset padding, then
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fpstate.arm64.regs import (
     FPMR,
@@ -35,6 +35,7 @@ from fpstate.arm64.regs import (
     sve_vq_from_vl,
     za_regs_size,
 )
+from fpstate.arm64.statemachine import replace
 from fpstate.errors import BlobError
 from fpstate.kernel.arm64 import fpsimd
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, Host, HostCaps

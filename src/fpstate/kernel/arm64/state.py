@@ -13,11 +13,11 @@ per-CPU binding names the store it saves into, as the kernel's pointers do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import SVE_VQ_BYTES, VL_ARCH_MAX, ZERO, FpRegs, Tok, sve_vl_from_vq
-from fpstate.arm64.statemachine import FrozenMap
+from fpstate.arm64.statemachine import FrozenMap, replace
 
 FP_STATE_CURRENT = "FP_STATE_CURRENT"
 FP_STATE_FPSIMD = "FP_STATE_FPSIMD"
@@ -239,6 +239,8 @@ class Host:
         return replace(self, tasks=self.tasks.set(task.name, task))
 
     def with_cpu(self, cpu: Cpu) -> Host:
+        if self.cpus[cpu.idx] is cpu:
+            return self
         cpus = list(self.cpus)
         cpus[cpu.idx] = cpu
         return replace(self, cpus=tuple(cpus))

@@ -16,9 +16,8 @@ when the thread is scheduled back in.
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 
-from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64.state import TASK_KERNEL

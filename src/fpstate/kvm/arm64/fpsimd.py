@@ -29,10 +29,8 @@ host's FPMR at ``&uw.fpsimd_state + 1``, as Mark Brown's v3 fpsimd_share_end() d
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fpstate.arm64.regs import USER_FPSIMD_STATE_SIZE, ZERO, sve_vq_from_vl
-from fpstate.arm64.statemachine import TransitionTable
+from fpstate.arm64.statemachine import TransitionTable, replace
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64.state import (
     FP_STATE_FPSIMD,

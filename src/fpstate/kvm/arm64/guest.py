@@ -16,7 +16,6 @@ Only the FP part of the register list is modelled (no GP, timer, firmware regist
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 
 from fpstate.arm64.regs import (
     FPSR,
@@ -31,7 +30,7 @@ from fpstate.arm64.regs import (
     sve_zreg_offset,
     sve_zreg_size,
 )
-from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64.state import Observation
 from fpstate.kvm.arm64.kvm_host import VCPU_OUT, KvmWorld, Vcpu, vcpu_has_sve
 from fpstate.kvm.arm64.reset import (

@@ -22,11 +22,9 @@ vCPU context; one that is refused records ``undef``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fpstate.arm64.idregs import ID_REG_DEFS
 from fpstate.arm64.regs import FPMR, FPSR, ZERO, ZHI, P, V
-from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64.state import Observation
 from fpstate.kvm.arm64.fpsimd import cptr_traps, kvm_hyp_handle_fpsimd, run_step
 from fpstate.kvm.arm64.kvm_host import KvmWorld, Vcpu

@@ -16,10 +16,10 @@ every gate in KVM asks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fpstate.arm64.idregs import IdRegs
-from fpstate.arm64.statemachine import FrozenMap, IllegalEvent
+from fpstate.arm64.statemachine import FrozenMap, IllegalEvent, replace
 from fpstate.kernel.arm64.state import Host, Task
 from fpstate.kvm.arm64.config import KvmConfig
 
@@ -129,6 +129,8 @@ class KvmWorld:
         return replace(self, vcpus=self.vcpus.set(vcpu.ctx, vcpu))
 
     def with_hyp(self, cpu: int, hyp: HypCpu) -> KvmWorld:
+        if self.hyp[cpu] is hyp:
+            return self
         h = list(self.hyp)
         h[cpu] = hyp
         return replace(self, hyp=tuple(h))

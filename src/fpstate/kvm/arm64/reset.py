@@ -13,11 +13,10 @@
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 
 from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import ZERO, sve_regs_size, sve_vq_from_vl
-from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64 import entry_common, fpsimd
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FpStore
 from fpstate.kvm.arm64.config import KvmConfig

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from fpstate.arm64.idregs import (
     ID_AA64FPFR0_EL1,
@@ -30,6 +30,7 @@ from fpstate.arm64.idregs import (
     reg_def,
 )
 from fpstate.arm64.regs import FP_SYSREGS, Tok
+from fpstate.arm64.statemachine import replace
 from fpstate.kernel.arm64.state import HostCaps, Observation
 from fpstate.kvm.arm64.config import FPMR_UNGATED
 from fpstate.kvm.arm64.kvm_host import KvmWorld, Vcpu, kvm_has_fpmr, vcpu_has_sve
