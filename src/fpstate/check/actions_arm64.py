@@ -22,6 +22,7 @@ from fpstate.arm64.cpu import load_profile
 from fpstate.arm64.idregs import reg_def
 from fpstate.arm64.regs import COMPONENTS
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.check.statekey_arm64 import arm64_event_key, arm64_key
 from fpstate.check.world import (
     WHERE_BOTH,
     WHERE_MEMORY,
@@ -384,10 +385,16 @@ class Arm64World(World):
                         if n not in in_run]
         return out
 
-    def key(self) -> Hashable:
-        from fpstate.check.statekey_arm64 import arm64_key
+    #: The key names everything `enabled` and the invariants read but the last event's
+    #: observations, which `event_key` gives (fpstate.check.statekey_arm64).
+    MEMO: ClassVar[bool] = True
 
+    def key(self) -> Hashable:
         return arm64_key(self.kw)
+
+    def event_key(self) -> Hashable:
+        """The observations of the last event, canonical as the key is."""
+        return arm64_event_key(self.kw)
 
     def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
         kw, host = self.kw, self.kw.host

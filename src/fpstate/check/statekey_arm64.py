@@ -141,13 +141,11 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
     return struct, out
 
 
-def arm64_key(kw: Any) -> Hashable:
-    """The canonical key of a KVM/arm64 world (immutable dataclasses and FrozenMaps): its
-    content without the last event's observations, with token generations replaced by their
-    rank per writer (the structure and the pattern of ranks, in traversal order)."""
+def _ranks(kw: Any) -> tuple[Any, tuple[int, ...], dict[tuple[str, int], int]]:
+    """(structure, ranks in traversal order, rank of each (writer, gen)) of a world."""
     struct, toks = _canon(kw)
-    ranks = _RANKS.get(toks)
-    if ranks is None:
+    got = _RANKS.get(toks)
+    if got is None:
         rank: dict[tuple[str, int], int] = {}
         prev, n = None, 0
         for w, g in sorted(set(toks)):
@@ -155,16 +153,44 @@ def arm64_key(kw: Any) -> Hashable:
                 prev, n = w, 0
             rank[(w, g)] = n
             n += 1
-        ranks = tuple(map(rank.__getitem__, toks))
+        got = (tuple(map(rank.__getitem__, toks)), rank)
         if len(_RANKS) >= _MEMO_MAX:
             _RANKS.clear()
-        _RANKS[toks] = ranks
+        _RANKS[toks] = got
+    return struct, got[0], got[1]
+
+
+#: the tokens of a world in traversal order -> (their ranks, the rank of each): walks from
+#: one initial state meet the same generations again and again.
+_RANKS: dict[tuple[tuple[str, int], ...], tuple[tuple[int, ...], dict[tuple[str, int], int]]] = {}
+
+
+def arm64_key(kw: Any) -> Hashable:
+    """The canonical key of a KVM/arm64 world (immutable dataclasses and FrozenMaps): its
+    content without the last event's observations, with token generations replaced by their
+    rank per writer (the structure and the pattern of ranks, in traversal order)."""
+    struct, ranks, _ = _ranks(kw)
     return (struct, ranks)
 
 
-#: the tokens of a world in traversal order -> their ranks (walks from one initial state
-#: meet the same generations again and again).
-_RANKS: dict[tuple[tuple[str, int], ...], tuple[int, ...]] = {}
+def arm64_event_key(kw: Any) -> Hashable:
+    """What the last event let contexts observe (``Host.obs``, which `arm64_key` leaves out),
+    in the key's terms: a written token as its writer and the rank of its generation among
+    the state's generations of that writer (None if the state no longer holds it, so it
+    equals no value the state holds); ``()`` when nothing was observed.  With the key it
+    determines every invariant: the observation rules compare an observed token with the
+    context's latest value (in the state) and its writer with the context."""
+    obs = kw.host.obs
+    if not obs:
+        return ()
+    rank = _ranks(kw)[2]
+    out = []
+    for o in obs:
+        v = o.value
+        if type(v) is ArmTok:
+            v = ("T", v.writer, rank.get((v.writer, v.gen))) if v.writer else ("A", v.gen)
+        out.append((o.who, o.what, o.feature, o.action, v))
+    return tuple(out)
 
 
-__all__ = ["arm64_key"]
+__all__ = ["arm64_event_key", "arm64_key"]
