@@ -473,16 +473,17 @@ class KvmX86World(X86World):
         return out
 
     def extra_key(self, cn: Any) -> Hashable:
-        from fpstate.check.statekey import fps_values
+        from fpstate.check.statekey import fps_values, regs_values
 
         out = []
         for name in sorted(self.vcpus):
             v = self.vcpus[name]
             a = v.arch
             fps = a.guest_fpu.fpstate
-            exp = tuple(sorted((i, cn.value(x, i)) for i, x in self.expected[name].items()))
+            exp = regs_values(cn, self.expected[name])
             out.append((name, a.xcr0, a.ia32_xss, a.guest_supported_xcr0, a.guest_supported_xss,
-                        a.cpuid, v.pending_init, v.wants_to_run, v.last_vmentry_cpu != -1,
+                        _cpuid_key(a.cpuid), v.pending_init, v.wants_to_run,
+                        v.last_vmentry_cpu != -1,
                         a.guest_fpu.xfeatures, a.guest_fpu.xfd_err, a.xfd_no_write_intercept,
                         (fps.size, fps.xfeatures, fps.xfd, fps.xstate_bv, fps.in_use,
                          fps_values(cn, self.m.system, fps)), exp))
@@ -501,6 +502,20 @@ class KvmX86World(X86World):
             ctxs.append(ContextView(name, where, cpu, writers, (), note))
         return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation, f.detail)
 
+
+def _cpuid_key(entries: Any) -> tuple[tuple[int, ...], ...]:
+    """A vCPU's CPUID entries as plain tuples (hashed much faster than the dataclasses),
+    made once per list of entries."""
+    hit = _CPUID_KEYS.get(id(entries))
+    if hit is None or hit[0] is not entries:
+        if len(_CPUID_KEYS) > 1024:
+            _CPUID_KEYS.clear()
+        hit = _CPUID_KEYS[id(entries)] = (entries, tuple(
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries))
+    return hit[1]
+
+
+_CPUID_KEYS: dict[int, tuple[Any, tuple[tuple[int, ...], ...]]] = {}
 
 #: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -118,23 +118,30 @@ def _pick(rng: random.Random, actions: list[Action], prev: Action | None = None,
     use, a KVM entry -- which interleaving with every other task makes rare), then an action
     *name* is drawn uniformly and one of its instances. Blind to variants and scenarios."""
     if swarm is not None:
+        kept = []
         for a in actions:
-            if a.name not in swarm:
-                swarm[a.name] = rng.random() < SWARM
-        kept = [a for a in actions if swarm[a.name]]
+            keep = swarm.get(a.name)
+            if keep is None:
+                keep = swarm[a.name] = rng.random() < SWARM
+            if keep:
+                kept.append(a)
         if kept:
             actions = kept
     if prev is not None and FOCUS and rng.random() < FOCUS:
-        task = prev.get("task")
+        task = prev.task
         if task is not None:
-            same = [a for a in actions if a.get("task") == task]
+            same = [a for a in actions if a.task == task]
             # Not when the task has a single kind of action (a task in the kernel can only
             # be the target of pasid_write): the walk would repeat it.
             if same and any(a.name != same[0].name for a in same):
                 actions = same
-    by: dict[str, list[Action]] = defaultdict(list)
+    by: dict[str, list[Action]] = {}
     for a in actions:
-        by[a.name].append(a)
+        group = by.get(a.name)
+        if group is None:
+            by[a.name] = [a]
+        else:
+            group.append(a)
     return rng.choice(by[rng.choice(sorted(by))])
 
 

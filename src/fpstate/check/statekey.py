@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable
+from operator import attrgetter
 from typing import Any
 
 from fpstate.kernel.x86.hw import init_value, read_token
@@ -158,7 +159,7 @@ def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
 _BY_DICT: dict[int, tuple[Any, dict[int, bytes], tuple[Any, ...], tuple[Any, ...]]] = {}
 
 
-def _regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
+def regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
     """((i, key value), ...) of a dict of component values, sorted by component."""
     hit = _BY_DICT.get(id(values))
     if hit is not None and hit[0] is values and hit[1] == values:
@@ -176,65 +177,85 @@ def _regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
     return struct
 
 
+#: The plain fields of the key, fetched in one call each (operator.attrgetter).
+_CPU_FIELDS = attrgetter("kernel_fpu_allowed", "xfd_state")
+_REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
+_TASK_FIELDS = attrgetter("pid", "comm", "flags", "state", "need_fpu_load", "on_cpu",
+                          "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
+                          "pasid_activated")
+_PROCESS_FIELDS = attrgetter("tgid", "pasid")
+_PERM_FIELDS = attrgetter("state_perm", "state_size", "user_state_size")
+_FPS_FIELDS = attrgetter("size", "user_size", "xfeatures", "user_xfeatures", "xfd", "is_guest",
+                         "in_use", "freed")
+
+
+def _owner_pid(m: Any, owner: Any) -> int | None:
+    """The pid of the task whose struct fpu ``owner`` is (-1: none of them), None for none."""
+    if owner is None:
+        return None
+    for t in m.tasks.values():
+        if t.fpu is owner:
+            return t.pid
+    return -1
+
+
 def x86_key(w: Any) -> Hashable:
     """The canonical key of an `X86World` (its KVM extension adds ``w.extra_key(cn)``)."""
     m = w.m
     s = m.system
     cn = Canon()
     fps_ids: dict[int, int] = {}
-    fpu_pid = {id(t.fpu): t.pid for t in m.tasks.values()}
     cpus = []
     for c in m.cpus:
         r = c.regs
-        owner = c.fpu_fpregs_owner_ctx
-        cpus.append((c.current.pid, fpu_pid.get(id(owner), -1) if owner is not None else None,
-                     r.xfd, r.xfd_err, r.xinuse, r.mxcsr, r.xcr0, r.xss,
-                     _regs_values(cn, r.values), c.kernel_fpu_allowed, c.xfd_state))
+        cpus.append((c.current.pid, _owner_pid(m, c.fpu_fpregs_owner_ctx), _REGS_FIELDS(r),
+                     regs_values(cn, r.values), _CPU_FIELDS(c)))
     tasks = []
     dead = TaskState.DEAD
-    for pid in sorted(m.tasks):
-        t = m.tasks[pid]
+    mtasks = m.tasks
+    for pid in sorted(mtasks):
+        t = mtasks[pid]
         if t.state is dead:
             tasks.append((pid, "DEAD"))
             continue
         fpu = t.fpu
-        shapes = []
-        for fps in (fpu.fpstate, fpu.task_fpstate):
-            if fps is None:
-                shapes.append(None)
-                continue
+        fps = fpu.fpstate
+        regs = fps.regs
+        shape = (fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
+                 _FPS_FIELDS(fps), len(regs), fps_values(cn, s, fps), bytes(regs[512:528]))
+        fps = fpu.task_fpstate
+        if fps is not None:
             regs = fps.regs
-            shapes.append((fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
-                           fps.size, len(regs), fps.user_size, fps.xfeatures,
-                           fps.user_xfeatures, fps.xfd, fps.is_guest, fps.in_use, fps.freed,
-                           fps_values(cn, s, fps), bytes(regs[512:528])))
+            shape = (shape, fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
+                     _FPS_FIELDS(fps), len(regs), fps_values(cn, s, fps),
+                     bytes(regs[512:528]))
         kp = t.kpath
-        perm, gperm = fpu.perm, fpu.guest_perm
+        h = t.handlers
         tasks.append((
-            pid, t.comm, t.flags, t.process.tgid, t.process.pasid, t.state,
-            t.need_fpu_load, t.on_cpu, fpu.last_cpu, tuple(shapes),
-            perm.state_perm, perm.state_size, perm.user_state_size,
-            gperm.state_perm, gperm.state_size,
-            t.thread_pkru, t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags, t.user_sp,
-            t.pasid_activated, None if kp is None else kp.__qualname__,
-            tuple([(p.sig, p.code) for p in t.pending]),
-            tuple(sorted([(k, v.flags) for k, v in t.handlers.items()])),
+            _TASK_FIELDS(t), _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
+            _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
+            None if kp is None else kp.__qualname__,
+            tuple([(p.sig, p.code) for p in t.pending]) if t.pending else (),
+            tuple(sorted([(k, v.flags) for k, v in h.items()])) if h else (),
         ))
     expected = []
     for name in sorted(w.expected):
         t = w.tasks.get(name)
         if t is None or t.state is dead:
             continue
-        exp = _regs_values(cn, w.expected[name])
-        stack = tuple([_regs_values(cn, d) for d in w.sigstack[name]])
+        exp = regs_values(cn, w.expected[name])
+        stack = w.sigstack[name]
+        if stack:
+            stack = tuple([regs_values(cn, d) for d in stack])
         # By content (a digest: Python's hash() of bytes is salted per process, so worker
         # processes would name the same state differently).
-        frames = tuple([hashlib.blake2b(t.process.mm.read(lo, hi - lo),
-                                        digest_size=16).digest()
-                        for lo, hi in w.frames[name]])
-        expected.append((name, exp, stack, frames))
+        frames = w.frames[name]
+        if frames:
+            frames = tuple([hashlib.blake2b(t.process.mm.read(lo, hi - lo),
+                                            digest_size=16).digest() for lo, hi in frames])
+        expected.append((name, exp, stack or (), frames or ()))
     raw = (m.next_pid, tuple(cpus), tuple(tasks), tuple(expected), w.extra_key(cn))
     return cn.finish(raw)
 
 
-__all__ = ["Canon", "fps_values", "x86_key"]
+__all__ = ["Canon", "fps_values", "regs_values", "x86_key"]

@@ -58,6 +58,11 @@ class Action:
 
     name: str
     args: tuple[tuple[str, Value], ...] = ()
+    #: The ``task`` argument (None without one), for the explorer's choice of a next step.
+    task: Value | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", self.get("task"))
 
     @classmethod
     def of(cls, name: str, **args: Value) -> Action:
@@ -295,6 +300,8 @@ class World(abc.ABC):
     MEMO: ClassVar[bool] = False
     #: (steps, hash of key) of the state last hashed.
     _hashed: tuple[int, int] | None = None
+    #: The name of this world's memo (model, configuration, variant), made once.
+    _memo_name: tuple[str, str, str | None] | None = None
 
     def event_key(self) -> Hashable | None:
         """What the last step emitted that the invariants read and `key` does not hold, or
@@ -311,7 +318,9 @@ class World(abc.ABC):
     def memo(self) -> tuple[set[int], dict[int, list[Action]]]:
         """This world's memo: (hashes of states checked clean, enabled actions by hash),
         shared by every world of the same model, configuration and variant in this process."""
-        k = (self.model, repr(sorted(self.config.items())), self.variant)
+        k = self._memo_name
+        if k is None:
+            k = self._memo_name = (self.model, repr(sorted(self.config.items())), self.variant)
         got = _MEMOS.get(k)
         if got is None:
             got = _MEMOS[k] = (set(), {})
