@@ -10,8 +10,10 @@ the architecture's XRSTOR (`FpRegs.xrstor`), exactly as the kernel's restore wou
 from __future__ import annotations
 
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Any
 
+from fpstate.check import world
 from fpstate.check.invariants import predicate
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
 from fpstate.kernel.x86.hw import FpRegs, KernelBuf, read_token
@@ -61,8 +63,67 @@ def _name(i: int) -> str:
 
 # -- buffers -------------------------------------------------------------------------------------
 
+#: What the buffer predicates read of an fpstate (besides its header and allocation size).
+_SHAPE_FIELDS = attrgetter("freed", "size", "user_size", "xfeatures", "user_xfeatures", "xfd",
+                           "is_guest")
+#: (world memo name, predicate) -> hashes of buffer shapes that predicate found clean.
+_CLEAN_SHAPES: dict[tuple[Any, str], set[int]] = {}
+
+
+def fps_shapes(w: Any) -> int:
+    """A hash of everything the buffer predicates read (computed once per state): each live
+    fpstate's fields, allocation size and header (XSTATE_BV, XCOMP_BV), the permissions of
+    the task and process that own it, and init_fpstate's. Buffers change shape far less often
+    than states change, so a shape found clean is not judged again (the memo of
+    `World.checked`, for the predicates decorated with `by_shapes`)."""
+    cached = w.__dict__.get("_shapes_cache")
+    if cached is not None and cached[0] == w.steps:
+        return cached[1]
+    parts = []
+    for _, fps, t in w.live_fpstates():
+        regs = fps.regs
+        perm = None
+        if t is not None:
+            leader = t.process.leader.fpu
+            perm = (t.fpu.perm.state_perm, leader.perm.state_perm,
+                    leader.guest_perm.state_perm)
+        parts.append((_SHAPE_FIELDS(fps), len(regs), bytes(regs[512:528]), perm))
+    init = w.m.init_fpstate
+    parts.append((init.xfeatures, bytes(init.regs[512:528])))
+    h = hash(tuple(parts))
+    w.__dict__["_shapes_cache"] = (w.steps, h)
+    return h
+
+
+def by_shapes(fn: Any) -> Any:
+    """Skip predicate ``fn`` on buffer shapes (`fps_shapes`) it already found clean."""
+
+    def wrapped(w: Any) -> Iterator[str]:
+        if not world.MEMOS_ON:
+            yield from fn(w)
+            return
+        k = (w.memo_name(), fn.__name__)
+        clean = _CLEAN_SHAPES.get(k)
+        if clean is None:
+            clean = _CLEAN_SHAPES[k] = set()
+        h = fps_shapes(w)
+        if h in clean:
+            return
+        bad = list(fn(w))
+        if not bad:
+            if len(clean) > 1_000_000:
+                clean.clear()
+            clean.add(h)
+        yield from bad
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
 
 @predicate("save-within-allocation", X86)
+@by_shapes
 def referenced_buffers_alive(w: Any) -> Iterator[str]:
     for label, fps, _ in w.live_fpstates():
         if fps.freed:
@@ -70,6 +131,7 @@ def referenced_buffers_alive(w: Any) -> Iterator[str]:
 
 
 @predicate("size-covers-features", X86)
+@by_shapes
 def sizes_cover_features(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, _ in w.live_fpstates():
@@ -87,6 +149,7 @@ def sizes_cover_features(w: Any) -> Iterator[str]:
 
 
 @predicate("xcomp-bv-matches-features", X86)
+@by_shapes
 def xcomp_bv_matches(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, _ in w.live_fpstates():
@@ -211,6 +274,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
 
 
 @predicate("dynamic-state-needs-permission", X86)
+@by_shapes
 def dynamic_state_permitted(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, t in w.live_fpstates():
@@ -228,6 +292,10 @@ def dynamic_state_permitted(w: Any) -> Iterator[str]:
             if unarmed:
                 yield (f"{label}: fpstate #{fps.ident} has no space for {mask_names(unarmed)} "
                        f"but does not arm it in XFD ({fps.xfd:#x})")
+
+
+@predicate("dynamic-state-needs-permission", X86)
+def running_dynamic_state_permitted(w: Any) -> Iterator[str]:
     for c in w.m.cpus:
         t = c.current
         if t is c.idle or t.state is not TaskState.USER or t.fpu.task_fpstate is not None:
@@ -239,6 +307,7 @@ def dynamic_state_permitted(w: Any) -> Iterator[str]:
 
 
 @predicate("guest-only-not-in-host-fpstate", X86)
+@by_shapes
 def guest_only_state_stays_in_guests(w: Any) -> Iterator[str]:
     for label, fps, t in w.live_fpstates():
         if fps.is_guest:

@@ -27,8 +27,9 @@ Rules of this file
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,6 +42,20 @@ Value = str | int | bool
 _MEMOS: dict[tuple[str, str, str | None], tuple[set[int], dict[int, list[Any]]]] = {}
 #: Entries a memo may hold before it is cleared (about 100 bytes each).
 MEMO_LIMIT = 2_000_000
+#: Every memo by state key may be used (False: everything is computed afresh, see
+#: `no_memos`).
+MEMOS_ON = True
+
+
+@contextlib.contextmanager
+def no_memos() -> Iterator[None]:
+    """Compute every check and enabled action afresh inside the block (to compare with)."""
+    global MEMOS_ON
+    saved, MEMOS_ON = MEMOS_ON, False
+    try:
+        yield
+    finally:
+        MEMOS_ON = saved
 
 
 class ScenarioError(FpstateError):
@@ -315,12 +330,17 @@ class World(abc.ABC):
             h = self._hashed = (self.steps, hash(self.key()))
         return h[1]
 
-    def memo(self) -> tuple[set[int], dict[int, list[Action]]]:
-        """This world's memo: (hashes of states checked clean, enabled actions by hash),
-        shared by every world of the same model, configuration and variant in this process."""
+    def memo_name(self) -> tuple[str, str, str | None]:
+        """(model, configuration, variant): the worlds that may share memos."""
         k = self._memo_name
         if k is None:
             k = self._memo_name = (self.model, repr(sorted(self.config.items())), self.variant)
+        return k
+
+    def memo(self) -> tuple[set[int], dict[int, list[Action]]]:
+        """This world's memo: (hashes of states checked clean, enabled actions by hash),
+        shared by every world of the same model, configuration and variant in this process."""
+        k = self.memo_name()
         got = _MEMOS.get(k)
         if got is None:
             got = _MEMOS[k] = (set(), {})
@@ -328,7 +348,7 @@ class World(abc.ABC):
 
     def checked(self) -> list[Violation]:
         """`check`, skipped for a state whose key was checked clean before (MEMO worlds)."""
-        if not self.MEMO:
+        if not (self.MEMO and MEMOS_ON):
             return self.check()
         ev = self.event_key()
         if ev is None:
@@ -351,7 +371,7 @@ class World(abc.ABC):
 
     def enabled_actions(self) -> list[Action]:
         """`enabled`, memoised by key for MEMO worlds."""
-        if not self.MEMO:
+        if not (self.MEMO and MEMOS_ON):
             return self.enabled()
         by_key = self.memo()[1]
         h = self.state_hash()
