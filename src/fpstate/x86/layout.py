@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fpstate.errors import MaskError
+from fpstate.errors import FpstateError, MaskError
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import (
     FXSAVE_SIZE,
@@ -95,6 +95,9 @@ def compacted_offset(profile: CpuidProfile, xcomp_bv: int, i: int) -> int:
     mask = xcomp_bv & ~XCOMP_BV_COMPACTED_FORMAT
     if not (isinstance(i, int) and 2 <= i <= 62 and (mask >> i) & 1):
         raise MaskError(f"component {i} is not set in XCOMP_BV {xcomp_bv:#x}")
+    table = _compacted_offsets(profile, mask)
+    if i in table:
+        return table[i]
     offs = XSAVE_EXTENDED_START
     for j in bits(mask & ~LEGACY_MASK):
         comp = profile.component(j)
@@ -104,6 +107,36 @@ def compacted_offset(profile: CpuidProfile, xcomp_bv: int, i: int) -> int:
             return offs
         offs += comp.size
     raise AssertionError("unreachable: i is set in the mask")
+
+
+#: (id(profile), mask) -> (profile, {component: compacted offset}); see _compacted_offsets.
+_OFFSETS: dict[tuple[int, int], tuple[CpuidProfile, dict[int, int]]] = {}
+
+
+def _compacted_offsets(profile: CpuidProfile, mask: int) -> dict[int, int]:
+    """The compacted offsets of every component of ``mask`` (bits 2..62, XCOMP_BV[63] clear),
+    by the walk of `compacted_offset`, memoised per profile (profiles are immutable). The walk
+    stops before a component the profile does not enumerate: `compacted_offset` then walks
+    again itself and raises what it always raised."""
+    key = (id(profile), mask)
+    got = _OFFSETS.get(key)
+    if got is not None and got[0] is profile:
+        return got[1]
+    table: dict[int, int] = {}
+    offs = XSAVE_EXTENDED_START
+    try:
+        for j in bits(mask & ~LEGACY_MASK):
+            comp = profile.component(j)
+            if comp.aligned:
+                offs = _round_up(offs, XSAVE_ALIGNMENT)
+            table[j] = offs
+            offs += comp.size
+    except FpstateError:
+        pass
+    if len(_OFFSETS) >= 4096:
+        _OFFSETS.clear()
+    _OFFSETS[key] = (profile, table)
+    return table
 
 
 def standard_size(profile: CpuidProfile, mask: int) -> int:

@@ -144,14 +144,34 @@ def feature(number: int) -> XFeature:
 
 def bits(mask: int) -> list[int]:
     """The set bit numbers of ``mask`` in ascending order (the order XSAVE walks them)."""
+    return list(bit_tuple(mask))
+
+
+#: bit_tuple() answers by mask (plain ints only; a few hundred masks occur in practice).
+_BITS: dict[int, tuple[int, ...]] = {}
+
+
+def bit_tuple(mask: int) -> tuple[int, ...]:
+    """`bits` as a tuple, memoised: the kernel and KVM models walk the same few masks
+    millions of times."""
+    if type(mask) is int:
+        got = _BITS.get(mask)
+        if got is not None:
+            return got
     if mask < 0 or mask >> 64:
         raise MaskError(f"mask {mask:#x} is not a 64-bit value")
     out = []
-    while mask:
-        low = mask & -mask
+    m = mask
+    while m:
+        low = m & -m
         out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
+        m ^= low
+    got = tuple(out)
+    if type(mask) is int:
+        if len(_BITS) >= 1 << 14:
+            _BITS.clear()
+        _BITS[mask] = got
+    return got
 
 
 def mask_names(mask: int) -> str:
