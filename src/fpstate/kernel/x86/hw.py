@@ -45,6 +45,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_XTILE_CFG,
     XFEATURE_MASK_XTILE_DATA,
     XFEATURE_MASK_YMM,
+    bit_tuple,
     bits,
 )
 
@@ -53,6 +54,22 @@ MXCSR_OFFSET = 24
 PAGE_SIZE = 4096
 _MXCSR_OR_AVX = XFEATURE_MASK_SSE | XFEATURE_MASK_YMM
 
+#: FpRegs._plan: (spans, ((number, offset, size, init value), ...), end of the last span).
+_Plan = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int, int, bytes], ...], int]
+#: id(profile) -> (profile, {key: plan}); profiles are immutable, so layouts are pure.
+_PROFILE_MEMOS: dict[int, tuple[CpuidProfile, dict[tuple[object, ...], _Plan]]] = {}
+
+
+def _profile_memo(profile: CpuidProfile) -> dict[tuple[object, ...], _Plan]:
+    got = _PROFILE_MEMOS.get(id(profile))
+    if got is None or got[0] is not profile:
+        if len(_PROFILE_MEMOS) >= 64:
+            _PROFILE_MEMOS.clear()
+        got = _PROFILE_MEMOS[id(profile)] = (profile, {})
+    if len(got[1]) >= 1 << 14:
+        got[1].clear()
+    return got[1]
+
 # -- component values ---------------------------------------------------------------------------
 
 _TOKEN_MARK = 0xA5
@@ -60,10 +77,19 @@ _TOKEN_MARK = 0xA5
 
 def init_value(i: int, size: int) -> bytes:
     """The initial configuration of component ``i`` as XSAVE writes it (SDM 13.6): x87 FCW =
-    037FH with everything else zero; every other component all zero."""
-    if i == 0:
-        return b"\x7f\x03" + bytes(size - 2)
-    return bytes(size)
+    037FH with everything else zero; every other component all zero. (Memoised: the bytes
+    are immutable and the same few are asked for at every save and restore.)"""
+    got = _INIT_VALUES.get((i, size)) if type(size) is int else None
+    if got is None:
+        got = b"\x7f\x03" + bytes(size - 2) if i == 0 else bytes(size)
+        if type(size) is int:
+            if len(_INIT_VALUES) >= 4096:
+                _INIT_VALUES.clear()
+            _INIT_VALUES[(i, size)] = got
+    return got
+
+
+_INIT_VALUES: dict[tuple[int, int], bytes] = {}
 
 
 def token(owner: int, gen: int, i: int, size: int) -> bytes:
@@ -71,10 +97,10 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
     ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero."""
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
     unit = bytes((_TOKEN_MARK, i & 0xFF)) + owner.to_bytes(2, "little") + gen.to_bytes(4, "little")
-    data = bytearray((unit * (size // 8 + 1))[:size])
+    data = (unit * (size // 8 + 1))[:size]
     if i == 0:
-        data[24:32] = bytes(8)
-    return bytes(data)
+        data = data[:24] + bytes(8) + data[32:]
+    return data
 
 
 def read_token(value: bytes) -> tuple[int, int] | None:
@@ -133,6 +159,8 @@ class UserMemory:
         return True
 
     def _present(self, addr: int, n: int, faults_enabled: bool) -> None:
+        if not self.not_present:  # every mapped page is present
+            return
         pages = range(addr // PAGE_SIZE, (addr + max(n, 1) - 1) // PAGE_SIZE + 1)
         missing = [p for p in pages if p in self.not_present]
         if missing and not faults_enabled:
@@ -318,6 +346,30 @@ class FpRegs:
 
     # -- XSAVE family --
 
+    def _plan(self, comps: int, xcomp_bv: int, span_hdr: int, span_mxcsr: int) -> _Plan:
+        """The spans (``span_hdr`` bytes of header if any, then each component of ``comps`` in
+        ascending order, then ``span_mxcsr`` bytes of MXCSR if any) and the (number, offset,
+        size, init value) of each component an XSAVE or XRSTOR of ``comps`` touches, memoised
+        per profile (the layout is a pure function of it). Offsets and sizes are asked in the
+        order the instructions ask, so a component the profile lacks raises what it always
+        raised (nothing is memoised then)."""
+        key = (comps, xcomp_bv, span_hdr, span_mxcsr)
+        memo = _profile_memo(self.profile)
+        plan = memo.get(key)
+        if plan is None:
+            spans = [(HDR, span_hdr)] if span_hdr else []
+            parts = []
+            for i in bit_tuple(comps):
+                off = self.offset(i, xcomp_bv)
+                spans += self._spans(i, off)
+                size = self.size(i)
+                parts.append((i, off, size, init_value(i, size)))
+            if span_mxcsr:
+                spans.append((MXCSR_OFFSET, span_mxcsr))
+            end = max((o + n for o, n in spans), default=0)
+            plan = memo[key] = (tuple(spans), tuple(parts), end)
+        return plan
+
     def xsave(self, buf: Buf, mask: int, insn: str) -> Fault | None:
         """XSAVE/XSAVEOPT (standard) and XSAVEC/XSAVES (compacted) of RFBM = mask & XCR0
         (& (XCR0|XSS) for XSAVES) to ``buf``.
@@ -332,7 +384,7 @@ class FpRegs:
         assert insn in ("XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES"), insn
         if buf.addr % 64:
             return Fault("#GP", f"{insn} area {buf.addr:#x} not 64-byte aligned")
-        rfbm = mask & (self.enabled() if insn == "XSAVES" else self.xcr0)
+        rfbm = mask & ((self.xcr0 | self.xss) if insn == "XSAVES" else self.xcr0)
         inuse = self.xinuse & ~self.xfd & rfbm
         compacted = insn in ("XSAVEC", "XSAVES")
         xcomp_bv = (rfbm | XCOMP_BV_COMPACTED_FORMAT) if compacted else 0
@@ -340,22 +392,34 @@ class FpRegs:
         # Standard: MXCSR whenever RFBM[1] or RFBM[2] (host finding 2); compacted: MXCSR is
         # part of the SSE component, written with it.
         mxcsr = bool(rfbm & _MXCSR_OR_AVX) if not compacted else bool(inuse & XFEATURE_MASK_SSE)
-        spans = [(HDR, 16 if compacted else 8)]
-        for i in bits(written):
-            spans += self._spans(i, self.offset(i, xcomp_bv))
-        if mxcsr:
-            spans.append((MXCSR_OFFSET, 8))
-        fault = buf.check(spans)
-        if fault:
-            return fault
-        for i in bits(written):
-            value = self.values.get(i) if (inuse >> i) & 1 else None
-            value = value or init_value(i, self.size(i))
-            if i == 0:
-                buf.write(0, value[:MXCSR_OFFSET])
-                buf.write(32, value[32:])
-            else:
-                buf.write(self.offset(i, xcomp_bv), value)
+        spans, parts, end = self._plan(written, xcomp_bv, 16 if compacted else 8,
+                                       8 if mxcsr else 0)
+        # A kernel buffer the whole save fits in cannot fault (KernelBuf.check).
+        fast = type(buf) is KernelBuf and end <= len(buf.regs)  # type: ignore[attr-defined]
+        if not fast:
+            fault = buf.check(spans)
+            if fault:
+                return fault
+        values = self.values
+        if fast:
+            regs = buf.regs  # type: ignore[attr-defined]
+            for i, off, _size, init in parts:
+                value = (values.get(i) if (inuse >> i) & 1 else None) or init
+                if i == 0:  # as KernelBuf.write(0, ...) and (32, ...)
+                    part = value[:MXCSR_OFFSET]
+                    regs[0:len(part)] = part
+                    part = value[32:]
+                    regs[32:32 + len(part)] = part
+                else:
+                    regs[off:off + len(value)] = value
+        else:
+            for i, off, _size, init in parts:
+                value = (values.get(i) if (inuse >> i) & 1 else None) or init
+                if i == 0:
+                    buf.write(0, value[:MXCSR_OFFSET])
+                    buf.write(32, value[32:])
+                else:
+                    buf.write(off, value)
         if mxcsr:
             buf.write(MXCSR_OFFSET, self.mxcsr.to_bytes(4, "little")
                       + self.mxcsr_mask.to_bytes(4, "little"))
@@ -379,14 +443,19 @@ class FpRegs:
         assert insn in ("XRSTOR", "XRSTORS"), insn
         if buf.addr % 64:
             return Fault("#GP", f"{insn} area {buf.addr:#x} not 64-byte aligned")
-        fault = buf.check([(HDR, 64)])
-        if fault:
-            return fault
-        header = buf.read(HDR, 64)
+        kregs = buf.regs if type(buf) is KernelBuf else None  # type: ignore[attr-defined]
+        if kregs is not None and HDR + 64 <= len(kregs):
+            header = bytes(kregs[HDR:HDR + 64])
+        else:
+            kregs = None
+            fault = buf.check([(HDR, 64)])
+            if fault:
+                return fault
+            header = buf.read(HDR, 64)
         xstate_bv = int.from_bytes(header[0:8], "little")
         xcomp_bv = int.from_bytes(header[8:16], "little")
         compacted = bool(xcomp_bv & XCOMP_BV_COMPACTED_FORMAT)
-        allowed = self.enabled() if insn == "XRSTORS" else self.xcr0
+        allowed = (self.xcr0 | self.xss) if insn == "XRSTORS" else self.xcr0
         rfbm = mask & allowed
         if insn == "XRSTORS" and not compacted:
             return Fault("#GP", "XRSTORS with XCOMP_BV[63] = 0")
@@ -400,13 +469,13 @@ class FpRegs:
                 # XSTATE_BV[63] = 1 faults too (measured on the host: fpstate.x86.impl
                 # COMPACTED_XSTATE_BV63 = "gp")
                 return Fault("#GP", f"XSTATE_BV {xstate_bv:#x} has bits outside XCOMP_BV")
-            if any(header[16:64]):
+            if int.from_bytes(header[16:64], "little"):
                 return Fault("#GP", "header bytes 16..63 not zero")
         else:
             if xstate_bv & ~self.xcr0:
                 return Fault("#GP", f"XSTATE_BV {xstate_bv:#x} has bits outside XCR0 "
                                     f"{self.xcr0:#x}")
-            if any(header[8:24]):
+            if int.from_bytes(header[8:24], "little"):
                 return Fault("#GP", "header bytes 8..23 not zero")
         load = rfbm & xstate_bv & ~self.xfd
         # Standard form: MXCSR whenever RFBM[1] or RFBM[2], whatever XSTATE_BV; compacted
@@ -414,30 +483,35 @@ class FpRegs:
         # finding 16: no #GP for a reserved bit that is not loaded).
         load_mxcsr = bool(rfbm & _MXCSR_OR_AVX) if not compacted \
             else bool(load & XFEATURE_MASK_SSE)
-        spans = []
-        for i in bits(load):
-            spans += self._spans(i, self.offset(i, xcomp_bv))
-        if load_mxcsr:
-            spans.append((MXCSR_OFFSET, 4))
-        fault = buf.check(spans)
-        if fault:
-            return fault
+        spans, parts, end = self._plan(load, xcomp_bv, 0, 4 if load_mxcsr else 0)
+        # A kernel buffer the whole restore fits in cannot fault (KernelBuf.check).
+        if kregs is None or end > len(kregs):
+            kregs = None
+            fault = buf.check(spans)
+            if fault:
+                return fault
         mxcsr = None
         if load_mxcsr:
             mxcsr = int.from_bytes(buf.read(MXCSR_OFFSET, 4), "little")
             if mxcsr & ~self.mxcsr_mask:
                 return Fault("#GP", f"MXCSR {mxcsr:#x} sets reserved bits")
-        for i in bits(rfbm):
-            self.values.pop(i, None)
-            self.xinuse &= ~(1 << i)
-            if (load >> i) & 1:
-                if i == 0:
-                    value = buf.read(0, MXCSR_OFFSET) + bytes(8) + buf.read(32, 128)
+        values = self.values
+        for i in bit_tuple(rfbm):
+            values.pop(i, None)
+        self.xinuse &= ~rfbm
+        for i, off, size, init in parts:
+            if i == 0:
+                if kregs is not None:
+                    value = bytes(kregs[0:MXCSR_OFFSET]) + bytes(8) + bytes(kregs[32:160])
                 else:
-                    value = buf.read(self.offset(i, xcomp_bv), self.size(i))
-                if value != init_value(i, self.size(i)):  # loaded init values: not in use
-                    self.values[i] = value
-                    self.xinuse |= 1 << i
+                    value = buf.read(0, MXCSR_OFFSET) + bytes(8) + buf.read(32, 128)
+            elif kregs is not None:
+                value = bytes(kregs[off:off + size])
+            else:
+                value = buf.read(off, size)
+            if value != init:  # loaded init values: not in use
+                values[i] = value
+                self.xinuse |= 1 << i
         if mxcsr is not None:
             self.mxcsr = mxcsr
         elif compacted and rfbm & XFEATURE_MASK_SSE:
