@@ -27,7 +27,13 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fpstate.kernel.x86.types import PF_KTHREAD, PF_USER_WORKER, Fpu, IllegalEvent
+from fpstate.kernel.x86.types import (
+    PF_KTHREAD,
+    PF_USER_WORKER,
+    XFEATURE_MASK_FPSTATE,
+    Fpu,
+    IllegalEvent,
+)
 
 if TYPE_CHECKING:
     from fpstate.kernel.x86.sched import Cpu, Task
@@ -60,11 +66,12 @@ def requires(*names: str) -> Callable[[F], F]:
     for n in names:
         assert n in CONDITIONS, f"unknown precondition {n}"
 
+    conds = tuple(CONDITIONS[n] for n in names)
+
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def checked(c: Cpu, *args: Any, **kwargs: Any) -> Any:
-            for n in names:
-                pred, text = CONDITIONS[n]
+            for pred, text in conds:
                 if not pred(c):
                     raise IllegalEvent(f"{fn.__name__}() on CPU {c.nr} requires {text}")
             return fn(c, *args, **kwargs)
@@ -114,15 +121,12 @@ def fpregs_restore_userregs(c: Cpu) -> None:
     excluded: switched eagerly) and activates. Always clears TIF_NEED_FPU_LOAD. A kernel
     thread or user worker here is a kernel WARN (the model raises IllegalEvent).
     """
-    from fpstate.kernel.x86.core import restore_fpregs_from_fpstate
-    from fpstate.kernel.x86.types import XFEATURE_MASK_FPSTATE
-
     task = c.current
     if task.flags & (PF_KTHREAD | PF_USER_WORKER):
         raise IllegalEvent(f"fpregs_restore_userregs() for kernel thread {task.comm}")
     fpu = task.fpu
     if not fpregs_state_valid(c, fpu):
-        restore_fpregs_from_fpstate(c, fpu.fpstate, XFEATURE_MASK_FPSTATE)
+        core.restore_fpregs_from_fpstate(c, fpu.fpstate, XFEATURE_MASK_FPSTATE)
         fpregs_activate(c, fpu)
         fpu.last_cpu = c.nr
     task.need_fpu_load = False
@@ -141,11 +145,9 @@ def switch_fpu(c: Cpu, old: Task) -> None:
     same CPU skip the restore. Tasks that already have the flag (state saved) and kernel
     threads cost nothing.
     """
-    from fpstate.kernel.x86.core import save_fpregs_to_fpstate
-
     if not old.need_fpu_load and not old.flags & (PF_KTHREAD | PF_USER_WORKER):
         old.need_fpu_load = True
-        save_fpregs_to_fpstate(c, old.fpu)
+        core.save_fpregs_to_fpstate(c, old.fpu)
         old.fpu.last_cpu = c.nr
 
 
@@ -244,3 +246,8 @@ def check_transition(before: FpregsState, event: str, after: FpregsState) -> Non
     if want is not after:
         raise IllegalEvent(f"event {event!r} from {before.value} gave {after.value}, "
                            f"the kernel's rules say {want.value}")
+
+
+# core.py builds on this module (it imports it first); the two functions above that call back
+# into core.c find it here, bound once instead of imported at every call.
+from fpstate.kernel.x86 import core  # noqa: E402

@@ -51,6 +51,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_PASID,
     XFEATURE_MASK_Hi16_ZMM,
     XFEATURE_MASK_ZMM_Hi256,
+    bit_tuple,
 )
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ KFPU_MXCSR = 1 << 1
 INIT_PKRU_VALUE = 0x55555554
 #: The owner id used in tokens written by kernel-mode FPU users (kernel_fpu_begin sections).
 KERNEL_OWNER = 0xFFFF
+_U64 = (1 << 64) - 1
 
 # -- fpstate buffers ----------------------------------------------------------------------------
 
@@ -353,9 +355,9 @@ def kernel_fpu_clobber(c: Cpu, mask: int) -> None:
     if c.kernel_fpu_allowed:
         raise IllegalEvent(f"FPU use outside kernel_fpu_begin() on CPU {c.nr}")
     c.m.generation += 1
-    for i in range(64):
-        if (mask >> i) & 1 and (c.regs.xcr0 >> i) & 1:
-            c.regs.set_component(i, token(KERNEL_OWNER, c.m.generation, i, c.regs.size(i)))
+    regs = c.regs
+    for i in bit_tuple(mask & regs.xcr0 & _U64):  # bits 0..63 of mask enabled in XCR0
+        regs.set_component(i, token(KERNEL_OWNER, c.m.generation, i, regs.size(i)))
 
 
 @requires("task_context")

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.context import switch_fpu
-from fpstate.kernel.x86.hw import FpRegs, UserMemory, token
+from fpstate.kernel.x86.context import fpregs_state_valid, switch_fpu
+from fpstate.kernel.x86.hw import FpRegs, KernelBuf, UserMemory, init_value, token
 from fpstate.kernel.x86.types import (
     PF_KTHREAD,
     PF_USER_WORKER,
+    XFEATURE_MASK_FPSTATE,
     Fpstate,
     Fpu,
     FpuStatePerm,
@@ -83,6 +84,12 @@ TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
     (_RN, "reap"): _D,  # a switched-out thread killed with its group
     (_ST, "reap"): _D,
 }
+#: TASK_TRANSITIONS by event name: ((state, new state), ...), for `Task.event` (a lookup by
+#: name and identity is cheaper than hashing an Enum member at every event).
+_TRANSITIONS_BY_EVENT: dict[str, tuple[tuple[TaskState, TaskState], ...]] = {}
+for (_before, _event), _after in TASK_TRANSITIONS.items():
+    _TRANSITIONS_BY_EVENT[_event] = (*_TRANSITIONS_BY_EVENT.get(_event, ()), (_before, _after))
+del _before, _event, _after
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +149,11 @@ class Task:
     generation: int = 0
 
     def event(self, name: str) -> None:
-        new = TASK_TRANSITIONS.get((self.state, name))
+        new = None
+        for before, after in _TRANSITIONS_BY_EVENT.get(name, ()):
+            if before is self.state:
+                new = after
+                break
         if new is None:
             raise IllegalEvent(f"task {self.pid} ({self.comm}): {name!r} is illegal while "
                                f"{self.state.value}")
@@ -366,8 +377,6 @@ class Machine:
     def exit_to_user_mode(self, nr: int) -> None:
         """exit_to_user_mode_prepare(): deliver pending signals (arch_do_signal_or_restart),
         then arch_exit_to_user_mode_prepare(): switch_fpu_return() if TIF_NEED_FPU_LOAD."""
-        from fpstate.kernel.x86.signal import handle_signal
-
         c = self.cpus[nr]
         t = c.current
         if t.kpath is not None:
@@ -375,6 +384,8 @@ class Machine:
         while t.pending and t.state is TaskState.KERNEL:
             sig = t.pending.pop(0)
             if sig.sig in t.handlers and sig.sig != SIGKILL:
+                from fpstate.kernel.x86.signal import handle_signal
+
                 handle_signal(c, sig)
             else:
                 self.do_group_exit(nr, sig)
@@ -451,8 +462,6 @@ class Machine:
         with ``value`` or a fresh token naming it. A #NM (XFD) goes through
         exc_device_not_available() and the instruction is retried once the kernel returns; a
         #UD raises SIGILL/ILL_ILLOPN. The fault the first attempt took, or None."""
-        from fpstate.kernel.x86.xfd import exc_device_not_available
-
         c = self._user(nr)
         t = c.current
         if value is None and (i < 2 or (c.regs.xcr0 >> i) & 1):
@@ -463,6 +472,8 @@ class Machine:
         if fault is None:
             return None
         if fault.vector == "#NM":
+            from fpstate.kernel.x86.xfd import exc_device_not_available
+
             self.enter_kernel(nr)
             self.start(nr, exc_device_not_available)
             self.finish(nr)
@@ -479,8 +490,6 @@ class Machine:
 
     def init_value(self, i: int) -> bytes:
         """Component ``i`` in its initial configuration, as XSAVE writes it."""
-        from fpstate.kernel.x86.hw import init_value
-
         return init_value(i, self.system.profile.component(i).size)
 
     def user_read(self, nr: int, i: int) -> bytes:
@@ -495,8 +504,6 @@ class Machine:
         """The task's user-visible xstate wherever it lives now: its registers if running in
         user mode, else what the next return to user mode would load (memory image, or the
         cached registers when the restore would be skipped)."""
-        from fpstate.kernel.x86.context import fpregs_state_valid
-
         if task.state is TaskState.USER:
             return self.cpus[task.on_cpu].regs.snapshot()  # type: ignore[index]
         fpu = task.fpu
@@ -509,13 +516,9 @@ class Machine:
 
     def _image_state(self, fps: Fpstate) -> dict[int, bytes]:
         """What restore_fpregs_from_fpstate() would load from ``fps``, as a snapshot."""
-        from fpstate.kernel.x86.hw import KernelBuf
-
         regs = FpRegs(self.system.profile, xcr0=self.system.xcr0, xss=self.system.xss,
                       xsavec_supported=self.system.xsavec,
                       mxcsr_mask=self.system.mxcsr_feature_mask, xfd=fps.xfd)
-        from fpstate.kernel.x86.types import XFEATURE_MASK_FPSTATE
-
         fault = regs.xrstor(KernelBuf(fps.regs, "image"),
                             self.system.kernel.max_features & XFEATURE_MASK_FPSTATE,
                             self.system.xrstor_insn)

@@ -34,6 +34,14 @@ from fpstate.kernel.x86.context import (
     requires,
 )
 from fpstate.kernel.x86.hw import HDR, KernelBuf, PageFault, UserBuf
+from fpstate.kernel.x86.sched import (
+    SA_ONSTACK,
+    SI_KERNEL,
+    SIGSEGV,
+    SS_AUTODISARM,
+    SS_DISABLE,
+)
+from fpstate.kernel.x86.sched import Signal as Sig
 from fpstate.kernel.x86.types import (
     FREGS_STATE_SIZE,
     XFEATURE_MASK_SIGFRAME_INITOPT,
@@ -41,6 +49,7 @@ from fpstate.kernel.x86.types import (
     FpuSystem,
     IllegalEvent,
 )
+from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack, on_sig_stack
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import FXSAVE_SIZE, XFEATURE_MASK_FPSSE, XFEATURE_MASK_PKRU
 
@@ -272,9 +281,6 @@ def write_pkru(c: Cpu, pkru: int) -> None:
 def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE) -> tuple[int, int]:
     """get_sigframe() (arch/x86/kernel/signal.c), 64-bit: (frame, fpstate); frame = -1 when it
     would overflow the sigaltstack or the FPU state could not be written."""
-    from fpstate.kernel.x86.sched import SA_ONSTACK
-    from fpstate.kernel.x86.xstate_prctl import on_sig_stack
-
     t = c.current
     nested = on_sig_stack(t, t.user_sp)
     entering = False
@@ -308,9 +314,6 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     """x64_setup_rt_frame() as far as the model writes it: the FPU frame, uc_flags, uc_stack,
     the saved rsp and uc_mcontext.fpstate, si_signo and si_code. 0, or -EFAULT (the caller
     forces SIGSEGV)."""
-    from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE
-    from fpstate.kernel.x86.xstate_prctl import EFAULT
-
     t = c.current
     action = t.handlers[sig.sig]
     frame, fpstate = get_sigframe(c, action.flags)
@@ -339,9 +342,6 @@ def handle_signal(c: Cpu, sig: Signal) -> None:
     """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure
     force_sigsegv(); on success the handler starts with init user FPU state
     (fpu__clear_user_states)."""
-    from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
-    from fpstate.kernel.x86.sched import Signal as Sig
-
     t = c.current
     if x64_setup_rt_frame(c, sig):
         # signal_setup_done() -> force_sigsegv(): a failing SIGSEGV frame resets the handler.
@@ -478,10 +478,6 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
     sigaltstack (restore_altstack, errors ignored), then restore_sigcontext(): the stack pointer,
     then the FPU from uc_mcontext.fpstate. A bad frame -> SIGSEGV (signal_fault). Returns 0 on
     success, -EFAULT after a bad frame."""
-    from fpstate.kernel.x86.sched import SI_KERNEL, SIGSEGV
-    from fpstate.kernel.x86.sched import Signal as Sig
-    from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack
-
     t = c.current
     frame = t.user_sp - 8
     try:

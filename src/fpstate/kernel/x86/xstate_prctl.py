@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from fpstate.kernel.x86.context import requires
 from fpstate.kernel.x86.hw import PageFault
+from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE, SS_ONSTACK
 from fpstate.kernel.x86.types import (
     FPU_GUEST_PERM_LOCKED,
     XFEATURE_MASK_USER_DYNAMIC,
@@ -100,9 +101,7 @@ def put_user_u64(c: Cpu, addr: int, value: int) -> int:
 def validate_sigaltstack(c: Cpu, usize: int) -> int:
     """validate_sigaltstack() (xstate.c): framesize = get_sigframe_size() -
     fpu_user_cfg.max_size + usize; any thread with a sigaltstack *smaller than* that -> ENOSPC."""
-    from fpstate.kernel.x86.signal import get_sigframe_size
-
-    framesize = get_sigframe_size(c.m.system) - c.m.system.user.max_size + usize
+    framesize = sigframe.get_sigframe_size(c.m.system) - c.m.system.user.max_size + usize
     for t in c.current.process.threads:
         if t.sas_ss_size and t.sas_ss_size < framesize:
             return -ENOSPC
@@ -213,13 +212,11 @@ def sigaltstack_size_valid(c: Cpu, ss_size: int) -> bool:
     IA32_EMULATION). ss_size > fsize passes; else strict rejects, and non-strict rejects only
     a group that has a dynamic feature permitted.
     """
-    from fpstate.kernel.x86.signal import fpu__get_fpstate_size, get_sigframe_size
-
     system = c.m.system
     if not system.fpu_state_size_dynamic and not system.strict_sigaltstack_size:
         return True
     leader = c.current.process.leader.fpu
-    fsize = get_sigframe_size(system) - fpu__get_fpstate_size(system)
+    fsize = sigframe.get_sigframe_size(system) - sigframe.fpu__get_fpstate_size(system)
     fsize += leader.perm.user_state_size
     if ss_size > fsize:
         return True
@@ -233,8 +230,6 @@ def sigaltstack_size_valid(c: Cpu, ss_size: int) -> bool:
 def on_sig_stack(t: object, sp: int) -> bool:
     """on_sig_stack() (include/linux/sched/signal.h): never with SS_AUTODISARM; else
     sas_ss_sp < sp <= sas_ss_sp + sas_ss_size (the stack grows down)."""
-    from fpstate.kernel.x86.sched import SS_AUTODISARM
-
     if t.sas_ss_flags & SS_AUTODISARM:  # type: ignore[attr-defined]
         return False
     base, size = t.sas_ss_sp, t.sas_ss_size  # type: ignore[attr-defined]
@@ -246,8 +241,6 @@ def do_sigaltstack(c: Cpu, ss_sp: int, ss_size: int, ss_flags: int) -> int:
     current one; EINVAL for a mode other than 0, SS_ONSTACK, SS_DISABLE; nothing to do if
     unchanged; under the siglock: SS_DISABLE clears, else ss_size < MINSIGSTKSZ or
     !sigaltstack_size_valid() -> ENOMEM."""
-    from fpstate.kernel.x86.sched import SS_AUTODISARM, SS_DISABLE, SS_ONSTACK
-
     t = c.current
     if on_sig_stack(t, t.user_sp):
         return -EPERM
@@ -275,3 +268,8 @@ def sys_sigaltstack(c: Cpu, ss_sp: int, ss_size: int, ss_flags: int = 0) -> KPat
     if False:  # pragma: no cover - makes this a generator (a kernel path without yields)
         yield
     return do_sigaltstack(c, ss_sp, ss_size, ss_flags)
+
+
+# signal.py (frame sizes) builds on this module (on_sig_stack, do_sigaltstack): bound once here
+# rather than imported at every call.
+from fpstate.kernel.x86 import signal as sigframe  # noqa: E402
