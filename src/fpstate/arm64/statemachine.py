@@ -38,41 +38,53 @@ D = TypeVar("D")
 def replace(obj: D, /, **changes: Any) -> D:
     """``dataclasses.replace(obj, **changes)``: a copy of the dataclass instance ``obj`` with
     ``changes`` applied (TypeError for a name that is not a field), or ``obj`` itself when
-    every change is the value the field already holds.  Frozen slotted classes without
-    ``__post_init__`` are copied by a function generated once per class that sets each slot;
-    any other class goes through ``dataclasses.replace``."""
-    for k, v in changes.items():
-        if getattr(obj, k, _UNSET) is not v:
-            break
-    else:
-        return obj
-    fn = _REPLACERS.get(type(obj))
-    if fn is None:
-        fn = _REPLACERS[type(obj)] = _replacer(type(obj))
-    return fn(obj, **changes)
+    every change is the value the field already holds (see `replacer`)."""
+    return _REPLACERS[type(obj)](obj, **changes)
 
 
-_REPLACERS: dict[type, Callable[..., Any]] = {}
+class _Replacers(dict):  # type: ignore[type-arg]
+    def __missing__(self, cls: type) -> Callable[..., Any]:
+        fn = self[cls] = _replacer(cls)
+        return fn
+
+
+_REPLACERS = _Replacers()
 _UNSET = object()
 
 
+def replacer(cls: type[D]) -> Callable[..., D]:
+    """The function `replace` uses for instances of the dataclass ``cls``: called as
+    ``fn(obj, field=value, ...)``, for hot paths that know the class."""
+    return _REPLACERS[cls]  # type: ignore[no-any-return]
+
+
 def _replacer(cls: type) -> Callable[..., Any]:
+    """Generated once per class: returns ``o`` if every given value *is* the field's, else
+    a new instance with each slot set (frozen slotted classes without ``__post_init__`` or
+    init-less fields; any other class goes through ``dataclasses.replace``)."""
     fields = dataclasses.fields(cls)
     plain = (not hasattr(cls, "__post_init__")
              and all(f.init and f._field_type is dataclasses._FIELD for f in fields)  # type: ignore[attr-defined]
              and all(isinstance(cls.__dict__.get(f.name), types.MemberDescriptorType)
                      for f in fields))
-    if not plain:
-        return dataclasses.replace
     names = [f.name for f in fields]
+    same = " and ".join(f"({n} is _UNSET or {n} is o.{n})" for n in names) or "True"
     src = [f"def replace(o, /, *, {', '.join(f'{n}=_UNSET' for n in names)}):",
-           "    x = _new(_cls)"]
-    src += [f"    _set_{n}(x, o.{n} if {n} is _UNSET else {n})" for n in names]
-    src.append("    return x")
-    ns: dict[str, Any] = {"_UNSET": _UNSET, "_new": object.__new__, "_cls": cls}
-    ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
+           f"    if {same}:",
+           "        return o"]
+    if plain:
+        src.append("    x = _new(_cls)")
+        src += [f"    _set_{n}(x, o.{n} if {n} is _UNSET else {n})" for n in names]
+        src.append("    return x")
+    else:
+        given = ", ".join(f"**({{}} if {n} is _UNSET else {{{n!r}: {n}}})" for n in names)
+        src.append(f"    return _dc_replace(o, {given})")
+    ns: dict[str, Any] = {"_UNSET": _UNSET, "_new": object.__new__, "_cls": cls,
+                          "_dc_replace": dataclasses.replace}
+    if plain:
+        ns.update({f"_set_{n}": cls.__dict__[n].__set__ for n in names})
     exec(compile("\n".join(src) + "\n", f"<replace {cls.__qualname__}>", "exec"), ns)
-    return ns["replace"]
+    return ns["replace"]  # type: ignore[no-any-return]
 
 
 class IllegalEvent(FpstateError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import SVE_VQ_BYTES, VL_ARCH_MAX, ZERO, FpRegs, Tok, sve_vl_from_vq
-from fpstate.arm64.statemachine import FrozenMap, replace
+from fpstate.arm64.statemachine import FrozenMap, replace, replacer
 
 FP_STATE_CURRENT = "FP_STATE_CURRENT"
 FP_STATE_FPSIMD = "FP_STATE_FPSIMD"
@@ -236,29 +236,34 @@ class Host:
 
     # -- functional updates -----------------------------------------------------------------
     def with_task(self, task: Task) -> Host:
-        return replace(self, tasks=self.tasks.set(task.name, task))
+        return _replace_host(self, tasks=self.tasks.set(task.name, task))
 
     def with_cpu(self, cpu: Cpu) -> Host:
         if self.cpus[cpu.idx] is cpu:
             return self
         cpus = list(self.cpus)
         cpus[cpu.idx] = cpu
-        return replace(self, cpus=tuple(cpus))
+        return _replace_host(self, cpus=tuple(cpus))
 
     def with_regs(self, cpu: int, regs: FpRegs) -> Host:
-        return self.with_cpu(replace(self.cpus[cpu], regs=regs))
+        return self.with_cpu(_replace_cpu(self.cpus[cpu], regs=regs))
 
     def with_store(self, key: str, store: FpStore) -> Host:
-        return replace(self, mem=self.mem.set(key, store))
+        return _replace_host(self, mem=self.mem.set(key, store))
 
     def fresh(self, writer: str) -> tuple[Host, Tok]:
-        return replace(self, gen=self.gen + 1), Tok(writer, self.gen + 1)
+        return _replace_host(self, gen=self.gen + 1), Tok(writer, self.gen + 1)
 
     def expect(self, ctx: str, values: dict[str, Tok]) -> Host:
-        return replace(self, latest=self.latest.update({(ctx, c): t for c, t in values.items()}))
+        return _replace_host(self, latest=self.latest.update(
+            {(ctx, c): t for c, t in values.items()}))
 
     def observe(self, *obs: Observation) -> Host:
-        return replace(self, obs=self.obs + obs)
+        return _replace_host(self, obs=self.obs + obs)
 
     def clear_obs(self) -> Host:
-        return replace(self, obs=()) if self.obs else self
+        return _replace_host(self, obs=()) if self.obs else self
+
+
+_replace_host = replacer(Host)
+_replace_cpu = replacer(Cpu)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fpstate.arm64.idregs import IdRegs
-from fpstate.arm64.statemachine import FrozenMap, IllegalEvent, replace
+from fpstate.arm64.statemachine import FrozenMap, IllegalEvent, replacer
 from fpstate.kernel.arm64.state import Host, Task
 from fpstate.kvm.arm64.config import KvmConfig
 
@@ -120,20 +120,23 @@ class KvmWorld:
         raise IllegalEvent("kvm", "vmm-not-running", "ioctl", f"{self.vmm} is not on a CPU")
 
     def with_host(self, host: Host) -> KvmWorld:
-        return replace(self, host=host)
+        return _replace_world(self, host=host)
 
     def with_vm(self, vm: Vm) -> KvmWorld:
-        return replace(self, vms=self.vms.set(vm.name, vm))
+        return _replace_world(self, vms=self.vms.set(vm.name, vm))
 
     def with_vcpu(self, vcpu: Vcpu) -> KvmWorld:
-        return replace(self, vcpus=self.vcpus.set(vcpu.ctx, vcpu))
+        return _replace_world(self, vcpus=self.vcpus.set(vcpu.ctx, vcpu))
 
     def with_hyp(self, cpu: int, hyp: HypCpu) -> KvmWorld:
         if self.hyp[cpu] is hyp:
             return self
         h = list(self.hyp)
         h[cpu] = hyp
-        return replace(self, hyp=tuple(h))
+        return _replace_world(self, hyp=tuple(h))
+
+
+_replace_world = replacer(KvmWorld)
 
 
 def vcpu_has_sve(world: KvmWorld, vcpu: Vcpu) -> bool:
