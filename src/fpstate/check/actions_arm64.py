@@ -38,6 +38,7 @@ from fpstate.check.world import (
     Violation,
     World,
 )
+from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64.state import TASK_USER
 from fpstate.kvm.arm64 import arm, reset, sys_regs
@@ -56,7 +57,7 @@ from fpstate.kvm.arm64.kvm_host import (
 _VCPU = FieldSpec(str, "a vCPU context (<vm>/<n>)")
 _TASK = FieldSpec(str, "a host task (vmm, or one of config.tasks)")
 _CPU = FieldSpec(int, "a CPU number")
-USER_OPS = host_fpsimd.USER_OPS
+USER_OPS = entry_common.USER_OPS
 
 ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("run", "schedule a host task on a CPU and return it to user mode (the task "
@@ -191,7 +192,7 @@ class Arm64World(World):
                 raise StepError(f"CPU {nr}: the VMM is inside KVM_RUN of {v.ctx} "
                                 "(use preempt_vcpu)")
         if cur.mode == TASK_USER:
-            host = host_fpsimd.interrupt(host, nr)
+            host = entry_common.interrupt(host, nr)
         self.kw = self.kw.with_host(host_fpsimd.schedule(host, nr, None))
 
     # -- actions: host -----------------------------------------------------------------------
@@ -204,7 +205,7 @@ class Arm64World(World):
             raise StepError(f"task {task} is not runnable ({self.kw.host.task(task).mode})")
         self._off_cpu(nr)
         host = host_fpsimd.schedule(self.kw.host, nr, task)
-        self.kw = self.kw.with_host(host_fpsimd.ret_to_user(host, nr))
+        self.kw = self.kw.with_host(entry_common.ret_to_user(host, nr))
         return {}
 
     def do_idle(self, cpu: int) -> dict[str, Value]:
@@ -218,14 +219,14 @@ class Arm64World(World):
         nr = self._task_cpu(task)
         if self.kw.host.task(task).mode != TASK_USER:
             raise StepError(f"task {task} is not in user mode")
-        self.kw = self.kw.with_host(host_fpsimd.user_op(self.kw.host, nr, op))
+        self.kw = self.kw.with_host(entry_common.user_op(self.kw.host, nr, op))
         return self._observed()
 
     def do_syscall(self, task: str) -> dict[str, Value]:
         nr = self._task_cpu(task)
         if self.kw.host.task(task).mode != TASK_USER:
             raise StepError(f"task {task} is not in user mode")
-        host = host_fpsimd.syscall_exit(host_fpsimd.syscall_enter(self.kw.host, nr), nr)
+        host = entry_common.syscall_exit(entry_common.syscall_enter(self.kw.host, nr), nr)
         self.kw = self.kw.with_host(host)
         return {}
 
@@ -318,7 +319,7 @@ class Arm64World(World):
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
             nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
-            self.kw = self.kw.with_host(host_fpsimd.ret_to_user(self.kw.host, nr))
+            self.kw = self.kw.with_host(entry_common.ret_to_user(self.kw.host, nr))
         return {}
 
     def do_resume_vcpu(self, vcpu: str, cpu: int) -> dict[str, Value]:
@@ -328,7 +329,7 @@ class Arm64World(World):
             raise StepError(f"{vcpu} is not preempted")
         cur = self.kw.host.current(nr)
         if cur is not None and cur.mode == TASK_USER:
-            self.kw = self.kw.with_host(host_fpsimd.interrupt(self.kw.host, nr))
+            self.kw = self.kw.with_host(entry_common.interrupt(self.kw.host, nr))
         self.kw = arm.resume_vcpu(self.kw, vcpu, nr)
         return {}
 

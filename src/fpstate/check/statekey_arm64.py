@@ -10,11 +10,12 @@ Theory of operation (speed)
 A step of the model rebuilds only the objects on the path to what it changed (a handful of
 dataclasses); every other object is shared with the state before.  So each object is
 canonicalised once and memoised by identity (`_MEMO`, which keeps the object alive so that its
-id cannot be reused while the entry stands); a dataclass is walked field by field with the
-leaves (tokens, strings, ints, bools, None) handled inline, and only its composite fields
-recurse.  A FrozenMap's entries are sorted by the repr of their keys; the sorted order of a
-key set is memoised too (the map of expected values changes at every write, its key set
-almost never).  The result is the same key, value for value, as a plain recursive walk.
+id cannot be reused while the entry stands).  A dataclass is read by a function generated for
+its class (`_compile`) that handles leaves (tokens, strings, ints, bools, None) inline and
+looks composite fields up in the memo before recursing.  A FrozenMap's entries are sorted by
+the repr of their keys, and the sorted order of a key set is memoised (the map of expected
+values changes at every write, its key set almost never).  Keys equal value for value those
+of a plain recursive walk (the same tuples, repr included).
 """
 
 from __future__ import annotations
@@ -30,9 +31,27 @@ _SKIP = frozenset({"obs", "caps", "config", "profile", "gen"})
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 #: Field annotations whose values are leaves kept as they are.
 _PLAIN_ANNOTATIONS = frozenset({"str", "int", "bool", "float", "str | None", "int | None"})
-#: id(object) -> (object, structure, tokens): immutable arm64 model objects are shared from
-#: one state to the next, so each is canonicalised once.  Two generations: when `_MEMO` is
-#: full it becomes `_OLD` (entries found there move back), so the objects every walk shares
+_NO_TOKS: tuple[tuple[str, int], ...] = ()
+
+Toks = list[tuple[str, int]]
+
+
+class _Interned(dict):  # type: ignore[type-arg]
+    """A token's structure by writer (``("T", writer)``) or by value (``("A", value)``)."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def __missing__(self, k: Any) -> tuple[str, Any]:
+        s = self[k] = (self.tag, k)
+        return s
+
+
+_WRITTEN = _Interned("T")
+_ARCH = _Interned("A")
+#: id(object) -> (object, structure, tokens).  Two generations: when `_MEMO` is full its
+#: entries move to `_OLD` (entries found there move back), so the objects every walk shares
 #: (the initial world's) stay while those of finished walks go.  A small memo matters: every
 #: entry keeps its object alive, and the collector's full passes walk them all.
 _MEMO: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
@@ -40,30 +59,20 @@ _OLD: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
 _MEMO_MAX = 4096
 #: the keys of a FrozenMap in insertion order -> the same keys sorted by repr.
 _ORDER: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-#: ("T", writer) of a written token by writer, ("A", value) of an architectural one by value.
-_WRITTEN: dict[str, tuple[str, str]] = {}
-_ARCH: dict[int, tuple[str, int]] = {}
-_NO_TOKS: tuple[tuple[str, int], ...] = ()
 #: dataclass type -> its generated canonicaliser (see `_compile`).
-_CANON: dict[type, Callable[[Any, list[tuple[str, int]]], tuple[Any, ...]]] = {}
+_CANON: dict[type, Callable[[Any, Toks], tuple[Any, ...]]] = {}
 
 
-def _tok(v: ArmTok, toks: list[tuple[str, int]]) -> tuple[str, Any]:
+def _tok(v: ArmTok, toks: Toks) -> tuple[str, Any]:
     """The structure of a token; a written one's (writer, gen) goes to ``toks``."""
     w = v.writer
     if w:
         toks.append((w, v.gen))
-        s = _WRITTEN.get(w)
-        if s is None:
-            s = _WRITTEN[w] = ("T", w)
-        return s
-    a = _ARCH.get(v.gen)
-    if a is None:
-        a = _ARCH[v.gen] = ("A", v.gen)
-    return a
+        return _WRITTEN[w]
+    return _ARCH[v.gen]
 
 
-def _value(v: Any, toks: list[tuple[str, int]]) -> Any:
+def _value(v: Any, toks: Toks) -> Any:
     """The structure of any field value or element."""
     t = type(v)
     if t is ArmTok:
@@ -76,24 +85,46 @@ def _value(v: Any, toks: list[tuple[str, int]]) -> Any:
     return sv
 
 
-def _compile(t: type) -> Callable[[Any, list[tuple[str, int]]], tuple[Any, ...]]:
-    """A function building the structure of a ``t`` instance: ``(type name, field, ...)``
-    without the `_SKIP` fields, reading each field directly (fields annotated ``Tok`` through
-    `_tok`, plain ones as they are, any other through `_value`)."""
-    exprs = []
+_TOK_FIELD = """    v = x.{f}
+    if v.writer:
+        toks.append((v.writer, v.gen))
+        a{i} = _WRITTEN[v.writer]
+    else:
+        a{i} = _ARCH[v.gen]"""
+_ANY_FIELD = """    v = x.{f}
+    if type(v) in _PLAIN:
+        a{i} = v
+    else:
+        h = _get(id(v))
+        if h is not None and h[0] is v:
+            a{i} = h[1]
+            if h[2]:
+                toks.extend(h[2])
+        else:
+            a{i} = _value(v, toks)"""
+
+
+def _compile(t: type) -> Callable[[Any, Toks], tuple[Any, ...]]:
+    """A function building the structure of a ``t`` instance, ``(type name, field, ...)``
+    without the `_SKIP` fields: fields annotated ``Tok`` as tokens, plain ones as they are,
+    any other looked up in the memo or canonicalised (`_value`)."""
+    lines = ["def canon(x, toks):"]
+    n = 0
     for f in dataclasses.fields(t):
         if f.name in _SKIP:
             continue
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         if ann == "Tok" and t.__module__.startswith("fpstate."):
-            exprs.append(f"_tok(x.{f.name}, toks)")
+            lines.append(_TOK_FIELD.format(f=f.name, i=n))
         elif ann in _PLAIN_ANNOTATIONS:
-            exprs.append(f"x.{f.name}")
+            lines.append(f"    a{n} = x.{f.name}")
         else:
-            exprs.append(f"_value(x.{f.name}, toks)")
-    src = f"def canon(x, toks):\n    return ({t.__name__!r}, {', '.join(exprs)},)\n"
-    ns: dict[str, Any] = {"_tok": _tok, "_value": _value}
-    exec(compile(src, f"<statekey_arm64 {t.__name__}>", "exec"), ns)
+            lines.append(_ANY_FIELD.format(f=f.name, i=n))
+        n += 1
+    lines.append(f"    return ({t.__name__!r}, {''.join(f'a{i}, ' for i in range(n))})")
+    ns: dict[str, Any] = {"_WRITTEN": _WRITTEN, "_ARCH": _ARCH, "_PLAIN": _PLAIN,
+                          "_get": _MEMO.get, "_value": _value}
+    exec(compile("\n".join(lines) + "\n", f"<statekey_arm64 {t.__name__}>", "exec"), ns)
     return ns["canon"]
 
 
@@ -102,11 +133,10 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
     ("A", value), the (writer, gen) of the written tokens in traversal order)."""
     t = type(x)
     if t is ArmTok:
-        toks: list[tuple[str, int]] = []
+        toks: Toks = []
         return _tok(x, toks), tuple(toks)
     if t in _PLAIN:
         return x, _NO_TOKS
-    global _MEMO, _OLD
     hit = _MEMO.get(id(x))
     if hit is not None and hit[0] is x:
         return hit[1], hit[2]
@@ -124,7 +154,18 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
         order = _ORDER.get(keys)
         if order is None:
             order = _ORDER[keys] = tuple(sorted(keys, key=repr))
-        struct = tuple([(k, _value(d[k], toks)) for k in order])
+        parts = []
+        for k in order:
+            v = d[k]
+            if type(v) is ArmTok:  # the map of expected values holds only tokens
+                if v.writer:
+                    toks.append((v.writer, v.gen))
+                    parts.append((k, _WRITTEN[v.writer]))
+                else:
+                    parts.append((k, _ARCH[v.gen]))
+            else:
+                parts.append((k, _value(v, toks)))
+        struct = tuple(parts)
     elif t is tuple or t is list:
         struct = tuple([_value(y, toks) for y in x])
     elif t is frozenset or t is set:
@@ -136,7 +177,9 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
         struct = repr(x)
     out = tuple(toks) if toks else _NO_TOKS
     if len(_MEMO) >= _MEMO_MAX:
-        _OLD, _MEMO = _MEMO, {}
+        _OLD.clear()
+        _OLD.update(_MEMO)
+        _MEMO.clear()
     _MEMO[id(x)] = (x, struct, out)
     return struct, out
 
