@@ -20,8 +20,10 @@ Rules of this file
   that says so (`MEMO`) has its invariant checks and its enabled actions memoised by the hash
   of its key, per model, configuration and variant: a state whose key was checked clean is not
   checked again (`checked`), unless the step also emitted something the key does not hold
-  (`event_key` None: a signal frame, a ptrace buffer, a model-reported bug). Keys are hashed to
-  64 bits; with a few million states per process a collision has a probability below 1e-6.
+  (`event_key` None: a signal frame, a ptrace buffer, a model-reported bug). For the same
+  reason an action taken again from a state of a known key leads to a state of a known key:
+  the successor's hash is remembered and its key is not computed again. Keys are hashed to 64
+  bits; with a few million states per process a collision has a probability below 1e-6.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ Value = str | int | bool
 
 #: Memo of each (model, configuration, variant) in this process (World.memo).
 _MEMOS: dict[tuple[str, str, str | None], tuple[set[int], dict[int, list[Any]]]] = {}
+#: (hash of a state's key, action) -> hash of its successor's key, per memo name.
+_SUCCESSORS: dict[tuple[str, str, str | None], dict[tuple[int, Any], int]] = {}
 #: Entries a memo may hold before it is cleared (about 100 bytes each).
 MEMO_LIMIT = 2_000_000
 #: Every memo by state key may be used (False: everything is computed afresh, see
@@ -306,6 +310,8 @@ class World(abc.ABC):
             return StepResult({}, (v,))
         self.history.append(action)
         self.steps += 1
+        if self.MEMO and MEMOS_ON:
+            self._successor(action)
         return StepResult(observed, tuple(self.checked()) if check else ())
 
     # -- memoised by key (see the module docstring) -------------------------------------------
@@ -323,12 +329,37 @@ class World(abc.ABC):
         None when the step cannot be judged from its state alone (no memo then)."""
         return ()
 
+    #: (steps, hash of the state before, action) of the step that led here, while the hash
+    #: of this state is not known yet.
+    _came_from: tuple[int, int, Action] | None = None
+
     def state_hash(self) -> int:
         """``hash(self.key())``, computed once per state."""
         h = self._hashed
         if h is None or h[0] != self.steps:
             h = self._hashed = (self.steps, hash(self.key()))
+            came = self._came_from
+            if came is not None and came[0] == self.steps:
+                succ = _SUCCESSORS.get(self.memo_name())
+                if succ is None:
+                    succ = _SUCCESSORS[self.memo_name()] = {}
+                elif len(succ) > MEMO_LIMIT // 2:
+                    succ.clear()
+                succ[(came[1], came[2])] = h[1]
         return h[1]
+
+    def _successor(self, action: Action) -> None:
+        """After a step: the hash of the new state when the same action was taken before from
+        a state of the same key (equal keys behave alike, so their successors have equal
+        keys), else where we came from, for `state_hash` to remember."""
+        before = self._hashed
+        if before is None or before[0] != self.steps - 1:
+            return
+        h = _SUCCESSORS.get(self.memo_name(), {}).get((before[1], action))
+        if h is not None:
+            self._hashed = (self.steps, h)
+        else:
+            self._came_from = (self.steps, before[1], action)
 
     def memo_name(self) -> tuple[str, str, str | None]:
         """(model, configuration, variant): the worlds that may share memos."""
