@@ -372,7 +372,8 @@ class KvmX86World(X86World):
 
     def do_kvm_finish(self, task: str) -> dict[str, V]:
         t = self.task(task)
-        if t.kpath is None or self._pending_run is None or t.on_cpu is None:
+        if (t.kpath is None or self._pending_run is None or t.on_cpu is None
+                or task in self.nm_pending):
             raise StepError(f"{task} has no KVM_RUN in progress on a CPU")
         nr = t.on_cpu
         result = self.m.finish(nr)
@@ -468,6 +469,7 @@ class KvmX86World(X86World):
                     _VMM_ACTIONS[k] = acts = tuple(acts)
                 out.extend(acts)
             elif (t.kpath is not None and t.on_cpu is not None and self._pending_run
+                  and t.comm not in self.nm_pending
                   and self.m.cpus[t.on_cpu].current is t):
                 out.append(A("kvm_finish", task=t.comm))
         return out

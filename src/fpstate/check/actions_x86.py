@@ -44,7 +44,7 @@ from fpstate.check.world import (
     World,
 )
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import init_value, read_token
+from fpstate.kernel.x86.hw import init_value, read_token, token
 from fpstate.kernel.x86.process import sys_clone, sys_execve
 from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
 from fpstate.kernel.x86.sched import SA_ONSTACK, SIGUSR1, Machine, SigAction, Task, TaskState
@@ -57,7 +57,7 @@ from fpstate.kernel.x86.types import (
     IllegalEvent,
     KernelBug,
 )
-from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
+from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID, exc_device_not_available
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
     ARCH_GET_XCOMP_PERM,
@@ -161,6 +161,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
                                                   default=1)}),
+    ActionSpec("write_nm", "a user instruction touches an XFD-armed component (TILELOADD, "
+               "LDTILECFG): the #NM handler (exc_device_not_available -> fpstate_realloc) runs "
+               "to its preemption point, the vzalloc() of the larger buffer, and sleeps there "
+               "(the task stays in the kernel until nm_return)",
+               {"task": _TASK, "component": FieldSpec(str, "an XFD-armed component "
+                                                      "(xtilecfg, xtiledata)")}),
+    ActionSpec("nm_return", "the sleeping #NM handler of a task that is current again "
+               "finishes, the task returns to user mode and the instruction is retried",
+               {"task": _TASK}),
     ActionSpec("observe", "what a task would see and where its state lives (for expect:)",
                {"task": _TASK}),
 )}
@@ -191,6 +200,7 @@ class X86World(X86Views, World):
         self.expected: dict[str, dict[int, bytes]] = {}
         self.sigstack: dict[str, list[dict[int, bytes]]] = {}
         self.frames: dict[str, list[tuple[int, int]]] = {}
+        self.nm_pending = {}
         self.emitted: list[tuple[str, Any]] = []
         s = self.m.system
         self.tracked = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + (
@@ -358,6 +368,55 @@ class X86World(X86Views, World):
         nr = self.user_cpu(t)
         i = component_number(component)
         fault = self.m.user_write(nr, i)
+        return self._written(t, i, fault.vector if fault else "none")
+
+    #: task name -> (component, value) of the instruction whose #NM handler sleeps (write_nm).
+    nm_pending: dict[str, tuple[int, bytes]]
+
+    def do_write_nm(self, task: str, component: str) -> dict[str, Value]:
+        """Machine.user_write's #NM branch, with the handler left at its preemption point."""
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        i = component_number(component)
+        c = self.m.cpus[nr]
+        if not (c.regs.xfd >> i) & 1 or not (c.regs.xcr0 >> i) & 1:
+            raise StepError(f"{component} is not armed in CPU {nr}'s IA32_XFD: no #NM")
+        t.generation += 1
+        value = token(t.pid, t.generation, i, c.regs.size(i))
+        fault = c.regs.user_write(i, value)
+        if fault is None or fault.vector != "#NM":
+            raise StepError(f"{component} did not take #NM ({fault})")
+        self.m.enter_kernel(nr)
+        self.m.start(nr, exc_device_not_available)
+        self.nm_pending[t.comm] = (i, value)
+        if t.kpath is None:  # finished without sleeping (no permission: SIGILL)
+            return self._nm_complete(t, nr)
+        return {"fault": "#NM", "alive": True, "sleeping": True}
+
+    def do_nm_return(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        if (t.comm not in self.nm_pending or t.kpath is None or t.on_cpu is None
+                or self.m.cpus[t.on_cpu].current is not t):
+            raise StepError(f"{task} has no sleeping #NM handler on a CPU")
+        nr = t.on_cpu
+        self.m.finish(nr)
+        return self._nm_complete(t, nr)
+
+    def _nm_complete(self, t: Task, nr: int) -> dict[str, Value]:
+        """The end of Machine.user_write's #NM branch: return to user mode (a pending
+        signal is delivered first) and retry the instruction."""
+        i, value = self.nm_pending.pop(t.comm)
+        signalled = bool(t.pending)
+        self.m.exit_to_user_mode(nr)
+        if not signalled and t.state is TaskState.USER:
+            retry = self.m.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
+            assert retry is None, f"retry after #NM faulted again: {retry}"
+        out = self._written(t, i, "#NM")
+        out["sleeping"] = False
+        return out
+
+    def _written(self, t: Task, i: int, fault: str) -> dict[str, Value]:
+        """What a task expects after its write of component ``i``."""
         alive = t.state is TaskState.USER
         if alive and t.on_cpu is not None:
             value = self.m.cpus[t.on_cpu].regs.component(i)
@@ -366,7 +425,7 @@ class X86World(X86Views, World):
                 self.expected[t.comm][i] = value
                 if i == XTILE_CFG:  # LDTILECFG puts TILEDATA in its initial configuration
                     self.expected[t.comm].pop(XTILE_DATA, None)
-        return {"fault": fault.vector if fault else "none", "alive": alive}
+        return {"fault": fault, "alive": alive}
 
     def do_release(self, task: str, components: str) -> dict[str, Value]:
         t = self.task(task)
@@ -529,7 +588,6 @@ class X86World(X86Views, World):
         return {"ret": ret, "xstate_bv": xstate_bv}
 
     def do_ptrace_set(self, tracer: str, task: str, component: str) -> dict[str, Value]:
-        from fpstate.kernel.x86.hw import token
         from fpstate.kernel.x86.regset import ptrace_regset
 
         tr, t, nr = self._tracer(tracer, task)
@@ -602,6 +660,9 @@ class X86World(X86Views, World):
                 "writes_no_amx": tuple(A("write", task=comm, component=BY_NUMBER[i].short)
                                        for i in self.writable
                                        if not (XFEATURE_MASK_XTILE >> i) & 1),
+                "writes_nm": tuple((i, A("write_nm", task=comm, component=BY_NUMBER[i].short))
+                                   for i in self.writable if (XFEATURE_MASK_XTILE >> i) & 1),
+                "nm_return": A("nm_return", task=comm),
                 "release": A("release", task=comm, components="xtilecfg|xtiledata"),
                 "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
                 "get_perm": A("arch_prctl", task=comm, option="get_perm"),
@@ -654,8 +715,12 @@ class X86World(X86Views, World):
             # actions then -- exec, an unhandled signal, AMX use without permission.
             calm = t.process.tgid not in busy
             ta = self._task_actions(t.comm)
-            if calm or t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA:
+            permitted = t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA
+            if calm or permitted:
                 out.extend(ta["writes"])
+                xfd = self.m.cpus[t.on_cpu].regs.xfd & XFEATURE_MASK_XTILE  # type: ignore[index]
+                if xfd and permitted:
+                    out.extend(a for i, a in ta["writes_nm"] if (xfd >> i) & 1)
             else:
                 out.extend(ta["writes_no_amx"])
             if amx:
@@ -681,6 +746,11 @@ class X86World(X86Views, World):
                 out.extend(self._ptrace_actions(t.comm, st.comm))
         for st in stopped:
             add(self._task_actions(st.comm)["ptrace_cont"])
+        for comm in self.nm_pending:
+            t = self.tasks[comm]
+            if (t.kpath is not None and t.on_cpu is not None
+                    and self.m.cpus[t.on_cpu].current is t):
+                add(self._task_actions(comm)["nm_return"])
         return out
 
     def _ptrace_actions(self, tracer: str, task: str) -> tuple[Action, ...]:

@@ -253,7 +253,10 @@ def x86_key(w: Any) -> Hashable:
         if frames:
             frames = tuple([hashlib.blake2b(t.process.mm.read(lo, hi - lo),
                                             digest_size=16).digest() for lo, hi in frames])
-        expected.append((name, exp, stack or (), frames or ()))
+        nm = w.nm_pending.get(name)
+        if nm is not None:  # an instruction whose #NM handler sleeps (write_nm)
+            nm = (nm[0], cn.value(nm[1], nm[0]))
+        expected.append((name, exp, stack or (), frames or (), nm))
     raw = (m.next_pid, tuple(cpus), tuple(tasks), tuple(expected), w.extra_key(cn))
     return cn.finish(raw)
 
