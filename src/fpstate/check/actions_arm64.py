@@ -129,6 +129,8 @@ class Arm64World(World):
                     kw, ret = reset.kvm_arm_vcpu_finalize(kw, ctx)
                     assert ret == 0, f"KVM_ARM_VCPU_FINALIZE of {ctx}: {ret}"
         self.kw: KvmWorld = kw.with_host(kw.host.clear_obs())
+        #: `enabled` by (task modes, CPU currents, vCPU run states), shared with clones.
+        self._enabled_memo: dict[tuple[Any, ...], tuple[Action, ...]] = {}
 
     # -- World -------------------------------------------------------------------------------
 
@@ -345,6 +347,20 @@ class Arm64World(World):
         "fp8_op", "smstart")
 
     def enabled(self) -> list[Action]:
+        """The enabled actions; they depend only on each task's mode, each CPU's current task
+        and each vCPU's run state and CPU, so they are memoised by those (per initial world:
+        clones share the memo, and the names of tasks, CPUs and vCPUs never change)."""
+        kw = self.kw
+        host = kw.host
+        sig = (tuple([t.mode for t in host.tasks.values()]),
+               tuple([c.current for c in host.cpus]),
+               tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
+        got = self._enabled_memo.get(sig)
+        if got is None:
+            got = self._enabled_memo[sig] = tuple(self._enabled())
+        return list(got)
+
+    def _enabled(self) -> list[Action]:
         A = Action.of
         kw = self.kw
         host = kw.host
