@@ -61,6 +61,9 @@ _MEMO_MAX = 4096
 _ORDER: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 #: dataclass type -> its generated canonicaliser (see `_compile`).
 _CANON: dict[type, Callable[[Any, Toks], tuple[Any, ...]]] = {}
+#: Classes of which every step makes a new instance (the world, the host): not memoised.
+_FRESH_NAMES = frozenset({"KvmWorld", "Host"})
+_FRESH: dict[type, Callable[[Any, Toks], tuple[Any, ...]]] = {}
 
 
 def _tok(v: ArmTok, toks: Toks) -> tuple[str, Any]:
@@ -137,6 +140,10 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
         return _tok(x, toks), tuple(toks)
     if t in _PLAIN:
         return x, _NO_TOKS
+    fresh = _FRESH.get(t)
+    if fresh is not None:
+        toks = []
+        return fresh(x, toks), tuple(toks)
     hit = _MEMO.get(id(x))
     if hit is not None and hit[0] is x:
         return hit[1], hit[2]
@@ -164,14 +171,33 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
                 else:
                     parts.append((k, _ARCH[v.gen]))
             else:
-                parts.append((k, _value(v, toks)))
+                h = _MEMO.get(id(v))
+                if h is not None and h[0] is v:
+                    parts.append((k, h[1]))
+                    if h[2]:
+                        toks.extend(h[2])
+                else:
+                    parts.append((k, _value(v, toks)))
         struct = tuple(parts)
     elif t is tuple or t is list:
-        struct = tuple([_value(y, toks) for y in x])
+        parts = []
+        for v in x:
+            h = _MEMO.get(id(v))
+            if h is not None and h[0] is v:
+                parts.append(h[1])
+                if h[2]:
+                    toks.extend(h[2])
+            else:
+                parts.append(_value(v, toks))
+        struct = tuple(parts)
     elif t is frozenset or t is set:
         struct = tuple(sorted(map(repr, x)))
     elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-        fn = _CANON[t] = _compile(t)
+        fn = _compile(t)
+        if t.__name__ in _FRESH_NAMES:
+            _FRESH[t] = fn
+            return fn(x, toks), tuple(toks)
+        _CANON[t] = fn
         struct = fn(x, toks)
     else:
         struct = repr(x)
@@ -185,7 +211,10 @@ def _canon(x: Any) -> tuple[Any, tuple[tuple[str, int], ...]]:
 
 
 def _ranks(kw: Any) -> tuple[Any, tuple[int, ...], dict[tuple[str, int], int]]:
-    """(structure, ranks in traversal order, rank of each (writer, gen)) of a world."""
+    """(structure, ranks in traversal order, rank of each (writer, gen)) of a world (the
+    last world's are kept: its key and its event key are asked for one after the other)."""
+    if _LAST[0] is kw:
+        return _LAST[1]
     struct, toks = _canon(kw)
     got = _RANKS.get(toks)
     if got is None:
@@ -200,7 +229,12 @@ def _ranks(kw: Any) -> tuple[Any, tuple[int, ...], dict[tuple[str, int], int]]:
         if len(_RANKS) >= _MEMO_MAX:
             _RANKS.clear()
         _RANKS[toks] = got
-    return struct, got[0], got[1]
+    out = (struct, got[0], got[1])
+    _LAST[:] = [kw, out]
+    return out
+
+
+_LAST: list[Any] = [None, None]
 
 
 #: the tokens of a world in traversal order -> (their ranks, the rank of each): walks from
