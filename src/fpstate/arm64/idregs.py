@@ -189,7 +189,11 @@ class IdRegs:
         return replace(self, **{ATTR[reg_def(name).name]: value})
 
     def field(self, reg: str, name: str) -> int:
-        return reg_def(reg).field(name).get(self.get(reg))
+        hit = _FIELD_OF.get((reg, name))
+        if hit is None:
+            d = reg_def(reg)
+            hit = _FIELD_OF[(reg, name)] = (ATTR[d.name], d.field(name))
+        return hit[1].get(getattr(self, hit[0]))
 
     def items(self) -> list[tuple[str, int]]:
         return [(n, self.get(n)) for n in ID_REG_DEFS]
@@ -226,6 +230,11 @@ class IdRegs:
     @property
     def fp8(self) -> bool:
         return self.fpmr and self.field("ID_AA64FPFR0_EL1", "F8CVT") == 1
+
+
+#: (register, field) -> (IdRegs attribute, Field), for IdRegs.field (KVM asks it at every
+#: trap and every visibility check).
+_FIELD_OF: dict[tuple[str, str], tuple[str, Field]] = {}
 
 
 def parse_hex64(text: object, what: str) -> int:
