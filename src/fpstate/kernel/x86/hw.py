@@ -52,6 +52,7 @@ from fpstate.x86.xfeatures import (
 HDR = 512  #: offset of the XSAVE header
 MXCSR_OFFSET = 24
 PAGE_SIZE = 4096
+_ZERO_PAGE = bytes(PAGE_SIZE)
 _MXCSR_OR_AVX = XFEATURE_MASK_SSE | XFEATURE_MASK_YMM
 
 #: FpRegs._plan: (spans, ((number, offset, size, init value), ...), end of the last span).
@@ -66,8 +67,6 @@ def _profile_memo(profile: CpuidProfile) -> dict[tuple[object, ...], _Plan]:
         if len(_PROFILE_MEMOS) >= 64:
             _PROFILE_MEMOS.clear()
         got = _PROFILE_MEMOS[id(profile)] = (profile, {})
-    if len(got[1]) >= 1 << 14:
-        got[1].clear()
     return got[1]
 
 # -- component values ---------------------------------------------------------------------------
@@ -121,32 +120,59 @@ class PageFault(Exception):
         self.addr = addr
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class UserMemory:
     """A process's user address space, as far as the FPU code touches it.
 
-    ``regions`` maps a start address to its bytes. Pages in ``not_present`` are mapped but not
-    yet faulted in: an access with page faults disabled fails, an access with page faults enabled
-    (the kernel's __clear_user / fault_in_readable) faults them in.
+    ``regions`` maps a start address to its size in bytes: an access must lie inside one
+    region. Their contents are ``pages`` (page number -> its 4096 bytes) for the pages ever
+    written to; a page never written reads as zeros, as anonymous memory does (so a fork, an
+    exec or a checker's clone copies only what was written, not every mapped stack). Pages in
+    ``not_present`` are mapped but not yet faulted in: an access with page faults disabled
+    fails, an access with page faults enabled (the kernel's __clear_user / fault_in_readable)
+    faults them in.
     """
 
-    regions: dict[int, bytearray] = field(default_factory=dict)
+    regions: dict[int, int] = field(default_factory=dict)
     not_present: set[int] = field(default_factory=set)
+    pages: dict[int, bytearray] = field(default_factory=dict)
 
     def map(self, start: int, size: int) -> None:
-        for s, buf in self.regions.items():
-            if start < s + len(buf) and s < start + size:
-                raise ValueError(f"mapping {start:#x}+{size:#x} overlaps {s:#x}+{len(buf):#x}")
-        self.regions[start] = bytearray(size)
+        for s, n in self.regions.items():
+            if start < s + n and s < start + size:
+                raise ValueError(f"mapping {start:#x}+{size:#x} overlaps {s:#x}+{n:#x}")
+        # bytearray(size) for what a zero-filled mapping of ``size`` would raise or hold
+        size = size if type(size) is int and size >= 0 else len(bytearray(size))
+        self.regions[start] = size
+        if self.pages and size:  # bytes left by a mapping this one replaced read as zeros
+            for p in range(start // PAGE_SIZE, (start + size - 1) // PAGE_SIZE + 1):
+                page = self.pages.get(p)
+                if page is not None:
+                    base = p * PAGE_SIZE
+                    lo, hi = max(start, base) - base, min(start + size, base + PAGE_SIZE) - base
+                    page[lo:hi] = bytes(hi - lo)
 
     def copy(self) -> UserMemory:
-        return UserMemory({s: bytearray(b) for s, b in self.regions.items()},
-                          set(self.not_present))
+        return UserMemory(dict(self.regions), set(self.not_present),
+                          {p: bytearray(b) for p, b in self.pages.items()})
 
-    def _locate(self, addr: int, n: int) -> tuple[bytearray, int]:
-        for s, buf in self.regions.items():
-            if s <= addr and addr + n <= s + len(buf):
-                return buf, addr - s
+    def contents(self) -> dict[int, bytes]:
+        """Every region's bytes by start address (for tests and comparisons)."""
+        return {s: self._get(s, n) for s, n in self.regions.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UserMemory):
+            return NotImplemented
+        return (self.regions == other.regions and self.not_present == other.not_present
+                and self.contents() == other.contents())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _locate(self, addr: int, n: int) -> int:
+        """The start of the region holding [addr, addr+n); #PF if there is none."""
+        for s, size in self.regions.items():
+            if s <= addr and addr + n <= s + size:
+                return s
         raise PageFault(addr)
 
     def access_ok(self, addr: int, n: int) -> bool:
@@ -167,21 +193,74 @@ class UserMemory:
             raise PageFault(missing[0] * PAGE_SIZE)
         self.not_present.difference_update(missing)
 
-    def read(self, addr: int, n: int, *, faults_enabled: bool = True) -> bytes:
-        buf, off = self._locate(addr, n)
+    def probe(self, addr: int, n: int, *, faults_enabled: bool = True) -> None:
+        """What `read` checks, without the bytes: #PF (`PageFault`) where the read would
+        fault, and the pages it would fault in are faulted in."""
+        self._locate(addr, n)
         self._present(addr, n, faults_enabled)
-        return bytes(buf[off:off + n])
+
+    def _get(self, addr: int, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        first, last = addr // PAGE_SIZE, (addr + n - 1) // PAGE_SIZE
+        if first == last:
+            page = self.pages.get(first)
+            if page is None:
+                return bytes(n)
+            off = addr - first * PAGE_SIZE
+            return bytes(page[off:off + n])
+        out = bytearray()
+        end = addr + n
+        for p in range(first, last + 1):
+            base = p * PAGE_SIZE
+            lo, hi = max(addr, base) - base, min(end, base + PAGE_SIZE) - base
+            page = self.pages.get(p)
+            out += page[lo:hi] if page is not None else bytes(hi - lo)
+        return bytes(out)
+
+    def read(self, addr: int, n: int, *, faults_enabled: bool = True) -> bytes:
+        s = self._locate(addr, n)
+        self._present(addr, n, faults_enabled)
+        if n < 0:  # a slice of the region's bytes ending before its start, as Python has it
+            return bytes(self._get(s, self.regions[s])[addr - s:addr - s + n])
+        return self._get(addr, n)
 
     def write(self, addr: int, data: bytes, *, faults_enabled: bool = True) -> None:
-        buf, off = self._locate(addr, len(data))
-        self._present(addr, len(data), faults_enabled)
-        buf[off:off + len(data)] = data
+        n = len(data)
+        self._locate(addr, n)
+        self._present(addr, n, faults_enabled)
+        if n <= 0:
+            return
+        first, last = addr // PAGE_SIZE, (addr + n - 1) // PAGE_SIZE
+        pages = self.pages
+        if first == last:
+            page = pages.get(first)
+            if page is None:
+                if bytes(data) == _ZERO_PAGE[:n]:  # zeros on a page never written: no change
+                    return
+                page = pages[first] = bytearray(PAGE_SIZE)
+            off = addr - first * PAGE_SIZE
+            page[off:off + n] = data
+            return
+        data = bytes(data)
+        end = addr + n
+        for p in range(first, last + 1):
+            base = p * PAGE_SIZE
+            lo, hi = max(addr, base), min(end, base + PAGE_SIZE)
+            chunk = data[lo - addr:hi - addr]
+            page = pages.get(p)
+            if page is None:
+                if chunk == _ZERO_PAGE[:hi - lo]:
+                    continue
+                page = pages[p] = bytearray(PAGE_SIZE)
+            page[lo - base:hi - base] = chunk
 
 
 class Buf:
     """Where an XSAVE-family instruction reads and writes: ``addr`` for the alignment check,
     ``check`` before any access, then ``read``/``write`` at offsets from the start."""
 
+    __slots__ = ()
     addr: int
 
     def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
@@ -196,12 +275,21 @@ class Buf:
 
 class KernelBuf(Buf):
     """An fpstate register image. The buffer is ``len(regs)`` bytes: an access past it is the
-    out-of-bounds write of seed 000 (`KernelBug` ``xsave-out-of-bounds``)."""
+    out-of-bounds write of seed 000 (`KernelBug` ``xsave-out-of-bounds``). ``what`` names it
+    in messages: a string, or the fpstate whose image it is (named "fpstate #<ident>" only when
+    a message needs it)."""
 
-    def __init__(self, regs: bytearray, what: str) -> None:
+    __slots__ = ("_what", "addr", "regs")
+
+    def __init__(self, regs: bytearray, what: object) -> None:
         self.regs = regs
         self.addr = 0
-        self.what = what
+        self._what = what
+
+    @property
+    def what(self) -> str:
+        w = self._what
+        return w if isinstance(w, str) else f"fpstate #{w.ident}"  # type: ignore[attr-defined]
 
     def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
         for off, n in spans:
@@ -221,6 +309,8 @@ class KernelBuf(Buf):
 class UserBuf(Buf):
     """A user buffer at ``addr``; ``faults_enabled`` False models pagefault_disable()."""
 
+    __slots__ = ("addr", "faults_enabled", "mem")
+
     def __init__(self, mem: UserMemory, addr: int, *, faults_enabled: bool) -> None:
         self.mem = mem
         self.addr = addr
@@ -229,7 +319,7 @@ class UserBuf(Buf):
     def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
         for off, n in spans:
             try:
-                self.mem.read(self.addr + off, n, faults_enabled=self.faults_enabled)
+                self.mem.probe(self.addr + off, n, faults_enabled=self.faults_enabled)
             except PageFault as e:
                 return Fault("#PF", f"{e.addr:#x}")
         return None
@@ -354,7 +444,9 @@ class FpRegs:
         order the instructions ask, so a component the profile lacks raises what it always
         raised (nothing is memoised then)."""
         key = (comps, xcomp_bv, span_hdr, span_mxcsr)
-        memo = _profile_memo(self.profile)
+        got = _PROFILE_MEMOS.get(id(self.profile))
+        memo = got[1] if got is not None and got[0] is self.profile \
+            else _profile_memo(self.profile)
         plan = memo.get(key)
         if plan is None:
             spans = [(HDR, span_hdr)] if span_hdr else []
@@ -367,6 +459,8 @@ class FpRegs:
             if span_mxcsr:
                 spans.append((MXCSR_OFFSET, span_mxcsr))
             end = max((o + n for o, n in spans), default=0)
+            if len(memo) >= 1 << 14:
+                memo.clear()
             plan = memo[key] = (tuple(spans), tuple(parts), end)
         return plan
 
@@ -496,8 +590,9 @@ class FpRegs:
             if mxcsr & ~self.mxcsr_mask:
                 return Fault("#GP", f"MXCSR {mxcsr:#x} sets reserved bits")
         values = self.values
-        for i in bit_tuple(rfbm):
-            values.pop(i, None)
+        if values:  # the components of RFBM go to init first (those loaded come back below)
+            for i in [i for i in values if 0 <= i < 64 and (rfbm >> i) & 1]:
+                del values[i]
         self.xinuse &= ~rfbm
         for i, off, size, init in parts:
             if i == 0:
