@@ -215,7 +215,7 @@ def os_xsave(c: Cpu, fps: Fpstate) -> None:
     fps->xfeatures into the kernel image. A fault on a kernel buffer is a WARN."""
     fps.check_alive("os_xsave")
     xfd_validate_state(c, fps, fps.xfeatures, False)
-    fault = c.regs.xsave(KernelBuf(fps.regs, f"fpstate #{fps.ident}"), fps.xfeatures,
+    fault = c.regs.xsave(KernelBuf(fps.regs, fps), fps.xfeatures,
                          c.m.system.xsave_insn)
     if fault:
         raise KernelBug("os-xsave-fault", str(fault))
@@ -230,8 +230,7 @@ def os_xrstor(c: Cpu, fps: Fpstate, mask: int) -> None:
     """
     fps.check_alive("os_xrstor")
     xfd_validate_state(c, fps, mask, True)
-    fault = c.regs.xrstor(KernelBuf(fps.regs, f"fpstate #{fps.ident}"), mask,
-                          c.m.system.xrstor_insn)
+    fault = c.regs.xrstor(KernelBuf(fps.regs, fps), mask, c.m.system.xrstor_insn)
     if fault:
         fpu_reset_from_exception_fixup(c)
         raise KernelBug("bad-fpu-state", f"XRSTOR from fpstate #{fps.ident}: {fault}")
@@ -239,7 +238,7 @@ def os_xrstor(c: Cpu, fps: Fpstate, mask: int) -> None:
 
 def os_xrstor_supervisor(c: Cpu, fps: Fpstate) -> None:
     """os_xrstor_supervisor(): restore only the supervisor components (no XFD update)."""
-    fault = c.regs.xrstor(KernelBuf(fps.regs, f"fpstate #{fps.ident}"),
+    fault = c.regs.xrstor(KernelBuf(fps.regs, fps),
                           c.m.system.xfeatures_mask_supervisor, c.m.system.xrstor_insn)
     if fault:
         raise KernelBug("bad-fpu-state", f"supervisor XRSTORS from #{fps.ident}: {fault}")
@@ -249,7 +248,7 @@ def os_xrstor_safe(c: Cpu, fps: Fpstate, mask: int) -> bool:
     """os_xrstor_safe(): XFD update, then XRSTOR(S) returning the trap instead of fixing up.
     True on success."""
     xfd_update_state(c, fps)
-    return c.regs.xrstor(KernelBuf(fps.regs, f"fpstate #{fps.ident}"), mask,
+    return c.regs.xrstor(KernelBuf(fps.regs, fps), mask,
                          c.m.system.xrstor_insn) is None
 
 

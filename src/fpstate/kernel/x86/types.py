@@ -176,6 +176,9 @@ class FpuSystem:
     strict_sigaltstack_size: bool = False
     user_shadow_stack: bool = True
     variants: frozenset[str] = frozenset()
+    #: The derived predicates below, computed once (the run-time model reads them at every
+    #: save and restore; the facts they derive from are frozen).
+    _derived: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.variants) - set(VARIANTS)
@@ -183,47 +186,56 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown model variant(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(VARIANTS)})")
+        xcompacted = self.xsavec or self.xsaves
+        supervisor = self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
+        xss = (supervisor | self.kernel.independent_features) if self.xsaves else 0
+        if self.xsaves:
+            xsave_insn = "XSAVES"
+        elif self.xsavec:
+            xsave_insn = "XSAVEC"
+        else:
+            xsave_insn = "XSAVEOPT" if self.xsaveopt else "XSAVE"
+        object.__setattr__(self, "_derived", (
+            xcompacted, self.init_xfd != 0, supervisor, self.user.max_features, xss, xsave_insn,
+            "XRSTORS" if self.xsaves else "XRSTOR"))
 
-    # The kernel's derived predicates, each named as in the kernel.
+    # The kernel's derived predicates, each named as in the kernel (computed in __post_init__).
     @property
     def xcompacted(self) -> bool:
         """X86_FEATURE_XCOMPACTED: forced when XSAVEC or XSAVES (fpu__init_system_xstate)."""
-        return self.xsavec or self.xsaves
+        return self._derived[0]  # type: ignore[no-any-return]
 
     @property
     def fpu_state_size_dynamic(self) -> bool:
         """fpu_state_size_dynamic(): the static key enabled iff init_fpstate.xfd != 0."""
-        return self.init_xfd != 0
+        return self._derived[1]  # type: ignore[no-any-return]
 
     @property
     def xfeatures_mask_supervisor(self) -> int:
-        """xfeatures_mask_supervisor() (kernel/fpu/xstate.h)."""
-        return self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
+        """xfeatures_mask_supervisor() (kernel/fpu/xstate.h): fpu_kernel_cfg.max_features &
+        XFEATURE_MASK_SUPERVISOR_SUPPORTED."""
+        return self._derived[2]  # type: ignore[no-any-return]
 
     @property
     def xcr0(self) -> int:
         """XCR0 as fpu__init_cpu_xstate() writes it: fpu_user_cfg.max_features."""
-        return self.user.max_features
+        return self._derived[3]  # type: ignore[no-any-return]
 
     @property
     def xss(self) -> int:
-        """IA32_XSS as fpu__init_cpu_xstate() writes it (independent features included)."""
-        return (self.xfeatures_mask_supervisor | self.kernel.independent_features) \
-            if self.xsaves else 0
+        """IA32_XSS as fpu__init_cpu_xstate() writes it (independent features included), 0
+        without XSAVES."""
+        return self._derived[4]  # type: ignore[no-any-return]
 
     @property
     def xsave_insn(self) -> str:
         """The alternative os_xsave() was patched to: XSAVES > XSAVEC > XSAVEOPT > XSAVE."""
-        if self.xsaves:
-            return "XSAVES"
-        if self.xsavec:
-            return "XSAVEC"
-        return "XSAVEOPT" if self.xsaveopt else "XSAVE"
+        return self._derived[5]  # type: ignore[no-any-return]
 
     @property
     def xrstor_insn(self) -> str:
         """The alternative os_xrstor() was patched to: XRSTORS if XSAVES, else XRSTOR."""
-        return "XRSTORS" if self.xsaves else "XRSTOR"
+        return self._derived[6]  # type: ignore[no-any-return]
 
     def has_variant(self, name: str) -> bool:
         assert name in VARIANTS, f"unknown variant {name}"
