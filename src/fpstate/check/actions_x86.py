@@ -299,29 +299,39 @@ class X86World(X86Views, World):
         blob = self._snapshot
         if blob is None or blob[0] != self.steps:
             try:
-                blob = self._snapshot = (self.steps, self._pickle())
+                blob = self._snapshot = (self.steps, *self._pickle())
             except (pickle.PicklingError, TypeError, AttributeError):
                 s = self.m.system
                 memo = {id(s): s, id(s.profile): s.profile}
                 return copy.deepcopy(self, memo)
-        s = self.m.system
-        shared = {"system": s, "profile": s.profile}
         up = pickle.Unpickler(io.BytesIO(blob[1]))
-        up.persistent_load = shared.__getitem__
+        up.persistent_load = blob[2].__getitem__
         return up.load()
 
-    def _pickle(self) -> bytes:
+    def _pickle(self) -> tuple[bytes, list[Any]]:
+        """The snapshot: this world pickled, with the system, the profile and every frozen
+        (immutable) dataclass instance kept by reference, so clones share them (unpickling a
+        frozen slotted dataclass goes through dataclasses' Python-level __setstate__)."""
         s = self.m.system
-        ids = {id(s): "system", id(s.profile): "profile"}
+        shared: list[Any] = [s, s.profile]
+        ids = {id(s): 0, id(s.profile): 1}
+
+        def persistent_id(obj: Any) -> int | None:
+            n = ids.get(id(obj))
+            if n is None and _is_frozen(type(obj)):
+                n = ids[id(obj)] = len(shared)
+                shared.append(obj)
+            return n
+
         f = io.BytesIO()
         p = pickle.Pickler(f, pickle.HIGHEST_PROTOCOL)
-        p.persistent_id = lambda obj: ids.get(id(obj))
+        p.persistent_id = persistent_id
         saved, self._snapshot = self._snapshot, None
         try:
             p.dump(self)
         finally:
             self._snapshot = saved
-        return f.getvalue()
+        return f.getvalue(), shared
 
     def _apply(self, action: Action) -> dict[str, Value]:
         fn = getattr(self, f"do_{action.name}", None)
@@ -808,6 +818,23 @@ _SCHED_ACTIONS: dict[tuple[str, int], tuple[Action, ...]] = {}
 _CPU_ACTIONS: dict[int, tuple[Action, Action, Action]] = {}
 _SPAWN_ACTIONS: dict[tuple[str, int], tuple[Action, Action]] = {}
 _PTRACE_ACTIONS: dict[tuple[str, str, tuple[int, ...]], tuple[Action, ...]] = {}
+
+
+#: Types whose instances a world snapshot shares instead of copying (`_is_frozen`).
+_FROZEN: set[type] = set()
+_NOT_FROZEN: set[type] = set()
+
+
+def _is_frozen(cls: type) -> bool:
+    """Whether ``cls`` is a frozen dataclass (its instances are immutable), memoised."""
+    if cls in _FROZEN:
+        return True
+    if cls in _NOT_FROZEN:
+        return False
+    params = getattr(cls, "__dataclass_params__", None)
+    frozen = params is not None and params.frozen
+    (_FROZEN if frozen else _NOT_FROZEN).add(cls)
+    return frozen
 
 
 #: (task name, writable components) -> X86World._task_actions.
