@@ -44,9 +44,7 @@ def syscall_enter(host: Host, cpu: int) -> Host:
     """el0_svc: fpsimd_syscall_enter(): SMSTOP SM; with TIF_SVE zero Z[VL-1:128], P, FFR;
     to_save = FP_STATE_FPSIMD so that a later save may discard the SVE state lazily."""
     t = current_task(host, cpu)
-    host = task_event(host.clear_obs(), t, "syscall")
-    t = replace(host.task(t.name), in_syscall=True)
-    host = host.with_task(t)
+    host = task_event(host.clear_obs(), t, "syscall", in_syscall=True)
     regs = host.cpus[cpu].regs
     if host.caps.sme and regs.sm:
         host = host.with_regs(cpu, smstop(regs, True, False))
@@ -62,10 +60,11 @@ def syscall_enter(host: Host, cpu: int) -> Host:
 
 
 def syscall_exit(host: Host, cpu: int) -> Host:
-    """Return from a syscall: ret_to_user, then fpsimd_syscall_exit() (to_save = CURRENT)."""
-    host = ret_to_user(host, cpu)
+    """Return from a syscall: ret_to_user (the task leaves the syscall), then
+    fpsimd_syscall_exit() (to_save = CURRENT)."""
     t = current_task(host, cpu)
-    host = host.with_task(replace(t, in_syscall=False))
+    host = task_event(host.clear_obs(), t, "ret_to_user", in_syscall=False)
+    host = fpsimd_restore_current_state(host, cpu)
     if host.caps.sve:
         c = host.cpus[cpu]
         host = host.with_cpu(replace(c, last=replace(c.last, to_save=FP_STATE_CURRENT)))

@@ -137,10 +137,13 @@ def current_task(host: Host, cpu: int) -> Task:
     return t
 
 
-def task_event(host: Host, task: Task, event: str) -> Host:
-    """Step ``task`` through TASK_LIFECYCLE (IllegalEvent if the event is not allowed)."""
-    return host.with_task(replace(task, mode=TASK_LIFECYCLE.step(task.mode, event,
-                                                                 f"task {task.name}")))
+def task_event(host: Host, task: Task, event: str, **changes: object) -> Host:
+    """Step ``task`` through TASK_LIFECYCLE (IllegalEvent if the event is not allowed),
+    with ``changes`` to its other fields made in the same update."""
+    mode = TASK_LIFECYCLE.table.get((task.mode, event))
+    if mode is None:
+        TASK_LIFECYCLE.step(task.mode, event, f"task {task.name}")  # raises IllegalEvent
+    return host.with_task(replace(task, mode=mode, **changes))
 
 
 def live_vl(host: Host, cpu: int) -> int:
