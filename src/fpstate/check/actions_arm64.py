@@ -151,14 +151,20 @@ class Arm64World(World):
         return new
 
     def _apply(self, action: Action) -> dict[str, Value]:
-        fn = getattr(self, f"do_{action.name}", None)
-        if fn is None:
-            raise StepError(f"action {action.name!r} is not known to model {self.model}")
+        call = _CALLS.get(id(action))
+        if call is None or call[0] is not action:
+            fn = getattr(type(self), f"do_{action.name}", None)
+            if fn is None:
+                raise StepError(f"action {action.name!r} is not known to model {self.model}")
+            if len(_CALLS) > 100_000:
+                _CALLS.clear()
+            call = _CALLS[id(action)] = (action, fn, dict(action.args))
         saved = self.kw
         # Observations belong to one event: what this action lets a context see.
-        self.kw = self.kw.with_host(self.kw.host.clear_obs())
+        if saved.host.obs:
+            self.kw = saved.with_host(saved.host.clear_obs())
         try:
-            return fn(**dict(action.args)) or {}
+            return call[1](self, **call[2]) or {}
         except BaseException:
             self.kw = saved  # the model is immutable: the world before the action
             raise
@@ -440,6 +446,11 @@ class Arm64World(World):
             ctxs.append(ContextView(ctx, where, v.cpu if owned else None,
                                     _store_writers(host.store(v.store))))
         return Frame(self.steps, action, tuple(cpus), tuple(ctxs), violation, detail)
+
+
+#: id(Action) -> (the action, its do_ method, its keyword arguments): actions are interned
+#: values (Action.of), and the entry keeps its action alive.
+_CALLS: dict[int, tuple[Action, Any, dict[str, Value]]] = {}
 
 
 def _ctx_of_store(st: str | None) -> str | None:

@@ -56,7 +56,7 @@ _ARCH = _Interned("A")
 #: entry keeps its object alive, and the collector's full passes walk them all.
 _MEMO: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
 _OLD: dict[int, tuple[Any, Any, tuple[tuple[str, int], ...]]] = {}
-_MEMO_MAX = 4096
+_MEMO_MAX = 512
 #: the keys of a FrozenMap in insertion order -> the same keys sorted by repr.
 _ORDER: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 #: dataclass type -> its generated canonicaliser (see `_compile`).
