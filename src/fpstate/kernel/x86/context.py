@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -69,17 +70,52 @@ def requires(*names: str) -> Callable[[F], F]:
     conds = tuple(CONDITIONS[n] for n in names)
 
     def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def checked(c: Cpu, *args: Any, **kwargs: Any) -> Any:
-            for pred, text in conds:
-                if not pred(c):
-                    raise IllegalEvent(f"{fn.__name__}() on CPU {c.nr} requires {text}")
-            return fn(c, *args, **kwargs)
+        checked = _checked_with_signature(fn, conds)
+        if checked is None:
+            def checked(c: Cpu, *args: Any, **kwargs: Any) -> Any:
+                for pred, text in conds:
+                    if not pred(c):
+                        raise IllegalEvent(f"{fn.__name__}() on CPU {c.nr} requires {text}")
+                return fn(c, *args, **kwargs)
 
+        functools.update_wrapper(checked, fn)
         checked.requires = names  # type: ignore[attr-defined]
         return checked  # type: ignore[return-value]
 
     return wrap
+
+
+def _checked_with_signature(fn: Callable[..., Any],
+                            conds: tuple[tuple[Callable[[Cpu], bool], str], ...]
+                            ) -> Callable[..., Any] | None:
+    """The `requires` wrapper of ``fn`` with ``fn``'s own parameters (names and defaults)
+    instead of ``*args, **kwargs``, the conditions checked one by one in order: the model calls
+    these functions at every step, and packing the arguments cost more than the checks. None
+    when ``fn`` takes anything but plain parameters (the generic wrapper is used then)."""
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    ns: dict[str, Any] = {"_fn": fn, "_IllegalEvent": IllegalEvent, "_name": fn.__name__}
+    sig, names = [], []
+    for k, p in enumerate(params):
+        names.append(p.name)
+        if p.default is p.empty:
+            sig.append(p.name)
+        else:
+            ns[f"_d{k}"] = p.default
+            sig.append(f"{p.name}=_d{k}")
+    if set(names) & set(ns) or any(n.startswith(("_p", "_t")) for n in names):
+        return None
+    c = names[0]
+    body = [f"def checked({', '.join(sig)}):"]
+    for k, (pred, text) in enumerate(conds):
+        ns[f"_p{k}"], ns[f"_t{k}"] = pred, text
+        body.append(f"    if not _p{k}({c}):")
+        body.append(f"        raise _IllegalEvent(f'{{_name}}() on CPU {{{c}.nr}} requires "
+                    f"{{_t{k}}}')")
+    body.append(f"    return _fn({', '.join(names)})")
+    exec(compile("\n".join(body), f"<requires {fn.__qualname__}>", "exec"), ns)
+    return ns["checked"]  # type: ignore[no-any-return]
 
 
 # -- context.h ----------------------------------------------------------------------------------

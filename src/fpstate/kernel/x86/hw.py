@@ -370,7 +370,7 @@ class FpRegs:
 
     def component(self, i: int) -> bytes:
         """The current value of component ``i`` (its init value when not in use)."""
-        return self.values.get(i) or init_value(i, self.size(i))
+        return self.values.get(i) or init_value(i, self.profile.component(i).size)
 
     def enabled(self) -> int:
         return self.xcr0 | self.xss
@@ -400,7 +400,7 @@ class FpRegs:
     def set_component(self, i: int, value: bytes) -> None:
         """Load component ``i`` with ``value`` (kernel WRMSR to an XSAVES-managed MSR, or the
         architectural effect of a user write)."""
-        assert len(value) == self.size(i), (i, len(value))
+        assert len(value) == self.profile.component(i).size, (i, len(value))
         if i == 0:
             value = value[:MXCSR_OFFSET] + bytes(8) + value[32:]
         self.values[i] = bytes(value)
@@ -426,11 +426,11 @@ class FpRegs:
 
     def xgetbv1(self) -> int:
         """XGETBV(ECX=1): XINUSE & (XCR0 | IA32_XSS) (SDM 13.6)."""
-        return self.xinuse & self.enabled()
+        return self.xinuse & (self.xcr0 | self.xss)
 
     def snapshot(self) -> dict[int, bytes]:
         """Every enabled component's value (init bytes where not in use), MXCSR as key -1."""
-        out = {i: self.component(i) for i in bits(self.enabled())}
+        out = {i: self.component(i) for i in bit_tuple(self.xcr0 | self.xss)}
         out[-1] = self.mxcsr.to_bytes(4, "little")
         return out
 

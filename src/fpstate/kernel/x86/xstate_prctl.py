@@ -21,8 +21,6 @@ Syscalls return 0 or a negative errno, as the kernel does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from fpstate.kernel.x86.context import requires
@@ -65,21 +63,29 @@ MINSIGSTKSZ = 2048
 XSTATE_PRCTL_REQ: dict[int, int] = {18: XFEATURE_MASK_XTILE_DATA}
 
 
-@contextmanager
-def siglock(c: Cpu) -> Iterator[None]:
-    """spin_lock_irq(&current->sighand->siglock) ... spin_unlock_irq()."""
-    proc = c.current.process
-    if proc.siglock_holder is not None:
-        raise IllegalEvent(f"siglock of process {proc.tgid} already held by CPU "
-                           f"{proc.siglock_holder.nr}")
-    saved = c.irqs_disabled
-    proc.siglock_holder = c
-    c.irqs_disabled = True
-    try:
-        yield
-    finally:
-        proc.siglock_holder = None
-        c.irqs_disabled = saved
+class siglock:
+    """spin_lock_irq(&current->sighand->siglock) ... spin_unlock_irq(), as ``with
+    siglock(c):`` (taken on entry, IllegalEvent if this process's lock is already held;
+    released on the way out, whatever happened inside)."""
+
+    __slots__ = ("c", "proc", "saved")
+
+    def __init__(self, c: Cpu) -> None:
+        self.c = c
+
+    def __enter__(self) -> None:
+        c = self.c
+        proc = self.proc = c.current.process
+        if proc.siglock_holder is not None:
+            raise IllegalEvent(f"siglock of process {proc.tgid} already held by CPU "
+                               f"{proc.siglock_holder.nr}")
+        self.saved = c.irqs_disabled
+        proc.siglock_holder = c
+        c.irqs_disabled = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.siglock_holder = None
+        self.c.irqs_disabled = self.saved
 
 
 def xstate_get_group_perm(c: Cpu, guest: bool) -> int:
