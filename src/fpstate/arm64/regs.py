@@ -224,6 +224,8 @@ FPSR_STREAMING = Tok("", FPSR_SMSTOP)
 
 V, ZHI, P, FPSR, FPMR, ZA, ZT0 = "V", "ZHI", "P", "FPSR", "FPMR", "ZA", "ZT0"
 COMPONENTS: tuple[str, ...] = (V, ZHI, P, FPSR, FPMR, ZA, ZT0)
+#: The FpRegs field of each component (FpRegs.get/put).
+_FIELD_OF: dict[str, str] = {c: c.lower() for c in COMPONENTS}
 #: The feature each component belongs to (what must be advertised to expose it).
 COMPONENT_FEATURE: dict[str, str] = {
     V: "FP", ZHI: "SVE", P: "SVE", FPSR: "FP", FPMR: "FPMR", ZA: "SME", ZT0: "SME2"}
@@ -253,10 +255,10 @@ class FpRegs:
     smcr_len: int = 0
 
     def get(self, comp: str) -> Tok:
-        return getattr(self, comp.lower())
+        return getattr(self, _FIELD_OF.get(comp) or comp.lower())
 
     def put(self, **values: Tok) -> FpRegs:
-        return replace(self, **{k.lower(): v for k, v in values.items()})
+        return replace(self, **{_FIELD_OF.get(k) or k.lower(): v for k, v in values.items()})
 
     @property
     def svcr(self) -> int:

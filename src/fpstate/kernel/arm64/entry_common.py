@@ -136,7 +136,7 @@ def _rw(host: Host, cpu: int, ctx: str, verb: str, comps: dict[str, object],
     if verb == "read":
         return host.observe(*(Observation(ctx, c, feature, "read", regs.get(c))
                               for c in comps if comps[c] is None))
-    host, tok = host.fresh(ctx)
+    tok = host.next_token(ctx)
     values = {c: (tok if v is None else v) for c, v in comps.items()}
-    host = host.with_regs(cpu, regs.put(**values)).expect(ctx, values)
-    return host.observe(Observation(ctx, next(iter(comps)), feature, "write", tok))
+    return host.write(cpu, regs.put(**values), ctx, values,
+                      (Observation(ctx, next(iter(comps)), feature, "write", tok),))

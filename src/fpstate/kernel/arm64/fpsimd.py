@@ -361,9 +361,8 @@ def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
     t = current_task(host, cpu)
     host = kernel_neon_begin(host.clear_obs(), cpu, softirq)
     writer = f"softirq:{cpu}" if softirq else f"kernel:{t.name}"
-    host, tok = host.fresh(writer)
-    regs = host.cpus[cpu].regs
-    host = host.with_regs(cpu, replace(regs, v=tok, zhi=ZERO, fpsr=tok))
+    tok = host.next_token(writer)
+    host = host.write(cpu, replace(host.cpus[cpu].regs, v=tok, zhi=ZERO, fpsr=tok))
     host = kernel_neon_end(host, cpu, softirq)
     if softirq and host.task(t.name).mode == TASK_USER:
         host = fpsimd_restore_current_state(host, cpu)

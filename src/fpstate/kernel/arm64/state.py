@@ -254,6 +254,26 @@ class Host:
     def fresh(self, writer: str) -> tuple[Host, Tok]:
         return _replace_host(self, gen=self.gen + 1), Tok(writer, self.gen + 1)
 
+    def next_token(self, writer: str) -> Tok:
+        """The token `fresh` would hand ``writer`` (for `write`)."""
+        return Tok(writer, self.gen + 1)
+
+    def write(self, cpu: int, regs: FpRegs, ctx: str = "", values: dict[str, Tok] | None = None,
+              obs: tuple[Observation, ...] = ()) -> Host:
+        """A write of `next_token`: ``fresh()``, ``with_regs(cpu, regs)``,
+        ``expect(ctx, values)`` and ``observe(*obs)`` in one update."""
+        c = self.cpus[cpu]
+        cpus = self.cpus
+        if c.regs is not regs:
+            cl = list(cpus)
+            cl[cpu] = _replace_cpu(c, regs=regs)
+            cpus = tuple(cl)
+        latest = self.latest
+        if values:
+            latest = latest.update({(ctx, k): t for k, t in values.items()})
+        return _replace_host(self, gen=self.gen + 1, cpus=cpus, latest=latest,
+                             obs=self.obs + obs if obs else self.obs)
+
     def expect(self, ctx: str, values: dict[str, Tok]) -> Host:
         return _replace_host(self, latest=self.latest.update(
             {(ctx, c): t for c, t in values.items()}))

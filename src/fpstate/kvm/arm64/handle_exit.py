@@ -123,9 +123,10 @@ def _execute(world: KvmWorld, vcpu: Vcpu, op: str, feature: str,
         host = host.with_regs(cpu, replace(regs, zcr_len=length))
         return world.with_host(host.observe(Observation(ctx, "ZCR_EL1", feature, "write",
                                                         length)))
-    host, tok = host.fresh(ctx)
+    tok = host.next_token(ctx)
+    read: tuple[Observation, ...] = ()
     if op == "fp8_op":
-        host = host.observe(Observation(ctx, FPMR, feature, "read", regs.fpmr))
+        read = (Observation(ctx, FPMR, feature, "read", regs.fpmr),)
         values = {V: tok, ZHI: ZERO}
     elif op == "fpsimd_write":
         values = {V: tok, ZHI: ZERO, FPSR: tok}
@@ -133,6 +134,6 @@ def _execute(world: KvmWorld, vcpu: Vcpu, op: str, feature: str,
         values = {V: tok, ZHI: tok, P: tok, FPSR: tok}
     else:
         values = {FPMR: tok}
-    host = host.with_regs(cpu, regs.put(**values)).expect(ctx, values)
     what = FPMR if op == "fpmr_write" else V
-    return world.with_host(host.observe(Observation(ctx, what, feature, "write", tok)))
+    return world.with_host(host.write(cpu, regs.put(**values), ctx, values,
+                                      (*read, Observation(ctx, what, feature, "write", tok))))

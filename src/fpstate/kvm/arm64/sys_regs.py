@@ -103,7 +103,23 @@ def arm64_check_features(caps: HostCaps, reg: str, val: int, has_sve: bool) -> i
 
     For each field wholly inside the writable mask: equal to the limit, or the arm64 safe
     value of (val, limit) must be val (LOWER_SAFE: not above the limit; EXACT: equal).
-    Every other bit must equal the limit."""
+    Every other bit must equal the limit.  (A pure function of its arguments: memoised.)"""
+    k = (id(caps), reg, val, has_sve)
+    hit = _CHECKED.get(k)
+    if hit is not None and hit[0] is caps:
+        return hit[1]
+    ret = _arm64_check_features(caps, reg, val, has_sve)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[k] = (caps, ret)
+    return ret
+
+
+#: (id(caps), register, value, has_sve) -> (caps, arm64_check_features()).
+_CHECKED: dict[tuple[int, str, int, bool], tuple[HostCaps, int]] = {}
+
+
+def _arm64_check_features(caps: HostCaps, reg: str, val: int, has_sve: bool) -> int:
     limit = kvm_read_sanitised_id_reg(caps, reg, has_sve)
     if sysreg_visible_as_raz(reg, has_sve):
         return -E2BIG if val else 0
