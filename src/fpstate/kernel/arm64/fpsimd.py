@@ -214,29 +214,33 @@ def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
     c, caps = host.cpus[cpu], host.caps
     last, regs = c.last, c.regs
     assert last.st is not None, "TIF_FOREIGN_FPSTATE clear but nothing bound"
+    save: dict[str, object] = {}  # the stores into last.st, made in one update
     if caps.fpmr:
         key = last.fpmr or last.st
-        host = host.with_store(key, replace(host.store(key), fpmr=regs.fpmr))
+        if key == last.st:
+            save["fpmr"] = regs.fpmr
+        else:
+            host = host.with_store(key, replace(host.store(key), fpmr=regs.fpmr))
     st = host.store(last.st)
     save_sve = (last.to_save == FP_STATE_CURRENT and t.tif_sve) or last.to_save == FP_STATE_SVE
     vl = last.sve_vl
     if caps.sme:
-        st = replace(st, svcr=regs.svcr)
+        save["svcr"] = regs.svcr
         if regs.za_on:
-            st = replace(st, za=regs.za, zt0=regs.zt0 if caps.sme2 else st.zt0)
+            save.update(za=regs.za, zt0=regs.zt0 if caps.sme2 else st.zt0)
         if regs.sm:
             save_sve, vl = True, last.sme_vl
     if save_sve:
         if live_vl(host, cpu) != vl:
             # WARN_ON(sve_get_vl() != vl): force_signal_inject(SIGKILL)
-            host = host.with_store(last.st, st)
+            host = host.with_store(last.st, replace(st, **save))
             return host.with_task(replace(t, killed="SIGKILL"))
         assert st.sve_size >= sve_regs_size(sve_vq_from_vl(vl)), "sve_state too small"
-        st = replace(st, sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl,
-                     fpsr=regs.fpsr, fp_type=FP_STATE_SVE)
+        save.update(sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl, fpsr=regs.fpsr,
+                    fp_type=FP_STATE_SVE)
     else:
-        st = replace(st, vregs=regs.v, fpsr=regs.fpsr, fp_type=FP_STATE_FPSIMD)
-    return host.with_store(last.st, st)
+        save.update(vregs=regs.v, fpsr=regs.fpsr, fp_type=FP_STATE_FPSIMD)
+    return host.with_store(last.st, replace(st, **save))
 
 
 def fpsimd_save_and_flush_cpu_state(host: Host, cpu: int) -> Host:
@@ -258,7 +262,7 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
     """task_fpsimd_load(): load current's user state from thread_struct into the registers."""
     t, caps = current_task(host, cpu), host.caps
     st = host.store(t.store)
-    regs = host.cpus[cpu].regs
+    load: dict[str, object] = {}  # the register writes, made in one update
     restore_sve = False
     if caps.sve or caps.sme:
         if st.fp_type == FP_STATE_FPSIMD:
@@ -267,25 +271,26 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
             if not st.svcr & SVCR_SM:
                 t = replace(t, tif_sve=True)
             if t.tif_sve:
-                regs = replace(regs, zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zcr_limit=15)
+                load.update(zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zcr_limit=15)
             restore_sve = True
     if caps.sme:
         if t.tif_sme:
-            regs = replace(regs, smcr_len=sve_vq_from_vl(t.sme_vl) - 1)
-        regs = replace(regs, sm=bool(st.svcr & SVCR_SM), za_on=bool(st.svcr & SVCR_ZA))
-        if regs.za_on:
-            regs = replace(regs, za=st.za, zt0=st.zt0 if caps.sme2 else ZERO)
+            load["smcr_len"] = sve_vq_from_vl(t.sme_vl) - 1
+        za_on = bool(st.svcr & SVCR_ZA)
+        load.update(sm=bool(st.svcr & SVCR_SM), za_on=za_on)
+        if za_on:
+            load.update(za=st.za, zt0=st.zt0 if caps.sme2 else ZERO)
     if caps.fpmr:
-        regs = replace(regs, fpmr=st.fpmr)
+        load["fpmr"] = st.fpmr
     if restore_sve:
-        regs = replace(regs, v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
-        host = host.with_task(t).with_regs(cpu, regs)
+        load.update(v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
+        host = host.with_task(t).with_regs(cpu, replace(host.cpus[cpu].regs, **load))
         assert live_vl(host, cpu) == st.sve_vl, "sve_state laid out for another VL"
         return host
     # fpsimd_load_state(): AdvSIMD loads of V0-31 zero Zn[VL-1:128]; P/FFR keep stale
     # contents, unreachable while TIF_SVE is clear (the first SVE use traps and zeroes them).
-    regs = replace(regs, v=st.vregs, zhi=ZERO, fpsr=st.fpsr)
-    return host.with_task(t).with_regs(cpu, regs)
+    load.update(v=st.vregs, zhi=ZERO, fpsr=st.fpsr)
+    return host.with_task(t).with_regs(cpu, replace(host.cpus[cpu].regs, **load))
 
 
 def fpsimd_restore_current_state(host: Host, cpu: int) -> Host:
