@@ -229,6 +229,20 @@ class UserMemory:
         n = len(data)
         self._locate(addr, n)
         self._present(addr, n, faults_enabled)
+        self._put(addr, data, n)
+
+    def fits(self, addr: int, n: int) -> bool:
+        """Whether every access inside [addr, addr+n) (n >= 1) would succeed, page faults
+        enabled or not: the range lies in one region and no page is waiting to be faulted in."""
+        if self.not_present:
+            return False
+        for s, size in self.regions.items():
+            if s <= addr and addr + n <= s + size:
+                return True
+        return False
+
+    def _put(self, addr: int, data: bytes, n: int) -> None:
+        """Store ``data`` (``n`` = len(data) bytes) at ``addr``, which `write` has checked."""
         if n <= 0:
             return
         first, last = addr // PAGE_SIZE, (addr + n - 1) // PAGE_SIZE
@@ -488,14 +502,29 @@ class FpRegs:
         mxcsr = bool(rfbm & _MXCSR_OR_AVX) if not compacted else bool(inuse & XFEATURE_MASK_SSE)
         spans, parts, end = self._plan(written, xcomp_bv, 16 if compacted else 8,
                                        8 if mxcsr else 0)
-        # A kernel buffer the whole save fits in cannot fault (KernelBuf.check).
+        # A kernel buffer the whole save fits in cannot fault (KernelBuf.check); nor can a user
+        # buffer whose [0, end) lies in one present region (UserBuf.check).
         fast = type(buf) is KernelBuf and end <= len(buf.regs)  # type: ignore[attr-defined]
-        if not fast:
+        mem = buf.mem if not fast and type(buf) is UserBuf else None  # type: ignore[attr-defined]
+        if mem is not None and not mem.fits(buf.addr, end):
+            mem = None
+        if not fast and mem is None:
             fault = buf.check(spans)
             if fault:
                 return fault
         values = self.values
-        if fast:
+        if mem is not None:  # as UserBuf.write, with the checks above done once
+            at = buf.addr
+            for i, off, _size, init in parts:
+                value = (values.get(i) if (inuse >> i) & 1 else None) or init
+                if i == 0:
+                    part = value[:MXCSR_OFFSET]
+                    mem._put(at, part, len(part))
+                    part = value[32:]
+                    mem._put(at + 32, part, len(part))
+                else:
+                    mem._put(at + off, value, len(value))
+        elif fast:
             regs = buf.regs  # type: ignore[attr-defined]
             for i, off, _size, init in parts:
                 value = (values.get(i) if (inuse >> i) & 1 else None) or init
