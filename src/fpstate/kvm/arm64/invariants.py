@@ -116,19 +116,21 @@ def userspace_observes_only_advertised(world: KvmWorld) -> list[str]:
     return out
 
 
-#: id(vcpu) -> (vcpu, its VM, host caps, config, problems): what KVM_GET_REG_LIST lists
-#: depends on nothing else, and these immutable objects are shared from state to state.
-_REG_LIST_MEMO: dict[int, tuple[Vcpu, object, object, object, list[str]]] = {}
+#: What KVM_GET_REG_LIST lists, and so the problems found in it, depends on nothing but the
+#: vCPU's context, INIT and finalize flags, its VM's features and ID registers, the host's
+#: capabilities and the configuration: memoised by those (caps and config by identity).
+_REG_LIST_MEMO: dict[tuple[object, ...], list[str]] = {}
 
 
 def _reg_list_beyond_advertised(world: KvmWorld, vcpu: Vcpu) -> list[str]:
     """The registers KVM_GET_REG_LIST lists for a finalized ``vcpu`` whose feature the VM
-    does not advertise (memoised on the vCPU, VM, host capabilities and configuration)."""
-    vm, caps, config = world.vms.get(vcpu.vm), world.host.caps, world.config
-    hit = _REG_LIST_MEMO.get(id(vcpu))
-    if hit is not None and hit[0] is vcpu and hit[1] is vm and hit[2] is caps and (
-            hit[3] is config):
-        return hit[4]
+    does not advertise."""
+    vm = world.vm(vcpu.vm)
+    k = (vcpu.ctx, vcpu.initialized, vcpu.sve_finalized, vm.features, vm.id_regs,
+         id(world.host.caps), id(world.config))
+    out = _REG_LIST_MEMO.get(k)
+    if out is not None:
+        return out
     out = []
     if kvm_arm_vcpu_is_finalized(world, vcpu):
         _, ids = kvm_arm_copy_reg_indices(world, vcpu.ctx)
@@ -139,8 +141,13 @@ def _reg_list_beyond_advertised(world: KvmWorld, vcpu: Vcpu) -> list[str]:
                            f"({_reg_feature(reg_id)} not advertised)")
     if len(_REG_LIST_MEMO) > 4096:
         _REG_LIST_MEMO.clear()
-    _REG_LIST_MEMO[id(vcpu)] = (vcpu, vm, caps, config, out)
+    _REG_LIST_MEMO[k] = out
+    _KEEP.update({id(world.host.caps): world.host.caps, id(world.config): world.config})
     return out
+
+
+#: The objects whose ids key `_REG_LIST_MEMO`, kept alive so that their ids stay theirs.
+_KEEP: dict[int, object] = {}
 
 
 def no_context_observes_another(world: KvmWorld) -> list[str]:

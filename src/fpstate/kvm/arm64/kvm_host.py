@@ -157,9 +157,22 @@ def advertised_features(world: KvmWorld, vcpu: Vcpu) -> frozenset[str]:
     """What the VM offers this vCPU: FP always (all profiles have it), SVE iff
     vcpu_has_sve(), FPMR iff kvm_has_fpmr(); SME/SME2 never (not supported for guests)."""
     vm = world.vm(vcpu.vm)
+    caps = world.host.caps
+    hit = _ADVERTISED.get(id(vm))
+    if hit is not None and hit[0] is vm and hit[1] is caps:
+        return hit[2]
     feats = {"FP"}
     if vcpu_has_sve(world, vcpu):
         feats.add("SVE")
     if kvm_has_fpmr(world, vm):
         feats.add("FPMR")
-    return frozenset(feats)
+    out = frozenset(feats)
+    if len(_ADVERTISED) > 1024:
+        _ADVERTISED.clear()
+    _ADVERTISED[id(vm)] = (vm, caps, out)
+    return out
+
+
+#: id(vm) -> (vm, host caps, advertised features): they depend on nothing else (the invariants
+#: ask at every observation).
+_ADVERTISED: dict[int, tuple[Vm, object, frozenset[str]]] = {}
