@@ -149,7 +149,7 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
             return self
         d = dict(self._d)
         d[key] = value
-        return FrozenMap(d)
+        return _wrap(d)
 
     def update(self, items: Mapping[K, V]) -> FrozenMap[K, V]:
         get = self._d.get
@@ -160,12 +160,20 @@ class FrozenMap(Mapping[K, V], Generic[K, V]):
             return self
         d = dict(self._d)
         d.update(items)
-        return FrozenMap(d)
+        return _wrap(d)
 
     def remove(self, key: K) -> FrozenMap[K, V]:
         d = dict(self._d)
         del d[key]
-        return FrozenMap(d)
+        return _wrap(d)
+
+
+def _wrap(d: dict[K, V]) -> FrozenMap[K, V]:
+    """A FrozenMap owning ``d`` (a fresh dict nobody else holds), without copying it."""
+    m: FrozenMap[K, V] = object.__new__(FrozenMap)
+    m._d = d
+    m._h = None
+    return m
 
 
 @dataclass(frozen=True, slots=True)

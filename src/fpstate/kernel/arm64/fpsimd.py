@@ -143,7 +143,7 @@ def task_event(host: Host, task: Task, event: str, **changes: object) -> Host:
     mode = TASK_LIFECYCLE.table.get((task.mode, event))
     if mode is None:
         TASK_LIFECYCLE.step(task.mode, event, f"task {task.name}")  # raises IllegalEvent
-    return host.with_task(replace(task, mode=mode, **changes))
+    return host.update_task(task, mode=mode, **changes)
 
 
 def live_vl(host: Host, cpu: int) -> int:
@@ -171,8 +171,8 @@ def sme_state_size(host: Host, sme_vl: int) -> int:
 def fpsimd_flush_task_state(host: Host, name: str) -> Host:
     """fpsimd_flush_task_state(): invalidate any CPU copy (fpsimd_cpu = NR_CPUS, TIF_FOREIGN)."""
     t = host.task(name)
-    return host.with_task(replace(t, fpsimd_cpu=NR_CPUS,
-                                  tif_foreign_fpstate=t.tif_foreign_fpstate or host.caps.fpsimd))
+    return host.update_task(t, fpsimd_cpu=NR_CPUS,
+                            tif_foreign_fpstate=t.tif_foreign_fpstate or host.caps.fpsimd)
 
 
 def fpsimd_flush_cpu_state(host: Host, cpu: int) -> Host:
@@ -183,7 +183,7 @@ def fpsimd_flush_cpu_state(host: Host, cpu: int) -> Host:
     host = host.with_cpu(replace(c, regs=regs, last=replace(c.last, st=None)))
     t = host.current(cpu)
     if t is not None:
-        host = host.with_task(replace(t, tif_foreign_fpstate=True))
+        host = host.update_task(t, tif_foreign_fpstate=True)
     return host
 
 
@@ -234,7 +234,7 @@ def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
         if live_vl(host, cpu) != vl:
             # WARN_ON(sve_get_vl() != vl): force_signal_inject(SIGKILL)
             host = host.with_store(last.st, replace(st, **save))
-            return host.with_task(replace(t, killed="SIGKILL"))
+            return host.update_task(t, killed="SIGKILL")
         assert st.sve_size >= sve_regs_size(sve_vq_from_vl(vl)), "sve_state too small"
         save.update(sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl, fpsr=regs.fpsr,
                     fp_type=FP_STATE_SVE)
@@ -297,9 +297,9 @@ def fpsimd_restore_current_state(host: Host, cpu: int) -> Host:
     """fpsimd_restore_current_state(): on return to user, load and bind if TIF_FOREIGN."""
     t = current_task(host, cpu)
     if not host.caps.fpsimd:
-        return host.with_task(replace(t, tif_foreign_fpstate=False))
+        return host.update_task(t, tif_foreign_fpstate=False)
     if t.tif_foreign_fpstate:
-        host = host.with_task(replace(t, tif_foreign_fpstate=False))
+        host = host.update_task(t, tif_foreign_fpstate=False)
         host = fpsimd_bind_task_to_cpu(task_fpsimd_load(host, cpu), cpu)
     return host
 
@@ -311,7 +311,7 @@ def fpsimd_save_kernel_state(host: Host, cpu: int, name: str) -> Host:
     st = host.mem.get(t.kernel_store, FpStore(f"kernel:{name}"))
     host = host.with_store(t.kernel_store, replace(st, vregs=regs.v, fpsr=regs.fpsr))
     host = fpsimd_bind_state_to_cpu(host, cpu, Binding(t.kernel_store, to_save=FP_STATE_FPSIMD))
-    return host.with_task(replace(t, kernel_fpsimd_cpu=cpu))
+    return host.update_task(t, kernel_fpsimd_cpu=cpu)
 
 
 def fpsimd_load_kernel_state(host: Host, cpu: int, name: str) -> Host:
@@ -339,7 +339,7 @@ def kernel_neon_begin(host: Host, cpu: int, softirq: bool = False) -> Host:
     else:
         host = fpsimd_save_user_state(host, cpu)
         if not softirq:
-            host = host.with_task(replace(host.task(t.name), tif_kernel_fpstate=True))
+            host = host.update_task(host.task(t.name), tif_kernel_fpstate=True)
     host = fpsimd_flush_cpu_state(host, cpu)
     return host.with_cpu(replace(host.cpus[cpu], in_softirq_neon=softirq or c.in_softirq_neon))
 
@@ -357,7 +357,7 @@ def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
         return host
     if not t.tif_kernel_fpstate:
         raise IllegalEvent("kernel-neon", "idle", "kernel_neon_end")
-    return host.with_task(replace(t, tif_kernel_fpstate=False))
+    return host.update_task(t, tif_kernel_fpstate=False)
 
 
 def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
@@ -394,7 +394,7 @@ def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None) -> Host:
         return fpsimd_load_kernel_state(host, cpu, nxt)
     wrong_task = host.cpus[cpu].last.st != n.store
     wrong_cpu = n.fpsimd_cpu != cpu
-    return host.with_task(replace(n, tif_foreign_fpstate=wrong_task or wrong_cpu))
+    return host.update_task(n, tif_foreign_fpstate=wrong_task or wrong_cpu)
 
 
 def schedule(host: Host, cpu: int, nxt: str | None) -> Host:

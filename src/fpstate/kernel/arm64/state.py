@@ -238,6 +238,11 @@ class Host:
     def with_task(self, task: Task) -> Host:
         return _replace_host(self, tasks=self.tasks.set(task.name, task))
 
+    def update_task(self, task: Task, /, **changes: object) -> Host:
+        """``with_task(replace(task, **changes))``."""
+        return _replace_host(self, tasks=self.tasks.set(task.name,
+                                                        _replace_task(task, **changes)))
+
     def with_cpu(self, cpu: Cpu) -> Host:
         if self.cpus[cpu.idx] is cpu:
             return self
@@ -287,3 +292,4 @@ class Host:
 
 _replace_host = replacer(Host)
 _replace_cpu = replacer(Cpu)
+_replace_task = replacer(Task)

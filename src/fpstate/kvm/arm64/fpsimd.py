@@ -170,7 +170,7 @@ def _vcpu_load_fp_host_owned(world: KvmWorld, vcpu: Vcpu, cpu: int) -> KvmWorld:
         host = host_fpsimd.fpsimd_save_and_flush_cpu_state(host, cpu)
         return owner_step(world.with_host(host), cpu, "vcpu_load")
     t = host.task(world.vmm)
-    host = host.with_task(replace(t, tif_sve=False))          # fpsimd_kvm_prepare()
+    host = host.update_task(t, tif_sve=False)          # fpsimd_kvm_prepare()
     offset = thread_field_offset("uw.fpsimd_state") + USER_FPSIMD_STATE_SIZE
     world = world.with_host(host).with_vcpu(replace(vcpu, host_fpmr_offset=offset))
     return owner_step(world, cpu, "vcpu_load_host_owned")
@@ -195,7 +195,7 @@ def kvm_arch_vcpu_ctxsync_fp(world: KvmWorld, ctx: str) -> KvmWorld:
     to_save = FP_STATE_SVE if vcpu_has_sve(world, vcpu) else FP_STATE_FPSIMD
     binding = Binding(vcpu.store, vcpu.sve_max_vl, 0, to_save, vcpu.store)
     host = host_fpsimd.fpsimd_bind_state_to_cpu(world.host, cpu, binding)
-    host = host.with_task(replace(host.task(world.vmm), tif_foreign_fpstate=False))
+    host = host.update_task(host.task(world.vmm), tif_foreign_fpstate=False)
     return world.with_host(host)
 
 
@@ -281,5 +281,5 @@ def _hyp_save_host_shared_layout(world: KvmWorld, vcpu: Vcpu, cpu: int) -> KvmWo
         if hit == ("uw.fpmr",):
             host = host.with_store(t.store, replace(host.store(t.store), fpmr=regs.fpmr))
         else:
-            host = host.with_task(replace(t, clobbered=t.clobbered | frozenset(hit)))
+            host = host.update_task(t, clobbered=t.clobbered | frozenset(hit))
     return world.with_host(host)
