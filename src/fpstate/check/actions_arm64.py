@@ -40,7 +40,7 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
-from fpstate.kernel.arm64.state import TASK_USER
+from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import UPSTREAM, KvmConfig
 from fpstate.kvm.arm64.handle_exit import GUEST_OPS, guest_op
@@ -189,19 +189,20 @@ class Arm64World(World):
             raise StepError(f"no vCPU {ctx!r} (vCPUs: {', '.join(self.kw.vcpus) or 'none'})")
         return self.kw.vcpus[ctx]
 
-    def _off_cpu(self, nr: int) -> None:
-        """Interrupt the task of CPU ``nr`` (if in user mode) and schedule it out."""
+    def _off_cpu(self, nr: int) -> Host:
+        """The host after the task of CPU ``nr`` (if any) is interrupted (if in user mode)
+        and scheduled out."""
         host = self.kw.host
         cur = host.current(nr)
         if cur is None:
-            return
+            return host
         for v in self.kw.vcpus.values():
             if v.cpu == nr and v.run != VCPU_OUT:
                 raise StepError(f"CPU {nr}: the VMM is inside KVM_RUN of {v.ctx} "
                                 "(use preempt_vcpu)")
         if cur.mode == TASK_USER:
             host = entry_common.interrupt(host, nr)
-        self.kw = self.kw.with_host(host_fpsimd.schedule(host, nr, None))
+        return host_fpsimd.schedule(host, nr, None)
 
     # -- actions: host -----------------------------------------------------------------------
 
@@ -211,8 +212,7 @@ class Arm64World(World):
             raise StepError(f"no host task {task!r}")
         if self.kw.host.task(task).mode not in ("new", "sleeping"):
             raise StepError(f"task {task} is not runnable ({self.kw.host.task(task).mode})")
-        self._off_cpu(nr)
-        host = host_fpsimd.schedule(self.kw.host, nr, task)
+        host = host_fpsimd.schedule(self._off_cpu(nr), nr, task)
         self.kw = self.kw.with_host(entry_common.ret_to_user(host, nr))
         return {}
 
@@ -220,7 +220,7 @@ class Arm64World(World):
         nr = self._cpu(cpu)
         if self.kw.host.current(nr) is None:
             raise StepError(f"CPU {cpu} is already idle")
-        self._off_cpu(nr)
+        self.kw = self.kw.with_host(self._off_cpu(nr))
         return {}
 
     def do_user_op(self, task: str, op: str) -> dict[str, Value]:
