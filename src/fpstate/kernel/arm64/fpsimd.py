@@ -199,7 +199,7 @@ def fpsimd_bind_task_to_cpu(host: Host, cpu: int) -> Host:
 
 def fpsimd_bind_state_to_cpu(host: Host, cpu: int, state: Binding) -> Host:
     """fpsimd_bind_state_to_cpu(): copy an arbitrary descriptor into fpsimd_last_state."""
-    return host.with_cpu(replace(host.cpus[cpu], last=state))
+    return host.update_cpu(cpu, last=state)
 
 
 def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
@@ -341,7 +341,7 @@ def kernel_neon_begin(host: Host, cpu: int, softirq: bool = False) -> Host:
         if not softirq:
             host = host.update_task(host.task(t.name), tif_kernel_fpstate=True)
     host = fpsimd_flush_cpu_state(host, cpu)
-    return host.with_cpu(replace(host.cpus[cpu], in_softirq_neon=softirq or c.in_softirq_neon))
+    return host.update_cpu(cpu, in_softirq_neon=softirq or c.in_softirq_neon)
 
 
 def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
@@ -351,7 +351,7 @@ def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
     if softirq:
         if not host.cpus[cpu].in_softirq_neon:
             raise IllegalEvent("kernel-neon", "idle", "kernel_neon_end(softirq)")
-        host = host.with_cpu(replace(host.cpus[cpu], in_softirq_neon=False))
+        host = host.update_cpu(cpu, in_softirq_neon=False)
         if t.tif_kernel_fpstate:
             return fpsimd_load_kernel_state(host, cpu, t.name)
         return host
@@ -408,7 +408,7 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
     if prev is not None:
         host = task_event(host, prev, "schedule_out")
     host = fpsimd_thread_switch(host, cpu, nxt)
-    host = host.with_cpu(replace(host.cpus[cpu], current=nxt))
+    host = host.update_cpu(cpu, current=nxt)
     if nxt is not None:
         host = task_event(host, host.task(nxt), "schedule_in")
     return host

@@ -250,6 +250,10 @@ class Host:
         cpus[cpu.idx] = cpu
         return _replace_host(self, cpus=tuple(cpus))
 
+    def update_cpu(self, cpu: int, /, **changes: object) -> Host:
+        """``with_cpu(replace(cpus[cpu], **changes))``."""
+        return self.with_cpu(_replace_cpu(self.cpus[cpu], **changes))
+
     def with_regs(self, cpu: int, regs: FpRegs) -> Host:
         return self.with_cpu(_replace_cpu(self.cpus[cpu], regs=regs))
 
