@@ -1,7 +1,8 @@
 """Checker benchmarks: transitions per second with every invariant on, and the time to find
 each seed variant from a cold start.
 
-    python3 bench/bench_check.py [--seconds S] [--budget S] [--skip-variants] [--runs N]
+    python3 bench/bench_check.py [--seconds S] [--explore S] [--budget S] [--skip-variants]
+                                 [--runs N]
 
 Part 1 runs the explorer's random walks in this process (one core) on the default
 configuration of each model under the kernel's design, every invariant in force and every
@@ -9,7 +10,9 @@ state keyed after every step, and reports transitions per CPU second (process ti
 load on the machine counts less) and the distinct states reached, then where the time goes.
 The invariants of a state whose key was already checked clean are not evaluated again (equal
 keys are states that behave alike: fpstate.check.world), so the rate grows as a run revisits
-states; a fresh process starts with an empty memo, as ``fpstate explore`` does.
+states; a fresh process starts with an empty memo, as ``fpstate explore`` does. With
+``--explore S``, ``fpstate explore`` runs S seconds per model on every core, and its
+transitions per core and wall second are reported.
 
 Part 2 starts ``fpstate explore --variant NAME`` as a fresh
 process for each seed variant (every core) and reports the wall time until it exits with the
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from fpstate.check.explore import Job, _pick, default_config, random_slice
 from fpstate.check.variants import SEED_VARIANTS
@@ -114,11 +118,21 @@ def time_to_find(variant: str, budget: float, seed: int = 0) -> tuple[float, str
     return wall, v["invariant"], v["steps"]
 
 
+def explore_rate(model: str, seconds: float) -> dict[str, Any]:
+    """``fpstate explore --model MODEL --seconds S --json`` as a new process: what it did."""
+    proc = subprocess.run([sys.executable, "-m", "fpstate.cli", "explore", "--model", model,
+                           "--seconds", str(seconds), "--json"],
+                          capture_output=True, text=True, check=False)
+    return json.loads(proc.stdout)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="CPU seconds per model (10)")
     ap.add_argument("--budget", type=float, default=60.0, help="explorer limit per variant")
     ap.add_argument("--skip-variants", action="store_true")
+    ap.add_argument("--explore", type=float, default=0.0, metavar="S",
+                    help="also run fpstate explore for S seconds per model on every core")
     ap.add_argument("--runs", type=int, default=1,
                     help="cold starts per variant with seeds 0..N-1 (the search is random: "
                          "report the median and the worst)")
@@ -136,6 +150,14 @@ def main() -> int:
         print(f"{model:6} {cpu:16} {r['per_second']:8.0f} {r['states']:7} {r['us_model']:7.0f} "
               f"{r['us_invariants']:7.0f} {r['us_key']:6.0f} {r['us_enabled']:8.0f} "
               f"{r['us_clone']:6.0f}")
+    if args.explore:
+        print(f"\nfpstate explore under the kernel's design, {args.explore:.0f} s on "
+              f"{os.cpu_count()} cores (a new process; wall clock)")
+        print(f"{'model':6} {'transitions':>11} {'states':>8} {'per core per s':>15}")
+        for model in ("x86", "arm64"):
+            r = explore_rate(model, args.explore)
+            print(f"{model:6} {r['transitions']:11} {r['states']:8} "
+                  f"{r['transitions'] / r['seconds'] / (os.cpu_count() or 1):15.0f}")
     if args.skip_variants:
         return 0
     print(f"\ntime to find each seed variant from a cold start ({os.cpu_count()} cores; "
