@@ -133,6 +133,19 @@ def test_preemption_inside_kvm_run(kvm):
     assert obs(w)["V"] == ("read", tok)
 
 
+@pytest.mark.parametrize("where", ["out", "in_guest"])
+def test_preempting_a_vcpu_outside_its_run_loop_is_illegal(kvm, where):
+    """The preempt notifier's put runs only for a vCPU loaded between two guest runs:
+    elsewhere preempt_vcpu is an IllegalEvent (VCPU_RUN), not a model assertion, and the
+    world is unchanged (a shrunk counterexample may try it)."""
+    w, c = kvm.make_vm()
+    if where == "in_guest":
+        w = kvm.run(c)(w)                                   # KVM_RUN, in the guest
+    with pytest.raises(IllegalEvent, match="vcpu-run: event 'preempt'"):
+        arm.preempt_vcpu(w, c, None)
+    assert w.vcpu(c).run == ("OUT" if where == "out" else "IN_GUEST")
+
+
 def test_sve_is_saved_at_the_max_vl_with_the_guests_zcr(kvm):
     w, c = kvm.make_vm()
     w = guest_op(kvm.run(c)(w), c, "zcr_write", 0)          # guest asks for VL 128

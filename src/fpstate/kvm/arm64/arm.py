@@ -121,10 +121,11 @@ def host_softirq_neon(world: KvmWorld, ctx: str) -> KvmWorld:
 
 
 def preempt_vcpu(world: KvmWorld, ctx: str, nxt: str | None) -> KvmWorld:
-    """The VMM thread is preempted inside KVM_RUN: preempt notifier put, then the switch."""
+    """The VMM thread is preempted inside KVM_RUN: preempt notifier put, then the switch.
+    IllegalEvent (VCPU_RUN) unless the vCPU is loaded between two guest runs."""
     cpu = world.vcpu(ctx).cpu
-    assert cpu is not None
     world = kvm_arch_vcpu_put(world, ctx, preempt=True)
+    assert cpu is not None
     return world.with_host(host_fpsimd.schedule(world.host, cpu, nxt))
 
 
