@@ -22,6 +22,7 @@ from fpstate.arm64.cpu import load_profile
 from fpstate.arm64.idregs import reg_def
 from fpstate.arm64.regs import COMPONENTS
 from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.check import invariants
 from fpstate.check.statekey_arm64 import arm64_event_key, arm64_key
 from fpstate.check.world import (
     WHERE_BOTH,
@@ -141,8 +142,6 @@ class Arm64World(World):
         return None
 
     def check(self) -> list[Violation]:
-        from fpstate.check import invariants
-
         return invariants.check(self)
 
     def clone(self) -> Arm64World:
