@@ -143,6 +143,8 @@ def task_event(host: Host, task: Task, event: str, **changes: object) -> Host:
     mode = TASK_LIFECYCLE.table.get((task.mode, event))
     if mode is None:
         TASK_LIFECYCLE.step(task.mode, event, f"task {task.name}")  # raises IllegalEvent
+    if mode == task.mode and not changes and host.tasks.get(task.name) is task:
+        return host  # user_op, kernel_op: the task stays where it is
     return host.update_task(task, mode=mode, **changes)
 
 

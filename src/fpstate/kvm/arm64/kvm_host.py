@@ -167,7 +167,7 @@ def advertised_features(world: KvmWorld, vcpu: Vcpu) -> frozenset[str]:
     if kvm_has_fpmr(world, vm):
         feats.add("FPMR")
     out = frozenset(feats)
-    if len(_ADVERTISED) > 1024:
+    if len(_ADVERTISED) > 64:
         _ADVERTISED.clear()
     _ADVERTISED[id(vm)] = (vm, caps, out)
     return out
