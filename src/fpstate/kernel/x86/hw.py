@@ -95,7 +95,8 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
     """Bytes for component ``i`` that name their writer: ``owner`` (a task id, < 65536) and
     ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero."""
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
-    unit = bytes((_TOKEN_MARK, i & 0xFF)) + owner.to_bytes(2, "little") + gen.to_bytes(4, "little")
+    # bytes (0xA5, i & 0xFF, owner as u16, gen as u32), little-endian
+    unit = (_TOKEN_MARK | (i & 0xFF) << 8 | owner << 16 | gen << 32).to_bytes(8, "little")
     data = (unit * (size // 8 + 1))[:size]
     if i == 0:
         data = data[:24] + bytes(8) + data[32:]
