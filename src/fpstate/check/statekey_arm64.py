@@ -14,8 +14,14 @@ id cannot be reused while the entry stands).  A dataclass is read by a function 
 its class (`_compile`) that handles leaves (tokens, strings, ints, bools, None) inline and
 looks composite fields up in the memo before recursing.  A FrozenMap's entries are sorted by
 the repr of their keys, and the sorted order of a key set is memoised (the map of expected
-values changes at every write, its key set almost never).  Keys equal value for value those
-of a plain recursive walk (the same tuples, repr included).
+values changes at every write, its key set almost never).  The world and its host are new
+at every step, so they are read afresh, never memoised; the ranks of a world's token list are
+memoised by that list, and the last world's are kept for its event key.  Keys equal value for
+value those of a plain recursive walk (the same tuples, repr included: tests/arm64/
+test_statekey.py holds that walk and compares).
+
+`arm64_event_key` is what the checker's memo by state key adds to the key for the invariants
+(fpstate.check.world): the observations of the last event, which the key leaves out.
 """
 
 from __future__ import annotations
