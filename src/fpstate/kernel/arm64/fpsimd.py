@@ -196,7 +196,7 @@ def fpsimd_bind_task_to_cpu(host: Host, cpu: int) -> Host:
     last = Binding(t.store, t.sve_vl, t.sme_vl, FP_STATE_CURRENT, t.store)
     c = replace(host.cpus[cpu], last=last,
                 el0_sve=t.tif_sve and host.caps.sve, el0_sme=t.tif_sme and host.caps.sme)
-    return host.with_cpu(c).with_task(replace(t, fpsimd_cpu=cpu))
+    return host.with_cpu_task(c, replace(t, fpsimd_cpu=cpu))
 
 
 def fpsimd_bind_state_to_cpu(host: Host, cpu: int, state: Binding) -> Host:
@@ -286,13 +286,15 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
         load["fpmr"] = st.fpmr
     if restore_sve:
         load.update(v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
-        host = host.with_task(t).with_regs(cpu, replace(host.cpus[cpu].regs, **load))
+        c = host.cpus[cpu]
+        host = host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
         assert live_vl(host, cpu) == st.sve_vl, "sve_state laid out for another VL"
         return host
     # fpsimd_load_state(): AdvSIMD loads of V0-31 zero Zn[VL-1:128]; P/FFR keep stale
     # contents, unreachable while TIF_SVE is clear (the first SVE use traps and zeroes them).
     load.update(v=st.vregs, zhi=ZERO, fpsr=st.fpsr)
-    return host.with_task(t).with_regs(cpu, replace(host.cpus[cpu].regs, **load))
+    c = host.cpus[cpu]
+    return host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
 
 
 def fpsimd_restore_current_state(host: Host, cpu: int) -> Host:

@@ -254,6 +254,15 @@ class Host:
         """``with_cpu(replace(cpus[cpu], **changes))``."""
         return self.with_cpu(_replace_cpu(self.cpus[cpu], **changes))
 
+    def with_cpu_task(self, cpu: Cpu, task: Task) -> Host:
+        """``with_cpu(cpu).with_task(task)`` in one update."""
+        cpus = self.cpus
+        if cpus[cpu.idx] is not cpu:
+            cl = list(cpus)
+            cl[cpu.idx] = cpu
+            cpus = tuple(cl)
+        return _replace_host(self, cpus=cpus, tasks=self.tasks.set(task.name, task))
+
     def with_regs(self, cpu: int, regs: FpRegs) -> Host:
         return self.with_cpu(_replace_cpu(self.cpus[cpu], regs=regs))
 
