@@ -117,8 +117,9 @@ def fpu_copy_guest_fpstate_to_uabi(c: Cpu, gfpu: FpuGuest, size: int, xfeatures:
     system = c.m.system
     if not system.xsave:
         raise IllegalEvent("the KVM model runs on XSAVE hosts only")
-    return __copy_xstate_to_uabi_buf(system, bytes(c.m.init_fpstate.regs), gfpu.fpstate,
-                                     xfeatures, pkru, XSTATE_COPY_XSAVE, size)
+    # init_fpstate's image is only sliced (read): no copy of its page is needed
+    return __copy_xstate_to_uabi_buf(system, c.m.init_fpstate.regs,  # type: ignore[arg-type]
+                                     gfpu.fpstate, xfeatures, pkru, XSTATE_COPY_XSAVE, size)
 
 
 def fpu_copy_uabi_to_guest_fpstate(c: Cpu, gfpu: FpuGuest, buf: bytes, xcr0: int,
