@@ -387,7 +387,8 @@ class Arm64World(World):
         for c in host.cpus:
             if c.current is not None and c.idx not in in_run:
                 out.append(A("idle", cpu=c.idx))
-            if c.idx not in in_run:
+            # The model's kernel-mode NEON needs a task on the CPU (it refuses an idle one).
+            if c.idx not in in_run and c.current is not None:
                 out.append(A("kernel_neon", cpu=c.idx))
         vmm_user = host.task(kw.vmm).mode == TASK_USER
         for ctx, v in kw.vcpus.items():
