@@ -1,4 +1,4 @@
-"""The FPU hardware of one CPU, as the kernel model drives it, and user memory.
+"""The FPU hardware of one CPU, as the kernel model drives it, and its access to memory.
 
 The kernel model needs a register file per CPU and the XSAVE-family operations the kernel issues
 on it (``os_xsave``, ``os_xrstor``, XSAVE to and XRSTOR from a user signal frame). This module is
@@ -21,9 +21,10 @@ Theory of operation
   is initialised, not loaded, by XRSTOR*; touching it from an instruction raises #NM and sets
   IA32_XFD_ERR (`FpRegs.user_write`).
 - Memory is reached through `Buf`: `KernelBuf` over an fpstate image (an access past its size is
-  the seed-000 out-of-bounds write, a `KernelBug`) and `UserBuf` over `UserMemory` (an unmapped
-  or not-present page is a #PF fault value; pages are faulted in only when page faults are
-  enabled, as the kernel's pagefault_disable() sections require).
+  the seed-000 out-of-bounds write, a `KernelBug`) and `UserBuf` over `UserMemory`
+  (`fpstate.kernel.x86.mm`, re-exported here: an unmapped or not-present page is a #PF fault
+  value; pages are faulted in only when page faults are enabled, as the kernel's
+  pagefault_disable() sections require).
 - Faults are values (`Fault`): all checks run before anything is written, so a faulting XSAVE or
   XRSTOR changes nothing (real hardware may have written part of a user buffer; the kernel
   never relies on either).
@@ -34,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fpstate.kernel.x86.mm import PAGE_SIZE, PageFault, UserMemory
 from fpstate.kernel.x86.types import KernelBug
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import compacted_offset
@@ -51,8 +53,6 @@ from fpstate.x86.xfeatures import (
 
 HDR = 512  #: offset of the XSAVE header
 MXCSR_OFFSET = 24
-PAGE_SIZE = 4096
-_ZERO_PAGE = bytes(PAGE_SIZE)
 _MXCSR_OR_AVX = XFEATURE_MASK_SSE | XFEATURE_MASK_YMM
 
 #: FpRegs._plan: (spans, ((number, offset, size, init value), ...), end of the last span).
@@ -108,167 +108,6 @@ def read_token(value: bytes) -> tuple[int, int] | None:
     if len(value) < 8 or value[0] != _TOKEN_MARK:
         return None
     return int.from_bytes(value[2:4], "little"), int.from_bytes(value[4:8], "little")
-
-
-# -- memory -------------------------------------------------------------------------------------
-
-
-class PageFault(Exception):
-    """Raised inside `UserMemory` accesses; `UserBuf` turns it into Fault("#PF")."""
-
-    def __init__(self, addr: int) -> None:
-        super().__init__(f"#PF at {addr:#x}")
-        self.addr = addr
-
-
-@dataclass(slots=True, eq=False)
-class UserMemory:
-    """A process's user address space, as far as the FPU code touches it.
-
-    ``regions`` maps a start address to its size in bytes: an access must lie inside one
-    region. Their contents are ``pages`` (page number -> its 4096 bytes) for the pages ever
-    written to; a page never written reads as zeros, as anonymous memory does (so a fork, an
-    exec or a checker's clone copies only what was written, not every mapped stack). Pages in
-    ``not_present`` are mapped but not yet faulted in: an access with page faults disabled
-    fails, an access with page faults enabled (the kernel's __clear_user / fault_in_readable)
-    faults them in.
-    """
-
-    regions: dict[int, int] = field(default_factory=dict)
-    not_present: set[int] = field(default_factory=set)
-    pages: dict[int, bytearray] = field(default_factory=dict)
-
-    def map(self, start: int, size: int) -> None:
-        for s, n in self.regions.items():
-            if start < s + n and s < start + size:
-                raise ValueError(f"mapping {start:#x}+{size:#x} overlaps {s:#x}+{n:#x}")
-        # bytearray(size) for what a zero-filled mapping of ``size`` would raise or hold
-        size = size if type(size) is int and size >= 0 else len(bytearray(size))
-        self.regions[start] = size
-        if self.pages and size:  # bytes left by a mapping this one replaced read as zeros
-            for p in range(start // PAGE_SIZE, (start + size - 1) // PAGE_SIZE + 1):
-                page = self.pages.get(p)
-                if page is not None:
-                    base = p * PAGE_SIZE
-                    lo, hi = max(start, base) - base, min(start + size, base + PAGE_SIZE) - base
-                    page[lo:hi] = bytes(hi - lo)
-
-    def copy(self) -> UserMemory:
-        return UserMemory(dict(self.regions), set(self.not_present),
-                          {p: bytearray(b) for p, b in self.pages.items()})
-
-    def contents(self) -> dict[int, bytes]:
-        """Every region's bytes by start address (for tests and comparisons)."""
-        return {s: self._get(s, n) for s, n in self.regions.items()}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, UserMemory):
-            return NotImplemented
-        return (self.regions == other.regions and self.not_present == other.not_present
-                and self.contents() == other.contents())
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def _locate(self, addr: int, n: int) -> int:
-        """The start of the region holding [addr, addr+n); #PF if there is none."""
-        for s, size in self.regions.items():
-            if s <= addr and addr + n <= s + size:
-                return s
-        raise PageFault(addr)
-
-    def access_ok(self, addr: int, n: int) -> bool:
-        """Whether [addr, addr+n) is mapped (the kernel's access_ok() checks only the range
-        against TASK_SIZE; an unmapped range then faults at the access itself)."""
-        try:
-            self._locate(addr, n)
-        except PageFault:
-            return False
-        return True
-
-    def _present(self, addr: int, n: int, faults_enabled: bool) -> None:
-        if not self.not_present:  # every mapped page is present
-            return
-        pages = range(addr // PAGE_SIZE, (addr + max(n, 1) - 1) // PAGE_SIZE + 1)
-        missing = [p for p in pages if p in self.not_present]
-        if missing and not faults_enabled:
-            raise PageFault(missing[0] * PAGE_SIZE)
-        self.not_present.difference_update(missing)
-
-    def probe(self, addr: int, n: int, *, faults_enabled: bool = True) -> None:
-        """What `read` checks, without the bytes: #PF (`PageFault`) where the read would
-        fault, and the pages it would fault in are faulted in."""
-        self._locate(addr, n)
-        self._present(addr, n, faults_enabled)
-
-    def _get(self, addr: int, n: int) -> bytes:
-        if n <= 0:
-            return b""
-        first, last = addr // PAGE_SIZE, (addr + n - 1) // PAGE_SIZE
-        if first == last:
-            page = self.pages.get(first)
-            if page is None:
-                return bytes(n)
-            off = addr - first * PAGE_SIZE
-            return bytes(page[off:off + n])
-        out = bytearray()
-        end = addr + n
-        for p in range(first, last + 1):
-            base = p * PAGE_SIZE
-            lo, hi = max(addr, base) - base, min(end, base + PAGE_SIZE) - base
-            page = self.pages.get(p)
-            out += page[lo:hi] if page is not None else bytes(hi - lo)
-        return bytes(out)
-
-    def read(self, addr: int, n: int, *, faults_enabled: bool = True) -> bytes:
-        s = self._locate(addr, n)
-        self._present(addr, n, faults_enabled)
-        if n < 0:  # a slice of the region's bytes ending before its start, as Python has it
-            return bytes(self._get(s, self.regions[s])[addr - s:addr - s + n])
-        return self._get(addr, n)
-
-    def write(self, addr: int, data: bytes, *, faults_enabled: bool = True) -> None:
-        n = len(data)
-        self._locate(addr, n)
-        self._present(addr, n, faults_enabled)
-        self._put(addr, data, n)
-
-    def fits(self, addr: int, n: int) -> bool:
-        """Whether every access inside [addr, addr+n) (n >= 1) would succeed, page faults
-        enabled or not: the range lies in one region and no page is waiting to be faulted in."""
-        if self.not_present:
-            return False
-        for s, size in self.regions.items():
-            if s <= addr and addr + n <= s + size:
-                return True
-        return False
-
-    def _put(self, addr: int, data: bytes, n: int) -> None:
-        """Store ``data`` (``n`` = len(data) bytes) at ``addr``, which `write` has checked."""
-        if n <= 0:
-            return
-        first, last = addr // PAGE_SIZE, (addr + n - 1) // PAGE_SIZE
-        pages = self.pages
-        if first == last:
-            page = pages.get(first)
-            if page is None:
-                if bytes(data) == _ZERO_PAGE[:n]:  # zeros on a page never written: no change
-                    return
-                page = pages[first] = bytearray(PAGE_SIZE)
-            off = addr - first * PAGE_SIZE
-            page[off:off + n] = data
-            return
-        data = bytes(data)
-        end = addr + n
-        for p in range(first, last + 1):
-            base = p * PAGE_SIZE
-            lo, hi = max(addr, base), min(end, base + PAGE_SIZE)
-            chunk = data[lo - addr:hi - addr]
-            page = pages.get(p)
-            if page is None:
-                if chunk == _ZERO_PAGE[:hi - lo]:
-                    continue
-                page = pages[p] = bytearray(PAGE_SIZE)
-            page[lo - base:hi - base] = chunk
 
 
 class Buf:
@@ -669,3 +508,7 @@ class FpRegs:
         if mxcsr != MXCSR_DEFAULT:
             self.xinuse |= XFEATURE_MASK_SSE
         return None
+
+
+__all__ = ["HDR", "MXCSR_OFFSET", "PAGE_SIZE", "Buf", "FpRegs", "KernelBuf", "PageFault", "UserBuf",
+           "UserMemory", "init_value", "read_token", "token"]
