@@ -237,6 +237,11 @@ def no_lost_write(w: Any) -> Iterator[str]:
     yield from (msg for kind, msg in _observations(w) if kind == "lost")
 
 
+#: (id(view), id(expected values)) -> (view, expected values, system, a copy of the expected
+#: values, the tracked components) of a task found to see what it expects.
+_OBS_CLEAN: dict[tuple[int, int], tuple[Any, ...]] = {}
+
+
 def _observations(w: Any) -> list[tuple[str, str]]:
     """Compare what every task would see with what it expects; cached per step."""
     cached = getattr(w, "_obs_cache", None)
@@ -248,6 +253,14 @@ def _observations(w: Any) -> list[tuple[str, str]]:
             continue  # in KVM_RUN: the guest's state is live (the KVM predicates judge it)
         seen = w.seen(t)
         exp, init = w.expected[t.comm], w.init_values
+        # The views `seen` returns are memoised and never changed: a (view, expected values)
+        # pair found clean before is clean now.
+        k = (id(seen), id(exp))
+        hit = _OBS_CLEAN.get(k)
+        if (hit is not None and hit[0] is seen and hit[1] is exp and hit[2] is w.m.system
+                and hit[3] == exp and hit[4] == w.tracked and world.MEMOS_ON):
+            continue
+        before = len(out)
         for i in w.tracked:
             got = seen.get(i)
             want = exp.get(i)  # w.expected_value(t.comm, i), inlined: the hottest loop
@@ -265,6 +278,10 @@ def _observations(w: Any) -> list[tuple[str, str]]:
                 out.append(("lost", f"{t.comm} would see {_name(i)} = "
                             f"{_writer(w, got, i)} instead of its {w.writer(want, i)} "
                             f"(state in {place})"))
+        if len(out) == before:
+            if len(_OBS_CLEAN) > 4096:
+                _OBS_CLEAN.clear()
+            _OBS_CLEAN[k] = (seen, exp, w.m.system, dict(exp), w.tracked)
     out += _guest_observations(w)
     w._obs_cache = (w.steps, out)
     return out
