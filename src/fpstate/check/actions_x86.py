@@ -95,6 +95,22 @@ def component_number(name: str) -> int:
         raise StepError(f"unknown component {name!r} (known: {', '.join(BY_SHORT)})") from None
 
 
+def components_mask(names: str) -> int:
+    """The xfeature mask of '|'-joined short names, memoised (actions repeat them)."""
+    mask = _MASKS.get(names)
+    if mask is None:
+        mask = 0
+        for part in names.split("|"):
+            mask |= 1 << component_number(part.strip())
+        _MASKS[names] = mask
+    return mask
+
+
+_MASKS: dict[str, int] = {}
+#: (world class, action name) -> its do_ method.
+_DO: dict[tuple[type, str], Any] = {}
+
+
 def errno_name(ret: int) -> str:
     return ERRNO_NAMES.get(-ret, str(ret)) if ret < 0 else "0"
 
@@ -334,11 +350,14 @@ class X86World(X86Views, World):
         return f.getvalue(), shared
 
     def _apply(self, action: Action) -> dict[str, Value]:
-        fn = getattr(self, f"do_{action.name}", None)
+        fn = _DO.get((type(self), action.name))
         if fn is None:
-            raise StepError(f"action {action.name!r} is not known to model {self.model}")
+            fn = getattr(type(self), f"do_{action.name}", None)
+            if fn is None:
+                raise StepError(f"action {action.name!r} is not known to model {self.model}")
+            _DO[(type(self), action.name)] = fn
         self.emitted = []
-        return fn(**dict(action.args)) or {}
+        return fn(self, **action.kwargs) or {}
 
     # -- actions: scheduling -----------------------------------------------------------------
 
@@ -440,9 +459,7 @@ class X86World(X86Views, World):
     def do_release(self, task: str, components: str) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
-        mask = 0
-        for part in components.split("|"):
-            mask |= 1 << component_number(part.strip())
+        mask = components_mask(components)
         self.m.user_release(nr, mask)
         for i in bits(mask):
             self.expected[t.comm].pop(i, None)
@@ -520,10 +537,7 @@ class X86World(X86Views, World):
     def do_kernel_fpu(self, cpu: int, components: str = "sse|avx",
                       hardirq: bool = False) -> dict[str, Value]:
         nr = self.cpu(cpu)
-        mask = 0
-        for part in components.split("|"):
-            mask |= 1 << component_number(part.strip())
-        used = self.m.irq_kernel_fpu(nr, hardirq=hardirq, clobber=mask)
+        used = self.m.irq_kernel_fpu(nr, hardirq=hardirq, clobber=components_mask(components))
         return {"used": used}
 
     # -- actions: task lifetime ------------------------------------------------------------

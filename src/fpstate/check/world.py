@@ -79,9 +79,12 @@ class Action:
     args: tuple[tuple[str, Value], ...] = ()
     #: The ``task`` argument (None without one), for the explorer's choice of a next step.
     task: Value | None = field(default=None, compare=False, repr=False)
+    #: The arguments as a dict, for calling the world's do_ method (read, never change it).
+    kwargs: dict[str, Value] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", self.get("task"))
+        object.__setattr__(self, "kwargs", dict(self.args))
 
     @classmethod
     def of(cls, name: str, **args: Value) -> Action:
