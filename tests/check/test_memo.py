@@ -87,3 +87,21 @@ def test_buffer_shapes_hold_every_field_the_buffer_predicates_read(change: str) 
         setattr(fps, change, getattr(fps, change) ^ 64)
     w.steps += 1  # a new state (the shapes are computed once per state)
     assert fps_shapes(w) != before
+
+
+def test_the_key_holds_the_permissions_of_a_dead_group_leader() -> None:
+    """The group's permissions live in its leader's fpu, also after the leader exited
+    (ARCH_REQ_XCOMP_PERM by another thread still changes them): states that differ there
+    do not behave alike (an AMX write is enabled or not), so their keys differ."""
+    from fpstate.check.world import Action
+
+    A = Action.of
+    w = Job("x86", default_config("x86")).world()
+    for a in (A("run", task="p0.t0", cpu=0), A("exit", task="p0.t0"),
+              A("run", task="p0.t1", cpu=1)):
+        w.step(a)
+    before = w.key()
+    r = w.step(A("arch_prctl", task="p0.t1", option="req_perm", feature=18))
+    assert r.observed["ret"] == 0
+    assert w.task("p0.t1").process.leader.fpu.perm.state_perm & (1 << 18)
+    assert w.key() != before

@@ -231,9 +231,12 @@ def x86_key(w: Any) -> Hashable:
                      bytes(regs[512:528]))
         kp = t.kpath
         h = t.handlers
+        # The group's permissions live in its leader's fpu, also once the leader is dead.
+        leader = t.process.leader.fpu
         tasks.append((
             _TASK_FIELDS(t), _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
+            _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
             None if kp is None else kp.__qualname__,
             tuple([(p.sig, p.code) for p in t.pending]) if t.pending else (),
             tuple(sorted([(k, v.flags) for k, v in h.items()])) if h else (),
