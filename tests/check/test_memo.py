@@ -105,3 +105,15 @@ def test_the_key_holds_the_permissions_of_a_dead_group_leader() -> None:
     assert r.observed["ret"] == 0
     assert w.task("p0.t1").process.leader.fpu.perm.state_perm & (1 << 18)
     assert w.key() != before
+
+
+def test_a_process_keeps_the_memos_of_a_few_worlds_only() -> None:
+    """A campaign worker runs many cells: memos of older (model, configuration, variant)
+    triples are dropped rather than kept for the life of the process."""
+    from fpstate.check.world import _MEMOS, MEMO_WORLDS
+
+    for n in range(MEMO_WORLDS + 3):
+        w = Job("x86", dict(default_config("x86"), max_tasks=10 + n)).world()
+        w.memo()
+        assert len(_MEMOS) <= MEMO_WORLDS
+    assert w.memo_name() in _MEMOS

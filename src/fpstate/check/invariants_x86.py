@@ -105,6 +105,8 @@ def by_shapes(fn: Any) -> Any:
         k = (w.memo_name(), fn.__name__)
         clean = _CLEAN_SHAPES.get(k)
         if clean is None:
+            if len(_CLEAN_SHAPES) >= 8 * world.MEMO_WORLDS:
+                _CLEAN_SHAPES.clear()
             clean = _CLEAN_SHAPES[k] = set()
         h = fps_shapes(w)
         if h in clean:

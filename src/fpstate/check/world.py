@@ -44,6 +44,9 @@ Value = str | int | bool
 _MEMOS: dict[tuple[str, str, str | None], tuple[set[int], dict[int, list[Any]]]] = {}
 #: (hash of a state's key, action) -> hash of its successor's key, per memo name.
 _SUCCESSORS: dict[tuple[str, str, str | None], dict[tuple[int, Any], int]] = {}
+#: How many (model, configuration, variant) memos a process keeps (a campaign worker runs
+#: many cells one after another: older memos are dropped).
+MEMO_WORLDS = 4
 #: Entries a memo may hold before it is cleared (about 100 bytes each).
 MEMO_LIMIT = 2_000_000
 #: Every memo by state key may be used (False: everything is computed afresh, see
@@ -377,6 +380,9 @@ class World(abc.ABC):
         k = self.memo_name()
         got = _MEMOS.get(k)
         if got is None:
+            if len(_MEMOS) >= MEMO_WORLDS:  # a long-lived worker moves on to other jobs
+                _MEMOS.clear()
+                _SUCCESSORS.clear()
             got = _MEMOS[k] = (set(), {})
         return got
 
