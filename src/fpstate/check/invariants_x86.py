@@ -244,6 +244,23 @@ def no_lost_write(w: Any) -> Iterator[str]:
 _OBS_CLEAN: dict[tuple[int, int], tuple[Any, ...]] = {}
 
 
+def _seen_clean(w: Any, seen: dict[int, bytes], exp: dict[int, bytes],
+                tracked: tuple[int, ...]) -> bool:
+    """Whether this (view, expected values) pair was found clean before: the views `seen`
+    and `guest_seen` return are memoised and never changed, and the expected values are
+    compared with a copy."""
+    hit = _OBS_CLEAN.get((id(seen), id(exp)))
+    return (hit is not None and hit[0] is seen and hit[1] is exp and hit[2] is w.m.system
+            and hit[3] == exp and hit[4] == tracked and world.MEMOS_ON)
+
+
+def _mark_clean(w: Any, seen: dict[int, bytes], exp: dict[int, bytes],
+                tracked: tuple[int, ...]) -> None:
+    if len(_OBS_CLEAN) > 4096:
+        _OBS_CLEAN.clear()
+    _OBS_CLEAN[(id(seen), id(exp))] = (seen, exp, w.m.system, dict(exp), tracked)
+
+
 def _observations(w: Any) -> list[tuple[str, str]]:
     """Compare what every task would see with what it expects; cached per step."""
     cached = getattr(w, "_obs_cache", None)
@@ -255,12 +272,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
             continue  # in KVM_RUN: the guest's state is live (the KVM predicates judge it)
         seen = w.seen(t)
         exp, init = w.expected[t.comm], w.init_values
-        # The views `seen` returns are memoised and never changed: a (view, expected values)
-        # pair found clean before is clean now.
-        k = (id(seen), id(exp))
-        hit = _OBS_CLEAN.get(k)
-        if (hit is not None and hit[0] is seen and hit[1] is exp and hit[2] is w.m.system
-                and hit[3] == exp and hit[4] == w.tracked and world.MEMOS_ON):
+        if _seen_clean(w, seen, exp, w.tracked):
             continue
         before = len(out)
         for i in w.tracked:
@@ -281,9 +293,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
                             f"{_writer(w, got, i)} instead of its {w.writer(want, i)} "
                             f"(state in {place})"))
         if len(out) == before:
-            if len(_OBS_CLEAN) > 4096:
-                _OBS_CLEAN.clear()
-            _OBS_CLEAN[k] = (seen, exp, w.m.system, dict(exp), w.tracked)
+            _mark_clean(w, seen, exp, w.tracked)
     out += _guest_observations(w)
     w._obs_cache = (w.steps, out)
     return out
@@ -411,7 +421,11 @@ def _guest_observations(w: Any) -> list[tuple[str, str]]:
         if w._vmm_task(name) is None:
             continue
         seen = w.guest_seen(name)
-        for i in w.guest_tracked(v):
+        exp, tracked = w.expected[name], w.guest_tracked(v)
+        if _seen_clean(w, seen, exp, tracked):
+            continue
+        before = len(out)
+        for i in tracked:
             got = seen.get(i)
             want = w.expected_value(name, i)
             if got == want:
@@ -423,6 +437,8 @@ def _guest_observations(w: Any) -> list[tuple[str, str]]:
             kind = "lost" if tok is None or mine else "foreign"
             out.append((kind, f"guest {name} would see {_name(i)} = {_writer(w, got, i)} "
                               f"(expected {w.writer(want, i)}; state in {place})"))
+        if len(out) == before:
+            _mark_clean(w, seen, exp, tracked)
     return out
 
 
