@@ -58,8 +58,8 @@ def test_memoised_checks_and_enabled_actions_equal_fresh_ones(model: str, varian
     assert again == fresh
     w = job.world()
     if variant is None and type(w).MEMO:
-        clean, by_key = w.memo()
-        assert clean and by_key
+        memo = w.memo()
+        assert memo.clean and memo.enabled and memo.successors
     # Violations are compared too, where the design's flaw shows within these walks.
     assert any(t and t[-1][2] for t in fresh) == shows
 
@@ -117,3 +117,19 @@ def test_a_process_keeps_the_memos_of_a_few_worlds_only() -> None:
         w.memo()
         assert len(_MEMOS) <= MEMO_WORLDS
     assert w.memo_name() in _MEMOS
+
+
+def test_an_identity_memo_holds_while_its_witness_does() -> None:
+    from fpstate.check.memo import IdentityMemo
+
+    memo = IdentityMemo(2)
+    buf = bytearray(b"abc")
+    assert memo.get(buf, (buf,)) is None
+    memo.put(buf, (bytes(buf),), "decoded")
+    assert memo.get(buf, (buf,)) == "decoded"  # the snapshot still equals the buffer
+    buf[0] = 0x7A
+    assert memo.get(buf, (buf,)) is None  # changed in place: the witness no longer holds
+    other, third = bytearray(b"x"), bytearray(b"y")
+    memo.put(other, (), 1)
+    memo.put(third, (), 2)  # the limit of 2 entries was reached: cleared first
+    assert memo.get(buf, (b"zbc",)) is None and memo.get(third, ()) == 2

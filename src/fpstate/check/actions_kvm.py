@@ -18,6 +18,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any, ClassVar
 
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
+from fpstate.check.memo import IdentityMemo
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -507,17 +508,15 @@ class KvmX86World(X86World):
 
 def _cpuid_key(entries: Any) -> tuple[tuple[int, ...], ...]:
     """A vCPU's CPUID entries as plain tuples (hashed much faster than the dataclasses),
-    made once per list of entries."""
-    hit = _CPUID_KEYS.get(id(entries))
-    if hit is None or hit[0] is not entries:
-        if len(_CPUID_KEYS) > 1024:
-            _CPUID_KEYS.clear()
-        hit = _CPUID_KEYS[id(entries)] = (entries, tuple(
+    made once per tuple of entries (immutable: nothing to witness)."""
+    got = _CPUID_KEYS.get(entries, ())
+    if got is None:
+        got = _CPUID_KEYS.put(entries, (), tuple(
             (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries))
-    return hit[1]
+    return got
 
 
-_CPUID_KEYS: dict[int, tuple[Any, tuple[tuple[int, ...], ...]]] = {}
+_CPUID_KEYS = IdentityMemo(1024)
 
 #: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from fpstate.check import world
 from fpstate.check.invariants import predicate
+from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
 from fpstate.kernel.x86.hw import FpRegs, KernelBuf, read_token
 from fpstate.kernel.x86.sched import Task, TaskState
@@ -195,16 +196,16 @@ def cached_registers_match_image(w: Any) -> Iterator[str]:
                 break
 
 
-_RESTORED: dict[int, tuple[Any, tuple[int, ...]]] = {}
+_RESTORED = IdentityMemo(64)
 
 
 def _restored(s: Any) -> tuple[int, ...]:
     """The components restore_fpregs_from_fpstate() loads (max_features & FPSTATE) and
     MXCSR (-1), per system."""
-    hit = _RESTORED.get(id(s))
-    if hit is None or hit[0] is not s:
-        hit = _RESTORED[id(s)] = (s, (*bits(s.kernel.max_features & XFEATURE_MASK_FPSTATE), -1))
-    return hit[1]
+    got = _RESTORED.get(s, ())
+    if got is None:
+        got = _RESTORED.put(s, (), (*bits(s.kernel.max_features & XFEATURE_MASK_FPSTATE), -1))
+    return got
 
 
 @predicate("tif-clear-owns-registers", X86)
@@ -239,26 +240,21 @@ def no_lost_write(w: Any) -> Iterator[str]:
     yield from (msg for kind, msg in _observations(w) if kind == "lost")
 
 
-#: (id(view), id(expected values)) -> (view, expected values, system, a copy of the expected
-#: values, the tracked components) of a task found to see what it expects.
-_OBS_CLEAN: dict[tuple[int, int], tuple[Any, ...]] = {}
+#: A task's or guest's expected values -> True when last compared with a view (the views
+#: `seen` and `guest_seen` return are memoised and never changed) they matched; witness: the
+#: view, the system, a copy of the expected values and the components compared.
+_OBS_CLEAN = IdentityMemo(4096)
 
 
 def _seen_clean(w: Any, seen: dict[int, bytes], exp: dict[int, bytes],
                 tracked: tuple[int, ...]) -> bool:
-    """Whether this (view, expected values) pair was found clean before: the views `seen`
-    and `guest_seen` return are memoised and never changed, and the expected values are
-    compared with a copy."""
-    hit = _OBS_CLEAN.get((id(seen), id(exp)))
-    return (hit is not None and hit[0] is seen and hit[1] is exp and hit[2] is w.m.system
-            and hit[3] == exp and hit[4] == tracked and world.MEMOS_ON)
+    """Whether this (view, expected values) pair was found clean before."""
+    return world.MEMOS_ON and _OBS_CLEAN.get(exp, (seen, w.m.system, exp, tracked)) is not None
 
 
 def _mark_clean(w: Any, seen: dict[int, bytes], exp: dict[int, bytes],
                 tracked: tuple[int, ...]) -> None:
-    if len(_OBS_CLEAN) > 4096:
-        _OBS_CLEAN.clear()
-    _OBS_CLEAN[(id(seen), id(exp))] = (seen, exp, w.m.system, dict(exp), tracked)
+    _OBS_CLEAN.put(exp, (seen, w.m.system, dict(exp), tracked), True)
 
 
 def _observations(w: Any) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from collections.abc import Hashable
 from operator import attrgetter
 from typing import Any
 
+from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.hw import init_value, read_token
 from fpstate.kernel.x86.sched import TaskState
 from fpstate.x86.layout import compacted_offset
@@ -97,18 +98,18 @@ def _offset(profile: Any, xcomp_bv: int, i: int) -> int:
     return off
 
 
-#: Decoded images by content, and by buffer identity (verified by content: a buffer is
-#: compared with its snapshot, which is much cheaper than hashing it).
+#: Decoded images by content, and by buffer (verified against a snapshot of the buffer, which
+#: is much cheaper than hashing it).
 _DECODED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-_BY_BUFFER: dict[int, tuple[Any, Any, bytes, tuple[Any, ...]]] = {}
+_BY_BUFFER = IdentityMemo(4096)
 
 
 def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
     """The stored components of an image as (structure, tokens, MXCSR bytes), memoised."""
     regs = fps.regs
-    hit = _BY_BUFFER.get(id(fps))
-    if hit is not None and hit[0] is fps and hit[1] is system and hit[2] == regs:
-        return hit[3]
+    got = _BY_BUFFER.get(fps, (system, regs))
+    if got is not None:
+        return got
     snap = bytes(regs)
     k = (id(system), snap)
     got = _DECODED.get(k)
@@ -117,10 +118,7 @@ def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
         if len(_DECODED) > 4096:
             _DECODED.clear()
         _DECODED[k] = got
-    if len(_BY_BUFFER) > 4096:
-        _BY_BUFFER.clear()
-    _BY_BUFFER[id(fps)] = (fps, system, snap, got)
-    return got
+    return _BY_BUFFER.put(fps, (system, snap), got)
 
 
 def _decode_image(system: Any, regs: bytes) -> tuple[Any, ...]:
@@ -153,28 +151,22 @@ def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
     return (struct, mxcsr)
 
 
-#: id(dict of component values) -> (the dict, a copy of it, structure, tokens): register
-#: files and expected values change a few components per step, so most dicts are met again
-#: unchanged (verified by comparing with the copy: the values are the same bytes objects).
-_BY_DICT: dict[int, tuple[Any, dict[int, bytes], tuple[Any, ...], tuple[Any, ...]]] = {}
+#: Dicts of component values -> (structure, tokens): register files and expected values
+#: change a few components per step, so most dicts are met again unchanged (verified against
+#: a copy: the values are the same bytes objects).
+_BY_DICT = IdentityMemo(8192)
 
 
 def regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
     """((i, key value), ...) of a dict of component values, sorted by component."""
-    hit = _BY_DICT.get(id(values))
-    if hit is not None and hit[0] is values and hit[1] == values:
-        if hit[3]:
-            cn.toks.extend(hit[3])
-        return hit[2]
-    sub = Canon()
-    struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
-    toks = tuple(sub.toks)
-    if len(_BY_DICT) > 8192:
-        _BY_DICT.clear()
-    _BY_DICT[id(values)] = (values, dict(values), struct, toks)
-    if toks:
-        cn.toks.extend(toks)
-    return struct
+    got = _BY_DICT.get(values, values)
+    if got is None:
+        sub = Canon()
+        struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
+        got = _BY_DICT.put(values, dict(values), (struct, tuple(sub.toks)))
+    if got[1]:
+        cn.toks.extend(got[1])
+    return got[0]
 
 
 #: The plain fields of the key, fetched in one call each (operator.attrgetter).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from fpstate.check.memo import IdentityMemo
 from fpstate.check.world import (
     WHERE_BOTH,
     WHERE_GONE,
@@ -31,13 +32,13 @@ if TYPE_CHECKING:
     from fpstate.kernel.x86.sched import Machine
 
 KERNEL_NAME = "kernel"
-#: X86Views.image's memo: (id(system), XFD, image bytes) -> registers, and id(fpstate) ->
-#: (fpstate, system, XFD, snapshot of its image, registers).
+#: X86Views.image's memo: (id(system), XFD, image bytes) -> registers, and by fpstate
+#: (witness: system, XFD, a snapshot of its image).
 _IMAGES: dict[tuple[int, int, bytes], dict[int, bytes]] = {}
-_IMAGE_BY_BUFFER: dict[int, tuple[Any, Any, int, bytes, dict[int, bytes]]] = {}
-#: X86Views.regs_view's memo: id(register file) -> (it, the components viewed, MXCSR, a copy of
-#: its values, the view); register files change a few components per step at most.
-_VIEWS: dict[int, tuple[Any, Any, int, dict[int, bytes], dict[int, bytes]]] = {}
+_IMAGE_BY_BUFFER = IdentityMemo(2048)
+#: X86Views.regs_view's memo by register file (witness: the components viewed, MXCSR, a copy
+#: of its values); register files change a few components per step at most.
+_VIEWS = IdentityMemo(4096)
 
 
 class X86Views:
@@ -142,17 +143,13 @@ class X86Views:
         use) and MXCSR as key -1: FpRegs.snapshot() restricted to what the checker reads."""
         vals = regs.values
         comps = self.view_comps
-        hit = _VIEWS.get(id(regs))
-        if (hit is not None and hit[0] is regs and hit[1] is comps and hit[2] == regs.mxcsr
-                and hit[3] == vals):
-            return hit[4]  # shared: read it, never change it
+        out = _VIEWS.get(regs, (comps, regs.mxcsr, vals))
+        if out is not None:
+            return out  # shared: read it, never change it
         iv = self.init_values
         out = {i: vals.get(i) or iv[i] for i in comps}
         out[-1] = regs.mxcsr.to_bytes(4, "little")
-        if len(_VIEWS) > 4096:
-            _VIEWS.clear()
-        _VIEWS[id(regs)] = (regs, comps, regs.mxcsr, dict(vals), out)
-        return out
+        return _VIEWS.put(regs, (comps, regs.mxcsr, dict(vals)), out)
 
     def image(self, fps: Fpstate) -> dict[int, bytes]:
         """What restoring ``fps`` would load (invariants_x86.image_state), memoised by content
@@ -162,22 +159,17 @@ class X86Views:
         from fpstate.check.invariants_x86 import image_state
 
         s = self.m.system
-        regs = fps.regs
-        hit = _IMAGE_BY_BUFFER.get(id(fps))
-        if (hit is not None and hit[0] is fps and hit[1] is s and hit[2] == fps.xfd
-                and hit[3] == regs):
-            return hit[4]
-        snap = bytes(regs)
+        got = _IMAGE_BY_BUFFER.get(fps, (s, fps.xfd, fps.regs))
+        if got is not None:
+            return got
+        snap = bytes(fps.regs)
         k = (id(s), fps.xfd, snap)
         got = _IMAGES.get(k)
         if got is None:
             if len(_IMAGES) > 2048:
                 _IMAGES.clear()
             got = _IMAGES[k] = image_state(self, fps)
-        if len(_IMAGE_BY_BUFFER) > 2048:
-            _IMAGE_BY_BUFFER.clear()
-        _IMAGE_BY_BUFFER[id(fps)] = (fps, s, fps.xfd, snap, got)
-        return got
+        return _IMAGE_BY_BUFFER.put(fps, (s, fps.xfd, snap), got)
 
     def where(self, t: Task) -> tuple[str, int | None]:
         if t.state is TaskState.DEAD:

@@ -41,9 +41,7 @@ Value = str | int | bool
 
 
 #: Memo of each (model, configuration, variant) in this process (World.memo).
-_MEMOS: dict[tuple[str, str, str | None], tuple[set[int], dict[int, list[Any]]]] = {}
-#: (hash of a state's key, action) -> hash of its successor's key, per memo name.
-_SUCCESSORS: dict[tuple[str, str, str | None], dict[tuple[int, Any], int]] = {}
+_MEMOS: dict[tuple[str, str, str | None], Memo] = {}
 #: How many (model, configuration, variant) memos a process keeps (a campaign worker runs
 #: many cells one after another: older memos are dropped).
 MEMO_WORLDS = 4
@@ -63,6 +61,16 @@ def no_memos() -> Iterator[None]:
         yield
     finally:
         MEMOS_ON = saved
+
+
+@dataclass(slots=True)
+class Memo:
+    """What the worlds of one (model, configuration, variant) remember, by state key hash."""
+
+    clean: set[int] = field(default_factory=set)  #: states checked clean
+    enabled: dict[int, list[Action]] = field(default_factory=dict)  #: their enabled actions
+    #: (state, action) -> the successor state
+    successors: dict[tuple[int, Action], int] = field(default_factory=dict)
 
 
 class ScenarioError(FpstateError):
@@ -346,10 +354,8 @@ class World(abc.ABC):
             h = self._hashed = (self.steps, hash(self.key()))
             came = self._came_from
             if came is not None and came[0] == self.steps:
-                succ = _SUCCESSORS.get(self.memo_name())
-                if succ is None:
-                    succ = _SUCCESSORS[self.memo_name()] = {}
-                elif len(succ) > MEMO_LIMIT // 2:
+                succ = self.memo().successors
+                if len(succ) > MEMO_LIMIT // 2:
                     succ.clear()
                 succ[(came[1], came[2])] = h[1]
         return h[1]
@@ -361,7 +367,7 @@ class World(abc.ABC):
         before = self._hashed
         if before is None or before[0] != self.steps - 1:
             return
-        h = _SUCCESSORS.get(self.memo_name(), {}).get((before[1], action))
+        h = self.memo().successors.get((before[1], action))
         if h is not None:
             self._hashed = (self.steps, h)
         else:
@@ -374,16 +380,15 @@ class World(abc.ABC):
             k = self._memo_name = (self.model, repr(sorted(self.config.items())), self.variant)
         return k
 
-    def memo(self) -> tuple[set[int], dict[int, list[Action]]]:
-        """This world's memo: (hashes of states checked clean, enabled actions by hash),
-        shared by every world of the same model, configuration and variant in this process."""
+    def memo(self) -> Memo:
+        """This world's memo, shared by every world of the same model, configuration and
+        variant in this process."""
         k = self.memo_name()
         got = _MEMOS.get(k)
         if got is None:
             if len(_MEMOS) >= MEMO_WORLDS:  # a long-lived worker moves on to other jobs
                 _MEMOS.clear()
-                _SUCCESSORS.clear()
-            got = _MEMOS[k] = (set(), {})
+            got = _MEMOS[k] = Memo()
         return got
 
     def checked(self) -> list[Violation]:
@@ -394,7 +399,7 @@ class World(abc.ABC):
         if ev is None:
             return self.check()
         h = hash((self.state_hash(), ev)) if ev != () else self.state_hash()
-        clean = self.memo()[0]
+        clean = self.memo().clean
         if h in clean:
             self.discard_events()
             return []
@@ -413,7 +418,7 @@ class World(abc.ABC):
         """`enabled`, memoised by key for MEMO worlds."""
         if not (self.MEMO and MEMOS_ON):
             return self.enabled()
-        by_key = self.memo()[1]
+        by_key = self.memo().enabled
         h = self.state_hash()
         got = by_key.get(h)
         if got is None:
