@@ -57,7 +57,7 @@ from fpstate.kernel.x86.types import (
     IllegalEvent,
     KernelBug,
 )
-from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID, exc_device_not_available
+from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
     ARCH_GET_XCOMP_PERM,
@@ -403,20 +403,15 @@ class X86World(X86Views, World):
     nm_pending: dict[str, tuple[int, bytes]]
 
     def do_write_nm(self, task: str, component: str) -> dict[str, Value]:
-        """Machine.user_write's #NM branch, with the handler left at its preemption point."""
+        """Machine.user_write with its #NM handler left at its preemption point."""
         t = self.task(task)
         nr = self.user_cpu(t)
         i = component_number(component)
         c = self.m.cpus[nr]
         if not (c.regs.xfd >> i) & 1 or not (c.regs.xcr0 >> i) & 1:
             raise StepError(f"{component} is not armed in CPU {nr}'s IA32_XFD: no #NM")
-        t.generation += 1
-        value = token(t.pid, t.generation, i, c.regs.size(i))
-        fault = c.regs.user_write(i, value)
-        if fault is None or fault.vector != "#NM":
-            raise StepError(f"{component} did not take #NM ({fault})")
-        self.m.enter_kernel(nr)
-        self.m.start(nr, exc_device_not_available)
+        fault, value = self.m.user_write_begin(nr, i)
+        assert fault is not None and fault.vector == "#NM", fault
         self.nm_pending[t.comm] = (i, value)
         if t.kpath is None:  # finished without sleeping (no permission: SIGILL)
             return self._nm_complete(t, nr)
@@ -432,14 +427,8 @@ class X86World(X86Views, World):
         return self._nm_complete(t, nr)
 
     def _nm_complete(self, t: Task, nr: int) -> dict[str, Value]:
-        """The end of Machine.user_write's #NM branch: return to user mode (a pending
-        signal is delivered first) and retry the instruction."""
         i, value = self.nm_pending.pop(t.comm)
-        signalled = bool(t.pending)
-        self.m.exit_to_user_mode(nr)
-        if not signalled and t.state is TaskState.USER:
-            retry = self.m.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
-            assert retry is None, f"retry after #NM faulted again: {retry}"
+        self.m.user_write_retry(nr, i, value)
         out = self._written(t, i, "#NM")
         out["sleeping"] = False
         return out

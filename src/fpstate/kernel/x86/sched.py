@@ -464,6 +464,17 @@ class Machine:
         with ``value`` or a fresh token naming it. A #NM (XFD) goes through
         exc_device_not_available() and the instruction is retried once the kernel returns; a
         #UD raises SIGILL/ILL_ILLOPN. The fault the first attempt took, or None."""
+        fault, value = self.user_write_begin(nr, i, value)
+        if fault is not None and fault.vector == "#NM":
+            self.finish(nr)
+            self.user_write_retry(nr, i, value)
+        return fault
+
+    def user_write_begin(self, nr: int, i: int,
+                         value: bytes | None = None) -> tuple[Fault | None, bytes]:
+        """`user_write` up to its #NM handler's first preemption point: the vzalloc() of
+        fpstate_realloc(), where it may sleep (the handler may also have finished: no
+        permission). The fault and the value written."""
         c = self._user(nr)
         t = c.current
         if value is None and (i < 2 or (c.regs.xcr0 >> i) & 1):
@@ -472,23 +483,27 @@ class Machine:
         value = value or b""  # an instruction XCR0 does not enable: #UD before any data
         fault = c.regs.user_write(i, value)
         if fault is None:
-            return None
+            return None, value
         if fault.vector == "#NM":
             from fpstate.kernel.x86.xfd import exc_device_not_available
 
             self.enter_kernel(nr)
             self.start(nr, exc_device_not_available)
-            self.finish(nr)
-            signalled = bool(t.pending)
-            self.exit_to_user_mode(nr)
-            if not signalled and t.state is _U:
-                retry = self.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
-                assert retry is None, f"retry after #NM faulted again: {retry}"
         elif fault.vector == "#UD":
             self.enter_kernel(nr)
             t.pending.append(Signal(SIGILL, ILL_ILLOPN))
             self.exit_to_user_mode(nr)
-        return fault
+        return fault, value
+
+    def user_write_retry(self, nr: int, i: int, value: bytes) -> None:
+        """After the #NM handler of `user_write_begin` finished on CPU ``nr``: return to user
+        mode (a pending signal is delivered first) and retry the instruction."""
+        t = self.cpus[nr].current
+        signalled = bool(t.pending)
+        self.exit_to_user_mode(nr)
+        if not signalled and t.state is _U:
+            retry = self.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
+            assert retry is None, f"retry after #NM faulted again: {retry}"
 
     def init_value(self, i: int) -> bytes:
         """Component ``i`` in its initial configuration, as XSAVE writes it."""
