@@ -35,7 +35,7 @@ def broken(w) -> set[str]:
 
 
 def test_the_registry_is_complete() -> None:
-    checked = {name for preds in PREDICATES.values() for name, _ in preds}
+    checked = {name for preds in PREDICATES.values() for name, _, _ in preds}
     assert checked | set(BUG_INVARIANTS.values()) | {"kernel-warn"} == set(BY_NAME)
     assert all(i.origin and i.statement for i in INVARIANTS)
     assert set(PREDICATES) == {"x86", "arm64"}

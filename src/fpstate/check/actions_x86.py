@@ -297,6 +297,14 @@ class X86World(X86Views, World):
         what the step emitted: such steps are always checked."""
         return None if self.emitted else ()
 
+    def events(self) -> bool:
+        return bool(self.emitted)
+
+    def shapes_hash(self) -> int | None:
+        from fpstate.check.invariants_x86 import fps_shapes
+
+        return fps_shapes(self)
+
     def discard_events(self) -> None:
         self.emitted = []
         self._snapshot = None

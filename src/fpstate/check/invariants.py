@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fpstate.check.world import Violation
+from fpstate.check import world as _world
+from fpstate.check.world import MEMO_LIMIT, Violation
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,41 +144,72 @@ def violation_for_bug(name: str, detail: str) -> Violation:
 # -- registry ------------------------------------------------------------------------------------
 
 Predicate = Callable[[Any], Iterator[str]]
-PREDICATES: dict[str, list[tuple[str, Predicate]]] = {}
+
+#: What a predicate reads, so that `check` can tell when its answer cannot have changed:
+#: READS_STATE anything (run on every check); READS_EVENTS only what the step emitted (signal
+#: frames, ptrace and KVM_GET_XSAVE buffers, INIT/RESET: run when the world's `events()` is
+#: true); READS_SHAPES only the shapes of the world's buffers (their fields, sizes, headers and
+#: permissions: run when `shapes_hash()` is None or was not found clean before for this world's
+#: configuration and variant).
+READS_STATE, READS_EVENTS, READS_SHAPES = "state", "events", "shapes"
+PREDICATES: dict[str, list[tuple[str, Predicate, str]]] = {}
 
 
-def predicate(name: str, *models: str) -> Callable[[Predicate], Predicate]:
-    """Register ``fn`` as the check of invariant ``name`` for worlds of ``models``."""
+def predicate(name: str, *models: str,
+              reads: str = READS_STATE) -> Callable[[Predicate], Predicate]:
+    """Register ``fn`` as a check of invariant ``name`` for worlds of ``models``; ``reads``
+    says what it reads (READS_*)."""
     assert name in BY_NAME, f"unknown invariant {name}"
+    assert reads in (READS_STATE, READS_EVENTS, READS_SHAPES), reads
 
     def wrap(fn: Predicate) -> Predicate:
         for model in models:
-            PREDICATES.setdefault(model, []).append((name, fn))
+            PREDICATES.setdefault(model, []).append((name, fn, reads))
         return fn
 
     return wrap
 
 
 def check(world: Any) -> list[Violation]:
-    """Every registered predicate of ``world.model``, in `INVARIANTS` order."""
+    """Every registered predicate of ``world.model``, in `INVARIANTS` order, except those
+    whose inputs say they cannot fail now (see READS_*): event predicates after a step that
+    emitted nothing, shape predicates on buffer shapes they all found clean before (a memo:
+    `fpstate.check.world.no_memos` turns it off)."""
     preds = _ORDERED.get(world.model)
     if preds is None or len(preds) != len(PREDICATES.get(world.model, ())):
         order = {i.name: n for n, i in enumerate(INVARIANTS)}
         preds = _ORDERED[world.model] = tuple(sorted(PREDICATES.get(world.model, ()),
                                                      key=lambda p: order[p[0]]))
+    events = world.events()
+    shapes = world.shapes_hash() if _world.MEMOS_ON else None
+    clean_shapes = world.memo().clean_shapes if shapes is not None else None
+    skip_shapes = clean_shapes is not None and shapes in clean_shapes
     out = []
-    for name, fn in preds:
+    shapes_bad = False
+    for name, fn, reads in preds:
+        if reads is not READS_STATE:
+            if reads is READS_EVENTS:
+                if not events:
+                    continue
+            elif skip_shapes:
+                continue
         for detail in fn(world):
             out.append(Violation(name, detail))
+            if reads is READS_SHAPES:
+                shapes_bad = True
+    if clean_shapes is not None and not skip_shapes and not shapes_bad:
+        if len(clean_shapes) > MEMO_LIMIT:
+            clean_shapes.clear()
+        clean_shapes.add(shapes)
     return out
 
 
 #: PREDICATES of each model in INVARIANTS order (sorted once).
-_ORDERED: dict[str, tuple[tuple[str, Predicate], ...]] = {}
+_ORDERED: dict[str, tuple[tuple[str, Predicate, str], ...]] = {}
 
 
 # The predicates live next to the models they read; importing them registers them.
 from fpstate.check import invariants_arm64, invariants_x86  # noqa: E402,F401
 
-__all__ = ["BUG_INVARIANTS", "BY_NAME", "INVARIANTS", "Invariant", "check", "predicate",
-           "violation_for_bug"]
+__all__ = ["BUG_INVARIANTS", "BY_NAME", "INVARIANTS", "READS_EVENTS", "READS_SHAPES",
+           "READS_STATE", "Invariant", "check", "predicate", "violation_for_bug"]

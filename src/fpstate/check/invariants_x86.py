@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 from fpstate.check import world
-from fpstate.check.invariants import predicate
+from fpstate.check.invariants import READS_EVENTS, READS_SHAPES, predicate
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
 from fpstate.kernel.x86.hw import FpRegs, KernelBuf, read_token
@@ -64,77 +64,37 @@ def _name(i: int) -> str:
 
 # -- buffers -------------------------------------------------------------------------------------
 
-#: What the buffer predicates read of an fpstate (besides its header and allocation size).
+#: What the buffer predicates read of an fpstate (besides its header and allocation size), and
+#: of the task that owns it (its own permission, its group's and its group's guest permission).
 _SHAPE_FIELDS = attrgetter("freed", "size", "user_size", "xfeatures", "user_xfeatures", "xfd",
                            "is_guest")
-#: (world memo name, predicate) -> hashes of buffer shapes that predicate found clean.
-_CLEAN_SHAPES: dict[tuple[Any, str], set[int]] = {}
+_SHAPE_PERMS = attrgetter("fpu.perm.state_perm", "process.leader.fpu.perm.state_perm",
+                          "process.leader.fpu.guest_perm.state_perm")
 
 
 def fps_shapes(w: Any) -> int:
-    """A hash of everything the buffer predicates read (computed once per state): each live
-    fpstate's fields, allocation size and header (XSTATE_BV, XCOMP_BV), the permissions of
-    the task and process that own it, and init_fpstate's. Buffers change shape far less often
-    than states change, so a shape found clean is not judged again (the memo of
-    `World.checked`, for the predicates decorated with `by_shapes`)."""
-    cached = w.__dict__.get("_shapes_cache")
-    if cached is not None and cached[0] == w.steps:
-        return cached[1]
+    """A hash of everything the buffer predicates (READS_SHAPES) read: each live fpstate's
+    fields, allocation size and header (XSTATE_BV, XCOMP_BV), the permissions of the task and
+    process that own it, and init_fpstate's. Buffers change shape far less often than states
+    change, so shapes found clean are not judged again (fpstate.check.invariants.check)."""
     parts = []
     for _, fps, t in w.live_fpstates():
         regs = fps.regs
-        perm = None
-        if t is not None:
-            leader = t.process.leader.fpu
-            perm = (t.fpu.perm.state_perm, leader.perm.state_perm,
-                    leader.guest_perm.state_perm)
-        parts.append((_SHAPE_FIELDS(fps), len(regs), bytes(regs[512:528]), perm))
+        parts.append((_SHAPE_FIELDS(fps), len(regs), bytes(regs[512:528]),
+                      None if t is None else _SHAPE_PERMS(t)))
     init = w.m.init_fpstate
     parts.append((init.xfeatures, bytes(init.regs[512:528])))
-    h = hash(tuple(parts))
-    w.__dict__["_shapes_cache"] = (w.steps, h)
-    return h
+    return hash(tuple(parts))
 
 
-def by_shapes(fn: Any) -> Any:
-    """Skip predicate ``fn`` on buffer shapes (`fps_shapes`) it already found clean."""
-
-    def wrapped(w: Any) -> Iterator[str]:
-        if not world.MEMOS_ON:
-            yield from fn(w)
-            return
-        k = (w.memo_name(), fn.__name__)
-        clean = _CLEAN_SHAPES.get(k)
-        if clean is None:
-            if len(_CLEAN_SHAPES) >= 8 * world.MEMO_WORLDS:
-                _CLEAN_SHAPES.clear()
-            clean = _CLEAN_SHAPES[k] = set()
-        h = fps_shapes(w)
-        if h in clean:
-            return
-        bad = list(fn(w))
-        if not bad:
-            if len(clean) > 1_000_000:
-                clean.clear()
-            clean.add(h)
-        yield from bad
-
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
-
-@predicate("save-within-allocation", X86)
-@by_shapes
+@predicate("save-within-allocation", X86, reads=READS_SHAPES)
 def referenced_buffers_alive(w: Any) -> Iterator[str]:
     for label, fps, _ in w.live_fpstates():
         if fps.freed:
             yield f"{label} references fpstate #{fps.ident}, which was vfree()d"
 
 
-@predicate("size-covers-features", X86)
-@by_shapes
+@predicate("size-covers-features", X86, reads=READS_SHAPES)
 def sizes_cover_features(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, _ in w.live_fpstates():
@@ -151,8 +111,7 @@ def sizes_cover_features(w: Any) -> Iterator[str]:
                    f"user_xfeatures {mask_names(fps.user_xfeatures)}")
 
 
-@predicate("xcomp-bv-matches-features", X86)
-@by_shapes
+@predicate("xcomp-bv-matches-features", X86, reads=READS_SHAPES)
 def xcomp_bv_matches(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, _ in w.live_fpstates():
@@ -298,8 +257,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
 # -- permissions and guest-only state ------------------------------------------------------------
 
 
-@predicate("dynamic-state-needs-permission", X86)
-@by_shapes
+@predicate("dynamic-state-needs-permission", X86, reads=READS_SHAPES)
 def dynamic_state_permitted(w: Any) -> Iterator[str]:
     s = w.m.system
     for label, fps, t in w.live_fpstates():
@@ -331,8 +289,7 @@ def running_dynamic_state_permitted(w: Any) -> Iterator[str]:
             yield f"{t.comm} runs on CPU {c.nr} with {mask_names(dyn)} in use, not permitted"
 
 
-@predicate("guest-only-not-in-host-fpstate", X86)
-@by_shapes
+@predicate("guest-only-not-in-host-fpstate", X86, reads=READS_SHAPES)
 def guest_only_state_stays_in_guests(w: Any) -> Iterator[str]:
     for label, fps, t in w.live_fpstates():
         if fps.is_guest:
@@ -351,7 +308,7 @@ def guest_only_state_stays_in_guests(w: Any) -> Iterator[str]:
 # -- what userspace sees -------------------------------------------------------------------------
 
 
-@predicate("nothing-beyond-advertised", X86)
+@predicate("nothing-beyond-advertised", X86, reads=READS_EVENTS)
 def userspace_sees_only_advertised(w: Any) -> Iterator[str]:
     s = w.m.system
     for kind, payload in w.emitted:
@@ -369,7 +326,7 @@ def userspace_sees_only_advertised(w: Any) -> Iterator[str]:
                 yield f"ARCH_{option.upper()} of {t.comm} = {value:#x}: shows {extra:#x}"
 
 
-@predicate("sigframe-fits-and-describes", X86)
+@predicate("sigframe-fits-and-describes", X86, reads=READS_EVENTS)
 def sigframe_ok(w: Any) -> Iterator[str]:
     s = w.m.system
     for kind, payload in w.emitted:
@@ -438,7 +395,7 @@ def _guest_observations(w: Any) -> list[tuple[str, str]]:
     return out
 
 
-@predicate("init-clears-architectural", X86)
+@predicate("init-clears-architectural", X86, reads=READS_EVENTS)
 def init_clears_architectural(w: Any) -> Iterator[str]:
     from fpstate.check.actions_kvm import ARCH_INIT_CLEARED
 
@@ -460,7 +417,7 @@ def init_clears_architectural(w: Any) -> Iterator[str]:
                        f"{_writer(w, before.get(i), i)} to {_writer(w, after.get(i), i)}")
 
 
-@predicate("reset-zeroed-buffer", X86)
+@predicate("reset-zeroed-buffer", X86, reads=READS_EVENTS)
 def reset_zeroed_buffer(w: Any) -> Iterator[str]:
     for kind, payload in w.emitted:
         if kind != "reset":
@@ -480,7 +437,7 @@ def reset_zeroed_buffer(w: Any) -> Iterator[str]:
                    f"#{fps.ident} (first at offset {dirty[0]})")
 
 
-@predicate("nothing-beyond-advertised", X86)
+@predicate("nothing-beyond-advertised", X86, reads=READS_EVENTS)
 def guest_sees_only_advertised(w: Any) -> Iterator[str]:
     from fpstate.x86.xfeatures import XFEATURE_MASK_FPSSE
 
@@ -493,6 +450,10 @@ def guest_sees_only_advertised(w: Any) -> Iterator[str]:
         if bv & ~allowed:
             yield (f"KVM_GET_XSAVE2 of {name}: XSTATE_BV {bv:#x} shows "
                    f"{mask_names(bv & ~allowed)} beyond the guest's CPUID")
+
+
+@predicate("nothing-beyond-advertised", X86)
+def guest_xcr0_within_cpuid(w: Any) -> Iterator[str]:
     for name, v in getattr(w, "vcpus", {}).items():
         if v.arch.xcr0 & ~(v.arch.guest_supported_xcr0 | 1):
             yield f"guest {name} runs with XCR0 {v.arch.xcr0:#x} beyond its CPUID"

@@ -71,6 +71,8 @@ class Memo:
     enabled: dict[int, list[Action]] = field(default_factory=dict)  #: their enabled actions
     #: (state, action) -> the successor state
     successors: dict[tuple[int, Action], int] = field(default_factory=dict)
+    #: buffer shapes (World.shapes_hash) the shape predicates found clean
+    clean_shapes: set[int] = field(default_factory=set)
 
 
 class ScenarioError(FpstateError):
@@ -409,6 +411,16 @@ class World(abc.ABC):
                 clean.clear()
             clean.add(h)
         return out
+
+    def events(self) -> bool:
+        """Whether the last step emitted anything the event predicates read
+        (fpstate.check.invariants.READS_EVENTS); True unless a world knows better."""
+        return True
+
+    def shapes_hash(self) -> int | None:
+        """A hash of everything the shape predicates read (READS_SHAPES), None when the world
+        does not compute one (they run on every check then)."""
+        return None
 
     def discard_events(self) -> None:  # noqa: B027 (a hook: most worlds emit nothing)
         """What `check` does besides checking (forget the step's emissions), for a step whose
