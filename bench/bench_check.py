@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from fpstate.check.explore import Job, _pick, default_config, random_slice
+from fpstate.check.memo import own_process
 from fpstate.check.variants import SEED_VARIANTS
 from fpstate.check.world import StepError
 from fpstate.errors import FpstateError
@@ -127,6 +128,7 @@ def explore_rate(model: str, seconds: float) -> dict[str, Any]:
 
 
 def main() -> int:
+    own_process()  # as the fpstate command does (fpstate.check.memo.settle)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="CPU seconds per model (10)")
     ap.add_argument("--budget", type=float, default=60.0, help="explorer limit per variant")

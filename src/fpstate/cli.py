@@ -66,5 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def script() -> int:
+    """The ``fpstate`` command: `main` in a process of fpstate's own (the explorer may then
+    tune this process's garbage collector, fpstate.check.memo.settle)."""
+    from fpstate.check.memo import own_process
+
+    own_process()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(script())

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from fpstate.check.memo import own_process
+
 R = TypeVar("R")
 
 
@@ -55,7 +57,8 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None) -> None:
         self._workers = max(1, workers or os.cpu_count() or 1)
         ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-        self._pool = ProcessPoolExecutor(self._workers, mp_context=ctx)
+        self._pool = ProcessPoolExecutor(self._workers, mp_context=ctx,
+                                         initializer=own_process)
 
     @property
     def workers(self) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpstate.check.executor import Executor
+from fpstate.check.memo import settle
 from fpstate.check.scenario import Scenario, Step, make_world
 from fpstate.check.world import Action, StepError, World
 
@@ -64,11 +65,16 @@ class Job:
     variant: str | None = None
 
     def world(self) -> World:
+        """A fresh world in the initial state."""
+        return self.initial().clone()
+
+    def initial(self) -> World:
+        """This process's initial world of the job, built once: clone it, never step it."""
         key = (self.model, repr(sorted(self.config.items())), self.variant)
         w0 = _INITIAL.get(key)
         if w0 is None:
             w0 = _INITIAL[key] = make_world(self.model, self.config, self.variant)
-        return w0.clone()
+        return w0
 
 
 #: Initial worlds, built once per process.
@@ -150,64 +156,81 @@ def random_slice(job: Job, seed: int, seconds: float, walk_length: int) -> Slice
     rng = random.Random(seed)
     out = Slice()
     start = time.perf_counter()
-    initial = job.world()
-    if initial.check():
-        out.found = _found(initial, initial.check())
+    first = job.world()
+    bad = first.check()
+    if bad:
+        out.found = _found(first, bad)
         return out
-    out.keys.add(initial.state_hash())
+    out.keys.add(first.state_hash())
+    # Walks clone the process's initial world, which lives as long as the process: `settle`
+    # may freeze it, never a world that dies before the process does.
+    del first
+    initial = job.initial()
     while time.perf_counter() - start < seconds and out.found is None:
-        w = initial.clone()
-        out.walks += 1
-        a = None
-        swarm: dict[str, bool] | None = {} if SWARM < 1 else None
-        for _ in range(walk_length):
-            actions = w.enabled_actions()
-            if not actions:
-                break
-            a = _pick(rng, actions, a, swarm)
-            try:
-                r = w.step(a)
-            except StepError:
-                out.illegal += 1
-                if w.rollback_on_illegal:
-                    continue
-                break
-            out.transitions += 1
-            out.per_action[a.name] += 1
-            if r.violations:
-                out.found = _found(w, r.violations)
-                break
-            out.keys.add(w.state_hash())
+        _walk(initial, rng, walk_length, out)
+        settle()  # the walk's world is garbage now
     return out
+
+
+def _walk(initial: World, rng: random.Random, walk_length: int, out: Slice) -> None:
+    """One random walk of `random_slice`, counted into ``out``."""
+    w = initial.clone()
+    out.walks += 1
+    a = None
+    swarm: dict[str, bool] | None = {} if SWARM < 1 else None
+    for _ in range(walk_length):
+        actions = w.enabled_actions()
+        if not actions:
+            break
+        a = _pick(rng, actions, a, swarm)
+        try:
+            r = w.step(a)
+        except StepError:
+            out.illegal += 1
+            if w.rollback_on_illegal:
+                continue
+            break
+        out.transitions += 1
+        out.per_action[a.name] += 1
+        if r.violations:
+            out.found = _found(w, r.violations)
+            break
+        out.keys.add(w.state_hash())
 
 
 def expand_slice(job: Job, paths: list[tuple[Action, ...]]) -> Slice:
     """Replay each path and take every enabled action once (a worker task)."""
     out = Slice()
-    initial = job.world()
+    initial = job.initial()  # as in random_slice
     for path in paths:
-        w = initial.clone()
+        _expand(initial, path, out)
+        settle()  # the worlds of that path are garbage now
+    return out
+
+
+def _expand(initial: World, path: tuple[Action, ...], out: Slice) -> None:
+    """One path of `expand_slice`: its children go to ``out``."""
+    w = initial.clone()
+    try:
+        for a in path:
+            w.step(a, check=False)
+    except StepError:
+        out.illegal += 1
+        return
+    for a in w.enabled_actions():
+        c = w.clone()
         try:
-            for a in path:
-                w.step(a, check=False)
+            r = c.step(a)
         except StepError:
             out.illegal += 1
             continue
-        for a in w.enabled_actions():
-            c = w.clone()
-            try:
-                r = c.step(a)
-            except StepError:
-                out.illegal += 1
-                continue
-            out.transitions += 1
-            out.per_action[a.name] += 1
-            if r.violations:
-                if out.found is None:
-                    out.found = _found(c, r.violations)
-                continue
-            out.children.append(((*path, a), c.state_hash()))
-    return out
+        out.transitions += 1
+        out.per_action[a.name] += 1
+        if r.violations:
+            if out.found is None:
+                out.found = _found(c, r.violations)
+            continue
+        out.children.append(((*path, a), c.state_hash()))
 
 
 @dataclass(slots=True)
