@@ -157,11 +157,13 @@ def main() -> int:
     if args.explore:
         print(f"\nfpstate explore under the kernel's design, {args.explore:.0f} s on "
               f"{os.cpu_count()} cores (a new process; wall clock)")
-        print(f"{'model':6} {'transitions':>11} {'states':>8} {'per core per s':>15}")
+        print(f"{'model':6} {'transitions':>11} {'states':>8} {'per core per s':>15} "
+              f"{'violations':>10}")
         for model in ("x86", "arm64"):
             r = explore_rate(model, args.explore)
             print(f"{model:6} {r['transitions']:11} {r['states']:8} "
-                  f"{r['transitions'] / r['seconds'] / (os.cpu_count() or 1):15.0f}")
+                  f"{r['transitions'] / r['seconds'] / (os.cpu_count() or 1):15.0f} "
+                  f"{len(r['violations']):10}")
     if args.skip_variants:
         return 0
     print(f"\ntime to find each seed variant from a cold start ({os.cpu_count()} cores; "
