@@ -4,7 +4,7 @@ each seed variant from a cold start.
     python3 bench/bench_check.py [--seconds S] [--explore S] [--budget S] [--skip-variants]
                                  [--runs N]
 
-Part 1 runs the explorer's random walks in this process (one core) on the default
+Part 1 runs the explorer's random walks in a new process (one core) on the default
 configuration of each model under the kernel's design, every invariant in force and every
 state keyed after every step, and reports transitions per CPU second (process time, so other
 load on the machine counts less) and the distinct states reached, then where the time goes.
@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from fpstate.check.explore import Job, _pick, default_config, random_slice
@@ -147,7 +149,9 @@ def main() -> int:
           f"{'key':>6} {'enabled':>8} {'clone':>6}")
     for model, cpu in MODELS:
         try:
-            r = throughput(model, cpu, args.seconds)
+            # A fresh process per model (forked before any walk), as fpstate explore is.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                r = pool.submit(throughput, model, cpu, args.seconds).result()
         except FpstateError as e:  # a profile this host cannot load
             print(f"{model:6} {cpu:16} skipped: {e}")
             continue
