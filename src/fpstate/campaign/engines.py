@@ -351,6 +351,34 @@ class PartitionActor:
         return (*out, stats)
 
 
+#: What a refused connection to a live cluster most often means since Ray 2.59.
+_AUTH_HINT = (" (a cluster started with token authentication, the default of `ray start` since "
+              "Ray 2.59, needs RAY_AUTH_MODE=token here and its token in RAY_AUTH_TOKEN or "
+              "~/.ray/auth_token)")
+#: Seconds to wait for a cluster's port to answer before ray.init (which would retry a dead
+#: address for many minutes).
+CONNECT_TIMEOUT = 5.0
+
+
+def _reachable(address: str) -> None:
+    """FpstateError unless ``address`` (``host:port`` or ``ray://host:port``; ``auto`` and
+    ``local`` are Ray's to resolve) accepts a TCP connection within `CONNECT_TIMEOUT`."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    if hostport in ("auto", "local"):
+        return
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FpstateError(f"bad Ray address {address!r}: expected HOST:PORT or "
+                           "ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise FpstateError(f"cannot connect to the Ray cluster at {address}: "
+                           f"{e.strerror or e}") from None
+
+
 class RayEngine(Engine):
     """Ray: a local instance (``ray.init()``) or an existing cluster (``address``). It is an
     `Executor` itself; partitions are actors spread over the nodes."""
@@ -368,7 +396,14 @@ class RayEngine(Engine):
             if address is None and workers is not None:
                 opts["num_cpus"] = workers
             opts.update(init)
-            ray.init(address=address, **opts)
+            if address is not None:
+                _reachable(address)
+            try:
+                ray.init(address=address, **opts)
+            except (ConnectionError, ValueError) as e:  # no cluster there, a malformed address
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise FpstateError(f"cannot connect to {where}: {first}{_AUTH_HINT}") from None
             self._owns = True
         self.address = address
         cpus = int(ray.cluster_resources().get("CPU", 1))

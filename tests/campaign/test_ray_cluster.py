@@ -1,0 +1,122 @@
+"""Ray engine against an existing cluster by address (``fpstate campaign --address``): a
+one-node cluster started inside the test with ``ray start --head``, as a user starts one.
+
+The same bounded-exhaustive campaign gives, through the command line and the cluster, the
+states, transitions and violations of one local process; an address with no cluster behind
+it, or a malformed one, is a one-line error with exit status 2 (Ray itself would retry a
+dead address for many minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'fpstate[ray]')")
+
+from fpstate.campaign.engines import LocalEngine
+from fpstate.campaign.runner import run_campaign
+
+RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """``ray start --head --block`` with 2 CPUs: yields (address, environment of a driver)."""
+    if not Path(RAY).exists():
+        pytest.skip("the ray command is not installed")
+    # Ray's socket paths must stay short: a temp dir of its own under /tmp.
+    tmp = tempfile.mkdtemp(prefix="fpray", dir="/tmp")
+    log = Path(tmp, "head.log")
+    port = _free_port()
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--port", str(port), "--num-cpus", "2",
+             "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", tmp,
+             "--block"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and head.poll() is None:
+            m = re.search(r"ray start --address='([^']+)'", log.read_text())
+            if m and "Ray runtime started" in log.read_text():
+                address = m.group(1)
+                break
+            time.sleep(0.5)
+        if address is None:
+            pytest.fail(f"ray start --head did not come up:\n{log.read_text()[-2000:]}")
+        env = dict(os.environ)
+        if "Token authentication is enabled" in log.read_text():
+            env["RAY_AUTH_MODE"] = "token"  # the token is in ~/.ray/auth_token
+        yield address, env
+    finally:
+        head.terminate()  # --block: the head stops the cluster's processes on SIGTERM
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, 9)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _campaign_file(tmp_path: Path, campaigns) -> tuple[Path, object]:
+    doc = yaml.safe_load((campaigns.root / "campaigns" / "small.yaml").read_text())
+    doc["explore"] = {"mode": "exhaustive", "depth": 2}
+    doc["matrix"]["variants"] = ["none", "pasid-write-incoherent"]
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path, campaigns.small(2, ["none", "pasid-write-incoherent"])
+
+
+def _fpstate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fpstate.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600, check=False)
+
+
+def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaigns,
+                                                                tmp_path: Path) -> None:
+    address, env = cluster
+    path, campaign = _campaign_file(tmp_path, campaigns)
+    one = run_campaign(campaign, LocalEngine(1), str(tmp_path / "one"))
+    proc = _fpstate("campaign", str(path), "--address", address, "--json",
+                    "--report", str(tmp_path / "cluster"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = json.loads(proc.stdout)["cells"]
+    assert campaigns.facts(cells) == campaigns.facts(one.cells)
+    assert {c["engine"] for c in cells} == {f"ray (cluster {address}), 2 workers"}
+    assert [v["invariant"] for v in cells[1]["violations"]] == ["valid-registers-match-memory"]
+
+
+def test_an_address_with_no_cluster_is_a_one_line_error(tmp_path: Path, campaigns) -> None:
+    path, _ = _campaign_file(tmp_path, campaigns)
+    port = _free_port()  # nothing listens there
+    proc = _fpstate("campaign", str(path), "--address", f"127.0.0.1:{port}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fpstate: error: cannot connect to the Ray cluster at 127.0.0.1:{port}: "
+        "Connection refused")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_malformed_address_is_a_one_line_error(tmp_path: Path, campaigns) -> None:
+    path, _ = _campaign_file(tmp_path, campaigns)
+    proc = _fpstate("campaign", str(path), "--address", "head-node")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("fpstate: error: bad Ray address 'head-node': expected "
+                                   "HOST:PORT or ray://HOST:PORT")
