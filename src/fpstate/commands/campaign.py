@@ -27,6 +27,7 @@ from fpstate.campaign.engines import ENGINES, make_engine
 from fpstate.campaign.report import cell_summary
 from fpstate.campaign.resume import is_report_dir, load_from_report
 from fpstate.campaign.runner import run_campaign
+from fpstate.commands import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", metavar="RAY_ADDRESS",
                    help="an existing Ray cluster (ray://HOST:10001, HOST:6379 or 'auto'); "
                    "without it --engine ray starts a local Ray instance")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="workers: partitions of an exhaustive cell, seeds at a time (default: "
                    "every CPU of this machine, or of the Ray cluster)")
     p.add_argument("--report", metavar="DIR", help="the report directory (default "
@@ -123,9 +124,6 @@ def run_campaign_command(args: argparse.Namespace) -> int:
     else:
         campaign = cfile.load(args.file)
         report = args.report or str(Path("reports") / campaign.name)
-    if args.workers is not None and args.workers < 1:
-        print("fpstate: --workers must be at least 1", file=sys.stderr)
-        return 2
     engine = make_engine(args.engine or ("ray" if args.address else "local"), args.workers,
                          args.address)
     from rich.console import Console

@@ -33,6 +33,7 @@ from fpstate.check import executor as executors
 from fpstate.check import scenario as scn
 from fpstate.check import variants as vreg
 from fpstate.check.explore import Job, default_config, explore, shrink
+from fpstate.commands import positive_int, positive_seconds
 from fpstate.errors import FpstateError
 
 BUNDLED_X86 = "sapphire-rapids"
@@ -55,16 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check", help="the main job: scenarios, seed variants, explorer and conform layers",
         description="Run every scenario, find every seed variant with the explorer, explore "
         "the kernel's design, and run every conform layer the host can answer; one table.")
-    p.add_argument("--seconds", type=float, default=8.0,
+    p.add_argument("--seconds", type=positive_seconds, default=8.0,
                    help="explorer time under the kernel's design, per model and CPU (8)")
-    p.add_argument("--budget", type=float, default=30.0,
+    p.add_argument("--budget", type=positive_seconds, default=30.0,
                    help="explorer time limit per variant (30)")
-    p.add_argument("--samples", type=int, default=30, help="cases per conform layer (30)")
+    p.add_argument("--samples", type=positive_int, default=30, help="cases per conform layer (30)")
     p.add_argument("--scenarios", metavar="DIR", help="the scenario directory (default: "
                    "./scenarios, else the one beside the package sources)")
     p.add_argument("--out", metavar="DIR", help="where counterexamples go (default: a "
                    "temporary directory)")
-    p.add_argument("--workers", type=int, help="processes (default: every core)")
+    p.add_argument("--workers", type=positive_int, help="processes (default: every core)")
     p.add_argument("--no-conform", action="store_true", help="skip the conform layers")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_check)

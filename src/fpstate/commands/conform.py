@@ -27,6 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fpstate.commands import positive_int
 from fpstate.errors import FpstateError, HostUnavailable, ProgramError
 from fpstate.x86.program import Insn, Outcome, Program
 
@@ -195,7 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layer", required=True, metavar="LAYER",
                    help=f"which layer: {', '.join(sorted(layers()))}")
-    p.add_argument("--samples", type=int, default=500, metavar="N",
+    p.add_argument("--samples", type=positive_int, default=500, metavar="N",
                    help="number of cases (default 500)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="first seed (case n uses seed N + n; default 0)")

@@ -25,6 +25,7 @@ from fpstate.check import executor as executors
 from fpstate.check import scenario as scn
 from fpstate.check import variants as vreg
 from fpstate.check.explore import Job, Result, counterexample, default_config, explore, shrink
+from fpstate.commands import positive_int, positive_seconds
 from fpstate.errors import FpstateError
 
 
@@ -43,11 +44,13 @@ def add_explore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", metavar="NAME", help="a rejected design (fpstate variants)")
     p.add_argument("--cpu", metavar="PROFILE", help="the CPU profile (x86: a bundled name, "
                    "'host' or a dump; arm64: a bundled arm64 profile)")
-    p.add_argument("--seconds", type=float, default=10.0, help="time budget (default 10)")
+    p.add_argument("--seconds", type=positive_seconds, default=10.0,
+                   help="time budget (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mode", choices=("random", "exhaustive"), default="random")
-    p.add_argument("--depth", type=int, default=6, help="exhaustive mode: maximum actions")
-    p.add_argument("--workers", type=int, help="processes (default: every core)")
+    p.add_argument("--depth", type=positive_int, default=6,
+                   help="exhaustive mode: maximum actions")
+    p.add_argument("--workers", type=positive_int, help="processes (default: every core)")
     p.add_argument("--out", metavar="FILE", help="where to write the counterexample scenario")
     p.add_argument("--plot", metavar="FILE", help="draw the counterexample's timeline")
     p.add_argument("--json", action="store_true", help="print JSON")

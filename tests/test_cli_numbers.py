@@ -1,0 +1,36 @@
+"""Numeric command-line arguments out of range are one-line errors with exit status 2 (a
+negative time budget used to run the explorer anyway, a negative depth to report an empty
+search as complete)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.cli import main
+
+SECONDS = "is not a positive number of seconds"
+CASES = [
+    (["explore", "--seconds", "0"], f"argument --seconds: 0 {SECONDS}"),
+    (["explore", "--seconds", "-1"], f"argument --seconds: -1 {SECONDS}"),
+    (["explore", "--seconds", "inf"], f"argument --seconds: inf {SECONDS}"),
+    (["explore", "--seconds", "soon"], "argument --seconds: 'soon' is not a number"),
+    (["explore", "--workers", "0"], "argument --workers: 0 is not at least 1"),
+    (["explore", "--mode", "exhaustive", "--depth", "-1"],
+     "argument --depth: -1 is not at least 1"),
+    (["check", "--budget", "0"], f"argument --budget: 0 {SECONDS}"),
+    (["check", "--samples", "2.5"], "argument --samples: '2.5' is not an integer"),
+    (["conform", "--samples", "0"], "argument --samples: 0 is not at least 1"),
+    (["campaign", "campaigns/small.yaml", "--workers", "-2"],
+     "argument --workers: -2 is not at least 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_out_of_range_numbers_are_one_line_errors(argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fpstate: error: {message}"
+    assert "Traceback" not in "\n".join(err)
