@@ -115,7 +115,9 @@ def test_a_configuration_the_model_refuses_is_named_before_any_cell_runs() -> No
     c = loads(GOOD.replace("vms: {vm0: {vmm: p0.t0, vcpus: 1}}", "cpus: 1"), "v.yaml")
     with pytest.raises(CampaignError) as e:
         check_worlds(c)
-    assert str(e.value) == ("v.yaml: matrix.configurations[0] (a): no live task 'p1.t0'")
+    assert str(e.value) == ("v.yaml: matrix.configurations[0] (a): config.vms: the default "
+                            "VM's VMM is p1.t0, which these processes do not have (tasks: "
+                            "p0.t0); give vms, or vms: {} for none")
 
 
 def test_bad_file_on_the_command_line_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ no bookkeeping of its own.
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
 from fpstate.arm64.cpu import load_profile
@@ -34,10 +34,15 @@ from fpstate.check.world import (
     CpuView,
     FieldSpec,
     Frame,
+    ScenarioError,
     StepError,
     Value,
     Violation,
     World,
+    config_bool,
+    config_int,
+    config_mapping,
+    config_str,
 )
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
@@ -108,6 +113,27 @@ class Arm64World(World):
     SPECS: ClassVar[dict[str, ActionSpec]] = ARM64_SPECS
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "cpus", "tasks", "vms", "vhe")
     rollback_on_illegal: ClassVar[bool] = True
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> None:
+        super().validate_config(config)
+        if "cpu" in config:
+            config_str("config.cpu", config["cpu"])
+        if "cpus" in config:
+            config_int("config.cpus", config["cpus"], 1, 64)
+        tasks = config.get("tasks", ["other"])
+        if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+            raise ScenarioError(f"config.tasks: must be a list of task names, not {tasks!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ScenarioError(f"config.tasks: names must differ: {tasks!r}")
+        vms = config_mapping("config.vms", config.get("vms", {"vm0": {"vcpus": 1}}))
+        for vm, spec in vms.items():
+            spec = config_mapping(f"config.vms.{vm}", spec, ("vcpus", "sve"))
+            config_int(f"config.vms.{vm}.vcpus", spec.get("vcpus", 1), 0, 16)
+            if "sve" in spec:
+                config_bool(f"config.vms.{vm}.sve", spec["sve"])
+        if "vhe" in config:
+            config_bool("config.vhe", config["vhe"])
 
     def __init__(self, config: dict[str, Any], variant: str | None) -> None:
         super().__init__(config, variant)

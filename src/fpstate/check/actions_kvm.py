@@ -14,7 +14,7 @@ userspace's XSAVE-managed MSR writes (KVM_SET_MSRS of IA32_U_CET / IA32_PL0_SSP)
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
@@ -26,7 +26,12 @@ from fpstate.check.world import (
     ContextView,
     FieldSpec,
     Frame,
+    ScenarioError,
     StepError,
+    config_bool,
+    config_int,
+    config_mapping,
+    config_str,
 )
 from fpstate.check.world import Value as V
 from fpstate.kernel.x86 import core
@@ -120,6 +125,32 @@ class KvmX86World(X86World):
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = (*X86World.CONFIG_KEYS, "vms", "kvm_vendor")
     KVM_VARIANTS: ClassVar[frozenset[str]] = frozenset(kv.KVM_VARIANTS)
 
+    DEFAULT_VMS: ClassVar[dict[str, Any]] = {"vm0": {"vmm": "p1.t0", "vcpus": 1}}
+    MAX_VCPUS: ClassVar[int] = 16
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> None:
+        super().validate_config(config)
+        tasks = cls.task_names(config)
+        vms = config_mapping("config.vms", config.get("vms", cls.DEFAULT_VMS))
+        for vm, spec in vms.items():
+            where = f"config.vms.{vm}"
+            spec = config_mapping(where, spec, ("vmm", "vcpus", "guest_amx"))
+            vmm = config_str(f"{where}.vmm", spec.get("vmm", "p1.t0"))
+            if vmm not in tasks:
+                if "vms" not in config:
+                    raise ScenarioError(
+                        f"config.vms: the default VM's VMM is {vmm}, which these processes do "
+                        f"not have (tasks: {', '.join(tasks) or 'none'}); give vms, or "
+                        "vms: {} for none")
+                raise ScenarioError(f"{where}.vmm: no task {vmm!r} "
+                                    f"(tasks: {', '.join(tasks) or 'none'})")
+            config_int(f"{where}.vcpus", spec.get("vcpus", 1), 0, cls.MAX_VCPUS)
+            if "guest_amx" in spec:
+                config_bool(f"{where}.guest_amx", spec["guest_amx"])
+        if config.get("kvm_vendor") is not None:
+            config_str("config.kvm_vendor", config["kvm_vendor"], ("vmx", "svm"))
+
     def _boot(self) -> Machine:
         profile = load_profile(self.config.get("cpu", "sapphire-rapids"))
         kvm_variants = frozenset({self.variant} & self.KVM_VARIANTS)
@@ -138,7 +169,7 @@ class KvmX86World(X86World):
 
     def _setup(self) -> None:
         super()._setup()
-        vms = self.config.get("vms", {"vm0": {"vmm": "p1.t0", "vcpus": 1}})
+        vms = self.config.get("vms", self.DEFAULT_VMS)
         for vm_name, spec in (vms or {}).items():
             spec = dict(spec or {})
             vmm = self.task(spec.get("vmm", "p1.t0"))

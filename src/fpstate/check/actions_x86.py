@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fpstate.check import invariants
@@ -38,10 +39,14 @@ from fpstate.check.world import (
     Action,
     ActionSpec,
     FieldSpec,
+    ScenarioError,
     StepError,
     Value,
     Violation,
     World,
+    config_int,
+    config_mapping,
+    config_str,
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import init_value, read_token, token
@@ -209,6 +214,35 @@ class X86World(X86Views, World):
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate"})
 
+    #: Bounds of the configuration (the model's cost grows with each).
+    MAX_CPUS: ClassVar[int] = 64
+    MAX_THREADS: ClassVar[int] = 16
+    DEFAULT_PROCESSES: ClassVar[dict[str, int]] = {"p0": 2, "p1": 2}
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> None:
+        super().validate_config(config)
+        if "cpu" in config:
+            config_str("config.cpu", config["cpu"])
+        kernel = config.get("kernel")
+        if kernel is not None and not isinstance(kernel, str):
+            raise ScenarioError(f"config.kernel: must be a version string such as \"6.18\" "
+                                f"(quoted: YAML reads 6.10 as the number 6.1), not {kernel!r}")
+        if "cpus" in config:
+            config_int("config.cpus", config["cpus"], 1, cls.MAX_CPUS)
+        procs = config_mapping("config.processes", config.get("processes",
+                                                              cls.DEFAULT_PROCESSES))
+        for name, n in procs.items():
+            config_int(f"config.processes.{name}", n, 1, cls.MAX_THREADS)
+        if "max_tasks" in config:
+            config_int("config.max_tasks", config["max_tasks"], 1, 64)
+
+    @classmethod
+    def task_names(cls, config: Mapping[str, Any]) -> list[str]:
+        """The tasks a (valid) configuration boots with: ``<process>.t<n>``."""
+        procs = config.get("processes", cls.DEFAULT_PROCESSES) or {}
+        return [f"{p}.t{n}" for p, count in procs.items() for n in range(count)]
+
     def __init__(self, config: dict[str, Any], variant: str | None) -> None:
         super().__init__(config, variant)
         self.m = self._boot()
@@ -243,7 +277,7 @@ class X86World(X86Views, World):
                             int(self.config.get("cpus", 2)), variants=self._system_variants())
 
     def _setup(self) -> None:
-        procs = self.config.get("processes", {"p0": 2, "p1": 2})
+        procs = self.config.get("processes", self.DEFAULT_PROCESSES) or {}
         for pname, nthreads in procs.items():
             leader = self.m.spawn(f"{pname}.t0")
             self._adopt(leader, {})

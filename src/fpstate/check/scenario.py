@@ -128,10 +128,10 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
     config = doc.get("config") or {}
     if not isinstance(config, Mapping):
         raise ScenarioError(f"{path}: 'config' must be a mapping")
-    bad = [k for k in config if k not in cls.CONFIG_KEYS]  # type: ignore[attr-defined]
-    if bad:
-        raise ScenarioError(f"{path}: config: unknown key {bad[0]!r} for model {model} "
-                            f"(keys: {', '.join(cls.CONFIG_KEYS)})")  # type: ignore[attr-defined]
+    try:
+        cls.validate_config(config)
+    except ScenarioError as e:
+        raise ScenarioError(f"{path}: {e}") from None
     vmap = doc.get("variants") or {}
     if not isinstance(vmap, Mapping):
         raise ScenarioError(f"{path}: 'variants' must map variant names to invariant names")
@@ -258,6 +258,7 @@ def make_world(model: str, config: Mapping[str, Any], variant: str | None) -> Wo
         if v.model != model:
             raise ScenarioError(f"variant {variant} is for model {v.model}, the scenario is "
                                 f"{model}")
+    cls.validate_config(config)
     return cls(dict(config), variant)
 
 

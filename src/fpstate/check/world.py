@@ -79,6 +79,43 @@ class ScenarioError(FpstateError):
     """A scenario or action that cannot be run: bad YAML, unknown action, bad field."""
 
 
+# -- configuration values (World.validate_config) -------------------------------------------------
+
+
+def config_int(where: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in [lo, hi], else ScenarioError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ScenarioError(f"{where}: must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+def config_str(where: str, value: Any, choices: tuple[str, ...] = ()) -> str:
+    if not isinstance(value, str) or not value or (choices and value not in choices):
+        want = f"one of {', '.join(choices)}" if choices else "a non-empty string"
+        raise ScenarioError(f"{where}: must be {want}, not {value!r}")
+    return value
+
+
+def config_bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ScenarioError(f"{where}: must be true or false, not {value!r}")
+    return value
+
+
+def config_mapping(where: str, value: Any, keys: tuple[str, ...] | None = None) -> Mapping[
+        str, Any]:
+    """``value`` as a mapping with string keys (among ``keys`` when given)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ScenarioError(f"{where}: must be a mapping with names as keys, not {value!r}")
+    if keys is not None:
+        bad = [k for k in value if k not in keys]
+        if bad:
+            raise ScenarioError(f"{where}: unknown key {bad[0]!r} (keys: {', '.join(keys)})")
+    return value
+
+
 class StepError(FpstateError):
     """An action the model refuses in the current state (its IllegalEvent), or one whose
     arguments name nothing that exists (a task or CPU that is not there)."""
@@ -291,6 +328,18 @@ class World(abc.ABC):
         """The model exception types that mean "illegal in this state"."""
 
     # -- provided ------------------------------------------------------------------------------
+
+    #: The configuration keys this world reads.
+    CONFIG_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> None:
+        """ScenarioError naming the first key of ``config`` this world cannot boot with (the
+        keys and their values; worlds add their own rules)."""
+        bad = [k for k in config if k not in cls.CONFIG_KEYS]
+        if bad:
+            raise ScenarioError(f"config: unknown key {bad[0]!r} for model {cls.model} "
+                                f"(keys: {', '.join(cls.CONFIG_KEYS)})")
 
     @classmethod
     def spec(cls, name: str, where: str) -> ActionSpec:

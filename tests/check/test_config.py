@@ -1,0 +1,93 @@
+"""World configurations are validated before a model boots: a bad value is a ScenarioError
+naming the key and what it must be (a traceback from deep in the model before)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fpstate.check.scenario import make_world
+from fpstate.check.world import ScenarioError
+from fpstate.errors import FpstateError
+
+X86 = [
+    ({"cpu": 5}, "config.cpu: must be a non-empty string, not 5"),
+    ({"cpus": 0}, "config.cpus: must be an integer from 1 to 64, not 0"),
+    ({"cpus": True}, "config.cpus: must be an integer from 1 to 64, not True"),
+    ({"kernel": 6.1}, 'config.kernel: must be a version string such as "6.18" (quoted: YAML '
+                      "reads 6.10 as the number 6.1), not 6.1"),
+    ({"processes": {"p0": 0}, "vms": {}},
+     "config.processes.p0: must be an integer from 1 to 16, not 0"),
+    ({"processes": ["p0"]}, "config.processes: must be a mapping with names as keys, "
+                            "not ['p0']"),
+    ({"max_tasks": "x"}, "config.max_tasks: must be an integer from 1 to 64, not 'x'"),
+    ({"processes": {"p0": 1}},
+     "config.vms: the default VM's VMM is p1.t0, which these processes do not have (tasks: "
+     "p0.t0); give vms, or vms: {} for none"),
+    ({"vms": {"vm0": {"vmm": "p9.t0"}}},
+     "config.vms.vm0.vmm: no task 'p9.t0' (tasks: p0.t0, p0.t1, p1.t0, p1.t1)"),
+    ({"vms": {"vm0": {"vmm": "p1.t0", "vcpu": 1}}},
+     "config.vms.vm0: unknown key 'vcpu' (keys: vmm, vcpus, guest_amx)"),
+    ({"vms": {"vm0": {"vmm": "p1.t0", "vcpus": -1}}},
+     "config.vms.vm0.vcpus: must be an integer from 0 to 16, not -1"),
+    ({"vms": {"vm0": {"vmm": "p1.t0", "guest_amx": "yes"}}},
+     "config.vms.vm0.guest_amx: must be true or false, not 'yes'"),
+    ({"kvm_vendor": "tdx"}, "config.kvm_vendor: must be one of vmx, svm, not 'tdx'"),
+    ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
+                    "processes, max_tasks, vms, kvm_vendor)"),
+]
+ARM64 = [
+    ({"cpus": 65}, "config.cpus: must be an integer from 1 to 64, not 65"),
+    ({"tasks": "other"}, "config.tasks: must be a list of task names, not 'other'"),
+    ({"tasks": ["a", "a"]}, "config.tasks: names must differ: ['a', 'a']"),
+    ({"vms": {"vm0": {"vcpus": -2}}}, "config.vms.vm0.vcpus: must be an integer from 0 to 16, "
+                                      "not -2"),
+    ({"vms": {"vm0": {"sve": 1}}}, "config.vms.vm0.sve: must be true or false, not 1"),
+    ({"vhe": "no"}, "config.vhe: must be true or false, not 'no'"),
+]
+
+
+@pytest.mark.parametrize(("model", "config", "message"),
+                         [("x86", c, m) for c, m in X86] + [("arm64", c, m) for c, m in ARM64])
+def test_a_bad_configuration_names_its_key(model: str, config: dict, message: str) -> None:
+    with pytest.raises(ScenarioError) as e:
+        make_world(model, config, None)
+    assert str(e.value) == message
+
+
+def test_good_configurations_boot() -> None:
+    w = make_world("x86", {"processes": {"p0": 1}, "vms": {"vm0": {"vmm": "p0.t0",
+                                                                  "vcpus": 2}}}, None)
+    assert sorted(w.vcpus) == ["vm0.v0", "vm0.v1"]
+    assert sorted(w.tasks) == ["p0.t0"]
+    w = make_world("x86", {"processes": {"p0": 1}, "vms": None}, None)
+    assert w.vcpus == {}
+    a = make_world("arm64", {"tasks": ["a", "b"], "vms": {"vm0": {"vcpus": 2, "sve": True}},
+                             "vhe": False}, None)
+    assert a.config["vhe"] is False
+
+
+# -- fuzz: any YAML-like configuration boots or is refused with the package's error ----------
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
+                     st.sampled_from(["", "p0.t0", "p1.t0", "vmx", "svm", "zen5", "6.18",
+                                      "other", "nosuch"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["p0", "p1", "vm0", "vmm", "vcpus", "guest_amx", "sve",
+                                     "x"]), inner, max_size=3)), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=st.sampled_from(["x86", "arm64"]),
+       config=st.dictionaries(st.sampled_from(["cpu", "kernel", "cpus", "processes",
+                                               "max_tasks", "vms", "kvm_vendor", "tasks",
+                                               "vhe", "other"]), _VALUES, max_size=4))
+def test_any_configuration_boots_or_is_refused_cleanly(model: str, config: dict) -> None:
+    try:
+        w = make_world(model, config, None)
+    except FpstateError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert not w.check()  # a configuration that boots starts in a clean state
