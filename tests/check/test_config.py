@@ -41,6 +41,7 @@ ARM64 = [
     ({"cpus": 65}, "config.cpus: must be an integer from 1 to 64, not 65"),
     ({"tasks": "other"}, "config.tasks: must be a list of task names, not 'other'"),
     ({"tasks": ["a", "a"]}, "config.tasks: names must differ: ['a', 'a']"),
+    ({"tasks": ["vmm"]}, "config.tasks: 'vmm' is the VMM task's name, there already"),
     ({"vms": {"vm0": {"vcpus": -2}}}, "config.vms.vm0.vcpus: must be an integer from 0 to 16, "
                                       "not -2"),
     ({"vms": {"vm0": {"sve": 1}}}, "config.vms.vm0.sve: must be true or false, not 1"),
@@ -72,7 +73,7 @@ def test_good_configurations_boot() -> None:
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
                      st.sampled_from(["", "p0.t0", "p1.t0", "vmx", "svm", "zen5", "6.18",
-                                      "other", "nosuch"]))
+                                      "other", "vmm", "nosuch"]))
 _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=3),
     st.dictionaries(st.sampled_from(["p0", "p1", "vm0", "vmm", "vcpus", "guest_amx", "sve",

@@ -126,6 +126,8 @@ class Arm64World(World):
             raise ScenarioError(f"config.tasks: must be a list of task names, not {tasks!r}")
         if len(set(tasks)) != len(tasks):
             raise ScenarioError(f"config.tasks: names must differ: {tasks!r}")
+        if "vmm" in tasks:
+            raise ScenarioError("config.tasks: 'vmm' is the VMM task's name, there already")
         vms = config_mapping("config.vms", config.get("vms", {"vm0": {"vcpus": 1}}))
         for vm, spec in vms.items():
             spec = config_mapping(f"config.vms.{vm}", spec, ("vcpus", "sve"))
