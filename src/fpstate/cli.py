@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as e:  # an output file or directory that cannot be written, ...
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        sys.stderr.write(f"fpstate: error: {what}\n")
+        return 2
 
 
 def script() -> int:

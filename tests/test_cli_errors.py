@@ -1,6 +1,6 @@
-"""Numeric command-line arguments out of range are one-line errors with exit status 2 (a
-negative time budget used to run the explorer anyway, a negative depth to report an empty
-search as complete)."""
+"""Numeric arguments out of range and output paths that cannot be written are one-line errors
+with exit status 2 (a negative time budget used to run the explorer anyway, a negative depth
+to report an empty search as complete, an unwritable --plot was a traceback)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,15 @@ def test_out_of_range_numbers_are_one_line_errors(argv: list[str], message: str,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"fpstate: error: {message}"
     assert "Traceback" not in "\n".join(err)
+
+
+def test_an_output_path_that_cannot_be_written_is_a_one_line_error(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    out = blocker / "timeline.png"
+    code = main(["run", "scenarios/seed-004-pasid-write.yaml", "--plot", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # The timeline's directory is made first: the file in the way is what is named.
+    assert err == [f"fpstate: error: {blocker}: File exists"]
