@@ -24,6 +24,7 @@ from pathlib import Path
 from fpstate.arm64.idregs import ID_REG_DEFS, IdRegs, id_regs_from_mapping, parse_hex64
 from fpstate.arm64.regs import SVE_VQ_BYTES, VL_ARCH_MAX
 from fpstate.errors import ProfileError
+from fpstate.inputs import read_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ def load_profile(spec: str) -> CpuProfile:
         if not path.is_file():
             raise ProfileError(f"{spec!r} is neither a bundled arm64 profile "
                                f"({', '.join(bundled_profile_names())}) nor a file")
-        text, origin = path.read_text(), str(path)
+        text, origin = read_text(path), str(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -53,6 +53,7 @@ from fpstate.check.explore import Job
 from fpstate.check.scenario import MODELS, world_class
 from fpstate.check.world import StepError
 from fpstate.errors import FpstateError
+from fpstate.inputs import read_text
 
 TOP_KEYS = ("name", "description", "model", "matrix", "explore", "budget")
 MATRIX_KEYS = ("profiles", "kernels", "variants", "configurations")
@@ -162,7 +163,7 @@ def load(path: str | Path) -> Campaign:
     """Read and validate a campaign file (CampaignError: one line naming the field)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text(p)
     except OSError as e:
         raise CampaignError(f"{p}: {e.strerror}") from None
     return loads(text, str(p))

@@ -54,6 +54,7 @@ from fpstate.check.world import (
     Violation,
     World,
 )
+from fpstate.inputs import read_text
 
 #: model name -> "module:class" of its world (imported on first use).
 MODELS: dict[str, str] = {
@@ -182,7 +183,7 @@ def load(path: str | Path) -> Scenario:
     """Read and validate a scenario file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = read_text(p)
     except OSError as e:
         raise ScenarioError(f"{p}: {e.strerror}") from None
     try:

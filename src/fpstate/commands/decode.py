@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from fpstate.commands.layout import mask_arg, resolve_cpu
 from fpstate.errors import BlobError
+from fpstate.inputs import read_bytes, read_text
 from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
 from fpstate.tools.blob import FORMATS, Blob, decode, encode
 from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
@@ -182,7 +182,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def run_encode(args: argparse.Namespace) -> int:
     try:
-        text = Path(args.json_file).read_text()
+        text = read_text(args.json_file)
     except (OSError, UnicodeDecodeError) as e:
         raise BlobError(f"cannot read {args.json_file}: {getattr(e, 'strerror', None) or e}") \
             from None
@@ -235,7 +235,7 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_translate(args: argparse.Namespace) -> int:
     try:
-        rec = StateRecord.from_json(Path(args.record).read_bytes())
+        rec = StateRecord.from_json(read_bytes(args.record))
     except OSError as e:
         raise BlobError(f"cannot read {args.record}: {e.strerror or e}") from None
     target = resolve_cpu(args.to)

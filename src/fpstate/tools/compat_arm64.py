@@ -34,6 +34,7 @@ from pathlib import Path
 from fpstate.arm64.cpu import CpuProfile, bundled_profile_names, load_profile, profile_from_json
 from fpstate.arm64.idregs import ID_REG_DEFS, IdRegs, id_regs_from_mapping, reg_def
 from fpstate.errors import ProfileError
+from fpstate.inputs import read_text
 from fpstate.kvm.arm64 import guest, reset
 from fpstate.kvm.arm64.config import KvmConfig
 from fpstate.kvm.arm64.invariants import guest_accessible
@@ -67,7 +68,7 @@ def load_vm_config(spec: str) -> VmConfig:
         raise ProfileError(f"{spec!r} is neither a bundled arm64 profile "
                            f"({', '.join(bundled_profile_names())}) nor a file")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ProfileError(f"{spec}: not JSON: {e.msg} at line {e.lineno}") from None
     if not isinstance(data, dict):

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fpstate.errors import FpstateError
+from fpstate.inputs import read_text
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import FPSTATE_REGS_OFFSET, FpuSystem
@@ -261,7 +261,7 @@ def load_workload(path: str) -> tuple[str | None, tuple[Mix, ...]]:
     """A workload file (YAML or JSON): ``{"cpu": NAME (optional), "mixes": [{"name", "threads",
     "avx512_share", "amx_share", "vcpus", "modified_fraction" (optional)}, ...]}``."""
     try:
-        text = Path(path).read_text()
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as e:
         raise FpstateError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:

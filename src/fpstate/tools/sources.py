@@ -17,9 +17,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from fpstate.errors import BlobError, HostUnavailable
+from fpstate.inputs import read_bytes
 from fpstate.tools.corefile import is_core, xstate_notes
 from fpstate.tools.record import RECORD_FORMAT, StateRecord
 
@@ -91,7 +91,7 @@ def read_source(spec: str) -> list[Source]:
             raise BlobError(f"{spec!r}: kvm:SEED needs a number") from None
         return [_kvm_source(seed)]
     try:
-        data = Path(spec).read_bytes()
+        data = read_bytes(spec)
     except OSError as e:
         raise BlobError(f"cannot read {spec}: {e.strerror or e}") from None
     if is_core(data):

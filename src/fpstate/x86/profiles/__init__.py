@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 from fpstate.errors import ProfileError
+from fpstate.inputs import read_bytes
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.profiles.dumps import parse_corpus_object, parse_dump
 
@@ -65,7 +66,7 @@ def load_path(spec: str) -> CpuidProfile:
     path_s, _, selector = spec.partition("#")
     path = Path(path_s)
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
     except OSError as e:
         raise ProfileError(f"cannot read {path_s}: {e.strerror or e}") from None
     if data[:2] == b"\x1f\x8b":  # gzip (the test copy of cpuid-corpus.json is gzipped)

@@ -1,0 +1,36 @@
+"""Reading the files users name on the command line and in the API.
+
+Every reader of a user-named input goes through `read_bytes`/`read_text`, so that an input
+that never ends (``/dev/zero``, a pipe nobody closes) is refused instead of read forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+#: The most bytes read from an input that is not a regular file.
+STREAM_LIMIT = 256 << 20
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The contents of ``path``: all of a regular file; at most `STREAM_LIMIT` bytes of
+    anything else (a device, a pipe), else OSError(EFBIG) naming it."""
+    with open(path, "rb") as f:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return f.read()
+        data = f.read(STREAM_LIMIT + 1)
+    if len(data) > STREAM_LIMIT:
+        size = (f"{STREAM_LIMIT >> 20} MiB" if STREAM_LIMIT % (1 << 20) == 0
+                else f"{STREAM_LIMIT} bytes")
+        raise OSError(errno.EFBIG, f"not a regular file, and more than {size}", os.fspath(path))
+    return data
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """`read_bytes` decoded as UTF-8 (UnicodeDecodeError when it is not)."""
+    return read_bytes(path).decode("utf-8")
+
+
+__all__ = ["STREAM_LIMIT", "read_bytes", "read_text"]
