@@ -748,8 +748,8 @@ class X86World(X86Views, World):
                 out.extend(_scheduling(t.comm, ncpu))
             elif st is TaskState.STOPPED:
                 stopped.append(t)
-            if t.kpath is not None:
-                busy.add(t.process.tgid)
+            if t.kpath is not None and st is not TaskState.KERNEL:
+                busy.add(t.process.tgid)  # preempted inside a kernel path
         s = self.m.system
         pasid = s.kernel.max_features & XFEATURE_MASK_PASID
         for c in self.m.cpus:
@@ -765,9 +765,11 @@ class X86World(X86Views, World):
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:
-            # A thread group with a thread inside a kernel path is never torn down under it
-            # (the model's de_thread/do_group_exit would drop the path): no group-killing
-            # actions then -- exec, an unhandled signal, AMX use without permission.
+            # A thread group with a thread preempted inside a kernel path is not torn down
+            # (Machine.check_killable refuses it: that thread would have to run again to leave
+            # the path): no group-killing actions then -- exec, an unhandled signal, AMX use
+            # without permission. A thread inside a path on a CPU leaves it first
+            # (Machine.kill_in_path).
             calm = t.process.tgid not in busy
             ta = self._task_actions(t.comm)
             permitted = t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA

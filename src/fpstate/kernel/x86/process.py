@@ -80,6 +80,7 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
     fpu_flush_thread() and the default PKRU (pkru_flush_thread)."""
     m = c.m
     t = c.current
+    m.check_killable(t.process.threads, t)
     for other in list(t.process.threads):
         if other is not t and other.state is not TaskState.DEAD:
             other.killed_by = Signal(SIGKILL)
@@ -89,7 +90,7 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
                 oc = m.cpu_of(other)
                 if other.state is TaskState.USER:
                     m.enter_kernel(oc.nr)
-                other.kpath = None
+                m.kill_in_path(oc.nr)
                 m.do_exit(oc.nr)
     c = yield  # loading the binary: may sleep
     t.process.threads[:] = [t]

@@ -593,9 +593,11 @@ class Machine:
     # -- fork, exec, exit ---------------------------------------------------------------------
 
     def do_group_exit(self, nr: int, sig: Signal) -> None:
-        """The default action of a fatal signal: every thread of the group dies."""
+        """The default action of a fatal signal: every thread of the group dies. A thread
+        running inside a kernel path first leaves it (`kill_in_path`)."""
         c = self.cpus[nr]
         proc = c.current.process
+        self.check_killable(proc.threads, c.current)
         for t in list(proc.threads):
             t.killed_by = sig
             if t is c.current:
@@ -606,8 +608,28 @@ class Machine:
                 ocpu = self.cpus[t.on_cpu]  # type: ignore[index]
                 if t.state is _U:
                     self.enter_kernel(ocpu.nr)
-                t.kpath = None
+                self.kill_in_path(ocpu.nr)
                 self.do_exit(ocpu.nr)
+
+    def check_killable(self, threads: list[Task], killer: Task) -> None:
+        """IllegalEvent, before anything changes, when a thread other than ``killer`` is
+        preempted inside a kernel path: it would have to be scheduled again to leave the path
+        (KVM_RUN puts the guest FPU back on its way out) before it can die, which the model
+        does not do."""
+        for t in threads:
+            if t is not killer and t.state in (_RN, _ST) and t.kpath is not None:
+                raise IllegalEvent(f"{t!r} is preempted inside a kernel path "
+                                   f"({getattr(t.kpath, '__qualname__', t.kpath)}): killing "
+                                   "its thread group then is not modelled")
+
+    def kill_in_path(self, nr: int) -> None:
+        """The current task of CPU ``nr``, killed (``killed_by`` set) inside a kernel path,
+        runs the path to its end as the kernel does: a fatal signal interrupts killable sleeps
+        and makes KVM_RUN leave its run loop (-EINTR) with the guest FPU put back; the path
+        sees the signal through ``task.killed_by``."""
+        c = self.cpus[nr]
+        while c.current.kpath is not None:
+            self._advance(c, first=False)
 
     def do_exit(self, nr: int) -> None:
         """do_exit() for current on CPU ``nr``: exit_thread() -> fpu__drop(), schedule away for

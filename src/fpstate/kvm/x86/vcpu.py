@@ -363,6 +363,13 @@ def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KP
     overflow = kfpu.kvm_load_guest_fpu(c, vcpu)
     kvm_apic_accept_events(c, vcpu)
     c = yield
+    if c.current.killed_by is not None:
+        # A fatal signal arrived while the run loop was preempted: kvm_vcpu_exit_request()
+        # / xfer_to_guest_mode_handle_work() leave the loop (-EINTR) without entering the
+        # guest, and the guest FPU is put back on the way out.
+        kfpu.kvm_put_guest_fpu(c, vcpu)
+        vcpu.wants_to_run = False
+        return RunResult((), overflow)
     if c.current.need_fpu_load:
         # vcpu_enter_guest(): a context switch saved the guest registers into the guest
         # fpstate (fpu->fpstate while loaded) and set TIF_NEED_FPU_LOAD; reload them now.

@@ -1,0 +1,56 @@
+"""A thread group killed while one of its threads is inside KVM_RUN (kernel/x86/sched.py
+kill_in_path, check_killable; kvm/x86/vcpu.py kvm_arch_vcpu_ioctl_run).
+
+On a CPU, the thread leaves KVM_RUN the kernel's way -- the run loop sees the fatal signal,
+returns -EINTR without entering the guest, and kvm_put_guest_fpu() makes the task's own
+fpstate current again -- before do_exit() frees the task's fpstate; the vCPU's guest fpstate
+stays allocated. A thread preempted inside the path is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action, StepError
+from fpstate.kernel.x86.sched import TaskState
+
+A = Action.of
+
+
+def _in_kvm_run(extra: list[Action]):
+    w = make_world("x86", {}, None)
+    for a in [A("run", task="p1.t0", cpu=0),
+              A("kvm_enter", task="p1.t0", vcpu="vm0.v0", guest="write avx"), *extra]:
+        w.step(a)
+    return w
+
+
+def test_a_thread_killed_inside_kvm_run_puts_the_guest_fpu_back_first() -> None:
+    w = _in_kvm_run([A("run", task="p1.t1", cpu=1)])
+    t0 = w.tasks["p1.t0"]
+    guest = w.vcpus["vm0.v0"].arch.guest_fpu.fpstate
+    own = t0.fpu.task_fpstate
+    assert t0.fpu.fpstate is guest and own is not None and guest.in_use
+    r = w.step(A("exec", task="p1.t1"))  # de_thread(): SIGKILL to p1.t0, on CPU 0 in KVM_RUN
+    assert r.violations == ()
+    assert t0.state is TaskState.DEAD
+    # kvm_put_guest_fpu() ran before do_exit(): the task's own fpstate was current again and
+    # is the one freed; the guest's is unused and still allocated.
+    assert t0.fpu.fpstate is own and t0.fpu.task_fpstate is None
+    assert not guest.in_use and not guest.freed
+    assert not w.vcpus["vm0.v0"].wants_to_run
+    # The guest never entered: its AVX state is still the initial one.
+    assert w.do_observe_vcpu("vm0.v0")["avx"] == "init"
+
+
+def test_killing_a_group_with_a_thread_preempted_inside_kvm_run_is_refused() -> None:
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    t0 = w.tasks["p1.t0"]
+    assert t0.state is TaskState.RUNNABLE and t0.kpath is not None
+    with pytest.raises(StepError, match=r"p1\.t0, RUNNABLE.*is preempted inside a kernel path "
+                                        r"\(kvm_arch_vcpu_ioctl_run\): killing its thread "
+                                        r"group then is not modelled"):
+        w.step(A("exec", task="p1.t1"))
+    assert t0.state is TaskState.RUNNABLE  # nothing was torn down
+    assert not w.vcpus["vm0.v0"].arch.guest_fpu.fpstate.freed
