@@ -1,7 +1,9 @@
 """Reading the files users name on the command line and in the API.
 
 Every reader of a user-named input goes through `read_bytes`/`read_text`, so that an input
-that never ends (``/dev/zero``, a pipe nobody closes) is refused instead of read forever.
+that never ends (``/dev/zero``, ``/dev/urandom``, a producer that keeps writing) is refused
+after `STREAM_LIMIT` bytes instead of read forever. A pipe nobody writes to blocks, as it does
+for ``cat``: process substitution (``<(...)``) is a pipe and must keep working.
 """
 
 from __future__ import annotations

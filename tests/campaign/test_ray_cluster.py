@@ -120,3 +120,27 @@ def test_a_malformed_address_is_a_one_line_error(tmp_path: Path, campaigns) -> N
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("fpstate: error: bad Ray address 'head-node': expected "
                                    "HOST:PORT or ray://HOST:PORT")
+
+
+def test_a_cluster_that_wants_a_token_we_lack_is_a_one_line_error(tmp_path: Path,
+                                                                  campaigns) -> None:
+    import ray
+
+    major, minor = (int(x) for x in ray.__version__.split(".")[:2])
+    if (major, minor) < (2, 52):
+        pytest.skip(f"Ray {ray.__version__} has no token authentication (2.52 and later)")
+    path, _ = _campaign_file(tmp_path, campaigns)
+    with socket.socket() as listener:  # something answers at the address (as a cluster would)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(tmp_path)}  # no token
+        env.pop("RAY_AUTH_TOKEN", None)
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        proc = _fpstate("campaign", str(path), "--address", f"127.0.0.1:{port}", env=env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fpstate: error: cannot connect to the Ray cluster at "
+                           f"127.0.0.1:{port}: Token authentication is enabled but no "
+                           "authentication token was found")
+    assert "Traceback" not in proc.stderr

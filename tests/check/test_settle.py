@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent("""
     import gc, sys, weakref
     from fpstate.check import memo
     from fpstate.check.actions_x86 import X86World
-    from fpstate.check.explore import Job, default_config, random_slice
+    from fpstate.check.executor import SerialExecutor
+    from fpstate.check.explore import Job, default_config, explore, random_slice
 
     if sys.argv[1] == "own":
         memo.own_process()
@@ -24,16 +25,20 @@ SCRIPT = textwrap.dedent("""
         clones.append(weakref.ref(w.m))  # its tasks and processes form cycles
         return w
     X86World.clone = recording
-    s = random_slice(Job("x86", default_config("x86")), 3, 1.0, 20)
-    gc.collect()
+    job = Job("x86", default_config("x86"))
+    if sys.argv[2] == "random":
+        walks = random_slice(job, 3, 1.0, 20).walks
+    else:  # bounded-exhaustive, its pieces in this process
+        walks = explore(job, SerialExecutor(), mode="exhaustive", seconds=2.0, depth=2).states
+    gc.collect()  # a world frozen while alive stays, dead or not: the leak tested for
     alive = sum(r() is not None for r in clones)
-    print(s.walks, len(clones), alive, gc.get_freeze_count())
+    print(walks, len(clones), alive, gc.get_freeze_count())
 """)
 
 
-def _run(mode: str) -> tuple[int, int, int, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True,
-                         check=True).stdout.split()
+def _run(mode: str, search: str = "random") -> tuple[int, int, int, int]:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode, search], capture_output=True,
+                         text=True, check=True).stdout.split()
     walks, clones, alive, frozen = map(int, out)
     return walks, clones, alive, frozen
 
@@ -43,6 +48,12 @@ def test_settle_freezes_survivors_and_no_walk_world_in_fpstate_processes() -> No
     assert walks >= 3 and clones >= walks
     assert frozen > 0  # the memos and the initial world went to the permanent generation
     # Every world a walk cloned was collected: none was frozen while it was alive.
+    assert alive == 0
+
+
+def test_settle_keeps_no_world_of_an_exhaustive_search_run_in_process() -> None:
+    states, clones, alive, _ = _run("own", "exhaustive")
+    assert states > 10 and clones > states
     assert alive == 0
 
 

@@ -400,10 +400,12 @@ class RayEngine(Engine):
                 _reachable(address)
             try:
                 ray.init(address=address, **opts)
-            except (ConnectionError, ValueError) as e:  # no cluster there, a malformed address
+            except (ConnectionError, ValueError, ray.exceptions.RayError) as e:
+                # No cluster there, a malformed address, a token missing or refused.
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise FpstateError(f"cannot connect to {where}: {first}{_AUTH_HINT}") from None
+                hint = _AUTH_HINT if address is not None and "token" not in first else ""
+                raise FpstateError(f"cannot connect to {where}: {first}{hint}") from None
             self._owns = True
         self.address = address
         cpus = int(ray.cluster_resources().get("CPU", 1))

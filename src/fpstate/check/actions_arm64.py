@@ -122,7 +122,8 @@ class Arm64World(World):
         if "cpus" in config:
             config_int("config.cpus", config["cpus"], 1, 64)
         tasks = config.get("tasks", ["other"])
-        if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        if (not isinstance(tasks, (list, tuple))
+                or not all(isinstance(t, str) and t for t in tasks)):
             raise ScenarioError(f"config.tasks: must be a list of task names, not {tasks!r}")
         if len(set(tasks)) != len(tasks):
             raise ScenarioError(f"config.tasks: names must differ: {tasks!r}")

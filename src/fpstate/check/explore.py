@@ -307,12 +307,15 @@ def _explore_random(job: Job, executor: Executor, seconds: float, seed: int,
 def _explore_exhaustive(job: Job, executor: Executor, seconds: float, depth: int,
                         start: float) -> Result:
     res = Result(job, "exhaustive", 0, 0, 0.0, Counter())
-    initial = job.world()
-    bad = initial.check()
+    first = job.world()
+    bad = first.check()
     if bad:
-        res.found = _found(initial, bad)
+        res.found = _found(first, bad)
         return res
-    seen = {initial.state_hash()}
+    seen = {first.state_hash()}
+    # The pieces may run in this process (one worker), where `settle` freezes what is alive
+    # between paths: no world of ours may be alive then.
+    del first
     frontier: list[tuple[Action, ...]] = [()]
     level = 0
     while frontier and level < depth and time.perf_counter() - start < seconds:
