@@ -46,3 +46,13 @@ def test_an_output_path_that_cannot_be_written_is_a_one_line_error(
     err = capsys.readouterr().err.strip().splitlines()
     # The timeline's directory is made first: the file in the way is what is named.
     assert err == [f"fpstate: error: {blocker}: File exists"]
+
+
+@pytest.mark.parametrize("command", ["run", "campaign"])
+def test_a_binary_file_is_a_one_line_error(command: str, tmp_path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "blob.yaml"
+    f.write_bytes(b"model: x86\n\xff\xfe")
+    assert main([command, str(f)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fpstate: error: {f}: not UTF-8 text (byte 11: 0xff)"]

@@ -122,7 +122,11 @@ def load_profile(spec: str) -> CpuProfile:
         if not path.is_file():
             raise ProfileError(f"{spec!r} is neither a bundled arm64 profile "
                                f"({', '.join(bundled_profile_names())}) nor a file")
-        text, origin = read_text(path), str(path)
+        try:
+            text, origin = read_text(path), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(f"cannot read {spec}: {getattr(e, 'strerror', None) or e}"
+                               ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -166,6 +166,9 @@ def load(path: str | Path) -> Campaign:
         text = read_text(p)
     except OSError as e:
         raise CampaignError(f"{p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CampaignError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})"
+                    ) from None
     return loads(text, str(p))
 
 

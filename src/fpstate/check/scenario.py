@@ -186,6 +186,9 @@ def load(path: str | Path) -> Scenario:
         text = read_text(p)
     except OSError as e:
         raise ScenarioError(f"{p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})"
+                    ) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

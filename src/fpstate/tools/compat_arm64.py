@@ -71,6 +71,8 @@ def load_vm_config(spec: str) -> VmConfig:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ProfileError(f"{spec}: not JSON: {e.msg} at line {e.lineno}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProfileError(f"cannot read {spec}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{spec}: expected a JSON object")
     if "cpu" not in data:
