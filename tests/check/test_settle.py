@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import gc, sys, weakref
     from fpstate.check import memo
@@ -28,8 +30,13 @@ SCRIPT = textwrap.dedent("""
     job = Job("x86", default_config("x86"))
     if sys.argv[2] == "random":
         walks = random_slice(job, 3, 1.0, 20).walks
-    else:  # bounded-exhaustive, its pieces in this process
+    elif sys.argv[2] == "exhaustive":  # bounded-exhaustive, its pieces in this process
         walks = explore(job, SerialExecutor(), mode="exhaustive", seconds=2.0, depth=2).states
+    else:  # a campaign cell, its partitions in this process
+        from fpstate.campaign.partition import CellJob, InlinePool, explore_exhaustive
+
+        cell = CellJob(job)
+        walks = explore_exhaustive(cell, InlinePool(cell, 2), 2).states
     gc.collect()  # a world frozen while alive stays, dead or not: the leak tested for
     alive = sum(r() is not None for r in clones)
     print(walks, len(clones), alive, gc.get_freeze_count())
@@ -51,8 +58,9 @@ def test_settle_freezes_survivors_and_no_walk_world_in_fpstate_processes() -> No
     assert alive == 0
 
 
-def test_settle_keeps_no_world_of_an_exhaustive_search_run_in_process() -> None:
-    states, clones, alive, _ = _run("own", "exhaustive")
+@pytest.mark.parametrize("search", ["exhaustive", "campaign"])
+def test_settle_keeps_no_world_of_an_exhaustive_search_run_in_process(search: str) -> None:
+    states, clones, alive, _ = _run("own", search)
     assert states > 10 and clones > states
     assert alive == 0
 

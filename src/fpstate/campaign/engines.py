@@ -38,6 +38,7 @@ from fpstate.campaign.partition import (
     serve,
 )
 from fpstate.check.executor import Executor, LocalExecutor, SerialExecutor
+from fpstate.check.memo import own_process
 from fpstate.errors import FpstateError
 
 R = TypeVar("R")
@@ -162,6 +163,7 @@ def _serve(conn: Connection) -> None:
     """A partition worker process: answers the coordinator's requests until told to stop."""
     # Ctrl-C reaches the whole process group: the coordinator decides, the worker waits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    own_process()  # a process of fpstate's own: Partition.expand may settle (check/memo.py)
     part: Partition | None = None
     while True:
         try:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fpstate.check.explore import Found, Job
+from fpstate.check.memo import settle
 from fpstate.check.world import Action, StepError, World
 from fpstate.errors import FpstateError
 
@@ -218,6 +219,7 @@ class Partition:
         out: list[dict[int, ActionPath]] = [{} for _ in range(self.partitions)]
         for _, path in self.frontier:
             self._expand(path, tally, out)
+            settle()  # the worlds of that path are garbage now (fpstate.check.memo)
         self.frontier = []
         batches = [sorted(o.items()) for o in out]
         sent = sum(len(b) for p, b in enumerate(batches) if p != self.index)
@@ -400,6 +402,7 @@ def explore_exhaustive(cell: CellJob, pool: PartitionPool, depth: int, *,
         res.seconds = time.perf_counter() - start
         return res
     d0 = state_digest(initial)
+    del initial  # partitions may expand in this process, where `settle` freezes what lives
     inputs: list[list[Any]] = [[] for _ in range(n)]
     inputs[owner(d0, n)] = [[(d0, ())]]
     level = 0
