@@ -54,3 +54,31 @@ def test_killing_a_group_with_a_thread_preempted_inside_kvm_run_is_refused() -> 
         w.step(A("exec", task="p1.t1"))
     assert t0.state is TaskState.RUNNABLE  # nothing was torn down
     assert not w.vcpus["vm0.v0"].arch.guest_fpu.fpstate.freed
+
+
+def test_a_clone_whose_caller_is_killed_meanwhile_makes_no_child() -> None:
+    from fpstate.kernel.x86.process import sys_clone
+    from fpstate.kernel.x86.sched import SIGKILL
+    from fpstate.kernel.x86.types import CLONE_THREAD, CLONE_VM
+
+    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
+    w.step(A("run", task="p0.t0", cpu=0))
+    w.step(A("run", task="p0.t1", cpu=1))
+    m = w.m
+    m.enter_kernel(0)
+    m.start(0, sys_clone, CLONE_VM | CLONE_THREAD, "child")  # asleep in dup_task_struct()
+    m.kill(w.tasks["p0.t1"], SIGKILL)  # the group dies; p0.t0 finishes its clone first
+    # copy_process() sees the fatal signal: no child, every thread of the group dead.
+    assert [t.comm for t in m.tasks.values() if t.comm == "child"] == []
+    assert {t.comm: t.state for t in m.tasks.values() if t.comm.startswith("p0")} == {
+        "p0.t0": TaskState.DEAD, "p0.t1": TaskState.DEAD}
+
+
+def test_a_refused_exec_changes_nothing() -> None:
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    t1 = w.tasks["p1.t1"]
+    with pytest.raises(StepError):
+        w.step(A("exec", task="p1.t1"))
+    assert t1.state is TaskState.USER and t1.kpath is None
+    # A clone (replaying the history when a path is in flight) sees the same task.
+    assert w.clone().tasks["p1.t1"].state is TaskState.USER

@@ -276,6 +276,11 @@ class KvmX86World(X86World):
             return super()._apply(action)
         except _Eio:
             return {"ret": -5, "errno": "EIO"}
+        finally:
+            if self._pending_run is not None and not any(
+                    t.kpath is not None and t.kpath.__qualname__ == "kvm_arch_vcpu_ioctl_run"
+                    for t in self.live()):
+                self._pending_run = None  # the thread in KVM_RUN died (Machine.kill_in_path)
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -49,10 +49,15 @@ def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -
     """clone()/fork() (kernel/fork.c copy_process): a new task in the caller's group
     (CLONE_THREAD) or a new process with a copied (or, with CLONE_VM, shared) mm. The sigaltstack
     is inherited unless CLONE_VM without CLONE_VFORK. The allocation of the child is a
-    preemption point before its FPU state is copied. Returns the child."""
+    preemption point before its FPU state is copied. Returns the child (None when the caller
+    was killed meanwhile)."""
     m = c.m
     parent = c.current
     c = yield  # dup_task_struct(): may sleep
+    if parent.killed_by is not None:
+        # copy_process(): a fatal signal that arrived meanwhile fails the fork
+        # (-ERESTARTNOINTR, fatal_signal_pending()); the child is never made.
+        return None
     if clone_flags & CLONE_THREAD:
         proc = parent.process
     else:

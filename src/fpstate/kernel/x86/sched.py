@@ -384,12 +384,15 @@ class Machine:
         if t.kpath is not None:
             raise IllegalEvent(f"{t!r} still has an unfinished kernel path")
         while t.pending and t.state is _K:
-            sig = t.pending.pop(0)
+            sig = t.pending[0]
             if sig.sig in t.handlers and sig.sig != SIGKILL:
                 from fpstate.kernel.x86.signal import handle_signal
 
+                t.pending.pop(0)
                 handle_signal(c, sig)
             else:
+                self.check_killable(t.process.threads, t)  # the signal stays pending if not
+                t.pending.pop(0)
                 self.do_group_exit(nr, sig)
                 return
         if t.need_fpu_load:
@@ -407,7 +410,11 @@ class Machine:
             raise IllegalEvent(f"{t!r} cannot start a kernel path now")
         t.kpath = path(c, *args)
         t.kresult = None
-        self._advance(c, first=True)
+        try:
+            self._advance(c, first=True)
+        except IllegalEvent:
+            t.kpath = None  # refused at its start: nothing in flight
+            raise
 
     def step(self, nr: int) -> bool:
         """Run the current task's kernel path on CPU ``nr`` to its next preemption point;
@@ -445,7 +452,11 @@ class Machine:
         path without preemption, return to user mode; the path's result."""
         c = self.enter_kernel(nr)
         t = c.current
-        self.start(nr, path, *args)
+        try:
+            self.start(nr, path, *args)
+        except IllegalEvent:
+            t.event("exit_to_user")  # refused before it changed anything: back in user mode
+            raise
         result = self.finish(nr)
         if t.state is _K and c.current is t:
             self.exit_to_user_mode(nr)
