@@ -35,4 +35,11 @@ def read_text(path: str | os.PathLike[str]) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-__all__ = ["STREAM_LIMIT", "read_bytes", "read_text"]
+def reason(e: OSError | UnicodeDecodeError) -> str:
+    """Why `read_bytes`/`read_text` failed, in the words of a one-line error."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})"
+    return e.strerror or str(e)
+
+
+__all__ = ["STREAM_LIMIT", "read_bytes", "read_text", "reason"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from fpstate.arm64.idregs import ID_REG_DEFS, IdRegs, id_regs_from_mapping, parse_hex64
 from fpstate.arm64.regs import SVE_VQ_BYTES, VL_ARCH_MAX
 from fpstate.errors import ProfileError
-from fpstate.inputs import read_text
+from fpstate.inputs import read_text, reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +125,7 @@ def load_profile(spec: str) -> CpuProfile:
         try:
             text, origin = read_text(path), str(path)
         except (OSError, UnicodeDecodeError) as e:
-            raise ProfileError(f"cannot read {spec}: {getattr(e, 'strerror', None) or e}"
-                               ) from None
+            raise ProfileError(f"cannot read {spec}: {reason(e)}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -53,7 +53,7 @@ from fpstate.check.explore import Job
 from fpstate.check.scenario import MODELS, world_class
 from fpstate.check.world import StepError
 from fpstate.errors import FpstateError
-from fpstate.inputs import read_text
+from fpstate.inputs import read_text, reason
 
 TOP_KEYS = ("name", "description", "model", "matrix", "explore", "budget")
 MATRIX_KEYS = ("profiles", "kernels", "variants", "configurations")
@@ -164,11 +164,8 @@ def load(path: str | Path) -> Campaign:
     p = Path(path)
     try:
         text = read_text(p)
-    except OSError as e:
-        raise CampaignError(f"{p}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise CampaignError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})"
-                    ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CampaignError(f"{p}: {reason(e)}") from None
     return loads(text, str(p))
 
 

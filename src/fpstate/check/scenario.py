@@ -54,7 +54,7 @@ from fpstate.check.world import (
     Violation,
     World,
 )
-from fpstate.inputs import read_text
+from fpstate.inputs import read_text, reason
 
 #: model name -> "module:class" of its world (imported on first use).
 MODELS: dict[str, str] = {
@@ -184,11 +184,8 @@ def load(path: str | Path) -> Scenario:
     p = Path(path)
     try:
         text = read_text(p)
-    except OSError as e:
-        raise ScenarioError(f"{p}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ScenarioError(f"{p}: not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})"
-                    ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{p}: {reason(e)}") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -34,7 +34,7 @@ from pathlib import Path
 from fpstate.arm64.cpu import CpuProfile, bundled_profile_names, load_profile, profile_from_json
 from fpstate.arm64.idregs import ID_REG_DEFS, IdRegs, id_regs_from_mapping, reg_def
 from fpstate.errors import ProfileError
-from fpstate.inputs import read_text
+from fpstate.inputs import read_text, reason
 from fpstate.kvm.arm64 import guest, reset
 from fpstate.kvm.arm64.config import KvmConfig
 from fpstate.kvm.arm64.invariants import guest_accessible
@@ -72,7 +72,7 @@ def load_vm_config(spec: str) -> VmConfig:
     except json.JSONDecodeError as e:
         raise ProfileError(f"{spec}: not JSON: {e.msg} at line {e.lineno}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ProfileError(f"cannot read {spec}: {getattr(e, 'strerror', None) or e}") from None
+        raise ProfileError(f"cannot read {spec}: {reason(e)}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{spec}: expected a JSON object")
     if "cpu" not in data:
