@@ -89,14 +89,7 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
     for other in list(t.process.threads):
         if other is not t and other.state is not TaskState.DEAD:
             other.killed_by = Signal(SIGKILL)
-            if other.state in (TaskState.RUNNABLE, TaskState.STOPPED):
-                m._release(other, reap=True)
-            else:
-                oc = m.cpu_of(other)
-                if other.state is TaskState.USER:
-                    m.enter_kernel(oc.nr)
-                m.kill_in_path(oc.nr)
-                m.do_exit(oc.nr)
+            m.kill_thread(other)
     c = yield  # loading the binary: may sleep
     t.process.threads[:] = [t]
     t.process.mm = UserMemory()

@@ -613,14 +613,21 @@ class Machine:
             t.killed_by = sig
             if t is c.current:
                 self.do_exit(nr)
-            elif t.state in (_RN, _ST):
-                self._release(t, reap=True)
-            elif t.state is not _D:
-                ocpu = self.cpus[t.on_cpu]  # type: ignore[index]
-                if t.state is _U:
-                    self.enter_kernel(ocpu.nr)
-                self.kill_in_path(ocpu.nr)
-                self.do_exit(ocpu.nr)
+            else:
+                self.kill_thread(t)
+
+    def kill_thread(self, t: Task) -> None:
+        """A thread other than the killer, its ``killed_by`` set, dies (zap_other_threads):
+        switched out, it is released; running on a CPU (in user mode, or in the kernel, where
+        it first leaves its path: `kill_in_path`), it exits there."""
+        if t.state in (_RN, _ST):
+            self._release(t, reap=True)
+        elif t.state is not _D:
+            ocpu = self.cpus[t.on_cpu]  # type: ignore[index]
+            if t.state is _U:
+                self.enter_kernel(ocpu.nr)
+            self.kill_in_path(ocpu.nr)
+            self.do_exit(ocpu.nr)
 
     def check_killable(self, threads: list[Task], killer: Task) -> None:
         """IllegalEvent, before anything changes, when a thread other than ``killer`` is
