@@ -114,6 +114,9 @@ class Arm64World(World):
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "cpus", "tasks", "vms", "vhe")
     rollback_on_illegal: ClassVar[bool] = True
 
+    DEFAULT_TASKS: ClassVar[list[str]] = ["other"]
+    DEFAULT_VMS: ClassVar[dict[str, Any]] = {"vm0": {"vcpus": 1}}
+
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> None:
         super().validate_config(config)
@@ -121,7 +124,7 @@ class Arm64World(World):
             config_str("config.cpu", config["cpu"])
         if "cpus" in config:
             config_int("config.cpus", config["cpus"], 1, 64)
-        tasks = config.get("tasks", ["other"])
+        tasks = config.get("tasks", cls.DEFAULT_TASKS)
         if (not isinstance(tasks, (list, tuple))
                 or not all(isinstance(t, str) and t for t in tasks)):
             raise ScenarioError(f"config.tasks: must be a list of task names, not {tasks!r}")
@@ -129,7 +132,7 @@ class Arm64World(World):
             raise ScenarioError(f"config.tasks: names must differ: {tasks!r}")
         if "vmm" in tasks:
             raise ScenarioError("config.tasks: 'vmm' is the VMM task's name, there already")
-        vms = config_mapping("config.vms", config.get("vms", {"vm0": {"vcpus": 1}}))
+        vms = config_mapping("config.vms", config.get("vms", cls.DEFAULT_VMS))
         for vm, spec in vms.items():
             spec = config_mapping(f"config.vms.{vm}", spec, ("vcpus", "sve"))
             config_int(f"config.vms.{vm}.vcpus", spec.get("vcpus", 1), 0, 16)
@@ -144,10 +147,10 @@ class Arm64World(World):
         kcfg = KvmConfig(variant or UPSTREAM, bool(self.config.get("vhe", True)))
         kw = reset.kvm_init(profile, kcfg, int(self.config.get("cpus", 2)))
         host = kw.host
-        for name in self.config.get("tasks", ["other"]):
+        for name in self.config.get("tasks", self.DEFAULT_TASKS):
             host = host_fpsimd.spawn(host, str(name))
         kw = kw.with_host(host)
-        for vm_name, spec in (self.config.get("vms", {"vm0": {"vcpus": 1}}) or {}).items():
+        for vm_name, spec in (self.config.get("vms", self.DEFAULT_VMS) or {}).items():
             spec = dict(spec or {})
             kw = reset.kvm_create_vm(kw, vm_name)
             for _ in range(int(spec.get("vcpus", 1))):

@@ -125,7 +125,8 @@ class KvmX86World(X86World):
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = (*X86World.CONFIG_KEYS, "vms", "kvm_vendor")
     KVM_VARIANTS: ClassVar[frozenset[str]] = frozenset(kv.KVM_VARIANTS)
 
-    DEFAULT_VMS: ClassVar[dict[str, Any]] = {"vm0": {"vmm": "p1.t0", "vcpus": 1}}
+    DEFAULT_VMM: ClassVar[str] = "p1.t0"  #: a VM's VMM task when its spec names none
+    DEFAULT_VMS: ClassVar[dict[str, Any]] = {"vm0": {"vmm": DEFAULT_VMM, "vcpus": 1}}
     MAX_VCPUS: ClassVar[int] = 16
 
     @classmethod
@@ -136,7 +137,7 @@ class KvmX86World(X86World):
         for vm, spec in vms.items():
             where = f"config.vms.{vm}"
             spec = config_mapping(where, spec, ("vmm", "vcpus", "guest_amx"))
-            vmm = config_str(f"{where}.vmm", spec.get("vmm", "p1.t0"))
+            vmm = config_str(f"{where}.vmm", spec.get("vmm", cls.DEFAULT_VMM))
             if vmm not in tasks:
                 if "vms" not in config:
                     raise ScenarioError(
@@ -172,7 +173,7 @@ class KvmX86World(X86World):
         vms = self.config.get("vms", self.DEFAULT_VMS)
         for vm_name, spec in (vms or {}).items():
             spec = dict(spec or {})
-            vmm = self.task(spec.get("vmm", "p1.t0"))
+            vmm = self.task(spec.get("vmm", self.DEFAULT_VMM))
             self.m.run(0, vmm)
             if spec.get("guest_amx"):
                 self.m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_GUEST_PERM, 18)
