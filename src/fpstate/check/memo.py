@@ -7,6 +7,10 @@ result was made (the *witness*) costs far less. An `IdentityMemo` maps ``id(obj)
 ``(obj, witness, result)``: holding ``obj`` keeps its id from being reused, so a hit is the
 same object, and the result is valid when the witness the caller gives now equals the stored
 one (a tuple of what the result depends on: a copy of the bytes or the dict, a system, ...).
+
+The checker's memos (these, and the state memos of fpstate.check.world) grow large and live as
+long as the process: `settle` keeps the cyclic garbage collector from traversing them again and
+again, in the processes fpstate owns (`own_process`).
 """
 
 from __future__ import annotations
