@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, ClassVar
 
+from fpstate.check import invariants
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
 from fpstate.check.memo import IdentityMemo
+from fpstate.check.statekey import fps_values, regs_values
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -292,8 +294,6 @@ class KvmX86World(X86World):
         return super().event_key()
 
     def check(self) -> list[Any]:
-        from fpstate.check import invariants
-
         out = []
         bugs = self.kvm.violations + self.kvm.warnings
         for b in bugs[self._seen_bugs:]:
@@ -513,8 +513,6 @@ class KvmX86World(X86World):
         return out
 
     def extra_key(self, cn: Any) -> Hashable:
-        from fpstate.check.statekey import fps_values, regs_values
-
         out = []
         for name in sorted(self.vcpus):
             v = self.vcpus[name]

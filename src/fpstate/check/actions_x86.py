@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fpstate.check import invariants
+from fpstate.check.invariants_x86 import fps_shapes
 from fpstate.check.views_x86 import X86Views
 from fpstate.check.world import (
     Action,
@@ -335,8 +336,6 @@ class X86World(X86Views, World):
         return bool(self.emitted)
 
     def shapes_hash(self) -> int | None:
-        from fpstate.check.invariants_x86 import fps_shapes
-
         return fps_shapes(self)
 
     def discard_events(self) -> None:

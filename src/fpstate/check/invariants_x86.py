@@ -17,7 +17,7 @@ from fpstate.check import world
 from fpstate.check.invariants import READS_EVENTS, READS_SHAPES, predicate
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
-from fpstate.kernel.x86.hw import FpRegs, KernelBuf, read_token
+from fpstate.kernel.x86.hw import FpRegs, KernelBuf, init_value, read_token
 from fpstate.kernel.x86.sched import Task, TaskState
 from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import (
@@ -32,6 +32,7 @@ from fpstate.kernel.x86.types import (
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
     XCOMP_BV_COMPACTED_FORMAT,
+    XFEATURE_MASK_FPSSE,
     bits,
     mask_names,
 )
@@ -439,8 +440,6 @@ def reset_zeroed_buffer(w: Any) -> Iterator[str]:
 
 @predicate("nothing-beyond-advertised", X86, reads=READS_EVENTS)
 def guest_sees_only_advertised(w: Any) -> Iterator[str]:
-    from fpstate.x86.xfeatures import XFEATURE_MASK_FPSSE
-
     for kind, payload in w.emitted:
         if kind != "kvm_uabi":
             continue
@@ -460,6 +459,4 @@ def guest_xcr0_within_cpuid(w: Any) -> Iterator[str]:
 
 
 def init_value_of(w: Any, i: int) -> bytes:
-    from fpstate.kernel.x86.hw import init_value
-
     return init_value(i, w.m.system.profile.component(i).size)

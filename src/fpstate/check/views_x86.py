@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from fpstate.check.invariants_x86 import image_state
 from fpstate.check.memo import IdentityMemo
+from fpstate.check.statekey import x86_key
 from fpstate.check.world import (
     WHERE_BOTH,
     WHERE_GONE,
@@ -156,8 +158,6 @@ class X86Views:
         for every world of this process (a buffer met again is compared with its snapshot
         rather than hashed: most images do not change from one step to the next). The dict
         returned is shared: read it, never change it."""
-        from fpstate.check.invariants_x86 import image_state
-
         s = self.m.system
         got = _IMAGE_BY_BUFFER.get(fps, (s, fps.xfd, fps.regs))
         if got is not None:
@@ -198,8 +198,6 @@ class X86Views:
     # -- canonical state -------------------------------------------------------------------
 
     def key(self) -> Hashable:
-        from fpstate.check.statekey import x86_key
-
         return x86_key(self)
 
     def extra_key(self, cn: Any) -> Hashable:

@@ -44,6 +44,7 @@ from fpstate.kernel.x86.types import (
     IllegalEvent,
 )
 from fpstate.kvm.x86.cpuid import XSAVES, guest_cpu_cap_has
+from fpstate.kvm.x86.fpu_api import fpu_sync_guest_vmexit_xfd_state
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, mask_names
 
@@ -269,8 +270,6 @@ def vcpu_exit_xfd(c: Cpu, vcpu: KvmVcpu) -> None:
     """The XFD lines of vcpu_enter_guest() after VM exit: with XFD writes passed through, sync
     the guest's IA32_XFD into its fpstate (fpu_sync_guest_vmexit_xfd_state) before
     handle_exit_irqoff(); afterwards the host must not keep the guest's XFD_ERR: write 0."""
-    from fpstate.kvm.x86.fpu_api import fpu_sync_guest_vmexit_xfd_state
-
     if vcpu.arch.xfd_no_write_intercept:
         saved = c.irqs_disabled
         c.irqs_disabled = True

@@ -31,6 +31,7 @@ from typing import Any
 
 from fpstate.errors import FpstateError, ProgramError
 from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.hw import token
 from fpstate.kernel.x86.sched import KPath, Machine, Task
 from fpstate.kernel.x86.types import (
     XFEATURE_MASK_GUEST_SUPERVISOR,
@@ -344,8 +345,6 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
 
 
 def _guest_token(c: Any, vcpu: KvmVcpu, i: int) -> bytes:
-    from fpstate.kernel.x86.hw import token
-
     c.m.generation += 1
     return token(0x8000 | vcpu.vcpu_id, c.m.generation, i, c.regs.size(i))
 
