@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from fpstate.check import invariants
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
 from fpstate.check.memo import IdentityMemo
-from fpstate.check.statekey import fps_values, regs_values
+from fpstate.check.statekey import digest, fps_values, regs_values
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -541,13 +541,13 @@ class KvmX86World(X86World):
         return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation, f.detail)
 
 
-def _cpuid_key(entries: Any) -> tuple[tuple[int, ...], ...]:
-    """A vCPU's CPUID entries as plain tuples (hashed much faster than the dataclasses),
-    made once per tuple of entries (immutable: nothing to witness)."""
+def _cpuid_key(entries: Any) -> int:
+    """A vCPU's CPUID entries in the key: the digest of them as plain tuples, made once per
+    tuple of entries (immutable: nothing to witness)."""
     got = _CPUID_KEYS.get(entries, ())
     if got is None:
-        got = _CPUID_KEYS.put(entries, (), tuple(
-            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries))
+        got = _CPUID_KEYS.put(entries, (), digest(tuple(
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries)))
     return got
 
 

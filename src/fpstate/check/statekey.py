@@ -9,10 +9,13 @@ the state (the checker's expected values included). A kernel path in flight is k
 function and the task; the user memory a task can read back (its signal frames) by content.
 
 A key is ``(structure, ranks)``: the structure is nested tuples of ints, strings and bytes in
-which a token is ``("T", writer, component)``, and ranks gives each token's rank in traversal
-order. Keys are hashable and picklable, so the executor can return them from worker processes.
-Values, decoded images and buffers are memoised (the same bytes objects and buffers recur from
-one state to the next); a buffer's memo is verified against a snapshot of its content.
+which a token is ``(TOKEN, writer, component)``, and ranks gives each token's rank in
+traversal order. Keys are hashable and picklable, so the executor can return them from worker
+processes. Values, decoded images and buffers are memoised (the same bytes objects and buffers
+recur from one state to the next); a buffer's memo is verified against a snapshot of its
+content. A memoised part (a decoded image, a dict of values) stands in the key as its
+`digest`, made once per part: hashing the key then costs a few ints instead of every
+component of every image again (tuples do not cache their hash).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 class Canon:
     """Collects the tokens of one key in traversal order: a value in the key's structure is
-    None, 0 (initial), the raw bytes, or ``("T", owner, component)``; the generation of each
-    token goes to `toks` as (owner, component, gen), and `finish` turns them into ranks."""
+    -1 (none), 0 (initial), the digest of its bytes (`_raw`), or ``(TOKEN, owner,
+    component)``; the generation of each token goes to `toks` as (owner, component, gen), and
+    `finish` turns them into ranks."""
 
     __slots__ = ("toks",)
 
@@ -42,7 +46,7 @@ class Canon:
     def value(self, v: bytes | None, i: int) -> Any:
         """An x86 component value of the key (see the class docstring)."""
         if v is None:
-            return None
+            return -1
         memo = _VALUES[i] if i < len(_VALUES) else None
         hit = memo.get(v) if memo is not None else None
         if hit is None:
@@ -78,8 +82,12 @@ def _classify(v: bytes, i: int) -> tuple[Any, tuple[int, int, int] | None]:
         return 0, None
     tok = read_token(v)
     if tok is not None:
-        return ("T", tok[0], i), (tok[0], i, tok[1])
-    return bytes(v), None
+        return (TOKEN, tok[0], i), (tok[0], i, tok[1])
+    return _raw(v), None
+
+
+#: The tag of a token in a key's structure (an int, so that parts of keys are `digest`-able).
+TOKEN = -2
 
 
 #: Per component number: value bytes -> (structure, token): values are shared from one state to
@@ -104,8 +112,22 @@ _DECODED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _BY_BUFFER = IdentityMemo(4096)
 
 
-def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
-    """The stored components of an image as (structure, tokens, MXCSR bytes), memoised."""
+def digest(part: tuple[Any, ...]) -> int:
+    """A 64-bit name of a part of a key made of ints and tuples of them only, the same in
+    every process: ``hash()`` of ints and of tuples of them is not salted, unlike that of
+    strings, bytes and (before Python 3.12) None, and campaigns name states across processes
+    (fpstate.campaign.partition)."""
+    return hash(part)
+
+
+def _raw(v: bytes) -> int:
+    """A value that is neither initial nor a token, in a key: a 64-bit BLAKE2b digest of it."""
+    return int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little")
+
+
+def _decode(system: Any, fps: Any) -> tuple[int, tuple[Any, ...]]:
+    """The stored components of an image and its MXCSR as (digest of their structure, tokens),
+    memoised."""
     regs = fps.regs
     got = _BY_BUFFER.get(fps, (system, regs))
     if got is not None:
@@ -121,7 +143,7 @@ def _decode(system: Any, fps: Any) -> tuple[Any, ...]:
     return _BY_BUFFER.put(fps, (system, snap), got)
 
 
-def _decode_image(system: Any, regs: bytes) -> tuple[Any, ...]:
+def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
     xstate_bv = int.from_bytes(regs[512:520], "little")
     xcomp_bv = int.from_bytes(regs[520:528], "little") if system.xcompacted else 0
     out: list[Any] = []
@@ -131,7 +153,7 @@ def _decode_image(system: Any, regs: bytes) -> tuple[Any, ...]:
             v = regs[0:24] + bytes(8) + regs[32:160]
         else:
             if system.xcompacted and not (xcomp_bv >> i) & 1:
-                out = [(-1, regs)]
+                out = [(-1, _raw(regs))]
                 toks = []
                 break
             off = _offset(system.profile, xcomp_bv, i)
@@ -140,15 +162,16 @@ def _decode_image(system: Any, regs: bytes) -> tuple[Any, ...]:
         out.append((i, struct))
         if tok is not None:
             toks.append(tok)
-    return (tuple(out), tuple(toks), regs[24:28])
+    return digest((tuple(out), int.from_bytes(regs[24:28], "little"))), tuple(toks)
 
 
-def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
-    """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR."""
-    struct, toks, mxcsr = _decode(system, fps)
+def fps_values(cn: Canon, system: Any, fps: Any) -> int:
+    """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR: the
+    digest of their structure (their tokens go to ``cn``)."""
+    struct, toks = _decode(system, fps)
     if toks:
         cn.toks.extend(toks)
-    return (struct, mxcsr)
+    return struct
 
 
 #: Dicts of component values -> (structure, tokens): register files and expected values
@@ -157,13 +180,14 @@ def fps_values(cn: Canon, system: Any, fps: Any) -> tuple[Any, ...]:
 _BY_DICT = IdentityMemo(8192)
 
 
-def regs_values(cn: Canon, values: dict[int, bytes]) -> tuple[Any, ...]:
-    """((i, key value), ...) of a dict of component values, sorted by component."""
+def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
+    """The digest of ((i, key value), ...) of a dict of component values, sorted by component
+    (their tokens go to ``cn``)."""
     got = _BY_DICT.get(values, values)
     if got is None:
         sub = Canon()
         struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
-        got = _BY_DICT.put(values, dict(values), (struct, tuple(sub.toks)))
+        got = _BY_DICT.put(values, dict(values), (digest(struct), tuple(sub.toks)))
     if got[1]:
         cn.toks.extend(got[1])
     return got[0]
@@ -256,4 +280,4 @@ def x86_key(w: Any) -> Hashable:
     return cn.finish(raw)
 
 
-__all__ = ["Canon", "fps_values", "regs_values", "x86_key"]
+__all__ = ["Canon", "digest", "fps_values", "regs_values", "x86_key"]
