@@ -38,7 +38,7 @@ from fpstate.check.world import (
 from fpstate.check.world import Value as V
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import token
-from fpstate.kernel.x86.sched import Machine, Task, TaskState
+from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
 from fpstate.kvm.x86 import fpu as kfpu
@@ -479,7 +479,7 @@ class KvmX86World(X86World):
             t = self._vmm_task(name)
             if t is None:
                 continue
-            if t.state is TaskState.USER and t.process.mm is self.vm_mm[name]:
+            if t.state is STATE_USER and t.process.mm is self.vm_mm[name]:
                 xcr0, xss = v.arch.guest_supported_xcr0, v.arch.guest_supported_xss
                 # These depend only on the names and the guest's supported XCR0/XSS: built
                 # once (Actions are interned values).

@@ -53,7 +53,18 @@ from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import init_value, read_token, token
 from fpstate.kernel.x86.process import sys_clone, sys_execve
 from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
-from fpstate.kernel.x86.sched import SA_ONSTACK, SIGUSR1, Machine, SigAction, Task, TaskState
+from fpstate.kernel.x86.sched import (
+    SA_ONSTACK,
+    SIGUSR1,
+    STATE_DEAD,
+    STATE_KERNEL,
+    STATE_RUNNABLE,
+    STATE_STOPPED,
+    STATE_USER,
+    Machine,
+    SigAction,
+    Task,
+)
 from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET, handler_return, sys_rt_sigreturn
 from fpstate.kernel.x86.types import (
     CLONE_THREAD,
@@ -319,7 +330,7 @@ class X86World(X86Views, World):
     MEMO: ClassVar[bool] = True
 
     def check(self) -> list[Violation]:
-        self._live_cache = [t for t in self.tasks.values() if t.state is not TaskState.DEAD]
+        self._live_cache = [t for t in self.tasks.values() if t.state is not STATE_DEAD]
         try:
             out = invariants.check(self)
         finally:
@@ -404,14 +415,14 @@ class X86World(X86Views, World):
 
     def do_run(self, task: str, cpu: int) -> dict[str, Value]:
         t, nr = self.task(task), self.cpu(cpu)
-        if t.state is not TaskState.RUNNABLE:
+        if t.state is not STATE_RUNNABLE:
             raise StepError(f"task {task} is not runnable ({t.state.value})")
         self.m.run(nr, t)
         return {}
 
     def do_switch_in(self, task: str, cpu: int) -> dict[str, Value]:
         t, nr = self.task(task), self.cpu(cpu)
-        if t.state is not TaskState.RUNNABLE:
+        if t.state is not STATE_RUNNABLE:
             raise StepError(f"task {task} is not runnable ({t.state.value})")
         self.m.preempt(nr, t)
         return {}
@@ -419,7 +430,7 @@ class X86World(X86Views, World):
     def do_return_to_user(self, cpu: int) -> dict[str, Value]:
         c = self.m.cpus[self.cpu(cpu)]
         t = c.current
-        if t is c.idle or t.state is not TaskState.KERNEL or t.kpath is not None:
+        if t is c.idle or t.state is not STATE_KERNEL or t.kpath is not None:
             raise StepError(f"CPU {cpu}: no task in the kernel ready to return to user mode")
         self.m.exit_to_user_mode(c.nr)
         return {}
@@ -476,7 +487,7 @@ class X86World(X86Views, World):
 
     def _written(self, t: Task, i: int, fault: str) -> dict[str, Value]:
         """What a task expects after its write of component ``i``."""
-        alive = t.state is TaskState.USER
+        alive = t.state is STATE_USER
         if alive and t.on_cpu is not None:
             value = self.m.cpus[t.on_cpu].regs.component(i)
             tok = read_token(value)
@@ -536,7 +547,7 @@ class X86World(X86Views, World):
         handled = SIGUSR1 in t.handlers
         before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
         self.m.kill(t, SIGUSR1)
-        delivered = handled and t.state is TaskState.USER
+        delivered = handled and t.state is STATE_USER
         if delivered:
             # The handler starts with the initial *user* state; supervisor state (PASID) is
             # not part of the signal frame and stays (fpu__clear_user_states).
@@ -547,7 +558,7 @@ class X86World(X86Views, World):
             self.emitted.append(("sigframe", (t, frame, fpstate, before)))
             self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4))
             return {"delivered": True, "frame": frame}
-        return {"delivered": False, "alive": t.state is not TaskState.DEAD}
+        return {"delivered": False, "alive": t.state is not STATE_DEAD}
 
     def do_sigreturn(self, task: str) -> dict[str, Value]:
         t = self.task(task)
@@ -609,14 +620,14 @@ class X86World(X86Views, World):
 
     def do_ptrace_stop(self, task: str) -> dict[str, Value]:
         t = self.task(task)
-        if t.state not in (TaskState.USER, TaskState.RUNNABLE) or t.kpath is not None:
+        if t.state not in (STATE_USER, STATE_RUNNABLE) or t.kpath is not None:
             raise StepError(f"task {task} cannot stop now ({t.state.value})")
         self.m.stop(t)
         return {}
 
     def do_ptrace_cont(self, task: str) -> dict[str, Value]:
         t = self.task(task)
-        if t.state is not TaskState.STOPPED:
+        if t.state is not STATE_STOPPED:
             raise StepError(f"task {task} is not stopped")
         self.m.resume(t)
         return {}
@@ -624,7 +635,7 @@ class X86World(X86Views, World):
     def _tracer(self, tracer: str, task: str) -> tuple[Task, Task, int]:
         tr, t = self.task(tracer), self.task(task)
         nr = self.user_cpu(tr)
-        if t.state is not TaskState.STOPPED:
+        if t.state is not STATE_STOPPED:
             raise StepError(f"task {task} is not stopped")
         return tr, t, nr
 
@@ -674,7 +685,7 @@ class X86World(X86Views, World):
         if t.on_cpu is None or t.kpath is not None:
             raise StepError(f"task {task} is not current on a CPU")
         nr = t.on_cpu
-        was_user = t.state is TaskState.USER
+        was_user = t.state is STATE_USER
         if was_user:
             self.m.enter_kernel(nr)
         value = (pasid | MSR_IA32_PASID_VALID).to_bytes(8, "little")
@@ -741,13 +752,13 @@ class X86World(X86Views, World):
         busy = set()
         for t in live:
             st = t.state
-            if st is TaskState.USER:
+            if st is STATE_USER:
                 user.append(t)
-            elif st is TaskState.RUNNABLE:
+            elif st is STATE_RUNNABLE:
                 out.extend(_scheduling(t.comm, ncpu))
-            elif st is TaskState.STOPPED:
+            elif st is STATE_STOPPED:
                 stopped.append(t)
-            if t.kpath is not None and st is not TaskState.KERNEL:
+            if t.kpath is not None and st is not STATE_KERNEL:
                 busy.add(t.process.tgid)  # preempted inside a kernel path
         s = self.m.system
         pasid = s.kernel.max_features & XFEATURE_MASK_PASID
@@ -756,7 +767,7 @@ class X86World(X86Views, World):
             cur = c.current
             if cur is not c.idle:
                 add(idle)
-                if cur.state is TaskState.KERNEL and cur.kpath is None:
+                if cur.state is STATE_KERNEL and cur.kpath is None:
                     add(ret)
                     if pasid:
                         add(self._task_actions(cur.comm)["pasid_write"])

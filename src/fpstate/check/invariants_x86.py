@@ -18,7 +18,7 @@ from fpstate.check.invariants import READS_EVENTS, READS_SHAPES, predicate
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
 from fpstate.kernel.x86.hw import FpRegs, KernelBuf, init_value, read_token
-from fpstate.kernel.x86.sched import Task, TaskState
+from fpstate.kernel.x86.sched import STATE_USER, Task
 from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import (
     PF_KTHREAD,
@@ -282,7 +282,7 @@ def dynamic_state_permitted(w: Any) -> Iterator[str]:
 def running_dynamic_state_permitted(w: Any) -> Iterator[str]:
     for c in w.m.cpus:
         t = c.current
-        if t is c.idle or t.state is not TaskState.USER or t.fpu.task_fpstate is not None:
+        if t is c.idle or t.state is not STATE_USER or t.fpu.task_fpstate is not None:
             continue
         perm = t.process.leader.fpu.perm.state_perm
         dyn = c.regs.xinuse & XFEATURE_MASK_USER_DYNAMIC & ~perm

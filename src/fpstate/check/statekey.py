@@ -27,7 +27,7 @@ from typing import Any
 
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.hw import init_value, read_token
-from fpstate.kernel.x86.sched import TaskState
+from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
@@ -227,7 +227,7 @@ def x86_key(w: Any) -> Hashable:
         cpus.append((c.current.pid, _owner_pid(m, c.fpu_fpregs_owner_ctx), _REGS_FIELDS(r),
                      regs_values(cn, r.values), _CPU_FIELDS(c)))
     tasks = []
-    dead = TaskState.DEAD
+    dead = STATE_DEAD
     mtasks = m.tasks
     for pid in sorted(mtasks):
         t = mtasks[pid]

@@ -26,7 +26,7 @@ from fpstate.check.world import (
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import fpregs_state_valid
 from fpstate.kernel.x86.hw import init_value, read_token
-from fpstate.kernel.x86.sched import Task, TaskState
+from fpstate.kernel.x86.sched import STATE_DEAD, STATE_USER, Task
 from fpstate.kernel.x86.types import PF_KTHREAD, PF_USER_WORKER, Fpstate
 from fpstate.x86.xfeatures import BY_NUMBER
 
@@ -60,12 +60,12 @@ class X86Views:
 
     def task(self, name: Any) -> Task:
         t = self.tasks.get(name)
-        if t is None or t.state is TaskState.DEAD:
+        if t is None or t.state is STATE_DEAD:
             raise StepError(f"no live task {name!r}")
         return t
 
     def user_cpu(self, t: Task) -> int:
-        if t.state is not TaskState.USER:
+        if t.state is not STATE_USER:
             raise StepError(f"task {t.comm} is not running in user mode ({t.state.value})")
         assert t.on_cpu is not None
         return t.on_cpu
@@ -82,7 +82,7 @@ class X86Views:
         cached = self._live_cache
         if cached is not None:
             return cached
-        return [t for t in self.tasks.values() if t.state is not TaskState.DEAD]
+        return [t for t in self.tasks.values() if t.state is not STATE_DEAD]
 
     def name_of_owner(self, owner: int) -> str:
         if owner == core.KERNEL_OWNER:
@@ -133,7 +133,7 @@ class X86Views:
         answers): its CPU's registers when they are live or validly cached, else what the
         restore would load from its memory image (decoded once per distinct image)."""
         fpu = t.fpu
-        if (t.state is TaskState.USER or not t.need_fpu_load) and t.on_cpu is not None:
+        if (t.state is STATE_USER or not t.need_fpu_load) and t.on_cpu is not None:
             return self.regs_view(self.m.cpus[t.on_cpu].regs)
         last = fpu.last_cpu
         if 0 <= last < len(self.m.cpus) and fpregs_state_valid(self.m.cpus[last], fpu):
@@ -172,7 +172,7 @@ class X86Views:
         return _IMAGE_BY_BUFFER.put(fps, (s, fps.xfd, snap), got)
 
     def where(self, t: Task) -> tuple[str, int | None]:
-        if t.state is TaskState.DEAD:
+        if t.state is STATE_DEAD:
             return WHERE_GONE, None
         if not t.need_fpu_load:
             return WHERE_REGS, t.on_cpu

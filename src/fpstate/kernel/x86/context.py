@@ -228,11 +228,13 @@ def fpregs_state(task: Task, cpus: list[Cpu]) -> FpregsState:
     valid = 0 <= fpu.last_cpu < len(cpus) and cpus[fpu.last_cpu].fpu_fpregs_owner_ctx is fpu
     if not task.need_fpu_load:
         running_there = task.on_cpu == fpu.last_cpu
-        return FpregsState.REGS if valid and running_there else FpregsState.INCONSISTENT
-    return FpregsState.CACHED if valid else FpregsState.MEMORY
+        return _R if valid and running_there else _INCONSISTENT
+    return _C if valid else _M
 
 
+#: The states as module globals (an Enum class attribute goes through a __getattr__ hook).
 _R, _C, _M = FpregsState.REGS, FpregsState.CACHED, FpregsState.MEMORY
+_INCONSISTENT = FpregsState.INCONSISTENT
 
 #: (state, event) -> state. An event absent for a state is illegal in it.
 TRANSITIONS: dict[tuple[FpregsState, str], FpregsState] = {
