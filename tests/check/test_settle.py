@@ -70,3 +70,31 @@ def test_settle_leaves_a_library_callers_collector_alone() -> None:
     assert walks >= 3
     assert frozen == 0
     assert alive == 0
+
+
+INITIALS = textwrap.dedent("""
+    import gc, weakref
+    from fpstate.check import memo
+    from fpstate.check.explore import INITIAL_WORLDS, Job, default_config, random_slice
+
+    memo.own_process()
+    memo.SETTLE_EVERY = 0.0
+    machines = []
+    for cpus in range(1, INITIAL_WORLDS + 3):  # more jobs than the cache keeps
+        job = Job("x86", {**default_config("x86"), "cpus": cpus})
+        random_slice(job, cpus, 0.2, 10)  # settles: freezes this job's initial world
+        machines.append(weakref.ref(job.initial().m))
+    gc.collect()
+    print(INITIAL_WORLDS, *[int(r() is not None) for r in machines])
+""")
+
+
+def test_a_worker_keeps_a_bounded_number_of_initial_worlds() -> None:
+    """A long-lived worker (a campaign partition, a pool process) serves job after job: it
+    keeps the initial worlds of the last few only, and those it drops are freed although
+    `settle` froze them."""
+    out = subprocess.run([sys.executable, "-c", INITIALS], capture_output=True, text=True,
+                         check=True).stdout.split()
+    keep, alive = int(out[0]), list(map(int, out[1:]))
+    assert len(alive) == keep + 2
+    assert alive == [0, 0] + [1] * keep

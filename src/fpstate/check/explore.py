@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fpstate.check.executor import Executor
-from fpstate.check.memo import settle
+from fpstate.check.memo import settle, thaw
 from fpstate.check.scenario import Scenario, Step, make_world
 from fpstate.check.world import Action, StepError, World
 
@@ -73,12 +73,17 @@ class Job:
         key = (self.model, repr(sorted(self.config.items())), self.variant)
         w0 = _INITIAL.get(key)
         if w0 is None:
+            if len(_INITIAL) >= INITIAL_WORLDS:  # a long-lived worker moves on to other jobs
+                del _INITIAL[next(iter(_INITIAL))]
+                thaw()  # `settle` may have frozen it: its cycles are collected once thawed
             w0 = _INITIAL[key] = make_world(self.model, self.config, self.variant)
         return w0
 
 
-#: Initial worlds, built once per process.
+#: Initial worlds, built once per process, the oldest dropped beyond `INITIAL_WORLDS` (as
+#: the memos of fpstate.check.world are beyond MEMO_WORLDS).
 _INITIAL: dict[tuple[str, str, str | None], World] = {}
+INITIAL_WORLDS = 4
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,10 +78,18 @@ def settle() -> None:
     gc.freeze()
 
 
+def thaw() -> None:
+    """Move what `settle` froze back to the collector's care, when something frozen is let go
+    that may hold cycles (a cached initial world): frozen objects are freed by their reference
+    counts, never by a collection. The next `settle` freezes the survivors again."""
+    if SETTLE:
+        gc.unfreeze()
+
+
 def own_process() -> None:
     """Mark this process as fpstate's own (`SETTLE`): the command line and worker processes."""
     global SETTLE
     SETTLE = True
 
 
-__all__ = ["IdentityMemo", "own_process", "settle"]
+__all__ = ["IdentityMemo", "own_process", "settle", "thaw"]
