@@ -14,6 +14,12 @@ states; a fresh process starts with an empty memo, as ``fpstate explore`` does. 
 ``--explore S``, ``fpstate explore`` runs S seconds per model on every core, and its
 transitions per core and wall second are reported.
 
+With ``--instructions N``, the same walks are counted in instructions instead of seconds: N
+explorer walks from a fixed seed (the same walks on every run of the same code) under
+valgrind's callgrind, less a run of no walk, per transition. The machine's speed drifts from
+one minute to the next; instruction counts do not, so they compare one version of the code
+with another.
+
 Part 2 starts ``fpstate explore --variant NAME`` as a fresh
 process for each seed variant (every core) and reports the wall time until it exits with the
 counterexample written, interpreter start-up and imports included (with ``--runs N``: N
@@ -28,6 +34,8 @@ import json
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +131,42 @@ def time_to_find(variant: str, budget: float, seed: int = 0) -> tuple[float, str
     return wall, v["invariant"], v["steps"]
 
 
+#: N explorer walks (`_walk`, as random_slice takes them) from a fixed seed, in a new process.
+_WALKS = """
+import random, sys
+from fpstate.check.explore import Job, Slice, _walk, default_config
+from fpstate.check.memo import own_process, settle
+own_process()
+job = Job(sys.argv[1], default_config(sys.argv[1], sys.argv[2]))
+initial = job.initial()
+rng = random.Random(7)
+out = Slice()
+for _ in range(int(sys.argv[3])):
+    _walk(initial, rng, 60, out)
+    settle()
+print(out.transitions, len(out.keys))
+"""
+
+
+def instructions(model: str, cpu: str, walks: int) -> tuple[float, int, int] | str:
+    """(thousands of instructions per transition, transitions, states) of ``walks`` fixed
+    explorer walks under callgrind (less the same process with no walk), or why not."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return "valgrind is not installed (apt-get install valgrind)"
+    counts = []
+    for n in (walks, 0):
+        proc = subprocess.run([valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                               sys.executable, "-c", _WALKS, model, cpu, str(n)],
+                              capture_output=True, text=True, check=False)
+        got = re.search(r"Collected : ([\d,]+)", proc.stderr)
+        if proc.returncode or got is None:
+            return f"the walks failed under callgrind: {proc.stderr.strip().splitlines()[-1:]}"
+        counts.append((int(got.group(1).replace(",", "")), proc.stdout.split()))
+    (ia, (trans, states)), (ib, _) = counts
+    return (ia - ib) / int(trans) / 1000, int(trans), int(states)
+
+
 def explore_rate(model: str, seconds: float) -> dict[str, Any]:
     """``fpstate explore --model MODEL --seconds S --json`` as a new process: what it did."""
     proc = subprocess.run([sys.executable, "-m", "fpstate.cli", "explore", "--model", model,
@@ -139,6 +183,9 @@ def main() -> int:
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--explore", type=float, default=0.0, metavar="S",
                     help="also run fpstate explore for S seconds per model on every core")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="also count the instructions of N fixed explorer walks per model "
+                         "(callgrind; about a minute for 300)")
     ap.add_argument("--runs", type=int, default=1,
                     help="cold starts per variant with seeds 0..N-1 (the search is random: "
                          "report the median and the worst)")
@@ -158,6 +205,16 @@ def main() -> int:
         print(f"{model:6} {cpu:16} {r['per_second']:8.0f} {r['states']:7} {r['us_model']:7.0f} "
               f"{r['us_invariants']:7.0f} {r['us_key']:6.0f} {r['us_enabled']:8.0f} "
               f"{r['us_clone']:6.0f}")
+    if args.instructions:
+        print(f"\ninstructions per transition, {args.instructions} explorer walks from a fixed "
+              "seed under callgrind (thousands; the same walks on every run)")
+        print(f"{'model':6} {'cpu':16} {'kinstr':>7} {'transitions':>11} {'states':>7}")
+        for model, cpu in MODELS:
+            got = instructions(model, cpu, args.instructions)
+            if isinstance(got, str):
+                print(f"{model:6} {cpu:16} skipped: {got}")
+                continue
+            print(f"{model:6} {cpu:16} {got[0]:7.1f} {got[1]:11} {got[2]:7}")
     if args.explore:
         print(f"\nfpstate explore under the kernel's design, {args.explore:.0f} s on "
               f"{os.cpu_count()} cores (a new process; wall clock)")
