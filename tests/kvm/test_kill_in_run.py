@@ -1,10 +1,13 @@
-"""A thread group killed while one of its threads is inside KVM_RUN (kernel/x86/sched.py
-kill_in_path, check_killable; kvm/x86/vcpu.py kvm_arch_vcpu_ioctl_run).
+"""A thread group killed while one of its threads is inside a kernel path: KVM_RUN, the #NM
+handler, a clone (kernel/x86/sched.py kill_thread, kill_in_path, check_killable;
+kvm/x86/vcpu.py kvm_arch_vcpu_ioctl_run).
 
-On a CPU, the thread leaves KVM_RUN the kernel's way -- the run loop sees the fatal signal,
-returns -EINTR without entering the guest, and kvm_put_guest_fpu() makes the task's own
-fpstate current again -- before do_exit() frees the task's fpstate; the vCPU's guest fpstate
-stays allocated. A thread preempted inside the path is refused before anything changes.
+The thread leaves KVM_RUN the kernel's way -- the run loop sees the fatal signal, returns
+-EINTR without entering the guest, and kvm_put_guest_fpu() makes the task's own fpstate
+current again -- before do_exit() frees the task's fpstate; the vCPU's guest fpstate stays
+allocated. On a CPU it does so at once; switched out inside the path, it stays runnable and
+does so when next scheduled, then exits on its way back to user mode. exec's de_thread(),
+which would wait for it, is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -44,7 +47,59 @@ def test_a_thread_killed_inside_kvm_run_puts_the_guest_fpu_back_first() -> None:
     assert w.do_observe_vcpu("vm0.v0")["avx"] == "init"
 
 
-def test_killing_a_group_with_a_thread_preempted_inside_kvm_run_is_refused() -> None:
+def test_a_thread_preempted_inside_kvm_run_leaves_it_when_scheduled_then_exits() -> None:
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    t0, t1 = w.tasks["p1.t0"], w.tasks["p1.t1"]
+    guest = w.vcpus["vm0.v0"].arch.guest_fpu.fpstate
+    own = t0.fpu.task_fpstate
+    assert t0.state is TaskState.RUNNABLE and t0.kpath is not None and t0.fpu.fpstate is guest
+    # AMX tile data without permission: SIGILL, whose default action kills the group.
+    r = w.step(A("write", task="p1.t1", component="xtiledata"))
+    assert r.violations == () and r.observed == {"fault": "#NM", "alive": False}
+    assert t1.state is TaskState.DEAD
+    # zap_other_threads() marked p1.t0, which is still inside KVM_RUN with the guest FPU.
+    assert t0.state is TaskState.RUNNABLE and t0.killed_by is not None
+    assert t0.fpu.fpstate is guest and guest.in_use and not own.freed
+    assert [a.name for a in w.enabled_actions() if a.task == "p1.t0"] == ["run", "switch_in",
+                                                                         "run", "switch_in"]
+    w.step(A("run", task="p1.t0", cpu=1))
+    assert [a.name for a in w.enabled_actions() if a.task == "p1.t0"] == ["kvm_finish"]
+    r = w.step(A("kvm_finish", task="p1.t0"))
+    assert r.violations == () and r.observed == {"faults": "none", "overflow": 0}
+    assert t0.state is TaskState.DEAD
+    assert t0.fpu.fpstate is own and t0.fpu.task_fpstate is None
+    assert not guest.in_use and not guest.freed
+    assert w.do_observe_vcpu("vm0.v0")["avx"] == "init"  # the guest never entered
+
+
+def test_a_thread_asleep_in_the_nm_handler_finishes_it_and_exits_without_retrying() -> None:
+    from fpstate.kernel.x86.sched import SIGKILL
+
+    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
+    for a in [A("run", task="p0.t1", cpu=1),
+              A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
+              A("write_nm", task="p0.t1", component="xtiledata"),  # asleep in fpstate_realloc
+              A("run", task="p0.t0", cpu=1)]:  # and switched out there
+        w.step(a)
+    t0, t1 = w.tasks["p0.t0"], w.tasks["p0.t1"]
+    small = t1.fpu.fpstate
+    w.m.kill(t0, SIGKILL)  # p0.t0 in user mode on CPU 1 takes it at once
+    assert t0.state is TaskState.DEAD
+    assert t1.state is TaskState.RUNNABLE and t1.kpath is not None and t1.killed_by is not None
+    assert not small.freed
+    w.step(A("run", task="p0.t1", cpu=0))
+    assert t1.state is TaskState.KERNEL and t1.kpath is not None
+    r = w.step(A("nm_return", task="p0.t1"))
+    # The handler finished its reallocation; the write is not retried, the thread exits and
+    # its new, larger fpstate is vfree()d with it (the first one is the fpstate embedded in
+    # struct fpu, which goes with the task_struct).
+    assert r.violations == () and r.observed["alive"] is False
+    assert t1.state is TaskState.DEAD
+    assert t1.fpu.fpstate is not small and t1.fpu.fpstate.size > small.size
+    assert t1.fpu.fpstate.freed and small is t1.fpu.embedded
+
+
+def test_exec_with_a_thread_preempted_inside_kvm_run_is_refused() -> None:
     w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
     t0 = w.tasks["p1.t0"]
     assert t0.state is TaskState.RUNNABLE and t0.kpath is not None

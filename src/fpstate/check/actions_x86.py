@@ -722,9 +722,6 @@ class X86World(X86Views, World):
             got = _TASK_ACTIONS[k] = {
                 "writes": tuple(A("write", task=comm, component=BY_NUMBER[i].short)
                                 for i in self.writable),
-                "writes_no_amx": tuple(A("write", task=comm, component=BY_NUMBER[i].short)
-                                       for i in self.writable
-                                       if not (XFEATURE_MASK_XTILE >> i) & 1),
                 "writes_nm": tuple((i, A("write_nm", task=comm, component=BY_NUMBER[i].short))
                                    for i in self.writable if (XFEATURE_MASK_XTILE >> i) & 1),
                 "nm_return": A("nm_return", task=comm),
@@ -775,28 +772,23 @@ class X86World(X86Views, World):
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:
-            # A thread group with a thread preempted inside a kernel path is not torn down
-            # (Machine.check_killable refuses it: that thread would have to run again to leave
-            # the path): no group-killing actions then -- exec, an unhandled signal, AMX use
-            # without permission. A thread inside a path on a CPU leaves it first
-            # (Machine.kill_in_path).
+            # No exec while a thread of the group is preempted inside a kernel path: de_thread()
+            # would wait for it to leave the path, which the model does not do inside exec
+            # (Machine.check_killable). A group kill lets that thread finish its path later.
             calm = t.process.tgid not in busy
             ta = self._task_actions(t.comm)
             permitted = t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA
-            if calm or permitted:
-                out.extend(ta["writes"])
-                xfd = self.m.cpus[t.on_cpu].regs.xfd & XFEATURE_MASK_XTILE  # type: ignore[index]
-                if xfd and permitted:
-                    out.extend(a for i, a in ta["writes_nm"] if (xfd >> i) & 1)
-            else:
-                out.extend(ta["writes_no_amx"])
+            out.extend(ta["writes"])
+            xfd = self.m.cpus[t.on_cpu].regs.xfd & XFEATURE_MASK_XTILE  # type: ignore[index]
+            if xfd and permitted:
+                out.extend(a for i, a in ta["writes_nm"] if (xfd >> i) & 1)
             if amx:
                 add(ta["release"])
             add(ta["req_perm"])
             add(ta["get_perm"])
             if SIGUSR1 not in t.handlers:
                 add(ta["sigaction"])
-            elif calm:
+            else:
                 add(ta["signal"])
             if t.sas_ss_size == 0:
                 add(ta["sigaltstack"])

@@ -385,6 +385,11 @@ class Machine:
         t = c.current
         if t.kpath is not None:
             raise IllegalEvent(f"{t!r} still has an unfinished kernel path")
+        if t.killed_by is not None:
+            # Its group is exiting (SIGNAL_GROUP_EXIT, set while it was preempted inside a
+            # kernel path): get_signal() goes straight to do_group_exit() -> do_exit().
+            self.do_exit(nr)
+            return
         while t.pending and t.state is _K:
             sig = t.pending[0]
             if sig.sig in t.handlers and sig.sig != SIGKILL:
@@ -393,7 +398,6 @@ class Machine:
                 t.pending.pop(0)
                 handle_signal(c, sig)
             else:
-                self.check_killable(t.process.threads, t)  # the signal stays pending if not
                 t.pending.pop(0)
                 self.do_group_exit(nr, sig)
                 return
@@ -606,11 +610,10 @@ class Machine:
     # -- fork, exec, exit ---------------------------------------------------------------------
 
     def do_group_exit(self, nr: int, sig: Signal) -> None:
-        """The default action of a fatal signal: every thread of the group dies. A thread
-        running inside a kernel path first leaves it (`kill_in_path`)."""
+        """The default action of a fatal signal: every thread of the group dies
+        (zap_other_threads: `kill_thread`), the caller last."""
         c = self.cpus[nr]
         proc = c.current.process
-        self.check_killable(proc.threads, c.current)
         for t in list(proc.threads):
             t.killed_by = sig
             if t is c.current:
@@ -621,7 +624,13 @@ class Machine:
     def kill_thread(self, t: Task) -> None:
         """A thread other than the killer, its ``killed_by`` set, dies (zap_other_threads):
         switched out, it is released; running on a CPU (in user mode, or in the kernel, where
-        it first leaves its path: `kill_in_path`), it exits there."""
+        it first leaves its path: `kill_in_path`), it exits there. Switched out *inside* a
+        kernel path (KVM_RUN's loop, the #NM handler's allocation, a clone), it must run to
+        leave the path, as the kernel's SIGKILL wakes it to do: it stays runnable, finishes
+        the path when next scheduled, and exits on its way back to user mode
+        (`exit_to_user_mode`)."""
+        if t.state is _RN and t.kpath is not None:
+            return
         if t.state in (_RN, _ST):
             self._release(t, reap=True)
         elif t.state is not _D:
@@ -633,9 +642,9 @@ class Machine:
 
     def check_killable(self, threads: list[Task], killer: Task) -> None:
         """IllegalEvent, before anything changes, when a thread other than ``killer`` is
-        preempted inside a kernel path: it would have to be scheduled again to leave the path
-        (KVM_RUN puts the guest FPU back on its way out) before it can die, which the model
-        does not do."""
+        preempted inside a kernel path: execve's de_thread() waits for the other threads to
+        exit, and such a thread must be scheduled again to leave its path first, which the
+        model does not do inside exec (a group kill lets it finish later: `kill_thread`)."""
         for t in threads:
             if t is not killer and t.state in (_RN, _ST) and t.kpath is not None:
                 raise IllegalEvent(f"{t!r} is preempted inside a kernel path "
