@@ -163,3 +163,23 @@ def test_arm64_rules_are_registered_under_the_checkers_names() -> None:
 def test_every_invariant_has_a_documented_origin(name: str) -> None:
     inv = BY_NAME[name]
     assert any(word in inv.origin for word in ("seed", ".c", ".h", "SDM", "Documentation"))
+
+
+def test_nested_amx_signal_frames_stay_inside_a_threads_stack() -> None:
+    """A thread's stack is RLIMIT_STACK's 8 MiB, as glibc's pthreads get: thirteen nested
+    signal frames of AMX size (about 11 KiB each) stay inside it. With the 128 KiB stacks the
+    model used to map, the thirteenth frame straddled the guard page below the third thread's
+    stack and the explorer reported sigframe-fits-and-describes under the kernel's design."""
+    cfg = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 3}, "vms": {}}
+    w = world(cfg, steps=[A("run", task="p0.t2", cpu=1), A("sigaction", task="p0.t2"),
+                          A("run", task="p0.t1", cpu=0),
+                          A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
+                          A("write", task="p0.t2", component="xtiledata")])
+    mm = w.tasks["p0.t2"].process.mm
+    for _ in range(13):
+        r = w.step(A("signal", task="p0.t2"))
+        assert not r.violations and r.observed["delivered"] is True
+    lo, hi = w.frames["p0.t2"][-1]
+    assert len(w.frames["p0.t2"]) == 13 and hi - lo > 11_000
+    stack = [(s, s + n) for s, n in mm.regions.items() if s <= lo < s + n]
+    assert stack and stack[0][1] - stack[0][0] == 8 << 20 and hi <= stack[0][1]

@@ -61,6 +61,7 @@ from fpstate.kernel.x86.sched import (
     STATE_RUNNABLE,
     STATE_STOPPED,
     STATE_USER,
+    USER_STACK_SIZE,
     Machine,
     SigAction,
     Task,
@@ -307,7 +308,7 @@ class X86World(X86Views, World):
         """clone()'s new stack pointer, as pthread_create() passes one: a thread sharing
         its parent's mm gets a stack of its own (Machine's sys_clone copies the parent's
         stack pointer, which would put both threads' signal frames at the same address)."""
-        size = 0x20000
+        size = USER_STACK_SIZE  # pthread_create()'s default stack size
         t.user_sp = self.m.mmap(t, size) + size - 0x1000
 
     def _adopt(self, t: Task, expected: dict[int, bytes]) -> None:

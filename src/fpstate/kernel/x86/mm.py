@@ -54,9 +54,9 @@ class UserMemory:
         size = size if type(size) is int and size >= 0 else len(bytearray(size))
         self.regions[start] = size
         if self.pages and size:  # bytes left by a mapping this one replaced read as zeros
-            for p in range(start // PAGE_SIZE, (start + size - 1) // PAGE_SIZE + 1):
-                page = self.pages.get(p)
-                if page is not None:
+            first, last = start // PAGE_SIZE, (start + size - 1) // PAGE_SIZE
+            for p, page in self.pages.items():  # the pages written, not every page mapped
+                if first <= p <= last:
                     base = p * PAGE_SIZE
                     lo, hi = max(start, base) - base, min(start + size, base + PAGE_SIZE) - base
                     page[lo:hi] = bytes(hi - lo)

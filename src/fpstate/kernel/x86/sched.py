@@ -52,7 +52,11 @@ from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, bits
 KPath = Generator[None, "Cpu", Any]
 
 USER_STACK_TOP = 0x7FFF_FFFF_0000
-USER_STACK_SIZE = 0x40000
+#: RLIMIT_STACK's default (8 MiB): the main thread's stack grows on demand up to it, and
+#: glibc gives each pthread a stack of that size. Pages never written cost nothing here
+#: (UserMemory), and a smaller stack would let nested signal frames of AMX size run off
+#: its end within a short walk, which a real process does not reach.
+USER_STACK_SIZE = 0x80_0000
 MMAP_BASE = 0x7F00_0000_0000
 
 SIGILL, SIGKILL, SIGSEGV, SIGUSR1 = 4, 9, 11, 10
