@@ -34,6 +34,8 @@ X86 = [
     ({"vms": {"vm0": {"vmm": "p1.t0", "guest_amx": "yes"}}},
      "config.vms.vm0.guest_amx: must be true or false, not 'yes'"),
     ({"kvm_vendor": "tdx"}, "config.kvm_vendor: must be one of vmx, svm, not 'tdx'"),
+    ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
+     "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
                     "processes, max_tasks, vms, kvm_vendor)"),
 ]

@@ -60,7 +60,7 @@ from fpstate.x86.xfeatures import (
 #: BNDCSR, CET IA32_U_CET/IA32_PL3_SSP and IA32_PL0-2_SSP); seed 003.
 ARCH_INIT_CLEARED = (XFEATURE_MASK_BNDREGS | XFEATURE_MASK_BNDCSR | XFEATURE_MASK_CET_USER
                      | XFEATURE_MASK_CET_KERNEL)
-GUEST_OWNER = 0x8000
+GUEST_OWNER = kv.GUEST_OWNER
 _VCPU = FieldSpec(str, "a vCPU name (<vm>.v<n>)")
 _VMM = FieldSpec(str, "the VMM task (a task of the configuration)")
 
@@ -130,12 +130,16 @@ class KvmX86World(X86World):
     DEFAULT_VMM: ClassVar[str] = "p1.t0"  #: a VM's VMM task when its spec names none
     DEFAULT_VMS: ClassVar[dict[str, Any]] = {"vm0": {"vmm": DEFAULT_VMM, "vcpus": 1}}
     MAX_VCPUS: ClassVar[int] = 16
+    #: VMs a configuration may have (a guest's writer id holds its VM's number: kv.guest_owner)
+    MAX_VMS: ClassVar[int] = 64
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> None:
         super().validate_config(config)
         tasks = cls.task_names(config)
         vms = config_mapping("config.vms", config.get("vms", cls.DEFAULT_VMS))
+        if len(vms) > cls.MAX_VMS:
+            raise ScenarioError(f"config.vms: at most {cls.MAX_VMS} VMs, not {len(vms)}")
         for vm, spec in vms.items():
             where = f"config.vms.{vm}"
             spec = config_mapping(where, spec, ("vmm", "vcpus", "guest_amx"))
@@ -168,6 +172,9 @@ class KvmX86World(X86World):
         self.vm_mm: dict[str, Any] = {}
         self.vm_names: dict[int, str] = {}
         self._seen_bugs = 0
+        #: The KVM_RUNs suspended at their preemption point (kvm_enter), by VMM task: (vCPU,
+        #: the vCPU, its ops, the guest program).
+        self._pending_run: dict[str, tuple[str, kv.KvmVcpu, list[Any], str]] = {}
         return m
 
     def _setup(self) -> None:
@@ -220,7 +227,7 @@ class KvmX86World(X86World):
     def name_of_owner(self, owner: int) -> str:
         if owner & GUEST_OWNER and owner != core.KERNEL_OWNER:
             for name, v in self.vcpus.items():
-                if GUEST_OWNER | v.vcpu_id == owner:
+                if kv.guest_owner(v) == owner:
                     return name
         return super().name_of_owner(owner)
 
@@ -271,7 +278,7 @@ class KvmX86World(X86World):
 
     def _token(self, v: kv.KvmVcpu, i: int) -> bytes:
         self.m.generation += 1
-        return token(GUEST_OWNER | v.vcpu_id, self.m.generation, i,
+        return token(kv.guest_owner(v), self.m.generation, i,
                      self.m.system.profile.component(i).size)
 
     def _apply(self, action: Action) -> dict[str, V]:
@@ -280,10 +287,12 @@ class KvmX86World(X86World):
         except _Eio:
             return {"ret": -5, "errno": "EIO"}
         finally:
-            if self._pending_run is not None and not any(
-                    t.kpath is not None and t.kpath.__qualname__ == "kvm_arch_vcpu_ioctl_run"
-                    for t in self.live()):
-                self._pending_run = None  # the thread in KVM_RUN died (Machine.kill_in_path)
+            if self._pending_run:
+                for task in list(self._pending_run):
+                    t = self.tasks.get(task)
+                    if t is None or t.kpath is None or (
+                            t.kpath.__qualname__ != "kvm_arch_vcpu_ioctl_run"):
+                        del self._pending_run[task]  # its thread died in KVM_RUN (kill_in_path)
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -403,21 +412,19 @@ class KvmX86World(X86World):
         ops = self._guest_ops(v, guest)
         self.m.enter_kernel(nr)
         self.m.start(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops))
-        self._pending_run = (vcpu, v, ops)
+        self._pending_run[task] = (vcpu, v, ops, guest)
         return {}
-
-    _pending_run: tuple[str, kv.KvmVcpu, list[Any]] | None = None
 
     def do_kvm_finish(self, task: str) -> dict[str, V]:
         t = self.task(task)
-        if (t.kpath is None or self._pending_run is None or t.on_cpu is None
-                or task in self.nm_pending):
+        pending = self._pending_run.get(task)
+        if t.kpath is None or pending is None or t.on_cpu is None or task in self.nm_pending:
             raise StepError(f"{task} has no KVM_RUN in progress on a CPU")
         nr = t.on_cpu
         result = self.m.finish(nr)
         self.m.exit_to_user_mode(nr)
-        name, v, ops = self._pending_run
-        self._pending_run = None
+        del self._pending_run[task]
+        name, v, ops, _guest = pending
         return self._after_run(name, v, ops, result)
 
     def do_kvm_init(self, task: str, vcpu: str) -> dict[str, V]:
@@ -506,9 +513,9 @@ class KvmX86World(X86World):
                         _VMM_ACTIONS.clear()
                     _VMM_ACTIONS[k] = acts = tuple(acts)
                 out.extend(acts)
-            elif (t.kpath is not None and t.on_cpu is not None and self._pending_run
-                  and t.comm not in self.nm_pending
-                  and self.m.cpus[t.on_cpu].current is t):
+            elif (t.comm in self._pending_run and t.kpath is not None and t.on_cpu is not None
+                  and t.comm not in self.nm_pending and self.m.cpus[t.on_cpu].current is t
+                  and self._pending_run[t.comm][0] == name):  # once, for its vCPU
                 out.append(A("kvm_finish", task=t.comm))
         return out
 
@@ -525,7 +532,8 @@ class KvmX86World(X86World):
                         a.guest_fpu.xfeatures, a.guest_fpu.xfd_err, a.xfd_no_write_intercept,
                         (fps.size, fps.xfeatures, fps.xfd, fps.xstate_bv, fps.in_use,
                          fps_values(cn, self.m.system, fps)), exp))
-        return tuple(out), self._pending_run is not None
+        pending = tuple(sorted((task, p[0], p[3]) for task, p in self._pending_run.items()))
+        return tuple(out), pending
 
     def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:
         f = super().frame(action, violation, detail)

@@ -344,9 +344,19 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
     return result
 
 
+#: The writer ids of guests' values (fpstate.kernel.x86.hw.token) have this bit.
+GUEST_OWNER = 0x8000
+
+
+def guest_owner(vcpu: KvmVcpu) -> int:
+    """The writer id of the values a guest writes: `GUEST_OWNER`, the VM's number among the
+    module's VMs and the vCPU's id (which is unique only within its VM)."""
+    return GUEST_OWNER | vcpu.kvm.vms.index(vcpu.vm) << 8 | vcpu.vcpu_id
+
+
 def _guest_token(c: Any, vcpu: KvmVcpu, i: int) -> bytes:
     c.m.generation += 1
-    return token(0x8000 | vcpu.vcpu_id, c.m.generation, i, c.regs.size(i))
+    return token(guest_owner(vcpu), c.m.generation, i, c.regs.size(i))
 
 
 def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KPath:
