@@ -10,6 +10,7 @@ from fpstate.check.executor import Executor, LocalExecutor, SerialExecutor, loca
 from fpstate.check.explore import (
     Job,
     default_config,
+    expand_slice,
     explore,
     first_violation,
     random_slice,
@@ -78,6 +79,41 @@ def test_exhaustive_mode_without_violation_reports_complete_coverage() -> None:
     res = explore(job, SERIAL, mode="exhaustive", seconds=120.0, depth=2)
     assert res.found is None and res.complete and res.depth == 2
     assert res.states > 10 and res.transitions >= res.states - 1
+
+
+def test_an_expansion_past_its_deadline_stops_and_says_so() -> None:
+    import time
+
+    job = Job("x86", SMALL)
+    done = expand_slice(job, [(), (A("run", task="p0.t0", cpu=0),)])
+    assert not done.cut and done.transitions > 0 and done.children
+    late = expand_slice(job, [(), (A("run", task="p0.t0", cpu=0),)], time.time() - 1)
+    assert late.cut and late.transitions == 0 and late.children == []
+
+
+class _LateFromLevel(SerialExecutor):
+    """Runs the pieces of the first ``levels`` levels in time, later ones past the deadline."""
+
+    def __init__(self, levels: int) -> None:
+        self.levels, self.level, self.last = levels, 0, None
+
+    def submit(self, fn, *args):  # type: ignore[no-untyped-def]
+        job, paths, deadline = args
+        depth = len(paths[0])
+        if depth != self.last:
+            self.last, self.level = depth, self.level + 1
+        return super().submit(fn, job, paths, deadline if self.level <= self.levels else 0.0)
+
+
+def test_exhaustive_mode_stops_inside_a_level_at_its_time_limit() -> None:
+    """A level can take far longer than the time left: its pieces stop at the deadline, and
+    the result counts only the levels finished and does not claim completeness."""
+    res = explore(Job("x86", SMALL), _LateFromLevel(2), mode="exhaustive", seconds=600.0,
+                  depth=6)
+    assert res.found is None and not res.complete
+    assert res.depth == 2
+    full = explore(Job("x86", SMALL), SERIAL, mode="exhaustive", seconds=600.0, depth=2)
+    assert full.complete and full.depth == 2 and res.states == full.states
 
 
 def test_canonical_keys_ignore_generation_numbers_only() -> None:

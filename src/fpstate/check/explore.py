@@ -105,6 +105,7 @@ class Slice:
     keys: set[int] = field(default_factory=set)
     found: Found | None = None
     children: list[tuple[tuple[Action, ...], int]] = field(default_factory=list)
+    cut: bool = False  #: stopped at its time limit before every path was expanded
 
 
 def _found(w: World, violations: Sequence[Any]) -> Found:
@@ -203,11 +204,17 @@ def _walk(initial: World, rng: random.Random, walk_length: int, out: Slice) -> N
         out.keys.add(w.state_hash())
 
 
-def expand_slice(job: Job, paths: list[tuple[Action, ...]]) -> Slice:
-    """Replay each path and take every enabled action once (a worker task)."""
+def expand_slice(job: Job, paths: list[tuple[Action, ...]],
+                 deadline: float | None = None) -> Slice:
+    """Replay each path and take every enabled action once (a worker task); past
+    ``deadline`` (``time.time()``: the wall clock, which every worker process reads alike)
+    stop, with ``cut`` set."""
     out = Slice()
     initial = job.initial()  # as in random_slice
     for path in paths:
+        if deadline is not None and time.time() > deadline:
+            out.cut = True
+            break
         _expand(initial, path, out)
         settle()  # the worlds of that path are garbage now
     return out
@@ -323,14 +330,18 @@ def _explore_exhaustive(job: Job, executor: Executor, seconds: float, depth: int
     del first
     frontier: list[tuple[Action, ...]] = [()]
     level = 0
+    # A level can take far longer than the time left: its pieces stop at the deadline too.
+    deadline = time.time() + seconds - (time.perf_counter() - start)
+    cut = False
     while frontier and level < depth and time.perf_counter() - start < seconds:
         pieces = max(1, min(len(frontier), executor.workers * 4))
         size = math.ceil(len(frontier) / pieces)
-        futures = [executor.submit(expand_slice, job, frontier[i:i + size])
+        futures = [executor.submit(expand_slice, job, frontier[i:i + size], deadline)
                    for i in range(0, len(frontier), size)]
         nxt: list[tuple[Action, ...]] = []
         for f in futures:
             s = f.result()
+            cut = cut or s.cut
             res.transitions += s.transitions
             res.per_action.update(s.per_action)
             if s.found is not None and (res.found is None
@@ -340,12 +351,14 @@ def _explore_exhaustive(job: Job, executor: Executor, seconds: float, depth: int
                 if h not in seen:
                     seen.add(h)
                     nxt.append(path)
+        if cut:  # the level is unfinished: res.depth counts the levels done
+            break
         level += 1
         res.depth = level
         if res.found is not None:
             break
         frontier = nxt
-    res.complete = res.found is None and (not frontier or level >= depth) and (
+    res.complete = res.found is None and not cut and (not frontier or level >= depth) and (
         time.perf_counter() - start < seconds or not frontier)
     res.states = len(seen)
     return res
