@@ -16,7 +16,8 @@ Theory of operation
 - **Exhaustive** mode: breadth-first search by levels up to ``depth`` actions with state
   hashing (`World.key`): each level's frontier is cut into pieces, each piece replays its
   paths and expands every enabled action; only states whose key was never seen go on. The first
-  violation found is at the smallest depth.
+  violation found is at the smallest depth. The time limit holds inside a level too: pieces
+  stop at the deadline, and the result then counts only the levels finished.
 - **Shrinking** (`shrink`): the violating path is cut at its first violating step, then
   reduced by delta debugging and by removing windows of steps of every width (widest first,
   down to single steps) until no step can be removed (a path still "fails" only if the *same*
