@@ -614,8 +614,8 @@ class Machine:
     # -- fork, exec, exit ---------------------------------------------------------------------
 
     def do_group_exit(self, nr: int, sig: Signal) -> None:
-        """The default action of a fatal signal: every thread of the group dies
-        (zap_other_threads: `kill_thread`), the caller last."""
+        """The default action of a fatal signal: every thread of the group dies, the caller
+        through do_exit(), the others through zap_other_threads (`kill_thread`)."""
         c = self.cpus[nr]
         proc = c.current.process
         for t in list(proc.threads):
