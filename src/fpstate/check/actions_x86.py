@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fpstate.check import invariants
-from fpstate.check.invariants_x86 import fps_shapes
+from fpstate.check.invariants_x86 import fps_shapes, user_tasks
 from fpstate.check.views_x86 import X86Views
 from fpstate.check.world import (
     Action,
@@ -332,10 +332,11 @@ class X86World(X86Views, World):
 
     def check(self) -> list[Violation]:
         self._live_cache = [t for t in self.tasks.values() if t.state is not STATE_DEAD]
+        self._user_cache = user_tasks(self)
         try:
             out = invariants.check(self)
         finally:
-            self._live_cache = None
+            self._live_cache = self._user_cache = None
         self.discard_events()
         return out
 

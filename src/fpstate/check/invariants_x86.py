@@ -56,6 +56,9 @@ def image_state(w: Any, fps: Fpstate) -> dict[int, bytes]:
 
 def user_tasks(w: Any) -> list[Task]:
     """The live tasks that run user code (no kernel threads or user workers)."""
+    cached = w._user_cache
+    if cached is not None:
+        return cached
     return [t for t in w.live() if not t.flags & (PF_KTHREAD | PF_USER_WORKER)]
 
 

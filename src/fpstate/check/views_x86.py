@@ -75,8 +75,10 @@ class X86Views:
             raise StepError(f"no CPU {nr}")
         return nr
 
-    #: The live tasks while the invariants run (X86World.check): nothing changes then.
+    #: The live tasks, and those of them that run user code, while the invariants run
+    #: (X86World.check): nothing changes then.
     _live_cache: list[Task] | None = None
+    _user_cache: list[Task] | None = None
 
     def live(self) -> list[Task]:
         cached = self._live_cache
