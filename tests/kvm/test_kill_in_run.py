@@ -137,3 +137,72 @@ def test_a_refused_exec_changes_nothing() -> None:
     assert t1.state is TaskState.USER and t1.kpath is None
     # A clone (replaying the history when a path is in flight) sees the same task.
     assert w.clone().tasks["p1.t1"].state is TaskState.USER
+
+
+# -- the real kernel ---------------------------------------------------------------------------
+
+_REAL_KILL = """
+import os, resource, signal, sys, threading, time
+from fpstate.errors import HostUnavailable
+from fpstate.host import kvm_uapi as u
+from fpstate.host.kvm import KvmError
+from fpstate.host.kvm_guest import KERNEL_STACK, SETUP_CODE, GuestMachine
+
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+try:
+    g = GuestMachine()
+except (HostUnavailable, KvmError) as e:
+    print("skip", e, flush=True)
+    sys.exit(0)
+g.write(SETUP_CODE, b"\\xeb\\xfe")  # jmp $: the guest never leaves by itself
+g.vcpu.set_sregs(g.long_mode_sregs())
+g.vcpu.set_regs(u.KvmRegs(rip=SETUP_CODE, rsp=KERNEL_STACK, rflags=2))
+tid = []
+def vmm():
+    tid.append(threading.get_native_id())
+    g.vcpu.run()
+    print("KVM_RUN returned", flush=True)
+threading.Thread(target=vmm, daemon=True).start()
+while not tid:
+    time.sleep(0.01)
+def times():  # utime, stime + guest_time of the VMM thread (proc(5) stat fields 14, 15, 43)
+    with open(f"/proc/self/task/{tid[0]}/stat") as f:
+        x = f.read().rsplit(")", 1)[1].split()
+    return int(x[11]), int(x[12]) + int(x[40])
+# Inside KVM_RUN the thread's time goes to the kernel or the guest (a PVM guest counts as
+# system time), none to user mode, where it would be if it were still in Python.
+time.sleep(0.2)
+before = times()
+time.sleep(0.3)
+after = times()
+if after[0] - before[0] > 1 or after[1] - before[1] < 5:
+    print(f"skip the VMM thread's times do not show it in KVM_RUN: {before} -> {after}")
+    sys.exit(0)
+print("in KVM_RUN", flush=True)
+signal.pthread_kill(threading.get_ident(), signal.SIGILL)  # this thread's fault: default action
+time.sleep(10)
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.host
+def test_the_real_kernel_kills_a_group_whose_vmm_thread_is_inside_kvm_run() -> None:
+    """The model's answer (a fatal signal in one thread kills its sibling inside KVM_RUN, which
+    leaves the run loop and exits) against this host's: a process whose VMM thread is in
+    ioctl(KVM_RUN) with a guest spinning in `jmp $` dies of the SIGILL its other thread takes,
+    at once, and KVM_RUN never returns to user space."""
+    import signal
+    import subprocess
+    import sys
+
+    w = _in_kvm_run([A("run", task="p1.t1", cpu=1)])
+    r = w.step(A("write", task="p1.t1", component="xtiledata"))  # no permission: SIGILL
+    assert r.observed["alive"] is False
+    assert {t.comm: t.state for t in w.m.tasks.values() if t.comm.startswith("p1")} == {
+        "p1.t0": TaskState.DEAD, "p1.t1": TaskState.DEAD}
+    proc = subprocess.run([sys.executable, "-c", _REAL_KILL], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if proc.stdout.startswith("skip"):
+        pytest.skip(proc.stdout.strip()[5:])
+    assert proc.stdout == "in KVM_RUN\n", proc.stdout + proc.stderr
+    assert proc.returncode == -signal.SIGILL
