@@ -1,13 +1,13 @@
 """A thread group killed while one of its threads is inside a kernel path: KVM_RUN, the #NM
-handler, a clone (kernel/x86/sched.py kill_thread, kill_in_path, check_killable;
-kvm/x86/vcpu.py kvm_arch_vcpu_ioctl_run).
+handler, a clone, an exec's de_thread() (kernel/x86/sched.py kill_thread, kill_in_path;
+kernel/x86/process.py sys_execve; kvm/x86/vcpu.py kvm_arch_vcpu_ioctl_run).
 
 The thread leaves KVM_RUN the kernel's way -- the run loop sees the fatal signal, returns
 -EINTR without entering the guest, and kvm_put_guest_fpu() makes the task's own fpstate
 current again -- before do_exit() frees the task's fpstate; the vCPU's guest fpstate stays
 allocated. On a CPU it does so at once; switched out inside the path, it stays runnable and
-does so when next scheduled, then exits on its way back to user mode. exec's de_thread(),
-which would wait for it, is refused before anything changes.
+does so when next scheduled, then exits on its way back to user mode; an exec's de_thread()
+sleeps until it has.
 """
 
 from __future__ import annotations
@@ -99,16 +99,91 @@ def test_a_thread_asleep_in_the_nm_handler_finishes_it_and_exits_without_retryin
     assert t1.fpu.fpstate.freed and small is t1.fpu.embedded
 
 
-def test_exec_with_a_thread_preempted_inside_kvm_run_is_refused() -> None:
+def test_exec_with_a_thread_preempted_inside_kvm_run_waits_in_de_thread() -> None:
     w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
-    t0 = w.tasks["p1.t0"]
+    t0, t1 = w.tasks["p1.t0"], w.tasks["p1.t1"]
+    guest = w.vcpus["vm0.v0"].arch.guest_fpu.fpstate
+    own = t0.fpu.task_fpstate
     assert t0.state is TaskState.RUNNABLE and t0.kpath is not None
-    with pytest.raises(StepError, match=r"p1\.t0, RUNNABLE.*is preempted inside a kernel path "
-                                        r"\(kvm_arch_vcpu_ioctl_run\): killing its thread "
-                                        r"group then is not modelled"):
-        w.step(A("exec", task="p1.t1"))
-    assert t0.state is TaskState.RUNNABLE  # nothing was torn down
-    assert not w.vcpus["vm0.v0"].arch.guest_fpu.fpstate.freed
+    r = w.step(A("exec", task="p1.t1"))
+    # zap_other_threads() marked p1.t0; de_thread() sleeps until it has left KVM_RUN and
+    # exited. Nothing of the exec is done yet: the caller still has its thread group and mm.
+    assert r.violations == () and r.observed == {"waiting": True}
+    assert t0.state is TaskState.RUNNABLE and t0.killed_by is not None
+    assert t1.state is TaskState.KERNEL and t1.kpath is not None
+    assert t1.process.threads == [t0, t1]
+    assert t0.fpu.fpstate is guest and guest.in_use
+    names = [a.name for a in w.enabled_actions() if a.task in ("p1.t0", "p1.t1")]
+    assert "exec_finish" not in names and "return_to_user" not in names
+    with pytest.raises(StepError, match=r"de_thread\(\) still waits"):
+        w.step(A("exec_finish", task="p1.t1"))
+    # The killed thread runs (preempting the exec on CPU 1), leaves KVM_RUN and exits.
+    for a in [A("run", task="p1.t0", cpu=1), A("kvm_finish", task="p1.t0")]:
+        assert w.step(a).violations == ()
+    assert t0.state is TaskState.DEAD
+    assert t0.fpu.fpstate is own and not guest.in_use and not guest.freed
+    assert t1.state is TaskState.RUNNABLE and t1.kpath is not None
+    w.step(A("run", task="p1.t1", cpu=0))
+    assert [a.name for a in w.enabled_actions() if a.task == "p1.t1"] == ["exec_finish"]
+    r = w.step(A("exec_finish", task="p1.t1"))
+    assert r.violations == () and r.observed == {"waiting": False}
+    assert t1.state is TaskState.USER and t1.kpath is None
+    assert t1.process.threads == [t1]
+    # fpu_flush_thread(): the default fpstate and permissions; the user state is initial.
+    assert t1.fpu.fpstate is t1.fpu.embedded
+    assert t1.fpu.perm.state_perm == w.m.system.kernel.default_features
+    assert all(v == "init" for k, v in w.do_observe("p1.t1").items()
+               if k not in ("where", "cpu", "state", "xfeatures", "size", "xfd"))
+    # The VM belongs to the old mm: KVM ioctls from the new one fail with EIO.
+    assert w.step(A("get_xsave", task="p1.t1", vcpu="vm0.v0")).observed["errno"] == "EIO"
+
+
+def test_exec_with_a_thread_asleep_in_the_nm_handler_waits_for_it() -> None:
+    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
+    for a in [A("run", task="p0.t1", cpu=1),
+              A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
+              A("write_nm", task="p0.t1", component="xtiledata"),  # asleep in fpstate_realloc
+              A("run", task="p0.t0", cpu=1)]:  # and switched out there
+        w.step(a)
+    t0, t1 = w.tasks["p0.t0"], w.tasks["p0.t1"]
+    assert w.step(A("exec", task="p0.t0")).observed == {"waiting": True}
+    assert t1.killed_by is not None and t1.state is TaskState.RUNNABLE
+    w.step(A("run", task="p0.t1", cpu=0))
+    r = w.step(A("nm_return", task="p0.t1"))  # the handler finishes; no retry, it exits
+    assert r.violations == () and r.observed["alive"] is False
+    assert t1.state is TaskState.DEAD and t1.fpu.fpstate.freed
+    assert t0.on_cpu == 1 and t0.state is TaskState.KERNEL  # still asleep where it was
+    r = w.step(A("exec_finish", task="p0.t0"))
+    assert r.violations == () and t0.state is TaskState.USER
+    # exec reset the permissions: AMX must be asked for again.
+    assert w.step(A("arch_prctl", task="p0.t0", option="get_perm")).observed["value"] & (
+        1 << 18) == 0
+
+
+def test_a_waiting_exec_cannot_be_run_to_its_end() -> None:
+    """Machine.finish refuses a path asleep until other tasks act (it would never end)."""
+    from fpstate.kernel.x86.types import IllegalEvent
+
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    w.step(A("exec", task="p1.t1"))
+    with pytest.raises(IllegalEvent, match=r"p1\.t1.*sleeps in sys_execve\(\) until other "
+                                           r"tasks act"):
+        w.m.finish(1)
+
+
+def test_an_exec_killed_in_de_thread_fails_with_eagain() -> None:
+    """de_thread()'s ``killed:``: a fatal signal while it sleeps ends the exec, -EAGAIN."""
+    import errno
+
+    from fpstate.kernel.x86.sched import SIGKILL, Signal
+
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    w.step(A("exec", task="p1.t1"))
+    t1 = w.tasks["p1.t1"]
+    t1.killed_by = Signal(SIGKILL)
+    w.m.kill_in_path(1)
+    assert t1.kpath is None and t1.kresult == -errno.EAGAIN
+    assert len(t1.process.threads) == 2  # the exec never replaced the image
 
 
 def test_a_clone_whose_caller_is_killed_meanwhile_makes_no_child() -> None:
@@ -127,16 +202,6 @@ def test_a_clone_whose_caller_is_killed_meanwhile_makes_no_child() -> None:
     assert [t.comm for t in m.tasks.values() if t.comm == "child"] == []
     assert {t.comm: t.state for t in m.tasks.values() if t.comm.startswith("p0")} == {
         "p0.t0": TaskState.DEAD, "p0.t1": TaskState.DEAD}
-
-
-def test_a_refused_exec_changes_nothing() -> None:
-    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
-    t1 = w.tasks["p1.t1"]
-    with pytest.raises(StepError):
-        w.step(A("exec", task="p1.t1"))
-    assert t1.state is TaskState.USER and t1.kpath is None
-    # A clone (replaying the history when a path is in flight) sees the same task.
-    assert w.clone().tasks["p1.t1"].state is TaskState.USER
 
 
 # -- the real kernel ---------------------------------------------------------------------------
@@ -179,6 +244,8 @@ if after[0] - before[0] > 1 or after[1] - before[1] < 5:
     print(f"skip the VMM thread's times do not show it in KVM_RUN: {before} -> {after}")
     sys.exit(0)
 print("in KVM_RUN", flush=True)
+if sys.argv[1] == "exec":  # de_thread() must wait for the VMM thread to leave KVM_RUN
+    os.execv(sys.executable, [sys.executable, "-c", "print('new image'); raise SystemExit(7)"])
 signal.pthread_kill(threading.get_ident(), signal.SIGILL)  # this thread's fault: default action
 time.sleep(10)
 print("alive", flush=True)
@@ -200,9 +267,33 @@ def test_the_real_kernel_kills_a_group_whose_vmm_thread_is_inside_kvm_run() -> N
     assert r.observed["alive"] is False
     assert {t.comm: t.state for t in w.m.tasks.values() if t.comm.startswith("p1")} == {
         "p1.t0": TaskState.DEAD, "p1.t1": TaskState.DEAD}
-    proc = subprocess.run([sys.executable, "-c", _REAL_KILL], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run([sys.executable, "-c", _REAL_KILL, "kill"], capture_output=True,
+                          text=True, timeout=60, check=False)
     if proc.stdout.startswith("skip"):
         pytest.skip(proc.stdout.strip()[5:])
     assert proc.stdout == "in KVM_RUN\n", proc.stdout + proc.stderr
     assert proc.returncode == -signal.SIGILL
+
+
+@pytest.mark.host
+def test_the_real_kernel_execs_while_a_sibling_is_inside_kvm_run() -> None:
+    """The model's answer (exec in one thread while its sibling is inside KVM_RUN: de_thread()
+    waits for the sibling to leave the run loop and exit, then the exec completes) against
+    this host's: a process whose VMM thread is in ioctl(KVM_RUN) with a guest spinning in
+    `jmp $` calls execve() from its other thread, and the new image runs and exits."""
+    import subprocess
+    import sys
+
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    assert w.step(A("exec", task="p1.t1")).observed == {"waiting": True}
+    for a in [A("run", task="p1.t0", cpu=1), A("kvm_finish", task="p1.t0"),
+              A("run", task="p1.t1", cpu=0)]:
+        w.step(a)
+    assert w.step(A("exec_finish", task="p1.t1")).observed == {"waiting": False}
+    assert [t.comm for t in w.tasks["p1.t1"].process.threads] == ["p1.t1"]
+    proc = subprocess.run([sys.executable, "-c", _REAL_KILL, "exec"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    if proc.stdout.startswith("skip"):
+        pytest.skip(proc.stdout.strip()[5:])
+    assert proc.stdout == "in KVM_RUN\nnew image\n", proc.stdout + proc.stderr
+    assert proc.returncode == 7

@@ -51,7 +51,7 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import init_value, read_token, token
-from fpstate.kernel.x86.process import sys_clone, sys_execve
+from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
 from fpstate.kernel.x86.sched import (
     SA_ONSTACK,
@@ -178,8 +178,11 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("fork", "fork(): a new process", {"task": _TASK, "child": _TASK}),
     ActionSpec("clone", "clone(CLONE_VM|CLONE_THREAD): a new thread",
                {"task": _TASK, "child": _TASK}),
-    ActionSpec("exec", "execve(): other threads die, default fpstate and permissions",
-               {"task": _TASK}),
+    ActionSpec("exec", "execve(): other threads die, default fpstate and permissions; with "
+               "a thread switched out inside a kernel path, de_thread() sleeps until it has "
+               "left the path and exited (then exec_finish)", {"task": _TASK}),
+    ActionSpec("exec_finish", "the exec sleeping in de_thread(), its other threads gone, "
+               "loads the binary and returns to user mode", {"task": _TASK}),
     ActionSpec("exit", "the task exits", {"task": _TASK}),
     ActionSpec("ptrace_stop", "the task stops for its tracer (switched out, TASK_TRACED)",
                {"task": _TASK}),
@@ -607,11 +610,33 @@ class X86World(X86Views, World):
     def do_exec(self, task: str) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
-        self.m.syscall(nr, sys_execve, t.comm)
+        self.m.enter_kernel(nr)
+        try:
+            self.m.start(nr, sys_execve, t.comm)
+        except IllegalEvent:
+            t.event("exit_to_user")  # refused before it changed anything (Machine.syscall)
+            raise
+        if de_thread_waits(t):
+            return {"waiting": True}
+        return self._exec_done(t, nr)
+
+    def do_exec_finish(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        if (not _in_exec(t) or t.on_cpu is None or self.m.cpus[t.on_cpu].current is not t
+                or t.state is not STATE_KERNEL):
+            raise StepError(f"{task} has no exec asleep in de_thread() on a CPU")
+        if de_thread_waits(t):
+            raise StepError(f"{task}: de_thread() still waits for another thread to exit")
+        return self._exec_done(t, t.on_cpu)
+
+    def _exec_done(self, t: Task, nr: int) -> dict[str, Value]:
+        """The rest of execve() and the return to user mode: everything initial."""
+        self.m.finish(nr)
+        self.m.exit_to_user_mode(nr)
         self.expected[t.comm] = {}
         self.sigstack[t.comm] = []
         self.frames[t.comm] = []
-        return {}
+        return {"waiting": False}
 
     def do_exit(self, task: str) -> dict[str, Value]:
         t = self.task(task)
@@ -737,7 +762,8 @@ class X86World(X86Views, World):
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
-                "exec": A("exec", task=comm)}
+                "exec": A("exec", task=comm),
+                "exec_finish": A("exec_finish", task=comm)}
         return got
 
     def enabled(self) -> list[Action]:
@@ -748,7 +774,6 @@ class X86World(X86Views, World):
         ncpu = len(self.m.cpus)
         user = []
         stopped = []
-        busy = set()
         for t in live:
             st = t.state
             if st is STATE_USER:
@@ -757,8 +782,6 @@ class X86World(X86Views, World):
                 out.extend(_scheduling(t.comm, ncpu))
             elif st is STATE_STOPPED:
                 stopped.append(t)
-            if t.kpath is not None and st is not STATE_KERNEL:
-                busy.add(t.process.tgid)  # preempted inside a kernel path
         s = self.m.system
         pasid = s.kernel.max_features & XFEATURE_MASK_PASID
         for c in self.m.cpus:
@@ -766,18 +789,17 @@ class X86World(X86Views, World):
             cur = c.current
             if cur is not c.idle:
                 add(idle)
-                if cur.state is STATE_KERNEL and cur.kpath is None:
-                    add(ret)
-                    if pasid:
-                        add(self._task_actions(cur.comm)["pasid_write"])
+                if cur.state is STATE_KERNEL:
+                    if cur.kpath is None:
+                        add(ret)
+                        if pasid:
+                            add(self._task_actions(cur.comm)["pasid_write"])
+                    elif _in_exec(cur) and not de_thread_waits(cur):
+                        add(self._task_actions(cur.comm)["exec_finish"])
             add(kfpu)
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:
-            # No exec while a thread of the group is preempted inside a kernel path: de_thread()
-            # would wait for it to leave the path, which the model does not do inside exec
-            # (Machine.check_killable). A group kill lets that thread finish its path later.
-            calm = t.process.tgid not in busy
             ta = self._task_actions(t.comm)
             permitted = t.process.leader.fpu.perm.state_perm & XFEATURE_MASK_XTILE_DATA
             out.extend(ta["writes"])
@@ -801,8 +823,7 @@ class X86World(X86Views, World):
             add(ta["ptrace_stop"])
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
-            if calm:
-                add(ta["exec"])
+            add(ta["exec"])
             for st in stopped:
                 out.extend(self._ptrace_actions(t.comm, st.comm))
         for st in stopped:
@@ -825,6 +846,16 @@ class X86World(X86Views, World):
                 A("ptrace_set", tracer=tracer, task=task, component=BY_NUMBER[i].short)
                 for i in self.writable[2:4]))
         return got
+
+
+def _in_exec(t: Task) -> bool:
+    """Whether ``t`` is inside execve() (asleep in de_thread(): `do_exec` leaves it there
+    only then)."""
+    kp = t.kpath
+    return kp is not None and kp.gi_code is _EXECVE_CODE
+
+
+_EXECVE_CODE = sys_execve.__code__
 
 
 def _scheduling(comm: str, ncpu: int) -> tuple[Action, ...]:

@@ -10,6 +10,8 @@ sleep, so each has a preemption point before its FPU work.
 
 from __future__ import annotations
 
+import errno
+
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import UserMemory
 from fpstate.kernel.x86.sched import (
@@ -18,6 +20,7 @@ from fpstate.kernel.x86.sched import (
     SS_DISABLE,
     USER_STACK_SIZE,
     USER_STACK_TOP,
+    WAIT,
     Cpu,
     KPath,
     Machine,
@@ -82,14 +85,24 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
     """execve() (fs/exec.c begin_new_exec): other threads of the group die (de_thread), a new
     mm, the sigaltstack is cleared (sas_ss_sp = sas_ss_size = 0; the flags stay), then
     flush_thread():
-    fpu_flush_thread() and the default PKRU (pkru_flush_thread)."""
+    fpu_flush_thread() and the default PKRU (pkru_flush_thread).
+
+    de_thread() sends SIGKILL to the other threads (zap_other_threads) and sleeps,
+    TASK_KILLABLE, until the last of them has exited (sig->notify_count). A thread switched
+    out inside a kernel path (KVM_RUN, the #NM handler's allocation) must be scheduled to
+    leave its path first (`Machine.kill_thread`), so the path yields `WAIT` there until no
+    other thread of the group is alive; a fatal signal to the caller meanwhile ends the exec
+    with -EAGAIN (de_thread's ``killed:``)."""
     m = c.m
     t = c.current
-    m.check_killable(t.process.threads, t)
     for other in list(t.process.threads):
         if other is not t and other.state is not TaskState.DEAD:
             other.killed_by = Signal(SIGKILL)
             m.kill_thread(other)
+    while de_thread_waits(t):
+        c = yield WAIT  # schedule() until notify_count drops to 0
+        if t.killed_by is not None:
+            return -errno.EAGAIN
     c = yield  # loading the binary: may sleep
     t.process.threads[:] = [t]
     t.process.mm = UserMemory()
@@ -104,3 +117,9 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
         t.thread_pkru = core.INIT_PKRU_VALUE
         c.regs.set_component(9, core.INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
     return 0
+
+
+def de_thread_waits(t: Task) -> bool:
+    """Whether execve's de_thread() in ``t`` still waits: another thread of its group has not
+    exited yet (sig->notify_count is not 0)."""
+    return any(o is not t and o.state is not TaskState.DEAD for o in t.process.threads)

@@ -49,7 +49,20 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, bits
 
-KPath = Generator[None, "Cpu", Any]
+#: A kernel path: a generator that yields at each preemption point (None) or where it sleeps
+#: until other tasks act (`WAIT`), and is resumed with the CPU it runs on next.
+KPath = Generator["object | None", "Cpu", Any]
+
+
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+#: What a kernel path yields where it sleeps until other tasks have acted (execve's
+#: de_thread() waiting for the other threads to exit): running it on cannot finish it by
+#: itself (`Machine.finish` refuses).
+WAIT = _Wait()
 
 USER_STACK_TOP = 0x7FFF_FFFF_0000
 #: RLIMIT_STACK's default (8 MiB): the main thread's stack grows on demand up to it, and
@@ -435,26 +448,32 @@ class Machine:
         self._advance(c, first=False)
         return c.current.kpath is None
 
-    def _advance(self, c: Cpu, first: bool) -> None:
+    def _advance(self, c: Cpu, first: bool) -> object | None:
+        """Run current's path to its next yield (what it yielded: None or `WAIT`), or to its
+        end."""
         t = c.current
         assert t.kpath is not None
         try:
             if first:
-                next(t.kpath)
+                got = next(t.kpath)
             else:
-                t.kpath.send(c)
+                got = t.kpath.send(c)
         except StopIteration as done:
             t.kpath = None
             t.kresult = done.value
-            return
+            return None
         assert not (c.bh_disabled or c.preempt_count or c.irqs_disabled), \
             "a kernel path yielded inside a non-preemptible section"
+        return got
 
     def finish(self, nr: int) -> Any:
-        """Run the current task's kernel path to completion; its result."""
+        """Run the current task's kernel path to completion; its result. IllegalEvent when
+        the path sleeps until other tasks act (`WAIT`): only they can let it go on."""
         c = self.cpus[nr]
         while c.current.kpath is not None:
-            self._advance(c, first=False)
+            if self._advance(c, first=False) is WAIT:
+                raise IllegalEvent(f"{c.current!r} sleeps in "
+                                   f"{c.current.kpath.__name__}() until other tasks act")
         return c.current.kresult
 
     def syscall(self, nr: int, path: Callable[..., KPath], *args: Any) -> Any:
@@ -632,7 +651,7 @@ class Machine:
         kernel path (KVM_RUN's loop, the #NM handler's allocation, a clone), it must run to
         leave the path, as the kernel's SIGKILL wakes it to do: it stays runnable, finishes
         the path when next scheduled, and exits on its way back to user mode
-        (`exit_to_user_mode`)."""
+        (`exit_to_user_mode`); execve's de_thread() sleeps until it has (process.sys_execve)."""
         if t.state is _RN and t.kpath is not None:
             return
         if t.state in (_RN, _ST):
@@ -643,17 +662,6 @@ class Machine:
                 self.enter_kernel(ocpu.nr)
             self.kill_in_path(ocpu.nr)
             self.do_exit(ocpu.nr)
-
-    def check_killable(self, threads: list[Task], killer: Task) -> None:
-        """IllegalEvent, before anything changes, when a thread other than ``killer`` is
-        preempted inside a kernel path: execve's de_thread() waits for the other threads to
-        exit, and such a thread must be scheduled again to leave its path first, which the
-        model does not do inside exec (a group kill lets it finish later: `kill_thread`)."""
-        for t in threads:
-            if t is not killer and t.state in (_RN, _ST) and t.kpath is not None:
-                raise IllegalEvent(f"{t!r} is preempted inside a kernel path "
-                                   f"({getattr(t.kpath, '__qualname__', t.kpath)}): killing "
-                                   "its thread group then is not modelled")
 
     def kill_in_path(self, nr: int) -> None:
         """The current task of CPU ``nr``, killed (``killed_by`` set) inside a kernel path,
