@@ -193,10 +193,11 @@ def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
     return got[0]
 
 
-#: The plain fields of the key, fetched in one call each (operator.attrgetter).
+#: The plain fields of the key, fetched in one call each (operator.attrgetter); a task's state
+#: by its number (TaskState.no: an Enum member's hash is a Python-level call).
 _CPU_FIELDS = attrgetter("kernel_fpu_allowed", "xfd_state")
 _REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
-_TASK_FIELDS = attrgetter("pid", "comm", "flags", "state", "need_fpu_load", "on_cpu",
+_TASK_FIELDS = attrgetter("pid", "comm", "flags", "state.no", "need_fpu_load", "on_cpu",
                           "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
                           "pasid_activated")
 _PROCESS_FIELDS = attrgetter("tgid", "pasid")

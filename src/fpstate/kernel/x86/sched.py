@@ -94,6 +94,11 @@ class TaskState(enum.Enum):
 STATE_USER, STATE_KERNEL, STATE_RUNNABLE, STATE_STOPPED, STATE_DEAD = (
     TaskState.USER, TaskState.KERNEL, TaskState.RUNNABLE, TaskState.STOPPED, TaskState.DEAD)
 _U, _K, _RN, _ST, _D = STATE_USER, STATE_KERNEL, STATE_RUNNABLE, STATE_STOPPED, STATE_DEAD
+# Each state's number, for the checker's state keys: hashing an Enum member calls the Python
+# function Enum.__hash__, an int costs nothing (fpstate.check.statekey).
+for _no, _state in enumerate(TaskState):
+    _state.no = _no  # type: ignore[attr-defined]
+del _no, _state
 TASK_TRANSITIONS: dict[tuple[TaskState, str], TaskState] = {
     (_U, "enter_kernel"): _K,  # syscall, exception, interrupt
     (_K, "exit_to_user"): _U,
