@@ -526,7 +526,11 @@ class KvmX86World(X86World):
             a = v.arch
             fps = a.guest_fpu.fpstate
             exp = regs_values(cn, self.expected[name])
-            out.append((name, a.xcr0, a.ia32_xss, a.guest_supported_xcr0, a.guest_supported_xss,
+            # The process whose mm owns the VM (-1: none, as after its exec): KVM ioctls from
+            # any other return EIO.
+            vmm = self._vmm_task(name)
+            out.append((name, -1 if vmm is None else vmm.process.tgid, a.xcr0, a.ia32_xss,
+                        a.guest_supported_xcr0, a.guest_supported_xss,
                         _cpuid_key(a.cpuid), v.pending_init, v.wants_to_run,
                         v.last_vmentry_cpu != -1,
                         a.guest_fpu.xfeatures, a.guest_fpu.xfd_err, a.xfd_no_write_intercept,

@@ -62,6 +62,7 @@ from fpstate.kernel.x86.sched import (
     STATE_STOPPED,
     STATE_USER,
     USER_STACK_SIZE,
+    USER_STACK_TOP,
     Machine,
     SigAction,
     Task,
@@ -525,7 +526,11 @@ class X86World(X86Views, World):
         if code in (ARCH_REQ_XCOMP_PERM, ARCH_REQ_XCOMP_GUEST_PERM):
             ret = self.m.syscall(nr, sys_arch_prctl, code, feature)
             return {"ret": ret, "errno": errno_name(ret)}
-        addr = self.m.mmap(t, 4096)
+        # The result goes to a variable above the main thread's initial stack pointer (where
+        # a real program's startup data lives): the same address every time, so that asking
+        # changes no mapping (a new page per call would move every later mmap, which the
+        # state key does not and need not name).
+        addr = USER_STACK_TOP - 0x100
         ret = self.m.syscall(nr, sys_arch_prctl, code, addr)
         value = int.from_bytes(t.process.mm.read(addr, 8), "little") if ret == 0 else 0
         self.emitted.append(("xcomp_mask", (t, option, value)))

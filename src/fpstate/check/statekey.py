@@ -6,7 +6,8 @@ of register values. Values are tokens naming their writer and a generation
 (fpstate.kernel.x86.hw.token); generations only matter through equality, so the key replaces
 each generation by its rank among the generations of the same writer and component found in
 the state (the checker's expected values included). A kernel path in flight is keyed by its
-function and the task; the user memory a task can read back (its signal frames) by content.
+function and the task; the user memory a task can read back (its signal frames) by content,
+the register values of their XSAVE areas as key values like any other (`frame_values`).
 
 A key is ``(structure, ranks)``: the structure is nested tuples of ints, strings and bytes in
 which a token is ``(TOKEN, writer, component)``, and ranks gives each token's rank in
@@ -28,6 +29,7 @@ from typing import Any
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.hw import init_value, read_token
 from fpstate.kernel.x86.sched import STATE_DEAD
+from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
@@ -193,6 +195,57 @@ def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
     return got[0]
 
 
+#: Signal frames by (system, address, content) -> (digest, tokens).
+_FRAMES: dict[tuple[int, int, bytes], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
+
+
+def frame_values(cn: Canon, system: Any, data: bytes, lo: int) -> int:
+    """A signal frame at ``lo`` (its bytes up to FP_XSTATE_MAGIC2) in a key: the components
+    its XSAVE area stores (XSTATE_BV of its header, standard format) as key values, their
+    tokens to ``cn`` as for any other value, and the digest of everything else in it by
+    content (the areas of the components it does not store left out) -- so that two frames
+    whose values differ only in generations, with the same pattern, name the same state."""
+    k = (id(system), lo, data)
+    got = _FRAMES.get(k)
+    if got is None:
+        got = _frame_values(system, data, lo)
+        if len(_FRAMES) > 4096:
+            _FRAMES.clear()
+        _FRAMES[k] = got
+    if got[1]:
+        cn.toks.extend(got[1])
+    return got[0]
+
+
+def _frame_values(system: Any, data: bytes, lo: int) -> tuple[int, tuple[Any, ...]]:
+    fp = int.from_bytes(data[SC_FPSTATE_OFFSET:SC_FPSTATE_OFFSET + 8], "little") - lo
+    out: list[Any] = []
+    toks: list[tuple[int, int, int]] = []
+    rest = bytearray(data)
+    if 0 <= fp and fp + 576 <= len(data):
+        xstate_bv = int.from_bytes(data[fp + 512:fp + 520], "little")
+        profile = system.profile
+        for i in bits(system.user.max_features):
+            if i == 0:
+                spans: tuple[tuple[int, int], ...] = ((fp, fp + 24), (fp + 32, fp + 160))
+            else:
+                off = fp + _offset(profile, 0, i)
+                spans = ((off, min(off + profile.component(i).size, len(data))),)
+            if (xstate_bv >> i) & 1:
+                v = b"".join([data[a:b] for a, b in spans])
+                if i == 0:
+                    v = v[:24] + bytes(8) + v[24:]
+                struct, tok = _classify(v, i)
+                out.append((i, struct))
+                if tok is not None:
+                    toks.append(tok)
+            # A component not in XSTATE_BV was not written (XSAVE's init optimisation): its
+            # bytes are those of an older frame, which sigreturn's XRSTOR ignores.
+            for a, b in spans:
+                rest[a:b] = bytes(b - a)
+    return digest((tuple(out), _raw(bytes(rest)))), tuple(toks)
+
+
 #: The plain fields of the key, fetched in one call each (operator.attrgetter); a task's state
 #: by its number (TaskState.no: an Enum member's hash is a Python-level call).
 _CPU_FIELDS = attrgetter("kernel_fpu_allowed", "xfd_state")
@@ -200,7 +253,7 @@ _REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
 _TASK_FIELDS = attrgetter("pid", "comm", "flags", "state.no", "need_fpu_load", "on_cpu",
                           "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
                           "pasid_activated")
-_PROCESS_FIELDS = attrgetter("tgid", "pasid")
+_PROCESS_FIELDS = attrgetter("tgid", "pasid", "next_mmap")
 _PERM_FIELDS = attrgetter("state_perm", "state_size", "user_state_size")
 _FPS_FIELDS = attrgetter("size", "user_size", "xfeatures", "user_xfeatures", "xfd", "is_guest",
                          "in_use", "freed")
@@ -255,6 +308,9 @@ def x86_key(w: Any) -> Hashable:
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
             _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
             None if kp is None else kp.__qualname__,
+            # Killed by its group's fatal signal while inside a kernel path: it exits once it
+            # has left the path (Machine.kill_thread).
+            t.killed_by is not None,
             tuple([(p.sig, p.code) for p in t.pending]) if t.pending else (),
             tuple(sorted([(k, v.flags) for k, v in h.items()])) if h else (),
         ))
@@ -267,12 +323,10 @@ def x86_key(w: Any) -> Hashable:
         stack = w.sigstack[name]
         if stack:
             stack = tuple([regs_values(cn, d) for d in stack])
-        # By content (a digest: Python's hash() of bytes is salted per process, so worker
-        # processes would name the same state differently).
         frames = w.frames[name]
         if frames:
-            frames = tuple([hashlib.blake2b(t.process.mm.read(lo, hi - lo),
-                                            digest_size=16).digest() for lo, hi in frames])
+            frames = tuple([frame_values(cn, s, t.process.mm.read(lo, hi - lo), lo)
+                            for lo, hi in frames])
         nm = w.nm_pending.get(name)
         if nm is not None:  # an instruction whose #NM handler sleeps (write_nm)
             nm = (nm[0], cn.value(nm[1], nm[0]))
@@ -281,4 +335,4 @@ def x86_key(w: Any) -> Hashable:
     return cn.finish(raw)
 
 
-__all__ = ["Canon", "digest", "fps_values", "regs_values", "x86_key"]
+__all__ = ["Canon", "digest", "fps_values", "frame_values", "regs_values", "x86_key"]

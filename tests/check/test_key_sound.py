@@ -1,0 +1,94 @@
+"""Equal state keys name states that behave alike (fpstate.check.keysound), and the fields
+whose absence from the key broke that promise are in it: a thread killed inside a kernel path,
+the mm that owns a VM after exec, the next mmap address, generations inside signal frames."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.check.explore import Job, default_config
+from fpstate.check.keysound import bisimulate
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action
+from fpstate.kernel.x86.sched import TaskState
+
+A = Action.of
+
+
+def _steps(*actions: Action, config: dict | None = None):
+    w = make_world("x86", config if config is not None else {}, None)
+    for a in actions:
+        w.step(a)
+    return w
+
+
+_PREEMPTED_IN_RUN = (A("run", task="p1.t0", cpu=0),
+                     A("kvm_enter", task="p1.t0", vcpu="vm0.v0", guest="write avx"),
+                     A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1))
+
+
+def test_a_thread_killed_inside_kvm_run_is_named_by_the_key() -> None:
+    # p1.t1 exits alone, or dies of SIGILL and takes the group: in both p1.t1 is dead and
+    # p1.t0 waits, switched out, inside KVM_RUN -- but only in the second does it exit when
+    # it leaves.
+    alone = _steps(*_PREEMPTED_IN_RUN, A("exit", task="p1.t1"))
+    group = _steps(*_PREEMPTED_IN_RUN, A("write", task="p1.t1", component="xtiledata"))
+    assert alone.key() != group.key()
+    for w, state in ((alone, TaskState.USER), (group, TaskState.DEAD)):
+        w.step(A("run", task="p1.t0", cpu=1))
+        w.step(A("kvm_finish", task="p1.t0"))
+        assert w.tasks["p1.t0"].state is state
+
+
+def test_the_mm_that_owns_a_vm_is_named_by_the_key() -> None:
+    # p1.t0 made the VM; after its exec the VM belongs to no live mm (KVM ioctls: EIO), where
+    # a p1.t0 that only lost its sibling still drives it.
+    base = (A("run", task="p1.t0", cpu=0), A("run", task="p1.t1", cpu=1))
+    execd = _steps(*base, A("exec", task="p1.t0"))
+    exited = _steps(*base, A("exit", task="p1.t1"))
+    assert execd.key() != exited.key()
+    assert execd.step(A("get_xsave", task="p1.t0", vcpu="vm0.v0")).observed["errno"] == "EIO"
+
+
+def test_asking_for_permissions_maps_nothing() -> None:
+    base = (A("run", task="p0.t0", cpu=0),)
+    asked = _steps(*base, A("arch_prctl", task="p0.t0", option="get_perm"))
+    plain = _steps(*base)
+    assert asked.tasks["p0.t0"].process.next_mmap == plain.tasks["p0.t0"].process.next_mmap
+    assert asked.key() == plain.key()
+
+
+def test_the_next_mmap_address_is_named_by_the_key() -> None:
+    # A thread's stack moves every later mapping of its process; the thread may be gone.
+    base = (A("run", task="p0.t0", cpu=0),)
+    cloned = _steps(*base, A("clone", task="p0.t0", child="p0.c9"), A("run", task="p0.c9",
+                                                                       cpu=1),
+                    A("exit", task="p0.c9"))
+    assert cloned.tasks["p0.t0"].process.next_mmap != _steps(*base).tasks[
+        "p0.t0"].process.next_mmap
+    plain = _steps(*base, A("fork", task="p0.t0", child="f9.t0"),
+                   A("run", task="f9.t0", cpu=1), A("exit", task="f9.t0"))
+    assert cloned.key() != plain.key()
+
+
+def test_signal_frames_of_equal_patterns_have_equal_keys() -> None:
+    # Two writes of AVX or one: the values differ in generation only, and so do the frames
+    # that save them.
+    base = (A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"))
+    once = _steps(*base, A("write", task="p0.t0", component="avx"), A("signal", task="p0.t0"))
+    twice = _steps(*base, A("write", task="p0.t0", component="avx"),
+                   A("write", task="p0.t0", component="avx"), A("signal", task="p0.t0"))
+    assert once.key() == twice.key()
+    # A frame whose AVX value has another writer is another state.
+    other = _steps(*base, A("signal", task="p0.t0"))
+    assert other.key() != once.key()
+
+
+@pytest.mark.parametrize("model", ["x86", "arm64"])
+def test_equal_keys_behave_alike(model: str) -> None:
+    """States reached again by another history: same enabled actions, same answers, same
+    violations and equal keys again for six random steps."""
+    initial = Job(model, default_config(model)).initial()
+    pairs, found = bisimulate(initial, walks=60, seed=11, limit=1)
+    assert pairs > 50
+    assert found == [], str(found[0])
