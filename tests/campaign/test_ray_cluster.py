@@ -1,8 +1,9 @@
 """Ray engine against an existing cluster by address (``fpstate campaign --address``): a
 one-node cluster started inside the test with ``ray start --head``, as a user starts one.
 
-The same bounded-exhaustive campaign gives, through the command line and the cluster, the
-states, transitions and violations of one local process; an address with no cluster behind
+The same bounded-exhaustive campaign gives, through the command line and the cluster (by
+its GCS address, and as a Ray Client by ``ray://``), the states, transitions and violations
+of one local process; an address with no cluster behind
 it, or a malformed one, is a one-line error with exit status 2 (Ray itself would retry a
 dead address for many minutes).
 """
@@ -39,16 +40,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """``ray start --head --block`` with 2 CPUs: yields (address, environment of a driver)."""
+    """``ray start --head --block`` with 2 CPUs and a Ray Client server: yields (address,
+    Ray Client address, environment of a driver)."""
     if not Path(RAY).exists():
         pytest.skip("the ray command is not installed")
     # Ray's socket paths must stay short: a temp dir of its own under /tmp.
     tmp = tempfile.mkdtemp(prefix="fpray", dir="/tmp")
     log = Path(tmp, "head.log")
-    port = _free_port()
+    port, client_port = _free_port(), _free_port()
     with log.open("w") as out:
         head = subprocess.Popen(
             [RAY, "start", "--head", "--port", str(port), "--num-cpus", "2",
+             "--ray-client-server-port", str(client_port),
              "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", tmp,
              "--block"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -62,10 +65,17 @@ def cluster():
             time.sleep(0.5)
         if address is None:
             pytest.fail(f"ray start --head did not come up:\n{log.read_text()[-2000:]}")
+        # The Ray Client server is a process of its own, which may listen a little later.
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", client_port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
         env = dict(os.environ)
         if "Token authentication is enabled" in log.read_text():
             env["RAY_AUTH_MODE"] = "token"  # the token is in ~/.ray/auth_token
-        yield address, env
+        yield address, f"ray://127.0.0.1:{client_port}", env
     finally:
         head.terminate()  # --block: the head stops the cluster's processes on SIGTERM
         try:
@@ -91,7 +101,7 @@ def _fpstate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaigns,
                                                                 tmp_path: Path) -> None:
-    address, env = cluster
+    address, _client, env = cluster
     path, campaign = _campaign_file(tmp_path, campaigns)
     one = run_campaign(campaign, LocalEngine(1), str(tmp_path / "one"))
     proc = _fpstate("campaign", str(path), "--address", address, "--json",
@@ -101,6 +111,22 @@ def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaign
     assert campaigns.facts(cells) == campaigns.facts(one.cells)
     assert {c["engine"] for c in cells} == {f"ray (cluster {address}), 2 workers"}
     assert [v["invariant"] for v in cells[1]["violations"]] == ["valid-registers-match-memory"]
+
+
+def test_a_campaign_through_ray_client_equals_one_process(cluster, campaigns,
+                                                          tmp_path: Path) -> None:
+    """``--address ray://HOST:PORT``: the driver is a Ray Client of the cluster (its
+    processes run on the cluster, not here), with the same results."""
+    pytest.importorskip("grpc", reason="Ray Client needs ray[client] (pip install 'fpstate[ray]')")
+    _address, client, env = cluster
+    path, campaign = _campaign_file(tmp_path, campaigns)
+    one = run_campaign(campaign, LocalEngine(1), str(tmp_path / "one"))
+    proc = _fpstate("campaign", str(path), "--address", client, "--json",
+                    "--report", str(tmp_path / "client"), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = json.loads(proc.stdout)["cells"]
+    assert campaigns.facts(cells) == campaigns.facts(one.cells)
+    assert {c["engine"] for c in cells} == {f"ray (cluster {client}), 2 workers"}
 
 
 def test_an_address_with_no_cluster_is_a_one_line_error(tmp_path: Path, campaigns) -> None:
