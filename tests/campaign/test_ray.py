@@ -115,3 +115,17 @@ def test_random_seeds_as_ray_tasks(ray2: RayEngine) -> None:
         # The number of states, not their digests: this process hashes with its own salt.
         assert (a.seed, len(a.digests), a.tally.transitions, sorted(a.tally.violations)) == \
             (b.seed, len(b.digests), b.tally.transitions, sorted(b.tally.violations))
+
+
+def test_a_partition_actor_settles_its_process(ray2: RayEngine) -> None:
+    """An actor's process is fpstate's own (it runs nothing else): its garbage collector is
+    settled between expansions, as in a local worker process (fpstate.check.memo)."""
+    import ray
+
+    from fpstate.check import memo
+
+    actor = ray2._actor_cls.remote()
+    try:
+        assert ray.get(actor.__ray_call__.remote(lambda self: memo.SETTLE)) is True
+    finally:
+        ray.kill(actor)

@@ -333,6 +333,9 @@ class PartitionActor:
     """A partition in a Ray actor (`RayEngine` wraps it with ``ray.remote``)."""
 
     def __init__(self) -> None:
+        # An actor has a Ray worker process to itself: fpstate's own, where Partition.expand
+        # may settle the garbage collector (check/memo.py), as in a local worker (`_serve`).
+        own_process()
         self.part: Partition | None = None
 
     def reset(self, cell: CellJob, index: int, partitions: int) -> int:
