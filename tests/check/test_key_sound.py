@@ -84,11 +84,22 @@ def test_signal_frames_of_equal_patterns_have_equal_keys() -> None:
     assert other.key() != once.key()
 
 
-@pytest.mark.parametrize("model", ["x86", "arm64"])
-def test_equal_keys_behave_alike(model: str) -> None:
+#: Besides the defaults: three threads and two VMs whose VMMs are in different processes, one
+#: with AMX permission for its guest; and a CPU without AMX, PASID or CET supervisor state.
+_WIDER = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 3},
+          "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1, "guest_amx": True},
+                  "vm1": {"vmm": "p0.t0", "vcpus": 1}}}
+_ZEN5 = {"cpu": "zen5", "cpus": 2, "processes": {"p0": 2, "p1": 2},
+         "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}}}
+
+
+@pytest.mark.parametrize("model,config", [("x86", None), ("arm64", None), ("x86", _WIDER),
+                                          ("x86", _ZEN5)], ids=["x86", "arm64", "x86-wider",
+                                                                "x86-zen5"])
+def test_equal_keys_behave_alike(model: str, config: dict | None) -> None:
     """States reached again by another history: same enabled actions, same answers, same
     violations and equal keys again for six random steps."""
-    initial = Job(model, default_config(model)).initial()
+    initial = Job(model, config or default_config(model)).initial()
     pairs, found = bisimulate(initial, walks=60, seed=11, limit=1)
     assert pairs > 50
     assert found == [], str(found[0])
