@@ -19,6 +19,7 @@ CASES = [
      "argument --depth: -1 is not at least 1"),
     (["check", "--budget", "0"], f"argument --budget: 0 {SECONDS}"),
     (["check", "--samples", "2.5"], "argument --samples: '2.5' is not an integer"),
+    (["check", "--key-walks", "0"], "argument --key-walks: 0 is not at least 1"),
     (["conform", "--samples", "0"], "argument --samples: 0 is not at least 1"),
     (["campaign", "campaigns/small.yaml", "--workers", "-2"],
      "argument --workers: -2 is not at least 1"),

@@ -84,4 +84,7 @@ def test_check_runs_everything_and_prints_one_table(tmp_path: Path,
     kinds = [r["kind"] for r in data["rows"]]
     assert kinds.count("variant") == len(SEED_VARIANTS)
     assert kinds.count("scenario") >= 10 and "explore" in kinds
+    keys = [r for r in data["rows"] if r["kind"] == "keys"]
+    assert {r["cpu"] for r in keys} >= {"sapphire-rapids", "fvp-aem-fpmr"}
+    assert all(r["outcome"].endswith("pairs of histories compared, no mismatch") for r in keys)
     assert {p.name for p in tmp_path.glob("*.yaml")} == {f"{v}.yaml" for v in SEED_VARIANTS}

@@ -1,7 +1,7 @@
 """``fpstate check``: the main job -- every scenario, every seed variant, every conform layer.
 
-``fpstate check [--seconds S] [--budget S] [--samples N] [--scenarios DIR] [--out DIR]
-[--workers N] [--no-conform] [--json]`` runs, on an embedded default configuration (this
+``fpstate check [--seconds S] [--budget S] [--key-walks N] [--samples N] [--scenarios DIR]
+[--out DIR] [--workers N] [--no-conform] [--json]`` runs, on an embedded default configuration (this
 host's CPU profile where the host is x86 and the CPU has what a check needs, else the bundled
 Sapphire Rapids; the bundled FVP profile with FPMR for arm64):
 
@@ -11,7 +11,9 @@ Sapphire Rapids; the bundled FVP profile with FPMR for arm64):
    (must find the invariant the variant breaks, within ``--budget`` seconds);
 3. the explorer under the kernel's design for ``--seconds`` per model and CPU (must find
    nothing);
-4. ``fpstate conform`` for every registered layer (in-process; a layer the host cannot
+4. the premise of the explorer's memos, per model and CPU: states reached again by another
+   history behave alike for a few steps (`fpstate.check.keysound`, ``--key-walks`` walks);
+5. ``fpstate conform`` for every registered layer (in-process; a layer the host cannot
    answer is reported skipped with its reason).
 
 It prints one table and exits 0 when everything is as expected, 1 otherwise.
@@ -60,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="explorer time under the kernel's design, per model and CPU (8)")
     p.add_argument("--budget", type=positive_seconds, default=30.0,
                    help="explorer time limit per variant (30)")
+    p.add_argument("--key-walks", type=positive_int, default=60,
+                   help="walks per model and CPU that test the state keys (60)")
     p.add_argument("--samples", type=positive_int, default=30, help="cases per conform layer (30)")
     p.add_argument("--scenarios", metavar="DIR", help="the scenario directory (default: "
                    "./scenarios, else the one beside the package sources)")
@@ -179,11 +183,41 @@ def check_variants(ex: executors.Executor, budget: float, out: Path, host_cpu: s
     return rows
 
 
-def check_kernel_design(ex: executors.Executor, seconds: float, host_cpu: str) -> list[Row]:
-    rows = []
+def _models(host_cpu: str) -> list[tuple[str, str]]:
+    """(model, CPU) of the explorer's checks: x86 on this host's CPU and on the bundled one,
+    arm64 on its bundled profile."""
     cpus = [("x86", host_cpu)] + ([("x86", BUNDLED_X86)] if host_cpu != BUNDLED_X86 else [])
     cpus.append(("arm64", BUNDLED_ARM64))
-    for model, cpu in cpus:
+    return cpus
+
+
+def check_keys(walks: int, host_cpu: str) -> list[Row]:
+    """The state keys the explorer's memos rest on (fpstate.check.keysound.bisimulate)."""
+    from fpstate.check.keysound import bisimulate
+
+    rows = []
+    for model, cpu in _models(host_cpu):
+        t0 = time.perf_counter()
+        try:
+            pairs, found = bisimulate(Job(model, default_config(model, cpu)).initial(),
+                                      walks=walks, seed=0, limit=1)
+        except Exception as e:  # a model crash is a failed row
+            rows.append(Row("keys", f"{model}, equal keys behave alike", cpu, "no mismatch",
+                            f"model error: {type(e).__name__}: {e}", False,
+                            time.perf_counter() - t0))
+            continue
+        if found:
+            outcome = f"MISMATCH {str(found[0]).splitlines()[0]}"
+        else:
+            outcome = f"{pairs} pairs of histories compared, no mismatch"
+        rows.append(Row("keys", f"{model}, equal keys behave alike", cpu, "no mismatch",
+                        outcome, not found, time.perf_counter() - t0))
+    return rows
+
+
+def check_kernel_design(ex: executors.Executor, seconds: float, host_cpu: str) -> list[Row]:
+    rows = []
+    for model, cpu in _models(host_cpu):
         job = Job(model, default_config(model, cpu))
         try:
             res = explore(job, ex, mode="random", seconds=seconds, seed=1)
@@ -236,6 +270,7 @@ def run_check(args: argparse.Namespace) -> int:
         rows += check_kernel_design(ex, args.seconds, host_cpu)
     finally:
         ex.close()
+    rows += check_keys(args.key_walks, host_cpu)
     if not args.no_conform:
         rows += check_conform(args.samples)
     ok = all(r.ok for r in rows)
