@@ -186,6 +186,42 @@ def test_an_exec_killed_in_de_thread_fails_with_eagain() -> None:
     assert len(t1.process.threads) == 2  # the exec never replaced the image
 
 
+def test_a_process_killed_while_its_exec_waits_in_de_thread() -> None:
+    """kill(2) from another process: the exec asleep in de_thread() takes its ``killed:``
+    exit (-EAGAIN) and the thread dies; the thread switched out inside KVM_RUN dies once it
+    has left it."""
+    import errno
+
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1)])
+    t0, t1 = w.tasks["p1.t0"], w.tasks["p1.t1"]
+    w.step(A("exec", task="p1.t1"))
+    r = w.step(A("kill", task="p0.t0", target="p1.t1"))
+    assert r.violations == () and r.observed == {"dead": 1, "dying": 1}
+    assert t1.state is TaskState.DEAD and t1.kresult == -errno.EAGAIN
+    assert t1.process.threads == [t0, t1]  # the exec never replaced the image
+    assert t0.state is TaskState.RUNNABLE and t0.killed_by is not None
+    for a in [A("run", task="p1.t0", cpu=1), A("kvm_finish", task="p1.t0")]:
+        assert w.step(a).violations == ()
+    guest = w.vcpus["vm0.v0"].arch.guest_fpu.fpstate
+    assert t0.state is TaskState.DEAD and not guest.in_use and not guest.freed
+
+
+def test_kill_reaches_a_stopped_thread_and_not_the_sender() -> None:
+    w = make_world("x86", {"processes": {"p0": 1, "p1": 2}, "vms": {}}, None)
+    for a in [A("run", task="p1.t1", cpu=1), A("ptrace_stop", task="p1.t1"),
+              A("run", task="p1.t0", cpu=1), A("run", task="p0.t0", cpu=0)]:
+        w.step(a)
+    t1 = w.tasks["p1.t1"]
+    assert t1.state is TaskState.STOPPED
+    r = w.step(A("kill", task="p0.t0", target="p1.t0"))
+    assert r.violations == () and r.observed == {"dead": 2, "dying": 0}
+    assert t1.state is TaskState.DEAD and w.tasks["p0.t0"].state is TaskState.USER
+    assert t1.fpu.fpstate is t1.fpu.embedded  # released with its task, never reallocated
+    with pytest.raises(StepError, match=r"in p0\.t0's own process"):
+        make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None).step(
+            A("kill", task="p0.t0", target="p0.t1"))
+
+
 def test_a_clone_whose_caller_is_killed_meanwhile_makes_no_child() -> None:
     from fpstate.kernel.x86.process import sys_clone
     from fpstate.kernel.x86.sched import SIGKILL
@@ -244,6 +280,10 @@ if after[0] - before[0] > 1 or after[1] - before[1] < 5:
     print(f"skip the VMM thread's times do not show it in KVM_RUN: {before} -> {after}")
     sys.exit(0)
 print("in KVM_RUN", flush=True)
+if sys.argv[1] == "wait":  # for another process's kill(2)
+    time.sleep(10)
+    print("alive", flush=True)
+    sys.exit(0)
 if sys.argv[1] == "exec":  # de_thread() must wait for the VMM thread to leave KVM_RUN
     os.execv(sys.executable, [sys.executable, "-c", "print('new image'); raise SystemExit(7)"])
 signal.pthread_kill(threading.get_ident(), signal.SIGILL)  # this thread's fault: default action
@@ -297,3 +337,34 @@ def test_the_real_kernel_execs_while_a_sibling_is_inside_kvm_run() -> None:
         pytest.skip(proc.stdout.strip()[5:])
     assert proc.stdout == "in KVM_RUN\nnew image\n", proc.stdout + proc.stderr
     assert proc.returncode == 7
+
+
+@pytest.mark.host
+def test_the_real_kernel_kills_a_process_whose_vmm_thread_is_inside_kvm_run() -> None:
+    """The model's answer (kill(2) of SIGKILL from another process: the thread inside KVM_RUN
+    leaves it and dies with its group) against this host's: the parent sends SIGKILL to a
+    child whose VMM thread is in ioctl(KVM_RUN) with a guest spinning in `jmp $`, and the
+    child dies of it at once, KVM_RUN never returning to user space."""
+    import signal
+    import subprocess
+    import sys
+
+    w = _in_kvm_run([A("run", task="p0.t0", cpu=1)])
+    r = w.step(A("kill", task="p0.t0", target="p1.t1"))
+    assert r.observed == {"dead": 2, "dying": 0}
+    child = subprocess.Popen([sys.executable, "-c", _REAL_KILL, "wait"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline()  # type: ignore[union-attr]
+        if first.startswith("skip"):
+            child.wait(10)
+            pytest.skip(first.strip()[5:])
+        assert first == "in KVM_RUN\n", first + child.stderr.read()  # type: ignore[union-attr]
+        child.send_signal(signal.SIGKILL)
+        out, _err = child.communicate(timeout=5)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert out == ""  # neither "KVM_RUN returned" nor "alive"

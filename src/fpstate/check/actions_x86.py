@@ -55,6 +55,7 @@ from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
 from fpstate.kernel.x86.sched import (
     SA_ONSTACK,
+    SIGKILL,
     SIGUSR1,
     STATE_DEAD,
     STATE_KERNEL,
@@ -65,12 +66,15 @@ from fpstate.kernel.x86.sched import (
     USER_STACK_TOP,
     Machine,
     SigAction,
+    Signal,
     Task,
 )
 from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET, handler_return, sys_rt_sigreturn
 from fpstate.kernel.x86.types import (
     CLONE_THREAD,
     CLONE_VM,
+    PF_KTHREAD,
+    PF_USER_WORKER,
     XFEATURE_MASK_FPSTATE,
     XFEATURE_MASK_USER_DYNAMIC,
     IllegalEvent,
@@ -185,6 +189,9 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("exec_finish", "the exec sleeping in de_thread(), its other threads gone, "
                "loads the binary and returns to user mode", {"task": _TASK}),
     ActionSpec("exit", "the task exits", {"task": _TASK}),
+    ActionSpec("kill", "kill(2) of SIGKILL to another process (named by any of its threads): "
+               "every thread of it dies, one inside a kernel path once it has left it",
+               {"task": _TASK, "target": _TASK}),
     ActionSpec("ptrace_stop", "the task stops for its tracer (switched out, TASK_TRACED)",
                {"task": _TASK}),
     ActionSpec("ptrace_cont", "PTRACE_CONT: the stopped task becomes runnable",
@@ -650,6 +657,17 @@ class X86World(X86Views, World):
         self.m.do_exit(nr)
         return {}
 
+    def do_kill(self, task: str, target: str) -> dict[str, Value]:
+        t, victim = self.task(task), self.task(target)
+        if victim.process is t.process:
+            raise StepError(f"{target} is in {task}'s own process (kill targets another one)")
+        nr = self.user_cpu(t)
+        self.m.enter_kernel(nr)
+        self.m.kill_group(victim.process, Signal(SIGKILL))
+        self.m.exit_to_user_mode(nr)
+        return {"dead": sum(o.state is STATE_DEAD for o in victim.process.threads),
+                "dying": sum(o.state is not STATE_DEAD for o in victim.process.threads)}
+
     def do_ptrace_stop(self, task: str) -> dict[str, Value]:
         t = self.task(task)
         if t.state not in (STATE_USER, STATE_RUNNABLE) or t.kpath is not None:
@@ -779,7 +797,10 @@ class X86World(X86Views, World):
         ncpu = len(self.m.cpus)
         user = []
         stopped = []
+        groups: dict[int, str] = {}  # tgid -> its first live thread, which names it to kill
         for t in live:
+            if not t.flags & (PF_KTHREAD | PF_USER_WORKER):
+                groups.setdefault(t.process.tgid, t.comm)
             st = t.state
             if st is STATE_USER:
                 user.append(t)
@@ -829,6 +850,9 @@ class X86World(X86Views, World):
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])
+            for tgid, victim in groups.items():
+                if tgid != t.process.tgid:
+                    add(_kill(t.comm, victim))
             for st in stopped:
                 out.extend(self._ptrace_actions(t.comm, st.comm))
         for st in stopped:
@@ -861,6 +885,20 @@ def _in_exec(t: Task) -> bool:
 
 
 _EXECVE_CODE = sys_execve.__code__
+
+
+def _kill(comm: str, victim: str) -> Action:
+    """kill by ``comm`` of the process of ``victim`` (interned)."""
+    k = (comm, victim)
+    got = _KILL_ACTIONS.get(k)
+    if got is None:
+        if len(_KILL_ACTIONS) > 10_000:
+            _KILL_ACTIONS.clear()
+        got = _KILL_ACTIONS[k] = Action.of("kill", task=comm, target=victim)
+    return got
+
+
+_KILL_ACTIONS: dict[tuple[str, str], Action] = {}
 
 
 def _scheduling(comm: str, ncpu: int) -> tuple[Action, ...]:

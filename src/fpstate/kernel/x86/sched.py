@@ -649,6 +649,17 @@ class Machine:
             else:
                 self.kill_thread(t)
 
+    def kill_group(self, proc: Process, sig: Signal) -> None:
+        """A fatal signal sent to another thread group (kill(2) of SIGKILL): complete_signal()
+        sets SIGNAL_GROUP_EXIT and queues SIGKILL to every thread, waking each; none of them is
+        the sender. Every thread dies as in a group exit (`kill_thread`): at once where it can,
+        or when it has left the kernel path it is switched out in. An exec asleep in
+        de_thread() wakes to its ``killed:`` exit (process.sys_execve)."""
+        for t in list(proc.threads):
+            if t.state is not _D:
+                t.killed_by = sig
+                self.kill_thread(t)
+
     def kill_thread(self, t: Task) -> None:
         """A thread other than the killer, its ``killed_by`` set, dies (zap_other_threads):
         switched out, it is released; running on a CPU (in user mode, or in the kernel, where
