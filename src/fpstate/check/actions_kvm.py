@@ -15,12 +15,13 @@ userspace's XSAVE-managed MSR writes (KVM_SET_MSRS of IA32_U_CET / IA32_PL0_SSP)
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from fpstate.check import invariants
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
 from fpstate.check.memo import IdentityMemo
-from fpstate.check.statekey import digest, fps_values, regs_values
+from fpstate.check.statekey import digest, fps_values, raw_digest, regs_values
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -529,13 +530,15 @@ class KvmX86World(X86World):
             # The process whose mm owns the VM (-1: none, as after its exec): KVM ioctls from
             # any other return EIO.
             vmm = self._vmm_task(name)
-            out.append((name, -1 if vmm is None else vmm.process.tgid, a.xcr0, a.ia32_xss,
-                        a.guest_supported_xcr0, a.guest_supported_xss,
+            user_fpu = a.user_fpu  # variant kvm-save-min-size only
+            out.append((name, -1 if vmm is None else vmm.process.tgid, _ARCH_FIELDS(a),
                         _cpuid_key(a.cpuid), v.pending_init, v.wants_to_run,
-                        v.last_vmentry_cpu != -1,
-                        a.guest_fpu.xfeatures, a.guest_fpu.xfd_err, a.xfd_no_write_intercept,
+                        v.last_vmentry_cpu != -1, _GUEST_FPU_FIELDS(a.guest_fpu),
                         (fps.size, fps.xfeatures, fps.xfd, fps.xstate_bv, fps.in_use,
-                         fps_values(cn, self.m.system, fps)), exp))
+                         fps_values(cn, self.m.system, fps)), exp,
+                        None if user_fpu is None else (
+                            user_fpu.size, fps_values(cn, self.m.system, user_fpu),
+                            bytes(user_fpu.regs[512:528]), raw_digest(bytes(a.user_fpu_tail)))))
         pending = tuple(sorted((task, p[0], p[3]) for task, p in self._pending_run.items()))
         return tuple(out), pending
 
@@ -551,6 +554,13 @@ class KvmX86World(X86World):
             note = f"guest fpstate {self.vcpus[name].arch.guest_fpu.fpstate.size} B"
             ctxs.append(ContextView(name, where, cpu, writers, (), note))
         return Frame(f.step, f.action, f.cpus, tuple(ctxs), f.violation, f.detail)
+
+
+#: The plain fields of a vCPU's kvm_vcpu_arch and guest FPU in its key (statekey.FIELDS).
+_ARCH_FIELDS = attrgetter("xcr0", "ia32_xss", "pkru", "host_pkru", "guest_supported_xcr0",
+                          "guest_supported_xss", "cpuid_dynamic_bits_dirty",
+                          "xfd_no_write_intercept", "cr4_osxsave", "cr4_pke", "cr0_ts")
+_GUEST_FPU_FIELDS = attrgetter("xfeatures", "xfd_err", "uabi_size")
 
 
 def _cpuid_key(entries: Any) -> int:

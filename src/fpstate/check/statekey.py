@@ -36,7 +36,7 @@ from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 class Canon:
     """Collects the tokens of one key in traversal order: a value in the key's structure is
-    -1 (none), 0 (initial), the digest of its bytes (`_raw`), or ``(TOKEN, owner,
+    -1 (none), 0 (initial), the digest of its bytes (`raw_digest`), or ``(TOKEN, owner,
     component)``; the generation of each token goes to `toks` as (owner, component, gen), and
     `finish` turns them into ranks."""
 
@@ -85,7 +85,7 @@ def _classify(v: bytes, i: int) -> tuple[Any, tuple[int, int, int] | None]:
     tok = read_token(v)
     if tok is not None:
         return (TOKEN, tok[0], i), (tok[0], i, tok[1])
-    return _raw(v), None
+    return raw_digest(v), None
 
 
 #: The tag of a token in a key's structure (an int, so that parts of keys are `digest`-able).
@@ -122,7 +122,7 @@ def digest(part: tuple[Any, ...]) -> int:
     return hash(part)
 
 
-def _raw(v: bytes) -> int:
+def raw_digest(v: bytes) -> int:
     """A value that is neither initial nor a token, in a key: a 64-bit BLAKE2b digest of it."""
     return int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little")
 
@@ -155,7 +155,7 @@ def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
             v = regs[0:24] + bytes(8) + regs[32:160]
         else:
             if system.xcompacted and not (xcomp_bv >> i) & 1:
-                out = [(-1, _raw(regs))]
+                out = [(-1, raw_digest(regs))]
                 toks = []
                 break
             off = _offset(system.profile, xcomp_bv, i)
@@ -243,7 +243,70 @@ def _frame_values(system: Any, data: bytes, lo: int) -> tuple[int, tuple[Any, ..
             # bytes are those of an older frame, which sigreturn's XRSTOR ignores.
             for a, b in spans:
                 rest[a:b] = bytes(b - a)
-    return digest((tuple(out), _raw(bytes(rest)))), tuple(toks)
+    return digest((tuple(out), raw_digest(bytes(rest)))), tuple(toks)
+
+
+#: Every field of the x86 model's objects and what the key does with it: "key" (named by
+#: `x86_key` or KvmX86World.extra_key), or why it may stay out (it cannot change what a state
+#: does). tests/check/test_key_fields.py holds each class to this table, so a new field must
+#: be placed here, and changes each "key" field of a state to see its key change.
+FIELDS: dict[str, dict[str, str]] = {
+    "Task": {
+        **dict.fromkeys(("pid", "comm", "flags", "process", "fpu", "state", "need_fpu_load",
+                         "on_cpu", "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags",
+                         "user_sp", "pasid_activated", "kpath", "pending", "handlers",
+                         "killed_by"), "key"),
+        "kresult": "a finished path's result, read in the step that finished it",
+        "generation": "the next token's generation: keys rank generations, and a new token "
+                      "outranks every older one of its writer whatever the number",
+    },
+    "Process": {
+        **dict.fromkeys(("tgid", "pasid", "next_mmap"), "key"),
+        "mm": "user memory is read back across steps only in signal frames, which the key "
+              "holds (the world's frames); mappings follow from next_mmap and the stacks",
+        "threads": "membership is each task's tgid; the leader (threads[0]) is keyed by the "
+                   "permissions it holds",
+        "siglock_holder": "held only inside a step",
+    },
+    "Fpu": {
+        **dict.fromkeys(("embedded", "fpstate", "perm", "guest_perm", "last_cpu",
+                         "task_fpstate"), "key"),
+        "owner": "a name for reports",
+        "avx512_timestamp": "nothing in the model reads it (the kernel's /proc arch_status does)",
+    },
+    "Fpstate": {
+        **dict.fromkeys(("size", "user_size", "xfeatures", "user_xfeatures", "xfd", "regs",
+                         "is_guest", "in_use", "freed"), "key"),
+        "is_valloc": "true exactly when the fpstate is not its fpu's embedded one, which is "
+                     "keyed",
+        "is_confidential": "fixed when the fpstate is made (a TDX guest's)",
+        "ident": "a name for reports",
+    },
+    "FpuStatePerm": dict.fromkeys(("state_perm", "state_size", "user_state_size"), "key"),
+    "Cpu": {
+        **dict.fromkeys(("regs", "current", "fpu_fpregs_owner_ctx", "kernel_fpu_allowed",
+                         "xfd_state"), "key"),
+        **dict.fromkeys(("nr", "m", "idle"), "fixed at boot"),
+        **dict.fromkeys(("irqs_disabled", "bh_disabled", "preempt_count", "hardirq", "softirq",
+                         "nmi", "pagefault_disabled"),
+                        "raised and dropped inside a step (a kernel path never yields with "
+                        "them raised: Machine._advance asserts it)"),
+    },
+    "FpRegs": {
+        **dict.fromkeys(("xcr0", "xss", "xfd", "xfd_err", "xinuse", "mxcsr", "values"), "key"),
+        **dict.fromkeys(("profile", "xsavec_supported", "mxcsr_mask"), "fixed at boot"),
+    },
+    "KvmVcpu": {
+        **dict.fromkeys(("arch", "wants_to_run", "last_vmentry_cpu", "pending_init"), "key"),
+        **dict.fromkeys(("kvm", "vm", "vcpu_id"), "fixed when the vCPU is made (its name)"),
+        "stat_fpu_reload": "a statistic no action reads",
+    },
+    "VcpuArch": dict.fromkeys((
+        "guest_fpu", "xcr0", "ia32_xss", "pkru", "host_pkru", "guest_supported_xcr0",
+        "guest_supported_xss", "cpuid", "cpuid_dynamic_bits_dirty", "xfd_no_write_intercept",
+        "cr4_osxsave", "cr4_pke", "cr0_ts", "user_fpu", "user_fpu_tail"), "key"),
+    "FpuGuest": dict.fromkeys(("xfeatures", "xfd_err", "uabi_size", "fpstate"), "key"),
+}
 
 
 #: The plain fields of the key, fetched in one call each (operator.attrgetter); a task's state
@@ -335,4 +398,13 @@ def x86_key(w: Any) -> Hashable:
     return cn.finish(raw)
 
 
-__all__ = ["Canon", "digest", "fps_values", "frame_values", "regs_values", "x86_key"]
+__all__ = [
+    "FIELDS",
+    "Canon",
+    "digest",
+    "fps_values",
+    "frame_values",
+    "raw_digest",
+    "regs_values",
+    "x86_key",
+]
