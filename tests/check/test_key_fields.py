@@ -37,6 +37,14 @@ def test_every_field_is_keyed_or_left_out_with_a_reason(name: str) -> None:
     assert all(why == "key" or len(why) > 10 for why in table.values())
 
 
+def test_the_machine_and_the_world_place_every_attribute() -> None:
+    w = make_world("x86", {}, None)
+    for name, obj in (("Machine", w.m), ("World", w)):
+        attrs, table = set(vars(obj)), FIELDS[name]
+        assert attrs - set(table) == set(), f"{name}: attributes the key table does not place"
+        assert set(table) - attrs == set(), f"{name}: the key table names attributes that are gone"
+
+
 def _world():
     """A state with a signal frame, a sigaltstack, AMX permission, a pending KVM_RUN and both
     CPUs busy, so that most fields have something to say."""

@@ -306,6 +306,28 @@ FIELDS: dict[str, dict[str, str]] = {
         "guest_supported_xss", "cpuid", "cpuid_dynamic_bits_dirty", "xfd_no_write_intercept",
         "cr4_osxsave", "cr4_pke", "cr0_ts", "user_fpu", "user_fpu_tail"), "key"),
     "FpuGuest": dict.fromkeys(("xfeatures", "xfd_err", "uabi_size", "fpstate"), "key"),
+    "Machine": {
+        **dict.fromkeys(("cpus", "tasks", "next_pid"), "key"),
+        **dict.fromkeys(("system", "init_fpstate"), "fixed at boot"),
+        "generation": "the next kernel-written token's generation: ranked in keys",
+        "jiffies": "a clock read by avx512_timestamp only",
+        **dict.fromkeys(("freed", "unreferenced", "log", "events"),
+                        "a record of what happened, no step reads it"),
+    },
+    # The checker's own bookkeeping beside the model (X86World, KvmX86World).
+    "World": {
+        **dict.fromkeys(("m", "expected", "sigstack", "frames", "nm_pending", "vcpus",
+                         "vm_mm", "_pending_run"), "key"),
+        "tasks": "names to tasks: a task's name is its comm, which is keyed",
+        **dict.fromkeys(("config", "variant", "max_tasks", "init_values", "tracked",
+                         "supervisor_tracked", "writable", "view_comps", "vm_names", "kvm"),
+                        "fixed by the configuration (the VMs' list; the vCPUs are keyed)"),
+        **dict.fromkeys(("history", "steps", "_snapshot", "sizes"),
+                        "how the state was reached, or a cache of what is fixed"),
+        **dict.fromkeys(("emitted", "broken", "_seen_bugs"),
+                        "what the last step emitted or reported: judged in that step (its "
+                        "event key), never carried into the next"),
+    },
 }
 
 
