@@ -99,9 +99,10 @@ def _fpstate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                           text=True, env=env, timeout=600, check=False)
 
 
-def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaigns,
-                                                                tmp_path: Path) -> None:
-    address, _client, env = cluster
+def _same_as_one_process(address: str, env: dict[str, str], campaigns,
+                         tmp_path: Path) -> list[dict]:
+    """The small campaign through the command line at ``address``: its cells, checked equal
+    to one local process's and run by the cluster's two workers."""
     path, campaign = _campaign_file(tmp_path, campaigns)
     one = run_campaign(campaign, LocalEngine(1), str(tmp_path / "one"))
     proc = _fpstate("campaign", str(path), "--address", address, "--json",
@@ -110,6 +111,13 @@ def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaign
     cells = json.loads(proc.stdout)["cells"]
     assert campaigns.facts(cells) == campaigns.facts(one.cells)
     assert {c["engine"] for c in cells} == {f"ray (cluster {address}), 2 workers"}
+    return cells
+
+
+def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaigns,
+                                                                tmp_path: Path) -> None:
+    address, _client, env = cluster
+    cells = _same_as_one_process(address, env, campaigns, tmp_path)
     assert [v["invariant"] for v in cells[1]["violations"]] == ["valid-registers-match-memory"]
 
 
@@ -119,14 +127,7 @@ def test_a_campaign_through_ray_client_equals_one_process(cluster, campaigns,
     processes run on the cluster, not here), with the same results."""
     pytest.importorskip("grpc", reason="Ray Client needs ray[client] (pip install 'fpstate[ray]')")
     _address, client, env = cluster
-    path, campaign = _campaign_file(tmp_path, campaigns)
-    one = run_campaign(campaign, LocalEngine(1), str(tmp_path / "one"))
-    proc = _fpstate("campaign", str(path), "--address", client, "--json",
-                    "--report", str(tmp_path / "client"), env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cells = json.loads(proc.stdout)["cells"]
-    assert campaigns.facts(cells) == campaigns.facts(one.cells)
-    assert {c["engine"] for c in cells} == {f"ray (cluster {client}), 2 workers"}
+    _same_as_one_process(client, env, campaigns, tmp_path)
 
 
 def test_an_address_with_no_cluster_is_a_one_line_error(tmp_path: Path, campaigns) -> None:

@@ -29,6 +29,18 @@ def _in_kvm_run(extra: list[Action]):
     return w
 
 
+def _asleep_in_nm_handler():
+    """p0.t1 asleep in the #NM handler's fpstate_realloc() and switched out there; p0.t0 in
+    user mode on CPU 1."""
+    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
+    for a in [A("run", task="p0.t1", cpu=1),
+              A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
+              A("write_nm", task="p0.t1", component="xtiledata"),
+              A("run", task="p0.t0", cpu=1)]:
+        w.step(a)
+    return w
+
+
 def test_a_thread_killed_inside_kvm_run_puts_the_guest_fpu_back_first() -> None:
     w = _in_kvm_run([A("run", task="p1.t1", cpu=1)])
     t0 = w.tasks["p1.t0"]
@@ -75,12 +87,7 @@ def test_a_thread_preempted_inside_kvm_run_leaves_it_when_scheduled_then_exits()
 def test_a_thread_asleep_in_the_nm_handler_finishes_it_and_exits_without_retrying() -> None:
     from fpstate.kernel.x86.sched import SIGKILL
 
-    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
-    for a in [A("run", task="p0.t1", cpu=1),
-              A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
-              A("write_nm", task="p0.t1", component="xtiledata"),  # asleep in fpstate_realloc
-              A("run", task="p0.t0", cpu=1)]:  # and switched out there
-        w.step(a)
+    w = _asleep_in_nm_handler()
     t0, t1 = w.tasks["p0.t0"], w.tasks["p0.t1"]
     small = t1.fpu.fpstate
     w.m.kill(t0, SIGKILL)  # p0.t0 in user mode on CPU 1 takes it at once
@@ -139,12 +146,7 @@ def test_exec_with_a_thread_preempted_inside_kvm_run_waits_in_de_thread() -> Non
 
 
 def test_exec_with_a_thread_asleep_in_the_nm_handler_waits_for_it() -> None:
-    w = make_world("x86", {"processes": {"p0": 2}, "vms": {}}, None)
-    for a in [A("run", task="p0.t1", cpu=1),
-              A("arch_prctl", task="p0.t1", option="req_perm", feature=18),
-              A("write_nm", task="p0.t1", component="xtiledata"),  # asleep in fpstate_realloc
-              A("run", task="p0.t0", cpu=1)]:  # and switched out there
-        w.step(a)
+    w = _asleep_in_nm_handler()
     t0, t1 = w.tasks["p0.t0"], w.tasks["p0.t1"]
     assert w.step(A("exec", task="p0.t0")).observed == {"waiting": True}
     assert t1.killed_by is not None and t1.state is TaskState.RUNNABLE

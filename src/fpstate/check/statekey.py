@@ -145,21 +145,30 @@ def _decode(system: Any, fps: Any) -> tuple[int, tuple[Any, ...]]:
     return _BY_BUFFER.put(fps, (system, snap), got)
 
 
+def _component(buf: bytes, base: int, profile: Any, xcomp_bv: int,
+               i: int) -> tuple[bytes, tuple[tuple[int, int], ...]]:
+    """Component ``i`` of the XSAVE image at ``base`` in ``buf`` (its format: ``xcomp_bv``) as
+    a key value reads it -- x87 without MXCSR and MXCSR_MASK, which are keyed apart -- and the
+    spans of ``buf`` it was read from."""
+    if i == 0:
+        return (buf[base:base + 24] + bytes(8) + buf[base + 32:base + 160],
+                ((base, base + 24), (base + 32, base + 160)))
+    off = base + _offset(profile, xcomp_bv, i)
+    end = min(off + profile.component(i).size, len(buf))
+    return buf[off:end], ((off, end),)
+
+
 def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
     xstate_bv = int.from_bytes(regs[512:520], "little")
     xcomp_bv = int.from_bytes(regs[520:528], "little") if system.xcompacted else 0
     out: list[Any] = []
     toks: list[tuple[int, int, int]] = []
     for i in bits(xstate_bv & ~XCOMP_BV_COMPACTED_FORMAT):
-        if i == 0:
-            v = regs[0:24] + bytes(8) + regs[32:160]
-        else:
-            if system.xcompacted and not (xcomp_bv >> i) & 1:
-                out = [(-1, raw_digest(regs))]
-                toks = []
-                break
-            off = _offset(system.profile, xcomp_bv, i)
-            v = regs[off:off + system.profile.component(i).size]
+        if i and system.xcompacted and not (xcomp_bv >> i) & 1:
+            out = [(-1, raw_digest(regs))]
+            toks = []
+            break
+        v, _ = _component(regs, 0, system.profile, xcomp_bv, i)
         struct, tok = _classify(v, i)
         out.append((i, struct))
         if tok is not None:
@@ -226,15 +235,8 @@ def _frame_values(system: Any, data: bytes, lo: int) -> tuple[int, tuple[Any, ..
         xstate_bv = int.from_bytes(data[fp + 512:fp + 520], "little")
         profile = system.profile
         for i in bits(system.user.max_features):
-            if i == 0:
-                spans: tuple[tuple[int, int], ...] = ((fp, fp + 24), (fp + 32, fp + 160))
-            else:
-                off = fp + _offset(profile, 0, i)
-                spans = ((off, min(off + profile.component(i).size, len(data))),)
+            v, spans = _component(data, fp, profile, 0, i)
             if (xstate_bv >> i) & 1:
-                v = b"".join([data[a:b] for a, b in spans])
-                if i == 0:
-                    v = v[:24] + bytes(8) + v[24:]
                 struct, tok = _classify(v, i)
                 out.append((i, struct))
                 if tok is not None:
