@@ -65,16 +65,25 @@ def cluster():
             time.sleep(0.5)
         if address is None:
             pytest.fail(f"ray start --head did not come up:\n{log.read_text()[-2000:]}")
-        # The Ray Client server is a process of its own, which may listen a little later.
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", client_port), 1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
         env = dict(os.environ)
         if "Token authentication is enabled" in log.read_text():
             env["RAY_AUTH_MODE"] = "token"  # the token is in ~/.ray/auth_token
+        # The Ray Client server is a process of its own: it listens a little after the head is
+        # up, and on a loaded machine its first sessions may still fail to initialise. Wait
+        # until a client session opens, as a user would before pointing a campaign at it.
+        probe = ("import ray, sys; ray.init(sys.argv[1], logging_level='ERROR'); "
+                 "ray.shutdown()")
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", client_port), 1).close()
+            except OSError:
+                time.sleep(0.5)
+                continue
+            if subprocess.run([sys.executable, "-c", probe, f"ray://127.0.0.1:{client_port}"],
+                              env=env, capture_output=True, timeout=120,
+                              check=False).returncode == 0:
+                break
+            time.sleep(1)
         yield address, f"ray://127.0.0.1:{client_port}", env
     finally:
         head.terminate()  # --block: the head stops the cluster's processes on SIGTERM
