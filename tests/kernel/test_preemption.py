@@ -1,7 +1,8 @@
 """Preemption at every preemption point of every kernel path, and interrupts that use the FPU there.
 
-Each kernel path of the model (rt_sigreturn, its fault-in retry, the XFD #NM handler, clone,
-execve, and a sleeping system call followed by signal delivery) is run once undisturbed and
+Each kernel path of the model (rt_sigreturn, its fault-in retry, the ia32 sigreturn and
+rt_sigreturn of a compat task, the XFD #NM handler, clone, execve, and a sleeping system call
+followed by signal delivery) is run once undisturbed and
 then once per (preemption point, disturbance):
 
 - ``switch``: another task runs on the same CPU, writes every user register and its CET_USER
@@ -31,7 +32,17 @@ from fpstate.kernel.x86 import signal as sg
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.hw import PAGE_SIZE, token
 from fpstate.kernel.x86.process import sys_clone, sys_execve
-from fpstate.kernel.x86.sched import SIGUSR1, Machine, SigAction, Signal, Task, TaskState
+from fpstate.kernel.x86.sched import (
+    SA_IA32_ABI,
+    SA_RESTORER,
+    SA_SIGINFO,
+    SIGUSR1,
+    Machine,
+    SigAction,
+    Signal,
+    Task,
+    TaskState,
+)
 from fpstate.kernel.x86.xfd import exc_device_not_available
 
 YMM, OPMASK, ZMM_HI256, HI16, CET_USER, TILECFG, TILEDATA = 2, 5, 6, 7, 11, 17, 18
@@ -90,6 +101,24 @@ def _sigreturn_fault_in(m: Machine, t: Task):
     return sg.sys_rt_sigreturn, ()
 
 
+def _sigreturn_ia32(rt: bool) -> Callable[[Machine, Task], Any]:
+    """A compat task's handler (installed by a 32-bit rt_sigaction: SA_IA32_ABI) returns: the
+    fsave header is folded in through the fpstate (__fpu_restore_sig), with the registers
+    invalidated before the copies from user memory, which may sleep."""
+
+    def prepare(m: Machine, t: Task):
+        t.process.mm.map(0xFFFE0000, 0x10000)  # a stack below 4 GiB: the frame's pointers
+        t.user_sp = 0xFFFEF000                  # are 32-bit
+        t.handlers[SIGUSR1] = SigAction(SA_IA32_ABI | SA_RESTORER | (SA_SIGINFO if rt else 0))
+        _fill(m, t)
+        m.kill(t, SIGUSR1)
+        _fill(m, t, 1)
+        sg.handler_ia32_return(t, rt)
+        return (sg.sys32_rt_sigreturn if rt else sg.sys32_sigreturn), ()
+
+    return prepare
+
+
 def _xfd_first_use(m: Machine, t: Task):
     """The first TILELOADD after ARCH_REQ_XCOMP_PERM: #NM, and the handler's vzalloc() sleeps."""
     assert m.syscall(0, xp.sys_arch_prctl, xp.ARCH_REQ_XCOMP_PERM, 18) == 0
@@ -137,6 +166,8 @@ def _execve(m: Machine, t: Task):
 SCENARIOS = (
     Scenario("rt_sigreturn", "zen5", _sigreturn, _state, 1),
     Scenario("rt_sigreturn-fault-in", "sapphire-rapids", _sigreturn_fault_in, _state, 2),
+    Scenario("ia32-sigreturn", "zen5", _sigreturn_ia32(False), _state, 2),
+    Scenario("ia32-rt_sigreturn", "sapphire-rapids", _sigreturn_ia32(True), _state, 2),
     Scenario("xfd-first-use", "sapphire-rapids", _xfd_first_use, _state, 1),
     Scenario("clone", "zen5", _clone, _clone_observe, 1),
     Scenario("signal-delivery", "zen5", _signal_delivery, _frame_observe, 1),

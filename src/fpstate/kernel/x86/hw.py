@@ -484,6 +484,22 @@ class FpRegs:
             self.xinuse |= XFEATURE_MASK_SSE
         return None
 
+    def fxsave(self, buf: Buf) -> Fault | None:
+        """FXSAVE64 (SDM Vol. 2A, FXSAVE; the kernel's fxsave() on x86-64): the x87 state,
+        MXCSR and MXCSR_MASK, and XMM0-15 into a 512-byte legacy area, as they are: no init
+        optimisation, no XSAVE header. Bytes 416..511 are not written (464..511 are
+        software's: a signal frame's struct _fpx_sw_bytes). #GP unless 16-byte aligned."""
+        if buf.addr % 16:
+            return Fault("#GP", f"FXSAVE area {buf.addr:#x} not 16-byte aligned")
+        fault = buf.check([(0, 416)])
+        if fault:
+            return fault
+        x87 = self.component(0)
+        buf.write(0, x87[:MXCSR_OFFSET] + self.mxcsr.to_bytes(4, "little")
+                  + self.mxcsr_mask.to_bytes(4, "little") + x87[32:160])
+        buf.write(160, self.component(1))
+        return None
+
     def fxrstor_legacy(self, buf: Buf) -> Fault | None:
         """FXRSTOR64 (the fx_only sigreturn path): x87 and XMM0-15 and MXCSR from 512 bytes;
         #GP on MXCSR reserved bits. As XRSTOR, loaded init values are not in use."""

@@ -292,3 +292,92 @@ def sys_ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
     if False:  # pragma: no cover - a kernel path without preemption points
         yield
     return ptrace_regset(c, target, req, note, iov_len, data)
+
+
+# -- the ia32 legacy x87 format (CONFIG_IA32_EMULATION): user_i387_ia32_struct ----------------
+
+#: sizeof(struct user_i387_ia32_struct) (asm/user32.h): cwd, swd, twd, fip, fcs, foo, fos as
+#: u32, then the 8 x87 registers as 10-byte values (the fsave layout of struct _fpstate_32).
+USER_I387_IA32_SIZE = 108
+#: The tag of one x87 register in the full (fsave) tag word.
+FP_EXP_TAG_VALID, FP_EXP_TAG_ZERO, FP_EXP_TAG_SPECIAL, FP_EXP_TAG_EMPTY = 0, 1, 2, 3
+#: The selectors of a compat task (compat_start_thread): __USER32_CS, and __USER_DS for its
+#: data segments. The model's ia32 frames belong to such a task.
+USER32_CS, USER_DS = 0x23, 0x2B
+_ST_SPACE = 32  #: fxregs_state.st_space: 8 registers of 16 bytes, the first 10 used
+
+
+def twd_i387_to_fxsr(twd: int) -> int:
+    """twd_i387_to_fxsr() (regset.c): the full tag word (2 bits per physical register) to
+    FXSAVE's abridged one (1 bit each: not empty)."""
+    tmp = ~twd & 0xFFFFFFFF
+    tmp = (tmp | tmp >> 1) & 0x5555
+    tmp = (tmp | tmp >> 1) & 0x3333
+    tmp = (tmp | tmp >> 2) & 0x0F0F
+    return (tmp | tmp >> 4) & 0x00FF
+
+
+def twd_fxsr_to_i387(fx: bytes) -> int:
+    """twd_fxsr_to_i387() (regset.c): the full tag word of a 512-byte FXSAVE area. Each
+    non-empty physical register i is classified by the register stored in slot (i - TOP) & 7:
+    exponent 0x7fff -> special; exponent 0 -> zero if the significand is 0, else special
+    (denormal); otherwise valid when the integer bit (bit 63) is set, else special
+    (unnormal). The high half is all ones."""
+    tos = int.from_bytes(fx[2:4], "little") >> 11 & 7
+    twd = fx[4]
+    ret = 0xFFFF0000
+    for i in range(8):
+        if twd >> i & 1:
+            off = _ST_SPACE + ((i - tos) & 7) * 16
+            significand = int.from_bytes(fx[off:off + 8], "little")
+            exponent = int.from_bytes(fx[off + 8:off + 10], "little") & 0x7FFF
+            if exponent == 0x7FFF:
+                tag = FP_EXP_TAG_SPECIAL
+            elif exponent == 0:
+                tag = FP_EXP_TAG_ZERO if significand == 0 else FP_EXP_TAG_SPECIAL
+            else:
+                tag = FP_EXP_TAG_VALID if significand >> 63 else FP_EXP_TAG_SPECIAL
+        else:
+            tag = FP_EXP_TAG_EMPTY
+        ret |= tag << 2 * i
+    return ret
+
+
+def convert_from_fxsr(fx: bytes, cs: int = USER32_CS, ds: int = USER_DS) -> bytes:
+    """__convert_from_fxsr() (regset.c) on x86-64: struct user_i387_ia32_struct from a
+    512-byte FXSAVE area. cwd and swd with the high half set, the full tag word, FIP and FDP
+    truncated to 32 bits; the selectors are not in a 64-bit FXSAVE, so fcs is the task's user
+    CS (task_pt_regs()->cs) and fos its DS with the high half set; then the 10-byte x87
+    registers."""
+    def u32(v: int) -> bytes:
+        return (v & 0xFFFFFFFF).to_bytes(4, "little")
+
+    out = (u32(int.from_bytes(fx[0:2], "little") | 0xFFFF0000)
+           + u32(int.from_bytes(fx[2:4], "little") | 0xFFFF0000)
+           + u32(twd_fxsr_to_i387(fx))
+           + u32(int.from_bytes(fx[8:16], "little"))
+           + u32(cs)
+           + u32(int.from_bytes(fx[16:24], "little"))
+           + u32(ds | 0xFFFF0000))
+    return out + b"".join(bytes(fx[_ST_SPACE + 16 * i:_ST_SPACE + 16 * i + 10])
+                          for i in range(8))
+
+
+def convert_to_fxsr(fx: bytearray, env: bytes) -> None:
+    """convert_to_fxsr() (regset.c) on x86-64: fold a user_i387_ia32_struct into a 512-byte
+    FXSAVE area in place. cwd and swd (low halves); the abridged tag word as a u16 (its
+    reserved high byte becomes 0); FOP from fcs >> 16 (0 for a plain selector); FIP and FDP
+    zero-extended from 32 bits; "cs and ds ignored"; the first 10 bytes of each register slot
+    (the other 6 keep what was there)."""
+    def u32(off: int) -> int:
+        return int.from_bytes(env[off:off + 4], "little")
+
+    fx[0:2] = (u32(0) & 0xFFFF).to_bytes(2, "little")
+    fx[2:4] = (u32(4) & 0xFFFF).to_bytes(2, "little")
+    fx[4:6] = twd_i387_to_fxsr(u32(8) & 0xFFFF).to_bytes(2, "little")
+    fx[6:8] = (u32(16) >> 16).to_bytes(2, "little")
+    fx[8:16] = u32(12).to_bytes(8, "little")
+    fx[16:24] = u32(20).to_bytes(8, "little")
+    for i in range(8):
+        off = _ST_SPACE + 16 * i
+        fx[off:off + 10] = env[28 + 10 * i:38 + 10 * i]

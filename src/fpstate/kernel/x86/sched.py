@@ -78,6 +78,12 @@ ILL_ILLOPC, ILL_ILLOPN = 1, 2
 SI_KERNEL = 0x80
 SS_ONSTACK, SS_DISABLE, SS_AUTODISARM = 1, 2, 1 << 31
 SA_ONSTACK = 0x08000000
+#: sa_flags (uapi/asm-generic/signal-defs.h, asm/signal.h): SA_SIGINFO picks the rt frame;
+#: SA_IA32_ABI is set by the kernel when the handler was installed by a 32-bit syscall
+#: (sigaction_compat_abi), and picks the ia32 frames (is_ia32_frame).
+SA_SIGINFO = 0x00000004
+SA_RESTORER = 0x04000000
+SA_IA32_ABI = 0x02000000
 
 
 class TaskState(enum.Enum):

@@ -3,7 +3,9 @@
 Models arch/x86/kernel/fpu/signal.c (copy_fpstate_to_sigframe, fpu__restore_sig,
 fpu__alloc_mathframe, fpu__get_fpstate_size), the signal-frame helpers of kernel/fpu/xstate.h
 (xsave_to_user_sigframe, update_pkru_in_sigframe) and arch/x86/kernel/signal.c (get_sigframe,
-init_sigframe_size, handle_signal), Linux v6.17, for 64-bit frames.
+init_sigframe_size, handle_signal) and arch/x86/kernel/signal_32.c (the ia32 frames of a
+compat task: ia32_setup_frame, ia32_setup_rt_frame, sys32_sigreturn, sys32_rt_sigreturn),
+Linux v6.17.
 
 The 64-bit frame, from high to low addresses (``sp`` the interrupted stack pointer)::
 
@@ -18,8 +20,16 @@ The 64-bit frame, from high to low addresses (``sp`` the interrupted stack point
     frame = round_down(buf_fx - sizeof(struct rt_sigframe), 16) - 8
         frame + 232    uc.uc_mcontext.fpstate = buf_fx
 
+An ia32 frame (a handler installed by a 32-bit syscall: SA_IA32_ABI) has no red zone and puts
+a 112-byte fsave header (struct _fpstate_32 up to ``magic``) right below the 64-aligned
+``buf_fx``: the x87 environment and registers in the legacy 32-bit format
+(convert_from_fxsr, fpstate.kernel.x86.regset), ``status`` = FSW and ``magic`` =
+X86_FXSR_MAGIC (0). sc.fpstate points at the header; extended_size counts it. On sigreturn the
+header wins over the FXSAVE area for the x87 part (convert_to_fxsr): FOP becomes 0 and FIP/FDP
+are 32-bit. The frame sits at ((fpstate - sizeof frame + 4) & -16) - 4 (i386 ABI).
+
 AT_MINSIGSTKSZ (`get_sigframe_size`) is the worst case over all frame types and the *maximum*
-user size, whatever the task's permissions. The ia32 (fsave header) frames are not modelled.
+user size, whatever the task's permissions.
 """
 
 from __future__ import annotations
@@ -30,12 +40,23 @@ from typing import TYPE_CHECKING
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import (
     __cpu_invalidate_fpregs_state,
+    __fpu_invalidate_fpregs_state,
     fpregs_restore_userregs,
     requires,
 )
-from fpstate.kernel.x86.hw import HDR, KernelBuf, PageFault, UserBuf
+from fpstate.kernel.x86.hw import HDR, MXCSR_OFFSET, KernelBuf, PageFault, UserBuf
+from fpstate.kernel.x86.regset import (
+    USER32_CS,
+    USER_DS,
+    USER_I387_IA32_SIZE,
+    convert_from_fxsr,
+    convert_to_fxsr,
+    copy_uabi_to_xstate,
+)
 from fpstate.kernel.x86.sched import (
+    SA_IA32_ABI,
     SA_ONSTACK,
+    SA_SIGINFO,
     SI_KERNEL,
     SIGSEGV,
     SS_AUTODISARM,
@@ -79,6 +100,17 @@ SI_CODE_OFFSET = 8
 SC_RSP_OFFSET = 48 + 15 * 8
 SC_FPSTATE_OFFSET = 48 + 23 * 8
 SIGINFO_OFFSET = 312
+#: struct _fpstate_32 (uapi/asm/sigcontext.h): ``status`` and ``magic`` after the 108-byte
+#: user_i387_ia32_struct; X86_FXSR_MAGIC says an FXSAVE area follows.
+FSAVE_STATUS_OFFSET, FSAVE_MAGIC_OFFSET, X86_FXSR_MAGIC = 108, 110, 0x0000
+#: sizeof(struct rt_sigframe_ia32): pretcode, sig, pinfo, puc, compat_siginfo_t (128), struct
+#: ucontext_ia32 (116) and retcode (8).
+RT_SIGFRAME_IA32_SIZE = 268
+#: struct sigcontext_32 inside a frame: at 8 in sigframe_ia32, at uc + 20 (164) in
+#: rt_sigframe_ia32; its sp at 28, sp_at_signal at 68, fpstate at 76.
+SC32_SP, SC32_SP_AT_SIGNAL, SC32_FPSTATE = 28, 68, 76
+SIGFRAME_IA32_SC, RT_IA32_INFO, RT_IA32_UC = 8, 16, 144
+RT_IA32_UC_STACK, RT_IA32_SC = RT_IA32_UC + 8, RT_IA32_UC + 20
 
 
 # -- sizes ----------------------------------------------------------------------------------------
@@ -220,15 +252,18 @@ def __clear_user(c: Cpu, addr: int, n: int) -> bool:
 
 @requires("task_context", "user_task")
 def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int, pkru: int) -> bool:
-    """copy_fpstate_to_sigframe() (signal.c) for 64-bit frames (buf == buf_fx).
+    """copy_fpstate_to_sigframe() (signal.c): buf == buf_fx for 64-bit frames; an ia32 frame
+    has the fsave header at buf, 112 bytes below buf_fx.
 
     Zero the user header, then under fpregs_lock: load current's registers if they are not
     live and XSAVE them straight to the user frame with page faults disabled. A fault unlocks,
     clears (and so faults in) the frame and retries; if that clearing faults too, failure.
-    Finally the software bytes, MAGIC2 and the forced FP|SSE bits (save_xstate_epilog).
+    Then an ia32 frame's fsave header (save_fsave_header). Finally the software bytes, MAGIC2
+    and the forced FP|SSE bits (save_xstate_epilog).
     """
-    if buf != buf_fx:
-        raise IllegalEvent("ia32 signal frames (fsave header) are not modelled")
+    ia32_fxstate = buf != buf_fx
+    if ia32_fxstate and not c.m.system.fxsr:
+        raise IllegalEvent("an ia32 frame without FXSR (fnsave) is not modelled")
     fps = c.current.fpu.fpstate
     if not __clear_user(c, buf_fx + HDR, 64):
         return False
@@ -245,7 +280,33 @@ def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int, pkru: int
         c.m.events["sigframe-retry"] += 1
         if not __clear_user(c, buf_fx, fps.user_size):
             return False
-    return save_xstate_epilog(c, buf_fx, False, fps.user_size, fps.user_xfeatures)
+    if ia32_fxstate and not save_fsave_header(c, buf):
+        return False
+    return save_xstate_epilog(c, buf_fx, ia32_fxstate, fps.user_size, fps.user_xfeatures)
+
+
+def save_fsave_header(c: Cpu, buf: int) -> bool:
+    """save_fsave_header() (signal.c) with FXSR: if current's registers are live, FXSAVE them
+    into its fpstate's legacy area first (under fpregs_lock; the image's XSAVE header is not
+    touched); then the user_i387_ia32_struct converted from that area (convert_from_fxsr),
+    ``status`` = its FSW and ``magic`` = X86_FXSR_MAGIC, at ``buf``. False on a fault."""
+    t = c.current
+    fps = t.fpu.fpstate
+    core.fpregs_lock(c)
+    if not t.need_fpu_load:
+        fault = c.regs.fxsave(KernelBuf(fps.regs, fps))
+        assert fault is None, fault
+    core.fpregs_unlock(c)
+    fx = bytes(fps.regs[:FXSAVE_SIZE])
+    env = convert_from_fxsr(fx, USER32_CS, USER_DS)
+    try:
+        mm = t.process.mm
+        mm.write(buf, env)
+        mm.write(buf + FSAVE_STATUS_OFFSET, fx[2:4])
+        mm.write(buf + FSAVE_MAGIC_OFFSET, X86_FXSR_MAGIC.to_bytes(2, "little"))
+    except PageFault:
+        return False
+    return True
 
 
 def save_xstate_epilog(c: Cpu, buf_fx: int, ia32_frame: bool, user_size: int,
@@ -278,20 +339,27 @@ def write_pkru(c: Cpu, pkru: int) -> None:
         c.regs.set_component(9, pkru.to_bytes(4, "little") + bytes(4))
 
 
-def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE) -> tuple[int, int]:
-    """get_sigframe() (arch/x86/kernel/signal.c), 64-bit: (frame, fpstate); frame = -1 when it
-    would overflow the sigaltstack or the FPU state could not be written."""
+def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE,
+                 ia32_frame: bool = False) -> tuple[int, int]:
+    """get_sigframe() (arch/x86/kernel/signal.c): (frame, fpstate); frame = -1 when it would
+    overflow the sigaltstack or the FPU state could not be written. A 64-bit frame skips the
+    red zone and ends 8 below a 16-byte boundary; an ia32 frame has no red zone and is placed
+    so that (frame + 4) % 16 == 0. (The legacy ia32 stack switch to sa_restorer needs a user
+    SS other than __USER32_DS, which a compat task does not have: not modelled.)"""
     t = c.current
     nested = on_sig_stack(t, t.user_sp)
     entering = False
-    sp = t.user_sp - REDZONE
+    sp = t.user_sp if ia32_frame else t.user_sp - REDZONE
     if sa_flags & SA_ONSTACK and t.sas_ss_size and not on_sig_stack(t, sp):
         sp = t.sas_ss_sp + t.sas_ss_size
         entering = True
-    sp, buf_fx, math_size = fpu__alloc_mathframe(c, sp, False)
+    sp, buf_fx, math_size = fpu__alloc_mathframe(c, sp, ia32_frame)
     fpstate = sp
     sp -= frame_size
-    sp = (sp & ~(FRAME_ALIGNMENT - 1)) - 8
+    if ia32_frame:
+        sp = ((sp + 4) & ~(FRAME_ALIGNMENT - 1)) - 4
+    else:
+        sp = (sp & ~(FRAME_ALIGNMENT - 1)) - 8
     if (nested or entering) and not (t.sas_ss_sp < sp <= t.sas_ss_sp + t.sas_ss_size):
         c.m.log.append(f"{t.comm}[{t.pid}] overflowed sigaltstack")
         return -1, fpstate
@@ -338,12 +406,82 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     return 0
 
 
+def _put32(c: Cpu, addr: int, value: int) -> None:
+    c.current.process.mm.write(addr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def _setup_sigcontext32(c: Cpu, sc: int, fpstate: int) -> None:
+    """__unsafe_setup_sigcontext32() as far as the model has the registers: sp and
+    sp_at_signal (the interrupted ESP) and fpstate (ptr_to_compat)."""
+    sp = c.current.user_sp
+    _put32(c, sc + SC32_SP, sp)
+    _put32(c, sc + SC32_SP_AT_SIGNAL, sp)
+    _put32(c, sc + SC32_FPSTATE, fpstate)
+
+
+def ia32_setup_frame(c: Cpu, sig: Signal) -> int:
+    """ia32_setup_frame() (signal_32.c): struct sigframe_ia32 (a handler without SA_SIGINFO):
+    sig at 4, sigcontext_32 at 8. 0, or -EFAULT."""
+    t = c.current
+    frame, fpstate = get_sigframe(c, t.handlers[sig.sig].flags, SIGFRAME_IA32_SIZE, True)
+    if frame == -1:
+        return -EFAULT
+    try:
+        _put32(c, frame + 4, sig.sig)
+        _setup_sigcontext32(c, frame + SIGFRAME_IA32_SC, fpstate)
+    except PageFault:
+        return -EFAULT
+    t.user_sp = frame
+    return 0
+
+
+def ia32_setup_rt_frame(c: Cpu, sig: Signal) -> int:
+    """ia32_setup_rt_frame() (signal_32.c): struct rt_sigframe_ia32: sig, pinfo and puc,
+    compat_siginfo_t at 16 (si_signo, si_code), struct ucontext_ia32 at 144 with uc_flags =
+    UC_FP_XSTATE with XSAVE (else 0), uc_stack (unsafe_compat_save_altstack: the raw sas_ss_*
+    fields; SS_AUTODISARM then disarms) and uc_mcontext at 164. 0, or -EFAULT."""
+    t = c.current
+    frame, fpstate = get_sigframe(c, t.handlers[sig.sig].flags, RT_SIGFRAME_IA32_SIZE, True)
+    if frame == -1:
+        return -EFAULT
+    try:
+        _put32(c, frame + 4, sig.sig)
+        _put32(c, frame + 8, frame + RT_IA32_INFO)
+        _put32(c, frame + 12, frame + RT_IA32_UC)
+        _put32(c, frame + RT_IA32_UC, UC_FP_XSTATE if c.m.system.xsave else 0)
+        _put32(c, frame + RT_IA32_UC + 4, 0)
+        _put32(c, frame + RT_IA32_UC_STACK, t.sas_ss_sp)
+        _put32(c, frame + RT_IA32_UC_STACK + 4, t.sas_ss_flags)
+        _put32(c, frame + RT_IA32_UC_STACK + 8, t.sas_ss_size)
+        _setup_sigcontext32(c, frame + RT_IA32_SC, fpstate)
+        _put32(c, frame + RT_IA32_INFO, sig.sig)
+        _put32(c, frame + RT_IA32_INFO + SI_CODE_OFFSET, sig.code)
+    except PageFault:
+        return -EFAULT
+    t.user_sp = frame
+    if t.sas_ss_flags & SS_AUTODISARM:
+        t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
+    return 0
+
+
+def setup_rt_frame(c: Cpu, sig: Signal) -> int:
+    """setup_rt_frame() (arch/x86/kernel/signal.c): an ia32 frame when the handler was
+    installed by a 32-bit syscall (is_ia32_frame: SA_IA32_ABI), rt or not by SA_SIGINFO;
+    else the 64-bit rt frame (x32 frames are not modelled)."""
+    flags = c.current.handlers[sig.sig].flags
+    if flags & SA_IA32_ABI:
+        if flags & SA_SIGINFO:
+            return ia32_setup_rt_frame(c, sig)
+        return ia32_setup_frame(c, sig)
+    return x64_setup_rt_frame(c, sig)
+
+
 def handle_signal(c: Cpu, sig: Signal) -> None:
     """handle_signal() (arch/x86/kernel/signal.c): set up the frame; on failure
     force_sigsegv(); on success the handler starts with init user FPU state
     (fpu__clear_user_states)."""
     t = c.current
-    if x64_setup_rt_frame(c, sig):
+    if setup_rt_frame(c, sig):
         # signal_setup_done() -> force_sigsegv(): a failing SIGSEGV frame resets the handler.
         if sig.sig == SIGSEGV:
             t.handlers.pop(SIGSEGV, None)
@@ -439,9 +577,8 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
 
 def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> KPath:
     """__fpu_restore_sig(): read the sw bytes; user_xfeatures from them (user-controlled) or
-    FP|SSE for an FXSAVE-only frame; 64-bit frames restore directly from user memory."""
-    if ia32_fxstate:
-        raise IllegalEvent("ia32 signal frames (fsave header) are not modelled")
+    FP|SSE for an FXSAVE-only frame; 64-bit frames restore directly from user memory, ia32
+    frames through the task's fpstate (`__fpu_restore_sig_ia32`)."""
     if c.m.system.xsave:
         sw = check_xstate_in_sigframe(c, buf_fx)
         if sw is None:
@@ -450,23 +587,98 @@ def __fpu_restore_sig(c: Cpu, buf: int, buf_fx: int, ia32_fxstate: bool) -> KPat
         user_xfeatures = sw.xfeatures
     else:
         fx_only, user_xfeatures = True, XFEATURE_MASK_FPSSE
+    if ia32_fxstate:
+        return (yield from __fpu_restore_sig_ia32(c, buf, buf_fx, user_xfeatures, fx_only))
     return (yield from restore_fpregs_from_user(c, buf_fx, user_xfeatures, fx_only))
+
+
+def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
+                           fx_only: bool) -> KPath:
+    """The ia32 half of __fpu_restore_sig(): the legacy x87 state of the fsave header must
+    override the FXSAVE area's, so the frame goes through memory.
+
+    Copy the header (user_i387_ia32_struct). Under fpregs_lock, if the registers are live,
+    save them first when supervisor states exist (to keep those), and set TIF_NEED_FPU_LOAD;
+    in every case invalidate the fpu's and this CPU's ownership -- the fpstate is now the truth
+    and the copies below may fault and sleep (a preemption point), a context switch then saving
+    nothing over it. Copy the frame into the fpstate: copy_sigframe_from_user_to_xstate() =
+    copy_uabi_to_xstate() with thread.pkru (its validation can fail), or for an FXSAVE-only
+    frame the 512 bytes (MXCSR reserved bits fail on x86-64; FP|SSE forced into XSTATE_BV).
+    Fold the header in (convert_to_fxsr), drop from XSTATE_BV the user features outside
+    user_xfeatures (they restore to init; supervisor ones are kept), and XRSTOR the whole
+    kernel max_features with os_xrstor_safe(); success activates the registers."""
+    t = c.current
+    fpu = t.fpu
+    mm = t.process.mm
+    try:
+        env = mm.read(buf, USER_I387_IA32_SIZE)
+    except PageFault:
+        return False
+    core.fpregs_lock(c)
+    if not t.need_fpu_load:
+        if c.m.system.xfeatures_mask_supervisor:
+            core.os_xsave(c, fpu.fpstate)
+        t.need_fpu_load = True
+    __fpu_invalidate_fpregs_state(fpu)
+    __cpu_invalidate_fpregs_state(c)
+    core.fpregs_unlock(c)
+    c = yield  # the copies from user memory may fault and sleep
+    fps = fpu.fpstate
+    if c.m.system.xsave and not fx_only:
+        try:
+            ubuf = mm.read(buf_fx, fps.user_size)
+        except PageFault:
+            return False
+        pkru = [t.thread_pkru]
+        if copy_uabi_to_xstate(c.m.system, fps, ubuf, pkru):
+            return False
+        t.thread_pkru = pkru[0]
+    else:
+        try:
+            fx = mm.read(buf_fx, FXSAVE_SIZE)
+        except PageFault:
+            return False
+        fps.regs[0:FXSAVE_SIZE] = fx
+        if int.from_bytes(fx[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") \
+                & ~c.m.system.mxcsr_feature_mask:
+            return False
+        if c.m.system.xsave:
+            fps.xstate_bv |= XFEATURE_MASK_FPSSE
+    legacy = bytearray(fps.regs[0:FXSAVE_SIZE])
+    convert_to_fxsr(legacy, env)
+    fps.regs[0:FXSAVE_SIZE] = legacy
+    core.fpregs_lock(c)
+    if c.m.system.xsave:
+        fps.xstate_bv &= user_xfeatures | c.m.system.xfeatures_mask_supervisor
+        success = core.os_xrstor_safe(c, fps, c.m.system.kernel.max_features)
+    else:
+        success = c.regs.fxrstor_legacy(KernelBuf(fps.regs, fps)) is None
+    if success:
+        core.fpregs_mark_activate(c)
+    core.fpregs_unlock(c)
+    return success
 
 
 @requires("task_context", "user_task")
 def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> KPath:
     """fpu__restore_sig() (signal.c): NULL -> clear the user states (success); the frame must
-    be accessible (access_ok over xstate_sigframe_size of the *current* fpstate); any failure
-    leaves the task with init user state (fpu__clear_user_states) and returns False."""
+    be accessible (access_ok over xstate_sigframe_size of the *current* fpstate, + the fsave
+    header of an ia32 frame, whose FXSAVE area starts 112 bytes in); any failure leaves the
+    task with init user state (fpu__clear_user_states) and returns False."""
     task = c.current
     fpu = task.fpu
     if not buf:
         core.fpu__clear_user_states(c, fpu)
         return True
     size = xstate_sigframe_size(c.m.system, fpu.fpstate.user_size)
+    buf_fx = buf
+    ia32_fxstate = ia32_frame and c.m.system.ia32_emulation and c.m.system.fxsr
+    if ia32_fxstate:
+        buf_fx = buf + FREGS_STATE_SIZE
+        size += FREGS_STATE_SIZE
     ok = task.process.mm.access_ok(buf, size)
     if ok:
-        ok = yield from __fpu_restore_sig(c, buf, buf, False)
+        ok = yield from __fpu_restore_sig(c, buf, buf_fx, ia32_fxstate)
     if not ok:
         core.fpu__clear_user_states(c.m.cpu_of(task), fpu)
     return ok
@@ -498,6 +710,51 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))  # signal_fault() -> force_sig(SIGSEGV)
         return -EFAULT
     return 0
+
+
+def sys32_sigreturn(c: Cpu) -> KPath:
+    """sigreturn() of a compat task (SYSCALL32 sigreturn, signal_32.c): the handler's RET
+    popped pretcode and the restorer's ``popl %eax`` the signal number, so the sigframe_ia32
+    is at sp - 8; ia32_restore_sigcontext() (copying it in may sleep), then
+    fpu__restore_sig(sc.fpstate, ia32). A bad frame -> SIGSEGV (signal_fault)."""
+    return (yield from _ia32_sigreturn(c, c.current.user_sp - 8, SIGFRAME_IA32_SC, None))
+
+
+def sys32_rt_sigreturn(c: Cpu) -> KPath:
+    """rt_sigreturn() of a compat task (SYSCALL32 rt_sigreturn): the rt_sigframe_ia32 is at
+    sp - 4 (RET popped pretcode); ia32_restore_sigcontext() of uc_mcontext, then the
+    sigaltstack from uc_stack (compat_restore_altstack: a failure is a bad frame)."""
+    return (yield from _ia32_sigreturn(c, c.current.user_sp - 4, RT_IA32_SC, RT_IA32_UC_STACK))
+
+
+def _ia32_sigreturn(c: Cpu, frame: int, sc: int, uc_stack: int | None) -> KPath:
+    t = c.current
+    mm = t.process.mm
+    try:
+        raw = mm.read(frame + sc, 88)
+        stack = None if uc_stack is None else mm.read(frame + uc_stack, 12)
+    except PageFault:
+        t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
+        return -EFAULT
+    c = yield  # copy_from_user() of the sigcontext: may sleep
+
+    def u32(b: bytes, off: int) -> int:
+        return int.from_bytes(b[off:off + 4], "little")
+
+    t.user_sp = u32(raw, SC32_SP)
+    if not (yield from fpu__restore_sig(c, u32(raw, SC32_FPSTATE), True)):
+        t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))  # badframe: signal_fault()
+        return -EFAULT
+    if stack is not None:  # compat_restore_altstack(): squashes every error but -EFAULT
+        do_sigaltstack(c, u32(stack, 0), u32(stack, 8), u32(stack, 4))
+    return 0
+
+
+def handler_ia32_return(task: object, rt: bool) -> None:
+    """What an ia32 handler's final RET and the restorer do before (rt_)sigreturn: pop
+    pretcode (4 bytes), and for sigreturn the restorer's ``popl %eax`` pops the signal
+    number (4 more)."""
+    task.user_sp += 4 if rt else 8  # type: ignore[attr-defined]
 
 
 def handler_return(task: object) -> None:
