@@ -16,9 +16,13 @@ from fpstate.kernel.x86.regset import (
     ENODEV,
     ESRCH,
     NT_PRFPREG,
+    NT_PRXFPREG,
     NT_X86_XSTATE,
     PTRACE_GETREGSET,
     PTRACE_SETREGSET,
+    USER_I387_IA32_SIZE,
+    VIEW_IA32,
+    convert_from_fxsr,
     sys_ptrace_regset,
 )
 from fpstate.kernel.x86.sched import Machine
@@ -292,3 +296,39 @@ def test_spr_pkru_comes_from_thread_pkru() -> None:
     assert s.child.thread_pkru == 0x11111110
     assert s.set(_with(data, 512, struct.pack("<Q", 0x0E7))) == 0
     assert s.child.thread_pkru == 0
+
+
+# -- the ia32 view (a compat tracee): NT_PRFPREG is user_i387_ia32_struct ----------------------
+
+
+def _ia32(s: Session, req: int, note: int, n: int, data: bytes = b"") -> tuple[int, bytes]:
+    return s.m.syscall(1, sys_ptrace_regset, s.child, req, note, n, data, VIEW_IA32)
+
+
+def test_ia32_view_prfpreg_is_the_108_byte_legacy_environment() -> None:
+    s = Session(Machine.boot("zen5", ncpus=2))
+    ret, env = _ia32(s, PTRACE_GETREGSET, NT_PRFPREG, 4096)
+    assert ret == 0 and len(env) == USER_I387_IA32_SIZE == 108
+    fx = s.get(NT_PRFPREG, 512)[1]  # the x86-64 view's FXSAVE image of the same state
+    assert env == convert_from_fxsr(fx)
+    assert struct.unpack_from("<I", env, 16)[0] == 0x23  # fcs: the compat task's CS
+    # word size 4 in this view (8 in the x86-64 one); NT_PRXFPREG exists only here
+    assert _ia32(s, PTRACE_GETREGSET, NT_PRFPREG, 12)[0] == 0
+    assert s.get(NT_PRFPREG, 12)[0] == -EINVAL
+    assert _ia32(s, PTRACE_GETREGSET, NT_PRXFPREG, 1024) == (0, fx)
+    assert s.get(NT_PRXFPREG, 512)[0] == -EINVAL
+
+
+def test_ia32_view_prfpreg_set_folds_into_the_fxsave_area() -> None:
+    s = Session(Machine.boot("zen5", ncpus=2))
+    _, env = _ia32(s, PTRACE_GETREGSET, NT_PRFPREG, 108)
+    new = bytearray(env)
+    new[28:38] = (1 << 63).to_bytes(8, "little") + (0x3FFF).to_bytes(2, "little")  # ST0 = 1.0
+    new[16:20] = (0x0123_0023).to_bytes(4, "little")  # fcs: its high half becomes FOP
+    assert _ia32(s, PTRACE_SETREGSET, NT_PRFPREG, 104, bytes(new))[0] == -EINVAL
+    assert _ia32(s, PTRACE_SETREGSET, NT_PRFPREG, 108, bytes(new))[0] == 0
+    assert s.child.fpu.last_cpu == -1  # fpu_force_restore()
+    s.resume()
+    x87 = s.m.user_read(0, 0)
+    assert x87[32:42] == bytes(new[28:38]) and int.from_bytes(x87[6:8], "little") == 0x0123
+    assert s.m.user_read(0, SSE) == s.before[SSE]

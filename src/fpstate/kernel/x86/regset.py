@@ -19,7 +19,7 @@ supervisor ones in the image kept.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import __fpu_invalidate_fpregs_state
@@ -49,7 +49,12 @@ if TYPE_CHECKING:
     from fpstate.kernel.x86.sched import Cpu, KPath, Task
 
 NT_PRFPREG = 2
+NT_PRXFPREG = 0x46E62B7F  #: the ia32 view's 512-byte FXSAVE regset (REGSET32_XFP)
 NT_X86_XSTATE = 0x202
+#: The regset views (task_user_regset_view(): the tracee's mode picks one): on x86-64
+#: NT_PRFPREG is the FXSAVE image (xfpregs); on ia32 it is user_i387_ia32_struct (fpregs)
+#: and NT_PRXFPREG the FXSAVE image.
+VIEW_X86_64, VIEW_IA32 = "x86_64", "ia32"
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 ENODEV, ESRCH = 19, 3
@@ -252,46 +257,58 @@ def xfpregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
     return 0
 
 
-def ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
-                  data: bytes = b"") -> tuple[int, bytes]:
-    """ptrace_regset() (kernel/ptrace.c) for the two FPU regsets, with ptrace_check_attach's
-    "the tracee must be stopped" (-ESRCH otherwise).
+def _regset(system: FpuSystem, view: str, note: int) -> tuple[int, int, Any, Any] | None:
+    """(size of a word, regset size, get, set) of an FPU regset of a view (the x86_64_regsets
+    and x86_32_regsets tables of arch/x86/kernel/ptrace.c), None when the view has none."""
+    if note == NT_X86_XSTATE:
+        return 8, regset_xstate_size(system), xstateregs_get, xstateregs_set
+    if view == VIEW_X86_64:
+        return (8, FXSAVE_SIZE, xfpregs_get, xfpregs_set) if note == NT_PRFPREG else None
+    if note == NT_PRFPREG:
+        return 4, USER_I387_IA32_SIZE, fpregs_get, fpregs_set
+    if note == NT_PRXFPREG:
+        return 4, FXSAVE_SIZE, xfpregs_get, xfpregs_set
+    return None
 
-    iov_len must be a multiple of the regset's word size (8) else -EINVAL; it is clamped to
-    the regset size. GETREGSET returns (0, the first iov_len bytes); SETREGSET passes iov_len
-    as count (so a short NT_X86_XSTATE write is -EFAULT, a longer one is clamped and accepted).
-    Returns (result, bytes read).
+
+def ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
+                  data: bytes = b"", view: str = VIEW_X86_64) -> tuple[int, bytes]:
+    """ptrace_regset() (kernel/ptrace.c) for the FPU regsets of ``view`` (a compat tracee's
+    is VIEW_IA32), with ptrace_check_attach's "the tracee must be stopped" (-ESRCH
+    otherwise).
+
+    iov_len must be a multiple of the regset's word size (8 on x86-64; 4 for the ia32
+    NT_PRFPREG and NT_PRXFPREG) else -EINVAL; it is clamped to the regset size. GETREGSET
+    returns (0, the first iov_len bytes); SETREGSET passes iov_len as count (so a short
+    NT_X86_XSTATE write is -EFAULT, a short NT_PRFPREG one -EINVAL, a longer one is clamped
+    and accepted). Returns (result, bytes read).
     """
     if target.state is not _STOPPED:
         return -ESRCH, b""
-    if note == NT_X86_XSTATE:
-        full = regset_xstate_size(c.m.system)
-    elif note == NT_PRFPREG:
-        full = FXSAVE_SIZE
-    else:
+    regset = _regset(c.m.system, view, note)
+    if regset is None:
         return -EINVAL, b""
-    if iov_len % 8:
+    word, full, get, put = regset
+    if iov_len % word:
         return -EINVAL, b""
     n = min(iov_len, full)
     if req == PTRACE_GETREGSET:
-        got = (xstateregs_get(c, target, n) if note == NT_X86_XSTATE
-               else xfpregs_get(c, target, n))
+        got = get(c, target, n)
         return (got, b"") if isinstance(got, int) else (0, got)
     if req == PTRACE_SETREGSET:
         if len(data) < n:
             return -EFAULT, b""
-        setter = xstateregs_set if note == NT_X86_XSTATE else xfpregs_set
-        return setter(c, target, 0, n, data[:n]), b""
+        return put(c, target, 0, n, data[:n]), b""
     raise IllegalEvent(f"ptrace request {req:#x} is not a regset request")
 
 
 def sys_ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
-                      data: bytes = b"") -> KPath:
+                      data: bytes = b"", view: str = VIEW_X86_64) -> KPath:
     """ptrace(PTRACE_GETREGSET / PTRACE_SETREGSET, pid, note, &iov) by the current task (the
     tracer) as a kernel path; (result, bytes read)."""
     if False:  # pragma: no cover - a kernel path without preemption points
         yield
-    return ptrace_regset(c, target, req, note, iov_len, data)
+    return ptrace_regset(c, target, req, note, iov_len, data, view)
 
 
 # -- the ia32 legacy x87 format (CONFIG_IA32_EMULATION): user_i387_ia32_struct ----------------
@@ -381,3 +398,40 @@ def convert_to_fxsr(fx: bytearray, env: bytes) -> None:
     for i in range(8):
         off = _ST_SPACE + 16 * i
         fx[off:off + 10] = env[28 + 10 * i:38 + 10 * i]
+
+
+def fpregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
+    """fpregs_get() (regset.c, the ia32 NT_PRFPREG): sync_fpstate(), the x87 part of the UABI
+    image (XSTATE_COPY_FP: init values when x87 is in init state) converted to
+    user_i387_ia32_struct with the tracee's CS and saved DS (a compat task's), ``size``
+    bytes."""
+    system = c.m.system
+    if not system.fxsr:
+        raise IllegalEvent("fpregs_get without FXSR (the fsave image) is not modelled")
+    sync_fpstate(c, target.fpu)
+    if system.xsave:
+        fx = copy_xstate_to_uabi_buf(c, target, XSTATE_COPY_FP, FXSAVE_SIZE)
+    else:
+        fx = bytes(target.fpu.fpstate.regs[:FXSAVE_SIZE])
+    env = convert_from_fxsr(fx, USER32_CS, USER_DS)
+    return env[:size] + bytes(max(0, size - len(env)))
+
+
+def fpregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
+    """fpregs_set() (regset.c): exactly the 108-byte user_i387_ia32_struct at pos 0 else
+    -EINVAL; fpu_force_restore(), fold it into the fpstate's FXSAVE area (convert_to_fxsr:
+    FOP from fcs >> 16, 32-bit FIP/FDP, the selectors ignored), and mark FP in use."""
+    system = c.m.system
+    if pos != 0 or count != USER_I387_IA32_SIZE:
+        return -EINVAL
+    if not system.fxsr:
+        raise IllegalEvent("fpregs_set without FXSR (the fsave image) is not modelled")
+    fpu_force_restore(c, target.fpu)
+    fps = target.fpu.fpstate
+    fps.check_alive("fpregs_set")
+    legacy = bytearray(fps.regs[:FXSAVE_SIZE])
+    convert_to_fxsr(legacy, data[:count])
+    fps.regs[:FXSAVE_SIZE] = legacy
+    if system.xsave:
+        fps.xstate_bv = fps.xstate_bv | XFEATURE_MASK_FP
+    return 0
