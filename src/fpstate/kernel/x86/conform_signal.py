@@ -35,8 +35,27 @@ from fpstate.kernel.x86.conform import (
     show,
     user_task,
 )
-from fpstate.kernel.x86.sched import SA_ONSTACK, SIGSEGV, SIGUSR1, Machine, SigAction, Signal, Task
-from fpstate.kernel.x86.signal import handler_return, sys_rt_sigreturn
+from fpstate.kernel.x86.sched import (
+    SA_IA32_ABI,
+    SA_ONSTACK,
+    SA_RESTORER,
+    SA_SIGINFO,
+    SIGSEGV,
+    SIGUSR1,
+    Machine,
+    SigAction,
+    Signal,
+    Task,
+)
+from fpstate.kernel.x86.signal import (
+    RT_IA32_SC,
+    SIGFRAME_IA32_SC,
+    handler_ia32_return,
+    handler_return,
+    sys32_rt_sigreturn,
+    sys32_sigreturn,
+    sys_rt_sigreturn,
+)
 from fpstate.kernel.x86.types import FpuSystem
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_PERM,
@@ -419,6 +438,149 @@ def _amx_altstack_model(system: FpuSystem, given: Any) -> Facts:
     return _amx_altstack_facts(rows)
 
 
+# -- ia32 frames (a 32-bit program: fpstate.host.ia32) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ia32Given:
+    """What the model replays of one 32-bit host run: the registers at delivery (the XSAVE
+    image the kernel wrote behind the fsave header), the interrupted ESP, the frame kind and
+    the handler's patches (offsets from the fsave header)."""
+
+    image: bytes
+    sp: int
+    rt: bool
+    patches: tuple[tuple[int, bytes], ...] = ()
+
+
+#: The probe's state: eight x87 registers of every tag class around TOP = 5, an x87
+#: exception pending (IE unmasked and raised: FXSAVE keeps FOP/FIP/FDP, which AMD drops
+#: otherwise), distinct XMM0-7 and MXCSR.
+def _ia32_state() -> bytes:
+    from fpstate.host.ia32 import fxsave_image, x87
+
+    st = (x87(0x3FFF, 1 << 63), x87(0, 0, 1), x87(0x7FFF, 1 << 63), x87(0, 0x1234),
+          x87(0x4001, 1 << 62), x87(0x7FFF, 0xC000_0000_0000_0001), x87(0x4000, 5 << 61),
+          x87(0x3FFE, 3 << 62))
+    top = 5
+    ftw = sum(1 << ((i + top) & 7) for i in range(6))  # ST6, ST7 empty
+    return fxsave_image(fcw=0x0A7E, fsw=top << 11 | 0xC2A1, ftw=ftw, fop=0x123,
+                        fip=0x11223344, fcs=0x0ABC, fdp=0x55667788, fds=0x0DEF, mxcsr=0x3FA0,
+                        st=st, xmm=[bytes((0x10 * n + k) & 0xFF for k in range(16))
+                                    for n in range(1, 9)])
+
+
+def _ia32_facts(system: FpuSystem, esp: int, sc: bytes, frame: bytes, rt: bool,
+                uc_flags: int | None, signo: int | None) -> Facts:
+    """The facts of one ia32 frame: placement, the sigcontext's sp and fpstate, the fsave
+    header field by field, the sw bytes, MAGIC2 and the registers of the XSAVE image."""
+    fpstate = _u(sc, 76, "<I")
+    cw, sw, tag, ip, cs, dp, ds = struct.unpack_from("<7I", frame)
+    magic1, ext, xfeatures, size = struct.unpack_from("<IIQI", frame, 112 + SW)
+    facts: Facts = {
+        "frame": esp, "fpstate": fpstate, "fpstate - frame": fpstate - esp,
+        "(frame + 4) % 16": (esp + 4) % 16, "(fpstate + 112) % 64": (fpstate + 112) % 64,
+        "sc.sp": _u(sc, 28, "<I"), "sc.sp_at_signal": _u(sc, 68, "<I"),
+        "header.cw": cw, "header.sw": sw, "header.tag": tag, "header.ipoff": ip,
+        "header.cssel": cs, "header.dataoff": dp, "header.datasel": ds,
+        "header.st": tuple(frame[28 + 10 * i:38 + 10 * i] for i in range(8)),
+        "header.status": _u(frame, 108, "<H"), "header.magic": _u(frame, 110, "<H"),
+        "sw.magic1": magic1, "sw.extended_size": ext, "sw.xfeatures": xfeatures,
+        "sw.xstate_size": size, "magic2": _u(frame, 112 + size, "<I"),
+        "XSTATE_BV": _u(frame, 112 + 512),
+    }
+    facts.update(prefixed("frame", image_registers(system, frame[112:112 + size])))
+    if rt:
+        facts["uc_flags"], facts["si_signo"] = uc_flags, signo
+    return facts
+
+
+def _ia32_host(rt: bool, patches: tuple[tuple[int, bytes], ...] = ()) -> Any:
+    def host() -> HostAnswer:
+        from fpstate.host.ia32 import ia32_signal
+
+        run = ia32_signal(_ia32_state(), siginfo=rt, patches=patches)
+        system = host_system()
+        signo = None if run.siginfo is None else _u(run.siginfo, 0, "<i")
+        facts = _ia32_facts(system, run.esp, run.sigcontext, run.frame, rt, run.uc_flags, signo)
+        if patches:
+            facts = _ia32_after_host(run)
+        size = run.sw_bytes.xstate_size
+        return HostAnswer(facts, Ia32Given(run.frame[112:112 + size], run.main_esp, rt, patches))
+
+    return host
+
+
+def _ia32_after_host(run: Any) -> Facts:
+    if run.died_of is not None:
+        return {"outcome": f"killed by {run.died_of}"}
+    a = run.after
+    return {"outcome": "restored", "after.fcw": a.fcw, "after.fsw": a.fsw, "after.ftw": a.ftw,
+            "after.fop": a.fop, "after.fip": a.fip, "after.fdp": a.fdp, "after.mxcsr": a.mxcsr,
+            "after.st": tuple(a.st), "after.xmm": tuple(a.xmm)}
+
+
+def ia32_model_deliver(system: FpuSystem, g: Ia32Given) -> tuple[Machine, Task]:
+    """handle_signal() of SIGUSR1 to a compat task whose handler was installed by the 32-bit
+    rt_sigaction (SA_IA32_ABI | SA_RESTORER, SA_SIGINFO for rt), over the replayed
+    registers; no SIGSEGV handler (as the probe)."""
+    m = Machine(system, 1)
+    t = user_task(m, sp=g.sp)
+    load_registers(m, 0, g.image)
+    t.handlers[SIGUSR1] = SigAction(SA_IA32_ABI | SA_RESTORER | (SA_SIGINFO if g.rt else 0))
+    m.enter_kernel(0)
+    t.pending.append(Signal(SIGUSR1))
+    m.exit_to_user_mode(0)
+    return m, t
+
+
+def ia32_model(system: FpuSystem, g: Ia32Given) -> Facts:
+    """The ia32 frame the model builds (ia32_setup_frame / ia32_setup_rt_frame) or, with
+    patches, what the task runs with after sys32_(rt_)sigreturn."""
+    m, t = ia32_model_deliver(system, g)
+    mm = t.process.mm
+    esp = t.user_sp
+    sc = mm.read(esp + (RT_IA32_SC if g.rt else SIGFRAME_IA32_SC), 88)
+    fpstate = _u(sc, 76, "<I")
+    ext = _u(mm.read(fpstate + 112 + SW + 4, 4), 0, "<I")
+    frame = mm.read(fpstate, ext)
+    if not g.patches:
+        return _ia32_facts(system, esp, sc, frame, g.rt, _u(mm.read(esp + 144, 4), 0, "<I"),
+                           _u(mm.read(esp + 16, 4), 0, "<i"))
+    for off, data in g.patches:
+        mm.write(fpstate + off, data)
+    handler_ia32_return(t, g.rt)
+    m.syscall(0, sys32_rt_sigreturn if g.rt else sys32_sigreturn)
+    if t.killed_by is not None:
+        sig = t.killed_by.sig
+        return {"outcome": f"killed by {'SIGSEGV' if sig == SIGSEGV else sig}"}
+    regs = m.cpus[0].regs
+    x = regs.component(0)
+    xmm = regs.component(1)
+    return {"outcome": "restored", "after.fcw": _u(x, 0, "<H"), "after.fsw": _u(x, 2, "<H"),
+            "after.ftw": x[4], "after.fop": _u(x, 6, "<H"),
+            "after.fip": _u(x, 8) & 0xFFFFFFFF, "after.fdp": _u(x, 16) & 0xFFFFFFFF,
+            "after.mxcsr": regs.mxcsr,
+            "after.st": tuple(x[32 + 16 * i:42 + 16 * i] for i in range(8)),
+            "after.xmm": tuple(xmm[16 * i:16 * i + 16] for i in range(8))}
+
+
+#: Handler patches of the ia32 sigreturn cases (offsets from the fsave header).
+_IA32_HEADER_WINS = (
+    (28, bytes.fromhex("00000000000000c0ff7f")),  # header _st[0] := a QNaN
+    (112 + 32 + 16, bytes(10)),  # the FXSAVE area's ST1: overridden by the header's _st[1]
+    # header cw: precision and rounding changed, IE still unmasked (masking it would have the
+    # CPU's XRSTOR recompute FSW.ES and B, and AMD's FXSAVE then drop FIP/FDP: not modelled)
+    (0, (0x027E).to_bytes(2, "little")),
+    (112 + 160, bytes(range(0xA0, 0xB0))),  # XMM0 from the FXSAVE area: restored as written
+)
+_IA32_BAD_MXCSR = ((112 + 24, (0xFFFF3FA0).to_bytes(4, "little")),)
+_IA32_RULE = ("ia32_setup_frame/ia32_setup_rt_frame, get_sigframe (ia32), "
+              "copy_fpstate_to_sigframe, save_fsave_header, convert_from_fxsr")
+_IA32_RETURN_RULE = ("sys32_sigreturn/sys32_rt_sigreturn, __fpu_restore_sig (ia32_fxstate), "
+                     "copy_sigframe_from_user_to_xstate, convert_to_fxsr")
+
+
 _FRAME_RULE = "get_sigframe, fpu__alloc_mathframe, copy_fpstate_to_sigframe, save_xstate_epilog"
 _INIT_UPPER = 0xE4  # YMM, opmask, ZMM_Hi256, Hi16_ZMM
 
@@ -447,4 +609,12 @@ CASES: tuple[Case, ...] = (
          _amx_altstack_host, _amx_altstack_model, host_amx_reason),
     Case("sigreturn/failure-sigsegv-frame", "rt_sigreturn badframe: fpu__clear_user_states, "
          "signal_fault -> force_sig(SIGSEGV)", _segv_host, _segv_model),
+    Case("sigframe/ia32", _IA32_RULE, _ia32_host(False), ia32_model),
+    Case("sigframe/ia32-rt", _IA32_RULE, _ia32_host(True), ia32_model),
+    Case("sigreturn/ia32-header-wins", _IA32_RETURN_RULE, _ia32_host(False, _IA32_HEADER_WINS),
+         ia32_model),
+    Case("sigreturn/ia32-rt-header-wins", _IA32_RETURN_RULE,
+         _ia32_host(True, _IA32_HEADER_WINS), ia32_model),
+    Case("sigreturn/ia32-bad-mxcsr", _IA32_RETURN_RULE + " (MXCSR reserved bits: badframe)",
+         _ia32_host(False, _IA32_BAD_MXCSR), ia32_model),
 )
