@@ -37,7 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fpstate.kernel.x86 import core
+# regset is used as a module: it imports xstate_prctl, which imports this module.
+from fpstate.kernel.x86 import core, regset
 from fpstate.kernel.x86.context import (
     __cpu_invalidate_fpregs_state,
     __fpu_invalidate_fpregs_state,
@@ -45,14 +46,6 @@ from fpstate.kernel.x86.context import (
     requires,
 )
 from fpstate.kernel.x86.hw import HDR, MXCSR_OFFSET, KernelBuf, PageFault, UserBuf
-from fpstate.kernel.x86.regset import (
-    USER32_CS,
-    USER_DS,
-    USER_I387_IA32_SIZE,
-    convert_from_fxsr,
-    convert_to_fxsr,
-    copy_uabi_to_xstate,
-)
 from fpstate.kernel.x86.sched import (
     SA_IA32_ABI,
     SA_ONSTACK,
@@ -298,7 +291,7 @@ def save_fsave_header(c: Cpu, buf: int) -> bool:
         assert fault is None, fault
     core.fpregs_unlock(c)
     fx = bytes(fps.regs[:FXSAVE_SIZE])
-    env = convert_from_fxsr(fx, USER32_CS, USER_DS)
+    env = regset.convert_from_fxsr(fx, regset.USER32_CS, regset.USER_DS)
     try:
         mm = t.process.mm
         mm.write(buf, env)
@@ -611,7 +604,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
     fpu = t.fpu
     mm = t.process.mm
     try:
-        env = mm.read(buf, USER_I387_IA32_SIZE)
+        env = mm.read(buf, regset.USER_I387_IA32_SIZE)
     except PageFault:
         return False
     core.fpregs_lock(c)
@@ -630,7 +623,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
         except PageFault:
             return False
         pkru = [t.thread_pkru]
-        if copy_uabi_to_xstate(c.m.system, fps, ubuf, pkru):
+        if regset.copy_uabi_to_xstate(c.m.system, fps, ubuf, pkru):
             return False
         t.thread_pkru = pkru[0]
     else:
@@ -645,7 +638,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
         if c.m.system.xsave:
             fps.xstate_bv |= XFEATURE_MASK_FPSSE
     legacy = bytearray(fps.regs[0:FXSAVE_SIZE])
-    convert_to_fxsr(legacy, env)
+    regset.convert_to_fxsr(legacy, env)
     fps.regs[0:FXSAVE_SIZE] = legacy
     core.fpregs_lock(c)
     if c.m.system.xsave:
