@@ -38,9 +38,11 @@ from fpstate.kernel.x86.conform import (
 )
 from fpstate.kernel.x86.regset import (
     NT_PRFPREG,
+    NT_PRXFPREG,
     NT_X86_XSTATE,
     PTRACE_GETREGSET,
     PTRACE_SETREGSET,
+    VIEW_IA32,
     ptrace_regset,
 )
 from fpstate.kernel.x86.sched import Machine
@@ -290,10 +292,100 @@ def _lengths_model(system: FpuSystem, given: Any) -> Facts:
     return out
 
 
+# -- a compat tracee: the ia32 regset view (fpstate.host.ia32_ptrace) ------------------------------
+
+#: The NT_PRFPREG write of the ia32 case: cw changed, ST0 = -10.0, fip/foo new, fcs with a
+#: high half (it becomes FOP), fos (ignored) and a tag word calling every register valid
+#: (only empty or not survives: twd_i387_to_fxsr).
+def _ia32_env() -> bytes:
+    from fpstate.host.ia32 import x87
+
+    st = [x87(0x4002, 0xA000_0000_0000_0000, sign=1)] + [bytes(10)] * 7
+    # swd keeps the probe's pending exception (IE unmasked in cw): without one this AMD CPU
+    # neither restores nor saves FOP/FIP/FDP, and the model's XRSTOR does not recompute ES
+    head = struct.pack("<7I", 0xFFFF0A7E, 0xFFFFEAA1, 0xFFFF0000, 0x0BADC0DE, 0x04560073,
+                       0x00C0FFEE, 0xFFFF0063)
+    return head + b"".join(st)
+
+
+IA32_GET_LENGTHS = (4096, 108, 28)
+
+
+def _ia32_view_facts(reads: Sequence[tuple[str, int, bytes]], xfp: tuple[int, bytes],
+                     short_set: int, full_set: int, after_set: tuple[int, bytes],
+                     after: dict[str, Any]) -> Facts:
+    facts: Facts = {}
+    for name, err, data in reads:
+        facts[name] = errno_of(-err) if err else data
+    facts["GET NT_PRXFPREG"] = errno_of(-xfp[0]) if xfp[0] else xfp[1]
+    facts["SET NT_PRFPREG 104 bytes"] = errno_of(-short_set)
+    facts["SET NT_PRFPREG 108 bytes"] = errno_of(-full_set)
+    facts["GET NT_PRFPREG after the set"] = (errno_of(-after_set[0]) if after_set[0]
+                                             else after_set[1])
+    facts.update(prefixed("tracee after PTRACE_CONT", after))
+    return facts
+
+
+def _ia32_after(fx: bytes) -> dict[str, Any]:
+    """What a 32-bit FXSAVE (or the model's x87 component, its FIP/FDP cut to 32 bits) says
+    of the state the tracee resumed with; FCS/FDS are left out (a 64-bit save has none)."""
+    u16 = lambda off: int.from_bytes(fx[off:off + 2], "little")  # noqa: E731
+    u32 = lambda off: int.from_bytes(fx[off:off + 4], "little")  # noqa: E731
+    return {"FCW": u16(0), "FSW": u16(2), "FTW": fx[4], "FOP": u16(6), "FIP": u32(8),
+            "FDP": u32(16), "ST": tuple(fx[32 + 16 * i:42 + 16 * i] for i in range(8))}
+
+
+def _ia32_view_host() -> HostAnswer:
+    from fpstate.host.ia32_ptrace import ia32_ptrace
+    from fpstate.kernel.x86.conform_signal import _ia32_state
+
+    run = ia32_ptrace(_ia32_state(), set_fp=_ia32_env(), get_lengths=IA32_GET_LENGTHS)
+    if run.after_fxsave is None or run.fp_after_set is None:
+        from fpstate.errors import HostUnavailable
+
+        raise HostUnavailable(f"the 32-bit tracee did not finish (signal {run.exit_signal})")
+    reads = [(f"GET NT_PRFPREG iov_len {r.offered}", r.errno, r.data)
+             for r in (*run.fp_lengths, *run.word_rule)]
+    facts = _ia32_view_facts(reads, (run.xfp.errno, run.xfp.data), run.short_set_errno or 0,
+                             run.set_errno or 0, (run.fp_after_set.errno, run.fp_after_set.data),
+                             _ia32_after(run.after_fxsave))
+    return HostAnswer(facts, run.xstate.data)
+
+
+def ia32_view_model(system: FpuSystem, image: bytes) -> Facts:
+    """A stopped compat tracee holding the host's registers (its NT_X86_XSTATE image); the
+    tracer reads and writes through the ia32 view (VIEW_IA32) and resumes it."""
+    m = Machine(system, 1)
+    t = user_task(m, 0, comm="tracee")
+    load_registers(m, 0, image)
+    m.stop(t)
+    user_task(m, 0, comm="tracer")
+    c = m.enter_kernel(0)
+
+    def get(n: int) -> tuple[int, bytes]:
+        ret, data = ptrace_regset(c, t, PTRACE_GETREGSET, NT_PRFPREG, n, view=VIEW_IA32)
+        return -ret, data
+
+    reads = [(f"GET NT_PRFPREG iov_len {n}", *get(n)) for n in (*IA32_GET_LENGTHS, 12, 10)]
+    ret, xfp = ptrace_regset(c, t, PTRACE_GETREGSET, NT_PRXFPREG, 512, view=VIEW_IA32)
+    env = _ia32_env()
+    short = ptrace_regset(c, t, PTRACE_SETREGSET, NT_PRFPREG, 104, env[:104], VIEW_IA32)[0]
+    full = ptrace_regset(c, t, PTRACE_SETREGSET, NT_PRFPREG, 108, env, VIEW_IA32)[0]
+    after_set = get(108)
+    m.exit_to_user_mode(0)
+    m.resume(t)
+    m.run(0, t)
+    x87 = m.cpus[0].regs.component(0)
+    return _ia32_view_facts(reads, (-ret, xfp), -short, -full, after_set, _ia32_after(x87))
+
+
 CASES: tuple[Case, ...] = (
     Case("ptrace/get-and-resume", _RULE + ", __copy_xstate_to_uabi_buf", _get_host, ptrace_model),
     Case("ptrace/iov-lengths", "ptrace_regset (iov_len % 8, clamping, unknown note)",
          _lengths_host, _lengths_model),
     Case("ptrace/set-rules", _RULE + ", validate_user_xstate_header", _rules_host, ptrace_model),
     random_case(),
+    Case("ptrace/ia32-view", "task_user_regset_view (ia32), ptrace_regset (4-byte words), "
+         "fpregs_get/__convert_from_fxsr, fpregs_set/convert_to_fxsr, xfpregs_get",
+         _ia32_view_host, ia32_view_model),
 )
