@@ -37,7 +37,8 @@ X86 = [
     ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
      "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
-                    "processes, max_tasks, vms, kvm_vendor)"),
+                    "processes, max_tasks, compat, vms, kvm_vendor)"),
+    ({"compat": ["p7"]}, "config.compat: 'p7' is not a process of config.processes (p0, p1)"),
 ]
 ARM64 = [
     ({"cpus": 65}, "config.cpus: must be an integer from 1 to 64, not 65"),

@@ -91,11 +91,14 @@ _WIDER = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 3},
                   "vm1": {"vmm": "p0.t0", "vcpus": 1}}}
 _ZEN5 = {"cpu": "zen5", "cpus": 2, "processes": {"p0": 2, "p1": 2},
          "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}}}
+#: p0 a 32-bit program: ia32 signal frames, and x87 values folded by its sigreturns.
+_COMPAT = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 2},
+           "compat": ["p0"], "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}}}
 
 
 @pytest.mark.parametrize("model,config", [("x86", None), ("arm64", None), ("x86", _WIDER),
-                                          ("x86", _ZEN5)], ids=["x86", "arm64", "x86-wider",
-                                                                "x86-zen5"])
+                                          ("x86", _ZEN5), ("x86", _COMPAT)],
+                         ids=["x86", "arm64", "x86-wider", "x86-zen5", "x86-compat"])
 def test_equal_keys_behave_alike(model: str, config: dict | None) -> None:
     """States reached again by another history: same enabled actions, same answers, same
     violations and equal keys again for six random steps."""

@@ -52,9 +52,18 @@ from fpstate.check.world import (
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import init_value, read_token, token
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
-from fpstate.kernel.x86.regset import NT_X86_XSTATE, PTRACE_GETREGSET, PTRACE_SETREGSET
+from fpstate.kernel.x86.regset import (
+    NT_X86_XSTATE,
+    PTRACE_GETREGSET,
+    PTRACE_SETREGSET,
+    convert_from_fxsr,
+    convert_to_fxsr,
+)
 from fpstate.kernel.x86.sched import (
+    SA_IA32_ABI,
     SA_ONSTACK,
+    SA_RESTORER,
+    SA_SIGINFO,
     SIGKILL,
     SIGUSR1,
     STATE_DEAD,
@@ -62,6 +71,7 @@ from fpstate.kernel.x86.sched import (
     STATE_RUNNABLE,
     STATE_STOPPED,
     STATE_USER,
+    USER32_STACK_TOP,
     USER_STACK_SIZE,
     USER_STACK_TOP,
     Machine,
@@ -69,10 +79,19 @@ from fpstate.kernel.x86.sched import (
     Signal,
     Task,
 )
-from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET, handler_return, sys_rt_sigreturn
+from fpstate.kernel.x86.signal import (
+    RT_IA32_SC,
+    SC32_FPSTATE,
+    SC_FPSTATE_OFFSET,
+    handler_ia32_return,
+    handler_return,
+    sys32_rt_sigreturn,
+    sys_rt_sigreturn,
+)
 from fpstate.kernel.x86.types import (
     CLONE_THREAD,
     CLONE_VM,
+    FREGS_STATE_SIZE,
     PF_KTHREAD,
     PF_USER_WORKER,
     XFEATURE_MASK_FPSTATE,
@@ -220,6 +239,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
 )}
 
 
+def fold_x87(value: bytes) -> bytes:
+    """The x87 component a compat task gets back from sigreturn when its frame held
+    ``value``: the fsave header was made from it (convert_from_fxsr) and is folded back over
+    it (convert_to_fxsr): FOP 0, FIP and FDP cut to 32 bits, the tag word's high byte 0."""
+    fx = bytearray(value) + bytearray(512 - len(value))
+    convert_to_fxsr(fx, convert_from_fxsr(bytes(fx)))
+    return bytes(fx[:len(value)])
+
+
 class X86World(X86Views, World):
     """The x86 kernel model with the checker's bookkeeping (module docstring).
 
@@ -233,10 +261,11 @@ class X86World(X86Views, World):
     model: ClassVar[str] = "x86"
     SPECS: ClassVar[dict[str, ActionSpec]] = X86_SPECS
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "kernel", "cpus", "processes",
-                                              "max_tasks")
+                                              "max_tasks", "compat")
     #: Kernel-model variants (FpuSystem.variants) this world accepts.
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
-        {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate"})
+        {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
+         "ia32-sigreturn-no-supervisor-save"})
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64
@@ -258,6 +287,13 @@ class X86World(X86Views, World):
                                                               cls.DEFAULT_PROCESSES))
         for name, n in procs.items():
             config_int(f"config.processes.{name}", n, 1, cls.MAX_THREADS)
+        compat = config.get("compat", [])
+        if not isinstance(compat, list) or not all(isinstance(p, str) for p in compat):
+            raise ScenarioError(f"config.compat: must be a list of process names, not {compat!r}")
+        for name in compat:
+            if name not in procs:
+                raise ScenarioError(f"config.compat: {name!r} is not a process of "
+                                    f"config.processes ({', '.join(procs)})")
         if "max_tasks" in config:
             config_int("config.max_tasks", config["max_tasks"], 1, 64)
 
@@ -303,7 +339,7 @@ class X86World(X86Views, World):
     def _setup(self) -> None:
         procs = self.config.get("processes", self.DEFAULT_PROCESSES) or {}
         for pname, nthreads in procs.items():
-            leader = self.m.spawn(f"{pname}.t0")
+            leader = self.m.spawn(f"{pname}.t0", compat=pname in self.config.get("compat", ()))
             self._adopt(leader, {})
             if int(nthreads) > 1:
                 self.m.run(0, leader)
@@ -537,7 +573,7 @@ class X86World(X86Views, World):
         # a real program's startup data lives): the same address every time, so that asking
         # changes no mapping (a new page per call would move every later mmap, which the
         # state key does not and need not name).
-        addr = USER_STACK_TOP - 0x100
+        addr = (USER32_STACK_TOP if t.process.compat else USER_STACK_TOP) - 0x100
         ret = self.m.syscall(nr, sys_arch_prctl, code, addr)
         value = int.from_bytes(t.process.mm.read(addr, 8), "little") if ret == 0 else 0
         self.emitted.append(("xcomp_mask", (t, option, value)))
@@ -547,7 +583,10 @@ class X86World(X86Views, World):
         t = self.task(task)
         nr = self.user_cpu(t)
         self.m.enter_kernel(nr)
-        t.handlers[SIGUSR1] = SigAction(SA_ONSTACK if onstack else 0)
+        flags = SA_ONSTACK if onstack else 0
+        if t.process.compat:  # the 32-bit rt_sigaction: sigaction_compat_abi()
+            flags |= SA_IA32_ABI | SA_RESTORER | SA_SIGINFO
+        t.handlers[SIGUSR1] = SigAction(flags)
         self.m.exit_to_user_mode(nr)
         return {}
 
@@ -571,7 +610,12 @@ class X86World(X86Views, World):
             self.sigstack[t.comm].append(dict(self.expected[t.comm]))
             self.expected[t.comm] = self._supervisor(self.expected[t.comm])
             frame = t.user_sp
-            fpstate = int.from_bytes(t.process.mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
+            mm = t.process.mm
+            if t.handlers[SIGUSR1].flags & SA_IA32_ABI:  # rt_sigframe_ia32: header, then XSAVE
+                at = frame + RT_IA32_SC + SC32_FPSTATE
+                fpstate = int.from_bytes(mm.read(at, 4), "little") + FREGS_STATE_SIZE
+            else:
+                fpstate = int.from_bytes(mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
             self.emitted.append(("sigframe", (t, frame, fpstate, before)))
             self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4))
             return {"delivered": True, "frame": frame}
@@ -582,11 +626,19 @@ class X86World(X86Views, World):
         nr = self.user_cpu(t)
         if not self.sigstack[t.comm]:
             raise StepError(f"task {task} is not in a signal handler")
-        handler_return(t)
-        ret = self.m.syscall(nr, sys_rt_sigreturn)
+        ia32 = t.process.compat  # its handlers are ia32 ones (do_sigaction), rt frames
+        if ia32:
+            handler_ia32_return(t, True)
+            ret = self.m.syscall(nr, sys32_rt_sigreturn)
+        else:
+            handler_return(t)
+            ret = self.m.syscall(nr, sys_rt_sigreturn)
         saved = self.sigstack[t.comm].pop()
         self.frames[t.comm].pop()
         if ret == 0:
+            if ia32 and 0 in saved:  # the fsave header wins: convert_to_fxsr's x87
+                saved = dict(saved)
+                saved[0] = fold_x87(saved[0])
             sup = self._supervisor(self.expected[t.comm])
             self.expected[t.comm] = {i: v for i, v in saved.items()
                                      if i not in self.supervisor_tracked} | sup

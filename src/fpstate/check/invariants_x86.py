@@ -18,9 +18,10 @@ from fpstate.check.invariants import READS_EVENTS, READS_SHAPES, predicate
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
 from fpstate.kernel.x86.hw import FpRegs, KernelBuf, init_value, read_token
-from fpstate.kernel.x86.sched import STATE_USER, Task
+from fpstate.kernel.x86.sched import SA_IA32_ABI, STATE_USER, Task
 from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import (
+    FREGS_STATE_SIZE,
     PF_KTHREAD,
     PF_USER_WORKER,
     XFEATURE_MASK_FPSTATE,
@@ -336,7 +337,9 @@ def sigframe_ok(w: Any) -> Iterator[str]:
     for kind, payload in w.emitted:
         if kind != "sigframe":
             continue
-        t, frame, buf_fx, (ss_sp, ss_size, _action) = payload
+        t, frame, buf_fx, (ss_sp, ss_size, action) = payload
+        # An ia32 frame: the 112-byte fsave header before buf_fx, counted in extended_size.
+        header = FREGS_STATE_SIZE if action is not None and action.flags & SA_IA32_ABI else 0
         mm = t.process.mm
         sw = mm.read(buf_fx + SW_BYTES_OFFSET, 20)
         magic1 = int.from_bytes(sw[0:4], "little")
@@ -350,8 +353,9 @@ def sigframe_ok(w: Any) -> Iterator[str]:
         if xsize < need:
             yield (f"{t.comm}: fx_sw_bytes xstate_size {xsize} < {need} needed for "
                    f"xfeatures {mask_names(xfeatures)}")
-        if ext != xsize + 4:
-            yield f"{t.comm}: fx_sw_bytes extended_size {ext} != xstate_size {xsize} + 4"
+        if ext != xsize + 4 + header:
+            yield (f"{t.comm}: fx_sw_bytes extended_size {ext} != xstate_size {xsize} + 4"
+                   + (f" + {header}" if header else ""))
         if not mm.access_ok(buf_fx + xsize, 4) or int.from_bytes(
                 mm.read(buf_fx + xsize, 4), "little") != FP_XSTATE_MAGIC2:
             yield f"{t.comm}: no FP_XSTATE_MAGIC2 at buf_fx + xstate_size ({xsize})"
@@ -359,7 +363,7 @@ def sigframe_ok(w: Any) -> Iterator[str]:
         if bv & ~xfeatures:
             yield (f"{t.comm}: frame XSTATE_BV {bv:#x} has {mask_names(bv & ~xfeatures)} "
                    f"beyond its fx_sw_bytes xfeatures")
-        end = buf_fx + ext
+        end = buf_fx - header + ext
         if ss_size and ss_sp <= frame < ss_sp + ss_size:
             if end > ss_sp + ss_size:
                 yield (f"{t.comm}: frame [{frame:#x}, {end:#x}) overflows the sigaltstack "

@@ -27,9 +27,10 @@ from operator import attrgetter
 from typing import Any
 
 from fpstate.check.memo import IdentityMemo
-from fpstate.kernel.x86.hw import init_value, read_token
+from fpstate.kernel.x86.hw import init_value, read_token, token
 from fpstate.kernel.x86.sched import STATE_DEAD
-from fpstate.kernel.x86.signal import SC_FPSTATE_OFFSET
+from fpstate.kernel.x86.signal import RT_IA32_SC, SC32_FPSTATE, SC_FPSTATE_OFFSET
+from fpstate.kernel.x86.types import FREGS_STATE_SIZE
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
@@ -83,7 +84,9 @@ def _classify(v: bytes, i: int) -> tuple[Any, tuple[int, int, int] | None]:
     if v == init_value(i, len(v)):
         return 0, None
     tok = read_token(v)
-    if tok is not None:
+    # A token only if every byte is the token's: a value that starts like one but was
+    # changed (an ia32 sigreturn folds x87 bytes, convert_to_fxsr) is keyed by content.
+    if tok is not None and v == token(tok[0], tok[1], i, len(v)):
         return (TOKEN, tok[0], i), (tok[0], i, tok[1])
     return raw_digest(v), None
 
@@ -204,20 +207,22 @@ def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
     return got[0]
 
 
-#: Signal frames by (system, address, content) -> (digest, tokens).
-_FRAMES: dict[tuple[int, int, bytes], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
+#: Signal frames by (system, address, content, ia32) -> (digest, tokens).
+_FRAMES: dict[tuple[int, int, bytes, bool], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
 
 
-def frame_values(cn: Canon, system: Any, data: bytes, lo: int) -> int:
+def frame_values(cn: Canon, system: Any, data: bytes, lo: int, ia32: bool = False) -> int:
     """A signal frame at ``lo`` (its bytes up to FP_XSTATE_MAGIC2) in a key: the components
     its XSAVE area stores (XSTATE_BV of its header, standard format) as key values, their
     tokens to ``cn`` as for any other value, and the digest of everything else in it by
     content (the areas of the components it does not store left out) -- so that two frames
-    whose values differ only in generations, with the same pattern, name the same state."""
-    k = (id(system), lo, data)
+    whose values differ only in generations, with the same pattern, name the same state.
+    An ``ia32`` frame (rt_sigframe_ia32) has its 32-bit fpstate pointer in uc_mcontext and
+    the fsave header before the XSAVE area; the header is part of "everything else"."""
+    k = (id(system), lo, data, ia32)
     got = _FRAMES.get(k)
     if got is None:
-        got = _frame_values(system, data, lo)
+        got = _frame_values(system, data, lo, ia32)
         if len(_FRAMES) > 4096:
             _FRAMES.clear()
         _FRAMES[k] = got
@@ -226,8 +231,13 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int) -> int:
     return got[0]
 
 
-def _frame_values(system: Any, data: bytes, lo: int) -> tuple[int, tuple[Any, ...]]:
-    fp = int.from_bytes(data[SC_FPSTATE_OFFSET:SC_FPSTATE_OFFSET + 8], "little") - lo
+def _frame_values(system: Any, data: bytes, lo: int,
+                  ia32: bool) -> tuple[int, tuple[Any, ...]]:
+    if ia32:
+        at = RT_IA32_SC + SC32_FPSTATE
+        fp = int.from_bytes(data[at:at + 4], "little") - lo + FREGS_STATE_SIZE
+    else:
+        fp = int.from_bytes(data[SC_FPSTATE_OFFSET:SC_FPSTATE_OFFSET + 8], "little") - lo
     out: list[Any] = []
     toks: list[tuple[int, int, int]] = []
     rest = bytearray(data)
@@ -263,7 +273,7 @@ FIELDS: dict[str, dict[str, str]] = {
                       "outranks every older one of its writer whatever the number",
     },
     "Process": {
-        **dict.fromkeys(("tgid", "pasid", "next_mmap"), "key"),
+        **dict.fromkeys(("tgid", "pasid", "next_mmap", "compat"), "key"),
         "mm": "user memory is read back across steps only in signal frames, which the key "
               "holds (the world's frames); mappings follow from next_mmap and the stacks",
         "threads": "membership is each task's tgid; the leader (threads[0]) is keyed by the "
@@ -340,7 +350,7 @@ _REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
 _TASK_FIELDS = attrgetter("pid", "comm", "flags", "state.no", "need_fpu_load", "on_cpu",
                           "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
                           "pasid_activated")
-_PROCESS_FIELDS = attrgetter("tgid", "pasid", "next_mmap")
+_PROCESS_FIELDS = attrgetter("tgid", "pasid", "next_mmap", "compat")
 _PERM_FIELDS = attrgetter("state_perm", "state_size", "user_state_size")
 _FPS_FIELDS = attrgetter("size", "user_size", "xfeatures", "user_xfeatures", "xfd", "is_guest",
                          "in_use", "freed")
@@ -412,7 +422,8 @@ def x86_key(w: Any) -> Hashable:
             stack = tuple([regs_values(cn, d) for d in stack])
         frames = w.frames[name]
         if frames:
-            frames = tuple([frame_values(cn, s, t.process.mm.read(lo, hi - lo), lo)
+            ia32 = t.process.compat
+            frames = tuple([frame_values(cn, s, t.process.mm.read(lo, hi - lo), lo, ia32)
                             for lo, hi in frames])
         nm = w.nm_pending.get(name)
         if nm is not None:  # an instruction whose #NM handler sleeps (write_nm)

@@ -15,11 +15,8 @@ import errno
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import UserMemory
 from fpstate.kernel.x86.sched import (
-    MMAP_BASE,
     SIGKILL,
     SS_DISABLE,
-    USER_STACK_SIZE,
-    USER_STACK_TOP,
     WAIT,
     Cpu,
     KPath,
@@ -28,6 +25,7 @@ from fpstate.kernel.x86.sched import (
     Signal,
     Task,
     TaskState,
+    new_mm_layout,
 )
 from fpstate.kernel.x86.types import (
     CLONE_THREAD,
@@ -66,7 +64,7 @@ def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -
     else:
         mm = parent.process.mm if clone_flags & CLONE_VM else parent.process.mm.copy()
         proc = Process(m.next_pid, mm, next_mmap=parent.process.next_mmap,
-                       pasid=parent.process.pasid)
+                       pasid=parent.process.pasid, compat=parent.process.compat)
     child = m._new_task(comm or parent.comm, parent.flags & ~PF_KTHREAD, proc)
     child.handlers = dict(parent.handlers)
     child.user_sp = parent.user_sp
@@ -106,9 +104,7 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
     c = yield  # loading the binary: may sleep
     t.process.threads[:] = [t]
     t.process.mm = UserMemory()
-    t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
-    t.process.next_mmap = MMAP_BASE
-    t.user_sp = USER_STACK_TOP - 0x1000
+    new_mm_layout(t, t.process.compat)  # the model execs a program of the same kind
     t.comm = comm
     t.sas_ss_sp, t.sas_ss_size = 0, 0
     t.handlers = {}

@@ -71,6 +71,10 @@ USER_STACK_TOP = 0x7FFF_FFFF_0000
 #: its end within a short walk, which a real process does not reach.
 USER_STACK_SIZE = 0x80_0000
 MMAP_BASE = 0x7F00_0000_0000
+#: A compat (32-bit) process's layout: everything below TASK_SIZE_32 (0xFFFFE000), so that
+#: its signal frames' 32-bit pointers (ptr_to_compat) reach them.
+USER32_STACK_TOP = 0xFFFF_E000
+MMAP32_BASE = 0x4000_0000
 
 SIGILL, SIGKILL, SIGSEGV, SIGUSR1 = 4, 9, 11, 10
 ILL_ILLOPC, ILL_ILLOPN = 1, 2
@@ -149,6 +153,9 @@ class Process:
     siglock_holder: Cpu | None = None
     pasid: int = 0  #: mm->pasid, 0 when none was allocated
     next_mmap: int = MMAP_BASE
+    #: A 32-bit program (TIF_ADDR32, in_ia32_syscall()): its mm lies below 4 GiB and the
+    #: handlers it installs get SA_IA32_ABI (sigaction_compat_abi), hence ia32 frames.
+    compat: bool = False
 
     @property
     def leader(self) -> Task:
@@ -219,6 +226,16 @@ class Cpu:
         return f"Cpu({self.nr}, current={self.current.comm})"
 
 
+
+def new_mm_layout(t: Task, compat: bool) -> None:
+    """The stack and mmap base of a new program's mm (setup_new_exec / arch_pick_mmap_layout):
+    the 64-bit layout, or a compat program's below 4 GiB. The mm itself must be fresh."""
+    top = USER32_STACK_TOP if compat else USER_STACK_TOP
+    t.process.mm.map(top - USER_STACK_SIZE, USER_STACK_SIZE)
+    t.process.next_mmap = MMAP32_BASE if compat else MMAP_BASE
+    t.process.compat = compat
+    t.user_sp = top - 0x1000
+
 class Machine:
     """The kernel model: ``ncpus`` CPUs booted with ``system``."""
 
@@ -284,12 +301,13 @@ class Machine:
         self.tasks[pid] = t
         return t
 
-    def spawn(self, comm: str = "init") -> Task:
+    def spawn(self, comm: str = "init", compat: bool = False) -> Task:
         """A new user process as the kernel leaves it after execve from a kernel thread: a
-        fresh mm with a stack, default fpstate and permissions, init register image,
-        TIF_NEED_FPU_LOAD. It is runnable; `run` puts it on a CPU."""
+        fresh mm with a stack (below 4 GiB for a ``compat`` 32-bit program), default fpstate
+        and permissions, init register image, TIF_NEED_FPU_LOAD. It is runnable; `run` puts it
+        on a CPU."""
         t = self._new_task(comm, 0, None)
-        t.process.mm.map(USER_STACK_TOP - USER_STACK_SIZE, USER_STACK_SIZE)
+        new_mm_layout(t, compat)
         n = core.init_fpstate_copy_size(self.system)
         t.fpu.fpstate.regs[0:n] = self.init_fpstate.regs[0:n]
         t.need_fpu_load = True

@@ -599,7 +599,10 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
     frame the 512 bytes (MXCSR reserved bits fail on x86-64; FP|SSE forced into XSTATE_BV).
     Fold the header in (convert_to_fxsr), drop from XSTATE_BV the user features outside
     user_xfeatures (they restore to init; supervisor ones are kept), and XRSTOR the whole
-    kernel max_features with os_xrstor_safe(); success activates the registers."""
+    kernel max_features with os_xrstor_safe(); success activates the registers. (Without the
+    save -- variant ``ia32-sigreturn-no-supervisor-save`` -- that XRSTOR brings back the
+    supervisor state of the last save: a PASID or CET value written to the live registers
+    since is lost.)"""
     t = c.current
     fpu = t.fpu
     mm = t.process.mm
@@ -609,7 +612,9 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
         return False
     core.fpregs_lock(c)
     if not t.need_fpu_load:
-        if c.m.system.xfeatures_mask_supervisor:
+        # Variant ia32-sigreturn-no-supervisor-save: set the flag without saving first.
+        if c.m.system.xfeatures_mask_supervisor \
+                and not c.m.system.has_variant("ia32-sigreturn-no-supervisor-save"):
             core.os_xsave(c, fpu.fpstate)
         t.need_fpu_load = True
     __fpu_invalidate_fpregs_state(fpu)

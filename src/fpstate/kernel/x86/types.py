@@ -133,6 +133,12 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "regset.c fpu_force_restore(): 'Invalidate cached FPU registers before modifying'",
             "modifies a stopped task's fpstate without zapping last_cpu; if its registers are "
             "still cached on a CPU, the restore is skipped and the ptrace write is lost"),
+    Variant("ia32-sigreturn-no-supervisor-save", "__fpu_restore_sig",
+            "signal.c __fpu_restore_sig(): 'If supervisor states are available then save the "
+            "hardware state in current's fpstate so that the supervisor state is preserved'",
+            "a compat task's sigreturn marks the registers stale without saving them; the "
+            "XRSTOR of every feature from the fpstate then restores the supervisor state "
+            "(PASID, CET) of the last save, and a value written since is lost"),
 )}
 
 

@@ -1,0 +1,95 @@
+"""The checker's world with a 32-bit (compat) process: ia32 signal frames, the x87 values its
+sigreturn folds, how the state key holds them, and the rejected design the checker catches."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.check import statekey
+from fpstate.check.actions_x86 import fold_x87
+from fpstate.check.executor import SerialExecutor
+from fpstate.check.explore import Job, default_config, explore
+from fpstate.check.scenario import make_world
+from fpstate.check.world import Action, ScenarioError
+from fpstate.kernel.x86.hw import read_token, token
+from fpstate.kernel.x86.sched import SA_IA32_ABI, SIGUSR1
+
+COMPAT = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 1, "p1": 1},
+          "compat": ["p0"], "vms": {}}
+
+
+def test_fold_x87_keeps_the_registers_and_drops_fop_and_the_upper_pointers() -> None:
+    v = token(3, 0x0102_0304, 0, 160)
+    f = fold_x87(v)
+    assert f[0:5] == v[0:5] and f[5:8] == bytes(3)  # FCW, FSW, abridged FTW; FTW high, FOP
+    assert f[8:12] == v[8:12] and f[12:16] == bytes(4)  # FIP cut to 32 bits
+    assert f[16:20] == v[16:20] and f[20:24] == bytes(4)  # FDP
+    assert f[24:32] == bytes(8) and f[32:] == v[32:]  # MXCSR apart; registers unchanged
+    assert read_token(f) == (3, 0x04)  # what remains of the generation in the first unit
+    assert fold_x87(f) == f
+
+
+def test_a_folded_value_is_keyed_by_its_content() -> None:
+    """Two folds whose first units agree (generations 0x101 and 0x201) differ further on: a
+    token key would merge them, so a value that is not a whole token is keyed by content."""
+    a, b = fold_x87(token(3, 0x101, 0, 160)), fold_x87(token(3, 0x201, 0, 160))
+    assert read_token(a) == read_token(b) and a != b
+    ca, cb = statekey.Canon(), statekey.Canon()
+    assert ca.value(a, 0) != cb.value(b, 0) and not ca.toks and not cb.toks
+    whole = statekey.Canon()
+    assert whole.value(token(3, 0x101, 0, 160), 0) == (statekey.TOKEN, 3, 0) and whole.toks
+
+
+def test_a_compat_process_gets_ia32_frames_below_4_gib() -> None:
+    w = make_world("x86", COMPAT, None)
+    w.step(Action.of("run", task="p0.t0", cpu=0))
+    w.step(Action.of("write", task="p0.t0", component="x87"))
+    w.step(Action.of("sigaction", task="p0.t0"))
+    t = w.tasks["p0.t0"]
+    assert t.process.compat and t.handlers[SIGUSR1].flags & SA_IA32_ABI
+    r = w.step(Action.of("signal", task="p0.t0"))
+    assert not r.violations and r.observed["delivered"]
+    frame = r.observed["frame"]
+    lo, hi = w.frames["p0.t0"][0]
+    assert lo == frame < hi < 1 << 32 and (frame + 4) % 16 == 0
+    assert (hi - 4 - t.fpu.fpstate.user_size) % 64 == 0  # the XSAVE area behind the header
+    saved = w.sigstack["p0.t0"][0][0]
+    r = w.step(Action.of("sigreturn", task="p0.t0"))
+    assert not r.violations and r.observed["ret"] == 0
+    assert w.expected["p0.t0"][0] == fold_x87(saved) != saved
+    assert w.m.cpus[0].regs.component(0) == fold_x87(saved)
+
+
+def test_compat_names_processes_of_the_configuration() -> None:
+    with pytest.raises(ScenarioError, match=r"config\.compat: 'p9' is not a process"):
+        make_world("x86", {**COMPAT, "compat": ["p9"]}, None)
+    with pytest.raises(ScenarioError, match=r"config\.compat: must be a list"):
+        make_world("x86", {**COMPAT, "compat": "p0"}, None)
+
+
+def test_the_kernels_design_holds_with_a_compat_process() -> None:
+    cfg = {**default_config("x86"), "compat": ["p0"]}
+    res = explore(Job("x86", cfg), SerialExecutor(), seconds=8.0, seed=5)
+    assert res.found is None, res.found
+    assert res.per_action["sigreturn"] > 50 and res.per_action["pasid_write"] > 50
+
+
+def test_an_ia32_frame_must_count_its_fsave_header() -> None:
+    """sigframe-fits-and-describes on an ia32 frame: extended_size = xstate_size + 4 + 112;
+    the 64-bit rule (without the header) is a violation there."""
+    from fpstate.check.invariants import check
+
+    w = make_world("x86", COMPAT, None)
+    for a in (Action.of("run", task="p0.t0", cpu=0), Action.of("sigaction", task="p0.t0")):
+        w.step(a)
+    r = w.step(Action.of("signal", task="p0.t0"))
+    assert not r.violations
+    t = w.tasks["p0.t0"]
+    lo, hi = w.frames["p0.t0"][0]
+    buf_fx = hi - 4 - t.fpu.fpstate.user_size
+    w.emitted = [("sigframe", (t, lo, buf_fx, (0, 0, t.handlers[SIGUSR1])))]
+    assert check(w) == []
+    ext = t.fpu.fpstate.user_size + 4
+    t.process.mm.write(buf_fx + 464 + 4, ext.to_bytes(4, "little"))
+    w.emitted = [("sigframe", (t, lo, buf_fx, (0, 0, t.handlers[SIGUSR1])))]
+    assert [v.invariant for v in check(w)] == ["sigframe-fits-and-describes"]
