@@ -178,3 +178,21 @@ def test_decode_a_kvm_vcpu(capsys) -> None:
         pytest.skip(f"the guest's XCR0 {obj['xcr0']} lacks AVX-512")
     assert int(regs["zmm17"], 16) == int.from_bytes(zmm_pattern(17, 0x21), "little")
     assert int(regs["k5"], 16) == opmask_pattern(5, 0x21)
+
+
+def test_validate_an_ia32_frame(tmp_path, capsys) -> None:
+    from tests.tools.test_validate import ia32_fpstate
+
+    p = tmp_path / "frame32.bin"
+    frame = bytearray(ia32_fpstate("zen4"))
+    p.write_bytes(bytes(frame))
+    assert main(["validate", str(p), "--cpu", "zen4", "--as", "sigreturn-ia32"]) == 0
+    assert "sigreturn-ia32: accepted (0)" in capsys.readouterr().out
+    struct.pack_into("<I", frame, 112 + 24, 0xFFFF1F80)
+    p.write_bytes(bytes(frame))
+    assert main(["validate", str(p), "--cpu", "zen4", "--as", "sigreturn-ia32"]) == 1
+    assert "copy_uabi_to_xstate" in capsys.readouterr().out
+    p.write_bytes(bytes(640))
+    assert main(["validate", str(p), "--cpu", "zen4", "--as", "sigreturn-ia32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fsave header" in err[0]

@@ -169,3 +169,95 @@ def test_sigreturn_verdicts_match_the_real_kernel(host) -> None:
         verdict = validate(bytes(frame), host, "sigreturn", kernel=KERNEL)
         assert verdict.accepted == run.sigreturn_ok, [p.what for p in patch]
         assert (run.segv is not None) == (not verdict.accepted)
+
+
+# -- ia32 frames (sigreturn-ia32) ---------------------------------------------------------------
+
+
+def ia32_fpstate(cpu: str = "zen4") -> bytes:
+    """The fpstate of an ia32 frame the kernel model builds for a compat task: the fsave
+    header, then the XSAVE area, extended_size bytes."""
+    from fpstate.kernel.x86 import signal as sg
+    from fpstate.kernel.x86.sched import SA_IA32_ABI, SA_SIGINFO, SIGUSR1, Machine, SigAction
+    from fpstate.kernel.x86.sched import Signal as Sig
+
+    m = Machine.boot(cpu, None, 1)
+    t = m.spawn("t32", compat=True)
+    m.run(0, t)
+    m.user_write(0, 0)
+    m.user_write(0, 1)
+    t.handlers[SIGUSR1] = SigAction(SA_IA32_ABI | SA_SIGINFO)
+    m.enter_kernel(0)
+    t.pending.append(Sig(SIGUSR1))
+    m.exit_to_user_mode(0)
+    mm = t.process.mm
+    fp = int.from_bytes(mm.read(t.user_sp + sg.RT_IA32_SC + sg.SC32_FPSTATE, 4), "little")
+    ext = int.from_bytes(mm.read(fp + 112 + 464 + 4, 4), "little")
+    return mm.read(fp, ext)
+
+
+def test_an_ia32_frame_is_taken_and_its_header_wins() -> None:
+    frame = bytearray(ia32_fpstate())
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert v.accepted and v.rule == "fpu__restore_sig (ia32 frame)"
+    frame[28:38] = bytes(10)  # the header's ST0, which the FXSAVE area does not say
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert v.accepted and any("overrides the FXSAVE area's" in n and "ST0" in n for n in v.notes)
+
+
+@pytest.mark.parametrize("patch,rule,detail", [
+    ((112 + 24, 0xFFFF0000 | 0x1F80), "copy_sigframe_from_user_to_xstate -> copy_uabi_to_xstate",
+     "-EINVAL: MXCSR 0xffff1f80 outside the feature mask"),
+    ((112 + 520, 1), "copy_sigframe_from_user_to_xstate -> copy_uabi_to_xstate",
+     "-EINVAL: XCOMP_BV is 0x1"),
+    ((112 + 512, 0x3 | 1 << 18), "copy_sigframe_from_user_to_xstate -> copy_uabi_to_xstate",
+     "outside the fpstate's user_xfeatures"),
+])
+def test_an_ia32_frame_is_refused_by_the_copy_into_the_fpstate(patch, rule, detail) -> None:
+    """Unlike a 64-bit frame, whose bad header the XRSTOR from user memory faults on, an ia32
+    frame is validated by copy_uabi_to_xstate() on its way into the fpstate."""
+    frame = bytearray(ia32_fpstate())
+    off, value = patch
+    struct.pack_into("<Q" if off % 8 == 0 and off >= 112 + 512 else "<I", frame, off, value)
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert not v.accepted and v.result == "SIGSEGV" and v.rule == rule and detail in v.detail
+
+
+def test_an_fxsave_only_ia32_frame_is_checked_for_mxcsr() -> None:
+    frame = bytearray(ia32_fpstate())
+    frame[112 + 464:112 + 468] = bytes(4)  # no MAGIC1
+    assert validate(bytes(frame), ZEN4, "sigreturn-ia32").accepted
+    struct.pack_into("<I", frame, 112 + 24, 0x80001F80)
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert not v.accepted and v.rule == "__fpu_restore_sig: MXCSR & ~mxcsr_feature_mask (x86-64)"
+
+
+def test_a_short_ia32_blob_is_a_blob_error() -> None:
+    with pytest.raises(BlobError, match="fsave header"):
+        validate(bytes(600), ZEN4, "sigreturn-ia32")
+
+
+@pytest.mark.host
+def test_ia32_sigreturn_verdicts_match_the_real_kernel(host) -> None:
+    """A real 32-bit program's frame, patched by its handler: sys32_rt_sigreturn succeeds or
+    kills it with SIGSEGV exactly when the model says so."""
+    from fpstate.host.ia32 import ia32_signal
+    from fpstate.kernel.x86.conform_signal import _ia32_state
+
+    patches = [(), ((28, bytes(10)),), ((112 + 24, (0xFFFF3FA0).to_bytes(4, "little")),),
+               ((112 + 513, b"\x02"),), ((112 + 520, b"\x01"),), ((112 + 540, b"\x01"),),
+               ((112 + 464, bytes(4)),),
+               ((112 + 464, bytes(4)), (112 + 24, (0xFFFF3FA0).to_bytes(4, "little")))]
+    try:
+        runs = [(p, ia32_signal(_ia32_state(), siginfo=True, patches=p)) for p in patches]
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    outcomes = []
+    for p, run in runs:
+        frame = bytearray(run.frame)
+        for off, data in p:
+            frame[off:off + len(data)] = data
+        verdict = validate(bytes(frame), host, "sigreturn-ia32", kernel=KERNEL)
+        assert verdict.accepted == (run.died_of is None), (p, verdict)
+        outcomes.append(verdict.accepted)
+    assert outcomes == [True, True, False, False, False, False, True, False]

@@ -6,7 +6,8 @@
   (`fpstate.tools.sources`). The JSON is what ``encode`` reads.
 - ``fpstate encode JSON --cpu CPU [--format F] [-o OUT]``: the bytes back (byte-exact for the
   JSON's own format; another format lays the registers out afresh).
-- ``fpstate validate SOURCE --cpu CPU --as sigreturn|ptrace|kvm [--kernel V] [--task T]``:
+- ``fpstate validate SOURCE --cpu CPU --as sigreturn|sigreturn-ia32|ptrace|kvm [--kernel V]
+  [--task T]``:
   whether the kernel takes the blob on that path, and the rule that refuses it: exit 0 when
   accepted, 1 when refused (`fpstate.tools.validate`).
 - ``fpstate record SOURCE --cpu CPU [--format F] [-o OUT]``: a portable state record (state

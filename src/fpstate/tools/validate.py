@@ -6,6 +6,9 @@ profile -- this file holds no kernel rule of its own:
 
 - ``sigreturn``: the blob is written into a task's user memory as the fpstate of a signal
   frame and ``fpu__restore_sig()`` (fpstate.kernel.x86.signal) runs on it;
+- ``sigreturn-ia32``: the same for the fpstate of a 32-bit program's frame (the 112-byte fsave
+  header, then the XSAVE area), restored by a compat task through ``fpu__restore_sig(buf,
+  ia32_frame)``: the frame goes through the task's fpstate and the header is folded in;
 - ``ptrace``: a stopped tracee gets the blob through ``ptrace_regset(PTRACE_SETREGSET,
   NT_X86_XSTATE)`` (fpstate.kernel.x86.regset: xstateregs_set -> copy_uabi_to_xstate);
 - ``kvm``: a VMM on the model creates a VM and a vCPU (with the leaf 0xD KVM supports, so that
@@ -39,7 +42,7 @@ from fpstate.kernel.x86.versions import NEWEST
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import XSAVE_HDR_OFFSET, mask_names
 
-PATHS: tuple[str, ...] = ("sigreturn", "ptrace", "kvm")
+PATHS: tuple[str, ...] = ("sigreturn", "sigreturn-ia32", "ptrace", "kvm")
 TASKS: tuple[str, ...] = ("auto", "default", "perm", "in-use")
 XTILE_DATA = 18
 ERRNO = {0: "0", 14: "-EFAULT", 22: "-EINVAL", 3: "-ESRCH", 19: "-ENODEV", 1: "-EPERM"}
@@ -111,10 +114,11 @@ def _pick_task(task: str, data: bytes, path: str) -> str:
     return "default"
 
 
-def _set_up(m: Machine, task: str) -> tuple[Task, list[str]]:
-    """A running user task on CPU 0 in the state ``task`` names."""
+def _set_up(m: Machine, task: str, compat: bool = False) -> tuple[Task, list[str]]:
+    """A running user task on CPU 0 in the state ``task`` names (of a 32-bit program when
+    ``compat``)."""
     notes: list[str] = []
-    t = m.spawn("receiver")
+    t = m.spawn("receiver", compat=compat)
     m.run(0, t)
     if task in ("perm", "in-use"):
         ret = m.syscall(0, xp.sys_arch_prctl, xp.ARCH_REQ_XCOMP_PERM, XTILE_DATA)
@@ -176,6 +180,76 @@ def validate_sigreturn(data: bytes, profile: CpuidProfile, kernel: str, task: st
     return Verdict("sigreturn", False, "SIGSEGV",
                    "restore_fpregs_from_user: the hardware refuses the frame", detail, task,
                    tuple(notes))
+
+
+def validate_sigreturn_ia32(data: bytes, profile: CpuidProfile, kernel: str,
+                            task: str) -> Verdict:
+    """fpu__restore_sig(buf, ia32_frame) of an ia32 frame whose fpstate is ``data``: the fsave
+    header, then the XSAVE area at 112."""
+    head = sg.FREGS_STATE_SIZE
+    xsave = data[head:]
+    m = Machine.boot(profile, kernel, ncpus=1)
+    t, notes = _set_up(m, task, compat=True)
+    user_size = t.fpu.fpstate.user_size
+    if len(data) < head + user_size + sg.FP_XSTATE_MAGIC2_SIZE:
+        notes.append(f"the blob ({len(data)} bytes) is shorter than 112 + the task's user_size "
+                     f"+ 4 ({head + user_size + 4}); zeros stand for the stack beyond it")
+    notes.extend(_fold_notes(data))
+    addr = _place_frame(m, t, data + bytes(head))
+    ok = m.syscall(0, _path(sg.fpu__restore_sig), addr, True)
+    if ok:
+        return Verdict("sigreturn-ia32", True, "0", "fpu__restore_sig (ia32 frame)",
+                       "restored, the fsave header folded in (convert_to_fxsr)", task,
+                       tuple(notes))
+    # Which step decided, in __fpu_restore_sig's order.
+    m2 = Machine.boot(profile, kernel, ncpus=1)
+    t2, _ = _set_up(m2, task, compat=True)
+    addr2 = _place_frame(m2, t2, data + bytes(head))
+    sw = m2.syscall(0, _path(sg.check_xstate_in_sigframe), addr2 + head)
+    if sw is None:
+        return Verdict("sigreturn-ia32", False, "SIGSEGV", "check_xstate_in_sigframe",
+                       "the software bytes cannot be read", task, tuple(notes))
+    if not sw.magic1:
+        notes.append("check_xstate_in_sigframe() rejected the software bytes: the frame is "
+                     "taken as FXSAVE-only (x87 and SSE; the rest goes to init)")
+        mxcsr = int.from_bytes(xsave[24:28], "little")
+        bad = mxcsr & ~m2.system.mxcsr_feature_mask
+        if bad:
+            return Verdict("sigreturn-ia32", False, "SIGSEGV",
+                           "__fpu_restore_sig: MXCSR & ~mxcsr_feature_mask (x86-64)",
+                           f"MXCSR {mxcsr:#x} sets {bad:#x}, outside the feature mask "
+                           f"{m2.system.mxcsr_feature_mask:#x}", task, tuple(notes))
+    else:
+        fps = t2.fpu.fpstate
+        ret = regset.copy_uabi_to_xstate(m2.system, fps, bytes(xsave[:fps.user_size]),
+                                         [t2.thread_pkru])
+        if ret:
+            hdr = xsave[XSAVE_HDR_OFFSET:XSAVE_HDR_OFFSET + 64]
+            detail = _header_detail(hdr, fps.user_xfeatures) or (
+                f"MXCSR {int.from_bytes(xsave[24:28], 'little'):#x} outside the feature mask "
+                f"{m2.system.mxcsr_feature_mask:#x}")
+            return Verdict("sigreturn-ia32", False, "SIGSEGV",
+                           "copy_sigframe_from_user_to_xstate -> copy_uabi_to_xstate",
+                           f"{_errno(ret)}: {detail}", task, tuple(notes))
+    return Verdict("sigreturn-ia32", False, "SIGSEGV",
+                   "__fpu_restore_sig: os_xrstor_safe() of the folded state faults",
+                   "the XRSTOR from the task's fpstate refused it", task, tuple(notes))
+
+
+def _fold_notes(data: bytes) -> list[str]:
+    """What convert_to_fxsr() changes of the FXSAVE area: the header's x87 state wins."""
+    if len(data) < sg.FREGS_STATE_SIZE + 512:
+        return []
+    fx = bytearray(data[sg.FREGS_STATE_SIZE:sg.FREGS_STATE_SIZE + 512])
+    before = bytes(fx)
+    regset.convert_to_fxsr(fx, data[:regset.USER_I387_IA32_SIZE])
+    fields = [("FCW", 0, 2), ("FSW", 2, 4), ("FTW", 4, 6), ("FOP", 6, 8), ("FIP", 8, 16),
+              ("FDP", 16, 24)] + [(f"ST{i}", 32 + 16 * i, 42 + 16 * i) for i in range(8)]
+    changed = [name for name, a, b in fields if fx[a:b] != before[a:b]]
+    if not changed:
+        return []
+    return ["the fsave header overrides the FXSAVE area's " + ", ".join(changed)
+            + " (convert_to_fxsr)"]
 
 
 # -- ptrace ---------------------------------------------------------------------------------------
@@ -279,6 +353,11 @@ def validate(data: bytes, profile: CpuidProfile, path: str, *, kernel: str = NEW
         raise FpstateError(f"unknown path {path!r} (known: {', '.join(PATHS)})")
     if len(data) < XSAVE_HDR_OFFSET + 64:
         raise BlobError(f"blob is {len(data)} bytes; every path reads a 576-byte XSAVE area")
-    chosen = _pick_task(task, data, path)
-    fn = {"sigreturn": validate_sigreturn, "ptrace": validate_ptrace, "kvm": validate_kvm}[path]
+    if path == "sigreturn-ia32" and len(data) < sg.FREGS_STATE_SIZE + XSAVE_HDR_OFFSET + 64:
+        raise BlobError(f"blob is {len(data)} bytes; an ia32 frame's fpstate is the 112-byte "
+                        "fsave header and at least a 576-byte XSAVE area")
+    xsave = data[sg.FREGS_STATE_SIZE:] if path == "sigreturn-ia32" else data
+    chosen = _pick_task(task, xsave, path)
+    fn = {"sigreturn": validate_sigreturn, "sigreturn-ia32": validate_sigreturn_ia32,
+          "ptrace": validate_ptrace, "kvm": validate_kvm}[path]
     return fn(bytes(data), profile, kernel, chosen)
