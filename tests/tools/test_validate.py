@@ -7,6 +7,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpstate.errors import BlobError, FpstateError, HostUnavailable
 from fpstate.kernel.x86.versions import version_for_release
@@ -261,3 +263,32 @@ def test_ia32_sigreturn_verdicts_match_the_real_kernel(host) -> None:
         assert verdict.accepted == (run.died_of is None), (p, verdict)
         outcomes.append(verdict.accepted)
     assert outcomes == [True, True, False, False, False, False, True, False]
+
+
+_IA32_FRAME = None
+
+
+def _ia32_frame_once() -> bytes:
+    global _IA32_FRAME
+    if _IA32_FRAME is None:
+        _IA32_FRAME = ia32_fpstate()
+    return _IA32_FRAME
+
+
+@settings(max_examples=60, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 1300), st.binary(min_size=1, max_size=8)),
+                      max_size=4),
+       cut=st.integers(0, 40))
+def test_mutated_ia32_frames_get_a_verdict_or_a_blob_error(edits, cut) -> None:
+    """Random byte edits of an ia32 frame (header, legacy area, sw bytes, XSAVE header) and
+    truncation: a verdict whose refusals name a rule, or BlobError for a blob too short."""
+    frame = bytearray(_ia32_frame_once())
+    for off, data in edits:
+        frame[off:off + len(data)] = data
+    blob = bytes(frame[:len(frame) - cut * 40])
+    try:
+        v = validate(blob, ZEN4, "sigreturn-ia32")
+    except BlobError:
+        assert len(blob) < 112 + 576
+        return
+    assert v.accepted or (v.result == "SIGSEGV" and v.rule)
