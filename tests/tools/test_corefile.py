@@ -281,3 +281,65 @@ def test_corrupt_cores_raise_only_blob_error(tail: bytes, cut: int) -> None:
             xstate_notes(data)
         except BlobError:
             pass
+
+
+@pytest.mark.host
+def test_kernel_core_dump_of_a_32_bit_process(tmp_path: Path) -> None:
+    """A 32-bit program loads an x87/SSE state and stops; SIGQUIT then SIGCONT make the kernel
+    dump it. The core is ELFCLASS32: its NT_PRSTATUS is the compat one (pr_pid at 24), and
+    xstate_notes names the thread by it; its NT_PRFPREG is the ia32 view's
+    user_i387_ia32_struct, which the kernel model's convert_from_fxsr() makes from the
+    NT_X86_XSTATE note's legacy area, byte for byte."""
+    from elftools.elf.elffile import ELFFile
+
+    from fpstate.host.ia32_ptrace import stopping_program
+    from fpstate.kernel.x86.conform_signal import _ia32_state
+    from fpstate.kernel.x86.regset import convert_from_fxsr
+
+    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    if pattern.startswith("|") or "/" in pattern:
+        pytest.skip(f"core_pattern {pattern!r} does not write a file in the process's directory")
+    if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
+        pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
+    image = _ia32_state()
+    try:
+        elf = stopping_program(image)
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    prog = tmp_path / "probe32"
+    prog.write_bytes(elf)
+    prog.chmod(0o700)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+            os.chdir(tmp_path)
+            os.execv(str(prog), [str(prog)])
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        pytest.skip(f"the 32-bit program did not run (wait status {status:#x}): no ia32")
+    os.kill(pid, signal.SIGQUIT)
+    os.kill(pid, signal.SIGCONT)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGQUIT
+    cores = [p for p in tmp_path.iterdir() if p.name.startswith(pattern.split("%")[0] or "core")]
+    if not cores:
+        pytest.skip(f"no core file appeared (core_pattern {pattern!r})")
+    data = cores[0].read_bytes()
+    (note,) = xstate_notes(data)
+    assert note.tid == pid
+    fx = note.data[:512]
+    assert fx[32:42] == image[32:42]  # ST0 as the program loaded it
+    notes = {}
+    with open(cores[0], "rb") as f:
+        core = ELFFile(f)
+        assert core.elfclass == 32 and core.header["e_machine"] == "EM_386"
+        for seg in core.iter_segments():
+            if seg.header["p_type"] == "PT_NOTE":
+                for n in seg.iter_notes():
+                    notes.setdefault(n["n_type"], bytes(n["n_descdata"]))
+    prfpreg = notes.get("NT_FPREGSET", notes.get(2))
+    assert prfpreg is not None and len(prfpreg) == 108
+    assert prfpreg == convert_from_fxsr(fx)

@@ -236,6 +236,15 @@ def _elf32(code: bytes, image: bytes) -> bytes:
     return bytes(out)
 
 
+def stopping_program(fxsave: bytes) -> bytes:
+    """The probe's static 32-bit ELF on its own: FXRSTOR ``fxsave`` (512 bytes, 32-bit
+    format), stop itself with SIGSTOP, then (continued) FXSAVE and FNSTENV to stdout and exit
+    0. For callers that stop or kill it some other way (a core dump of a 32-bit process)."""
+    if len(fxsave) != FXSAVE_SIZE:
+        raise ValueError("fxsave must be a 512-byte image")
+    return _elf32(_program_code(), fxsave)
+
+
 # -- ptrace -----------------------------------------------------------------------------------
 
 def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:

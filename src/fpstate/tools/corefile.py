@@ -2,7 +2,9 @@
 
 Linux writes one set of notes per thread (fill_thread_core_info(), fs/binfmt_elf.c): first
 NT_PRSTATUS (whose pr_pid names the thread), then one note per regset of the task view
-(x86_64_regsets[], arch/x86/kernel/ptrace.c) -- NT_PRFPREG (the 512-byte FXSAVE image) and,
+(x86_64_regsets[], arch/x86/kernel/ptrace.c; a 32-bit program's core is ELFCLASS32 with the
+ia32 view: the compat prstatus, NT_PRFPREG the 108-byte user_i387_ia32_struct, NT_PRXFPREG
+the FXSAVE image) -- NT_PRFPREG (the 512-byte FXSAVE image) and,
 with XSAVE, NT_X86_XSTATE (name "LINUX", type 0x202), the uabi copy of the thread's fpstate that
 ``xstateregs_get()`` produces: standard format, fpu_user_cfg.max_size bytes, XCR0 at 464. gdb's
 ``gcore`` writes the same notes from its own register cache.
@@ -29,6 +31,9 @@ NT_X86_XSTATE = 0x202
 #: struct elf_prstatus (x86-64): elf_siginfo (12), pr_cursig (2) + pad (2), pr_sigpend (8),
 #: pr_sighold (8), then pr_pid.
 PRSTATUS_PID_OFFSET = 32
+#: The same in a 32-bit core (struct compat_elf_prstatus, i386 and x32): pr_sigpend and
+#: pr_sighold are compat_ulong_t (4 bytes each).
+PRSTATUS32_PID_OFFSET = 24
 ELF_MAGIC = b"\x7fELF"
 
 
@@ -63,6 +68,7 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
             raise BlobError(f"ELF file of type {elf.header['e_type']}, not a core file (ET_CORE)")
         out: list[ThreadXstate] = []
         tid: int | None = None
+        pid_at = PRSTATUS32_PID_OFFSET if elf.elfclass == 32 else PRSTATUS_PID_OFFSET
         for seg in elf.iter_segments():
             if seg.header["p_type"] != "PT_NOTE":
                 continue
@@ -70,9 +76,8 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
                 kind = _note_type(note["n_type"])
                 desc = bytes(note["n_descdata"])
                 if kind == NT_PRSTATUS and note["n_name"] == "CORE":
-                    if len(desc) >= PRSTATUS_PID_OFFSET + 4:
-                        tid = int.from_bytes(desc[PRSTATUS_PID_OFFSET:PRSTATUS_PID_OFFSET + 4],
-                                             "little")
+                    if len(desc) >= pid_at + 4:
+                        tid = int.from_bytes(desc[pid_at:pid_at + 4], "little")
                 elif kind == NT_X86_XSTATE and note["n_name"] == "LINUX":
                     out.append(ThreadXstate(tid, desc, int(note["n_offset"])))
     except BlobError:
