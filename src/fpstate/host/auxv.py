@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
+from fpstate.host.ia32 import static_elf32
 
 AT_NULL = 0
 AT_PAGESZ = 6
@@ -221,16 +222,14 @@ def ia32_sigframe() -> Ia32Frame:
     _, handler = _ia32_code(0)
     code, again = _ia32_code(handler)
     assert again == handler, "handler moved between encodings"
-    filesz = 52 + 32 + len(code)
-    ehdr = struct.pack("<4sBBBBB7sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, 0, bytes(7),
-                       2, 3, 1, _IA32_BASE + 52 + 32, 52, 0, 0, 52, 32, 1, 0, 0, 0)
-    phdr = struct.pack("<IIIIIIII", 1, 0, _IA32_BASE, _IA32_BASE, filesz,
-                       _IA32_BSS - _IA32_BASE + 0x1000, 7, 0x1000)
+    entry = _IA32_BASE + 52 + 32
+    elf = static_elf32({entry: code}, entry=entry, memsz=_IA32_BSS - _IA32_BASE + 0x1000,
+                       base=_IA32_BASE)
     tmp = tempfile.mkdtemp(prefix="fpstate-ia32-")
     try:
         path = os.path.join(tmp, "probe32")
         with open(path, "wb") as f:
-            f.write(ehdr + phdr + code)
+            f.write(elf)
         os.chmod(path, 0o700)
         try:
             run = subprocess.run([path], capture_output=True, timeout=10)

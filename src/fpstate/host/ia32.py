@@ -452,19 +452,28 @@ def _restorer_code(rt: bool) -> bytes:
     return a.encode(_RESTORER, _IMAGE - _RESTORER)
 
 
-def _elf(segments: dict[int, bytes]) -> bytes:
-    """A static ET_EXEC i386 ELF: one RWX PT_LOAD at _BASE holding ``segments`` (address ->
-    bytes), followed in memory by the zero-filled output block."""
-    entry = _MAIN
-    filesz = _OUT - _BASE
-    memsz = filesz + (_OUT_SIZE + 0xFFF) // 0x1000 * 0x1000
+def static_elf32(segments: dict[int, bytes], *, entry: int, memsz: int,
+                 base: int = _BASE) -> bytes:
+    """A static ET_EXEC EM_386 ELF (the format binfmt_elf loads into a compat process): one
+    RWX PT_LOAD at ``base`` whose file image holds the ELF and program headers and
+    ``segments`` (address -> bytes), and whose memory extends, zero-filled, to ``memsz``
+    bytes (the bss)."""
+    filesz = max([84] + [addr - base + len(data) for addr, data in segments.items()])
+    if memsz < filesz or any(addr - base < 84 for addr in segments):
+        raise ValueError("segments overlap the headers or lie beyond memsz")
     img = bytearray(filesz)
     img[:52] = struct.pack("<4sBBBBB7sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, 0, bytes(7),
                            2, 3, 1, entry, 52, 0, 0, 52, 32, 1, 0, 0, 0)
-    img[52:84] = struct.pack("<IIIIIIII", 1, 0, _BASE, _BASE, filesz, memsz, 7, 0x1000)
+    img[52:84] = struct.pack("<IIIIIIII", 1, 0, base, base, filesz, memsz, 7, 0x1000)
     for addr, data in segments.items():
-        img[addr - _BASE:addr - _BASE + len(data)] = data
+        img[addr - base:addr - base + len(data)] = data
     return bytes(img)
+
+
+def _elf(segments: dict[int, bytes]) -> bytes:
+    """The probe's ELF: ``segments`` at their addresses, then the zero-filled output block."""
+    memsz = _OUT - _BASE + (_OUT_SIZE + 0xFFF) // 0x1000 * 0x1000
+    return static_elf32(segments, entry=_MAIN, memsz=memsz)
 
 
 def _require_avx() -> None:

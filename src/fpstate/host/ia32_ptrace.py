@@ -54,6 +54,7 @@ from fpstate.host.ia32 import (
     NR_WRITE,
     Fnstenv32,
     Fxsave32,
+    static_elf32,
 )
 from fpstate.host.ptrace import (
     NT_PRFPREG,
@@ -219,21 +220,10 @@ def _program_code() -> bytes:
 
 
 def _elf32(code: bytes, image: bytes) -> bytes:
-    """A static ET_EXEC EM_386 ELF with one RWX PT_LOAD at _BASE: ELF header, program header,
-    code at _CODE, the FXRSTOR image at _IMAGE, then a zero-filled (bss) output page."""
-    filesz = _OUT - _BASE
-    memsz = filesz + 0x1000
-    out = bytearray(filesz)
-    ehdr = struct.pack("<4s5B7x2H5I6H", b"\x7fELF", 1, 1, 1, 0, 0,  # ELFCLASS32, LSB, v1
-                       2, 3, 1,  # ET_EXEC, EM_386, EV_CURRENT
-                       _CODE, 52, 0, 0,  # e_entry, e_phoff, e_shoff, e_flags
-                       52, 32, 1, 0, 0, 0)  # ehsize, phentsize, phnum, no sections
-    phdr = struct.pack("<8I", 1, 0, _BASE, _BASE, filesz, memsz, 7, 0x1000)  # PT_LOAD RWX
-    out[:len(ehdr)] = ehdr
-    out[52:52 + len(phdr)] = phdr
-    out[_CODE - _BASE:_CODE - _BASE + len(code)] = code
-    out[_IMAGE - _BASE:_IMAGE - _BASE + len(image)] = image
-    return bytes(out)
+    """The probe's ELF: code at _CODE, the FXRSTOR image at _IMAGE, then a zero-filled (bss)
+    output page."""
+    return static_elf32({_CODE: code, _IMAGE: image}, entry=_CODE,
+                        memsz=_OUT - _BASE + 0x1000, base=_BASE)
 
 
 def stopping_program(fxsave: bytes) -> bytes:
