@@ -345,3 +345,21 @@ def test_ymm_upper_halves_in_frame_and_restored(rt: bool) -> None:
     assert a is not None
     assert Fxsave32.parse(run.after_fxsave or b"").xmm == XMM
     assert a.st == ST
+
+
+@RT
+def test_fpstate_decode_reads_the_real_frame(quiet: dict[bool, Ia32SignalRun], rt: bool) -> None:
+    """`fpstate decode` detects the kernel's ia32 fpstate, shows the header the kernel wrote,
+    and encodes it back byte for byte."""
+    from fpstate.commands.layout import resolve_cpu
+    from fpstate.tools.blob import decode, encode
+
+    run = quiet[rt]
+    host = resolve_cpu("host")
+    blob = decode(run.frame, host)
+    assert blob.fmt == "sigframe-ia32"
+    h, real = dict(blob.fsave_header or ()), run.header
+    assert (h["cw"], h["tag"], h["cssel"], h["datasel"]) == (real.cw, real.tag, real.cssel,
+                                                              real.datasel)
+    assert [h[f"st{i}"].to_bytes(10, "little") for i in range(8)] == list(real.st)
+    assert encode(blob.to_dict(), host) == run.frame

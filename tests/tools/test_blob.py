@@ -208,8 +208,13 @@ def test_round_trip_random_states_every_profile(name: str, fmt: str) -> None:
 @FAST
 @given(data=st.binary(min_size=576, max_size=12000), fmt=st.sampled_from(("auto", *FORMATS)))
 def test_decode_encode_is_byte_exact_for_any_bytes(name: str, data: bytes, fmt: str) -> None:
-    """Every byte is a register, a header/software field or an extra run."""
+    """Every byte is a register, a header/software field or an extra run (an ia32 frame's
+    fpstate needs its 112-byte fsave header before the 576-byte area)."""
     p = PROFILES[name]
+    if fmt == "sigframe-ia32" and len(data) < 112 + 576:
+        with pytest.raises(BlobError, match="fsave header"):
+            decode(data, p, fmt)
+        return
     blob = decode(data, p, fmt)
     assert encode(blob.to_dict(), p) == data
 
@@ -274,3 +279,63 @@ def test_apx_registers_at_the_reused_mpx_offset() -> None:
     blob = decode(bytes(data), apx, "xsave")
     assert blob.component(19).offset == 960 and blob.component(19).state == "in use"
     assert blob.register("r16") == 0x1616 and blob.register("r31") == 0x3131
+
+
+# -- sigframe-ia32 ---------------------------------------------------------------------------
+
+
+def _ia32_frame() -> bytes:
+    from tests.tools.test_validate import ia32_fpstate
+
+    return ia32_fpstate("zen4")
+
+
+def test_an_ia32_frame_is_detected_and_decoded_with_its_fsave_header() -> None:
+    from fpstate.kernel.x86.regset import convert_from_fxsr
+
+    data = _ia32_frame()
+    blob = decode(data, PROFILES["zen4"])
+    assert blob.fmt == "sigframe-ia32" and "fsave header" in (blob.detected or "")
+    h = dict(blob.fsave_header or ())
+    assert h["cssel"] == 0x23 and h["datasel"] == 0xFFFF002B and h["magic"] == 0
+    assert data[:108] == convert_from_fxsr(data[112:624])
+    assert blob.component(0).offset == 112 and blob.component(2).offset == 112 + 576
+    assert blob.sw_bytes.extended_size == blob.sw_bytes.xstate_size + 4 + 112
+    assert not any(w.startswith("extended_size") for w in blob.warnings)
+    assert encode(blob.to_dict(), PROFILES["zen4"]) == data
+
+
+def test_an_ia32_frame_whose_header_differs_warns_what_sigreturn_restores() -> None:
+    data = bytearray(_ia32_frame())
+    data[28:38] = bytes(10)  # the header's ST0 only
+    blob = decode(bytes(data), PROFILES["zen4"])
+    assert any("restores the fsave header's x87 state" in w and "ST0" in w
+               for w in blob.warnings)
+
+
+def test_another_format_encodes_as_an_ia32_frame_the_kernel_takes() -> None:
+    from fpstate.tools.validate import validate
+
+    p = PROFILES["zen4"]
+    area = decode(_ia32_frame()[112:], p, "sigframe")
+    xsave = decode(encode(area.to_dict(), p, "xsave"), p, "xsave")
+    raw = encode(xsave.to_dict(), p, "sigframe-ia32")
+    blob = decode(raw, p)
+    assert blob.fmt == "sigframe-ia32"
+    assert blob.sw_bytes.extended_size == blob.sw_bytes.xstate_size + 4 + 112
+    assert dict(blob.fsave_header)["status"] == blob.component(0).register("fsw")
+    assert validate(raw, p, "sigreturn-ia32").accepted
+
+
+def test_a_bad_ia32_json_is_a_blob_error() -> None:
+    p = PROFILES["zen4"]
+    obj = decode(_ia32_frame(), p).to_dict()
+    bad = dict(obj, fsave_header={k: v for k, v in obj["fsave_header"].items() if k != "tag"})
+    with pytest.raises(BlobError, match="fsave_header: field 'tag' is missing"):
+        encode(bad, p)
+    bad = dict(obj, extra=[{"offset": 30, "hex": "01"}])
+    with pytest.raises(BlobError, match="lies in the fsave header"):
+        encode(bad, p)
+    bad = dict(obj, size=700)
+    with pytest.raises(BlobError):
+        encode(bad, p)

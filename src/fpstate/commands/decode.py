@@ -132,6 +132,14 @@ def render(blob: Blob, label: str, show_all: bool = False) -> str:
     """The text view of a decoded blob."""
     lines = [f"{label}: {blob.fmt}, {blob.size} bytes, CPU {blob.profile}"
              + (f" (detected: {blob.detected})" if blob.detected else "")]
+    if blob.fsave_header is not None:
+        h = dict(blob.fsave_header)
+        lines.append("fsave header (struct _fpstate_32, 112 bytes; sigreturn's x87 state): "
+                     f"cw {h['cw']:#x} sw {h['sw']:#x} tag {h['tag']:#x} ipoff {h['ipoff']:#x} "
+                     f"cssel {h['cssel']:#x} dataoff {h['dataoff']:#x} datasel "
+                     f"{h['datasel']:#x} status {h['status']:#x} magic {h['magic']:#x}")
+        lines.extend(f"    st{i:<9} 0x{h[f'st{i}']:020x}" for i in range(8)
+                     if h[f"st{i}"] or show_all)
     lines.append(f"XSTATE_BV {blob.xstate_bv:#x} ({mask_names(blob.xstate_bv)})  "
                  f"XCOMP_BV {blob.xcomp_bv:#x}")
     if blob.sw_bytes is not None:

@@ -17,6 +17,10 @@ Formats (every offset comes from the CPU profile's CPUID leaf 0xD, never from a 
   save_xstate_epilog(), arch/x86/kernel/fpu/signal.c): standard format with
   ``struct _fpx_sw_bytes`` at 464 (magic1 FP_XSTATE_MAGIC1, extended_size, xfeatures,
   xstate_size) and FP_XSTATE_MAGIC2 at offset xstate_size; the blob is extended_size bytes;
+- ``sigframe-ia32``: the fpstate of a 32-bit program's signal frame (what its sc.fpstate points
+  at): the 112-byte fsave header (struct _fpstate_32 up to ``magic``: the x87 environment and
+  registers in the legacy 32-bit format, save_fsave_header()/convert_from_fxsr()), then a
+  ``sigframe`` area whose extended_size counts the header; offsets count from the header;
 - ``kvm``: ``struct kvm_xsave`` of KVM_GET_XSAVE (4096 bytes) or KVM_GET_XSAVE2
   (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes): the same uabi copy of the guest fpstate
   (fpu_copy_guest_fpstate_to_uabi()), zero-padded to the buffer size.
@@ -52,7 +56,10 @@ from fpstate.x86.xfeatures import (
     mask_names,
 )
 
-FORMATS: tuple[str, ...] = ("xsave", "xsavec", "xsaves", "uabi", "sigframe", "kvm")
+FORMATS: tuple[str, ...] = ("xsave", "xsavec", "xsaves", "uabi", "sigframe", "sigframe-ia32",
+                             "kvm")
+#: sizeof(struct fregs_state): the fsave header before an ia32 frame's XSAVE area.
+FSAVE_HEADER_SIZE = 112
 COMPACTED_FORMATS = frozenset({"xsavec", "xsaves"})
 JSON_FORMAT = "fpstate-blob/1"
 
@@ -139,6 +146,9 @@ class Blob:
     components: tuple[ComponentState, ...]
     extra: tuple[tuple[int, bytes], ...]
     warnings: tuple[str, ...]
+    #: sigframe-ia32: the fsave header's fields (cw, sw, tag, ipoff, cssel, dataoff, datasel,
+    #: st0..st7, status, magic)
+    fsave_header: tuple[tuple[str, int], ...] | None = None
 
     def component(self, number: int) -> ComponentState:
         for c in self.components:
@@ -180,9 +190,22 @@ class Blob:
              "registers": {n: _hex(v, _width(c, n)) for n, v in c.registers}}
             for c in self.components
         ]
+        if self.fsave_header is not None:
+            d["fsave_header"] = {n: _hex(v, _FSAVE_WIDTH.get(n, 4))
+                                 for n, v in self.fsave_header}
         d["extra"] = [{"offset": off, "hex": raw.hex()} for off, raw in self.extra]
         d["warnings"] = list(self.warnings)
         return d
+
+
+#: The fsave header's fields: name -> (offset, width); st0..st7 are the 10-byte registers.
+FSAVE_FIELDS: dict[str, tuple[int, int]] = {
+    **{n: (4 * i, 4) for i, n in enumerate(("cw", "sw", "tag", "ipoff", "cssel", "dataoff",
+                                            "datasel"))},
+    **{f"st{i}": (28 + 10 * i, 10) for i in range(8)},
+    "status": (108, 2), "magic": (110, 2),
+}
+_FSAVE_WIDTH = {n: w for n, (_, w) in FSAVE_FIELDS.items()}
 
 
 def _width(c: ComponentState, name: str) -> int:
@@ -286,6 +309,15 @@ def detect_format(data: bytes, profile: CpuidProfile) -> tuple[str, str]:
             and _u(data, "<I", xstate_size) == FP_XSTATE_MAGIC2):
         return "sigframe", (f"FP_XSTATE_MAGIC1 at {SW_BYTES_OFFSET} and FP_XSTATE_MAGIC2 at "
                             f"xstate_size {xstate_size}")
+    h = FSAVE_HEADER_SIZE
+    if len(data) >= h + XSAVE_EXTENDED_START + 4:
+        xstate_size = _u(data, "<I", h + SW_BYTES_OFFSET + 16)
+        if (_u(data, "<I", h + SW_BYTES_OFFSET) == FP_XSTATE_MAGIC1
+                and XSAVE_EXTENDED_START <= xstate_size <= len(data) - h - 4
+                and _u(data, "<I", h + xstate_size) == FP_XSTATE_MAGIC2):
+            return "sigframe-ia32", (f"FP_XSTATE_MAGIC1 at {h + SW_BYTES_OFFSET} and "
+                                     f"FP_XSTATE_MAGIC2 at {h} + xstate_size {xstate_size}: "
+                                     "an fsave header before a signal-frame area")
     xcomp_bv = _u(data, "<Q", XCOMP_BV_OFFSET)
     if xcomp_bv & XCOMP_BV_COMPACTED_FORMAT:
         if xcomp_bv & profile.xss_supported:
@@ -417,6 +449,8 @@ def decode(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
         raise BlobError(f"unknown blob format {fmt!r} (known: auto, {', '.join(FORMATS)})")
     if xcr0 is not None and (xcr0 < 0 or xcr0 >> 64):
         raise BlobError(f"XCR0 {xcr0!r} is not a 64-bit value")
+    if fmt == "sigframe-ia32":
+        return _decode_ia32(data, profile, detected, xcr0)
     warn: list[str] = []
     frame, blob_xcr0, sw, magic2 = _frame(data, profile, fmt, xcr0, warn)
     covered = bytearray(len(data))
@@ -441,6 +475,42 @@ def decode(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
     return Blob(fmt, profile.name, len(data), detected, xstate_bv, xcomp_bv,
                 blob_xcr0 if sw is None else sw.xfeatures, sw, magic2,
                 sum(1 << p.number for p in places), tuple(comps), extra, tuple(warn))
+
+
+def _decode_ia32(data: bytes, profile: CpuidProfile, detected: str | None,
+                 xcr0: int | None) -> Blob:
+    """A ``sigframe-ia32`` blob: its fsave header, then its XSAVE area decoded as a
+    ``sigframe`` (offsets moved by the header's 112 bytes), with what sys32 sigreturn does with
+    the two: the header's x87 part overrides the area's (convert_to_fxsr)."""
+    from fpstate.kernel.x86.regset import convert_to_fxsr
+
+    h = FSAVE_HEADER_SIZE
+    if len(data) < h + XSAVE_EXTENDED_START:
+        raise BlobError(f"blob is {len(data)} bytes; an ia32 frame's fpstate is the {h}-byte "
+                        f"fsave header and at least a {XSAVE_EXTENDED_START}-byte XSAVE area")
+    inner = decode(data[h:], profile, "sigframe", xcr0=xcr0)
+    header = tuple((n, int.from_bytes(data[o:o + w], "little"))
+                   for n, (o, w) in FSAVE_FIELDS.items())
+    # The 64-bit rule for extended_size does not hold here (the header is counted): replaced.
+    warn = [w for w in inner.warnings if not w.startswith("extended_size ")]
+    sw = inner.sw_bytes
+    if sw is not None and sw.extended_size != sw.xstate_size + 4 + h:
+        warn.append(f"extended_size {sw.extended_size} is not xstate_size {sw.xstate_size} + "
+                    f"4 + {h}: save_sw_bytes() counts the fsave header in an ia32 frame")
+    fx = bytearray(data[h:h + 512])
+    folded = bytearray(fx)
+    convert_to_fxsr(folded, data[:108])
+    names = [("FCW", 0, 2), ("FSW", 2, 4), ("FTW", 4, 6), ("FOP", 6, 8), ("FIP", 8, 16),
+             ("FDP", 16, 24)] + [(f"ST{i}", 32 + 16 * i, 42 + 16 * i) for i in range(8)]
+    changed = [n for n, a, b in names if folded[a:b] != fx[a:b]]
+    if changed:
+        warn.append("sigreturn restores the fsave header's x87 state, not the XSAVE area's: "
+                    f"{', '.join(changed)} differ (convert_to_fxsr; FOP comes from cssel >> 16)")
+    comps = tuple(ComponentState(c.number, c.name, c.offset + h, c.size, c.in_xstate_bv,
+                                 c.init_values, c.registers) for c in inner.components)
+    return Blob("sigframe-ia32", inner.profile, len(data), detected, inner.xstate_bv,
+                inner.xcomp_bv, inner.xcr0, sw, inner.magic2, inner.layout_mask, comps,
+                tuple((off + h, raw) for off, raw in inner.extra), tuple(warn), header)
 
 
 def _runs(data: bytes, covered: bytearray) -> tuple[tuple[int, bytes], ...]:

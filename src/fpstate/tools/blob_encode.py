@@ -21,6 +21,8 @@ from fpstate.tools.blob import (
     FP_XSTATE_MAGIC1,
     FP_XSTATE_MAGIC2,
     FP_XSTATE_MAGIC2_SIZE,
+    FSAVE_FIELDS,
+    FSAVE_HEADER_SIZE,
     JSON_FORMAT,
     KVM_XSAVE_SIZE,
     MAX_BLOB_SIZE,
@@ -84,6 +86,8 @@ def encode_blob(obj: Mapping[str, Any] | str, profile: CpuidProfile,
     if fmt not in FORMATS or src_fmt not in FORMATS:
         raise BlobError(f"unknown blob format {fmt if fmt not in FORMATS else src_fmt!r} "
                         f"(known: {', '.join(FORMATS)})")
+    if fmt == "sigframe-ia32":
+        return _encode_ia32(obj, profile, src_fmt == fmt)
     header = _get(obj, "header", "blob JSON")
     xstate_bv = _int(_get(header, "xstate_bv", "header"), "header xstate_bv", 8)
     xcomp_bv = _int(_get(header, "xcomp_bv", "header"), "header xcomp_bv", 8)
@@ -187,3 +191,47 @@ def _target_size(profile: CpuidProfile, fmt: str, xcomp_bv: int, user_mask: int)
     if fmt == "kvm":
         return max(size, KVM_XSAVE_SIZE)
     return size
+
+
+def _encode_ia32(obj: Mapping[str, Any], profile: CpuidProfile, same: bool) -> bytes:
+    """A ``sigframe-ia32`` blob: the fsave header, then the ``sigframe`` area. From its own
+    format, both byte-exact (the header from ``fsave_header``, offsets moved back by 112); from
+    another, the area laid out afresh with extended_size counting the header, and the header
+    made from the area's x87 registers as save_fsave_header() makes it (convert_from_fxsr of
+    a compat task: cssel __USER32_CS, datasel __USER_DS; status = FSW, magic 0)."""
+    from fpstate.kernel.x86.regset import convert_from_fxsr
+
+    h = FSAVE_HEADER_SIZE
+    if not same:
+        area = bytearray(encode_blob(obj, profile, "sigframe"))
+        xstate_size = struct.unpack_from("<I", area, SW_BYTES_OFFSET + 16)[0]
+        struct.pack_into("<I", area, SW_BYTES_OFFSET + 4, xstate_size + FP_XSTATE_MAGIC2_SIZE + h)
+        header = convert_from_fxsr(bytes(area[:512])) + bytes(area[2:4]) + bytes(2)
+        return header + bytes(area)
+    fields = _get(obj, "fsave_header", "blob JSON")
+    if not isinstance(fields, Mapping):
+        raise BlobError("blob JSON: 'fsave_header' is not an object")
+    header = bytearray(h)
+    for name, (off, width) in FSAVE_FIELDS.items():
+        value = _int(_get(fields, name, "fsave_header"), f"fsave_header.{name}", width)
+        header[off:off + width] = value.to_bytes(width, "little")
+    inner = dict(obj)
+    inner["blob_format"] = "sigframe"
+    if "size" in obj:
+        size = _int(obj["size"], "size", 4)
+        if size < h + XSAVE_EXTENDED_START:
+            raise BlobError(f"blob JSON: size {size} leaves no {XSAVE_EXTENDED_START}-byte "
+                            f"XSAVE area after the {h}-byte fsave header")
+        inner["size"] = size - h
+    runs = obj.get("extra", [])
+    if not isinstance(runs, list):
+        raise BlobError("blob JSON: 'extra' is not a list")
+    moved = []
+    for run in runs:
+        off = _int(_get(run, "offset", "extra run"), "extra offset", 4)
+        if off < h:
+            raise BlobError(f"extra run at {off} lies in the fsave header (bytes 0-{h - 1}), "
+                            "which 'fsave_header' describes")
+        moved.append({**run, "offset": off - h})
+    inner["extra"] = moved
+    return bytes(header) + encode_blob(inner, profile, "sigframe")
