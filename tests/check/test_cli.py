@@ -56,6 +56,38 @@ def test_explore_rejects_a_variant_of_another_model(capsys: pytest.CaptureFixtur
     assert "variant of model arm64" in capsys.readouterr().err
 
 
+def test_explore_config_merges_keys_over_the_default(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """--config: a 32-bit p0 (inline), a one-CPU world from a file; the variant of ia32
+    sigreturn is found with its own configuration and the scenario it writes runs."""
+    assert main(["explore", "--config", "{compat: [p0], cpus: 1}", "--seconds", "2",
+                 "--workers", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["violations"] == [] and res["per_action"]["sigreturn"] > 0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("processes: {p0: 1}\nvms: {}\n")
+    out = tmp_path / "cx.yaml"
+    assert main(["explore", "--variant", "ia32-sigreturn-no-supervisor-save", "--config",
+                 str(cfg), "--seconds", "30", "--workers", "1", "--out", str(out)]) == 1
+    capsys.readouterr()
+    s = scn.load(out)
+    assert s.config["compat"] == ["p0"] and s.config["processes"] == {"p0": 1}
+    assert main(["run", str(out), "--variant", "ia32-sigreturn-no-supervisor-save"]) == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{compat: [p9]}", "config.compat: 'p9' is not a process of config.processes"),
+    ("[1, 2]", "--config: must be a mapping of configuration keys, not [1, 2]"),
+    ("{compat: [p0", "--config: not YAML"),
+    ("{nosuch: 1}", "config: unknown key 'nosuch' for model x86"),
+])
+def test_explore_config_errors_are_one_line(text: str, message: str,
+                                            capsys: pytest.CaptureFixture) -> None:
+    assert main(["explore", "--config", text, "--seconds", "1", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
 def test_plot_writes_png_and_svg(tmp_path: Path) -> None:
     report = scn.run(scn.load(ROOT / "scenarios" / "seed-004-pasid-write.yaml"),
                      "pasid-write-incoherent", frames=True)

@@ -1,10 +1,12 @@
 """``fpstate explore``: search a model for invariant violations, with no scenario hint.
 
-``fpstate explore [--model x86|arm64] [--variant NAME] [--cpu PROFILE] [--seconds S]
-[--seed N] [--mode random|exhaustive] [--depth D] [--workers N] [--out FILE] [--plot FILE]
-[--json]`` explores the model from its default configuration (x86: 2 CPUs, 2 processes of 2
-threads, 1 VM with 1 vCPU, Sapphire Rapids; arm64: the FVP profile with FPMR, a VMM and one
-other task, 1 VM with 1 vCPU) using every core. On a violation it shrinks the path to one from
+``fpstate explore [--model x86|arm64] [--variant NAME] [--cpu PROFILE] [--config YAML]
+[--seconds S] [--seed N] [--mode random|exhaustive] [--depth D] [--workers N] [--out FILE]
+[--plot FILE] [--json]`` explores the model from its default configuration (x86: 2 CPUs, 2
+processes of 2 threads, 1 VM with 1 vCPU, Sapphire Rapids; arm64: the FVP profile with FPMR, a
+VMM and one other task, 1 VM with 1 vCPU) using every core. ``--config`` merges configuration
+keys of the model's scenarios over it (a YAML mapping, inline or in a file: ``--config
+'{compat: [p0]}'`` makes p0 a 32-bit program). On a violation it shrinks the path to one from
 which no step can be removed, writes it as a scenario (``--out``, default
 ``counterexample-<design>-<invariant>.yaml``), prints its trace and exits 1. Otherwise it prints
 the coverage (states, transitions, per-action counts) and exits 0.
@@ -44,6 +46,8 @@ def add_explore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", metavar="NAME", help="a rejected design (fpstate variants)")
     p.add_argument("--cpu", metavar="PROFILE", help="the CPU profile (x86: a bundled name, "
                    "'host' or a dump; arm64: a bundled arm64 profile)")
+    p.add_argument("--config", metavar="YAML", help="configuration keys merged over the "
+                   "default (a YAML mapping or a file holding one), e.g. '{compat: [p0]}'")
     p.add_argument("--seconds", type=positive_seconds, default=10.0,
                    help="time budget (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -56,7 +60,32 @@ def add_explore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def job_for(model: str | None, variant: str | None, cpu: str | None) -> Job:
+def config_overrides(text: str | None) -> dict[str, Any]:
+    """``--config``: a YAML mapping given inline or as the path of a file holding one."""
+    if text is None:
+        return {}
+    import os
+
+    import yaml
+
+    from fpstate.inputs import read_text, reason
+
+    if os.path.exists(text):
+        try:
+            text = read_text(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise FpstateError(f"--config: cannot read {text}: {reason(e)}") from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise FpstateError(f"--config: not YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise FpstateError(f"--config: must be a mapping of configuration keys, not {value!r}")
+    return value
+
+
+def job_for(model: str | None, variant: str | None, cpu: str | None,
+            overrides: dict[str, Any] | None = None) -> Job:
     if variant is not None:
         v = vreg.get(variant)
         if model is not None and model != v.model:
@@ -68,6 +97,7 @@ def job_for(model: str | None, variant: str | None, cpu: str | None) -> Job:
         cfg.update(vreg.get(variant).config)
         if cpu is not None:
             cfg["cpu"] = cpu
+    cfg.update(overrides or {})
     return Job(model, cfg, variant)
 
 
@@ -101,7 +131,7 @@ def report_violation(job: Job, res: Result, out: str | None, plot: str | None,
 
 
 def run_explore(args: argparse.Namespace) -> int:
-    job = job_for(args.model, args.variant, args.cpu)
+    job = job_for(args.model, args.variant, args.cpu, config_overrides(args.config))
     scn.make_world(job.model, job.config, job.variant)  # bad configuration: one line, exit 2
     ex = executors.local(args.workers)
     try:
