@@ -27,6 +27,20 @@ _PREEMPTED_IN_RUN = (A("run", task="p1.t0", cpu=0),
                      A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1))
 
 
+def test_the_kind_of_program_an_exec_asleep_loads_is_named_by_the_key() -> None:
+    """Two execs asleep in de_thread() (a sibling switched out in KVM_RUN), one of a 32-bit
+    program: once they go on, one process is compat and the other not, so the keys differ."""
+    same = _steps(*_PREEMPTED_IN_RUN, A("exec", task="p1.t1"))
+    ia32 = _steps(*_PREEMPTED_IN_RUN, A("exec", task="p1.t1", abi="ia32"))
+    assert same.key() != ia32.key()
+    for w in (same, ia32):
+        for a in (A("run", task="p1.t0", cpu=1), A("kvm_finish", task="p1.t0"),
+                  A("run", task="p1.t1", cpu=1), A("exec_finish", task="p1.t1")):
+            w.step(a)
+    assert [w.tasks["p1.t1"].process.compat for w in (same, ia32)] == [False, True]
+    assert ia32.tasks["p1.t1"].user_sp < 1 << 32
+
+
 def test_a_thread_killed_inside_kvm_run_is_named_by_the_key() -> None:
     # p1.t1 exits alone, or dies of SIGILL and takes the group: in both p1.t1 is dead and
     # p1.t0 waits, switched out, inside KVM_RUN -- but only in the second does it exit when

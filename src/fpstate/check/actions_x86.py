@@ -204,7 +204,11 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK, "child": _TASK}),
     ActionSpec("exec", "execve(): other threads die, default fpstate and permissions; with "
                "a thread switched out inside a kernel path, de_thread() sleeps until it has "
-               "left the path and exited (then exec_finish)", {"task": _TASK}),
+               "left the path and exited (then exec_finish)", {
+                   "task": _TASK,
+                   "abi": FieldSpec(str, "the new program: of the same kind, a 64-bit one or "
+                                    "a 32-bit one (then a compat process)", required=False,
+                                    default="same", choices=("same", "x86_64", "ia32"))}),
     ActionSpec("exec_finish", "the exec sleeping in de_thread(), its other threads gone, "
                "loads the binary and returns to user mode", {"task": _TASK}),
     ActionSpec("exit", "the task exits", {"task": _TASK}),
@@ -311,6 +315,9 @@ class X86World(X86Views, World):
         self.sigstack: dict[str, list[dict[int, bytes]]] = {}
         self.frames: dict[str, list[tuple[int, int]]] = {}
         self.nm_pending = {}
+        #: The kind of program each task's last exec loads ("same", "x86_64", "ia32"): read by
+        #: the state key while that exec sleeps in de_thread().
+        self.exec_abi: dict[str, str] = {}
         self.emitted: list[tuple[str, Any]] = []
         s = self.m.system
         self.tracked = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + (
@@ -671,12 +678,14 @@ class X86World(X86Views, World):
     def do_clone(self, task: str, child: str) -> dict[str, Value]:
         return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD)
 
-    def do_exec(self, task: str) -> dict[str, Value]:
+    def do_exec(self, task: str, abi: str = "same") -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         self.m.enter_kernel(nr)
+        compat = None if abi == "same" else abi == "ia32"
+        self.exec_abi[t.comm] = abi
         try:
-            self.m.start(nr, sys_execve, t.comm)
+            self.m.start(nr, sys_execve, t.comm, compat)
         except IllegalEvent:
             t.event("exit_to_user")  # refused before it changed anything (Machine.syscall)
             raise
@@ -838,6 +847,8 @@ class X86World(X86Views, World):
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
+                "exec_ia32": A("exec", task=comm, abi="ia32"),
+                "exec_x86_64": A("exec", task=comm, abi="x86_64"),
                 "exec_finish": A("exec_finish", task=comm)}
         return got
 
@@ -902,6 +913,7 @@ class X86World(X86Views, World):
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])
+            add(ta["exec_x86_64"] if t.process.compat else ta["exec_ia32"])
             for tgid, victim in groups.items():
                 if tgid != t.process.tgid:
                     add(_kill(t.comm, victim))

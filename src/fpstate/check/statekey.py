@@ -329,7 +329,7 @@ FIELDS: dict[str, dict[str, str]] = {
     # The checker's own bookkeeping beside the model (X86World, KvmX86World).
     "World": {
         **dict.fromkeys(("m", "expected", "sigstack", "frames", "nm_pending", "vcpus",
-                         "vm_mm", "_pending_run"), "key"),
+                         "vm_mm", "_pending_run", "exec_abi"), "key"),
         "tasks": "names to tasks: a task's name is its comm, which is keyed",
         **dict.fromkeys(("config", "variant", "max_tasks", "init_values", "tracked",
                          "supervisor_tracked", "writable", "view_comps", "vm_names", "kvm"),
@@ -364,6 +364,13 @@ def _owner_pid(m: Any, owner: Any) -> int | None:
         if t.fpu is owner:
             return t.pid
     return -1
+
+
+def _kpath_key(w: Any, t: Any, kp: Any) -> Any:
+    """A kernel path in flight: its function, and for an exec the kind of program it loads
+    (the world's ``exec_abi``), which decides the new mm once de_thread() lets it go on."""
+    name = kp.__qualname__
+    return (name, w.exec_abi.get(t.comm)) if name == "sys_execve" else name
 
 
 def x86_key(w: Any) -> Hashable:
@@ -404,7 +411,7 @@ def x86_key(w: Any) -> Hashable:
             _TASK_FIELDS(t), _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
             _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
-            None if kp is None else kp.__qualname__,
+            None if kp is None else _kpath_key(w, t, kp),
             # Killed by its group's fatal signal while inside a kernel path: it exits once it
             # has left the path (Machine.kill_thread).
             t.killed_by is not None,

@@ -79,10 +79,11 @@ def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -
     return child
 
 
-def sys_execve(c: Cpu, comm: str) -> KPath:
+def sys_execve(c: Cpu, comm: str, compat: bool | None = None) -> KPath:
     """execve() (fs/exec.c begin_new_exec): other threads of the group die (de_thread), a new
-    mm, the sigaltstack is cleared (sas_ss_sp = sas_ss_size = 0; the flags stay), then
-    flush_thread():
+    mm -- laid out for a 32-bit program when ``compat`` (an ELFCLASS32 binary: TIF_ADDR32),
+    for a 64-bit one when False, of the same kind as before when None -- the sigaltstack is
+    cleared (sas_ss_sp = sas_ss_size = 0; the flags stay), then flush_thread():
     fpu_flush_thread() and the default PKRU (pkru_flush_thread).
 
     de_thread() sends SIGKILL to the other threads (zap_other_threads) and sleeps,
@@ -104,7 +105,7 @@ def sys_execve(c: Cpu, comm: str) -> KPath:
     c = yield  # loading the binary: may sleep
     t.process.threads[:] = [t]
     t.process.mm = UserMemory()
-    new_mm_layout(t, t.process.compat)  # the model execs a program of the same kind
+    new_mm_layout(t, t.process.compat if compat is None else compat)
     t.comm = comm
     t.sas_ss_sp, t.sas_ss_size = 0, 0
     t.handlers = {}
