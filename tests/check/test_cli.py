@@ -58,14 +58,15 @@ def test_explore_rejects_a_variant_of_another_model(capsys: pytest.CaptureFixtur
 
 def test_explore_config_merges_keys_over_the_default(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
-    """--config: a 32-bit p0 (inline), a one-CPU world from a file; the variant of ia32
-    sigreturn is found with its own configuration and the scenario it writes runs."""
+    """--config: a 32-bit p0 (inline), then a world of one 32-bit process from a file, where
+    the variant of ia32 sigreturn is found; the scenario it writes keeps that configuration
+    and runs."""
     assert main(["explore", "--config", "{compat: [p0], cpus: 1}", "--seconds", "2",
                  "--workers", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["violations"] == [] and res["per_action"]["sigreturn"] > 0
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("processes: {p0: 1}\nvms: {}\n")
+    cfg.write_text("processes: {p0: 1}\ncompat: [p0]\nvms: {}\n")
     out = tmp_path / "cx.yaml"
     assert main(["explore", "--variant", "ia32-sigreturn-no-supervisor-save", "--config",
                  str(cfg), "--seconds", "30", "--workers", "1", "--out", str(out)]) == 1

@@ -72,7 +72,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ia32-sigreturn-no-supervisor-save", "x86", "signal.c __fpu_restore_sig()",
             "a compat task's sigreturn sets TIF_NEED_FPU_LOAD without first saving the live "
             "registers: the full XRSTOR from the fpstate brings back stale supervisor state "
-            "(PASID, CET)", "no-lost-write", config={"compat": ["p0"]}, needs=(10,)),
+            "(PASID, CET)", "no-lost-write", needs=(10,)),
 )
 
 BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}
