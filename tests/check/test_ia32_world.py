@@ -50,7 +50,7 @@ def test_a_compat_process_gets_ia32_frames_below_4_gib() -> None:
     r = w.step(Action.of("signal", task="p0.t0"))
     assert not r.violations and r.observed["delivered"]
     frame = r.observed["frame"]
-    lo, hi = w.frames["p0.t0"][0]
+    lo, hi, _ = w.frames["p0.t0"][0]
     assert lo == frame < hi < 1 << 32 and (frame + 4) % 16 == 0
     assert (hi - 4 - t.fpu.fpstate.user_size) % 64 == 0  # the XSAVE area behind the header
     saved = w.sigstack["p0.t0"][0][0]
@@ -85,7 +85,7 @@ def test_an_ia32_frame_must_count_its_fsave_header() -> None:
     r = w.step(Action.of("signal", task="p0.t0"))
     assert not r.violations
     t = w.tasks["p0.t0"]
-    lo, hi = w.frames["p0.t0"][0]
+    lo, hi, _ = w.frames["p0.t0"][0]
     buf_fx = hi - 4 - t.fpu.fpstate.user_size
     w.emitted = [("sigframe", (t, lo, buf_fx, (0, 0, t.handlers[SIGUSR1])))]
     assert check(w) == []
@@ -93,3 +93,38 @@ def test_an_ia32_frame_must_count_its_fsave_header() -> None:
     t.process.mm.write(buf_fx + 464 + 4, ext.to_bytes(4, "little"))
     w.emitted = [("sigframe", (t, lo, buf_fx, (0, 0, t.handlers[SIGUSR1])))]
     assert [v.invariant for v in check(w)] == ["sigframe-fits-and-describes"]
+
+
+def test_a_handler_without_siginfo_gets_the_non_rt_ia32_frame() -> None:
+    """A 32-bit program's handler without SA_SIGINFO (glibc's signal()): struct sigframe_ia32,
+    its sigcontext_32 at frame + 8; the restorer pops the signal number before sigreturn
+    (sys32_sigreturn finds the frame at sp - 8), and the x87 state comes back folded."""
+    w = make_world("x86", COMPAT, None)
+    for a in (Action.of("run", task="p0.t0", cpu=0),
+              Action.of("write", task="p0.t0", component="x87"),
+              Action.of("sigaction", task="p0.t0", siginfo=False)):
+        w.step(a)
+    assert Action.of("sigaction", task="p0.t0", onstack=True,
+                     siginfo=False) not in w.enabled_actions()  # a handler is installed
+    r = w.step(Action.of("signal", task="p0.t0"))
+    assert not r.violations
+    frame, end, kind = w.frames["p0.t0"][0]
+    t = w.tasks["p0.t0"]
+    assert kind == "ia32" and (frame + 4) % 16 == 0
+    fp = int.from_bytes(t.process.mm.read(frame + 8 + 76, 4), "little")
+    assert end == fp + 112 + t.fpu.fpstate.user_size + 4
+    saved = w.sigstack["p0.t0"][0][0]
+    r = w.step(Action.of("sigreturn", task="p0.t0"))
+    assert not r.violations and r.observed["ret"] == 0
+    assert w.m.cpus[0].regs.component(0) == fold_x87(saved) and t.user_sp < 1 << 32
+
+
+def test_both_ia32_handler_kinds_are_offered_to_a_compat_task() -> None:
+    w = make_world("x86", COMPAT, None)
+    w.step(Action.of("run", task="p0.t0", cpu=0))
+    names = {(a.name, a.get("siginfo")) for a in w.enabled_actions() if a.task == "p0.t0"}
+    assert ("sigaction", False) in names and ("sigaction", None) in names
+    w2 = make_world("x86", {**COMPAT, "compat": []}, None)
+    w2.step(Action.of("run", task="p0.t0", cpu=0))
+    assert ("sigaction", False) not in {(a.name, a.get("siginfo"))
+                                        for a in w2.enabled_actions() if a.task == "p0.t0"}

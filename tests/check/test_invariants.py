@@ -179,7 +179,7 @@ def test_nested_amx_signal_frames_stay_inside_a_threads_stack() -> None:
     for _ in range(13):
         r = w.step(A("signal", task="p0.t2"))
         assert not r.violations and r.observed["delivered"] is True
-    lo, hi = w.frames["p0.t2"][-1]
+    lo, hi, _ = w.frames["p0.t2"][-1]
     assert len(w.frames["p0.t2"]) == 13 and hi - lo > 11_000
     stack = [(s, s + n) for s, n in mm.regions.items() if s <= lo < s + n]
     assert stack and stack[0][1] - stack[0][0] == 8 << 20 and hi <= stack[0][1]

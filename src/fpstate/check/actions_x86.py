@@ -83,9 +83,11 @@ from fpstate.kernel.x86.signal import (
     RT_IA32_SC,
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
+    SIGFRAME_IA32_SC,
     handler_ia32_return,
     handler_return,
     sys32_rt_sigreturn,
+    sys32_sigreturn,
     sys_rt_sigreturn,
 )
 from fpstate.kernel.x86.types import (
@@ -186,7 +188,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                      default=18)}),
     ActionSpec("sigaction", "install a SIGUSR1 handler", {
         "task": _TASK,
-        "onstack": FieldSpec(bool, "SA_ONSTACK", required=False, default=False)}),
+        "onstack": FieldSpec(bool, "SA_ONSTACK", required=False, default=False),
+        "siginfo": FieldSpec(bool, "SA_SIGINFO: a 32-bit program's handler without it gets "
+                             "the non-rt frame (sigframe_ia32); 64-bit frames are rt ones",
+                             required=False, default=True)}),
     ActionSpec("sigaltstack", "map and install an alternate signal stack",
                {"task": _TASK, "size": FieldSpec(int, "ss_size in bytes")}),
     ActionSpec("signal", "tgkill(SIGUSR1) of a task running in user mode: delivered at once",
@@ -241,6 +246,12 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("observe", "what a task would see and where its state lives (for expect:)",
                {"task": _TASK}),
 )}
+
+
+#: The kinds of signal frame the world records: 64-bit rt, ia32 rt, ia32 non-rt, and where
+#: each kind of ia32 frame holds its sigcontext_32.
+FRAME_X64, FRAME_IA32_RT, FRAME_IA32 = "x86_64", "ia32-rt", "ia32"
+FRAME_SC: dict[str, int] = {FRAME_IA32_RT: RT_IA32_SC, FRAME_IA32: SIGFRAME_IA32_SC}
 
 
 def fold_x87(value: bytes) -> bytes:
@@ -313,7 +324,9 @@ class X86World(X86Views, World):
         self.tasks: dict[str, Task] = {}
         self.expected: dict[str, dict[int, bytes]] = {}
         self.sigstack: dict[str, list[dict[int, bytes]]] = {}
-        self.frames: dict[str, list[tuple[int, int]]] = {}
+        #: Each task's signal frames, innermost last: (frame, end, kind) with kind FRAME_X64,
+        #: FRAME_IA32_RT or FRAME_IA32 (the layout the key and sigreturn read).
+        self.frames: dict[str, list[tuple[int, int, str]]] = {}
         self.nm_pending = {}
         #: The kind of program each task's last exec loads ("same", "x86_64", "ia32"): read by
         #: the state key while that exec sleeps in de_thread().
@@ -586,13 +599,14 @@ class X86World(X86Views, World):
         self.emitted.append(("xcomp_mask", (t, option, value)))
         return {"ret": ret, "errno": errno_name(ret), "value": value}
 
-    def do_sigaction(self, task: str, onstack: bool = False) -> dict[str, Value]:
+    def do_sigaction(self, task: str, onstack: bool = False,
+                     siginfo: bool = True) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         self.m.enter_kernel(nr)
         flags = SA_ONSTACK if onstack else 0
         if t.process.compat:  # the 32-bit rt_sigaction: sigaction_compat_abi()
-            flags |= SA_IA32_ABI | SA_RESTORER | SA_SIGINFO
+            flags |= SA_IA32_ABI | SA_RESTORER | (SA_SIGINFO if siginfo else 0)
         t.handlers[SIGUSR1] = SigAction(flags)
         self.m.exit_to_user_mode(nr)
         return {}
@@ -618,13 +632,16 @@ class X86World(X86Views, World):
             self.expected[t.comm] = self._supervisor(self.expected[t.comm])
             frame = t.user_sp
             mm = t.process.mm
-            if t.handlers[SIGUSR1].flags & SA_IA32_ABI:  # rt_sigframe_ia32: header, then XSAVE
-                at = frame + RT_IA32_SC + SC32_FPSTATE
+            flags = t.handlers[SIGUSR1].flags
+            if flags & SA_IA32_ABI:  # the fsave header, then the XSAVE area
+                kind = FRAME_IA32_RT if flags & SA_SIGINFO else FRAME_IA32
+                at = frame + FRAME_SC[kind] + SC32_FPSTATE
                 fpstate = int.from_bytes(mm.read(at, 4), "little") + FREGS_STATE_SIZE
             else:
+                kind = FRAME_X64
                 fpstate = int.from_bytes(mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
             self.emitted.append(("sigframe", (t, frame, fpstate, before)))
-            self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4))
+            self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4, kind))
             return {"delivered": True, "frame": frame}
         return {"delivered": False, "alive": t.state is not STATE_DEAD}
 
@@ -633,10 +650,12 @@ class X86World(X86Views, World):
         nr = self.user_cpu(t)
         if not self.sigstack[t.comm]:
             raise StepError(f"task {task} is not in a signal handler")
-        ia32 = t.process.compat  # its handlers are ia32 ones (do_sigaction), rt frames
-        if ia32:
-            handler_ia32_return(t, True)
-            ret = self.m.syscall(nr, sys32_rt_sigreturn)
+        kind = self.frames[t.comm][-1][2]
+        ia32 = kind != FRAME_X64
+        if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
+            handler_ia32_return(t, kind == FRAME_IA32_RT)
+            ret = self.m.syscall(nr, sys32_rt_sigreturn if kind == FRAME_IA32_RT
+                                 else sys32_sigreturn)
         else:
             handler_return(t)
             ret = self.m.syscall(nr, sys_rt_sigreturn)
@@ -840,6 +859,7 @@ class X86World(X86Views, World):
                 "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
                 "get_perm": A("arch_prctl", task=comm, option="get_perm"),
                 "sigaction": A("sigaction", task=comm, onstack=True),
+                "sigaction_nosiginfo": A("sigaction", task=comm, onstack=True, siginfo=False),
                 "signal": A("signal", task=comm),
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
                 "sigreturn": A("sigreturn", task=comm),
@@ -901,6 +921,8 @@ class X86World(X86Views, World):
             add(ta["get_perm"])
             if SIGUSR1 not in t.handlers:
                 add(ta["sigaction"])
+                if t.process.compat:  # a 32-bit program may ask for the non-rt frame
+                    add(ta["sigaction_nosiginfo"])
             else:
                 add(ta["signal"])
             if t.sas_ss_size == 0:

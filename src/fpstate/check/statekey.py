@@ -29,7 +29,12 @@ from typing import Any
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.hw import init_value, read_token, token
 from fpstate.kernel.x86.sched import STATE_DEAD
-from fpstate.kernel.x86.signal import RT_IA32_SC, SC32_FPSTATE, SC_FPSTATE_OFFSET
+from fpstate.kernel.x86.signal import (
+    RT_IA32_SC,
+    SC32_FPSTATE,
+    SC_FPSTATE_OFFSET,
+    SIGFRAME_IA32_SC,
+)
 from fpstate.kernel.x86.types import FREGS_STATE_SIZE
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
@@ -207,22 +212,26 @@ def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
     return got[0]
 
 
-#: Signal frames by (system, address, content, ia32) -> (digest, tokens).
-_FRAMES: dict[tuple[int, int, bytes, bool], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
+#: Signal frames by (system, address, content, kind) -> (digest, tokens).
+_FRAMES: dict[tuple[int, int, bytes, str], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
+#: Where an ia32 frame holds its sigcontext_32, by the world's frame kind (rt_sigframe_ia32
+#: or sigframe_ia32); a 64-bit frame ("x86_64") holds its fpstate pointer in uc_mcontext.
+_IA32_SC: dict[str, int] = {"ia32-rt": RT_IA32_SC, "ia32": SIGFRAME_IA32_SC}
 
 
-def frame_values(cn: Canon, system: Any, data: bytes, lo: int, ia32: bool = False) -> int:
+def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = "x86_64") -> int:
     """A signal frame at ``lo`` (its bytes up to FP_XSTATE_MAGIC2) in a key: the components
     its XSAVE area stores (XSTATE_BV of its header, standard format) as key values, their
     tokens to ``cn`` as for any other value, and the digest of everything else in it by
     content (the areas of the components it does not store left out) -- so that two frames
     whose values differ only in generations, with the same pattern, name the same state.
-    An ``ia32`` frame (rt_sigframe_ia32) has its 32-bit fpstate pointer in uc_mcontext and
-    the fsave header before the XSAVE area; the header is part of "everything else"."""
-    k = (id(system), lo, data, ia32)
+    An ia32 frame (``kind`` "ia32-rt" or "ia32") has its 32-bit fpstate pointer in its
+    sigcontext_32 and the fsave header before the XSAVE area; the header is part of
+    "everything else"."""
+    k = (id(system), lo, data, kind)
     got = _FRAMES.get(k)
     if got is None:
-        got = _frame_values(system, data, lo, ia32)
+        got = _frame_values(system, data, lo, kind)
         if len(_FRAMES) > 4096:
             _FRAMES.clear()
         _FRAMES[k] = got
@@ -232,9 +241,10 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int, ia32: bool = Fals
 
 
 def _frame_values(system: Any, data: bytes, lo: int,
-                  ia32: bool) -> tuple[int, tuple[Any, ...]]:
-    if ia32:
-        at = RT_IA32_SC + SC32_FPSTATE
+                  kind: str) -> tuple[int, tuple[Any, ...]]:
+    sc = _IA32_SC.get(kind)
+    if sc is not None:
+        at = sc + SC32_FPSTATE
         fp = int.from_bytes(data[at:at + 4], "little") - lo + FREGS_STATE_SIZE
     else:
         fp = int.from_bytes(data[SC_FPSTATE_OFFSET:SC_FPSTATE_OFFSET + 8], "little") - lo
@@ -429,9 +439,8 @@ def x86_key(w: Any) -> Hashable:
             stack = tuple([regs_values(cn, d) for d in stack])
         frames = w.frames[name]
         if frames:
-            ia32 = t.process.compat
-            frames = tuple([frame_values(cn, s, t.process.mm.read(lo, hi - lo), lo, ia32)
-                            for lo, hi in frames])
+            frames = tuple([frame_values(cn, s, t.process.mm.read(lo, hi - lo), lo, kind)
+                            for lo, hi, kind in frames])
         nm = w.nm_pending.get(name)
         if nm is not None:  # an instruction whose #NM handler sleeps (write_nm)
             nm = (nm[0], cn.value(nm[1], nm[0]))
