@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 from fpstate.check import invariants
 from fpstate.check.invariants_x86 import fps_shapes, user_tasks
+from fpstate.check.statekey import FRAME_IA32, FRAME_IA32_RT, FRAME_SC, FRAME_X64
 from fpstate.check.views_x86 import X86Views
 from fpstate.check.world import (
     Action,
@@ -80,10 +81,8 @@ from fpstate.kernel.x86.sched import (
     Task,
 )
 from fpstate.kernel.x86.signal import (
-    RT_IA32_SC,
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
-    SIGFRAME_IA32_SC,
     handler_ia32_return,
     handler_return,
     sys32_rt_sigreturn,
@@ -246,12 +245,6 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("observe", "what a task would see and where its state lives (for expect:)",
                {"task": _TASK}),
 )}
-
-
-#: The kinds of signal frame the world records: 64-bit rt, ia32 rt, ia32 non-rt, and where
-#: each kind of ia32 frame holds its sigcontext_32.
-FRAME_X64, FRAME_IA32_RT, FRAME_IA32 = "x86_64", "ia32-rt", "ia32"
-FRAME_SC: dict[str, int] = {FRAME_IA32_RT: RT_IA32_SC, FRAME_IA32: SIGFRAME_IA32_SC}
 
 
 def fold_x87(value: bytes) -> bytes:

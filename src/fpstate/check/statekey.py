@@ -214,12 +214,14 @@ def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
 
 #: Signal frames by (system, address, content, kind) -> (digest, tokens).
 _FRAMES: dict[tuple[int, int, bytes, str], tuple[int, tuple[tuple[int, int, int], ...]]] = {}
-#: Where an ia32 frame holds its sigcontext_32, by the world's frame kind (rt_sigframe_ia32
-#: or sigframe_ia32); a 64-bit frame ("x86_64") holds its fpstate pointer in uc_mcontext.
-_IA32_SC: dict[str, int] = {"ia32-rt": RT_IA32_SC, "ia32": SIGFRAME_IA32_SC}
+#: The kinds of signal frame the world records (X86World.frames): 64-bit rt, ia32 rt
+#: (rt_sigframe_ia32), ia32 non-rt (sigframe_ia32); where an ia32 frame holds its
+#: sigcontext_32 (a 64-bit frame holds its fpstate pointer in uc_mcontext).
+FRAME_X64, FRAME_IA32_RT, FRAME_IA32 = "x86_64", "ia32-rt", "ia32"
+FRAME_SC: dict[str, int] = {FRAME_IA32_RT: RT_IA32_SC, FRAME_IA32: SIGFRAME_IA32_SC}
 
 
-def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = "x86_64") -> int:
+def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = FRAME_X64) -> int:
     """A signal frame at ``lo`` (its bytes up to FP_XSTATE_MAGIC2) in a key: the components
     its XSAVE area stores (XSTATE_BV of its header, standard format) as key values, their
     tokens to ``cn`` as for any other value, and the digest of everything else in it by
@@ -242,7 +244,7 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = "x86_
 
 def _frame_values(system: Any, data: bytes, lo: int,
                   kind: str) -> tuple[int, tuple[Any, ...]]:
-    sc = _IA32_SC.get(kind)
+    sc = FRAME_SC.get(kind)
     if sc is not None:
         at = sc + SC32_FPSTATE
         fp = int.from_bytes(data[at:at + 4], "little") - lo + FREGS_STATE_SIZE
