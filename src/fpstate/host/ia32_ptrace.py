@@ -35,7 +35,6 @@ and FNSTENVs to a buffer, writes that to stdout (a pipe) and exits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fpstate.errors import HostUnavailable
-from fpstate.host.child import SYS, errno_name, fork_child, raw_syscall
+from fpstate.host.child import errno_name, fork_child
 from fpstate.host.ia32 import (
     NR_EXIT_GROUP,
     NR_GETPID,
@@ -60,11 +59,13 @@ from fpstate.host.ptrace import (
     NT_PRFPREG,
     NT_X86_XSTATE,
     PTRACE_CONT,
-    PTRACE_GETREGSET,
-    PTRACE_SETREGSET,
     PTRACE_TRACEME,
     READ_BUFFER,
     RegsetRead,
+    getregset,
+    ptrace_call,
+    setregset,
+    wait_status,
 )
 
 NT_PRXFPREG = 0x46E62B7F  #: REGSET32_XFP: struct fxregs_state (include/uapi/linux/elf.h)
@@ -237,35 +238,11 @@ def stopping_program(fxsave: bytes) -> bytes:
 
 # -- ptrace -----------------------------------------------------------------------------------
 
-def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
-    return raw_syscall(SYS["ptrace"], req, pid, addr, data)
-
-
-def _get(pid: int, note: int, offered: int) -> RegsetRead:
-    """PTRACE_GETREGSET with a 64-bit struct iovec of iov_len ``offered``."""
-    buf = (ctypes.c_ubyte * max(offered, 1))()
-    iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), offered)
-    ret = _ptrace(PTRACE_GETREGSET, pid, note, ctypes.addressof(iov))
-    n = int(iov[1]) if ret == 0 else 0
-    return RegsetRead(note, offered, n, -ret if ret < 0 else 0, bytes(buf)[:n])
-
-
-def _set(pid: int, note: int, data: bytes) -> int:
-    """PTRACE_SETREGSET with iov_len = len(data); 0 or the errno."""
-    buf = (ctypes.c_ubyte * max(len(data), 1)).from_buffer_copy(data or b"\0")
-    iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), len(data))
-    ret = _ptrace(PTRACE_SETREGSET, pid, note, ctypes.addressof(iov))
-    return -ret if ret < 0 else 0
-
-
 def _wait(pid: int, deadline: float) -> int:
-    while True:
-        wpid, status = os.waitpid(pid, os.WNOHANG)
-        if wpid == pid:
-            return status
-        if time.monotonic() > deadline:
-            raise HostUnavailable(f"the traced 32-bit probe {pid} did not report in time")
-        time.sleep(0.001)
+    try:
+        return wait_status(pid, deadline)
+    except TimeoutError:
+        raise HostUnavailable(f"the traced 32-bit probe {pid} did not report in time") from None
 
 
 def _describe(status: int) -> str:
@@ -316,7 +293,7 @@ def ia32_ptrace(fxsave: bytes, *, set_fp: bytes | None = None, set_xfp: bytes | 
 
     def body() -> int:  # pragma: no cover - runs in the child
         os.close(rfd)
-        if _ptrace(PTRACE_TRACEME, 0) != 0:
+        if ptrace_call(PTRACE_TRACEME, 0) != 0:
             return 3
         os.dup2(wfd, 1)
         os.close(wfd)
@@ -338,27 +315,27 @@ def ia32_ptrace(fxsave: bytes, *, set_fp: bytes | None = None, set_xfp: bytes | 
             pid = 0 if not os.WIFSTOPPED(status) else pid
             raise HostUnavailable(f"the traced 32-bit probe never reached its exec stop: "
                                   f"{_describe(status)}")
-        if _ptrace(PTRACE_CONT, pid, 0, 0) != 0:
+        if ptrace_call(PTRACE_CONT, pid, 0, 0) != 0:
             raise HostUnavailable("PTRACE_CONT of the 32-bit probe failed")
         status = _wait(pid, deadline)
         if not os.WIFSTOPPED(status):
             pid = 0
             raise HostUnavailable(f"the 32-bit probe did not stop itself: {_describe(status)}")
         stop = os.WSTOPSIG(status)
-        fp_lengths = tuple(_get(pid, NT_PRFPREG, n) for n in get_lengths)
-        xfp = _get(pid, NT_PRXFPREG, FXSAVE_SIZE)
-        xstate = _get(pid, NT_X86_XSTATE, READ_BUFFER)
-        word_rule = tuple(_get(pid, NT_PRFPREG, n) for n in WORD_RULE_LENGTHS)
+        fp_lengths = tuple(getregset(pid, NT_PRFPREG, n) for n in get_lengths)
+        xfp = getregset(pid, NT_PRXFPREG, FXSAVE_SIZE)
+        xstate = getregset(pid, NT_X86_XSTATE, READ_BUFFER)
+        word_rule = tuple(getregset(pid, NT_PRFPREG, n) for n in WORD_RULE_LENGTHS)
         short_set = set_err = xfp_set_err = None
         fp_after = xfp_after = None
         if set_fp is not None:
-            short_set = _set(pid, NT_PRFPREG, set_fp[:SHORT_SET_LENGTH])
-            set_err = _set(pid, NT_PRFPREG, set_fp)
-            fp_after = _get(pid, NT_PRFPREG, USER_I387_IA32_SIZE)
+            short_set = setregset(pid, NT_PRFPREG, set_fp[:SHORT_SET_LENGTH])
+            set_err = setregset(pid, NT_PRFPREG, set_fp)
+            fp_after = getregset(pid, NT_PRFPREG, USER_I387_IA32_SIZE)
         if set_xfp is not None:
-            xfp_set_err = _set(pid, NT_PRXFPREG, set_xfp)
-            xfp_after = _get(pid, NT_PRXFPREG, FXSAVE_SIZE)
-        if _ptrace(PTRACE_CONT, pid, 0, 0) != 0:
+            xfp_set_err = setregset(pid, NT_PRXFPREG, set_xfp)
+            xfp_after = getregset(pid, NT_PRXFPREG, FXSAVE_SIZE)
+        if ptrace_call(PTRACE_CONT, pid, 0, 0) != 0:
             raise HostUnavailable("PTRACE_CONT of the stopped 32-bit probe failed")
         status = _wait(pid, deadline)  # the output (540 bytes) fits in the pipe
         if os.WIFSTOPPED(status):  # a signal under ptrace (e.g. SIGSEGV): report it, kill

@@ -112,28 +112,36 @@ class PtraceSession:
     exit: ChildExit
 
 
-def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+def ptrace_call(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    """ptrace(2) as a raw system call: 0 (or the value) or -errno."""
     return raw_syscall(SYS["ptrace"], req, pid, addr, data)
 
 
-def _getregset(pid: int, note: int, offered: int) -> RegsetRead:
+
+def getregset(pid: int, note: int, offered: int) -> RegsetRead:
+    """PTRACE_GETREGSET of a stopped tracee with a 64-bit struct iovec of iov_len
+    ``offered``: what the kernel wrote back (ptrace_regset's clamping) and the bytes."""
     buf = (ctypes.c_ubyte * max(offered, 1))()
     iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), offered)
-    ret = _ptrace(PTRACE_GETREGSET, pid, note, ctypes.addressof(iov))
+    ret = ptrace_call(PTRACE_GETREGSET, pid, note, ctypes.addressof(iov))
     n = int(iov[1]) if ret == 0 else 0
     return RegsetRead(note, offered, n, -ret if ret < 0 else 0, bytes(buf)[:n])
 
 
-def _setregset(pid: int, w: RegsetWrite) -> int:
-    length = len(w.data) if w.length is None else w.length
-    buf = (ctypes.c_ubyte * max(len(w.data), length, 1)).from_buffer_copy(
-        w.data.ljust(max(len(w.data), length, 1), b"\0"))
+def setregset(pid: int, note: int, data: bytes, length: int | None = None) -> int:
+    """PTRACE_SETREGSET of ``data`` with iov_len ``length`` (default its length; beyond the
+    data, zeros): 0, or the errno."""
+    length = len(data) if length is None else length
+    size = max(len(data), length, 1)
+    buf = (ctypes.c_ubyte * size).from_buffer_copy(data.ljust(size, b"\0"))
     iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), length)
-    ret = _ptrace(PTRACE_SETREGSET, pid, w.note, ctypes.addressof(iov))
+    ret = ptrace_call(PTRACE_SETREGSET, pid, note, ctypes.addressof(iov))
     return -ret if ret < 0 else 0
 
 
-def _wait(pid: int, deadline: float) -> int:
+def wait_status(pid: int, deadline: float) -> int:
+    """waitpid() of a child (a tracee's stops included) until ``deadline`` (monotonic
+    seconds); TimeoutError after it."""
     while True:
         wpid, status = os.waitpid(pid, os.WNOHANG)
         if wpid == pid:
@@ -159,7 +167,7 @@ def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
     before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
 
     def body() -> int:
-        if _ptrace(PTRACE_TRACEME, 0) != 0:
+        if ptrace_call(PTRACE_TRACEME, 0) != 0:
             return 3
         pages = CodePages(1)
         a = Asm()
@@ -177,21 +185,21 @@ def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
     deadline = time.monotonic() + timeout
     pid = fork_child(body)
     try:
-        status = _wait(pid, deadline)
+        status = wait_status(pid, deadline)
         if not os.WIFSTOPPED(status):
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
             raise HostUnavailable(f"traced child did not stop (status {code}): "
                                   "PTRACE_TRACEME refused?")
         stop = os.WSTOPSIG(status)
-        xstate = _getregset(pid, NT_X86_XSTATE, READ_BUFFER)
-        fpregs = _getregset(pid, NT_PRFPREG, READ_BUFFER)
+        xstate = getregset(pid, NT_X86_XSTATE, READ_BUFFER)
+        fpregs = getregset(pid, NT_PRFPREG, READ_BUFFER)
         results = []
         for w in writes:
-            err = _setregset(pid, w)
-            results.append(RegsetWriteResult(w, err, _getregset(pid, NT_X86_XSTATE,
+            err = setregset(pid, w.note, w.data, w.length)
+            results.append(RegsetWriteResult(w, err, getregset(pid, NT_X86_XSTATE,
                                                                  READ_BUFFER)))
-        _ptrace(PTRACE_CONT, pid, 0, 0)
-        status = _wait(pid, deadline)
+        ptrace_call(PTRACE_CONT, pid, 0, 0)
+        status = wait_status(pid, deadline)
         if os.WIFEXITED(status):
             ex = ChildExit(pid, os.WEXITSTATUS(status), None)
         elif os.WIFSIGNALED(status):
@@ -223,7 +231,7 @@ def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple
     shm.write(0, pattern_table(seed))
 
     def body() -> int:
-        if _ptrace(PTRACE_TRACEME, 0) != 0:
+        if ptrace_call(PTRACE_TRACEME, 0) != 0:
             return 3
         pages = CodePages(1)
         a = Asm()
@@ -236,10 +244,10 @@ def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple
 
     pid = fork_child(body)
     try:
-        status = _wait(pid, time.monotonic() + 20)
+        status = wait_status(pid, time.monotonic() + 20)
         if not os.WIFSTOPPED(status):
             raise HostUnavailable("traced child did not stop")
-        out = [_getregset(pid, note, offered) for note, offered in reads]
+        out = [getregset(pid, note, offered) for note, offered in reads]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -260,11 +268,11 @@ def read_xstate_of(tid: int, *, timeout: float = 10.0) -> RegsetRead:
     PTRACE_DETACH, which lets it run on unchanged (kernel/ptrace.c ptrace_attach with
     PTRACE_SEIZE; the regset read is xstateregs_get). HostUnavailable when the kernel
     refuses to attach (permissions, Yama, a thread already traced)."""
-    ret = _ptrace(PTRACE_SEIZE, tid, 0, 0)
+    ret = ptrace_call(PTRACE_SEIZE, tid, 0, 0)
     if ret != 0:
         raise HostUnavailable(f"PTRACE_SEIZE of {tid} failed: {errno_name(ret)}")
     try:
-        _ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+        ptrace_call(PTRACE_INTERRUPT, tid, 0, 0)
         deadline = time.monotonic() + timeout
         while True:
             wpid, status = os.waitpid(tid, os.WNOHANG | _WALL)
@@ -275,9 +283,9 @@ def read_xstate_of(tid: int, *, timeout: float = 10.0) -> RegsetRead:
             time.sleep(0.001)
         if not os.WIFSTOPPED(status):
             raise HostUnavailable(f"thread {tid} exited while being attached")
-        read = _getregset(tid, NT_X86_XSTATE, READ_BUFFER)
+        read = getregset(tid, NT_X86_XSTATE, READ_BUFFER)
     finally:
-        _ptrace(PTRACE_DETACH, tid, 0, 0)
+        ptrace_call(PTRACE_DETACH, tid, 0, 0)
     if read.errno:
         raise HostUnavailable(f"PTRACE_GETREGSET NT_X86_XSTATE of {tid}: "
                               f"{errno_name(-read.errno)}")
