@@ -11,16 +11,13 @@ AT_HWCAP is ELF_HWCAP = boot_cpu_data.x86_capability[CPUID_1_EDX]; AT_HWCAP2 is 
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import shutil
 import struct
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
-from fpstate.host.ia32 import static_elf32
+from fpstate.host.ia32 import run_elf32, static_elf32
 
 AT_NULL = 0
 AT_PAGESZ = 6
@@ -225,19 +222,7 @@ def ia32_sigframe() -> Ia32Frame:
     entry = _IA32_BASE + 52 + 32
     elf = static_elf32({entry: code}, entry=entry, memsz=_IA32_BSS - _IA32_BASE + 0x1000,
                        base=_IA32_BASE)
-    tmp = tempfile.mkdtemp(prefix="fpstate-ia32-")
-    try:
-        path = os.path.join(tmp, "probe32")
-        with open(path, "wb") as f:
-            f.write(elf)
-        os.chmod(path, 0o700)
-        try:
-            run = subprocess.run([path], capture_output=True, timeout=10)
-        except OSError as e:
-            raise HostUnavailable(f"cannot run a 32-bit ELF ({e.strerror}): "
-                                  "IA32_EMULATION off or ia32_emulation=false") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    run = run_elf32(elf, timeout=10)
     if run.returncode != 0 or len(run.stdout) != 32:
         raise HostUnavailable(f"32-bit probe failed (status {run.returncode})")
     esp, fp, magic1, ext, xf_lo, xf_hi, size, _ = struct.unpack("<8I", run.stdout)

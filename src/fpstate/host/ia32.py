@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fpstate.errors import HostUnavailable
+from fpstate.host.signals import FxSwBytes
 
 # -- kernel and architecture constants ---------------------------------------------------------
 
@@ -213,16 +214,6 @@ class Fnstenv32:
                    (cs_op >> 16) & 0x7FF, fdp, fds & 0xFFFF)
 
 
-@dataclass(frozen=True, slots=True)
-class SwBytes:
-    """struct _fpx_sw_bytes (uapi sigcontext.h) as ``save_sw_bytes`` fills it."""
-
-    magic1: int
-    extended_size: int
-    xfeatures: int
-    xstate_size: int
-
-
 # -- the result -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +249,9 @@ class Ia32SignalRun:
         return self.frame[FXSAVE_AREA:FXSAVE_AREA + 512]
 
     @property
-    def sw_bytes(self) -> SwBytes:
+    def sw_bytes(self) -> FxSwBytes:
         """The _fpx_sw_bytes at fpstate + 112 + 464."""
-        return SwBytes(*struct.unpack_from("<IIQI", self.frame, SW_BYTES))
+        return FxSwBytes.parse(self.frame[SW_BYTES:SW_BYTES + 48])
 
     @property
     def magic2(self) -> int:
@@ -489,7 +480,10 @@ def _require_avx() -> None:
         raise HostUnavailable("XCR0 does not enable SSE+AVX state (bits 1, 2)")
 
 
-def _run_elf(image: bytes) -> subprocess.CompletedProcess[bytes]:
+def run_elf32(image: bytes, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
+    """Run a static 32-bit ELF (``static_elf32``) from a private temporary directory and
+    capture its output; HostUnavailable when this kernel cannot run one (no IA32_EMULATION,
+    ia32_emulation=false, a noexec temp directory) or it hangs past ``timeout`` seconds."""
     from fpstate.host import native
 
     native.require_x86_64()
@@ -500,14 +494,14 @@ def _run_elf(image: bytes) -> subprocess.CompletedProcess[bytes]:
             f.write(image)
         os.chmod(path, 0o700)
         try:
-            return subprocess.run([path], capture_output=True, timeout=20)
+            return subprocess.run([path], capture_output=True, timeout=timeout)
         except OSError as e:
             raise HostUnavailable(
                 f"cannot run a 32-bit ELF ({e.strerror}): the kernel lacks IA32_EMULATION, "
                 "it was booted with ia32_emulation=false, or the temp directory is noexec"
             ) from e
         except subprocess.TimeoutExpired as e:
-            raise HostUnavailable("the 32-bit probe hung for 20 s") from e
+            raise HostUnavailable(f"the 32-bit probe hung for {timeout:g} s") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -551,7 +545,7 @@ def ia32_signal(fxsave: bytes, *, siginfo: bool,
         _ACT: act,
         _PATCH: bytes(payload),
     })
-    run = _run_elf(image)
+    run = run_elf32(image)
     out = run.stdout
     died = signal.Signals(-run.returncode).name if run.returncode < 0 else None
     if len(out) < _OUT_SIZE:
