@@ -477,13 +477,30 @@ def decode(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
                 sum(1 << p.number for p in places), tuple(comps), extra, tuple(warn))
 
 
+#: The x87 fields of an FXSAVE area that convert_to_fxsr() writes: (name, start, end).
+_X87_FIELDS = [("FCW", 0, 2), ("FSW", 2, 4), ("FTW", 4, 6), ("FOP", 6, 8), ("FIP", 8, 16),
+               ("FDP", 16, 24)] + [(f"ST{i}", 32 + 16 * i, 42 + 16 * i) for i in range(8)]
+
+
+def header_overrides(data: bytes) -> list[str]:
+    """The x87 fields of an ia32 frame's FXSAVE area (at 112) that its fsave header replaces
+    on sigreturn (convert_to_fxsr() folds the header over the area): [] when they agree."""
+    from fpstate.kernel.x86.regset import convert_to_fxsr
+
+    h = FSAVE_HEADER_SIZE
+    fx = data[h:h + 512]
+    if len(fx) < 512:
+        return []
+    folded = bytearray(fx)
+    convert_to_fxsr(folded, data[:108])
+    return [n for n, a, b in _X87_FIELDS if folded[a:b] != fx[a:b]]
+
+
 def _decode_ia32(data: bytes, profile: CpuidProfile, detected: str | None,
                  xcr0: int | None) -> Blob:
     """A ``sigframe-ia32`` blob: its fsave header, then its XSAVE area decoded as a
     ``sigframe`` (offsets moved by the header's 112 bytes), with what sys32 sigreturn does with
     the two: the header's x87 part overrides the area's (convert_to_fxsr)."""
-    from fpstate.kernel.x86.regset import convert_to_fxsr
-
     h = FSAVE_HEADER_SIZE
     if len(data) < h + XSAVE_EXTENDED_START:
         raise BlobError(f"blob is {len(data)} bytes; an ia32 frame's fpstate is the {h}-byte "
@@ -497,12 +514,7 @@ def _decode_ia32(data: bytes, profile: CpuidProfile, detected: str | None,
     if sw is not None and sw.extended_size != sw.xstate_size + 4 + h:
         warn.append(f"extended_size {sw.extended_size} is not xstate_size {sw.xstate_size} + "
                     f"4 + {h}: save_sw_bytes() counts the fsave header in an ia32 frame")
-    fx = bytearray(data[h:h + 512])
-    folded = bytearray(fx)
-    convert_to_fxsr(folded, data[:108])
-    names = [("FCW", 0, 2), ("FSW", 2, 4), ("FTW", 4, 6), ("FOP", 6, 8), ("FIP", 8, 16),
-             ("FDP", 16, 24)] + [(f"ST{i}", 32 + 16 * i, 42 + 16 * i) for i in range(8)]
-    changed = [n for n, a, b in names if folded[a:b] != fx[a:b]]
+    changed = header_overrides(data)
     if changed:
         warn.append("sigreturn restores the fsave header's x87 state, not the XSAVE area's: "
                     f"{', '.join(changed)} differ (convert_to_fxsr; FOP comes from cssel >> 16)")

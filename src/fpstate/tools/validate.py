@@ -39,6 +39,7 @@ from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.sched import Machine, Task
 from fpstate.kernel.x86.types import XFEATURE_MASK_USER_DYNAMIC
 from fpstate.kernel.x86.versions import NEWEST
+from fpstate.tools.blob import header_overrides
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import XSAVE_HDR_OFFSET, mask_names
 
@@ -238,14 +239,7 @@ def validate_sigreturn_ia32(data: bytes, profile: CpuidProfile, kernel: str,
 
 def _fold_notes(data: bytes) -> list[str]:
     """What convert_to_fxsr() changes of the FXSAVE area: the header's x87 state wins."""
-    if len(data) < sg.FREGS_STATE_SIZE + 512:
-        return []
-    fx = bytearray(data[sg.FREGS_STATE_SIZE:sg.FREGS_STATE_SIZE + 512])
-    before = bytes(fx)
-    regset.convert_to_fxsr(fx, data[:regset.USER_I387_IA32_SIZE])
-    fields = [("FCW", 0, 2), ("FSW", 2, 4), ("FTW", 4, 6), ("FOP", 6, 8), ("FIP", 8, 16),
-              ("FDP", 16, 24)] + [(f"ST{i}", 32 + 16 * i, 42 + 16 * i) for i in range(8)]
-    changed = [name for name, a, b in fields if fx[a:b] != before[a:b]]
+    changed = header_overrides(data)
     if not changed:
         return []
     return ["the fsave header overrides the FXSAVE area's " + ", ".join(changed)

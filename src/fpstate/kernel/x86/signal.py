@@ -68,7 +68,7 @@ from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import FXSAVE_SIZE, XFEATURE_MASK_FPSSE, XFEATURE_MASK_PKRU
 
 if TYPE_CHECKING:
-    from fpstate.kernel.x86.sched import Cpu, KPath, Signal
+    from fpstate.kernel.x86.sched import Cpu, KPath, Signal, Task
 
 FP_XSTATE_MAGIC1 = 0x46505853
 FP_XSTATE_MAGIC2 = 0x46505845
@@ -394,9 +394,15 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     except PageFault:
         return -EFAULT
     t.user_sp = frame
+    sas_ss_reset_autodisarm(t)
+    return 0
+
+
+def sas_ss_reset_autodisarm(t: Task) -> None:
+    """The end of unsafe_save_altstack() (and its compat twin): an SS_AUTODISARM sigaltstack is
+    disarmed once saved in the frame (sas_ss_reset)."""
     if t.sas_ss_flags & SS_AUTODISARM:
         t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
-    return 0
 
 
 def _put32(c: Cpu, addr: int, value: int) -> None:
@@ -452,8 +458,7 @@ def ia32_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     except PageFault:
         return -EFAULT
     t.user_sp = frame
-    if t.sas_ss_flags & SS_AUTODISARM:
-        t.sas_ss_sp, t.sas_ss_size, t.sas_ss_flags = 0, 0, SS_DISABLE
+    sas_ss_reset_autodisarm(t)
     return 0
 
 
