@@ -293,7 +293,7 @@ def test_kernel_core_dump_of_a_32_bit_process(tmp_path: Path) -> None:
     from elftools.elf.elffile import ELFFile
 
     from fpstate.host.ia32_ptrace import stopping_program
-    from fpstate.kernel.x86.conform_signal import _ia32_state
+    from fpstate.kernel.x86.conform_signal import ia32_probe_state
     from fpstate.kernel.x86.regset import convert_from_fxsr
 
     pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
@@ -301,7 +301,7 @@ def test_kernel_core_dump_of_a_32_bit_process(tmp_path: Path) -> None:
         pytest.skip(f"core_pattern {pattern!r} does not write a file in the process's directory")
     if resource.getrlimit(resource.RLIMIT_CORE)[1] == 0:
         pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
-    image = _ia32_state()
+    image = ia32_probe_state()
     try:
         elf = stopping_program(image)
     except HostUnavailable as e:

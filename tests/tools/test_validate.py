@@ -244,14 +244,14 @@ def test_ia32_sigreturn_verdicts_match_the_real_kernel(host) -> None:
     """A real 32-bit program's frame, patched by its handler: sys32_rt_sigreturn succeeds or
     kills it with SIGSEGV exactly when the model says so."""
     from fpstate.host.ia32 import ia32_signal
-    from fpstate.kernel.x86.conform_signal import _ia32_state
+    from fpstate.kernel.x86.conform_signal import ia32_probe_state
 
     patches = [(), ((28, bytes(10)),), ((112 + 24, (0xFFFF3FA0).to_bytes(4, "little")),),
                ((112 + 513, b"\x02"),), ((112 + 520, b"\x01"),), ((112 + 540, b"\x01"),),
                ((112 + 464, bytes(4)),),
                ((112 + 464, bytes(4)), (112 + 24, (0xFFFF3FA0).to_bytes(4, "little")))]
     try:
-        runs = [(p, ia32_signal(_ia32_state(), siginfo=True, patches=p)) for p in patches]
+        runs = [(p, ia32_signal(ia32_probe_state(), siginfo=True, patches=p)) for p in patches]
     except HostUnavailable as e:
         pytest.skip(str(e))
     outcomes = []

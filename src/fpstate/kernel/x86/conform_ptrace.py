@@ -337,9 +337,9 @@ def _ia32_after(fx: bytes) -> dict[str, Any]:
 
 def _ia32_view_host() -> HostAnswer:
     from fpstate.host.ia32_ptrace import ia32_ptrace
-    from fpstate.kernel.x86.conform_signal import _ia32_state
+    from fpstate.kernel.x86.conform_signal import ia32_probe_state
 
-    run = ia32_ptrace(_ia32_state(), set_fp=_ia32_env(), get_lengths=IA32_GET_LENGTHS)
+    run = ia32_ptrace(ia32_probe_state(), set_fp=_ia32_env(), get_lengths=IA32_GET_LENGTHS)
     if run.after_fxsave is None or run.fp_after_set is None:
         from fpstate.errors import HostUnavailable
 

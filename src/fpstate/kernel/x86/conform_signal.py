@@ -456,7 +456,7 @@ class Ia32Given:
 #: The probe's state: eight x87 registers of every tag class around TOP = 5, an x87
 #: exception pending (IE unmasked and raised: FXSAVE keeps FOP/FIP/FDP, which AMD drops
 #: otherwise), distinct XMM0-7 and MXCSR.
-def _ia32_state() -> bytes:
+def ia32_probe_state() -> bytes:
     from fpstate.host.ia32 import fxsave_image, x87
 
     st = (x87(0x3FFF, 1 << 63), x87(0, 0, 1), x87(0x7FFF, 1 << 63), x87(0, 0x1234),
@@ -499,7 +499,7 @@ def _ia32_host(rt: bool, patches: tuple[tuple[int, bytes], ...] = ()) -> Any:
     def host() -> HostAnswer:
         from fpstate.host.ia32 import ia32_signal
 
-        run = ia32_signal(_ia32_state(), siginfo=rt, patches=patches)
+        run = ia32_signal(ia32_probe_state(), siginfo=rt, patches=patches)
         system = host_system()
         signo = None if run.siginfo is None else _u(run.siginfo, 0, "<i")
         facts = _ia32_facts(system, run.esp, run.sigcontext, run.frame, rt, run.uc_flags, signo)
