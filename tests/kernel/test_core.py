@@ -484,3 +484,33 @@ def test_hw_xrstor_agrees_with_fpstate_x86_insn(xstate_bv, xcomp_bv, hdr_byte, m
         assert mine.mxcsr == theirs.mxcsr
         for i in (1, 2, 5, 6, 7, 11, 12):
             assert mine.component(i) == bytes(theirs.regs[i]), i
+
+
+def test_pkru_tokens_fit_the_32_bit_register() -> None:
+    """A PKRU token is a u32 (0xA5, writer, generation) and 4 zero bytes; it reads back, while
+    8-byte tokens of other components (generation >= 1 in bytes 4..7) keep their format, and
+    a PKRU value that merely starts with 0xA5 is no token."""
+    v = token(0x123, 0x456, 9, 8)
+    assert v == (0xA5 | 0x123 << 8 | 0x456 << 20).to_bytes(4, "little") + bytes(4)
+    assert read_token(v) == (0x123, 0x456)
+    assert read_token(token(7, 1, 10, 8)) == (7, 1)  # PASID: 8 bytes, the general format
+    assert read_token((0x000000A5).to_bytes(4, "little") + bytes(4)) is None
+    with pytest.raises(ValueError, match="below 4096"):
+        token(4096, 1, 9, 8)
+
+
+def test_a_user_wrpkru_is_a_32_bit_write_that_the_next_task_switch_keeps(m: Machine) -> None:
+    """Machine.user_write of PKRU goes through WRPKRU; switching away stashes it in
+    thread.pkru and switching back loads it again (x86_pkru_load)."""
+    a, b = two_tasks(m)
+    m.user_write(0, 9)
+    mine = m.user_read(0, 9)
+    assert read_token(mine) == (a.pid, a.generation)
+    m.idle(0)
+    assert a.thread_pkru == int.from_bytes(mine[:4], "little")
+    m.run(0, b)
+    m.user_write(0, 9)
+    assert read_token(m.user_read(0, 9)) == (b.pid, 1)
+    m.idle(0)
+    m.run(0, a)
+    assert m.user_read(0, 9) == mine

@@ -380,3 +380,51 @@ def test_sigreturn_preempted_reloads_supervisor_state_from_memory() -> None:
     m.exit_to_user_mode(0)
     assert m.cpus[0].regs.component(11) == mine
     assert m.user_read(0, YMM) == ymm
+
+
+# -- PKRU around a signal, by vendor (ae6012d72fa6) --------------------------------------------
+
+
+def test_wrpkru_zero_leaves_pkru_in_use_on_intel_and_initial_on_amd() -> None:
+    """FpRegs.wrpkru: XINUSE[PKRU] after WRPKRU 0 is 1 on Intel and 0 on AMD ("the init
+    tracker is more aggressive and will track PKRU as being in its init state upon any
+    wrpkru(0x0)"); a non-zero value is in use on both."""
+    for cpu, in_use_after_zero in (("sapphire-rapids", True), ("zen4", False)):
+        regs = Machine.boot(cpu).cpus[0].regs
+        regs.wrpkru(0x55555554)
+        assert regs.xgetbv1() & (1 << PKRU), cpu
+        regs.wrpkru(0)
+        assert bool(regs.xgetbv1() & (1 << PKRU)) is in_use_after_zero, cpu
+        assert regs.component(PKRU) == bytes(8), cpu
+
+
+def _pkru_signal(cpu: str, variants: frozenset[str] = frozenset()) -> tuple[int, int, int]:
+    """A task with PKRU 0x55555550 takes SIGUSR1 and returns: (XSTATE_BV of its frame, the PKRU
+    word in the frame, PKRU after sigreturn)."""
+    m = Machine.boot(cpu, variants=set(variants))
+    t = running(m)
+    m.cpus[0].regs.wrpkru(0x55555550)
+    _, fp = deliver(m, t)
+    mm = t.process.mm
+    xstate_bv = int.from_bytes(mm.read(fp + 512, 8), "little")
+    off = m.system.profile.component(PKRU).offset
+    in_frame = int.from_bytes(mm.read(fp + off, 4), "little")
+    assert int.from_bytes(m.cpus[0].regs.component(PKRU)[:4], "little") == 0x55555554
+    assert sigreturn(m, t) == 0
+    return xstate_bv >> PKRU & 1, in_frame, int.from_bytes(m.cpus[0].regs.component(PKRU)[:4],
+                                                           "little")
+
+
+def test_sigreturn_restores_pkru_on_amd_because_the_kernel_sets_its_xstate_bv_bit() -> None:
+    """On Zen 4 the XSAVE of the frame runs with PKRU = 0, which AMD tracks as initial:
+    update_pkru_in_sigframe() must set XSTATE_BV[PKRU] for the value it stores to come back."""
+    assert _pkru_signal("zen4") == (1, 0x55555550, 0x55555550)
+
+
+def test_v6_12_pkru_frame_opens_every_key_after_sigreturn_on_amd_only() -> None:
+    """Variant pkru-sigframe-no-xstate-bv (v6.12): the value is in the frame but XSTATE_BV[PKRU]
+    is 0 on AMD, so sigreturn's XRSTOR loads PKRU's initial value 0 -- every protection key
+    open. On Intel XSAVE wrote XSTATE_BV[PKRU] = 1 and the bug does not show."""
+    variant = frozenset({"pkru-sigframe-no-xstate-bv"})
+    assert _pkru_signal("zen4", variant) == (0, 0x55555550, 0)
+    assert _pkru_signal("sapphire-rapids", variant) == (1, 0x55555550, 0x55555550)

@@ -181,7 +181,7 @@ AMD_ZEN5_HOST = ImplDefined(
     values={
         XRSTOR_INIT_XINUSE: "init",
         XRSTOR_LOAD_XINUSE: "value",
-        WRITE_XINUSE: 0x1,
+        WRITE_XINUSE: 0x201,
         ZEROING_CLEARS_XINUSE: True,
         MODIFIED_OPTIMIZATION: True,
         X87_POINTERS: "when-es",
@@ -204,7 +204,11 @@ AMD_ZEN5_HOST = ImplDefined(
         WRITE_XINUSE: _MEASURED + " (MOVDQU/VMOVDQU/VMOVDQU64/KMOVQ of zeros set XINUSE; x87 "
                       "is the exception: its XINUSE follows its value after FLDCW/FNINIT/EMMS, "
                       "where R0-R7 count as in use from an FLD until FNINIT or a restore: FLD "
-                      "0.0; EMMS reads 1, FLD 0.0; FNINIT and XRSTOR FSW=0x3800; EMMS read 0)",
+                      "0.0; EMMS reads 1, FLD 0.0; FNINIT and XRSTOR FSW=0x3800; EMMS read 0). "
+                      "Bit 9 (PKRU) is not measured, this guest has no PKU: it is the kernel's "
+                      "word, commit ae6012d72fa6 (v6.13, 'x86/pkeys: Ensure updated PKRU value "
+                      "is XRSTOR'd'): on AMD the init tracker treats PKRU as initial after any "
+                      "WRPKRU of 0, on Intel it stays in use",
         ZEROING_CLEARS_XINUSE: _MEASURED + " (VZEROUPPER clears XINUSE[2,6], VZEROALL [1,2,6])",
         MODIFIED_OPTIMIZATION: _MEASURED + " (XRSTOR b; XSAVEC b, 0x80; XSAVEOPT b leaves the "
                                "XSAVEC bytes where unmodified AVX state would go)",

@@ -49,6 +49,7 @@ from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
     XCOMP_BV_COMPACTED_FORMAT,
     XFEATURE_MASK_PASID,
+    XFEATURE_MASK_PKRU,
     XFEATURE_MASK_Hi16_ZMM,
     XFEATURE_MASK_ZMM_Hi256,
     bit_tuple,
@@ -350,12 +351,13 @@ def kernel_fpu_end(c: Cpu) -> None:
 
 def kernel_fpu_clobber(c: Cpu, mask: int) -> None:
     """What kernel code between kernel_fpu_begin() and kernel_fpu_end() does to the registers:
-    overwrite the components of ``mask`` (crypto, RAID, memcpy...), tagged as the kernel's."""
+    overwrite the components of ``mask`` (crypto, RAID, memcpy...), tagged as the kernel's.
+    Never PKRU: no kernel FPU user writes it (kernel_fpu_begin() leaves it to the task)."""
     if c.kernel_fpu_allowed:
         raise IllegalEvent(f"FPU use outside kernel_fpu_begin() on CPU {c.nr}")
     c.m.generation += 1
     regs = c.regs
-    for i in bit_tuple(mask & regs.xcr0 & _U64):  # bits 0..63 of mask enabled in XCR0
+    for i in bit_tuple(mask & regs.xcr0 & _U64 & ~XFEATURE_MASK_PKRU):  # bits 0..63 in XCR0
         regs.set_component(i, token(KERNEL_OWNER, c.m.generation, i, regs.size(i)))
 
 
@@ -436,7 +438,7 @@ def fpu_reset_fpstate_regs(c: Cpu) -> None:
 def pkru_write_default(c: Cpu) -> None:
     """pkru_write_default(): with OSPKE, PKRU = init_pkru_value."""
     if c.m.system.ospke:
-        c.regs.set_component(9, INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
+        c.regs.wrpkru(INIT_PKRU_VALUE)
 
 
 @requires("task_context")

@@ -16,7 +16,10 @@ Theory of operation
 - XINUSE: a component not in XINUSE is in its initial configuration (no entry in ``values``).
   Instructions set it by writing, whatever the value; XRSTOR sets it only for values that are
   not the initial ones (this CPU's implementation choice, /work/notes/host-findings.md facts 9
-  and 10). MXCSR != 0x1F80 counts as SSE in use (fact 11).
+  and 10). MXCSR != 0x1F80 counts as SSE in use (fact 11). WRPKRU (`FpRegs.wrpkru`) follows
+  the vendor (fpstate.x86.impl WRITE_XINUSE bit 9): a WRPKRU of 0 leaves PKRU in use on Intel
+  and initial on AMD, so that XSAVE then writes XSTATE_BV[PKRU] = 0 there.
+- PKRU is a 32-bit register in an 8-byte component: its tokens fit the register (`token`).
 - XFD (13.14): a component whose XFD bit is set is saved as if in its initial configuration and
   is initialised, not loaded, by XRSTOR*; touching it from an instruction raises #NM and sets
   IA32_XFD_ERR (`FpRegs.user_write`).
@@ -38,11 +41,13 @@ from dataclasses import dataclass, field
 from fpstate.kernel.x86.mm import PAGE_SIZE, PageFault, UserMemory
 from fpstate.kernel.x86.types import KernelBug
 from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.impl import WRITE_XINUSE, for_profile
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
     XCOMP_BV_COMPACTED_FORMAT,
+    XFEATURE_MASK_PKRU,
     XFEATURE_MASK_SSE,
     XFEATURE_MASK_XTILE_CFG,
     XFEATURE_MASK_XTILE_DATA,
@@ -69,6 +74,21 @@ def _profile_memo(profile: CpuidProfile) -> dict[tuple[object, ...], _Plan]:
         got = _PROFILE_MEMOS[id(profile)] = (profile, {})
     return got[1]
 
+
+def pkru_tracks_value(profile: CpuidProfile) -> bool:
+    """Whether ``profile``'s CPU takes PKRU back to its initial configuration (XINUSE[9] = 0)
+    when WRPKRU writes 0: fpstate.x86.impl WRITE_XINUSE bit 9 (AMD; not Intel)."""
+    got = _PKRU_BY_VALUE.get(id(profile))
+    if got is None or got[0] is not profile:
+        if len(_PKRU_BY_VALUE) >= 64:
+            _PKRU_BY_VALUE.clear()
+        got = _PKRU_BY_VALUE[id(profile)] = (
+            profile, bool(for_profile(profile)[WRITE_XINUSE] >> PKRU & 1))
+    return got[1]
+
+
+_PKRU_BY_VALUE: dict[int, tuple[CpuidProfile, bool]] = {}
+
 # -- component values ---------------------------------------------------------------------------
 
 _TOKEN_MARK = 0xA5
@@ -91,9 +111,21 @@ def init_value(i: int, size: int) -> bytes:
 _INIT_VALUES: dict[tuple[int, int], bytes] = {}
 
 
+#: PKRU's component number: a 32-bit register (bytes 0..3 of its 8-byte XSAVE component).
+PKRU = 9
+
+
 def token(owner: int, gen: int, i: int, size: int) -> bytes:
     """Bytes for component ``i`` that name their writer: ``owner`` (a task id, < 65536) and
-    ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero."""
+    ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero. PKRU
+    holds 32 bits: its token is the u32 0xA5 | owner << 8 | gen << 20 (both < 4096) followed
+    by the component's 4 zero bytes (no other token has zero bytes 4..7: generations start at
+    1)."""
+    if i == PKRU:
+        if not (0 <= owner < 1 << 12 and 0 < gen < 1 << 12):
+            raise ValueError(f"a PKRU token holds a writer and a generation below 4096, not "
+                             f"({owner}, {gen})")
+        return (_TOKEN_MARK | owner << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
     # bytes (0xA5, i & 0xFF, owner as u16, gen as u32), little-endian
     unit = (_TOKEN_MARK | (i & 0xFF) << 8 | owner << 16 | gen << 32).to_bytes(8, "little")
@@ -107,7 +139,11 @@ def read_token(value: bytes) -> tuple[int, int] | None:
     """(owner, gen) of bytes made by `token`, None for anything else (e.g. init values)."""
     if len(value) < 8 or value[0] != _TOKEN_MARK:
         return None
-    return int.from_bytes(value[2:4], "little"), int.from_bytes(value[4:8], "little")
+    gen = int.from_bytes(value[4:8], "little")
+    if not gen and len(value) == 8:  # a PKRU token, or a PKRU value that only looks like one
+        u = int.from_bytes(value[:4], "little")
+        return (u >> 8 & 0xFFF, u >> 20) if u >> 20 else None
+    return int.from_bytes(value[2:4], "little"), gen
 
 
 class Buf:
@@ -246,10 +282,25 @@ class FpRegs:
         if self.xfd & mask:
             self.xfd_err |= mask
             return Fault("#NM", f"IA32_XFD[{i}] = 1")
+        if i == PKRU:  # WRPKRU: a 32-bit register
+            self.wrpkru(int.from_bytes(value[:4], "little"))
+            return None
         self.set_component(i, value)
         if mask == XFEATURE_MASK_XTILE_CFG:
             self.init_components(XFEATURE_MASK_XTILE_DATA)
         return None
+
+    def wrpkru(self, pkru: int) -> None:
+        """WRPKRU (SDM Vol. 2B; the kernel's write_pkru()): PKRU := ``pkru``. XINUSE[PKRU] as
+        this CPU's vendor tracks it (`pkru_tracks_value`): set by every write, or set exactly
+        when the value is not 0 (AMD)."""
+        if not pkru and pkru_tracks_value(self.profile):
+            self.values.pop(PKRU, None)
+            self.xinuse &= ~XFEATURE_MASK_PKRU
+            return
+        self.values[PKRU] = pkru.to_bytes(4, "little") + bytes(self.profile.component(PKRU).size
+                                                                - 4)
+        self.xinuse |= XFEATURE_MASK_PKRU
 
     def set_component(self, i: int, value: bytes) -> None:
         """Load component ``i`` with ``value`` (kernel WRMSR to an XSAVES-managed MSR, or the

@@ -112,7 +112,7 @@ def sys_execve(c: Cpu, comm: str, compat: bool | None = None) -> KPath:
     core.fpu_flush_thread(c)
     if m.system.ospke:
         t.thread_pkru = core.INIT_PKRU_VALUE
-        c.regs.set_component(9, core.INIT_PKRU_VALUE.to_bytes(4, "little") + bytes(4))
+        c.regs.wrpkru(core.INIT_PKRU_VALUE)
     return 0
 
 

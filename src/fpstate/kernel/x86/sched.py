@@ -392,7 +392,7 @@ class Machine:
         if self.system.ospke:
             prev.thread_pkru = int.from_bytes(c.regs.component(9)[:4], "little")
             if prev.thread_pkru != nxt.thread_pkru:
-                c.regs.set_component(9, nxt.thread_pkru.to_bytes(4, "little") + bytes(4))
+                c.regs.wrpkru(nxt.thread_pkru)
         if prev.state is _K and prev is not c.idle:
             prev.event("switch_out")
         prev.on_cpu = None

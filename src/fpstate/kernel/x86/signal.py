@@ -207,10 +207,13 @@ def set_xfeature_in_sigframe(c: Cpu, buf_fx: int, mask: int, *, faults: bool = T
 
 def update_pkru_in_sigframe(c: Cpu, buf_fx: int, pkru: int) -> None:
     """update_pkru_in_sigframe(): with OSPKE, mark PKRU in use in the frame and store the
-    pre-signal PKRU (the register is 0 while the frame is written) at its standard offset."""
+    pre-signal PKRU (the register is 0 while the frame is written) at its standard offset.
+    Variant ``pkru-sigframe-no-xstate-bv`` (v6.12) stores the value only: where XSAVE wrote
+    XSTATE_BV[PKRU] = 0 (AMD after WRPKRU 0, `FpRegs.wrpkru`) sigreturn ignores it."""
     if not c.m.system.ospke:
         return
-    set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_PKRU, faults=False)
+    if not c.m.system.has_variant("pkru-sigframe-no-xstate-bv"):
+        set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_PKRU, faults=False)
     off = c.m.system.profile.component(9).offset
     c.current.process.mm.write(buf_fx + off, pkru.to_bytes(4, "little"), faults_enabled=False)
 
@@ -329,7 +332,7 @@ def read_pkru(c: Cpu) -> int:
 def write_pkru(c: Cpu, pkru: int) -> None:
     """write_pkru(): WRPKRU with OSPKE (no-op otherwise)."""
     if c.m.system.ospke:
-        c.regs.set_component(9, pkru.to_bytes(4, "little") + bytes(4))
+        c.regs.wrpkru(pkru)
 
 
 def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE,

@@ -139,6 +139,13 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "a compat task's sigreturn marks the registers stale without saving them; the "
             "XRSTOR of every feature from the fpstate then restores the supervisor state "
             "(PASID, CET) of the last save, and a value written since is lost"),
+    Variant("pkru-sigframe-no-xstate-bv", "update_pkru_in_sigframe",
+            "v6.12 'x86/pkeys: Update PKRU to enable all pkeys before XSAVE' (70044df250d0), "
+            "fixed in v6.13 by ae6012d72fa6 'x86/pkeys: Ensure updated PKRU value is "
+            "XRSTOR'd'",
+            "stores the pre-signal PKRU in the frame without setting XSTATE_BV[PKRU]; XSAVE ran "
+            "with PKRU = 0, which an AMD CPU tracks as initial, so the frame's XSTATE_BV[PKRU] "
+            "is 0 and sigreturn's XRSTOR loads PKRU = 0 (every key open) instead"),
 )}
 
 

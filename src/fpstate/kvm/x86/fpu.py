@@ -238,7 +238,7 @@ def kvm_load_guest_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
     if system.ospke:
         arch.host_pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
         if arch.pkru != arch.host_pkru and (arch.xcr0 & XFEATURE_MASK_PKRU or arch.cr4_pke):
-            c.regs.set_component(PKRU, arch.pkru.to_bytes(4, "little") + bytes(4))
+            c.regs.wrpkru(arch.pkru)
 
 
 def kvm_load_host_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
@@ -249,7 +249,7 @@ def kvm_load_host_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
     if c.m.system.ospke and (arch.xcr0 & XFEATURE_MASK_PKRU or arch.cr4_pke):
         arch.pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
         if arch.pkru != arch.host_pkru:
-            c.regs.set_component(PKRU, arch.host_pkru.to_bytes(4, "little") + bytes(4))
+            c.regs.wrpkru(arch.host_pkru)
     if arch.cr4_osxsave:
         if arch.xcr0 != caps.host_xcr0:
             c.regs.xcr0 = caps.host_xcr0
