@@ -85,6 +85,8 @@ def _changed(value: Any, field: str) -> tuple[bool, Any]:
         return True, not value
     if isinstance(value, enum.Enum):
         return True, next(m for m in type(value) if m is not value)
+    if field in ("thread_pkru", "pkru", "host_pkru"):  # u32 registers
+        return True, value ^ 0x4
     if isinstance(value, int):
         return True, 0 if value == -1 else -1
     if isinstance(value, str):

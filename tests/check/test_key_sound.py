@@ -98,11 +98,25 @@ def test_signal_frames_of_equal_patterns_have_equal_keys() -> None:
     assert other.key() != once.key()
 
 
+def test_pkru_in_thread_pkru_is_ranked_like_any_value() -> None:
+    """A switched-out task's PKRU lives in thread.pkru: one WRPKRU or two (generations 1 and 2)
+    name the same state; a PKRU that another task wrote does not."""
+    base = (A("run", task="p0.t0", cpu=0),)
+    once = _steps(*base, A("write", task="p0.t0", component="pkru"), A("idle", cpu=0))
+    twice = _steps(*base, A("write", task="p0.t0", component="pkru"),
+                   A("write", task="p0.t0", component="pkru"), A("idle", cpu=0))
+    assert once.tasks["p0.t0"].thread_pkru != twice.tasks["p0.t0"].thread_pkru
+    assert once.key() == twice.key()
+    other = _steps(A("run", task="p0.t0", cpu=0), A("idle", cpu=0))
+    assert other.key() != once.key()
+
+
 #: Besides the defaults: three threads and two VMs whose VMMs are in different processes, one
 #: with AMX permission for its guest; and a CPU without AMX, PASID or CET supervisor state.
 _WIDER = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 3},
           "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1, "guest_amx": True},
                   "vm1": {"vmm": "p0.t0", "vcpus": 1}}}
+#: zen5 has OSPKE and an AMD init tracker: PKRU is tracked, and initial after WRPKRU 0.
 _ZEN5 = {"cpu": "zen5", "cpus": 2, "processes": {"p0": 2, "p1": 2},
          "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}}}
 #: p0 a 32-bit program: ia32 signal frames, and x87 values folded by its sigreturns.

@@ -139,7 +139,10 @@ def test_exec_with_a_thread_preempted_inside_kvm_run_waits_in_de_thread() -> Non
     # fpu_flush_thread(): the default fpstate and permissions; the user state is initial.
     assert t1.fpu.fpstate is t1.fpu.embedded
     assert t1.fpu.perm.state_perm == w.m.system.kernel.default_features
-    assert all(v == "init" for k, v in w.do_observe("p1.t1").items()
+    # PKRU is init_pkru_value (pkru_flush_thread), not the register's initial 0.
+    seen = w.do_observe("p1.t1")
+    assert seen.pop("pkru") == "0x55555554"
+    assert all(v == "init" for k, v in seen.items()
                if k not in ("where", "cpu", "state", "xfeatures", "size", "xfd"))
     # The VM belongs to the old mm: KVM ioctls from the new one fail with EIO.
     assert w.step(A("get_xsave", task="p1.t1", vcpu="vm0.v0")).observed["errno"] == "EIO"

@@ -51,7 +51,8 @@ from fpstate.check.world import (
     config_str,
 )
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import init_value, read_token, token
+from fpstate.kernel.x86.core import INIT_PKRU_VALUE
+from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
@@ -273,7 +274,7 @@ class X86World(X86Views, World):
     #: Kernel-model variants (FpuSystem.variants) this world accepts.
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
-         "ia32-sigreturn-no-supervisor-save"})
+         "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv"})
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64
@@ -326,9 +327,13 @@ class X86World(X86Views, World):
         self.exec_abi: dict[str, str] = {}
         self.emitted: list[tuple[str, Any]] = []
         s = self.m.system
+        #: PKRU (with OSPKE) last: it is switched eagerly, outside the XSAVE images the
+        #: kernel restores (X86Views.seen reads thread.pkru for a task off its CPU).
+        self.pkru_tracked = s.ospke
+        pkru = (PKRU,) if s.ospke else ()
         self.tracked = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + (
-            (PASID,) if s.kernel.default_features & XFEATURE_MASK_PASID else ())
-        self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU))
+            (PASID,) if s.kernel.default_features & XFEATURE_MASK_PASID else ()) + pkru
+        self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + pkru
         self.supervisor_tracked = tuple(i for i in self.tracked if i not in self.writable)
         self.max_tasks = int(self.config.get("max_tasks", 6))
         #: (steps, pickled world) for `clone`, valid while ``steps`` is unchanged
@@ -336,6 +341,12 @@ class X86World(X86Views, World):
         self.sizes: dict[tuple[int, bool], int] = {}  #: XSAVE sizes by (mask, compacted)
         self.init_values = {i: init_value(i, s.profile.component(i).size)
                             for i in bits(s.xcr0 | s.xss)}
+        #: What a context without a value of its own expects: the initial configuration, but
+        #: init_pkru_value for PKRU (exec's pkru_flush_thread, a handler's
+        #: pkru_write_default) rather than the register's initial 0.
+        self.fresh_values = dict(self.init_values)
+        if s.ospke:
+            self.fresh_values[PKRU] = pkru_bytes(INIT_PKRU_VALUE)
         self.view_comps = tuple(sorted(set(self.tracked) | set(
             bits(s.kernel.max_features & XFEATURE_MASK_FPSTATE))))
         self._setup()

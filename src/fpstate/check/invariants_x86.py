@@ -231,7 +231,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
         if t.fpu.task_fpstate is not None:
             continue  # in KVM_RUN: the guest's state is live (the KVM predicates judge it)
         seen = w.seen(t)
-        exp, init = w.expected[t.comm], w.init_values
+        exp, init = w.expected[t.comm], w.fresh_values
         if _seen_clean(w, seen, exp, w.tracked):
             continue
         before = len(out)

@@ -27,7 +27,7 @@ from operator import attrgetter
 from typing import Any
 
 from fpstate.check.memo import IdentityMemo
-from fpstate.kernel.x86.hw import init_value, read_token, token
+from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
 from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.kernel.x86.signal import (
     RT_IA32_SC,
@@ -343,7 +343,8 @@ FIELDS: dict[str, dict[str, str]] = {
         **dict.fromkeys(("m", "expected", "sigstack", "frames", "nm_pending", "vcpus",
                          "vm_mm", "_pending_run", "exec_abi"), "key"),
         "tasks": "names to tasks: a task's name is its comm, which is keyed",
-        **dict.fromkeys(("config", "variant", "max_tasks", "init_values", "tracked",
+        **dict.fromkeys(("config", "variant", "max_tasks", "init_values", "fresh_values",
+                         "pkru_tracked", "tracked",
                          "supervisor_tracked", "writable", "view_comps", "vm_names", "kvm"),
                         "fixed by the configuration (the VMs' list; the vCPUs are keyed)"),
         **dict.fromkeys(("history", "steps", "_snapshot", "sizes"),
@@ -360,7 +361,7 @@ FIELDS: dict[str, dict[str, str]] = {
 _CPU_FIELDS = attrgetter("kernel_fpu_allowed", "xfd_state")
 _REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
 _TASK_FIELDS = attrgetter("pid", "comm", "flags", "state.no", "need_fpu_load", "on_cpu",
-                          "thread_pkru", "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
+                          "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
                           "pasid_activated")
 _PROCESS_FIELDS = attrgetter("tgid", "pasid", "next_mmap", "compat")
 _PERM_FIELDS = attrgetter("state_perm", "state_size", "user_state_size")
@@ -420,7 +421,9 @@ def x86_key(w: Any) -> Hashable:
         # The group's permissions live in its leader's fpu, also once the leader is dead.
         leader = t.process.leader.fpu
         tasks.append((
-            _TASK_FIELDS(t), _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
+            # thread.pkru as a PKRU value: a token in it is ranked like any other.
+            _TASK_FIELDS(t), cn.value(pkru_bytes(t.thread_pkru), PKRU),
+            _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
             _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
             None if kp is None else _kpath_key(w, t, kp),

@@ -73,6 +73,11 @@ VARIANTS: tuple[Variant, ...] = (
             "a compat task's sigreturn sets TIF_NEED_FPU_LOAD without first saving the live "
             "registers: the full XRSTOR from the fpstate brings back stale supervisor state "
             "(PASID, CET)", "no-lost-write", needs=(10,)),
+    # Only an AMD CPU shows it: its XSAVE writes XSTATE_BV[PKRU] = 0 after WRPKRU 0.
+    Variant("pkru-sigframe-no-xstate-bv", "x86", "v6.12 update_pkru_in_sigframe()",
+            "the signal frame gets the pre-signal PKRU but not XSTATE_BV[PKRU]; XSAVE ran with "
+            "PKRU = 0, which AMD tracks as initial, so sigreturn loads PKRU = 0: every "
+            "protection key open", "no-lost-write", config={"cpu": "zen4"}, needs=(9,)),
 )
 
 BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}

@@ -25,7 +25,7 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import fpregs_state_valid
-from fpstate.kernel.x86.hw import init_value, read_token
+from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token
 from fpstate.kernel.x86.sched import STATE_DEAD, STATE_USER, Task
 from fpstate.kernel.x86.types import PF_KTHREAD, PF_USER_WORKER, Fpstate
 from fpstate.x86.xfeatures import BY_NUMBER
@@ -41,6 +41,9 @@ _IMAGE_BY_BUFFER = IdentityMemo(2048)
 #: X86Views.regs_view's memo by register file (witness: the components viewed, MXCSR, a copy
 #: of its values); register files change a few components per step at most.
 _VIEWS = IdentityMemo(4096)
+#: X86Views.seen's views with a task's own PKRU, by the view they replace PKRU in (witness:
+#: that PKRU value); views are memoised and never changed.
+_WITH_PKRU = IdentityMemo(4096)
 
 
 class X86Views:
@@ -53,6 +56,7 @@ class X86Views:
     supervisor_tracked: tuple[int, ...]
     view_comps: tuple[int, ...]
     init_values: dict[int, bytes]
+    fresh_values: dict[int, bytes]
     sizes: dict[tuple[int, bool], int]
     steps: int
 
@@ -108,7 +112,7 @@ class X86Views:
 
     def expected_value(self, name: str, i: int) -> bytes:
         v = self.expected[name].get(i)
-        return v if v is not None else self.init_values[i]
+        return v if v is not None else self.fresh_values[i]
 
     def xsave_size(self, mask: int, compacted: bool) -> int:
         """compacted_size/standard_size of the layout functions, memoised per world."""
@@ -130,17 +134,35 @@ class X86Views:
         self._fps_cache = (self.steps, out)
         return out
 
+    #: Whether PKRU is tracked (OSPKE): it lives apart from the XSAVE images.
+    pkru_tracked: bool = False
+
     def seen(self, t: Task) -> dict[int, bytes]:
         """What ``t`` would see on its next instruction in user mode (what Machine.user_state
         answers): its CPU's registers when they are live or validly cached, else what the
-        restore would load from its memory image (decoded once per distinct image)."""
+        restore would load from its memory image (decoded once per distinct image). PKRU is
+        not restored from either (XFEATURE_MASK_USER_RESTORE leaves it out): it is the
+        register of the CPU the task is on, else thread.pkru, which x86_pkru_load() writes
+        when the task is switched in."""
         fpu = t.fpu
-        if (t.state is STATE_USER or not t.need_fpu_load) and t.on_cpu is not None:
-            return self.regs_view(self.m.cpus[t.on_cpu].regs)
+        on = t.on_cpu
+        if (t.state is STATE_USER or not t.need_fpu_load) and on is not None:
+            return self.regs_view(self.m.cpus[on].regs)
         last = fpu.last_cpu
         if 0 <= last < len(self.m.cpus) and fpregs_state_valid(self.m.cpus[last], fpu):
-            return self.regs_view(self.m.cpus[last].regs)
-        return self.image(fpu.fpstate)
+            out = self.regs_view(self.m.cpus[last].regs)
+        else:
+            out = self.image(fpu.fpstate)
+        if not self.pkru_tracked:
+            return out
+        pkru = (self.m.cpus[on].regs.component(PKRU) if on is not None
+                else pkru_bytes(t.thread_pkru))
+        if out.get(PKRU) == pkru:
+            return out
+        got = _WITH_PKRU.get(out, pkru)
+        if got is None:
+            got = _WITH_PKRU.put(out, pkru, {**out, PKRU: pkru})
+        return got  # shared: read it, never change it
 
     def regs_view(self, regs: Any) -> dict[int, bytes]:
         """A register file's values of the compared components (init values where not in

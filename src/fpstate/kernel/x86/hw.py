@@ -89,6 +89,20 @@ def pkru_tracks_value(profile: CpuidProfile) -> bool:
 
 _PKRU_BY_VALUE: dict[int, tuple[CpuidProfile, bool]] = {}
 
+
+def pkru_bytes(pkru: int) -> bytes:
+    """PKRU's 8-byte XSAVE component for the register value ``pkru``: the u32, then 4 zero
+    bytes (memoised: thread.pkru is read as a component at every step of the checker)."""
+    got = _PKRU_BYTES.get(pkru)
+    if got is None:
+        if len(_PKRU_BYTES) >= 4096:
+            _PKRU_BYTES.clear()
+        got = _PKRU_BYTES[pkru] = pkru.to_bytes(4, "little") + bytes(4)
+    return got
+
+
+_PKRU_BYTES: dict[int, bytes] = {}
+
 # -- component values ---------------------------------------------------------------------------
 
 _TOKEN_MARK = 0xA5
@@ -298,8 +312,7 @@ class FpRegs:
             self.values.pop(PKRU, None)
             self.xinuse &= ~XFEATURE_MASK_PKRU
             return
-        self.values[PKRU] = pkru.to_bytes(4, "little") + bytes(self.profile.component(PKRU).size
-                                                                - 4)
+        self.values[PKRU] = pkru_bytes(pkru)
         self.xinuse |= XFEATURE_MASK_PKRU
 
     def set_component(self, i: int, value: bytes) -> None:
