@@ -418,11 +418,15 @@ def x86_key(w: Any) -> Hashable:
                      bytes(regs[512:528]))
         kp = t.kpath
         h = t.handlers
+        pkru = t.thread_pkru
+        if pkru & 0xFF == 0xA5 and pkru >> 20:  # maybe a token (hw.token): ranked
+            pkru = cn.value(pkru_bytes(pkru), PKRU)
         # The group's permissions live in its leader's fpu, also once the leader is dead.
         leader = t.process.leader.fpu
         tasks.append((
-            # thread.pkru as a PKRU value: a token in it is ranked like any other.
-            _TASK_FIELDS(t), cn.value(pkru_bytes(t.thread_pkru), PKRU),
+            # thread.pkru: a token in it is ranked like any other value, and any other
+            # value (an int) is itself.
+            _TASK_FIELDS(t), pkru,
             _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
             _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
