@@ -292,3 +292,31 @@ def test_mutated_ia32_frames_get_a_verdict_or_a_blob_error(edits, cut) -> None:
         assert len(blob) < 112 + 576
         return
     assert v.accepted or (v.result == "SIGSEGV" and v.rule)
+
+
+def test_a_frame_without_xstate_bv_pkru_gets_every_key_opened() -> None:
+    """A zen4 frame with a PKRU word: with XSTATE_BV[PKRU] set (as update_pkru_in_sigframe()
+    makes it) no note; with it clear, as v6.12 wrote it on AMD, sigreturn still succeeds and the
+    note says PKRU comes back 0, not the word. Both the 64-bit and the ia32 frame."""
+    sig = bytearray(zen4_uabi()) + bytes(4)
+    struct.pack_into("<IIQI", sig, 464, 0x46505853, 2444, 0x2E7, 2440)
+    struct.pack_into("<I", sig, 2440, 0x46505845)
+    pkru_off = ZEN4.component(9).offset
+    struct.pack_into("<I", sig, pkru_off, 0x55555550)
+    struct.pack_into("<Q", sig, 512, 0x203)
+    v = validate(bytes(sig), ZEN4, "sigreturn")
+    assert v.accepted and not any("PKRU" in n for n in v.notes)
+    struct.pack_into("<Q", sig, 512, 0x3)
+    v = validate(bytes(sig), ZEN4, "sigreturn")
+    assert v.accepted
+    assert [n for n in v.notes if "PKRU" in n] == [
+        "XSTATE_BV[PKRU] is 0: sigreturn loads PKRU = 0x0 (every protection key open), not the "
+        "frame's PKRU word 0x55555550; update_pkru_in_sigframe() sets the bit since v6.13 "
+        "(ae6012d72fa6), as a frame written by hand must"]
+    frame = bytearray(ia32_fpstate())
+    xstate_bv = struct.unpack_from("<Q", frame, 112 + 512)[0]
+    assert xstate_bv & 0x200 and struct.unpack_from("<I", frame, 112 + pkru_off)[0]
+    assert not any("PKRU" in n for n in validate(bytes(frame), ZEN4, "sigreturn-ia32").notes)
+    struct.pack_into("<Q", frame, 112 + 512, xstate_bv & ~0x200)
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert v.accepted and any("sigreturn loads PKRU = 0x0 " in n for n in v.notes)

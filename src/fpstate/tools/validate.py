@@ -36,12 +36,13 @@ from fpstate.errors import BlobError, FpstateError
 from fpstate.kernel.x86 import regset
 from fpstate.kernel.x86 import signal as sg
 from fpstate.kernel.x86 import xstate_prctl as xp
+from fpstate.kernel.x86.hw import PKRU
 from fpstate.kernel.x86.sched import Machine, Task
 from fpstate.kernel.x86.types import XFEATURE_MASK_USER_DYNAMIC
 from fpstate.kernel.x86.versions import NEWEST
 from fpstate.tools.blob import header_overrides
 from fpstate.x86.cpuid import CpuidProfile
-from fpstate.x86.xfeatures import XSAVE_HDR_OFFSET, mask_names
+from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, XSAVE_HDR_OFFSET, mask_names
 
 PATHS: tuple[str, ...] = ("sigreturn", "sigreturn-ia32", "ptrace", "kvm")
 TASKS: tuple[str, ...] = ("auto", "default", "perm", "in-use")
@@ -156,6 +157,8 @@ def validate_sigreturn(data: bytes, profile: CpuidProfile, kernel: str, task: st
                      f"({user_size + 4}); zeros stand for the stack beyond it")
     addr = _place_frame(m, t, data)
     ok = m.syscall(0, _path(sg.fpu__restore_sig), addr)
+    if ok:
+        notes.extend(_pkru_notes(m, data))
     # Which step decided: replay the steps of __fpu_restore_sig on a fresh machine.
     m2 = Machine.boot(profile, kernel, ncpus=1)
     t2, _ = _set_up(m2, task)
@@ -199,6 +202,7 @@ def validate_sigreturn_ia32(data: bytes, profile: CpuidProfile, kernel: str,
     addr = _place_frame(m, t, data + bytes(head))
     ok = m.syscall(0, _path(sg.fpu__restore_sig), addr, True)
     if ok:
+        notes.extend(_pkru_notes(m, xsave))
         return Verdict("sigreturn-ia32", True, "0", "fpu__restore_sig (ia32 frame)",
                        "restored, the fsave header folded in (convert_to_fxsr)", task,
                        tuple(notes))
@@ -235,6 +239,26 @@ def validate_sigreturn_ia32(data: bytes, profile: CpuidProfile, kernel: str,
     return Verdict("sigreturn-ia32", False, "SIGSEGV",
                    "__fpu_restore_sig: os_xrstor_safe() of the folded state faults",
                    "the XRSTOR from the task's fpstate refused it", task, tuple(notes))
+
+
+def _pkru_notes(m: Machine, xsave: bytes) -> list[str]:
+    """After a restore on CPU 0 of ``m`` (OSPKE): when the frame's XSTATE_BV[PKRU] is clear and
+    the PKRU the task got back is not the frame's PKRU word (XRSTOR loaded PKRU's initial 0;
+    the ia32 path's copy_uabi_to_xstate set thread.pkru = 0 alike), say so: the frame the
+    v6.12 kernel wrote on AMD, or one built by hand."""
+    s = m.system
+    if not s.ospke or len(xsave) < XSAVE_HDR_OFFSET + 8:
+        return []
+    xstate_bv = int.from_bytes(xsave[XSAVE_HDR_OFFSET:XSAVE_HDR_OFFSET + 8], "little")
+    off = s.profile.component(PKRU).offset
+    word = int.from_bytes(xsave[off:off + 4], "little") if len(xsave) >= off + 4 else 0
+    got = int.from_bytes(m.cpus[0].regs.component(PKRU)[:4], "little")
+    if xstate_bv & XFEATURE_MASK_PKRU or got == word:
+        return []
+    keys = " (every protection key open)" if got == 0 else ""
+    return [f"XSTATE_BV[PKRU] is 0: sigreturn loads PKRU = {got:#x}{keys}, not the frame's "
+            f"PKRU word {word:#010x}; update_pkru_in_sigframe() sets the bit since v6.13 "
+            f"(ae6012d72fa6), as a frame written by hand must"]
 
 
 def _fold_notes(data: bytes) -> list[str]:
