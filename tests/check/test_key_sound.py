@@ -111,6 +111,17 @@ def test_pkru_in_thread_pkru_is_ranked_like_any_value() -> None:
     assert other.key() != once.key()
 
 
+def test_a_guest_pkru_in_arch_pkru_is_ranked_like_any_value() -> None:
+    """KVM keeps a guest's PKRU in vcpu->arch.pkru, an int: the guest's write after a kernel
+    FPU use (another generation) names the same state as without it."""
+    run = (A("run", task="p1.t0", cpu=0),
+           A("kvm_run", task="p1.t0", vcpu="vm0.v0", guest="xsetbv; write pkru"))
+    a = _steps(*run)
+    b = _steps(A("kernel_fpu", cpu=0), *run)
+    assert a.vcpus["vm0.v0"].arch.pkru != b.vcpus["vm0.v0"].arch.pkru
+    assert a.key() == b.key()
+
+
 #: Besides the defaults: three threads and two VMs whose VMMs are in different processes, one
 #: with AMX permission for its guest; and a CPU without AMX, PASID or CET supervisor state.
 _WIDER = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 3},

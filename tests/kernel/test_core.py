@@ -495,8 +495,11 @@ def test_pkru_tokens_fit_the_32_bit_register() -> None:
     assert read_token(v) == (0x123, 0x456)
     assert read_token(token(7, 1, 10, 8)) == (7, 1)  # PASID: 8 bytes, the general format
     assert read_token((0x000000A5).to_bytes(4, "little") + bytes(4)) is None
-    with pytest.raises(ValueError, match="below 4096"):
-        token(4096, 1, 9, 8)
+    # A guest's writer id (0x8000 | VM << 8 | vCPU) folds into the 12 bits and back.
+    assert read_token(token(0x8000 | 2 << 8 | 1, 7, 9, 8)) == (0x8000 | 2 << 8 | 1, 7)
+    for owner, gen in ((0x800, 1), (0x8000 | 8 << 8, 1), (5, 4096)):
+        with pytest.raises(ValueError, match="a PKRU token holds"):
+            token(owner, gen, 9, 8)
 
 
 def test_a_user_wrpkru_is_a_32_bit_write_that_the_next_task_switch_keeps(m: Machine) -> None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from fpstate.check import invariants
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
 from fpstate.check.memo import IdentityMemo
-from fpstate.check.statekey import digest, fps_values, raw_digest, regs_values
+from fpstate.check.statekey import digest, fps_values, pkru_value, raw_digest, regs_values
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -477,8 +477,10 @@ class KvmX86World(X86World):
 
     # -- exploration -------------------------------------------------------------------------
 
+    #: "xsetbv; write pkru": PKRU in the guest's XCR0 but CR4.PKE clear, so XRSTOR writes it.
     GUEST_PROGRAMS: ClassVar[tuple[str, ...]] = ("write avx", "write opmask", "write xtiledata",
-                                                 "xsetbv; write avx", "init", "read avx")
+                                                 "xsetbv; write avx", "xsetbv; write pkru",
+                                                 "init", "read avx")
 
     def enabled(self) -> list[Action]:
         out = super().enabled()
@@ -532,6 +534,7 @@ class KvmX86World(X86World):
             vmm = self._vmm_task(name)
             user_fpu = a.user_fpu  # variant kvm-save-min-size only
             out.append((name, -1 if vmm is None else vmm.process.tgid, _ARCH_FIELDS(a),
+                        pkru_value(cn, a.pkru), pkru_value(cn, a.host_pkru),
                         _cpuid_key(a.cpuid), v.pending_init, v.wants_to_run,
                         v.last_vmentry_cpu != -1, _GUEST_FPU_FIELDS(a.guest_fpu),
                         (fps.size, fps.xfeatures, fps.xfd, fps.xstate_bv, fps.in_use,
@@ -557,7 +560,8 @@ class KvmX86World(X86World):
 
 
 #: The plain fields of a vCPU's kvm_vcpu_arch and guest FPU in its key (statekey.FIELDS).
-_ARCH_FIELDS = attrgetter("xcr0", "ia32_xss", "pkru", "host_pkru", "guest_supported_xcr0",
+#: PKRU and the host's PKRU go in apart (statekey.pkru_value: a guest's token is ranked).
+_ARCH_FIELDS = attrgetter("xcr0", "ia32_xss", "guest_supported_xcr0",
                           "guest_supported_xss", "cpuid_dynamic_bits_dirty",
                           "xfd_no_write_intercept", "cr4_osxsave", "cr4_pke", "cr0_ts")
 _GUEST_FPU_FIELDS = attrgetter("xfeatures", "xfd_err", "uabi_size")

@@ -184,6 +184,14 @@ def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
     return digest((tuple(out), int.from_bytes(regs[24:28], "little"))), tuple(toks)
 
 
+def pkru_value(cn: Canon, pkru: int) -> Any:
+    """A PKRU register value held as an int (thread.pkru, vcpu->arch.pkru and host_pkru) in a
+    key: a token ranked like any other value, any other value as itself."""
+    if pkru & 0xFF == 0xA5 and pkru >> 20:  # maybe a PKRU token (hw.token)
+        return cn.value(pkru_bytes(pkru), PKRU)
+    return pkru
+
+
 def fps_values(cn: Canon, system: Any, fps: Any) -> int:
     """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR: the
     digest of their structure (their tokens go to ``cn``)."""
@@ -418,15 +426,10 @@ def x86_key(w: Any) -> Hashable:
                      bytes(regs[512:528]))
         kp = t.kpath
         h = t.handlers
-        pkru = t.thread_pkru
-        if pkru & 0xFF == 0xA5 and pkru >> 20:  # maybe a token (hw.token): ranked
-            pkru = cn.value(pkru_bytes(pkru), PKRU)
         # The group's permissions live in its leader's fpu, also once the leader is dead.
         leader = t.process.leader.fpu
         tasks.append((
-            # thread.pkru: a token in it is ranked like any other value, and any other
-            # value (an int) is itself.
-            _TASK_FIELDS(t), pkru,
+            _TASK_FIELDS(t), pkru_value(cn, t.thread_pkru),
             _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
             _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
             _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
@@ -464,6 +467,7 @@ __all__ = [
     "digest",
     "fps_values",
     "frame_values",
+    "pkru_value",
     "raw_digest",
     "regs_values",
     "x86_key",

@@ -129,17 +129,26 @@ _INIT_VALUES: dict[tuple[int, int], bytes] = {}
 PKRU = 9
 
 
+#: Writers of a PKRU token's 12 bits: a task id below 0x800, or a guest's writer id
+#: (0x8000 | VM << 8 | vCPU, fpstate.kvm.x86.vcpu.guest_owner) folded to 0x800 | VM << 4 | vCPU.
+_PKRU_GUEST, _GUEST = 0x800, 0x8000
+
+
 def token(owner: int, gen: int, i: int, size: int) -> bytes:
     """Bytes for component ``i`` that name their writer: ``owner`` (a task id, < 65536) and
     ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero. PKRU
-    holds 32 bits: its token is the u32 0xA5 | owner << 8 | gen << 20 (both < 4096) followed
-    by the component's 4 zero bytes (no other token has zero bytes 4..7: generations start at
-    1)."""
+    holds 32 bits: its token is the u32 0xA5 | writer << 8 | gen << 20 (12 bits each, the
+    writer folded as `_PKRU_GUEST` says) followed by the component's 4 zero bytes (no other
+    token has zero bytes 4..7: generations start at 1)."""
     if i == PKRU:
-        if not (0 <= owner < 1 << 12 and 0 < gen < 1 << 12):
-            raise ValueError(f"a PKRU token holds a writer and a generation below 4096, not "
-                             f"({owner}, {gen})")
-        return (_TOKEN_MARK | owner << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
+        w = owner
+        if owner & _GUEST and owner >> 8 & 0x7F < 8 and owner & 0xFF < 16:
+            w = _PKRU_GUEST | (owner >> 8 & 0x7F) << 4 | owner & 0xFF
+        if not (0 <= w < 1 << 12 and w & _PKRU_GUEST == (owner & _GUEST) >> 4
+                and 0 < gen < 1 << 12):
+            raise ValueError(f"a PKRU token holds a task below 2048 or a guest of VM < 8 and "
+                             f"vCPU < 16, and a generation below 4096, not ({owner:#x}, {gen})")
+        return (_TOKEN_MARK | w << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
     # bytes (0xA5, i & 0xFF, owner as u16, gen as u32), little-endian
     unit = (_TOKEN_MARK | (i & 0xFF) << 8 | owner << 16 | gen << 32).to_bytes(8, "little")
@@ -156,7 +165,12 @@ def read_token(value: bytes) -> tuple[int, int] | None:
     gen = int.from_bytes(value[4:8], "little")
     if not gen and len(value) == 8:  # a PKRU token, or a PKRU value that only looks like one
         u = int.from_bytes(value[:4], "little")
-        return (u >> 8 & 0xFFF, u >> 20) if u >> 20 else None
+        if not u >> 20:
+            return None
+        w = u >> 8 & 0xFFF
+        if w & _PKRU_GUEST:
+            w = _GUEST | (w >> 4 & 0x7F) << 8 | w & 0xF
+        return w, u >> 20
     return int.from_bytes(value[2:4], "little"), gen
 
 

@@ -23,7 +23,8 @@ allocates on a guest #NM. Writes to IA32_XFD are emulated (fpu_update_guest_xfd)
 first nonzero one, after which VMX passes them through and intercepts #NM instead; an XFD #NM
 is read into guest_fpu.xfd_err before interrupts are enabled and re-injected.
 
-Rejected designs kept as variants (selected by name in `KvmConfig.variants`, see `vcpu`):
+Rejected designs kept as variants (selected by name in `KvmConfig.variants`, see `vcpu`;
+``kvm-pkru-cr4-pke-only``: `_guest_uses_pkru`):
 ``kvm-save-min-size`` (seed 000: the task's registers saved into a default-sized
 vcpu->arch.user_fpu; the model lets the write run past the allocation and reports the bytes).
 """
@@ -237,8 +238,18 @@ def kvm_load_guest_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
             c.regs.xss = arch.ia32_xss
     if system.ospke:
         arch.host_pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
-        if arch.pkru != arch.host_pkru and (arch.xcr0 & XFEATURE_MASK_PKRU or arch.cr4_pke):
+        if arch.pkru != arch.host_pkru and _guest_uses_pkru(vcpu):
             c.regs.wrpkru(arch.pkru)
+
+
+def _guest_uses_pkru(vcpu: KvmVcpu) -> bool:
+    """Whether PKRU is switched for the guest: PKRU in its XCR0 (XSAVE and XRSTOR reach it) or
+    CR4.PKE (RDPKRU, WRPKRU). Variant ``kvm-pkru-cr4-pke-only`` (VMX before v5.7) asks CR4.PKE
+    only."""
+    arch = vcpu.arch
+    if vcpu.kvm.has_variant("kvm-pkru-cr4-pke-only"):
+        return arch.cr4_pke
+    return bool(arch.xcr0 & XFEATURE_MASK_PKRU) or arch.cr4_pke
 
 
 def kvm_load_host_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
@@ -246,7 +257,7 @@ def kvm_load_host_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
     vcpu->arch.pkru and put the host's back; restore XCR0 and IA32_XSS where they differ."""
     arch = vcpu.arch
     caps = vcpu.kvm.caps
-    if c.m.system.ospke and (arch.xcr0 & XFEATURE_MASK_PKRU or arch.cr4_pke):
+    if c.m.system.ospke and _guest_uses_pkru(vcpu):
         arch.pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
         if arch.pkru != arch.host_pkru:
             c.regs.wrpkru(arch.host_pkru)

@@ -86,6 +86,12 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "Mar 2025): 'allocate CET-S space for all tasks'",
             "CET_KERNEL is in fpu_kernel_cfg.default_features: every host fpstate carries the "
             "24 bytes of guest-only state (and init_fpstate too)"),
+    Variant("kvm-pkru-cr4-pke-only", "kvm_load_guest_xsave_state",
+            "vmx_vcpu_run() before 37486135d3a7 (v5.7, 'KVM: x86: Fix pkru save/restore when "
+            "guest CR4.PKE=0, move it to x86.c')",
+            "guest and host PKRU are switched only when the guest has CR4.PKE; a guest with "
+            "PKRU in XCR0 but CR4.PKE clear reads the host's PKRU with XSAVE and changes it with "
+            "XRSTOR, and the VMM thread returns to user space with the guest's PKRU"),
 )}
 
 #: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable
