@@ -38,7 +38,7 @@ from fpstate.check.world import (
 )
 from fpstate.check.world import Value as V
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.hw import PKRU, pkru_bytes, token
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
@@ -247,10 +247,24 @@ class KvmX86World(X86World):
         return None
 
     def guest_tracked(self, v: kv.KvmVcpu) -> tuple[int, ...]:
+        """The components a guest's values are compared in: its XCR0 and XSS features the
+        guest fpstate holds, and PKRU (vcpu->arch.pkru) where the host has OSPKE and the
+        guest may enable PKRU."""
         caps = self.kvm.caps
         mask = (v.arch.guest_supported_xcr0 | XFEATURE_MASK_FP) & ~XFEATURE_MASK_PKRU
         mask |= caps.supported_xss & v.arch.guest_supported_xss
-        return tuple(bits(mask & v.arch.guest_fpu.fpstate.xfeatures))
+        out = tuple(bits(mask & v.arch.guest_fpu.fpstate.xfeatures))
+        if self.pkru_tracked and v.arch.guest_supported_xcr0 & XFEATURE_MASK_PKRU:
+            out += (PKRU,)
+        return out
+
+    def expected_value(self, name: str, i: int) -> bytes:
+        """A guest without a value of its own expects the initial configuration (PKRU 0, as
+        vcpu->arch.pkru starts), a task what `X86Views.expected_value` says."""
+        if name in self.vcpus:
+            v = self.expected[name].get(i)
+            return v if v is not None else self.init_values[i]
+        return super().expected_value(name, i)
 
     def guest_seen(self, name: str) -> dict[int, bytes]:
         """What the guest of ``name`` would see: its fpstate's image, or -- while KVM_RUN has
@@ -258,9 +272,18 @@ class KvmX86World(X86World):
         v = self.vcpu(name)
         fps = v.arch.guest_fpu.fpstate
         t = self._loaded_in(fps)
-        if t is not None:
-            return self.seen(t)
-        return self.image(fps)
+        out = self.seen(t) if t is not None else self.image(fps)
+        if not self.pkru_tracked:
+            return out
+        # The guest's PKRU is vcpu->arch.pkru between steps: KVM loads it right before VM
+        # entry and saves it right after the exit, with no preemption point between.
+        pkru = pkru_bytes(v.arch.pkru)
+        if out.get(PKRU) == pkru:
+            return out
+        got = _GUEST_PKRU.get(out, pkru)
+        if got is None:
+            got = _GUEST_PKRU.put(out, pkru, {**out, PKRU: pkru})
+        return got
 
     def guest_where(self, name: str) -> tuple[str, int | None]:
         t = self._loaded_in(self.vcpu(name).arch.guest_fpu.fpstate)
@@ -578,6 +601,8 @@ def _cpuid_key(entries: Any) -> int:
 
 
 _CPUID_KEYS = IdentityMemo(1024)
+#: KvmX86World.guest_seen's views with the guest's PKRU, by the view (witness: the PKRU).
+_GUEST_PKRU = IdentityMemo(1024)
 
 #: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}
