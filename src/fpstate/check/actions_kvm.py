@@ -22,6 +22,7 @@ from fpstate.check import invariants
 from fpstate.check.actions_x86 import X86_SPECS, X86World, component_number
 from fpstate.check.memo import IdentityMemo
 from fpstate.check.statekey import digest, fps_values, pkru_value, raw_digest, regs_values
+from fpstate.check.views_x86 import with_pkru
 from fpstate.check.world import (
     WHERE_MEMORY,
     Action,
@@ -277,13 +278,7 @@ class KvmX86World(X86World):
             return out
         # The guest's PKRU is vcpu->arch.pkru between steps: KVM loads it right before VM
         # entry and saves it right after the exit, with no preemption point between.
-        pkru = pkru_bytes(v.arch.pkru)
-        if out.get(PKRU) == pkru:
-            return out
-        got = _GUEST_PKRU.get(out, pkru)
-        if got is None:
-            got = _GUEST_PKRU.put(out, pkru, {**out, PKRU: pkru})
-        return got
+        return with_pkru(out, pkru_bytes(v.arch.pkru))
 
     def guest_where(self, name: str) -> tuple[str, int | None]:
         t = self._loaded_in(self.vcpu(name).arch.guest_fpu.fpstate)
@@ -601,8 +596,6 @@ def _cpuid_key(entries: Any) -> int:
 
 
 _CPUID_KEYS = IdentityMemo(1024)
-#: KvmX86World.guest_seen's views with the guest's PKRU, by the view (witness: the PKRU).
-_GUEST_PKRU = IdentityMemo(1024)
 
 #: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}

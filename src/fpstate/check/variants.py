@@ -73,12 +73,12 @@ VARIANTS: tuple[Variant, ...] = (
             "a compat task's sigreturn sets TIF_NEED_FPU_LOAD without first saving the live "
             "registers: the full XRSTOR from the fpstate brings back stale supervisor state "
             "(PASID, CET)", "no-lost-write", needs=(10,)),
-    Variant("kvm-pkru-cr4-pke-only", "x86", "vmx_vcpu_run() before v5.7",
+    Variant("kvm-pkru-cr4-pke-only", "x86", "vmx.c before 37486135d3a7",
             "guest and host PKRU switched only with the guest's CR4.PKE: a guest with PKRU in "
             "XCR0 and CR4.PKE clear writes PKRU with XRSTOR, and the VMM thread goes back to "
             "user space with it", "no-foreign-value", needs=(9,)),
     # Only an AMD CPU shows it: its XSAVE writes XSTATE_BV[PKRU] = 0 after WRPKRU 0.
-    Variant("pkru-sigframe-no-xstate-bv", "x86", "v6.12 update_pkru_in_sigframe()",
+    Variant("pkru-sigframe-no-xstate-bv", "x86", "v6.12 (fixed: ae6012d72fa6)",
             "the signal frame gets the pre-signal PKRU but not XSTATE_BV[PKRU]; XSAVE ran with "
             "PKRU = 0, which AMD tracks as initial, so sigreturn loads PKRU = 0: every "
             "protection key open", "no-lost-write", config={"cpu": "zen4"}, needs=(9,)),

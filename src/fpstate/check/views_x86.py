@@ -46,6 +46,17 @@ _VIEWS = IdentityMemo(4096)
 _WITH_PKRU = IdentityMemo(4096)
 
 
+def with_pkru(view: dict[int, bytes], pkru: bytes) -> dict[int, bytes]:
+    """``view`` with PKRU = ``pkru`` (the view itself when it says so already), memoised: the
+    dict returned is shared, read it and never change it."""
+    if view.get(PKRU) == pkru:
+        return view
+    got = _WITH_PKRU.get(view, pkru)
+    if got is None:
+        got = _WITH_PKRU.put(view, pkru, {**view, PKRU: pkru})
+    return got
+
+
 class X86Views:
     """Read-only views of an X86World's model and bookkeeping."""
 
@@ -155,14 +166,8 @@ class X86Views:
             out = self.image(fpu.fpstate)
         if not self.pkru_tracked:
             return out
-        pkru = (self.m.cpus[on].regs.component(PKRU) if on is not None
-                else pkru_bytes(t.thread_pkru))
-        if out.get(PKRU) == pkru:
-            return out
-        got = _WITH_PKRU.get(out, pkru)
-        if got is None:
-            got = _WITH_PKRU.put(out, pkru, {**out, PKRU: pkru})
-        return got  # shared: read it, never change it
+        return with_pkru(out, self.m.cpus[on].regs.component(PKRU) if on is not None
+                         else pkru_bytes(t.thread_pkru))
 
     def regs_view(self, regs: Any) -> dict[int, bytes]:
         """A register file's values of the compared components (init values where not in
@@ -264,4 +269,4 @@ class X86Views:
 
 
 
-__all__ = ["KERNEL_NAME", "X86Views"]
+__all__ = ["KERNEL_NAME", "X86Views", "with_pkru"]
