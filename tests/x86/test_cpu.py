@@ -134,6 +134,19 @@ def test_wrote_follows_write_xinuse() -> None:
     assert intel.xinuse == 0b11
 
 
+def test_wrpkru_zero_is_initial_on_amd_only() -> None:
+    """WRPKRU 0: AMD tracks PKRU by value (XINUSE[9] = 0), Intel keeps it in use -- the
+    difference behind the kernel's ae6012d72fa6."""
+    from fpstate.x86.insn_regs import WRPKRU
+
+    for impl, in_use in ((None, False), (I.INTEL, True)):
+        cpu = cpu_for(ZEN4, impl)
+        cpu.cr4_pke = True
+        assert WRPKRU(cpu, 0x55555554) is None and cpu.xinuse >> 9 & 1
+        assert WRPKRU(cpu, 0) is None
+        assert bool(cpu.xinuse >> 9 & 1) is in_use
+
+
 @pytest.mark.parametrize(("value", "reserved"), [(0x1F80, False), (0x21F80, False),
                                                  (0x41F80, True), (1 << 32, True)])
 def test_mxcsr_reserved_against_mxcsr_mask(value: int, reserved: bool) -> None:
