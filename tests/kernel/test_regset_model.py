@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fpstate.kernel.x86 import core
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.hw import token
 from fpstate.kernel.x86.regset import (
@@ -332,3 +333,21 @@ def test_ia32_view_prfpreg_set_folds_into_the_fxsave_area() -> None:
     x87 = s.m.user_read(0, 0)
     assert x87[32:42] == bytes(new[28:38]) and int.from_bytes(x87[6:8], "little") == 0x0123
     assert s.m.user_read(0, SSE) == s.before[SSE]
+
+
+def test_v5_14_to_v6_1_lost_a_ptrace_write_of_pkru() -> None:
+    """Variant ptrace-pkru-ignored: SETREGSET succeeds and the PKRU word lands in the
+    fpstate's PKRU slot, but thread.pkru keeps the old value, and the resumed tracee runs with
+    it (x86_pkru_load); under the kernel's design it runs with the new one."""
+    for variants, after in ((set(), 0x11111110), ({"ptrace-pkru-ignored"}, 0x55555550)):
+        m = Machine.boot("sapphire-rapids", variants=variants)
+        s = Session(m)
+        s.child.thread_pkru = 0x55555550
+        data = s.get()[1]
+        assert s.set(_with(data, 2688, struct.pack("<I", 0x11111110))) == 0
+        fps = s.child.fpu.fpstate
+        off = core._component_offset(m.system, fps, PKRU)
+        assert struct.unpack_from("<I", fps.regs, off)[0] == 0x11111110
+        assert s.child.thread_pkru == after
+        s.resume()
+        assert struct.unpack_from("<I", m.user_read(0, PKRU))[0] == after

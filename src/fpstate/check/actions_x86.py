@@ -274,7 +274,8 @@ class X86World(X86Views, World):
     #: Kernel-model variants (FpuSystem.variants) this world accepts.
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
-         "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv"})
+         "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
+         "ptrace-pkru-ignored"})
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64
@@ -792,7 +793,7 @@ class X86World(X86Views, World):
         tr, t, nr = self._tracer(tracer, task)
         i = component_number(component)
         s = self.m.system
-        if i < 2 or not (s.user.max_features >> i) & 1 or i == 9:
+        if i < 2 or not (s.user.max_features >> i) & 1:
             raise StepError(f"ptrace_set of {component}: not a user component of this CPU")
         size = s.user.max_size
         self.m.enter_kernel(nr)
@@ -961,9 +962,11 @@ class X86World(X86Views, World):
             A = Action.of
             if len(_PTRACE_ACTIONS) > 10_000:
                 _PTRACE_ACTIONS.clear()
+            # Two XSAVE components, and PKRU (a debugger's `set $pkru`) where it is tracked.
+            comps = self.writable[2:4] + ((PKRU,) if self.pkru_tracked else ())
             got = _PTRACE_ACTIONS[k] = (A("ptrace_get", tracer=tracer, task=task), *(
                 A("ptrace_set", tracer=tracer, task=task, component=BY_NUMBER[i].short)
-                for i in self.writable[2:4]))
+                for i in comps))
         return got
 
 

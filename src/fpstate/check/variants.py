@@ -77,6 +77,9 @@ VARIANTS: tuple[Variant, ...] = (
             "guest and host PKRU switched only with the guest's CR4.PKE: a guest with PKRU in "
             "XCR0 and CR4.PKE clear writes PKRU with XRSTOR, and the VMM thread goes back to "
             "user space with it", "no-foreign-value", needs=(9,)),
+    Variant("ptrace-pkru-ignored", "x86", "v5.14-v6.1 (fixed: 4a804c4f8356)",
+            "PTRACE_SETREGSET puts PKRU in the fpstate but not in thread.pkru, where it is "
+            "restored from: a debugger's write of PKRU is lost", "no-lost-write", needs=(9,)),
     # Only an AMD CPU shows it: its XSAVE writes XSTATE_BV[PKRU] = 0 after WRPKRU 0.
     Variant("pkru-sigframe-no-xstate-bv", "x86", "v6.12 (fixed: ae6012d72fa6)",
             "the signal frame gets the pre-signal PKRU but not XSTATE_BV[PKRU]; XSAVE ran with "

@@ -213,8 +213,10 @@ def xstateregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
 def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
     """xstateregs_set(): -ENODEV without XSAVE; the write must be one whole standard buffer
     (pos 0, count == fpu_user_cfg.max_size) else -EFAULT; then fpu_force_restore() and
-    copy_uabi_from_kernel_to_xstate(). Variant ``ptrace-set-no-invalidate`` skips the
-    invalidation."""
+    copy_uabi_from_kernel_to_xstate(), whose PKRU goes to thread.pkru. Variant
+    ``ptrace-set-no-invalidate`` skips the invalidation; variant ``ptrace-pkru-ignored``
+    (v5.14 to v6.1) leaves thread.pkru as it was: the PKRU of the buffer lands in the
+    fpstate, which no restore reads for PKRU."""
     system = c.m.system
     if not system.xsave:
         return -ENODEV
@@ -224,7 +226,8 @@ def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> i
         fpu_force_restore(c, target.fpu)
     pkru = [target.thread_pkru]
     ret = copy_uabi_to_xstate(system, target.fpu.fpstate, data[:count], pkru)
-    target.thread_pkru = pkru[0]
+    if not system.has_variant("ptrace-pkru-ignored"):
+        target.thread_pkru = pkru[0]
     return ret
 
 

@@ -139,6 +139,11 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "a compat task's sigreturn marks the registers stale without saving them; the "
             "XRSTOR of every feature from the fpstate then restores the supervisor state "
             "(PASID, CET) of the last save, and a value written since is lost"),
+    Variant("ptrace-pkru-ignored", "xstateregs_set",
+            "v5.14 to v6.1, fixed in v6.2 by 4a804c4f8356 'x86/fpu: Allow PKRU to be (once "
+            "again) written by ptrace' (Kyle Huey)",
+            "PTRACE_SETREGSET copies PKRU into the fpstate but not into thread.pkru, the only "
+            "place PKRU is restored from: gdb's 'set $pkru = 42' is lost"),
     Variant("pkru-sigframe-no-xstate-bv", "update_pkru_in_sigframe",
             "v6.12 'x86/pkeys: Update PKRU to enable all pkeys before XSAVE' (70044df250d0), "
             "fixed in v6.13 by ae6012d72fa6 'x86/pkeys: Ensure updated PKRU value is "
