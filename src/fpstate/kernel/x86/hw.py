@@ -159,7 +159,10 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
 
 
 def read_token(value: bytes) -> tuple[int, int] | None:
-    """(owner, gen) of bytes made by `token`, None for anything else (e.g. init values)."""
+    """(owner, gen) of bytes made by `token`, None for anything else (e.g. init values). An
+    8-byte value is read as a PKRU token when its upper half is zero, whichever component it
+    is: an IA32_PASID value whose PASID ends in 0xA5 reads as one too, so a reader that must
+    be exact compares the value with `token` of what it read (statekey._classify does)."""
     if len(value) < 8 or value[0] != _TOKEN_MARK:
         return None
     gen = int.from_bytes(value[4:8], "little")
