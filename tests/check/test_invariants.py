@@ -103,6 +103,23 @@ def test_dynamic_state_needs_permission() -> None:
     assert broken(w) == {"dynamic-state-needs-permission"}
 
 
+def test_a_permission_keeps_its_defaults() -> None:
+    """The group's permission, and its guest permission, hold fpstate_reset()'s defaults; a
+    request adds to them. A permission reduced to the tile data bit breaks the invariant, and
+    so does the variant that stores requests that way (v5.16)."""
+    w = world(steps=[A("run", task="p0.t0", cpu=0),
+                     A("arch_prctl", task="p0.t0", option="req_perm", feature=18)])
+    assert broken(w) == set()
+    w.tasks["p0.t0"].fpu.perm.state_perm = 1 << TILEDATA
+    assert broken(w) == {"permission-keeps-defaults"}
+    w = world(steps=[A("run", task="p0.t0", cpu=0)])
+    w.tasks["p0.t0"].fpu.guest_perm.state_perm &= ~(1 << AVX)
+    assert broken(w) == {"permission-keeps-defaults"}
+    w = world(variant="req-perm-overwrites", steps=[A("run", task="p0.t0", cpu=0)])
+    r = w.step(A("arch_prctl", task="p0.t0", option="req_perm", feature=18))
+    assert [v.invariant for v in r.violations] == ["permission-keeps-defaults"]
+
+
 def test_guest_only_state_in_a_host_fpstate() -> None:
     w = world()
     fps = w.tasks["p1.t0"].fpu.fpstate

@@ -138,6 +138,19 @@ def test_spr_defaults_and_grant(spr: Machine) -> None:
     assert get(spr, 0, xp.ARCH_GET_XCOMP_GUEST_PERM) == 0x202E7  # separate
 
 
+def test_v5_16_request_revoked_the_default_permission() -> None:
+    """Variant req-perm-overwrites (fixed by 063452fd94d1): the grant stores the requested
+    bit alone, so ARCH_GET_XCOMP_PERM drops the defaults it reported before; the sizes are
+    still those of the whole mask, and the tiles are still permitted."""
+    m = Machine.boot("sapphire-rapids", variants={"req-perm-overwrites"})
+    t = start(m)
+    assert get(m, 0, xp.ARCH_GET_XCOMP_PERM) == 0x202E7
+    assert prctl(m, 0, xp.ARCH_REQ_XCOMP_PERM, 18) == 0
+    assert get(m, 0, xp.ARCH_GET_XCOMP_PERM) == 0x40000
+    assert t.fpu.perm.state_perm == 0x40000
+    assert t.fpu.perm.state_size == compacted_size(m.system.profile, 0x60EE7)
+
+
 def test_spr_guest_permission_keeps_cet_kernel_and_locks(spr: Machine) -> None:
     """guest_perm starts at guest_default_cfg (CET_KERNEL included, invisible to GET); a vCPU
     locks it: later changes -> EBUSY, an already granted request still 0."""

@@ -275,7 +275,7 @@ class X86World(X86Views, World):
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
          "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
-         "ptrace-pkru-ignored"})
+         "ptrace-pkru-ignored", "req-perm-overwrites"})
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64

@@ -69,6 +69,13 @@ INVARIANTS: tuple[Invariant, ...] = (
         "Documentation/arch/x86/xstate.rst (arch_prctl ARCH_REQ_XCOMP_PERM); xstate.c "
         "__xfd_enable_feature(), fpstate_realloc(); seed 000"),
     Invariant(
+        "permission-keeps-defaults",
+        "A process's permission (and its guest permission) includes every default feature: "
+        "they are permitted without asking, and a request for more adds to them.",
+        "core.c fpstate_reset() (the defaults); xstate.c __xstate_request_perm() (mask = "
+        "permitted | requested) since 063452fd94d1: 'This master bitmask should include "
+        "non-dynamic features always, as they are permitted by default.'"),
+    Invariant(
         "guest-only-not-in-host-fpstate",
         "A guest-only supervisor feature (CET_KERNEL) is never in a non-guest fpstate's "
         "xfeatures, XCOMP_BV or XSTATE_BV, nor in a host task's permission.",

@@ -282,6 +282,26 @@ def dynamic_state_permitted(w: Any) -> Iterator[str]:
                        f"but does not arm it in XFD ({fps.xfd:#x})")
 
 
+@predicate("permission-keeps-defaults", X86, reads=READS_SHAPES)
+def permission_keeps_defaults(w: Any) -> Iterator[str]:
+    """The permissions of every user task's group (its leader's fpu, which the shape hash
+    reads) hold fpstate_reset()'s defaults: fpu_kernel_cfg.default_features, and
+    guest_default_cfg.features for the guest permission."""
+    s = w.m.system
+    seen: set[int] = set()
+    for t in user_tasks(w):
+        leader = t.process.leader.fpu
+        if id(leader) in seen:
+            continue
+        seen.add(id(leader))
+        for what, perm, default in (("permission", leader.perm, s.kernel.default_features),
+                                    ("guest permission", leader.guest_perm, s.guest.features)):
+            lost = default & ~perm.state_perm
+            if lost:
+                yield (f"{t.comm}: the group's {what} {perm.state_perm:#x} lacks the default "
+                       f"{mask_names(lost)} ({lost:#x})")
+
+
 @predicate("dynamic-state-needs-permission", X86)
 def running_dynamic_state_permitted(w: Any) -> Iterator[str]:
     for c in w.m.cpus:

@@ -77,6 +77,9 @@ VARIANTS: tuple[Variant, ...] = (
             "guest and host PKRU switched only with the guest's CR4.PKE: a guest with PKRU in "
             "XCR0 and CR4.PKE clear writes PKRU with XRSTOR, and the VMM thread goes back to "
             "user space with it", "no-foreign-value", needs=(9,)),
+    Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
+            "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
+            "features are revoked", "permission-keeps-defaults", needs=(18,)),
     Variant("ptrace-pkru-ignored", "x86", "v5.14-v6.1 (fixed: 4a804c4f8356)",
             "PTRACE_SETREGSET puts PKRU in the fpstate but not in thread.pkru, where it is "
             "restored from: a debugger's write of PKRU is lost", "no-lost-write", needs=(9,)),

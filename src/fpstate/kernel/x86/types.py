@@ -139,6 +139,11 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "a compat task's sigreturn marks the registers stale without saving them; the "
             "XRSTOR of every feature from the fpstate then restores the supervisor state "
             "(PASID, CET) of the last save, and a value written since is lost"),
+    Variant("req-perm-overwrites", "__xstate_request_perm",
+            "v5.16 and v5.17, fixed in v5.18 by 063452fd94d1 'x86/fpu/xstate: Fix the "
+            "ARCH_REQ_XCOMP_PERM implementation' (Yang Zhong)",
+            "the permission becomes the requested bits only: the default features it held are "
+            "revoked, and ARCH_GET_XCOMP_PERM no longer reports them"),
     Variant("ptrace-pkru-ignored", "xstateregs_set",
             "v5.14 to v6.1, fixed in v6.2 by 4a804c4f8356 'x86/fpu: Allow PKRU to be (once "
             "again) written by ptrace' (Kyle Huey)",

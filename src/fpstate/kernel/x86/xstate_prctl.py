@@ -125,7 +125,8 @@ def xstate_calculate_size(c: Cpu, mask: int, compacted: bool) -> int:
 def __xstate_request_perm(c: Cpu, permitted: int, requested: int, guest: bool) -> int:
     """__xstate_request_perm() (xstate.c, v6.16+): mask = permitted | requested (supervisor and
     software bits preserved, d8414603b29f); ksize compacted (if XCOMPACTED), usize standard of
-    the user part; host requests must fit every existing sigaltstack; then store all three."""
+    the user part; host requests must fit every existing sigaltstack; then store all three.
+    Variant ``req-perm-overwrites`` stores ``requested`` as the permission."""
     if permitted & requested == requested:
         return 0
     system = c.m.system
@@ -138,7 +139,8 @@ def __xstate_request_perm(c: Cpu, permitted: int, requested: int, guest: bool) -
             return ret
     leader = c.current.process.leader.fpu
     perm = leader.guest_perm if guest else leader.perm
-    perm.state_perm = mask
+    # Variant req-perm-overwrites (v5.16, v5.17): the requested bits replace the permission.
+    perm.state_perm = requested if system.has_variant("req-perm-overwrites") else mask
     perm.state_size = ksize
     perm.user_state_size = usize
     return 0
