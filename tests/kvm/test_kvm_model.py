@@ -236,6 +236,26 @@ def test_guest_xcr0_is_loaded_around_vm_entry_only() -> None:
     assert v.m.cpus[v.nr].regs.xcr0 == v.m.system.xcr0  # the host's XCR0 is back
 
 
+@pytest.mark.parametrize("variants,host_after,guest_after", [
+    ((), 0x55555554, 0x1234567C), (("kvm-pkru-cr4-pke-only",), 0x1234567C, 0)])
+def test_a_guest_xrstor_of_pkru_with_cr4_pke_clear(variants, host_after, guest_after) -> None:
+    """PKRU in the guest's XCR0, CR4.PKE clear: the guest writes PKRU (XRSTOR). KVM saves it
+    into vcpu->arch.pkru and puts the host's back; VMX before 37486135d3a7 (variant
+    kvm-pkru-cr4-pke-only) switched PKRU on CR4.PKE alone, so the host thread kept the guest's
+    PKRU and vcpu->arch.pkru its old 0."""
+    v = vmm(SPR, variants=variants)
+    vcpu = vcpu_with_cpuid(v)
+    regs = v.m.cpus[v.nr].regs
+    regs.wrpkru(0x55555554)  # the VMM thread's PKRU (init_pkru_value)
+    xcr0 = vcpu.arch.guest_supported_xcr0 | 1
+    assert xcr0 & 1 << 9 and not vcpu.arch.cr4_pke and vcpu.arch.pkru == 0
+    data = (0x1234567C).to_bytes(4, "little") + bytes(4)
+    r = v.run(vcpu, [GuestOp("xsetbv", 0, xcr0), GuestOp("write", 9, data=data)])
+    assert r.results == (None, None)
+    assert int.from_bytes(regs.component(9)[:4], "little") == host_after
+    assert vcpu.arch.pkru == guest_after
+
+
 def test_a_guest_write_of_a_component_the_cpu_lacks_is_ud() -> None:
     """BNDMOV on Sapphire Rapids (no MPX): XCR0[3] can never be set, so #UD -- found by the
     state machine (tests/kvm/test_kvm_stateful.py), where it used to raise ProfileError."""
