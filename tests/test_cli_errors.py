@@ -57,3 +57,22 @@ def test_a_binary_file_is_a_one_line_error(command: str, tmp_path,
     assert main([command, str(f)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"fpstate: error: {f}: not UTF-8 text (byte 11: 0xff)"]
+
+
+def test_a_scenario_beyond_what_a_pkru_value_can_name_is_a_one_line_error(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PKRU value names its writer and generation in 32 bits: the 4096th WRPKRU of one task
+    is refused with the limits named, not a traceback."""
+    import yaml
+
+    steps = [{"run": {"task": "p0.t0", "cpu": 0}}]
+    steps += [{"write": {"task": "p0.t0", "component": "pkru"}}] * 4096
+    f = tmp_path / "many.yaml"
+    f.write_text(yaml.safe_dump({"name": "many PKRU writes", "model": "x86", "steps": steps,
+                                 "config": {"cpu": "sapphire-rapids", "cpus": 1,
+                                            "processes": {"p0": 1}, "vms": {}}}))
+    assert main(["run", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fpstate: error: a PKRU value names its writer in 32 bits: ")
+    assert err[-1].endswith(" at generation 4096")
+    assert "Traceback" not in "\n".join(err)

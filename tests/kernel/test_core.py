@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fpstate.errors import FpstateError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import (
     TRANSITIONS,
@@ -498,7 +499,7 @@ def test_pkru_tokens_fit_the_32_bit_register() -> None:
     # A guest's writer id (0x8000 | VM << 8 | vCPU) folds into the 12 bits and back.
     assert read_token(token(0x8000 | 2 << 8 | 1, 7, 9, 8)) == (0x8000 | 2 << 8 | 1, 7)
     for owner, gen in ((0x800, 1), (0x8000 | 8 << 8, 1), (5, 4096)):
-        with pytest.raises(ValueError, match="a PKRU token holds"):
+        with pytest.raises(FpstateError, match="a PKRU value names its writer in 32 bits"):
             token(owner, gen, 9, 8)
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fpstate.errors import FpstateError
 from fpstate.kernel.x86.mm import PAGE_SIZE, PageFault, UserMemory
 from fpstate.kernel.x86.types import KernelBug
 from fpstate.x86.cpuid import CpuidProfile
@@ -139,15 +140,16 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
     ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero. PKRU
     holds 32 bits: its token is the u32 0xA5 | writer << 8 | gen << 20 (12 bits each, the
     writer folded as `_PKRU_GUEST` says) followed by the component's 4 zero bytes (no other
-    token has zero bytes 4..7: generations start at 1)."""
+    token has zero bytes 4..7: generations start at 1); FpstateError beyond those bits."""
     if i == PKRU:
         w = owner
         if owner & _GUEST and owner >> 8 & 0x7F < 8 and owner & 0xFF < 16:
             w = _PKRU_GUEST | (owner >> 8 & 0x7F) << 4 | owner & 0xFF
         if not (0 <= w < 1 << 12 and w & _PKRU_GUEST == (owner & _GUEST) >> 4
                 and 0 < gen < 1 << 12):
-            raise ValueError(f"a PKRU token holds a task below 2048 or a guest of VM < 8 and "
-                             f"vCPU < 16, and a generation below 4096, not ({owner:#x}, {gen})")
+            raise FpstateError(f"a PKRU value names its writer in 32 bits: a task id below 2048 "
+                               f"(or a guest of VM < 8 and vCPU < 16) and a generation below "
+                               f"4096, not writer {owner:#x} at generation {gen}")
         return (_TOKEN_MARK | w << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
     # bytes (0xA5, i & 0xFF, owner as u16, gen as u32), little-endian
