@@ -244,8 +244,9 @@ def kvm_load_guest_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
 
 def _guest_uses_pkru(vcpu: KvmVcpu) -> bool:
     """Whether PKRU is switched for the guest: PKRU in its XCR0 (XSAVE and XRSTOR reach it) or
-    CR4.PKE (RDPKRU, WRPKRU). Variant ``kvm-pkru-cr4-pke-only`` (VMX before v5.7) asks CR4.PKE
-    only."""
+    CR4.PKE (RDPKRU, WRPKRU). Variant ``kvm-pkru-cr4-pke-only`` asks CR4.PKE only, as
+    vmx_vcpu_run() did before v5.7 (SVM then switched no PKRU at all; the variant is VMX's
+    rule, whichever vendor the model runs)."""
     arch = vcpu.arch
     if vcpu.kvm.has_variant("kvm-pkru-cr4-pke-only"):
         return arch.cr4_pke
