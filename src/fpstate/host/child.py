@@ -118,6 +118,14 @@ def _reset_fault_handlers() -> None:
     raw_syscall(SYS["prctl"], 1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive the parent
 
 
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL ``pid`` and reap it, whatever became of it already (gone, or reaped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def wait_child(pid: int, timeout: float = 20.0) -> ChildExit:
     """waitpid() with a deadline; a child still running at the deadline is SIGKILLed and
     reported as such."""

@@ -34,7 +34,6 @@ and FNSTENVs to a buffer, writes that to stdout (a pipe) and exits.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fpstate.errors import HostUnavailable
-from fpstate.host.child import errno_name, fork_child
+from fpstate.host.child import errno_name, fork_child, kill_and_reap
 from fpstate.host.ia32 import (
     NR_EXIT_GROUP,
     NR_GETPID,
@@ -349,10 +348,7 @@ def ia32_ptrace(fxsave: bytes, *, set_fp: bytes | None = None, set_xfp: bytes | 
         out = b"".join(chunks)
     finally:
         if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            kill_and_reap(pid)
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)

@@ -20,7 +20,6 @@ restored from the possibly modified fpstate) and exits.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -41,6 +40,7 @@ from fpstate.host.child import (
     errno_name,
     fork_child,
     host_user_xstate_size,
+    kill_and_reap,
     load_patterns,
     pattern_table,
     raw_syscall,
@@ -209,10 +209,7 @@ def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
         pid = 0
     finally:
         if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            kill_and_reap(pid)
     ran = shm.u64(flag) == 1
     return PtraceSession(
         seed=seed, before=xsave_image(shm.read(before_off, xs)), stop_signal=stop,
@@ -249,10 +246,7 @@ def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple
             raise HostUnavailable("traced child did not stop")
         out = [getregset(pid, note, offered) for note, offered in reads]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        kill_and_reap(pid)
     return tuple(out)
 
 
