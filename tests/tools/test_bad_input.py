@@ -51,6 +51,8 @@ CASES = [
     (["decode", "{blob}", "--cpu", "zen4", "--format", "fxsave"], "invalid choice: 'fxsave'"),
     (["decode", "{blob}", "--cpu", "pentium"], "unknown profile 'pentium'"),
     (["decode", "pid:x"], "pid:TID needs a thread id"),
+    (["decode", "{blob}", "--cpu", "zen4", "--xcr0", "avx|bogus"],
+     "argument --xcr0: mask 'avx|bogus'"),
     (["decode", "kvm:x"], "kvm:SEED needs a number"),
     (["encode", "{missing}"], "cannot read"),
     (["encode", "{badjson}", "--cpu", "zen4"], "blob JSON does not parse"),

@@ -21,7 +21,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from fpstate.errors import HostUnavailable
+from fpstate.errors import HostUnavailable, MaskError
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import LayoutTable, layout_table
 from fpstate.x86.profiles import FALLBACK, bundled_profile, list_profiles, load_profile
@@ -65,12 +65,22 @@ def resolve_cpu(spec: str) -> CpuidProfile:
         return bundled_profile(FALLBACK)
 
 
-def mask_arg(text: str) -> int:
-    """``--mask``: hexadecimal with or without 0x, else parse_mask() (names joined by '|')."""
+def parse_mask_text(text: str) -> int:
+    """``--mask``: hexadecimal with or without 0x, else parse_mask() (names joined by '|');
+    MaskError when it is neither."""
     text = text.strip()
     if _HEX.match(text):
         return int(text[2:] if text[:2].lower() == "0x" else text, 16)
     return parse_mask(text)
+
+
+def mask_arg(text: str) -> int:
+    """`parse_mask_text` as an argparse ``type``: argparse turns only ArgumentTypeError (not
+    the package's MaskError) into its one-line error naming the option, exit 2."""
+    try:
+        return parse_mask_text(text)
+    except MaskError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _console() -> Console:
@@ -107,7 +117,7 @@ def print_table(profile: CpuidProfile, table: LayoutTable) -> None:
 
 def run_layout(args: argparse.Namespace) -> int:
     profile = resolve_cpu(args.cpu)
-    mask = profile.xfeatures_supported if args.mask is None else mask_arg(args.mask)
+    mask = profile.xfeatures_supported if args.mask is None else parse_mask_text(args.mask)
     table = layout_table(profile, mask)
     if args.json:
         sys.stdout.write(json.dumps(table.to_dict()) + "\n")
