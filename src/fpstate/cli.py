@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "fpstate.commands.sizes",
     "fpstate.commands.cost",
     "fpstate.commands.compat",
+    "fpstate.commands.template",
     "fpstate.commands.conform",
     "fpstate.commands.run",
     "fpstate.commands.campaign",

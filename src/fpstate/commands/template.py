@@ -1,0 +1,118 @@
+"""``fpstate template``: CPUID leaf 0xD for a guest of a pool of hosts, or a check of one.
+
+- ``fpstate template [CPU ...] [--xcr0 MASK] [--xss MASK] [--json | --firecracker]
+  [-o OUT]``: the largest leaf 0xD every CPU of the pool can honour (or that of the masks
+  asked for), what it leaves out and why, and the CPUID flags to clear with it
+  (`fpstate.tools.template.pool_template`). Exit 0; 2 when the pool cannot give the masks.
+- ``fpstate template --check FILE [CPU ...] [--vendor vmx|svm] [--json]``: what KVM and a Linux
+  guest make of the template FILE on each CPU (`check_template`). Exit 0 when no CPU has a
+  problem, 1 otherwise, 2 on bad input.
+
+CPUs are 'host', bundled profiles or CPUID dumps, as for ``fpstate layout --cpu``; default:
+this machine. For 'host' KVM's capabilities are what this machine's /dev/kvm reports
+(`measured_offer`), and ``--check`` also gives it the template (`probe_host`); elsewhere, and
+here without /dev/kvm, KVM is the model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fpstate.commands.layout import mask_arg, resolve_cpu
+from fpstate.errors import HostUnavailable
+from fpstate.inputs import reason
+from fpstate.tools.template import (
+    HostOffer,
+    TemplateError,
+    check_template,
+    format_check,
+    format_template,
+    host_offer,
+    measured_offer,
+    pool_template,
+    read_template,
+)
+from fpstate.x86.cpuid import CpuidProfile
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "template", help="CPUID leaf 0xD for a guest of a pool of hosts, or check one",
+        description="The CPUID leaf 0xD a VMM can give a guest that moves between the CPUs "
+        "named (each CPU's KVM must offer every component with the same size and offset), or "
+        "with --check what KVM and a Linux guest make of a template on each CPU. Exit 0 if "
+        "fine, 1 if a check finds problems, 2 on bad input.")
+    p.add_argument("cpus", nargs="*", metavar="CPU",
+                   help="'host', a bundled profile (fpstate cpus) or a CPUID dump; "
+                   "default: host")
+    p.add_argument("--xcr0", type=mask_arg, metavar="MASK",
+                   help="the user features to offer (default: every one the pool shares)")
+    p.add_argument("--xss", type=mask_arg, metavar="MASK",
+                   help="the supervisor features to offer (default: every one the pool "
+                   "shares)")
+    p.add_argument("--check", metavar="FILE",
+                   help="check this template (fpstate template --json, a list of "
+                   "kvm_cpuid_entry2 objects, or a Firecracker custom CPU template) on each CPU")
+    p.add_argument("--vendor", choices=("vmx", "svm"),
+                   help="--check: KVM's vendor module (default: from each CPU's vendor)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--firecracker", action="store_true",
+                     help="print a Firecracker custom CPU template (cpuid_modifiers)")
+    p.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
+    p.set_defaults(run=run_template)
+
+
+def _offer(spec: str, cpu: CpuidProfile, vendor: str | None) -> tuple[HostOffer, bool]:
+    """The KVM of CPU ``spec``: for 'host', what this machine's KVM reports (measured: True),
+    else (or without /dev/kvm, with a note) the model of KVM on that CPU."""
+    if spec == "host" and vendor is None:
+        try:
+            return measured_offer(cpu), True
+        except HostUnavailable as e:
+            sys.stderr.write(f"fpstate: note: {e}: KVM on this CPU is modelled, not asked\n")
+    return host_offer(cpu, vendor), False
+
+
+def run_template(args: argparse.Namespace) -> int:
+    specs = args.cpus or ["host"]
+    cpus = [resolve_cpu(c) for c in specs]
+    if args.check is not None:
+        if args.xcr0 is not None or args.xss is not None or args.firecracker:
+            raise TemplateError("--check takes no --xcr0, --xss or --firecracker")
+        checks = []
+        for spec, cpu in zip(specs, cpus, strict=True):
+            offer, measured = _offer(spec, cpu, args.vendor)
+            checks.append(check_template(read_template(args.check, cpu), cpu, offer=offer,
+                                         probe=measured))
+        if args.json:
+            text = json.dumps([c.to_json() for c in checks], indent=2)
+        else:
+            text = "\n\n".join(format_check(c) for c in checks)
+        _write(args.output, text)
+        return 0 if all(c.ok for c in checks) else 1
+    if args.vendor is not None:
+        raise TemplateError("--vendor goes with --check")
+    offers = [_offer(spec, cpu, None)[0] for spec, cpu in zip(specs, cpus, strict=True)]
+    t = pool_template(cpus, xcr0=args.xcr0, xss=args.xss, offers=offers)
+    if args.json:
+        text = json.dumps(t.to_json(), indent=2)
+    elif args.firecracker:
+        text = json.dumps(t.to_firecracker(), indent=2)
+    else:
+        text = format_template(t)
+    _write(args.output, text)
+    return 0
+
+
+def _write(path: str | None, text: str) -> None:
+    if path is None:
+        sys.stdout.write(text + "\n")
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise TemplateError(f"{path}: {reason(e)}") from None

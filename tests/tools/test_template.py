@@ -1,0 +1,297 @@
+"""fpstate template: the leaf 0xD a pool of hosts can honour, the check of a template against a
+host (KVM model and Linux guest boot), the three template formats, the command's exit
+statuses, and the reader fuzzed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fpstate.cli import main
+from fpstate.kvm.x86.cpuid import CpuidEntry2, cpuid_regs, supported_cpuid_leaf_0xd
+from fpstate.tools.template import (
+    TemplateError,
+    check_template,
+    format_template,
+    host_offer,
+    pool_template,
+    read_template,
+)
+from fpstate.x86.profiles import bundled_profile, list_profiles
+from fpstate.x86.xfeatures import XFEATURE_MASK_XTILE
+
+P = {n: bundled_profile(n) for n in list_profiles()}
+
+
+def _sub(entries, i):
+    return cpuid_regs(entries, 0xD, i)
+
+
+def _set(entries, i, **regs):
+    return tuple(replace(e, **regs) if (e.function, e.index) == (0xD, i) else e for e in entries)
+
+
+# -- the pool's template ---------------------------------------------------------------------------
+
+
+def test_intel_and_amd_share_only_avx() -> None:
+    """Sapphire Rapids and Zen 4: AVX-512 and PKRU sit 0x100 further on Intel (after the MPX
+    gap), AMX is Intel's only, so the guest gets x87|SSE|AVX and CET; sub-leaf 0 ECX is the
+    standard size of that (832), sub-leaf 1 EBX the compacted size with CET (872); AMD's KVM
+    has no XFD."""
+    t = pool_template([P["sapphire-rapids"], P["zen4"]])
+    assert (t.xcr0, t.xss, t.d1_eax) == (0x7, 0x1800, 0xF)
+    e = t.entries()
+    assert _sub(e, 0) == (0x7, 832, 832, 0)
+    assert _sub(e, 1) == (0xF, 872, 0x1800, 0)
+    assert _sub(e, 2) == (256, 576, 0, 0)
+    assert _sub(e, 11) == (16, 0, 1, 0) and _sub(e, 12) == (24, 0, 1, 0)
+    assert all(_sub(e, i) == (0, 0, 0, 0) for i in (5, 6, 7, 9, 17, 18))
+    left = {x.number: x.reason for x in t.left}
+    assert sorted(left) == [5, 6, 7, 9, 17, 18]
+    assert left[5].startswith("standard offset differs: 0x440 on sapphire-rapids, 0x340 on zen4")
+    assert left[9].startswith("standard offset differs: 0xa80 on sapphire-rapids, 0x980 on zen4")
+    assert left[18].startswith("KVM on zen4 does not offer it")
+    assert dict(t.clear_flags) == {"AVX512F": (5, 6, 7), "PKU": (9,), "AMX_TILE": (17, 18)}
+    text = format_template(t)
+    assert "XCR0 0x7 (x87, sse, avx)" in text and "  PKU: CPUID.(EAX=0x7,ECX=0x0):ECX[3]" in text
+
+
+def test_two_intel_generations_keep_avx512() -> None:
+    """Ice Lake and Skylake: the same offsets, so AVX-512 and PKRU stay; Skylake's MPX is
+    not on Ice Lake, so both MPX components go (and its flag)."""
+    t = pool_template([P["icelake-sp"], P["skylake-sp"]])
+    assert t.xcr0 == 0x2E7
+    assert {x.number for x in t.left} == {3, 4}
+    assert dict(t.clear_flags) == {"MPX": (3, 4)}
+    assert _sub(t.entries(), 0)[2] == 2696
+
+
+@pytest.mark.parametrize("name", sorted(P))
+def test_a_pool_of_one_is_what_kvm_supports(name: str) -> None:
+    """A CPU alone: the template offers what KVM_GET_SUPPORTED_CPUID lists once the VMM holds
+    the AMX guest permission (the model's __do_cpuid_func), sub-leaf for sub-leaf, and the
+    check of it on that CPU finds no problem; only sub-leaf 0 EBX differs (KVM reports the
+    size of everything, the template too: both are ECX)."""
+    p = P[name]
+    t = pool_template([p])
+    offer = host_offer(p)
+    kvm = supported_cpuid_leaf_0xd(offer.caps, p, guest_perm=offer.xcr0 | XFEATURE_MASK_XTILE)
+    assert t.xcr0 == _sub(kvm, 0)[0] | _sub(kvm, 0)[3] << 32
+    assert t.xss == _sub(kvm, 1)[2] | _sub(kvm, 1)[3] << 32
+    for i in range(2, 63):
+        assert _sub(t.entries(), i) == _sub(kvm, i), (name, i)
+    assert _sub(t.entries(), 0)[1:3] == _sub(kvm, 0)[1:3]
+    c = check_template(t.entries(), p)
+    assert c.ok, c.findings
+    assert c.linux_xcr0 == t.xcr0
+
+
+def test_requested_masks() -> None:
+    t = pool_template([P["sapphire-rapids"]], xcr0=0x7, xss=0)
+    assert (t.xcr0, t.xss) == (0x7, 0)
+    assert {x.number: x.reason for x in t.left}[11] == "not in the requested IA32_XSS 0x0"
+    with pytest.raises(TemplateError, match=r"XCR0 0x2e7 asks for what the pool cannot give: "
+                                            r"opmask \(component 5\): standard offset differs"):
+        pool_template([P["sapphire-rapids"], P["zen4"]], xcr0=0x2E7)
+    with pytest.raises(TemplateError, match=r"XSETBV #GP: XCR0\[7:5\] \(AVX-512\)"):
+        pool_template([P["sapphire-rapids"]], xcr0=0x27)
+    with pytest.raises(TemplateError, match="no host of the pool has it"):
+        pool_template([P["haswell"]], xcr0=0x1 << 40 | 3)
+
+
+def test_no_xsaves_no_supervisor_state() -> None:
+    """Haswell has no XSAVES: a pool with it offers no IA32_XSS, and says why for CET."""
+    t = pool_template([P["haswell"], P["zen4"]])
+    assert t.xss == 0 and t.xcr0 == 0x7
+    assert not t.d1_eax & 0x8
+
+
+# -- checking a template ---------------------------------------------------------------------------
+
+
+def test_check_finds_the_intel_layout_on_amd() -> None:
+    """Sapphire Rapids' leaf 0xD (no AMX) on Zen 4: each AVX-512 component and PKRU at the
+    wrong offset, XFD advertised to AMD's KVM, and KVM rewriting EBX from Intel's 2696 to the
+    2440 bytes Zen 4's XSAVE writes."""
+    t = pool_template([P["sapphire-rapids"]], xcr0=0x2E7)
+    c = check_template(t.entries(), P["zen4"])
+    assert not c.ok
+    errors = [f.what for f in c.findings if f.severity == "error"]
+    assert errors[0] == "CPUID.(0DH,1):EAX advertises XFD, which KVM on zen4 does not offer"
+    assert ("opmask (component 5): standard offset 0x440 in the template, 0x340 on zen4: the "
+            "guest's XSAVE follows zen4's") in errors
+    assert len([e for e in errors if "standard offset" in e]) == 4
+    assert ("KVM rewrites CPUID.(0DH,0).EBX from 2696 to 2440 (the standard size of the XCR0 "
+            "the guest has, kvm_update_cpuid_runtime)") in [f.what for f in c.findings]
+
+
+def test_check_pkru_on_a_cpu_without_pku() -> None:
+    """Haswell's KVM cannot give PKRU: KVM_SET_CPUID2 takes the table, guest_supported_xcr0
+    drops the bit, and the guest's XSETBV with it would #GP."""
+    t = pool_template([P["haswell"]])
+    e = _set(t.entries(), 0, eax=0x207)
+    e = (*e, CpuidEntry2(0xD, 9, 1, 8, 0xA80, 0, 0))
+    c = check_template(e, P["haswell"])
+    assert c.guest_supported_xcr0 == 0x7 and c.xcr0 == 0x207
+    assert any(f.what.startswith("KVM on haswell does not support pkru (0x200): "
+                                 "guest_supported_xcr0 is 0x7") for f in c.findings)
+    assert c.linux_xcr0 == 0x7  # haswell has no PKU: the guest kernel leaves PKRU off
+
+
+def test_check_small_ecx_and_amx_permission() -> None:
+    t = pool_template([P["sapphire-rapids"]])
+    c = check_template(_set(t.entries(), 0, ecx=0x300), P["sapphire-rapids"])
+    assert [f.what for f in c.findings if f.severity == "error"] == [
+        "CPUID.(0DH,0).ECX 768 is smaller than the 11008 bytes the advertised XCR0 needs on "
+        "sapphire-rapids: a guest buffer sized from it overflows"]
+    assert c.findings[0].what.startswith("KVM_SET_CPUID2 without guest permission: -EPERM")
+    # AMX advertised on a CPU without it: the permission request itself fails.
+    c = check_template(t.entries(), P["icelake-sp"])
+    assert any(f.what.startswith("ARCH_REQ_XCOMP_GUEST_PERM(XTILE_DATA) on icelake-sp: -EOPNOTSUPP")
+               for f in c.findings)
+
+
+def test_check_invalid_xcr0_and_missing_sub_leaf() -> None:
+    t = pool_template([P["zen4"]])
+    c = check_template(_set(t.entries(), 0, eax=0x27), P["zen4"])
+    errors = [f.what for f in c.findings if f.severity == "error"]
+    assert errors[0].startswith("advertised XCR0 0x27 is not one XSETBV takes (XCR0[7:5]")
+    e = tuple(x for x in t.entries() if x.index != 6)
+    c = check_template(e, P["zen4"])
+    assert ("zmm_hi256 (component 6) is advertised, and its sub-leaf 0x6 is zero"
+            in [f.what for f in c.findings])
+
+
+def test_check_notes_flags_left_set() -> None:
+    """A template without AVX-512 checked on a CPU whose leaf 7 still says AVX512F (the
+    template carries no leaf 7): a note, not an error."""
+    t = pool_template([P["sapphire-rapids"], P["zen4"]])
+    c = check_template(t.entries(), P["sapphire-rapids"])
+    assert c.ok and c.linux_xcr0 == 0x7
+    notes = [f.what for f in c.findings]
+    assert any(n.startswith("CPUID flag AVX512F (CPUID.(EAX=0x7,ECX=0x0):EBX[16]) is set while "
+                            "opmask, zmm_hi256, hi16_zmm are not advertised") for n in notes)
+
+
+# -- formats ---------------------------------------------------------------------------------------
+
+
+def test_json_and_firecracker_round_trip(tmp_path) -> None:
+    sr = P["sapphire-rapids"]
+    t = pool_template([sr, P["zen4"]])
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps(t.to_json()))
+    assert read_template(str(j)) == t.entries()
+    fc = tmp_path / "fc.json"
+    fc.write_text(json.dumps(t.to_firecracker()))
+    got = read_template(str(fc), sr)
+    d = tuple(e for e in got if e.function == 0xD)
+    assert d == t.entries()
+    leaf7 = next(e for e in got if e.function == 7 and e.index == 0)
+    a, b, c, dx = sr.cpuid(7, 0)
+    assert (leaf7.ebx, leaf7.ecx, leaf7.edx) == (b & ~(1 << 16), c & ~(1 << 3), dx & ~(1 << 24))
+    assert leaf7.eax == a
+    # Checked with the template's leaf 7, no flag is left set.
+    c = check_template(got, sr)
+    assert c.ok and not [f for f in c.findings if "CPUID flag" in f.what]
+    bitmaps = [m["bitmap"] for x in t.to_firecracker()["cpuid_modifiers"] for m in x["modifiers"]]
+    assert all(len(b) == 34 and b.startswith("0b") for b in bitmaps)
+
+
+def test_kvm_cpuid_entry_list(tmp_path) -> None:
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps([{"function": 13, "index": 0, "flags": 1, "eax": 7, "ebx": 832,
+                              "ecx": 832, "edx": 0},
+                             {"function": "0xd", "index": "0x2", "flags": 1, "eax": "0x100",
+                              "ebx": "0x240", "ecx": 0, "edx": 0}]))
+    e = read_template(str(f))
+    assert e[1] == CpuidEntry2(0xD, 2, 1, 256, 576, 0, 0)
+    assert check_template(e, P["zen4"]).ok
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def test_cli(tmp_path, capsys) -> None:
+    out = tmp_path / "fc.json"
+    assert main(["template", "sapphire-rapids", "zen4", "--firecracker", "-o", str(out)]) == 0
+    assert main(["template", "--check", str(out), "sapphire-rapids", "zen4"]) == 0
+    capsys.readouterr()
+    mine = tmp_path / "spr.json"
+    assert main(["template", "sapphire-rapids", "--xcr0", "0x2e7", "--json", "-o",
+                 str(mine)]) == 0
+    assert main(["template", "--check", str(mine), "zen4", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["host"] == "zen4" and report[0]["ok"] is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["template", "pentium"], "unknown profile 'pentium'"),
+    (["template", "zen4", "--xcr0", "avx|bogus"], "argument --xcr0: mask 'avx|bogus'"),
+    (["template", "zen4", "sapphire-rapids", "--xcr0", "0x2e7"], "cannot give: opmask"),
+    (["template", "zen4", "--xcr0", "0x27"], "XSETBV #GP"),
+    (["template", "--check", "{missing}", "zen4"], "{missing}"),
+    (["template", "--check", "{bad}", "zen4"], "not JSON"),
+    (["template", "--check", "{nod}", "zen4"], "no CPUID leaf 0xD sub-leaf 0"),
+    (["template", "--check", "{nod}", "zen4", "--xcr0", "7"], "--check takes no --xcr0"),
+    (["template", "zen4", "--vendor", "svm"], "--vendor goes with --check"),
+])
+def test_cli_bad_input(tmp_path, capsys, argv, message) -> None:
+    files = {"missing": tmp_path / "missing.json", "bad": tmp_path / "bad.json",
+             "nod": tmp_path / "nod.json"}
+    files["bad"].write_text("{")
+    files["nod"].write_text(json.dumps({"entries": [{"function": 7, "eax": 0, "ebx": 0,
+                                                     "ecx": 0, "edx": 0}]}))
+    argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
+    message = message.format(**{k: str(v) for k, v in files.items()})
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+# -- fuzzing ---------------------------------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2, 1 << 70) | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["function", "index", "flags", "eax",
+                                                        "ebx", "ecx", "edx", "entries",
+                                                        "cpuid_modifiers", "leaf", "subleaf",
+                                                        "modifiers", "register", "bitmap"]),
+                                       inner, max_size=7), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                    HealthCheck.function_scoped_fixture])
+@given(data=_json)
+def test_reader_fuzz(tmp_path, data) -> None:
+    """Any JSON: entries with leaf 0xD sub-leaf 0, or TemplateError."""
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps(data))
+    try:
+        e = read_template(str(f), P["zen4"])
+    except TemplateError:
+        return
+    assert any(x.function == 0xD and x.index == 0 for x in e)
+
+
+_u32 = st.integers(0, 0xFFFFFFFF)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sub=st.lists(st.tuples(st.integers(0, 63), _u32, _u32, _u32, _u32), min_size=1,
+                    max_size=8),
+       cpu=st.sampled_from(["zen4", "sapphire-rapids", "haswell"]))
+def test_check_fuzz(sub, cpu) -> None:
+    """Any leaf 0xD: the check answers (errors are findings), it never raises."""
+    e = {0: CpuidEntry2(0xD, 0, 1, 3, 576, 576, 0)}
+    for i, a, b, c, d in sub:
+        e[i] = CpuidEntry2(0xD, i, 1, a, b, c, d)
+    c = check_template(tuple(e.values()), P[cpu])
+    assert c.host == cpu
