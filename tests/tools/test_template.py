@@ -4,6 +4,7 @@ statuses, and the reader fuzzed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -295,3 +296,16 @@ def test_check_fuzz(sub, cpu) -> None:
         e[i] = CpuidEntry2(0xD, i, 1, a, b, c, d)
     c = check_template(tuple(e.values()), P[cpu])
     assert c.host == cpu
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(sorted(P), 2)),
+                         ids="+".join)
+def test_every_pair_template_holds_on_both(pair) -> None:
+    """The template of any two bundled CPUs passes the check on each of them: KVM takes it,
+    keeps all of its XCR0 and IA32_XSS, and a Linux guest enables all of its XCR0."""
+    t = pool_template([P[n] for n in pair])
+    for n in pair:
+        c = check_template(t.entries(), P[n])
+        assert c.ok, (n, [f.what for f in c.findings if f.severity == "error"])
+        assert (c.guest_supported_xcr0, c.guest_supported_xss) == (t.xcr0, t.xss)
+        assert c.linux_xcr0 == t.xcr0, n
