@@ -309,3 +309,21 @@ def test_every_pair_template_holds_on_both(pair) -> None:
         assert c.ok, (n, [f.what for f in c.findings if f.severity == "error"])
         assert (c.guest_supported_xcr0, c.guest_supported_xss) == (t.xcr0, t.xss)
         assert c.linux_xcr0 == t.xcr0, n
+
+
+def test_amx_needs_the_same_palette() -> None:
+    """Two AMX hosts whose palette 1 differs (fewer bytes per tile row on the second): the
+    tiles are left out, with the leaf that differs."""
+    from fpstate.x86.cpuid import CpuidProfile
+
+    spr = P["sapphire-rapids"]
+    leaves = dict(spr.leaves)
+    a, b, c, d = leaves[(0x1D, 1)]
+    leaves[(0x1D, 1)] = (a, b & ~0xFFFF | 32, c, d)
+    other = CpuidProfile("spr-narrow", spr.vendor, leaves, "test")
+    assert pool_template([spr, P["granite-rapids"]]).xcr0 & XFEATURE_MASK_XTILE
+    t = pool_template([spr, other])
+    assert not t.xcr0 & XFEATURE_MASK_XTILE
+    why = {x.number: x.reason for x in t.left}
+    assert why[17].startswith("AMX palette CPUID.(EAX=0x1d,ECX=1) differs: ")
+    assert "on spr-narrow" in why[18]

@@ -75,6 +75,8 @@ GROUPS: tuple[tuple[int, str], ...] = (
     (XFEATURE_MASK_BNDREGS | XFEATURE_MASK_BNDCSR, "MPX is its two components or none "
                                                    "(XSETBV #GP)"),
 )
+#: The AMX leaves a pool must agree on: 0x1D palettes 0 and 1, 0x1E (TMUL information).
+AMX_LEAVES = ((0x1D, 0), (0x1D, 1), (0x1E, 0))
 _ERRNO = {0: "0", -1: "-EPERM", -7: "-E2BIG", -14: "-EFAULT", -16: "-EBUSY", -22: "-EINVAL",
           -95: "-EOPNOTSUPP"}
 
@@ -424,6 +426,15 @@ def _why_not_shared(offers: Sequence[HostOffer], i: int) -> str | None:
     lacking = [o.profile.name for o in offers if not (o.xcr0 | o.xss) >> i & 1]
     if lacking:
         return f"KVM on {', '.join(lacking)} does not offer it (the CPU or its kernel lacks it)"
+    if XFEATURE_MASK_XTILE >> i & 1:
+        # TILECFG and TILEDATA only mean something with the palette of leaves 0x1D and 0x1E
+        # (tile count, bytes per row, max rows; TMUL's sizes): TILELOADD runs on each host's.
+        for leaf, sub in AMX_LEAVES:
+            values = {o.profile.cpuid(leaf, sub) for o in offers}
+            if len(values) > 1:
+                each = ", ".join(f"{tuple(map(hex, o.profile.cpuid(leaf, sub)))} on "
+                                 f"{o.profile.name}" for o in offers)
+                return f"AMX palette CPUID.(EAX={leaf:#x},ECX={sub}) differs: {each}"
     seen = {o.profile.name: o.sub_leaf(i) for o in offers}
     for field, k, show in (("size", 0, hex), ("standard offset", 1, hex),
                            ("ECX flags", 2, hex)):
