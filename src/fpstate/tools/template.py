@@ -9,8 +9,9 @@ offers only what the host kernel enabled: a bit of CPUID.(0DH,0) that KVM does n
 dropped from guest_supported_xcr0, and the guest's XSETBV with it takes #GP.
 
 `pool_template(profiles)` boots the kernel and KVM models on every host of the pool and keeps a
-component when every host's KVM offers it with the same size, standard offset and ECX flags;
-then it keeps XCR0 valid for XSETBV (AVX-512's three components and AMX's two go together,
+component when every host's KVM offers it with the same size, standard offset and ECX flags
+(and, for AMX, the same tile palette in leaves 0x1D and 0x1E); then it keeps XCR0 valid for
+XSETBV (AVX-512's three components and AMX's two go together,
 `fpstate.kernel.x86.xstate.xsetbv_fault`). Every component left out is named with the reason,
 and with the CPUID feature flag (xsave_cpuid_features[]) the VMM should clear with it.
 
