@@ -327,3 +327,25 @@ def test_amx_needs_the_same_palette() -> None:
     why = {x.number: x.reason for x in t.left}
     assert why[17].startswith("AMX palette CPUID.(EAX=0x1d,ECX=1) differs: ")
     assert "on spr-narrow" in why[18]
+
+
+def test_host_without_kvm_is_modelled(monkeypatch, capsys) -> None:
+    """'host' without a usable /dev/kvm: one note on stderr, then KVM is the model's."""
+    import fpstate.host.kvm as hk
+    from fpstate.errors import HostUnavailable
+
+    def unusable():
+        raise HostUnavailable("/dev/kvm: No such file or directory")
+
+    monkeypatch.setattr(hk, "open_kvm", unusable)
+    try:
+        from fpstate.host.cpuid import host_profile
+
+        host_profile()
+    except HostUnavailable as e:
+        pytest.skip(f"no host CPU profile: {e}")
+    assert main(["template", "host", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ("fpstate: note: /dev/kvm: No such file or directory: KVM on this CPU is "
+                       "modelled, not asked\n")
+    assert json.loads(cap.out)["cpus"] == ["host"]
