@@ -229,6 +229,10 @@ def test_cli(tmp_path, capsys) -> None:
     assert main(["template", "--check", str(mine), "zen4", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report[0]["host"] == "zen4" and report[0]["ok"] is False
+    assert report[0]["linux"] == "6.18"
+    assert main(["template", "--check", str(mine), "sapphire-rapids", "--guest-kernel",
+                 "5.16"]) == 0
+    assert "a Linux 5.16 guest enables XCR0 0x2e7" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -240,12 +244,16 @@ def test_cli(tmp_path, capsys) -> None:
     (["template", "--check", "{bad}", "zen4"], "not JSON"),
     (["template", "--check", "{nod}", "zen4"], "no CPUID leaf 0xD sub-leaf 0"),
     (["template", "--check", "{nod}", "zen4", "--xcr0", "7"], "--check takes no --xcr0"),
-    (["template", "zen4", "--vendor", "svm"], "--vendor goes with --check"),
+    (["template", "zen4", "--vendor", "svm"], "--vendor and --guest-kernel go with --check"),
+    (["template", "zen4", "--guest-kernel", "5.16"], "go with --check"),
+    (["template", "--check", "{good}", "zen4", "--guest-kernel", "9.9"],
+     "unknown kernel version '9.9'"),
 ])
 def test_cli_bad_input(tmp_path, capsys, argv, message) -> None:
     files = {"missing": tmp_path / "missing.json", "bad": tmp_path / "bad.json",
-             "nod": tmp_path / "nod.json"}
+             "nod": tmp_path / "nod.json", "good": tmp_path / "good.json"}
     files["bad"].write_text("{")
+    files["good"].write_text(json.dumps(pool_template([P["zen4"]]).to_json()))
     files["nod"].write_text(json.dumps({"entries": [{"function": 7, "eax": 0, "ebx": 0,
                                                      "ecx": 0, "edx": 0}]}))
     argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]

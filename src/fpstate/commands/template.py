@@ -4,9 +4,9 @@
   [-o OUT]``: the largest leaf 0xD every CPU of the pool can honour (or that of the masks
   asked for), what it leaves out and why, and the CPUID flags to clear with it
   (`fpstate.tools.template.pool_template`). Exit 0; 2 when the pool cannot give the masks.
-- ``fpstate template --check FILE [CPU ...] [--vendor vmx|svm] [--json]``: what KVM and a Linux
-  guest make of the template FILE on each CPU (`check_template`). Exit 0 when no CPU has a
-  problem, 1 otherwise, 2 on bad input.
+- ``fpstate template --check FILE [CPU ...] [--vendor vmx|svm] [--guest-kernel V] [--json]``:
+  what KVM and a Linux guest (of version V) make of the template FILE on each CPU
+  (`check_template`). Exit 0 when no CPU has a problem, 1 otherwise, 2 on bad input.
 
 CPUs are 'host', bundled profiles or CPUID dumps, as for ``fpstate layout --cpu``; default:
 this machine. For 'host' KVM's capabilities are what this machine's /dev/kvm reports
@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", metavar="FILE",
                    help="check this template (fpstate template --json, a list of "
                    "kvm_cpuid_entry2 objects, or a Firecracker custom CPU template) on each CPU")
+    p.add_argument("--guest-kernel", metavar="V",
+                   help="--check: the Linux version the guest boots (default: the newest "
+                   "modelled)")
     p.add_argument("--vendor", choices=("vmx", "svm"),
                    help="--check: KVM's vendor module (default: from each CPU's vendor)")
     out = p.add_mutually_exclusive_group()
@@ -86,15 +89,15 @@ def run_template(args: argparse.Namespace) -> int:
         for spec, cpu in zip(specs, cpus, strict=True):
             offer, measured = _offer(spec, cpu, args.vendor)
             checks.append(check_template(read_template(args.check, cpu), cpu, offer=offer,
-                                         probe=measured))
+                                         probe=measured, guest_kernel=args.guest_kernel))
         if args.json:
             text = json.dumps([c.to_json() for c in checks], indent=2)
         else:
             text = "\n\n".join(format_check(c) for c in checks)
         _write(args.output, text)
         return 0 if all(c.ok for c in checks) else 1
-    if args.vendor is not None:
-        raise TemplateError("--vendor goes with --check")
+    if args.vendor is not None or args.guest_kernel is not None:
+        raise TemplateError("--vendor and --guest-kernel go with --check")
     offers = [_offer(spec, cpu, None)[0] for spec, cpu in zip(specs, cpus, strict=True)]
     t = pool_template(cpus, xcr0=args.xcr0, xss=args.xss, offers=offers)
     if args.json:

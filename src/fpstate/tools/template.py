@@ -593,6 +593,7 @@ class TemplateCheck:
     guest_supported_xss: int
     linux_xcr0: int | None  #: the XCR0 a Linux guest enables with this CPUID
     findings: tuple[Finding, ...]
+    linux: str = ""  #: that guest's kernel version
 
     @property
     def ok(self) -> bool:
@@ -602,6 +603,7 @@ class TemplateCheck:
         return {"host": self.host, "ok": self.ok, "xcr0": hex(self.xcr0), "xss": hex(self.xss),
                 "guest_supported_xcr0": hex(self.guest_supported_xcr0),
                 "guest_supported_xss": hex(self.guest_supported_xss),
+                "linux": self.linux,
                 "linux_xcr0": None if self.linux_xcr0 is None else hex(self.linux_xcr0),
                 "findings": [{"severity": f.severity, "what": f.what} for f in self.findings]}
 
@@ -616,11 +618,13 @@ def guest_cpuid(host: CpuidProfile, entries: Sequence[CpuidEntry2]) -> CpuidProf
 
 def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
                    vendor: str | None = None, offer: HostOffer | None = None,
-                   probe: bool = False) -> TemplateCheck:
+                   probe: bool = False, guest_kernel: str | None = None) -> TemplateCheck:
     """What KVM on ``host`` and a Linux guest make of a guest leaf 0xD (see the module
     docstring); each step is the KVM model's (fpstate.kvm.x86.vcpu.Vmm), with KVM's
     capabilities modelled (`host_offer`) or given (``offer``: `measured_offer`). ``probe``:
-    ``host`` is this machine, and its KVM is given the template too (`probe_host`)."""
+    ``host`` is this machine, and its KVM is given the template too (`probe_host`).
+    ``guest_kernel``: the Linux version the guest boots (fpstate.kernel.x86.versions; default
+    the newest modelled)."""
     from fpstate.kernel.x86.sched import Machine
     from fpstate.kernel.x86.xstate import fpu__init_system_xstate
     from fpstate.kvm.x86.vcpu import KvmConfig, Vmm, model_system
@@ -729,7 +733,8 @@ def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
                    "without XGETBV gets #UD (SDM: these instructions need the XCR0 bits)")
         note(f"CPUID flag {g} ({FLAGS[g]}) is set while {what} not advertised: {why}")
     linux = None
-    boot = fpu__init_system_xstate(guest)
+    boot = (fpu__init_system_xstate(guest, guest_kernel) if guest_kernel
+            else fpu__init_system_xstate(guest))
     if boot.disabled:
         note(f"a Linux guest boots without XSAVE: {boot.disabled}")
     else:
@@ -744,14 +749,14 @@ def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
     if probe:
         out.extend(probe_host(entries))
     return TemplateCheck(host.name, xcr0, xss, arch.guest_supported_xcr0,
-                         arch.guest_supported_xss, linux, tuple(out))
+                         arch.guest_supported_xss, linux, tuple(out), boot.kernel)
 
 
 def format_check(c: TemplateCheck) -> str:
     lines = [f"leaf 0xD template on {c.host}: {'OK' if c.ok else 'PROBLEMS'}",
              f"advertised XCR0 {c.xcr0:#x}, IA32_XSS {c.xss:#x}; KVM keeps XCR0 "
              f"{c.guest_supported_xcr0:#x}, IA32_XSS {c.guest_supported_xss:#x}",
-             "a Linux guest enables XCR0 "
+             f"a Linux {c.linux} guest enables XCR0 "
              + ("(none: no XSAVE)" if c.linux_xcr0 is None else f"{c.linux_xcr0:#x}")]
     lines += [f"  {'x' if f.severity == 'error' else '-'} {f.what}" for f in c.findings]
     return "\n".join(lines)
