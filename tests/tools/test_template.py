@@ -357,3 +357,31 @@ def test_host_without_kvm_is_modelled(monkeypatch, capsys) -> None:
     assert cap.err == ("fpstate: note: /dev/kvm: No such file or directory: KVM on this CPU is "
                        "modelled, not asked\n")
     assert json.loads(cap.out)["cpus"] == ["host"]
+
+
+def test_a_guest_cpuid_dump() -> None:
+    """`cpuid -r` run inside a KVM guest on an EPYC Zen 5 (tests/x86/data): its whole CPUID is
+    the template. It holds on zen5; on Sapphire Rapids its AVX-512 offsets are AMD's and its
+    sub-leaf 0 ECX (2432) is short of the 2688 bytes Intel's layout needs for XCR0 0xe7."""
+    from pathlib import Path
+
+    dump = str(Path(__file__).resolve().parents[1] / "x86" / "data" / "epyc-zen5-kvm.cpuid-r.txt")
+    e = read_template(dump)
+    assert any(x.function == 1 for x in e) and _sub(e, 0)[0] == 0xE7
+    assert check_template(e, P["zen5"]).ok
+    c = check_template(e, P["sapphire-rapids"])
+    errors = [f.what for f in c.findings if f.severity == "error"]
+    assert len([x for x in errors if "standard offset" in x]) == 3
+    assert errors[-1] == ("CPUID.(0DH,0).ECX 2432 is smaller than the 2688 bytes the advertised "
+                          "XCR0 needs on sapphire-rapids: a guest buffer sized from it overflows")
+
+
+def test_neither_template_nor_dump(tmp_path) -> None:
+    f = tmp_path / "x.txt"
+    f.write_text("hello\n")
+    with pytest.raises(TemplateError, match=r"x.txt: not a template \(not JSON: Expecting value "
+                                            r"at line 1\) nor a CPUID dump \("):
+        read_template(str(f))
+    f.write_text(json.dumps([{"leaf": 13}]))
+    with pytest.raises(TemplateError, match=r"not a template \(not a list of CPUID entries"):
+        read_template(str(f))

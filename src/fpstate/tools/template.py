@@ -506,21 +506,27 @@ def _bitmap(v: Any, where: str) -> tuple[int, int]:
 
 def read_template(path: str, host: CpuidProfile | None = None) -> tuple[CpuidEntry2, ...]:
     """The CPUID entries of a template file (with leaf 0xD sub-leaf 0 at least): this module's
-    JSON (``entries``), a list of kvm_cpuid_entry2 objects, or a Firecracker custom CPU
-    template (``cpuid_modifiers``, whose "x" bits keep the value of ``host``'s CPUID)."""
+    JSON (``entries``), a list of kvm_cpuid_entry2 objects, a Firecracker custom CPU template
+    (``cpuid_modifiers``, whose "x" bits keep the value of ``host``'s CPUID), or a whole
+    CPUID dump of the guest (``cpuid -r`` in the guest, AIDA64, profile JSON)."""
     try:
-        data = json.loads(read_text(path))
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as e:
         raise TemplateError(f"{path}: {reason(e)}") from None
+    why = ("not a list of CPUID entries, an object with 'entries' or a Firecracker "
+           "'cpuid_modifiers'")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise TemplateError(f"{path}: not JSON: {e.msg} at line {e.lineno}") from None
+        data = None
+        why = f"not JSON: {e.msg} at line {e.lineno}"
     if isinstance(data, dict) and "cpuid_modifiers" in data:
         return _from_firecracker(data["cpuid_modifiers"], path, host)
     if isinstance(data, dict) and "entries" in data:
         data = data["entries"]
-    if not isinstance(data, list):
-        raise TemplateError(f"{path}: not a template: expected a list of CPUID entries, an "
-                            "object with 'entries' or a Firecracker 'cpuid_modifiers'")
+    if not isinstance(data, list) or (data and isinstance(data[0], dict)
+                                      and "function" not in data[0]):
+        return _from_dump(path, why)
     out = []
     for k, e in enumerate(data):
         where = f"{path}: entry {k}"
@@ -533,6 +539,23 @@ def read_template(path: str, host: CpuidProfile | None = None) -> tuple[CpuidEnt
                   for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")]
         out.append(CpuidEntry2(*fields))
     return _leaf_d(out, path)
+
+
+def _from_dump(path: str, why: str) -> tuple[CpuidEntry2, ...]:
+    """A guest's whole CPUID from a dump file (``cpuid -r`` run in the guest, AIDA64, a
+    profile JSON: fpstate.x86.profiles.load_path), as KVM_SET_CPUID2 entries."""
+    from fpstate.errors import ProfileError
+    from fpstate.x86.cpuid import SUBLEAF_LEAVES
+    from fpstate.x86.profiles import load_path
+
+    try:
+        p = load_path(path)
+    except ProfileError as e:
+        raise TemplateError(f"{path}: not a template ({why}) nor a CPUID dump ({e})") from None
+    subleafed = SUBLEAF_LEAVES | {leaf for leaf, sub in p.leaves if sub}
+    return _leaf_d([CpuidEntry2(leaf, sub, KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                                if leaf in subleafed else 0, *regs)
+                    for (leaf, sub), regs in sorted(p.leaves.items())], path)
 
 
 def _from_firecracker(mods: Any, path: str, host: CpuidProfile | None) -> tuple[CpuidEntry2,
