@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "shares)")
     p.add_argument("--check", metavar="FILE",
                    help="check this template (fpstate template --json, a list of "
-                   "kvm_cpuid_entry2 objects, or a Firecracker custom CPU template) on each CPU")
+                   "kvm_cpuid_entry2 objects, a Firecracker custom CPU template, or a guest's "
+                   "CPUID dump such as cpuid -r) on each CPU")
     p.add_argument("--guest-kernel", metavar="V",
                    help="--check: the Linux version the guest boots (default: the newest "
                    "modelled)")
