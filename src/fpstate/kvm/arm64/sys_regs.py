@@ -52,13 +52,16 @@ def _mask(reg: object, *names: str) -> int:
     return m
 
 
-#: The ``.val`` of each ID register's sys_reg_desc: the fields userspace may change.
+#: The ``.val`` of each ID register's sys_reg_desc: the fields userspace may change (v6.17's
+#: ID_FILTERED/ID_WRITABLE entries; RAS and GIC of ID_AA64PFR0_EL1, and DF2 and RAS_frac of
+#: ID_AA64PFR1_EL1, became writable in v6.14-v6.16, so that a VM can move between hosts
+#: with and without RAS).
 ID_WRITABLE_MASK: dict[str, int] = {
     "ID_AA64PFR0_EL1": ID_AA64PFR0_EL1.defined_mask & ~_mask(
-        ID_AA64PFR0_EL1, "AMU", "MPAM", "SVE", "RAS", "GIC", "AdvSIMD", "FP"),
+        ID_AA64PFR0_EL1, "AMU", "MPAM", "SVE", "AdvSIMD", "FP"),
     "ID_AA64PFR1_EL1": ID_AA64PFR1_EL1.defined_mask & ~_mask(
-        ID_AA64PFR1_EL1, "PFAR", "DF2", "MTEX", "THE", "GCS", "MTE_frac", "NMI",
-        "RNDR_trap", "SME", "MPAM_frac", "RAS_frac", "MTE"),
+        ID_AA64PFR1_EL1, "PFAR", "MTEX", "THE", "GCS", "MTE_frac", "NMI",
+        "RNDR_trap", "SME", "MPAM_frac", "MTE"),
     "ID_AA64PFR2_EL1": _mask(ID_AA64PFR2_EL1, "FPMR", "MTEFAR", "MTESTOREONLY"),
     "ID_AA64ZFR0_EL1": ID_AA64ZFR0_EL1.defined_mask,
     "ID_AA64SMFR0_EL1": 0,                       # ID_HIDDEN
