@@ -8,7 +8,11 @@
   what KVM and a Linux guest (of version V) make of the template FILE on each CPU
   (`check_template`). Exit 0 when no CPU has a problem, 1 otherwise, 2 on bad input.
 
-CPUs are 'host', bundled profiles or CPUID dumps, as for ``fpstate layout --cpu``; default:
+- ``fpstate template --arch arm64 CPU... [--json] [-o OUT]``: the ID registers and SVE vector
+  lengths a VMM gives a guest of those arm64 hosts (`fpstate.tools.template_arm64`). Exit 0
+  when the guest sees the same on every host, 1 otherwise.
+
+x86 CPUs are 'host', bundled profiles or CPUID dumps, as for ``fpstate layout --cpu``; default:
 this machine. For 'host' KVM's capabilities are what this machine's /dev/kvm reports
 (`measured_offer`), and ``--check`` also gives it the template (`probe_host`); elsewhere, and
 here without /dev/kvm, KVM is the model's.
@@ -44,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "named (each CPU's KVM must offer every component with the same size and offset), or "
         "with --check what KVM and a Linux guest make of a template on each CPU. Exit 0 if "
         "fine, 1 if a check finds problems, 2 on bad input.")
+    p.add_argument("--arch", default="x86", choices=("arm64", "x86"),
+                   help="x86 (default): CPUID leaf 0xD; arm64: the ID registers and SVE "
+                   "vector lengths a VMM sets (KVM_SET_ONE_REG)")
     p.add_argument("cpus", nargs="*", metavar="CPU",
                    help="'host', a bundled profile (fpstate cpus) or a CPUID dump; "
                    "default: host")
@@ -80,7 +87,29 @@ def _offer(spec: str, cpu: CpuidProfile, vendor: str | None) -> tuple[HostOffer,
     return host_offer(cpu, vendor), False
 
 
+def run_arm64(args: argparse.Namespace) -> int:
+    """--arch arm64: `fpstate.tools.template_arm64`; exit 1 when the guest cannot see the
+    same thing on every host."""
+    from fpstate.arm64.cpu import load_profile
+    from fpstate.tools.template_arm64 import format_template_arm64, pool_template_arm64
+
+    if not args.cpus:
+        raise TemplateError("--arch arm64 needs the pool's CPUs (arm64 profile names or files)")
+    for flag, given in (("--check", args.check), ("--xcr0", args.xcr0), ("--xss", args.xss),
+                        ("--firecracker", args.firecracker or None), ("--vendor", args.vendor),
+                        ("--guest-kernel", args.guest_kernel)):
+        if given is not None:
+            raise TemplateError(f"{flag} is x86's (for arm64, fpstate compat --arch arm64 "
+                                "checks a VM configuration on a host)")
+    t = pool_template_arm64([load_profile(c) for c in args.cpus])
+    _write(args.output, json.dumps(t.to_json(), indent=2) if args.json
+           else format_template_arm64(t))
+    return 0 if t.uniform else 1
+
+
 def run_template(args: argparse.Namespace) -> int:
+    if args.arch == "arm64":
+        return run_arm64(args)
     specs = args.cpus or ["host"]
     cpus = [resolve_cpu(c) for c in specs]
     if args.check is not None:
