@@ -232,6 +232,10 @@ def set_id(w, c, reg, val):
     ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101101021111111, EINVAL),  # SVE: not writable
     ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x11011011211F1111, EINVAL),  # FP: not writable
     ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101001121111111, 0),       # DIT lowered 1 -> 0
+    ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101001111111111, 0),       # RAS V1P1 -> IMP
+    ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101001121111110, EINVAL),  # EL0 = 0: AA64 off
+    ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101001121111101, EINVAL),  # EL1 = 0
+    ("fvp-aem-fpmr", "ID_AA64PFR0_EL1", 0x1101001120111111, EINVAL),  # GIC: exact
     ("fvp-aem-fpmr", "ID_AA64PFR1_EL1", 0x2000021, EINVAL),       # SME cannot be enabled
     ("fvp-aem-fpmr", "ID_AA64PFR2_EL1", (1 << 32) | (1 << 40), EINVAL),   # RES0 bit
     ("fvp-aem-fpmr", "ID_AA64SMFR0_EL1", 1 << 63, EINVAL),        # RAZ: only 0

@@ -153,10 +153,16 @@ def kvm_reset_id_regs(world: KvmWorld, vm_name: str, has_sve: bool) -> KvmWorld:
 
 
 def set_id_reg(world: KvmWorld, vcpu: Vcpu, reg: str, val: int) -> tuple[KvmWorld, int]:
-    """set_id_reg(): -EBUSY after the VM ran (unless unchanged), -EINVAL if not a subset."""
+    """set_id_reg(): -EBUSY after the VM ran (unless unchanged), -EINVAL if not a subset.
+    ID_AA64PFR0_EL1 goes through set_id_aa64pfr0_el1() first: -EINVAL for EL0 or EL1 = 0
+    ("Fail the guest's request to disable the AA64 ISA at EL{0,1}"; the model has no NV, so
+    EL2 is not checked)."""
     vm = world.vm(vcpu.vm)
     if vm.has_ran_once:
         return world, (0 if val == vm.id_regs.get(reg) else -errno.EBUSY)
+    if reg == "ID_AA64PFR0_EL1" and not (ID_AA64PFR0_EL1.field("EL0").get(val)
+                                        and ID_AA64PFR0_EL1.field("EL1").get(val)):
+        return world, -errno.EINVAL
     ret = arm64_check_features(world.host.caps, reg, val, vcpu_has_sve(world, vcpu))
     if ret:
         return world, -errno.EINVAL
