@@ -219,6 +219,31 @@ def test_sanitised_id_registers(kvm):
     assert w.vm("vm0").id_regs.zfr0 == 0                         # RAZ without SVE
 
 
+@pytest.mark.parametrize("ras,ras_frac,df2,want_frac", [
+    (1, 1, 1, 1),    # RAS IMP + RAS_frac 1: ARM64_HAS_RASV1P1_EXTN, RAS_frac kept
+    (2, 1, 1, 0),    # RAS V1P1: RAS_frac cleared
+    (1, 0, 1, 0),
+])
+def test_pfr1_sanitised_as_v6_17(ras, ras_frac, df2, want_frac):
+    """sanitise_id_aa64pfr1_el1() (v6.17): DF2 passes through, RAS_frac only with the RASv1p1
+    extension (RAS = IMP, RAS_frac >= 1); SME never."""
+    from fpstate.arm64.cpu import load_profile
+    from fpstate.arm64.idregs import ID_AA64PFR0_EL1, ID_AA64PFR1_EL1
+    from fpstate.arm64.statemachine import replace
+
+    p = load_profile("neoverse-v2")
+    pfr0 = ID_AA64PFR0_EL1.field("RAS").put(p.id_regs.get("ID_AA64PFR0_EL1"), ras)
+    pfr1 = p.id_regs.get("ID_AA64PFR1_EL1")
+    pfr1 = ID_AA64PFR1_EL1.field("RAS_frac").put(pfr1, ras_frac)
+    pfr1 = ID_AA64PFR1_EL1.field("DF2").put(pfr1, df2)
+    p = replace(p, id_regs=p.id_regs.with_reg("ID_AA64PFR0_EL1", pfr0)
+                .with_reg("ID_AA64PFR1_EL1", pfr1))
+    caps = reset.kvm_init(p).host.caps
+    got = kvm_read_sanitised_id_reg(caps, "ID_AA64PFR1_EL1", has_sve=True)
+    assert ID_AA64PFR1_EL1.field("DF2").get(got) == df2
+    assert ID_AA64PFR1_EL1.field("RAS_frac").get(got) == want_frac
+
+
 def set_id(w, c, reg, val):
     return guest.kvm_arm_set_reg(w, c, sysreg_one_reg_id(reg), val)
 

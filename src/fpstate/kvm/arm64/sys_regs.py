@@ -85,10 +85,15 @@ def kvm_read_sanitised_id_reg(caps: HostCaps, reg: str, has_sve: bool) -> int:
         val = ID_AA64PFR0_EL1.field("GIC").put(val, 1)            # VGIC_V3
         val = ID_AA64PFR0_EL1.field("AMU").put(val, 0)
         val = ID_AA64PFR0_EL1.field("MPAM").put(val, 0)
-    elif reg == "ID_AA64PFR1_EL1":
-        for name in ("MTE", "SME", "RNDR_trap", "NMI", "MTE_frac", "GCS", "THE", "MTEX",
-                     "DF2", "PFAR", "MPAM_frac"):
+    elif reg == "ID_AA64PFR1_EL1":   # sanitise_id_aa64pfr1_el1() (v6.17; the model has no MTE)
+        for name in ("MTE", "MTE_frac", "SME", "RNDR_trap", "NMI", "GCS", "THE", "MTEX",
+                     "PFAR", "MPAM_frac"):
             val = ID_AA64PFR1_EL1.field(name).put(val, 0)
+        # RAS_frac only with ARM64_HAS_RASV1P1_EXTN: RAS = IMP and RAS_frac >= 1 on the host
+        pfr0 = caps.profile.id_regs.get("ID_AA64PFR0_EL1")
+        if not (ID_AA64PFR0_EL1.field("RAS").get(pfr0) == 1
+                and ID_AA64PFR1_EL1.field("RAS_frac").get(val) >= 1):
+            val = ID_AA64PFR1_EL1.field("RAS_frac").put(val, 0)
     elif reg == "ID_AA64PFR2_EL1":
         val &= ID_AA64PFR2_EL1.field("FPMR").mask   # "We only expose FPMR"
     return val
