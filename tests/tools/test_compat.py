@@ -111,3 +111,16 @@ def test_host_to_itself_is_safe(capsys) -> None:
     except HostUnavailable as e:
         pytest.skip(str(e))
     assert main(["compat", "host", "host"]) == 0
+
+
+def test_a_guest_that_cannot_move_gets_the_template_hint(reports) -> None:
+    """A guest that does not restore is pointed at the leaf 0xD both CPUs honour (fpstate
+    template); one that restores gets no hint."""
+    r = reports[("zen4", "sapphire-rapids")]
+    assert not r.guest_restores
+    assert r.template == ("`fpstate template zen4 sapphire-rapids` gives a CPUID leaf 0xD both "
+                          "honour: XCR0 0x7, IA32_XSS 0x1800 (leaves out opmask, zmm_hi256, "
+                          "hi16_zmm, pkru, xtilecfg, xtiledata)")
+    assert r.to_dict()["template"] == r.template
+    for r in reports.values():
+        assert bool(r.template) == (not r.guest_restores), (r.src, r.dst)

@@ -85,6 +85,8 @@ class CompatReport:
     process: tuple[Finding, ...]
     guest: tuple[Finding, ...]
     vmm: tuple[Finding, ...]
+    #: for a guest that cannot move, the leaf 0xD both CPUs honour (fpstate template)
+    template: str = ""
 
     @property
     def process_restores(self) -> bool:
@@ -117,6 +119,7 @@ class CompatReport:
             "guest_restores": self.guest_restores,
             "guest": [f.to_dict() for f in self.guest],
             "vmm": [f.to_dict() for f in self.vmm],
+            "template": self.template or None,
         }
 
 
@@ -431,7 +434,23 @@ def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST) -> Co
         sizes=tuple((a.key, a.value, b.value) for a, b in zip(ss.figures, ds.figures,
                                                               strict=True)),
         amx_guest_permission=perm, process=tuple(process), guest=tuple(guest), vmm=tuple(vmm),
+        template=_template_hint(src, dst) if any(f.blocking for f in guest) else "",
     )
+
+
+def _template_hint(src: CpuidProfile, dst: CpuidProfile) -> str:
+    """For a guest that cannot move: the leaf 0xD both CPUs can honour
+    (`fpstate.tools.template.pool_template`), "" when the models cannot boot on one."""
+    from fpstate.errors import FpstateError
+    from fpstate.tools.template import pool_template
+
+    try:
+        t = pool_template([src, dst])
+    except FpstateError:
+        return ""
+    left = ", ".join(x.name for x in t.left if not (t.xcr0 | t.xss) >> x.number & 1)
+    return (f"`fpstate template {src.name} {dst.name}` gives a CPUID leaf 0xD both honour: "
+            f"XCR0 {t.xcr0:#x}, IA32_XSS {t.xss:#x}" + (f" (leaves out {left})" if left else ""))
 
 
 def format_report(r: CompatReport) -> str:
@@ -459,6 +478,8 @@ def format_report(r: CompatReport) -> str:
     lines.append(f"guest saved on {r.src} restores on {r.dst}: "
                  + ("yes" if r.guest_restores else "NO"))
     lines.extend(f"  {'x' if f.blocking else '-'} [{f.who}] {f.text}" for f in r.guest)
+    if r.template:
+        lines.append(f"  hint: {r.template}")
     lines.append("VMMs:")
     lines.extend(f"  {'x' if f.blocking else '-'} [{f.who}] {f.text}" for f in r.vmm)
     return "\n".join(lines)
