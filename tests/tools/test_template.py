@@ -385,3 +385,15 @@ def test_neither_template_nor_dump(tmp_path) -> None:
     f.write_text(json.dumps([{"leaf": 13}]))
     with pytest.raises(TemplateError, match=r"not a template \(not a list of CPUID entries"):
         read_template(str(f))
+
+
+def test_intel_keeps_pkru_at_0xa80_without_avx512() -> None:
+    """Alder Lake (no AVX-512) and Zen 3 share only AVX: PKRU is at 0xa80 on Intel whatever the
+    AVX-512 support, at 0x980 on AMD. Zen 2 enumerates PKRU without PKU: KVM cannot offer it."""
+    t = pool_template([P["alder-lake"], P["zen3"]])
+    assert t.xcr0 == 0x7
+    why = {x.number: x.reason for x in t.left}
+    assert why[9].startswith("standard offset differs: 0xa80 on alder-lake, 0x980 on zen3")
+    t = pool_template([P["zen2"], P["zen3"]])
+    assert t.xcr0 == 0x7 and {x.number: x.reason for x in t.left}[9].startswith(
+        "KVM on zen2 does not offer it")
