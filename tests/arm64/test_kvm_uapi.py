@@ -211,6 +211,10 @@ def test_sanitised_id_registers(kvm):
     regs = w.vm("vm0").id_regs
     assert regs.field("ID_AA64PFR1_EL1", "SME") == 0            # never for guests
     assert regs.field("ID_AA64PFR0_EL1", "AMU") == 0 and regs.field("ID_AA64PFR0_EL1", "GIC") == 1
+    # Neoverse V2 reports CSV2 = 2 (FEAT_CSV2_2); v6.17's KVM gives an unaffected CPU's guests
+    # CSV2 = IMP (sanitise_id_aa64pfr0_el1).
+    w2, _ = kvm.make_vm("neoverse-v2")
+    assert w2.vm("vm0").id_regs.field("ID_AA64PFR0_EL1", "CSV2") == 1
     assert regs.pfr2 == 1 << 32                                   # FPMR only
     assert regs.smfr0 == 0 and regs.fpfr0 == 0xF0000003
     assert kvm_read_sanitised_id_reg(caps, "ID_AA64ZFR0_EL1", has_sve=False) == 0

@@ -82,6 +82,12 @@ def kvm_read_sanitised_id_reg(caps: HostCaps, reg: str, has_sve: bool) -> int:
     if reg == "ID_AA64PFR0_EL1":   # sanitise_id_aa64pfr0_el1()
         if not has_sve:
             val = ID_AA64PFR0_EL1.field("SVE").put(val, 0)
+        # CSV2 = IMP when arm64_get_spectre_v2_state() is SPECTRE_UNAFFECTED, CSV3 = IMP when
+        # arm64_get_meltdown_state() is: a CPU that reports CSV2 (CSV3) is; the kernel's MIDR
+        # lists of other unaffected CPUs are not modelled.
+        for name in ("CSV2", "CSV3"):
+            if ID_AA64PFR0_EL1.field(name).get(val) >= 1:
+                val = ID_AA64PFR0_EL1.field(name).put(val, 1)
         val = ID_AA64PFR0_EL1.field("GIC").put(val, 1)            # VGIC_V3
         val = ID_AA64PFR0_EL1.field("AMU").put(val, 0)
         val = ID_AA64PFR0_EL1.field("MPAM").put(val, 0)
