@@ -49,8 +49,10 @@ from fpstate.kvm.x86.cpuid import (
     KvmCaps,
     cpuid_regs,
     find_cpuid,
+    xstate_required_size,
 )
 from fpstate.x86.cpuid import FLAGS, CpuidProfile
+from fpstate.x86.layout import standard_size
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
     XFEATURE_MASK_AVX512,
@@ -241,30 +243,11 @@ class Template:
     zeroed: tuple[int, ...] = ()
     #: CPUID flags to clear with the components left out: (flag, component numbers)
     clear_flags: tuple[tuple[str, tuple[int, ...]], ...] = ()
-
-    def _size(self, mask: int, compacted: bool) -> int:
-        size = XSAVE_HDR_END
-        for i in bits(mask & ~XFEATURE_MASK_FPSSE):
-            eax, ebx, ecx = self.sub_leaves[i]
-            if compacted:
-                if ecx & 2:
-                    size = (size + 63) & ~63
-                size += eax
-            else:
-                size = max(size, ebx + eax)
-        return size
-
-    @property
-    def standard_size(self) -> int:
-        """CPUID.(0DH,0).ECX: the standard-format size of every feature the guest may enable
-        (xstate_required_size(xcr0, false))."""
-        return self._size(self.xcr0, False)
-
-    @property
-    def compacted_size(self) -> int:
-        """CPUID.(0DH,1).EBX as KVM_GET_SUPPORTED_CPUID gives it: the compacted size of
-        XCR0 | IA32_XSS when XSAVES or XSAVEC is offered, else 0."""
-        return self._size(self.xcr0 | self.xss, True) if self.d1_eax & (XSAVES | XSAVEC) else 0
+    #: CPUID.(0DH,0).ECX: the standard-format size of every feature the guest may enable
+    standard_size: int = XSAVE_HDR_END
+    #: CPUID.(0DH,1).EBX as KVM_GET_SUPPORTED_CPUID gives it: the compacted size of
+    #: XCR0 | IA32_XSS when XSAVES or XSAVEC is offered, else 0
+    compacted_size: int = 0
 
     def entries(self) -> tuple[CpuidEntry2, ...]:
         """The leaf 0xD entries for KVM_SET_CPUID2 (KVM_CPUID_FLAG_SIGNIFCANT_INDEX), shaped
@@ -399,9 +382,15 @@ def pool_template(profiles: Sequence[CpuidProfile], *, xcr0: int | None = None,
             continue  # no flag, or a kept component shares it
         if any(o.profile.has(g) for o in offers):
             gates.setdefault(g, []).append(i)
+    # The sizes as KVM_GET_SUPPORTED_CPUID computes them (every host has the same layout for
+    # what the template keeps, so the first host's size cache answers for all).
+    caps = base.caps
     return Template(names, user, sup, d1, sub_leaves,
                     tuple(Left(i, left[i]) for i in sorted(left)), tuple(sorted(zeroed)),
-                    tuple((g, tuple(c)) for g, c in gates.items()))
+                    tuple((g, tuple(c)) for g, c in gates.items()),
+                    xstate_required_size(caps, user, False),
+                    xstate_required_size(caps, user | sup, True)
+                    if d1 & (XSAVES | XSAVEC) else 0)
 
 
 def _supervisor_mask(o: HostOffer, mask: int) -> int:
@@ -706,7 +695,8 @@ def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
         if r:
             err(f"KVM_SET_XCRS of XCR0 {xcr0 & arch.guest_supported_xcr0 | 1:#x}: {_errno(r)}")
     held = offer.profile
-    need = XSAVE_HDR_END
+    # What the host's XSAVE writes for the advertised user features it has.
+    need = standard_size(held, xcr0 & held.xcr0_supported)
     for i in range(2, 63):
         want = cpuid_regs(entries, 0xD, i)[:3]
         on = (xcr0 | xss) >> i & 1
@@ -721,8 +711,6 @@ def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
         a, b, c, _ = held.cpuid(0xD, i)
         if not a:
             continue  # already an error above: the host has no such component
-        if not c & 1:
-            need = max(need, b + a)
         for field, k, h in (("size", 0, a), ("standard offset", 1, b), ("ECX flags", 2,
                                                                           c & 3)):
             t = want[k] & 3 if k == 2 else want[k]
