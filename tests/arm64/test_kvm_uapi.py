@@ -283,6 +283,8 @@ def test_id_registers_freeze_at_the_first_run(kvm):
     w = kvm.leave(c)(kvm.run(c)(w))
     assert set_id(w, c, "ID_AA64PFR2_EL1", 0)[1] == EBUSY
     assert set_id(w, c, "ID_AA64PFR2_EL1", 1 << 32)[1] == 0          # unchanged value: fine
+    # set_id_aa64pfr0_el1() refuses EL0 = 0 before set_id_reg() looks at the run
+    assert set_id(w, c, "ID_AA64PFR0_EL1", 0x1101001121111110)[1] == EINVAL
 
 
 def test_fpmr_one_reg_follows_pfr2(kvm):

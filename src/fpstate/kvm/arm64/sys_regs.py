@@ -169,11 +169,12 @@ def set_id_reg(world: KvmWorld, vcpu: Vcpu, reg: str, val: int) -> tuple[KvmWorl
     ("Fail the guest's request to disable the AA64 ISA at EL{0,1}"; the model has no NV, so
     EL2 is not checked)."""
     vm = world.vm(vcpu.vm)
-    if vm.has_ran_once:
-        return world, (0 if val == vm.id_regs.get(reg) else -errno.EBUSY)
+    # set_id_aa64pfr0_el1() runs before set_id_reg(), so this -EINVAL comes first.
     if reg == "ID_AA64PFR0_EL1" and not (ID_AA64PFR0_EL1.field("EL0").get(val)
                                         and ID_AA64PFR0_EL1.field("EL1").get(val)):
         return world, -errno.EINVAL
+    if vm.has_ran_once:
+        return world, (0 if val == vm.id_regs.get(reg) else -errno.EBUSY)
     ret = arm64_check_features(world.host.caps, reg, val, vcpu_has_sve(world, vcpu))
     if ret:
         return world, -errno.EINVAL
