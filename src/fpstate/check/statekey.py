@@ -26,7 +26,6 @@ from collections.abc import Hashable
 from operator import attrgetter
 from typing import Any
 
-from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
 from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.kernel.x86.signal import (
@@ -116,10 +115,8 @@ def _offset(profile: Any, xcomp_bv: int, i: int) -> int:
     return off
 
 
-#: Decoded images by content, and by buffer (verified against a snapshot of the buffer, which
-#: is much cheaper than hashing it).
+#: Decoded images by content (system, bytes): equal images recur in many buffers.
 _DECODED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-_BY_BUFFER = IdentityMemo(4096)
 
 
 def digest(part: tuple[Any, ...]) -> int:
@@ -133,24 +130,6 @@ def digest(part: tuple[Any, ...]) -> int:
 def raw_digest(v: bytes) -> int:
     """A value that is neither initial nor a token, in a key: a 64-bit BLAKE2b digest of it."""
     return int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little")
-
-
-def _decode(system: Any, fps: Any) -> tuple[int, tuple[Any, ...]]:
-    """The stored components of an image and its MXCSR as (digest of their structure, tokens),
-    memoised."""
-    regs = fps.regs
-    got = _BY_BUFFER.get(fps, (system, regs))
-    if got is not None:
-        return got
-    snap = bytes(regs)
-    k = (id(system), snap)
-    got = _DECODED.get(k)
-    if got is None:
-        got = _decode_image(system, snap)
-        if len(_DECODED) > 4096:
-            _DECODED.clear()
-        _DECODED[k] = got
-    return _BY_BUFFER.put(fps, (system, snap), got)
 
 
 def _component(buf: bytes, base: int, profile: Any, xcomp_bv: int,
@@ -192,32 +171,32 @@ def pkru_value(cn: Canon, pkru: int) -> Any:
     return pkru
 
 
-def fps_values(cn: Canon, system: Any, fps: Any) -> int:
-    """The components an fpstate image stores (XSTATE_BV), as key values, and its MXCSR: the
-    digest of their structure (their tokens go to ``cn``)."""
-    struct, toks = _decode(system, fps)
-    if toks:
-        cn.toks.extend(toks)
-    return struct
+#: Dicts of component values -> (structure, tokens), by identity: id -> (dict, a copy of it,
+#: digest, tokens). Register files and expected values change a few components per step, so
+#: most dicts are met again unchanged (verified against the copy: the values are the same
+#: bytes objects, so comparing them is cheap).
+_BY_DICT_ENTRIES: dict[int, tuple[dict[int, bytes], dict[int, bytes], int, tuple[Any, ...]]] = {}
 
 
-#: Dicts of component values -> (structure, tokens): register files and expected values
-#: change a few components per step, so most dicts are met again unchanged (verified against
-#: a copy: the values are the same bytes objects).
-_BY_DICT = IdentityMemo(8192)
+def _regs_entry(values: dict[int, bytes]) -> tuple[Any, dict[int, bytes], int, tuple[Any, ...]]:
+    """The `_BY_DICT_ENTRIES` entry of ``values`` made afresh."""
+    sub = Canon()
+    struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
+    if len(_BY_DICT_ENTRIES) >= 8192:
+        _BY_DICT_ENTRIES.clear()
+    e = _BY_DICT_ENTRIES[id(values)] = (values, dict(values), digest(struct), tuple(sub.toks))
+    return e
 
 
 def regs_values(cn: Canon, values: dict[int, bytes]) -> int:
     """The digest of ((i, key value), ...) of a dict of component values, sorted by component
     (their tokens go to ``cn``)."""
-    got = _BY_DICT.get(values, values)
-    if got is None:
-        sub = Canon()
-        struct = tuple([(i, sub.value(values[i], i)) for i in sorted(values)])
-        got = _BY_DICT.put(values, dict(values), (digest(struct), tuple(sub.toks)))
-    if got[1]:
-        cn.toks.extend(got[1])
-    return got[0]
+    e = _BY_DICT_ENTRIES.get(id(values))
+    if e is None or e[1] != values:
+        e = _regs_entry(values)
+    if e[3]:
+        cn.toks.extend(e[3])
+    return e[2]
 
 
 #: Signal frames by (system, address, content, kind) -> (digest, tokens).
@@ -368,23 +347,54 @@ FIELDS: dict[str, dict[str, str]] = {
 #: by its number (TaskState.no: an Enum member's hash is a Python-level call).
 _CPU_FIELDS = attrgetter("kernel_fpu_allowed", "xfd_state")
 _REGS_FIELDS = attrgetter("xfd", "xfd_err", "xinuse", "mxcsr", "xcr0", "xss")
+#: A task's own fields with those of its struct fpu and its permissions, in one call.
 _TASK_FIELDS = attrgetter("pid", "comm", "flags", "state.no", "need_fpu_load", "on_cpu",
                           "sas_ss_sp", "sas_ss_size", "sas_ss_flags", "user_sp",
-                          "pasid_activated")
+                          "pasid_activated", "fpu.last_cpu", "fpu.perm.state_perm",
+                          "fpu.perm.state_size", "fpu.perm.user_state_size",
+                          "fpu.guest_perm.state_perm", "fpu.guest_perm.state_size",
+                          "fpu.guest_perm.user_state_size")
+#: A process's fields, with its leader's permissions (the group's, also once the leader is
+#: dead): made once per process in a key.
 _PROCESS_FIELDS = attrgetter("tgid", "pasid", "next_mmap", "compat")
 _PERM_FIELDS = attrgetter("state_perm", "state_size", "user_state_size")
 _FPS_FIELDS = attrgetter("size", "user_size", "xfeatures", "user_xfeatures", "xfd", "is_guest",
                          "in_use", "freed")
 
 
-def _owner_pid(m: Any, owner: Any) -> int | None:
-    """The pid of the task whose struct fpu ``owner`` is (-1: none of them), None for none."""
-    if owner is None:
-        return None
-    for t in m.tasks.values():
-        if t.fpu is owner:
-            return t.pid
-    return -1
+#: An fpstate in a key, by buffer: id -> (fpstate, snapshot of its regs, digest of its
+#: stored values, MXCSR, XSTATE_BV/XCOMP_BV header and allocation size, tokens). Verified
+#: against the snapshot (a memcmp), which is far cheaper than decoding or hashing the image.
+_FPS_MEMO: dict[int, tuple[Any, bytes, int, tuple[Any, ...]]] = {}
+
+
+def _fps_entry(system: Any, fps: Any) -> tuple[Any, bytes, int, tuple[Any, ...]]:
+    """The `_FPS_MEMO` entry of ``fps`` made afresh (decoded images are shared by content)."""
+    snap = bytes(fps.regs)
+    k = (id(system), snap)
+    got = _DECODED.get(k)
+    if got is None:
+        got = _decode_image(system, snap)
+        if len(_DECODED) > 4096:
+            _DECODED.clear()
+        _DECODED[k] = got
+    if len(_FPS_MEMO) >= 4096:
+        _FPS_MEMO.clear()
+    header = int.from_bytes(snap[512:528], "little")
+    e = _FPS_MEMO[id(fps)] = (fps, snap, digest((got[0], header, len(snap))), got[1])
+    return e
+
+
+def fps_values(cn: Canon, system: Any, fps: Any) -> int:
+    """An fpstate's image in a key: the components it stores (XSTATE_BV) as key values with
+    its MXCSR, its XSTATE_BV/XCOMP_BV header and its allocation size, as one digest (the
+    values' tokens go to ``cn``)."""
+    e = _FPS_MEMO.get(id(fps))
+    if e is None or e[1] != fps.regs:
+        e = _fps_entry(system, fps)
+    if e[3]:
+        cn.toks.extend(e[3])
+    return e[2]
 
 
 def _kpath_key(w: Any, t: Any, kp: Any) -> Any:
@@ -399,15 +409,28 @@ def x86_key(w: Any) -> Hashable:
     m = w.m
     s = m.system
     cn = Canon()
-    fps_ids: dict[int, int] = {}
+    toks = cn.toks
+    by_dict = _BY_DICT_ENTRIES
+    fps_memo = _FPS_MEMO
+    mtasks = m.tasks
+    # Each CPU's fpu_fpregs_owner_ctx as the pid of the task whose struct fpu it is.
+    owners = {id(t.fpu): pid for pid, t in mtasks.items()}
     cpus = []
     for c in m.cpus:
         r = c.regs
-        cpus.append((c.current.pid, _owner_pid(m, c.fpu_fpregs_owner_ctx), _REGS_FIELDS(r),
-                     regs_values(cn, r.values), _CPU_FIELDS(c)))
+        owner = c.fpu_fpregs_owner_ctx
+        vals = r.values
+        e = by_dict.get(id(vals))
+        if e is None or e[1] != vals:
+            e = _regs_entry(vals)
+        if e[3]:
+            toks.extend(e[3])
+        cpus.append((c.current.pid, None if owner is None else owners.get(id(owner), -1),
+                     _REGS_FIELDS(r), e[2], _CPU_FIELDS(c)))
+    fps_ids: dict[int, int] = {}
+    procs: dict[int, tuple[Any, ...]] = {}
     tasks = []
     dead = STATE_DEAD
-    mtasks = m.tasks
     for pid in sorted(mtasks):
         t = mtasks[pid]
         if t.state is dead:
@@ -415,24 +438,30 @@ def x86_key(w: Any) -> Hashable:
             continue
         fpu = t.fpu
         fps = fpu.fpstate
-        regs = fps.regs
+        e = fps_memo.get(id(fps))
+        if e is None or e[1] != fps.regs:
+            e = _fps_entry(s, fps)
+        if e[3]:
+            toks.extend(e[3])
         shape = (fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
-                 _FPS_FIELDS(fps), len(regs), fps_values(cn, s, fps), bytes(regs[512:528]))
+                 _FPS_FIELDS(fps), e[2])
         fps = fpu.task_fpstate
         if fps is not None:
-            regs = fps.regs
             shape = (shape, fps_ids.setdefault(id(fps), len(fps_ids)), fps is fpu.embedded,
-                     _FPS_FIELDS(fps), len(regs), fps_values(cn, s, fps),
-                     bytes(regs[512:528]))
+                     _FPS_FIELDS(fps), fps_values(cn, s, fps))
+        p = t.process
+        proc = procs.get(id(p))
+        if proc is None:
+            # The group's permissions live in its leader's fpu, also once the leader is dead.
+            leader = p.threads[0].fpu
+            proc = procs[id(p)] = (_PROCESS_FIELDS(p), _PERM_FIELDS(leader.perm),
+                                   _PERM_FIELDS(leader.guest_perm))
         kp = t.kpath
         h = t.handlers
-        # The group's permissions live in its leader's fpu, also once the leader is dead.
-        leader = t.process.leader.fpu
+        pkru = t.thread_pkru
         tasks.append((
-            _TASK_FIELDS(t), pkru_value(cn, t.thread_pkru),
-            _PROCESS_FIELDS(t.process), fpu.last_cpu, shape,
-            _PERM_FIELDS(fpu.perm), _PERM_FIELDS(fpu.guest_perm),
-            _PERM_FIELDS(leader.perm), _PERM_FIELDS(leader.guest_perm),
+            _TASK_FIELDS(t), pkru_value(cn, pkru) if pkru & 0xFF == 0xA5 else pkru,
+            proc, shape,
             None if kp is None else _kpath_key(w, t, kp),
             # Killed by its group's fatal signal while inside a kernel path: it exits once it
             # has left the path (Machine.kill_thread).
@@ -441,11 +470,18 @@ def x86_key(w: Any) -> Hashable:
             tuple(sorted([(k, v.flags) for k, v in h.items()])) if h else (),
         ))
     expected = []
-    for name in sorted(w.expected):
-        t = w.tasks.get(name)
+    wtasks = w.tasks
+    wexp = w.expected
+    for name in sorted(wexp):
+        t = wtasks.get(name)
         if t is None or t.state is dead:
             continue
-        exp = regs_values(cn, w.expected[name])
+        vals = wexp[name]
+        e = by_dict.get(id(vals))
+        if e is None or e[1] != vals:
+            e = _regs_entry(vals)
+        if e[3]:
+            toks.extend(e[3])
         stack = w.sigstack[name]
         if stack:
             stack = tuple([regs_values(cn, d) for d in stack])
@@ -456,7 +492,7 @@ def x86_key(w: Any) -> Hashable:
         nm = w.nm_pending.get(name)
         if nm is not None:  # an instruction whose #NM handler sleeps (write_nm)
             nm = (nm[0], cn.value(nm[1], nm[0]))
-        expected.append((name, exp, stack or (), frames or (), nm))
+        expected.append((name, e[2], stack or (), frames or (), nm))
     raw = (m.next_pid, tuple(cpus), tuple(tasks), tuple(expected), w.extra_key(cn))
     return cn.finish(raw)
 
