@@ -14,7 +14,7 @@ userspace's XSAVE-managed MSR writes (KVM_SET_MSRS of IA32_U_CET / IA32_PL0_SSP)
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -233,11 +233,12 @@ class KvmX86World(X86World):
                     return name
         return super().name_of_owner(owner)
 
-    def fpstates(self) -> Iterable[tuple[str, Fpstate, Task | None]]:
-        yield from super().fpstates()
+    def fpstates(self) -> list[tuple[str, Fpstate, Task | None]]:
+        out = super().fpstates()
         for name, v in self.vcpus.items():
-            owner = self._vmm_task(name)
-            yield f"{name} (guest fpstate)", v.arch.guest_fpu.fpstate, owner
+            out.append((f"{name} (guest fpstate)", v.arch.guest_fpu.fpstate,
+                        self._vmm_task(name)))
+        return out
 
     def _vmm_task(self, vcpu: str) -> Task | None:
         """A live task of the mm that owns ``vcpu``'s VM (None once that mm is gone)."""

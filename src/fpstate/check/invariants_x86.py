@@ -73,8 +73,7 @@ def _name(i: int) -> str:
 #: of the task that owns it (its own permission, its group's and its group's guest permission).
 _SHAPE_FIELDS = attrgetter("freed", "size", "user_size", "xfeatures", "user_xfeatures", "xfd",
                            "is_guest")
-_SHAPE_PERMS = attrgetter("fpu.perm.state_perm", "process.leader.fpu.perm.state_perm",
-                          "process.leader.fpu.guest_perm.state_perm")
+_GROUP_PERMS = attrgetter("fpu.perm.state_perm", "fpu.guest_perm.state_perm")
 
 
 def fps_shapes(w: Any) -> int:
@@ -83,10 +82,18 @@ def fps_shapes(w: Any) -> int:
     process that own it, and init_fpstate's. Buffers change shape far less often than states
     change, so shapes found clean are not judged again (fpstate.check.invariants.check)."""
     parts = []
+    groups: dict[int, tuple[int, int]] = {}
     for _, fps, t in w.live_fpstates():
         regs = fps.regs
-        parts.append((_SHAPE_FIELDS(fps), len(regs), bytes(regs[512:528]),
-                      None if t is None else _SHAPE_PERMS(t)))
+        if t is None:
+            owner = None
+        else:
+            p = t.process
+            group = groups.get(id(p))
+            if group is None:
+                group = groups[id(p)] = _GROUP_PERMS(p.threads[0])  # the leader's
+            owner = (t.fpu.perm.state_perm, group)
+        parts.append((_SHAPE_FIELDS(fps), len(regs), bytes(regs[512:528]), owner))
     init = w.m.init_fpstate
     parts.append((init.xfeatures, bytes(init.regs[512:528])))
     return hash(tuple(parts))

@@ -7,7 +7,7 @@ the model.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from fpstate.check.invariants_x86 import image_state
@@ -141,7 +141,7 @@ class X86Views:
         cached = getattr(self, "_fps_cache", None)
         if cached is not None and cached[0] == self.steps:
             return cached[1]
-        out = list(self.fpstates())
+        out = self.fpstates()
         self._fps_cache = (self.steps, out)
         return out
 
@@ -210,19 +210,21 @@ class X86Views:
             return WHERE_BOTH, last
         return WHERE_MEMORY, None
 
-    def fpstates(self) -> Iterable[tuple[str, Fpstate, Task | None]]:
+    def fpstates(self) -> list[tuple[str, Fpstate, Task | None]]:
         """Every fpstate a live context references: (label, fpstate, owning host task or None
         for a guest's)."""
+        out = []
         for t in self.live():
             if t.flags & (PF_KTHREAD | PF_USER_WORKER):
                 continue
             fpu = t.fpu
             if fpu.task_fpstate is not None:
-                yield f"{t.comm} (task fpstate)", fpu.task_fpstate, t
+                out.append((f"{t.comm} (task fpstate)", fpu.task_fpstate, t))
                 if not fpu.fpstate.is_guest:
-                    yield f"{t.comm}", fpu.fpstate, t
+                    out.append((t.comm, fpu.fpstate, t))
             else:
-                yield t.comm, fpu.fpstate, t
+                out.append((t.comm, fpu.fpstate, t))
+        return out
 
     # -- canonical state -------------------------------------------------------------------
 
