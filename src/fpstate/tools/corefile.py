@@ -58,15 +58,30 @@ def is_core(data: bytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
-def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
-    """Every NT_X86_XSTATE note of the ELF core ``data``, in file order, each with the pid of
-    the NT_PRSTATUS note that precedes it. BlobError when ``data`` is not an ELF core or has
-    no such note."""
+@dataclass(frozen=True, slots=True)
+class ThreadNote:
+    """One "LINUX" note of a thread in a core: its type, the thread id from the NT_PRSTATUS
+    before it, its bytes and where its header sits in the file."""
+
+    tid: int | None
+    kind: int
+    data: bytes
+    offset: int
+
+
+def thread_notes(data: bytes, kinds: frozenset[int] | set[int],
+                 machine: str | None = None) -> tuple[ThreadNote, ...]:
+    """Every note named "LINUX" of a type in ``kinds`` (NT_PRFPREG is named "CORE" and is
+    included when asked for) of the ELF core ``data``, in file order, each with the pid of
+    the NT_PRSTATUS note that precedes it; ``machine`` (e.g. "EM_AARCH64") is required of
+    the ELF header when given. BlobError when ``data`` is not an ELF core of that machine."""
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf.header["e_type"] != "ET_CORE":
             raise BlobError(f"ELF file of type {elf.header['e_type']}, not a core file (ET_CORE)")
-        out: list[ThreadXstate] = []
+        if machine is not None and elf.header["e_machine"] != machine:
+            raise BlobError(f"a core of {elf.header['e_machine']}, not {machine}")
+        out: list[ThreadNote] = []
         tid: int | None = None
         pid_at = PRSTATUS32_PID_OFFSET if elf.elfclass == 32 else PRSTATUS_PID_OFFSET
         for seg in elf.iter_segments():
@@ -75,11 +90,13 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
             for note in seg.iter_notes():
                 kind = _note_type(note["n_type"])
                 desc = bytes(note["n_descdata"])
-                if kind == NT_PRSTATUS and note["n_name"] == "CORE":
+                owner = note["n_name"]
+                if kind == NT_PRSTATUS and owner == "CORE":
                     if len(desc) >= pid_at + 4:
                         tid = int.from_bytes(desc[pid_at:pid_at + 4], "little")
-                elif kind == NT_X86_XSTATE and note["n_name"] == "LINUX":
-                    out.append(ThreadXstate(tid, desc, int(note["n_offset"])))
+                elif kind in kinds and (owner == "LINUX" or (kind == NT_PRFPREG
+                                                             and owner == "CORE")):
+                    out.append(ThreadNote(tid, kind, desc, int(note["n_offset"])))
     except BlobError:
         raise
     except (ELFError, ValueError, KeyError, EOFError, OSError, AttributeError, TypeError,
@@ -87,10 +104,19 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
         raise BlobError(f"not a readable ELF core file: {e}") from None
     except Exception as e:  # construct's parse errors have no common public base class
         raise BlobError(f"not a readable ELF core file: {type(e).__name__}: {e}") from None
+    return tuple(out)
+
+
+def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
+    """Every NT_X86_XSTATE note of the ELF core ``data``, in file order, each with the pid of
+    the NT_PRSTATUS note that precedes it. BlobError when ``data`` is not an ELF core or has
+    no such note."""
+    out = tuple(ThreadXstate(n.tid, n.data, n.offset)
+                for n in thread_notes(data, {NT_X86_XSTATE}))
     if not out:
         raise BlobError("the core file has no NT_X86_XSTATE note (a CPU or kernel without "
                         "XSAVE writes only NT_PRFPREG)")
-    return tuple(out)
+    return out
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -114,14 +140,28 @@ def build_core(threads: list[tuple[int, bytes]]) -> bytes:
     (only pr_pid filled in) and an NT_X86_XSTATE with the given bytes, in the order
     fill_thread_core_info() writes them. For cores of CPUs this machine is not (AMX), whose
     notes come from the kernel model's xstateregs_get()."""
+    return build_core_notes([(tid, [(NT_X86_XSTATE, xstate)]) for tid, xstate in threads])
+
+
+#: e_machine of an arm64 core.
+EM_AARCH64 = 183
+
+
+def build_core_notes(threads: list[tuple[int, list[tuple[int, bytes]]]],
+                     machine: int = EM_X86_64) -> bytes:
+    """A minimal 64-bit little-endian ELF core file of ``machine``: per thread an NT_PRSTATUS
+    (only pr_pid filled in; struct elf_prstatus has the same 336 bytes on x86-64 and arm64)
+    and then its (type, bytes) notes, named "LINUX" (NT_PRFPREG: "CORE"), in the order
+    fill_thread_core_info() writes them."""
     notes = b""
-    for tid, xstate in threads:
+    for tid, regsets in threads:
         prstatus = bytearray(PRSTATUS_SIZE)
         prstatus[PRSTATUS_PID_OFFSET:PRSTATUS_PID_OFFSET + 4] = tid.to_bytes(4, "little")
         notes += _note(b"CORE", NT_PRSTATUS, bytes(prstatus))
-        notes += _note(b"LINUX", NT_X86_XSTATE, xstate)
+        for kind, desc in regsets:
+            notes += _note(b"CORE" if kind == NT_PRFPREG else b"LINUX", kind, desc)
     ehdr = (ELF_MAGIC + bytes([2, 1, 1, 0]) + bytes(8)
-            + ET_CORE.to_bytes(2, "little") + EM_X86_64.to_bytes(2, "little")
+            + ET_CORE.to_bytes(2, "little") + machine.to_bytes(2, "little")
             + (1).to_bytes(4, "little") + bytes(8) + (64).to_bytes(8, "little") + bytes(8)
             + bytes(4) + (64).to_bytes(2, "little") + (56).to_bytes(2, "little")
             + (1).to_bytes(2, "little") + (64).to_bytes(2, "little") + bytes(4))
