@@ -1,0 +1,419 @@
+"""arm64 FP regsets: PTRACE_GETREGSET / PTRACE_SETREGSET of arch/arm64/kernel/ptrace.c (v6.17).
+
+The regsets a debugger or a checkpointer reads and writes for the FP state of a stopped
+thread, byte for byte: NT_PRFPREG (struct user_fpsimd_state, fpr_get/fpr_set), NT_ARM_SVE and
+NT_ARM_SSVE (struct user_sve_header + SVE or FPSIMD payload, sve_get_common/sve_set_common),
+NT_ARM_ZA (struct user_za_header + ZA, za_get/za_set), NT_ARM_ZT (ZT0, zt_get/zt_set) and
+NT_ARM_FPMR (fpmr_get/fpmr_set), each with its ``struct user_regset`` (n, size) and
+ptrace_regset()'s rules for the iovec (kernel/ptrace.c).
+
+Theory of operation
+-------------------
+- A `RegsetTarget` is the tracee's ``struct thread_struct`` as these functions see it after
+  the tracee stopped (its state saved to memory): fp_type, SVCR.SM/ZA, the vector lengths now
+  and on exec with their INHERIT flags, ``uw.fpsimd_state`` (V0-V31, FPSR, FPCR), the
+  sve_state block (Z, P, FFR at the live VL: the SME VL in streaming mode), sme_state (ZA at
+  the SME VL, then ZT0) and ``uw.fpmr``. It is a value: `regset_set` returns a new one.
+- `regset_get` is the GETREGSET answer; `regset_set` the SETREGSET outcome: (0 or -errno,
+  the target afterwards, the rule that refused it). A refused write may still have changed
+  the target, as the kernel's does (sve_set_common() sets the VL before it finds -EIO).
+- Vector-length changes go through `vec_set_vector_length` (arch/arm64/kernel/fpsimd.c), the
+  same rules as ``prctl(PR_SVE_SET_VL)`` for the current task (fpstate.kernel.arm64.fpsimd),
+  applied to a stopped target.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+
+from fpstate.arm64.regs import (
+    SVE_PT_REGS_FPSIMD,
+    SVE_PT_REGS_SVE,
+    SVE_VQ_BYTES,
+    USER_FPSIMD_STATE_SIZE,
+    USER_SVE_HEADER_SIZE,
+    VL_ARCH_MAX,
+    ZT_SIG_REG_BYTES,
+    sve_ffr_offset,
+    sve_ffr_size,
+    sve_pt_fpsr_offset,
+    sve_pt_size,
+    sve_regs_size,
+    sve_vl_valid,
+    sve_vq_from_vl,
+    za_pt_size,
+    za_regs_size,
+)
+from fpstate.kernel.arm64.fpsimd import PR_SVE_SET_VL_ONEXEC, PR_SVE_VL_INHERIT
+from fpstate.kernel.arm64.state import (
+    ARM64_VEC_SME,
+    ARM64_VEC_SVE,
+    FP_STATE_FPSIMD,
+    FP_STATE_SVE,
+    HostCaps,
+)
+
+EINVAL, EIO = 22, 5
+
+#: Note types (include/uapi/linux/elf.h).
+NT_PRFPREG = 2
+NT_ARM_SVE = 0x405
+NT_ARM_SSVE = 0x40B
+NT_ARM_ZA = 0x40C
+NT_ARM_ZT = 0x40D
+NT_ARM_FPMR = 0x40E
+NOTE_NAMES: dict[int, str] = {NT_PRFPREG: "NT_PRFPREG", NT_ARM_SVE: "NT_ARM_SVE",
+                              NT_ARM_SSVE: "NT_ARM_SSVE", NT_ARM_ZA: "NT_ARM_ZA",
+                              NT_ARM_ZT: "NT_ARM_ZT", NT_ARM_FPMR: "NT_ARM_FPMR"}
+
+#: ARCH_SVE_VQ_MAX and SME_VQ_MAX (asm/fpsimd.h): 16 quadwords, 2048 bits.
+ARCH_SVE_VQ_MAX = SME_VQ_MAX = 16
+SVE_PT_REGS_MASK = 1
+#: The SVE_PT_* / ZA_PT_* flags vec_set_vector_length() consumes (shifted left by 16).
+SVE_PT_VL_INHERIT = PR_SVE_VL_INHERIT >> 16
+SVE_PT_VL_ONEXEC = PR_SVE_SET_VL_ONEXEC >> 16
+
+
+def _div_round_up(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+#: struct user_regset (n, size) of each FP regset in aarch64_regsets[]: ptrace_regset() needs
+#: iov_len to be a multiple of ``size`` and cuts it to ``n * size``.
+REGSETS: dict[int, tuple[int, int]] = {
+    NT_PRFPREG: (USER_FPSIMD_STATE_SIZE // 4, 4),
+    NT_ARM_SVE: (_div_round_up(sve_pt_size(ARCH_SVE_VQ_MAX, SVE_PT_REGS_SVE), SVE_VQ_BYTES),
+                 SVE_VQ_BYTES),
+    NT_ARM_SSVE: (_div_round_up(sve_pt_size(SME_VQ_MAX, SVE_PT_REGS_SVE), SVE_VQ_BYTES),
+                  SVE_VQ_BYTES),
+    NT_ARM_ZA: (_div_round_up(za_pt_size(SME_VQ_MAX), SVE_VQ_BYTES), SVE_VQ_BYTES),
+    NT_ARM_ZT: (1, ZT_SIG_REG_BYTES),
+    NT_ARM_FPMR: (1, 8),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RegsetTarget:
+    """A stopped tracee's FP state (struct thread_struct), see the module docstring.
+
+    ``sve`` is sve_state's Z/P/FFR block at the live VL (``sme_vl`` when ``sm``, else
+    ``sve_vl``), meaningful while ``fp_type`` is FP_STATE_SVE; ``za`` is ZA at ``sme_vl``,
+    meaningful while ``za_on``; ``vregs`` is uw.fpsimd_state.vregs (512 bytes)."""
+
+    sve_vl: int = 0
+    sme_vl: int = 0
+    fp_type: str = FP_STATE_FPSIMD
+    sm: bool = False
+    za_on: bool = False
+    sve_vl_onexec: int = 0
+    sme_vl_onexec: int = 0
+    sve_inherit: bool = False
+    sme_inherit: bool = False
+    vregs: bytes = bytes(512)
+    fpsr: int = 0
+    fpcr: int = 0
+    sve: bytes = b""
+    za: bytes = b""
+    zt0: bytes = bytes(ZT_SIG_REG_BYTES)
+    fpmr: int = 0
+
+    @classmethod
+    def fresh(cls, caps: HostCaps) -> RegsetTarget:
+        """A task after exec (fpsimd_flush_thread()): everything zero, default VLs."""
+        return cls(sve_vl=caps.sve_vl.default_vl if caps.sve_vl else 0,
+                   sme_vl=caps.sme_vl.default_vl if caps.sme_vl else 0)
+
+    @property
+    def live_vl(self) -> int:
+        """The VL sve_state is laid out for: the SME VL in streaming mode."""
+        return self.sme_vl if self.sm else self.sve_vl
+
+    def vl(self, kind: str) -> int:
+        """task_get_vl()."""
+        return self.sve_vl if kind == ARM64_VEC_SVE else self.sme_vl
+
+
+@dataclass(frozen=True, slots=True)
+class RegsetResult:
+    """What PTRACE_SETREGSET returned (0 or -errno), the rule behind an error, and the
+    target afterwards."""
+
+    ret: int
+    reason: str
+    target: RegsetTarget
+
+
+def _feature(caps: HostCaps, note: int) -> bool:
+    """system_supports_*() of each regset's get/set."""
+    return {NT_PRFPREG: caps.fpsimd, NT_ARM_SVE: caps.sve, NT_ARM_SSVE: caps.sme,
+            NT_ARM_ZA: caps.sme, NT_ARM_ZT: caps.sme2, NT_ARM_FPMR: caps.fpmr}[note]
+
+
+_FEATURE_NAME = {NT_PRFPREG: "FP/AdvSIMD", NT_ARM_SVE: "SVE", NT_ARM_SSVE: "SME",
+                 NT_ARM_ZA: "SME", NT_ARM_ZT: "SME2", NT_ARM_FPMR: "FPMR"}
+
+
+# --- effective state (fpsimd_sync_from/to_effective_state) ------------------------------------
+def effective_vregs(t: RegsetTarget) -> bytes:
+    """fpsimd_sync_from_effective_state(): V0-V31 as the low 128 bits of Z0-Z31 when the
+    state is in SVE format, else uw.fpsimd_state.vregs."""
+    if t.fp_type != FP_STATE_SVE or not t.sve:
+        return t.vregs
+    zsize = t.live_vl
+    return b"".join(t.sve[n * zsize:n * zsize + 16] for n in range(32))
+
+
+def _sve_from_vregs(vregs: bytes, vl: int) -> bytes:
+    """fpsimd_sync_to_effective_state_zeropad(): a zeroed SVE block with V0-V31 in the low
+    128 bits of Z0-Z31."""
+    block = bytearray(sve_regs_size(sve_vq_from_vl(vl)))
+    for n in range(32):
+        block[n * vl:n * vl + 16] = vregs[n * 16:n * 16 + 16]
+    return bytes(block)
+
+
+def user_fpsimd_state(t: RegsetTarget) -> bytes:
+    """__fpr_get(): struct user_fpsimd_state of the effective state (reserved words zero)."""
+    return effective_vregs(t) + struct.pack("<IIII", t.fpsr, t.fpcr, 0, 0)
+
+
+# --- vec_set_vector_length() for a stopped task ------------------------------------------------
+def vec_set_vector_length(caps: HostCaps, t: RegsetTarget, kind: str, vl: int,
+                          flags: int) -> tuple[int, RegsetTarget]:
+    """vec_set_vector_length(task, type, vl, flags) (fpsimd.c): EINVAL for a flag other than
+    PR_SVE_VL_INHERIT / PR_SVE_SET_VL_ONEXEC or an invalid VL; the VL is capped at VL_ARCH_MAX
+    and rounded to a supported one; _ONEXEC (or INHERIT) records it for exec; without
+    _ONEXEC a different VL is set now: SVE-format state (or streaming mode) is converted to
+    FPSIMD (sve_to_fpsimd(): the V registers survive, the rest of Z, P and FFR do not), and
+    on a system with SME a new SME VL -- or a new SVE VL while neither SM nor ZA is on --
+    turns SM and ZA off and frees ZA and ZT0."""
+    info = caps.vl_info(kind)
+    if info is None or flags & ~(PR_SVE_VL_INHERIT | PR_SVE_SET_VL_ONEXEC) or \
+            not sve_vl_valid(vl):
+        return -EINVAL, t
+    vl = info.find_supported_vector_length(min(vl, VL_ARCH_MAX))
+    keep = vl if flags & (PR_SVE_VL_INHERIT | PR_SVE_SET_VL_ONEXEC) else 0
+    inherit = bool(flags & PR_SVE_VL_INHERIT)
+    if not flags & PR_SVE_SET_VL_ONEXEC and vl != t.vl(kind):
+        if t.fp_type == FP_STATE_SVE or t.sm:
+            t = replace(t, vregs=effective_vregs(t), fp_type=FP_STATE_FPSIMD, sve=b"")
+        if caps.sme and (kind == ARM64_VEC_SME or not (t.sm or t.za_on)):
+            t = replace(t, sm=False, za_on=False, za=b"", zt0=bytes(ZT_SIG_REG_BYTES))
+        t = replace(t, **({"sve_vl": vl} if kind == ARM64_VEC_SVE else {"sme_vl": vl}))
+    if kind == ARM64_VEC_SVE:
+        t = replace(t, sve_vl_onexec=keep, sve_inherit=inherit)
+    else:
+        t = replace(t, sme_vl_onexec=keep, sme_inherit=inherit)
+    return 0, t
+
+
+# --- GETREGSET -----------------------------------------------------------------------------
+def regset_get(caps: HostCaps, t: RegsetTarget, note: int) -> bytes:
+    """What PTRACE_GETREGSET(``note``) writes for a large enough iovec; BlobError-free:
+    raises ValueError for a regset the system does not have (the kernel's -EINVAL)."""
+    if note not in REGSETS:
+        raise ValueError(f"note type {note:#x} is not an FP regset")
+    if not _feature(caps, note):
+        raise ValueError(f"{NOTE_NAMES[note]}: the system lacks {_FEATURE_NAME[note]} "
+                         "(GETREGSET returns -EINVAL)")
+    if note == NT_PRFPREG:
+        return user_fpsimd_state(t)
+    if note in (NT_ARM_SVE, NT_ARM_SSVE):
+        return _sve_get(caps, t, ARM64_VEC_SVE if note == NT_ARM_SVE else ARM64_VEC_SME)
+    if note == NT_ARM_ZA:
+        return _za_get(caps, t)
+    if note == NT_ARM_ZT:  # zeroes while PSTATE.ZA is off: ZT0 is zeroed when ZA is enabled
+        return t.zt0 if t.za_on else bytes(ZT_SIG_REG_BYTES)
+    return struct.pack("<Q", t.fpmr)
+
+
+def _sve_header(caps: HostCaps, t: RegsetTarget, kind: str) -> tuple[bytes, int, int]:
+    """sve_init_header_from_task(): (header bytes, flags, size)."""
+    active = (ARM64_VEC_SME if t.sm else ARM64_VEC_SVE) == kind
+    flags = SVE_PT_REGS_SVE if active and t.fp_type == FP_STATE_SVE else SVE_PT_REGS_FPSIMD
+    if t.sve_inherit if kind == ARM64_VEC_SVE else t.sme_inherit:
+        flags |= SVE_PT_VL_INHERIT
+    vl = t.vl(kind)
+    info = caps.vl_info(kind)
+    max_vl = info.max_vl if info else 0
+    size = sve_pt_size(sve_vq_from_vl(vl), flags) if active else USER_SVE_HEADER_SIZE
+    max_size = sve_pt_size(sve_vq_from_vl(max_vl), SVE_PT_REGS_SVE)
+    return struct.pack("<IIHHHH", size, max_size, vl, max_vl, flags, 0), flags, size
+
+
+def _round16(n: int) -> int:
+    return (n + 15) & ~15
+
+
+def _sve_get(caps: HostCaps, t: RegsetTarget, kind: str) -> bytes:
+    """sve_get_common(): the header; nothing more for the inactive mode; else the FPSIMD
+    payload or Z/P/FFR, zero padding, FPSR and FPCR, zero padding to the 16-byte size."""
+    header, flags, size = _sve_header(caps, t, kind)
+    if size == USER_SVE_HEADER_SIZE:
+        return header
+    if not flags & SVE_PT_REGS_SVE:
+        return header + user_fpsimd_state(t)
+    vq = sve_vq_from_vl(t.vl(kind))
+    out = bytearray(_round16(size))
+    out[:USER_SVE_HEADER_SIZE] = header
+    block = t.sve or bytes(sve_regs_size(vq))
+    out[USER_SVE_HEADER_SIZE:USER_SVE_HEADER_SIZE + len(block)] = block
+    struct.pack_into("<II", out, sve_pt_fpsr_offset(vq), t.fpsr, t.fpcr)
+    return bytes(out)
+
+
+def _za_get(caps: HostCaps, t: RegsetTarget) -> bytes:
+    """za_get(): the user_za_header, then ZA while PSTATE.ZA is set."""
+    vq = sve_vq_from_vl(t.sme_vl)
+    size = za_pt_size(vq) if t.za_on else USER_SVE_HEADER_SIZE
+    max_vl = caps.sme_vl.max_vl if caps.sme_vl else 0
+    header = struct.pack("<IIHHHH", size, za_pt_size(vq), t.sme_vl, max_vl,
+                         SVE_PT_VL_INHERIT if t.sme_inherit else 0, 0)
+    if not t.za_on:
+        return header
+    return header + (t.za or bytes(za_regs_size(vq)))
+
+
+# --- SETREGSET -----------------------------------------------------------------------------
+def regset_set(caps: HostCaps, t: RegsetTarget, note: int, data: bytes) -> RegsetResult:
+    """PTRACE_SETREGSET(``note``) with an iovec of ``data``: ptrace_regset() (iov_len a
+    multiple of the regset's size, cut to n * size), then the regset's set function."""
+    if note not in REGSETS:
+        return RegsetResult(-EINVAL, f"note type {note:#x} is not an FP regset of "
+                            "aarch64_regsets[]", t)
+    n, size = REGSETS[note]
+    name = NOTE_NAMES[note]
+    if len(data) % size:
+        return RegsetResult(-EINVAL, f"ptrace_regset: iov_len {len(data)} is not a multiple "
+                            f"of {name}'s register size {size}", t)
+    data = data[:n * size]
+    if not _feature(caps, note):
+        return RegsetResult(-EINVAL, f"{name}: the system lacks {_FEATURE_NAME[note]}", t)
+    if note == NT_PRFPREG:
+        return _fpr_set(t, data)
+    if note in (NT_ARM_SVE, NT_ARM_SSVE):
+        return _sve_set(caps, t, data, ARM64_VEC_SVE if note == NT_ARM_SVE else ARM64_VEC_SME)
+    if note == NT_ARM_ZA:
+        return _za_set(caps, t, data)
+    if note == NT_ARM_ZT:
+        return _zt_set(t, data)
+    fpmr = bytearray(struct.pack("<Q", t.fpmr))  # fpmr_set(): a short write keeps the rest
+    fpmr[:len(data)] = data
+    return RegsetResult(0, "", replace(t, fpmr=struct.unpack("<Q", fpmr)[0]))
+
+
+def _fpr_set(t: RegsetTarget, data: bytes, start: int = 0) -> RegsetResult:
+    """__fpr_set() (a short write keeps the rest of the effective state), then for fpr_set()
+    fpsimd_sync_to_effective_state_zeropad(); ``start``: where the payload begins."""
+    state = bytearray(user_fpsimd_state(t))
+    body = data[start:start + USER_FPSIMD_STATE_SIZE]
+    state[:len(body)] = body
+    vregs = bytes(state[:512])
+    fpsr, fpcr = struct.unpack_from("<II", state, 512)
+    t = replace(t, vregs=vregs, fpsr=fpsr, fpcr=fpcr)
+    if t.fp_type == FP_STATE_SVE:
+        t = replace(t, sve=_sve_from_vregs(vregs, t.live_vl))
+    return RegsetResult(0, "", t)
+
+
+def _sve_set(caps: HostCaps, t: RegsetTarget, data: bytes, kind: str) -> RegsetResult:
+    """sve_set_common()."""
+    name = "NT_ARM_SVE" if kind == ARM64_VEC_SVE else "NT_ARM_SSVE"
+    if len(data) < USER_SVE_HEADER_SIZE:
+        return RegsetResult(-EINVAL, f"{name}: {len(data)} bytes, less than the "
+                            f"{USER_SVE_HEADER_SIZE}-byte user_sve_header", t)
+    _size, _max_size, vl, _max_vl, flags, _ = struct.unpack_from("<IIHHHH", data)
+    fpsimd = (flags & SVE_PT_REGS_MASK) == SVE_PT_REGS_FPSIMD
+    if fpsimd and kind == ARM64_VEC_SME:
+        return RegsetResult(-EINVAL, "NT_ARM_SSVE: streaming mode data must be in SVE format "
+                            "(SVE_PT_REGS_SVE)", t)
+    ret, t = vec_set_vector_length(caps, t, kind, vl, (flags & ~SVE_PT_REGS_MASK) << 16)
+    if ret:
+        why = (f"flags {flags:#x} beyond SVE_PT_REGS_SVE|VL_INHERIT|VL_ONEXEC"
+               if flags & ~(SVE_PT_REGS_MASK | SVE_PT_VL_INHERIT | SVE_PT_VL_ONEXEC)
+               else f"vl {vl} is not a multiple of 16 from 16 to 8192")
+        return RegsetResult(ret, f"{name}: vec_set_vector_length: {why}", t)
+    new_vl = t.vl(kind)
+    vq = sve_vq_from_vl(new_vl)
+    if caps.sme:  # enter or leave streaming mode
+        t = replace(t, sm=kind == ARM64_VEC_SME)
+    # "Always zero V regs, FPSR, and FPCR"
+    t = replace(t, vregs=bytes(512), fpsr=0, fpcr=0)
+    if fpsimd:
+        t = replace(t, fp_type=FP_STATE_FPSIMD, sve=b"")
+        return _fpr_set(t, data, USER_SVE_HEADER_SIZE)
+    # sve_alloc(target, true) zeroed sve_state; no registers or full SVE from here.
+    t = replace(t, fp_type=FP_STATE_SVE, sve=bytes(sve_regs_size(sve_vq_from_vl(t.live_vl))))
+    payload = data[USER_SVE_HEADER_SIZE:]
+    if payload and vq != sve_vq_from_vl(vl):
+        return RegsetResult(-EIO, f"{name}: register data for vl {vl}, but the vl set is "
+                            f"{new_vl}" + (" (VL_ONEXEC: the current vl is kept)"
+                                           if flags & SVE_PT_VL_ONEXEC else ""), t)
+    end = sve_ffr_offset(vq) + sve_ffr_size(vq)
+    block = bytearray(t.sve)
+    got = payload[:end]
+    block[:len(got)] = got
+    fpsr_at = sve_pt_fpsr_offset(vq)
+    regs = bytearray(struct.pack("<II", 0, 0))
+    tail = data[fpsr_at:fpsr_at + 8]
+    regs[:len(tail)] = tail
+    fpsr, fpcr = struct.unpack("<II", regs)
+    return RegsetResult(0, "", replace(t, sve=bytes(block), fpsr=fpsr, fpcr=fpcr))
+
+
+def _za_set(caps: HostCaps, t: RegsetTarget, data: bytes) -> RegsetResult:
+    """za_set()."""
+    if len(data) < USER_SVE_HEADER_SIZE:
+        return RegsetResult(-EINVAL, f"NT_ARM_ZA: {len(data)} bytes, less than the "
+                            f"{USER_SVE_HEADER_SIZE}-byte user_za_header", t)
+    _size, _max_size, vl, _max_vl, flags, _ = struct.unpack_from("<IIHHHH", data)
+    ret, t = vec_set_vector_length(caps, t, ARM64_VEC_SME, vl, flags << 16)
+    if ret:
+        why = (f"flags {flags:#x} beyond ZA_PT_VL_INHERIT|ZA_PT_VL_ONEXEC"
+               if flags & ~(SVE_PT_VL_INHERIT | SVE_PT_VL_ONEXEC)
+               else f"vl {vl} is not a multiple of 16 from 16 to 8192")
+        return RegsetResult(ret, f"NT_ARM_ZA: vec_set_vector_length: {why}", t)
+    vq = sve_vq_from_vl(t.sme_vl)
+    if not t.za_on:  # sme_alloc(target, true): a fresh, zeroed ZA and ZT0
+        t = replace(t, za=bytes(za_regs_size(vq)), zt0=bytes(ZT_SIG_REG_BYTES))
+    payload = data[USER_SVE_HEADER_SIZE:]
+    if not payload:  # no data: ZA off
+        return RegsetResult(0, "", replace(t, za_on=False))
+    if vq != sve_vq_from_vl(vl):
+        return RegsetResult(-EIO, f"NT_ARM_ZA: register data for vl {vl}, but the SME vl set "
+                            f"is {t.sme_vl}", t)
+    za = bytearray(t.za or bytes(za_regs_size(vq)))
+    got = payload[:za_regs_size(vq)]
+    za[:len(got)] = got
+    return RegsetResult(0, "", replace(t, za=bytes(za), za_on=True))
+
+
+def _zt_set(t: RegsetTarget, data: bytes) -> RegsetResult:
+    """zt_set(): with PSTATE.ZA off, ZA and ZT0 are allocated zeroed first; any write (even
+    of no bytes) turns PSTATE.ZA on."""
+    if not t.za_on:
+        t = replace(t, za=bytes(za_regs_size(sve_vq_from_vl(t.sme_vl))),
+                    zt0=bytes(ZT_SIG_REG_BYTES))
+    zt = bytearray(t.zt0)
+    zt[:len(data)] = data
+    return RegsetResult(0, "", replace(t, zt0=bytes(zt), za_on=True))
+
+
+__all__ = [
+    "NOTE_NAMES",
+    "NT_ARM_FPMR",
+    "NT_ARM_SSVE",
+    "NT_ARM_SVE",
+    "NT_ARM_ZA",
+    "NT_ARM_ZT",
+    "NT_PRFPREG",
+    "REGSETS",
+    "RegsetResult",
+    "RegsetTarget",
+    "effective_vregs",
+    "regset_get",
+    "regset_set",
+    "user_fpsimd_state",
+    "vec_set_vector_length",
+]
