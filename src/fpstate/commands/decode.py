@@ -22,10 +22,12 @@ import argparse
 import json
 import sys
 
+from fpstate.commands import decode_arm64
 from fpstate.commands.layout import mask_arg, resolve_cpu
 from fpstate.errors import BlobError
 from fpstate.inputs import read_bytes, read_text
 from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
+from fpstate.tools import blob_arm64
 from fpstate.tools.blob import FORMATS, Blob, decode, encode
 from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
 from fpstate.tools.sources import Source, read_source
@@ -34,7 +36,11 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import mask_names
 
 _CPU_HELP = ("'host', a bundled profile (fpstate cpus) or a CPUID dump; default host (a state "
-             "record brings its own CPU)")
+             "record brings its own CPU); with --arch arm64 an arm64 profile (default "
+             f"{decode_arm64.DEFAULT_CPU})")
+#: --format choices of decode and validate: x86's, then arm64's (--arch says which apply).
+_ALL_FORMATS = tuple(dict.fromkeys((*FORMATS, *blob_arm64.FORMATS)))
+_ARCH_HELP = "architecture of the blob (default x86; arm64: regsets, signal frames, cores)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "warnings of a state blob.")
     d.add_argument("source", metavar="SOURCE", help="a file (raw blob, ELF core, state record), "
                    "pid:TID (ptrace a running thread) or kvm[:SEED] (a KVM vCPU of this host)")
+    d.add_argument("--arch", default="x86", choices=("x86", "arm64"), help=_ARCH_HELP)
     d.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
-    d.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    d.add_argument("--format", default="auto", choices=("auto", *_ALL_FORMATS),
+                   help=f"x86: {', '.join(FORMATS)}; arm64: {', '.join(blob_arm64.FORMATS)}")
     d.add_argument("--xcr0", type=mask_arg, metavar="MASK",
                    help="the XCR0 a standard-format area was saved under (default: what the "
                    "blob says, else the CPU's)")
@@ -67,13 +75,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Run the kernel's rules of one path on a blob; exit "
                               "0 accepted, 1 refused (the rule is named).")
     v.add_argument("source", metavar="SOURCE")
+    v.add_argument("--arch", default="x86", choices=("x86", "arm64"), help=_ARCH_HELP)
     v.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
-    v.add_argument("--as", dest="path", required=True, choices=PATHS)
+    v.add_argument("--as", dest="path", required=True, choices=PATHS,
+                   help="arm64: ptrace (PTRACE_SETREGSET) or sigreturn")
+    v.add_argument("--format", default=None, choices=("auto", *blob_arm64.FORMATS),
+                   help="arm64 only: the blob's format (a core is detected)")
     v.add_argument("--kernel", default=NEWEST, choices=VERSION_NAMES)
     v.add_argument("--task", default="auto", choices=TASKS,
                    help="the receiving task: default, AMX permission, or AMX in use "
                    "(auto: from the blob's header)")
     v.add_argument("--json", action="store_true")
+    decode_arm64.add_target_options(v)
     v.set_defaults(run=run_validate)
 
     r = subparsers.add_parser("record", help="a portable state record (state + CPUID 0xD)",
@@ -179,6 +192,10 @@ def _fields(number: int, size: int):  # -> tuple[Field, ...]
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    if args.arch == "arm64":
+        return decode_arm64.run_decode(args)
+    if args.format not in ("auto", *FORMATS):
+        raise BlobError(f"--format {args.format} is an arm64 format: add --arch arm64")
     sources = read_source(args.source)
     blobs = [(s, _decode(s, args.cpu, args.format, args.xcr0)) for s in sources]
     if args.json:
@@ -210,6 +227,14 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    if args.arch == "arm64":
+        return decode_arm64.run_validate(args)
+    arm_only = [o for o, v in (("--format", args.format), ("--vl", args.vl),
+                               ("--sme-vl", args.sme_vl), ("--streaming", args.streaming or None),
+                               ("--za", args.za or None), ("--sve-format", args.sve_format or None))
+                if v is not None]
+    if arm_only:
+        raise BlobError(f"{arm_only[0]} is an arm64 option: add --arch arm64")
     sources = read_source(args.source)
     status = 0
     for src in sources:

@@ -1,0 +1,112 @@
+"""``fpstate decode --arch arm64`` and ``fpstate validate --arch arm64``
+(fpstate.tools.blob_arm64).
+
+- ``fpstate decode --arch arm64 FILE [--format F] [--all] [--json]``: the headers, records and
+  registers by name of an arm64 regset (fpsimd, sve, ssve, za, zt, fpmr), signal frame or ELF
+  core (every thread's FP notes; detected without --format).
+- ``fpstate validate --arch arm64 FILE --as ptrace|sigreturn [--format F] [--cpu PROFILE]
+  [--vl N] [--sme-vl N] [--streaming] [--za] [--sve-format] [--json]``: PTRACE_SETREGSET of
+  the regset (a core: each FP note in the core's order, on one thread, as a restorer writes
+  them back) or rt_sigreturn of the frame, on a thread of the CPU profile in the state the
+  options give; exit 0 accepted, 1 refused (the rule is named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fpstate.arm64.cpu import load_profile
+from fpstate.errors import BlobError
+from fpstate.inputs import read_bytes, reason
+from fpstate.kernel.arm64.state import HostCaps
+from fpstate.tools import blob_arm64 as ba
+
+#: The arm64 profile `validate` assumes without --cpu: it has SVE, SME2 and FPMR, so that every
+#: regset exists.
+DEFAULT_CPU = "fvp-aem-fpmr"
+
+
+def add_target_options(p: argparse.ArgumentParser) -> None:
+    """The receiving thread's options of ``validate --arch arm64``."""
+    g = p.add_argument_group("arm64 receiving thread (--arch arm64)")
+    g.add_argument("--vl", type=int, metavar="BYTES", help="its SVE vector length (default: "
+                   "the CPU's default)")
+    g.add_argument("--sme-vl", type=int, metavar="BYTES", help="its SME vector length")
+    g.add_argument("--streaming", action="store_true", help="it is in streaming mode (SVCR.SM)")
+    g.add_argument("--za", action="store_true", help="its PSTATE.ZA is on")
+    g.add_argument("--sve-format", action="store_true",
+                   help="its state is in SVE format (it has used SVE)")
+
+
+def _read(path: str) -> bytes:
+    if path.startswith(("pid:", "kvm")) and not path.startswith("kvm/"):
+        raise BlobError(f"{path}: --arch arm64 reads files only (this machine is not arm64)")
+    try:
+        return read_bytes(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlobError(f"cannot read {path}: {reason(e)}") from None
+
+
+def _format(fmt: str | None) -> str:
+    fmt = fmt or "auto"
+    if fmt != "auto" and fmt not in ba.FORMATS:
+        raise BlobError(f"--format {fmt} is not an arm64 format ({', '.join(ba.FORMATS)})")
+    return fmt
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    if args.xcr0 is not None:
+        raise BlobError("--xcr0 is an x86 option; arm64 blobs carry their vector lengths")
+    blobs = ba.decode(_read(args.source), _format(args.format))
+    if args.json:
+        out = [dict(b.to_dict(), source=b.label or args.source) for b in blobs]
+        sys.stdout.write(json.dumps(out[0] if len(out) == 1 else out, indent=1) + "\n")
+    else:
+        sys.stdout.write("\n".join(ba.render(b, args.source, args.all) for b in blobs))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    try:
+        caps = HostCaps.from_profile(load_profile(args.cpu or DEFAULT_CPU))
+    except Exception as e:  # ProfileError and kin: one line
+        raise BlobError(f"--cpu: {e}") from None
+    target = ba.target_for(caps, args.vl, args.sme_vl, args.streaming, args.za,
+                           args.sve_format)
+    data = _read(args.source)
+    fmt = _format(args.format)
+    if fmt == "auto":
+        fmt = "core" if ba.is_core(data) else ""
+        if not fmt:
+            raise BlobError("an arm64 blob that is not an ELF core needs --format (one of "
+                            f"{', '.join(ba.FORMATS)})")
+    if fmt == "core":
+        if args.path != "ptrace":
+            raise BlobError("a core's notes are written back with ptrace: use --as ptrace")
+        items = [(b.label, b.fmt, n) for b, n in zip(ba.decode(data, "core"),
+                                                       ba.core_notes(data), strict=True)]
+    else:
+        items = [(args.source, fmt, data)]
+    status = 0
+    for label, f, blob in items:
+        v = ba.validate(blob, f, args.path, caps, target)
+        target = v.target if v.target is not None else target
+        status |= 0 if v.accepted else 1
+        if args.json:
+            sys.stdout.write(json.dumps(dict(v.to_dict(), source=label)) + "\n")
+            continue
+        head = "accepted" if v.accepted else f"REFUSED ({_errno(v.ret)})"
+        after = ", ".join(f"{k} {val}" for k, val in v.after.items())
+        sys.stdout.write(f"{label}: {v.path}: {head}" + (f" -- {v.reason}" if v.reason else "")
+                         + f"\n  after: {after}\n")
+    return status
+
+
+def _errno(ret: int) -> str:
+    names = {-22: "-EINVAL", -5: "-EIO", -12: "-ENOMEM"}
+    return names.get(ret, str(ret))
+
+
+__all__ = ["DEFAULT_CPU", "add_target_options", "run_decode", "run_validate"]
