@@ -21,7 +21,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from fpstate.errors import HostUnavailable, MaskError
+from fpstate.errors import FpstateError, HostUnavailable, MaskError
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import LayoutTable, layout_table
 from fpstate.x86.profiles import FALLBACK, bundled_profile, list_profiles, load_profile
@@ -37,10 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Offsets and sizes of the XSAVE state components of a CPU, in the "
         "standard format and the compacted format (XCOMP_BV = the mask).",
     )
-    p.add_argument("--cpu", default="host", metavar="{host|NAME|PATH}",
+    p.add_argument("--arch", default="x86", choices=("x86", "arm64"),
+                   help="x86 (default) or arm64: where Z, P, FFR, ZA and ZT0 sit in the regsets "
+                   "and signal-frame records at a vector length")
+    p.add_argument("--cpu", default=None, metavar="{host|NAME|PATH}",
                    help="'host' (execute CPUID), a bundled profile (see 'fpstate cpus') or a "
                    "CPUID dump file (cpuid -r, AIDA64, corpus JSON; PATH#SELECTOR picks one "
-                   "entry of a list); default: host")
+                   "entry of a list); default: host. --arch arm64: an arm64 profile (default "
+                   "fvp-aem-fpmr)")
+    p.add_argument("--vl", type=int, metavar="BYTES",
+                   help="--arch arm64: the vector length (SVE VL and SVL) to lay out (default: "
+                   "the CPU's largest of each)")
     p.add_argument("--mask", metavar="MASK",
                    help="components: hex (0x optional) or names joined by '|' "
                    "(default: every component the CPU enumerates, XCR0 and XSS bits)")
@@ -116,13 +123,66 @@ def print_table(profile: CpuidProfile, table: LayoutTable) -> None:
 
 
 def run_layout(args: argparse.Namespace) -> int:
-    profile = resolve_cpu(args.cpu)
+    if args.arch == "arm64":
+        return _run_layout_arm64(args)
+    if args.vl is not None:
+        raise FpstateError("--vl is an arm64 option: add --arch arm64")
+    profile = resolve_cpu(args.cpu or "host")
     mask = profile.xfeatures_supported if args.mask is None else parse_mask_text(args.mask)
     table = layout_table(profile, mask)
     if args.json:
         sys.stdout.write(json.dumps(table.to_dict()) + "\n")
     else:
         print_table(profile, table)
+    return 0
+
+
+def _run_layout_arm64(args: argparse.Namespace) -> int:
+    """``layout --arch arm64``: fpstate.arm64.layout's rows for the CPU's (or --vl's) VLs."""
+    if args.mask is not None:
+        raise FpstateError("--mask is an x86 option (XSAVE components)")
+    if args.cpu == "host":
+        raise FpstateError("this machine is not arm64: --arch arm64 takes a bundled arm64 "
+                           "profile or its JSON")
+    from fpstate.arm64.cpu import load_profile as load_arm64
+    from fpstate.arm64.layout import fpsimd_rows, sve_rows, za_rows
+    from fpstate.kernel.arm64.state import HostCaps
+
+    name = args.cpu or "fvp-aem-fpmr"
+    caps = HostCaps.from_profile(load_arm64(name))
+    rows = fpsimd_rows()
+    try:
+        # An SME-only CPU has SVE's layout in streaming mode only (NT_ARM_SSVE).
+        for info, kind in ((caps.sve_vl, "sve"), (caps.sme_vl if not caps.sve_vl else None,
+                                                  "ssve"), (caps.sme_vl, "za")):
+            if info is None:
+                continue
+            vl = args.vl if args.vl is not None else info.max_vl
+            if vl != info.find_supported_vector_length(vl):
+                raise FpstateError(f"--vl {vl}: {name} implements "
+                                   f"{', '.join(str(q * 16) for q in sorted(info.vqs))}")
+            rows += za_rows(vl, caps.sme2) if kind == "za" else sve_rows(vl, kind == "ssve")
+    except ValueError as e:
+        raise FpstateError(f"--vl: {e}") from None
+    if args.vl is not None and not (caps.sve_vl or caps.sme_vl):
+        raise FpstateError(f"--vl: {name} has no SVE and no SME (no vector length)")
+    if args.json:
+        sys.stdout.write(json.dumps({"cpu": name, "rows": [
+            {"group": r.group, "name": r.name, "regset": r.regset, "sigframe": r.sigframe,
+             "size": r.size, "where": r.where} for r in rows]}) + "\n")
+        return 0
+    t = Table()
+    for head in ("", "register", "regset", "sigframe record", "size", "macro"):
+        t.add_column(head, justify="right" if head in ("regset", "sigframe record", "size")
+                     else "left")
+    for r in rows:
+        t.add_row(r.group, r.name, "-" if r.regset is None else f"{r.regset:#x}",
+                  "-" if r.sigframe is None else f"{r.sigframe:#x}",
+                  str(r.size) if r.size else "", r.where)
+    con = _console()
+    con.print(f"arm64 register layout of {name}: offsets in NT_ARM_SVE/SSVE/ZA/ZT and from the "
+              "start of sve_context/za_context/zt_context")
+    con.print(t)
     return 0
 
 
