@@ -264,3 +264,72 @@ def test_sigframe_decode_and_sigreturn_on_record_chains(noise: bytes, at: int, l
         assert "\n" not in str(e)
     v = ba.validate(bytes(frame), "sigframe", "sigreturn", FVP, pt.RegsetTarget.fresh(FVP))
     assert v.ret in (0, -22)
+
+
+# -- encode ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(ba.REGSET_FORMATS))
+def test_encode_of_decode_is_byte_exact(fmt: str) -> None:
+    blob = pt.regset_get(FVP, _thread(), ba.REGSET_FORMATS[fmt])
+    obj = json.loads(json.dumps(ba.decode(blob, fmt)[0].to_dict()))
+    assert ba.encode(obj) == blob
+
+
+def test_encode_writes_an_edited_register_and_refuses_an_edited_field() -> None:
+    task = sig.SigTask(FP_STATE_SVE, True, True, 64, 64, fpmr=5)
+    frame = _frame(task, base=0x7FFF_F000_0000)
+    obj = json.loads(json.dumps(ba.decode(frame, "sigframe")[0].to_dict()))
+    assert ba.encode(obj) == frame
+    za = next(s for s in obj["sections"] if s["name"] == "ZA")
+    za["registers"]["ZA[5]"] = "0x" + "ab" * 64
+    out = ba.encode(obj)
+    at = za["offsets"]["ZA[5]"]
+    assert at == 3392 + 16 + 5 * 64 and out[at:at + 64] == b"\xab" * 64
+    assert out[:at] == frame[:at] and out[at + 64:] == frame[at + 64:]
+    sve = next(s for s in obj["sections"] if s["name"] == "sve_context")
+    sve["fields"]["vl"] = 32
+    with pytest.raises(BlobError, match="sve_context: field vl is 32 in the JSON but 0x40"):
+        ba.encode(obj)
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"arch": "x86"}, "not an arm64 blob object"),
+    ({"arch": "arm64", "format": "core", "size": 0}, "cannot be encoded"),
+    ({"arch": "arm64", "format": "zt", "size": -1}, "is not a byte count"),
+    ({"arch": "arm64", "format": "zt", "size": 64, "extra": [{"offset": 60, "hex": "0102030405"}]},
+     "outside the 64-byte blob"),
+    ({"arch": "arm64", "format": "zt", "size": 64,
+      "sections": [{"name": "ZT0", "registers": {"ZT0": "0x1" + "0" * 128}}]}, "does not fit"),
+    ({"arch": "arm64", "format": "zt", "size": 64,
+      "sections": [{"name": "ZA", "registers": {}}]}, "section 'ZA' is not in the blob"),
+    ({"arch": "arm64", "format": "fpmr", "size": 8,
+      "sections": [{"name": "FPMR", "registers": {"FPMR": "zz"}}]}, "is not a number"),
+])
+def test_encode_errors(obj, message) -> None:
+    with pytest.raises(BlobError, match=message):
+        ba.encode(obj)
+
+
+def test_cli_encode_round_trip_and_errors(files, tmp_path, capsys) -> None:
+    assert main(["decode", "--arch", "arm64", "--format", "za", str(files["za"]), "--json"]) == 0
+    js = tmp_path / "za.json"
+    js.write_text(capsys.readouterr().out)
+    out = tmp_path / "za.bin"
+    assert main(["encode", str(js), "-o", str(out)]) == 0
+    assert out.read_bytes() == files["za"].read_bytes()
+    assert main(["encode", str(js), "--format", "xsave"]) == 2
+    assert "encoded in its own format only" in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(sorted(ba.REGSET_FORMATS)), vl=st.sampled_from([16, 32, 64]),
+       data=st.binary(max_size=2300))
+def test_encode_reproduces_whatever_decodes(fmt: str, vl: int, data: bytes) -> None:
+    if fmt in ("sve", "ssve", "za") and len(data) >= 10:
+        data = data[:8] + vl.to_bytes(2, "little") + data[10:]
+    try:
+        [d] = ba.decode(data, fmt)
+    except BlobError:
+        return
+    assert ba.encode(json.loads(json.dumps(d.to_dict()))) == data

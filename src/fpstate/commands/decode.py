@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(run=run_decode)
 
     e = subparsers.add_parser("encode", help="bytes of a decoded blob (decode --json)",
-                              description="Write the blob a 'decode --json' object describes.")
+                              description="Write the blob a 'decode --json' object describes "
+                              "(x86, or arm64 from decode --arch arm64 --json: byte-exact).")
     e.add_argument("json_file", metavar="JSON")
     e.add_argument("--cpu", default="host", metavar="CPU", help=_CPU_HELP)
     e.add_argument("--format", default=None, choices=FORMATS,
@@ -222,6 +223,17 @@ def run_encode(args: argparse.Namespace) -> int:
         if len(obj) != 1:
             raise BlobError(f"{args.json_file} holds {len(obj)} blobs; encode takes one")
         text = json.dumps(obj[0])
+        obj = obj[0]
+    if obj is None and '"arm64"' in text:
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise BlobError(f"blob JSON does not parse: {e}") from None
+    if isinstance(obj, dict) and obj.get("arch") == "arm64":  # decode --arch arm64 --json
+        if args.format is not None:
+            raise BlobError("--format: an arm64 blob is encoded in its own format only")
+        _write(blob_arm64.encode(obj), args.output)
+        return 0
     _write(encode(text, resolve_cpu(args.cpu), args.format), args.output)
     return 0
 

@@ -69,13 +69,14 @@ FPMR_FIELDS: tuple[tuple[str, int, int], ...] = (
 @dataclass(frozen=True, slots=True)
 class Section:
     """One part of a blob: a header, a record, a register group. ``fields`` are named header
-    values; ``registers`` (name, value, width in bytes) the registers it holds."""
+    values; ``registers`` (name, value, width in bytes, offset in the blob) the registers it
+    holds."""
 
     name: str
     offset: int
     size: int
     fields: tuple[tuple[str, int], ...] = ()
-    registers: tuple[tuple[str, int, int], ...] = ()
+    registers: tuple[tuple[str, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,9 @@ class Arm64Blob:
     sections: tuple[Section, ...]
     warnings: tuple[str, ...] = ()
     label: str = ""
+    #: Runs of non-zero bytes no register covers (headers, record heads, padding, the general
+    #: registers of a frame): with the registers, every byte of the blob, for `encode`.
+    extra: tuple[tuple[int, bytes], ...] = ()
 
     def section(self, name: str) -> Section:
         for s in self.sections:
@@ -97,7 +101,7 @@ class Arm64Blob:
     def register(self, name: str) -> int:
         """The value of register ``name`` (Z3, P0, FFR, ZA[2], FPMR...); KeyError if absent."""
         for s in self.sections:
-            for n, v, _ in s.registers:
+            for n, v, _, _ in s.registers:
                 if n == name:
                     return v
         raise KeyError(name)
@@ -106,8 +110,10 @@ class Arm64Blob:
         return {"arch": "arm64", "format": self.fmt, "size": self.size,
                 "sections": [{"name": s.name, "offset": s.offset, "size": s.size,
                               "fields": dict(s.fields),
-                              "registers": {n: f"0x{v:0{2 * w}x}" for n, v, w in s.registers}}
+                              "registers": {n: f"0x{v:0{2 * w}x}" for n, v, w, _ in s.registers},
+                              "offsets": {n: at for n, _, _, at in s.registers}}
                              for s in self.sections],
+                "extra": [{"offset": off, "hex": raw.hex()} for off, raw in self.extra],
                 "warnings": list(self.warnings)}
 
 
@@ -115,15 +121,22 @@ def _le(data: bytes, off: int, size: int) -> int:
     return int.from_bytes(data[off:off + size], "little")
 
 
-def _vector(name: str, data: bytes, off: int, width: int, count: int) -> list[tuple[str, int,
-                                                                                   int]]:
-    return [(f"{name}{n}", _le(data, off + n * width, width), width) for n in range(count)]
+#: A register in a section: (name, value, width in bytes, offset in the blob).
+Reg = tuple[str, int, int, int]
+
+
+def _reg(name: str, data: bytes, off: int, width: int) -> Reg:
+    return (name, _le(data, off, width), width, off)
+
+
+def _vector(name: str, data: bytes, off: int, width: int, count: int) -> list[Reg]:
+    return [_reg(f"{name}{n}", data, off + n * width, width) for n in range(count)]
 
 
 # --- regsets ---------------------------------------------------------------------------------
 def _fpsimd_section(data: bytes, off: int, name: str = "user_fpsimd_state") -> Section:
     regs = _vector("V", data, off, 16, 32)
-    regs += [("FPSR", _le(data, off + 512, 4), 4), ("FPCR", _le(data, off + 516, 4), 4)]
+    regs += [_reg("FPSR", data, off + 512, 4), _reg("FPCR", data, off + 516, 4)]
     return Section(name, off, USER_FPSIMD_STATE_SIZE, registers=tuple(regs))
 
 
@@ -132,14 +145,13 @@ def _sve_block(data: bytes, off: int, vl: int, name: str) -> Section:
     vq = sve_vq_from_vl(vl)
     regs = _vector("Z", data, off + sve_zreg_offset(vq, 0), vl, 32)
     regs += _vector("P", data, off + sve_preg_offset(vq, 0), sve_preg_size(vq), 16)
-    regs.append(("FFR", _le(data, off + sve_ffr_offset(vq), sve_preg_size(vq)),
-                 sve_preg_size(vq)))
+    regs.append(_reg("FFR", data, off + sve_ffr_offset(vq), sve_preg_size(vq)))
     return Section(name, off, sve_regs_size(vq), registers=tuple(regs))
 
 
 def _za_rows(data: bytes, off: int, vl: int, name: str = "ZA") -> Section:
     return Section(name, off, vl * vl, registers=tuple(
-        (f"ZA[{n}]", _le(data, off + n * vl, vl), vl) for n in range(vl)))
+        _reg(f"ZA[{n}]", data, off + n * vl, vl) for n in range(vl)))
 
 
 def _need(data: bytes, size: int, what: str) -> None:
@@ -157,8 +169,7 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
     if fmt == "zt":
         _need(data, ZT_SIG_REG_BYTES, "ZT0")
         return [Section("ZT0", 0, ZT_SIG_REG_BYTES,
-                        registers=(("ZT0", _le(data, 0, ZT_SIG_REG_BYTES), ZT_SIG_REG_BYTES),))], \
-            warn
+                        registers=(_reg("ZT0", data, 0, ZT_SIG_REG_BYTES),))], warn
     if fmt == "fpmr":
         _need(data, 8, "FPMR")
         v = _le(data, 0, 8)
@@ -166,7 +177,7 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
         known = sum(((1 << w) - 1) << lo for _, lo, w in FPMR_FIELDS)
         if v & ~known:
             warn.append(f"FPMR bits {v & ~known:#x} are RES0")
-        return [Section("FPMR", 0, 8, fields, (("FPMR", v, 8),))], warn
+        return [Section("FPMR", 0, 8, fields, (("FPMR", v, 8, 0),))], warn
     _need(data, USER_SVE_HEADER_SIZE, "the user_sve_header/user_za_header")
     size, max_size, vl, max_vl, flags, reserved = struct.unpack_from("<IIHHHH", data)
     hdr = (("size", size), ("max_size", max_size), ("vl", vl), ("max_vl", max_vl),
@@ -205,7 +216,7 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
         _need(data, fpsr_at + 8, f"the SVE payload at vl {vl}")
         out.append(_sve_block(data, USER_SVE_HEADER_SIZE, vl, "SVE registers"))
         out.append(Section("FPSR/FPCR", fpsr_at, 8, registers=(
-            ("FPSR", _le(data, fpsr_at, 4), 4), ("FPCR", _le(data, fpsr_at + 4, 4), 4))))
+            _reg("FPSR", data, fpsr_at, 4), _reg("FPCR", data, fpsr_at + 4, 4))))
     else:
         if fmt == "ssve":
             warn.append("NT_ARM_SSVE in FPSIMD format: the kernel never writes it, and "
@@ -280,15 +291,15 @@ def _record(data: bytes, at: int, size: int, name: str, warn: list[str]) -> list
     if name == "fpsimd":
         if size != sig.FPSIMD_CONTEXT_SIZE:
             warn.append(f"fpsimd_context size {size} != {sig.FPSIMD_CONTEXT_SIZE}")
-        regs = [("FPSR", _le(data, at + 8, 4), 4), ("FPCR", _le(data, at + 12, 4), 4)]
+        regs = [_reg("FPSR", data, at + 8, 4), _reg("FPCR", data, at + 12, 4)]
         regs += _vector("V", data, at + 16, 16, 32)
         return [Section(title, at, size, registers=tuple(regs))]
     if name in ("esr", "tpidr2", "fpmr", "poe"):
         reg = {"esr": "ESR", "tpidr2": "TPIDR2_EL0", "fpmr": "FPMR", "poe": "POR_EL0"}[name]
-        return [Section(title, at, size, registers=((reg, _le(data, at + 8, 8), 8),))]
+        return [Section(title, at, size, registers=(_reg(reg, data, at + 8, 8),))]
     if name == "gcs":
         return [Section(title, at, size, (("features_enabled", _le(data, at + 16, 8)),),
-                        (("GCSPR_EL0", _le(data, at + 8, 8), 8),))]
+                        (_reg("GCSPR_EL0", data, at + 8, 8),))]
     if name == "sve":
         vl, flags = struct.unpack_from("<HH", data, at + 8)
         sec = Section(title, at, size, (("vl", vl), ("flags", flags),
@@ -319,8 +330,7 @@ def _record(data: bytes, at: int, size: int, name: str, warn: list[str]) -> list
                     f"{sig.zt_sig_context_size(1)})")
         return [sec]
     return [sec, Section("ZT0", at + 16, ZT_SIG_REG_BYTES,
-                         registers=(("ZT0", _le(data, at + 16, ZT_SIG_REG_BYTES),
-                                     ZT_SIG_REG_BYTES),))]
+                         registers=(_reg("ZT0", data, at + 16, ZT_SIG_REG_BYTES),))]
 
 
 # --- entry points ----------------------------------------------------------------------------
@@ -346,8 +356,7 @@ def decode(data: bytes, fmt: str) -> list[Arm64Blob]:
         for n in notes:
             f = _FORMAT_OF_NOTE[n.kind]
             blob = decode(n.data, f)[0]
-            out.append(Arm64Blob(f, blob.size, blob.sections, blob.warnings,
-                                 f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}"))
+            out.append(replace(blob, label=f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}"))
         return out
     if fmt == "sigframe":
         sections, warn = _decode_sigframe(data)
@@ -355,7 +364,123 @@ def decode(data: bytes, fmt: str) -> list[Arm64Blob]:
         sections, warn = _decode_regset(data, fmt)
     else:
         raise BlobError(f"unknown arm64 format {fmt!r} (one of {', '.join(FORMATS)})")
-    return [Arm64Blob(fmt, len(data), tuple(sections), tuple(warn))]
+    return [Arm64Blob(fmt, len(data), tuple(sections), tuple(warn), extra=_extra(data, sections))]
+
+
+def _extra(data: bytes, sections: list[Section]) -> tuple[tuple[int, bytes], ...]:
+    """Maximal runs of non-zero bytes outside every register."""
+    covered = bytearray(len(data))
+    for sec in sections:
+        for _, _, width, off in sec.registers:
+            covered[off:off + width] = b"\1" * len(covered[off:off + width])
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        if covered[i] or not data[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not covered[j] and data[j]:
+            j += 1
+        out.append((i, data[i:j]))
+        i = j
+    return tuple(out)
+
+
+#: The largest blob `encode` writes (a streaming frame at the largest SVL is under 100 KiB).
+ENCODE_LIMIT = 1 << 20
+
+
+def encode(obj: Mapping[str, Any]) -> bytes:
+    """The bytes a ``decode --arch arm64 --json`` object describes: its ``extra`` runs, then
+    each register's value at the place the decoded layout gives it. Fields are read from the
+    bytes, not written: the result is decoded again and a field or register that does not come
+    back as the object says is a BlobError naming it (change the header through ``extra``)."""
+    if not isinstance(obj, Mapping) or obj.get("arch") != "arm64":
+        raise BlobError("not an arm64 blob object (decode --arch arm64 --json)")
+    fmt, size = obj.get("format"), obj.get("size")
+    if fmt not in REGSET_FORMATS and fmt != "sigframe":
+        raise BlobError(f"format {fmt!r} cannot be encoded (one of "
+                        f"{', '.join((*REGSET_FORMATS, 'sigframe'))}; a core is one object per "
+                        "note)")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= ENCODE_LIMIT:
+        raise BlobError(f"size {size!r} is not a byte count from 0 to {ENCODE_LIMIT}")
+    buf = bytearray(size)
+    extra = obj.get("extra", [])
+    if not isinstance(extra, list):
+        raise BlobError("extra must be a list of {offset, hex}")
+    for e in extra:
+        try:
+            off, raw = int(e["offset"]), bytes.fromhex(e["hex"])
+        except (TypeError, KeyError, ValueError):
+            raise BlobError(f"extra entry {e!r} is not {{offset, hex}}") from None
+        if off < 0 or off + len(raw) > size:
+            raise BlobError(f"extra bytes at {off:#x}+{len(raw)} are outside the {size}-byte "
+                            "blob")
+        buf[off:off + len(raw)] = raw
+    want = _json_sections(obj)
+    layout = decode(bytes(buf), fmt)[0]
+    for sec in layout.sections:
+        for name, _, width, off in sec.registers:
+            value = want.get(sec.name, {}).get("registers", {}).get(name)
+            if value is None:
+                continue
+            if value >> (8 * width):
+                raise BlobError(f"{sec.name}: {name} = {value:#x} does not fit its {width} "
+                                "bytes")
+            buf[off:off + width] = value.to_bytes(width, "little")
+    data = bytes(buf)
+    _compare(decode(data, fmt)[0], want)
+    return data
+
+
+def _json_sections(obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{section name: {"fields": {..}, "registers": {name: int}}} of a blob object."""
+    out: dict[str, dict[str, Any]] = {}
+    sections = obj.get("sections", [])
+    if not isinstance(sections, list):
+        raise BlobError("sections must be a list")
+    for sec in sections:
+        if not isinstance(sec, Mapping) or not isinstance(sec.get("name"), str):
+            raise BlobError(f"section {sec!r} has no name")
+        regs = {}
+        for name, text in (sec.get("registers") or {}).items():
+            try:
+                regs[name] = int(text, 16) if isinstance(text, str) else int(text)
+            except (TypeError, ValueError):
+                raise BlobError(f"{sec['name']}: {name} = {text!r} is not a number") from None
+            if regs[name] < 0:
+                raise BlobError(f"{sec['name']}: {name} = {text!r} is negative")
+        fields = sec.get("fields") or {}
+        if not isinstance(fields, Mapping):
+            raise BlobError(f"{sec['name']}: fields must be a mapping")
+        out.setdefault(sec["name"], {"fields": {}, "registers": {}})
+        out[sec["name"]]["fields"].update(fields)
+        out[sec["name"]]["registers"].update(regs)
+    return out
+
+
+def _compare(got: Arm64Blob, want: dict[str, dict[str, Any]]) -> None:
+    """BlobError for the first section, field or register of ``want`` that the bytes do not
+    give back."""
+    have = {}
+    for sec in got.sections:
+        have.setdefault(sec.name, {"fields": {}, "registers": {}})
+        have[sec.name]["fields"].update(dict(sec.fields))
+        have[sec.name]["registers"].update({n: v for n, v, _, _ in sec.registers})
+    for name, w in want.items():
+        h = have.get(name)
+        if h is None:
+            raise BlobError(f"section {name!r} is not in the blob the bytes make (sections: "
+                            f"{', '.join(have)})")
+        for kind in ("fields", "registers"):
+            for k, v in w[kind].items():
+                if k not in h[kind]:
+                    raise BlobError(f"{name}: no {kind[:-1]} {k!r} in the blob the bytes make")
+                if h[kind][k] != v:
+                    raise BlobError(f"{name}: {kind[:-1]} {k} is {v!r} in the JSON but "
+                                    f"{h[kind][k]:#x} in the bytes (fields are read from the "
+                                    "bytes: change them through extra)")
 
 
 def render(blob: Arm64Blob, label: str, show_all: bool = False) -> str:
@@ -367,7 +492,7 @@ def render(blob: Arm64Blob, label: str, show_all: bool = False) -> str:
             head += ": " + ", ".join(f"{n} {v:#x}" for n, v in s.fields)
         lines.append(head)
         hidden = 0
-        for n, v, w in s.registers:
+        for n, v, w, _ in s.registers:
             if v or show_all:
                 lines.append(f"    {n:<8} 0x{v:0{2 * w}x}")
             else:
@@ -456,4 +581,4 @@ def validate(data: bytes, fmt: str, path: str, caps: HostCaps,
 
 
 __all__ = ["FORMATS", "FPMR_FIELDS", "REGSET_FORMATS", "Arm64Blob", "Arm64Verdict", "Section",
-           "core_notes", "decode", "is_core", "render", "target_for", "validate"]
+           "core_notes", "decode", "encode", "is_core", "render", "target_for", "validate"]
