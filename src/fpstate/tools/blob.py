@@ -470,7 +470,7 @@ def decode(data: bytes, profile: CpuidProfile, fmt: str = "auto", *,
                                     (0 if p.number == 0 else 160), p.size,
                                     bool(xstate_bv >> p.number & 1),
                                     _init_values(p.number, regs), tuple(regs.items())))
-    extra = _runs(data, covered)
+    extra = uncovered_runs(data, covered)
     _header_warnings(data, profile, fmt, frame, xstate_bv, xcomp_bv, places, comps, warn)
     return Blob(fmt, profile.name, len(data), detected, xstate_bv, xcomp_bv,
                 blob_xcr0 if sw is None else sw.xfeatures, sw, magic2,
@@ -525,8 +525,9 @@ def _decode_ia32(data: bytes, profile: CpuidProfile, detected: str | None,
                 tuple((off + h, raw) for off, raw in inner.extra), tuple(warn), header)
 
 
-def _runs(data: bytes, covered: bytearray) -> tuple[tuple[int, bytes], ...]:
-    """Maximal runs of non-zero bytes that no field covers."""
+def uncovered_runs(data: bytes, covered: bytearray) -> tuple[tuple[int, bytes], ...]:
+    """Maximal runs of non-zero bytes of ``data`` where ``covered`` is zero (no field or
+    register covers them), as (offset, bytes)."""
     out = []
     i, n = 0, len(data)
     while i < n:

@@ -51,6 +51,7 @@ from fpstate.errors import BlobError
 from fpstate.kernel.arm64 import ptrace as pt
 from fpstate.kernel.arm64 import signal as sig
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, HostCaps
+from fpstate.tools.blob import uncovered_runs
 from fpstate.tools.corefile import is_core, thread_notes
 
 #: Raw formats and the regset note each one is.
@@ -373,18 +374,7 @@ def _extra(data: bytes, sections: list[Section]) -> tuple[tuple[int, bytes], ...
     for sec in sections:
         for _, _, width, off in sec.registers:
             covered[off:off + width] = b"\1" * len(covered[off:off + width])
-    out = []
-    i, n = 0, len(data)
-    while i < n:
-        if covered[i] or not data[i]:
-            i += 1
-            continue
-        j = i
-        while j < n and not covered[j] and data[j]:
-            j += 1
-        out.append((i, data[i:j]))
-        i = j
-    return tuple(out)
+    return uncovered_runs(data, covered)
 
 
 #: The largest blob `encode` writes (a streaming frame at the largest SVL is under 100 KiB).
