@@ -212,6 +212,8 @@ def test_cli_validate_statuses(files, capsys) -> None:
     (["decode", "--arch", "arm64", "F"], "needs --format"),
     (["decode", "--arch", "arm64", "--format", "uabi", "F"], "not an arm64 format"),
     (["decode", "--arch", "arm64", "--format", "sve", "pid:1"], "reads files only"),
+    (["decode", "--arch", "arm64", "--format", "sve", "kvm:3"], "reads files only"),
+    (["decode", "--arch", "arm64", "--format", "sve", "kvm_dump.bin"], "cannot read kvm_dump"),
     (["validate", "F", "--as", "ptrace", "--vl", "32"], "--vl is an arm64 option"),
     (["validate", "--arch", "arm64", "--as", "kvm", "--format", "sve", "F"],
      "unknown path 'kvm' for arm64"),

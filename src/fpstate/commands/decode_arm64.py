@@ -41,7 +41,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str) -> bytes:
-    if path.startswith(("pid:", "kvm")) and not path.startswith("kvm/"):
+    if path == "kvm" or path.startswith(("pid:", "kvm:")):
         raise BlobError(f"{path}: --arch arm64 reads files only (this machine is not arm64)")
     try:
         return read_bytes(path)
