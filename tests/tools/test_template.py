@@ -397,3 +397,48 @@ def test_intel_keeps_pkru_at_0xa80_without_avx512() -> None:
     t = pool_template([P["zen2"], P["zen3"]])
     assert t.xcr0 == 0x7 and {x.number: x.reason for x in t.left}[9].startswith(
         "KVM on zen2 does not offer it")
+
+
+# -- QEMU -cpu ---------------------------------------------------------------------------------
+
+
+def test_qemu_cpu_removes_the_flags_of_the_components_left_out() -> None:
+    t = pool_template([P["zen4"], P["sapphire-rapids"]])
+    assert t.to_qemu() == ("host,-avx512f,-pku,-amx-tile", (
+        "on a CPU with AVX10 (CPUID.(7,1):EDX[19]) QEMU also enables the AVX-512 components "
+        "for it: remove that flag too",))
+    assert t.to_qemu("Icelake-Server")[0].startswith("Icelake-Server,-avx512f")
+    # CET user state left out: no shadow stack and no user IBT either.
+    assert pool_template([P["zen2"], P["zen3"]]).to_qemu() == ("host,-pku,-cet-ss,-cet-ibt", ())
+    # A flag whose QEMU name is not known here becomes a note, not a guessed name.
+    apx = replace(t, clear_flags=(("APX", (19,)),))
+    cpu, notes = apx.to_qemu()
+    assert cpu == "host" and notes == (
+        "APX (CPUID.(EAX=0x7,ECX=0x1):EDX[21]) has no QEMU flag name known to fpstate: leave "
+        "it out of the CPU model (apx)",)
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(sorted(P), 2)),
+                         ids="+".join)
+def test_qemu_flags_leave_exactly_the_template_xcr0(pair) -> None:
+    """QEMU enables a component when its gating flag is set (x86_ext_save_areas[]): with the
+    template's flags removed, what each host's KVM offers and QEMU still enables is the
+    template's XCR0 -- every flag removed has a QEMU name."""
+    from fpstate.tools.template import QEMU_FLAG, _gate_of
+
+    t = pool_template([P[n] for n in pair])
+    removed = {f for f, _ in t.clear_flags}
+    assert removed <= set(QEMU_FLAG)
+    for n in pair:
+        offer = host_offer(P[n]).xcr0
+        kept = sum(1 << i for i in range(64)
+                   if (offer >> i) & 1 and _gate_of(i) not in removed)
+        assert kept == t.xcr0, (n, hex(kept), hex(t.xcr0))
+
+
+def test_cli_qemu(capsys) -> None:
+    assert main(["template", "zen4", "sapphire-rapids", "--qemu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "-cpu host,-avx512f,-pku,-amx-tile" and out[1].startswith("# on a CPU")
+    assert main(["template", "--check", "x.json", "zen4", "--qemu"]) == 2
+    assert "--check takes no" in capsys.readouterr().err

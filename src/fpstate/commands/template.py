@@ -1,6 +1,6 @@
 """``fpstate template``: CPUID leaf 0xD for a guest of a pool of hosts, or a check of one.
 
-- ``fpstate template [CPU ...] [--xcr0 MASK] [--xss MASK] [--json | --firecracker]
+- ``fpstate template [CPU ...] [--xcr0 MASK] [--xss MASK] [--json | --firecracker | --qemu]
   [-o OUT]``: the largest leaf 0xD every CPU of the pool can honour (or that of the masks
   asked for), what it leaves out and why, and the CPUID flags to clear with it
   (`fpstate.tools.template.pool_template`). Exit 0; 2 when the pool cannot give the masks.
@@ -72,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--firecracker", action="store_true",
                      help="print a Firecracker custom CPU template (cpuid_modifiers)")
+    out.add_argument("--qemu", action="store_true",
+                     help="print QEMU's -cpu argument (host,-flag...): QEMU derives leaf 0xD "
+                     "from the flags")
     p.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
     p.set_defaults(run=run_template)
 
@@ -96,7 +99,8 @@ def run_arm64(args: argparse.Namespace) -> int:
     if not args.cpus:
         raise TemplateError("--arch arm64 needs the pool's CPUs (arm64 profile names or files)")
     for flag, given in (("--check", args.check), ("--xcr0", args.xcr0), ("--xss", args.xss),
-                        ("--firecracker", args.firecracker or None), ("--vendor", args.vendor),
+                        ("--firecracker", args.firecracker or None), ("--qemu", args.qemu or None),
+                        ("--vendor", args.vendor),
                         ("--guest-kernel", args.guest_kernel)):
         if given is not None:
             raise TemplateError(f"{flag} is x86's (for arm64, fpstate compat --arch arm64 "
@@ -113,8 +117,8 @@ def run_template(args: argparse.Namespace) -> int:
     specs = args.cpus or ["host"]
     cpus = [resolve_cpu(c) for c in specs]
     if args.check is not None:
-        if args.xcr0 is not None or args.xss is not None or args.firecracker:
-            raise TemplateError("--check takes no --xcr0, --xss or --firecracker")
+        if args.xcr0 is not None or args.xss is not None or args.firecracker or args.qemu:
+            raise TemplateError("--check takes no --xcr0, --xss, --firecracker or --qemu")
         checks = []
         for spec, cpu in zip(specs, cpus, strict=True):
             offer, measured = _offer(spec, cpu, args.vendor)
@@ -134,6 +138,9 @@ def run_template(args: argparse.Namespace) -> int:
         text = json.dumps(t.to_json(), indent=2)
     elif args.firecracker:
         text = json.dumps(t.to_firecracker(), indent=2)
+    elif args.qemu:
+        cpu, notes = t.to_qemu()
+        text = "\n".join([f"-cpu {cpu}", *(f"# {n}" for n in notes)])
     else:
         text = format_template(t)
     _write(args.output, text)

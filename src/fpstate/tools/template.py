@@ -229,6 +229,22 @@ class Left:
         return _name(self.number)
 
 
+#: QEMU's names of each feature flag a template may clear (feature_word_info[].feat_names,
+#: target/i386/cpu.c: FEAT_1_EDX/ECX, FEAT_7_0_EBX/ECX/EDX, FEAT_XSAVE, FEAT_8000_0001_ECX;
+#: "cet-ss"/"cet-ibt" as QEMU's CPU models name CPUID.(7,0):ECX[7] and EDX[20]). Without
+#: CET user state (SHSTK's components) a guest cannot have user IBT either, so SHSTK removes
+#: both. OSXSAVE and OSPKE are not settable (QEMU computes them); ENQCMD and APX have no
+#: name confirmed here.
+QEMU_FLAG: dict[str, tuple[str, ...]] = {
+    "FPU": ("fpu",), "FXSR": ("fxsr",), "XMM": ("sse",), "XSAVE": ("xsave",),
+    "AVX": ("avx",), "MPX": ("mpx",), "AVX512F": ("avx512f",), "INTEL_PT": ("intel-pt",),
+    "PKU": ("pku",), "SHSTK": ("cet-ss", "cet-ibt"), "IBT": ("cet-ibt",),
+    "AMX_BF16": ("amx-bf16",), "AMX_TILE": ("amx-tile",), "AMX_INT8": ("amx-int8",),
+    "XSAVEOPT": ("xsaveopt",), "XSAVEC": ("xsavec",), "XGETBV1": ("xgetbv1",),
+    "XSAVES": ("xsaves",), "XFD": ("xfd",), "LWP": ("lwp",),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     """CPUID leaf 0xD for a guest of a pool of hosts."""
@@ -300,6 +316,27 @@ class Template:
                          "modifiers": [{"register": r, "bitmap": "0b" + "".join(regs[r])}
                                        for r in sorted(regs)]})
         return {"cpuid_modifiers": mods}
+
+    def to_qemu(self, base: str = "host") -> tuple[str, tuple[str, ...]]:
+        """(the ``-cpu`` argument, notes): QEMU builds leaf 0xD itself, enabling a component
+        when its gating feature flag is set (x86_ext_save_areas[].features, target/i386/
+        cpu.c) and taking sizes and offsets from the host through KVM; so a template is the
+        flags of the components left out, removed ("-name"). A flag with no QEMU name known
+        here is a note instead."""
+        names: list[str] = []
+        notes = []
+        for f, comps in self.clear_flags:
+            qemu = QEMU_FLAG.get(f)
+            if qemu is None:
+                left = ", ".join(_name(i) for i in comps)
+                notes.append(f"{f} ({FLAGS[f]}) has no QEMU flag name known to fpstate: "
+                             f"leave it out of the CPU model ({left})")
+            else:
+                names += [f"-{n}" for n in qemu if f"-{n}" not in names]
+        if "AVX512F" in dict(self.clear_flags):
+            notes.append("on a CPU with AVX10 (CPUID.(7,1):EDX[19]) QEMU also enables the "
+                         "AVX-512 components for it: remove that flag too")
+        return ",".join([base, *names]), tuple(notes)
 
 
 def _gate_of(i: int) -> str | None:
