@@ -408,8 +408,10 @@ def test_qemu_cpu_removes_the_flags_of_the_components_left_out() -> None:
         "on a CPU with AVX10 (CPUID.(7,1):EDX[19]) QEMU also enables the AVX-512 components "
         "for it: remove that flag too",))
     assert t.to_qemu("Icelake-Server")[0].startswith("Icelake-Server,-avx512f")
-    # CET user state left out: no shadow stack and no user IBT either.
-    assert pool_template([P["zen2"], P["zen3"]]).to_qemu() == ("host,-pku,-cet-ss,-cet-ibt", ())
+    # CET user state left out: a note, since QEMU 7.2 has no cet-ss property to remove.
+    assert pool_template([P["zen2"], P["zen3"]]).to_qemu() == ("host,-pku", (
+        "CET state left out (cet_user, cet_kernel): a QEMU that knows CET also needs "
+        "-cet-ss,-cet-ibt; an older one (no cet-ss property) never offers it",))
     # A flag whose QEMU name is not known here becomes a note, not a guessed name.
     apx = replace(t, clear_flags=(("APX", (19,)),))
     cpu, notes = apx.to_qemu()
@@ -424,11 +426,11 @@ def test_qemu_flags_leave_exactly_the_template_xcr0(pair) -> None:
     """QEMU enables a component when its gating flag is set (x86_ext_save_areas[]): with the
     template's flags removed, what each host's KVM offers and QEMU still enables is the
     template's XCR0 -- every flag removed has a QEMU name."""
-    from fpstate.tools.template import QEMU_FLAG, _gate_of
+    from fpstate.tools.template import QEMU_CET, QEMU_FLAG, _gate_of
 
     t = pool_template([P[n] for n in pair])
     removed = {f for f, _ in t.clear_flags}
-    assert removed <= set(QEMU_FLAG)
+    assert removed <= set(QEMU_FLAG) | QEMU_CET
     for n in pair:
         offer = host_offer(P[n]).xcr0
         kept = sum(1 << i for i in range(64)
@@ -442,3 +444,90 @@ def test_cli_qemu(capsys) -> None:
     assert out[0] == "-cpu host,-avx512f,-pku,-amx-tile" and out[1].startswith("# on a CPU")
     assert main(["template", "--check", "x.json", "zen4", "--qemu"]) == 2
     assert "--check takes no" in capsys.readouterr().err
+
+
+def _qemu() -> str:
+    import shutil
+
+    q = shutil.which("qemu-system-x86_64")
+    if q is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    return q
+
+
+def test_every_qemu_flag_name_is_one_real_qemu_knows() -> None:
+    """The names come from QEMU's source; the QEMU installed here lists each of them."""
+    import subprocess
+
+    from fpstate.tools.template import QEMU_FLAG
+
+    out = subprocess.run([_qemu(), "-cpu", "help"], capture_output=True, text=True,
+                         check=True).stdout
+    known = set(out.split("Recognized CPUID flags:")[1].split())
+    assert set(QEMU_FLAG.values()) - known == set()
+
+
+@pytest.mark.parametrize("pair", [("zen4", "sapphire-rapids"), ("zen2", "zen3"),
+                                  ("haswell", "icelake-sp")], ids="+".join)
+def test_real_qemu_takes_the_cpu_argument(pair) -> None:
+    """QEMU (TCG: this machine's KVM is PVM, which QEMU cannot drive) accepts the -cpu line
+    of the template on its 'max' model: it starts paused instead of refusing a property."""
+    import subprocess
+
+    cpu, _ = pool_template([P[n] for n in pair]).to_qemu("max")
+    proc = subprocess.Popen([_qemu(), "-accel", "tcg", "-M", "pc", "-cpu", cpu, "-S",
+                             "-display", "none", "-monitor", "none", "-serial", "none",
+                             "-nodefaults"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _, err = proc.communicate(timeout=3)
+        pytest.fail(f"qemu refused -cpu {cpu}: {err.strip()}")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def _cpuid_boot_sector() -> bytes:
+    """A boot sector that writes CPUID.(0DH,0):EAX as 8 hex digits and a newline to the debug
+    console (port 0xE9), then exits QEMU through isa-debug-exit (port 0xF4). Real mode."""
+    code = bytearray(b"\x31\xc0\x8e\xd8"                        # xor ax,ax; mov ds,ax
+                     b"\x66\xb8\x0d\x00\x00\x00\x66\x31\xc9"    # mov eax,0xd; xor ecx,ecx
+                     b"\x0f\xa2\x66\x89\xc3"                    # cpuid; mov ebx,eax
+                     b"\xb9\x08\x00"                            # mov cx,8
+                     b"\x66\xc1\xc3\x04\x88\xd8\x24\x0f"        # l: rol ebx,4; mov al,bl; and al,15
+                     b"\x3c\x0a\x72\x02\x04\x07\x04\x30"        # cmp al,10; jb d; add al,7; d: +'0'
+                     b"\xe6\xe9\xe2\xec"                        # out 0xe9,al; loop l
+                     b"\xb0\x0a\xe6\xe9\xb0\x00\xe6\xf4"        # newline; exit
+                     b"\xf4\xeb\xfd")                           # hlt
+    return bytes(code) + bytes(510 - len(code)) + b"\x55\xaa"
+
+
+def _qemu_leaf_0xd_eax(tmp_path, cpu: str) -> int:
+    import subprocess
+
+    boot, out = tmp_path / "boot.bin", tmp_path / f"{cpu}.txt"
+    boot.write_bytes(_cpuid_boot_sector())
+    subprocess.run([_qemu(), "-accel", "tcg", "-cpu", cpu, "-display", "none", "-nodefaults",
+                    "-monitor", "none", "-serial", "none", "-drive",
+                    f"format=raw,file={boot}", "-debugcon", f"file:{out}", "-device",
+                    "isa-debug-exit,iobase=0xf4,iosize=0x04"], capture_output=True,
+                   timeout=60, check=False)
+    return int(out.read_text().split()[0], 16)
+
+
+@pytest.mark.parametrize("pair", [("zen2", "zen3"), ("haswell", "zen4")], ids="+".join)
+def test_real_qemu_leaf_0xd_loses_exactly_the_components_of_the_flags_removed(pair,
+                                                                           tmp_path) -> None:
+    """A guest of the real QEMU (TCG's 'max' model) reads CPUID.(0DH,0):EAX with and without
+    the template's flags: what QEMU drops is exactly the components those flags gate (among
+    those TCG has: x87, SSE, AVX, MPX, PKRU)."""
+    from fpstate.tools.template import _gate_of
+
+    t = pool_template([P[n] for n in pair])
+    cpu, _ = t.to_qemu("max")
+    removed = {f for f, _ in t.clear_flags}
+    full = _qemu_leaf_0xd_eax(tmp_path, "max")
+    assert full & 0x207 == 0x207  # x87, SSE, AVX and PKRU are TCG's
+    gated = sum(1 << i for i in range(32) if (full >> i) & 1 and _gate_of(i) in removed)
+    assert gated, "the pair must leave out something TCG has"
+    assert _qemu_leaf_0xd_eax(tmp_path, cpu) == full & ~gated

@@ -229,20 +229,22 @@ class Left:
         return _name(self.number)
 
 
-#: QEMU's names of each feature flag a template may clear (feature_word_info[].feat_names,
+#: QEMU's name of each feature flag a template may clear (feature_word_info[].feat_names,
 #: target/i386/cpu.c: FEAT_1_EDX/ECX, FEAT_7_0_EBX/ECX/EDX, FEAT_XSAVE, FEAT_8000_0001_ECX;
-#: "cet-ss"/"cet-ibt" as QEMU's CPU models name CPUID.(7,0):ECX[7] and EDX[20]). Without
-#: CET user state (SHSTK's components) a guest cannot have user IBT either, so SHSTK removes
-#: both. OSXSAVE and OSPKE are not settable (QEMU computes them); ENQCMD and APX have no
-#: name confirmed here.
-QEMU_FLAG: dict[str, tuple[str, ...]] = {
-    "FPU": ("fpu",), "FXSR": ("fxsr",), "XMM": ("sse",), "XSAVE": ("xsave",),
-    "AVX": ("avx",), "MPX": ("mpx",), "AVX512F": ("avx512f",), "INTEL_PT": ("intel-pt",),
-    "PKU": ("pku",), "SHSTK": ("cet-ss", "cet-ibt"), "IBT": ("cet-ibt",),
-    "AMX_BF16": ("amx-bf16",), "AMX_TILE": ("amx-tile",), "AMX_INT8": ("amx-int8",),
-    "XSAVEOPT": ("xsaveopt",), "XSAVEC": ("xsavec",), "XGETBV1": ("xgetbv1",),
-    "XSAVES": ("xsaves",), "XFD": ("xfd",), "LWP": ("lwp",),
+#: every one listed by ``qemu-system-x86_64 -cpu help`` of QEMU 7.2). OSXSAVE and OSPKE are
+#: not settable (QEMU computes them). CET is `QEMU_CET`'s; ENQCMD and APX have no name
+#: confirmed here.
+QEMU_FLAG: dict[str, str] = {
+    "FPU": "fpu", "FXSR": "fxsr", "XMM": "sse", "XSAVE": "xsave", "AVX": "avx",
+    "MPX": "mpx", "AVX512F": "avx512f", "INTEL_PT": "intel-pt", "PKU": "pku",
+    "AMX_BF16": "amx-bf16", "AMX_TILE": "amx-tile", "AMX_INT8": "amx-int8",
+    "XSAVEOPT": "xsaveopt", "XSAVEC": "xsavec", "XGETBV1": "xgetbv1", "XSAVES": "xsaves",
+    "XFD": "xfd", "LWP": "lwp",
 }
+#: CET's flags: QEMU's CPU models name them "cet-ss" and "cet-ibt" since QEMU learned CET;
+#: an older QEMU (7.2 has neither property) never offers CET, and refuses "-cet-ss". Without
+#: CET user state a guest cannot have user IBT either, so both go.
+QEMU_CET = frozenset({"SHSTK", "IBT"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,13 +328,17 @@ class Template:
         names: list[str] = []
         notes = []
         for f, comps in self.clear_flags:
-            qemu = QEMU_FLAG.get(f)
-            if qemu is None:
-                left = ", ".join(_name(i) for i in comps)
+            left = ", ".join(_name(i) for i in comps)
+            if f in QEMU_CET:
+                note = ("CET state left out (" + left + "): a QEMU that knows CET also needs "
+                        "-cet-ss,-cet-ibt; an older one (no cet-ss property) never offers it")
+                if note not in notes:
+                    notes.append(note)
+            elif f in QEMU_FLAG:
+                names.append(f"-{QEMU_FLAG[f]}")
+            else:
                 notes.append(f"{f} ({FLAGS[f]}) has no QEMU flag name known to fpstate: "
                              f"leave it out of the CPU model ({left})")
-            else:
-                names += [f"-{n}" for n in qemu if f"-{n}" not in names]
         if "AVX512F" in dict(self.clear_flags):
             notes.append("on a CPU with AVX10 (CPUID.(7,1):EDX[19]) QEMU also enables the "
                          "AVX-512 components for it: remove that flag too")
