@@ -61,6 +61,9 @@ def test_cli_table_and_json(capsys) -> None:
     assert main(["sizes", "--arch", "arm64"]) == 0
     out = capsys.readouterr().out
     assert "arm64 FP sizes of fvp-aem-fpmr under kernel 6.17" in out and "7616" in out
+    # An x86 table of kernel 6.17 is still an xstate table.
+    assert main(["sizes", "--cpu", "zen4", "--kernel", "6.17"]) == 0
+    assert "xstate sizes of zen4 under kernel 6.17" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _table(sizes: Sizes, host: bool) -> None:
+def _table(sizes: Sizes, host: bool, what: str = "xstate sizes") -> None:
     t = Table()
     t.add_column("figure")
     t.add_column("model", justify="right")
@@ -60,7 +60,6 @@ def _table(sizes: Sizes, host: bool) -> None:
             row.append(f.rule)
         t.add_row(*row)
     con = _console()
-    what = "xstate sizes" if sizes.kernel != sizes_arm64.KERNEL else "arm64 FP sizes"
     con.print(f"{what} of {sizes.cpu} under kernel {sizes.kernel} (model)")
     con.print(t)
 
@@ -101,5 +100,5 @@ def _run_arm64(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(sizes.to_dict(), indent=1) + "\n")
     else:
-        _table(sizes, False)
+        _table(sizes, False, "arm64 FP sizes")
     return 0
