@@ -145,13 +145,15 @@ SVE_PT_REGS_FPSIMD, SVE_PT_REGS_SVE = 0, 1
 SVE_PT_VL_INHERIT, SVE_PT_VL_ONEXEC = (1 << 17) >> 16, (1 << 18) >> 16
 
 
-def _round16(n: int) -> int:
+def round16(n: int) -> int:
+    """The kernel's round_up(n, 16) / ALIGN(n, SVE_VQ_BYTES): the uapi sizes are multiples of
+    16 bytes."""
     return (n + 15) & ~15
 
 
 def sve_pt_fpsr_offset(vq: int) -> int:
     """SVE_PT_SVE_FPSR_OFFSET(vq): after FFR, 16-byte aligned (FPCR follows at +4)."""
-    return _round16(USER_SVE_HEADER_SIZE + sve_ffr_offset(vq) + sve_ffr_size(vq))
+    return round16(USER_SVE_HEADER_SIZE + sve_ffr_offset(vq) + sve_ffr_size(vq))
 
 
 def sve_pt_size(vq: int, flags: int) -> int:
@@ -159,7 +161,7 @@ def sve_pt_size(vq: int, flags: int) -> int:
     user_fpsimd_state payload."""
     if flags & SVE_PT_REGS_SVE:
         body = sve_pt_fpsr_offset(vq) + 4 + 4 - USER_SVE_HEADER_SIZE
-        return USER_SVE_HEADER_SIZE + _round16(body)
+        return USER_SVE_HEADER_SIZE + round16(body)
     return USER_SVE_HEADER_SIZE + USER_FPSIMD_STATE_SIZE
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -105,8 +106,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def _errno(ret: int) -> str:
-    names = {-22: "-EINVAL", -5: "-EIO", -12: "-ENOMEM"}
-    return names.get(ret, str(ret))
+    return f"-{errno.errorcode[-ret]}" if -ret in errno.errorcode else str(ret)
 
 
 __all__ = ["DEFAULT_CPU", "add_target_options", "run_decode", "run_validate"]

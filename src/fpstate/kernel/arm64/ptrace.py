@@ -35,6 +35,7 @@ from fpstate.arm64.regs import (
     USER_SVE_HEADER_SIZE,
     VL_ARCH_MAX,
     ZT_SIG_REG_BYTES,
+    round16,
     sve_ffr_offset,
     sve_ffr_size,
     sve_pt_fpsr_offset,
@@ -242,9 +243,6 @@ def _sve_header(caps: HostCaps, t: RegsetTarget, kind: str) -> tuple[bytes, int,
     return struct.pack("<IIHHHH", size, max_size, vl, max_vl, flags, 0), flags, size
 
 
-def _round16(n: int) -> int:
-    return (n + 15) & ~15
-
 
 def _sve_get(caps: HostCaps, t: RegsetTarget, kind: str) -> bytes:
     """sve_get_common(): the header; nothing more for the inactive mode; else the FPSIMD
@@ -255,7 +253,7 @@ def _sve_get(caps: HostCaps, t: RegsetTarget, kind: str) -> bytes:
     if not flags & SVE_PT_REGS_SVE:
         return header + user_fpsimd_state(t)
     vq = sve_vq_from_vl(t.vl(kind))
-    out = bytearray(_round16(size))
+    out = bytearray(round16(size))
     out[:USER_SVE_HEADER_SIZE] = header
     block = t.sve or bytes(sve_regs_size(vq))
     out[USER_SVE_HEADER_SIZE:USER_SVE_HEADER_SIZE + len(block)] = block

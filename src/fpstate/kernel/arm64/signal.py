@@ -31,6 +31,7 @@ from fpstate.arm64.regs import (
     ZT_SIG_REG_BYTES,
     P,
     V,
+    round16,
     sve_regs_size,
     sve_vq_from_vl,
     za_regs_size,
@@ -77,18 +78,15 @@ SIGFRAME_MAXSZ = 256 * 1024
 EINVAL, ENOMEM = 22, 12
 
 
-def _round16(n: int) -> int:
-    return (n + 15) & ~15
-
 
 def sve_sig_context_size(vq: int) -> int:
     """SVE_SIG_CONTEXT_SIZE(vq) = SVE_SIG_REGS_OFFSET (16) + SVE_SIG_REGS_SIZE(vq)."""
-    return _round16(SVE_CONTEXT_SIZE) + sve_regs_size(vq)
+    return round16(SVE_CONTEXT_SIZE) + sve_regs_size(vq)
 
 
 def za_sig_context_size(vq: int) -> int:
     """ZA_SIG_CONTEXT_SIZE(vq) = ZA_SIG_REGS_OFFSET (16) + (vq*16)**2."""
-    return _round16(ZA_CONTEXT_SIZE) + za_regs_size(vq)
+    return round16(ZA_CONTEXT_SIZE) + za_regs_size(vq)
 
 
 def zt_sig_context_size(nregs: int) -> int:
@@ -143,7 +141,7 @@ class _Layout:
 
     def alloc(self, name: str, magic: int, size: int, head_size: int,
               extend: bool = True) -> int:
-        padded = _round16(size)
+        padded = round16(size)
         if padded > self.limit - self.size and not self.extra_offset and extend:
             self.limit += EXTRA_CONTEXT_SIZE
             if self.alloc("extra", EXTRA_MAGIC, EXTRA_CONTEXT_STRUCT_SIZE, EXTRA_CONTEXT_SIZE,
@@ -190,16 +188,16 @@ def setup_sigframe_layout(caps: HostCaps, task: SigTask | None,
             vl = max(sve_max, sme_max) if add_all else (task.sme_vl if task.sm else task.sve_vl)
             vq = sve_vq_from_vl(vl)
         size = sve_sig_context_size(vq)
-        steps.append((True, "sve", SVE_MAGIC, size, _round16(size)))
+        steps.append((True, "sve", SVE_MAGIC, size, round16(size)))
     if f["tpidr2"]:
         steps.append((True, "tpidr2", TPIDR2_MAGIC, TPIDR2_CONTEXT_SIZE, None))
     if f["sme"]:
         vl = sme_max if add_all else task.sme_vl
         size = za_sig_context_size(sve_vq_from_vl(vl) if task.za else 0)
-        steps.append((True, "za", ZA_MAGIC, size, _round16(size)))
+        steps.append((True, "za", ZA_MAGIC, size, round16(size)))
     if f["sme2"] and (add_all or task.za):
         size = zt_sig_context_size(1)
-        steps.append((True, "zt", ZT_MAGIC, size, _round16(size)))
+        steps.append((True, "zt", ZT_MAGIC, size, round16(size)))
     if f["fpmr"]:
         steps.append((True, "fpmr", FPMR_MAGIC, FPMR_CONTEXT_SIZE, None))
     if f["poe"]:
@@ -218,13 +216,13 @@ def setup_sigframe_layout(caps: HostCaps, task: SigTask | None,
 
 def sigframe_size(layout: SigframeLayout) -> int:
     """sigframe_size(): round_up(max(size, sizeof(struct rt_sigframe)), 16)."""
-    return _round16(max(layout.size, RT_SIGFRAME_SIZE))
+    return round16(max(layout.size, RT_SIGFRAME_SIZE))
 
 
 def minsigstksz(caps: HostCaps) -> int:
     """minsigstksz_setup(): AT_MINSIGSTKSZ = the add_all frame + frame record + 16."""
     layout = setup_sigframe_layout(caps, None, add_all=True)
-    return sigframe_size(layout) + _round16(FRAME_RECORD_SIZE) + 16
+    return sigframe_size(layout) + round16(FRAME_RECORD_SIZE) + 16
 
 
 def sig_task(host: Host, name: str) -> SigTask:
@@ -259,7 +257,7 @@ def encode_sigframe(layout: SigframeLayout, task: SigTask, base: int = 0) -> byt
         elif r.name == "extra":
             userp = r.offset + EXTRA_CONTEXT_SIZE + TERMINATOR_SIZE
             struct.pack_into("<QI", buf, r.offset + 8, base + userp,
-                             _round16(layout.size) - userp)
+                             round16(layout.size) - userp)
     return bytes(buf)
 
 
