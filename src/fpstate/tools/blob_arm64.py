@@ -335,9 +335,15 @@ def _record(data: bytes, at: int, size: int, name: str, warn: list[str]) -> list
 
 
 # --- entry points ----------------------------------------------------------------------------
-def core_notes(data: bytes) -> list[bytes]:
-    """The FP notes of an arm64 core, in file order (those `decode` shows)."""
-    return [n.data for n in thread_notes(data, set(_FORMAT_OF_NOTE), machine="EM_AARCH64")]
+def core_notes(data: bytes) -> list[tuple[str, str, bytes]]:
+    """(label, format, bytes) of each FP note of an arm64 core, in file order; BlobError when
+    it has none."""
+    notes = thread_notes(data, set(_FORMAT_OF_NOTE), machine="EM_AARCH64")
+    if not notes:
+        raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_SVE, "
+                        "NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
+    return [(f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}", _FORMAT_OF_NOTE[n.kind], n.data)
+            for n in notes]
 
 
 def decode(data: bytes, fmt: str) -> list[Arm64Blob]:
@@ -349,16 +355,7 @@ def decode(data: bytes, fmt: str) -> list[Arm64Blob]:
                             f"{', '.join(FORMATS)})")
         fmt = "core"
     if fmt == "core":
-        notes = thread_notes(data, set(_FORMAT_OF_NOTE), machine="EM_AARCH64")
-        if not notes:
-            raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_SVE, "
-                            "NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
-        out = []
-        for n in notes:
-            f = _FORMAT_OF_NOTE[n.kind]
-            blob = decode(n.data, f)[0]
-            out.append(replace(blob, label=f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}"))
-        return out
+        return [replace(decode(note, f)[0], label=label) for label, f, note in core_notes(data)]
     if fmt == "sigframe":
         sections, warn = _decode_sigframe(data)
     elif fmt in REGSET_FORMATS:
