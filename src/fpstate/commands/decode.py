@@ -93,8 +93,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = subparsers.add_parser("record", help="a portable state record (state + CPUID 0xD)",
                               description="State, CPUID leaf 0xD, XCR0 and IA32_XSS as JSON.")
     r.add_argument("source", metavar="SOURCE")
+    r.add_argument("--arch", default="x86", choices=("x86", "arm64"),
+                   help="architecture of the source (arm64: one thread of an ELF core)")
     r.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
     r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    r.add_argument("--thread", type=int, metavar="TID",
+                   help="arm64: the core's thread to record (default: its only thread)")
     r.add_argument("--xcr0", type=mask_arg, metavar="MASK")
     r.add_argument("-o", "--output", metavar="OUT")
     r.set_defaults(run=run_record)
@@ -109,6 +113,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--xcr0", type=mask_arg, metavar="MASK",
                    help="target XCR0 (default: Linux's on the target)")
     t.add_argument("-o", "--output", metavar="OUT")
+    g = t.add_argument_group("arm64 records (detected from the record)")
+    g.add_argument("--vl", type=int, metavar="BYTES",
+                   help="the target's SVE vector length (default: the one its kernel gives "
+                   "the record's)")
+    g.add_argument("--sme-vl", type=int, metavar="BYTES", help="the target's SME vector length")
+    g.add_argument("--regsets", metavar="DIR",
+                   help="write the PTRACE_SETREGSET writes that restore the state, in order, "
+                   "as DIR/N-NT_ARM_*.bin")
     t.set_defaults(run=run_translate)
 
 
@@ -266,6 +278,11 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_record(args: argparse.Namespace) -> int:
+    if args.arch == "arm64":
+        return decode_arm64.run_record(args)
+    if args.thread is not None:
+        raise BlobError("--thread is an arm64 option: add --arch arm64 (an x86 core is "
+                        "read through read_source, one blob per thread)")
     sources = read_source(args.source)
     if len(sources) != 1:
         raise BlobError(f"{args.source} holds {len(sources)} blobs (threads); a record holds one")
@@ -281,9 +298,16 @@ def run_record(args: argparse.Namespace) -> int:
 
 def run_translate(args: argparse.Namespace) -> int:
     try:
-        rec = StateRecord.from_json(read_bytes(args.record))
+        data = read_bytes(args.record)
     except OSError as e:
         raise BlobError(f"cannot read {args.record}: {e.strerror or e}") from None
+    if b'"fpstate-arm64-state-record/' in data:
+        return decode_arm64.run_translate(args, data)
+    arm_only = [o for o, v in (("--vl", args.vl), ("--sme-vl", args.sme_vl),
+                               ("--regsets", args.regsets)) if v is not None]
+    if arm_only:
+        raise BlobError(f"{arm_only[0]} is for arm64 records")
+    rec = StateRecord.from_json(data)
     target = resolve_cpu(args.to)
     result = translate(rec, target, args.layout, xcr0=args.xcr0)
     for note in result.notes:

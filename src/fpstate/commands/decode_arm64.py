@@ -9,6 +9,13 @@
   the regset (a core: each FP note in the core's order, on one thread, as a restorer writes
   them back) or rt_sigreturn of the frame, on a thread of the CPU profile in the state the
   options give; exit 0 accepted, 1 refused (the rule is named).
+- ``fpstate record --arch arm64 CORE [--cpu PROFILE] [--thread TID] [-o OUT]``: one thread's FP
+  state as a record (fpstate.tools.record_arm64), with a note for each FP note the model's
+  GETREGSET of that state on the profile would write otherwise.
+- ``fpstate translate RECORD --to PROFILE [--vl N] [--sme-vl N] [--regsets DIR] [-o OUT]``
+  (an arm64 record): the record at the target's vector lengths, exit 1 naming every register
+  or mode the target cannot hold; ``--regsets`` writes the PTRACE_SETREGSET writes that
+  restore it, in order, and the order is printed.
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 
 from fpstate.arm64.cpu import load_profile
 from fpstate.errors import BlobError
 from fpstate.inputs import read_bytes, reason
+from fpstate.kernel.arm64 import ptrace as pt
 from fpstate.kernel.arm64.state import HostCaps
 from fpstate.tools import blob_arm64 as ba
+from fpstate.tools import record_arm64 as ra
 
 #: The arm64 profile `validate` assumes without --cpu: it has SVE, SME2 and FPMR, so that every
 #: regset exists.
@@ -69,11 +79,15 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_validate(args: argparse.Namespace) -> int:
+def _caps(cpu: str | None, option: str = "--cpu") -> HostCaps:
     try:
-        caps = HostCaps.from_profile(load_profile(args.cpu or DEFAULT_CPU))
+        return HostCaps.from_profile(load_profile(cpu or DEFAULT_CPU))
     except Exception as e:  # ProfileError and kin: one line
-        raise BlobError(f"--cpu: {e}") from None
+        raise BlobError(f"{option}: {e}") from None
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    caps = _caps(args.cpu)
     target = ba.target_for(caps, args.vl, args.sme_vl, args.streaming, args.za,
                            args.sve_format)
     data = _read(args.source)
@@ -104,8 +118,63 @@ def run_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def _write_text(text: str, output: str | None) -> None:
+    if not output:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise BlobError(f"cannot write {output}: {e.strerror or e}") from None
+
+
+def run_record(args: argparse.Namespace) -> int:
+    if args.format != "auto" or args.xcr0 is not None:
+        raise BlobError(f"{'--format' if args.format != 'auto' else '--xcr0'} is an x86 "
+                        "option: an arm64 record is read from a core's FP notes")
+    data = _read(args.source)
+    if not ba.is_core(data):
+        raise BlobError(f"{args.source}: an arm64 record is made from an ELF core")
+    rec, notes = ra.record_from_core(data, _caps(args.cpu), args.thread)
+    for n in notes:
+        sys.stderr.write(f"fpstate: note: {n}\n")
+    _write_text(rec.to_json(), args.output)
+    return 0
+
+
+def run_translate(args: argparse.Namespace, data: bytes) -> int:
+    if args.xcr0 is not None or args.layout != "standard":
+        raise BlobError(f"{'--xcr0' if args.xcr0 is not None else '--layout'} is for x86 "
+                        "records")
+    rec = ra.Arm64Record.from_json(data)
+    caps = _caps(args.to, "--to")
+    result = ra.translate(rec, caps, args.vl, args.sme_vl)
+    for n in result.notes:
+        sys.stderr.write(f"fpstate: note: {n}\n")
+    if result.record is None:
+        sys.stdout.write(f"{caps.profile.name} cannot hold the state: "
+                         + "; ".join(result.refusals) + "\n")
+        return 1
+    if args.regsets:
+        try:
+            os.makedirs(args.regsets, exist_ok=True)
+            for n, (note, blob) in enumerate(result.writes, 1):
+                with open(os.path.join(args.regsets, f"{n}-{pt.NOTE_NAMES[note]}.bin"),
+                          "wb") as f:
+                    f.write(blob)
+        except OSError as e:
+            raise BlobError(f"cannot write {args.regsets}: {e.strerror or e}") from None
+        order = ", ".join(f"{n}. {pt.NOTE_NAMES[note]} ({len(b)} bytes)"
+                          for n, (note, b) in enumerate(result.writes, 1))
+        sys.stderr.write(f"fpstate: PTRACE_SETREGSET in this order: {order}\n")
+    _write_text(result.record.to_json(), args.output)
+    return 0
+
+
 def _errno(ret: int) -> str:
     return f"-{errno.errorcode[-ret]}" if -ret in errno.errorcode else str(ret)
 
 
-__all__ = ["DEFAULT_CPU", "add_target_options", "run_decode", "run_validate"]
+__all__ = ["DEFAULT_CPU", "add_target_options", "run_decode", "run_record", "run_translate",
+           "run_validate"]
