@@ -10,6 +10,9 @@ buffers, values read, the fault and its step, XINUSE and the final registers.
   variant, with valid and broken images, misaligned buffers and random request masks;
 - `test_implementation_choice` names every implementation-defined choice: the host agrees
   with the model under the recorded choice and disagrees under the other one.
+
+A host outcome the model does not allow is run again before a test fails (`check`): the host
+is not deterministic, a model error is.
 """
 
 from __future__ import annotations
@@ -77,10 +80,24 @@ def describe(program: Program, host: Outcome, model: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+#: Host runs of a program whose outcome the model does not allow, before the test fails.
+HOST_TRIES = 3
+
+
 def check(program: Program) -> None:
-    host = host_run(program)
+    """The host's outcome is one the model allows. One outside the set is run again (up to
+    `HOST_TRIES` runs in all): the host is not deterministic -- a preemption anywhere below
+    this nested VM (its vCPU descheduled by the hypervisor) makes an XSAVES/XRSTORS the
+    program cannot see, which re-derives XINUSE (host-findings.md, "Sources of
+    nondeterminism"); once in several CI runs XSAVE; FXRSTOR; XSAVE found XINUSE 1 for the
+    model's 3 and never again. A model error reproduces on every run."""
     model = model_run(PROFILE, program)
-    assert any(o.key() == host.key() for o in model), describe(program, host, model)
+    keys = {o.key() for o in model}
+    for _ in range(HOST_TRIES):
+        host = host_run(program)
+        if host.key() in keys:
+            return
+    raise AssertionError(describe(program, host, model))
 
 
 @_settings(RANDOM_CASES)
