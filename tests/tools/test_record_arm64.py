@@ -18,7 +18,9 @@ from fpstate.arm64.regs import sve_regs_size, sve_vq_from_vl
 from fpstate.cli import main
 from fpstate.errors import BlobError
 from fpstate.kernel.arm64 import ptrace as pt
+from fpstate.kernel.arm64 import signal as sig
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, HostCaps
+from fpstate.tools import blob_arm64 as ba
 from fpstate.tools import record_arm64 as ra
 from fpstate.tools.blob_arm64 import target_for
 from fpstate.tools.corefile import EM_AARCH64, build_core_notes
@@ -291,6 +293,43 @@ def test_every_translation_restores_on_the_model(case: tuple, to: str, low: int)
         assert tr.refusals and tr.writes == ()
 
 
+# -- a signal frame (rt_sigreturn restores) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpu", "kw"), CASES)
+def test_the_sigframe_carries_the_state_and_sigreturn_takes_it(cpu: str, kw: dict) -> None:
+    caps = CAPS[cpu]
+    t = _state(caps, **kw)
+    frame = ra.sigframe(caps, t)
+    [d] = ba.decode(frame, "sigframe")
+    assert d.warnings == ()
+    assert d.register("V7") == int.from_bytes(pt.effective_vregs(t)[7 * 16:8 * 16], "little")
+    if t.fp_type == FP_STATE_SVE:
+        vl = t.live_vl
+        assert d.register("Z5") == int.from_bytes(t.sve[5 * vl:6 * vl], "little")
+    if t.za_on:
+        assert d.register("ZA[2]") == int.from_bytes(t.za[2 * t.sme_vl:3 * t.sme_vl], "little")
+        assert d.register("ZT0") == int.from_bytes(t.zt0, "little")
+    r = sig.restore_sigframe_fp(frame, caps, ra.sig_task(replace(t, za_on=False)))
+    assert r.ret == 0
+    assert (r.task.fp_type, r.task.sm, r.task.za, r.task.fpsr) == (t.fp_type, t.sm, t.za_on,
+                                                                   0x8000010)
+
+
+def test_sigreturn_needs_the_vector_lengths_set_first() -> None:
+    """restore_sve_fpsimd_context() and restore_za_context() compare the frame's VL with the
+    task's: a restorer sets the VLs (prctl) before rt_sigreturn."""
+    t = _state(FVP, 32, 64, streaming=True, za=True)
+    frame = ra.sigframe(FVP, t, 0xFFFFF7FF0000)
+    at_defaults = sig.SigTask(sve_vl=64, sme_vl=32)
+    r = sig.restore_sigframe_fp(frame, FVP, at_defaults, 0xFFFFF7FF0000)
+    assert (r.ret, r.reason) == (-22, "restore_sve_fpsimd_context: vl 64 != the task's 32")
+    ok = sig.restore_sigframe_fp(frame, FVP, ra.sig_task(t), 0xFFFFF7FF0000)
+    assert ok.ret == 0 and ok.task.sm and ok.task.za
+    moved = sig.restore_sigframe_fp(frame, FVP, ra.sig_task(t), 0x10000)  # datap is absolute
+    assert moved.ret == -22 and "extra_context.datap" in moved.reason
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -325,6 +364,15 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
     back = ra.Arm64Record.from_json(out.read_text())
     assert (back.state.sve_vl, back.state.sme_vl) == (32, 64)
     assert ra.differences(FVP, ra.replay(FVP, writes), back.state) == []
+    frame = tmp_path / "frame"
+    assert main(["translate", str(rec), "--to", "fvp-aem-fpmr", "--sigframe", str(frame),
+                 "--frame-address", "0xfffff7ff0000", "-o", str(out)]) == 0
+    assert ("rt_sigframe of 4688 bytes; rt_sigreturn takes it on a thread whose SVE VL 64 and "
+            "SME VL 32: set them first") in capsys.readouterr().err
+    assert main(["validate", "--arch", "arm64", "--as", "sigreturn", "--format", "sigframe",
+                 str(frame), "--vl", "64", "--sme-vl", "32"]) == 0
+    assert main(["validate", "--arch", "arm64", "--as", "sigreturn", "--format", "sigframe",
+                 str(frame), "--vl", "32"]) == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -337,6 +385,10 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
     (["translate", "{rec}", "--to", "fvp-aem-fpmr", "--xcr0", "0x7"], "--xcr0 is for x86"),
     (["translate", "{rec}", "--to", "nosuch"], "--to: "),
     (["translate", "{bad}", "--to", "fvp-aem-fpmr"], "record field 'sve_vl': 40 is not"),
+    (["translate", "{rec}", "--to", "fvp-aem-fpmr", "--sigframe", "{core}.f",
+      "--frame-address", "0x1008"], "--frame-address 0x1008: a frame address is a 16-byte"),
+    (["translate", "{rec}", "--to", "fvp-aem-fpmr", "--frame-address", "x"],
+     "argument --frame-address: not an address: 'x'"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list,
                                  message: str) -> None:
@@ -346,7 +398,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, 
     rec = ra.Arm64Record("fvp-aem-fpmr", t)
     paths["rec"].write_text(rec.to_json())
     paths["bad"].write_text(json.dumps(dict(rec.to_dict(), sve_vl=40)))
-    assert main([a.format(**paths) for a in argv]) == 2
+    try:
+        status = main([a.format(**paths) for a in argv])
+    except SystemExit as e:  # argparse's own errors (fpstate.cli: one line, exit 2)
+        status = e.code
+    assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fpstate: error: ") and message in err[0]
 

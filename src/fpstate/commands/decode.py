@@ -121,10 +121,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--regsets", metavar="DIR",
                    help="write the PTRACE_SETREGSET writes that restore the state, in order, "
                    "as DIR/N-NT_ARM_*.bin")
+    g.add_argument("--sigframe", metavar="FILE",
+                   help="write the rt_sigframe the target's kernel would build for the thread "
+                   "(what an rt_sigreturn restore, as CRIU's, hands back)")
+    g.add_argument("--frame-address", type=_address, default=0, metavar="ADDR",
+                   help="where the frame will sit in memory (extra_context.datap; default 0)")
     t.set_defaults(run=run_translate)
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _address(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r}") from None
 
 
 def _profile(src: Source, cpu: str | None) -> CpuidProfile:
@@ -304,7 +316,9 @@ def run_translate(args: argparse.Namespace) -> int:
     if b'"fpstate-arm64-state-record/' in data:
         return decode_arm64.run_translate(args, data)
     arm_only = [o for o, v in (("--vl", args.vl), ("--sme-vl", args.sme_vl),
-                               ("--regsets", args.regsets)) if v is not None]
+                               ("--regsets", args.regsets), ("--sigframe", args.sigframe),
+                               ("--frame-address", args.frame_address or None))
+                if v is not None]
     if arm_only:
         raise BlobError(f"{arm_only[0]} is for arm64 records")
     rec = StateRecord.from_json(data)

@@ -15,7 +15,8 @@
 - ``fpstate translate RECORD --to PROFILE [--vl N] [--sme-vl N] [--regsets DIR] [-o OUT]``
   (an arm64 record): the record at the target's vector lengths, exit 1 naming every register
   or mode the target cannot hold; ``--regsets`` writes the PTRACE_SETREGSET writes that
-  restore it, in order, and the order is printed.
+  restore it, in order, and the order is printed; ``--sigframe FILE [--frame-address ADDR]``
+  the rt_sigframe the target's kernel would build for the thread (an rt_sigreturn restore).
 """
 
 from __future__ import annotations
@@ -168,6 +169,22 @@ def run_translate(args: argparse.Namespace, data: bytes) -> int:
         order = ", ".join(f"{n}. {pt.NOTE_NAMES[note]} ({len(b)} bytes)"
                           for n, (note, b) in enumerate(result.writes, 1))
         sys.stderr.write(f"fpstate: PTRACE_SETREGSET in this order: {order}\n")
+    if args.sigframe:
+        t = result.record.state
+        if args.frame_address % 16 or not 0 <= args.frame_address < 1 << 64:
+            raise BlobError(f"--frame-address {args.frame_address:#x}: a frame address is a "
+                            "16-byte aligned user address")
+        frame = ra.sigframe(caps, t, args.frame_address)
+        try:
+            with open(args.sigframe, "wb") as f:
+                f.write(frame)
+        except OSError as e:
+            raise BlobError(f"cannot write {args.sigframe}: {e.strerror or e}") from None
+        vls = [f"{k} VL {v}" for k, v in (("SVE", t.sve_vl), ("SME", t.sme_vl)) if v]
+        sys.stderr.write(f"fpstate: rt_sigframe of {len(frame)} bytes"
+                         + (f"; rt_sigreturn takes it on a thread whose {' and '.join(vls)}: "
+                            "set them first (prctl PR_SVE_SET_VL, PR_SME_SET_VL)"
+                            if vls else "") + "\n")
     _write_text(result.record.to_json(), args.output)
     return 0
 

@@ -62,6 +62,7 @@ from fpstate.arm64.regs import (
 )
 from fpstate.errors import BlobError
 from fpstate.kernel.arm64 import ptrace as pt
+from fpstate.kernel.arm64 import signal as sig
 from fpstate.kernel.arm64.state import (
     ARM64_VEC_SME,
     ARM64_VEC_SVE,
@@ -563,6 +564,44 @@ def check_restore(caps: HostCaps, want: pt.RegsetTarget,
                            "state asked for")
 
 
+# --- a signal frame (CRIU restores a thread with rt_sigreturn) ---------------------------------
+def sig_task(t: pt.RegsetTarget) -> sig.SigTask:
+    """The signal model's view of a thread in state ``t``."""
+    return sig.SigTask(t.fp_type, t.sm, t.za_on, t.sve_vl, t.sme_vl, fpsr=t.fpsr, fpcr=t.fpcr,
+                       fpmr=t.fpmr)
+
+
+def sigframe(caps: HostCaps, t: pt.RegsetTarget, base: int = 0) -> bytes:
+    """The struct rt_sigframe setup_sigframe() writes for a thread of ``caps`` in state ``t``
+    at address ``base`` (extra_context.datap points into it): the records' headers as
+    fpstate.kernel.arm64.signal lays them out, with the registers -- the effective V0-V31
+    (fpsimd_signal_preserve_current_state()), Z/P/FFR in SVE format or streaming mode, ZA
+    and ZT0 while PSTATE.ZA is on, FPSR, FPCR and FPMR. RestoreError if the model's
+    rt_sigreturn of it, on a thread at the same vector lengths, does not give ``t`` back."""
+    task = sig_task(t)
+    layout = sig.setup_sigframe_layout(caps, task)
+    buf = bytearray(sig.encode_sigframe(layout, task, base))
+    for r in layout.records:
+        at = r.offset + 16  # every payload follows a 16-byte record head
+        if r.name == "fpsimd":
+            buf[at:at + 512] = pt.effective_vregs(t)
+        elif r.name == "sve" and r.size > sig.SVE_CONTEXT_SIZE:
+            buf[at:at + len(t.sve)] = t.sve
+        elif r.name == "za" and t.za_on:
+            buf[at:at + len(t.za)] = t.za
+        elif r.name == "zt":
+            buf[at:at + ZT_SIG_REG_BYTES] = t.zt0
+    frame = bytes(buf)
+    back = sig.restore_sigframe_fp(frame, caps, replace(task, za=False), base)
+    want = (task.fp_type, task.sm, task.za, task.fpsr, task.fpcr, task.fpmr if caps.fpmr else 0)
+    got = back.task
+    if back.ret or (got.fp_type, got.sm, got.za, got.fpsr, got.fpcr, got.fpmr) != want:
+        raise RestoreError(f"the model's rt_sigreturn does not take the frame back: "
+                           f"{back.reason or got}")
+    return frame
+
+
 __all__ = ["RECORD_FORMAT_ARM64", "Arm64Record", "Arm64Translation", "RestoreError",
            "check_restore", "core_threads", "differences", "mismatches", "record_from_core",
-           "replay", "restore_writes", "state_from_notes", "translate"]
+           "replay", "restore_writes", "sig_task", "sigframe", "state_from_notes",
+           "translate"]
