@@ -1,4 +1,5 @@
-"""Reading the files users name on the command line and in the API.
+"""Reading the files users name on the command line and in the API, and writing the outputs
+they name (`write_output`).
 
 Every reader of a user-named input goes through `read_bytes`/`read_text`, so that an input
 that never ends (``/dev/zero``, ``/dev/urandom``, a producer that keeps writing) is refused
@@ -11,6 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
+
+from fpstate.errors import BlobError
 
 #: The most bytes read from an input that is not a regular file.
 STREAM_LIMIT = 256 << 20
@@ -42,4 +46,21 @@ def reason(e: OSError | UnicodeDecodeError) -> str:
     return e.strerror or str(e)
 
 
-__all__ = ["STREAM_LIMIT", "read_bytes", "read_text", "reason"]
+def write_output(text_or_bytes: str | bytes, output: str | None) -> None:
+    """Write a command's result to the file ``output`` names (text or bytes), else to
+    standard output; BlobError naming the file when it cannot be written."""
+    if output:
+        mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
+        try:
+            with open(output, mode) as f:
+                f.write(text_or_bytes)
+        except OSError as e:
+            raise BlobError(f"cannot write {output}: {e.strerror or e}") from None
+    elif isinstance(text_or_bytes, bytes):
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text_or_bytes)
+    else:
+        sys.stdout.write(text_or_bytes)
+
+
+__all__ = ["STREAM_LIMIT", "read_bytes", "read_text", "reason", "write_output"]

@@ -25,7 +25,7 @@ import sys
 from fpstate.commands import decode_arm64
 from fpstate.commands.layout import mask_arg, resolve_cpu
 from fpstate.errors import BlobError
-from fpstate.inputs import read_bytes, read_text
+from fpstate.inputs import read_bytes, read_text, write_output
 from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
 from fpstate.tools import blob_arm64
 from fpstate.tools.blob import FORMATS, Blob, decode, encode
@@ -151,21 +151,6 @@ def _decode(src: Source, cpu: str | None, fmt: str, xcr0: int | None) -> Blob:
     return decode(src.data, _profile(src, cpu), src.fmt if fmt == "auto" else fmt, xcr0=xcr0)
 
 
-def _write(text_or_bytes: str | bytes, output: str | None) -> None:
-    if output:
-        mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
-        try:
-            with open(output, mode) as f:
-                f.write(text_or_bytes)
-        except OSError as e:
-            raise BlobError(f"cannot write {output}: {e.strerror or e}") from None
-    elif isinstance(text_or_bytes, bytes):
-        sys.stdout.flush()
-        sys.stdout.buffer.write(text_or_bytes)
-    else:
-        sys.stdout.write(text_or_bytes)
-
-
 def render(blob: Blob, label: str, show_all: bool = False) -> str:
     """The text view of a decoded blob."""
     lines = [f"{label}: {blob.fmt}, {blob.size} bytes, CPU {blob.profile}"
@@ -256,9 +241,9 @@ def run_encode(args: argparse.Namespace) -> int:
     if isinstance(obj, dict) and obj.get("arch") == "arm64":  # decode --arch arm64 --json
         if args.format is not None:
             raise BlobError("--format: an arm64 blob is encoded in its own format only")
-        _write(blob_arm64.encode(obj), args.output)
+        write_output(blob_arm64.encode(obj), args.output)
         return 0
-    _write(encode(text, resolve_cpu(args.cpu), args.format), args.output)
+    write_output(encode(text, resolve_cpu(args.cpu), args.format), args.output)
     return 0
 
 
@@ -300,11 +285,11 @@ def run_record(args: argparse.Namespace) -> int:
         raise BlobError(f"{args.source} holds {len(sources)} blobs (threads); a record holds one")
     src = sources[0]
     if src.record is not None:
-        _write(src.record.to_json(), args.output)
+        write_output(src.record.to_json(), args.output)
         return 0
     fmt = src.fmt if args.format == "auto" else args.format
     rec = record_from_blob(src.data, _profile(src, args.cpu), fmt, xcr0=args.xcr0)
-    _write(rec.to_json(), args.output)
+    write_output(rec.to_json(), args.output)
     return 0
 
 
@@ -329,5 +314,5 @@ def run_translate(args: argparse.Namespace) -> int:
     if result.record is None:
         sys.stdout.write(refusal_message(result, target.name) + "\n")
         return 1
-    _write(result.record.to_json(), args.output)
+    write_output(result.record.to_json(), args.output)
     return 0

@@ -29,7 +29,7 @@ import sys
 
 from fpstate.arm64.cpu import load_profile
 from fpstate.errors import BlobError
-from fpstate.inputs import read_bytes, reason
+from fpstate.inputs import read_bytes, reason, write_output
 from fpstate.kernel.arm64 import ptrace as pt
 from fpstate.kernel.arm64.state import HostCaps
 from fpstate.tools import blob_arm64 as ba
@@ -119,17 +119,6 @@ def run_validate(args: argparse.Namespace) -> int:
     return status
 
 
-def _write_text(text: str, output: str | None) -> None:
-    if not output:
-        sys.stdout.write(text)
-        return
-    try:
-        with open(output, "w") as f:
-            f.write(text)
-    except OSError as e:
-        raise BlobError(f"cannot write {output}: {e.strerror or e}") from None
-
-
 def run_record(args: argparse.Namespace) -> int:
     if args.format != "auto" or args.xcr0 is not None:
         raise BlobError(f"{'--format' if args.format != 'auto' else '--xcr0'} is an x86 "
@@ -140,7 +129,7 @@ def run_record(args: argparse.Namespace) -> int:
     rec, notes = ra.record_from_core(data, _caps(args.cpu), args.thread)
     for n in notes:
         sys.stderr.write(f"fpstate: note: {n}\n")
-    _write_text(rec.to_json(), args.output)
+    write_output(rec.to_json(), args.output)
     return 0
 
 
@@ -160,12 +149,10 @@ def run_translate(args: argparse.Namespace, data: bytes) -> int:
     if args.regsets:
         try:
             os.makedirs(args.regsets, exist_ok=True)
-            for n, (note, blob) in enumerate(result.writes, 1):
-                with open(os.path.join(args.regsets, f"{n}-{pt.NOTE_NAMES[note]}.bin"),
-                          "wb") as f:
-                    f.write(blob)
         except OSError as e:
-            raise BlobError(f"cannot write {args.regsets}: {e.strerror or e}") from None
+            raise BlobError(f"cannot make {args.regsets}: {e.strerror or e}") from None
+        for n, (note, blob) in enumerate(result.writes, 1):
+            write_output(blob, os.path.join(args.regsets, f"{n}-{pt.NOTE_NAMES[note]}.bin"))
         order = ", ".join(f"{n}. {pt.NOTE_NAMES[note]} ({len(b)} bytes)"
                           for n, (note, b) in enumerate(result.writes, 1))
         sys.stderr.write(f"fpstate: PTRACE_SETREGSET in this order: {order}\n")
@@ -175,17 +162,13 @@ def run_translate(args: argparse.Namespace, data: bytes) -> int:
             raise BlobError(f"--frame-address {args.frame_address:#x}: a frame address is a "
                             "16-byte aligned user address")
         frame = ra.sigframe(caps, t, args.frame_address)
-        try:
-            with open(args.sigframe, "wb") as f:
-                f.write(frame)
-        except OSError as e:
-            raise BlobError(f"cannot write {args.sigframe}: {e.strerror or e}") from None
+        write_output(frame, args.sigframe)
         vls = [f"{k} VL {v}" for k, v in (("SVE", t.sve_vl), ("SME", t.sme_vl)) if v]
         sys.stderr.write(f"fpstate: rt_sigframe of {len(frame)} bytes"
                          + (f"; rt_sigreturn takes it on a thread whose {' and '.join(vls)}: "
                             "set them first (prctl PR_SVE_SET_VL, PR_SME_SET_VL)"
                             if vls else "") + "\n")
-    _write_text(result.record.to_json(), args.output)
+    write_output(result.record.to_json(), args.output)
     return 0
 
 

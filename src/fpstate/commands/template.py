@@ -26,7 +26,7 @@ import sys
 
 from fpstate.commands.layout import mask_arg, resolve_cpu
 from fpstate.errors import HostUnavailable
-from fpstate.inputs import reason
+from fpstate.inputs import write_output
 from fpstate.tools.template import (
     HostOffer,
     TemplateError,
@@ -106,8 +106,8 @@ def run_arm64(args: argparse.Namespace) -> int:
             raise TemplateError(f"{flag} is x86's (for arm64, fpstate compat --arch arm64 "
                                 "checks a VM configuration on a host)")
     t = pool_template_arm64([load_profile(c) for c in args.cpus])
-    _write(args.output, json.dumps(t.to_json(), indent=2) if args.json
-           else format_template_arm64(t))
+    write_output((json.dumps(t.to_json(), indent=2) if args.json
+                  else format_template_arm64(t)) + "\n", args.output)
     return 0 if t.uniform else 1
 
 
@@ -128,7 +128,7 @@ def run_template(args: argparse.Namespace) -> int:
             text = json.dumps([c.to_json() for c in checks], indent=2)
         else:
             text = "\n\n".join(format_check(c) for c in checks)
-        _write(args.output, text)
+        write_output(text + "\n", args.output)
         return 0 if all(c.ok for c in checks) else 1
     if args.vendor is not None or args.guest_kernel is not None:
         raise TemplateError("--vendor and --guest-kernel go with --check")
@@ -143,16 +143,7 @@ def run_template(args: argparse.Namespace) -> int:
         text = "\n".join([f"-cpu {cpu}", *(f"# {n}" for n in notes)])
     else:
         text = format_template(t)
-    _write(args.output, text)
+    write_output(text + "\n", args.output)
     return 0
 
 
-def _write(path: str | None, text: str) -> None:
-    if path is None:
-        sys.stdout.write(text + "\n")
-        return
-    try:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    except OSError as e:
-        raise TemplateError(f"{path}: {reason(e)}") from None
