@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -165,3 +166,31 @@ def test_record_from_a_uabi_blob_takes_xcr0_from_464() -> None:
     rec = record_from_blob(bytes(data), p)
     assert (rec.xcr0, rec.layout, len(rec.state)) == (0x2E7, "standard", 2440)
     assert rec.xss == LINUX["zen4"][1]
+
+
+def test_record_of_one_thread_of_a_core(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`record --thread TID` picks a thread's NT_X86_XSTATE of a core; without it a core of
+    several threads is refused, naming them."""
+    import json
+
+    from fpstate.cli import main
+    from fpstate.tools.corefile import build_core
+
+    def note(xstate_bv: int) -> bytes:
+        data = bytearray(2440)
+        data[464:472] = (0x2E7).to_bytes(8, "little")
+        data[512:520] = xstate_bv.to_bytes(8, "little")
+        return bytes(data)
+
+    core = tmp_path / "core"
+    core.write_bytes(build_core([(101, note(0x3)), (102, note(0x7))]))
+    out = tmp_path / "r.json"
+    assert main(["record", str(core), "--cpu", "zen4", "--thread", "102", "-o", str(out)]) == 0
+    rec = StateRecord.from_json(out.read_text())
+    assert rec.xstate_bv == 0x7 and json.loads(out.read_text())["cpu"] == "zen4"
+    assert main(["record", str(core), "--cpu", "zen4"]) == 2
+    assert main(["record", str(core), "--cpu", "zen4", "--thread", "7"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fpstate: error: {core} holds 2 threads (101, 102): a record holds one, choose it "
+        "with --thread",
+        f"fpstate: error: {core} has no thread 7 (threads: 101, 102)"]

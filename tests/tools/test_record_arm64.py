@@ -377,7 +377,8 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["record", "--arch", "arm64", "{core}", "--format", "xsave"], "--format is an x86 option"),
-    (["record", "{core}", "--thread", "3"], "--thread is an arm64 option"),
+    (["record", "{core}", "--thread", "3"], "an arm64 core (EM_AARCH64) has no NT_X86_XSTATE "
+     "note: read it with --arch arm64"),
     (["record", "--arch", "arm64", "{rec}"], "an arm64 record is made from an ELF core"),
     (["record", "--arch", "arm64", "{core}", "--cpu", "nosuch"], "--cpu: "),
     (["translate", "{rec}", "--to", "fvp-aem-fpmr", "--vl", "48"],

@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
     r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     r.add_argument("--thread", type=int, metavar="TID",
-                   help="arm64: the core's thread to record (default: its only thread)")
+                   help="the core's thread to record (default: its only thread)")
     r.add_argument("--xcr0", type=mask_arg, metavar="MASK")
     r.add_argument("-o", "--output", metavar="OUT")
     r.set_defaults(run=run_record)
@@ -277,12 +277,16 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_record(args: argparse.Namespace) -> int:
     if args.arch == "arm64":
         return decode_arm64.run_record(args)
-    if args.thread is not None:
-        raise BlobError("--thread is an arm64 option: add --arch arm64 (an x86 core is "
-                        "read through read_source, one blob per thread)")
     sources = read_source(args.source)
+    tids = ", ".join(str(s.tid) for s in sources if s.tid is not None)
+    if args.thread is not None:
+        sources = [s for s in sources if s.tid == args.thread]
+        if not sources:
+            raise BlobError(f"{args.source} has no thread {args.thread}"
+                            + (f" (threads: {tids})" if tids else ""))
     if len(sources) != 1:
-        raise BlobError(f"{args.source} holds {len(sources)} blobs (threads); a record holds one")
+        raise BlobError(f"{args.source} holds {len(sources)} threads ({tids}): a record holds "
+                        "one, choose it with --thread")
     src = sources[0]
     if src.record is not None:
         write_output(src.record.to_json(), args.output)

@@ -114,6 +114,9 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
     out = tuple(ThreadXstate(n.tid, n.data, n.offset)
                 for n in thread_notes(data, {NT_X86_XSTATE}))
     if not out:
+        if int.from_bytes(data[18:20], "little") == EM_AARCH64:
+            raise BlobError("an arm64 core (EM_AARCH64) has no NT_X86_XSTATE note: read it "
+                            "with --arch arm64")
         raise BlobError("the core file has no NT_X86_XSTATE note (a CPU or kernel without "
                         "XSAVE writes only NT_PRFPREG)")
     return out

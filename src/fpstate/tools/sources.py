@@ -33,6 +33,7 @@ class Source:
     data: bytes
     fmt: str
     record: StateRecord | None = None
+    tid: int | None = None  #: the thread of a core note or of pid:TID
 
 
 def _kvm_source(seed: int) -> Source:
@@ -83,7 +84,7 @@ def read_source(spec: str) -> list[Source]:
         from fpstate.host.ptrace import read_xstate_of
 
         return [Source(f"thread {tid} (PTRACE_GETREGSET NT_X86_XSTATE)",
-                       read_xstate_of(tid).data, "uabi")]
+                       read_xstate_of(tid).data, "uabi", tid=tid)]
     if spec == "kvm" or spec.startswith("kvm:"):
         try:
             seed = int(spec[4:], 0) if spec.startswith("kvm:") else 0x4B
@@ -96,7 +97,7 @@ def read_source(spec: str) -> list[Source]:
         raise BlobError(f"cannot read {spec}: {e.strerror or e}") from None
     if is_core(data):
         return [Source(f"{spec}: NT_X86_XSTATE of thread {n.tid} (note at {n.offset:#x})",
-                       n.data, "uabi") for n in xstate_notes(data)]
+                       n.data, "uabi", tid=n.tid) for n in xstate_notes(data)]
     if data.lstrip()[:1] == b"{" and RECORD_FORMAT.encode() in data[:4096]:
         rec = StateRecord.from_json(data)
         return [Source(f"{spec}: state record of {rec.cpu} ({rec.layout})", rec.state,
