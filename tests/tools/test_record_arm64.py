@@ -375,6 +375,33 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
                  str(frame), "--vl", "32"]) == 1
 
 
+def test_validate_a_core_says_when_its_order_loses_state(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """validate --as ptrace of a core: every write but the inactive NT_ARM_SSVE is taken, and
+    the thread still does not end in the core's state (the dump order); each thread of the
+    core on a thread of its own; a core whose order keeps its state passes."""
+    lossy = _state(FVP, 64, 64, za=True, sve_format=True)
+    core = tmp_path / "core"
+    core.write_bytes(_core(FVP, lossy, (3, 4)))
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", str(core)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    kept = [ln for ln in out if "NOT KEPT" in ln]
+    assert [ln.split(":")[0] for ln in kept] == ["thread 3", "thread 4"]
+    assert kept[0].startswith("thread 3: STATE NOT KEPT -- after the writes NT_ARM_SVE read "
+                              "back otherwise than the core holds them")
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", str(core), "--json"]) == 1
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (last["source"], last["accepted"], last["lost"]) == ("thread 4", False, ["NT_ARM_SVE"])
+    # The same thread on a receiving thread already at SME VL 64: nothing is converted.
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", str(core), "--sme-vl",
+                 "64"]) == 1  # still 1: the inactive NT_ARM_SSVE is refused
+    assert "NOT KEPT" not in capsys.readouterr().out
+    fine = tmp_path / "n1.core"
+    fine.write_bytes(_core(N1, _state(N1)))
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", "--cpu", "neoverse-n1",
+                 str(fine)]) == 0
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["record", "--arch", "arm64", "{core}", "--format", "xsave"], "--format is an x86 option"),
     (["record", "{core}", "--thread", "3"], "an arm64 core (EM_AARCH64) has no NT_X86_XSTATE "

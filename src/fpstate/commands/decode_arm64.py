@@ -6,9 +6,10 @@
   core (every thread's FP notes; detected without --format).
 - ``fpstate validate --arch arm64 FILE --as ptrace|sigreturn [--format F] [--cpu PROFILE]
   [--vl N] [--sme-vl N] [--streaming] [--za] [--sve-format] [--json]``: PTRACE_SETREGSET of
-  the regset (a core: each FP note in the core's order, on one thread, as a restorer writes
-  them back) or rt_sigreturn of the frame, on a thread of the CPU profile in the state the
-  options give; exit 0 accepted, 1 refused (the rule is named).
+  the regset (a core: each thread's FP notes in the core's order, on a thread of its own, as
+  a restorer writes them back, and then whether that thread ends in the state the notes
+  describe) or rt_sigreturn of the frame, on a thread of the CPU profile in the state the
+  options give; exit 0 accepted, 1 refused or state not kept (the rule is named).
 - ``fpstate record --arch arm64 CORE [--cpu PROFILE] [--thread TID] [-o OUT]``: one thread's FP
   state as a record (fpstate.tools.record_arm64), with a note for each FP note the model's
   GETREGSET of that state on the profile would write otherwise.
@@ -101,9 +102,20 @@ def run_validate(args: argparse.Namespace) -> int:
     if fmt == "core":
         if args.path != "ptrace":
             raise BlobError("a core's notes are written back with ptrace: use --as ptrace")
-        items = ba.core_notes(data)  # the kernel judges each note's bytes, decoded or not
-    else:
-        items = [(args.source, fmt, data)]
+        status = 0
+        for tid, notes in ra.core_threads(data).items():  # each thread on a thread of its own
+            items = [(f"thread {tid} {pt.NOTE_NAMES[n]}", ba.NOTE_FORMATS[n], blob)
+                     for n, blob in notes.items()]  # judged as bytes, decoded or not
+            done, got = _validate_items(args, caps, target, items)
+            status |= done | _state_kept(args, caps, tid, notes, got)
+        return status
+    return _validate_items(args, caps, target, [(args.source, fmt, data)])[0]
+
+
+def _validate_items(args: argparse.Namespace, caps: HostCaps, target: pt.RegsetTarget,
+                    items: list[tuple[str, str, bytes]]) -> tuple[int, pt.RegsetTarget]:
+    """Each blob on the thread in turn, its verdict printed: (1 if one was refused, else 0;
+    the thread afterwards)."""
     status = 0
     for label, f, blob in items:
         v = ba.validate(blob, f, args.path, caps, target)
@@ -116,7 +128,33 @@ def run_validate(args: argparse.Namespace) -> int:
         after = ", ".join(f"{k} {val}" for k, val in v.after.items())
         sys.stdout.write(f"{label}: {v.path}: {head}" + (f" -- {v.reason}" if v.reason else "")
                          + f"\n  after: {after}\n")
-    return status
+    return status, target
+
+
+def _state_kept(args: argparse.Namespace, caps: HostCaps, tid: int,
+                notes: dict[int, bytes], got: pt.RegsetTarget) -> int:
+    """1 (and a line saying so) when the thread written note by note does not end in the
+    state the core's notes describe: every write may be taken and state still lost (a later
+    write's VL change converting an earlier one's SVE state)."""
+    try:
+        want, _ = ra.state_from_notes(notes)
+    except BlobError as e:
+        sys.stdout.write(f"thread {tid}: the state the notes describe cannot be read ({e}); "
+                         "not compared\n")
+        return 1
+    lost = ra.differences(caps, got, want)
+    if not lost:
+        return 0
+    reason = (f"after the writes {', '.join(lost)} read back otherwise than the core holds "
+              "them: written in the core's order the state is not kept (fpstate record --arch "
+              "arm64, then translate --regsets, gives an order that keeps it)")
+    if args.json:
+        sys.stdout.write(json.dumps({"path": "PTRACE_SETREGSET of every note", "accepted": False,
+                                     "ret": 0, "reason": reason, "lost": lost,
+                                     "source": f"thread {tid}"}) + "\n")
+    else:
+        sys.stdout.write(f"thread {tid}: STATE NOT KEPT -- {reason}\n")
+    return 1
 
 
 def run_record(args: argparse.Namespace) -> int:

@@ -59,7 +59,8 @@ REGSET_FORMATS: dict[str, int] = {"fpsimd": pt.NT_PRFPREG, "sve": pt.NT_ARM_SVE,
                                   "ssve": pt.NT_ARM_SSVE, "za": pt.NT_ARM_ZA,
                                   "zt": pt.NT_ARM_ZT, "fpmr": pt.NT_ARM_FPMR}
 FORMATS: tuple[str, ...] = (*REGSET_FORMATS, "sigframe", "core")
-_FORMAT_OF_NOTE = {v: k for k, v in REGSET_FORMATS.items()}
+#: The format of each regset note.
+NOTE_FORMATS: dict[int, str] = {v: k for k, v in REGSET_FORMATS.items()}
 
 #: FPMR fields (Arm ARM, FEAT_FPMR): name, low bit, width.
 FPMR_FIELDS: tuple[tuple[str, int, int], ...] = (
@@ -338,11 +339,11 @@ def _record(data: bytes, at: int, size: int, name: str, warn: list[str]) -> list
 def core_notes(data: bytes) -> list[tuple[str, str, bytes]]:
     """(label, format, bytes) of each FP note of an arm64 core, in file order; BlobError when
     it has none."""
-    notes = thread_notes(data, set(_FORMAT_OF_NOTE), machine="EM_AARCH64")
+    notes = thread_notes(data, set(NOTE_FORMATS), machine="EM_AARCH64")
     if not notes:
         raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_SVE, "
                         "NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
-    return [(f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}", _FORMAT_OF_NOTE[n.kind], n.data)
+    return [(f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}", NOTE_FORMATS[n.kind], n.data)
             for n in notes]
 
 
@@ -567,5 +568,6 @@ def validate(data: bytes, fmt: str, path: str, caps: HostCaps,
     raise BlobError(f"unknown path {path!r} for arm64 (ptrace, sigreturn)")
 
 
-__all__ = ["FORMATS", "FPMR_FIELDS", "REGSET_FORMATS", "Arm64Blob", "Arm64Verdict", "Section",
-           "core_notes", "decode", "encode", "is_core", "render", "target_for", "validate"]
+__all__ = ["FORMATS", "FPMR_FIELDS", "NOTE_FORMATS", "REGSET_FORMATS", "Arm64Blob",
+           "Arm64Verdict", "Section", "core_notes", "decode", "encode", "is_core", "render",
+           "target_for", "validate"]
