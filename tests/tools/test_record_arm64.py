@@ -375,6 +375,31 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
                  str(frame), "--vl", "32"]) == 1
 
 
+@pytest.mark.parametrize(("cpu", "kw"), CASES)
+def test_record_without_cpu_names_the_cpu_whose_notes_these_are(
+        cpu: str, kw: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    core = tmp_path / "core"
+    core.write_bytes(_core(CAPS[cpu], _state(CAPS[cpu], **kw)))
+    assert main(["record", "--arch", "arm64", str(core)]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["cpu"] == cpu and got.err == ""
+
+
+def test_a_core_no_bundled_cpu_writes_is_recorded_with_notes(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    t = _state(FVP, 32, 32, sve_format=True)
+    notes = [(n, pt.regset_get(FVP, t, n)) for n in pt.REGSETS if n != pt.NT_ARM_FPMR]
+    core = tmp_path / "core"
+    core.write_bytes(build_core_notes([(9, notes)], EM_AARCH64))
+    assert main(["record", "--arch", "arm64", str(core)]) == 0
+    got = capsys.readouterr()
+    assert json.loads(got.out)["cpu"] == "fvp-aem-fpmr"
+    assert got.err.splitlines() == [
+        "fpstate: note: NT_ARM_FPMR: the CPU has it and the core does not",
+        "fpstate: note: no bundled arm64 profile writes these notes as they are; recorded as "
+        "fvp-aem-fpmr (give the saving CPU with --cpu)"]
+
+
 def test_validate_a_core_says_when_its_order_loses_state(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     """validate --as ptrace of a core: every write but the inactive NT_ARM_SSVE is taken, and

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 
-from fpstate.arm64.cpu import load_profile
+from fpstate.arm64.cpu import bundled_profile_names, load_profile
 from fpstate.errors import BlobError
 from fpstate.inputs import read_bytes, reason, write_output
 from fpstate.kernel.arm64 import ptrace as pt
@@ -164,11 +164,27 @@ def run_record(args: argparse.Namespace) -> int:
     data = _read(args.source)
     if not ba.is_core(data):
         raise BlobError(f"{args.source}: an arm64 record is made from an ELF core")
-    rec, notes = ra.record_from_core(data, _caps(args.cpu), args.thread)
+    if args.cpu is None:
+        rec, notes = _record_any_cpu(data, args.thread)
+    else:
+        rec, notes = ra.record_from_core(data, _caps(args.cpu), args.thread)
     for n in notes:
         sys.stderr.write(f"fpstate: note: {n}\n")
     write_output(rec.to_json(), args.output)
     return 0
+
+
+def _record_any_cpu(data: bytes, tid: int | None) -> tuple[ra.Arm64Record, list[str]]:
+    """Without --cpu: the record on the first bundled profile whose GETREGSET writes the
+    thread's notes byte for byte (their headers' max_vl and the regsets present tell CPUs
+    apart), else on the default profile, with its notes."""
+    for name in bundled_profile_names():
+        rec, notes = ra.record_from_core(data, _caps(name), tid)
+        if not notes:
+            return rec, notes
+    rec, notes = ra.record_from_core(data, _caps(DEFAULT_CPU), tid)
+    return rec, [*notes, f"no bundled arm64 profile writes these notes as they are; recorded "
+                 f"as {DEFAULT_CPU} (give the saving CPU with --cpu)"]
 
 
 def run_translate(args: argparse.Namespace, data: bytes) -> int:

@@ -323,8 +323,10 @@ def core_threads(data: bytes) -> dict[int, dict[int, bytes]]:
 
 def mismatches(caps: HostCaps, state: pt.RegsetTarget, notes: Mapping[int, bytes]) -> list[str]:
     """Each note that GETREGSET of ``state`` on ``caps`` would not write byte for byte as it
-    is in ``notes`` (the first differing offset named)."""
-    out = []
+    is in ``notes`` (the first differing offset named), and each FP regset ``caps`` has that
+    ``notes`` lacks (fill_thread_core_info() dumps every regset whose get succeeds)."""
+    out = [f"{pt.NOTE_NAMES[n]}: the CPU has it and the core does not"
+           for n in pt.REGSETS if n not in notes and pt.regset_supported(caps, n)]
     for note, data in notes.items():
         try:
             want = pt.regset_get(caps, state, note)

@@ -145,7 +145,7 @@ class RegsetResult:
     target: RegsetTarget
 
 
-def _feature(caps: HostCaps, note: int) -> bool:
+def regset_supported(caps: HostCaps, note: int) -> bool:
     """system_supports_*() of each regset's get/set."""
     return {NT_PRFPREG: caps.fpsimd, NT_ARM_SVE: caps.sve, NT_ARM_SSVE: caps.sme,
             NT_ARM_ZA: caps.sme, NT_ARM_ZT: caps.sme2, NT_ARM_FPMR: caps.fpmr}[note]
@@ -215,7 +215,7 @@ def regset_get(caps: HostCaps, t: RegsetTarget, note: int) -> bytes:
     raises ValueError for a regset the system does not have (the kernel's -EINVAL)."""
     if note not in REGSETS:
         raise ValueError(f"note type {note:#x} is not an FP regset")
-    if not _feature(caps, note):
+    if not regset_supported(caps, note):
         raise ValueError(f"{NOTE_NAMES[note]}: the system lacks {_FEATURE_NAME[note]} "
                          "(GETREGSET returns -EINVAL)")
     if note == NT_PRFPREG:
@@ -286,7 +286,7 @@ def regset_set(caps: HostCaps, t: RegsetTarget, note: int, data: bytes) -> Regse
         return RegsetResult(-EINVAL, f"ptrace_regset: iov_len {len(data)} is not a multiple "
                             f"of {name}'s register size {size}", t)
     data = data[:n * size]
-    if not _feature(caps, note):
+    if not regset_supported(caps, note):
         return RegsetResult(-EINVAL, f"{name}: the system lacks {_FEATURE_NAME[note]}", t)
     if note == NT_PRFPREG:
         return _fpr_set(t, data)
@@ -412,6 +412,7 @@ __all__ = [
     "effective_vregs",
     "regset_get",
     "regset_set",
+    "regset_supported",
     "user_fpsimd_state",
     "vec_set_vector_length",
 ]
