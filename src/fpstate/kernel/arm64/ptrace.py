@@ -80,17 +80,18 @@ def _div_round_up(a: int, b: int) -> int:
     return -(-a // b)
 
 
-#: struct user_regset (n, size) of each FP regset in aarch64_regsets[]: ptrace_regset() needs
-#: iov_len to be a multiple of ``size`` and cuts it to ``n * size``.
+#: struct user_regset (n, size) of each FP regset in aarch64_regsets[], in that array's order
+#: (the order of a core's notes): ptrace_regset() needs iov_len to be a multiple of ``size``
+#: and cuts it to ``n * size``.
 REGSETS: dict[int, tuple[int, int]] = {
     NT_PRFPREG: (USER_FPSIMD_STATE_SIZE // 4, 4),
+    NT_ARM_FPMR: (1, 8),
     NT_ARM_SVE: (_div_round_up(sve_pt_size(ARCH_SVE_VQ_MAX, SVE_PT_REGS_SVE), SVE_VQ_BYTES),
                  SVE_VQ_BYTES),
     NT_ARM_SSVE: (_div_round_up(sve_pt_size(SME_VQ_MAX, SVE_PT_REGS_SVE), SVE_VQ_BYTES),
                   SVE_VQ_BYTES),
     NT_ARM_ZA: (_div_round_up(za_pt_size(SME_VQ_MAX), SVE_VQ_BYTES), SVE_VQ_BYTES),
     NT_ARM_ZT: (1, ZT_SIG_REG_BYTES),
-    NT_ARM_FPMR: (1, 8),
 }
 
 
