@@ -396,8 +396,38 @@ def test_a_core_no_bundled_cpu_writes_is_recorded_with_notes(tmp_path: Path,
     assert json.loads(got.out)["cpu"] == "fvp-aem-fpmr"
     assert got.err.splitlines() == [
         "fpstate: note: NT_ARM_FPMR: the CPU has it and the core does not",
-        "fpstate: note: no bundled arm64 profile writes these notes as they are; recorded as "
+        "fpstate: note: no bundled arm64 profile writes this as it is; recorded as "
         "fvp-aem-fpmr (give the saving CPU with --cpu)"]
+
+
+@pytest.mark.parametrize(("cpu", "kw"), CASES)
+def test_a_signal_frame_is_recorded_and_its_cpu_named(cpu: str, kw: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """record --format sigframe: the thread a frame was written for; without --cpu the
+    bundled profile whose setup_sigframe() lays the records out so and whose rt_sigreturn takes
+    it. A streaming thread's frame has no SVE VL (its sve_context holds the SME VL)."""
+    caps = CAPS[cpu]
+    t = _state(caps, **kw)
+    frame = tmp_path / "frame"
+    frame.write_bytes(ra.sigframe(caps, t, 0xFFFFF7FF0000))
+    assert main(["record", "--arch", "arm64", "--format", "sigframe", str(frame)]) == 0
+    got = capsys.readouterr()
+    rec = ra.Arm64Record.from_json(got.out)
+    assert rec.cpu == cpu and got.err == ""
+    want = replace(t, sve_vl=0) if t.sm else t
+    assert ra.differences(caps, rec.state, want) == []
+
+
+def test_a_frame_no_cpu_writes_is_named_so() -> None:
+    t = _state(V1, 32, sve_format=True)
+    frame = ra.sigframe(V1, t)
+    _, notes = ra.record_from_sigframe(frame, CAPS["neoverse-v2"])  # V2: SVE VL 16 only
+    assert notes == ["SVE VL 32 is not one the CPU implements"]
+    _, notes = ra.record_from_sigframe(frame, FVP)
+    assert notes == ["the frame's records (fpsimd, sve) are not those the CPU's kernel writes "
+                     "(fpsimd, sve, tpidr2, za, fpmr)"]
+    with pytest.raises(BlobError, match="no fpsimd_context"):
+        ra.state_from_sigframe(bytes(4688))
 
 
 def test_validate_a_core_says_when_its_order_loses_state(tmp_path: Path,
@@ -428,10 +458,16 @@ def test_validate_a_core_says_when_its_order_loses_state(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["record", "--arch", "arm64", "{core}", "--format", "xsave"], "--format is an x86 option"),
+    (["record", "--arch", "arm64", "{core}", "--format", "xsave"],
+     "--format xsave is an x86 option"),
+    (["record", "--arch", "arm64", "{core}", "--format", "sigframe", "--thread", "1"],
+     "--thread picks a thread of a core"),
+    (["record", "--arch", "arm64", "{rec}", "--format", "sigframe"],
+     "4688 bytes"),
     (["record", "{core}", "--thread", "3"], "an arm64 core (EM_AARCH64) has no NT_X86_XSTATE "
      "note: read it with --arch arm64"),
-    (["record", "--arch", "arm64", "{rec}"], "an arm64 record is made from an ELF core"),
+    (["record", "--arch", "arm64", "{rec}"], "an arm64 record is made from an ELF core, or from "
+     "a signal frame with --format sigframe"),
     (["record", "--arch", "arm64", "{core}", "--cpu", "nosuch"], "--cpu: "),
     (["translate", "{rec}", "--to", "fvp-aem-fpmr", "--vl", "48"],
      "SVE vl 48 is not one the target implements (VLs 16, 32, 64)"),
@@ -494,3 +530,23 @@ def test_notes_reader_fuzzed(notes: dict[int, bytes]) -> None:
     assert t.fp_type in (FP_STATE_FPSIMD, FP_STATE_SVE)
     if t.fp_type == FP_STATE_SVE:
         assert len(t.sve) == sve_regs_size(sve_vq_from_vl(t.live_vl))
+
+
+_FRAME = ra.sigframe(FVP, _state(FVP, 32, 64, streaming=True, za=True), 0xFFFFF7FF0000)
+
+
+@given(st.lists(st.tuples(st.integers(0, len(_FRAME) - 1), st.integers(0, 255)), max_size=8),
+       st.integers(0, len(_FRAME)))
+@settings(max_examples=300, deadline=None)
+def test_frame_reader_fuzzed(pokes: list[tuple[int, int]], cut: int) -> None:
+    """A frame with bytes changed and cut short: a record with notes, or one BlobError line;
+    a record read is one the record format takes back."""
+    frame = bytearray(_FRAME)
+    for at, value in pokes:
+        frame[at] = value
+    try:
+        rec, _ = ra.record_from_sigframe(bytes(frame[:max(cut, 4000)]), FVP)
+    except BlobError as e:
+        assert "\n" not in str(e)
+        return
+    assert ra.Arm64Record.from_json(rec.to_json()) == rec

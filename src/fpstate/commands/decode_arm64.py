@@ -12,7 +12,8 @@
   options give; exit 0 accepted, 1 refused or state not kept (the rule is named).
 - ``fpstate record --arch arm64 CORE [--cpu PROFILE] [--thread TID] [-o OUT]``: one thread's FP
   state as a record (fpstate.tools.record_arm64), with a note for each FP note the model's
-  GETREGSET of that state on the profile would write otherwise.
+  GETREGSET of that state on the profile would write otherwise; ``--format sigframe FRAME``:
+  the thread a signal frame was written for.
 - ``fpstate translate RECORD --to PROFILE [--vl N] [--sme-vl N] [--regsets DIR] [-o OUT]``
   (an arm64 record): the record at the target's vector lengths, exit 1 naming every register
   or mode the target cannot hold; ``--regsets`` writes the PTRACE_SETREGSET writes that
@@ -27,6 +28,7 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from fpstate.arm64.cpu import bundled_profile_names, load_profile
 from fpstate.errors import BlobError
@@ -158,33 +160,44 @@ def _state_kept(args: argparse.Namespace, caps: HostCaps, tid: int,
 
 
 def run_record(args: argparse.Namespace) -> int:
-    if args.format != "auto" or args.xcr0 is not None:
-        raise BlobError(f"{'--format' if args.format != 'auto' else '--xcr0'} is an x86 "
-                        "option: an arm64 record is read from a core's FP notes")
+    if args.format not in ("auto", "sigframe") or args.xcr0 is not None:
+        raise BlobError(f"{'--xcr0' if args.xcr0 is not None else '--format ' + args.format} "
+                        "is an x86 option: an arm64 record is read from a core's FP notes or, "
+                        "with --format sigframe, from a signal frame")
     data = _read(args.source)
-    if not ba.is_core(data):
-        raise BlobError(f"{args.source}: an arm64 record is made from an ELF core")
-    if args.cpu is None:
-        rec, notes = _record_any_cpu(data, args.thread)
+    if args.format == "sigframe":
+        if args.thread is not None:
+            raise BlobError("--thread picks a thread of a core; a signal frame is one thread's")
+        read = _record_frame
+    elif ba.is_core(data):
+        def read(data: bytes, cpu: str) -> tuple[ra.Arm64Record, list[str]]:
+            return ra.record_from_core(data, _caps(cpu), args.thread)
     else:
-        rec, notes = ra.record_from_core(data, _caps(args.cpu), args.thread)
+        raise BlobError(f"{args.source}: an arm64 record is made from an ELF core, or from a "
+                        "signal frame with --format sigframe")
+    rec, notes = read(data, args.cpu) if args.cpu is not None else _any_cpu(data, read)
     for n in notes:
         sys.stderr.write(f"fpstate: note: {n}\n")
     write_output(rec.to_json(), args.output)
     return 0
 
 
-def _record_any_cpu(data: bytes, tid: int | None) -> tuple[ra.Arm64Record, list[str]]:
-    """Without --cpu: the record on the first bundled profile whose GETREGSET writes the
-    thread's notes byte for byte (their headers' max_vl and the regsets present tell CPUs
-    apart), else on the default profile, with its notes."""
+def _record_frame(data: bytes, cpu: str) -> tuple[ra.Arm64Record, list[str]]:
+    return ra.record_from_sigframe(data, _caps(cpu))
+
+
+def _any_cpu(data: bytes, read: Callable[[bytes, str], tuple[ra.Arm64Record, list[str]]]
+             ) -> tuple[ra.Arm64Record, list[str]]:
+    """Without --cpu: the record on the first bundled profile whose kernel writes the core's
+    notes (or the frame's records) as they are -- their headers' max_vl, the regsets and
+    records present tell CPUs apart -- else on the default profile, with its notes."""
     for name in bundled_profile_names():
-        rec, notes = ra.record_from_core(data, _caps(name), tid)
+        rec, notes = read(data, name)
         if not notes:
             return rec, notes
-    rec, notes = ra.record_from_core(data, _caps(DEFAULT_CPU), tid)
-    return rec, [*notes, f"no bundled arm64 profile writes these notes as they are; recorded "
-                 f"as {DEFAULT_CPU} (give the saving CPU with --cpu)"]
+    rec, notes = read(data, DEFAULT_CPU)
+    return rec, [*notes, f"no bundled arm64 profile writes this as it is; recorded as "
+                 f"{DEFAULT_CPU} (give the saving CPU with --cpu)"]
 
 
 def run_translate(args: argparse.Namespace, data: bytes) -> int:

@@ -360,6 +360,96 @@ def record_from_core(data: bytes, caps: HostCaps, tid: int | None = None
     return Arm64Record(caps.profile.name, state, maxes), mismatches(caps, state, notes)
 
 
+# --- reading a signal frame ---------------------------------------------------------------------
+def state_from_sigframe(frame: bytes) -> tuple[pt.RegsetTarget, int, list[str]]:
+    """The thread state an rt_sigframe's FP records hold (setup_sigframe()'s), the frame's
+    address (from an extra_context's datap; 0 without one) and the decoder's warnings;
+    BlobError for a frame that cannot be read. The frame does not say the SVE VL of a
+    streaming thread (its sve_context holds the SME VL): it is 0 then."""
+    from fpstate.tools import blob_arm64 as ba  # the frame decoder (it imports this package)
+
+    [blob] = ba.decode(frame, "sigframe")
+    warnings = list(blob.warnings)
+    secs = {sec.name: sec for sec in blob.sections}
+    fp = secs.get("fpsimd_context")
+    if fp is None:
+        raise BlobError("the frame has no fpsimd_context: no FP state to record")
+    fpsr, fpcr = struct.unpack_from("<II", frame, fp.offset + 8)
+    t = pt.RegsetTarget(vregs=frame[fp.offset + 16:fp.offset + 16 + 512], fpsr=fpsr, fpcr=fpcr)
+    base = dict(secs["extra_context"].fields)["frame_address"] if "extra_context" in secs else 0
+    sve = secs.get("sve_context")
+    if sve is not None:
+        f = dict(sve.fields)
+        sm = bool(f.get("streaming"))
+        t = replace(t, **({"sme_vl": f["vl"]} if sm else {"sve_vl": f["vl"]}))
+        regs = secs.get("SVE registers")
+        if regs is not None:
+            t = replace(t, sm=sm, fp_type=FP_STATE_SVE,
+                        sve=frame[regs.offset:regs.offset + regs.size])
+            v = pt.effective_vregs(t)
+            if v != t.vregs:
+                n = next(i for i in range(32)
+                         if v[16 * i:16 * (i + 1)] != t.vregs[16 * i:16 * (i + 1)])
+                warnings.append(f"fpsimd_context V{n} is not the low 128 bits of Z{n} (the "
+                                "kernel writes them equal; rt_sigreturn restores Z)")
+            t = replace(t, vregs=v)
+        elif sm:
+            raise BlobError("the sve_context says streaming mode but holds no registers")
+    za = secs.get("za_context")
+    if za is not None:
+        vl = dict(za.fields)["vl"]
+        if t.sm and vl != t.sme_vl:
+            raise BlobError(f"za_context vl {vl} is not the streaming VL {t.sme_vl}")
+        t = replace(t, sme_vl=vl)
+        rows = secs.get("ZA")
+        if rows is not None:
+            t = replace(t, za_on=True, za=frame[rows.offset:rows.offset + rows.size])
+    zt = secs.get("ZT0")
+    if zt is not None and t.za_on:
+        t = replace(t, zt0=frame[zt.offset:zt.offset + zt.size])
+    fpmr = secs.get("fpmr_context")
+    if fpmr is not None:
+        t = replace(t, fpmr=struct.unpack_from("<Q", frame, fpmr.offset + 8)[0])
+    return t, base, warnings
+
+
+def frame_mismatches(caps: HostCaps, t: pt.RegsetTarget, frame: bytes, base: int) -> list[str]:
+    """Why ``frame`` is not what setup_sigframe() of a thread of ``caps`` in state ``t``
+    writes: its FP records' places (their set and offsets follow the CPU's features and the
+    VLs), and the model's rt_sigreturn of it refusing."""
+    from fpstate.tools import blob_arm64 as ba
+
+    [blob] = ba.decode(frame, "sigframe")
+    records = [(sec.name.removesuffix("_context"), sec.offset, sec.size) for sec in blob.sections
+               if sec.name.endswith("_context") and sec.name not in ("extra_context",)]
+    task = replace(sig_task(t), fault_code=1 if any(r[0] == "esr" for r in records) else 0)
+    layout = sig.setup_sigframe_layout(caps, task)
+    want = [(r.name, r.offset, r.size) for r in layout.records if r.name != "extra"]
+    out = [f"{kind} VL {vl} is not one the CPU implements"
+           for kind, vl, info in (("SVE", t.sve_vl, caps.sve_vl), ("SME", t.sme_vl, caps.sme_vl))
+           if vl and info is not None and info.find_supported_vector_length(vl) != vl]
+    if [r[0] for r in records] != [r[0] for r in want]:
+        out.append(f"the frame's records ({', '.join(r[0] for r in records)}) are not those "
+                   f"the CPU's kernel writes ({', '.join(r[0] for r in want)})")
+    elif records != want:
+        bad = next(r for r, w in zip(records, want, strict=True) if r != w)
+        out.append(f"{bad[0]}_context at {bad[1]:#x}, {bad[2]} bytes, is not where or as large "
+                   "as the CPU's kernel writes it")
+    back = sig.restore_sigframe_fp(frame, caps, task, base)
+    if back.ret:
+        out.append(f"the CPU's rt_sigreturn refuses it: {back.reason}")
+    return out
+
+
+def record_from_sigframe(frame: bytes, caps: HostCaps) -> tuple[Arm64Record, list[str]]:
+    """The record of the thread an rt_sigframe was written for, with notes: the decoder's
+    warnings and why ``caps``'s kernel would not have written or would not take it."""
+    t, base, warnings = state_from_sigframe(frame)
+    return (Arm64Record(caps.profile.name, t, (caps.sve_vl.max_vl if caps.sve_vl else 0,
+                                                caps.sme_vl.max_vl if caps.sme_vl else 0)),
+            warnings + frame_mismatches(caps, t, frame, base))
+
+
 # --- translation ----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Arm64Translation:
@@ -603,7 +693,23 @@ def sigframe(caps: HostCaps, t: pt.RegsetTarget, base: int = 0) -> bytes:
     return frame
 
 
-__all__ = ["RECORD_FORMAT_ARM64", "Arm64Record", "Arm64Translation", "RestoreError",
-           "check_restore", "core_threads", "differences", "mismatches", "record_from_core",
-           "replay", "restore_writes", "sig_task", "sigframe", "state_from_notes",
-           "translate"]
+__all__ = [
+    "RECORD_FORMAT_ARM64",
+    "Arm64Record",
+    "Arm64Translation",
+    "RestoreError",
+    "check_restore",
+    "core_threads",
+    "differences",
+    "frame_mismatches",
+    "mismatches",
+    "record_from_core",
+    "record_from_sigframe",
+    "replay",
+    "restore_writes",
+    "sig_task",
+    "sigframe",
+    "state_from_notes",
+    "state_from_sigframe",
+    "translate",
+]
