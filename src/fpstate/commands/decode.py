@@ -94,8 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="State, CPUID leaf 0xD, XCR0 and IA32_XSS as JSON.")
     r.add_argument("source", metavar="SOURCE")
     r.add_argument("--arch", default="x86", choices=("x86", "arm64"),
-                   help="architecture of the source (arm64: one thread of an ELF core)")
-    r.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+                   help="architecture of the source (arm64: one thread of an ELF core, or a "
+                   "signal frame with --format sigframe)")
+    r.add_argument("--cpu", default=None, metavar="CPU",
+                   help="'host', a bundled profile (fpstate cpus) or a CPUID dump; default host; "
+                   "with --arch arm64 an arm64 profile (default: the bundled one whose kernel "
+                   "writes the source as it is)")
     r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     r.add_argument("--thread", type=int, metavar="TID",
                    help="the core's thread to record (default: its only thread)")
