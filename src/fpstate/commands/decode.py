@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="architecture of the source (arm64: one thread of an ELF core, or a "
                    "signal frame with --format sigframe)")
     r.add_argument("--cpu", default=None, metavar="CPU",
-                   help="'host', a bundled profile (fpstate cpus) or a CPUID dump; default host; "
+                   help="'host', a bundled profile (fpstate cpus) or a CPUID dump; default host "
+                   "(a state record brings its own CPU); "
                    "with --arch arm64 an arm64 profile (default: the bundled one whose kernel "
                    "writes the source as it is)")
     r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
