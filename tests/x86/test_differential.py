@@ -17,6 +17,8 @@ is not deterministic, a model error is.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -194,6 +196,28 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
 
 def test_every_choice_has_a_program() -> None:
     assert set(CHOICE_PROGRAMS) == set(I.CHOICES)
+
+
+def test_a_model_error_is_not_retried_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check` runs the host again on a disagreement, but fails when every run disagrees: a
+    model whose XINUSE is off by one bit fails after HOST_TRIES host runs."""
+    program = Program(image(0x3), (Insn("XGETBV", reg=1),))
+    check(program)  # the real model agrees
+    runs = []
+    real_host, real_model = host_run, model_run
+
+    def counted(p: Program) -> Outcome:
+        runs.append(p)
+        return real_host(p)
+
+    def wrong(profile: object, p: Program) -> list[Outcome]:
+        return [replace(o, xinuse=(o.xinuse or 0) ^ 1) for o in real_model(profile, p)]
+
+    monkeypatch.setitem(globals(), "host_run", counted)
+    monkeypatch.setitem(globals(), "model_run", wrong)
+    with pytest.raises(AssertionError, match="xinuse"):
+        check(program)
+    assert len(runs) == HOST_TRIES
 
 
 @pytest.mark.parametrize("key", sorted(CHOICE_PROGRAMS))
