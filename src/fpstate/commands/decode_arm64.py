@@ -165,37 +165,39 @@ def run_record(args: argparse.Namespace) -> int:
                         "is an x86 option: an arm64 record is read from a core's FP notes or, "
                         "with --format sigframe, from a signal frame")
     data = _read(args.source)
+    read: Callable[[str], tuple[ra.Arm64Record, list[str]]]
     if args.format == "sigframe":
         if args.thread is not None:
             raise BlobError("--thread picks a thread of a core; a signal frame is one thread's")
-        read = _record_frame
+        frame = ra.state_from_sigframe(data)  # read once, judged on each CPU tried
+
+        def read(cpu: str) -> tuple[ra.Arm64Record, list[str]]:
+            return ra.record_from_frame_read(frame, data, _caps(cpu))
     elif ba.is_core(data):
-        def read(data: bytes, cpu: str) -> tuple[ra.Arm64Record, list[str]]:
-            return ra.record_from_core(data, _caps(cpu), args.thread)
+        notes = ra.core_thread(data, args.thread)
+
+        def read(cpu: str) -> tuple[ra.Arm64Record, list[str]]:
+            return ra.record_from_notes(notes, _caps(cpu))
     else:
         raise BlobError(f"{args.source}: an arm64 record is made from an ELF core, or from a "
                         "signal frame with --format sigframe")
-    rec, notes = read(data, args.cpu) if args.cpu is not None else _any_cpu(data, read)
-    for n in notes:
+    rec, found = read(args.cpu) if args.cpu is not None else _any_cpu(read)
+    for n in found:
         sys.stderr.write(f"fpstate: note: {n}\n")
     write_output(rec.to_json(), args.output)
     return 0
 
 
-def _record_frame(data: bytes, cpu: str) -> tuple[ra.Arm64Record, list[str]]:
-    return ra.record_from_sigframe(data, _caps(cpu))
-
-
-def _any_cpu(data: bytes, read: Callable[[bytes, str], tuple[ra.Arm64Record, list[str]]]
+def _any_cpu(read: Callable[[str], tuple[ra.Arm64Record, list[str]]]
              ) -> tuple[ra.Arm64Record, list[str]]:
     """Without --cpu: the record on the first bundled profile whose kernel writes the core's
     notes (or the frame's records) as they are -- their headers' max_vl, the regsets and
     records present tell CPUs apart -- else on the default profile, with its notes."""
     for name in bundled_profile_names():
-        rec, notes = read(data, name)
+        rec, notes = read(name)
         if not notes:
             return rec, notes
-    rec, notes = read(data, DEFAULT_CPU)
+    rec, notes = read(DEFAULT_CPU)
     return rec, [*notes, f"no bundled arm64 profile writes this as it is; recorded as "
                  f"{DEFAULT_CPU} (give the saving CPU with --cpu)"]
 
@@ -213,6 +215,9 @@ def run_translate(args: argparse.Namespace, data: bytes) -> int:
         sys.stdout.write(f"{caps.profile.name} cannot hold the state: "
                          + "; ".join(result.refusals) + "\n")
         return 1
+    if args.sigframe and (args.frame_address % 16 or not 0 <= args.frame_address < 1 << 64):
+        raise BlobError(f"--frame-address {args.frame_address:#x}: a frame address is a "
+                        "16-byte aligned user address")
     if args.regsets:
         try:
             os.makedirs(args.regsets, exist_ok=True)
@@ -225,9 +230,6 @@ def run_translate(args: argparse.Namespace, data: bytes) -> int:
         sys.stderr.write(f"fpstate: PTRACE_SETREGSET in this order: {order}\n")
     if args.sigframe:
         t = result.record.state
-        if args.frame_address % 16 or not 0 <= args.frame_address < 1 << 64:
-            raise BlobError(f"--frame-address {args.frame_address:#x}: a frame address is a "
-                            "16-byte aligned user address")
         frame = ra.sigframe(caps, t, args.frame_address)
         write_output(frame, args.sigframe)
         vls = [f"{k} VL {v}" for k, v in (("SVE", t.sve_vl), ("SME", t.sme_vl)) if v]

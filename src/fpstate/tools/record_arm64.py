@@ -70,6 +70,7 @@ from fpstate.kernel.arm64.state import (
     FP_STATE_SVE,
     HostCaps,
 )
+from fpstate.tools import blob_arm64 as ba
 from fpstate.tools.corefile import thread_notes
 
 RECORD_FORMAT_ARM64 = "fpstate-arm64-state-record/1"
@@ -341,10 +342,8 @@ def mismatches(caps: HostCaps, state: pt.RegsetTarget, notes: Mapping[int, bytes
     return out
 
 
-def record_from_core(data: bytes, caps: HostCaps, tid: int | None = None
-                     ) -> tuple[Arm64Record, list[str]]:
-    """The record of one thread of an arm64 core (``tid``; None: the core's only thread) and
-    notes on what the model's GETREGSET of that state on ``caps`` would write otherwise."""
+def core_thread(data: bytes, tid: int | None = None) -> dict[int, bytes]:
+    """The FP notes of one thread of an arm64 core (``tid``; None: the core's only thread)."""
     threads = core_threads(data)
     if tid is None:
         if len(threads) != 1:
@@ -355,19 +354,40 @@ def record_from_core(data: bytes, caps: HostCaps, tid: int | None = None
     if tid not in threads:
         raise BlobError(f"the core has no thread {tid} (threads: "
                         f"{', '.join(map(str, threads))})")
-    notes = threads[tid]
+    return threads[tid]
+
+
+def record_from_notes(notes: Mapping[int, bytes], caps: HostCaps
+                      ) -> tuple[Arm64Record, list[str]]:
+    """The record of the thread whose FP notes these are, and notes on what the model's
+    GETREGSET of that state on ``caps`` would write otherwise."""
     state, maxes = state_from_notes(notes)
     return Arm64Record(caps.profile.name, state, maxes), mismatches(caps, state, notes)
 
 
+def record_from_core(data: bytes, caps: HostCaps, tid: int | None = None
+                     ) -> tuple[Arm64Record, list[str]]:
+    """`record_from_notes` of one thread of an arm64 core (`core_thread`)."""
+    return record_from_notes(core_thread(data, tid), caps)
+
+
 # --- reading a signal frame ---------------------------------------------------------------------
-def state_from_sigframe(frame: bytes) -> tuple[pt.RegsetTarget, int, list[str]]:
-    """The thread state an rt_sigframe's FP records hold (setup_sigframe()'s), the frame's
-    address (from an extra_context's datap; 0 without one) and the decoder's warnings;
+@dataclass(frozen=True, slots=True)
+class FrameRead:
+    """What an rt_sigframe holds: the thread state of its FP records, the frame's address
+    (from an extra_context's datap; 0 without one), the decoder's warnings, and its records
+    (name, offset, size) in order, extra_context left out."""
+
+    state: pt.RegsetTarget
+    base: int
+    warnings: tuple[str, ...]
+    records: tuple[tuple[str, int, int], ...]
+
+
+def state_from_sigframe(frame: bytes) -> FrameRead:
+    """The thread an rt_sigframe was written for (setup_sigframe()'s records), read once;
     BlobError for a frame that cannot be read. The frame does not say the SVE VL of a
     streaming thread (its sve_context holds the SME VL): it is 0 then."""
-    from fpstate.tools import blob_arm64 as ba  # the frame decoder (it imports this package)
-
     [blob] = ba.decode(frame, "sigframe")
     warnings = list(blob.warnings)
     secs = {sec.name: sec for sec in blob.sections}
@@ -410,18 +430,17 @@ def state_from_sigframe(frame: bytes) -> tuple[pt.RegsetTarget, int, list[str]]:
     fpmr = secs.get("fpmr_context")
     if fpmr is not None:
         t = replace(t, fpmr=struct.unpack_from("<Q", frame, fpmr.offset + 8)[0])
-    return t, base, warnings
+    records = tuple((sec.name.removesuffix("_context"), sec.offset, sec.size)
+                    for sec in blob.sections
+                    if sec.name.endswith("_context") and sec.name != "extra_context")
+    return FrameRead(t, base, tuple(warnings), records)
 
 
-def frame_mismatches(caps: HostCaps, t: pt.RegsetTarget, frame: bytes, base: int) -> list[str]:
-    """Why ``frame`` is not what setup_sigframe() of a thread of ``caps`` in state ``t``
-    writes: its FP records' places (their set and offsets follow the CPU's features and the
-    VLs), and the model's rt_sigreturn of it refusing."""
-    from fpstate.tools import blob_arm64 as ba
-
-    [blob] = ba.decode(frame, "sigframe")
-    records = [(sec.name.removesuffix("_context"), sec.offset, sec.size) for sec in blob.sections
-               if sec.name.endswith("_context") and sec.name not in ("extra_context",)]
+def frame_mismatches(caps: HostCaps, read: FrameRead, frame: bytes) -> list[str]:
+    """Why ``frame`` (read as ``read``) is not what setup_sigframe() of a thread of ``caps``
+    in its state writes: its VLs, its FP records' places (their set and offsets follow the
+    CPU's features and the VLs), and the model's rt_sigreturn of it refusing."""
+    t, records = read.state, list(read.records)
     task = replace(sig_task(t), fault_code=1 if any(r[0] == "esr" for r in records) else 0)
     layout = sig.setup_sigframe_layout(caps, task)
     want = [(r.name, r.offset, r.size) for r in layout.records if r.name != "extra"]
@@ -435,19 +454,24 @@ def frame_mismatches(caps: HostCaps, t: pt.RegsetTarget, frame: bytes, base: int
         bad = next(r for r, w in zip(records, want, strict=True) if r != w)
         out.append(f"{bad[0]}_context at {bad[1]:#x}, {bad[2]} bytes, is not where or as large "
                    "as the CPU's kernel writes it")
-    back = sig.restore_sigframe_fp(frame, caps, task, base)
+    back = sig.restore_sigframe_fp(frame, caps, task, read.base)
     if back.ret:
         out.append(f"the CPU's rt_sigreturn refuses it: {back.reason}")
     return out
 
 
+def record_from_frame_read(read: FrameRead, frame: bytes, caps: HostCaps
+                           ) -> tuple[Arm64Record, list[str]]:
+    """The record of a frame already read, with notes: the decoder's warnings and why
+    ``caps``'s kernel would not have written or would not take it."""
+    maxes = (caps.sve_vl.max_vl if caps.sve_vl else 0, caps.sme_vl.max_vl if caps.sme_vl else 0)
+    return (Arm64Record(caps.profile.name, read.state, maxes),
+            [*read.warnings, *frame_mismatches(caps, read, frame)])
+
+
 def record_from_sigframe(frame: bytes, caps: HostCaps) -> tuple[Arm64Record, list[str]]:
-    """The record of the thread an rt_sigframe was written for, with notes: the decoder's
-    warnings and why ``caps``'s kernel would not have written or would not take it."""
-    t, base, warnings = state_from_sigframe(frame)
-    return (Arm64Record(caps.profile.name, t, (caps.sve_vl.max_vl if caps.sve_vl else 0,
-                                                caps.sme_vl.max_vl if caps.sme_vl else 0)),
-            warnings + frame_mismatches(caps, t, frame, base))
+    """`record_from_frame_read` of a frame read now."""
+    return record_from_frame_read(state_from_sigframe(frame), frame, caps)
 
 
 # --- translation ----------------------------------------------------------------------------------
@@ -697,13 +721,17 @@ __all__ = [
     "RECORD_FORMAT_ARM64",
     "Arm64Record",
     "Arm64Translation",
+    "FrameRead",
     "RestoreError",
     "check_restore",
+    "core_thread",
     "core_threads",
     "differences",
     "frame_mismatches",
     "mismatches",
     "record_from_core",
+    "record_from_frame_read",
+    "record_from_notes",
     "record_from_sigframe",
     "replay",
     "restore_writes",
