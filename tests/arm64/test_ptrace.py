@@ -38,6 +38,11 @@ def test_regset_sizes_are_those_of_aarch64_regsets() -> None:
     assert pt.REGSETS[pt.NT_PRFPREG] == (132, 4)
     assert pt.REGSETS[pt.NT_ARM_ZT] == (1, 64)
     assert pt.REGSETS[pt.NT_ARM_FPMR] == (1, 8)
+    assert pt.REGSETS[pt.NT_ARM_TLS] == (2, 8)  # TPIDR_EL0, TPIDR2_EL0
+    # enum aarch64_regset: GPR, FPR, TLS, HW_BREAK, HW_WATCH, FPMR, SYSTEM_CALL, SVE, SSVE, ZA,
+    # ZT -- the order of a core's notes.
+    assert list(pt.REGSETS) == [pt.NT_PRFPREG, pt.NT_ARM_TLS, pt.NT_ARM_FPMR, pt.NT_ARM_SVE,
+                                pt.NT_ARM_SSVE, pt.NT_ARM_ZA, pt.NT_ARM_ZT]
 
 
 def test_sve_get_of_a_thread_that_never_used_sve_is_fpsimd_format() -> None:
@@ -251,3 +256,34 @@ def test_setregset_never_fails_other_than_with_an_errno(note: int, data: bytes, 
     assert (r.ret == 0) == (r.reason == "")
     if r.ret == 0:  # and whatever was accepted reads back
         pt.regset_get(FVP, r.target, note)
+
+
+# -- NT_ARM_TLS: TPIDR_EL0 and SME's TPIDR2_EL0 (tls_get/tls_set) ---------------------------------
+
+TP, TP2 = 0xFFFF_8000_1234_5670, 0xFFFF_C000_0000_1F00
+
+
+def test_tls_get_reads_tpidr2_only_with_sme() -> None:
+    t = replace(pt.RegsetTarget.fresh(FVP), tpidr=TP, tpidr2=TP2)
+    assert pt.regset_get(FVP, t, pt.NT_ARM_TLS) == struct.pack("<QQ", TP, TP2)
+    # membuf_zero() in place of TPIDR2_EL0 without SME: 16 bytes all the same.
+    assert pt.regset_get(N1, replace(t, tpidr2=5), pt.NT_ARM_TLS) == struct.pack("<QQ", TP, 0)
+
+
+def test_tls_set_writes_from_offset_zero_and_ignores_tpidr2_without_sme() -> None:
+    t = replace(pt.RegsetTarget.fresh(FVP), tpidr=1, tpidr2=2)
+    short = pt.regset_set(FVP, t, pt.NT_ARM_TLS, struct.pack("<Q", TP))
+    assert (short.ret, short.target.tpidr, short.target.tpidr2) == (0, TP, 2)  # TPIDR2 kept
+    full = pt.regset_set(FVP, t, pt.NT_ARM_TLS, struct.pack("<QQ", TP, TP2))
+    assert (full.target.tpidr, full.target.tpidr2) == (TP, TP2)
+    # ptrace_regset() cuts iov_len to n * size = 16: a third word is not read.
+    long = pt.regset_set(FVP, t, pt.NT_ARM_TLS, struct.pack("<QQQ", TP, TP2, 9))
+    assert long.target == full.target
+    odd = pt.regset_set(FVP, t, pt.NT_ARM_TLS, bytes(12))
+    assert (odd.ret, odd.target) == (-22, t) and "multiple of NT_ARM_TLS's register size 8" \
+        in odd.reason
+    n1 = replace(pt.RegsetTarget.fresh(N1), tpidr=1)
+    r = pt.regset_set(N1, n1, pt.NT_ARM_TLS, struct.pack("<QQ", TP, TP2))
+    assert (r.ret, r.target.tpidr, r.target.tpidr2) == (0, TP, 0)
+    # Nothing of the FP state moves.
+    assert replace(full.target, tpidr=1, tpidr2=2) == t

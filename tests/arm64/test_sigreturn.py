@@ -27,7 +27,7 @@ def frame_of(profile, task):
 
 
 STREAMING_ZA = SigTask(sm=True, za=True, sve_vl=64, sme_vl=32, fpsr=0x10, fpcr=0x20,
-                       fpmr=0xABC)
+                       fpmr=0xABC, tpidr2=0xFFFF_C000_0000_1F00)
 
 
 @pytest.mark.parametrize("profile,task,fp_type", [
@@ -44,6 +44,19 @@ def test_a_delivered_frame_restores_what_it_saved(profile, task, fp_type):
     assert (r.ret, r.reason) == (0, "")
     assert (r.task.fp_type, r.task.sm, r.task.za) == (fp_type, task.sm, task.za)
     assert (r.task.fpsr, r.task.fpcr, r.task.fpmr) == (task.fpsr, task.fpcr, task.fpmr)
+    assert r.task.tpidr2 == task.tpidr2
+
+
+def test_tpidr2_is_saved_in_its_record_and_restored_from_it():
+    """preserve_tpidr2_context() writes TPIDR2_EL0 at +8 of a 16-byte tpidr2_context;
+    restore_tpidr2_context() writes the register back from it (before ZA is restored)."""
+    c, lay, frame = frame_of("fvp-aem-fpmr", STREAMING_ZA)
+    rec = lay.record("tpidr2")
+    assert struct.unpack_from("<IIQ", frame, rec.offset) == (sig.TPIDR2_MAGIC, 16,
+                                                             0xFFFF_C000_0000_1F00)
+    struct.pack_into("<Q", frame, rec.offset + 8, 0x1000)  # a handler moved the block
+    r = sig.restore_sigframe_fp(bytes(frame), c, STREAMING_ZA)
+    assert (r.ret, r.task.tpidr2) == (0, 0x1000)
 
 
 def test_the_handler_may_drop_za_with_a_header_only_za_context():

@@ -28,7 +28,7 @@ V1 = HostCaps.from_profile(load_profile("neoverse-v1"))
 
 
 def _thread() -> pt.RegsetTarget:
-    """SVE at 64 bytes in SVE format, SME at 32 with ZA on, FPMR set."""
+    """SVE at 64 bytes in SVE format, SME at 32 with ZA on, FPMR, TPIDR_EL0, TPIDR2_EL0 set."""
     t = ba.target_for(FVP, sve_vl=64, sme_vl=32, za=True, sve_format=True)
     sve = bytearray(len(t.sve))
     sve[0:64] = bytes(range(64))  # Z0
@@ -37,7 +37,8 @@ def _thread() -> pt.RegsetTarget:
     za = bytearray(len(t.za))
     za[32 * 3:32 * 4] = b"\x77" * 32  # row 3
     return replace(t, sve=bytes(sve), za=bytes(za), zt0=b"\x12" * 64, fpmr=0x1_0201_4045,
-                   fpsr=0x8000010, fpcr=0x400000)
+                   fpsr=0x8000010, fpcr=0x400000, tpidr=0xFFFF_8000_1234_5670,
+                   tpidr2=0xFFFF_C000_0000_1F00)
 
 
 def test_sve_regset_registers_at_their_offsets() -> None:
@@ -171,7 +172,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
         out[fmt].write_bytes(pt.regset_get(FVP, t, note))
     out["core"] = tmp_path / "arm.core"
     out["core"].write_bytes(build_core_notes(
-        [(7, [(n, pt.regset_get(FVP, t, n)) for n in ba.REGSET_FORMATS.values()])], EM_AARCH64))
+        [(7, [(n, pt.regset_get(FVP, t, n)) for n in pt.REGSETS])], EM_AARCH64))
     out["frame"] = tmp_path / "frame.bin"
     out["frame"].write_bytes(_frame(sig.SigTask(FP_STATE_SVE, False, True, 64, 32)))
     return out
@@ -184,8 +185,32 @@ def test_cli_decode_text_and_json(files, capsys) -> None:
     assert "    P0       0xa5a5a5a5a5a5a5a5" in text and "(32 registers are zero)" not in text
     assert main(["decode", "--arch", "arm64", str(files["core"]), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [o["source"] for o in out][-1] == "thread 7 NT_ARM_FPMR"
-    assert out[-1]["sections"][0]["registers"] == {"FPMR": "0x0000000102014045"}
+    # The notes in aarch64_regsets[] order, as fill_thread_core_info() dumps them.
+    assert [o["source"] for o in out] == [f"thread 7 {pt.NOTE_NAMES[n]}" for n in pt.REGSETS]
+    assert [o["source"] for o in out][:3] == ["thread 7 NT_PRFPREG", "thread 7 NT_ARM_TLS",
+                                              "thread 7 NT_ARM_FPMR"]
+    by = {o["source"]: o for o in out}
+    assert by["thread 7 NT_ARM_FPMR"]["sections"][0]["registers"] == {
+        "FPMR": "0x0000000102014045"}
+    assert by["thread 7 NT_ARM_TLS"]["sections"][0]["registers"] == {
+        "TPIDR_EL0": "0xffff800012345670", "TPIDR2_EL0": "0xffffc00000001f00"}
+
+
+def test_cli_tls_decode_and_validate(files, capsys) -> None:
+    assert main(["decode", "--arch", "arm64", "--format", "tls", str(files["tls"])]) == 0
+    assert capsys.readouterr().out.splitlines()[1:4] == [
+        "TLS at 0x0, 16 bytes", "    TPIDR_EL0 0xffff800012345670",
+        "    TPIDR2_EL0 0xffffc00000001f00"]
+    # tls_set() on a CPU without SME takes TPIDR_EL0 and ignores TPIDR2_EL0.
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", "--format", "tls", "--cpu",
+                 "neoverse-n1", str(files["tls"])]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  after: tpidr_el0 0xffff800012345670, tpidr2_el0 0x0")
+    files["tls"].write_bytes(files["tls"].read_bytes()[:12])
+    assert main(["validate", "--arch", "arm64", "--as", "ptrace", "--format", "tls",
+                 str(files["tls"])]) == 1
+    assert "iov_len 12 is not a multiple of NT_ARM_TLS's register size 8" in \
+        capsys.readouterr().out
 
 
 def test_cli_validate_statuses(files, capsys) -> None:

@@ -6,6 +6,7 @@ dump order shown to lose state), the command line, and the readers fuzzed."""
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -235,10 +236,10 @@ def test_restore_order_of_each_kind_of_thread() -> None:
                  "fpsimd-only": (N1, {})}.items()}
     assert names == {
         "streaming": ["NT_ARM_ZA", "NT_ARM_SVE", "NT_ARM_SSVE", "NT_ARM_ZA", "NT_ARM_ZT",
-                      "NT_ARM_FPMR"],
-        "sve": ["NT_ARM_ZA", "NT_ARM_SVE", "NT_ARM_FPMR"],
-        "sme-only": ["NT_ARM_ZA", "NT_ARM_SSVE", "NT_ARM_ZA", "NT_ARM_ZT"],
-        "fpsimd-only": ["NT_PRFPREG"]}
+                      "NT_ARM_FPMR", "NT_ARM_TLS"],
+        "sve": ["NT_ARM_ZA", "NT_ARM_SVE", "NT_ARM_FPMR", "NT_ARM_TLS"],
+        "sme-only": ["NT_ARM_ZA", "NT_ARM_SSVE", "NT_ARM_ZA", "NT_ARM_ZT", "NT_ARM_TLS"],
+        "fpsimd-only": ["NT_PRFPREG", "NT_ARM_TLS"]}
     first = ra.restore_writes(FVP, _state(FVP, 32, 64, streaming=True, za=True))[0][1]
     assert len(first) == 16 and int.from_bytes(first[8:10], "little") == 64  # header: SME VL
 
@@ -330,6 +331,79 @@ def test_sigreturn_needs_the_vector_lengths_set_first() -> None:
     assert moved.ret == -22 and "extra_context.datap" in moved.reason
 
 
+# -- TPIDR_EL0 and TPIDR2_EL0 (NT_ARM_TLS, tpidr2_context) ---------------------------------------
+
+TP, TP2 = 0xFFFF_8000_1234_5670, 0xFFFF_C000_0000_1F00
+
+
+def test_tls_is_recorded_from_a_core_and_written_back_last() -> None:
+    t = replace(_state(FVP, 64, 32, za=True, sve_format=True), tpidr=TP, tpidr2=TP2)
+    rec, notes = ra.record_from_core(_core(FVP, t), FVP)
+    assert notes == [] and rec.tls == (True, True)
+    assert (rec.to_dict()["tpidr"], rec.to_dict()["tpidr2"]) == (TP, TP2)
+    assert ra.Arm64Record.from_json(rec.to_json()) == rec
+    tr = ra.translate(rec, FVP)
+    assert tr.writes[-1] == (pt.NT_ARM_TLS, struct.pack("<QQ", TP, TP2))
+    assert (ra.replay(FVP, tr.writes).tpidr, ra.replay(FVP, tr.writes).tpidr2) == (TP, TP2)
+
+
+def test_an_eight_byte_nt_arm_tls_keeps_the_threads_tpidr2() -> None:
+    """A core whose NT_ARM_TLS holds TPIDR_EL0 only (a kernel before TPIDR2 joined it): the
+    record says TPIDR2_EL0 is unknown, and the restore writes 8 bytes, which tls_set() lays
+    over TPIDR_EL0 alone."""
+    t = replace(_state(FVP, 32, 32), tpidr=TP, tpidr2=TP2)
+    notes = {n: pt.regset_get(FVP, t, n) for n in pt.REGSETS}
+    notes[pt.NT_ARM_TLS] = notes[pt.NT_ARM_TLS][:8]
+    rec, found = ra.record_from_notes(notes, FVP)
+    assert rec.tls == (True, False) and rec.to_dict()["tpidr2"] is None
+    assert found == ["NT_ARM_TLS: the kernel would write 16 bytes for this state, the core "
+                     "has 8, first difference at byte 8"]
+    tr = ra.translate(rec, FVP)
+    assert tr.writes[-1] == (pt.NT_ARM_TLS, struct.pack("<Q", TP))
+    own = replace(pt.RegsetTarget.fresh(FVP), tpidr2=0x4000)
+    assert ra.replay(FVP, tr.writes, own).tpidr2 == 0x4000
+
+
+def test_tpidr2_needs_sme_on_the_target() -> None:
+    t = replace(_state(FVP, 32, 32, sve_format=True), tpidr=TP, tpidr2=TP2)
+    rec, _ = ra.record_from_core(_core(FVP, t), FVP)
+    tr = ra.translate(rec, V1)
+    assert not tr.ok and tr.refusals == (
+        f"TPIDR2_EL0 {TP2:#x} is not zero and the target has no SME (its NT_ARM_TLS ignores "
+        "TPIDR2_EL0: the thread's TPIDR2 block, the ZA lazy-saving scheme's, would be "
+        "forgotten)",)
+    ok = ra.translate(replace(rec, state=replace(rec.state, tpidr2=0)), V1)
+    assert ok.ok and ok.writes[-1] == (pt.NT_ARM_TLS, struct.pack("<QQ", TP, 0))
+
+
+def test_a_frame_gives_tpidr2_not_tpidr() -> None:
+    """A signal frame's tpidr2_context holds TPIDR2_EL0, nothing holds TPIDR_EL0: no
+    NT_ARM_TLS write (it would overwrite TPIDR_EL0), a note, and the translated state's own
+    frame restores TPIDR2_EL0."""
+    t = replace(_state(FVP, 64, 32, za=True, sve_format=True), tpidr2=TP2)
+    rec, found = ra.record_from_sigframe(ra.sigframe(FVP, t), FVP)
+    assert found == [] and rec.tls == (False, True)
+    assert (rec.to_dict()["tpidr"], rec.to_dict()["tpidr2"]) == (None, TP2)
+    tr = ra.translate(rec, FVP)
+    assert tr.ok and pt.NT_ARM_TLS not in [n for n, _ in tr.writes]
+    assert any(n.startswith(f"TPIDR2_EL0 {TP2:#x} is not among the regset writes")
+               for n in tr.notes)
+    frame = ra.sigframe(FVP, tr.record.state)
+    back = sig.restore_sigframe_fp(frame, FVP, ra.sig_task(replace(t, za_on=False, tpidr2=0)))
+    assert (back.ret, back.task.tpidr2) == (0, TP2)
+
+
+def test_records_made_before_tls_have_none() -> None:
+    t = _state(FVP, 32, 32)
+    obj = ra.record_from_core(_core(FVP, t), FVP)[0].to_dict()
+    del obj["tpidr"], obj["tpidr2"]
+    rec = ra.Arm64Record.from_json(obj)
+    assert rec.tls == (False, False)
+    assert pt.NT_ARM_TLS not in [n for n, _ in ra.translate(rec, FVP).writes]
+    with pytest.raises(BlobError, match="record field 'tpidr2' must be an integer from 0"):
+        ra.Arm64Record.from_json(dict(obj, tpidr2=-1))
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -355,10 +429,11 @@ def test_cli_record_translate_and_regsets(tmp_path: Path, capsys: pytest.Capture
     assert "note: SVE registers re-laid from vl 64 to 32" in err
     assert ("PTRACE_SETREGSET in this order: 1. NT_ARM_ZA (16 bytes), 2. NT_ARM_SVE (1136 "
             "bytes), 3. NT_ARM_ZA (4112 bytes), 4. NT_ARM_ZT (64 bytes), 5. NT_ARM_FPMR (8 "
-            "bytes)") in err
+            "bytes), 6. NT_ARM_TLS (16 bytes)") in err
     files = sorted(rs.iterdir(), key=lambda p: int(p.name.split("-")[0]))
     assert [p.name for p in files] == ["1-NT_ARM_ZA.bin", "2-NT_ARM_SVE.bin", "3-NT_ARM_ZA.bin",
-                                       "4-NT_ARM_ZT.bin", "5-NT_ARM_FPMR.bin"]
+                                       "4-NT_ARM_ZT.bin", "5-NT_ARM_FPMR.bin",
+                                       "6-NT_ARM_TLS.bin"]
     names = {v: k for k, v in pt.NOTE_NAMES.items()}
     writes = tuple((names[p.stem.split("-", 1)[1]], p.read_bytes()) for p in files)
     back = ra.Arm64Record.from_json(out.read_text())

@@ -2,7 +2,7 @@
 (fpstate.tools.blob_arm64).
 
 - ``fpstate decode --arch arm64 FILE [--format F] [--all] [--json]``: the headers, records and
-  registers by name of an arm64 regset (fpsimd, sve, ssve, za, zt, fpmr), signal frame or ELF
+  registers by name of an arm64 regset (fpsimd, sve, ssve, za, zt, fpmr, tls), signal frame or ELF
   core (every thread's FP notes; detected without --format).
 - ``fpstate validate --arch arm64 FILE --as ptrace|sigreturn [--format F] [--cpu PROFILE]
   [--vl N] [--sme-vl N] [--streaming] [--za] [--sve-format] [--json]``: PTRACE_SETREGSET of

@@ -11,6 +11,8 @@ fpstate.kernel.arm64.signal, fpstate.kernel.arm64.ptrace):
 - ``za``: NT_ARM_ZA, struct user_za_header then ZA as SVL rows of SVL bytes (header alone:
   PSTATE.ZA off).
 - ``zt``: NT_ARM_ZT, ZT0's 64 bytes. ``fpmr``: NT_ARM_FPMR, the u64 FPMR.
+- ``tls``: NT_ARM_TLS, TPIDR_EL0 then TPIDR2_EL0 (SME's lazy-save block pointer; zero
+  without SME), u64 each.
 - ``sigframe``: struct rt_sigframe as setup_rt_frame() writes it: siginfo, ucontext, the
   sigcontext's fault_address, sp, pc and pstate, then every record of ``__reserved`` and of
   the extra space an extra_context points to (fpsimd, esr, sve, tpidr2, za, zt, fpmr, poe,
@@ -57,7 +59,8 @@ from fpstate.tools.corefile import is_core, thread_notes
 #: Raw formats and the regset note each one is.
 REGSET_FORMATS: dict[str, int] = {"fpsimd": pt.NT_PRFPREG, "sve": pt.NT_ARM_SVE,
                                   "ssve": pt.NT_ARM_SSVE, "za": pt.NT_ARM_ZA,
-                                  "zt": pt.NT_ARM_ZT, "fpmr": pt.NT_ARM_FPMR}
+                                  "zt": pt.NT_ARM_ZT, "fpmr": pt.NT_ARM_FPMR,
+                                  "tls": pt.NT_ARM_TLS}
 FORMATS: tuple[str, ...] = (*REGSET_FORMATS, "sigframe", "core")
 #: The format of each regset note.
 NOTE_FORMATS: dict[int, str] = {v: k for k, v in REGSET_FORMATS.items()}
@@ -180,6 +183,18 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
         if v & ~known:
             warn.append(f"FPMR bits {v & ~known:#x} are RES0")
         return [Section("FPMR", 0, 8, fields, (("FPMR", v, 8, 0),))], warn
+    if fmt == "tls":
+        _need(data, 8, "TPIDR_EL0")
+        regs = [_reg("TPIDR_EL0", data, 0, 8)]
+        if len(data) < 16:
+            warn.append("TPIDR_EL0 only: tls_get() writes 16 bytes, TPIDR2_EL0 second (zero "
+                        "without SME)")
+        else:
+            regs.append(_reg("TPIDR2_EL0", data, 8, 8))
+            if any(data[16:]):
+                warn.append(f"{len(data) - 16} bytes after TPIDR2_EL0 are not zero (NT_ARM_TLS "
+                            "is two registers)")
+        return [Section("TLS", 0, min(len(data), 16), registers=tuple(regs))], warn
     _need(data, USER_SVE_HEADER_SIZE, "the user_sve_header/user_za_header")
     size, max_size, vl, max_vl, flags, reserved = struct.unpack_from("<IIHHHH", data)
     hdr = (("size", size), ("max_size", max_size), ("vl", vl), ("max_vl", max_vl),
@@ -341,8 +356,8 @@ def core_notes(data: bytes) -> list[tuple[str, str, bytes]]:
     it has none."""
     notes = thread_notes(data, set(NOTE_FORMATS), machine="EM_AARCH64")
     if not notes:
-        raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_SVE, "
-                        "NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
+        raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_TLS, "
+                        "NT_ARM_SVE, NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
     return [(f"thread {n.tid} {pt.NOTE_NAMES[n.kind]}", NOTE_FORMATS[n.kind], n.data)
             for n in notes]
 
@@ -554,8 +569,11 @@ def validate(data: bytes, fmt: str, path: str, caps: HostCaps,
             raise BlobError(f"--as ptrace takes a regset format ({', '.join(REGSET_FORMATS)}), "
                             f"not {fmt!r}")
         r = pt.regset_set(caps, target, REGSET_FORMATS[fmt], data)
+        after = _summary(r.target)
+        if fmt == "tls":
+            after = {"tpidr_el0": f"{r.target.tpidr:#x}", "tpidr2_el0": f"{r.target.tpidr2:#x}"}
         return Arm64Verdict(f"PTRACE_SETREGSET {pt.NOTE_NAMES[REGSET_FORMATS[fmt]]}", r.ret,
-                            r.reason, _summary(r.target), r.target)
+                            r.reason, after, r.target)
     if path == "sigreturn":
         if fmt != "sigframe":
             raise BlobError(f"--as sigreturn takes --format sigframe, not {fmt!r}")
@@ -563,7 +581,8 @@ def validate(data: bytes, fmt: str, path: str, caps: HostCaps,
                            target.sme_vl)
         r = sig.restore_sigframe_fp(data, caps, task)
         after = {"fp_type": r.task.fp_type, "svcr.sm": r.task.sm, "svcr.za": r.task.za,
-                 "fpsr": r.task.fpsr, "fpcr": r.task.fpcr, "fpmr": r.task.fpmr}
+                 "fpsr": r.task.fpsr, "fpcr": r.task.fpcr, "fpmr": r.task.fpmr,
+                 "tpidr2_el0": f"{r.task.tpidr2:#x}"}
         return Arm64Verdict("rt_sigreturn", r.ret, r.reason, after)
     raise BlobError(f"unknown path {path!r} for arm64 (ptrace, sigreturn)")
 

@@ -34,7 +34,11 @@ SME2 or FPMR, and writing it back with PTRACE_SETREGSET are the three questions 
      NT_ARM_SSVE is an FPSIMD-format header that SETREGSET refuses (-EINVAL);
   4. NT_ARM_ZA with ZA, when PSTATE.ZA is on (at the same SME VL: streaming mode stays);
   5. NT_ARM_ZT, when PSTATE.ZA is on (zt_set() turns ZA on, zeroing it, if it was off);
-  6. NT_ARM_FPMR.
+  6. NT_ARM_FPMR;
+  7. NT_ARM_TLS, TPIDR_EL0 and TPIDR2_EL0 (tls_set() touches nothing else: any place would
+     do), when the record holds TPIDR_EL0 -- 8 bytes only when it does not hold TPIDR2_EL0,
+     so that the thread's own is kept. A signal frame holds TPIDR2_EL0 and not TPIDR_EL0:
+     its TPIDR2_EL0 is restored by the frame (`sigframe`), not by a regset.
   Each write is the model's GETREGSET of the translated state; `translate` replays them on a
   fresh thread of the target with the model's SETREGSET and checks that every regset then
   reads back as the translated state's.
@@ -102,6 +106,10 @@ class Arm64Record:
     cpu: str
     state: pt.RegsetTarget
     max_vls: tuple[int, int] = (0, 0)
+    #: Whether TPIDR_EL0 and TPIDR2_EL0 were recorded (a core's NT_ARM_TLS holds both, or
+    #: TPIDR_EL0 only from an older kernel; a signal frame's tpidr2_context TPIDR2_EL0 only);
+    #: ``state`` holds 0 for one that was not.
+    tls: tuple[bool, bool] = (False, False)
 
     def registers(self) -> dict[str, Any]:
         """The registers by name: V0-V31 (FPSIMD format) or Z0-Z31, P0-P15 and FFR (SVE
@@ -125,7 +133,9 @@ class Arm64Record:
                 "sve_max_vl": self.max_vls[0], "sme_max_vl": self.max_vls[1],
                 "sve_vl_inherit": t.sve_inherit, "sme_vl_inherit": t.sme_inherit,
                 "streaming": t.sm, "za": t.za_on, "sve_format": t.fp_type == FP_STATE_SVE,
-                "fpsr": t.fpsr, "fpcr": t.fpcr, "fpmr": t.fpmr, "registers": regs}
+                "fpsr": t.fpsr, "fpcr": t.fpcr, "fpmr": t.fpmr,
+                "tpidr": t.tpidr if self.tls[0] else None,
+                "tpidr2": t.tpidr2 if self.tls[1] else None, "registers": regs}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -218,8 +228,12 @@ def _record_from_obj(obj: Mapping[str, Any]) -> Arm64Record:
     if za_on:
         t = replace(t, za=b"".join(_hex_regs(regs, "ZA", sme_vl, sme_vl)),
                     zt0=_hex_regs(regs, "ZT0", 1, ZT_SIG_REG_BYTES)[0])
+    # TPIDR_EL0 and TPIDR2_EL0: null or absent when not recorded (records made before them).
+    tls = tuple(obj.get(k) is not None for k in ("tpidr", "tpidr2"))
+    t = replace(t, **{k: _field(obj, k, int) for k, known in zip(("tpidr", "tpidr2"), tls,
+                                                                 strict=True) if known})
     maxes = (_vl_field(obj, "sve_max_vl"), _vl_field(obj, "sme_max_vl"))
-    return Arm64Record(_field(obj, "cpu", str), t, maxes)
+    return Arm64Record(_field(obj, "cpu", str), t, maxes, (tls[0], tls[1]))
 
 
 # --- reading a core ---------------------------------------------------------------------------
@@ -306,9 +320,21 @@ def state_from_notes(notes: Mapping[int, bytes]) -> tuple[pt.RegsetTarget, tuple
     if fpmr is not None:
         _need(fpmr, 8, "NT_ARM_FPMR")
         t = replace(t, fpmr=struct.unpack_from("<Q", fpmr)[0])
+    tls = notes.get(pt.NT_ARM_TLS)
+    if tls is not None:
+        _need(tls, 8, "NT_ARM_TLS")
+        t = replace(t, tpidr=struct.unpack_from("<Q", tls)[0],
+                    tpidr2=struct.unpack_from("<Q", tls, 8)[0] if len(tls) >= 16 else 0)
     if t.sm and t.sve_vl == 0 and t.sme_vl == 0:
         raise BlobError("NT_ARM_SSVE holds streaming state but no vector length")
     return t, (sve_max, sme_max)
+
+
+def tls_recorded(notes: Mapping[int, bytes]) -> tuple[bool, bool]:
+    """Whether the notes hold TPIDR_EL0 and TPIDR2_EL0 (NT_ARM_TLS: 8 bytes from a kernel
+    before TPIDR2, 16 since)."""
+    n = len(notes.get(pt.NT_ARM_TLS, b""))
+    return n >= 8, n >= 16
 
 
 def core_threads(data: bytes) -> dict[int, dict[int, bytes]]:
@@ -317,8 +343,8 @@ def core_threads(data: bytes) -> dict[int, dict[int, bytes]]:
     for n in thread_notes(data, _FP_NOTES, machine="EM_AARCH64"):
         out.setdefault(n.tid if n.tid is not None else 0, {})[n.kind] = n.data
     if not out:
-        raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_SVE, "
-                        "NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
+        raise BlobError("the core file has no arm64 FP note (NT_PRFPREG, NT_ARM_TLS, "
+                        "NT_ARM_SVE, NT_ARM_SSVE, NT_ARM_ZA, NT_ARM_ZT, NT_ARM_FPMR)")
     return out
 
 
@@ -362,7 +388,8 @@ def record_from_notes(notes: Mapping[int, bytes], caps: HostCaps
     """The record of the thread whose FP notes these are, and notes on what the model's
     GETREGSET of that state on ``caps`` would write otherwise."""
     state, maxes = state_from_notes(notes)
-    return Arm64Record(caps.profile.name, state, maxes), mismatches(caps, state, notes)
+    return (Arm64Record(caps.profile.name, state, maxes, tls_recorded(notes)),
+            mismatches(caps, state, notes))
 
 
 def record_from_core(data: bytes, caps: HostCaps, tid: int | None = None
@@ -430,6 +457,9 @@ def state_from_sigframe(frame: bytes) -> FrameRead:
     fpmr = secs.get("fpmr_context")
     if fpmr is not None:
         t = replace(t, fpmr=struct.unpack_from("<Q", frame, fpmr.offset + 8)[0])
+    tpidr2 = secs.get("tpidr2_context")
+    if tpidr2 is not None:
+        t = replace(t, tpidr2=struct.unpack_from("<Q", frame, tpidr2.offset + 8)[0])
     records = tuple((sec.name.removesuffix("_context"), sec.offset, sec.size)
                     for sec in blob.sections
                     if sec.name.endswith("_context") and sec.name != "extra_context")
@@ -465,7 +495,8 @@ def record_from_frame_read(read: FrameRead, frame: bytes, caps: HostCaps
     """The record of a frame already read, with notes: the decoder's warnings and why
     ``caps``'s kernel would not have written or would not take it."""
     maxes = (caps.sve_vl.max_vl if caps.sve_vl else 0, caps.sme_vl.max_vl if caps.sme_vl else 0)
-    return (Arm64Record(caps.profile.name, read.state, maxes),
+    tls = (False, any(r[0] == "tpidr2" for r in read.records))
+    return (Arm64Record(caps.profile.name, read.state, maxes, tls),
             [*read.warnings, *frame_mismatches(caps, read, frame)])
 
 
@@ -562,11 +593,16 @@ def translate(rec: Arm64Record, caps: HostCaps, sve_vl: int | None = None,
         refusals.append("ZT0 is not zero and the target has no SME2")
     if s.fpmr and not caps.fpmr:
         refusals.append(f"FPMR {s.fpmr:#x} is not zero and the target has no FPMR")
+    if s.tpidr2 and not caps.sme:
+        refusals.append(f"TPIDR2_EL0 {s.tpidr2:#x} is not zero and the target has no SME (its "
+                        "NT_ARM_TLS ignores TPIDR2_EL0: the thread's TPIDR2 block, the ZA "
+                        "lazy-saving scheme's, would be forgotten)")
     t = pt.RegsetTarget(sve_vl=new_sve, sme_vl=new_sme, sm=s.sm and caps.sme,
                         za_on=s.za_on and caps.sme,
                         sve_inherit=s.sve_inherit and new_sve > 0,
                         sme_inherit=s.sme_inherit and new_sme > 0,
-                        fpsr=s.fpsr, fpcr=s.fpcr, fpmr=s.fpmr if caps.fpmr else 0)
+                        fpsr=s.fpsr, fpcr=s.fpcr, fpmr=s.fpmr if caps.fpmr else 0,
+                        tpidr=s.tpidr, tpidr2=s.tpidr2 if caps.sme else 0)
     if s.sm and not caps.sme:
         pass  # refused above: streaming state has no place to go
     elif s.fp_type == FP_STATE_SVE:
@@ -603,9 +639,14 @@ def translate(rec: Arm64Record, caps: HostCaps, sve_vl: int | None = None,
         return Arm64Translation(None, tuple(refusals), tuple(notes))
     out = Arm64Record(caps.profile.name, t,
                       (caps.sve_vl.max_vl if caps.sve_vl else 0,
-                       caps.sme_vl.max_vl if caps.sme_vl else 0))
-    writes = restore_writes(caps, t)
-    check_restore(caps, t, writes)
+                       caps.sme_vl.max_vl if caps.sme_vl else 0), rec.tls)
+    writes = restore_writes(caps, t, rec.tls)
+    unwritten = rec.tls == (False, True) and t.tpidr2 != 0
+    if unwritten:
+        notes.append(f"TPIDR2_EL0 {t.tpidr2:#x} is not among the regset writes: NT_ARM_TLS "
+                     "begins with TPIDR_EL0, which the record does not hold (write the "
+                     "thread's TPIDR_EL0 and this, 16 bytes, or restore with the sigframe)")
+    check_restore(caps, t, writes, ignore=(pt.NT_ARM_TLS,) if unwritten else ())
     return Arm64Translation(out, (), tuple(notes), writes)
 
 
@@ -617,9 +658,11 @@ def _za_header(caps: HostCaps, t: pt.RegsetTarget) -> bytes:
                        SVE_PT_VL_INHERIT if t.sme_inherit else 0, 0)
 
 
-def restore_writes(caps: HostCaps, t: pt.RegsetTarget) -> tuple[tuple[int, bytes], ...]:
+def restore_writes(caps: HostCaps, t: pt.RegsetTarget, tls: tuple[bool, bool] = (True, True)
+                   ) -> tuple[tuple[int, bytes], ...]:
     """The PTRACE_SETREGSET writes (note type, bytes) that give a stopped thread of ``caps``
-    the state ``t``, in order (the module docstring says why this order)."""
+    the state ``t``, in order (the module docstring says why this order); ``tls`` says
+    whether ``t``'s TPIDR_EL0 and TPIDR2_EL0 are known (`Arm64Record.tls`)."""
     out: list[tuple[int, bytes]] = []
     if caps.sme:
         out.append((pt.NT_ARM_ZA, _za_header(caps, t)))
@@ -635,6 +678,9 @@ def restore_writes(caps: HostCaps, t: pt.RegsetTarget) -> tuple[tuple[int, bytes
             out.append((pt.NT_ARM_ZT, pt.regset_get(caps, t, pt.NT_ARM_ZT)))
     if caps.fpmr:
         out.append((pt.NT_ARM_FPMR, pt.regset_get(caps, t, pt.NT_ARM_FPMR)))
+    if tls[0]:
+        data = pt.regset_get(caps, t, pt.NT_ARM_TLS)
+        out.append((pt.NT_ARM_TLS, data if tls[1] else data[:8]))
     return tuple(out)
 
 
@@ -656,10 +702,14 @@ def replay(caps: HostCaps, writes: tuple[tuple[int, bytes], ...],
     return t
 
 
-def differences(caps: HostCaps, got: pt.RegsetTarget, want: pt.RegsetTarget) -> list[str]:
-    """The regsets of ``caps`` that read back otherwise on ``got`` than on ``want``."""
+def differences(caps: HostCaps, got: pt.RegsetTarget, want: pt.RegsetTarget,
+                ignore: tuple[int, ...] = ()) -> list[str]:
+    """The regsets of ``caps`` (but ``ignore``) that read back otherwise on ``got`` than on
+    ``want``."""
     out = []
     for note in pt.REGSETS:
+        if note in ignore:
+            continue
         try:
             a, b = pt.regset_get(caps, got, note), pt.regset_get(caps, want, note)
         except ValueError:
@@ -670,11 +720,11 @@ def differences(caps: HostCaps, got: pt.RegsetTarget, want: pt.RegsetTarget) -> 
 
 
 def check_restore(caps: HostCaps, want: pt.RegsetTarget,
-                  writes: tuple[tuple[int, bytes], ...]) -> None:
-    """RestoreError unless ``writes`` on a fresh thread of ``caps`` leave every regset reading
-    back as ``want``'s."""
+                  writes: tuple[tuple[int, bytes], ...], ignore: tuple[int, ...] = ()) -> None:
+    """RestoreError unless ``writes`` on a fresh thread of ``caps`` leave every regset (but
+    ``ignore``) reading back as ``want``'s."""
     got = replay(caps, writes)
-    bad = differences(caps, got, want)
+    bad = differences(caps, got, want, ignore)
     if bad:
         raise RestoreError(f"after the writes {', '.join(bad)} read back otherwise than the "
                            "state asked for")
@@ -684,7 +734,7 @@ def check_restore(caps: HostCaps, want: pt.RegsetTarget,
 def sig_task(t: pt.RegsetTarget) -> sig.SigTask:
     """The signal model's view of a thread in state ``t``."""
     return sig.SigTask(t.fp_type, t.sm, t.za_on, t.sve_vl, t.sme_vl, fpsr=t.fpsr, fpcr=t.fpcr,
-                       fpmr=t.fpmr)
+                       fpmr=t.fpmr, tpidr2=t.tpidr2)
 
 
 def sigframe(caps: HostCaps, t: pt.RegsetTarget, base: int = 0) -> bytes:
@@ -692,7 +742,7 @@ def sigframe(caps: HostCaps, t: pt.RegsetTarget, base: int = 0) -> bytes:
     at address ``base`` (extra_context.datap points into it): the records' headers as
     fpstate.kernel.arm64.signal lays them out, with the registers -- the effective V0-V31
     (fpsimd_signal_preserve_current_state()), Z/P/FFR in SVE format or streaming mode, ZA
-    and ZT0 while PSTATE.ZA is on, FPSR, FPCR and FPMR. RestoreError if the model's
+    and ZT0 while PSTATE.ZA is on, FPSR, FPCR, FPMR and TPIDR2_EL0. RestoreError if the model's
     rt_sigreturn of it, on a thread at the same vector lengths, does not give ``t`` back."""
     task = sig_task(t)
     layout = sig.setup_sigframe_layout(caps, task)
@@ -708,10 +758,12 @@ def sigframe(caps: HostCaps, t: pt.RegsetTarget, base: int = 0) -> bytes:
         elif r.name == "zt":
             buf[at:at + ZT_SIG_REG_BYTES] = t.zt0
     frame = bytes(buf)
-    back = sig.restore_sigframe_fp(frame, caps, replace(task, za=False), base)
-    want = (task.fp_type, task.sm, task.za, task.fpsr, task.fpcr, task.fpmr if caps.fpmr else 0)
+    back = sig.restore_sigframe_fp(frame, caps, replace(task, za=False, tpidr2=0), base)
+    want = (task.fp_type, task.sm, task.za, task.fpsr, task.fpcr, task.fpmr if caps.fpmr else 0,
+            task.tpidr2 if caps.sme else 0)
     got = back.task
-    if back.ret or (got.fp_type, got.sm, got.za, got.fpsr, got.fpcr, got.fpmr) != want:
+    if back.ret or (got.fp_type, got.sm, got.za, got.fpsr, got.fpcr, got.fpmr,
+                    got.tpidr2) != want:
         raise RestoreError(f"the model's rt_sigreturn does not take the frame back: "
                            f"{back.reason or got}")
     return frame
@@ -739,5 +791,6 @@ __all__ = [
     "sigframe",
     "state_from_notes",
     "state_from_sigframe",
+    "tls_recorded",
     "translate",
 ]

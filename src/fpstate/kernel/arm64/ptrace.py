@@ -3,9 +3,10 @@
 The regsets a debugger or a checkpointer reads and writes for the FP state of a stopped
 thread, byte for byte: NT_PRFPREG (struct user_fpsimd_state, fpr_get/fpr_set), NT_ARM_SVE and
 NT_ARM_SSVE (struct user_sve_header + SVE or FPSIMD payload, sve_get_common/sve_set_common),
-NT_ARM_ZA (struct user_za_header + ZA, za_get/za_set), NT_ARM_ZT (ZT0, zt_get/zt_set) and
-NT_ARM_FPMR (fpmr_get/fpmr_set), each with its ``struct user_regset`` (n, size) and
-ptrace_regset()'s rules for the iovec (kernel/ptrace.c).
+NT_ARM_ZA (struct user_za_header + ZA, za_get/za_set), NT_ARM_ZT (ZT0, zt_get/zt_set),
+NT_ARM_FPMR (fpmr_get/fpmr_set) and NT_ARM_TLS (tls_get/tls_set: TPIDR_EL0, then SME's
+TPIDR2_EL0, the pointer of the ZA lazy-saving scheme's TPIDR2 block), each with its
+``struct user_regset`` (n, size) and ptrace_regset()'s rules for the iovec (kernel/ptrace.c).
 
 Theory of operation
 -------------------
@@ -13,7 +14,8 @@ Theory of operation
   the tracee stopped (its state saved to memory): fp_type, SVCR.SM/ZA, the vector lengths now
   and on exec with their INHERIT flags, ``uw.fpsimd_state`` (V0-V31, FPSR, FPCR), the
   sve_state block (Z, P, FFR at the live VL: the SME VL in streaming mode), sme_state (ZA at
-  the SME VL, then ZT0) and ``uw.fpmr``. It is a value: `regset_set` returns a new one.
+  the SME VL, then ZT0), ``uw.fpmr``, ``uw.tp_value`` (TPIDR_EL0) and ``tpidr2_el0``. It is
+  a value: `regset_set` returns a new one.
 - `regset_get` is the GETREGSET answer; `regset_set` the SETREGSET outcome: (0 or -errno,
   the target afterwards, the rule that refused it). A refused write may still have changed
   the target, as the kernel's does (sve_set_common() sets the VL before it finds -EIO).
@@ -64,9 +66,11 @@ NT_ARM_SSVE = 0x40B
 NT_ARM_ZA = 0x40C
 NT_ARM_ZT = 0x40D
 NT_ARM_FPMR = 0x40E
-NOTE_NAMES: dict[int, str] = {NT_PRFPREG: "NT_PRFPREG", NT_ARM_SVE: "NT_ARM_SVE",
-                              NT_ARM_SSVE: "NT_ARM_SSVE", NT_ARM_ZA: "NT_ARM_ZA",
-                              NT_ARM_ZT: "NT_ARM_ZT", NT_ARM_FPMR: "NT_ARM_FPMR"}
+NT_ARM_TLS = 0x401
+NOTE_NAMES: dict[int, str] = {NT_PRFPREG: "NT_PRFPREG", NT_ARM_TLS: "NT_ARM_TLS",
+                              NT_ARM_SVE: "NT_ARM_SVE", NT_ARM_SSVE: "NT_ARM_SSVE",
+                              NT_ARM_ZA: "NT_ARM_ZA", NT_ARM_ZT: "NT_ARM_ZT",
+                              NT_ARM_FPMR: "NT_ARM_FPMR"}
 
 #: ARCH_SVE_VQ_MAX and SME_VQ_MAX (asm/fpsimd.h): 16 quadwords, 2048 bits.
 ARCH_SVE_VQ_MAX = SME_VQ_MAX = 16
@@ -80,11 +84,12 @@ def _div_round_up(a: int, b: int) -> int:
     return -(-a // b)
 
 
-#: struct user_regset (n, size) of each FP regset in aarch64_regsets[], in that array's order
-#: (the order of a core's notes): ptrace_regset() needs iov_len to be a multiple of ``size``
-#: and cuts it to ``n * size``.
+#: struct user_regset (n, size) of each FP regset in aarch64_regsets[] (NT_ARM_TLS for
+#: TPIDR2_EL0), in that array's order (the order of a core's notes): ptrace_regset() needs
+#: iov_len to be a multiple of ``size`` and cuts it to ``n * size``.
 REGSETS: dict[int, tuple[int, int]] = {
     NT_PRFPREG: (USER_FPSIMD_STATE_SIZE // 4, 4),
+    NT_ARM_TLS: (2, 8),
     NT_ARM_FPMR: (1, 8),
     NT_ARM_SVE: (_div_round_up(sve_pt_size(ARCH_SVE_VQ_MAX, SVE_PT_REGS_SVE), SVE_VQ_BYTES),
                  SVE_VQ_BYTES),
@@ -119,10 +124,13 @@ class RegsetTarget:
     za: bytes = b""
     zt0: bytes = bytes(ZT_SIG_REG_BYTES)
     fpmr: int = 0
+    tpidr: int = 0  #: uw.tp_value, TPIDR_EL0
+    tpidr2: int = 0  #: tpidr2_el0, TPIDR2_EL0 (SME)
 
     @classmethod
     def fresh(cls, caps: HostCaps) -> RegsetTarget:
-        """A task after exec (fpsimd_flush_thread()): everything zero, default VLs."""
+        """A task after exec (fpsimd_flush_thread(), tls_thread_flush()): everything zero,
+        default VLs."""
         return cls(sve_vl=caps.sve_vl.default_vl if caps.sve_vl else 0,
                    sme_vl=caps.sme_vl.default_vl if caps.sme_vl else 0)
 
@@ -147,13 +155,15 @@ class RegsetResult:
 
 
 def regset_supported(caps: HostCaps, note: int) -> bool:
-    """system_supports_*() of each regset's get/set."""
-    return {NT_PRFPREG: caps.fpsimd, NT_ARM_SVE: caps.sve, NT_ARM_SSVE: caps.sme,
-            NT_ARM_ZA: caps.sme, NT_ARM_ZT: caps.sme2, NT_ARM_FPMR: caps.fpmr}[note]
+    """system_supports_*() of each regset's get/set (NT_ARM_TLS has no such check)."""
+    return {NT_PRFPREG: caps.fpsimd, NT_ARM_TLS: True, NT_ARM_SVE: caps.sve,
+            NT_ARM_SSVE: caps.sme, NT_ARM_ZA: caps.sme, NT_ARM_ZT: caps.sme2,
+            NT_ARM_FPMR: caps.fpmr}[note]
 
 
-_FEATURE_NAME = {NT_PRFPREG: "FP/AdvSIMD", NT_ARM_SVE: "SVE", NT_ARM_SSVE: "SME",
-                 NT_ARM_ZA: "SME", NT_ARM_ZT: "SME2", NT_ARM_FPMR: "FPMR"}
+_FEATURE_NAME = {NT_PRFPREG: "FP/AdvSIMD", NT_ARM_TLS: "", NT_ARM_SVE: "SVE",
+                 NT_ARM_SSVE: "SME", NT_ARM_ZA: "SME", NT_ARM_ZT: "SME2",
+                 NT_ARM_FPMR: "FPMR"}
 
 
 # --- effective state (fpsimd_sync_from/to_effective_state) ------------------------------------
@@ -227,6 +237,8 @@ def regset_get(caps: HostCaps, t: RegsetTarget, note: int) -> bytes:
         return _za_get(caps, t)
     if note == NT_ARM_ZT:  # zeroes while PSTATE.ZA is off: ZT0 is zeroed when ZA is enabled
         return t.zt0 if t.za_on else bytes(ZT_SIG_REG_BYTES)
+    if note == NT_ARM_TLS:  # tls_get(): TPIDR2_EL0 reads as zero without SME
+        return struct.pack("<QQ", t.tpidr, t.tpidr2 if caps.sme else 0)
     return struct.pack("<Q", t.fpmr)
 
 
@@ -297,6 +309,8 @@ def regset_set(caps: HostCaps, t: RegsetTarget, note: int, data: bytes) -> Regse
         return _za_set(caps, t, data)
     if note == NT_ARM_ZT:
         return _zt_set(t, data)
+    if note == NT_ARM_TLS:
+        return _tls_set(caps, t, data)
     fpmr = bytearray(struct.pack("<Q", t.fpmr))  # fpmr_set(): a short write keeps the rest
     fpmr[:len(data)] = data
     return RegsetResult(0, "", replace(t, fpmr=struct.unpack("<Q", fpmr)[0]))
@@ -399,11 +413,21 @@ def _zt_set(t: RegsetTarget, data: bytes) -> RegsetResult:
     return RegsetResult(0, "", replace(t, zt0=bytes(zt), za_on=True))
 
 
+def _tls_set(caps: HostCaps, t: RegsetTarget, data: bytes) -> RegsetResult:
+    """tls_set(): the bytes written over (TPIDR_EL0, TPIDR2_EL0) from offset 0 -- a short
+    write keeps the rest; without SME the second register is ignored."""
+    tls = bytearray(struct.pack("<QQ", t.tpidr, t.tpidr2))
+    tls[:len(data)] = data
+    tpidr, tpidr2 = struct.unpack("<QQ", tls)
+    return RegsetResult(0, "", replace(t, tpidr=tpidr, tpidr2=tpidr2 if caps.sme else t.tpidr2))
+
+
 __all__ = [
     "NOTE_NAMES",
     "NT_ARM_FPMR",
     "NT_ARM_SSVE",
     "NT_ARM_SVE",
+    "NT_ARM_TLS",
     "NT_ARM_ZA",
     "NT_ARM_ZT",
     "NT_PRFPREG",

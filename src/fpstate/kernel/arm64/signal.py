@@ -107,6 +107,9 @@ class SigTask:
     fpsr: int = 0
     fpcr: int = 0
     fpmr: int = 0
+    #: TPIDR2_EL0 at delivery (preserve_tpidr2_context() reads the register). The host
+    #: model does not hold it (tls_thread_switch() switches it, not fpsimd.c): 0 there.
+    tpidr2: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +237,7 @@ def sig_task(host: Host, name: str) -> SigTask:
 
 def encode_sigframe(layout: SigframeLayout, task: SigTask, base: int = 0) -> bytes:
     """setup_sigframe(): the frame's bytes with every FP record header written as the kernel
-    writes it (payload registers zero except FPSR/FPCR/FPMR); ``base`` is the frame's
+    writes it (payload registers zero except FPSR/FPCR/FPMR/TPIDR2); ``base`` is the frame's
     address, used for extra_context.datap."""
     if layout.error:
         raise BlobError(f"no frame: setup_sigframe_layout() failed with {layout.error}")
@@ -254,6 +257,8 @@ def encode_sigframe(layout: SigframeLayout, task: SigTask, base: int = 0) -> byt
             struct.pack_into("<H", buf, r.offset + 8, 1)
         elif r.name == "fpmr":
             struct.pack_into("<Q", buf, r.offset + 8, task.fpmr)
+        elif r.name == "tpidr2":
+            struct.pack_into("<Q", buf, r.offset + 8, task.tpidr2)
         elif r.name == "extra":
             userp = r.offset + EXTRA_CONTEXT_SIZE + TERMINATOR_SIZE
             struct.pack_into("<QI", buf, r.offset + 8, base + userp,
@@ -375,9 +380,11 @@ def restore_sigframe_fp(frame: bytes, caps: HostCaps, task: SigTask,
         return bad(f"read_fpsimd_context: size {fp_size} != {FPSIMD_CONTEXT_SIZE}")
     fpsr, fpcr = struct.unpack_from("<II", frame, fp_off + 8)
     new = replace(new, fpsr=fpsr, fpcr=fpcr)
-    if caps.sme and "tpidr2" in found and found["tpidr2"][1] != TPIDR2_CONTEXT_SIZE:
-        return bad(f"restore_tpidr2_context: size {found['tpidr2'][1]} != "
-                   f"{TPIDR2_CONTEXT_SIZE}")
+    if caps.sme and "tpidr2" in found:       # restore_tpidr2_context()
+        off, size = found["tpidr2"]
+        if size != TPIDR2_CONTEXT_SIZE:
+            return bad(f"restore_tpidr2_context: size {size} != {TPIDR2_CONTEXT_SIZE}")
+        new = replace(new, tpidr2=struct.unpack_from("<Q", frame, off + 8)[0])
     if caps.fpmr and "fpmr" in found:        # restore_fpmr_context()
         off, size = found["fpmr"]
         if size != FPMR_CONTEXT_SIZE:
