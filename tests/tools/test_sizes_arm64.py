@@ -19,22 +19,22 @@ EXPECTED = {
     "fvp-aem-fpmr": {
         "at_minsigstksz": 4720, "sigaltstack_min": 5120,
         "sigframe_size": {"fpsimd": 4688, "sve_max": 4688, "streaming_za_max": 7616},
-        "ptrace": {"fpsimd": 528, "sve_max_size": 2224, "ssve_max_size": 2224,
+        "ptrace": {"fpsimd": 528, "tls": 16, "sve_max_size": 2224, "ssve_max_size": 2224,
                    "za_max_size": 4112, "zt": 64, "fpmr": 8},
         "thread": {"sve_state": 2184, "sme_state": 4608}, "kvm": {"vcpu_sve_state": 2184}},
     "apple-m4": {
         "at_minsigstksz": 4720, "sigaltstack_min": 5120,
         "sigframe_size": {"fpsimd": 4688, "streaming_za_max": 7600},
-        "ptrace": {"fpsimd": 528, "ssve_max_size": 2224, "za_max_size": 4112, "zt": 64},
+        "ptrace": {"fpsimd": 528, "tls": 16, "ssve_max_size": 2224, "za_max_size": 4112, "zt": 64},
         "thread": {"sve_state": 2184, "sme_state": 4608}},
     "neoverse-v1": {
         "at_minsigstksz": 4720, "sigaltstack_min": 5120,
         "sigframe_size": {"fpsimd": 4688, "sve_max": 4688},
-        "ptrace": {"fpsimd": 528, "sve_max_size": 1136},
+        "ptrace": {"fpsimd": 528, "tls": 16, "sve_max_size": 1136},
         "thread": {"sve_state": 1092}, "kvm": {"vcpu_sve_state": 1092}},
     "neoverse-n1": {
         "at_minsigstksz": 4720, "sigaltstack_min": 5120, "sigframe_size": {"fpsimd": 4688},
-        "ptrace": {"fpsimd": 528}},
+        "ptrace": {"fpsimd": 528, "tls": 16}},
 }
 
 

@@ -21,6 +21,7 @@ from fpstate.arm64.regs import (
     za_pt_size,
 )
 from fpstate.kernel.arm64 import fpsimd
+from fpstate.kernel.arm64 import ptrace as pt
 from fpstate.kernel.arm64 import signal as sig
 from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, HostCaps
 from fpstate.tools.sizes import Figure, Sizes
@@ -72,6 +73,10 @@ def compute_sizes(profile: CpuProfile) -> Sizes:
                            + ("; needs an extra_context" if extra else "")))
     figs.append(Figure("ptrace.fpsimd", USER_FPSIMD_STATE_SIZE,
                        "NT_PRFPREG: struct user_fpsimd_state"))
+    n, size = pt.REGSETS[pt.NT_ARM_TLS]
+    figs.append(Figure("ptrace.tls", n * size,
+                       "NT_ARM_TLS: TPIDR_EL0 and TPIDR2_EL0 on every CPU (TPIDR2_EL0 reads "
+                       "as 0 without SME)"))
     if sve_max:
         figs.append(Figure("ptrace.sve_max_size", sve_pt_size(sve_vq_from_vl(sve_max),
                                                               SVE_PT_REGS_SVE),
