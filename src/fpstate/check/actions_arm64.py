@@ -46,9 +46,10 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
+from fpstate.kernel.arm64 import signal as host_signal
 from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
-from fpstate.kvm.arm64.config import UPSTREAM, KvmConfig
+from fpstate.kvm.arm64.config import SIGRETURN_NO_FLUSH, UPSTREAM, KvmConfig
 from fpstate.kvm.arm64.handle_exit import GUEST_OPS, guest_op
 from fpstate.kvm.arm64.kvm_host import (
     FP_STATE_GUEST_OWNED,
@@ -64,6 +65,9 @@ _VCPU = FieldSpec(str, "a vCPU context (<vm>/<n>)")
 _TASK = FieldSpec(str, "a host task (vmm, or one of config.tasks)")
 _CPU = FieldSpec(int, "a CPU number")
 USER_OPS = entry_common.USER_OPS
+#: Signal frames a task may have on its stack at once (a handler interrupted by a second
+#: signal): the explorer's bound.
+MAX_SIGFRAMES = 2
 
 ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("run", "schedule a host task on a CPU and return it to user mode (the task "
@@ -74,6 +78,11 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK, "op": FieldSpec(str, "the instruction", choices=USER_OPS)}),
     ActionSpec("syscall", "a system call (fpsimd_syscall_enter/exit)", {"task": _TASK}),
     ActionSpec("kernel_neon", "a softirq on the CPU uses kernel-mode NEON", {"cpu": _CPU}),
+    ActionSpec("signal", "a signal interrupts the task in user mode: setup_rt_frame() saves "
+               "its FP state to a frame on its stack and enters the handler (SM, ZA off)",
+               {"task": _TASK}),
+    ActionSpec("sigreturn", "rt_sigreturn: the task returns through its innermost signal "
+               "frame (restore_sigframe())", {"task": _TASK}),
     ActionSpec("vcpu_init", "KVM_ARM_VCPU_INIT (kvm_reset_vcpu)", {
         "vcpu": _VCPU, "sve": FieldSpec(bool, "KVM_ARM_VCPU_SVE", required=False,
                                         default=False)}),
@@ -269,6 +278,26 @@ class Arm64World(World):
         self.kw = self.kw.with_host(host)
         return {}
 
+    def do_signal(self, task: str) -> dict[str, Value]:
+        nr = self._task_cpu(task)
+        host = self.kw.host
+        if host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        if len(host.task(task).sigframes) >= MAX_SIGFRAMES:
+            raise StepError(f"task {task} already has {MAX_SIGFRAMES} signal frames")
+        host, _ = host_signal.deliver_signal(entry_common.interrupt(host, nr), nr)
+        self.kw = self.kw.with_host(entry_common.ret_to_user(host, nr))
+        return {}
+
+    def do_sigreturn(self, task: str) -> dict[str, Value]:
+        nr = self._task_cpu(task)
+        if self.kw.host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        host = host_signal.sys_rt_sigreturn(self.kw.host, nr,
+                                            early_flush=self.variant != SIGRETURN_NO_FLUSH)
+        self.kw = self.kw.with_host(host)
+        return {}
+
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
         nr = self._cpu(cpu)
         for v in self.kw.vcpus.values():
@@ -384,12 +413,13 @@ class Arm64World(World):
         "fp8_op", "smstart")
 
     def enabled(self) -> list[Action]:
-        """The enabled actions; they depend only on each task's mode, each CPU's current task
-        and each vCPU's run state and CPU, so they are memoised by those (per initial world:
-        clones share the memo, and the names of tasks, CPUs and vCPUs never change)."""
+        """The enabled actions; they depend only on each task's mode and number of signal
+        frames, each CPU's current task and each vCPU's run state and CPU, so they are
+        memoised by those (per initial world: clones share the memo, and the names of tasks,
+        CPUs and vCPUs never change)."""
         kw = self.kw
         host = kw.host
-        sig = (tuple([t.mode for t in host.tasks.values()]),
+        sig = (tuple([(t.mode, len(t.sigframes)) for t in host.tasks.values()]),
                tuple([c.current for c in host.cpus]),
                tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
         got = self._enabled_memo.get(sig)
@@ -416,6 +446,10 @@ class Arm64World(World):
                     ops += ["sve_write", "sve_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]
                 out.append(A("syscall", task=name))
+                if len(t.sigframes) < MAX_SIGFRAMES:
+                    out.append(A("signal", task=name))
+                if t.sigframes:
+                    out.append(A("sigreturn", task=name))
         for c in host.cpus:
             if c.current is not None and c.idx not in in_run:
                 out.append(A("idle", cpu=c.idx))

@@ -62,6 +62,11 @@ VARIANTS: tuple[Variant, ...] = (
             "hyp saves the host FPMR through a pointer past uw.fpsimd_state "
             "(fpsimd_share_end()), assuming thread_struct's layout", "save-within-allocation",
             needs=("FPMR",)),
+    Variant("sigreturn-no-flush", "arm64", "signal.c restore_sigframe()",
+            "rt_sigreturn writes the frame's FP state into thread_struct while the registers "
+            "stay bound to the task (no fpsimd_save_and_flush_current_state() first): the "
+            "return to user does not reload, the task runs on with its handler's registers",
+            "no-lost-write"),
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",

@@ -124,7 +124,8 @@ def _flush_thread(host: Host, name: str) -> Host:
         vl = _vl_default(host, ARM64_VEC_SME, t.sme_vl_onexec)
         t = replace(t, tif_sme=False, sme_vl=vl,
                     sme_vl_onexec=t.sme_vl_onexec if t.tif_sme_vl_inherit else 0)
-    host = host.with_task(t).with_store(t.store, FpStore(name))
+    # exec's new stack has no signal frame
+    host = host.with_task(replace(t, sigframes=())).with_store(t.store, FpStore(name))
     return host.expect(name, {c: ZERO for c in (V, ZHI, P, FPSR, FPMR, ZA, ZT0)})
 
 

@@ -36,10 +36,17 @@ from fpstate.arm64.regs import (
     sve_vq_from_vl,
     za_regs_size,
 )
-from fpstate.arm64.statemachine import replace
+from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.errors import BlobError
-from fpstate.kernel.arm64 import fpsimd
-from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, Host, HostCaps
+from fpstate.kernel.arm64 import entry_common, fpsimd
+from fpstate.kernel.arm64.state import (
+    FP_STATE_FPSIMD,
+    FP_STATE_SVE,
+    Host,
+    HostCaps,
+    SigFrameFp,
+    Task,
+)
 
 FPSIMD_MAGIC = 0x46508001
 ESR_MAGIC = 0x45535201
@@ -416,12 +423,15 @@ def restore_sigframe_fp(frame: bytes, caps: HostCaps, task: SigTask,
 
 def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
     """setup_rt_frame() + setup_return() for current: save and flush the FP state, lay out
-    the frame, then enter the handler with SM and ZA off (task_smstop_sm(), SVCR.ZA=0,
-    TPIDR2_EL0=0); FPMR is zeroed with streaming mode."""
+    the frame and write its FP records (kept on the task: `preserve_fp_records`), then enter
+    the handler with SM and ZA off (task_smstop_sm(), SVCR.ZA=0, TPIDR2_EL0=0); FPMR is
+    zeroed with streaming mode."""
     host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
     t = host.current(cpu)
     assert t is not None
     layout = setup_sigframe_layout(host.caps, sig_task(host, t.name))
+    t = replace(t, sigframes=(*t.sigframes, preserve_fp_records(host, t)))
+    host = host.with_task(t)
     if host.caps.sme:
         st = host.store(t.store)
         expect = {}
@@ -434,3 +444,97 @@ def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
         st = replace(st, svcr=0)
         host = host.with_store(t.store, st).expect(t.name, expect)
     return host, layout
+
+
+def preserve_fp_records(host: Host, t: Task) -> SigFrameFp:
+    """What setup_sigframe() writes of task ``t``'s saved state (after
+    fpsimd_save_and_flush_current_state()): preserve_fpsimd_context() (V through
+    fpsimd_sync_from_effective_state(): from Z in SVE format; FPSR),
+    preserve_sve_context() (vl: the SME VL in streaming mode, else the SVE VL; a payload in
+    SVE format or streaming mode), preserve_za_context() and preserve_zt_context() (ZA and
+    ZT0 while PSTATE.ZA is on) and preserve_fpmr_context()."""
+    caps, st = host.caps, host.store(t.store)
+    sm = caps.sme and bool(st.svcr & SVCR_SM)
+    sve_format = st.fp_type == FP_STATE_SVE
+    payload = (caps.sve or caps.sme) and (sm or sve_format)
+    za_on = caps.sme and bool(st.svcr & SVCR_ZA)
+    return SigFrameFp(
+        sve_vl=t.sme_vl if sm else t.sve_vl, sme_vl=t.sme_vl, sm=sm, sve=payload, za_on=za_on,
+        v=st.sve_v if sve_format else st.vregs, fpsr=st.fpsr,
+        zhi=st.sve_zhi if payload else ZERO, p=st.sve_p if payload else ZERO,
+        za=st.za if za_on else ZERO, zt0=st.zt0 if za_on and caps.sme2 else ZERO,
+        fpmr=st.fpmr if caps.fpmr else ZERO)
+
+
+def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True) -> Host:
+    """rt_sigreturn through current's innermost frame: el0_svc's fpsimd_syscall_enter(),
+    `restore_sigframe_fp_state`, then the syscall's exit to user mode, which loads the
+    restored state (fpsimd_restore_current_state(): TIF_FOREIGN_FPSTATE is set).
+    ``early_flush`` False is a rejected design (see `restore_sigframe_fp_state`)."""
+    t = fpsimd.current_task(host, cpu)
+    if not t.sigframes:
+        raise IllegalEvent("signal", "no frame", "rt_sigreturn",
+                           f"{t.name} has no signal frame on its stack")
+    frame = t.sigframes[-1]
+    host = entry_common.syscall_enter(host, cpu)
+    host = host.update_task(host.task(t.name), sigframes=t.sigframes[:-1])
+    host = restore_sigframe_fp_state(host, cpu, frame, early_flush)
+    if host.task(t.name).killed:
+        return host
+    return entry_common.syscall_exit(host, cpu)
+
+
+def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
+                              early_flush: bool = True) -> Host:
+    """restore_sigframe(), FP part, on current's thread_struct: first
+    fpsimd_save_and_flush_current_state() -- the registers stop being current's, so what
+    the restore_*_context() functions write to memory is what the return to user loads --
+    then restore_sve_fpsimd_context() (a payload: sve_alloc(), Z/P/FFR, SVCR.SM from
+    SVE_SIG_FLAG_SM or else TIF_SVE, fp_type SVE, V merged by fpsimd_update_current_state())
+    or restore_fpsimd_context() (TIF_SVE and SVCR.SM clear, fp_type FPSIMD), then
+    restore_fpmr_context(), restore_za_context() (a header only turns ZA off; a payload:
+    sme_alloc(), ZA, TIF_SME, SVCR.ZA) and restore_zt_context().  A frame whose VLs are not
+    the task's is refused (-EINVAL: badframe, SIGSEGV).  The context's expected values become
+    the frame's (Z's upper bits, P and FFR read as zero after an FPSIMD-only restore).
+
+    ``early_flush`` False skips the first save and flush: the registers stay bound to the
+    task, the return to user does not load, and the task runs on with its handler's
+    registers while its thread_struct holds the frame's -- a design the kernel rejects."""
+    caps = host.caps
+    if early_flush:
+        host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
+    t = fpsimd.current_task(host, cpu)
+    if (caps.sve or caps.sme) and frame.sve_vl != (t.sme_vl if frame.sm else t.sve_vl):
+        return host.update_task(t, killed="SIGSEGV")  # restore_sve_fpsimd_context(): vl
+    if caps.sme and frame.sme_vl != t.sme_vl:
+        return host.update_task(t, killed="SIGSEGV")  # restore_za_context(): vl
+    if frame.sve:
+        host = fpsimd.sve_alloc(host, t.name, True)
+    if caps.sme and frame.za_on:
+        host = fpsimd.sme_alloc(host, t.name, True)
+    st = host.store(t.store)
+    svcr = st.svcr & ~SVCR_SM
+    expect = {V: frame.v, FPSR: frame.fpsr}
+    if frame.sve:
+        st = replace(st, sve_v=frame.v, sve_zhi=frame.zhi, sve_p=frame.p, sve_vl=frame.sve_vl,
+                     fpsr=frame.fpsr, fp_type=FP_STATE_SVE)
+        svcr |= SVCR_SM if frame.sm else 0
+        t = replace(t, tif_sve=t.tif_sve or not frame.sm)
+        expect.update({ZHI: frame.zhi, P: frame.p})
+    else:
+        st = replace(st, vregs=frame.v, fpsr=frame.fpsr, fp_type=FP_STATE_FPSIMD)
+        t = replace(t, tif_sve=False)
+        expect.update({ZHI: ZERO, P: ZERO})
+    if caps.fpmr:
+        st = replace(st, fpmr=frame.fpmr)
+        expect[FPMR] = frame.fpmr
+    if caps.sme:
+        if frame.za_on:
+            st = replace(st, za=frame.za, zt0=frame.zt0 if caps.sme2 else st.zt0)
+            svcr |= SVCR_ZA
+            t = replace(t, tif_sme=True)
+            expect.update({ZA: frame.za, ZT0: frame.zt0})
+        else:
+            svcr &= ~SVCR_ZA
+    host = host.with_store(t.store, replace(st, svcr=svcr)).with_task(t)
+    return host.expect(t.name, expect)

@@ -149,6 +149,28 @@ TASK_NEW, TASK_USER, TASK_KERNEL, TASK_SLEEPING = "new", "user", "kernel", "slee
 
 
 @dataclass(frozen=True, slots=True)
+class SigFrameFp:
+    """The FP records of one rt_sigframe on a task's stack, as setup_sigframe() wrote them
+    (user memory: the model keeps it with the task): sve_context's ``vl`` and
+    SVE_SIG_FLAG_SM, whether it and za_context carry a payload, za_context's ``vl``, and the
+    values the records hold -- V (fpsimd_context, from Z in SVE format), FPSR, Z's upper
+    bits and P/FFR (the SVE payload), ZA and ZT0 (with ZA on), FPMR."""
+
+    sve_vl: int
+    sme_vl: int
+    sm: bool
+    sve: bool
+    za_on: bool
+    v: Tok = ZERO
+    fpsr: Tok = ZERO
+    zhi: Tok = ZERO
+    p: Tok = ZERO
+    za: Tok = ZERO
+    zt0: Tok = ZERO
+    fpmr: Tok = ZERO
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """The FP part of a task: thread flags, vector lengths, where its state was last live."""
 
@@ -168,6 +190,8 @@ class Task:
     kernel_fpsimd_cpu: int = NR_CPUS
     in_syscall: bool = False
     killed: str = ""
+    #: The FP records of the signal frames on its stack, innermost last (SigFrameFp).
+    sigframes: tuple[SigFrameFp, ...] = ()
     #: thread_struct fields overwritten through a pointer computed for another field.
     clobbered: frozenset[str] = frozenset()
 

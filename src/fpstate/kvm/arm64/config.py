@@ -12,6 +12,13 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
+One more is the host kernel's, not KVM's, and lives here because it is the same world's
+design choice:
+
+* ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
+  without first saving and unbinding the live registers (the kernel's
+  fpsimd_save_and_flush_current_state() at its top): the return to user does not reload.
+
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
 
@@ -24,6 +31,7 @@ from fpstate.errors import FpstateError
 UPSTREAM = "upstream"
 FPMR_UNGATED = "fpmr-ungated"
 FPMR_SHARED_LAYOUT = "fpmr-shared-layout"
+SIGRETURN_NO_FLUSH = "sigreturn-no-flush"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -32,6 +40,8 @@ VARIANTS: dict[str, str] = {
                   "userspace for every guest of an FPMR host",
     FPMR_SHARED_LAYOUT: "seed 002: hyp saves the host FPMR through a pointer past "
                         "uw.fpsimd_state, assuming thread_struct places fpmr there",
+    SIGRETURN_NO_FLUSH: "host kernel: restore_sigframe() writes the frame into thread_struct "
+                        "while the registers stay bound to the task",
 }
 
 

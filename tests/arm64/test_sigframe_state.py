@@ -1,0 +1,133 @@
+"""A signal and rt_sigreturn on the arm64 host model (fpstate.kernel.arm64.signal,
+v6.17): the FP records setup_sigframe() writes, as values; restore_sigframe() giving them back
+through thread_struct after its first save and flush; the VL rule (SIGSEGV); the rejected
+design without that flush; exec dropping the frames; and the state key telling frames
+apart."""
+
+from __future__ import annotations
+
+from fpstate.arm64.cpu import load_profile
+from fpstate.arm64.regs import FPSR_STREAMING, ZERO
+from fpstate.arm64.statemachine import replace
+from fpstate.check.scenario import make_world
+from fpstate.check.statekey_arm64 import arm64_key
+from fpstate.check.world import Action
+from fpstate.kernel.arm64 import entry_common as e
+from fpstate.kernel.arm64 import fpsimd as k
+from fpstate.kernel.arm64 import signal as sig
+from fpstate.kernel.arm64.state import ARM64_VEC_SVE, FP_STATE_FPSIMD, FP_STATE_SVE
+
+
+def _thread(profile: str, *ops: str) -> k.Host:
+    h = k.boot(load_profile(profile), 1)
+    h = e.ret_to_user(k.schedule(k.spawn(h, "a"), 0, "a"), 0)
+    for op in ops:
+        h = e.user_op(h, 0, op)
+    return h
+
+
+def _signal(h: k.Host) -> k.Host:
+    h, _ = sig.deliver_signal(e.interrupt(h, 0), 0)
+    return e.ret_to_user(h, 0)
+
+
+def _reads(h: k.Host, *ops: str) -> dict[str, object]:
+    """What each read op observes, by component."""
+    out: dict[str, object] = {}
+    for op in ops:
+        h = e.user_op(h, 0, op)
+        out.update({o.what: o.value if o.action == "read" else o.action for o in h.obs})
+    return out
+
+
+def test_the_frame_holds_a_streaming_threads_state_at_the_sme_vl() -> None:
+    h = _thread("fvp-aem-fpmr", "smstart_za", "za_write", "zt0_write", "smstart_sm",
+                "sve_write", "fpmr_write")
+    regs = h.cpus[0].regs
+    h = _signal(h)
+    [f] = h.task("a").sigframes
+    t = h.task("a")
+    assert (f.sm, f.sve, f.za_on, f.sve_vl, f.sme_vl) == (True, True, True, t.sme_vl, t.sme_vl)
+    assert (f.v, f.zhi, f.p, f.za, f.zt0, f.fpmr) == (regs.v, regs.zhi, regs.p, regs.za,
+                                                    regs.zt0, regs.fpmr)
+    # The handler: SM and ZA off; leaving streaming mode zeroed Z, P and FPMR, FPSR's reset.
+    assert _reads(h, "fpsimd_read", "fpmr_read", "za_read") == {
+        "V": ZERO, "FPSR": FPSR_STREAMING, "FPMR": ZERO, "za_read": "sigill"}
+
+
+def test_an_fpsimd_format_frame_has_no_sve_payload() -> None:
+    h = _signal(_thread("neoverse-v1", "fpsimd_write"))
+    [f] = h.task("a").sigframes
+    assert (f.sm, f.sve, f.za_on, f.sve_vl) == (False, False, False, h.task("a").sve_vl)
+    assert (f.zhi, f.p) == (ZERO, ZERO)
+
+
+def test_sigreturn_gives_back_what_the_handler_overwrote() -> None:
+    h = _thread("fvp-aem-fpmr", "smstart_za", "za_write", "zt0_write", "smstart_sm",
+                "sve_write", "fpmr_write")
+    before = h.cpus[0].regs
+    h = _signal(h)
+    for op in ("fpsimd_write", "fpmr_write", "smstart_za", "za_write", "zt0_write"):
+        h = e.user_op(h, 0, op)
+    h = sig.sys_rt_sigreturn(h, 0)
+    regs, t = h.cpus[0].regs, h.task("a")
+    assert (regs.sm, regs.za_on, t.sigframes, t.tif_sme) == (True, True, (), True)
+    assert (regs.v, regs.zhi, regs.p, regs.za, regs.zt0, regs.fpmr) == (
+        before.v, before.zhi, before.p, before.za, before.zt0, before.fpmr)
+    assert h.store(t.store).fp_type == FP_STATE_SVE
+
+
+def test_an_fpsimd_only_restore_leaves_z_and_p_zero_for_the_next_sve_use() -> None:
+    """restore_fpsimd_context(): TIF_SVE clear, fp_type FPSIMD; the next SVE instruction
+    traps and finds Z's upper bits and P zero, whatever the handler had there."""
+    h = _signal(_thread("neoverse-v1", "fpsimd_write"))
+    v = h.task("a").sigframes[0].v
+    h = e.user_op(h, 0, "sve_write")  # the handler uses SVE: TIF_SVE, SVE format
+    h = sig.sys_rt_sigreturn(h, 0)
+    t = h.task("a")
+    assert (t.tif_sve, h.store(t.store).fp_type) == (False, FP_STATE_FPSIMD)
+    assert _reads(h, "sve_read") == {"V": v, "ZHI": ZERO, "P": ZERO, "FPSR": v}
+
+
+def test_a_frame_of_another_vector_length_is_a_sigsegv() -> None:
+    """restore_sve_fpsimd_context(): sve_context.vl must be the task's VL (-EINVAL, badframe:
+    arm64_notify_segfault())."""
+    h = _signal(_thread("neoverse-v1", "sve_write"))
+    assert h.task("a").sigframes[0].sve_vl == 32
+    h = e.syscall_enter(h, 0)
+    h, ret = k.prctl_set_vl(h, 0, ARM64_VEC_SVE, 16)
+    h = e.syscall_exit(h, 0)
+    assert (ret, h.task("a").sve_vl) == (16, 16)  # PR_SVE_SET_VL returns the new VL
+    h = sig.sys_rt_sigreturn(h, 0)
+    assert h.task("a").killed == "SIGSEGV"
+
+
+def test_without_the_first_save_and_flush_the_handlers_registers_stay() -> None:
+    """The rejected design (variant sigreturn-no-flush): thread_struct gets the frame, the
+    registers stay bound, and the return to user has nothing to load."""
+    h = _signal(_thread("neoverse-v1", "fpsimd_write"))
+    saved = h.task("a").sigframes[0].v
+    h = e.user_op(h, 0, "fpsimd_write")
+    handler = h.cpus[0].regs.v
+    good = sig.sys_rt_sigreturn(h, 0)
+    bad = sig.sys_rt_sigreturn(h, 0, early_flush=False)
+    assert good.cpus[0].regs.v == saved != handler
+    assert bad.cpus[0].regs.v == handler and bad.store("thread:a").vregs == saved
+    assert not bad.task("a").tif_foreign_fpstate
+
+
+def test_exec_drops_the_frames() -> None:
+    h = _signal(_thread("neoverse-n1", "fpsimd_write"))
+    h = k.exec_task(e.syscall_enter(h, 0), 0)
+    assert h.task("a").sigframes == ()
+
+
+def test_the_state_key_tells_frames_apart() -> None:
+    w = make_world("arm64", {"cpu": "neoverse-v1", "cpus": 1, "vms": {}}, None)
+    for a in ({"run": {"task": "other", "cpu": 0}}, {"signal": {"task": "other"}}):
+        w.step(next(Action.of(n, **args) for n, args in a.items()))
+    h = w.kw.host
+    t = h.task("other")
+    assert len(t.sigframes) == 1
+    without = h.with_task(replace(t, sigframes=()))
+    assert arm64_key(w.kw) != arm64_key(w.kw.with_host(without))
