@@ -32,6 +32,23 @@ def test_the_kernels_design_survives_a_short_random_run(model: str) -> None:
     assert res.per_action["run"] > 0
 
 
+def test_arm64_walks_take_signals_and_sme_instructions() -> None:
+    """The arm64 explorer's vocabulary on an SME2 CPU: every EL0 SME instruction, a signal
+    while in user mode (at most two frames) and rt_sigreturn while a frame is there."""
+    w = make_world("arm64", {"cpus": 1, "vms": {}}, None)
+    w.step(A("run", task="other", cpu=0))
+    ops = {a.get("op") for a in w.enabled() if a.name == "user_op" and a.task == "other"}
+    assert {"smstart_sm", "smstart_za", "smstop", "za_write", "zt0_read"} <= ops
+    names = [a.name for a in w.enabled() if a.task == "other"]
+    assert "signal" in names and "sigreturn" not in names
+    for _ in range(2):
+        w.step(A("signal", task="other"))
+    names = [a.name for a in w.enabled() if a.task == "other"]
+    assert "signal" not in names and "sigreturn" in names
+    res = explore(Job("arm64", default_config("arm64")), SERIAL, seconds=2.0, seed=3)
+    assert res.per_action["signal"] > 0 and res.per_action["sigreturn"] > 0
+
+
 FINDABLE = [v.name for v in vreg.VARIANTS]
 
 

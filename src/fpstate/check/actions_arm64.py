@@ -444,6 +444,10 @@ class Arm64World(World):
                 ops = ["fpsimd_write", "fpsimd_read", "fpmr_write", "fpmr_read"]
                 if host.caps.sve:
                     ops += ["sve_write", "sve_read"]
+                if host.caps.sme:
+                    ops += ["smstart_sm", "smstart_za", "smstop", "za_write", "za_read"]
+                    if host.caps.sme2:
+                        ops += ["zt0_write", "zt0_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]
                 out.append(A("syscall", task=name))
                 if len(t.sigframes) < MAX_SIGFRAMES:
