@@ -1,8 +1,8 @@
-"""A signal and rt_sigreturn on the arm64 host model (fpstate.kernel.arm64.signal,
+"""A signal and rt_sigreturn on the arm64 host model (fpstate.kernel.arm64.signal, process,
 v6.17): the FP records setup_sigframe() writes, as values; restore_sigframe() giving them back
 through thread_struct after its first save and flush; the VL rule (SIGSEGV); the rejected
-design without that flush; exec dropping the frames; and the state key telling frames
-apart."""
+design without that flush; exec dropping the frames; the state key telling frames apart;
+and TPIDR2_EL0, zero in a handler, restored by sigreturn, switched with its thread."""
 
 from __future__ import annotations
 
@@ -131,3 +131,33 @@ def test_the_state_key_tells_frames_apart() -> None:
     assert len(t.sigframes) == 1
     without = h.with_task(replace(t, sigframes=()))
     assert arm64_key(w.kw) != arm64_key(w.kw.with_host(without))
+
+
+# -- TPIDR2_EL0: switched with the TLS registers, zero in a handler, restored by sigreturn -------
+
+
+def test_tpidr2_is_zero_in_the_handler_and_comes_back_with_sigreturn() -> None:
+    h = _thread("apple-m4", "tpidr2_write")
+    mine = h.cpus[0].regs.tpidr2
+    h = _signal(h)
+    assert h.task("a").sigframes[0].tpidr2 == mine  # preserve_tpidr2_context()
+    assert _reads(h, "tpidr2_read") == {"TPIDR2": ZERO}  # setup_return()
+    h = sig.sys_rt_sigreturn(e.user_op(h, 0, "tpidr2_write"), 0)
+    assert _reads(h, "tpidr2_read") == {"TPIDR2": mine}
+
+
+def test_tpidr2_follows_its_thread_through_a_context_switch() -> None:
+    """tls_thread_switch(): saved into thread.tpidr2_el0, next's written, eagerly."""
+    h = k.spawn(_thread("apple-m4", "tpidr2_write"), "b")
+    a_value = h.cpus[0].regs.tpidr2
+    h = k.schedule(e.interrupt(h, 0), 0, "b")
+    assert h.store("thread:a").tpidr2 == a_value and h.cpus[0].regs.tpidr2 == ZERO
+    h = e.user_op(e.ret_to_user(h, 0), 0, "tpidr2_write")
+    h = e.ret_to_user(k.schedule(e.interrupt(h, 0), 0, "a"), 0)
+    assert _reads(h, "tpidr2_read") == {"TPIDR2": a_value}
+
+
+def test_exec_zeroes_tpidr2_and_a_cpu_without_sme_faults_it() -> None:
+    h = k.exec_task(e.syscall_enter(_thread("apple-m4", "tpidr2_write"), 0), 0)
+    assert h.cpus[0].regs.tpidr2 == ZERO  # tls_thread_flush()
+    assert _reads(_thread("neoverse-v1"), "tpidr2_write") == {"tpidr2_write": "sigill"}

@@ -38,7 +38,7 @@ def test_arm64_walks_take_signals_and_sme_instructions() -> None:
     w = make_world("arm64", {"cpus": 1, "vms": {}}, None)
     w.step(A("run", task="other", cpu=0))
     ops = {a.get("op") for a in w.enabled() if a.name == "user_op" and a.task == "other"}
-    assert {"smstart_sm", "smstart_za", "smstop", "za_write", "zt0_read"} <= ops
+    assert {"smstart_sm", "smstart_za", "smstop", "za_write", "zt0_read", "tpidr2_write"} <= ops
     names = [a.name for a in w.enabled() if a.task == "other"]
     assert "signal" in names and "sigreturn" not in names
     for _ in range(2):

@@ -20,6 +20,8 @@ the architecture and the kernel split the state:
 * ``FPSR`` FPSR and FPCR (the kernel always keeps them in ``user_fpsimd_state``).
 * ``FPMR`` FEAT_FPMR's FP8 mode register.
 * ``ZA``   the SME ZA array; ``ZT0`` the SME2 lookup table register.
+* ``TPIDR2`` SME's TPIDR2_EL0, the pointer of the ZA lazy-saving scheme (switched with the
+  thread's TLS registers, not with the FP state).
 SVCR.SM and SVCR.ZA are plain bits.
 """
 
@@ -225,12 +227,14 @@ ZERO = Tok("", 0)
 FPSR_STREAMING = Tok("", FPSR_SMSTOP)
 
 V, ZHI, P, FPSR, FPMR, ZA, ZT0 = "V", "ZHI", "P", "FPSR", "FPMR", "ZA", "ZT0"
-COMPONENTS: tuple[str, ...] = (V, ZHI, P, FPSR, FPMR, ZA, ZT0)
+TPIDR2 = "TPIDR2"
+COMPONENTS: tuple[str, ...] = (V, ZHI, P, FPSR, FPMR, ZA, ZT0, TPIDR2)
 #: The FpRegs field of each component (FpRegs.get/put).
 _FIELD_OF: dict[str, str] = {c: c.lower() for c in COMPONENTS}
 #: The feature each component belongs to (what must be advertised to expose it).
 COMPONENT_FEATURE: dict[str, str] = {
-    V: "FP", ZHI: "SVE", P: "SVE", FPSR: "FP", FPMR: "FPMR", ZA: "SME", ZT0: "SME2"}
+    V: "FP", ZHI: "SVE", P: "SVE", FPSR: "FP", FPMR: "FPMR", ZA: "SME", ZT0: "SME2",
+    TPIDR2: "SME"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +254,7 @@ class FpRegs:
     fpmr: Tok = ZERO
     za: Tok = ZERO
     zt0: Tok = ZERO
+    tpidr2: Tok = ZERO
     sm: bool = False
     za_on: bool = False
     zcr_len: int = 0

@@ -445,7 +445,8 @@ class Arm64World(World):
                 if host.caps.sve:
                     ops += ["sve_write", "sve_read"]
                 if host.caps.sme:
-                    ops += ["smstart_sm", "smstart_za", "smstop", "za_write", "za_read"]
+                    ops += ["smstart_sm", "smstart_za", "smstop", "za_write", "za_read",
+                            "tpidr2_write", "tpidr2_read"]
                     if host.caps.sme2:
                         ops += ["zt0_write", "zt0_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]

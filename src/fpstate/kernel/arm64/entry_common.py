@@ -12,11 +12,25 @@ instructions a user task executes (the CPU side: where CPACR_EL1's EL0 enables t
   with CPACR_EL1.ZEN's EL0 enable clear traps to do_sve_acc(), SME to do_sme_acc(); an
   instruction of a feature the system lacks, an AdvSIMD one in streaming mode without FA64,
   or a ZA/ZT0 access with PSTATE.ZA clear is a SIGILL (recorded as an observation).
+  TPIDR2_EL0 is not behind an SME trap: the kernel sets SCTLR_EL1.EnTP2 when it enables SME.
 """
 
 from __future__ import annotations
 
-from fpstate.arm64.regs import FPMR, FPSR, FPSR_STREAMING, ZA, ZERO, ZHI, ZT0, P, V, smstart, smstop
+from fpstate.arm64.regs import (
+    FPMR,
+    FPSR,
+    FPSR_STREAMING,
+    TPIDR2,
+    ZA,
+    ZERO,
+    ZHI,
+    ZT0,
+    P,
+    V,
+    smstart,
+    smstop,
+)
 from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64.fpsimd import (
     current_task,
@@ -73,7 +87,7 @@ def syscall_exit(host: Host, cpu: int) -> Host:
 
 USER_OPS = ("fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "smstart_sm",
             "smstart_za", "smstop", "za_write", "za_read", "zt0_write", "zt0_read",
-            "fpmr_write", "fpmr_read")
+            "fpmr_write", "fpmr_read", "tpidr2_write", "tpidr2_read")
 
 
 def user_op(host: Host, cpu: int, op: str) -> Host:
@@ -105,6 +119,10 @@ def user_op(host: Host, cpu: int, op: str) -> Host:
         if not caps.fpmr:
             return sigill("FPMR")
         return _rw(host, cpu, name, verb, {FPMR: None}, "FPMR")
+    if group == "tpidr2":  # MSR/MRS TPIDR2_EL0: SCTLR_EL1.EnTP2 is set at boot with SME
+        if not caps.sme:
+            return sigill("SME")
+        return _rw(host, cpu, name, verb, {TPIDR2: None}, "SME")
     # SME: SMSTART/SMSTOP, ZA and ZT0
     feature = "SME2" if group == "zt0" else "SME"
     if not caps.sme or (group == "zt0" and not caps.sme2):

@@ -32,6 +32,7 @@ from fpstate.arm64.regs import (
     FPSR,
     SVCR_SM,
     SVCR_ZA,
+    TPIDR2,
     VL_ARCH_MAX,
     ZA,
     ZERO,
@@ -50,6 +51,7 @@ from fpstate.arm64.regs import (
     za_regs_size,
 )
 from fpstate.arm64.statemachine import IllegalEvent, TransitionTable, replace
+from fpstate.kernel.arm64 import process
 from fpstate.kernel.arm64.state import (
     ARM64_VEC_SME,
     ARM64_VEC_SVE,
@@ -126,7 +128,7 @@ def _flush_thread(host: Host, name: str) -> Host:
                     sme_vl_onexec=t.sme_vl_onexec if t.tif_sme_vl_inherit else 0)
     # exec's new stack has no signal frame
     host = host.with_task(replace(t, sigframes=())).with_store(t.store, FpStore(name))
-    return host.expect(name, {c: ZERO for c in (V, ZHI, P, FPSR, FPMR, ZA, ZT0)})
+    return host.expect(name, {c: ZERO for c in (V, ZHI, P, FPSR, FPMR, ZA, ZT0, TPIDR2)})
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -413,6 +415,7 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
     if prev is not None:
         host = task_event(host, prev, "schedule_out")
     host = fpsimd_thread_switch(host, cpu, nxt)
+    host = process.tls_thread_switch(host, cpu, nxt)  # __switch_to(): FP, then TLS
     host = host.update_cpu(cpu, current=nxt)
     if nxt is not None:
         host = task_event(host, host.task(nxt), "schedule_in")
@@ -420,10 +423,10 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
 
 
 def exec_task(host: Host, cpu: int) -> Host:
-    """execve() of current: flush_thread() -> fpsimd_flush_thread()."""
+    """execve() of current: flush_thread() -> tls_thread_flush(), fpsimd_flush_thread()."""
     t = current_task(host, cpu)
     host = task_event(host.clear_obs(), t, "kernel_op")
-    return _flush_thread(host, t.name)
+    return _flush_thread(process.tls_thread_flush(host, cpu), t.name)
 
 
 # --- traps ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from fpstate.arm64.regs import (
     FPSR_STREAMING,
     SVCR_SM,
     SVCR_ZA,
+    TPIDR2,
     ZA,
     ZERO,
     ZHI,
@@ -114,8 +115,8 @@ class SigTask:
     fpsr: int = 0
     fpcr: int = 0
     fpmr: int = 0
-    #: TPIDR2_EL0 at delivery (preserve_tpidr2_context() reads the register). The host
-    #: model does not hold it (tls_thread_switch() switches it, not fpsimd.c): 0 there.
+    #: TPIDR2_EL0 at delivery (preserve_tpidr2_context() reads the register); `sig_task`
+    #: leaves it 0 (the host model holds it as a token, in `SigFrameFp`).
     tpidr2: int = 0
 
 
@@ -430,8 +431,11 @@ def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
     t = host.current(cpu)
     assert t is not None
     layout = setup_sigframe_layout(host.caps, sig_task(host, t.name))
-    t = replace(t, sigframes=(*t.sigframes, preserve_fp_records(host, t)))
+    t = replace(t, sigframes=(*t.sigframes, preserve_fp_records(host, t, cpu)))
     host = host.with_task(t)
+    if host.caps.sme:  # setup_return(): write_sysreg_s(0, SYS_TPIDR2_EL0)
+        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=ZERO))
+        host = host.expect(t.name, {TPIDR2: ZERO})
     if host.caps.sme:
         st = host.store(t.store)
         expect = {}
@@ -446,13 +450,14 @@ def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
     return host, layout
 
 
-def preserve_fp_records(host: Host, t: Task) -> SigFrameFp:
+def preserve_fp_records(host: Host, t: Task, cpu: int) -> SigFrameFp:
     """What setup_sigframe() writes of task ``t``'s saved state (after
     fpsimd_save_and_flush_current_state()): preserve_fpsimd_context() (V through
     fpsimd_sync_from_effective_state(): from Z in SVE format; FPSR),
     preserve_sve_context() (vl: the SME VL in streaming mode, else the SVE VL; a payload in
     SVE format or streaming mode), preserve_za_context() and preserve_zt_context() (ZA and
-    ZT0 while PSTATE.ZA is on) and preserve_fpmr_context()."""
+    ZT0 while PSTATE.ZA is on), preserve_tpidr2_context() (the live TPIDR2_EL0 of ``cpu``,
+    where ``t`` runs) and preserve_fpmr_context()."""
     caps, st = host.caps, host.store(t.store)
     sm = caps.sme and bool(st.svcr & SVCR_SM)
     sve_format = st.fp_type == FP_STATE_SVE
@@ -463,7 +468,8 @@ def preserve_fp_records(host: Host, t: Task) -> SigFrameFp:
         v=st.sve_v if sve_format else st.vregs, fpsr=st.fpsr,
         zhi=st.sve_zhi if payload else ZERO, p=st.sve_p if payload else ZERO,
         za=st.za if za_on else ZERO, zt0=st.zt0 if za_on and caps.sme2 else ZERO,
-        fpmr=st.fpmr if caps.fpmr else ZERO)
+        fpmr=st.fpmr if caps.fpmr else ZERO,
+        tpidr2=host.cpus[cpu].regs.tpidr2 if caps.sme else ZERO)
 
 
 def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True) -> Host:
@@ -492,8 +498,9 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
     then restore_sve_fpsimd_context() (a payload: sve_alloc(), Z/P/FFR, SVCR.SM from
     SVE_SIG_FLAG_SM or else TIF_SVE, fp_type SVE, V merged by fpsimd_update_current_state())
     or restore_fpsimd_context() (TIF_SVE and SVCR.SM clear, fp_type FPSIMD), then
-    restore_fpmr_context(), restore_za_context() (a header only turns ZA off; a payload:
-    sme_alloc(), ZA, TIF_SME, SVCR.ZA) and restore_zt_context().  A frame whose VLs are not
+    restore_tpidr2_context() (into the register itself), restore_fpmr_context(),
+    restore_za_context() (a header only turns ZA off; a payload: sme_alloc(), ZA, TIF_SME,
+    SVCR.ZA) and restore_zt_context().  A frame whose VLs are not
     the task's is refused (-EINVAL: badframe, SIGSEGV).  The context's expected values become
     the frame's (Z's upper bits, P and FFR read as zero after an FPSIMD-only restore).
 
@@ -525,6 +532,9 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
         st = replace(st, vregs=frame.v, fpsr=frame.fpsr, fp_type=FP_STATE_FPSIMD)
         t = replace(t, tif_sve=False)
         expect.update({ZHI: ZERO, P: ZERO})
+    if caps.sme:  # restore_tpidr2_context(): write_sysreg_s()
+        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=frame.tpidr2))
+        expect[TPIDR2] = frame.tpidr2
     if caps.fpmr:
         st = replace(st, fpmr=frame.fpmr)
         expect[FPMR] = frame.fpmr

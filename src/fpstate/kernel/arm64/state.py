@@ -110,6 +110,9 @@ class FpStore:
     zt0: Tok = ZERO
     sme_size: int = 0
     fp_type: str = FP_STATE_FPSIMD
+    #: thread_struct.tpidr2_el0: TPIDR2_EL0 while the thread is switched out
+    #: (tls_preserve_current_state()); a vCPU's is never used (no SME for guests).
+    tpidr2: Tok = ZERO
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,7 @@ class SigFrameFp:
     (user memory: the model keeps it with the task): sve_context's ``vl`` and
     SVE_SIG_FLAG_SM, whether it and za_context carry a payload, za_context's ``vl``, and the
     values the records hold -- V (fpsimd_context, from Z in SVE format), FPSR, Z's upper
-    bits and P/FFR (the SVE payload), ZA and ZT0 (with ZA on), FPMR."""
+    bits and P/FFR (the SVE payload), ZA and ZT0 (with ZA on), FPMR and TPIDR2_EL0."""
 
     sve_vl: int
     sme_vl: int
@@ -168,6 +171,7 @@ class SigFrameFp:
     za: Tok = ZERO
     zt0: Tok = ZERO
     fpmr: Tok = ZERO
+    tpidr2: Tok = ZERO  #: TPIDR2_EL0 (tpidr2_context)
 
 
 @dataclass(frozen=True, slots=True)
