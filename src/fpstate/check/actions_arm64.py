@@ -49,7 +49,12 @@ from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64 import signal as host_signal
 from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
-from fpstate.kvm.arm64.config import SIGRETURN_NO_FLUSH, UPSTREAM, KvmConfig
+from fpstate.kvm.arm64.config import (
+    SIGNAL_KEEPS_TPIDR2,
+    SIGRETURN_NO_FLUSH,
+    UPSTREAM,
+    KvmConfig,
+)
 from fpstate.kvm.arm64.handle_exit import GUEST_OPS, guest_op
 from fpstate.kvm.arm64.kvm_host import (
     FP_STATE_GUEST_OWNED,
@@ -285,7 +290,8 @@ class Arm64World(World):
             raise StepError(f"task {task} is not in user mode")
         if len(host.task(task).sigframes) >= MAX_SIGFRAMES:
             raise StepError(f"task {task} already has {MAX_SIGFRAMES} signal frames")
-        host, _ = host_signal.deliver_signal(entry_common.interrupt(host, nr), nr)
+        host, _ = host_signal.deliver_signal(entry_common.interrupt(host, nr), nr,
+                                             zero_tpidr2=self.variant != SIGNAL_KEEPS_TPIDR2)
         self.kw = self.kw.with_host(entry_common.ret_to_user(host, nr))
         return {}
 

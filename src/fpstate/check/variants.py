@@ -67,6 +67,10 @@ VARIANTS: tuple[Variant, ...] = (
             "stay bound to the task (no fpsimd_save_and_flush_current_state() first): the "
             "return to user does not reload, the task runs on with its handler's registers",
             "no-lost-write"),
+    Variant("signal-keeps-tpidr2", "arm64", "signal.c setup_return()",
+            "the signal handler starts with the interrupted code's TPIDR2_EL0 (SME's lazy-save "
+            "block pointer) instead of 0: a lazy save the handler commits writes ZA into the "
+            "interrupted code's TPIDR2 block", "no-lost-write", needs=("SME",)),
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",

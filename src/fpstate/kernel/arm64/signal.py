@@ -422,11 +422,14 @@ def restore_sigframe_fp(frame: bytes, caps: HostCaps, task: SigTask,
     return SigReturn(0, "", new)
 
 
-def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
+def deliver_signal(host: Host, cpu: int, zero_tpidr2: bool = True
+                   ) -> tuple[Host, SigframeLayout]:
     """setup_rt_frame() + setup_return() for current: save and flush the FP state, lay out
     the frame and write its FP records (kept on the task: `preserve_fp_records`), then enter
     the handler with SM and ZA off (task_smstop_sm(), SVCR.ZA=0, TPIDR2_EL0=0); FPMR is
-    zeroed with streaming mode."""
+    zeroed with streaming mode. ``zero_tpidr2`` False is a rejected design: the handler
+    starts with the interrupted code's TPIDR2_EL0, so a lazy save it commits goes to that
+    code's TPIDR2 block."""
     host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
     t = host.current(cpu)
     assert t is not None
@@ -434,8 +437,9 @@ def deliver_signal(host: Host, cpu: int) -> tuple[Host, SigframeLayout]:
     t = replace(t, sigframes=(*t.sigframes, preserve_fp_records(host, t, cpu)))
     host = host.with_task(t)
     if host.caps.sme:  # setup_return(): write_sysreg_s(0, SYS_TPIDR2_EL0)
-        host = host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=ZERO))
-        host = host.expect(t.name, {TPIDR2: ZERO})
+        if zero_tpidr2:
+            host = host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=ZERO))
+        host = host.expect(t.name, {TPIDR2: ZERO})  # the handler's contract, either way
     if host.caps.sme:
         st = host.store(t.store)
         expect = {}

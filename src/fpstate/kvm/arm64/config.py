@@ -12,12 +12,14 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-One more is the host kernel's, not KVM's, and lives here because it is the same world's
-design choice:
+Two more are the host kernel's, not KVM's, and live here because they are the same world's
+design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
   without first saving and unbinding the live registers (the kernel's
   fpsimd_save_and_flush_current_state() at its top): the return to user does not reload.
+* ``signal-keeps-tpidr2``: setup_return() leaves TPIDR2_EL0 as the interrupted code had it
+  (the kernel writes 0 there, with SM and ZA off, for the handler).
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -32,6 +34,7 @@ UPSTREAM = "upstream"
 FPMR_UNGATED = "fpmr-ungated"
 FPMR_SHARED_LAYOUT = "fpmr-shared-layout"
 SIGRETURN_NO_FLUSH = "sigreturn-no-flush"
+SIGNAL_KEEPS_TPIDR2 = "signal-keeps-tpidr2"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -42,6 +45,8 @@ VARIANTS: dict[str, str] = {
                         "uw.fpsimd_state, assuming thread_struct places fpmr there",
     SIGRETURN_NO_FLUSH: "host kernel: restore_sigframe() writes the frame into thread_struct "
                         "while the registers stay bound to the task",
+    SIGNAL_KEEPS_TPIDR2: "host kernel: setup_return() enters the handler without zeroing "
+                         "TPIDR2_EL0",
 }
 
 
