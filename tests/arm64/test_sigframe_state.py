@@ -161,3 +161,68 @@ def test_exec_zeroes_tpidr2_and_a_cpu_without_sme_faults_it() -> None:
     h = k.exec_task(e.syscall_enter(_thread("apple-m4", "tpidr2_write"), 0), 0)
     assert h.cpus[0].regs.tpidr2 == ZERO  # tls_thread_flush()
     assert _reads(_thread("neoverse-v1"), "tpidr2_write") == {"tpidr2_write": "sigill"}
+
+
+# -- fork and clone (process.c arch_dup_task_struct(), copy_thread()) ---------------------------
+
+
+def test_a_forked_child_gets_copies_a_thread_gets_no_tpidr2_nor_za() -> None:
+    from fpstate.kernel.arm64.process import copy_process
+
+    h = _thread("apple-m4", "fpsimd_write", "tpidr2_write", "smstart_za", "za_write",
+                "zt0_write")
+    fork = copy_process(e.syscall_enter(h, 0), 0, "f", clone_vm=False)
+    thread = copy_process(e.syscall_enter(h, 0), 0, "t", clone_vm=True)
+    for host, name in ((fork, "f"), (thread, "t")):
+        t, st = host.task(name), host.store(f"thread:{name}")
+        assert (t.mode, t.tif_foreign_fpstate, st.fp_type) == ("new", True, FP_STATE_FPSIMD)
+        assert st.vregs.writer == name != h.cpus[0].regs.v.writer  # a copy is its own
+    f, t = fork.store("thread:f"), thread.store("thread:t")
+    assert (f.svcr, f.za.writer, f.tpidr2.writer, fork.task("f").tif_sme) == (2, "f", "f", True)
+    assert (t.svcr, t.tpidr2, thread.task("t").tif_sme) == (0, ZERO, False)
+    old = copy_process(e.syscall_enter(h, 0), 0, "t", clone_vm=True, settls_only=True)
+    assert old.store("thread:t").tpidr2 == h.cpus[0].regs.tpidr2  # the parent's pointer
+    assert old.store("thread:t").svcr == 2  # and its ZA, as copies
+
+
+def test_a_fork_copies_the_signal_frames_a_thread_does_not() -> None:
+    from fpstate.kernel.arm64.process import copy_process
+
+    h = _signal(_thread("apple-m4", "fpsimd_write"))
+    fork = copy_process(e.syscall_enter(h, 0), 0, "f", clone_vm=False)
+    thread = copy_process(e.syscall_enter(h, 0), 0, "t", clone_vm=True)
+    [frame] = fork.task("f").sigframes
+    assert frame.v.writer == "f" and h.task("a").sigframes[0].v.writer == "a"
+    assert thread.task("t").sigframes == ()
+
+
+def test_a_streaming_parent_forks_a_child_out_of_streaming_mode() -> None:
+    """task_smstop_sm(dst): V zero, FPSR 0x0800009f, FPMR zero, fp_type FPSIMD."""
+    from fpstate.kernel.arm64.process import copy_process
+
+    h = _thread("fvp-aem-fpmr", "fpmr_write", "smstart_sm", "sve_write")
+    c = copy_process(e.syscall_enter(h, 0), 0, "c", clone_vm=False)
+    st = c.store("thread:c")
+    assert (st.vregs, st.fpsr, st.fpmr, st.svcr) == (ZERO, FPSR_STREAMING, ZERO, 0)
+
+
+def test_sigreturn_into_streaming_mode_sets_tif_sme_for_a_child_that_never_used_sme() -> None:
+    """d2907cbe9ea0: a child forked in the handler returns through its parent's streaming
+    frame. With the fix TIF_SME is set and the load uses the child's SME VL; v6.17 before it
+    left SMCR_EL1.LEN as CPU 1 had it, and the next save killed the child."""
+    from fpstate.kernel.arm64.process import copy_process
+
+    h = k.boot(load_profile("fvp-aem-fpmr"), 2)
+    h = e.ret_to_user(k.schedule(k.spawn(h, "a"), 0, "a"), 0)
+    for op in ("smstart_sm", "sve_write"):
+        h = e.user_op(h, 0, op)
+    h, _ = sig.deliver_signal(e.interrupt(h, 0), 0)
+    h = e.ret_to_user(h, 0)
+    h = e.syscall_exit(copy_process(e.syscall_enter(h, 0), 0, "c", clone_vm=False), 0)
+    h = e.ret_to_user(k.schedule(h, 1, "c"), 1)
+    assert not h.task("c").tif_sme
+    for fixed in (True, False):
+        r = sig.sys_rt_sigreturn(h, 1, sm_sets_tif_sme=fixed)
+        assert r.task("c").tif_sme is fixed and r.cpus[1].regs.sm
+        r = k.schedule(e.interrupt(r, 1), 1, None)  # the next save
+        assert r.task("c").killed == ("" if fixed else "SIGKILL")

@@ -47,6 +47,7 @@ def test_arm64_walks_take_signals_and_sme_instructions() -> None:
     assert "signal" not in names and "sigreturn" in names
     res = explore(Job("arm64", default_config("arm64")), SERIAL, seconds=2.0, seed=3)
     assert res.per_action["signal"] > 0 and res.per_action["sigreturn"] > 0
+    assert res.per_action["clone"] > 0
 
 
 FINDABLE = [v.name for v in vreg.VARIANTS]

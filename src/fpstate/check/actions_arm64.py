@@ -46,12 +46,15 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
+from fpstate.kernel.arm64 import process as host_process
 from fpstate.kernel.arm64 import signal as host_signal
 from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import (
+    CLONE_INHERITS_TPIDR2,
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
+    SIGRETURN_SM_WITHOUT_TIF_SME,
     UPSTREAM,
     KvmConfig,
 )
@@ -73,6 +76,8 @@ USER_OPS = entry_common.USER_OPS
 #: Signal frames a task may have on its stack at once (a handler interrupted by a second
 #: signal): the explorer's bound.
 MAX_SIGFRAMES = 2
+#: Tasks a world may clone (fork or CLONE_VM), in all: the explorer's bound.
+MAX_CLONES = 1
 
 ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("run", "schedule a host task on a CPU and return it to user mode (the task "
@@ -88,6 +93,10 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK}),
     ActionSpec("sigreturn", "rt_sigreturn: the task returns through its innermost signal "
                "frame (restore_sigframe())", {"task": _TASK}),
+    ActionSpec("clone", "fork (vm false) or clone(CLONE_VM) by the task in user mode: a new "
+               "task <task>.c, not yet run (arch_dup_task_struct(), copy_thread())",
+               {"task": _TASK, "vm": FieldSpec(bool, "CLONE_VM: share the address space",
+                                               required=False, default=False)}),
     ActionSpec("vcpu_init", "KVM_ARM_VCPU_INIT (kvm_reset_vcpu)", {
         "vcpu": _VCPU, "sve": FieldSpec(bool, "KVM_ARM_VCPU_SVE", required=False,
                                         default=False)}),
@@ -299,10 +308,32 @@ class Arm64World(World):
         nr = self._task_cpu(task)
         if self.kw.host.task(task).mode != TASK_USER:
             raise StepError(f"task {task} is not in user mode")
-        host = host_signal.sys_rt_sigreturn(self.kw.host, nr,
-                                            early_flush=self.variant != SIGRETURN_NO_FLUSH)
+        host = host_signal.sys_rt_sigreturn(
+            self.kw.host, nr, early_flush=self.variant != SIGRETURN_NO_FLUSH,
+            sm_sets_tif_sme=self.variant != SIGRETURN_SM_WITHOUT_TIF_SME)
         self.kw = self.kw.with_host(host)
         return {}
+
+    def do_clone(self, task: str, vm: bool = False) -> dict[str, Value]:
+        nr = self._task_cpu(task)
+        host = self.kw.host
+        if host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        if len(host.tasks) >= self._clone_limit():
+            raise StepError(f"at most {MAX_CLONES} task(s) are cloned in a world")
+        child = f"{task}.c"
+        if child in host.tasks:
+            raise StepError(f"task {child} exists")
+        host = entry_common.syscall_enter(host, nr)
+        host = host_process.copy_process(host, nr, child, vm,
+                                         settls_only=self.variant == CLONE_INHERITS_TPIDR2)
+        self.kw = self.kw.with_host(entry_common.syscall_exit(host, nr))
+        return {"child": child}
+
+    def _clone_limit(self) -> int:
+        """How many host tasks a world may have: its configuration's, the VMM and
+        MAX_CLONES clones."""
+        return len(self.config.get("tasks", self.DEFAULT_TASKS)) + 1 + MAX_CLONES
 
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
         nr = self._cpu(cpu)
@@ -419,13 +450,13 @@ class Arm64World(World):
         "fp8_op", "smstart")
 
     def enabled(self) -> list[Action]:
-        """The enabled actions; they depend only on each task's mode and number of signal
-        frames, each CPU's current task and each vCPU's run state and CPU, so they are
-        memoised by those (per initial world: clones share the memo, and the names of tasks,
-        CPUs and vCPUs never change)."""
+        """The enabled actions; they depend only on the tasks there are (a clone adds one),
+        each one's mode and number of signal frames, each CPU's current task and each vCPU's
+        run state and CPU, so they are memoised by those (per initial world: clones share the
+        memo, and the names of CPUs and vCPUs never change)."""
         kw = self.kw
         host = kw.host
-        sig = (tuple([(t.mode, len(t.sigframes)) for t in host.tasks.values()]),
+        sig = (tuple([(name, t.mode, len(t.sigframes)) for name, t in host.tasks.items()]),
                tuple([c.current for c in host.cpus]),
                tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
         got = self._enabled_memo.get(sig)
@@ -459,6 +490,8 @@ class Arm64World(World):
                 out.append(A("syscall", task=name))
                 if len(t.sigframes) < MAX_SIGFRAMES:
                     out.append(A("signal", task=name))
+                if len(host.tasks) < self._clone_limit() and f"{name}.c" not in host.tasks:
+                    out += [A("clone", task=name, vm=False), A("clone", task=name, vm=True)]
                 if t.sigframes:
                     out.append(A("sigreturn", task=name))
         for c in host.cpus:

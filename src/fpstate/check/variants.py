@@ -71,6 +71,15 @@ VARIANTS: tuple[Variant, ...] = (
             "the signal handler starts with the interrupted code's TPIDR2_EL0 (SME's lazy-save "
             "block pointer) instead of 0: a lazy save the handler commits writes ZA into the "
             "interrupted code's TPIDR2 block", "no-lost-write", needs=("SME",)),
+    Variant("clone-inherits-tpidr2", "arm64", "process.c copy_thread() before its CLONE_VM rule",
+            "a child of clone(CLONE_VM) without CLONE_SETTLS inherits its parent's TPIDR2_EL0: "
+            "a lazy ZA save it commits writes into its parent's stack", "no-foreign-value",
+            needs=("SME",)),
+    Variant("sigreturn-sm-without-tif-sme", "arm64", "v6.17 (fixed: d2907cbe9ea0)",
+            "rt_sigreturn restores streaming mode (SVE_SIG_FLAG_SM) without TIF_SME: a thread "
+            "that never used SME -- a child forked in a signal handler -- gets its streaming "
+            "registers loaded at whatever SME VL the CPU last had, and is killed at the next "
+            "save", "size-covers-features", needs=("SME",)),
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",

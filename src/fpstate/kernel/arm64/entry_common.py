@@ -109,6 +109,9 @@ def user_op(host: Host, cpu: int, op: str) -> Host:
             return sigill("FP")
         return _rw(host, cpu, name, verb, {V: None, ZHI: ZERO, FPSR: None}, "FP")
     if group == "sve":
+        if regs.sm and caps.sme and not host.cpus[cpu].el0_sme:
+            host = do_sme_acc(host, cpu)  # streaming SVE is SME: CPACR_EL1.SMEN traps it
+            regs = host.cpus[cpu].regs
         if not regs.sm:
             if not caps.sve:
                 return sigill("SVE")

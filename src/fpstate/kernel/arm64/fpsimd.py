@@ -290,9 +290,10 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
     if restore_sve:
         load.update(v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
         c = host.cpus[cpu]
-        host = host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
-        assert live_vl(host, cpu) == st.sve_vl, "sve_state laid out for another VL"
-        return host
+        # sve_load_state() at the live VL: with TIF_SME clear in streaming mode SMCR_EL1.LEN
+        # is whatever the CPU last had, maybe not the VL sve_state is laid out for -- the
+        # registers are then loaded wrongly, and the next save kills the task.
+        return host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
     # fpsimd_load_state(): AdvSIMD loads of V0-31 zero Zn[VL-1:128]; P/FFR keep stale
     # contents, unreachable while TIF_SVE is clear (the first SVE use traps and zeroes them).
     load.update(v=st.vregs, zhi=ZERO, fpsr=st.fpsr)

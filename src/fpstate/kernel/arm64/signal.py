@@ -476,11 +476,13 @@ def preserve_fp_records(host: Host, t: Task, cpu: int) -> SigFrameFp:
         tpidr2=host.cpus[cpu].regs.tpidr2 if caps.sme else ZERO)
 
 
-def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True) -> Host:
+def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True,
+                     sm_sets_tif_sme: bool = True) -> Host:
     """rt_sigreturn through current's innermost frame: el0_svc's fpsimd_syscall_enter(),
     `restore_sigframe_fp_state`, then the syscall's exit to user mode, which loads the
     restored state (fpsimd_restore_current_state(): TIF_FOREIGN_FPSTATE is set).
-    ``early_flush`` False is a rejected design (see `restore_sigframe_fp_state`)."""
+    ``early_flush`` and ``sm_sets_tif_sme`` False are rejected designs (see
+    `restore_sigframe_fp_state`)."""
     t = fpsimd.current_task(host, cpu)
     if not t.sigframes:
         raise IllegalEvent("signal", "no frame", "rt_sigreturn",
@@ -488,19 +490,20 @@ def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True) -> Host:
     frame = t.sigframes[-1]
     host = entry_common.syscall_enter(host, cpu)
     host = host.update_task(host.task(t.name), sigframes=t.sigframes[:-1])
-    host = restore_sigframe_fp_state(host, cpu, frame, early_flush)
+    host = restore_sigframe_fp_state(host, cpu, frame, early_flush, sm_sets_tif_sme)
     if host.task(t.name).killed:
         return host
     return entry_common.syscall_exit(host, cpu)
 
 
 def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
-                              early_flush: bool = True) -> Host:
+                              early_flush: bool = True, sm_sets_tif_sme: bool = True) -> Host:
     """restore_sigframe(), FP part, on current's thread_struct: first
     fpsimd_save_and_flush_current_state() -- the registers stop being current's, so what
     the restore_*_context() functions write to memory is what the return to user loads --
-    then restore_sve_fpsimd_context() (a payload: sve_alloc(), Z/P/FFR, SVCR.SM from
-    SVE_SIG_FLAG_SM or else TIF_SVE, fp_type SVE, V merged by fpsimd_update_current_state())
+    then restore_sve_fpsimd_context() (a payload: with SVE_SIG_FLAG_SM sme_alloc() without
+    zeroing, then sve_alloc(), Z/P/FFR, SVCR.SM and TIF_SME from SVE_SIG_FLAG_SM or else
+    TIF_SVE, fp_type SVE, V merged by fpsimd_update_current_state())
     or restore_fpsimd_context() (TIF_SVE and SVCR.SM clear, fp_type FPSIMD), then
     restore_tpidr2_context() (into the register itself), restore_fpmr_context(),
     restore_za_context() (a header only turns ZA off; a payload: sme_alloc(), ZA, TIF_SME,
@@ -510,7 +513,14 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
 
     ``early_flush`` False skips the first save and flush: the registers stay bound to the
     task, the return to user does not load, and the task runs on with its handler's
-    registers while its thread_struct holds the frame's -- a design the kernel rejects."""
+    registers while its thread_struct holds the frame's -- a design the kernel rejects.
+
+    ``sm_sets_tif_sme`` False is v6.17 before the stable fix d2907cbe9ea0 ("arm64/fpsimd:
+    signal: Fix restoration of SVE context", Jan 2026): SVCR.SM restored without TIF_SME. A
+    thread that never used SME itself -- a child forked in a signal handler returning
+    through its parent's frame, a task CRIU restores -- then has task_fpsimd_load() leave
+    SMCR_EL1.LEN as the last SME user of the CPU left it and load its streaming registers
+    at that VL; the next save finds the VL wrong and kills it (SIGKILL)."""
     caps = host.caps
     if early_flush:
         host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
@@ -520,6 +530,8 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
     if caps.sme and frame.sme_vl != t.sme_vl:
         return host.update_task(t, killed="SIGSEGV")  # restore_za_context(): vl
     if frame.sve:
+        if frame.sm and sm_sets_tif_sme:
+            host = fpsimd.sme_alloc(host, t.name, False)
         host = fpsimd.sve_alloc(host, t.name, True)
     if caps.sme and frame.za_on:
         host = fpsimd.sme_alloc(host, t.name, True)
@@ -530,7 +542,8 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
         st = replace(st, sve_v=frame.v, sve_zhi=frame.zhi, sve_p=frame.p, sve_vl=frame.sve_vl,
                      fpsr=frame.fpsr, fp_type=FP_STATE_SVE)
         svcr |= SVCR_SM if frame.sm else 0
-        t = replace(t, tif_sve=t.tif_sve or not frame.sm)
+        t = replace(t, tif_sve=t.tif_sve or not frame.sm,
+                    tif_sme=t.tif_sme or (frame.sm and sm_sets_tif_sme))
         expect.update({ZHI: frame.zhi, P: frame.p})
     else:
         st = replace(st, vregs=frame.v, fpsr=frame.fpsr, fp_type=FP_STATE_FPSIMD)

@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Two more are the host kernel's, not KVM's, and live here because they are the same world's
+Four more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -20,6 +20,12 @@ design choices:
   fpsimd_save_and_flush_current_state() at its top): the return to user does not reload.
 * ``signal-keeps-tpidr2``: setup_return() leaves TPIDR2_EL0 as the interrupted code had it
   (the kernel writes 0 there, with SM and ZA off, for the handler).
+* ``clone-inherits-tpidr2``: copy_thread() as it was before its CLONE_VM rule: every child
+  inherits TPIDR2_EL0 and ZA, TPIDR2_EL0 being reset only with CLONE_SETTLS -- so a thread
+  cloned without it holds a pointer into its parent's stack.
+* ``sigreturn-sm-without-tif-sme``: v6.17's restore_sve_fpsimd_context() before the stable
+  fix d2907cbe9ea0: SVCR.SM restored from SVE_SIG_FLAG_SM without TIF_SME, so SMCR_EL1.LEN
+  is not set for the load (found by this project's explorer as a fork in a signal handler).
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -35,6 +41,8 @@ FPMR_UNGATED = "fpmr-ungated"
 FPMR_SHARED_LAYOUT = "fpmr-shared-layout"
 SIGRETURN_NO_FLUSH = "sigreturn-no-flush"
 SIGNAL_KEEPS_TPIDR2 = "signal-keeps-tpidr2"
+CLONE_INHERITS_TPIDR2 = "clone-inherits-tpidr2"
+SIGRETURN_SM_WITHOUT_TIF_SME = "sigreturn-sm-without-tif-sme"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -47,6 +55,10 @@ VARIANTS: dict[str, str] = {
                         "while the registers stay bound to the task",
     SIGNAL_KEEPS_TPIDR2: "host kernel: setup_return() enters the handler without zeroing "
                          "TPIDR2_EL0",
+    CLONE_INHERITS_TPIDR2: "host kernel: copy_thread() gives every child the parent's "
+                           "TPIDR2_EL0 and ZA, resetting TPIDR2_EL0 only for CLONE_SETTLS",
+    SIGRETURN_SM_WITHOUT_TIF_SME: "host kernel v6.17 before d2907cbe9ea0: sigreturn restores "
+                                  "SVCR.SM without TIF_SME",
 }
 
 

@@ -236,7 +236,8 @@ def id_regs_frozen_after_run(world: KvmWorld) -> list[str]:
 def vcpu_sve_state_at_max_vl(world: KvmWorld) -> list[str]:
     """The vCPU's sve_state is laid out for its maximum VL, and no save ever happens at a
     live VL other than the bound one (which would SIGKILL the VMM)."""
-    out = [f"{t.name} killed: {t.killed}" for t in world.host.tasks.values() if t.killed]
+    out = [f"{t.name} killed: {t.killed}" for t in world.host.tasks.values()
+           if t.killed == "SIGKILL"]  # a bad signal frame's SIGSEGV is the ABI's
     for vcpu in world.vcpus.values():
         if not vcpu.sve_finalized:
             continue
