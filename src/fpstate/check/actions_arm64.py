@@ -238,6 +238,14 @@ class Arm64World(World):
                 return c.idx
         raise StepError(f"task {task} is not running on a CPU")
 
+    def _user_cpu(self, task: str) -> int:
+        """The CPU of ``task``, which must be there in user mode (a syscall, a signal, an
+        instruction of its own)."""
+        nr = self._task_cpu(task)
+        if self.kw.host.task(task).mode != TASK_USER:
+            raise StepError(f"task {task} is not in user mode")
+        return nr
+
     def _vcpu(self, ctx: str) -> Any:
         if ctx not in self.kw.vcpus:
             raise StepError(f"no vCPU {ctx!r} (vCPUs: {', '.join(self.kw.vcpus) or 'none'})")
@@ -278,25 +286,19 @@ class Arm64World(World):
         return {}
 
     def do_user_op(self, task: str, op: str) -> dict[str, Value]:
-        nr = self._task_cpu(task)
-        if self.kw.host.task(task).mode != TASK_USER:
-            raise StepError(f"task {task} is not in user mode")
+        nr = self._user_cpu(task)
         self.kw = self.kw.with_host(entry_common.user_op(self.kw.host, nr, op))
         return self._observed()
 
     def do_syscall(self, task: str) -> dict[str, Value]:
-        nr = self._task_cpu(task)
-        if self.kw.host.task(task).mode != TASK_USER:
-            raise StepError(f"task {task} is not in user mode")
+        nr = self._user_cpu(task)
         host = entry_common.syscall_exit(entry_common.syscall_enter(self.kw.host, nr), nr)
         self.kw = self.kw.with_host(host)
         return {}
 
     def do_signal(self, task: str) -> dict[str, Value]:
-        nr = self._task_cpu(task)
+        nr = self._user_cpu(task)
         host = self.kw.host
-        if host.task(task).mode != TASK_USER:
-            raise StepError(f"task {task} is not in user mode")
         if len(host.task(task).sigframes) >= MAX_SIGFRAMES:
             raise StepError(f"task {task} already has {MAX_SIGFRAMES} signal frames")
         host, _ = host_signal.deliver_signal(entry_common.interrupt(host, nr), nr,
@@ -305,9 +307,7 @@ class Arm64World(World):
         return {}
 
     def do_sigreturn(self, task: str) -> dict[str, Value]:
-        nr = self._task_cpu(task)
-        if self.kw.host.task(task).mode != TASK_USER:
-            raise StepError(f"task {task} is not in user mode")
+        nr = self._user_cpu(task)
         host = host_signal.sys_rt_sigreturn(
             self.kw.host, nr, early_flush=self.variant != SIGRETURN_NO_FLUSH,
             sm_sets_tif_sme=self.variant != SIGRETURN_SM_WITHOUT_TIF_SME)
@@ -315,10 +315,8 @@ class Arm64World(World):
         return {}
 
     def do_clone(self, task: str, vm: bool = False) -> dict[str, Value]:
-        nr = self._task_cpu(task)
+        nr = self._user_cpu(task)
         host = self.kw.host
-        if host.task(task).mode != TASK_USER:
-            raise StepError(f"task {task} is not in user mode")
         if len(host.tasks) >= self._clone_limit():
             raise StepError(f"at most {MAX_CLONES} task(s) are cloned in a world")
         child = f"{task}.c"
