@@ -436,13 +436,11 @@ def deliver_signal(host: Host, cpu: int, zero_tpidr2: bool = True
     layout = setup_sigframe_layout(host.caps, sig_task(host, t.name))
     t = replace(t, sigframes=(*t.sigframes, preserve_fp_records(host, t, cpu)))
     host = host.with_task(t)
-    if host.caps.sme:  # setup_return(): write_sysreg_s(0, SYS_TPIDR2_EL0)
+    if host.caps.sme:  # setup_return(): SM and ZA off, write_sysreg_s(0, SYS_TPIDR2_EL0)
         if zero_tpidr2:
             host = host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=ZERO))
-        host = host.expect(t.name, {TPIDR2: ZERO})  # the handler's contract, either way
-    if host.caps.sme:
         st = host.store(t.store)
-        expect = {}
+        expect = {TPIDR2: ZERO}  # the handler's contract, whatever the design
         if st.svcr & SVCR_SM:
             st = replace(st, vregs=ZERO, fpsr=FPSR_STREAMING, fp_type=FP_STATE_FPSIMD,
                          fpmr=ZERO if host.caps.fpmr else st.fpmr)
