@@ -41,13 +41,18 @@ def test_arm64_walks_take_signals_and_sme_instructions() -> None:
     assert {"smstart_sm", "smstart_za", "smstop", "za_write", "zt0_read", "tpidr2_write"} <= ops
     names = [a.name for a in w.enabled() if a.task == "other"]
     assert "signal" in names and "sigreturn" not in names
+    # prctl(PR_{SVE,SME}_SET_VL) to every other VL the CPU implements (FVP: 16, 32, 64).
+    vls = {(a.get("kind"), a.get("vl")) for a in w.enabled() if a.name == "set_vl"}
+    t = w.kw.host.task("other")
+    assert vls == {(k, v) for k in ("SVE", "SME") for v in (16, 32, 64)} - {
+        ("SVE", t.sve_vl), ("SME", t.sme_vl)}
     for _ in range(2):
         w.step(A("signal", task="other"))
     names = [a.name for a in w.enabled() if a.task == "other"]
     assert "signal" not in names and "sigreturn" in names
     res = explore(Job("arm64", default_config("arm64")), SERIAL, seconds=2.0, seed=3)
     assert res.per_action["signal"] > 0 and res.per_action["sigreturn"] > 0
-    assert res.per_action["clone"] > 0
+    assert res.per_action["clone"] > 0 and res.per_action["set_vl"] > 0
 
 
 FINDABLE = [v.name for v in vreg.VARIANTS]

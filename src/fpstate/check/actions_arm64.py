@@ -93,6 +93,10 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK}),
     ActionSpec("sigreturn", "rt_sigreturn: the task returns through its innermost signal "
                "frame (restore_sigframe())", {"task": _TASK}),
+    ActionSpec("set_vl", "prctl(PR_SVE_SET_VL or PR_SME_SET_VL) by the task in user mode "
+               "(vec_set_vector_length(): a new VL now)",
+               {"task": _TASK, "kind": FieldSpec(str, "the vector type", choices=("SVE", "SME")),
+                "vl": FieldSpec(int, "the vector length in bytes")}),
     ActionSpec("clone", "fork (vm false) or clone(CLONE_VM) by the task in user mode: a new "
                "task <task>.c, not yet run (arch_dup_task_struct(), copy_thread())",
                {"task": _TASK, "vm": FieldSpec(bool, "CLONE_VM: share the address space",
@@ -314,6 +318,13 @@ class Arm64World(World):
         self.kw = self.kw.with_host(host)
         return {}
 
+    def do_set_vl(self, task: str, kind: str, vl: int) -> dict[str, Value]:
+        nr = self._user_cpu(task)
+        host = entry_common.syscall_enter(self.kw.host, nr)
+        host, ret = host_fpsimd.prctl_set_vl(host, nr, kind, vl)
+        self.kw = self.kw.with_host(entry_common.syscall_exit(host, nr))
+        return {"ret": ret}
+
     def do_clone(self, task: str, vm: bool = False) -> dict[str, Value]:
         nr = self._user_cpu(task)
         host = self.kw.host
@@ -449,12 +460,13 @@ class Arm64World(World):
 
     def enabled(self) -> list[Action]:
         """The enabled actions; they depend only on the tasks there are (a clone adds one),
-        each one's mode and number of signal frames, each CPU's current task and each vCPU's
-        run state and CPU, so they are memoised by those (per initial world: clones share the
-        memo, and the names of CPUs and vCPUs never change)."""
+        each one's mode, number of signal frames, VLs and fate, each CPU's current task and
+        each vCPU's run state and CPU, so they are memoised by those (per initial world:
+        clones share the memo, and the names of CPUs and vCPUs never change)."""
         kw = self.kw
         host = kw.host
-        sig = (tuple([(name, t.mode, len(t.sigframes)) for name, t in host.tasks.items()]),
+        sig = (tuple([(name, t.mode, len(t.sigframes), t.sve_vl, t.sme_vl, t.killed)
+                      for name, t in host.tasks.items()]),
                tuple([c.current for c in host.cpus]),
                tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
         got = self._enabled_memo.get(sig)
@@ -470,6 +482,8 @@ class Arm64World(World):
         ncpu = len(host.cpus)
         in_run = {v.cpu for v in kw.vcpus.values() if v.run != VCPU_OUT and v.cpu is not None}
         for name, t in host.tasks.items():
+            if t.killed:  # it exits: nothing more of its own
+                continue
             if t.mode in ("new", "sleeping"):
                 preempted = name == kw.vmm and any(v.run == VCPU_PREEMPTED
                                                    for v in kw.vcpus.values())
@@ -486,6 +500,11 @@ class Arm64World(World):
                         ops += ["zt0_write", "zt0_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]
                 out.append(A("syscall", task=name))
+                for kind, cur in (("SVE", t.sve_vl), ("SME", t.sme_vl)):
+                    info = host.caps.vl_info(kind)
+                    if info is not None:
+                        out += [A("set_vl", task=name, kind=kind, vl=16 * vq)
+                                for vq in sorted(info.vqs) if 16 * vq != cur]
                 if len(t.sigframes) < MAX_SIGFRAMES:
                     out.append(A("signal", task=name))
                 if len(host.tasks) < self._clone_limit() and f"{name}.c" not in host.tasks:
