@@ -7,7 +7,7 @@ and TPIDR2_EL0, zero in a handler, restored by sigreturn, switched with its thre
 from __future__ import annotations
 
 from fpstate.arm64.cpu import load_profile
-from fpstate.arm64.regs import FPSR_STREAMING, ZERO
+from fpstate.arm64.regs import FPSR_STREAMING, ZERO, sve_regs_size
 from fpstate.arm64.statemachine import replace
 from fpstate.check.scenario import make_world
 from fpstate.check.statekey_arm64 import arm64_key
@@ -226,3 +226,33 @@ def test_sigreturn_into_streaming_mode_sets_tif_sme_for_a_child_that_never_used_
         assert r.task("c").tif_sme is fixed and r.cpus[1].regs.sm
         r = k.schedule(e.interrupt(r, 1), 1, None)  # the next save
         assert r.task("c").killed == ("" if fixed else "SIGKILL")
+
+
+def test_without_the_fix_the_load_reads_past_sve_state_after_a_larger_sme_vl() -> None:
+    """d2907cbe9ea0's first case in full: task "big" leaves SMCR_EL1.LEN at SVL 64 on CPU 1;
+    the child of "a" (SVE and SME VLs 16: sve_state for 16 bytes) returns into streaming mode
+    there without TIF_SME, and v6.17 loads 64-byte vectors from its sve_state."""
+    from fpstate.kernel.arm64.process import copy_process
+
+    def set_vls(h: k.Host, cpu: int, **vls: int) -> k.Host:
+        h = e.syscall_enter(h, cpu)
+        for kind, vl in vls.items():
+            h, _ = k.prctl_set_vl(h, cpu, kind, vl)
+        return e.syscall_exit(h, cpu)
+
+    h = k.boot(load_profile("fvp-aem-fpmr"), 2)
+    h = e.ret_to_user(k.schedule(k.spawn(k.spawn(h, "a"), "big"), 1, "big"), 1)
+    h = e.user_op(set_vls(h, 1, SME=64), 1, "smstart_sm")  # LEN for SVL 64 on CPU 1
+    h = k.schedule(e.interrupt(h, 1), 1, None)
+    h = set_vls(e.ret_to_user(k.schedule(h, 0, "a"), 0), 0, SVE=16, SME=16)
+    for op in ("smstart_sm", "sve_write"):
+        h = e.user_op(h, 0, op)
+    h, _ = sig.deliver_signal(e.interrupt(h, 0), 0)
+    h = e.syscall_exit(copy_process(e.syscall_enter(e.ret_to_user(h, 0), 0), 0, "c", False),
+                       0)
+    h = e.ret_to_user(k.schedule(h, 1, "c"), 1)
+    bad = sig.sys_rt_sigreturn(h, 1, sm_sets_tif_sme=False)
+    assert bad.store("thread:c").sve_size == sve_regs_size(1)  # sve_alloc() for VL 16
+    assert bad.task("c").overread == sve_regs_size(4) - sve_regs_size(1)
+    good = sig.sys_rt_sigreturn(h, 1)
+    assert good.task("c").overread == 0 and good.cpus[1].regs.sm

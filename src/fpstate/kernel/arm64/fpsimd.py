@@ -292,8 +292,13 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
         c = host.cpus[cpu]
         # sve_load_state() at the live VL: with TIF_SME clear in streaming mode SMCR_EL1.LEN
         # is whatever the CPU last had, maybe not the VL sve_state is laid out for -- the
-        # registers are then loaded wrongly, and the next save kills the task.
-        return host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
+        # registers are then loaded wrongly (past the buffer's end if that VL is larger),
+        # and the next save kills the task.
+        host = host.with_cpu_task(replace(c, regs=replace(c.regs, **load)), t)
+        past = sve_regs_size(sve_vq_from_vl(live_vl(host, cpu))) - st.sve_size
+        if past > 0:
+            host = host.update_task(host.task(t.name), overread=max(t.overread, past))
+        return host
     # fpsimd_load_state(): AdvSIMD loads of V0-31 zero Zn[VL-1:128]; P/FFR keep stale
     # contents, unreachable while TIF_SVE is clear (the first SVE use traps and zeroes them).
     load.update(v=st.vregs, zhi=ZERO, fpsr=st.fpsr)

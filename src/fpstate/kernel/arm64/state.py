@@ -198,6 +198,9 @@ class Task:
     sigframes: tuple[SigFrameFp, ...] = ()
     #: thread_struct fields overwritten through a pointer computed for another field.
     clobbered: frozenset[str] = frozenset()
+    #: Bytes task_fpsimd_load() read past the end of sve_state (a load at a live VL larger
+    #: than the one it is allocated for).
+    overread: int = 0
 
     @property
     def store(self) -> str:

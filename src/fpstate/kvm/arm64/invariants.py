@@ -220,9 +220,12 @@ def traps_follow_advertised(world: KvmWorld) -> list[str]:
 
 def host_state_in_own_storage(world: KvmWorld) -> list[str]:
     """Host FP state is saved into the fields that hold it, never through an address
-    computed from an assumed layout."""
-    return [f"{t.name}: thread_struct {', '.join(sorted(t.clobbered))} overwritten"
-            for t in world.host.tasks.values() if t.clobbered]
+    computed from an assumed layout, and loaded from within the buffer that holds it."""
+    out = [f"{t.name}: thread_struct {', '.join(sorted(t.clobbered))} overwritten"
+           for t in world.host.tasks.values() if t.clobbered]
+    out += [f"{t.name}: task_fpsimd_load() read {t.overread} bytes past sve_state"
+            for t in world.host.tasks.values() if t.overread]
+    return out
 
 
 def id_regs_frozen_after_run(world: KvmWorld) -> list[str]:
