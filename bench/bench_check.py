@@ -88,6 +88,8 @@ def parts(job: Job, seconds: float) -> dict[str, float]:
         for _ in range(60):
             t = clock()
             acts = w.enabled_actions()
+            if not acts:  # every task has exited (arm64: killed by the kernel)
+                break
             a = _pick(rng, acts, a, swarm)
             cost["enabled"] += clock() - t
             t = clock()
