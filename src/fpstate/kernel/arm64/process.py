@@ -21,6 +21,8 @@ into its parent's stack, so under the rejected design it keeps the parent's toke
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from fpstate.arm64.regs import (
     FPMR,
     FPSR,
@@ -38,7 +40,14 @@ from fpstate.arm64.regs import (
 )
 from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64 import fpsimd
-from fpstate.kernel.arm64.state import FP_STATE_SVE, TASK_NEW, FpStore, Host, Task
+from fpstate.kernel.arm64.state import (
+    FP_STATE_SVE,
+    TASK_NEW,
+    FpStore,
+    Host,
+    SigFrameFp,
+    Task,
+)
 
 
 def tls_preserve_current_state(host: Host, cpu: int) -> Host:
@@ -66,6 +75,11 @@ def tls_thread_flush(host: Host, cpu: int) -> Host:
     if not host.caps.sme:
         return host
     return host.with_regs(cpu, replace(host.cpus[cpu].regs, tpidr2=ZERO))
+
+
+#: The register values a signal frame's FP records hold (every Tok field of SigFrameFp): a
+#: fork's copies of them are the child's own.
+_FRAME_VALUES = tuple(f.name for f in fields(SigFrameFp) if f.type in ("Tok", Tok))
 
 
 def copy_process(host: Host, cpu: int, child: str, clone_vm: bool,
@@ -115,9 +129,8 @@ def copy_process(host: Host, cpu: int, child: str, clone_vm: bool,
              tif_sve_vl_inherit=parent.tif_sve_vl_inherit,
              tif_sme_vl_inherit=parent.tif_sme_vl_inherit,
              sigframes=() if clone_vm else tuple(
-                 replace(f, v=copy(f.v), fpsr=copy(f.fpsr), zhi=copy(f.zhi), p=copy(f.p),
-                         za=copy(f.za), zt0=copy(f.zt0), fpmr=copy(f.fpmr),
-                         tpidr2=copy(f.tpidr2)) for f in parent.sigframes))
+                 replace(f, **{k: copy(getattr(f, k)) for k in _FRAME_VALUES})
+                 for f in parent.sigframes))
     expect = {V: st.vregs, FPSR: st.fpsr, FPMR: st.fpmr, ZHI: ZERO, P: ZERO, ZA: ZERO,
               ZT0: ZERO, TPIDR2: ZERO}
     if caps.sme:
