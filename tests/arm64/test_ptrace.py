@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpstate.arm64.cpu import load_profile
+from fpstate.arm64.regs import sve_regs_size
 from fpstate.kernel.arm64 import ptrace as pt
-from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FP_STATE_SVE, HostCaps
+from fpstate.kernel.arm64.state import FP_STATE_SVE, HostCaps
 from fpstate.tools.blob_arm64 import target_for
 
 FVP = HostCaps.from_profile(load_profile("fvp-aem-fpmr"))  # SVE and SME VLs 16/32/64, SME2, FPMR
@@ -224,25 +225,35 @@ def test_zt_write_turns_za_on_with_zt0_only() -> None:
     assert pt.regset_set(FVP, t, pt.NT_ARM_ZT, b"").target.za_on
 
 
-def test_a_new_sme_vl_turns_sm_and_za_off_a_new_sve_vl_keeps_active_za() -> None:
+def test_a_new_sme_vl_keeps_sm_and_turns_za_off_a_new_sve_vl_keeps_active_za() -> None:
+    # change_live_vector_length() (v6.16+): "Always preserve PSTATE.SM and the effective
+    # FPSIMD state, zeroing other SVE state"; only an SME VL change clears PSTATE.ZA.
     t = target_for(FVP, sve_vl=32, sme_vl=32, streaming=True, za=True)
+    t = replace(t, sve=_pattern(len(t.sve), 3), za=_pattern(len(t.za), 5), zt0=b"\x09" * 64)
     ret, after = pt.vec_set_vector_length(FVP, t, "SME", 64, 0)
-    assert ret == 0 and (after.sm, after.za_on, after.sme_vl) == (False, False, 64)
-    assert after.fp_type == FP_STATE_FPSIMD
+    assert ret == 0 and (after.sm, after.za_on, after.sme_vl) == (True, False, 64)
+    assert after.zt0 == bytes(64) and after.fp_type == FP_STATE_SVE
+    # Streaming Z re-laid at the new SME VL: V kept in the low 128 bits, the rest zero.
+    assert len(after.sve) == sve_regs_size(4) and after.sve[:16] == t.sve[:16]
+    assert after.sve[16:64] == bytes(48) and after.sve[64:80] == t.sve[32:48]
+    assert after.sve[32 * 64:] == bytes(17 * 8)  # P0-P15 and FFR
     t = target_for(FVP, sve_vl=32, sme_vl=32, za=True)
     ret, after = pt.vec_set_vector_length(FVP, t, "SVE", 64, 0)
-    assert ret == 0 and after.za_on and after.sve_vl == 64
+    assert ret == 0 and after.za_on and after.sve_vl == 64 and after.za == t.za
     t = target_for(FVP, sve_vl=32, sme_vl=32)
     ret, after = pt.vec_set_vector_length(FVP, t, "SVE", 64, pt.PR_SVE_VL_INHERIT)
     assert (after.sve_vl, after.sve_vl_onexec, after.sve_inherit) == (64, 64, True)
 
 
-def test_the_vl_change_keeps_v_from_the_low_bits_of_z() -> None:
+def test_the_vl_change_keeps_v_from_the_low_bits_of_z_and_the_format() -> None:
     t = target_for(V1, sve_vl=32, sve_format=True)
     t = replace(t, sve=_pattern(len(t.sve), 4))
     ret, after = pt.vec_set_vector_length(V1, t, "SVE", 16, 0)
-    assert ret == 0 and after.fp_type == FP_STATE_FPSIMD
+    assert ret == 0 and after.fp_type == FP_STATE_SVE  # not converted to FPSIMD
     assert after.vregs[:16] == t.sve[:16] and after.vregs[16:32] == t.sve[32:48]
+    # sve_state at VL 16 is V alone, then P0-P15 and FFR zeroed.
+    assert after.sve == after.vregs + bytes(sve_regs_size(1) - 512)
+    assert pt.effective_vregs(after) == pt.effective_vregs(t)
 
 
 @settings(max_examples=300, deadline=None)

@@ -261,7 +261,9 @@ def test_the_dump_order_loses_sve_state_where_the_restore_order_does_not() -> No
             refused.append(pt.NOTE_NAMES[note])
         got = r.target
     assert refused == ["NT_ARM_SSVE"]
-    assert got.fp_type == FP_STATE_FPSIMD
+    assert got.fp_type == FP_STATE_SVE and got.sve_vl == 64 and got.sme_vl == 64
+    assert pt.effective_vregs(got) == pt.effective_vregs(t) and got.sve != t.sve
+    assert got.sve == pt._sve_from_vregs(pt.effective_vregs(t), 64)
     assert ra.differences(FVP, got, t) == ["NT_ARM_SVE"]
     assert ra.differences(FVP, ra.replay(FVP, ra.restore_writes(FVP, t)), t) == []
 

@@ -26,8 +26,8 @@ SME2 or FPMR, and writing it back with PTRACE_SETREGSET are the three questions 
 - **Restore order** (`restore_writes`): the PTRACE_SETREGSET writes that put the state on a
   stopped thread of the target, in the order the kernel's rules need (ptrace.c, v6.17):
   1. NT_ARM_ZA, header only, at the SME VL: sets the SME VL first, with PSTATE.ZA off --
-     a later change of the SME VL would turn streaming mode and ZA off again
-     (vec_set_vector_length());
+     a later change of the SME VL would turn ZA off again and zero Z's upper bits, P and
+     FFR (change_live_vector_length());
   2. NT_ARM_SVE: the state in SVE or FPSIMD format (NT_PRFPREG on a CPU without SVE), or
      in streaming mode a header only, which sets the SVE VL and leaves streaming mode;
   3. NT_ARM_SSVE with the streaming state, in streaming mode only: a non-streaming thread's

@@ -196,10 +196,11 @@ def vec_set_vector_length(caps: HostCaps, t: RegsetTarget, kind: str, vl: int,
     """vec_set_vector_length(task, type, vl, flags) (fpsimd.c): EINVAL for a flag other than
     PR_SVE_VL_INHERIT / PR_SVE_SET_VL_ONEXEC or an invalid VL; the VL is capped at VL_ARCH_MAX
     and rounded to a supported one; _ONEXEC (or INHERIT) records it for exec; without
-    _ONEXEC a different VL is set now: SVE-format state (or streaming mode) is converted to
-    FPSIMD (sve_to_fpsimd(): the V registers survive, the rest of Z, P and FFR do not), and
-    on a system with SME a new SME VL -- or a new SVE VL while neither SM nor ZA is on --
-    turns SM and ZA off and frees ZA and ZT0."""
+    _ONEXEC a different VL is set now by change_live_vector_length(): "always preserve
+    PSTATE.SM and the effective FPSIMD state, zeroing other SVE state" -- V survives, the
+    rest of Z, P and FFR is zeroed in a new sve_state laid out for the new live VL (the
+    format, FPSIMD or SVE, is kept) -- and a new SME VL also turns PSTATE.ZA off with a new,
+    zeroed sme_state (ZA and ZT0); a new SVE VL leaves ZA alone."""
     info = caps.vl_info(kind)
     if info is None or flags & ~(PR_SVE_VL_INHERIT | PR_SVE_SET_VL_ONEXEC) or \
             not sve_vl_valid(vl):
@@ -208,11 +209,14 @@ def vec_set_vector_length(caps: HostCaps, t: RegsetTarget, kind: str, vl: int,
     keep = vl if flags & (PR_SVE_VL_INHERIT | PR_SVE_SET_VL_ONEXEC) else 0
     inherit = bool(flags & PR_SVE_VL_INHERIT)
     if not flags & PR_SVE_SET_VL_ONEXEC and vl != t.vl(kind):
-        if t.fp_type == FP_STATE_SVE or t.sm:
-            t = replace(t, vregs=effective_vregs(t), fp_type=FP_STATE_FPSIMD, sve=b"")
-        if caps.sme and (kind == ARM64_VEC_SME or not (t.sm or t.za_on)):
-            t = replace(t, sm=False, za_on=False, za=b"", zt0=bytes(ZT_SIG_REG_BYTES))
-        t = replace(t, **({"sve_vl": vl} if kind == ARM64_VEC_SVE else {"sme_vl": vl}))
+        vregs = effective_vregs(t)  # fpsimd_sync_from_effective_state()
+        t = replace(t, vregs=vregs, **({"sve_vl": vl} if kind == ARM64_VEC_SVE
+                                      else {"sme_vl": vl}))
+        # fpsimd_sync_to_effective_state_zeropad() into the new sve_state
+        t = replace(t, sve=_sve_from_vregs(vregs, t.live_vl)
+                    if t.fp_type == FP_STATE_SVE else b"")
+        if kind == ARM64_VEC_SME:
+            t = replace(t, za_on=False, za=b"", zt0=bytes(ZT_SIG_REG_BYTES))
     if kind == ARM64_VEC_SVE:
         t = replace(t, sve_vl_onexec=keep, sve_inherit=inherit)
     else:
