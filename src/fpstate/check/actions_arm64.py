@@ -47,14 +47,17 @@ from fpstate.check.world import (
 from fpstate.kernel.arm64 import entry_common
 from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64 import process as host_process
+from fpstate.kernel.arm64 import ptrace as host_ptrace
 from fpstate.kernel.arm64 import signal as host_signal
 from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import (
     CLONE_INHERITS_TPIDR2,
+    PTRACE_SET_NO_FLUSH,
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
     SIGRETURN_SM_WITHOUT_TIF_SME,
+    SVE_SET_ZEROES_TRACER,
     UPSTREAM,
     KvmConfig,
 )
@@ -78,6 +81,10 @@ USER_OPS = entry_common.USER_OPS
 MAX_SIGFRAMES = 2
 #: Tasks a world may clone (fork or CLONE_VM), in all: the explorer's bound.
 MAX_CLONES = 1
+#: The FP regsets by note name (fpstate.kernel.arm64.ptrace).
+REGSETS: dict[str, int] = {name: note for note, name in host_ptrace.NOTE_NAMES.items()}
+_REGSET = FieldSpec(str, "an FP regset (NT_PRFPREG, NT_ARM_SVE, NT_ARM_SSVE, NT_ARM_ZA, "
+                    "NT_ARM_ZT, NT_ARM_FPMR, NT_ARM_TLS)", choices=tuple(REGSETS))
 
 ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("run", "schedule a host task on a CPU and return it to user mode (the task "
@@ -101,6 +108,16 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "task <task>.c, not yet run (arch_dup_task_struct(), copy_thread())",
                {"task": _TASK, "vm": FieldSpec(bool, "CLONE_VM: share the address space",
                                                required=False, default=False)}),
+    ActionSpec("ptrace_get", "PTRACE_GETREGSET by the task in user mode of an FP regset of "
+               "a stopped tracee (a new task or one scheduled out)",
+               {"task": _TASK, "tracee": _TASK, "regset": _REGSET}),
+    ActionSpec("ptrace_set", "PTRACE_SETREGSET by the task in user mode of an FP regset of a "
+               "stopped tracee, as read back with every register changed; with sleeps, the "
+               "tracer sleeps in the call before the write (wait_task_inactive(), a fault) "
+               "and its CPU idles in a state that loses FP context",
+               {"task": _TASK, "tracee": _TASK, "regset": _REGSET,
+                "sleeps": FieldSpec(bool, "the tracer sleeps before the write",
+                                    required=False, default=False)}),
     ActionSpec("vcpu_init", "KVM_ARM_VCPU_INIT (kvm_reset_vcpu)", {
         "vcpu": _VCPU, "sve": FieldSpec(bool, "KVM_ARM_VCPU_SVE", required=False,
                                         default=False)}),
@@ -344,6 +361,38 @@ class Arm64World(World):
         MAX_CLONES clones."""
         return len(self.config.get("tasks", self.DEFAULT_TASKS)) + 1 + MAX_CLONES
 
+    def _tracee(self, tracee: str) -> None:
+        if tracee not in self.kw.host.tasks:
+            raise StepError(f"no host task {tracee!r}")
+        if tracee == self.kw.vmm and any(v.run != VCPU_OUT for v in self.kw.vcpus.values()):
+            raise StepError(f"{tracee} is inside KVM_RUN: a ptrace stop returns from it first")
+
+    def _regset(self, regset: str) -> int:
+        note = REGSETS.get(regset)
+        if note is None or note not in host_ptrace.host_regsets(self.kw.host.caps):
+            raise StepError(f"{regset}: not an FP regset of this host")
+        return note
+
+    def do_ptrace_get(self, task: str, tracee: str, regset: str) -> dict[str, Value]:
+        nr = self._user_cpu(task)
+        self._tracee(tracee)
+        note = self._regset(regset)
+        self.kw = self.kw.with_host(host_ptrace.ptrace_syscall(
+            self.kw.host, nr, lambda h: host_ptrace.ptrace_getregset(h, nr, tracee, note)))
+        return self._observed()
+
+    def do_ptrace_set(self, task: str, tracee: str, regset: str,
+                      sleeps: bool = False) -> dict[str, Value]:
+        nr = self._user_cpu(task)
+        self._tracee(tracee)
+        note = self._regset(regset)
+        flush = self.variant != PTRACE_SET_NO_FLUSH
+        zero_tracer = self.variant == SVE_SET_ZEROES_TRACER
+        self.kw = self.kw.with_host(host_ptrace.ptrace_syscall(
+            self.kw.host, nr, lambda h: host_ptrace.ptrace_setregset(
+                h, nr, tracee, note, flush=flush, zero_tracer=zero_tracer), sleeps=sleeps))
+        return {}
+
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
         nr = self._cpu(cpu)
         for v in self.kw.vcpus.values():
@@ -511,6 +560,7 @@ class Arm64World(World):
                     out += [A("clone", task=name, vm=False), A("clone", task=name, vm=True)]
                 if t.sigframes:
                     out.append(A("sigreturn", task=name))
+                out += self._ptrace_actions(name)
         for c in host.cpus:
             if c.current is not None and c.idx not in in_run:
                 out.append(A("idle", cpu=c.idx))
@@ -533,6 +583,25 @@ class Arm64World(World):
             elif v.run == VCPU_PREEMPTED:
                 out += [A("resume_vcpu", vcpu=ctx, cpu=n) for n in range(ncpu)
                         if n not in in_run]
+        return out
+
+    def _ptrace_actions(self, tracer: str) -> list[Action]:
+        """PTRACE_GETREGSET and PTRACE_SETREGSET (asleep or not) of every FP regset of each
+        stopped tracee -- not one the kernel killed, nor the VMM inside KVM_RUN."""
+        A = Action.of
+        kw = self.kw
+        notes = host_ptrace.host_regsets(kw.host.caps)
+        in_run = any(v.run != VCPU_OUT for v in kw.vcpus.values())
+        out: list[Action] = []
+        for name, t in kw.host.tasks.items():
+            if (name == tracer or t.killed or t.mode not in host_ptrace.TRACEE_MODES
+                    or (name == kw.vmm and in_run)):
+                continue
+            for note in notes:
+                rs = host_ptrace.NOTE_NAMES[note]
+                out += [A("ptrace_get", task=tracer, tracee=name, regset=rs),
+                        A("ptrace_set", task=tracer, tracee=name, regset=rs),
+                        A("ptrace_set", task=tracer, tracee=name, regset=rs, sleeps=True)]
         return out
 
     #: The key names everything `enabled` and the invariants read but the last event's

@@ -85,6 +85,18 @@ VARIANTS: tuple[Variant, ...] = (
             config={"vms": {}, "tasks": []}, needs=("SME",),
             # the load itself reads past sve_state when the CPU's SVL is the larger
             also=("save-within-allocation",)),
+    Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
+            "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
+            "its registers bound to the CPU that last ran it: run there again, the thread "
+            "reuses them and the debugger's write is lost", "no-lost-write",
+            # with TIF_SVE set by the write, the stale binding's VL is not the live one: the
+            # next save kills the thread
+            also=("size-covers-features",)),
+    Variant("sve-set-zeroes-tracer", "arm64", "v6.16-v6.18 (fixed: 5cbb61bf4168)",
+            "PTRACE_SETREGSET(NT_ARM_SVE/SSVE) zeroes current's -- the tracer's -- saved V0-V31, "
+            "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "
+            "copy of its registers lost meanwhile) returns to user with them zeroed",
+            "no-lost-write", needs=("SVE",)),
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",

@@ -30,13 +30,25 @@ import struct
 from dataclasses import dataclass, replace
 
 from fpstate.arm64.regs import (
+    FPMR,
+    FPSR,
+    SVCR_SM,
+    SVCR_ZA,
     SVE_PT_REGS_FPSIMD,
     SVE_PT_REGS_SVE,
     SVE_VQ_BYTES,
+    TPIDR2,
     USER_FPSIMD_STATE_SIZE,
     USER_SVE_HEADER_SIZE,
     VL_ARCH_MAX,
+    ZA,
+    ZERO,
+    ZHI,
+    ZT0,
     ZT_SIG_REG_BYTES,
+    P,
+    Tok,
+    V,
     round16,
     sve_ffr_offset,
     sve_ffr_size,
@@ -48,13 +60,19 @@ from fpstate.arm64.regs import (
     za_pt_size,
     za_regs_size,
 )
+from fpstate.arm64.statemachine import IllegalEvent
+from fpstate.kernel.arm64 import entry_common, fpsimd
 from fpstate.kernel.arm64.fpsimd import PR_SVE_SET_VL_ONEXEC, PR_SVE_VL_INHERIT
 from fpstate.kernel.arm64.state import (
     ARM64_VEC_SME,
     ARM64_VEC_SVE,
     FP_STATE_FPSIMD,
     FP_STATE_SVE,
+    TASK_NEW,
+    TASK_SLEEPING,
+    Host,
     HostCaps,
+    Observation,
 )
 
 EINVAL, EIO = 22, 5
@@ -426,6 +444,193 @@ def _tls_set(caps: HostCaps, t: RegsetTarget, data: bytes) -> RegsetResult:
     return RegsetResult(0, "", replace(t, tpidr=tpidr, tpidr2=tpidr2 if caps.sme else t.tpidr2))
 
 
+# --- the host model's tracee: the same functions on a Host's tokens ----------------------------
+#
+# The checker's host model (fpstate.kernel.arm64.state) holds a thread's registers as tokens
+# per component, not bytes. These are the regset functions above on that model, for a tracer
+# running `ptrace_getregset` / `ptrace_setregset` from a syscall on its CPU against a
+# stopped tracee: what the tracer reads is an observation of the tracee's values (the
+# invariants compare it with the tracee's latest), and what it writes is a new value of the
+# tracee's (a fresh token of the tracee: it is the tracee's own register now). A debugger
+# writes back a regset in the format and at the vector length it just read (the header's
+# flags with VL_INHERIT as reported). tests/arm64/test_ptrace_host.py holds each against the
+# byte-level functions above.
+
+#: The components each regset carries (NT_ARM_SVE/SSVE: in SVE format).
+REGSET_COMPONENTS: dict[int, tuple[str, ...]] = {
+    NT_PRFPREG: (V, FPSR), NT_ARM_TLS: (TPIDR2,), NT_ARM_FPMR: (FPMR,),
+    NT_ARM_SVE: (V, ZHI, P, FPSR), NT_ARM_SSVE: (V, ZHI, P, FPSR), NT_ARM_ZA: (ZA,),
+    NT_ARM_ZT: (ZT0,),
+}
+_FEATURE = {NT_PRFPREG: "FP", NT_ARM_TLS: "SME", NT_ARM_FPMR: "FPMR", NT_ARM_SVE: "SVE",
+            NT_ARM_SSVE: "SME", NT_ARM_ZA: "SME", NT_ARM_ZT: "SME2"}
+#: What a tracee may be doing when a tracer reads or writes its regsets: stopped, so not on
+#: a CPU -- a new task (PTRACE_O_TRACEFORK stops it before it first runs) or one that was
+#: scheduled out (a ptrace stop is reached from the kernel, as any sleep).
+TRACEE_MODES = (TASK_NEW, TASK_SLEEPING)
+
+
+def host_regsets(caps: HostCaps) -> tuple[int, ...]:
+    """The FP regsets a tracer can use on this host (NT_ARM_TLS only for TPIDR2_EL0, which
+    needs SME: TPIDR_EL0 is not modelled)."""
+    return tuple(n for n in REGSETS if regset_supported(caps, n)
+                 and (n != NT_ARM_TLS or caps.sme))
+
+
+def _tracee(host: Host, tracer_cpu: int, name: str) -> None:
+    tracer = fpsimd.current_task(host, tracer_cpu)
+    t = host.task(name)
+    if t.name == tracer.name or t.mode not in TRACEE_MODES or t.killed:
+        raise IllegalEvent("ptrace", t.mode, "regset",
+                           f"{name} is not a stopped tracee of {tracer.name}")
+
+
+def regset_values(host: Host, name: str, note: int) -> dict[str, Tok]:
+    """What GETREGSET(``note``) of the stopped task ``name`` returns, as component values
+    (`regset_get` on the host model): nothing from an inactive NT_ARM_(S)SVE or from ZA and
+    ZT0 with PSTATE.ZA off (a header, or zeros); V from Z in SVE format."""
+    st = host.store(host.task(name).store)
+    if note in (NT_ARM_SVE, NT_ARM_SSVE):
+        if ((NT_ARM_SSVE if st.svcr & SVCR_SM else NT_ARM_SVE) != note):
+            return {}  # not the active mode: the header only
+        if st.fp_type == FP_STATE_SVE:
+            return {V: st.sve_v, ZHI: st.sve_zhi, P: st.sve_p, FPSR: st.fpsr}
+    if note in (NT_PRFPREG, NT_ARM_SVE, NT_ARM_SSVE):  # __fpr_get()
+        return {V: st.sve_v if st.fp_type == FP_STATE_SVE else st.vregs, FPSR: st.fpsr}
+    if note in (NT_ARM_ZA, NT_ARM_ZT):
+        if not st.svcr & SVCR_ZA:
+            return {}
+        return {ZA: st.za} if note == NT_ARM_ZA else {ZT0: st.zt0}
+    if note == NT_ARM_TLS:
+        return {TPIDR2: st.tpidr2}
+    return {FPMR: st.fpmr}
+
+
+def ptrace_getregset(host: Host, cpu: int, name: str, note: int) -> Host:
+    """PTRACE_GETREGSET(``note``) of the stopped task ``name`` by current on ``cpu`` (in a
+    syscall): the values read are observations of ``name``'s, which must be its latest."""
+    _tracee(host, cpu, name)
+    if not regset_supported(host.caps, note):
+        raise IllegalEvent("ptrace", "regset", "get", f"{NOTE_NAMES[note]}: -EINVAL")
+    return host.observe(*(Observation(name, comp, _FEATURE[note], "read", tok)
+                          for comp, tok in regset_values(host, name, note).items()))
+
+
+def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool = True,
+                     zero_tracer: bool = False) -> Host:
+    """PTRACE_SETREGSET(``note``) of the stopped task ``name`` by current on ``cpu``, with
+    the data GETREGSET gave and every register in it changed to a new value: fpr_set(),
+    sve_set_common() (SVE format at the current VL, flags as read), za_set() and zt_set()
+    with data, fpmr_set(), tls_set() (TPIDR2_EL0). Each ends in
+    fpsimd_flush_task_state(target) but tls_set(), whose register is switched eagerly.
+
+    Rejected designs: ``flush`` False leaves the tracee's copy on a CPU valid (a setter
+    without fpsimd_flush_task_state()); ``zero_tracer`` is sve_set_common() from v6.16 until
+    5cbb61bf4168 ("arm64/fpsimd: ptrace: zero targets fpsimd_state, not the tracers"), which
+    zeroed ``current->thread.uw.fpsimd_state`` -- the tracer's V0-V31, FPSR and FPCR in
+    memory -- instead of the tracee's."""
+    _tracee(host, cpu, name)
+    caps = host.caps
+    if note not in host_regsets(caps):
+        raise IllegalEvent("ptrace", "regset", "set", f"{NOTE_NAMES[note]}: -EINVAL")
+    host, tok = host.fresh(name)
+    t = host.task(name)
+    st = host.store(t.store)
+    expect: dict[str, Tok] = {}
+    if note == NT_PRFPREG:  # __fpr_set(), then fpsimd_sync_to_effective_state_zeropad()
+        st = replace(st, vregs=tok, fpsr=tok)
+        expect = {V: tok, FPSR: tok}
+        if st.fp_type == FP_STATE_SVE:
+            st = replace(st, sve_v=tok, sve_zhi=ZERO, sve_p=ZERO)
+            expect.update({ZHI: ZERO, P: ZERO})
+        host = host.with_store(t.store, st)
+    elif note in (NT_ARM_SVE, NT_ARM_SSVE):
+        host, expect = _sve_set_common(host, cpu, name, note, tok, zero_tracer)
+    elif note in (NT_ARM_ZA, NT_ARM_ZT):
+        if note == NT_ARM_ZA:
+            host = _same_vl(host, name, ARM64_VEC_SME)
+        za_on = bool(st.svcr & SVCR_ZA)
+        host = fpsimd.sve_alloc(host, name, False)  # "SVE storage for streaming mode"
+        if not za_on:  # sme_alloc(target, true): ZA and ZT0 zeroed
+            host = fpsimd.sme_alloc(host, name, True)
+            expect = {ZA: ZERO, ZT0: ZERO}
+        comp = ZA if note == NT_ARM_ZA else ZT0
+        st = host.store(t.store)
+        host = host.with_store(t.store, replace(st, svcr=st.svcr | SVCR_ZA,
+                                                **{comp.lower(): tok}))
+        host = host.with_task(replace(host.task(name), tif_sme=True))
+        expect[comp] = tok
+    elif note == NT_ARM_FPMR:
+        host = host.with_store(t.store, replace(st, fpmr=tok))
+        expect = {FPMR: tok}
+    else:  # tls_set(): thread.tpidr2_el0, loaded at the next switch to the thread
+        return host.with_store(t.store, replace(st, tpidr2=tok)).expect(name, {TPIDR2: tok})
+    if flush:
+        host = fpsimd.fpsimd_flush_task_state(host, name)
+    return host.expect(name, expect)
+
+
+def _same_vl(host: Host, name: str, kind: str) -> Host:
+    """vec_set_vector_length() of a header written back as read: the VL is the task's (no
+    change of the live VL) and the flags hold VL_INHERIT as read, so the on-exec VL becomes
+    the VL with INHERIT, else 0 (task_set_vl_onexec())."""
+    t = host.task(name)
+    if kind == ARM64_VEC_SVE:
+        return host.with_task(replace(t, sve_vl_onexec=t.sve_vl if t.tif_sve_vl_inherit else 0))
+    return host.with_task(replace(t, sme_vl_onexec=t.sme_vl if t.tif_sme_vl_inherit else 0))
+
+
+def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
+                    zero_tracer: bool) -> tuple[Host, dict[str, Tok]]:
+    """sve_set_common() with SVE_PT_REGS_SVE data at the current VL: the VL (the same: the
+    on-exec VL and INHERIT as vec_set_vector_length() leaves them for the flags read), for
+    NT_ARM_SSVE sme_alloc() keeping ZA/ZT0, sve_alloc(target, true), SVCR.SM and TIF_SVE or
+    TIF_SME, the tracee's uw.fpsimd_state zeroed, SVE format, then the data: Z (V and the
+    bits above), P, FFR, FPSR and FPCR."""
+    kind = ARM64_VEC_SVE if note == NT_ARM_SVE else ARM64_VEC_SME
+    host = _same_vl(host, name, kind)
+    t = host.task(name)
+    vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
+    if kind == ARM64_VEC_SME:
+        host = fpsimd.sme_alloc(host, name, False)
+    host = fpsimd.sve_alloc(host, name, True)
+    st = host.store(t.store)
+    svcr = st.svcr
+    if host.caps.sme:
+        svcr = svcr | SVCR_SM if kind == ARM64_VEC_SME else svcr & ~SVCR_SM
+        t = replace(t, **({"tif_sve": True} if kind == ARM64_VEC_SVE else {"tif_sme": True}))
+    # Without SME, TIF_SVE stays as it was: task_fpsimd_load() sets it from fp_type.
+    zeroed = {"vregs": ZERO, "fpsr": ZERO}  # memset(&target->thread.uw.fpsimd_state)
+    if zero_tracer:  # memset(&current->...): the tracee's are left as they were
+        tracer = fpsimd.current_task(host, cpu)
+        tst = host.store(tracer.store)
+        host = host.with_store(tracer.store, replace(tst, **zeroed))
+        zeroed = {}
+        st = host.store(t.store)
+    st = replace(replace(st, **zeroed), svcr=svcr, fp_type=FP_STATE_SVE, sve_v=tok,
+                 sve_zhi=tok, sve_p=tok, fpsr=tok, sve_vl=vl)  # then the data
+    host = host.with_task(t).with_store(t.store, st)
+    return host, {V: tok, ZHI: tok, P: tok, FPSR: tok}
+
+
+def ptrace_syscall(host: Host, cpu: int, op: object, *, sleeps: bool = False) -> Host:
+    """The tracer's ptrace() system call around ``op(host)`` (a get or set above): syscall
+    entry, then with ``sleeps`` a sleep before the regset access -- wait_task_inactive()
+    or a page fault on the iovec -- during which its CPU idles in a state that loses FP
+    context (cpu_pm_enter(): fpsimd_save_and_flush_cpu_state()), then the access and the
+    return to user mode."""
+    tracer = fpsimd.current_task(host, cpu).name
+    host = entry_common.syscall_enter(host, cpu)
+    if sleeps:
+        host = fpsimd.schedule(host, cpu, None)
+        host = fpsimd.fpsimd_save_and_flush_cpu_state(host, cpu)
+        host = fpsimd.schedule(host, cpu, tracer)
+    host = op(host)  # type: ignore[operator]
+    obs = host.obs
+    host = entry_common.syscall_exit(host, cpu)
+    return host.observe(*obs) if obs else host
+
+
 __all__ = [
     "NOTE_NAMES",
     "NT_ARM_FPMR",
@@ -436,12 +641,19 @@ __all__ = [
     "NT_ARM_ZT",
     "NT_PRFPREG",
     "REGSETS",
+    "REGSET_COMPONENTS",
+    "TRACEE_MODES",
     "RegsetResult",
     "RegsetTarget",
     "effective_vregs",
+    "host_regsets",
+    "ptrace_getregset",
+    "ptrace_setregset",
+    "ptrace_syscall",
     "regset_get",
     "regset_set",
     "regset_supported",
+    "regset_values",
     "user_fpsimd_state",
     "vec_set_vector_length",
 ]

@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Four more are the host kernel's, not KVM's, and live here because they are the same world's
+Six more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -26,6 +26,12 @@ design choices:
 * ``sigreturn-sm-without-tif-sme``: v6.17's restore_sve_fpsimd_context() before the stable
   fix d2907cbe9ea0: SVCR.SM restored from SVE_SIG_FLAG_SM without TIF_SME, so SMCR_EL1.LEN
   is not set for the load (found by this project's explorer as a fork in a signal handler).
+* ``ptrace-set-no-flush``: PTRACE_SETREGSET writes a stopped thread's FP state without
+  fpsimd_flush_task_state(target): a CPU that still holds the thread's registers is reused
+  when it runs there again, and the write is lost.
+* ``sve-set-zeroes-tracer``: sve_set_common() from v6.16 (316283f276eb) until the fix
+  5cbb61bf4168: its "always zero V regs, FPSR, and FPCR" memset is of current's -- the
+  tracer's -- uw.fpsimd_state, not the tracee's.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -43,6 +49,8 @@ SIGRETURN_NO_FLUSH = "sigreturn-no-flush"
 SIGNAL_KEEPS_TPIDR2 = "signal-keeps-tpidr2"
 CLONE_INHERITS_TPIDR2 = "clone-inherits-tpidr2"
 SIGRETURN_SM_WITHOUT_TIF_SME = "sigreturn-sm-without-tif-sme"
+PTRACE_SET_NO_FLUSH = "ptrace-set-no-flush"
+SVE_SET_ZEROES_TRACER = "sve-set-zeroes-tracer"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -59,6 +67,10 @@ VARIANTS: dict[str, str] = {
                            "TPIDR2_EL0 and ZA, resetting TPIDR2_EL0 only for CLONE_SETTLS",
     SIGRETURN_SM_WITHOUT_TIF_SME: "host kernel v6.17 before d2907cbe9ea0: sigreturn restores "
                                   "SVCR.SM without TIF_SME",
+    PTRACE_SET_NO_FLUSH: "host kernel: PTRACE_SETREGSET of FP state without "
+                         "fpsimd_flush_task_state(target)",
+    SVE_SET_ZEROES_TRACER: "host kernel v6.16-v6.18 before 5cbb61bf4168: NT_ARM_(S)SVE "
+                           "writes zero the tracer's saved V0-V31/FPSR/FPCR",
 }
 
 
