@@ -20,7 +20,7 @@ from fpstate.check.explore import Job
 from fpstate.check.world import StepError
 from fpstate.kernel.arm64 import fpsimd
 from fpstate.kernel.arm64 import signal as sig
-from fpstate.kernel.arm64.state import FP_STATE_SVE, Host, SigFrameFp
+from fpstate.kernel.arm64.state import Host, SigFrameFp
 
 PROFILES = ("fvp-aem-fpmr", "neoverse-v1", "apple-m4", "neoverse-n1")
 _ACTIONS = ("run", "idle", "user_op", "signal", "sigreturn", "set_vl", "syscall", "clone",
