@@ -37,7 +37,8 @@ X86 = [
     ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
      "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
-                    "processes, max_tasks, compat, vms, kvm_vendor)"),
+                    "processes, max_tasks, compat, vms, kvm_vendor, omit)"),
+    ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),
     ({"compat": ["p7"]}, "config.compat: 'p7' is not a process of config.processes (p0, p1)"),
 ]
 ARM64 = [
@@ -49,7 +50,22 @@ ARM64 = [
                                       "not -2"),
     ({"vms": {"vm0": {"sve": 1}}}, "config.vms.vm0.sve: must be true or false, not 1"),
     ({"vhe": "no"}, "config.vhe: must be true or false, not 'no'"),
+    ({"omit": ["fork"]}, "config.omit: unknown action 'fork' for model arm64 (known: clone, "
+                         "enter_guest, exec, exit_guest, finalize, get_reg, guest_op, "
+                         "hide_fpmr, host_softirq_neon, idle, kernel_neon, kvm_run, "
+                         "preempt_vcpu, ptrace_get, ptrace_set, resume_vcpu, return_to_user, "
+                         "run, set_reg, set_vl, signal, sigreturn, syscall, user_op, "
+                         "vcpu_init)"),
 ]
+
+
+def test_omitted_actions_are_never_enabled_for_the_explorer() -> None:
+    w = make_world("arm64", {"vms": {}, "omit": ["exec", "user_op"]}, None)
+    names = {a.name for a in w.enabled_actions()}
+    assert "syscall" in names and not names & {"exec", "user_op"}
+    # a scenario may still take them
+    from fpstate.check.world import Action
+    w.step(Action.of("user_op", task="vmm", op="fpsimd_write"))
 
 
 @pytest.mark.parametrize(("model", "config", "message"),

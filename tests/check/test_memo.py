@@ -27,6 +27,8 @@ def _walks(job: Job, seeds: range, steps: int) -> list[list[tuple[Any, ...]]]:
         trace: list[tuple[Any, ...]] = []
         for _ in range(steps):
             acts = w.enabled_actions()
+            if not acts:  # every task killed (as the explorer's walks end)
+                break
             a = _pick(rng, acts, a, swarm)
             try:
                 r = w.step(a)

@@ -131,7 +131,6 @@ class Action:
     task: Value | None = field(default=None, compare=False, repr=False)
     #: The arguments as a dict, for calling the world's do_ method (read, never change it).
     kwargs: dict[str, Value] = field(default_factory=dict, compare=False, repr=False)
-
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", self.get("task"))
         object.__setattr__(self, "kwargs", dict(self.args))
@@ -293,6 +292,8 @@ class World(abc.ABC):
         self.history: list[Action] = []
         self.steps = 0
         self.broken = False  #: a model-detected bug left the model in an unknown state
+        #: Action names the explorer leaves out (config ``omit``): a smaller vocabulary.
+        self.omit = frozenset(self.config.get("omit", ()))
 
     # -- what a world provides ---------------------------------------------------------------
 
@@ -329,17 +330,26 @@ class World(abc.ABC):
 
     # -- provided ------------------------------------------------------------------------------
 
-    #: The configuration keys this world reads.
+    #: The configuration keys this world reads (besides ``omit``, which every world takes).
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> None:
         """ScenarioError naming the first key of ``config`` this world cannot boot with (the
-        keys and their values; worlds add their own rules)."""
-        bad = [k for k in config if k not in cls.CONFIG_KEYS]
+        keys and their values; worlds add their own rules). ``omit``: action names the
+        explorer leaves out of every walk (a scenario may still take them)."""
+        keys = (*cls.CONFIG_KEYS, "omit")
+        bad = [k for k in config if k not in keys]
         if bad:
             raise ScenarioError(f"config: unknown key {bad[0]!r} for model {cls.model} "
-                                f"(keys: {', '.join(cls.CONFIG_KEYS)})")
+                                f"(keys: {', '.join(keys)})")
+        omit = config.get("omit", [])
+        if not isinstance(omit, (list, tuple)) or not all(isinstance(n, str) for n in omit):
+            raise ScenarioError(f"config.omit: must be a list of action names, not {omit!r}")
+        unknown = [n for n in omit if n not in cls.SPECS]
+        if unknown:
+            raise ScenarioError(f"config.omit: unknown action {unknown[0]!r} for model "
+                                f"{cls.model} (known: {', '.join(sorted(cls.SPECS))})")
 
     @classmethod
     def spec(cls, name: str, where: str) -> ActionSpec:
@@ -476,17 +486,23 @@ class World(abc.ABC):
         check was skipped."""
 
     def enabled_actions(self) -> list[Action]:
-        """`enabled`, memoised by key for MEMO worlds."""
+        """`enabled` without the configuration's ``omit``, memoised by key for MEMO
+        worlds."""
         if not (self.MEMO and MEMOS_ON):
-            return self.enabled()
+            return self._explorable()
         by_key = self.memo().enabled
         h = self.state_hash()
         got = by_key.get(h)
         if got is None:
             if len(by_key) > MEMO_LIMIT // 4:
                 by_key.clear()
-            got = by_key[h] = self.enabled()
+            got = by_key[h] = self._explorable()
         return got
+
+    def _explorable(self) -> list[Action]:
+        acts = self.enabled()
+        omit = self.omit
+        return [a for a in acts if a.name not in omit] if omit else acts
 
     def in_flight(self) -> bool:
         """True when a kernel path is suspended inside the model (a deep copy cannot be made:
