@@ -7,7 +7,7 @@ and TPIDR2_EL0, zero in a handler, restored by sigreturn, switched with its thre
 from __future__ import annotations
 
 from fpstate.arm64.cpu import load_profile
-from fpstate.arm64.regs import FPSR_STREAMING, ZERO, sve_regs_size
+from fpstate.arm64.regs import FPSR_STREAMING, ZERO, sve_regs_size, sve_vq_from_vl
 from fpstate.arm64.statemachine import replace
 from fpstate.check.scenario import make_world
 from fpstate.check.statekey_arm64 import arm64_key
@@ -256,3 +256,32 @@ def test_without_the_fix_the_load_reads_past_sve_state_after_a_larger_sme_vl() -
     assert bad.task("c").overread == sve_regs_size(4) - sve_regs_size(1)
     good = sig.sys_rt_sigreturn(h, 1)
     assert good.task("c").overread == 0 and good.cpus[1].regs.sm
+
+
+def test_sigreturn_restoring_za_allocates_the_storage_streaming_mode_needs() -> None:
+    """ea8ccfddbce0: a child forked in the handler of a signal taken with ZA on (no streaming
+    mode) returns through that frame: restore_za_context() sets TIF_SME, so SMSTART SM does
+    not trap, and the streaming registers need sve_state. With the fix it is allocated; v6.17
+    saved them through a NULL sve_state (found by the explorer as a failed model check)."""
+    from fpstate.kernel.arm64.process import copy_process
+    from fpstate.kvm.arm64.invariants import host_state_in_own_storage
+
+    h = _thread("fvp-aem-fpmr", "smstart_za", "za_write")
+    h, _ = sig.deliver_signal(e.interrupt(h, 0), 0)
+    h = e.ret_to_user(h, 0)
+    h = e.syscall_exit(copy_process(e.syscall_enter(h, 0), 0, "c", clone_vm=False), 0)
+    h = e.ret_to_user(k.schedule(e.interrupt(h, 0), 0, "c"), 0)
+    assert h.store("thread:c").sve_size == 0 and not h.task("c").tif_sme
+    for fixed in (True, False):
+        r = sig.sys_rt_sigreturn(h, 0, za_allocs_sve=fixed)
+        assert r.task("c").tif_sme and r.cpus[0].el0_sme  # SMSTART SM will not trap
+        assert (r.store("thread:c").sve_size > 0) is fixed
+        r = e.user_op(r, 0, "smstart_sm")
+        r, _ = sig.deliver_signal(e.interrupt(r, 0), 0)  # the next save
+        c = r.task("c")
+        assert c.overwrite == (0 if fixed else sve_regs_size(sve_vq_from_vl(c.sme_vl)))
+    # the checker's save-within-allocation rule reports it
+    kw = make_world("arm64", {"vms": {}, "tasks": []}, None).kw.with_host(r)
+    assert host_state_in_own_storage(kw) == [
+        f"c: fpsimd_save_user_state() wrote {c.overwrite} bytes past sve_state (none "
+        "allocated: through a NULL pointer)"]

@@ -53,12 +53,14 @@ from fpstate.kernel.arm64.state import TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import (
     CLONE_INHERITS_TPIDR2,
+    EXEC_KEEPS_FPMR,
     PTRACE_SET_NO_FLUSH,
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
     SIGRETURN_SM_WITHOUT_TIF_SME,
     SVE_SET_ZEROES_TRACER,
     UPSTREAM,
+    VL_CHANGE_STALE_SVE,
     KvmConfig,
 )
 from fpstate.kvm.arm64.handle_exit import GUEST_OPS, guest_op
@@ -108,6 +110,9 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "task <task>.c, not yet run (arch_dup_task_struct(), copy_thread())",
                {"task": _TASK, "vm": FieldSpec(bool, "CLONE_VM: share the address space",
                                                required=False, default=False)}),
+    ActionSpec("exec", "execve() by the task in user mode (flush_thread(): "
+               "fpsimd_flush_thread(), tls_thread_flush()): every FP register reset, VLs to "
+               "their on-exec values, no signal frame", {"task": _TASK}),
     ActionSpec("ptrace_get", "PTRACE_GETREGSET by the task in user mode of an FP regset of "
                "a stopped tracee (a new task or one scheduled out)",
                {"task": _TASK, "tracee": _TASK, "regset": _REGSET}),
@@ -338,9 +343,19 @@ class Arm64World(World):
     def do_set_vl(self, task: str, kind: str, vl: int) -> dict[str, Value]:
         nr = self._user_cpu(task)
         host = entry_common.syscall_enter(self.kw.host, nr)
-        host, ret = host_fpsimd.prctl_set_vl(host, nr, kind, vl)
+        host, ret = host_fpsimd.prctl_set_vl(host, nr, kind, vl,
+                                             stale_sve=self.variant == VL_CHANGE_STALE_SVE)
         self.kw = self.kw.with_host(entry_common.syscall_exit(host, nr))
         return {"ret": ret}
+
+    def do_exec(self, task: str) -> dict[str, Value]:
+        """The calling thread only: the model has no thread groups, so a sibling sharing the
+        address space is not killed (de_thread()); its FP state is its own either way."""
+        nr = self._user_cpu(task)
+        host = entry_common.syscall_enter(self.kw.host, nr)
+        host = host_fpsimd.exec_task(host, nr, keep_fpmr=self.variant == EXEC_KEEPS_FPMR)
+        self.kw = self.kw.with_host(entry_common.syscall_exit(host, nr))
+        return {}
 
     def do_clone(self, task: str, vm: bool = False) -> dict[str, Value]:
         nr = self._user_cpu(task)
@@ -548,7 +563,7 @@ class Arm64World(World):
                     if host.caps.sme2:
                         ops += ["zt0_write", "zt0_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]
-                out.append(A("syscall", task=name))
+                out += [A("syscall", task=name), A("exec", task=name)]
                 for kind, cur in (("SVE", t.sve_vl), ("SME", t.sme_vl)):
                     info = host.caps.vl_info(kind)
                     if info is not None:

@@ -113,9 +113,14 @@ def _vl_default(host: Host, kind: str, onexec: int) -> int:
     return info.find_supported_vector_length(vl)
 
 
-def _flush_thread(host: Host, name: str) -> Host:
+def _flush_thread(host: Host, name: str, keep_fpmr: bool = False) -> Host:
     """fpsimd_flush_thread() for task ``name`` (exec): zero the FP state, drop sve_state and
-    sme_state, reset the VLs to vl_onexec or the default, SVCR=0, FPMR=0, fp_type=FPSIMD."""
+    sme_state, reset the VLs to vl_onexec or the default, SVCR=0, FPMR=0, fp_type=FPSIMD.
+
+    ``keep_fpmr`` is the rejected design before a90878f297d3 ("arm64/fpsimd: Reset FPMR upon
+    exec()", v6.15): uw.fpmr left as the old program's last save put it, which the new
+    program's first return to user loads."""
+    old_fpmr = host.store(host.task(name).store).fpmr if keep_fpmr else ZERO
     t = fpsimd_flush_task_state(host, name).task(name)
     caps = host.caps
     if caps.sve:
@@ -127,7 +132,8 @@ def _flush_thread(host: Host, name: str) -> Host:
         t = replace(t, tif_sme=False, sme_vl=vl,
                     sme_vl_onexec=t.sme_vl_onexec if t.tif_sme_vl_inherit else 0)
     # exec's new stack has no signal frame
-    host = host.with_task(replace(t, sigframes=())).with_store(t.store, FpStore(name))
+    host = host.with_task(replace(t, sigframes=())).with_store(t.store,
+                                                                FpStore(name, fpmr=old_fpmr))
     return host.expect(name, {c: ZERO for c in (V, ZHI, P, FPSR, FPMR, ZA, ZT0, TPIDR2)})
 
 
@@ -240,7 +246,10 @@ def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
             # WARN_ON(sve_get_vl() != vl): force_signal_inject(SIGKILL)
             host = host.with_store(last.st, replace(st, **save))
             return host.update_task(t, killed="SIGKILL")
-        assert st.sve_size >= sve_regs_size(sve_vq_from_vl(vl)), "sve_state too small"
+        past = sve_regs_size(sve_vq_from_vl(vl)) - st.sve_size
+        if past > 0:  # sve_save_state() writes through sve_state as it is (NULL: 0 bytes)
+            host = host.update_task(t, overwrite=max(t.overwrite, past))
+            st = host.store(last.st)
         save.update(sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl, fpsr=regs.fpsr,
                     fp_type=FP_STATE_SVE)
     else:
@@ -428,11 +437,12 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
     return host
 
 
-def exec_task(host: Host, cpu: int) -> Host:
-    """execve() of current: flush_thread() -> tls_thread_flush(), fpsimd_flush_thread()."""
+def exec_task(host: Host, cpu: int, keep_fpmr: bool = False) -> Host:
+    """execve() of current: flush_thread() -> tls_thread_flush(), fpsimd_flush_thread()
+    (``keep_fpmr``: see `_flush_thread`)."""
     t = current_task(host, cpu)
     host = task_event(host.clear_obs(), t, "kernel_op")
-    return _flush_thread(process.tls_thread_flush(host, cpu), t.name)
+    return _flush_thread(process.tls_thread_flush(host, cpu), t.name, keep_fpmr)
 
 
 # --- traps ---------------------------------------------------------------------------------
@@ -488,8 +498,9 @@ def do_sme_acc(host: Host, cpu: int) -> Host:
 
 # --- vector length control (prctl) -------------------------------------------------------------
 def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
-                          flags: int) -> tuple[Host, int]:
-    """vec_set_vector_length() for current, then vec_prctl_status(); -errno on error."""
+                          flags: int, stale_sve: bool = False) -> tuple[Host, int]:
+    """vec_set_vector_length() for current, then vec_prctl_status(); -errno on error
+    (``stale_sve``: see `_change_live_vector_length`)."""
     t = current_task(host, cpu)
     info = host.caps.vl_info(kind)
     if info is None:
@@ -500,7 +511,7 @@ def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
     onexec, inherit = bool(flags & PR_SVE_SET_VL_ONEXEC), bool(flags & PR_SVE_VL_INHERIT)
     cur_vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
     if not onexec and vl != cur_vl:
-        host = _change_live_vector_length(host, cpu, kind, vl)
+        host = _change_live_vector_length(host, cpu, kind, vl, stale_sve)
     t = host.task(t.name)
     keep = vl if (onexec or inherit) else 0
     if kind == ARM64_VEC_SVE:
@@ -512,14 +523,22 @@ def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
     return host.with_task(t), status | (PR_SVE_VL_INHERIT if inherit else 0)
 
 
-def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int) -> Host:
+def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
+                               stale_sve: bool = False) -> Host:
     """change_live_vector_length(): save and flush, keep PSTATE.SM and the effective FPSIMD
-    state, zero the other SVE state, reallocate; an SME VL change also discards ZA."""
+    state, zero the other SVE state, reallocate; an SME VL change also discards ZA.
+
+    ``stale_sve`` is the rejected design before 49ce484187f7 ("arm64/fpsimd: ptrace/prctl:
+    Ensure VL changes do not resurrect stale data", v6.16): V taken from sve_state
+    (sve_to_fpsimd()) whenever TIF_SVE or SVCR.SM is set, not by fp_type -- but since v6.7 a
+    save during a syscall stores FPSIMD format with TIF_SVE still set (to_save
+    FP_STATE_FPSIMD), and sve_state then holds an older V."""
     host = fpsimd_save_and_flush_current_state(host, cpu)
     t = host.task(current_task(host, cpu).name)
     st = host.store(t.store)
     sm = bool(st.svcr & SVCR_SM)
-    vregs = st.sve_v if st.fp_type == FP_STATE_SVE else st.vregs  # sync_from_effective_state
+    from_sve = (t.tif_sve or sm) if stale_sve else st.fp_type == FP_STATE_SVE
+    vregs = st.sve_v if from_sve else st.vregs  # fpsimd_sync_from_effective_state()
     t = replace(t, **({"sve_vl": vl} if kind == ARM64_VEC_SVE else {"sme_vl": vl}))
     cur_vl = t.sme_vl if sm else t.sve_vl
     st = replace(st, vregs=vregs, sve_size=sve_state_size(t.sve_vl, t.sme_vl), sve_v=vregs,
@@ -532,12 +551,14 @@ def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int) -> Host
     return host.with_task(t).with_store(t.store, st).expect(t.name, expect)
 
 
-def prctl_set_vl(host: Host, cpu: int, kind: str, arg: int) -> tuple[Host, int]:
-    """PR_SVE_SET_VL / PR_SME_SET_VL: sve_set_current_vl() / sme_set_current_vl()."""
+def prctl_set_vl(host: Host, cpu: int, kind: str, arg: int,
+                 stale_sve: bool = False) -> tuple[Host, int]:
+    """PR_SVE_SET_VL / PR_SME_SET_VL: sve_set_current_vl() / sme_set_current_vl()
+    (``stale_sve``: see `_change_live_vector_length`)."""
     t = current_task(host, cpu)
     host = task_event(host.clear_obs(), t, "kernel_op")
     vl, flags = arg & PR_SVE_VL_LEN_MASK, arg & ~PR_SVE_VL_LEN_MASK
-    return vec_set_vector_length(host, cpu, kind, vl, flags)
+    return vec_set_vector_length(host, cpu, kind, vl, flags, stale_sve)
 
 
 def prctl_get_vl(host: Host, cpu: int, kind: str) -> int:

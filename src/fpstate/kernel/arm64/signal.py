@@ -475,12 +475,12 @@ def preserve_fp_records(host: Host, t: Task, cpu: int) -> SigFrameFp:
 
 
 def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True,
-                     sm_sets_tif_sme: bool = True) -> Host:
+                     sm_sets_tif_sme: bool = True, za_allocs_sve: bool = True) -> Host:
     """rt_sigreturn through current's innermost frame: el0_svc's fpsimd_syscall_enter(),
     `restore_sigframe_fp_state`, then the syscall's exit to user mode, which loads the
     restored state (fpsimd_restore_current_state(): TIF_FOREIGN_FPSTATE is set).
-    ``early_flush`` and ``sm_sets_tif_sme`` False are rejected designs (see
-    `restore_sigframe_fp_state`)."""
+    ``early_flush``, ``sm_sets_tif_sme`` and ``za_allocs_sve`` False are rejected designs
+    (see `restore_sigframe_fp_state`)."""
     t = fpsimd.current_task(host, cpu)
     if not t.sigframes:
         raise IllegalEvent("signal", "no frame", "rt_sigreturn",
@@ -488,14 +488,16 @@ def sys_rt_sigreturn(host: Host, cpu: int, early_flush: bool = True,
     frame = t.sigframes[-1]
     host = entry_common.syscall_enter(host, cpu)
     host = host.update_task(host.task(t.name), sigframes=t.sigframes[:-1])
-    host = restore_sigframe_fp_state(host, cpu, frame, early_flush, sm_sets_tif_sme)
+    host = restore_sigframe_fp_state(host, cpu, frame, early_flush, sm_sets_tif_sme,
+                                     za_allocs_sve)
     if host.task(t.name).killed:
         return host
     return entry_common.syscall_exit(host, cpu)
 
 
 def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
-                              early_flush: bool = True, sm_sets_tif_sme: bool = True) -> Host:
+                              early_flush: bool = True, sm_sets_tif_sme: bool = True,
+                              za_allocs_sve: bool = True) -> Host:
     """restore_sigframe(), FP part, on current's thread_struct: first
     fpsimd_save_and_flush_current_state() -- the registers stop being current's, so what
     the restore_*_context() functions write to memory is what the return to user loads --
@@ -504,8 +506,8 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
     TIF_SVE, fp_type SVE, V merged by fpsimd_update_current_state())
     or restore_fpsimd_context() (TIF_SVE and SVCR.SM clear, fp_type FPSIMD), then
     restore_tpidr2_context() (into the register itself), restore_fpmr_context(),
-    restore_za_context() (a header only turns ZA off; a payload: sme_alloc(), ZA, TIF_SME,
-    SVCR.ZA) and restore_zt_context().  A frame whose VLs are not
+    restore_za_context() (a header only turns ZA off; a payload: sve_alloc() without
+    zeroing, sme_alloc(), ZA, TIF_SME, SVCR.ZA) and restore_zt_context().  A frame whose VLs are not
     the task's is refused (-EINVAL: badframe, SIGSEGV).  The context's expected values become
     the frame's (Z's upper bits, P and FFR read as zero after an FPSIMD-only restore).
 
@@ -518,7 +520,14 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
     thread that never used SME itself -- a child forked in a signal handler returning
     through its parent's frame, a task CRIU restores -- then has task_fpsimd_load() leave
     SMCR_EL1.LEN as the last SME user of the CPU left it and load its streaming registers
-    at that VL; the next save finds the VL wrong and kills it (SIGKILL)."""
+    at that VL; the next save finds the VL wrong and kills it (SIGKILL).
+
+    ``za_allocs_sve`` False is v6.17 before the stable fix ea8ccfddbce0 ("arm64/fpsimd:
+    signal: Allocate SSVE storage when restoring ZA", Jan 2026): restore_za_context() sets
+    TIF_SME, so the thread may enter streaming mode without a trap, but allocates no
+    sve_state -- a thread that never used SVE or SME itself (a forked child returning
+    through its parent's frame) then saves its streaming registers through a NULL
+    sve_state."""
     caps = host.caps
     if early_flush:
         host = fpsimd.fpsimd_save_and_flush_current_state(host, cpu)
@@ -532,6 +541,8 @@ def restore_sigframe_fp_state(host: Host, cpu: int, frame: SigFrameFp,
             host = fpsimd.sme_alloc(host, t.name, False)
         host = fpsimd.sve_alloc(host, t.name, True)
     if caps.sme and frame.za_on:
+        if za_allocs_sve:  # storage for streaming mode, which TIF_SME lets it enter
+            host = fpsimd.sve_alloc(host, t.name, False)
         host = fpsimd.sme_alloc(host, t.name, True)
     st = host.store(t.store)
     svcr = st.svcr & ~SVCR_SM

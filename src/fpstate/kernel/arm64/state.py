@@ -201,6 +201,9 @@ class Task:
     #: Bytes task_fpsimd_load() read past the end of sve_state (a load at a live VL larger
     #: than the one it is allocated for).
     overread: int = 0
+    #: Bytes fpsimd_save_user_state() wrote past the end of sve_state (streaming or SVE
+    #: registers saved where too little, or nothing -- a NULL sve_state -- is allocated).
+    overwrite: int = 0
 
     @property
     def store(self) -> str:

@@ -225,6 +225,10 @@ def host_state_in_own_storage(world: KvmWorld) -> list[str]:
            for t in world.host.tasks.values() if t.clobbered]
     out += [f"{t.name}: task_fpsimd_load() read {t.overread} bytes past sve_state"
             for t in world.host.tasks.values() if t.overread]
+    out += [f"{t.name}: fpsimd_save_user_state() wrote {t.overwrite} bytes past sve_state"
+            + (" (none allocated: through a NULL pointer)" if not world.host.store(
+                t.store).sve_size else "")
+            for t in world.host.tasks.values() if t.overwrite]
     return out
 
 
