@@ -103,7 +103,7 @@ VARIANTS: tuple[Variant, ...] = (
             "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "
             "copy of its registers lost meanwhile) returns to user with them zeroed",
             "no-lost-write", needs=("SVE",)),
-    Variant("exec-keeps-fpmr", "arm64", "v6.9-v6.14 (fixed: a90878f297d3)",
+    Variant("exec-keeps-fpmr", "arm64", "from FPMR support (v6.9) to a90878f297d3 (2025)",
             "execve() resets every FP register but FPMR: the new program starts with the FP8 "
             "mode the old one last saved", "no-lost-write", needs=("FPMR",)),
     Variant("vl-change-stale-sve", "arm64", "v6.7-v6.15 (fixed: 49ce484187f7)",

@@ -118,7 +118,7 @@ def _flush_thread(host: Host, name: str, keep_fpmr: bool = False) -> Host:
     sme_state, reset the VLs to vl_onexec or the default, SVCR=0, FPMR=0, fp_type=FPSIMD.
 
     ``keep_fpmr`` is the rejected design before a90878f297d3 ("arm64/fpsimd: Reset FPMR upon
-    exec()", v6.15): uw.fpmr left as the old program's last save put it, which the new
+    exec()", April 2025): uw.fpmr left as the old program's last save put it, which the new
     program's first return to user loads."""
     old_fpmr = host.store(host.task(name).store).fpmr if keep_fpmr else ZERO
     t = fpsimd_flush_task_state(host, name).task(name)

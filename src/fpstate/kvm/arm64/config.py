@@ -32,7 +32,7 @@ design choices:
 * ``sve-set-zeroes-tracer``: sve_set_common() from v6.16 (316283f276eb) until the fix
   5cbb61bf4168: its "always zero V regs, FPSR, and FPCR" memset is of current's -- the
   tracer's -- uw.fpsimd_state, not the tracee's.
-* ``exec-keeps-fpmr``: fpsimd_flush_thread() before a90878f297d3 (v6.15): exec leaves
+* ``exec-keeps-fpmr``: fpsimd_flush_thread() before a90878f297d3 (April 2025): exec leaves
   uw.fpmr as the old program's last save put it.
 * ``vl-change-stale-sve``: vec_set_vector_length() before 49ce484187f7 (v6.16): V taken from
   sve_state whenever TIF_SVE is set, although a save in a syscall stores FPSIMD format.
@@ -77,7 +77,7 @@ VARIANTS: dict[str, str] = {
                          "fpsimd_flush_task_state(target)",
     SVE_SET_ZEROES_TRACER: "host kernel v6.16-v6.18 before 5cbb61bf4168: NT_ARM_(S)SVE "
                            "writes zero the tracer's saved V0-V31/FPSR/FPCR",
-    EXEC_KEEPS_FPMR: "host kernel before a90878f297d3 (v6.15): exec does not reset FPMR",
+    EXEC_KEEPS_FPMR: "host kernel before a90878f297d3 (2025): exec does not reset FPMR",
     VL_CHANGE_STALE_SVE: "host kernel v6.7-v6.15 before 49ce484187f7: a VL change takes V "
                          "from a stale sve_state when TIF_SVE is set",
 }
