@@ -27,6 +27,7 @@ Theory of operation
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fpstate.arm64.regs import (
@@ -613,7 +614,8 @@ def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
     return host, {V: tok, ZHI: tok, P: tok, FPSR: tok}
 
 
-def ptrace_syscall(host: Host, cpu: int, op: object, *, sleeps: bool = False) -> Host:
+def ptrace_syscall(host: Host, cpu: int, op: Callable[[Host], Host], *,
+                   sleeps: bool = False) -> Host:
     """The tracer's ptrace() system call around ``op(host)`` (a get or set above): syscall
     entry, then with ``sleeps`` a sleep before the regset access -- wait_task_inactive()
     or a page fault on the iovec -- during which its CPU idles in a state that loses FP
@@ -625,7 +627,7 @@ def ptrace_syscall(host: Host, cpu: int, op: object, *, sleeps: bool = False) ->
         host = fpsimd.schedule(host, cpu, None)
         host = fpsimd.fpsimd_save_and_flush_cpu_state(host, cpu)
         host = fpsimd.schedule(host, cpu, tracer)
-    host = op(host)  # type: ignore[operator]
+    host = op(host)
     obs = host.obs
     host = entry_common.syscall_exit(host, cpu)
     return host.observe(*obs) if obs else host
