@@ -13,7 +13,7 @@ from fpstate.kvm.arm64.handle_exit import guest_op
 
 def test_registry():
     names = [i.name for i in inv.INVARIANTS]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names)) == 12
     for i in inv.INVARIANTS:
         assert i.quote and i.source and callable(i.check), i.name
 
@@ -56,6 +56,14 @@ def broken(kvm, name):
     if name == "host_state_in_own_storage":
         t = w.vmm_task()
         return w.with_host(w.host.with_task(replace(t, clobbered=frozenset({"fp_type"}))))
+    if name == "host_never_warns":  # task_fpsimd_load() of SVE-format state, TIF_SVE clear
+        from fpstate.kernel.arm64 import fpsimd
+        t = replace(w.vmm_task(), tif_sve=False)
+        st = replace(w.host.store(t.store), fp_type="FP_STATE_SVE", sve_vl=t.sve_vl,
+                     sve_size=fpsimd.sve_state_size(t.sve_vl, t.sme_vl))
+        host = w.host.with_task(t).with_store(t.store, st)
+        cpu = next(c.idx for c in host.cpus if c.current == t.name)
+        return w.with_host(fpsimd.task_fpsimd_load(host, cpu))
     if name == "id_regs_frozen_after_run":
         w = kvm.leave(c)(kvm.run(c)(w))
         vm = w.vm("vm0")

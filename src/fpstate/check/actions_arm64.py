@@ -58,6 +58,7 @@ from fpstate.kvm.arm64.config import (
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
     SIGRETURN_SM_WITHOUT_TIF_SME,
+    SVE_SET_WITHOUT_TIF_SVE,
     SVE_SET_ZEROES_TRACER,
     UPSTREAM,
     VL_CHANGE_STALE_SVE,
@@ -405,7 +406,8 @@ class Arm64World(World):
         zero_tracer = self.variant == SVE_SET_ZEROES_TRACER
         self.kw = self.kw.with_host(host_ptrace.ptrace_syscall(
             self.kw.host, nr, lambda h: host_ptrace.ptrace_setregset(
-                h, nr, tracee, note, flush=flush, zero_tracer=zero_tracer), sleeps=sleeps))
+                h, nr, tracee, note, flush=flush, zero_tracer=zero_tracer,
+                tif_sve_with_sme_only=self.variant == SVE_SET_WITHOUT_TIF_SVE), sleeps=sleeps))
         return {}
 
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:

@@ -29,6 +29,7 @@ ARM64_RULES: dict[str, str] = {
     "no_streaming_or_za_in_guest": "no-foreign-value",
     "no_context_observes_another": "no-foreign-value",
     "context_reads_own_latest": "no-lost-write",
+    "host_never_warns": "kernel-warn",
 }
 
 

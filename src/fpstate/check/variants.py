@@ -103,6 +103,10 @@ VARIANTS: tuple[Variant, ...] = (
             "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "
             "copy of its registers lost meanwhile) returns to user with them zeroed",
             "no-lost-write", needs=("SVE",)),
+    Variant("sve-set-without-tif-sve", "arm64", "v6.16-v6.18 (fixed: 128a7494a9f1)",
+            "on a CPU with SVE but no SME, PTRACE_SETREGSET(NT_ARM_SVE) stores SVE-format state "
+            "without setting TIF_SVE: the tracee's next load WARNs (syzbot's report)",
+            "kernel-warn", config={"cpu": "neoverse-v1"}, needs=("SVE",)),
     Variant("exec-keeps-fpmr", "arm64", "from FPMR support (v6.9) to a90878f297d3 (2025)",
             "execve() resets every FP register but FPMR: the new program starts with the FP8 "
             "mode the old one last saved", "no-lost-write", needs=("FPMR",)),

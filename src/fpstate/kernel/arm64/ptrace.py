@@ -518,7 +518,7 @@ def ptrace_getregset(host: Host, cpu: int, name: str, note: int) -> Host:
 
 
 def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool = True,
-                     zero_tracer: bool = False) -> Host:
+                     zero_tracer: bool = False, tif_sve_with_sme_only: bool = False) -> Host:
     """PTRACE_SETREGSET(``note``) of the stopped task ``name`` by current on ``cpu``, with
     the data GETREGSET gave and every register in it changed to a new value: fpr_set(),
     sve_set_common() (SVE format at the current VL, flags as read), za_set() and zt_set()
@@ -529,7 +529,10 @@ def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool 
     without fpsimd_flush_task_state()); ``zero_tracer`` is sve_set_common() from v6.16 until
     5cbb61bf4168 ("arm64/fpsimd: ptrace: zero targets fpsimd_state, not the tracers"), which
     zeroed ``current->thread.uw.fpsimd_state`` -- the tracer's V0-V31, FPSR and FPCR in
-    memory -- instead of the tracee's."""
+    memory -- instead of the tracee's; ``tif_sve_with_sme_only`` is sve_set_common() from
+    9f8bf718f292 (v6.16) until 128a7494a9f1 ("arm64/fpsimd: ptrace: Fix SVE writes on !SME
+    systems", Jan 2026), which set TIF_SVE (and SVCR.SM) only on a system with SME: on one
+    without, SVE-format state without TIF_SVE, which the next load WARNs about."""
     _tracee(host, cpu, name)
     caps = host.caps
     if note not in host_regsets(caps):
@@ -546,7 +549,8 @@ def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool 
             expect.update({ZHI: ZERO, P: ZERO})
         host = host.with_store(t.store, st)
     elif note in (NT_ARM_SVE, NT_ARM_SSVE):
-        host, expect = _sve_set_common(host, cpu, name, note, tok, zero_tracer)
+        host, expect = _sve_set_common(host, cpu, name, note, tok, zero_tracer,
+                                       tif_sve_with_sme_only)
     elif note in (NT_ARM_ZA, NT_ARM_ZT):
         if note == NT_ARM_ZA:
             host = _same_vl(host, name, ARM64_VEC_SME)
@@ -582,7 +586,8 @@ def _same_vl(host: Host, name: str, kind: str) -> Host:
 
 
 def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
-                    zero_tracer: bool) -> tuple[Host, dict[str, Tok]]:
+                    zero_tracer: bool, tif_sve_with_sme_only: bool = False
+                    ) -> tuple[Host, dict[str, Tok]]:
     """sve_set_common() with SVE_PT_REGS_SVE data at the current VL: the VL (the same: the
     on-exec VL and INHERIT as vec_set_vector_length() leaves them for the flags read), for
     NT_ARM_SSVE sme_alloc() keeping ZA/ZT0, sve_alloc(target, true), SVCR.SM and TIF_SVE or
@@ -597,10 +602,9 @@ def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
     host = fpsimd.sve_alloc(host, name, True)
     st = host.store(t.store)
     svcr = st.svcr
-    if host.caps.sme:
+    if host.caps.sme or not tif_sve_with_sme_only:  # enter or leave streaming mode
         svcr = svcr | SVCR_SM if kind == ARM64_VEC_SME else svcr & ~SVCR_SM
         t = replace(t, **({"tif_sve": True} if kind == ARM64_VEC_SVE else {"tif_sme": True}))
-    # Without SME, TIF_SVE stays as it was: task_fpsimd_load() sets it from fp_type.
     zeroed = {"vregs": ZERO, "fpsr": ZERO}  # memset(&target->thread.uw.fpsimd_state)
     if zero_tracer:  # memset(&current->...): the tracee's are left as they were
         tracer = fpsimd.current_task(host, cpu)

@@ -204,6 +204,9 @@ class Task:
     #: Bytes fpsimd_save_user_state() wrote past the end of sve_state (streaming or SVE
     #: registers saved where too little, or nothing -- a NULL sve_state -- is allocated).
     overwrite: int = 0
+    #: The first WARN the kernel gave for this task (where, what): a state its code holds
+    #: impossible, reached anyway.
+    warned: str = ""
 
     @property
     def store(self) -> str:

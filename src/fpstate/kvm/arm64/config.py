@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Eight more are the host kernel's, not KVM's, and live here because they are the same world's
+Nine more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -32,6 +32,8 @@ design choices:
 * ``sve-set-zeroes-tracer``: sve_set_common() from v6.16 (316283f276eb) until the fix
   5cbb61bf4168: its "always zero V regs, FPSR, and FPCR" memset is of current's -- the
   tracer's -- uw.fpsimd_state, not the tracee's.
+* ``sve-set-without-tif-sve``: sve_set_common() from 9f8bf718f292 (v6.16) until the fix
+  128a7494a9f1: on a system without SME, an SVE-format write leaves TIF_SVE clear.
 * ``exec-keeps-fpmr``: fpsimd_flush_thread() before a90878f297d3 (April 2025): exec leaves
   uw.fpmr as the old program's last save put it.
 * ``vl-change-stale-sve``: vec_set_vector_length() before 49ce484187f7 (v6.16): V taken from
@@ -56,6 +58,7 @@ SIGRETURN_SM_WITHOUT_TIF_SME = "sigreturn-sm-without-tif-sme"
 PTRACE_SET_NO_FLUSH = "ptrace-set-no-flush"
 SVE_SET_ZEROES_TRACER = "sve-set-zeroes-tracer"
 EXEC_KEEPS_FPMR = "exec-keeps-fpmr"
+SVE_SET_WITHOUT_TIF_SVE = "sve-set-without-tif-sve"
 VL_CHANGE_STALE_SVE = "vl-change-stale-sve"
 
 VARIANTS: dict[str, str] = {
@@ -77,6 +80,8 @@ VARIANTS: dict[str, str] = {
                          "fpsimd_flush_task_state(target)",
     SVE_SET_ZEROES_TRACER: "host kernel v6.16-v6.18 before 5cbb61bf4168: NT_ARM_(S)SVE "
                            "writes zero the tracer's saved V0-V31/FPSR/FPCR",
+    SVE_SET_WITHOUT_TIF_SVE: "host kernel v6.16-v6.18 before 128a7494a9f1: NT_ARM_SVE "
+                             "writes set TIF_SVE only with SME",
     EXEC_KEEPS_FPMR: "host kernel before a90878f297d3 (2025): exec does not reset FPMR",
     VL_CHANGE_STALE_SVE: "host kernel v6.7-v6.15 before 49ce484187f7: a VL change takes V "
                          "from a stale sve_state when TIF_SVE is set",

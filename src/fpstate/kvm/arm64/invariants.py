@@ -232,6 +232,11 @@ def host_state_in_own_storage(world: KvmWorld) -> list[str]:
     return out
 
 
+def host_never_warns(world: KvmWorld) -> list[str]:
+    """No host task reaches a state the kernel's own WARN_ON()s call impossible."""
+    return [f"{t.name}: {t.warned}" for t in world.host.tasks.values() if t.warned]
+
+
 def id_regs_frozen_after_run(world: KvmWorld) -> list[str]:
     """Once any vCPU has run, the VM's ID registers never change."""
     return [f"VM {vm.name}: ID registers changed after the first KVM_RUN"
@@ -307,6 +312,11 @@ INVARIANTS: tuple[Invariant, ...] = (
               "When the host may use SME, fpsimd_save_and_flush_cpu_state() ensures that "
               "PSTATE.{SM,ZA} == {0,0}.",
               "arch/arm64/kvm/fpsimd.c kvm_arch_vcpu_load_fp()", no_streaming_or_za_in_guest),
+    Invariant("host_never_warns",
+              "an invalid state where (non-streaming) SVE register data is stored in "
+              "FP_STATE_SVE format but TIF_SVE is clear",
+              "arch/arm64/kernel/fpsimd.c task_fpsimd_load() WARN_ON_ONCE(); 128a7494a9f1",
+              host_never_warns),
 )
 
 
