@@ -249,7 +249,6 @@ def fpsimd_save_user_state(host: Host, cpu: int) -> Host:
         past = sve_regs_size(sve_vq_from_vl(vl)) - st.sve_size
         if past > 0:  # sve_save_state() writes through sve_state as it is (NULL: 0 bytes)
             host = host.update_task(t, overwrite=max(t.overwrite, past))
-            st = host.store(last.st)
         save.update(sve_v=regs.v, sve_zhi=regs.zhi, sve_p=regs.p, sve_vl=vl, fpsr=regs.fpsr,
                     fp_type=FP_STATE_SVE)
     else:
