@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fpstate.check import scenario as scn
+from fpstate.check.variants import VARIANTS
 from fpstate.check.world import ScenarioError, StepError
 from fpstate.cli import main
 
@@ -39,6 +40,13 @@ def test_every_seed_has_a_scenario() -> None:
     """One per seed, and seed 002 has one for each of its two rejected designs."""
     assert sorted({p.name[:8] for p in SEEDS}) == [f"seed-00{n}" for n in range(5)]
     assert len([p for p in SEEDS if p.name.startswith("seed-002")]) == 2
+
+
+def test_every_variant_is_shown_by_a_scenario() -> None:
+    """Each rejected design has a scenario that breaks its invariant (the test below runs
+    it), also those the explorer reaches only in some runs (Variant.explorer_finds)."""
+    named = {v for p in WITH_VARIANT for v in scn.load(p).variants}
+    assert sorted(v.name for v in VARIANTS if v.name not in named) == []
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)

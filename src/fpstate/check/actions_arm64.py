@@ -58,6 +58,7 @@ from fpstate.kvm.arm64.config import (
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
     SIGRETURN_SM_WITHOUT_TIF_SME,
+    SIGRETURN_ZA_WITHOUT_SVE_STATE,
     SVE_SET_WITHOUT_TIF_SVE,
     SVE_SET_ZEROES_TRACER,
     UPSTREAM,
@@ -337,7 +338,8 @@ class Arm64World(World):
         nr = self._user_cpu(task)
         host = host_signal.sys_rt_sigreturn(
             self.kw.host, nr, early_flush=self.variant != SIGRETURN_NO_FLUSH,
-            sm_sets_tif_sme=self.variant != SIGRETURN_SM_WITHOUT_TIF_SME)
+            sm_sets_tif_sme=self.variant != SIGRETURN_SM_WITHOUT_TIF_SME,
+            za_allocs_sve=self.variant != SIGRETURN_ZA_WITHOUT_SVE_STATE)
         self.kw = self.kw.with_host(host)
         return {}
 

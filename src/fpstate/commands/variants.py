@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_variants(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": v.name, "model": v.model, "seed": v.seed,
-                           "breaks": v.expect, "description": v.description}
+                           "breaks": v.expect, "description": v.description,
+                           "explorer_finds": v.explorer_finds}
                           for v in VARIANTS], indent=2))
         return 0
     width = max(len(v.name) for v in VARIANTS)

@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Nine more are the host kernel's, not KVM's, and live here because they are the same world's
+Ten more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -38,6 +38,9 @@ design choices:
   uw.fpmr as the old program's last save put it.
 * ``vl-change-stale-sve``: vec_set_vector_length() before 49ce484187f7 (v6.16): V taken from
   sve_state whenever TIF_SVE is set, although a save in a syscall stores FPSIMD format.
+* ``sigreturn-za-without-sve-state``: v6.17's restore_za_context() before the stable fix
+  ea8ccfddbce0: ZA restored and TIF_SME set (SMSTART SM no longer traps) without an
+  sve_state, where the streaming registers are saved.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -60,6 +63,7 @@ SVE_SET_ZEROES_TRACER = "sve-set-zeroes-tracer"
 EXEC_KEEPS_FPMR = "exec-keeps-fpmr"
 SVE_SET_WITHOUT_TIF_SVE = "sve-set-without-tif-sve"
 VL_CHANGE_STALE_SVE = "vl-change-stale-sve"
+SIGRETURN_ZA_WITHOUT_SVE_STATE = "sigreturn-za-without-sve-state"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -85,6 +89,8 @@ VARIANTS: dict[str, str] = {
     EXEC_KEEPS_FPMR: "host kernel before a90878f297d3 (2025): exec does not reset FPMR",
     VL_CHANGE_STALE_SVE: "host kernel v6.7-v6.15 before 49ce484187f7: a VL change takes V "
                          "from a stale sve_state when TIF_SVE is set",
+    SIGRETURN_ZA_WITHOUT_SVE_STATE: "host kernel v6.17 before ea8ccfddbce0: sigreturn "
+                                    "restores ZA and sets TIF_SME without allocating sve_state",
 }
 
 
