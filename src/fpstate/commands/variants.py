@@ -1,6 +1,7 @@
 """``fpstate variants``: the rejected designs the checker can run, one line each.
 
-``fpstate variants [--json]``: name, model, seed, the invariant it breaks, and what it does.
+``fpstate variants [--json]``: name, model, seed, the invariant it breaks, and what it does;
+a variant the explorer reaches only in some runs says so (its scenario shows it).
 """
 
 from __future__ import annotations
@@ -28,5 +29,7 @@ def run_variants(args: argparse.Namespace) -> int:
         return 0
     width = max(len(v.name) for v in VARIANTS)
     for v in VARIANTS:
-        print(f"{v.name:{width}}  {v.model:5}  {v.seed:27}  breaks {v.expect}: {v.description}")
+        rare = "" if v.explorer_finds else " (the explorer reaches it in some runs only)"
+        print(f"{v.name:{width}}  {v.model:5}  {v.seed:27}  breaks {v.expect}: "
+              f"{v.description}{rare}")
     return 0
