@@ -150,6 +150,35 @@ def test_preemptible_kernel_neon_is_context_switched():
     assert seen["V"] == ZERO                    # a never wrote user V
 
 
+@pytest.mark.parametrize("kernel_flush", [True, False])
+def test_switch_in_to_kernel_neon_flushes_the_cpu(kernel_flush):
+    """e92bee9f861b: a task whose user state is still bound to CPU 1 (it last returned to
+    user there) and whose kernel-mode NEON section began on CPU 0 is switched in on CPU 1:
+    fpsimd_flush_cpu_state() there, so that after kernel_neon_end() a switch back to CPU 1
+    does not take the registers -- its kernel values -- for its user state. Without it
+    (v6.8, v6.9) it returns to user with them."""
+    h = running(host(), 1, "a")
+    h = e.user_op(h, 1, "fpsimd_write")
+    mine = written(h)
+    h = e.syscall_enter(h, 1)                     # a blocking syscall: preempted in it
+    h = k.schedule(h, 1, None)
+    assert h.cpus[1].last.st == "thread:a" and h.task("a").fpsimd_cpu == 1
+    h = k.schedule(h, 0, "a", kernel_flush)       # migrates, still in the kernel
+    h = k.kernel_neon_use(k.kernel_neon_begin(h, 0), 0)
+    kvals = h.cpus[0].regs.v
+    h = k.schedule(h, 0, None)                    # preempted inside the NEON section
+    h = k.schedule(h, 1, "a", kernel_flush)       # back where its user state was bound
+    assert h.cpus[1].regs.v == kvals              # fpsimd_load_kernel_state()
+    assert (h.cpus[1].last.st is None) == kernel_flush
+    h = k.kernel_neon_end(h, 1)
+    h = k.schedule(h, 1, None)                    # preempted before returning to user
+    h = k.schedule(h, 1, "a", kernel_flush)
+    assert h.task("a").tif_foreign_fpstate == kernel_flush
+    h, seen = read(e.syscall_exit(h, 1), 1, "fpsimd_read")
+    assert seen["V"] == (mine if kernel_flush else kvals)
+    assert kvals.writer == "kernel:a"
+
+
 def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():
     h = running(host(), 0, "a")
     h = e.syscall_enter(h, 0)
@@ -449,3 +478,38 @@ def test_observation_tokens_name_their_writer():
     h = running(host(), 0, "a")
     h = e.user_op(h, 0, "fpsimd_write")
     assert isinstance(written(h), Tok) and written(h).writer == "a"
+
+
+def test_the_checker_s_system_calls_and_neon_sections_keep_their_rules():
+    """The checker's syscall_enter / neon_begin / neon_end / syscall_exit: each where the
+    kernel can be, a task preempted in its system call resumes there, and no debugger can
+    reach it (it is not in a ptrace stop)."""
+    from fpstate.check.scenario import make_world
+    from fpstate.check.world import Action, StepError
+
+    w = make_world("arm64", {"cpu": "neoverse-n1", "cpus": 2, "tasks": ["gdb"], "vms": {}},
+                   None)
+    A = Action.of
+    with pytest.raises(StepError, match="not inside a system call"):
+        w.step(A("neon_begin", task="vmm"))
+    w.step(A("syscall_enter", task="vmm"))
+    names = {a.name for a in w.enabled() if a.task == "vmm"}
+    assert names == {"neon_begin", "syscall_exit"}
+    w.step(A("neon_begin", task="vmm"))
+    assert {a.name for a in w.enabled() if a.task == "vmm"} == {"neon_end"}
+    with pytest.raises(StepError, match="is in a kernel-mode NEON section"):
+        w.step(A("syscall_exit", task="vmm"))
+    w.step(A("idle", cpu=0))                       # preempted inside the section
+    w.step(A("run", task="gdb", cpu=1))
+    assert not any(a.name.startswith("ptrace") and a.get("tracee") == "vmm"
+                   for a in w.enabled())
+    with pytest.raises(StepError, match="preempted inside a system call"):
+        w.step(A("ptrace_get", task="gdb", tracee="vmm", regset="NT_PRFPREG"))
+    w.step(A("run", task="vmm", cpu=0))
+    t = w.kw.host.task("vmm")
+    assert t.mode == "kernel" and t.in_syscall and t.tif_kernel_fpstate
+    w.step(A("neon_end", task="vmm"))
+    w.step(A("syscall_exit", task="vmm"))
+    assert w.kw.host.task("vmm").mode == "user"
+    r = w.step(A("user_op", task="vmm", op="fpsimd_read"))
+    assert r.violations == () and r.observed["V"] == "arch#0x0"

@@ -53,8 +53,9 @@ ARM64 = [
     ({"omit": ["fork"]}, "config.omit: unknown action 'fork' for model arm64 (known: clone, "
                          "enter_guest, exec, exit_guest, finalize, get_reg, guest_op, "
                          "hide_fpmr, host_softirq_neon, idle, kernel_neon, kvm_run, "
-                         "preempt_vcpu, ptrace_get, ptrace_set, resume_vcpu, return_to_user, "
-                         "run, set_reg, set_vl, signal, sigreturn, syscall, user_op, "
+                         "neon_begin, neon_end, preempt_vcpu, ptrace_get, ptrace_set, "
+                         "resume_vcpu, return_to_user, run, set_reg, set_vl, signal, "
+                         "sigreturn, syscall, syscall_enter, syscall_exit, user_op, "
                          "vcpu_init)"),
 ]
 

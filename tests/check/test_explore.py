@@ -62,7 +62,7 @@ FINDABLE = [v.name for v in vreg.VARIANTS if v.explorer_finds]
 def test_each_variant_is_found_and_shrunk_to_a_minimal_scenario(name: str) -> None:
     v = vreg.get(name)
     job = Job(v.model, {**default_config(v.model), **v.config}, name)
-    res = explore(job, SERIAL, seconds=60.0, seed=0)
+    res = explore(job, SERIAL, mode=v.mode, depth=v.depth, seconds=60.0, seed=0)
     assert res.found is not None, f"{name} not found in {res.transitions} transitions"
     assert v.found_by(res.found.invariants)
     path = shrink(job, res.found.path, res.found.invariant)

@@ -49,11 +49,12 @@ from fpstate.kernel.arm64 import fpsimd as host_fpsimd
 from fpstate.kernel.arm64 import process as host_process
 from fpstate.kernel.arm64 import ptrace as host_ptrace
 from fpstate.kernel.arm64 import signal as host_signal
-from fpstate.kernel.arm64.state import TASK_USER, Host
+from fpstate.kernel.arm64.state import TASK_KERNEL, TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import (
     CLONE_INHERITS_TPIDR2,
     EXEC_KEEPS_FPMR,
+    KERNEL_NEON_ELIDES_RELOAD,
     PTRACE_SET_NO_FLUSH,
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
@@ -98,6 +99,17 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("user_op", f"the task executes an FP instruction at EL0 ({', '.join(USER_OPS)})",
                {"task": _TASK, "op": FieldSpec(str, "the instruction", choices=USER_OPS)}),
     ActionSpec("syscall", "a system call (fpsimd_syscall_enter/exit)", {"task": _TASK}),
+    ActionSpec("syscall_enter", "the task enters a system call that takes a while "
+               "(fpsimd_syscall_enter()) and stays in the kernel: it may be preempted there, "
+               "use kernel-mode NEON, then return (syscall_exit)", {"task": _TASK}),
+    ActionSpec("neon_begin", "the task, running inside its system call, begins a "
+               "kernel-mode NEON section (kernel_neon_begin(): TIF_KERNEL_FPSTATE) and NEON "
+               "code clobbers V and FPSR; preemptible until neon_end", {"task": _TASK}),
+    ActionSpec("neon_end", "kernel_neon_end() of the task's kernel-mode NEON section (the "
+               "task stays in its system call)", {"task": _TASK}),
+    ActionSpec("syscall_exit", "the task, running inside its system call and not in a NEON "
+               "section, returns to user mode (exit_to_user_mode(), fpsimd_syscall_exit())",
+               {"task": _TASK}),
     ActionSpec("kernel_neon", "a softirq on the CPU uses kernel-mode NEON", {"cpu": _CPU}),
     ActionSpec("signal", "a signal interrupts the task in user mode: setup_rt_frame() saves "
                "its FP state to a frame on its stack and enters the handler (SM, ZA off)",
@@ -297,13 +309,21 @@ class Arm64World(World):
     # -- actions: host -----------------------------------------------------------------------
 
     def do_run(self, task: str, cpu: int) -> dict[str, Value]:
+        """Schedule ``task`` in on ``cpu``; it returns to user mode, unless it was preempted
+        inside a system call (syscall_enter), where it resumes."""
         nr = self._cpu(cpu)
         if task not in self.kw.host.tasks:
             raise StepError(f"no host task {task!r}")
-        if self.kw.host.task(task).mode not in ("new", "sleeping"):
-            raise StepError(f"task {task} is not runnable ({self.kw.host.task(task).mode})")
-        host = host_fpsimd.schedule(self._off_cpu(nr), nr, task)
-        self.kw = self.kw.with_host(entry_common.ret_to_user(host, nr))
+        t = self.kw.host.task(task)
+        if t.mode not in ("new", "sleeping"):
+            raise StepError(f"task {task} is not runnable ({t.mode})")
+        if task == self.kw.vmm and any(v.run == VCPU_PREEMPTED for v in self.kw.vcpus.values()):
+            raise StepError(f"{task} was preempted inside KVM_RUN (use resume_vcpu)")
+        host = host_fpsimd.schedule(self._off_cpu(nr), nr, task,
+                                    kernel_flush=self.variant != KERNEL_NEON_ELIDES_RELOAD)
+        if not t.in_syscall:
+            host = entry_common.ret_to_user(host, nr)
+        self.kw = self.kw.with_host(host)
         return {}
 
     def do_idle(self, cpu: int) -> dict[str, Value]:
@@ -322,6 +342,42 @@ class Arm64World(World):
         nr = self._user_cpu(task)
         host = entry_common.syscall_exit(entry_common.syscall_enter(self.kw.host, nr), nr)
         self.kw = self.kw.with_host(host)
+        return {}
+
+    def _syscall_cpu(self, task: str, neon: bool | None = None) -> int:
+        """The CPU of ``task``, which must be there inside a system call it entered with
+        syscall_enter (not the VMM inside KVM_RUN), in a kernel-mode NEON section or not as
+        ``neon`` says (None: either)."""
+        nr = self._task_cpu(task)
+        t = self.kw.host.task(task)
+        if t.mode != TASK_KERNEL or not t.in_syscall:
+            raise StepError(f"task {task} is not inside a system call")
+        if task == self.kw.vmm and any(v.run != VCPU_OUT for v in self.kw.vcpus.values()):
+            raise StepError(f"{task} is inside KVM_RUN")
+        if neon is not None and t.tif_kernel_fpstate != neon:
+            raise StepError(f"task {task} is {'not ' if neon else ''}in a kernel-mode NEON "
+                            "section")
+        return nr
+
+    def do_syscall_enter(self, task: str) -> dict[str, Value]:
+        nr = self._user_cpu(task)
+        self.kw = self.kw.with_host(entry_common.syscall_enter(self.kw.host, nr))
+        return {}
+
+    def do_neon_begin(self, task: str) -> dict[str, Value]:
+        nr = self._syscall_cpu(task, neon=False)
+        host = host_fpsimd.kernel_neon_begin(self.kw.host.clear_obs(), nr)
+        self.kw = self.kw.with_host(host_fpsimd.kernel_neon_use(host, nr))
+        return {}
+
+    def do_neon_end(self, task: str) -> dict[str, Value]:
+        nr = self._syscall_cpu(task, neon=True)
+        self.kw = self.kw.with_host(host_fpsimd.kernel_neon_end(self.kw.host, nr))
+        return {}
+
+    def do_syscall_exit(self, task: str) -> dict[str, Value]:
+        nr = self._syscall_cpu(task, neon=False)
+        self.kw = self.kw.with_host(entry_common.syscall_exit(self.kw.host, nr))
         return {}
 
     def do_signal(self, task: str) -> dict[str, Value]:
@@ -382,6 +438,9 @@ class Arm64World(World):
     def _tracee(self, tracee: str) -> None:
         if tracee not in self.kw.host.tasks:
             raise StepError(f"no host task {tracee!r}")
+        if self.kw.host.task(tracee).in_syscall:
+            raise StepError(f"{tracee} was preempted inside a system call: not in a ptrace "
+                            "stop")
         if tracee == self.kw.vmm and any(v.run != VCPU_OUT for v in self.kw.vcpus.values()):
             raise StepError(f"{tracee} is inside KVM_RUN: a ptrace stop returns from it first")
 
@@ -498,6 +557,8 @@ class Arm64World(World):
     def do_preempt_vcpu(self, vcpu: str, to: str = "idle") -> dict[str, Value]:
         self._vcpu(vcpu)
         nxt = None if to == "idle" else to
+        if nxt is not None and nxt in self.kw.host.tasks and self.kw.host.task(nxt).in_syscall:
+            raise StepError(f"{nxt} was preempted inside a system call (use run)")
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
             nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
@@ -528,12 +589,14 @@ class Arm64World(World):
 
     def enabled(self) -> list[Action]:
         """The enabled actions; they depend only on the tasks there are (a clone adds one),
-        each one's mode, number of signal frames, VLs and fate, each CPU's current task and
+        each one's mode, number of signal frames, VLs, fate, system call and NEON section,
+        each CPU's current task and
         each vCPU's run state and CPU, so they are memoised by those (per initial world:
         clones share the memo, and the names of CPUs and vCPUs never change)."""
         kw = self.kw
         host = kw.host
-        sig = (tuple([(name, t.mode, len(t.sigframes), t.sve_vl, t.sme_vl, t.killed)
+        sig = (tuple([(name, t.mode, len(t.sigframes), t.sve_vl, t.sme_vl, t.killed,
+                       t.in_syscall, t.tif_kernel_fpstate)
                       for name, t in host.tasks.items()]),
                tuple([c.current for c in host.cpus]),
                tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
@@ -549,6 +612,7 @@ class Arm64World(World):
         out: list[Action] = []
         ncpu = len(host.cpus)
         in_run = {v.cpu for v in kw.vcpus.values() if v.run != VCPU_OUT and v.cpu is not None}
+        vmm_in_kvm = any(v.run != VCPU_OUT for v in kw.vcpus.values())
         for name, t in host.tasks.items():
             if t.killed:  # it exits: nothing more of its own
                 continue
@@ -567,7 +631,8 @@ class Arm64World(World):
                     if host.caps.sme2:
                         ops += ["zt0_write", "zt0_read"]
                 out += [A("user_op", task=name, op=op) for op in ops]
-                out += [A("syscall", task=name), A("exec", task=name)]
+                out += [A("syscall", task=name), A("syscall_enter", task=name),
+                        A("exec", task=name)]
                 for kind, cur in (("SVE", t.sve_vl), ("SME", t.sme_vl)):
                     info = host.caps.vl_info(kind)
                     if info is not None:
@@ -580,6 +645,11 @@ class Arm64World(World):
                 if t.sigframes:
                     out.append(A("sigreturn", task=name))
                 out += self._ptrace_actions(name)
+            elif t.mode == TASK_KERNEL and t.in_syscall and not (name == kw.vmm and vmm_in_kvm):
+                if t.tif_kernel_fpstate:
+                    out.append(A("neon_end", task=name))
+                else:
+                    out += [A("neon_begin", task=name), A("syscall_exit", task=name)]
         for c in host.cpus:
             if c.current is not None and c.idx not in in_run:
                 out.append(A("idle", cpu=c.idx))
@@ -595,7 +665,7 @@ class Arm64World(World):
                 out += [A("enter_guest", vcpu=ctx), A("return_to_user", vcpu=ctx),
                         A("host_softirq_neon", vcpu=ctx), A("preempt_vcpu", vcpu=ctx)]
                 out += [A("preempt_vcpu", vcpu=ctx, to=n) for n, t in host.tasks.items()
-                        if t.mode in ("new", "sleeping")]
+                        if t.mode in ("new", "sleeping") and not t.in_syscall]
             elif v.run == VCPU_IN_GUEST:
                 out += [A("guest_op", vcpu=ctx, op=op) for op in self.GUEST_EXPLORE]
                 out.append(A("exit_guest", vcpu=ctx))
@@ -614,7 +684,7 @@ class Arm64World(World):
         out: list[Action] = []
         for name, t in kw.host.tasks.items():
             if (name == tracer or t.killed or t.mode not in host_ptrace.TRACEE_MODES
-                    or (name == kw.vmm and in_run)):
+                    or t.in_syscall or (name == kw.vmm and in_run)):
                 continue
             for note in notes:
                 rs = host_ptrace.NOTE_NAMES[note]

@@ -33,6 +33,10 @@ class Variant:
     #: whether the explorer finds it reliably within a minute from ``config`` (False: its
     #: scenario shows it; the walks reach it in some runs only, the rate said where it is set)
     explorer_finds: bool = True
+    #: the explorer's mode for it (``random``, or ``exhaustive`` to ``depth`` actions: a long
+    #: counterexample in a small world, which breadth-first search reaches and walks do not)
+    mode: str = "random"
+    depth: int = 6
 
     def found_by(self, invariants: tuple[str, ...] | list[str]) -> bool:
         """Whether a violation of ``invariants`` (those broken at one step) shows this
@@ -41,14 +45,24 @@ class Variant:
 
 
 #: The explorer's world for the arm64 sigreturn fixes a forked child shows: one host task (the
-#: VMM's, without a VM) that forks, takes signals and uses SME, with neither exec nor ptrace.
+#: VMM's, without a VM) that forks, takes signals and uses SME, with neither exec, ptrace nor
+#: preemptible system calls.
 FORK_IN_HANDLER: Mapping[str, object] = {"vms": {}, "tasks": [],
-                                          "omit": ["exec", "ptrace_get", "ptrace_set"]}
+                                          "omit": ["exec", "ptrace_get", "ptrace_set",
+                                                   "syscall_enter"]}
+#: The explorer's world for preemptible kernel-mode NEON in task context: one task on two
+#: CPUs with only FPSIMD (neoverse-n1), system calls it is preempted in, NEON sections, and
+#: its own reads and writes -- searched breadth-first (the counterexample is 11 steps long).
+NEON_PREEMPTION: Mapping[str, object] = {
+    "cpu": "neoverse-n1", "vms": {}, "tasks": [],
+    "omit": ["exec", "ptrace_get", "ptrace_set", "clone", "signal", "sigreturn", "set_vl",
+             "syscall", "kernel_neon"]}
 #: The same with only what a fork in a handler and the child's return need: no VL changes,
 #: other syscalls, kernel-mode NEON or idling CPUs.
 FORK_IN_HANDLER_NARROW: Mapping[str, object] = {
     "vms": {}, "tasks": [],
-    "omit": ["exec", "ptrace_get", "ptrace_set", "set_vl", "syscall", "kernel_neon", "idle"]}
+    "omit": ["exec", "ptrace_get", "ptrace_set", "set_vl", "syscall", "kernel_neon", "idle",
+             "syscall_enter"]}
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("kvm-save-min-size", "x86", "seed 000",
@@ -108,6 +122,13 @@ VARIANTS: tuple[Variant, ...] = (
             # taken with ZA on and SM off: found within 60 s on one core in 3 of 6 seeds
             # (9.7, 40.2 and 59.2 s) even in this narrowed world, so no test waits for it.
             config=FORK_IN_HANDLER_NARROW, needs=("SME",), explorer_finds=False),
+    Variant("kernel-neon-elides-reload", "arm64", "v6.8-v6.9 (fixed: e92bee9f861b)",
+            "a thread switched in inside a kernel-mode NEON section gets its kernel registers "
+            "loaded but the CPU still names its user state as loaded: switched back there "
+            "after the section, it returns to user with its kernel NEON values",
+            "no-foreign-value", config=NEON_PREEMPTION, mode="exhaustive", depth=12,
+            # the read after the return to user is where it shows
+            also=("no-lost-write",)),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "

@@ -159,7 +159,7 @@ def check_variants(ex: executors.Executor, budget: float, out: Path, host_cpu: s
         job = Job(v.model, cfg, name)
         t0 = time.perf_counter()
         try:
-            res = explore(job, ex, mode="random", seconds=budget, seed=0)
+            res = explore(job, ex, mode=v.mode, seconds=budget, seed=0, depth=v.depth)
         except Exception as e:  # a model crash is a failed row
             rows.append(Row("variant", name, cpu, f"finds {v.expect}",
                             f"model error: {type(e).__name__}: {e}", False,

@@ -6,7 +6,9 @@
 processes of 2 threads, 1 VM with 1 vCPU, Sapphire Rapids; arm64: the FVP profile with FPMR, a
 VMM and one other task, 1 VM with 1 vCPU) using every core. ``--config`` merges configuration
 keys of the model's scenarios over it (a YAML mapping, inline or in a file: ``--config
-'{compat: [p0]}'`` makes p0 a 32-bit program). On a violation it shrinks the path to one from
+'{compat: [p0]}'`` makes p0 a 32-bit program); ``--variant`` also takes the variant's
+configuration, mode and depth (fpstate variants --json), which the options override. On a
+violation it shrinks the path to one from
 which no step can be removed, writes it as a scenario (``--out``, default
 ``counterexample-<design>-<invariant>.yaml``), prints its trace and exits 1. Otherwise it prints
 the coverage (states, transitions, per-action counts) and exits 0.
@@ -51,9 +53,11 @@ def add_explore_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=positive_seconds, default=10.0,
                    help="time budget (default 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--mode", choices=("random", "exhaustive"), default="random")
-    p.add_argument("--depth", type=positive_int, default=6,
-                   help="exhaustive mode: maximum actions")
+    p.add_argument("--mode", choices=("random", "exhaustive"),
+                   help="random walks or breadth-first search (default: the variant's, else "
+                   "random)")
+    p.add_argument("--depth", type=positive_int,
+                   help="exhaustive mode: maximum actions (default: the variant's, else 6)")
     p.add_argument("--workers", type=positive_int, help="processes (default: every core)")
     p.add_argument("--out", metavar="FILE", help="where to write the counterexample scenario")
     p.add_argument("--plot", metavar="FILE", help="draw the counterexample's timeline")
@@ -133,10 +137,12 @@ def report_violation(job: Job, res: Result, out: str | None, plot: str | None,
 def run_explore(args: argparse.Namespace) -> int:
     job = job_for(args.model, args.variant, args.cpu, config_overrides(args.config))
     scn.make_world(job.model, job.config, job.variant)  # bad configuration: one line, exit 2
+    v = vreg.get(args.variant) if args.variant else None
+    mode = args.mode or (v.mode if v else "random")
+    depth = args.depth or (v.depth if v else 6)
     ex = executors.local(args.workers)
     try:
-        res = explore(job, ex, mode=args.mode, seconds=args.seconds, seed=args.seed,
-                      depth=args.depth)
+        res = explore(job, ex, mode=mode, seconds=args.seconds, seed=args.seed, depth=depth)
     finally:
         ex.close()
     violations = []

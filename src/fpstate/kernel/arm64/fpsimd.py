@@ -386,14 +386,20 @@ def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
     return host.update_task(t, tif_kernel_fpstate=False)
 
 
+def kernel_neon_use(host: Host, cpu: int, softirq: bool = False) -> Host:
+    """NEON code between kernel_neon_begin() and kernel_neon_end() clobbers V and FPSR with
+    values of its own (writer ``kernel:<task>``, or ``softirq:<cpu>``)."""
+    writer = f"softirq:{cpu}" if softirq else f"kernel:{current_task(host, cpu).name}"
+    tok = host.next_token(writer)
+    return host.write(cpu, replace(host.cpus[cpu].regs, v=tok, zhi=ZERO, fpsr=tok))
+
+
 def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
     """kernel_neon_begin(); NEON code clobbers V/FPSR; kernel_neon_end().  A softirq taken
     from user mode returns through ret_to_user, which reloads the task's state."""
     t = current_task(host, cpu)
     host = kernel_neon_begin(host.clear_obs(), cpu, softirq)
-    writer = f"softirq:{cpu}" if softirq else f"kernel:{t.name}"
-    tok = host.next_token(writer)
-    host = host.write(cpu, replace(host.cpus[cpu].regs, v=tok, zhi=ZERO, fpsr=tok))
+    host = kernel_neon_use(host, cpu, softirq)
     host = kernel_neon_end(host, cpu, softirq)
     if softirq and host.task(t.name).mode == TASK_USER:
         host = fpsimd_restore_current_state(host, cpu)
@@ -401,9 +407,20 @@ def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
 
 
 # --- scheduling, syscalls, interrupts -------------------------------------------------------
-def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None) -> Host:
+def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None,
+                         kernel_flush: bool = True) -> Host:
     """fpsimd_thread_switch(): save prev (kernel or user state), then decide next's
-    TIF_FOREIGN_FPSTATE from fpsimd_last_state and next's fpsimd_cpu."""
+    TIF_FOREIGN_FPSTATE from fpsimd_last_state and next's fpsimd_cpu -- or, for a next
+    inside a kernel-mode NEON section (TIF_KERNEL_FPSTATE), fpsimd_flush_cpu_state() and
+    fpsimd_load_kernel_state(): the CPU no longer holds anyone's user state, so once the
+    section ends, a switch back to this CPU reloads the user state.
+
+    ``kernel_flush`` False is the code from aefbab8e77eb (v6.8) until e92bee9f861b
+    ("arm64/fpsimd: Avoid erroneous elide of user state reload", v6.10): the kernel state
+    loaded and next's TIF_FOREIGN_FPSTATE set, but fpsimd_last_state left as it was -- if
+    it still names next's user state from an earlier return to user on this CPU, a switch
+    back after kernel_neon_end() clears TIF_FOREIGN_FPSTATE and next returns to user with
+    its kernel-mode NEON values (data corruption in dm-crypt on Apple M1)."""
     if not host.caps.fpsimd:
         return host
     prev = host.current(cpu)
@@ -416,6 +433,9 @@ def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None) -> Host:
         return host
     n = host.task(nxt)
     if n.tif_kernel_fpstate:
+        if not kernel_flush:  # before e92bee9f861b
+            host = fpsimd_load_kernel_state(host, cpu, nxt)
+            return host.update_task(host.task(nxt), tif_foreign_fpstate=True)
         host = fpsimd_flush_cpu_state(host, cpu)
         return fpsimd_load_kernel_state(host, cpu, nxt)
     wrong_task = host.cpus[cpu].last.st != n.store
@@ -423,8 +443,9 @@ def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None) -> Host:
     return host.update_task(n, tif_foreign_fpstate=wrong_task or wrong_cpu)
 
 
-def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
-    """__schedule(): prev (in the kernel) sleeps, ``nxt`` (or idle) runs on ``cpu``."""
+def schedule(host: Host, cpu: int, nxt: str | None, kernel_flush: bool = True) -> Host:
+    """__schedule(): prev (in the kernel) sleeps, ``nxt`` (or idle) runs on ``cpu``
+    (``kernel_flush``: see `fpsimd_thread_switch`)."""
     host = host.clear_obs()
     prev = host.current(cpu)
     if nxt is not None:
@@ -433,7 +454,7 @@ def schedule(host: Host, cpu: int, nxt: str | None) -> Host:
             raise IllegalEvent("task", n.mode, "schedule_in", f"{nxt} is already running")
     if prev is not None:
         host = task_event(host, prev, "schedule_out")
-    host = fpsimd_thread_switch(host, cpu, nxt)
+    host = fpsimd_thread_switch(host, cpu, nxt, kernel_flush)
     host = process.tls_thread_switch(host, cpu, nxt)  # __switch_to(): FP, then TLS
     host = host.update_cpu(cpu, current=nxt)
     if nxt is not None:

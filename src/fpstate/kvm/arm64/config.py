@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Ten more are the host kernel's, not KVM's, and live here because they are the same world's
+Eleven more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -41,6 +41,10 @@ design choices:
 * ``sigreturn-za-without-sve-state``: v6.17's restore_za_context() before the stable fix
   ea8ccfddbce0: ZA restored and TIF_SME set (SMSTART SM no longer traps) without an
   sve_state, where the streaming registers are saved.
+* ``kernel-neon-elides-reload``: fpsimd_thread_switch() from aefbab8e77eb (v6.8,
+  preemptible kernel-mode NEON) until e92bee9f861b (v6.10): a task switched in inside a
+  kernel-mode NEON section gets its kernel state loaded without fpsimd_flush_cpu_state(), so
+  a CPU may still name its user state as loaded when the registers hold its NEON values.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -64,6 +68,7 @@ EXEC_KEEPS_FPMR = "exec-keeps-fpmr"
 SVE_SET_WITHOUT_TIF_SVE = "sve-set-without-tif-sve"
 VL_CHANGE_STALE_SVE = "vl-change-stale-sve"
 SIGRETURN_ZA_WITHOUT_SVE_STATE = "sigreturn-za-without-sve-state"
+KERNEL_NEON_ELIDES_RELOAD = "kernel-neon-elides-reload"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -91,6 +96,8 @@ VARIANTS: dict[str, str] = {
                          "from a stale sve_state when TIF_SVE is set",
     SIGRETURN_ZA_WITHOUT_SVE_STATE: "host kernel v6.17 before ea8ccfddbce0: sigreturn "
                                     "restores ZA and sets TIF_SME without allocating sve_state",
+    KERNEL_NEON_ELIDES_RELOAD: "host kernel v6.8-v6.9 before e92bee9f861b: switching in a "
+                               "task in kernel-mode NEON leaves fpsimd_last_state as it was",
 }
 
 
