@@ -513,3 +513,27 @@ def test_the_checker_s_system_calls_and_neon_sections_keep_their_rules():
     assert w.kw.host.task("vmm").mode == "user"
     r = w.step(A("user_op", task="vmm", op="fpsimd_read"))
     assert r.violations == () and r.observed["V"] == "arch#0x0"
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_a_neon_section_reads_back_its_registers_after_preemption(loaded, monkeypatch):
+    """neon_end's reads (kernel_neon_read) are checked like any context's: with the kernel
+    state saved and loaded at the switches the section gets its values back after another
+    task used the CPU; with the load at switch-in dropped (fpsimd_load_kernel_state()), the
+    checker says the section read another context's value."""
+    from fpstate.check.scenario import make_world
+    from fpstate.check.world import Action
+
+    if not loaded:
+        monkeypatch.setattr(k, "fpsimd_load_kernel_state", lambda host, cpu, name: host)
+    w = make_world("arm64", {"cpu": "neoverse-n1", "cpus": 1, "tasks": ["b"], "vms": {}},
+                   None)
+    A = Action.of
+    for a in (A("syscall_enter", task="vmm"), A("neon_begin", task="vmm"),
+              A("run", task="b", cpu=0), A("user_op", task="b", op="fpsimd_write"),
+              A("run", task="vmm", cpu=0)):
+        assert w.step(a).violations == ()
+    r = w.step(A("neon_end", task="vmm"))
+    assert r.observed["V"].startswith("kernel:vmm#" if loaded else "b#")
+    names = {v.invariant for v in r.violations}
+    assert names == (set() if loaded else {"no-lost-write", "no-foreign-value"})

@@ -371,9 +371,12 @@ class Arm64World(World):
         return {}
 
     def do_neon_end(self, task: str) -> dict[str, Value]:
+        """The section reads its registers back (kernel_neon_read: what it wrote, checked as
+        any context's reads are), then kernel_neon_end()."""
         nr = self._syscall_cpu(task, neon=True)
-        self.kw = self.kw.with_host(host_fpsimd.kernel_neon_end(self.kw.host, nr))
-        return {}
+        host = host_fpsimd.kernel_neon_read(self.kw.host, nr)
+        self.kw = self.kw.with_host(host_fpsimd.kernel_neon_end(host, nr))
+        return self._observed()
 
     def do_syscall_exit(self, task: str) -> dict[str, Value]:
         nr = self._syscall_cpu(task, neon=False)

@@ -68,6 +68,7 @@ from fpstate.kernel.arm64.state import (
     FpStore,
     Host,
     HostCaps,
+    Observation,
     Task,
 )
 
@@ -388,10 +389,25 @@ def kernel_neon_end(host: Host, cpu: int, softirq: bool = False) -> Host:
 
 def kernel_neon_use(host: Host, cpu: int, softirq: bool = False) -> Host:
     """NEON code between kernel_neon_begin() and kernel_neon_end() clobbers V and FPSR with
-    values of its own (writer ``kernel:<task>``, or ``softirq:<cpu>``)."""
+    values of its own (writer ``softirq:<cpu>``, or ``kernel:<task>``: in task context a
+    context of its own, whose values must survive preemption -- `kernel_neon_read`)."""
     writer = f"softirq:{cpu}" if softirq else f"kernel:{current_task(host, cpu).name}"
     tok = host.next_token(writer)
-    return host.write(cpu, replace(host.cpus[cpu].regs, v=tok, zhi=ZERO, fpsr=tok))
+    regs = replace(host.cpus[cpu].regs, v=tok, zhi=ZERO, fpsr=tok)
+    if softirq:
+        return host.write(cpu, regs)
+    return host.write(cpu, regs, writer, {V: tok, FPSR: tok})
+
+
+def kernel_neon_read(host: Host, cpu: int) -> Host:
+    """The task-context NEON code reads V and FPSR before kernel_neon_end(): observations by
+    context ``kernel:<task>``, which must be what it wrote although the task may have been
+    preempted (fpsimd_save_kernel_state() and fpsimd_load_kernel_state() at the switches) or
+    a softirq may have used NEON meanwhile."""
+    ctx = f"kernel:{current_task(host, cpu).name}"
+    regs = host.cpus[cpu].regs
+    return host.observe(Observation(ctx, V, "FP", "read", regs.v),
+                        Observation(ctx, FPSR, "FP", "read", regs.fpsr))
 
 
 def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
