@@ -157,26 +157,44 @@ def test_switch_in_to_kernel_neon_flushes_the_cpu(kernel_flush):
     fpsimd_flush_cpu_state() there, so that after kernel_neon_end() a switch back to CPU 1
     does not take the registers -- its kernel values -- for its user state. Without it
     (v6.8, v6.9) it returns to user with them."""
+    switch = k.KERNEL_SWITCH_FLUSH_LOAD if kernel_flush else k.KERNEL_SWITCH_LOAD
     h = running(host(), 1, "a")
     h = e.user_op(h, 1, "fpsimd_write")
     mine = written(h)
     h = e.syscall_enter(h, 1)                     # a blocking syscall: preempted in it
     h = k.schedule(h, 1, None)
     assert h.cpus[1].last.st == "thread:a" and h.task("a").fpsimd_cpu == 1
-    h = k.schedule(h, 0, "a", kernel_flush)       # migrates, still in the kernel
+    h = k.schedule(h, 0, "a", switch)             # migrates, still in the kernel
     h = k.kernel_neon_use(k.kernel_neon_begin(h, 0), 0)
     kvals = h.cpus[0].regs.v
     h = k.schedule(h, 0, None)                    # preempted inside the NEON section
-    h = k.schedule(h, 1, "a", kernel_flush)       # back where its user state was bound
+    h = k.schedule(h, 1, "a", switch)             # back where its user state was bound
     assert h.cpus[1].regs.v == kvals              # fpsimd_load_kernel_state()
     assert (h.cpus[1].last.st is None) == kernel_flush
     h = k.kernel_neon_end(h, 1)
     h = k.schedule(h, 1, None)                    # preempted before returning to user
-    h = k.schedule(h, 1, "a", kernel_flush)
+    h = k.schedule(h, 1, "a", switch)
     assert h.task("a").tif_foreign_fpstate == kernel_flush
     h, seen = read(e.syscall_exit(h, 1), 1, "fpsimd_read")
     assert seen["V"] == (mine if kernel_flush else kvals)
     assert kvals.writer == "kernel:a"
+
+
+@pytest.mark.parametrize("switch", [k.KERNEL_SWITCH_FLUSH_LOAD, k.KERNEL_SWITCH_LOAD_FLUSH])
+def test_switch_in_to_kernel_neon_flushes_before_it_loads(switch):
+    """01098d893fa8: the CPU was left in streaming mode by the task that ran there; the
+    flush's SMSTOP must come before the kernel state is loaded, or leaving streaming mode
+    zeroes the V registers just loaded (v6.10 until April 2025)."""
+    h = running(host("fvp-aem-fpmr"), 0, "a")
+    h = e.syscall_enter(h, 0)
+    h = k.kernel_neon_use(k.kernel_neon_begin(h, 0), 0)
+    kvals = h.cpus[0].regs.v
+    h = running(h, 0, "b")
+    h = e.user_op(h, 0, "smstart_sm")
+    assert h.cpus[0].regs.sm
+    h = k.schedule(e.interrupt(h, 0), 0, "a", switch)
+    assert not h.cpus[0].regs.sm
+    assert h.cpus[0].regs.v == (kvals if switch == k.KERNEL_SWITCH_FLUSH_LOAD else ZERO)
 
 
 def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():

@@ -55,6 +55,7 @@ from fpstate.kvm.arm64.config import (
     CLONE_INHERITS_TPIDR2,
     EXEC_KEEPS_FPMR,
     KERNEL_NEON_ELIDES_RELOAD,
+    KERNEL_NEON_SMSTOP_CLOBBERS,
     PTRACE_SET_NO_FLUSH,
     SIGNAL_KEEPS_TPIDR2,
     SIGRETURN_NO_FLUSH,
@@ -77,6 +78,9 @@ from fpstate.kvm.arm64.kvm_host import (
     KvmWorld,
 )
 
+#: fpsimd_thread_switch()'s form for a task in kernel-mode NEON, by variant.
+_KERNEL_SWITCH = {KERNEL_NEON_ELIDES_RELOAD: host_fpsimd.KERNEL_SWITCH_LOAD,
+                  KERNEL_NEON_SMSTOP_CLOBBERS: host_fpsimd.KERNEL_SWITCH_LOAD_FLUSH}
 _VCPU = FieldSpec(str, "a vCPU context (<vm>/<n>)")
 _TASK = FieldSpec(str, "a host task (vmm, or one of config.tasks)")
 _CPU = FieldSpec(int, "a CPU number")
@@ -320,7 +324,8 @@ class Arm64World(World):
         if task == self.kw.vmm and any(v.run == VCPU_PREEMPTED for v in self.kw.vcpus.values()):
             raise StepError(f"{task} was preempted inside KVM_RUN (use resume_vcpu)")
         host = host_fpsimd.schedule(self._off_cpu(nr), nr, task,
-                                    kernel_flush=self.variant != KERNEL_NEON_ELIDES_RELOAD)
+                                    kernel_switch=_KERNEL_SWITCH.get(
+                                        self.variant, host_fpsimd.KERNEL_SWITCH_FLUSH_LOAD))
         if not t.in_syscall:
             host = entry_common.ret_to_user(host, nr)
         self.kw = self.kw.with_host(host)

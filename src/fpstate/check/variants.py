@@ -57,6 +57,11 @@ NEON_PREEMPTION: Mapping[str, object] = {
     "cpu": "neoverse-n1", "vms": {}, "tasks": [],
     "omit": ["exec", "ptrace_get", "ptrace_set", "clone", "signal", "sigreturn", "set_vl",
              "syscall", "kernel_neon"]}
+#: Two tasks sharing one CPU, one in a NEON section, the other in streaming mode: no VM,
+#: debugger, exec, fork, signals or VL changes.
+NEON_AFTER_STREAMING: Mapping[str, object] = {
+    "vms": {}, "cpus": 1, "tasks": ["other"],
+    "omit": ["exec", "ptrace_get", "ptrace_set", "clone", "signal", "sigreturn", "set_vl"]}
 #: The same with only what a fork in a handler and the child's return need: no VL changes,
 #: other syscalls, kernel-mode NEON or idling CPUs.
 FORK_IN_HANDLER_NARROW: Mapping[str, object] = {
@@ -129,6 +134,12 @@ VARIANTS: tuple[Variant, ...] = (
             "no-foreign-value", config=NEON_PREEMPTION, mode="exhaustive", depth=12,
             # the read after the return to user is where it shows
             also=("no-lost-write",)),
+    Variant("kernel-neon-smstop-clobbers", "arm64",
+            "v6.10-v6.14 (e92bee9f861b until 01098d893fa8)",
+            "a thread switched in inside a kernel-mode NEON section on a CPU another thread "
+            "left in streaming mode gets its kernel registers loaded, then zeroed by the "
+            "SMSTOP of the flush that follows: its NEON code reads back zeroes",
+            "no-lost-write", config=NEON_AFTER_STREAMING, needs=("SME",)),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "

@@ -423,20 +423,30 @@ def kernel_neon(host: Host, cpu: int, softirq: bool = False) -> Host:
 
 
 # --- scheduling, syscalls, interrupts -------------------------------------------------------
+#: How fpsimd_thread_switch() switches in a task inside a kernel-mode NEON section
+#: (TIF_KERNEL_FPSTATE), by kernel version: ``load`` (aefbab8e77eb, v6.8 and v6.9: load its
+#: kernel state, set its TIF_FOREIGN_FPSTATE), ``load-flush`` (e92bee9f861b, v6.10, until
+#: 01098d893fa8, April 2025: load, then fpsimd_flush_cpu_state()), ``flush-load`` (since).
+KERNEL_SWITCH_LOAD, KERNEL_SWITCH_LOAD_FLUSH, KERNEL_SWITCH_FLUSH_LOAD = (
+    "load", "load-flush", "flush-load")
+
+
 def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None,
-                         kernel_flush: bool = True) -> Host:
+                         kernel_switch: str = KERNEL_SWITCH_FLUSH_LOAD) -> Host:
     """fpsimd_thread_switch(): save prev (kernel or user state), then decide next's
     TIF_FOREIGN_FPSTATE from fpsimd_last_state and next's fpsimd_cpu -- or, for a next
     inside a kernel-mode NEON section (TIF_KERNEL_FPSTATE), fpsimd_flush_cpu_state() and
-    fpsimd_load_kernel_state(): the CPU no longer holds anyone's user state, so once the
-    section ends, a switch back to this CPU reloads the user state.
+    then fpsimd_load_kernel_state(): the CPU no longer holds anyone's user state, so once
+    the section ends, a switch back to this CPU reloads the user state.
 
-    ``kernel_flush`` False is the code from aefbab8e77eb (v6.8) until e92bee9f861b
-    ("arm64/fpsimd: Avoid erroneous elide of user state reload", v6.10): the kernel state
-    loaded and next's TIF_FOREIGN_FPSTATE set, but fpsimd_last_state left as it was -- if
-    it still names next's user state from an earlier return to user on this CPU, a switch
-    back after kernel_neon_end() clears TIF_FOREIGN_FPSTATE and next returns to user with
-    its kernel-mode NEON values (data corruption in dm-crypt on Apple M1)."""
+    ``kernel_switch`` names the earlier forms (`KERNEL_SWITCH_LOAD` ...): ``load`` leaves
+    fpsimd_last_state as it was -- if it still names next's user state from an earlier
+    return to user on this CPU, a switch back after kernel_neon_end() clears
+    TIF_FOREIGN_FPSTATE and next returns to user with its kernel NEON values (e92bee9f861b,
+    "Avoid erroneous elide of user state reload", after dm-crypt corrupted data on Apple
+    M1); ``load-flush`` flushes after loading, and the flush's SMSTOP, on a CPU left in
+    streaming mode, zeroes the kernel state just loaded (01098d893fa8, "Avoid clobbering
+    kernel FPSIMD state with SMSTOP")."""
     if not host.caps.fpsimd:
         return host
     prev = host.current(cpu)
@@ -449,9 +459,11 @@ def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None,
         return host
     n = host.task(nxt)
     if n.tif_kernel_fpstate:
-        if not kernel_flush:  # before e92bee9f861b
+        if kernel_switch == KERNEL_SWITCH_LOAD:
             host = fpsimd_load_kernel_state(host, cpu, nxt)
             return host.update_task(host.task(nxt), tif_foreign_fpstate=True)
+        if kernel_switch == KERNEL_SWITCH_LOAD_FLUSH:
+            return fpsimd_flush_cpu_state(fpsimd_load_kernel_state(host, cpu, nxt), cpu)
         host = fpsimd_flush_cpu_state(host, cpu)
         return fpsimd_load_kernel_state(host, cpu, nxt)
     wrong_task = host.cpus[cpu].last.st != n.store
@@ -459,9 +471,10 @@ def fpsimd_thread_switch(host: Host, cpu: int, nxt: str | None,
     return host.update_task(n, tif_foreign_fpstate=wrong_task or wrong_cpu)
 
 
-def schedule(host: Host, cpu: int, nxt: str | None, kernel_flush: bool = True) -> Host:
+def schedule(host: Host, cpu: int, nxt: str | None,
+             kernel_switch: str = KERNEL_SWITCH_FLUSH_LOAD) -> Host:
     """__schedule(): prev (in the kernel) sleeps, ``nxt`` (or idle) runs on ``cpu``
-    (``kernel_flush``: see `fpsimd_thread_switch`)."""
+    (``kernel_switch``: see `fpsimd_thread_switch`)."""
     host = host.clear_obs()
     prev = host.current(cpu)
     if nxt is not None:
@@ -470,7 +483,7 @@ def schedule(host: Host, cpu: int, nxt: str | None, kernel_flush: bool = True) -
             raise IllegalEvent("task", n.mode, "schedule_in", f"{nxt} is already running")
     if prev is not None:
         host = task_event(host, prev, "schedule_out")
-    host = fpsimd_thread_switch(host, cpu, nxt, kernel_flush)
+    host = fpsimd_thread_switch(host, cpu, nxt, kernel_switch)
     host = process.tls_thread_switch(host, cpu, nxt)  # __switch_to(): FP, then TLS
     host = host.update_cpu(cpu, current=nxt)
     if nxt is not None:

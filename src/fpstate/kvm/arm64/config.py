@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Eleven more are the host kernel's, not KVM's, and live here because they are the same world's
+Twelve more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -45,6 +45,9 @@ design choices:
   preemptible kernel-mode NEON) until e92bee9f861b (v6.10): a task switched in inside a
   kernel-mode NEON section gets its kernel state loaded without fpsimd_flush_cpu_state(), so
   a CPU may still name its user state as loaded when the registers hold its NEON values.
+* ``kernel-neon-smstop-clobbers``: the same from e92bee9f861b (v6.10) until 01098d893fa8
+  (April 2025): fpsimd_flush_cpu_state() after the load, whose SMSTOP zeroes the kernel
+  state just loaded when the CPU was left in streaming mode.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -69,6 +72,7 @@ SVE_SET_WITHOUT_TIF_SVE = "sve-set-without-tif-sve"
 VL_CHANGE_STALE_SVE = "vl-change-stale-sve"
 SIGRETURN_ZA_WITHOUT_SVE_STATE = "sigreturn-za-without-sve-state"
 KERNEL_NEON_ELIDES_RELOAD = "kernel-neon-elides-reload"
+KERNEL_NEON_SMSTOP_CLOBBERS = "kernel-neon-smstop-clobbers"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -98,6 +102,9 @@ VARIANTS: dict[str, str] = {
                                     "restores ZA and sets TIF_SME without allocating sve_state",
     KERNEL_NEON_ELIDES_RELOAD: "host kernel v6.8-v6.9 before e92bee9f861b: switching in a "
                                "task in kernel-mode NEON leaves fpsimd_last_state as it was",
+    KERNEL_NEON_SMSTOP_CLOBBERS: "host kernel from e92bee9f861b (v6.10) to 01098d893fa8: "
+                                 "switching in a task in kernel-mode NEON flushes the CPU "
+                                 "(SMSTOP) after loading its kernel state",
 }
 
 
