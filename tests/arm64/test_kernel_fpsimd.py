@@ -197,6 +197,35 @@ def test_switch_in_to_kernel_neon_flushes_before_it_loads(switch):
     assert h.cpus[0].regs.v == (kvals if switch == k.KERNEL_SWITCH_FLUSH_LOAD else ZERO)
 
 
+@pytest.mark.parametrize(("op", "fixed"), [("sve_read", True), ("sve_read", False),
+                                           ("smstart_za", True), ("smstart_za", False)])
+def test_a_trap_handled_after_migration_unbinds_the_cpu_it_left(op, fixed):
+    """751ecf6afd65 (SVE) and d3eaab3c7090 (SME): the task traps on CPU 0, is preempted
+    and handled on CPU 1 (its state not live there: converted in memory), then switched
+    back to CPU 0. With fpsimd_flush_task_state() in the handler the return reloads and
+    binds with the trap disabled; without it CPU 0 still counts as holding the task, the
+    return skips the load, the trap stays armed and the instruction traps again: WARN."""
+    h = running(host("fvp-aem-fpmr"), 0, "a")
+    h = e.access_trap(h, 0, op)
+    assert h.task("a").mode == "kernel" and h.task("a").in_trap == op
+    h = k.schedule(h, 0, None)
+    h = k.schedule(h, 1, "a")
+    assert h.task("a").tif_foreign_fpstate
+    h = e.access_trap_handle(h, 1, flush_foreign=fixed)
+    h = k.schedule(h, 1, None)
+    h = k.schedule(h, 0, "a")
+    assert h.task("a").tif_foreign_fpstate == fixed
+    h = e.access_trap_return(h, 0)
+    t = h.task("a")
+    assert t.mode == "user" and not t.in_trap
+    assert (t.warned == "") == fixed
+    if not fixed:
+        assert "WARN_ON(1)" in t.warned and ("TIF_SVE" if op == "sve_read" else "TIF_SME") \
+            in t.warned
+    with pytest.raises(IllegalEvent):
+        e.access_trap(h, 0, op)                   # bound with the trap disabled now
+
+
 def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():
     h = running(host(), 0, "a")
     h = e.syscall_enter(h, 0)
@@ -521,7 +550,7 @@ def test_the_checker_s_system_calls_and_neon_sections_keep_their_rules():
     w.step(A("run", task="gdb", cpu=1))
     assert not any(a.name.startswith("ptrace") and a.get("tracee") == "vmm"
                    for a in w.enabled())
-    with pytest.raises(StepError, match="preempted inside a system call"):
+    with pytest.raises(StepError, match="preempted inside the kernel"):
         w.step(A("ptrace_get", task="gdb", tracee="vmm", regset="NT_PRFPREG"))
     w.step(A("run", task="vmm", cpu=0))
     t = w.kw.host.task("vmm")

@@ -55,8 +55,8 @@ ARM64 = [
                          "hide_fpmr, host_softirq_neon, idle, kernel_neon, kvm_run, "
                          "neon_begin, neon_end, preempt_vcpu, ptrace_get, ptrace_set, "
                          "resume_vcpu, return_to_user, run, set_reg, set_vl, signal, "
-                         "sigreturn, syscall, syscall_enter, syscall_exit, user_op, "
-                         "vcpu_init)"),
+                         "sigreturn, syscall, syscall_enter, syscall_exit, trap, "
+                         "trap_handle, trap_return, user_op, vcpu_init)"),
 ]
 
 

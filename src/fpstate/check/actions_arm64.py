@@ -61,8 +61,10 @@ from fpstate.kvm.arm64.config import (
     SIGRETURN_NO_FLUSH,
     SIGRETURN_SM_WITHOUT_TIF_SME,
     SIGRETURN_ZA_WITHOUT_SVE_STATE,
+    SME_TRAP_KEEPS_BINDING,
     SVE_SET_WITHOUT_TIF_SVE,
     SVE_SET_ZEROES_TRACER,
+    SVE_TRAP_KEEPS_BINDING,
     UPSTREAM,
     VL_CHANGE_STALE_SVE,
     KvmConfig,
@@ -78,6 +80,9 @@ from fpstate.kvm.arm64.kvm_host import (
     KvmWorld,
 )
 
+#: The variants whose SVE or SME access trap handler does not unbind a task handled away
+#: from its CPU, and which.
+_TRAP_KEEPS_BINDING = {SVE_TRAP_KEEPS_BINDING: "SVE", SME_TRAP_KEEPS_BINDING: "SME"}
 #: fpsimd_thread_switch()'s form for a task in kernel-mode NEON, by variant.
 _KERNEL_SWITCH = {KERNEL_NEON_ELIDES_RELOAD: host_fpsimd.KERNEL_SWITCH_LOAD,
                   KERNEL_NEON_SMSTOP_CLOBBERS: host_fpsimd.KERNEL_SWITCH_LOAD_FLUSH}
@@ -115,6 +120,15 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "section, returns to user mode (exit_to_user_mode(), fpsimd_syscall_exit())",
                {"task": _TASK}),
     ActionSpec("kernel_neon", "a softirq on the CPU uses kernel-mode NEON", {"cpu": _CPU}),
+    ActionSpec("trap", "the task executes an SVE instruction (sve_read, sve_write) or an "
+               "SME one (smstart_sm, smstart_za) whose access trap is armed on its CPU and "
+               "enters the kernel (el0_sve_acc, el0_sme_acc), preemptible until trap_handle",
+               {"task": _TASK, "op": FieldSpec(str, "the instruction",
+                                               choices=tuple(entry_common.TRAP_OPS))}),
+    ActionSpec("trap_handle", "do_sve_acc() or do_sme_acc() for the task's trap, on the CPU it "
+               "runs on now (the task stays in the kernel)", {"task": _TASK}),
+    ActionSpec("trap_return", "the task returns from its handled trap and executes the "
+               "instruction again", {"task": _TASK}),
     ActionSpec("signal", "a signal interrupts the task in user mode: setup_rt_frame() saves "
                "its FP state to a frame on its stack and enters the handler (SM, ZA off)",
                {"task": _TASK}),
@@ -314,7 +328,7 @@ class Arm64World(World):
 
     def do_run(self, task: str, cpu: int) -> dict[str, Value]:
         """Schedule ``task`` in on ``cpu``; it returns to user mode, unless it was preempted
-        inside a system call (syscall_enter), where it resumes."""
+        inside a system call (syscall_enter) or an access trap (trap), where it resumes."""
         nr = self._cpu(cpu)
         if task not in self.kw.host.tasks:
             raise StepError(f"no host task {task!r}")
@@ -326,7 +340,7 @@ class Arm64World(World):
         host = host_fpsimd.schedule(self._off_cpu(nr), nr, task,
                                     kernel_switch=_KERNEL_SWITCH.get(
                                         self.variant, host_fpsimd.KERNEL_SWITCH_FLUSH_LOAD))
-        if not t.in_syscall:
+        if not (t.in_syscall or t.in_trap):
             host = entry_common.ret_to_user(host, nr)
         self.kw = self.kw.with_host(host)
         return {}
@@ -388,6 +402,32 @@ class Arm64World(World):
         self.kw = self.kw.with_host(entry_common.syscall_exit(self.kw.host, nr))
         return {}
 
+    def _trap_cpu(self, task: str, handled: bool) -> int:
+        """The CPU of ``task``, which must be there inside an access trap, handled or not."""
+        nr = self._task_cpu(task)
+        t = self.kw.host.task(task)
+        if not t.in_trap or t.trap_handled != handled:
+            raise StepError(f"task {task} has no {'handled' if handled else 'pending'} "
+                            "access trap")
+        return nr
+
+    def do_trap(self, task: str, op: str) -> dict[str, Value]:
+        nr = self._user_cpu(task)
+        self.kw = self.kw.with_host(entry_common.access_trap(self.kw.host, nr, op))
+        return {}
+
+    def do_trap_handle(self, task: str) -> dict[str, Value]:
+        nr = self._trap_cpu(task, handled=False)
+        kind = entry_common.TRAP_OPS[self.kw.host.task(task).in_trap]
+        self.kw = self.kw.with_host(entry_common.access_trap_handle(
+            self.kw.host, nr, flush_foreign=_TRAP_KEEPS_BINDING.get(self.variant) != kind))
+        return {}
+
+    def do_trap_return(self, task: str) -> dict[str, Value]:
+        nr = self._trap_cpu(task, handled=True)
+        self.kw = self.kw.with_host(entry_common.access_trap_return(self.kw.host, nr))
+        return self._observed()
+
     def do_signal(self, task: str) -> dict[str, Value]:
         nr = self._user_cpu(task)
         host = self.kw.host
@@ -446,9 +486,8 @@ class Arm64World(World):
     def _tracee(self, tracee: str) -> None:
         if tracee not in self.kw.host.tasks:
             raise StepError(f"no host task {tracee!r}")
-        if self.kw.host.task(tracee).in_syscall:
-            raise StepError(f"{tracee} was preempted inside a system call: not in a ptrace "
-                            "stop")
+        if self.kw.host.task(tracee).in_syscall or self.kw.host.task(tracee).in_trap:
+            raise StepError(f"{tracee} was preempted inside the kernel: not in a ptrace stop")
         if tracee == self.kw.vmm and any(v.run != VCPU_OUT for v in self.kw.vcpus.values()):
             raise StepError(f"{tracee} is inside KVM_RUN: a ptrace stop returns from it first")
 
@@ -565,8 +604,9 @@ class Arm64World(World):
     def do_preempt_vcpu(self, vcpu: str, to: str = "idle") -> dict[str, Value]:
         self._vcpu(vcpu)
         nxt = None if to == "idle" else to
-        if nxt is not None and nxt in self.kw.host.tasks and self.kw.host.task(nxt).in_syscall:
-            raise StepError(f"{nxt} was preempted inside a system call (use run)")
+        if nxt is not None and nxt in self.kw.host.tasks and (
+                self.kw.host.task(nxt).in_syscall or self.kw.host.task(nxt).in_trap):
+            raise StepError(f"{nxt} was preempted inside the kernel (use run)")
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
             nr = next(c.idx for c in self.kw.host.cpus if c.current == nxt)
@@ -597,16 +637,16 @@ class Arm64World(World):
 
     def enabled(self) -> list[Action]:
         """The enabled actions; they depend only on the tasks there are (a clone adds one),
-        each one's mode, number of signal frames, VLs, fate, system call and NEON section,
-        each CPU's current task and
+        each one's mode, number of signal frames, VLs, fate, system call, NEON section and
+        access trap, each CPU's current task, armed access traps and streaming mode, and
         each vCPU's run state and CPU, so they are memoised by those (per initial world:
         clones share the memo, and the names of CPUs and vCPUs never change)."""
         kw = self.kw
         host = kw.host
         sig = (tuple([(name, t.mode, len(t.sigframes), t.sve_vl, t.sme_vl, t.killed,
-                       t.in_syscall, t.tif_kernel_fpstate)
+                       t.in_syscall, t.tif_kernel_fpstate, t.in_trap, t.trap_handled)
                       for name, t in host.tasks.items()]),
-               tuple([c.current for c in host.cpus]),
+               tuple([(c.current, c.el0_sve, c.el0_sme, c.regs.sm) for c in host.cpus]),
                tuple([(v.run, v.cpu) for v in kw.vcpus.values()]))
         got = self._enabled_memo.get(sig)
         if got is None:
@@ -641,6 +681,14 @@ class Arm64World(World):
                 out += [A("user_op", task=name, op=op) for op in ops]
                 out += [A("syscall", task=name), A("syscall_enter", task=name),
                         A("exec", task=name)]
+                c = next((c for c in host.cpus if c.current == name), None)
+                if c is not None:
+                    if host.caps.sve and not c.regs.sm and not c.el0_sve:
+                        out += [A("trap", task=name, op="sve_read"),
+                                A("trap", task=name, op="sve_write")]
+                    if host.caps.sme and not c.el0_sme:
+                        out += [A("trap", task=name, op="smstart_sm"),
+                                A("trap", task=name, op="smstart_za")]
                 for kind, cur in (("SVE", t.sve_vl), ("SME", t.sme_vl)):
                     info = host.caps.vl_info(kind)
                     if info is not None:
@@ -653,6 +701,8 @@ class Arm64World(World):
                 if t.sigframes:
                     out.append(A("sigreturn", task=name))
                 out += self._ptrace_actions(name)
+            elif t.mode == TASK_KERNEL and t.in_trap:
+                out.append(A("trap_return" if t.trap_handled else "trap_handle", task=name))
             elif t.mode == TASK_KERNEL and t.in_syscall and not (name == kw.vmm and vmm_in_kvm):
                 if t.tif_kernel_fpstate:
                     out.append(A("neon_end", task=name))
@@ -673,7 +723,8 @@ class Arm64World(World):
                 out += [A("enter_guest", vcpu=ctx), A("return_to_user", vcpu=ctx),
                         A("host_softirq_neon", vcpu=ctx), A("preempt_vcpu", vcpu=ctx)]
                 out += [A("preempt_vcpu", vcpu=ctx, to=n) for n, t in host.tasks.items()
-                        if t.mode in ("new", "sleeping") and not t.in_syscall]
+                        if t.mode in ("new", "sleeping") and not t.in_syscall
+                        and not t.in_trap]
             elif v.run == VCPU_IN_GUEST:
                 out += [A("guest_op", vcpu=ctx, op=op) for op in self.GUEST_EXPLORE]
                 out.append(A("exit_guest", vcpu=ctx))
@@ -692,7 +743,7 @@ class Arm64World(World):
         out: list[Action] = []
         for name, t in kw.host.tasks.items():
             if (name == tracer or t.killed or t.mode not in host_ptrace.TRACEE_MODES
-                    or t.in_syscall or (name == kw.vmm and in_run)):
+                    or t.in_syscall or t.in_trap or (name == kw.vmm and in_run)):
                 continue
             for note in notes:
                 rs = host_ptrace.NOTE_NAMES[note]

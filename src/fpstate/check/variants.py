@@ -140,6 +140,19 @@ VARIANTS: tuple[Variant, ...] = (
             "left in streaming mode gets its kernel registers loaded, then zeroed by the "
             "SMSTOP of the flush that follows: its NEON code reads back zeroes",
             "no-lost-write", config=NEON_AFTER_STREAMING, needs=("SME",)),
+    Variant("sve-trap-keeps-binding", "arm64", "before 751ecf6afd65 (October 2024)",
+            "do_sve_acc() of a thread preempted and migrated since its SVE access trap converts "
+            "its state in memory but leaves it bound to the CPU it left: switched back there, "
+            "it returns to user with the trap armed and TIF_SVE set, traps again and WARNs",
+            "kernel-warn", needs=("SVE",),
+            # or, scheduled out first, its registers are saved in SVE format at whatever VL
+            # that CPU has: a VL mismatch, SIGKILL
+            also=("size-covers-features",)),
+    Variant("sme-trap-keeps-binding", "arm64", "before d3eaab3c7090 (December 2024)",
+            "do_sme_acc() of a thread preempted and migrated since its SME access trap leaves "
+            "it bound to the CPU it left: switched back there, it returns to user with the trap "
+            "armed and TIF_SME set, traps again and WARNs", "kernel-warn", needs=("SME",),
+            also=("size-covers-features",)),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "

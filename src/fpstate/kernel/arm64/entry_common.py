@@ -39,7 +39,14 @@ from fpstate.kernel.arm64.fpsimd import (
     fpsimd_restore_current_state,
     task_event,
 )
-from fpstate.kernel.arm64.state import FP_STATE_CURRENT, FP_STATE_FPSIMD, Host, Observation
+from fpstate.kernel.arm64.state import (
+    FP_STATE_CURRENT,
+    FP_STATE_FPSIMD,
+    TASK_KERNEL,
+    TASK_USER,
+    Host,
+    Observation,
+)
 
 
 def ret_to_user(host: Host, cpu: int) -> Host:
@@ -148,6 +155,52 @@ def user_op(host: Host, cpu: int, op: str) -> Host:
         expect.update({ZA: ZERO, ZT0: ZERO})
     host = host.with_regs(cpu, new).expect(name, expect)
     return host.observe(Observation(name, "SVCR", "SME", "write", new.svcr))
+
+
+#: The EL0 instructions whose SVE or SME access trap `access_trap` can take, and which.
+TRAP_OPS: dict[str, str] = {"sve_write": "SVE", "sve_read": "SVE", "smstart_sm": "SME",
+                            "smstart_za": "SME"}
+
+
+def access_trap(host: Host, cpu: int, op: str) -> Host:
+    """el0_sve_acc() / el0_sme_acc(): current executes ``op`` (`TRAP_OPS`) with its access
+    trap armed on this CPU (CPACR_EL1.ZEN or SMEN's EL0 enable clear) and enters the kernel,
+    where it may be preempted before do_sve_acc() / do_sme_acc() take the FP context
+    (`access_trap_handle`). An SVE instruction traps this way only outside streaming mode."""
+    t = current_task(host, cpu)
+    kind = TRAP_OPS.get(op)
+    c = host.cpus[cpu]
+    armed = (kind == "SVE" and host.caps.sve and not c.regs.sm and not c.el0_sve) or (
+        kind == "SME" and host.caps.sme and not c.el0_sme)
+    if t.mode != TASK_USER or not armed:
+        raise IllegalEvent("task", t.mode, "access_trap",
+                           f"{op} does not take an access trap on CPU {cpu}")
+    return task_event(host.clear_obs(), t, "interrupt", in_trap=op, trap_handled=False)
+
+
+def access_trap_handle(host: Host, cpu: int, flush_foreign: bool = True) -> Host:
+    """do_sve_acc() or do_sme_acc() for current's trapped instruction, on the CPU it runs
+    on now (``flush_foreign``: see do_sve_acc())."""
+    t = current_task(host, cpu)
+    if not t.in_trap or t.trap_handled or t.mode != TASK_KERNEL:
+        raise IllegalEvent("task", t.mode, "access_trap_handle", f"{t.name} has no trap "
+                           "to handle")
+    acc = do_sve_acc if TRAP_OPS[t.in_trap] == "SVE" else do_sme_acc
+    host = acc(host.clear_obs(), cpu, flush_foreign)
+    return host.update_task(host.task(t.name), trap_handled=True)
+
+
+def access_trap_return(host: Host, cpu: int) -> Host:
+    """The return from the handled trap (exit_to_user_mode(): fpsimd_restore_current_state())
+    and the instruction executed again -- trapping again if the return left the trap armed."""
+    t = current_task(host, cpu)
+    if not t.trap_handled or t.mode != TASK_KERNEL:
+        raise IllegalEvent("task", t.mode, "access_trap_return", f"{t.name} is not returning "
+                           "from a handled trap")
+    op = t.in_trap
+    host = task_event(host.clear_obs(), t, "ret_to_user", in_trap="", trap_handled=False)
+    host = fpsimd_restore_current_state(host, cpu)
+    return user_op(host, cpu, op)
 
 
 def _rw(host: Host, cpu: int, ctx: str, verb: str, comps: dict[str, object],

@@ -520,12 +520,29 @@ def sme_alloc(host: Host, name: str, flush: bool) -> Host:
     return host.with_store(t.store, replace(st, sme_size=size, za=ZERO, zt0=ZERO))
 
 
-def do_sve_acc(host: Host, cpu: int) -> Host:
-    """do_sve_acc(): first SVE use: allocate sve_state, set TIF_SVE, zero the non-FPSIMD
-    part live (sve_flush_live) or in memory (fpsimd_to_sve), then bind."""
+def _warn_once(t: Task, where: str) -> Task:
+    """A WARN the kernel gives for ``t`` (the first one is kept: Task.warned)."""
+    return t if t.warned else replace(t, warned=where)
+
+
+def do_sve_acc(host: Host, cpu: int, flush_foreign: bool = True) -> Host:
+    """do_sve_acc(): first SVE use: allocate sve_state, set TIF_SVE (WARN_ON(1) if it was
+    set: "SVE access shouldn't have trapped"), then sve_init_regs(): zero the non-FPSIMD
+    part live (sve_flush_live) and bind, or -- the state not live here -- in memory
+    (fpsimd_to_sve) and fpsimd_flush_task_state().
+
+    ``flush_foreign`` False is sve_init_regs() before 751ecf6afd65 ("arm64/sve: Discard
+    stale CPU state when handling SVE traps", October 2024): without the flush, a task that
+    was preempted and migrated before the handler ran still counts as loaded on the CPU it
+    left; switched back there, it returns to user with that CPU's SVE traps armed although
+    TIF_SVE is set, and its next SVE instruction traps again and WARNs."""
     t = current_task(host, cpu)
     host = sve_alloc(host, t.name, True)
-    t = replace(host.task(t.name), tif_sve=True)
+    t = host.task(t.name)
+    if t.tif_sve:
+        t = _warn_once(t, "fpsimd.c do_sve_acc(): WARN_ON(1): SVE access trapped with "
+                          "TIF_SVE set")
+    t = replace(t, tif_sve=True)
     host = host.with_task(t).expect(t.name, {ZHI: ZERO, P: ZERO})
     if not t.tif_foreign_fpstate:
         regs = replace(host.cpus[cpu].regs, zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zhi=ZERO,
@@ -534,20 +551,30 @@ def do_sve_acc(host: Host, cpu: int) -> Host:
     st = host.store(t.store)
     host = host.with_store(t.store, replace(st, sve_v=st.vregs, sve_zhi=ZERO, sve_p=ZERO,
                                             sve_vl=t.sve_vl, fp_type=FP_STATE_SVE))
-    return fpsimd_flush_task_state(host, t.name)
+    return fpsimd_flush_task_state(host, t.name) if flush_foreign else host
 
 
-def do_sme_acc(host: Host, cpu: int) -> Host:
-    """do_sme_acc() for an 'SME disabled' trap: allocate both buffers, set TIF_SME, set the
-    SME VL and bind (the live state is current's: SM and ZA are still off)."""
+def do_sme_acc(host: Host, cpu: int, flush_foreign: bool = True) -> Host:
+    """do_sme_acc() for an 'SME disabled' trap: allocate both buffers, set TIF_SME
+    (WARN_ON(1) if it was set: "With TIF_SME userspace shouldn't generate any traps"), set
+    the SME VL and bind (the live state is current's: SM and ZA are still off), or -- not
+    live here -- fpsimd_flush_task_state().
+
+    ``flush_foreign`` False is do_sme_acc() before d3eaab3c7090 ("arm64/fpsimd: Discard
+    stale CPU state when handling SME traps", December 2024): the same race as do_sve_acc()'s
+    before 751ecf6afd65."""
     t = current_task(host, cpu)
     host = sme_alloc(sve_alloc(host, t.name, False), t.name, True)
-    t = replace(host.task(t.name), tif_sme=True)
+    t = host.task(t.name)
+    if t.tif_sme:
+        t = _warn_once(t, "fpsimd.c do_sme_acc(): WARN_ON(1): SME access trapped with "
+                          "TIF_SME set")
+    t = replace(t, tif_sme=True)
     host = host.with_task(t)
     if not t.tif_foreign_fpstate:
         regs = replace(host.cpus[cpu].regs, smcr_len=sve_vq_from_vl(t.sme_vl) - 1)
         return fpsimd_bind_task_to_cpu(host.with_regs(cpu, regs), cpu)
-    return fpsimd_flush_task_state(host, t.name)
+    return fpsimd_flush_task_state(host, t.name) if flush_foreign else host
 
 
 # --- vector length control (prctl) -------------------------------------------------------------

@@ -193,6 +193,11 @@ class Task:
     sme_vl_onexec: int = 0
     kernel_fpsimd_cpu: int = NR_CPUS
     in_syscall: bool = False
+    #: The EL0 instruction (a USER_OPS name) whose SVE or SME access trap the task took and
+    #: has not yet returned from ("": none); ``trap_handled`` once do_sve_acc() or
+    #: do_sme_acc() ran. The instruction executes again on the return to user.
+    in_trap: str = ""
+    trap_handled: bool = False
     killed: str = ""
     #: The FP records of the signal frames on its stack, innermost last (SigFrameFp).
     sigframes: tuple[SigFrameFp, ...] = ()

@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Twelve more are the host kernel's, not KVM's, and live here because they are the same world's
+Fourteen more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -48,6 +48,11 @@ design choices:
 * ``kernel-neon-smstop-clobbers``: the same from e92bee9f861b (v6.10) until 01098d893fa8
   (April 2025): fpsimd_flush_cpu_state() after the load, whose SMSTOP zeroes the kernel
   state just loaded when the CPU was left in streaming mode.
+* ``sve-trap-keeps-binding`` and ``sme-trap-keeps-binding``: do_sve_acc() before
+  751ecf6afd65 (October 2024) and do_sme_acc() before d3eaab3c7090 (December 2024): a task
+  preempted and migrated between its access trap and the handler is converted in memory
+  but not unbound from the CPU it left (no fpsimd_flush_task_state()); switched back there,
+  it returns to user with the trap still armed, traps again and WARNs.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -73,6 +78,8 @@ VL_CHANGE_STALE_SVE = "vl-change-stale-sve"
 SIGRETURN_ZA_WITHOUT_SVE_STATE = "sigreturn-za-without-sve-state"
 KERNEL_NEON_ELIDES_RELOAD = "kernel-neon-elides-reload"
 KERNEL_NEON_SMSTOP_CLOBBERS = "kernel-neon-smstop-clobbers"
+SVE_TRAP_KEEPS_BINDING = "sve-trap-keeps-binding"
+SME_TRAP_KEEPS_BINDING = "sme-trap-keeps-binding"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -105,6 +112,10 @@ VARIANTS: dict[str, str] = {
     KERNEL_NEON_SMSTOP_CLOBBERS: "host kernel from e92bee9f861b (v6.10) to 01098d893fa8: "
                                  "switching in a task in kernel-mode NEON flushes the CPU "
                                  "(SMSTOP) after loading its kernel state",
+    SVE_TRAP_KEEPS_BINDING: "host kernel before 751ecf6afd65 (October 2024): do_sve_acc() "
+                            "of a task not live on its CPU leaves it bound to the CPU it left",
+    SME_TRAP_KEEPS_BINDING: "host kernel before d3eaab3c7090 (December 2024): do_sme_acc() "
+                            "of a task not live on its CPU leaves it bound to the CPU it left",
 }
 
 
