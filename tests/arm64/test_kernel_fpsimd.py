@@ -16,6 +16,7 @@ from fpstate.kernel.arm64.state import (
     FP_STATE_CURRENT,
     FP_STATE_FPSIMD,
     FP_STATE_SVE,
+    LOAD_FPMR_BEFORE_SVCR,
     NR_CPUS,
     Binding,
 )
@@ -224,6 +225,25 @@ def test_a_trap_handled_after_migration_unbinds_the_cpu_it_left(op, fixed):
             in t.warned
     with pytest.raises(IllegalEvent):
         e.access_trap(h, 0, op)                   # bound with the trap disabled now
+
+
+@pytest.mark.parametrize("variants", [frozenset(), frozenset({LOAD_FPMR_BEFORE_SVCR})])
+def test_fpmr_is_loaded_after_svcr(variants):
+    """e5fa85fce08b: task_fpsimd_load() writes SVCR, then FPMR; written the other way round
+    (v6.9 to December 2024), the change of PSTATE.SM on a CPU left in streaming mode by
+    another task zeroes the FPMR just loaded."""
+    h = k.boot(load_profile("fvp-aem-fpmr"), 1, variants)
+    for name in ("a", "b"):
+        h = k.spawn(h, name)
+    h = running(h, 0, "a")
+    h = e.user_op(h, 0, "fpmr_write")
+    mine = written(h)
+    h = running(k.schedule(e.interrupt(h, 0), 0, None), 0, "b")
+    h = e.user_op(h, 0, "smstart_sm")
+    h = running(k.schedule(e.interrupt(h, 0), 0, None), 0, "a")
+    assert not h.cpus[0].regs.sm
+    h, seen = read(h, 0, "fpmr_read")
+    assert seen["FPMR"] == (ZERO if variants else mine)
 
 
 def test_softirq_neon_nested_in_task_neon_restores_task_kernel_state():

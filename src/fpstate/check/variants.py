@@ -153,6 +153,10 @@ VARIANTS: tuple[Variant, ...] = (
             "it bound to the CPU it left: switched back there, it returns to user with the trap "
             "armed and TIF_SME set, traps again and WARNs", "kernel-warn", needs=("SME",),
             also=("size-covers-features",)),
+    Variant("load-fpmr-before-svcr", "arm64", "v6.9-v6.12 (fixed: e5fa85fce08b)",
+            "task_fpsimd_load() writes FPMR before SVCR: returning to user on a CPU another "
+            "thread left in streaming mode, the change of PSTATE.SM zeroes the FPMR just "
+            "loaded", "no-lost-write", needs=("SME", "FPMR")),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "

@@ -58,6 +58,7 @@ from fpstate.kernel.arm64.state import (
     FP_STATE_CURRENT,
     FP_STATE_FPSIMD,
     FP_STATE_SVE,
+    LOAD_FPMR_BEFORE_SVCR,
     NR_CPUS,
     TASK_KERNEL,
     TASK_NEW,
@@ -91,11 +92,13 @@ EINVAL, ENOMEM = 22, 12
 
 
 # --- boot and task creation ------------------------------------------------------------------
-def boot(profile: CpuProfile, ncpus: int = 2) -> Host:
-    """A host of ``ncpus`` identical CPUs after fpsimd_init()/sve_setup()/sme_setup()."""
+def boot(profile: CpuProfile, ncpus: int = 2,
+         variants: frozenset[str] = frozenset()) -> Host:
+    """A host of ``ncpus`` identical CPUs after fpsimd_init()/sve_setup()/sme_setup(),
+    running the rejected designs ``variants`` that Host.variants carries."""
     caps = HostCaps.from_profile(profile)
     regs = FpRegs(zcr_limit=15)
-    return Host(caps, tuple(Cpu(i, regs) for i in range(ncpus)))
+    return Host(caps, tuple(Cpu(i, regs) for i in range(ncpus)), variants=variants)
 
 
 def spawn(host: Host, name: str) -> Host:
@@ -273,7 +276,12 @@ def fpsimd_save_and_flush_current_state(host: Host, cpu: int) -> Host:
 
 
 def task_fpsimd_load(host: Host, cpu: int) -> Host:
-    """task_fpsimd_load(): load current's user state from thread_struct into the registers."""
+    """task_fpsimd_load(): load current's user state from thread_struct into the registers:
+    the SVE/SME vector lengths, SVCR (PSTATE.SM and ZA) with ZA and ZT0, then FPMR -- after
+    SVCR since e5fa85fce08b ("arm64/fpsimd: Don't corrupt FPMR when streaming mode changes",
+    December 2024): a change of PSTATE.SM zeroes FPMR, so the FPMR written before it
+    (``LOAD_FPMR_BEFORE_SVCR`` in Host.variants) is lost when the CPU was left in the other
+    mode -- then the registers."""
     t, caps = current_task(host, cpu), host.caps
     st = host.store(t.store)
     load: dict[str, object] = {}  # the register writes, made in one update
@@ -300,7 +308,11 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
         if za_on:
             load.update(za=st.za, zt0=st.zt0 if caps.sme2 else ZERO)
     if caps.fpmr:
-        load["fpmr"] = st.fpmr
+        fpmr = st.fpmr
+        if (LOAD_FPMR_BEFORE_SVCR in host.variants and caps.sme
+                and host.cpus[cpu].regs.sm != bool(st.svcr & SVCR_SM)):
+            fpmr = ZERO  # written first, then cleared by the change of PSTATE.SM (MSR SVCR)
+        load["fpmr"] = fpmr
     if restore_sve:
         load.update(v=st.sve_v, zhi=st.sve_zhi, p=st.sve_p, fpsr=st.fpsr)
         c = host.cpus[cpu]

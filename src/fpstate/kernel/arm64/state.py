@@ -251,6 +251,12 @@ class Observation:
     value: Tok | int | None = None
 
 
+#: A rejected design of the host kernel that code reached from everywhere (the return to
+#: user) consults through ``Host.variants`` rather than a parameter: task_fpsimd_load()
+#: writing FPMR before SVCR, before e5fa85fce08b (fpstate.kvm.arm64.config).
+LOAD_FPMR_BEFORE_SVCR = "load-fpmr-before-svcr"
+
+
 @dataclass(frozen=True, slots=True)
 class Host:
     caps: HostCaps
@@ -261,6 +267,9 @@ class Host:
     latest: FrozenMap[tuple[str, str], Tok] = field(default_factory=FrozenMap)
     gen: int = 0
     obs: tuple[Observation, ...] = ()
+    #: The rejected designs this host kernel runs that are consulted here rather than passed
+    #: (`LOAD_FPMR_BEFORE_SVCR`); fixed at boot.
+    variants: frozenset[str] = frozenset()
 
     # -- accessors (pure) -------------------------------------------------------------------
     def task(self, name: str) -> Task:

@@ -12,7 +12,7 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-Fourteen more are the host kernel's, not KVM's, and live here because they are the same world's
+Fifteen more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
 * ``sigreturn-no-flush``: restore_sigframe() writes the frame's FP state into thread_struct
@@ -53,6 +53,10 @@ design choices:
   preempted and migrated between its access trap and the handler is converted in memory
   but not unbound from the CPU it left (no fpsimd_flush_task_state()); switched back there,
   it returns to user with the trap still armed, traps again and WARNs.
+* ``load-fpmr-before-svcr``: task_fpsimd_load() from FPMR support (v6.9) until e5fa85fce08b
+  (December 2024) wrote FPMR before SVCR; on a CPU left in the other streaming mode the
+  change of PSTATE.SM zeroed the FPMR just loaded. The return to user is reached from
+  everywhere, so this one is read from ``Host.variants`` (set at boot), not passed.
 
 The configuration is frozen data passed to every model function; nothing is monkeypatched.
 """
@@ -62,6 +66,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fpstate.errors import FpstateError
+from fpstate.kernel.arm64 import state
 
 UPSTREAM = "upstream"
 FPMR_UNGATED = "fpmr-ungated"
@@ -80,6 +85,7 @@ KERNEL_NEON_ELIDES_RELOAD = "kernel-neon-elides-reload"
 KERNEL_NEON_SMSTOP_CLOBBERS = "kernel-neon-smstop-clobbers"
 SVE_TRAP_KEEPS_BINDING = "sve-trap-keeps-binding"
 SME_TRAP_KEEPS_BINDING = "sme-trap-keeps-binding"
+LOAD_FPMR_BEFORE_SVCR = state.LOAD_FPMR_BEFORE_SVCR
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -116,6 +122,8 @@ VARIANTS: dict[str, str] = {
                             "of a task not live on its CPU leaves it bound to the CPU it left",
     SME_TRAP_KEEPS_BINDING: "host kernel before d3eaab3c7090 (December 2024): do_sme_acc() "
                             "of a task not live on its CPU leaves it bound to the CPU it left",
+    LOAD_FPMR_BEFORE_SVCR: "host kernel from FPMR support (v6.9) to e5fa85fce08b (December "
+                           "2024): task_fpsimd_load() writes FPMR before SVCR",
 }
 
 
