@@ -633,7 +633,7 @@ class Arm64World(World):
 
     GUEST_EXPLORE: ClassVar[tuple[str, ...]] = (
         "fpsimd_write", "fpsimd_read", "sve_write", "sve_read", "fpmr_write", "fpmr_read",
-        "fp8_op", "smstart")
+        "fp8_op", "smstart", "zcr_write")  # zcr_write without arg: ZCR_EL1.LEN = 0
 
     def enabled(self) -> list[Action]:
         """The enabled actions; they depend only on the tasks there are (a clone adds one),

@@ -62,6 +62,9 @@ NEON_PREEMPTION: Mapping[str, object] = {
 NEON_AFTER_STREAMING: Mapping[str, object] = {
     "vms": {}, "cpus": 1, "tasks": ["other"],
     "omit": ["exec", "ptrace_get", "ptrace_set", "clone", "signal", "sigreturn", "set_vl"]}
+#: An nVHE host whose VM has SVE (finalized at its maximum VL), the VMM its only task.
+NVHE_SVE_GUEST: Mapping[str, object] = {"vhe": False, "tasks": [],
+                                         "vms": {"vm0": {"vcpus": 1, "sve": True}}}
 #: The same with only what a fork in a handler and the child's return need: no VL changes,
 #: other syscalls, kernel-mode NEON or idling CPUs.
 FORK_IN_HANDLER_NARROW: Mapping[str, object] = {
@@ -157,13 +160,19 @@ VARIANTS: tuple[Variant, ...] = (
             "task_fpsimd_load() writes FPMR before SVCR: returning to user on a CPU another "
             "thread left in streaming mode, the change of PSTATE.SM zeroes the FPMR just "
             "loaded", "no-lost-write", needs=("SME", "FPMR")),
+    Variant("kvm-zcr-restored-at-put", "arm64", "KVM/arm64 nVHE before 59419f10045b (v6.14)",
+            "after a guest exit the nVHE host runs on at the guest's ZCR_EL1 VL until "
+            "kvm_arch_vcpu_put_fp(): a softirq's kernel-mode NEON in between saves the guest's "
+            "SVE state, finds the live VL is not the vCPU's maximum and kills the VMM",
+            "size-covers-features", config=NVHE_SVE_GUEST, needs=("SVE",)),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "
             "reuses them and the debugger's write is lost", "no-lost-write",
             # with TIF_SVE set by the write, the stale binding's VL is not the live one: the
-            # next save kills the thread
-            also=("size-covers-features",)),
+            # next save kills the thread; with TIF_SME set (a ZA write), the stale binding's
+            # SME trap is still armed, and the next SME instruction traps into a WARN
+            also=("size-covers-features", "kernel-warn")),
     Variant("sve-set-zeroes-tracer", "arm64", "v6.16-v6.18 (fixed: 5cbb61bf4168)",
             "PTRACE_SETREGSET(NT_ARM_SVE/SSVE) zeroes current's -- the tracer's -- saved V0-V31, "
             "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "

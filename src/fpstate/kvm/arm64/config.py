@@ -12,6 +12,13 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
+One more is KVM's own, from its history:
+
+* ``kvm-zcr-restored-at-put``: before 59419f10045b ("KVM: arm64: Eagerly switch
+  ZCR_EL{1,2}", v6.14): on an nVHE host, ZCR_EL1 kept the guest's value after a guest exit
+  and the vCPU's maximum VL came back only in kvm_arch_vcpu_put_fp(); a softirq's kernel-mode
+  NEON in between saved the guest's state at the wrong VL, and the VMM was killed.
+
 Fifteen more are the host kernel's, not KVM's, and live here because they are the same world's
 design choices:
 
@@ -86,6 +93,7 @@ KERNEL_NEON_SMSTOP_CLOBBERS = "kernel-neon-smstop-clobbers"
 SVE_TRAP_KEEPS_BINDING = "sve-trap-keeps-binding"
 SME_TRAP_KEEPS_BINDING = "sme-trap-keeps-binding"
 LOAD_FPMR_BEFORE_SVCR = state.LOAD_FPMR_BEFORE_SVCR
+KVM_ZCR_RESTORED_AT_PUT = "kvm-zcr-restored-at-put"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -124,6 +132,8 @@ VARIANTS: dict[str, str] = {
                             "of a task not live on its CPU leaves it bound to the CPU it left",
     LOAD_FPMR_BEFORE_SVCR: "host kernel from FPMR support (v6.9) to e5fa85fce08b (December "
                            "2024): task_fpsimd_load() writes FPMR before SVCR",
+    KVM_ZCR_RESTORED_AT_PUT: "KVM/arm64 nVHE before 59419f10045b (v6.14): the host runs at "
+                             "the guest's ZCR_EL1 VL from a guest exit until vcpu_put",
 }
 
 

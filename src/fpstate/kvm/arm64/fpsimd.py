@@ -39,7 +39,12 @@ from fpstate.kernel.arm64.state import (
     thread_field_offset,
     thread_fields_at,
 )
-from fpstate.kvm.arm64.config import FPMR_SHARED_LAYOUT, FPMR_UNGATED, KvmConfig
+from fpstate.kvm.arm64.config import (
+    FPMR_SHARED_LAYOUT,
+    FPMR_UNGATED,
+    KVM_ZCR_RESTORED_AT_PUT,
+    KvmConfig,
+)
 from fpstate.kvm.arm64.kvm_host import (
     FP_STATE_FREE,
     FP_STATE_GUEST_OWNED,
@@ -199,23 +204,43 @@ def kvm_arch_vcpu_ctxsync_fp(world: KvmWorld, ctx: str) -> KvmWorld:
     return world.with_host(host)
 
 
+def _zcr_restored_at_put(world: KvmWorld) -> bool:
+    """Whether ZCR_EL1 is switched back to the vCPU's maximum only at vcpu_put, as nVHE did
+    before 59419f10045b (variant ``kvm-zcr-restored-at-put``); a VHE host without NV runs
+    at the vCPU's maximum through ZCR_EL2 either way."""
+    return world.config.variant == KVM_ZCR_RESTORED_AT_PUT and not world.config.vhe
+
+
 def kvm_arch_vcpu_put_fp(world: KvmWorld, ctx: str) -> KvmWorld:
-    """kvm_arch_vcpu_put_fp(): save and flush a guest-owned state (TIF_FOREIGN set)."""
-    cpu = world.vcpu(ctx).cpu
+    """kvm_arch_vcpu_put_fp(): save and flush a guest-owned state (TIF_FOREIGN set).
+
+    Before 59419f10045b ("KVM: arm64: Eagerly switch ZCR_EL{1,2}", v6.14) an nVHE host
+    read the guest's ZCR_EL1 back and restored the maximum VL only here, just before the
+    save; until then the host ran at the guest's VL (`_zcr_restored_at_put`)."""
+    vcpu = world.vcpu(ctx)
+    cpu = vcpu.cpu
     assert cpu is not None
     world = owner_step(world, cpu, "put")
     if guest_owns_fp_regs(world, cpu):
+        if _zcr_restored_at_put(world) and vcpu_has_sve(world, vcpu):
+            regs = world.host.cpus[cpu].regs
+            world = world.with_vcpu(replace(vcpu, zcr_el1=regs.zcr_len))
+            regs = replace(regs, zcr_len=sve_vq_from_vl(vcpu.sve_max_vl) - 1)
+            world = world.with_host(world.host.with_regs(cpu, regs))
         world = world.with_host(host_fpsimd.fpsimd_save_and_flush_cpu_state(world.host, cpu))
     return world
 
 
 def fpsimd_lazy_switch_to_guest(world: KvmWorld, ctx: str) -> KvmWorld:
     """fpsimd_lazy_switch_to_guest(): a guest-owned SVE state runs with ZCR_EL2 = the
-    vCPU's maximum VQ and ZCR_EL1 = the guest's value."""
+    vCPU's maximum VQ and ZCR_EL1 = the guest's value (not before 59419f10045b: ZCR_EL1
+    then still held the guest's value from the last exit)."""
     vcpu = world.vcpu(ctx)
     cpu = vcpu.cpu
     assert cpu is not None
     if not (guest_owns_fp_regs(world, cpu) and vcpu_has_sve(world, vcpu)):
+        return world
+    if _zcr_restored_at_put(world):
         return world
     regs = world.host.cpus[cpu].regs
     regs = replace(regs, zcr_limit=sve_vq_from_vl(vcpu.sve_max_vl) - 1,
@@ -226,11 +251,15 @@ def fpsimd_lazy_switch_to_guest(world: KvmWorld, ctx: str) -> KvmWorld:
 def fpsimd_lazy_switch_to_host(world: KvmWorld, ctx: str) -> KvmWorld:
     """fpsimd_lazy_switch_to_host(): save the guest's ZCR_EL1 (read from the hardware: LEN,
     the other bits RES0) and set the live VL to the vCPU's maximum, so that a host-side save
-    uses the layout the binding announces."""
+    uses the layout the binding announces (not before 59419f10045b on nVHE: the host ran on
+    at the guest's VL until kvm_arch_vcpu_put_fp(), and a save in between -- a softirq's
+    kernel-mode NEON -- found the live VL wrong and killed the VMM)."""
     vcpu = world.vcpu(ctx)
     cpu = vcpu.cpu
     assert cpu is not None
     if not (guest_owns_fp_regs(world, cpu) and vcpu_has_sve(world, vcpu)):
+        return world
+    if _zcr_restored_at_put(world):
         return world
     regs = world.host.cpus[cpu].regs
     world = world.with_vcpu(replace(vcpu, zcr_el1=regs.zcr_len))
