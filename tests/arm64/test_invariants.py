@@ -13,7 +13,7 @@ from fpstate.kvm.arm64.handle_exit import guest_op
 
 def test_registry():
     names = [i.name for i in inv.INVARIANTS]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 13
     for i in inv.INVARIANTS:
         assert i.quote and i.source and callable(i.check), i.name
 
@@ -56,6 +56,12 @@ def broken(kvm, name):
     if name == "host_state_in_own_storage":
         t = w.vmm_task()
         return w.with_host(w.host.with_task(replace(t, clobbered=frozenset({"fp_type"}))))
+    if name == "host_traps_follow_tif":  # EL0 SVE enabled for a live task without TIF_SVE
+        w = kvm.vmm_op("fpsimd_write")(w)
+        t = w.vmm_task()
+        assert t.mode == "user" and not t.tif_foreign_fpstate and not t.tif_sve
+        cpu = next(c for c in w.host.cpus if c.current == t.name)
+        return w.with_host(w.host.with_cpu(replace(cpu, el0_sve=True)))
     if name == "host_never_warns":  # task_fpsimd_load() of SVE-format state, TIF_SVE clear
         from fpstate.kernel.arm64 import fpsimd
         t = replace(w.vmm_task(), tif_sve=False)

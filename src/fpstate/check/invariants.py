@@ -58,7 +58,9 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "tif-clear-owns-registers",
         "A context whose TIF_NEED_FPU_LOAD is clear is current on a CPU whose registers it "
-        "owns (fpu_fpregs_owner_ctx == fpu and last_cpu == cpu).",
+        "owns (fpu_fpregs_owner_ctx == fpu and last_cpu == cpu). arm64: a task whose "
+        "TIF_FOREIGN_FPSTATE is clear holds the CPU's registers with EL0 SVE and SME access "
+        "as its TIF_SVE and TIF_SME say; a guest owns them with the traps KVM computed.",
         "context.h / fpregs_assert_state_consistent(): 'If TIF_NEED_FPU_LOAD is cleared then "
         "the CPU's FPU registers are holding the current thread's FPU registers'"),
     Invariant(

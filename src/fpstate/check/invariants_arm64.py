@@ -22,6 +22,7 @@ ARM64_RULES: dict[str, str] = {
     "vcpu_sve_state_at_max_vl": "size-covers-features",
     "traps_iff_not_owned": "tif-clear-owns-registers",
     "guest_owned_state_bound": "tif-clear-owns-registers",
+    "host_traps_follow_tif": "tif-clear-owns-registers",
     "guest_observes_only_advertised": "nothing-beyond-advertised",
     "userspace_observes_only_advertised": "nothing-beyond-advertised",
     "traps_follow_advertised": "nothing-beyond-advertised",

@@ -101,8 +101,9 @@ VARIANTS: tuple[Variant, ...] = (
             "rt_sigreturn writes the frame's FP state into thread_struct while the registers "
             "stay bound to the task (no fpsimd_save_and_flush_current_state() first): the "
             "return to user does not reload, the task runs on with its handler's registers",
-            # with a VL changed in the handler, those registers are saved at the wrong VL
-            "no-lost-write", also=("size-covers-features",)),
+            # with a VL changed in the handler, those registers are saved at the wrong VL;
+            # with TIF_SVE changed by the frame, the stale binding's traps disagree with it
+            "no-lost-write", also=("size-covers-features", "tif-clear-owns-registers")),
     Variant("signal-keeps-tpidr2", "arm64", "signal.c setup_return()",
             "the signal handler starts with the interrupted code's TPIDR2_EL0 (SME's lazy-save "
             "block pointer) instead of 0: a lazy save the handler commits writes ZA into the "
@@ -149,13 +150,14 @@ VARIANTS: tuple[Variant, ...] = (
             "it returns to user with the trap armed and TIF_SVE set, traps again and WARNs",
             "kernel-warn", needs=("SVE",),
             # or, scheduled out first, its registers are saved in SVE format at whatever VL
-            # that CPU has: a VL mismatch, SIGKILL
-            also=("size-covers-features",)),
+            # that CPU has: a VL mismatch, SIGKILL; the armed trap with TIF_SVE set is itself
+            # the broken binding
+            also=("size-covers-features", "tif-clear-owns-registers")),
     Variant("sme-trap-keeps-binding", "arm64", "before d3eaab3c7090 (December 2024)",
             "do_sme_acc() of a thread preempted and migrated since its SME access trap leaves "
             "it bound to the CPU it left: switched back there, it returns to user with the trap "
             "armed and TIF_SME set, traps again and WARNs", "kernel-warn", needs=("SME",),
-            also=("size-covers-features",)),
+            also=("size-covers-features", "tif-clear-owns-registers")),
     Variant("load-fpmr-before-svcr", "arm64", "v6.9-v6.12 (fixed: e5fa85fce08b)",
             "task_fpsimd_load() writes FPMR before SVCR: returning to user on a CPU another "
             "thread left in streaming mode, the change of PSTATE.SM zeroes the FPMR just "
@@ -165,14 +167,20 @@ VARIANTS: tuple[Variant, ...] = (
             "kvm_arch_vcpu_put_fp(): a softirq's kernel-mode NEON in between saves the guest's "
             "SVE state, finds the live VL is not the vCPU's maximum and kills the VMM",
             "size-covers-features", config=NVHE_SVE_GUEST, needs=("SVE",)),
+    Variant("kvm-prepare-clears-tif-sve", "arm64", "KVM/arm64 before fbc7e61195e2 (Feb 2025)",
+            "vcpu_load leaves the host's state live and clears TIF_SVE (fpsimd_kvm_prepare()) "
+            "with EL0 SVE still enabled: back in user mode the VMM thread writes SVE registers "
+            "without TIF_SVE, and its next save keeps only V0-V31", "tif-clear-owns-registers",
+            config={"cpu": "neoverse-v1"}, needs=("SVE",), also=("no-lost-write",)),
     Variant("ptrace-set-no-flush", "arm64", "ptrace.c fpr_set()/sve_set_common()/za_set()",
             "PTRACE_SETREGSET writes a stopped thread's FP state in thread_struct but leaves "
             "its registers bound to the CPU that last ran it: run there again, the thread "
             "reuses them and the debugger's write is lost", "no-lost-write",
             # with TIF_SVE set by the write, the stale binding's VL is not the live one: the
             # next save kills the thread; with TIF_SME set (a ZA write), the stale binding's
-            # SME trap is still armed, and the next SME instruction traps into a WARN
-            also=("size-covers-features", "kernel-warn")),
+            # SME trap is still armed, and the next SME instruction traps into a WARN -- the
+            # stale binding's traps disagree with the TIF flags the write set
+            also=("size-covers-features", "kernel-warn", "tif-clear-owns-registers")),
     Variant("sve-set-zeroes-tracer", "arm64", "v6.16-v6.18 (fixed: 5cbb61bf4168)",
             "PTRACE_SETREGSET(NT_ARM_SVE/SSVE) zeroes current's -- the tracer's -- saved V0-V31, "
             "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "

@@ -12,8 +12,13 @@ FEAT_FPMR for guests", Dec 2023) rejected two things, each a selectable variant 
   by pointer arithmetic past ``uw.fpsimd_state`` (fpsimd_share_end()).  ("I won't take this
   sort of pointer arithmetic that assumes some pre-defined layout.")
 
-One more is KVM's own, from its history:
+Two more are KVM's own, from its history:
 
+* ``kvm-prepare-clears-tif-sve``: vcpu_load before fbc7e61195e2 ("KVM: arm64:
+  Unconditionally save+flush host FPSIMD/SVE/SME state", February 2025) left the host's
+  state live (HOST_OWNED) and fpsimd_kvm_prepare() cleared TIF_SVE while EL0 SVE stayed
+  enabled: back in user mode the VMM thread used SVE without TIF_SVE, and its next save
+  kept only the FPSIMD part (QEMU's SVE memmove() corrupted data).
 * ``kvm-zcr-restored-at-put``: before 59419f10045b ("KVM: arm64: Eagerly switch
   ZCR_EL{1,2}", v6.14): on an nVHE host, ZCR_EL1 kept the guest's value after a guest exit
   and the vCPU's maximum VL came back only in kvm_arch_vcpu_put_fp(); a softirq's kernel-mode
@@ -94,6 +99,7 @@ SVE_TRAP_KEEPS_BINDING = "sve-trap-keeps-binding"
 SME_TRAP_KEEPS_BINDING = "sme-trap-keeps-binding"
 LOAD_FPMR_BEFORE_SVCR = state.LOAD_FPMR_BEFORE_SVCR
 KVM_ZCR_RESTORED_AT_PUT = "kvm-zcr-restored-at-put"
+KVM_PREPARE_CLEARS_TIF_SVE = "kvm-prepare-clears-tif-sve"
 
 VARIANTS: dict[str, str] = {
     UPSTREAM: "KVM/arm64 as of v6.15+: host FP state saved and unbound at vcpu_load, FPMR "
@@ -134,6 +140,9 @@ VARIANTS: dict[str, str] = {
                            "2024): task_fpsimd_load() writes FPMR before SVCR",
     KVM_ZCR_RESTORED_AT_PUT: "KVM/arm64 nVHE before 59419f10045b (v6.14): the host runs at "
                              "the guest's ZCR_EL1 VL from a guest exit until vcpu_put",
+    KVM_PREPARE_CLEARS_TIF_SVE: "KVM/arm64 before fbc7e61195e2 (February 2025): the host's "
+                                "state left live at vcpu_load, TIF_SVE cleared, EL0 SVE left "
+                                "enabled",
 }
 
 

@@ -42,6 +42,7 @@ from fpstate.kernel.arm64.state import (
 from fpstate.kvm.arm64.config import (
     FPMR_SHARED_LAYOUT,
     FPMR_UNGATED,
+    KVM_PREPARE_CLEARS_TIF_SVE,
     KVM_ZCR_RESTORED_AT_PUT,
     KvmConfig,
 )
@@ -161,22 +162,31 @@ def kvm_arch_vcpu_load_fp(world: KvmWorld, ctx: str) -> KvmWorld:
     assert cpu is not None
     if not world.host.caps.fpsimd:
         return world
-    if world.config.variant == FPMR_SHARED_LAYOUT:
+    if world.config.variant in (FPMR_SHARED_LAYOUT, KVM_PREPARE_CLEARS_TIF_SVE):
         return _vcpu_load_fp_host_owned(world, vcpu, cpu)
     world = world.with_host(host_fpsimd.fpsimd_save_and_flush_cpu_state(world.host, cpu))
     return owner_step(world, cpu, "vcpu_load")
 
 
 def _vcpu_load_fp_host_owned(world: KvmWorld, vcpu: Vcpu, cpu: int) -> KvmWorld:
-    """The pre-v6.15 load (fpsimd_kvm_prepare() + HOST_OWNED) with the v3 FPMR sharing:
-    host_fpmr = (u64 *)(&current->thread.uw.fpsimd_state + 1)."""
+    """The load before fbc7e61195e2 ("KVM: arm64: Unconditionally save+flush host
+    FPSIMD/SVE/SME state", February 2025): unless SM or ZA is on, the host's state stays
+    live (HOST_OWNED, saved by hyp on the guest's first FP trap) and fpsimd_kvm_prepare()
+    clears TIF_SVE -- "KVM does not save host SVE state" -- while EL0 SVE stays enabled in
+    CPACR_EL1 (restored at put as seen at load), so the VMM thread goes back to user mode
+    able to use SVE without TIF_SVE, and its next save keeps only the FPSIMD part (variant
+    ``kvm-prepare-clears-tif-sve``; QEMU's SVE memmove() corrupted data). Hyp saves the host
+    FPMR through a pointer to uw.fpmr -- or, with the seed's v3 sharing (variant
+    ``fpmr-shared-layout``), host_fpmr = (u64 *)(&current->thread.uw.fpsimd_state + 1)."""
     host = world.host
     if host.caps.sme and host.cpus[cpu].regs.za_on:
         host = host_fpsimd.fpsimd_save_and_flush_cpu_state(host, cpu)
         return owner_step(world.with_host(host), cpu, "vcpu_load")
     t = host.task(world.vmm)
     host = host.update_task(t, tif_sve=False)          # fpsimd_kvm_prepare()
-    offset = thread_field_offset("uw.fpsimd_state") + USER_FPSIMD_STATE_SIZE
+    offset = (thread_field_offset("uw.fpsimd_state") + USER_FPSIMD_STATE_SIZE
+              if world.config.variant == FPMR_SHARED_LAYOUT
+              else thread_field_offset("uw.fpmr"))
     world = world.with_host(host).with_vcpu(replace(vcpu, host_fpmr_offset=offset))
     return owner_step(world, cpu, "vcpu_load_host_owned")
 

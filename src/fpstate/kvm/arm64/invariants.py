@@ -232,6 +232,27 @@ def host_state_in_own_storage(world: KvmWorld) -> list[str]:
     return out
 
 
+def host_traps_follow_tif(world: KvmWorld) -> list[str]:
+    """A CPU running a host task in user mode whose registers it holds (TIF_FOREIGN_FPSTATE
+    clear) lets EL0 use SVE exactly when the task has TIF_SVE and SME exactly when it has
+    TIF_SME, as fpsimd_bind_task_to_cpu() set them: SVE registers written with TIF_SVE
+    clear are not saved, and a trap taken with TIF_SVE set is a WARN."""
+    host = world.host
+    caps = host.caps
+    out: list[str] = []
+    for c in host.cpus:
+        t = None if c.current is None else host.tasks[c.current]
+        if t is None or t.mode != "user" or t.tif_foreign_fpstate:
+            continue
+        if caps.sve and c.el0_sve != t.tif_sve:
+            out.append(f"CPU {c.idx}: EL0 SVE {'enabled' if c.el0_sve else 'trapped'} for "
+                       f"{t.name} with TIF_SVE {'set' if t.tif_sve else 'clear'}")
+        if caps.sme and c.el0_sme != t.tif_sme:
+            out.append(f"CPU {c.idx}: EL0 SME {'enabled' if c.el0_sme else 'trapped'} for "
+                       f"{t.name} with TIF_SME {'set' if t.tif_sme else 'clear'}")
+    return out
+
+
 def host_never_warns(world: KvmWorld) -> list[str]:
     """No host task reaches a state the kernel's own WARN_ON()s call impossible."""
     return [f"{t.name}: {t.warned}" for t in world.host.tasks.values() if t.warned]
@@ -312,6 +333,10 @@ INVARIANTS: tuple[Invariant, ...] = (
               "When the host may use SME, fpsimd_save_and_flush_cpu_state() ensures that "
               "PSTATE.{SM,ZA} == {0,0}.",
               "arch/arm64/kvm/fpsimd.c kvm_arch_vcpu_load_fp()", no_streaming_or_za_in_guest),
+    Invariant("host_traps_follow_tif",
+              "if (test_thread_flag(TIF_SVE)) sve_user_enable(); else sve_user_disable(); "
+              "-- and the same for TIF_SME, when a task's state is bound to the CPU",
+              "arch/arm64/kernel/fpsimd.c fpsimd_bind_task_to_cpu()", host_traps_follow_tif),
     Invariant("host_never_warns",
               "an invalid state where (non-streaming) SVE register data is stored in "
               "FP_STATE_SVE format but TIF_SVE is clear",
