@@ -334,8 +334,8 @@ INVARIANTS: tuple[Invariant, ...] = (
               "PSTATE.{SM,ZA} == {0,0}.",
               "arch/arm64/kvm/fpsimd.c kvm_arch_vcpu_load_fp()", no_streaming_or_za_in_guest),
     Invariant("host_traps_follow_tif",
-              "if (test_thread_flag(TIF_SVE)) sve_user_enable(); else sve_user_disable(); "
-              "-- and the same for TIF_SME, when a task's state is bound to the CPU",
+              "Toggle SVE and SME trapping for userspace if needed (by TIF_SVE and TIF_SME, "
+              "when a task's state is bound to the CPU)",
               "arch/arm64/kernel/fpsimd.c fpsimd_bind_task_to_cpu()", host_traps_follow_tif),
     Invariant("host_never_warns",
               "an invalid state where (non-streaming) SVE register data is stored in "
