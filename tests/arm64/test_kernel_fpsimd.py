@@ -457,9 +457,11 @@ def test_save_at_a_live_vl_other_than_the_bound_one_kills():
 
 # --- stateful: random host histories keep every context's state its own --------------------
 class HostMachine(RuleBasedStateMachine):
-    """Random schedules, syscalls, interrupts, user FP/SVE/SME/FPMR instructions, kernel and
-    softirq NEON and VL changes on 2 CPUs and 3 tasks; after every user access, each context
-    must read exactly its own latest state."""
+    """Random schedules, syscalls, interrupts, user FP/SVE/SME/FPMR instructions, SVE and SME
+    access traps handled after any preemption, kernel and softirq NEON and VL changes on 2
+    CPUs and 3 tasks; after every user access and at the end of every task NEON section,
+    each context must read exactly its own latest state; a live user task's EL0 SVE/SME
+    access follows its TIF flags, and the kernel never WARNs."""
 
     tasks = ("a", "b", "c")
 
@@ -479,6 +481,12 @@ class HostMachine(RuleBasedStateMachine):
         problems = inv.no_context_observes_another(w) + inv.context_reads_own_latest(w)
         assert not problems, problems
 
+    def _neon_end(self, cpu):
+        """The task NEON section reads its registers back, then ends."""
+        self.h = k.kernel_neon_read(self.h.clear_obs(), cpu)
+        self._check()
+        self.h = k.kernel_neon_end(self.h, cpu)
+
     @precondition(lambda self: self._cpus("kernel", None) and any(
         t.mode in ("new", "sleeping") for t in self.h.tasks.values()))
     @rule(data=st.data())
@@ -486,7 +494,7 @@ class HostMachine(RuleBasedStateMachine):
         cpu = data.draw(st.sampled_from(self._cpus("kernel", None)))
         cur = self.h.current(cpu)
         if cur is not None and cur.tif_kernel_fpstate and data.draw(st.booleans()):
-            self.h = k.kernel_neon_end(self.h, cpu)
+            self._neon_end(cpu)
         ready = [n for n, t in self.h.tasks.items() if t.mode in ("new", "sleeping")]
         self.h = k.schedule(self.h, cpu, data.draw(st.sampled_from([*ready, None])))
 
@@ -496,7 +504,13 @@ class HostMachine(RuleBasedStateMachine):
         cpu = data.draw(st.sampled_from(self._cpus("kernel")))
         cur = self.h.current(cpu)
         if cur.tif_kernel_fpstate:
-            self.h = k.kernel_neon_end(self.h, cpu)
+            self._neon_end(cpu)
+        if cur.in_trap:
+            if not cur.trap_handled:
+                self.h = e.access_trap_handle(self.h, cpu)
+            self.h = e.access_trap_return(self.h, cpu)
+            self._check()
+            return
         self.h = (e.syscall_exit if cur.in_syscall else e.ret_to_user)(self.h, cpu)
 
     @precondition(lambda self: self._cpus("user"))
@@ -518,12 +532,30 @@ class HostMachine(RuleBasedStateMachine):
         self.h = k.kernel_neon(self.h, data.draw(st.sampled_from(self._cpus("user", "kernel"))),
                                softirq=True)
 
+    @precondition(lambda self: self._cpus("user"))
+    @rule(data=st.data(), op=st.sampled_from(tuple(e.TRAP_OPS)))
+    def trap(self, data, op):
+        cpu = data.draw(st.sampled_from(self._cpus("user")))
+        try:
+            self.h = e.access_trap(self.h, cpu, op)
+        except IllegalEvent:  # that trap is not armed on this CPU
+            pass
+
+    @precondition(lambda self: any(
+        self.h.task(c).in_trap and not self.h.task(c).trap_handled
+        for c in (cpu.current for cpu in self.h.cpus) if c is not None))
+    @rule(data=st.data())
+    def trap_handle(self, data):
+        cpus = [c.idx for c in self.h.cpus if c.current is not None
+                and self.h.task(c.current).in_trap and not self.h.task(c.current).trap_handled]
+        self.h = e.access_trap_handle(self.h, data.draw(st.sampled_from(cpus)))
+
     @precondition(lambda self: self._cpus("kernel"))
     @rule(data=st.data())
     def task_neon_begin(self, data):
         cpu = data.draw(st.sampled_from(self._cpus("kernel")))
         if not self.h.current(cpu).tif_kernel_fpstate:
-            self.h = k.kernel_neon_begin(self.h, cpu)
+            self.h = k.kernel_neon_use(k.kernel_neon_begin(self.h, cpu), cpu)
 
     @precondition(lambda self: self._cpus("kernel"))
     @rule(data=st.data(), vl=st.sampled_from([16, 32, 64]))
@@ -535,6 +567,12 @@ class HostMachine(RuleBasedStateMachine):
     @invariant()
     def nobody_is_killed(self):
         assert all(not t.killed for t in self.h.tasks.values())
+
+    @invariant()
+    def bindings_follow_flags_and_nothing_warns(self):
+        w = KvmWorld(self.h, KvmConfig(), (), "a")
+        problems = inv.host_traps_follow_tif(w) + inv.host_never_warns(w)
+        assert not problems, problems
 
 
 TestHostMachine = HostMachine.TestCase
