@@ -642,3 +642,15 @@ def test_a_neon_section_reads_back_its_registers_after_preemption(loaded, monkey
     assert r.observed["V"].startswith("kernel:vmm#" if loaded else "b#")
     names = {v.invariant for v in r.violations}
     assert names == (set() if loaded else {"no-lost-write", "no-foreign-value"})
+
+
+def test_preempting_a_vcpu_for_a_task_that_is_not_there_is_a_step_error():
+    """Shrinking replays paths with steps removed: a task cloned in a removed step is named
+    by a later preempt_vcpu, which must be refused as illegal, not crash."""
+    from fpstate.check.scenario import make_world
+    from fpstate.check.world import Action, StepError
+
+    w = make_world("arm64", {"cpu": "neoverse-n1", "cpus": 1, "tasks": []}, None)
+    w.step(Action.of("kvm_run", vcpu="vm0/0"))
+    with pytest.raises(StepError, match=r"no host task 'vmm\.c'"):
+        w.step(Action.of("preempt_vcpu", vcpu="vm0/0", to="vmm.c"))

@@ -241,3 +241,78 @@ def test_only_a_stopped_task_is_a_tracee() -> None:
     n1 = fpsimd.spawn(fpsimd.boot(__import__("fpstate.arm64.cpu", fromlist=["x"]).load_profile(
         "neoverse-n1")), "x")
     assert pt.host_regsets(n1.caps) == (pt.NT_PRFPREG,)
+
+
+def _traced(cpu: str = "fvp-aem-fpmr") -> Any:
+    """A checker world: task a used SVE, wrote ZA and entered streaming mode, and was
+    scheduled out; b, its debugger, runs on CPU 1."""
+    w = Job("arm64", {"cpu": cpu, "tasks": ["a", "b"], "vms": {}}).world()
+    for name, args in (("run", {"task": "a", "cpu": 0}),
+                       ("user_op", {"task": "a", "op": "sve_write"}),
+                       ("user_op", {"task": "a", "op": "smstart_za"}),
+                       ("user_op", {"task": "a", "op": "za_write"}),
+                       ("user_op", {"task": "a", "op": "smstart_sm"}),
+                       ("user_op", {"task": "a", "op": "sve_write"}),
+                       ("idle", {"cpu": 0}), ("run", {"task": "b", "cpu": 1})):
+        assert w.step(Action.of(name, **args)).violations == ()
+    return w
+
+
+def _back_and_read(w: Any, *ops: str) -> dict[str, Any]:
+    """a runs again on CPU 0 and executes ``ops``; what it read (checked by the invariants)."""
+    assert w.step(Action.of("run", task="a", cpu=0)).violations == ()
+    seen: dict[str, Any] = {}
+    for op in ops:
+        r = w.step(Action.of("user_op", task="a", op=op))
+        assert r.violations == (), r.violations
+        seen.update(r.observed)
+    return seen
+
+
+def test_an_fpsimd_format_nt_arm_sve_write_leaves_streaming_mode_and_keeps_za() -> None:
+    w = _traced()
+    r = w.step(Action.of("ptrace_set", task="b", tracee="a", regset="NT_ARM_SVE", fpsimd=True))
+    assert r.violations == ()
+    a, st = w.kw.host.task("a"), w.kw.host.store("thread:a")
+    assert not st.svcr & 1 and st.svcr & 2 and not a.tif_sve  # SM off, ZA on
+    assert st.vregs.writer == "a" and st.fp_type == "FP_STATE_FPSIMD"
+    seen = _back_and_read(w, "fpsimd_read", "sve_read", "za_read")
+    assert seen["V"] == f"a#{st.vregs.gen}" and seen["ZHI"] == "arch#0x0"
+    assert seen["ZA"].startswith("a#")
+
+
+@pytest.mark.parametrize(("regset", "other"), [("NT_ARM_SVE", 0), ("NT_ARM_SVE", 1),
+                                               ("NT_ARM_SSVE", 0), ("NT_ARM_SSVE", 1)])
+def test_a_debugger_s_write_at_another_vl_changes_it_then_writes_the_data(regset: str,
+                                                                          other: int) -> None:
+    w = _traced()
+    before = w.kw.host.task("a")
+    cur = before.sve_vl if regset == "NT_ARM_SVE" else before.sme_vl
+    vl = sorted({16, 32, 64} - {cur})[other]  # the FVP's VLs other than the task's
+    r = w.step(Action.of("ptrace_set", task="b", tracee="a", regset=regset, vl=vl))
+    assert r.violations == ()
+    a, st = w.kw.host.task("a"), w.kw.host.store("thread:a")
+    if regset == "NT_ARM_SVE":
+        assert (a.sve_vl, a.sme_vl) == (vl, before.sme_vl) and not st.svcr & 1
+        assert st.svcr & 2  # an SVE VL change keeps ZA
+    else:
+        assert (a.sve_vl, a.sme_vl) == (before.sve_vl, vl) and st.svcr & 1
+        assert not st.svcr & 2 and st.za == Tok("", 0)  # an SME VL change turns ZA off
+    assert st.sve_vl == vl and st.fp_type == FP_STATE_SVE and st.sve_v.writer == "a"
+    seen = _back_and_read(w, "sve_read")
+    assert seen["V"] == seen["ZHI"] == seen["P"] == f"a#{st.sve_v.gen}"
+
+
+def test_the_new_writes_are_in_the_walks_and_checked_fields() -> None:
+    w = _traced()
+    names = {(a.get("regset"), a.get("vl"), a.get("fpsimd")) for a in w.enabled()
+             if a.name == "ptrace_set" and a.get("tracee") == "a"}
+    t = w.kw.host.task("a")
+    assert ("NT_ARM_SVE", None, True) in names and ("NT_ARM_SSVE", None, True) not in names
+    assert {vl for rs, vl, _ in names if rs == "NT_ARM_SVE" and vl} == {16, 32, 64} - {t.sve_vl}
+    with pytest.raises(StepError, match="not a vector length"):
+        w.step(Action.of("ptrace_set", task="b", tracee="a", regset="NT_ARM_SVE", vl=48))
+    with pytest.raises(StepError, match="fields of NT_ARM_SVE"):
+        w.step(Action.of("ptrace_set", task="b", tracee="a", regset="NT_ARM_ZA", vl=16))
+    with pytest.raises(StepError, match="-EINVAL"):
+        w.step(Action.of("ptrace_set", task="b", tracee="a", regset="NT_ARM_SSVE", fpsimd=True))

@@ -154,7 +154,12 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "and its CPU idles in a state that loses FP context",
                {"task": _TASK, "tracee": _TASK, "regset": _REGSET,
                 "sleeps": FieldSpec(bool, "the tracer sleeps before the write",
-                                    required=False, default=False)}),
+                                    required=False, default=False),
+                "vl": FieldSpec(int, "NT_ARM_SVE/NT_ARM_SSVE: the header's vector length, "
+                                "another than the tracee's (gdb's set $vg): the VL changes, "
+                                "then the data at it", required=False),
+                "fpsimd": FieldSpec(bool, "NT_ARM_SVE: SVE_PT_REGS_FPSIMD, the payload "
+                                    "V0-V31/FPSR/FPCR only", required=False, default=False)}),
     ActionSpec("vcpu_init", "KVM_ARM_VCPU_INIT (kvm_reset_vcpu)", {
         "vcpu": _VCPU, "sve": FieldSpec(bool, "KVM_ARM_VCPU_SVE", required=False,
                                         default=False)}),
@@ -505,17 +510,24 @@ class Arm64World(World):
             self.kw.host, nr, lambda h: host_ptrace.ptrace_getregset(h, nr, tracee, note)))
         return self._observed()
 
-    def do_ptrace_set(self, task: str, tracee: str, regset: str,
-                      sleeps: bool = False) -> dict[str, Value]:
+    def do_ptrace_set(self, task: str, tracee: str, regset: str, sleeps: bool = False,
+                      vl: int | None = None, fpsimd: bool = False) -> dict[str, Value]:
         nr = self._user_cpu(task)
         self._tracee(tracee)
         note = self._regset(regset)
+        if (vl is not None or fpsimd) and regset not in ("NT_ARM_SVE", "NT_ARM_SSVE"):
+            raise StepError(f"{regset}: vl and fpsimd are fields of NT_ARM_SVE/NT_ARM_SSVE")
+        if vl is not None:
+            info = self.kw.host.caps.vl_info("SVE" if regset == "NT_ARM_SVE" else "SME")
+            if info is None or vl not in {16 * vq for vq in info.vqs}:
+                raise StepError(f"{regset}: {vl} is not a vector length this CPU has")
         flush = self.variant != PTRACE_SET_NO_FLUSH
         zero_tracer = self.variant == SVE_SET_ZEROES_TRACER
         self.kw = self.kw.with_host(host_ptrace.ptrace_syscall(
             self.kw.host, nr, lambda h: host_ptrace.ptrace_setregset(
                 h, nr, tracee, note, flush=flush, zero_tracer=zero_tracer,
-                tif_sve_with_sme_only=self.variant == SVE_SET_WITHOUT_TIF_SVE), sleeps=sleeps))
+                tif_sve_with_sme_only=self.variant == SVE_SET_WITHOUT_TIF_SVE, vl=vl,
+                fpsimd_format=fpsimd), sleeps=sleeps))
         return {}
 
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
@@ -604,8 +616,10 @@ class Arm64World(World):
     def do_preempt_vcpu(self, vcpu: str, to: str = "idle") -> dict[str, Value]:
         self._vcpu(vcpu)
         nxt = None if to == "idle" else to
-        if nxt is not None and nxt in self.kw.host.tasks and (
-                self.kw.host.task(nxt).in_syscall or self.kw.host.task(nxt).in_trap):
+        if nxt is not None and nxt not in self.kw.host.tasks:
+            raise StepError(f"no host task {nxt!r}")
+        if nxt is not None and (self.kw.host.task(nxt).in_syscall
+                                or self.kw.host.task(nxt).in_trap):
             raise StepError(f"{nxt} was preempted inside the kernel (use run)")
         self.kw = arm.preempt_vcpu(self.kw, vcpu, nxt)
         if nxt is not None:
@@ -750,6 +764,15 @@ class Arm64World(World):
                 out += [A("ptrace_get", task=tracer, tracee=name, regset=rs),
                         A("ptrace_set", task=tracer, tracee=name, regset=rs),
                         A("ptrace_set", task=tracer, tracee=name, regset=rs, sleeps=True)]
+                if rs in ("NT_ARM_SVE", "NT_ARM_SSVE"):
+                    kind = "SVE" if rs == "NT_ARM_SVE" else "SME"
+                    cur = t.sve_vl if kind == "SVE" else t.sme_vl
+                    info = kw.host.caps.vl_info(kind)
+                    out += [A("ptrace_set", task=tracer, tracee=name, regset=rs, vl=16 * vq)
+                            for vq in (sorted(info.vqs) if info else ()) if 16 * vq != cur]
+                    if kind == "SVE":
+                        out.append(A("ptrace_set", task=tracer, tracee=name, regset=rs,
+                                     fpsimd=True))
         return out
 
     #: The key names everything `enabled` and the invariants read but the last event's

@@ -617,8 +617,9 @@ def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
 
 
 def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
-                               stale_sve: bool = False) -> Host:
-    """change_live_vector_length(): save and flush, keep PSTATE.SM and the effective FPSIMD
+                               stale_sve: bool = False, task: str | None = None) -> Host:
+    """change_live_vector_length(): save and flush current (or, for another ``task`` -- a
+    stopped tracee -- fpsimd_flush_task_state()), keep PSTATE.SM and the effective FPSIMD
     state, zero the other SVE state, reallocate; an SME VL change also discards ZA.
 
     ``stale_sve`` is the rejected design before 49ce484187f7 ("arm64/fpsimd: ptrace/prctl:
@@ -626,8 +627,12 @@ def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
     (sve_to_fpsimd()) whenever TIF_SVE or SVCR.SM is set, not by fp_type -- but since v6.7 a
     save during a syscall stores FPSIMD format with TIF_SVE still set (to_save
     FP_STATE_FPSIMD), and sve_state then holds an older V."""
-    host = fpsimd_save_and_flush_current_state(host, cpu)
-    t = host.task(current_task(host, cpu).name)
+    if task is None:
+        host = fpsimd_save_and_flush_current_state(host, cpu)
+        task = current_task(host, cpu).name
+    else:
+        host = fpsimd_flush_task_state(host, task)
+    t = host.task(task)
     st = host.store(t.store)
     sm = bool(st.svcr & SVCR_SM)
     from_sve = (t.tif_sve or sm) if stale_sve else st.fp_type == FP_STATE_SVE

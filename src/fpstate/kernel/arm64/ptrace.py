@@ -518,12 +518,15 @@ def ptrace_getregset(host: Host, cpu: int, name: str, note: int) -> Host:
 
 
 def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool = True,
-                     zero_tracer: bool = False, tif_sve_with_sme_only: bool = False) -> Host:
+                     zero_tracer: bool = False, tif_sve_with_sme_only: bool = False,
+                     vl: int | None = None, fpsimd_format: bool = False) -> Host:
     """PTRACE_SETREGSET(``note``) of the stopped task ``name`` by current on ``cpu``, with
     the data GETREGSET gave and every register in it changed to a new value: fpr_set(),
-    sve_set_common() (SVE format at the current VL, flags as read), za_set() and zt_set()
-    with data, fpmr_set(), tls_set() (TPIDR2_EL0). Each ends in
-    fpsimd_flush_task_state(target) but tls_set(), whose register is switched eagerly.
+    sve_set_common() (SVE format, flags as read; for NT_ARM_SVE and NT_ARM_SSVE the header
+    may name another VL, ``vl`` -- gdb's `set $vg` -- and NT_ARM_SVE may be written in
+    FPSIMD format, ``fpsimd_format``), za_set() and zt_set() with data, fpmr_set(),
+    tls_set() (TPIDR2_EL0). Each ends in fpsimd_flush_task_state(target) but tls_set(),
+    whose register is switched eagerly.
 
     Rejected designs: ``flush`` False leaves the tracee's copy on a CPU valid (a setter
     without fpsimd_flush_task_state()); ``zero_tracer`` is sve_set_common() from v6.16 until
@@ -550,10 +553,10 @@ def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool 
         host = host.with_store(t.store, st)
     elif note in (NT_ARM_SVE, NT_ARM_SSVE):
         host, expect = _sve_set_common(host, cpu, name, note, tok, zero_tracer,
-                                       tif_sve_with_sme_only)
+                                       tif_sve_with_sme_only, vl, fpsimd_format)
     elif note in (NT_ARM_ZA, NT_ARM_ZT):
         if note == NT_ARM_ZA:
-            host = _same_vl(host, name, ARM64_VEC_SME)
+            host = _set_vl(host, cpu, name, ARM64_VEC_SME, None)
         za_on = bool(st.svcr & SVCR_ZA)
         host = fpsimd.sve_alloc(host, name, False)  # "SVE storage for streaming mode"
         if not za_on:  # sme_alloc(target, true): ZA and ZT0 zeroed
@@ -575,31 +578,41 @@ def ptrace_setregset(host: Host, cpu: int, name: str, note: int, *, flush: bool 
     return host.expect(name, expect)
 
 
-def _same_vl(host: Host, name: str, kind: str) -> Host:
-    """vec_set_vector_length() of a header written back as read: the VL is the task's (no
-    change of the live VL) and the flags hold VL_INHERIT as read, so the on-exec VL becomes
-    the VL with INHERIT, else 0 (task_set_vl_onexec())."""
+def _set_vl(host: Host, cpu: int, name: str, kind: str, vl: int | None) -> Host:
+    """vec_set_vector_length() of the header a debugger writes: a VL other than the task's
+    (one the CPU implements) changes it now (change_live_vector_length() on the stopped
+    task: V kept, the other SVE state zeroed, ZA off for an SME VL); the flags hold VL_INHERIT
+    as read, so the on-exec VL becomes the VL with INHERIT, else 0 (task_set_vl_onexec())."""
     t = host.task(name)
+    if vl is not None and vl != (t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl):
+        host = fpsimd._change_live_vector_length(host, cpu, kind, vl, task=name)
+        t = host.task(name)
     if kind == ARM64_VEC_SVE:
         return host.with_task(replace(t, sve_vl_onexec=t.sve_vl if t.tif_sve_vl_inherit else 0))
     return host.with_task(replace(t, sme_vl_onexec=t.sme_vl if t.tif_sme_vl_inherit else 0))
 
 
 def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
-                    zero_tracer: bool, tif_sve_with_sme_only: bool = False
+                    zero_tracer: bool, tif_sve_with_sme_only: bool = False,
+                    vl: int | None = None, fpsimd_format: bool = False
                     ) -> tuple[Host, dict[str, Tok]]:
-    """sve_set_common() with SVE_PT_REGS_SVE data at the current VL: the VL (the same: the
-    on-exec VL and INHERIT as vec_set_vector_length() leaves them for the flags read), for
-    NT_ARM_SSVE sme_alloc() keeping ZA/ZT0, sve_alloc(target, true), SVCR.SM and TIF_SVE or
-    TIF_SME, the tracee's uw.fpsimd_state zeroed, SVE format, then the data: Z (V and the
-    bits above), P, FFR, FPSR and FPCR."""
+    """sve_set_common() with a full register payload: the header's VL (``vl``, None: the
+    task's own) through `_set_vl`, for NT_ARM_SSVE sme_alloc() keeping ZA/ZT0, then either
+    SVE_PT_REGS_SVE data -- sve_alloc(target, true), SVCR.SM and TIF_SVE or TIF_SME, the
+    tracee's uw.fpsimd_state zeroed, SVE format, Z (V and the bits above), P, FFR, FPSR and
+    FPCR -- or, for NT_ARM_SVE with ``fpsimd_format`` (SVE_PT_REGS_FPSIMD), streaming mode
+    left, TIF_SVE clear, FPSIMD format and V0-V31, FPSR and FPCR (__fpr_set()); the rest of
+    Z, P and FFR then read as zero. NT_ARM_SSVE takes SVE format only (-EINVAL)."""
     kind = ARM64_VEC_SVE if note == NT_ARM_SVE else ARM64_VEC_SME
-    host = _same_vl(host, name, kind)
+    if fpsimd_format and kind == ARM64_VEC_SME:
+        raise IllegalEvent("ptrace", "regset", "set", "NT_ARM_SSVE: FPSIMD format: -EINVAL")
+    host = _set_vl(host, cpu, name, kind, vl)
     t = host.task(name)
     vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
     if kind == ARM64_VEC_SME:
         host = fpsimd.sme_alloc(host, name, False)
-    host = fpsimd.sve_alloc(host, name, True)
+    if not fpsimd_format:
+        host = fpsimd.sve_alloc(host, name, True)
     st = host.store(t.store)
     svcr = st.svcr
     if host.caps.sme or not tif_sve_with_sme_only:  # enter or leave streaming mode
@@ -612,6 +625,11 @@ def _sve_set_common(host: Host, cpu: int, name: str, note: int, tok: Tok,
         host = host.with_store(tracer.store, replace(tst, **zeroed))
         zeroed = {}
         st = host.store(t.store)
+    if fpsimd_format:  # clear TIF_SVE, FPSIMD format, then __fpr_set()
+        st = replace(replace(st, **zeroed), svcr=svcr, fp_type=FP_STATE_FPSIMD, vregs=tok,
+                     fpsr=tok)
+        host = host.with_task(replace(t, tif_sve=False)).with_store(t.store, st)
+        return host, {V: tok, FPSR: tok, ZHI: ZERO, P: ZERO}
     st = replace(replace(st, **zeroed), svcr=svcr, fp_type=FP_STATE_SVE, sve_v=tok,
                  sve_zhi=tok, sve_p=tok, fpsr=tok, sve_vl=vl)  # then the data
     host = host.with_task(t).with_store(t.store, st)
