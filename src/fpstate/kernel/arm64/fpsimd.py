@@ -593,7 +593,7 @@ def do_sme_acc(host: Host, cpu: int, flush_foreign: bool = True) -> Host:
 def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
                           flags: int, stale_sve: bool = False) -> tuple[Host, int]:
     """vec_set_vector_length() for current, then vec_prctl_status(); -errno on error
-    (``stale_sve``: see `_change_live_vector_length`)."""
+    (``stale_sve``: see `change_live_vector_length`)."""
     t = current_task(host, cpu)
     info = host.caps.vl_info(kind)
     if info is None:
@@ -604,7 +604,7 @@ def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
     onexec, inherit = bool(flags & PR_SVE_SET_VL_ONEXEC), bool(flags & PR_SVE_VL_INHERIT)
     cur_vl = t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl
     if not onexec and vl != cur_vl:
-        host = _change_live_vector_length(host, cpu, kind, vl, stale_sve)
+        host = change_live_vector_length(host, cpu, kind, vl, stale_sve)
     t = host.task(t.name)
     keep = vl if (onexec or inherit) else 0
     if kind == ARM64_VEC_SVE:
@@ -616,7 +616,7 @@ def vec_set_vector_length(host: Host, cpu: int, kind: str, vl: int,
     return host.with_task(t), status | (PR_SVE_VL_INHERIT if inherit else 0)
 
 
-def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
+def change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
                                stale_sve: bool = False, task: str | None = None) -> Host:
     """change_live_vector_length(): save and flush current (or, for another ``task`` -- a
     stopped tracee -- fpsimd_flush_task_state()), keep PSTATE.SM and the effective FPSIMD
@@ -652,7 +652,7 @@ def _change_live_vector_length(host: Host, cpu: int, kind: str, vl: int,
 def prctl_set_vl(host: Host, cpu: int, kind: str, arg: int,
                  stale_sve: bool = False) -> tuple[Host, int]:
     """PR_SVE_SET_VL / PR_SME_SET_VL: sve_set_current_vl() / sme_set_current_vl()
-    (``stale_sve``: see `_change_live_vector_length`)."""
+    (``stale_sve``: see `change_live_vector_length`)."""
     t = current_task(host, cpu)
     host = task_event(host.clear_obs(), t, "kernel_op")
     vl, flags = arg & PR_SVE_VL_LEN_MASK, arg & ~PR_SVE_VL_LEN_MASK

@@ -585,7 +585,7 @@ def _set_vl(host: Host, cpu: int, name: str, kind: str, vl: int | None) -> Host:
     as read, so the on-exec VL becomes the VL with INHERIT, else 0 (task_set_vl_onexec())."""
     t = host.task(name)
     if vl is not None and vl != (t.sve_vl if kind == ARM64_VEC_SVE else t.sme_vl):
-        host = fpsimd._change_live_vector_length(host, cpu, kind, vl, task=name)
+        host = fpsimd.change_live_vector_length(host, cpu, kind, vl, task=name)
         t = host.task(name)
     if kind == ARM64_VEC_SVE:
         return host.with_task(replace(t, sve_vl_onexec=t.sve_vl if t.tif_sve_vl_inherit else 0))
