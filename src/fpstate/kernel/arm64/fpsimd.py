@@ -293,9 +293,9 @@ def task_fpsimd_load(host: Host, cpu: int) -> Host:
             if not st.svcr & SVCR_SM:
                 # WARN_ON_ONCE(!test_and_set_thread_flag(TIF_SVE)): SVE-format state of a
                 # task not in streaming mode always has TIF_SVE set -- else a WARN
-                if not t.tif_sve and not t.warned:
-                    t = replace(t, warned="fpsimd.c task_fpsimd_load(): FP_STATE_SVE "
-                                "without TIF_SVE (WARN_ON_ONCE)")
+                if not t.tif_sve:
+                    t = _warn_once(t, "fpsimd.c task_fpsimd_load(): FP_STATE_SVE without "
+                                      "TIF_SVE (WARN_ON_ONCE)")
                 t = replace(t, tif_sve=True)
             if t.tif_sve:
                 load.update(zcr_len=sve_vq_from_vl(t.sve_vl) - 1, zcr_limit=15)

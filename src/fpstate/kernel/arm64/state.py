@@ -255,6 +255,8 @@ class Observation:
 #: user) consults through ``Host.variants`` rather than a parameter: task_fpsimd_load()
 #: writing FPMR before SVCR, before e5fa85fce08b (fpstate.kvm.arm64.config).
 LOAD_FPMR_BEFORE_SVCR = "load-fpmr-before-svcr"
+#: Every design ``Host.variants`` may hold.
+HOST_VARIANTS = frozenset({LOAD_FPMR_BEFORE_SVCR})
 
 
 @dataclass(frozen=True, slots=True)

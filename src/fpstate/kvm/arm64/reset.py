@@ -18,8 +18,8 @@ from fpstate.arm64.cpu import CpuProfile
 from fpstate.arm64.regs import ZERO, sve_regs_size, sve_vq_from_vl
 from fpstate.arm64.statemachine import IllegalEvent, replace
 from fpstate.kernel.arm64 import entry_common, fpsimd
-from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, FpStore
-from fpstate.kvm.arm64.config import LOAD_FPMR_BEFORE_SVCR, KvmConfig
+from fpstate.kernel.arm64.state import FP_STATE_FPSIMD, HOST_VARIANTS, FpStore
+from fpstate.kvm.arm64.config import KvmConfig
 from fpstate.kvm.arm64.kvm_host import (
     KVM_ARM_VCPU_FEATURES,
     KVM_ARM_VCPU_SVE,
@@ -37,8 +37,7 @@ def kvm_init(profile: CpuProfile, config: KvmConfig | None = None, ncpus: int = 
              vmm: str = "vmm") -> KvmWorld:
     """Boot the host, start the VMM task in user mode on CPU 0 (kvm_arm_init())."""
     config = config or KvmConfig()
-    host = fpsimd.boot(profile, ncpus,
-                       frozenset({config.variant}) & frozenset({LOAD_FPMR_BEFORE_SVCR}))
+    host = fpsimd.boot(profile, ncpus, frozenset({config.variant}) & HOST_VARIANTS)
     host = fpsimd.spawn(host, vmm)
     host = entry_common.ret_to_user(fpsimd.schedule(host, 0, vmm), 0)
     return KvmWorld(host, config, tuple(HypCpu() for _ in range(ncpus)), vmm)
