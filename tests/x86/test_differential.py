@@ -34,6 +34,7 @@ if not native.is_x86_64():
 
 from fpstate.host.runner import host_lacks, host_xsave  # noqa: E402
 from fpstate.host.runner import run_program as host_run  # noqa: E402
+from fpstate.x86.insn import default_xcr0  # noqa: E402
 from fpstate.x86.insn import run_program as model_run  # noqa: E402
 from fpstate.x86.profiles import load_profile  # noqa: E402
 
@@ -147,21 +148,32 @@ def test_feature_programs(focus: str) -> None:
 _AA = Buffer(bytes([0xAA]) * 4096)
 _ZMM_H = [(0x380, b"\x11")] if PROFILE.vendor == "amd" else []
 _STD_AVX = PROFILE.component(2).offset
+#: The AVX and AVX-512 components of this CPU's XCR0 (0xE7 with AVX-512, 0x7 without).
+_VEC = default_xcr0(PROFILE) & 0xE7
+#: The modified optimisation's witness: a component that XSAVEC of it alone writes at 576,
+#: where XSAVEOPT writes unmodified AVX state or not (Hi16_ZMM, else PKRU with key 0's rights
+#: kept: fpstate.x86.progen), and two values of it.
+_MARK, _MARK_START, _MARK_BUF = ((7, b"\x55" * 8, b"\x77" * 8) if _VEC & 0x80 else
+                                 (9, b"\x54\x55\x55\x55", b"\x5c\x77\x77\x77"))
+_MARK_AT = PROFILE.component(_MARK).offset if default_xcr0(PROFILE) >> _MARK & 1 else 0
 
 #: choice -> (the other value, a program whose host outcome tells the two apart)
 CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
     I.XRSTOR_INIT_XINUSE: ("in-use", Program(image(0), (Insn("XGETBV", reg=1),))),
-    I.XRSTOR_LOAD_XINUSE: ("set", Program(image(0xE7), (Insn("XGETBV", reg=1),))),
+    I.XRSTOR_LOAD_XINUSE: ("set", Program(image(_VEC), (Insn("XGETBV", reg=1),))),
     I.WRITE_XINUSE: (0, Program(image(0), (Insn("FLDCW", value=0x27F),
                                            Insn("FLDCW", value=0x37F),
                                            Insn("XGETBV", reg=1)))),
     I.ZEROING_CLEARS_XINUSE: (False, Program(image(0), (
         Insn("VMOVDQU", reg=1, data=bytes(range(32))), Insn("VZEROUPPER"),
         Insn("XGETBV", reg=1)))),
-    I.MODIFIED_OPTIMIZATION: (False, Program(image(0x80, patch=[(0x580, b"\x55" * 8)]), (
-        Insn("XRSTOR", buf=0, mask=0xE7), Insn("XSAVEC", buf=0, mask=0x80),
-        Insn("XSAVEOPT", buf=0, mask=0xE7)),
-        (Buffer(image(0xE7, patch=[(_STD_AVX, b"\x22" * 16), (0x580, b"\x77" * 8)])),))),
+    I.MODIFIED_OPTIMIZATION: (False, Program(
+        image(1 << _MARK, patch=[(_MARK_AT, _MARK_START)]), (
+            Insn("XRSTOR", buf=0, mask=_VEC | 1 << _MARK),
+            Insn("XSAVEC", buf=0, mask=1 << _MARK),
+            Insn("XSAVEOPT", buf=0, mask=_VEC | 1 << _MARK)),
+        (Buffer(image(_VEC | 1 << _MARK, patch=[(_STD_AVX, b"\x22" * 16),
+                                                  (_MARK_AT, _MARK_BUF)])),))),
     I.X87_POINTERS: ("always", Program(image(1, fop=0x123, fip=0x1111, fdp=0x2222,
                                               fsw=0x4000), (Insn("XSAVE", buf=0, mask=1),),
                                         (_AA,))),
@@ -173,8 +185,8 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
     I.MXCSR_MASK: (0xFFFF, Program(image(0), (Insn("LDMXCSR", value=0x21F80),
                                               Insn("STMXCSR")))),
     I.COMPACTED_XSTATE_BV63: ("allowed", Program(image(0), (
-        Insn("XRSTOR", buf=0, mask=0xE7),),
-        (Buffer(image(1 << 63, xcomp_bv=1 << 63 | 0xE7)),))),
+        Insn("XRSTOR", buf=0, mask=_VEC),),
+        (Buffer(image(1 << 63, xcomp_bv=1 << 63 | _VEC)),))),
     I.FXSAVE_RESERVED: ("zeroed", Program(image(0), (Insn("FXSAVE", buf=0),), (_AA,))),
     I.X87_POINTER_BITS: (64, Program(image(1, fcw=0x37E, fsw=1, fip=1 << 56, fdp=1 << 56),
                                      (Insn("XSAVE", buf=0, mask=1),), (_AA,))),
@@ -229,6 +241,14 @@ def test_implementation_choice(key: str) -> None:
         reason = host_lacks(needed)
         if reason:
             pytest.skip(reason)
+    # The images it restores: the start image and the buffers of its XRSTORs.
+    images = [program.start, *(program.buffers[i.buf].data for i in program.insns
+                               if i.mnemonic == "XRSTOR")]
+    missing = max(int.from_bytes(d[512:520], "little") & ~default_xcr0(PROFILE) & ~(1 << 63)
+                  for d in images)
+    if missing or (key == I.MODIFIED_OPTIMIZATION and not _MARK_AT):
+        pytest.skip(f"the program needs components {missing:#x} this CPU's XCR0 "
+                    f"{default_xcr0(PROFILE):#x} lacks (or neither Hi16_ZMM nor PKRU)")
     alternative = IMPL.with_choice(key, other)
     seen = []
     for _ in range(5):  # a preemption can make one run ambiguous (see insn.preemptions)

@@ -558,8 +558,16 @@ def test_wrpkru_rdpkru_and_xsave_of_pkru() -> None:
     prog = Program(image(0, size=2696), (Insn("WRPKRU", value=0x5555_0004), Insn("RDPKRU"),
                                          Insn("XSAVE", buf=0, mask=0x200)), (AA,))
     o = one(SPR, prog)
+    # PKRU state is the 32-bit register: bytes 7:4 of its component are left as they were.
     assert o.values == (0x5555_0004,) and o.buffers[0][2688:2696] == bytes.fromhex(
-        "0400555500000000")
+        "04005555aaaaaaaa")
+    # ... and are not loaded: PKRU 0 with bytes 7:4 set is initial (where XRSTOR's XINUSE
+    # follows the value, as on AMD: XRSTOR_LOAD_XINUSE "value", XSTATE_BV[9] saved 0).
+    at = ZEN4.component(9).offset
+    pad = image(0x200, size=at + 8, patch=[(at, bytes(4) + b"\x77" * 4)])
+    o = one(ZEN4, Program(image(0), (Insn("XRSTOR", buf=0, mask=0x200), Insn("RDPKRU"),
+                                    Insn("XSAVEC", buf=1, mask=0x200)), (Buffer(pad), AA)))
+    assert o.values == (0,) and o.buffers[1][512:520] == bytes(8)
     assert one(SPR, Program(image(0), (Insn("WRPKRU", value=1 << 32),))).fault.vector == "#GP"
     assert one(load_profile("zen2"), Program(image(0), (Insn("RDPKRU"),))).fault.vector == "#UD"
 

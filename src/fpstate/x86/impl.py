@@ -266,18 +266,66 @@ INTEL = ImplDefined(
 
 _AMD_ASSUMED = "assumed: as measured on the Zen 5 host (same microcode family behaviour)"
 
-#: Other AMD cores (Zen 2-4): the Zen 5 host's measured choices, not measured themselves.
+#: Other AMD cores (Zen 2, Zen 4): the Zen 5 host's measured choices, not measured
+#: themselves (the x87 pointer width follows each CPU's linear-address width: `for_profile`).
 AMD = replace(AMD_ZEN5_HOST, name="amd",
               origins={key: _AMD_ASSUMED for key in CHOICES})
 
+_ZEN3 = ("measured on an AMD EPYC family 19h model 01h (Zen 3) KVM guest, Linux 6.18, with "
+         "fpstate.host.runner; test_differential checks it")
+_NO_AVX512 = ("not measurable there (no AVX-512: ZMM_Hi256 does not exist, so the choice "
+              "cannot arise); as on the Zen 5 host")
+
+#: A second measured machine: AMD EPYC family 19h model 01h (Zen 3, Milan) in a KVM guest,
+#: XCR0 0x207 (x87, SSE, AVX, PKRU), 48-bit linear addresses. Every choice that can arise
+#: without AVX-512 agrees with the Zen 5 host but the width of the x87 pointers, which is the
+#: linear-address width on both.
+AMD_ZEN3_HOST = replace(
+    AMD_ZEN5_HOST, name="amd-zen3-host",
+    values={**AMD_ZEN5_HOST.values, X87_POINTER_BITS: 48},
+    origins={**{key: _ZEN3 for key in CHOICES},
+             WRITE_XINUSE: _ZEN3 + " (x87 as on the Zen 5 host; PKRU: WRPKRU 0 then "
+                           "XGETBV(1) reads bit 9 clear, WRPKRU 4 reads it set, whatever XINUSE "
+                           "was before -- the kernel's word of ae6012d72fa6, now measured)",
+             X87_POINTER_BITS: _ZEN3 + " (XSAVE64 after XRSTOR64 of FIP = FDP = 1 << 47 saves "
+                               "0xFFFF800000000000, 1 << 48 and 1 << 56 save 0, "
+                               "0x123456789ABCDEF0 saves 0x56789ABCDEF0: bits 47:0 kept, "
+                               "sign-extended; CPUID 0x80000008:EAX[15:8] = 48)",
+             LEGACY_SSE_UPPER: _NO_AVX512,
+             VEX256_HI256_XINUSE: _NO_AVX512})
+
+#: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
+_ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))
+
+
+def linear_address_bits(profile: CpuidProfile) -> int:
+    """CPUID 0x80000008:EAX[15:8], the linear-address width (48 where the leaf is absent)."""
+    if profile.max_extended_leaf < 0x80000008:
+        return 48
+    return profile.cpuid(0x80000008, 0)[0] >> 8 & 0xFF or 48
+
 
 def for_profile(profile: CpuidProfile) -> ImplDefined:
-    """The implementation-defined choices of ``profile``'s CPU (by vendor; the measured host
-    record for a family 1Ah AMD CPU)."""
-    if profile.vendor in ("amd", "hygon"):
-        family = profile.family_model_stepping[0]
-        return AMD_ZEN5_HOST if family == 0x1A else AMD
-    return INTEL
+    """The implementation-defined choices of ``profile``'s CPU: Intel's; on AMD the measured
+    record of its core (Zen 5: family 1Ah; Zen 3: the family 19h models of `_ZEN3_MODELS`),
+    else the Zen 5 host's, with FIP/FDP kept to the CPU's linear-address width
+    (`linear_address_bits`: 57 on the Zen 5 host and 48 on the Zen 3 host, both measured)."""
+    if profile.vendor not in ("amd", "hygon"):
+        return INTEL
+    family, model = profile.family_model_stepping[:2]
+    if family == 0x1A:
+        record = AMD_ZEN5_HOST
+    elif family == 0x19 and any(model in r for r in _ZEN3_MODELS):
+        record = AMD_ZEN3_HOST
+    else:
+        record = AMD
+    width = linear_address_bits(profile)
+    if width != record[X87_POINTER_BITS]:
+        record = record.with_choice(
+            X87_POINTER_BITS, width, f"the CPU's linear-address width (CPUID "
+            f"0x80000008:EAX[15:8] = {width}), as measured on the Zen 3 and Zen 5 hosts")
+    return record
 
 
-__all__ = ["AMD", "AMD_ZEN5_HOST", "CHOICES", "INTEL", "Choice", "ImplDefined", "for_profile"]
+__all__ = ["AMD", "AMD_ZEN3_HOST", "AMD_ZEN5_HOST", "CHOICES", "INTEL", "Choice", "ImplDefined",
+           "for_profile", "linear_address_bits"]

@@ -94,12 +94,16 @@ def _xfd_armed(cpu: Cpu) -> int:
 
 def _save_components(cpu: Cpu, dst: bytearray, offsets, save: int, init: int) -> None:
     """The generic loop: components of ``save`` from the registers, of ``init`` as their
-    initial configuration (XSAVE of an XFD-armed component), at ``offsets``."""
+    initial configuration (XSAVE of an XFD-armed component), at ``offsets``. PKRU state is
+    the 32-bit register (SDM 13.5.7): a save writes bytes 3:0 of its 8 and leaves bytes 7:4
+    as they were (measured on an AMD family 19h CPU; see `_load_components`)."""
     m = cpu.machine
     for i, off in offsets:
         if save >> i & 1:
             c = m.components[i]
-            dst[off:off + c.size] = m.components[i].init if init >> i & 1 else cpu.regs[i]
+            size = 4 if i == PKRU else c.size
+            value = c.init if init >> i & 1 else cpu.regs[i]
+            dst[off:off + size] = value[:size]
 
 
 # --- save checks (SDM 13.7, 13.9-13.11 "conditions that cause ... to generate a fault") -------
@@ -246,7 +250,11 @@ def _supervisor_fault(cpu: Cpu, i: int, data: bytes) -> Fault | None:
 
 def _load_components(cpu: Cpu, src: bytes, offsets, TO_BE_RESTORED: int) -> None:
     """The generic loop of XRSTOR/XRSTORS: copy each component of TO_BE_RESTORED in. TILECFG
-    that LDTILECFG would refuse is initialised instead (SDM 13.5.14)."""
+    that LDTILECFG would refuse is initialised instead (SDM 13.5.14). PKRU is a 32-bit
+    register in an 8-byte component (SDM 13.5.7): bytes 7:4 of the area are not loaded, so
+    they read back as 0 and a PKRU of 0 is in its initial configuration whatever they hold
+    (measured on an AMD family 19h CPU: XRSTOR of PKRU 0 with bytes 7:4 = 1 leaves XINUSE[9]
+    = 0 and XSAVE writes bytes 7:4 as 0)."""
     m = cpu.machine
     for i, off in offsets:
         if TO_BE_RESTORED >> i & 1:
@@ -254,6 +262,8 @@ def _load_components(cpu: Cpu, src: bytes, offsets, TO_BE_RESTORED: int) -> None
             data = src[off:off + size]
             if i == XTILECFG and not tilecfg_valid(cpu, data):
                 data = m.components[i].init
+            elif i == PKRU:
+                data = data[:4] + bytes(4)
             cpu.regs[i][:] = data
 
 

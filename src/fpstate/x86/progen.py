@@ -15,9 +15,16 @@ choice). The programs cover every user component of XCR0 and every user-mode XSA
   optimisation), register loads, VZEROUPPER/VZEROALL, x87, MXCSR, XGETBV, and, at a low
   rate, instructions this CPU or CPL 3 refuses (#UD, #GP).
 
-One rule keeps programs answerable (`fpstate.x86.cpu.UnknownPointers`): in a program with an
-FLD every x87 control word that can be loaded (start image, buffers, FLDCW) masks all six
-exceptions, so no save can ever show the FIP/FDP (code and data addresses) of an FLD.
+Two rules keep programs answerable:
+
+- (`fpstate.x86.cpu.UnknownPointers`) in a program with an FLD every x87 control word that can
+  be loaded (start image, buffers, FLDCW) masks all six exceptions, so no save can ever show
+  the FIP/FDP (code and data addresses) of an FLD;
+- every PKRU value that can be loaded (start image, buffers, WRPKRU) leaves protection key 0
+  readable and writable (AD0 = WD0 = 0, bits 1:0, as the kernel's init_pkru_value does):
+  every page a program touches -- its buffers, the runner's own slots and stack -- has key 0,
+  and the model has no page tables, so a protection-key #PF (SDM Vol. 3A 4.6.2, error code
+  bit 5) of the next access is outside what it can answer. Keys 1-15 take any rights.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import struct
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from fpstate.x86.cpu import XTILECFG, Machine, machine
+from fpstate.x86.cpu import PKRU, XTILECFG, Machine, machine
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
@@ -112,9 +119,18 @@ def _mxcsr(d: Draw, m: Machine, mask: int, valid: bool = True) -> int:
     return d.choice((0x10000, 0x80000000, d.integer(0, 0xFFFFFFFF) | ~mask & 0xFFFFFFFF))
 
 
+#: PKRU's access-disable and write-disable bits of protection key 0 (see the module
+#: docstring: programs never take key 0's rights away).
+PKRU_KEY0 = 0b11
+
+
 def _component(d: Draw, m: Machine, i: int, size: int) -> bytes:
-    """The bytes of component ``i`` in an image; TILECFG as LDTILECFG's operand (`_tilecfg`)."""
-    return _tilecfg(d, m) if i == XTILECFG else _value_bytes(d, size)
+    """The bytes of component ``i`` in an image; TILECFG as LDTILECFG's operand (`_tilecfg`);
+    PKRU with key 0's rights left (`PKRU_KEY0`)."""
+    if i == XTILECFG:
+        return _tilecfg(d, m)
+    v = _value_bytes(d, size)
+    return bytes([v[0] & ~PKRU_KEY0]) + v[1:] if i == PKRU else v
 
 
 def standard_image(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool) -> bytes:
@@ -254,7 +270,7 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
     if mn == "LDMXCSR":
         return Insn(mn, value=_mxcsr(d, m, mxcsr_mask, valid=_chance(d, 85)))
     if mn == "WRPKRU":
-        return Insn(mn, value=d.integer(0, 0xFFFFFFFF))
+        return Insn(mn, value=d.integer(0, 0xFFFFFFFF) & ~PKRU_KEY0)
     if mn == "LDTILECFG":
         return Insn(mn, data=_tilecfg(d, m))
     if mn == "TILELOADD":
