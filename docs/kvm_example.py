@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from fpstate.kvm.x86.conform_host import Context
 
 XCR0, CET_U = 0xE7, 0x800
+#: The CPU profile of part A's model side (the real sides need this machine to have AVX-512).
+MODEL_CPU = "zen5"
 ALL_ONES = (1 << 64) - 1
 U_CET, PL3_SSP = 0x1, 0x7FFFFFFFEFF8  # SH_STK_EN; a canonical, 8-byte aligned shadow stack
 #: legacy-region and header fields, for naming where two buffers differ
@@ -88,9 +90,10 @@ def loads_program(seed: int, size: int) -> Program:
 
 
 def model_guest_xsaves(seed: int) -> bytes:
-    """The guest's XSAVES buffer on the model: KVM (SVM vendor) on this machine's CPU, the
-    guest CPUID = the model's KVM_GET_SUPPORTED_CPUID (XSAVES, XSS CET_U|CET_S)."""
-    v = model_vmm(load_profile("host"), vendor="svm")
+    """The guest's XSAVES buffer on the model: KVM (SVM vendor) on a Zen 5 CPU (`MODEL_CPU`,
+    the CPU this document was made on: XCR0 0xe7 needs AVX-512), the guest CPUID = the
+    model's KVM_GET_SUPPORTED_CPUID (XSAVES, XSS CET_U|CET_S)."""
+    v = model_vmm(load_profile(MODEL_CPU), vendor="svm")
     vcpu = v.create_vcpu(v.create_vm())
     assert v.set_cpuid2(vcpu, v.supported_cpuid_0xd()) == 0
     (out,) = run_guest_program(vcpu, xsaves_program(seed), xcr0=XCR0, xss=CET_U, preempt=False)

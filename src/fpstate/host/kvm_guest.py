@@ -104,8 +104,9 @@ BACKEND_DIVERGENCES: dict[str, dict[str, str]] = {
         "sse_marked_in_use": (
             "after a KVM_RUN, KVM_GET_XSAVE2 may show SSE in use (XSTATE_BV[1] = 1) with its "
             "initial values (XMM zero, MXCSR 1F80H) though the guest never touched them: "
-            "always once the guest reached CPL 3 (hardware ring 3 through PVM's switcher), now "
-            "and then -- timing-dependent -- for a guest that stayed at CPL 0; in the model "
+            "on the Zen 5 host always once the guest reached CPL 3 (hardware ring 3 through "
+            "PVM's switcher), now and then -- timing-dependent -- for a guest that stayed at "
+            "CPL 0; on a Zen 3 host (family 19h) not after a CPL 3 run either; in the model "
             "(VMX/SVM KVM) only the guest's own instructions change XINUSE"),
         "cpl3_gp_emulated": (
             "a #GP at guest CPL 3 goes to KVM's instruction emulator first: LDMXCSR of a "

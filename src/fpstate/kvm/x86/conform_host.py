@@ -20,6 +20,8 @@ from fpstate.errors import HostUnavailable
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kvm.x86.cpuid import CpuidEntry2, KvmCaps, find_cpuid
 from fpstate.kvm.x86.vcpu import KvmConfig, KvmVcpu, Vmm, model_system
+from fpstate.x86.progen import PKRU_KEY0
+from fpstate.x86.cpu import PKRU as XFEATURE_PKRU
 
 LAYER = "kvm"
 
@@ -184,9 +186,15 @@ def random_uabi(rng: random.Random, caps: KvmCaps, mxcsr_mask: int, *,
     bit KVM does not support, a supervisor bit, XCOMP_BV, a reserved header byte, a reserved
     MXCSR bit. ``canonical`` buffers are what this CPU could have saved, for a KVM_RUN in
     between: SSE always (a guest run leaves it in use here), AVX and AVX-512 (all three or
-    none; ZMM_Hi256 in use implies AVX in use on this CPU), all non-zero, a valid MXCSR."""
+    none; ZMM_Hi256 in use implies AVX in use on this CPU), all non-zero, a valid MXCSR.
+    Every buffer leaves protection key 0 readable and writable in its PKRU bytes (bits 1:0
+    clear): KVM_SET_XSAVE puts them in vcpu->arch.pkru, the guest's PKRU at its next entry,
+    and every page of the test guest has key 0, so a later guest program would only meet a
+    protection-key #PF (fpstate.x86.progen keeps the same rule)."""
     buf = bytearray(rng.randbytes(4096))
     user = caps.supported_xcr0
+    if user >> XFEATURE_PKRU & 1:
+        buf[caps.component(XFEATURE_PKRU).offset] &= ~PKRU_KEY0
     if canonical:
         xstate_bv = (rng.getrandbits(8) & user & 0xE4) | 0x2
         if xstate_bv & 0xE0:
