@@ -20,8 +20,8 @@ from fpstate.errors import HostUnavailable
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kvm.x86.cpuid import CpuidEntry2, KvmCaps, find_cpuid
 from fpstate.kvm.x86.vcpu import KvmConfig, KvmVcpu, Vmm, model_system
-from fpstate.x86.progen import PKRU_KEY0
 from fpstate.x86.cpu import PKRU as XFEATURE_PKRU
+from fpstate.x86.progen import PKRU_KEY0
 
 LAYER = "kvm"
 
