@@ -29,6 +29,7 @@ from fpstate.host.signals import (
     UC_SIGCONTEXT_SS,
     UC_STRICT_RESTORE_SS,
     SignalRun,
+    compacted_pkru,
     corrupt_magic1,
     corrupt_magic2,
     patch_u32,
@@ -121,14 +122,15 @@ def test_frame_header_is_standard_format_with_fp_sse_forced(plain: SignalRun, rc
 
 
 def test_frame_header_is_xinuse_plus_fp_sse_and_sw_xfeatures_is_not(rc) -> None:
-    """XSAVE writes XSTATE_BV[i] = XINUSE[i]; save_xstate_epilog ORs in FP|SSE;
+    """XSAVE writes XSTATE_BV[i] = XINUSE[i]; save_xstate_epilog ORs in FP|SSE, and with PKU
+    update_pkru_in_sigframe() (v6.13, ae6012d72fa6) PKRU with the task's value;
     sw_bytes.xfeatures is fpstate->user_xfeatures whatever is in use."""
     upper = rc.xcr0 & ~0x3
     if not upper:
         pytest.skip("host XCR0 has nothing beyond x87/SSE")
     run = raise_signal(init_mask=upper)
     assert run.before.xstate_bv == 0x3
-    assert run.frame.xsave.xstate_bv == 0x3
+    assert run.frame.xsave.xstate_bv == 0x3 | rc.xcr0 & 1 << 9
     assert run.frame.sw_bytes.xfeatures == rc.xcr0
     if rc.vector_bytes == 64:
         assert run.after.zmm(3)[16:] == bytes(48)
@@ -304,7 +306,7 @@ def test_header_bytes_24_to_63_are_not_checked(rc) -> None:
 def test_xcomp_bv_compacted_form_is_accepted(rc) -> None:
     """XCOMP_BV[63] = 1 selects XRSTOR's compacted form: no fault; the registers come back
     intact when the compacted offsets of XCR0 coincide with the standard ones."""
-    run = raise_signal((set_xcomp_bv((1 << 63) | rc.xcr0),))
+    run = raise_signal((set_xcomp_bv((1 << 63) | rc.xcr0), *compacted_pkru(rc.xcr0)))
     assert run.sigreturn_ok and run.segv is None
     off, same = 576, True
     for nr, std, size in host_standard_layout():

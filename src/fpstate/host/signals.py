@@ -196,6 +196,21 @@ def set_xcomp_bv(value: int) -> FramePatch:
     return patch_u64(520, value, f"XCOMP_BV={value:#x}")
 
 
+def compacted_pkru(xcr0: int, value: int = 0x55555554) -> tuple[FramePatch, ...]:
+    """With PKRU in XCR0, a frame read in the compacted form (`set_xcomp_bv` with bit 63)
+    takes PKRU from its compacted offset, where the standard-format frame has no component:
+    stack bytes the kernel never wrote. The patch sets them (default init_pkru_value,
+    protection key 0 usable), so that what sigreturn's XRSTOR loads is known and the return to
+    user space can touch its stack. Nothing without PKRU."""
+    if not xcr0 >> 9 & 1:
+        return ()
+    from fpstate.x86.layout import compacted_offset
+    from fpstate.x86.profiles import load_profile
+
+    at = compacted_offset(load_profile("host"), 1 << 63 | xcr0, 9)
+    return (patch_u32(at, value, f"PKRU@{at}={value:#x}"),)
+
+
 def set_header_byte(index: int, value: int) -> FramePatch:
     """Byte ``index`` (16..63) of the XSAVE header: reserved space."""
     return FramePatch(512 + index, bytes([value & 0xFF]), f"header[{index}]={value:#x}")

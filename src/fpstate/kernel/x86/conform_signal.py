@@ -303,6 +303,12 @@ def _p64(off: int, v: int) -> Any:
     return patch_u64(off, v, f"u64@{off}={v:#x}")
 
 
+def _compacted_pkru(xcr0: int) -> tuple[Any, ...]:
+    from fpstate.host.signals import compacted_pkru
+
+    return compacted_pkru(xcr0)
+
+
 def _b(off: int, v: int) -> Any:
     from fpstate.host.signals import set_bytes
 
@@ -336,7 +342,7 @@ SIGRETURN_ROWS: dict[str, Any] = {
     "XSTATE_BV-plus-bit11": lambda n, x: (_p64(512, x | 1 << 11),),
     "XCOMP_BV-1": lambda n, x: (_p64(520, 1),),
     "XCOMP_BV-bit63": lambda n, x: (_p64(520, 1 << 63),),
-    "XCOMP_BV-compacted-xcr0": lambda n, x: (_p64(520, 1 << 63 | x),),
+    "XCOMP_BV-compacted-xcr0": lambda n, x: (_p64(520, 1 << 63 | x), *_compacted_pkru(x)),
     "header-byte16": lambda n, x: (_b(512 + 16, 1),),
     "header-byte24": lambda n, x: (_b(512 + 24, 0xA5),),
     "header-byte63": lambda n, x: (_b(512 + 63, 0xA5),),
@@ -351,7 +357,11 @@ def _segv_host() -> HostAnswer:
     from fpstate.host.child import register_class
     from fpstate.host.signals import raise_signal
 
-    rows = SIGRETURN_ROWS["XSTATE_BV-plus-bit9"](0, register_class().xcr0)
+    # A bit of XSTATE_BV outside XCR0 and user_xfeatures: PKRU's, or on a CPU with PKU
+    # enabled PT's (never in XCR0).
+    xcr0 = register_class().xcr0
+    rows = SIGRETURN_ROWS["XSTATE_BV-plus-bit8" if xcr0 >> 9 & 1 else "XSTATE_BV-plus-bit9"](
+        0, xcr0)
     run = raise_signal(tuple(rows))
     facts = _host_delivery_facts(run, usr1=False)
     return HostAnswer(facts, _given(run, patches=tuple(Patch(p.offset, p.data, p.what)
