@@ -50,6 +50,7 @@ from fpstate.kernel.x86.xstate_prctl import (
     sys_arch_prctl,
     sys_sigaltstack,
 )
+from fpstate.x86.impl import FCW_RESERVED, for_profile
 from fpstate.x86.xfeatures import (
     XFEATURE_MASK_PKRU,
     bits,
@@ -290,9 +291,18 @@ def image_registers(system: FpuSystem, image: bytes) -> dict[str, Any]:
 
 
 def model_registers(m: Machine, nr: int) -> dict[str, Any]:
-    """The same view of the model CPU ``nr``'s registers."""
+    """The same view of the model CPU ``nr``'s registers. The kernel model's register file
+    keeps an x87 image as it was written (fpstate.kernel.x86.hw); the CPU forces FCW's
+    reserved bits on every load (fpstate.x86.impl FCW_RESERVED: bit 6 reads 1, bits 15:13 and
+    7 read 0), so FCW is shown as this CPU holds it -- a ptrace write or a signal frame may
+    carry any FCW."""
     regs = m.cpus[nr].regs
     out: dict[str, Any] = {feature(i).short: regs.component(i) for i in user_components(m.system)}
+    x87 = out.get(feature(0).short)
+    if x87 is not None:
+        and_mask, or_mask = for_profile(m.system.profile)[FCW_RESERVED]
+        fcw = int.from_bytes(x87[0:2], "little") & and_mask | or_mask
+        out[feature(0).short] = fcw.to_bytes(2, "little") + x87[2:]
     out["MXCSR"] = regs.mxcsr
     return out
 

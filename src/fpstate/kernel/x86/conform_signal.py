@@ -265,8 +265,17 @@ def sigreturn_model(system: FpuSystem, g: SignalGiven) -> Facts:
     """The outcome of the return and the registers the task continues with."""
     m, t = model_sigreturn(system, g)
     if t.killed_by is None and t.user_sp == g.sp:
-        return {"outcome": "restored", **prefixed("after", model_registers(m, 0))}
+        return {"outcome": "restored", **prefixed("after", model_registers(m, 0)),
+                **_pkru_fact(system, m.cpus[0].regs.component(9))}
     return {"outcome": "SIGSEGV"}
+
+
+def _pkru_fact(system: FpuSystem, value: bytes) -> Facts:
+    """With PKU, the PKRU the task resumes with: sigreturn loads it from the frame
+    (model_registers and image_registers leave it out, it has its own paths elsewhere)."""
+    if not system.xcr0 >> 9 & 1:
+        return {}
+    return {"after.PKRU": f"{int.from_bytes(value[:4], 'little'):#x}"}
 
 
 def _sigreturn(patches: Any) -> Any:
@@ -279,8 +288,11 @@ def _sigreturn(patches: Any) -> Any:
         rows = tuple(patches(host_user_xstate_size(), register_class().xcr0))
         run = raise_signal(rows)
         if run.sigreturn_ok and run.after is not None:
-            facts = {"outcome": "restored",
-                     **prefixed("after", image_registers(host_system(), run.after.raw))}
+            system, raw = host_system(), run.after.raw
+            pkru = (raw[system.profile.component(9).offset:][:4]
+                    if system.xcr0 >> 9 & 1 and raw[513] & 2 else bytes(4))
+            facts = {"outcome": "restored", **prefixed("after", image_registers(system, raw)),
+                     **_pkru_fact(system, pkru)}
         elif run.segv is not None:
             facts = {"outcome": "SIGSEGV"}
         else:
@@ -301,6 +313,19 @@ def _p64(off: int, v: int) -> Any:
     from fpstate.host.signals import patch_u64
 
     return patch_u64(off, v, f"u64@{off}={v:#x}")
+
+
+def _pkru_rows(xcr0: int, pkru: int | None, xstate_bv: int | None) -> tuple[Any, ...]:
+    """The frame's PKRU value (at its standard offset) and XSTATE_BV, where XCR0 has PKRU
+    (nothing to patch elsewhere)."""
+    if not xcr0 >> 9 & 1:
+        return ()
+    from fpstate.x86.profiles import load_profile
+
+    rows = [] if xstate_bv is None else [_p64(512, xstate_bv)]
+    if pkru is not None:
+        rows.append(_p32(load_profile("host").component(9).offset, pkru))
+    return tuple(rows)
 
 
 def _compacted_pkru(xcr0: int) -> tuple[Any, ...]:
@@ -348,6 +373,10 @@ SIGRETURN_ROWS: dict[str, Any] = {
     "header-byte63": lambda n, x: (_b(512 + 63, 0xA5),),
     "mxcsr-bit31": lambda n, x: (_p32(24, 0x8000_1F80),),
     "mxcsr-0x21f80": lambda n, x: (_p32(24, 0x21F80),),
+    # With PKU: sigreturn's XRSTOR loads PKRU from the frame (hence ae6012d72fa6's
+    # update_pkru_in_sigframe()), another value or, with XSTATE_BV[9] clear, 0.
+    "PKRU-0xc": lambda n, x: _pkru_rows(x, 0xC, None),
+    "XSTATE_BV-without-PKRU": lambda n, x: _pkru_rows(x, None, x & ~(1 << 9)),
     "magic1-zero-xstate_bv-plus-bit9": lambda n, x: (_p32(SW, 0), _p64(512, x | 1 << 9)),
     "magic1-zero-mxcsr-bit31": lambda n, x: (_p32(SW, 0), _p32(24, 0x8000_1F80)),
 }
