@@ -231,7 +231,8 @@ def host_system() -> FpuSystem:
 
 
 def user_components(system: FpuSystem) -> list[int]:
-    """XCR0 components a user task loads directly (PKRU has its own path)."""
+    """XCR0 components a user task loads directly (PKRU has its own path; the register views
+    below show it as "PKRU")."""
     return bits(system.xcr0 & ~XFEATURE_MASK_PKRU)
 
 
@@ -287,7 +288,15 @@ def image_registers(system: FpuSystem, image: bytes) -> dict[str, Any]:
         live = (xstate_bv >> i) & 1
         out[feature(i).short] = _component_bytes(system, image, i) if live else init_value(i, size)
     out["MXCSR"] = int.from_bytes(image[24:28], "little")
+    if system.xcr0 & XFEATURE_MASK_PKRU:
+        at = system.profile.component(9).offset
+        out["PKRU"] = pkru_text(image[at:at + 4] if xstate_bv & XFEATURE_MASK_PKRU else bytes(4))
     return out
+
+
+def pkru_text(value: bytes) -> str:
+    """A PKRU register (the low 4 bytes of its component) as a fact."""
+    return f"{int.from_bytes(value[:4], 'little'):#x}"
 
 
 def model_registers(m: Machine, nr: int) -> dict[str, Any]:
@@ -304,6 +313,8 @@ def model_registers(m: Machine, nr: int) -> dict[str, Any]:
         fcw = int.from_bytes(x87[0:2], "little") & and_mask | or_mask
         out[feature(0).short] = fcw.to_bytes(2, "little") + x87[2:]
     out["MXCSR"] = regs.mxcsr
+    if m.system.xcr0 & XFEATURE_MASK_PKRU:
+        out["PKRU"] = pkru_text(regs.component(9))
     return out
 
 

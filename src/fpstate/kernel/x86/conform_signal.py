@@ -265,17 +265,8 @@ def sigreturn_model(system: FpuSystem, g: SignalGiven) -> Facts:
     """The outcome of the return and the registers the task continues with."""
     m, t = model_sigreturn(system, g)
     if t.killed_by is None and t.user_sp == g.sp:
-        return {"outcome": "restored", **prefixed("after", model_registers(m, 0)),
-                **_pkru_fact(system, m.cpus[0].regs.component(9))}
+        return {"outcome": "restored", **prefixed("after", model_registers(m, 0))}
     return {"outcome": "SIGSEGV"}
-
-
-def _pkru_fact(system: FpuSystem, value: bytes) -> Facts:
-    """With PKU, the PKRU the task resumes with: sigreturn loads it from the frame
-    (model_registers and image_registers leave it out, it has its own paths elsewhere)."""
-    if not system.xcr0 >> 9 & 1:
-        return {}
-    return {"after.PKRU": f"{int.from_bytes(value[:4], 'little'):#x}"}
 
 
 def _sigreturn(patches: Any) -> Any:
@@ -288,11 +279,8 @@ def _sigreturn(patches: Any) -> Any:
         rows = tuple(patches(host_user_xstate_size(), register_class().xcr0))
         run = raise_signal(rows)
         if run.sigreturn_ok and run.after is not None:
-            system, raw = host_system(), run.after.raw
-            pkru = (raw[system.profile.component(9).offset:][:4]
-                    if system.xcr0 >> 9 & 1 and raw[513] & 2 else bytes(4))
-            facts = {"outcome": "restored", **prefixed("after", image_registers(system, raw)),
-                     **_pkru_fact(system, pkru)}
+            facts = {"outcome": "restored",
+                     **prefixed("after", image_registers(host_system(), run.after.raw))}
         elif run.segv is not None:
             facts = {"outcome": "SIGSEGV"}
         else:
