@@ -22,16 +22,23 @@ from fpstate.kernel.x86.sched import (
     Task,
     TaskState,
 )
+from fpstate.tools.template import guest_profile
+from fpstate.x86.profiles import load_profile
 from fpstate.x86.xfeatures import MXCSR_DEFAULT
 
 YMM, OPMASK, HI16, PKRU, TILECFG, TILEDATA = 2, 5, 7, 9, 17, 18
 NEW_XMM3 = bytes(range(0x10, 0x20))
 
 
+#: The KVM guest this project was first measured on (sessions 1-13): a Zen 5 whose VMM
+#: offered XCR0 0xe7 and IA32_XSS 0x1800 (no PKRU; standard size 2432). The model's answers
+#: for it are pinned here, whatever CPU runs the tests.
+ZEN5_VM = guest_profile(load_profile("zen5"), 0xE7, 0x1800)
+
+
 def host_machine(**options) -> Machine:
-    m = Machine.boot("host", **options)
-    if m.system.user.max_features != 0xE7 or m.system.user.max_size != 2432:
-        pytest.skip("host is not this Zen 5 VM (XCR0 0xe7, standard size 2432)")
+    m = Machine.boot(ZEN5_VM, **options)
+    assert m.system.user.max_features == 0xE7 and m.system.user.max_size == 2432
     return m
 
 

@@ -671,6 +671,14 @@ def guest_cpuid(host: CpuidProfile, entries: Sequence[CpuidEntry2]) -> CpuidProf
     return CpuidProfile(f"{host.name} guest", host.vendor, leaves, "template on host CPUID")
 
 
+def guest_profile(host: CpuidProfile, xcr0: int, xss: int = 0) -> CpuidProfile:
+    """The CPUID of a KVM guest on ``host`` whose VMM offers leaf 0xD for ``xcr0`` and
+    ``xss`` (`pool_template` of this one host, then `guest_cpuid`): the CPU a guest kernel
+    boots on, e.g. a Zen 5 guest without PKRU (the KVM guest this project was first measured
+    on: XCR0 0xe7, IA32_XSS 0x1800). TemplateError if ``host`` cannot give them."""
+    return guest_cpuid(host, pool_template([host], xcr0=xcr0, xss=xss).entries())
+
+
 def check_template(entries: Sequence[CpuidEntry2], host: CpuidProfile,
                    vendor: str | None = None, offer: HostOffer | None = None,
                    probe: bool = False, guest_kernel: str | None = None) -> TemplateCheck:
@@ -818,6 +826,7 @@ def format_check(c: TemplateCheck) -> str:
 
 __all__ = [
     "Finding", "HostOffer", "Left", "Template", "TemplateCheck", "TemplateError",
-    "check_template", "format_check", "format_template", "guest_cpuid", "host_offer",
+    "check_template", "format_check", "format_template", "guest_cpuid",
+    "guest_profile", "host_offer",
     "measured_offer", "pool_template", "probe_host", "read_template",
 ]
