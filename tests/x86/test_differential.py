@@ -201,6 +201,9 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
         "kept" if IMPL[I.VEX256_HI256_XINUSE] == "per-register" else "per-register",
         Program(image(0), (Insn("VMOVDQU64", reg=11, data=bytes(range(1, 65))),
                            Insn("VMOVDQU", reg=11, data=bytes(32)), Insn("XGETBV", reg=1)))),
+    I.LEGACY_SSE_KEEPS_AVX: (not IMPL[I.LEGACY_SSE_KEEPS_AVX], Program(image(0), (
+        Insn("VMOVDQU", reg=4, data=bytes(32)), Insn("MOVDQU", reg=10, data=bytes(16)),
+        Insn("FXRSTOR", buf=0), Insn("XGETBV", reg=1)), (Buffer(image(0)),))),
     I.EMMS_TOP: ("kept" if IMPL[I.EMMS_TOP] == "zeroed" else "zeroed",
                  Program(image(1, fsw=0x2800, ftw=0x20), (Insn("EMMS"), Insn("FNSTSW")))),
 }

@@ -658,3 +658,22 @@ def test_outcome_buffers_are_whole_buffers() -> None:
     o = one(ZEN4, Program(image(0), (Insn("XSAVE", buf=0, mask=0),), (Buffer(b"\x01"),)))
     assert len(o.buffers[0]) == BUFFER_SIZE and o.buffers[0][0] == 1
 
+
+
+def test_a_legacy_sse_write_keeps_avx_in_use_through_fxrstor_on_zen3_only() -> None:
+    """LEGACY_SSE_KEEPS_AVX (measured on a Zen 3): VMOVDQU ymm4 = 0 puts AVX in use, MOVDQU
+    xmm10 then keeps it so: FXRSTOR and XRSTOR without RFBM[2] leave XINUSE[2] set where the
+    Zen 5 record recomputes it from the (zero) registers; XRSTOR with RFBM[2] or VZEROUPPER
+    ends it."""
+    zen3, zen5 = load_profile("zen3"), load_profile("zen5")
+    start = (Insn("VMOVDQU", reg=4, data=bytes(32)), Insn("MOVDQU", reg=10, data=bytes(16)))
+
+    def xinuse(profile, *tail: Insn) -> int:
+        prog = Program(image(0), (*start, *tail, Insn("XGETBV", reg=1)), (Buffer(image(0)),))
+        return one(profile, prog).values[-1]
+
+    assert xinuse(zen3, Insn("FXRSTOR", buf=0)) == 0x4
+    assert xinuse(zen3, Insn("XRSTOR", buf=0, mask=0x2), Insn("FXRSTOR", buf=0)) == 0x4
+    assert xinuse(zen3, Insn("XRSTOR", buf=0, mask=0x4), Insn("FXRSTOR", buf=0)) == 0
+    assert xinuse(zen3, Insn("VZEROUPPER"), Insn("FXRSTOR", buf=0)) == 0
+    assert xinuse(zen5, Insn("FXRSTOR", buf=0)) == 0

@@ -187,6 +187,7 @@ class Cpu:
     """
 
     __slots__ = (
+        "avx_kept",
         "cpl",
         "cr0_ts",
         "cr4_osxsave",
@@ -229,6 +230,9 @@ class Cpu:
         #: the ``zmm_hi256_written`` a VEX.256 load just cleared XINUSE[6] from, while a legacy
         #: SSE write may still see ZMM_Hi256 in use (`fpstate.x86.insn.lagging_tracking`)
         self.zmm_hi256_lag = 0
+        #: a legacy SSE write met AVX state in use: XINUSE[2] stays set through restores that
+        #: do not load AVX state (LEGACY_SSE_KEEPS_AVX)
+        self.avx_kept = False
         self.xmodified = (1 << 64) - 1
         self.xrstor_info: tuple | None = None
         self.x87_pointers_known = True
@@ -248,7 +252,7 @@ class Cpu:
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
                 self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written,
-                self.x87_regs_written, self.zmm_hi256_lag)
+                self.x87_regs_written, self.zmm_hi256_lag, self.avx_kept)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 

@@ -324,7 +324,7 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
     if RFBM >> ZMM_HI256 & 1:
         cpu.zmm_hi256_written = 0  # XINUSE[6] recomputed by this restore
     if RFBM & R.ZMM0_15:
-        R.restore_zmm_xinuse(cpu)
+        R.restore_zmm_xinuse(cpu, RFBM)
     all_ones = (1 << 64) - 1
     cpu.xmodified = all_ones & ~RFBM if cpu.impl[MODIFIED_OPTIMIZATION] else all_ones
     cpu.xrstor_info = (cpu.cpl, 0, area.address, 0 if standard else COMPMASK)

@@ -19,7 +19,8 @@ Tracking, as measured on the host and recorded in `fpstate.x86.impl`:
   with ZEROING_CLEARS_XINUSE, clear their XINUSE bits;
 - LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6);
 - with RESTORE_ZMM_XINUSE "value", a restore that touches ZMM0-15 (FXRSTOR; XRSTOR with RFBM
-  bit 1, 2 or 6) recomputes XINUSE[1], [2], [6] from the registers (`restore_zmm_xinuse`).
+  bit 1, 2 or 6) recomputes XINUSE[1], [2], [6] from the registers (`restore_zmm_xinuse`),
+  XINUSE[2] not while a legacy SSE write keeps it (LEGACY_SSE_KEEPS_AVX, `Cpu.avx_kept`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from fpstate.x86.impl import (
     EMMS_TOP,
     FLD_UNDEFINED_FLAGS,
     FXSAVE_RESERVED,
+    LEGACY_SSE_KEEPS_AVX,
     LEGACY_SSE_UPPER,
     RESTORE_ZMM_XINUSE,
     VEX256_HI256_XINUSE,
@@ -78,12 +80,16 @@ def _avx_faults(cpu: Cpu, flag: str, xcr0: int) -> Fault | None:
 ZMM0_15 = 1 << SSE | 1 << YMM | 1 << ZMM_HI256
 
 
-def restore_zmm_xinuse(cpu: Cpu) -> None:
-    """After FXRSTOR, or an XRSTOR/XRSTORS whose RFBM meets `ZMM0_15`, with RESTORE_ZMM_XINUSE
-    "value": XINUSE[1], [2], [6] := not in the initial configuration (SDM 13.6)."""
+def restore_zmm_xinuse(cpu: Cpu, rfbm: int = 0) -> None:
+    """After FXRSTOR (``rfbm`` 0), or an XRSTOR/XRSTORS whose RFBM meets `ZMM0_15`, with
+    RESTORE_ZMM_XINUSE "value": XINUSE[1], [2], [6] := not in the initial configuration (SDM
+    13.6) -- but XINUSE[2] stays set while a legacy SSE write keeps it (`Cpu.avx_kept`,
+    LEGACY_SSE_KEEPS_AVX) and the restore does not load AVX state (RFBM[2] = 0)."""
+    if rfbm >> YMM & 1:
+        cpu.avx_kept = False
     if cpu.impl[RESTORE_ZMM_XINUSE] == "value":
         for i in (SSE, YMM, ZMM_HI256):
-            if cpu.xcr0 >> i & 1:
+            if cpu.xcr0 >> i & 1 and not (i == YMM and cpu.avx_kept):
                 cpu.track_value(i)
 
 
@@ -99,11 +105,15 @@ def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
 
 def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """MOVDQU xmm, m128 (F3 0F 6F /r): XMM[reg] := data; "DEST[MAXVL-1:128] (Unmodified)".
-    With LEGACY_SSE_UPPER, AVX state is marked in use (not modified) too while ZMM_Hi256 is."""
+    With LEGACY_SSE_UPPER, AVX state is marked in use (not modified) too while ZMM_Hi256 is;
+    with LEGACY_SSE_KEEPS_AVX, AVX state in use stays so through restores that do not load
+    it (`restore_zmm_xinuse`)."""
     if cpu.cr0_ts:
         return _NM_TS
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data
     cpu.wrote(1 << SSE)
+    if cpu.impl[LEGACY_SSE_KEEPS_AVX] and cpu.xinuse >> YMM & 1:
+        cpu.avx_kept = True
     if cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1:
         cpu.xinuse |= 1 << YMM
         if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and reg < 16:
@@ -182,6 +192,7 @@ def VZEROUPPER(cpu: Cpu) -> Fault | None:
             cpu.regs[i][:] = bytes(len(cpu.regs[i]))
             mask |= 1 << i
     _zeroed(cpu, mask)
+    cpu.avx_kept = False
     return None
 
 
@@ -197,6 +208,7 @@ def VZEROALL(cpu: Cpu) -> Fault | None:
             cpu.regs[i][:] = bytes(len(cpu.regs[i]))
             mask |= 1 << i
     _zeroed(cpu, mask)
+    cpu.avx_kept = False
     return None
 
 
