@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fpstate.cli import main
@@ -297,6 +297,8 @@ _u32 = st.integers(0, 0xFFFFFFFF)
 @given(sub=st.lists(st.tuples(st.integers(0, 63), _u32, _u32, _u32, _u32), min_size=1,
                     max_size=8),
        cpu=st.sampled_from(["zen4", "sapphire-rapids", "haswell"]))
+# AVX advertised with its sub-leaf flagged supervisor: the guest kernel model once asserted
+@example(sub=[(0, 7, 0, 0, 0), (2, 0, 0, 1, 0)], cpu="zen4")
 def test_check_fuzz(sub, cpu) -> None:
     """Any leaf 0xD: the check answers (errors are findings), it never raises."""
     e = {0: CpuidEntry2(0xD, 0, 1, 3, 576, 576, 0)}
@@ -304,6 +306,16 @@ def test_check_fuzz(sub, cpu) -> None:
         e[i] = CpuidEntry2(0xD, i, 1, a, b, c, d)
     c = check_template(tuple(e.values()), P[cpu])
     assert c.host == cpu
+
+
+def test_a_user_component_flagged_supervisor_disables_xsave_in_the_guest() -> None:
+    """AVX in CPUID.(0DH,0).EAX but its sub-leaf's ECX[0] set: setup_xstate_cache() leaves its
+    standard offset at -1 (unsigned), the user size wraps and the consistency check fails, so a
+    Linux guest boots without XSAVE; the check says so instead of raising."""
+    e = (CpuidEntry2(0xD, 0, 1, 7, 832, 832, 0), CpuidEntry2(0xD, 2, 1, 256, 0, 1, 0))
+    c = check_template(e, P["zen4"])
+    assert not c.ok and "a Linux guest boots without XSAVE: paranoid_size" in [
+        f.what for f in c.findings]
 
 
 @pytest.mark.parametrize("pair", list(itertools.combinations(sorted(P), 2)),

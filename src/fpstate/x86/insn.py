@@ -254,7 +254,7 @@ def _load_components(cpu: Cpu, src: bytes, offsets, TO_BE_RESTORED: int) -> None
     register in an 8-byte component (SDM 13.5.7): bytes 7:4 of the area are not loaded, so
     they read back as 0 and a PKRU of 0 is in its initial configuration whatever they hold
     (measured on an AMD family 19h CPU: XRSTOR of PKRU 0 with bytes 7:4 = 1 leaves XINUSE[9]
-    = 0 and XSAVE writes bytes 7:4 as 0)."""
+    = 0; a later XSAVE leaves the area's bytes 7:4 as they were: `_save_components`)."""
     m = cpu.machine
     for i, off in offsets:
         if TO_BE_RESTORED >> i & 1:

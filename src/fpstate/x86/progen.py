@@ -192,6 +192,9 @@ def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool) -> Bu
         data = bytearray(d.raw(d.integer(1, 4096)))
         if masked:
             data[0] |= 0x3F
+        at = m.components[PKRU].offset if PKRU in m.components else len(data)
+        if at < len(data):  # an XRSTOR of it may load PKRU: key 0's rights stay
+            data[at] &= ~PKRU_KEY0
         data = bytes(data)
     else:
         make = standard_image if kind == "standard" or _chance(d, 50) else compacted_image

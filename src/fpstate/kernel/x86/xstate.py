@@ -207,9 +207,12 @@ def xstate_calculate_size(cache: XstateCache, xfeatures: int, compacted: bool) -
                 if xfeatures >> i & 1:
                     topmost = i
         entry_offset = cache.entry(topmost).offset
-        assert entry_offset is not None, f"standard size of supervisor xfeature {topmost}"
-        offset = entry_offset
-    return offset + cache.entry(topmost).size
+        # setup_xstate_cache() leaves xstate_offsets[i] at -1 for a feature CPUID.(0xD,i)
+        # flags as supervisor (ECX[0]); the array is unsigned int, so a user feature a broken
+        # leaf 0xD flags so (a fuzzed template) gets a size that wraps around, which the
+        # consistency check then refuses.
+        offset = 0xFFFFFFFF if entry_offset is None else entry_offset
+    return (offset + cache.entry(topmost).size) & 0xFFFFFFFF
 
 
 def cpuid_xsave_size(profile: CpuidProfile, enabled: int, compacted: bool) -> int:
