@@ -485,9 +485,10 @@ def test_a_guest_run_leaves_sse_initial_and_under_pvm_may_mark_it_in_use(cpl: in
     MXCSR keep their initial values; under kvm_pvm SSE may be marked in use all the same
     (BACKEND_DIVERGENCES "sse_marked_in_use": always after CPL 3 on the Zen 5 host, never on
     a Zen 3 host); the model's KVM never.
-    On a host with PKU, XSTATE_BV[9] is set with PKRU 0, as in the model of this KVM: the
-    guest fpstate is saved with the host's PKRU (init_pkru_value, not 0) back in the register
-    (kvm_load_host_xsave_state() comes first), and KVM_GET_XSAVE2 writes vcpu->arch.pkru."""
+    On a host with PKU, XSTATE_BV[9] is set with PKRU 0, as in the model of this KVM: KVM
+    switches PKRU only for a guest with PKRU in XCR0 or CR4.PKE (kvm_load_guest_xsave_state),
+    so this guest runs with the host's PKRU (init_pkru_value, not 0) in the register and its
+    fpstate is saved with it, while KVM_GET_XSAVE2 writes vcpu->arch.pkru as the value."""
     from fpstate.kvm.x86.conform_host import Context
 
     with _machine() as m:
