@@ -168,6 +168,27 @@ def test_ptrace_set_decisions_on_random_buffers(batch: list[conform_ptrace.Mutat
     assert not result.mismatches, _mismatch_text(result)
 
 
+@x86_only
+def test_a_ptrace_write_of_pkru_is_what_the_tracee_resumes_with() -> None:
+    """NT_X86_XSTATE with XSTATE_BV = XCR0 and PKRU's low byte poked to 0xff: the write keeps
+    key 0's rights (`Mutation.apply`), thread.pkru takes the rest, and the tracee resumes with
+    PKRU (its old bits 31:8) | 0xfc, model == real. (Skips without PKU.)"""
+    xcr0 = _host_xcr0()
+    if not xcr0 >> 9 & 1:
+        pytest.skip(f"host XCR0 {xcr0:#x} has no PKRU")
+    xstate, _ = _base_images()
+    at = conform.host_system().profile.component(9).offset
+    writes = (conform_ptrace.Mutation(xcr0, 0, None, 0x1F80, None, None, ((at, 0xFF),),
+                                      0).apply(xstate),)
+    facts, session = conform_ptrace._host_session(writes)
+    want = int.from_bytes(xstate[at:at + 4], "little") & ~0xFF | 0xFC
+    assert facts["tracee ran after PTRACE_CONT"] and facts["after.PKRU"] == f"{want:#x}"
+    given_ = conform_ptrace.PtraceGiven(session.before.raw, writes)
+    result = compare("ptrace/pkru", conform_ptrace.ptrace_model(conform.host_system(), given_),
+                     facts)
+    assert not result.mismatches, _mismatch_text(result)
+
+
 _BASE: list[tuple[bytes, bytes]] = []
 
 

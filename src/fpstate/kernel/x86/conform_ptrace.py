@@ -47,6 +47,7 @@ from fpstate.kernel.x86.regset import (
 )
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import FpuSystem
+from fpstate.x86.progen import PKRU_KEY0
 
 READ_BUFFER = 16384  #: iov_len offered to GETREGSET (clamped by the kernel to the regset size)
 NOTE_NAMES = {NT_X86_XSTATE: "NT_X86_XSTATE", NT_PRFPREG: "NT_PRFPREG"}
@@ -201,6 +202,12 @@ class Mutation:
             buf[464:512] = self.sw_reserved
         for off, value in self.pokes:
             buf[off % len(buf)] = value
+        at = _pkru_offset()
+        if at is not None and at < len(buf):
+            # The tracee resumes with this PKRU (thread.pkru): key 0's rights stay, or it
+            # dies of a protection-key fault on its own stack, which the model (no page
+            # tables) cannot answer -- fpstate.x86.progen keeps the same rule.
+            buf[at] &= ~PKRU_KEY0
         if self.reserved is not None:
             buf[512 + self.reserved[0]] = self.reserved[1]
         what = (f"XSTATE_BV={self.xstate_bv:#x} XCOMP_BV={self.xcomp_bv:#x} "
@@ -208,6 +215,12 @@ class Mutation:
                                              if self.reserved else "")
                 + (f" len{self.length_delta:+d}" if self.length_delta else ""))
         return Write(NT_X86_XSTATE, bytes(buf), what, max(0, len(base) + self.length_delta))
+
+
+def _pkru_offset() -> int | None:
+    """PKRU's standard offset where this machine's XCR0 has it, else None."""
+    system = host_system()
+    return system.profile.component(9).offset if system.xcr0 >> 9 & 1 else None
 
 
 def random_mutation(rng: random.Random, xcr0: int) -> Mutation:
