@@ -174,6 +174,8 @@ def _zeroed(cpu: Cpu, mask: int) -> None:
     cpu.xmodified |= mask
     if mask >> ZMM_HI256 & 1:
         cpu.zmm_hi256_written = 0
+    if mask >> YMM & 1:
+        cpu.avx_kept = False  # AVX state zeroed: nothing keeps it in use (LEGACY_SSE_KEEPS_AVX)
     if cpu.impl[ZEROING_CLEARS_XINUSE]:
         cpu.xinuse &= ~mask
     else:
@@ -192,7 +194,6 @@ def VZEROUPPER(cpu: Cpu) -> Fault | None:
             cpu.regs[i][:] = bytes(len(cpu.regs[i]))
             mask |= 1 << i
     _zeroed(cpu, mask)
-    cpu.avx_kept = False
     return None
 
 
@@ -208,7 +209,6 @@ def VZEROALL(cpu: Cpu) -> Fault | None:
             cpu.regs[i][:] = bytes(len(cpu.regs[i]))
             mask |= 1 << i
     _zeroed(cpu, mask)
-    cpu.avx_kept = False
     return None
 
 

@@ -288,10 +288,15 @@ def image_registers(system: FpuSystem, image: bytes) -> dict[str, Any]:
         live = (xstate_bv >> i) & 1
         out[feature(i).short] = _component_bytes(system, image, i) if live else init_value(i, size)
     out["MXCSR"] = int.from_bytes(image[24:28], "little")
-    if system.xcr0 & XFEATURE_MASK_PKRU:
-        at = system.profile.component(9).offset
+    at = pkru_offset(system)
+    if at is not None:
         out["PKRU"] = pkru_text(image[at:at + 4] if xstate_bv & XFEATURE_MASK_PKRU else bytes(4))
     return out
+
+
+def pkru_offset(system: FpuSystem) -> int | None:
+    """PKRU's standard offset where ``system``'s XCR0 has it, else None."""
+    return system.profile.component(9).offset if system.xcr0 & XFEATURE_MASK_PKRU else None
 
 
 def pkru_text(value: bytes) -> str:

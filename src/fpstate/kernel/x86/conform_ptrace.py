@@ -33,6 +33,7 @@ from fpstate.kernel.x86.conform import (
     image_registers,
     load_registers,
     model_registers,
+    pkru_offset,
     prefixed,
     user_task,
 )
@@ -202,7 +203,7 @@ class Mutation:
             buf[464:512] = self.sw_reserved
         for off, value in self.pokes:
             buf[off % len(buf)] = value
-        at = _pkru_offset()
+        at = pkru_offset(host_system())
         if at is not None and at < len(buf):
             # The tracee resumes with this PKRU (thread.pkru): key 0's rights stay, or it
             # dies of a protection-key fault on its own stack, which the model (no page
@@ -215,12 +216,6 @@ class Mutation:
                                              if self.reserved else "")
                 + (f" len{self.length_delta:+d}" if self.length_delta else ""))
         return Write(NT_X86_XSTATE, bytes(buf), what, max(0, len(base) + self.length_delta))
-
-
-def _pkru_offset() -> int | None:
-    """PKRU's standard offset where this machine's XCR0 has it, else None."""
-    system = host_system()
-    return system.profile.component(9).offset if system.xcr0 >> 9 & 1 else None
 
 
 def random_mutation(rng: random.Random, xcr0: int) -> Mutation:

@@ -31,6 +31,7 @@ from fpstate.kernel.x86.conform import (
     image_registers,
     load_registers,
     model_registers,
+    pkru_offset,
     prefixed,
     show,
     user_task,
@@ -306,13 +307,12 @@ def _p64(off: int, v: int) -> Any:
 def _pkru_rows(xcr0: int, pkru: int | None, xstate_bv: int | None) -> tuple[Any, ...]:
     """The frame's PKRU value (at its standard offset) and XSTATE_BV, where XCR0 has PKRU
     (nothing to patch elsewhere)."""
-    if not xcr0 >> 9 & 1:
+    at = pkru_offset(host_system()) if xcr0 >> 9 & 1 else None
+    if at is None:
         return ()
-    from fpstate.x86.profiles import load_profile
-
     rows = [] if xstate_bv is None else [_p64(512, xstate_bv)]
     if pkru is not None:
-        rows.append(_p32(load_profile("host").component(9).offset, pkru))
+        rows.append(_p32(at, pkru))
     return tuple(rows)
 
 
