@@ -34,6 +34,7 @@ from fpstate.kernel.x86.types import FpuSystem
 from fpstate.kernel.x86.xstate import fpu__init_system_xstate
 from fpstate.x86 import layout
 from fpstate.x86.profiles import load_profile
+from fpstate.x86.xfeatures import feature, mask_names
 
 CASES = kernel_cases()
 _not_x86 = pytest.mark.skipif(not native.is_x86_64(), reason="the host is not x86-64")
@@ -418,9 +419,20 @@ def test_worked_example_host_flow_replays_on_the_model() -> None:
     lines = list(host_flow())
     assert lines[0].startswith("real kernel: arch_prctl GET_XCOMP_SUPP")
     reason = conform.host_amx_reason()
+    user = conform.host_system().user.max_features
     if reason:
         assert f"  sigframe/amx-tiles-in-use: skipped: {reason}" in lines
+        # The flow runs with the state this CPU has, named from its XCR0.
+        assert (f"  the same flow with the state this CPU has ({mask_names(user)}, MXCSR) "
+                "instead:") in lines
     assert any(line.startswith("  ptrace/get-and-resume: ") for line in lines)
+    # The widest vector register the tracee resumes with is shown for model and real alike.
+    widest = next(i for i in (6, 2, 1) if (user >> i) & 1)
+    size = 512 if widest == 6 else 256  # ZMM_Hi256: 16 x 32 bytes; YMM_Hi128, XMM: 16 x 16
+    shown = [line.split() for line in lines
+             if line.startswith(f"    after.{feature(widest).short} ")]
+    assert shown == [[f"after.{feature(widest).short}", "model", str(size), "bytes", "real",
+                      str(size), "bytes"]]
 
 
 @x86_only
