@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from fpstate.errors import HostUnavailable
+from fpstate.errors import FpstateError, HostUnavailable
 from fpstate.host import native
 from fpstate.host.child import (
     FCW_DEFAULT,
@@ -403,3 +403,60 @@ def test_amx_request_with_a_small_altstack_is_enospc() -> None:
     except HostUnavailable as e:
         pytest.skip(str(e))
     assert r.installed_errno == 0 and r.req_errno == errno.ENOSPC
+
+
+# -- a sigaltstack behind a protection key (get_sigframe's sig_prepare_pkru, v6.12) ------------
+
+INIT_PKRU = 0x55555554
+
+
+@pytest.fixture(scope="module")
+def pku(rc):
+    from fpstate.kernel.x86.conform import host_pku_reason
+
+    reason = host_pku_reason()
+    if reason:
+        pytest.skip(reason)
+    return rc
+
+
+def _pkru_of(image) -> int:
+    """PKRU of a standard-format image (0 where XSTATE_BV[PKRU] is clear)."""
+    off = dict((i, o) for i, o, _ in host_standard_layout())[9]
+    return int.from_bytes(image.raw[off:off + 4], "little") if image.xstate_bv >> 9 & 1 else 0
+
+
+def test_pkey_probe_arguments_are_checked() -> None:
+    with pytest.raises(FpstateError, match="pkey_rights needs an altstack"):
+        raise_signal(pkey_rights=3)
+    with pytest.raises(FpstateError, match="handler_pkeys is 'open' or 'closed'"):
+        raise_signal(altstack_size=16384, pkey_rights=3, handler_pkeys="ajar")
+
+
+def test_kernel_writes_the_frame_on_an_altstack_whose_key_the_code_closed(pku) -> None:
+    """The interrupted code denies the altstack's key (AD | WD); the kernel still builds the
+    frame there (it opens every key first), records the closed PKRU in the frame, gives the
+    handler init_pkru_value, and sigreturn (after the handler opened the keys) restores the
+    closed PKRU."""
+    run = raise_signal(altstack_size=16384, pkey_rights=3, handler_pkeys="open")
+    assert run.pkey is not None and run.pkey > 0
+    closed = _pkru_of(run.before)
+    assert closed >> (2 * run.pkey) & 3 == 3 and closed & 3 == 0  # key closed, key 0 open
+    f = run.frame
+    assert f is not None and run.altstack_sp <= f.frame_address < run.altstack_sp + 16384
+    assert f.interrupted_sp == run.kill_sp
+    assert _pkru_of(f.xsave) == closed and f.xsave.xstate_bv >> 9 & 1
+    assert _pkru_of(f.handler_entry) == INIT_PKRU
+    assert run.sigreturn_ok and _pkru_of(run.after) == closed
+
+
+def test_sigreturn_under_the_handlers_pkru_cannot_read_its_frame(pku) -> None:
+    """A handler that keeps init_pkru_value (the altstack's key closed) returns: rt_sigreturn
+    cannot read the frame, so the kernel forces SIGSEGV (SI_KERNEL), delivered on the altstack
+    the stack pointer is still on."""
+    run = raise_signal(altstack_size=16384, pkey_rights=3, handler_pkeys="closed")
+    assert run.frame is None and not run.sigreturn_ok
+    segv = run.segv
+    assert segv is not None and segv.signo == signal.SIGSEGV and segv.si_code == SI_KERNEL
+    assert run.altstack_sp <= segv.frame_address < run.altstack_sp + 16384
+    assert run.exit.exit_code == SEGV_EXIT

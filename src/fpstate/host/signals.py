@@ -160,6 +160,11 @@ class SignalRun:
     after: XsaveImage | None  #: registers after sigreturn
     segv: SignalFrame | None  #: SIGSEGV delivered instead (failed sigreturn or frame setup)
     exit: ChildExit
+    #: With a key-protected altstack (``raise_signal(pkey_rights=...)``): the key pkey_alloc()
+    #: gave it, the altstack's ss_sp, and RSP when kill() was made.
+    pkey: int | None = None
+    altstack_sp: int | None = None
+    kill_sp: int | None = None
 
 
 # -- named corruptions ---------------------------------------------------------------------
@@ -247,6 +252,11 @@ class _Layout:
         return PAGE - 8
 
     @property
+    def pkey_info(self) -> int:
+        """Three u64 of a key-protected altstack: the key, ss_sp, RSP at kill()."""
+        return PAGE - 32
+
+    @property
     def before(self) -> int:
         return PAGE
 
@@ -274,8 +284,33 @@ def _layout() -> _Layout:
     return _Layout(xs, xs + 2 * PAGE)
 
 
+def _wrpkru(asm: Asm, value: int) -> None:
+    """WRPKRU ``value``. Clobbers RAX, RCX, RDX."""
+    asm.mov_imm(asm.R.RAX, value)
+    asm.mov_imm(asm.R.RCX, 0)
+    asm.mov_imm(asm.R.RDX, 0)
+    asm.emit(asm.In.create(asm.C.WRPKRU))
+
+
+def _deny_key(asm: Asm, key: int, rights: int) -> None:
+    """PKRU |= ``rights`` (AD = 1, WD = 2) for ``key``: RDPKRU, OR, WRPKRU. Clobbers RAX, RCX,
+    RDX."""
+    asm.mov_imm(asm.R.RCX, 0)
+    asm.emit(asm.In.create(asm.C.RDPKRU))
+    asm.emit(asm.In.create_reg_u32(asm.C.OR_RM32_IMM32, asm.R.EAX, rights << (2 * key)))
+    asm.mov_imm(asm.R.RCX, 0)
+    asm.mov_imm(asm.R.RDX, 0)
+    asm.emit(asm.In.create(asm.C.WRPKRU))
+
+
 def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
-             patches: tuple[FramePatch, ...], final_exit: int | None) -> None:
+             patches: tuple[FramePatch, ...], final_exit: int | None,
+             pkeys: str | None = None) -> None:
+    """Handler slot ``k``. ``pkeys`` (a key-protected altstack): "open" -- after the entry
+    XSAVE, WRPKRU 0 so that the frame can be read and returned through; "closed" -- only the
+    entry registers are recorded, and the handler returns without touching its stack (RSP +=
+    8 as RET would, then rt_sigreturn), so that sigreturn reads the frame under the PKRU the
+    handler was given."""
     C, In, M, R = asm.C, asm.In, asm.M, asm.R
     slot = shm.address + lay.slot(k)
     asm.mov_imm(R.R8, slot)
@@ -283,6 +318,12 @@ def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
         asm.emit(In.create_mem_reg(C.MOV_RM64_R64, M(R.R8, displ=disp), reg))
     asm.emit(In.create_reg_reg(C.MOV_R64_RM64, R.R9, R.RDX))
     asm.xsave(shm.address + lay.slot_entry(k), R.RCX)
+    if pkeys == "closed":
+        asm.emit(In.create_reg_i32(C.ADD_RM64_IMM8, R.RSP, 8))
+        asm.syscall(SYS["rt_sigreturn"])
+        return
+    if pkeys == "open":
+        _wrpkru(asm, 0)
     asm.emit(In.create_reg_mem(C.MOV_R64_RM64, R.R10, M(R.R9, displ=MC_FPSTATE)))
     asm.emit(In.create_mem_reg(C.MOV_RM64_R64, M(R.R8, displ=40), R.R10))
     asm.mov_imm(R.RCX, 512)
@@ -375,6 +416,7 @@ def _sigaction(sig: int, handler: int, flags: int, restorer: int) -> int:
 def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
                  altstack_size: int | None = None, init_mask: int = 0,
                  prelude: Callable[[Asm], None] | None = None,
+                 pkey_rights: int | None = None, handler_pkeys: str = "open",
                  timeout: float = 20.0) -> SignalRun:
     """Raise SIGUSR1 with kill(getpid()) over pattern registers (seed ``seed``) in a forked
     child, capture the frame the kernel built, apply ``patches`` to it and sigreturn.
@@ -391,9 +433,24 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
     goes there (``get_sigframe``), or the kernel finds that it would overflow, returns
     ``-1L`` and forces SIGSEGV (caught by the SIGSEGV slot, ``SignalRun.segv``).
 
+    With ``pkey_rights`` (and ``altstack_size``) the altstack gets a protection key of its own
+    (pkey_alloc(0, 0), pkey_mprotect of its mapping) and the code closes that key (PKRU |=
+    ``pkey_rights`` << 2 * key: AD = 1, WD = 2) after the pattern load: the kernel must write
+    the frame through a key the interrupted code denied itself (get_sigframe's
+    sig_prepare_pkru). ``handler_pkeys`` says what the SIGUSR1 handler does with its entry
+    PKRU (init_pkru_value, which denies every key but 0): "open" (WRPKRU 0 first, then as
+    usual) or "closed" (records its entry registers and returns without touching its stack,
+    so that rt_sigreturn reads the frame under that PKRU). The SIGSEGV handler opens every key.
+
     Kernel path: get_sigframe / copy_fpstate_to_sigframe on delivery, fpu__restore_sig on
     rt_sigreturn (arch/x86/kernel/fpu/signal.c).
     """
+    if pkey_rights is not None and altstack_size is None:
+        raise FpstateError("raise_signal: pkey_rights needs an altstack (altstack_size)")
+    if handler_pkeys not in ("open", "closed"):
+        raise FpstateError(f"raise_signal: handler_pkeys is 'open' or 'closed', "
+                           f"not {handler_pkeys!r}")
+    keyed = pkey_rights is not None
     lay = _layout()
     shm = SharedMemory(lay.total)
     shm.write(lay.table, pattern_table(seed))
@@ -405,18 +462,26 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         restorer.syscall(SYS["rt_sigreturn"])
         r_addr = pages.place(0, restorer)
         h0 = Asm()
-        _handler(h0, lay, shm, 0, patches, None)
+        _handler(h0, lay, shm, 0, patches, None, handler_pkeys if keyed else None)
         h1 = Asm()
-        _handler(h1, lay, shm, 1, (), SEGV_EXIT)
+        _handler(h1, lay, shm, 1, (), SEGV_EXIT, "open" if keyed else None)
         flags = SA_SIGINFO
+        key = -1
         if altstack_size is not None:
             span = (altstack_size + PAGE - 1) // PAGE * PAGE + PAGE
             region = mmap.mmap(-1, span, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            top = ctypes.addressof(ctypes.c_char.from_buffer(region)) + span
+            base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+            top = base + span
             ss = (ctypes.c_uint64 * 3)(top - altstack_size, 0, altstack_size)
             if raw_syscall(SYS["sigaltstack"], ctypes.addressof(ss), 0) != 0:
                 return 3
             flags |= SA_ONSTACK
+            if keyed:
+                key = raw_syscall(SYS["pkey_alloc"], 0, 0)
+                if key < 0 or raw_syscall(SYS["pkey_mprotect"], base, span,
+                                          mmap.PROT_READ | mmap.PROT_WRITE, key) != 0:
+                    return 7
+                struct.pack_into("<QQ", shm.mem, lay.pkey_info, key, top - altstack_size)
         if _sigaction(signal.SIGUSR1, pages.place(1, h0), flags, r_addr) != 0:
             return 4
         if _sigaction(signal.SIGSEGV, pages.place(2, h1), SA_SIGINFO, r_addr) != 0:
@@ -427,7 +492,13 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
             prelude(main)
         if init_mask:
             _xrstor_init(main, shm.address + lay.after, init_mask)
+        if keyed:
+            _deny_key(main, key, pkey_rights or 0)
         main.xsave(shm.address + lay.before)
+        if keyed:  # RSP at the kill() syscall: the interrupted stack pointer
+            main.mov_imm(main.R.R11, shm.address + lay.pkey_info + 16)
+            main.emit(main.In.create_mem_reg(main.C.MOV_RM64_R64, main.M(main.R.R11),
+                                             main.R.RSP))
         main.syscall(SYS["getpid"])
         main.syscall(SYS["kill"], Reg(main.R.RAX), signal.SIGUSR1)
         main.xsave(shm.address + lay.after)
@@ -448,4 +519,6 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         frame=_parse_slot(shm, lay, 0), sigreturn_ok=ok,
         after=xsave_image(shm.read(lay.after, lay.xs)) if ok else None,
         segv=_parse_slot(shm, lay, 1), exit=ex,
+        **({"pkey": shm.u64(lay.pkey_info), "altstack_sp": shm.u64(lay.pkey_info + 8),
+            "kill_sp": shm.u64(lay.pkey_info + 16)} if keyed else {}),
     )

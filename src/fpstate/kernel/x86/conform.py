@@ -263,7 +263,7 @@ def load_registers(m: Machine, nr: int, image: bytes) -> None:
     """Make the user task on CPU ``nr`` hold the registers of standard-format ``image`` (an
     XSAVE the host probe took): each XCR0 component whose XSTATE_BV bit is set is written by a
     user instruction (so AMX goes through XFD's first-use path), the others are put in their
-    initial configuration; then MXCSR (LDMXCSR)."""
+    initial configuration; then MXCSR (LDMXCSR) and PKRU (WRPKRU, with OSPKE)."""
     system = m.system
     xstate_bv = int.from_bytes(image[512:520], "little")
     for i in user_components(system):
@@ -276,6 +276,10 @@ def load_registers(m: Machine, nr: int, image: bytes) -> None:
     fault = m.cpus[nr].regs.set_mxcsr(int.from_bytes(image[24:28], "little"))
     if fault is not None:
         raise FpstateError(f"model refused MXCSR of the image: {fault}")
+    at = pkru_offset(system)
+    if at is not None and system.ospke:  # WRPKRU of the image's PKRU (0 where it is initial)
+        live = xstate_bv & XFEATURE_MASK_PKRU
+        m.cpus[nr].regs.wrpkru(int.from_bytes(image[at:at + 4], "little") if live else 0)
 
 
 def image_registers(system: FpuSystem, image: bytes) -> dict[str, Any]:
@@ -344,6 +348,19 @@ def host_amx_reason() -> str | None:
     from fpstate.host.amx import amx_unavailable
 
     return amx_unavailable()
+
+
+def host_pku_reason() -> str | None:
+    """Why the real side cannot use protection keys here (CPU without PKU, or a kernel that
+    did not set CR4.PKE: CPUID.(EAX=7,ECX=0):ECX[4] OSPKE), or None."""
+    from fpstate.host import native
+
+    ecx = native.cpuid(7, 0)[2]
+    if not (ecx >> 3) & 1:
+        return "host lacks PKU: CPUID.(EAX=7,ECX=0):ECX[3]=0"
+    if not (ecx >> 4) & 1:
+        return "kernel did not enable protection keys: CPUID.(EAX=7,ECX=0):ECX[4] (OSPKE)=0"
+    return None
 
 
 def host_without_amx_reason() -> str | None:

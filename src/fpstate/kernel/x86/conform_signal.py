@@ -27,6 +27,7 @@ from fpstate.kernel.x86.conform import (
     HostAnswer,
     errno_of,
     host_amx_reason,
+    host_pku_reason,
     host_system,
     image_registers,
     load_registers,
@@ -36,6 +37,7 @@ from fpstate.kernel.x86.conform import (
     show,
     user_task,
 )
+from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.sched import (
     SA_IA32_ABI,
     SA_ONSTACK,
@@ -94,6 +96,12 @@ class SignalGiven:
     patches: tuple[Patch, ...] = ()
     amx_permitted: bool = False  #: ARCH_REQ_XCOMP_PERM(XTILE_DATA) before the registers
     tiles: tuple[bytes, bytes] | None = None  #: (XTILECFG, XTILEDATA) used, then released
+    #: The protection key the altstack's mapping has (pkey_alloc + pkey_mprotect before the
+    #: registers are loaded; the registers' PKRU closes it), 0 for none.
+    pkey: int = 0
+    #: What the handler does with its entry PKRU before it returns (`raise_signal`'s
+    #: ``handler_pkeys``): "open" (WRPKRU 0) or "closed" (nothing).
+    handler_pkeys: str = "open"
 
 
 def _u(raw: bytes, off: int, fmt: str = "<Q") -> int:
@@ -145,6 +153,13 @@ def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
     if g.onstack:
         lo = ss_sp & ~0xFFF
         t.process.mm.map(lo, ss_sp + ss_size - lo)
+        if g.pkey:
+            # The keys below the host's were taken in the host process already (pkey_alloc
+            # returns the lowest free one); the PKRU the registers bring decides the rights.
+            t.process.mm.pkey_allocation_map = (1 << g.pkey) - 1
+            key = m.syscall(0, sys_pkey_alloc, 0, 0)
+            assert key == g.pkey, (key, g.pkey)
+            assert m.syscall(0, sys_pkey_mprotect, lo, ss_sp + ss_size - lo, key) == 0
     if ss_size:  # the probe's, or one the host process had (pytest's faulthandler installs one)
         m.syscall(0, sys_sigaltstack, ss_sp, ss_size, ss_flags)
     if g.amx_permitted:
@@ -257,6 +272,8 @@ def model_sigreturn(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
     fpstate = int.from_bytes(raw[MC_FPSTATE:MC_FPSTATE + 8], "little")
     for p in g.patches:
         t.process.mm.write(fpstate + p.offset, p.data)
+    if g.pkey and g.handler_pkeys == "open":
+        m.cpus[0].regs.wrpkru(0)  # the handler's WRPKRU 0 (its entry PKRU closes the key)
     handler_return(t)
     m.syscall(0, sys_rt_sigreturn)
     return m, t
@@ -390,6 +407,60 @@ def _segv_model(system: FpuSystem, g: SignalGiven) -> Facts:
     SIGSEGV handler catches (signal_fault in rt_sigreturn is not fatal)."""
     m, t = model_sigreturn(system, g)
     return _model_delivery_facts(system, m, t)
+
+
+# -- a sigaltstack behind a protection key -------------------------------------------------------
+
+#: The altstack of the protection-key cases, and what the interrupted code denies its key.
+PKEY_ALTSTACK_SIZE = 16384
+PKEY_DENIED = 0x3  #: AD | WD: neither read nor written under the interrupted code's PKRU
+
+
+def _pkey_run(handler_pkeys: str) -> tuple[Any, SignalGiven]:
+    """raise_signal with a key-protected altstack that the interrupted code has closed, and
+    what the model replays of it (the registers, the stack pointer at kill(), the altstack
+    and its key)."""
+    from fpstate.host.signals import raise_signal
+
+    run = raise_signal(altstack_size=PKEY_ALTSTACK_SIZE, pkey_rights=PKEY_DENIED,
+                       handler_pkeys=handler_pkeys)
+    if run.pkey is None or run.kill_sp is None or run.altstack_sp is None:
+        from fpstate.errors import HostUnavailable
+
+        raise HostUnavailable(f"the protection-key probe child did not get a key ({run.exit})")
+    given = SignalGiven(run.before.raw, run.kill_sp, (run.altstack_sp, 0, PKEY_ALTSTACK_SIZE),
+                        onstack=True, pkey=run.pkey, handler_pkeys=handler_pkeys)
+    return run, given
+
+
+def _pkey_delivery_host() -> HostAnswer:
+    run, given = _pkey_run("open")
+    return HostAnswer(_host_delivery_facts(run), given)
+
+
+def _pkey_sigreturn_host(handler_pkeys: str) -> Any:
+    def host() -> HostAnswer:
+        run, given = _pkey_run(handler_pkeys)
+        if run.sigreturn_ok and run.after is not None:
+            facts: Facts = {"outcome": "restored",
+                            **prefixed("after", image_registers(host_system(), run.after.raw))}
+        else:
+            facts = {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
+        return HostAnswer(facts, given)
+
+    return host
+
+
+def pkey_sigreturn_model(system: FpuSystem, g: SignalGiven) -> Facts:
+    """`sigreturn_model`, and when sigreturn failed the frame of the SIGSEGV it forced."""
+    m, t = model_sigreturn(system, g)
+    if t.killed_by is None and t.user_sp == g.sp:
+        return {"outcome": "restored", **prefixed("after", model_registers(m, 0))}
+    return {"outcome": "SIGSEGV", **_model_delivery_facts(system, m, t)}
+
+
+_PKEY_RULE = ("get_sigframe: sig_prepare_pkru (WRPKRU 0) before copy_fpstate_to_sigframe, "
+              "update_pkru_in_sigframe; fpu__clear_user_states (init_pkru_value)")
 
 
 # -- sigaltstack sizes ----------------------------------------------------------------------------
@@ -632,6 +703,15 @@ CASES: tuple[Case, ...] = (
       for name, rows in SIGRETURN_ROWS.items()),
     Case("sigaltstack/sizes", "do_sigaltstack, sigaltstack_size_valid", _altstack_host,
          _altstack_model),
+    Case("sigaltstack/pkey-closed-deliver", _PKEY_RULE, _pkey_delivery_host, delivery_model,
+         host_pku_reason),
+    Case("sigreturn/pkey-closed-handler-opens", _PKEY_RULE + "; rt_sigreturn under the "
+         "handler's PKRU (it opened every key)", _pkey_sigreturn_host("open"),
+         pkey_sigreturn_model, host_pku_reason),
+    Case("sigreturn/pkey-closed-handler-keeps", "rt_sigreturn reads the frame under the "
+         "handler's PKRU (init_pkru_value closes the altstack's key): badframe, "
+         "force_sig(SIGSEGV) on the altstack", _pkey_sigreturn_host("closed"),
+         pkey_sigreturn_model, host_pku_reason),
     Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
          _amx_altstack_host, _amx_altstack_model, host_amx_reason),
     Case("sigreturn/failure-sigsegv-frame", "rt_sigreturn badframe: fpu__clear_user_states, "

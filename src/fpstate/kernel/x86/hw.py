@@ -186,7 +186,9 @@ class Buf:
     __slots__ = ()
     addr: int
 
-    def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
+    def check(self, spans: Iterable[tuple[int, int]], write: bool = False) -> Fault | None:
+        """The fault (if any) of accessing each (offset, length) span, for a store when
+        ``write``."""
         raise NotImplementedError
 
     def read(self, off: int, n: int) -> bytes:
@@ -214,7 +216,7 @@ class KernelBuf(Buf):
         w = self._what
         return w if isinstance(w, str) else f"fpstate #{w.ident}"  # type: ignore[attr-defined]
 
-    def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
+    def check(self, spans: Iterable[tuple[int, int]], write: bool = False) -> Fault | None:
         for off, n in spans:
             if off + n > len(self.regs):
                 raise KernelBug("xsave-out-of-bounds",
@@ -230,28 +232,37 @@ class KernelBuf(Buf):
 
 
 class UserBuf(Buf):
-    """A user buffer at ``addr``; ``faults_enabled`` False models pagefault_disable()."""
+    """A user buffer at ``addr``; ``faults_enabled`` False models pagefault_disable();
+    ``pkru`` is the PKRU the accesses run under (the CPU's register: protection keys apply to
+    the kernel's accesses to user memory too)."""
 
-    __slots__ = ("addr", "faults_enabled", "mem")
+    __slots__ = ("addr", "faults_enabled", "mem", "pkru")
 
-    def __init__(self, mem: UserMemory, addr: int, *, faults_enabled: bool) -> None:
+    def __init__(self, mem: UserMemory, addr: int, *, faults_enabled: bool,
+                 pkru: int = 0) -> None:
         self.mem = mem
         self.addr = addr
         self.faults_enabled = faults_enabled
+        self.pkru = pkru
 
-    def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
+    def check(self, spans: Iterable[tuple[int, int]], write: bool = False) -> Fault | None:
         for off, n in spans:
             try:
-                self.mem.probe(self.addr + off, n, faults_enabled=self.faults_enabled)
+                self.mem.probe(self.addr + off, n, faults_enabled=self.faults_enabled,
+                               write=write, pkru=self.pkru)
             except PageFault as e:
+                if e.pkey is not None:
+                    return Fault("#PF", f"{e.addr:#x} (PK: key {e.pkey})")
                 return Fault("#PF", f"{e.addr:#x}")
         return None
 
     def read(self, off: int, n: int) -> bytes:
-        return self.mem.read(self.addr + off, n, faults_enabled=self.faults_enabled)
+        return self.mem.read(self.addr + off, n, faults_enabled=self.faults_enabled,
+                             pkru=self.pkru)
 
     def write(self, off: int, data: bytes) -> None:
-        self.mem.write(self.addr + off, data, faults_enabled=self.faults_enabled)
+        self.mem.write(self.addr + off, data, faults_enabled=self.faults_enabled,
+                       pkru=self.pkru)
 
 
 # -- the register file --------------------------------------------------------------------------
@@ -429,10 +440,11 @@ class FpRegs:
         # buffer whose [0, end) lies in one present region (UserBuf.check).
         fast = type(buf) is KernelBuf and end <= len(buf.regs)  # type: ignore[attr-defined]
         mem = buf.mem if not fast and type(buf) is UserBuf else None  # type: ignore[attr-defined]
-        if mem is not None and not mem.fits(buf.addr, end):
+        if mem is not None and (not mem.fits(buf.addr, end)
+                                or (buf.pkru and mem.pkeys)):  # type: ignore[attr-defined]
             mem = None
         if not fast and mem is None:
-            fault = buf.check(spans)
+            fault = buf.check(spans, write=True)
             if fault:
                 return fault
         values = self.values
@@ -574,7 +586,7 @@ class FpRegs:
         software's: a signal frame's struct _fpx_sw_bytes). #GP unless 16-byte aligned."""
         if buf.addr % 16:
             return Fault("#GP", f"FXSAVE area {buf.addr:#x} not 16-byte aligned")
-        fault = buf.check([(0, 416)])
+        fault = buf.check([(0, 416)], write=True)
         if fault:
             return fault
         x87 = self.component(0)

@@ -10,7 +10,13 @@ are not faulted in yet, and the bytes. Rules of this file:
   fault_in_readable) faults it in;
 - a fresh mapping reads as zeros, as anonymous memory does. Only the pages ever written to are
   stored, so a fork copies and a checker's clone pickles a few pages per process, not every
-  mapped stack.
+  mapped stack;
+- a mapping has a protection key (0 unless pkey_mprotect() gave it another, `set_pkey`), and
+  an access given the PKRU it runs under (``pkru``) is checked against that key's rights as
+  the SDM's protection-key rules have it for user-mode addresses (Vol. 3A 4.6.2): AD denies
+  every data access, WD every write (user mode, and supervisor mode with CR0.WP = 1, which
+  Linux sets). Key 0 is never checked: the checker's PKRU values are tokens, not rights, and
+  every PKRU the differential tests load keeps key 0's rights (fpstate.x86.progen.PKRU_KEY0).
 """
 
 from __future__ import annotations
@@ -22,11 +28,18 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class PageFault(Exception):
-    """Raised inside `UserMemory` accesses; `UserBuf` turns it into Fault("#PF")."""
+    """Raised inside `UserMemory` accesses; `UserBuf` turns it into Fault("#PF"). ``pkey`` is
+    the protection key of a protection-key fault (error code bit PF_PK), else None."""
 
-    def __init__(self, addr: int) -> None:
-        super().__init__(f"#PF at {addr:#x}")
+    def __init__(self, addr: int, pkey: int | None = None) -> None:
+        super().__init__(f"#PF at {addr:#x}" + (f" (PK, key {pkey})" if pkey is not None
+                                                 else ""))
         self.addr = addr
+        self.pkey = pkey
+
+
+#: PKRU's two bits of key k: AD (bit 2k) and WD (bit 2k+1).
+PKRU_AD_BIT, PKRU_WD_BIT = 0x1, 0x2
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +58,11 @@ class UserMemory:
     regions: dict[int, int] = field(default_factory=dict)
     not_present: set[int] = field(default_factory=set)
     pages: dict[int, bytearray] = field(default_factory=dict)
+    #: Region start -> its protection key, for the regions whose key is not 0 (VM_PKEY_BIT*
+    #: of the VMA).
+    pkeys: dict[int, int] = field(default_factory=dict)
+    #: mm->context.pkey_allocation_map: bit k set when key k is allocated (key 0 always).
+    pkey_allocation_map: int = 1
 
     def map(self, start: int, size: int) -> None:
         for s, n in self.regions.items():
@@ -62,8 +80,11 @@ class UserMemory:
                     page[lo:hi] = bytes(hi - lo)
 
     def copy(self) -> UserMemory:
+        """dup_mmap(): the mappings, their contents and keys (arch_dup_pkeys() copies the
+        allocation map)."""
         return UserMemory(dict(self.regions), set(self.not_present),
-                          {p: bytearray(b) for p, b in self.pages.items()})
+                          {p: bytearray(b) for p, b in self.pages.items()}, dict(self.pkeys),
+                          self.pkey_allocation_map)
 
     def contents(self) -> dict[int, bytes]:
         """Every region's bytes by start address (for tests and comparisons)."""
@@ -73,6 +94,8 @@ class UserMemory:
         if not isinstance(other, UserMemory):
             return NotImplemented
         return (self.regions == other.regions and self.not_present == other.not_present
+                and self.pkeys == other.pkeys
+                and self.pkey_allocation_map == other.pkey_allocation_map
                 and self.contents() == other.contents())
 
     __hash__ = None  # type: ignore[assignment]
@@ -102,11 +125,49 @@ class UserMemory:
             raise PageFault(missing[0] * PAGE_SIZE)
         self.not_present.difference_update(missing)
 
-    def probe(self, addr: int, n: int, *, faults_enabled: bool = True) -> None:
-        """What `read` checks, without the bytes: #PF (`PageFault`) where the read would
-        fault, and the pages it would fault in are faulted in."""
-        self._locate(addr, n)
+    def _pk(self, start: int, addr: int, write: bool, pkru: int) -> None:
+        """The protection-key check of an access at ``addr`` to the region at ``start``
+        under ``pkru`` (SDM Vol. 3A 4.6.2; key 0 is not checked, see the module docstring)."""
+        key = self.pkeys.get(start)
+        if key and (pkru >> (2 * key)) & (PKRU_AD_BIT | PKRU_WD_BIT if write else PKRU_AD_BIT):
+            raise PageFault(addr, key)
+
+    def probe(self, addr: int, n: int, *, faults_enabled: bool = True, write: bool = False,
+              pkru: int = 0) -> None:
+        """What `read` (``write`` False) or `write` checks, without the bytes: #PF
+        (`PageFault`) where the access would fault, and the pages it would fault in are
+        faulted in."""
+        s = self._locate(addr, n)
+        if pkru and self.pkeys:
+            self._pk(s, addr, write, pkru)
         self._present(addr, n, faults_enabled)
+
+    def set_pkey(self, start: int, size: int, key: int) -> None:
+        """mprotect_fixup() with a new VM_PKEY_BIT* value for [start, start+size): the regions
+        it covers, split at its ends, get protection key ``key``. The range must be mapped
+        throughout (the caller, do_mprotect_pkey(), returns -ENOMEM otherwise)."""
+        end = start + size
+        for s, n in sorted(self.regions.items()):
+            if s >= end or s + n <= start:
+                continue
+            k = self.pkeys.pop(s, 0)
+            del self.regions[s]
+            for lo, hi, key_of in ((s, max(s, start), k), (max(s, start), min(s + n, end), key),
+                                   (min(s + n, end), s + n, k)):
+                if hi > lo:
+                    self.regions[lo] = hi - lo
+                    if key_of:
+                        self.pkeys[lo] = key_of
+
+    def mapped(self, start: int, size: int) -> bool:
+        """Whether every byte of [start, start+size) lies in some region."""
+        at, end = start, start + size
+        while at < end:
+            nxt = next((s + n for s, n in self.regions.items() if s <= at < s + n), None)
+            if nxt is None:
+                return False
+            at = nxt
+        return True
 
     def _get(self, addr: int, n: int) -> bytes:
         if n <= 0:
@@ -127,16 +188,21 @@ class UserMemory:
             out += page[lo:hi] if page is not None else bytes(hi - lo)
         return bytes(out)
 
-    def read(self, addr: int, n: int, *, faults_enabled: bool = True) -> bytes:
+    def read(self, addr: int, n: int, *, faults_enabled: bool = True, pkru: int = 0) -> bytes:
         s = self._locate(addr, n)
+        if pkru and self.pkeys:
+            self._pk(s, addr, False, pkru)
         self._present(addr, n, faults_enabled)
         if n < 0:  # a slice of the region's bytes ending before its start, as Python has it
             return bytes(self._get(s, self.regions[s])[addr - s:addr - s + n])
         return self._get(addr, n)
 
-    def write(self, addr: int, data: bytes, *, faults_enabled: bool = True) -> None:
+    def write(self, addr: int, data: bytes, *, faults_enabled: bool = True,
+              pkru: int = 0) -> None:
         n = len(data)
-        self._locate(addr, n)
+        s = self._locate(addr, n)
+        if pkru and self.pkeys:
+            self._pk(s, addr, True, pkru)
         self._present(addr, n, faults_enabled)
         self._put(addr, data, n)
 

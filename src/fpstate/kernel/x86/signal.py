@@ -195,14 +195,15 @@ def xfeatures_need_sigframe_write(c: Cpu) -> int:
 
 
 def _u64(c: Cpu, addr: int, *, faults: bool = True) -> int:
-    return int.from_bytes(c.current.process.mm.read(addr, 8, faults_enabled=faults), "little")
+    return int.from_bytes(c.current.process.mm.read(addr, 8, faults_enabled=faults,
+                                                    pkru=read_pkru(c)), "little")
 
 
 def set_xfeature_in_sigframe(c: Cpu, buf_fx: int, mask: int, *, faults: bool = True) -> None:
     """set_xfeature_in_sigframe(): OR ``mask`` into the frame header's xfeatures."""
     mm = c.current.process.mm
     value = _u64(c, buf_fx + HDR, faults=faults) | mask
-    mm.write(buf_fx + HDR, value.to_bytes(8, "little"), faults_enabled=faults)
+    mm.write(buf_fx + HDR, value.to_bytes(8, "little"), faults_enabled=faults, pkru=read_pkru(c))
 
 
 def update_pkru_in_sigframe(c: Cpu, buf_fx: int, pkru: int) -> None:
@@ -215,10 +216,11 @@ def update_pkru_in_sigframe(c: Cpu, buf_fx: int, pkru: int) -> None:
     if not c.m.system.has_variant("pkru-sigframe-no-xstate-bv"):
         set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_PKRU, faults=False)
     off = c.m.system.profile.component(9).offset
-    c.current.process.mm.write(buf_fx + off, pkru.to_bytes(4, "little"), faults_enabled=False)
+    c.current.process.mm.write(buf_fx + off, pkru.to_bytes(4, "little"), faults_enabled=False,
+                               pkru=read_pkru(c))
 
 
-def xsave_to_user_sigframe(c: Cpu, buf_fx: int, pkru: int) -> Fault | None:
+def xsave_to_user_sigframe(c: Cpu, buf_fx: int, pkru: int | None) -> Fault | None:
     """xsave_to_user_sigframe() (kernel/fpu/xstate.h): plain XSAVE (standard format, no
     XSAVEOPT: the area may have been modified since) of RFBM = fpstate->user_xfeatures, minus
     the in-init-state SIGFRAME_INITOPT features when dynamic sizing is on; then the PKRU fix."""
@@ -227,9 +229,10 @@ def xsave_to_user_sigframe(c: Cpu, buf_fx: int, pkru: int) -> Fault | None:
     if c.m.system.fpu_state_size_dynamic:
         mask &= xfeatures_need_sigframe_write(c)
     core.xfd_validate_state(c, fps, mask, False)
-    buf = UserBuf(c.current.process.mm, buf_fx, faults_enabled=not c.pagefault_disabled)
+    buf = UserBuf(c.current.process.mm, buf_fx, faults_enabled=not c.pagefault_disabled,
+                  pkru=read_pkru(c))
     fault = c.regs.xsave(buf, mask, "XSAVE")
-    if fault is None:
+    if fault is None and pkru is not None:  # None: before v6.12 (sigframe-under-user-pkru)
         try:
             update_pkru_in_sigframe(c, buf_fx, pkru)
         except PageFault as e:
@@ -240,14 +243,15 @@ def xsave_to_user_sigframe(c: Cpu, buf_fx: int, pkru: int) -> Fault | None:
 def __clear_user(c: Cpu, addr: int, n: int) -> bool:
     """__clear_user() with page faults enabled: True when all ``n`` bytes were zeroed."""
     try:
-        c.current.process.mm.write(addr, bytes(n))
+        c.current.process.mm.write(addr, bytes(n), pkru=read_pkru(c))
     except PageFault:
         return False
     return True
 
 
 @requires("task_context", "user_task")
-def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int, pkru: int) -> bool:
+def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int,
+                             pkru: int | None) -> bool:
     """copy_fpstate_to_sigframe() (signal.c): buf == buf_fx for 64-bit frames; an ia32 frame
     has the fsave header at buf, 112 bytes below buf_fx.
 
@@ -296,10 +300,10 @@ def save_fsave_header(c: Cpu, buf: int) -> bool:
     fx = bytes(fps.regs[:FXSAVE_SIZE])
     env = regset.convert_from_fxsr(fx, regset.USER32_CS, regset.USER_DS)
     try:
-        mm = t.process.mm
-        mm.write(buf, env)
-        mm.write(buf + FSAVE_STATUS_OFFSET, fx[2:4])
-        mm.write(buf + FSAVE_MAGIC_OFFSET, X86_FXSR_MAGIC.to_bytes(2, "little"))
+        mm, pk = t.process.mm, read_pkru(c)
+        mm.write(buf, env, pkru=pk)
+        mm.write(buf + FSAVE_STATUS_OFFSET, fx[2:4], pkru=pk)
+        mm.write(buf + FSAVE_MAGIC_OFFSET, X86_FXSR_MAGIC.to_bytes(2, "little"), pkru=pk)
     except PageFault:
         return False
     return True
@@ -309,13 +313,13 @@ def save_xstate_epilog(c: Cpu, buf_fx: int, ia32_frame: bool, user_size: int,
                        user_xfeatures: int) -> bool:
     """save_xstate_epilog(): sw_bytes at 464, MAGIC2 at buf_fx + user_size, and FP|SSE set in
     the header so legacy code editing only the fxsave part gets its changes restored."""
-    mm = c.current.process.mm
+    mm, pk = c.current.process.mm, read_pkru(c)
     sw = save_sw_bytes(user_size, user_xfeatures, ia32_frame)
     try:
-        mm.write(buf_fx + SW_BYTES_OFFSET, sw.pack())
+        mm.write(buf_fx + SW_BYTES_OFFSET, sw.pack(), pkru=pk)
         if not c.m.system.xsave:
             return True
-        mm.write(buf_fx + user_size, FP_XSTATE_MAGIC2.to_bytes(4, "little"))
+        mm.write(buf_fx + user_size, FP_XSTATE_MAGIC2.to_bytes(4, "little"), pkru=pk)
         set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_FPSSE)
     except PageFault:
         return False
@@ -359,12 +363,27 @@ def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE,
     if (nested or entering) and not (t.sas_ss_sp < sp <= t.sas_ss_sp + t.sas_ss_size):
         c.m.log.append(f"{t.comm}[{t.pid}] overflowed sigaltstack")
         return -1, fpstate
-    pkru = read_pkru(c)
-    write_pkru(c, 0)
+    if c.m.system.has_variant("sigframe-under-user-pkru"):
+        # Before v6.12 the frame was written under the interrupted code's PKRU, whose value
+        # XSAVE stores itself: no key opened, no update_pkru_in_sigframe().
+        if not copy_fpstate_to_sigframe(c, fpstate, buf_fx, math_size, None):
+            return -1, fpstate
+        return sp, fpstate
+    pkru = sig_prepare_pkru(c)
     if not copy_fpstate_to_sigframe(c, fpstate, buf_fx, math_size, pkru):
-        write_pkru(c, pkru)
+        write_pkru(c, pkru)  # the original, user-defined value
         return -1, fpstate
     return sp, fpstate
+
+
+def sig_prepare_pkru(c: Cpu) -> int:
+    """sig_prepare_pkru() (arch/x86/kernel/signal.c, v6.12): open every protection key
+    (WRPKRU 0) so that the frame can be written on a sigaltstack protected by any of them;
+    returns the interrupted code's PKRU, which update_pkru_in_sigframe() puts in the frame.
+    fpu__clear_user_states() later gives the handler init_pkru_value."""
+    pkru = read_pkru(c)
+    write_pkru(c, 0)
+    return pkru
 
 
 def frame_uc_flags(system: FpuSystem) -> int:
@@ -383,17 +402,18 @@ def x64_setup_rt_frame(c: Cpu, sig: Signal) -> int:
     frame, fpstate = get_sigframe(c, action.flags)
     if frame == -1:
         return -EFAULT
-    mm = t.process.mm
+    mm, pk = t.process.mm, read_pkru(c)
     try:  # unsafe_save_altstack(): the raw sas_ss_* fields (host: (0, 0, 0) without one)
-        mm.write(frame + UC_FLAGS_OFFSET, frame_uc_flags(c.m.system).to_bytes(8, "little"))
+        mm.write(frame + UC_FLAGS_OFFSET, frame_uc_flags(c.m.system).to_bytes(8, "little"),
+                 pkru=pk)
         mm.write(frame + UC_STACK_OFFSET, t.sas_ss_sp.to_bytes(8, "little")
                  + t.sas_ss_flags.to_bytes(4, "little")
-                 + bytes(4) + t.sas_ss_size.to_bytes(8, "little"))
-        mm.write(frame + SC_RSP_OFFSET, t.user_sp.to_bytes(8, "little"))
-        mm.write(frame + SC_FPSTATE_OFFSET, fpstate.to_bytes(8, "little"))
-        mm.write(frame + SIGINFO_OFFSET, sig.sig.to_bytes(4, "little"))
+                 + bytes(4) + t.sas_ss_size.to_bytes(8, "little"), pkru=pk)
+        mm.write(frame + SC_RSP_OFFSET, t.user_sp.to_bytes(8, "little"), pkru=pk)
+        mm.write(frame + SC_FPSTATE_OFFSET, fpstate.to_bytes(8, "little"), pkru=pk)
+        mm.write(frame + SIGINFO_OFFSET, sig.sig.to_bytes(4, "little"), pkru=pk)
         mm.write(frame + SIGINFO_OFFSET + SI_CODE_OFFSET, sig.code.to_bytes(4, "little",
-                                                                          signed=True))
+                                                                          signed=True), pkru=pk)
     except PageFault:
         return -EFAULT
     t.user_sp = frame
@@ -409,7 +429,8 @@ def sas_ss_reset_autodisarm(t: Task) -> None:
 
 
 def _put32(c: Cpu, addr: int, value: int) -> None:
-    c.current.process.mm.write(addr, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+    c.current.process.mm.write(addr, (value & 0xFFFFFFFF).to_bytes(4, "little"),
+                               pkru=read_pkru(c))
 
 
 def _setup_sigcontext32(c: Cpu, sc: int, fpstate: int) -> None:
@@ -506,7 +527,8 @@ def check_xstate_in_sigframe(c: Cpu, buf_fx: int) -> FpxSwBytes | None:
     mm = c.current.process.mm
     user_size = c.current.fpu.fpstate.user_size
     try:
-        sw = FpxSwBytes.unpack(mm.read(buf_fx + SW_BYTES_OFFSET, SW_BYTES_SIZE))
+        sw = FpxSwBytes.unpack(mm.read(buf_fx + SW_BYTES_OFFSET, SW_BYTES_SIZE,
+                                       pkru=read_pkru(c)))
     except PageFault:
         return None
     checks = c.m.system.sigframe_xstate_size_checks
@@ -516,7 +538,7 @@ def check_xstate_in_sigframe(c: Cpu, buf_fx: int) -> FpxSwBytes | None:
     if ok:
         at = sw.xstate_size if checks else user_size
         try:
-            magic2 = int.from_bytes(mm.read(buf_fx + at, 4), "little")
+            magic2 = int.from_bytes(mm.read(buf_fx + at, 4, pkru=read_pkru(c)), "little")
         except PageFault:
             return None
         if magic2 == FP_XSTATE_MAGIC2:
@@ -528,7 +550,8 @@ def __restore_fpregs_from_user(c: Cpu, buf: int, ufeatures: int, xrestore: int,
                                fx_only: bool) -> Fault | None:
     """__restore_fpregs_from_user(): XRSTOR (or FXRSTOR when fx_only) from the user frame,
     then the features in ufeatures but not restored go to init from init_fpstate."""
-    ubuf = UserBuf(c.current.process.mm, buf, faults_enabled=not c.pagefault_disabled)
+    ubuf = UserBuf(c.current.process.mm, buf, faults_enabled=not c.pagefault_disabled,
+                   pkru=read_pkru(c))
     init_bv = ufeatures & ~xrestore
     fault = c.regs.fxrstor_legacy(ubuf) if fx_only else c.regs.xrstor(ubuf, xrestore, "XRSTOR")
     if fault is None and init_bv:
@@ -566,7 +589,7 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
         c.m.events["sigreturn-retry"] += 1
         c = yield  # fault_in_readable(): may sleep
         try:
-            task.process.mm.read(buf, fpu.fpstate.user_size)
+            task.process.mm.read(buf, fpu.fpstate.user_size, pkru=read_pkru(c))
         except PageFault:
             return False
     if task.need_fpu_load and c.m.system.xfeatures_mask_supervisor:
@@ -615,7 +638,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
     fpu = t.fpu
     mm = t.process.mm
     try:
-        env = mm.read(buf, regset.USER_I387_IA32_SIZE)
+        env = mm.read(buf, regset.USER_I387_IA32_SIZE, pkru=read_pkru(c))
     except PageFault:
         return False
     core.fpregs_lock(c)
@@ -632,7 +655,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
     fps = fpu.fpstate
     if c.m.system.xsave and not fx_only:
         try:
-            ubuf = mm.read(buf_fx, fps.user_size)
+            ubuf = mm.read(buf_fx, fps.user_size, pkru=read_pkru(c))
         except PageFault:
             return False
         pkru = [t.thread_pkru]
@@ -641,7 +664,7 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
         t.thread_pkru = pkru[0]
     else:
         try:
-            fx = mm.read(buf_fx, FXSAVE_SIZE)
+            fx = mm.read(buf_fx, FXSAVE_SIZE, pkru=read_pkru(c))
         except PageFault:
             return False
         fps.regs[0:FXSAVE_SIZE] = fx
@@ -701,7 +724,7 @@ def sys_rt_sigreturn(c: Cpu) -> KPath:
     try:
         fpstate = _u64(c, frame + SC_FPSTATE_OFFSET)
         sp = _u64(c, frame + SC_RSP_OFFSET)
-        stack = t.process.mm.read(frame + UC_STACK_OFFSET, 24)
+        stack = t.process.mm.read(frame + UC_STACK_OFFSET, 24, pkru=read_pkru(c))
     except PageFault:
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return -EFAULT
@@ -737,8 +760,9 @@ def _ia32_sigreturn(c: Cpu, frame: int, sc: int, uc_stack: int | None) -> KPath:
     t = c.current
     mm = t.process.mm
     try:
-        raw = mm.read(frame + sc, 88)
-        stack = None if uc_stack is None else mm.read(frame + uc_stack, 12)
+        pk = read_pkru(c)
+        raw = mm.read(frame + sc, 88, pkru=pk)
+        stack = None if uc_stack is None else mm.read(frame + uc_stack, 12, pkru=pk)
     except PageFault:
         t.pending.insert(0, Sig(SIGSEGV, SI_KERNEL))
         return -EFAULT

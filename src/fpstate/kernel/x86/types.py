@@ -149,6 +149,12 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "again) written by ptrace' (Kyle Huey)",
             "PTRACE_SETREGSET copies PKRU into the fpstate but not into thread.pkru, the only "
             "place PKRU is restored from: gdb's 'set $pkru = 42' is lost"),
+    Variant("sigframe-under-user-pkru", "get_sigframe",
+            "v4.9 to v6.11, fixed in v6.12 by 70044df250d0 'x86/pkeys: Update PKRU to enable "
+            "all pkeys before XSAVE' (Aruna Ramakrishna)",
+            "the signal frame is written under the interrupted code's PKRU: a sigaltstack "
+            "protected by a key that code had closed cannot take it, and the signal becomes "
+            "SIGSEGV"),
     Variant("pkru-sigframe-no-xstate-bv", "update_pkru_in_sigframe",
             "v6.12 'x86/pkeys: Update PKRU to enable all pkeys before XSAVE' (70044df250d0), "
             "fixed in v6.13 by ae6012d72fa6 'x86/pkeys: Ensure updated PKRU value is "

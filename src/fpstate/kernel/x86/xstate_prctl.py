@@ -97,7 +97,7 @@ def xstate_get_group_perm(c: Cpu, guest: bool) -> int:
 def put_user_u64(c: Cpu, addr: int, value: int) -> int:
     """put_user() of a u64: 0, or -EFAULT when the address is not mapped."""
     try:
-        c.current.process.mm.write(addr, value.to_bytes(8, "little"))
+        c.current.process.mm.write(addr, value.to_bytes(8, "little"), pkru=sigframe.read_pkru(c))
     except PageFault:
         return -EFAULT
     return 0

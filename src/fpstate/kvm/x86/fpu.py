@@ -87,7 +87,7 @@ class OverflowBuf(Buf):
         self.what = what
         self.overflow: OutOfBounds | None = None
 
-    def check(self, spans: Iterable[tuple[int, int]]) -> Fault | None:
+    def check(self, spans: Iterable[tuple[int, int]], write: bool = False) -> Fault | None:
         alloc = len(self.regs)
         for off, n in spans:
             if off + n > alloc:
