@@ -200,3 +200,17 @@ def test_state_keys_name_signal_frames_alike_in_every_process() -> None:
                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
            for seed in ("1", "2")}
     assert len(got) == 1, got
+
+
+def test_shrink_removes_a_pair_of_steps_that_only_go_together() -> None:
+    """A ptrace stop and its continue are each needed by the other (a continue of a task that
+    is not stopped is refused; a stopped task cannot run), so no window of steps holds both
+    and the window pass keeps them; the pair pass removes them together."""
+    job = Job("x86", default_config("x86"), "kvm-save-min-size")
+    path = (A("ptrace_stop", task="p1.t0"), A("run", cpu=0, task="p1.t1"),
+            A("arch_prctl", feature=18, option="req_perm", task="p1.t1"),
+            A("ptrace_cont", task="p1.t0"), A("run", cpu=0, task="p1.t0"),
+            A("write_nm", component="xtiledata", task="p1.t0"), A("nm_return", task="p1.t0"),
+            A("kvm_run", guest="xsetbv; write avx", task="p1.t0", vcpu="vm0.v0"))
+    assert first_violation(job, path, "save-within-allocation") == len(path)
+    assert shrink(job, path, "save-within-allocation") == path[1:3] + path[4:]

@@ -385,8 +385,9 @@ def first_violation(job: Job, path: Sequence[Action], invariant: str) -> int | N
 
 
 def shrink(job: Job, path: Sequence[Action], invariant: str) -> tuple[Action, ...]:
-    """A path from which no step can be removed that still violates ``invariant``
-    (delta debugging, then single-step removal to a fixed point)."""
+    """A path from which no step, no run of steps and (for paths of up to `PAIR_SHRINK_MAX`
+    steps) no pair of steps can be removed that still violates ``invariant`` (delta
+    debugging, then windows of every width, then pairs, each to a fixed point)."""
     n = first_violation(job, path, invariant)
     if n is None:
         raise ValueError(f"the path does not violate {invariant}")
@@ -405,8 +406,17 @@ def shrink(job: Job, path: Sequence[Action], invariant: str) -> tuple[Action, ..
             if granularity >= len(cur):
                 break
             granularity = min(len(cur), granularity * 2)
-    # Windows of every width, widest first (steps that only make sense together, such as a
-    # KVM_RUN begun and finished, go away in one piece), down to single steps.
+    while True:
+        cur = _shrink_windows(job, cur, invariant)
+        pair = _shrink_pair(job, cur, invariant) if len(cur) <= PAIR_SHRINK_MAX else None
+        if pair is None:
+            return tuple(cur)
+        cur = pair
+
+
+def _shrink_windows(job: Job, cur: list[Action], invariant: str) -> list[Action]:
+    """Windows of every width, widest first (steps that only make sense together, such as a
+    KVM_RUN begun and finished, go away in one piece), down to single steps."""
     width = len(cur) - 1
     while width >= 1:
         for i in range(len(cur) - width + 1):
@@ -418,7 +428,24 @@ def shrink(job: Job, path: Sequence[Action], invariant: str) -> tuple[Action, ..
                 break
         else:
             width -= 1
-    return tuple(cur)
+    return cur
+
+
+def _shrink_pair(job: Job, cur: list[Action], invariant: str) -> list[Action] | None:
+    """``cur`` without the first pair of non-adjacent steps whose removal keeps the violation
+    (steps legal only together: a ptrace stop and its continue, each needed by the other),
+    or None."""
+    for i in range(len(cur) - 1):
+        for j in range(i + 2, len(cur)):
+            cand = cur[:i] + cur[i + 1:j] + cur[j + 1:]
+            m = first_violation(job, cand, invariant)
+            if m is not None:
+                return cand[:m]
+    return None
+
+
+#: The longest shrunk path whose non-adjacent pairs of steps `shrink` tries to remove.
+PAIR_SHRINK_MAX = 24
 
 
 def counterexample(job: Job, path: Sequence[Action], found: Found) -> Scenario:
