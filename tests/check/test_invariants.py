@@ -200,3 +200,56 @@ def test_nested_amx_signal_frames_stay_inside_a_threads_stack() -> None:
     assert len(w.frames["p0.t2"]) == 13 and hi - lo > 11_000
     stack = [(s, s + n) for s, n in mm.regions.items() if s <= lo < s + n]
     assert stack and stack[0][1] - stack[0][0] == 8 << 20 and hi <= stack[0][1]
+
+
+ZEN4_ONE = {"cpu": "zen4", "cpus": 1, "processes": {"p0": 1}, "vms": {}}
+
+
+def _on_altstack(size: int, variant: str | None = None):
+    return world(ZEN4_ONE, variant, steps=[A("run", task="p0.t0", cpu=0),
+                                           A("sigaction", task="p0.t0", onstack=True),
+                                           A("sigaltstack", task="p0.t0", size=size)])
+
+
+def test_a_signal_lost_with_room_on_its_stack() -> None:
+    """sigframe-delivered-with-room: a task killed by SIGSEGV on delivery although its
+    sigaltstack (16384 bytes) has room for any frame (AT_MINSIGSTKSZ 3376 on Zen 4)."""
+    w = _on_altstack(16384)
+    w.emitted = [("undelivered", (w.tasks["p0.t0"], 16384, 3376))]
+    assert broken(w) == {"sigframe-delivered-with-room"}
+    w.emitted = [("undelivered", (w.tasks["p0.t0"], 3375, 3376))]
+    assert broken(w) == set()
+
+
+def test_an_altstack_too_small_for_the_frame_may_lose_the_signal() -> None:
+    """sigaltstack(2048) is accepted (MINSIGSTKSZ) but smaller than AT_MINSIGSTKSZ: the frame
+    overflows it, the kernel forces SIGSEGV, and that is no violation."""
+    w = _on_altstack(2048)
+    r = w.step(A("signal", task="p0.t0"))
+    assert r.observed == {"delivered": False, "alive": False} and not r.violations
+
+
+def test_a_closed_keys_altstack_takes_the_frame_since_v6_12_only() -> None:
+    """The stack behind a key the task closed (pkey_altstack, then a PKRU token: AD for key
+    1): delivered by the kernel's design, lost by the v4.9-v6.11 one."""
+    for variant, delivered in ((None, True), ("sigframe-under-user-pkru", False)):
+        w = _on_altstack(16384, variant)
+        assert w.step(A("pkey_altstack", task="p0.t0")).observed["key"] == 1
+        r = w.step(A("signal", task="p0.t0"))
+        assert r.observed["delivered"] is delivered, variant
+        assert [v.invariant for v in r.violations] == (
+            [] if delivered else ["sigframe-delivered-with-room"])
+
+
+def test_pkey_altstack_leaves_the_task_a_pkru_of_its_own_closing_key_1() -> None:
+    """pkey_altstack ends with the task's WRPKRU of a value naming it: the task expects that
+    value, sees it (no-lost-write holds), and its key-1 bits are AD."""
+    w = _on_altstack(16384)
+    r = w.step(A("pkey_altstack", task="p0.t0"))
+    assert r.observed == {"ret": 0, "errno": "0", "key": 1, "fault": "none"}
+    assert not r.violations
+    value = w.expected["p0.t0"][9]
+    assert w.writer(value, 9) == "p0.t0#1" and value[0] >> 2 & 3 == 0b01
+    assert w.tasks["p0.t0"].process.mm.pkeys == {w.tasks["p0.t0"].sas_ss_sp: 1}
+    w.expected["p0.t0"][9] = (0x55555554).to_bytes(4, "little") + bytes(4)
+    assert "no-lost-write" in broken(w)

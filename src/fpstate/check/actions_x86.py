@@ -53,6 +53,7 @@ from fpstate.check.world import (
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
 from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
+from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
@@ -68,6 +69,7 @@ from fpstate.kernel.x86.sched import (
     SA_SIGINFO,
     SIGKILL,
     SIGUSR1,
+    SS_AUTODISARM,
     STATE_DEAD,
     STATE_KERNEL,
     STATE_RUNNABLE,
@@ -84,6 +86,7 @@ from fpstate.kernel.x86.sched import (
 from fpstate.kernel.x86.signal import (
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
+    at_minsigstksz,
     handler_ia32_return,
     handler_return,
     sys32_rt_sigreturn,
@@ -196,6 +199,12 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK, "size": FieldSpec(int, "ss_size in bytes")}),
     ActionSpec("signal", "tgkill(SIGUSR1) of a task running in user mode: delivered at once",
                {"task": _TASK}),
+    ActionSpec("pkey_altstack", "pkey_alloc(0, 0) and pkey_mprotect() of the task's "
+               "sigaltstack with the new key, then WRPKRU of a value of the task's own, which "
+               "closes keys 1 (AD) and 2 (WD): the stack is behind a key the task closed",
+               {"task": _TASK}),
+    ActionSpec("pkey_open", "WRPKRU 0: every protection key open, as a handler running on a "
+               "key-protected sigaltstack does before it touches its stack", {"task": _TASK}),
     ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)", {"task": _TASK}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
@@ -275,6 +284,7 @@ class X86World(X86Views, World):
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
          "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
+         "sigframe-under-user-pkru",
          "ptrace-pkru-ignored", "req-perm-overwrites"})
 
     #: Bounds of the configuration (the model's cost grows with each).
@@ -628,8 +638,11 @@ class X86World(X86Views, World):
         self.user_cpu(t)
         handled = SIGUSR1 in t.handlers
         before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
+        room = self._sigframe_room(t) if handled else 0
         self.m.kill(t, SIGUSR1)
         delivered = handled and t.state is STATE_USER
+        if handled and not delivered:
+            self.emitted.append(("undelivered", (t, room, at_minsigstksz(self.m.system))))
         if delivered:
             # The handler starts with the initial *user* state; supervisor state (PASID) is
             # not part of the signal frame and stays (fpu__clear_user_states).
@@ -649,6 +662,53 @@ class X86World(X86Views, World):
             self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4, kind))
             return {"delivered": True, "frame": frame}
         return {"delivered": False, "alive": t.state is not STATE_DEAD}
+
+    def _sigframe_room(self, t: Task) -> int:
+        """The bytes below where SIGUSR1's frame would start that the task's stack offers, by
+        the ABI's account (sigaltstack(2), signal(7)): with SA_ONSTACK and an altstack it is
+        not on, the whole altstack; on the altstack, down to its base; else down to the start
+        of the mapping the stack pointer is in, below the 128-byte red zone (x86-64 frames)."""
+        sp = t.user_sp
+        flags = t.handlers[SIGUSR1].flags
+        ia32 = bool(flags & SA_IA32_ABI)
+        top = sp if ia32 else sp - 128
+        base, size = t.sas_ss_sp, t.sas_ss_size
+        on_alt = not t.sas_ss_flags & SS_AUTODISARM and base < sp <= base + size
+        if flags & SA_ONSTACK and size and not on_alt:
+            return size
+        if on_alt:
+            return max(top - base, 0)
+        mm = t.process.mm
+        start = next((s for s, n in mm.regions.items() if s < sp <= s + n), None)
+        return 0 if start is None else max(top - start, 0)
+
+    def do_pkey_altstack(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if not t.sas_ss_size:
+            raise StepError(f"task {task} has no sigaltstack")
+        key = self.m.syscall(nr, sys_pkey_alloc, 0, 0)
+        if key < 0:
+            return {"ret": key, "errno": errno_name(key)}
+        ret = self.m.syscall(nr, sys_pkey_mprotect, t.sas_ss_sp, t.sas_ss_size, key)
+        # Then WRPKRU of a value of the task's own. pkey_alloc() left the new key open in
+        # PKRU (arch_set_user_pkey_access(), tested in tests/kernel/test_pkeys.py), as a
+        # function of the bits of the value before -- which a state key cannot rank like the
+        # values the checker writes; a value written by the task is one of those, and its
+        # key-1 bits are AD (key 2: WD), so the stack's key is closed until a handler opens it.
+        fault = self.m.user_write(nr, PKRU)
+        out = self._written(t, PKRU, fault.vector if fault else "none")
+        return {"ret": ret, "errno": errno_name(ret), "key": key, "fault": out["fault"]}
+
+    def do_pkey_open(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if not self.pkru_tracked:
+            raise StepError("protection keys are not enabled (no OSPKE)")
+        fault = self.m.user_write(nr, PKRU, pkru_bytes(0))
+        if fault is None:
+            self.expected[t.comm][PKRU] = pkru_bytes(0)
+        return {"fault": fault.vector if fault else "none"}
 
     def do_sigreturn(self, task: str) -> dict[str, Value]:
         t = self.task(task)
@@ -867,6 +927,8 @@ class X86World(X86Views, World):
                 "sigaction_nosiginfo": A("sigaction", task=comm, onstack=True, siginfo=False),
                 "signal": A("signal", task=comm),
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
+                "pkey_altstack": A("pkey_altstack", task=comm),
+                "pkey_open": A("pkey_open", task=comm),
                 "sigreturn": A("sigreturn", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
@@ -932,6 +994,10 @@ class X86World(X86Views, World):
                 add(ta["signal"])
             if t.sas_ss_size == 0:
                 add(ta["sigaltstack"])
+            elif self.pkru_tracked and t.sas_ss_sp not in t.process.mm.pkeys:
+                add(ta["pkey_altstack"])
+            if self.pkru_tracked and t.process.mm.pkeys:
+                add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
             if pasid:

@@ -111,6 +111,15 @@ INVARIANTS: tuple[Invariant, ...] = (
         "arch/x86/kernel/fpu/signal.c save_sw_bytes(), save_xstate_epilog(); "
         "arch/x86/kernel/signal.c get_sigframe()"),
     Invariant(
+        "sigframe-delivered-with-room",
+        "A signal with a handler is delivered (its frame written) when the stack the frame "
+        "goes to has at least AT_MINSIGSTKSZ bytes of room below the frame's start, whatever "
+        "PKRU the interrupted code runs with: a sigaltstack behind a protection key that code "
+        "closed takes the frame too.",
+        "arch/x86/kernel/signal.c get_sigframe() and sig_prepare_pkru() (70044df250d0, v6.12: "
+        "'the application can use any of the available pkeys to protect the alternate signal "
+        "stack'); AT_MINSIGSTKSZ = get_sigframe_size()"),
+    Invariant(
         "no-foreign-value",
         "No context observes a value written by another context (another task, a guest, or "
         "the kernel's own FPU use) that it did not legitimately receive.",

@@ -400,6 +400,19 @@ def sigframe_ok(w: Any) -> Iterator[str]:
 
 
 
+@predicate("sigframe-delivered-with-room", X86, reads=READS_EVENTS)
+def sigframe_delivered_with_room(w: Any) -> Iterator[str]:
+    for kind, payload in w.emitted:
+        if kind != "undelivered":
+            continue
+        t, room, need = payload
+        if room >= need:
+            why = (f"killed by signal {t.killed_by.sig}" if t.killed_by is not None
+                   else "not delivered")
+            yield (f"{t.comm}: SIGUSR1 {why} though its stack had {room} bytes of room for "
+                   f"the frame (AT_MINSIGSTKSZ {need})")
+
+
 # -- KVM guests (worlds with ``vcpus``) ----------------------------------------------------------
 
 

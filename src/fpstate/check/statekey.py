@@ -274,7 +274,9 @@ FIELDS: dict[str, dict[str, str]] = {
     "Process": {
         **dict.fromkeys(("tgid", "pasid", "next_mmap", "compat"), "key"),
         "mm": "user memory is read back across steps only in signal frames, which the key "
-              "holds (the world's frames); mappings follow from next_mmap and the stacks",
+              "holds (the world's frames); mappings follow from next_mmap and the stacks; "
+              "its protection keys (pkey_allocation_map, the keyed mappings) are keyed with "
+              "the process's fields",
         "threads": "membership is each task's tgid; the leader (threads[0]) is keyed by the "
                    "permissions it holds",
         "siglock_holder": "held only inside a step",
@@ -455,8 +457,11 @@ def x86_key(w: Any) -> Hashable:
         if proc is None:
             # The group's permissions live in its leader's fpu, also once the leader is dead.
             leader = p.threads[0].fpu
+            mm = p.mm
             proc = procs[id(p)] = (_PROCESS_FIELDS(p), _PERM_FIELDS(leader.perm),
-                                   _PERM_FIELDS(leader.guest_perm))
+                                   _PERM_FIELDS(leader.guest_perm),
+                                   (mm.pkey_allocation_map, tuple(sorted(mm.pkeys.items())))
+                                   if mm.pkeys or mm.pkey_allocation_map != 1 else ())
         kp = t.kpath
         h = t.handlers
         pkru = t.thread_pkru

@@ -224,6 +224,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ptrace-pkru-ignored", "x86", "v5.14-v6.1 (fixed: 4a804c4f8356)",
             "PTRACE_SETREGSET puts PKRU in the fpstate but not in thread.pkru, where it is "
             "restored from: a debugger's write of PKRU is lost", "no-lost-write", needs=(9,)),
+    Variant("sigframe-under-user-pkru", "x86", "v4.9-v6.11 (fixed: 70044df250d0)",
+            "the signal frame is written under the interrupted code's PKRU: a sigaltstack "
+            "behind a protection key that code closed cannot take it, and the task dies of "
+            "SIGSEGV", "sigframe-delivered-with-room", needs=(9,)),
     # Only an AMD CPU shows it: its XSAVE writes XSTATE_BV[PKRU] = 0 after WRPKRU 0.
     Variant("pkru-sigframe-no-xstate-bv", "x86", "v6.12 (fixed: ae6012d72fa6)",
             "the signal frame gets the pre-signal PKRU but not XSTATE_BV[PKRU]; XSAVE ran with "
