@@ -424,7 +424,7 @@ def _pkey_run(handler_pkeys: str) -> tuple[Any, SignalGiven]:
 
     run = raise_signal(altstack_size=PKEY_ALTSTACK_SIZE, pkey_rights=PKEY_DENIED,
                        handler_pkeys=handler_pkeys)
-    if run.pkey is None or run.kill_sp is None or run.altstack_sp is None:
+    if not run.pkey or not run.kill_sp or not run.altstack_sp:  # the child's pkey calls failed
         from fpstate.errors import HostUnavailable
 
         raise HostUnavailable(f"the protection-key probe child did not get a key ({run.exit})")

@@ -61,7 +61,8 @@ class UserMemory:
     #: Region start -> its protection key, for the regions whose key is not 0 (VM_PKEY_BIT*
     #: of the VMA).
     pkeys: dict[int, int] = field(default_factory=dict)
-    #: mm->context.pkey_allocation_map: bit k set when key k is allocated (key 0 always).
+    #: mm->context.pkey_allocation_map: bit k set when key k is allocated (key 0 from the
+    #: start: init_new_context() sets the map to 0x1).
     pkey_allocation_map: int = 1
 
     def map(self, start: int, size: int) -> None:
