@@ -83,7 +83,8 @@ def program_to_json(program: Program) -> dict[str, Any]:
     return {
         "cpl": program.cpl,
         "start": program.start.hex(),
-        "buffers": [{"data": b.data.hex(), "misalign": b.misalign} for b in program.buffers],
+        "buffers": [{"data": b.data.hex(), "misalign": b.misalign, "pkey": b.pkey}
+                    for b in program.buffers],
         "insns": [{"mnemonic": i.mnemonic, "buf": i.buf, "mask": i.mask, "reg": i.reg,
                    "value": i.value, "data": i.data.hex(), "text": str(i)}
                   for i in program.insns],
@@ -115,7 +116,8 @@ def program_from_json(obj: Any) -> Program:
                              hexbytes(i["data"], f"insns[{n}].data"))
                         for n, i in enumerate(obj["insns"])),
             buffers=tuple(Buffer(hexbytes(b["data"], f"buffers[{n}].data"),
-                                 integer(b["misalign"], f"buffers[{n}].misalign"))
+                                 integer(b["misalign"], f"buffers[{n}].misalign"),
+                                 integer(b.get("pkey", 0), f"buffers[{n}].pkey"))
                           for n, b in enumerate(obj["buffers"])),
             cpl=integer(obj["cpl"], "cpl"),
         )

@@ -326,6 +326,11 @@ class GuestMachine:
     def _run(self, program: Program, *, xcr0: int, xss: int, xfd: int, xstate: bool
              ) -> Outcome:
         check_program(program)
+        keyed = [n for n, b in enumerate(program.buffers) if b.pkey]
+        if keyed:
+            raise HostUnavailable(f"buf{keyed[0]} has a protection key: the test guest's "
+                                  "page tables give every page key 0 and it leaves CR4.PKE "
+                                  "clear")
         if xss and not self.has_xsaves:
             raise HostUnavailable(
                 f"IA32_XSS={xss:#x} needs XSAVES, and the guest CPUID lacks it: "

@@ -245,6 +245,12 @@ class _Layout:
     buffers: tuple[int, ...]
     operands: tuple[Operands, ...]
     pool: tuple[tuple[int, bytes], ...]
+    #: (arena offset, size, key) of the pages of each buffer with a protection key
+    keyed: tuple[tuple[int, int, int], ...] = ()
+
+
+#: The pages a keyed buffer owns: BUFFER_SIZE bytes after up to 63 bytes of misalignment.
+KEYED_SPAN = (BUFFER_SIZE + 64 + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
 
 
 def _layout(program: Program) -> _Layout:
@@ -254,8 +260,14 @@ def _layout(program: Program) -> _Layout:
         values.append(at if insn.mnemonic in VALUE_MNEMONICS else 0)
         at += 8 if insn.mnemonic in VALUE_MNEMONICS else 0
     at = _up(at)
-    buffers = []
+    buffers, keyed = [], []
     for b in program.buffers:
+        if b.pkey:  # pages of its own, which pkey_mprotect gives the key
+            at = _up(at, mmap.PAGESIZE)
+            keyed.append((at, KEYED_SPAN, b.pkey))
+            buffers.append(at + b.misalign)
+            at += KEYED_SPAN
+            continue
         buffers.append(at + b.misalign)
         at += BUFFER_SIZE + 64
     pool, operands = [], []
@@ -268,7 +280,8 @@ def _layout(program: Program) -> _Layout:
             at = _up(at + len(data))
         buf = buffers[insn.buf] if 0 <= insn.buf < len(buffers) else 0
         operands.append(Operands(buf=buf, data=where, value=value, scratch=SCRATCH))
-    return _Layout(_up(at, mmap.PAGESIZE), tuple(buffers), tuple(operands), tuple(pool))
+    return _Layout(_up(at, mmap.PAGESIZE), tuple(buffers), tuple(operands), tuple(pool),
+                   tuple(keyed))
 
 
 @cache
@@ -399,8 +412,42 @@ class Runner:
             m[b:b + len(buf.data)] = buf.data
         for at, data in lay.pool:
             m[at:at + len(data)] = data
-        status = self._spawn(base + body, base + SPAWN_OFFSET)
+        # Keyed pages only while the child runs: this process's threads keep their own PKRU,
+        # in which keys 1.. may be closed, and never touch them.
+        self._protect(lay.keyed)
+        try:
+            status = self._spawn(base + body, base + SPAWN_OFFSET)
+        finally:
+            self._protect(tuple((at, n, 0) for at, n, _ in lay.keyed))
         return self._outcome(program, lay, status, allowed)
+
+    #: The protection keys this process allocated for keyed buffers (key n at index n - 1).
+    _pkeys: int = 0
+
+    def _protect(self, keyed: tuple[tuple[int, int, int], ...]) -> None:
+        """pkey_mprotect(PROT_READ | PROT_WRITE) of each (offset, size, key) of the arena;
+        keys 1..MAX_PKEY are allocated (pkey_alloc) the first time, and must come out as
+        1, 2, ... -- a program names them by number in the PKRU it loads."""
+        if not keyed:
+            return
+        from fpstate.host.child import SYS, raw_syscall
+
+        need = max(k for _, _, k in keyed)
+        while self._pkeys < need:
+            got = raw_syscall(SYS["pkey_alloc"], 0, 0)
+            if got < 0:
+                raise HostUnavailable(f"pkey_alloc failed with errno {-got}: no protection "
+                                      "keys for keyed buffers (CPUID.(EAX=7,ECX=0):ECX.PKU/"
+                                      "OSPKE)")
+            if got != self._pkeys + 1:
+                raise HostUnavailable(f"pkey_alloc gave key {got}, not {self._pkeys + 1}: "
+                                      "this process allocated protection keys before")
+            self._pkeys = got
+        for at, n, key in keyed:
+            ret = raw_syscall(SYS["pkey_mprotect"], self._arena_addr + at, n,
+                              mmap.PROT_READ | mmap.PROT_WRITE, key)
+            if ret:
+                raise HostUnavailable(f"pkey_mprotect(key {key}) failed with errno {-ret}")
 
     def _spawn(self, body: int, spawn: int) -> int:
         if self.spawn == "vfork":

@@ -414,11 +414,13 @@ def _sign_extend(value: int, width: int) -> int:
 @dataclass(slots=True)
 class Area:
     """An instruction's memory operand: its bytes, a symbolic linear address (only equality
-    matters: XRSTOR_INFO) and the address modulo 64 (the alignment checks)."""
+    matters: XRSTOR_INFO), the address modulo 64 (the alignment checks) and the protection
+    key of its user pages (0: the default key, whose rights every program keeps)."""
 
     data: bytearray
     address: tuple
     misalign: int = 0
+    pkey: int = 0
 
 
 def tilecfg_valid(cpu: Cpu, cfg: bytes | bytearray) -> bool:

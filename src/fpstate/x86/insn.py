@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from fpstate.errors import MaskError, ProgramError
 from fpstate.x86 import insn_regs as R
@@ -481,11 +482,52 @@ def lagging_tracking(cpu: Cpu, insn: Insn) -> list[Cpu]:
     return [seen]
 
 
+def pk_fault(cpu: Cpu, area: Area, write: bool) -> Fault | None:
+    """The protection-key check of a data access to ``area`` (SDM Vol. 3A 4.6.2, CR4.PKE = 1,
+    a user-mode page with key k): PKRU.ADk = 1 faults every access, PKRU.WDk = 1 every write
+    (at CPL 3; at CPL < 3 only with CR0.WP = 1, which the programs' CPL 0 never meets: keyed
+    buffers are CPL 3's). The #PF's error code has PK (bit 5) set. Key 0 is not checked (see
+    `fpstate.x86.program`)."""
+    k = area.pkey
+    if not k or not cpu.cr4_pke:
+        return None
+    rights = struct.unpack_from("<I", cpu.regs[PKRU])[0] >> (2 * k) & 0b11
+    if rights & 0b01:
+        return Fault("#PF", f"PKRU.AD{k} = 1: access to a page with protection key {k}")
+    if write and rights & 0b10:
+        return Fault("#PF", f"PKRU.WD{k} = 1: write to a page with protection key {k}")
+    return None
+
+
+#: Per memory instruction: the checks it makes before any memory access (#UD, #NM and the #GP
+#: of alignment or CPL come first; a fault of the access itself -- a protection-key #PF --
+#: only after them, and before any check that reads the operand, such as XRSTOR's header
+#: #GP), and whether it stores to its operand.
+_BEFORE_ACCESS: dict[str, tuple[Any, bool]] = {
+    "XSAVE": (lambda c, a, i: _save_faults(c, a, None, False), True),
+    "XSAVEOPT": (lambda c, a, i: _save_faults(c, a, "XSAVEOPT", False), True),
+    "XSAVEC": (lambda c, a, i: _save_faults(c, a, "XSAVEC", False), True),
+    "XSAVES": (lambda c, a, i: _save_faults(c, a, "XSAVES", True), True),
+    "XRSTOR": (lambda c, a, i: _save_faults(c, a, None, False), False),
+    "XRSTORS": (lambda c, a, i: _save_faults(c, a, "XSAVES", True), False),
+    "FXSAVE": (lambda c, a, i: R.fx_faults(c, a), True),
+    "FXRSTOR": (lambda c, a, i: R.fx_faults(c, a), False),
+    "STTILECFG": (lambda c, a, i: R.amx_faults(c), True),
+    "TILESTORED": (lambda c, a, i: R.tile_faults(c, i.reg, True), True),
+}
+
+
 def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
     """One program instruction (operand conventions: `fpstate.host.asm`)."""
     mn = insn.mnemonic
     if mn not in _LAG_KEEPS:
         cpu.zmm_hi256_lag = 0
+    if insn.buf >= 0 and bufs[insn.buf].pkey and mn in _BEFORE_ACCESS:
+        before, write = _BEFORE_ACCESS[mn]
+        area = bufs[insn.buf]
+        fault = before(cpu, area, insn) or pk_fault(cpu, area, write)
+        if fault:
+            return fault
     if mn in _MEMORY:
         area = bufs[insn.buf]
         return _MEMORY[mn](cpu, area) if mn.startswith("FX") else _MEMORY[mn](cpu, area,
@@ -524,7 +566,8 @@ class _World:
         return self.cpu.key(), tuple(bytes(a.data) for a in self.bufs), tuple(self.values)
 
     def fork(self, cpu: Cpu) -> _World:
-        return _World(cpu, [Area(bytearray(a.data), a.address, a.misalign) for a in self.bufs],
+        return _World(cpu, [Area(bytearray(a.data), a.address, a.misalign, a.pkey)
+                            for a in self.bufs],
                       list(self.values))
 
 
@@ -573,7 +616,7 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
     fault = XRSTOR(cpu, start, xcr0)
     if fault:
         raise ProgramError(f"start image rejected: XRSTOR64 of it with RFBM=XCR0 raised {fault}")
-    bufs = [Area(bytearray(b.data.ljust(BUFFER_SIZE, b"\0")), ("buf", n), b.misalign)
+    bufs = [Area(bytearray(b.data.ljust(BUFFER_SIZE, b"\0")), ("buf", n), b.misalign, b.pkey)
             for n, b in enumerate(program.buffers)]
     worlds = [_World(cpu, bufs, [])]
     outcomes: dict[tuple, Outcome] = {}

@@ -344,7 +344,7 @@ def RDPKRU(cpu: Cpu) -> Fault | int:
 _TILES = 1 << XTILECFG | 1 << XTILEDATA
 
 
-def _amx_faults(cpu: Cpu) -> Fault | None:
+def amx_faults(cpu: Cpu) -> Fault | None:
     """#UD unless CPUID has AMX-TILE, CR4.OSXSAVE = 1 and XCR0[18:17] = 11b (64-bit mode)."""
     if not cpu.machine.has("AMX_TILE"):
         return Fault("#UD", "CPUID.(EAX=07H,ECX=0):EDX.AMX-TILE[bit 24] = 0")
@@ -353,11 +353,11 @@ def _amx_faults(cpu: Cpu) -> Fault | None:
     return None
 
 
-def _tile_faults(cpu: Cpu, t: int, load_store: bool) -> Fault | None:
+def tile_faults(cpu: Cpu, t: int, load_store: bool) -> Fault | None:
     """AMX-E3 (``load_store``) and AMX-E5: the enabling #UD, then #NM if XFD is enabled for
     TILEDATA (IA32_XFD_ERR := IA32_XFD AND the components the instruction needs), then the
     #UDs that depend on TILECFG."""
-    fault = _amx_faults(cpu)
+    fault = amx_faults(cpu)
     if fault:
         return fault
     armed = cpu.xcr0 & cpu.xfd & 1 << XTILEDATA
@@ -379,7 +379,7 @@ def LDTILECFG(cpu: Cpu, data: bytes) -> Fault | None:
     """LDTILECFG m512 (VEX.128.NP.0F38.W0 49 !(11):000:bbb), AMX-E1 (no #NM: "LDTILECFG and
     TILERELEASE initialize the TILEDATA state component", SDM 13.14): #GP for a configuration
     `tilecfg_valid` refuses; palette 0 is TILERELEASE; else load it and zero all tiles."""
-    fault = _amx_faults(cpu)
+    fault = amx_faults(cpu)
     if fault:
         return fault
     if not tilecfg_valid(cpu, data):
@@ -397,7 +397,7 @@ def LDTILECFG(cpu: Cpu, data: bytes) -> Fault | None:
 def STTILECFG(cpu: Cpu, dst: bytearray) -> Fault | None:
     """STTILECFG m512 (VEX.128.66.0F38.W0 49 !(11):000:bbb), AMX-E2: the 64-byte configuration,
     or 64 zero bytes when TILES_CONFIGURED = 0 (no #NM: it does not use TILEDATA)."""
-    fault = _amx_faults(cpu)
+    fault = amx_faults(cpu)
     if fault:
         return fault
     dst[0:64] = cpu.regs[XTILECFG] if cpu.palette() else bytes(64)
@@ -408,7 +408,7 @@ def TILELOADD(cpu: Cpu, t: int, data: bytes) -> Fault | None:
     """TILELOADD tmm, sibmem (VEX.128.F2.0F38.W0 4B !(11):rrr:100), AMX-E3: rows start_row ..
     rows-1 of tmm ``t`` from memory (``colsb`` bytes each, stride ``colsb`` as the runner lays
     them out), each row zeroed beyond colsb, rows >= rows zeroed; start_row := 0."""
-    fault = _tile_faults(cpu, t, True)
+    fault = tile_faults(cpu, t, True)
     if fault:
         return fault
     p = cpu.palette()
@@ -431,7 +431,7 @@ def TILESTORED(cpu: Cpu, t: int, dst: bytearray) -> Fault | None:
     """TILESTORED sibmem, tmm (VEX.128.F3.0F38.W0 4B !(11):rrr:100), AMX-E3: rows start_row ..
     rows-1 of tmm ``t``, ``colsb`` bytes each at ``row * colsb`` (the runner's stride); then
     start_row := 0, the only register change (TILECFG modified only if it was not 0)."""
-    fault = _tile_faults(cpu, t, True)
+    fault = tile_faults(cpu, t, True)
     if fault:
         return fault
     p = cpu.palette()
@@ -449,7 +449,7 @@ def TILESTORED(cpu: Cpu, t: int, dst: bytearray) -> Fault | None:
 
 def TILEZERO(cpu: Cpu, t: int) -> Fault | None:
     """TILEZERO tmm (VEX.128.F2.0F38.W0 49 11:rrr:000), AMX-E5: zero every row of tmm ``t``."""
-    fault = _tile_faults(cpu, t, False)
+    fault = tile_faults(cpu, t, False)
     if fault:
         return fault
     p = cpu.palette()
@@ -465,7 +465,7 @@ def TILEZERO(cpu: Cpu, t: int) -> Fault | None:
 def TILERELEASE(cpu: Cpu) -> Fault | None:
     """TILERELEASE (VEX.128.NP.0F38.W0 49 C0), AMX-E6: TILECFG and TILEDATA to their initial
     configuration (TILES_CONFIGURED = 0); no #NM under XFD (SDM 13.14)."""
-    fault = _amx_faults(cpu)
+    fault = amx_faults(cpu)
     if fault:
         return fault
     cpu.regs[XTILECFG][:] = bytes(64)
@@ -477,7 +477,9 @@ def TILERELEASE(cpu: Cpu) -> Fault | None:
 # --- FXSAVE / FXRSTOR (SDM Vol. 2A, Vol. 1 10.5.1) ------------------------------------------
 
 
-def _fx_faults(cpu: Cpu, area: Area) -> Fault | None:
+def fx_faults(cpu: Cpu, area: Area) -> Fault | None:
+    """FXSAVE's and FXRSTOR's faults before any memory access: #UD without FXSR, #NM with
+    CR0.TS, #GP for an operand not 16-byte aligned."""
     if not cpu.machine.has("FXSR"):
         return Fault("#UD", "CPUID.01H:EDX.FXSR[bit 24] = 0")
     if cpu.cr0_ts:
@@ -490,7 +492,7 @@ def _fx_faults(cpu: Cpu, area: Area) -> Fault | None:
 def FXSAVE(cpu: Cpu, area: Area) -> Fault | None:
     """FXSAVE64 m512byte (NP REX.W 0F AE /0): x87 state, MXCSR, MXCSR_MASK and XMM0-15 into
     bytes 0-415 (CR4.OSFXSR = 1); bytes 463:416 as FXSAVE_RESERVED says, 511:464 untouched."""
-    fault = _fx_faults(cpu, area)
+    fault = fx_faults(cpu, area)
     if fault:
         return fault
     cpu.store_x87(area.data)
@@ -504,7 +506,7 @@ def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
     """FXRSTOR64 m512byte (NP REX.W 0F AE /1): #GP if misaligned or MXCSR sets a bit outside
     MXCSR_MASK; loads x87 state, MXCSR and XMM0-15. The host tracks XINUSE[0] and [1] after it
     as it does after XRSTOR (XRSTOR_LOAD_XINUSE), and [2], [6] as RESTORE_ZMM_XINUSE says."""
-    fault = _fx_faults(cpu, area)
+    fault = fx_faults(cpu, area)
     if fault:
         return fault
     mxcsr = struct.unpack_from("<I", area.data, 24)[0]
@@ -612,6 +614,9 @@ __all__ = [
     "XGETBV",
     "XSETBV",
     "ZMM0_15",
+    "amx_faults",
+    "fx_faults",
     "restore_zmm_xinuse",
+    "tile_faults",
     "xcr0_fault",
 ]

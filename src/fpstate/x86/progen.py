@@ -22,9 +22,12 @@ Two rules keep programs answerable:
   the FIP/FDP (code and data addresses) of an FLD;
 - every PKRU value that can be loaded (start image, buffers, WRPKRU) leaves protection key 0
   readable and writable (AD0 = WD0 = 0, bits 1:0, as the kernel's init_pkru_value does):
-  every page a program touches -- its buffers, the runner's own slots and stack -- has key 0,
-  and the model has no page tables, so a protection-key #PF (SDM Vol. 3A 4.6.2, error code
-  bit 5) of the next access is outside what it can answer. Keys 1-15 take any rights.
+  every page a program touches -- the runner's own slots and stack, and its buffers unless
+  they have a key -- has key 0, and the model checks only the keys of buffers, so a
+  protection-key #PF (SDM Vol. 3A 4.6.2, error code bit 5) on the runner's own memory is
+  outside what it can answer. Keys 1-15 take any rights; on a CPU with PKU a buffer has one
+  of keys 1-3 at times (`fpstate.x86.program`: the program's PKRU then decides whether the
+  XSAVE family may read and write it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
 from fpstate.x86.layout import standard_size
-from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Program
+from fpstate.x86.program import BUFFER_SIZE, MAX_PKEY, Buffer, Insn, Program
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 T = TypeVar("T")
@@ -183,7 +186,8 @@ def _broken(d: Draw, img: bytes, xcr0: int, mxcsr_mask: int) -> bytes:
     return bytes(b)
 
 
-def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool) -> Buffer:
+def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool,
+            pkeys: bool) -> Buffer:
     kind = d.choice(("zero", "standard", "standard", "compacted", "compacted", "broken",
                      "random"))
     if kind == "zero":
@@ -202,7 +206,8 @@ def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool) -> Bu
         if kind == "broken":
             data = _broken(d, data, xcr0, mxcsr_mask)
     misalign = d.choice((0, 0, 0, 0, 0, 16, 32, 48, d.integer(1, 63)))
-    return Buffer(data, misalign)
+    pkey = d.integer(1, MAX_PKEY) if pkeys and _chance(d, 25) else 0
+    return Buffer(data, misalign, pkey)
 
 
 _XSAVE_FAMILY = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR")
@@ -287,11 +292,12 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
 
 def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
                      impl: ImplDefined | None = None, max_insns: int = 8,
-                     focus: str | None = None) -> Program:
+                     focus: str | None = None, pkeys: bool = True) -> Program:
     """One random program for ``profile`` (see the module docstring) whose MXCSR values
     follow ``impl``'s MXCSR_MASK (default: `for_profile`); with ``focus`` the program has at
     least one instruction of that mnemonic. Where the CPU saves x87 pointers always
-    (X87_POINTERS "always", Intel) programs have no FLD at all."""
+    (X87_POINTERS "always", Intel) programs have no FLD at all. With ``pkeys`` (and PKU)
+    a buffer may have a protection key (not for a guest's programs: its pages have key 0)."""
     m = machine(profile)
     impl = impl or for_profile(profile)
     mxcsr_mask = impl[MXCSR_MASK]
@@ -299,7 +305,8 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
     n = d.integer(1, max_insns)
     has_fld = _chance(d, 25) and impl[X87_POINTERS] == "when-es"
     nbuf = d.integer(1, 3)
-    buffers = tuple(_buffer(d, m, xcr0, mxcsr_mask, has_fld) for _ in range(nbuf))
+    keyed = pkeys and m.has("PKU") and bool(xcr0 & 1 << PKRU)
+    buffers = tuple(_buffer(d, m, xcr0, mxcsr_mask, has_fld, keyed) for _ in range(nbuf))
     start = standard_image(d, m, xcr0, mxcsr_mask, has_fld)
     insns = []
     for _ in range(n):

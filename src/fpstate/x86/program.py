@@ -9,7 +9,10 @@ Theory of operation
 -------------------
 1. Every buffer is ``BUFFER_SIZE`` bytes at a 64-byte aligned address plus ``misalign``
    (to provoke the alignment #GP of XSAVE/XRSTOR), initialised with its ``data`` (zero
-   filled to the end).
+   filled to the end). A buffer with ``pkey`` k (1 to `MAX_PKEY`) lies on pages of its own
+   with protection key k (pkey_mprotect; CPL 3 programs only): the program's PKRU decides
+   whether its instructions may read (AD) and write (WD) it, and a denied access is #PF
+   (SDM Vol. 3A 4.6.2). Key 0, every other page's, keeps its rights in every program.
 2. Before the first instruction the register state is set by XRSTOR (standard form) of
    ``start`` with RFBM = XCR0: ``start`` is a standard-format XSAVE image whose XSTATE_BV
    says which components are loaded and which are put in their initial configuration. So a
@@ -55,6 +58,8 @@ from fpstate.errors import ProgramError
 #: with slack for misalignment.
 BUFFER_SIZE = 12288
 MAX_BUFFERS = 8
+#: The highest protection key a buffer may have (the runner allocates keys 1..MAX_PKEY).
+MAX_PKEY = 3
 
 XSAVE_FAMILY = frozenset(
     {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "XRSTOR", "XRSTORS", "FXSAVE", "FXRSTOR"}
@@ -124,10 +129,12 @@ class Insn:
 
 @dataclass(frozen=True, slots=True)
 class Buffer:
-    """A memory buffer: initial bytes (zero-filled to BUFFER_SIZE) and its misalignment."""
+    """A memory buffer: initial bytes (zero-filled to BUFFER_SIZE), its misalignment and the
+    protection key of its pages (0: the default key)."""
 
     data: bytes = b""
     misalign: int = 0
+    pkey: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +228,11 @@ def check_program(program: Program) -> None:
             raise ProgramError(f"buf{i}: misalign {b.misalign} outside 0..63")
         if len(b.data) > BUFFER_SIZE - 64:
             raise ProgramError(f"buf{i}: {len(b.data)} bytes of data; at most {BUFFER_SIZE - 64}")
+        if not 0 <= b.pkey <= MAX_PKEY:
+            raise ProgramError(f"buf{i}: protection key {b.pkey} outside 0..{MAX_PKEY}")
+        if b.pkey and program.cpl != 3:
+            raise ProgramError(f"buf{i}: protection key {b.pkey} at CPL {program.cpl}: keyed "
+                               "buffers are user pages of a CPL 3 program")
     for n, insn in enumerate(program.insns):
         where = f"instruction {n} ({insn.mnemonic})"
         if insn.mnemonic not in _OPERANDS:

@@ -132,7 +132,7 @@ def case_guest_programs(ctx: Context, report: Report, rng: random.Random, sample
         tries += 1
         xcr0 = rng.choice(xcr0s)
         focus = rng.choice(focuses)
-        prog = replace(generate_program(draw, hw, xcr0=xcr0, focus=focus), cpl=cpl)
+        prog = replace(generate_program(draw, hw, xcr0=xcr0, focus=focus, pkeys=False), cpl=cpl)
         try:
             outs = run_guest_program(mvcpu, prog, xcr0=xcr0)
         except FpstateError as e:
