@@ -103,3 +103,19 @@ def test_the_test_guest_refuses_keyed_buffers() -> None:
         pytest.skip(reason)
     with pytest.raises(HostUnavailable, match="buf0 has a protection key"):
         run_guest_program(Program(START, (), (Buffer(pkey=1),)), xcr0=0x7)
+
+
+@pytest.mark.host
+def test_every_runner_and_spawn_mode_shares_the_process_keys() -> None:
+    """The keys are allocated once per process: a second runner, and one that forks rather
+    than vforks (the child inherits the allocation with the mm), use the same key 1."""
+    reason = _host_pku()
+    if reason:
+        pytest.skip(reason)
+    from fpstate.host.runner import Runner
+
+    prog = program(1, WD1, Insn("XSAVE", buf=0, mask=3), 0)
+    for spawn in ("vfork", "fork", "vfork"):
+        real = Runner(spawn).run(prog)
+        assert real.fault is not None and real.fault.vector == "#PF", spawn
+        assert "si_code=0x4 trapno=14" in real.fault.reason

@@ -368,6 +368,11 @@ def _generate(program: Program, lay: _Layout, host: HostXsave, arena: int, base:
     return bytes(a.code), body, tuple(allowed)
 
 
+#: The protection keys this process allocated for keyed buffers: 1 .. _PKEYS[0] (a fork
+#: inherits the allocation with the mm, so a forked process may use them too).
+_PKEYS = [0]
+
+
 class Runner:
     """Runs programs on this CPU; owns the arena and the executable mapping (reused, so one
     Runner runs one program at a time: not thread-safe)."""
@@ -421,28 +426,25 @@ class Runner:
             self._protect(tuple((at, n, 0) for at, n, _ in lay.keyed))
         return self._outcome(program, lay, status, allowed)
 
-    #: The protection keys this process allocated for keyed buffers (key n at index n - 1).
-    _pkeys: int = 0
-
     def _protect(self, keyed: tuple[tuple[int, int, int], ...]) -> None:
         """pkey_mprotect(PROT_READ | PROT_WRITE) of each (offset, size, key) of the arena;
-        keys 1..MAX_PKEY are allocated (pkey_alloc) the first time, and must come out as
-        1, 2, ... -- a program names them by number in the PKRU it loads."""
+        keys 1..MAX_PKEY are allocated (pkey_alloc) by the first runner that needs them, and
+        must come out as 1, 2, ... -- a program names them by number in the PKRU it loads."""
         if not keyed:
             return
         from fpstate.host.child import SYS, raw_syscall
 
         need = max(k for _, _, k in keyed)
-        while self._pkeys < need:
+        while _PKEYS[0] < need:
             got = raw_syscall(SYS["pkey_alloc"], 0, 0)
             if got < 0:
                 raise HostUnavailable(f"pkey_alloc failed with errno {-got}: no protection "
                                       "keys for keyed buffers (CPUID.(EAX=7,ECX=0):ECX.PKU/"
                                       "OSPKE)")
-            if got != self._pkeys + 1:
-                raise HostUnavailable(f"pkey_alloc gave key {got}, not {self._pkeys + 1}: "
+            if got != _PKEYS[0] + 1:
+                raise HostUnavailable(f"pkey_alloc gave key {got}, not {_PKEYS[0] + 1}: "
                                       "this process allocated protection keys before")
-            self._pkeys = got
+            _PKEYS[0] = got
         for at, n, key in keyed:
             ret = raw_syscall(SYS["pkey_mprotect"], self._arena_addr + at, n,
                               mmap.PROT_READ | mmap.PROT_WRITE, key)
