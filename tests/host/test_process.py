@@ -99,3 +99,22 @@ def test_exec_resets_permissions_to_the_defaults(exec_run: ExecRun, rc) -> None:
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(FpstateError, match="posix_spawn"):
         inherit("posix_spawn")
+
+
+def test_fork_copies_protection_keys_and_their_allocation() -> None:
+    """dup_mmap() copies the keyed mapping with its key and arch_dup_pkeys() the allocation
+    map: the child sees the key, allocates the next one, and freeing the parent's key in the
+    child leaves it allocated in the parent (the model: conform case inherit/pkeys)."""
+    from fpstate.host.process import pkey_inheritance
+    from fpstate.kernel.x86.conform import host_pku_reason
+
+    reason = host_pku_reason()
+    if reason:
+        pytest.skip(reason)
+    got = pkey_inheritance()
+    key = got["parent pkey_alloc"]
+    assert key > 0
+    assert got["parent mapping ProtectionKey"] == got["child mapping ProtectionKey"] == key
+    assert got["child pkey_alloc"] == got["parent pkey_alloc after the child's"] == key + 1
+    assert got["child pkey_free(parent key)"] == 0
+    assert got["parent pkey_mprotect(parent key) after the child freed it"] == 0

@@ -237,3 +237,75 @@ def exec_state(*, seed: int = 0x7F, timeout: float = 20.0) -> ExecRun:
     return ExecRun(seed=seed, parent_before=xsave_image(shm.read(PAGE, xs)),
                    image=xsave_image(out[:xs]), supp=words[1] & (2**64 - 1),
                    perm=words[3] & (2**64 - 1), guest_perm=words[5] & (2**64 - 1), exit=ex)
+
+
+# -- protection keys across fork -------------------------------------------------------------
+
+#: The keys of `pkey_inheritance`'s answer, in the order the probe writes them.
+PKEY_FACTS = ("parent pkey_alloc", "parent mapping ProtectionKey",
+              "child mapping ProtectionKey", "child pkey_alloc", "child pkey_free(parent key)",
+              "parent pkey_mprotect(parent key) after the child freed it",
+              "parent pkey_alloc after the child's")
+
+
+def smaps_pkey(address: int) -> int | None:
+    """The ProtectionKey of the mapping that starts at ``address``, from /proc/self/smaps
+    (task_mmu.c arch_show_smap: shown where the CPU has protection keys), or None."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                inside = int(head.split("-")[0], 16) == address
+            elif inside and line.startswith("ProtectionKey:"):
+                return int(line.split()[1])
+    return None
+
+
+def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
+    """A protection key across fork, on the real kernel. In a forked child: pkey_alloc(0, 0),
+    a two-page mapping given the key (pkey_mprotect), then fork; the new process reads the
+    mapping's key (smaps), allocates a key and frees the parent's; the parent, once it has
+    exited, gives the mapping the parent key again (is it still allocated there?) and
+    allocates one more. Answers by `PKEY_FACTS` (negative: -errno). Kernel paths: mm_pkey_alloc
+    and arch_set_user_pkey_access, do_mprotect_pkey, dup_mmap / arch_dup_pkeys (the VMA keys
+    and the allocation map are copied into the child's mm), mm_pkey_free."""
+    import mmap as _mmap
+
+    from fpstate.host.child import raw_syscall
+
+    shm = SharedMemory(8 * (len(PKEY_FACTS) + 1))
+    rw = _mmap.PROT_READ | _mmap.PROT_WRITE
+
+    def put(n: int, value: int | None) -> None:
+        struct.pack_into("<q", shm.mem, 8 * n, -99 if value is None else value)
+
+    def body() -> int:
+        key = raw_syscall(SYS["pkey_alloc"], 0, 0)
+        put(0, key)
+        if key < 0:
+            return 3
+        region = _mmap.mmap(-1, 2 * PAGE, prot=rw)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        if raw_syscall(SYS["pkey_mprotect"], base, 2 * PAGE, rw, key):
+            return 4
+        put(1, smaps_pkey(base))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                put(2, smaps_pkey(base))
+                put(3, raw_syscall(SYS["pkey_alloc"], 0, 0))
+                put(4, raw_syscall(SYS["pkey_free"], key))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        put(5, raw_syscall(SYS["pkey_mprotect"], base, PAGE, rw, key))
+        put(6, raw_syscall(SYS["pkey_alloc"], 0, 0))
+        put(len(PKEY_FACTS), 1)
+        return 0
+
+    ex = run_child(body, timeout)
+    if ex.exit_code != 0 or struct.unpack_from("<q", shm.mem, 8 * len(PKEY_FACTS))[0] != 1:
+        raise HostUnavailable(f"the protection-key fork probe ended with {ex}")
+    return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
+            for n, name in enumerate(PKEY_FACTS)}

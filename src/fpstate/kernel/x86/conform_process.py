@@ -22,6 +22,7 @@ from fpstate.kernel.x86.conform import (
     answer,
     errno_of,
     host_amx_reason,
+    host_pku_reason,
     host_system,
     host_without_amx_reason,
     image_registers,
@@ -223,6 +224,47 @@ def amx_inherit_model(system: FpuSystem, given: Any) -> Facts:
 
 
 
+# -- protection keys across fork ------------------------------------------------------------------
+
+
+def _pkey_fork_host() -> HostAnswer:
+    from fpstate.host.process import pkey_inheritance
+
+    facts = pkey_inheritance()
+    return HostAnswer(facts, facts["parent pkey_alloc"])
+
+
+def pkey_fork_model(system: FpuSystem, first_key: int) -> Facts:
+    """The probe of `fpstate.host.process.pkey_inheritance` on the model: pkey_alloc,
+    pkey_mprotect of a two-page mapping, fork (sys_clone: the child's mm is a copy, keys and
+    allocation map included), the child's pkey_alloc and pkey_free of the parent's key, then
+    the parent's pkey_mprotect with it and its own next pkey_alloc. ``first_key`` is the key
+    the host's first pkey_alloc gave (the keys below it were taken before, in the process the
+    probe was forked from)."""
+    from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_free, sys_pkey_mprotect
+    from fpstate.kernel.x86.process import sys_clone
+
+    m = Machine(system, 1)
+    t = user_task(m)
+    mm = t.process.mm
+    mm.pkey_allocation_map = (1 << first_key) - 1 if first_key > 0 else 1
+    base = m.mmap(t, 2 * 4096)
+    facts: Facts = {"parent pkey_alloc": m.syscall(0, sys_pkey_alloc, 0, 0)}
+    key = facts["parent pkey_alloc"]
+    m.syscall(0, sys_pkey_mprotect, base, 2 * 4096, key)
+    facts["parent mapping ProtectionKey"] = mm.pkeys.get(base, 0)
+    child = m.syscall(0, sys_clone, 0, "child")
+    m.run(0, child)
+    facts["child mapping ProtectionKey"] = child.process.mm.pkeys.get(base, 0)
+    facts["child pkey_alloc"] = m.syscall(0, sys_pkey_alloc, 0, 0)
+    facts["child pkey_free(parent key)"] = m.syscall(0, sys_pkey_free, key)
+    m.run(0, t)
+    facts["parent pkey_mprotect(parent key) after the child freed it"] = m.syscall(
+        0, sys_pkey_mprotect, base, 4096, key)
+    facts["parent pkey_alloc after the child's"] = m.syscall(0, sys_pkey_alloc, 0, 0)
+    return facts
+
+
 CASES: tuple[Case, ...] = (
     Case("xfd/amx-insn-without-xcr0", "#UD -> do_error_trap -> SIGILL/ILL_ILLOPN",
          _amx_insn_host, _amx_insn_model, host_without_amx_reason),
@@ -234,4 +276,7 @@ CASES: tuple[Case, ...] = (
          "fpu_inherit_perms", _amx_inherit_host, amx_inherit_model, host_amx_reason),
     Case("exec/reset", "fpu_flush_thread -> fpstate_reset, fpu_reset_fpstate_regs",
          _exec_host, _exec_model),
+    Case("inherit/pkeys", "pkey_alloc, do_mprotect_pkey, dup_mmap / arch_dup_pkeys (the "
+         "child's mm has the keyed VMAs and its own copy of the allocation map), pkey_free",
+         _pkey_fork_host, pkey_fork_model, host_pku_reason),
 )
