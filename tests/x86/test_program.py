@@ -75,6 +75,8 @@ def test_json_round_trip_of_generated_programs() -> None:
     (lambda o: o["insns"][0].update(mnemonic="NOPE"), "instruction 0 (NOPE): unknown mnemonic"),
     (lambda o: o.update(insns=[1]), "missing or malformed field"),
     (lambda o: o.update(cpl=True), "cpl True is not an integer"),
+    (lambda o: o["buffers"][0].update(pkey="1"), "buffers[0].pkey '1' is not an integer"),
+    (lambda o: o["buffers"][0].update(pkey=9), "buf0: protection key 9 outside 0..3"),
 ])
 def test_program_json_errors(edit, message: str) -> None:
     obj = program_to_json(Program(START, (Insn("XSAVE", buf=0, mask=7),), (Buffer(),)))
@@ -93,13 +95,13 @@ _JSON = st.recursive(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["start", "insns", "buffers", "cpl", "mnemonic", "data", "misalign"]),
-       _JSON)
+@given(st.sampled_from(["start", "insns", "buffers", "cpl", "mnemonic", "data", "misalign",
+                        "pkey"]), _JSON)
 def test_program_json_fuzz(key: str, value: object) -> None:
     obj = program_to_json(Program(START, (Insn("XSAVE", buf=0, mask=7),), (Buffer(),)))
     if key in ("mnemonic", "data"):
         obj["insns"][0][key] = value
-    elif key == "misalign":
+    elif key in ("misalign", "pkey"):
         obj["buffers"][0][key] = value
     else:
         obj[key] = value
