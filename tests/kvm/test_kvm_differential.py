@@ -147,3 +147,32 @@ def test_the_layer_is_skipped_with_the_reason_without_dev_kvm(monkeypatch, capsy
     out = json.loads(capsys.readouterr().out)
     assert status == 0 and out["cases"] == 0 and out["mismatches"] == []
     assert out["skipped"] == ["all: /nonexistent/kvm: No such file or directory"]
+
+
+def test_guest_pkru_instructions_follow_the_guests_cr4_pke(ctx: conform.Context) -> None:
+    """WRPKRU and RDPKRU are #UD unless the guest's own CR4.PKE is set (KVM_SET_SREGS; the
+    test guest leaves it clear): the model of a VMX/SVM guest says so. This host's backend is
+    asked too: where it runs them anyway its divergence says why (kvm_pvm's guest runs under
+    the host's CR4), else it must agree with the model."""
+    import struct
+
+    from fpstate.kvm.x86.vcpu import run_guest_program
+    from fpstate.x86.program import Buffer, Insn, Program
+
+    start = bytearray(576 + 2048)
+    struct.pack_into("<I", start, 24, 0x1F80)
+    prog = Program(bytes(start), (Insn("WRPKRU", value=0x4), Insn("RDPKRU")), (Buffer(),),
+                   cpl=3)
+    v = ctx.vmm()
+    vcpu = ctx.model_vcpu(v)
+    if not vcpu.kvm.config.host.has("PKU"):
+        pytest.skip("host lacks PKU: CPUID.(EAX=7,ECX=0):ECX[3]=0")
+    model = run_guest_program(vcpu, prog, xcr0=ctx.system.xcr0)
+    assert {(o.fault.vector if o.fault else None, o.fault_step) for o in model} == {("#UD", 0)}
+    v.set_cr4(vcpu, osxsave=True, pke=True)
+    assert {o.values for o in run_guest_program(vcpu, prog, xcr0=ctx.system.xcr0)} == {(4,)}
+    real = ctx.guest_machine().run_program(prog, xcr0=ctx.system.xcr0)
+    if "guest_pkru_without_cr4_pke" in ctx.divergences():
+        assert real.fault is None and real.values == (4,)
+    else:
+        assert (real.fault and real.fault.vector, real.fault_step) == ("#UD", 0)

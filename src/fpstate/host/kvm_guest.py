@@ -108,6 +108,10 @@ BACKEND_DIVERGENCES: dict[str, dict[str, str]] = {
             "PVM's switcher), now and then -- timing-dependent -- for a guest that stayed at "
             "CPL 0; on a Zen 3 host (family 19h) not after a CPL 3 run either; in the model "
             "(VMX/SVM KVM) only the guest's own instructions change XINUSE"),
+        "guest_pkru_without_cr4_pke": (
+            "the guest runs in hardware ring 3 under the host's CR4, whose PKE is set: WRPKRU "
+            "and RDPKRU at guest CPL 3 run although the guest left CR4.PKE clear (VMX/SVM KVM: "
+            "#UD, CR4.PKE is the guest's own)"),
         "cpl3_gp_emulated": (
             "a #GP at guest CPL 3 goes to KVM's instruction emulator first: LDMXCSR of a "
             "reserved MXCSR bit reaches the guest as #UD (hardware: #GP), and a FXSAVE64 to a "

@@ -585,7 +585,7 @@ def _preempt(worlds: list[_World]) -> list[_World]:
 
 def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = None,
                 xss: int = 0, xfd: int = 0, impl: ImplDefined | None = None,
-                preempt: bool = True) -> list[Outcome]:
+                preempt: bool = True, cr4_pke: bool | None = None) -> list[Outcome]:
     """The model's answer to ``program`` on ``profile``: the SET of outcomes the CPU may give
     (usually one), as the host runner produces them (`fpstate.x86.program`, `fpstate.host.
     runner`): XRSTOR64 of the start image with RFBM = XCR0, the instructions at the program's
@@ -594,7 +594,8 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
     The outcome varies only where a preemption between two instructions changes what the
     CPU tracks (`preemptions`: the modified optimisation is lost, XINUSE is re-derived); every
     such point is tried (``preempt=False``: none is, the outcome of an undisturbed run).
-    ``xcr0`` defaults to the XCR0 Linux programs (`default_xcr0`).
+    ``xcr0`` defaults to the XCR0 Linux programs (`default_xcr0`); ``cr4_pke`` to what Linux
+    sets (CR4.PKE wherever the CPU has PKU: setup_pku()), a guest kernel may leave it clear.
     ProgramError for a start image the XRSTOR refuses (the runner does the same);
     UnknownPointers when the program would show FIP/FDP of an FLD."""
     check_program(program)
@@ -612,6 +613,8 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
     if xfd & ~xfd_ok:
         raise MaskError(f"IA32_XFD {xfd:#x} sets bits the CPU cannot arm ({xfd_ok:#x})")
     cpu = Cpu(m, impl, xcr0=xcr0, xss=xss, xfd=xfd, cpl=program.cpl)
+    if cr4_pke is not None:
+        cpu.cr4_pke = cr4_pke and m.has("PKU")
     start = Area(bytearray(program.start.ljust(BUFFER_SIZE, b"\0")), ("start",))
     fault = XRSTOR(cpu, start, xcr0)
     if fault:

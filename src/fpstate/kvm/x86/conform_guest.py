@@ -42,6 +42,9 @@ XSAVE_MNEMONICS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR")
 #: Guest #GP that a backend hands to KVM's emulator first (fpstate.host.kvm_guest
 #: BACKEND_DIVERGENCES "cpl3_gp_emulated") reach the guest changed for these instructions.
 GP_EMULATED_MNEMONICS = frozenset({"LDMXCSR", "FXSAVE", "FXRSTOR"})
+#: What a guest without CR4.PKE cannot run (#UD), and this backend runs (BACKEND_DIVERGENCES
+#: "guest_pkru_without_cr4_pke").
+PKRU_MNEMONICS = frozenset({"WRPKRU", "RDPKRU"})
 ALL_ONES = (1 << 64) - 1
 #: IA32_XSS values a guest with XSAVES would write: none, CET_U, CET_U | CET_S.
 GUEST_XSS = (0x0, 0x800, 0x1800)
@@ -141,6 +144,11 @@ def case_guest_programs(ctx: Context, report: Report, rng: random.Random, sample
         if "cpl3_gp_emulated" in div and cpl == 3 and _gp_emulated(prog, outs):
             report.skip(case, "programs whose #GP at CPL 3 this backend's emulator changes "
                               f"are not compared: {div['cpl3_gp_emulated']}")
+            continue
+        if "guest_pkru_without_cr4_pke" in div and cpl == 3 and not mvcpu.arch.cr4_pke \
+                and any(i.mnemonic in PKRU_MNEMONICS for i in prog.insns):
+            report.skip(case, "programs with WRPKRU or RDPKRU are not compared: "
+                              f"{div['guest_pkru_without_cr4_pke']}")
             continue
         real = g.run_program(prog, xcr0=xcr0)
         done += 1

@@ -566,7 +566,8 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
     IA32_XSS = ``xss`` (kvm_set_msr_common) and, when the guest CPUID has XFD, its WRMSR of
     IA32_XFD = ``xfd`` (AMX under XFD: fpu_update_guest_xfd) -- a refusal of any is
     ProgramError, as on the host -- then the program on the CPU model
-    (`fpstate.x86.insn.run_program`) of the guest's hardware (`guest_hardware_profile`).
+    (`fpstate.x86.insn.run_program`) of the guest's hardware (`guest_hardware_profile`),
+    under the guest's CR4.PKE (KVM_SET_SREGS: WRPKRU and RDPKRU are #UD without it).
     XINUSE is not reported where the guest CPUID lacks XGETBV1 (the runner reads it only
     then). Returns the set of outcomes the CPU may give (``preempt=False``: only that of an
     undisturbed run, as `run_program` takes it)."""
@@ -591,7 +592,7 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
         raise ProgramError(f"IA32_XFD={xfd:#x} needs XFD, and the guest CPUID lacks it: "
                            "CPUID.(EAX=0DH,ECX=1):EAX[4]=0")
     outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss, xfd=xfd,
-                           preempt=preempt)
+                           preempt=preempt, cr4_pke=vcpu.arch.cr4_pke)
     if not cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XGETBV1:
         outcomes = [Outcome(o.buffers, o.values, o.fault, o.fault_step, None, o.final)
                     for o in outcomes]
