@@ -265,9 +265,9 @@ def smaps_pkey(address: int) -> int | None:
 def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
     """A protection key across fork, on the real kernel. In a forked child: pkey_alloc(0, 0),
     a two-page mapping given the key (pkey_mprotect), then fork; the new process reads the
-    mapping's key (smaps), allocates a key and frees the parent's; the parent, once it has
-    exited, gives the mapping the parent key again (is it still allocated there?) and
-    allocates one more. Answers by `PKEY_FACTS` (negative: -errno). Kernel paths: mm_pkey_alloc
+    mapping's key (smaps), allocates a key and frees the parent's; the parent, once the child
+    has exited, gives the mapping its key again (is it still allocated there?) and allocates
+    one more. Answers by `PKEY_FACTS` (negative: -errno). Kernel paths: mm_pkey_alloc
     and arch_set_user_pkey_access, do_mprotect_pkey, dup_mmap / arch_dup_pkeys (the VMA keys
     and the allocation map are copied into the child's mm), mm_pkey_free."""
     import mmap as _mmap
