@@ -253,3 +253,26 @@ def test_pkey_altstack_leaves_the_task_a_pkru_of_its_own_closing_key_1() -> None
     assert w.tasks["p0.t0"].process.mm.pkeys == {w.tasks["p0.t0"].sas_ss_sp: 1}
     w.expected["p0.t0"][9] = (0x55555554).to_bytes(4, "little") + bytes(4)
     assert "no-lost-write" in broken(w)
+
+
+def test_a_handlers_frame_edit_is_what_sigreturn_must_restore() -> None:
+    """frame_write: the handler stores its own AVX value in its frame; sigreturn loads it and
+    the task expects it. Had the restore given back the value of before the edit (here: the
+    frame patched back behind the world's back), no-lost-write reports it."""
+    steps = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+             A("write", task="p0.t0", component="avx"), A("signal", task="p0.t0")]
+    for undo in (False, True):
+        w = world(ZEN4_ONE, steps=steps)
+        t = w.tasks["p0.t0"]
+        lo = w.frames["p0.t0"][-1][0]
+        fp = int.from_bytes(t.process.mm.read(lo + 232, 8), "little")
+        off = w.m.system.profile.component(AVX).offset
+        before = t.process.mm.read(fp + off, 256)
+        assert not w.step(A("frame_write", task="p0.t0", component="avx")).violations
+        assert w.writer(w.sigstack["p0.t0"][-1][AVX], AVX) == "p0.t0#2"
+        if undo:
+            t.process.mm.write(fp + off, before)
+            w._hashed = None  # changed behind the world's back: its memoised key is stale
+        r = w.step(A("sigreturn", task="p0.t0"))
+        assert r.observed["ret"] == 0
+        assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])

@@ -206,6 +206,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("pkey_open", "WRPKRU 0: every protection key open, as a handler running on a "
                "key-protected sigaltstack does before it touches its stack", {"task": _TASK}),
     ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)", {"task": _TASK}),
+    ActionSpec("frame_write", "the signal handler stores a value of its own into a component "
+               "of its 64-bit frame's XSAVE area and sets its XSTATE_BV bit: sigreturn must "
+               "load it (the frame, not the kernel, is the interrupted context's state)",
+               {"task": _TASK, "component": FieldSpec(str, "component short name")}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -710,6 +714,47 @@ class X86World(X86Views, World):
             self.expected[t.comm][PKRU] = pkru_bytes(0)
         return {"fault": fault.vector if fault else "none"}
 
+    def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
+        t = self.task(task)
+        self.user_cpu(t)
+        i = component_number(component)
+        if not self.sigstack[t.comm] or self.frames[t.comm][-1][2] != FRAME_X64:
+            raise StepError(f"task {task} is not in the handler of a 64-bit signal frame")
+        if i not in self._frame_writable(t):
+            raise StepError(f"{component} is not a component {task}'s frame may be given")
+        lo = self.frames[t.comm][-1][0]
+        mm = t.process.mm
+        if not self._frame_open(t, lo):
+            raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
+                            "(the store would fault)")
+        fp = int.from_bytes(mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+        t.generation += 1
+        size = self.m.system.profile.component(i).size
+        value = token(t.pid, t.generation, i, size)
+        mm.write(fp + self.m.system.profile.component(i).offset, value)
+        bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
+        mm.write(fp + 512, bv.to_bytes(8, "little"))
+        self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
+        return {}
+
+    def _frame_writable(self, t: Task) -> tuple[int, ...]:
+        """The components a handler's frame edit may set: writable ones the task's fpstate
+        carries in its user features, AMX's dynamic state aside (a frame with tile data for a
+        task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore)."""
+        user = t.fpu.fpstate.user_xfeatures
+        return tuple(i for i in self.writable[2:] if (user >> i) & 1
+                     and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
+
+    def _frame_open(self, t: Task, addr: int) -> bool:
+        """Whether the task's PKRU lets its handler store at ``addr`` (the protection key of
+        the mapping there: only keyed sigaltstacks have one)."""
+        mm = t.process.mm
+        key = next((k for s, k in mm.pkeys.items() if s <= addr < s + mm.regions[s]), 0)
+        if not key or t.on_cpu is None:
+            return True
+        pkru = int.from_bytes(self.m.cpus[t.on_cpu].regs.component(PKRU)[:4], "little")
+        return not (pkru >> (2 * key)) & 0b11
+
     def do_sigreturn(self, task: str) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
@@ -930,6 +975,8 @@ class X86World(X86Views, World):
                 "pkey_altstack": A("pkey_altstack", task=comm),
                 "pkey_open": A("pkey_open", task=comm),
                 "sigreturn": A("sigreturn", task=comm),
+                "frame_writes": {i: A("frame_write", task=comm, component=BY_NUMBER[i].short)
+                                 for i in self.writable[2:]},
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
@@ -1000,6 +1047,9 @@ class X86World(X86Views, World):
                 add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
+                if self.frames[t.comm][-1][2] == FRAME_X64 \
+                        and self._frame_open(t, self.frames[t.comm][-1][0]):
+                    out.extend(ta["frame_writes"][i] for i in self._frame_writable(t))
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])
