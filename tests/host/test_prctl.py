@@ -205,3 +205,17 @@ def test_ia32_frame_and_the_at_minsigstksz_formula(xcr0: int) -> None:
     assert (f.fpstate + 112) % 64 == 0
     assert f.frame_bytes == 740
     assert at_minsigstksz() == (736 + 15 + (user + 4 + 112) + 63 + 15) // 16 * 16
+
+
+def test_get_xcomp_supp_into_a_page_whose_key_the_caller_closed_is_efault() -> None:
+    """put_user() runs under the calling thread's PKRU: ARCH_GET_XCOMP_SUPP into a page whose
+    protection key the thread closed fails with EFAULT; with the key open it succeeds (the
+    model: conform case arch_prctl/pkey-closed-buffer)."""
+    from fpstate.host.prctl import get_supp_into_keyed_page
+    from fpstate.kernel.x86.conform import host_pku_reason
+
+    reason = host_pku_reason()
+    if reason:
+        pytest.skip(reason)
+    key, opened, closed = get_supp_into_keyed_page()
+    assert key > 0 and opened == 0 and closed == errno.EFAULT

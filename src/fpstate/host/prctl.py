@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
-from fpstate.host.child import SYS, SharedMemory, errno_name, raw_syscall, run_child
+from fpstate.host.child import PAGE, SYS, SharedMemory, errno_name, raw_syscall, run_child
 from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
     ARCH_GET_XCOMP_GUEST_PERM,
     ARCH_GET_XCOMP_PERM,
@@ -173,3 +173,45 @@ def permission_snapshot() -> PermissionSnapshot:
         if x.value is None:
             raise HostUnavailable(f"arch_prctl({x.call.name}) failed with {x.errno_name}")
     return PermissionSnapshot(r[0].value or 0, r[1].value or 0, r[2].value or 0)
+
+
+def get_supp_into_keyed_page(timeout: float = 20.0) -> tuple[int, int, int]:
+    """ARCH_GET_XCOMP_SUPP into a page with a protection key of its own, in a forked child:
+    (the key pkey_alloc gave, the errno with the key open, the errno with it closed by AD|WD
+    in this thread's PKRU). put_user() runs under the calling thread's PKRU, so the closed key
+    makes it fault: -EFAULT (arch/x86/kernel/fpu/xstate.c fpu_xstate_prctl)."""
+    import mmap as _mmap
+
+    from fpstate.host.child import Asm, CodePages
+
+    shm = SharedMemory(32)
+
+    def body() -> int:
+        key = raw_syscall(SYS["pkey_alloc"], 0, 0)
+        if key < 0:
+            return 3
+        rw = _mmap.PROT_READ | _mmap.PROT_WRITE
+        region = _mmap.mmap(-1, PAGE, prot=rw)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        if raw_syscall(SYS["pkey_mprotect"], base, PAGE, rw, key):
+            return 4
+        opened = raw_syscall(SYS["arch_prctl"], ARCH_GET_XCOMP_SUPP, base)
+        close = Asm()  # PKRU |= AD|WD of the key; return
+        close.mov_imm(close.R.RCX, 0)
+        close.emit(close.In.create(close.C.RDPKRU))
+        close.emit(close.In.create_reg_u32(close.C.OR_RM32_IMM32, close.R.EAX, 0b11 << 2 * key))
+        close.mov_imm(close.R.RCX, 0)
+        close.mov_imm(close.R.RDX, 0)
+        close.emit(close.In.create(close.C.WRPKRU))
+        close.emit(close.In.create(close.C.RETNQ))
+        pages = CodePages(1)
+        pages.call(pages.place(0, close))
+        closed = raw_syscall(SYS["arch_prctl"], ARCH_GET_XCOMP_SUPP, base)
+        struct.pack_into("<qqqq", shm.mem, 0, key, -opened, -closed, 1)
+        return 0
+
+    ex = run_child(body, timeout)
+    key, opened, closed, done = struct.unpack_from("<qqqq", shm.mem, 0)
+    if ex.exit_code != 0 or done != 1:
+        raise HostUnavailable(f"the protection-key arch_prctl probe child ended with {ex}")
+    return key, opened, closed

@@ -569,6 +569,38 @@ def _prctl_model(state: PermState) -> Callable[[FpuSystem, Any], Facts]:
     return model
 
 
+def _prctl_keyed_host() -> HostAnswer:
+    from fpstate.host.prctl import get_supp_into_keyed_page
+
+    key, opened, closed = get_supp_into_keyed_page()
+    return HostAnswer(_prctl_keyed_facts(key, -opened, -closed), key)
+
+
+def _prctl_keyed_facts(key: int, opened: int, closed: int) -> Facts:
+    return {"pkey_alloc": key, "GET_XCOMP_SUPP into the key's page, key open": errno_of(opened),
+            "GET_XCOMP_SUPP into the key's page, key closed (AD|WD)": errno_of(closed)}
+
+
+def _prctl_keyed_model(system: FpuSystem, first_key: int) -> Facts:
+    """fpu_xstate_prctl's put_user() into a page with a protection key of its own, under the
+    calling thread's PKRU: with the key open, then closed (AD|WD). ``first_key`` is the key
+    the host's pkey_alloc gave (the keys below it were taken before the probe)."""
+    from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
+    from fpstate.kernel.x86.signal import read_pkru
+
+    m = Machine(system, 1)
+    t = user_task(m)
+    t.process.mm.pkey_allocation_map = (1 << first_key) - 1 if first_key > 0 else 1
+    key = m.syscall(0, sys_pkey_alloc, 0, 0)
+    page = m.mmap(t, 4096)
+    m.syscall(0, sys_pkey_mprotect, page, 4096, key)
+    opened = m.syscall(0, sys_arch_prctl, ARCH_GET_XCOMP_SUPP, page)
+    c = m.cpus[0]
+    c.regs.wrpkru(read_pkru(c) | 0b11 << (2 * key))  # the thread's WRPKRU in user mode
+    closed = m.syscall(0, sys_arch_prctl, ARCH_GET_XCOMP_SUPP, page)
+    return _prctl_keyed_facts(key, opened, closed)
+
+
 BASE_CASES: tuple[Case, ...] = (
     Case("boot/lines", "fpu__init_system_xstate: the x86/fpu lines of the boot log",
          _boot_host, _boot_model),
@@ -579,6 +611,9 @@ BASE_CASES: tuple[Case, ...] = (
     *(Case(f"arch_prctl/{s.name}", "fpu_xstate_prctl, xstate_request_perm, "
            "__xstate_request_perm, validate_sigaltstack, fpu_lock_guest_permissions",
            (lambda s=s: _prctl_host(s)), _prctl_model(s), s.needs) for s in PERM_STATES),
+    Case("arch_prctl/pkey-closed-buffer", "fpu_xstate_prctl: put_user() under the calling "
+         "thread's PKRU (a protection key it closed makes the store fault: -EFAULT)",
+         _prctl_keyed_host, _prctl_keyed_model, host_pku_reason),
 )
 
 def _register() -> None:
