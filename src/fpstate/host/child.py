@@ -250,6 +250,23 @@ class Asm:
     def exit_group(self, code: int) -> None:
         self.syscall(SYS["exit_group"], code)
 
+    def wrpkru(self, value: int) -> None:
+        """WRPKRU ``value`` (ECX = EDX = 0). Clobbers RAX, RCX, RDX."""
+        self.mov_imm(self.R.RAX, value)
+        self.mov_imm(self.R.RCX, 0)
+        self.mov_imm(self.R.RDX, 0)
+        self.emit(self.In.create(self.C.WRPKRU))
+
+    def deny_pkey(self, key: int, rights: int) -> None:
+        """PKRU |= ``rights`` (AD = 1, WD = 2) for protection key ``key``: RDPKRU, OR,
+        WRPKRU. Clobbers RAX, RCX, RDX."""
+        self.mov_imm(self.R.RCX, 0)
+        self.emit(self.In.create(self.C.RDPKRU))
+        self.emit(self.In.create_reg_u32(self.C.OR_RM32_IMM32, self.R.EAX, rights << (2 * key)))
+        self.mov_imm(self.R.RCX, 0)
+        self.mov_imm(self.R.RDX, 0)
+        self.emit(self.In.create(self.C.WRPKRU))
+
 
 class CodePages:
     """An executable mapping of ``count`` pages; `place` puts one `Asm` at the start of a page

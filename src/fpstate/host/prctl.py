@@ -197,12 +197,7 @@ def get_supp_into_keyed_page(timeout: float = 20.0) -> tuple[int, int, int]:
             return 4
         opened = raw_syscall(SYS["arch_prctl"], ARCH_GET_XCOMP_SUPP, base)
         close = Asm()  # PKRU |= AD|WD of the key; return
-        close.mov_imm(close.R.RCX, 0)
-        close.emit(close.In.create(close.C.RDPKRU))
-        close.emit(close.In.create_reg_u32(close.C.OR_RM32_IMM32, close.R.EAX, 0b11 << 2 * key))
-        close.mov_imm(close.R.RCX, 0)
-        close.mov_imm(close.R.RDX, 0)
-        close.emit(close.In.create(close.C.WRPKRU))
+        close.deny_pkey(key, 0b11)
         close.emit(close.In.create(close.C.RETNQ))
         pages = CodePages(1)
         pages.call(pages.place(0, close))

@@ -284,25 +284,6 @@ def _layout() -> _Layout:
     return _Layout(xs, xs + 2 * PAGE)
 
 
-def _wrpkru(asm: Asm, value: int) -> None:
-    """WRPKRU ``value``. Clobbers RAX, RCX, RDX."""
-    asm.mov_imm(asm.R.RAX, value)
-    asm.mov_imm(asm.R.RCX, 0)
-    asm.mov_imm(asm.R.RDX, 0)
-    asm.emit(asm.In.create(asm.C.WRPKRU))
-
-
-def _deny_key(asm: Asm, key: int, rights: int) -> None:
-    """PKRU |= ``rights`` (AD = 1, WD = 2) for ``key``: RDPKRU, OR, WRPKRU. Clobbers RAX, RCX,
-    RDX."""
-    asm.mov_imm(asm.R.RCX, 0)
-    asm.emit(asm.In.create(asm.C.RDPKRU))
-    asm.emit(asm.In.create_reg_u32(asm.C.OR_RM32_IMM32, asm.R.EAX, rights << (2 * key)))
-    asm.mov_imm(asm.R.RCX, 0)
-    asm.mov_imm(asm.R.RDX, 0)
-    asm.emit(asm.In.create(asm.C.WRPKRU))
-
-
 def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
              patches: tuple[FramePatch, ...], final_exit: int | None,
              pkeys: str | None = None) -> None:
@@ -323,7 +304,7 @@ def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
         asm.syscall(SYS["rt_sigreturn"])
         return
     if pkeys == "open":
-        _wrpkru(asm, 0)
+        asm.wrpkru(0)
     asm.emit(In.create_reg_mem(C.MOV_R64_RM64, R.R10, M(R.R9, displ=MC_FPSTATE)))
     asm.emit(In.create_mem_reg(C.MOV_RM64_R64, M(R.R8, displ=40), R.R10))
     asm.mov_imm(R.RCX, 512)
@@ -493,7 +474,7 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         if init_mask:
             _xrstor_init(main, shm.address + lay.after, init_mask)
         if keyed:
-            _deny_key(main, key, pkey_rights or 0)
+            main.deny_pkey(key, pkey_rights or 0)
         main.xsave(shm.address + lay.before)
         if keyed:  # RSP at the kill() syscall: the interrupted stack pointer
             main.mov_imm(main.R.R11, shm.address + lay.pkey_info + 16)
