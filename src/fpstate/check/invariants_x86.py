@@ -399,7 +399,6 @@ def sigframe_ok(w: Any) -> Iterator[str]:
             yield f"{t.comm}: frame [{frame:#x}, {end:#x}) is not inside one mapped stack"
 
 
-
 @predicate("sigframe-delivered-with-room", X86, reads=READS_EVENTS)
 def sigframe_delivered_with_room(w: Any) -> Iterator[str]:
     for kind, payload in w.emitted:

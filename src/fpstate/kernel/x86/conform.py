@@ -569,6 +569,13 @@ def _prctl_model(state: PermState) -> Callable[[FpuSystem, Any], Facts]:
     return model
 
 
+def keys_taken_before(t: Task, first_key: int) -> None:
+    """Mark the protection keys below ``first_key`` allocated in ``t``'s mm: the host probe's
+    first pkey_alloc gave ``first_key``, so the process it was forked from had taken the
+    lower ones (pkey_alloc returns the lowest free key, and fork copies the allocation)."""
+    t.process.mm.pkey_allocation_map = (1 << first_key) - 1 if first_key > 0 else 1
+
+
 def _prctl_keyed_host() -> HostAnswer:
     from fpstate.host.prctl import get_supp_into_keyed_page
 
@@ -590,7 +597,7 @@ def _prctl_keyed_model(system: FpuSystem, first_key: int) -> Facts:
 
     m = Machine(system, 1)
     t = user_task(m)
-    t.process.mm.pkey_allocation_map = (1 << first_key) - 1 if first_key > 0 else 1
+    keys_taken_before(t, first_key)
     key = m.syscall(0, sys_pkey_alloc, 0, 0)
     page = m.mmap(t, 4096)
     m.syscall(0, sys_pkey_mprotect, page, 4096, key)

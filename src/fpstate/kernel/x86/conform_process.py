@@ -26,6 +26,7 @@ from fpstate.kernel.x86.conform import (
     host_system,
     host_without_amx_reason,
     image_registers,
+    keys_taken_before,
     load_registers,
     model_registers,
     prefixed,
@@ -246,13 +247,12 @@ def pkey_fork_model(system: FpuSystem, first_key: int) -> Facts:
 
     m = Machine(system, 1)
     t = user_task(m)
-    mm = t.process.mm
-    mm.pkey_allocation_map = (1 << first_key) - 1 if first_key > 0 else 1
+    keys_taken_before(t, first_key)
     base = m.mmap(t, 2 * 4096)
     facts: Facts = {"parent pkey_alloc": m.syscall(0, sys_pkey_alloc, 0, 0)}
     key = facts["parent pkey_alloc"]
     m.syscall(0, sys_pkey_mprotect, base, 2 * 4096, key)
-    facts["parent mapping ProtectionKey"] = mm.pkeys.get(base, 0)
+    facts["parent mapping ProtectionKey"] = t.process.mm.pkeys.get(base, 0)
     child = m.syscall(0, sys_clone, 0, "child")
     m.run(0, child)
     facts["child mapping ProtectionKey"] = child.process.mm.pkeys.get(base, 0)

@@ -30,6 +30,7 @@ from fpstate.kernel.x86.conform import (
     host_pku_reason,
     host_system,
     image_registers,
+    keys_taken_before,
     load_registers,
     model_registers,
     pkru_offset,
@@ -154,9 +155,7 @@ def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
         lo = ss_sp & ~0xFFF
         t.process.mm.map(lo, ss_sp + ss_size - lo)
         if g.pkey:
-            # The keys below the host's were taken in the host process already (pkey_alloc
-            # returns the lowest free one); the PKRU the registers bring decides the rights.
-            t.process.mm.pkey_allocation_map = (1 << g.pkey) - 1
+            keys_taken_before(t, g.pkey)  # the registers' PKRU then decides the rights
             key = m.syscall(0, sys_pkey_alloc, 0, 0)
             assert key == g.pkey, (key, g.pkey)
             assert m.syscall(0, sys_pkey_mprotect, lo, ss_sp + ss_size - lo, key) == 0
