@@ -8,7 +8,7 @@ import pytest
 from fpstate.check import invariants
 from fpstate.check.invariants import BUG_INVARIANTS, BY_NAME, INVARIANTS, PREDICATES
 from fpstate.check.scenario import make_world
-from fpstate.check.world import Action
+from fpstate.check.world import Action, StepError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import token
 from fpstate.kernel.x86.signal import SW_BYTES_OFFSET
@@ -276,3 +276,21 @@ def test_a_handlers_frame_edit_is_what_sigreturn_must_restore() -> None:
         r = w.step(A("sigreturn", task="p0.t0"))
         assert r.observed["ret"] == 0
         assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])
+
+
+def test_no_frame_write_on_a_keyed_stack_the_handlers_pkru_closes() -> None:
+    """The handler on a keyed sigaltstack starts with init_pkru_value, which closes key 1: its
+    store to the frame would fault, so frame_write is not enabled (and refused) until the
+    handler opens the keys (pkey_open)."""
+    w = _on_altstack(16384)
+    w.step(A("pkey_altstack", task="p0.t0"))
+    assert w.step(A("signal", task="p0.t0")).observed["delivered"] is True
+
+    def frame_writes() -> set[str]:
+        return {str(a.get("component")) for a in w.enabled_actions() if a.name == "frame_write"}
+
+    assert frame_writes() == set()
+    with pytest.raises(StepError, match="protection key its PKRU closes"):
+        w.step(A("frame_write", task="p0.t0", component="avx"))
+    w.step(A("pkey_open", task="p0.t0"))
+    assert "avx" in frame_writes()

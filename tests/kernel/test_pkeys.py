@@ -220,3 +220,16 @@ def test_before_v6_12_an_open_key_altstack_still_takes_the_frame() -> None:
     fp = int.from_bytes(t.process.mm.read(t.user_sp + sg.SC_FPSTATE_OFFSET, 8), "little")
     off = m.system.profile.component(PKRU).offset
     assert int.from_bytes(t.process.mm.read(fp + off, 4), "little") == INIT_PKRU & ~0xC
+
+
+def test_key_allows_checks_the_key_and_nothing_else() -> None:
+    """UserMemory.key_allows: the key's rights under a PKRU, for a mapped address, without
+    faulting anything in."""
+    mm = UserMemory()
+    mm.map(ALT, 2 * PAGE_SIZE)
+    mm.set_pkey(ALT, PAGE_SIZE, 1)
+    mm.not_present.add(ALT // PAGE_SIZE)
+    assert mm.key_allows(ALT, True, 0) and mm.key_allows(ALT, False, 0b10 << 2)
+    assert not mm.key_allows(ALT, True, 0b10 << 2) and not mm.key_allows(ALT, False, 0b01 << 2)
+    assert mm.key_allows(ALT + PAGE_SIZE, True, 0xFFFFFFFF)  # key 0
+    assert mm.not_present == {ALT // PAGE_SIZE}

@@ -749,11 +749,10 @@ class X86World(X86Views, World):
         """Whether the task's PKRU lets its handler store at ``addr`` (the protection key of
         the mapping there: only keyed sigaltstacks have one)."""
         mm = t.process.mm
-        key = next((k for s, k in mm.pkeys.items() if s <= addr < s + mm.regions[s]), 0)
-        if not key or t.on_cpu is None:
+        if not mm.pkeys or t.on_cpu is None:
             return True
         pkru = int.from_bytes(self.m.cpus[t.on_cpu].regs.component(PKRU)[:4], "little")
-        return not (pkru >> (2 * key)) & 0b11
+        return mm.key_allows(addr, True, pkru)
 
     def do_sigreturn(self, task: str) -> dict[str, Value]:
         t = self.task(task)

@@ -133,6 +133,15 @@ class UserMemory:
         if key and (pkru >> (2 * key)) & (PKRU_AD_BIT | PKRU_WD_BIT if write else PKRU_AD_BIT):
             raise PageFault(addr, key)
 
+    def key_allows(self, addr: int, write: bool, pkru: int) -> bool:
+        """Whether ``pkru`` lets an access (a store when ``write``) at the mapped ``addr``
+        through its mapping's protection key (`_pk`; nothing else is checked or changed)."""
+        try:
+            self._pk(self._locate(addr, 1), addr, write, pkru)
+        except PageFault:
+            return False
+        return True
+
     def probe(self, addr: int, n: int, *, faults_enabled: bool = True, write: bool = False,
               pkru: int = 0) -> None:
         """What `read` (``write`` False) or `write` checks, without the bytes: #PF
