@@ -28,7 +28,7 @@ from fpstate.kernel.x86.sched import (
     Task,
     TaskState,
 )
-from fpstate.kernel.x86.xstate_prctl import EINVAL, ENOMEM, ENOSPC, sys_sigaltstack
+from fpstate.kernel.x86.xstate_prctl import EFAULT, EINVAL, ENOMEM, ENOSPC, sys_sigaltstack
 
 PKRU = 9
 INIT_PKRU = 0x55555554  #: init_pkru_value: every key but 0 access-disabled
@@ -233,3 +233,114 @@ def test_key_allows_checks_the_key_and_nothing_else() -> None:
     assert not mm.key_allows(ALT, True, 0b10 << 2) and not mm.key_allows(ALT, False, 0b01 << 2)
     assert mm.key_allows(ALT + PAGE_SIZE, True, 0xFFFFFFFF)  # key 0
     assert mm.not_present == {ALT // PAGE_SIZE}
+
+
+# -- ptrace: the tracer's iovec and buffer under the tracer's PKRU (ptrace_regset_iov) --------
+
+
+class Traced:
+    """A tracee stopped with XMM0 = NEW0 on zen4, a tracer on CPU 0 with a page for its
+    struct iovec and one for its buffer, and protection key 1 allocated by the tracer."""
+
+    NEW0 = bytes(range(0x40, 0x50))
+
+    def __init__(self) -> None:
+        from fpstate.kernel.x86.regset import NT_X86_XSTATE
+
+        self.m = m = Machine.boot("zen4", ncpus=1)
+        self.tracee = m.spawn("tracee")
+        m.run(0, self.tracee)
+        m.cpus[0].regs.set_component(1, self.NEW0 + bytes(240))  # XMM0..XMM15 (SSE)
+        m.stop(self.tracee)
+        self.tracer = m.spawn("tracer")
+        m.run(0, self.tracer)
+        assert m.syscall(0, sys_pkey_alloc, 0, 0) == 1
+        self.iov, self.buf = m.mmap(self.tracer, PAGE_SIZE), m.mmap(self.tracer, 4 * PAGE_SIZE)
+        self.mm = self.tracer.process.mm
+        self.size = m.system.user.max_size
+        self.note = NT_X86_XSTATE
+
+    def key(self, where: int, size: int) -> None:
+        assert self.m.syscall(0, sys_pkey_mprotect, where, size, 1) == 0
+
+    def call(self, req: int, length: int, *, rights: int = 0, data: bytes = b"",
+             note: int | None = None) -> tuple[int, int, bytes]:
+        """(result, iov_len after, the buffer's first ``length`` bytes after) of one call
+        made with key 1's PKRU bits = ``rights``."""
+        from fpstate.kernel.x86.regset import sys_ptrace_regset_iov
+
+        self.mm.write(self.buf, b"\xa5" * 4 * PAGE_SIZE)
+        self.mm.write(self.buf, data)
+        self.mm.write(self.iov, self.buf.to_bytes(8, "little") + length.to_bytes(8, "little"))
+        regs = self.m.cpus[0].regs
+        opened = _pkru(self.m)
+        regs.wrpkru(opened & ~0b1100 | rights << 2)
+        ret = self.m.syscall(0, sys_ptrace_regset_iov, self.tracee, req,
+                             self.note if note is None else note, self.iov)
+        regs.wrpkru(opened)
+        return (ret, int.from_bytes(self.mm.read(self.iov + 8, 8), "little"),
+                self.mm.read(self.buf, length))
+
+
+def test_getregset_into_a_buffer_the_tracer_closed_is_efault_with_nothing_written() -> None:
+    from fpstate.kernel.x86.regset import PTRACE_GETREGSET
+
+    tr = Traced()
+    tr.key(tr.buf, 4 * PAGE_SIZE)
+    ok, n, image = tr.call(PTRACE_GETREGSET, 16384)
+    assert (ok, n) == (0, tr.size) and image[160:176] == Traced.NEW0
+    for rights in (1, 2):  # AD, then WD alone: copy_to_user() writes
+        assert tr.call(PTRACE_GETREGSET, 16384, rights=rights) == (
+            -EFAULT, 16384, b"\xa5" * 16384)
+
+
+def test_a_closed_iovec_page_faults_before_or_after_the_regset() -> None:
+    """AD: __get_user() of the iovec faults, nothing happens. WD alone: the iovec is read,
+    the regset copied out, and only __put_user() of iov_len faults -- -EFAULT with the
+    buffer written; for SETREGSET, -EFAULT with the tracee's registers written."""
+    from fpstate.kernel.x86.regset import PTRACE_GETREGSET, PTRACE_SETREGSET
+
+    tr = Traced()
+    tr.key(tr.iov, PAGE_SIZE)
+    assert tr.call(PTRACE_GETREGSET, 16384, rights=1)[::2] == (-EFAULT, b"\xa5" * 16384)
+    ret, n, got = tr.call(PTRACE_GETREGSET, 16384, rights=2)
+    assert (ret, n, got[160:176]) == (-EFAULT, 16384, Traced.NEW0)
+    image = bytearray(got[:tr.size])
+    image[160:176] = bytes(16)
+    assert tr.call(PTRACE_SETREGSET, tr.size, rights=2, data=bytes(image))[0] == -EFAULT
+    assert tr.tracee.fpu.fpstate.regs[160:176] == bytes(16)
+    assert tr.tracee.fpu.last_cpu == -1  # fpu_force_restore() ran: the write is in force
+
+
+def test_setregset_from_a_closed_buffer_leaves_the_tracee_alone() -> None:
+    """The set functions read the buffer after their size rules and before
+    fpu_force_restore(): a closed buffer is -EFAULT with the tracee's fpstate and register
+    cache untouched, a wrong size -EINVAL first (NT_PRFPREG), and WD alone lets the read
+    through."""
+    from fpstate.kernel.x86.regset import NT_PRFPREG, PTRACE_GETREGSET, PTRACE_SETREGSET
+
+    tr = Traced()
+    image = bytearray(tr.call(PTRACE_GETREGSET, 16384)[2][:tr.size])
+    image[160:176] = bytes(16)
+    tr.key(tr.buf, 4 * PAGE_SIZE)
+    last_cpu = tr.tracee.fpu.last_cpu
+    assert tr.call(PTRACE_SETREGSET, tr.size, rights=1, data=bytes(image))[0] == -EFAULT
+    assert tr.call(PTRACE_SETREGSET, 512, rights=1, data=bytes(image[:512]),
+                   note=NT_PRFPREG)[0] == -EFAULT
+    assert tr.call(PTRACE_SETREGSET, 16, rights=3, note=NT_PRFPREG)[0] == -EINVAL
+    assert tr.tracee.fpu.fpstate.regs[160:176] == Traced.NEW0
+    assert tr.tracee.fpu.last_cpu == last_cpu != -1
+    assert tr.call(PTRACE_SETREGSET, tr.size, rights=2, data=bytes(image))[:2] == (0, tr.size)
+    assert tr.tracee.fpu.fpstate.regs[160:176] == bytes(16)
+
+
+def test_a_bytes_buffer_shorter_than_iov_len_faults_after_the_size_rules() -> None:
+    """ptrace_regset() with the buffer as bytes: NT_PRFPREG's size rule (-EINVAL) comes before
+    the copy that would run past the buffer's end (-EFAULT)."""
+    from fpstate.kernel.x86.regset import NT_PRFPREG, PTRACE_SETREGSET, ptrace_regset
+
+    tr = Traced()
+    c = tr.m.enter_kernel(0)
+    assert ptrace_regset(c, tr.tracee, PTRACE_SETREGSET, NT_PRFPREG, 16, bytes(8))[0] == -EINVAL
+    assert ptrace_regset(c, tr.tracee, PTRACE_SETREGSET, NT_PRFPREG, 512, bytes(504))[0] == (
+        -EFAULT)

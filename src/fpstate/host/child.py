@@ -260,9 +260,21 @@ class Asm:
     def deny_pkey(self, key: int, rights: int) -> None:
         """PKRU |= ``rights`` (AD = 1, WD = 2) for protection key ``key``: RDPKRU, OR,
         WRPKRU. Clobbers RAX, RCX, RDX."""
+        self._update_pkru(0xFFFFFFFF, rights << (2 * key))
+
+    def set_pkey_rights(self, key: int, rights: int) -> None:
+        """PKRU's two bits of protection key ``key`` = ``rights`` (0 open, AD = 1, WD = 2),
+        the other keys' bits kept: RDPKRU, AND, OR, WRPKRU. Clobbers RAX, RCX, RDX."""
+        self._update_pkru(~(0b11 << (2 * key)) & 0xFFFFFFFF, rights << (2 * key))
+
+    def _update_pkru(self, keep: int, add: int) -> None:
+        """PKRU = (PKRU & ``keep``) | ``add``: RDPKRU, AND (unless ``keep`` is all ones), OR,
+        WRPKRU."""
         self.mov_imm(self.R.RCX, 0)
         self.emit(self.In.create(self.C.RDPKRU))
-        self.emit(self.In.create_reg_u32(self.C.OR_RM32_IMM32, self.R.EAX, rights << (2 * key)))
+        if keep != 0xFFFFFFFF:
+            self.emit(self.In.create_reg_u32(self.C.AND_RM32_IMM32, self.R.EAX, keep))
+        self.emit(self.In.create_reg_u32(self.C.OR_RM32_IMM32, self.R.EAX, add))
         self.mov_imm(self.R.RCX, 0)
         self.mov_imm(self.R.RDX, 0)
         self.emit(self.In.create(self.C.WRPKRU))

@@ -24,7 +24,7 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
@@ -151,20 +151,11 @@ def wait_status(pid: int, deadline: float) -> int:
         time.sleep(0.001)
 
 
-def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
-                   timeout: float = 20.0) -> PtraceSession:
-    """Trace a child whose registers hold the patterns of ``seed`` while it is stopped by
-    its own SIGSTOP: read NT_X86_XSTATE and NT_PRFPREG, make ``writes`` in order (reading
-    NT_X86_XSTATE back after each), resume it and capture the registers it runs with.
-
-    Kernel path: ptrace_regset -> xstateregs_get/set, xfpregs_get/set
-    (arch/x86/kernel/fpu/regset.c); on resume the modified fpstate is restored because
-    fpu_force_restore() invalidated the register copy.
-    """
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
-    shm = SharedMemory(PAGE + 2 * xs)
-    shm.write(0, pattern_table(seed))
-    before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
+def _pattern_tracee(shm: SharedMemory, before_off: int, after_off: int,
+                    flag: int) -> Callable[[], int]:
+    """The body of a traced child: PTRACE_TRACEME; machine code loads the patterns of the
+    table at the start of ``shm``, XSAVEs them at ``before_off``, stops itself with SIGSTOP,
+    and once resumed XSAVEs what it runs with at ``after_off`` and sets the u64 at ``flag``."""
 
     def body() -> int:
         if ptrace_call(PTRACE_TRACEME, 0) != 0:
@@ -182,8 +173,26 @@ def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
         pages.call(pages.place(0, a))
         return 6
 
+    return body
+
+
+def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
+                   timeout: float = 20.0) -> PtraceSession:
+    """Trace a child whose registers hold the patterns of ``seed`` while it is stopped by
+    its own SIGSTOP: read NT_X86_XSTATE and NT_PRFPREG, make ``writes`` in order (reading
+    NT_X86_XSTATE back after each), resume it and capture the registers it runs with.
+
+    Kernel path: ptrace_regset -> xstateregs_get/set, xfpregs_get/set
+    (arch/x86/kernel/fpu/regset.c); on resume the modified fpstate is restored because
+    fpu_force_restore() invalidated the register copy.
+    """
+    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    shm = SharedMemory(PAGE + 2 * xs)
+    shm.write(0, pattern_table(seed))
+    before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
+
     deadline = time.monotonic() + timeout
-    pid = fork_child(body)
+    pid = fork_child(_pattern_tracee(shm, before_off, after_off, flag))
     try:
         status = wait_status(pid, deadline)
         if not os.WIFSTOPPED(status):
@@ -248,6 +257,141 @@ def read_regsets(reads: Sequence[tuple[int, int]], *, seed: int = 0x5D) -> tuple
     finally:
         kill_and_reap(pid)
     return tuple(out)
+
+
+#: What the tracer's buffer holds before each call of `keyed_regset_session` (beyond a
+#: SETREGSET's data): a GETREGSET that faults leaves it so.
+KEYED_FILL = 0xA5
+#: Where `KeyedRegsetCall.keyed` puts the protection key: on the page of the struct iovec,
+#: or on the buffer iov_base points to.
+KEYED_IOVEC, KEYED_BUFFER = "iovec", "buffer"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRegsetCall:
+    """One PTRACE_GETREGSET / PTRACE_SETREGSET of `keyed_regset_session`: the tracer's
+    protection key is on ``keyed`` (KEYED_IOVEC or KEYED_BUFFER; the other has key 0), and
+    the tracer's PKRU gives that key ``rights`` (0 open, 1 AD, 2 WD, 3 both) during the
+    call. ``length`` is iov_len; a SETREGSET's buffer holds the tracee's first NT_X86_XSTATE
+    image, cut to ``length``, with ``edit`` ((offset, bytes), ...) applied."""
+
+    what: str
+    req: int
+    note: int
+    length: int
+    keyed: str
+    rights: int
+    edit: tuple[tuple[int, bytes], ...] = ()
+
+    def payload(self, image: bytes) -> bytes:
+        """The SETREGSET buffer's bytes (empty for a GETREGSET)."""
+        if self.req != PTRACE_SETREGSET:
+            return b""
+        out = bytearray(image[:self.length].ljust(self.length, b"\0"))
+        for off, data in self.edit:
+            out[off:off + len(data)] = data
+        return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRegsetResult:
+    errno: int  #: 0 or the call's errno
+    iov_len: int  #: the struct iovec's iov_len after the call
+    buffer: bytes  #: the buffer's first ``length`` bytes after the call
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRegsetSession:
+    key: int  #: the tracer's pkey_alloc()
+    image: bytes  #: NT_X86_XSTATE of the stopped tracee, read first with every key open
+    results: tuple[KeyedRegsetResult, ...]
+    after: XsaveImage | None  #: the tracee's XSAVE after PTRACE_CONT (None if it never ran)
+
+
+def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
+                         timeout: float = 20.0) -> KeyedRegsetSession:
+    """PTRACE_GETREGSET / PTRACE_SETREGSET by a tracer whose iovec or buffer is behind a
+    protection key it closed: a forked child (the tracer, so that this process's PKRU and
+    keys stay as they are) pkey_alloc()s a key and maps a page for the struct iovec and
+    READ_BUFFER bytes for the buffer, then traces a pattern child (`_pattern_tracee`)
+    stopped by its own SIGSTOP. For each call it gives the key to the iovec's page or to the
+    buffer (pkey_mprotect; key 0 to the other), fills the buffer (`KEYED_FILL`, then a
+    SETREGSET's data), sets its PKRU rights for the key (WRPKRU in machine code), makes the
+    call (raw syscall), opens the key again and records the errno, iov_len and buffer. Then
+    PTRACE_CONT; the tracee XSAVEs what it runs with.
+
+    Kernel path: ptrace_request() (kernel/ptrace.c: __get_user of the iovec, ptrace_regset,
+    __put_user of iov_len), copy_regset_to_user()'s copy_to_user(), the set functions'
+    copy_from_user() -- each under the tracer's PKRU.
+    """
+    import mmap as _mmap
+    import pickle
+    import struct
+
+    from fpstate.host.child import run_child
+
+    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    shm = SharedMemory(PAGE + 2 * xs)
+    shm.write(0, pattern_table(seed))
+    before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
+    out = SharedMemory(PAGE + len(calls) * (READ_BUFFER + 64) + 2 * xs)
+
+    def tracer() -> int:
+        key = raw_syscall(SYS["pkey_alloc"], 0, 0)
+        if key < 0:
+            return 3
+        rw = _mmap.PROT_READ | _mmap.PROT_WRITE
+        iov_map = _mmap.mmap(-1, PAGE, prot=rw)
+        buf_map = _mmap.mmap(-1, READ_BUFFER, prot=rw)
+        iov_at = ctypes.addressof(ctypes.c_char.from_buffer(iov_map))
+        buf_at = ctypes.addressof(ctypes.c_char.from_buffer(buf_map))
+        code = CodePages(4)
+        rights_at = []
+        for rights in range(4):  # PKRU's bits of the key = rights; return
+            a = Asm()
+            a.set_pkey_rights(key, rights)
+            a.emit(a.In.create(a.C.RETNQ))
+            rights_at.append(code.place(rights, a))
+        deadline = time.monotonic() + timeout
+        pid = fork_child(_pattern_tracee(shm, before_off, after_off, flag))
+        try:
+            if not os.WIFSTOPPED(wait_status(pid, deadline)):
+                return 4
+            image = getregset(pid, NT_X86_XSTATE, READ_BUFFER).data
+            rows = []
+            for call in calls:
+                for at, size, where in ((iov_at, PAGE, KEYED_IOVEC),
+                                        (buf_at, READ_BUFFER, KEYED_BUFFER)):
+                    if raw_syscall(SYS["pkey_mprotect"], at, size, rw,
+                                   key if call.keyed == where else 0):
+                        return 5
+                data = call.payload(image)
+                buf_map[:] = bytes([KEYED_FILL]) * READ_BUFFER
+                buf_map[:len(data)] = data
+                struct.pack_into("<QQ", iov_map, 0, buf_at, call.length)
+                code.call(rights_at[call.rights])
+                ret = raw_syscall(SYS["ptrace"], call.req, pid, call.note, iov_at)
+                code.call(rights_at[0])
+                rows.append((-ret if ret < 0 else 0, struct.unpack_from("<Q", iov_map, 8)[0],
+                             bytes(buf_map[:call.length])))
+            ptrace_call(PTRACE_CONT, pid, 0, 0)
+            wait_status(pid, deadline)
+            pid = 0
+        finally:
+            if pid:
+                kill_and_reap(pid)
+        blob = pickle.dumps((key, image, rows))
+        out.write(0, len(blob).to_bytes(8, "little") + blob)
+        return 0
+
+    ex = run_child(tracer, timeout)
+    size = out.u64(0)
+    if ex.exit_code != 0 or not size:
+        raise HostUnavailable(f"the protection-key ptrace probe's tracer ended with {ex}")
+    key, image, rows = pickle.loads(out.read(8, size))
+    ran = shm.u64(flag) == 1
+    return KeyedRegsetSession(key, image, tuple(KeyedRegsetResult(*r) for r in rows),
+                              xsave_image(shm.read(after_off, xs)) if ran else None)
 
 
 PTRACE_DETACH = 17

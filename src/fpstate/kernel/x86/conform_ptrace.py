@@ -29,14 +29,17 @@ from fpstate.kernel.x86.conform import (
     Facts,
     HostAnswer,
     errno_of,
+    host_pku_reason,
     host_system,
     image_registers,
+    keys_taken_before,
     load_registers,
     model_registers,
     pkru_offset,
     prefixed,
     user_task,
 )
+from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.regset import (
     NT_PRFPREG,
     NT_PRXFPREG,
@@ -45,6 +48,7 @@ from fpstate.kernel.x86.regset import (
     PTRACE_SETREGSET,
     VIEW_IA32,
     ptrace_regset,
+    sys_ptrace_regset_iov,
 )
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import FpuSystem
@@ -387,6 +391,114 @@ def ia32_view_model(system: FpuSystem, image: bytes) -> Facts:
     return _ia32_view_facts(reads, (-ret, xfp), -short, -full, after_set, _ia32_after(x87))
 
 
+# -- the tracer's own memory behind a protection key (fpstate.host.ptrace.keyed_regset_session) --
+
+_KEYED_RULE = ("ptrace_request (__get_user/__put_user of the iovec), copy_regset_to_user, "
+               "xstateregs_set/xfpregs_set copy_from_user: under the tracer's PKRU")
+
+
+def _keyed_calls(n: int) -> tuple[Any, ...]:
+    """The calls of the case, in order (``n``: the host's NT_X86_XSTATE size). Each SETREGSET
+    edits one XMM register of the tracee's first image (XMM0..XMM3 at 160 + 16 * i), so the
+    registers the tracee resumes with say which writes took effect."""
+    from fpstate.host.ptrace import KEYED_BUFFER as B
+    from fpstate.host.ptrace import KEYED_IOVEC as V
+    from fpstate.host.ptrace import KeyedRegsetCall as K
+
+    G, S, X, F = PTRACE_GETREGSET, PTRACE_SETREGSET, NT_X86_XSTATE, NT_PRFPREG
+
+    def xmm(i: int) -> tuple[tuple[int, bytes], ...]:
+        return ((160 + 16 * i, bytes(range(0x10 * (i + 8), 0x10 * (i + 9)))),)
+
+    return (
+        K("GET NT_X86_XSTATE, buffer's key open", G, X, READ_BUFFER, B, 0),
+        K("GET NT_X86_XSTATE, buffer's key AD", G, X, READ_BUFFER, B, 1),
+        K("GET NT_X86_XSTATE, buffer's key WD", G, X, READ_BUFFER, B, 2),
+        K("GET NT_PRFPREG, buffer's key AD|WD", G, F, 512, B, 3),
+        K("GET NT_X86_XSTATE, iovec's key WD", G, X, READ_BUFFER, V, 2),
+        K("GET NT_X86_XSTATE, iovec's key AD", G, X, READ_BUFFER, V, 1),
+        K("SET NT_X86_XSTATE XMM0, buffer's key AD", S, X, n, B, 1, xmm(0)),
+        K("SET NT_PRFPREG 16 bytes, buffer's key AD", S, F, 16, B, 1),
+        K("SET NT_PRFPREG XMM1, buffer's key AD", S, F, 512, B, 1, xmm(1)),
+        K("SET NT_X86_XSTATE XMM2, buffer's key WD", S, X, n, B, 2, xmm(2)),
+        K("GET NT_X86_XSTATE after it, keys open", G, X, READ_BUFFER, B, 0),
+        K("SET NT_X86_XSTATE XMM3, iovec's key WD", S, X, n, V, 2, xmm(3)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedGiven:
+    key: int  #: the host tracer's pkey_alloc()
+    image: bytes  #: the tracee's NT_X86_XSTATE before the calls
+    calls: tuple[Any, ...]  #: fpstate.host.ptrace.KeyedRegsetCall
+    fill: int  #: the buffer's bytes before each call (KEYED_FILL)
+    iovec: str  #: KEYED_IOVEC, the name of the iovec's page in the calls
+
+
+def _keyed_facts(rows: Sequence[tuple[Any, int, int, bytes]]) -> Facts:
+    facts: Facts = {}
+    for k, (call, errno, iov_len, buffer) in enumerate(rows):
+        key = f"{k:02d} {call.what}"
+        facts[f"{key}: errno"] = errno_of(-errno)
+        facts[f"{key}: iov_len after"] = iov_len
+        facts[f"{key}: buffer after"] = buffer
+    return facts
+
+
+def _keyed_host() -> HostAnswer:
+    from fpstate.host.child import host_user_xstate_size
+    from fpstate.host.ptrace import KEYED_FILL, KEYED_IOVEC, keyed_regset_session
+
+    calls = _keyed_calls(host_user_xstate_size())
+    s = keyed_regset_session(calls)
+    facts = {"pkey_alloc": s.key}
+    facts.update(_keyed_facts([(c, r.errno, r.iov_len, r.buffer)
+                               for c, r in zip(calls, s.results, strict=True)]))
+    facts["tracee ran after PTRACE_CONT"] = s.after is not None
+    if s.after is not None:
+        facts.update(prefixed("after", image_registers(host_system(), s.after.raw)))
+    return HostAnswer(facts, KeyedGiven(s.key, s.image, calls, KEYED_FILL, KEYED_IOVEC))
+
+
+def keyed_model(system: FpuSystem, g: KeyedGiven) -> Facts:
+    """A stopped tracee holding ``g.image``; a tracer that allocated the key the host got
+    gives it, call by call, to its iovec's page or to its buffer, sets its PKRU rights for
+    it and makes the call (`sys_ptrace_regset_iov`); then PTRACE_CONT."""
+    from fpstate.kernel.x86.signal import read_pkru
+
+    m = Machine(system, 1)
+    t = user_task(m, 0, comm="tracee")
+    load_registers(m, 0, g.image)
+    m.stop(t)
+    tracer = user_task(m, 0, comm="tracer")
+    keys_taken_before(tracer, g.key)
+    key = m.syscall(0, sys_pkey_alloc, 0, 0)
+    iov, buf = m.mmap(tracer, 4096), m.mmap(tracer, READ_BUFFER)
+    mm, c = tracer.process.mm, m.cpus[0]
+    rows = []
+    for call in g.calls:
+        m.syscall(0, sys_pkey_mprotect, iov, 4096, key if call.keyed == g.iovec else 0)
+        m.syscall(0, sys_pkey_mprotect, buf, READ_BUFFER, 0 if call.keyed == g.iovec else key)
+        mm.write(buf, bytes([g.fill]) * READ_BUFFER)
+        data = call.payload(g.image)
+        if data:
+            mm.write(buf, data)
+        mm.write(iov, struct.pack("<QQ", buf, call.length))
+        opened = read_pkru(c)  # the tracer's WRPKRUs around the call, in user mode
+        c.regs.wrpkru(opened & ~(0b11 << 2 * key) | call.rights << 2 * key)
+        ret = m.syscall(0, sys_ptrace_regset_iov, t, call.req, call.note, iov)
+        c.regs.wrpkru(opened)
+        rows.append((call, -ret, int.from_bytes(mm.read(iov + 8, 8), "little"),
+                     mm.read(buf, call.length)))
+    facts: Facts = {"pkey_alloc": key}
+    facts.update(_keyed_facts(rows))
+    m.resume(t)
+    m.run(0, t)
+    facts["tracee ran after PTRACE_CONT"] = True
+    facts.update(prefixed("after", model_registers(m, 0)))
+    return facts
+
+
 CASES: tuple[Case, ...] = (
     Case("ptrace/get-and-resume", _RULE + ", __copy_xstate_to_uabi_buf", _get_host, ptrace_model),
     Case("ptrace/iov-lengths", "ptrace_regset (iov_len % 8, clamping, unknown note)",
@@ -396,4 +508,6 @@ CASES: tuple[Case, ...] = (
     Case("ptrace/ia32-view", "task_user_regset_view (ia32), ptrace_regset (4-byte words), "
          "fpregs_get/__convert_from_fxsr, fpregs_set/convert_to_fxsr, xfpregs_get",
          _ia32_view_host, ia32_view_model),
+    Case("ptrace/pkey-closed-tracer-buffer", _KEYED_RULE, _keyed_host, keyed_model,
+         host_pku_reason),
 )

@@ -19,11 +19,13 @@ supervisor ones in the image kept.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import __fpu_invalidate_fpregs_state
 from fpstate.kernel.x86.hw import HDR, MXCSR_OFFSET
+from fpstate.kernel.x86.mm import PageFault, UserMemory
 from fpstate.kernel.x86.sched import TaskState
 from fpstate.kernel.x86.types import (
     XFEATURE_MASK_SUPERVISOR_ALL,
@@ -188,6 +190,29 @@ def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
     return 0
 
 
+@dataclass(frozen=True, slots=True)
+class Ubuf:
+    """The tracer's buffer a regset set function copies from (its ``ubuf``: copy_from_user()
+    or user_regset_copyin()), read only where the set function reads it -- after its size
+    checks, before fpu_force_restore(). Either ``data``, the bytes a caller of the model hands
+    over (a copy past their end faults, as a user buffer shorter than iov_len does), or the
+    tracer's user memory ``mem`` at ``addr``, read under the tracer's PKRU ``pkru``."""
+
+    data: bytes = b""
+    mem: UserMemory | None = None
+    addr: int = 0
+    pkru: int = 0
+
+    def copy_from_user(self, n: int) -> bytes | None:
+        """The ``n`` bytes, or None where the copy faults (the caller's -EFAULT)."""
+        if self.mem is None:
+            return self.data[:n] if len(self.data) >= n else None
+        try:
+            return self.mem.read(self.addr, n, pkru=self.pkru)
+        except PageFault:
+            return None
+
+
 def sync_fpstate(c: Cpu, fpu: Fpu) -> None:
     """sync_fpstate() (regset.c): a get on current (core dump) saves its live registers."""
     if fpu is c.current.fpu:
@@ -210,9 +235,10 @@ def xstateregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
     return copy_xstate_to_uabi_buf(c, target, XSTATE_COPY_XSAVE, size)
 
 
-def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
+def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, ubuf: Ubuf) -> int:
     """xstateregs_set(): -ENODEV without XSAVE; the write must be one whole standard buffer
-    (pos 0, count == fpu_user_cfg.max_size) else -EFAULT; then fpu_force_restore() and
+    (pos 0, count == fpu_user_cfg.max_size) else -EFAULT; copy_from_user() of the buffer
+    (-EFAULT, the tracee untouched, where it faults); then fpu_force_restore() and
     copy_uabi_from_kernel_to_xstate(), whose PKRU goes to thread.pkru. Variant
     ``ptrace-set-no-invalidate`` skips the invalidation; variant ``ptrace-pkru-ignored``
     (v5.14 to v6.1) leaves thread.pkru as it was: the PKRU of the buffer lands in the
@@ -222,10 +248,13 @@ def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> i
         return -ENODEV
     if pos != 0 or count != system.user.max_size:
         return -EFAULT
+    data = ubuf.copy_from_user(count)
+    if data is None:
+        return -EFAULT
     if not system.has_variant("ptrace-set-no-invalidate"):
         fpu_force_restore(c, target.fpu)
     pkru = [target.thread_pkru]
-    ret = copy_uabi_to_xstate(system, target.fpu.fpstate, data[:count], pkru)
+    ret = copy_uabi_to_xstate(system, target.fpu.fpstate, data, pkru)
     if not system.has_variant("ptrace-pkru-ignored"):
         target.thread_pkru = pkru[0]
     return ret
@@ -240,15 +269,18 @@ def xfpregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
     return copy_xstate_to_uabi_buf(c, target, XSTATE_COPY_FX, size)
 
 
-def xfpregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
-    """xfpregs_set(): exactly 512 bytes at pos 0 else -EINVAL; MXCSR reserved bits -EINVAL;
-    invalidate, copy the fxsave area, and mark FP|SSE in use in the header."""
+def xfpregs_set(c: Cpu, target: Task, pos: int, count: int, ubuf: Ubuf) -> int:
+    """xfpregs_set(): exactly 512 bytes at pos 0 else -EINVAL; user_regset_copyin() of the
+    buffer (-EFAULT where it faults); MXCSR reserved bits -EINVAL; invalidate, copy the fxsave
+    area, and mark FP|SSE in use in the header."""
     system = c.m.system
     if not system.fxsr:
         return -ENODEV
     if pos != 0 or count != FXSAVE_SIZE:
         return -EINVAL
-    new = data[:FXSAVE_SIZE]
+    new = ubuf.copy_from_user(FXSAVE_SIZE)
+    if new is None:
+        return -EFAULT
     if int.from_bytes(new[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") & ~system.mxcsr_feature_mask:
         return -EINVAL
     fpu_force_restore(c, target.fpu)
@@ -278,31 +310,76 @@ def ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
                   data: bytes = b"", view: str = VIEW_X86_64) -> tuple[int, bytes]:
     """ptrace_regset() (kernel/ptrace.c) for the FPU regsets of ``view`` (a compat tracee's
     is VIEW_IA32), with ptrace_check_attach's "the tracee must be stopped" (-ESRCH
-    otherwise).
+    otherwise), the tracer's buffer given as bytes (``data``, for SETREGSET).
 
     iov_len must be a multiple of the regset's word size (8 on x86-64; 4 for the ia32
     NT_PRFPREG and NT_PRXFPREG) else -EINVAL; it is clamped to the regset size. GETREGSET
-    returns (0, the first iov_len bytes); SETREGSET passes iov_len as count (so a short
-    NT_X86_XSTATE write is -EFAULT, a short NT_PRFPREG one -EINVAL, a longer one is clamped
-    and accepted). Returns (result, bytes read).
+    returns (0, the first iov_len bytes); SETREGSET passes iov_len as count, and the set
+    function reads the buffer after its own size rules (so a short NT_X86_XSTATE write is
+    -EFAULT, a short NT_PRFPREG one -EINVAL, a longer one is clamped and accepted; ``data``
+    shorter than the clamped iov_len faults: -EFAULT). Returns (result, bytes read).
     """
+    ret, got, _ = _ptrace_regset(c, target, req, note, iov_len, Ubuf(data), view)
+    return ret, got
+
+
+def _ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int, ubuf: Ubuf,
+                   view: str) -> tuple[int, bytes, int]:
+    """`ptrace_regset` with the set function's source ``ubuf``: (result, the bytes a get
+    made, iov_len clamped to the regset size -- what ptrace_request() writes back)."""
     if target.state is not _STOPPED:
-        return -ESRCH, b""
+        return -ESRCH, b"", iov_len
     regset = _regset(c.m.system, view, note)
     if regset is None:
-        return -EINVAL, b""
+        return -EINVAL, b"", iov_len
     word, full, get, put = regset
     if iov_len % word:
-        return -EINVAL, b""
+        return -EINVAL, b"", iov_len
     n = min(iov_len, full)
     if req == PTRACE_GETREGSET:
         got = get(c, target, n)
-        return (got, b"") if isinstance(got, int) else (0, got)
+        return (got, b"", n) if isinstance(got, int) else (0, got, n)
     if req == PTRACE_SETREGSET:
-        if len(data) < n:
-            return -EFAULT, b""
-        return put(c, target, 0, n, data[:n]), b""
+        return put(c, target, 0, n, ubuf), b"", n
     raise IllegalEvent(f"ptrace request {req:#x} is not a regset request")
+
+
+def ptrace_regset_iov(c: Cpu, target: Task, req: int, note: int, uiov: int,
+                      view: str = VIEW_X86_64) -> int:
+    """ptrace_request()'s PTRACE_GETREGSET / PTRACE_SETREGSET (kernel/ptrace.c) by the
+    current task, the tracer, whose struct iovec is at ``uiov`` in its own memory.
+
+    Every access to the tracer's memory is its own (copy_to_user() and friends run under the
+    tracer's PKRU: a protection key it closed makes them fault): __get_user() of iov_base and
+    iov_len (-EFAULT); `ptrace_regset`, whose get result goes out with copy_regset_to_user()'s
+    copy_to_user() (-EFAULT, the buffer not written) and whose set function reads iov_base
+    itself (`Ubuf`); on success __put_user() of the clamped iov_len, whose fault is -EFAULT
+    after the regset was read out or written -- a write the tracee keeps. Returns 0 or -errno.
+    """
+    from fpstate.kernel.x86.signal import read_pkru
+
+    mem = c.current.process.mm
+    pkru = read_pkru(c)
+    try:
+        iov = mem.read(uiov, 16, pkru=pkru)
+    except PageFault:
+        return -EFAULT
+    base = int.from_bytes(iov[:8], "little")
+    length = int.from_bytes(iov[8:], "little")
+    ret, got, n = _ptrace_regset(c, target, req, note, length, Ubuf(mem=mem, addr=base,
+                                                                    pkru=pkru), view)
+    if ret:
+        return ret
+    if got:  # copy_regset_to_user(): nothing to copy for a get of 0 bytes
+        try:
+            mem.write(base, got, pkru=pkru)
+        except PageFault:
+            return -EFAULT
+    try:
+        mem.write(uiov + 8, n.to_bytes(8, "little"), pkru=pkru)
+    except PageFault:
+        return -EFAULT
+    return 0
 
 
 def sys_ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
@@ -312,6 +389,16 @@ def sys_ptrace_regset(c: Cpu, target: Task, req: int, note: int, iov_len: int,
     if False:  # pragma: no cover - a kernel path without preemption points
         yield
     return ptrace_regset(c, target, req, note, iov_len, data, view)
+
+
+def sys_ptrace_regset_iov(c: Cpu, target: Task, req: int, note: int, uiov: int,
+                          view: str = VIEW_X86_64) -> KPath:
+    """ptrace(PTRACE_GETREGSET / PTRACE_SETREGSET, pid, note, uiov) by the current task (the
+    tracer), its struct iovec and buffer in its own memory (`ptrace_regset_iov`), as a kernel
+    path; 0 or -errno."""
+    if False:  # pragma: no cover - a kernel path without preemption points
+        yield
+    return ptrace_regset_iov(c, target, req, note, uiov, view)
 
 
 # -- the ia32 legacy x87 format (CONFIG_IA32_EMULATION): user_i387_ia32_struct ----------------
@@ -420,20 +507,24 @@ def fpregs_get(c: Cpu, target: Task, size: int) -> bytes | int:
     return env[:size] + bytes(max(0, size - len(env)))
 
 
-def fpregs_set(c: Cpu, target: Task, pos: int, count: int, data: bytes) -> int:
+def fpregs_set(c: Cpu, target: Task, pos: int, count: int, ubuf: Ubuf) -> int:
     """fpregs_set() (regset.c): exactly the 108-byte user_i387_ia32_struct at pos 0 else
-    -EINVAL; fpu_force_restore(), fold it into the fpstate's FXSAVE area (convert_to_fxsr:
-    FOP from fcs >> 16, 32-bit FIP/FDP, the selectors ignored), and mark FP in use."""
+    -EINVAL; user_regset_copyin() of it (-EFAULT where it faults); fpu_force_restore(), fold
+    it into the fpstate's FXSAVE area (convert_to_fxsr: FOP from fcs >> 16, 32-bit FIP/FDP,
+    the selectors ignored), and mark FP in use."""
     system = c.m.system
     if pos != 0 or count != USER_I387_IA32_SIZE:
         return -EINVAL
     if not system.fxsr:
         raise IllegalEvent("fpregs_set without FXSR (the fsave image) is not modelled")
+    env = ubuf.copy_from_user(count)
+    if env is None:
+        return -EFAULT
     fpu_force_restore(c, target.fpu)
     fps = target.fpu.fpstate
     fps.check_alive("fpregs_set")
     legacy = bytearray(fps.regs[:FXSAVE_SIZE])
-    convert_to_fxsr(legacy, data[:count])
+    convert_to_fxsr(legacy, env)
     fps.regs[:FXSAVE_SIZE] = legacy
     if system.xsave:
         fps.xstate_bv = fps.xstate_bv | XFEATURE_MASK_FP
