@@ -113,7 +113,7 @@ def test_access_rights_of_a_keyed_mapping() -> None:
     mm = UserMemory()
     mm.map(ALT, PAGE_SIZE)
     mm.map(ALT + PAGE_SIZE, PAGE_SIZE)
-    mm.set_pkey(ALT, PAGE_SIZE, 1)
+    mm.mprotect_fixup(ALT, PAGE_SIZE, 1)
     ad1, wd1 = 0b01 << 2, 0b10 << 2
     mm.write(ALT, b"x", pkru=wd1 << 2)  # WD of key 2: not this mapping's key
     assert mm.read(ALT, 1, pkru=wd1) == b"x"  # WD allows reads
@@ -227,7 +227,7 @@ def test_key_allows_checks_the_key_and_nothing_else() -> None:
     faulting anything in."""
     mm = UserMemory()
     mm.map(ALT, 2 * PAGE_SIZE)
-    mm.set_pkey(ALT, PAGE_SIZE, 1)
+    mm.mprotect_fixup(ALT, PAGE_SIZE, 1)
     mm.not_present.add(ALT // PAGE_SIZE)
     assert mm.key_allows(ALT, True, 0) and mm.key_allows(ALT, False, 0b10 << 2)
     assert not mm.key_allows(ALT, True, 0b10 << 2) and not mm.key_allows(ALT, False, 0b01 << 2)
@@ -344,3 +344,126 @@ def test_a_bytes_buffer_shorter_than_iov_len_faults_after_the_size_rules() -> No
     assert ptrace_regset(c, tr.tracee, PTRACE_SETREGSET, NT_PRFPREG, 16, bytes(8))[0] == -EINVAL
     assert ptrace_regset(c, tr.tracee, PTRACE_SETREGSET, NT_PRFPREG, 512, bytes(504))[0] == (
         -EFAULT)
+
+
+# -- mprotect() and the execute-only key (do_mprotect_pkey, __execute_only_pkey) ---------------
+
+
+def _exec_setup(cpu: str = "zen4") -> tuple[Machine, Task, int, int]:
+    m, t = _task(cpu)
+    a, b = m.mmap(t, PAGE_SIZE), m.mmap(t, PAGE_SIZE)
+    return m, t, a, b
+
+
+def test_mprotect_prot_exec_takes_the_execute_only_key_and_denies_it_in_pkru() -> None:
+    from fpstate.kernel.x86.mm import PROT_EXEC
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+
+    m, t, a, b = _exec_setup()
+    assert m.syscall(0, sys_pkey_alloc, 0, 0) == 1
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    mm = t.process.mm
+    assert (mm.pkeys, mm.execute_only_pkey, mm.pkey_allocation_map) == ({a: 2}, 2, 0b111)
+    assert _pkru(m) >> 4 & 3 == 0b01  # AD for key 2, written in the caller's PKRU
+    assert m.syscall(0, sys_pkey_alloc, 0, 0) == 3  # the execute-only key is not handed out
+    # Not the user's: pkey_mprotect and pkey_free refuse it (mm_pkey_is_allocated)
+    assert m.syscall(0, sys_pkey_mprotect, b, PAGE_SIZE, 2) == -EINVAL
+    assert m.syscall(0, sys_pkey_free, 2) == -EINVAL
+
+
+def test_the_execute_only_key_is_denied_again_once_the_thread_opened_it() -> None:
+    from fpstate.kernel.x86.mm import PROT_EXEC
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+
+    m, t, a, b = _exec_setup()
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    m.cpus[0].regs.wrpkru(_pkru(m) & ~0b1100)  # the thread opens key 1
+    assert m.syscall(0, sys_mprotect, b, PAGE_SIZE, PROT_EXEC) == 0
+    assert t.process.mm.pkeys == {a: 1, b: 1} and _pkru(m) >> 2 & 3 == 0b01
+
+
+def test_only_the_calling_thread_gets_the_execute_only_denial() -> None:
+    """arch_set_user_pkey_access() writes current's PKRU; a thread that had opened every key
+    keeps them open (other threads' rights are theirs)."""
+    from fpstate.kernel.x86.mm import PROT_EXEC
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+    from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM
+
+    m = Machine.boot("zen4", ncpus=2)
+    t = m.spawn()
+    m.run(0, t)
+    m.cpus[0].regs.wrpkru(0)  # every key open, inherited by the thread
+    th = m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "thread")
+    m.run(1, th)
+    a = m.mmap(t, PAGE_SIZE)
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    pkru = [int.from_bytes(m.cpus[n].regs.component(PKRU)[:4], "little") for n in (0, 1)]
+    assert pkru == [0b0100, 0]
+    assert th.process.mm.pkeys == {a: 1}
+
+
+def test_leaving_execute_only_returns_to_key_0_but_a_chosen_key_stays() -> None:
+    from fpstate.kernel.x86.mm import PROT_EXEC, PROT_READ, PROT_WRITE
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+
+    m, t, a, b = _exec_setup()
+    mm = t.process.mm
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_READ | PROT_EXEC) == 0
+    assert a not in mm.pkeys and mm.prots[a] == PROT_READ | PROT_EXEC
+    key = m.syscall(0, sys_pkey_alloc, 0, 0)
+    assert m.syscall(0, sys_pkey_mprotect, b, PAGE_SIZE, key, PROT_EXEC) == 0
+    assert m.syscall(0, sys_mprotect, b, PAGE_SIZE, PROT_READ) == 0
+    assert mm.pkeys == {b: key} and mm.prots[b] == PROT_READ
+    assert m.syscall(0, sys_mprotect, b, PAGE_SIZE, PROT_READ | PROT_WRITE) == 0
+    assert b not in mm.prots
+
+
+def test_mprotect_errors_and_a_cpu_without_protection_keys() -> None:
+    from fpstate.kernel.x86.mm import PROT_EXEC
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+
+    m, t, a, _ = _exec_setup()
+    assert m.syscall(0, sys_mprotect, a + 1, PAGE_SIZE, PROT_EXEC) == -EINVAL
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, 0x10) == -EINVAL  # unknown PROT_* bit
+    assert m.syscall(0, sys_mprotect, a, 3 * PAGE_SIZE, PROT_EXEC) == -ENOMEM  # a hole
+    assert m.syscall(0, sys_mprotect, a, 0, PROT_EXEC) == 0
+    assert t.process.mm.pkeys == {} and t.process.mm.execute_only_pkey == -1
+    m, t, a, _ = _exec_setup("haswell")  # no PKU: execute-only is plain PROT_EXEC
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    assert t.process.mm.pkeys == {} and t.process.mm.execute_only_pkey == -1
+
+
+def test_fork_copies_the_execute_only_key() -> None:
+    from fpstate.kernel.x86.mm import PROT_EXEC
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+
+    m, t, a, b = _exec_setup()
+    assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
+    child = m.syscall(0, sys_clone, 0, "child")
+    assert child.process.mm.execute_only_pkey == 1 and child.process.mm.prots == {a: PROT_EXEC}
+    m.run(0, child)
+    assert m.syscall(0, sys_mprotect, b, PAGE_SIZE, PROT_EXEC) == 0
+    assert child.process.mm.pkeys == {a: 1, b: 1} and t.process.mm.pkeys == {a: 1}
+
+
+def test_page_protections_fault_kernel_accesses_to_user_memory() -> None:
+    """A store needs PROT_WRITE, any access some PROT_* bit; PROT_EXEC alone reads (x86 page
+    tables have no execute-only pages) unless the execute-only key denies it."""
+    from fpstate.kernel.x86.mm import PROT_EXEC, PROT_NONE, PROT_READ
+
+    mm = UserMemory()
+    mm.map(ALT, 4 * PAGE_SIZE)
+    mm.mprotect_fixup(ALT, PAGE_SIZE, 0, PROT_READ)
+    mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 0, PROT_NONE)
+    mm.mprotect_fixup(ALT + 2 * PAGE_SIZE, PAGE_SIZE, 1, PROT_EXEC)
+    assert mm.read(ALT, 8) == bytes(8)
+    with pytest.raises(PageFault):
+        mm.write(ALT, b"x")
+    with pytest.raises(PageFault):
+        mm.read(ALT + PAGE_SIZE, 1)
+    assert mm.read(ALT + 2 * PAGE_SIZE, 1) == b"\0"
+    with pytest.raises(PageFault):
+        mm.read(ALT + 2 * PAGE_SIZE, 1, pkru=0b0100)  # key 1 AD
+    mm.write(ALT + 3 * PAGE_SIZE, b"x")
+    assert not mm.fits(ALT, 8)  # XSAVE's fast path must not store to the read-only page

@@ -460,8 +460,10 @@ def x86_key(w: Any) -> Hashable:
             mm = p.mm
             proc = procs[id(p)] = (_PROCESS_FIELDS(p), _PERM_FIELDS(leader.perm),
                                    _PERM_FIELDS(leader.guest_perm),
-                                   (mm.pkey_allocation_map, tuple(sorted(mm.pkeys.items())))
-                                   if mm.pkeys or mm.pkey_allocation_map != 1 else ())
+                                   (mm.pkey_allocation_map, tuple(sorted(mm.pkeys.items())),
+                                    tuple(sorted(mm.prots.items())), mm.execute_only_pkey)
+                                   if mm.pkeys or mm.pkey_allocation_map != 1 or mm.prots
+                                   or mm.execute_only_pkey != -1 else ())
         kp = t.kpath
         h = t.handlers
         pkru = t.thread_pkru

@@ -309,3 +309,99 @@ def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
         raise HostUnavailable(f"the protection-key fork probe ended with {ex}")
     return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
             for n, name in enumerate(PKEY_FACTS)}
+
+
+# -- the execute-only protection key ---------------------------------------------------------------
+
+#: The keys of `execute_only_keys`'s answer, in the order the probe writes them (A, B and C are
+#: three one-page mappings; "rights" are the execute-only key's two PKRU bits, AD = 1, WD = 2).
+EXEC_ONLY_FACTS = (
+    "rights of the first free key before", "mprotect(A, PROT_EXEC)", "A ProtectionKey",
+    "rights after mprotect(A, PROT_EXEC)", "pkey_alloc after it",
+    "mprotect(B, PROT_EXEC) with the key opened", "B ProtectionKey",
+    "rights after mprotect(B, PROT_EXEC)",
+    "mprotect(A, PROT_READ)", "A ProtectionKey after PROT_READ",
+    "mprotect(A, PROT_READ | PROT_EXEC)", "A ProtectionKey after PROT_READ | PROT_EXEC",
+    "pkey_mprotect(B, PROT_EXEC, pkey_alloc's key)", "B ProtectionKey after it",
+    "mprotect(B, PROT_READ)", "B ProtectionKey after PROT_READ",
+    "pkey_free(execute-only key)", "pkey_alloc after the free",
+    "rights after that pkey_alloc", "mprotect(C, PROT_EXEC)", "C ProtectionKey",
+    "rights after mprotect(C, PROT_EXEC)",
+)
+
+
+def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
+    """The execute-only protection key on the real kernel, in a forked child with three
+    one-page mappings A, B and C: mprotect(PROT_EXEC) of A takes the mm's execute-only key and
+    denies it in the caller's PKRU; a later one (B) after the thread opened the key denies it
+    again; PROT_READ gives A key 0 again; an explicit pkey_mprotect key wins; pkey_free of the
+    execute-only key succeeds and pkey_alloc then hands out the same key, which the next
+    mprotect(PROT_EXEC) (C) still uses and denies. Answers by `EXEC_ONLY_FACTS` (negative:
+    -errno). Kernel paths: do_mprotect_pkey, arch_override_mprotect_pkey,
+    __execute_only_pkey, arch_set_user_pkey_access (arch/x86/mm/pkeys.c)."""
+    import mmap as _mmap
+
+    from fpstate.host.child import Asm, CodePages, raw_syscall
+
+    shm = SharedMemory(8 * (len(EXEC_ONLY_FACTS) + 1))
+    rw, r, x = _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.PROT_READ, _mmap.PROT_EXEC
+    out: list[int] = []
+
+    def put(value: int | None) -> None:
+        struct.pack_into("<q", shm.mem, 8 * len(out), -99 if value is None else value)
+        out.append(0)
+
+    def body() -> int:
+        code = CodePages(2)
+        read = Asm()  # RDPKRU; return it
+        read.mov_imm(read.R.RCX, 0)
+        read.emit(read.In.create(read.C.RDPKRU))
+        read.emit(read.In.create(read.C.RETNQ))
+        rdpkru = code.place(0, read)
+        regions = [_mmap.mmap(-1, PAGE, prot=rw) for _ in range(3)]
+        a, b, c = (ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in regions)
+
+        def rights(key: int) -> int:
+            return code.call(rdpkru) >> (2 * key) & 3
+
+        first = raw_syscall(SYS["pkey_alloc"], 0, 0)  # the lowest free key, given back
+        if first < 0 or raw_syscall(SYS["pkey_free"], first):
+            return 3
+        put(rights(first))
+        put(raw_syscall(SYS["mprotect"], a, PAGE, x))
+        key = smaps_pkey(a)
+        put(key)
+        if key is None or key <= 0:
+            return 4
+        put(rights(key))
+        other = raw_syscall(SYS["pkey_alloc"], 0, 0)
+        put(other)
+        opener = Asm()  # the thread opens the execute-only key
+        opener.set_pkey_rights(key, 0)
+        opener.emit(opener.In.create(opener.C.RETNQ))
+        code.call(code.place(1, opener))
+        put(raw_syscall(SYS["mprotect"], b, PAGE, x))
+        put(smaps_pkey(b))
+        put(rights(key))
+        put(raw_syscall(SYS["mprotect"], a, PAGE, r))
+        put(smaps_pkey(a))
+        put(raw_syscall(SYS["mprotect"], a, PAGE, r | x))
+        put(smaps_pkey(a))
+        put(raw_syscall(SYS["pkey_mprotect"], b, PAGE, x, other))
+        put(smaps_pkey(b))
+        put(raw_syscall(SYS["mprotect"], b, PAGE, r))
+        put(smaps_pkey(b))
+        put(raw_syscall(SYS["pkey_free"], key))
+        put(raw_syscall(SYS["pkey_alloc"], 0, 0))
+        put(rights(key))
+        put(raw_syscall(SYS["mprotect"], c, PAGE, x))
+        put(smaps_pkey(c))
+        put(rights(key))
+        struct.pack_into("<q", shm.mem, 8 * len(EXEC_ONLY_FACTS), 1)
+        return 0
+
+    ex = run_child(body, timeout)
+    if ex.exit_code != 0 or struct.unpack_from("<q", shm.mem, 8 * len(EXEC_ONLY_FACTS))[0] != 1:
+        raise HostUnavailable(f"the execute-only key probe ended with {ex}")
+    return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
+            for n, name in enumerate(EXEC_ONLY_FACTS)}

@@ -265,6 +265,62 @@ def pkey_fork_model(system: FpuSystem, first_key: int) -> Facts:
     return facts
 
 
+# -- the execute-only protection key -----------------------------------------------------------
+
+
+def _exec_only_host() -> HostAnswer:
+    from fpstate.host.process import execute_only_keys
+
+    facts = execute_only_keys()
+    return HostAnswer(facts, (facts["A ProtectionKey"], tuple(facts)))
+
+
+def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
+    """The probe of `fpstate.host.process.execute_only_keys` on the model: three one-page
+    mappings A, B, C and the probe's mprotect / pkey_mprotect / pkey_alloc / pkey_free calls,
+    the thread's WRPKRU opening the execute-only key in between; "rights" are that key's two
+    PKRU bits. ``given`` is the execute-only key the host got (the lowest free one: the keys
+    below it were taken in the process the probe was forked from) and the names of the
+    probe's answers (host.process.EXEC_ONLY_FACTS), in order."""
+    from fpstate.kernel.x86.mm import PROT_EXEC, PROT_READ
+    from fpstate.kernel.x86.pkeys import (
+        sys_mprotect,
+        sys_pkey_alloc,
+        sys_pkey_free,
+        sys_pkey_mprotect,
+    )
+    from fpstate.kernel.x86.signal import read_pkru
+
+    first_key, names = given
+    m = Machine(system, 1)
+    t = user_task(m)
+    keys_taken_before(t, first_key)
+    c, mm = m.cpus[0], t.process.mm
+    a, b, cc = (m.mmap(t, 4096) for _ in range(3))
+    out: list[int] = []
+
+    def rights(key: int) -> int:
+        return read_pkru(c) >> (2 * key) & 3
+
+    first = m.syscall(0, sys_pkey_alloc, 0, 0)  # the probe's look at the lowest free key
+    m.syscall(0, sys_pkey_free, first)
+    out.append(rights(first))
+    out.append(m.syscall(0, sys_mprotect, a, 4096, PROT_EXEC))
+    key = mm.pkeys.get(a, 0)
+    out += [key, rights(key)]
+    other = m.syscall(0, sys_pkey_alloc, 0, 0)
+    out.append(other)
+    c.regs.wrpkru(read_pkru(c) & ~(0b11 << 2 * key))  # the thread opens the key
+    out += [m.syscall(0, sys_mprotect, b, 4096, PROT_EXEC), mm.pkeys.get(b, 0), rights(key)]
+    out += [m.syscall(0, sys_mprotect, a, 4096, PROT_READ), mm.pkeys.get(a, 0)]
+    out += [m.syscall(0, sys_mprotect, a, 4096, PROT_READ | PROT_EXEC), mm.pkeys.get(a, 0)]
+    out += [m.syscall(0, sys_pkey_mprotect, b, 4096, other, PROT_EXEC), mm.pkeys.get(b, 0)]
+    out += [m.syscall(0, sys_mprotect, b, 4096, PROT_READ), mm.pkeys.get(b, 0)]
+    out += [m.syscall(0, sys_pkey_free, key), m.syscall(0, sys_pkey_alloc, 0, 0), rights(key)]
+    out += [m.syscall(0, sys_mprotect, cc, 4096, PROT_EXEC), mm.pkeys.get(cc, 0), rights(key)]
+    return dict(zip(names, out, strict=True))
+
+
 CASES: tuple[Case, ...] = (
     Case("xfd/amx-insn-without-xcr0", "#UD -> do_error_trap -> SIGILL/ILL_ILLOPN",
          _amx_insn_host, _amx_insn_model, host_without_amx_reason),
@@ -279,4 +335,7 @@ CASES: tuple[Case, ...] = (
     Case("inherit/pkeys", "pkey_alloc, do_mprotect_pkey, dup_mmap / arch_dup_pkeys (the "
          "child's mm has the keyed VMAs and its own copy of the allocation map), pkey_free",
          _pkey_fork_host, pkey_fork_model, host_pku_reason),
+    Case("mprotect/execute-only-key", "do_mprotect_pkey, arch_override_mprotect_pkey, "
+         "__execute_only_pkey (the caller's PKRU denies the key), mm_pkey_is_allocated",
+         _exec_only_host, exec_only_model, host_pku_reason),
 )

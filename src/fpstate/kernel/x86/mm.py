@@ -11,7 +11,10 @@ are not faulted in yet, and the bytes. Rules of this file:
 - a fresh mapping reads as zeros, as anonymous memory does. Only the pages ever written to are
   stored, so a fork copies and a checker's clone pickles a few pages per process, not every
   mapped stack;
-- a mapping has a protection key (0 unless pkey_mprotect() gave it another, `set_pkey`), and
+- a mapping is readable and writable unless mprotect() said otherwise (``prots``): a store to
+  a mapping without PROT_WRITE faults, and so does any access to a PROT_NONE one (x86 page
+  tables cannot deny reads of an executable page: PROT_EXEC alone reads);
+- a mapping has a protection key (0 unless mprotect() gave it another, `mprotect_fixup`), and
   an access given the PKRU it runs under (``pkru``) is checked against that key's rights as
   the SDM's protection-key rules have it for user-mode addresses (Vol. 3A 4.6.2): AD denies
   every data access, WD every write (user mode, and supervisor mode with CR0.WP = 1, which
@@ -40,6 +43,9 @@ class PageFault(Exception):
 
 #: PKRU's two bits of key k: AD (bit 2k) and WD (bit 2k+1).
 PKRU_AD_BIT, PKRU_WD_BIT = 0x1, 0x2
+#: include/uapi/asm-generic/mman-common.h
+PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0x0, 0x1, 0x2, 0x4
+PROT_RW = PROT_READ | PROT_WRITE  #: what every mapping of the model starts with
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +70,11 @@ class UserMemory:
     #: mm->context.pkey_allocation_map: bit k set when key k is allocated (key 0 from the
     #: start: init_new_context() sets the map to 0x1).
     pkey_allocation_map: int = 1
+    #: Region start -> its PROT_* bits, for the regions mprotect() made other than PROT_RW.
+    prots: dict[int, int] = field(default_factory=dict)
+    #: mm->context.execute_only_pkey: the key of the mm's execute-only mappings, -1 until
+    #: the first mprotect(PROT_EXEC) takes one (init_new_context()).
+    execute_only_pkey: int = -1
 
     def map(self, start: int, size: int) -> None:
         for s, n in self.regions.items():
@@ -81,11 +92,11 @@ class UserMemory:
                     page[lo:hi] = bytes(hi - lo)
 
     def copy(self) -> UserMemory:
-        """dup_mmap(): the mappings, their contents and keys (arch_dup_pkeys() copies the
-        allocation map)."""
+        """dup_mmap(): the mappings, their contents, protections and keys (arch_dup_pkeys()
+        copies the allocation map and the execute-only key)."""
         return UserMemory(dict(self.regions), set(self.not_present),
                           {p: bytearray(b) for p, b in self.pages.items()}, dict(self.pkeys),
-                          self.pkey_allocation_map)
+                          self.pkey_allocation_map, dict(self.prots), self.execute_only_pkey)
 
     def contents(self) -> dict[int, bytes]:
         """Every region's bytes by start address (for tests and comparisons)."""
@@ -97,6 +108,8 @@ class UserMemory:
         return (self.regions == other.regions and self.not_present == other.not_present
                 and self.pkeys == other.pkeys
                 and self.pkey_allocation_map == other.pkey_allocation_map
+                and self.prots == other.prots
+                and self.execute_only_pkey == other.execute_only_pkey
                 and self.contents() == other.contents())
 
     __hash__ = None  # type: ignore[assignment]
@@ -133,6 +146,13 @@ class UserMemory:
         if key and (pkru >> (2 * key)) & (PKRU_AD_BIT | PKRU_WD_BIT if write else PKRU_AD_BIT):
             raise PageFault(addr, key)
 
+    def _prot(self, start: int, addr: int, write: bool) -> None:
+        """The page-table check of an access at ``addr`` to the region at ``start``: a store
+        needs PROT_WRITE, any access some PROT_* bit (see the module docstring)."""
+        prot = self.prots.get(start, PROT_RW)
+        if not prot & (PROT_WRITE if write else PROT_READ | PROT_WRITE | PROT_EXEC):
+            raise PageFault(addr)
+
     def key_allows(self, addr: int, write: bool, pkru: int) -> bool:
         """Whether ``pkru`` lets an access (a store when ``write``) at the mapped ``addr``
         through its mapping's protection key (`_pk`; nothing else is checked or changed)."""
@@ -148,26 +168,40 @@ class UserMemory:
         (`PageFault`) where the access would fault, and the pages it would fault in are
         faulted in."""
         s = self._locate(addr, n)
+        if self.prots:
+            self._prot(s, addr, write)
         if pkru and self.pkeys:
             self._pk(s, addr, write, pkru)
         self._present(addr, n, faults_enabled)
 
-    def set_pkey(self, start: int, size: int, key: int) -> None:
-        """mprotect_fixup() with a new VM_PKEY_BIT* value for [start, start+size): the regions
-        it covers, split at its ends, get protection key ``key``. The range must be mapped
-        throughout (the caller, do_mprotect_pkey(), returns -ENOMEM otherwise)."""
+    def mprotect_fixup(self, start: int, size: int, key: int, prot: int = PROT_RW) -> None:
+        """mprotect_fixup() of [start, start+size) with new VM_READ/WRITE/EXEC and
+        VM_PKEY_BIT* values: the regions it covers, split at its ends, get protection ``prot``
+        and key ``key``. The range must be mapped throughout (the caller, do_mprotect_pkey(),
+        returns -ENOMEM otherwise)."""
         end = start + size
         for s, n in sorted(self.regions.items()):
             if s >= end or s + n <= start:
                 continue
             k = self.pkeys.pop(s, 0)
+            p = self.prots.pop(s, PROT_RW)
             del self.regions[s]
-            for lo, hi, key_of in ((s, max(s, start), k), (max(s, start), min(s + n, end), key),
-                                   (min(s + n, end), s + n, k)):
+            for lo, hi, key_of, prot_of in ((s, max(s, start), k, p),
+                                            (max(s, start), min(s + n, end), key, prot),
+                                            (min(s + n, end), s + n, k, p)):
                 if hi > lo:
                     self.regions[lo] = hi - lo
                     if key_of:
                         self.pkeys[lo] = key_of
+                    if prot_of != PROT_RW:
+                        self.prots[lo] = prot_of
+
+    def region_at(self, addr: int) -> tuple[int, int] | None:
+        """(start, size) of the region holding ``addr``, or None."""
+        for s, n in self.regions.items():
+            if s <= addr < s + n:
+                return s, n
+        return None
 
     def mapped(self, start: int, size: int) -> bool:
         """Whether every byte of [start, start+size) lies in some region."""
@@ -200,6 +234,8 @@ class UserMemory:
 
     def read(self, addr: int, n: int, *, faults_enabled: bool = True, pkru: int = 0) -> bytes:
         s = self._locate(addr, n)
+        if self.prots:
+            self._prot(s, addr, False)
         if pkru and self.pkeys:
             self._pk(s, addr, False, pkru)
         self._present(addr, n, faults_enabled)
@@ -211,6 +247,8 @@ class UserMemory:
               pkru: int = 0) -> None:
         n = len(data)
         s = self._locate(addr, n)
+        if self.prots:
+            self._prot(s, addr, True)
         if pkru and self.pkeys:
             self._pk(s, addr, True, pkru)
         self._present(addr, n, faults_enabled)
@@ -218,8 +256,9 @@ class UserMemory:
 
     def fits(self, addr: int, n: int) -> bool:
         """Whether every access inside [addr, addr+n) (n >= 1) would succeed, page faults
-        enabled or not: the range lies in one region and no page is waiting to be faulted in."""
-        if self.not_present:
+        enabled or not: the range lies in one region, read-write, and no page is waiting to be
+        faulted in."""
+        if self.not_present or self.prots:
             return False
         for s, size in self.regions.items():
             if s <= addr and addr + n <= s + size:

@@ -9,16 +9,31 @@ checks every access given a PKRU). That is why v6.12's get_sigframe() opens ever
 (sig_prepare_pkru: WRPKRU 0) before it writes the frame, so that a sigaltstack protected by a
 key the interrupted code had closed can still take the frame.
 
-Not modelled: the execute-only key (mprotect(PROT_EXEC) without a key; no mapping of the model
-is executable) and PROT_* other than read/write (the model's mappings are read-write; pkey_mprotect
-only changes their key here).
+mprotect(2) and pkey_mprotect(2) set a mapping's PROT_* bits as well as its key. An
+execute-only mapping (mprotect(PROT_EXEC) without a key) gets the mm's execute-only key
+(execute_only_pkey(): allocated from the same map as pkey_alloc's, once per mm), and the
+calling thread's PKRU gets access-disable for it -- a write of XSAVE component 9 that the
+thread did not ask for, made by a system call that is not about the FPU. Other threads keep
+their PKRU (init_pkru_value already denies every key but 0).
+
+Not modelled: mmap(PROT_EXEC) (the model's mmap makes read-write mappings),
+PROT_GROWSDOWN/UP, and the partial change do_mprotect_pkey() leaves when it meets a hole after
+changing the first mappings (here -ENOMEM changes nothing).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fpstate.kernel.x86.mm import PAGE_SIZE, PKRU_AD_BIT, PKRU_WD_BIT
+from fpstate.kernel.x86.mm import (
+    PAGE_SIZE,
+    PKRU_AD_BIT,
+    PKRU_WD_BIT,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_RW,
+    PROT_WRITE,
+)
 from fpstate.kernel.x86.signal import read_pkru, write_pkru
 from fpstate.kernel.x86.xstate_prctl import EINVAL, ENOMEM, ENOSPC
 
@@ -40,10 +55,14 @@ def arch_max_pkey(c: Cpu) -> int:
 
 def mm_pkey_is_allocated(c: Cpu, pkey: int) -> bool:
     """mm_pkey_is_allocated(): key 0, or a key pkey_alloc() returned and pkey_free() has not
-    taken back, below arch_max_pkey()."""
+    taken back, below arch_max_pkey() -- never the mm's execute-only key, which is in the
+    allocation map but not the user's to pkey_mprotect() or pkey_free()."""
     if not 0 <= pkey < arch_max_pkey(c):
         return False
-    return bool(c.current.process.mm.pkey_allocation_map >> pkey & 1)
+    mm = c.current.process.mm
+    if pkey == mm.execute_only_pkey:
+        return False
+    return bool(mm.pkey_allocation_map >> pkey & 1)
 
 
 def arch_set_user_pkey_access(c: Cpu, pkey: int, init_val: int) -> int:
@@ -70,16 +89,25 @@ def sys_pkey_alloc(c: Cpu, flags: int, init_val: int) -> KPath:
         return -EINVAL
     if init_val & ~PKEY_ACCESS_MASK:
         return -EINVAL
-    mm = c.current.process.mm
-    every = (1 << arch_max_pkey(c)) - 1
-    if mm.pkey_allocation_map == every:
+    pkey = mm_pkey_alloc(c)
+    if pkey < 0:
         return -ENOSPC
-    pkey = next(k for k in range(arch_max_pkey(c)) if not mm.pkey_allocation_map >> k & 1)
-    mm.pkey_allocation_map |= 1 << pkey
     ret = arch_set_user_pkey_access(c, pkey, init_val)
     if ret:
-        mm.pkey_allocation_map &= ~(1 << pkey)
+        c.current.process.mm.pkey_allocation_map &= ~(1 << pkey)  # mm_set_pkey_free()
         return ret
+    return pkey
+
+
+def mm_pkey_alloc(c: Cpu) -> int:
+    """mm_pkey_alloc() (asm/pkeys.h): the lowest key the current mm has not allocated (ffz of
+    the allocation map), now allocated; -1 when every key below arch_max_pkey() is taken."""
+    mm = c.current.process.mm
+    free = ~mm.pkey_allocation_map & ((1 << arch_max_pkey(c)) - 1)
+    if not free:
+        return -1
+    pkey = (free & -free).bit_length() - 1
+    mm.pkey_allocation_map |= 1 << pkey
     return pkey
 
 
@@ -94,25 +122,112 @@ def sys_pkey_free(c: Cpu, pkey: int) -> KPath:
     return 0
 
 
-def sys_pkey_mprotect(c: Cpu, start: int, length: int, pkey: int) -> KPath:
-    """pkey_mprotect(2) with PROT_READ | PROT_WRITE (do_mprotect_pkey): -EINVAL for a start not
-    page aligned or a key not allocated, 0 for length 0, -ENOMEM when [start, start + length
-    rounded up to pages) is not mapped throughout; else every mapping there gets key
-    ``pkey`` (split at the range's ends, as mprotect_fixup() splits VMAs)."""
-    if False:  # pragma: no cover
-        yield
+#: PROT_* bits do_mprotect_pkey() accepts on x86 (arch_validate_prot(): PROT_SEM too, which
+#: changes nothing here).
+PROT_SEM = 0x8
+_PROT_VALID = PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM
+
+
+def __pkru_allows_read(pkru: int, pkey: int) -> bool:
+    """__pkru_allows_read() (asm/pkru.h): key ``pkey``'s AD bit clear."""
+    return not (pkru >> (2 * pkey)) & PKRU_AD_BIT
+
+
+def execute_only_pkey(c: Cpu) -> int:
+    """execute_only_pkey() -> __execute_only_pkey() (arch/x86/mm/pkeys.c): 0 without OSPKE;
+    the mm's execute-only key, allocated (the lowest free, as mm_pkey_alloc() gives; -1 when
+    none is left) on the first call; the calling thread's PKRU gets PKEY_DISABLE_ACCESS for it
+    (arch_set_user_pkey_access), skipped when the key is not newly allocated and its AD bit is
+    already set."""
+    if not c.m.system.ospke:
+        return 0
+    mm = c.current.process.mm
+    key = mm.execute_only_pkey
+    new = key == -1
+    if new:
+        key = mm_pkey_alloc(c)
+        if key < 0:
+            return -1
+    elif not __pkru_allows_read(read_pkru(c), key):
+        return key
+    if arch_set_user_pkey_access(c, key, PKEY_DISABLE_ACCESS):
+        mm.pkey_allocation_map &= ~(1 << key)  # mm_set_pkey_free()
+        return -1
+    if new:
+        mm.execute_only_pkey = key
+    return key
+
+
+def arch_override_mprotect_pkey(c: Cpu, start: int, old_prot: int, old_key: int, prot: int,
+                                pkey: int) -> int:
+    """arch_override_mprotect_pkey() (arch/x86/mm/pkeys.c) for the mapping at ``start``
+    (``old_prot``, ``old_key``): pkey_mprotect()'s key as given; PROT_EXEC alone takes the
+    execute-only key (when there is one); a mapping leaving execute-only with the
+    execute-only key goes back to key 0 (vma_is_pkey_exec_only); otherwise the mapping keeps
+    its key. Without OSPKE every mapping has key 0."""
+    if not c.m.system.ospke:
+        return ARCH_DEFAULT_PKEY
+    if pkey != -1:
+        return pkey
+    if prot == PROT_EXEC:
+        key = execute_only_pkey(c)
+        if key > 0:
+            return key
+    elif (old_prot & (PROT_RW | PROT_EXEC)) == PROT_EXEC \
+            and old_key == c.current.process.mm.execute_only_pkey:
+        return ARCH_DEFAULT_PKEY
+    return old_key
+
+
+def do_mprotect_pkey(c: Cpu, start: int, length: int, prot: int, pkey: int) -> int:
+    """do_mprotect_pkey() (mm/mprotect.c): -EINVAL for a start not page aligned or unknown
+    PROT_* bits (arch_validate_prot), 0 for length 0, -EINVAL for a key (other than -1) not
+    allocated, -ENOMEM when [start, start + length rounded up to pages) is not mapped
+    throughout; else each mapping there gets ``prot`` and the key
+    `arch_override_mprotect_pkey` picks for it (split at the range's ends, as
+    mprotect_fixup() splits VMAs)."""
     if start % PAGE_SIZE:
         return -EINVAL
     if not length:
         return 0
     length = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-    if not mm_pkey_is_allocated(c, pkey):
+    if prot & ~_PROT_VALID:
+        return -EINVAL
+    prot &= ~PROT_SEM
+    if pkey != -1 and not mm_pkey_is_allocated(c, pkey):
         return -EINVAL
     mm = c.current.process.mm
     if not mm.mapped(start, length):
         return -ENOMEM
-    mm.set_pkey(start, length, pkey)
+    end = start + length
+    at = start
+    while at < end:
+        s, n = mm.region_at(at)  # type: ignore[misc]  (mapped throughout)
+        key = arch_override_mprotect_pkey(c, s, mm.prots.get(s, PROT_RW), mm.pkeys.get(s, 0),
+                                          prot, pkey)
+        upto = min(s + n, end)
+        mm.mprotect_fixup(at, upto - at, key, prot)
+        at = upto
     return 0
+
+
+def sys_mprotect(c: Cpu, start: int, length: int, prot: int) -> KPath:
+    """mprotect(2): do_mprotect_pkey() with pkey -1 (the key a mapping has, or the
+    execute-only key for PROT_EXEC alone)."""
+    if False:  # pragma: no cover
+        yield
+    return do_mprotect_pkey(c, start, length, prot, -1)
+
+
+def sys_pkey_mprotect(c: Cpu, start: int, length: int, pkey: int,
+                      prot: int = PROT_RW) -> KPath:
+    """pkey_mprotect(2) (do_mprotect_pkey with the key; read-write unless ``prot`` says
+    otherwise): -EINVAL for a start not page aligned or a key not allocated, 0 for length 0,
+    -ENOMEM when the range is not mapped throughout; else every mapping there gets key
+    ``pkey``."""
+    if False:  # pragma: no cover
+        yield
+    return do_mprotect_pkey(c, start, length, prot, pkey)
 
 
 __all__ = [
@@ -121,8 +236,13 @@ __all__ = [
     "PKEY_DISABLE_ACCESS",
     "PKEY_DISABLE_WRITE",
     "arch_max_pkey",
+    "arch_override_mprotect_pkey",
     "arch_set_user_pkey_access",
+    "do_mprotect_pkey",
+    "execute_only_pkey",
+    "mm_pkey_alloc",
     "mm_pkey_is_allocated",
+    "sys_mprotect",
     "sys_pkey_alloc",
     "sys_pkey_free",
     "sys_pkey_mprotect",
