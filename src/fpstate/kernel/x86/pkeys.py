@@ -1,4 +1,5 @@
-"""Memory protection keys of a process: pkey_alloc(2), pkey_free(2) and pkey_mprotect(2).
+"""Memory protection keys of a process: pkey_alloc(2), pkey_free(2), pkey_mprotect(2) and
+mprotect(2).
 
 Twin of arch/x86/mm/pkeys.c (arch_set_user_pkey_access), arch/x86/include/asm/pkeys.h (the
 mm's allocation map) and the pkey system calls of mm/mprotect.c, as far as the FPU code

@@ -3,7 +3,7 @@
 Models arch/x86/kernel/fpu/regset.c (xstateregs_get/set, xfpregs_get/set), the UABI copies of
 arch/x86/kernel/fpu/xstate.c (__copy_xstate_to_uabi_buf, copy_uabi_to_xstate,
 validate_user_xstate_header), update_regset_xstate_info() (arch/x86/kernel/ptrace.c) and the
-generic ptrace_regset() (kernel/ptrace.c), Linux v6.17.
+generic ptrace_regset() and ptrace_request()'s regset requests (kernel/ptrace.c), Linux v6.17.
 
 The exported xstate is always the *standard* format, fpu_user_cfg.max_size bytes: the legacy
 area (from the task's image, or init_fpstate's for components in init state), bytes 464..511 the
