@@ -65,12 +65,32 @@ def test_sve_get_of_sve_format_state_places_p_ffr_and_fpsr() -> None:
     assert blob[1128:] == bytes(8)  # to the 16-byte aligned size
 
 
-def test_ssve_of_a_non_streaming_thread_is_its_header_only() -> None:
-    t = pt.RegsetTarget.fresh(FVP)
+def test_ssve_of_a_non_streaming_thread_is_a_size_8_header_then_fpsimd() -> None:
+    """v6.17: the inactive mode's header says size 8 (sizeof a pointer) and FPSIMD format,
+    and sve_get_common()'s header-only return (size == 16) does not fire, so the effective
+    V0-V31, FPSR and FPCR follow -- what the kernel's fp-ptrace selftest checks."""
+    t = replace(pt.RegsetTarget.fresh(FVP), fp_type=FP_STATE_SVE, fpsr=0x10, fpcr=0x400000)
+    vl = t.sve_vl
+    t = replace(t, sve=_pattern(sve_regs_size(vl // 16), 5))  # Z at the SVE VL
     blob = pt.regset_get(FVP, t, pt.NT_ARM_SSVE)
-    # Inactive: size = sizeof(header); max_size from the SME maximum VL (64).
-    assert _header(blob) == (16, pt.sve_pt_size(4, 1), FVP.sme_vl.default_vl, 64, 0, 0)
-    assert len(blob) == 16
+    # max_size from the SME maximum VL (64); flags FPSIMD (0) although the state is SVE format
+    assert _header(blob) == (8, pt.sve_pt_size(4, 1), FVP.sme_vl.default_vl, 64, 0, 0)
+    assert len(blob) == 16 + 528
+    assert blob[16:32] == t.sve[:16]  # V0: the low 128 bits of Z0
+    assert blob[16 + 31 * 16:16 + 512] == t.sve[31 * vl:31 * vl + 16]  # V31
+    assert struct.unpack_from("<IIII", blob, 16 + 512) == (0x10, 0x400000, 0, 0)
+
+
+def test_sve_of_a_streaming_thread_carries_the_streaming_v_registers() -> None:
+    """NT_ARM_SVE while PSTATE.SM is set: the size-8 header at the SVE VL, then V0-V31 from
+    the streaming Z registers (laid out at the SME VL)."""
+    t = replace(pt.RegsetTarget.fresh(FVP), sme_vl=64, sm=True, fp_type=FP_STATE_SVE)
+    t = replace(t, sve=_pattern(sve_regs_size(4), 9))
+    blob = pt.regset_get(FVP, t, pt.NT_ARM_SVE)
+    assert _header(blob)[0::2] == (8, FVP.sve_vl.default_vl, 0)
+    assert blob[16 + 16:16 + 32] == t.sve[64:80]  # V1: the low 128 bits of streaming Z1
+    streaming = pt.regset_get(FVP, t, pt.NT_ARM_SSVE)
+    assert _header(streaming)[0] == pt.sve_pt_size(4, pt.SVE_PT_REGS_SVE)
 
 
 def test_za_get_reports_max_size_for_the_current_vl() -> None:

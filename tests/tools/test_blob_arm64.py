@@ -59,8 +59,13 @@ def test_za_rows_and_an_inactive_ssve() -> None:
     [za] = ba.decode(pt.regset_get(FVP, t, pt.NT_ARM_ZA), "za")
     assert za.register("ZA[3]") == int.from_bytes(b"\x77" * 32, "little")
     assert za.register("ZA[2]") == 0 and za.section("ZA").offset == 16
+    # v6.17's NT_ARM_SSVE of a thread not in streaming mode: size 8, the V registers after it
     [ssve] = ba.decode(pt.regset_get(FVP, t, pt.NT_ARM_SSVE), "ssve")
-    assert ssve.sections[1].name.startswith("inactive") and ssve.size == 16
+    assert ssve.sections[1].name.startswith("inactive") and ssve.size == 16 + 528
+    assert dict(ssve.sections[0].fields)["size"] == 8 and ssve.warnings == ()
+    assert ssve.section("user_fpsimd_state").offset == 16
+    [bare] = ba.decode(pt.regset_get(FVP, t, pt.NT_ARM_SSVE)[:16], "ssve")  # header alone
+    assert bare.size == 16 and len(bare.sections) == 2
 
 
 def test_fpmr_fields() -> None:

@@ -269,16 +269,19 @@ def test_the_dump_order_loses_sve_state_where_the_restore_order_does_not() -> No
 
 
 def test_nt_arm_sve_after_the_streaming_state_leaves_streaming_mode() -> None:
-    """The streaming state first and the NT_ARM_SVE header after it: sve_set_common() leaves
-    streaming mode and zeroes the registers, so the restore order writes NT_ARM_SVE first."""
+    """The streaming state first and the NT_ARM_SVE note after it: sve_set_common() leaves
+    streaming mode and takes the note's FPSIMD payload (v6.17's inactive-mode read: the
+    streaming V registers), so Z's upper bits and P are lost; the restore order writes
+    NT_ARM_SVE first."""
     t = _state(FVP, 32, 64, streaming=True, za=True)
     writes = ra.restore_writes(FVP, t)
     assert [n for n, _ in writes[1:3]] == [pt.NT_ARM_SVE, pt.NT_ARM_SSVE]
     swapped = (writes[0], writes[2], writes[1], *writes[3:])
     got = ra.replay(FVP, swapped)  # every write is accepted ...
-    assert not got.sm and got.fp_type == FP_STATE_FPSIMD and got.vregs == bytes(512)
-    with pytest.raises(ra.RestoreError, match=r"NT_PRFPREG, NT_ARM_SVE, NT_ARM_SSVE read back "
-                       "otherwise"):  # ... and the state is not the thread's
+    assert not got.sm and got.fp_type == FP_STATE_FPSIMD
+    assert got.vregs == pt.effective_vregs(t) != bytes(512)
+    with pytest.raises(ra.RestoreError, match=r"writes NT_ARM_SVE, NT_ARM_SSVE read back "
+                       "otherwise"):  # ... and the state is not the thread's (V is)
         ra.check_restore(FVP, t, swapped)
 
 

@@ -221,8 +221,21 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
         return out, warn
     if flags & ~(pt.SVE_PT_REGS_MASK | pt.SVE_PT_VL_INHERIT | pt.SVE_PT_VL_ONEXEC):
         warn.append(f"flags {flags:#x} beyond SVE_PT_REGS_SVE|VL_INHERIT|VL_ONEXEC")
+    mode = "streaming" if fmt == "sve" else "non-streaming"
+    if size == pt.INACTIVE_HEADER_SIZE:
+        # v6.16+: the inactive mode's header says size 8 (sizeof a pointer) and the FPSIMD
+        # payload of the active mode's registers follows (sve_get_common()'s header-only
+        # return compares with 16 and does not fire)
+        if flags & SVE_PT_REGS_SVE:
+            warn.append("an inactive mode's header (size 8) with SVE_PT_REGS_SVE: the kernel "
+                        "sets FPSIMD format there")
+        out.append(Section(f"inactive (the thread is in {mode} mode: size 8, then the "
+                           "active mode's V registers)", USER_SVE_HEADER_SIZE, 0))
+        if len(data) > USER_SVE_HEADER_SIZE:
+            _need(data, USER_SVE_HEADER_SIZE + USER_FPSIMD_STATE_SIZE, "the FPSIMD payload")
+            out.append(_fpsimd_section(data, USER_SVE_HEADER_SIZE))
+        return out, warn
     if size == USER_SVE_HEADER_SIZE:
-        mode = "streaming" if fmt == "sve" else "non-streaming"
         out.append(Section(f"inactive (the thread is in {mode} mode: header only)",
                            USER_SVE_HEADER_SIZE, 0))
     elif flags & SVE_PT_REGS_SVE:
@@ -236,8 +249,9 @@ def _decode_regset(data: bytes, fmt: str) -> tuple[list[Section], list[str]]:
             _reg("FPSR", data, fpsr_at, 4), _reg("FPCR", data, fpsr_at + 4, 4))))
     else:
         if fmt == "ssve":
-            warn.append("NT_ARM_SSVE in FPSIMD format: the kernel never writes it, and "
-                        "SETREGSET refuses it (EINVAL)")
+            warn.append("NT_ARM_SSVE with register data in FPSIMD format: the kernel writes "
+                        "it only for a thread not in streaming mode (v6.16+ with size 8), "
+                        "and SETREGSET refuses it (EINVAL)")
         if size != sve_pt_size(vq, 0):
             warn.append(f"size {size} != SVE_PT_SIZE({vq}, SVE_PT_REGS_FPSIMD) "
                         f"{sve_pt_size(vq, 0)}")

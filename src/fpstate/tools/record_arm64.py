@@ -29,9 +29,10 @@ SME2 or FPMR, and writing it back with PTRACE_SETREGSET are the three questions 
      a later change of the SME VL would turn ZA off again and zero Z's upper bits, P and
      FFR (change_live_vector_length());
   2. NT_ARM_SVE: the state in SVE or FPSIMD format (NT_PRFPREG on a CPU without SVE), or
-     in streaming mode a header only, which sets the SVE VL and leaves streaming mode;
+     in streaming mode its inactive-mode note (size 8, FPSIMD format, the V registers),
+     which sets the SVE VL and leaves streaming mode;
   3. NT_ARM_SSVE with the streaming state, in streaming mode only: a non-streaming thread's
-     NT_ARM_SSVE is an FPSIMD-format header that SETREGSET refuses (-EINVAL);
+     NT_ARM_SSVE is an FPSIMD-format note that SETREGSET refuses (-EINVAL);
   4. NT_ARM_ZA with ZA, when PSTATE.ZA is on (at the same SME VL: streaming mode stays);
   5. NT_ARM_ZT, when PSTATE.ZA is on (zt_set() turns ZA on, zeroing it, if it was off);
   6. NT_ARM_FPMR;
@@ -282,11 +283,11 @@ def state_from_notes(notes: Mapping[int, bytes]) -> tuple[pt.RegsetTarget, tuple
         else:
             t, sme_max = replace(t, sme_vl=vl, sme_inherit=inherit), max_vl
         if size <= USER_SVE_HEADER_SIZE:
-            continue  # the mode the thread is not in: a header only
+            continue  # the mode the thread is not in (v6.16+: size 8, FPSIMD payload after)
         sm = kind == ARM64_VEC_SME
         if sm and notes_active(notes, pt.NT_ARM_SVE):
             raise BlobError("both NT_ARM_SVE and NT_ARM_SSVE hold register data: a thread is "
-                            "in one mode, and the kernel writes the other as a header only")
+                            "in one mode, and the kernel marks the other's note with size 8")
         if not flags & SVE_PT_REGS_SVE:
             if sm:
                 raise BlobError("NT_ARM_SSVE holds FPSIMD-format data: the kernel writes "

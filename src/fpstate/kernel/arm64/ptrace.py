@@ -265,8 +265,17 @@ def regset_get(caps: HostCaps, t: RegsetTarget, note: int) -> bytes:
     return struct.pack("<Q", t.fpmr)
 
 
+#: What sve_init_header_from_task() stores as the size of an inactive mode's header:
+#: ``header->size = sizeof(header)`` with ``header`` a pointer (b93e685ecff7, v6.16), so 8
+#: bytes, not the 16 of struct user_sve_header that the check in sve_get_common() compares
+#: with. The kernel's own selftest (fp-ptrace.c, check_ptrace_values_sve/_ssve) expects this
+#: 8 and the FPSIMD payload that follows it.
+INACTIVE_HEADER_SIZE = 8
+
+
 def _sve_header(caps: HostCaps, t: RegsetTarget, kind: str) -> tuple[bytes, int, int]:
-    """sve_init_header_from_task(): (header bytes, flags, size)."""
+    """sve_init_header_from_task(): (header bytes, flags, size). The mode the task is not in
+    gets FPSIMD flags and size `INACTIVE_HEADER_SIZE`."""
     active = (ARM64_VEC_SME if t.sm else ARM64_VEC_SVE) == kind
     flags = SVE_PT_REGS_SVE if active and t.fp_type == FP_STATE_SVE else SVE_PT_REGS_FPSIMD
     if t.sve_inherit if kind == ARM64_VEC_SVE else t.sme_inherit:
@@ -274,17 +283,22 @@ def _sve_header(caps: HostCaps, t: RegsetTarget, kind: str) -> tuple[bytes, int,
     vl = t.vl(kind)
     info = caps.vl_info(kind)
     max_vl = info.max_vl if info else 0
-    size = sve_pt_size(sve_vq_from_vl(vl), flags) if active else USER_SVE_HEADER_SIZE
+    size = sve_pt_size(sve_vq_from_vl(vl), flags) if active else INACTIVE_HEADER_SIZE
     max_size = sve_pt_size(sve_vq_from_vl(max_vl), SVE_PT_REGS_SVE)
     return struct.pack("<IIHHHH", size, max_size, vl, max_vl, flags, 0), flags, size
 
 
 
 def _sve_get(caps: HostCaps, t: RegsetTarget, kind: str) -> bytes:
-    """sve_get_common(): the header; nothing more for the inactive mode; else the FPSIMD
-    payload or Z/P/FFR, zero padding, FPSR and FPCR, zero padding to the 16-byte size."""
+    """sve_get_common(): the header; then the FPSIMD payload (fpr_get's: the effective V0-V31,
+    FPSR, FPCR) or Z/P/FFR, zero padding, FPSR and FPCR, zero padding to the 16-byte size.
+
+    Since b93e685ecff7 (v6.16) the function means to stop after the header for the mode the
+    task is not in (``if (header.size == sizeof(header)) return 0;``), but that header's size
+    is `INACTIVE_HEADER_SIZE`, 8, never 16: the inactive mode's read goes on to the FPSIMD
+    payload of the active mode's registers, as before v6.16 (only the size field changed)."""
     header, flags, size = _sve_header(caps, t, kind)
-    if size == USER_SVE_HEADER_SIZE:
+    if size == USER_SVE_HEADER_SIZE:  # the kernel's check: false in v6.16-v6.17 (see above)
         return header
     if not flags & SVE_PT_REGS_SVE:
         return header + user_fpsimd_state(t)
@@ -488,13 +502,13 @@ def _tracee(host: Host, tracer_cpu: int, name: str) -> None:
 
 def regset_values(host: Host, name: str, note: int) -> dict[str, Tok]:
     """What GETREGSET(``note``) of the stopped task ``name`` returns, as component values
-    (`regset_get` on the host model): nothing from an inactive NT_ARM_(S)SVE or from ZA and
-    ZT0 with PSTATE.ZA off (a header, or zeros); V from Z in SVE format."""
+    (`regset_get` on the host model): nothing from ZA and ZT0 with PSTATE.ZA off (a header, or
+    zeros); V from Z in SVE format; the inactive NT_ARM_(S)SVE carries the FPSIMD payload
+    (`_sve_get`: v6.17's header-only return does not fire)."""
     st = host.store(host.task(name).store)
     if note in (NT_ARM_SVE, NT_ARM_SSVE):
-        if ((NT_ARM_SSVE if st.svcr & SVCR_SM else NT_ARM_SVE) != note):
-            return {}  # not the active mode: the header only
-        if st.fp_type == FP_STATE_SVE:
+        active = (NT_ARM_SSVE if st.svcr & SVCR_SM else NT_ARM_SVE) == note
+        if active and st.fp_type == FP_STATE_SVE:
             return {V: st.sve_v, ZHI: st.sve_zhi, P: st.sve_p, FPSR: st.fpsr}
     if note in (NT_PRFPREG, NT_ARM_SVE, NT_ARM_SSVE):  # __fpr_get()
         return {V: st.sve_v if st.fp_type == FP_STATE_SVE else st.vregs, FPSR: st.fpsr}
