@@ -268,11 +268,15 @@ class Asm:
         the other keys' bits kept: RDPKRU, AND, OR, WRPKRU. Clobbers RAX, RCX, RDX."""
         self._update_pkru(~(0b11 << (2 * key)) & 0xFFFFFFFF, rights << (2 * key))
 
+    def rdpkru(self) -> None:
+        """EAX = PKRU (RDPKRU with ECX = 0; EDX = 0). Clobbers RAX, RCX, RDX."""
+        self.mov_imm(self.R.RCX, 0)
+        self.emit(self.In.create(self.C.RDPKRU))
+
     def _update_pkru(self, keep: int, add: int) -> None:
         """PKRU = (PKRU & ``keep``) | ``add``: RDPKRU, AND (unless ``keep`` is all ones), OR,
         WRPKRU."""
-        self.mov_imm(self.R.RCX, 0)
-        self.emit(self.In.create(self.C.RDPKRU))
+        self.rdpkru()
         if keep != 0xFFFFFFFF:
             self.emit(self.In.create_reg_u32(self.C.AND_RM32_IMM32, self.R.EAX, keep))
         self.emit(self.In.create_reg_u32(self.C.OR_RM32_IMM32, self.R.EAX, add))

@@ -354,8 +354,7 @@ def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
     def body() -> int:
         code = CodePages(2)
         read = Asm()  # RDPKRU; return it
-        read.mov_imm(read.R.RCX, 0)
-        read.emit(read.In.create(read.C.RDPKRU))
+        read.rdpkru()
         read.emit(read.In.create(read.C.RETNQ))
         rdpkru = code.place(0, read)
         regions = [_mmap.mmap(-1, PAGE, prot=rw) for _ in range(3)]
@@ -405,3 +404,94 @@ def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
         raise HostUnavailable(f"the execute-only key probe ended with {ex}")
     return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
             for n, name in enumerate(EXEC_ONLY_FACTS)}
+
+
+# -- pkey_alloc's rights and limits ----------------------------------------------------------------
+
+#: The keys of `pkey_alloc_rights`'s answer, in order ("rights k": key k's two PKRU bits, AD = 1,
+#: WD = 2, read with RDPKRU right after the call; "first" is the first key the probe got).
+PKEY_ALLOC_FACTS = (
+    "pkey_alloc(flags 1, 0)", "pkey_alloc(0, init_val 4)",
+    "pkey_alloc(0, PKEY_DISABLE_ACCESS) - first", "rights after it",
+    "pkey_alloc(0, PKEY_DISABLE_WRITE) - first", "rights after it (WD)",
+    "pkey_alloc(0, both) - first", "rights after it (both)",
+    "pkey_free(second key)", "its rights after the free",
+    "pkey_alloc(0, 0) after the free - first", "rights after it (open)",
+    "pkey_free(16)", "pkey_free(-1)", "keys pkey_alloc gave until it failed",
+    "the errno it failed with", "pkey_free(0)", "pkey_alloc(0, 0) after freeing key 0",
+    "key 0's rights after it",
+)
+
+
+def pkey_alloc_rights(timeout: float = 20.0) -> dict[str, int]:
+    """pkey_alloc(2) and pkey_free(2) on the real kernel, in a forked child: the refused flags
+    and init_val bits, the PKRU rights each init_val gives the new key (RDPKRU after the
+    call), a freed key handed out again with new rights, the keys left until ENOSPC, and key
+    0 freed and allocated again. Answers by `PKEY_ALLOC_FACTS` (negative: -errno; keys are
+    relative to the first the probe got, which the process it was forked from decides).
+    Kernel paths: sys_pkey_alloc, mm_pkey_alloc, arch_set_user_pkey_access, sys_pkey_free,
+    mm_pkey_free (arch/x86/include/asm/pkeys.h, mm/mprotect.c)."""
+    from fpstate.host.child import Asm, CodePages, raw_syscall
+
+    shm = SharedMemory(8 * (len(PKEY_ALLOC_FACTS) + 2))
+    out: list[int] = []
+
+    def put(value: int) -> None:
+        struct.pack_into("<q", shm.mem, 8 * len(out), value)
+        out.append(value)
+
+    def body() -> int:
+        code = CodePages(1)
+        read = Asm()
+        read.rdpkru()
+        read.emit(read.In.create(read.C.RETNQ))
+        rdpkru = code.place(0, read)
+
+        def rights(key: int) -> int:
+            return code.call(rdpkru) >> (2 * key) & 3
+
+        def alloc(init_val: int) -> int:
+            return raw_syscall(SYS["pkey_alloc"], 0, init_val)
+
+        put(raw_syscall(SYS["pkey_alloc"], 1, 0))
+        put(alloc(4))
+        first = alloc(1)
+        if first <= 0:
+            return 3
+        put(0)
+        put(rights(first))
+        second = alloc(2)
+        put(second - first)
+        put(rights(second))
+        third = alloc(3)
+        put(third - first)
+        put(rights(third))
+        put(raw_syscall(SYS["pkey_free"], second))
+        put(rights(second))
+        again = alloc(0)
+        put(again - first)
+        put(rights(again))
+        put(raw_syscall(SYS["pkey_free"], 16))
+        put(raw_syscall(SYS["pkey_free"], -1))
+        n, ret = 0, 0
+        while n < 16:
+            ret = alloc(0)
+            if ret < 0:
+                break
+            n += 1
+        put(n)
+        put(ret)
+        put(raw_syscall(SYS["pkey_free"], 0))
+        put(alloc(0))  # key 0 again, its rights open (init_val 0): the probe keeps running
+        put(rights(0))
+        struct.pack_into("<qq", shm.mem, 8 * len(PKEY_ALLOC_FACTS), first, 1)
+        return 0
+
+    ex = run_child(body, timeout)
+    first, done = struct.unpack_from("<qq", shm.mem, 8 * len(PKEY_ALLOC_FACTS))
+    if ex.exit_code != 0 or done != 1:
+        raise HostUnavailable(f"the pkey_alloc probe ended with {ex}")
+    facts = {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
+             for n, name in enumerate(PKEY_ALLOC_FACTS)}
+    facts["first key"] = first
+    return facts

@@ -321,6 +321,57 @@ def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Fa
     return dict(zip(names, out, strict=True))
 
 
+# -- pkey_alloc's rights and limits ----------------------------------------------------------
+
+
+def _pkey_alloc_host() -> HostAnswer:
+    from fpstate.host.process import pkey_alloc_rights
+
+    facts = pkey_alloc_rights()
+    return HostAnswer(facts, (facts["first key"], tuple(facts)))
+
+
+def pkey_alloc_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
+    """The probe of `fpstate.host.process.pkey_alloc_rights` on the model (sys_pkey_alloc /
+    sys_pkey_free; "rights" are the new key's PKRU bits as the thread's register holds them).
+    ``given`` is the first key the host's pkey_alloc gave (the keys below it were taken in the
+    process the probe was forked from) and the names of its answers, in order."""
+    from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_free
+    from fpstate.kernel.x86.signal import read_pkru
+
+    first_key, names = given
+    m = Machine(system, 1)
+    t = user_task(m)
+    keys_taken_before(t, first_key)
+    c = m.cpus[0]
+
+    def rights(key: int) -> int:
+        return read_pkru(c) >> (2 * key) & 3
+
+    def alloc(init_val: int, flags: int = 0) -> int:
+        return m.syscall(0, sys_pkey_alloc, flags, init_val)
+
+    out = [alloc(0, 1), alloc(4)]
+    first = alloc(1)
+    out += [first - first, rights(first)]
+    second = alloc(2)
+    out += [second - first, rights(second)]
+    third = alloc(3)
+    out += [third - first, rights(third)]
+    out += [m.syscall(0, sys_pkey_free, second), rights(second)]
+    again = alloc(0)
+    out += [again - first, rights(again)]
+    out += [m.syscall(0, sys_pkey_free, 16), m.syscall(0, sys_pkey_free, -1)]
+    n, ret = 0, 0
+    while n < 16:
+        ret = alloc(0)
+        if ret < 0:
+            break
+        n += 1
+    out += [n, ret, m.syscall(0, sys_pkey_free, 0), alloc(0), rights(0), first]
+    return dict(zip(names, out, strict=True))
+
+
 CASES: tuple[Case, ...] = (
     Case("xfd/amx-insn-without-xcr0", "#UD -> do_error_trap -> SIGILL/ILL_ILLOPN",
          _amx_insn_host, _amx_insn_model, host_without_amx_reason),
@@ -338,4 +389,7 @@ CASES: tuple[Case, ...] = (
     Case("mprotect/execute-only-key", "do_mprotect_pkey, arch_override_mprotect_pkey, "
          "__execute_only_pkey (the caller's PKRU denies the key), mm_pkey_is_allocated",
          _exec_only_host, exec_only_model, host_pku_reason),
+    Case("pkeys/alloc-rights-and-limits", "sys_pkey_alloc, mm_pkey_alloc, "
+         "arch_set_user_pkey_access (init_val's rights in the caller's PKRU), sys_pkey_free",
+         _pkey_alloc_host, pkey_alloc_model, host_pku_reason),
 )
