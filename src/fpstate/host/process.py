@@ -335,8 +335,8 @@ def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
     one-page mappings A, B and C: mprotect(PROT_EXEC) of A takes the mm's execute-only key and
     denies it in the caller's PKRU; a later one (B) after the thread opened the key denies it
     again; PROT_READ gives A key 0 again; an explicit pkey_mprotect key wins; pkey_free of the
-    execute-only key succeeds and pkey_alloc then hands out the same key, which the next
-    mprotect(PROT_EXEC) (C) still uses and denies. Answers by `EXEC_ONLY_FACTS` (negative:
+    execute-only key is refused (it is not the user's) and pkey_alloc passes it over; the next
+    mprotect(PROT_EXEC) (C) still uses it and denies it. Answers by `EXEC_ONLY_FACTS` (negative:
     -errno). Kernel paths: do_mprotect_pkey, arch_override_mprotect_pkey,
     __execute_only_pkey, arch_set_user_pkey_access (arch/x86/mm/pkeys.c)."""
     import mmap as _mmap
