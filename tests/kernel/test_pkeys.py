@@ -467,3 +467,25 @@ def test_page_protections_fault_kernel_accesses_to_user_memory() -> None:
         mm.read(ALT + 2 * PAGE_SIZE, 1, pkru=0b0100)  # key 1 AD
     mm.write(ALT + 3 * PAGE_SIZE, b"x")
     assert not mm.fits(ALT, 8)  # XSAVE's fast path must not store to the read-only page
+
+
+def test_a_read_only_iovec_is_efault_after_the_regset_was_copied() -> None:
+    """A debugger's const struct iovec (PROT_READ page): ptrace_request() reads it, the
+    regset goes out or in, and __put_user() of iov_len faults -- -EFAULT after the work."""
+    from fpstate.kernel.x86.mm import PROT_READ
+    from fpstate.kernel.x86.pkeys import sys_mprotect
+    from fpstate.kernel.x86.regset import PTRACE_GETREGSET, PTRACE_SETREGSET, sys_ptrace_regset_iov
+
+    tr = Traced()
+    image = bytearray(tr.call(PTRACE_GETREGSET, 16384)[2][:tr.size])
+    image[160:176] = bytes(16)
+    tr.mm.write(tr.buf, bytes(image))
+    tr.mm.write(tr.iov, tr.buf.to_bytes(8, "little") + tr.size.to_bytes(8, "little"))
+    assert tr.m.syscall(0, sys_mprotect, tr.iov, PAGE_SIZE, PROT_READ) == 0
+    assert tr.m.syscall(0, sys_ptrace_regset_iov, tr.tracee, PTRACE_SETREGSET, tr.note,
+                        tr.iov) == -EFAULT
+    assert tr.tracee.fpu.fpstate.regs[160:176] == bytes(16)  # written all the same
+    tr.mm.write(tr.buf, b"\xa5" * 16)
+    assert tr.m.syscall(0, sys_ptrace_regset_iov, tr.tracee, PTRACE_GETREGSET, tr.note,
+                        tr.iov) == -EFAULT
+    assert tr.mm.read(tr.buf, 16) == bytes(image[:16])  # the buffer was written

@@ -272,8 +272,9 @@ class KeyedRegsetCall:
     """One PTRACE_GETREGSET / PTRACE_SETREGSET of `keyed_regset_session`: the tracer's
     protection key is on ``keyed`` (KEYED_IOVEC or KEYED_BUFFER; the other has key 0), and
     the tracer's PKRU gives that key ``rights`` (0 open, 1 AD, 2 WD, 3 both) during the
-    call. ``length`` is iov_len; a SETREGSET's buffer holds the tracee's first NT_X86_XSTATE
-    image, cut to ``length``, with ``edit`` ((offset, bytes), ...) applied."""
+    call; with ``iovec_read_only`` the iovec's page is PROT_READ during the call (a const
+    struct iovec). ``length`` is iov_len; a SETREGSET's buffer holds the tracee's first
+    NT_X86_XSTATE image, cut to ``length``, with ``edit`` ((offset, bytes), ...) applied."""
 
     what: str
     req: int
@@ -282,6 +283,7 @@ class KeyedRegsetCall:
     keyed: str
     rights: int
     edit: tuple[tuple[int, bytes], ...] = ()
+    iovec_read_only: bool = False
 
     def payload(self, image: bytes) -> bytes:
         """The SETREGSET buffer's bytes (empty for a GETREGSET)."""
@@ -316,7 +318,8 @@ def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
     READ_BUFFER bytes for the buffer, then traces a pattern child (`_pattern_tracee`)
     stopped by its own SIGSTOP. For each call it gives the key to the iovec's page or to the
     buffer (pkey_mprotect; key 0 to the other), fills the buffer (`KEYED_FILL`, then a
-    SETREGSET's data), sets its PKRU rights for the key (WRPKRU in machine code), makes the
+    SETREGSET's data), makes the iovec's page read-only if the call says so, sets its PKRU
+    rights for the key (WRPKRU in machine code), makes the
     call (raw syscall), opens the key again and records the errno, iov_len and buffer. Then
     PTRACE_CONT; the tracee XSAVEs what it runs with.
 
@@ -369,6 +372,9 @@ def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
                 buf_map[:] = bytes([KEYED_FILL]) * READ_BUFFER
                 buf_map[:len(data)] = data
                 struct.pack_into("<QQ", iov_map, 0, buf_at, call.length)
+                if call.iovec_read_only and raw_syscall(SYS["mprotect"], iov_at, PAGE,
+                                                        _mmap.PROT_READ):
+                    return 6  # (the next call's pkey_mprotect makes it writable again)
                 code.call(rights_at[call.rights])
                 ret = raw_syscall(SYS["ptrace"], call.req, pid, call.note, iov_at)
                 code.call(rights_at[0])

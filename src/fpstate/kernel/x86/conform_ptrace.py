@@ -39,7 +39,8 @@ from fpstate.kernel.x86.conform import (
     prefixed,
     user_task,
 )
-from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
+from fpstate.kernel.x86.mm import PROT_READ
+from fpstate.kernel.x86.pkeys import sys_mprotect, sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.regset import (
     NT_PRFPREG,
     NT_PRXFPREG,
@@ -399,8 +400,10 @@ _KEYED_RULE = ("ptrace_request (__get_user/__put_user of the iovec), copy_regset
 
 def _keyed_calls(n: int) -> tuple[Any, ...]:
     """The calls of the case, in order (``n``: the host's NT_X86_XSTATE size). Each SETREGSET
-    edits one XMM register of the tracee's first image (XMM0..XMM3 at 160 + 16 * i), so the
-    registers the tracee resumes with say which writes took effect."""
+    edits one XMM register of the tracee's first image (XMM0..XMM4 at 160 + 16 * i), so the
+    read-backs and the registers the tracee resumes with say which writes took effect. The
+    last two keep the iovec in a read-only page (a debugger's const struct iovec): the same
+    __put_user() fault as a key's WD, without protection keys."""
     from fpstate.host.ptrace import KEYED_BUFFER as B
     from fpstate.host.ptrace import KEYED_IOVEC as V
     from fpstate.host.ptrace import KeyedRegsetCall as K
@@ -423,6 +426,11 @@ def _keyed_calls(n: int) -> tuple[Any, ...]:
         K("SET NT_X86_XSTATE XMM2, buffer's key WD", S, X, n, B, 2, xmm(2)),
         K("GET NT_X86_XSTATE after it, keys open", G, X, READ_BUFFER, B, 0),
         K("SET NT_X86_XSTATE XMM3, iovec's key WD", S, X, n, V, 2, xmm(3)),
+        K("GET NT_X86_XSTATE after it, keys open", G, X, READ_BUFFER, B, 0),
+        K("GET NT_X86_XSTATE, iovec read-only", G, X, READ_BUFFER, B, 0,
+          iovec_read_only=True),
+        K("SET NT_X86_XSTATE XMM4, iovec read-only", S, X, n, B, 0, xmm(4),
+          iovec_read_only=True),
     )
 
 
@@ -484,6 +492,8 @@ def keyed_model(system: FpuSystem, g: KeyedGiven) -> Facts:
         if data:
             mm.write(buf, data)
         mm.write(iov, struct.pack("<QQ", buf, call.length))
+        if call.iovec_read_only:  # the next call's pkey_mprotect makes it writable again
+            m.syscall(0, sys_mprotect, iov, 4096, PROT_READ)
         opened = read_pkru(c)  # the tracer's WRPKRUs around the call, in user mode
         c.regs.wrpkru(opened & ~(0b11 << 2 * key) | call.rights << 2 * key)
         ret = m.syscall(0, sys_ptrace_regset_iov, t, call.req, call.note, iov)
