@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fpstate.check import invariants
+from fpstate.check.actions_x86 import component_number
 from fpstate.check.invariants import BUG_INVARIANTS, BY_NAME, INVARIANTS, PREDICATES
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action, StepError
@@ -276,6 +277,35 @@ def test_a_handlers_frame_edit_is_what_sigreturn_must_restore() -> None:
         r = w.step(A("sigreturn", task="p0.t0"))
         assert r.observed["ret"] == 0
         assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])
+
+
+@pytest.mark.parametrize("component", ["avx", "pkru"])
+def test_a_handlers_cleared_xstate_bv_bit_is_the_initial_configuration_after_sigreturn(
+        component: str) -> None:
+    """frame_clear: the handler clears a component's XSTATE_BV bit in its frame; sigreturn's
+    XRSTOR loads the component's initial configuration (AVX zeros; PKRU 0, every key open)
+    and the task expects it. Had the restore taken the frame's bytes (here: the bit set
+    again behind the world's back), no-lost-write reports it."""
+    i = component_number(component)
+    steps = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+             A("write", task="p0.t0", component=component), A("signal", task="p0.t0")]
+    for undo in (False, True):
+        w = world(ZEN4_ONE, steps=steps)
+        t = w.tasks["p0.t0"]
+        lo = w.frames["p0.t0"][-1][0]
+        fp = int.from_bytes(t.process.mm.read(lo + 232, 8), "little")
+        bv = int.from_bytes(t.process.mm.read(fp + 512, 8), "little")
+        assert bv >> i & 1
+        assert not w.step(A("frame_clear", task="p0.t0", component=component)).violations
+        assert int.from_bytes(t.process.mm.read(fp + 512, 8), "little") == bv & ~(1 << i)
+        if undo:
+            t.process.mm.write(fp + 512, bv.to_bytes(8, "little"))
+            w._hashed = None  # changed behind the world's back: its memoised key is stale
+        r = w.step(A("sigreturn", task="p0.t0"))
+        assert r.observed["ret"] == 0
+        assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])
+        if not undo:
+            assert w.m.cpus[0].regs.component(i) == bytes(len(w.m.cpus[0].regs.component(i)))
 
 
 def test_no_frame_write_on_a_keyed_stack_the_handlers_pkru_closes() -> None:

@@ -210,6 +210,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "of its 64-bit frame's XSAVE area and sets its XSTATE_BV bit: sigreturn must "
                "load it (the frame, not the kernel, is the interrupted context's state)",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
+    ActionSpec("frame_clear", "the signal handler clears a component's XSTATE_BV bit in its "
+               "64-bit frame: sigreturn's XRSTOR must load the component's initial "
+               "configuration (for PKRU 0, every key open), whatever the frame holds there",
+               {"task": _TASK, "component": FieldSpec(str, "component short name")}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -737,6 +741,25 @@ class X86World(X86Views, World):
         self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
         return {}
 
+    def do_frame_clear(self, task: str, component: str) -> dict[str, Value]:
+        t = self.task(task)
+        self.user_cpu(t)
+        i = component_number(component)
+        if not self.sigstack[t.comm] or self.frames[t.comm][-1][2] != FRAME_X64:
+            raise StepError(f"task {task} is not in the handler of a 64-bit signal frame")
+        if i not in self._frame_writable(t):
+            raise StepError(f"{component} is not a component {task}'s frame may clear")
+        lo = self.frames[t.comm][-1][0]
+        mm = t.process.mm
+        if not self._frame_open(t, lo):
+            raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
+                            "(the store would fault)")
+        fp = int.from_bytes(mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+        bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
+        mm.write(fp + 512, bv.to_bytes(8, "little"))
+        self.sigstack[t.comm][-1][i] = self.init_values[i]  # what sigreturn must give back
+        return {}
+
     def _frame_writable(self, t: Task) -> tuple[int, ...]:
         """The components a handler's frame edit may set: writable ones the task's fpstate
         carries in its user features, AMX's dynamic state aside (a frame with tile data for a
@@ -976,6 +999,8 @@ class X86World(X86Views, World):
                 "sigreturn": A("sigreturn", task=comm),
                 "frame_writes": {i: A("frame_write", task=comm, component=BY_NUMBER[i].short)
                                  for i in self.writable[2:]},
+                "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
+                                 for i in self.writable[2:]},
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
@@ -1048,7 +1073,9 @@ class X86World(X86Views, World):
                 add(ta["sigreturn"])
                 if self.frames[t.comm][-1][2] == FRAME_X64 \
                         and self._frame_open(t, self.frames[t.comm][-1][0]):
-                    out.extend(ta["frame_writes"][i] for i in self._frame_writable(t))
+                    writable = self._frame_writable(t)
+                    out.extend(ta["frame_writes"][i] for i in writable)
+                    out.extend(ta["frame_clears"][i] for i in writable)
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])

@@ -275,8 +275,8 @@ FIELDS: dict[str, dict[str, str]] = {
         **dict.fromkeys(("tgid", "pasid", "next_mmap", "compat"), "key"),
         "mm": "user memory is read back across steps only in signal frames, which the key "
               "holds (the world's frames); mappings follow from next_mmap and the stacks; "
-              "its protection keys (pkey_allocation_map, the keyed mappings) are keyed with "
-              "the process's fields",
+              "its protection keys (pkey_allocation_map, the keyed mappings), page protections "
+              "and execute-only key are keyed with the process's fields",
         "threads": "membership is each task's tgid; the leader (threads[0]) is keyed by the "
                    "permissions it holds",
         "siglock_holder": "held only inside a step",
