@@ -489,3 +489,21 @@ def test_a_read_only_iovec_is_efault_after_the_regset_was_copied() -> None:
     assert tr.m.syscall(0, sys_ptrace_regset_iov, tr.tracee, PTRACE_GETREGSET, tr.note,
                         tr.iov) == -EFAULT
     assert tr.mm.read(tr.buf, 16) == bytes(image[:16])  # the buffer was written
+
+
+def test_copy_to_user_stops_at_the_first_faulting_page_and_mprotect_merges_back() -> None:
+    """copy_to_user() across two mappings, the second behind a closed key: the bytes before
+    it are stored and the rest reported not copied; a pkey_mprotect that gives the split part
+    its old key back joins the two mappings again (vma_merge)."""
+    mm = UserMemory()
+    mm.map(ALT, 2 * PAGE_SIZE)
+    mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 1)
+    assert mm.regions == {ALT: PAGE_SIZE, ALT + PAGE_SIZE: PAGE_SIZE}
+    at = ALT + PAGE_SIZE - 10
+    assert mm.copy_to_user(at, b"\x11" * 30, pkru=0b0100) == 20  # key 1 AD
+    assert mm.peek(at, 30) == b"\x11" * 10 + bytes(20)
+    assert mm.copy_to_user(at, b"\x22" * 30, pkru=0) == 0
+    assert mm.peek(at, 30) == b"\x22" * 30
+    mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 0)
+    assert mm.regions == {ALT: 2 * PAGE_SIZE} and mm.pkeys == {}
+    assert mm.read(at, 30) == b"\x22" * 30  # one mapping again: a plain access spans it

@@ -265,12 +265,15 @@ KEYED_FILL = 0xA5
 #: Where `KeyedRegsetCall.keyed` puts the protection key: on the page of the struct iovec,
 #: or on the buffer iov_base points to.
 KEYED_IOVEC, KEYED_BUFFER = "iovec", "buffer"
+#: `KeyedRegsetCall.keyed` for a key on the buffer's last page only (the rest has key 0).
+KEYED_LAST_PAGE = "the buffer's last page"
 
 
 @dataclass(frozen=True, slots=True)
 class KeyedRegsetCall:
     """One PTRACE_GETREGSET / PTRACE_SETREGSET of `keyed_regset_session`: the tracer's
-    protection key is on ``keyed`` (KEYED_IOVEC or KEYED_BUFFER; the other has key 0), and
+    protection key is on ``keyed`` (KEYED_IOVEC, KEYED_BUFFER or KEYED_LAST_PAGE; the rest has
+    key 0), iov_base is ``offset`` bytes into the buffer, and
     the tracer's PKRU gives that key ``rights`` (0 open, 1 AD, 2 WD, 3 both) during the
     call; with ``iovec_read_only`` the iovec's page is PROT_READ during the call (a const
     struct iovec). ``length`` is iov_len; a SETREGSET's buffer holds the tracee's first
@@ -284,6 +287,7 @@ class KeyedRegsetCall:
     rights: int
     edit: tuple[tuple[int, bytes], ...] = ()
     iovec_read_only: bool = False
+    offset: int = 0
 
     def payload(self, image: bytes) -> bytes:
         """The SETREGSET buffer's bytes (empty for a GETREGSET)."""
@@ -299,7 +303,7 @@ class KeyedRegsetCall:
 class KeyedRegsetResult:
     errno: int  #: 0 or the call's errno
     iov_len: int  #: the struct iovec's iov_len after the call
-    buffer: bytes  #: the buffer's first ``length`` bytes after the call
+    buffer: bytes  #: the ``length`` bytes at iov_base after the call
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,10 +372,15 @@ def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
                     if raw_syscall(SYS["pkey_mprotect"], at, size, rw,
                                    key if call.keyed == where else 0):
                         return 5
+                last = buf_at + READ_BUFFER - PAGE
+                if call.keyed == KEYED_LAST_PAGE and raw_syscall(
+                        SYS["pkey_mprotect"], last, PAGE, rw, key):
+                    return 5
                 data = call.payload(image)
+                at = call.offset
                 buf_map[:] = bytes([KEYED_FILL]) * READ_BUFFER
-                buf_map[:len(data)] = data
-                struct.pack_into("<QQ", iov_map, 0, buf_at, call.length)
+                buf_map[at:at + len(data)] = data
+                struct.pack_into("<QQ", iov_map, 0, buf_at + at, call.length)
                 if call.iovec_read_only and raw_syscall(SYS["mprotect"], iov_at, PAGE,
                                                         _mmap.PROT_READ):
                     return 6  # (the next call's pkey_mprotect makes it writable again)
@@ -379,7 +388,7 @@ def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
                 ret = raw_syscall(SYS["ptrace"], call.req, pid, call.note, iov_at)
                 code.call(rights_at[0])
                 rows.append((-ret if ret < 0 else 0, struct.unpack_from("<Q", iov_map, 8)[0],
-                             bytes(buf_map[:call.length])))
+                             bytes(buf_map[at:at + call.length])))
             ptrace_call(PTRACE_CONT, pid, 0, 0)
             wait_status(pid, deadline)
             pid = 0

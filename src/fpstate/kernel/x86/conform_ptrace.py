@@ -402,10 +402,13 @@ def _keyed_calls(n: int) -> tuple[Any, ...]:
     """The calls of the case, in order (``n``: the host's NT_X86_XSTATE size). Each SETREGSET
     edits one XMM register of the tracee's first image (XMM0..XMM4 at 160 + 16 * i), so the
     read-backs and the registers the tracee resumes with say which writes took effect. The
-    last two keep the iovec in a read-only page (a debugger's const struct iovec): the same
-    __put_user() fault as a key's WD, without protection keys."""
+    two after them keep the iovec in a read-only page (a debugger's const struct iovec): the
+    same __put_user() fault as a key's WD, without protection keys. The last reads into a
+    buffer that runs into a page whose key the tracer closed: copy_to_user() stores the bytes
+    before that page."""
     from fpstate.host.ptrace import KEYED_BUFFER as B
     from fpstate.host.ptrace import KEYED_IOVEC as V
+    from fpstate.host.ptrace import KEYED_LAST_PAGE as L
     from fpstate.host.ptrace import KeyedRegsetCall as K
 
     G, S, X, F = PTRACE_GETREGSET, PTRACE_SETREGSET, NT_X86_XSTATE, NT_PRFPREG
@@ -431,6 +434,8 @@ def _keyed_calls(n: int) -> tuple[Any, ...]:
           iovec_read_only=True),
         K("SET NT_X86_XSTATE XMM4, iovec read-only", S, X, n, B, 0, xmm(4),
           iovec_read_only=True),
+        K("GET NT_X86_XSTATE 1000 bytes before a page whose key is AD", G, X, 4096, L, 1,
+          offset=READ_BUFFER - 4096 - 1000),
     )
 
 
@@ -441,6 +446,8 @@ class KeyedGiven:
     calls: tuple[Any, ...]  #: fpstate.host.ptrace.KeyedRegsetCall
     fill: int  #: the buffer's bytes before each call (KEYED_FILL)
     iovec: str  #: KEYED_IOVEC, the name of the iovec's page in the calls
+    buffer: str  #: KEYED_BUFFER, the name of the whole buffer
+    last_page: str  #: KEYED_LAST_PAGE, the name of the buffer's last page
 
 
 def _keyed_facts(rows: Sequence[tuple[Any, int, int, bytes]]) -> Facts:
@@ -455,7 +462,13 @@ def _keyed_facts(rows: Sequence[tuple[Any, int, int, bytes]]) -> Facts:
 
 def _keyed_host() -> HostAnswer:
     from fpstate.host.child import host_user_xstate_size
-    from fpstate.host.ptrace import KEYED_FILL, KEYED_IOVEC, keyed_regset_session
+    from fpstate.host.ptrace import (
+        KEYED_BUFFER,
+        KEYED_FILL,
+        KEYED_IOVEC,
+        KEYED_LAST_PAGE,
+        keyed_regset_session,
+    )
 
     calls = _keyed_calls(host_user_xstate_size())
     s = keyed_regset_session(calls)
@@ -465,7 +478,8 @@ def _keyed_host() -> HostAnswer:
     facts["tracee ran after PTRACE_CONT"] = s.after is not None
     if s.after is not None:
         facts.update(prefixed("after", image_registers(host_system(), s.after.raw)))
-    return HostAnswer(facts, KeyedGiven(s.key, s.image, calls, KEYED_FILL, KEYED_IOVEC))
+    return HostAnswer(facts, KeyedGiven(s.key, s.image, calls, KEYED_FILL, KEYED_IOVEC,
+                                        KEYED_BUFFER, KEYED_LAST_PAGE))
 
 
 def keyed_model(system: FpuSystem, g: KeyedGiven) -> Facts:
@@ -486,12 +500,15 @@ def keyed_model(system: FpuSystem, g: KeyedGiven) -> Facts:
     rows = []
     for call in g.calls:
         m.syscall(0, sys_pkey_mprotect, iov, 4096, key if call.keyed == g.iovec else 0)
-        m.syscall(0, sys_pkey_mprotect, buf, READ_BUFFER, 0 if call.keyed == g.iovec else key)
-        mm.write(buf, bytes([g.fill]) * READ_BUFFER)
+        m.syscall(0, sys_pkey_mprotect, buf, READ_BUFFER, key if call.keyed == g.buffer else 0)
+        if call.keyed == g.last_page:
+            m.syscall(0, sys_pkey_mprotect, buf + READ_BUFFER - 4096, 4096, key)
+        base = buf + call.offset
+        mm.copy_to_user(buf, bytes([g.fill]) * READ_BUFFER)  # the tracer's own stores
         data = call.payload(g.image)
         if data:
-            mm.write(buf, data)
-        mm.write(iov, struct.pack("<QQ", buf, call.length))
+            mm.copy_to_user(base, data)
+        mm.write(iov, struct.pack("<QQ", base, call.length))
         if call.iovec_read_only:  # the next call's pkey_mprotect makes it writable again
             m.syscall(0, sys_mprotect, iov, 4096, PROT_READ)
         opened = read_pkru(c)  # the tracer's WRPKRUs around the call, in user mode
@@ -499,7 +516,7 @@ def keyed_model(system: FpuSystem, g: KeyedGiven) -> Facts:
         ret = m.syscall(0, sys_ptrace_regset_iov, t, call.req, call.note, iov)
         c.regs.wrpkru(opened)
         rows.append((call, -ret, int.from_bytes(mm.read(iov + 8, 8), "little"),
-                     mm.read(buf, call.length)))
+                     mm.peek(base, call.length)))
     facts: Facts = {"pkey_alloc": key}
     facts.update(_keyed_facts(rows))
     m.resume(t)

@@ -4,7 +4,9 @@ arch_prctl and sigaltstack buffers, the stacks).
 Split out of `fpstate.kernel.x86.hw` (which re-exports it): what is mapped where, which pages
 are not faulted in yet, and the bytes. Rules of this file:
 - an access lies inside one mapping or faults (`PageFault`, the #PF the callers turn into a
-  fault value or -EFAULT);
+  fault value or -EFAULT), except `copy_to_user`, which goes mapping by mapping and stops
+  at the first faulting page, as the kernel's does; mprotect merges adjacent mappings whose
+  protection and key agree again (vma_merge);
 - a page in ``not_present`` is mapped but not faulted in: an access with page faults disabled
   (pagefault_disable()) fails there, one with page faults enabled (__clear_user,
   fault_in_readable) faults it in;
@@ -195,6 +197,29 @@ class UserMemory:
                         self.pkeys[lo] = key_of
                     if prot_of != PROT_RW:
                         self.prots[lo] = prot_of
+        self._merge(start, end)
+
+    def _merge(self, start: int, end: int) -> None:
+        """vma_merge() after an mprotect of [start, end): adjacent regions there (and their
+        neighbours) with the same protection and key become one, as the kernel merges VMAs
+        whose flags now agree (a pkey_mprotect that put a split part back joins it again)."""
+        for s in sorted(self.regions):
+            n = self.regions.get(s)
+            if n is None or s + n < start or s > end:
+                continue
+            nxt = s + n
+            while nxt in self.regions and self.pkeys.get(nxt, 0) == self.pkeys.get(s, 0) \
+                    and self.prots.get(nxt, PROT_RW) == self.prots.get(s, PROT_RW):
+                n += self.regions.pop(nxt)
+                self.pkeys.pop(nxt, None)
+                self.prots.pop(nxt, None)
+                self.regions[s] = n
+                nxt = s + n
+
+    def peek(self, addr: int, n: int) -> bytes:
+        """The ``n`` bytes at ``addr`` with no check of mappings, protections or keys (what
+        another process reads with process_vm_readv or PTRACE_PEEKDATA; for replays)."""
+        return self._get(addr, n)
 
     def region_at(self, addr: int) -> tuple[int, int] | None:
         """(start, size) of the region holding ``addr``, or None."""
@@ -253,6 +278,25 @@ class UserMemory:
             self._pk(s, addr, True, pkru)
         self._present(addr, n, faults_enabled)
         self._put(addr, data, n)
+
+    def copy_to_user(self, addr: int, data: bytes, *, pkru: int = 0) -> int:
+        """copy_to_user(): store ``data`` at ``addr`` mapping by mapping, stopping at the
+        first byte whose page faults (no mapping, no PROT_WRITE, or a key ``pkru`` denies);
+        the bytes before it stay written, as x86's copy_user fault fixup leaves them. Returns
+        the number of bytes not copied (0: all)."""
+        at, end = addr, addr + len(data)
+        while at < end:
+            hit = self.region_at(at)
+            if hit is None:
+                break
+            s, n = hit
+            upto = min(end, s + n)
+            try:
+                self.write(at, data[at - addr:upto - addr], pkru=pkru)
+            except PageFault:
+                break
+            at = upto
+        return end - at
 
     def fits(self, addr: int, n: int) -> bool:
         """Whether every access inside [addr, addr+n) (n >= 1) would succeed, page faults

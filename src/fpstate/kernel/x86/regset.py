@@ -352,7 +352,8 @@ def ptrace_regset_iov(c: Cpu, target: Task, req: int, note: int, uiov: int,
     Every access to the tracer's memory is its own (copy_to_user() and friends run under the
     tracer's PKRU: a protection key it closed makes them fault): __get_user() of iov_base and
     iov_len (-EFAULT); `ptrace_regset`, whose get result goes out with copy_regset_to_user()'s
-    copy_to_user() (-EFAULT, the buffer not written) and whose set function reads iov_base
+    copy_to_user() (-EFAULT, with the bytes before the faulting page written: a buffer across
+    two mappings, the second closed) and whose set function reads iov_base
     itself (`Ubuf`); on success __put_user() of the clamped iov_len, whose fault is -EFAULT
     after the regset was read out or written -- a write the tracee keeps. Returns 0 or -errno.
     """
@@ -370,11 +371,8 @@ def ptrace_regset_iov(c: Cpu, target: Task, req: int, note: int, uiov: int,
                                                                     pkru=pkru), view)
     if ret:
         return ret
-    if got:  # copy_regset_to_user(): nothing to copy for a get of 0 bytes
-        try:
-            mem.write(base, got, pkru=pkru)
-        except PageFault:
-            return -EFAULT
+    if got and mem.copy_to_user(base, got, pkru=pkru):  # copy_regset_to_user()
+        return -EFAULT  # (the bytes before the faulting page are written)
     try:
         mem.write(uiov + 8, n.to_bytes(8, "little"), pkru=pkru)
     except PageFault:
