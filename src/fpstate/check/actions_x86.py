@@ -718,7 +718,9 @@ class X86World(X86Views, World):
             self.expected[t.comm][PKRU] = pkru_bytes(0)
         return {"fault": fault.vector if fault else "none"}
 
-    def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
+    def _handler_frame(self, task: str, component: str) -> tuple[Task, int, int]:
+        """(task, component number, address of the frame's XSAVE area) for a handler's edit
+        of its 64-bit frame (frame_write, frame_clear); StepError where it may not edit."""
         t = self.task(task)
         self.user_cpu(t)
         i = component_number(component)
@@ -727,11 +729,14 @@ class X86World(X86Views, World):
         if i not in self._frame_writable(t):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
         lo = self.frames[t.comm][-1][0]
-        mm = t.process.mm
         if not self._frame_open(t, lo):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
-        fp = int.from_bytes(mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+        return t, i, int.from_bytes(t.process.mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+
+    def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
+        t, i, fp = self._handler_frame(task, component)
+        mm = t.process.mm
         t.generation += 1
         size = self.m.system.profile.component(i).size
         value = token(t.pid, t.generation, i, size)
@@ -742,19 +747,8 @@ class X86World(X86Views, World):
         return {}
 
     def do_frame_clear(self, task: str, component: str) -> dict[str, Value]:
-        t = self.task(task)
-        self.user_cpu(t)
-        i = component_number(component)
-        if not self.sigstack[t.comm] or self.frames[t.comm][-1][2] != FRAME_X64:
-            raise StepError(f"task {task} is not in the handler of a 64-bit signal frame")
-        if i not in self._frame_writable(t):
-            raise StepError(f"{component} is not a component {task}'s frame may clear")
-        lo = self.frames[t.comm][-1][0]
+        t, i, fp = self._handler_frame(task, component)
         mm = t.process.mm
-        if not self._frame_open(t, lo):
-            raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
-                            "(the store would fault)")
-        fp = int.from_bytes(mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         self.sigstack[t.comm][-1][i] = self.init_values[i]  # what sigreturn must give back
