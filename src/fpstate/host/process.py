@@ -45,6 +45,7 @@ from fpstate.host.child import (
     host_user_xstate_size,
     load_patterns,
     pattern_table,
+    raw_syscall,
     run_child,
     wait_child,
     xsave_image,
@@ -241,6 +242,45 @@ def exec_state(*, seed: int = 0x7F, timeout: float = 20.0) -> ExecRun:
 
 # -- protection keys across fork -------------------------------------------------------------
 
+class _Answers:
+    """The answers of a forked probe, in shared memory: slot n answers ``names[n]`` (None is
+    written as -99), ``extra`` more values follow, then a flag the probe sets when it got to
+    its end (`finish`)."""
+
+    def __init__(self, names: tuple[str, ...], extra: int = 0) -> None:
+        self.names, self.extra, self.next = names, extra, 0
+        self.shm = SharedMemory(8 * (len(names) + extra + 1))
+
+    def put(self, value: int | None, n: int | None = None) -> None:
+        """Answer slot ``n`` (default: the one after the last put in this process)."""
+        n = self.next if n is None else n
+        struct.pack_into("<q", self.shm.mem, 8 * n, -99 if value is None else value)
+        self.next = n + 1
+
+    def finish(self, *extra: int) -> None:
+        at = len(self.names)
+        for k, value in enumerate(extra):
+            struct.pack_into("<q", self.shm.mem, 8 * (at + k), value)
+        struct.pack_into("<q", self.shm.mem, 8 * (at + self.extra), 1)
+
+    def collect(self, ex: ChildExit, what: str) -> tuple[dict[str, int], tuple[int, ...]]:
+        """(answers by name, the extra values); HostUnavailable if the probe did not finish."""
+        words = struct.unpack_from(f"<{len(self.names) + self.extra + 1}q", self.shm.mem)
+        if ex.exit_code != 0 or words[-1] != 1:
+            raise HostUnavailable(f"the {what} probe ended with {ex}")
+        return dict(zip(self.names, words, strict=False)), words[len(self.names):-1]
+
+
+def _pkey_rights_reader(code: CodePages, index: int) -> Callable[[int], int]:
+    """A function giving protection key k's two PKRU bits (AD = 1, WD = 2) as RDPKRU reads
+    them, its code on page ``index`` of ``code``."""
+    read = Asm()
+    read.rdpkru()
+    read.emit(read.In.create(read.C.RETNQ))
+    at = code.place(index, read)
+    return lambda key: code.call(at) >> (2 * key) & 3
+
+
 #: The keys of `pkey_inheritance`'s answer, in the order the probe writes them.
 PKEY_FACTS = ("parent pkey_alloc", "parent mapping ProtectionKey",
               "child mapping ProtectionKey", "child pkey_alloc", "child pkey_free(parent key)",
@@ -272,13 +312,11 @@ def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
     and the allocation map are copied into the child's mm), mm_pkey_free."""
     import mmap as _mmap
 
-    from fpstate.host.child import raw_syscall
-
-    shm = SharedMemory(8 * (len(PKEY_FACTS) + 1))
+    answers = _Answers(PKEY_FACTS)
     rw = _mmap.PROT_READ | _mmap.PROT_WRITE
 
     def put(n: int, value: int | None) -> None:
-        struct.pack_into("<q", shm.mem, 8 * n, -99 if value is None else value)
+        answers.put(value, n)
 
     def body() -> int:
         key = raw_syscall(SYS["pkey_alloc"], 0, 0)
@@ -301,14 +339,10 @@ def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
         os.waitpid(pid, 0)
         put(5, raw_syscall(SYS["pkey_mprotect"], base, PAGE, rw, key))
         put(6, raw_syscall(SYS["pkey_alloc"], 0, 0))
-        put(len(PKEY_FACTS), 1)
+        answers.finish()
         return 0
 
-    ex = run_child(body, timeout)
-    if ex.exit_code != 0 or struct.unpack_from("<q", shm.mem, 8 * len(PKEY_FACTS))[0] != 1:
-        raise HostUnavailable(f"the protection-key fork probe ended with {ex}")
-    return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
-            for n, name in enumerate(PKEY_FACTS)}
+    return answers.collect(run_child(body, timeout), "protection-key fork")[0]
 
 
 # -- the execute-only protection key ---------------------------------------------------------------
@@ -341,28 +375,15 @@ def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
     __execute_only_pkey, arch_set_user_pkey_access (arch/x86/mm/pkeys.c)."""
     import mmap as _mmap
 
-    from fpstate.host.child import Asm, CodePages, raw_syscall
-
-    shm = SharedMemory(8 * (len(EXEC_ONLY_FACTS) + 1))
+    answers = _Answers(EXEC_ONLY_FACTS)
+    put = answers.put
     rw, r, x = _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.PROT_READ, _mmap.PROT_EXEC
-    out: list[int] = []
-
-    def put(value: int | None) -> None:
-        struct.pack_into("<q", shm.mem, 8 * len(out), -99 if value is None else value)
-        out.append(0)
 
     def body() -> int:
         code = CodePages(2)
-        read = Asm()  # RDPKRU; return it
-        read.rdpkru()
-        read.emit(read.In.create(read.C.RETNQ))
-        rdpkru = code.place(0, read)
+        rights = _pkey_rights_reader(code, 0)
         regions = [_mmap.mmap(-1, PAGE, prot=rw) for _ in range(3)]
         a, b, c = (ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in regions)
-
-        def rights(key: int) -> int:
-            return code.call(rdpkru) >> (2 * key) & 3
-
         first = raw_syscall(SYS["pkey_alloc"], 0, 0)  # the lowest free key, given back
         if first < 0 or raw_syscall(SYS["pkey_free"], first):
             return 3
@@ -396,14 +417,10 @@ def execute_only_keys(timeout: float = 20.0) -> dict[str, int]:
         put(raw_syscall(SYS["mprotect"], c, PAGE, x))
         put(smaps_pkey(c))
         put(rights(key))
-        struct.pack_into("<q", shm.mem, 8 * len(EXEC_ONLY_FACTS), 1)
+        answers.finish()
         return 0
 
-    ex = run_child(body, timeout)
-    if ex.exit_code != 0 or struct.unpack_from("<q", shm.mem, 8 * len(EXEC_ONLY_FACTS))[0] != 1:
-        raise HostUnavailable(f"the execute-only key probe ended with {ex}")
-    return {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
-            for n, name in enumerate(EXEC_ONLY_FACTS)}
+    return answers.collect(run_child(body, timeout), "execute-only key")[0]
 
 
 # -- pkey_alloc's rights and limits ----------------------------------------------------------------
@@ -431,24 +448,11 @@ def pkey_alloc_rights(timeout: float = 20.0) -> dict[str, int]:
     relative to the first the probe got, which the process it was forked from decides).
     Kernel paths: sys_pkey_alloc, mm_pkey_alloc, arch_set_user_pkey_access, sys_pkey_free,
     mm_pkey_free (arch/x86/include/asm/pkeys.h, mm/mprotect.c)."""
-    from fpstate.host.child import Asm, CodePages, raw_syscall
-
-    shm = SharedMemory(8 * (len(PKEY_ALLOC_FACTS) + 2))
-    out: list[int] = []
-
-    def put(value: int) -> None:
-        struct.pack_into("<q", shm.mem, 8 * len(out), value)
-        out.append(value)
+    answers = _Answers(PKEY_ALLOC_FACTS, extra=1)
+    put = answers.put
 
     def body() -> int:
-        code = CodePages(1)
-        read = Asm()
-        read.rdpkru()
-        read.emit(read.In.create(read.C.RETNQ))
-        rdpkru = code.place(0, read)
-
-        def rights(key: int) -> int:
-            return code.call(rdpkru) >> (2 * key) & 3
+        rights = _pkey_rights_reader(CodePages(1), 0)
 
         def alloc(init_val: int) -> int:
             return raw_syscall(SYS["pkey_alloc"], 0, init_val)
@@ -484,14 +488,9 @@ def pkey_alloc_rights(timeout: float = 20.0) -> dict[str, int]:
         put(raw_syscall(SYS["pkey_free"], 0))
         put(alloc(0))  # key 0 again, its rights open (init_val 0): the probe keeps running
         put(rights(0))
-        struct.pack_into("<qq", shm.mem, 8 * len(PKEY_ALLOC_FACTS), first, 1)
+        answers.finish(first)
         return 0
 
-    ex = run_child(body, timeout)
-    first, done = struct.unpack_from("<qq", shm.mem, 8 * len(PKEY_ALLOC_FACTS))
-    if ex.exit_code != 0 or done != 1:
-        raise HostUnavailable(f"the pkey_alloc probe ended with {ex}")
-    facts = {name: struct.unpack_from("<q", shm.mem, 8 * n)[0]
-             for n, name in enumerate(PKEY_ALLOC_FACTS)}
+    facts, (first,) = answers.collect(run_child(body, timeout), "pkey_alloc")
     facts["first key"] = first
     return facts
