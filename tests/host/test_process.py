@@ -105,7 +105,7 @@ def test_fork_copies_protection_keys_and_their_allocation() -> None:
     """dup_mmap() copies the keyed mapping with its key and arch_dup_pkeys() the allocation
     map: the child sees the key, allocates the next one, and freeing the parent's key in the
     child leaves it allocated in the parent (the model: conform case inherit/pkeys)."""
-    from fpstate.host.process import pkey_inheritance
+    from fpstate.host.pkeys import pkey_inheritance
     from fpstate.kernel.x86.conform import host_pku_reason
 
     reason = host_pku_reason()

@@ -229,14 +229,14 @@ def amx_inherit_model(system: FpuSystem, given: Any) -> Facts:
 
 
 def _pkey_fork_host() -> HostAnswer:
-    from fpstate.host.process import pkey_inheritance
+    from fpstate.host.pkeys import pkey_inheritance
 
     facts = pkey_inheritance()
     return HostAnswer(facts, facts["parent pkey_alloc"])
 
 
 def pkey_fork_model(system: FpuSystem, first_key: int) -> Facts:
-    """The probe of `fpstate.host.process.pkey_inheritance` on the model: pkey_alloc,
+    """The probe of `fpstate.host.pkeys.pkey_inheritance` on the model: pkey_alloc,
     pkey_mprotect of a two-page mapping, fork (sys_clone: the child's mm is a copy, keys and
     allocation map included), the child's pkey_alloc and pkey_free of the parent's key, then
     the parent's pkey_mprotect with it and its own next pkey_alloc. ``first_key`` is the key
@@ -269,19 +269,19 @@ def pkey_fork_model(system: FpuSystem, first_key: int) -> Facts:
 
 
 def _exec_only_host() -> HostAnswer:
-    from fpstate.host.process import execute_only_keys
+    from fpstate.host.pkeys import execute_only_keys
 
     facts = execute_only_keys()
     return HostAnswer(facts, (facts["A ProtectionKey"], tuple(facts)))
 
 
 def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
-    """The probe of `fpstate.host.process.execute_only_keys` on the model: three one-page
+    """The probe of `fpstate.host.pkeys.execute_only_keys` on the model: three one-page
     mappings A, B, C and the probe's mprotect / pkey_mprotect / pkey_alloc / pkey_free calls,
     the thread's WRPKRU opening the execute-only key in between; "rights" are that key's two
     PKRU bits. ``given`` is the execute-only key the host got (the lowest free one: the keys
     below it were taken in the process the probe was forked from) and the names of the
-    probe's answers (host.process.EXEC_ONLY_FACTS), in order."""
+    probe's answers (host.pkeys.EXEC_ONLY_FACTS), in order."""
     from fpstate.kernel.x86.mm import PROT_EXEC, PROT_READ
     from fpstate.kernel.x86.pkeys import (
         sys_mprotect,
@@ -325,14 +325,14 @@ def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Fa
 
 
 def _pkey_alloc_host() -> HostAnswer:
-    from fpstate.host.process import pkey_alloc_rights
+    from fpstate.host.pkeys import pkey_alloc_rights
 
     facts = pkey_alloc_rights()
     return HostAnswer(facts, (facts["first key"], tuple(facts)))
 
 
 def pkey_alloc_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
-    """The probe of `fpstate.host.process.pkey_alloc_rights` on the model (sys_pkey_alloc /
+    """The probe of `fpstate.host.pkeys.pkey_alloc_rights` on the model (sys_pkey_alloc /
     sys_pkey_free; "rights" are the new key's PKRU bits as the thread's register holds them).
     ``given`` is the first key the host's pkey_alloc gave (the keys below it were taken in the
     process the probe was forked from) and the names of its answers, in order."""
