@@ -507,3 +507,98 @@ def test_copy_to_user_stops_at_the_first_faulting_page_and_mprotect_merges_back(
     mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 0)
     assert mm.regions == {ALT: 2 * PAGE_SIZE} and mm.pkeys == {}
     assert mm.read(at, 30) == b"\x22" * 30  # one mapping again: a plain access spans it
+
+
+def test_accesses_run_through_adjacent_mappings_and_fault_at_the_first_denied_byte() -> None:
+    """User accesses know no VMA boundary: a read or write across two adjacent mappings
+    succeeds when both allow it; otherwise #PF names the first byte whose mapping denies it
+    (CR2), and a faulting write stores nothing. A hole faults at its first byte."""
+    mm = UserMemory()
+    mm.map(ALT, 2 * PAGE_SIZE)
+    mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 1)  # two mappings: key 0, then key 1
+    at = ALT + PAGE_SIZE - 8
+    mm.write(at, b"\x33" * 16, pkru=INIT_PKRU & ~(0b11 << 2))  # key 1 open
+    assert mm.read(at, 16, pkru=0) == b"\x33" * 16
+    with pytest.raises(PageFault) as e:
+        mm.write(at, b"\x44" * 16, pkru=0b10 << 2)  # key 1 WD
+    assert (e.value.addr, e.value.pkey) == (ALT + PAGE_SIZE, 1)
+    assert mm.peek(at, 16) == b"\x33" * 16  # nothing stored, not even the key-0 half
+    assert mm.read(at, 16, pkru=0b10 << 2) == b"\x33" * 16  # WD allows the read
+    with pytest.raises(PageFault) as e:
+        mm.read(at, 16, pkru=0b01 << 2)  # AD
+    assert (e.value.addr, e.value.pkey) == (ALT + PAGE_SIZE, 1)
+    with pytest.raises(PageFault) as e:
+        mm.probe(at, 16, write=True, pkru=0b10 << 2)
+    assert e.value.addr == ALT + PAGE_SIZE
+    # A read-only second mapping: stores fault at its first byte, reads go through.
+    mm.mprotect_fixup(ALT + PAGE_SIZE, PAGE_SIZE, 1, prot=0x1)  # PROT_READ
+    with pytest.raises(PageFault) as e:
+        mm.write(at, bytes(16))
+    assert (e.value.addr, e.value.pkey) == (ALT + PAGE_SIZE, None)
+    assert mm.read(at, 16) == b"\x33" * 16
+    # access_ok() is about the range being mapped, not about one mapping.
+    assert mm.access_ok(at, 16) and not mm.in_one_mapping(at, 16)
+    assert mm.in_one_mapping(at, 8)
+    # A hole after the second mapping: the access faults at the hole's first byte.
+    mm.map(ALT + 3 * PAGE_SIZE, PAGE_SIZE)
+    with pytest.raises(PageFault) as e:
+        mm.read(ALT + 2 * PAGE_SIZE - 4, PAGE_SIZE + 8)
+    assert (e.value.addr, e.value.pkey) == (ALT + 2 * PAGE_SIZE, None)
+    assert not mm.access_ok(ALT + 2 * PAGE_SIZE - 4, PAGE_SIZE + 8)
+
+
+#: Where the split altstack's top lies above its keyed page's start: the frame, a few KiB,
+#: runs down from the keyed top page into the key-0 page below it.
+SPLIT_GAP = 2048
+
+
+def _split_altstack() -> tuple[Machine, Task, int]:
+    """`_closed_altstack`, but only the mapping's top page has key 1 (pkey_mprotect of that
+    page splits the mapping in two) and the altstack ends ``SPLIT_GAP`` bytes into it."""
+    m, t = _task()
+    t.process.mm.map(ALT, ALT_SIZE)
+    size = ALT_SIZE - PAGE_SIZE + SPLIT_GAP
+    assert m.syscall(0, sys_sigaltstack, ALT, size, 0) == 0
+    assert m.syscall(0, sys_pkey_alloc, 0, 0) == 1
+    assert m.syscall(0, sys_pkey_mprotect, ALT + ALT_SIZE - PAGE_SIZE, PAGE_SIZE, 1) == 0
+    t.handlers[SIGUSR1] = SigAction(SA_ONSTACK)
+    pkru = INIT_PKRU | 0b11 << 2
+    m.cpus[0].regs.wrpkru(pkru)
+    return m, t, pkru
+
+
+def test_a_frame_across_a_key_split_of_the_altstack_is_delivered_and_restored() -> None:
+    """get_sigframe() writes the frame with every key open (sig_prepare_pkru), so a frame that
+    runs from the keyed top page into the key-0 page below is delivered whole; a handler that
+    opens its keys returns through it (the real kernel agrees: conform case
+    sigaltstack/pkey-split-deliver)."""
+    m, t, pkru = _split_altstack()
+    sp = t.user_sp
+    m.kill(t, SIGUSR1)
+    mm = t.process.mm
+    keyed = ALT + ALT_SIZE - PAGE_SIZE
+    fp = int.from_bytes(mm.read(t.user_sp + sg.SC_FPSTATE_OFFSET, 8), "little")
+    assert t.state is TaskState.USER and t.user_sp < keyed < fp + t.fpu.fpstate.user_size
+    assert (mm.regions[ALT], mm.regions[keyed]) == (ALT_SIZE - PAGE_SIZE, PAGE_SIZE)
+    off = m.system.profile.component(PKRU).offset
+    assert int.from_bytes(mm.read(fp + off, 4), "little") == pkru
+    m.cpus[0].regs.wrpkru(0)
+    sg.handler_return(t)
+    assert m.syscall(0, sg.sys_rt_sigreturn) == 0
+    assert t.user_sp == sp and _pkru(m) == pkru
+
+
+def test_sigreturn_under_init_pkru_faults_in_the_keyed_part_of_a_split_frame() -> None:
+    """The handler keeps init_pkru_value: restore_sigcontext() reads the sigcontext from the
+    key-0 part and sets the stack pointer back to the interrupted one, then fpu__restore_sig's
+    read of the fpstate faults where it enters the keyed page: badframe, and the forced
+    SIGSEGV (no SA_ONSTACK) goes on the interrupted stack, not the altstack."""
+    m, t, _ = _split_altstack()
+    t.handlers[SIGSEGV] = SigAction()
+    sp = t.user_sp
+    m.kill(t, SIGUSR1)
+    sg.handler_return(t)
+    assert m.syscall(0, sg.sys_rt_sigreturn) == -14  # -EFAULT: badframe
+    mm = t.process.mm
+    assert t.state is TaskState.USER and sp - 65536 < t.user_sp < sp
+    assert int.from_bytes(mm.read(t.user_sp + sg.SIGINFO_OFFSET, 4), "little") == SIGSEGV

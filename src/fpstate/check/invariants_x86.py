@@ -395,7 +395,7 @@ def sigframe_ok(w: Any) -> Iterator[str]:
             if end > ss_sp + ss_size:
                 yield (f"{t.comm}: frame [{frame:#x}, {end:#x}) overflows the sigaltstack "
                        f"[{ss_sp:#x}, {ss_sp + ss_size:#x})")
-        elif not mm.access_ok(frame, end - frame):
+        elif not mm.in_one_mapping(frame, end - frame):
             yield f"{t.comm}: frame [{frame:#x}, {end:#x}) is not inside one mapped stack"
 
 

@@ -3,10 +3,13 @@ arch_prctl and sigaltstack buffers, the stacks).
 
 Split out of `fpstate.kernel.x86.hw` (which re-exports it): what is mapped where, which pages
 are not faulted in yet, and the bytes. Rules of this file:
-- an access lies inside one mapping or faults (`PageFault`, the #PF the callers turn into a
-  fault value or -EFAULT), except `copy_to_user`, which goes mapping by mapping and stops
-  at the first faulting page, as the kernel's does; mprotect merges adjacent mappings whose
-  protection and key agree again (vma_merge);
+- an access may run through several adjacent mappings, as user accesses do (the page tables
+  know no VMA boundary): each mapping's part is checked against that mapping's protection
+  and key, and the first byte that no mapping holds or whose mapping denies the access
+  faults (`PageFault` with that address: CR2, the #PF the callers turn into a fault value
+  or -EFAULT). `read`, `write` and `probe` then store or return nothing; `copy_to_user`
+  stores up to that byte, as the kernel's copy fixup leaves it. mprotect merges adjacent
+  mappings whose protection and key agree again (vma_merge);
 - a page in ``not_present`` is mapped but not faulted in: an access with page faults disabled
   (pagefault_disable()) fails there, one with page faults enabled (__clear_user,
   fault_in_readable) faults it in;
@@ -54,10 +57,11 @@ PROT_RW = PROT_READ | PROT_WRITE  #: what every mapping of the model starts with
 class UserMemory:
     """A process's user address space, as far as the FPU code touches it.
 
-    ``regions`` maps a start address to its size in bytes: an access must lie inside one
-    region. Their contents are ``pages`` (page number -> its 4096 bytes) for the pages ever
-    written to; a page never written reads as zeros, as anonymous memory does (so a fork, an
-    exec or a checker's clone copies only what was written, not every mapped stack). Pages in
+    ``regions`` maps a start address to its size in bytes: an access must lie inside
+    regions that follow one another without a hole. Their contents are ``pages`` (page
+    number -> its 4096 bytes) for the pages ever written to; a page never written reads as
+    zeros, as anonymous memory does (so a fork, an exec or a checker's clone copies only what
+    was written, not every mapped stack). Pages in
     ``not_present`` are mapped but not yet faulted in: an access with page faults disabled
     fails, an access with page faults enabled (the kernel's __clear_user / fault_in_readable)
     faults them in.
@@ -123,9 +127,46 @@ class UserMemory:
                 return s
         raise PageFault(addr)
 
+    def _parts(self, addr: int, n: int) -> tuple[tuple[int, int], ...]:
+        """(region start, first address in it) of each region that [addr, addr+n) runs
+        through, in address order; #PF at the first byte no region holds. One region when
+        the range lies in one (the common case, looked up first)."""
+        for s, size in self.regions.items():
+            if s <= addr and addr + n <= s + size:
+                return ((s, addr),)
+        if n <= 0:
+            raise PageFault(addr)
+        parts = []
+        at, end = addr, addr + n
+        while at < end:
+            hit = self.region_at(at)
+            if hit is None:
+                raise PageFault(at)
+            parts.append((hit[0], at))
+            at = hit[0] + hit[1]
+        return tuple(parts)
+
+    def _check(self, addr: int, n: int, write: bool, pkru: int) -> tuple[tuple[int, int], ...]:
+        """The page-table and protection-key checks of an access to [addr, addr+n), part by
+        part (`_parts`): #PF at the first part its mapping denies."""
+        parts = self._parts(addr, n)
+        if self.prots:
+            for s, a in parts:
+                self._prot(s, a, write)
+        if pkru and self.pkeys:
+            for s, a in parts:
+                self._pk(s, a, write, pkru)
+        return parts
+
     def access_ok(self, addr: int, n: int) -> bool:
-        """Whether [addr, addr+n) is mapped (the kernel's access_ok() checks only the range
-        against TASK_SIZE; an unmapped range then faults at the access itself)."""
+        """Whether [addr, addr+n) is mapped, in one mapping or several adjacent ones (the
+        kernel's access_ok() checks only the range against TASK_SIZE; an unmapped range then
+        faults at the access itself)."""
+        return self.mapped(addr, n) if n > 0 else self.region_at(addr) is not None
+
+    def in_one_mapping(self, addr: int, n: int) -> bool:
+        """Whether [addr, addr+n) lies inside one mapping (a stack, for the checker's
+        frame-placement rule)."""
         try:
             self._locate(addr, n)
         except PageFault:
@@ -169,11 +210,7 @@ class UserMemory:
         """What `read` (``write`` False) or `write` checks, without the bytes: #PF
         (`PageFault`) where the access would fault, and the pages it would fault in are
         faulted in."""
-        s = self._locate(addr, n)
-        if self.prots:
-            self._prot(s, addr, write)
-        if pkru and self.pkeys:
-            self._pk(s, addr, write, pkru)
+        self._check(addr, n, write, pkru)
         self._present(addr, n, faults_enabled)
 
     def mprotect_fixup(self, start: int, size: int, key: int, prot: int = PROT_RW) -> None:
@@ -258,24 +295,22 @@ class UserMemory:
         return bytes(out)
 
     def read(self, addr: int, n: int, *, faults_enabled: bool = True, pkru: int = 0) -> bytes:
-        s = self._locate(addr, n)
-        if self.prots:
-            self._prot(s, addr, False)
-        if pkru and self.pkeys:
-            self._pk(s, addr, False, pkru)
+        """The ``n`` bytes at ``addr`` (copy_from_user, get_user, XRSTOR's loads), or #PF
+        (`PageFault`) at the first byte whose mapping, protection or key (under ``pkru``)
+        denies the read (see the module docstring)."""
+        parts = self._check(addr, n, False, pkru)
         self._present(addr, n, faults_enabled)
         if n < 0:  # a slice of the region's bytes ending before its start, as Python has it
+            s = parts[0][0]
             return bytes(self._get(s, self.regions[s])[addr - s:addr - s + n])
         return self._get(addr, n)
 
     def write(self, addr: int, data: bytes, *, faults_enabled: bool = True,
               pkru: int = 0) -> None:
+        """Store ``data`` at ``addr`` (put_user, XSAVE's stores, __clear_user), or #PF at the
+        first byte whose mapping denies the store, with nothing stored."""
         n = len(data)
-        s = self._locate(addr, n)
-        if self.prots:
-            self._prot(s, addr, True)
-        if pkru and self.pkeys:
-            self._pk(s, addr, True, pkru)
+        self._check(addr, n, True, pkru)
         self._present(addr, n, faults_enabled)
         self._put(addr, data, n)
 
