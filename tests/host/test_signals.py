@@ -431,6 +431,10 @@ def test_pkey_probe_arguments_are_checked() -> None:
         raise_signal(pkey_rights=3)
     with pytest.raises(FpstateError, match="handler_pkeys is 'open' or 'closed'"):
         raise_signal(altstack_size=16384, pkey_rights=3, handler_pkeys="ajar")
+    with pytest.raises(FpstateError, match="split_gap needs pkey_rights"):
+        raise_signal(altstack_size=16384, split_gap=1024)
+    with pytest.raises(FpstateError, match=r"lies in 1\.\.4096, not 0"):
+        raise_signal(altstack_size=16384, pkey_rights=3, split_gap=0)
 
 
 def test_kernel_writes_the_frame_on_an_altstack_whose_key_the_code_closed(pku) -> None:

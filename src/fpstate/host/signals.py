@@ -398,7 +398,7 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
                  altstack_size: int | None = None, init_mask: int = 0,
                  prelude: Callable[[Asm], None] | None = None,
                  pkey_rights: int | None = None, handler_pkeys: str = "open",
-                 timeout: float = 20.0) -> SignalRun:
+                 split_gap: int | None = None, timeout: float = 20.0) -> SignalRun:
     """Raise SIGUSR1 with kill(getpid()) over pattern registers (seed ``seed``) in a forked
     child, capture the frame the kernel built, apply ``patches`` to it and sigreturn.
 
@@ -423,11 +423,19 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
     usual) or "closed" (records its entry registers and returns without touching its stack,
     so that rt_sigreturn reads the frame under that PKRU). The SIGSEGV handler opens every key.
 
+    With ``split_gap`` (and ``pkey_rights``) only the mapping's top page gets the key (the
+    pkey_mprotect splits the mapping in two) and the altstack ends ``split_gap`` bytes above
+    that page's start, so a frame larger than ``split_gap`` runs from the keyed page down into
+    the key-0 page below it.
+
     Kernel path: get_sigframe / copy_fpstate_to_sigframe on delivery, fpu__restore_sig on
     rt_sigreturn (arch/x86/kernel/fpu/signal.c).
     """
     if pkey_rights is not None and altstack_size is None:
         raise FpstateError("raise_signal: pkey_rights needs an altstack (altstack_size)")
+    if split_gap is not None and (pkey_rights is None or not 0 < split_gap <= PAGE):
+        raise FpstateError(f"raise_signal: split_gap needs pkey_rights and lies in 1..{PAGE}, "
+                           f"not {split_gap!r}")
     if handler_pkeys not in ("open", "closed"):
         raise FpstateError(f"raise_signal: handler_pkeys is 'open' or 'closed', "
                            f"not {handler_pkeys!r}")
@@ -453,13 +461,16 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
             region = mmap.mmap(-1, span, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             base = ctypes.addressof(ctypes.c_char.from_buffer(region))
             top = base + span
+            if split_gap is not None:  # the altstack ends split_gap bytes into the top page
+                top -= PAGE - split_gap
             ss = (ctypes.c_uint64 * 3)(top - altstack_size, 0, altstack_size)
             if raw_syscall(SYS["sigaltstack"], ctypes.addressof(ss), 0) != 0:
                 return 3
             flags |= SA_ONSTACK
             if keyed:
                 key = raw_syscall(SYS["pkey_alloc"], 0, 0)
-                if key < 0 or raw_syscall(SYS["pkey_mprotect"], base, span,
+                lo = base if split_gap is None else base + span - PAGE
+                if key < 0 or raw_syscall(SYS["pkey_mprotect"], lo, base + span - lo,
                                           mmap.PROT_READ | mmap.PROT_WRITE, key) != 0:
                     return 7
                 struct.pack_into("<QQ", shm.mem, lay.pkey_info, key, top - altstack_size)

@@ -38,6 +38,7 @@ from fpstate.kernel.x86.conform import (
     show,
     user_task,
 )
+from fpstate.kernel.x86.mm import PAGE_SIZE
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.sched import (
     SA_IA32_ABI,
@@ -103,6 +104,9 @@ class SignalGiven:
     #: What the handler does with its entry PKRU before it returns (`raise_signal`'s
     #: ``handler_pkeys``): "open" (WRPKRU 0) or "closed" (nothing).
     handler_pkeys: str = "open"
+    #: When not 0: only the mapping's top page has ``pkey``, and the altstack ends this many
+    #: bytes above that page's start (`raise_signal`'s ``split_gap``).
+    split_gap: int = 0
 
 
 def _u(raw: bytes, off: int, fmt: str = "<Q") -> int:
@@ -153,12 +157,14 @@ def model_deliver(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
     ss_sp, ss_flags, ss_size = g.sas
     if g.onstack:
         lo = ss_sp & ~0xFFF
-        t.process.mm.map(lo, ss_sp + ss_size - lo)
+        top = ss_sp + ss_size + (PAGE_SIZE - g.split_gap if g.split_gap else 0)
+        t.process.mm.map(lo, top - lo)
         if g.pkey:
             keys_taken_before(t, g.pkey)  # the registers' PKRU then decides the rights
             key = m.syscall(0, sys_pkey_alloc, 0, 0)
             assert key == g.pkey, (key, g.pkey)
-            assert m.syscall(0, sys_pkey_mprotect, lo, ss_sp + ss_size - lo, key) == 0
+            keyed = top - PAGE_SIZE if g.split_gap else lo
+            assert m.syscall(0, sys_pkey_mprotect, keyed, top - keyed, key) == 0
     if ss_size:  # the probe's, or one the host process had (pytest's faulthandler installs one)
         m.syscall(0, sys_sigaltstack, ss_sp, ss_size, ss_flags)
     if g.amx_permitted:
@@ -413,33 +419,40 @@ def _segv_model(system: FpuSystem, g: SignalGiven) -> Facts:
 #: The altstack of the protection-key cases, and what the interrupted code denies its key.
 PKEY_ALTSTACK_SIZE = 16384
 PKEY_DENIED = 0x3  #: AD | WD: neither read nor written under the interrupted code's PKRU
+#: The split cases' altstack ends this far into its keyed top page: smaller than any frame,
+#: so the frame runs down into the key-0 page below (`raise_signal`'s ``split_gap``).
+PKEY_SPLIT_GAP = 1024
 
 
-def _pkey_run(handler_pkeys: str) -> tuple[Any, SignalGiven]:
-    """raise_signal with a key-protected altstack that the interrupted code has closed, and
-    what the model replays of it (the registers, the stack pointer at kill(), the altstack
-    and its key)."""
+def _pkey_run(handler_pkeys: str, split_gap: int = 0) -> tuple[Any, SignalGiven]:
+    """raise_signal with a key-protected altstack that the interrupted code has closed (with
+    ``split_gap``: only its mapping's top page, `raise_signal`), and what the model replays of
+    it (the registers, the stack pointer at kill(), the altstack and its key)."""
     from fpstate.host.signals import raise_signal
 
     run = raise_signal(altstack_size=PKEY_ALTSTACK_SIZE, pkey_rights=PKEY_DENIED,
-                       handler_pkeys=handler_pkeys)
+                       handler_pkeys=handler_pkeys, split_gap=split_gap or None)
     if not run.pkey or not run.kill_sp or not run.altstack_sp:  # the child's pkey calls failed
         from fpstate.errors import HostUnavailable
 
         raise HostUnavailable(f"the protection-key probe child did not get a key ({run.exit})")
     given = SignalGiven(run.before.raw, run.kill_sp, (run.altstack_sp, 0, PKEY_ALTSTACK_SIZE),
-                        onstack=True, pkey=run.pkey, handler_pkeys=handler_pkeys)
+                        onstack=True, pkey=run.pkey, handler_pkeys=handler_pkeys,
+                        split_gap=split_gap)
     return run, given
 
 
-def _pkey_delivery_host() -> HostAnswer:
-    run, given = _pkey_run("open")
-    return HostAnswer(_host_delivery_facts(run), given)
-
-
-def _pkey_sigreturn_host(handler_pkeys: str) -> Any:
+def _pkey_delivery_host(split_gap: int = 0) -> Any:
     def host() -> HostAnswer:
-        run, given = _pkey_run(handler_pkeys)
+        run, given = _pkey_run("open", split_gap)
+        return HostAnswer(_host_delivery_facts(run), given)
+
+    return host
+
+
+def _pkey_sigreturn_host(handler_pkeys: str, split_gap: int = 0) -> Any:
+    def host() -> HostAnswer:
+        run, given = _pkey_run(handler_pkeys, split_gap)
         if run.sigreturn_ok and run.after is not None:
             facts: Facts = {"outcome": "restored",
                             **prefixed("after", image_registers(host_system(), run.after.raw))}
@@ -702,7 +715,7 @@ CASES: tuple[Case, ...] = (
       for name, rows in SIGRETURN_ROWS.items()),
     Case("sigaltstack/sizes", "do_sigaltstack, sigaltstack_size_valid", _altstack_host,
          _altstack_model),
-    Case("sigaltstack/pkey-closed-deliver", _PKEY_RULE, _pkey_delivery_host, delivery_model,
+    Case("sigaltstack/pkey-closed-deliver", _PKEY_RULE, _pkey_delivery_host(), delivery_model,
          host_pku_reason),
     Case("sigreturn/pkey-closed-handler-opens", _PKEY_RULE + "; rt_sigreturn under the "
          "handler's PKRU (it opened every key)", _pkey_sigreturn_host("open"),
@@ -710,6 +723,17 @@ CASES: tuple[Case, ...] = (
     Case("sigreturn/pkey-closed-handler-keeps", "rt_sigreturn reads the frame under the "
          "handler's PKRU (init_pkru_value closes the altstack's key): badframe, "
          "force_sig(SIGSEGV) on the altstack", _pkey_sigreturn_host("closed"),
+         pkey_sigreturn_model, host_pku_reason),
+    Case("sigaltstack/pkey-split-deliver", _PKEY_RULE + "; the frame runs through two "
+         "mappings (the keyed top page and the key-0 one below)",
+         _pkey_delivery_host(PKEY_SPLIT_GAP), delivery_model, host_pku_reason),
+    Case("sigreturn/pkey-split-handler-opens", "rt_sigreturn reads a frame that runs through "
+         "two mappings, under the handler's PKRU (it opened every key)",
+         _pkey_sigreturn_host("open", PKEY_SPLIT_GAP), pkey_sigreturn_model, host_pku_reason),
+    Case("sigreturn/pkey-split-handler-keeps", "rt_sigreturn under init_pkru_value: "
+         "restore_sigcontext reads the key-0 part (regs->sp back to the interrupted stack), "
+         "fpu__restore_sig faults in the keyed page: badframe, force_sig(SIGSEGV) on the "
+         "interrupted stack", _pkey_sigreturn_host("closed", PKEY_SPLIT_GAP),
          pkey_sigreturn_model, host_pku_reason),
     Case("sigaltstack/amx-enospc-enomem", "validate_sigaltstack, sigaltstack_size_valid",
          _amx_altstack_host, _amx_altstack_model, host_amx_reason),
