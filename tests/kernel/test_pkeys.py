@@ -91,7 +91,13 @@ def test_pkey_mprotect_rules_and_vma_split() -> None:
     key = m.syscall(0, sys_pkey_alloc, 0, 0)
     assert m.syscall(0, sys_pkey_mprotect, ALT + 1, PAGE_SIZE, key) == -EINVAL  # unaligned
     assert m.syscall(0, sys_pkey_mprotect, ALT, 0, key) == 0 and not mm.pkeys  # nothing to do
+    # A range that starts in a hole is refused at once; one that runs past the mapping is
+    # refused after the mapping was changed (do_mprotect_pkey's final tmp < end), which stays.
+    assert m.syscall(0, sys_pkey_mprotect, ALT - PAGE_SIZE, 2 * PAGE_SIZE, key) == -ENOMEM
+    assert mm.pkeys == {}
     assert m.syscall(0, sys_pkey_mprotect, ALT, ALT_SIZE + 1, key) == -ENOMEM  # past the map
+    assert mm.pkeys == {ALT: key}
+    assert m.syscall(0, sys_pkey_mprotect, ALT, ALT_SIZE, 0) == 0 and mm.pkeys == {}
     # The middle two pages: the mapping is split in three, the middle one keyed; a length
     # that is not a page multiple covers its last page.
     assert m.syscall(0, sys_pkey_mprotect, ALT + PAGE_SIZE, PAGE_SIZE + 1, key) == 0
@@ -426,9 +432,14 @@ def test_mprotect_errors_and_a_cpu_without_protection_keys() -> None:
     m, t, a, _ = _exec_setup()
     assert m.syscall(0, sys_mprotect, a + 1, PAGE_SIZE, PROT_EXEC) == -EINVAL
     assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, 0x10) == -EINVAL  # unknown PROT_* bit
-    assert m.syscall(0, sys_mprotect, a, 3 * PAGE_SIZE, PROT_EXEC) == -ENOMEM  # a hole
     assert m.syscall(0, sys_mprotect, a, 0, PROT_EXEC) == 0
     assert t.process.mm.pkeys == {} and t.process.mm.execute_only_pkey == -1
+    # A hole after a: -ENOMEM, but a was made execute-only first, and the caller's PKRU denies
+    # the key it took (the real kernel agrees: conform case mprotect/over-a-hole).
+    assert t.process.mm.region_at(a + PAGE_SIZE) is None
+    assert m.syscall(0, sys_mprotect, a, 3 * PAGE_SIZE, PROT_EXEC) == -ENOMEM
+    assert t.process.mm.pkeys == {a: 1} and t.process.mm.execute_only_pkey == 1
+    assert _pkru(m) >> 2 & 3 == PKEY_DISABLE_ACCESS
     m, t, a, _ = _exec_setup("haswell")  # no PKU: execute-only is plain PROT_EXEC
     assert m.syscall(0, sys_mprotect, a, PAGE_SIZE, PROT_EXEC) == 0
     assert t.process.mm.pkeys == {} and t.process.mm.execute_only_pkey == -1

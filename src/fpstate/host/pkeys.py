@@ -89,6 +89,17 @@ def smaps_pkey(address: int) -> int | None:
     return None
 
 
+def maps_prot(address: int) -> int | None:
+    """The PROT_* bits (PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4) of the mapping that starts at
+    ``address``, from its permissions in /proc/self/maps, or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            if int(span.split("-")[0], 16) == address:
+                return sum(bit for ch, bit in zip(perms[:3], (1, 2, 4), strict=True) if ch != "-")
+    return None
+
+
 def pkey_inheritance(timeout: float = 20.0) -> dict[str, int]:
     """A protection key across fork, on the real kernel. In a forked child: pkey_alloc(0, 0),
     a two-page mapping given the key (pkey_mprotect), then fork; the new process reads the
@@ -281,3 +292,63 @@ def pkey_alloc_rights(timeout: float = 20.0) -> dict[str, int]:
     facts, (first,) = answers.collect(run_child(body, timeout), "pkey_alloc")
     facts["first key"] = first
     return facts
+
+
+# -- mprotect over a hole ----------------------------------------------------------------------
+
+#: The keys of `mprotect_over_hole`'s answer, in the order the probe writes them. A is a
+#: one-page mapping, then a one-page hole, then C, two pages (with a hole on either side of
+#: the whole, so that no neighbour merges with them); "key" is the key the probe allocated.
+HOLE_FACTS = (
+    "pkey_alloc", "pkey_mprotect(A..C, key)", "A ProtectionKey after it",
+    "C ProtectionKey after it", "pkey_mprotect(hole..C, key)", "C ProtectionKey after that",
+    "mprotect(A + hole, PROT_EXEC)", "A ProtectionKey after PROT_EXEC",
+    "rights of A's key after PROT_EXEC", "mprotect(A..C, PROT_READ)",
+    "A ProtectionKey after PROT_READ", "A PROT_* after PROT_READ", "C PROT_* after PROT_READ",
+)
+
+
+def mprotect_over_hole(timeout: float = 20.0) -> dict[str, int]:
+    """mprotect(2) and pkey_mprotect(2) over a range with a hole, on the real kernel, in a
+    forked child: do_mprotect_pkey() changes the mappings it meets before the hole and only
+    then returns ENOMEM (the changes stay), refuses at once a range whose start lies in a
+    hole, and for PROT_EXEC alone writes the caller's PKRU (the execute-only key's AD) even
+    when it returns ENOMEM. Answers by `HOLE_FACTS` (negative: -errno; keys absolute;
+    protections as /proc/self/maps shows them).
+    Kernel paths: do_mprotect_pkey (its vma_find, the ``vma->vm_start != tmp`` break and
+    the final ``tmp < end``), arch_override_mprotect_pkey, mprotect_fixup."""
+    import mmap as _mmap
+
+    answers = _Answers(HOLE_FACTS)
+    put = answers.put
+    rw, r, x = _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.PROT_READ, _mmap.PROT_EXEC
+
+    def body() -> int:
+        rights = _pkey_rights_reader(CodePages(1), 0)
+        region = _mmap.mmap(-1, 6 * PAGE, prot=rw)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        a, hole, c = base + PAGE, base + 2 * PAGE, base + 3 * PAGE
+        for gap in (base, hole, base + 5 * PAGE):  # guards below A and above C, and the hole
+            if raw_syscall(SYS["munmap"], gap, PAGE) != 0:
+                return 3
+        key = raw_syscall(SYS["pkey_alloc"], 0, 0)
+        put(key)
+        if key <= 0:
+            return 4
+        put(raw_syscall(SYS["pkey_mprotect"], a, 4 * PAGE, rw, key))
+        put(smaps_pkey(a))
+        put(smaps_pkey(c))
+        put(raw_syscall(SYS["pkey_mprotect"], hole, 3 * PAGE, rw, key))
+        put(smaps_pkey(c))
+        put(raw_syscall(SYS["mprotect"], a, 2 * PAGE, x))
+        got = smaps_pkey(a)
+        put(got)
+        put(rights(got) if got is not None else None)
+        put(raw_syscall(SYS["mprotect"], a, 4 * PAGE, r))
+        put(smaps_pkey(a))
+        put(maps_prot(a))
+        put(maps_prot(c))
+        answers.finish()
+        return 0
+
+    return answers.collect(run_child(body, timeout), "mprotect over a hole")[0]

@@ -321,6 +321,49 @@ def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Fa
     return dict(zip(names, out, strict=True))
 
 
+# -- mprotect over a hole ------------------------------------------------------------------------
+
+
+def _hole_host() -> HostAnswer:
+    from fpstate.host.pkeys import mprotect_over_hole
+
+    facts = mprotect_over_hole()
+    return HostAnswer(facts, (facts["pkey_alloc"], tuple(facts)))
+
+
+#: Where the model puts the probe's pages (a guard page, A, the hole, C's two pages, a guard).
+HOLE_BASE = 0x7E00_0000_0000
+
+
+def hole_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
+    """The probe of `fpstate.host.pkeys.mprotect_over_hole` on the model: A (one page), a
+    one-page hole, C (two pages), and the probe's pkey_mprotect / mprotect calls over them.
+    ``given`` is the key the host's pkey_alloc gave (the keys below it were taken in the
+    process the probe was forked from) and the names of the probe's answers, in order."""
+    from fpstate.kernel.x86.mm import PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_RW
+    from fpstate.kernel.x86.pkeys import sys_mprotect, sys_pkey_alloc, sys_pkey_mprotect
+    from fpstate.kernel.x86.signal import read_pkru
+
+    first_key, names = given
+    m = Machine(system, 1)
+    t = user_task(m)
+    keys_taken_before(t, first_key)
+    c, mm = m.cpus[0], t.process.mm
+    a, hole, cc = HOLE_BASE + PAGE_SIZE, HOLE_BASE + 2 * PAGE_SIZE, HOLE_BASE + 3 * PAGE_SIZE
+    mm.map(a, PAGE_SIZE)
+    mm.map(cc, 2 * PAGE_SIZE)
+    key = m.syscall(0, sys_pkey_alloc, 0, 0)
+    out = [key, m.syscall(0, sys_pkey_mprotect, a, 4 * PAGE_SIZE, key),
+           mm.pkeys.get(a, 0), mm.pkeys.get(cc, 0),
+           m.syscall(0, sys_pkey_mprotect, hole, 3 * PAGE_SIZE, key), mm.pkeys.get(cc, 0),
+           m.syscall(0, sys_mprotect, a, 2 * PAGE_SIZE, PROT_EXEC)]
+    got = mm.pkeys.get(a, 0)
+    out += [got, read_pkru(c) >> (2 * got) & 3,
+            m.syscall(0, sys_mprotect, a, 4 * PAGE_SIZE, PROT_READ), mm.pkeys.get(a, 0),
+            mm.prots.get(a, PROT_RW), mm.prots.get(cc, PROT_RW)]
+    return dict(zip(names, out, strict=True))
+
+
 # -- pkey_alloc's rights and limits ----------------------------------------------------------
 
 
@@ -389,6 +432,10 @@ CASES: tuple[Case, ...] = (
     Case("mprotect/execute-only-key", "do_mprotect_pkey, arch_override_mprotect_pkey, "
          "__execute_only_pkey (the caller's PKRU denies the key), mm_pkey_is_allocated",
          _exec_only_host, exec_only_model, host_pku_reason),
+    Case("mprotect/over-a-hole", "do_mprotect_pkey: vma_find (a start in a hole: ENOMEM at "
+         "once), the vm_start != tmp break and tmp < end (ENOMEM after the mappings before "
+         "the hole changed), arch_override_mprotect_pkey (the execute-only key's PKRU write "
+         "stays)", _hole_host, hole_model, host_pku_reason),
     Case("pkeys/alloc-rights-and-limits", "sys_pkey_alloc, mm_pkey_alloc, "
          "arch_set_user_pkey_access (init_val's rights in the caller's PKRU), sys_pkey_free",
          _pkey_alloc_host, pkey_alloc_model, host_pku_reason),

@@ -17,9 +17,10 @@ calling thread's PKRU gets access-disable for it -- a write of XSAVE component 9
 thread did not ask for, made by a system call that is not about the FPU. Other threads keep
 their PKRU (init_pkru_value already denies every key but 0).
 
-Not modelled: mmap(PROT_EXEC) (the model's mmap makes read-write mappings),
-PROT_GROWSDOWN/UP, and the partial change do_mprotect_pkey() leaves when it meets a hole after
-changing the first mappings (here -ENOMEM changes nothing).
+A range with a hole is changed up to the hole and then refused (-ENOMEM): the mappings
+before it keep their new protection and key, and the PKRU an execute-only key wrote stays.
+
+Not modelled: mmap(PROT_EXEC) (the model's mmap makes read-write mappings), PROT_GROWSDOWN/UP.
 """
 
 from __future__ import annotations
@@ -183,10 +184,12 @@ def arch_override_mprotect_pkey(c: Cpu, start: int, old_prot: int, old_key: int,
 def do_mprotect_pkey(c: Cpu, start: int, length: int, prot: int, pkey: int) -> int:
     """do_mprotect_pkey() (mm/mprotect.c): -EINVAL for a start not page aligned or unknown
     PROT_* bits (arch_validate_prot), 0 for length 0, -EINVAL for a key (other than -1) not
-    allocated, -ENOMEM when [start, start + length rounded up to pages) is not mapped
-    throughout; else each mapping there gets ``prot`` and the key
-    `arch_override_mprotect_pkey` picks for it (split at the range's ends, as
-    mprotect_fixup() splits VMAs)."""
+    allocated, -ENOMEM at once when ``start`` lies in no mapping (vma_find, ``vma->vm_start >
+    start``). Otherwise each mapping of [start, start + length rounded up to pages) gets, in
+    address order, ``prot`` and the key `arch_override_mprotect_pkey` picks for it (split at
+    the range's ends, as mprotect_fixup() splits VMAs) until a hole: then -ENOMEM, the
+    mappings before the hole keeping their change (the loop's ``vma->vm_start != tmp`` break,
+    or ``tmp < end`` after it), and so does the PKRU an execute-only key wrote."""
     if start % PAGE_SIZE:
         return -EINVAL
     if not length:
@@ -198,12 +201,13 @@ def do_mprotect_pkey(c: Cpu, start: int, length: int, prot: int, pkey: int) -> i
     if pkey != -1 and not mm_pkey_is_allocated(c, pkey):
         return -EINVAL
     mm = c.current.process.mm
-    if not mm.mapped(start, length):
-        return -ENOMEM
     end = start + length
     at = start
     while at < end:
-        s, n = mm.region_at(at)  # type: ignore[misc]  (mapped throughout)
+        hit = mm.region_at(at)
+        if hit is None:
+            return -ENOMEM
+        s, n = hit
         key = arch_override_mprotect_pkey(c, s, mm.prots.get(s, PROT_RW), mm.pkeys.get(s, 0),
                                           prot, pkey)
         upto = min(s + n, end)
@@ -223,9 +227,9 @@ def sys_mprotect(c: Cpu, start: int, length: int, prot: int) -> KPath:
 def sys_pkey_mprotect(c: Cpu, start: int, length: int, pkey: int,
                       prot: int = PROT_RW) -> KPath:
     """pkey_mprotect(2) (do_mprotect_pkey with the key; read-write unless ``prot`` says
-    otherwise): -EINVAL for a start not page aligned or a key not allocated, 0 for length 0,
-    -ENOMEM when the range is not mapped throughout; else every mapping there gets key
-    ``pkey``."""
+    otherwise): -EINVAL for a start not page aligned or a key not allocated, 0 for length 0;
+    else every mapping there gets key ``pkey``, up to a hole, where it returns -ENOMEM
+    (`do_mprotect_pkey`)."""
     if False:  # pragma: no cover
         yield
     return do_mprotect_pkey(c, start, length, prot, pkey)
