@@ -613,3 +613,26 @@ def test_sigreturn_under_init_pkru_faults_in_the_keyed_part_of_a_split_frame() -
     mm = t.process.mm
     assert t.state is TaskState.USER and sp - 65536 < t.user_sp < sp
     assert int.from_bytes(mm.read(t.user_sp + sg.SIGINFO_OFFSET, 4), "little") == SIGSEGV
+
+
+def test_mmap_prot_exec_takes_the_execute_only_key() -> None:
+    """do_mmap(): PROT_EXEC alone gives the new mapping the mm's execute-only key and denies it
+    in the caller's PKRU (the same key for the next one); PROT_READ | PROT_EXEC and a CPU
+    without protection keys give key 0; length 0 is EINVAL."""
+    from fpstate.kernel.x86.mm import PROT_EXEC, PROT_READ
+    from fpstate.kernel.x86.pkeys import sys_mmap
+
+    m, t = _task()
+    mm = t.process.mm
+    assert m.syscall(0, sys_mmap, 0, PROT_EXEC) == -EINVAL
+    one = m.syscall(0, sys_mmap, PAGE_SIZE, PROT_EXEC)
+    assert mm.pkeys == {one: 1} and mm.prots == {one: PROT_EXEC}
+    assert mm.execute_only_pkey == 1 and _pkru(m) >> 2 & 3 == PKEY_DISABLE_ACCESS
+    two = m.syscall(0, sys_mmap, PAGE_SIZE + 1, PROT_EXEC)
+    assert mm.pkeys[two] == 1 and mm.regions[two] == 2 * PAGE_SIZE
+    three = m.syscall(0, sys_mmap, PAGE_SIZE, PROT_READ | PROT_EXEC)
+    assert three not in mm.pkeys and mm.prots[three] == PROT_READ | PROT_EXEC
+    assert m.syscall(0, sys_pkey_alloc, 0, 0) == 2
+    m, t = _task("haswell")  # no PKU
+    one = m.syscall(0, sys_mmap, PAGE_SIZE, PROT_EXEC)
+    assert t.process.mm.pkeys == {} and t.process.mm.prots == {one: PROT_EXEC}

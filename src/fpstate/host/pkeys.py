@@ -352,3 +352,66 @@ def mprotect_over_hole(timeout: float = 20.0) -> dict[str, int]:
         return 0
 
     return answers.collect(run_child(body, timeout), "mprotect over a hole")[0]
+
+
+# -- mmap(PROT_EXEC) -----------------------------------------------------------------------------
+
+#: The keys of `mmap_execute_only`'s answer, in the order the probe writes them ("x" is the
+#: execute-only key; "rights": its two PKRU bits, AD = 1, WD = 2).
+MMAP_EXEC_FACTS = (
+    "first free key", "mmap(0 bytes)", "mmap(PROT_EXEC) ProtectionKey", "rights after it",
+    "mmap(PROT_EXEC) with x opened: ProtectionKey", "rights after that",
+    "mmap(PROT_READ | PROT_EXEC) ProtectionKey", "pkey_alloc after them",
+    "mprotect(first, PROT_READ)", "first's ProtectionKey after PROT_READ",
+)
+
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+
+
+def mmap_execute_only(timeout: float = 20.0) -> dict[str, int]:
+    """mmap(2) with PROT_EXEC alone on the real kernel, in a forked child: the new mapping
+    gets the mm's execute-only key and the caller's PKRU denies it (AD), again after the
+    thread opened it; PROT_READ | PROT_EXEC is an ordinary mapping (key 0); the execute-only
+    key is taken in the allocation map; leaving execute-only with mprotect gives the mapping
+    key 0. Answers by `MMAP_EXEC_FACTS` (negative: -errno; keys absolute). Kernel paths:
+    do_mmap (``prot == PROT_EXEC``: execute_only_pkey), __execute_only_pkey,
+    arch_override_mprotect_pkey."""
+    import mmap as _mmap
+
+    answers = _Answers(MMAP_EXEC_FACTS)
+    put = answers.put
+    r, x = _mmap.PROT_READ, _mmap.PROT_EXEC
+
+    def anon(length: int, prot: int) -> int:
+        return raw_syscall(SYS["mmap"], 0, length, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+
+    def body() -> int:
+        code = CodePages(2)
+        rights = _pkey_rights_reader(code, 0)
+        first = raw_syscall(SYS["pkey_alloc"], 0, 0)  # the lowest free key, given back
+        if first <= 0 or raw_syscall(SYS["pkey_free"], first):
+            return 3
+        put(first)
+        put(anon(0, x))
+        one = anon(PAGE, x)
+        key = smaps_pkey(one) if one > 0 else None
+        put(key)
+        if key is None or key <= 0:
+            return 4
+        put(rights(key))
+        opener = Asm()  # the thread opens the execute-only key
+        opener.set_pkey_rights(key, 0)
+        opener.emit(opener.In.create(opener.C.RETNQ))
+        code.call(code.place(1, opener))
+        two = anon(PAGE, x)
+        put(smaps_pkey(two) if two > 0 else two)
+        put(rights(key))
+        three = anon(PAGE, r | x)
+        put(smaps_pkey(three) if three > 0 else three)
+        put(raw_syscall(SYS["pkey_alloc"], 0, 0))
+        put(raw_syscall(SYS["mprotect"], one, PAGE, r))
+        put(smaps_pkey(one))
+        answers.finish()
+        return 0
+
+    return answers.collect(run_child(body, timeout), "mmap(PROT_EXEC)")[0]

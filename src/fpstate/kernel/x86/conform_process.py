@@ -321,6 +321,47 @@ def exec_only_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Fa
     return dict(zip(names, out, strict=True))
 
 
+# -- mmap(PROT_EXEC) -----------------------------------------------------------------------------
+
+
+def _mmap_exec_host() -> HostAnswer:
+    from fpstate.host.pkeys import mmap_execute_only
+
+    facts = mmap_execute_only()
+    return HostAnswer(facts, (facts["first free key"], tuple(facts)))
+
+
+def mmap_exec_model(system: FpuSystem, given: tuple[int, tuple[str, ...]]) -> Facts:
+    """The probe of `fpstate.host.pkeys.mmap_execute_only` on the model: mmap(PROT_EXEC)
+    twice (the thread opening the execute-only key in between), mmap(PROT_READ |
+    PROT_EXEC), pkey_alloc, mprotect(PROT_READ) of the first. ``given`` is the lowest free
+    key the host saw and the names of the probe's answers, in order."""
+    from fpstate.kernel.x86.mm import PROT_EXEC, PROT_READ
+    from fpstate.kernel.x86.pkeys import sys_mmap, sys_mprotect, sys_pkey_alloc
+    from fpstate.kernel.x86.signal import read_pkru
+
+    first_key, names = given
+    m = Machine(system, 1)
+    t = user_task(m)
+    keys_taken_before(t, first_key)
+    c, mm = m.cpus[0], t.process.mm
+
+    def rights(key: int) -> int:
+        return read_pkru(c) >> (2 * key) & 3
+
+    out = [first_key, m.syscall(0, sys_mmap, 0, PROT_EXEC)]
+    one = m.syscall(0, sys_mmap, 4096, PROT_EXEC)
+    key = mm.pkeys.get(one, 0)
+    out += [key, rights(key)]
+    c.regs.wrpkru(read_pkru(c) & ~(0b11 << 2 * key))  # the thread opens the key
+    two = m.syscall(0, sys_mmap, 4096, PROT_EXEC)
+    out += [mm.pkeys.get(two, 0), rights(key)]
+    three = m.syscall(0, sys_mmap, 4096, PROT_READ | PROT_EXEC)
+    out += [mm.pkeys.get(three, 0), m.syscall(0, sys_pkey_alloc, 0, 0),
+            m.syscall(0, sys_mprotect, one, 4096, PROT_READ), mm.pkeys.get(one, 0)]
+    return dict(zip(names, out, strict=True))
+
+
 # -- mprotect over a hole ------------------------------------------------------------------------
 
 
@@ -432,6 +473,9 @@ CASES: tuple[Case, ...] = (
     Case("mprotect/execute-only-key", "do_mprotect_pkey, arch_override_mprotect_pkey, "
          "__execute_only_pkey (the caller's PKRU denies the key), mm_pkey_is_allocated",
          _exec_only_host, exec_only_model, host_pku_reason),
+    Case("mmap/execute-only-key", "do_mmap (PROT_EXEC alone: execute_only_pkey), "
+         "__execute_only_pkey (the caller's PKRU denies the key, again once opened)",
+         _mmap_exec_host, mmap_exec_model, host_pku_reason),
     Case("mprotect/over-a-hole", "do_mprotect_pkey: vma_find (a start in a hole: ENOMEM at "
          "once), the vm_start != tmp break and tmp < end (ENOMEM after the mappings before "
          "the hole changed), arch_override_mprotect_pkey (the execute-only key's PKRU write "

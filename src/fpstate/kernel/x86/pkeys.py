@@ -20,7 +20,9 @@ their PKRU (init_pkru_value already denies every key but 0).
 A range with a hole is changed up to the hole and then refused (-ENOMEM): the mappings
 before it keep their new protection and key, and the PKRU an execute-only key wrote stays.
 
-Not modelled: mmap(PROT_EXEC) (the model's mmap makes read-write mappings), PROT_GROWSDOWN/UP.
+mmap(2) with PROT_EXEC alone takes the same execute-only key (do_mmap), PKRU write included.
+
+Not modelled: PROT_GROWSDOWN/UP, file mappings, MAP_FIXED and READ_IMPLIES_EXEC.
 """
 
 from __future__ import annotations
@@ -216,6 +218,24 @@ def do_mprotect_pkey(c: Cpu, start: int, length: int, prot: int, pkey: int) -> i
     return 0
 
 
+def sys_mmap(c: Cpu, length: int, prot: int = PROT_RW) -> KPath:
+    """mmap(2) of anonymous private memory at an address the kernel picks (do_mmap,
+    mm/mmap.c, as far as keys go): -EINVAL for length 0; PROT_EXEC alone gives the new
+    mapping the mm's execute-only key (`execute_only_pkey`, with its PKRU write to the
+    calling thread; key 0 when none is left); returns the address."""
+    if False:  # pragma: no cover
+        yield
+    if not length:
+        return -EINVAL
+    key = max(execute_only_pkey(c), 0) if prot == PROT_EXEC else 0
+    t = c.current
+    addr = c.m.mmap(t, length)
+    if key or prot != PROT_RW:
+        size = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+        t.process.mm.mprotect_fixup(addr, size, key, prot)
+    return addr
+
+
 def sys_mprotect(c: Cpu, start: int, length: int, prot: int) -> KPath:
     """mprotect(2): do_mprotect_pkey() with pkey -1 (the key a mapping has, or the
     execute-only key for PROT_EXEC alone)."""
@@ -247,6 +267,7 @@ __all__ = [
     "execute_only_pkey",
     "mm_pkey_alloc",
     "mm_pkey_is_allocated",
+    "sys_mmap",
     "sys_mprotect",
     "sys_pkey_alloc",
     "sys_pkey_free",
