@@ -308,6 +308,53 @@ def test_a_handlers_cleared_xstate_bv_bit_is_the_initial_configuration_after_sig
             assert w.m.cpus[0].regs.component(i) == bytes(len(w.m.cpus[0].regs.component(i)))
 
 
+def test_a_frame_without_magic1_is_restored_fx_only() -> None:
+    """frame_fx_only: the handler zeroes fx_sw_bytes.magic1; check_xstate_in_sigframe() falls
+    back to fx_only, so sigreturn FXRSTORs x87/SSE from the frame and puts AVX and PKRU in
+    their initial configuration -- the handler's own AVX value (frame_write) included -- and
+    the task expects that. Had sigreturn restored the XSAVE area (here: magic1 put back
+    behind the world's back), no-lost-write reports it."""
+    steps = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+             A("write", task="p0.t0", component="sse"), A("write", task="p0.t0", component="avx"),
+             A("write", task="p0.t0", component="pkru"), A("signal", task="p0.t0"),
+             A("frame_write", task="p0.t0", component="avx")]
+    for undo in (False, True):
+        w = world(ZEN4_ONE, steps=steps)
+        t = w.tasks["p0.t0"]
+        sse = w.sigstack["p0.t0"][-1][1]
+        lo = w.frames["p0.t0"][-1][0]
+        fp = int.from_bytes(t.process.mm.read(lo + 232, 8), "little")
+        magic1 = t.process.mm.read(fp + 464, 4)
+        assert magic1 == (0x46505853).to_bytes(4, "little")
+        assert not w.step(A("frame_fx_only", task="p0.t0")).violations
+        assert t.process.mm.read(fp + 464, 4) == bytes(4)
+        if undo:
+            t.process.mm.write(fp + 464, magic1)
+            w._hashed = None  # changed behind the world's back: its memoised key is stale
+        r = w.step(A("sigreturn", task="p0.t0"))
+        assert r.observed["ret"] == 0
+        # The XSAVE area's AVX (the handler's) and PKRU (the task's) are not what fx_only gives.
+        assert [v.invariant for v in r.violations] == (["no-lost-write"] * 2 if undo else [])
+        if not undo:
+            regs = w.m.cpus[0].regs
+            assert regs.component(AVX) == bytes(256) and regs.component(9) == bytes(8)
+            assert regs.component(1) == sse
+
+
+def test_after_frame_fx_only_a_frame_write_changes_nothing_the_task_gets_back() -> None:
+    """fx_only ignores the XSAVE area: a handler's later frame_write of PKRU (its value in the
+    frame, its XSTATE_BV bit set) still leaves sigreturn to give PKRU 0, and a task that never
+    wrote PKRU (init_pkru_value) gets 0 as well (the explorer found both expectations wrong
+    in the action's first version)."""
+    w = world(ZEN4_ONE, steps=[A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+                               A("signal", task="p0.t0"), A("frame_fx_only", task="p0.t0"),
+                               A("frame_write", task="p0.t0", component="pkru")])
+    assert w.sigstack["p0.t0"][-1][9] == bytes(8)
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0 and not r.violations
+    assert w.m.cpus[0].regs.component(9) == bytes(8)
+
+
 def test_no_frame_write_on_a_keyed_stack_the_handlers_pkru_closes() -> None:
     """The handler on a keyed sigaltstack starts with init_pkru_value, which closes key 1: its
     store to the frame would fault, so frame_write is not enabled (and refused) until the

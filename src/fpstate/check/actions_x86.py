@@ -84,8 +84,10 @@ from fpstate.kernel.x86.sched import (
     Task,
 )
 from fpstate.kernel.x86.signal import (
+    FP_XSTATE_MAGIC1,
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
+    SW_BYTES_OFFSET,
     at_minsigstksz,
     handler_ia32_return,
     handler_return,
@@ -214,6 +216,11 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "64-bit frame: sigreturn's XRSTOR must load the component's initial "
                "configuration (for PKRU 0, every key open), whatever the frame holds there",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
+    ActionSpec("frame_fx_only", "the signal handler zeroes fx_sw_bytes.magic1 in its 64-bit "
+               "frame: check_xstate_in_sigframe() falls back to fx_only, and sigreturn must load "
+               "x87/SSE from the frame's legacy area and every other user component in its "
+               "initial configuration (PKRU 0), whatever the frame's XSAVE area holds",
+               {"task": _TASK}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -718,15 +725,16 @@ class X86World(X86Views, World):
             self.expected[t.comm][PKRU] = pkru_bytes(0)
         return {"fault": fault.vector if fault else "none"}
 
-    def _handler_frame(self, task: str, component: str) -> tuple[Task, int, int]:
+    def _handler_frame(self, task: str, component: str | None) -> tuple[Task, int, int]:
         """(task, component number, address of the frame's XSAVE area) for a handler's edit
-        of its 64-bit frame (frame_write, frame_clear); StepError where it may not edit."""
+        of its 64-bit frame (frame_write, frame_clear; frame_fx_only names no component: -1);
+        StepError where it may not edit."""
         t = self.task(task)
         self.user_cpu(t)
-        i = component_number(component)
+        i = -1 if component is None else component_number(component)
         if not self.sigstack[t.comm] or self.frames[t.comm][-1][2] != FRAME_X64:
             raise StepError(f"task {task} is not in the handler of a 64-bit signal frame")
-        if i not in self._frame_writable(t):
+        if component is not None and i not in self._frame_writable(t):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
         lo = self.frames[t.comm][-1][0]
         if not self._frame_open(t, lo):
@@ -743,7 +751,8 @@ class X86World(X86Views, World):
         mm.write(fp + self.m.system.profile.component(i).offset, value)
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
         mm.write(fp + 512, bv.to_bytes(8, "little"))
-        self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
+        if not self._fx_only(t, fp):
+            self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
         return {}
 
     def do_frame_clear(self, task: str, component: str) -> dict[str, Value]:
@@ -752,6 +761,28 @@ class X86World(X86Views, World):
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         self.sigstack[t.comm][-1][i] = self.init_values[i]  # what sigreturn must give back
+        return {}
+
+    @staticmethod
+    def _fx_only(t: Task, fp: int) -> bool:
+        """Whether the frame's XSAVE area at ``fp`` lost its fx_sw_bytes.magic1
+        (frame_fx_only): sigreturn then ignores everything but x87/SSE, so an edit of another
+        component changes nothing the task gets back."""
+        magic1 = t.process.mm.read(fp + SW_BYTES_OFFSET, 4)
+        return int.from_bytes(magic1, "little") != FP_XSTATE_MAGIC1
+
+    def do_frame_fx_only(self, task: str) -> dict[str, Value]:
+        t, _, fp = self._handler_frame(task, None)
+        t.process.mm.write(fp + SW_BYTES_OFFSET, bytes(4))  # fx_sw_bytes.magic1
+        # __restore_fpregs_from_user(): FXRSTOR of x87/SSE, then init_fpstate's bytes for
+        # user_xfeatures & ~FPSSE.
+        # user_xfeatures & ~FPSSE (every tracked one, whether the task ever wrote it or not:
+        # a PKRU of init_pkru_value becomes 0 too).
+        user = t.fpu.fpstate.user_xfeatures
+        saved = self.sigstack[t.comm][-1]
+        for i in self.tracked:
+            if i >= 2 and (user >> i) & 1:
+                saved[i] = self.init_values[i]
         return {}
 
     def _frame_writable(self, t: Task) -> tuple[int, ...]:
@@ -995,6 +1026,7 @@ class X86World(X86Views, World):
                                  for i in self.writable[2:]},
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
                                  for i in self.writable[2:]},
+                "frame_fx_only": A("frame_fx_only", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
@@ -1070,6 +1102,7 @@ class X86World(X86Views, World):
                     writable = self._frame_writable(t)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
+                    add(ta["frame_fx_only"])
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])
