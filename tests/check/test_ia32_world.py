@@ -16,6 +16,7 @@ from fpstate.kernel.x86.sched import SA_IA32_ABI, SIGUSR1
 
 COMPAT = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 1, "p1": 1},
           "compat": ["p0"], "vms": {}}
+AVX = 2
 
 
 def test_fold_x87_keeps_the_registers_and_drops_fop_and_the_upper_pointers() -> None:
@@ -128,3 +129,50 @@ def test_both_ia32_handler_kinds_are_offered_to_a_compat_task() -> None:
     w2.step(Action.of("run", task="p0.t0", cpu=0))
     assert ("sigaction", False) not in {(a.name, a.get("siginfo"))
                                         for a in w2.enabled_actions() if a.task == "p0.t0"}
+
+
+@pytest.mark.parametrize("siginfo", [True, False], ids=["rt_sigframe_ia32", "sigframe_ia32"])
+def test_a_handlers_edit_of_an_ia32_frame_is_what_sigreturn_must_restore(siginfo: bool) -> None:
+    """frame_write and frame_fx_only on an ia32 frame: the XSAVE area lies behind the fsave
+    header (sigcontext_32.fpstate + 112); sigreturn's ia32_fxstate path copies it into the
+    kernel's buffer and restores from there, giving the handler's AVX value, or after
+    frame_fx_only AVX and PKRU in their initial configuration. Had the restore ignored the
+    edit (here: the frame's AVX bytes put back behind the world's back), no-lost-write says."""
+    def setup() -> tuple[object, int]:
+        w = make_world("x86", COMPAT, None)
+        for a in (Action.of("run", task="p0.t0", cpu=0),
+                  Action.of("write", task="p0.t0", component="avx"),
+                  Action.of("write", task="p0.t0", component="pkru"),
+                  Action.of("sigaction", task="p0.t0", siginfo=siginfo),
+                  Action.of("signal", task="p0.t0")):
+            assert not w.step(a).violations
+        lo, _, kind = w.frames["p0.t0"][-1]
+        assert kind == ("ia32-rt" if siginfo else "ia32")
+        mm = w.tasks["p0.t0"].process.mm
+        sc = statekey.FRAME_SC[kind]
+        fp = int.from_bytes(mm.read(lo + sc + 76, 4), "little") + 112  # sigcontext_32.fpstate
+        assert mm.read(fp + 464, 4) == (0x46505853).to_bytes(4, "little")  # magic1
+        return w, fp
+
+    for undo in (False, True):
+        w, fp = setup()
+        mm = w.tasks["p0.t0"].process.mm
+        off = fp + w.m.system.profile.component(AVX).offset
+        before = mm.read(off, 256)
+        assert not w.step(Action.of("frame_write", task="p0.t0", component="avx")).violations
+        value = w.sigstack["p0.t0"][-1][AVX]
+        assert mm.read(off, 256) == value != before
+        if undo:
+            mm.write(off, before)
+            w._hashed = None  # changed behind the world's back: its memoised key is stale
+        r = w.step(Action.of("sigreturn", task="p0.t0"))
+        assert r.observed["ret"] == 0
+        assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])
+        if not undo:
+            assert w.m.cpus[0].regs.component(AVX) == value
+    w, fp = setup()
+    assert not w.step(Action.of("frame_fx_only", task="p0.t0")).violations
+    r = w.step(Action.of("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0 and not r.violations
+    regs = w.m.cpus[0].regs
+    assert regs.component(AVX) == bytes(256) and regs.component(9) == bytes(8)

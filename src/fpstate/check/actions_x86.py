@@ -52,7 +52,14 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
-from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
+from fpstate.kernel.x86.hw import (
+    PKRU,
+    UserMemory,
+    init_value,
+    pkru_bytes,
+    read_token,
+    token,
+)
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
@@ -209,14 +216,14 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "key-protected sigaltstack does before it touches its stack", {"task": _TASK}),
     ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)", {"task": _TASK}),
     ActionSpec("frame_write", "the signal handler stores a value of its own into a component "
-               "of its 64-bit frame's XSAVE area and sets its XSTATE_BV bit: sigreturn must "
+               "of its frame's XSAVE area and sets its XSTATE_BV bit: sigreturn must "
                "load it (the frame, not the kernel, is the interrupted context's state)",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
     ActionSpec("frame_clear", "the signal handler clears a component's XSTATE_BV bit in its "
-               "64-bit frame: sigreturn's XRSTOR must load the component's initial "
+               "frame: sigreturn's XRSTOR must load the component's initial "
                "configuration (for PKRU 0, every key open), whatever the frame holds there",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
-    ActionSpec("frame_fx_only", "the signal handler zeroes fx_sw_bytes.magic1 in its 64-bit "
+    ActionSpec("frame_fx_only", "the signal handler zeroes fx_sw_bytes.magic1 in its "
                "frame: check_xstate_in_sigframe() falls back to fx_only, and sigreturn must load "
                "x87/SSE from the frame's legacy area and every other user component in its "
                "initial configuration (PKRU 0), whatever the frame's XSAVE area holds",
@@ -666,13 +673,11 @@ class X86World(X86Views, World):
             frame = t.user_sp
             mm = t.process.mm
             flags = t.handlers[SIGUSR1].flags
-            if flags & SA_IA32_ABI:  # the fsave header, then the XSAVE area
+            if flags & SA_IA32_ABI:
                 kind = FRAME_IA32_RT if flags & SA_SIGINFO else FRAME_IA32
-                at = frame + FRAME_SC[kind] + SC32_FPSTATE
-                fpstate = int.from_bytes(mm.read(at, 4), "little") + FREGS_STATE_SIZE
             else:
                 kind = FRAME_X64
-                fpstate = int.from_bytes(mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
+            fpstate = _frame_xsave(mm, frame, kind)
             self.emitted.append(("sigframe", (t, frame, fpstate, before)))
             self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4, kind))
             return {"delivered": True, "frame": frame}
@@ -727,20 +732,21 @@ class X86World(X86Views, World):
 
     def _handler_frame(self, task: str, component: str | None) -> tuple[Task, int, int]:
         """(task, component number, address of the frame's XSAVE area) for a handler's edit
-        of its 64-bit frame (frame_write, frame_clear; frame_fx_only names no component: -1);
+        of its frame, 64-bit or ia32 (frame_write, frame_clear; frame_fx_only names no
+        component: -1);
         StepError where it may not edit."""
         t = self.task(task)
         self.user_cpu(t)
         i = -1 if component is None else component_number(component)
-        if not self.sigstack[t.comm] or self.frames[t.comm][-1][2] != FRAME_X64:
-            raise StepError(f"task {task} is not in the handler of a 64-bit signal frame")
+        if not self.sigstack[t.comm]:
+            raise StepError(f"task {task} is not in a signal handler")
         if component is not None and i not in self._frame_writable(t):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
-        lo = self.frames[t.comm][-1][0]
+        lo, _, kind = self.frames[t.comm][-1]
         if not self._frame_open(t, lo):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
-        return t, i, int.from_bytes(t.process.mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+        return t, i, _frame_xsave(t.process.mm, lo, kind)
 
     def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
         t, i, fp = self._handler_frame(task, component)
@@ -1097,8 +1103,7 @@ class X86World(X86Views, World):
                 add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
-                if self.frames[t.comm][-1][2] == FRAME_X64 \
-                        and self._frame_open(t, self.frames[t.comm][-1][0]):
+                if self._frame_open(t, self.frames[t.comm][-1][0]):
                     writable = self._frame_writable(t)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
@@ -1137,6 +1142,16 @@ class X86World(X86Views, World):
                 A("ptrace_set", tracer=tracer, task=task, component=BY_NUMBER[i].short)
                 for i in comps))
         return got
+
+
+def _frame_xsave(mm: UserMemory, frame: int, kind: str) -> int:
+    """The address of the XSAVE area of the signal frame at ``frame`` (its kind: statekey's
+    FRAME_*): a 64-bit frame's uc_mcontext.fpstate; an ia32 frame's sigcontext_32.fpstate
+    points at the fsave header, which the XSAVE area follows (fpu__restore_sig's buf_fx)."""
+    sc = FRAME_SC.get(kind)
+    if sc is None:
+        return int.from_bytes(mm.read(frame + SC_FPSTATE_OFFSET, 8), "little")
+    return int.from_bytes(mm.read(frame + sc + SC32_FPSTATE, 4), "little") + FREGS_STATE_SIZE
 
 
 def _in_exec(t: Task) -> bool:
