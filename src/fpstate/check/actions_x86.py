@@ -733,8 +733,7 @@ class X86World(X86Views, World):
     def _handler_frame(self, task: str, component: str | None) -> tuple[Task, int, int]:
         """(task, component number, address of the frame's XSAVE area) for a handler's edit
         of its frame, 64-bit or ia32 (frame_write, frame_clear; frame_fx_only names no
-        component: -1);
-        StepError where it may not edit."""
+        component: -1); StepError where it may not edit."""
         t = self.task(task)
         self.user_cpu(t)
         i = -1 if component is None else component_number(component)
@@ -781,9 +780,8 @@ class X86World(X86Views, World):
         t, _, fp = self._handler_frame(task, None)
         t.process.mm.write(fp + SW_BYTES_OFFSET, bytes(4))  # fx_sw_bytes.magic1
         # __restore_fpregs_from_user(): FXRSTOR of x87/SSE, then init_fpstate's bytes for
-        # user_xfeatures & ~FPSSE.
-        # user_xfeatures & ~FPSSE (every tracked one, whether the task ever wrote it or not:
-        # a PKRU of init_pkru_value becomes 0 too).
+        # user_xfeatures & ~FPSSE -- every tracked one, whether the task ever wrote it or not
+        # (a PKRU of init_pkru_value becomes 0 too).
         user = t.fpu.fpstate.user_xfeatures
         saved = self.sigstack[t.comm][-1]
         for i in self.tracked:

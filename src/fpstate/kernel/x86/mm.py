@@ -61,10 +61,9 @@ class UserMemory:
     regions that follow one another without a hole. Their contents are ``pages`` (page
     number -> its 4096 bytes) for the pages ever written to; a page never written reads as
     zeros, as anonymous memory does (so a fork, an exec or a checker's clone copies only what
-    was written, not every mapped stack). Pages in
-    ``not_present`` are mapped but not yet faulted in: an access with page faults disabled
-    fails, an access with page faults enabled (the kernel's __clear_user / fault_in_readable)
-    faults them in.
+    was written, not every mapped stack). Pages in ``not_present`` are mapped but not yet
+    faulted in: an access with page faults disabled fails, an access with page faults enabled
+    (the kernel's __clear_user / fault_in_readable) faults them in.
     """
 
     regions: dict[int, int] = field(default_factory=dict)
@@ -131,11 +130,11 @@ class UserMemory:
         """(region start, first address in it) of each region that [addr, addr+n) runs
         through, in address order; #PF at the first byte no region holds. One region when
         the range lies in one (the common case, looked up first)."""
-        for s, size in self.regions.items():
-            if s <= addr and addr + n <= s + size:
-                return ((s, addr),)
-        if n <= 0:
-            raise PageFault(addr)
+        try:
+            return ((self._locate(addr, n), addr),)
+        except PageFault:
+            if n <= 0:
+                raise
         parts = []
         at, end = addr, addr + n
         while at < end:
