@@ -1,10 +1,12 @@
-"""Protection keys on the real kernel: pkey_alloc/pkey_free, pkey_mprotect and mprotect's
-execute-only key, and the keys across fork -- the host side of fpstate.kernel.x86.pkeys.
+"""Protection keys on the real kernel: pkey_alloc/pkey_free, pkey_mprotect, the execute-only
+key of mprotect and mmap, mprotect over a hole, and the keys across fork -- the host side of
+fpstate.kernel.x86.pkeys.
 
 Each probe runs in a forked child (so that this process's keys and PKRU stay as they are),
-reads PKRU with RDPKRU in machine code and the keys of mappings from /proc/self/smaps, and
-hands its answers back through shared memory (`_Answers`), by the names of its ``*_FACTS``
-table; the kernel conform cases (fpstate.kernel.x86.conform_process) replay each on the model.
+reads PKRU with RDPKRU in machine code, the keys of mappings from /proc/self/smaps and their
+protections from /proc/self/maps, and hands its answers back through shared memory
+(`_Answers`), by the names of its ``*_FACTS`` table; the kernel conform cases
+(fpstate.kernel.x86.conform_process) replay each on the model.
 """
 
 from __future__ import annotations
