@@ -176,3 +176,24 @@ def test_a_handlers_edit_of_an_ia32_frame_is_what_sigreturn_must_restore(siginfo
     assert r.observed["ret"] == 0 and not r.violations
     regs = w.m.cpus[0].regs
     assert regs.component(AVX) == bytes(256) and regs.component(9) == bytes(8)
+
+
+def test_an_ia32_frames_fsave_header_is_keyed_through_its_x87_value() -> None:
+    """The fsave header of an ia32 frame is derived from the x87 value (convert_from_fxsr):
+    two states that differ only in the x87 generation -- one write or two, the same
+    state to the key -- give frames whose headers differ in those bytes, and must still give
+    equal keys (keysound found the header keyed by content)."""
+    keys = []
+    for writes in (1, 2):
+        w = make_world("x86", COMPAT, None)
+        w.step(Action.of("run", task="p0.t0", cpu=0))
+        for _ in range(writes):
+            w.step(Action.of("write", task="p0.t0", component="x87"))
+        w.step(Action.of("sigaction", task="p0.t0", siginfo=False))
+        before = w.key()
+        assert w.step(Action.of("signal", task="p0.t0")).observed["delivered"]
+        lo, hi, _ = w.frames["p0.t0"][-1]
+        keys.append((before, w.key(), w.tasks["p0.t0"].process.mm.peek(lo, hi - lo)))
+    (b1, k1, f1), (b2, k2, f2) = keys
+    assert b1 == b2 and f1 != f2
+    assert k1 == k2

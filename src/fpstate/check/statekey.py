@@ -27,6 +27,7 @@ from operator import attrgetter
 from typing import Any
 
 from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
+from fpstate.kernel.x86.regset import USER32_CS, USER_DS, convert_from_fxsr
 from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.kernel.x86.signal import (
     RT_IA32_SC,
@@ -216,7 +217,8 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = FRAME
     whose values differ only in generations, with the same pattern, name the same state.
     An ia32 frame (``kind`` "ia32-rt" or "ia32") has its 32-bit fpstate pointer in its
     sigcontext_32 and the fsave header before the XSAVE area; the header is part of
-    "everything else"."""
+    "everything else" unless it is what the kernel derives from the frame's x87 value (then
+    that value names it)."""
     k = (id(system), lo, data, kind)
     got = _FRAMES.get(k)
     if got is None:
@@ -254,6 +256,16 @@ def _frame_values(system: Any, data: bytes, lo: int,
             # bytes are those of an older frame, which sigreturn's XRSTOR ignores.
             for a, b in spans:
                 rest[a:b] = bytes(b - a)
+        if sc is not None and fp >= FREGS_STATE_SIZE:
+            # An ia32 frame's fsave header, as the kernel wrote it, follows from the x87
+            # value of its XSAVE area (convert_from_fxsr, status = FSW), which the key holds
+            # (or sigreturn ignores both): its bytes, generations included, would tell apart
+            # states the key names alike. A header that differs from that is kept as it is.
+            head = fp - FREGS_STATE_SIZE
+            fx = data[fp:fp + 512]
+            env = convert_from_fxsr(fx, USER32_CS, USER_DS) + fx[2:4]
+            if data[head:head + len(env)] == env:
+                rest[head:head + len(env)] = bytes(len(env))
     return digest((tuple(out), raw_digest(bytes(rest)))), tuple(toks)
 
 
