@@ -547,15 +547,17 @@ def test_accesses_run_through_adjacent_mappings_and_fault_at_the_first_denied_by
         mm.write(at, bytes(16))
     assert (e.value.addr, e.value.pkey) == (ALT + PAGE_SIZE, None)
     assert mm.read(at, 16) == b"\x33" * 16
-    # access_ok() is about the range being mapped, not about one mapping.
-    assert mm.access_ok(at, 16) and not mm.in_one_mapping(at, 16)
+    # The range runs through two mappings; access_ok() checks only that it lies below
+    # TASK_SIZE_MAX, even across a hole.
+    assert mm.mapped(at, 16) and not mm.in_one_mapping(at, 16)
     assert mm.in_one_mapping(at, 8)
+    assert mm.access_ok(at, 1 << 20) and not mm.access_ok((1 << 47) - 8, 16)
     # A hole after the second mapping: the access faults at the hole's first byte.
     mm.map(ALT + 3 * PAGE_SIZE, PAGE_SIZE)
     with pytest.raises(PageFault) as e:
         mm.read(ALT + 2 * PAGE_SIZE - 4, PAGE_SIZE + 8)
     assert (e.value.addr, e.value.pkey) == (ALT + 2 * PAGE_SIZE, None)
-    assert not mm.access_ok(ALT + 2 * PAGE_SIZE - 4, PAGE_SIZE + 8)
+    assert not mm.mapped(ALT + 2 * PAGE_SIZE - 4, PAGE_SIZE + 8)
 
 
 #: Where the split altstack's top lies above its keyed page's start: the frame, a few KiB,

@@ -435,3 +435,37 @@ def test_v6_12_pkru_frame_opens_every_key_after_sigreturn_on_amd_only() -> None:
     variant = frozenset({"pkru-sigframe-no-xstate-bv"})
     assert _pkru_signal("zen4", variant) == (0, 0x55555550, 0)
     assert _pkru_signal("sapphire-rapids", variant) == (1, 0x55555550, 0x55555550)
+
+
+@pytest.mark.parametrize("kernel,ret", [("6.18", 0), ("6.16", -14)])
+def test_a_handlers_first_amx_use_and_its_sigreturn(kernel: str, ret: int) -> None:
+    """The handler's first AMX use grows the task's fpstate (XFD #NM, fpstate_realloc) after
+    the frame was written for the default size. fpu__restore_sig()'s access_ok() is a range
+    check, and with the xstate_size checks (v6.14 and before, 6.18.y and 7.1 after the
+    revert 44eeff9bc467) MAGIC2 is read at the frame's own xstate_size: the frame restores,
+    AVX back and AMX in its initial configuration. v6.15-v6.17 (dc8aa31a7ac2) read MAGIC2 at
+    the *current* user_size, 8 KiB past this frame and past the stack's top: the read
+    faults, and sigreturn fails (a model reading of the v6.16 code, not measured: this host
+    has no AMX)."""
+    from fpstate.check.explore import default_config
+    from fpstate.check.scenario import make_world
+    from fpstate.check.world import Action as A
+
+    w = make_world("x86", {**default_config("x86"), "kernel": kernel}, None)
+    for a in (A.of("run", task="p0.t0", cpu=0),
+              A.of("arch_prctl", task="p0.t0", option="req_perm", feature=18),
+              A.of("write", task="p0.t0", component="avx"), A.of("sigaction", task="p0.t0"),
+              A.of("signal", task="p0.t0"), A.of("write_nm", task="p0.t0", component="xtiledata"),
+              A.of("nm_return", task="p0.t0")):
+        assert not w.step(a).violations
+    t = w.tasks["p0.t0"]
+    lo, hi, _ = w.frames["p0.t0"][-1]
+    assert t.fpu.fpstate.user_size > hi - lo  # the fpstate grew past the frame
+    avx = w.sigstack["p0.t0"][-1][2]
+    r = w.step(A.of("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == ret and not r.violations
+    regs = w.m.cpus[0].regs
+    if ret == 0:
+        assert regs.component(2) == avx and regs.component(18) == bytes(8192)
+    else:
+        assert regs.component(2) == bytes(256)  # fpu__clear_user_states()

@@ -383,7 +383,7 @@ def sigframe_ok(w: Any) -> Iterator[str]:
         if ext != xsize + 4 + header:
             yield (f"{t.comm}: fx_sw_bytes extended_size {ext} != xstate_size {xsize} + 4"
                    + (f" + {header}" if header else ""))
-        if not mm.access_ok(buf_fx + xsize, 4) or int.from_bytes(
+        if not mm.mapped(buf_fx + xsize, 4) or int.from_bytes(
                 mm.read(buf_fx + xsize, 4), "little") != FP_XSTATE_MAGIC2:
             yield f"{t.comm}: no FP_XSTATE_MAGIC2 at buf_fx + xstate_size ({xsize})"
         bv = int.from_bytes(mm.read(buf_fx + _HDR, 8), "little")

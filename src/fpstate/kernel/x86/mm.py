@@ -32,6 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PAGE_SIZE = 4096
+#: The top of user space with 4-level paging (arch/x86/include/asm/page_64_types.h:
+#: (1 << 47) - PAGE_SIZE).
+TASK_SIZE_MAX = (1 << 47) - PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -157,11 +160,12 @@ class UserMemory:
                 self._pk(s, a, write, pkru)
         return parts
 
-    def access_ok(self, addr: int, n: int) -> bool:
-        """Whether [addr, addr+n) is mapped, in one mapping or several adjacent ones (the
-        kernel's access_ok() checks only the range against TASK_SIZE; an unmapped range then
-        faults at the access itself)."""
-        return self.mapped(addr, n) if n > 0 else self.region_at(addr) is not None
+    @staticmethod
+    def access_ok(addr: int, n: int) -> bool:
+        """access_ok() on x86-64 (__access_ok, valid_user_address): whether [addr, addr+n)
+        lies below TASK_SIZE_MAX -- a range check only; an unmapped part faults at the access
+        itself, and a range the caller never touches may be unmapped."""
+        return 0 <= addr and 0 <= n and addr + n <= TASK_SIZE_MAX
 
     def in_one_mapping(self, addr: int, n: int) -> bool:
         """Whether [addr, addr+n) lies inside one mapping (a stack, for the checker's

@@ -690,10 +690,11 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
 
 @requires("task_context", "user_task")
 def fpu__restore_sig(c: Cpu, buf: int, ia32_frame: bool = False) -> KPath:
-    """fpu__restore_sig() (signal.c): NULL -> clear the user states (success); the frame must
-    be accessible (access_ok over xstate_sigframe_size of the *current* fpstate, + the fsave
-    header of an ia32 frame, whose FXSAVE area starts 112 bytes in); any failure leaves the
-    task with init user state (fpu__clear_user_states) and returns False."""
+    """fpu__restore_sig() (signal.c): NULL -> clear the user states (success); the frame's
+    range must pass access_ok (below TASK_SIZE_MAX; xstate_sigframe_size of the *current*
+    fpstate, + the fsave header of an ia32 frame, whose FXSAVE area starts 112 bytes in) --
+    a range check only: the reads that follow fault where nothing is mapped; any failure
+    leaves the task with init user state (fpu__clear_user_states) and returns False."""
     task = c.current
     fpu = task.fpu
     if not buf:
