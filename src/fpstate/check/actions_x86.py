@@ -306,7 +306,7 @@ class X86World(X86Views, World):
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
          "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
-         "sigframe-under-user-pkru",
+         "sigframe-under-user-pkru", "sigframe-magic2-at-user-size",
          "ptrace-pkru-ignored", "req-perm-overwrites"})
 
     #: Bounds of the configuration (the model's cost grows with each).
@@ -815,11 +815,19 @@ class X86World(X86Views, World):
         ia32 = kind != FRAME_X64
         if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
             handler_ia32_return(t, kind == FRAME_IA32_RT)
+        else:
+            handler_return(t)
+        lo, hi, _ = self.frames[t.comm][-1]
+        pkru = int.from_bytes(self.m.cpus[nr].regs.component(PKRU)[:4], "little") \
+            if self.pkru_tracked else 0
+        readable = t.process.mm.readable(lo, hi - lo, pkru)
+        if ia32:
             ret = self.m.syscall(nr, sys32_rt_sigreturn if kind == FRAME_IA32_RT
                                  else sys32_sigreturn)
         else:
-            handler_return(t)
             ret = self.m.syscall(nr, sys_rt_sigreturn)
+        if ret != 0 and readable:
+            self.emitted.append(("sigreturn-refused", (t, ret, lo)))
         saved = self.sigstack[t.comm].pop()
         self.frames[t.comm].pop()
         if ret == 0:

@@ -120,6 +120,15 @@ INVARIANTS: tuple[Invariant, ...] = (
         "'the application can use any of the available pkeys to protect the alternate signal "
         "stack'); AT_MINSIGSTKSZ = get_sigframe_size()"),
     Invariant(
+        "sigreturn-restores-own-frame",
+        "rt_sigreturn accepts a signal frame the kernel wrote -- edited by its handler only as "
+        "the ABI allows (a component's value or XSTATE_BV bit, the fx_only fallback of a "
+        "cleared magic1) -- whenever the handler's PKRU lets it read the frame, even after the "
+        "handler's first use of a dynamic feature grew the task's fpstate.",
+        "arch/x86/kernel/fpu/signal.c fpu__restore_sig(), check_xstate_in_sigframe() (the "
+        "frame's own xstate_size locates MAGIC2; dc8aa31a7ac2 read it at the current user_size "
+        "in v6.15-v6.17 and was reverted, 44eeff9bc467)"),
+    Invariant(
         "no-foreign-value",
         "No context observes a value written by another context (another task, a guest, or "
         "the kernel's own FPU use) that it did not legitimately receive.",

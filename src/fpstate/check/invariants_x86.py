@@ -412,6 +412,16 @@ def sigframe_delivered_with_room(w: Any) -> Iterator[str]:
                    f"the frame (AT_MINSIGSTKSZ {need})")
 
 
+@predicate("sigreturn-restores-own-frame", X86, reads=READS_EVENTS)
+def sigreturn_restores_own_frame(w: Any) -> Iterator[str]:
+    for kind, payload in w.emitted:
+        if kind != "sigreturn-refused":
+            continue
+        t, ret, frame = payload
+        yield (f"{t.comm}: rt_sigreturn of its frame at {frame:#x} failed ({ret}) though the "
+               f"handler could read the frame and changed it only as the ABI allows")
+
+
 # -- KVM guests (worlds with ``vcpus``) ----------------------------------------------------------
 
 

@@ -167,6 +167,15 @@ class UserMemory:
         itself, and a range the caller never touches may be unmapped."""
         return 0 <= addr and 0 <= n and addr + n <= TASK_SIZE_MAX
 
+    def readable(self, addr: int, n: int, pkru: int = 0) -> bool:
+        """Whether a read of [addr, addr+n) under ``pkru`` passes the mappings, protections and
+        keys (`read`'s checks; pages not faulted in count as readable, nothing changes)."""
+        try:
+            self._check(addr, n, False, pkru)
+        except PageFault:
+            return False
+        return True
+
     def in_one_mapping(self, addr: int, n: int) -> bool:
         """Whether [addr, addr+n) lies inside one mapping (a stack, for the checker's
         frame-placement rule)."""

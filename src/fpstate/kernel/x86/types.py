@@ -162,6 +162,13 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "stores the pre-signal PKRU in the frame without setting XSTATE_BV[PKRU]; XSAVE ran "
             "with PKRU = 0, which an AMD CPU tracks as initial, so the frame's XSTATE_BV[PKRU] "
             "is 0 and sigreturn's XRSTOR loads PKRU = 0 (every key open) instead"),
+    Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
+            "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
+            "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "
+            "runs for kernel 6.15-6.17 anyway",
+            "reads MAGIC2 at buf_fx + the *current* user_size and checks no xstate_size: a "
+            "frame written before the task's fpstate grew (a handler's first AMX use) or "
+            "written for a smaller xstate_size (CRIU, gVisor) is not restored"),
 )}
 
 
