@@ -212,6 +212,26 @@ def _on_altstack(size: int, variant: str | None = None):
                                            A("sigaltstack", task="p0.t0", size=size)])
 
 
+def test_a_refused_sigreturn_of_a_readable_frame_is_a_violation_an_unreadable_one_not() -> None:
+    """sigreturn-restores-own-frame: the handler on a keyed sigaltstack keeps init_pkru_value,
+    which closes the stack's key, so rt_sigreturn cannot read the frame and fails -- not the
+    kernel's fault, no violation; after pkey_open it restores. A refusal the step reports for
+    a frame the handler could read breaks the invariant."""
+    w = _on_altstack(16384)
+    w.step(A("pkey_altstack", task="p0.t0"))
+    assert w.step(A("signal", task="p0.t0")).observed["delivered"] is True
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == -14 and not r.violations
+    w = _on_altstack(16384)
+    w.step(A("pkey_altstack", task="p0.t0"))
+    w.step(A("signal", task="p0.t0"))
+    w.step(A("pkey_open", task="p0.t0"))
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0 and not r.violations
+    w.emitted = [("sigreturn-refused", (w.tasks["p0.t0"], -14, 0x7F0000))]
+    assert broken(w) == {"sigreturn-restores-own-frame"}
+
+
 def test_a_signal_lost_with_room_on_its_stack() -> None:
     """sigframe-delivered-with-room: a task killed by SIGSEGV on delivery although its
     sigaltstack (16384 bytes) has room for any frame (AT_MINSIGSTKSZ 3376 on Zen 4)."""
