@@ -655,8 +655,18 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
     c = yield  # the copies from user memory may fault and sleep
     fps = fpu.fpstate
     if c.m.system.xsave and not fx_only:
+        # copy_uabi_to_xstate() copies from the frame piece by piece (copy_from_buffer): the
+        # legacy area and header, then each component the header names -- never the whole
+        # current user_size, which a handler's first AMX use may have grown past the frame.
         try:
-            ubuf = mm.read(buf_fx, fps.user_size, pkru=read_pkru(c))
+            hdr = mm.read(buf_fx + FXSAVE_SIZE, 64, pkru=read_pkru(c))
+            named = int.from_bytes(hdr[0:8], "little") & fps.user_xfeatures
+            end = FXSAVE_SIZE + 64
+            for i in range(2, named.bit_length()):
+                if (named >> i) & 1:
+                    comp = c.m.system.profile.component(i)
+                    end = max(end, comp.offset + comp.size)
+            ubuf = mm.read(buf_fx, end, pkru=read_pkru(c))
         except PageFault:
             return False
         pkru = [t.thread_pkru]
