@@ -811,20 +811,18 @@ class X86World(X86Views, World):
         nr = self.user_cpu(t)
         if not self.sigstack[t.comm]:
             raise StepError(f"task {task} is not in a signal handler")
-        kind = self.frames[t.comm][-1][2]
-        ia32 = kind != FRAME_X64
-        if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
-            handler_ia32_return(t, kind == FRAME_IA32_RT)
-        else:
-            handler_return(t)
-        lo, hi, _ = self.frames[t.comm][-1]
+        lo, hi, kind = self.frames[t.comm][-1]
+        # Whether the handler's PKRU lets it read its frame (sigreturn-restores-own-frame).
         pkru = int.from_bytes(self.m.cpus[nr].regs.component(PKRU)[:4], "little") \
             if self.pkru_tracked else 0
         readable = t.process.mm.readable(lo, hi - lo, pkru)
-        if ia32:
+        ia32 = kind != FRAME_X64
+        if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
+            handler_ia32_return(t, kind == FRAME_IA32_RT)
             ret = self.m.syscall(nr, sys32_rt_sigreturn if kind == FRAME_IA32_RT
                                  else sys32_sigreturn)
         else:
+            handler_return(t)
             ret = self.m.syscall(nr, sys_rt_sigreturn)
         if ret != 0 and readable:
             self.emitted.append(("sigreturn-refused", (t, ret, lo)))

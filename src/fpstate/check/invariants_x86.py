@@ -399,12 +399,14 @@ def sigframe_ok(w: Any) -> Iterator[str]:
             yield f"{t.comm}: frame [{frame:#x}, {end:#x}) is not inside one mapped stack"
 
 
+def _events(w: Any, kind: str) -> Iterator[Any]:
+    """The payloads of the events of ``kind`` the step emitted."""
+    return (payload for k, payload in w.emitted if k == kind)
+
+
 @predicate("sigframe-delivered-with-room", X86, reads=READS_EVENTS)
 def sigframe_delivered_with_room(w: Any) -> Iterator[str]:
-    for kind, payload in w.emitted:
-        if kind != "undelivered":
-            continue
-        t, room, need = payload
+    for t, room, need in _events(w, "undelivered"):
         if room >= need:
             why = (f"killed by signal {t.killed_by.sig}" if t.killed_by is not None
                    else "not delivered")
@@ -414,10 +416,7 @@ def sigframe_delivered_with_room(w: Any) -> Iterator[str]:
 
 @predicate("sigreturn-restores-own-frame", X86, reads=READS_EVENTS)
 def sigreturn_restores_own_frame(w: Any) -> Iterator[str]:
-    for kind, payload in w.emitted:
-        if kind != "sigreturn-refused":
-            continue
-        t, ret, frame = payload
+    for t, ret, frame in _events(w, "sigreturn-refused"):
         yield (f"{t.comm}: rt_sigreturn of its frame at {frame:#x} failed ({ret}) though the "
                f"handler could read the frame and changed it only as the ABI allows")
 

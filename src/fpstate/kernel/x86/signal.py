@@ -64,6 +64,7 @@ from fpstate.kernel.x86.types import (
     IllegalEvent,
 )
 from fpstate.kernel.x86.xstate_prctl import EFAULT, do_sigaltstack, on_sig_stack
+from fpstate.x86.layout import standard_size
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import FXSAVE_SIZE, XFEATURE_MASK_FPSSE, XFEATURE_MASK_PKRU
 
@@ -661,12 +662,8 @@ def __fpu_restore_sig_ia32(c: Cpu, buf: int, buf_fx: int, user_xfeatures: int,
         try:
             hdr = mm.read(buf_fx + FXSAVE_SIZE, 64, pkru=read_pkru(c))
             named = int.from_bytes(hdr[0:8], "little") & fps.user_xfeatures
-            end = FXSAVE_SIZE + 64
-            for i in range(2, named.bit_length()):
-                if (named >> i) & 1:
-                    comp = c.m.system.profile.component(i)
-                    end = max(end, comp.offset + comp.size)
-            ubuf = mm.read(buf_fx, end, pkru=read_pkru(c))
+            ubuf = mm.read(buf_fx, standard_size(c.m.system.profile, named),
+                           pkru=read_pkru(c))
         except PageFault:
             return False
         pkru = [t.thread_pkru]
