@@ -133,11 +133,12 @@ def test_both_ia32_handler_kinds_are_offered_to_a_compat_task() -> None:
 
 @pytest.mark.parametrize("siginfo", [True, False], ids=["rt_sigframe_ia32", "sigframe_ia32"])
 def test_a_handlers_edit_of_an_ia32_frame_is_what_sigreturn_must_restore(siginfo: bool) -> None:
-    """frame_write and frame_fx_only on an ia32 frame: the XSAVE area lies behind the fsave
-    header (sigcontext_32.fpstate + 112); sigreturn's ia32_fxstate path copies it into the
-    kernel's buffer and restores from there, giving the handler's AVX value, or after
-    frame_fx_only AVX and PKRU in their initial configuration. Had the restore ignored the
-    edit (here: the frame's AVX bytes put back behind the world's back), no-lost-write says."""
+    """frame_write, frame_fx_only and frame_resize on an ia32 frame: the XSAVE area lies
+    behind the fsave header (sigcontext_32.fpstate + 112); sigreturn's ia32_fxstate path
+    copies it into the kernel's buffer and restores from there, giving the handler's AVX
+    value, or after frame_fx_only AVX and PKRU in their initial configuration. Had the
+    restore ignored the edit (here: the frame's AVX bytes put back behind the world's back),
+    no-lost-write says."""
     def setup() -> tuple[object, int]:
         w = make_world("x86", COMPAT, None)
         for a in (Action.of("run", task="p0.t0", cpu=0),
@@ -176,6 +177,17 @@ def test_a_handlers_edit_of_an_ia32_frame_is_what_sigreturn_must_restore(siginfo
     assert r.observed["ret"] == 0 and not r.violations
     regs = w.m.cpus[0].regs
     assert regs.component(AVX) == bytes(256) and regs.component(9) == bytes(8)
+    # frame_resize: the ia32 frame's extended_size counts the fsave header as well
+    # (save_sw_bytes: 832 + 4 + 112); AVX comes back from the frame, PKRU is initial.
+    w, fp = setup()
+    mm = w.tasks["p0.t0"].process.mm
+    avx = w.sigstack["p0.t0"][-1][AVX]
+    assert not w.step(Action.of("frame_resize", task="p0.t0")).violations
+    assert mm.read(fp + 468, 4) == (948).to_bytes(4, "little")
+    r = w.step(Action.of("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0 and not r.violations
+    regs = w.m.cpus[0].regs
+    assert regs.component(AVX) == avx and regs.component(9) == bytes(8)
 
 
 def test_an_ia32_frames_fsave_header_is_keyed_through_its_x87_value() -> None:

@@ -375,6 +375,65 @@ def test_after_frame_fx_only_a_frame_write_changes_nothing_the_task_gets_back() 
     assert w.m.cpus[0].regs.component(9) == bytes(8)
 
 
+RESIZE_STEPS = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+                A("write", task="p0.t0", component="sse"),
+                A("write", task="p0.t0", component="avx"),
+                A("write", task="p0.t0", component="opmask"),
+                A("write", task="p0.t0", component="pkru"), A("signal", task="p0.t0")]
+
+
+def test_a_frame_rewritten_for_a_smaller_cpu_is_restored_from_its_own_features() -> None:
+    """frame_resize (CRIU restoring a frame from an x87/SSE/AVX-only CPU): sw_bytes (MAGIC1,
+    extended_size 836, xfeatures FP|SSE|YMM, xstate_size 832), MAGIC2 at 832 and none at the
+    old 2,440; sigreturn (6.18's check_xstate_in_sigframe) loads SSE and AVX -- the
+    handler's AVX (frame_write) -- from the frame and puts opmask and PKRU in their initial
+    configuration. After the resize the handler may edit only AVX (opmask's standard offset
+    on Zen 4 is 832, where MAGIC2 now is)."""
+    w = world(ZEN4_ONE, steps=RESIZE_STEPS)
+    t = w.tasks["p0.t0"]
+    mm = t.process.mm
+    lo = w.frames["p0.t0"][-1][0]
+    fp = int.from_bytes(mm.read(lo + 232, 8), "little")
+    old = int.from_bytes(mm.read(fp + 464 + 16, 4), "little")
+    assert old == t.fpu.fpstate.user_size == 2440
+    sse = w.sigstack["p0.t0"][-1][1]
+
+    def edits() -> set[str]:
+        return {f"{a.name}:{a.get('component')}" for a in w.enabled_actions()
+                if a.name.startswith("frame_") and a.task == "p0.t0"}
+
+    assert {"frame_resize:None", "frame_write:opmask"} <= edits()
+    assert not w.step(A("frame_resize", task="p0.t0")).violations
+    assert mm.read(fp + 464, 20) == b"".join(v.to_bytes(n, "little") for v, n in (
+        (0x46505853, 4), (836, 4), (0x7, 8), (832, 4)))
+    assert mm.read(fp + 832, 4) == (0x46505845).to_bytes(4, "little")
+    assert mm.read(fp + old, 4) == bytes(4)
+    assert int.from_bytes(mm.read(fp + 512, 8), "little") == 0x7
+    assert edits() == {"frame_write:avx", "frame_clear:avx", "frame_fx_only:None"}
+    assert not w.step(A("frame_write", task="p0.t0", component="avx")).violations
+    avx = w.sigstack["p0.t0"][-1][AVX]
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0 and not r.violations
+    regs = w.m.cpus[0].regs
+    assert regs.component(AVX) == avx and regs.component(1) == sse
+    assert regs.component(5) == bytes(64) and regs.component(9) == bytes(8)
+
+
+def test_v6_15_to_v6_17_lose_a_resized_frames_avx() -> None:
+    """The same resized frame under sigframe-magic2-at-user-size (dc8aa31a7ac2): MAGIC2 is
+    looked for at the task's user_size, where the frame no longer has it, so sigreturn
+    falls back to fx_only and the task's AVX (the handler's value) is lost: the breakage
+    44eeff9bc467's revert names for CRIU and gVisor."""
+    w = world(ZEN4_ONE, "sigframe-magic2-at-user-size", steps=RESIZE_STEPS)
+    w.step(A("frame_resize", task="p0.t0"))
+    w.step(A("frame_write", task="p0.t0", component="avx"))
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert r.observed["ret"] == 0
+    assert [v.invariant for v in r.violations] == ["no-lost-write"]
+    assert "avx" in r.violations[0].detail
+    assert w.m.cpus[0].regs.component(AVX) == bytes(256)
+
+
 def test_no_frame_write_on_a_keyed_stack_the_handlers_pkru_closes() -> None:
     """The handler on a keyed sigaltstack starts with init_pkru_value, which closes key 1: its
     store to the frame would fault, so frame_write is not enabled (and refused) until the

@@ -92,12 +92,16 @@ from fpstate.kernel.x86.sched import (
 )
 from fpstate.kernel.x86.signal import (
     FP_XSTATE_MAGIC1,
+    FP_XSTATE_MAGIC2,
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
     SW_BYTES_OFFSET,
+    SW_BYTES_SIZE,
+    FpxSwBytes,
     at_minsigstksz,
     handler_ia32_return,
     handler_return,
+    save_sw_bytes,
     sys32_rt_sigreturn,
     sys32_sigreturn,
     sys_rt_sigreturn,
@@ -124,13 +128,16 @@ from fpstate.kernel.x86.xstate_prctl import (
     sys_arch_prctl,
     sys_sigaltstack,
 )
+from fpstate.x86.layout import standard_size
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
     BY_SHORT,
+    XFEATURE_MASK_FPSSE,
     XFEATURE_MASK_PASID,
     XFEATURE_MASK_PKRU,
     XFEATURE_MASK_XTILE,
     XFEATURE_MASK_XTILE_DATA,
+    XFEATURE_MASK_YMM,
     bits,
 )
 
@@ -228,6 +235,12 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "x87/SSE from the frame's legacy area and every other user component in its "
                "initial configuration (PKRU 0), whatever the frame's XSAVE area holds",
                {"task": _TASK}),
+    ActionSpec("frame_resize", "the signal handler rewrites its frame in the standard layout "
+               "of a CPU with x87, SSE and AVX only, as CRIU restores a frame checkpointed on "
+               "such a CPU and gVisor writes one: fx_sw_bytes of that size and features, MAGIC2 "
+               "after it, XSTATE_BV within them, and nothing of the frame beyond it. sigreturn "
+               "must load x87, SSE and AVX from the frame and every other user component in "
+               "its initial configuration (PKRU 0)", {"task": _TASK}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -739,13 +752,14 @@ class X86World(X86Views, World):
         i = -1 if component is None else component_number(component)
         if not self.sigstack[t.comm]:
             raise StepError(f"task {task} is not in a signal handler")
-        if component is not None and i not in self._frame_writable(t):
-            raise StepError(f"{component} is not a component {task}'s frame may be given")
         lo, _, kind = self.frames[t.comm][-1]
         if not self._frame_open(t, lo):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
-        return t, i, _frame_xsave(t.process.mm, lo, kind)
+        fp = _frame_xsave(t.process.mm, lo, kind)
+        if component is not None and i not in self._frame_writable(t, self._frame_sw(t, fp)):
+            raise StepError(f"{component} is not a component {task}'s frame may be given")
+        return t, i, fp
 
     def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
         t, i, fp = self._handler_frame(task, component)
@@ -756,7 +770,8 @@ class X86World(X86Views, World):
         mm.write(fp + self.m.system.profile.component(i).offset, value)
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
         mm.write(fp + 512, bv.to_bytes(8, "little"))
-        if not self._fx_only(t, fp):
+        sw = self._frame_sw(t, fp)
+        if sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1:
             self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
         return {}
 
@@ -769,12 +784,12 @@ class X86World(X86Views, World):
         return {}
 
     @staticmethod
-    def _fx_only(t: Task, fp: int) -> bool:
-        """Whether the frame's XSAVE area at ``fp`` lost its fx_sw_bytes.magic1
-        (frame_fx_only): sigreturn then ignores everything but x87/SSE, so an edit of another
-        component changes nothing the task gets back."""
-        magic1 = t.process.mm.read(fp + SW_BYTES_OFFSET, 4)
-        return int.from_bytes(magic1, "little") != FP_XSTATE_MAGIC1
+    def _frame_sw(t: Task, fp: int) -> FpxSwBytes:
+        """The fx_sw_bytes of the frame whose XSAVE area is at ``fp``: without MAGIC1
+        (frame_fx_only) sigreturn ignores everything but x87/SSE, and of the rest it loads only
+        the components of their xfeatures (frame_resize), so an edit of another component
+        changes nothing the task gets back."""
+        return FpxSwBytes.unpack(t.process.mm.read(fp + SW_BYTES_OFFSET, SW_BYTES_SIZE))
 
     def do_frame_fx_only(self, task: str) -> dict[str, Value]:
         t, _, fp = self._handler_frame(task, None)
@@ -789,13 +804,51 @@ class X86World(X86Views, World):
                 saved[i] = self.init_values[i]
         return {}
 
-    def _frame_writable(self, t: Task) -> tuple[int, ...]:
+    def _frame_writable(self, t: Task, sw: FpxSwBytes) -> tuple[int, ...]:
         """The components a handler's frame edit may set: writable ones the task's fpstate
         carries in its user features, AMX's dynamic state aside (a frame with tile data for a
-        task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore)."""
+        task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
+        and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
+        one's standard offset may lie past its end, where MAGIC2 is."""
         user = t.fpu.fpstate.user_xfeatures
+        if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
+            user &= sw.xfeatures
         return tuple(i for i in self.writable[2:] if (user >> i) & 1
                      and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
+
+    #: What frame_resize keeps: the features of a CPU with x87, SSE and AVX only.
+    RESIZED = XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM
+
+    def _resizable(self, t: Task, sw: FpxSwBytes) -> bool:
+        """Whether frame_resize makes the frame smaller: its fx_sw_bytes are the kernel's
+        (MAGIC1) and name more than `RESIZED`, which the task's features include."""
+        return (sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & ~self.RESIZED != 0
+                and t.fpu.fpstate.user_xfeatures & self.RESIZED == self.RESIZED)
+
+    def do_frame_resize(self, task: str) -> dict[str, Value]:
+        t, _, fp = self._handler_frame(task, None)
+        mm = t.process.mm
+        sw = self._frame_sw(t, fp)
+        if not self._resizable(t, sw):
+            raise StepError(f"{task}'s frame has nothing beyond x87, SSE and AVX to drop")
+        keep = self.RESIZED
+        size = standard_size(self.m.system.profile, keep)
+        ia32 = self.frames[t.comm][-1][2] != FRAME_X64
+        # What save_sw_bytes() and save_xstate_epilog() would have written for that size; the
+        # old frame's tail (its MAGIC2 at the old xstate_size among it) is no longer frame.
+        mm.write(fp + SW_BYTES_OFFSET, save_sw_bytes(size, keep, ia32).pack())
+        mm.write(fp + size, FP_XSTATE_MAGIC2.to_bytes(4, "little"))
+        mm.write(fp + size + 4, bytes(sw.xstate_size - size))
+        bv = int.from_bytes(mm.read(fp + 512, 8), "little") & keep
+        mm.write(fp + 512, bv.to_bytes(8, "little"))
+        # __restore_fpregs_from_user(): XRSTOR of the frame's xfeatures, then init_fpstate's
+        # bytes for the task's other user_xfeatures (PKRU 0 among them).
+        user = t.fpu.fpstate.user_xfeatures
+        saved = self.sigstack[t.comm][-1]
+        for i in self.tracked:
+            if (user >> i) & 1 and not (keep >> i) & 1:
+                saved[i] = self.init_values[i]
+        return {}
 
     def _frame_open(self, t: Task, addr: int) -> bool:
         """Whether the task's PKRU lets its handler store at ``addr`` (the protection key of
@@ -1037,6 +1090,7 @@ class X86World(X86Views, World):
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
                                  for i in self.writable[2:]},
                 "frame_fx_only": A("frame_fx_only", task=comm),
+                "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
@@ -1107,11 +1161,15 @@ class X86World(X86Views, World):
                 add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
-                if self._frame_open(t, self.frames[t.comm][-1][0]):
-                    writable = self._frame_writable(t)
+                lo, _, kind = self.frames[t.comm][-1]
+                if self._frame_open(t, lo):
+                    sw = self._frame_sw(t, _frame_xsave(t.process.mm, lo, kind))
+                    writable = self._frame_writable(t, sw)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
                     add(ta["frame_fx_only"])
+                    if self._resizable(t, sw):
+                        add(ta["frame_resize"])
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])

@@ -365,6 +365,12 @@ SIGRETURN_ROWS: dict[str, Any] = {
     "extended_size-9999": lambda n, x: (_p32(SW + 4, 9999),),
     "xstate_size-896-magic2-moved": lambda n, x: (_p32(SW + 16, 896), _p32(896, FP_XSTATE_MAGIC2),
                                                  _p32(n, 0)),
+    # A frame in the standard layout of a CPU with x87, SSE and AVX only (YMM ends at 832),
+    # as CRIU restores a frame checkpointed on such a CPU and gVisor writes one: sw_bytes
+    # of that size, MAGIC2 after it and not at the kernel's user_size (44eeff9bc467's case).
+    "resized-to-ymm": lambda n, x: (_p32(SW + 4, 832 + 4), _p64(SW + 8, x & 0x7),
+                                    _p32(SW + 16, 832), _p32(832, FP_XSTATE_MAGIC2),
+                                    _p32(n, 0), _p64(512, 0x7)),
     "sw.xfeatures-fpsse": lambda n, x: (_p64(SW + 8, 0x3),),
     "sw.xfeatures-fp": lambda n, x: (_p64(SW + 8, 0x1),),
     "sw.xfeatures-0": lambda n, x: (_p64(SW + 8, 0),),
