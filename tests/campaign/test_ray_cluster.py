@@ -41,7 +41,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     """``ray start --head --block`` with 2 CPUs and a Ray Client server: yields (address,
-    Ray Client address, environment of a driver)."""
+    Ray Client address, environment of a driver, why no Ray Client session opened by the
+    deadline or None)."""
     if not Path(RAY).exists():
         pytest.skip("the ray command is not installed")
     # Ray's socket paths must stay short: a temp dir of its own under /tmp.
@@ -73,18 +74,23 @@ def cluster():
         # until a client session opens, as a user would before pointing a campaign at it.
         probe = ("import ray, sys; ray.init(sys.argv[1], logging_level='ERROR'); "
                  "ray.shutdown()")
+        client_error: str | None = f"nothing listened on port {client_port}"
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", client_port), 1).close()
             except OSError:
                 time.sleep(0.5)
                 continue
-            if subprocess.run([sys.executable, "-c", probe, f"ray://127.0.0.1:{client_port}"],
-                              env=env, capture_output=True, timeout=120,
-                              check=False).returncode == 0:
+            run = subprocess.run([sys.executable, "-c", probe, f"ray://127.0.0.1:{client_port}"],
+                                 env=env, capture_output=True, text=True, timeout=120,
+                                 check=False)
+            if run.returncode == 0:
+                client_error = None
                 break
+            lines = run.stderr.strip().splitlines()
+            client_error = f"ray.init() exited {run.returncode}: " + " | ".join(lines[-3:])
             time.sleep(1)
-        yield address, f"ray://127.0.0.1:{client_port}", env
+        yield address, f"ray://127.0.0.1:{client_port}", env, client_error
     finally:
         head.terminate()  # --block: the head stops the cluster's processes on SIGTERM
         try:
@@ -125,7 +131,7 @@ def _same_as_one_process(address: str, env: dict[str, str], campaigns,
 
 def test_a_campaign_on_a_cluster_by_address_equals_one_process(cluster, campaigns,
                                                                 tmp_path: Path) -> None:
-    address, _client, env = cluster
+    address, _client, env, _ = cluster
     cells = _same_as_one_process(address, env, campaigns, tmp_path)
     assert [v["invariant"] for v in cells[1]["violations"]] == ["valid-registers-match-memory"]
 
@@ -135,7 +141,10 @@ def test_a_campaign_through_ray_client_equals_one_process(cluster, campaigns,
     """``--address ray://HOST:PORT``: the driver is a Ray Client of the cluster (its
     processes run on the cluster, not here), with the same results."""
     pytest.importorskip("grpc", reason="Ray Client needs ray[client] (pip install 'fpstate[ray]')")
-    _address, client, env = cluster
+    _address, client, env, client_error = cluster
+    if client_error is not None:  # the cause, rather than the campaign's own failure
+        pytest.fail(f"the Ray Client server at {client} opened no session by the "
+                    f"fixture's deadline (120 s after ray start): {client_error}")
     _same_as_one_process(client, env, campaigns, tmp_path)
 
 
