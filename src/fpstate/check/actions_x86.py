@@ -141,7 +141,7 @@ from fpstate.x86.xfeatures import (
     bits,
 )
 
-PASID = 10
+SSE, PASID = 1, 10
 XTILE_CFG, XTILE_DATA = 17, 18
 ARCH_OPTIONS = {"req_perm": ARCH_REQ_XCOMP_PERM, "req_guest_perm": ARCH_REQ_XCOMP_GUEST_PERM,
                 "get_perm": ARCH_GET_XCOMP_PERM, "get_guest_perm": ARCH_GET_XCOMP_GUEST_PERM,
@@ -771,8 +771,10 @@ class X86World(X86Views, World):
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         sw = self._frame_sw(t, fp)
-        if sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1:
-            self.sigstack[t.comm][-1][i] = value  # what sigreturn must give back
+        # What sigreturn must give back: XMM from the legacy area on either path (XRSTOR, or
+        # fx_only's FXRSTOR), the others only on the XSAVE path and as sw_bytes name them.
+        if i == SSE or (sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1):
+            self.sigstack[t.comm][-1][i] = value
         return {}
 
     def do_frame_clear(self, task: str, component: str) -> dict[str, Value]:
@@ -780,7 +782,11 @@ class X86World(X86Views, World):
         mm = t.process.mm
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
         mm.write(fp + 512, bv.to_bytes(8, "little"))
-        self.sigstack[t.comm][-1][i] = self.init_values[i]  # what sigreturn must give back
+        # What sigreturn must give back: XRSTOR's initial configuration (for SSE: XMM zero,
+        # MXCSR still from the frame), except that fx_only's FXRSTOR ignores the header and
+        # loads XMM from the legacy area.
+        if i != SSE or self._frame_sw(t, fp).magic1 == FP_XSTATE_MAGIC1:
+            self.sigstack[t.comm][-1][i] = self.init_values[i]
         return {}
 
     @staticmethod
@@ -793,12 +799,18 @@ class X86World(X86Views, World):
 
     def do_frame_fx_only(self, task: str) -> dict[str, Value]:
         t, _, fp = self._handler_frame(task, None)
-        t.process.mm.write(fp + SW_BYTES_OFFSET, bytes(4))  # fx_sw_bytes.magic1
+        mm = t.process.mm
+        mm.write(fp + SW_BYTES_OFFSET, bytes(4))  # fx_sw_bytes.magic1
         # __restore_fpregs_from_user(): FXRSTOR of x87/SSE, then init_fpstate's bytes for
         # user_xfeatures & ~FPSSE -- every tracked one, whether the task ever wrote it or not
-        # (a PKRU of init_pkru_value becomes 0 too).
+        # (a PKRU of init_pkru_value becomes 0 too). FXRSTOR takes XMM from the legacy area
+        # whatever XSTATE_BV says (a frame_clear of SSE before this no longer counts); the
+        # signal's XSAVE wrote it, as plain XSAVE writes every requested component.
         user = t.fpu.fpstate.user_xfeatures
         saved = self.sigstack[t.comm][-1]
+        if SSE in saved:
+            xmm = self.m.system.profile.component(SSE)  # fxregs_state.xmm_space
+            saved[SSE] = mm.read(fp + xmm.offset, xmm.size)
         for i in self.tracked:
             if i >= 2 and (user >> i) & 1:
                 saved[i] = self.init_values[i]
@@ -809,11 +821,13 @@ class X86World(X86Views, World):
         carries in its user features, AMX's dynamic state aside (a frame with tile data for a
         task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
         and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
-        one's standard offset may lie past its end, where MAGIC2 is."""
+        one's standard offset may lie past its end, where MAGIC2 is. SSE is one (its XMM
+        registers; MXCSR stays as the signal saved it); x87 is not (an ia32 frame's fsave
+        header, not its fxsave part, gives x87 back)."""
         user = t.fpu.fpstate.user_xfeatures
         if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
             user &= sw.xfeatures
-        return tuple(i for i in self.writable[2:] if (user >> i) & 1
+        return tuple(i for i in self.writable[1:] if (user >> i) & 1
                      and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
 
     #: What frame_resize keeps: the features of a CPU with x87, SSE and AVX only.
@@ -1086,9 +1100,9 @@ class X86World(X86Views, World):
                 "pkey_open": A("pkey_open", task=comm),
                 "sigreturn": A("sigreturn", task=comm),
                 "frame_writes": {i: A("frame_write", task=comm, component=BY_NUMBER[i].short)
-                                 for i in self.writable[2:]},
+                                 for i in self.writable[1:]},
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
-                                 for i in self.writable[2:]},
+                                 for i in self.writable[1:]},
                 "frame_fx_only": A("frame_fx_only", task=comm),
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
