@@ -429,7 +429,7 @@ def _pkru_of(image) -> int:
 def test_pkey_probe_arguments_are_checked() -> None:
     with pytest.raises(FpstateError, match="pkey_rights needs an altstack"):
         raise_signal(pkey_rights=3)
-    with pytest.raises(FpstateError, match="handler_pkeys is 'open' or 'closed'"):
+    with pytest.raises(FpstateError, match="handler_pkeys is 'open', 'closed' or 'key0'"):
         raise_signal(altstack_size=16384, pkey_rights=3, handler_pkeys="ajar")
     with pytest.raises(FpstateError, match="split_gap needs pkey_rights"):
         raise_signal(altstack_size=16384, split_gap=1024)
@@ -463,4 +463,20 @@ def test_sigreturn_under_the_handlers_pkru_cannot_read_its_frame(pku) -> None:
     segv = run.segv
     assert segv is not None and segv.signo == signal.SIGSEGV and segv.si_code == SI_KERNEL
     assert run.altstack_sp <= segv.frame_address < run.altstack_sp + 16384
+    assert run.exit.exit_code == SEGV_EXIT
+
+
+def test_sigreturn_under_a_pkru_that_denies_key_0_cannot_read_its_frame(pku) -> None:
+    """The handler sets AD for key 0 -- the key of its ordinary stack -- and returns:
+    rt_sigreturn cannot read uc_sigmask (badframe, before fpu__restore_sig), so the kernel
+    forces SIGSEGV (SI_KERNEL), whose frame keeps the handler's own registers: the x87/SSE
+    defaults and that PKRU (init_pkru_value | AD of key 0), and whose handler starts again
+    with init_pkru_value."""
+    run = raise_signal(handler_pkeys="key0")
+    assert run.frame is None and not run.sigreturn_ok and run.kill_sp
+    segv = run.segv
+    assert segv is not None and segv.signo == signal.SIGSEGV and segv.si_code == SI_KERNEL
+    assert segv.frame_address < run.kill_sp  # the same stack, below the SIGUSR1 frame
+    assert _pkru_of(segv.xsave) == INIT_PKRU | 1
+    assert _pkru_of(segv.handler_entry) == INIT_PKRU
     assert run.exit.exit_code == SEGV_EXIT

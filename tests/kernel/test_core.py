@@ -489,13 +489,16 @@ def test_hw_xrstor_agrees_with_fpstate_x86_insn(xstate_bv, xcomp_bv, hdr_byte, m
 
 
 def test_pkru_tokens_fit_the_32_bit_register() -> None:
-    """A PKRU token is a u32 (0xA5, writer, generation) and 4 zero bytes; it reads back, while
-    8-byte tokens of other components (generation >= 1 in bytes 4..7) keep their format, and
-    a PKRU value that merely starts with 0xA5 is no token."""
+    """A PKRU token is a u32 (0xA4, writer, generation) and 4 zero bytes; it reads back, while
+    8-byte tokens of other components (0xA5, generation >= 1 in bytes 4..7) keep their
+    format, and a PKRU value that merely starts with 0xA4 is no token. As rights, 0xA4 leaves
+    key 0 open (the stack's and the code's key), closes key 1 (AD) and keys 2, 3 to writes."""
     v = token(0x123, 0x456, 9, 8)
-    assert v == (0xA5 | 0x123 << 8 | 0x456 << 20).to_bytes(4, "little") + bytes(4)
+    assert v == (0xA4 | 0x123 << 8 | 0x456 << 20).to_bytes(4, "little") + bytes(4)
+    assert v[0] & 0x3 == 0 and v[0] >> 2 & 0x3 == 0x1 and v[0] >> 4 & 0x3 == 0x2
     assert read_token(v) == (0x123, 0x456)
     assert read_token(token(7, 1, 10, 8)) == (7, 1)  # PASID: 8 bytes, the general format
+    assert read_token((0x000000A4).to_bytes(4, "little") + bytes(4)) is None
     assert read_token((0x000000A5).to_bytes(4, "little") + bytes(4)) is None
     # A guest's writer id (0x8000 | VM << 8 | vCPU) folds into the 12 bits and back.
     assert read_token(token(0x8000 | 2 << 8 | 1, 7, 9, 8)) == (0x8000 | 2 << 8 | 1, 7)

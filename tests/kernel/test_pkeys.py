@@ -114,8 +114,8 @@ def test_pkey_mprotect_rules_and_vma_split() -> None:
 
 
 def test_access_rights_of_a_keyed_mapping() -> None:
-    """SDM Vol. 3A 4.6.2: AD denies every data access, WD every write; key 0 is not checked
-    (the model's convention, PKRU_KEY0)."""
+    """SDM Vol. 3A 4.6.2: AD denies every data access, WD every write, key 0's (a mapping
+    pkey_mprotect never keyed) as any other's."""
     mm = UserMemory()
     mm.map(ALT, PAGE_SIZE)
     mm.map(ALT + PAGE_SIZE, PAGE_SIZE)
@@ -132,7 +132,13 @@ def test_access_rights_of_a_keyed_mapping() -> None:
     with pytest.raises(PageFault):
         mm.probe(ALT, 1, write=True, pkru=wd1)
     mm.probe(ALT, 1, write=False, pkru=wd1)
-    mm.write(ALT + PAGE_SIZE, b"z", pkru=0xFFFFFFFF)  # key 0: never checked
+    mm.write(ALT + PAGE_SIZE, b"z", pkru=0xFFFFFFFC)  # every key but 0 closed
+    with pytest.raises(PageFault) as e:
+        mm.write(ALT + PAGE_SIZE + 4, b"z", pkru=0b10)  # WD of key 0
+    assert e.value.pkey == 0 and e.value.addr == ALT + PAGE_SIZE + 4
+    assert mm.read(ALT + PAGE_SIZE, 1, pkru=0b10) == b"z"
+    with pytest.raises(PageFault):
+        mm.read(ALT + PAGE_SIZE, 1, pkru=0b01)  # AD of key 0
     assert mm.read(ALT, 1) == b"x"  # no PKRU given: no check
 
 
@@ -237,7 +243,8 @@ def test_key_allows_checks_the_key_and_nothing_else() -> None:
     mm.not_present.add(ALT // PAGE_SIZE)
     assert mm.key_allows(ALT, True, 0) and mm.key_allows(ALT, False, 0b10 << 2)
     assert not mm.key_allows(ALT, True, 0b10 << 2) and not mm.key_allows(ALT, False, 0b01 << 2)
-    assert mm.key_allows(ALT + PAGE_SIZE, True, 0xFFFFFFFF)  # key 0
+    assert mm.key_allows(ALT + PAGE_SIZE, True, 0xFFFFFFFC)  # key 0 open, the rest closed
+    assert not mm.key_allows(ALT + PAGE_SIZE, False, 0b01)  # key 0's AD
     assert mm.not_present == {ALT // PAGE_SIZE}
 
 

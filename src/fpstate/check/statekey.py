@@ -26,7 +26,14 @@ from collections.abc import Hashable
 from operator import attrgetter
 from typing import Any
 
-from fpstate.kernel.x86.hw import PKRU, init_value, pkru_bytes, read_token, token
+from fpstate.kernel.x86.hw import (
+    PKRU,
+    PKRU_TOKEN_MARK,
+    init_value,
+    pkru_bytes,
+    read_token,
+    token,
+)
 from fpstate.kernel.x86.regset import USER32_CS, USER_DS, convert_from_fxsr
 from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.kernel.x86.signal import (
@@ -167,7 +174,7 @@ def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
 def pkru_value(cn: Canon, pkru: int) -> Any:
     """A PKRU register value held as an int (thread.pkru, vcpu->arch.pkru and host_pkru) in a
     key: a token ranked like any other value, any other value as itself."""
-    if pkru & 0xFF == 0xA5 and pkru >> 20:  # maybe a PKRU token (hw.token)
+    if pkru & 0xFF == PKRU_TOKEN_MARK and pkru >> 20:  # maybe a PKRU token (hw.token)
         return cn.value(pkru_bytes(pkru), PKRU)
     return pkru
 
@@ -480,7 +487,7 @@ def x86_key(w: Any) -> Hashable:
         h = t.handlers
         pkru = t.thread_pkru
         tasks.append((
-            _TASK_FIELDS(t), pkru_value(cn, pkru) if pkru & 0xFF == 0xA5 else pkru,
+            _TASK_FIELDS(t), pkru_value(cn, pkru) if pkru & 0xFF == PKRU_TOKEN_MARK else pkru,
             proc, shape,
             None if kp is None else _kpath_key(w, t, kp),
             # Killed by its group's fatal signal while inside a kernel path: it exits once it

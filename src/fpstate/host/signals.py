@@ -291,7 +291,8 @@ def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
     XSAVE, WRPKRU 0 so that the frame can be read and returned through; "closed" -- only the
     entry registers are recorded, and the handler returns without touching its stack (RSP +=
     8 as RET would, then rt_sigreturn), so that sigreturn reads the frame under the PKRU the
-    handler was given."""
+    handler was given; "key0" -- as "closed", but first the handler sets AD for key 0 in
+    its PKRU (the key of its stack, of every mapping here)."""
     C, In, M, R = asm.C, asm.In, asm.M, asm.R
     slot = shm.address + lay.slot(k)
     asm.mov_imm(R.R8, slot)
@@ -299,7 +300,9 @@ def _handler(asm: Asm, lay: _Layout, shm: SharedMemory, k: int,
         asm.emit(In.create_mem_reg(C.MOV_RM64_R64, M(R.R8, displ=disp), reg))
     asm.emit(In.create_reg_reg(C.MOV_R64_RM64, R.R9, R.RDX))
     asm.xsave(shm.address + lay.slot_entry(k), R.RCX)
-    if pkeys == "closed":
+    if pkeys in ("closed", "key0"):
+        if pkeys == "key0":
+            asm.deny_pkey(0, 1)  # PKRU |= AD of key 0
         asm.emit(In.create_reg_i32(C.ADD_RM64_IMM8, R.RSP, 8))
         asm.syscall(SYS["rt_sigreturn"])
         return
@@ -422,6 +425,9 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
     PKRU (init_pkru_value, which denies every key but 0): "open" (WRPKRU 0 first, then as
     usual) or "closed" (records its entry registers and returns without touching its stack,
     so that rt_sigreturn reads the frame under that PKRU). The SIGSEGV handler opens every key.
+    ``handler_pkeys`` "key0" needs no altstack: the SIGUSR1 handler records its entry
+    registers, sets AD for key 0 in its PKRU and returns without touching its stack, so
+    that rt_sigreturn reads the frame, on a key-0 stack, under a PKRU that denies it.
 
     With ``split_gap`` (and ``pkey_rights``) only the mapping's top page gets the key (the
     pkey_mprotect splits the mapping in two) and the altstack ends ``split_gap`` bytes above
@@ -436,10 +442,11 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
     if split_gap is not None and (pkey_rights is None or not 0 < split_gap <= PAGE):
         raise FpstateError(f"raise_signal: split_gap needs pkey_rights and lies in 1..{PAGE}, "
                            f"not {split_gap!r}")
-    if handler_pkeys not in ("open", "closed"):
-        raise FpstateError(f"raise_signal: handler_pkeys is 'open' or 'closed', "
+    if handler_pkeys not in ("open", "closed", "key0"):
+        raise FpstateError(f"raise_signal: handler_pkeys is 'open', 'closed' or 'key0', "
                            f"not {handler_pkeys!r}")
     keyed = pkey_rights is not None
+    key0 = handler_pkeys == "key0"
     lay = _layout()
     shm = SharedMemory(lay.total)
     shm.write(lay.table, pattern_table(seed))
@@ -451,7 +458,7 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         restorer.syscall(SYS["rt_sigreturn"])
         r_addr = pages.place(0, restorer)
         h0 = Asm()
-        _handler(h0, lay, shm, 0, patches, None, handler_pkeys if keyed else None)
+        _handler(h0, lay, shm, 0, patches, None, handler_pkeys if keyed or key0 else None)
         h1 = Asm()
         _handler(h1, lay, shm, 1, (), SEGV_EXIT, "open" if keyed else None)
         flags = SA_SIGINFO
@@ -487,7 +494,7 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         if keyed:
             main.deny_pkey(key, pkey_rights or 0)
         main.xsave(shm.address + lay.before)
-        if keyed:  # RSP at the kill() syscall: the interrupted stack pointer
+        if keyed or key0:  # RSP at the kill() syscall: the interrupted stack pointer
             main.mov_imm(main.R.R11, shm.address + lay.pkey_info + 16)
             main.emit(main.In.create_mem_reg(main.C.MOV_RM64_R64, main.M(main.R.R11),
                                              main.R.RSP))
@@ -511,6 +518,7 @@ def raise_signal(patches: tuple[FramePatch, ...] = (), *, seed: int = 0x3C,
         frame=_parse_slot(shm, lay, 0), sigreturn_ok=ok,
         after=xsave_image(shm.read(lay.after, lay.xs)) if ok else None,
         segv=_parse_slot(shm, lay, 1), exit=ex,
-        **({"pkey": shm.u64(lay.pkey_info), "altstack_sp": shm.u64(lay.pkey_info + 8),
-            "kill_sp": shm.u64(lay.pkey_info + 16)} if keyed else {}),
+        **({"pkey": shm.u64(lay.pkey_info), "altstack_sp": shm.u64(lay.pkey_info + 8)}
+           if keyed else {}),
+        **({"kill_sp": shm.u64(lay.pkey_info + 16)} if keyed or key0 else {}),
     )

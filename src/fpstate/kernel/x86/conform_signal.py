@@ -38,6 +38,7 @@ from fpstate.kernel.x86.conform import (
     show,
     user_task,
 )
+from fpstate.kernel.x86.hw import PKRU as PKRU_NR
 from fpstate.kernel.x86.mm import PAGE_SIZE
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.sched import (
@@ -102,7 +103,8 @@ class SignalGiven:
     #: registers are loaded; the registers' PKRU closes it), 0 for none.
     pkey: int = 0
     #: What the handler does with its entry PKRU before it returns (`raise_signal`'s
-    #: ``handler_pkeys``): "open" (WRPKRU 0) or "closed" (nothing).
+    #: ``handler_pkeys``): "open" (WRPKRU 0), "closed" (nothing) or "key0" (sets AD for key
+    #: 0, its stack's key).
     handler_pkeys: str = "open"
     #: When not 0: only the mapping's top page has ``pkey``, and the altstack ends this many
     #: bytes above that page's start (`raise_signal`'s ``split_gap``).
@@ -277,8 +279,11 @@ def model_sigreturn(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
     fpstate = int.from_bytes(raw[MC_FPSTATE:MC_FPSTATE + 8], "little")
     for p in g.patches:
         t.process.mm.write(fpstate + p.offset, p.data)
+    regs = m.cpus[0].regs
     if g.pkey and g.handler_pkeys == "open":
-        m.cpus[0].regs.wrpkru(0)  # the handler's WRPKRU 0 (its entry PKRU closes the key)
+        regs.wrpkru(0)  # the handler's WRPKRU 0 (its entry PKRU closes the key)
+    elif g.handler_pkeys == "key0":  # the handler's RDPKRU, OR AD of key 0, WRPKRU
+        regs.wrpkru(int.from_bytes(regs.component(PKRU_NR)[:4], "little") | 1)
     handler_return(t)
     m.syscall(0, sys_rt_sigreturn)
     return m, t
@@ -446,6 +451,24 @@ def _pkey_run(handler_pkeys: str, split_gap: int = 0) -> tuple[Any, SignalGiven]
                         onstack=True, pkey=run.pkey, handler_pkeys=handler_pkeys,
                         split_gap=split_gap)
     return run, given
+
+
+def _key0_sigreturn_host() -> HostAnswer:
+    """The SIGUSR1 handler sets AD for key 0 and returns: rt_sigreturn reads the frame (on
+    the ordinary, key-0 stack) under that PKRU."""
+    from fpstate.host.signals import raise_signal
+
+    run = raise_signal(handler_pkeys="key0")
+    if not run.kill_sp:
+        from fpstate.errors import HostUnavailable
+
+        raise HostUnavailable(f"the key-0 probe child did not reach kill() ({run.exit})")
+    if run.sigreturn_ok and run.after is not None:
+        facts: Facts = {"outcome": "restored",
+                        **prefixed("after", image_registers(host_system(), run.after.raw))}
+    else:
+        facts = {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
+    return HostAnswer(facts, SignalGiven(run.before.raw, run.kill_sp, handler_pkeys="key0"))
 
 
 def _pkey_delivery_host(split_gap: int = 0) -> Any:
@@ -730,6 +753,10 @@ CASES: tuple[Case, ...] = (
          "handler's PKRU (init_pkru_value closes the altstack's key): badframe, "
          "force_sig(SIGSEGV) on the altstack", _pkey_sigreturn_host("closed"),
          pkey_sigreturn_model, host_pku_reason),
+    Case("sigreturn/key0-closed-by-handler", "rt_sigreturn reads the frame under the "
+         "handler's PKRU, which denies key 0 (its own stack's): badframe before "
+         "fpu__restore_sig, force_sig(SIGSEGV) whose frame holds that PKRU",
+         _key0_sigreturn_host, pkey_sigreturn_model, host_pku_reason),
     Case("sigaltstack/pkey-split-deliver", _PKEY_RULE + "; the frame runs through two "
          "mappings (the keyed top page and the key-0 one below)",
          _pkey_delivery_host(PKEY_SPLIT_GAP), delivery_model, host_pku_reason),

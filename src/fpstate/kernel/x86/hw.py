@@ -107,6 +107,10 @@ _PKRU_BYTES: dict[int, bytes] = {}
 # -- component values ---------------------------------------------------------------------------
 
 _TOKEN_MARK = 0xA5
+#: The low byte of a PKRU token: as rights, key 0 open (bits 1:0 clear), key 1 AD, keys 2 and
+#: 3 WD -- a token is a value a program could load and go on running with, since its stack
+#: and code are on key 0.
+PKRU_TOKEN_MARK = 0xA4
 
 
 def init_value(i: int, size: int) -> bytes:
@@ -138,9 +142,9 @@ _PKRU_GUEST, _GUEST = 0x800, 0x8000
 def token(owner: int, gen: int, i: int, size: int) -> bytes:
     """Bytes for component ``i`` that name their writer: ``owner`` (a task id, < 65536) and
     ``gen`` (< 2**32), repeated every 8 bytes. x87 bytes 24..31 (MXCSR) are left zero. PKRU
-    holds 32 bits: its token is the u32 0xA5 | writer << 8 | gen << 20 (12 bits each, the
-    writer folded as `_PKRU_GUEST` says) followed by the component's 4 zero bytes (no other
-    token has zero bytes 4..7: generations start at 1); FpstateError beyond those bits."""
+    holds 32 bits: its token is the u32 0xA4 (`PKRU_TOKEN_MARK`) | writer << 8 | gen << 20 (12
+    bits each, the writer folded as `_PKRU_GUEST` says) followed by the component's 4 zero
+    bytes; FpstateError beyond those bits."""
     if i == PKRU:
         w = owner
         if owner & _GUEST and owner >> 8 & 0x7F < 8 and owner & 0xFF < 16:
@@ -150,7 +154,7 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
             raise FpstateError(f"a PKRU value names its writer in 32 bits: a task id below 2048 "
                                f"(or a guest of VM < 8 and vCPU < 16) and a generation below "
                                f"4096, not writer {owner:#x} at generation {gen}")
-        return (_TOKEN_MARK | w << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
+        return (PKRU_TOKEN_MARK | w << 8 | gen << 20).to_bytes(4, "little") + bytes(size - 4)
     assert 0 <= owner < 1 << 16 and 0 <= gen < 1 << 32, (owner, gen)
     # bytes (0xA5, i & 0xFF, owner as u16, gen as u32), little-endian
     unit = (_TOKEN_MARK | (i & 0xFF) << 8 | owner << 16 | gen << 32).to_bytes(8, "little")
@@ -162,20 +166,24 @@ def token(owner: int, gen: int, i: int, size: int) -> bytes:
 
 def read_token(value: bytes) -> tuple[int, int] | None:
     """(owner, gen) of bytes made by `token`, None for anything else (e.g. init values). An
-    8-byte value is read as a PKRU token when its upper half is zero, whichever component it
-    is: an IA32_PASID value whose PASID ends in 0xA5 reads as one too, so a reader that must
-    be exact compares the value with `token` of what it read (statekey._classify does)."""
-    if len(value) < 8 or value[0] != _TOKEN_MARK:
+    8-byte value is read as a PKRU token when it starts with `PKRU_TOKEN_MARK` and its upper half
+    is zero, whichever component it is: an IA32_PASID value of that shape reads as one too,
+    so a reader that must be exact compares the value with `token` of what it read
+    (statekey._classify does)."""
+    if len(value) < 8:
         return None
-    gen = int.from_bytes(value[4:8], "little")
-    if not gen and len(value) == 8:  # a PKRU token, or a PKRU value that only looks like one
+    mark = value[0]
+    if mark == PKRU_TOKEN_MARK:  # a PKRU token, or a PKRU value that only looks like one
         u = int.from_bytes(value[:4], "little")
-        if not u >> 20:
+        if len(value) != 8 or value[4:8] != b"\0\0\0\0" or not u >> 20:
             return None
         w = u >> 8 & 0xFFF
         if w & _PKRU_GUEST:
             w = _GUEST | (w >> 4 & 0x7F) << 8 | w & 0xF
         return w, u >> 20
+    gen = int.from_bytes(value[4:8], "little")
+    if mark != _TOKEN_MARK or not gen:  # generations start at 1
+        return None
     return int.from_bytes(value[2:4], "little"), gen
 
 

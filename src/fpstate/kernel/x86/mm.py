@@ -23,8 +23,10 @@ are not faulted in yet, and the bytes. Rules of this file:
   an access given the PKRU it runs under (``pkru``) is checked against that key's rights as
   the SDM's protection-key rules have it for user-mode addresses (Vol. 3A 4.6.2): AD denies
   every data access, WD every write (user mode, and supervisor mode with CR0.WP = 1, which
-  Linux sets). Key 0 is never checked: the checker's PKRU values are tokens, not rights, and
-  every PKRU the differential tests load keeps key 0's rights (fpstate.x86.progen.PKRU_KEY0).
+  Linux sets). Key 0, every mapping's key until pkey_mprotect() gives it another, is checked
+  like any other: a thread whose PKRU denies it key 0 cannot have its stack read by
+  rt_sigreturn, nor a system call's result stored in key-0 memory (the checker's PKRU
+  tokens leave key 0 open, fpstate.kernel.x86.hw.token).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PageFault(Exception):
 
 #: PKRU's two bits of key k: AD (bit 2k) and WD (bit 2k+1).
 PKRU_AD_BIT, PKRU_WD_BIT = 0x1, 0x2
+PKRU_KEY0_BITS = PKRU_AD_BIT | PKRU_WD_BIT  #: key 0's rights in PKRU
 #: include/uapi/asm-generic/mman-common.h
 PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0x0, 0x1, 0x2, 0x4
 PROT_RW = PROT_READ | PROT_WRITE  #: what every mapping of the model starts with
@@ -155,7 +158,7 @@ class UserMemory:
         if self.prots:
             for s, a in parts:
                 self._prot(s, a, write)
-        if pkru and self.pkeys:
+        if pkru and (self.pkeys or pkru & PKRU_KEY0_BITS):
             for s, a in parts:
                 self._pk(s, a, write, pkru)
         return parts
@@ -196,9 +199,9 @@ class UserMemory:
 
     def _pk(self, start: int, addr: int, write: bool, pkru: int) -> None:
         """The protection-key check of an access at ``addr`` to the region at ``start``
-        under ``pkru`` (SDM Vol. 3A 4.6.2; key 0 is not checked, see the module docstring)."""
-        key = self.pkeys.get(start)
-        if key and (pkru >> (2 * key)) & (PKRU_AD_BIT | PKRU_WD_BIT if write else PKRU_AD_BIT):
+        under ``pkru`` (SDM Vol. 3A 4.6.2; a mapping without a key of its own has key 0)."""
+        key = self.pkeys.get(start, 0)
+        if (pkru >> (2 * key)) & (PKRU_AD_BIT | PKRU_WD_BIT if write else PKRU_AD_BIT):
             raise PageFault(addr, key)
 
     def _prot(self, start: int, addr: int, write: bool) -> None:
