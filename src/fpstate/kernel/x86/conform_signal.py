@@ -468,7 +468,10 @@ def _key0_sigreturn_host() -> HostAnswer:
                         **prefixed("after", image_registers(host_system(), run.after.raw))}
     else:
         facts = {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
-    return HostAnswer(facts, SignalGiven(run.before.raw, run.kill_sp, handler_pkeys="key0"))
+    # The sigaltstack the child inherited (pytest's faulthandler installs one), which
+    # uc_stack reports though SIGUSR1 has no SA_ONSTACK.
+    sas = tuple(run.segv.uc_stack) if run.segv is not None else (0, 0, 0)
+    return HostAnswer(facts, SignalGiven(run.before.raw, run.kill_sp, sas, handler_pkeys="key0"))
 
 
 def _pkey_delivery_host(split_gap: int = 0) -> Any:
