@@ -153,6 +153,10 @@ def test_a_handlers_edit_of_an_ia32_frame_is_what_sigreturn_must_restore(siginfo
         sc = statekey.FRAME_SC[kind]
         fp = int.from_bytes(mm.read(lo + sc + 76, 4), "little") + 112  # sigcontext_32.fpstate
         assert mm.read(fp + 464, 4) == (0x46505853).to_bytes(4, "little")  # magic1
+        # x87 is not offered: the fsave header, not the fxsave part, gives it back.
+        edits = {a.get("component") for a in w.enabled_actions()
+                 if a.name == "frame_write" and a.task == "p0.t0"}
+        assert "sse" in edits and "x87" not in edits
         return w, fp
 
     for undo in (False, True):

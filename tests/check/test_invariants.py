@@ -375,44 +375,49 @@ def test_after_frame_fx_only_a_frame_write_changes_nothing_the_task_gets_back() 
     assert w.m.cpus[0].regs.component(9) == bytes(8)
 
 
-def test_a_handlers_xmm_edits_on_the_xsave_and_the_fx_only_path() -> None:
-    """frame_write and frame_clear of SSE: XRSTOR gives the handler's XMM value, or with
-    XSTATE_BV[1] clear zeros -- MXCSR is still the frame's (standard-form XRSTOR loads it when
-    RFBM[1] is set); fx_only's FXRSTOR ignores the header and takes XMM from the legacy area,
-    so a cleared bit no longer counts once magic1 is gone, in either order. The frame's XMM
-    bytes zeroed behind the world's back show that the fx_only expectation is the frame's."""
+@pytest.mark.parametrize("component", ["x87", "sse"])
+def test_a_handlers_legacy_area_edits_on_the_xsave_and_the_fx_only_path(component: str) -> None:
+    """frame_write and frame_clear of x87 or SSE in a 64-bit frame: XRSTOR gives the handler's
+    value, or with the XSTATE_BV bit clear the initial configuration (x87: FCW 0x37F, the
+    rest zero; XMM zero) -- MXCSR is still the frame's (standard-form XRSTOR loads it when
+    RFBM[1] is set; the x87 edit leaves bytes 24..31 alone); fx_only's FXRSTOR ignores the
+    header and takes both from the legacy area, so a cleared bit no longer counts once
+    magic1 is gone, in either order. The frame's bytes zeroed behind the world's back show
+    that the fx_only expectation is the frame's."""
+    i = component_number(component)
     base = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
-            A("write", task="p0.t0", component="sse"), A("signal", task="p0.t0")]
-    SSE = 1
+            A("write", task="p0.t0", component=component), A("signal", task="p0.t0")]
 
-    def after(*edits: Action, zero_xmm: bool = False) -> tuple[object, list[str]]:
+    def after(*edits: Action, zero: bool = False) -> tuple[object, list[str]]:
         w = world(ZEN4_ONE, steps=base)
         mxcsr = w.m.cpus[0].regs.mxcsr
         for a in edits:
             assert not w.step(a).violations
-        if zero_xmm:
+        if zero:
             t = w.tasks["p0.t0"]
             lo = w.frames["p0.t0"][-1][0]
             fp = int.from_bytes(t.process.mm.read(lo + 232, 8), "little")
-            t.process.mm.write(fp + 160, bytes(256))
+            off = 32 if i == 0 else 160  # x87: the ST registers; SSE: XMM0-15
+            t.process.mm.write(fp + off, bytes(128 if i == 0 else 256))
             w._hashed = None  # changed behind the world's back: its memoised key is stale
         r = w.step(A("sigreturn", task="p0.t0"))
         assert r.observed["ret"] == 0 and w.m.cpus[0].regs.mxcsr == mxcsr
         return w, [v.invariant for v in r.violations]
 
-    task_xmm = world(ZEN4_ONE, steps=base).sigstack["p0.t0"][-1][SSE]
-    assert task_xmm != bytes(256)
-    write = A("frame_write", task="p0.t0", component="sse")
-    clear = A("frame_clear", task="p0.t0", component="sse")
+    task_value = world(ZEN4_ONE, steps=base).sigstack["p0.t0"][-1][i]
+    init = b"\x7f\x03" + bytes(158) if i == 0 else bytes(256)
+    assert task_value != init
+    write = A("frame_write", task="p0.t0", component=component)
+    clear = A("frame_clear", task="p0.t0", component=component)
     fx_only = A("frame_fx_only", task="p0.t0")
     w, bad = after(write)
-    assert not bad and w.m.cpus[0].regs.component(SSE) not in (task_xmm, bytes(256))
+    assert not bad and w.m.cpus[0].regs.component(i) not in (task_value, init)
     w, bad = after(clear)
-    assert not bad and w.m.cpus[0].regs.component(SSE) == bytes(256)
+    assert not bad and w.m.cpus[0].regs.component(i) == init
     for edits in ((clear, fx_only), (fx_only, clear)):
         w, bad = after(*edits)
-        assert not bad and w.m.cpus[0].regs.component(SSE) == task_xmm
-        assert after(*edits, zero_xmm=True)[1] == ["no-lost-write"]
+        assert not bad and w.m.cpus[0].regs.component(i) == task_value
+        assert after(*edits, zero=True)[1] == ["no-lost-write"]
 
 
 RESIZE_STEPS = [A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
@@ -427,7 +432,7 @@ def test_a_frame_rewritten_for_a_smaller_cpu_is_restored_from_its_own_features()
     extended_size 836, xfeatures FP|SSE|YMM, xstate_size 832), MAGIC2 at 832 and none at the
     old 2,440; sigreturn (6.18's check_xstate_in_sigframe) loads SSE and AVX -- the
     handler's AVX (frame_write) -- from the frame and puts opmask and PKRU in their initial
-    configuration. After the resize the handler may edit only SSE and AVX (opmask's
+    configuration. After the resize the handler may edit only x87, SSE and AVX (opmask's
     standard offset on Zen 4 is 832, where MAGIC2 now is)."""
     w = world(ZEN4_ONE, steps=RESIZE_STEPS)
     t = w.tasks["p0.t0"]
@@ -449,8 +454,9 @@ def test_a_frame_rewritten_for_a_smaller_cpu_is_restored_from_its_own_features()
     assert mm.read(fp + 832, 4) == (0x46505845).to_bytes(4, "little")
     assert mm.read(fp + old, 4) == bytes(4)
     assert int.from_bytes(mm.read(fp + 512, 8), "little") == 0x7
-    assert edits() == {"frame_write:sse", "frame_clear:sse", "frame_write:avx",
-                       "frame_clear:avx", "frame_fx_only:None"}
+    assert edits() == {"frame_write:x87", "frame_clear:x87", "frame_write:sse",
+                       "frame_clear:sse", "frame_write:avx", "frame_clear:avx",
+                       "frame_fx_only:None"}
     assert not w.step(A("frame_write", task="p0.t0", component="avx")).violations
     avx = w.sigstack["p0.t0"][-1][AVX]
     r = w.step(A("sigreturn", task="p0.t0"))

@@ -141,7 +141,7 @@ from fpstate.x86.xfeatures import (
     bits,
 )
 
-SSE, PASID = 1, 10
+X87, SSE, PASID = 0, 1, 10
 XTILE_CFG, XTILE_DATA = 17, 18
 ARCH_OPTIONS = {"req_perm": ARCH_REQ_XCOMP_PERM, "req_guest_perm": ARCH_REQ_XCOMP_GUEST_PERM,
                 "get_perm": ARCH_GET_XCOMP_PERM, "get_guest_perm": ARCH_GET_XCOMP_GUEST_PERM,
@@ -757,7 +757,8 @@ class X86World(X86Views, World):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
         fp = _frame_xsave(t.process.mm, lo, kind)
-        if component is not None and i not in self._frame_writable(t, self._frame_sw(t, fp)):
+        if component is not None and i not in self._frame_writable(t, self._frame_sw(t, fp),
+                                                                   kind != FRAME_X64):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
         return t, i, fp
 
@@ -767,13 +768,18 @@ class X86World(X86Views, World):
         t.generation += 1
         size = self.m.system.profile.component(i).size
         value = token(t.pid, t.generation, i, size)
-        mm.write(fp + self.m.system.profile.component(i).offset, value)
+        if i == X87:  # fxregs_state without mxcsr and mxcsr_mask (bytes 24..31)
+            mm.write(fp, value[:24])
+            mm.write(fp + 32, value[32:])
+        else:
+            mm.write(fp + self.m.system.profile.component(i).offset, value)
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         sw = self._frame_sw(t, fp)
-        # What sigreturn must give back: XMM from the legacy area on either path (XRSTOR, or
-        # fx_only's FXRSTOR), the others only on the XSAVE path and as sw_bytes name them.
-        if i == SSE or (sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1):
+        # What sigreturn must give back: x87 and XMM from the legacy area on either path
+        # (XRSTOR, or fx_only's FXRSTOR), the others only on the XSAVE path and as sw_bytes
+        # name them.
+        if i <= SSE or (sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1):
             self.sigstack[t.comm][-1][i] = value
         return {}
 
@@ -783,9 +789,9 @@ class X86World(X86Views, World):
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         # What sigreturn must give back: XRSTOR's initial configuration (for SSE: XMM zero,
-        # MXCSR still from the frame), except that fx_only's FXRSTOR ignores the header and
-        # loads XMM from the legacy area.
-        if i != SSE or self._frame_sw(t, fp).magic1 == FP_XSTATE_MAGIC1:
+        # MXCSR still from the frame; for x87: FCW 0x37F, the rest zero), except that
+        # fx_only's FXRSTOR ignores the header and loads x87 and XMM from the legacy area.
+        if i > SSE or self._frame_sw(t, fp).magic1 == FP_XSTATE_MAGIC1:
             self.sigstack[t.comm][-1][i] = self.init_values[i]
         return {}
 
@@ -805,29 +811,34 @@ class X86World(X86Views, World):
         # user_xfeatures & ~FPSSE -- every tracked one, whether the task ever wrote it or not
         # (a PKRU of init_pkru_value becomes 0 too). FXRSTOR takes XMM from the legacy area
         # whatever XSTATE_BV says (a frame_clear of SSE before this no longer counts); the
-        # signal's XSAVE wrote it, as plain XSAVE writes every requested component.
+        # signal's XSAVE wrote it, as plain XSAVE writes every requested component. So does
+        # x87 of a 64-bit frame (an ia32 frame's fsave header gives x87 back, which
+        # do_sigreturn folds in).
         user = t.fpu.fpstate.user_xfeatures
         saved = self.sigstack[t.comm][-1]
         if SSE in saved:
             xmm = self.m.system.profile.component(SSE)  # fxregs_state.xmm_space
             saved[SSE] = mm.read(fp + xmm.offset, xmm.size)
+        if X87 in saved and self.frames[t.comm][-1][2] == FRAME_X64:
+            legacy = mm.read(fp, 160)
+            saved[X87] = legacy[:24] + bytes(8) + legacy[32:]  # without MXCSR (keyed apart)
         for i in self.tracked:
             if i >= 2 and (user >> i) & 1:
                 saved[i] = self.init_values[i]
         return {}
 
-    def _frame_writable(self, t: Task, sw: FpxSwBytes) -> tuple[int, ...]:
+    def _frame_writable(self, t: Task, sw: FpxSwBytes, ia32: bool) -> tuple[int, ...]:
         """The components a handler's frame edit may set: writable ones the task's fpstate
         carries in its user features, AMX's dynamic state aside (a frame with tile data for a
         task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
         and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
-        one's standard offset may lie past its end, where MAGIC2 is. SSE is one (its XMM
-        registers; MXCSR stays as the signal saved it); x87 is not (an ia32 frame's fsave
-        header, not its fxsave part, gives x87 back)."""
+        one's standard offset may lie past its end, where MAGIC2 is. x87 and SSE are among
+        them (MXCSR stays as the signal saved it), x87 not in an ``ia32`` frame, whose fsave
+        header, not its fxsave part, gives x87 back."""
         user = t.fpu.fpstate.user_xfeatures
         if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
             user &= sw.xfeatures
-        return tuple(i for i in self.writable[1:] if (user >> i) & 1
+        return tuple(i for i in self.writable[1 if ia32 else 0:] if (user >> i) & 1
                      and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
 
     #: What frame_resize keeps: the features of a CPU with x87, SSE and AVX only.
@@ -1100,9 +1111,9 @@ class X86World(X86Views, World):
                 "pkey_open": A("pkey_open", task=comm),
                 "sigreturn": A("sigreturn", task=comm),
                 "frame_writes": {i: A("frame_write", task=comm, component=BY_NUMBER[i].short)
-                                 for i in self.writable[1:]},
+                                 for i in self.writable},
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
-                                 for i in self.writable[1:]},
+                                 for i in self.writable},
                 "frame_fx_only": A("frame_fx_only", task=comm),
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
@@ -1178,7 +1189,7 @@ class X86World(X86Views, World):
                 lo, _, kind = self.frames[t.comm][-1]
                 if self._frame_open(t, lo):
                     sw = self._frame_sw(t, _frame_xsave(t.process.mm, lo, kind))
-                    writable = self._frame_writable(t, sw)
+                    writable = self._frame_writable(t, sw, kind != FRAME_X64)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
                     add(ta["frame_fx_only"])
