@@ -107,6 +107,23 @@ def test_sigreturn_names_the_xrstor_fault() -> None:
     assert "#GP" in v.detail
 
 
+def test_a_frame_in_a_smaller_cpus_layout_is_fx_only_on_v6_16_only() -> None:
+    """A frame as CRIU writes it for a CPU with x87, SSE and AVX only (sw_bytes 836/0x7/832,
+    MAGIC2 at 832): accepted whole by 6.18 (the conform case sigreturn/resized-to-ymm is the
+    real kernel's word), and by v6.16 only as FXSAVE-only -- MAGIC2 looked for at the task's
+    user_size (2,440 on Zen 4)."""
+    sig = bytearray(836)
+    struct.pack_into("<HxxxxxxxxxxxxxxxxxxxxxxI", sig, 0, 0x37F, 0x1F80)
+    struct.pack_into("<IIQI", sig, 464, 0x46505853, 836, 0x7, 832)
+    struct.pack_into("<Q", sig, 512, 0x7)
+    struct.pack_into("<I", sig, 832, 0x46505845)
+    new = validate(bytes(sig), ZEN4, "sigreturn", kernel="6.18")
+    old = validate(bytes(sig), ZEN4, "sigreturn", kernel="6.16")
+    assert new.accepted and old.accepted
+    assert not any("FXSAVE-only" in n for n in new.notes)
+    assert any("FXSAVE-only" in n and "user_size is 2440" in n for n in old.notes)
+
+
 def test_bad_input() -> None:
     with pytest.raises(BlobError, match="576-byte"):
         validate(bytes(100), ZEN4, "ptrace")
