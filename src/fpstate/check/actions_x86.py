@@ -743,10 +743,12 @@ class X86World(X86Views, World):
             self.expected[t.comm][PKRU] = pkru_bytes(0)
         return {"fault": fault.vector if fault else "none"}
 
-    def _handler_frame(self, task: str, component: str | None) -> tuple[Task, int, int]:
-        """(task, component number, address of the frame's XSAVE area) for a handler's edit
-        of its frame, 64-bit or ia32 (frame_write, frame_clear; frame_fx_only names no
-        component: -1); StepError where it may not edit."""
+    def _handler_frame(self, task: str,
+                       component: str | None) -> tuple[Task, int, int, FpxSwBytes]:
+        """(task, component number, address of the frame's XSAVE area, its fx_sw_bytes) for
+        a handler's edit of its frame, 64-bit or ia32 (frame_write, frame_clear;
+        frame_fx_only and frame_resize name no component: -1); StepError where it may not
+        edit."""
         t = self.task(task)
         self.user_cpu(t)
         i = -1 if component is None else component_number(component)
@@ -757,13 +759,13 @@ class X86World(X86Views, World):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
         fp = _frame_xsave(t.process.mm, lo, kind)
-        if component is not None and i not in self._frame_writable(t, self._frame_sw(t, fp),
-                                                                   kind != FRAME_X64):
+        sw = self._frame_sw(t, fp)
+        if component is not None and i not in self._frame_writable(t, sw, kind != FRAME_X64):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
-        return t, i, fp
+        return t, i, fp, sw
 
     def do_frame_write(self, task: str, component: str) -> dict[str, Value]:
-        t, i, fp = self._handler_frame(task, component)
+        t, i, fp, sw = self._handler_frame(task, component)
         mm = t.process.mm
         t.generation += 1
         size = self.m.system.profile.component(i).size
@@ -775,23 +777,22 @@ class X86World(X86Views, World):
             mm.write(fp + self.m.system.profile.component(i).offset, value)
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") | 1 << i
         mm.write(fp + 512, bv.to_bytes(8, "little"))
-        sw = self._frame_sw(t, fp)
-        # What sigreturn must give back: x87 and XMM from the legacy area on either path
-        # (XRSTOR, or fx_only's FXRSTOR), the others only on the XSAVE path and as sw_bytes
-        # name them.
+        # What sigreturn must give back (the edit left the sw_bytes alone): x87 and XMM from
+        # the legacy area on either path (XRSTOR, or fx_only's FXRSTOR), the others only on
+        # the XSAVE path and as sw_bytes name them.
         if i <= SSE or (sw.magic1 == FP_XSTATE_MAGIC1 and (sw.xfeatures >> i) & 1):
             self.sigstack[t.comm][-1][i] = value
         return {}
 
     def do_frame_clear(self, task: str, component: str) -> dict[str, Value]:
-        t, i, fp = self._handler_frame(task, component)
+        t, i, fp, sw = self._handler_frame(task, component)
         mm = t.process.mm
         bv = int.from_bytes(mm.read(fp + 512, 8), "little") & ~(1 << i)
         mm.write(fp + 512, bv.to_bytes(8, "little"))
         # What sigreturn must give back: XRSTOR's initial configuration (for SSE: XMM zero,
         # MXCSR still from the frame; for x87: FCW 0x37F, the rest zero), except that
         # fx_only's FXRSTOR ignores the header and loads x87 and XMM from the legacy area.
-        if i > SSE or self._frame_sw(t, fp).magic1 == FP_XSTATE_MAGIC1:
+        if i > SSE or sw.magic1 == FP_XSTATE_MAGIC1:
             self.sigstack[t.comm][-1][i] = self.init_values[i]
         return {}
 
@@ -804,7 +805,7 @@ class X86World(X86Views, World):
         return FpxSwBytes.unpack(t.process.mm.read(fp + SW_BYTES_OFFSET, SW_BYTES_SIZE))
 
     def do_frame_fx_only(self, task: str) -> dict[str, Value]:
-        t, _, fp = self._handler_frame(task, None)
+        t, _, fp, _ = self._handler_frame(task, None)
         mm = t.process.mm
         mm.write(fp + SW_BYTES_OFFSET, bytes(4))  # fx_sw_bytes.magic1
         # __restore_fpregs_from_user(): FXRSTOR of x87/SSE, then init_fpstate's bytes for
@@ -851,9 +852,8 @@ class X86World(X86Views, World):
                 and t.fpu.fpstate.user_xfeatures & self.RESIZED == self.RESIZED)
 
     def do_frame_resize(self, task: str) -> dict[str, Value]:
-        t, _, fp = self._handler_frame(task, None)
+        t, _, fp, sw = self._handler_frame(task, None)
         mm = t.process.mm
-        sw = self._frame_sw(t, fp)
         if not self._resizable(t, sw):
             raise StepError(f"{task}'s frame has nothing beyond x87, SSE and AVX to drop")
         keep = self.RESIZED

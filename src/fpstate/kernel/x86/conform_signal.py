@@ -38,7 +38,6 @@ from fpstate.kernel.x86.conform import (
     show,
     user_task,
 )
-from fpstate.kernel.x86.hw import PKRU as PKRU_NR
 from fpstate.kernel.x86.mm import PAGE_SIZE
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
 from fpstate.kernel.x86.sched import (
@@ -58,6 +57,7 @@ from fpstate.kernel.x86.signal import (
     SIGFRAME_IA32_SC,
     handler_ia32_return,
     handler_return,
+    read_pkru,
     sys32_rt_sigreturn,
     sys32_sigreturn,
     sys_rt_sigreturn,
@@ -279,11 +279,11 @@ def model_sigreturn(system: FpuSystem, g: SignalGiven) -> tuple[Machine, Task]:
     fpstate = int.from_bytes(raw[MC_FPSTATE:MC_FPSTATE + 8], "little")
     for p in g.patches:
         t.process.mm.write(fpstate + p.offset, p.data)
-    regs = m.cpus[0].regs
+    c = m.cpus[0]
     if g.pkey and g.handler_pkeys == "open":
-        regs.wrpkru(0)  # the handler's WRPKRU 0 (its entry PKRU closes the key)
+        c.regs.wrpkru(0)  # the handler's WRPKRU 0 (its entry PKRU closes the key)
     elif g.handler_pkeys == "key0":  # the handler's RDPKRU, OR AD of key 0, WRPKRU
-        regs.wrpkru(int.from_bytes(regs.component(PKRU_NR)[:4], "little") | 1)
+        c.regs.wrpkru(read_pkru(c) | 1)
     handler_return(t)
     m.syscall(0, sys_rt_sigreturn)
     return m, t
@@ -453,6 +453,15 @@ def _pkey_run(handler_pkeys: str, split_gap: int = 0) -> tuple[Any, SignalGiven]
     return run, given
 
 
+def _sigreturn_or_segv_facts(run: Any) -> Facts:
+    """The host's answer to a sigreturn that may fail: the registers it restored, or the
+    frame of the SIGSEGV it forced (what `pkey_sigreturn_model` answers)."""
+    if run.sigreturn_ok and run.after is not None:
+        return {"outcome": "restored",
+                **prefixed("after", image_registers(host_system(), run.after.raw))}
+    return {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
+
+
 def _key0_sigreturn_host() -> HostAnswer:
     """The SIGUSR1 handler sets AD for key 0 and returns: rt_sigreturn reads the frame (on
     the ordinary, key-0 stack) under that PKRU."""
@@ -463,11 +472,7 @@ def _key0_sigreturn_host() -> HostAnswer:
         from fpstate.errors import HostUnavailable
 
         raise HostUnavailable(f"the key-0 probe child did not reach kill() ({run.exit})")
-    if run.sigreturn_ok and run.after is not None:
-        facts: Facts = {"outcome": "restored",
-                        **prefixed("after", image_registers(host_system(), run.after.raw))}
-    else:
-        facts = {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
+    facts = _sigreturn_or_segv_facts(run)
     # The sigaltstack the child inherited (pytest's faulthandler installs one), which
     # uc_stack reports though SIGUSR1 has no SA_ONSTACK.
     sas = tuple(run.segv.uc_stack) if run.segv is not None else (0, 0, 0)
@@ -485,12 +490,7 @@ def _pkey_delivery_host(split_gap: int = 0) -> Any:
 def _pkey_sigreturn_host(handler_pkeys: str, split_gap: int = 0) -> Any:
     def host() -> HostAnswer:
         run, given = _pkey_run(handler_pkeys, split_gap)
-        if run.sigreturn_ok and run.after is not None:
-            facts: Facts = {"outcome": "restored",
-                            **prefixed("after", image_registers(host_system(), run.after.raw))}
-        else:
-            facts = {"outcome": "SIGSEGV", **_host_delivery_facts(run, usr1=False)}
-        return HostAnswer(facts, given)
+        return HostAnswer(_sigreturn_or_segv_facts(run), given)
 
     return host
 
