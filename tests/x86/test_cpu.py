@@ -17,6 +17,7 @@ from fpstate.cli import main
 from fpstate.errors import MaskError, ProfileError
 from fpstate.x86 import impl as I
 from fpstate.x86.cpu import NOT_MODELLED, Cpu, machine, require_modelled, tilecfg_valid
+from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.insn import default_xcr0, run_program
 from fpstate.x86.profiles import list_profiles, load_profile
 from fpstate.x86.progen import RandomDraw, generate_program
@@ -169,7 +170,7 @@ def test_tilecfg_valid_palette_rules() -> None:
 
 
 def test_every_record_answers_every_choice_with_an_origin() -> None:
-    for rec in (I.AMD_ZEN5_HOST, I.AMD, I.INTEL):
+    for rec in (I.AMD_ZEN5_HOST, I.AMD_ZEN4_HOST, I.AMD_ZEN3_HOST, I.AMD, I.INTEL):
         assert set(rec.values) == set(I.CHOICES) == set(rec.origins)
         assert all(rec.origins[k] for k in I.CHOICES)
     assert all(c.phrase and c.reference for c in I.CHOICES.values())
@@ -177,8 +178,28 @@ def test_every_record_answers_every_choice_with_an_origin() -> None:
 
 def test_for_profile_by_vendor_and_family() -> None:
     assert I.for_profile(load_profile("zen5")) is I.AMD_ZEN5_HOST
-    assert I.for_profile(ZEN4) is I.AMD
+    assert I.for_profile(ZEN4) is I.AMD_ZEN4_HOST
+    assert I.for_profile(load_profile("zen3")) is I.AMD_ZEN3_HOST
+    assert I.for_profile(load_profile("zen2")).name == "amd+x87_pointer_bits=48"
     assert I.for_profile(SPR) is I.INTEL
+
+
+def test_x87_pointer_width_is_the_cores_not_the_guests_cpuid() -> None:
+    """A KVM guest on Zen 4 reports 48 linear-address bits (CPUID 0x80000008:EAX[15:8]) and
+    no LA57, and its FPU keeps 57 bits of FIP/FDP (measured): a measured core's width stands
+    whatever the CPUID says; an unmeasured core (Zen 2) takes its CPUID's width."""
+    guest = _with_eax(ZEN4, 0x80000008, 0x303030)
+    assert I.linear_address_bits(guest) == 48
+    assert I.for_profile(guest)[I.X87_POINTER_BITS] == 57
+    zen2 = load_profile("zen2")
+    assert I.for_profile(zen2)[I.X87_POINTER_BITS] == I.linear_address_bits(zen2) == 48
+    assert I.for_profile(_with_eax(zen2, 0x80000008, 0x3930))[I.X87_POINTER_BITS] == 57
+
+
+def _with_eax(profile: CpuidProfile, leaf: int, eax: int) -> CpuidProfile:
+    leaves = dict(profile.leaves)
+    leaves[(leaf, 0)] = (eax, *profile.cpuid(leaf, 0)[1:])
+    return CpuidProfile.from_leaves(profile.name + "-guest", leaves, "test")
 
 
 def test_with_choice() -> None:

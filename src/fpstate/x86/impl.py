@@ -280,7 +280,7 @@ INTEL = ImplDefined(
 
 _AMD_ASSUMED = "assumed: as measured on the Zen 5 host (same microcode family behaviour)"
 
-#: Other AMD cores (Zen 2, Zen 4): the Zen 5 host's measured choices, not measured
+#: Other AMD cores (Zen 2 and older): the Zen 5 host's measured choices, not measured
 #: themselves (the x87 pointer width follows each CPU's linear-address width: `for_profile`).
 AMD = replace(AMD_ZEN5_HOST, name="amd",
               origins={key: _AMD_ASSUMED for key in CHOICES})
@@ -314,6 +314,29 @@ AMD_ZEN3_HOST = replace(
              LEGACY_SSE_UPPER: _NO_AVX512,
              VEX256_HI256_XINUSE: _NO_AVX512})
 
+_ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
+         "with fpstate.host.runner; test_differential checks it")
+
+#: A third measured machine: AMD EPYC family 19h model 11h (Zen 4, Genoa) in a KVM guest,
+#: XCR0 0xE7 (x87, SSE, AVX, AVX-512), no PKU. Every choice agrees with the Zen 5 host. The
+#: guest's CPUID says 48-bit linear addresses and no LA57, but the FPU keeps 57 bits of FIP
+#: and FDP, the core's own width: the width is the silicon's, not what a hypervisor reports.
+AMD_ZEN4_HOST = replace(
+    AMD_ZEN5_HOST, name="amd-zen4-host",
+    origins={**{key: _ZEN4 for key in CHOICES},
+             WRITE_XINUSE: _ZEN4 + " (x87 and the vector components as on the Zen 5 host; "
+                           "bit 9 is the Zen 3 host's measurement and the kernel's word "
+                           "(ae6012d72fa6): this guest has no PKU)",
+             X87_POINTER_BITS: _ZEN4 + " (XSAVE64 after XRSTOR64 of FIP = FDP = 1 << 47 saves "
+                               "0x800000000000, 1 << 48 saves 1 << 48, 1 << 56 saves "
+                               "0xFF00000000000000, 1 << 57 and 1 << 63 save 0, "
+                               "0x123456789ABCDEF0 saves 0x3456789ABCDEF0: bits 56:0 kept, "
+                               "sign-extended, although the guest's CPUID "
+                               "0x80000008:EAX[15:8] = 48 and CPUID 7:ECX[16] LA57 = 0)",
+             LEGACY_SSE_KEEPS_AVX: _ZEN4 + " (the Zen 3 host's program -- VMOVDQU ymm4 = 0, "
+                                   "MOVDQU xmm10, FXRSTOR, XGETBV(1) -- reads bit 2 clear: "
+                                   "the Zen 3 behaviour is absent)"})
+
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))
 
@@ -327,25 +350,26 @@ def linear_address_bits(profile: CpuidProfile) -> int:
 
 def for_profile(profile: CpuidProfile) -> ImplDefined:
     """The implementation-defined choices of ``profile``'s CPU: Intel's; on AMD the measured
-    record of its core (Zen 5: family 1Ah; Zen 3: the family 19h models of `_ZEN3_MODELS`),
-    else the Zen 5 host's, with FIP/FDP kept to the CPU's linear-address width
-    (`linear_address_bits`: 57 on the Zen 5 host and 48 on the Zen 3 host, both measured)."""
+    record of its core (Zen 5: family 1Ah; Zen 3: the family 19h models of `_ZEN3_MODELS`;
+    Zen 4: the other family 19h models), else (Zen 2 and older) the Zen 5 host's with FIP/FDP
+    kept to the CPU's linear-address width (`linear_address_bits`). A measured core keeps its
+    measured width whatever the profile's CPUID says: a KVM guest on Zen 4 reports 48-bit
+    linear addresses while its FPU keeps 57 bits of FIP and FDP."""
     if profile.vendor not in ("amd", "hygon"):
         return INTEL
     family, model = profile.family_model_stepping[:2]
     if family == 0x1A:
-        record = AMD_ZEN5_HOST
-    elif family == 0x19 and any(model in r for r in _ZEN3_MODELS):
-        record = AMD_ZEN3_HOST
-    else:
-        record = AMD
+        return AMD_ZEN5_HOST
+    if family == 0x19:
+        return AMD_ZEN3_HOST if any(model in r for r in _ZEN3_MODELS) else AMD_ZEN4_HOST
     width = linear_address_bits(profile)
-    if width != record[X87_POINTER_BITS]:
-        record = record.with_choice(
-            X87_POINTER_BITS, width, f"the CPU's linear-address width (CPUID "
-            f"0x80000008:EAX[15:8] = {width}), as measured on the Zen 3 and Zen 5 hosts")
-    return record
+    if width == AMD[X87_POINTER_BITS]:
+        return AMD
+    return AMD.with_choice(
+        X87_POINTER_BITS, width, f"the CPU's linear-address width (CPUID "
+        f"0x80000008:EAX[15:8] = {width}), as on the measured cores (Zen 3: 48, Zen 4 and "
+        f"Zen 5: 57, the silicon's width)")
 
 
-__all__ = ["AMD", "AMD_ZEN3_HOST", "AMD_ZEN5_HOST", "CHOICES", "INTEL", "Choice", "ImplDefined",
-           "for_profile", "linear_address_bits"]
+__all__ = ["AMD", "AMD_ZEN3_HOST", "AMD_ZEN4_HOST", "AMD_ZEN5_HOST", "CHOICES", "INTEL",
+           "Choice", "ImplDefined", "for_profile", "linear_address_bits"]
