@@ -11,7 +11,7 @@ from fpstate.check.invariants import BUG_INVARIANTS, BY_NAME, INVARIANTS, PREDIC
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action, StepError
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.hw import mxcsr_token, token
 from fpstate.kernel.x86.signal import SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import XFEATURE_MASK_GUEST_SUPERVISOR
 
@@ -497,3 +497,46 @@ def test_no_frame_write_on_a_keyed_stack_the_handlers_pkru_closes() -> None:
         w.step(A("frame_write", task="p0.t0", component="avx"))
     w.step(A("pkey_open", task="p0.t0"))
     assert "avx" in frame_writes()
+
+
+def test_mxcsr_is_a_value_of_its_own() -> None:
+    """LDMXCSR loads a value naming the task (hw.mxcsr_token): another task's value in its
+    MXCSR is foreign, 1F80H in its place is a lost write -- whatever the components say."""
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("ldmxcsr", task="p0.t0")])
+    mine = w.m.cpus[0].regs.mxcsr
+    assert mine == mxcsr_token(w.tasks["p0.t0"].pid, 1) and not broken(w)
+    w.m.cpus[0].regs.mxcsr = mxcsr_token(w.tasks["p1.t0"].pid, 2)
+    assert broken(w) == {"no-foreign-value"}
+    w.m.cpus[0].regs.mxcsr = 0x1F80
+    assert broken(w) == {"no-lost-write"}
+    # The task's second LDMXCSR loads its other value: its first one is then a lost write.
+    w.m.cpus[0].regs.mxcsr = mine
+    w.step(A("ldmxcsr", task="p0.t0"))
+    assert w.m.cpus[0].regs.mxcsr == mxcsr_token(w.tasks["p0.t0"].pid, 2)
+    w.m.cpus[0].regs.mxcsr = mine
+    assert broken(w) == {"no-lost-write"}
+
+
+def test_a_restore_that_keeps_the_cpus_mxcsr_is_found_by_the_explorer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel whose restore_fpregs_from_fpstate() leaves MXCSR as the CPU had it (as if
+    its XRSTOR ran with RFBM lacking SSE and YMM) hands a task the MXCSR of whoever ran
+    before: the registers are then the task's own (TIF_NEED_FPU_LOAD clear), so only the
+    comparison of MXCSR with what the task loaded sees it. The explorer finds it from the
+    default configuration, with no scenario hint."""
+    from fpstate.check.explore import Job, default_config, random_slice
+    from fpstate.check.world import no_memos
+
+    real = core.restore_fpregs_from_fpstate
+
+    def keeps_mxcsr(c, fps, mask) -> None:
+        before = c.regs.mxcsr
+        real(c, fps, mask)
+        c.regs.mxcsr = before
+
+    monkeypatch.setattr(core, "restore_fpregs_from_fpstate", keeps_mxcsr)
+    with no_memos():
+        s = random_slice(Job("x86", default_config("x86")), 3, 30.0, 60)
+    assert s.found is not None, "not found in 30 s"
+    assert s.found.invariant in ("no-lost-write", "no-foreign-value"), s.found
+    assert "MXCSR" in s.found.detail and any(a.name == "ldmxcsr" for a in s.found.path)

@@ -53,9 +53,14 @@ from fpstate.check.world import (
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
 from fpstate.kernel.x86.hw import (
+    HDR,
+    MXCSR,
+    MXCSR_INIT,
+    MXCSR_OFFSET,
     PKRU,
     UserMemory,
     init_value,
+    mxcsr_token,
     pkru_bytes,
     read_token,
     token,
@@ -135,6 +140,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_FPSSE,
     XFEATURE_MASK_PASID,
     XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_SSE,
     XFEATURE_MASK_XTILE,
     XFEATURE_MASK_XTILE_DATA,
     XFEATURE_MASK_YMM,
@@ -192,6 +198,9 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("write", "a user instruction writes a component (VMOVDQU, KMOVQ, LDTILECFG, "
                "TILELOADD...); #NM goes through the XFD handler",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
+    ActionSpec("ldmxcsr", "LDMXCSR of a value naming the task (fpstate.kernel.x86.hw."
+               "mxcsr_token; the task's two values in turn): the task must read it back",
+               {"task": _TASK}),
     ActionSpec("release", "TILERELEASE (or any instruction that puts components in their "
                "initial configuration)",
                {"task": _TASK,
@@ -616,6 +625,17 @@ class X86World(X86Views, World):
                     self.expected[t.comm].pop(XTILE_DATA, None)
         return {"fault": fault, "alive": alive}
 
+    def do_ldmxcsr(self, task: str) -> dict[str, Value]:
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        exp = self.expected[t.comm]
+        n = 2 if exp.get(MXCSR) == mxcsr_token(t.pid, 1).to_bytes(4, "little") else 1
+        value = mxcsr_token(t.pid, n)
+        fault = self.m.user_ldmxcsr(nr, value)
+        if fault is None:
+            exp[MXCSR] = value.to_bytes(4, "little")
+        return {"mxcsr": value, "fault": fault.vector if fault else "none"}
+
     def do_release(self, task: str, components: str) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
@@ -895,6 +915,7 @@ class X86World(X86Views, World):
             if self.pkru_tracked else 0
         readable = t.process.mm.readable(lo, hi - lo, pkru)
         ia32 = kind != FRAME_X64
+        mxcsr = self._mxcsr_after_sigreturn(t, lo, kind)
         if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
             handler_ia32_return(t, kind == FRAME_IA32_RT)
             ret = self.m.syscall(nr, sys32_rt_sigreturn if kind == FRAME_IA32_RT
@@ -911,9 +932,51 @@ class X86World(X86Views, World):
                 saved = dict(saved)
                 saved[0] = fold_x87(saved[0])
             sup = self._supervisor(self.expected[t.comm])
-            self.expected[t.comm] = {i: v for i, v in saved.items()
-                                     if i not in self.supervisor_tracked} | sup
+            exp = self.expected[t.comm] = {i: v for i, v in saved.items()
+                                           if i not in self.supervisor_tracked} | sup
+            exp.pop(MXCSR, None)
+            if mxcsr != MXCSR_INIT:
+                exp[MXCSR] = mxcsr
         return {"ret": ret, "errno": errno_name(ret)}
+
+    def _mxcsr_after_sigreturn(self, t: Task, lo: int, kind: str) -> bytes:
+        """The MXCSR the task must run with after a successful sigreturn of its top frame,
+        from the frame's bytes and the kernel's paths (not from the model's answer):
+
+        - 64-bit, XSAVE path: XRSTOR from the frame, standard form, RFBM = the frame's
+          xfeatures with SSE and YMM: the frame's MXCSR whatever XSTATE_BV says (SDM 13.8.1).
+        - 64-bit, fx_only: FXRSTOR takes the frame's; then __restore_fpregs_from_user()'s
+          os_xrstor(&init_fpstate, user_xfeatures & ~FPSSE) loads init_fpstate's 1F80H where
+          that includes YMM and init_fpstate is in the standard form (a compacted XRSTOR(S)
+          loads MXCSR only with SSE in RFBM & XSTATE_BV).
+        - ia32, fx_only: the 512 bytes are copied into the fpstate and XSTATE_BV gets FPSSE:
+          the frame's.
+        - ia32, XSAVE path: copy_uabi_to_xstate() copies MXCSR only when the frame's XSTATE_BV
+          has FP, SSE or YMM; else the fpstate keeps its own (the handler's: saved by
+          __fpu_restore_sig()'s os_xsave() where there are supervisor features, or there
+          already under TIF_NEED_FPU_LOAD; else what the fpstate last held). The restore of
+          the fpstate is then compacted on XSAVES/XSAVEC kernels: without SSE in XSTATE_BV it
+          puts MXCSR to 1F80H (RFBM, max_features, has SSE)."""
+        mm = t.process.mm
+        fp = _frame_xsave(mm, lo, kind)
+        frame = mm.read(fp + MXCSR_OFFSET, 4)
+        s = self.m.system
+        fx_only = self._frame_sw(t, fp).magic1 != FP_XSTATE_MAGIC1
+        if kind == FRAME_X64:
+            init_bv = t.fpu.fpstate.user_xfeatures & ~XFEATURE_MASK_FPSSE
+            if fx_only and init_bv & XFEATURE_MASK_YMM and not s.xcompacted:
+                return MXCSR_INIT
+            return frame
+        if fx_only:
+            return frame
+        bv = int.from_bytes(mm.read(fp + HDR, 8), "little")
+        if s.xcompacted and not bv & XFEATURE_MASK_SSE:
+            return MXCSR_INIT
+        if bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
+            return frame
+        if t.need_fpu_load or s.xfeatures_mask_supervisor:
+            return self.expected[t.comm].get(MXCSR, MXCSR_INIT)
+        return self.image(t.fpu.fpstate)[MXCSR]
 
     def do_kernel_fpu(self, cpu: int, components: str = "sse|avx",
                       hardirq: bool = False) -> dict[str, Value]:
@@ -933,7 +996,8 @@ class X86World(X86Views, World):
             self._thread_stack(new)
         # fpu_clone: dynamic features are caller-saved, PASID is never inherited.
         drop = XFEATURE_MASK_USER_DYNAMIC | XFEATURE_MASK_PASID
-        self._adopt(new, {i: v for i, v in self.expected[t.comm].items() if not (drop >> i) & 1})
+        self._adopt(new, {i: v for i, v in self.expected[t.comm].items()
+                          if i < 0 or not (drop >> i) & 1})  # MXCSR (-1) is copied
         return {"pid": new.pid}
 
     def do_fork(self, task: str, child: str) -> dict[str, Value]:
@@ -1081,6 +1145,7 @@ class X86World(X86Views, World):
         seen = self.seen(t)
         for i in self.tracked:
             out[BY_NUMBER[i].short] = self.writer(seen[i], i)
+        out["mxcsr"] = int.from_bytes(seen[MXCSR], "little")
         return out
 
     # -- exploration -------------------------------------------------------------------------
@@ -1101,6 +1166,7 @@ class X86World(X86Views, World):
                                    for i in self.writable if (XFEATURE_MASK_XTILE >> i) & 1),
                 "nm_return": A("nm_return", task=comm),
                 "release": A("release", task=comm, components="xtilecfg|xtiledata"),
+                "ldmxcsr": A("ldmxcsr", task=comm),
                 "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
                 "get_perm": A("arch_prctl", task=comm, option="get_perm"),
                 "sigaction": A("sigaction", task=comm, onstack=True),
@@ -1170,6 +1236,7 @@ class X86World(X86Views, World):
                 out.extend(a for i, a in ta["writes_nm"] if (xfd >> i) & 1)
             if amx:
                 add(ta["release"])
+            add(ta["ldmxcsr"])
             add(ta["req_perm"])
             add(ta["get_perm"])
             if SIGUSR1 not in t.handlers:

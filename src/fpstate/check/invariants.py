@@ -136,9 +136,9 @@ INVARIANTS: tuple[Invariant, ...] = (
         "into the wrong context); seed 002 (no covert channel)"),
     Invariant(
         "no-lost-write",
-        "A context observes its own latest value of every tracked component: what it wrote "
-        "last, or what the ABI set (signal entry/return, fork, exec, ptrace, the kernel's "
-        "xstate updates).",
+        "A context observes its own latest value of every tracked component, and of MXCSR "
+        "for tasks: what it wrote last, or what the ABI set (signal entry/return, fork, exec, "
+        "ptrace, the kernel's xstate updates).",
         "seed 004 (Andy Lutomirski: modify the registers only when they are the one source "
         "of truth, else the memory image, and invalidate every cached copy)"),
     Invariant(

@@ -17,7 +17,15 @@ from fpstate.check import world
 from fpstate.check.invariants import READS_EVENTS, READS_SHAPES, predicate
 from fpstate.check.memo import IdentityMemo
 from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_valid
-from fpstate.kernel.x86.hw import FpRegs, KernelBuf, init_value, read_token
+from fpstate.kernel.x86.hw import (
+    MXCSR,
+    MXCSR_INIT,
+    FpRegs,
+    KernelBuf,
+    init_value,
+    read_mxcsr_token,
+    read_token,
+)
 from fpstate.kernel.x86.sched import SA_IA32_ABI, STATE_USER, Task
 from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import (
@@ -196,8 +204,13 @@ def tif_clear_owns_registers(w: Any) -> Iterator[str]:
 def _writer(w: Any, value: bytes | None, i: int) -> str:
     if value is None:
         return "absent"
-    if i == -1:
-        return f"MXCSR {int.from_bytes(value, 'little'):#x}"
+    if i == MXCSR:
+        v = int.from_bytes(value, "little")
+        tok = read_mxcsr_token(value)
+        if tok is None:
+            return f"MXCSR {v:#x}" + (" (init)" if value == MXCSR_INIT else "")
+        names = "/".join(t.comm for t in w.m.tasks.values() if t.pid & 0x3F == tok[0])
+        return f"MXCSR {v:#x} ({names or f'pid {tok[0]} mod 64'}'s value {tok[1]})"
     return w.writer(value, i)
 
 
@@ -259,6 +272,14 @@ def _observations(w: Any) -> list[tuple[str, str]]:
                 out.append(("lost", f"{t.comm} would see {_name(i)} = "
                             f"{_writer(w, got, i)} instead of its {w.writer(want, i)} "
                             f"(state in {place})"))
+        got, want = seen.get(MXCSR), exp.get(MXCSR, MXCSR_INIT)
+        if got != want:  # MXCSR, which no component's value holds (SDM 13.5.2: in SSE's area)
+            tok = read_mxcsr_token(got)
+            where, cpu = w.where(t)
+            place = f"{where}" + (f" on CPU {cpu}" if cpu is not None else "")
+            kind = "foreign" if tok is not None and tok[0] != t.pid & 0x3F else "lost"
+            out.append((kind, f"{t.comm} would see {_writer(w, got, MXCSR)} instead of its "
+                              f"{_writer(w, want, MXCSR)} (state in {place})"))
         if len(out) == before:
             _mark_clean(w, seen, exp, w.tracked)
     out += _guest_observations(w)

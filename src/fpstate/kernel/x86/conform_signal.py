@@ -400,6 +400,11 @@ SIGRETURN_ROWS: dict[str, Any] = {
     "XSTATE_BV-without-PKRU": lambda n, x: _pkru_rows(x, None, x & ~(1 << 9)),
     "magic1-zero-xstate_bv-plus-bit9": lambda n, x: (_p32(SW, 0), _p64(512, x | 1 << 9)),
     "magic1-zero-mxcsr-bit31": lambda n, x: (_p32(SW, 0), _p32(24, 0x8000_1F80)),
+    # MXCSR from a frame whose XSTATE_BV no longer has SSE (the standard form's XRSTOR loads
+    # it whatever XSTATE_BV says), and from an fx_only frame (FXRSTOR, then init_fpstate's
+    # XRSTOR(S) of user_xfeatures & ~FPSSE, which keeps it where init_fpstate is compacted).
+    "XSTATE_BV-x87-mxcsr-0x3fa0": lambda n, x: (_p32(24, 0x3FA0), _p64(512, 0x1)),
+    "magic1-zero-mxcsr-0x3fa0": lambda n, x: (_p32(SW, 0), _p32(24, 0x3FA0)),
 }
 
 
@@ -717,6 +722,10 @@ _IA32_HEADER_WINS = (
     (112 + 160, bytes(range(0xA0, 0xB0))),  # XMM0 from the FXSAVE area: restored as written
 )
 _IA32_BAD_MXCSR = ((112 + 24, (0xFFFF3FA0).to_bytes(4, "little")),)
+#: XSTATE_BV := x87 only (the probe's MXCSR is 0x3FA0): copy_uabi_to_xstate() copies MXCSR
+#: with x87's bytes, and a compacted fpstate's XRSTORS without SSE in XSTATE_BV then puts
+#: MXCSR to 1F80H; a standard-form XRSTOR would load 0x3FA0.
+_IA32_NO_SSE = ((112 + 512, (1).to_bytes(8, "little")),)
 _IA32_RULE = ("ia32_setup_frame/ia32_setup_rt_frame, get_sigframe (ia32), "
               "copy_fpstate_to_sigframe, save_fsave_header, convert_from_fxsr")
 _IA32_RETURN_RULE = ("sys32_sigreturn/sys32_rt_sigreturn, __fpu_restore_sig (ia32_fxstate), "
@@ -783,4 +792,7 @@ CASES: tuple[Case, ...] = (
          _ia32_host(True, _IA32_HEADER_WINS), ia32_model),
     Case("sigreturn/ia32-bad-mxcsr", _IA32_RETURN_RULE + " (MXCSR reserved bits: badframe)",
          _ia32_host(False, _IA32_BAD_MXCSR), ia32_model),
+    Case("sigreturn/ia32-xstate-bv-without-sse", _IA32_RETURN_RULE + " (XSTATE_BV without "
+         "SSE: MXCSR from the frame with x87's bytes, then the fpstate's XRSTOR(S): 1F80H "
+         "where it is compacted)", _ia32_host(False, _IA32_NO_SSE), ia32_model),
 )

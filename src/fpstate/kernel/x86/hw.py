@@ -133,6 +133,32 @@ _INIT_VALUES: dict[tuple[int, int], bytes] = {}
 #: PKRU's component number: a 32-bit register (bytes 0..3 of its 8-byte XSAVE component).
 PKRU = 9
 
+#: MXCSR's key in the views and expected values of the checker (FpRegs.snapshot: -1).
+MXCSR = -1
+#: MXCSR as 4 bytes in its initial configuration (MXCSR_DEFAULT, 1F80H).
+MXCSR_INIT = MXCSR_DEFAULT.to_bytes(4, "little")
+
+
+def mxcsr_token(owner: int, n: int) -> int:
+    """An MXCSR value that names its writer (LDMXCSR in the checker's walks): the exception
+    masks (bits 12:7) of MXCSR_DEFAULT flipped by ``owner``'s low 6 bits, and the rounding
+    control (bits 14:13) ``n``, 1 or 2 -- a task's two values, so that a lost write shows. Never
+    MXCSR_DEFAULT (RC is not 0), never a reserved bit (within 0xFFFF), and as legal as any
+    value a program loads: nothing in the model computes with it."""
+    assert n in (1, 2), n
+    return (MXCSR_DEFAULT ^ (owner & 0x3F) << 7) | n << 13
+
+
+def read_mxcsr_token(value: bytes | None) -> tuple[int, int] | None:
+    """(owner's low 6 bits, n) of a 4-byte MXCSR made by `mxcsr_token`, None for another."""
+    if value is None or len(value) != 4:
+        return None
+    v = int.from_bytes(value, "little")
+    n = v >> 13 & 3
+    if v >> 15 or not n or v & 0x7F:
+        return None
+    return (v ^ MXCSR_DEFAULT) >> 7 & 0x3F, n
+
 
 #: Writers of a PKRU token's 12 bits: a task id below 0x800, or a guest's writer id
 #: (0x8000 | VM << 8 | vCPU, fpstate.kvm.x86.vcpu.guest_owner) folded to 0x800 | VM << 4 | vCPU.
@@ -629,5 +655,6 @@ class FpRegs:
         return None
 
 
-__all__ = ["HDR", "MXCSR_OFFSET", "PAGE_SIZE", "Buf", "FpRegs", "KernelBuf", "PageFault", "UserBuf",
-           "UserMemory", "init_value", "read_token", "token"]
+__all__ = ["HDR", "MXCSR", "MXCSR_INIT", "MXCSR_OFFSET", "PAGE_SIZE", "Buf", "FpRegs", "KernelBuf",
+           "PageFault", "UserBuf", "UserMemory", "init_value", "mxcsr_token", "read_mxcsr_token",
+           "read_token", "token"]

@@ -539,6 +539,11 @@ class Machine:
             self.user_write_retry(nr, i, value)
         return fault
 
+    def user_ldmxcsr(self, nr: int, value: int) -> Fault | None:
+        """The current task loads MXCSR (LDMXCSR, SDM Vol. 2: #GP where ``value`` sets a bit
+        clear in MXCSR_MASK); MXCSR is in neither XCR0 nor XFD, so nothing else can fault."""
+        return self._user(nr).regs.set_mxcsr(value)
+
     def user_write_begin(self, nr: int, i: int,
                          value: bytes | None = None) -> tuple[Fault | None, bytes]:
         """`user_write` up to its #NM handler's first preemption point: the vzalloc() of
