@@ -141,7 +141,7 @@ def test_exec_with_a_thread_preempted_inside_kvm_run_waits_in_de_thread() -> Non
     assert t1.fpu.perm.state_perm == w.m.system.kernel.default_features
     # PKRU is init_pkru_value (pkru_flush_thread), not the register's initial 0.
     seen = w.do_observe("p1.t1")
-    assert seen.pop("pkru") == "0x55555554"
+    assert seen.pop("pkru") == "0x55555554" and seen.pop("mxcsr") == 0x1F80
     assert all(v == "init" for k, v in seen.items()
                if k not in ("where", "cpu", "state", "xfeatures", "size", "xfd"))
     # The VM belongs to the old mm: KVM ioctls from the new one fail with EIO.
