@@ -35,3 +35,51 @@ def test_two_vmms_inside_kvm_run_at_once_each_finish_their_own_run() -> None:
     assert not r.violations
     assert w.do_observe_vcpu("vm1.v0")["avx"].startswith("vm1.v0#")
     assert not [a for a in w.enabled_actions() if a.name == "kvm_finish"]
+
+
+ONE_VM = {"cpus": 1, "processes": {"vmm": 1}, "vms": {"vm0": {"vmm": "vmm.t0", "vcpus": 1}}}
+
+
+def _guest_mxcsr_world():
+    w = make_world("x86", ONE_VM, None)
+    for a in [A("run", task="vmm.t0", cpu=0), A("ldmxcsr", task="vmm.t0"),
+              A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="ldmxcsr")]:
+        r = w.step(a)
+        assert not r.violations, (a, r.violations)
+    return w
+
+
+def test_a_guests_mxcsr_is_its_own_and_survives_init() -> None:
+    """The guest's LDMXCSR loads a value naming it (0x8000 | VM << 8 | vCPU: low bits 0, so
+    MXCSR_DEFAULT ^ 0 << 7 with RC = 1); the VMM task keeps its own across KVM_RUN; an INIT
+    (kvm_xstate_reset: MPX and CET only) leaves MXCSR as it was (SDM Vol. 3A 10.1.1: INIT
+    leaves MXCSR unchanged)."""
+    w = _guest_mxcsr_world()
+    assert w.do_observe_vcpu("vm0.v0")["mxcsr"] == 0x3F80
+    vmm = w.tasks["vmm.t0"]
+    assert w.do_observe("vmm.t0")["mxcsr"] == (0x1F80 ^ vmm.pid << 7) | 1 << 13
+    r = w.step(A("kvm_init", task="vmm.t0", vcpu="vm0.v0"))
+    assert not r.violations and w.do_observe_vcpu("vm0.v0")["mxcsr"] == 0x3F80
+    r = w.step(A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="ldmxcsr"))
+    assert not r.violations and w.do_observe_vcpu("vm0.v0")["mxcsr"] == 0x5F80
+
+
+def test_an_init_that_resets_mxcsr_is_a_lost_write(monkeypatch) -> None:
+    """An INIT that also put the guest's MXCSR to 1F80H (treating INIT as RESET for the SSE
+    state) loses the guest's value: no-lost-write names MXCSR."""
+    from fpstate.kvm.x86 import x86 as kx86
+
+    real = kx86.kvm_xstate_reset
+
+    def resets_mxcsr(c, vcpu, init_event):
+        out = real(c, vcpu, init_event)
+        if init_event:
+            vcpu.arch.guest_fpu.fpstate.regs[24:28] = (0x1F80).to_bytes(4, "little")
+        return out
+
+    w = _guest_mxcsr_world()
+    monkeypatch.setattr(kx86, "kvm_xstate_reset", resets_mxcsr)
+    r = w.step(A("kvm_init", task="vmm.t0", vcpu="vm0.v0"))
+    assert {v.invariant for v in r.violations} == {"no-lost-write"}
+    assert "guest vm0.v0 would see MXCSR 0x1f80 (init) instead of its MXCSR 0x3f80" in str(
+        r.violations[0])

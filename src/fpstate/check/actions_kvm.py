@@ -39,7 +39,7 @@ from fpstate.check.world import (
 )
 from fpstate.check.world import Value as V
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import PKRU, pkru_bytes, token
+from fpstate.kernel.x86.hw import MXCSR, PKRU, mxcsr_token, pkru_bytes, token
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
@@ -55,6 +55,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_CET_USER,
     XFEATURE_MASK_FP,
     XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_SSE,
     bits,
 )
 
@@ -296,6 +297,20 @@ class KvmX86World(X86World):
                 return t
         return None
 
+    @staticmethod
+    def guest_owner(v: kv.KvmVcpu) -> int:
+        """The writer id of what the guest of ``v`` writes (kv.guest_owner)."""
+        return kv.guest_owner(v)
+
+    def _mxcsr_token(self, v: kv.KvmVcpu) -> int:
+        """The guest's next MXCSR value (hw.mxcsr_token of its writer id): the other of its
+        two values than the one it expects now."""
+        owner = kv.guest_owner(v)
+        name = next(n for n, x in self.vcpus.items() if x is v)
+        one = mxcsr_token(owner, 1)
+        return mxcsr_token(owner, 2 if self.expected[name].get(MXCSR) == one.to_bytes(4, "little")
+                           else 1)
+
     def _token(self, v: kv.KvmVcpu, i: int) -> bytes:
         self.m.generation += 1
         return token(kv.guest_owner(v), self.m.generation, i,
@@ -373,6 +388,8 @@ class KvmX86World(X86World):
                 ops.append((kv.GuestOp("write", i, data=self._token(v, i)), i))
             elif word == "read":
                 ops.append((kv.GuestOp("read", component_number(arg)), None))
+            elif word == "ldmxcsr":  # one of the guest's two MXCSR values, in turn
+                ops.append((kv.GuestOp("ldmxcsr", value=self._mxcsr_token(v)), MXCSR))
             elif word == "release":
                 mask = sum(1 << component_number(x.strip()) for x in arg.split("|"))
                 ops.append((kv.GuestOp("release", value=mask), None))
@@ -389,13 +406,17 @@ class KvmX86World(X86World):
                         ops: list[tuple[kv.GuestOp, int | None]], results: tuple[Any, ...]) -> None:
         exp = self.expected[name]
         for (op, i), r in zip(ops, results, strict=False):
-            if op.kind == "write" and r is None and i is not None:
+            if op.kind == "ldmxcsr" and r is None:
+                exp[MXCSR] = op.value.to_bytes(4, "little")
+            elif op.kind == "write" and r is None and i is not None:
                 exp[i] = op.data  # type: ignore[assignment]
                 if i == 17:  # LDTILECFG puts TILEDATA in its initial configuration
                     exp.pop(18, None)
             elif op.kind == "release":
                 for b in bits(op.value & v.arch.xcr0):
                     exp.pop(b, None)
+                if op.value & v.arch.xcr0 & XFEATURE_MASK_SSE:  # SSE's initial MXCSR too
+                    exp.pop(MXCSR, None)
             elif op.kind == "init":
                 self._init_contract(name)
 
@@ -474,6 +495,7 @@ class KvmX86World(X86World):
         seen = self.guest_seen(vcpu)
         for i in self.guest_tracked(v):
             out[BY_NUMBER[i].short] = self.writer(seen[i], i)
+        out["mxcsr"] = int.from_bytes(seen[MXCSR], "little")
         return out
 
     def do_set_cet_msr(self, task: str, vcpu: str, component: str) -> dict[str, V]:
@@ -499,7 +521,7 @@ class KvmX86World(X86World):
     #: "xsetbv; write pkru": PKRU in the guest's XCR0 but CR4.PKE clear, so XRSTOR writes it.
     GUEST_PROGRAMS: ClassVar[tuple[str, ...]] = ("write avx", "write opmask", "write xtiledata",
                                                  "xsetbv; write avx", "xsetbv; write pkru",
-                                                 "init", "read avx")
+                                                 "init", "read avx", "ldmxcsr")
 
     def enabled(self) -> list[Action]:
         out = super().enabled()

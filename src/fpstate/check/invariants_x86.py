@@ -467,6 +467,15 @@ def _guest_observations(w: Any) -> list[tuple[str, str]]:
             kind = "lost" if tok is None or mine else "foreign"
             out.append((kind, f"guest {name} would see {_name(i)} = {_writer(w, got, i)} "
                               f"(expected {w.writer(want, i)}; state in {place})"))
+        got, want = seen.get(MXCSR), exp.get(MXCSR, MXCSR_INIT)
+        if got != want:
+            tok = read_mxcsr_token(got)
+            where, cpu = w.guest_where(name)
+            place = where + (f" on CPU {cpu}" if cpu is not None else "")
+            own = w.guest_owner(v) & 0x3F
+            kind = "foreign" if tok is not None and tok[0] != own else "lost"
+            out.append((kind, f"guest {name} would see {_writer(w, got, MXCSR)} instead of its "
+                              f"{_writer(w, want, MXCSR)} (state in {place})"))
         if len(out) == before:
             _mark_clean(w, seen, exp, tracked)
     return out

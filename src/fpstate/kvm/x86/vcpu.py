@@ -192,7 +192,8 @@ class GuestOp:
     ``write`` component ``number`` (``data`` or a token naming the guest), ``read`` component
     ``number``, ``release`` the components of mask ``value`` (TILERELEASE, VZEROALL...),
     ``xsetbv`` XCR ``number`` = ``value`` at ``cpl``, ``wrmsr``/``rdmsr`` MSR ``number``,
-    ``clts``/``stts`` guest CR0.TS, ``init`` an INIT IPI processed inside KVM_RUN."""
+    ``clts``/``stts`` guest CR0.TS, ``ldmxcsr`` MXCSR = ``value``, ``init`` an INIT IPI
+    processed inside KVM_RUN."""
 
     kind: str
     number: int = 0
@@ -202,7 +203,7 @@ class GuestOp:
 
 
 GUEST_OPS = frozenset({"write", "read", "release", "xsetbv", "wrmsr", "rdmsr", "clts", "stts",
-                       "init"})
+                       "ldmxcsr", "init"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +321,8 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
     if op.kind == "release":
         c.regs.init_components(op.value & c.regs.xcr0)
         return None
+    if op.kind == "ldmxcsr":  # no exit: LDMXCSR is not intercepted
+        return c.regs.set_mxcsr(op.value)
     if op.kind in ("clts", "stts"):
         arch.cr0_ts = op.kind == "stts"
         return None
