@@ -81,5 +81,5 @@ def test_an_init_that_resets_mxcsr_is_a_lost_write(monkeypatch) -> None:
     monkeypatch.setattr(kx86, "kvm_xstate_reset", resets_mxcsr)
     r = w.step(A("kvm_init", task="vmm.t0", vcpu="vm0.v0"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
-    assert "guest vm0.v0 would see MXCSR 0x1f80 (init) instead of its MXCSR 0x3f80" in str(
-        r.violations[0])
+    assert ("guest vm0.v0 would see MXCSR 0x1f80 (init) instead of its MXCSR 0x3f80 "
+            "(vm0.v0's value 1)") in str(r.violations[0])

@@ -209,8 +209,10 @@ def _writer(w: Any, value: bytes | None, i: int) -> str:
         tok = read_mxcsr_token(value)
         if tok is None:
             return f"MXCSR {v:#x}" + (" (init)" if value == MXCSR_INIT else "")
-        names = "/".join(t.comm for t in w.m.tasks.values() if t.pid & 0x3F == tok[0])
-        return f"MXCSR {v:#x} ({names or f'pid {tok[0]} mod 64'}'s value {tok[1]})"
+        names = [t.comm for t in w.m.tasks.values() if t.pid & 0x3F == tok[0]]
+        names += [n for n, x in getattr(w, "vcpus", {}).items()
+                  if w.guest_owner(x) & 0x3F == tok[0]]
+        return f"MXCSR {v:#x} ({'/'.join(names) or f'writer {tok[0]} mod 64'}'s value {tok[1]})"
     return w.writer(value, i)
 
 
@@ -272,14 +274,7 @@ def _observations(w: Any) -> list[tuple[str, str]]:
                 out.append(("lost", f"{t.comm} would see {_name(i)} = "
                             f"{_writer(w, got, i)} instead of its {w.writer(want, i)} "
                             f"(state in {place})"))
-        got, want = seen.get(MXCSR), exp.get(MXCSR, MXCSR_INIT)
-        if got != want:  # MXCSR, which no component's value holds (SDM 13.5.2: in SSE's area)
-            tok = read_mxcsr_token(got)
-            where, cpu = w.where(t)
-            place = f"{where}" + (f" on CPU {cpu}" if cpu is not None else "")
-            kind = "foreign" if tok is not None and tok[0] != t.pid & 0x3F else "lost"
-            out.append((kind, f"{t.comm} would see {_writer(w, got, MXCSR)} instead of its "
-                              f"{_writer(w, want, MXCSR)} (state in {place})"))
+        _mxcsr_observation(w, out, t.comm, t.pid, seen, exp, w.where(t))
         if len(out) == before:
             _mark_clean(w, seen, exp, w.tracked)
     out += _guest_observations(w)
@@ -445,6 +440,23 @@ def sigreturn_restores_own_frame(w: Any) -> Iterator[str]:
 # -- KVM guests (worlds with ``vcpus``) ----------------------------------------------------------
 
 
+def _mxcsr_observation(w: Any, out: list[tuple[str, str]], who: str, owner: int,
+                       seen: dict[int, bytes], exp: dict[int, bytes],
+                       where: tuple[str, int | None]) -> None:
+    """MXCSR, which no component's value holds (SDM 13.5.2: it is saved with SSE and AVX):
+    what ``who`` (writer id ``owner``) would see against what it loaded last (LDMXCSR, a
+    sigreturn, fork) or 1F80H. Another writer's value is foreign (told by the writer id's
+    low 6 bits, `hw.mxcsr_token`), anything else lost."""
+    got, want = seen.get(MXCSR), exp.get(MXCSR, MXCSR_INIT)
+    if got == want:
+        return
+    tok = read_mxcsr_token(got)
+    place = where[0] + (f" on CPU {where[1]}" if where[1] is not None else "")
+    kind = "foreign" if tok is not None and tok[0] != owner & 0x3F else "lost"
+    out.append((kind, f"{who} would see {_writer(w, got, MXCSR)} instead of its "
+                      f"{_writer(w, want, MXCSR)} (state in {place})"))
+
+
 def _guest_observations(w: Any) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for name, v in getattr(w, "vcpus", {}).items():
@@ -467,15 +479,8 @@ def _guest_observations(w: Any) -> list[tuple[str, str]]:
             kind = "lost" if tok is None or mine else "foreign"
             out.append((kind, f"guest {name} would see {_name(i)} = {_writer(w, got, i)} "
                               f"(expected {w.writer(want, i)}; state in {place})"))
-        got, want = seen.get(MXCSR), exp.get(MXCSR, MXCSR_INIT)
-        if got != want:
-            tok = read_mxcsr_token(got)
-            where, cpu = w.guest_where(name)
-            place = where + (f" on CPU {cpu}" if cpu is not None else "")
-            own = w.guest_owner(v) & 0x3F
-            kind = "foreign" if tok is not None and tok[0] != own else "lost"
-            out.append((kind, f"guest {name} would see {_writer(w, got, MXCSR)} instead of its "
-                              f"{_writer(w, want, MXCSR)} (state in {place})"))
+        _mxcsr_observation(w, out, f"guest {name}", w.guest_owner(v), seen, exp,
+                           w.guest_where(name))
         if len(out) == before:
             _mark_clean(w, seen, exp, tracked)
     return out
