@@ -522,3 +522,24 @@ def test_a_user_wrpkru_is_a_32_bit_write_that_the_next_task_switch_keeps(m: Mach
     m.idle(0)
     m.run(0, a)
     assert m.user_read(0, 9) == mine
+
+
+@given(owner=st.integers(0, 0xFFFF), n=st.sampled_from([1, 2]))
+def test_mxcsr_tokens_name_their_writer_and_are_loadable(owner: int, n: int) -> None:
+    """hw.mxcsr_token: never 1F80H, no bit outside 0xFFFF (every MXCSR_MASK allows it), and
+    read back as (owner mod 64, n)."""
+    from fpstate.kernel.x86.hw import mxcsr_token, read_mxcsr_token
+
+    v = mxcsr_token(owner, n)
+    assert v != MXCSR_DEFAULT and not v & ~0xFFFF
+    assert read_mxcsr_token(v.to_bytes(4, "little")) == (owner & 0x3F, n)
+
+
+@given(value=st.integers(0, 2**32 - 1))
+def test_read_mxcsr_token_knows_only_tokens(value: int) -> None:
+    from fpstate.kernel.x86.hw import mxcsr_token, read_mxcsr_token
+
+    got = read_mxcsr_token(value.to_bytes(4, "little"))
+    assert got is None or mxcsr_token(*got) == value
+    assert read_mxcsr_token(MXCSR_DEFAULT.to_bytes(4, "little")) is None
+    assert read_mxcsr_token(bytes(3)) is None and read_mxcsr_token(None) is None

@@ -189,8 +189,8 @@ _BY_DICT_ENTRIES: dict[int, tuple[dict[int, bytes], dict[int, bytes], int, tuple
 def _regs_entry(values: dict[int, bytes]) -> tuple[Any, dict[int, bytes], int, tuple[Any, ...]]:
     """The `_BY_DICT_ENTRIES` entry of ``values`` made afresh."""
     sub = Canon()
-    # MXCSR (-1: expected values after LDMXCSR) as its int: its values name their writer's
-    # pid (hw.mxcsr_token), which the key holds anyway, and carry no generation to rank.
+    # MXCSR (-1: expected values after LDMXCSR) as its int: its values name their writer
+    # (hw.mxcsr_token: a pid or vCPU the key holds anyway) and carry no generation to rank.
     struct = tuple([(i, sub.value(values[i], i) if i >= 0 else int.from_bytes(values[i], "little"))
                     for i in sorted(values)])
     if len(_BY_DICT_ENTRIES) >= 8192:
