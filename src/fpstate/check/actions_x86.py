@@ -943,12 +943,13 @@ class X86World(X86Views, World):
         """The MXCSR the task must run with after a successful sigreturn of its top frame,
         from the frame's bytes and the kernel's paths (not from the model's answer):
 
-        - 64-bit, XSAVE path: XRSTOR from the frame, standard form, RFBM = the frame's
-          xfeatures with SSE and YMM: the frame's MXCSR whatever XSTATE_BV says (SDM 13.8.1).
-        - 64-bit, fx_only: FXRSTOR takes the frame's; then __restore_fpregs_from_user()'s
-          os_xrstor(&init_fpstate, user_xfeatures & ~FPSSE) loads init_fpstate's 1F80H where
-          that includes YMM and init_fpstate is in the standard form (a compacted XRSTOR(S)
-          loads MXCSR only with SSE in RFBM & XSTATE_BV).
+        - 64-bit: XRSTOR from the frame, standard form, RFBM = xrestore (the frame's
+          xfeatures & user_xfeatures), loads the frame's MXCSR when SSE or YMM is in it,
+          whatever XSTATE_BV says (SDM 13.8.1); fx_only, FXRSTOR loads it (xrestore FPSSE).
+          Then __restore_fpregs_from_user()'s os_xrstor(&init_fpstate, init_bv =
+          user_xfeatures & ~xrestore) puts 1F80H where init_bv has SSE (either form: the
+          compacted one sets 1F80H for RFBM[1] without SSE loaded), or YMM and init_fpstate
+          is in the standard form (a compacted restore without SSE leaves MXCSR).
         - ia32, fx_only: the 512 bytes are copied into the fpstate and XSTATE_BV gets FPSSE:
           the frame's.
         - ia32, XSAVE path: copy_uabi_to_xstate() copies MXCSR only when the frame's XSTATE_BV
@@ -961,10 +962,13 @@ class X86World(X86Views, World):
         fp = _frame_xsave(mm, lo, kind)
         frame = mm.read(fp + MXCSR_OFFSET, 4)
         s = self.m.system
-        fx_only = self._frame_sw(t, fp).magic1 != FP_XSTATE_MAGIC1
+        sw = self._frame_sw(t, fp)
+        fx_only = sw.magic1 != FP_XSTATE_MAGIC1
         if kind == FRAME_X64:
-            init_bv = t.fpu.fpstate.user_xfeatures & ~XFEATURE_MASK_FPSSE
-            if fx_only and init_bv & XFEATURE_MASK_YMM and not s.xcompacted:
+            user = t.fpu.fpstate.user_xfeatures
+            init_bv = user & ~(XFEATURE_MASK_FPSSE if fx_only else sw.xfeatures & user)
+            if init_bv & XFEATURE_MASK_SSE or (init_bv & XFEATURE_MASK_YMM
+                                               and not s.xcompacted):
                 return MXCSR_INIT
             return frame
         if fx_only:

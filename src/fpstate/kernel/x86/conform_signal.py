@@ -405,6 +405,12 @@ SIGRETURN_ROWS: dict[str, Any] = {
     # XRSTOR(S) of user_xfeatures & ~FPSSE, which keeps it where init_fpstate is compacted).
     "XSTATE_BV-x87-mxcsr-0x3fa0": lambda n, x: (_p32(24, 0x3FA0), _p64(512, 0x1)),
     "magic1-zero-mxcsr-0x3fa0": lambda n, x: (_p32(SW, 0), _p32(24, 0x3FA0)),
+    # sw.xfeatures without SSE (or YMM): the frame's XRSTOR loads MXCSR through YMM (SSE), then
+    # init_fpstate's restore of SSE puts 1F80H; of YMM only, compacted, leaves it.
+    "sw.xfeatures-without-sse-mxcsr-0x3fa0": lambda n, x: (_p32(24, 0x3FA0),
+                                                           _p64(SW + 8, x & ~0x2)),
+    "sw.xfeatures-without-ymm-mxcsr-0x3fa0": lambda n, x: (_p32(24, 0x3FA0),
+                                                           _p64(SW + 8, x & ~0x4)),
 }
 
 
