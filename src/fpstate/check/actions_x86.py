@@ -955,9 +955,10 @@ class X86World(X86Views, World):
         - ia32, XSAVE path: copy_uabi_to_xstate() copies MXCSR only when the frame's XSTATE_BV
           has FP, SSE or YMM; else the fpstate keeps its own (the handler's: saved by
           __fpu_restore_sig()'s os_xsave() where there are supervisor features, or there
-          already under TIF_NEED_FPU_LOAD; else what the fpstate last held). The restore of
-          the fpstate is then compacted on XSAVES/XSAVEC kernels: without SSE in XSTATE_BV it
-          puts MXCSR to 1F80H (RFBM, max_features, has SSE)."""
+          already under TIF_NEED_FPU_LOAD; else what the fpstate last held). XSTATE_BV is
+          then cut to the frame's xfeatures (user_xfeatures), and the restore of the fpstate
+          is compacted on XSAVES/XSAVEC kernels: without SSE in XSTATE_BV it puts MXCSR to
+          1F80H (RFBM, max_features, has SSE)."""
         mm = t.process.mm
         fp = _frame_xsave(mm, lo, kind)
         frame = mm.read(fp + MXCSR_OFFSET, 4)
@@ -974,7 +975,7 @@ class X86World(X86Views, World):
         if fx_only:
             return frame
         bv = int.from_bytes(mm.read(fp + HDR, 8), "little")
-        if s.xcompacted and not bv & XFEATURE_MASK_SSE:
+        if s.xcompacted and not bv & sw.xfeatures & XFEATURE_MASK_SSE:  # header &= user_xfeatures
             return MXCSR_INIT
         if bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
             return frame
