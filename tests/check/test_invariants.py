@@ -565,3 +565,29 @@ def test_sigreturn_gives_back_the_frames_mxcsr_when_xrestore_has_sse_or_ymm(
     r = w.step(A("sigreturn", task="p0.t0"))
     assert r.observed["ret"] == 0 and not r.violations, r.violations
     assert w.do_observe("p0.t0")["mxcsr"] == (mine if kept else 0x1F80)
+
+
+def test_a_handlers_mxcsr_in_its_frame_is_what_sigreturn_gives_back() -> None:
+    """frame_mxcsr: the handler stores the task's other MXCSR value in its frame (a SIGFPE
+    handler's edit of uc_mcontext); rt_sigreturn loads it. A kernel whose sigreturn left the
+    handler's MXCSR (1F80H) in place would lose it: no-lost-write."""
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("ldmxcsr", task="p0.t0"),
+                     A("sigaction", task="p0.t0"), A("signal", task="p0.t0")])
+    pid = w.tasks["p0.t0"].pid
+    r = w.step(A("frame_mxcsr", task="p0.t0"))
+    assert r.observed["mxcsr"] == mxcsr_token(pid, 2) and not r.violations
+    assert w.do_observe("p0.t0")["mxcsr"] == 0x1F80  # the handler's own
+    r = w.step(A("sigreturn", task="p0.t0"))
+    assert not r.violations and w.do_observe("p0.t0")["mxcsr"] == mxcsr_token(pid, 2)
+    w = world(steps=[A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+                     A("signal", task="p0.t0"), A("frame_mxcsr", task="p0.t0"),
+                     A("sigreturn", task="p0.t0")])
+    w.m.cpus[0].regs.mxcsr = 0x1F80
+    assert broken(w) == {"no-lost-write"}
+
+
+def test_the_explorer_edits_mxcsr_in_frames() -> None:
+    from fpstate.check.explore import Job, default_config, random_slice
+
+    s = random_slice(Job("x86", default_config("x86")), 4, 4.0, 60)
+    assert s.found is None and s.per_action["frame_mxcsr"] > 0

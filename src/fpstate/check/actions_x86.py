@@ -239,6 +239,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "frame: sigreturn's XRSTOR must load the component's initial "
                "configuration (for PKRU 0, every key open), whatever the frame holds there",
                {"task": _TASK, "component": FieldSpec(str, "component short name")}),
+    ActionSpec("frame_mxcsr", "the signal handler stores an MXCSR value of the task's own "
+               "in its frame (as a SIGFPE handler masks an exception in uc_mcontext): sigreturn "
+               "must load it where the kernel's path does (X86World._mxcsr_after_sigreturn)",
+               {"task": _TASK}),
     ActionSpec("frame_fx_only", "the signal handler zeroes fx_sw_bytes.magic1 in its "
                "frame: check_xstate_in_sigframe() falls back to fx_only, and sigreturn must load "
                "x87/SSE from the frame's legacy area and every other user component in its "
@@ -824,6 +828,17 @@ class X86World(X86Views, World):
         changes nothing the task gets back."""
         return FpxSwBytes.unpack(t.process.mm.read(fp + SW_BYTES_OFFSET, SW_BYTES_SIZE))
 
+    def do_frame_mxcsr(self, task: str) -> dict[str, Value]:
+        t, _, fp, _ = self._handler_frame(task, None)
+        mm = t.process.mm
+        one = mxcsr_token(t.pid, 1)
+        value = mxcsr_token(t.pid, 2 if int.from_bytes(mm.read(fp + MXCSR_OFFSET, 4), "little")
+                            == one else 1)
+        # The frame's bytes are what sigreturn's expectation is computed from: nothing to
+        # note beside them.
+        mm.write(fp + MXCSR_OFFSET, value.to_bytes(4, "little"))
+        return {"mxcsr": value}
+
     def do_frame_fx_only(self, task: str) -> dict[str, Value]:
         t, _, fp, _ = self._handler_frame(task, None)
         mm = t.process.mm
@@ -1186,6 +1201,7 @@ class X86World(X86Views, World):
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
                                  for i in self.writable},
                 "frame_fx_only": A("frame_fx_only", task=comm),
+                "frame_mxcsr": A("frame_mxcsr", task=comm),
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
@@ -1265,6 +1281,7 @@ class X86World(X86Views, World):
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
                     add(ta["frame_fx_only"])
+                    add(ta["frame_mxcsr"])
                     if self._resizable(t, sw):
                         add(ta["frame_resize"])
             if pasid:
