@@ -456,7 +456,7 @@ def test_a_frame_rewritten_for_a_smaller_cpu_is_restored_from_its_own_features()
     assert int.from_bytes(mm.read(fp + 512, 8), "little") == 0x7
     assert edits() == {"frame_write:x87", "frame_clear:x87", "frame_write:sse",
                        "frame_clear:sse", "frame_write:avx", "frame_clear:avx",
-                       "frame_fx_only:None"}
+                       "frame_fx_only:None", "frame_mxcsr:None"}
     assert not w.step(A("frame_write", task="p0.t0", component="avx")).violations
     avx = w.sigstack["p0.t0"][-1][AVX]
     r = w.step(A("sigreturn", task="p0.t0"))
