@@ -338,3 +338,29 @@ def test_a_frame_without_xstate_bv_pkru_gets_every_key_opened() -> None:
     struct.pack_into("<Q", frame, 112 + 512, xstate_bv & ~0x200)
     v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
     assert v.accepted and any("sigreturn loads PKRU = 0x0 " in n for n in v.notes)
+
+
+def test_a_frame_whose_mxcsr_is_not_loaded_says_why() -> None:
+    """MXCSR 0x3fa0 in a zen4 frame: loaded as it is (no note); with fx_sw.xfeatures without
+    SSE, init_fpstate's restore of SSE sets 1F80H (measured on Zen 4: conform
+    sigreturn/sw.xfeatures-without-sse-mxcsr-0x3fa0); an ia32 frame whose XSTATE_BV is x87
+    only gets 1F80H from the compacted restore of the task's fpstate (conform
+    sigreturn/ia32-xstate-bv-without-sse)."""
+    sig = bytearray(zen4_uabi()) + bytes(4)
+    struct.pack_into("<IIQI", sig, 464, 0x46505853, 2444, 0x2E7, 2440)
+    struct.pack_into("<I", sig, 2440, 0x46505845)
+    struct.pack_into("<I", sig, 24, 0x3FA0)
+    v = validate(bytes(sig), ZEN4, "sigreturn")
+    assert v.accepted and not any("MXCSR" in n for n in v.notes)
+    struct.pack_into("<Q", sig, 464 + 8, 0x2E7 & ~0x2)
+    v = validate(bytes(sig), ZEN4, "sigreturn")
+    assert v.accepted and [n for n in v.notes if "MXCSR" in n] == [
+        "sigreturn loads MXCSR = 0x1f80, not the frame's 0x3fa0: init_fpstate's restore of the "
+        "components the frame does not restore (sse) loads its MXCSR (SSE among them)"]
+    frame = bytearray(ia32_fpstate())
+    struct.pack_into("<I", frame, 112 + 24, 0x3FA0)
+    assert not any("MXCSR" in n for n in validate(bytes(frame), ZEN4, "sigreturn-ia32").notes)
+    struct.pack_into("<Q", frame, 112 + 512, 0x1)
+    v = validate(bytes(frame), ZEN4, "sigreturn-ia32")
+    assert v.accepted and any(n.startswith("sigreturn loads MXCSR = 0x1f80, not the frame's "
+                                           "0x3fa0: XSTATE_BV has no SSE") for n in v.notes)

@@ -42,7 +42,14 @@ from fpstate.kernel.x86.types import XFEATURE_MASK_USER_DYNAMIC
 from fpstate.kernel.x86.versions import NEWEST
 from fpstate.tools.blob import header_overrides
 from fpstate.x86.cpuid import CpuidProfile
-from fpstate.x86.xfeatures import XFEATURE_MASK_PKRU, XSAVE_HDR_OFFSET, mask_names
+from fpstate.x86.xfeatures import (
+    XFEATURE_MASK_FPSSE,
+    XFEATURE_MASK_PKRU,
+    XFEATURE_MASK_SSE,
+    XFEATURE_MASK_YMM,
+    XSAVE_HDR_OFFSET,
+    mask_names,
+)
 
 PATHS: tuple[str, ...] = ("sigreturn", "sigreturn-ia32", "ptrace", "kvm")
 TASKS: tuple[str, ...] = ("auto", "default", "perm", "in-use")
@@ -159,6 +166,7 @@ def validate_sigreturn(data: bytes, profile: CpuidProfile, kernel: str, task: st
     ok = m.syscall(0, _path(sg.fpu__restore_sig), addr)
     if ok:
         notes.extend(_pkru_notes(m, data))
+        notes.extend(_mxcsr_notes(m, data, t.fpu.fpstate.user_xfeatures, ia32=False))
     # Which step decided: replay the steps of __fpu_restore_sig on a fresh machine.
     m2 = Machine.boot(profile, kernel, ncpus=1)
     t2, _ = _set_up(m2, task)
@@ -203,6 +211,7 @@ def validate_sigreturn_ia32(data: bytes, profile: CpuidProfile, kernel: str,
     ok = m.syscall(0, _path(sg.fpu__restore_sig), addr, True)
     if ok:
         notes.extend(_pkru_notes(m, xsave))
+        notes.extend(_mxcsr_notes(m, xsave, t.fpu.fpstate.user_xfeatures, ia32=True))
         return Verdict("sigreturn-ia32", True, "0", "fpu__restore_sig (ia32 frame)",
                        "restored, the fsave header folded in (convert_to_fxsr)", task,
                        tuple(notes))
@@ -259,6 +268,33 @@ def _pkru_notes(m: Machine, xsave: bytes) -> list[str]:
     return [f"XSTATE_BV[PKRU] is 0: sigreturn loads PKRU = {got:#x}{keys}, not the frame's "
             f"PKRU word {word:#010x}; update_pkru_in_sigframe() sets the bit since v6.13 "
             f"(ae6012d72fa6), as a frame written by hand must"]
+
+
+def _mxcsr_notes(m: Machine, xsave: bytes, user_xfeatures: int, *, ia32: bool) -> list[str]:
+    """After a restore on CPU 0 of ``m``: when the MXCSR the task got back is not the frame's
+    (bytes 24..27), say why, from the frame's bytes (kernel-findings 3a and 4): the 64-bit
+    path's init_fpstate restore of what the frame leaves out, or the ia32 path's
+    copy_uabi_to_xstate() and compacted restore."""
+    word = int.from_bytes(xsave[24:28], "little")
+    got = m.cpus[0].regs.mxcsr
+    if got == word:
+        return []
+    sw = sg.FpxSwBytes.unpack(xsave[sg.SW_BYTES_OFFSET:sg.SW_BYTES_OFFSET + sg.SW_BYTES_SIZE])
+    fx_only = sw.magic1 != sg.FP_XSTATE_MAGIC1
+    bv = int.from_bytes(xsave[XSAVE_HDR_OFFSET:XSAVE_HDR_OFFSET + 8], "little")
+    head = f"sigreturn loads MXCSR = {got:#x}, not the frame's {word:#x}: "
+    if not ia32:
+        init_bv = user_xfeatures & ~(XFEATURE_MASK_FPSSE if fx_only
+                                     else sw.xfeatures & user_xfeatures)
+        return [head + f"init_fpstate's restore of the components the frame does not restore "
+                f"({mask_names(init_bv)}) loads its MXCSR "
+                + ("(SSE among them)" if init_bv & XFEATURE_MASK_SSE else
+                   "(YMM, in the standard form of a kernel without XSAVES/XSAVEC)")]
+    if not bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
+        return [head + "copy_uabi_to_xstate() copies MXCSR only with x87, SSE or YMM in "
+                "XSTATE_BV, so the task's fpstate kept its own"]
+    return [head + "XSTATE_BV has no SSE, and the restore of the task's compacted fpstate "
+            "(XRSTORS) then sets MXCSR to 1F80H, where a 64-bit frame's would be loaded"]
 
 
 def _fold_notes(data: bytes) -> list[str]:
