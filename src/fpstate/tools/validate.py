@@ -294,7 +294,8 @@ def _mxcsr_notes(m: Machine, xsave: bytes, user_xfeatures: int, *, ia32: bool) -
         return [head + "copy_uabi_to_xstate() copies MXCSR only with x87, SSE or YMM in "
                 "XSTATE_BV, so the task's fpstate kept its own"]
     return [head + "XSTATE_BV has no SSE, and the restore of the task's compacted fpstate "
-            "(XRSTORS) then sets MXCSR to 1F80H, where a 64-bit frame's would be loaded"]
+            "(XRSTORS, or XRSTOR in the compacted form) then sets MXCSR to 1F80H, where a "
+            "64-bit frame's would be loaded"]
 
 
 def _fold_notes(data: bytes) -> list[str]:
