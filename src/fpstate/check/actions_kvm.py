@@ -39,7 +39,7 @@ from fpstate.check.world import (
 )
 from fpstate.check.world import Value as V
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import MXCSR, PKRU, mxcsr_token, pkru_bytes, token
+from fpstate.kernel.x86.hw import MXCSR, PKRU, next_mxcsr_token, pkru_bytes, token
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
@@ -302,15 +302,6 @@ class KvmX86World(X86World):
         """The writer id of what the guest of ``v`` writes (kv.guest_owner)."""
         return kv.guest_owner(v)
 
-    def _mxcsr_token(self, v: kv.KvmVcpu) -> int:
-        """The guest's next MXCSR value (hw.mxcsr_token of its writer id): the other of its
-        two values than the one it expects now."""
-        owner = kv.guest_owner(v)
-        name = next(n for n, x in self.vcpus.items() if x is v)
-        one = mxcsr_token(owner, 1)
-        return mxcsr_token(owner, 2 if self.expected[name].get(MXCSR) == one.to_bytes(4, "little")
-                           else 1)
-
     def _token(self, v: kv.KvmVcpu, i: int) -> bytes:
         self.m.generation += 1
         return token(kv.guest_owner(v), self.m.generation, i,
@@ -389,7 +380,9 @@ class KvmX86World(X86World):
             elif word == "read":
                 ops.append((kv.GuestOp("read", component_number(arg)), None))
             elif word == "ldmxcsr":  # one of the guest's two MXCSR values, in turn
-                ops.append((kv.GuestOp("ldmxcsr", value=self._mxcsr_token(v)), MXCSR))
+                name = next(n for n, x in self.vcpus.items() if x is v)
+                value = next_mxcsr_token(kv.guest_owner(v), self.expected[name].get(MXCSR))
+                ops.append((kv.GuestOp("ldmxcsr", value=value), MXCSR))
             elif word == "release":
                 mask = sum(1 << component_number(x.strip()) for x in arg.split("|"))
                 ops.append((kv.GuestOp("release", value=mask), None))

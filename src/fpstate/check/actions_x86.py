@@ -60,7 +60,7 @@ from fpstate.kernel.x86.hw import (
     PKRU,
     UserMemory,
     init_value,
-    mxcsr_token,
+    next_mxcsr_token,
     pkru_bytes,
     read_token,
     token,
@@ -633,8 +633,7 @@ class X86World(X86Views, World):
         t = self.task(task)
         nr = self.user_cpu(t)
         exp = self.expected[t.comm]
-        n = 2 if exp.get(MXCSR) == mxcsr_token(t.pid, 1).to_bytes(4, "little") else 1
-        value = mxcsr_token(t.pid, n)
+        value = next_mxcsr_token(t.pid, exp.get(MXCSR))
         fault = self.m.user_ldmxcsr(nr, value)
         if fault is None:
             exp[MXCSR] = value.to_bytes(4, "little")
@@ -831,9 +830,7 @@ class X86World(X86Views, World):
     def do_frame_mxcsr(self, task: str) -> dict[str, Value]:
         t, _, fp, _ = self._handler_frame(task, None)
         mm = t.process.mm
-        one = mxcsr_token(t.pid, 1)
-        value = mxcsr_token(t.pid, 2 if int.from_bytes(mm.read(fp + MXCSR_OFFSET, 4), "little")
-                            == one else 1)
+        value = next_mxcsr_token(t.pid, mm.read(fp + MXCSR_OFFSET, 4))
         # The frame's bytes are what sigreturn's expectation is computed from: nothing to
         # note beside them.
         mm.write(fp + MXCSR_OFFSET, value.to_bytes(4, "little"))

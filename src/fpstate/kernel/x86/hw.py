@@ -149,6 +149,13 @@ def mxcsr_token(owner: int, n: int) -> int:
     return (MXCSR_DEFAULT ^ (owner & 0x3F) << 7) | n << 13
 
 
+def next_mxcsr_token(owner: int, current: bytes | None) -> int:
+    """The MXCSR value ``owner`` loads next: the other of its two `mxcsr_token` values than
+    ``current`` (4 bytes, or None), so that each load changes what it expects."""
+    one = mxcsr_token(owner, 1)
+    return mxcsr_token(owner, 2 if current == one.to_bytes(4, "little") else 1)
+
+
 def read_mxcsr_token(value: bytes | None) -> tuple[int, int] | None:
     """(owner's low 6 bits, n) of a 4-byte MXCSR made by `mxcsr_token`, None for another."""
     if value is None or len(value) != 4:
@@ -656,5 +663,6 @@ class FpRegs:
 
 
 __all__ = ["HDR", "MXCSR", "MXCSR_INIT", "MXCSR_OFFSET", "PAGE_SIZE", "Buf", "FpRegs", "KernelBuf",
-           "PageFault", "UserBuf", "UserMemory", "init_value", "mxcsr_token", "read_mxcsr_token",
+           "PageFault", "UserBuf", "UserMemory", "init_value", "mxcsr_token", "next_mxcsr_token",
+           "read_mxcsr_token",
            "read_token", "token"]
