@@ -28,8 +28,9 @@ from fpstate.host.signals import (
     UC_FP_XSTATE,
     UC_SIGCONTEXT_SS,
     UC_STRICT_RESTORE_SS,
+    UNWRITTEN_FILL,
     SignalRun,
-    compacted_pkru,
+    compacted_form,
     corrupt_magic1,
     corrupt_magic2,
     patch_u32,
@@ -41,6 +42,9 @@ from fpstate.host.signals import (
     set_xmm,
     set_xstate_bv,
 )
+from fpstate.x86.layout import compacted_offset
+from fpstate.x86.profiles import load_profile
+from fpstate.x86.xfeatures import bits
 
 pytestmark = pytest.mark.host
 
@@ -306,7 +310,7 @@ def test_header_bytes_24_to_63_are_not_checked(rc) -> None:
 def test_xcomp_bv_compacted_form_is_accepted(rc) -> None:
     """XCOMP_BV[63] = 1 selects XRSTOR's compacted form: no fault; the registers come back
     intact when the compacted offsets of XCR0 coincide with the standard ones."""
-    run = raise_signal((set_xcomp_bv((1 << 63) | rc.xcr0), *compacted_pkru(rc.xcr0)))
+    run = raise_signal((set_xcomp_bv((1 << 63) | rc.xcr0), *compacted_form(rc.xcr0)))
     assert run.sigreturn_ok and run.segv is None
     off, same = 576, True
     for nr, std, size in host_standard_layout():
@@ -319,6 +323,39 @@ def test_xcomp_bv_compacted_form_is_accepted(rc) -> None:
     if same:
         for n in _all_vectors(rc):
             assert _vec(run.after, rc, n) == _vec(run.before, rc, n)
+    # Where they differ (Intel: MPX's standard offsets leave 832-1087 to no component of
+    # XCR0 0xE7), a component the compacted form reads wholly from such stack bytes comes back
+    # as the bytes `compacted_form` put there.
+    std = {nr: (o, o + size) for nr, o, size in host_standard_layout()}
+    for nr in bits(rc.xcr0 & ~(1 << 9)):
+        if nr < 2:
+            continue
+        lo = compacted_offset(load_profile("host"), 1 << 63 | rc.xcr0, nr)
+        hi = lo + std[nr][1] - std[nr][0]
+        if all(b <= lo or a >= hi for n2, (a, b) in std.items() if n2 >= 2):
+            got = run.after.raw[std[nr][0]:std[nr][1]]
+            assert got == bytes([UNWRITTEN_FILL]) * len(got), nr
+
+
+def test_compacted_form_patches_every_byte_no_standard_component_covers(rc) -> None:
+    """`compacted_form` covers, for every component of XCR0 read in the compacted form,
+    exactly the bytes outside the legacy region, the header and every standard component."""
+    host = load_profile("host")
+    covered = set(range(576))
+    for nr in bits(rc.xcr0):
+        if nr >= 2:
+            c = host.component(nr)
+            covered |= set(range(c.offset, c.offset + c.size))
+    patched: set[int] = set()
+    for p in compacted_form(rc.xcr0):
+        if not p.what.startswith("PKRU@"):
+            patched |= set(range(p.offset, p.offset + len(p.data)))
+    read = set()
+    for nr in bits(rc.xcr0 & ~(1 << 9)):
+        if nr >= 2:
+            lo = compacted_offset(host, 1 << 63 | rc.xcr0, nr)
+            read |= set(range(lo, lo + host.component(nr).size))
+    assert patched == read - covered
 
 
 def test_mxcsr_reserved_bit_is_sigsegv_on_both_restore_paths(rc) -> None:

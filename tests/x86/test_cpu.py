@@ -170,7 +170,8 @@ def test_tilecfg_valid_palette_rules() -> None:
 
 
 def test_every_record_answers_every_choice_with_an_origin() -> None:
-    for rec in (I.AMD_ZEN5_HOST, I.AMD_ZEN4_HOST, I.AMD_ZEN3_HOST, I.AMD, I.INTEL):
+    for rec in (I.AMD_ZEN5_HOST, I.AMD_ZEN4_HOST, I.AMD_ZEN3_HOST, I.AMD, I.INTEL_EMR_HOST,
+                I.INTEL):
         assert set(rec.values) == set(I.CHOICES) == set(rec.origins)
         assert all(rec.origins[k] for k in I.CHOICES)
     assert all(c.phrase and c.reference for c in I.CHOICES.values())
@@ -180,8 +181,32 @@ def test_for_profile_by_vendor_and_family() -> None:
     assert I.for_profile(load_profile("zen5")) is I.AMD_ZEN5_HOST
     assert I.for_profile(ZEN4) is I.AMD_ZEN4_HOST
     assert I.for_profile(load_profile("zen3")) is I.AMD_ZEN3_HOST
-    assert I.for_profile(load_profile("zen2")).name == "amd+x87_pointer_bits=48"
+    assert I.for_profile(load_profile("zen2")).name == "amd+x87_pointer_bits=48+x87_fdp_bits=48"
     assert I.for_profile(SPR) is I.INTEL
+    haswell = I.for_profile(load_profile("haswell"))
+    assert haswell.name == "intel+x87_pointer_bits=48" and haswell[I.X87_FDP_BITS] == 64
+    # family 6 model CFh (Emerald Rapids), the measured Intel core
+    emr = _with_eax(SPR, 1, 0x000C06F2)
+    assert emr.family_model_stepping[:2] == (6, 0xCF)
+    assert I.for_profile(emr) is I.INTEL_EMR_HOST
+
+
+def test_intel_keeps_fewer_bits_of_fip_than_of_fdp() -> None:
+    """Measured on Emerald Rapids: XRSTOR64 then XSAVE64 of FIP = FDP = 1 << 56 gives FIP
+    0xFF00000000000000 (57 bits, sign-extended) and FDP 1 << 56 (64 bits)."""
+    cpu = cpu_for(SPR, I.INTEL_EMR_HOST)
+    img = bytearray(512)
+    # an unmasked invalid-operation exception pending (FCW 0x37E, FSW.IE): AMD saves the
+    # pointers only then
+    struct.pack_into("<HHBBHQQ", img, 0, 0x37E, 1, 0, 0, 0, 1 << 56, 1 << 56)
+    cpu.load_x87(img)
+    out = bytearray(512)
+    cpu.store_x87(out)
+    assert struct.unpack_from("<QQ", out, 8) == (0xFF00000000000000, 1 << 56)
+    amd = cpu_for(ZEN4, I.AMD_ZEN4_HOST)
+    amd.load_x87(img)
+    amd.store_x87(out)
+    assert struct.unpack_from("<QQ", out, 8) == (0xFF00000000000000, 0xFF00000000000000)
 
 
 def test_x87_pointer_width_is_the_cores_not_the_guests_cpuid() -> None:

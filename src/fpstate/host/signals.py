@@ -203,10 +203,10 @@ def set_xcomp_bv(value: int) -> FramePatch:
 
 def compacted_pkru(xcr0: int, value: int = 0x55555554) -> tuple[FramePatch, ...]:
     """With PKRU in XCR0, a frame read in the compacted form (`set_xcomp_bv` with bit 63)
-    takes PKRU from its compacted offset, where the standard-format frame has no component:
-    stack bytes the kernel never wrote. The patch sets them (default init_pkru_value,
-    protection key 0 usable), so that what sigreturn's XRSTOR loads is known and the return to
-    user space can touch its stack. Nothing without PKRU."""
+    takes PKRU from its compacted offset, which the standard-format frame gives to another
+    component or to no component at all (stack bytes the kernel never wrote). The patch sets
+    it (default init_pkru_value, protection key 0 usable), so that what sigreturn's XRSTOR
+    loads is known and the return to user space can touch its stack. Nothing without PKRU."""
     if not xcr0 >> 9 & 1:
         return ()
     from fpstate.x86.layout import compacted_offset
@@ -214,6 +214,45 @@ def compacted_pkru(xcr0: int, value: int = 0x55555554) -> tuple[FramePatch, ...]
 
     at = compacted_offset(load_profile("host"), 1 << 63 | xcr0, 9)
     return (patch_u32(at, value, f"PKRU@{at}={value:#x}"),)
+
+
+#: The byte `compacted_form` writes where the compacted form reads what no standard component
+#: covers.
+UNWRITTEN_FILL = 0xA5
+
+
+def compacted_form(xcr0: int) -> tuple[FramePatch, ...]:
+    """The patches that make a frame read in the compacted form of XCR0 (`set_xcomp_bv` with
+    bit 63 and XCR0) fully known: the bytes the compacted offsets take that no component of
+    the standard-format frame covers -- stack bytes the kernel's XSAVE never wrote (on Intel
+    the holes of MPX's standard offsets 832-1087 and of components outside XCR0; on AMD
+    none below PKRU) -- set to `UNWRITTEN_FILL`, and PKRU as `compacted_pkru` sets it."""
+    from fpstate.x86.layout import compacted_offset
+    from fpstate.x86.profiles import load_profile
+    from fpstate.x86.xfeatures import bits
+
+    host = load_profile("host")
+    covered = [(0, 576)] + [(host.component(i).offset,
+                             host.component(i).offset + host.component(i).size)
+                            for i in bits(xcr0) if i >= 2]
+    patches: list[FramePatch] = []
+    for i in bits(xcr0):
+        if i < 2 or i == 9:
+            continue
+        lo = compacted_offset(host, 1 << 63 | xcr0, i)
+        hi = lo + host.component(i).size
+        cut = [lo]
+        for a, b in sorted(covered):
+            if b <= cut[-1] or a >= hi:
+                continue
+            if a > cut[-1]:
+                patches.append(set_bytes(cut[-1], bytes([UNWRITTEN_FILL]) * (a - cut[-1]),
+                                         f"unwritten[{cut[-1]}:{a}]"))
+            cut.append(max(cut[-1], b))
+        if cut[-1] < hi:
+            patches.append(set_bytes(cut[-1], bytes([UNWRITTEN_FILL]) * (hi - cut[-1]),
+                                     f"unwritten[{cut[-1]}:{hi}]"))
+    return (*patches, *compacted_pkru(xcr0))
 
 
 def set_header_byte(index: int, value: int) -> FramePatch:

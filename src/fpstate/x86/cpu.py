@@ -51,6 +51,7 @@ from fpstate.x86.impl import (
     FSW_SUMMARY_ON_LOAD,
     MXCSR_MASK,
     WRITE_XINUSE,
+    X87_FDP_BITS,
     X87_POINTER_BITS,
     X87_POINTERS,
     ImplDefined,
@@ -329,9 +330,8 @@ class Cpu:
         fcw, fsw, ftw, _, fop, fip, fdp = struct.unpack_from("<HHBBHQQ", image, at)
         self.set_fcw(fcw)
         r[4], r[5] = ftw, 0
-        width = self.impl[X87_POINTER_BITS]
-        struct.pack_into("<HQQ", r, 6, fop & 0x7FF, _sign_extend(fip, width),
-                         _sign_extend(fdp, width))
+        struct.pack_into("<HQQ", r, 6, fop & 0x7FF, _sign_extend(fip, self.impl[X87_POINTER_BITS]),
+                         _sign_extend(fdp, self.impl[X87_FDP_BITS]))
         self.set_fsw(fsw, summary=self.impl[FSW_SUMMARY_ON_LOAD] == "recomputed")
         top = self.top
         for i in range(8):

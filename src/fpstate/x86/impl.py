@@ -13,9 +13,10 @@ Rules of this file:
 - every `ImplDefined` gives a value for every key, and an origin for every value: "measured"
   (with the probe that shows it, kept as a differential test) or "assumed" (documented
   behaviour of that vendor, not measured here);
-- :func:`for_profile` picks the record for a CPUID profile by vendor; the host's own record is
-  :data:`AMD_ZEN5_HOST` (an AMD family 1Ah CPU in a nested KVM guest, measured with
-  `fpstate.host.runner`).
+- :func:`for_profile` picks the record for a CPUID profile by vendor and core; the measured
+  records are those of the machines this project has run on (:data:`AMD_ZEN5_HOST`,
+  :data:`AMD_ZEN3_HOST`, :data:`AMD_ZEN4_HOST`, :data:`INTEL_EMR_HOST`, each measured with
+  `fpstate.host.runner`), and every other core takes its vendor's record, assumed from them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ MXCSR_MASK = "mxcsr_mask"
 COMPACTED_XSTATE_BV63 = "compacted_xstate_bv63"
 FXSAVE_RESERVED = "fxsave_reserved"
 X87_POINTER_BITS = "x87_pointer_bits"
+X87_FDP_BITS = "x87_fdp_bits"
 LEGACY_SSE_UPPER = "legacy_sse_upper"
 RESTORE_ZMM_XINUSE = "restore_zmm_xinuse"
 VEX256_HI256_XINUSE = "vex256_hi256_xinuse"
@@ -112,8 +114,13 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "SDM Vol. 1 10.5.1, Table 10-2", ("untouched", "zeroed")),
     Choice(X87_POINTER_BITS,
            "If the instruction has a REX prefix with REX.W = 1, bytes 15:8 are used for the "
-           "full 64 bits of FIP (and 23:16 for FDP): how many low bits the FPU keeps, the rest "
-           "being their sign extension.",
+           "full 64 bits of FIP: how many low bits the FPU keeps, the rest being their sign "
+           "extension.",
+           "SDM Vol. 1 13.5.1", int),
+    Choice(X87_FDP_BITS,
+           "If the instruction has a REX prefix with REX.W = 1, bytes 23:16 are used for the "
+           "full 64 bits of FDP: how many low bits the FPU keeps, the rest being their sign "
+           "extension (a CPU may keep fewer bits of FIP than of FDP).",
            "SDM Vol. 1 13.5.1", int),
     Choice(LEGACY_SSE_UPPER,
            "It is possible for XINUSE[i] to be 1 even when state component i is in its "
@@ -200,6 +207,7 @@ AMD_ZEN5_HOST = ImplDefined(
         COMPACTED_XSTATE_BV63: "gp",
         FXSAVE_RESERVED: "untouched",
         X87_POINTER_BITS: 57,
+        X87_FDP_BITS: 57,
         LEGACY_SSE_UPPER: True,
         RESTORE_ZMM_XINUSE: "value",
         VEX256_HI256_XINUSE: "per-register",
@@ -233,6 +241,8 @@ AMD_ZEN5_HOST = ImplDefined(
         FXSAVE_RESERVED: _MEASURED + " (FXSAVE64 leaves bytes 416-511 as they were)",
         X87_POINTER_BITS: _MEASURED + " (XRSTOR64 of FIP = FDP = 1 << 56 saves "
                           "0xFF00000000000000: bits 56:0 kept, sign-extended)",
+        X87_FDP_BITS: _MEASURED + " (as FIP: the same XRSTOR64 of FDP = 1 << 56 saves "
+                      "0xFF00000000000000)",
         LEGACY_SSE_UPPER: _MEASURED + " (XRSTOR of ZMM_Hi256 alone, then MOVDQU xmm4: "
                           "XGETBV(1) = 0x46; with opmask or Hi16_ZMM alone: 0x22, 0x82)",
         RESTORE_ZMM_XINUSE: _MEASURED + " (VMOVDQU ymm1 with bits 255:128 zero: XINUSE 0x6; "
@@ -250,11 +260,16 @@ AMD_ZEN5_HOST = ImplDefined(
     },
 )
 
-_INTEL_ASSUMED = "assumed: Intel behaviour as documented (not measured on this machine)"
+_EMR = ("measured on an Intel Xeon family 6 model CFh (Emerald Rapids) KVM guest, Linux 6.18, "
+        "with fpstate.host.runner; test_differential checks it")
 
-#: Intel cores (Haswell .. Granite Rapids): the SDM's literal reading where it has one.
-INTEL = ImplDefined(
-    name="intel",
+#: A fourth measured machine, the first Intel one: family 6 model CFh (Emerald Rapids) in a
+#: KVM guest, XCR0 0xE7 (x87, SSE, AVX, AVX-512; the guest is offered no AMX or PKU), CPUID
+#: 7:EBX[6] FDP_EXCPTN_ONLY and [13] FCS/FDS deprecated, 57-bit linear addresses. It departs
+#: from the SDM's literal reading that the generic Intel record assumed before it in two
+#: places (COMPACTED_XSTATE_BV63, EMMS_TOP) and keeps fewer bits of FIP than of FDP.
+INTEL_EMR_HOST = ImplDefined(
+    name="intel-emr-host",
     values={
         XRSTOR_INIT_XINUSE: "init",
         XRSTOR_LOAD_XINUSE: "set",
@@ -266,17 +281,65 @@ INTEL = ImplDefined(
         FCW_RESERVED: (0x1F3F, 0x0040),
         FLD_UNDEFINED_FLAGS: "unchanged",
         MXCSR_MASK: 0x0000FFFF,
-        COMPACTED_XSTATE_BV63: "allowed",
+        COMPACTED_XSTATE_BV63: "gp",
         FXSAVE_RESERVED: "untouched",
-        X87_POINTER_BITS: 64,
+        X87_POINTER_BITS: 57,
+        X87_FDP_BITS: 64,
         LEGACY_SSE_UPPER: False,
         RESTORE_ZMM_XINUSE: "kept",
         VEX256_HI256_XINUSE: "kept",
-        EMMS_TOP: "kept",
+        EMMS_TOP: "zeroed",
         LEGACY_SSE_KEEPS_AVX: False,
     },
-    origins={key: _INTEL_ASSUMED for key in CHOICES},
+    origins={
+        XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
+        XRSTOR_LOAD_XINUSE: _EMR + " (XRSTOR of AVX and AVX-512 with XSTATE_BV set and "
+                            "initial-configuration data: XGETBV(1) reads their bits set)",
+        WRITE_XINUSE: _EMR + " (MOVDQU, VMOVDQU, VMOVDQU64 and KMOVQ of zeros set XINUSE "
+                      "1, 2|1, 6|2|1, 7 and 5; x87 stays in use after FLDCW 0x37F, FNINIT and "
+                      "EMMS. PKRU not measured: no PKU in this guest; the kernel's word "
+                      "(ae6012d72fa6) is that on Intel it stays in use after WRPKRU 0)",
+        ZEROING_CLEARS_XINUSE: _EMR + " (VZEROUPPER after VMOVDQU ymm1: XGETBV(1) bit 2 "
+                               "clear)",
+        MODIFIED_OPTIMIZATION: _EMR + " (XRSTOR b; XSAVEC b, 0x80; XSAVEOPT b leaves the "
+                               "XSAVEC bytes where unmodified AVX state would go)",
+        X87_POINTERS: _EMR + " (FOP, FIP and FDP saved with FSW.ES = 0; FOP is kept to "
+                      "11 bits)",
+        FSW_SUMMARY_ON_LOAD: _EMR + " (FSW=0x8000 or 0x0080 alone loads as 0)",
+        FCW_RESERVED: _EMR + " (FLDCW 0xFFFF reads back 0x1F7F, FLDCW 0 reads 0x0040)",
+        FLD_UNDEFINED_FLAGS: _EMR + " (FSW 0x4500, FLD m80 of 0.0: FNSTSW reads 0x7D00, "
+                             "C0, C2 and C3 as they were)",
+        MXCSR_MASK: _EMR + " (FXSAVE writes MXCSR_MASK 0xFFFF; LDMXCSR 0x21F80 and 0x11F80 "
+                    "#GP)",
+        COMPACTED_XSTATE_BV63: _EMR + " (XSTATE_BV=1<<63, XCOMP_BV=1<<63|XCR0 -> #GP, as on "
+                               "AMD: the SDM's literal reading would let it pass)",
+        FXSAVE_RESERVED: _EMR + " (FXSAVE64 leaves bytes 416-511 as they were)",
+        X87_POINTER_BITS: _EMR + " (XSAVE64 after XRSTOR64 of FIP = 1 << 56 saves "
+                          "0xFF00000000000000, 1 << 57, 1 << 62 and 1 << 63 save 0, "
+                          "0x123456789ABCDEF0 saves 0x3456789ABCDEF0: bits 56:0 kept, "
+                          "sign-extended; CPUID 0x80000008:EAX[15:8] = 57)",
+        X87_FDP_BITS: _EMR + " (the same XRSTOR64 of FDP = 1 << 56, 1 << 57, 1 << 63, "
+                      "0x123456789ABCDEF0 saves each unchanged: all 64 bits kept)",
+        LEGACY_SSE_UPPER: _EMR + " (XRSTOR of ZMM_Hi256 alone, then MOVDQU xmm4: XGETBV(1) "
+                          "has no bit 2)",
+        RESTORE_ZMM_XINUSE: _EMR + " (VMOVDQU ymm1 with bits 255:128 zero, then XRSTOR with "
+                            "RFBM 0x2: XINUSE[2] stays set)",
+        VEX256_HI256_XINUSE: _EMR + " (VMOVDQU64 zmm11 = non-zero, then VMOVDQU ymm11 = 0: "
+                             "XINUSE[6] stays set)",
+        EMMS_TOP: _EMR + " (FSW 0x2800 reads 0 after EMMS, as on AMD: the SDM's Operation "
+                  "names only the tag word)",
+        LEGACY_SSE_KEEPS_AVX: _EMR + " as far as it can be: with RESTORE_ZMM_XINUSE 'kept' "
+                              "no restore recomputes XINUSE[2], so the Zen 3 quirk cannot "
+                              "show (its program reads bit 2 set either way)",
+    },
 )
+
+_INTEL_ASSUMED = "assumed: as measured on the Emerald Rapids host (INTEL_EMR_HOST)"
+
+#: Other Intel cores (Haswell .. Granite Rapids): the Emerald Rapids host's measured choices,
+#: not measured themselves (FIP is kept to each CPU's linear-address width: `for_profile`).
+INTEL = replace(INTEL_EMR_HOST, name="intel",
+                origins={key: _INTEL_ASSUMED for key in CHOICES})
 
 _AMD_ASSUMED = "assumed: as measured on the Zen 5 host (same microcode family behaviour)"
 
@@ -296,7 +359,8 @@ _NO_AVX512 = ("not measurable there (no AVX-512: ZMM_Hi256 does not exist, so th
 #: linear-address width on both, and LEGACY_SSE_KEEPS_AVX, not measured on the Zen 5 host.
 AMD_ZEN3_HOST = replace(
     AMD_ZEN5_HOST, name="amd-zen3-host",
-    values={**AMD_ZEN5_HOST.values, X87_POINTER_BITS: 48, LEGACY_SSE_KEEPS_AVX: True},
+    values={**AMD_ZEN5_HOST.values, X87_POINTER_BITS: 48, X87_FDP_BITS: 48,
+            LEGACY_SSE_KEEPS_AVX: True},
     origins={**{key: _ZEN3 for key in CHOICES},
              WRITE_XINUSE: _ZEN3 + " (x87 as on the Zen 5 host; PKRU: WRPKRU 0 then "
                            "XGETBV(1) reads bit 9 clear, WRPKRU 4 reads it set, whatever XINUSE "
@@ -349,27 +413,35 @@ def linear_address_bits(profile: CpuidProfile) -> int:
 
 
 def for_profile(profile: CpuidProfile) -> ImplDefined:
-    """The implementation-defined choices of ``profile``'s CPU: Intel's; on AMD the measured
-    record of its core (Zen 5: family 1Ah; Zen 3: the family 19h models of `_ZEN3_MODELS`;
-    Zen 4: the other family 19h models), else (Zen 2 and older) the Zen 5 host's with FIP/FDP
-    kept to the CPU's linear-address width (`linear_address_bits`). A measured core keeps its
-    measured width whatever the profile's CPUID says: a KVM guest on Zen 4 reports 48-bit
-    linear addresses while its FPU keeps 57 bits of FIP and FDP."""
-    if profile.vendor not in ("amd", "hygon"):
-        return INTEL
+    """The implementation-defined choices of ``profile``'s CPU: the measured record of its core
+    where there is one (Intel family 6 model CFh: Emerald Rapids; AMD Zen 5: family 1Ah; Zen 3:
+    the family 19h models of `_ZEN3_MODELS`; Zen 4: the other family 19h models), else its
+    vendor's record (`INTEL`, `AMD`) with FIP kept to the CPU's linear-address width
+    (`linear_address_bits`; on AMD FDP too). A measured core keeps its measured widths
+    whatever the profile's CPUID says: a KVM guest on Zen 4 reports 48-bit linear addresses
+    while its FPU keeps 57 bits of FIP and FDP."""
     family, model = profile.family_model_stepping[:2]
+    width = linear_address_bits(profile)
+    if profile.vendor not in ("amd", "hygon"):
+        if profile.vendor == "intel" and (family, model) == (6, 0xCF):
+            return INTEL_EMR_HOST
+        if width == INTEL[X87_POINTER_BITS]:
+            return INTEL
+        return INTEL.with_choice(
+            X87_POINTER_BITS, width, f"the CPU's linear-address width (CPUID "
+            f"0x80000008:EAX[15:8] = {width}), as on the Emerald Rapids host (57)")
     if family == 0x1A:
         return AMD_ZEN5_HOST
     if family == 0x19:
         return AMD_ZEN3_HOST if any(model in r for r in _ZEN3_MODELS) else AMD_ZEN4_HOST
-    width = linear_address_bits(profile)
     if width == AMD[X87_POINTER_BITS]:
         return AMD
-    return AMD.with_choice(
-        X87_POINTER_BITS, width, f"the CPU's linear-address width (CPUID "
-        f"0x80000008:EAX[15:8] = {width}), as on the measured cores (Zen 3: 48, Zen 4 and "
-        f"Zen 5: 57, the silicon's width)")
+    origin = (f"the CPU's linear-address width (CPUID 0x80000008:EAX[15:8] = {width}), as on "
+              f"the measured cores (Zen 3: 48, Zen 4 and Zen 5: 57, the silicon's width)")
+    return AMD.with_choice(X87_POINTER_BITS, width, origin).with_choice(
+        X87_FDP_BITS, width, origin)
 
 
 __all__ = ["AMD", "AMD_ZEN3_HOST", "AMD_ZEN4_HOST", "AMD_ZEN5_HOST", "CHOICES", "INTEL",
+           "INTEL_EMR_HOST",
            "Choice", "ImplDefined", "for_profile", "linear_address_bits"]

@@ -343,10 +343,10 @@ def _pkru_rows(xcr0: int, pkru: int | None, xstate_bv: int | None) -> tuple[Any,
     return tuple(rows)
 
 
-def _compacted_pkru(xcr0: int) -> tuple[Any, ...]:
-    from fpstate.host.signals import compacted_pkru
+def _compacted_form(xcr0: int) -> tuple[Any, ...]:
+    from fpstate.host.signals import compacted_form
 
-    return compacted_pkru(xcr0)
+    return compacted_form(xcr0)
 
 
 def _b(off: int, v: int) -> Any:
@@ -388,7 +388,9 @@ SIGRETURN_ROWS: dict[str, Any] = {
     "XSTATE_BV-plus-bit11": lambda n, x: (_p64(512, x | 1 << 11),),
     "XCOMP_BV-1": lambda n, x: (_p64(520, 1),),
     "XCOMP_BV-bit63": lambda n, x: (_p64(520, 1 << 63),),
-    "XCOMP_BV-compacted-xcr0": lambda n, x: (_p64(520, 1 << 63 | x), *_compacted_pkru(x)),
+    # The compacted form reads bytes no standard component covers (Intel: MPX's holes):
+    # stack bytes the kernel never wrote, set by the row (`compacted_form`).
+    "XCOMP_BV-compacted-xcr0": lambda n, x: (_p64(520, 1 << 63 | x), *_compacted_form(x)),
     "header-byte16": lambda n, x: (_b(512 + 16, 1),),
     "header-byte24": lambda n, x: (_b(512 + 24, 0xA5),),
     "header-byte63": lambda n, x: (_b(512 + 63, 0xA5),),
