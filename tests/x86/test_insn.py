@@ -677,3 +677,34 @@ def test_a_legacy_sse_write_keeps_avx_in_use_through_fxrstor_on_zen3_only() -> N
     assert xinuse(zen3, Insn("XRSTOR", buf=0, mask=0x4), Insn("FXRSTOR", buf=0)) == 0
     assert xinuse(zen3, Insn("VZEROUPPER"), Insn("FXRSTOR", buf=0)) == 0
     assert xinuse(zen5, Insn("FXRSTOR", buf=0)) == 0
+
+
+def test_an_xrstor_of_avx_state_clears_what_a_vex_load_of_zeros_put_in_use_on_intel() -> None:
+    """VEX_XINUSE_RECOMPUTED (measured on Emerald Rapids): VMOVDQU ymm10 = 0 from the initial
+    state sets XINUSE[1] and [2]; an XRSTOR that loads AVX (or ZMM_Hi256) state then clears
+    the ones it did not load, the YMM registers being zero -- but not after a MOVDQU or an
+    LDMXCSR wrote SSE state, nor when ymm10's upper half was non-zero, nor when the restore
+    only initialises AVX state (XSTATE_BV[2] = 0) or loads SSE state only."""
+    emr = I.INTEL_EMR_HOST
+    y0 = Insn("VMOVDQU", reg=10, data=bytes(32))
+
+    def xinuse(*insns: Insn, bv: int = 0x4) -> int:
+        prog = Program(image(0), (*insns, Insn("XGETBV", reg=1)), (Buffer(image(bv)),))
+        return one(SPR, prog, impl=emr).values[-1]
+
+    assert xinuse(y0) == 0x6
+    assert xinuse(y0, Insn("XRSTOR", buf=0, mask=0x4)) == 0x4
+    assert xinuse(y0, Insn("XRSTOR", buf=0, mask=0x40), bv=0x40) == 0x40
+    assert xinuse(y0, Insn("XRSTOR", buf=0, mask=0x4), bv=0) == 0x2
+    assert xinuse(y0, Insn("XRSTOR", buf=0, mask=0x2), bv=0x2) == 0x6
+    assert xinuse(y0, Insn("XRSTOR", buf=0, mask=0x80), bv=0x80) == 0x86
+    assert xinuse(y0, Insn("MOVDQU", reg=1, data=bytes(16)), Insn("XRSTOR", buf=0, mask=0x4)) == 0x6
+    assert xinuse(y0, Insn("LDMXCSR", value=0x1F80), Insn("XRSTOR", buf=0, mask=0x4)) == 0x6
+    assert xinuse(y0, Insn("VMOVDQU", reg=11, data=bytes(32)),
+                  Insn("XRSTOR", buf=0, mask=0x4)) == 0x4
+    upper = Insn("VMOVDQU", reg=10, data=bytes(16) + bytes(range(1, 17)))
+    assert xinuse(upper, Insn("XRSTOR", buf=0, mask=0x40), bv=0x40) == 0x46
+    # the record that predates it, and every AMD one: kept
+    assert one(SPR, Program(image(0), (y0, Insn("XRSTOR", buf=0, mask=0x4),
+                                       Insn("XGETBV", reg=1)), (Buffer(image(0x4)),)),
+               impl=emr.with_choice(I.VEX_XINUSE_RECOMPUTED, "kept")).values[-1] == 0x6

@@ -197,6 +197,7 @@ class Cpu:
         "machine",
         "mxcsr",
         "regs",
+        "vex_soft",
         "x87_pointers_known",
         "x87_regs_written",
         "xcr0",
@@ -234,6 +235,9 @@ class Cpu:
         #: a legacy SSE write met AVX state in use: XINUSE[2] stays set through restores that
         #: do not load AVX state (LEGACY_SSE_KEEPS_AVX)
         self.avx_kept = False
+        #: XINUSE bits 1 and 2 that a VEX.256 load set from 0 and nothing else wrote since
+        #: (VEX_XINUSE_RECOMPUTED: the next XRSTOR of AVX or ZMM_Hi256 state recomputes them)
+        self.vex_soft = 0
         self.xmodified = (1 << 64) - 1
         self.xrstor_info: tuple | None = None
         self.x87_pointers_known = True
@@ -253,7 +257,7 @@ class Cpu:
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
                 self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written,
-                self.x87_regs_written, self.zmm_hi256_lag, self.avx_kept)
+                self.x87_regs_written, self.zmm_hi256_lag, self.avx_kept, self.vex_soft)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 
@@ -272,6 +276,7 @@ class Cpu:
         """An instruction wrote the components of ``mask``: they are modified (XMODIFIED)
         and, as WRITE_XINUSE says, in use, or in use exactly when not initial."""
         self.xmodified |= mask
+        self.vex_soft &= ~mask
         by_value = self.impl[WRITE_XINUSE] & mask
         self.xinuse |= mask & ~by_value
         for i in bits(by_value):

@@ -60,6 +60,7 @@ RESTORE_ZMM_XINUSE = "restore_zmm_xinuse"
 VEX256_HI256_XINUSE = "vex256_hi256_xinuse"
 EMMS_TOP = "emms_top"
 LEGACY_SSE_KEEPS_AVX = "legacy_sse_keeps_avx"
+VEX_XINUSE_RECOMPUTED = "vex_xinuse_recomputed"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(XRSTOR_INIT_XINUSE,
@@ -152,6 +153,13 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "it in but that do not load AVX state -- FXRSTOR, XRSTOR without RFBM[2] -- until "
            "an XRSTOR with RFBM[2], VZEROUPPER or VZEROALL.)",
            "SDM Vol. 1 13.6", (True, False)),
+    Choice(VEX_XINUSE_RECOMPUTED,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration. (Here: XINUSE[1] and [2] that a VEX.256 load set, from 0, "
+           "stay so until an XRSTOR loads AVX or ZMM_Hi256 state from memory (RSTORMASK), "
+           "which clears them where YMM0-15 were all zero before it ('recomputed') or leaves "
+           "them ('kept'); any other write or restore of SSE or AVX state ends this.)",
+           "SDM Vol. 1 13.6, 13.8.3", ("kept", "recomputed")),
 )}
 
 
@@ -213,6 +221,7 @@ AMD_ZEN5_HOST = ImplDefined(
         VEX256_HI256_XINUSE: "per-register",
         EMMS_TOP: "zeroed",
         LEGACY_SSE_KEEPS_AVX: False,
+        VEX_XINUSE_RECOMPUTED: "kept",
     },
     origins={
         XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -257,6 +266,9 @@ AMD_ZEN5_HOST = ImplDefined(
                               "one was gone); assumed absent, on no evidence: at its rate on "
                               "the Zen 3 host, 2 random programs in 50,000, the Zen 5 host's "
                               "test runs could have missed it",
+        VEX_XINUSE_RECOMPUTED: "moot: with RESTORE_ZMM_XINUSE 'value' every XRSTOR that "
+                               "touches ZMM0-15 recomputes XINUSE[1], [2], [6] from the "
+                               "registers anyway (found on the Emerald Rapids host)",
     },
 )
 
@@ -290,6 +302,7 @@ INTEL_EMR_HOST = ImplDefined(
         VEX256_HI256_XINUSE: "kept",
         EMMS_TOP: "zeroed",
         LEGACY_SSE_KEEPS_AVX: False,
+        VEX_XINUSE_RECOMPUTED: "recomputed",
     },
     origins={
         XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -331,6 +344,14 @@ INTEL_EMR_HOST = ImplDefined(
         LEGACY_SSE_KEEPS_AVX: _EMR + " as far as it can be: with RESTORE_ZMM_XINUSE 'kept' "
                               "no restore recomputes XINUSE[2], so the Zen 3 quirk cannot "
                               "show (its program reads bit 2 set either way)",
+        VEX_XINUSE_RECOMPUTED: _EMR + " (VMOVDQU ymm10 = 0 from the initial state: XINUSE "
+                               "0x6; then XRSTOR RFBM 0x4 with XSTATE_BV[2] = 1: 0x4, RFBM "
+                               "0x40 with XSTATE_BV[6] = 1: 0x40, RFBM 0x2, 0x20, 0x80 or 0x1: "
+                               "kept; with bits 255:128 of ymm10 non-zero instead: kept; a "
+                               "MOVDQU, LDMXCSR or EVEX.512 load between, or XSTATE_BV[1] = 1 "
+                               "in the start image: kept; XSAVE or XSAVEOPT between: still "
+                               "cleared. fpstate conform --layer cpu met it once in 40,000 "
+                               "programs)",
     },
 )
 

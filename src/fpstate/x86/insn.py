@@ -38,6 +38,7 @@ from fpstate.x86.cpu import (
     X87,
     XTILECFG,
     XTILEDATA,
+    YMM,
     ZMM_HI256,
     Area,
     Cpu,
@@ -297,6 +298,8 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
     if armed:
         cpu.xfd_err = armed
         return Fault("#NM", f"XFD armed for components {armed:#x} that XSTATE_BV loads")
+    ymm_zero = bool(cpu.vex_soft) and not (any(cpu.regs[SSE])
+                                           or (YMM in cpu.regs and any(cpu.regs[YMM])))
     if TO_BE_RESTORED & 1:
         cpu.load_x87(src)
     elif TO_BE_INITIALIZED & 1:
@@ -326,6 +329,8 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
         cpu.zmm_hi256_written = 0  # XINUSE[6] recomputed by this restore
     if RFBM & R.ZMM0_15:
         R.restore_zmm_xinuse(cpu, RFBM)
+    if cpu.vex_soft:
+        R.restore_vex_xinuse(cpu, TO_BE_RESTORED, TO_BE_INITIALIZED, ymm_zero)
     all_ones = (1 << 64) - 1
     cpu.xmodified = all_ones & ~RFBM if cpu.impl[MODIFIED_OPTIMIZATION] else all_ones
     cpu.xrstor_info = (cpu.cpl, 0, area.address, 0 if standard else COMPMASK)

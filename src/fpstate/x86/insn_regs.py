@@ -20,7 +20,10 @@ Tracking, as measured on the host and recorded in `fpstate.x86.impl`:
 - LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6);
 - with RESTORE_ZMM_XINUSE "value", a restore that touches ZMM0-15 (FXRSTOR; XRSTOR with RFBM
   bit 1, 2 or 6) recomputes XINUSE[1], [2], [6] from the registers (`restore_zmm_xinuse`),
-  XINUSE[2] not while a legacy SSE write keeps it (LEGACY_SSE_KEEPS_AVX, `Cpu.avx_kept`).
+  XINUSE[2] not while a legacy SSE write keeps it (LEGACY_SSE_KEEPS_AVX, `Cpu.avx_kept`);
+- with VEX_XINUSE_RECOMPUTED "recomputed" (Intel), XINUSE[1] and [2] that a VEX.256 load set
+  from 0 are cleared by the next XRSTOR that loads AVX or ZMM_Hi256 state while YMM0-15 are
+  all zero (`restore_vex_xinuse`), unless another write or restore touched them first.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from fpstate.x86.impl import (
     LEGACY_SSE_UPPER,
     RESTORE_ZMM_XINUSE,
     VEX256_HI256_XINUSE,
+    VEX_XINUSE_RECOMPUTED,
     XRSTOR_LOAD_XINUSE,
     ZEROING_CLEARS_XINUSE,
 )
@@ -93,6 +97,19 @@ def restore_zmm_xinuse(cpu: Cpu, rfbm: int = 0) -> None:
                 cpu.track_value(i)
 
 
+def restore_vex_xinuse(cpu: Cpu, restored: int, initialized: int, ymm_zero: bool) -> None:
+    """After an XRSTOR/XRSTORS that loaded ``restored`` from memory and put ``initialized`` in
+    the initial configuration, with VEX_XINUSE_RECOMPUTED "recomputed": XINUSE[1] and [2]
+    that a VEX.256 load set from 0 (`Cpu.vex_soft`) and the restore did not touch are cleared
+    when it loaded AVX or ZMM_Hi256 state and YMM0-15 were all zero before it (``ymm_zero``);
+    a restore ends the hold on whatever it touched."""
+    soft = cpu.vex_soft & ~(restored | initialized)
+    cpu.vex_soft = soft
+    if soft and ymm_zero and restored & (1 << YMM | 1 << ZMM_HI256):
+        cpu.xinuse &= ~soft
+        cpu.vex_soft = 0
+
+
 def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
     """Zero bits 511:``width`` of ZMM ``reg`` (< 16): "DEST[MAXVL-1:...] := 0"."""
     if width <= 128 and YMM in cpu.regs:
@@ -123,14 +140,18 @@ def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
 
 def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """VMOVDQU ymm, m256 (VEX.256.F3.0F.WIG 6F /r): YMM[reg] := data, bits 511:256 zeroed
-    (XINUSE[6] as VEX256_HI256_XINUSE says)."""
+    (XINUSE[6] as VEX256_HI256_XINUSE says; XINUSE[1], [2] it sets from 0 as
+    VEX_XINUSE_RECOMPUTED says)."""
     fault = _avx_faults(cpu, "AVX", 0b110)
     if fault:
         return fault
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data[:16]
     cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
     _zero_above(cpu, reg, 256)
+    soft = (cpu.vex_soft | ~cpu.xinuse) & (1 << SSE | 1 << YMM)
     cpu.wrote(1 << SSE | 1 << YMM)
+    if cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
+        cpu.vex_soft |= soft  # set from 0 by VEX.256 loads only (restore_vex_xinuse)
     if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and ZMM_HI256 in cpu.regs:
         before = cpu.zmm_hi256_written | 1 << reg
         cpu.zmm_hi256_written &= ~(1 << reg)
@@ -172,6 +193,7 @@ def KMOVQ(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
 def _zeroed(cpu: Cpu, mask: int) -> None:
     """Whole components put in their initial configuration by an instruction."""
     cpu.xmodified |= mask
+    cpu.vex_soft &= ~mask
     if mask >> ZMM_HI256 & 1:
         cpu.zmm_hi256_written = 0
     if mask >> YMM & 1:
@@ -309,6 +331,7 @@ def LDMXCSR(cpu: Cpu, value: int) -> Fault | None:
         return Fault("#GP", f"MXCSR {value:#x} sets reserved bits")
     cpu.mxcsr = value
     cpu.xmodified |= 1 << SSE
+    cpu.vex_soft &= ~(1 << SSE)  # measured: it ends VEX_XINUSE_RECOMPUTED's hold on XINUSE[1]
     return None
 
 
@@ -516,6 +539,7 @@ def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
     cpu.mxcsr = mxcsr
     cpu.regs[SSE][:] = area.data[160:416]
     cpu.xmodified |= 0b11
+    cpu.vex_soft &= ~0b11
     if cpu.impl[XRSTOR_LOAD_XINUSE] == "set":
         cpu.xinuse |= 0b11
     else:
