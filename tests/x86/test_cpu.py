@@ -250,6 +250,30 @@ def test_generated_programs_are_valid_and_answerable(name: str) -> None:
         assert run_program(profile, program)
 
 
+def test_intel_programs_have_flds_each_followed_by_fninit() -> None:
+    """Intel saves FIP/FDP always (X87_POINTERS), so an FLD's addresses would show in every
+    later save: the generator follows each FLD by an FNINIT (after an FNSTSW at times), and
+    the model answers every such program -- the FLD's data and flags are still compared."""
+    spr = load_profile("sapphire-rapids")
+    with_fld = 0
+    for seed in range(300):
+        program = generate_program(RandomDraw(seed), spr, focus="FLD")
+        names = [i.mnemonic for i in program.insns]
+        for n, name in enumerate(names):
+            if name == "FLD":
+                nxt = names[n + 1:n + 3]
+                assert nxt[:1] == ["FNINIT"] or nxt == ["FNSTSW", "FNINIT"], names
+                with_fld += 1
+        if "FLD" in names and seed < 40:
+            assert run_program(spr, program)
+    assert with_fld >= 60, with_fld
+    # AMD saves them only with FSW.ES set, which these programs never have: FLD stands alone
+    zen4 = [[i.mnemonic for i in generate_program(RandomDraw(s), ZEN4, focus="FLD").insns]
+            for s in range(300)]
+    assert any(n[k + 1:k + 2] not in (["FNINIT"], ["FNSTSW"])
+               for n in zen4 for k, m in enumerate(n) if m == "FLD")
+
+
 @pytest.mark.parametrize("focus", ["TILELOADD", "TILESTORED", "TILEZERO"])
 def test_generated_amx_programs_get_past_the_tile_checks(focus: str) -> None:
     """On Sapphire Rapids the tile instructions do not only #UD: start images and LDTILECFG

@@ -19,7 +19,8 @@ Two rules keep programs answerable:
 
 - (`fpstate.x86.cpu.UnknownPointers`) in a program with an FLD every x87 control word that can
   be loaded (start image, buffers, FLDCW) masks all six exceptions, so no save can ever show
-  the FIP/FDP (code and data addresses) of an FLD;
+  the FIP/FDP (code and data addresses) of an FLD where saves write them only with FSW.ES set
+  (AMD); where they always do (Intel), an FNINIT follows every FLD;
 - every PKRU value that can be loaded (start image, buffers, WRPKRU) leaves protection key 0
   readable and writable (AD0 = WD0 = 0, bits 1:0, as the kernel's init_pkru_value does):
   every page a program touches -- the runner's own slots and stack, and its buffers unless
@@ -296,14 +297,16 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
     """One random program for ``profile`` (see the module docstring) whose MXCSR values
     follow ``impl``'s MXCSR_MASK (default: `for_profile`); with ``focus`` the program has at
     least one instruction of that mnemonic. Where the CPU saves x87 pointers always
-    (X87_POINTERS "always", Intel) programs have no FLD at all. With ``pkeys`` (and PKU)
-    a buffer may have a protection key (not for a guest's programs: its pages have key 0)."""
+    (X87_POINTERS "always", Intel) every FLD is followed by an FNINIT (`_fninit_after_fld`).
+    With ``pkeys`` (and PKU) a buffer may have a protection key (not for a guest's programs:
+    its pages have key 0)."""
     m = machine(profile)
     impl = impl or for_profile(profile)
     mxcsr_mask = impl[MXCSR_MASK]
     xcr0 = default_xcr0(profile) if xcr0 is None else xcr0
     n = d.integer(1, max_insns)
-    has_fld = _chance(d, 25) and impl[X87_POINTERS] == "when-es"
+    always = impl[X87_POINTERS] == "always"
+    has_fld = _chance(d, 25)
     nbuf = d.integer(1, 3)
     keyed = pkeys and m.has("PKU") and bool(xcr0 & 1 << PKRU)
     buffers = tuple(_buffer(d, m, xcr0, mxcsr_mask, has_fld, keyed) for _ in range(nbuf))
@@ -319,7 +322,24 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
         insns[at] = _insn(d, m, xcr0, nbuf, mxcsr_mask, has_fld, focus)
         if focus == "FLD" and not has_fld:
             insns[at] = Insn("FNINIT")
+    if always:
+        insns = _fninit_after_fld(d, insns)
     return Program(start, tuple(insns), buffers)
+
+
+def _fninit_after_fld(d: Draw, insns: list[Insn]) -> list[Insn]:
+    """Where every save writes FIP/FDP (X87_POINTERS "always", Intel), those of an FLD are
+    its linear addresses, which no model knows: each FLD is followed by an FNINIT (FIP = FDP
+    = FOP = 0), after an FNSTSW half the time, so that FLD's data, tags, TOP and condition
+    codes are still compared (ST0-7 keep their contents through FNINIT)."""
+    out: list[Insn] = []
+    for insn in insns:
+        out.append(insn)
+        if insn.mnemonic == "FLD":
+            if _chance(d, 50):
+                out.append(Insn("FNSTSW"))
+            out.append(Insn("FNINIT"))
+    return out
 
 
 __all__ = ["Draw", "RandomDraw", "compacted_image", "generate_program", "standard_image"]
