@@ -279,7 +279,8 @@ _EMR = ("measured on an Intel Xeon family 6 model CFh (Emerald Rapids) KVM guest
 #: KVM guest, XCR0 0xE7 (x87, SSE, AVX, AVX-512; the guest is offered no AMX or PKU), CPUID
 #: 7:EBX[6] FDP_EXCPTN_ONLY and [13] FCS/FDS deprecated, 57-bit linear addresses. It departs
 #: from the SDM's literal reading that the generic Intel record assumed before it in two
-#: places (COMPACTED_XSTATE_BV63, EMMS_TOP) and keeps fewer bits of FIP than of FDP.
+#: places (COMPACTED_XSTATE_BV63, EMMS_TOP), keeps fewer bits of FIP than of FDP, and
+#: recomputes the XINUSE bits a VEX.256 load set (VEX_XINUSE_RECOMPUTED).
 INTEL_EMR_HOST = ImplDefined(
     name="intel-emr-host",
     values={
@@ -397,7 +398,8 @@ AMD_ZEN3_HOST = replace(
                                    "clear. fpstate conform --layer cpu met it 2 times in "
                                    "50,000 programs)",
              LEGACY_SSE_UPPER: _NO_AVX512,
-             VEX256_HI256_XINUSE: _NO_AVX512})
+             VEX256_HI256_XINUSE: _NO_AVX512,
+             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED]})
 
 _ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
          "with fpstate.host.runner; test_differential checks it")
@@ -420,7 +422,8 @@ AMD_ZEN4_HOST = replace(
                                "0x80000008:EAX[15:8] = 48 and CPUID 7:ECX[16] LA57 = 0)",
              LEGACY_SSE_KEEPS_AVX: _ZEN4 + " (the Zen 3 host's program -- VMOVDQU ymm4 = 0, "
                                    "MOVDQU xmm10, FXRSTOR, XGETBV(1) -- reads bit 2 clear: "
-                                   "the Zen 3 behaviour is absent)"})
+                                   "the Zen 3 behaviour is absent)",
+             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED]})
 
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))
