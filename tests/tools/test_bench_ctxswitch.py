@@ -99,7 +99,10 @@ def test_ping_pong_xinuse_on_this_host() -> None:
         pytest.skip(str(e))
     cpu = max(os.sched_getaffinity(0))
     ns, x0, x1 = bench.run_pair("init", 200, cpu)
-    assert ns > 0 and x0 & ~0x1 == 0 and x1 & ~0x1 == 0  # x87 may count as in use (FCW)
+    # x87 may count as in use (FCW); so may SSE: a task preempted without writing anything can
+    # find XINUSE[1] set (fpstate.x86.insn.preemptions; on the Emerald Rapids guest in about
+    # half the runs of 200 round trips) -- never AVX or AVX-512 state
+    assert ns > 0 and x0 & ~0x3 == 0 and x1 & ~0x3 == 0, (hex(x0), hex(x1))
     if bench.available("avx512") is None:
         _, x0, x1 = bench.run_pair("avx512", 200, cpu)
         assert x0 & 0xE7 == 0xE7 and x1 & 0xE7 == 0xE7, (hex(x0), hex(x1))
