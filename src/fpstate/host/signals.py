@@ -232,26 +232,21 @@ def compacted_form(xcr0: int) -> tuple[FramePatch, ...]:
     from fpstate.x86.xfeatures import bits
 
     host = load_profile("host")
-    covered = [(0, 576)] + [(host.component(i).offset,
-                             host.component(i).offset + host.component(i).size)
-                            for i in bits(xcr0) if i >= 2]
+    covered = sorted([(0, 576)] + [(host.component(i).offset,
+                                    host.component(i).offset + host.component(i).size)
+                                   for i in bits(xcr0) if i >= 2])
     patches: list[FramePatch] = []
     for i in bits(xcr0):
         if i < 2 or i == 9:
             continue
-        lo = compacted_offset(host, 1 << 63 | xcr0, i)
-        hi = lo + host.component(i).size
-        cut = [lo]
-        for a, b in sorted(covered):
-            if b <= cut[-1] or a >= hi:
-                continue
-            if a > cut[-1]:
-                patches.append(set_bytes(cut[-1], bytes([UNWRITTEN_FILL]) * (a - cut[-1]),
-                                         f"unwritten[{cut[-1]}:{a}]"))
-            cut.append(max(cut[-1], b))
-        if cut[-1] < hi:
-            patches.append(set_bytes(cut[-1], bytes([UNWRITTEN_FILL]) * (hi - cut[-1]),
-                                     f"unwritten[{cut[-1]}:{hi}]"))
+        at = compacted_offset(host, 1 << 63 | xcr0, i)
+        hi = at + host.component(i).size
+        for a, b in [*covered, (hi, hi)]:  # the holes between the covered ranges, up to hi
+            if a > at and at < hi:
+                end = min(a, hi)
+                patches.append(set_bytes(at, bytes([UNWRITTEN_FILL]) * (end - at),
+                                         f"unwritten[{at}:{end}]"))
+            at = max(at, b)
     return (*patches, *compacted_pkru(xcr0))
 
 
