@@ -220,6 +220,8 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
     I.VEX_XINUSE_RECOMPUTED: (_other(I.VEX_XINUSE_RECOMPUTED, "recomputed", "kept"), Program(
         image(0), (Insn("VMOVDQU", reg=10, data=bytes(32)), Insn("XRSTOR", buf=0, mask=0x4),
                    Insn("XGETBV", reg=1)), (Buffer(image(0x4)),))),
+    I.LDMXCSR_XINUSE: (_other(I.LDMXCSR_XINUSE, "set", "kept"), Program(
+        image(0), (Insn("LDMXCSR", value=0x3FA0), Insn("XGETBV", reg=1)))),
     I.EMMS_TOP: ("kept" if IMPL[I.EMMS_TOP] == "zeroed" else "zeroed",
                  Program(image(1, fsw=0x2800, ftw=0x20), (Insn("EMMS"), Insn("FNSTSW")))),
 }

@@ -708,3 +708,15 @@ def test_an_xrstor_of_avx_state_clears_what_a_vex_load_of_zeros_put_in_use_on_in
     assert one(SPR, Program(image(0), (y0, Insn("XRSTOR", buf=0, mask=0x4),
                                        Insn("XGETBV", reg=1)), (Buffer(image(0x4)),)),
                impl=emr.with_choice(I.VEX_XINUSE_RECOMPUTED, "kept")).values[-1] == 0x6
+
+
+def test_ldmxcsr_sets_xinuse_1_on_intel_and_keeps_it_on_amd() -> None:
+    """LDMXCSR_XINUSE: from the initial state LDMXCSR 0x1F80 (no change of value) leaves
+    XINUSE[1] set on Emerald Rapids (measured) and clear in the AMD records; an XRSTOR that
+    initialises SSE clears it again."""
+    prog = Program(image(0), (Insn("LDMXCSR", value=0x1F80), Insn("XGETBV", reg=1)))
+    assert one(SPR, prog, impl=I.INTEL_EMR_HOST).values == (0x2,)
+    assert one(ZEN4, prog).values == (0x0,)
+    again = Program(image(0), (Insn("LDMXCSR", value=0x1F80), Insn("XRSTOR", buf=0, mask=0x2),
+                               Insn("XGETBV", reg=1)), (Buffer(image(0)),))
+    assert one(SPR, again, impl=I.INTEL_EMR_HOST).values == (0x0,)

@@ -61,6 +61,7 @@ VEX256_HI256_XINUSE = "vex256_hi256_xinuse"
 EMMS_TOP = "emms_top"
 LEGACY_SSE_KEEPS_AVX = "legacy_sse_keeps_avx"
 VEX_XINUSE_RECOMPUTED = "vex_xinuse_recomputed"
+LDMXCSR_XINUSE = "ldmxcsr_xinuse"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(XRSTOR_INIT_XINUSE,
@@ -160,6 +161,11 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "which clears them where YMM0-15 were all zero before it ('recomputed') or leaves "
            "them ('kept'); any other write or restore of SSE or AVX state ends this.)",
            "SDM Vol. 1 13.6, 13.8.3", ("kept", "recomputed")),
+    Choice(LDMXCSR_XINUSE,
+           "It is possible for XINUSE[i] to be 1 even when state component i is in its "
+           "initial configuration. (Here: LDMXCSR, which changes MXCSR and no XMM register, "
+           "leaves XINUSE[1] as it was ('kept') or sets it ('set').)",
+           "SDM Vol. 1 13.6; Vol. 2B LDMXCSR", ("kept", "set")),
 )}
 
 
@@ -222,6 +228,7 @@ AMD_ZEN5_HOST = ImplDefined(
         EMMS_TOP: "zeroed",
         LEGACY_SSE_KEEPS_AVX: False,
         VEX_XINUSE_RECOMPUTED: "kept",
+        LDMXCSR_XINUSE: "kept",
     },
     origins={
         XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -269,6 +276,11 @@ AMD_ZEN5_HOST = ImplDefined(
         VEX_XINUSE_RECOMPUTED: "moot: with RESTORE_ZMM_XINUSE 'value' every XRSTOR that "
                                "touches ZMM0-15 recomputes XINUSE[1], [2], [6] from the "
                                "registers anyway (found on the Emerald Rapids host)",
+        LDMXCSR_XINUSE: "not measured: the model's rule since session 1, which the CPU "
+                        "conform layer never contradicted on the Zen 5, Zen 3 and Zen 4 hosts "
+                        "-- but its preemption allowance (a preempted program may find "
+                        "XINUSE[1] set) would have admitted a set bit (found on the Emerald "
+                        "Rapids host)",
     },
 )
 
@@ -304,6 +316,7 @@ INTEL_EMR_HOST = ImplDefined(
         EMMS_TOP: "zeroed",
         LEGACY_SSE_KEEPS_AVX: False,
         VEX_XINUSE_RECOMPUTED: "recomputed",
+        LDMXCSR_XINUSE: "set",
     },
     origins={
         XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -353,6 +366,9 @@ INTEL_EMR_HOST = ImplDefined(
                                "in the start image: kept; XSAVE or XSAVEOPT between: still "
                                "cleared. fpstate conform --layer cpu met it once in 40,000 "
                                "programs)",
+        LDMXCSR_XINUSE: _EMR + " (LDMXCSR 0x1F80 or 0x3FA0 from the initial state: XGETBV(1) "
+                        "reads 0x2 in 8 runs of 8; STMXCSR alone: 0; an XRSTOR of SSE with "
+                        "XSTATE_BV[1] = 0 or a VZEROALL after it: 0)",
     },
 )
 
@@ -399,7 +415,8 @@ AMD_ZEN3_HOST = replace(
                                    "50,000 programs)",
              LEGACY_SSE_UPPER: _NO_AVX512,
              VEX256_HI256_XINUSE: _NO_AVX512,
-             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED]})
+             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
+             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE]})
 
 _ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
          "with fpstate.host.runner; test_differential checks it")
@@ -423,7 +440,8 @@ AMD_ZEN4_HOST = replace(
              LEGACY_SSE_KEEPS_AVX: _ZEN4 + " (the Zen 3 host's program -- VMOVDQU ymm4 = 0, "
                                    "MOVDQU xmm10, FXRSTOR, XGETBV(1) -- reads bit 2 clear: "
                                    "the Zen 3 behaviour is absent)",
-             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED]})
+             VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
+             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE]})
 
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))

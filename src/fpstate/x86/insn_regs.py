@@ -17,7 +17,8 @@ Tracking, as measured on the host and recorded in `fpstate.x86.impl`:
 - LEGACY_SSE_UPPER marks AVX in use, not modified (XSAVEOPT still skips it after an XRSTOR);
 - VZEROUPPER/VZEROALL/TILERELEASE put whole components in their initial configuration and,
   with ZEROING_CLEARS_XINUSE, clear their XINUSE bits;
-- LDMXCSR changes MXCSR only: XINUSE[1] "pertains only to the XMM registers" (13.6);
+- LDMXCSR changes MXCSR only, and XINUSE[1] as LDMXCSR_XINUSE says (AMD: kept, as
+  XINUSE[1] "pertains only to the XMM registers", 13.6; Intel: set);
 - with RESTORE_ZMM_XINUSE "value", a restore that touches ZMM0-15 (FXRSTOR; XRSTOR with RFBM
   bit 1, 2 or 6) recomputes XINUSE[1], [2], [6] from the registers (`restore_zmm_xinuse`),
   XINUSE[2] not while a legacy SSE write keeps it (LEGACY_SSE_KEEPS_AVX, `Cpu.avx_kept`);
@@ -53,6 +54,7 @@ from fpstate.x86.impl import (
     EMMS_TOP,
     FLD_UNDEFINED_FLAGS,
     FXSAVE_RESERVED,
+    LDMXCSR_XINUSE,
     LEGACY_SSE_KEEPS_AVX,
     LEGACY_SSE_UPPER,
     RESTORE_ZMM_XINUSE,
@@ -323,15 +325,19 @@ def FNSTCW(cpu: Cpu) -> Fault | int:
 
 def LDMXCSR(cpu: Cpu, value: int) -> Fault | None:
     """LDMXCSR m32 (NP 0F AE /2): MXCSR := the low 32 bits; #GP(0) if a bit outside
-    MXCSR_MASK is set. Not an XINUSE[1] event (SDM 13.6)."""
+    MXCSR_MASK is set. XINUSE[1] as LDMXCSR_XINUSE says (SDM 13.6: XINUSE[1] pertains to
+    the XMM registers; Intel sets it all the same)."""
     if cpu.cr0_ts:
         return _NM_TS
     value &= 0xFFFFFFFF
     if cpu.mxcsr_reserved(value):
         return Fault("#GP", f"MXCSR {value:#x} sets reserved bits")
     cpu.mxcsr = value
-    cpu.xmodified |= 1 << SSE
-    cpu.vex_soft &= ~(1 << SSE)  # measured: it ends VEX_XINUSE_RECOMPUTED's hold on XINUSE[1]
+    if cpu.impl[LDMXCSR_XINUSE] == "set":
+        cpu.wrote(1 << SSE)
+    else:
+        cpu.xmodified |= 1 << SSE
+        cpu.vex_soft &= ~(1 << SSE)  # measured: it ends VEX_XINUSE_RECOMPUTED's hold
     return None
 
 
