@@ -83,3 +83,40 @@ def test_an_init_that_resets_mxcsr_is_a_lost_write(monkeypatch) -> None:
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert ("guest vm0.v0 would see MXCSR 0x1f80 (init) instead of its MXCSR 0x3f80 "
             "(vm0.v0's value 1)") in str(r.violations[0])
+
+
+def test_set_xsave_of_the_guests_own_buffer_keeps_every_value() -> None:
+    """KVM_GET_XSAVE2 then KVM_SET_XSAVE of that buffer (a VMM's snapshot and restore): the
+    guest sees its AVX value and MXCSR as before, the header shows what it holds, and the
+    guest runs on from there."""
+    w = _guest_mxcsr_world()
+    w.step(A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="write avx"))
+    before = w.do_observe_vcpu("vm0.v0")
+    r = w.step(A("set_xsave", task="vmm.t0", vcpu="vm0.v0"))
+    assert not r.violations and r.observed["ret"] == 0
+    assert r.observed["xstate_bv"] & 0x6 == 0x6
+    assert w.do_observe_vcpu("vm0.v0") == before
+    assert before["avx"] == "vm0.v0#1" and before["mxcsr"] == 0x3F80
+    r = w.step(A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="write avx"))
+    assert not r.violations and w.do_observe_vcpu("vm0.v0")["avx"] == "vm0.v0#2"
+
+
+def test_a_set_xsave_that_drops_a_component_is_a_lost_write(monkeypatch) -> None:
+    """A KVM_SET_XSAVE that cleared AVX from the header it copies (the buffer's XSTATE_BV
+    cut to the legacy features) loses the guest's AVX value: no-lost-write."""
+    from fpstate.kvm.x86 import x86 as kx86
+
+    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
+
+    def drops_avx(c, vcpu, buf):
+        cut = bytearray(buf)
+        bv = int.from_bytes(cut[512:520], "little") & ~0x4
+        cut[512:520] = bv.to_bytes(8, "little")
+        return real(c, vcpu, bytes(cut))
+
+    w = _guest_mxcsr_world()
+    w.step(A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="write avx"))
+    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    r = w.step(A("set_xsave", task="vmm.t0", vcpu="vm0.v0"))
+    assert {v.invariant for v in r.violations} == {"no-lost-write"}
+    assert "avx" in str(r.violations[0]).lower()

@@ -102,6 +102,9 @@ KVM_SPECS.update({s.name: s for s in (
                "KVM_GET_MP_STATE (kvm_apic_accept_events -> kvm_vcpu_reset(init_event))",
                {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("get_xsave", "KVM_GET_XSAVE2 of a vCPU", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("set_xsave", "KVM_GET_XSAVE2 then KVM_SET_XSAVE of the same buffer, as a VMM "
+               "saving and restoring a vCPU (snapshot, live migration): the guest must see "
+               "its own values afterwards", {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("observe_vcpu", "what the guest would see and where its state lives (for "
                "expect:)", {"vcpu": _VCPU}),
     ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
@@ -478,6 +481,15 @@ class KvmX86World(X86World):
         self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
         return {"size": len(buf), "xstate_bv": int.from_bytes(buf[512:520], "little")}
 
+    def do_set_xsave(self, task: str, vcpu: str) -> dict[str, V]:
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
+        self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
+        ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), v, buf)
+        # The guest's expected values stay as they were: the buffer is its own state.
+        return {"ret": ret, "xstate_bv": int.from_bytes(buf[512:520], "little")}
+
     def do_observe_vcpu(self, vcpu: str) -> dict[str, V]:
         v = self.vcpu(vcpu)
         where, cpu = self.guest_where(vcpu)
@@ -539,6 +551,7 @@ class KvmX86World(X86World):
                     acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))
+                    acts.append(A("set_xsave", task=t.comm, vcpu=name))
                     acts.append(A("set_cpuid", task=t.comm, vcpu=name))
                     for comp in ("cet_user", "cet_kernel"):
                         if (xss >> component_number(comp)) & 1:
