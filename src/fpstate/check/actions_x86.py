@@ -71,6 +71,7 @@ from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
     PTRACE_GETREGSET,
     PTRACE_SETREGSET,
+    USER_I387_IA32_SIZE,
     convert_from_fxsr,
     convert_to_fxsr,
 )
@@ -137,6 +138,7 @@ from fpstate.x86.layout import standard_size
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
     BY_SHORT,
+    FXSAVE_SIZE,
     XFEATURE_MASK_FPSSE,
     XFEATURE_MASK_PASID,
     XFEATURE_MASK_PKRU,
@@ -793,6 +795,13 @@ class X86World(X86Views, World):
         t.generation += 1
         size = self.m.system.profile.component(i).size
         value = token(t.pid, t.generation, i, size)
+        if i == X87 and self.frames[t.comm][-1][2] != FRAME_X64:
+            # An ia32 frame: the handler edits x87 where a 32-bit program does, in the fsave
+            # header (the user_i387_ia32_struct the kernel made from the value, cs and ds
+            # aside), which sigreturn folds over the frame's legacy area.
+            mm.write(fp - FREGS_STATE_SIZE, convert_from_fxsr(value.ljust(FXSAVE_SIZE, b"\0")))
+            self.sigstack[t.comm][-1][X87] = self._ia32_x87_after(t, fp, sw)
+            return {}
         if i == X87:  # fxregs_state without mxcsr and mxcsr_mask (bytes 24..31)
             mm.write(fp, value[:24])
             mm.write(fp + 32, value[32:])
@@ -818,6 +827,20 @@ class X86World(X86Views, World):
         if i > SSE or sw.magic1 == FP_XSTATE_MAGIC1:
             self.sigstack[t.comm][-1][i] = self.init_values[i]
         return {}
+
+    def _ia32_x87_after(self, t: Task, fp: int, sw: FpxSwBytes) -> bytes:
+        """The x87 value a compat task gets back from sigreturn of its ia32 frame as the frame
+        holds it now (`__fpu_restore_sig_ia32`): the fsave header folded over the frame's
+        legacy area (convert_to_fxsr) -- unless the XSAVE path leaves x87 out of XSTATE_BV
+        (the frame's, cut to fx_sw_bytes.xfeatures), when the XRSTOR after the fold puts x87
+        in its initial configuration (kernel-findings section 3a); fx_only forces it in."""
+        mm = t.process.mm
+        bv = int.from_bytes(mm.read(fp + 512, 8), "little")
+        if sw.magic1 == FP_XSTATE_MAGIC1 and not bv & sw.xfeatures & 1:
+            return self.init_values[X87]
+        fx = bytearray(mm.read(fp, FXSAVE_SIZE))
+        convert_to_fxsr(fx, mm.read(fp - FREGS_STATE_SIZE, USER_I387_IA32_SIZE))
+        return bytes(fx[:24]) + bytes(8) + bytes(fx[32:160])  # without MXCSR (keyed apart)
 
     @staticmethod
     def _frame_sw(t: Task, fp: int) -> FpxSwBytes:
@@ -855,6 +878,8 @@ class X86World(X86Views, World):
         if X87 in saved and self.frames[t.comm][-1][2] == FRAME_X64:
             legacy = mm.read(fp, 160)
             saved[X87] = legacy[:24] + bytes(8) + legacy[32:]  # without MXCSR (keyed apart)
+        elif X87 in saved:
+            saved[X87] = self._ia32_x87_after(t, fp, self._frame_sw(t, fp))
         for i in self.tracked:
             if i >= 2 and (user >> i) & 1:
                 saved[i] = self.init_values[i]
@@ -866,12 +891,12 @@ class X86World(X86Views, World):
         task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
         and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
         one's standard offset may lie past its end, where MAGIC2 is. x87 and SSE are among
-        them (MXCSR stays as the signal saved it), x87 not in an ``ia32`` frame, whose fsave
-        header, not its fxsave part, gives x87 back."""
+        them (MXCSR stays as the signal saved it); in an ``ia32`` frame x87 is edited in the
+        fsave header, which is what gives x87 back (do_frame_write)."""
         user = t.fpu.fpstate.user_xfeatures
         if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
             user &= sw.xfeatures
-        return tuple(i for i in self.writable[1 if ia32 else 0:] if (user >> i) & 1
+        return tuple(i for i in self.writable if (user >> i) & 1
                      and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
 
     #: What frame_resize keeps: the features of a CPU with x87, SSE and AVX only.

@@ -734,6 +734,11 @@ _IA32_BAD_MXCSR = ((112 + 24, (0xFFFF3FA0).to_bytes(4, "little")),)
 #: with x87's bytes, and a compacted fpstate's XRSTORS without SSE in XSTATE_BV then puts
 #: MXCSR to 1F80H; a standard-form XRSTOR would load 0x3FA0.
 _IA32_NO_SSE = ((112 + 512, (1).to_bytes(8, "little")),)
+#: The header's cw edited, XSTATE_BV := SSE only: copy_uabi_to_xstate() leaves x87 out of the
+#: fpstate's XSTATE_BV, so the XRSTOR after convert_to_fxsr() puts x87 in its initial
+#: configuration -- the header's edit is folded into bytes nothing loads.
+_IA32_HEADER_WITHOUT_X87 = ((0, (0x027E).to_bytes(2, "little")),
+                            (112 + 512, (2).to_bytes(8, "little")))
 _IA32_RULE = ("ia32_setup_frame/ia32_setup_rt_frame, get_sigframe (ia32), "
               "copy_fpstate_to_sigframe, save_fsave_header, convert_from_fxsr")
 _IA32_RETURN_RULE = ("sys32_sigreturn/sys32_rt_sigreturn, __fpu_restore_sig (ia32_fxstate), "
@@ -800,6 +805,9 @@ CASES: tuple[Case, ...] = (
          _ia32_host(True, _IA32_HEADER_WINS), ia32_model),
     Case("sigreturn/ia32-bad-mxcsr", _IA32_RETURN_RULE + " (MXCSR reserved bits: badframe)",
          _ia32_host(False, _IA32_BAD_MXCSR), ia32_model),
+    Case("sigreturn/ia32-header-edit-xstate-bv-without-x87", _IA32_RETURN_RULE + " (the "
+         "header's x87 is folded in, then XSTATE_BV without x87 restores x87's initial "
+         "configuration)", _ia32_host(False, _IA32_HEADER_WITHOUT_X87), ia32_model),
     Case("sigreturn/ia32-xstate-bv-without-sse", _IA32_RETURN_RULE + " (XSTATE_BV without "
          "SSE: MXCSR from the frame with x87's bytes, then the fpstate's XRSTOR(S): 1F80H "
          "where it is compacted)", _ia32_host(False, _IA32_NO_SSE), ia32_model),
