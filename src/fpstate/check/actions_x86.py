@@ -785,7 +785,7 @@ class X86World(X86Views, World):
                             "(the store would fault)")
         fp = _frame_xsave(t.process.mm, lo, kind)
         sw = self._frame_sw(t, fp)
-        if component is not None and i not in self._frame_writable(t, sw, kind != FRAME_X64):
+        if component is not None and i not in self._frame_writable(t, sw):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
         return t, i, fp, sw
 
@@ -885,13 +885,13 @@ class X86World(X86Views, World):
                 saved[i] = self.init_values[i]
         return {}
 
-    def _frame_writable(self, t: Task, sw: FpxSwBytes, ia32: bool) -> tuple[int, ...]:
+    def _frame_writable(self, t: Task, sw: FpxSwBytes) -> tuple[int, ...]:
         """The components a handler's frame edit may set: writable ones the task's fpstate
         carries in its user features, AMX's dynamic state aside (a frame with tile data for a
         task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
         and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
         one's standard offset may lie past its end, where MAGIC2 is. x87 and SSE are among
-        them (MXCSR stays as the signal saved it); in an ``ia32`` frame x87 is edited in the
+        them (MXCSR stays as the signal saved it); in an ia32 frame x87 is edited in the
         fsave header, which is what gives x87 back (do_frame_write)."""
         user = t.fpu.fpstate.user_xfeatures
         if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
@@ -1299,7 +1299,7 @@ class X86World(X86Views, World):
                 lo, _, kind = self.frames[t.comm][-1]
                 if self._frame_open(t, lo):
                     sw = self._frame_sw(t, _frame_xsave(t.process.mm, lo, kind))
-                    writable = self._frame_writable(t, sw, kind != FRAME_X64)
+                    writable = self._frame_writable(t, sw)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
                     add(ta["frame_fx_only"])
