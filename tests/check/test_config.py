@@ -28,7 +28,7 @@ X86 = [
     ({"vms": {"vm0": {"vmm": "p9.t0"}}},
      "config.vms.vm0.vmm: no task 'p9.t0' (tasks: p0.t0, p0.t1, p1.t0, p1.t1)"),
     ({"vms": {"vm0": {"vmm": "p1.t0", "vcpu": 1}}},
-     "config.vms.vm0: unknown key 'vcpu' (keys: vmm, vcpus, guest_amx)"),
+     "config.vms.vm0: unknown key 'vcpu' (keys: vmm, vcpus, guest_amx, xcr0)"),
     ({"vms": {"vm0": {"vmm": "p1.t0", "vcpus": -1}}},
      "config.vms.vm0.vcpus: must be an integer from 0 to 16, not -1"),
     ({"vms": {"vm0": {"vmm": "p1.t0", "guest_amx": "yes"}}},

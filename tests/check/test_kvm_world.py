@@ -120,3 +120,139 @@ def test_a_set_xsave_that_drops_a_component_is_a_lost_write(monkeypatch) -> None
     r = w.step(A("set_xsave", task="vmm.t0", vcpu="vm0.v0"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert "avx" in str(r.violations[0]).lower()
+
+
+# -- KVM_GET/SET_XSAVE between vCPUs offered different features (migrate_xsave) --------------
+
+#: One VMM with two VMs: "big" offered every supported feature, "small" a CPU model with x87,
+#: SSE and AVX only (its CPUID.(0DH,0) cut to them, as QEMU's -cpu of an older CPU does).
+MIGRATION = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"vmm": 1},
+             "vms": {"big": {"vmm": "vmm.t0", "vcpus": 1},
+                     "small": {"vmm": "vmm.t0", "vcpus": 1, "xcr0": "x87|sse|avx"}}}
+
+
+def _migration_world(variant: str | None = None):
+    w = make_world("x86", MIGRATION, variant)
+    w.step(A("run", task="vmm.t0", cpu=0))
+    return w
+
+
+def test_a_vms_xcr0_cuts_the_guest_cpuid_and_its_actions() -> None:
+    """``xcr0`` cuts CPUID.(0DH,0) before KVM_SET_CPUID2: KVM derives guest_supported_xcr0
+    0x7 from it (0x2e7 for the other VM on Sapphire Rapids: x87, SSE, AVX, AVX-512, PKRU), the
+    guest's XSETBV takes that, and the explorer offers the small guest no opmask write."""
+    w = _migration_world()
+    assert w.vcpus["small.v0"].arch.guest_supported_xcr0 == 0x7
+    assert w.vcpus["big.v0"].arch.guest_supported_xcr0 == 0x2E7
+    runs = {a.get("guest") for a in w.enabled_actions()
+            if a.name == "kvm_run" and a.get("vcpu") == "small.v0"}
+    assert "write avx" in runs and "write opmask" not in runs and "xsetbv; write pkru" not in runs
+    r = w.step(A("kvm_run", task="vmm.t0", vcpu="small.v0", guest="xsetbv; write avx"))
+    assert not r.violations and w.vcpus["small.v0"].arch.xcr0 == 0x7
+
+
+def test_a_bad_xcr0_in_the_configuration_is_named() -> None:
+    import pytest
+
+    from fpstate.check.world import ScenarioError
+
+    for bad, words in (("x87|ymm", "'ymm' is neither a number nor a component name"),
+                       (True, "a mask (an int, or names"), (-1, "not a 64-bit mask")):
+        cfg = {**MIGRATION, "vms": {"small": {"vmm": "vmm.t0", "xcr0": bad}}}
+        with pytest.raises(ScenarioError, match=r"config\.vms\.small\.xcr0") as e:
+            make_world("x86", cfg, None)
+        assert words in str(e.value)
+
+
+def test_migrate_xsave_carries_what_the_destination_can_use() -> None:
+    """big -> small: KVM_GET_XSAVE2 of big holds AVX and opmask (XSTATE_BV 0x224 with the
+    host PKRU saved into the guest fpstate); KVM_SET_XSAVE checks only kvm_caps.supported_xcr0,
+    so small takes it (0) and its guest sees big's AVX. small -> big: the buffer has no opmask
+    (masked with small's guest_supported_xcr0), so big's opmask returns to its initial
+    configuration -- what a guest migrated from a smaller CPU model must see."""
+    w = _migration_world()
+    for prog, vcpu in (("write avx; write opmask", "big.v0"), ("write avx", "small.v0")):
+        assert not w.step(A("kvm_run", task="vmm.t0", vcpu=vcpu, guest=prog)).violations
+    assert w.do_observe_vcpu("big.v0")["opmask"] == "big.v0#2"
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="small.v0", src="big.v0"))
+    assert not r.violations and r.observed == {"ret": 0, "xstate_bv": 0x224}
+    seen = w.do_observe_vcpu("small.v0")
+    assert seen["avx"] == "big.v0#1" and "opmask" not in seen
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="big.v0", src="small.v0"))
+    assert not r.violations and r.observed["ret"] == 0
+    assert not r.observed["xstate_bv"] & 0x20
+    seen = w.do_observe_vcpu("big.v0")
+    assert seen["avx"] == "big.v0#1" and seen["opmask"] == "init"
+    # Both guests run on from what they were given.
+    r = w.step(A("kvm_run", task="vmm.t0", vcpu="small.v0", guest="read avx"))
+    assert not r.violations
+
+
+def test_migrate_xsave_without_pkru_in_the_buffer_keeps_the_destinations_pkru() -> None:
+    """KVM's ABI (fpu_copy_uabi_to_guest_fpstate: a NULL PKRU pointer when the header lacks
+    PKRU): a never-run vCPU's buffer (XSTATE_BV 0) restored into a vCPU whose guest wrote PKRU
+    leaves that PKRU; every other component goes to its initial configuration."""
+    cfg = {**MIGRATION, "vms": {"a": {"vmm": "vmm.t0", "vcpus": 2}}}
+    w = make_world("x86", cfg, None)
+    w.step(A("run", task="vmm.t0", cpu=0))
+    assert not w.step(A("kvm_run", task="vmm.t0", vcpu="a.v1",
+                        guest="xsetbv; write pkru; write avx")).violations
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="a.v1", src="a.v0"))
+    assert not r.violations and r.observed == {"ret": 0, "xstate_bv": 0}
+    seen = w.do_observe_vcpu("a.v1")
+    assert seen["pkru"] == "a.v1#1" and seen["avx"] == "init"
+
+
+def test_migrate_xsave_refuses_itself_and_foreign_vms() -> None:
+    import pytest
+
+    from fpstate.check.world import StepError
+
+    w = _migration_world()
+    with pytest.raises(StepError, match="src must be another vCPU"):
+        w.step(A("migrate_xsave", task="vmm.t0", vcpu="big.v0", src="big.v0"))
+    two = make_world("x86", TWO_VMS, None)
+    two.step(A("run", task="p1.t0", cpu=0))
+    r = two.step(A("migrate_xsave", task="p1.t0", vcpu="vm0.v0", src="vm1.v0"))
+    assert r.observed == {"ret": -5, "errno": "EIO"}  # vm1 belongs to p0's mm
+    assert not [a for a in two.enabled_actions() if a.name == "migrate_xsave"]
+
+
+def test_a_migration_that_drops_a_component_is_a_lost_write(monkeypatch) -> None:
+    """A KVM_SET_XSAVE that cut AVX from the header it copies loses the source guest's AVX
+    value in the destination: no-lost-write names it."""
+    from fpstate.kvm.x86 import x86 as kx86
+
+    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
+
+    def drops_avx(c, vcpu, buf):
+        cut = bytearray(buf)
+        cut[512:520] = (int.from_bytes(cut[512:520], "little") & ~0x4).to_bytes(8, "little")
+        return real(c, vcpu, bytes(cut))
+
+    w = _migration_world()
+    w.step(A("kvm_run", task="vmm.t0", vcpu="big.v0", guest="write avx"))
+    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="small.v0", src="big.v0"))
+    assert {v.invariant for v in r.violations} == {"no-lost-write"}
+    assert "guest small.v0 would see avx = init (expected big.v0#1" in str(r.violations[0])
+
+
+def test_get_xsave_unmasked_shows_pkru_and_carries_foreign_state() -> None:
+    """Variant get-xsave-unmasked (KVM from v5.16 until ad856280ddea): a guest whose CPU model
+    lacks PKRU gets PKRU in its KVM_GET_XSAVE2 header (the host's PKRU was saved into its
+    fpstate) -- what made a destination without PKRU refuse the migration; and opmask a
+    migration put in the small guest's fpstate goes back to the big one, over its own."""
+    w = _migration_world("get-xsave-unmasked")
+    w.step(A("kvm_run", task="vmm.t0", vcpu="small.v0", guest="write avx"))
+    r = w.step(A("get_xsave", task="vmm.t0", vcpu="small.v0"))
+    assert r.observed["xstate_bv"] == 0x204
+    assert [v.invariant for v in r.violations] == ["nothing-beyond-advertised"]
+    assert "XSTATE_BV 0x204 shows pkru beyond the guest's CPUID" in str(r.violations[0])
+    w = _migration_world("get-xsave-unmasked")
+    w.step(A("kvm_run", task="vmm.t0", vcpu="big.v0", guest="write opmask"))
+    w.step(A("migrate_xsave", task="vmm.t0", vcpu="small.v0", src="big.v0"))
+    w.step(A("kvm_run", task="vmm.t0", vcpu="big.v0", guest="write opmask"))
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="big.v0", src="small.v0"))
+    assert {v.invariant for v in r.violations} == {"nothing-beyond-advertised", "no-lost-write"}
+    assert w.do_observe_vcpu("big.v0")["opmask"] == "big.v0#1"

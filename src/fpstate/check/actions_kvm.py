@@ -38,14 +38,16 @@ from fpstate.check.world import (
     config_str,
 )
 from fpstate.check.world import Value as V
+from fpstate.errors import MaskError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import MXCSR, PKRU, next_mxcsr_token, pkru_bytes, token
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
-from fpstate.kernel.x86.types import Fpstate
+from fpstate.kernel.x86.types import XFEATURE_MASK_SUPERVISOR_ALL, Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
 from fpstate.kvm.x86 import fpu as kfpu
 from fpstate.kvm.x86 import vcpu as kv
 from fpstate.kvm.x86 import x86 as kx86
+from fpstate.kvm.x86.cpuid import offer_xcr0
 from fpstate.x86.profiles import load_profile
 from fpstate.x86.xfeatures import (
     BY_NUMBER,
@@ -57,6 +59,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_PKRU,
     XFEATURE_MASK_SSE,
     bits,
+    parse_mask,
 )
 
 #: The XSAVE components the SDM puts in their initial configuration on INIT (MPX BNDREGS and
@@ -85,7 +88,8 @@ KVM_SPECS.update({s.name: s for s in (
                "with guest_default_cfg, guest permission locked, RESET)",
                {"task": _VMM, "vm": FieldSpec(str, "VM name"), "vcpu": _VCPU}),
     ActionSpec("set_cpuid", "KVM_SET_CPUID2 with everything KVM_GET_SUPPORTED_CPUID offers in "
-               "leaf 0xD (dynamic features get space now: EPERM without guest permission)",
+               "leaf 0xD, cut to the VM's xcr0 where the configuration gives one (dynamic "
+               "features get space now: EPERM without guest permission)",
                {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("set_xcr0", "KVM_SET_XCRS: XCR0 = every feature the guest CPUID supports",
                {"task": _VMM, "vcpu": _VCPU}),
@@ -105,6 +109,11 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("set_xsave", "KVM_GET_XSAVE2 then KVM_SET_XSAVE of the same buffer, as a VMM "
                "saving and restoring a vCPU (snapshot, live migration): the guest must see "
                "its own values afterwards", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("migrate_xsave", "KVM_GET_XSAVE2 of vCPU src, then KVM_SET_XSAVE of that "
+               "buffer into vCPU vcpu (a snapshot restored into another vCPU, a migration "
+               "between VMs whose CPU models may differ): on success the guest of vcpu sees "
+               "src's user state, and its own PKRU where the buffer has none (KVM's ABI)",
+               {"task": _VMM, "vcpu": _VCPU, "src": FieldSpec(str, "the source vCPU")}),
     ActionSpec("observe_vcpu", "what the guest would see and where its state lives (for "
                "expect:)", {"vcpu": _VCPU}),
     ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
@@ -123,9 +132,11 @@ class KvmX86World(X86World):
     """The x86 kernel model with KVM loaded (see the module docstring).
 
     Extra configuration: ``vms`` maps a VM name to ``{vmm: <task>, vcpus: <n>,
-    guest_amx: <bool>}`` (default ``{vm0: {vmm: p1.t0, vcpus: 1}}``; ``{}`` for none). At boot
-    the VMM creates the VM and its vCPUs and sets their CPUID (guest_amx: asks for the guest
-    AMX permission first). ``kvm_vendor``: vmx or svm (default by the CPU's vendor).
+    guest_amx: <bool>, xcr0: <mask>}`` (default ``{vm0: {vmm: p1.t0, vcpus: 1}}``; ``{}`` for
+    none). At boot the VMM creates the VM and its vCPUs and sets their CPUID (guest_amx: asks
+    for the guest AMX permission first; xcr0: the XSAVE features its CPU model offers, a mask
+    or '|'-joined names that CPUID.(0DH,0) is cut to, as QEMU's -cpu does; default every
+    supported one). ``kvm_vendor``: vmx or svm (default by the CPU's vendor).
     """
 
     model: ClassVar[str] = "x86"
@@ -148,7 +159,7 @@ class KvmX86World(X86World):
             raise ScenarioError(f"config.vms: at most {cls.MAX_VMS} VMs, not {len(vms)}")
         for vm, spec in vms.items():
             where = f"config.vms.{vm}"
-            spec = config_mapping(where, spec, ("vmm", "vcpus", "guest_amx"))
+            spec = config_mapping(where, spec, ("vmm", "vcpus", "guest_amx", "xcr0"))
             vmm = config_str(f"{where}.vmm", spec.get("vmm", cls.DEFAULT_VMM))
             if vmm not in tasks:
                 if "vms" not in config:
@@ -161,8 +172,25 @@ class KvmX86World(X86World):
             config_int(f"{where}.vcpus", spec.get("vcpus", 1), 0, cls.MAX_VCPUS)
             if "guest_amx" in spec:
                 config_bool(f"{where}.guest_amx", spec["guest_amx"])
+            if "xcr0" in spec:
+                cls.offered_xcr0(where, spec["xcr0"])
         if config.get("kvm_vendor") is not None:
             config_str("config.kvm_vendor", config["kvm_vendor"], ("vmx", "svm"))
+
+    @staticmethod
+    def offered_xcr0(where: str, value: Any) -> int:
+        """A VM's ``xcr0``: an int, or a mask as the command line takes it (parse_mask)."""
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ScenarioError(f"{where}.xcr0: a mask (an int, or names such as "
+                                f"'x87|sse|avx'), not {value!r}")
+        if isinstance(value, str):
+            try:
+                value = parse_mask(value)
+            except MaskError as e:
+                raise ScenarioError(f"{where}.xcr0: {e}") from None
+        if not 0 <= value < 1 << 64:
+            raise ScenarioError(f"{where}.xcr0: {value} is not a 64-bit mask")
+        return value
 
     def _boot(self) -> Machine:
         profile = load_profile(self.config.get("cpu", "sapphire-rapids"))
@@ -176,6 +204,8 @@ class KvmX86World(X86World):
         self.kvm = kv.Kvm(m, kv.model_config(system, vendor, kvm_variants))
         self.vcpus: dict[str, kv.KvmVcpu] = {}
         self.vm_mm: dict[str, Any] = {}
+        #: Each vCPU's VM, by name (vm_names is by identity: for lookups before a clone).
+        self.vcpu_vm: dict[str, str] = {}
         self.vm_names: dict[int, str] = {}
         self._seen_bugs = 0
         #: The KVM_RUNs suspended at their preemption point (kvm_enter), by VMM task: (vCPU,
@@ -348,6 +378,7 @@ class KvmX86World(X86World):
         kvm_vm = self.vm(vm)
         v = self.m.syscall(nr, _path(kv.kvm_arch_vcpu_create), kvm_vm, len(kvm_vm.vcpus))
         self.vcpus[vcpu] = v
+        self.vcpu_vm[vcpu] = vm
         self.vm_mm[vcpu] = t.process.mm
         self.expected[vcpu] = {}
         self.emitted.append(("reset", (vcpu, v)))
@@ -358,6 +389,10 @@ class KvmX86World(X86World):
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
         entries = self.m.syscall(nr, _path(kv.kvm_dev_get_supported_cpuid_0xd), self.kvm)
+        vm_spec = (self.config.get("vms", self.DEFAULT_VMS) or {}).get(
+            self.vcpu_vm.get(vcpu)) or {}
+        if "xcr0" in vm_spec:  # the VMM's CPU model offers fewer features
+            entries = offer_xcr0(entries, self.offered_xcr0("config.vms", vm_spec["xcr0"]))
         ret = self.m.syscall(nr, kv.kvm_vcpu_ioctl_set_cpuid2, v, entries)
         v.arch.cr4_osxsave = True  # KVM_SET_SREGS: the guest OS enables XSAVE
         return {"ret": ret, "xcr0_supported": v.arch.guest_supported_xcr0}
@@ -490,6 +525,49 @@ class KvmX86World(X86World):
         # The guest's expected values stay as they were: the buffer is its own state.
         return {"ret": ret, "xstate_bv": int.from_bytes(buf[512:520], "little")}
 
+    def do_migrate_xsave(self, task: str, vcpu: str, src: str) -> dict[str, V]:
+        """KVM_GET_XSAVE2 of ``src`` and KVM_SET_XSAVE of the buffer into ``vcpu``, both from
+        ``task``'s mm. The contract on success (fpu_copy_uabi_to_guest_fpstate): every user
+        component ``vcpu``'s guest can use takes ``src``'s value where ``src``'s guest can use
+        it too, else its initial configuration (the buffer does not hold it: KVM_GET_XSAVE2
+        masks with the source's guest_supported_xcr0), MXCSR included; PKRU takes ``src``'s
+        where the buffer's XSTATE_BV has PKRU and is left as it was otherwise (KVM passes a
+        NULL PKRU pointer); supervisor state (CET) is not in the buffer and stays. On an
+        error nothing changes."""
+        if src == vcpu:
+            raise StepError("migrate_xsave: src must be another vCPU (set_xsave is the same "
+                            "vCPU's round trip)")
+        self.vmm_cpu(task, src)
+        _t, nr = self.vmm_cpu(task, vcpu)
+        vs, vd = self.vcpu(src), self.vcpu(vcpu)
+        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), vs)
+        self.emitted.append(("kvm_uabi", (src, vs, buf)))
+        ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), vd, buf)
+        hdr = int.from_bytes(buf[512:520], "little")
+        if ret == 0:
+            self._migrate_contract(vcpu, vd, src, vs, hdr)
+        return {"ret": ret, "xstate_bv": hdr}
+
+    def _migrate_contract(self, name: str, v: kv.KvmVcpu, src: str, vs: kv.KvmVcpu,
+                          hdr: int) -> None:
+        exp, sexp = self.expected[name], self.expected[src]
+        src_user = set(self.guest_tracked(vs)) - {PKRU}
+        for i in self.guest_tracked(v):
+            if (XFEATURE_MASK_SUPERVISOR_ALL >> i) & 1:
+                continue  # supervisor state (CET): not in a UABI buffer
+            if i == PKRU:
+                if hdr & XFEATURE_MASK_PKRU:
+                    exp[i] = self.expected_value(src, PKRU)
+                continue
+            if i in src_user and i in sexp:
+                exp[i] = sexp[i]
+            else:
+                exp.pop(i, None)
+        if MXCSR in sexp:
+            exp[MXCSR] = sexp[MXCSR]
+        else:
+            exp.pop(MXCSR, None)
+
     def do_observe_vcpu(self, vcpu: str) -> dict[str, V]:
         v = self.vcpu(vcpu)
         where, cpu = self.guest_where(vcpu)
@@ -535,11 +613,14 @@ class KvmX86World(X86World):
             t = self._vmm_task(name)
             if t is None:
                 continue
-            if t.state is STATE_USER and t.process.mm is self.vm_mm[name]:
+            mm = self.vm_mm[name]
+            if t.state is STATE_USER and t.process.mm is mm:
                 xcr0, xss = v.arch.guest_supported_xcr0, v.arch.guest_supported_xss
                 # These depend only on the names and the guest's supported XCR0/XSS: built
                 # once (Actions are interned values).
-                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS)
+                # The other vCPUs of this VMM's mm: sources a migration may take from.
+                srcs = tuple(n for n in self.vcpus if n != name and self.vm_mm[n] is mm)
+                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS, srcs)
                 acts = _VMM_ACTIONS.get(k)
                 if acts is None:
                     acts = []
@@ -552,6 +633,8 @@ class KvmX86World(X86World):
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))
                     acts.append(A("set_xsave", task=t.comm, vcpu=name))
+                    for src in srcs:
+                        acts.append(A("migrate_xsave", task=t.comm, vcpu=name, src=src))
                     acts.append(A("set_cpuid", task=t.comm, vcpu=name))
                     for comp in ("cet_user", "cet_kernel"):
                         if (xss >> component_number(comp)) & 1:
@@ -626,7 +709,8 @@ def _cpuid_key(entries: Any) -> int:
 
 _CPUID_KEYS = IdentityMemo(1024)
 
-#: (VMM task, vCPU, guest XCR0, guest XSS, guest programs) -> the VMM's vCPU actions.
+#: (VMM task, vCPU, guest XCR0, guest XSS, guest programs, migration sources) -> the VMM's
+#: vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}
 
 __all__ = ["ARCH_INIT_CLEARED", "GUEST_OWNER", "KVM_SPECS", "KvmX86World"]

@@ -50,6 +50,12 @@ class Variant:
 FORK_IN_HANDLER: Mapping[str, object] = {"vms": {}, "tasks": [],
                                           "omit": ["exec", "ptrace_get", "ptrace_set",
                                                    "syscall_enter"]}
+#: The explorer's world for KVM_GET/SET_XSAVE between CPU models: the default VM and a second
+#: one of the same VMM whose CPU model offers x87, SSE and AVX only (QEMU -cpu of an older
+#: CPU), so that buffers move between guests offered different features.
+MIGRATION: Mapping[str, object] = {
+    "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1},
+            "vm1": {"vmm": "p1.t0", "vcpus": 1, "xcr0": "x87|sse|avx"}}}
 #: The explorer's world for preemptible kernel-mode NEON in task context: one task on two
 #: CPUs with only FPSIMD (neoverse-n1), system calls it is preempted in, NEON sections, and
 #: its own reads and writes -- searched breadth-first (the counterexample is 11 steps long).
@@ -218,6 +224,12 @@ VARIANTS: tuple[Variant, ...] = (
             "guest and host PKRU switched only with the guest's CR4.PKE: a guest with PKRU in "
             "XCR0 and CR4.PKE clear writes PKRU with XRSTOR, and the VMM thread goes back to "
             "user space with it", "no-foreign-value", needs=(9,)),
+    Variant("get-xsave-unmasked", "x86", "KVM from v5.16 until ad856280ddea",
+            "KVM_GET_XSAVE2 copies every feature of the guest fpstate, not only those of the "
+            "guest's CPUID: a guest whose CPU model lacks PKRU gets the host PKRU's header bit "
+            "(and state a migration put in its fpstate), which a destination without the "
+            "feature refuses", "nothing-beyond-advertised", config=MIGRATION,
+            also=("no-lost-write",)),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

@@ -47,7 +47,7 @@ from fpstate.kvm.x86.conform_host import (
     random_uabi,
     random_xcr0,
 )
-from fpstate.kvm.x86.cpuid import CpuidEntry2, find_cpuid, kvm_x86_dev_get_attr
+from fpstate.kvm.x86.cpuid import CpuidEntry2, find_cpuid, kvm_x86_dev_get_attr, offer_xcr0
 from fpstate.kvm.x86.vcpu import KvmVcpu
 
 # -- cases ------------------------------------------------------------------------------------
@@ -94,11 +94,6 @@ def case_supported_cpuid(ctx: Context, report: Report, rng: random.Random, sampl
     if not ctx.host.has("AMX_TILE"):
         report.skip(case, "host lacks AMX: CPUID.(EAX=7,ECX=0):EDX[24]=0 (AMX guests are "
                           "covered by the model tests)")
-
-
-def _narrow(entries: tuple[CpuidEntry2, ...], xcr0: int) -> tuple[CpuidEntry2, ...]:
-    return tuple(replace(e, eax=e.eax & xcr0) if (e.function, e.index) == (0xD, 0) else e
-                 for e in entries)
 
 
 def case_cpuid_runtime(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
@@ -193,7 +188,7 @@ def case_xsave_round_trip(ctx: Context, report: Report, rng: random.Random, samp
     whose guest CPUID enables only x87/SSE/AVX (GET masks with the guest's XCR0, SET checks
     KVM's)."""
     case = "xsave-round-trip"
-    narrow = _narrow(ctx.entries, 0x7)
+    narrow = offer_xcr0(ctx.entries, 0x7)
     kept = ctx.cpuid_0xd_kept(narrow)
     tables: tuple[tuple[CpuidEntry2, ...] | None, ...] = (None, narrow)
     if kept:

@@ -96,6 +96,15 @@ def find_cpuid(entries: Iterable[CpuidEntry2], function: int, index: int = 0) ->
     return None
 
 
+def offer_xcr0(entries: Iterable[CpuidEntry2], mask: int) -> tuple[CpuidEntry2, ...]:
+    """What a VMM does to KVM_GET_SUPPORTED_CPUID's table before KVM_SET_CPUID2 when its CPU
+    model offers the guest fewer XSAVE features (QEMU's -cpu, Firecracker's CPU templates):
+    CPUID.(0DH,0) EDX:EAX ANDed with ``mask``, every other entry as it is. KVM derives
+    guest_supported_xcr0 from that sub-leaf (cpuid_get_supported_xcr0)."""
+    return tuple(replace(e, eax=e.eax & mask & 0xFFFFFFFF, edx=e.edx & mask >> 32)
+                 if (e.function, e.index) == (0xD, 0) else e for e in entries)
+
+
 def cpuid_regs(entries: Iterable[CpuidEntry2], function: int, index: int = 0) -> tuple[int, ...]:
     """The registers of (function, index); zeros where absent (kvm_cpuid()'s answer)."""
     e = find_cpuid(entries, function, index)
@@ -356,6 +365,6 @@ def guest_profile(entries: Sequence[CpuidEntry2], name: str = "kvm-guest") -> Cp
 __all__ = [
     "KVM_SUPPORTED_XCR0", "KVM_SUPPORTED_XSS", "KVM_XSAVE_SIZE", "CpuidEntry2", "KvmCaps",
     "cpuid_get_supported_xcr0", "cpuid_get_supported_xss", "find_cpuid", "kvm_cap_xsave2",
-    "kvm_get_filtered_xcr0", "kvm_x86_vendor_init", "supported_cpuid_leaf_0xd",
+    "kvm_get_filtered_xcr0", "kvm_x86_vendor_init", "offer_xcr0", "supported_cpuid_leaf_0xd",
     "xstate_required_size",
 ]

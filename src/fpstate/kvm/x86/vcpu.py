@@ -20,7 +20,8 @@ and exit on the CPU's registers; an op KVM intercepts costs an exit and a re-ent
 
 Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fpu.py),
 ``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
-default features include CET_KERNEL, applied to the booted kernel by `model_system`).
+default features include CET_KERNEL, applied to the booted kernel by `model_system`),
+``kvm-pkru-cr4-pke-only`` (fpu.py) and ``get-xsave-unmasked`` (x86.py), from KVM's own history.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "guest and host PKRU are switched only when the guest has CR4.PKE; a guest with "
             "PKRU in XCR0 but CR4.PKE clear reads the host's PKRU with XSAVE and changes it with "
             "XRSTOR, and the VMM thread returns to user space with the guest's PKRU"),
+    Variant("get-xsave-unmasked", "kvm_vcpu_ioctl_x86_get_xsave2",
+            "KVM from the v5.16 FPU rework (fpu_copy_fpstate_to_kvm_uabi() replaced "
+            "fill_xsave() and its guest_supported_xcr0 mask) until ad856280ddea ('x86/kvm/fpu: "
+            "Limit guest user_xfeatures to supported bits of XCR0'); since 'x86/fpu: Allow "
+            "caller to constrain xfeatures when copying to uabi buffer' (2023) the mask is "
+            "applied by KVM_GET_XSAVE{2} itself",
+            "KVM_GET_XSAVE/KVM_GET_XSAVE2 copy every feature of the guest fpstate's "
+            "user_xfeatures, not only those of the guest's CPUID: a guest that was not offered "
+            "PKRU gets a buffer with PKRU in XSTATE_BV (the host's PKRU was saved into the guest "
+            "fpstate), which a destination without PKRU refuses -- live migration fails"),
 )}
 
 #: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable

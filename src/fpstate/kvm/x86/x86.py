@@ -393,11 +393,14 @@ def kvm_vcpu_ioctl_x86_get_xsave2(c: Cpu, vcpu: KvmVcpu, size: int) -> bytes:
     """kvm_vcpu_ioctl_x86_get_xsave2(): the guest fpstate in UABI form, ``size`` bytes, with
     only the features the guest may use (guest_supported_xcr0, plus x87/SSE always, so that
     the buffer is restorable anywhere) and PKRU from vcpu->arch.pkru. A confidential guest's
-    buffer stays zero (-EINVAL for VMs with protected state)."""
+    buffer stays zero (-EINVAL for VMs with protected state). Variant ``get-xsave-unmasked``
+    (v5.16 until ad856280ddea): the buffer has every feature of the fpstate's user_xfeatures."""
     gfpu = vcpu.arch.guest_fpu
     if gfpu.fpstate.is_confidential:
         return bytes(size)
     supported = vcpu.arch.guest_supported_xcr0 | XFEATURE_MASK_FPSSE
+    if vcpu.kvm.has_variant("get-xsave-unmasked"):
+        supported = gfpu.fpstate.user_xfeatures
     return fpu_copy_guest_fpstate_to_uabi(c, gfpu, size, supported, vcpu.arch.pkru)
 
 
