@@ -10,8 +10,9 @@ everything downstream is compared.
 Cases (each a function ``case_*(ctx, report, rng, samples)``): the supported CPUID leaf 0xD and
 KVM_CAP_XSAVE2 before and after ARCH_REQ_XCOMP_GUEST_PERM, KVM_SET_CPUID2 of dynamic features,
 the XSAVE MSRs, KVM_SET_XCRS, KVM_SET_XSAVE / KVM_GET_XSAVE(2) round trips (with and without a
-KVM_RUN in between), guest XSETBV, guest XSAVE-family programs against the CPU model, guest
-XSAVES/XRSTORS where KVM offers them (and their refusal where it does not), and INIT. The two
+KVM_RUN in between, and between vCPUs offered different features), guest XSETBV, guest
+XSAVE-family programs against the CPU model, guest XSAVES/XRSTORS where KVM offers them (and
+their refusal where it does not), and INIT. The two
 sides live in `fpstate.kvm.x86.conform_host`, the guest-code cases in
 `fpstate.kvm.x86.conform_guest`.
 What this host's KVM cannot do is recorded as skipped with the reason measured here (the model
@@ -216,11 +217,47 @@ def case_xsave_round_trip(ctx: Context, report: Report, rng: random.Random, samp
                            rvcpu.get_xsave())
 
 
+def case_migrate(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
+    """A migration between CPU models, both ways: a vCPU offered every supported feature
+    (``wide``) and one whose CPUID.(0DH,0) offers x87/SSE/AVX only (``narrow``, a VMM's older
+    CPU model). ``wide`` is loaded with a buffer this CPU could have saved; its KVM_GET_XSAVE2
+    goes into ``narrow`` by KVM_SET_XSAVE (accepted or not: KVM checks its own supported XCR0,
+    not the guest's), ``narrow``'s KVM_GET_XSAVE2 (masked with its CPUID) goes back into
+    ``wide``; every errno and every buffer byte for byte, model against real."""
+    case = "migrate"
+    narrow_entries = offer_xcr0(ctx.entries, 0x7)
+    kept = ctx.cpuid_0xd_kept(narrow_entries)
+    if kept:
+        report.skip(case, f"no vCPU with a narrower guest XCR0: {kept}")
+        return
+    mask = ctx.system.mxcsr_feature_mask
+    sides = []
+    for entries in (None, narrow_entries):
+        v = ctx.vmm()
+        sides.append((v, ctx.model_vcpu(v, entries), ctx.real_vcpu(entries)))
+    (wv, wm, wr), (nv, nm, nr) = sides
+    for n in range(samples):
+        buf = random_uabi(rng, ctx.caps, mask, canonical=True)
+        report.compare(case, f"#{n} KVM_SET_XSAVE of wide", wv.set_xsave(wm, buf),
+                       _errno_of(lambda b=buf: wr.set_xsave(b)))
+        out_m, out_r = wv.get_xsave2(wm), wr.get_xsave2()
+        report.compare(case, f"#{n} KVM_GET_XSAVE2 of wide", out_m, out_r)
+        report.compare(case, f"#{n} KVM_SET_XSAVE of wide's buffer into narrow",
+                       nv.set_xsave(nm, out_r), _errno_of(lambda b=out_r: nr.set_xsave(b)))
+        back_m, back_r = nv.get_xsave2(nm), nr.get_xsave2()
+        report.compare(case, f"#{n} KVM_GET_XSAVE2 of narrow", back_m, back_r)
+        report.compare(case, f"#{n} KVM_SET_XSAVE of narrow's buffer into wide",
+                       wv.set_xsave(wm, back_r), _errno_of(lambda b=back_r: wr.set_xsave(b)))
+        report.compare(case, f"#{n} KVM_GET_XSAVE2 of wide after the round trip",
+                       wv.get_xsave2(wm), wr.get_xsave2())
+
+
 #: The cases in the order they run, with the share of ``samples`` each takes.
 CASES: tuple[tuple[Callable[..., None], float], ...] = (
     (case_supported_cpuid, 0), (case_set_cpuid2, 0), (case_cpuid_runtime, 0), (case_msrs, 0),
     (case_set_xcrs, 1.0),
-    (case_xsave_round_trip, 1.0), (case_xsave_across_run, 0.1), (case_guest_xsetbv, 0.4),
+    (case_xsave_round_trip, 1.0), (case_migrate, 0.1), (case_xsave_across_run, 0.1),
+    (case_guest_xsetbv, 0.4),
     (case_guest_programs, 1.0), (case_guest_xsaves, 0), (case_init, 0.05),
 )
 
