@@ -67,6 +67,22 @@ def test_xsave_buffer_across_kvm_run(ctx) -> None:
     assert run_case(ctx, conform.case_xsave_across_run, 50).cases == 100
 
 
+def test_kvm_set_fpu_and_get_fpu_around_kvm_run(ctx) -> None:
+    """KVM_SET_FPU writes the legacy area and not XSTATE_BV: 30 samples, half of them on an
+    empty header (the write then reads back from KVM_GET_FPU but not from KVM_GET_XSAVE2 or
+    the guest), five comparisons each with a non-empty header, four with an empty one."""
+    assert run_case(ctx, conform_guest.case_fpu_ioctls, 30).cases == 15 * 6 + 15 * 5
+
+
+def test_migration_between_cpu_models(ctx) -> None:
+    """A buffer moved between a vCPU offered every feature and one offered x87/SSE/AVX only,
+    both ways; skipped where KVM does not keep a narrowed CPUID.(0DH,0) (this host's PVM)."""
+    report = run_case(ctx, conform.case_migrate, 20)
+    if report.skipped:
+        pytest.skip(report.skipped[0])
+    assert report.cases == 20 * 6
+
+
 def test_guest_xsetbv_faults(ctx) -> None:
     assert run_case(ctx, conform.case_guest_xsetbv, 200).cases == 400
 

@@ -670,3 +670,50 @@ def test_kvm_get_xsave2_can_report_an_mxcsr_the_guest_does_not_hold() -> None:
     out = v.get_xsave2(vcpu)
     assert struct.unpack_from("<Q", out, 512)[0] & 0x7 == 0x4
     assert struct.unpack_from("<I", out, 24)[0] == 0x25F36  # what KVM_SET_XSAVE left
+
+
+# -- the legacy KVM_GET_FPU / KVM_SET_FPU ------------------------------------------------------
+
+
+def _kvm_fpu(fcw: int, st0: bytes, xmm0: bytes, mxcsr: int = 0x1FA0) -> bytes:
+    """struct kvm_fpu: fpr[0] = ``st0``, FCW, XMM0 = ``xmm0``, MXCSR (which KVM ignores)."""
+    import struct
+
+    out = bytearray(416)
+    out[0:10] = st0
+    struct.pack_into("<H", out, 128, fcw)
+    out[152:168] = xmm0
+    struct.pack_into("<I", out, 408, mxcsr)
+    return bytes(out)
+
+
+def test_kvm_set_fpu_without_x87_and_sse_in_xstate_bv_is_lost_to_the_guest() -> None:
+    """kvm_arch_vcpu_ioctl_set_fpu() writes the guest fpstate's legacy area and not its header:
+    on a new vCPU (XSTATE_BV 0) KVM_GET_FPU reads the write back while KVM_GET_XSAVE2 -- and
+    the guest, whose XRSTOR follows the header -- see x87 and SSE initial (FCW 037FH, XMM0
+    zero). MXCSR is in neither direction (KVM_GET_FPU reports 0)."""
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    fpu = _kvm_fpu(0x027F, b"\x11" * 10, b"\x22" * 16)
+    assert v.set_fpu(vcpu, fpu) == 0
+    got = v.get_fpu(vcpu)
+    assert got[:408] == fpu[:408] and got[408:412] == bytes(4)
+    buf = v.get_xsave2(vcpu)
+    assert buf[512:520] == bytes(8)
+    assert buf[0:2] == (0x037F).to_bytes(2, "little") and buf[160:176] == bytes(16)
+    assert buf[24:28] == (0x1F80).to_bytes(4, "little")
+
+
+def test_kvm_set_fpu_with_x87_and_sse_in_xstate_bv_reaches_the_guest() -> None:
+    """With x87 and SSE in the header (a KVM_SET_XSAVE put them there) KVM_SET_FPU's values
+    are what KVM_GET_XSAVE2 returns: FCW at byte 0, ST0 at 32, XMM0 at 160; MXCSR stays the
+    buffer's."""
+    v = vmm(SPR)
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xsave(vcpu, uabi(xstate_bv=0x3, mxcsr=0x1F80)) == 0
+    assert v.set_fpu(vcpu, _kvm_fpu(0x027F, b"\x11" * 10, b"\x22" * 16)) == 0
+    buf = v.get_xsave2(vcpu)
+    assert int.from_bytes(buf[512:520], "little") == 0x3
+    assert buf[0:2] == (0x027F).to_bytes(2, "little")
+    assert buf[32:42] == b"\x11" * 10 and buf[160:176] == b"\x22" * 16
+    assert buf[24:28] == (0x1F80).to_bytes(4, "little")

@@ -405,6 +405,16 @@ class Vcpu:
         buf = (ctypes.c_uint8 * size).from_buffer_copy(image.ljust(size, b"\0"))
         _ioctl(self.fd, u.KVM_SET_XSAVE, buf)
 
+    def get_fpu(self) -> bytes:
+        """KVM_GET_FPU: struct kvm_fpu (416 bytes) as KVM fills it."""
+        f = u.KvmFpu()
+        _ioctl(self.fd, u.KVM_GET_FPU, f)
+        return bytes(f)
+
+    def set_fpu(self, fpu: bytes) -> None:
+        """KVM_SET_FPU of a 416-byte struct kvm_fpu."""
+        _ioctl(self.fd, u.KVM_SET_FPU, u.KvmFpu.from_buffer_copy(fpu))
+
     # MP state, events, INIT
 
     def get_mp_state(self) -> int:

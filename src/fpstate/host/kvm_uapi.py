@@ -197,6 +197,15 @@ class KvmXsave(ctypes.Structure):
     _fields_ = (("region", u32 * 1024),)
 
 
+class KvmFpu(ctypes.Structure):
+    """struct kvm_fpu (KVM_GET_FPU/KVM_SET_FPU, the legacy FXSAVE-shaped view): 416 bytes."""
+
+    _fields_ = (("fpr", ctypes.c_uint8 * 128), ("fcw", ctypes.c_uint16),
+                ("fsw", ctypes.c_uint16), ("ftwx", ctypes.c_uint8), ("pad1", ctypes.c_uint8),
+                ("last_opcode", ctypes.c_uint16), ("last_ip", u64), ("last_dp", u64),
+                ("xmm", ctypes.c_uint8 * 256), ("mxcsr", u32), ("pad2", u32))
+
+
 class KvmDeviceAttr(ctypes.Structure):
     _fields_ = (("flags", u32), ("group", u32), ("attr", u64), ("addr", u64))
 
@@ -269,6 +278,8 @@ KVM_GET_MP_STATE = _ior(0x98, KvmMpState)
 KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, KvmVcpuEvents)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, KvmVcpuEvents)
+KVM_GET_FPU = _ior(0x8C, KvmFpu)
+KVM_SET_FPU = _iow(0x8D, KvmFpu)
 KVM_GET_XSAVE = _ior(0xA4, KvmXsave)
 KVM_SET_XSAVE = _iow(0xA5, KvmXsave)
 KVM_GET_XCRS = _ior(0xA6, KvmXcrs)

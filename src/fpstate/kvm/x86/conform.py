@@ -32,6 +32,7 @@ from fpstate.errors import HostUnavailable
 from fpstate.kernel.x86.types import XFEATURE_MASK_USER_SUPPORTED
 from fpstate.kvm.x86 import x86
 from fpstate.kvm.x86.conform_guest import (
+    case_fpu_ioctls,
     case_guest_programs,
     case_guest_xsaves,
     case_guest_xsetbv,
@@ -257,7 +258,7 @@ CASES: tuple[tuple[Callable[..., None], float], ...] = (
     (case_supported_cpuid, 0), (case_set_cpuid2, 0), (case_cpuid_runtime, 0), (case_msrs, 0),
     (case_set_xcrs, 1.0),
     (case_xsave_round_trip, 1.0), (case_migrate, 0.1), (case_xsave_across_run, 0.1),
-    (case_guest_xsetbv, 0.4),
+    (case_fpu_ioctls, 0.05), (case_guest_xsetbv, 0.4),
     (case_guest_programs, 1.0), (case_guest_xsaves, 0), (case_init, 0.05),
 )
 

@@ -71,6 +71,59 @@ def case_xsave_across_run(ctx: Context, report: Report, rng: random.Random, samp
         report.compare(case, f"KVM_GET_XSAVE2 after KVM_RUN #{n}", model, real)
 
 
+def case_fpu_ioctls(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
+    """The legacy KVM_SET_FPU / KVM_GET_FPU on an XSAVE host: the guest fpstate is first loaded
+    by KVM_SET_XSAVE with x87 and SSE in XSTATE_BV, or (every other sample) with an empty
+    XSTATE_BV; then KVM_SET_FPU of random fields, KVM_GET_FPU and KVM_GET_XSAVE2; then a
+    KVM_RUN whose guest only sets XCR0 (XRSTORS and XSAVES of the guest fpstate), and both
+    reads again. KVM_SET_FPU writes the image's legacy area and not its header, so with an
+    empty XSTATE_BV KVM_GET_XSAVE2 and the guest see x87 and SSE initial while KVM_GET_FPU
+    reports what was written.
+
+    A guest run on this host leaves SSE in use even when XMM0-15 are zero and MXCSR is 1F80H
+    (as `random_uabi` notes); after the run of an empty-header sample, then, the real XSAVES
+    writes the zero XMM registers over the legacy area and sets XSTATE_BV[1]: KVM_GET_FPU is
+    compared before the run only, and KVM_GET_XSAVE2 with an SSE bit whose state is initial
+    read as clear on both sides (what the guest sees is the same)."""
+    case = "fpu-ioctls"
+    g = ctx.guest_machine()
+    v = ctx.vmm()
+    mvcpu = ctx.model_vcpu(v)
+    xcr0 = ctx.system.xcr0
+    mask = ctx.system.mxcsr_feature_mask
+    for n in range(samples):
+        buf = bytearray(random_uabi(rng, ctx.caps, mask, canonical=True))
+        if n % 2:
+            buf[512:520] = bytes(8)
+        buf = bytes(buf)
+        bv = int.from_bytes(buf[512:520], "little")
+        report.compare(case, f"#{n} KVM_SET_XSAVE XSTATE_BV {bv:#x}", v.set_xsave(mvcpu, buf),
+                       _errno_of(lambda b=buf: g.vcpu.set_xsave(b)))
+        fpu = rng.randbytes(416)
+        report.compare(case, f"#{n} KVM_SET_FPU", v.set_fpu(mvcpu, fpu),
+                       _errno_of(lambda f=fpu: g.vcpu.set_fpu(f)))
+        report.compare(case, f"#{n} KVM_GET_FPU", v.get_fpu(mvcpu), g.vcpu.get_fpu())
+        report.compare(case, f"#{n} KVM_GET_XSAVE2", v.get_xsave2(mvcpu), g.vcpu.get_xsave2())
+        v.run(mvcpu, [GuestOp("xsetbv", 0, xcr0)])
+        g.run_insns([], xcr0=xcr0, cpl=3)
+        if bv:
+            report.compare(case, f"#{n} KVM_GET_FPU after a KVM_RUN", v.get_fpu(mvcpu),
+                           g.vcpu.get_fpu())
+        report.compare(case, f"#{n} KVM_GET_XSAVE2 after a KVM_RUN",
+                       _initial_sse_clear(v.get_xsave2(mvcpu)),
+                       _initial_sse_clear(g.vcpu.get_xsave2()))
+
+
+def _initial_sse_clear(buf: bytes) -> bytes:
+    """A KVM_GET_XSAVE2 buffer with XSTATE_BV[1] cleared where SSE's state is initial (XMM0-15
+    zero, MXCSR 1F80H): the same registers for a guest."""
+    if buf[160:416] != bytes(256) or buf[24:28] != (0x1F80).to_bytes(4, "little"):
+        return buf
+    out = bytearray(buf)
+    out[512] &= ~0x2
+    return bytes(out)
+
+
 def case_guest_xsetbv(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
     """Guest XSETBV of random values at CPL 0 (and some at CPL 3): the fault KVM injects (#GP)
     or success, and XCR0 afterwards (KVM_GET_XCRS)."""

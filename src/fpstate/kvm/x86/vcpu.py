@@ -493,6 +493,12 @@ class Vmm:
     def set_xsave(self, vcpu: KvmVcpu, buf: bytes) -> int:
         return self.call(x86.kvm_arch_vcpu_ioctl_set_xsave, vcpu, buf)
 
+    def get_fpu(self, vcpu: KvmVcpu) -> bytes:
+        return self.call(x86.kvm_arch_vcpu_ioctl_get_fpu, vcpu)
+
+    def set_fpu(self, vcpu: KvmVcpu, fpu: bytes) -> int:
+        return self.call(x86.kvm_arch_vcpu_ioctl_set_fpu, vcpu, fpu)
+
     def init(self, vcpu: KvmVcpu) -> int:
         """INIT the way the real backend does: latch it (KVM_SET_VCPU_EVENTS), then
         KVM_GET_MP_STATE runs kvm_apic_accept_events(). Returns the mask INIT zeroed."""

@@ -9,7 +9,8 @@ series and the "unload FPU state on INIT iff in use" fix):
   kvm_get_msr_common(), kvm_do_msr_access()'s treatment of KVM_MSR_RET_UNSUPPORTED for
   host-initiated accesses, and msr_io() (KVM_GET_MSRS / KVM_SET_MSRS count what succeeded);
 - KVM_GET_XSAVE (EINVAL once uabi_size > 4096), KVM_GET_XSAVE2, KVM_SET_XSAVE
-  (kvm_vcpu_ioctl_x86_get_xsave2 / set_xsave, PKRU in vcpu->arch.pkru);
+  (kvm_vcpu_ioctl_x86_get_xsave2 / set_xsave, PKRU in vcpu->arch.pkru), and the legacy
+  KVM_GET_FPU / KVM_SET_FPU, which read and write the image's legacy area without its header;
 - kvm_xstate_reset() and the XSAVE part of kvm_vcpu_reset(): INIT zeroes the MPX and CET
   components KVM supports, unloading the guest FPU around it only when it is loaded; RESET
   (vCPU creation) needs nothing because the guest fpstate is zero-allocated (seed 003).
@@ -432,6 +433,47 @@ def kvm_arch_vcpu_ioctl_set_xsave(c: Cpu, vcpu: KvmVcpu, buf: bytes) -> int:
                                          vcpu.kvm.caps.supported_xcr0, pkru)
     vcpu.arch.pkru = pkru[0]
     return ret
+
+
+#: sizeof(struct kvm_fpu): fpr[8][16], fcw, fsw, ftwx, pad1, last_opcode, last_ip, last_dp,
+#: xmm[16][16], mxcsr, pad2.
+KVM_FPU_SIZE = 416
+#: (struct kvm_fpu offset, fxregs_state offset, size) of each field KVM copies: fpr <->
+#: st_space, fcw/fsw <-> cwd/swd, ftwx <-> twd (one byte), last_opcode/last_ip/last_dp <->
+#: fop/rip/rdp, xmm <-> xmm_space. MXCSR is in neither direction.
+_KVM_FPU_FIELDS = ((0, 32, 128), (128, 0, 4), (132, 4, 1), (134, 6, 2), (136, 8, 16),
+                   (152, 160, 256))
+
+
+def kvm_arch_vcpu_ioctl_get_fpu(c: Cpu, vcpu: KvmVcpu) -> bytes:
+    """KVM_GET_FPU (kvm_arch_vcpu_ioctl_get_fpu, x86.c): the legacy area of the guest
+    fpstate's image copied field by field into a zeroed struct kvm_fpu, whatever XSTATE_BV
+    says of it (a component the header marks initial is reported as the bytes that sit in
+    the image) and with MXCSR left 0. A confidential guest's struct stays zero."""
+    out = bytearray(KVM_FPU_SIZE)
+    fps = vcpu.arch.guest_fpu.fpstate
+    if fps.is_confidential:
+        return bytes(out)
+    for dst, src, size in _KVM_FPU_FIELDS:
+        out[dst:dst + size] = fps.regs[src:src + size]
+    return bytes(out)
+
+
+def kvm_arch_vcpu_ioctl_set_fpu(c: Cpu, vcpu: KvmVcpu, fpu: bytes) -> int:
+    """KVM_SET_FPU (kvm_arch_vcpu_ioctl_set_fpu, x86.c): the fields of struct kvm_fpu written
+    into the legacy area of the guest fpstate's image -- and nothing else: XSTATE_BV is not
+    touched (nor MXCSR, which KVM ignores both ways). Where the header does not have x87 or
+    SSE, the next XRSTOR of the guest fpstate puts that component in its initial
+    configuration and the write is lost to the guest, while KVM_GET_FPU still reports it.
+    0 (-EINVAL for a confidential guest of a VM with protected state, modelled as 0)."""
+    if len(fpu) < KVM_FPU_SIZE:
+        return -EFAULT
+    fps = vcpu.arch.guest_fpu.fpstate
+    if fps.is_confidential:
+        return 0
+    for dst, src, size in _KVM_FPU_FIELDS:
+        fps.regs[src:src + size] = fpu[dst:dst + size]
+    return 0
 
 
 # -- INIT and RESET -------------------------------------------------------------------------------
