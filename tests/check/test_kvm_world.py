@@ -256,3 +256,22 @@ def test_get_xsave_unmasked_shows_pkru_and_carries_foreign_state() -> None:
     r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="big.v0", src="small.v0"))
     assert {v.invariant for v in r.violations} == {"nothing-beyond-advertised", "no-lost-write"}
     assert w.do_observe_vcpu("big.v0")["opmask"] == "big.v0#1"
+
+
+def test_migrate_xsave_of_an_empty_header_keeps_mxcsr_on_a_standard_format_kernel() -> None:
+    """Found by the explorer on Haswell (3 steps): a never-run vCPU's buffer (XSTATE_BV 0,
+    MXCSR 1F80H in the buffer) restored into a vCPU whose guest ran LDMXCSR. copy_uabi_to_xstate
+    copies MXCSR only with x87, SSE or AVX in the header, so the image keeps the guest's
+    MXCSR; a standard-format XRSTOR (Haswell: no XSAVES) loads MXCSR from the image whatever
+    XSTATE_BV says, and the guest runs on with its old MXCSR, while a compacted XRSTORS
+    (Sapphire Rapids) puts 1F80H. The world's contract holds the kernel's rule."""
+    seen = {}
+    for cpu in ("haswell", "sapphire-rapids"):
+        cfg = {**MIGRATION, "cpu": cpu, "vms": {"a": {"vmm": "vmm.t0", "vcpus": 2}}}
+        w = make_world("x86", cfg, None)
+        w.step(A("run", task="vmm.t0", cpu=0))
+        assert not w.step(A("kvm_run", task="vmm.t0", vcpu="a.v1", guest="ldmxcsr")).violations
+        r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="a.v1", src="a.v0"))
+        assert not r.violations and r.observed == {"ret": 0, "xstate_bv": 0}
+        seen[cpu] = w.do_observe_vcpu("a.v1")["mxcsr"]
+    assert seen == {"haswell": 0x3F00, "sapphire-rapids": 0x1F80}
