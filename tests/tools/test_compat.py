@@ -124,3 +124,44 @@ def test_a_guest_that_cannot_move_gets_the_template_hint(reports) -> None:
     assert r.to_dict()["template"] == r.template
     for r in reports.values():
         assert bool(r.template) == (not r.guest_restores), (r.src, r.dst)
+
+
+def test_a_guest_offered_the_templates_features_moves(capsys) -> None:
+    """The template's answer closes the loop: a Sapphire Rapids guest whose CPU model offers
+    x87/SSE/AVX only (--guest-xcr0 0x7) restores on Haswell -- KVM_GET_XSAVE2 then holds those
+    features in a 4096-byte buffer that Haswell's KVM_SET_XSAVE takes as it is -- while the
+    same guest offered everything does not; the process part does not change."""
+    spr, hsw = PROFILES["sapphire-rapids"], PROFILES["haswell"]
+    full, narrow = compat_x86(spr, hsw), compat_x86(spr, hsw, guest_xcr0=0x7)
+    assert not full.guest_restores and narrow.guest_restores
+    assert narrow.process == full.process and not narrow.process_restores
+    assert narrow.guest_xcr0 == 0x7 and narrow.to_dict()["guest_xcr0"] == "0x7"
+    assert full.to_dict()["guest_xcr0"] is None
+    fire = next(f for f in narrow.vmm if f.who == "Firecracker")
+    assert "KVM_SET_XSAVE of SRC's 4096-byte buffer as it is: 0" in fire.text
+    assert not fire.blocking and narrow.template == ""
+    assert main(["compat", "sapphire-rapids", "haswell", "--guest-xcr0", "x87|sse|avx"]) == 1
+    out = capsys.readouterr().out
+    assert ("guest saved on sapphire-rapids (its CPU model offers XCR0 0x7: x87, sse, avx) "
+            "restores on haswell: yes") in out
+
+
+def test_a_guest_offered_avx512_meets_the_layout_of_its_features() -> None:
+    """Offered AVX-512 and PKRU, a Sapphire Rapids guest does not move to Zen 4: it keeps
+    Intel's offsets (opmask at 0x440, after the MPX gap) where AMD's XSAVE uses 0x340; offered
+    x87/SSE/AVX it moves (their offsets are architectural)."""
+    spr, zen4 = PROFILES["sapphire-rapids"], PROFILES["zen4"]
+    r = compat_x86(spr, zen4, guest_xcr0=0x2E7)
+    assert not r.guest_restores
+    layout = [f for f in r.guest if "DST's layout" in f.text]
+    assert layout and "opmask: standard offset 0x440 -> 0x340" in layout[0].text
+    assert compat_x86(spr, zen4, guest_xcr0=0x7).guest_restores
+
+
+def test_guest_xcr0_bad_input(capsys) -> None:
+    assert main(["compat", "zen4", "zen5", "--guest-xcr0", "x87|ymm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'ymm' is neither a number nor a component name" in err
+    assert main(["compat", "--arch", "arm64", "neoverse-n1", "neoverse-v1",
+                 "--guest-xcr0", "7"]) == 2
+    assert "--guest-xcr0 is an x86 option" in capsys.readouterr().err

@@ -20,11 +20,15 @@ import json
 import sys
 from collections.abc import Callable
 
+from fpstate.errors import FpstateError
 from fpstate.kvm.arm64.config import UPSTREAM, VARIANTS
 from fpstate.tools.compat_arm64 import compat_arm64, format_report, load_vm_config
 
 
 def run_arm64(args: argparse.Namespace) -> int:
+    if args.guest_xcr0 is not None:
+        raise FpstateError("--guest-xcr0 is an x86 option (an arm64 VM's features are in its "
+                           "configuration file)")
     src, dst = load_vm_config(args.src), load_vm_config(args.dst)
     report = compat_arm64(src, dst, args.variant or UPSTREAM)
     if args.json:
@@ -41,8 +45,11 @@ def run_x86(args: argparse.Namespace) -> int:
     from fpstate.tools.compat import compat_x86
     from fpstate.tools.compat import format_report as format_x86
     from fpstate.x86.profiles import load_profile
+    from fpstate.x86.xfeatures import parse_mask
 
-    report = compat_x86(load_profile(args.src), load_profile(args.dst), args.kernel or NEWEST)
+    guest_xcr0 = None if args.guest_xcr0 is None else parse_mask(args.guest_xcr0)
+    report = compat_x86(load_profile(args.src), load_profile(args.dst), args.kernel or NEWEST,
+                        guest_xcr0)
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
@@ -69,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--kernel", metavar="V",
                    help="x86: the kernel version on both sides (default: the newest modelled)")
+    p.add_argument("--guest-xcr0", metavar="MASK",
+                   help="x86: the XSAVE features the VM's CPU model offers (hex, or names such "
+                        "as 'x87|sse|avx'; default: every feature SRC's KVM supports)")
     p.add_argument("--variant", choices=sorted(VARIANTS),
                    help="arm64: run a KVM design the seeds rejected (default: upstream)")
     p.set_defaults(run=run)

@@ -23,6 +23,11 @@ checkpointer and a VMM do:
   cloud-hypervisor snapshots carry) -- and KVM_GET_XSAVE2 shows which registers arrive wrong;
   the guest also keeps SRC's leaf 0xD offsets, which DST's hardware does not follow.
 
+With ``guest_xcr0`` the VM's CPU model offers fewer XSAVE features than SRC's KVM supports
+(QEMU's -cpu, a Firecracker CPU template, `fpstate template`'s answer): SRC's leaf 0xD is cut
+to it (`fpstate.kvm.x86.cpuid.offer_xcr0`) before KVM_SET_CPUID2 on both sides, KVM_GET_XSAVE2
+holds only those features, and only their layout matters to the guest.
+
 Safe means both a process and a guest restore with every register intact. Everything is
 computed by the models; this file only sequences the operations and reads the answers.
 """
@@ -37,6 +42,7 @@ from fpstate.kernel.x86 import regset
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.versions import NEWEST, kernel_version
+from fpstate.kvm.x86.cpuid import offer_xcr0
 from fpstate.tools.blob import decode, encode
 from fpstate.tools.record import record_from_blob, refusal_message, translate
 from fpstate.tools.registers import component_fields, register_groups
@@ -87,6 +93,8 @@ class CompatReport:
     vmm: tuple[Finding, ...]
     #: for a guest that cannot move, the leaf 0xD both CPUs honour (fpstate template)
     template: str = ""
+    #: the XCR0 features the VM's CPU model offers (None: everything SRC's KVM supports)
+    guest_xcr0: int | None = None
 
     @property
     def process_restores(self) -> bool:
@@ -120,6 +128,7 @@ class CompatReport:
             "guest": [f.to_dict() for f in self.guest],
             "vmm": [f.to_dict() for f in self.vmm],
             "template": self.template or None,
+            "guest_xcr0": None if self.guest_xcr0 is None else hex(self.guest_xcr0),
         }
 
 
@@ -312,20 +321,24 @@ def _diff_registers(a: bytes, pa: CpuidProfile, b: bytes, pb: CpuidProfile) -> l
     return out
 
 
-def _guest(src: CpuidProfile, dst: CpuidProfile, kernel: str,
-           layout: list[str]) -> tuple[list[Finding], list[Finding], str]:
+def _guest(src: CpuidProfile, dst: CpuidProfile, kernel: str, layout: list[str],
+           guest_xcr0: int | None = None) -> tuple[list[Finding], list[Finding], str]:
     s_vmm, _ = _vmm(src, kernel, True)
     s_caps = s_vmm.kvm.caps
-    s_amx = bool(s_caps.supported_xcr0 & XFEATURE_MASK_XTILE_DATA)
+    offered = s_caps.supported_xcr0 if guest_xcr0 is None else s_caps.supported_xcr0 & guest_xcr0
+    s_amx = bool(offered & XFEATURE_MASK_XTILE_DATA)
     d_probe, _ = _vmm(dst, kernel, False)
     d_amx = bool(d_probe.kvm.caps.supported_xcr0 & XFEATURE_MASK_XTILE_DATA)
     s_vcpu = s_vmm.create_vcpu(s_vmm.create_vm())
     entries = s_vmm.supported_cpuid_0xd()
+    if guest_xcr0 is not None:
+        entries = offer_xcr0(entries, guest_xcr0)
     s_vmm.set_cpuid2(s_vcpu, entries)
     gxcr0 = s_vcpu.arch.guest_supported_xcr0 | 0x1
     size = s_vcpu.arch.guest_fpu.uabi_size
     obj = {"format": "fpstate-blob/1", "blob_format": "kvm", "size": size,
-           "xcr0": hex(s_vmm.m.system.user.max_features),
+           "xcr0": hex(s_vmm.m.system.user.max_features if guest_xcr0 is None
+                       else s_vmm.m.system.user.max_features & (gxcr0 | 0x3)),
            "header": {"xstate_bv": hex(gxcr0), "xcomp_bv": "0"},
            "components": _pattern_regs(src, gxcr0, 2)}
     assert s_vmm.set_xsave(s_vcpu, encode(obj, src)) == 0
@@ -363,7 +376,9 @@ def _guest(src: CpuidProfile, dst: CpuidProfile, kernel: str,
         guest.append(Finding("guest", True, f"KVM_SET_XCRS(XCR0 = {gxcr0:#x}) on DST: "
                              f"{_errname(r_xcrs)} (__kvm_set_xcr: {why})"))
     # QEMU: per-register marshalling through the migration stream.
-    rec = record_from_blob(saved, src, "kvm")
+    # A guest offered fewer features: its buffer holds those (the u64 at 464 still names
+    # every feature of SRC's kernel, AMX's included, in a 4096-byte buffer).
+    rec = record_from_blob(saved, src, "kvm", xcr0=None if guest_xcr0 is None else gxcr0 | 0x3)
     t = translate(rec, dst, "standard", xcr0=d_caps.supported_xcr0 | 0x3)
     if not t.ok:
         guest.append(Finding("guest", True, "per-register restore: "
@@ -412,8 +427,10 @@ def _guest(src: CpuidProfile, dst: CpuidProfile, kernel: str,
 # -- the report -----------------------------------------------------------------------------------
 
 
-def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST) -> CompatReport:
-    """The migration report of ``src`` -> ``dst`` under ``kernel`` on both sides."""
+def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST,
+               guest_xcr0: int | None = None) -> CompatReport:
+    """The migration report of ``src`` -> ``dst`` under ``kernel`` on both sides; the guest's
+    CPU model offers ``guest_xcr0`` (None: every feature SRC's KVM supports)."""
     kv = kernel_version(kernel).name
     ss, ds = compute_sizes(src, kv), compute_sizes(dst, kv)
     sm = Machine.boot(src, kv, ncpus=1).system
@@ -423,7 +440,10 @@ def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST) -> Co
     dsup = dm.xfeatures_mask_supervisor
     layout = _layout_changes(src, dst, (su & du) | (ssup & dsup))
     process = _process(src, dst, kv, ss, ds)
-    guest, vmm, perm = _guest(src, dst, kv, layout)
+    # The guest sees the layout of the features its CPU model offers only.
+    glayout = layout if guest_xcr0 is None else _layout_changes(
+        src, dst, (su & du & (guest_xcr0 | 0x3)) | (ssup & dsup))
+    guest, vmm, perm = _guest(src, dst, kv, glayout, guest_xcr0)
     return CompatReport(
         src=src.name, dst=dst.name, kernel=kv,
         user_lost=tuple(bits(su & ~du)), user_gained=tuple(bits(du & ~su)),
@@ -435,6 +455,7 @@ def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST) -> Co
                                                               strict=True)),
         amx_guest_permission=perm, process=tuple(process), guest=tuple(guest), vmm=tuple(vmm),
         template=_template_hint(src, dst) if any(f.blocking for f in guest) else "",
+        guest_xcr0=guest_xcr0,
     )
 
 
@@ -475,7 +496,9 @@ def format_report(r: CompatReport) -> str:
     lines.append(f"process saved on {r.src} restores on {r.dst}: "
                  + ("yes" if r.process_restores else "NO"))
     lines.extend(f"  {'x' if f.blocking else '-'} [{f.who}] {f.text}" for f in r.process)
-    lines.append(f"guest saved on {r.src} restores on {r.dst}: "
+    offered = ("" if r.guest_xcr0 is None else f" (its CPU model offers XCR0 "
+               f"{r.guest_xcr0:#x}: {names(tuple(bits(r.guest_xcr0)))})")
+    lines.append(f"guest saved on {r.src}{offered} restores on {r.dst}: "
                  + ("yes" if r.guest_restores else "NO"))
     lines.extend(f"  {'x' if f.blocking else '-'} [{f.who}] {f.text}" for f in r.guest)
     if r.template:
