@@ -779,13 +779,13 @@ class X86World(X86Views, World):
         i = -1 if component is None else component_number(component)
         if not self.sigstack[t.comm]:
             raise StepError(f"task {task} is not in a signal handler")
-        lo, _, kind = self.frames[t.comm][-1]
+        lo, hi, kind = self.frames[t.comm][-1]
         if not self._frame_open(t, lo):
             raise StepError(f"{task}'s frame is on a page whose protection key its PKRU closes "
                             "(the store would fault)")
         fp = _frame_xsave(t.process.mm, lo, kind)
         sw = self._frame_sw(t, fp)
-        if component is not None and i not in self._frame_writable(t, sw):
+        if component is not None and i not in self._frame_writable(t, sw, fp, hi):
             raise StepError(f"{component} is not a component {task}'s frame may be given")
         return t, i, fp, sw
 
@@ -885,19 +885,24 @@ class X86World(X86Views, World):
                 saved[i] = self.init_values[i]
         return {}
 
-    def _frame_writable(self, t: Task, sw: FpxSwBytes) -> tuple[int, ...]:
+    def _frame_writable(self, t: Task, sw: FpxSwBytes, fp: int, hi: int) -> tuple[int, ...]:
         """The components a handler's frame edit may set: writable ones the task's fpstate
-        carries in its user features, AMX's dynamic state aside (a frame with tile data for a
-        task whose tiles are not allocated ends in XFD's #NM and SIGSEGV, not in a restore),
-        and, in a frame rewritten smaller (frame_resize), those its fx_sw_bytes name: another
+        carries in its user features -- AMX's tile data only once the fpstate has room for it
+        (a frame with tile data for a task whose tiles are not allocated ends in XFD's #NM and
+        SIGSEGV, not in a restore) -- and, in a frame rewritten smaller (frame_resize), those
+        its fx_sw_bytes name: another
         one's standard offset may lie past its end, where MAGIC2 is. x87 and SSE are among
         them (MXCSR stays as the signal saved it); in an ia32 frame x87 is edited in the
-        fsave header, which is what gives x87 back (do_frame_write)."""
-        user = t.fpu.fpstate.user_xfeatures
+        fsave header, which is what gives x87 back (do_frame_write). Whatever fx_sw_bytes
+        say, a component must lie inside the frame the kernel wrote (XSAVE area at ``fp``,
+        frame up to ``hi``): tile data grown after delivery does not."""
+        fps = t.fpu.fpstate
+        user = fps.user_xfeatures & ~(XFEATURE_MASK_USER_DYNAMIC & ~fps.xfeatures)
         if sw.magic1 == FP_XSTATE_MAGIC1 and sw.xfeatures & user != user:
             user &= sw.xfeatures
+        profile = self.m.system.profile
         return tuple(i for i in self.writable if (user >> i) & 1
-                     and not (XFEATURE_MASK_USER_DYNAMIC >> i) & 1)
+                     and fp + profile.component(i).offset + profile.component(i).size <= hi)
 
     #: What frame_resize keeps: the features of a CPU with x87, SSE and AVX only.
     RESIZED = XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM
@@ -1296,10 +1301,11 @@ class X86World(X86Views, World):
                 add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
-                lo, _, kind = self.frames[t.comm][-1]
+                lo, hi, kind = self.frames[t.comm][-1]
                 if self._frame_open(t, lo):
-                    sw = self._frame_sw(t, _frame_xsave(t.process.mm, lo, kind))
-                    writable = self._frame_writable(t, sw)
+                    fp = _frame_xsave(t.process.mm, lo, kind)
+                    sw = self._frame_sw(t, fp)
+                    writable = self._frame_writable(t, sw, fp, hi)
                     out.extend(ta["frame_writes"][i] for i in writable)
                     out.extend(ta["frame_clears"][i] for i in writable)
                     add(ta["frame_fx_only"])

@@ -50,6 +50,10 @@ class PageFault(Exception):
         self.addr = addr
         self.pkey = pkey
 
+    def __reduce__(self) -> tuple[type[PageFault], tuple[int, int | None]]:
+        """Picklable by its fields (a worker process's exception reaches the explorer)."""
+        return (PageFault, (self.addr, self.pkey))
+
 
 #: PKRU's two bits of key k: AD (bit 2k) and WD (bit 2k+1).
 PKRU_AD_BIT, PKRU_WD_BIT = 0x1, 0x2
