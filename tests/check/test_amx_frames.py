@@ -82,12 +82,21 @@ def test_tile_data_grown_after_delivery_is_not_in_the_frame() -> None:
         w.step(A("frame_write", component="xtiledata", task="p0.t0"))
 
 
-def test_a_page_fault_survives_a_trip_between_processes() -> None:
-    """PageFault pickles by its fields: an explorer worker's exception reaches the parent
-    as itself (it used to fail to unpickle and break the whole process pool)."""
+def test_model_exceptions_survive_a_trip_between_processes() -> None:
+    """The model's exceptions that take fields pickle by them: an explorer worker's exception
+    reaches the parent as itself (PageFault used to fail to unpickle and break the whole
+    process pool)."""
     import pickle
 
+    from fpstate.arm64.statemachine import IllegalEvent
     from fpstate.kernel.x86.mm import PageFault
+    from fpstate.kernel.x86.types import KernelBug
 
     e = pickle.loads(pickle.dumps(PageFault(0x7FFF_F000, 3)))
     assert (e.addr, e.pkey, str(e)) == (0x7FFF_F000, 3, "#PF at 0x7ffff000 (PK, key 3)")
+    b = pickle.loads(pickle.dumps(KernelBug("xsave-out-of-bounds", "8 KiB past the end")))
+    assert (b.name, b.detail, str(b)) == ("xsave-out-of-bounds", "8 KiB past the end",
+                                          "xsave-out-of-bounds: 8 KiB past the end")
+    i = pickle.loads(pickle.dumps(IllegalEvent("task", "RUNNING", "trap", "no SVE")))
+    assert (i.lifecycle, i.state, i.event, i.why) == ("task", "RUNNING", "trap", "no SVE")
+    assert str(i) == "task: event 'trap' is illegal in state 'RUNNING': no SVE"

@@ -91,9 +91,13 @@ class IllegalEvent(FpstateError):
     """An event the modelled code can never receive in the current state (a model misuse)."""
 
     def __init__(self, lifecycle: str, state: str, event: str, why: str = "") -> None:
-        self.lifecycle, self.state, self.event = lifecycle, state, event
+        self.lifecycle, self.state, self.event, self.why = lifecycle, state, event, why
         extra = f": {why}" if why else ""
         super().__init__(f"{lifecycle}: event {event!r} is illegal in state {state!r}{extra}")
+
+    def __reduce__(self) -> tuple[type[IllegalEvent], tuple[str, str, str, str]]:
+        """Picklable by its fields (an explorer worker's exception reaches the parent)."""
+        return (type(self), (self.lifecycle, self.state, self.event, self.why))
 
 
 class FrozenMap(Mapping[K, V], Generic[K, V]):

@@ -52,7 +52,7 @@ class PageFault(Exception):
 
     def __reduce__(self) -> tuple[type[PageFault], tuple[int, int | None]]:
         """Picklable by its fields (a worker process's exception reaches the explorer)."""
-        return (PageFault, (self.addr, self.pkey))
+        return (type(self), (self.addr, self.pkey))
 
 
 #: PKRU's two bits of key k: AD (bit 2k) and WD (bit 2k+1).

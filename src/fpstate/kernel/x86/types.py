@@ -99,6 +99,10 @@ class KernelBug(AssertionError):
         self.name = name
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[KernelBug], tuple[str, str]]:
+        """Picklable by its fields (an explorer worker's exception reaches the parent)."""
+        return (type(self), (self.name, self.detail))
+
 
 class IllegalEvent(FpstateError):
     """A model event that the kernel's stated preconditions forbid (wrong context, lock not
