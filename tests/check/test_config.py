@@ -33,6 +33,10 @@ X86 = [
      "config.vms.vm0.vcpus: must be an integer from 0 to 16, not -1"),
     ({"vms": {"vm0": {"vmm": "p1.t0", "guest_amx": "yes"}}},
      "config.vms.vm0.guest_amx: must be true or false, not 'yes'"),
+    ({"vms": {"vm0": {"vmm": "p1.t0", "xcr0": 1.5}}},
+     "config.vms.vm0.xcr0: a mask (an int, or names such as 'x87|sse|avx'), not 1.5"),
+    ({"vms": {"vm0": {"vmm": "p1.t0", "xcr0": "0x1ffffffffffffffff"}}},
+     "config.vms.vm0.xcr0: mask '0x1ffffffffffffffff' is not a 64-bit value"),
     ({"kvm_vendor": "tdx"}, "config.kvm_vendor: must be one of vmx, svm, not 'tdx'"),
     ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
      "config.vms: at most 64 VMs, not 65"),
@@ -93,11 +97,12 @@ def test_good_configurations_boot() -> None:
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True),
                      st.sampled_from(["", "p0.t0", "p1.t0", "vmx", "svm", "zen5", "6.18",
-                                      "other", "vmm", "nosuch"]))
+                                      "other", "vmm", "nosuch", "x87|sse", "0x2e7", "avx|",
+                                      "0x1ffffffffffffffff"]))
 _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=3),
     st.dictionaries(st.sampled_from(["p0", "p1", "vm0", "vmm", "vcpus", "guest_amx", "sve",
-                                     "x"]), inner, max_size=3)), max_leaves=6)
+                                     "xcr0", "x"]), inner, max_size=3)), max_leaves=6)
 
 
 @settings(max_examples=150, deadline=None)
