@@ -275,3 +275,26 @@ def test_migrate_xsave_of_an_empty_header_keeps_mxcsr_on_a_standard_format_kerne
         assert not r.violations and r.observed == {"ret": 0, "xstate_bv": 0}
         seen[cpu] = w.do_observe_vcpu("a.v1")["mxcsr"]
     assert seen == {"haswell": 0x3F00, "sapphire-rapids": 0x1F80}
+
+
+def test_user_xfeatures_guest_only_loses_a_pre_xsave_guests_legacy_state() -> None:
+    """Variant user-xfeatures-guest-only (KVM from ad856280ddea until legacy FP/SSE were
+    always allowed): a guest offered no XSAVE features has user_xfeatures 0, so its round trip
+    loses MXCSR (KVM_GET_XSAVE2's header drops SSE) and a buffer with x87/SSE from another vCPU
+    is refused (-EINVAL); under the kernel's design the header keeps SSE and the buffer is
+    taken."""
+    cfg = {**MIGRATION, "vms": {"new": {"vmm": "vmm.t0", "vcpus": 1},
+                                "old": {"vmm": "vmm.t0", "vcpus": 1, "xcr0": 0}}}
+    got = {}
+    for variant in (None, "user-xfeatures-guest-only"):
+        w = make_world("x86", cfg, variant)
+        assert w.vcpus["old.v0"].arch.guest_supported_xcr0 == 0
+        w.step(A("run", task="vmm.t0", cpu=0))
+        w.step(A("kvm_run", task="vmm.t0", vcpu="new.v0", guest="write avx"))
+        w.step(A("kvm_run", task="vmm.t0", vcpu="old.v0", guest="ldmxcsr"))
+        r = w.step(A("set_xsave", task="vmm.t0", vcpu="old.v0"))
+        m = w.step(A("migrate_xsave", task="vmm.t0", vcpu="old.v0", src="new.v0"))
+        got[variant] = (r.observed["xstate_bv"], [v.invariant for v in r.violations],
+                        m.observed["ret"])
+    assert got == {None: (0x2, [], 0),
+                   "user-xfeatures-guest-only": (0x0, ["no-lost-write"], -22)}

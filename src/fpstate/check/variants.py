@@ -56,6 +56,12 @@ FORK_IN_HANDLER: Mapping[str, object] = {"vms": {}, "tasks": [],
 MIGRATION: Mapping[str, object] = {
     "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1},
             "vm1": {"vmm": "p1.t0", "vcpus": 1, "xcr0": "x87|sse|avx"}}}
+#: The default world with a second VM of the same VMM whose CPU model offers no XSAVE
+#: features (CPUID.(0DH,0) EDX:EAX 0: QEMU's Nehalem), so that its buffers carry x87 and SSE
+#: only as the legacy area KVM always keeps.
+NO_XSAVE_GUEST: Mapping[str, object] = {
+    "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1},
+            "vm1": {"vmm": "p1.t0", "vcpus": 1, "xcr0": 0}}}
 #: The explorer's world for preemptible kernel-mode NEON in task context: one task on two
 #: CPUs with only FPSIMD (neoverse-n1), system calls it is preempted in, NEON sections, and
 #: its own reads and writes -- searched breadth-first (the counterexample is 11 steps long).
@@ -230,6 +236,13 @@ VARIANTS: tuple[Variant, ...] = (
             "(and state a migration put in its fpstate), which a destination without the "
             "feature refuses", "nothing-beyond-advertised", config=MIGRATION,
             also=("no-lost-write",)),
+    Variant("user-xfeatures-guest-only", "x86",
+            "KVM from ad856280ddea until 'Always enable legacy FP/SSE in allowed user "
+            "XFEATURES'",
+            "KVM_SET_CPUID2 sets the guest fpstate's user_xfeatures to the guest's supported "
+            "XCR0: for a guest offered no XSAVE features (a pre-XSAVE CPU model) KVM_GET_XSAVE "
+            "drops x87 and SSE, MXCSR with them, and KVM_SET_XSAVE refuses buffers that have "
+            "them", "no-lost-write", config=NO_XSAVE_GUEST),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

@@ -21,7 +21,8 @@ and exit on the CPU's registers; an op KVM intercepts costs an exit and a re-ent
 Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fpu.py),
 ``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
 default features include CET_KERNEL, applied to the booted kernel by `model_system`),
-``kvm-pkru-cr4-pke-only`` (fpu.py) and ``get-xsave-unmasked`` (x86.py), from KVM's own history.
+``kvm-pkru-cr4-pke-only`` (fpu.py), ``get-xsave-unmasked`` (x86.py) and
+``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid), from KVM's own history.
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "user_xfeatures, not only those of the guest's CPUID: a guest that was not offered "
             "PKRU gets a buffer with PKRU in XSTATE_BV (the host's PKRU was saved into the guest "
             "fpstate), which a destination without PKRU refuses -- live migration fails"),
+    Variant("user-xfeatures-guest-only", "kvm_vcpu_after_set_cpuid",
+            "KVM from ad856280ddea ('x86/kvm/fpu: Limit guest user_xfeatures to supported bits "
+            "of XCR0') until 'KVM: x86: Always enable legacy FP/SSE in allowed user XFEATURES' "
+            "(QEMU migration from a pre-XSAVE host failed, RH bz 2079311)",
+            "KVM_SET_CPUID2 sets the guest fpstate's user_xfeatures to guest_supported_xcr0: for "
+            "a guest offered no XSAVE features that is 0, so KVM_GET_XSAVE's header drops x87 "
+            "and SSE (their values, MXCSR included, do not travel) and KVM_SET_XSAVE refuses a "
+            "buffer that has them"),
 )}
 
 #: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable
@@ -260,6 +269,11 @@ def kvm_vcpu_after_set_cpuid(vcpu: KvmVcpu) -> None:
     arch = vcpu.arch
     caps = vcpu.kvm.caps
     arch.guest_supported_xcr0 = cpuid_get_supported_xcr0(caps, arch.cpuid)
+    if vcpu.kvm.has_variant("user-xfeatures-guest-only"):
+        # ad856280ddea's fix, before legacy FP/SSE were always allowed: the guest fpstate's
+        # user_xfeatures, which both KVM_GET_XSAVE's header mask and KVM_SET_XSAVE's header
+        # check use, is the guest's supported XCR0.
+        arch.guest_fpu.fpstate.user_xfeatures = arch.guest_supported_xcr0
     arch.guest_supported_xss = cpuid_get_supported_xss(caps, arch.cpuid)
     arch.cpuid = kvm_update_cpuid_runtime(caps, arch.cpuid, arch.xcr0, arch.ia32_xss)
 
