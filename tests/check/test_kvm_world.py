@@ -298,3 +298,46 @@ def test_user_xfeatures_guest_only_loses_a_pre_xsave_guests_legacy_state() -> No
                         m.observed["ret"])
     assert got == {None: (0x2, [], 0),
                    "user-xfeatures-guest-only": (0x0, ["no-lost-write"], -22)}
+
+
+def test_edit_xsave_gives_the_guest_the_vmms_values() -> None:
+    """A VMM's debugger stub writes guest registers through the buffer: KVM_GET_XSAVE2, a
+    component replaced and its XSTATE_BV bit set, KVM_SET_XSAVE. The guest then sees the
+    VMM's values, PKRU through vcpu->arch.pkru; components it was not offered are refused by
+    name."""
+    import pytest
+
+    from fpstate.check.world import StepError
+
+    w = _migration_world()
+    comps = {a.get("component") for a in w.enabled_actions()
+             if a.name == "edit_xsave" and a.get("vcpu") == "small.v0"}
+    assert comps == {"x87", "sse", "avx"}
+    for comp, bv in (("avx", 0x4), ("pkru", 0x204)):
+        r = w.step(A("edit_xsave", task="vmm.t0", vcpu="big.v0", component=comp))
+        assert not r.violations and r.observed["ret"] == 0
+        assert r.observed["xstate_bv"] & bv == bv
+    seen = w.do_observe_vcpu("big.v0")
+    assert seen["avx"] == "vmm.t0#1" and seen["pkru"] == "vmm.t0#2"
+    assert not w.step(A("kvm_run", task="vmm.t0", vcpu="big.v0", guest="read avx")).violations
+    with pytest.raises(StepError, match=r"opmask is not a user component small\.v0"):
+        w.step(A("edit_xsave", task="vmm.t0", vcpu="small.v0", component="opmask"))
+
+
+def test_an_edit_that_set_xsave_drops_is_a_lost_write(monkeypatch) -> None:
+    """A KVM_SET_XSAVE that cleared the edited component's XSTATE_BV bit (as a VMM that
+    forgot to set it would see) leaves the guest its old value: no-lost-write."""
+    from fpstate.kvm.x86 import x86 as kx86
+
+    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
+
+    def drops_avx(c, vcpu, buf):
+        cut = bytearray(buf)
+        cut[512:520] = (int.from_bytes(cut[512:520], "little") & ~0x4).to_bytes(8, "little")
+        return real(c, vcpu, bytes(cut))
+
+    w = _migration_world()
+    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    r = w.step(A("edit_xsave", task="vmm.t0", vcpu="big.v0", component="avx"))
+    assert {v.invariant for v in r.violations} == {"no-lost-write"}
+    assert "guest big.v0 would see avx = init (expected vmm.t0#1" in str(r.violations[0])

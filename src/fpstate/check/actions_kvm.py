@@ -109,6 +109,12 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("set_xsave", "KVM_GET_XSAVE2 then KVM_SET_XSAVE of the same buffer, as a VMM "
                "saving and restoring a vCPU (snapshot, live migration): the guest must see "
                "its own values afterwards", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("edit_xsave", "KVM_GET_XSAVE2, the VMM stores a value of its own into one "
+               "component of the buffer and sets its XSTATE_BV bit, KVM_SET_XSAVE (a debugger "
+               "stub writing a guest register, as QEMU's gdbstub does through the whole "
+               "buffer): the guest must then see the VMM's value",
+               {"task": _VMM, "vcpu": _VCPU,
+                "component": FieldSpec(str, "a user component the guest was offered")}),
     ActionSpec("migrate_xsave", "KVM_GET_XSAVE2 of vCPU src, then KVM_SET_XSAVE of that "
                "buffer into vCPU vcpu (a snapshot restored into another vCPU, a migration "
                "between VMs whose CPU models may differ): on success the guest of vcpu sees "
@@ -525,6 +531,40 @@ class KvmX86World(X86World):
         # The guest's expected values stay as they were: the buffer is its own state.
         return {"ret": ret, "xstate_bv": int.from_bytes(buf[512:520], "little")}
 
+    def _editable(self, v: kv.KvmVcpu) -> tuple[int, ...]:
+        """The components a VMM's edit of a vCPU's buffer may set: the user components the
+        guest's values are compared in (`guest_tracked`, supervisor state aside: it is not in
+        a UABI buffer)."""
+        return tuple(i for i in self.guest_tracked(v)
+                     if not (XFEATURE_MASK_SUPERVISOR_ALL >> i) & 1)
+
+    def do_edit_xsave(self, task: str, vcpu: str, component: str) -> dict[str, V]:
+        """KVM_GET_XSAVE2, one component of the buffer replaced by a value of ``task``'s own
+        (x87 without MXCSR and MXCSR_MASK, which stay the buffer's) with its XSTATE_BV bit
+        set, KVM_SET_XSAVE. On success the guest expects that value (PKRU: vcpu->arch.pkru
+        takes it, the header having PKRU)."""
+        t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        i = component_number(component)
+        if i not in self._editable(v):
+            raise StepError(f"{component} is not a user component {vcpu}'s guest was offered")
+        buf = bytearray(self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v))
+        self.emitted.append(("kvm_uabi", (vcpu, v, bytes(buf))))
+        t.generation += 1
+        comp = self.m.system.profile.component(i)
+        value = token(t.pid, t.generation, i, comp.size)
+        if i == 0:  # the legacy x87 bytes around MXCSR and MXCSR_MASK (24..31)
+            buf[0:24] = value[:24]
+            buf[32:160] = value[32:160]
+        else:
+            buf[comp.offset:comp.offset + comp.size] = value
+        bv = int.from_bytes(buf[512:520], "little") | 1 << i
+        buf[512:520] = bv.to_bytes(8, "little")
+        ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), v, bytes(buf))
+        if ret == 0:
+            self.expected[vcpu][i] = value
+        return {"ret": ret, "xstate_bv": bv}
+
     def do_migrate_xsave(self, task: str, vcpu: str, src: str) -> dict[str, V]:
         """KVM_GET_XSAVE2 of ``src`` and KVM_SET_XSAVE of the buffer into ``vcpu``, both from
         ``task``'s mm. The contract on success (fpu_copy_uabi_to_guest_fpstate): every user
@@ -627,7 +667,8 @@ class KvmX86World(X86World):
                 # once (Actions are interned values).
                 # The other vCPUs of this VMM's mm: sources a migration may take from.
                 srcs = tuple(n for n in self.vcpus if n != name and self.vm_mm[n] is mm)
-                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS, srcs)
+                edits = self._editable(v)
+                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS, srcs, edits)
                 acts = _VMM_ACTIONS.get(k)
                 if acts is None:
                     acts = []
@@ -642,6 +683,9 @@ class KvmX86World(X86World):
                     acts.append(A("set_xsave", task=t.comm, vcpu=name))
                     for src in srcs:
                         acts.append(A("migrate_xsave", task=t.comm, vcpu=name, src=src))
+                    for i in edits:
+                        acts.append(A("edit_xsave", task=t.comm, vcpu=name,
+                                      component=BY_NUMBER[i].short))
                     acts.append(A("set_cpuid", task=t.comm, vcpu=name))
                     for comp in ("cet_user", "cet_kernel"):
                         if (xss >> component_number(comp)) & 1:
@@ -716,8 +760,8 @@ def _cpuid_key(entries: Any) -> int:
 
 _CPUID_KEYS = IdentityMemo(1024)
 
-#: (VMM task, vCPU, guest XCR0, guest XSS, guest programs, migration sources) -> the VMM's
-#: vCPU actions.
+#: (VMM task, vCPU, guest XCR0, guest XSS, guest programs, migration sources, editable
+#: components) -> the VMM's vCPU actions.
 _VMM_ACTIONS: dict[tuple[Any, ...], tuple[Action, ...]] = {}
 
 __all__ = ["ARCH_INIT_CLEARED", "GUEST_OWNER", "KVM_SPECS", "KvmX86World"]
