@@ -64,7 +64,8 @@ PROFILE = load_profile("host")
 IMPL = I.for_profile(PROFILE)
 RANDOM_CASES = 1200
 VARIANT_CASES = 150
-VARIANTS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR")
+VARIANTS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR", "FXSAVE32",
+            "FXRSTOR32")
 
 
 def _settings(examples: int) -> settings:

@@ -720,3 +720,66 @@ def test_ldmxcsr_sets_xinuse_1_on_intel_and_keeps_it_on_amd() -> None:
     again = Program(image(0), (Insn("LDMXCSR", value=0x1F80), Insn("XRSTOR", buf=0, mask=0x2),
                                Insn("XGETBV", reg=1)), (Buffer(image(0)),))
     assert one(SPR, again, impl=I.INTEL_EMR_HOST).values == (0x0,)
+
+
+# -- FXSAVE / FXRSTOR without REX.W (FXSAVE32, FXRSTOR32) -------------------------------------
+
+
+def _x87_image(fip: int, fdp: int, fsw: int = 0, fcw: int = 0x037F) -> bytes:
+    out = bytearray(4096)
+    struct.pack_into("<HHBBHQQ", out, 0, fcw, fsw, 0, 0, 0x55, fip, fdp)
+    struct.pack_into("<I", out, 24, 0x1F80)
+    struct.pack_into("<Q", out, 512, 0x1)
+    return bytes(out)
+
+
+def _legacy32(fip: int, fcs: int, fdp: int, fds: int) -> bytes:
+    out = bytearray(_x87_image(0, 0)[:512])
+    struct.pack_into("<IHHIHH", out, 8, fip, fcs, 0xAAAA, fdp, fds, 0xBBBB)
+    return bytes(out)
+
+
+def test_fxsave32_stores_32_bit_pointers_and_zero_selectors_where_deprecated() -> None:
+    """Sapphire Rapids (CPUID.(EAX=07H,ECX=0):EBX[13], FCS/FDS deprecated): FXSAVE without
+    REX.W stores FIP[31:0] at 8, FCS 0000H and two zero bytes, FDP[31:0] at 16, FDS 0000H and
+    two zero bytes (as measured on Emerald Rapids)."""
+    p = Program(_x87_image(0x1122334455667788, 0x99AABBCCDDEEFF00),
+                (Insn("FXSAVE32", buf=0),), (Buffer(),))
+    (o,) = run_program(load_profile("sapphire-rapids"), p, preempt=False)
+    assert struct.unpack_from("<HIHHIHH", o.buffers[0], 6) == (0x55, 0x55667788, 0, 0,
+                                                               0xDDEEFF00, 0, 0)
+
+
+def test_fxrstor32_zero_extends_the_pointers_and_ignores_deprecated_selectors() -> None:
+    """FXRSTOR without REX.W loads FIP and FDP from their 32-bit offsets, zero-extended (the
+    64-bit FXSAVE after it shows FIP 0x11223344, not the start image's upper half); where FCS
+    and FDS are deprecated, the selectors in memory are not kept."""
+    p = Program(_x87_image(0x1122334455667788, 0xDEADBEEFCAFE0000),
+                (Insn("FXRSTOR32", buf=0), Insn("FXSAVE", buf=1), Insn("FXSAVE32", buf=2)),
+                (Buffer(data=_legacy32(0x11223344, 0x55, 0x66778899, 0x77)), Buffer(),
+                 Buffer()))
+    (o,) = run_program(load_profile("sapphire-rapids"), p, preempt=False)
+    assert struct.unpack_from("<QQ", o.buffers[1], 8) == (0x11223344, 0x66778899)
+    assert struct.unpack_from("<IHHIHH", o.buffers[2], 8) == (0x11223344, 0, 0, 0x66778899, 0, 0)
+
+
+def test_fxsave32_where_selectors_are_kept() -> None:
+    """Zen 4 does not deprecate FCS/FDS, and saves FIP, FDP and the selectors only with an
+    unmasked exception pending (X87_POINTERS "when-es"): without one the whole pointer area is
+    zero; with one, the selectors an FXRSTOR32 loaded come back, and before any such load the
+    model does not know them (UnknownPointers)."""
+    zen4 = load_profile("zen4")
+    quiet = Program(_x87_image(0x11223344, 0x55667788), (Insn("FXSAVE32", buf=0),), (Buffer(),))
+    (o,) = run_program(zen4, quiet, preempt=False)
+    assert o.buffers[0][6:24] == bytes(18)
+    # FSW.ES with ZE set and unmasked (FCW 0x37B): an exception pending.
+    pending = _x87_image(0x11223344, 0x55667788, fsw=0x0084, fcw=0x037B)
+    loaded = bytearray(_legacy32(0x0A0B0C0D, 0x23, 0x01020304, 0x2B))
+    struct.pack_into("<HH", loaded, 0, 0x037B, 0x0084)
+    p = Program(pending, (Insn("FXRSTOR32", buf=0), Insn("FXSAVE32", buf=1)),
+                (Buffer(data=bytes(loaded)), Buffer()))
+    (o,) = run_program(zen4, p, preempt=False)
+    assert struct.unpack_from("<IHHIHH", o.buffers[1], 8) == (0x0A0B0C0D, 0x23, 0, 0x01020304,
+                                                              0x2B, 0)
+    with pytest.raises(UnknownPointers, match="FCS/FDS"):
+        run_program(zen4, Program(pending, (Insn("FXSAVE32", buf=0),), (Buffer(),)))

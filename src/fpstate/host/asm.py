@@ -14,7 +14,8 @@ Rules of this file:
   in the *current* configuration: STTILECFG to a 64-byte scratch area, then MOVZX ECX from its
   colsb word, then the move with ``[rbx + rcx*1 + disp32]``.
 
-64-bit forms are used throughout (XSAVE64, FXSAVE64, ...): FIP and FDP are 64-bit fields.
+64-bit forms are used throughout (XSAVE64, FXSAVE64, ...): FIP and FDP are 64-bit fields;
+FXSAVE32 and FXRSTOR32 are the forms without REX.W (32-bit FIP/FDP with FCS/FDS).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ XSAVE_CODES = {
     "XRSTORS": Code.XRSTORS64_MEM,
     "FXSAVE": Code.FXSAVE64_M512BYTE,
     "FXRSTOR": Code.FXRSTOR64_M512BYTE,
+    # without REX.W: the 32-bit FIP/FCS/FDP/FDS layout of the legacy area
+    "FXSAVE32": Code.FXSAVE_M512BYTE,
+    "FXRSTOR32": Code.FXRSTOR_M512BYTE,
 }
 #: Register loads from memory: mnemonic -> (code, first register of the file).
 LOAD_CODES = {
@@ -155,7 +159,7 @@ def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:
     value. Returns the address of the program instruction itself (the one that may fault)."""
     m = insn.mnemonic
     if m in XSAVE_CODES:
-        if m not in ("FXSAVE", "FXRSTOR"):
+        if not m.startswith("FX"):
             asm.edx_eax(insn.mask)
         return asm.emit(Instruction.create_mem(XSAVE_CODES[m], mem(ops.buf)))
     if m == "XGETBV":

@@ -122,7 +122,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "XSAVE": _XSAVE, "XRSTOR": _XSAVE, "XGETBV": _XSAVE, "XSETBV": _XSAVE,
     "XSAVEOPT": (*_XSAVE, "XSAVEOPT"), "XSAVEC": (*_XSAVE, "XSAVEC"),
     "XSAVES": (*_XSAVE, "XSAVES"), "XRSTORS": (*_XSAVE, "XSAVES"),
-    "FXSAVE": ("FXSR",), "FXRSTOR": ("FXSR",),
+    "FXSAVE": ("FXSR",), "FXRSTOR": ("FXSR",), "FXSAVE32": ("FXSR",), "FXRSTOR32": ("FXSR",),
     "MOVDQU": ("SSE2",), "LDMXCSR": ("SSE",), "STMXCSR": ("SSE",),
     "VMOVDQU": ("AVX", "AVX"), "VZEROUPPER": ("AVX", "AVX"), "VZEROALL": ("AVX", "AVX"),
     "VMOVDQU64": ("AVX512F", "AVX-512"), "KMOVQ": ("AVX512BW", "AVX-512"),

@@ -142,7 +142,10 @@ def _initial_configuration(number: int, size: int) -> bytes:
 
 
 #: Flags read straight from CPUID where `CpuidProfile.FLAGS` has no name for them.
-_EXTRA_FLAGS = {"SSE2": (1, 0, 3, 26), "MMX": (1, 0, 3, 23), "AVX512BW": (7, 0, 1, 30)}
+_EXTRA_FLAGS = {"SSE2": (1, 0, 3, 26), "MMX": (1, 0, 3, 23), "AVX512BW": (7, 0, 1, 30),
+                # CPUID.(EAX=07H,ECX=0):EBX[13]: FCS and FDS deprecated, saved as 0000H
+                # (X86_FEATURE_ZERO_FCS_FDS)
+                "ZERO_FCS_FDS": (7, 0, 1, 13)}
 _PROFILE_FLAGS = ("FPU", "FXSR", "XMM", "XSAVE", "OSXSAVE", "AVX", "AVX512F", "PKU", "OSPKE",
                   "AMX_TILE", "XSAVEOPT", "XSAVEC", "XGETBV1", "XSAVES", "XFD")
 
@@ -200,6 +203,7 @@ class Cpu:
         "vex_soft",
         "x87_pointers_known",
         "x87_regs_written",
+        "x87_selectors",
         "xcr0",
         "xfd",
         "xfd_err",
@@ -244,6 +248,10 @@ class Cpu:
         #: an FLD wrote R0-R7 since the last XRSTOR/FXRSTOR/FNINIT: where WRITE_XINUSE makes
         #: x87 XINUSE follow its value, the registers count as in use even when zero
         self.x87_regs_written = False
+        #: (FCS, FDS), the selectors the 32-bit save forms store where the CPU does not zero
+        #: them (ZERO_FCS_FDS): None while unknown to the model (left by code before the
+        #: program, or by an x87 instruction's CS/DS), known after an FXRSTOR32 of them
+        self.x87_selectors: tuple[int, int] | None = None
 
     def copy(self) -> Cpu:
         new = Cpu.__new__(Cpu)
@@ -257,7 +265,8 @@ class Cpu:
         return (tuple(bytes(r) for r in self.regs.values()), self.mxcsr, self.xcr0, self.xss,
                 self.xfd, self.xfd_err, self.cr0_ts, self.cpl, self.xinuse, self.xmodified,
                 self.xrstor_info, self.x87_pointers_known, self.zmm_hi256_written,
-                self.x87_regs_written, self.zmm_hi256_lag, self.avx_kept, self.vex_soft)
+                self.x87_regs_written, self.zmm_hi256_lag, self.avx_kept, self.vex_soft,
+                self.x87_selectors)
 
     # -- tracking (SDM 13.6) -------------------------------------------------------------
 
@@ -327,12 +336,19 @@ class Cpu:
         """An unmasked x87 exception is pending (FSW.ES): a waiting instruction raises #MF."""
         return bool(self.fsw & FSW_ES)
 
-    def load_x87(self, image: bytes | bytearray, at: int = 0) -> None:
+    def load_x87(self, image: bytes | bytearray, at: int = 0, *, form32: bool = False) -> None:
         """Load x87 state from the legacy region at ``image[at:]`` (XRSTOR, FXRSTOR 64-bit
         forms): FCW, FSW, the abridged tag byte, FOP (11 bits), FIP, FDP and the 80 bits of
-        each ST register; byte 5 and the 6 unused bytes of each register slot are ignored."""
+        each ST register; byte 5 and the 6 unused bytes of each register slot are ignored.
+        ``form32`` (FXRSTOR without REX.W, SDM Vol. 1 Table 10-2): FIP and FDP are the 32-bit
+        offsets at bytes 8 and 16, zero-extended (measured on Emerald Rapids), and FCS/FDS at
+        12 and 20 are loaded where the CPU does not deprecate them (ZERO_FCS_FDS)."""
         r = self.regs[X87]
         fcw, fsw, ftw, _, fop, fip, fdp = struct.unpack_from("<HHBBHQQ", image, at)
+        if form32:
+            fip, fcs, _, fdp, fds, _ = struct.unpack_from("<IHHIHH", image, at + 8)
+            if not self.machine.has("ZERO_FCS_FDS"):
+                self.x87_selectors = (fcs, fds)
         self.set_fcw(fcw)
         r[4], r[5] = ftw, 0
         struct.pack_into("<HQQ", r, 6, fop & 0x7FF, _sign_extend(fip, self.impl[X87_POINTER_BITS]),
@@ -346,11 +362,15 @@ class Cpu:
         self.x87_pointers_known = True
         self.x87_regs_written = False
 
-    def store_x87(self, dst: bytearray) -> None:
+    def store_x87(self, dst: bytearray, *, form32: bool = False) -> None:
         """Save x87 state into the legacy region at ``dst`` (SDM 13.5.1, 64-bit form): FCW,
         FSW, the abridged tag byte, FOP, FIP, FDP (as X87_POINTERS says: always, or only while
         FSW.ES = 1, else 0), ST0-ST7 with their 6 unused bytes as 0. UnknownPointers if the
-        pointers must be written and an FLD of the program set them."""
+        pointers must be written and an FLD of the program set them. ``form32`` (FXSAVE
+        without REX.W, SDM Vol. 1 Table 10-2): FIP[31:0], FCS, FDP[31:0], FDS, each selector
+        followed by two zero bytes; FCS and FDS are 0000H on a CPU that deprecates them
+        (CPUID.(EAX=07H,ECX=0):EBX[13]), else the selectors, UnknownPointers while the model
+        does not know them."""
         r = self.regs[X87]
         dst[0:6] = r[0:6]
         if self.impl[X87_POINTERS] == "always" or self.x87_pending():
@@ -358,7 +378,18 @@ class Cpu:
                 raise UnknownPointers(
                     "a save writes FIP/FDP of an FLD (the linear addresses of the instruction "
                     "and its operand); the model has no addresses")
-            dst[6:24] = r[6:24]
+            if form32:
+                sel = (0, 0) if self.machine.has("ZERO_FCS_FDS") else self.x87_selectors
+                if sel is None:
+                    raise UnknownPointers(
+                        "a 32-bit save writes FCS/FDS, which this CPU does not zero; the "
+                        "model does not know the selectors")
+                fip, fdp = struct.unpack_from("<QQ", r, 8)
+                dst[6:8] = r[6:8]
+                struct.pack_into("<IHHIHH", dst, 8, fip & 0xFFFFFFFF, sel[0], 0,
+                                 fdp & 0xFFFFFFFF, sel[1], 0)
+            else:
+                dst[6:24] = r[6:24]
         else:
             dst[6:24] = bytes(18)
         top = self.top

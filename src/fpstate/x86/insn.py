@@ -17,14 +17,15 @@ Rules of this file:
   matters, for XRSTOR_INFO) and the address modulo 64 (the alignment checks);
 - every choice the SDM leaves open is read from ``cpu.impl`` (`fpstate.x86.impl`).
 
-The 64-bit forms (XSAVE64, FXSAVE64, ...) are modelled: FIP and FDP are 64-bit fields.
+The 64-bit forms (XSAVE64, FXSAVE64, ...) are modelled: FIP and FDP are 64-bit fields; so are
+FXSAVE and FXRSTOR without REX.W (mnemonics FXSAVE32, FXRSTOR32: 32-bit FIP/FDP with FCS/FDS).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from fpstate.errors import MaskError, ProgramError
@@ -517,6 +518,8 @@ _BEFORE_ACCESS: dict[str, tuple[Any, bool]] = {
     "XRSTORS": (lambda c, a, i: _save_faults(c, a, "XSAVES", True), False),
     "FXSAVE": (lambda c, a, i: R.fx_faults(c, a), True),
     "FXRSTOR": (lambda c, a, i: R.fx_faults(c, a), False),
+    "FXSAVE32": (lambda c, a, i: R.fx_faults(c, a), True),
+    "FXRSTOR32": (lambda c, a, i: R.fx_faults(c, a), False),
     "STTILECFG": (lambda c, a, i: R.amx_faults(c), True),
     "TILESTORED": (lambda c, a, i: R.tile_faults(c, i.reg, True), True),
 }
@@ -558,7 +561,9 @@ def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
 
 
 _MEMORY = {"XSAVE": XSAVE, "XSAVEOPT": XSAVEOPT, "XSAVEC": XSAVEC, "XSAVES": XSAVES,
-           "XRSTOR": XRSTOR, "XRSTORS": XRSTORS, "FXSAVE": R.FXSAVE, "FXRSTOR": R.FXRSTOR}
+           "XRSTOR": XRSTOR, "XRSTORS": XRSTORS, "FXSAVE": R.FXSAVE, "FXRSTOR": R.FXRSTOR,
+           "FXSAVE32": partial(R.FXSAVE, form32=True),
+           "FXRSTOR32": partial(R.FXRSTOR, form32=True)}
 
 
 @dataclass(slots=True)

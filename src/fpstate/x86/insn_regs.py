@@ -270,6 +270,7 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
         cpu.set_fsw(fsw & ~FSW_C1)
         cpu.push_x87(data)
     cpu.x87_pointers_known = False
+    cpu.x87_selectors = None  # FCS/FDS: this instruction's CS and DS
     cpu.x87_regs_written = True
     cpu.wrote(1 << X87)
     return None
@@ -295,6 +296,7 @@ def FNINIT(cpu: Cpu) -> Fault | None:
     r = cpu.regs[X87]
     r[0:24] = struct.pack("<HHBBHQQ", 0x037F, 0, 0, 0, 0, 0, 0)
     cpu.x87_pointers_known = True
+    cpu.x87_selectors = None  # FCS/FDS: not claimed (the model does not rely on a value)
     cpu.x87_regs_written = False
     cpu.wrote(1 << X87)
     return None
@@ -518,30 +520,34 @@ def fx_faults(cpu: Cpu, area: Area) -> Fault | None:
     return None
 
 
-def FXSAVE(cpu: Cpu, area: Area) -> Fault | None:
+def FXSAVE(cpu: Cpu, area: Area, *, form32: bool = False) -> Fault | None:
     """FXSAVE64 m512byte (NP REX.W 0F AE /0): x87 state, MXCSR, MXCSR_MASK and XMM0-15 into
-    bytes 0-415 (CR4.OSFXSR = 1); bytes 463:416 as FXSAVE_RESERVED says, 511:464 untouched."""
+    bytes 0-415 (CR4.OSFXSR = 1); bytes 463:416 as FXSAVE_RESERVED says, 511:464 untouched.
+    ``form32``: FXSAVE m512byte without REX.W (`FXSAVE32`), FIP/FDP stored as 32-bit offsets
+    with FCS/FDS (`Cpu.store_x87`)."""
     fault = fx_faults(cpu, area)
     if fault:
         return fault
-    cpu.store_x87(area.data)
+    cpu.store_x87(area.data, form32=form32)
     cpu.store_sse(area.data, xmm=True, mxcsr=True)
     if cpu.impl[FXSAVE_RESERVED] == "zeroed":
         area.data[416:464] = bytes(48)
     return None
 
 
-def FXRSTOR(cpu: Cpu, area: Area) -> Fault | None:
+def FXRSTOR(cpu: Cpu, area: Area, *, form32: bool = False) -> Fault | None:
     """FXRSTOR64 m512byte (NP REX.W 0F AE /1): #GP if misaligned or MXCSR sets a bit outside
     MXCSR_MASK; loads x87 state, MXCSR and XMM0-15. The host tracks XINUSE[0] and [1] after it
-    as it does after XRSTOR (XRSTOR_LOAD_XINUSE), and [2], [6] as RESTORE_ZMM_XINUSE says."""
+    as it does after XRSTOR (XRSTOR_LOAD_XINUSE), and [2], [6] as RESTORE_ZMM_XINUSE says.
+    ``form32``: FXRSTOR m512byte without REX.W (`FXRSTOR32`), FIP/FDP loaded from 32-bit
+    offsets (`Cpu.load_x87`)."""
     fault = fx_faults(cpu, area)
     if fault:
         return fault
     mxcsr = struct.unpack_from("<I", area.data, 24)[0]
     if cpu.mxcsr_reserved(mxcsr):
         return Fault("#GP", f"MXCSR {mxcsr:#x} sets bits outside MXCSR_MASK")
-    cpu.load_x87(area.data)
+    cpu.load_x87(area.data, form32=form32)
     cpu.mxcsr = mxcsr
     cpu.regs[SSE][:] = area.data[160:416]
     cpu.xmodified |= 0b11

@@ -211,10 +211,12 @@ def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool,
     return Buffer(data, misalign, pkey)
 
 
-_XSAVE_FAMILY = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR")
+_XSAVE_FAMILY = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR", "FXSAVE32",
+                 "FXRSTOR32")
 _WEIGHTS: tuple[tuple[str, int], ...] = (
     ("XSAVE", 8), ("XSAVEOPT", 8), ("XSAVEC", 8), ("XRSTOR", 12), ("FXSAVE", 3),
-    ("FXRSTOR", 3), ("XGETBV", 5), ("MOVDQU", 4), ("VMOVDQU", 4), ("VMOVDQU64", 4),
+    ("FXRSTOR", 3), ("FXSAVE32", 2), ("FXRSTOR32", 2), ("XGETBV", 5), ("MOVDQU", 4),
+    ("VMOVDQU", 4), ("VMOVDQU64", 4),
     ("KMOVQ", 3), ("VZEROUPPER", 3), ("VZEROALL", 2), ("FLD", 3), ("FLDCW", 2), ("FNINIT", 2),
     ("EMMS", 1), ("FNSTSW", 1), ("FNSTCW", 1), ("LDMXCSR", 3), ("STMXCSR", 1),
     ("XSAVES", 1), ("XRSTORS", 1), ("XSETBV", 1), ("WRPKRU", 1), ("RDPKRU", 1),
@@ -258,6 +260,10 @@ def _request_mask(d: Draw, xcr0: int) -> int:
 def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bool,
           mn: str | None = None) -> Insn:
     mn = mn or d.choice(_MNEMONICS)
+    if mn.endswith("32") and not m.has("ZERO_FCS_FDS"):
+        # Where FCS/FDS are not zeroed the 32-bit forms store selectors the model does not
+        # know after the start image's XRSTOR64: the 64-bit form instead.
+        mn = mn[:-2]
     buf = d.integer(0, nbuf - 1)
     if mn in _XSAVE_FAMILY or mn in ("XSAVES", "XRSTORS"):
         return Insn(mn, buf=buf, mask=_request_mask(d, xcr0))

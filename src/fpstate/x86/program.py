@@ -30,7 +30,9 @@ Instructions
 
 - XSAVE-family (XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR, XRSTORS, FXSAVE, FXRSTOR):
   ``buf`` the buffer index, ``mask`` the instruction mask in EDX:EAX (RFBM = mask & (XCR0 |
-  IA32_XSS for the S forms)). FXSAVE/FXRSTOR ignore ``mask``.
+  IA32_XSS for the S forms)). FXSAVE/FXRSTOR ignore ``mask``. All are the 64-bit (REX.W)
+  forms; FXSAVE32 and FXRSTOR32 are FXSAVE and FXRSTOR without REX.W (32-bit FIP and FDP
+  with the FCS and FDS selectors, SDM Vol. 1 Table 10-2).
 - XGETBV: ``reg`` is ECX; the value read is appended to `Outcome.values`.
 - XSETBV: ``reg`` is ECX, ``value`` is EDX:EAX.
 - Register loads take their source from ``data`` (placed in memory by the runner):
@@ -62,10 +64,11 @@ MAX_BUFFERS = 8
 MAX_PKEY = 3
 
 XSAVE_FAMILY = frozenset(
-    {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "XRSTOR", "XRSTORS", "FXSAVE", "FXRSTOR"}
+    {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "XRSTOR", "XRSTORS", "FXSAVE", "FXRSTOR",
+     "FXSAVE32", "FXRSTOR32"}
 )
-SAVES = frozenset({"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "FXSAVE"})
-RESTORES = frozenset({"XRSTOR", "XRSTORS", "FXRSTOR"})
+SAVES = frozenset({"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "FXSAVE", "FXSAVE32"})
+RESTORES = frozenset({"XRSTOR", "XRSTORS", "FXRSTOR", "FXRSTOR32"})
 SUPERVISOR_ONLY = frozenset({"XSAVES", "XRSTORS", "XSETBV"})
 
 #: mnemonic -> (needs buf, needs reg range or None, data length or None)

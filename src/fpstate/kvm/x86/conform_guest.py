@@ -41,7 +41,7 @@ from fpstate.x86.xfeatures import bits
 XSAVE_MNEMONICS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR")
 #: Guest #GP that a backend hands to KVM's emulator first (fpstate.host.kvm_guest
 #: BACKEND_DIVERGENCES "cpl3_gp_emulated") reach the guest changed for these instructions.
-GP_EMULATED_MNEMONICS = frozenset({"LDMXCSR", "FXSAVE", "FXRSTOR"})
+GP_EMULATED_MNEMONICS = frozenset({"LDMXCSR", "FXSAVE", "FXRSTOR", "FXSAVE32", "FXRSTOR32"})
 #: What a guest without CR4.PKE cannot run (#UD), and this backend runs (BACKEND_DIVERGENCES
 #: "guest_pkru_without_cr4_pke").
 PKRU_MNEMONICS = frozenset({"WRPKRU", "RDPKRU"})
