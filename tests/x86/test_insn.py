@@ -783,3 +783,34 @@ def test_fxsave32_where_selectors_are_kept() -> None:
                                                               0x2B, 0)
     with pytest.raises(UnknownPointers, match="FCS/FDS"):
         run_program(zen4, Program(pending, (Insn("FXSAVE32", buf=0),), (Buffer(),)))
+
+
+def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() -> None:
+    """VEX_XINUSE_RECOMPUTED, refined in session 21 (measured on Emerald Rapids, each 4 runs
+    of 4): a MOVDQU of xmm8-15 from the initial state sets XINUSE[1] as a VEX.256 load of
+    ymm8-15 does, and an XRSTOR that loads AVX state with the registers zero clears it; a load
+    of one of registers 0-7 makes it stay (xmm3, xmm0 and xmm1, ymm3), a second load of 8-15
+    does not; a MOVDQU that leaves xmm10 non-zero keeps it set by value."""
+    emr = I.INTEL_EMR_HOST
+
+    def x(reg: int, n: int = 0) -> Insn:
+        return Insn("MOVDQU", reg=reg, data=bytes([n]) * 16)
+
+    def y(reg: int) -> Insn:
+        return Insn("VMOVDQU", reg=reg, data=bytes(32))
+
+    def xinuse(*insns: Insn) -> int:
+        prog = Program(image(0), (*insns, Insn("XRSTOR", buf=0, mask=0x4),
+                                  Insn("XGETBV", reg=1)), (Buffer(image(0x4)),))
+        return one(SPR, prog, impl=emr).values[-1]
+
+    assert xinuse(x(10)) == 0x4
+    assert xinuse(x(10), x(11)) == 0x4
+    assert xinuse(x(10, 1), x(10)) == 0x4
+    assert xinuse(x(10), y(10)) == 0x4
+    assert xinuse(x(10, 1)) == 0x6
+    assert xinuse(x(3)) == 0x6
+    assert xinuse(x(0), x(1)) == 0x6
+    assert xinuse(x(10), x(3)) == 0x6
+    assert xinuse(y(10), y(3)) == 0x6
+    assert xinuse(x(10), y(3)) == 0x6

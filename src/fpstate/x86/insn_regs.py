@@ -126,11 +126,15 @@ def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """MOVDQU xmm, m128 (F3 0F 6F /r): XMM[reg] := data; "DEST[MAXVL-1:128] (Unmodified)".
     With LEGACY_SSE_UPPER, AVX state is marked in use (not modified) too while ZMM_Hi256 is;
     with LEGACY_SSE_KEEPS_AVX, AVX state in use stays so through restores that do not load
-    it (`restore_zmm_xinuse`)."""
+    it (`restore_zmm_xinuse`); XINUSE[1] it sets from 0 in XMM8-15 as VEX_XINUSE_RECOMPUTED
+    says."""
     if cpu.cr0_ts:
         return _NM_TS
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data
+    soft = (cpu.vex_soft | ~cpu.xinuse) & (1 << SSE)
     cpu.wrote(1 << SSE)
+    if reg >= 8 and cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
+        cpu.vex_soft |= soft  # XMM8-15 only: see VEX_XINUSE_RECOMPUTED
     if cpu.impl[LEGACY_SSE_KEEPS_AVX] and cpu.xinuse >> YMM & 1:
         cpu.avx_kept = True
     if cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1:
@@ -142,7 +146,7 @@ def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
 
 def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """VMOVDQU ymm, m256 (VEX.256.F3.0F.WIG 6F /r): YMM[reg] := data, bits 511:256 zeroed
-    (XINUSE[6] as VEX256_HI256_XINUSE says; XINUSE[1], [2] it sets from 0 as
+    (XINUSE[6] as VEX256_HI256_XINUSE says; XINUSE[1], [2] it sets from 0 in YMM8-15 as
     VEX_XINUSE_RECOMPUTED says)."""
     fault = _avx_faults(cpu, "AVX", 0b110)
     if fault:
@@ -152,8 +156,8 @@ def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     _zero_above(cpu, reg, 256)
     soft = (cpu.vex_soft | ~cpu.xinuse) & (1 << SSE | 1 << YMM)
     cpu.wrote(1 << SSE | 1 << YMM)
-    if cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
-        cpu.vex_soft |= soft  # set from 0 by VEX.256 loads only (restore_vex_xinuse)
+    if reg >= 8 and cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
+        cpu.vex_soft |= soft  # set from 0 by loads of YMM8-15 only (restore_vex_xinuse)
     if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and ZMM_HI256 in cpu.regs:
         before = cpu.zmm_hi256_written | 1 << reg
         cpu.zmm_hi256_written &= ~(1 << reg)
