@@ -259,11 +259,13 @@ def _request_mask(d: Draw, xcr0: int) -> int:
 
 def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bool,
           mn: str | None = None) -> Insn:
-    mn = mn or d.choice(_MNEMONICS)
-    if mn.endswith("32") and not m.has("ZERO_FCS_FDS"):
-        # Where FCS/FDS are not zeroed the 32-bit forms store selectors the model does not
-        # know after the start image's XRSTOR64: the 64-bit form instead.
-        mn = mn[:-2]
+    if mn is None:
+        mn = d.choice(_MNEMONICS)
+        if mn in ("FXSAVE32", "FXRSTOR32") and not m.has("ZERO_FCS_FDS"):
+            # Where FCS/FDS are not zeroed the 32-bit forms store selectors the model does
+            # not know after the start image's XRSTOR64: the 64-bit form instead (a program
+            # asked to focus on them still gets them).
+            mn = mn[:-2]
     buf = d.integer(0, nbuf - 1)
     if mn in _XSAVE_FAMILY or mn in ("XSAVES", "XRSTORS"):
         return Insn(mn, buf=buf, mask=_request_mask(d, xcr0))
