@@ -790,7 +790,8 @@ def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() 
     of 4): a MOVDQU of xmm8-15 from the initial state sets XINUSE[1] as a VEX.256 load of
     ymm8-15 does, and an XRSTOR that loads AVX state with the registers zero clears it; a load
     of one of registers 0-7 makes it stay (xmm3, xmm0 and xmm1, ymm3), a second load of 8-15
-    does not; a MOVDQU that leaves xmm10 non-zero keeps it set by value."""
+    does not; a MOVDQU that leaves xmm10 non-zero keeps it set by value. The registers count
+    as zero before the restore or after it."""
     emr = I.INTEL_EMR_HOST
 
     def x(reg: int, n: int = 0) -> Insn:
@@ -814,3 +815,9 @@ def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() 
     assert xinuse(x(10), x(3)) == 0x6
     assert xinuse(y(10), y(3)) == 0x6
     assert xinuse(x(10), y(3)) == 0x6
+    # AVX in use from the start image with ymm10's upper half non-zero: the XRSTOR of zero
+    # AVX state leaves YMM0-15 zero, and that counts as well as zero registers before it.
+    upper = Program(image(0x4, patch=[(576 + 160, bytes([1]) * 16)]),
+                    (x(10), Insn("XRSTOR", buf=0, mask=0x4), Insn("XGETBV", reg=1)),
+                    (Buffer(image(0x4)),))
+    assert one(SPR, upper, impl=emr).values[-1] == 0x4

@@ -159,7 +159,8 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "initial configuration. (Here: XINUSE[1] and [2] that a VEX.256 load -- or XINUSE[1] "
            "that a legacy SSE load -- of one of registers 8-15 set, from 0, stay so until an "
            "XRSTOR loads AVX or ZMM_Hi256 state from memory (RSTORMASK), which clears them "
-           "where YMM0-15 were all zero before it ('recomputed') or leaves them ('kept'); a "
+           "where YMM0-15 were all zero before it or are after it ('recomputed') or leaves "
+           "them ('kept'); a "
            "load of one of registers 0-7, any other write, or a restore of SSE or AVX state "
            "ends this.)",
            "SDM Vol. 1 13.6, 13.8.3", ("kept", "recomputed")),
@@ -372,9 +373,10 @@ INTEL_EMR_HOST = ImplDefined(
                                "holds XINUSE[1] the same way (xmm10 or xmm11: cleared by the "
                                "XRSTOR of AVX state), a load of one of registers 0-7 ends the "
                                "hold (xmm0, xmm1, xmm3, ymm3: kept), a second load of 8-15 "
-                               "does not; not modelled: with AVX in use from the start image "
-                               "and ymm10's upper half non-zero, a MOVDQU xmm10 = 0 is still "
-                               "cleared)",
+                               "does not; with AVX in use from the start image and ymm10's "
+                               "upper half non-zero, MOVDQU xmm10 = 0 then an XRSTOR of zero "
+                               "AVX state: cleared -- the registers count as zero before the "
+                               "restore or after it)",
         LDMXCSR_XINUSE: _EMR + " (LDMXCSR 0x1F80 or 0x3FA0 from the initial state: XGETBV(1) "
                         "reads 0x2 in 8 runs of 8; STMXCSR alone: 0; an XRSTOR of SSE with "
                         "XSTATE_BV[1] = 0 or a VZEROALL after it: 0)",

@@ -331,6 +331,10 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
     if RFBM & R.ZMM0_15:
         R.restore_zmm_xinuse(cpu, RFBM)
     if cpu.vex_soft:
+        # YMM0-15 zero before the restore, or as it left them (measured: a restore of zero
+        # AVX state over a non-zero upper half clears the held bits too)
+        ymm_zero = ymm_zero or not (any(cpu.regs[SSE]) or (YMM in cpu.regs
+                                                           and any(cpu.regs[YMM])))
         R.restore_vex_xinuse(cpu, TO_BE_RESTORED, TO_BE_INITIALIZED, ymm_zero)
     all_ones = (1 << 64) - 1
     cpu.xmodified = all_ones & ~RFBM if cpu.impl[MODIFIED_OPTIMIZATION] else all_ones

@@ -102,9 +102,9 @@ def restore_zmm_xinuse(cpu: Cpu, rfbm: int = 0) -> None:
 def restore_vex_xinuse(cpu: Cpu, restored: int, initialized: int, ymm_zero: bool) -> None:
     """After an XRSTOR/XRSTORS that loaded ``restored`` from memory and put ``initialized`` in
     the initial configuration, with VEX_XINUSE_RECOMPUTED "recomputed": XINUSE[1] and [2]
-    that a VEX.256 load set from 0 (`Cpu.vex_soft`) and the restore did not touch are cleared
-    when it loaded AVX or ZMM_Hi256 state and YMM0-15 were all zero before it (``ymm_zero``);
-    a restore ends the hold on whatever it touched."""
+    that a load of registers 8-15 set from 0 (`Cpu.vex_soft`) and the restore did not touch
+    are cleared when it loaded AVX or ZMM_Hi256 state and YMM0-15 were all zero before it or
+    are after it (``ymm_zero``); a restore ends the hold on whatever it touched."""
     soft = cpu.vex_soft & ~(restored | initialized)
     cpu.vex_soft = soft
     if soft and ymm_zero and restored & (1 << YMM | 1 << ZMM_HI256):
