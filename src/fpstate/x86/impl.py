@@ -160,9 +160,8 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "that a legacy SSE load -- of one of registers 8-15 set, from 0, stay so until an "
            "XRSTOR loads AVX or ZMM_Hi256 state from memory (RSTORMASK), which clears them "
            "where YMM0-15 were all zero before it or are after it ('recomputed') or leaves "
-           "them ('kept'); a "
-           "load of one of registers 0-7, any other write, or a restore of SSE or AVX state "
-           "ends this.)",
+           "them ('kept'); a load of one of registers 0-7, any other write, or a restore of "
+           "SSE or AVX state ends this.)",
            "SDM Vol. 1 13.6, 13.8.3", ("kept", "recomputed")),
     Choice(LDMXCSR_XINUSE,
            "It is possible for XINUSE[i] to be 1 even when state component i is in its "
