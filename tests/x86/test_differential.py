@@ -65,7 +65,7 @@ IMPL = I.for_profile(PROFILE)
 RANDOM_CASES = 1200
 VARIANT_CASES = 150
 VARIANTS = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR", "FXSAVE32",
-            "FXRSTOR32")
+            "FXRSTOR32", "XSAVE32", "XRSTOR32")
 
 
 def _settings(examples: int) -> settings:

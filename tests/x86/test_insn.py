@@ -821,3 +821,22 @@ def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() 
                     (x(10), Insn("XRSTOR", buf=0, mask=0x4), Insn("XGETBV", reg=1)),
                     (Buffer(image(0x4)),))
     assert one(SPR, upper, impl=emr).values[-1] == 0x4
+
+
+def test_the_xsave_family_without_rex_w_shares_fxsave32s_legacy_area() -> None:
+    """XSAVE, XSAVEOPT and XSAVEC without REX.W store the legacy area as FXSAVE32 does (FIP and
+    FDP 32-bit, FCS and FDS 0000H where deprecated), and XRSTOR without REX.W loads it as
+    FXRSTOR32 does (zero-extended): measured on Emerald Rapids, the model on Sapphire Rapids."""
+    spr = load_profile("sapphire-rapids")
+    start = _x87_image(0x1122334455667788, 0x99AABBCCDDEEFF00)
+    for mn in ("XSAVE32", "XSAVEOPT32", "XSAVEC32"):
+        (o,) = run_program(spr, Program(start, (Insn(mn, buf=0, mask=0x3),), (Buffer(),)),
+                           preempt=False)
+        assert struct.unpack_from("<IHHIHH", o.buffers[0], 8) == (0x55667788, 0, 0,
+                                                                  0xDDEEFF00, 0, 0), mn
+    loaded = bytearray(_x87_image(0, 0))
+    loaded[:512] = _legacy32(0x11223344, 0x55, 0x66778899, 0x77)
+    p = Program(start, (Insn("XRSTOR32", buf=0, mask=0x3), Insn("FXSAVE", buf=1)),
+                (Buffer(data=bytes(loaded)), Buffer()))
+    (o,) = run_program(spr, p, preempt=False)
+    assert struct.unpack_from("<QQ", o.buffers[1], 8) == (0x11223344, 0x66778899)

@@ -15,7 +15,8 @@ Rules of this file:
   colsb word, then the move with ``[rbx + rcx*1 + disp32]``.
 
 64-bit forms are used throughout (XSAVE64, FXSAVE64, ...): FIP and FDP are 64-bit fields;
-FXSAVE32 and FXRSTOR32 are the forms without REX.W (32-bit FIP/FDP with FCS/FDS).
+FXSAVE32, FXRSTOR32, XSAVE32, XSAVEOPT32, XSAVEC32 and XRSTOR32 are the forms without REX.W
+(32-bit FIP/FDP with FCS/FDS).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ XSAVE_CODES = {
     # without REX.W: the 32-bit FIP/FCS/FDP/FDS layout of the legacy area
     "FXSAVE32": Code.FXSAVE_M512BYTE,
     "FXRSTOR32": Code.FXRSTOR_M512BYTE,
+    "XSAVE32": Code.XSAVE_MEM,
+    "XSAVEOPT32": Code.XSAVEOPT_MEM,
+    "XSAVEC32": Code.XSAVEC_MEM,
+    "XRSTOR32": Code.XRSTOR_MEM,
 }
 #: Register loads from memory: mnemonic -> (code, first register of the file).
 LOAD_CODES = {

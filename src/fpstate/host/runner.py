@@ -123,6 +123,8 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "XSAVEOPT": (*_XSAVE, "XSAVEOPT"), "XSAVEC": (*_XSAVE, "XSAVEC"),
     "XSAVES": (*_XSAVE, "XSAVES"), "XRSTORS": (*_XSAVE, "XSAVES"),
     "FXSAVE": ("FXSR",), "FXRSTOR": ("FXSR",), "FXSAVE32": ("FXSR",), "FXRSTOR32": ("FXSR",),
+    "XSAVE32": _XSAVE, "XRSTOR32": _XSAVE, "XSAVEOPT32": (*_XSAVE, "XSAVEOPT"),
+    "XSAVEC32": (*_XSAVE, "XSAVEC"),
     "MOVDQU": ("SSE2",), "LDMXCSR": ("SSE",), "STMXCSR": ("SSE",),
     "VMOVDQU": ("AVX", "AVX"), "VZEROUPPER": ("AVX", "AVX"), "VZEROALL": ("AVX", "AVX"),
     "VMOVDQU64": ("AVX512F", "AVX-512"), "KMOVQ": ("AVX512BW", "AVX-512"),

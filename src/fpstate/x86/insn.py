@@ -18,7 +18,8 @@ Rules of this file:
 - every choice the SDM leaves open is read from ``cpu.impl`` (`fpstate.x86.impl`).
 
 The 64-bit forms (XSAVE64, FXSAVE64, ...) are modelled: FIP and FDP are 64-bit fields; so are
-FXSAVE and FXRSTOR without REX.W (mnemonics FXSAVE32, FXRSTOR32: 32-bit FIP/FDP with FCS/FDS).
+FXSAVE, FXRSTOR, XSAVE, XSAVEOPT, XSAVEC and XRSTOR without REX.W (mnemonics FXSAVE32 and so
+on: 32-bit FIP/FDP with FCS/FDS in the legacy area).
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ def _save_faults(cpu: Cpu, area: Area, feature: str | None, supervisor: bool) ->
     return None
 
 
-def XSAVE(cpu: Cpu, area: Area, mask: int) -> Fault | None:
-    """XSAVE mem (NP REX.W 0F AE /4, XSAVE64), SDM Vol. 1 13.7.
+def XSAVE(cpu: Cpu, area: Area, mask: int, *, form32: bool = False) -> Fault | None:
+    """XSAVE mem (NP REX.W 0F AE /4, XSAVE64), SDM Vol. 1 13.7; ``form32``: without REX.W
+    (XSAVE32: the legacy area's 32-bit pointers and selectors, `Cpu.store_x87`).
 
     RFBM := XCR0 AND EDX:EAX; every component of RFBM is written (XSAVE does not use the init
     or modified optimisations), MXCSR and MXCSR_MASK also when RFBM[2] = 1; XSTATE_BV :=
@@ -146,15 +148,15 @@ def XSAVE(cpu: Cpu, area: Area, mask: int) -> Fault | None:
     XFD_ARMED = _xfd_armed(cpu)
     XINUSE = cpu.xinuse & ~XFD_ARMED
     if RFBM & 1:
-        cpu.store_x87(d)
+        cpu.store_x87(d, form32=form32)
     cpu.store_sse(d, xmm=bool(RFBM & 2), mxcsr=bool(RFBM & 6))
     _save_components(cpu, d, standard_offsets(cpu.machine, RFBM), RFBM, XFD_ARMED)
     struct.pack_into("<Q", d, HDR, OLD_BV & ~RFBM | XINUSE & RFBM)
     return None
 
 
-def XSAVEOPT(cpu: Cpu, area: Area, mask: int) -> Fault | None:
-    """XSAVEOPT mem (NP REX.W 0F AE /6), SDM Vol. 1 13.9.
+def XSAVEOPT(cpu: Cpu, area: Area, mask: int, *, form32: bool = False) -> Fault | None:
+    """XSAVEOPT mem (NP REX.W 0F AE /6), SDM Vol. 1 13.9; ``form32`` as for XSAVE.
 
     As XSAVE, but TO_BE_SAVED := RFBM AND XINUSE (init optimisation), further AND XMODIFIED
     when XRSTOR_INFO = <CPL, 0, this area, 0> (modified optimisation); MXCSR and MXCSR_MASK
@@ -171,14 +173,15 @@ def XSAVEOPT(cpu: Cpu, area: Area, mask: int) -> Fault | None:
     if cpu.xrstor_info == (cpu.cpl, 0, area.address, 0):
         TO_BE_SAVED &= cpu.xmodified
     if TO_BE_SAVED & 1:
-        cpu.store_x87(d)
+        cpu.store_x87(d, form32=form32)
     cpu.store_sse(d, xmm=bool(TO_BE_SAVED & 2), mxcsr=bool(RFBM & 6))
     _save_components(cpu, d, standard_offsets(cpu.machine, RFBM), TO_BE_SAVED, 0)
     struct.pack_into("<Q", d, HDR, OLD_BV & ~RFBM | XINUSE & RFBM)
     return None
 
 
-def _save_compacted(cpu: Cpu, area: Area, RFBM: int, modified: bool) -> None:
+def _save_compacted(cpu: Cpu, area: Area, RFBM: int, modified: bool,
+                    form32: bool = False) -> None:
     """The body shared by XSAVEC and XSAVES (SDM 13.10, 13.11)."""
     d = area.data
     COMPMASK = RFBM | BIT63
@@ -191,15 +194,15 @@ def _save_compacted(cpu: Cpu, area: Area, RFBM: int, modified: bool) -> None:
         TO_BE_SAVED |= 2
         NEW_HEADER |= 2
     if TO_BE_SAVED & 1:
-        cpu.store_x87(d)
+        cpu.store_x87(d, form32=form32)
     if TO_BE_SAVED & 2:
         cpu.store_sse(d, xmm=True, mxcsr=True)
     _save_components(cpu, d, compacted_offsets(cpu.machine, COMPMASK), TO_BE_SAVED, 0)
     struct.pack_into("<QQ", d, HDR, NEW_HEADER, COMPMASK)
 
 
-def XSAVEC(cpu: Cpu, area: Area, mask: int) -> Fault | None:
-    """XSAVEC mem (NP REX.W 0F C7 /4), SDM Vol. 1 13.10.
+def XSAVEC(cpu: Cpu, area: Area, mask: int, *, form32: bool = False) -> Fault | None:
+    """XSAVEC mem (NP REX.W 0F C7 /4), SDM Vol. 1 13.10; ``form32`` as for XSAVE.
 
     RFBM := XCR0 AND EDX:EAX; TO_BE_SAVED := RFBM AND XINUSE, plus bit 1 if MXCSR != 1F80H
     and RFBM[1]; components in the compacted format of XCOMP_BV := RFBM OR 8000..0H (an unsaved
@@ -207,7 +210,7 @@ def XSAVEC(cpu: Cpu, area: Area, mask: int) -> Fault | None:
     fault = _save_faults(cpu, area, "XSAVEC", False)
     if fault:
         return fault
-    _save_compacted(cpu, area, cpu.xcr0 & mask, modified=False)
+    _save_compacted(cpu, area, cpu.xcr0 & mask, modified=False, form32=form32)
     return None
 
 
@@ -270,7 +273,8 @@ def _load_components(cpu: Cpu, src: bytes, offsets, TO_BE_RESTORED: int) -> None
             cpu.regs[i][:] = data
 
 
-def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> Fault | None:
+def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int,
+             form32: bool = False) -> Fault | None:
     """The part of XRSTOR and XRSTORS after the header checks: the MXCSR and supervisor-value
     #GPs, the XFD #NM, then loading, initialising and tracking."""
     src = area.data
@@ -302,7 +306,7 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
     ymm_zero = bool(cpu.vex_soft) and not (any(cpu.regs[SSE])
                                            or (YMM in cpu.regs and any(cpu.regs[YMM])))
     if TO_BE_RESTORED & 1:
-        cpu.load_x87(src)
+        cpu.load_x87(src, form32=form32)
     elif TO_BE_INITIALIZED & 1:
         cpu.init_x87()
     if load_mxcsr:
@@ -342,8 +346,9 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int) -> 
     return None
 
 
-def XRSTOR(cpu: Cpu, area: Area, mask: int) -> Fault | None:
-    """XRSTOR mem (NP REX.W 0F AE /5, XRSTOR64), SDM Vol. 1 13.8 and the XRSTOR page.
+def XRSTOR(cpu: Cpu, area: Area, mask: int, *, form32: bool = False) -> Fault | None:
+    """XRSTOR mem (NP REX.W 0F AE /5, XRSTOR64), SDM Vol. 1 13.8 and the XRSTOR page;
+    ``form32``: without REX.W (XRSTOR32: the legacy area's 32-bit pointers, `Cpu.load_x87`).
 
     #UD without XSAVE or CR4.OSXSAVE; #NM if CR0.TS; #GP if not 64-byte aligned. XCOMP_BV[63]
     picks the form. Standard: #GP if XSTATE_BV sets a bit not in XCR0 or bytes 23:8 of the
@@ -360,11 +365,11 @@ def XRSTOR(cpu: Cpu, area: Area, mask: int) -> Fault | None:
             return Fault("#GP", "standard form: XSTATE_BV sets a bit that is not set in XCR0")
         if any(area.data[HDR + 8:HDR + 24]):
             return Fault("#GP", "standard form: bytes 23:8 of the XSAVE header are not all 0")
-        return _restore(cpu, area, RFBM, True, 0)
+        return _restore(cpu, area, RFBM, True, 0, form32)
     if not cpu.machine.has("XSAVEC"):
         return Fault("#GP", "XCOMP_BV[63] = 1 and CPUID.(EAX=0DH,ECX=1):EAX.XSAVEC[bit 1] = 0")
     fault = _compacted_header_faults(cpu, area, XSTATE_BV, XCOMP_BV, cpu.xcr0)
-    return fault or _restore(cpu, area, RFBM, False, XCOMP_BV)
+    return fault or _restore(cpu, area, RFBM, False, XCOMP_BV, form32)
 
 
 def _compacted_header_faults(cpu: Cpu, area: Area, XSTATE_BV: int, XCOMP_BV: int,
@@ -523,6 +528,10 @@ _BEFORE_ACCESS: dict[str, tuple[Any, bool]] = {
     "FXSAVE": (lambda c, a, i: R.fx_faults(c, a), True),
     "FXRSTOR": (lambda c, a, i: R.fx_faults(c, a), False),
     "FXSAVE32": (lambda c, a, i: R.fx_faults(c, a), True),
+    "XSAVE32": (lambda c, a, i: _save_faults(c, a, None, False), True),
+    "XSAVEOPT32": (lambda c, a, i: _save_faults(c, a, "XSAVEOPT", False), True),
+    "XSAVEC32": (lambda c, a, i: _save_faults(c, a, "XSAVEC", False), True),
+    "XRSTOR32": (lambda c, a, i: _save_faults(c, a, None, False), False),
     "FXRSTOR32": (lambda c, a, i: R.fx_faults(c, a), False),
     "STTILECFG": (lambda c, a, i: R.amx_faults(c), True),
     "TILESTORED": (lambda c, a, i: R.tile_faults(c, i.reg, True), True),
@@ -567,6 +576,8 @@ def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
 _MEMORY = {"XSAVE": XSAVE, "XSAVEOPT": XSAVEOPT, "XSAVEC": XSAVEC, "XSAVES": XSAVES,
            "XRSTOR": XRSTOR, "XRSTORS": XRSTORS, "FXSAVE": R.FXSAVE, "FXRSTOR": R.FXRSTOR,
            "FXSAVE32": partial(R.FXSAVE, form32=True),
+           "XSAVE32": partial(XSAVE, form32=True), "XSAVEOPT32": partial(XSAVEOPT, form32=True),
+           "XSAVEC32": partial(XSAVEC, form32=True), "XRSTOR32": partial(XRSTOR, form32=True),
            "FXRSTOR32": partial(R.FXRSTOR, form32=True)}
 
 

@@ -43,7 +43,7 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
 from fpstate.x86.layout import standard_size
-from fpstate.x86.program import BUFFER_SIZE, MAX_PKEY, Buffer, Insn, Program
+from fpstate.x86.program import BUFFER_SIZE, FORMS32, MAX_PKEY, Buffer, Insn, Program
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 T = TypeVar("T")
@@ -212,10 +212,11 @@ def _buffer(d: Draw, m: Machine, xcr0: int, mxcsr_mask: int, masked: bool,
 
 
 _XSAVE_FAMILY = ("XSAVE", "XSAVEOPT", "XSAVEC", "XRSTOR", "FXSAVE", "FXRSTOR", "FXSAVE32",
-                 "FXRSTOR32")
+                 "FXRSTOR32", "XSAVE32", "XSAVEOPT32", "XSAVEC32", "XRSTOR32")
 _WEIGHTS: tuple[tuple[str, int], ...] = (
     ("XSAVE", 8), ("XSAVEOPT", 8), ("XSAVEC", 8), ("XRSTOR", 12), ("FXSAVE", 3),
-    ("FXRSTOR", 3), ("FXSAVE32", 2), ("FXRSTOR32", 2), ("XGETBV", 5), ("MOVDQU", 4),
+    ("FXRSTOR", 3), ("FXSAVE32", 2), ("FXRSTOR32", 2), ("XSAVE32", 1), ("XSAVEOPT32", 1),
+    ("XSAVEC32", 1), ("XRSTOR32", 2), ("XGETBV", 5), ("MOVDQU", 4),
     ("VMOVDQU", 4), ("VMOVDQU64", 4),
     ("KMOVQ", 3), ("VZEROUPPER", 3), ("VZEROALL", 2), ("FLD", 3), ("FLDCW", 2), ("FNINIT", 2),
     ("EMMS", 1), ("FNSTSW", 1), ("FNSTCW", 1), ("LDMXCSR", 3), ("STMXCSR", 1),
@@ -261,7 +262,7 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
           mn: str | None = None) -> Insn:
     if mn is None:
         mn = d.choice(_MNEMONICS)
-        if mn in ("FXSAVE32", "FXRSTOR32") and not m.has("ZERO_FCS_FDS"):
+        if mn in FORMS32 and not m.has("ZERO_FCS_FDS"):
             # Where FCS/FDS are not zeroed the 32-bit forms store selectors the model does
             # not know after the start image's XRSTOR64: the 64-bit form instead (a program
             # asked to focus on them still gets them).

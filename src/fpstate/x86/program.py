@@ -31,8 +31,9 @@ Instructions
 - XSAVE-family (XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR, XRSTORS, FXSAVE, FXRSTOR):
   ``buf`` the buffer index, ``mask`` the instruction mask in EDX:EAX (RFBM = mask & (XCR0 |
   IA32_XSS for the S forms)). FXSAVE/FXRSTOR ignore ``mask``. All are the 64-bit (REX.W)
-  forms; FXSAVE32 and FXRSTOR32 are FXSAVE and FXRSTOR without REX.W (32-bit FIP and FDP
-  with the FCS and FDS selectors, SDM Vol. 1 Table 10-2).
+  forms; FXSAVE32, FXRSTOR32, XSAVE32, XSAVEOPT32, XSAVEC32 and XRSTOR32 are the same
+  instructions without REX.W (`FORMS32`: 32-bit FIP and FDP with the FCS and FDS selectors,
+  SDM Vol. 1 Table 10-2).
 - XGETBV: ``reg`` is ECX; the value read is appended to `Outcome.values`.
 - XSETBV: ``reg`` is ECX, ``value`` is EDX:EAX.
 - Register loads take their source from ``data`` (placed in memory by the runner):
@@ -63,12 +64,15 @@ MAX_BUFFERS = 8
 #: The highest protection key a buffer may have (the runner allocates keys 1..MAX_PKEY).
 MAX_PKEY = 3
 
+#: The forms without REX.W: the legacy area's FIP and FDP as 32-bit offsets with the FCS and
+#: FDS selectors (SDM Vol. 1 Table 10-2); every other mnemonic here is a 64-bit form.
+FORMS32 = frozenset({"FXSAVE32", "FXRSTOR32", "XSAVE32", "XSAVEOPT32", "XSAVEC32", "XRSTOR32"})
 XSAVE_FAMILY = frozenset(
-    {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "XRSTOR", "XRSTORS", "FXSAVE", "FXRSTOR",
-     "FXSAVE32", "FXRSTOR32"}
-)
-SAVES = frozenset({"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "FXSAVE", "FXSAVE32"})
-RESTORES = frozenset({"XRSTOR", "XRSTORS", "FXRSTOR", "FXRSTOR32"})
+    {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "XRSTOR", "XRSTORS", "FXSAVE", "FXRSTOR"}
+) | FORMS32
+SAVES = frozenset({"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "FXSAVE", "FXSAVE32", "XSAVE32",
+                   "XSAVEOPT32", "XSAVEC32"})
+RESTORES = frozenset({"XRSTOR", "XRSTORS", "FXRSTOR", "FXRSTOR32", "XRSTOR32"})
 SUPERVISOR_ONLY = frozenset({"XSAVES", "XRSTORS", "XSETBV"})
 
 #: mnemonic -> (needs buf, needs reg range or None, data length or None)
