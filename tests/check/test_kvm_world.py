@@ -11,6 +11,21 @@ TWO_VMS = {"cpus": 2, "processes": {"p0": 1, "p1": 1},
            "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}, "vm1": {"vmm": "p0.t0", "vcpus": 1}}}
 
 
+def _set_xsave_dropping_avx(monkeypatch) -> None:
+    """KVM_SET_XSAVE from now on cuts AVX from the XSTATE_BV of the buffer it copies (a broken
+    restore, or a VMM that forgot the bit): the guest's AVX value is lost."""
+    from fpstate.kvm.x86 import x86 as kx86
+
+    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
+
+    def drops_avx(c, vcpu, buf):
+        cut = bytearray(buf)
+        cut[512:520] = (int.from_bytes(cut[512:520], "little") & ~0x4).to_bytes(8, "little")
+        return real(c, vcpu, bytes(cut))
+
+    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+
+
 def test_two_vmms_inside_kvm_run_at_once_each_finish_their_own_run() -> None:
     """Each VMM thread's suspended KVM_RUN is its own: finishing p1.t0's run updates what
     vm0.v0 should see (the world used to keep one pending run, so the second kvm_enter
@@ -104,19 +119,9 @@ def test_set_xsave_of_the_guests_own_buffer_keeps_every_value() -> None:
 def test_a_set_xsave_that_drops_a_component_is_a_lost_write(monkeypatch) -> None:
     """A KVM_SET_XSAVE that cleared AVX from the header it copies (the buffer's XSTATE_BV
     cut to the legacy features) loses the guest's AVX value: no-lost-write."""
-    from fpstate.kvm.x86 import x86 as kx86
-
-    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
-
-    def drops_avx(c, vcpu, buf):
-        cut = bytearray(buf)
-        bv = int.from_bytes(cut[512:520], "little") & ~0x4
-        cut[512:520] = bv.to_bytes(8, "little")
-        return real(c, vcpu, bytes(cut))
-
     w = _guest_mxcsr_world()
     w.step(A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest="write avx"))
-    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    _set_xsave_dropping_avx(monkeypatch)
     r = w.step(A("set_xsave", task="vmm.t0", vcpu="vm0.v0"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert "avx" in str(r.violations[0]).lower()
@@ -221,18 +226,9 @@ def test_migrate_xsave_refuses_itself_and_foreign_vms() -> None:
 def test_a_migration_that_drops_a_component_is_a_lost_write(monkeypatch) -> None:
     """A KVM_SET_XSAVE that cut AVX from the header it copies loses the source guest's AVX
     value in the destination: no-lost-write names it."""
-    from fpstate.kvm.x86 import x86 as kx86
-
-    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
-
-    def drops_avx(c, vcpu, buf):
-        cut = bytearray(buf)
-        cut[512:520] = (int.from_bytes(cut[512:520], "little") & ~0x4).to_bytes(8, "little")
-        return real(c, vcpu, bytes(cut))
-
     w = _migration_world()
     w.step(A("kvm_run", task="vmm.t0", vcpu="big.v0", guest="write avx"))
-    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    _set_xsave_dropping_avx(monkeypatch)
     r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="small.v0", src="big.v0"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert "guest small.v0 would see avx = init (expected big.v0#1" in str(r.violations[0])
@@ -327,17 +323,8 @@ def test_edit_xsave_gives_the_guest_the_vmms_values() -> None:
 def test_an_edit_that_set_xsave_drops_is_a_lost_write(monkeypatch) -> None:
     """A KVM_SET_XSAVE that cleared the edited component's XSTATE_BV bit (as a VMM that
     forgot to set it would see) leaves the guest its old value: no-lost-write."""
-    from fpstate.kvm.x86 import x86 as kx86
-
-    real = kx86.kvm_arch_vcpu_ioctl_set_xsave
-
-    def drops_avx(c, vcpu, buf):
-        cut = bytearray(buf)
-        cut[512:520] = (int.from_bytes(cut[512:520], "little") & ~0x4).to_bytes(8, "little")
-        return real(c, vcpu, bytes(cut))
-
     w = _migration_world()
-    monkeypatch.setattr(kx86, "kvm_arch_vcpu_ioctl_set_xsave", drops_avx)
+    _set_xsave_dropping_avx(monkeypatch)
     r = w.step(A("edit_xsave", task="vmm.t0", vcpu="big.v0", component="avx"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert "guest big.v0 would see avx = init (expected vmm.t0#1" in str(r.violations[0])

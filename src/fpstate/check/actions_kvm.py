@@ -515,18 +515,23 @@ class KvmX86World(X86World):
         self.emitted.append(("init", (vcpu, v, before, self.guest_seen(vcpu), set())))
         return {"cleared": cleared}
 
+    def _get_xsave2(self, nr: int, name: str, v: kv.KvmVcpu) -> bytes:
+        """KVM_GET_XSAVE2 of ``v`` from CPU ``nr``, emitted for the invariants that judge what
+        a VMM is shown (nothing-beyond-advertised)."""
+        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
+        self.emitted.append(("kvm_uabi", (name, v, buf)))
+        return buf
+
     def do_get_xsave(self, task: str, vcpu: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
-        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
-        self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
+        buf = self._get_xsave2(nr, vcpu, v)
         return {"size": len(buf), "xstate_bv": int.from_bytes(buf[512:520], "little")}
 
     def do_set_xsave(self, task: str, vcpu: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
-        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
-        self.emitted.append(("kvm_uabi", (vcpu, v, buf)))
+        buf = self._get_xsave2(nr, vcpu, v)
         ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), v, buf)
         # The guest's expected values stay as they were: the buffer is its own state.
         return {"ret": ret, "xstate_bv": int.from_bytes(buf[512:520], "little")}
@@ -548,8 +553,7 @@ class KvmX86World(X86World):
         i = component_number(component)
         if i not in self._editable(v):
             raise StepError(f"{component} is not a user component {vcpu}'s guest was offered")
-        buf = bytearray(self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v))
-        self.emitted.append(("kvm_uabi", (vcpu, v, bytes(buf))))
+        buf = bytearray(self._get_xsave2(nr, vcpu, v))
         t.generation += 1
         comp = self.m.system.profile.component(i)
         value = token(t.pid, t.generation, i, comp.size)
@@ -581,8 +585,7 @@ class KvmX86World(X86World):
         self.vmm_cpu(task, src)
         _t, nr = self.vmm_cpu(task, vcpu)
         vs, vd = self.vcpu(src), self.vcpu(vcpu)
-        buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), vs)
-        self.emitted.append(("kvm_uabi", (src, vs, buf)))
+        buf = self._get_xsave2(nr, src, vs)
         ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), vd, buf)
         hdr = int.from_bytes(buf[512:520], "little")
         if ret == 0:

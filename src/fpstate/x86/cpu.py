@@ -281,6 +281,10 @@ class Cpu:
                     and not any(r[32 + 16 * j:42 + 16 * j].strip(b"\0") for j in range(8)))
         return r == self.machine.components[i].init
 
+    def ymm0_15_zero(self) -> bool:
+        """Whether XMM0-15 and the upper halves of YMM0-15 are all zero."""
+        return not (any(self.regs[SSE]) or (YMM in self.regs and any(self.regs[YMM])))
+
     def wrote(self, mask: int) -> None:
         """An instruction wrote the components of ``mask``: they are modified (XMODIFIED)
         and, as WRITE_XINUSE says, in use, or in use exactly when not initial."""

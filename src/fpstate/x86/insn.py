@@ -40,7 +40,6 @@ from fpstate.x86.cpu import (
     X87,
     XTILECFG,
     XTILEDATA,
-    YMM,
     ZMM_HI256,
     Area,
     Cpu,
@@ -303,8 +302,7 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int,
     if armed:
         cpu.xfd_err = armed
         return Fault("#NM", f"XFD armed for components {armed:#x} that XSTATE_BV loads")
-    ymm_zero = bool(cpu.vex_soft) and not (any(cpu.regs[SSE])
-                                           or (YMM in cpu.regs and any(cpu.regs[YMM])))
+    ymm_zero = bool(cpu.vex_soft) and cpu.ymm0_15_zero()
     if TO_BE_RESTORED & 1:
         cpu.load_x87(src, form32=form32)
     elif TO_BE_INITIALIZED & 1:
@@ -337,8 +335,7 @@ def _restore(cpu: Cpu, area: Area, RFBM: int, standard: bool, COMPMASK: int,
     if cpu.vex_soft:
         # YMM0-15 zero before the restore, or as it left them (measured: a restore of zero
         # AVX state over a non-zero upper half clears the held bits too)
-        ymm_zero = ymm_zero or not (any(cpu.regs[SSE]) or (YMM in cpu.regs
-                                                           and any(cpu.regs[YMM])))
+        ymm_zero = ymm_zero or cpu.ymm0_15_zero()
         R.restore_vex_xinuse(cpu, TO_BE_RESTORED, TO_BE_INITIALIZED, ymm_zero)
     all_ones = (1 << 64) - 1
     cpu.xmodified = all_ones & ~RFBM if cpu.impl[MODIFIED_OPTIMIZATION] else all_ones

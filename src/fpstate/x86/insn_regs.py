@@ -122,6 +122,16 @@ def _zero_above(cpu: Cpu, reg: int, width: int) -> None:
         cpu.xmodified |= 1 << ZMM_HI256
 
 
+def _vector_load(cpu: Cpu, reg: int, mask: int) -> None:
+    """A load of XMM/YMM ``reg`` wrote the components of ``mask``: as `Cpu.wrote`, and with
+    VEX_XINUSE_RECOMPUTED "recomputed" the XINUSE bits a load of registers 8-15 set from 0
+    (or that were held already) stay held (`Cpu.vex_soft`, `restore_vex_xinuse`)."""
+    held = (cpu.vex_soft | ~cpu.xinuse) & mask
+    cpu.wrote(mask)
+    if reg >= 8 and cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
+        cpu.vex_soft |= held
+
+
 def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     """MOVDQU xmm, m128 (F3 0F 6F /r): XMM[reg] := data; "DEST[MAXVL-1:128] (Unmodified)".
     With LEGACY_SSE_UPPER, AVX state is marked in use (not modified) too while ZMM_Hi256 is;
@@ -131,10 +141,7 @@ def MOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     if cpu.cr0_ts:
         return _NM_TS
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data
-    soft = (cpu.vex_soft | ~cpu.xinuse) & (1 << SSE)
-    cpu.wrote(1 << SSE)
-    if reg >= 8 and cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
-        cpu.vex_soft |= soft  # XMM8-15 only: see VEX_XINUSE_RECOMPUTED
+    _vector_load(cpu, reg, 1 << SSE)
     if cpu.impl[LEGACY_SSE_KEEPS_AVX] and cpu.xinuse >> YMM & 1:
         cpu.avx_kept = True
     if cpu.impl[LEGACY_SSE_UPPER] and cpu.xinuse >> ZMM_HI256 & 1:
@@ -154,10 +161,7 @@ def VMOVDQU(cpu: Cpu, reg: int, data: bytes) -> Fault | None:
     cpu.regs[SSE][16 * reg:16 * reg + 16] = data[:16]
     cpu.regs[YMM][16 * reg:16 * reg + 16] = data[16:32]
     _zero_above(cpu, reg, 256)
-    soft = (cpu.vex_soft | ~cpu.xinuse) & (1 << SSE | 1 << YMM)
-    cpu.wrote(1 << SSE | 1 << YMM)
-    if reg >= 8 and cpu.impl[VEX_XINUSE_RECOMPUTED] == "recomputed":
-        cpu.vex_soft |= soft  # set from 0 by loads of YMM8-15 only (restore_vex_xinuse)
+    _vector_load(cpu, reg, 1 << SSE | 1 << YMM)
     if cpu.impl[VEX256_HI256_XINUSE] == "per-register" and ZMM_HI256 in cpu.regs:
         before = cpu.zmm_hi256_written | 1 << reg
         cpu.zmm_hi256_written &= ~(1 << reg)

@@ -15,6 +15,7 @@ import random
 import re
 import struct
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fpstate.errors import FpstateError, ProgramError
 from fpstate.kvm.x86 import x86
@@ -50,17 +51,21 @@ ALL_ONES = (1 << 64) - 1
 GUEST_XSS = (0x0, 0x800, 0x1800)
 
 
+def _guest_and_model(ctx: Context) -> tuple[Any, Vmm, KvmVcpu, int, int]:
+    """The real guest machine, a model VMM with its vCPU, the host's XCR0 and MXCSR mask: what
+    the KVM_RUN round-trip cases start from."""
+    g = ctx.guest_machine()
+    v = ctx.vmm()
+    return g, v, ctx.model_vcpu(v), ctx.system.xcr0, ctx.system.mxcsr_feature_mask
+
+
 def case_xsave_across_run(ctx: Context, report: Report, rng: random.Random, samples: int
                           ) -> None:
     """KVM_SET_XSAVE, a KVM_RUN whose guest only sets XCR0 (the guest FPU is loaded and put:
     XRSTORS and XSAVES of the guest fpstate by the host kernel), KVM_GET_XSAVE2: what the
     hardware saved back, for buffers a CPU could have saved."""
     case = "xsave-across-run"
-    g = ctx.guest_machine()
-    v = ctx.vmm()
-    mvcpu = ctx.model_vcpu(v)
-    xcr0 = ctx.system.xcr0
-    mask = ctx.system.mxcsr_feature_mask
+    g, v, mvcpu, xcr0, mask = _guest_and_model(ctx)
     for n in range(samples):
         buf = random_uabi(rng, ctx.caps, mask, canonical=True)
         report.compare(case, f"KVM_SET_XSAVE #{n}", v.set_xsave(mvcpu, buf),
@@ -86,11 +91,7 @@ def case_fpu_ioctls(ctx: Context, report: Report, rng: random.Random, samples: i
     compared before the run only, and KVM_GET_XSAVE2 with an SSE bit whose state is initial
     read as clear on both sides (what the guest sees is the same)."""
     case = "fpu-ioctls"
-    g = ctx.guest_machine()
-    v = ctx.vmm()
-    mvcpu = ctx.model_vcpu(v)
-    xcr0 = ctx.system.xcr0
-    mask = ctx.system.mxcsr_feature_mask
+    g, v, mvcpu, xcr0, mask = _guest_and_model(ctx)
     for n in range(samples):
         buf = bytearray(random_uabi(rng, ctx.caps, mask, canonical=True))
         if n % 2:
