@@ -29,7 +29,7 @@ from fpstate.host.cpuid import host_profile, snapshot
 from fpstate.host.dmesg import host_fpu_lines
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import compacted_offset, compacted_size, standard_size
-from fpstate.x86.profiles import bundled_profile
+from fpstate.x86.profiles import bundled_profile, list_profiles
 from fpstate.x86.profiles.dumps import parse_cpuid_r
 
 ENABLED = re.compile(r"x86/fpu: Enabled xstate features (0x[0-9a-f]+), context size is (\d+) "
@@ -168,3 +168,22 @@ def test_host_profile_agrees_with_cpuid_tool(host: CpuidProfile) -> None:
 def test_host_profile_round_trips_through_json(host: CpuidProfile) -> None:
     again = CpuidProfile.from_json(host.to_json())
     assert again == host and again.xfeatures_supported == host.xfeatures_supported
+
+
+def test_bundled_profile_of_this_cpu_model_describes_its_components(host: CpuidProfile) -> None:
+    """A bundled profile of the host's own family, model and stepping (a real dump of that
+    silicon) must enumerate every XSAVE component the host enumerates with the same size,
+    standard offset and alignment (CPUID.(EAX=0DH,ECX=i), i >= 2), and the same largest
+    standard size CPUID.(EAX=0DH,ECX=0).ECX (a guest's CPUID may hide features from XCR0, as
+    this project's Emerald Rapids KVM guest hides AMX; it does not move them)."""
+    same = [p for p in map(bundled_profile, list_profiles())
+            if (p.vendor, p.family_model_stepping) == (host.vendor, host.family_model_stepping)]
+    if not same:
+        pytest.skip(f"no bundled profile is a {host.vendor} family/model/stepping "
+                    f"{host.family_model_stepping} like this host")
+    for p in same:
+        enumerated = [i for i in range(2, 64) if host.cpuid(0xD, i)[0]]
+        assert enumerated, "the host enumerates no XSAVE component beyond x87 and SSE"
+        for i in enumerated:
+            assert host.cpuid(0xD, i) == p.cpuid(0xD, i), (p.name, i)
+        assert host.cpuid(0xD, 0)[2] == p.cpuid(0xD, 0)[2], p.name

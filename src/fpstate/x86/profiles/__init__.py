@@ -36,6 +36,7 @@ BUNDLED: dict[str, str] = {
     "skylake-sp": "GenuineIntel/GenuineIntel0050654_SkylakeXeon_CPUID6.txt",  # Xeon Platinum 8180
     "icelake-sp": "GenuineIntel/GenuineIntel00606A6_ICX_CPUID3.txt",  # Xeon Platinum 8351N
     "sapphire-rapids": "GenuineIntel/GenuineIntel00806F8_SapphireRapids_05_CPUID.txt",  # w7-2475X
+    "emerald-rapids": "GenuineIntel/GenuineIntel00C06F2_EmeraldRapids_03_CPUID.txt",  # 8570
     "granite-rapids": "GenuineIntel/GenuineIntel00A06D1_GraniteRapids_03_CPUID.txt",  # Xeon 658X
     "alder-lake": "GenuineIntel/GenuineIntel0090672_AlderLake_01_LC_BC_CPUID.txt",  # i9-12900K
     "zen2": "AuthenticAMD/AuthenticAMD0830F10_K17_Rome_CPUID.txt",  # EPYC 7742
