@@ -220,3 +220,24 @@ def test_kernel_thread_kernel_fpu_never_saves_and_takes_a_cached_cpu(user_worker
     assert bytes(kt.fpu.fpstate.regs) == image
     m.run(0, a)
     assert m.user_read(0, YMM) == mine
+
+
+def test_a_child_starts_from_a_copy_of_its_parents_embedded_fpstate(spr: Machine) -> None:
+    """arch_dup_task_struct() copies the task_struct, the embedded fpstate's bytes with it;
+    fpu_clone()'s XSAVES then writes only what it saves. With SSE initial (MXCSR 1F80H, XMM
+    zero) XSAVES leaves MXCSR's bytes alone, so the child's fpstate holds the MXCSR its
+    parent's last save of SSE wrote -- where a zeroed buffer would hold 0. (PTRACE_GETREGSET
+    shows those bytes when the header has YMM: kernel-findings 6.)"""
+    from fpstate.kernel.x86.hw import MXCSR_OFFSET
+
+    p = start(spr)
+    assert spr.user_ldmxcsr(0, 0x3F80) is None
+    other = spr.spawn("other")
+    spr.run(0, other)  # p is switched out: XSAVES saves SSE, MXCSR 0x3f80 with it
+    spr.run(0, p)
+    spr.user_release(0, 1 << 1)  # SSE initial, MXCSR 1F80H
+    spr.user_write(0, YMM)
+    child = spr.syscall(0, sys_clone, 0)
+    fps = child.fpu.fpstate
+    assert fps.xstate_bv & 0x6 == 0x4  # SSE not saved
+    assert int.from_bytes(fps.regs[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") == 0x3F80

@@ -66,6 +66,10 @@ def sys_clone(c: Cpu, clone_flags: int, comm: str | None = None, ssp: int = 0) -
         proc = Process(m.next_pid, mm, next_mmap=parent.process.next_mmap,
                        pasid=parent.process.pasid, compat=parent.process.compat)
     child = m._new_task(comm or parent.comm, parent.flags & ~PF_KTHREAD, proc)
+    # arch_dup_task_struct(): the task_struct is a memcpy of the parent's, the embedded
+    # fpstate's bytes with it; fpu_clone()'s XSAVE then writes only what it saves (a compacted
+    # save leaves MXCSR alone while SSE is not in use).
+    child.fpu.embedded.regs[:] = parent.fpu.embedded.regs
     child.handlers = dict(parent.handlers)
     child.user_sp = parent.user_sp
     child.sas_ss_sp, child.sas_ss_size = parent.sas_ss_sp, parent.sas_ss_size
