@@ -102,6 +102,13 @@ def test_writer_expectations_match_any_generation(tmp_path: Path) -> None:
     assert not scn.run(scn.load(write(tmp_path, text))).ok
 
 
+def test_quoted_numbers_match_numbers() -> None:
+    """An expectation written "0x3e80" (quoted in YAML, a string) matches the observed int
+    0x3e80; a string that is no number matches no int."""
+    assert scn.matches("0x3e80", 0x3E80) and scn.matches("15", 15)
+    assert not scn.matches("0x3e81", 0x3E80) and not scn.matches("init", 0)
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("model: x86\nsteps: [\n", "bad YAML (line 3)"),
     ("- 1\n- 2\n", "a scenario is a YAML mapping"),

@@ -248,6 +248,11 @@ def matches(expected: Value, observed: Value | None) -> bool:
         return observed.split("#")[0] == expected
     if isinstance(expected, bool) or isinstance(observed, bool):
         return expected is observed
+    if isinstance(expected, str) and isinstance(observed, int):  # "0x3e80", quoted in YAML
+        try:
+            return int(expected, 0) == observed
+        except ValueError:
+            return False
     return expected == observed
 
 
