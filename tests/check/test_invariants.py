@@ -591,3 +591,49 @@ def test_the_explorer_edits_mxcsr_in_frames() -> None:
 
     s = random_slice(Job("x86", default_config("x86")), 4, 4.0, 60)
     assert s.found is None and s.per_action["frame_mxcsr"] > 0
+
+
+STALE = [A("run", task="p0.t0", cpu=0), A("ldmxcsr", task="p0.t0"),
+         A("run", task="p0.t1", cpu=0), A("run", task="p0.t0", cpu=0),
+         A("release", task="p0.t0", components="sse"), A("write", task="p0.t0", component="avx"),
+         A("ptrace_stop", task="p0.t0"), A("run", task="p0.t1", cpu=0)]
+TRACED = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 2}, "vms": {}}
+
+
+@pytest.mark.parametrize("cpu", ["sapphire-rapids", "haswell"])
+def test_ptrace_set_writes_x87_and_sse(cpu: str) -> None:
+    """A tracer's PTRACE_SETREGSET of x87 (without MXCSR) and of SSE reaches the stopped
+    task, on a compacted (XSAVES) and a standard-format kernel; the task keeps the MXCSR it
+    loaded, which the buffer carried (its header had SSE)."""
+    w = world({**TRACED, "cpu": cpu},
+              steps=[A("run", task="p0.t0", cpu=0), A("ldmxcsr", task="p0.t0"),
+                     A("ptrace_stop", task="p0.t0"), A("run", task="p0.t1", cpu=0),
+                     A("ptrace_set", tracer="p0.t1", task="p0.t0", component="x87"),
+                     A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse")])
+    seen = w.step(A("observe", task="p0.t0")).observed
+    t = w.tasks["p0.t0"]
+    assert seen["x87"] == "p0.t1#1" and seen["sse"] == "p0.t1#2"
+    assert seen["mxcsr"] == mxcsr_token(t.pid, 1)
+
+
+def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a compacted kernel, PTRACE_GETREGSET of a task whose SSE is initial and AVX in use
+    shows the MXCSR its fpstate kept from SSE's last save, and a write of SSE hands that MXCSR
+    back to the task (kernel-findings 6, measured on Linux 6.18). The explorer's expectation
+    is that rule; the naive one -- the task keeps its own 1F80H -- breaks no-lost-write."""
+    from fpstate.check.actions_x86 import X86World
+    from fpstate.check.world import no_memos
+    from fpstate.kernel.x86.hw import MXCSR_INIT
+
+    w = world(TRACED, steps=STALE)
+    t = w.tasks["p0.t0"]
+    got = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0")).observed
+    assert got["mxcsr"] == mxcsr_token(t.pid, 1) and got["xstate_bv"] & 0x6 == 0x4
+    assert w.step(A("observe", task="p0.t0")).observed["mxcsr"] == 0x1F80
+    r = w.clone().step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
+    assert not r.violations
+    monkeypatch.setattr(X86World, "_mxcsr_after_ptrace_set",
+                        lambda self, t, mxcsr, bv: MXCSR_INIT)
+    with no_memos():
+        r = w.step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
+    assert {v.invariant for v in r.violations} == {"no-lost-write"}, r.violations

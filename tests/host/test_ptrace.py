@@ -236,3 +236,54 @@ def test_setregset_random_headers_follow_copy_uabi_to_xstate(session, rc) -> Non
         writes.append(RegsetWrite(NT_X86_XSTATE, bytes(b), f"random {i}"))
     s = ptrace_session(writes, seed=session.seed)
     assert [r.errno for r in s.writes] == [_predict(w.data, rc, mask) for w in writes]
+
+
+def test_stale_mxcsr_in_the_view_and_written_back(rc) -> None:
+    """The kernel's MXCSR rule for NT_X86_XSTATE on an XSAVES kernel, model against the real
+    kernel. A task's MXCSR was 0xffc0 when it was last switched out with SSE in use; it then
+    loaded 1F80H and restored AVX state alone (SSE initial), and stopped again. XSAVES writes
+    MXCSR only with the SSE component, so the fpstate still holds 0xffc0, and
+    __copy_xstate_to_uabi_buf() copies it (the header has YMM): the tracer reads 0xffc0 while
+    the task runs with 1F80H. A debugger that writes XMM0 back with SSE set in XSTATE_BV
+    makes copy_uabi_to_xstate() store that MXCSR and the compacted XRSTORS load it: the task
+    resumes with 0xffc0. (Reported by Andrei Vagin in 2022; Chang S. Bae's "x86/fpu: Fix the
+    MXCSR state reshuffling between userspace and kernel buffers", v3, was not merged.)"""
+    from fpstate.host.ptrace import stale_mxcsr_session
+    from fpstate.kernel.x86.hw import KernelBuf
+    from fpstate.kernel.x86.regset import (
+        XSTATE_COPY_XSAVE,
+        __copy_xstate_to_uabi_buf,
+        copy_uabi_to_xstate,
+    )
+    from fpstate.kernel.x86.sched import Machine
+
+    if rc.vector_bytes < 32:
+        pytest.skip("host lacks AVX (XCR0[2] = 0)")
+    m = Machine.boot("host")
+    s = m.system
+    if not s.xsaves:
+        pytest.skip("the kernel saves tasks with XSAVEC or standard XSAVE, not XSAVES")
+    real = stale_mxcsr_session(0xFFC0)
+    assert real.first.image.mxcsr == 0xFFC0
+    assert real.after_mxcsr == 0x1F80  # the task's own, untouched without a write
+    second_bv = struct.unpack_from("<Q", real.second.data, 512)[0]
+    assert second_bv & 0x6 == 0x4  # AVX in use, SSE initial
+
+    # The model: the fpstate as the two switch-outs' XSAVES left it.
+    fps = m.spawn("tracee").fpu.fpstate
+    fps.regs[24:32] = struct.pack("<II", 0xFFC0, s.mxcsr_feature_mask)
+    fps.xstate_bv = second_bv & fps.user_xfeatures
+    size = s.user.max_size
+    view = __copy_xstate_to_uabi_buf(s, bytes(m.init_fpstate.regs), fps, fps.user_xfeatures,
+                                     0, XSTATE_COPY_XSAVE, size)
+    assert view[24:28] == real.second.data[24:28] == struct.pack("<I", 0xFFC0)
+
+    written = stale_mxcsr_session(0xFFC0, write_xmm0=NEW)
+    assert written.write_errno == 0
+    buf = bytearray(view)
+    buf[160:176] = NEW
+    struct.pack_into("<Q", buf, 512, fps.xstate_bv | 0x2)
+    assert copy_uabi_to_xstate(s, fps, bytes(buf), [0]) == 0
+    cpu = m.cpus[0].regs
+    assert cpu.xrstor(KernelBuf(fps.regs, "fpstate"), s.user.max_features, "XRSTORS") is None
+    assert cpu.mxcsr == written.after_mxcsr == 0xFFC0

@@ -284,7 +284,8 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("ptrace_cont", "PTRACE_CONT: the stopped task becomes runnable",
                {"task": _TASK}),
     ActionSpec("ptrace_set", "PTRACE_SETREGSET NT_X86_XSTATE by a tracer running in user mode: "
-               "one component of the stopped task gets a value the tracer wrote",
+               "one component of the stopped task gets a value the tracer wrote into the "
+               "buffer PTRACE_GETREGSET gave it, its XSTATE_BV bit set (x87: not MXCSR)",
                {"tracer": _TASK, "task": _TASK,
                 "component": FieldSpec(str, "component short name")}),
     ActionSpec("ptrace_get", "PTRACE_GETREGSET NT_X86_XSTATE of a stopped task",
@@ -648,6 +649,8 @@ class X86World(X86Views, World):
         self.m.user_release(nr, mask)
         for i in bits(mask):
             self.expected[t.comm].pop(i, None)
+        if mask & XFEATURE_MASK_SSE:  # SSE's initial configuration has MXCSR = 1F80H
+            self.expected[t.comm].pop(MXCSR, None)
         return {}
 
     def do_syscall(self, task: str) -> dict[str, Value]:
@@ -1136,7 +1139,8 @@ class X86World(X86Views, World):
         if ret == 0:
             self.emitted.append(("uabi", (t, buf)))
         xstate_bv = int.from_bytes(buf[512:520], "little") if ret == 0 else 0
-        return {"ret": ret, "xstate_bv": xstate_bv}
+        mxcsr = int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") if ret == 0 else 0
+        return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
     def do_ptrace_set(self, tracer: str, task: str, component: str) -> dict[str, Value]:
         from fpstate.kernel.x86.regset import ptrace_regset
@@ -1144,7 +1148,7 @@ class X86World(X86Views, World):
         tr, t, nr = self._tracer(tracer, task)
         i = component_number(component)
         s = self.m.system
-        if i < 2 or not (s.user.max_features >> i) & 1:
+        if not (s.user.max_features >> i) & 1:
             raise StepError(f"ptrace_set of {component}: not a user component of this CPU")
         size = s.user.max_size
         self.m.enter_kernel(nr)
@@ -1155,14 +1159,40 @@ class X86World(X86Views, World):
             comp = s.profile.component(i)
             value = token(tr.pid, tr.generation, i, comp.size)
             data = bytearray(buf)
-            data[comp.offset:comp.offset + comp.size] = value
+            if i == X87:  # fxregs_state without mxcsr and mxcsr_mask, as gdb writes ST0-7
+                data[0:24], data[32:160] = value[:24], value[32:]
+            else:
+                data[comp.offset:comp.offset + comp.size] = value
             bv = int.from_bytes(data[512:520], "little") | 1 << i
             data[512:520] = bv.to_bytes(8, "little")
             ret, _ = ptrace_regset(c, t, PTRACE_SETREGSET, NT_X86_XSTATE, size, bytes(data))
             if ret == 0:
-                self.expected[t.comm][i] = value
+                exp = self.expected[t.comm]
+                exp[i] = value
+                mxcsr = self._mxcsr_after_ptrace_set(t, bytes(data[MXCSR_OFFSET:MXCSR_OFFSET + 4]),
+                                                     bv)
+                exp.pop(MXCSR, None)
+                if mxcsr != MXCSR_INIT:
+                    exp[MXCSR] = mxcsr
         self.m.exit_to_user_mode(nr)
         return {"ret": ret, "errno": errno_name(ret)}
+
+    def _mxcsr_after_ptrace_set(self, t: Task, mxcsr: bytes, bv: int) -> bytes:
+        """The MXCSR a task runs with after a successful PTRACE_SETREGSET NT_X86_XSTATE whose
+        buffer held ``mxcsr`` and XSTATE_BV ``bv``, from the kernel's paths (not from the
+        model's answer): copy_uabi_to_xstate() stores the buffer's MXCSR when ``bv`` has FP,
+        SSE or YMM; the restore is XRSTORS/XRSTOR of the fpstate with RFBM holding SSE --
+        compacted, it loads MXCSR only with SSE in XSTATE_BV and puts 1F80H otherwise;
+        standard, it loads the fpstate's MXCSR whatever XSTATE_BV says (the task's own where
+        the buffer's was not stored). The buffer's MXCSR is what PTRACE_GETREGSET gave: on a
+        compacted kernel, with YMM but not SSE in the header, the fpstate's bytes that no
+        XSAVES wrote since SSE was last in use (kernel-findings: a stale MXCSR in the
+        ptrace view)."""
+        if self.m.system.xcompacted:
+            return mxcsr if bv & XFEATURE_MASK_SSE else MXCSR_INIT
+        if bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
+            return mxcsr
+        return self.expected[t.comm].get(MXCSR, MXCSR_INIT)
 
     def do_pasid_write(self, task: str, pasid: int = 1) -> dict[str, Value]:
         t = self.task(task)
@@ -1340,8 +1370,10 @@ class X86World(X86Views, World):
             A = Action.of
             if len(_PTRACE_ACTIONS) > 10_000:
                 _PTRACE_ACTIONS.clear()
-            # Two XSAVE components, and PKRU (a debugger's `set $pkru`) where it is tracked.
-            comps = self.writable[2:4] + ((PKRU,) if self.pkru_tracked else ())
+            # x87 and SSE (a debugger's `set $st0`, `set $xmm0`: gdb writes the whole
+            # NT_X86_XSTATE buffer back), two other XSAVE components, and PKRU (`set $pkru`)
+            # where it is tracked.
+            comps = self.writable[:4] + ((PKRU,) if self.pkru_tracked else ())
             got = _PTRACE_ACTIONS[k] = (A("ptrace_get", tracer=tracer, task=task), *(
                 A("ptrace_set", tracer=tracer, task=task, component=BY_NUMBER[i].short)
                 for i in comps))

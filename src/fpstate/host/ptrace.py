@@ -443,3 +443,98 @@ def read_xstate_of(tid: int, *, timeout: float = 10.0) -> RegsetRead:
         raise HostUnavailable(f"PTRACE_GETREGSET NT_X86_XSTATE of {tid}: "
                               f"{errno_name(-read.errno)}")
     return read
+
+
+@dataclass(frozen=True, slots=True)
+class StaleMxcsrSession:
+    """What `stale_mxcsr_session` saw: NT_X86_XSTATE at the first stop (MXCSR ``mxcsr``
+    loaded) and at the second (MXCSR 1F80H loaded, then an XRSTOR of AVX state alone), the
+    errno of the tracer's write-back (None: no write), and the MXCSR the child ran with
+    afterwards (STMXCSR)."""
+
+    first: RegsetRead
+    second: RegsetRead
+    write_errno: int | None
+    after_mxcsr: int
+
+
+def stale_mxcsr_session(mxcsr: int = 0xFFC0, *, write_xmm0: bytes | None = None,
+                        timeout: float = 20.0) -> StaleMxcsrSession:
+    """A traced child's MXCSR across two stops, the second with SSE in its initial
+    configuration and AVX in use: machine code LDMXCSR ``mxcsr``, stops (SIGSTOP: the
+    switch-out saves SSE with that MXCSR into the fpstate), LDMXCSR 1F80H, XRSTOR64 with
+    RFBM = SSE|AVX of an image whose XSTATE_BV holds AVX only (XMM0-15 zero, YMM upper halves
+    a pattern, MXCSR 1F80H), stops again, then STMXCSR and exits. The tracer reads
+    NT_X86_XSTATE at both stops; with ``write_xmm0`` it writes the second buffer back with
+    XMM0 = those 16 bytes and SSE set in XSTATE_BV (a debugger's ``set $xmm0``).
+
+    Kernel paths: the switch-out's os_xsave (XSAVES: compacted, SSE -- and with it MXCSR --
+    written only while in use or MXCSR is not 1F80H), xstateregs_get ->
+    __copy_xstate_to_uabi_buf (MXCSR copied from the fpstate when the header has SSE or YMM),
+    xstateregs_set -> copy_uabi_to_xstate, and the XRSTORS at the return to user mode."""
+    if len(write_xmm0 or b"\0" * 16) != 16:
+        raise ValueError("write_xmm0 is the 16 bytes of XMM0")
+    mx1, mxdef, out, img_off = 0, 8, 16, PAGE
+    shm = SharedMemory(3 * PAGE)
+    shm.write(mx1, mxcsr.to_bytes(4, "little"))
+    shm.write(mxdef, MXCSR_DEFAULT_BYTES)
+    img = bytearray(2 * PAGE)
+    img[24:28] = MXCSR_DEFAULT_BYTES
+    img[512:520] = (0x4).to_bytes(8, "little")  # XSTATE_BV: AVX alone
+    img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))  # YMM_Hi128, never zero
+    shm.write(img_off, bytes(img))
+
+    def body() -> int:
+        if ptrace_call(PTRACE_TRACEME, 0) != 0:
+            return 3
+        pages = CodePages(1)
+        a = Asm()
+        C, In, M, R = a.C, a.In, a.M, a.R
+        a.mov_imm(R.RBX, shm.address)
+        a.emit(In.create_mem(C.LDMXCSR_M32, M(R.RBX, displ=mx1)))
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(R.RAX), signal.SIGSTOP)
+        a.mov_imm(R.RBX, shm.address)
+        a.emit(In.create_mem(C.LDMXCSR_M32, M(R.RBX, displ=mxdef)))
+        a.mov_imm(R.RAX, 0x6)
+        a.mov_imm(R.RDX, 0)
+        a.emit(In.create_mem(C.XRSTOR64_MEM, M(R.RBX, displ=img_off)))
+        a.syscall(SYS["getpid"])
+        a.syscall(SYS["kill"], Reg(R.RAX), signal.SIGSTOP)
+        a.mov_imm(R.RBX, shm.address)
+        a.emit(In.create_mem(C.STMXCSR_M32, M(R.RBX, displ=out)))
+        a.exit_group(0)
+        pages.call(pages.place(0, a))
+        return 6
+
+    deadline = time.monotonic() + timeout
+    pid = fork_child(body)
+    try:
+        reads = []
+        for _ in range(2):
+            status = wait_status(pid, deadline)
+            if not os.WIFSTOPPED(status):
+                raise HostUnavailable(f"traced child did not stop (status {status:#x})")
+            reads.append(getregset(pid, NT_X86_XSTATE, READ_BUFFER))
+            if len(reads) == 1:
+                ptrace_call(PTRACE_CONT, pid, 0, 0)
+        err = None
+        if write_xmm0 is not None:
+            b = bytearray(reads[1].data)
+            b[160:176] = write_xmm0
+            bv = int.from_bytes(b[512:520], "little") | 0x2
+            b[512:520] = bv.to_bytes(8, "little")
+            err = setregset(pid, NT_X86_XSTATE, bytes(b))
+        ptrace_call(PTRACE_CONT, pid, 0, 0)
+        status = wait_status(pid, deadline)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            raise HostUnavailable(f"traced child ended with status {status:#x}")
+        pid = 0
+    finally:
+        if pid:
+            kill_and_reap(pid)
+    return StaleMxcsrSession(reads[0], reads[1], err,
+                             int.from_bytes(shm.read(out, 4), "little"))
+
+
+MXCSR_DEFAULT_BYTES = (0x1F80).to_bytes(4, "little")
