@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from fpstate.errors import HostUnavailable
 from fpstate.host.child import (
+    MXCSR_DEFAULT,
     PAGE,
     SYS,
     Asm,
@@ -472,14 +473,14 @@ def stale_mxcsr_session(mxcsr: int = 0xFFC0, *, write_xmm0: bytes | None = None,
     written only while in use or MXCSR is not 1F80H), xstateregs_get ->
     __copy_xstate_to_uabi_buf (MXCSR copied from the fpstate when the header has SSE or YMM),
     xstateregs_set -> copy_uabi_to_xstate, and the XRSTORS at the return to user mode."""
-    if len(write_xmm0 or b"\0" * 16) != 16:
+    if write_xmm0 is not None and len(write_xmm0) != 16:
         raise ValueError("write_xmm0 is the 16 bytes of XMM0")
     mx1, mxdef, out, img_off = 0, 8, 16, PAGE
     shm = SharedMemory(3 * PAGE)
     shm.write(mx1, mxcsr.to_bytes(4, "little"))
-    shm.write(mxdef, MXCSR_DEFAULT_BYTES)
+    shm.write(mxdef, MXCSR_DEFAULT.to_bytes(4, "little"))
     img = bytearray(2 * PAGE)
-    img[24:28] = MXCSR_DEFAULT_BYTES
+    img[24:28] = MXCSR_DEFAULT.to_bytes(4, "little")
     img[512:520] = (0x4).to_bytes(8, "little")  # XSTATE_BV: AVX alone
     img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))  # YMM_Hi128, never zero
     shm.write(img_off, bytes(img))
@@ -536,5 +537,3 @@ def stale_mxcsr_session(mxcsr: int = 0xFFC0, *, write_xmm0: bytes | None = None,
     return StaleMxcsrSession(reads[0], reads[1], err,
                              int.from_bytes(shm.read(out, 4), "little"))
 
-
-MXCSR_DEFAULT_BYTES = (0x1F80).to_bytes(4, "little")
