@@ -623,7 +623,6 @@ def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPa
     is that rule; the naive one -- the task keeps its own 1F80H -- breaks no-lost-write."""
     from fpstate.check.actions_x86 import X86World
     from fpstate.check.world import no_memos
-    from fpstate.kernel.x86.hw import MXCSR_INIT
 
     w = world(TRACED, steps=STALE)
     t = w.tasks["p0.t0"]
@@ -632,8 +631,7 @@ def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPa
     assert w.step(A("observe", task="p0.t0")).observed["mxcsr"] == 0x1F80
     r = w.clone().step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
     assert not r.violations
-    monkeypatch.setattr(X86World, "_mxcsr_after_ptrace_set",
-                        lambda self, t, mxcsr, bv: MXCSR_INIT)
+    monkeypatch.setattr(X86World, "_mxcsr_after_uabi_set", lambda self, name, mxcsr, bv: None)
     with no_memos():
         r = w.step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}, r.violations

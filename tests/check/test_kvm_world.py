@@ -328,3 +328,22 @@ def test_an_edit_that_set_xsave_drops_is_a_lost_write(monkeypatch) -> None:
     r = w.step(A("edit_xsave", task="vmm.t0", vcpu="big.v0", component="avx"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}
     assert "guest big.v0 would see avx = init (expected vmm.t0#1" in str(r.violations[0])
+
+
+def test_an_edit_of_sse_gives_the_guest_the_mxcsr_its_buffer_held(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """scenarios/kvm-edit-sse-stale-mxcsr.yaml holds under the kernel's rule for MXCSR after
+    KVM_SET_XSAVE (`_mxcsr_after_uabi_set`: the stale MXCSR of the buffer comes back); under
+    the naive expectation -- the guest keeps its own 1F80H -- the edit breaks no-lost-write."""
+    from pathlib import Path
+
+    from fpstate.check import scenario as scn
+    from fpstate.check.actions_x86 import X86World
+    from fpstate.check.world import no_memos
+
+    path = Path(__file__).resolve().parents[2] / "scenarios" / "kvm-edit-sse-stale-mxcsr.yaml"
+    assert scn.run(scn.load(path)).ok
+    monkeypatch.setattr(X86World, "_mxcsr_after_uabi_set", lambda self, name, mxcsr, bv: None)
+    with no_memos():
+        report = scn.run(scn.load(path))
+    assert report.violation is not None and report.violation[1].invariant == "no-lost-write"

@@ -40,7 +40,14 @@ from fpstate.check.world import (
 from fpstate.check.world import Value as V
 from fpstate.errors import MaskError
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import MXCSR, PKRU, next_mxcsr_token, pkru_bytes, token
+from fpstate.kernel.x86.hw import (
+    MXCSR,
+    MXCSR_OFFSET,
+    PKRU,
+    next_mxcsr_token,
+    pkru_bytes,
+    token,
+)
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import XFEATURE_MASK_SUPERVISOR_ALL, Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
@@ -547,7 +554,9 @@ class KvmX86World(X86World):
         """KVM_GET_XSAVE2, one component of the buffer replaced by a value of ``task``'s own
         (x87 without MXCSR and MXCSR_MASK, which stay the buffer's) with its XSTATE_BV bit
         set, KVM_SET_XSAVE. On success the guest expects that value (PKRU: vcpu->arch.pkru
-        takes it, the header having PKRU)."""
+        takes it, the header having PKRU), and the MXCSR the kernel's rule gives
+        (`_mxcsr_after_uabi_set`: an edit of SSE hands a compacted kernel's stale MXCSR back).
+        """
         t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
         i = component_number(component)
@@ -567,6 +576,7 @@ class KvmX86World(X86World):
         ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), v, bytes(buf))
         if ret == 0:
             self.expected[vcpu][i] = value
+            self._mxcsr_after_uabi_set(vcpu, bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4]), bv)
         return {"ret": ret, "xstate_bv": bv}
 
     def do_migrate_xsave(self, task: str, vcpu: str, src: str) -> dict[str, V]:

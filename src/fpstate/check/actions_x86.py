@@ -1169,30 +1169,32 @@ class X86World(X86Views, World):
             if ret == 0:
                 exp = self.expected[t.comm]
                 exp[i] = value
-                mxcsr = self._mxcsr_after_ptrace_set(t, bytes(data[MXCSR_OFFSET:MXCSR_OFFSET + 4]),
-                                                     bv)
-                exp.pop(MXCSR, None)
-                if mxcsr != MXCSR_INIT:
-                    exp[MXCSR] = mxcsr
+                self._mxcsr_after_uabi_set(t.comm, bytes(data[MXCSR_OFFSET:MXCSR_OFFSET + 4]), bv)
         self.m.exit_to_user_mode(nr)
         return {"ret": ret, "errno": errno_name(ret)}
 
-    def _mxcsr_after_ptrace_set(self, t: Task, mxcsr: bytes, bv: int) -> bytes:
-        """The MXCSR a task runs with after a successful PTRACE_SETREGSET NT_X86_XSTATE whose
-        buffer held ``mxcsr`` and XSTATE_BV ``bv``, from the kernel's paths (not from the
-        model's answer): copy_uabi_to_xstate() stores the buffer's MXCSR when ``bv`` has FP,
-        SSE or YMM; the restore is XRSTORS/XRSTOR of the fpstate with RFBM holding SSE --
-        compacted, it loads MXCSR only with SSE in XSTATE_BV and puts 1F80H otherwise;
-        standard, it loads the fpstate's MXCSR whatever XSTATE_BV says (the task's own where
-        the buffer's was not stored). The buffer's MXCSR is what PTRACE_GETREGSET gave: on a
+    def _mxcsr_after_uabi_set(self, name: str, mxcsr: bytes, bv: int) -> None:
+        """Expect for ``name`` (a task, or a guest) the MXCSR it runs with after a successful
+        PTRACE_SETREGSET NT_X86_XSTATE or KVM_SET_XSAVE of a buffer that held ``mxcsr`` and
+        XSTATE_BV ``bv``, from the kernel's paths (not from the model's answer):
+        copy_uabi_to_xstate() stores the buffer's MXCSR when ``bv`` has FP, SSE or YMM; the
+        restore is XRSTORS/XRSTOR of the fpstate with RFBM holding SSE -- compacted, it loads
+        MXCSR only with SSE in XSTATE_BV and puts 1F80H otherwise; standard, it loads the
+        fpstate's MXCSR whatever XSTATE_BV says (the task's own where the buffer's was not
+        stored). The buffer's MXCSR is what PTRACE_GETREGSET or KVM_GET_XSAVE2 gave: on a
         compacted kernel, with YMM but not SSE in the header, the fpstate's bytes that no
-        XSAVES wrote since SSE was last in use (kernel-findings: a stale MXCSR in the
-        ptrace view)."""
+        XSAVES wrote since SSE was last in use (kernel-findings 6: a stale MXCSR in the
+        view)."""
+        exp = self.expected[name]
         if self.m.system.xcompacted:
-            return mxcsr if bv & XFEATURE_MASK_SSE else MXCSR_INIT
-        if bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
-            return mxcsr
-        return self.expected[t.comm].get(MXCSR, MXCSR_INIT)
+            value = mxcsr if bv & XFEATURE_MASK_SSE else MXCSR_INIT
+        elif bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
+            value = mxcsr
+        else:
+            return
+        exp.pop(MXCSR, None)
+        if value != MXCSR_INIT:
+            exp[MXCSR] = value
 
     def do_pasid_write(self, task: str, pasid: int = 1) -> dict[str, Value]:
         t = self.task(task)
