@@ -3,6 +3,8 @@ should see, with several VMMs at once."""
 
 from __future__ import annotations
 
+import pytest
+
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action
 
