@@ -107,7 +107,9 @@ BACKEND_DIVERGENCES: dict[str, dict[str, str]] = {
             "on the Zen 5 host always once the guest reached CPL 3 (hardware ring 3 through "
             "PVM's switcher), now and then -- timing-dependent -- for a guest that stayed at "
             "CPL 0; on a Zen 3 host (family 19h) not after a CPL 3 run either; in the model "
-            "(VMX/SVM KVM) only the guest's own instructions change XINUSE"),
+            "(VMX/SVM KVM) only the guest's own instructions change XINUSE; once (Emerald "
+            "Rapids, a full test run on both cores) x87 too: XSTATE_BV[0] = 1 with x87's "
+            "initial values"),
         "guest_pkru_without_cr4_pke": (
             "the guest runs in hardware ring 3 under the host's CR4, whose PKE is set: WRPKRU "
             "and RDPKRU at guest CPL 3 run although the guest left CR4.PKE clear (VMX/SVM KVM: "
