@@ -162,7 +162,7 @@ def read_mxcsr_token(value: bytes | None) -> tuple[int, int] | None:
         return None
     v = int.from_bytes(value, "little")
     n = v >> 13 & 3
-    if v >> 15 or not n or v & 0x7F:
+    if v >> 15 or n not in (1, 2) or v & 0x7F:  # RC 0 and 3 are no token's
         return None
     return (v ^ MXCSR_DEFAULT) >> 7 & 0x3F, n
 
