@@ -238,6 +238,18 @@ def test_setregset_random_headers_follow_copy_uabi_to_xstate(session, rc) -> Non
     assert [r.errno for r in s.writes] == [_predict(w.data, rc, mask) for w in writes]
 
 
+def _sse_initial_at_second_stop(session):
+    """The first of up to 8 runs of ``session`` whose second stop found SSE not in use: this
+    machine, itself a guest, now and then finds SSE in use after the XRSTOR that put it in its
+    initial configuration (the timing-dependent marking of `BACKEND_DIVERGENCES`
+    sse_marked_in_use, seen from inside), and then the save wrote MXCSR and nothing is stale."""
+    for _ in range(8):
+        s = session()
+        if not struct.unpack_from("<Q", s.second.data, 512)[0] & 0x2:
+            return s
+    pytest.skip("SSE was in use at every second stop of 8 (the CPU keeps marking it in use)")
+
+
 def test_stale_mxcsr_in_the_view_and_written_back(rc) -> None:
     """The kernel's MXCSR rule for NT_X86_XSTATE on an XSAVES kernel, model against the real
     kernel. A task's MXCSR was 0xffc0 when it was last switched out with SSE in use; it then
@@ -263,7 +275,7 @@ def test_stale_mxcsr_in_the_view_and_written_back(rc) -> None:
     s = m.system
     if not s.xsaves:
         pytest.skip("the kernel saves tasks with XSAVEC or standard XSAVE, not XSAVES")
-    real = stale_mxcsr_session(0xFFC0)
+    real = _sse_initial_at_second_stop(lambda: stale_mxcsr_session(0xFFC0))
     assert real.first.image.mxcsr == 0xFFC0
     assert real.after_mxcsr == 0x1F80  # the task's own, untouched without a write
     second_bv = struct.unpack_from("<Q", real.second.data, 512)[0]
@@ -278,7 +290,7 @@ def test_stale_mxcsr_in_the_view_and_written_back(rc) -> None:
                                      0, XSTATE_COPY_XSAVE, size)
     assert view[24:28] == real.second.data[24:28] == struct.pack("<I", 0xFFC0)
 
-    written = stale_mxcsr_session(0xFFC0, write_xmm0=NEW)
+    written = _sse_initial_at_second_stop(lambda: stale_mxcsr_session(0xFFC0, write_xmm0=NEW))
     assert written.write_errno == 0
     buf = bytearray(view)
     buf[160:176] = NEW

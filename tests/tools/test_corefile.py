@@ -343,3 +343,64 @@ def test_kernel_core_dump_of_a_32_bit_process(tmp_path: Path) -> None:
     prfpreg = notes.get("NT_FPREGSET", notes.get(2))
     assert prfpreg is not None and len(prfpreg) == 108
     assert prfpreg == convert_from_fxsr(fx)
+
+
+@pytest.mark.host
+def test_kernel_core_dump_shows_a_stale_mxcsr(tmp_path: Path) -> None:
+    """A core dump's NT_X86_XSTATE note comes from xstateregs_get() too (kernel-findings 6).
+    The child loads MXCSR 0xffc0 and sleeps (the switch-out's XSAVES saves SSE, MXCSR with
+    it), then loads 1F80H, restores AVX state alone (SSE initial) and dumps core: the dump's
+    XSAVES leaves MXCSR's bytes alone, and the note shows 0xffc0 beside a header with YMM and
+    without SSE -- as the model's __copy_xstate_to_uabi_buf() gives for that fpstate -- while
+    the task's MXCSR was 1F80H."""
+    import struct
+
+    from fpstate.host.child import SYS, SharedMemory
+    from fpstate.host.child import register_class as host_rc
+    from fpstate.kernel.x86.regset import XSTATE_COPY_XSAVE, __copy_xstate_to_uabi_buf
+
+    try:
+        if host_rc().vector_bytes < 32:
+            pytest.skip("host lacks AVX (XCR0[2] = 0)")
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    m = Machine.boot("host")
+    if not m.system.xsaves:
+        pytest.skip("the kernel saves tasks with XSAVEC or standard XSAVE, not XSAVES")
+    shm = SharedMemory(3 * 4096)
+    shm.write(0, struct.pack("<II", 0xFFC0, 0x1F80) + struct.pack("<qq", 0, 2_000_000))
+    img = bytearray(4096)
+    struct.pack_into("<I", img, 24, 0x1F80)
+    struct.pack_into("<Q", img, 512, 0x4)
+    img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))
+    shm.write(4096, bytes(img))
+
+    def code(a) -> None:
+        C, In, M, R = a.C, a.In, a.M, a.R
+        a.mov_imm(R.RBX, shm.address)
+        a.emit(In.create_mem(C.LDMXCSR_M32, M(R.RBX)))
+        a.syscall(SYS["nanosleep"], shm.address + 8, 0)  # 2 ms asleep: switched out
+        a.mov_imm(R.RBX, shm.address)
+        a.emit(In.create_mem(C.LDMXCSR_M32, M(R.RBX, displ=4)))
+        a.mov_imm(R.RAX, 0x6)
+        a.mov_imm(R.RDX, 0)
+        a.emit(In.create_mem(C.XRSTOR64_MEM, M(R.RBX, displ=4096)))
+
+    for attempt in range(8):  # this machine, a guest itself, now and then keeps SSE in use
+        run = tmp_path / str(attempt)
+        run.mkdir()
+        core, _ex = _kernel_core(run, code)
+        note = xstate_notes(core.read_bytes())[0].data
+        bv = struct.unpack_from("<Q", note, 512)[0]
+        if not bv & 0x2:
+            break
+    else:
+        pytest.skip("SSE was in use at every dump of 8 (the CPU keeps marking it in use)")
+    assert bv & 0x6 == 0x4
+    assert struct.unpack_from("<I", note, 24)[0] == 0xFFC0
+    fps = m.spawn("dumper").fpu.fpstate
+    fps.regs[24:32] = struct.pack("<II", 0xFFC0, m.system.mxcsr_feature_mask)
+    fps.xstate_bv = bv & fps.user_xfeatures
+    view = __copy_xstate_to_uabi_buf(m.system, bytes(m.init_fpstate.regs), fps,
+                                     fps.user_xfeatures, 0, XSTATE_COPY_XSAVE, len(note))
+    assert view[24:28] == note[24:28]
