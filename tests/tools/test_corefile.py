@@ -355,7 +355,7 @@ def test_kernel_core_dump_shows_a_stale_mxcsr(tmp_path: Path) -> None:
     the task's MXCSR was 1F80H."""
     import struct
 
-    from fpstate.host.child import SYS, SharedMemory
+    from fpstate.host.child import SYS, SharedMemory, avx_alone_image
     from fpstate.host.child import register_class as host_rc
     from fpstate.kernel.x86.regset import XSTATE_COPY_XSAVE, __copy_xstate_to_uabi_buf
 
@@ -369,11 +369,7 @@ def test_kernel_core_dump_shows_a_stale_mxcsr(tmp_path: Path) -> None:
         pytest.skip("the kernel saves tasks with XSAVEC or standard XSAVE, not XSAVES")
     shm = SharedMemory(3 * 4096)
     shm.write(0, struct.pack("<II", 0xFFC0, 0x1F80) + struct.pack("<qq", 0, 2_000_000))
-    img = bytearray(4096)
-    struct.pack_into("<I", img, 24, 0x1F80)
-    struct.pack_into("<Q", img, 512, 0x4)
-    img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))
-    shm.write(4096, bytes(img))
+    shm.write(4096, avx_alone_image())
 
     def code(a) -> None:
         C, In, M, R = a.C, a.In, a.M, a.R

@@ -382,6 +382,17 @@ def pattern_table(seed: int) -> bytes:
     return bytes(out)
 
 
+def avx_alone_image() -> bytes:
+    """A 4096-byte standard-format XSAVE image whose XSTATE_BV holds AVX alone: MXCSR 1F80H,
+    XMM0-15 zero (SSE in its initial configuration once an XRSTOR with RFBM SSE|AVX loads it),
+    the upper halves of YMM0-15 a pattern with no zero byte."""
+    img = bytearray(PAGE)
+    struct.pack_into("<I", img, 24, MXCSR_DEFAULT)
+    struct.pack_into("<Q", img, 512, 0x4)
+    img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))
+    return bytes(img)
+
+
 def load_patterns(asm: Asm, table: int) -> RegisterClass:
     """Emit: every vector register the host has = its pattern (VMOVDQU64 zmm / VMOVDQU ymm /
     MOVDQU xmm), every opmask (KMOVQ/KMOVW), MXCSR (LDMXCSR), and the x87 stack ST0 = pi,

@@ -38,6 +38,7 @@ from fpstate.host.child import (
     Reg,
     SharedMemory,
     XsaveImage,
+    avx_alone_image,
     errno_name,
     fork_child,
     host_user_xstate_size,
@@ -479,11 +480,7 @@ def stale_mxcsr_session(mxcsr: int = 0xFFC0, *, write_xmm0: bytes | None = None,
     shm = SharedMemory(3 * PAGE)
     shm.write(mx1, mxcsr.to_bytes(4, "little"))
     shm.write(mxdef, MXCSR_DEFAULT.to_bytes(4, "little"))
-    img = bytearray(2 * PAGE)
-    img[24:28] = MXCSR_DEFAULT.to_bytes(4, "little")
-    img[512:520] = (0x4).to_bytes(8, "little")  # XSTATE_BV: AVX alone
-    img[576:832] = bytes((0x11 + n) % 255 + 1 for n in range(256))  # YMM_Hi128, never zero
-    shm.write(img_off, bytes(img))
+    shm.write(img_off, avx_alone_image())
 
     def body() -> int:
         if ptrace_call(PTRACE_TRACEME, 0) != 0:

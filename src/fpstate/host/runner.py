@@ -82,6 +82,7 @@ from fpstate.host.asm import (
 from fpstate.x86.image import normalise_image
 from fpstate.x86.program import (
     BUFFER_SIZE,
+    FORMS32,
     MNEMONICS,
     Fault,
     Outcome,
@@ -122,9 +123,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "XSAVE": _XSAVE, "XRSTOR": _XSAVE, "XGETBV": _XSAVE, "XSETBV": _XSAVE,
     "XSAVEOPT": (*_XSAVE, "XSAVEOPT"), "XSAVEC": (*_XSAVE, "XSAVEC"),
     "XSAVES": (*_XSAVE, "XSAVES"), "XRSTORS": (*_XSAVE, "XSAVES"),
-    "FXSAVE": ("FXSR",), "FXRSTOR": ("FXSR",), "FXSAVE32": ("FXSR",), "FXRSTOR32": ("FXSR",),
-    "XSAVE32": _XSAVE, "XRSTOR32": _XSAVE, "XSAVEOPT32": (*_XSAVE, "XSAVEOPT"),
-    "XSAVEC32": (*_XSAVE, "XSAVEC"),
+    "FXSAVE": ("FXSR",), "FXRSTOR": ("FXSR",),
     "MOVDQU": ("SSE2",), "LDMXCSR": ("SSE",), "STMXCSR": ("SSE",),
     "VMOVDQU": ("AVX", "AVX"), "VZEROUPPER": ("AVX", "AVX"), "VZEROALL": ("AVX", "AVX"),
     "VMOVDQU64": ("AVX512F", "AVX-512"), "KMOVQ": ("AVX512BW", "AVX-512"),
@@ -134,6 +133,8 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "LDTILECFG": _AMX, "STTILECFG": _AMX, "TILELOADD": _AMX, "TILESTORED": _AMX,
     "TILEZERO": _AMX, "TILERELEASE": _AMX,
 }
+# The forms without REX.W need what their 64-bit forms need.
+REQUIRES.update({f: REQUIRES[f[:-2]] for f in FORMS32})
 assert set(REQUIRES) == MNEMONICS, set(REQUIRES) ^ MNEMONICS
 
 

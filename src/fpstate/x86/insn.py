@@ -61,7 +61,15 @@ from fpstate.x86.impl import (
     for_profile,
 )
 from fpstate.x86.layout import compacted_size, standard_size
-from fpstate.x86.program import BUFFER_SIZE, Fault, Insn, Outcome, Program, check_program
+from fpstate.x86.program import (
+    BUFFER_SIZE,
+    FORMS32,
+    Fault,
+    Insn,
+    Outcome,
+    Program,
+    check_program,
+)
 from fpstate.x86.xfeatures import BY_NUMBER, MXCSR_DEFAULT, XCOMP_BV_COMPACTED_FORMAT, bits
 
 BIT63 = XCOMP_BV_COMPACTED_FORMAT
@@ -524,15 +532,11 @@ _BEFORE_ACCESS: dict[str, tuple[Any, bool]] = {
     "XRSTORS": (lambda c, a, i: _save_faults(c, a, "XSAVES", True), False),
     "FXSAVE": (lambda c, a, i: R.fx_faults(c, a), True),
     "FXRSTOR": (lambda c, a, i: R.fx_faults(c, a), False),
-    "FXSAVE32": (lambda c, a, i: R.fx_faults(c, a), True),
-    "XSAVE32": (lambda c, a, i: _save_faults(c, a, None, False), True),
-    "XSAVEOPT32": (lambda c, a, i: _save_faults(c, a, "XSAVEOPT", False), True),
-    "XSAVEC32": (lambda c, a, i: _save_faults(c, a, "XSAVEC", False), True),
-    "XRSTOR32": (lambda c, a, i: _save_faults(c, a, None, False), False),
-    "FXRSTOR32": (lambda c, a, i: R.fx_faults(c, a), False),
     "STTILECFG": (lambda c, a, i: R.amx_faults(c), True),
     "TILESTORED": (lambda c, a, i: R.tile_faults(c, i.reg, True), True),
 }
+# The forms without REX.W fault as their 64-bit forms do.
+_BEFORE_ACCESS.update({f: _BEFORE_ACCESS[f[:-2]] for f in FORMS32})
 
 
 def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
@@ -571,11 +575,8 @@ def _execute(cpu: Cpu, insn: Insn, bufs: list[Area]) -> Fault | int | None:
 
 
 _MEMORY = {"XSAVE": XSAVE, "XSAVEOPT": XSAVEOPT, "XSAVEC": XSAVEC, "XSAVES": XSAVES,
-           "XRSTOR": XRSTOR, "XRSTORS": XRSTORS, "FXSAVE": R.FXSAVE, "FXRSTOR": R.FXRSTOR,
-           "FXSAVE32": partial(R.FXSAVE, form32=True),
-           "XSAVE32": partial(XSAVE, form32=True), "XSAVEOPT32": partial(XSAVEOPT, form32=True),
-           "XSAVEC32": partial(XSAVEC, form32=True), "XRSTOR32": partial(XRSTOR, form32=True),
-           "FXRSTOR32": partial(R.FXRSTOR, form32=True)}
+           "XRSTOR": XRSTOR, "XRSTORS": XRSTORS, "FXSAVE": R.FXSAVE, "FXRSTOR": R.FXRSTOR}
+_MEMORY.update({f: partial(_MEMORY[f[:-2]], form32=True) for f in FORMS32})
 
 
 @dataclass(slots=True)
