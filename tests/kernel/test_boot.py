@@ -21,6 +21,9 @@ from fpstate.kernel.x86.versions import (
     version_for_release,
 )
 from fpstate.kernel.x86.xstate import (
+    XfeatComponent,
+    XsaveLayoutNote,
+    elf_coredump_extra_notes,
     fpu__init_system_xstate,
     xfeature_names,
     xsetbv_fault,
@@ -357,3 +360,67 @@ def test_cli_boot_log_bad_input_is_one_line_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fpstate: error: ") and err.count("\n") == 1
+
+
+# -- core dumps: NT_X86_XSAVE_LAYOUT -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpu", "records"), [
+    # Intel: AVX at 576, opmask/ZMM after MPX's reserved 960-1087, PKRU then AMX
+    ("sapphire-rapids", ((2, 256, 576), (5, 64, 1088), (6, 512, 1152), (7, 1024, 1664),
+                         (9, 8, 2688), (17, 64, 2752), (18, 8192, 2816))),
+    # AMD never left room for MPX: AVX-512 right after AVX, PKRU after it
+    ("zen4", ((2, 256, 576), (5, 64, 832), (6, 512, 896), (7, 1024, 1408), (9, 8, 2432))),
+    ("haswell", ((2, 256, 576),)),
+])
+def test_core_layout_note_lists_the_standard_offsets(cpu: str, records: tuple) -> None:
+    """dump_xsave_layout_desc(): one 16-byte record per extended user feature, in bit order,
+    with the standard offsets -- whatever format the kernel saves in (SPR and Zen 4 use
+    XSAVES) -- and AMX's TILEDATA listed though it is dynamic (max_features, not default)."""
+    r = fpu__init_system_xstate(bundled_profile(cpu), "6.18")
+    note = elf_coredump_extra_notes(r)
+    assert tuple((c.type, c.size, c.offset) for c in note.records) == records
+    assert all(c.flags == 0 for c in note.records) and not note.aborts
+    n = len(records)
+    assert note.size == len(note.data) == 12 + 8 + 16 * n
+    assert note.data[:20] == (6).to_bytes(4, "little") + (16 * n).to_bytes(4, "little") \
+        + (0x205).to_bytes(4, "little") + b"LINUX\0\0\0"
+    assert XfeatComponent.unpack_all(note.data[20:]) == note.records
+
+
+def test_core_layout_note_arrived_in_6_12() -> None:
+    p = bundled_profile("zen4")
+    assert elf_coredump_extra_notes(fpu__init_system_xstate(p, "6.11")) == \
+        XsaveLayoutNote((), 0, b"", False)
+    assert elf_coredump_extra_notes(fpu__init_system_xstate(p, "6.12")).size == 12 + 8 + 80
+
+
+def test_core_layout_note_without_xsave_and_with_x87_sse_only() -> None:
+    """No XSAVE: fpu_user_cfg.max_features is 0, no note. XSAVE with only x87 and SSE (Intel
+    Atom x6425RE in c8161e5304ab's message): a note with no record, and 6.12-6.18 take the
+    zero count for a failed write -- the dump stops after the note's name, without memory."""
+    haswell = bundled_profile("haswell")
+    none = fpu__init_system_xstate(with_bit(haswell, 0x1, 0, 2, 26, False, "noxsave"), "6.18")
+    assert elf_coredump_extra_notes(none) == XsaveLayoutNote((), 0, b"", False)
+    _, _, _, d = haswell.cpuid(0xD, 0)
+    legacy = patched(haswell, {(0xD, 0): (0x3, 576, 576, d), (0xD, 2): (0, 0, 0, 0)},
+                     "xsave-x87-sse-only")
+    r = fpu__init_system_xstate(legacy, "6.18")
+    assert r.xsave_enabled and r.fpu_user_cfg.max_features == 0x3
+    note = elf_coredump_extra_notes(r)
+    assert note.records == () and note.aborts and note.size == len(note.data) == 20
+
+
+def test_core_layout_note_after_a_disable_and_a_dead_boot() -> None:
+    """fpu__init_disable_system_xstate() leaves fpu_user_cfg.max_features alone: a boot that
+    gave XSAVE up on a zeroed AVX sub-leaf still describes AVX -- as the CPU read it, size 0
+    at offset 0. A boot whose XSETBV faults dumps nothing."""
+    p = patched(bundled_profile("haswell"), {(0xD, 2): (0, 0, 0, 0)}, "haswell-masked-avx")
+    r = fpu__init_system_xstate(p, "6.18")
+    assert r.disabled == "paranoid_size"
+    assert elf_coredump_extra_notes(r).records == (XfeatComponent(2, 0, 0),)
+    no_xfd = with_bit(bundled_profile("sapphire-rapids"), 0xD, 1, 0, 4, False, "spr-noxfd")
+    dead = fpu__init_system_xstate(no_xfd, "6.18")
+    assert dead.disabled == "xsetbv_gp"
+    with pytest.raises(FpstateError, match="XSETBV #GP"):
+        elf_coredump_extra_notes(dead)

@@ -67,6 +67,12 @@ CHANGES: tuple[Change, ...] = (
            "2848ff28d180 x86/fpu: Avoid writing LBR bit to IA32_XSS unless supported",
            "fpu_kernel_cfg.independent_features = enumerated & LBR; IA32_XSS gets LBR only when "
            "the CPU enumerates it (before: whenever X86_FEATURE_ARCH_LBR)"),
+    Change("xsave_layout_note", "6.12",
+           "ba386777a30b x86/elf: Add a new FPU buffer layout info to x86 core files "
+           "(Vignesh Balasubramanian; tip x86/fpu, pulled for 6.12)",
+           "core dumps end their notes with NT_X86_XSAVE_LAYOUT (type, size, standard offset, "
+           "flags of each extended user feature); zero records abort the dump's memory "
+           "(c8161e5304ab fixes it in 6.19, with stable backports; not modelled)"),
     Change("apx", "6.16",
            "x86/fpu/apx series (Chang S. Bae): XFEATURE_APX, APX/MPX conflict check, "
            "xfeature_uncompact_order[]",

@@ -17,6 +17,9 @@ the versions differ) together with the masks of arch/x86/include/asm/fpu/xstate.
 5. the boot lines: 'Supporting XSAVE feature', the offsets (compacted offsets when the kernel
    uses the compacted format) and 'Enabled xstate features'.
 
+The file's core-dump hooks (v6.12+) follow from the boot too: the NT_X86_XSAVE_LAYOUT note that
+ends a core's notes (`elf_coredump_extra_notes`).
+
 The CPU side of step 4: the kernel reads CPUID.(0xD,0).EBX and CPUID.(0xD,1).EBX *after*
 writing XCR0 and IA32_XSS itself, so the numbers in a dump (taken under another OS, e.g.
 Windows, which enables other features such as Processor Trace in IA32_XSS) are not what Linux
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fpstate.errors import MaskError, ProfileError
+from fpstate.errors import FpstateError, MaskError, ProfileError
 from fpstate.kernel.x86.config import (
     FPREGS_STATE_SIZE,
     XSTATE_FLAG_ALIGNED64,
@@ -604,3 +607,97 @@ def fpu__init_system_xstate(profile: CpuidProfile, kernel: str | KernelVersion =
         lines=tuple(line for line in b.log if line.startswith("x86/fpu: ")),
         log=tuple(b.log),
     )
+
+
+# -- core dumps: the NT_X86_XSAVE_LAYOUT note (CONFIG_COREDUMP, v6.12+) -------------------------
+
+NT_X86_XSAVE_LAYOUT = 0x205
+#: owner_name[] of xstate.c's core-dump hooks, with its NUL (n_namesz = sizeof = 6).
+XSAVE_LAYOUT_OWNER = b"LINUX\0"
+#: sizeof(struct elf_note): n_namesz, n_descsz, n_type.
+ELF_NOTE_HEADER_SIZE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class XfeatComponent:
+    """struct x86_xfeat_component (arch/x86/include/uapi/asm/elf.h, packed): one record of
+    the NT_X86_XSAVE_LAYOUT note -- the xfeature number, xstate_sizes[i], xstate_offsets[i]
+    (the standard-format offset) and flags, reserved and written as 0."""
+
+    type: int
+    size: int
+    offset: int
+    flags: int = 0
+
+    SIZE = 16  #: sizeof(struct x86_xfeat_component): four little-endian u32
+
+    def pack(self) -> bytes:
+        return b"".join(v.to_bytes(4, "little")
+                        for v in (self.type, self.size, self.offset, self.flags))
+
+    @classmethod
+    def unpack_all(cls, desc: bytes) -> tuple[XfeatComponent, ...]:
+        """The records of a note's descriptor (its length a multiple of 16)."""
+        assert len(desc) % cls.SIZE == 0, f"descriptor of {len(desc)} bytes"
+        return tuple(cls(*(int.from_bytes(desc[k + 4 * j:k + 4 * j + 4], "little")
+                           for j in range(4)))
+                     for k in range(0, len(desc), cls.SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class XsaveLayoutNote:
+    """What the x86 hooks give elf_core_dump() (fs/binfmt_elf.c) for one boot.
+
+    ``size`` is elf_coredump_extra_notes_size(), added to the PT_NOTE segment's size; ``data``
+    the bytes elf_coredump_extra_notes_write() emits after the last thread's notes (note
+    header, "LINUX" padded to 4, the records); ``aborts`` whether it returns nonzero, after
+    which elf_core_dump() stops writing: the core keeps its headers and notes but no memory
+    (has_dumped is already 1, so the dump counts as made)."""
+
+    records: tuple[XfeatComponent, ...]
+    size: int
+    data: bytes
+    aborts: bool
+
+
+def dump_xsave_layout_desc(boot: BootResult) -> tuple[XfeatComponent, ...]:
+    """dump_xsave_layout_desc(): one record per extended feature (bit 2 and up) of
+    fpu_user_cfg.max_features, in bit order, from setup_xstate_cache()'s xstate_sizes[] and
+    xstate_offsets[] (standard offsets, whatever format the kernel saves in). A user feature
+    whose sub-leaf flags it supervisor has xstate_offsets[i] still at its initial -1."""
+    umax = boot.fpu_user_cfg.max_features
+    if not umax >> 2 or boot.xstate is None:
+        return ()
+    out = []
+    for i in bits(umax & ~XFEATURE_MASK_FPSSE):
+        e = boot.xstate.entry(i)
+        out.append(XfeatComponent(i, e.size, 0xFFFFFFFF if e.offset is None else e.offset))
+    return tuple(out)
+
+
+def elf_coredump_extra_notes(boot: BootResult) -> XsaveLayoutNote:
+    """elf_coredump_extra_notes_size() and elf_coredump_extra_notes_write() (xstate.c, v6.12+,
+    ba386777a30b): nothing before v6.12 or when fpu_user_cfg.max_features is 0 (no XSAVE);
+    else a note named "LINUX" of type NT_X86_XSAVE_LAYOUT holding dump_xsave_layout_desc().
+
+    fpu__init_disable_system_xstate() clears fpu_kernel_cfg.max_features only, so a boot that
+    gave XSAVE up after sizing (paranoid_size, init_fpstate_too_small) still describes its
+    user features. v6.12-v6.18 take zero records for a failure: on a CPU whose XSAVE has only
+    x87 and SSE (max_features 3) the write returns 1 after the note's header and name, and
+    the core has no memory (c8161e5304ab, mainline v6.19 and stable backports, counts only
+    negative results as failures; not modelled, as ``versions`` models no stable backport).
+
+    FpstateError for a boot that died (XSETBV #GP): no process of it dumps core."""
+    if boot.disabled == "xsetbv_gp":
+        raise FpstateError(f"kernel {boot.kernel} does not boot on {boot.cpu} (XSETBV #GP): "
+                           "no process dumps core")
+    kv = kernel_version(boot.kernel)
+    if not kv.has("xsave_layout_note") or not boot.fpu_user_cfg.max_features:
+        return XsaveLayoutNote((), 0, b"", False)
+    records = dump_xsave_layout_desc(boot)
+    desc = b"".join(r.pack() for r in records)
+    name = XSAVE_LAYOUT_OWNER + bytes(-len(XSAVE_LAYOUT_OWNER) % 4)
+    header = (len(XSAVE_LAYOUT_OWNER).to_bytes(4, "little") + len(desc).to_bytes(4, "little")
+              + NT_X86_XSAVE_LAYOUT.to_bytes(4, "little"))
+    size = ELF_NOTE_HEADER_SIZE + len(name) + len(desc)
+    return XsaveLayoutNote(records, size, header + name + desc, aborts=not records)
