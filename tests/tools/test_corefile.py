@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
 import resource
 import shutil
@@ -15,16 +16,31 @@ import time
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fpstate.cli import main
+from fpstate.commands.decode import _decode
 from fpstate.errors import BlobError, HostUnavailable
-from fpstate.kernel.x86 import regset
+from fpstate.kernel.x86 import regset, xstate
 from fpstate.kernel.x86 import xstate_prctl as xp
 from fpstate.kernel.x86.sched import Machine
-from fpstate.tools.blob import decode
-from fpstate.tools.corefile import build_core, xstate_notes
-from fpstate.x86.profiles import bundled_profile
+from fpstate.kernel.x86.versions import version_for_release
+from fpstate.tools.blob import decode, supported_mxcsr_mask
+from fpstate.tools.corefile import (
+    LayoutNote,
+    XfeatComponent,
+    build_core,
+    layout_disagreements,
+    layout_problems,
+    profile_from_layout,
+    xsave_layout_note,
+    xstate_notes,
+)
+from fpstate.tools.record import StateRecord
+from fpstate.tools.sources import Source, read_source
+from fpstate.x86.profiles import bundled_profile, load_profile
 
 SEED = 0x77
 
@@ -115,7 +131,6 @@ def test_kernel_core_dump_of_an_avx512_process(tmp_path: Path) -> None:
         pattern_table,
         zmm_pattern,
     )
-    from fpstate.x86.profiles import load_profile
 
     _avx512_host()
     shm = SharedMemory(4096)
@@ -154,7 +169,6 @@ def test_kernel_core_dump_of_an_amx_process(tmp_path: Path) -> None:
     )
     from fpstate.host.child import PAGE, SharedMemory
     from fpstate.x86.layout import standard_size
-    from fpstate.x86.profiles import load_profile
 
     why = amx_unavailable()
     if why:
@@ -185,7 +199,6 @@ def test_gdb_gcore_of_an_avx512_process(tmp_path: Path) -> None:
     """gdb -p PID -batch -ex generate-core-file: the note has the registers; gdb 13 sizes it
     by Intel's layout (2688 for XCR0 0xe7) on this AMD host, which decode flags."""
     from fpstate.host.child import SharedMemory, fork_child, pattern_table, zmm_pattern
-    from fpstate.x86.profiles import load_profile
 
     _avx512_host()
     gdb = shutil.which("gdb")
@@ -400,3 +413,191 @@ def test_kernel_core_dump_shows_a_stale_mxcsr(tmp_path: Path) -> None:
     view = __copy_xstate_to_uabi_buf(m.system, bytes(m.init_fpstate.regs), fps,
                                      fps.user_xfeatures, 0, XSTATE_COPY_XSAVE, len(note))
     assert view[24:28] == note[24:28]
+
+
+# -- NT_X86_XSAVE_LAYOUT (Linux 6.12+) -------------------------------------------------------------
+
+def _layout_core(cpu: str) -> bytes:
+    """A core of a task on ``cpu`` (the kernel model) whose ZMM/opmask/PKRU registers hold
+    patterns, with the NT_X86_XSAVE_LAYOUT note the model's 6.18 writes after its notes."""
+    prof = bundled_profile(cpu)
+    m = Machine.boot(prof, ncpus=1)
+    t = m.spawn("avx512")
+    m.run(0, t)
+    for i, size in ((2, 256), (5, 64), (6, 512), (7, 1024)):
+        m.user_write(0, i, bytes((i * 37 + 11 * k) & 0xFF for k in range(size)))
+    note = m.syscall(0, _path(regset.xstateregs_get), t, regset.regset_xstate_size(m.system))
+    extra = xstate.elf_coredump_extra_notes(xstate.fpu__init_system_xstate(prof, "6.18"))
+    return build_core([(t.pid, note)], extra_notes=extra.data)
+
+
+def _sources_of(core: bytes, tmp_path: Path) -> list[Source]:
+    """read_source() of ``core`` written to a file, as `fpstate decode` reads it."""
+    path = tmp_path / "core"
+    path.write_bytes(core)
+    return read_source(str(path))
+
+
+def test_core_decodes_with_its_own_layout_note(tmp_path: Path) -> None:
+    """A Zen 4 core (AVX-512 right after AVX: opmask at 832) decodes without being told the
+    CPU; decoding it as Sapphire Rapids (opmask at 1088) reads other bytes, and says why."""
+    (src,) = _sources_of(_layout_core("zen4"), tmp_path)
+    assert src.layout is not None and src.layout.features == 0x2E4
+    own = _decode(src, None, "auto", None)
+    assert own.profile == "core (NT_X86_XSAVE_LAYOUT)" and own.warnings == ()
+    assert own.component(5).offset == 832 and own.component(7).offset == 1408
+    assert own.register("k0") == int.from_bytes(bytes((5 * 37 + 11 * k) & 0xFF
+                                                      for k in range(8)), "little")
+    zen = decode(src.data, bundled_profile("zen4"))
+    assert [(c.number, c.offset, c.registers) for c in own.components] == \
+        [(c.number, c.offset, c.registers) for c in zen.components]
+    wrong = _decode(src, "sapphire-rapids", "auto", None)
+    assert wrong.register("k0") != own.register("k0")
+    said = [w for w in wrong.warnings if "NT_X86_XSAVE_LAYOUT says otherwise" in w]
+    assert "xfeature 5 (opmask) is at 0x340+0x40 in the core, at 0x440+0x40 on " \
+        "sapphire-rapids" in said[0]
+    assert len(said) == 4  # opmask, ZMM_Hi256, Hi16_ZMM and PKRU all moved
+
+
+def test_layout_note_of_a_core_without_one_and_of_two() -> None:
+    assert xsave_layout_note(build_core([(1, bytes(832))])) is None
+    extra = xstate.elf_coredump_extra_notes(
+        xstate.fpu__init_system_xstate(bundled_profile("haswell"), "6.18")).data
+    with pytest.raises(BlobError, match="2 NT_X86_XSAVE_LAYOUT notes"):
+        xsave_layout_note(build_core([(1, bytes(832))], extra_notes=extra + extra))
+    bad = extra[:4] + (17).to_bytes(4, "little") + extra[8:] + bytes(4)
+    with pytest.raises(BlobError, match="17 bytes, not a multiple of 16"):
+        xsave_layout_note(build_core([(1, bytes(832))], extra_notes=bad[:37]))
+
+
+def _note(*records: tuple[int, int, int] | tuple[int, int, int, int]) -> LayoutNote:
+    return LayoutNote(tuple(XfeatComponent(*r) for r in records), 0x100)
+
+
+@pytest.mark.parametrize(("records", "xcr0", "size", "problem"), [
+    (((1, 256, 160),), None, None, "extended features (2 to 63) only"),
+    (((2, 256, 576), (2, 256, 576)), None, None, "xfeature 2 (avx) is listed twice"),
+    (((5, 64, 1088), (2, 256, 576)), None, None, "follows xfeature 5"),
+    (((2, 256, 576, 1),), None, None, "flags 0x1; the field is reserved"),
+    (((2, 0, 0),), None, None, "xfeature 2 (avx) has size 0"),
+    (((2, 256, 0),), None, None, "overlaps the legacy region"),
+    (((2, 256, 576), (5, 64, 800)), None, None, "xfeature 2 (avx) at 0x240+0x100 overlaps "
+                                                "xfeature 5 (opmask)"),
+    (((2, 1024, 576), (5, 64, 1088), (6, 64, 1400)), None, None,
+     "xfeature 2 (avx) at 0x240+0x400 overlaps xfeature 6 (zmm_hi256) at 0x578"),
+    (((2, 256, 0xFFFFFF80),), None, None, "runs past 4 GiB"),
+    (((2, 256, 576),), None, 800, "runs past the 800-byte NT_X86_XSTATE note"),
+    (((2, 256, 576),), 0xE7, None, "XCR0 bits 5, 6, 7 have no record"),
+    (((2, 256, 576), (9, 8, 2688)), 0x7, None, "records for 9 are not in XCR0"),
+])
+def test_layout_problems(records, xcr0, size, problem: str) -> None:
+    found = layout_problems(_note(*records), xcr0, size)
+    assert any(problem in p for p in found), found
+    with pytest.raises(BlobError):
+        profile_from_layout(_note(*records), xcr0 if xcr0 is not None else 0x7,
+                            xstate_size=size)
+
+
+def test_layout_problems_none_for_the_kernels_notes() -> None:
+    for cpu in ("sapphire-rapids", "zen4", "haswell", "skylake-sp"):
+        r = xstate.fpu__init_system_xstate(bundled_profile(cpu), "6.18")
+        extra = xstate.elf_coredump_extra_notes(r)
+        note = LayoutNote(extra.records, 0)
+        assert layout_problems(note, r.fpu_user_cfg.max_features, r.fpu_user_cfg.max_size) == ()
+        prof = profile_from_layout(note, r.fpu_user_cfg.max_features)
+        assert layout_disagreements(note, bundled_profile(cpu)) == ()
+        assert prof.xcr0_supported == r.fpu_user_cfg.max_features
+        assert prof.cpuid(0xD, 0)[1] == r.fpu_user_cfg.max_size  # the standard size
+
+
+def test_profile_from_layout_keeps_amds_misaligned_sse_mask() -> None:
+    note = _note((2, 256, 576))
+    assert supported_mxcsr_mask(profile_from_layout(note, 0x7, mxcsr_mask=0x2FFFF)) == 0x2FFFF
+    assert supported_mxcsr_mask(profile_from_layout(note, 0x7)) == 0xFFFF
+
+
+@settings(max_examples=200, deadline=None)
+@given(desc=st.binary(max_size=200), xcr0=st.integers(0, 2**64 - 1),
+       size=st.none() | st.integers(0, 20000))
+def test_layout_note_readers_raise_only_blob_error(desc: bytes, xcr0: int, size) -> None:
+    """Any descriptor in a note of type 0x205: the reader, the problem list and the profile
+    answer or raise BlobError; a profile is made only from a note without problems."""
+    name = b"LINUX\0\0\0"
+    extra = (6).to_bytes(4, "little") + len(desc).to_bytes(4, "little") \
+        + (0x205).to_bytes(4, "little") + name + desc + bytes(-len(desc) % 4)
+    try:
+        note = xsave_layout_note(build_core([(1, bytes(832))], extra_notes=extra))
+    except BlobError:
+        assert len(desc) % 16
+        return
+    assert note is not None and len(note.records) == len(desc) // 16
+    problems = layout_problems(note, xcr0, size)
+    assert all(isinstance(p, str) and "\n" not in p for p in problems)
+    try:
+        prof = profile_from_layout(note, xcr0)
+    except BlobError:
+        assert layout_problems(note, xcr0)
+        return
+    for r in note.records:
+        assert prof.cpuid(0xD, r.type)[:2] == (r.size, r.offset)
+
+
+def test_decode_cli_with_a_bad_layout_note(tmp_path: Path, capsys) -> None:
+    """A core whose layout note lists AVX at 0: exit 2 with one line that says so and how to
+    decode anyway; with --cpu it decodes and warns."""
+    bad = _note((2, 256, 0))
+    desc = b"".join(r.pack() for r in bad.records)
+    extra = (6).to_bytes(4, "little") + (16).to_bytes(4, "little") \
+        + (0x205).to_bytes(4, "little") + b"LINUX\0\0\0" + desc
+    path = tmp_path / "core"
+    path.write_bytes(build_core([(1, bytes(832))], extra_notes=extra))
+    assert main(["decode", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "overlaps the legacy region" in err and "--cpu" in err
+    assert main(["decode", str(path), "--cpu", "haswell"]) == 0
+    assert "NT_X86_XSAVE_LAYOUT says otherwise: xfeature 2 (avx) is at 0x0+0x100 in the " \
+        "core, at 0x240+0x100 on haswell" in capsys.readouterr().out
+
+
+@pytest.mark.host
+def test_kernel_core_dump_ends_with_the_layout_note_the_model_writes(tmp_path: Path) -> None:
+    """The running kernel's core of a plain child: what follows the thread's notes is, byte
+    for byte, elf_coredump_extra_notes() of the model booted on this CPU as this kernel's
+    version (nothing before 6.12), it closes the PT_NOTE segment, and the core then decodes
+    with its own layout as with the host's profile."""
+    core, _ = _kernel_core(tmp_path, lambda a: None)
+    data = core.read_bytes()
+    host = load_profile("host")
+    release = os.uname().release
+    model = xstate.elf_coredump_extra_notes(
+        xstate.fpu__init_system_xstate(host, version_for_release(release)))
+    (seg,) = [s for s in ELFFile(io.BytesIO(data)).iter_segments()
+              if s.header["p_type"] == "PT_NOTE"]
+    end = seg.header["p_offset"] + seg.header["p_filesz"]
+    (last,) = xstate_notes(data)
+    assert model.size, f"kernel {release}: the model writes no layout note before 6.12"
+    note = xsave_layout_note(data)
+    assert note is not None
+    assert data[note.offset:note.offset + model.size] == model.data
+    assert note.offset + model.size == end
+    assert note.offset > last.offset
+    (src,) = _sources_of(data, tmp_path)
+    own, hosts = _decode(src, None, "auto", None), decode(src.data, host)
+    assert own.warnings == hosts.warnings
+    assert [(c.number, c.offset, c.registers) for c in own.components] == \
+        [(c.number, c.offset, c.registers) for c in hosts.components]
+
+
+def test_record_of_a_core_takes_its_layout_and_translates(tmp_path: Path) -> None:
+    """`fpstate record` of a Zen 4 core with its layout note keeps the note's leaf 0xD (opmask
+    at 832); translating it to Sapphire Rapids puts the same k0 at 1088."""
+    (tmp_path / "core").write_bytes(_layout_core("zen4"))
+    assert main(["record", str(tmp_path / "core"), "-o", str(tmp_path / "r.json")]) == 0
+    rec = StateRecord.from_json((tmp_path / "r.json").read_bytes())
+    assert rec.cpu == "core (NT_X86_XSAVE_LAYOUT)" and rec.vendor == "unknown"
+    assert dict(((leaf, sub), regs) for leaf, sub, regs in rec.leaves)[(0xD, 5)][:2] == (64, 832)
+    assert main(["translate", str(tmp_path / "r.json"), "--to", "sapphire-rapids",
+                 "-o", str(tmp_path / "spr.json")]) == 0
+    spr = StateRecord.from_json((tmp_path / "spr.json").read_bytes())
+    k0 = bytes((5 * 37 + 11 * k) & 0xFF for k in range(8))
+    assert rec.state[832:840] == k0 and spr.state[1088:1096] == k0

@@ -3,7 +3,9 @@
 - ``fpstate decode SOURCE --cpu CPU [--format F] [--xcr0 MASK] [--all] [--json]``: the header,
   every component's registers by name (hex), which components are in their initial state, and
   warnings. SOURCE is a file (raw area, ELF core, state record), ``pid:TID`` or ``kvm[:SEED]``
-  (`fpstate.tools.sources`). The JSON is what ``encode`` reads.
+  (`fpstate.tools.sources`). The JSON is what ``encode`` reads. Without --cpu a core that has
+  an NT_X86_XSAVE_LAYOUT note (Linux 6.12+) is read with the layout it gives; with --cpu,
+  every place where the CPU disagrees with the note is a warning (``validate``: a note).
 - ``fpstate encode JSON --cpu CPU [--format F] [-o OUT]``: the bytes back (byte-exact for the
   JSON's own format; another format lays the registers out afresh).
 - ``fpstate validate SOURCE --cpu CPU --as sigreturn|sigreturn-ia32|ptrace|kvm [--kernel V]
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from fpstate.commands import decode_arm64
 from fpstate.commands.layout import mask_arg, resolve_cpu
@@ -29,6 +32,7 @@ from fpstate.inputs import read_bytes, read_text, write_output
 from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
 from fpstate.tools import blob_arm64
 from fpstate.tools.blob import FORMATS, Blob, decode, encode
+from fpstate.tools.corefile import LAYOUT_SOURCE, layout_disagreements, profile_from_layout
 from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
 from fpstate.tools.sources import Source, read_source
 from fpstate.tools.validate import PATHS, TASKS, validate
@@ -36,8 +40,9 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import mask_names
 
 _CPU_HELP = ("'host', a bundled profile (fpstate cpus) or a CPUID dump; default host (a state "
-             "record brings its own CPU); with --arch arm64 an arm64 profile (default "
+             "record brings its own CPU{}); with --arch arm64 an arm64 profile (default "
              f"{decode_arm64.DEFAULT_CPU})")
+_CORE_LAYOUT = ", a core of Linux 6.12+ its NT_X86_XSAVE_LAYOUT"
 #: --format choices of decode and validate: x86's, then arm64's (--arch says which apply).
 _ALL_FORMATS = tuple(dict.fromkeys((*FORMATS, *blob_arm64.FORMATS)))
 _ARCH_HELP = "architecture of the blob (default x86; arm64: regsets, signal frames, cores)"
@@ -51,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("source", metavar="SOURCE", help="a file (raw blob, ELF core, state record), "
                    "pid:TID (ptrace a running thread) or kvm[:SEED] (a KVM vCPU of this host)")
     d.add_argument("--arch", default="x86", choices=("x86", "arm64"), help=_ARCH_HELP)
-    d.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+    d.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP.format(_CORE_LAYOUT))
     d.add_argument("--format", default="auto", choices=("auto", *_ALL_FORMATS),
                    help=f"x86: {', '.join(FORMATS)}; arm64: {', '.join(blob_arm64.FORMATS)}")
     d.add_argument("--xcr0", type=mask_arg, metavar="MASK",
@@ -65,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Write the blob a 'decode --json' object describes "
                               "(x86, or arm64 from decode --arch arm64 --json: byte-exact).")
     e.add_argument("json_file", metavar="JSON")
-    e.add_argument("--cpu", default="host", metavar="CPU", help=_CPU_HELP)
+    e.add_argument("--cpu", default="host", metavar="CPU", help=_CPU_HELP.format(""))
     e.add_argument("--format", default=None, choices=FORMATS,
                    help="default: the JSON's own (byte-exact)")
     e.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
@@ -77,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "0 accepted, 1 refused (the rule is named).")
     v.add_argument("source", metavar="SOURCE")
     v.add_argument("--arch", default="x86", choices=("x86", "arm64"), help=_ARCH_HELP)
-    v.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP)
+    v.add_argument("--cpu", default=None, metavar="CPU", help=_CPU_HELP.format(""))
     v.add_argument("--as", dest="path", required=True, choices=PATHS,
                    help="arm64: ptrace (PTRACE_SETREGSET) or sigreturn")
     v.add_argument("--format", default=None, choices=("auto", *blob_arm64.FORMATS),
@@ -98,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "signal frame with --format sigframe)")
     r.add_argument("--cpu", default=None, metavar="CPU",
                    help="'host', a bundled profile (fpstate cpus) or a CPUID dump; default host "
-                   "(a state record brings its own CPU); "
+                   f"(a state record brings its own CPU{_CORE_LAYOUT}); "
                    "with --arch arm64 an arm64 profile (default: the bundled one whose kernel "
                    "writes the source as it is)")
     r.add_argument("--format", default="auto", choices=("auto", *FORMATS))
@@ -144,16 +149,46 @@ def _address(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an address: {text!r}") from None
 
 
-def _profile(src: Source, cpu: str | None) -> CpuidProfile:
+def _layout_profile(src: Source) -> CpuidProfile:
+    """The CPU a core's NT_X86_XSAVE_LAYOUT note describes, with the XCR0 and MXCSR_MASK of
+    the thread's NT_X86_XSTATE note."""
+    assert src.layout is not None
+    data = src.data
+    xcr0 = int.from_bytes(data[464:472], "little") if len(data) >= 472 else 0
+    mask = int.from_bytes(data[28:32], "little") if len(data) >= 32 else 0xFFFF
+    try:
+        return profile_from_layout(src.layout, xcr0, mxcsr_mask=mask or 0xFFFF,
+                                   xstate_size=len(data))
+    except BlobError as e:
+        raise BlobError(f"{e} (give --cpu to decode with a CPU profile instead)") from None
+
+
+def _profile(src: Source, cpu: str | None, layout: bool = True) -> CpuidProfile:
+    """The CPU to read ``src`` with: ``cpu`` when given; else a state record's own CPU, or
+    (``layout``) the layout a core's NT_X86_XSAVE_LAYOUT note gives; else the host."""
     if src.record is not None and cpu is None:
         return src.record.profile()
+    if src.layout is not None and cpu is None and layout:
+        return _layout_profile(src)
     return resolve_cpu(cpu or "host")
+
+
+def _layout_warnings(src: Source, profile: CpuidProfile) -> list[str]:
+    """Where ``profile`` disagrees with the core's own layout note (none when there is no
+    note or the profile was made from it)."""
+    if src.layout is None or profile.source == LAYOUT_SOURCE:
+        return []
+    return [f"the core's NT_X86_XSAVE_LAYOUT says otherwise: {d}"
+            for d in layout_disagreements(src.layout, profile)]
 
 
 def _decode(src: Source, cpu: str | None, fmt: str, xcr0: int | None) -> Blob:
     if src.record is not None and xcr0 is None and src.record.layout == "standard":
         xcr0 = src.record.xcr0
-    return decode(src.data, _profile(src, cpu), src.fmt if fmt == "auto" else fmt, xcr0=xcr0)
+    profile = _profile(src, cpu)
+    blob = decode(src.data, profile, src.fmt if fmt == "auto" else fmt, xcr0=xcr0)
+    extra = _layout_warnings(src, profile)
+    return replace(blob, warnings=(*extra, *blob.warnings)) if extra else blob
 
 
 def render(blob: Blob, label: str, show_all: bool = False) -> str:
@@ -264,17 +299,21 @@ def run_validate(args: argparse.Namespace) -> int:
     sources = read_source(args.source)
     status = 0
     for src in sources:
-        verdict = validate(src.data, _profile(src, args.cpu), args.path, kernel=args.kernel,
-                           task=args.task)
+        profile = _profile(src, args.cpu, layout=False)
+        verdict = validate(src.data, profile, args.path, kernel=args.kernel, task=args.task)
         status |= 0 if verdict.accepted else 1
+        mismatch = _layout_warnings(src, profile)
         if args.json:
-            sys.stdout.write(json.dumps(dict(verdict.to_dict(), source=src.label)) + "\n")
+            out = dict(verdict.to_dict(), source=src.label)
+            if mismatch:
+                out["layout_disagreements"] = mismatch
+            sys.stdout.write(json.dumps(out) + "\n")
             continue
         head = "accepted" if verdict.accepted else "REFUSED"
         sys.stdout.write(f"{src.label}: {args.path}: {head} ({verdict.result}) -- "
                          f"{verdict.rule}" + (f": {verdict.detail}" if not verdict.accepted
                                               else "") + "\n")
-        for note in verdict.notes:
+        for note in (*verdict.notes, *mismatch):
             sys.stdout.write(f"  note: {note}\n")
     return status
 

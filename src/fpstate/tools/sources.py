@@ -10,8 +10,9 @@
   `fpstate.host.child.zmm_pattern` / ``opmask_pattern``), then KVM_GET_XSAVE2 of its vCPU (the
   kvm format). A vCPU belongs to the process that created it, so this is the one vCPU a
   command can read; a VMM reads its own with ``Vcpu.get_xsave2()`` and decodes the bytes;
-- a path: an ELF core file (one source per NT_X86_XSTATE note, `fpstate.tools.corefile`), a
-  state record (`fpstate.tools.record`, which carries its own CPU), or raw bytes.
+- a path: an ELF core file (one source per NT_X86_XSTATE note, `fpstate.tools.corefile`; a
+  core of Linux 6.12+ carries its CPU's layout in NT_X86_XSAVE_LAYOUT), a state record
+  (`fpstate.tools.record`, which carries its own CPU), or raw bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from fpstate.errors import BlobError, HostUnavailable
 from fpstate.inputs import read_bytes
-from fpstate.tools.corefile import is_core, xstate_notes
+from fpstate.tools.corefile import LayoutNote, is_core, xsave_layout_note, xstate_notes
 from fpstate.tools.record import RECORD_FORMAT, StateRecord
 
 
@@ -34,6 +35,7 @@ class Source:
     fmt: str
     record: StateRecord | None = None
     tid: int | None = None  #: the thread of a core note or of pid:TID
+    layout: LayoutNote | None = None  #: the core's NT_X86_XSAVE_LAYOUT note, if it has one
 
 
 def _kvm_source(seed: int) -> Source:
@@ -96,8 +98,9 @@ def read_source(spec: str) -> list[Source]:
     except OSError as e:
         raise BlobError(f"cannot read {spec}: {e.strerror or e}") from None
     if is_core(data):
+        layout = xsave_layout_note(data)
         return [Source(f"{spec}: NT_X86_XSTATE of thread {n.tid} (note at {n.offset:#x})",
-                       n.data, "uabi", tid=n.tid) for n in xstate_notes(data)]
+                       n.data, "uabi", tid=n.tid, layout=layout) for n in xstate_notes(data)]
     if data.lstrip()[:1] == b"{" and RECORD_FORMAT.encode() in data[:4096]:
         rec = StateRecord.from_json(data)
         return [Source(f"{spec}: state record of {rec.cpu} ({rec.layout})", rec.state,
