@@ -34,7 +34,8 @@ import pytest
 
 from fpstate.errors import ProfileError
 from fpstate.kernel.x86.versions import VERSION_NAMES
-from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+from fpstate.kernel.x86.xstate import elf_coredump_extra_notes, fpu__init_system_xstate
+from fpstate.tools.corefile import LayoutNote, layout_problems
 from fpstate.x86.layout import compacted_size, standard_size
 from fpstate.x86.profiles.dumps import parse_corpus_object
 from fpstate.x86.xfeatures import XFEATURE_MASK_LWP, XFEATURE_MASK_PKRU
@@ -109,3 +110,30 @@ def test_xeon_phi_dump_shows_the_v616_offset_order() -> None:
     assert "XSAVE consistency problem: size 0 != kernel_size 832" in old.log
     new = fpu__init_system_xstate(p, "6.16")
     assert new.xsave_enabled and new.fpu_kernel_cfg.max_size == 832
+
+
+def test_core_layout_notes_of_the_corpus() -> None:
+    """elf_coredump_extra_notes() of 6.18 on every consistent dump: its records are the CPU's
+    own leaf 0xD (EAX size, EBX offset) for each user feature Linux enables, with nothing a
+    reader would doubt (layout_problems). The dumps whose cores lose their memory on 6.12-6.18
+    (zero records, fixed by c8161e5304ab) are the Atoms and the Lakefield whose XSAVE has only
+    x87 and SSE -- Elkhart Lake among them, the family of the x6425RE that fix names."""
+    aborts = []
+    for entry, profile in BOOTABLE:
+        if not entry["dump_consistent"]:
+            continue
+        r = fpu__init_system_xstate(profile, "6.18")
+        note = elf_coredump_extra_notes(r)
+        assert [(c.type, c.size, c.offset) for c in note.records] == [
+            (i, *profile.cpuid(0xD, i)[:2]) for i in range(2, 64)
+            if r.fpu_user_cfg.max_features >> i & 1]
+        assert layout_problems(LayoutNote(note.records, 0), r.fpu_user_cfg.max_features,
+                               r.fpu_user_cfg.max_size) == ()
+        if note.aborts:
+            aborts.append(_id((entry, profile)))
+            assert profile.xcr0_supported == 0x3
+    assert sorted(aborts) == [
+        "GenuineIntel00806A1_Lakefield", "GenuineIntel0090661_ElkhartLake_CPUID01.txt",
+        "GenuineIntel00906C0_JasperLake_01", "GenuineIntel00906C0_JasperLake_06",
+        "GenuineIntel00906C0_JasperLake_CPUID01.txt", "GenuineIntel00906C0_JasperLake_CPUID02.txt",
+        "GenuineIntel00906C0_JasperLake_CPUID03.txt"]
