@@ -5,7 +5,6 @@ what the kernel model's xstateregs_get() writes (this host has no AMX)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import resource
@@ -80,44 +79,15 @@ def _pattern_child(shm_address: int, body_tail):
 
 
 def _kernel_core(tmp_path: Path, code) -> tuple[Path, object]:
-    """Fork a child that raises its own RLIMIT_CORE (no system setting changes; core_pattern
-    must write a file in its directory), runs the machine code ``code(asm)`` emits and kills
-    itself with SIGQUIT: the core file the kernel wrote and the child's exit."""
-    from fpstate.host.child import SYS, CodePages, Reg, fork_child, raw_syscall, wait_child
-    from fpstate.host.child import Asm as HostAsm
+    """`fpstate.host.coredump.kernel_core`, skipping where this machine writes no core file."""
+    from fpstate.host.coredump import kernel_core
 
-    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
-    if pattern.startswith("|") or "/" in pattern:
-        pytest.skip(f"core_pattern {pattern!r} does not write a file in the process's directory")
     try:
-        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
-    except OSError:
-        hard = 0
-    if hard == 0:
-        pytest.skip("RLIMIT_CORE hard limit is 0: no process may dump core")
-
-    def body() -> int:
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
-                                                  resource.RLIM_INFINITY))
-        raw_syscall(SYS["prctl"], 4, 1)  # PR_SET_DUMPABLE 1 (fork_child cleared it)
-        os.chdir(tmp_path)
-        act = (ctypes.c_uint64 * 4)(0, 0, 0, 0)  # SIG_DFL: dump core
-        raw_syscall(SYS["rt_sigaction"], signal.SIGQUIT, ctypes.addressof(act), 0, 8)
-        pages = CodePages(1)
-        a = HostAsm()
-        code(a)
-        a.syscall(SYS["getpid"])
-        a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
-        a.exit_group(7)
-        pages.call(pages.place(0, a))
-        return 6
-
-    ex = wait_child(fork_child(body))
-    assert ex.signal == signal.SIGQUIT, ex
-    cores = [p for p in tmp_path.iterdir() if p.name.startswith(pattern.split("%")[0] or "core")]
-    if not cores:
-        pytest.skip(f"no core file appeared (core_pattern {pattern!r})")
-    return cores[0], ex
+        core = kernel_core(tmp_path, code)
+    except HostUnavailable as e:
+        pytest.skip(str(e))
+    assert core.exit.signal == signal.SIGQUIT, core.exit
+    return core.path, core.exit
 
 
 @pytest.mark.host
