@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import resource
 import shutil
@@ -571,3 +572,19 @@ def test_record_of_a_core_takes_its_layout_and_translates(tmp_path: Path) -> Non
     spr = StateRecord.from_json((tmp_path / "spr.json").read_bytes())
     k0 = bytes((5 * 37 + 11 * k) & 0xFF for k in range(8))
     assert rec.state[832:840] == k0 and spr.state[1088:1096] == k0
+
+
+def test_validate_notes_where_the_cpu_disagrees_with_the_core(tmp_path: Path, capsys) -> None:
+    """validate boots the kernel model on --cpu (a layout note is no CPU to boot): a Zen 4
+    core validated for Sapphire Rapids says, as notes and in the JSON, where SPR puts what
+    the core holds elsewhere; validated for Zen 4 it says nothing of the kind."""
+    (tmp_path / "core").write_bytes(_layout_core("zen4"))
+    core = str(tmp_path / "core")
+    main(["validate", core, "--as", "ptrace", "--cpu", "sapphire-rapids"])
+    out = capsys.readouterr().out
+    assert "  note: the core's NT_X86_XSAVE_LAYOUT says otherwise: xfeature 9 (pkru) is at " \
+        "0x980+0x8 in the core, at 0xa80+0x8 on sapphire-rapids" in out
+    main(["validate", core, "--as", "ptrace", "--cpu", "sapphire-rapids", "--json"])
+    assert len(json.loads(capsys.readouterr().out)["layout_disagreements"]) == 4
+    assert main(["validate", core, "--as", "ptrace", "--cpu", "zen4"]) == 0
+    assert "NT_X86_XSAVE_LAYOUT" not in capsys.readouterr().out
