@@ -74,6 +74,13 @@ def test_kvm_set_fpu_and_get_fpu_around_kvm_run(ctx) -> None:
     assert run_case(ctx, conform_guest.case_fpu_ioctls, 30).cases == 15 * 6 + 15 * 5
 
 
+def test_kvm_set_fpu_zeroes_the_byte_after_the_abridged_tag_word(ctx) -> None:
+    """kvm_arch_vcpu_ioctl_set_fpu() assigns the u8 ftwx to the image's u16 twd: a reserved
+    byte 5 that KVM_SET_XSAVE put there reads back 0 from KVM_GET_XSAVE2 on the real KVM and
+    on the model (which kept it before this test), whatever kvm_fpu's pad byte held."""
+    assert run_case(ctx, conform_guest.case_fpu_tag_word, 20).cases == 20 * 4
+
+
 def test_migration_between_cpu_models(ctx) -> None:
     """A buffer moved between a vCPU offered every feature and one offered x87/SSE/AVX only,
     both ways; skipped where KVM does not keep a narrowed CPUID.(0DH,0) (this host's PVM)."""

@@ -33,6 +33,7 @@ from fpstate.kernel.x86.types import XFEATURE_MASK_USER_SUPPORTED
 from fpstate.kvm.x86 import x86
 from fpstate.kvm.x86.conform_guest import (
     case_fpu_ioctls,
+    case_fpu_tag_word,
     case_guest_programs,
     case_guest_xsaves,
     case_guest_xsetbv,
@@ -258,7 +259,7 @@ CASES: tuple[tuple[Callable[..., None], float], ...] = (
     (case_supported_cpuid, 0), (case_set_cpuid2, 0), (case_cpuid_runtime, 0), (case_msrs, 0),
     (case_set_xcrs, 1.0),
     (case_xsave_round_trip, 1.0), (case_migrate, 0.1), (case_xsave_across_run, 0.1),
-    (case_fpu_ioctls, 0.05), (case_guest_xsetbv, 0.4),
+    (case_fpu_ioctls, 0.05), (case_fpu_tag_word, 0.02), (case_guest_xsetbv, 0.4),
     (case_guest_programs, 1.0), (case_guest_xsaves, 0), (case_init, 0.05),
 )
 

@@ -115,6 +115,29 @@ def case_fpu_ioctls(ctx: Context, report: Report, rng: random.Random, samples: i
                        _initial_sse_clear(g.vcpu.get_xsave2()))
 
 
+def case_fpu_tag_word(ctx: Context, report: Report, rng: random.Random, samples: int) -> None:
+    """KVM_SET_FPU's store of the abridged tag word: struct kvm_fpu has ftwx as a byte and a
+    pad byte after it, the image's twd is 16 bits (fxregs_state), and kvm_arch_vcpu_ioctl_set_fpu
+    assigns one to the other, so the image's byte 5 -- reserved in FXSAVE's layout, kept by
+    KVM_SET_XSAVE -- becomes 0 whatever the pad byte holds. Each sample: KVM_SET_XSAVE of the
+    vCPU's own buffer with x87 in XSTATE_BV and a random byte 5, KVM_SET_FPU of a random
+    struct, KVM_GET_XSAVE2 and KVM_GET_FPU; no KVM_RUN."""
+    case = "fpu-tag-word"
+    g, v, mvcpu, _xcr0, _mask = _guest_and_model(ctx)
+    for n in range(samples):
+        buf = bytearray(g.vcpu.get_xsave2())
+        buf[512] |= 1
+        buf[5] = rng.randrange(1, 256)
+        buf = bytes(buf)
+        report.compare(case, f"#{n} KVM_SET_XSAVE byte 5 {buf[5]:#x}", v.set_xsave(mvcpu, buf),
+                       _errno_of(lambda b=buf: g.vcpu.set_xsave(b)))
+        fpu = rng.randbytes(416)
+        report.compare(case, f"#{n} KVM_SET_FPU", v.set_fpu(mvcpu, fpu),
+                       _errno_of(lambda f=fpu: g.vcpu.set_fpu(f)))
+        report.compare(case, f"#{n} KVM_GET_XSAVE2", v.get_xsave2(mvcpu), g.vcpu.get_xsave2())
+        report.compare(case, f"#{n} KVM_GET_FPU", v.get_fpu(mvcpu), g.vcpu.get_fpu())
+
+
 def _initial_sse_clear(buf: bytes) -> bytes:
     """A KVM_GET_XSAVE2 buffer with XSTATE_BV[1] cleared where SSE's state is initial (XMM0-15
     zero, MXCSR 1F80H): the same registers for a guest."""

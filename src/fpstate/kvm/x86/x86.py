@@ -441,6 +441,8 @@ KVM_FPU_SIZE = 416
 #: (struct kvm_fpu offset, fxregs_state offset, size) of each field KVM copies: fpr <->
 #: st_space, fcw/fsw <-> cwd/swd, ftwx <-> twd (one byte), last_opcode/last_ip/last_dp <->
 #: fop/rip/rdp, xmm <-> xmm_space. MXCSR is in neither direction.
+#: struct fxregs_state's twd: the abridged tag byte, then the reserved byte 5.
+FTW_OFFSET = 4
 _KVM_FPU_FIELDS = ((0, 32, 128), (128, 0, 4), (132, 4, 1), (134, 6, 2), (136, 8, 16),
                    (152, 160, 256))
 
@@ -465,6 +467,8 @@ def kvm_arch_vcpu_ioctl_set_fpu(c: Cpu, vcpu: KvmVcpu, fpu: bytes) -> int:
     touched (nor MXCSR, which KVM ignores both ways). Where the header does not have x87 or
     SSE, the next XRSTOR of the guest fpstate puts that component in its initial
     configuration and the write is lost to the guest, while KVM_GET_FPU still reports it.
+    ``fxsave->twd = fpu->ftwx`` stores the byte into the image's 16-bit twd: byte 5, reserved
+    in FXSAVE's layout, becomes 0 and struct kvm_fpu's pad byte is ignored.
     0 (-EINVAL for a confidential guest of a VM with protected state, modelled as 0)."""
     if len(fpu) < KVM_FPU_SIZE:
         return -EFAULT
@@ -473,6 +477,7 @@ def kvm_arch_vcpu_ioctl_set_fpu(c: Cpu, vcpu: KvmVcpu, fpu: bytes) -> int:
         return 0
     for dst, src, size in _KVM_FPU_FIELDS:
         fps.regs[src:src + size] = fpu[dst:dst + size]
+    fps.regs[FTW_OFFSET + 1] = 0  # the high byte of the 16-bit twd
     return 0
 
 
