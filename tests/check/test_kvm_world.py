@@ -349,3 +349,30 @@ def test_an_edit_of_sse_gives_the_guest_the_mxcsr_its_buffer_held(
     with no_memos():
         report = scn.run(scn.load(path))
     assert report.violation is not None and report.violation[1].invariant == "no-lost-write"
+
+
+def test_set_fpu_reaches_the_guest_only_through_the_header(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """scenarios/kvm-set-fpu-lost-write.yaml holds under KVM's rule (the guest takes
+    KVM_SET_FPU's x87 and XMM values only where XSTATE_BV has x87 and SSE); the naive
+    contract -- the guest always takes them -- breaks no-lost-write at the first observation
+    of a new vCPU, whose header is empty, naming the VMM's value the guest never got."""
+    from pathlib import Path
+
+    from fpstate.check import scenario as scn
+    from fpstate.check.actions_kvm import KvmX86World
+    from fpstate.check.world import no_memos
+
+    path = Path(__file__).resolve().parents[2] / "scenarios" / "kvm-set-fpu-lost-write.yaml"
+    assert scn.run(scn.load(path)).ok
+
+    def naive(self, name: str, v, hdr: int, x87: bytes, sse: bytes) -> None:
+        self.expected[name][0], self.expected[name][1] = x87, sse
+
+    monkeypatch.setattr(KvmX86World, "_set_fpu_contract", naive)
+    with no_memos():
+        report = scn.run(scn.load(path))
+    assert report.violation is not None
+    step, violation = report.violation
+    assert step == 2 and violation.invariant == "no-lost-write"
+    assert "guest vm0.v0 would see x87 = init (expected vmm.t0#1" in str(violation)

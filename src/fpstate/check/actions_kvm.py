@@ -116,6 +116,10 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("set_xsave", "KVM_GET_XSAVE2 then KVM_SET_XSAVE of the same buffer, as a VMM "
                "saving and restoring a vCPU (snapshot, live migration): the guest must see "
                "its own values afterwards", {"task": _VMM, "vcpu": _VCPU}),
+    ActionSpec("set_fpu", "KVM_SET_FPU of x87 and XMM values of the VMM's own (the legacy "
+               "interface): the guest takes them only where its fpstate's XSTATE_BV has x87 "
+               "and SSE, KVM's rule (the header is not touched)",
+               {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("edit_xsave", "KVM_GET_XSAVE2, the VMM stores a value of its own into one "
                "component of the buffer and sets its XSTATE_BV bit, KVM_SET_XSAVE (a debugger "
                "stub writing a guest register, as QEMU's gdbstub does through the whole "
@@ -579,6 +583,36 @@ class KvmX86World(X86World):
             self._mxcsr_after_uabi_set(vcpu, bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4]), bv)
         return {"ret": ret, "xstate_bv": bv}
 
+    def do_set_fpu(self, task: str, vcpu: str) -> dict[str, V]:
+        """KVM_SET_FPU of x87 and XMM values of ``task``'s own (the legacy interface: QEMU's
+        without XSAVE, rust-vmm's ``set_fpu``). The contract is KVM's rule
+        (kvm_arch_vcpu_ioctl_set_fpu): the fields go into the guest fpstate's legacy area and
+        XSTATE_BV stays as it is, so the guest takes the x87 values only where the header has
+        x87 and the XMM registers only where it has SSE -- elsewhere the next XRSTOR gives it
+        the initial configuration and the write is lost; byte 5 of the image (after the
+        abridged tag word) becomes 0; MXCSR is not written."""
+        t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        t.generation += 1
+        x87 = bytearray(token(t.pid, t.generation, 0, 160))
+        sse = token(t.pid, t.generation, 1, 256)
+        hdr = int.from_bytes(v.arch.guest_fpu.fpstate.regs[512:520], "little")
+        ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_fpu), v,
+                             kx86.kvm_fpu_of(bytes(x87) + sse))
+        if ret == 0:
+            x87[kx86.FTW_OFFSET + 1] = 0
+            self._set_fpu_contract(vcpu, v, hdr, bytes(x87), sse)
+        return {"ret": ret, "xstate_bv": hdr}
+
+    def _set_fpu_contract(self, name: str, v: kv.KvmVcpu, hdr: int, x87: bytes,
+                          sse: bytes) -> None:
+        """KVM's rule for a KVM_SET_FPU of ``x87`` and ``sse`` into a guest fpstate whose
+        XSTATE_BV is ``hdr``: each reaches the guest only where the header has it."""
+        tracked = self.guest_tracked(v)
+        for i, value in ((0, x87), (1, sse)):
+            if hdr >> i & 1 and i in tracked:
+                self.expected[name][i] = value
+
     def do_migrate_xsave(self, task: str, vcpu: str, src: str) -> dict[str, V]:
         """KVM_GET_XSAVE2 of ``src`` and KVM_SET_XSAVE of the buffer into ``vcpu``, both from
         ``task``'s mm. The contract on success (fpu_copy_uabi_to_guest_fpstate): every user
@@ -694,6 +728,7 @@ class KvmX86World(X86World):
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))
                     acts.append(A("set_xsave", task=t.comm, vcpu=name))
+                    acts.append(A("set_fpu", task=t.comm, vcpu=name))
                     for src in srcs:
                         acts.append(A("migrate_xsave", task=t.comm, vcpu=name, src=src))
                     for i in edits:

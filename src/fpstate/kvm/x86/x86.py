@@ -447,6 +447,16 @@ _KVM_FPU_FIELDS = ((0, 32, 128), (128, 0, 4), (132, 4, 1), (134, 6, 2), (136, 8,
                    (152, 160, 256))
 
 
+def kvm_fpu_of(legacy: bytes) -> bytes:
+    """The struct kvm_fpu whose fields are those of the FXSAVE-layout bytes ``legacy`` (at
+    least 416: the x87 region and XMM0-15), pad and MXCSR zero: what a VMM fills in from its
+    own register copy for KVM_SET_FPU."""
+    out = bytearray(KVM_FPU_SIZE)
+    for dst, src, size in _KVM_FPU_FIELDS:
+        out[dst:dst + size] = legacy[src:src + size]
+    return bytes(out)
+
+
 def kvm_arch_vcpu_ioctl_get_fpu(c: Cpu, vcpu: KvmVcpu) -> bytes:
     """KVM_GET_FPU (kvm_arch_vcpu_ioctl_get_fpu, x86.c): the legacy area of the guest
     fpstate's image copied field by field into a zeroed struct kvm_fpu, whatever XSTATE_BV
