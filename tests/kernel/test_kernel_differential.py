@@ -65,7 +65,7 @@ def test_case_names_are_unique_and_cover_the_issue() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     for prefix in ("boot/", "auxv/", "arch_prctl/", "sigaltstack/", "xfd/", "inherit/",
-                   "exec/", "sigframe/", "sigreturn/", "ptrace/"):
+                   "exec/", "sigframe/", "sigreturn/", "ptrace/", "core/"):
         assert any(n.startswith(prefix) for n in names), prefix
     assert {"sigframe/amx-permitted", "sigframe/amx-tiles-in-use",
             "sigframe/amx-tiles-released", "xfd/sigill-without-permission",
@@ -450,3 +450,27 @@ def test_cli_conform_layer_kernel_json(capsys: pytest.CaptureFixture[str]) -> No
     reason = conform.host_amx_reason()
     if reason:
         assert f"sigframe/amx-tiles-in-use: {reason}" in report["skipped"]
+
+
+def test_core_notes_model_on_sapphire_rapids() -> None:
+    """The model side of core/notes on an AMX CPU (this host skips nothing of it, but has no
+    AMX): the regset notes of a task holding x87/SSE only -- NT_X86_XSTATE is fpu_user_cfg's
+    11008 bytes, XCR0 0x602e7 at 464, XSTATE_BV 0x203 (PKRU is always copied from the
+    thread's pkru, __copy_xstate_to_uabi_buf) -- and a layout note of 7 records closing the
+    notes; before 6.12 (kernel_version 6.11) no layout note at all."""
+    from dataclasses import replace
+
+    from fpstate.kernel.x86.conform_core import CoreGiven, core_model
+
+    system = _spr_system()
+    facts = core_model(system, CoreGiven(_legacy_image(system)))
+    xstate = facts["NT_X86_XSTATE"]
+    assert len(xstate) == 11008 and struct.unpack_from("<QQ", xstate, 464)[0] == 0x602E7
+    assert struct.unpack_from("<Q", xstate, 512)[0] == 0x203
+    fx = facts["NT_PRFPREG"]  # the same legacy region; no XCR0 in its software bytes
+    assert xstate[160:176] == bytes([0x11]) * 16 and fx[:464] == xstate[:464]
+    assert fx[464:] == bytes(48)
+    assert len(facts["NT_X86_XSAVE_LAYOUT"]) == 20 + 7 * 16
+    assert facts["NT_X86_XSAVE_LAYOUT closes PT_NOTE"] is True
+    old = core_model(replace(system, kernel_version="6.11"), CoreGiven(_legacy_image(system)))
+    assert old["NT_X86_XSAVE_LAYOUT"] == b"" and old["NT_X86_XSAVE_LAYOUT closes PT_NOTE"] is False

@@ -17,13 +17,13 @@ Theory of operation
   case *skipped* with the precise reason; the model side of such a case is still exercised by
   the tests on a profile that has the feature (tests/kernel/test_kernel_differential.py).
 
-The cases live in four modules: this one (boot lines, AT_MINSIGSTKSZ, arch_prctl in each
+The cases live in five modules: this one (boot lines, AT_MINSIGSTKSZ, arch_prctl in each
 permission state), `conform_process` (AMX first use, fork/vfork/clone, execve),
-`conform_signal` (signal frames, sigaltstack, sigreturn) and `conform_ptrace` (NT_X86_XSTATE,
-NT_PRFPREG). `kernel_cases()` lists them all; `run_kernel_layer()` runs them and returns the
-report ``fpstate conform --layer kernel`` prints (the layer registers itself with
-`fpstate.commands.conform` on import). `conform_example` is the worked example of
-docs/kernel-example.md.
+`conform_signal` (signal frames, sigaltstack, sigreturn), `conform_ptrace` (NT_X86_XSTATE,
+NT_PRFPREG) and `conform_core` (the notes of a core file). `kernel_cases()` lists them all;
+`run_kernel_layer()` runs them and returns the report ``fpstate conform --layer kernel``
+prints (the layer registers itself with `fpstate.commands.conform` on import).
+`conform_example` is the worked example of docs/kernel-example.md.
 """
 
 from __future__ import annotations
@@ -165,14 +165,15 @@ def run_case(case: Case, system: FpuSystem | None = None) -> CaseResult:
 def kernel_cases(samples: int | None = None, seed: int = 0) -> tuple[Case, ...]:
     """Every case of the kernel layer, in report order. ``samples`` sets the number of random
     ptrace writes (default `conform_ptrace.RANDOM_WRITES`), ``seed`` shifts their seed."""
-    from fpstate.kernel.x86 import conform_process, conform_ptrace, conform_signal
+    from fpstate.kernel.x86 import conform_core, conform_process, conform_ptrace, conform_signal
 
     ptrace = conform_ptrace.CASES
     if samples is not None or seed:
         count = conform_ptrace.RANDOM_WRITES if samples is None else samples
         ptrace = tuple(c for c in ptrace if c.name != "ptrace/set-random")
         ptrace += (conform_ptrace.random_case(count, conform_ptrace.RANDOM_SEED + seed),)
-    return (*BASE_CASES, *conform_process.CASES, *conform_signal.CASES, *ptrace)
+    return (*BASE_CASES, *conform_process.CASES, *conform_signal.CASES, *ptrace,
+            *conform_core.CASES)
 
 
 def run_kernel_layer(select: str | None = None, samples: int | None = None,
