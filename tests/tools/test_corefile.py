@@ -588,3 +588,22 @@ def test_validate_notes_where_the_cpu_disagrees_with_the_core(tmp_path: Path, ca
     assert len(json.loads(capsys.readouterr().out)["layout_disagreements"]) == 4
     assert main(["validate", core, "--as", "ptrace", "--cpu", "zen4"]) == 0
     assert "NT_X86_XSAVE_LAYOUT" not in capsys.readouterr().out
+
+
+def test_encode_of_a_core_decoded_by_its_layout_needs_no_cpu(tmp_path: Path, capsys) -> None:
+    """decode --json of a Zen 4 core by its layout note, then encode without --cpu: the bytes
+    of the core's NT_X86_XSTATE again, on any machine (the JSON's offsets rebuild the layout).
+    A JSON whose components no longer fit that layout is refused in one line."""
+    core = _layout_core("zen4")
+    (tmp_path / "core").write_bytes(core)
+    assert main(["decode", str(tmp_path / "core"), "--json"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "z.json").write_text(text)
+    assert main(["encode", str(tmp_path / "z.json"), "-o", str(tmp_path / "z.bin")]) == 0
+    assert (tmp_path / "z.bin").read_bytes() == xstate_notes(core)[0].data
+    obj = json.loads(text)
+    obj["components"][3]["offset"] = 600  # opmask over AVX
+    (tmp_path / "bad.json").write_text(json.dumps(obj))
+    assert main(["encode", str(tmp_path / "bad.json"), "-o", str(tmp_path / "b.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overlaps xfeature 5 (opmask)" in err

@@ -30,9 +30,16 @@ from fpstate.commands.layout import mask_arg, resolve_cpu
 from fpstate.errors import BlobError
 from fpstate.inputs import read_bytes, read_text, write_output
 from fpstate.kernel.x86.versions import NEWEST, VERSION_NAMES
+from fpstate.kernel.x86.xstate import XfeatComponent
 from fpstate.tools import blob_arm64
 from fpstate.tools.blob import FORMATS, Blob, decode, encode
-from fpstate.tools.corefile import LAYOUT_SOURCE, layout_disagreements, profile_from_layout
+from fpstate.tools.corefile import (
+    LAYOUT_PROFILE,
+    LAYOUT_SOURCE,
+    LayoutNote,
+    layout_disagreements,
+    profile_from_layout,
+)
 from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
 from fpstate.tools.sources import Source, read_source
 from fpstate.tools.validate import PATHS, TASKS, validate
@@ -70,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Write the blob a 'decode --json' object describes "
                               "(x86, or arm64 from decode --arch arm64 --json: byte-exact).")
     e.add_argument("json_file", metavar="JSON")
-    e.add_argument("--cpu", default="host", metavar="CPU", help=_CPU_HELP.format(""))
+    e.add_argument("--cpu", default=None, metavar="CPU",
+                   help=_CPU_HELP.format(", the JSON of a core decoded by its layout note that "
+                                         "layout"))
     e.add_argument("--format", default=None, choices=FORMATS,
                    help="default: the JSON's own (byte-exact)")
     e.add_argument("-o", "--output", metavar="OUT", help="file to write (default: stdout)")
@@ -283,8 +292,30 @@ def run_encode(args: argparse.Namespace) -> int:
             raise BlobError("--format: an arm64 blob is encoded in its own format only")
         write_output(blob_arm64.encode(obj), args.output)
         return 0
-    write_output(encode(text, resolve_cpu(args.cpu), args.format), args.output)
+    write_output(encode(text, _encode_profile(args.cpu, obj, text), args.format), args.output)
     return 0
+
+
+def _encode_profile(cpu: str | None, obj: object, text: str) -> CpuidProfile:
+    """``--cpu`` when given; else, for the JSON of a core decoded by its own
+    NT_X86_XSAVE_LAYOUT note, that layout again (the JSON's component offsets and sizes and
+    its XCR0), so that decode and encode round-trip on any machine; else the host."""
+    if cpu is not None:
+        return resolve_cpu(cpu)
+    if obj is None and LAYOUT_PROFILE in text:
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise BlobError(f"blob JSON does not parse: {e}") from None
+    if not isinstance(obj, dict) or obj.get("cpu") != LAYOUT_PROFILE:
+        return resolve_cpu("host")
+    try:
+        xcr0 = int(str(obj["xcr0"]), 0)
+        records = tuple(XfeatComponent(int(c["number"]), int(c["size"]), int(c["offset"]))
+                        for c in obj["components"] if int(c["number"]) >= 2)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BlobError(f"blob JSON of a core layout: {type(e).__name__}: {e}") from None
+    return profile_from_layout(LayoutNote(records, 0), xcr0)
 
 
 def run_validate(args: argparse.Namespace) -> int:

@@ -136,8 +136,9 @@ def xstate_notes(data: bytes) -> tuple[ThreadXstate, ...]:
 
 #: The first byte an extended component may use (legacy region + XSAVE header).
 _EXTENDED_START = 576
-#: ``CpuidProfile.source`` of the profiles :func:`profile_from_layout` makes.
+#: ``CpuidProfile.source`` and default name of the profiles :func:`profile_from_layout` makes.
 LAYOUT_SOURCE = "the core's NT_X86_XSAVE_LAYOUT note"
+LAYOUT_PROFILE = "core (NT_X86_XSAVE_LAYOUT)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,7 @@ def layout_problems(note: LayoutNote, xcr0: int | None = None,
     return tuple(out)
 
 
-def profile_from_layout(note: LayoutNote, xcr0: int, name: str = "core (NT_X86_XSAVE_LAYOUT)",
+def profile_from_layout(note: LayoutNote, xcr0: int, name: str = LAYOUT_PROFILE,
                         mxcsr_mask: int = 0xFFFF,
                         xstate_size: int | None = None) -> CpuidProfile:
     """A CPU profile whose CPUID leaf 0xD answers as the dumping CPU did for the features of
