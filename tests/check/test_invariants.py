@@ -635,3 +635,71 @@ def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPa
     with no_memos():
         r = w.step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}, r.violations
+
+
+# -- regset-view-shows-the-task ------------------------------------------------------------------
+
+CRASH = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 1, "p1": 1}, "vms": {}}
+
+
+def test_regset_view_flags_a_view_the_task_does_not_hold() -> None:
+    """A debugger's NT_X86_XSTATE must show what the stopped task holds: with the task's
+    expected AVX value changed behind the model's back, the next PTRACE_GETREGSET is a
+    violation naming both values."""
+    w = world(TRACED, steps=[A("run", task="p0.t0", cpu=0),
+                             A("write", task="p0.t0", component="avx"),
+                             A("ptrace_stop", task="p0.t0"), A("run", task="p0.t1", cpu=0)])
+    assert not w.clone().step(A("ptrace_get", tracer="p0.t1", task="p0.t0")).violations
+    t = w.tasks["p0.t0"]
+    w.expected["p0.t0"][component_number("avx")] = token(t.pid, 9, 2, 256)
+    r = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0"))
+    assert [v.invariant for v in r.violations if v.invariant == "regset-view-shows-the-task"]
+    assert ("PTRACE_GETREGSET NT_X86_XSTATE of p0.t0 shows avx = p0.t0#1 where the task "
+            "holds p0.t0#9") in str(r.violations)
+
+
+def test_regset_view_of_the_stale_mxcsr_is_the_stated_rule() -> None:
+    """kernel-findings 6: the view's MXCSR is the fpstate's stale bytes when the header has
+    YMM without SSE on a compacted kernel; the invariant states that rule, so the view
+    differs from what the task holds and nothing is flagged."""
+    w = world(TRACED, steps=STALE)
+    t = w.tasks["p0.t0"]
+    r = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0"))
+    assert r.observed["mxcsr"] == mxcsr_token(t.pid, 1) and not r.violations
+    assert w._held(t)[-1] == (0x1F80).to_bytes(4, "little")
+
+
+def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
+    """kernel-findings 9i (scenarios/core-dump-stale-pkru.yaml): the core of a single-threaded
+    task that wrote PKRU since its last context switch shows thread.pkru, not the PKRU it
+    held; the other components are its own. After a switch out the core shows its PKRU."""
+    from fpstate.check.invariants_x86 import uabi_view
+    from fpstate.kernel.x86.hw import PKRU, pkru_bytes
+
+    w = world(CRASH, steps=[A("run", task="p0.t0", cpu=0),
+                            A("write", task="p0.t0", component="pkru"),
+                            A("write", task="p0.t0", component="avx")])
+    observed = w._apply(A("core_dump", task="p0.t0"))  # the step, keeping its events
+    assert observed["pkru"] == "0x55555554" and not invariants.check(w)
+    ((_t, buf, held),) = [p for k, p in w.emitted if k == "core"]
+    view = uabi_view(w, buf)
+    assert view[PKRU] == pkru_bytes(core.INIT_PKRU_VALUE) != held[PKRU]
+    assert view[component_number("avx")] == held[component_number("avx")]
+    assert w.tasks["p0.t0"].state.value == "dead"
+    w.discard_events()
+    w.step(A("run", task="p1.t0", cpu=0))
+    w.step(A("write", task="p1.t0", component="pkru"))
+    w.step(A("idle", cpu=0))
+    w.step(A("run", task="p1.t0", cpu=0))
+    assert w.step(A("core_dump", task="p1.t0")).observed["pkru"] == "p1.t0#1"
+
+
+def test_core_dump_is_offered_to_single_threaded_processes_only() -> None:
+    w = world({**CRASH, "processes": {"p0": 2, "p1": 1}},
+              steps=[A("run", task="p0.t0", cpu=0)])
+    assert A("core_dump", task="p0.t0") not in w.enabled()
+    with pytest.raises(StepError, match="other live threads"):
+        w.step(A("core_dump", task="p0.t0"))
+    w.step(A("idle", cpu=0))
+    w.step(A("run", task="p1.t0", cpu=0))
+    assert A("core_dump", task="p1.t0") in w.enabled()

@@ -290,6 +290,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                 "component": FieldSpec(str, "component short name")}),
     ActionSpec("ptrace_get", "PTRACE_GETREGSET NT_X86_XSTATE of a stopped task",
                {"tracer": _TASK, "task": _TASK}),
+    ActionSpec("core_dump", "a fatal signal with a core dump (SIGSEGV, SIGQUIT) taken by a "
+               "single-threaded process in user mode, core_pattern a file: elf_core_dump() "
+               "collects NT_X86_XSTATE in the task's own context (no thread or pipe helper to "
+               "wait for, so no context switch first), then the task exits", {"task": _TASK}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -1142,6 +1146,46 @@ class X86World(X86Views, World):
         mxcsr = int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") if ret == 0 else 0
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
+    def do_core_dump(self, task: str) -> dict[str, Value]:
+        """do_coredump() of a single-threaded process to a core_pattern file: coredump_wait()
+        has no thread to zap and no pipe helper is waited for, so elf_core_dump() ->
+        fill_thread_core_info() runs xstateregs_get() on the dumping task itself right away
+        (sync_fpstate() saves its live registers; copy_xstate_to_uabi_buf() takes PKRU from
+        thread.pkru); then do_exit(). The note is emitted with the values the task held, for
+        regset-view-shows-the-task."""
+        from fpstate.kernel.x86.regset import xstateregs_get
+
+        t = self.task(task)
+        nr = self.user_cpu(t)
+        if any(o is not t and o.state is not STATE_DEAD for o in t.process.threads):
+            raise StepError(f"{task}'s process has other live threads (core_dump models a "
+                            "single-threaded dump)")
+        held = self._held(t)
+        self.m.enter_kernel(nr)
+        buf = xstateregs_get(self.m.cpus[nr], t, self.m.system.user.max_size)
+        if isinstance(buf, int):
+            self.m.exit_to_user_mode(nr)
+            return {"ret": buf}
+        self.emitted.append(("core", (t, buf, held)))
+        self.m.do_exit(nr)
+        return {"ret": 0, "xstate_bv": int.from_bytes(buf[512:520], "little"),
+                "mxcsr": int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),
+                **({"pkru": self.writer(pkru_bytes(int.from_bytes(
+                    buf[self._pkru_at:self._pkru_at + 4], "little")), PKRU)}
+                   if self.pkru_tracked else {})}
+
+    def _held(self, t: Task) -> dict[int, bytes]:
+        """What ``t`` holds by the contract: its expected value of every tracked component
+        (the fresh value where it has none) and its MXCSR."""
+        exp, init = self.expected[t.comm], self.fresh_values
+        out = {i: exp.get(i) or init[i] for i in self.tracked}
+        out[MXCSR] = exp.get(MXCSR, MXCSR_INIT)
+        return out
+
+    @property
+    def _pkru_at(self) -> int:
+        return self.m.system.profile.component(PKRU).offset
+
     def do_ptrace_set(self, tracer: str, task: str, component: str) -> dict[str, Value]:
         from fpstate.kernel.x86.regset import ptrace_regset
 
@@ -1264,6 +1308,7 @@ class X86World(X86Views, World):
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
+                "core_dump": A("core_dump", task=comm),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
                 "exec_ia32": A("exec", task=comm, abi="ia32"),
@@ -1347,6 +1392,9 @@ class X86World(X86Views, World):
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])
+            if len(groups) > 1 and all(o is t or o.state is STATE_DEAD
+                                       for o in t.process.threads):
+                add(ta["core_dump"])
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])

@@ -103,6 +103,14 @@ INVARIANTS: tuple[Invariant, ...] = (
         "seed 002 (Marc Zyngier: 'userspace shouldn't be able to observe the state that a "
         "guest isn't supposed to generate'); x86.c kvm_vcpu_ioctl_x86_get_xsave2()"),
     Invariant(
+        "regset-view-shows-the-task",
+        "NT_X86_XSTATE of a task -- what PTRACE_GETREGSET gives a debugger of a stopped task, "
+        "what a core file holds -- read as a restore reads it, shows every tracked component "
+        "and MXCSR as the task holds them; the kernel rules that break it are stated with the "
+        "predicate (docs/findings/kernel-findings.md).",
+        "arch/x86/kernel/fpu/regset.c xstateregs_get() ('for ptrace, core dumps, etc.'), "
+        "xstate.c copy_xstate_to_uabi_buf(); fs/binfmt_elf.c fill_thread_core_info()"),
+    Invariant(
         "sigframe-fits-and-describes",
         "A signal frame lies entirely within the stack it was placed on (the sigaltstack when "
         "one was used) and its fx_sw_bytes describe it: MAGIC1, xstate_size covering "

@@ -20,6 +20,7 @@ from fpstate.kernel.x86.context import FpregsState, fpregs_state, fpregs_state_v
 from fpstate.kernel.x86.hw import (
     MXCSR,
     MXCSR_INIT,
+    PKRU,
     FpRegs,
     KernelBuf,
     init_value,
@@ -42,6 +43,8 @@ from fpstate.x86.xfeatures import (
     BY_NUMBER,
     XCOMP_BV_COMPACTED_FORMAT,
     XFEATURE_MASK_FPSSE,
+    XFEATURE_MASK_SSE,
+    XFEATURE_MASK_YMM,
     bits,
     mask_names,
 )
@@ -58,6 +61,22 @@ def image_state(w: Any, fps: Fpstate) -> dict[int, bytes]:
                   mxcsr_mask=s.mxcsr_feature_mask, xfd=fps.xfd)
     fault = regs.xrstor(KernelBuf(fps.regs, f"fpstate #{fps.ident}"),
                         s.kernel.max_features & XFEATURE_MASK_FPSTATE, s.xrstor_insn)
+    if fault is not None:
+        return {-2: str(fault).encode()}
+    return w.regs_view(regs)
+
+
+def uabi_view(w: Any, buf: bytes) -> dict[int, bytes]:
+    """What a task restored from the standard-format (UABI) buffer ``buf`` would hold -- a
+    debugger's or a core reader's reading of NT_X86_XSTATE: an XRSTOR of ``buf`` (RFBM =
+    fpu_user_cfg.max_features) into a scratch register file, so that XSTATE_BV, the initial
+    configurations and MXCSR (loaded with SSE or AVX in RFBM, whatever XSTATE_BV says) are
+    read as the architecture reads them. {-2: reason} if the buffer does not restore."""
+    s = w.m.system
+    regs = FpRegs(s.profile, xcr0=s.xcr0, xss=s.xss, xsavec_supported=s.xsavec,
+                  mxcsr_mask=s.mxcsr_feature_mask, xfd=0)
+    fault = regs.xrstor(KernelBuf(bytearray(buf), "NT_X86_XSTATE"), s.user.max_features,
+                        "XRSTOR")
     if fault is not None:
         return {-2: str(fault).encode()}
     return w.regs_view(regs)
@@ -372,6 +391,46 @@ def userspace_sees_only_advertised(w: Any) -> Iterator[str]:
             extra = value & ~(XFEATURE_MASK_USER_SUPPORTED & s.user.max_features)
             if extra and option != "get_supp":
                 yield f"ARCH_{option.upper()} of {t.comm} = {value:#x}: shows {extra:#x}"
+
+
+@predicate("regset-view-shows-the-task", X86, reads=READS_EVENTS)
+def regset_view_shows_the_task(w: Any) -> Iterator[str]:
+    """NT_X86_XSTATE -- of a stopped tracee (PTRACE_GETREGSET) or in a core -- read as a
+    restore would read it, shows every tracked component and MXCSR as the task holds them.
+    Known rules of the kernel that break it are stated here, not silenced elsewhere:
+    MXCSR on a compacted kernel when the header has YMM without SSE (the fpstate's stale
+    bytes, docs/findings/kernel-findings.md 6); PKRU in the core of the dumping task, which
+    is thread.pkru -- the value of its last context switch, not the one it crashed with
+    (kernel-findings 9i)."""
+    s = w.m.system
+    for kind, payload in w.emitted:
+        if kind == "uabi":
+            t, buf = payload
+            held = w._held(t)
+            what = f"PTRACE_GETREGSET NT_X86_XSTATE of {t.comm}"
+        elif kind == "core":
+            t, buf, held = payload
+            what = f"the core of {t.comm}"
+        else:
+            continue
+        view = uabi_view(w, buf)
+        if -2 in view:
+            yield f"{what} does not restore: {view[-2].decode()}"
+            continue
+        for i in w.tracked:
+            if not s.user.max_features >> i & 1:
+                continue  # supervisor state (PASID, CET): not in a UABI buffer
+            if i == PKRU and kind == "core":
+                continue  # thread.pkru, stale since the last switch (kernel-findings 9i)
+            got, want = view.get(i), held[i]
+            if got != want:
+                yield (f"{what} shows {_name(i)} = {_writer(w, got, i)} where the task holds "
+                       f"{w.writer(want, i)}")
+        bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
+        stale = s.xcompacted and bv & XFEATURE_MASK_YMM and not bv & XFEATURE_MASK_SSE
+        if not stale and view[MXCSR] != held[MXCSR]:
+            yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where the task "
+                   f"holds {_writer(w, held[MXCSR], MXCSR)}")
 
 
 @predicate("sigframe-fits-and-describes", X86, reads=READS_EVENTS)
