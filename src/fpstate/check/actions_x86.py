@@ -1163,8 +1163,8 @@ class X86World(X86Views, World):
         held = self._held(t)
         self.m.enter_kernel(nr)
         buf = xstateregs_get(self.m.cpus[nr], t, self.m.system.user.max_size)
-        if isinstance(buf, int):
-            self.m.exit_to_user_mode(nr)
+        if isinstance(buf, int):  # no XSAVE: the regset is absent from the core
+            self.m.do_exit(nr)
             return {"ret": buf}
         self.emitted.append(("core", (t, buf, held)))
         self.m.do_exit(nr)
