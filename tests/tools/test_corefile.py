@@ -607,3 +607,39 @@ def test_encode_of_a_core_decoded_by_its_layout_needs_no_cpu(tmp_path: Path, cap
     assert main(["encode", str(tmp_path / "bad.json"), "-o", str(tmp_path / "b.bin")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "overlaps xfeature 5 (opmask)" in err
+
+
+@pytest.mark.host
+def test_kernel_core_dump_shows_thread_pkru_not_the_live_one(tmp_path: Path) -> None:
+    """kernel-findings 9i where the host has protection keys (this one has none: skipped):
+    a child's machine code reads PKRU, writes another value (key 1 closed too, key 0 left
+    open) and at once kills itself with SIGQUIT; the core's PKRU is thread.pkru, the value of
+    its last context switch -- the one it read -- not the one it crashed with. A preemption
+    between the WRPKRU and the dump would refresh thread.pkru, so up to 8 children dump and
+    one must show the old value; no core may show anything else."""
+    from fpstate.host.child import SharedMemory
+    from fpstate.kernel.x86.conform import host_pku_reason
+
+    why = host_pku_reason()
+    if why:
+        pytest.skip(why)
+    at = load_profile("host").component(9).offset
+    shm = SharedMemory(4096)
+    seen: list[tuple[int, int]] = []
+    for k in range(8):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+
+        def code(a) -> None:
+            a.rdpkru()
+            a.store_rax(shm.address)
+            a.wrpkru(0x5555555C)
+
+        core, _ = _kernel_core(run, code)
+        (note,) = xstate_notes(core.read_bytes())
+        before = shm.u64(0) & 0xFFFFFFFF
+        seen.append((before, int.from_bytes(note.data[at:at + 4], "little")))
+        if seen[-1][1] == before != 0x5555555C:
+            break
+    assert all(got in (before, 0x5555555C) for before, got in seen), seen
+    assert seen[-1][1] == seen[-1][0] != 0x5555555C, seen
