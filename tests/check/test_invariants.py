@@ -145,9 +145,10 @@ def test_nothing_beyond_what_is_advertised() -> None:
     r = w.step(A("get_xsave", task="vmm.t0", vcpu="vm0.v0"))
     assert not r.violations
     v = w.vcpus["vm0.v0"]
-    buf = bytearray(4096)
-    buf[512:520] = (v.arch.guest_supported_xcr0 | 1 << 19).to_bytes(8, "little")
-    w.emitted = [("kvm_uabi", ("vm0.v0", v, bytes(buf)))]
+    buf = bytearray(w._get_xsave2(0, "vm0.v0", v))
+    bv = int.from_bytes(buf[512:520], "little")
+    buf[512:520] = (bv | 1 << 19).to_bytes(8, "little")
+    w.emitted = [("kvm_uabi", ("vm0.v0", v, bytes(buf), w._guest_held("vm0.v0", v)))]
     assert broken(w) == {"nothing-beyond-advertised"}
 
 

@@ -42,6 +42,7 @@ from fpstate.errors import MaskError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import (
     MXCSR,
+    MXCSR_INIT,
     MXCSR_OFFSET,
     PKRU,
     next_mxcsr_token,
@@ -63,6 +64,7 @@ from fpstate.x86.xfeatures import (
     XFEATURE_MASK_CET_KERNEL,
     XFEATURE_MASK_CET_USER,
     XFEATURE_MASK_FP,
+    XFEATURE_MASK_FPSSE,
     XFEATURE_MASK_PKRU,
     XFEATURE_MASK_SSE,
     bits,
@@ -300,11 +302,12 @@ class KvmX86World(X86World):
         return None
 
     def guest_tracked(self, v: kv.KvmVcpu) -> tuple[int, ...]:
-        """The components a guest's values are compared in: its XCR0 and XSS features the
-        guest fpstate holds, and PKRU (vcpu->arch.pkru) where the host has OSPKE and the
-        guest may enable PKRU."""
+        """The components a guest's values are compared in: x87 and SSE (every guest has
+        them, XSAVE or not: KVM keeps them in user_xfeatures whatever its CPUID says), its
+        XCR0 and XSS features the guest fpstate holds, and PKRU (vcpu->arch.pkru) where the
+        host has OSPKE and the guest may enable PKRU."""
         caps = self.kvm.caps
-        mask = (v.arch.guest_supported_xcr0 | XFEATURE_MASK_FP) & ~XFEATURE_MASK_PKRU
+        mask = (v.arch.guest_supported_xcr0 | XFEATURE_MASK_FPSSE) & ~XFEATURE_MASK_PKRU
         mask |= caps.supported_xss & v.arch.guest_supported_xss
         out = tuple(bits(mask & v.arch.guest_fpu.fpstate.xfeatures))
         if self.pkru_tracked and v.arch.guest_supported_xcr0 & XFEATURE_MASK_PKRU:
@@ -530,8 +533,16 @@ class KvmX86World(X86World):
         """KVM_GET_XSAVE2 of ``v`` from CPU ``nr``, emitted for the invariants that judge what
         a VMM is shown (nothing-beyond-advertised)."""
         buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
-        self.emitted.append(("kvm_uabi", (name, v, buf)))
+        self.emitted.append(("kvm_uabi", (name, v, buf, self._guest_held(name, v))))
         return buf
+
+    def _guest_held(self, name: str, v: kv.KvmVcpu) -> dict[int, bytes]:
+        """What the guest of ``name`` holds by the contract, now: its expected value of every
+        component it is compared in, and its MXCSR (for regset-view-shows-the-task, which
+        judges a buffer against what the guest held when the VMM read it)."""
+        out = {i: self.expected_value(name, i) for i in self.guest_tracked(v)}
+        out[MXCSR] = self.expected[name].get(MXCSR, MXCSR_INIT)
+        return out
 
     def do_get_xsave(self, task: str, vcpu: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)

@@ -43,6 +43,7 @@ from fpstate.x86.xfeatures import (
     BY_NUMBER,
     XCOMP_BV_COMPACTED_FORMAT,
     XFEATURE_MASK_FPSSE,
+    XFEATURE_MASK_PKRU,
     XFEATURE_MASK_SSE,
     XFEATURE_MASK_YMM,
     bits,
@@ -75,8 +76,12 @@ def uabi_view(w: Any, buf: bytes) -> dict[int, bytes]:
     s = w.m.system
     regs = FpRegs(s.profile, xcr0=s.xcr0, xss=s.xss, xsavec_supported=s.xsavec,
                   mxcsr_mask=s.mxcsr_feature_mask, xfd=0)
-    fault = regs.xrstor(KernelBuf(bytearray(buf), "NT_X86_XSTATE"), s.user.max_features,
-                        "XRSTOR")
+    # A KVM buffer is sized for the guest: what lies beyond it is not in its XSTATE_BV.
+    # XSTATE_BV bits beyond the user features are nothing-beyond-advertised's to judge.
+    area = bytearray(buf).ljust(s.user.max_size, b"\0")
+    bv = int.from_bytes(area[_HDR:_HDR + 8], "little") & s.user.max_features
+    area[_HDR:_HDR + 8] = bv.to_bytes(8, "little")
+    fault = regs.xrstor(KernelBuf(area, "NT_X86_XSTATE"), s.user.max_features, "XRSTOR")
     if fault is not None:
         return {-2: str(fault).encode()}
     return w.regs_view(regs)
@@ -395,41 +400,52 @@ def userspace_sees_only_advertised(w: Any) -> Iterator[str]:
 
 @predicate("regset-view-shows-the-task", X86, reads=READS_EVENTS)
 def regset_view_shows_the_task(w: Any) -> Iterator[str]:
-    """NT_X86_XSTATE -- of a stopped tracee (PTRACE_GETREGSET) or in a core -- read as a
-    restore would read it, shows every tracked component and MXCSR as the task holds them.
+    """NT_X86_XSTATE -- of a stopped tracee (PTRACE_GETREGSET) or in a core -- and a VMM's
+    KVM_GET_XSAVE2 of a vCPU, read as a restore would read them, show every tracked user
+    component and MXCSR as the task or the guest holds them.
     Known rules of the kernel that break it are stated here, not silenced elsewhere:
     MXCSR on a compacted kernel when the header has YMM without SSE (the fpstate's stale
     bytes, docs/findings/kernel-findings.md 6); PKRU in the core of the dumping task, which
     is thread.pkru -- the value of its last context switch, not the one it crashed with
-    (kernel-findings 9i)."""
+    (kernel-findings 9i); a guest's PKRU in KVM_GET_XSAVE2 when its fpstate's XSTATE_BV
+    lacks PKRU -- __copy_xstate_to_uabi_buf() writes vcpu->arch.pkru only under that bit,
+    which a KVM_SET_XSAVE without PKRU clears while keeping vcpu->arch.pkru
+    (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2")."""
     s = w.m.system
     for kind, payload in w.emitted:
         if kind == "uabi":
             t, buf = payload
-            held = w._held(t)
-            what = f"PTRACE_GETREGSET NT_X86_XSTATE of {t.comm}"
+            held, tracked = w._held(t), w.tracked
+            what, who = f"PTRACE_GETREGSET NT_X86_XSTATE of {t.comm}", "the task"
         elif kind == "core":
             t, buf, held = payload
-            what = f"the core of {t.comm}"
+            tracked = w.tracked
+            what, who = f"the core of {t.comm}", "the task"
+        elif kind == "kvm_uabi":
+            name, _v, buf, held = payload
+            tracked = tuple(i for i in held if i != MXCSR)
+            what, who = f"KVM_GET_XSAVE2 of {name}", "the guest"
         else:
             continue
         view = uabi_view(w, buf)
         if -2 in view:
             yield f"{what} does not restore: {view[-2].decode()}"
             continue
-        for i in w.tracked:
+        bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
+        for i in tracked:
             if not s.user.max_features >> i & 1:
                 continue  # supervisor state (PASID, CET): not in a UABI buffer
             if i == PKRU and kind == "core":
                 continue  # thread.pkru, stale since the last switch (kernel-findings 9i)
+            if i == PKRU and kind == "kvm_uabi" and not bv & XFEATURE_MASK_PKRU:
+                continue  # vcpu->arch.pkru only under the fpstate's PKRU bit (kvm-findings)
             got, want = view.get(i), held[i]
             if got != want:
-                yield (f"{what} shows {_name(i)} = {_writer(w, got, i)} where the task holds "
+                yield (f"{what} shows {_name(i)} = {_writer(w, got, i)} where {who} holds "
                        f"{w.writer(want, i)}")
-        bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
         stale = s.xcompacted and bv & XFEATURE_MASK_YMM and not bv & XFEATURE_MASK_SSE
         if not stale and view[MXCSR] != held[MXCSR]:
-            yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where the task "
+            yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where {who} "
                    f"holds {_writer(w, held[MXCSR], MXCSR)}")
 
 
@@ -592,7 +608,7 @@ def guest_sees_only_advertised(w: Any) -> Iterator[str]:
     for kind, payload in w.emitted:
         if kind != "kvm_uabi":
             continue
-        name, v, buf = payload
+        name, v, buf, _held = payload
         bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
         allowed = v.arch.guest_supported_xcr0 | XFEATURE_MASK_FPSSE
         if bv & ~allowed:
