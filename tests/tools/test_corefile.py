@@ -389,7 +389,7 @@ def test_kernel_core_dump_shows_a_stale_mxcsr(tmp_path: Path) -> None:
 # -- NT_X86_XSAVE_LAYOUT (Linux 6.12+) -------------------------------------------------------------
 
 def _layout_core(cpu: str) -> bytes:
-    """A core of a task on ``cpu`` (the kernel model) whose ZMM/opmask/PKRU registers hold
+    """A core of a task on ``cpu`` (the kernel model) whose AVX, opmask and ZMM registers hold
     patterns, with the NT_X86_XSAVE_LAYOUT note the model's 6.18 writes after its notes."""
     prof = bundled_profile(cpu)
     m = Machine.boot(prof, ncpus=1)
