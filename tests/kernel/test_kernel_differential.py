@@ -455,9 +455,10 @@ def test_cli_conform_layer_kernel_json(capsys: pytest.CaptureFixture[str]) -> No
 def test_core_notes_model_on_sapphire_rapids() -> None:
     """The model side of core/notes on an AMX CPU (this host skips nothing of it, but has no
     AMX): the regset notes of a task holding x87/SSE only -- NT_X86_XSTATE is fpu_user_cfg's
-    11008 bytes, XCR0 0x602e7 at 464, XSTATE_BV 0x203 (PKRU is always copied from the
-    thread's pkru, __copy_xstate_to_uabi_buf) -- and a layout note of 7 records closing the
-    notes; before 6.12 (kernel_version 6.11) no layout note at all."""
+    11008 bytes, XCR0 0x602e7 at 464, XSTATE_BV 0x203 (PKRU in use: the task runs with
+    init_pkru_value, and the save of its fpstate marked PKRU, whose value the copy takes from
+    thread.pkru) -- and a layout note of 7 records closing the notes; before 6.12
+    (kernel_version 6.11) no layout note at all."""
     from dataclasses import replace
 
     from fpstate.kernel.x86.conform_core import CoreGiven, core_model
