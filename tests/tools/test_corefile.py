@@ -460,6 +460,8 @@ def _note(*records: tuple[int, int, int] | tuple[int, int, int, int]) -> LayoutN
     (((2, 256, 576),), None, 800, "runs past the 800-byte NT_X86_XSTATE note"),
     (((2, 256, 576),), 0xE7, None, "XCR0 bits 5, 6, 7 have no record"),
     (((2, 256, 576), (9, 8, 2688)), 0x7, None, "records for 9 are not in XCR0"),
+    (((2, 256, 576),), -1, None, "XCR0 -0x1 is not a 64-bit value"),
+    (((2, 256, 576),), 1 << 64, None, "is not a 64-bit value"),
 ])
 def test_layout_problems(records, xcr0, size, problem: str) -> None:
     found = layout_problems(_note(*records), xcr0, size)

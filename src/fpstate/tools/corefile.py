@@ -223,7 +223,9 @@ def layout_problems(note: LayoutNote, xcr0: int | None = None,
                        f"{_label(b)} at {b.offset:#x}")
         if reach is None or b.offset + b.size > reach.offset + reach.size:
             reach = b
-    if xcr0 is not None:
+    if xcr0 is not None and not 0 <= xcr0 < 1 << 64:
+        out.append(f"XCR0 {xcr0:#x} is not a 64-bit value")
+    elif xcr0 is not None:
         listed = note.features
         extended = xcr0 & ~XFEATURE_MASK_FPSSE
         if listed != extended:
