@@ -645,3 +645,22 @@ def test_kernel_core_dump_shows_thread_pkru_not_the_live_one(tmp_path: Path) -> 
             break
     assert all(got in (before, 0x5555555C) for before, got in seen), seen
     assert seen[-1][1] == seen[-1][0] != 0x5555555C, seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(comps=st.lists(st.fixed_dictionaries({
+    "number": st.one_of(st.integers(-3, 70), st.text(max_size=3), st.none()),
+    "size": st.one_of(st.integers(-5, 1 << 33), st.text(max_size=3)),
+    "offset": st.one_of(st.integers(-5, 1 << 33), st.none())}), max_size=6),
+    xcr0=st.one_of(st.integers(-2, 1 << 65).map(hex), st.text(max_size=6), st.integers()))
+def test_encode_layout_of_any_json_raises_only_blob_error(comps, xcr0) -> None:
+    """The layout encode rebuilds from a core JSON a user may have edited: any components
+    and XCR0 give a profile or BlobError."""
+    from fpstate.commands.decode import _encode_profile
+    from fpstate.tools.corefile import LAYOUT_PROFILE
+
+    obj = {"cpu": LAYOUT_PROFILE, "xcr0": xcr0, "components": comps}
+    try:
+        _encode_profile(None, obj, json.dumps(obj))
+    except BlobError:
+        pass
