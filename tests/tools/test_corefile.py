@@ -664,3 +664,54 @@ def test_encode_layout_of_any_json_raises_only_blob_error(comps, xcr0) -> None:
         _encode_profile(None, obj, json.dumps(obj))
     except BlobError:
         pass
+
+
+def _gdb_values(gdb: str, core: Path, exprs: list[str]) -> list[str]:
+    """What gdb prints for each of ``exprs`` (``p/x``) reading ``core`` without its program."""
+    args = [gdb, "-nx", "-batch", "-c", str(core)]
+    for e in exprs:
+        args += ["-ex", f"p/x {e}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
+    return [line.split(" = ", 1)[1].strip() for line in out.splitlines()
+            if line.startswith("$") and " = " in line]
+
+
+@pytest.mark.host
+def test_gdb_reads_a_kernel_core_as_decode_does(tmp_path: Path) -> None:
+    """An independent decoder on the same real core: gdb, given only the core this kernel
+    dumped of a pattern child, prints ZMM0-31, k0-7 and MXCSR; `decode` of the core's
+    NT_X86_XSTATE by its own layout note gives the same values. gdb 13 lays NT_X86_XSTATE out
+    from XCR0 and the note's size as Intel does, so hosts with another layout are skipped."""
+    from fpstate.host.child import SharedMemory, load_patterns, pattern_table
+
+    _avx512_host()
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        pytest.skip("gdb is not installed")
+    host = load_profile("host")
+    if host.component(5).offset != 1088:
+        pytest.skip(f"opmask at {host.component(5).offset} here; gdb 13 reads cores in "
+                    "Intel's layout (opmask at 1088) only")
+    shm = SharedMemory(4096)
+    shm.write(0, pattern_table(SEED))
+    core, _ = _kernel_core(tmp_path, lambda a: load_patterns(a, shm.address))
+    (src,) = _sources_of(core.read_bytes(), tmp_path)
+    blob = _decode(src, None, "auto", None)
+    exprs = ([f"$zmm{n}.v8_int64" for n in range(32)] + [f"$k{n}" for n in range(8)]
+             + ["$mxcsr"])
+    got = _gdb_values(gdb, core, exprs)
+    if len(got) != len(exprs):
+        pytest.skip(f"gdb printed {len(got)} of {len(exprs)} values reading the core")
+
+    def zmm(n: int) -> int:
+        if n >= 16:
+            return blob.register(f"zmm{n}")
+        return (blob.register(f"zmm_h{n}") << 256 | blob.register(f"ymmh{n}") << 128
+                | blob.register(f"xmm{n}"))
+
+    for n in range(32):
+        lanes = [int(x, 16) for x in got[n].strip("{}").split(",")]
+        assert sum(q << (64 * i) for i, q in enumerate(lanes)) == zmm(n), f"zmm{n}"
+    for n in range(8):
+        assert int(got[32 + n], 16) == blob.register(f"k{n}"), f"k{n}"
+    assert int(got[40], 16) == blob.register("mxcsr") == 0xFFC0
