@@ -98,13 +98,8 @@ def case_fpu_ioctls(ctx: Context, report: Report, rng: random.Random, samples: i
             buf[512:520] = bytes(8)
         buf = bytes(buf)
         bv = int.from_bytes(buf[512:520], "little")
-        report.compare(case, f"#{n} KVM_SET_XSAVE XSTATE_BV {bv:#x}", v.set_xsave(mvcpu, buf),
-                       _errno_of(lambda b=buf: g.vcpu.set_xsave(b)))
-        fpu = rng.randbytes(416)
-        report.compare(case, f"#{n} KVM_SET_FPU", v.set_fpu(mvcpu, fpu),
-                       _errno_of(lambda f=fpu: g.vcpu.set_fpu(f)))
-        report.compare(case, f"#{n} KVM_GET_FPU", v.get_fpu(mvcpu), g.vcpu.get_fpu())
-        report.compare(case, f"#{n} KVM_GET_XSAVE2", v.get_xsave2(mvcpu), g.vcpu.get_xsave2())
+        _set_xsave_then_fpu(report, case, f"#{n}", f"XSTATE_BV {bv:#x}", g, v, mvcpu, buf,
+                            rng.randbytes(416))
         v.run(mvcpu, [GuestOp("xsetbv", 0, xcr0)])
         g.run_insns([], xcr0=xcr0, cpl=3)
         if bv:
@@ -129,13 +124,20 @@ def case_fpu_tag_word(ctx: Context, report: Report, rng: random.Random, samples:
         buf[512] |= 1
         buf[5] = rng.randrange(1, 256)
         buf = bytes(buf)
-        report.compare(case, f"#{n} KVM_SET_XSAVE byte 5 {buf[5]:#x}", v.set_xsave(mvcpu, buf),
-                       _errno_of(lambda b=buf: g.vcpu.set_xsave(b)))
-        fpu = rng.randbytes(416)
-        report.compare(case, f"#{n} KVM_SET_FPU", v.set_fpu(mvcpu, fpu),
-                       _errno_of(lambda f=fpu: g.vcpu.set_fpu(f)))
-        report.compare(case, f"#{n} KVM_GET_XSAVE2", v.get_xsave2(mvcpu), g.vcpu.get_xsave2())
-        report.compare(case, f"#{n} KVM_GET_FPU", v.get_fpu(mvcpu), g.vcpu.get_fpu())
+        _set_xsave_then_fpu(report, case, f"#{n}", f"byte 5 {buf[5]:#x}", g, v, mvcpu, buf,
+                            rng.randbytes(416))
+
+
+def _set_xsave_then_fpu(report: Report, case: str, tag: str, what: str, g: Any, v: Vmm,
+                        mvcpu: KvmVcpu, buf: bytes, fpu: bytes) -> None:
+    """KVM_SET_XSAVE of ``buf`` and KVM_SET_FPU of ``fpu`` on the model and the real vCPU,
+    then KVM_GET_FPU and KVM_GET_XSAVE2 of both, each compared."""
+    report.compare(case, f"{tag} KVM_SET_XSAVE {what}", v.set_xsave(mvcpu, buf),
+                   _errno_of(lambda: g.vcpu.set_xsave(buf)))
+    report.compare(case, f"{tag} KVM_SET_FPU", v.set_fpu(mvcpu, fpu),
+                   _errno_of(lambda: g.vcpu.set_fpu(fpu)))
+    report.compare(case, f"{tag} KVM_GET_FPU", v.get_fpu(mvcpu), g.vcpu.get_fpu())
+    report.compare(case, f"{tag} KVM_GET_XSAVE2", v.get_xsave2(mvcpu), g.vcpu.get_xsave2())
 
 
 def _initial_sse_clear(buf: bytes) -> bytes:
