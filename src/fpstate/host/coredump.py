@@ -48,29 +48,34 @@ class KernelCore:
 
 def core_unavailable() -> str | None:
     """Why this machine's kernel will not write a core file a child can find, or None."""
+    return _core_pattern()[1]
+
+
+def _core_pattern() -> tuple[str, str | None]:
+    """/proc/sys/kernel/core_pattern and why no child can find its core file (or None)."""
     try:
         pattern = CORE_PATTERN.read_text().strip()
     except OSError as e:
-        return f"cannot read {CORE_PATTERN}: {e.strerror or e}"
+        return "", f"cannot read {CORE_PATTERN}: {e.strerror or e}"
     if pattern.startswith("|") or "/" in pattern:
-        return f"core_pattern {pattern!r} does not write a file in the process's directory"
+        return pattern, f"core_pattern {pattern!r} does not write a file in the process's " \
+            "directory"
     try:
         hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
     except OSError:
         hard = 0
     if hard == 0:
-        return "RLIMIT_CORE hard limit is 0: no process may dump core"
-    return None
+        return pattern, "RLIMIT_CORE hard limit is 0: no process may dump core"
+    return pattern, None
 
 
 def kernel_core(directory: Path, code: Callable[[Asm], None]) -> KernelCore:
     """Fork a child that runs the machine code ``code(asm)`` emits and then, from that code,
     kills itself with SIGQUIT: the core file the kernel wrote in ``directory`` (an empty
     directory of the caller's) and the child's exit."""
-    why = core_unavailable()
+    pattern, why = _core_pattern()
     if why:
         raise HostUnavailable(why)
-    pattern = CORE_PATTERN.read_text().strip()
 
     def body() -> int:
         resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
