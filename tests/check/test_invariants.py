@@ -682,7 +682,8 @@ def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
                             A("write", task="p0.t0", component="avx")])
     observed = w._apply(A("core_dump", task="p0.t0"))  # the step, keeping its events
     assert observed["pkru"] == "0x55555554" and not invariants.check(w)
-    ((_t, buf, held),) = [p for k, p in w.emitted if k == "core"]
+    ((_t, buf, held, stale),) = [p for k, p in w.emitted if k == "core"]
+    assert stale
     view = uabi_view(w, buf)
     assert view[PKRU] == pkru_bytes(core.INIT_PKRU_VALUE) != held[PKRU]
     assert view[component_number("avx")] == held[component_number("avx")]
@@ -695,12 +696,97 @@ def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
     assert w.step(A("core_dump", task="p1.t0")).observed["pkru"] == "p1.t0#1"
 
 
-def test_core_dump_is_offered_to_single_threaded_processes_only() -> None:
+THREADED = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 1}, "vms": {}}
+#: Both threads of p0 write PKRU and AVX, p0.t0 on CPU 0, p0.t1 on CPU 1 (both in user mode).
+BOTH_WROTE = [A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="pkru"),
+              A("write", task="p0.t0", component="avx"), A("run", task="p0.t1", cpu=1),
+              A("write", task="p0.t1", component="pkru"),
+              A("write", task="p0.t1", component="avx")]
+
+
+def _core_notes(w, action):
+    """The step's observations and its notes as (comm, view) pairs, in file order."""
+    from fpstate.check.invariants_x86 import uabi_view
+
+    observed = w._apply(action)
+    assert not invariants.check(w)
+    return observed, [(t.comm, uabi_view(w, buf), stale)
+                      for k, (t, buf, _held, stale) in w.emitted if k == "core"]
+
+
+def test_core_dump_of_a_threaded_process_shows_each_thread() -> None:
+    """fs/coredump.c: the other thread is zapped (switched out on its CPU in
+    coredump_task_exit) and the dumper sleeps in coredump_wait(), so its own context switch
+    stashes the PKRU it crashed with: both notes -- the dumper's first -- show what their
+    thread held, PKRU included, and every thread is dead."""
+    from fpstate.kernel.x86.hw import PKRU
+
+    w = world(THREADED, steps=BOTH_WROTE)
+    held = {c: w._held(w.tasks[c]) for c in ("p0.t0", "p0.t1")}
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t0"))
+    assert observed["threads"] == 2 and observed["slept"] and observed["pkru"] == "p0.t0#1"
+    assert [c for c, _v, _s in notes] == ["p0.t0", "p0.t1"]
+    assert not any(stale for _c, _v, stale in notes)
+    avx = component_number("avx")
+    for comm, view, _stale in notes:
+        assert view[PKRU] == held[comm][PKRU] and view[avx] == held[comm][avx]
+    assert held["p0.t0"][avx] != held["p0.t1"][avx]
+    assert {w.tasks[c].state.value for c in ("p0.t0", "p0.t1")} == {"dead"}
+    assert [c.current is c.idle for c in w.m.cpus] == [True, True]
+
+
+def test_core_dump_raced_shows_the_dumpers_stale_pkru_only() -> None:
+    """When every thread reached coredump_task_exit() before the dumper waited, nothing
+    switches the dumper out: its note shows the thread.pkru of its last switch
+    (kernel-findings 9i), the other thread's the PKRU it held. The invariant allows the stale
+    PKRU for that note only."""
+    from fpstate.kernel.x86.hw import PKRU, pkru_bytes
+
+    w = world(THREADED, steps=BOTH_WROTE)
+    held = {c: w._held(w.tasks[c]) for c in ("p0.t0", "p0.t1")}
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t0", raced=True))
+    assert not observed["slept"] and observed["pkru"] == "0x55555554"
+    (_c0, v0, stale0), (_c1, v1, stale1) = notes
+    assert stale0 and not stale1
+    assert v0[PKRU] == pkru_bytes(core.INIT_PKRU_VALUE) != held["p0.t0"][PKRU]
+    assert v1[PKRU] == held["p0.t1"][PKRU]
+
+
+def test_regset_view_flags_a_threads_pkru_the_kernel_must_show() -> None:
+    """The stale-PKRU allowance is the dumper's alone: with the other thread's expected PKRU
+    changed behind the model's back, its note is a violation naming it."""
+    from fpstate.kernel.x86.hw import PKRU
+
+    w = world(THREADED, steps=BOTH_WROTE)
+    w.expected["p0.t1"][PKRU] = w.expected["p0.t0"][PKRU]
+    r = w.step(A("core_dump", task="p0.t0"))
+    assert [(v.invariant, v.detail) for v in r.violations] == [(
+        "regset-view-shows-the-task",
+        "the core of p0.t1 shows pkru = p0.t1#1 where the task holds p0.t0#1")]
+
+
+def test_core_dump_offers_and_refuses() -> None:
+    """A dump is offered while another process lives; the raced form only with another live
+    thread and a second CPU; a thread inside a kernel path (the #NM handler asleep in
+    vzalloc) makes it a StepError (not modelled), as does raced for a lone thread."""
     w = world({**CRASH, "processes": {"p0": 2, "p1": 1}},
               steps=[A("run", task="p0.t0", cpu=0)])
-    assert A("core_dump", task="p0.t0") not in w.enabled()
-    with pytest.raises(StepError, match="other live threads"):
-        w.step(A("core_dump", task="p0.t0"))
-    w.step(A("idle", cpu=0))
-    w.step(A("run", task="p1.t0", cpu=0))
-    assert A("core_dump", task="p1.t0") in w.enabled()
+    got = w.enabled()
+    assert A("core_dump", task="p0.t0") in got
+    assert A("core_dump", task="p0.t0", raced=True) not in got  # one CPU
+    with pytest.raises(StepError, match="one CPU"):
+        w.step(A("core_dump", task="p0.t0", raced=True))
+    w = world(THREADED, steps=[A("run", task="p1.t0", cpu=0)])
+    assert A("core_dump", task="p1.t0", raced=True) not in w.enabled()
+    with pytest.raises(StepError, match="nothing to race with"):
+        w.step(A("core_dump", task="p1.t0", raced=True))
+    w = world({**THREADED, "cpus": 1},
+              steps=[A("run", task="p0.t0", cpu=0),
+                     A("arch_prctl", task="p0.t0", option="req_perm", feature=18),
+                     A("write_nm", task="p0.t0", component="xtiledata"),
+                     A("run", task="p0.t1", cpu=0)])
+    assert A("core_dump", task="p0.t1") not in w.enabled()
+    with pytest.raises(StepError, match="inside a kernel path"):
+        w.step(A("core_dump", task="p0.t1"))
+
+

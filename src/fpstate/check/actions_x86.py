@@ -291,9 +291,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("ptrace_get", "PTRACE_GETREGSET NT_X86_XSTATE of a stopped task",
                {"tracer": _TASK, "task": _TASK}),
     ActionSpec("core_dump", "a fatal signal with a core dump (SIGSEGV, SIGQUIT) taken by a "
-               "single-threaded process in user mode, core_pattern a file: elf_core_dump() "
-               "collects NT_X86_XSTATE in the task's own context (no thread or pipe helper to "
-               "wait for, so no context switch first), then the task exits", {"task": _TASK}),
+               "task in user mode, core_pattern a file: do_coredump() zaps the other threads of "
+               "its process (each switched out in coredump_task_exit), waits for them -- "
+               "asleep, so switched out itself, unless raced -- collects every thread's "
+               "NT_X86_XSTATE (xstateregs_get, the dumper's first), then all of them exit",
+               {"task": _TASK,
+                "raced": FieldSpec(bool, "every other thread reached coredump_task_exit() "
+                                   "before the dumper waited, so it did not sleep (needs "
+                                   "other threads and a second CPU)", required=False,
+                                   default=False)}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -340,7 +346,7 @@ class X86World(X86Views, World):
         {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
          "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
          "sigframe-under-user-pkru", "sigframe-magic2-at-user-size",
-         "ptrace-pkru-ignored", "req-perm-overwrites"})
+         "ptrace-pkru-ignored", "req-perm-overwrites", "coredump-no-wait-inactive"})
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64
@@ -1146,32 +1152,37 @@ class X86World(X86Views, World):
         mxcsr = int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") if ret == 0 else 0
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
-    def do_core_dump(self, task: str) -> dict[str, Value]:
-        """do_coredump() of a single-threaded process to a core_pattern file: coredump_wait()
-        has no thread to zap and no pipe helper is waited for, so elf_core_dump() ->
-        fill_thread_core_info() runs xstateregs_get() on the dumping task itself right away
-        (sync_fpstate() saves its live registers; copy_xstate_to_uabi_buf() takes PKRU from
-        thread.pkru); then do_exit(). The note is emitted with the values the task held, for
-        regset-view-shows-the-task."""
-        from fpstate.kernel.x86.regset import xstateregs_get
+    def do_core_dump(self, task: str, raced: bool = False) -> dict[str, Value]:
+        """do_coredump() to a core_pattern file (fpstate.kernel.x86.coredump.do_coredump):
+        every other thread of the process is zapped and switched out, the dumper sleeps in
+        coredump_wait() unless it has no thread to wait for or ``raced`` (they all arrived
+        before it waited), elf_core_dump() takes every thread's NT_X86_XSTATE through
+        xstateregs_get() (the dumper's first), and every thread exits. Each note is emitted
+        with the values its thread held, for regset-view-shows-the-task, and with whether its
+        PKRU may be the stale thread.pkru: only the dumper's, when nothing switched it out
+        (kernel-findings 9i)."""
+        from fpstate.kernel.x86.coredump import do_coredump, zap_refusal
 
         t = self.task(task)
         nr = self.user_cpu(t)
-        if any(o is not t and o.state is not STATE_DEAD for o in t.process.threads):
-            raise StepError(f"{task}'s process has other live threads (core_dump models a "
-                            "single-threaded dump)")
-        held = self._held(t)
+        why = zap_refusal(self.m, t, raced=raced)
+        if why:
+            raise StepError(f"core_dump of {task}: {why}")
+        held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        buf = xstateregs_get(self.m.cpus[nr], t, self.m.system.user.max_size)
-        if isinstance(buf, int):  # no XSAVE: the regset is absent from the core
-            self.m.do_exit(nr)
-            return {"ret": buf}
-        self.emitted.append(("core", (t, buf, held)))
-        self.m.do_exit(nr)
-        return {"ret": 0, "xstate_bv": int.from_bytes(buf[512:520], "little"),
-                "mxcsr": int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),
+        dump = do_coredump(self.m, nr, raced=raced)
+        first = dump.notes[0].xstate
+        if isinstance(first, int):  # no XSAVE: the regset is absent from the core
+            return {"ret": first, "threads": len(dump.notes)}
+        for note in dump.notes:
+            stale_pkru = note.task is t and not dump.dumper_slept
+            self.emitted.append(("core", (note.task, note.xstate, held[note.task.comm],
+                                          stale_pkru)))
+        return {"ret": 0, "threads": len(dump.notes), "slept": dump.dumper_slept,
+                "xstate_bv": int.from_bytes(first[512:520], "little"),
+                "mxcsr": int.from_bytes(first[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),
                 **({"pkru": self.writer(pkru_bytes(int.from_bytes(
-                    buf[self._pkru_at:self._pkru_at + 4], "little")), PKRU)}
+                    first[self._pkru_at:self._pkru_at + 4], "little")), PKRU)}
                    if self.pkru_tracked else {})}
 
     def _held(self, t: Task) -> dict[int, bytes]:
@@ -1309,6 +1320,7 @@ class X86World(X86Views, World):
                 "pasid_write": A("pasid_write", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
+                "core_dump_raced": A("core_dump", task=comm, raced=True),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
                 "exec_ia32": A("exec", task=comm, abi="ia32"),
@@ -1392,9 +1404,11 @@ class X86World(X86Views, World):
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])
-            if len(groups) > 1 and all(o is t or o.state is STATE_DEAD
-                                       for o in t.process.threads):
+            if len(groups) > 1 and all(o.kpath is None for o in t.process.threads):
                 add(ta["core_dump"])
+                if ncpu > 1 and any(o is not t and o.state is not STATE_DEAD
+                                    for o in t.process.threads):
+                    add(ta["core_dump_raced"])
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])

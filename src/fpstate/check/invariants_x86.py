@@ -405,9 +405,11 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
     component and MXCSR as the task or the guest holds them.
     Known rules of the kernel that break it are stated here, not silenced elsewhere:
     MXCSR on a compacted kernel when the header has YMM without SSE (the fpstate's stale
-    bytes, docs/findings/kernel-findings.md 6); PKRU in the core of the dumping task, which
-    is thread.pkru -- the value of its last context switch, not the one it crashed with
-    (kernel-findings 9i); a guest's PKRU in KVM_GET_XSAVE2 when its fpstate's XSTATE_BV
+    bytes, docs/findings/kernel-findings.md 6); PKRU in the core of a dumping task that
+    nothing switched out -- no thread to wait for, or all of them arrived before it waited
+    -- which is thread.pkru, the value of its last context switch, not the one it crashed
+    with (kernel-findings 9i; every other thread's note, and a dumper's that slept, must
+    show its PKRU); a guest's PKRU in KVM_GET_XSAVE2 when its fpstate's XSTATE_BV
     lacks PKRU -- __copy_xstate_to_uabi_buf() writes vcpu->arch.pkru only under that bit,
     which a KVM_SET_XSAVE without PKRU clears while keeping vcpu->arch.pkru
     (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2")."""
@@ -418,7 +420,7 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
             held, tracked = w._held(t), w.tracked
             what, who = f"PTRACE_GETREGSET NT_X86_XSTATE of {t.comm}", "the task"
         elif kind == "core":
-            t, buf, held = payload
+            t, buf, held, stale_pkru = payload
             tracked = w.tracked
             what, who = f"the core of {t.comm}", "the task"
         elif kind == "kvm_uabi":
@@ -435,7 +437,7 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
         for i in tracked:
             if not s.user.max_features >> i & 1:
                 continue  # supervisor state (PASID, CET): not in a UABI buffer
-            if i == PKRU and kind == "core":
+            if i == PKRU and kind == "core" and stale_pkru:
                 continue  # thread.pkru, stale since the last switch (kernel-findings 9i)
             if i == PKRU and kind == "kvm_uabi" and not bv & XFEATURE_MASK_PKRU:
                 continue  # vcpu->arch.pkru only under the fpstate's PKRU bit (kvm-findings)

@@ -245,6 +245,12 @@ VARIANTS: tuple[Variant, ...] = (
             "them", "no-lost-write", config=NO_XSAVE_GUEST,
             # the dropped SSE in the VMM's buffer, before any restore loses it
             also=("regset-view-shows-the-task",)),
+    Variant("coredump-no-wait-inactive", "x86",
+            "fs/coredump.c coredump_wait(): the wait_task_inactive() loop, 'so that all the "
+            "thread context (extended register state, like fpu etc) gets copied to the memory'",
+            "the core's notes are collected without waiting for the zapped threads to be "
+            "switched out: a thread running in user mode on another CPU has its note taken "
+            "from its fpstate's older image", "regset-view-shows-the-task"),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

@@ -148,6 +148,14 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "ARCH_REQ_XCOMP_PERM implementation' (Yang Zhong)",
             "the permission becomes the requested bits only: the default features it held are "
             "revoked, and ARCH_GET_XCOMP_PERM no longer reports them"),
+    Variant("coredump-no-wait-inactive", "coredump_wait",
+            "fs/coredump.c coredump_wait(): 'Wait for all the threads to become inactive, so "
+            "that all the thread context (extended register state, like fpu etc) gets copied "
+            "to the memory'",
+            "collects the notes once the threads have been told to die, without waiting for "
+            "them to be switched out: a thread still running in user mode on another CPU holds "
+            "its state in that CPU's registers, and its core note shows its fpstate's older "
+            "image"),
     Variant("ptrace-pkru-ignored", "xstateregs_set",
             "v5.14 to v6.1, fixed in v6.2 by 4a804c4f8356 'x86/fpu: Allow PKRU to be (once "
             "again) written by ptrace' (Kyle Huey)",

@@ -1,0 +1,140 @@
+"""fs/coredump.c and fs/binfmt_elf.c as far as the FPU notes of a core depend on them: which
+threads are dumped, in which order, and which of them are switched out -- their registers
+saved, their PKRU stashed in thread.pkru -- before xstateregs_get() reads them.
+
+do_coredump() runs in the dumping thread, in the kernel, from get_signal() of its fatal
+signal. coredump_wait() -> zap_threads() -> zap_process() queues SIGKILL to every other
+thread of the group that is not PF_POSTCOREDUMP and wakes it; each of them takes the signal,
+reaches do_exit() -> coredump_task_exit(), pushes itself onto core_state->dumper.next
+(PF_SIGNALED), counts down core_state->nr_threads -- the last one completes
+core_state->startup -- and sleeps (TASK_IDLE) until coredump_finish() wakes it. The dumper
+sleeps in wait_for_completion_state(&core_state->startup) unless the count already reached
+zero, then wait_task_inactive() on each thread of the list, "so that all the thread context
+(extended register state, like fpu etc) gets copied to the memory". elf_core_dump() ->
+fill_note_info() writes the dumper's notes first, then those of each thread of the list
+(newest arrival first); fill_thread_core_info() takes NT_X86_XSTATE through
+xstateregs_get(). coredump_finish() wakes the threads, and every thread do_exit()s.
+
+What that means for a core's FPU state, in this model's terms:
+- A thread running in user mode on another CPU enters the kernel and is switched out there
+  (switch_fpu() saves its registers, x86_pkru_load() stashes its PKRU in thread.pkru).
+- A switched-out or ptrace-stopped thread is woken and switched out again without touching
+  its FPU state: TIF_NEED_FPU_LOAD stays set, and its PKRU register round-trips through
+  thread.pkru. The model leaves it switched out.
+- The dumper, when it sleeps, is switched out and in once (the CPU runs the zapped threads
+  or idles meanwhile; neither touches the dumper's FPU state), so its registers are saved
+  and its thread.pkru is the PKRU it runs with. When every thread arrived before it waited
+  (``raced``), nothing switches it out: copy_xstate_to_uabi_buf() shows the thread.pkru of
+  its last switch (docs/findings/kernel-findings.md 9i), as for any single-threaded dumper,
+  which has no thread to wait for.
+
+Variant ``coredump-no-wait-inactive`` takes the notes without waiting for the threads to be
+switched out (coredump_wait()'s wait_task_inactive() loop, and the reason its comment gives):
+a thread running in user mode on another CPU has its note taken from its fpstate.
+
+Not modelled (IllegalEvent): a thread inside a kernel path (KVM_RUN, the #NM handler's
+allocation, a clone, an exec's de_thread(): zap_threads() then returns -EAGAIN and no core is
+written), and pipe or socket core_patterns (the dumper also waits for the helper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fpstate.kernel.x86.regset import xstateregs_get
+from fpstate.kernel.x86.sched import (
+    SIGKILL,
+    STATE_DEAD,
+    STATE_KERNEL,
+    IllegalEvent,
+    Machine,
+    Signal,
+    Task,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadNote:
+    """One thread's NT_X86_XSTATE in a core: the bytes xstateregs_get() gave (an errno, as a
+    negative int, where the regset is absent: no XSAVE), and the thread.pkru that
+    copy_xstate_to_uabi_buf() read for it."""
+
+    task: Task
+    xstate: bytes | int
+    thread_pkru: int
+
+
+@dataclass(frozen=True, slots=True)
+class Coredump:
+    """What do_coredump() left: the NT_X86_XSTATE notes in file order (the dumper's first),
+    and whether the dumper slept in coredump_wait() (a context switch before its notes)."""
+
+    notes: tuple[ThreadNote, ...]
+    dumper_slept: bool
+
+
+def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False) -> str | None:
+    """Why the model cannot dump ``dumper``'s group now (None when it can): another thread
+    is inside a kernel path (not modelled), or ``raced`` is asked where no thread or no
+    other CPU lets the threads arrive before the dumper waits."""
+    others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+    for t in others:
+        if t.kpath is not None:
+            return (f"{t!r} is inside a kernel path (the model does not let a zapped thread "
+                    "finish one before coredump_task_exit)")
+    if raced and not others:
+        return f"{dumper!r} has no thread to wait for: nothing to race with"
+    if raced and len(m.cpus) < 2:
+        return "one CPU: the zapped threads run only once the dumper sleeps"
+    return None
+
+
+def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Task], bool]:
+    """coredump_wait() for the current task of CPU ``nr`` (in the kernel, no kernel path
+    unfinished): zap_threads() and every zapped thread's way to coredump_task_exit(), then
+    the dumper's wait. Returns core_state->dumper.next as a list (newest arrival first; the
+    model lets the threads arrive in the group's thread order) and whether the dumper slept.
+    ``raced``: every thread reached coredump_task_exit() before the dumper called
+    wait_for_completion_state(), so it did not sleep -- possible only with another CPU for
+    them to run on, and only with threads to wait for."""
+    c = m.cpus[nr]
+    dumper = c.current
+    if dumper.state is not STATE_KERNEL or dumper.kpath is not None:
+        raise IllegalEvent(f"coredump_wait on CPU {nr}: {dumper!r} is not in the kernel "
+                           "outside a kernel path")
+    why = zap_refusal(m, dumper, raced=raced)
+    if why:
+        raise IllegalEvent(why)
+    others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+    arrived = []
+    wait_inactive = not m.system.has_variant("coredump-no-wait-inactive")
+    for t in others:
+        if t.on_cpu is not None and wait_inactive:  # running: the signal's IPI kicks it
+            m.idle(t.on_cpu)
+        # switched out or ptrace-stopped: woken, it passes through its CPU without an FPU
+        # save or restore and sleeps again
+        arrived.append(t)
+    slept = bool(others) and not raced
+    if slept:  # wait_for_completion_state(): schedule() away and, completed, back
+        m.idle(nr)
+        m.preempt(nr, dumper)
+    arrived.reverse()  # xchg(&core_state->dumper.next, &self): a stack
+    return arrived, slept
+
+
+def do_coredump(m: Machine, nr: int, *, raced: bool = False) -> Coredump:
+    """do_coredump() of the current task of CPU ``nr`` to a core_pattern file, for the FPU
+    notes: coredump_wait(), elf_core_dump()'s NT_X86_XSTATE of every thread through
+    xstateregs_get() (the dumper's first), coredump_finish() and each thread's do_exit().
+    The dumper's CPU is left idle; the other threads are dead."""
+    threads, slept = coredump_wait(m, nr, raced=raced)
+    c = m.cpus[nr]
+    dumper = c.current
+    size = m.system.user.max_size
+    notes = tuple(ThreadNote(t, xstateregs_get(c, t, size), t.thread_pkru)
+                  for t in (dumper, *threads))
+    m.do_exit(nr)
+    for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
+        t.killed_by = Signal(SIGKILL)
+        m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
+    return Coredump(notes, slept)
