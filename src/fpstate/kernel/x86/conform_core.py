@@ -13,6 +13,16 @@ into a model task and asks what do_coredump() -> elf_core_dump() writes for it:
 
 Compared: both regset notes byte for byte, the layout note's bytes (header, name and records)
 as they sit in the file, and whether it ends the notes.
+
+``core/threads`` dumps a process of two threads: the sibling (clone with CLONE_THREAD) loads
+other patterns and another MXCSR -- and, with protection keys, another PKRU -- XSAVEs them
+and spins in user mode; the leader then loads its own, XSAVEs them and kills its process
+with SIGQUIT, which complete_signal() gives the running leader. The model
+(`fpstate.kernel.x86.coredump.do_coredump`) runs the same process on two CPUs: the sibling
+zapped in user mode on CPU 1, the leader asleep in coredump_wait(). Compared: how many
+NT_X86_XSTATE notes, whose comes first, and each thread's note byte for byte (with PKRU
+changed by both threads, that the leader's note shows its live PKRU: it was switched out,
+unlike a single-threaded dumper -- docs/findings/kernel-findings.md 9i).
 """
 
 from __future__ import annotations
@@ -110,6 +120,112 @@ def core_model(system: FpuSystem, g: CoreGiven) -> Facts:
             "NT_X86_XSAVE_LAYOUT closes PT_NOTE": bool(note.data)}
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadsGiven:
+    leader: bytes  #: the leader's registers when it dumped (standard XSAVE image)
+    sibling: bytes  #: the sibling's registers while it spun
+
+
+#: The sibling's MXCSR (round down, every exception masked) and, with OSPKE, the PKRU values
+#: the sibling and the leader write (keys 1 and 2 write-disabled besides key 0's default).
+SIBLING_MXCSR = 0x3F80
+SIBLING_PKRU, LEADER_PKRU = 0x5555555C, 0x55555574
+
+
+def _threads_host() -> HostAnswer:
+    from fpstate.host.child import SYS as NR
+    from fpstate.host.child import (
+        Asm,
+        SharedMemory,
+        host_user_xstate_size,
+        load_patterns,
+        pattern_table,
+        register_class,
+        xsave_image,
+    )
+    from fpstate.host.coredump import kernel_core
+    from fpstate.host.process import THREAD_FLAGS
+    from fpstate.tools.corefile import xstate_notes
+
+    pku = bool(register_class().xcr0 & (1 << 9))
+    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    leader_img, sibling_img, flags = 2 * PAGE, 2 * PAGE + xs, 2 * PAGE + 2 * xs
+    stack = 16 * PAGE
+    shm = SharedMemory(flags + PAGE + stack)
+    shm.write(0, pattern_table(SEED))
+    table = bytearray(pattern_table(SEED + 1))
+    table[2112:2116] = SIBLING_MXCSR.to_bytes(4, "little")  # PATTERN_MXCSR
+    shm.write(PAGE, bytes(table))
+    ready, tid = shm.address + flags, shm.address + flags + 8
+    stack_top = shm.address + shm.size - 64
+
+    def code(a: Asm) -> None:
+        R, C, In, M = a.R, a.C, a.In, a.M
+        a.syscall(NR["clone"], THREAD_FLAGS, stack_top, 0, 0, 0)
+        a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
+        a.jump("JNE_REL32_64", "leader")
+        load_patterns(a, shm.address + PAGE)  # -- the sibling
+        if pku:
+            a.wrpkru(SIBLING_PKRU)
+        a.xsave(shm.address + sibling_img)
+        a.mov_imm(R.RAX, 1)
+        a.store_rax(ready)
+        a.label("forever")
+        a.emit(In.create(C.PAUSE))
+        a.jump("JMP_REL32_64", "forever")
+        a.label("leader")  # -- the leader: RAX is the sibling's tid
+        a.store_rax(tid)
+        a.mov_imm(R.R12, ready)
+        a.label("spin")
+        a.emit(In.create(C.PAUSE))
+        a.emit(In.create_mem_i32(C.CMP_RM64_IMM8, M(R.R12), 1))
+        a.jump("JNE_REL32_64", "spin")
+        load_patterns(a, shm.address)
+        if pku:
+            a.wrpkru(LEADER_PKRU)
+        a.xsave(shm.address + leader_img)
+
+    with tempfile.TemporaryDirectory(prefix="fpstate-core-") as d:
+        core = kernel_core(Path(d), code)
+        data = core.read()
+    if shm.u64(flags) != 1:
+        raise HostUnavailable("the sibling thread never ran")
+    sibling = shm.u64(flags + 8)
+    notes = xstate_notes(data)
+    facts: Facts = {"NT_X86_XSTATE notes": len(notes),
+                    "first note is the leader's": notes[0].tid == core.exit.pid,
+                    "the leader's NT_X86_XSTATE": notes[0].data,
+                    "the sibling's NT_X86_XSTATE": b"".join(n.data for n in notes
+                                                            if n.tid == sibling)}
+    return HostAnswer(facts, ThreadsGiven(xsave_image(shm.read(leader_img, xs)).raw,
+                                          xsave_image(shm.read(sibling_img, xs)).raw))
+
+
+def core_threads_model(system: FpuSystem, g: ThreadsGiven) -> Facts:
+    """The leader on CPU 0 clones the sibling, which runs on CPU 1; each holds its image;
+    the leader dumps (do_coredump, not raced: it sleeps in coredump_wait())."""
+    from fpstate.kernel.x86.coredump import do_coredump
+    from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM, sys_clone
+
+    m = Machine(system, 2)
+    leader = user_task(m, 0, comm="leader")
+    sibling = m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling")
+    m.run(1, sibling)
+    load_registers(m, 1, g.sibling)
+    load_registers(m, 0, g.leader)
+    m.enter_kernel(0)
+    notes = do_coredump(m, 0).notes
+    return {"NT_X86_XSTATE notes": len(notes),
+            "first note is the leader's": notes[0].task is leader,
+            "the leader's NT_X86_XSTATE": _bytes(notes[0].xstate),
+            "the sibling's NT_X86_XSTATE": b"".join(_bytes(n.xstate) for n in notes
+                                                    if n.task is sibling)}
+
+
+def _bytes(note: bytes | int) -> bytes:
+    return note if isinstance(note, bytes) else b""
+
+
 def _needs() -> str | None:
     from fpstate.host.coredump import core_unavailable
 
@@ -119,4 +235,7 @@ def _needs() -> str | None:
 CASES: tuple[Case, ...] = (
     Case("core/notes", "fill_thread_core_info (xfpregs_get, xstateregs_get of the dumping task), "
          "elf_coredump_extra_notes_write (NT_X86_XSAVE_LAYOUT)", _core_host, core_model, _needs),
+    Case("core/threads", "coredump_wait (zap_threads, coredump_task_exit), fill_note_info "
+         "(the dumper's notes first), xstateregs_get of each thread", _threads_host,
+         core_threads_model, _needs),
 )
