@@ -765,6 +765,22 @@ def test_regset_view_flags_a_threads_pkru_the_kernel_must_show() -> None:
         "the core of p0.t1 shows pkru = p0.t1#1 where the task holds p0.t0#1")]
 
 
+def test_core_dump_through_a_pipe_shows_the_live_pkru() -> None:
+    """A core_pattern piping to a helper: coredump_pipe() waits for the helper's exec before
+    the notes, so even a single-threaded dumper was switched out and its core shows the PKRU
+    it crashed with, and the invariant gives it no allowance."""
+    w = world(CRASH, steps=[A("run", task="p0.t0", cpu=0),
+                            A("write", task="p0.t0", component="pkru")])
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t0", pattern="pipe"))
+    assert observed["slept"] and observed["pkru"] == "p0.t0#1"
+    assert [stale for _c, _v, stale in notes] == [False]
+    w.discard_events()
+    w.step(A("run", task="p1.t0", cpu=0))
+    got = w.enabled()
+    assert A("write", task="p1.t0", component="avx") in got
+    assert A("core_dump", task="p1.t0", pattern="pipe") not in got  # the last process
+
+
 def test_core_dump_offers_and_refuses() -> None:
     """A dump is offered while another process lives; the raced form only with another live
     thread and a second CPU; a thread inside a kernel path (the #NM handler asleep in
@@ -772,7 +788,8 @@ def test_core_dump_offers_and_refuses() -> None:
     w = world({**CRASH, "processes": {"p0": 2, "p1": 1}},
               steps=[A("run", task="p0.t0", cpu=0)])
     got = w.enabled()
-    assert A("core_dump", task="p0.t0") in got
+    assert A("core_dump", task="p0.t0") in got and A("core_dump", task="p0.t0",
+                                                     pattern="pipe") in got
     assert A("core_dump", task="p0.t0", raced=True) not in got  # one CPU
     with pytest.raises(StepError, match="one CPU"):
         w.step(A("core_dump", task="p0.t0", raced=True))

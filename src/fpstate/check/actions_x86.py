@@ -291,15 +291,19 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("ptrace_get", "PTRACE_GETREGSET NT_X86_XSTATE of a stopped task",
                {"tracer": _TASK, "task": _TASK}),
     ActionSpec("core_dump", "a fatal signal with a core dump (SIGSEGV, SIGQUIT) taken by a "
-               "task in user mode, core_pattern a file: do_coredump() zaps the other threads of "
+               "task in user mode: vfs_coredump() zaps the other threads of "
                "its process (each switched out in coredump_task_exit), waits for them -- "
-               "asleep, so switched out itself, unless raced -- collects every thread's "
-               "NT_X86_XSTATE (xstateregs_get, the dumper's first), then all of them exit",
+               "asleep, so switched out itself, unless raced -- and for a pipe's helper, "
+               "collects every thread's NT_X86_XSTATE (xstateregs_get, the dumper's first), "
+               "then all of them exit",
                {"task": _TASK,
                 "raced": FieldSpec(bool, "every other thread reached coredump_task_exit() "
                                    "before the dumper waited, so it did not sleep (needs "
                                    "other threads and a second CPU)", required=False,
-                                   default=False)}),
+                                   default=False),
+                "pattern": FieldSpec(str, "core_pattern: a file, or a pipe to a helper whose "
+                                     "exec the dumper waits for", required=False,
+                                     choices=("file", "pipe"), default="file")}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -1152,12 +1156,14 @@ class X86World(X86Views, World):
         mxcsr = int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") if ret == 0 else 0
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
-    def do_core_dump(self, task: str, raced: bool = False) -> dict[str, Value]:
-        """do_coredump() to a core_pattern file (fpstate.kernel.x86.coredump.do_coredump):
-        every other thread of the process is zapped and switched out, the dumper sleeps in
-        coredump_wait() unless it has no thread to wait for or ``raced`` (they all arrived
-        before it waited), elf_core_dump() takes every thread's NT_X86_XSTATE through
-        xstateregs_get() (the dumper's first), and every thread exits. Each note is emitted
+    def do_core_dump(self, task: str, raced: bool = False,
+                     pattern: str = "file") -> dict[str, Value]:
+        """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
+        the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
+        has no thread to wait for or ``raced`` (they all arrived before it waited), and again
+        for a ``pipe`` core_pattern's helper; elf_core_dump() takes every thread's
+        NT_X86_XSTATE through xstateregs_get() (the dumper's first), and every thread exits.
+        Each note is emitted
         with the values its thread held, for regset-view-shows-the-task, and with whether its
         PKRU may be the stale thread.pkru: only the dumper's, when nothing switched it out
         (kernel-findings 9i)."""
@@ -1170,7 +1176,7 @@ class X86World(X86Views, World):
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced)
+        dump = do_coredump(self.m, nr, raced=raced, pipe=pattern == "pipe")
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}
@@ -1321,6 +1327,7 @@ class X86World(X86Views, World):
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
+                "core_dump_pipe": A("core_dump", task=comm, pattern="pipe"),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
                 "exec_ia32": A("exec", task=comm, abi="ia32"),
@@ -1406,6 +1413,7 @@ class X86World(X86Views, World):
             add(ta["ptrace_stop"])
             if len(groups) > 1 and all(o.kpath is None for o in t.process.threads):
                 add(ta["core_dump"])
+                add(ta["core_dump_pipe"])
                 if ncpu > 1 and any(o is not t and o.state is not STATE_DEAD
                                     for o in t.process.threads):
                     add(ta["core_dump_raced"])

@@ -15,7 +15,7 @@ fill_note_info() writes the dumper's notes first, then those of each thread of t
 (newest arrival first); fill_thread_core_info() takes NT_X86_XSTATE through
 xstateregs_get(). coredump_finish() wakes the threads, and every thread do_exit()s.
 
-What that means for a core's FPU state, in this model's terms:
+What that means for a core's FPU state, in this model's terms (core_pattern a file):
 - A thread running in user mode on another CPU enters the kernel and is switched out there
   (switch_fpu() saves its registers, x86_pkru_load() stashes its PKRU in thread.pkru).
 - A switched-out or ptrace-stopped thread is woken and switched out again without touching
@@ -32,9 +32,15 @@ Variant ``coredump-no-wait-inactive`` takes the notes without waiting for the th
 switched out (coredump_wait()'s wait_task_inactive() loop, and the reason its comment gives):
 a thread running in user mode on another CPU has its note taken from its fpstate.
 
+A core_pattern that pipes to a helper (``|/usr/lib/systemd/systemd-coredump``, apport) makes
+the dumper sleep after coredump_wait() in any case: coredump_pipe() waits for the helper's
+exec (call_usermodehelper_exec(..., UMH_WAIT_EXEC)) before coredump_write() collects the
+notes, so such cores show every thread's own PKRU.
+
 Not modelled (IllegalEvent): a thread inside a kernel path (KVM_RUN, the #NM handler's
 allocation, a clone, an exec's de_thread(): zap_threads() then returns -EAGAIN and no core is
-written), and pipe or socket core_patterns (the dumper also waits for the helper).
+written). Nor are the socket core_patterns of recent kernels (``@path``: a non-blocking
+connect; ``@@path``: the dumper also waits for the server's answer).
 """
 
 from __future__ import annotations
@@ -122,14 +128,20 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
     return arrived, slept
 
 
-def do_coredump(m: Machine, nr: int, *, raced: bool = False) -> Coredump:
-    """do_coredump() of the current task of CPU ``nr`` to a core_pattern file, for the FPU
-    notes: coredump_wait(), elf_core_dump()'s NT_X86_XSTATE of every thread through
+def do_coredump(m: Machine, nr: int, *, raced: bool = False, pipe: bool = False) -> Coredump:
+    """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
+    the FPU notes: coredump_wait(); with ``pipe`` (a core_pattern ``|helper``),
+    coredump_pipe() -> call_usermodehelper_exec(UMH_WAIT_EXEC), where the dumper sleeps until
+    the helper has exec'd; then elf_core_dump()'s NT_X86_XSTATE of every thread through
     xstateregs_get() (the dumper's first), coredump_finish() and each thread's do_exit().
     The dumper's CPU is left idle; the other threads are dead."""
     threads, slept = coredump_wait(m, nr, raced=raced)
     c = m.cpus[nr]
     dumper = c.current
+    if pipe:  # the helper's exec: the dumper is switched out and, woken, back in
+        m.idle(nr)
+        m.preempt(nr, dumper)
+        slept = True
     size = m.system.user.max_size
     notes = tuple(ThreadNote(t, xstateregs_get(c, t, size), t.thread_pkru)
                   for t in (dumper, *threads))
