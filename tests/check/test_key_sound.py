@@ -98,6 +98,24 @@ def test_signal_frames_of_equal_patterns_have_equal_keys() -> None:
     assert other.key() != once.key()
 
 
+def test_x87_bytes_a_frame_header_leaves_out_are_named_by_the_key() -> None:
+    """A frame whose XSTATE_BV the handler cleared for x87 still holds x87 bytes in its
+    legacy region, which an fx_only sigreturn (magic1 cleared) loads with FXRSTOR: the frame
+    of a task that wrote x87 and that of one that did not must have different keys, and the
+    task's x87 after such a sigreturn tells them apart. (Found when the explorer's memo let a
+    shrunk counterexample of sigframe-magic2-at-user-size pass as clean.)"""
+    start = (A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0", onstack=True))
+    end = (A("signal", task="p0.t0"), A("frame_clear", task="p0.t0", component="x87"))
+    wrote = _steps(*start, A("write", task="p0.t0", component="x87"), *end)
+    clean = _steps(*start, *end)
+    assert wrote.key() != clean.key()
+    for w in (wrote, clean):
+        w.step(A("frame_fx_only", task="p0.t0"))
+        w.step(A("sigreturn", task="p0.t0"))
+    x87 = [w.m.cpus[0].regs.component(0)[32:42] for w in (wrote, clean)]
+    assert x87[0] != x87[1] and x87[1] == bytes(10)
+
+
 def test_pkru_in_thread_pkru_is_ranked_like_any_value() -> None:
     """A switched-out task's PKRU lives in thread.pkru: one WRPKRU or two (generations 1 and 2)
     name the same state; a PKRU that another task wrote does not."""

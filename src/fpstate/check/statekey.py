@@ -223,8 +223,10 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = FRAME
     """A signal frame at ``lo`` (its bytes up to FP_XSTATE_MAGIC2) in a key: the components
     its XSAVE area stores (XSTATE_BV of its header, standard format) as key values, their
     tokens to ``cn`` as for any other value, and the digest of everything else in it by
-    content (the areas of the components it does not store left out) -- so that two frames
-    whose values differ only in generations, with the same pattern, name the same state.
+    content (the areas of the components it does not store left out, but for x87 and SSE:
+    an fx_only sigreturn loads their legacy-region bytes whatever the header says, so they
+    are key values too, marked not stored) -- so that two frames whose values differ only in
+    generations, with the same pattern, name the same state.
     An ia32 frame (``kind`` "ia32-rt" or "ia32") has its 32-bit fpstate pointer in its
     sigcontext_32 and the fsave header before the XSAVE area; the header is part of
     "everything else" unless it is what the kernel derives from the frame's x87 value (then
@@ -257,13 +259,17 @@ def _frame_values(system: Any, data: bytes, lo: int,
         profile = system.profile
         for i in bits(system.user.max_features):
             v, spans = _component(data, fp, profile, 0, i)
-            if (xstate_bv >> i) & 1:
+            stored = (xstate_bv >> i) & 1
+            # A component not in XSTATE_BV was not written (XSAVE's init optimisation): its
+            # bytes are those of an older frame, which sigreturn's XRSTOR ignores -- but not
+            # x87 and SSE, whose legacy-region bytes an fx_only sigreturn (a frame whose
+            # fx_sw_bytes or MAGIC2 do not check out) loads with FXRSTOR whatever the header
+            # says: they stay in the key, marked as not stored.
+            if stored or i <= 1:
                 struct, tok = _classify(v, i)
-                out.append((i, struct))
+                out.append((i, struct) if stored else (i, struct, 0))
                 if tok is not None:
                     toks.append(tok)
-            # A component not in XSTATE_BV was not written (XSAVE's init optimisation): its
-            # bytes are those of an older frame, which sigreturn's XRSTOR ignores.
             for a, b in spans:
                 rest[a:b] = bytes(b - a)
         if sc is not None and fp >= FREGS_STATE_SIZE:
