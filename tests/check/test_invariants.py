@@ -11,7 +11,7 @@ from fpstate.check.invariants import BUG_INVARIANTS, BY_NAME, INVARIANTS, PREDIC
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action, StepError
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import mxcsr_token, token
+from fpstate.kernel.x86.hw import mxcsr_token, read_token, token
 from fpstate.kernel.x86.signal import SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import XFEATURE_MASK_GUEST_SUPERVISOR
 
@@ -783,8 +783,8 @@ def test_core_dump_through_a_pipe_shows_the_live_pkru() -> None:
 
 def test_core_dump_offers_and_refuses() -> None:
     """A dump is offered while another process lives; the raced form only with another live
-    thread and a second CPU; a thread inside a kernel path (the #NM handler asleep in
-    vzalloc) makes it a StepError (not modelled), as does raced for a lone thread."""
+    thread, a second CPU and no thread inside a kernel path; raced for a lone thread is a
+    StepError."""
     w = world({**CRASH, "processes": {"p0": 2, "p1": 1}},
               steps=[A("run", task="p0.t0", cpu=0)])
     got = w.enabled()
@@ -797,13 +797,44 @@ def test_core_dump_offers_and_refuses() -> None:
     assert A("core_dump", task="p1.t0", raced=True) not in w.enabled()
     with pytest.raises(StepError, match="nothing to race with"):
         w.step(A("core_dump", task="p1.t0", raced=True))
+
+
+def test_core_dump_runs_a_thread_out_of_its_kernel_path() -> None:
+    """A thread asleep in its #NM handler's allocation (switched out inside the path) is run
+    out of it on the dumper's CPU while the dumper sleeps; its note shows the state it held
+    (the AVX value written before), and every thread is dead."""
     w = world({**THREADED, "cpus": 1},
-              steps=[A("run", task="p0.t0", cpu=0),
+              steps=[A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx"),
                      A("arch_prctl", task="p0.t0", option="req_perm", feature=18),
                      A("write_nm", task="p0.t0", component="xtiledata"),
                      A("run", task="p0.t1", cpu=0)])
-    assert A("core_dump", task="p0.t1") not in w.enabled()
-    with pytest.raises(StepError, match="inside a kernel path"):
-        w.step(A("core_dump", task="p0.t1"))
+    assert A("core_dump", task="p0.t1") in w.enabled()
+    held = w._held(w.tasks["p0.t0"])
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t1"))
+    assert observed["threads"] == 2 and observed["slept"]
+    (_c, v1, _s), = [n for n in notes if n[0] == "p0.t0"]
+    avx = component_number("avx")
+    assert v1[avx] == held[avx] and read_token(held[avx])[0] == w.tasks["p0.t0"].pid
+    assert {w.tasks[c].state.value for c in ("p0.t0", "p0.t1")} == {"dead"}
 
+
+def test_core_dump_of_a_vmm_shows_the_vcpu_threads_own_state() -> None:
+    """scenarios/kvm-core-dump-during-run.yaml: the vCPU thread, inside KVM_RUN with the
+    guest FPU loaded, is run out of it (-EINTR, guest FPU put back); its note shows its own
+    user AVX value, not the guest's, which stays in the guest fpstate."""
+    from pathlib import Path
+
+    from fpstate.check.scenario import load
+
+    sc = load(Path(__file__).parents[2] / "scenarios" / "kvm-core-dump-during-run.yaml")
+    w = make_world(sc.model, sc.config, None)
+    steps = list(sc.steps)
+    for st in steps[:5]:
+        assert not w.step(st.action).violations
+    held = w._held(w.tasks["p1.t0"])
+    observed, notes = _core_notes(w, steps[5].action)
+    assert observed["threads"] == 2 and observed["slept"]
+    avx = component_number("avx")
+    (view,) = [v for c, v, _s in notes if c == "p1.t0"]
+    assert view[avx] == held[avx] and read_token(view[avx])[0] == w.tasks["p1.t0"].pid
 

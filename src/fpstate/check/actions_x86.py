@@ -1411,11 +1411,11 @@ class X86World(X86Views, World):
             if pasid:
                 add(ta["pasid_write"])
             add(ta["ptrace_stop"])
-            if len(groups) > 1 and all(o.kpath is None for o in t.process.threads):
+            if len(groups) > 1:
                 add(ta["core_dump"])
                 add(ta["core_dump_pipe"])
-                if ncpu > 1 and any(o is not t and o.state is not STATE_DEAD
-                                    for o in t.process.threads):
+                if ncpu > 1 and all(o.kpath is None for o in t.process.threads) and any(
+                        o is not t and o.state is not STATE_DEAD for o in t.process.threads):
                     add(ta["core_dump_raced"])
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))

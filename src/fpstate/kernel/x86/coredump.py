@@ -2,18 +2,18 @@
 threads are dumped, in which order, and which of them are switched out -- their registers
 saved, their PKRU stashed in thread.pkru -- before xstateregs_get() reads them.
 
-do_coredump() runs in the dumping thread, in the kernel, from get_signal() of its fatal
-signal. coredump_wait() -> zap_threads() -> zap_process() queues SIGKILL to every other
-thread of the group that is not PF_POSTCOREDUMP and wakes it; each of them takes the signal,
-reaches do_exit() -> coredump_task_exit(), pushes itself onto core_state->dumper.next
-(PF_SIGNALED), counts down core_state->nr_threads -- the last one completes
-core_state->startup -- and sleeps (TASK_IDLE) until coredump_finish() wakes it. The dumper
-sleeps in wait_for_completion_state(&core_state->startup) unless the count already reached
-zero, then wait_task_inactive() on each thread of the list, "so that all the thread context
-(extended register state, like fpu etc) gets copied to the memory". elf_core_dump() ->
-fill_note_info() writes the dumper's notes first, then those of each thread of the list
-(newest arrival first); fill_thread_core_info() takes NT_X86_XSTATE through
-xstateregs_get(). coredump_finish() wakes the threads, and every thread do_exit()s.
+vfs_coredump() (do_coredump() in older kernels) runs in the dumping thread, in the kernel,
+from get_signal() of its fatal signal. coredump_wait() -> zap_threads() -> zap_process()
+queues SIGKILL to every other thread of the group that is not PF_POSTCOREDUMP and wakes it;
+each of them takes the signal, reaches do_exit() -> coredump_task_exit(), pushes itself onto
+core_state->dumper.next (PF_SIGNALED), counts down core_state->nr_threads -- the last one
+completes core_state->startup -- and sleeps (TASK_IDLE) until coredump_finish() wakes it.
+The dumper sleeps in wait_for_completion_state(&core_state->startup) unless the count
+already reached zero, then wait_task_inactive() on each thread of the list, "so that all the
+thread context (extended register state, like fpu etc) gets copied to the memory".
+elf_core_dump() -> fill_note_info() writes the dumper's notes first, then those of each
+thread of the list (newest arrival first); fill_thread_core_info() takes NT_X86_XSTATE
+through xstateregs_get(). coredump_finish() wakes the threads, and every thread do_exit()s.
 
 What that means for a core's FPU state, in this model's terms (core_pattern a file):
 - A thread running in user mode on another CPU enters the kernel and is switched out there
@@ -37,10 +37,16 @@ the dumper sleep after coredump_wait() in any case: coredump_pipe() waits for th
 exec (call_usermodehelper_exec(..., UMH_WAIT_EXEC)) before coredump_write() collects the
 notes, so such cores show every thread's own PKRU.
 
-Not modelled (IllegalEvent): a thread inside a kernel path (KVM_RUN, the #NM handler's
-allocation, a clone, an exec's de_thread(): zap_threads() then returns -EAGAIN and no core is
-written). Nor are the socket core_patterns of recent kernels (``@path``: a non-blocking
-connect; ``@@path``: the dumper also waits for the server's answer).
+A thread inside a kernel path (KVM_RUN, the #NM handler's allocation, a clone) leaves it as
+SIGKILL makes it, before coredump_task_exit(): a vCPU thread's note shows the VMM thread's
+own (user) FPU state, the guest's having been put back into the guest fpstate, which no
+core holds.
+
+Not modelled: an exec in flight (once de_thread() has set signal->group_exec_task,
+zap_threads() returns -EAGAIN and no core is written; in the model an exec has killed every
+thread outside a kernel path by then, a would-be dumper included), and the socket
+core_patterns of recent kernels (``@path``: a non-blocking connect; ``@@path``: the dumper
+also waits for the server's answer).
 """
 
 from __future__ import annotations
@@ -80,18 +86,17 @@ class Coredump:
 
 
 def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False) -> str | None:
-    """Why the model cannot dump ``dumper``'s group now (None when it can): another thread
-    is inside a kernel path (not modelled), or ``raced`` is asked where no thread or no
-    other CPU lets the threads arrive before the dumper waits."""
+    """Why the model cannot dump ``dumper``'s group now (None when it can): ``raced`` is
+    asked where no thread, no other CPU or a thread inside a kernel path keeps the threads
+    from arriving before the dumper waits."""
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
-    for t in others:
-        if t.kpath is not None:
-            return (f"{t!r} is inside a kernel path (the model does not let a zapped thread "
-                    "finish one before coredump_task_exit)")
     if raced and not others:
         return f"{dumper!r} has no thread to wait for: nothing to race with"
     if raced and len(m.cpus) < 2:
         return "one CPU: the zapped threads run only once the dumper sleeps"
+    if raced and any(t.kpath is not None for t in others):
+        return ("a thread inside a kernel path: the model runs it out of its path on the "
+                "dumper's CPU while the dumper sleeps")
     return None
 
 
@@ -102,7 +107,11 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
     model lets the threads arrive in the group's thread order) and whether the dumper slept.
     ``raced``: every thread reached coredump_task_exit() before the dumper called
     wait_for_completion_state(), so it did not sleep -- possible only with another CPU for
-    them to run on, and only with threads to wait for."""
+    them to run on, and only with threads to wait for.
+
+    A thread inside a kernel path leaves it first, as SIGKILL makes it (`Machine.
+    kill_in_path`: KVM_RUN returns -EINTR with the guest FPU put back, a killable sleep ends):
+    where it runs, on its CPU; switched out, on the dumper's CPU while the dumper sleeps."""
     c = m.cpus[nr]
     dumper = c.current
     if dumper.state is not STATE_KERNEL or dumper.kpath is not None:
@@ -112,20 +121,26 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
     if why:
         raise IllegalEvent(why)
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
-    arrived = []
     wait_inactive = not m.system.has_variant("coredump-no-wait-inactive")
     for t in others:
-        if t.on_cpu is not None and wait_inactive:  # running: the signal's IPI kicks it
-            m.idle(t.on_cpu)
-        # switched out or ptrace-stopped: woken, it passes through its CPU without an FPU
-        # save or restore and sleeps again
-        arrived.append(t)
+        t.killed_by = Signal(SIGKILL)  # zap_process(): SIGKILL queued, the thread woken
+        if t.on_cpu is not None:  # running: the signal's IPI kicks it into the kernel
+            if t.kpath is not None:
+                m.kill_in_path(t.on_cpu)
+            if wait_inactive:
+                m.idle(t.on_cpu)
+        # switched out or ptrace-stopped outside a path: woken, it passes through a CPU
+        # without an FPU save or restore and sleeps again
     slept = bool(others) and not raced
     if slept:  # wait_for_completion_state(): schedule() away and, completed, back
         m.idle(nr)
+        for t in others:
+            if t.kpath is not None:  # switched out inside a path: it runs out of it here
+                m.preempt(nr, t)
+                m.kill_in_path(nr)
+                m.idle(nr)
         m.preempt(nr, dumper)
-    arrived.reverse()  # xchg(&core_state->dumper.next, &self): a stack
-    return arrived, slept
+    return list(reversed(others)), slept  # xchg(&core_state->dumper.next, &self): a stack
 
 
 def do_coredump(m: Machine, nr: int, *, raced: bool = False, pipe: bool = False) -> Coredump:
@@ -147,6 +162,5 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, pipe: bool = False)
                   for t in (dumper, *threads))
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
-        t.killed_by = Signal(SIGKILL)
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
     return Coredump(notes, slept)
