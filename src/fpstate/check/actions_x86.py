@@ -1163,10 +1163,9 @@ class X86World(X86Views, World):
         has no thread to wait for or ``raced`` (they all arrived before it waited), and again
         for a ``pipe`` core_pattern's helper; elf_core_dump() takes every thread's
         NT_X86_XSTATE through xstateregs_get() (the dumper's first), and every thread exits.
-        Each note is emitted
-        with the values its thread held, for regset-view-shows-the-task, and with whether its
-        PKRU may be the stale thread.pkru: only the dumper's, when nothing switched it out
-        (kernel-findings 9i)."""
+        Each note is emitted with the values its thread held, for regset-view-shows-the-task,
+        and with whether its PKRU may be the stale thread.pkru: only the dumper's, when
+        nothing switched it out (kernel-findings 9i)."""
         from fpstate.kernel.x86.coredump import do_coredump, zap_refusal
 
         t = self.task(task)

@@ -127,7 +127,8 @@ class ThreadsGiven:
 
 
 #: The sibling's MXCSR (round down, every exception masked) and, with OSPKE, the PKRU values
-#: the sibling and the leader write (keys 1 and 2 write-disabled besides key 0's default).
+#: the sibling and the leader write: key 0 open, keys 1-3 with rights other than
+#: init_pkru_value's (0x55555554) and each other's.
 SIBLING_MXCSR = 0x3F80
 SIBLING_PKRU, LEADER_PKRU = 0x5555555C, 0x55555574
 

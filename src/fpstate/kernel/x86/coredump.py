@@ -68,12 +68,10 @@ from fpstate.kernel.x86.sched import (
 @dataclass(frozen=True, slots=True)
 class ThreadNote:
     """One thread's NT_X86_XSTATE in a core: the bytes xstateregs_get() gave (an errno, as a
-    negative int, where the regset is absent: no XSAVE), and the thread.pkru that
-    copy_xstate_to_uabi_buf() read for it."""
+    negative int, where the regset is absent: no XSAVE)."""
 
     task: Task
     xstate: bytes | int
-    thread_pkru: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +125,7 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
         if t.on_cpu is not None:  # running: the signal's IPI kicks it into the kernel
             if t.kpath is not None:
                 m.kill_in_path(t.on_cpu)
-            if wait_inactive:
+            if wait_inactive and t.on_cpu is not None:
                 m.idle(t.on_cpu)
         # switched out or ptrace-stopped outside a path: woken, it passes through a CPU
         # without an FPU save or restore and sleeps again
@@ -158,8 +156,7 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, pipe: bool = False)
         m.preempt(nr, dumper)
         slept = True
     size = m.system.user.max_size
-    notes = tuple(ThreadNote(t, xstateregs_get(c, t, size), t.thread_pkru)
-                  for t in (dumper, *threads))
+    notes = tuple(ThreadNote(t, xstateregs_get(c, t, size)) for t in (dumper, *threads))
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
