@@ -705,7 +705,8 @@ BOTH_WROTE = [A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component=
 
 
 def _core_notes(w, action):
-    """The step's observations and its notes as (comm, view) pairs, in file order."""
+    """The step's observations and its notes as (comm, view, stale PKRU allowed) triples, in
+    file order."""
     from fpstate.check.invariants_x86 import uabi_view
 
     observed = w._apply(action)
