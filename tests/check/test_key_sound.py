@@ -116,6 +116,23 @@ def test_x87_bytes_a_frame_header_leaves_out_are_named_by_the_key() -> None:
     assert x87[0] != x87[1] and x87[1] == bytes(10)
 
 
+def test_the_memo_audit_catches_a_key_that_names_states_alike(monkeypatch) -> None:
+    """keysound.audit recomputes every memo answer: with a key that names every state alike,
+    the first walks already meet a successor, a set of enabled actions or a clean state that
+    the state itself contradicts, each with the history that filled the memo; with the real
+    key the same walks meet none."""
+    from fpstate.check.actions_x86 import X86World
+    from fpstate.check.keysound import audit
+
+    initial = Job("x86", default_config("x86")).initial()
+    steps, found = audit(initial, walks=20, seed=3)
+    assert steps > 500 and found == []
+    monkeypatch.setattr(X86World, "key", lambda self: 0)
+    steps, found = audit(initial, walks=20, seed=3)
+    assert found and {f.kind for f in found} <= {"successor", "enabled", "clean"}
+    assert all(f.second and f.first != f.second for f in found)
+
+
 def test_pkru_in_thread_pkru_is_ranked_like_any_value() -> None:
     """A switched-out task's PKRU lives in thread.pkru: one WRPKRU or two (generations 1 and 2)
     name the same state; a PKRU that another task wrote does not."""

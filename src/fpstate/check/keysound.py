@@ -12,6 +12,12 @@ reaches a key already seen, both are replayed into fresh worlds and driven by th
 actions for a few steps. At every step the two must have the same enabled actions, both accept
 or both refuse the action, report the same violations and the same observed values, and reach
 equal keys again. The first difference is a `Mismatch`, with both histories to replay it.
+
+`audit` tests it where the explorer relies on it: walks with the memos on, every memo answer
+recomputed (`fpstate.check.world.audited_memos`). The explorer's tests run each variant's
+search and shrinking audited: shrinking replays many paths that share prefixes, where equal
+keys of unequal states show (a signal frame's x87 bytes outside its XSTATE_BV did, as a
+shrunk counterexample that passed as clean).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fpstate.check.world import Action, StepError, World, no_memos
+from fpstate.check.world import Action, MemoAudit, StepError, World, audited_memos, no_memos
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,42 @@ def bisimulate(initial: World, walks: int, seed: int = 0, walk_length: int = 60,
                     if len(found) >= limit:
                         return pairs, found
     return pairs, found
+
+
+def audit(initial: World, walks: int, seed: int = 0, walk_length: int = 60,
+          limit: int = 5) -> tuple[int, list[MemoAudit]]:
+    """(steps taken, the first ``limit`` contradictions) of ``walks`` random walks from
+    ``initial`` (cloned, never stepped) with the memos on, every memo answer recomputed
+    (`fpstate.check.world.audited_memos`): a state the clean-state memo would skip that
+    violates, enabled actions or a successor key that differ from those of the first state
+    of its key. Where `bisimulate` drives a share of equal-key pairs a few steps on, this
+    checks every answer the explorer would have taken on trust, with the history that filled
+    the memo and the one that read it. A walk ends at a violation, as the explorer's do."""
+    from fpstate.check.explore import _pick
+
+    rng = random.Random(seed)
+    steps = 0
+    with audited_memos() as found:
+        for _ in range(walks):
+            w = initial.clone()
+            a = None
+            for _ in range(walk_length):
+                actions = w.enabled_actions()
+                if not actions:
+                    break
+                a = _pick(rng, actions, a, {})
+                try:
+                    r = w.step(a)
+                except StepError:
+                    if w.rollback_on_illegal:
+                        continue
+                    break
+                steps += 1
+                if len(found) >= limit:
+                    return steps, found[:limit]
+                if r.violations:
+                    break
+        return steps, found[:limit]
 
 
 #: A value's generation in what an action observed ("other#17": the 17th value "other" wrote).

@@ -52,6 +52,41 @@ MEMO_LIMIT = 2_000_000
 MEMOS_ON = True
 
 
+@dataclass(frozen=True, slots=True)
+class MemoAudit:
+    """A memo answer that the state itself contradicts (`audited_memos`): the memo of
+    ``kind`` ("clean", "enabled" or "successor") was filled by ``first``'s history and
+    consulted by ``second``'s, whose state keys alike but checks, enables or leads elsewhere
+    (``detail``). Equal keys that do not behave alike: the key misses something."""
+
+    kind: str
+    first: tuple[Action, ...]
+    second: tuple[Action, ...]
+    detail: str
+
+
+#: While not None (`audited_memos`): every memo answer is recomputed and each contradiction
+#: appended here; memos remember the history that filled each entry.
+AUDIT: list[MemoAudit] | None = None
+
+
+@contextlib.contextmanager
+def audited_memos() -> Iterator[list[MemoAudit]]:
+    """Inside the block every memo answer a world takes -- a state checked clean before, its
+    enabled actions, the successor of an action -- is also recomputed, and each contradiction
+    is recorded as a `MemoAudit` in the list the block gets. The memos are emptied on entry
+    and on exit (entries filled without their history, or by audited runs, stay out of other
+    runs)."""
+    global AUDIT
+    saved, AUDIT = AUDIT, []
+    _MEMOS.clear()
+    try:
+        yield AUDIT
+    finally:
+        AUDIT = saved
+        _MEMOS.clear()
+
+
 @contextlib.contextmanager
 def no_memos() -> Iterator[None]:
     """Compute every check and enabled action afresh inside the block (to compare with)."""
@@ -73,6 +108,8 @@ class Memo:
     successors: dict[tuple[int, Action], int] = field(default_factory=dict)
     #: buffer shapes (World.shapes_hash) the shape predicates found clean
     clean_shapes: set[int] = field(default_factory=set)
+    #: the history that filled each entry, by (kind, entry), while audited (`audited_memos`)
+    origins: dict[tuple[str, Any], tuple[Action, ...]] = field(default_factory=dict)
 
 
 class ScenarioError(FpstateError):
@@ -419,6 +456,7 @@ class World(abc.ABC):
                 if len(succ) > MEMO_LIMIT // 2:
                     succ.clear()
                 succ[(came[1], came[2])] = h[1]
+                self._origin("successor", (came[1], came[2]))
         return h[1]
 
     def _successor(self, action: Action) -> None:
@@ -429,10 +467,27 @@ class World(abc.ABC):
         if before is None or before[0] != self.steps - 1:
             return
         h = self.memo().successors.get((before[1], action))
+        if h is not None and AUDIT is not None:
+            true = hash(self.key())
+            if true != h:
+                self._audit("successor", (before[1], action),
+                            f"{action} led to another key than it did from the same key")
+                h = true
         if h is not None:
             self._hashed = (self.steps, h)
         else:
             self._came_from = (self.steps, before[1], action)
+
+    def _audit(self, kind: str, entry: Any, detail: str) -> None:
+        """Record a memo answer this state contradicts (`audited_memos`)."""
+        assert AUDIT is not None
+        first = self.memo().origins.get((kind, entry), ())
+        AUDIT.append(MemoAudit(kind, first, tuple(self.history), detail))
+
+    def _origin(self, kind: str, entry: Any) -> None:
+        """While audited: remember the history that filled a memo entry."""
+        if AUDIT is not None:
+            self.memo().origins.setdefault((kind, entry), tuple(self.history))
 
     def memo_name(self) -> tuple[str, str, str | None]:
         """(model, configuration, variant): the worlds that may share memos."""
@@ -462,6 +517,12 @@ class World(abc.ABC):
         h = hash((self.state_hash(), ev)) if ev != () else self.state_hash()
         clean = self.memo().clean
         if h in clean:
+            if AUDIT is not None:
+                out = self.check()
+                if out:
+                    self._audit("clean", h, "checked clean before, violates "
+                                + ", ".join(sorted({v.invariant for v in out})) + " now")
+                return out
             self.discard_events()
             return []
         out = self.check()
@@ -469,6 +530,7 @@ class World(abc.ABC):
             if len(clean) > MEMO_LIMIT:
                 clean.clear()
             clean.add(h)
+            self._origin("clean", h)
         return out
 
     def events(self) -> bool:
@@ -497,6 +559,14 @@ class World(abc.ABC):
             if len(by_key) > MEMO_LIMIT // 4:
                 by_key.clear()
             got = by_key[h] = self._explorable()
+            self._origin("enabled", h)
+        elif AUDIT is not None:
+            fresh = self._explorable()
+            if fresh != got:
+                self._audit("enabled", h, "enables "
+                            + ", ".join(sorted(map(str, set(fresh) ^ set(got))))
+                            + " differently")
+                return fresh
         return got
 
     def _explorable(self) -> list[Action]:
