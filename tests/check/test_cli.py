@@ -126,3 +126,40 @@ def test_check_runs_everything_and_prints_one_table(tmp_path: Path,
     assert {r["cpu"] for r in keys} >= {"sapphire-rapids", "fvp-aem-fpmr"}
     assert all(r["outcome"].endswith("pairs of histories compared, no mismatch") for r in keys)
     assert {p.name for p in tmp_path.glob("*.yaml")} == {f"{v}.yaml" for v in SEED_VARIANTS}
+
+
+def test_check_fails_a_variant_row_whose_shrinking_contradicts_the_memo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fpstate check` shrinks each variant's counterexample with every memo answer
+    recomputed: with the signal-frame key of before session 24 put back (x87 and SSE bytes
+    outside XSTATE_BV left out), sigframe-magic2-at-user-size's row fails and names the
+    contradiction, though the variant is still found."""
+    from fpstate.check import statekey
+    from fpstate.check.executor import SerialExecutor
+    from fpstate.commands.check import check_variants
+
+    real = statekey._frame_values
+
+    def old_key(system, data, lo, kind):
+        sc = statekey.FRAME_SC.get(kind)
+        if sc is None:  # a 64-bit frame: blank what its header leaves out of x87 and SSE
+            fp = int.from_bytes(data[statekey.SC_FPSTATE_OFFSET:
+                                     statekey.SC_FPSTATE_OFFSET + 8], "little") - lo
+            if 0 <= fp and fp + 576 <= len(data):
+                bv = int.from_bytes(data[fp + 512:fp + 520], "little")
+                b = bytearray(data)
+                if not bv & 1:
+                    b[fp:fp + 24] = bytes(24)
+                    b[fp + 32:fp + 160] = bytes(128)
+                if not bv & 2:
+                    b[fp + 160:fp + 416] = bytes(256)
+                data = bytes(b)
+        return real(system, data, lo, kind)
+
+    monkeypatch.setattr(statekey, "_frame_values", old_key)
+    statekey._FRAMES.clear()
+    (row,) = check_variants(SerialExecutor(), 60.0, tmp_path, "sapphire-rapids",
+                            ("sigframe-magic2-at-user-size",))
+    statekey._FRAMES.clear()
+    assert not row.ok and "found no-lost-write" in row.outcome
+    assert "MEMO CONTRADICTED (successor)" in row.outcome

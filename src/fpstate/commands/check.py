@@ -35,6 +35,7 @@ from fpstate.check import executor as executors
 from fpstate.check import scenario as scn
 from fpstate.check import variants as vreg
 from fpstate.check.explore import Job, default_config, explore, shrink
+from fpstate.check.world import audited_memos
 from fpstate.commands import positive_int, positive_seconds
 from fpstate.errors import FpstateError
 
@@ -170,16 +171,23 @@ def check_variants(ex: executors.Executor, budget: float, out: Path, host_cpu: s
                             f"nothing in {res.seconds:.1f} s ({res.transitions} transitions)"
                             + (f"; {why}" if why else ""), False, time.perf_counter() - t0))
             continue
-        path = shrink(job, res.found.path, res.found.invariant)
+        # Shrinking replays many paths that share prefixes: every memo answer it takes is
+        # recomputed, and one the state contradicts (equal keys, unequal states) fails the row.
+        with audited_memos() as contradicted:
+            path = shrink(job, res.found.path, res.found.invariant)
         target = out / f"{name}.yaml"
         from fpstate.check.explore import counterexample
 
         target.write_text(counterexample(job, path, res.found).to_yaml())
         hit = res.found.invariants or (res.found.invariant,)
-        ok = v.found_by(hit)
-        rows.append(Row("variant", name, cpu, f"finds {v.expect}",
-                        f"found {', '.join(hit)} in {res.seconds:.1f} s, shrunk to "
-                        f"{len(path)} steps ({target.name})", ok, time.perf_counter() - t0))
+        ok = v.found_by(hit) and not contradicted
+        outcome = (f"found {', '.join(hit)} in {res.seconds:.1f} s, shrunk to {len(path)} "
+                   f"steps ({target.name})")
+        if contradicted:
+            c = contradicted[0]
+            outcome += f"; MEMO CONTRADICTED ({c.kind}): {c.detail}"
+        rows.append(Row("variant", name, cpu, f"finds {v.expect}", outcome, ok,
+                        time.perf_counter() - t0))
     return rows
 
 
