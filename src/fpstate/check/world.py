@@ -24,6 +24,8 @@ Rules of this file
   reason an action taken again from a state of a known key leads to a state of a known key:
   the successor's hash is remembered and its key is not computed again. Keys are hashed to 64
   bits; with a few million states per process a collision has a probability below 1e-6.
+  Inside `audited_memos` every memo answer is recomputed as well and each contradiction is
+  recorded with both histories (the explorer's tests and `fpstate check` shrink that way).
 """
 
 from __future__ import annotations
