@@ -10,6 +10,7 @@ import pytest
 from fpstate.check import scenario as scn
 from fpstate.check.timeline import draw, plot_paths
 from fpstate.check.variants import SEED_VARIANTS, VARIANTS
+from fpstate.check.world import Action
 from fpstate.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,23 +129,28 @@ def test_check_runs_everything_and_prints_one_table(tmp_path: Path,
     assert {p.name for p in tmp_path.glob("*.yaml")} == {f"{v}.yaml" for v in SEED_VARIANTS}
 
 
-def test_check_fails_a_variant_row_whose_shrinking_contradicts_the_memo(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`fpstate check` shrinks each variant's counterexample with every memo answer
-    recomputed: with the signal-frame key of before session 24 put back (x87 and SSE bytes
-    outside XSTATE_BV left out), sigframe-magic2-at-user-size's row fails and names the
-    contradiction, though the variant is still found."""
+#: sigframe-magic2-at-user-size's counterexample before shrinking (found by fpstate explore).
+MAGIC2_PATH = (
+    Action.of("switch_in", cpu=0, task="p0.t0"), Action.of("return_to_user", cpu=0),
+    Action.of("sigaction", onstack=True, task="p0.t0"),
+    Action.of("write", component="x87", task="p0.t0"),
+    Action.of("write", component="pkru", task="p0.t0"), Action.of("signal", task="p0.t0"),
+    Action.of("ldmxcsr", task="p0.t0"), Action.of("frame_resize", task="p0.t0"),
+    Action.of("ldmxcsr", task="p0.t0"), Action.of("frame_clear", component="x87", task="p0.t0"),
+    Action.of("sigreturn", task="p0.t0"))
+
+
+def _old_frame_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Put back the signal-frame key of before session 24: x87 and SSE bytes outside the
+    frame's XSTATE_BV left out of it."""
     from fpstate.check import statekey
-    from fpstate.check.executor import SerialExecutor
-    from fpstate.commands.check import check_variants
 
     real = statekey._frame_values
 
     def old_key(system, data, lo, kind):
-        sc = statekey.FRAME_SC.get(kind)
-        if sc is None:  # a 64-bit frame: blank what its header leaves out of x87 and SSE
-            fp = int.from_bytes(data[statekey.SC_FPSTATE_OFFSET:
-                                     statekey.SC_FPSTATE_OFFSET + 8], "little") - lo
+        if statekey.FRAME_SC.get(kind) is None:  # a 64-bit frame
+            at = statekey.SC_FPSTATE_OFFSET
+            fp = int.from_bytes(data[at:at + 8], "little") - lo
             if 0 <= fp and fp + 576 <= len(data):
                 bv = int.from_bytes(data[fp + 512:fp + 520], "little")
                 b = bytearray(data)
@@ -157,9 +163,51 @@ def test_check_fails_a_variant_row_whose_shrinking_contradicts_the_memo(
         return real(system, data, lo, kind)
 
     monkeypatch.setattr(statekey, "_frame_values", old_key)
-    statekey._FRAMES.clear()
-    (row,) = check_variants(SerialExecutor(), 60.0, tmp_path, "sapphire-rapids",
-                            ("sigframe-magic2-at-user-size",))
-    statekey._FRAMES.clear()
+    monkeypatch.setattr(statekey, "_FRAMES", {})
+
+
+def test_audited_shrinking_catches_the_old_frame_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrinking sigframe-magic2-at-user-size's counterexample with every memo answer
+    recomputed: with the old frame key a sigreturn's successor differs from the one the memo
+    holds for the same key; with the current key no answer is contradicted."""
+    from fpstate.check import variants as vreg
+    from fpstate.check.explore import Job, default_config, shrink
+    from fpstate.check.world import audited_memos
+
+    v = vreg.get("sigframe-magic2-at-user-size")
+    job = Job("x86", {**default_config("x86"), **v.config}, v.name)
+    with audited_memos() as contradicted:
+        shrink(job, MAGIC2_PATH, "no-lost-write")
+    assert contradicted == []
+    _old_frame_key(monkeypatch)
+    with audited_memos() as contradicted:
+        shrink(job, MAGIC2_PATH, "no-lost-write")
+    assert contradicted and contradicted[0].kind == "successor"
+    assert contradicted[0].second[-1] == Action.of("sigreturn", task="p0.t0")
+
+
+def test_check_fails_a_variant_row_whose_shrinking_contradicts_the_memo(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fpstate check` shrinks each variant's counterexample audited: with the old frame key,
+    sigframe-magic2-at-user-size's row fails and names the contradiction, though the variant
+    is found (the search is given its counterexample, so that the row does not depend on
+    where a timed search stops)."""
+    from collections import Counter
+
+    from fpstate.check.executor import SerialExecutor
+    from fpstate.check.explore import Found, Result
+    from fpstate.commands import check as check_cmd
+
+    def found(job, ex, **kw):
+        return Result(job, "random", 11, 11, 0.1, Counter(),
+                      found=Found("no-lost-write", "x87", MAGIC2_PATH, ("no-lost-write",)))
+
+    monkeypatch.setattr(check_cmd, "explore", found)
+    (row,) = check_cmd.check_variants(SerialExecutor(), 60.0, tmp_path, "sapphire-rapids",
+                                      ("sigframe-magic2-at-user-size",))
+    assert row.ok and "found no-lost-write" in row.outcome
+    _old_frame_key(monkeypatch)
+    (row,) = check_cmd.check_variants(SerialExecutor(), 60.0, tmp_path, "sapphire-rapids",
+                                      ("sigframe-magic2-at-user-size",))
     assert not row.ok and "found no-lost-write" in row.outcome
     assert "MEMO CONTRADICTED (successor)" in row.outcome
