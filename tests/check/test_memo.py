@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from fpstate.check import world
-from fpstate.check.explore import Job, _pick, default_config
-from fpstate.check.world import StepError
+from fpstate.check.explore import Job, default_config
+from fpstate.check.keysound import random_steps
 
 
 def _walks(job: Job, seeds: range, steps: int) -> list[list[tuple[Any, ...]]]:
@@ -22,20 +22,9 @@ def _walks(job: Job, seeds: range, steps: int) -> list[list[tuple[Any, ...]]]:
     for seed in seeds:
         rng = random.Random(seed)
         w = job.world()
-        a = None
-        swarm: dict[str, bool] = {}
         trace: list[tuple[Any, ...]] = []
-        for _ in range(steps):
-            acts = w.enabled_actions()
-            if not acts:  # every task killed (as the explorer's walks end)
-                break
-            a = _pick(rng, acts, a, swarm)
-            try:
-                r = w.step(a)
-            except StepError:
-                if w.rollback_on_illegal:
-                    continue
-                break
+        # ends where nothing is enabled (every task killed), as the explorer's walks do
+        for acts, a, r in random_steps(w, rng, steps, swarm={}):
             got = tuple(v.invariant for v in r.violations)
             trace.append((tuple(acts), a, got))
             if got:

@@ -24,10 +24,46 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fpstate.check.world import Action, MemoAudit, StepError, World, audited_memos, no_memos
+from fpstate.check.world import (
+    Action,
+    MemoAudit,
+    StepError,
+    StepResult,
+    World,
+    audited_memos,
+    no_memos,
+)
+
+
+def random_steps(w: World, rng: random.Random, length: int,
+                 enabled: Callable[[World], list[Action]] | None = None,
+                 swarm: dict[str, bool] | None = None,
+                 ) -> Iterator[tuple[list[Action], Action, StepResult]]:
+    """Up to ``length`` steps of ``w`` chosen as the explorer chooses them (`_pick` among
+    ``enabled(w)``, with ``swarm`` kept across picks, or a fresh one for each pick when
+    None): (the enabled actions, the action, its result) per step taken. ``enabled``
+    defaults to the world's memoised `enabled_actions`. Ends when nothing is enabled or a
+    step is illegal (skipped instead in a world that rolls an illegal step back); the caller
+    ends it at a violation if it wants to."""
+    from fpstate.check.explore import _pick  # the explorer's own choice of steps
+
+    a = None
+    for _ in range(length):
+        acts = w.enabled_actions() if enabled is None else enabled(w)
+        if not acts:
+            return
+        a = _pick(rng, acts, a, {} if swarm is None else swarm)
+        try:
+            r = w.step(a)
+        except StepError:
+            if w.rollback_on_illegal:
+                continue
+            return
+        yield acts, a, r
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +87,6 @@ def bisimulate(initial: World, walks: int, seed: int = 0, walk_length: int = 60,
     """(pairs compared, the first ``limit`` mismatches) of ``walks`` random walks from
     ``initial`` (never stepped: it is cloned), comparing a ``share`` of the states reached
     again by another history (see the module docstring)."""
-    from fpstate.check.explore import _pick  # the explorer's own choice of steps
-
     rng = random.Random(seed)
     first: dict[object, tuple[Action, ...]] = {}
     found: list[Mismatch] = []
@@ -60,18 +94,7 @@ def bisimulate(initial: World, walks: int, seed: int = 0, walk_length: int = 60,
     with no_memos():
         for _ in range(walks):
             w = initial.clone()
-            a = None
-            for _ in range(walk_length):
-                actions = w.enabled()
-                if not actions:
-                    break
-                a = _pick(rng, actions, a, {})
-                try:
-                    r = w.step(a)
-                except StepError:
-                    if w.rollback_on_illegal:
-                        continue
-                    break
+            for _acts, _a, r in random_steps(w, rng, walk_length, lambda v: v.enabled()):
                 if r.violations:
                     break
                 k = w.key()
@@ -97,25 +120,12 @@ def audit(initial: World, walks: int, seed: int = 0, walk_length: int = 60,
     of its key. Where `bisimulate` drives a share of equal-key pairs a few steps on, this
     checks every answer the explorer would have taken on trust, with the history that filled
     the memo and the one that read it. A walk ends at a violation, as the explorer's do."""
-    from fpstate.check.explore import _pick
-
     rng = random.Random(seed)
     steps = 0
     with audited_memos() as found:
         for _ in range(walks):
             w = initial.clone()
-            a = None
-            for _ in range(walk_length):
-                actions = w.enabled_actions()
-                if not actions:
-                    break
-                a = _pick(rng, actions, a, {})
-                try:
-                    r = w.step(a)
-                except StepError:
-                    if w.rollback_on_illegal:
-                        continue
-                    break
+            for _acts, _a, r in random_steps(w, rng, walk_length):
                 steps += 1
                 if len(found) >= limit:
                     return steps, found[:limit]

@@ -458,7 +458,8 @@ class World(abc.ABC):
                 if len(succ) > MEMO_LIMIT // 2:
                     succ.clear()
                 succ[(came[1], came[2])] = h[1]
-                self._origin("successor", (came[1], came[2]))
+                if AUDIT is not None:  # (a global test on the hot path, no call)
+                    self._origin("successor", (came[1], came[2]))
         return h[1]
 
     def _successor(self, action: Action) -> None:
@@ -488,8 +489,7 @@ class World(abc.ABC):
 
     def _origin(self, kind: str, entry: Any) -> None:
         """While audited: remember the history that filled a memo entry."""
-        if AUDIT is not None:
-            self.memo().origins.setdefault((kind, entry), tuple(self.history))
+        self.memo().origins.setdefault((kind, entry), tuple(self.history))
 
     def memo_name(self) -> tuple[str, str, str | None]:
         """(model, configuration, variant): the worlds that may share memos."""
@@ -532,7 +532,8 @@ class World(abc.ABC):
             if len(clean) > MEMO_LIMIT:
                 clean.clear()
             clean.add(h)
-            self._origin("clean", h)
+            if AUDIT is not None:
+                self._origin("clean", h)
         return out
 
     def events(self) -> bool:
@@ -561,7 +562,8 @@ class World(abc.ABC):
             if len(by_key) > MEMO_LIMIT // 4:
                 by_key.clear()
             got = by_key[h] = self._explorable()
-            self._origin("enabled", h)
+            if AUDIT is not None:
+                self._origin("enabled", h)
         elif AUDIT is not None:
             fresh = self._explorable()
             if fresh != got:
