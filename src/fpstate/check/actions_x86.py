@@ -293,7 +293,8 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("core_dump", "a fatal signal with a core dump (SIGSEGV, SIGQUIT) taken by a "
                "task in user mode: vfs_coredump() zaps the other threads of "
                "its process (each switched out in coredump_task_exit), waits for them -- "
-               "asleep, so switched out itself, unless raced -- and for a pipe's helper, "
+               "asleep, so switched out itself, unless raced -- and for a pipe's helper or a "
+               "socket server's answer, "
                "collects every thread's NT_X86_XSTATE (xstateregs_get, the dumper's first), "
                "then all of them exit",
                {"task": _TASK,
@@ -301,9 +302,13 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                    "before the dumper waited, so it did not sleep (needs "
                                    "other threads and a second CPU)", required=False,
                                    default=False),
-                "pattern": FieldSpec(str, "core_pattern: a file, or a pipe to a helper whose "
-                                     "exec the dumper waits for", required=False,
-                                     choices=("file", "pipe"), default="file")}),
+                "pattern": FieldSpec(str, "core_pattern: a file; a pipe to a helper whose "
+                                     "exec the dumper waits for; a socket (@path, 6.16+: a "
+                                     "non-blocking connect); a socket with the request "
+                                     "protocol (@@path, 6.17+: the dumper waits for the "
+                                     "server's coredump_ack)", required=False,
+                                     choices=("file", "pipe", "socket", "socket-request"),
+                                     default="file")}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -1161,7 +1166,8 @@ class X86World(X86Views, World):
         """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
         the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
         has no thread to wait for or ``raced`` (they all arrived before it waited), and again
-        for a ``pipe`` core_pattern's helper; elf_core_dump() takes every thread's
+        for a ``pipe`` core_pattern's helper or a ``socket-request`` server's answer (a
+        ``file`` or a ``socket`` does not wait); elf_core_dump() takes every thread's
         NT_X86_XSTATE through xstateregs_get() (the dumper's first), and every thread exits.
         Each note is emitted with the values its thread held, for regset-view-shows-the-task,
         and with whether its PKRU may be the stale thread.pkru: only the dumper's, when
@@ -1175,7 +1181,7 @@ class X86World(X86Views, World):
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced, pipe=pattern == "pipe")
+        dump = do_coredump(self.m, nr, raced=raced, core_type=pattern)
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}

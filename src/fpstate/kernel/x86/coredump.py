@@ -32,10 +32,23 @@ Variant ``coredump-no-wait-inactive`` takes the notes without waiting for the th
 switched out (coredump_wait()'s wait_task_inactive() loop, and the reason its comment gives):
 a thread running in user mode on another CPU has its note taken from its fpstate.
 
-A core_pattern that pipes to a helper (``|/usr/lib/systemd/systemd-coredump``, apport) makes
-the dumper sleep after coredump_wait() in any case: coredump_pipe() waits for the helper's
-exec (call_usermodehelper_exec(..., UMH_WAIT_EXEC)) before coredump_write() collects the
-notes, so such cores show every thread's own PKRU.
+The core_pattern decides whether the dumper sleeps once more after coredump_wait(), before
+coredump_write() collects the notes (elf_core_dump() -> fill_note_info() reads every thread's
+regsets into memory before it writes a byte, so a write that blocks later changes nothing):
+- a file (``core``, ``/var/crash/core.%p``; COREDUMP_FILE): coredump_file() opens and
+  truncates it -- no wait in the model (a directory lookup that must read the disk would
+  sleep; the model takes the cached path);
+- a pipe to a helper (``|/usr/lib/systemd/systemd-coredump``, apport; COREDUMP_PIPE):
+  coredump_pipe() waits for the helper's exec (call_usermodehelper_exec(..., UMH_WAIT_EXEC)),
+  so such cores show every thread's own PKRU;
+- a socket (``@/path``, Linux 6.16+; COREDUMP_SOCK): coredump_sock_connect() connects with
+  O_NONBLOCK (a full backlog fails the dump with -EAGAIN rather than waiting), so the dumper
+  does not sleep, as for a file;
+- a socket with the request protocol (``@@/path``, Linux 6.17+; COREDUMP_SOCK_REQ):
+  coredump_sock_request() sends struct coredump_req and waits in a blocking receive
+  (MSG_PEEK | MSG_WAITALL) for the server's struct coredump_ack, so the dumper sleeps, as for
+  a pipe. The model's server answers COREDUMP_KERNEL (the kernel writes the core); an ack
+  of COREDUMP_REJECT or COREDUMP_USERSPACE writes no notes, so it is not modelled.
 
 A thread inside a kernel path (KVM_RUN, the #NM handler's allocation, a clone) leaves it as
 SIGKILL makes it, before coredump_task_exit(): a vCPU thread's note shows the VMM thread's
@@ -44,9 +57,9 @@ core holds.
 
 Not modelled: an exec in flight (once de_thread() has set signal->group_exec_task,
 zap_threads() returns -EAGAIN and no core is written; in the model an exec has killed every
-thread outside a kernel path by then, a would-be dumper included), and the socket
-core_patterns of recent kernels (``@path``: a non-blocking connect; ``@@path``: the dumper
-also waits for the server's answer).
+thread outside a kernel path by then, a would-be dumper included); a coredump server fast
+enough to answer a ``@@`` request before the dumper's receive starts (the model takes the
+wait).
 """
 
 from __future__ import annotations
@@ -77,10 +90,26 @@ class ThreadNote:
 @dataclass(frozen=True, slots=True)
 class Coredump:
     """What do_coredump() left: the NT_X86_XSTATE notes in file order (the dumper's first),
-    and whether the dumper slept in coredump_wait() (a context switch before its notes)."""
+    and how often the dumper slept before its notes (in coredump_wait(), and in its
+    core_pattern's path): each sleep is a context switch, which stashes its PKRU."""
 
     notes: tuple[ThreadNote, ...]
-    dumper_slept: bool
+    sleeps: int
+
+    @property
+    def dumper_slept(self) -> bool:
+        return self.sleeps > 0
+
+    @property
+    def voluntary_switches(self) -> int:
+        """The dumping thread's voluntary context switches (task_struct.nvcsw, as
+        /proc/PID/status shows them) from its fatal signal to its end: __schedule() counts a
+        switch as voluntary when the task leaves the CPU in a sleeping state -- each sleep
+        here -- and do_task_dead()'s last switch (prev_state TASK_DEAD) as one more. That
+        takes nothing after the notes to sleep (a core the page cache or the socket's buffer
+        takes in, no COREDUMP_WAIT, no pipe_limit wait) and wait_task_inactive() to find
+        every zapped thread already off its CPU (else it sleeps a tick and polls again)."""
+        return self.sleeps + 1
 
 
 def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False) -> str | None:
@@ -141,23 +170,39 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
     return list(reversed(others)), slept  # xchg(&core_state->dumper.next, &self): a stack
 
 
-def do_coredump(m: Machine, nr: int, *, raced: bool = False, pipe: bool = False) -> Coredump:
+#: core_pattern kinds (coredump_parse()'s enum coredump_type_t) and whether the dumper
+#: sleeps in its path before the notes are collected.
+CORE_TYPES: dict[str, bool] = {
+    "file": False,            # COREDUMP_FILE: coredump_file()
+    "pipe": True,             # COREDUMP_PIPE: coredump_pipe(), UMH_WAIT_EXEC
+    "socket": False,          # COREDUMP_SOCK: coredump_sock_connect(), O_NONBLOCK
+    "socket-request": True,   # COREDUMP_SOCK_REQ: coredump_sock_request(), the ack's receive
+}
+
+
+def do_coredump(m: Machine, nr: int, *, raced: bool = False,
+                core_type: str = "file") -> Coredump:
     """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
-    the FPU notes: coredump_wait(); with ``pipe`` (a core_pattern ``|helper``),
-    coredump_pipe() -> call_usermodehelper_exec(UMH_WAIT_EXEC), where the dumper sleeps until
-    the helper has exec'd; then elf_core_dump()'s NT_X86_XSTATE of every thread through
-    xstateregs_get() (the dumper's first), coredump_finish() and each thread's do_exit().
-    The dumper's CPU is left idle; the other threads are dead."""
+    the FPU notes: coredump_wait(); then the core_pattern's path (``core_type``, one of
+    CORE_TYPES): coredump_file() and coredump_sock_connect() do not sleep, coredump_pipe()
+    (call_usermodehelper_exec(UMH_WAIT_EXEC)) and coredump_sock_request() (the receive of
+    the server's coredump_ack) do; then elf_core_dump()'s NT_X86_XSTATE of every thread
+    through xstateregs_get() (the dumper's first), coredump_finish() and each thread's
+    do_exit(). The dumper's CPU is left idle; the other threads are dead."""
+    if core_type not in CORE_TYPES:
+        raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
+                           f"{', '.join(CORE_TYPES)}")
     threads, slept = coredump_wait(m, nr, raced=raced)
+    sleeps = int(slept)
     c = m.cpus[nr]
     dumper = c.current
-    if pipe:  # the helper's exec: the dumper is switched out and, woken, back in
+    if CORE_TYPES[core_type]:  # the wait: the dumper is switched out and, woken, back in
         m.idle(nr)
         m.preempt(nr, dumper)
-        slept = True
+        sleeps += 1
     size = m.system.user.max_size
     notes = tuple(ThreadNote(t, xstateregs_get(c, t, size)) for t in (dumper, *threads))
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
-    return Coredump(notes, slept)
+    return Coredump(notes, sleeps)
