@@ -7,6 +7,16 @@ of Python runs between the registers it set and the dump. The kernel writes the 
 ``directory`` by /proc/sys/kernel/core_pattern, which must therefore name a plain file (no
 pipe to systemd-coredump or apport, no absolute path). HostUnavailable says why when it
 cannot: a piped or absolute pattern, an RLIMIT_CORE hard limit of 0, or no file appearing.
+
+``dump_switches(directory, code, pattern=...)`` dumps the same way, without the process's
+memory (coredump_filter 0, so the core is its headers and notes), and counts the dumping
+thread's voluntary context switches from just before its fatal signal to its end: the child
+reads its own voluntary_ctxt_switches from /proc/self/status before the machine code runs,
+the parent reads them again once the child is a zombie (waitid(WNOWAIT)) and no longer
+changes. ``pattern`` ``socket`` and ``socket-request`` point core_pattern at a coredump
+socket (``@path``, ``@@path``; Linux 6.16+ and 6.17+) served by a thread of the caller for
+as long as the dump lasts, and put the old pattern back: that changes a system setting, so
+it runs only where FPSTATE_MAY_SET_CORE_PATTERN=1 says it may, as root.
 """
 
 from __future__ import annotations
@@ -15,11 +25,15 @@ import ctypes
 import os
 import resource
 import signal
+import socket
+import struct
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpstate.errors import HostUnavailable
+from fpstate.errors import FpstateError, HostUnavailable
 from fpstate.host.child import (
     SYS,
     Asm,
@@ -69,19 +83,19 @@ def _core_pattern() -> tuple[str, str | None]:
     return pattern, None
 
 
-def kernel_core(directory: Path, code: Callable[[Asm], None]) -> KernelCore:
-    """Fork a child that runs the machine code ``code(asm)`` emits and then, from that code,
-    kills itself with SIGQUIT: the core file the kernel wrote in ``directory`` (an empty
-    directory of the caller's) and the child's exit."""
-    pattern, why = _core_pattern()
-    if why:
-        raise HostUnavailable(why)
+def _dumping_child(directory: Path, code: Callable[[Asm], None], *, memory: bool = True,
+                   ready: int | None = None) -> int:
+    """Fork the child that runs ``code`` and kills itself with SIGQUIT; without ``memory``
+    its coredump_filter is 0; with ``ready`` (a pipe's write end) it writes its
+    voluntary_ctxt_switches there just before the machine code runs."""
 
     def body() -> int:
         resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,
                                                   resource.RLIM_INFINITY))
         raw_syscall(SYS["prctl"], PR_SET_DUMPABLE, 1)  # fork_child cleared it
         os.chdir(directory)
+        if not memory:
+            Path("/proc/self/coredump_filter").write_text("0")
         act = (ctypes.c_uint64 * 4)(0, 0, 0, 0)  # SIG_DFL: dump core
         raw_syscall(SYS["rt_sigaction"], signal.SIGQUIT, ctypes.addressof(act), 0, 8)
         pages = CodePages(1)
@@ -90,14 +104,184 @@ def kernel_core(directory: Path, code: Callable[[Asm], None]) -> KernelCore:
         a.syscall(SYS["getpid"])
         a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
         a.exit_group(7)
-        pages.call(pages.place(0, a))
+        entry = pages.place(0, a)
+        if ready is not None:
+            os.write(ready, str(voluntary_switches("self")).encode())
+        pages.call(entry)
         return 6
 
-    ex = wait_child(fork_child(body))
+    return fork_child(body)
+
+
+def voluntary_switches(pid: int | str) -> int:
+    """voluntary_ctxt_switches of /proc/PID/status (the thread group leader's)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise HostUnavailable(f"/proc/{pid}/status has no voluntary_ctxt_switches")
+
+
+def kernel_core(directory: Path, code: Callable[[Asm], None]) -> KernelCore:
+    """Fork a child that runs the machine code ``code(asm)`` emits and then, from that code,
+    kills itself with SIGQUIT: the core file the kernel wrote in ``directory`` (an empty
+    directory of the caller's) and the child's exit."""
+    pattern, why = _core_pattern()
+    if why:
+        raise HostUnavailable(why)
+    ex = wait_child(_dumping_child(directory, code))
     if ex.signal != signal.SIGQUIT:
         raise HostUnavailable(f"the dumping child ended otherwise: {ex}")
+    return KernelCore(_core_file(directory, pattern), ex)
+
+
+def _core_file(directory: Path, pattern: str) -> Path:
     prefix = pattern.split("%")[0] or "core"
     cores = sorted(p for p in Path(directory).iterdir() if p.name.startswith(prefix))
     if not cores:
         raise HostUnavailable(f"no core file appeared (core_pattern {pattern!r})")
-    return KernelCore(cores[0], ex)
+    return cores[0]
+
+
+@dataclass(frozen=True, slots=True)
+class DumpSwitches:
+    """What `dump_switches` saw: the dumping thread's voluntary context switches from just
+    before its fatal signal to its end (do_task_dead()'s last switch included), the core's
+    bytes and how the child ended."""
+
+    voluntary: int
+    core: bytes
+    exit: ChildExit
+
+
+#: dump_switches() patterns and the core_pattern prefix of each socket form.
+SOCKET_PREFIX = {"socket": "@", "socket-request": "@@"}
+COREDUMP_KERNEL = 1  #: include/uapi/linux/coredump.h: the kernel writes the core
+ALLOW_ENV = "FPSTATE_MAY_SET_CORE_PATTERN"
+
+
+def socket_pattern_unavailable() -> str | None:
+    """Why `dump_switches` may not point core_pattern at a socket here, or None."""
+    if os.environ.get(ALLOW_ENV) != "1":
+        return (f"a coredump socket means changing the system's core_pattern for the dump: "
+                f"set {ALLOW_ENV}=1 to allow it")
+    if os.geteuid() != 0:
+        return "changing core_pattern needs root"
+    if not os.access(CORE_PATTERN, os.W_OK):
+        return f"{CORE_PATTERN} is not writable here"
+    try:
+        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    except OSError:
+        hard = 0
+    if hard == 0:
+        return "RLIMIT_CORE hard limit is 0: no process may dump core"
+    return None
+
+
+def dump_switches(directory: Path, code: Callable[[Asm], None], *,
+                  pattern: str = "file", settle: float = 0.02) -> DumpSwitches:
+    """Dump a child running ``code`` (as `kernel_core`, without its memory) through the
+    core_pattern kind ``pattern`` -- ``file`` (the system's pattern, which must name a file in
+    the process's directory), ``socket`` or ``socket-request`` -- and count the dumping
+    thread's voluntary context switches until it is gone. ``settle``: how long the zombie's
+    count must stay unchanged."""
+    if pattern == "file":
+        old, why = _core_pattern()
+    elif pattern in SOCKET_PREFIX:
+        old, why = CORE_PATTERN.read_text().strip(), socket_pattern_unavailable()
+    else:
+        raise FpstateError(f"core_pattern kind {pattern!r}: not file, socket or "
+                           "socket-request")
+    if why:
+        raise HostUnavailable(why)
+    server = None if pattern == "file" else _CoreServer(directory / "coredump.sock",
+                                                        request=pattern == "socket-request")
+    r, w = os.pipe()
+    try:
+        if server is not None:
+            CORE_PATTERN.write_text(SOCKET_PREFIX[pattern] + str(server.path))
+        try:
+            pid = _dumping_child(directory, code, memory=False, ready=w)
+            os.close(w)
+            w = -1
+            before = int(os.read(r, 32) or b"-1")
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        finally:
+            if server is not None:
+                CORE_PATTERN.write_text(old)
+        after = voluntary_switches(pid)
+        while True:  # the zombie's last switch (do_task_dead) may still be on its way
+            time.sleep(settle)
+            again = voluntary_switches(pid)
+            if again == after:
+                break
+            after = again
+        ex = wait_child(pid)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    if ex.signal != signal.SIGQUIT or before < 0:
+        raise HostUnavailable(f"the dumping child ended otherwise: {ex}")
+    if server is None:
+        data = _core_file(directory, old).read_bytes()
+    else:
+        data = server.finish(pid)
+    return DumpSwitches(after - before, data, ex)
+
+
+class _CoreServer:
+    """A coredump server on an AF_UNIX stream socket, in a thread: it accepts one
+    connection, answers a coredump_req with a coredump_ack of COREDUMP_KERNEL where
+    ``request`` (and reads the kernel's one-u32 mark), then reads the core to its end."""
+
+    def __init__(self, path: Path, *, request: bool) -> None:
+        self.path, self.request = path, request
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+        self.sock.settimeout(10.0)
+        self.data = bytearray()
+        self.peer = 0  #: the dumping process (SO_PEERCRED: the kernel's connect gives its tgid)
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as e:
+            self.error = f"no connection to the coredump socket ({e})"
+            return
+        with conn:
+            conn.settimeout(10.0)
+            cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize("3i"))
+            self.peer = struct.unpack("3i", cred)[0]
+            try:
+                if self.request:
+                    req = conn.recv(16, socket.MSG_WAITALL)
+                    _size, _size_ack, mask = struct.unpack("<IIQ", req)
+                    if not mask & COREDUMP_KERNEL:
+                        self.error = f"the kernel's coredump_req mask {mask:#x} lacks KERNEL"
+                        return
+                    conn.sendall(struct.pack("<IIQ", 16, 0, COREDUMP_KERNEL))
+                    mark = struct.unpack("<I", conn.recv(4, socket.MSG_WAITALL))[0]
+                    if mark != 0:
+                        self.error = f"the kernel refused the coredump_ack (mark {mark})"
+                        return
+                while chunk := conn.recv(1 << 16):
+                    self.data += chunk
+            except (OSError, struct.error) as e:
+                self.error = f"the coredump socket failed ({e})"
+
+    def finish(self, pid: int) -> bytes:
+        """The core of process ``pid`` (HostUnavailable if another one came first)."""
+        self.thread.join(10.0)
+        self.sock.close()
+        if self.error:
+            raise HostUnavailable(self.error)
+        if self.peer != pid:
+            raise HostUnavailable(f"the coredump socket served process {self.peer}, not {pid}")
+        if not self.data:
+            raise HostUnavailable("the coredump socket received no core")
+        return bytes(self.data)

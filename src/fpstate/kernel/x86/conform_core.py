@@ -23,6 +23,17 @@ zapped in user mode on CPU 1, the leader asleep in coredump_wait(). Compared: ho
 NT_X86_XSTATE notes, whose comes first, and each thread's note byte for byte (with PKRU
 changed by both threads, that the leader's note shows its live PKRU: it was switched out,
 unlike a single-threaded dumper -- docs/findings/kernel-findings.md 9i).
+
+``core/sleeps`` measures the model's claim behind 9i, whether the dumper sleeps -- and so is
+switched out -- before its notes, on a host without protection keys: the dumping thread's
+voluntary context switches (/proc/PID/status) from just before its fatal signal until it is
+a zombie, the fewest of `REPEATS` dumps, against `Coredump.voluntary_switches` (each sleep of
+the dump path, plus do_task_dead()'s last switch): a lone thread dumping to the system's
+file pattern (the model: no sleep) and a leader with a sibling spinning in user mode (a
+sleep in coredump_wait()). ``core/socket-sleeps`` does the same through coredump sockets
+(``@path``: no sleep; ``@@path``: the coredump_ack's receive), which means pointing the
+system's core_pattern at a socket of the caller's for the dumps: it runs only where
+FPSTATE_MAY_SET_CORE_PATTERN=1 allows it (`fpstate.host.coredump.dump_switches`).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fpstate.errors import HostUnavailable
 from fpstate.kernel.x86.conform import (
@@ -44,6 +56,9 @@ from fpstate.kernel.x86.regset import regset_xstate_size, xfpregs_get, xstatereg
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import FpuSystem
 from fpstate.kernel.x86.xstate import elf_coredump_extra_notes, fpu__init_system_xstate
+
+if TYPE_CHECKING:
+    from fpstate.host.child import Asm, SharedMemory
 
 PAGE = 4096
 SEED = 0x6C
@@ -59,7 +74,6 @@ def _core_host() -> HostAnswer:
     from elftools.elf.elffile import ELFFile
 
     from fpstate.host.child import (
-        Asm,
         SharedMemory,
         host_user_xstate_size,
         load_patterns,
@@ -136,7 +150,6 @@ SIBLING_PKRU, LEADER_PKRU = 0x5555555C, 0x55555574
 def _threads_host() -> HostAnswer:
     from fpstate.host.child import SYS as NR
     from fpstate.host.child import (
-        Asm,
         SharedMemory,
         host_user_xstate_size,
         load_patterns,
@@ -223,6 +236,86 @@ def core_threads_model(system: FpuSystem, g: ThreadsGiven) -> Facts:
                                                     if n.task is sibling)}
 
 
+@dataclass(frozen=True, slots=True)
+class SleepsGiven:
+    dumps: tuple[tuple[int, str], ...]  #: (threads, core_pattern kind) of each dump measured
+
+
+def _sibling_then(a: Asm, shm: SharedMemory) -> None:
+    """Machine code: clone a thread that raises a flag in ``shm`` and spins in user mode;
+    the leader goes on once the flag is up (neither makes a system call that sleeps)."""
+    from fpstate.host.child import SYS as NR
+    from fpstate.host.process import THREAD_FLAGS
+
+    R, C, In, M = a.R, a.C, a.In, a.M
+    a.syscall(NR["clone"], THREAD_FLAGS, shm.address + shm.size - 64, 0, 0, 0)
+    a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
+    a.jump("JNE_REL32_64", "leader")
+    a.mov_imm(R.RAX, 1)  # -- the sibling
+    a.store_rax(shm.address)
+    a.label("forever")
+    a.emit(In.create(C.PAUSE))
+    a.jump("JMP_REL32_64", "forever")
+    a.label("leader")
+    a.mov_imm(R.R12, shm.address)
+    a.label("spin")
+    a.emit(In.create(C.PAUSE))
+    a.emit(In.create_mem_i32(C.CMP_RM64_IMM8, M(R.R12), 1))
+    a.jump("JNE_REL32_64", "spin")
+
+
+def _switch_fact(threads: int, kind: str) -> str:
+    return (f"fewest voluntary switches of a dumper with {threads} "
+            f"thread{'s' * (threads > 1)}, {kind}")
+
+
+#: Dumps per (threads, kind): the fact is the fewest voluntary switches among them. A sleep
+#: the model leaves out only adds to a count (a write that waits for the socket's reader, an
+#: allocation that reclaims), so the fewest is the dump path's own; a path that must sleep
+#: sleeps in every dump.
+REPEATS = 5
+
+
+def _sleeps_host(dumps: tuple[tuple[int, str], ...]) -> HostAnswer:
+    from fpstate.host.child import SharedMemory
+    from fpstate.host.coredump import dump_switches
+
+    facts: Facts = {}
+    for threads, kind in dumps:
+        counts = []
+        for _ in range(REPEATS):
+            shm = SharedMemory(16 * PAGE)
+
+            def code(a: Asm, threads: int = threads, shm: SharedMemory = shm) -> None:
+                if threads > 1:
+                    _sibling_then(a, shm)
+
+            with tempfile.TemporaryDirectory(prefix="fpstate-core-") as d:
+                counts.append(dump_switches(Path(d), code, pattern=kind).voluntary)
+            if threads > 1 and shm.u64(0) != 1:
+                raise HostUnavailable("the sibling thread never ran")
+        facts[_switch_fact(threads, kind)] = min(counts)
+    return HostAnswer(facts, SleepsGiven(dumps))
+
+
+def core_sleeps_model(system: FpuSystem, g: SleepsGiven) -> Facts:
+    """Each dump of ``g``: a leader on CPU 0 (with a sibling spinning in user mode on CPU 1
+    for two threads) dumps through the core_pattern kind; the fact is the dumper's
+    voluntary context switches as the kernel counts them (`Coredump.voluntary_switches`)."""
+    from fpstate.kernel.x86.coredump import do_coredump
+    from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM, sys_clone
+
+    facts: Facts = {}
+    for threads, kind in g.dumps:
+        m = Machine(system, 2)
+        user_task(m, 0, comm="leader")
+        if threads > 1:
+            m.run(1, m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling"))
+        m.enter_kernel(0)
+        facts[_switch_fact(threads, kind)] = do_coredump(m, 0, core_type=kind).voluntary_switches
+    return facts
+
+
 def _bytes(note: bytes | int) -> bytes:
     return note if isinstance(note, bytes) else b""
 
@@ -233,10 +326,26 @@ def _needs() -> str | None:
     return core_unavailable()
 
 
+FILE_DUMPS = ((1, "file"), (2, "file"))
+SOCKET_DUMPS = ((1, "socket"), (2, "socket"), (1, "socket-request"), (2, "socket-request"))
+
+
+def _socket_needs() -> str | None:
+    from fpstate.host.coredump import socket_pattern_unavailable
+
+    return socket_pattern_unavailable()
+
+
 CASES: tuple[Case, ...] = (
     Case("core/notes", "fill_thread_core_info (xfpregs_get, xstateregs_get of the dumping task), "
          "elf_coredump_extra_notes_write (NT_X86_XSAVE_LAYOUT)", _core_host, core_model, _needs),
     Case("core/threads", "coredump_wait (zap_threads, coredump_task_exit), fill_note_info "
          "(the dumper's notes first), xstateregs_get of each thread", _threads_host,
          core_threads_model, _needs),
+    Case("core/sleeps", "vfs_coredump: coredump_wait's sleep, coredump_file (no sleep), "
+         "__schedule's nvcsw of the dumper", lambda: _sleeps_host(FILE_DUMPS),
+         core_sleeps_model, _needs),
+    Case("core/socket-sleeps", "coredump_sock_connect (O_NONBLOCK: no sleep), "
+         "coredump_sock_request (the coredump_ack's receive), __schedule's nvcsw",
+         lambda: _sleeps_host(SOCKET_DUMPS), core_sleeps_model, _socket_needs),
 )

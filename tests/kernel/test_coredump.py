@@ -1,0 +1,84 @@
+"""fs/coredump.c's model (`fpstate.kernel.x86.coredump`): the core_pattern kinds and the
+dumper's sleeps, and the kernel conform case that measures them on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.errors import FpstateError
+from fpstate.kernel.x86 import conform_core, coredump
+from fpstate.kernel.x86.conform import run_case, user_task
+from fpstate.kernel.x86.coredump import CORE_TYPES, do_coredump
+from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM, sys_clone
+from fpstate.kernel.x86.sched import IllegalEvent, Machine
+from fpstate.kernel.x86.types import FpuSystem
+from fpstate.kernel.x86.xstate import fpu__init_system_xstate
+from fpstate.x86.profiles import load_profile
+
+
+def _system() -> FpuSystem:
+    profile = load_profile("sapphire-rapids")
+    return FpuSystem.from_boot(profile, fpu__init_system_xstate(profile))
+
+
+def _dump(threads: int, kind: str, *, raced: bool = False) -> coredump.Coredump:
+    m = Machine(_system(), 2)
+    user_task(m, 0, comm="leader")
+    if threads > 1:
+        m.run(1, m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling"))
+    m.enter_kernel(0)
+    return do_coredump(m, 0, core_type=kind, raced=raced)
+
+
+@pytest.mark.parametrize(("kind", "lone", "two", "two_raced"), [
+    ("file", 0, 1, 0),             # coredump_file(): no wait
+    ("pipe", 1, 2, 1),             # UMH_WAIT_EXEC
+    ("socket", 0, 1, 0),           # @path: O_NONBLOCK connect
+    ("socket-request", 1, 2, 1),   # @@path: the coredump_ack's receive
+])
+def test_each_core_pattern_kind_sleeps_as_its_path_does(kind: str, lone: int, two: int,
+                                                       two_raced: int) -> None:
+    assert CORE_TYPES[kind] == bool(lone)
+    assert _dump(1, kind).sleeps == lone
+    assert _dump(2, kind).sleeps == two
+    assert _dump(2, kind, raced=True).sleeps == two_raced
+    got = _dump(1, kind)
+    assert got.dumper_slept == bool(lone) and got.voluntary_switches == lone + 1
+
+
+def test_an_unknown_core_pattern_kind_is_refused() -> None:
+    with pytest.raises(IllegalEvent, match="core_pattern kind 'socket-req'"):
+        _dump(1, "socket-req")
+
+
+def test_dump_switches_refuses_an_unknown_kind(tmp_path) -> None:
+    from fpstate.host.coredump import dump_switches
+
+    with pytest.raises(FpstateError, match="core_pattern kind 'core'"):
+        dump_switches(tmp_path, lambda a: None, pattern="core")
+
+
+def test_socket_dumps_need_permission_to_change_core_pattern(monkeypatch) -> None:
+    from fpstate.host.coredump import ALLOW_ENV, socket_pattern_unavailable
+
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    assert ALLOW_ENV in (socket_pattern_unavailable() or "")
+
+
+@pytest.mark.host
+def test_core_sleeps_case_tells_a_dump_path_that_sleeps(monkeypatch) -> None:
+    """Measured on this kernel: with the model's file path made to sleep (as a pipe's does),
+    the case reports the lone dumper's count -- the case can fail."""
+    case = next(c for c in conform_core.CASES if c.name == "core/sleeps")
+    why = case.needs()
+    if why:
+        pytest.skip(why)
+    ok = run_case(case)
+    if ok.skipped:
+        pytest.skip(ok.skipped)
+    assert ok.compared == 2 and not ok.mismatches
+    monkeypatch.setitem(CORE_TYPES, "file", True)
+    bad = run_case(case)
+    assert [(m.field, m.model, m.real) for m in bad.mismatches] == [
+        ("fewest voluntary switches of a dumper with 1 thread, file", "2", "1"),
+        ("fewest voluntary switches of a dumper with 2 threads, file", "3", "2")]
