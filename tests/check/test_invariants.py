@@ -683,7 +683,7 @@ def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
     observed = w._apply(A("core_dump", task="p0.t0"))  # the step, keeping its events
     assert observed["pkru"] == "0x55555554" and not invariants.check(w)
     ((_t, buf, held, stale),) = [p for k, p in w.emitted if k == "core"]
-    assert stale
+    assert stale == "pkru"
     view = uabi_view(w, buf)
     assert view[PKRU] == pkru_bytes(core.INIT_PKRU_VALUE) != held[PKRU]
     assert view[component_number("avx")] == held[component_number("avx")]
@@ -705,8 +705,8 @@ BOTH_WROTE = [A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component=
 
 
 def _core_notes(w, action):
-    """The step's observations and its notes as (comm, view, stale PKRU allowed) triples, in
-    file order."""
+    """The step's observations and its notes as (comm, view, what may be stale: "", "pkru" or
+    "regs") triples, in file order."""
     from fpstate.check.invariants_x86 import uabi_view
 
     observed = w._apply(action)
@@ -748,9 +748,38 @@ def test_core_dump_raced_shows_the_dumpers_stale_pkru_only() -> None:
     observed, notes = _core_notes(w, A("core_dump", task="p0.t0", raced=True))
     assert not observed["slept"] and observed["pkru"] == "0x55555554"
     (_c0, v0, stale0), (_c1, v1, stale1) = notes
-    assert stale0 and not stale1
+    assert stale0 == "pkru" and stale1 == ""
     assert v0[PKRU] == pkru_bytes(core.INIT_PKRU_VALUE) != held["p0.t0"][PKRU]
     assert v1[PKRU] == held["p0.t1"][PKRU]
+
+
+def test_core_dump_late_shows_the_last_threads_fpstate() -> None:
+    """kernel-findings 9j: the last thread to arrive, still running in TASK_RUNNING when the
+    dumper's wait_task_inactive(TASK_ANY) looked, is not waited for: its note is its fpstate
+    as its last switch left it -- here the initial state, not the AVX it wrote on CPU 1 --
+    and the invariant allows it for that note alone; the dumper's note stays checked."""
+    from fpstate.kernel.x86.hw import PKRU
+
+    w = world(THREADED, steps=BOTH_WROTE)
+    assert A("core_dump", task="p0.t0", late=True) in w.enabled()
+    held = {c: w._held(w.tasks[c]) for c in ("p0.t0", "p0.t1")}
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t0", late=True))
+    assert observed["slept"] and observed["pkru"] == "p0.t0#1"
+    (c0, v0, stale0), (c1, v1, stale1) = notes
+    assert (c0, stale0, c1, stale1) == ("p0.t0", "", "p0.t1", "regs")
+    avx = component_number("avx")
+    assert v0[avx] == held["p0.t0"][avx] and v0[PKRU] == held["p0.t0"][PKRU]
+    assert v1[avx] == w.fresh_values[avx] != held["p0.t1"][avx]
+    assert all(w.tasks[c].state.value == "dead" for c in ("p0.t0", "p0.t1"))
+
+
+def test_core_dump_late_is_refused_where_nothing_runs_late() -> None:
+    """Only a last thread running on another CPU with its registers live can be missed: a
+    switched-out sibling's fpstate is current, so late is not offered and is a StepError."""
+    w = world(THREADED, steps=[A("run", task="p0.t0", cpu=0)])
+    assert A("core_dump", task="p0.t0", late=True) not in w.enabled()
+    with pytest.raises(StepError, match="not running on another CPU"):
+        w.step(A("core_dump", task="p0.t0", late=True))
 
 
 def test_regset_view_flags_a_threads_pkru_the_kernel_must_show() -> None:
@@ -774,7 +803,7 @@ def test_core_dump_through_a_pipe_shows_the_live_pkru() -> None:
                             A("write", task="p0.t0", component="pkru")])
     observed, notes = _core_notes(w, A("core_dump", task="p0.t0", pattern="pipe"))
     assert observed["slept"] and observed["pkru"] == "p0.t0#1"
-    assert [stale for _c, _v, stale in notes] == [False]
+    assert [stale for _c, _v, stale in notes] == [""]
     w.discard_events()
     w.step(A("run", task="p1.t0", cpu=0))
     got = w.enabled()

@@ -52,6 +52,7 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
+from fpstate.kernel.x86.coredump import do_coredump, zap_refusal
 from fpstate.kernel.x86.hw import (
     HDR,
     MXCSR,
@@ -302,6 +303,11 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                    "before the dumper waited, so it did not sleep (needs "
                                    "other threads and a second CPU)", required=False,
                                    default=False),
+                "late": FieldSpec(bool, "the last thread to arrive was still running in "
+                                  "TASK_RUNNING when the dumper's wait_task_inactive(TASK_ANY) "
+                                  "looked, so its note is its fpstate as its last switch left "
+                                  "it (6.1+; needs that thread running on another CPU with its "
+                                  "registers live)", required=False, default=False),
                 "pattern": FieldSpec(str, "core_pattern: a file; a pipe to a helper whose "
                                      "exec the dumper waits for; a socket (@path, 6.16+: a "
                                      "non-blocking connect); a socket with the request "
@@ -1161,7 +1167,7 @@ class X86World(X86Views, World):
         mxcsr = int.from_bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little") if ret == 0 else 0
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
-    def do_core_dump(self, task: str, raced: bool = False,
+    def do_core_dump(self, task: str, raced: bool = False, late: bool = False,
                      pattern: str = "file") -> dict[str, Value]:
         """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
         the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
@@ -1170,26 +1176,32 @@ class X86World(X86Views, World):
         ``file`` or a ``socket`` does not wait); elf_core_dump() takes every thread's
         NT_X86_XSTATE through xstateregs_get() (the dumper's first), and every thread exits.
         Each note is emitted with the values its thread held, for regset-view-shows-the-task,
-        and with whether its PKRU may be the stale thread.pkru: only the dumper's, when
-        nothing switched it out (kernel-findings 9i)."""
-        from fpstate.kernel.x86.coredump import do_coredump, zap_refusal
-
+        and with what of it may be stale: the PKRU of the dumper, when nothing switched it
+        out (thread.pkru, kernel-findings 9i); everything of a ``late`` thread, whose note is
+        its fpstate as its last switch left it (kernel-findings 9j)."""
         t = self.task(task)
         nr = self.user_cpu(t)
-        why = zap_refusal(self.m, t, raced=raced)
+        why = zap_refusal(self.m, t, raced=raced, late=late)
         if why:
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
+        unwaited = [o for o in t.process.threads if o is not t and o.state is not STATE_DEAD]
+        unwaited = unwaited[-1] if late else None
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced, core_type=pattern)
+        dump = do_coredump(self.m, nr, raced=raced, late=late, core_type=pattern)
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}
         for note in dump.notes:
-            stale_pkru = note.task is t and not dump.dumper_slept
+            stale = ("regs" if note.task is unwaited else
+                     "pkru" if note.task is t and not dump.dumper_slept else "")
             self.emitted.append(("core", (note.task, note.xstate, held[note.task.comm],
-                                          stale_pkru)))
-        return {"ret": 0, "threads": len(dump.notes), "slept": dump.dumper_slept,
+                                          stale)))
+        late_bv: dict[str, Value] = {}
+        for n in dump.notes:
+            if n.task is unwaited and isinstance(n.xstate, bytes):
+                late_bv["late_xstate_bv"] = int.from_bytes(n.xstate[512:520], "little")
+        return {"ret": 0, "threads": len(dump.notes), "slept": dump.dumper_slept, **late_bv,
                 "xstate_bv": int.from_bytes(first[512:520], "little"),
                 "mxcsr": int.from_bytes(first[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),
                 **({"pkru": self.writer(pkru_bytes(int.from_bytes(
@@ -1332,6 +1344,7 @@ class X86World(X86Views, World):
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
+                "core_dump_late": A("core_dump", task=comm, late=True),
                 "core_dump_pipe": A("core_dump", task=comm, pattern="pipe"),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
@@ -1422,6 +1435,8 @@ class X86World(X86Views, World):
                 if ncpu > 1 and all(o.kpath is None for o in t.process.threads) and any(
                         o is not t and o.state is not STATE_DEAD for o in t.process.threads):
                     add(ta["core_dump_raced"])
+                if ncpu > 1 and zap_refusal(self.m, t, late=True) is None:
+                    add(ta["core_dump_late"])
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])

@@ -409,9 +409,13 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
     nothing switched out -- no thread to wait for, or all of them arrived before it waited
     -- which is thread.pkru, the value of its last context switch, not the one it crashed
     with (kernel-findings 9i; every other thread's note, and a dumper's that slept, must
-    show its PKRU); a guest's PKRU in KVM_GET_XSAVE2 when its fpstate's XSTATE_BV
-    lacks PKRU -- __copy_xstate_to_uabi_buf() writes vcpu->arch.pkru only under that bit,
-    which a KVM_SET_XSAVE without PKRU clears while keeping vcpu->arch.pkru
+    show its PKRU); every register in the note of the last thread to reach
+    coredump_task_exit() when it was still running in TASK_RUNNING as the dumper's
+    wait_task_inactive(TASK_ANY) looked, which then does not wait (Linux 6.1+), so the note
+    is its fpstate as its last switch left it (kernel-findings 9j); a guest's PKRU in
+    KVM_GET_XSAVE2 when its fpstate's XSTATE_BV lacks PKRU -- __copy_xstate_to_uabi_buf()
+    writes vcpu->arch.pkru only under that bit, which a KVM_SET_XSAVE without PKRU clears
+    while keeping vcpu->arch.pkru
     (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2")."""
     s = w.m.system
     for kind, payload in w.emitted:
@@ -420,7 +424,7 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
             held, tracked = w._held(t), w.tracked
             what, who = f"PTRACE_GETREGSET NT_X86_XSTATE of {t.comm}", "the task"
         elif kind == "core":
-            t, buf, held, stale_pkru = payload
+            t, buf, held, stale = payload
             tracked = w.tracked
             what, who = f"the core of {t.comm}", "the task"
         elif kind == "kvm_uabi":
@@ -433,11 +437,13 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
         if -2 in view:
             yield f"{what} does not restore: {view[-2].decode()}"
             continue
+        if kind == "core" and stale == "regs":
+            continue  # its fpstate as its last switch left it (kernel-findings 9j)
         bv = int.from_bytes(buf[_HDR:_HDR + 8], "little")
         for i in tracked:
             if not s.user.max_features >> i & 1:
                 continue  # supervisor state (PASID, CET): not in a UABI buffer
-            if i == PKRU and kind == "core" and stale_pkru:
+            if i == PKRU and kind == "core" and stale == "pkru":
                 continue  # thread.pkru, stale since the last switch (kernel-findings 9i)
             if i == PKRU and kind == "kvm_uabi" and not bv & XFEATURE_MASK_PKRU:
                 continue  # vcpu->arch.pkru only under the fpstate's PKRU bit (kvm-findings)

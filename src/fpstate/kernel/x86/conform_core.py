@@ -22,7 +22,10 @@ with SIGQUIT, which complete_signal() gives the running leader. The model
 zapped in user mode on CPU 1, the leader asleep in coredump_wait(). Compared: how many
 NT_X86_XSTATE notes, whose comes first, and each thread's note byte for byte (with PKRU
 changed by both threads, that the leader's note shows its live PKRU: it was switched out,
-unlike a single-threaded dumper -- docs/findings/kernel-findings.md 9i).
+unlike a single-threaded dumper -- docs/findings/kernel-findings.md 9i). The leader also
+XSAVEs its registers just before the clone: a sibling note holding them (its legacy region)
+means the dumper did not wait for the sibling (kernel-findings 9j), and the model is asked
+for that branch (``late``), so either outcome is compared byte for byte.
 
 ``core/sleeps`` measures the model's claim behind 9i, whether the dumper sleeps -- and so is
 switched out -- before its notes, on a host without protection keys: the dumping thread's
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 PAGE = 4096
 SEED = 0x6C
 FXSAVE_SIZE = 512
+LEGACY = 416  #: FXSAVE's x87, MXCSR and XMM0-15 bytes: the legacy region's architected part
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,8 @@ def core_model(system: FpuSystem, g: CoreGiven) -> Facts:
 class ThreadsGiven:
     leader: bytes  #: the leader's registers when it dumped (standard XSAVE image)
     sibling: bytes  #: the sibling's registers while it spun
+    at_clone: bytes  #: the leader's registers just before the clone (the sibling's first fpstate)
+    late: bool  #: the sibling's note holds its clone-time state: the dumper did not wait for it
 
 
 #: The sibling's MXCSR (round down, every exception masked) and, with OSPKE, the PKRU values
@@ -163,7 +169,8 @@ def _threads_host() -> HostAnswer:
 
     pku = bool(register_class().xcr0 & (1 << 9))
     xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
-    leader_img, sibling_img, flags = 2 * PAGE, 2 * PAGE + xs, 2 * PAGE + 2 * xs
+    leader_img, sibling_img, clone_img = 2 * PAGE, 2 * PAGE + xs, 2 * PAGE + 2 * xs
+    flags = 2 * PAGE + 3 * xs
     stack = 16 * PAGE
     shm = SharedMemory(flags + PAGE + stack)
     shm.write(0, pattern_table(SEED))
@@ -175,6 +182,7 @@ def _threads_host() -> HostAnswer:
 
     def code(a: Asm) -> None:
         R, C, In, M = a.R, a.C, a.In, a.M
+        a.xsave(shm.address + clone_img)  # what fpu_clone() copies into the sibling's fpstate
         a.syscall(NR["clone"], THREAD_FLAGS, stack_top, 0, 0, 0)
         a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
         a.jump("JNE_REL32_64", "leader")
@@ -206,29 +214,36 @@ def _threads_host() -> HostAnswer:
         raise HostUnavailable("the sibling thread never ran")
     sibling = shm.u64(flags + 8)
     notes = xstate_notes(data)
+    sibling_note = b"".join(n.data for n in notes if n.tid == sibling)
     facts: Facts = {"NT_X86_XSTATE notes": len(notes),
                     "first note is the leader's": notes[0].tid == core.exit.pid,
                     "the leader's NT_X86_XSTATE": notes[0].data,
-                    "the sibling's NT_X86_XSTATE": b"".join(n.data for n in notes
-                                                            if n.tid == sibling)}
-    return HostAnswer(facts, ThreadsGiven(xsave_image(shm.read(leader_img, xs)).raw,
-                                          xsave_image(shm.read(sibling_img, xs)).raw))
+                    "the sibling's NT_X86_XSTATE": sibling_note}
+    own, at_clone = (xsave_image(shm.read(at, xs)).raw for at in (sibling_img, clone_img))
+    # The legacy region (x87 with its pointers, MXCSR, XMM0-15) sits alike in the note and in
+    # a standard XSAVE image: which of the two states the kernel wrote tells the branch.
+    late = sibling_note[:LEGACY] == at_clone[:LEGACY] != own[:LEGACY]
+    return HostAnswer(facts, ThreadsGiven(xsave_image(shm.read(leader_img, xs)).raw, own,
+                                          at_clone, late))
 
 
 def core_threads_model(system: FpuSystem, g: ThreadsGiven) -> Facts:
-    """The leader on CPU 0 clones the sibling, which runs on CPU 1; each holds its image;
-    the leader dumps (do_coredump, not raced: it sleeps in coredump_wait())."""
+    """The leader on CPU 0, holding its clone-time registers, clones the sibling, which runs
+    on CPU 1; each then holds its image; the leader dumps (do_coredump, not raced: it
+    sleeps in coredump_wait()), ``late`` as the real dump went: the dumper found the sibling
+    still running in TASK_RUNNING and did not wait for it (kernel-findings 9j)."""
     from fpstate.kernel.x86.coredump import do_coredump
     from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM, sys_clone
 
     m = Machine(system, 2)
     leader = user_task(m, 0, comm="leader")
+    load_registers(m, 0, g.at_clone)
     sibling = m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling")
     m.run(1, sibling)
     load_registers(m, 1, g.sibling)
     load_registers(m, 0, g.leader)
     m.enter_kernel(0)
-    notes = do_coredump(m, 0).notes
+    notes = do_coredump(m, 0, late=g.late).notes
     return {"NT_X86_XSTATE notes": len(notes),
             "first note is the leader's": notes[0].task is leader,
             "the leader's NT_X86_XSTATE": _bytes(notes[0].xstate),

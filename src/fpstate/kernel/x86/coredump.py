@@ -27,6 +27,10 @@ What that means for a core's FPU state, in this model's terms (core_pattern a fi
   (``raced``), nothing switches it out: copy_xstate_to_uabi_buf() shows the thread.pkru of
   its last switch (docs/findings/kernel-findings.md 9i), as for any single-threaded dumper,
   which has no thread to wait for.
+- The last thread to arrive calls complete() before it sets TASK_IDLE; if the dumper's
+  wait_task_inactive(TASK_ANY) finds it still on its CPU in TASK_RUNNING, the call returns 0
+  and the dumper does not wait (Linux 6.1+): that thread's note is its fpstate as its last
+  switch left it (``late``, docs/findings/kernel-findings.md 9j).
 
 Variant ``coredump-no-wait-inactive`` takes the notes without waiting for the threads to be
 switched out (coredump_wait()'s wait_task_inactive() loop, and the reason its comment gives):
@@ -112,11 +116,21 @@ class Coredump:
         return self.sleeps + 1
 
 
-def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False) -> str | None:
+def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
+                late: bool = False) -> str | None:
     """Why the model cannot dump ``dumper``'s group now (None when it can): ``raced`` is
     asked where no thread, no other CPU or a thread inside a kernel path keeps the threads
-    from arriving before the dumper waits."""
+    from arriving before the dumper waits; ``late`` where the last thread to arrive does not
+    run on another CPU with its registers live (then its fpstate is current anyway)."""
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+    if late:
+        last = others[-1] if others else None
+        if last is None or last.on_cpu is None or last.on_cpu == dumper.on_cpu:
+            return (f"{dumper!r}'s last thread to arrive is not running on another CPU: "
+                    "its registers are saved before the dumper runs again")
+        if last.need_fpu_load:
+            return (f"{last!r} runs without its registers loaded (TIF_NEED_FPU_LOAD): "
+                    "its fpstate is current")
     if raced and not others:
         return f"{dumper!r} has no thread to wait for: nothing to race with"
     if raced and len(m.cpus) < 2:
@@ -127,7 +141,8 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False) -> str | None:
     return None
 
 
-def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Task], bool]:
+def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
+                  late: bool = False) -> tuple[list[Task], bool]:
     """coredump_wait() for the current task of CPU ``nr`` (in the kernel, no kernel path
     unfinished): zap_threads() and every zapped thread's way to coredump_task_exit(), then
     the dumper's wait. Returns core_state->dumper.next as a list (newest arrival first; the
@@ -138,13 +153,21 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
 
     A thread inside a kernel path leaves it first, as SIGKILL makes it (`Machine.
     kill_in_path`: KVM_RUN returns -EINTR with the guest FPU put back, a killable sleep ends):
-    where it runs, on its CPU; switched out, on the dumper's CPU while the dumper sleeps."""
+    where it runs, on its CPU; switched out, on the dumper's CPU while the dumper sleeps.
+
+    ``late``: the last thread to arrive was still on its CPU in TASK_RUNNING when the dumper
+    called wait_task_inactive(TASK_ANY) for it -- coredump_task_exit() calls complete()
+    before set_current_state(TASK_IDLE) -- and that returns 0 at once for a running task in
+    TASK_RUNNING, so the dumper does not wait (Linux 6.1+: "sched: Add TASK_ANY for
+    wait_task_inactive()" replaced the call's match_state 0, which waited for any state,
+    docs/findings/kernel-findings.md 9j). That thread is left running: its note is its
+    fpstate as its last switch left it, not the registers it holds."""
     c = m.cpus[nr]
     dumper = c.current
     if dumper.state is not STATE_KERNEL or dumper.kpath is not None:
         raise IllegalEvent(f"coredump_wait on CPU {nr}: {dumper!r} is not in the kernel "
                            "outside a kernel path")
-    why = zap_refusal(m, dumper, raced=raced)
+    why = zap_refusal(m, dumper, raced=raced, late=late)
     if why:
         raise IllegalEvent(why)
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
@@ -154,7 +177,8 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False) -> tuple[list[Tas
         if t.on_cpu is not None:  # running: the signal's IPI kicks it into the kernel
             if t.kpath is not None:
                 m.kill_in_path(t.on_cpu)
-            if wait_inactive and t.on_cpu is not None:
+            switched = wait_inactive and not (late and t is others[-1])
+            if switched and t.on_cpu is not None:
                 m.idle(t.on_cpu)
         # switched out or ptrace-stopped outside a path: woken, it passes through a CPU
         # without an FPU save or restore and sleeps again
@@ -180,7 +204,7 @@ CORE_TYPES: dict[str, bool] = {
 }
 
 
-def do_coredump(m: Machine, nr: int, *, raced: bool = False,
+def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
                 core_type: str = "file") -> Coredump:
     """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
     the FPU notes: coredump_wait(); then the core_pattern's path (``core_type``, one of
@@ -188,11 +212,12 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False,
     (call_usermodehelper_exec(UMH_WAIT_EXEC)) and coredump_sock_request() (the receive of
     the server's coredump_ack) do; then elf_core_dump()'s NT_X86_XSTATE of every thread
     through xstateregs_get() (the dumper's first), coredump_finish() and each thread's
-    do_exit(). The dumper's CPU is left idle; the other threads are dead."""
+    do_exit(). The dumper's CPU is left idle; the other threads are dead. ``raced`` and
+    ``late`` as for coredump_wait()."""
     if core_type not in CORE_TYPES:
         raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
                            f"{', '.join(CORE_TYPES)}")
-    threads, slept = coredump_wait(m, nr, raced=raced)
+    threads, slept = coredump_wait(m, nr, raced=raced, late=late)
     sleeps = int(slept)
     c = m.cpus[nr]
     dumper = c.current
