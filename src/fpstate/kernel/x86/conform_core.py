@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,7 +155,6 @@ SIBLING_PKRU, LEADER_PKRU = 0x5555555C, 0x55555574
 
 
 def _threads_host() -> HostAnswer:
-    from fpstate.host.child import SYS as NR
     from fpstate.host.child import (
         SharedMemory,
         host_user_xstate_size,
@@ -164,7 +164,6 @@ def _threads_host() -> HostAnswer:
         xsave_image,
     )
     from fpstate.host.coredump import kernel_core
-    from fpstate.host.process import THREAD_FLAGS
     from fpstate.tools.corefile import xstate_notes
 
     pku = bool(register_class().xcr0 & (1 << 9))
@@ -180,28 +179,15 @@ def _threads_host() -> HostAnswer:
     ready, tid = shm.address + flags, shm.address + flags + 8
     stack_top = shm.address + shm.size - 64
 
-    def code(a: Asm) -> None:
-        R, C, In, M = a.R, a.C, a.In, a.M
-        a.xsave(shm.address + clone_img)  # what fpu_clone() copies into the sibling's fpstate
-        a.syscall(NR["clone"], THREAD_FLAGS, stack_top, 0, 0, 0)
-        a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
-        a.jump("JNE_REL32_64", "leader")
-        load_patterns(a, shm.address + PAGE)  # -- the sibling
+    def sibling_code(a: Asm) -> None:
+        load_patterns(a, shm.address + PAGE)
         if pku:
             a.wrpkru(SIBLING_PKRU)
         a.xsave(shm.address + sibling_img)
-        a.mov_imm(R.RAX, 1)
-        a.store_rax(ready)
-        a.label("forever")
-        a.emit(In.create(C.PAUSE))
-        a.jump("JMP_REL32_64", "forever")
-        a.label("leader")  # -- the leader: RAX is the sibling's tid
-        a.store_rax(tid)
-        a.mov_imm(R.R12, ready)
-        a.label("spin")
-        a.emit(In.create(C.PAUSE))
-        a.emit(In.create_mem_i32(C.CMP_RM64_IMM8, M(R.R12), 1))
-        a.jump("JNE_REL32_64", "spin")
+
+    def code(a: Asm) -> None:
+        a.xsave(shm.address + clone_img)  # what fpu_clone() copies into the sibling's fpstate
+        _sibling_then(a, ready, stack_top, sibling_code, tid=tid)
         load_patterns(a, shm.address)
         if pku:
             a.wrpkru(LEADER_PKRU)
@@ -256,23 +242,30 @@ class SleepsGiven:
     dumps: tuple[tuple[int, str], ...]  #: (threads, core_pattern kind) of each dump measured
 
 
-def _sibling_then(a: Asm, shm: SharedMemory) -> None:
-    """Machine code: clone a thread that raises a flag in ``shm`` and spins in user mode;
-    the leader goes on once the flag is up (neither makes a system call that sleeps)."""
+def _sibling_then(a: Asm, ready: int, stack_top: int,
+                  sibling: Callable[[Asm], None] | None = None, *, tid: int | None = None) -> None:
+    """Machine code: clone a thread (its stack below ``stack_top``) that runs ``sibling``'s
+    code, raises the flag at address ``ready`` and spins in user mode; the leader stores the
+    sibling's tid at ``tid`` and goes on once the flag is up (neither makes a system call
+    that sleeps)."""
     from fpstate.host.child import SYS as NR
     from fpstate.host.process import THREAD_FLAGS
 
     R, C, In, M = a.R, a.C, a.In, a.M
-    a.syscall(NR["clone"], THREAD_FLAGS, shm.address + shm.size - 64, 0, 0, 0)
+    a.syscall(NR["clone"], THREAD_FLAGS, stack_top, 0, 0, 0)
     a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
     a.jump("JNE_REL32_64", "leader")
-    a.mov_imm(R.RAX, 1)  # -- the sibling
-    a.store_rax(shm.address)
+    if sibling is not None:  # -- the sibling
+        sibling(a)
+    a.mov_imm(R.RAX, 1)
+    a.store_rax(ready)
     a.label("forever")
     a.emit(In.create(C.PAUSE))
     a.jump("JMP_REL32_64", "forever")
-    a.label("leader")
-    a.mov_imm(R.R12, shm.address)
+    a.label("leader")  # -- the leader: RAX is the sibling's tid
+    if tid is not None:
+        a.store_rax(tid)
+    a.mov_imm(R.R12, ready)
     a.label("spin")
     a.emit(In.create(C.PAUSE))
     a.emit(In.create_mem_i32(C.CMP_RM64_IMM8, M(R.R12), 1))
@@ -303,7 +296,7 @@ def _sleeps_host(dumps: tuple[tuple[int, str], ...]) -> HostAnswer:
 
             def code(a: Asm, threads: int = threads, shm: SharedMemory = shm) -> None:
                 if threads > 1:
-                    _sibling_then(a, shm)
+                    _sibling_then(a, shm.address, shm.address + shm.size - 64)
 
             with tempfile.TemporaryDirectory(prefix="fpstate-core-") as d:
                 counts.append(dump_switches(Path(d), code, pattern=kind).voluntary)
