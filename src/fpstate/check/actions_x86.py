@@ -1185,22 +1185,19 @@ class X86World(X86Views, World):
         if why:
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
-        unwaited = [o for o in t.process.threads if o is not t and o.state is not STATE_DEAD]
-        unwaited = unwaited[-1] if late else None
         self.m.enter_kernel(nr)
         dump = do_coredump(self.m, nr, raced=raced, late=late, core_type=pattern)
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}
+        late_bv: dict[str, Value] = {}
         for note in dump.notes:
-            stale = ("regs" if note.task is unwaited else
-                     "pkru" if note.task is t and not dump.dumper_slept else "")
+            stale = "pkru" if note.task is t and not dump.dumper_slept else ""
+            if note.task is dump.unwaited:
+                stale = "regs"
+                late_bv["late_xstate_bv"] = int.from_bytes(note.xstate[512:520], "little")
             self.emitted.append(("core", (note.task, note.xstate, held[note.task.comm],
                                           stale)))
-        late_bv: dict[str, Value] = {}
-        for n in dump.notes:
-            if n.task is unwaited and isinstance(n.xstate, bytes):
-                late_bv["late_xstate_bv"] = int.from_bytes(n.xstate[512:520], "little")
         return {"ret": 0, "threads": len(dump.notes), "slept": dump.dumper_slept, **late_bv,
                 "xstate_bv": int.from_bytes(first[512:520], "little"),
                 "mxcsr": int.from_bytes(first[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),

@@ -99,6 +99,7 @@ class Coredump:
 
     notes: tuple[ThreadNote, ...]
     sleeps: int
+    unwaited: Task | None = None  #: the ``late`` thread, whose note is its stale fpstate
 
     @property
     def dumper_slept(self) -> bool:
@@ -125,7 +126,7 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
     if late:
         last = others[-1] if others else None
-        if last is None or last.on_cpu is None or last.on_cpu == dumper.on_cpu:
+        if last is None or last.on_cpu is None:
             return (f"{dumper!r}'s last thread to arrive is not running on another CPU: "
                     "its registers are saved before the dumper runs again")
         if last.need_fpu_load:
@@ -230,4 +231,4 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
-    return Coredump(notes, sleeps)
+    return Coredump(notes, sleeps, threads[0] if late else None)  # newest arrival first
