@@ -74,13 +74,17 @@ def _core_pattern() -> tuple[str, str | None]:
     if pattern.startswith("|") or "/" in pattern:
         return pattern, f"core_pattern {pattern!r} does not write a file in the process's " \
             "directory"
+    return pattern, _rlimit_refusal()
+
+
+def _rlimit_refusal() -> str | None:
+    """Why no child of ours may dump core whatever the pattern (an RLIMIT_CORE hard limit
+    of 0), or None."""
     try:
         hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
     except OSError:
         hard = 0
-    if hard == 0:
-        return pattern, "RLIMIT_CORE hard limit is 0: no process may dump core"
-    return pattern, None
+    return "RLIMIT_CORE hard limit is 0: no process may dump core" if hard == 0 else None
 
 
 def _dumping_child(directory: Path, code: Callable[[Asm], None], *, memory: bool = True,
@@ -168,13 +172,7 @@ def socket_pattern_unavailable() -> str | None:
         return "changing core_pattern needs root"
     if not os.access(CORE_PATTERN, os.W_OK):
         return f"{CORE_PATTERN} is not writable here"
-    try:
-        hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
-    except OSError:
-        hard = 0
-    if hard == 0:
-        return "RLIMIT_CORE hard limit is 0: no process may dump core"
-    return None
+    return _rlimit_refusal()
 
 
 def dump_switches(directory: Path, code: Callable[[Asm], None], *,
