@@ -82,3 +82,41 @@ def test_core_sleeps_case_tells_a_dump_path_that_sleeps(monkeypatch) -> None:
     assert [(m.field, m.model, m.real) for m in bad.mismatches] == [
         ("fewest voluntary switches of a dumper with 1 thread, file", "2", "1"),
         ("fewest voluntary switches of a dumper with 2 threads, file", "3", "2")]
+
+
+def _old_machine(kernel: str, threads: int) -> Machine:
+    profile = load_profile("sapphire-rapids")
+    m = Machine(FpuSystem.from_boot(profile, fpu__init_system_xstate(profile, kernel)), 2)
+    user_task(m, 0, comm="leader")
+    if threads > 1:
+        m.run(1, m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling"))
+    m.enter_kernel(0)
+    return m
+
+
+@pytest.mark.parametrize(("kernel", "kind", "refused"), [
+    ("6.12", "socket", "came in 6.16"), ("6.16", "socket", None),
+    ("6.16", "socket-request", "came in 6.17"), ("6.17", "socket-request", None),
+])
+def test_socket_core_patterns_exist_from_their_kernels(kernel: str, kind: str,
+                                                       refused: str | None) -> None:
+    m = _old_machine(kernel, 1)
+    if refused is None:
+        assert do_coredump(m, 0, core_type=kind).notes
+    else:
+        with pytest.raises(IllegalEvent, match=refused):
+            do_coredump(m, 0, core_type=kind)
+
+
+def test_before_6_1_the_dumper_waits_for_every_thread() -> None:
+    """Before f9fc8cad9728 coredump_wait() passed match_state 0, which waited for the thread
+    to leave its CPU whatever its state: no late note (kernel-findings 9j)."""
+    m = _old_machine("5.19", 2)
+    assert "TASK_ANY came in 6.1" in (coredump.zap_refusal(m, _leader(m), late=True) or "")
+    m = _old_machine("6.1", 2)
+    assert coredump.zap_refusal(m, _leader(m), late=True) is None
+    assert do_coredump(m, 0, late=True).unwaited.comm == "sibling"
+
+
+def _leader(m: Machine):
+    return m.cpus[0].current

@@ -80,6 +80,7 @@ from fpstate.kernel.x86.sched import (
     Signal,
     Task,
 )
+from fpstate.kernel.x86.versions import KERNELS, KernelVersion, change, kernel_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,9 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
     others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
     if late:
         last = others[-1] if others else None
+        if not _kernel(m).has("coredump_wait_task_any"):
+            return (f"Linux {m.system.kernel_version}: wait_task_inactive(..., 0) waits for "
+                    "every thread to leave its CPU (TASK_ANY came in 6.1)")
         if last is None or last.on_cpu is None:
             return (f"{dumper!r}'s last thread to arrive is not running on another CPU: "
                     "its registers are saved before the dumper runs again")
@@ -203,6 +207,13 @@ CORE_TYPES: dict[str, bool] = {
     "socket": False,          # COREDUMP_SOCK: coredump_sock_connect(), O_NONBLOCK
     "socket-request": True,   # COREDUMP_SOCK_REQ: coredump_sock_request(), the ack's receive
 }
+#: The versions rows of the core_pattern kinds recent kernels added.
+CORE_TYPE_SINCE = {"socket": "coredump_socket", "socket-request": "coredump_socket_request"}
+
+
+def _kernel(m: Machine) -> KernelVersion:
+    name = m.system.kernel_version  # a listed name in every booted system: no parse
+    return KERNELS.get(name) or kernel_version(name)
 
 
 def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
@@ -218,6 +229,10 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
     if core_type not in CORE_TYPES:
         raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
                            f"{', '.join(CORE_TYPES)}")
+    since = CORE_TYPE_SINCE.get(core_type)
+    if since and not _kernel(m).has(since):
+        raise IllegalEvent(f"core_pattern kind {core_type!r}: Linux {m.system.kernel_version} "
+                           f"has no such core_pattern (it came in {change(since).since})")
     threads, slept = coredump_wait(m, nr, raced=raced, late=late)
     sleeps = int(slept)
     c = m.cpus[nr]

@@ -1,11 +1,13 @@
 """Kernel versions of the x86 boot-time xstate setup, and every place their behaviour differs.
 
 Models the history of arch/x86/kernel/fpu/xstate.c, arch/x86/include/asm/fpu/xstate.h and
-types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18.
-Each difference is one row of :data:`CHANGES`: a key, the first listed version that has it, and
-the commit (or tip/stable mail) it comes from. A :class:`KernelVersion` is a name plus the set
-of keys it has; everything version-dependent in ``fpstate.kernel.x86.xstate`` asks
-``kernel.has(KEY)``, never compares version numbers.
+types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18,
+and of the generic code a core's FPU notes pass through (fs/coredump.c, and the scheduler's
+wait_task_inactive() that coredump_wait() calls). Each difference is one row of
+:data:`CHANGES`: a key, the first listed version that has it, and the commit (or
+tip/stable/list mail) it comes from. A :class:`KernelVersion` is a name plus the set of keys
+it has; everything version-dependent in ``fpstate.kernel.x86.xstate`` and
+``fpstate.kernel.x86.coredump`` asks ``kernel.has(KEY)``, never compares version numbers.
 
 Rules of this file:
 - a version is listed where behaviour changes, plus the LTS names people ask for (6.1, 6.6,
@@ -43,6 +45,13 @@ CHANGES: tuple[Change, ...] = (
            "8ad7e8f69695 x86/fpu/xsave: Support XSAVEC in the kernel",
            "X86_FEATURE_XCOMPACTED = XSAVEC || XSAVES (before: compacted only with XSAVES); "
            "supervisor features masked out of max_features when XSAVES is absent"),
+    Change("coredump_wait_task_any", "6.1",
+           "f9fc8cad9728 sched: Add TASK_ANY for wait_task_inactive() (with 9204a97f7ae8 "
+           "sched: Change wait_task_inactive()s match_state; Peter Zijlstra's freezer series)",
+           "coredump_wait()'s wait_task_inactive(TASK_ANY) returns 0 at once for a thread "
+           "still on its CPU in TASK_RUNNING (before: match_state 0 waited whatever the "
+           "state), so the last thread to reach coredump_task_exit() can be dumped before its "
+           "registers are saved (docs/findings/kernel-findings.md 9j)"),
     Change("warn_with_reason", "6.1",
            "48280042f2c6 XSTATE_WARN_ON() takes a reason (Andrew Cooper, mainline 6.0)",
            "'XSAVE consistency problem: <reason>' instead of '..., dumping leaves'"),
@@ -78,6 +87,10 @@ CHANGES: tuple[Change, ...] = (
            "xfeature_uncompact_order[]",
            "APX gated on X86_FEATURE_APX and user-supported; 'Both APX/MPX present' disables "
            "XSAVE; standard sizes walk components by offset"),
+    Change("coredump_socket", "6.16",
+           "coredump: add coredump socket (Christian Brauner, vfs coredump branch, May 2025)",
+           "core_pattern '@/path': the kernel connects to an AF_UNIX socket with O_NONBLOCK "
+           "and writes the core there (COREDUMP_SOCK)"),
     Change("print_loop", "6.16",
            "x86/fpu/xstate: Simplify print_xstate_features() (Chang S. Bae)",
            "'Supporting XSAVE feature' lines for every bit 0..XFEATURE_MAX-1 (before: a list)"),
@@ -85,6 +98,10 @@ CHANGES: tuple[Change, ...] = (
            "fpu__init_disable_system_xstate() prints 'XSAVE disabled' (APX series, April 2025)",
            "every disable path prints 'x86/fpu: XSAVE disabled'; the ', disabling XSAVE' "
            "suffixes are dropped"),
+    Change("coredump_socket_request", "6.17",
+           "coredump: allow for flexible coredump handling (Christian Brauner, June 2025)",
+           "core_pattern '@@/path': the kernel sends struct coredump_req and waits for the "
+           "server's struct coredump_ack before it dumps (COREDUMP_SOCK_REQ)"),
     Change("guest_only_cet_kernel", "6.17",
            "8b05b3c98816 x86/fpu/xstate: Add CET supervisor xfeature support as a guest-only "
            "feature; 7bc4ed75f2d6 Differentiate default features for host and guest FPUs",
