@@ -58,11 +58,11 @@ def test_dump_switches_refuses_an_unknown_kind(tmp_path) -> None:
         dump_switches(tmp_path, lambda a: None, pattern="core")
 
 
-def test_socket_dumps_need_permission_to_change_core_pattern(monkeypatch) -> None:
-    from fpstate.host.coredump import ALLOW_ENV, socket_pattern_unavailable
+def test_pipe_and_socket_dumps_need_permission_to_change_core_pattern(monkeypatch) -> None:
+    from fpstate.host.coredump import ALLOW_ENV, pattern_change_unavailable
 
     monkeypatch.delenv(ALLOW_ENV, raising=False)
-    assert ALLOW_ENV in (socket_pattern_unavailable() or "")
+    assert ALLOW_ENV in (pattern_change_unavailable() or "")
 
 
 @pytest.mark.host

@@ -13,10 +13,11 @@ memory (coredump_filter 0, so the core is its headers and notes), and counts the
 thread's voluntary context switches from just before its fatal signal to its end: the child
 reads its own voluntary_ctxt_switches from /proc/self/status before the machine code runs,
 the parent reads them again once the child is a zombie (waitid(WNOWAIT)) and no longer
-changes. ``pattern`` ``socket`` and ``socket-request`` point core_pattern at a coredump
-socket (``@path``, ``@@path``; Linux 6.16+ and 6.17+) served by a thread of the caller for
-as long as the dump lasts, and put the old pattern back: that changes a system setting, so
-it runs only where FPSTATE_MAY_SET_CORE_PATTERN=1 says it may, as root.
+changes. ``pattern`` ``pipe`` points core_pattern at a helper (``|/bin/sh -c cat>PATH``,
+which the kernel runs as a usermode helper), ``socket`` and ``socket-request`` at a coredump
+socket (``@path``, ``@@path``; Linux 6.16+ and 6.17+) served by a thread of the caller, for as
+long as the dump lasts, and put the old pattern back: that changes a system setting, so it
+runs only where FPSTATE_MAY_SET_CORE_PATTERN=1 says it may, as root.
 """
 
 from __future__ import annotations
@@ -87,10 +88,49 @@ def _rlimit_refusal() -> str | None:
     return "RLIMIT_CORE hard limit is 0: no process may dump core" if hard == 0 else None
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """The (start, length) of every mapping of a file on disk in /proc/self/maps (shared
+    anonymous memory, shown as /dev/zero, and the [special] mappings are left out)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        path = fields[5] if len(fields) > 5 else ""
+        if path.startswith("/") and not path.startswith("/dev/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi - lo))
+    return out
+
+
+def _unmap_files(a: Asm) -> ctypes.Array[ctypes.c_uint64]:
+    """Emit a loop of munmap() over a table of `_file_mappings` (returned: the caller keeps
+    it alive): the interpreter's own mappings go too, so nothing after it may return into
+    Python."""
+    maps = _file_mappings()
+    table = (ctypes.c_uint64 * (2 * len(maps) + 2))(*[x for m in maps for x in m])
+    R, C, In, M = a.R, a.C, a.In, a.M
+    a.mov_imm(R.R12, ctypes.addressof(table))
+    a.mov_imm(R.R13, len(maps))
+    a.label("unmap")
+    a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.R13, R.R13))
+    a.jump("JE_REL32_64", "unmapped")
+    a.emit(In.create_reg_mem(C.MOV_R64_RM64, R.RDI, M(R.R12)))
+    a.emit(In.create_reg_mem(C.MOV_R64_RM64, R.RSI, M(R.R12, displ=8)))
+    a.mov_imm(R.RAX, SYS["munmap"])
+    a.emit(In.create(C.SYSCALL))
+    a.emit(In.create_reg_i32(C.ADD_RM64_IMM8, R.R12, 16))
+    a.emit(In.create_reg_i32(C.SUB_RM64_IMM8, R.R13, 1))
+    a.jump("JMP_REL32_64", "unmap")
+    a.label("unmapped")
+    return table
+
+
 def _dumping_child(directory: Path, code: Callable[[Asm], None], *, memory: bool = True,
                    ready: int | None = None) -> int:
     """Fork the child that runs ``code`` and kills itself with SIGQUIT; without ``memory``
-    its coredump_filter is 0; with ``ready`` (a pipe's write end) it writes its
+    its coredump_filter is 0 and, before ``code``, its machine code unmaps every file it has
+    mapped (the interpreter and its libraries: nothing of them runs again), so the core is
+    little more than its headers and notes -- under a pipe's 64 KiB, whose helper need not
+    read for the dump to go on; with ``ready`` (a pipe's write end) it writes its
     voluntary_ctxt_switches there just before the machine code runs."""
 
     def body() -> int:
@@ -104,6 +144,8 @@ def _dumping_child(directory: Path, code: Callable[[Asm], None], *, memory: bool
         raw_syscall(SYS["rt_sigaction"], signal.SIGQUIT, ctypes.addressof(act), 0, 8)
         pages = CodePages(1)
         a = Asm()
+        if not memory:
+            table = _unmap_files(a)  # noqa: F841 - the table must outlive the machine code
         code(a)
         a.syscall(SYS["getpid"])
         a.syscall(SYS["kill"], Reg(a.R.RAX), signal.SIGQUIT)
@@ -157,17 +199,19 @@ class DumpSwitches:
     exit: ChildExit
 
 
-#: dump_switches() patterns and the core_pattern prefix of each socket form.
+#: dump_switches() patterns that change core_pattern, and the prefix of each socket form.
 SOCKET_PREFIX = {"socket": "@", "socket-request": "@@"}
+CHANGED_PATTERNS = ("pipe", *SOCKET_PREFIX)
+SHELL = Path("/bin/sh")  #: the pipe helper's interpreter (cat does the reading)
 COREDUMP_KERNEL = 1  #: include/uapi/linux/coredump.h: the kernel writes the core
 ALLOW_ENV = "FPSTATE_MAY_SET_CORE_PATTERN"
 
 
-def socket_pattern_unavailable() -> str | None:
-    """Why `dump_switches` may not point core_pattern at a socket here, or None."""
+def pattern_change_unavailable() -> str | None:
+    """Why `dump_switches` may not point core_pattern at a pipe or a socket here, or None."""
     if os.environ.get(ALLOW_ENV) != "1":
-        return (f"a coredump socket means changing the system's core_pattern for the dump: "
-                f"set {ALLOW_ENV}=1 to allow it")
+        return (f"a core through a pipe or a socket means changing the system's core_pattern "
+                f"for the dump: set {ALLOW_ENV}=1 to allow it")
     if os.geteuid() != 0:
         return "changing core_pattern needs root"
     if not os.access(CORE_PATTERN, os.W_OK):
@@ -179,24 +223,29 @@ def dump_switches(directory: Path, code: Callable[[Asm], None], *,
                   pattern: str = "file", settle: float = 0.02) -> DumpSwitches:
     """Dump a child running ``code`` (as `kernel_core`, without its memory) through the
     core_pattern kind ``pattern`` -- ``file`` (the system's pattern, which must name a file in
-    the process's directory), ``socket`` or ``socket-request`` -- and count the dumping
+    the process's directory), ``pipe``, ``socket`` or ``socket-request`` -- and count the dumping
     thread's voluntary context switches until it is gone. ``settle``: how long the zombie's
     count must stay unchanged."""
     if pattern == "file":
         old, why = _core_pattern()
-    elif pattern in SOCKET_PREFIX:
-        old, why = CORE_PATTERN.read_text().strip(), socket_pattern_unavailable()
+    elif pattern in CHANGED_PATTERNS:
+        old, why = CORE_PATTERN.read_text().strip(), pattern_change_unavailable()
+        if not why and pattern == "pipe" and not SHELL.exists():
+            why = f"no {SHELL} for the pipe's helper"
     else:
-        raise FpstateError(f"core_pattern kind {pattern!r}: not file, socket or "
+        raise FpstateError(f"core_pattern kind {pattern!r}: not file, pipe, socket or "
                            "socket-request")
     if why:
         raise HostUnavailable(why)
-    server = None if pattern == "file" else _CoreServer(directory / "coredump.sock",
-                                                        request=pattern == "socket-request")
+    server = (_CoreServer(directory / "coredump.sock", request=pattern == "socket-request")
+              if pattern in SOCKET_PREFIX else None)
+    piped = directory / "core.piped"
     r, w = os.pipe()
     try:
         if server is not None:
             CORE_PATTERN.write_text(SOCKET_PREFIX[pattern] + str(server.path))
+        elif pattern == "pipe":  # argv split on spaces: sh, -c, and the command
+            CORE_PATTERN.write_text(f"|{SHELL} -c cat>{piped}")
         try:
             pid = _dumping_child(directory, code, memory=False, ready=w)
             os.close(w)
@@ -204,7 +253,7 @@ def dump_switches(directory: Path, code: Callable[[Asm], None], *,
             before = int(os.read(r, 32) or b"-1")
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         finally:
-            if server is not None:
+            if pattern != "file":
                 CORE_PATTERN.write_text(old)
         after = voluntary_switches(pid)
         while True:  # the zombie's last switch (do_task_dead) may still be on its way
@@ -220,11 +269,26 @@ def dump_switches(directory: Path, code: Callable[[Asm], None], *,
             os.close(w)
     if ex.signal != signal.SIGQUIT or before < 0:
         raise HostUnavailable(f"the dumping child ended otherwise: {ex}")
-    if server is None:
-        data = _core_file(directory, old).read_bytes()
-    else:
+    if server is not None:
         data = server.finish(pid)
+    elif pattern == "pipe":
+        data = _helper_output(piped, settle)
+    else:
+        data = _core_file(directory, old).read_bytes()
     return DumpSwitches(after - before, data, ex)
+
+
+def _helper_output(path: Path, settle: float, timeout: float = 10.0) -> bytes:
+    """What the pipe's helper wrote to ``path``, once its size stopped changing (the
+    helper is the kernel's child, not ours, so it cannot be waited for)."""
+    deadline, size = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        now = path.stat().st_size if path.exists() else -1
+        if now > 0 and now == size:
+            return path.read_bytes()
+        size = now
+    raise HostUnavailable(f"the core_pattern pipe's helper wrote no core to {path}")
 
 
 class _CoreServer:

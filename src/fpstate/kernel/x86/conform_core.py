@@ -33,10 +33,11 @@ voluntary context switches (/proc/PID/status) from just before its fatal signal 
 a zombie, the fewest of `REPEATS` dumps, against `Coredump.voluntary_switches` (each sleep of
 the dump path, plus do_task_dead()'s last switch): a lone thread dumping to the system's
 file pattern (the model: no sleep) and a leader with a sibling spinning in user mode (a
-sleep in coredump_wait()). ``core/socket-sleeps`` does the same through coredump sockets
-(``@path``: no sleep; ``@@path``: the coredump_ack's receive), which means pointing the
-system's core_pattern at a socket of the caller's for the dumps: it runs only where
-FPSTATE_MAY_SET_CORE_PATTERN=1 allows it (`fpstate.host.coredump.dump_switches`).
+sleep in coredump_wait()). ``core/pattern-sleeps`` does the same through a pipe to a helper
+(a sleep until the helper's exec) and coredump sockets (``@path``: no sleep; ``@@path``: the
+coredump_ack's receive), which means pointing the system's core_pattern at a helper or a
+socket of the caller's for the dumps: it runs only where FPSTATE_MAY_SET_CORE_PATTERN=1 allows
+it (`fpstate.host.coredump.dump_switches`).
 """
 
 from __future__ import annotations
@@ -278,9 +279,9 @@ def _switch_fact(threads: int, kind: str) -> str:
 
 
 #: Dumps per (threads, kind): the fact is the fewest voluntary switches among them. A sleep
-#: the model leaves out only adds to a count (a write that waits for the socket's reader, an
-#: allocation that reclaims), so the fewest is the dump path's own; a path that must sleep
-#: sleeps in every dump.
+#: the model leaves out only adds to a count (an allocation that reclaims; a write that waits
+#: for the reader, which the child's small core avoids), so the fewest is the dump path's own;
+#: a path that must sleep sleeps in every dump.
 REPEATS = 5
 
 
@@ -335,13 +336,14 @@ def _needs() -> str | None:
 
 
 FILE_DUMPS = ((1, "file"), (2, "file"))
-SOCKET_DUMPS = ((1, "socket"), (2, "socket"), (1, "socket-request"), (2, "socket-request"))
+PATTERN_DUMPS = ((1, "pipe"), (2, "pipe"), (1, "socket"), (2, "socket"),
+                 (1, "socket-request"), (2, "socket-request"))
 
 
-def _socket_needs() -> str | None:
-    from fpstate.host.coredump import socket_pattern_unavailable
+def _pattern_needs() -> str | None:
+    from fpstate.host.coredump import pattern_change_unavailable
 
-    return socket_pattern_unavailable()
+    return pattern_change_unavailable()
 
 
 CASES: tuple[Case, ...] = (
@@ -353,7 +355,8 @@ CASES: tuple[Case, ...] = (
     Case("core/sleeps", "vfs_coredump: coredump_wait's sleep, coredump_file (no sleep), "
          "__schedule's nvcsw of the dumper", lambda: _sleeps_host(FILE_DUMPS),
          core_sleeps_model, _needs),
-    Case("core/socket-sleeps", "coredump_sock_connect (O_NONBLOCK: no sleep), "
-         "coredump_sock_request (the coredump_ack's receive), __schedule's nvcsw",
-         lambda: _sleeps_host(SOCKET_DUMPS), core_sleeps_model, _socket_needs),
+    Case("core/pattern-sleeps", "coredump_pipe (UMH_WAIT_EXEC), coredump_sock_connect "
+         "(O_NONBLOCK: no sleep), coredump_sock_request (the coredump_ack's receive), "
+         "__schedule's nvcsw", lambda: _sleeps_host(PATTERN_DUMPS), core_sleeps_model,
+         _pattern_needs),
 )
