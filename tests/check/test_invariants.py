@@ -782,6 +782,40 @@ def test_core_dump_late_is_refused_where_nothing_runs_late() -> None:
         w.step(A("core_dump", task="p0.t0", late=True))
 
 
+#: Three threads of p0: p0.t0 on CPU 0 and p0.t1 on CPU 1 wrote AVX; p0.t2 never ran.
+THREE = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 3, "p1": 1}, "vms": {}}
+TWO_OF_THREE_WROTE = [A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="avx"),
+                      A("run", task="p0.t1", cpu=1), A("write", task="p0.t1", component="avx")]
+
+
+def test_core_dump_late_thread_names_an_earlier_arrival() -> None:
+    """kernel-findings 9j for a thread that is not the last to arrive: p0.t1, held on CPU 1
+    between its atomic_dec_and_test() and set_current_state() while p0.t2 arrives, is not
+    waited for -- the explorer offers it, its note is its fpstate (the initial AVX), and the
+    invariant allows that note alone; late (the last arrival, p0.t2) is not offered since
+    p0.t2 is switched out."""
+    w = world(THREE, steps=TWO_OF_THREE_WROTE)
+    enabled = w.enabled()
+    assert A("core_dump", task="p0.t0", late_thread="p0.t1") in enabled
+    assert A("core_dump", task="p0.t0", late=True) not in enabled
+    held = w._held(w.tasks["p0.t1"])
+    observed, notes = _core_notes(w, A("core_dump", task="p0.t0", late_thread="p0.t1"))
+    assert observed["threads"] == 3 and observed["slept"]
+    assert [(c, stale) for c, _v, stale in notes] == [("p0.t0", ""), ("p0.t2", ""),
+                                                      ("p0.t1", "regs")]
+    avx = component_number("avx")
+    assert notes[2][1][avx] == w.fresh_values[avx] != held[avx]
+    assert observed["late_xstate_bv"] & (1 << avx) == 0
+
+
+def test_core_dump_late_and_late_thread_must_agree() -> None:
+    w = world(THREE, steps=TWO_OF_THREE_WROTE)
+    with pytest.raises(StepError, match=r"late names the last thread to arrive, not p0\.t1"):
+        w.step(A("core_dump", task="p0.t0", late=True, late_thread="p0.t1"))
+    with pytest.raises(StepError, match=r"p0\.t2.* is not running on another CPU"):
+        w.step(A("core_dump", task="p0.t0", late_thread="p0.t2"))
+
+
 def test_regset_view_flags_a_threads_pkru_the_kernel_must_show() -> None:
     """The stale-PKRU allowance is the dumper's alone: with the other thread's expected PKRU
     changed behind the model's back, its note is a violation naming it."""

@@ -120,3 +120,59 @@ def test_before_6_1_the_dumper_waits_for_every_thread() -> None:
 
 def _leader(m: Machine):
     return m.cpus[0].current
+
+
+MXCSR_AT = 24  #: MXCSR in a standard XSAVE image and in NT_X86_XSTATE
+
+
+def _three_threads(cpus: int = 2) -> tuple[Machine, object, object]:
+    """A leader on CPU 0 that cloned t1 and then t2; t1 runs on CPU 1 and loads MXCSR 0x3F80
+    (its fpstate still holds the 0x1F80 clone() copied); t2 never ran. The leader is in the
+    kernel with its fatal signal."""
+    m = Machine(_system(), cpus)
+    user_task(m, 0, comm="leader")
+    t1 = m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "t1")
+    t2 = m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "t2")
+    m.run(1, t1)
+    assert m.cpus[1].regs.set_mxcsr(0x3F80) is None
+    m.enter_kernel(0)
+    return m, t1, t2
+
+
+def _mxcsr(note: coredump.ThreadNote) -> int:
+    return int.from_bytes(note.xstate[MXCSR_AT:MXCSR_AT + 4], "little")
+
+
+def test_an_earlier_thread_held_on_its_cpu_is_not_waited_for() -> None:
+    """coredump_task_exit() decrements nr_threads before set_current_state(TASK_IDLE) in
+    every thread, not only the last (which then calls complete()): t1, held in that window
+    on CPU 1 while t2 arrives on the dumper's CPU, is in TASK_RUNNING when the dumper looks,
+    so its note is its stale fpstate (MXCSR 0x1F80, not the 0x3F80 it holds). The notes
+    follow the list: the dumper's, then newest arrival first."""
+    m, t1, _t2 = _three_threads()
+    assert "last thread to arrive is not running" in coredump.zap_refusal(
+        m, _leader(m), late=True)
+    assert coredump.zap_refusal(m, _leader(m), late=t1) is None
+    dump = do_coredump(m, 0, late=t1)
+    assert dump.unwaited is t1 and dump.dumper_slept
+    assert [n.task.comm for n in dump.notes] == ["leader", "t2", "t1"]
+    assert [_mxcsr(n) for n in dump.notes] == [0x1F80, 0x1F80, 0x1F80]
+    m, _t1, _t2 = _three_threads()
+    waited = do_coredump(m, 0)
+    assert waited.unwaited is None and [_mxcsr(n) for n in waited.notes] == [0x1F80, 0x1F80,
+                                                                             0x3F80]
+
+
+def test_late_names_a_zapped_thread_and_raced_needs_a_cpu_for_the_others() -> None:
+    """The dumper is not its own late thread; raced with t1 held on the only other CPU leaves
+    t2 nowhere to arrive before the dumper waits (woken on CPU 1 it would switch t1 out), so
+    it needs a third CPU."""
+    m, t1, _t2 = _three_threads()
+    assert "is not a thread" in coredump.zap_refusal(m, _leader(m), late=_leader(m))
+    assert "hold both CPUs" in coredump.zap_refusal(m, _leader(m), raced=True, late=t1)
+    with pytest.raises(IllegalEvent, match="hold both CPUs"):
+        do_coredump(m, 0, raced=True, late=t1)
+    m, t1, _t2 = _three_threads(cpus=3)
+    dump = do_coredump(m, 0, raced=True, late=t1)
+    assert not dump.dumper_slept and dump.unwaited is t1
+    assert [_mxcsr(n) for n in dump.notes] == [0x1F80, 0x1F80, 0x1F80]

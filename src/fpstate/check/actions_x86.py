@@ -52,7 +52,7 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
-from fpstate.kernel.x86.coredump import do_coredump, zap_refusal
+from fpstate.kernel.x86.coredump import do_coredump, unwaited_thread, zap_refusal
 from fpstate.kernel.x86.hw import (
     HDR,
     MXCSR,
@@ -308,6 +308,11 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                   "looked, so its note is its fpstate as its last switch left "
                                   "it (6.1+; needs that thread running on another CPU with its "
                                   "registers live)", required=False, default=False),
+                "late_thread": FieldSpec(str, "as late, for the thread named: the last to "
+                                         "arrive or an earlier one, held on its CPU between "
+                                         "its atomic_dec_and_test() and set_current_state() "
+                                         "while the later threads arrived", required=False,
+                                         default=""),
                 "pattern": FieldSpec(str, "core_pattern: a file; a pipe to a helper whose "
                                      "exec the dumper waits for; a socket (@path, 6.16+: a "
                                      "non-blocking connect); a socket with the request "
@@ -1168,7 +1173,7 @@ class X86World(X86Views, World):
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
     def do_core_dump(self, task: str, raced: bool = False, late: bool = False,
-                     pattern: str = "file") -> dict[str, Value]:
+                     late_thread: str = "", pattern: str = "file") -> dict[str, Value]:
         """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
         the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
         has no thread to wait for or ``raced`` (they all arrived before it waited), and again
@@ -1178,15 +1183,22 @@ class X86World(X86Views, World):
         Each note is emitted with the values its thread held, for regset-view-shows-the-task,
         and with what of it may be stale: the PKRU of the dumper, when nothing switched it
         out (thread.pkru, kernel-findings 9i); everything of a ``late`` thread, whose note is
-        its fpstate as its last switch left it (kernel-findings 9j)."""
+        its fpstate as its last switch left it (kernel-findings 9j): the last to arrive
+        (``late``) or the one ``late_thread`` names."""
         t = self.task(task)
         nr = self.user_cpu(t)
-        why = zap_refusal(self.m, t, raced=raced, late=late)
+        unwaited: bool | Task = late
+        if late_thread:
+            unwaited = self.task(late_thread)
+            if late and unwaited_thread(t, True) is not unwaited:
+                raise StepError(f"core_dump of {task}: late names the last thread to arrive, "
+                                f"not {late_thread}")
+        why = zap_refusal(self.m, t, raced=raced, late=unwaited)
         if why:
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced, late=late, core_type=pattern)
+        dump = do_coredump(self.m, nr, raced=raced, late=unwaited, core_type=pattern)
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}
@@ -1434,6 +1446,8 @@ class X86World(X86Views, World):
                     add(ta["core_dump_raced"])
                 if ncpu > 1 and zap_refusal(self.m, t, late=True) is None:
                     add(ta["core_dump_late"])
+                if ncpu > 1:  # an earlier arrival held on its CPU (kernel-findings 9j)
+                    out.extend(_late_dumps(self.m, t))
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])
@@ -1526,6 +1540,14 @@ def _cpu_actions(nr: int) -> tuple[Action, Action, Action]:
                                   Action.of("return_to_user", cpu=nr),
                                   Action.of("kernel_fpu", cpu=nr))
     return got
+
+
+def _late_dumps(m: Machine, t: Task) -> list[Action]:
+    """``core_dump`` of ``t`` with ``late_thread`` naming each thread that arrives before the
+    last one and can be held on its CPU (zap_refusal)."""
+    zapped = [o for o in t.process.threads if o is not t and o.state is not STATE_DEAD]
+    return [Action.of("core_dump", task=t.comm, late_thread=o.comm) for o in zapped[:-1]
+            if o.on_cpu is not None and zap_refusal(m, t, late=o) is None]
 
 
 def _spawn(comm: str, pid: int) -> tuple[Action, Action]:

@@ -30,7 +30,10 @@ What that means for a core's FPU state, in this model's terms (core_pattern a fi
 - The last thread to arrive calls complete() before it sets TASK_IDLE; if the dumper's
   wait_task_inactive(TASK_ANY) finds it still on its CPU in TASK_RUNNING, the call returns 0
   and the dumper does not wait (Linux 6.1+): that thread's note is its fpstate as its last
-  switch left it (``late``, docs/findings/kernel-findings.md 9j).
+  switch left it (``late``, docs/findings/kernel-findings.md 9j). An earlier thread has the
+  same window, between its atomic_dec_and_test() and its set_current_state(): held there on
+  its CPU (an interrupt, a preempted vCPU) while the later threads arrive and the dumper
+  wakes, it is missed the same way (``late`` naming that thread).
 
 Variant ``coredump-no-wait-inactive`` takes the notes without waiting for the threads to be
 switched out (coredump_wait()'s wait_task_inactive() loop, and the reason its comment gives):
@@ -118,24 +121,44 @@ class Coredump:
         return self.sleeps + 1
 
 
+def _zapped(dumper: Task) -> list[Task]:
+    """The threads zap_threads() kills, in the order the model lets them arrive (the group's
+    thread order: the last one calls complete())."""
+    return [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+
+
 def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
-                late: bool = False) -> str | None:
+                late: bool | Task = False) -> str | None:
     """Why the model cannot dump ``dumper``'s group now (None when it can): ``raced`` is
     asked where no thread, no other CPU or a thread inside a kernel path keeps the threads
-    from arriving before the dumper waits; ``late`` where the last thread to arrive does not
-    run on another CPU with its registers live (then its fpstate is current anyway)."""
-    others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
-    if late:
-        last = others[-1] if others else None
+    from arriving before the dumper waits; ``late`` (True: the last thread to arrive; a
+    Task: that thread) where it is not a zapped thread running on another CPU with its
+    registers live (then its fpstate is current anyway), and, ``raced``, where the dumper
+    and that thread hold the only two CPUs while other threads must arrive (a switched-out
+    thread woken on the held thread's CPU would switch it out, saving its registers)."""
+    others = _zapped(dumper)
+    if late is not False:
         if not _kernel(m).has("coredump_wait_task_any"):
             return (f"Linux {m.system.kernel_version}: wait_task_inactive(..., 0) waits for "
                     "every thread to leave its CPU (TASK_ANY came in 6.1)")
-        if last is None or last.on_cpu is None:
-            return (f"{dumper!r}'s last thread to arrive is not running on another CPU: "
-                    "its registers are saved before the dumper runs again")
-        if last.need_fpu_load:
-            return (f"{last!r} runs without its registers loaded (TIF_NEED_FPU_LOAD): "
+        if late is True:
+            held = others[-1] if others else None
+            if held is None or held.on_cpu is None:
+                return (f"{dumper!r}'s last thread to arrive is not running on another CPU: "
+                        "its registers are saved before the dumper runs again")
+        else:
+            held = late
+            if held not in others:
+                return f"{held!r} is not a thread {dumper!r}'s dump zaps"
+            if held.on_cpu is None:
+                return (f"{held!r} is not running on another CPU: its registers are saved "
+                        "before the dumper runs again")
+        if held.need_fpu_load:
+            return (f"{held!r} runs without its registers loaded (TIF_NEED_FPU_LOAD): "
                     "its fpstate is current")
+        if raced and len(others) > 1 and len(m.cpus) < 3:
+            return (f"the dumper and {held!r} hold both CPUs and the dumper does not sleep: "
+                    "the other threads have no CPU to arrive on")
     if raced and not others:
         return f"{dumper!r} has no thread to wait for: nothing to race with"
     if raced and len(m.cpus) < 2:
@@ -147,7 +170,7 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
 
 
 def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
-                  late: bool = False) -> tuple[list[Task], bool]:
+                  late: bool | Task = False) -> tuple[list[Task], bool]:
     """coredump_wait() for the current task of CPU ``nr`` (in the kernel, no kernel path
     unfinished): zap_threads() and every zapped thread's way to coredump_task_exit(), then
     the dumper's wait. Returns core_state->dumper.next as a list (newest arrival first; the
@@ -166,7 +189,11 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
     TASK_RUNNING, so the dumper does not wait (Linux 6.1+: "sched: Add TASK_ANY for
     wait_task_inactive()" replaced the call's match_state 0, which waited for any state,
     docs/findings/kernel-findings.md 9j). That thread is left running: its note is its
-    fpstate as its last switch left it, not the registers it holds."""
+    fpstate as its last switch left it, not the registers it holds. ``late`` a Task: that
+    thread, the last to arrive or an earlier one -- coredump_task_exit() decrements
+    core_state->nr_threads before set_current_state(TASK_IDLE) too, so an earlier thread
+    held between the two on its CPU (an interrupt, a preempted vCPU) while the later ones
+    arrive is equally in TASK_RUNNING when the dumper looks."""
     c = m.cpus[nr]
     dumper = c.current
     if dumper.state is not STATE_KERNEL or dumper.kpath is not None:
@@ -175,14 +202,15 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
     why = zap_refusal(m, dumper, raced=raced, late=late)
     if why:
         raise IllegalEvent(why)
-    others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+    others = _zapped(dumper)
+    unwaited = unwaited_thread(dumper, late)
     wait_inactive = not m.system.has_variant("coredump-no-wait-inactive")
     for t in others:
         t.killed_by = Signal(SIGKILL)  # zap_process(): SIGKILL queued, the thread woken
         if t.on_cpu is not None:  # running: the signal's IPI kicks it into the kernel
             if t.kpath is not None:
                 m.kill_in_path(t.on_cpu)
-            switched = wait_inactive and not (late and t is others[-1])
+            switched = wait_inactive and t is not unwaited
             if switched and t.on_cpu is not None:
                 m.idle(t.on_cpu)
         # switched out or ptrace-stopped outside a path: woken, it passes through a CPU
@@ -197,6 +225,14 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
                 m.idle(nr)
         m.preempt(nr, dumper)
     return list(reversed(others)), slept  # xchg(&core_state->dumper.next, &self): a stack
+
+
+def unwaited_thread(dumper: Task, late: bool | Task) -> Task | None:
+    """The thread ``late`` names (True: the last of ``dumper``'s zapped threads to arrive)."""
+    if late is True:
+        others = _zapped(dumper)
+        return others[-1] if others else None
+    return late or None
 
 
 #: core_pattern kinds (coredump_parse()'s enum coredump_type_t) and whether the dumper
@@ -216,7 +252,7 @@ def _kernel(m: Machine) -> KernelVersion:
     return KERNELS.get(name) or kernel_version(name)
 
 
-def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
+def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
                 core_type: str = "file") -> Coredump:
     """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
     the FPU notes: coredump_wait(); then the core_pattern's path (``core_type``, one of
@@ -233,10 +269,11 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
     if since and not _kernel(m).has(since):
         raise IllegalEvent(f"core_pattern kind {core_type!r}: Linux {m.system.kernel_version} "
                            f"has no such core_pattern (it came in {change(since).since})")
-    threads, slept = coredump_wait(m, nr, raced=raced, late=late)
-    sleeps = int(slept)
     c = m.cpus[nr]
     dumper = c.current
+    unwaited = unwaited_thread(dumper, late)
+    threads, slept = coredump_wait(m, nr, raced=raced, late=late)
+    sleeps = int(slept)
     if CORE_TYPES[core_type]:  # the wait: the dumper is switched out and, woken, back in
         m.idle(nr)
         m.preempt(nr, dumper)
@@ -246,4 +283,4 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool = False,
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
-    return Coredump(notes, sleeps, threads[0] if late else None)  # newest arrival first
+    return Coredump(notes, sleeps, unwaited)
