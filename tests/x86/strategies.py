@@ -38,10 +38,11 @@ class HypothesisDraw:
 @st.composite
 def programs(draw: Callable[[st.SearchStrategy[Any]], Any], profile: CpuidProfile, *,
              xcr0: int | None = None, focus: str | None = None,
-             max_insns: int = 8) -> Program:
-    """Programs for ``profile`` (its XCR0 and implementation), optionally with ``focus``."""
+             max_insns: int = 8, placed: bool = False) -> Program:
+    """Programs for ``profile`` (its XCR0 and implementation), optionally with ``focus``;
+    ``placed`` for programs the host runs first (`generate_program`)."""
     return generate_program(HypothesisDraw(draw), profile, xcr0=xcr0, max_insns=max_insns,
-                            focus=focus)
+                            focus=focus, placed=placed)
 
 
 def image(xstate_bv: int = 0, *, fcw: int = 0x037F, fsw: int = 0, ftw: int = 0, fop: int = 0,

@@ -28,7 +28,7 @@ from fpstate.x86.insn_regs import (
     TILEZERO,
 )
 from fpstate.x86.profiles import load_profile
-from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Outcome, Program
+from fpstate.x86.program import BUFFER_SIZE, Buffer, Insn, Outcome, Placement, Program
 
 
 def _image():
@@ -589,6 +589,55 @@ def test_fld_pointers_are_unknown_to_the_model() -> None:
     with pytest.raises(UnknownPointers):
         run_program(SPR, Program(image(0), (Insn("FLD", data=bytes(10)),
                                             Insn("FXSAVE", buf=0)), (AA,)))
+
+
+#: Where a runner might put FLD; FNSTSW; FLDCW; EMMS; XSAVE (FLD m80 [rbx+disp32]: DB AB).
+PLACED = (Placement(0x7F0000401000, 0x7F0000500040, 0x3AB), Placement(0x7F0000401011),
+          Placement(0x7F0000401022, 0x7F0000500080, 0x16B), Placement(0x7F0000401033),
+          Placement(0x7F0000401044))
+FIVE = (Insn("FLD", data=bytes(10)), Insn("FNSTSW"), Insn("FLDCW", value=0x37F), Insn("EMMS"),
+        Insn("XSAVE", buf=0, mask=1))
+
+
+def _pointers(o: Outcome) -> tuple[int, int, int]:
+    """FOP, FIP and FDP of the x87 state the program's XSAVE stored in buf0."""
+    fop, fip, fdp = struct.unpack_from("<HQQ", o.buffers[0], 6)
+    return fop, fip, fdp
+
+
+def test_an_fld_with_its_placement_leaves_its_address_in_fip() -> None:
+    """SDM Vol. 1 8.1.8: FIP is the last non-control instruction's address -- the FLD's; the
+    control instructions FNSTSW and FLDCW, and EMMS, leave it. With FDP_EXCPTN_ONLY
+    (Sapphire Rapids) and the fopcode compatibility sub-mode off (FOP_UPDATE "unmasked") an
+    FLD without an unmasked exception keeps FDP and FOP as the start image had them; Haswell,
+    without FDP_EXCPTN_ONLY, takes the FLD's operand address into FDP."""
+    prog = Program(image(1, fop=0x123, fip=0x1111, fdp=0x2222), FIVE, (AA,))
+    assert _pointers(one(SPR, prog, placement=PLACED)) == (0x123, 0x7F0000401000, 0x2222)
+    hsw = load_profile("haswell")
+    assert _pointers(one(hsw, prog, placement=PLACED)) == (0x123, 0x7F0000401000,
+                                                           0x7F0000500040)
+
+
+def test_an_unmasked_fld_exception_writes_fdp_and_fop() -> None:
+    """FCW.IM clear and every register full: the FLD's stack overflow is an unmasked
+    exception (FSW.ES set, nothing pushed), so FDP and FOP become the FLD's as well."""
+    prog = Program(image(1, fcw=0x37E, ftw=0xFF), (Insn("FLD", data=bytes(10)),
+                                                   Insn("XSAVE", buf=0, mask=1)), (AA,))
+    o = one(SPR, prog, placement=(PLACED[0], PLACED[4]))
+    assert _pointers(o) == (0x3AB, 0x7F0000401000, 0x7F0000500040)
+    assert struct.unpack_from("<H", o.buffers[0], 2)[0] & 0x80  # FSW.ES
+
+
+def test_fip_is_kept_to_the_cpus_width() -> None:
+    """As an XRSTOR's FIP would be (X87_POINTER_BITS: 57 on Sapphire Rapids, sign-extended)."""
+    prog = Program(image(0), (Insn("FLD", data=bytes(10)), Insn("XSAVE", buf=0, mask=1)), (AA,))
+    far = (Placement(1 << 56, 0x1000, 0x3AB), PLACED[4])
+    assert _pointers(one(SPR, prog, placement=far))[1] == 0xFF00000000000000
+
+
+def test_a_placement_is_one_per_instruction() -> None:
+    with pytest.raises(ProgramError, match="placement of 2 instructions for a program of 5"):
+        run_program(SPR, Program(image(0), FIVE, (AA,)), placement=PLACED[:2])
 
 
 def test_fninit_keeps_the_data_registers() -> None:

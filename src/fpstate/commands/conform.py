@@ -143,7 +143,8 @@ def outcome_to_json(o: Outcome) -> dict[str, Any]:
 
 def run_cpu_layer(samples: int, seed: int) -> LayerResult:
     """``samples`` programs from `fpstate.x86.progen` (case n uses seed ``seed + n``) on
-    `fpstate.x86.insn.run_program` and on `fpstate.host.runner.run_program`."""
+    `fpstate.host.runner.run_program` and then on `fpstate.x86.insn.run_program`, told
+    where the host ran each instruction (so an FLD's x87 pointers are known)."""
     from fpstate.host import native
 
     start = time.monotonic()
@@ -164,21 +165,29 @@ def run_cpu_layer(samples: int, seed: int) -> LayerResult:
     profile = load_profile("host")
     mismatches = []
     for n in range(samples):
-        program = generate_program(RandomDraw(seed + n), profile)
+        program = generate_program(RandomDraw(seed + n), profile, placed=True)
         host = host_run(program)
         try:
-            model = model_run(profile, program)
+            model = model_run(profile, program, placement=host.placement)
         except FpstateError as e:
             mismatches.append({"case": seed + n, "program": program_to_json(program),
+                               "placement": _placement_json(host),
                                "model": f"error: {e}", "host": outcome_to_json(host)})
             continue
         if not any(o.key() == host.key() for o in model):
             closest = min(model, key=lambda o: len(o.differences(host)))
             mismatches.append({
                 "case": seed + n, "program": program_to_json(program),
+                "placement": _placement_json(host),
                 "model": [outcome_to_json(o) for o in model],
                 "host": outcome_to_json(host), "differences": closest.differences(host)})
     return LayerResult("cpu", samples, mismatches, [], time.monotonic() - start)
+
+
+def _placement_json(host: Outcome) -> list[list[int]]:
+    """Where the host ran each instruction, [address, operand address, FOP] (what the model
+    needs to replay the case: `fpstate.x86.insn.run_program`'s ``placement``)."""
+    return [[p.address, p.operand, p.fop] for p in host.placement or ()]
 
 
 register_layer(Layer("cpu", "x86 instruction programs: CPU model vs this CPU (CPL 3)",

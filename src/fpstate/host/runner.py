@@ -30,8 +30,9 @@ keeps rbx).
 What the host cannot make deterministic (details in /work/notes/host-findings.md): a
 preemption inside a program lets the kernel XSAVES/XRSTORS the registers, which may turn an
 in-use component holding initial values into XINUSE 0 and resets XSAVEOPT's modified
-tracking; x87 FIP/FDP hold the runner's addresses if a program leaves an unmasked x87
-exception pending (this CPU saves them as 0 otherwise).
+tracking. The x87 pointers of an FLD hold the runner's addresses, which it reports with the
+outcome (`Outcome.placement`: each instruction's address, its operand's, its FOP) so that the
+model can be told them.
 
 Two ways to start the child (`SPAWN_MODES`): ``"vfork"`` (default) issues
 clone(CLONE_VM | CLONE_VFORK | SIGCHLD) from machine code onto the arena's stack: a separate
@@ -62,7 +63,7 @@ import mmap
 import os
 import signal
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
@@ -86,6 +87,7 @@ from fpstate.x86.program import (
     MNEMONICS,
     Fault,
     Outcome,
+    Placement,
     Program,
     check_program,
 )
@@ -427,7 +429,8 @@ class Runner:
             status = self._spawn(base + body, base + SPAWN_OFFSET)
         finally:
             self._protect(tuple((at, n, 0) for at, n, _ in lay.keyed))
-        return self._outcome(program, lay, status, allowed)
+        return replace(self._outcome(program, lay, status, allowed),
+                       placement=_placement(code, base, arena, allowed, lay))
 
     def _protect(self, keyed: tuple[tuple[int, int, int], ...]) -> None:
         """pkey_mprotect(PROT_READ | PROT_WRITE) of each (offset, size, key) of the arena;
@@ -513,6 +516,25 @@ class Runner:
         xinuse = q(XINUSE) & host.xcr0 if host.xgetbv1 else None
         final = normalise_image(bytes(m[FINAL:FINAL + host.size]), host.xcr0, host.offsets)
         return Outcome(buffers, tuple(values), None, None, xinuse, final)
+
+
+#: Legacy prefixes (SDM Vol. 2A 2.1.1) and REX: FOP takes the opcode bytes after them.
+_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67,
+                       *range(0x40, 0x50)))
+
+
+def _placement(code: bytes, base: int, arena: int, allowed: tuple[tuple[int, ...], ...],
+               lay: _Layout) -> tuple[Placement, ...]:
+    """Where each program instruction ran: its address (the last of its step's addresses),
+    its data-pool operand's address, and for an x87 escape opcode (D8-DF) its FOP."""
+    out = []
+    for addrs, ops in zip(allowed, lay.operands, strict=True):
+        at = addrs[-1] - base
+        while code[at] in _PREFIXES:
+            at += 1
+        fop = (code[at] & 7) << 8 | code[at + 1] if 0xD8 <= code[at] <= 0xDF else 0
+        out.append(Placement(addrs[-1], arena + ops.data if ops.data else 0, fop))
+    return tuple(out)
 
 
 def fault_vector(signo: int, si_code: int | None, trapno: int | None) -> str:

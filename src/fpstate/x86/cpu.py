@@ -43,11 +43,13 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 from fpstate.errors import FpstateError, MaskError
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import (
     FCW_RESERVED,
+    FOP_UPDATE,
     FSW_SUMMARY_ON_LOAD,
     MXCSR_MASK,
     WRITE_XINUSE,
@@ -57,6 +59,9 @@ from fpstate.x86.impl import (
     ImplDefined,
 )
 from fpstate.x86.xfeatures import BY_NUMBER, MXCSR_DEFAULT, bits
+
+if TYPE_CHECKING:
+    from fpstate.x86.program import Placement
 
 #: Components with special XSAVES/XRSTORS behaviour that the model does not implement.
 NOT_MODELLED: dict[int, str] = {
@@ -145,7 +150,10 @@ def _initial_configuration(number: int, size: int) -> bytes:
 _EXTRA_FLAGS = {"SSE2": (1, 0, 3, 26), "MMX": (1, 0, 3, 23), "AVX512BW": (7, 0, 1, 30),
                 # CPUID.(EAX=07H,ECX=0):EBX[13]: FCS and FDS deprecated, saved as 0000H
                 # (X86_FEATURE_ZERO_FCS_FDS)
-                "ZERO_FCS_FDS": (7, 0, 1, 13)}
+                "ZERO_FCS_FDS": (7, 0, 1, 13),
+                # CPUID.(EAX=07H,ECX=0):EBX[6]: FDP updated only for x87 non-control
+                # instructions that incur unmasked x87 exceptions (X86_FEATURE_FDP_EXCPTN_ONLY)
+                "FDP_EXCPTN_ONLY": (7, 0, 1, 6)}
 _PROFILE_FLAGS = ("FPU", "FXSR", "XMM", "XSAVE", "OSXSAVE", "AVX", "AVX512F", "PKU", "OSPKE",
                   "AMX_TILE", "XSAVEOPT", "XSAVEC", "XGETBV1", "XSAVES", "XFD")
 
@@ -197,6 +205,7 @@ class Cpu:
         "cr4_osxsave",
         "cr4_pke",
         "impl",
+        "insn_at",
         "machine",
         "mxcsr",
         "regs",
@@ -252,6 +261,10 @@ class Cpu:
         #: them (ZERO_FCS_FDS): None while unknown to the model (left by code before the
         #: program, or by an x87 instruction's CS/DS), known after an FXRSTOR32 of them
         self.x87_selectors: tuple[int, int] | None = None
+        #: where the instruction being executed runs (`fpstate.x86.program.Placement`, from
+        #: the host runner), None where no one says: then an FLD leaves FIP (and FDP, FOP)
+        #: unknown to the model (``x87_pointers_known``)
+        self.insn_at: Placement | None = None
 
     def copy(self) -> Cpu:
         new = Cpu.__new__(Cpu)
@@ -339,6 +352,27 @@ class Cpu:
     def x87_pending(self) -> bool:
         """An unmasked x87 exception is pending (FSW.ES): a waiting instruction raises #MF."""
         return bool(self.fsw & FSW_ES)
+
+    def x87_noncontrol(self, *, unmasked: bool) -> None:
+        """FIP, FDP and FOP after a non-control x87 instruction with a memory operand (SDM
+        Vol. 1 8.1.8, 8.1.9): FIP := its linear address, always; FDP := its operand's linear
+        address, where the CPU does not enumerate FDP_EXCPTN_ONLY or the instruction incurred
+        an unmasked x87 exception (``unmasked``); FOP := its opcode as FOP_UPDATE says (only
+        with an unmasked exception while the fopcode compatibility sub-mode is off). Each
+        pointer is kept to X87_POINTER_BITS / X87_FDP_BITS, as a load would. Where the
+        instruction's placement is unknown (``insn_at`` None) the pointers become unknown to
+        the model instead; the selectors (FCS, FDS: its CS and DS) always do."""
+        at = self.insn_at
+        self.x87_selectors = None
+        if at is None:
+            self.x87_pointers_known = False
+            return
+        r = self.regs[X87]
+        struct.pack_into("<Q", r, 8, _sign_extend(at.address, self.impl[X87_POINTER_BITS]))
+        if unmasked or not self.machine.has("FDP_EXCPTN_ONLY"):
+            struct.pack_into("<Q", r, 16, _sign_extend(at.operand, self.impl[X87_FDP_BITS]))
+        if unmasked or self.impl[FOP_UPDATE] == "always":
+            struct.pack_into("<H", r, 6, at.fop & 0x7FF)
 
     def load_x87(self, image: bytes | bytearray, at: int = 0, *, form32: bool = False) -> None:
         """Load x87 state from the legacy region at ``image[at:]`` (XRSTOR, FXRSTOR 64-bit

@@ -62,6 +62,7 @@ EMMS_TOP = "emms_top"
 LEGACY_SSE_KEEPS_AVX = "legacy_sse_keeps_avx"
 VEX_XINUSE_RECOMPUTED = "vex_xinuse_recomputed"
 LDMXCSR_XINUSE = "ldmxcsr_xinuse"
+FOP_UPDATE = "fop_update"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(XRSTOR_INIT_XINUSE,
@@ -168,6 +169,13 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "initial configuration. (Here: LDMXCSR, which changes MXCSR and no XMM register, "
            "leaves XINUSE[1] as it was ('kept') or sets it ('set').)",
            "SDM Vol. 1 13.6; Vol. 2B LDMXCSR", ("kept", "set")),
+    Choice(FOP_UPDATE,
+           "If FOP code compatibility mode is disabled (default), FOP is only valid if the "
+           "last non-transparent FP instruction executed before a FSAVE/FSTENV/FXSAVE had an "
+           "unmasked exception. (Here: every non-control x87 instruction writes the opcode "
+           "register ('always'), or only one that incurs an unmasked exception, the register "
+           "keeping its value otherwise ('unmasked').)",
+           "SDM Vol. 1 8.1.9.1 (IA32_MISC_ENABLE[2])", ("always", "unmasked")),
 )}
 
 
@@ -231,6 +239,7 @@ AMD_ZEN5_HOST = ImplDefined(
         LEGACY_SSE_KEEPS_AVX: False,
         VEX_XINUSE_RECOMPUTED: "kept",
         LDMXCSR_XINUSE: "kept",
+        FOP_UPDATE: "always",
     },
     origins={
         XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -283,6 +292,9 @@ AMD_ZEN5_HOST = ImplDefined(
                         "-- but its preemption allowance (a preempted program may find "
                         "XINUSE[1] set) would have admitted a set bit (found on the Emerald "
                         "Rapids host)",
+        FOP_UPDATE: "assumed: AMD documents no fopcode compatibility sub-mode; not measured "
+                    "-- a save shows FOP only with FSW.ES set (X87_POINTERS 'when-es'), which "
+                    "the programs that run an FLD never have",
     },
 )
 
@@ -319,6 +331,7 @@ INTEL_EMR_HOST = ImplDefined(
         LEGACY_SSE_KEEPS_AVX: False,
         VEX_XINUSE_RECOMPUTED: "recomputed",
         LDMXCSR_XINUSE: "set",
+        FOP_UPDATE: "unmasked",
     },
     origins={
         XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -379,6 +392,11 @@ INTEL_EMR_HOST = ImplDefined(
         LDMXCSR_XINUSE: _EMR + " (LDMXCSR 0x1F80 or 0x3FA0 from the initial state: XGETBV(1) "
                         "reads 0x2 in 8 runs of 8; STMXCSR alone: 0; an XRSTOR of SSE with "
                         "XSTATE_BV[1] = 0 or a VZEROALL after it: 0)",
+        FOP_UPDATE: _EMR + " (FNINIT; FLD m80; XSAVE64: FOP and FDP 0, FIP the FLD's address; "
+                    "an XRSTOR64 of FOP 0x123 and FDP 0x5555666677778888, then FLD: both "
+                    "kept; FCW.IM clear and an FLD onto a full stack: FOP 0x3AB -- DB /5 with "
+                    "ModRM 0xAB -- and FDP its operand's address. CPUID 7:EBX[6] "
+                    "FDP_EXCPTN_ONLY is set, so FDP follows the same rule)",
     },
 )
 
@@ -426,7 +444,8 @@ AMD_ZEN3_HOST = replace(
              LEGACY_SSE_UPPER: _NO_AVX512,
              VEX256_HI256_XINUSE: _NO_AVX512,
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
-             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE]})
+             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
+             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE]})
 
 _ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
          "with fpstate.host.runner; test_differential checks it")
@@ -451,7 +470,8 @@ AMD_ZEN4_HOST = replace(
                                    "MOVDQU xmm10, FXRSTOR, XGETBV(1) -- reads bit 2 clear: "
                                    "the Zen 3 behaviour is absent)",
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
-             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE]})
+             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
+             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE]})
 
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))

@@ -25,6 +25,7 @@ on: 32-bit FIP/FDP with FCS/FDS in the legacy area).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -67,6 +68,7 @@ from fpstate.x86.program import (
     Fault,
     Insn,
     Outcome,
+    Placement,
     Program,
     check_program,
 )
@@ -608,7 +610,8 @@ def _preempt(worlds: list[_World]) -> list[_World]:
 
 def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = None,
                 xss: int = 0, xfd: int = 0, impl: ImplDefined | None = None,
-                preempt: bool = True, cr4_pke: bool | None = None) -> list[Outcome]:
+                preempt: bool = True, cr4_pke: bool | None = None,
+                placement: Sequence[Placement] | None = None) -> list[Outcome]:
     """The model's answer to ``program`` on ``profile``: the SET of outcomes the CPU may give
     (usually one), as the host runner produces them (`fpstate.x86.program`, `fpstate.host.
     runner`): XRSTOR64 of the start image with RFBM = XCR0, the instructions at the program's
@@ -619,9 +622,15 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
     such point is tried (``preempt=False``: none is, the outcome of an undisturbed run).
     ``xcr0`` defaults to the XCR0 Linux programs (`default_xcr0`); ``cr4_pke`` to what Linux
     sets (CR4.PKE wherever the CPU has PKU: setup_pku()), a guest kernel may leave it clear.
-    ProgramError for a start image the XRSTOR refuses (the runner does the same);
-    UnknownPointers when the program would show FIP/FDP of an FLD."""
+    ``placement`` says where each instruction ran (the host runner's `Outcome.placement`):
+    with it an FLD's FIP, FDP and FOP are known (`Cpu.x87_noncontrol`). ProgramError for a
+    start image the XRSTOR refuses (the runner does the same), or a placement that is not one
+    per instruction; UnknownPointers when the program would show FIP/FDP of an FLD whose
+    placement is not given."""
     check_program(program)
+    if placement is not None and len(placement) != len(program.insns):
+        raise ProgramError(f"placement of {len(placement)} instructions for a program of "
+                           f"{len(program.insns)}")
     m = machine(profile)
     impl = impl or for_profile(profile)
     xcr0 = default_xcr0(profile) if xcr0 is None else xcr0
@@ -650,7 +659,9 @@ def run_program(profile: CpuidProfile, program: Program, *, xcr0: int | None = N
         worlds = _preempt(worlds) if preempt else worlds
         worlds += [w.fork(c) for w in worlds for c in lagging_tracking(w.cpu, insn)]
         alive = []
+        at = placement[step] if placement is not None else None
         for w in worlds:
+            w.cpu.insn_at = at
             result = _execute(w.cpu, insn, w.bufs)
             if isinstance(result, Fault):
                 o = Outcome(tuple(bytes(a.data) for a in w.bufs), tuple(w.values), result, step)

@@ -261,8 +261,9 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
 
     If the register that becomes ST(0) is not empty: stack overflow, FSW.IE, SF and C1 set;
     masked (FCW.IM = 1) the QNaN indefinite is pushed, unmasked nothing is pushed and ES is
-    set. Otherwise C1 := 0. C0, C2, C3 are "undefined" (FLD_UNDEFINED_FLAGS). FIP, FDP and FOP
-    become this instruction's: addresses the model does not know (`Cpu.x87_pointers_known`)."""
+    set. Otherwise C1 := 0. C0, C2, C3 are "undefined" (FLD_UNDEFINED_FLAGS). A non-control
+    instruction: FIP, and as FDP_EXCPTN_ONLY and FOP_UPDATE say FDP and FOP, become this
+    instruction's (`Cpu.x87_noncontrol`; unknown to the model without its placement)."""
     fault = _x87_wait(cpu)
     if fault:
         return fault
@@ -270,15 +271,15 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
     if cpu.impl[FLD_UNDEFINED_FLAGS] == "cleared":
         fsw &= ~0x4500
     new_top = (cpu.top - 1) & 7
-    if cpu.ftw >> new_top & 1:
+    overflow = bool(cpu.ftw >> new_top & 1)
+    if overflow:
         cpu.set_fsw(fsw | FSW_IE | FSW_SF | FSW_C1)
         if cpu.fcw & FSW_IE:
             cpu.push_x87(X87_INDEFINITE)
     else:
         cpu.set_fsw(fsw & ~FSW_C1)
         cpu.push_x87(data)
-    cpu.x87_pointers_known = False
-    cpu.x87_selectors = None  # FCS/FDS: this instruction's CS and DS
+    cpu.x87_noncontrol(unmasked=overflow and not cpu.fcw & FSW_IE)
     cpu.x87_regs_written = True
     cpu.wrote(1 << X87)
     return None

@@ -20,7 +20,9 @@ Two rules keep programs answerable:
 - (`fpstate.x86.cpu.UnknownPointers`) in a program with an FLD every x87 control word that can
   be loaded (start image, buffers, FLDCW) masks all six exceptions, so no save can ever show
   the FIP/FDP (code and data addresses) of an FLD where saves write them only with FSW.ES set
-  (AMD); where they always do (Intel), an FNINIT follows every FLD;
+  (AMD); where they always do (Intel), an FNINIT follows every FLD -- unless the program is
+  ``placed``: its driver gives the model where each instruction ran (the host runner's
+  `fpstate.x86.program.Outcome.placement`), which makes the FLD's FIP known;
 - every PKRU value that can be loaded (start image, buffers, WRPKRU) leaves protection key 0
   readable and writable (AD0 = WD0 = 0, bits 1:0, as the kernel's init_pkru_value does):
   every page a program touches -- the runner's own slots and stack, and its buffers unless
@@ -302,13 +304,15 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
 
 def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
                      impl: ImplDefined | None = None, max_insns: int = 8,
-                     focus: str | None = None, pkeys: bool = True) -> Program:
+                     focus: str | None = None, pkeys: bool = True,
+                     placed: bool = False) -> Program:
     """One random program for ``profile`` (see the module docstring) whose MXCSR values
     follow ``impl``'s MXCSR_MASK (default: `for_profile`); with ``focus`` the program has at
     least one instruction of that mnemonic. Where the CPU saves x87 pointers always
-    (X87_POINTERS "always", Intel) every FLD is followed by an FNINIT (`_fninit_after_fld`).
-    With ``pkeys`` (and PKU) a buffer may have a protection key (not for a guest's programs:
-    its pages have key 0)."""
+    (X87_POINTERS "always", Intel) every FLD is followed by an FNINIT (`_fninit_after_fld`),
+    unless ``placed`` (the model will be told where each instruction ran). With ``pkeys``
+    (and PKU) a buffer may have a protection key (not for a guest's programs: its pages have
+    key 0)."""
     m = machine(profile)
     impl = impl or for_profile(profile)
     mxcsr_mask = impl[MXCSR_MASK]
@@ -331,7 +335,7 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
         insns[at] = _insn(d, m, xcr0, nbuf, mxcsr_mask, has_fld, focus)
         if focus == "FLD" and not has_fld:
             insns[at] = Insn("FNINIT")
-    if always:
+    if always and not placed:
         insns = _fninit_after_fld(d, insns)
     return Program(start, tuple(insns), buffers)
 

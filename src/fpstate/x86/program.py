@@ -169,6 +169,21 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the host runner put one program instruction, for the x87 pointers of a
+    non-control x87 instruction (SDM Vol. 1 8.1.8, 8.1.9), which hold where it ran:
+    ``address`` is its linear address (FIP: "the x87 FPU instruction pointer points to any
+    prefixes that preceded the instruction"), ``operand`` the linear address of its memory
+    operand in the data pool (FDP; 0 without one), ``fop`` its 11-bit opcode register value
+    (the low 3 bits of its first opcode byte after the prefixes, then its second byte; 0 for
+    an instruction that is not x87)."""
+
+    address: int
+    operand: int = 0
+    fop: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What a program did: final buffers, values read, the fault, XINUSE and the registers.
 
@@ -176,6 +191,9 @@ class Outcome:
     XGETBV(1) & XCR0 after the last instruction (None if faulted or without XGETBV1).
     ``final`` is the normalised standard image of the registers (None if faulted).
     Equality of outcomes ignores ``fault.reason`` (the CPU tells only the vector).
+    ``placement`` (the host runner's outcomes only) says where each instruction ran: the
+    model's `fpstate.x86.insn.run_program` takes it to know the x87 pointers an FLD leaves;
+    it is not part of the outcome compared.
     """
 
     buffers: tuple[bytes, ...]
@@ -184,6 +202,7 @@ class Outcome:
     fault_step: int | None = None
     xinuse: int | None = None
     final: bytes | None = None
+    placement: tuple[Placement, ...] | None = field(default=None, compare=False)
 
     def key(self) -> tuple:
         """The comparable part: everything except the fault's prose."""
