@@ -199,3 +199,37 @@ def test_guest_pkru_instructions_follow_the_guests_cr4_pke(ctx: conform.Context)
         assert real.fault is None and real.values == (4,)
     else:
         assert (real.fault and real.fault.vector, real.fault_step) == ("#UD", 0)
+
+
+def test_a_guest_fld_leaves_its_guest_address_in_fip(ctx: conform.Context) -> None:
+    """The guest runner's addresses are fixed, so `GuestMachine.placement` gives them without
+    a run, equal to those the run reports; a guest's FLD leaves its own guest-linear address
+    in FIP (SDM Vol. 1 8.1.8), its operand's in FDP where the silicon lacks FDP_EXCPTN_ONLY,
+    and the model of the guest's hardware, told the placement, agrees byte for byte."""
+    import struct
+
+    from fpstate.kvm.x86.vcpu import run_guest_program
+    from fpstate.x86.program import Buffer, Insn, Program
+
+    start = bytearray(576)
+    struct.pack_into("<HHBBHQQI", start, 0, 0x37F, 0, 0, 0, 0x123, 0x1111, 0x2222, 0x1F80)
+    start[512] = 1  # XSTATE_BV: x87
+    g = ctx.guest_machine()
+    cpl = 3 if g.xstate_at_cpl0() else 0
+    prog = Program(bytes(start), (Insn("FLD", data=bytes(10)), Insn("FNSTSW"),
+                                  Insn("XSAVE", buf=0, mask=1)), (Buffer(),), cpl=cpl)
+    xcr0 = ctx.system.xcr0
+    place = g.placement(prog, xcr0=xcr0)
+    real = g.run_program(prog, xcr0=xcr0)
+    assert real.placement == place and place[0].fop == 0x3AB
+    vcpu = ctx.model_vcpu(ctx.vmm())
+    hw = vcpu.kvm.config.host
+    fop, fip, fdp = struct.unpack_from("<HQQ", real.buffers[0], 6)
+    if hw.vendor == "intel":  # saves write the pointers whatever FSW.ES (X87_POINTERS)
+        from fpstate.x86.impl import FOP_UPDATE, for_profile
+
+        kept = for_profile(hw)[FOP_UPDATE] == "unmasked"
+        assert (fop, fip, fdp) == (0x123 if kept else 0x3AB, place[0].address,
+                                   0x2222 if hw.cpuid(7, 0)[1] >> 6 & 1 else place[0].operand)
+    outs = run_guest_program(vcpu, prog, xcr0=xcr0, placement=place)
+    assert real.key() in {o.key() for o in outs}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
-from fpstate.x86.program import Insn
+from fpstate.x86.program import Insn, Placement
 
 _DISP32 = 8  # iced-x86's displ_size meaning "32-bit displacement" in 64-bit code
 
@@ -157,6 +157,23 @@ class Operands:
     data: int = 0  #: the instruction's ``data`` (or packed ``value``) in the data pool
     value: int = 0  #: the value slot (8 bytes, zeroed) for instructions in VALUE_MNEMONICS
     scratch: int = 0  #: 64 bytes where TILELOADD/TILESTORED read the tile's bytes per row
+
+
+#: Legacy prefixes (SDM Vol. 2A 2.1.1) and REX: FOP takes the opcode bytes after them.
+_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67,
+                       *range(0x40, 0x50)))
+
+
+def placement(code: bytes | bytearray, base: int, address: int, operand: int) -> Placement:
+    """Where an emitted instruction ran (`fpstate.x86.program.Placement`): ``address`` (in
+    ``code``, which starts at ``base``), its data-pool operand's address, and for an x87
+    escape opcode (D8-DF after the prefixes) its FOP: the opcode's low 3 bits, then the next
+    byte (SDM Vol. 1 8.1.9)."""
+    at = address - base
+    while code[at] in _PREFIXES:
+        at += 1
+    fop = (code[at] & 7) << 8 | code[at + 1] if 0xD8 <= code[at] <= 0xDF else 0
+    return Placement(address, operand, fop)
 
 
 def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:

@@ -41,12 +41,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import replace
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
 from fpstate.errors import HostUnavailable, ProgramError
 from fpstate.host import kvm_uapi as u
-from fpstate.host.asm import VALUE_MNEMONICS, Asm, Operands, emit_insn, mem, operand_data
+from fpstate.host.asm import (
+    VALUE_MNEMONICS,
+    Asm,
+    Operands,
+    emit_insn,
+    mem,
+    operand_data,
+    placement,
+)
 from fpstate.host.kvm import CpuidEntry, Kvm, find_cpuid, open_kvm
 from fpstate.host.kvm_uapi import HostError
 from fpstate.x86.image import normalise_image
@@ -56,6 +65,7 @@ from fpstate.x86.program import (
     Fault,
     Insn,
     Outcome,
+    Placement,
     Program,
     check_program,
 )
@@ -193,12 +203,6 @@ def _operands(program: Program) -> tuple[list[Operands], list[tuple[int, bytes]]
     if at > MEM_SIZE or slot > STATUS + 0x1000:
         raise ProgramError("the program's data or values do not fit in the guest's memory")
     return ops, pool
-
-
-def _emit(a: Asm, insn: Insn, ops: Operands) -> None:
-    """One program instruction; TILELOADD/TILESTORED first read their tile's bytes per row
-    (STTILECFG to SCRATCH: `fpstate.host.asm.emit_tile_move`)."""
-    emit_insn(a, insn, ops)
 
 
 # -- the guest machine -----------------------------------------------------------------------
@@ -367,15 +371,33 @@ class GuestMachine:
                       0x3002 if user else 0x2, USER_CS if user else KERNEL_CS, PROGRAM_CODE):
             a.emit(Instruction.create_u32(Code.PUSHQ_IMM32, value))  # SS, RSP, RFLAGS, CS, RIP
         a.op(Code.IRETQ)
-        # 2.-4. at program.cpl: XRSTOR64 of the start image, the program, XGETBV(1), XSAVE64
+        b, place = self._program_code(program, ops, xcr0, xstate)
+        # memory
+        bufs = [buffer_address(i, x.misalign) for i, x in enumerate(program.buffers)]
+        for i, x in enumerate(program.buffers):
+            self.write(BUFFERS + BUFFER_STRIDE * i, bytes(BUFFER_STRIDE))
+            self.write(bufs[i], x.data)
+        self.write(START_IMAGE, program.start.ljust(BUFFER_SIZE, b"\0"))
+        self.write(FINAL_IMAGE, bytes(BUFFER_SIZE))
+        for at, data in pool:
+            self.write(at, data)
+        self.write(PROGRAM_CODE, bytes(b.code))
+        st = self.run_code(bytes(a.code))
+        return replace(self._outcome(program, st, bufs, ops, xcr0, xstate), placement=place)
+
+    def _program_code(self, program: Program, ops: list[Operands], xcr0: int, xstate: bool
+                      ) -> tuple[Asm, tuple[Placement, ...]]:
+        """Steps 2-4 at ``program.cpl``: XRSTOR64 of the start image, the program, XGETBV(1)
+        and XSAVE64; with where each instruction sits (`fpstate.host.asm.placement`)."""
         b = Asm(PROGRAM_CODE)
         if xstate:
             _step(b, _STEP_XRSTOR)
             b.edx_eax(xcr0)
             b.emit(Instruction.create_mem(Code.XRSTOR64_MEM, mem(START_IMAGE)))
+        where = []
         for n, (insn, op) in enumerate(zip(program.insns, ops, strict=True)):
             _step(b, n)
-            _emit(b, insn, op)
+            where.append((emit_insn(b, insn, op), op.data))
         _step(b, len(program.insns))
         if xstate:
             if self.has_xgetbv1:
@@ -388,18 +410,15 @@ class GuestMachine:
         _report(b, _DONE)
         if len(b.code) > BUFFERS - PROGRAM_CODE:
             raise ProgramError(f"program of {len(program.insns)} instructions is too long")
-        # memory
-        bufs = [buffer_address(i, x.misalign) for i, x in enumerate(program.buffers)]
-        for i, x in enumerate(program.buffers):
-            self.write(BUFFERS + BUFFER_STRIDE * i, bytes(BUFFER_STRIDE))
-            self.write(bufs[i], x.data)
-        self.write(START_IMAGE, program.start.ljust(BUFFER_SIZE, b"\0"))
-        self.write(FINAL_IMAGE, bytes(BUFFER_SIZE))
-        for at, data in pool:
-            self.write(at, data)
-        self.write(PROGRAM_CODE, bytes(b.code))
-        st = self.run_code(bytes(a.code))
-        return self._outcome(program, st, bufs, ops, xcr0, xstate)
+        return b, tuple(placement(b.code, PROGRAM_CODE, at, data) for at, data in where)
+
+    def placement(self, program: Program, *, xcr0: int) -> tuple[Placement, ...]:
+        """Where `run_program` puts each instruction of ``program`` -- the guest's addresses
+        are fixed, so this needs no run: the model, told it, knows an FLD's x87 pointers
+        (`fpstate.x86.insn.run_program`). Guest-linear addresses equal guest-physical ones."""
+        check_program(program)
+        ops, _pool = _operands(program)
+        return self._program_code(program, ops, xcr0, True)[1]
 
     def _outcome(self, program: Program, st: dict[str, int], bufs: list[int],
                  ops: list[Operands], xcr0: int, xstate: bool) -> Outcome:

@@ -79,6 +79,7 @@ from fpstate.host.asm import (
     emit_tile_move,
     mem,
     operand_data,
+    placement,
 )
 from fpstate.x86.image import normalise_image
 from fpstate.x86.program import (
@@ -518,23 +519,12 @@ class Runner:
         return Outcome(buffers, tuple(values), None, None, xinuse, final)
 
 
-#: Legacy prefixes (SDM Vol. 2A 2.1.1) and REX: FOP takes the opcode bytes after them.
-_PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67,
-                       *range(0x40, 0x50)))
-
-
 def _placement(code: bytes, base: int, arena: int, allowed: tuple[tuple[int, ...], ...],
                lay: _Layout) -> tuple[Placement, ...]:
-    """Where each program instruction ran: its address (the last of its step's addresses),
-    its data-pool operand's address, and for an x87 escape opcode (D8-DF) its FOP."""
-    out = []
-    for addrs, ops in zip(allowed, lay.operands, strict=True):
-        at = addrs[-1] - base
-        while code[at] in _PREFIXES:
-            at += 1
-        fop = (code[at] & 7) << 8 | code[at + 1] if 0xD8 <= code[at] <= 0xDF else 0
-        out.append(Placement(addrs[-1], arena + ops.data if ops.data else 0, fop))
-    return tuple(out)
+    """Where each program instruction ran: its address (the last of its step's addresses)
+    and its data-pool operand's address (`fpstate.host.asm.placement`)."""
+    return tuple(placement(code, base, addrs[-1], arena + ops.data if ops.data else 0)
+                 for addrs, ops in zip(allowed, lay.operands, strict=True))
 
 
 def fault_vector(signo: int, si_code: int | None, trapno: int | None) -> str:

@@ -69,7 +69,7 @@ from fpstate.kvm.x86.cpuid import (
 from fpstate.kvm.x86.fpu_api import fpu_alloc_guest_fpstate, fpu_enable_guest_xfd_features
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.layout import compacted_size
-from fpstate.x86.program import Fault, Outcome, Program
+from fpstate.x86.program import Fault, Outcome, Placement, Program
 from fpstate.x86.xfeatures import XFEATURE_MASK_FP
 
 KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -594,7 +594,8 @@ def guest_hardware_profile(vcpu: KvmVcpu) -> CpuidProfile:
 
 
 def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 0,
-                      xfd: int = 0, preempt: bool = True) -> list[Outcome]:
+                      xfd: int = 0, preempt: bool = True,
+                      placement: Sequence[Placement] | None = None) -> list[Outcome]:
     """The model's answer to what `fpstate.host.kvm_guest` runs: the guest's own XSETBV of
     ``xcr0`` at CPL 0 (kvm_emulate_xsetbv) and, when the guest CPUID has XSAVES, its WRMSR of
     IA32_XSS = ``xss`` (kvm_set_msr_common) and, when the guest CPUID has XFD, its WRMSR of
@@ -604,7 +605,8 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
     under the guest's CR4.PKE (KVM_SET_SREGS: WRPKRU and RDPKRU are #UD without it).
     XINUSE is not reported where the guest CPUID lacks XGETBV1 (the runner reads it only
     then). Returns the set of outcomes the CPU may give (``preempt=False``: only that of an
-    undisturbed run, as `run_program` takes it)."""
+    undisturbed run, as `run_program` takes it); ``placement`` as `run_program` takes it
+    (`fpstate.host.kvm_guest.GuestMachine.placement`)."""
     from fpstate.x86.insn import run_program
 
     vcpu.arch.cr4_osxsave = True
@@ -626,7 +628,7 @@ def run_guest_program(vcpu: KvmVcpu, program: Program, *, xcr0: int, xss: int = 
         raise ProgramError(f"IA32_XFD={xfd:#x} needs XFD, and the guest CPUID lacks it: "
                            "CPUID.(EAX=0DH,ECX=1):EAX[4]=0")
     outcomes = run_program(guest_hardware_profile(vcpu), program, xcr0=xcr0, xss=xss, xfd=xfd,
-                           preempt=preempt, cr4_pke=vcpu.arch.cr4_pke)
+                           preempt=preempt, cr4_pke=vcpu.arch.cr4_pke, placement=placement)
     if not cpuid_regs(vcpu.arch.cpuid, 0xD, 1)[0] & XGETBV1:
         outcomes = [Outcome(o.buffers, o.values, o.fault, o.fault_step, None, o.final)
                     for o in outcomes]
