@@ -165,3 +165,26 @@ def test_guest_xcr0_bad_input(capsys) -> None:
     assert main(["compat", "--arch", "arm64", "neoverse-n1", "neoverse-v1",
                  "--guest-xcr0", "7"]) == 2
     assert "--guest-xcr0 is an x86 option" in capsys.readouterr().err
+
+
+def test_x87_pointers_saved_differently_are_reported_never_blocking(reports) -> None:
+    """rr issue 2698: the FOP/FIP/FDP an FXSAVE stores after an FLD differ between CPUs --
+    AMD stores none without FSW.ES (X87_POINTERS), Haswell has no FDP_EXCPTN_ONLY -- and are
+    reported field by field; equal behaviour reports nothing; it never decides safety."""
+    amd_intel = reports[("zen4", "sapphire-rapids")].x87
+    assert [f.who for f in amd_intel] == ["rr", "guest"]
+    assert "FOP 0x0 -> 0x123; FIP 0x0 -> 0x401000; FDP 0x0 -> 0x2222" in amd_intel[0].text
+    hsw = reports[("haswell", "skylake-sp")].x87
+    assert "stores FDP 0x402000 -> 0x2222 (" in hsw[0].text
+    assert reports[("sapphire-rapids", "granite-rapids")].x87 == ()
+    assert reports[("zen3", "zen5")].x87 == ()
+    assert all(not f.blocking for r in reports.values() for f in r.x87)
+    assert reports[("zen4", "zen5")].safe
+
+
+def test_cli_shows_the_x87_pointers(capsys) -> None:
+    assert main(["compat", "zen5", "alder-lake"]) == 1  # AVX-512 lost: not safe
+    out = capsys.readouterr().out
+    assert "x87 pointers: saved differently" in out and "[rr]" in out
+    assert main(["compat", "zen5", "zen4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["x87_pointers"] == []

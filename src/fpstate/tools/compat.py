@@ -21,7 +21,14 @@ checkpointer and a VMM do:
   leaf 0xD), restores XCR0 (KVM_SET_XCRS) and the state -- once translated per register (what
   QEMU's vmstate does) and once as the opaque SRC buffer (what Firecracker and
   cloud-hypervisor snapshots carry) -- and KVM_GET_XSAVE2 shows which registers arrive wrong;
-  the guest also keeps SRC's leaf 0xD offsets, which DST's hardware does not follow.
+  the guest also keeps SRC's leaf 0xD offsets, which DST's hardware does not follow;
+- **x87 pointers**: the FOP, FIP and FDP that an FXSAVE stores after an FLD with no exception
+  pending, on each CPU model (`fpstate.x86.insn.run_program` told where the FLD ran): AMD
+  stores them only with FSW.ES set (X87_POINTERS), Intel CPUs with FDP_EXCPTN_ONLY keep FDP,
+  and FOP follows the fopcode sub-mode (FOP_UPDATE). They restore either way, so this never
+  makes a move unsafe; but a record/replay trace (rr, which compares saved state) of x87 code
+  diverges between two such CPUs (rr issue 2698), and a moved guest's or process's later saves
+  follow DST.
 
 With ``guest_xcr0`` the VM's CPU model offers fewer XSAVE features than SRC's KVM supports
 (QEMU's -cpu, a Firecracker CPU template, `fpstate template`'s answer): SRC's leaf 0xD is cut
@@ -35,6 +42,7 @@ computed by the models; this file only sequences the operations and reads the an
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +56,13 @@ from fpstate.tools.record import record_from_blob, refusal_message, translate
 from fpstate.tools.registers import component_fields, register_groups
 from fpstate.tools.sizes import Sizes, compute_sizes
 from fpstate.tools.validate import validate
+from fpstate.x86.cpu import machine
 from fpstate.x86.cpuid import CpuidProfile
+from fpstate.x86.impl import FOP_UPDATE, X87_POINTERS, for_profile
+from fpstate.x86.insn import run_program
 from fpstate.x86.layout import compacted_size, standard_size
-from fpstate.x86.xfeatures import BY_NUMBER, XFEATURE_MASK_XTILE_DATA, bits
+from fpstate.x86.program import Buffer, Insn, Placement, Program
+from fpstate.x86.xfeatures import BY_NUMBER, MXCSR_DEFAULT, XFEATURE_MASK_XTILE_DATA, bits
 
 XTILE_DATA = 18
 #: glibc's STATE_SAVE_MASK (sysdeps/x86/sysdep.h, 2.40+: with APX).
@@ -95,6 +107,8 @@ class CompatReport:
     template: str = ""
     #: the XCR0 features the VM's CPU model offers (None: everything SRC's KVM supports)
     guest_xcr0: int | None = None
+    #: where the two CPUs save different x87 pointers for the same code (never blocking)
+    x87: tuple[Finding, ...] = ()
 
     @property
     def process_restores(self) -> bool:
@@ -129,6 +143,7 @@ class CompatReport:
             "vmm": [f.to_dict() for f in self.vmm],
             "template": self.template or None,
             "guest_xcr0": None if self.guest_xcr0 is None else hex(self.guest_xcr0),
+            "x87_pointers": [f.to_dict() for f in self.x87],
         }
 
 
@@ -424,6 +439,52 @@ def _guest(src: CpuidProfile, dst: CpuidProfile, kernel: str, layout: list[str],
     return guest, vmm, perm
 
 
+#: The x87 probe: an FLD m80 at this placement (FOP 0x3AB: DB /5, ModRM 0xAB), then FXSAVE64,
+#: from FOP 0x123, FIP 0x1111 and FDP 0x2222 with no exception pending.
+_X87_AT = (Placement(0x401000, 0x402000, 0x3AB), Placement(0x401006))
+_X87_FIELDS = (("FOP", 6, 2), ("FIP", 8, 8), ("FDP", 16, 8))
+
+
+def _x87_saved(profile: CpuidProfile) -> dict[str, int]:
+    """FOP, FIP and FDP as the CPU model of ``profile`` stores them in the probe's FXSAVE."""
+    start = bytearray(576)
+    struct.pack_into("<HHBBHQQI", start, 0, 0x037F, 0, 0, 0, 0x123, 0x1111, 0x2222,
+                     MXCSR_DEFAULT)
+    start[512] = 1  # XSTATE_BV: x87
+    program = Program(bytes(start), (Insn("FLD", data=bytes(10)), Insn("FXSAVE", buf=0)),
+                      (Buffer(),))
+    out = run_program(profile, program, preempt=False, placement=_X87_AT)[0]
+    return {name: int.from_bytes(out.buffers[0][at:at + n], "little")
+            for name, at, n in _X87_FIELDS}
+
+
+def _x87_why(profile: CpuidProfile) -> str:
+    impl = for_profile(profile)
+    if impl[X87_POINTERS] == "when-es":
+        return "pointers stored only with FSW.ES set"
+    fdp = "FDP kept (FDP_EXCPTN_ONLY)" if machine(profile).has("FDP_EXCPTN_ONLY") else \
+        "FDP the operand's address"
+    fop = "FOP kept" if impl[FOP_UPDATE] == "unmasked" else "FOP the FLD's"
+    return f"FIP the FLD's address, {fdp}, {fop}"
+
+
+def _x87(src: CpuidProfile, dst: CpuidProfile) -> list[Finding]:
+    """Findings where SRC and DST store different x87 pointers for the probe (see the module
+    docstring); none where they agree."""
+    a, b = _x87_saved(src), _x87_saved(dst)
+    differ = [n for n, _at, _n in _X87_FIELDS if a[n] != b[n]]
+    if not differ:
+        return []
+    saved = "; ".join(f"{n} {a[n]:#x} -> {b[n]:#x}" for n in differ)
+    what = (f"after an FLD (at 0x401000, from 0x402000) with no exception pending, an FXSAVE "
+            f"or XSAVE stores {saved} (SRC: {_x87_why(src)}; DST: {_x87_why(dst)})")
+    return [Finding("rr", False, what + ": a trace recorded on SRC diverges on DST where it "
+                    "compares saved state after x87 code, unless the recorder clears FIP/FDP "
+                    "(rr issue 2698)"),
+            Finding("guest", False, "a guest or process moved from SRC keeps its x87 "
+                    "registers, but its later saves store the pointers as DST does")]
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -455,7 +516,7 @@ def compat_x86(src: CpuidProfile, dst: CpuidProfile, kernel: str = NEWEST,
                                                               strict=True)),
         amx_guest_permission=perm, process=tuple(process), guest=tuple(guest), vmm=tuple(vmm),
         template=_template_hint(src, dst) if any(f.blocking for f in guest) else "",
-        guest_xcr0=guest_xcr0,
+        guest_xcr0=guest_xcr0, x87=tuple(_x87(src, dst)),
     )
 
 
@@ -505,4 +566,6 @@ def format_report(r: CompatReport) -> str:
         lines.append(f"  hint: {r.template}")
     lines.append("VMMs:")
     lines.extend(f"  {'x' if f.blocking else '-'} [{f.who}] {f.text}" for f in r.vmm)
+    lines.append("x87 pointers: " + ("saved alike" if not r.x87 else "saved differently"))
+    lines.extend(f"  - [{f.who}] {f.text}" for f in r.x87)
     return "\n".join(lines)
