@@ -176,3 +176,15 @@ def test_late_names_a_zapped_thread_and_raced_needs_a_cpu_for_the_others() -> No
     dump = do_coredump(m, 0, raced=True, late=t1)
     assert not dump.dumper_slept and dump.unwaited is t1
     assert [_mxcsr(n) for n in dump.notes] == [0x1F80, 0x1F80, 0x1F80]
+
+
+@pytest.mark.parametrize(("allowed", "pinned"), [
+    ({3, 1, 7}, (1, 3)), ({0}, None), ({1, 70}, None), ({0, 1}, (0, 1))])
+def test_core_threads_pins_its_threads_to_the_first_two_cpus(monkeypatch, allowed: set[int],
+                                                             pinned) -> None:
+    """core/threads places the leader and the sibling as the model does, on two CPUs of the
+    caller's affinity mask (one 64-bit cpu_set_t word); with fewer it does not pin."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed)
+    assert conform_core._two_cpus() == pinned

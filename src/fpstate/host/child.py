@@ -41,7 +41,8 @@ SYS = {
     "rt_sigreturn": 15, "nanosleep": 35,
     "getpid": 39, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "exit": 60,
     "wait4": 61, "kill": 62, "ptrace": 101, "sigaltstack": 131, "prctl": 157,
-    "arch_prctl": 158, "gettid": 186, "exit_group": 231, "tgkill": 234,
+    "arch_prctl": 158, "gettid": 186, "sched_setaffinity": 203, "exit_group": 231,
+    "tgkill": 234,
     "pkey_mprotect": 329, "pkey_alloc": 330, "pkey_free": 331,
 }
 

@@ -25,7 +25,10 @@ changed by both threads, that the leader's note shows its live PKRU: it was swit
 unlike a single-threaded dumper -- docs/findings/kernel-findings.md 9i). The leader also
 XSAVEs its registers just before the clone: a sibling note holding them (its legacy region)
 means the dumper did not wait for the sibling (kernel-findings 9j), and the model is asked
-for that branch (``late``), so either outcome is compared byte for byte.
+for that branch (``late``), so either outcome is compared byte for byte. The leader pins
+itself to one CPU and the sibling to another (sched_setaffinity), as the model places them;
+this also makes the late branch more frequent here (kernel-findings 9j: it needs the
+dumper's CPU to idle while the dumper sleeps).
 
 ``core/sleeps`` measures the model's claim behind 9i, whether the dumper sleeps -- and so is
 switched out -- before its notes, on a host without protection keys: the dumping thread's
@@ -156,6 +159,7 @@ SIBLING_PKRU, LEADER_PKRU = 0x5555555C, 0x55555574
 
 
 def _threads_host() -> HostAnswer:
+    from fpstate.host.child import SYS as NR
     from fpstate.host.child import (
         SharedMemory,
         host_user_xstate_size,
@@ -179,14 +183,22 @@ def _threads_host() -> HostAnswer:
     shm.write(PAGE, bytes(table))
     ready, tid = shm.address + flags, shm.address + flags + 8
     stack_top = shm.address + shm.size - 64
+    pin = _two_cpus()
+    if pin:  # two cpu_set_t words of 64 bits: the leader's CPU, the sibling's
+        shm.write(flags + 64, b"".join((1 << c).to_bytes(8, "little") for c in pin))
+    masks = shm.address + flags + 64
 
     def sibling_code(a: Asm) -> None:
+        if pin:
+            a.syscall(NR["sched_setaffinity"], 0, 8, masks + 8)
         load_patterns(a, shm.address + PAGE)
         if pku:
             a.wrpkru(SIBLING_PKRU)
         a.xsave(shm.address + sibling_img)
 
     def code(a: Asm) -> None:
+        if pin:
+            a.syscall(NR["sched_setaffinity"], 0, 8, masks)
         a.xsave(shm.address + clone_img)  # what fpu_clone() copies into the sibling's fpstate
         _sibling_then(a, ready, stack_top, sibling_code, tid=tid)
         load_patterns(a, shm.address)
@@ -212,6 +224,15 @@ def _threads_host() -> HostAnswer:
     late = sibling_note[:LEGACY] == at_clone[:LEGACY] != own[:LEGACY]
     return HostAnswer(facts, ThreadsGiven(xsave_image(shm.read(leader_img, xs)).raw, own,
                                           at_clone, late))
+
+
+def _two_cpus() -> tuple[int, int] | None:
+    """The first two CPUs this process may run on (None with fewer, or beyond one 64-bit
+    cpu_set_t word)."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 and cpus[1] < 64 else None
 
 
 def core_threads_model(system: FpuSystem, g: ThreadsGiven) -> Facts:
