@@ -130,6 +130,20 @@ def test_xsave_variant(variant: str) -> None:
     run()
 
 
+@pytest.mark.parametrize("focus", ["FLD", "FLD1", "FLDZ", "FNCLEX"])
+def test_x87_programs(focus: str) -> None:
+    """Programs with an x87 push or FNCLEX among the others: the host runs them first and the
+    model, told where each instruction ran, must give the same x87 pointers (FIP, FDP, FOP)
+    with the rest."""
+
+    @_settings(100)
+    @given(programs(PROFILE, focus=focus, placed=True))
+    def run(program: Program) -> None:
+        check(program)
+
+    run()
+
+
 def test_at_least_2000_cases() -> None:
     assert RANDOM_CASES + VARIANT_CASES * len(VARIANTS) >= 2000
 
@@ -232,6 +246,8 @@ CHOICE_PROGRAMS: dict[str, tuple[object, Program]] = {
                  Program(image(1, fsw=0x2800, ftw=0x20), (Insn("EMMS"), Insn("FNSTSW")))),
     # the start image's FOP kept, or the FLD's (DB /5: 0x3AB) written, by an FLD without an
     # exception (saves show FOP only with FSW.ES set where X87_POINTERS is "when-es")
+    I.FNCLEX_UNDEFINED_FLAGS: ("cleared", Program(image(1, fsw=0x477F), (
+        Insn("FNCLEX"), Insn("FNSTSW")))),
     I.FOP_UPDATE: (_other(I.FOP_UPDATE, "always", "unmasked"),
                    Program(image(1, fop=0x123), (Insn("FLD", data=bytes(10)),
                                                  Insn("XSAVE", buf=0, mask=1)), (_AA,))),

@@ -44,6 +44,7 @@ def _image():
 image = _image()
 ZEN4 = load_profile("zen4")
 SPR = load_profile("sapphire-rapids")
+SPR_IMPL = I.for_profile(SPR)
 HSW = load_profile("haswell")
 AA = Buffer(bytes([0xAA]) * 4096)
 BIT63 = 1 << 63
@@ -638,6 +639,48 @@ def test_fip_is_kept_to_the_cpus_width() -> None:
 def test_a_placement_is_one_per_instruction() -> None:
     with pytest.raises(ProgramError, match="placement of 2 instructions for a program of 5"):
         run_program(SPR, Program(image(0), FIVE, (AA,)), placement=PLACED[:2])
+
+
+def test_fld1_and_fldz_push_their_constants_and_leave_fdp() -> None:
+    """FLD1 and FLDZ push +1.0 and +0.0 as FLD pushes (C1 := 0, C0/C2/C3 kept: FSW 0x4500
+    reads 0x7D00 with TOP 7), set FIP to where they ran, and -- no memory operand -- leave FDP
+    where the CPU enumerates FDP_EXCPTN_ONLY; FOP stays without an unmasked exception."""
+    at = (Placement(0x7F0000401000, 0, 0x1E8), Placement(0x7F0000401002, 0, 0x1EE),
+          Placement(0x7F0000401010), PLACED[4])
+    prog = Program(image(1, fsw=0x4500, fop=0x123, fip=0x1111, fdp=0x2222),
+                   (Insn("FLD1"), Insn("FLDZ"), Insn("FNSTSW"), Insn("XSAVE", buf=0, mask=1)),
+                   (AA,))
+    o = one(SPR, prog, placement=at)
+    assert o.values == (0x7500,)  # TOP 6, C3 C2 C0 kept, C1 clear
+    assert _pointers(o) == (0x123, 0x7F0000401002, 0x2222)
+    st = o.buffers[0][32:32 + 2 * 16]  # ST0 = +0.0 (FLDZ), ST1 = +1.0 (FLD1)
+    assert st[0:10] == bytes(10) and st[16:26] == bytes.fromhex("0000000000000080ff3f")
+
+
+def test_fldz_with_an_unmasked_overflow_writes_fop_not_fdp() -> None:
+    prog = Program(image(1, fcw=0x37E, ftw=0xFF, fdp=0x2222), (Insn("FLDZ"),
+                                                              Insn("XSAVE", buf=0, mask=1)), (AA,))
+    at = (Placement(0x7F0000401000, 0, 0x1EE), PLACED[4])
+    assert _pointers(one(SPR, prog, placement=at)) == (0x1EE, 0x7F0000401000, 0x2222)
+    # Haswell (no FDP_EXCPTN_ONLY): FDP after an instruction without a memory operand is
+    # undefined, so the model does not claim one.
+    with pytest.raises(UnknownPointers):
+        run_program(load_profile("haswell"), prog, placement=at)
+
+
+def test_fnclex_clears_the_exception_state_and_nothing_else() -> None:
+    """FNCLEX: the flags, SF, ES and B cleared (an unmasked pending exception is gone: the
+    next waiting instruction does not #MF), TOP and C0-C3 kept (FNCLEX_UNDEFINED_FLAGS), FIP
+    kept (a control instruction); #NM under CR0.TS is the model's Cpu state, not tested here."""
+    prog = Program(image(1, fcw=0x37E, fsw=0x77FF, fip=0x1111),  # TOP 6, C0-C3, IE pending
+                   (Insn("FNCLEX"), Insn("FNSTSW"), Insn("FLDCW", value=0x37F),
+                    Insn("XSAVE", buf=0, mask=1)), (AA,))
+    at = (*PLACED[:3], PLACED[4])
+    o = one(SPR, prog, placement=at)
+    assert o.fault is None and o.values == (0x7700,)
+    assert _pointers(o)[1] == 0x1111
+    cleared = SPR_IMPL.with_choice(I.FNCLEX_UNDEFINED_FLAGS, "cleared")
+    assert one(SPR, prog, impl=cleared, placement=at).values == (0x3000,)
 
 
 def test_fninit_keeps_the_data_registers() -> None:

@@ -75,6 +75,9 @@ NO_OPERAND_CODES = {
     "VZEROUPPER": Code.VEX_VZEROUPPER,
     "VZEROALL": Code.VEX_VZEROALL,
     "FNINIT": Code.FNINIT,
+    "FNCLEX": Code.FNCLEX,
+    "FLDZ": Code.FLDZ,
+    "FLD1": Code.FLD1,
     "EMMS": Code.EMMS,
     "TILERELEASE": Code.VEX_TILERELEASE,
 }

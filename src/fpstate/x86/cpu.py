@@ -353,15 +353,18 @@ class Cpu:
         """An unmasked x87 exception is pending (FSW.ES): a waiting instruction raises #MF."""
         return bool(self.fsw & FSW_ES)
 
-    def x87_noncontrol(self, *, unmasked: bool) -> None:
-        """FIP, FDP and FOP after a non-control x87 instruction with a memory operand (SDM
-        Vol. 1 8.1.8, 8.1.9): FIP := its linear address, always; FDP := its operand's linear
-        address, where the CPU does not enumerate FDP_EXCPTN_ONLY or the instruction incurred
-        an unmasked x87 exception (``unmasked``); FOP := its opcode as FOP_UPDATE says (only
-        with an unmasked exception while the fopcode compatibility sub-mode is off). Each
-        pointer is kept to X87_POINTER_BITS / X87_FDP_BITS, as a load would. Where the
-        instruction's placement is unknown (``insn_at`` None) the pointers become unknown to
-        the model instead; the selectors (FCS, FDS: its CS and DS) always do."""
+    def x87_noncontrol(self, *, unmasked: bool, operand: bool = True) -> None:
+        """FIP, FDP and FOP after a non-control x87 instruction (SDM Vol. 1 8.1.8, 8.1.9):
+        FIP := its linear address, always; FDP := its memory operand's linear address, where
+        the CPU does not enumerate FDP_EXCPTN_ONLY or the instruction incurred an unmasked x87
+        exception (``unmasked``); FOP := its opcode as FOP_UPDATE says (only with an unmasked
+        exception while the fopcode compatibility sub-mode is off). Without a memory operand
+        (``operand`` False: FLD1, FLDZ) the SDM leaves FDP "undefined": kept where the CPU
+        enumerates FDP_EXCPTN_ONLY (measured on Emerald Rapids, an unmasked stack overflow
+        included), unknown to the model elsewhere. Each pointer is kept to X87_POINTER_BITS /
+        X87_FDP_BITS, as a load would. Where the instruction's placement is unknown (``insn_at``
+        None) the pointers become unknown to the model instead; the selectors (FCS, FDS: its
+        CS and DS) always do."""
         at = self.insn_at
         self.x87_selectors = None
         if at is None:
@@ -369,7 +372,10 @@ class Cpu:
             return
         r = self.regs[X87]
         struct.pack_into("<Q", r, 8, _sign_extend(at.address, self.impl[X87_POINTER_BITS]))
-        if unmasked or not self.machine.has("FDP_EXCPTN_ONLY"):
+        exception_only = self.machine.has("FDP_EXCPTN_ONLY")
+        if not operand and not exception_only:
+            self.x87_pointers_known = False
+        elif operand and (unmasked or not exception_only):
             struct.pack_into("<Q", r, 16, _sign_extend(at.operand, self.impl[X87_FDP_BITS]))
         if unmasked or self.impl[FOP_UPDATE] == "always":
             struct.pack_into("<H", r, 6, at.fop & 0x7FF)

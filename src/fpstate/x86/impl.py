@@ -63,6 +63,7 @@ LEGACY_SSE_KEEPS_AVX = "legacy_sse_keeps_avx"
 VEX_XINUSE_RECOMPUTED = "vex_xinuse_recomputed"
 LDMXCSR_XINUSE = "ldmxcsr_xinuse"
 FOP_UPDATE = "fop_update"
+FNCLEX_UNDEFINED_FLAGS = "fnclex_undefined_flags"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(XRSTOR_INIT_XINUSE,
@@ -100,7 +101,7 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "reserved, bit 6 reads as 1.",
            "SDM Vol. 1 8.1.5 (Figure 8-6)", tuple),
     Choice(FLD_UNDEFINED_FLAGS,
-           "C0, C2, C3: Undefined. (FLD)",
+           "C0, C2, C3: Undefined. (FLD; FLD1 and FLDZ say the same)",
            "SDM Vol. 2A FLD, FPU Flags Affected", ("unchanged", "cleared")),
     Choice(MXCSR_MASK,
            "MXCSR_MASK: the bits of MXCSR this processor supports; LDMXCSR, FXRSTOR and XRSTOR "
@@ -176,6 +177,9 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
            "register ('always'), or only one that incurs an unmasked exception, the register "
            "keeping its value otherwise ('unmasked').)",
            "SDM Vol. 1 8.1.9.1 (IA32_MISC_ENABLE[2])", ("always", "unmasked")),
+    Choice(FNCLEX_UNDEFINED_FLAGS,
+           "The C0, C1, C2, and C3 flags are undefined. (FCLEX/FNCLEX)",
+           "SDM Vol. 2A FCLEX/FNCLEX, FPU Flags Affected", ("unchanged", "cleared")),
 )}
 
 
@@ -240,6 +244,7 @@ AMD_ZEN5_HOST = ImplDefined(
         VEX_XINUSE_RECOMPUTED: "kept",
         LDMXCSR_XINUSE: "kept",
         FOP_UPDATE: "always",
+        FNCLEX_UNDEFINED_FLAGS: "unchanged",
     },
     origins={
         XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -295,6 +300,9 @@ AMD_ZEN5_HOST = ImplDefined(
         FOP_UPDATE: "assumed: AMD documents no fopcode compatibility sub-mode; not measured "
                     "-- a save shows FOP only with FSW.ES set (X87_POINTERS 'when-es'), which "
                     "the programs that run an FLD never have",
+        FNCLEX_UNDEFINED_FLAGS: "assumed: as measured on the Emerald Rapids host (FNCLEX came "
+                                "into the programs after the AMD hosts were gone); the "
+                                "differential tests check it on an AMD host",
     },
 )
 
@@ -332,6 +340,7 @@ INTEL_EMR_HOST = ImplDefined(
         VEX_XINUSE_RECOMPUTED: "recomputed",
         LDMXCSR_XINUSE: "set",
         FOP_UPDATE: "unmasked",
+        FNCLEX_UNDEFINED_FLAGS: "unchanged",
     },
     origins={
         XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -350,7 +359,8 @@ INTEL_EMR_HOST = ImplDefined(
         FSW_SUMMARY_ON_LOAD: _EMR + " (FSW=0x8000 or 0x0080 alone loads as 0)",
         FCW_RESERVED: _EMR + " (FLDCW 0xFFFF reads back 0x1F7F, FLDCW 0 reads 0x0040)",
         FLD_UNDEFINED_FLAGS: _EMR + " (FSW 0x4500, FLD m80 of 0.0: FNSTSW reads 0x7D00, "
-                             "C0, C2 and C3 as they were)",
+                             "C0, C2 and C3 as they were; the same after FLD1, and FLDZ "
+                             "from 0x4700)",
         MXCSR_MASK: _EMR + " (FXSAVE writes MXCSR_MASK 0xFFFF; LDMXCSR 0x21F80 and 0x11F80 "
                     "#GP)",
         COMPACTED_XSTATE_BV63: _EMR + " (XSTATE_BV=1<<63, XCOMP_BV=1<<63|XCR0 -> #GP, as on "
@@ -396,7 +406,12 @@ INTEL_EMR_HOST = ImplDefined(
                     "an XRSTOR64 of FOP 0x123 and FDP 0x5555666677778888, then FLD: both "
                     "kept; FCW.IM clear and an FLD onto a full stack: FOP 0x3AB -- DB /5 with "
                     "ModRM 0xAB -- and FDP its operand's address. CPUID 7:EBX[6] "
-                    "FDP_EXCPTN_ONLY is set, so FDP follows the same rule)",
+                    "FDP_EXCPTN_ONLY is set, so FDP follows the same rule; FLDZ and FLD1 "
+                    "write FOP 0x1EE and 0x1E8 only with an unmasked stack overflow, and "
+                    "never FDP: they have no memory operand)",
+        FNCLEX_UNDEFINED_FLAGS: _EMR + " (FSW 0x477F: FNCLEX leaves 0x4700; 0x3A41: 0x3A00; "
+                                "0x80BF with FCW.IM clear: 0 -- the flags, SF, ES and B "
+                                "cleared, C0-C3 and TOP kept)",
     },
 )
 
@@ -445,7 +460,8 @@ AMD_ZEN3_HOST = replace(
              VEX256_HI256_XINUSE: _NO_AVX512,
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
              LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
-             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE]})
+             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE],
+             FNCLEX_UNDEFINED_FLAGS: AMD_ZEN5_HOST.origins[FNCLEX_UNDEFINED_FLAGS]})
 
 _ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
          "with fpstate.host.runner; test_differential checks it")
@@ -471,7 +487,8 @@ AMD_ZEN4_HOST = replace(
                                    "the Zen 3 behaviour is absent)",
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
              LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
-             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE]})
+             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE],
+             FNCLEX_UNDEFINED_FLAGS: AMD_ZEN5_HOST.origins[FNCLEX_UNDEFINED_FLAGS]})
 
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))

@@ -32,7 +32,10 @@ from __future__ import annotations
 import struct
 
 from fpstate.x86.cpu import (
+    FSW_B,
     FSW_C1,
+    FSW_ES,
+    FSW_EXCEPTIONS,
     FSW_IE,
     FSW_SF,
     HI16_ZMM,
@@ -53,6 +56,7 @@ from fpstate.x86.cpu import (
 from fpstate.x86.impl import (
     EMMS_TOP,
     FLD_UNDEFINED_FLAGS,
+    FNCLEX_UNDEFINED_FLAGS,
     FXSAVE_RESERVED,
     LDMXCSR_XINUSE,
     LEGACY_SSE_KEEPS_AVX,
@@ -264,6 +268,29 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
     set. Otherwise C1 := 0. C0, C2, C3 are "undefined" (FLD_UNDEFINED_FLAGS). A non-control
     instruction: FIP, and as FDP_EXCPTN_ONLY and FOP_UPDATE say FDP and FOP, become this
     instruction's (`Cpu.x87_noncontrol`; unknown to the model without its placement)."""
+    return _x87_push(cpu, data, operand=True)
+
+
+#: FLD1's and FLDZ's constants, +1.0 and +0.0 in double extended precision (exact under
+#: every rounding mode).
+X87_ONE = bytes.fromhex("0000000000000080ff3f")
+X87_ZERO = bytes(10)
+
+
+def FLD1(cpu: Cpu) -> Fault | None:
+    """FLD1 (D9 E8): push +1.0, as FLD pushes (stack overflow, C1, FLD_UNDEFINED_FLAGS for C0,
+    C2, C3 -- measured alike on Emerald Rapids), with no memory operand: FDP is "undefined"
+    after it (SDM Vol. 1 8.1.8; `Cpu.x87_noncontrol`)."""
+    return _x87_push(cpu, X87_ONE, operand=False)
+
+
+def FLDZ(cpu: Cpu) -> Fault | None:
+    """FLDZ (D9 EE): push +0.0, as FLD1 does."""
+    return _x87_push(cpu, X87_ZERO, operand=False)
+
+
+def _x87_push(cpu: Cpu, data: bytes, *, operand: bool) -> Fault | None:
+    """The push of FLD, FLD1 and FLDZ (a waiting, non-control instruction)."""
     fault = _x87_wait(cpu)
     if fault:
         return fault
@@ -279,7 +306,7 @@ def FLD(cpu: Cpu, data: bytes) -> Fault | None:
     else:
         cpu.set_fsw(fsw & ~FSW_C1)
         cpu.push_x87(data)
-    cpu.x87_noncontrol(unmasked=overflow and not cpu.fcw & FSW_IE)
+    cpu.x87_noncontrol(unmasked=overflow and not cpu.fcw & FSW_IE, operand=operand)
     cpu.x87_regs_written = True
     cpu.wrote(1 << X87)
     return None
@@ -307,6 +334,20 @@ def FNINIT(cpu: Cpu) -> Fault | None:
     cpu.x87_pointers_known = True
     cpu.x87_selectors = None  # FCS/FDS: not claimed (the model does not rely on a value)
     cpu.x87_regs_written = False
+    cpu.wrote(1 << X87)
+    return None
+
+
+def FNCLEX(cpu: Cpu) -> Fault | None:
+    """FNCLEX (DB E2), no wait: FSW's exception flags (PE, UE, OE, ZE, DE, IE), SF, ES and B
+    := 0, TOP kept; C0-C3 are "undefined" (FNCLEX_UNDEFINED_FLAGS). A control instruction:
+    FIP, FDP and FOP are kept. #NM with CR0.TS."""
+    if cpu.cr0_ts:
+        return _NM_TS
+    fsw = cpu.fsw & ~(FSW_B | FSW_ES | FSW_SF | FSW_EXCEPTIONS)
+    if cpu.impl[FNCLEX_UNDEFINED_FLAGS] == "cleared":
+        fsw &= ~0x4700
+    cpu.set_fsw(fsw)
     cpu.wrote(1 << X87)
     return None
 
@@ -634,7 +675,10 @@ def XSETBV(cpu: Cpu, ecx: int, value: int) -> Fault | None:
 __all__ = [
     "EMMS",
     "FLD",
+    "FLD1",
     "FLDCW",
+    "FLDZ",
+    "FNCLEX",
     "FNINIT",
     "FNSTCW",
     "FNSTSW",

@@ -17,7 +17,8 @@ choice). The programs cover every user component of XCR0 and every user-mode XSA
 
 Two rules keep programs answerable:
 
-- (`fpstate.x86.cpu.UnknownPointers`) in a program with an FLD every x87 control word that can
+- (`fpstate.x86.cpu.UnknownPointers`) in a program with an FLD (or FLD1, FLDZ: `PUSHES`)
+  every x87 control word that can
   be loaded (start image, buffers, FLDCW) masks all six exceptions, so no save can ever show
   the FIP/FDP (code and data addresses) of an FLD where saves write them only with FSW.ES set
   (AMD); where they always do (Intel), an FNINIT follows every FLD -- unless the program is
@@ -221,12 +222,16 @@ _WEIGHTS: tuple[tuple[str, int], ...] = (
     ("XSAVEC32", 1), ("XRSTOR32", 2), ("XGETBV", 5), ("MOVDQU", 4),
     ("VMOVDQU", 4), ("VMOVDQU64", 4),
     ("KMOVQ", 3), ("VZEROUPPER", 3), ("VZEROALL", 2), ("FLD", 3), ("FLDCW", 2), ("FNINIT", 2),
-    ("EMMS", 1), ("FNSTSW", 1), ("FNSTCW", 1), ("LDMXCSR", 3), ("STMXCSR", 1),
+    ("EMMS", 1), ("FNSTSW", 1), ("FNSTCW", 1), ("FLDZ", 1), ("FLD1", 1), ("FNCLEX", 1),
+    ("LDMXCSR", 3), ("STMXCSR", 1),
     ("XSAVES", 1), ("XRSTORS", 1), ("XSETBV", 1), ("WRPKRU", 1), ("RDPKRU", 1),
     ("LDTILECFG", 1), ("STTILECFG", 1), ("TILELOADD", 1), ("TILESTORED", 1), ("TILEZERO", 1),
     ("TILERELEASE", 1),
 )
 _MNEMONICS = tuple(m for m, w in _WEIGHTS for _ in range(w))
+#: The non-control x87 instructions of the programs: each sets FIP (and, as the CPU says, FDP
+#: and FOP) to where it ran.
+PUSHES = frozenset({"FLD", "FLD1", "FLDZ"})
 
 
 def _tilecfg(d: Draw, m: Machine) -> bytes:
@@ -319,7 +324,7 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
     xcr0 = default_xcr0(profile) if xcr0 is None else xcr0
     n = d.integer(1, max_insns)
     always = impl[X87_POINTERS] == "always"
-    has_fld = _chance(d, 25)
+    has_fld = _chance(d, 25) or focus in PUSHES
     nbuf = d.integer(1, 3)
     keyed = pkeys and m.has("PKU") and bool(xcr0 & 1 << PKRU)
     buffers = tuple(_buffer(d, m, xcr0, mxcsr_mask, has_fld, keyed) for _ in range(nbuf))
@@ -327,28 +332,27 @@ def generate_program(d: Draw, profile: CpuidProfile, *, xcr0: int | None = None,
     insns = []
     for _ in range(n):
         insn = _insn(d, m, xcr0, nbuf, mxcsr_mask, has_fld)
-        if insn.mnemonic == "FLD" and not has_fld:
+        if insn.mnemonic in PUSHES and not has_fld:
             insn = Insn("FNINIT")
         insns.append(insn)
     if focus is not None:
         at = d.integer(0, len(insns) - 1)
         insns[at] = _insn(d, m, xcr0, nbuf, mxcsr_mask, has_fld, focus)
-        if focus == "FLD" and not has_fld:
-            insns[at] = Insn("FNINIT")
     if always and not placed:
         insns = _fninit_after_fld(d, insns)
     return Program(start, tuple(insns), buffers)
 
 
 def _fninit_after_fld(d: Draw, insns: list[Insn]) -> list[Insn]:
-    """Where every save writes FIP/FDP (X87_POINTERS "always", Intel), those of an FLD are
-    its linear addresses, which no model knows: each FLD is followed by an FNINIT (FIP = FDP
-    = FOP = 0), after an FNSTSW half the time, so that FLD's data, tags, TOP and condition
-    codes are still compared (ST0-7 keep their contents through FNINIT)."""
+    """Where every save writes FIP/FDP (X87_POINTERS "always", Intel), those of an FLD (FLD1,
+    FLDZ: `PUSHES`) are its linear addresses, which no model knows without the program's
+    placement: each is followed by an FNINIT (FIP = FDP = FOP = 0), after an FNSTSW half the
+    time, so that its data, tags, TOP and condition codes are still compared (ST0-7 keep
+    their contents through FNINIT)."""
     out: list[Insn] = []
     for insn in insns:
         out.append(insn)
-        if insn.mnemonic == "FLD":
+        if insn.mnemonic in PUSHES:
             if _chance(d, 50):
                 out.append(Insn("FNSTSW"))
             out.append(Insn("FNINIT"))

@@ -43,7 +43,8 @@ Instructions
   FLDCW (``value`` 16 bits), LDMXCSR (``value`` 32 bits, #GP on reserved bits), WRPKRU
   (``value``), LDTILECFG (64-byte ``data``), TILELOADD (tmm ``reg`` from ``data``, rows of
   the configured bytes-per-row, stride = bytes per row).
-- No operands: VZEROUPPER, VZEROALL, FNINIT, EMMS, TILERELEASE; TILEZERO takes tmm ``reg``.
+- No operands: VZEROUPPER, VZEROALL, FNINIT, FNCLEX, FLDZ and FLD1 (push +0.0 and +1.0),
+  EMMS, TILERELEASE; TILEZERO takes tmm ``reg``.
 - Stores append to `Outcome.values`: RDPKRU (EAX), STMXCSR (the 32-bit value), FNSTSW (AX),
   FNSTCW (the control word). STTILECFG stores into buffer ``buf`` at offset 0; TILESTORED
   stores tmm ``reg`` into buffer ``buf`` from offset 0: rows of the configured bytes-per-row,
@@ -96,6 +97,9 @@ _OPERANDS: dict[str, tuple[bool, tuple[int, int] | None, int | None]] = {
     "VZEROUPPER": (False, None, None),
     "VZEROALL": (False, None, None),
     "FNINIT": (False, None, None),
+    "FNCLEX": (False, None, None),
+    "FLDZ": (False, None, None),
+    "FLD1": (False, None, None),
     "EMMS": (False, None, None),
     "TILERELEASE": (False, None, None),
     "RDPKRU": (False, None, None),
