@@ -84,8 +84,10 @@ FSW_TOP_SHIFT = 11
 
 
 class UnknownPointers(FpstateError):
-    """A save would write FIP/FDP of an FLD: the linear addresses of its code and operand,
-    which the model does not have. Programs that show them cannot be answered."""
+    """A save would write FIP/FDP of an x87 push (FLD, FLD1, FLDZ): the linear addresses of
+    its code and operand, which the model has only when told where the program ran
+    (`fpstate.x86.program.Placement`). Programs that show them otherwise cannot be
+    answered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +195,10 @@ class Cpu:
 
     ``xrstor_info`` is the SDM's 4-tuple <CPL, VMXNR, linear address, XCOMP_BV> of the last
     XRSTOR/XRSTORS; addresses are symbolic (``("buf", n)``, ``("start",)``, ``("kernel",)``)
-    since only their equality matters. ``x87_pointers_known`` is False after an FLD: FIP and
-    FDP then hold the linear addresses of that instruction and its operand, which a model
-    does not have (see `fpstate.x86.insn.store_x87`).
+    since only their equality matters. ``x87_pointers_known`` is False after an x87 push
+    whose placement (``insn_at``) the model was not told: FIP and FDP then hold the linear
+    addresses of that instruction and its operand, which the model does not have (see
+    `Cpu.store_x87`, `Cpu.x87_noncontrol`).
     """
 
     __slots__ = (
