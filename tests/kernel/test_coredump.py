@@ -188,3 +188,18 @@ def test_core_threads_pins_its_threads_to_the_first_two_cpus(monkeypatch, allowe
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed)
     assert conform_core._two_cpus() == pinned
+
+
+def test_threads_arrive_in_the_order_given() -> None:
+    """core_state->dumper.next is a stack: with t2 arriving before t1, t1's note comes first
+    after the dumper's, and t1 -- running on CPU 1, now the last to arrive -- is what
+    ``late: True`` names; an order that does not name each zapped thread once is refused."""
+    m, t1, t2 = _three_threads()
+    assert coredump.zap_refusal(m, _leader(m), late=True, arrival=[t2, t1]) is None
+    dump = do_coredump(m, 0, late=True, arrival=[t2, t1])
+    assert [n.task.comm for n in dump.notes] == ["leader", "t1", "t2"]
+    assert dump.unwaited is t1 and _mxcsr(dump.notes[1]) == 0x1F80
+    m, t1, _t2 = _three_threads()
+    assert "not each of ['t1', 't2'] once" in coredump.zap_refusal(m, _leader(m), arrival=[t1])
+    with pytest.raises(IllegalEvent, match="arrival order"):
+        do_coredump(m, 0, arrival=[t1, t1])

@@ -30,6 +30,14 @@ itself to one CPU and the sibling to another (sched_setaffinity), as the model p
 this also makes the late branch more frequent here (kernel-findings 9j: it needs the
 dumper's CPU to idle while the dumper sleeps).
 
+``core/three-threads`` dumps a leader with two siblings on two CPUs: the first runs in user
+mode on the other CPU, the second shares the leader's CPU and is preempted by it, so it can
+reach coredump_task_exit() only once the dumper sleeps. The notes' order gives the order the
+siblings arrived in (core_state->dumper.next is a stack: newest first), which the model is
+told (`fpstate.kernel.x86.coredump.do_coredump`'s ``arrival``), as it is told which sibling,
+if one, the dumper did not wait for (its note holds its clone-time state: 9j for the last
+arrival or for an earlier one); each note is compared byte for byte, and the order too.
+
 ``core/sleeps`` measures the model's claim behind 9i, whether the dumper sleeps -- and so is
 switched out -- before its notes, on a host without protection keys: the dumping thread's
 voluntary context switches (/proc/PID/status) from just before its fatal signal until it is
@@ -260,38 +268,163 @@ def core_threads_model(system: FpuSystem, g: ThreadsGiven) -> Facts:
 
 
 @dataclass(frozen=True, slots=True)
+class ThreeGiven:
+    leader: bytes  #: the leader's registers when it dumped (standard XSAVE image)
+    first: bytes  #: the first sibling's registers while it spun on the other CPU
+    second: bytes  #: the second sibling's, when the leader preempted it on the leader's CPU
+    at_clone: tuple[bytes, bytes]  #: the leader's registers just before each clone
+    arrival: tuple[int, ...]  #: which siblings (0: first, 1: second) reached coredump_task_exit
+    late: int | None  #: the sibling whose note holds its clone-time state (9j), if one does
+
+
+def _three_host() -> HostAnswer:
+    """A leader pinned to one CPU clones a first sibling, which pins itself to the other CPU,
+    loads its patterns and spins there, and a second, which pins itself to the leader's CPU,
+    loads its own and spins until the leader preempts it; the leader loads its patterns and
+    kills its process with SIGQUIT. The second sibling can run, and so reach
+    coredump_task_exit(), only once the dumper sleeps -- usually after the first."""
+    from fpstate.host.child import SYS as NR
+    from fpstate.host.child import (
+        SharedMemory,
+        host_user_xstate_size,
+        load_patterns,
+        pattern_table,
+        xsave_image,
+    )
+    from fpstate.host.coredump import kernel_core
+    from fpstate.tools.corefile import xstate_notes
+
+    pin = _two_cpus()
+    assert pin is not None  # needs(): two CPUs
+    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    names = ("leader", "first", "second", "clone0", "clone1")
+    img = {k: 3 * PAGE + i * xs for i, k in enumerate(names)}
+    flags = 3 * PAGE + 5 * xs
+    stack = 16 * PAGE
+    shm = SharedMemory(flags + PAGE + 2 * stack)
+    for i in range(3):
+        shm.write(i * PAGE, pattern_table(SEED + i))
+    shm.write(flags + 64, b"".join((1 << c).to_bytes(8, "little") for c in pin))
+    masks = shm.address + flags + 64
+    ready, tid = (shm.address + flags, shm.address + flags + 16), (shm.address + flags + 8,
+                                                                   shm.address + flags + 24)
+    tops = tuple(shm.address + flags + PAGE + (k + 1) * stack - 64 for k in range(2))
+
+    def sibling(k: int) -> Callable[[Asm], None]:
+        def code(a: Asm) -> None:
+            a.syscall(NR["sched_setaffinity"], 0, 8, masks + (8 if k == 0 else 0))
+            load_patterns(a, shm.address + (k + 1) * PAGE)
+            a.xsave(shm.address + img[names[k + 1]])
+        return code
+
+    def code(a: Asm) -> None:
+        a.syscall(NR["sched_setaffinity"], 0, 8, masks)
+        for k in range(2):
+            a.xsave(shm.address + img[f"clone{k}"])  # what fpu_clone() gives sibling k
+            _sibling_then(a, ready[k], tops[k], sibling(k), tid=tid[k], tag=str(k))
+        load_patterns(a, shm.address)
+        a.xsave(shm.address + img["leader"])
+
+    with tempfile.TemporaryDirectory(prefix="fpstate-core-") as d:
+        core = kernel_core(Path(d), code)
+        data = core.read()
+    tids = (shm.u64(flags + 8), shm.u64(flags + 24))
+    notes = xstate_notes(data)
+    image = {k: xsave_image(shm.read(at, xs)).raw for k, at in img.items()}
+    sib = [b"".join(n.data for n in notes if n.tid == t) for t in tids]
+    late = [k for k in range(2) if sib[k][:LEGACY] == image[f"clone{k}"][:LEGACY]
+            != image[names[k + 1]][:LEGACY]]
+    # core_state->dumper.next is a stack: the notes after the dumper's are newest first.
+    arrival = tuple(reversed([tids.index(n.tid) for n in notes[1:] if n.tid in tids]))
+    facts: Facts = {"NT_X86_XSTATE notes": len(notes),
+                    "first note is the leader's": notes[0].tid == core.exit.pid,
+                    "the leader's NT_X86_XSTATE": notes[0].data,
+                    "the first sibling's NT_X86_XSTATE": sib[0],
+                    "the second sibling's NT_X86_XSTATE": sib[1],
+                    "arrival order (0: first sibling)": str(list(arrival))}
+    return HostAnswer(facts, ThreeGiven(image["leader"], image["first"], image["second"],
+                                        (image["clone0"], image["clone1"]),
+                                        arrival if sorted(arrival) == [0, 1] else (0, 1),
+                                        late[0] if len(late) == 1 else None))
+
+
+def core_three_model(system: FpuSystem, g: ThreeGiven) -> Facts:
+    """The leader on CPU 0 clones the first sibling, which runs on CPU 1 and holds its image,
+    and the second, which runs on CPU 0 and is preempted by the leader (its registers saved);
+    the leader holds its image and dumps. The threads arrive in the order the real notes
+    show, and ``late`` names the sibling the real dump did not wait for (kernel-findings 9j:
+    the last to arrive, or an earlier one held on its CPU)."""
+    from fpstate.kernel.x86.coredump import do_coredump
+    from fpstate.kernel.x86.process import CLONE_THREAD, CLONE_VM, sys_clone
+
+    m = Machine(system, 2)
+    leader = user_task(m, 0, comm="leader")
+    sibs = []
+    for k in range(2):
+        load_registers(m, 0, g.at_clone[k])
+        sibs.append(m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, f"sibling{k}"))
+    m.run(1, sibs[0])
+    load_registers(m, 1, g.first)
+    m.run(0, sibs[1])
+    load_registers(m, 0, g.second)
+    m.run(0, leader)
+    load_registers(m, 0, g.leader)
+    m.enter_kernel(0)
+    late = sibs[g.late] if g.late is not None else False
+    dump = do_coredump(m, 0, late=late, arrival=[sibs[k] for k in g.arrival])
+    notes = dump.notes
+    order = [sibs.index(n.task) for n in notes[1:]]
+    return {"NT_X86_XSTATE notes": len(notes),
+            "first note is the leader's": notes[0].task is leader,
+            "the leader's NT_X86_XSTATE": _bytes(notes[0].xstate),
+            "the first sibling's NT_X86_XSTATE": b"".join(
+                _bytes(n.xstate) for n in notes if n.task is sibs[0]),
+            "the second sibling's NT_X86_XSTATE": b"".join(
+                _bytes(n.xstate) for n in notes if n.task is sibs[1]),
+            "arrival order (0: first sibling)": str(list(reversed(order)))}
+
+
+def _two_cpu_needs() -> str | None:
+    why = _needs()
+    if why is None and _two_cpus() is None:
+        why = "this process may run on fewer than two CPUs (sched_getaffinity)"
+    return why
+
+
+@dataclass(frozen=True, slots=True)
 class SleepsGiven:
     dumps: tuple[tuple[int, str], ...]  #: (threads, core_pattern kind) of each dump measured
 
 
 def _sibling_then(a: Asm, ready: int, stack_top: int,
-                  sibling: Callable[[Asm], None] | None = None, *, tid: int | None = None) -> None:
+                  sibling: Callable[[Asm], None] | None = None, *, tid: int | None = None,
+                  tag: str = "") -> None:
     """Machine code: clone a thread (its stack below ``stack_top``) that runs ``sibling``'s
     code, raises the flag at address ``ready`` and spins in user mode; the leader stores the
     sibling's tid at ``tid`` and goes on once the flag is up (neither makes a system call
-    that sleeps)."""
+    that sleeps). ``tag`` makes the labels unique where one program clones twice."""
     from fpstate.host.child import SYS as NR
     from fpstate.host.process import THREAD_FLAGS
 
     R, C, In, M = a.R, a.C, a.In, a.M
     a.syscall(NR["clone"], THREAD_FLAGS, stack_top, 0, 0, 0)
     a.emit(In.create_reg_reg(C.TEST_RM64_R64, R.RAX, R.RAX))
-    a.jump("JNE_REL32_64", "leader")
+    a.jump("JNE_REL32_64", "leader" + tag)
     if sibling is not None:  # -- the sibling
         sibling(a)
     a.mov_imm(R.RAX, 1)
     a.store_rax(ready)
-    a.label("forever")
+    a.label("forever" + tag)
     a.emit(In.create(C.PAUSE))
-    a.jump("JMP_REL32_64", "forever")
-    a.label("leader")  # -- the leader: RAX is the sibling's tid
+    a.jump("JMP_REL32_64", "forever" + tag)
+    a.label("leader" + tag)  # -- the leader: RAX is the sibling's tid
     if tid is not None:
         a.store_rax(tid)
     a.mov_imm(R.R12, ready)
-    a.label("spin")
+    a.label("spin" + tag)
     a.emit(In.create(C.PAUSE))
     a.emit(In.create_mem_i32(C.CMP_RM64_IMM8, M(R.R12), 1))
-    a.jump("JNE_REL32_64", "spin")
+    a.jump("JNE_REL32_64", "spin" + tag)
 
 
 def _switch_fact(threads: int, kind: str) -> str:
@@ -374,6 +507,9 @@ CASES: tuple[Case, ...] = (
     Case("core/threads", "coredump_wait (zap_threads, coredump_task_exit), fill_note_info "
          "(the dumper's notes first), xstateregs_get of each thread", _threads_host,
          core_threads_model, _needs),
+    Case("core/three-threads", "coredump_wait (the arrival order core_state->dumper.next "
+         "keeps, wait_task_inactive(TASK_ANY) of each), xstateregs_get of each thread",
+         _three_host, core_three_model, _two_cpu_needs),
     Case("core/sleeps", "vfs_coredump: coredump_wait's sleep, coredump_file (no sleep), "
          "__schedule's nvcsw of the dumper", lambda: _sleeps_host(FILE_DUMPS),
          core_sleeps_model, _needs),

@@ -71,6 +71,7 @@ wait).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fpstate.kernel.x86.regset import xstateregs_get
@@ -121,22 +122,33 @@ class Coredump:
         return self.sleeps + 1
 
 
-def _zapped(dumper: Task) -> list[Task]:
-    """The threads zap_threads() kills, in the order the model lets them arrive (the group's
-    thread order: the last one calls complete())."""
-    return [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+def _zapped(dumper: Task, arrival: Sequence[Task] | None = None) -> list[Task]:
+    """The threads zap_threads() kills, in the order they reach coredump_task_exit() (the
+    last one calls complete()): ``arrival`` where given -- it must name each of them once --
+    else the group's thread order."""
+    others = [t for t in dumper.process.threads if t is not dumper and t.state is not STATE_DEAD]
+    if arrival is None:
+        return others
+    if len(arrival) != len(others) or any(not any(a is t for a in arrival) for t in others):
+        raise IllegalEvent(f"arrival order {[t.comm for t in arrival]}: not each of "
+                           f"{[t.comm for t in others]} once")
+    return list(arrival)
 
 
 def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
-                late: bool | Task = False) -> str | None:
+                late: bool | Task = False, arrival: Sequence[Task] | None = None) -> str | None:
     """Why the model cannot dump ``dumper``'s group now (None when it can): ``raced`` is
     asked where no thread, no other CPU or a thread inside a kernel path keeps the threads
     from arriving before the dumper waits; ``late`` (True: the last thread to arrive; a
     Task: that thread) where it is not a zapped thread running on another CPU with its
     registers live (then its fpstate is current anyway), and, ``raced``, where the dumper
     and that thread hold the only two CPUs while other threads must arrive (a switched-out
-    thread woken on the held thread's CPU would switch it out, saving its registers)."""
-    others = _zapped(dumper)
+    thread woken on the held thread's CPU would switch it out, saving its registers).
+    ``arrival`` as for coredump_wait()."""
+    try:
+        others = _zapped(dumper, arrival)
+    except IllegalEvent as e:
+        return str(e)
     if late is not False:
         if not _kernel(m).has("coredump_wait_task_any"):
             return (f"Linux {m.system.kernel_version}: wait_task_inactive(..., 0) waits for "
@@ -169,12 +181,13 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
     return None
 
 
-def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
-                  late: bool | Task = False) -> tuple[list[Task], bool]:
+def coredump_wait(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
+                  arrival: Sequence[Task] | None = None) -> tuple[list[Task], bool]:
     """coredump_wait() for the current task of CPU ``nr`` (in the kernel, no kernel path
     unfinished): zap_threads() and every zapped thread's way to coredump_task_exit(), then
     the dumper's wait. Returns core_state->dumper.next as a list (newest arrival first; the
-    model lets the threads arrive in the group's thread order) and whether the dumper slept.
+    threads arrive in the order ``arrival`` gives, by default the group's thread order) and
+    whether the dumper slept.
     ``raced``: every thread reached coredump_task_exit() before the dumper called
     wait_for_completion_state(), so it did not sleep -- possible only with another CPU for
     them to run on, and only with threads to wait for.
@@ -199,11 +212,11 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
     if dumper.state is not STATE_KERNEL or dumper.kpath is not None:
         raise IllegalEvent(f"coredump_wait on CPU {nr}: {dumper!r} is not in the kernel "
                            "outside a kernel path")
-    why = zap_refusal(m, dumper, raced=raced, late=late)
+    why = zap_refusal(m, dumper, raced=raced, late=late, arrival=arrival)
     if why:
         raise IllegalEvent(why)
-    others = _zapped(dumper)
-    unwaited = unwaited_thread(dumper, late)
+    others = _zapped(dumper, arrival)
+    unwaited = unwaited_thread(dumper, late, arrival)
     wait_inactive = not m.system.has_variant("coredump-no-wait-inactive")
     for t in others:
         t.killed_by = Signal(SIGKILL)  # zap_process(): SIGKILL queued, the thread woken
@@ -227,10 +240,11 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False,
     return list(reversed(others)), slept  # xchg(&core_state->dumper.next, &self): a stack
 
 
-def unwaited_thread(dumper: Task, late: bool | Task) -> Task | None:
+def unwaited_thread(dumper: Task, late: bool | Task,
+                    arrival: Sequence[Task] | None = None) -> Task | None:
     """The thread ``late`` names (True: the last of ``dumper``'s zapped threads to arrive)."""
     if late is True:
-        others = _zapped(dumper)
+        others = _zapped(dumper, arrival)
         return others[-1] if others else None
     return late or None
 
@@ -253,15 +267,15 @@ def _kernel(m: Machine) -> KernelVersion:
 
 
 def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
-                core_type: str = "file") -> Coredump:
+                core_type: str = "file", arrival: Sequence[Task] | None = None) -> Coredump:
     """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
     the FPU notes: coredump_wait(); then the core_pattern's path (``core_type``, one of
     CORE_TYPES): coredump_file() and coredump_sock_connect() do not sleep, coredump_pipe()
     (call_usermodehelper_exec(UMH_WAIT_EXEC)) and coredump_sock_request() (the receive of
     the server's coredump_ack) do; then elf_core_dump()'s NT_X86_XSTATE of every thread
     through xstateregs_get() (the dumper's first), coredump_finish() and each thread's
-    do_exit(). The dumper's CPU is left idle; the other threads are dead. ``raced`` and
-    ``late`` as for coredump_wait()."""
+    do_exit(). The dumper's CPU is left idle; the other threads are dead. ``raced``,
+    ``late`` and ``arrival`` as for coredump_wait()."""
     if core_type not in CORE_TYPES:
         raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
                            f"{', '.join(CORE_TYPES)}")
@@ -271,8 +285,8 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task =
                            f"has no such core_pattern (it came in {change(since).since})")
     c = m.cpus[nr]
     dumper = c.current
-    unwaited = unwaited_thread(dumper, late)
-    threads, slept = coredump_wait(m, nr, raced=raced, late=late)
+    unwaited = unwaited_thread(dumper, late, arrival)
+    threads, slept = coredump_wait(m, nr, raced=raced, late=late, arrival=arrival)
     sleeps = int(slept)
     if CORE_TYPES[core_type]:  # the wait: the dumper is switched out and, woken, back in
         m.idle(nr)
