@@ -196,3 +196,32 @@ def test_validate_an_ia32_frame(tmp_path, capsys) -> None:
     assert main(["validate", str(p), "--cpu", "zen4", "--as", "sigreturn-ia32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fsave header" in err[0]
+
+
+@pytest.mark.parametrize(("name", "value", "fsw", "note"), [
+    ("fsw", 0x3800, 0, "TOP 7"),
+    ("fsw", 0xB9C1, 0, "TOP 7 IE SF ES C0 B"),
+    ("ftw", 0x80, 0x3800, "non-empty: ST(0)"),
+    ("ftw", 0x81, 0x3000, "non-empty: ST(1), ST(2)"),
+    ("fop", 0x3AB, 0, "FLD m80fp, DB /5"),
+    ("fop", 0x1EE, 0, "FLDZ, D9 EE"),
+    ("fop", 0x7FF, 0, "no x87 instruction"),
+    ("fcw", 0x37F, 0, ""),
+])
+def test_x87_fields_are_explained(name: str, value: int, fsw: int, note: str) -> None:
+    """FSW's TOP and flags, the ST(i) the abridged tag byte marks (physical register j is
+    ST((j - TOP) mod 8)), and the instruction FOP names."""
+    from fpstate.commands.decode import x87_note
+
+    assert x87_note(name, value, fsw) == note
+
+
+def test_decode_text_explains_the_x87_fields(tmp_path: Path, capsys) -> None:
+    area = bytearray(576)
+    struct.pack_into("<HHBBHQQI", area, 0, 0x37F, 0x3800, 0x80, 0, 0x3AB, 0x401000, 0, 0x1F80)
+    area[512] = 1
+    (tmp_path / "x87.bin").write_bytes(bytes(area))
+    assert main(["decode", str(tmp_path / "x87.bin"), "--cpu", "zen4", "--format", "xsave"]) == 0
+    out = capsys.readouterr().out
+    assert "fop         0x03ab  (FLD m80fp, DB /5)" in out
+    assert "ftw         0x80  (non-empty: ST(0))" in out
