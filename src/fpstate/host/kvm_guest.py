@@ -54,8 +54,8 @@ from fpstate.host.asm import (
     emit_insn,
     mem,
     operand_data,
-    placement,
 )
+from fpstate.host.asm import placement as placed_at
 from fpstate.host.kvm import CpuidEntry, Kvm, find_cpuid, open_kvm
 from fpstate.host.kvm_uapi import HostError
 from fpstate.x86.image import normalise_image
@@ -410,12 +410,13 @@ class GuestMachine:
         _report(b, _DONE)
         if len(b.code) > BUFFERS - PROGRAM_CODE:
             raise ProgramError(f"program of {len(program.insns)} instructions is too long")
-        return b, tuple(placement(b.code, PROGRAM_CODE, at, data) for at, data in where)
+        return b, tuple(placed_at(b.code, PROGRAM_CODE, at, data) for at, data in where)
 
     def placement(self, program: Program, *, xcr0: int) -> tuple[Placement, ...]:
         """Where `run_program` puts each instruction of ``program`` -- the guest's addresses
-        are fixed, so this needs no run: the model, told it, knows an FLD's x87 pointers
-        (`fpstate.x86.insn.run_program`). Guest-linear addresses equal guest-physical ones."""
+        are fixed, so this needs no run: the model, told it, knows the x87 pointers an x87
+        push leaves (`fpstate.x86.insn.run_program`). Guest-linear addresses equal
+        guest-physical ones."""
         check_program(program)
         ops, _pool = _operands(program)
         return self._program_code(program, ops, xcr0, True)[1]
