@@ -58,6 +58,15 @@ def test_dump_switches_refuses_an_unknown_kind(tmp_path) -> None:
         dump_switches(tmp_path, lambda a: None, pattern="core")
 
 
+def test_dump_switches_refuses_an_ack_without_a_request_socket(tmp_path) -> None:
+    from fpstate.host.coredump import dump_switches
+
+    with pytest.raises(FpstateError, match="coredump_ack 'reject'"):
+        dump_switches(tmp_path, lambda a: None, pattern="file", ack="reject")
+    with pytest.raises(FpstateError, match="coredump_ack 'maybe'"):
+        dump_switches(tmp_path, lambda a: None, pattern="socket-request", ack="maybe")
+
+
 def test_pipe_and_socket_dumps_need_permission_to_change_core_pattern(monkeypatch) -> None:
     from fpstate.host.coredump import ALLOW_ENV, pattern_change_unavailable
 
@@ -203,3 +212,37 @@ def test_threads_arrive_in_the_order_given() -> None:
     assert "not each of ['t1', 't2'] once" in coredump.zap_refusal(m, _leader(m), arrival=[t1])
     with pytest.raises(IllegalEvent, match="arrival order"):
         do_coredump(m, 0, arrival=[t1, t1])
+
+
+@pytest.mark.parametrize(("ack", "notes", "core_dumped", "switches"), [
+    ("kernel", 1, True, 2),        # COREDUMP_KERNEL: the ack's receive, do_task_dead()
+    ("kernel-wait", 1, True, 3),   # | COREDUMP_WAIT: coredump_sock_wait() after the notes
+    ("userspace", 0, True, 2),     # COREDUMP_USERSPACE: no core from the kernel, WCOREDUMP
+    ("reject", 0, False, 2),       # COREDUMP_REJECT: nothing
+])
+def test_a_coredump_servers_ack_decides_the_notes(ack: str, notes: int, core_dumped: bool,
+                                                  switches: int) -> None:
+    """vfs_coredump() after coredump_sock_request(): REJECT skips the dump, USERSPACE writes
+    no core but reports one to the parent, WAIT sleeps once more after the notes (measured
+    through kernel conform case core/pattern-sleeps with FPSTATE_MAY_SET_CORE_PATTERN=1)."""
+    m = Machine(_system(), 2)
+    user_task(m, 0, comm="leader")
+    m.enter_kernel(0)
+    dump = do_coredump(m, 0, core_type="socket-request", ack=ack)
+    assert (len(dump.notes), dump.core_dumped, dump.voluntary_switches) == (
+        notes, core_dumped, switches)
+    assert dump.dumper_slept  # the ack's receive comes before the notes whatever the ack
+
+
+def test_an_ack_needs_a_socket_request_pattern() -> None:
+    with pytest.raises(IllegalEvent, match="comes only from a socket-request"):
+        _dump_with(core_type="socket", ack="reject")
+    with pytest.raises(IllegalEvent, match="coredump_ack 'accept'"):
+        _dump_with(core_type="socket-request", ack="accept")
+
+
+def _dump_with(**kw) -> coredump.Coredump:
+    m = Machine(_system(), 2)
+    user_task(m, 0, comm="leader")
+    m.enter_kernel(0)
+    return do_coredump(m, 0, **kw)

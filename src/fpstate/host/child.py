@@ -105,6 +105,7 @@ class ChildExit:
     pid: int
     exit_code: int | None
     signal: int | None
+    core_dumped: bool = False  #: WCOREDUMP(status): the kernel reported a core for it
 
     @property
     def signal_name(self) -> str | None:
@@ -147,7 +148,7 @@ def wait_child(pid: int, timeout: float = 20.0) -> ChildExit:
         delay = min(delay * 2, 0.02)
     if os.WIFEXITED(status):
         return ChildExit(pid, os.WEXITSTATUS(status), None)
-    return ChildExit(pid, None, os.WTERMSIG(status))
+    return ChildExit(pid, None, os.WTERMSIG(status), os.WCOREDUMP(status))
 
 
 def fork_child(body: Callable[[], int | None]) -> int:

@@ -204,6 +204,10 @@ SOCKET_PREFIX = {"socket": "@", "socket-request": "@@"}
 CHANGED_PATTERNS = ("pipe", *SOCKET_PREFIX)
 SHELL = Path("/bin/sh")  #: the pipe helper's interpreter (cat does the reading)
 COREDUMP_KERNEL = 1  #: include/uapi/linux/coredump.h: the kernel writes the core
+#: The coredump_ack masks of `fpstate.kernel.x86.coredump.CORE_ACKS` (COREDUMP_USERSPACE 2,
+#: COREDUMP_REJECT 4, COREDUMP_WAIT 8).
+ACK_MASKS = {"kernel": COREDUMP_KERNEL, "kernel-wait": COREDUMP_KERNEL | 8, "userspace": 2,
+             "reject": 4}
 ALLOW_ENV = "FPSTATE_MAY_SET_CORE_PATTERN"
 
 
@@ -220,12 +224,17 @@ def pattern_change_unavailable() -> str | None:
 
 
 def dump_switches(directory: Path, code: Callable[[Asm], None], *,
-                  pattern: str = "file", settle: float = 0.02) -> DumpSwitches:
+                  pattern: str = "file", settle: float = 0.02,
+                  ack: str = "kernel") -> DumpSwitches:
     """Dump a child running ``code`` (as `kernel_core`, without its memory) through the
     core_pattern kind ``pattern`` -- ``file`` (the system's pattern, which must name a file in
     the process's directory), ``pipe``, ``socket`` or ``socket-request`` -- and count the dumping
     thread's voluntary context switches until it is gone. ``settle``: how long the zombie's
-    count must stay unchanged."""
+    count must stay unchanged. ``ack``: what the ``socket-request`` server answers (one of
+    `ACK_MASKS`); the core is empty where the kernel writes none."""
+    if ack not in ACK_MASKS or (ack != "kernel" and pattern != "socket-request"):
+        raise FpstateError(f"coredump_ack {ack!r}: one of {', '.join(ACK_MASKS)}, and other "
+                           "than kernel only with the socket-request pattern")
     if pattern == "file":
         old, why = _core_pattern()
     elif pattern in CHANGED_PATTERNS:
@@ -237,8 +246,8 @@ def dump_switches(directory: Path, code: Callable[[Asm], None], *,
                            "socket-request")
     if why:
         raise HostUnavailable(why)
-    server = (_CoreServer(directory / "coredump.sock", request=pattern == "socket-request")
-              if pattern in SOCKET_PREFIX else None)
+    server = (_CoreServer(directory / "coredump.sock", request=pattern == "socket-request",
+                          ack=ACK_MASKS[ack]) if pattern in SOCKET_PREFIX else None)
     piped = directory / "core.piped"
     r, w = os.pipe()
     try:
@@ -293,11 +302,13 @@ def _helper_output(path: Path, settle: float, timeout: float = 10.0) -> bytes:
 
 class _CoreServer:
     """A coredump server on an AF_UNIX stream socket, in a thread: it accepts one
-    connection, answers a coredump_req with a coredump_ack of COREDUMP_KERNEL where
-    ``request`` (and reads the kernel's one-u32 mark), then reads the core to its end."""
+    connection, answers a coredump_req with a coredump_ack of ``ack`` (COREDUMP_KERNEL by
+    default) where ``request`` (and reads the kernel's one-u32 mark), then reads the core to
+    its end -- nothing, where the ack has no COREDUMP_KERNEL -- and closes the connection
+    (which ends a COREDUMP_WAIT)."""
 
-    def __init__(self, path: Path, *, request: bool) -> None:
-        self.path, self.request = path, request
+    def __init__(self, path: Path, *, request: bool, ack: int = COREDUMP_KERNEL) -> None:
+        self.path, self.request, self.ack = path, request, ack
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(1)
@@ -323,10 +334,11 @@ class _CoreServer:
                 if self.request:
                     req = conn.recv(16, socket.MSG_WAITALL)
                     _size, _size_ack, mask = struct.unpack("<IIQ", req)
-                    if not mask & COREDUMP_KERNEL:
-                        self.error = f"the kernel's coredump_req mask {mask:#x} lacks KERNEL"
+                    if self.ack & ~mask:
+                        self.error = (f"the kernel's coredump_req mask {mask:#x} lacks "
+                                      f"{self.ack & ~mask:#x}")
                         return
-                    conn.sendall(struct.pack("<IIQ", 16, 0, COREDUMP_KERNEL))
+                    conn.sendall(struct.pack("<IIQ", 16, 0, self.ack))
                     mark = struct.unpack("<I", conn.recv(4, socket.MSG_WAITALL))[0]
                     if mark != 0:
                         self.error = f"the kernel refused the coredump_ack (mark {mark})"
@@ -344,6 +356,6 @@ class _CoreServer:
             raise HostUnavailable(self.error)
         if self.peer != pid:
             raise HostUnavailable(f"the coredump socket served process {self.peer}, not {pid}")
-        if not self.data:
+        if not self.data and self.ack & COREDUMP_KERNEL:
             raise HostUnavailable("the coredump socket received no core")
         return bytes(self.data)

@@ -446,7 +446,8 @@ def _sleeps_host(dumps: tuple[tuple[int, str], ...]) -> HostAnswer:
 
     facts: Facts = {}
     for threads, kind in dumps:
-        counts = []
+        pattern, _, ack = kind.partition(":")
+        counts, written, flagged = [], set(), set()
         for _ in range(REPEATS):
             shm = SharedMemory(16 * PAGE)
 
@@ -455,11 +456,36 @@ def _sleeps_host(dumps: tuple[tuple[int, str], ...]) -> HostAnswer:
                     _sibling_then(a, shm.address, shm.address + shm.size - 64)
 
             with tempfile.TemporaryDirectory(prefix="fpstate-core-") as d:
-                counts.append(dump_switches(Path(d), code, pattern=kind).voluntary)
+                got = dump_switches(Path(d), code, pattern=pattern, ack=ack or "kernel")
+            counts.append(got.voluntary)
+            written.add(bool(got.core))
+            flagged.add(got.exit.core_dumped)
             if threads > 1 and shm.u64(0) != 1:
                 raise HostUnavailable("the sibling thread never ran")
-        facts[_switch_fact(threads, kind)] = max(set(counts), key=counts.count)
+        usual = max(set(counts), key=counts.count)
+        facts.update(_ack_facts(threads, kind, usual, written, flagged))
     return HostAnswer(facts, SleepsGiven(dumps))
+
+
+def _ack_facts(threads: int, kind: str, switches: int, written: set[bool],
+               flagged: set[bool]) -> Facts:
+    """The facts of one dump kind: the dumper's usual voluntary switches; for a kind with a
+    coredump_ack (``socket-request:ACK``) also whether a core arrived and whether the parent
+    saw WCOREDUMP. COREDUMP_WAIT's sleep after the notes is compared as "more switches than
+    the ack alone gives" (``threads`` + 1: the ack's receive, coredump_wait()'s sleep with a
+    sibling, do_task_dead()): the measured dumper sleeps there more than once (7 or 8
+    switches in all for a lone dumper), its read woken again, it seems, each time the server
+    takes data off the socket, which the model does not count."""
+    _, _, ack = kind.partition(":")
+    if ack == "kernel-wait":
+        facts: Facts = {f"a dumper with {threads} thread{'s' * (threads > 1)} sleeps after "
+                        f"its notes, {kind}": switches > threads + 1}
+    else:
+        facts = {_switch_fact(threads, kind): switches}
+    if ack:
+        facts[f"core written, {threads} thread(s), {kind}"] = str(sorted(written))
+        facts[f"WCOREDUMP, {threads} thread(s), {kind}"] = str(sorted(flagged))
+    return facts
 
 
 def core_sleeps_model(system: FpuSystem, g: SleepsGiven) -> Facts:
@@ -471,12 +497,15 @@ def core_sleeps_model(system: FpuSystem, g: SleepsGiven) -> Facts:
 
     facts: Facts = {}
     for threads, kind in g.dumps:
+        pattern, _, ack = kind.partition(":")
         m = Machine(system, 2)
         user_task(m, 0, comm="leader")
         if threads > 1:
             m.run(1, m.syscall(0, sys_clone, CLONE_VM | CLONE_THREAD, "sibling"))
         m.enter_kernel(0)
-        facts[_switch_fact(threads, kind)] = do_coredump(m, 0, core_type=kind).voluntary_switches
+        dump = do_coredump(m, 0, core_type=pattern, ack=ack or "kernel")
+        facts.update(_ack_facts(threads, kind, dump.voluntary_switches, {bool(dump.notes)},
+                                {dump.core_dumped}))
     return facts
 
 
@@ -492,7 +521,9 @@ def _needs() -> str | None:
 
 FILE_DUMPS = ((1, "file"), (2, "file"))
 PATTERN_DUMPS = ((1, "pipe"), (2, "pipe"), (1, "socket"), (2, "socket"),
-                 (1, "socket-request"), (2, "socket-request"))
+                 (1, "socket-request"), (2, "socket-request"),
+                 (1, "socket-request:reject"), (1, "socket-request:userspace"),
+                 (1, "socket-request:kernel-wait"), (2, "socket-request:kernel-wait"))
 
 
 def _pattern_needs() -> str | None:

@@ -54,8 +54,11 @@ regsets into memory before it writes a byte, so a write that blocks later change
 - a socket with the request protocol (``@@/path``, Linux 6.17+; COREDUMP_SOCK_REQ):
   coredump_sock_request() sends struct coredump_req and waits in a blocking receive
   (MSG_PEEK | MSG_WAITALL) for the server's struct coredump_ack, so the dumper sleeps, as for
-  a pipe. The model's server answers COREDUMP_KERNEL (the kernel writes the core); an ack
-  of COREDUMP_REJECT or COREDUMP_USERSPACE writes no notes, so it is not modelled.
+  a pipe. What the server answers (`CORE_ACKS`) decides the rest in vfs_coredump():
+  COREDUMP_KERNEL, the kernel writes the core; COREDUMP_REJECT, no core and no notes (and no
+  WCOREDUMP for the parent); COREDUMP_USERSPACE, no core from the kernel but WCOREDUMP
+  (core_dumped); with COREDUMP_WAIT the dumper, its core written, sleeps once more in
+  coredump_sock_wait() until the server shuts the connection down -- after its notes.
 
 A thread inside a kernel path (KVM_RUN, the #NM handler's allocation, a clone) leaves it as
 SIGKILL makes it, before coredump_task_exit(): a vCPU thread's note shows the VMM thread's
@@ -105,6 +108,8 @@ class Coredump:
     notes: tuple[ThreadNote, ...]
     sleeps: int
     unwaited: Task | None = None  #: the ``late`` thread, whose note is its stale fpstate
+    core_dumped: bool = True  #: cn.core_dumped: WCOREDUMP in the parent's wait status
+    sleeps_after: int = 0  #: sleeps after the notes (COREDUMP_WAIT's coredump_sock_wait())
 
     @property
     def dumper_slept(self) -> bool:
@@ -115,11 +120,11 @@ class Coredump:
         """The dumping thread's voluntary context switches (task_struct.nvcsw, as
         /proc/PID/status shows them) from its fatal signal to its end: __schedule() counts a
         switch as voluntary when the task leaves the CPU in a sleeping state -- each sleep
-        here -- and do_task_dead()'s last switch (prev_state TASK_DEAD) as one more. That
-        takes nothing after the notes to sleep (a core the page cache or the socket's buffer
-        takes in, no COREDUMP_WAIT, no pipe_limit wait) and wait_task_inactive() to find
+        here and after the notes -- and do_task_dead()'s last switch (prev_state TASK_DEAD)
+        as one more. That takes nothing else after the notes to sleep (a core the page cache
+        or the socket's buffer takes in, no pipe_limit wait) and wait_task_inactive() to find
         every zapped thread already off its CPU (else it sleeps a tick and polls again)."""
-        return self.sleeps + 1
+        return self.sleeps + self.sleeps_after + 1
 
 
 def _zapped(dumper: Task, arrival: Sequence[Task] | None = None) -> list[Task]:
@@ -257,6 +262,15 @@ CORE_TYPES: dict[str, bool] = {
     "socket": False,          # COREDUMP_SOCK: coredump_sock_connect(), O_NONBLOCK
     "socket-request": True,   # COREDUMP_SOCK_REQ: coredump_sock_request(), the ack's receive
 }
+#: The coredump_ack masks (include/uapi/linux/coredump.h) the model's ``@@`` server may
+#: answer: name -> (COREDUMP_KERNEL: the kernel writes the core and its notes; the parent
+#: sees WCOREDUMP: cn.core_dumped; COREDUMP_WAIT: the dumper waits for the server's shutdown).
+CORE_ACKS: dict[str, tuple[bool, bool, bool]] = {
+    "kernel": (True, True, False),       # COREDUMP_KERNEL
+    "kernel-wait": (True, True, True),   # COREDUMP_KERNEL | COREDUMP_WAIT
+    "userspace": (False, True, False),   # COREDUMP_USERSPACE
+    "reject": (False, False, False),     # COREDUMP_REJECT
+}
 #: The versions rows of the core_pattern kinds recent kernels added.
 CORE_TYPE_SINCE = {"socket": "coredump_socket", "socket-request": "coredump_socket_request"}
 
@@ -267,7 +281,8 @@ def _kernel(m: Machine) -> KernelVersion:
 
 
 def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
-                core_type: str = "file", arrival: Sequence[Task] | None = None) -> Coredump:
+                core_type: str = "file", arrival: Sequence[Task] | None = None,
+                ack: str = "kernel") -> Coredump:
     """vfs_coredump() (do_coredump() in older kernels) of the current task of CPU ``nr``, for
     the FPU notes: coredump_wait(); then the core_pattern's path (``core_type``, one of
     CORE_TYPES): coredump_file() and coredump_sock_connect() do not sleep, coredump_pipe()
@@ -275,10 +290,17 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task =
     the server's coredump_ack) do; then elf_core_dump()'s NT_X86_XSTATE of every thread
     through xstateregs_get() (the dumper's first), coredump_finish() and each thread's
     do_exit(). The dumper's CPU is left idle; the other threads are dead. ``raced``,
-    ``late`` and ``arrival`` as for coredump_wait()."""
+    ``late`` and ``arrival`` as for coredump_wait(); ``ack`` (one of `CORE_ACKS`) what a
+    ``socket-request`` server answers: without COREDUMP_KERNEL there are no notes."""
     if core_type not in CORE_TYPES:
         raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
                            f"{', '.join(CORE_TYPES)}")
+    if ack not in CORE_ACKS:
+        raise IllegalEvent(f"coredump_ack {ack!r}: not one of {', '.join(CORE_ACKS)}")
+    if ack != "kernel" and core_type != "socket-request":
+        raise IllegalEvent(f"a coredump_ack of {ack!r} comes only from a socket-request "
+                           f"(@@) server, not a {core_type} core_pattern")
+    writes, core_dumped, waits = CORE_ACKS[ack]
     since = CORE_TYPE_SINCE.get(core_type)
     if since and not _kernel(m).has(since):
         raise IllegalEvent(f"core_pattern kind {core_type!r}: Linux {m.system.kernel_version} "
@@ -293,8 +315,12 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task =
         m.preempt(nr, dumper)
         sleeps += 1
     size = m.system.user.max_size
-    notes = tuple(ThreadNote(t, xstateregs_get(c, t, size)) for t in (dumper, *threads))
+    notes = tuple(ThreadNote(t, xstateregs_get(c, t, size))
+                  for t in (dumper, *threads)) if writes else ()
+    if waits:  # coredump_sock_wait(): switched out until the server's shutdown, then back
+        m.idle(nr)
+        m.preempt(nr, dumper)
     m.do_exit(nr)
     for t in threads:  # coredump_finish(): woken in coredump_task_exit(), each do_exit()s
         m.kill_thread(t)  # (variant coredump-no-wait-inactive: one still running exits there)
-    return Coredump(notes, sleeps, unwaited)
+    return Coredump(notes, sleeps, unwaited, core_dumped, int(waits))
