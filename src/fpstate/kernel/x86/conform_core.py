@@ -46,7 +46,9 @@ a zombie, the count most of `REPEATS` dumps show, against `Coredump.voluntary_sw
 the system's file pattern (the model: no sleep) and a leader with a sibling spinning in user
 mode (a sleep in coredump_wait()). ``core/pattern-sleeps`` does the same through a pipe to a helper
 (a sleep until the helper's exec) and coredump sockets (``@path``: no sleep; ``@@path``: the
-coredump_ack's receive), which means pointing the system's core_pattern at a helper or a
+coredump_ack's receive; and for each other ack, whether a core arrives, the parent's
+WCOREDUMP, and COREDUMP_WAIT's sleep after the notes), which means pointing the system's
+core_pattern at a helper or a
 socket of the caller's for the dumps: it runs only where FPSTATE_MAY_SET_CORE_PATTERN=1 allows
 it (`fpstate.host.coredump.dump_switches`).
 """
