@@ -902,3 +902,20 @@ def test_core_dump_of_a_vmm_shows_the_vcpu_threads_own_state() -> None:
     (view,) = [v for c, v, _s in notes if c == "p1.t0"]
     assert view[avx] == held[avx] and read_token(view[avx])[0] == w.tasks["p1.t0"].pid
 
+
+
+def test_core_dump_ack_without_kernel_leaves_no_notes() -> None:
+    """A socket-request server's COREDUMP_REJECT or _USERSPACE: no notes (nothing for the
+    invariants to check), the process dead all the same; the parent sees WCOREDUMP only for
+    userspace. An ack through any other pattern is refused before anything changes."""
+    for ack, flagged in (("reject", False), ("userspace", True)):
+        w = world(THREADED, steps=BOTH_WROTE)
+        observed, notes = _core_notes(w, A("core_dump", task="p0.t0", pattern="socket-request",
+                                           ack=ack))
+        assert notes == [] and observed == {"ret": 0, "threads": 0, "slept": True,
+                                            "core_dumped": flagged}
+        assert all(w.tasks[c].state.value == "dead" for c in ("p0.t0", "p0.t1"))
+    w = world(THREADED, steps=BOTH_WROTE)
+    with pytest.raises(StepError, match="an ack of reject comes only from a socket-request"):
+        w.step(A("core_dump", task="p0.t0", pattern="file", ack="reject"))
+    assert w.tasks["p0.t0"].state.value == "running in user mode"

@@ -52,7 +52,12 @@ from fpstate.check.world import (
 )
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE
-from fpstate.kernel.x86.coredump import do_coredump, unwaited_thread, zap_refusal
+from fpstate.kernel.x86.coredump import (
+    CORE_ACKS,
+    do_coredump,
+    unwaited_thread,
+    zap_refusal,
+)
 from fpstate.kernel.x86.hw import (
     HDR,
     MXCSR,
@@ -319,7 +324,12 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                      "protocol (@@path, 6.17+: the dumper waits for the "
                                      "server's coredump_ack)", required=False,
                                      choices=("file", "pipe", "socket", "socket-request"),
-                                     default="file")}),
+                                     default="file"),
+                "ack": FieldSpec(str, "what a socket-request server answers: kernel (the "
+                                 "kernel writes the core), kernel-wait (and the dumper waits "
+                                 "for the server's shutdown), userspace (no core from the "
+                                 "kernel, WCOREDUMP), reject (nothing)", required=False,
+                                 choices=tuple(CORE_ACKS), default="kernel")}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -1173,7 +1183,8 @@ class X86World(X86Views, World):
         return {"ret": ret, "xstate_bv": xstate_bv, "mxcsr": mxcsr}
 
     def do_core_dump(self, task: str, raced: bool = False, late: bool = False,
-                     late_thread: str = "", pattern: str = "file") -> dict[str, Value]:
+                     late_thread: str = "", pattern: str = "file",
+                     ack: str = "kernel") -> dict[str, Value]:
         """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
         the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
         has no thread to wait for or ``raced`` (they all arrived before it waited), and again
@@ -1184,7 +1195,9 @@ class X86World(X86Views, World):
         and with what of it may be stale: the PKRU of the dumper, when nothing switched it
         out (thread.pkru, kernel-findings 9i); everything of a ``late`` thread, whose note is
         its fpstate as its last switch left it (kernel-findings 9j): the last to arrive
-        (``late``) or the one ``late_thread`` names."""
+        (``late``) or the one ``late_thread`` names. A ``socket-request`` server's ``ack``
+        without COREDUMP_KERNEL leaves no notes: the result has ``threads`` 0 and whether the
+        parent sees WCOREDUMP."""
         t = self.task(task)
         nr = self.user_cpu(t)
         unwaited: bool | Task = late
@@ -1194,11 +1207,16 @@ class X86World(X86Views, World):
                 raise StepError(f"core_dump of {task}: late names the last thread to arrive, "
                                 f"not {late_thread}")
         why = zap_refusal(self.m, t, raced=raced, late=unwaited)
+        if ack != "kernel" and pattern != "socket-request":
+            why = f"an ack of {ack} comes only from a socket-request server, not a {pattern}"
         if why:
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced, late=unwaited, core_type=pattern)
+        dump = do_coredump(self.m, nr, raced=raced, late=unwaited, core_type=pattern, ack=ack)
+        if not dump.notes:  # the server took the dump away (COREDUMP_REJECT, _USERSPACE)
+            return {"ret": 0, "threads": 0, "slept": dump.dumper_slept,
+                    "core_dumped": dump.core_dumped}
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
             return {"ret": first, "threads": len(dump.notes)}
