@@ -109,7 +109,9 @@ class Coredump:
     sleeps: int
     unwaited: Task | None = None  #: the ``late`` thread, whose note is its stale fpstate
     core_dumped: bool = True  #: cn.core_dumped: WCOREDUMP in the parent's wait status
-    sleeps_after: int = 0  #: sleeps after the notes (COREDUMP_WAIT's coredump_sock_wait())
+    #: sleeps after the notes: COREDUMP_WAIT's coredump_sock_wait(), one in the model (the
+    #: real read is woken again while the server reads: kernel-findings 9i, 5 to 6 more)
+    sleeps_after: int = 0
 
     @property
     def dumper_slept(self) -> bool:
