@@ -541,6 +541,12 @@ def host_user_xstate_size() -> int:
     return native.cpuid(0xD, 0)[1]
 
 
+def xsave_slot() -> int:
+    """Bytes of shared memory for one standard XSAVE image of this CPU: its size plus 64
+    (room to align it), in whole pages."""
+    return (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+
+
 def elf_exec_image(code: Callable[[int, int], Asm], bss: int = 3 * PAGE) -> bytes:
     """A minimal static ELF64 executable (one RWX PT_LOAD at 0x400000): ``code(entry,
     bss_address)`` returns the Asm of its entry point; ``bss`` zeroed bytes follow the file

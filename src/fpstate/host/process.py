@@ -42,12 +42,12 @@ from fpstate.host.child import (
     XsaveImage,
     elf_exec_image,
     fork_child,
-    host_user_xstate_size,
     load_patterns,
     pattern_table,
     run_child,
     wait_child,
     xsave_image,
+    xsave_slot,
 )
 from fpstate.host.prctl import ARCH_GET_XCOMP_GUEST_PERM, ARCH_GET_XCOMP_PERM, ARCH_GET_XCOMP_SUPP
 
@@ -90,10 +90,6 @@ class ExecRun:
     exit: ChildExit
 
 
-def _xs() -> int:
-    return (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
-
-
 def inherit(kind: str = "fork", *, seed: int = 0x6E, timeout: float = 20.0,
             prelude: Callable[[Asm], None] | None = None) -> InheritRun:
     """Create a task with ``kind`` (fork, vfork, thread = clone(CLONE_THREAD|CLONE_VM|...),
@@ -103,7 +99,7 @@ def inherit(kind: str = "fork", *, seed: int = 0x6E, timeout: float = 20.0,
     permission request and tile loads of `fpstate.host.amx`)."""
     if kind not in KINDS:
         raise FpstateError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
-    xs = _xs()
+    xs = xsave_slot()
     stack = 4 * PAGE
     shm = SharedMemory(PAGE + 3 * xs + stack)
     shm.write(0, pattern_table(seed))
@@ -185,7 +181,7 @@ def _exec_probe(xs: int):
 def exec_state(*, seed: int = 0x7F, timeout: float = 20.0) -> ExecRun:
     """execve() a minimal static ELF from machine code that loaded pattern registers, and
     report what the new image starts with (kernel path: fpu_flush_thread on exec)."""
-    xs = _xs()
+    xs = xsave_slot()
     image = elf_exec_image(_exec_probe(xs), bss=xs + PAGE)
     tmp = tempfile.mkdtemp(prefix="fpstate-exec-")
     path = os.path.join(tmp, "probe")

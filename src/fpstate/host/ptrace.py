@@ -41,12 +41,12 @@ from fpstate.host.child import (
     avx_alone_image,
     errno_name,
     fork_child,
-    host_user_xstate_size,
     kill_and_reap,
     load_patterns,
     pattern_table,
     raw_syscall,
     xsave_image,
+    xsave_slot,
 )
 
 PTRACE_TRACEME = 0
@@ -188,7 +188,7 @@ def ptrace_session(writes: Sequence[RegsetWrite] = (), *, seed: int = 0x5D,
     (arch/x86/kernel/fpu/regset.c); on resume the modified fpstate is restored because
     fpu_force_restore() invalidated the register copy.
     """
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    xs = xsave_slot()
     shm = SharedMemory(PAGE + 2 * xs)
     shm.write(0, pattern_table(seed))
     before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8
@@ -339,7 +339,7 @@ def keyed_regset_session(calls: Sequence[KeyedRegsetCall], *, seed: int = 0x5D,
 
     from fpstate.host.child import run_child
 
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    xs = xsave_slot()
     shm = SharedMemory(PAGE + 2 * xs)
     shm.write(0, pattern_table(seed))
     before_off, after_off, flag = PAGE, PAGE + xs, PAGE - 8

@@ -94,10 +94,10 @@ def _core_host() -> HostAnswer:
 
     from fpstate.host.child import (
         SharedMemory,
-        host_user_xstate_size,
         load_patterns,
         pattern_table,
         xsave_image,
+        xsave_slot,
     )
     from fpstate.host.coredump import kernel_core
     from fpstate.tools.corefile import (
@@ -107,7 +107,7 @@ def _core_host() -> HostAnswer:
         xsave_layout_note,
     )
 
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    xs = xsave_slot()
     shm = SharedMemory(PAGE + xs)
     shm.write(0, pattern_table(SEED))
 
@@ -172,17 +172,17 @@ def _threads_host() -> HostAnswer:
     from fpstate.host.child import SYS as NR
     from fpstate.host.child import (
         SharedMemory,
-        host_user_xstate_size,
         load_patterns,
         pattern_table,
         register_class,
         xsave_image,
+        xsave_slot,
     )
     from fpstate.host.coredump import kernel_core
     from fpstate.tools.corefile import xstate_notes
 
     pku = bool(register_class().xcr0 & (1 << 9))
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    xs = xsave_slot()
     leader_img, sibling_img, clone_img = 2 * PAGE, 2 * PAGE + xs, 2 * PAGE + 2 * xs
     flags = 2 * PAGE + 3 * xs
     stack = 16 * PAGE
@@ -288,17 +288,17 @@ def _three_host() -> HostAnswer:
     from fpstate.host.child import SYS as NR
     from fpstate.host.child import (
         SharedMemory,
-        host_user_xstate_size,
         load_patterns,
         pattern_table,
         xsave_image,
+        xsave_slot,
     )
     from fpstate.host.coredump import kernel_core
     from fpstate.tools.corefile import xstate_notes
 
     pin = _two_cpus()
     assert pin is not None  # needs(): two CPUs
-    xs = (host_user_xstate_size() + 64 + PAGE - 1) // PAGE * PAGE
+    xs = xsave_slot()
     names = ("leader", "first", "second", "clone0", "clone1")
     img = {k: 3 * PAGE + i * xs for i, k in enumerate(names)}
     flags = 3 * PAGE + 5 * xs
