@@ -57,6 +57,7 @@ from fpstate.kernel.x86.coredump import (
     do_coredump,
     unwaited_thread,
     zap_refusal,
+    zapped_threads,
 )
 from fpstate.kernel.x86.hw import (
     HDR,
@@ -1459,8 +1460,8 @@ class X86World(X86Views, World):
             if len(groups) > 1:
                 add(ta["core_dump"])
                 add(ta["core_dump_pipe"])
-                if ncpu > 1 and all(o.kpath is None for o in t.process.threads) and any(
-                        o is not t and o.state is not STATE_DEAD for o in t.process.threads):
+                if ncpu > 1 and all(o.kpath is None for o in t.process.threads) and \
+                        zapped_threads(t):
                     add(ta["core_dump_raced"])
                 if ncpu > 1 and zap_refusal(self.m, t, late=True) is None:
                     add(ta["core_dump_late"])
@@ -1563,7 +1564,7 @@ def _cpu_actions(nr: int) -> tuple[Action, Action, Action]:
 def _late_dumps(m: Machine, t: Task) -> list[Action]:
     """``core_dump`` of ``t`` with ``late_thread`` naming each thread that arrives before the
     last one and can be held on its CPU (zap_refusal)."""
-    zapped = [o for o in t.process.threads if o is not t and o.state is not STATE_DEAD]
+    zapped = zapped_threads(t)
     return [Action.of("core_dump", task=t.comm, late_thread=o.comm) for o in zapped[:-1]
             if o.on_cpu is not None and zap_refusal(m, t, late=o) is None]
 

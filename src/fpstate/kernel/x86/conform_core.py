@@ -194,9 +194,7 @@ def _threads_host() -> HostAnswer:
     ready, tid = shm.address + flags, shm.address + flags + 8
     stack_top = shm.address + shm.size - 64
     pin = _two_cpus()
-    if pin:  # two cpu_set_t words of 64 bits: the leader's CPU, the sibling's
-        shm.write(flags + 64, b"".join((1 << c).to_bytes(8, "little") for c in pin))
-    masks = shm.address + flags + 64
+    masks = _pin_masks(shm, flags + 64, pin)
 
     def sibling_code(a: Asm) -> None:
         if pin:
@@ -234,6 +232,14 @@ def _threads_host() -> HostAnswer:
     late = sibling_note[:LEGACY] == at_clone[:LEGACY] != own[:LEGACY]
     return HostAnswer(facts, ThreadsGiven(xsave_image(shm.read(leader_img, xs)).raw, own,
                                           at_clone, late))
+
+
+def _pin_masks(shm: SharedMemory, at: int, pin: tuple[int, int] | None) -> int:
+    """Write two cpu_set_t words of 64 bits at offset ``at`` -- the leader's CPU, then the
+    sibling's, for sched_setaffinity() -- where ``pin`` names them; their address."""
+    if pin:
+        shm.write(at, b"".join((1 << c).to_bytes(8, "little") for c in pin))
+    return shm.address + at
 
 
 def _two_cpus() -> tuple[int, int] | None:
@@ -306,8 +312,7 @@ def _three_host() -> HostAnswer:
     shm = SharedMemory(flags + PAGE + 2 * stack)
     for i in range(3):
         shm.write(i * PAGE, pattern_table(SEED + i))
-    shm.write(flags + 64, b"".join((1 << c).to_bytes(8, "little") for c in pin))
-    masks = shm.address + flags + 64
+    masks = _pin_masks(shm, flags + 64, pin)
     ready, tid = (shm.address + flags, shm.address + flags + 16), (shm.address + flags + 8,
                                                                    shm.address + flags + 24)
     tops = tuple(shm.address + flags + PAGE + (k + 1) * stack - 64 for k in range(2))

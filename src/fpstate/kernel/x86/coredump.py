@@ -129,7 +129,7 @@ class Coredump:
         return self.sleeps + self.sleeps_after + 1
 
 
-def _zapped(dumper: Task, arrival: Sequence[Task] | None = None) -> list[Task]:
+def zapped_threads(dumper: Task, arrival: Sequence[Task] | None = None) -> list[Task]:
     """The threads zap_threads() kills, in the order they reach coredump_task_exit() (the
     last one calls complete()): ``arrival`` where given -- it must name each of them once --
     else the group's thread order."""
@@ -153,7 +153,7 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
     thread woken on the held thread's CPU would switch it out, saving its registers).
     ``arrival`` as for coredump_wait()."""
     try:
-        others = _zapped(dumper, arrival)
+        others = zapped_threads(dumper, arrival)
     except IllegalEvent as e:
         return str(e)
     if late is not False:
@@ -222,7 +222,7 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False, late: bool | Task
     why = zap_refusal(m, dumper, raced=raced, late=late, arrival=arrival)
     if why:
         raise IllegalEvent(why)
-    others = _zapped(dumper, arrival)
+    others = zapped_threads(dumper, arrival)
     unwaited = unwaited_thread(dumper, late, arrival)
     wait_inactive = not m.system.has_variant("coredump-no-wait-inactive")
     for t in others:
@@ -251,7 +251,7 @@ def unwaited_thread(dumper: Task, late: bool | Task,
                     arrival: Sequence[Task] | None = None) -> Task | None:
     """The thread ``late`` names (True: the last of ``dumper``'s zapped threads to arrive)."""
     if late is True:
-        others = _zapped(dumper, arrival)
+        others = zapped_threads(dumper, arrival)
         return others[-1] if others else None
     return late or None
 
