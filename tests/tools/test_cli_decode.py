@@ -211,7 +211,7 @@ def test_validate_an_ia32_frame(tmp_path, capsys) -> None:
 def test_x87_fields_are_explained(name: str, value: int, fsw: int, note: str) -> None:
     """FSW's TOP and flags, the ST(i) the abridged tag byte marks (physical register j is
     ST((j - TOP) mod 8)), and the instruction FOP names."""
-    from fpstate.commands.decode import x87_note
+    from fpstate.tools.registers import x87_note
 
     assert x87_note(name, value, fsw) == note
 

@@ -41,6 +41,7 @@ from fpstate.tools.corefile import (
     profile_from_layout,
 )
 from fpstate.tools.record import LAYOUTS, StateRecord, record_from_blob, refusal_message, translate
+from fpstate.tools.registers import x87_note
 from fpstate.tools.sources import Source, read_source
 from fpstate.tools.validate import PATHS, TASKS, validate
 from fpstate.x86.cpuid import CpuidProfile
@@ -242,34 +243,6 @@ def render(blob: Blob, label: str, show_all: bool = False) -> str:
         lines.append(f"bytes outside any register at {off:#x}+{len(raw)}: {shown}")
     lines.extend(f"warning: {w}" for w in blob.warnings)
     return "\n".join(lines) + "\n"
-
-
-#: FSW's flags (SDM Vol. 1 8.1.3, Figure 8-4), low bit first; TOP is bits 13:11.
-_FSW_FLAGS = ("IE", "DE", "ZE", "OE", "UE", "PE", "SF", "ES", "C0", "C1", "C2", "", "", "",
-              "C3", "B")
-
-
-def x87_note(name: str, value: int, fsw: int) -> str:
-    """What an x87 field of a legacy area says, for people: FSW's TOP and flags, which
-    ST(i) the abridged tag byte calls non-empty (its bit j is physical register j, ST(i)
-    is register TOP + i), and the instruction FOP names (the low 3 bits of its first opcode
-    byte, D8-DF, and its second byte, SDM Vol. 1 8.1.9; decoded by iced-x86)."""
-    if name == "fsw":
-        flags = [f for i, f in enumerate(_FSW_FLAGS) if f and value >> i & 1]
-        return " ".join([f"TOP {value >> 11 & 7}", *flags])
-    if name == "ftw":
-        top = fsw >> 11 & 7
-        used = sorted((j - top) % 8 for j in range(8) if value >> j & 1)
-        return "non-empty: " + ", ".join(f"ST({i})" for i in used)
-    if name == "fop":
-        from iced_x86 import Decoder
-
-        code = bytes((0xD8 | value >> 8 & 7, value & 0xFF)) + bytes(8)
-        op = next(iter(Decoder(64, code))).op_code()
-        if op.instruction_string == "<invalid>":
-            return "no x87 instruction"
-        return f"{op.instruction_string}, {op.op_code_string}"
-    return ""
 
 
 def _fields(number: int, size: int):  # -> tuple[Field, ...]
