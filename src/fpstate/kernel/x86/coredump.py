@@ -189,12 +189,13 @@ def zap_refusal(m: Machine, dumper: Task, *, raced: bool = False,
 
 
 def coredump_wait(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
-                  arrival: Sequence[Task] | None = None) -> tuple[list[Task], bool]:
+                  arrival: Sequence[Task] | None = None
+                  ) -> tuple[list[Task], bool, Task | None]:
     """coredump_wait() for the current task of CPU ``nr`` (in the kernel, no kernel path
     unfinished): zap_threads() and every zapped thread's way to coredump_task_exit(), then
     the dumper's wait. Returns core_state->dumper.next as a list (newest arrival first; the
-    threads arrive in the order ``arrival`` gives, by default the group's thread order) and
-    whether the dumper slept.
+    threads arrive in the order ``arrival`` gives, by default the group's thread order),
+    whether the dumper slept, and the thread it did not wait for (``late``), if any.
     ``raced``: every thread reached coredump_task_exit() before the dumper called
     wait_for_completion_state(), so it did not sleep -- possible only with another CPU for
     them to run on, and only with threads to wait for.
@@ -244,7 +245,8 @@ def coredump_wait(m: Machine, nr: int, *, raced: bool = False, late: bool | Task
                 m.kill_in_path(nr)
                 m.idle(nr)
         m.preempt(nr, dumper)
-    return list(reversed(others)), slept  # xchg(&core_state->dumper.next, &self): a stack
+    # xchg(&core_state->dumper.next, &self): a stack
+    return list(reversed(others)), slept, unwaited
 
 
 def unwaited_thread(dumper: Task, late: bool | Task,
@@ -309,8 +311,7 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task =
                            f"has no such core_pattern (it came in {change(since).since})")
     c = m.cpus[nr]
     dumper = c.current
-    unwaited = unwaited_thread(dumper, late, arrival)
-    threads, slept = coredump_wait(m, nr, raced=raced, late=late, arrival=arrival)
+    threads, slept, unwaited = coredump_wait(m, nr, raced=raced, late=late, arrival=arrival)
     sleeps = int(slept)
     if CORE_TYPES[core_type]:  # the wait: the dumper is switched out and, woken, back in
         m.idle(nr)
