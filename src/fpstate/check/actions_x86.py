@@ -55,6 +55,7 @@ from fpstate.kernel.x86.core import INIT_PKRU_VALUE
 from fpstate.kernel.x86.coredump import (
     CORE_ACKS,
     do_coredump,
+    pattern_refusal,
     unwaited_thread,
     zap_refusal,
     zapped_threads,
@@ -1207,9 +1208,8 @@ class X86World(X86Views, World):
             if late and unwaited_thread(t, True) is not unwaited:
                 raise StepError(f"core_dump of {task}: late names the last thread to arrive, "
                                 f"not {late_thread}")
-        why = zap_refusal(self.m, t, raced=raced, late=unwaited)
-        if ack != "kernel" and pattern != "socket-request":
-            why = f"an ack of {ack} comes only from a socket-request server, not a {pattern}"
+        why = zap_refusal(self.m, t, raced=raced, late=unwaited) or pattern_refusal(
+            self.m, pattern, ack)
         if why:
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}

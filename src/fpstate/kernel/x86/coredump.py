@@ -284,6 +284,24 @@ def _kernel(m: Machine) -> KernelVersion:
     return KERNELS.get(name) or kernel_version(name)
 
 
+def pattern_refusal(m: Machine, core_type: str, ack: str = "kernel") -> str | None:
+    """Why the model cannot dump through core_pattern kind ``core_type`` with a server's
+    ``ack`` (None when it can): an unknown kind or ack, an ack other than COREDUMP_KERNEL
+    without a socket-request server, a kind this kernel does not have."""
+    if core_type not in CORE_TYPES:
+        return f"core_pattern kind {core_type!r}: not one of {', '.join(CORE_TYPES)}"
+    if ack not in CORE_ACKS:
+        return f"coredump_ack {ack!r}: not one of {', '.join(CORE_ACKS)}"
+    if ack != "kernel" and core_type != "socket-request":
+        return (f"an ack of {ack} comes only from a socket-request (@@) server, not a "
+                f"{core_type} core_pattern")
+    since = CORE_TYPE_SINCE.get(core_type)
+    if since and not _kernel(m).has(since):
+        return (f"core_pattern kind {core_type!r}: Linux {m.system.kernel_version} has no such "
+                f"core_pattern (it came in {change(since).since})")
+    return None
+
+
 def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task = False,
                 core_type: str = "file", arrival: Sequence[Task] | None = None,
                 ack: str = "kernel") -> Coredump:
@@ -296,19 +314,10 @@ def do_coredump(m: Machine, nr: int, *, raced: bool = False, late: bool | Task =
     do_exit(). The dumper's CPU is left idle; the other threads are dead. ``raced``,
     ``late`` and ``arrival`` as for coredump_wait(); ``ack`` (one of `CORE_ACKS`) what a
     ``socket-request`` server answers: without COREDUMP_KERNEL there are no notes."""
-    if core_type not in CORE_TYPES:
-        raise IllegalEvent(f"core_pattern kind {core_type!r}: not one of "
-                           f"{', '.join(CORE_TYPES)}")
-    if ack not in CORE_ACKS:
-        raise IllegalEvent(f"coredump_ack {ack!r}: not one of {', '.join(CORE_ACKS)}")
-    if ack != "kernel" and core_type != "socket-request":
-        raise IllegalEvent(f"a coredump_ack of {ack!r} comes only from a socket-request "
-                           f"(@@) server, not a {core_type} core_pattern")
+    why = pattern_refusal(m, core_type, ack)
+    if why:
+        raise IllegalEvent(why)
     writes, core_dumped, waits = CORE_ACKS[ack]
-    since = CORE_TYPE_SINCE.get(core_type)
-    if since and not _kernel(m).has(since):
-        raise IllegalEvent(f"core_pattern kind {core_type!r}: Linux {m.system.kernel_version} "
-                           f"has no such core_pattern (it came in {change(since).since})")
     c = m.cpus[nr]
     dumper = c.current
     threads, slept, unwaited = coredump_wait(m, nr, raced=raced, late=late, arrival=arrival)
