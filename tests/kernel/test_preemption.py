@@ -171,7 +171,7 @@ SCENARIOS = (
     Scenario("xfd-first-use", "sapphire-rapids", _xfd_first_use, _state, 1),
     Scenario("clone", "zen5", _clone, _clone_observe, 1),
     Scenario("signal-delivery", "zen5", _signal_delivery, _frame_observe, 1),
-    Scenario("execve", "zen5", _execve, _state, 1),
+    Scenario("execve", "zen5", _execve, _state, 2),
 )
 
 
@@ -239,3 +239,55 @@ def test_the_sweep_catches_the_realloc_without_restore_variant() -> None:
     bad = {how for how in DISTURBANCES
            if run(xfd, 0, how, ("realloc-no-restore-userregs",))[0] != want}
     assert bad == {"switch", "migrate", "hardirq", "softirq"}
+
+
+def _exec_moved_twice(variants: tuple[str, ...], kernel: str | None = None
+                      ) -> tuple[dict[int, bytes], dict[int, bytes], int]:
+    """Commit 1f69383b203e's sequence: the exec sleeps before flush_thread() on CPU 0, which
+    goes idle (keeping the old program's registers, last_cpu 0), resets the state on CPU 1,
+    sleeps again and returns to user on CPU 0. (What the new program starts with, and the
+    initial state of a fresh exec undisturbed, and the task's pid.)"""
+    fresh = Machine.boot("zen5", kernel)
+    f = fresh.spawn("t")
+    fresh.run(0, f)
+    fresh.syscall(0, sys_execve, "new")
+    m = Machine.boot("zen5", kernel, variants=variants)
+    m.spawn("other")
+    t = m.spawn("t")
+    m.run(0, t)
+    if (m.system.kernel.max_features >> CET_USER) & 1:
+        _fill(m, t)
+    else:  # before v6.6: no CET_USER in the kernel's features
+        for i in VECTOR:
+            m.user_write(0, i)
+    m.enter_kernel(0)
+    m.start(0, sys_execve, "new")  # asleep in begin_new_exec(), before flush_thread()
+    m.idle(0)
+    m.switch_to(1, t)
+    assert not m.step(1)  # fpu_flush_thread() on CPU 1, asleep in load_elf_binary()
+    m.idle(1)
+    m.switch_to(0, t)
+    assert m.step(0)
+    m.exit_to_user_mode(0)
+    return m.user_state(t), fresh.user_state(f), t.pid
+
+
+@pytest.mark.parametrize("kernel", ["6.5", "6.18"])
+def test_an_exec_moved_between_cpus_starts_from_the_initial_state(kernel: str) -> None:
+    got, initial, _ = _exec_moved_twice((), kernel)
+    assert got == initial
+
+
+@pytest.mark.parametrize("kernel", ["5.16", "6.1", "6.3"])
+def test_kernels_before_6_5_run_the_exec_fpu_drop_design(kernel: str) -> None:
+    got, initial, _ = _exec_moved_twice((), kernel)
+    assert [i for i in VECTOR if got[i] != initial[i]] == list(VECTOR)
+
+
+def test_exec_fpu_drop_starts_the_new_program_with_the_old_registers() -> None:
+    """v5.14-v6.4: fpu__drop() cleared CPU 1's owner and left last_cpu 0, so CPU 0's copy of
+    the old program's registers passed for valid and the restore was skipped."""
+    got, initial, pid = _exec_moved_twice(("exec-fpu-drop",))
+    old = [i for i in (*VECTOR, CET_USER) if got[i] != initial[i]]
+    assert old == [*VECTOR, CET_USER]
+    assert got[CET_USER] == token(pid, 1000, CET_USER, 16)  # the old shadow stack's IA32_U_CET

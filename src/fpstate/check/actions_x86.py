@@ -131,6 +131,7 @@ from fpstate.kernel.x86.types import (
     IllegalEvent,
     KernelBug,
 )
+from fpstate.kernel.x86.types import VARIANTS as KERNEL_MODEL_VARIANTS
 from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
@@ -280,9 +281,17 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                    "task": _TASK,
                    "abi": FieldSpec(str, "the new program: of the same kind, a 64-bit one or "
                                     "a 32-bit one (then a compat process)", required=False,
-                                    default="same", choices=("same", "x86_64", "ia32"))}),
-    ActionSpec("exec_finish", "the exec sleeping in de_thread(), its other threads gone, "
-               "loads the binary and returns to user mode", {"task": _TASK}),
+                                    default="same", choices=("same", "x86_64", "ia32")),
+                   "sleep": FieldSpec(bool, "the exec sleeps in begin_new_exec() before "
+                                      "flush_thread() (exec_mmap()): the task stays in the "
+                                      "kernel, to be switched out, moved and continued by "
+                                      "exec_finish", required=False, default=False)}),
+    ActionSpec("exec_finish", "the exec asleep (in de_thread(), its other threads gone, or "
+               "where exec's sleep left it) goes on, loads the binary and returns to user mode",
+               {"task": _TASK,
+                "sleep": FieldSpec(bool, "stop where load_elf_binary() sleeps after "
+                                   "flush_thread() (setup_arg_pages(), elf_map()), the state "
+                                   "reset but not yet loaded", required=False, default=False)}),
     ActionSpec("exit", "the task exits", {"task": _TASK}),
     ActionSpec("kill", "kill(2) of SIGKILL to another process (named by any of its threads): "
                "every thread of it dies, one inside a kernel path once it has left it",
@@ -373,12 +382,8 @@ class X86World(X86Views, World):
     SPECS: ClassVar[dict[str, ActionSpec]] = X86_SPECS
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "kernel", "cpus", "processes",
                                               "max_tasks", "compat")
-    #: Kernel-model variants (FpuSystem.variants) this world accepts.
-    KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(
-        {"pasid-write-incoherent", "realloc-no-restore-userregs", "ptrace-set-no-invalidate",
-         "ia32-sigreturn-no-supervisor-save", "pkru-sigframe-no-xstate-bv",
-         "sigframe-under-user-pkru", "sigframe-magic2-at-user-size",
-         "ptrace-pkru-ignored", "req-perm-overwrites", "coredump-no-wait-inactive"})
+    #: Kernel-model variants (FpuSystem.variants) this world accepts: all of them.
+    KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(KERNEL_MODEL_VARIANTS)
 
     #: Bounds of the configuration (the model's cost grows with each).
     MAX_CPUS: ClassVar[int] = 64
@@ -429,6 +434,8 @@ class X86World(X86Views, World):
         #: The kind of program each task's last exec loads ("same", "x86_64", "ia32"): read by
         #: the state key while that exec sleeps in de_thread().
         self.exec_abi: dict[str, str] = {}
+        #: Where each task's unfinished exec sleeps (`EXEC_SLEEPS`), for the state key.
+        self.exec_at: dict[str, str] = {}
         self.emitted: list[tuple[str, Any]] = []
         s = self.m.system
         #: PKRU (with OSPKE) last: it is switched eagerly, outside the XSAVE images the
@@ -1098,7 +1105,7 @@ class X86World(X86Views, World):
     def do_clone(self, task: str, child: str) -> dict[str, Value]:
         return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD)
 
-    def do_exec(self, task: str, abi: str = "same") -> dict[str, Value]:
+    def do_exec(self, task: str, abi: str = "same", sleep: bool = False) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         self.m.enter_kernel(nr)
@@ -1110,26 +1117,49 @@ class X86World(X86Views, World):
             t.event("exit_to_user")  # refused before it changed anything (Machine.syscall)
             raise
         if de_thread_waits(t):
+            self.exec_at[t.comm] = EXEC_DE_THREAD
             return {"waiting": True}
+        if sleep:  # the path's first preemption point past de_thread(): before flush_thread()
+            self.exec_at[t.comm] = EXEC_BEGIN
+            return {"waiting": False, "asleep": EXEC_BEGIN}
         return self._exec_done(t, nr)
 
-    def do_exec_finish(self, task: str) -> dict[str, Value]:
+    def do_exec_finish(self, task: str, sleep: bool = False) -> dict[str, Value]:
         t = self.task(task)
         if (not _in_exec(t) or t.on_cpu is None or self.m.cpus[t.on_cpu].current is not t
                 or t.state is not STATE_KERNEL):
-            raise StepError(f"{task} has no exec asleep in de_thread() on a CPU")
+            raise StepError(f"{task} has no exec asleep on a CPU")
         if de_thread_waits(t):
             raise StepError(f"{task}: de_thread() still waits for another thread to exit")
-        return self._exec_done(t, t.on_cpu)
+        nr = t.on_cpu
+        if not sleep:
+            return self._exec_done(t, nr)
+        at = self.exec_at.get(t.comm)
+        if at == EXEC_LOAD:
+            raise StepError(f"{task}: its exec is already past flush_thread()")
+        if at == EXEC_DE_THREAD:
+            if self.m.step(nr):  # killed while de_thread() slept: -EAGAIN
+                return self._exec_done(t, nr)
+        if self.m.step(nr):
+            return self._exec_done(t, nr)
+        self.exec_at[t.comm] = EXEC_LOAD
+        self._exec_reset(t)
+        return {"waiting": False, "asleep": EXEC_LOAD}
 
     def _exec_done(self, t: Task, nr: int) -> dict[str, Value]:
         """The rest of execve() and the return to user mode: everything initial."""
         self.m.finish(nr)
         self.m.exit_to_user_mode(nr)
+        self.exec_at.pop(t.comm, None)
+        self._exec_reset(t)
+        return {"waiting": False}
+
+    def _exec_reset(self, t: Task) -> None:
+        """What the new program has once flush_thread() has run: initial values, no signal
+        frames."""
         self.expected[t.comm] = {}
         self.sigstack[t.comm] = []
         self.frames[t.comm] = []
-        return {"waiting": False}
 
     def do_exit(self, task: str) -> dict[str, Value]:
         t = self.task(task)
@@ -1376,6 +1406,8 @@ class X86World(X86Views, World):
                 "core_dump_pipe": A("core_dump", task=comm, pattern="pipe"),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
+                "exec_sleep": A("exec", task=comm, sleep=True),
+                "exec_finish_sleep": A("exec_finish", task=comm, sleep=True),
                 "exec_ia32": A("exec", task=comm, abi="ia32"),
                 "exec_x86_64": A("exec", task=comm, abi="x86_64"),
                 "exec_finish": A("exec_finish", task=comm)}
@@ -1413,7 +1445,10 @@ class X86World(X86Views, World):
                         if pasid:
                             add(self._task_actions(cur.comm)["pasid_write"])
                     elif _in_exec(cur) and not de_thread_waits(cur):
-                        add(self._task_actions(cur.comm)["exec_finish"])
+                        ta = self._task_actions(cur.comm)
+                        add(ta["exec_finish"])
+                        if self.exec_at.get(cur.comm) != EXEC_LOAD:
+                            add(ta["exec_finish_sleep"])
             add(kfpu)
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
@@ -1470,6 +1505,7 @@ class X86World(X86Views, World):
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])
+            add(ta["exec_sleep"])
             add(ta["exec_x86_64"] if t.process.compat else ta["exec_ia32"])
             for tgid, victim in groups.items():
                 if tgid != t.process.tgid:
@@ -1512,9 +1548,14 @@ def _frame_xsave(mm: UserMemory, frame: int, kind: str) -> int:
     return int.from_bytes(mm.read(frame + sc + SC32_FPSTATE, 4), "little") + FREGS_STATE_SIZE
 
 
+#: Where an unfinished exec sleeps (X86World.exec_at): in de_thread() for the other threads
+#: to exit, in begin_new_exec() before flush_thread(), in load_elf_binary() after it.
+EXEC_DE_THREAD, EXEC_BEGIN, EXEC_LOAD = "de_thread", "begin_new_exec", "load_elf_binary"
+
+
 def _in_exec(t: Task) -> bool:
-    """Whether ``t`` is inside execve() (asleep in de_thread(): `do_exec` leaves it there
-    only then)."""
+    """Whether ``t`` is inside execve() (asleep where `do_exec` or `do_exec_finish` left
+    it)."""
     kp = t.kpath
     return kp is not None and kp.gi_code is _EXECVE_CODE
 

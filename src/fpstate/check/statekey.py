@@ -358,7 +358,7 @@ FIELDS: dict[str, dict[str, str]] = {
     # The checker's own bookkeeping beside the model (X86World, KvmX86World).
     "World": {
         **dict.fromkeys(("m", "expected", "sigstack", "frames", "nm_pending", "vcpus",
-                         "vm_mm", "_pending_run", "exec_abi"), "key"),
+                         "vm_mm", "_pending_run", "exec_abi", "exec_at"), "key"),
         "tasks": "names to tasks: a task's name is its comm, which is keyed",
         **dict.fromkeys(("config", "variant", "max_tasks", "init_values", "fresh_values",
                          "pkru_tracked", "tracked",
@@ -430,9 +430,12 @@ def fps_values(cn: Canon, system: Any, fps: Any) -> int:
 
 def _kpath_key(w: Any, t: Any, kp: Any) -> Any:
     """A kernel path in flight: its function, and for an exec the kind of program it loads
-    (the world's ``exec_abi``), which decides the new mm once de_thread() lets it go on."""
+    (the world's ``exec_abi``), which decides the new mm once de_thread() lets it go on, and
+    where it sleeps (``exec_at``: before flush_thread() or after it)."""
     name = kp.__qualname__
-    return (name, w.exec_abi.get(t.comm)) if name == "sys_execve" else name
+    if name == "sys_execve":
+        return (name, w.exec_abi.get(t.comm), w.exec_at.get(t.comm))
+    return name
 
 
 def x86_key(w: Any) -> Hashable:

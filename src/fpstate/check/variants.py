@@ -251,6 +251,11 @@ VARIANTS: tuple[Variant, ...] = (
             "the core's notes are collected without waiting for the zapped threads to be "
             "switched out: a thread running in user mode on another CPU has its note taken "
             "from its fpstate's older image", "regset-view-shows-the-task"),
+    Variant("exec-fpu-drop", "x86", "v5.14-v6.4 (33344368cb08 until 1f69383b203e)",
+            "exec's fpu_reset_fpregs() calls fpu__drop(), which clears this CPU's owner but "
+            "not last_cpu: an exec preempted before flush_thread() and moved to another CPU "
+            "leaves the old CPU holding the old program's registers as valid, and the new "
+            "program starts with them there", "valid-registers-match-memory"),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

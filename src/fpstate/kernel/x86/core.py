@@ -44,6 +44,7 @@ from fpstate.kernel.x86.types import (
     KernelBug,
     xstate_init_xcomp_bv,
 )
+from fpstate.kernel.x86.versions import running
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
@@ -424,10 +425,20 @@ def init_fpstate_copy_size(system: FpuSystem) -> int:
 def fpu_reset_fpstate_regs(c: Cpu) -> None:
     """fpu_reset_fpstate_regs() (core.c, was fpu_reset_fpregs): the memory image becomes the
     init state (legacy area + header of init_fpstate: XSTATE_BV = 0) and TIF_NEED_FPU_LOAD is
-    set; the registers are not touched, last_cpu = -1 makes sure they are not reused."""
+    set; the registers are not touched, last_cpu = -1 makes sure they are not reused.
+
+    Kernels before v6.5 (versions row ``exec_invalidates_fpregs``), and variant
+    ``exec-fpu-drop`` on any kernel, run v5.14-v6.4's fpu__drop(fpu) there instead, which only
+    deactivates this CPU (fpu_fpregs_owner_ctx = NULL): another CPU that still owns the fpu
+    and that last_cpu names keeps holding the old registers as valid (1f69383b203e)."""
     fpu = c.current.fpu
     fpregs_lock(c)
-    __fpu_invalidate_fpregs_state(fpu)
+    s = c.m.system
+    if s.has_variant("exec-fpu-drop") or not running(s.kernel_version).has(
+            "exec_invalidates_fpregs"):
+        fpregs_deactivate(c, fpu)
+    else:
+        __fpu_invalidate_fpregs_state(fpu)
     n = init_fpstate_copy_size(c.m.system)
     fpu.fpstate.check_alive("fpu_reset_fpstate_regs")
     fpu.fpstate.regs[0:n] = c.m.init_fpstate.regs[0:n]

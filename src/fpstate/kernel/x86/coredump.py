@@ -87,7 +87,7 @@ from fpstate.kernel.x86.sched import (
     Signal,
     Task,
 )
-from fpstate.kernel.x86.versions import KERNELS, KernelVersion, change, kernel_version
+from fpstate.kernel.x86.versions import KernelVersion, change, running
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +280,7 @@ CORE_TYPE_SINCE = {"socket": "coredump_socket", "socket-request": "coredump_sock
 
 
 def _kernel(m: Machine) -> KernelVersion:
-    name = m.system.kernel_version  # a listed name in every booted system: no parse
-    return KERNELS.get(name) or kernel_version(name)
+    return running(m.system.kernel_version)
 
 
 def pattern_refusal(m: Machine, core_type: str, ack: str = "kernel") -> str | None:

@@ -5,7 +5,7 @@ Models copy_process() (kernel/fork.c: sigaltstack inheritance), copy_thread()
 (fs/exec.c: de_thread(), "the point of no return" clearing sas_ss_sp and sas_ss_size) and
 flush_thread() (fpu_flush_thread(), pkru_flush_thread()), Linux v6.17 / 6.18. Both syscalls are
 kernel paths (`fpstate.kernel.x86.sched`): allocating the child and loading the binary may
-sleep, so each has a preemption point before its FPU work.
+sleep, so each has a preemption point before its FPU work (and execve one after it too).
 """
 
 from __future__ import annotations
@@ -95,7 +95,12 @@ def sys_execve(c: Cpu, comm: str, compat: bool | None = None) -> KPath:
     out inside a kernel path (KVM_RUN, the #NM handler's allocation) must be scheduled to
     leave its path first (`Machine.kill_thread`), so the path yields `WAIT` there until no
     other thread of the group is alive; a fatal signal to the caller meanwhile ends the exec
-    with -EAGAIN (de_thread's ``killed:``)."""
+    with -EAGAIN (de_thread's ``killed:``).
+
+    begin_new_exec() may sleep between de_thread() and flush_thread() (unshare_files(),
+    exec_mmap()), and load_elf_binary() after it (setup_arg_pages(), elf_map()): the path has a
+    preemption point on each side of fpu_flush_thread(), where the task can be switched out
+    and go on on another CPU (commit 1f69383b203e's sequence, variant ``exec-fpu-drop``)."""
     m = c.m
     t = c.current
     for other in list(t.process.threads):
@@ -106,7 +111,7 @@ def sys_execve(c: Cpu, comm: str, compat: bool | None = None) -> KPath:
         c = yield WAIT  # schedule() until notify_count drops to 0
         if t.killed_by is not None:
             return -errno.EAGAIN
-    c = yield  # loading the binary: may sleep
+    c = yield  # begin_new_exec(): unshare_files(), exec_mmap() may sleep (before flush_thread)
     t.process.threads[:] = [t]
     t.process.mm = UserMemory()
     new_mm_layout(t, t.process.compat if compat is None else compat)
@@ -117,6 +122,7 @@ def sys_execve(c: Cpu, comm: str, compat: bool | None = None) -> KPath:
     if m.system.ospke:
         t.thread_pkru = core.INIT_PKRU_VALUE
         c.regs.wrpkru(core.INIT_PKRU_VALUE)
+    c = yield  # load_elf_binary() maps the image (setup_arg_pages, elf_map): may sleep
     return 0
 
 

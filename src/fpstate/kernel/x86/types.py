@@ -174,6 +174,15 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "stores the pre-signal PKRU in the frame without setting XSTATE_BV[PKRU]; XSAVE ran "
             "with PKRU = 0, which an AMD CPU tracks as initial, so the frame's XSTATE_BV[PKRU] "
             "is 0 and sigreturn's XRSTOR loads PKRU = 0 (every key open) instead"),
+    Variant("exec-fpu-drop", "fpu_reset_fpstate_regs",
+            "v5.14 to v6.4: 33344368cb08 'x86/fpu: Clean up the fpu__clear() variants', fixed "
+            "in v6.5 (and stable) by 1f69383b203e 'x86/fpu: Invalidate FPU state correctly on "
+            "exec()' (Rick Edgecombe)",
+            "exec's reset calls fpu__drop(), which clears only this CPU's "
+            "fpu_fpregs_owner_ctx and leaves fpu->last_cpu: an exec preempted before "
+            "flush_thread() and migrated resets the image on the new CPU, and the old CPU, "
+            "still owned by the task and named by last_cpu, holds the old program's registers "
+            "as valid; back there, the new program starts with them"),
     Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
             "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
             "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "

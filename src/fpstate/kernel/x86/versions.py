@@ -65,6 +65,13 @@ CHANGES: tuple[Change, ...] = (
            "x86/amd: Work around Erratum 1386 - XSAVES malfunction on context switch "
            "(Andrew Cooper, March 2023; backported to stable)",
            "X86_FEATURE_XSAVES cleared on AMD family 0x17 (Zen1/Zen2)"),
+    Change("exec_invalidates_fpregs", "6.5",
+           "1f69383b203e x86/fpu: Invalidate FPU state correctly on exec() (Rick Edgecombe, "
+           "August 2023, Cc stable; fixes 33344368cb08 of v5.14)",
+           "fpu_reset_fpregs() zaps fpu->last_cpu (__fpu_invalidate_fpregs_state) where it "
+           "called fpu__drop(), which only clears this CPU's fpu_fpregs_owner_ctx: an exec "
+           "moved to another CPU before flush_thread() could return to the old CPU's copy of "
+           "the old program's registers (variant exec-fpu-drop)"),
     Change("cet_user", "6.6",
            "x86/fpu/xstate: Introduce CET MSR and XSAVES supervisor states (Rick Edgecombe)",
            "XFEATURE_CET_USER gated on SHSTK and in SUPERVISOR_SUPPORTED; names for 11/12; "
@@ -140,7 +147,7 @@ class KernelVersion:
 
 #: Every version ``--kernel`` accepts, oldest first.
 VERSION_NAMES: tuple[str, ...] = (
-    "5.16", "5.19", "6.1", "6.3", "6.6", "6.11", "6.12", "6.16", "6.17", "6.18",
+    "5.16", "5.19", "6.1", "6.3", "6.5", "6.6", "6.11", "6.12", "6.16", "6.17", "6.18",
 )
 NEWEST = VERSION_NAMES[-1]
 
@@ -149,6 +156,12 @@ KERNELS: dict[str, KernelVersion] = {
         c.key for c in CHANGES if version_key(c.since) <= version_key(name)))
     for name in VERSION_NAMES
 }
+
+def running(name: str) -> KernelVersion:
+    """The version a booted system runs (FpuSystem.kernel_version: a listed name, else a
+    release as `kernel_version` reads it)."""
+    return KERNELS.get(name) or kernel_version(name)
+
 
 _RELEASE = re.compile(r"^v?(\d+)\.(\d+)(?:[.\-+~_].*)?$")
 
