@@ -544,3 +544,36 @@ def test_read_mxcsr_token_knows_only_tokens(value: int) -> None:
     assert got is None or mxcsr_token(*got) == value
     assert read_mxcsr_token(MXCSR_DEFAULT.to_bytes(4, "little")) is None
     assert read_mxcsr_token(bytes(3)) is None and read_mxcsr_token(None) is None
+
+
+@pytest.mark.parametrize("xstate_bv", [0x60003, 0x20003, 0x3])
+@pytest.mark.parametrize("xfd", [0, 1 << 18])
+def test_hw_xrstor_takes_the_xfd_nm_as_fpstate_x86_insn_does(xstate_bv: int, xfd: int) -> None:
+    """XRSTOR of TILEDATA while IA32_XFD arms it: #NM with IA32_XFD_ERR[18] set and nothing
+    loaded (SDM 13.14), in the kernel model's registers as in the full CPU model, on a
+    Sapphire Rapids profile; armed but not in XSTATE_BV, or not armed, it restores."""
+    from fpstate.kernel.x86.hw import FpRegs, KernelBuf
+    from fpstate.x86 import cpu as xcpu
+    from fpstate.x86 import impl, insn
+    from fpstate.x86.layout import standard_size
+    from fpstate.x86.profiles import load_profile
+
+    profile = load_profile("sapphire-rapids")
+    xcr0 = 0x602E7
+    area = bytearray((i * 7 + 3) & 0xFF for i in range(standard_size(profile, xcr0)))
+    area[512:576] = xstate_bv.to_bytes(8, "little") + bytes(56)
+    area[24:28] = (0x1F80).to_bytes(4, "little")
+    mine = FpRegs(profile, xcr0=xcr0, xss=0, xsavec_supported=True, mxcsr_mask=0x2FFFF)
+    mine.xfd = xfd
+    before = mine.snapshot()
+    theirs = xcpu.Cpu(xcpu.machine(profile), impl.for_profile(profile), xcr0=xcr0, xfd=xfd,
+                      cpl=0)
+    f1 = mine.xrstor(KernelBuf(bytearray(area), "area"), xcr0, "XRSTOR")
+    f2 = insn.XRSTOR(theirs, xcpu.Area(bytearray(area), ("buf", 0)), xcr0)
+    armed = xfd and xstate_bv >> 18 & 1
+    assert (f1 and f1.vector) == (f2 and f2.vector) == ("#NM" if armed else None)
+    assert mine.xfd_err == theirs.xfd_err == (1 << 18 if armed else 0)
+    if armed:
+        assert mine.snapshot() == before
+    else:
+        assert mine.component(18) == bytes(theirs.regs[18])

@@ -536,8 +536,9 @@ class FpRegs:
         XRSTORS needs the compacted form; compacted: XCOMP_BV bits outside XCR0 (| XSS for
         XRSTORS), XSTATE_BV bits outside XCOMP_BV, header bytes 16..63 nonzero; standard:
         XSTATE_BV bits outside XCR0, header bytes 8..23 nonzero; then MXCSR reserved bits when
-        MXCSR is loaded. For i in RFBM: XSTATE_BV[i] = 1 and XFD[i] = 0 loads the component,
-        anything else initialises it.
+        MXCSR is loaded; then #NM, with IA32_XFD_ERR set, for a component of RFBM whose
+        XSTATE_BV bit is set while IA32_XFD arms it (SDM 13.14; fpstate.x86.insn agrees). For i
+        in RFBM: XSTATE_BV[i] = 1 loads the component, XSTATE_BV[i] = 0 initialises it.
         """
         assert insn in ("XRSTOR", "XRSTORS"), insn
         if buf.addr % 64:
@@ -576,7 +577,8 @@ class FpRegs:
                                     f"{self.xcr0:#x}")
             if int.from_bytes(header[8:24], "little"):
                 return Fault("#GP", "header bytes 8..23 not zero")
-        load = rfbm & xstate_bv & ~self.xfd
+        armed = rfbm & xstate_bv & self.xfd
+        load = rfbm & xstate_bv & ~armed
         # Standard form: MXCSR whenever RFBM[1] or RFBM[2], whatever XSTATE_BV; compacted
         # form: with the SSE component only, else 1F80H if RFBM[1], else unchanged (host
         # finding 16: no #GP for a reserved bit that is not loaded).
@@ -594,6 +596,9 @@ class FpRegs:
             mxcsr = int.from_bytes(buf.read(MXCSR_OFFSET, 4), "little")
             if mxcsr & ~self.mxcsr_mask:
                 return Fault("#GP", f"MXCSR {mxcsr:#x} sets reserved bits")
+        if armed:
+            self.xfd_err |= armed
+            return Fault("#NM", f"IA32_XFD arms {armed:#x}, which XSTATE_BV loads")
         values = self.values
         if values:  # the components of RFBM go to init first (those loaded come back below)
             for i in [i for i in values if 0 <= i < 64 and (rfbm >> i) & 1]:
