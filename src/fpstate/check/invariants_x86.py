@@ -416,7 +416,11 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
     KVM_GET_XSAVE2 when its fpstate's XSTATE_BV lacks PKRU -- __copy_xstate_to_uabi_buf()
     writes vcpu->arch.pkru only under that bit, which a KVM_SET_XSAVE without PKRU clears
     while keeping vcpu->arch.pkru
-    (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2")."""
+    (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2"); MXCSR on
+    a standard-format kernel when the header has neither SSE nor YMM -- the view says 1F80H
+    (init_fpstate's, copy_feature), while XRSTOR loads the image's, which a
+    copy_uabi_to_xstate() of such a header left as it was (kvm-findings, "A buffer whose
+    XSTATE_BV has none of x87, SSE and AVX leaves MXCSR to the kernel's format")."""
     s = w.m.system
     for kind, payload in w.emitted:
         if kind == "uabi":
@@ -451,7 +455,10 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
             if got != want:
                 yield (f"{what} shows {_name(i)} = {_writer(w, got, i)} where {who} holds "
                        f"{w.writer(want, i)}")
-        stale = s.xcompacted and bv & XFEATURE_MASK_YMM and not bv & XFEATURE_MASK_SSE
+        if s.xcompacted:  # the fpstate's bytes, stale since SSE's last save
+            stale = bv & XFEATURE_MASK_YMM and not bv & XFEATURE_MASK_SSE
+        else:  # the view's 1F80H, not the image's bytes that XRSTOR loads
+            stale = not bv & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM)
         if not stale and view[MXCSR] != held[MXCSR]:
             yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where {who} "
                    f"holds {_writer(w, held[MXCSR], MXCSR)}")
