@@ -120,6 +120,7 @@ from fpstate.kernel.x86.signal import (
     sys32_sigreturn,
     sys_rt_sigreturn,
 )
+from fpstate.kernel.x86.smpboot import cpu_down_up
 from fpstate.kernel.x86.types import (
     CLONE_THREAD,
     CLONE_VM,
@@ -265,6 +266,9 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "after it, XSTATE_BV within them, and nothing of the frame beyond it. sigreturn "
                "must load x87, SSE and AVX from the frame and every other user component in "
                "its initial configuration (PKRU 0)", {"task": _TASK}),
+    ActionSpec("hotplug", "the idle CPU is taken offline and brought back (sysfs online 0, "
+               "then 1): INIT, FNINIT, PKRU, XCR0, IA32_XSS and IA32_XFD written again "
+               "(fpstate.kernel.x86.smpboot); not CPU 0", {"cpu": _CPU}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -1077,6 +1081,10 @@ class X86World(X86Views, World):
             return self.expected[t.comm].get(MXCSR, MXCSR_INIT)
         return self.image(t.fpu.fpstate)[MXCSR]
 
+    def do_hotplug(self, cpu: int) -> dict[str, Value]:
+        cpu_down_up(self.m, self.cpu(cpu))
+        return {}
+
     def do_kernel_fpu(self, cpu: int, components: str = "sse|avx",
                       hardirq: bool = False) -> dict[str, Value]:
         nr = self.cpu(cpu)
@@ -1435,9 +1443,12 @@ class X86World(X86Views, World):
         s = self.m.system
         pasid = s.kernel.max_features & XFEATURE_MASK_PASID
         for c in self.m.cpus:
-            idle, ret, kfpu = _cpu_actions(c.nr)
+            idle, ret, kfpu, hotplug = _cpu_actions(c.nr)
             cur = c.current
-            if cur is not c.idle:
+            if cur is c.idle:
+                if c.nr:
+                    add(hotplug)
+            else:
                 add(idle)
                 if cur.state is STATE_KERNEL:
                     if cur.kpath is None:
@@ -1592,13 +1603,14 @@ def _scheduling(comm: str, ncpu: int) -> tuple[Action, ...]:
     return got
 
 
-def _cpu_actions(nr: int) -> tuple[Action, Action, Action]:
-    """idle, return_to_user and kernel_fpu of CPU ``nr``."""
+def _cpu_actions(nr: int) -> tuple[Action, Action, Action, Action]:
+    """idle, return_to_user, kernel_fpu and hotplug of CPU ``nr``."""
     got = _CPU_ACTIONS.get(nr)
     if got is None:
         got = _CPU_ACTIONS[nr] = (Action.of("idle", cpu=nr),
                                   Action.of("return_to_user", cpu=nr),
-                                  Action.of("kernel_fpu", cpu=nr))
+                                  Action.of("kernel_fpu", cpu=nr),
+                                  Action.of("hotplug", cpu=nr))
     return got
 
 
@@ -1625,7 +1637,7 @@ def _spawn(comm: str, pid: int) -> tuple[Action, Action]:
 
 #: Interned action tuples of `X86World.enabled`.
 _SCHED_ACTIONS: dict[tuple[str, int], tuple[Action, ...]] = {}
-_CPU_ACTIONS: dict[int, tuple[Action, Action, Action]] = {}
+_CPU_ACTIONS: dict[int, tuple[Action, Action, Action, Action]] = {}
 _SPAWN_ACTIONS: dict[tuple[str, int], tuple[Action, Action]] = {}
 _PTRACE_ACTIONS: dict[tuple[str, str, tuple[int, ...]], tuple[Action, ...]] = {}
 

@@ -256,6 +256,17 @@ VARIANTS: tuple[Variant, ...] = (
             "not last_cpu: an exec preempted before flush_thread() and moved to another CPU "
             "leaves the old CPU holding the old program's registers as valid, and the new "
             "program starts with them there", "valid-registers-match-memory"),
+    Variant("cpu-up-keeps-owner", "x86", "smpboot.c native_kick_ap()",
+            "a CPU brought back online keeps its fpu_fpregs_owner_ctx: the last task that ran "
+            "there skips its restore and runs with what INIT and FNINIT left",
+            "valid-registers-match-memory"),
+    Variant("xfd-state-stale-on-online", "x86", "v5.16-v6.8 (fixed: 10e4b5166df9)",
+            "a CPU brought back online has IA32_XFD armed but its xfd_state cache says "
+            "disarmed: restoring a task with AMX tile data skips the MSR write and XRSTOR "
+            "takes #NM in the kernel (CVE-2024-35801)", "kernel-warn", needs=(18,),
+            # one thread per process and no VM: fewer actions between first AMX use, idle,
+            # hotplug and the run that restores
+            config={"vms": {}, "processes": {"p0": 1, "p1": 1}}),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

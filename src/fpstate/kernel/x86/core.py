@@ -228,11 +228,15 @@ def os_xrstor(c: Cpu, fps: Fpstate, mask: int) -> None:
 
     A fault goes through the EX_TYPE_FPU_RESTORE fixup (fpu_reset_from_exception_fixup: the
     registers are reinitialised from init_fpstate) and WARNs, which the model reports as a
-    `KernelBug` after doing the fixup.
+    `KernelBug` after doing the fixup. An XFD #NM has no fixup: exc_device_not_available()
+    WARNs that the XFD event came from the kernel and dies ("unexpected #NM exception").
     """
     fps.check_alive("os_xrstor")
     xfd_validate_state(c, fps, mask, True)
     fault = c.regs.xrstor(KernelBuf(fps.regs, fps), mask, c.m.system.xrstor_insn)
+    if fault and fault.vector == "#NM":
+        raise KernelBug("unexpected-nm", f"XRSTOR from fpstate #{fps.ident} on CPU {c.nr} "
+                        f"in the kernel: {fault}")
     if fault:
         fpu_reset_from_exception_fixup(c)
         raise KernelBug("bad-fpu-state", f"XRSTOR from fpstate #{fps.ident}: {fault}")

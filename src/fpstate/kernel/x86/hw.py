@@ -48,6 +48,7 @@ from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
     XCOMP_BV_COMPACTED_FORMAT,
+    XFEATURE_MASK_FP,
     XFEATURE_MASK_PKRU,
     XFEATURE_MASK_SSE,
     XFEATURE_MASK_XTILE_CFG,
@@ -403,6 +404,13 @@ class FpRegs:
         self.xinuse &= ~mask
         if mask & XFEATURE_MASK_SSE:
             self.mxcsr = MXCSR_DEFAULT
+
+    def fninit(self) -> None:
+        """FNINIT (SDM Vol. 2A): FCW = 037FH, FSW = 0, every register tagged empty, FOP, FIP
+        and FDP 0. R0-R7 keep their bits, tagged empty, which XSAVE does not record: after
+        FNINIT XINUSE[0] is 0 (measured, fpstate.x86.impl WRITE_XINUSE), so the x87 value is
+        its initial configuration."""
+        self.init_components(XFEATURE_MASK_FP)
 
     def set_mxcsr(self, value: int) -> Fault | None:
         """LDMXCSR: #GP on reserved bits (those clear in MXCSR_MASK)."""

@@ -44,6 +44,7 @@ from fpstate.kernel.x86.types import (
     FpuStatePerm,
     FpuSystem,
     IllegalEvent,
+    KernelBug,
 )
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.program import Fault
@@ -571,13 +572,22 @@ class Machine:
 
     def user_write_retry(self, nr: int, i: int, value: bytes) -> None:
         """After the #NM handler of `user_write_begin` finished on CPU ``nr``: return to user
-        mode (a pending signal is delivered first) and retry the instruction."""
+        mode (a pending signal is delivered first) and retry the instruction. A retry that
+        takes the XFD #NM again, the handler having succeeded, would take it forever (the task
+        never gets past the instruction): `KernelBug` ``xfd-nm-loop`` (a stale xfd_state:
+        the handler's xfd_update_state() skipped the IA32_XFD write)."""
         t = self.cpus[nr].current
         signalled = bool(t.pending)
         self.exit_to_user_mode(nr)
         if not signalled and t.state is _U:
-            retry = self.cpus[t.on_cpu].regs.user_write(i, value)  # type: ignore[index]
-            assert retry is None, f"retry after #NM faulted again: {retry}"
+            c = self.cpus[t.on_cpu]  # type: ignore[index]
+            retry = c.regs.user_write(i, value)
+            if retry is not None:
+                assert retry.vector == "#NM", f"retry after #NM faulted: {retry}"
+                raise KernelBug("xfd-nm-loop", f"{t!r} retried its instruction after the XFD "
+                                f"#NM handler enabled component {i} and took #NM again "
+                                f"(IA32_XFD {c.regs.xfd:#x}, xfd_state {c.xfd_state:#x}): it "
+                                f"loops there")
 
     def init_value(self, i: int) -> bytes:
         """Component ``i`` in its initial configuration, as XSAVE writes it."""

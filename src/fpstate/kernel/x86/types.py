@@ -183,6 +183,20 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "flush_thread() and migrated resets the image on the new CPU, and the old CPU, "
             "still owned by the task and named by last_cpu, holds the old program's registers "
             "as valid; back there, the new program starts with them"),
+    Variant("cpu-up-keeps-owner", "cpu_down_up",
+            "smpboot.c native_kick_ap(): 'the FPU context is blank, nobody can own it' (arm64's "
+            "counterpart was fixed in 2016: 'arm64: fix bug for reloading FPSIMD state after "
+            "CPU hotplug')",
+            "brings a CPU back without clearing its fpu_fpregs_owner_ctx: the last task that "
+            "ran there, if it ran nowhere since, skips its restore and gets the registers INIT "
+            "and FNINIT left (CET and x87 control reset)"),
+    Variant("xfd-state-stale-on-online", "cpu_down_up",
+            "v5.16 to v6.8: fpu__init_cpu_xstate() wrote IA32_XFD without its per-CPU cache; "
+            "fixed in v6.9 by 10e4b5166df9 'x86/fpu: Keep xfd_state in sync with "
+            "MSR_IA32_XFD' (CVE-2024-35801)",
+            "after a CPU comes back, IA32_XFD arms AMX tile data while xfd_state still says "
+            "disarmed: a task that uses AMX and ran there last is restored without the MSR "
+            "write and XRSTOR takes #NM in the kernel (die)"),
     Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
             "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
             "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "

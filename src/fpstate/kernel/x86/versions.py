@@ -79,6 +79,13 @@ CHANGES: tuple[Change, ...] = (
     Change("pkru_ospke", "6.6",
            "18032b47adf1 x86/fpu/xstate: Fix PKRU covert channel",
            "XFEATURE_PKRU gated on X86_FEATURE_OSPKE instead of X86_FEATURE_PKU"),
+    Change("xfd_state_synced", "6.9",
+           "10e4b5166df9 x86/fpu: Keep xfd_state in sync with MSR_IA32_XFD (Adamos Ttofari, "
+           "March 2024; CVE-2024-35801, stable 6.1.84, 6.6.24, 6.7.12, 6.8.3)",
+           "fpu__init_cpu_xstate() and fpu__resume_cpu() write IA32_XFD with xfd_set_state(), "
+           "the per-CPU cache xfd_state with it (before: the MSR alone, so after a CPU came "
+           "back online xfd_update_state() could skip the write a task's AMX state needs and "
+           "XRSTOR took #NM in the kernel; variant xfd-state-stale-on-online)"),
     Change("independent_enumerated", "6.11",
            "2848ff28d180 x86/fpu: Avoid writing LBR bit to IA32_XSS unless supported",
            "fpu_kernel_cfg.independent_features = enumerated & LBR; IA32_XSS gets LBR only when "
@@ -147,7 +154,7 @@ class KernelVersion:
 
 #: Every version ``--kernel`` accepts, oldest first.
 VERSION_NAMES: tuple[str, ...] = (
-    "5.16", "5.19", "6.1", "6.3", "6.5", "6.6", "6.11", "6.12", "6.16", "6.17", "6.18",
+    "5.16", "5.19", "6.1", "6.3", "6.5", "6.6", "6.9", "6.11", "6.12", "6.16", "6.17", "6.18",
 )
 NEWEST = VERSION_NAMES[-1]
 
