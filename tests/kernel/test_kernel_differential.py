@@ -475,3 +475,21 @@ def test_core_notes_model_on_sapphire_rapids() -> None:
     assert facts["NT_X86_XSAVE_LAYOUT closes PT_NOTE"] is True
     old = core_model(replace(system, kernel_version="6.11"), CoreGiven(_legacy_image(system)))
     assert old["NT_X86_XSAVE_LAYOUT"] == b"" and old["NT_X86_XSAVE_LAYOUT closes PT_NOTE"] is False
+
+
+def test_the_hotplug_case_tells_the_kernel_from_a_cpu_that_keeps_its_owner() -> None:
+    """cpu/hotplug's model side (the host side needs FPSTATE_MAY_HOTPLUG=1): with the x87
+    stack holding two values, the task gets them back after its CPU's cycle; with variant
+    cpu-up-keeps-owner its restore is skipped and it holds what FNINIT left (FSW.TOP 0, every
+    register tagged empty) -- the field the real kernel's answer is compared on."""
+    system = _spr_system()
+    img = bytearray(_legacy_image(system))
+    img[2:4] = (0x3000).to_bytes(2, "little")  # FSW.TOP = 6: two values pushed
+    img[4] = 0xC0  # abridged tag word: R6 and R7 valid
+    img[32:42] = bytes(range(1, 11))  # ST0 (R6)
+    img[48:58] = bytes(range(11, 21))  # ST1 (R7)
+    kernel = conform_process.hotplug_model(system, bytes(img))
+    assert kernel["after.x87"][:5] == bytes(img[:5]) and kernel["after.x87"][32:58] == img[32:58]
+    keeps = conform_process.hotplug_model(system.with_options(
+        variants={"cpu-up-keeps-owner"}), bytes(img))
+    assert keeps["after.x87"][2:5] == bytes(3) and keeps["after.sse"] == kernel["after.sse"]

@@ -37,8 +37,8 @@ PAGE = mmap.PAGESIZE
 
 #: x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS = {
-    "write": 1, "mmap": 9, "mprotect": 10, "munmap": 11, "rt_sigaction": 13, "rt_sigprocmask": 14,
-    "rt_sigreturn": 15, "nanosleep": 35,
+    "read": 0, "write": 1, "mmap": 9, "mprotect": 10, "munmap": 11, "rt_sigaction": 13,
+    "rt_sigprocmask": 14, "rt_sigreturn": 15, "nanosleep": 35,
     "getpid": 39, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "exit": 60,
     "wait4": 61, "kill": 62, "ptrace": 101, "sigaltstack": 131, "prctl": 157,
     "arch_prctl": 158, "gettid": 186, "sched_setaffinity": 203, "exit_group": 231,

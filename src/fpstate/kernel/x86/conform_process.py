@@ -225,6 +225,40 @@ def amx_inherit_model(system: FpuSystem, given: Any) -> Facts:
 
 
 
+# -- CPU hotplug ----------------------------------------------------------------------------------
+
+
+def _hotplug_reason() -> str | None:
+    from fpstate.host.hotplug import hotplug_unavailable
+
+    return hotplug_unavailable(1)
+
+
+def _hotplug_host() -> HostAnswer:
+    from fpstate.host.hotplug import cpu_cycle_while_asleep
+
+    run = cpu_cycle_while_asleep(1)
+    if run.after is None:
+        raise HostUnavailable(f"the hotplug probe's child never woke ({run.exit})")
+    return HostAnswer(prefixed("after", image_registers(host_system(), run.after.raw)),
+                      run.before.raw)
+
+
+def hotplug_model(system: FpuSystem, before: bytes) -> Facts:
+    """A task holding ``before`` on CPU 1 sleeps (switched out: CPU 1 idles with its registers
+    still valid for it), CPU 1 goes offline and comes back (smpboot.cpu_down_up), and the task
+    returns to user mode there: what it holds."""
+    from fpstate.kernel.x86.smpboot import cpu_down_up
+
+    m = Machine(system, 2)
+    t = user_task(m, 1)
+    load_registers(m, 1, before)
+    m.idle(1)
+    cpu_down_up(m, 1)
+    m.run(1, t)
+    return prefixed("after", model_registers(m, 1))
+
+
 # -- protection keys across fork ------------------------------------------------------------------
 
 
@@ -467,6 +501,9 @@ CASES: tuple[Case, ...] = (
          "fpu_inherit_perms", _amx_inherit_host, amx_inherit_model, host_amx_reason),
     Case("exec/reset", "fpu_flush_thread -> fpstate_reset, fpu_reset_fpstate_regs",
          _exec_host, _exec_model),
+    Case("cpu/hotplug", "native_kick_ap (fpu_fpregs_owner_ctx = NULL), fpu__init_cpu, "
+         "fpregs_restore_userregs of a task that slept while its CPU was offline",
+         _hotplug_host, hotplug_model, _hotplug_reason),
     Case("inherit/pkeys", "pkey_alloc, do_mprotect_pkey, dup_mmap / arch_dup_pkeys (the "
          "child's mm has the keyed VMAs and its own copy of the allocation map), pkey_free",
          _pkey_fork_host, pkey_fork_model, host_pku_reason),
