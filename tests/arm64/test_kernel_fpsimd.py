@@ -654,3 +654,27 @@ def test_preempting_a_vcpu_for_a_task_that_is_not_there_is_a_step_error():
     w.step(Action.of("kvm_run", vcpu="vm0/0"))
     with pytest.raises(StepError, match=r"no host task 'vmm\.c'"):
         w.step(Action.of("preempt_vcpu", vcpu="vm0/0", to="vmm.c"))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_cpu_power_cycle_unbinds_it_and_leaves_unknown_registers(keep):
+    """cpu_power_cycle (fpsimd_cpu_dead / the CPU_PM_ENTER notifier): the idle CPU comes back
+    with reset:<cpu> values and EL0 SVE/SME trapped; unbound, so the task that ran there last
+    reloads its own V on its way back -- unless the binding is kept (the code before
+    32365e64a20e / 7c68a9cc0402), when it reads the reset's values."""
+    h = host("fvp-aem-fpmr")
+    h = running(h, 1, "a")
+    h = e.user_op(h, 1, "fpsimd_write")
+    mine = written(h)
+    h = k.schedule(e.interrupt(h, 1), 1, None)
+    assert h.cpus[1].last.st is not None and h.cpus[1].current is None
+    with pytest.raises(IllegalEvent):
+        k.cpu_power_cycle(running(h, 0, "b"), 0)
+    h = k.cpu_power_cycle(h, 1, keep_binding=keep)
+    c = h.cpus[1]
+    assert c.regs.v.writer == "reset:1" and c.regs.fpsr == c.regs.v
+    assert not (c.el0_sve or c.el0_sme or c.regs.sm or c.regs.za_on)
+    assert (c.last.st is not None) is keep
+    h, seen = read(running(h, 1, "a"), 1, "fpsimd_read")
+    assert seen["V"] == (h.cpus[1].regs.v if keep else mine)
+    assert (seen["V"].writer == "reset:1") is keep

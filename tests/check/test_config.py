@@ -55,8 +55,8 @@ ARM64 = [
     ({"vms": {"vm0": {"sve": 1}}}, "config.vms.vm0.sve: must be true or false, not 1"),
     ({"vhe": "no"}, "config.vhe: must be true or false, not 'no'"),
     ({"omit": ["fork"]}, "config.omit: unknown action 'fork' for model arm64 (known: clone, "
-                         "enter_guest, exec, exit_guest, finalize, get_reg, guest_op, "
-                         "hide_fpmr, host_softirq_neon, idle, kernel_neon, kvm_run, "
+                         "cpu_pm, enter_guest, exec, exit_guest, finalize, get_reg, guest_op, "
+                         "hide_fpmr, host_softirq_neon, hotplug, idle, kernel_neon, kvm_run, "
                          "neon_begin, neon_end, preempt_vcpu, ptrace_get, ptrace_set, "
                          "resume_vcpu, return_to_user, run, set_reg, set_vl, signal, "
                          "sigreturn, syscall, syscall_enter, syscall_exit, trap, "

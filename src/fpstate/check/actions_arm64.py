@@ -53,6 +53,8 @@ from fpstate.kernel.arm64.state import TASK_KERNEL, TASK_USER, Host
 from fpstate.kvm.arm64 import arm, reset, sys_regs
 from fpstate.kvm.arm64.config import (
     CLONE_INHERITS_TPIDR2,
+    CPU_DEAD_KEEPS_BINDING,
+    CPU_PM_KEEPS_BINDING,
     EXEC_KEEPS_FPMR,
     KERNEL_NEON_ELIDES_RELOAD,
     KERNEL_NEON_SMSTOP_CLOBBERS,
@@ -120,6 +122,11 @@ ARM64_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "section, returns to user mode (exit_to_user_mode(), fpsimd_syscall_exit())",
                {"task": _TASK}),
     ActionSpec("kernel_neon", "a softirq on the CPU uses kernel-mode NEON", {"cpu": _CPU}),
+    ActionSpec("hotplug", "the idle CPU is taken offline and brought back: fpsimd_cpu_dead() "
+               "unbinds it, its FP registers come back UNKNOWN", {"cpu": _CPU}),
+    ActionSpec("cpu_pm", "the idle CPU powers down in a cpuidle state that loses context: "
+               "fpsimd_cpu_pm_notifier() unbinds it, its FP registers come back UNKNOWN",
+               {"cpu": _CPU}),
     ActionSpec("trap", "the task executes an SVE instruction (sve_read, sve_write) or an "
                "SME one (smstart_sm, smstart_za) whose access trap is armed on its CPU and "
                "enters the kernel (el0_sve_acc, el0_sme_acc), preemptible until trap_handle",
@@ -530,6 +537,18 @@ class Arm64World(World):
                 fpsimd_format=fpsimd), sleeps=sleeps))
         return {}
 
+    def do_hotplug(self, cpu: int) -> dict[str, Value]:
+        keep = self.variant == CPU_DEAD_KEEPS_BINDING
+        self.kw = self.kw.with_host(host_fpsimd.cpu_power_cycle(self.kw.host, self._cpu(cpu),
+                                                                keep_binding=keep))
+        return {}
+
+    def do_cpu_pm(self, cpu: int) -> dict[str, Value]:
+        keep = self.variant == CPU_PM_KEEPS_BINDING
+        self.kw = self.kw.with_host(host_fpsimd.cpu_power_cycle(self.kw.host, self._cpu(cpu),
+                                                                keep_binding=keep))
+        return {}
+
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:
         nr = self._cpu(cpu)
         for v in self.kw.vcpus.values():
@@ -728,6 +747,8 @@ class Arm64World(World):
             # The model's kernel-mode NEON needs a task on the CPU (it refuses an idle one).
             if c.idx not in in_run and c.current is not None:
                 out.append(A("kernel_neon", cpu=c.idx))
+            if c.current is None:  # (a softirq's NEON section never outlives its step)
+                out += [A("hotplug", cpu=c.idx), A("cpu_pm", cpu=c.idx)]
         vmm_user = host.task(kw.vmm).mode == TASK_USER
         for ctx, v in kw.vcpus.items():
             if v.run == VCPU_OUT and vmm_user:

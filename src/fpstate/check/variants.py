@@ -84,6 +84,11 @@ FORK_IN_HANDLER_NARROW: Mapping[str, object] = {
     "omit": ["exec", "ptrace_get", "ptrace_set", "set_vl", "syscall", "kernel_neon", "idle",
              "syscall_enter"]}
 
+#: The default world without CPUs that power down: a CPU taken offline or powered down by
+#: cpuidle comes back unbound, which undoes the stale binding the access-trap designs leave
+#: (with them, seed 0 did not reach sme-trap-keeps-binding in 60 s; without, in 5).
+NO_POWER_DOWN: Mapping[str, object] = {"omit": ["hotplug", "cpu_pm"]}
+
 VARIANTS: tuple[Variant, ...] = (
     Variant("kvm-save-min-size", "x86", "seed 000",
             "KVM saves the VMM task's registers into a user_fpu allocated at the default size, "
@@ -166,7 +171,7 @@ VARIANTS: tuple[Variant, ...] = (
             "do_sve_acc() of a thread preempted and migrated since its SVE access trap converts "
             "its state in memory but leaves it bound to the CPU it left: switched back there, "
             "it returns to user with the trap armed and TIF_SVE set, traps again and WARNs",
-            "kernel-warn", needs=("SVE",),
+            "kernel-warn", needs=("SVE",), config=NO_POWER_DOWN,
             # or, scheduled out first, its registers are saved in SVE format at whatever VL
             # that CPU has: a VL mismatch, SIGKILL; the armed trap with TIF_SVE set is itself
             # the broken binding
@@ -175,6 +180,7 @@ VARIANTS: tuple[Variant, ...] = (
             "do_sme_acc() of a thread preempted and migrated since its SME access trap leaves "
             "it bound to the CPU it left: switched back there, it returns to user with the trap "
             "armed and TIF_SME set, traps again and WARNs", "kernel-warn", needs=("SME",),
+            config=NO_POWER_DOWN,
             also=("size-covers-features", "tif-clear-owns-registers")),
     Variant("load-fpmr-before-svcr", "arm64", "v6.9-v6.12 (fixed: e5fa85fce08b)",
             "task_fpsimd_load() writes FPMR before SVCR: returning to user on a CPU another "
@@ -199,6 +205,20 @@ VARIANTS: tuple[Variant, ...] = (
             # SME trap is still armed, and the next SME instruction traps into a WARN -- the
             # stale binding's traps disagree with the TIF flags the write set
             also=("size-covers-features", "kernel-warn", "tif-clear-owns-registers")),
+    Variant("cpu-dead-keeps-binding", "arm64", "before 32365e64a20e (v4.2, June 2015)",
+            "a CPU taken offline and back keeps fpsimd_last_state: the last task that ran there "
+            "skips its reload and runs with the registers the CPU came back with",
+            "no-foreign-value",
+            # its TIF_FOREIGN_FPSTATE clear while the registers are the reset's (the same
+            # flaw seen before the task reads them)
+            also=("tif-clear-owns-registers", "no-lost-write")),
+    Variant("cpu-pm-keeps-binding", "arm64", "before 7c68a9cc0402 (v3.18, September 2014)",
+            "a CPU powered down by cpuidle keeps fpsimd_last_state: the last task that ran "
+            "there skips its reload and runs with the registers the CPU came back with",
+            "no-foreign-value",
+            # its TIF_FOREIGN_FPSTATE clear while the registers are the reset's (the same
+            # flaw seen before the task reads them)
+            also=("tif-clear-owns-registers", "no-lost-write")),
     Variant("sve-set-zeroes-tracer", "arm64", "v6.16-v6.18 (fixed: 5cbb61bf4168)",
             "PTRACE_SETREGSET(NT_ARM_SVE/SSVE) zeroes current's -- the tracer's -- saved V0-V31, "
             "FPSR and FPCR instead of the tracee's: a tracer that slept in the call (its CPU's "

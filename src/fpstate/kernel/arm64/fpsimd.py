@@ -202,6 +202,27 @@ def fpsimd_flush_cpu_state(host: Host, cpu: int) -> Host:
     return host
 
 
+def cpu_power_cycle(host: Host, cpu: int, *, keep_binding: bool = False) -> Host:
+    """An idle CPU loses its FP registers and comes back: taken offline and back
+    (fpsimd_cpu_dead(), the CPUHP_ARM64_FPSIMD_DEAD teardown: fpsimd_last_state.st = NULL) or
+    powered down by cpuidle (fpsimd_cpu_pm_notifier() at CPU_PM_ENTER:
+    fpsimd_save_and_flush_cpu_state(), which has no user state to save for the idle task and
+    unbinds). The FP/SIMD, SVE and SME registers come back UNKNOWN (a token of writer
+    ``reset:<cpu>``), PSTATE.SM and PSTATE.ZA 0, and EL0 SVE/SME access trapped until a task's
+    load enables it. ``keep_binding``: the code before 32365e64a20e (hotplug, 2015) and
+    7c68a9cc0402 (CPU PM, 2014), which left fpsimd_last_state naming the last state loaded,
+    so that its task skipped the reload there."""
+    c = host.cpus[cpu]
+    if c.current is not None or c.in_softirq_neon:
+        raise IllegalEvent("cpu", "busy", "cpu_power_cycle", "only an idle CPU powers down")
+    tok = host.next_token(f"reset:{cpu}")
+    regs = replace(c.regs, v=tok, zhi=tok, p=tok, fpsr=tok, fpmr=tok, za=tok, zt0=tok,
+                   sm=False, za_on=False)
+    host = host.write(cpu, regs)
+    last = host.cpus[cpu].last if keep_binding else replace(host.cpus[cpu].last, st=None)
+    return host.update_cpu(cpu, last=last, el0_sve=False, el0_sme=False)
+
+
 def fpsimd_bind_task_to_cpu(host: Host, cpu: int) -> Host:
     """fpsimd_bind_task_to_cpu(): bind current's thread storage, to_save = FP_STATE_CURRENT,
     fpsimd_cpu = this CPU, EL0 SVE/SME traps per TIF_SVE/TIF_SME."""

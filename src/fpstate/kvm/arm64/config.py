@@ -98,6 +98,8 @@ KERNEL_NEON_SMSTOP_CLOBBERS = "kernel-neon-smstop-clobbers"
 SVE_TRAP_KEEPS_BINDING = "sve-trap-keeps-binding"
 SME_TRAP_KEEPS_BINDING = "sme-trap-keeps-binding"
 LOAD_FPMR_BEFORE_SVCR = state.LOAD_FPMR_BEFORE_SVCR
+CPU_DEAD_KEEPS_BINDING = "cpu-dead-keeps-binding"
+CPU_PM_KEEPS_BINDING = "cpu-pm-keeps-binding"
 KVM_ZCR_RESTORED_AT_PUT = "kvm-zcr-restored-at-put"
 KVM_PREPARE_CLEARS_TIF_SVE = "kvm-prepare-clears-tif-sve"
 
@@ -136,6 +138,10 @@ VARIANTS: dict[str, str] = {
                             "of a task not live on its CPU leaves it bound to the CPU it left",
     SME_TRAP_KEEPS_BINDING: "host kernel before d3eaab3c7090 (December 2024): do_sme_acc() "
                             "of a task not live on its CPU leaves it bound to the CPU it left",
+    CPU_DEAD_KEEPS_BINDING: "host kernel before 32365e64a20e (v4.2, June 2015): a CPU taken "
+                            "offline and back keeps fpsimd_last_state",
+    CPU_PM_KEEPS_BINDING: "host kernel before 7c68a9cc0402 (v3.18, September 2014): a CPU "
+                          "powered down by cpuidle keeps fpsimd_last_state",
     LOAD_FPMR_BEFORE_SVCR: "host kernel from FPMR support (v6.9) to e5fa85fce08b (December "
                            "2024): task_fpsimd_load() writes FPMR before SVCR",
     KVM_ZCR_RESTORED_AT_PUT: "KVM/arm64 nVHE before 59419f10045b (v6.14): the host runs at "
