@@ -538,15 +538,16 @@ class Arm64World(World):
         return {}
 
     def do_hotplug(self, cpu: int) -> dict[str, Value]:
-        keep = self.variant == CPU_DEAD_KEEPS_BINDING
-        self.kw = self.kw.with_host(host_fpsimd.cpu_power_cycle(self.kw.host, self._cpu(cpu),
-                                                                keep_binding=keep))
-        return {}
+        return self._power_cycle(cpu, CPU_DEAD_KEEPS_BINDING)
 
     def do_cpu_pm(self, cpu: int) -> dict[str, Value]:
-        keep = self.variant == CPU_PM_KEEPS_BINDING
-        self.kw = self.kw.with_host(host_fpsimd.cpu_power_cycle(self.kw.host, self._cpu(cpu),
-                                                                keep_binding=keep))
+        return self._power_cycle(cpu, CPU_PM_KEEPS_BINDING)
+
+    def _power_cycle(self, cpu: int, keeping_variant: str) -> dict[str, Value]:
+        """The idle CPU ``cpu`` loses its registers; ``keeping_variant`` is the design that
+        leaves it bound on this path."""
+        self.kw = self.kw.with_host(host_fpsimd.cpu_power_cycle(
+            self.kw.host, self._cpu(cpu), keep_binding=self.variant == keeping_variant))
         return {}
 
     def do_kernel_neon(self, cpu: int) -> dict[str, Value]:

@@ -438,7 +438,8 @@ class X86World(X86Views, World):
         #: The kind of program each task's last exec loads ("same", "x86_64", "ia32"): read by
         #: the state key while that exec sleeps in de_thread().
         self.exec_abi: dict[str, str] = {}
-        #: Where each task's unfinished exec sleeps (`EXEC_SLEEPS`), for the state key.
+        #: Where each task's unfinished exec sleeps (EXEC_DE_THREAD, EXEC_BEGIN or
+        #: EXEC_LOAD), for the state key.
         self.exec_at: dict[str, str] = {}
         self.emitted: list[tuple[str, Any]] = []
         s = self.m.system
