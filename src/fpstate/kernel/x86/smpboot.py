@@ -10,10 +10,11 @@ all survive it. INIT puts MPX and CET state in their initial configuration and l
 rest (SDM Vol. 3A Table 10-1); the bring-up code runs FNINIT and writes PKRU, XCR0, IA32_XSS
 and IA32_XFD. So two per-CPU variables must be reset with them: fpu_fpregs_owner_ctx, or a
 task whose last_cpu names this CPU would skip its restore and run with what INIT and FNINIT
-left (variant ``cpu-up-keeps-owner``; arm64 had that bug until 2016), and xfd_state, the
-cache of IA32_XFD, or xfd_update_state() skips the write that a task with AMX state needs and
-the kernel's XRSTOR takes #NM (CVE-2024-35801: 10e4b5166df9, v6.9; kernels before it, and
-variant ``xfd-state-stale-on-online``).
+left (variant ``cpu-up-keeps-owner``; arm64 had that bug until 2015, variant
+``cpu-dead-keeps-binding``), and xfd_state, the cache of IA32_XFD, or xfd_update_state()
+skips the write that a task with AMX state needs and the kernel's XRSTOR takes #NM
+(CVE-2024-35801: 10e4b5166df9, v6.9; kernels before it, and variant
+``xfd-state-stale-on-online``).
 """
 
 from __future__ import annotations

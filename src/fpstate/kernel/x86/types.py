@@ -185,8 +185,8 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "as valid; back there, the new program starts with them"),
     Variant("cpu-up-keeps-owner", "cpu_down_up",
             "smpboot.c native_kick_ap(): 'the FPU context is blank, nobody can own it' (arm64's "
-            "counterpart was fixed in 2016: 'arm64: fix bug for reloading FPSIMD state after "
-            "CPU hotplug')",
+            "counterpart was fixed in 2015, 32365e64a20e: 'arm64: fix bug for reloading FPSIMD "
+            "state after CPU hotplug')",
             "brings a CPU back without clearing its fpu_fpregs_owner_ctx: the last task that "
             "ran there, if it ran nowhere since, skips its restore and gets the registers INIT "
             "and FNINIT left (CET and x87 control reset)"),
