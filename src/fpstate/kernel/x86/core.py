@@ -44,7 +44,6 @@ from fpstate.kernel.x86.types import (
     KernelBug,
     xstate_init_xcomp_bv,
 )
-from fpstate.kernel.x86.versions import running
 from fpstate.x86.layout import compacted_offset
 from fpstate.x86.xfeatures import (
     MXCSR_DEFAULT,
@@ -437,9 +436,7 @@ def fpu_reset_fpstate_regs(c: Cpu) -> None:
     and that last_cpu names keeps holding the old registers as valid (1f69383b203e)."""
     fpu = c.current.fpu
     fpregs_lock(c)
-    s = c.m.system
-    if s.has_variant("exec-fpu-drop") or not running(s.kernel_version).has(
-            "exec_invalidates_fpregs"):
+    if c.m.system.runs_unfixed("exec-fpu-drop", "exec_invalidates_fpregs"):
         fpregs_deactivate(c, fpu)
     else:
         __fpu_invalidate_fpregs_state(fpu)

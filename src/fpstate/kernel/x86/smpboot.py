@@ -19,10 +19,9 @@ skips the write that a task with AMX state needs and the kernel's XRSTOR takes #
 
 from __future__ import annotations
 
-from fpstate.kernel.x86.core import pkru_write_default
+from fpstate.kernel.x86.core import pkru_write_default, xfd_set_state
 from fpstate.kernel.x86.sched import Machine
 from fpstate.kernel.x86.types import IllegalEvent
-from fpstate.kernel.x86.versions import running
 from fpstate.x86.xfeatures import XFEATURE_MASK_CLEARED_BY_INIT
 
 
@@ -48,10 +47,10 @@ def cpu_down_up(m: Machine, nr: int) -> None:
     pkru_write_default(c)
     regs.fninit()
     if s.xfd:
-        regs.xfd = s.init_xfd
-        if not s.has_variant("xfd-state-stale-on-online") and running(s.kernel_version).has(
-                "xfd_state_synced"):
-            c.xfd_state = s.init_xfd
+        if s.runs_unfixed("xfd-state-stale-on-online", "xfd_state_synced"):
+            regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
+        else:
+            xfd_set_state(c, s.init_xfd)
 
 
 __all__ = ["cpu_down_up"]

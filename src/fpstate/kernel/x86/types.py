@@ -312,6 +312,14 @@ class FpuSystem:
         assert name in VARIANTS, f"unknown variant {name}"
         return name in self.variants
 
+    def runs_unfixed(self, variant: str, fix: str) -> bool:
+        """Whether the code of rejected design ``variant`` runs: selected, or this kernel
+        predates ``fix``, the versions row of the commit that fixed it (a listed kernel that
+        shipped the bug runs it)."""
+        from fpstate.kernel.x86.versions import running
+
+        return self.has_variant(variant) or not running(self.kernel_version).has(fix)
+
     def with_options(self, **changes: Any) -> FpuSystem:
         """A copy with some fields changed (e.g. ``variants={"pasid-write-incoherent"}``)."""
         from dataclasses import replace
