@@ -1,14 +1,23 @@
 """CPU hotplug in the kernel model (fpstate.kernel.x86.smpboot): what a CPU brought back online
-holds, and the two per-CPU variables that must be reset with it."""
+holds, the two per-CPU variables that must be reset with it, and the FPU's use before
+fpu__init_cpu() (fpstate.kernel.x86.microcode)."""
 
 from __future__ import annotations
 
 import pytest
 
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import token
+from fpstate.kernel.x86.hw import (
+    CR4_FPU_BITS,
+    X86_CR4_OSFXSR,
+    X86_CR4_OSXMMEXCPT,
+    X86_CR4_OSXSAVE,
+    KernelBuf,
+    token,
+)
+from fpstate.kernel.x86.microcode import cpu_has_entrysign, load_ucode_ap, sha256_blocks
 from fpstate.kernel.x86.sched import Machine, TaskState
-from fpstate.kernel.x86.smpboot import cpu_down_up
+from fpstate.kernel.x86.smpboot import cpu_down_up, fpu__disable_cpu
 from fpstate.kernel.x86.types import IllegalEvent, KernelBug
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
 
@@ -113,3 +122,97 @@ def test_a_stale_xfd_state_also_traps_a_task_whose_tiles_were_released_in_its_nm
     cpu_down_up(m, 1)
     m.run(1, t)
     assert m.cpus[1].regs.xfd == 0 and m.user_write(1, TILEDATA) is None
+
+
+# -- the FPU before fpu__init_cpu(): AMD's microcode loader (fpstate.kernel.x86.microcode) -----
+
+
+def _idle_machine(profile: str, kernel: str | None = None, variants: tuple[str, ...] = ()):
+    """A machine whose task t ran AVX on CPU 1 and was switched out there."""
+    m = Machine.boot(profile, kernel, variants=variants)
+    t = m.spawn("t")
+    m.run(1, t)
+    m.user_write(1, YMM)
+    m.idle(1)
+    return m, t
+
+
+def _down_to_init(m: Machine, nr: int) -> None:
+    """cpu_down_up()'s first half: takedown, then INIT's CR4 (as start_secondary() finds it)."""
+    c = m.cpus[nr]
+    fpu__disable_cpu(c)
+    c.regs.cr4 &= ~CR4_FPU_BITS
+    c.irqs_disabled = True
+
+
+@pytest.mark.parametrize(("profile", "entrysign"), [
+    ("zen2", True), ("zen3", True), ("zen4", True), ("zen5", True),  # 17h, 19h, 19h, 1Ah/02h
+    ("sapphire-rapids", False), ("haswell", False)])
+def test_entrysign_cpus_hash_their_patch(profile: str, entrysign: bool) -> None:
+    from fpstate.x86.profiles import load_profile
+
+    assert cpu_has_entrysign(load_profile(profile)) is entrysign
+
+
+def test_a_cpu_coming_online_hashes_its_microcode_without_the_fpu() -> None:
+    """v6.16+: kernel_fpu_allowed is false from cpu_disable_common() to fpu__init_cpu(), so
+    sha256() takes the generic C code although the kernel's sha256() has SIMD code; after
+    bring-up CR4's FPU bits are back and the FPU is usable again."""
+    m, t = _idle_machine("zen4")
+    c = m.cpus[1]
+    assert c.regs.cr4 == CR4_FPU_BITS and c.kernel_fpu_allowed
+    _down_to_init(m, 1)
+    assert not core.irq_fpu_usable(c)
+    assert load_ucode_ap(c) is False
+    m, t = _idle_machine("zen4")
+    cpu_down_up(m, 1)
+    c = m.cpus[1]
+    assert c.regs.cr4 == CR4_FPU_BITS and c.kernel_fpu_allowed and not c.irqs_disabled
+    # Once online the same hash runs on the FPU (SHA-NI's XMM registers, the kernel's value).
+    c.irqs_disabled = True
+    assert sha256_blocks(c) is True
+    c.irqs_disabled = False
+    m.run(1, t)
+    assert m.user_state(t)[YMM] == token(t.pid, 1, YMM, 256)
+
+
+def test_the_old_irq_fpu_usable_takes_ud_in_kernel_fpu_begin() -> None:
+    """Variant fpu-usable-before-init-cpu: in_kernel_fpu was false on a CPU coming online, so
+    irq_fpu_usable() said yes and kernel_fpu_begin_mask()'s LDMXCSR ran with CR4.OSFXSR = 0:
+    #UD, the oops of the linux-next report."""
+    m, _ = _idle_machine("zen4", variants=("fpu-usable-before-init-cpu",))
+    with pytest.raises(KernelBug, match=r"invalid-opcode: LDMXCSR with CR4.OSFXSR = 0 in "
+                                        r"kernel_fpu_begin_mask\(\) on CPU 1, from sha256"):
+        cpu_down_up(m, 1)
+
+
+@pytest.mark.parametrize(("profile", "kernel"), [("sapphire-rapids", None), ("zen4", "6.12")])
+def test_the_old_irq_fpu_usable_is_harmless_without_a_simd_hash(profile: str,
+                                                                   kernel: str | None) -> None:
+    """The same old irq_fpu_usable() -- selected, or kernel 6.12's own -- says yes in the
+    window, yet nothing takes the FPU there: an Intel CPU's loader hashes nothing, and before
+    6.16 sha256() had no SIMD code."""
+    m, _ = _idle_machine(profile, kernel, variants=("fpu-usable-before-init-cpu",))
+    _down_to_init(m, 1)
+    assert core.irq_fpu_usable(m.cpus[1])
+    assert load_ucode_ap(m.cpus[1]) is False
+    m, _ = _idle_machine(profile, kernel)
+    cpu_down_up(m, 1)
+    assert m.cpus[1].regs.cr4 == CR4_FPU_BITS
+
+
+def test_ldmxcsr_and_the_xsave_family_take_ud_without_their_cr4_bits() -> None:
+    """SDM Vol. 2B LDMXCSR and Vol. 2D XSAVE/XRSTOR: #UD if CR4.OSFXSR (resp. CR4.OSXSAVE) is
+    0, checked before the operand (a misaligned area, a reserved MXCSR bit)."""
+    m = Machine.boot("sapphire-rapids")
+    regs = m.cpus[1].regs
+    regs.cr4 = X86_CR4_OSXSAVE
+    assert str(regs.set_mxcsr(0xFFFFFFFF)) == "#UD(LDMXCSR with CR4.OSFXSR = 0)"
+    regs.cr4 = X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
+    assert regs.set_mxcsr(0x1F80) is None
+    buf = KernelBuf(bytearray(4096), "test")
+    buf.addr = 0x1001  # misaligned: #UD comes first
+    assert str(regs.xsave(buf, 3, "XSAVE")) == "#UD(XSAVE with CR4.OSXSAVE = 0)"
+    assert str(regs.xrstor(buf, 3, "XRSTORS")) == "#UD(XRSTORS with CR4.OSXSAVE = 0)"
+    regs.cr4 = CR4_FPU_BITS
+    assert regs.xsave(buf, 3, "XSAVE").vector == "#GP"

@@ -152,7 +152,7 @@ INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "kernel-warn",
         "The modelled kernel never reaches a WARN/BUG it states (any other model-detected "
-        "bug: raw-xsave-addr, bad-fpu-state, unexpected-nm, ...).",
+        "bug: raw-xsave-addr, bad-fpu-state, unexpected-nm, invalid-opcode, ...).",
         "the WARN_ON_FPU()/WARN_ON_ONCE() assertions of arch/x86/kernel/fpu/{core,xstate}.c, "
         "arch/x86/kvm/x86.c, arch/arm64/kernel/fpsimd.c and arch/arm64/kvm/fpsimd.c"),
 )

@@ -287,6 +287,12 @@ VARIANTS: tuple[Variant, ...] = (
             # one thread per process and no VM: fewer actions between first AMX use, idle,
             # hotplug and the run that restores
             config={"vms": {}, "processes": {"p0": 1, "p1": 1}}),
+    Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
+            "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "
+            "microcode loader hashes its patch with SIMD code and kernel_fpu_begin()'s LDMXCSR "
+            "takes #UD, CR4.OSFXSR being still clear", "kernel-warn",
+            # only AMD CPUs with EntrySign hash a patch while coming online
+            config={"cpu": "zen4"}),
     Variant("req-perm-overwrites", "x86", "v5.16-v5.17 (fixed: 063452fd94d1)",
             "ARCH_REQ_XCOMP_PERM stores the requested bits as the permission: the default "
             "features are revoked", "permission-keeps-defaults", needs=(18,)),

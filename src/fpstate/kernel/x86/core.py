@@ -327,6 +327,8 @@ def kernel_fpu_begin_mask(c: Cpu, kfpu_mask: int = KFPU_MXCSR) -> None:
     fpregs_lock unless IRQs are off; the caller must have checked irq_fpu_usable() (the kernel
     WARNs; the model raises IllegalEvent). A live user task's registers are saved (and marked
     TIF_NEED_FPU_LOAD), then this CPU's registers belong to no one; MXCSR / FNINIT as asked.
+    LDMXCSR on a CPU whose CR4.OSFXSR is still clear (coming online, before fpu__init_cpu())
+    takes #UD: an oops, KernelBug ``invalid-opcode``.
     """
     if not irq_fpu_usable(c):
         raise IllegalEvent(f"kernel_fpu_begin() on CPU {c.nr} where irq_fpu_usable() is false")
@@ -339,9 +341,17 @@ def kernel_fpu_begin_mask(c: Cpu, kfpu_mask: int = KFPU_MXCSR) -> None:
         save_fpregs_to_fpstate(c, cur.fpu)
     __cpu_invalidate_fpregs_state(c)
     if kfpu_mask & KFPU_MXCSR:
-        c.regs.set_mxcsr(MXCSR_DEFAULT)
+        fault = c.regs.set_mxcsr(MXCSR_DEFAULT)
+        if fault is not None:  # exc_invalid_op() -> die("invalid opcode")
+            raise KernelBug("invalid-opcode", f"{fault.reason} in kernel_fpu_begin_mask() on "
+                                              f"CPU {c.nr}")
     if kfpu_mask & KFPU_387:
         c.regs.init_components(1)
+
+
+def kernel_fpu_begin(c: Cpu) -> None:
+    """kernel_fpu_begin() (api.h): kernel_fpu_begin_mask(KFPU_387 | KFPU_MXCSR)."""
+    kernel_fpu_begin_mask(c, KFPU_387 | KFPU_MXCSR)
 
 
 def kernel_fpu_end(c: Cpu) -> None:

@@ -139,6 +139,13 @@ MXCSR = -1
 #: MXCSR as 4 bytes in its initial configuration (MXCSR_DEFAULT, 1F80H).
 MXCSR_INIT = MXCSR_DEFAULT.to_bytes(4, "little")
 
+#: The CR4 bits the FPU code sets (SDM Vol. 3A 2.5): OSFXSR (bit 9; without it LDMXCSR and SSE
+#: instructions #UD), OSXMMEXCPT (bit 10) and OSXSAVE (bit 18; without it the XSAVE family and
+#: XGETBV #UD). INIT clears CR4 (SDM Vol. 3A Table 10-1); fpu__init_cpu_generic() sets the
+#: first two, fpu__init_cpu_xstate() the third.
+X86_CR4_OSFXSR, X86_CR4_OSXMMEXCPT, X86_CR4_OSXSAVE = 1 << 9, 1 << 10, 1 << 18
+CR4_FPU_BITS = X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT | X86_CR4_OSXSAVE
+
 
 def mxcsr_token(owner: int, n: int) -> int:
     """An MXCSR value that names its writer (LDMXCSR in the checker's walks): the exception
@@ -313,7 +320,8 @@ class UserBuf(Buf):
 @dataclass(slots=True)
 class FpRegs:
     """The extended state of one logical CPU: component values, XINUSE, MXCSR, XCR0, IA32_XSS,
-    IA32_XFD and IA32_XFD_ERR."""
+    IA32_XFD and IA32_XFD_ERR, and the CR4 bits that enable the FPU's instructions
+    (`CR4_FPU_BITS`: set on every online CPU, clear from INIT until fpu__init_cpu())."""
 
     profile: CpuidProfile
     xcr0: int
@@ -325,6 +333,7 @@ class FpRegs:
     xinuse: int = 0
     mxcsr: int = MXCSR_DEFAULT
     values: dict[int, bytes] = field(default_factory=dict)
+    cr4: int = CR4_FPU_BITS
 
     # -- sizes and offsets --
 
@@ -413,7 +422,10 @@ class FpRegs:
         self.init_components(XFEATURE_MASK_FP)
 
     def set_mxcsr(self, value: int) -> Fault | None:
-        """LDMXCSR: #GP on reserved bits (those clear in MXCSR_MASK)."""
+        """LDMXCSR (SDM Vol. 2B): #UD if CR4.OSFXSR = 0, then #GP on reserved bits (those
+        clear in MXCSR_MASK)."""
+        if not self.cr4 & X86_CR4_OSFXSR:
+            return Fault("#UD", "LDMXCSR with CR4.OSFXSR = 0")
         if value & ~self.mxcsr_mask:
             return Fault("#GP", f"MXCSR {value:#x} sets reserved bits")
         self.mxcsr = value
@@ -463,7 +475,7 @@ class FpRegs:
 
     def xsave(self, buf: Buf, mask: int, insn: str) -> Fault | None:
         """XSAVE/XSAVEOPT (standard) and XSAVEC/XSAVES (compacted) of RFBM = mask & XCR0
-        (& (XCR0|XSS) for XSAVES) to ``buf``.
+        (& (XCR0|XSS) for XSAVES) to ``buf``; #UD if CR4.OSXSAVE = 0 (Vol. 2D XSAVE).
 
         Components with XFD set are saved as if in their initial configuration (13.14).
         XSAVE writes every RFBM component; XSAVEOPT, XSAVEC and XSAVES write only those in use
@@ -473,6 +485,8 @@ class FpRegs:
         has SSE or AVX (standard) or with the SSE component (compacted).
         """
         assert insn in ("XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES"), insn
+        if not self.cr4 & X86_CR4_OSXSAVE:
+            return Fault("#UD", f"{insn} with CR4.OSXSAVE = 0")
         if buf.addr % 64:
             return Fault("#GP", f"{insn} area {buf.addr:#x} not 64-byte aligned")
         rfbm = mask & ((self.xcr0 | self.xss) if insn == "XSAVES" else self.xcr0)
@@ -540,7 +554,8 @@ class FpRegs:
     def xrstor(self, buf: Buf, mask: int, insn: str) -> Fault | None:
         """XRSTOR (standard or compacted form by XCOMP_BV[63]) or XRSTORS from ``buf``.
 
-        Checks in the SDM's order (13.8, 13.12), all before any state changes: alignment;
+        Checks in the SDM's order (13.8, 13.12), all before any state changes: #UD if
+        CR4.OSXSAVE = 0 (Vol. 2D XRSTOR, "Protected Mode Exceptions"); alignment;
         XRSTORS needs the compacted form; compacted: XCOMP_BV bits outside XCR0 (| XSS for
         XRSTORS), XSTATE_BV bits outside XCOMP_BV, header bytes 16..63 nonzero; standard:
         XSTATE_BV bits outside XCR0, header bytes 8..23 nonzero; then MXCSR reserved bits when
@@ -549,6 +564,8 @@ class FpRegs:
         in RFBM: XSTATE_BV[i] = 1 loads the component, XSTATE_BV[i] = 0 initialises it.
         """
         assert insn in ("XRSTOR", "XRSTORS"), insn
+        if not self.cr4 & X86_CR4_OSXSAVE:
+            return Fault("#UD", f"{insn} with CR4.OSXSAVE = 0")
         if buf.addr % 64:
             return Fault("#GP", f"{insn} area {buf.addr:#x} not 64-byte aligned")
         kregs = buf.regs if type(buf) is KernelBuf else None  # type: ignore[attr-defined]
@@ -675,7 +692,7 @@ class FpRegs:
         return None
 
 
-__all__ = ["HDR", "MXCSR", "MXCSR_INIT", "MXCSR_OFFSET", "PAGE_SIZE", "Buf", "FpRegs", "KernelBuf",
-           "PageFault", "UserBuf", "UserMemory", "init_value", "mxcsr_token", "next_mxcsr_token",
-           "read_mxcsr_token",
-           "read_token", "token"]
+__all__ = ["CR4_FPU_BITS", "HDR", "MXCSR", "MXCSR_INIT", "MXCSR_OFFSET", "PAGE_SIZE",
+           "X86_CR4_OSFXSR", "X86_CR4_OSXMMEXCPT", "X86_CR4_OSXSAVE", "Buf", "FpRegs",
+           "KernelBuf", "PageFault", "UserBuf", "UserMemory", "init_value", "mxcsr_token",
+           "next_mxcsr_token", "read_mxcsr_token", "read_token", "token"]

@@ -1,56 +1,96 @@
 """CPU hotplug: a CPU taken offline and brought back, as far as the FPU is concerned.
 
-Models arch/x86/kernel/smpboot.c (native_kick_ap(): "the FPU context is blank, nobody can own
-it", then INIT/SIPI; start_secondary() -> identify_secondary_cpu() -> setup_pku(), and
-fpu__init_cpu()) with fpu/init.c (fpu__init_cpu_generic(): FNINIT) and fpu/xstate.c
-(fpu__init_cpu_xstate(): IA32_XFD, XCR0, IA32_XSS), Linux v6.18.
+Models arch/x86/kernel/smpboot.c (cpu_disable_common() -> fpu__disable_cpu(); native_kick_ap():
+"the FPU context is blank, nobody can own it", then INIT/SIPI; start_secondary() ->
+load_ucode_ap(), fpu__init_cpu(), ap_starting() -> identify_secondary_cpu() -> setup_pku())
+with fpu/init.c (fpu__init_cpu_generic(): CR4.OSFXSR, FNINIT) and fpu/xstate.c
+(fpu__init_cpu_xstate(): CR4.OSXSAVE, IA32_XFD, XCR0, IA32_XSS), Linux v6.18.
 
 Theory of operation: per-CPU variables outlive the CPU's time offline, the registers do not
-all survive it. INIT puts MPX and CET state in their initial configuration and leaves the
-rest (SDM Vol. 3A Table 10-1); the bring-up code runs FNINIT and writes PKRU, XCR0, IA32_XSS
-and IA32_XFD. So two per-CPU variables must be reset with them: fpu_fpregs_owner_ctx, or a
-task whose last_cpu names this CPU would skip its restore and run with what INIT and FNINIT
-left (variant ``cpu-up-keeps-owner``; arm64 had that bug until 2015, variant
-``cpu-dead-keeps-binding``), and xfd_state, the cache of IA32_XFD, or xfd_update_state()
-skips the write that a task with AMX state needs and the kernel's XRSTOR takes #NM
-(CVE-2024-35801: 10e4b5166df9, v6.9; kernels before it, and variant
+all survive it. INIT clears CR4 and puts MPX and CET state in their initial configuration and
+leaves the rest (SDM Vol. 3A Table 10-1); the bring-up code sets CR4's FPU bits, runs FNINIT
+and writes PKRU, XCR0, IA32_XSS and IA32_XFD. Until then the FPU is not usable, yet the
+microcode loader runs first and may hash a patch with SIMD code (`fpstate.kernel.x86.
+microcode`): only kernel_fpu_allowed, false from takedown to fpu__init_cpu() (v6.16), keeps
+irq_fpu_usable() from saying yes and kernel_fpu_begin()'s LDMXCSR from taking #UD (variant
+``fpu-usable-before-init-cpu``). Two more per-CPU variables must be reset: the owner,
+fpu_fpregs_owner_ctx, or a task whose last_cpu names this CPU would skip its restore and run
+with what INIT and FNINIT left (variant ``cpu-up-keeps-owner``; arm64 had that bug until 2015,
+variant ``cpu-dead-keeps-binding``), and xfd_state, the cache of IA32_XFD, or
+xfd_update_state() skips the write that a task with AMX state needs and the kernel's XRSTOR
+takes #NM (CVE-2024-35801: 10e4b5166df9, v6.9; kernels before it, and variant
 ``xfd-state-stale-on-online``).
 """
 
 from __future__ import annotations
 
 from fpstate.kernel.x86.core import pkru_write_default, xfd_set_state
-from fpstate.kernel.x86.sched import Machine
+from fpstate.kernel.x86.hw import (
+    CR4_FPU_BITS,
+    X86_CR4_OSFXSR,
+    X86_CR4_OSXMMEXCPT,
+    X86_CR4_OSXSAVE,
+)
+from fpstate.kernel.x86.microcode import load_ucode_ap
+from fpstate.kernel.x86.sched import Cpu, Machine
 from fpstate.kernel.x86.types import IllegalEvent
 from fpstate.x86.xfeatures import XFEATURE_MASK_CLEARED_BY_INIT
 
 
+def fpu__disable_cpu(c: Cpu) -> None:
+    """fpu__disable_cpu() (fpu/init.c, v6.16+), from cpu_disable_common() as the CPU goes
+    offline: kernel_fpu_allowed = false, so that the CPU comes back with irq_fpu_usable()
+    false until fpu__init_cpu(). Before 6.16 (and variant ``fpu-usable-before-init-cpu``)
+    nothing: in_kernel_fpu was false, which irq_fpu_usable() read as usable."""
+    if not c.m.system.runs_unfixed("fpu-usable-before-init-cpu", "kernel_fpu_allowed"):
+        c.kernel_fpu_allowed = False
+
+
+def fpu__init_cpu(c: Cpu) -> None:
+    """fpu__init_cpu() (fpu/init.c): fpu__init_cpu_generic() -- CR4.OSFXSR and OSXMMEXCPT,
+    FNINIT -- then fpu__init_cpu_xstate() -- CR4.OSXSAVE, IA32_XFD = init_fpstate.xfd through
+    xfd_set_state() (the MSR alone before v6.9, and variant ``xfd-state-stale-on-online``),
+    XCR0 and IA32_XSS as at boot -- then, since v6.16, kernel_fpu_allowed = true."""
+    s, regs = c.m.system, c.regs
+    regs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
+    regs.fninit()
+    regs.cr4 |= X86_CR4_OSXSAVE
+    if s.xfd:
+        if s.runs_unfixed("xfd-state-stale-on-online", "xfd_state_synced"):
+            regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
+        else:
+            xfd_set_state(c, s.init_xfd)
+    c.kernel_fpu_allowed = True
+
+
 def cpu_down_up(m: Machine, nr: int) -> None:
-    """``echo 0`` then ``echo 1`` to /sys/devices/system/cpu/cpuN/online for CPU ``nr``:
-    takedown leaves it running nothing (the model asks that it be idle already: its tasks
-    have gone elsewhere), then native_kick_ap() clears its fpu_fpregs_owner_ctx, INIT clears
-    the MPX and CET components, setup_pku() loads init_pkru_value, and fpu__init_cpu() runs
-    FNINIT and fpu__init_cpu_xstate(): xfd_set_state(init_fpstate.xfd) -- the MSR and its
-    per-CPU cache (v6.9+) -- or the MSR alone (before, and variant
-    ``xfd-state-stale-on-online``) -- XCR0 and IA32_XSS as at boot. CPU 0 cannot go offline
+    """``echo 0`` then ``echo 1`` to /sys/devices/system/cpu/cpuN/online for CPU ``nr``.
+
+    Takedown leaves it running nothing (the model asks that it be idle already: its tasks
+    have gone elsewhere) and runs cpu_disable_common() -> `fpu__disable_cpu`. Bring-up:
+    native_kick_ap() clears its fpu_fpregs_owner_ctx; INIT clears CR4 and the MPX and CET
+    components; start_secondary(), interrupts off, loads microcode (`microcode.load_ucode_ap`:
+    on AMD, a SHA-256 digest that may use the FPU), then `fpu__init_cpu`, then ap_starting()
+    -> identify_secondary_cpu() -> setup_pku() loads init_pkru_value. CPU 0 cannot go offline
     (v6.5 removed the CPU0 hotplug option)."""
     if not 0 < nr < len(m.cpus):
         raise IllegalEvent(f"CPU {nr} cannot be taken offline (CPU 0 stays online)")
     c = m.cpus[nr]
     if c.current is not c.idle:
         raise IllegalEvent(f"CPU {nr} still runs {c.current!r}: takedown moves its tasks away")
-    s = m.system
-    if not s.has_variant("cpu-up-keeps-owner"):
+    fpu__disable_cpu(c)
+    if not m.system.has_variant("cpu-up-keeps-owner"):
         c.fpu_fpregs_owner_ctx = None
     regs = c.regs
+    regs.cr4 &= ~CR4_FPU_BITS
     regs.init_components((regs.xcr0 | regs.xss) & XFEATURE_MASK_CLEARED_BY_INIT)
-    pkru_write_default(c)
-    regs.fninit()
-    if s.xfd:
-        if s.runs_unfixed("xfd-state-stale-on-online", "xfd_state_synced"):
-            regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
-        else:
-            xfd_set_state(c, s.init_xfd)
+    c.irqs_disabled = True
+    try:
+        load_ucode_ap(c)
+        fpu__init_cpu(c)
+        pkru_write_default(c)
+    finally:
+        c.irqs_disabled = False
 
 
-__all__ = ["cpu_down_up"]
+__all__ = ["cpu_down_up", "fpu__disable_cpu", "fpu__init_cpu"]

@@ -197,6 +197,14 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "after a CPU comes back, IA32_XFD arms AMX tile data while xfd_state still says "
             "disarmed: a task that uses AMX and ran there last is restored without the MSR "
             "write and XRSTOR takes #NM in the kernel (die)"),
+    Variant("fpu-usable-before-init-cpu", "irq_fpu_usable",
+            "before 2297554f01df 'x86/fpu: Fix irq_fpu_usable() to return false during CPU "
+            "onlining' (Eric Biggers, 6.16 merge window): a per-CPU in_kernel_fpu that starts "
+            "false; with 11d7956d526f's SIMD sha256() it oopsed in linux-next "
+            "(next-20250515, Borislav Petkov's report)",
+            "irq_fpu_usable() says yes on a CPU coming online before fpu__init_cpu(): AMD's "
+            "microcode loader hashes its patch with SIMD code, and kernel_fpu_begin()'s LDMXCSR "
+            "takes #UD (CR4.OSFXSR is still clear after INIT)"),
     Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
             "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
             "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "

@@ -101,6 +101,21 @@ CHANGES: tuple[Change, ...] = (
            "xfeature_uncompact_order[]",
            "APX gated on X86_FEATURE_APX and user-supported; 'Both APX/MPX present' disables "
            "XSAVE; standard sizes walk components by offset"),
+    Change("sha256_simd", "6.16",
+           "11d7956d526f crypto: x86/sha256 - implement library instead of shash (Eric "
+           "Biggers, 6.16 merge window)",
+           "the library's sha256() runs SHA-NI/AVX2/SSSE3 code between kernel_fpu_begin() and "
+           "kernel_fpu_end() whenever crypto_simd_usable(), i.e. irq_fpu_usable(); AMD's "
+           "microcode loader checks each patch's SHA-256 digest with it while a CPU is brought "
+           "online, before fpu__init_cpu() (before: the generic C code)"),
+    Change("kernel_fpu_allowed", "6.16",
+           "2297554f01df x86/fpu: Fix irq_fpu_usable() to return false during CPU onlining "
+           "(Eric Biggers, May 2025; merged with 11d7956d526f, whose crash in linux-next it "
+           "fixed, so no release had the crash)",
+           "the per-CPU kernel_fpu_allowed replaces in_kernel_fpu: false until fpu__init_cpu(), "
+           "false again from cpu_disable_common() (fpu__disable_cpu()), so irq_fpu_usable() "
+           "is false while a CPU comes online (before: true, since in_kernel_fpu started "
+           "false; variant fpu-usable-before-init-cpu)"),
     Change("coredump_socket", "6.16",
            "coredump: add coredump socket (Christian Brauner, vfs coredump branch, May 2025)",
            "core_pattern '@/path': the kernel connects to an AF_UNIX socket with O_NONBLOCK "
