@@ -188,6 +188,50 @@ def test_hardirq_inside_fpregs_lock_cannot_use_the_fpu(m: Machine) -> None:
     assert m.irq_kernel_fpu(0, hardirq=True) is True
 
 
+@pytest.mark.parametrize(("kernel", "variants"), [
+    ("5.16", ()), (None, ("hardirq-fpu-in-fpregs-lock",))])
+def test_before_5_18_a_hardirq_inside_fpregs_lock_takes_the_fpu(kernel: str | None,
+                                                                 variants: tuple[str, ...]) -> None:
+    """Before 59f5ede3bc0f irq_fpu_usable() was !in_interrupt() || interrupted_user_mode() ||
+    interrupted_kernel_fpu_idle(): the same hard interrupt takes the FPU, saving the task's
+    live registers (TIF_NEED_FPU_LOAD set) and clobbering them under the section."""
+    m = Machine.boot("zen5", kernel, variants=variants)
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    m.enter_kernel(0)
+    c = m.cpus[0]
+    core.fpregs_lock(c)
+    assert m.irq_kernel_fpu(0, hardirq=True, clobber=1 << YMM) is True
+    assert a.need_fpu_load and c.fpu_fpregs_owner_ctx is None
+    assert read_token(c.regs.component(YMM))[0] == core.KERNEL_OWNER
+    core.fpregs_unlock(c)
+
+
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_a_hardirq_inside_the_signal_frame_save_reaches_the_frame_only_before_5_18(
+        variants: tuple[str, ...]) -> None:
+    """copy_fpstate_to_sigframe() holds fpregs_lock() from loading the registers to the XSAVE
+    into the frame; a hard interrupt armed for that window (core.fpregs_locked_irq_window)
+    scalar under the kernel's rule, and under the old one its clobber lands in the frame."""
+    from fpstate.kernel.x86.signal import copy_fpstate_to_sigframe
+
+    m = Machine.boot("zen5", variants=variants)
+    a, _ = two_tasks(m)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    c = m.enter_kernel(0)
+    frame = a.user_sp - 0x2000 & ~63
+    c.irq_in_lock = 1 << YMM
+    assert copy_fpstate_to_sigframe(c, frame, frame, a.fpu.fpstate.user_size, None)
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
+    off = m.system.profile.component(YMM).offset
+    saved = a.process.mm.read(frame + off, 256)
+    if variants:
+        assert read_token(saved)[0] == core.KERNEL_OWNER
+    else:
+        assert saved == mine
+
+
 def test_nested_kernel_fpu_begin_is_refused_and_changes_nothing(m: Machine) -> None:
     two_tasks(m)
     m.enter_kernel(0)

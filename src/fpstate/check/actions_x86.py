@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from fpstate.check import invariants
@@ -165,6 +165,14 @@ ARCH_OPTIONS = {"req_perm": ARCH_REQ_XCOMP_PERM, "req_guest_perm": ARCH_REQ_XCOM
                 "get_perm": ARCH_GET_XCOMP_PERM, "get_guest_perm": ARCH_GET_XCOMP_GUEST_PERM,
                 "get_supp": ARCH_GET_XCOMP_SUPP}
 _TASK = FieldSpec(str, "a task name (processes/threads of the configuration, fork/clone)")
+#: A hard interrupt inside the step's fpregs_lock()ed section (core.fpregs_locked_irq_window).
+_IRQ_IN_LOCK = FieldSpec(bool, "a hard interrupt whose handler wants the FPU (as random.c's "
+                         "BLAKE2s) arrives inside the fpregs_lock()ed section -- signal: "
+                         "between loading the registers and the XSAVE to the frame; "
+                         "sigreturn: between the XRSTOR from the frame and "
+                         "fpregs_mark_activate(); it clobbers SSE and AVX if irq_fpu_usable() "
+                         "lets it (output irq: fpu, scalar, or none when the section was not "
+                         "reached)", required=False, default=False)
 _CPU = FieldSpec(int, "a CPU number")
 
 
@@ -235,14 +243,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("sigaltstack", "map and install an alternate signal stack",
                {"task": _TASK, "size": FieldSpec(int, "ss_size in bytes")}),
     ActionSpec("signal", "tgkill(SIGUSR1) of a task running in user mode: delivered at once",
-               {"task": _TASK}),
+               {"task": _TASK, "irq": _IRQ_IN_LOCK}),
     ActionSpec("pkey_altstack", "pkey_alloc(0, 0) and pkey_mprotect() of the task's "
                "sigaltstack with the new key, then WRPKRU of a value of the task's own, which "
                "closes keys 1 (AD) and 2 (WD): the stack is behind a key the task closed",
                {"task": _TASK}),
     ActionSpec("pkey_open", "WRPKRU 0: every protection key open, as a handler running on a "
                "key-protected sigaltstack does before it touches its stack", {"task": _TASK}),
-    ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)", {"task": _TASK}),
+    ActionSpec("sigreturn", "the signal handler returns (rt_sigreturn)",
+               {"task": _TASK, "irq": _IRQ_IN_LOCK}),
     ActionSpec("frame_write", "the signal handler stores a value of its own into a component "
                "of its frame's XSAVE area and sets its XSTATE_BV bit: sigreturn must "
                "load it (the frame, not the kernel, is the interrupted context's state)",
@@ -750,13 +759,29 @@ class X86World(X86Views, World):
         ret = self.m.syscall(nr, sys_sigaltstack, addr, size, 0)
         return {"ret": ret, "errno": errno_name(ret)}
 
-    def do_signal(self, task: str) -> dict[str, Value]:
+    def _irq_in_lock(self, nr: int, fn: Callable[[], Any]) -> str:
+        """Run ``fn`` with a hard interrupt armed for CPU ``nr``'s next fpregs_lock()ed
+        section (the action's ``irq``); what its handler did: fpu, scalar or none."""
+        c = self.m.cpus[nr]
+        c.irq_in_lock, c.irq_in_lock_used = components_mask("sse|avx"), None
+        try:
+            fn()
+            used = c.irq_in_lock_used
+        finally:
+            c.irq_in_lock, c.irq_in_lock_used = 0, None
+        return "none" if used is None else "fpu" if used else "scalar"
+
+    def do_signal(self, task: str, irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
-        self.user_cpu(t)
+        nr = self.user_cpu(t)
         handled = SIGUSR1 in t.handlers
         before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
         room = self._sigframe_room(t) if handled else 0
-        self.m.kill(t, SIGUSR1)
+        out: dict[str, Value] = {}
+        if irq:
+            out["irq"] = self._irq_in_lock(nr, lambda: self.m.kill(t, SIGUSR1))
+        else:
+            self.m.kill(t, SIGUSR1)
         delivered = handled and t.state is STATE_USER
         if handled and not delivered:
             self.emitted.append(("undelivered", (t, room, at_minsigstksz(self.m.system))))
@@ -775,8 +800,8 @@ class X86World(X86Views, World):
             fpstate = _frame_xsave(mm, frame, kind)
             self.emitted.append(("sigframe", (t, frame, fpstate, before)))
             self.frames[t.comm].append((frame, fpstate + t.fpu.fpstate.user_size + 4, kind))
-            return {"delivered": True, "frame": frame}
-        return {"delivered": False, "alive": t.state is not STATE_DEAD}
+            return {"delivered": True, "frame": frame, **out}
+        return {"delivered": False, "alive": t.state is not STATE_DEAD, **out}
 
     def _sigframe_room(self, t: Task) -> int:
         """The bytes below where SIGUSR1's frame would start that the task's stack offers, by
@@ -1003,7 +1028,7 @@ class X86World(X86Views, World):
         pkru = int.from_bytes(self.m.cpus[t.on_cpu].regs.component(PKRU)[:4], "little")
         return mm.key_allows(addr, True, pkru)
 
-    def do_sigreturn(self, task: str) -> dict[str, Value]:
+    def do_sigreturn(self, task: str, irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         if not self.sigstack[t.comm]:
@@ -1017,11 +1042,17 @@ class X86World(X86Views, World):
         mxcsr = self._mxcsr_after_sigreturn(t, lo, kind)
         if ia32:  # RET to the restorer, whose int $0x80 is sigreturn or rt_sigreturn
             handler_ia32_return(t, kind == FRAME_IA32_RT)
-            ret = self.m.syscall(nr, sys32_rt_sigreturn if kind == FRAME_IA32_RT
-                                 else sys32_sigreturn)
+            path = sys32_rt_sigreturn if kind == FRAME_IA32_RT else sys32_sigreturn
         else:
             handler_return(t)
-            ret = self.m.syscall(nr, sys_rt_sigreturn)
+            path = sys_rt_sigreturn
+        out: dict[str, Value] = {}
+        if irq:
+            got: list[Any] = []
+            out["irq"] = self._irq_in_lock(nr, lambda: got.append(self.m.syscall(nr, path)))
+            ret = got[0]
+        else:
+            ret = self.m.syscall(nr, path)
         if ret != 0 and readable:
             self.emitted.append(("sigreturn-refused", (t, ret, lo)))
         saved = self.sigstack[t.comm].pop()
@@ -1036,7 +1067,7 @@ class X86World(X86Views, World):
             exp.pop(MXCSR, None)
             if mxcsr != MXCSR_INIT:
                 exp[MXCSR] = mxcsr
-        return {"ret": ret, "errno": errno_name(ret)}
+        return {"ret": ret, "errno": errno_name(ret), **out}
 
     def _mxcsr_after_sigreturn(self, t: Task, lo: int, kind: str) -> bytes:
         """The MXCSR the task must run with after a successful sigreturn of its top frame,
@@ -1396,10 +1427,12 @@ class X86World(X86Views, World):
                 "sigaction": A("sigaction", task=comm, onstack=True),
                 "sigaction_nosiginfo": A("sigaction", task=comm, onstack=True, siginfo=False),
                 "signal": A("signal", task=comm),
+                "signal_irq": A("signal", task=comm, irq=True),
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
                 "pkey_altstack": A("pkey_altstack", task=comm),
                 "pkey_open": A("pkey_open", task=comm),
                 "sigreturn": A("sigreturn", task=comm),
+                "sigreturn_irq": A("sigreturn", task=comm, irq=True),
                 "frame_writes": {i: A("frame_write", task=comm, component=BY_NUMBER[i].short)
                                  for i in self.writable},
                 "frame_clears": {i: A("frame_clear", task=comm, component=BY_NUMBER[i].short)
@@ -1482,6 +1515,7 @@ class X86World(X86Views, World):
                     add(ta["sigaction_nosiginfo"])
             else:
                 add(ta["signal"])
+                add(ta["signal_irq"])
             if t.sas_ss_size == 0:
                 add(ta["sigaltstack"])
             elif self.pkru_tracked and t.sas_ss_sp not in t.process.mm.pkeys:
@@ -1490,6 +1524,7 @@ class X86World(X86Views, World):
                 add(ta["pkey_open"])
             if self.sigstack[t.comm]:
                 add(ta["sigreturn"])
+                add(ta["sigreturn_irq"])
                 lo, hi, kind = self.frames[t.comm][-1]
                 if self._frame_open(t, lo):
                     fp = _frame_xsave(t.process.mm, lo, kind)

@@ -332,6 +332,8 @@ FIELDS: dict[str, dict[str, str]] = {
                          "nmi", "pagefault_disabled"),
                         "raised and dropped inside a step (a kernel path never yields with "
                         "them raised: Machine._advance asserts it)"),
+        **dict.fromkeys(("irq_in_lock", "irq_in_lock_used"),
+                        "set and cleared by one action (X86World's `irq` argument)"),
     },
     "FpRegs": {
         **dict.fromkeys(("xcr0", "xss", "xfd", "xfd_err", "xinuse", "mxcsr", "values"), "key"),

@@ -311,14 +311,59 @@ def fpregs_unlock(c: Cpu) -> None:
 def irq_fpu_usable(c: Cpu) -> bool:
     """irq_fpu_usable() (core.c): false in NMI, false while the kernel already uses the FPU
     (or before init); true outside hard interrupts; in a hard interrupt only if it did not hit
-    a fpregs_lock()ed section or softirq (softirq_count() == 0)."""
+    a fpregs_lock()ed section or softirq (softirq_count() == 0; 59f5ede3bc0f, v5.18).
+
+    Before v5.18 (and variant ``hardirq-fpu-in-fpregs-lock``): ``!in_interrupt() ||
+    interrupted_user_mode() || interrupted_kernel_fpu_idle()``, which lets a hard interrupt
+    that hit a fpregs_lock()ed section take the FPU from under it."""
     if c.nmi:
         return False
     if not c.kernel_fpu_allowed:
         return False
     if not c.hardirq:
         return True
+    if c.m.system.runs_unfixed("hardirq-fpu-in-fpregs-lock", "hardirq_fpu_checks_bh"):
+        return True
     return not (c.bh_disabled or c.softirq)
+
+
+def irq_handler_kernel_fpu(c: Cpu, hardirq: bool, clobber: int) -> bool:
+    """An interrupt handler on CPU ``c`` that wants the FPU (crypto, RAID; random.c's BLAKE2s
+    in hard interrupts): kernel_fpu_begin() if irq_fpu_usable(), clobber the components of
+    ``clobber``, kernel_fpu_end(). False when the FPU was not usable (the handler takes its
+    scalar fallback). The caller has entered the kernel if the interrupt hit user mode."""
+    saved_irqs = c.irqs_disabled
+    if hardirq:
+        c.hardirq += 1
+        c.irqs_disabled = True
+    else:
+        c.softirq += 1
+    try:
+        if not irq_fpu_usable(c):
+            return False
+        kernel_fpu_begin_mask(c)
+        kernel_fpu_clobber(c, clobber)
+        kernel_fpu_end(c)
+        return True
+    finally:
+        if hardirq:
+            c.hardirq -= 1
+            c.irqs_disabled = saved_irqs
+        else:
+            c.softirq -= 1
+
+
+def fpregs_locked_irq_window(c: Cpu) -> bool | None:
+    """A point inside a fpregs_lock()ed section where interrupts are enabled (only bottom
+    halves are off): the hard interrupt armed for this step (Cpu.irq_in_lock, the components
+    its handler clobbers) arrives here. Whether its handler used the FPU; None when none was
+    armed."""
+    mask = c.irq_in_lock
+    if not mask:
+        return None
+    c.irq_in_lock = 0
+    c.irq_in_lock_used = irq_handler_kernel_fpu(c, True, mask)
+    return c.irq_in_lock_used
 
 
 def kernel_fpu_begin_mask(c: Cpu, kfpu_mask: int = KFPU_MXCSR) -> None:

@@ -222,6 +222,11 @@ class Cpu:
     softirq: int = 0
     nmi: int = 0
     pagefault_disabled: int = 0
+    #: The clobber mask of a hard interrupt due inside this step's fpregs_lock()ed section
+    #: (core.fpregs_locked_irq_window), 0 for none, and whether its handler used the FPU
+    #: (None: it has not arrived). Set and cleared by one step.
+    irq_in_lock: int = 0
+    irq_in_lock_used: bool | None = None
 
     def __repr__(self) -> str:
         return f"Cpu({self.nr}, current={self.current.comm})"
@@ -654,25 +659,7 @@ class Machine:
                 return self.irq_kernel_fpu(nr, hardirq=hardirq, clobber=clobber)
             finally:
                 self.exit_to_user_mode(nr)
-        saved_irqs = c.irqs_disabled
-        if hardirq:
-            c.hardirq += 1
-            c.irqs_disabled = True
-        else:
-            c.softirq += 1
-        try:
-            if not core.irq_fpu_usable(c):
-                return False
-            core.kernel_fpu_begin_mask(c)
-            core.kernel_fpu_clobber(c, clobber)
-            core.kernel_fpu_end(c)
-            return True
-        finally:
-            if hardirq:
-                c.hardirq -= 1
-                c.irqs_disabled = saved_irqs
-            else:
-                c.softirq -= 1
+        return core.irq_handler_kernel_fpu(c, hardirq, clobber)
 
     # -- fork, exec, exit ---------------------------------------------------------------------
 

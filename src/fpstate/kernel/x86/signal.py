@@ -257,7 +257,8 @@ def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int,
     has the fsave header at buf, 112 bytes below buf_fx.
 
     Zero the user header, then under fpregs_lock: load current's registers if they are not
-    live and XSAVE them straight to the user frame with page faults disabled. A fault unlocks,
+    live and XSAVE them straight to the user frame with page faults disabled (a hard interrupt
+    may arrive between the two: core.fpregs_locked_irq_window). A fault unlocks,
     clears (and so faults in) the frame and retries; if that clearing faults too, failure.
     Then an ia32 frame's fsave header (save_fsave_header). Finally the software bytes, MAGIC2
     and the forced FP|SSE bits (save_xstate_epilog).
@@ -272,6 +273,7 @@ def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int,
         core.fpregs_lock(c)
         if c.current.need_fpu_load:
             fpregs_restore_userregs(c)
+        core.fpregs_locked_irq_window(c)
         c.pagefault_disabled += 1
         fault = xsave_to_user_sigframe(c, buf_fx, pkru)
         c.pagefault_disabled -= 1
@@ -569,8 +571,9 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
     registers were not current's, this CPU's copy is invalidated; a #PF is faulted in
     (fault_in_readable may sleep: a preemption point) and retried, anything else (#GP from a
     bad header, MXCSR, XSTATE_BV bits) fails. Success restores supervisor state from memory if
-    the registers were not live (they may hold another task's), and activates. A kernel path
-    returning True or False."""
+    the registers were not live (they may hold another task's), and activates (a hard
+    interrupt may arrive before that: core.fpregs_locked_irq_window). A kernel path returning
+    True or False."""
     task = c.current
     fpu = task.fpu
     xrestore &= fpu.fpstate.user_xfeatures
@@ -594,6 +597,7 @@ def restore_fpregs_from_user(c: Cpu, buf: int, xrestore: int, fx_only: bool) -> 
             task.process.mm.read(buf, fpu.fpstate.user_size, pkru=read_pkru(c))
         except PageFault:
             return False
+    core.fpregs_locked_irq_window(c)
     if task.need_fpu_load and c.m.system.xfeatures_mask_supervisor:
         core.os_xrstor_supervisor(c, fpu.fpstate)
     core.fpregs_mark_activate(c)

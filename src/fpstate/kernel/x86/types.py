@@ -197,6 +197,12 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "after a CPU comes back, IA32_XFD arms AMX tile data while xfd_state still says "
             "disarmed: a task that uses AMX and ran there last is restored without the MSR "
             "write and XRSTOR takes #NM in the kernel (die)"),
+    Variant("hardirq-fpu-in-fpregs-lock", "irq_fpu_usable",
+            "before 59f5ede3bc0f 'x86/fpu: Prevent FPU state corruption' (v5.18; the "
+            "condition dates back to 5d2bd7009f30, 2014)",
+            "a hard interrupt that hit a fpregs_lock()ed section may take the FPU: its "
+            "kernel_fpu_begin() saves and clobbers the registers the section is about to "
+            "write to a signal frame or to activate as the task's after sigreturn's XRSTOR"),
     Variant("fpu-usable-before-init-cpu", "irq_fpu_usable",
             "before 2297554f01df 'x86/fpu: Fix irq_fpu_usable() to return false during CPU "
             "onlining' (Eric Biggers, 6.16 merge window): a per-CPU in_kernel_fpu that starts "

@@ -41,6 +41,15 @@ class Change:
 
 
 CHANGES: tuple[Change, ...] = (
+    Change("hardirq_fpu_checks_bh", "5.18",
+           "59f5ede3bc0f x86/fpu: Prevent FPU state corruption (Thomas Gleixner, May 2022, "
+           "Cc stable: 5.10.180, 5.15.y; reported by Filipe Manana once random.c used BLAKE2s "
+           "in hard interrupts)",
+           "irq_fpu_usable() in a hard interrupt is true only if softirq_count() is 0, i.e. the "
+           "interrupt did not hit a fpregs_lock()ed section (before: !in_interrupt() || "
+           "interrupted_user_mode() || interrupted_kernel_fpu_idle(), true there too, so the "
+           "handler's kernel_fpu_begin() saved and clobbered registers the section was using; "
+           "variant hardirq-fpu-in-fpregs-lock)"),
     Change("xcompacted_xsavec", "5.19",
            "8ad7e8f69695 x86/fpu/xsave: Support XSAVEC in the kernel",
            "X86_FEATURE_XCOMPACTED = XSAVEC || XSAVES (before: compacted only with XSAVES); "
