@@ -191,6 +191,35 @@ def test_components_in_init_state_read_as_zero(session, rc, xstate_bv: int) -> N
         assert back[160:416] == session.xstate.data[160:416]
 
 
+@pytest.mark.parametrize("variant", [None, "init-fpstate-by-xsaves"])
+def test_absent_legacy_components_read_as_init_fpstate_as_the_model_builds_it(
+        session, rc, variant: str | None) -> None:
+    """With XSTATE_BV = 0 every legacy byte of the read-back comes from init_fpstate: FCW
+    037FH, MXCSR 1F80H and this CPU's MXCSR_MASK, the rest 0 -- the model's init_fpstate
+    (setup_init_fpu_buf() with its FXSAVE, f9dfb5e390fa) gives the same 32 bytes; the variant's
+    XSAVES read-back (kernels before 5.13) would give zeros, which this kernel does not."""
+    from fpstate.kernel.x86.regset import XSTATE_COPY_XSAVE, __copy_xstate_to_uabi_buf
+    from fpstate.kernel.x86.sched import Machine
+
+    s = ptrace_session([RegsetWrite(NT_X86_XSTATE,
+                                    _with(session.xstate.data, 512, struct.pack("<Q", 0)),
+                                    "XSTATE_BV=0")], seed=session.seed)
+    assert s.writes[0].errno == 0
+    real = s.writes[0].read_back.data
+    fcw, mxcsr, mask = struct.unpack_from("<H", real, 0)[0], *struct.unpack_from("<II", real, 24)
+    assert (fcw, mxcsr) == (0x37F, MXCSR_DEFAULT) and mask and real[2:24] == bytes(22)
+    m = Machine.boot("host", variants=(variant,) if variant else ())
+    sysm = m.system
+    fps = m.spawn("tracee").fpu.fpstate
+    fps.xstate_bv = 0
+    view = __copy_xstate_to_uabi_buf(sysm, bytes(m.init_fpstate.regs), fps, fps.user_xfeatures,
+                                     0, XSTATE_COPY_XSAVE, sysm.user.max_size)
+    if variant is None or not sysm.xsaves:
+        assert view[0:32] == real[0:32]
+    else:  # the CPU has XSAVES: the variant's init_fpstate has no legacy values
+        assert view[0:32] == bytes(32) != real[0:32]
+
+
 def test_ymm_without_sse_mxcsr_differs_between_view_and_registers(session, rc) -> None:
     """copy_uabi_to_xstate stores MXCSR when YMM is set without FP (the standard-format rule:
     XRSTOR loads MXCSR when RFBM[1] or RFBM[2]), so GETREGSET shows it; but the kernel

@@ -48,6 +48,23 @@ def test_init_fpstate_is_the_kernel_default_image(m: Machine) -> None:
     assert len(init.regs) == 4096
 
 
+@pytest.mark.parametrize(("profile", "zeroed"), [("zen5", True), ("sapphire-rapids", True),
+                                                  ("haswell", False)])
+def test_an_xsaves_read_back_leaves_init_fpstate_without_legacy_values(profile: str,
+                                                                       zeroed: bool) -> None:
+    """Variant init-fpstate-by-xsaves (before f9dfb5e390fa): copy_xregs_to_kernel_booting()
+    read init_fpstate back with XSAVES where the CPU has it, which writes nothing of components
+    in their initial configuration; a CPU without XSAVES (Haswell) used XSAVE, which writes
+    x87 and MXCSR whatever XINUSE says."""
+    m = Machine.boot(profile, variants=("init-fpstate-by-xsaves",))
+    assert m.system.xsaves is zeroed
+    legacy = bytes(m.init_fpstate.regs[0:32])
+    if zeroed:
+        assert legacy == bytes(32)
+    else:
+        assert legacy[0:2] == b"\x7f\x03" and legacy[24:28] == MXCSR_DEFAULT.to_bytes(4, "little")
+
+
 def test_new_process_starts_in_init_state_and_loads_on_return(m: Machine) -> None:
     a = m.spawn()
     assert a.need_fpu_load and a.fpu.last_cpu == -1

@@ -287,6 +287,10 @@ VARIANTS: tuple[Variant, ...] = (
             # one thread per process and no VM: fewer actions between first AMX use, idle,
             # hotplug and the run that restores
             config={"vms": {}, "processes": {"p0": 1, "p1": 1}}),
+    Variant("init-fpstate-by-xsaves", "x86", "before v5.13 (fixed: f9dfb5e390fa)",
+            "init_fpstate read back with XSAVES, which writes nothing of components in their "
+            "initial configuration: FCW and MXCSR 0 in every view that fills an absent x87 or "
+            "SSE from it (ptrace, core dumps, KVM_GET_XSAVE2)", "regset-view-shows-the-task"),
     Variant("hardirq-fpu-in-fpregs-lock", "x86", "before v5.18 (fixed: 59f5ede3bc0f)",
             "irq_fpu_usable() lets a hard interrupt that hit a fpregs_lock()ed section take "
             "the FPU: its kernel_fpu_begin() clobbers registers the section then writes to a "

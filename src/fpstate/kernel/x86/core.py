@@ -677,7 +677,12 @@ def build_init_fpstate(system: FpuSystem) -> Fpstate:
     """init_fpstate as setup_init_fpu_buf() leaves it: kernel default size and features,
     xfd = init_fpstate.xfd, XCOMP_BV = default features | bit 63 (compacted), XSTATE_BV = 0,
     and the legacy area as FXSAVE wrote it after an all-init XRSTOR: FCW 037FH, MXCSR 1F80H,
-    MXCSR_MASK = the CPU's. The buffer is the kernel's one page (union fpregs_state)."""
+    MXCSR_MASK = the CPU's. The buffer is the kernel's one page (union fpregs_state).
+
+    Before f9dfb5e390fa (v5.13, and variant ``init-fpstate-by-xsaves``) the read-back was
+    copy_xregs_to_kernel_booting(): XSAVES where the CPU has it, whose init optimisation
+    writes nothing of a component in its initial configuration -- every one, after that
+    XRSTOR -- so FCW, MXCSR and MXCSR_MASK stayed 0."""
     from fpstate.kernel.x86.types import FPREGS_STATE_SIZE
 
     fps = Fpstate(size=system.kernel.default_size, user_size=system.user.default_size,
@@ -685,6 +690,8 @@ def build_init_fpstate(system: FpuSystem) -> Fpstate:
                   user_xfeatures=system.user.default_features, xfd=system.init_xfd,
                   regs=bytearray(FPREGS_STATE_SIZE))
     xstate_init_xcomp_bv(system, fps, fps.xfeatures)
+    if system.xsaves and system.has_variant("init-fpstate-by-xsaves"):
+        return fps
     fps.regs[0:2] = (0x37F).to_bytes(2, "little")
     fps.regs[MXCSR_OFFSET:MXCSR_OFFSET + 8] = (
         MXCSR_DEFAULT.to_bytes(4, "little") + system.mxcsr_feature_mask.to_bytes(4, "little"))

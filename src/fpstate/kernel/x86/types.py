@@ -197,6 +197,13 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "after a CPU comes back, IA32_XFD arms AMX tile data while xfd_state still says "
             "disarmed: a task that uses AMX and ran there last is restored without the MSR "
             "write and XRSTOR takes #NM in the kernel (die)"),
+    Variant("init-fpstate-by-xsaves", "setup_init_fpu_buf",
+            "before f9dfb5e390fa 'x86/fpu: Make init_fpstate correct with optimized XSAVE' "
+            "(Thomas Gleixner, v5.13, Cc stable)",
+            "reads init_fpstate back with XSAVES, whose init optimisation writes nothing of "
+            "the (all initial) components: FCW, MXCSR and MXCSR_MASK stay 0, and every copy "
+            "that fills an absent x87 or SSE component from init_fpstate (PTRACE_GETREGSET, "
+            "core dumps, KVM_GET_XSAVE2) shows those zeros"),
     Variant("hardirq-fpu-in-fpregs-lock", "irq_fpu_usable",
             "before 59f5ede3bc0f 'x86/fpu: Prevent FPU state corruption' (v5.18; the "
             "condition dates back to 5d2bd7009f30, 2014)",
