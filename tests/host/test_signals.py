@@ -138,7 +138,13 @@ def test_frame_header_is_xinuse_plus_fp_sse_and_sw_xfeatures_is_not(rc) -> None:
     assert run.frame.sw_bytes.xfeatures == rc.xcr0
     if rc.vector_bytes == 64:
         assert run.after.zmm(3)[16:] == bytes(48)
-    run = raise_signal(init_mask=0x3)
+    # On this machine's VM a preemption between the child's XRSTOR and its XSAVE has once
+    # come back with SSE marked in use (XSTATE_BV 0xe6, a CI run with both cores busy): up to
+    # three runs, and the frame is judged on the first that shows x87 and SSE initial.
+    for _ in range(3):
+        run = raise_signal(init_mask=0x3)
+        if run.before.xstate_bv & 0x3 == 0:
+            break
     assert run.before.xstate_bv & 0x3 == 0
     assert run.frame.xsave.xstate_bv == rc.xcr0
     assert run.frame.xsave.xmm(3) == bytes(16)
