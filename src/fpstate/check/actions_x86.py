@@ -276,7 +276,8 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "must load x87, SSE and AVX from the frame and every other user component in "
                "its initial configuration (PKRU 0)", {"task": _TASK}),
     ActionSpec("hotplug", "the idle CPU is taken offline and brought back (sysfs online 0, "
-               "then 1): INIT, FNINIT, PKRU, XCR0, IA32_XSS and IA32_XFD written again "
+               "then 1): INIT, the microcode loader (on AMD, a SHA-256 that may use the FPU), "
+               "fpu__init_cpu() (CR4, FNINIT, XCR0, IA32_XSS, IA32_XFD), PKRU "
                "(fpstate.kernel.x86.smpboot); not CPU 0", {"cpu": _CPU}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {

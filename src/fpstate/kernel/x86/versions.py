@@ -1,13 +1,15 @@
-"""Kernel versions of the x86 boot-time xstate setup, and every place their behaviour differs.
+"""Kernel versions of the x86 FPU code, and every place their behaviour differs.
 
 Models the history of arch/x86/kernel/fpu/xstate.c, arch/x86/include/asm/fpu/xstate.h and
 types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18,
-and of the generic code a core's FPU notes pass through (fs/coredump.c, and the scheduler's
-wait_task_inactive() that coredump_wait() calls). Each difference is one row of
-:data:`CHANGES`: a key, the first listed version that has it, and the commit (or
-tip/stable/list mail) it comes from. A :class:`KernelVersion` is a name plus the set of keys
-it has; everything version-dependent in ``fpstate.kernel.x86.xstate`` and
-``fpstate.kernel.x86.coredump`` asks ``kernel.has(KEY)``, never compares version numbers.
+of the run-time FPU code where a listed kernel shipped a bug the model knows (fpu/core.c
+irq_fpu_usable(), exec's reset, fpu__init_cpu()'s xfd_state; `FpuSystem.runs_unfixed`), of
+the SHA-256 library a CPU coming online uses, and of the generic code a core's FPU notes pass
+through (fs/coredump.c, and the scheduler's wait_task_inactive() that coredump_wait() calls).
+Each difference is one row of :data:`CHANGES`: a key, the first listed version that has it,
+and the commit (or tip/stable/list mail) it comes from. A :class:`KernelVersion` is a name
+plus the set of keys it has; everything version-dependent asks ``kernel.has(KEY)``, never
+compares version numbers.
 
 Rules of this file:
 - a version is listed where behaviour changes, plus the LTS names people ask for (6.1, 6.6,
@@ -43,8 +45,8 @@ class Change:
 CHANGES: tuple[Change, ...] = (
     Change("hardirq_fpu_checks_bh", "5.18",
            "59f5ede3bc0f x86/fpu: Prevent FPU state corruption (Thomas Gleixner, May 2022, "
-           "Cc stable: 5.10.180, 5.15.y; reported by Filipe Manana once random.c used BLAKE2s "
-           "in hard interrupts)",
+           "Cc stable, e.g. 5.10.180; reported by Filipe Manana once random.c used BLAKE2s in "
+           "hard interrupts)",
            "irq_fpu_usable() in a hard interrupt is true only if softirq_count() is 0, i.e. the "
            "interrupt did not hit a fpregs_lock()ed section (before: !in_interrupt() || "
            "interrupted_user_mode() || interrupted_kernel_fpu_idle(), true there too, so the "
