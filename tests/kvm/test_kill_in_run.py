@@ -375,3 +375,21 @@ def test_the_real_kernel_kills_a_process_whose_vmm_thread_is_inside_kvm_run() ->
             child.wait()
     assert child.returncode == -signal.SIGKILL
     assert out == ""  # neither "KVM_RUN returned" nor "alive"
+
+
+# -- a hard interrupt inside fpu_swap_kvm_fpstate()'s locked section ---------------------------
+
+
+@pytest.mark.parametrize("variant", [None, "hardirq-fpu-in-fpregs-lock"])
+def test_a_hardirq_while_the_guest_fpu_is_loaded_reaches_the_guest_only_before_5_18(
+        variant: str | None) -> None:
+    """fpu_swap_kvm_fpstate() XRSTORs the guest's fpstate and then fpregs_mark_activate()s it
+    under fpregs_lock(): a hard interrupt between the two takes the FPU only under the old
+    irq_fpu_usable(), and then the guest runs with the kernel's SSE and AVX."""
+    w = make_world("x86", {}, variant)
+    w.step(A("run", task="p1.t0", cpu=0))
+    w.step(A("kvm_run", task="p1.t0", vcpu="vm0.v0", guest="write avx"))
+    r = w.step(A("kvm_run", task="p1.t0", vcpu="vm0.v0", guest="read avx", irq=True))
+    assert r.observed["irq"] == ("fpu" if variant else "scalar")
+    broken = {v.invariant for v in r.violations}
+    assert broken == ({"no-foreign-value"} if variant else set())

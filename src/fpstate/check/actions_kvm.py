@@ -104,7 +104,13 @@ KVM_SPECS.update({s.name: s for s in (
                {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("kvm_run", "KVM_RUN: the guest runs a ';'-separated program of 'write <comp>', "
                "'read <comp>', 'release <comp|comp>', 'xsetbv', 'init'",
-               {"task": _VMM, "vcpu": _VCPU, "guest": FieldSpec(str, "the guest program")}),
+               {"task": _VMM, "vcpu": _VCPU, "guest": FieldSpec(str, "the guest program"),
+                "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
+                                 "inside fpu_swap_kvm_fpstate()'s fpregs_lock()ed section as "
+                                 "the guest FPU is loaded, between its XRSTOR and "
+                                 "fpregs_mark_activate(); it clobbers SSE and AVX if "
+                                 "irq_fpu_usable() lets it (output irq: fpu or scalar)",
+                                 required=False, default=False)}),
     ActionSpec("kvm_enter", "KVM_RUN up to its preemption point (guest FPU loaded, VMM in the "
                "kernel): a later idle/run preempts it there",
                {"task": _VMM, "vcpu": _VCPU,
@@ -476,12 +482,18 @@ class KvmX86World(X86World):
         for b in bits((caps.supported_xcr0 | caps.supported_xss) & ARCH_INIT_CLEARED):
             self.expected[name].pop(b, None)
 
-    def do_kvm_run(self, task: str, vcpu: str, guest: str) -> dict[str, V]:
+    def do_kvm_run(self, task: str, vcpu: str, guest: str, irq: bool = False) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
         ops = self._guest_ops(v, guest)
-        result = self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops))
-        return self._after_run(vcpu, v, ops, result)
+        prog = tuple(op for op, _ in ops)
+        if not irq:
+            return self._after_run(vcpu, v, ops,
+                                   self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog))
+        got: list[kv.RunResult] = []
+        used = self._irq_in_lock(nr, lambda: got.append(
+            self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog)))
+        return {**self._after_run(vcpu, v, ops, got[0]), "irq": used}
 
     def _after_run(self, name: str, v: kv.KvmVcpu, ops: list[tuple[kv.GuestOp, int | None]],
                    result: kv.RunResult) -> dict[str, V]:
@@ -735,6 +747,8 @@ class KvmX86World(X86World):
                                  if w.split()[0] == "write"]
                         if all((xcr0 >> component_number(c)) & 1 for c in comps):
                             acts.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
+                    acts.append(A("kvm_run", task=t.comm, vcpu=name, guest="read avx",
+                                  irq=True))
                     acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))

@@ -238,7 +238,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("realloc-no-restore-userregs", "x86", "xstate.c fpstate_realloc()",
             "swap in the zeroed larger buffer without first making the registers "
             "authoritative: the state that lived only in the old buffer is lost",
-            "no-lost-write", needs=(18,)),
+            # a core dump taken while the task sleeps in the #NM handler shows the loss first
+            "no-lost-write", needs=(18,), also=("regset-view-shows-the-task",)),
     Variant("ptrace-set-no-invalidate", "x86", "regset.c fpu_force_restore()",
             "PTRACE_SETREGSET modifies a stopped task's fpstate without zapping last_cpu: a "
             "still-cached register copy wins over the write", "valid-registers-match-memory"),

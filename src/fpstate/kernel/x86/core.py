@@ -608,7 +608,8 @@ def fpu_swap_kvm_fpstate(c: Cpu, guest_fpu: FpuGuest, enter_guest: bool) -> int:
     """fpu_swap_kvm_fpstate() (core.c): KVM switches current between its own fpstate and the
     vCPU's. The outgoing state is saved if live (not for confidential guests), the pointers are
     swapped (``task_fpstate`` is the kernel's __task_fpstate), the incoming state is restored
-    with XFD first, and the registers are marked current's."""
+    with XFD first, and the registers are marked current's (a hard interrupt may arrive before
+    that: `fpregs_locked_irq_window`)."""
     fpu = c.current.fpu
     cur_fps = fpu.fpstate
     fpregs_lock(c)
@@ -628,6 +629,7 @@ def fpu_swap_kvm_fpstate(c: Cpu, guest_fpu: FpuGuest, enter_guest: bool) -> int:
         restore_fpregs_from_fpstate(c, cur_fps, XFEATURE_MASK_FPSTATE)
     else:
         xfd_update_state(c, cur_fps)
+    fpregs_locked_irq_window(c)
     fpregs_mark_activate(c)
     fpregs_unlock(c)
     return 0
