@@ -487,13 +487,9 @@ class KvmX86World(X86World):
         v = self.vcpu(vcpu)
         ops = self._guest_ops(v, guest)
         prog = tuple(op for op, _ in ops)
-        if not irq:
-            return self._after_run(vcpu, v, ops,
-                                   self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog))
-        got: list[kv.RunResult] = []
-        used = self._irq_in_lock(nr, lambda: got.append(
-            self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog)))
-        return {**self._after_run(vcpu, v, ops, got[0]), "irq": used}
+        result, out = self._irq_in_lock(
+            nr, irq, lambda: self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog))
+        return {**self._after_run(vcpu, v, ops, result), **out}
 
     def _after_run(self, name: str, v: kv.KvmVcpu, ops: list[tuple[kv.GuestOp, int | None]],
                    result: kv.RunResult) -> dict[str, V]:

@@ -760,17 +760,21 @@ class X86World(X86Views, World):
         ret = self.m.syscall(nr, sys_sigaltstack, addr, size, 0)
         return {"ret": ret, "errno": errno_name(ret)}
 
-    def _irq_in_lock(self, nr: int, fn: Callable[[], Any]) -> str:
-        """Run ``fn`` with a hard interrupt armed for CPU ``nr``'s next fpregs_lock()ed
-        section (the action's ``irq``); what its handler did: fpu, scalar or none."""
+    def _irq_in_lock(self, nr: int, irq: bool,
+                     fn: Callable[[], Any]) -> tuple[Any, dict[str, Value]]:
+        """``fn()`` and, with ``irq`` (the action's argument), a hard interrupt armed for CPU
+        ``nr``'s next fpregs_lock()ed section: the result, and the output key ``irq`` saying
+        what its handler did (fpu, scalar, or none when no such section was reached)."""
+        if not irq:
+            return fn(), {}
         c = self.m.cpus[nr]
         c.irq_in_lock, c.irq_in_lock_used = components_mask("sse|avx"), None
         try:
-            fn()
+            result = fn()
             used = c.irq_in_lock_used
         finally:
             c.irq_in_lock, c.irq_in_lock_used = 0, None
-        return "none" if used is None else "fpu" if used else "scalar"
+        return result, {"irq": "none" if used is None else "fpu" if used else "scalar"}
 
     def do_signal(self, task: str, irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
@@ -778,11 +782,7 @@ class X86World(X86Views, World):
         handled = SIGUSR1 in t.handlers
         before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
         room = self._sigframe_room(t) if handled else 0
-        out: dict[str, Value] = {}
-        if irq:
-            out["irq"] = self._irq_in_lock(nr, lambda: self.m.kill(t, SIGUSR1))
-        else:
-            self.m.kill(t, SIGUSR1)
+        _, out = self._irq_in_lock(nr, irq, lambda: self.m.kill(t, SIGUSR1))
         delivered = handled and t.state is STATE_USER
         if handled and not delivered:
             self.emitted.append(("undelivered", (t, room, at_minsigstksz(self.m.system))))
@@ -1047,13 +1047,7 @@ class X86World(X86Views, World):
         else:
             handler_return(t)
             path = sys_rt_sigreturn
-        out: dict[str, Value] = {}
-        if irq:
-            got: list[Any] = []
-            out["irq"] = self._irq_in_lock(nr, lambda: got.append(self.m.syscall(nr, path)))
-            ret = got[0]
-        else:
-            ret = self.m.syscall(nr, path)
+        ret, out = self._irq_in_lock(nr, irq, lambda: self.m.syscall(nr, path))
         if ret != 0 and readable:
             self.emitted.append(("sigreturn-refused", (t, ret, lo)))
         saved = self.sigstack[t.comm].pop()

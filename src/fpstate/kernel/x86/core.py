@@ -353,17 +353,15 @@ def irq_handler_kernel_fpu(c: Cpu, hardirq: bool, clobber: int) -> bool:
             c.softirq -= 1
 
 
-def fpregs_locked_irq_window(c: Cpu) -> bool | None:
+def fpregs_locked_irq_window(c: Cpu) -> None:
     """A point inside a fpregs_lock()ed section where interrupts are enabled (only bottom
     halves are off): the hard interrupt armed for this step (Cpu.irq_in_lock, the components
-    its handler clobbers) arrives here. Whether its handler used the FPU; None when none was
-    armed."""
+    its handler clobbers) arrives here, and Cpu.irq_in_lock_used records whether its handler
+    used the FPU."""
     mask = c.irq_in_lock
-    if not mask:
-        return None
-    c.irq_in_lock = 0
-    c.irq_in_lock_used = irq_handler_kernel_fpu(c, True, mask)
-    return c.irq_in_lock_used
+    if mask:
+        c.irq_in_lock = 0
+        c.irq_in_lock_used = irq_handler_kernel_fpu(c, True, mask)
 
 
 def kernel_fpu_begin_mask(c: Cpu, kfpu_mask: int = KFPU_MXCSR) -> None:
