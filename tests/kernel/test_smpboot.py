@@ -17,7 +17,7 @@ from fpstate.kernel.x86.hw import (
 )
 from fpstate.kernel.x86.microcode import cpu_has_entrysign, load_ucode_ap, sha256_blocks
 from fpstate.kernel.x86.sched import Machine, TaskState
-from fpstate.kernel.x86.smpboot import cpu_down_up, fpu__disable_cpu
+from fpstate.kernel.x86.smpboot import cpu_down_up, fpu__disable_cpu, native_kick_ap
 from fpstate.kernel.x86.types import IllegalEvent, KernelBug
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
 
@@ -138,11 +138,11 @@ def _idle_machine(profile: str, kernel: str | None = None, variants: tuple[str, 
 
 
 def _down_to_init(m: Machine, nr: int) -> None:
-    """cpu_down_up()'s first half: takedown, then INIT's CR4 (as start_secondary() finds it)."""
+    """cpu_down_up() up to start_secondary(): takedown, then native_kick_ap()'s INIT."""
     c = m.cpus[nr]
     fpu__disable_cpu(c)
-    c.regs.cr4 &= ~CR4_FPU_BITS
-    c.irqs_disabled = True
+    native_kick_ap(c)
+    assert not c.regs.cr4 & CR4_FPU_BITS
 
 
 @pytest.mark.parametrize(("profile", "entrysign"), [

@@ -63,27 +63,21 @@ def fpu__init_cpu(c: Cpu) -> None:
     c.kernel_fpu_allowed = True
 
 
-def cpu_down_up(m: Machine, nr: int) -> None:
-    """``echo 0`` then ``echo 1`` to /sys/devices/system/cpu/cpuN/online for CPU ``nr``.
-
-    Takedown leaves it running nothing (the model asks that it be idle already: its tasks
-    have gone elsewhere) and runs cpu_disable_common() -> `fpu__disable_cpu`. Bring-up:
-    native_kick_ap() clears its fpu_fpregs_owner_ctx; INIT clears CR4 and the MPX and CET
-    components; start_secondary(), interrupts off, loads microcode (`microcode.load_ucode_ap`:
-    on AMD, a SHA-256 digest that may use the FPU), then `fpu__init_cpu`, then ap_starting()
-    -> identify_secondary_cpu() -> setup_pku() loads init_pkru_value. CPU 0 cannot go offline
-    (v6.5 removed the CPU0 hotplug option)."""
-    if not 0 < nr < len(m.cpus):
-        raise IllegalEvent(f"CPU {nr} cannot be taken offline (CPU 0 stays online)")
-    c = m.cpus[nr]
-    if c.current is not c.idle:
-        raise IllegalEvent(f"CPU {nr} still runs {c.current!r}: takedown moves its tasks away")
-    fpu__disable_cpu(c)
-    if not m.system.has_variant("cpu-up-keeps-owner"):
+def native_kick_ap(c: Cpu) -> None:
+    """native_kick_ap() and the INIT it sends: the CPU's fpu_fpregs_owner_ctx cleared ("the
+    FPU context is blank, nobody can own it"; not under variant ``cpu-up-keeps-owner``), then
+    INIT clears CR4 and the MPX and CET components -- the state start_secondary() finds."""
+    if not c.m.system.has_variant("cpu-up-keeps-owner"):
         c.fpu_fpregs_owner_ctx = None
     regs = c.regs
     regs.cr4 &= ~CR4_FPU_BITS
     regs.init_components((regs.xcr0 | regs.xss) & XFEATURE_MASK_CLEARED_BY_INIT)
+
+
+def start_secondary(c: Cpu) -> None:
+    """start_secondary(), interrupts off: load_ucode_ap() (`microcode.load_ucode_ap`: on AMD,
+    a SHA-256 digest that may use the FPU), `fpu__init_cpu`, then ap_starting() ->
+    identify_secondary_cpu() -> setup_pku() loads init_pkru_value."""
     c.irqs_disabled = True
     try:
         load_ucode_ap(c)
@@ -93,4 +87,21 @@ def cpu_down_up(m: Machine, nr: int) -> None:
         c.irqs_disabled = False
 
 
-__all__ = ["cpu_down_up", "fpu__disable_cpu", "fpu__init_cpu"]
+def cpu_down_up(m: Machine, nr: int) -> None:
+    """``echo 0`` then ``echo 1`` to /sys/devices/system/cpu/cpuN/online for CPU ``nr``:
+    takedown leaves it running nothing (the model asks that it be idle already: its tasks
+    have gone elsewhere) and runs cpu_disable_common() -> `fpu__disable_cpu`; bring-up is
+    `native_kick_ap` then `start_secondary`. CPU 0 cannot go offline (v6.5 removed the CPU0
+    hotplug option)."""
+    if not 0 < nr < len(m.cpus):
+        raise IllegalEvent(f"CPU {nr} cannot be taken offline (CPU 0 stays online)")
+    c = m.cpus[nr]
+    if c.current is not c.idle:
+        raise IllegalEvent(f"CPU {nr} still runs {c.current!r}: takedown moves its tasks away")
+    fpu__disable_cpu(c)
+    native_kick_ap(c)
+    start_secondary(c)
+
+
+__all__ = ["cpu_down_up", "fpu__disable_cpu", "fpu__init_cpu", "native_kick_ap",
+           "start_secondary"]
