@@ -15,9 +15,10 @@ from fpstate.kernel.x86.hw import (
     KernelBuf,
     token,
 )
+from fpstate.kernel.x86.init import fpu__disable_cpu
 from fpstate.kernel.x86.microcode import cpu_has_entrysign, load_ucode_ap, sha256_blocks
 from fpstate.kernel.x86.sched import Machine, TaskState
-from fpstate.kernel.x86.smpboot import cpu_down_up, fpu__disable_cpu, native_kick_ap
+from fpstate.kernel.x86.smpboot import cpu_down_up, native_kick_ap
 from fpstate.kernel.x86.types import IllegalEvent, KernelBug
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
 

@@ -1,4 +1,6 @@
-"""What FPU init reads before xstate.c runs: boot_cpu_has() flags and the legacy sizes.
+"""What FPU init reads before xstate.c runs: boot_cpu_has() flags and the legacy sizes; and
+the per-CPU part of fpu/init.c, fpu__init_cpu() and fpu__disable_cpu(), run as a CPU comes
+online and goes offline (fpstate.kernel.x86.smpboot).
 
 Models arch/x86/kernel/fpu/init.c (fpu__init_system_early_generic(),
 fpu__init_system_xstate_size_legacy()) and the parts of arch/x86/kernel/cpu/ that decide
@@ -16,10 +18,17 @@ PROTECTION_KEYS=y), so a dump's OSPKE bit (the dumping OS's CR4.PKE) is ignored.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fpstate.kernel.x86.config import BootCpuCaps
+from fpstate.kernel.x86.core import xfd_set_state
+from fpstate.kernel.x86.hw import X86_CR4_OSFXSR, X86_CR4_OSXMMEXCPT, X86_CR4_OSXSAVE
 from fpstate.kernel.x86.versions import KernelVersion
 from fpstate.x86.cpuid import FLAGS, CpuidProfile
 from fpstate.x86.xfeatures import XFEATURE_MASK_FP, XFEATURE_MASK_FPSSE
+
+if TYPE_CHECKING:
+    from fpstate.kernel.x86.sched import Cpu
 
 #: The CPUID flags xsave_cpuid_features[] and fpu__init_system_xstate() test.
 CPUID_CAPS: tuple[str, ...] = (
@@ -127,3 +136,32 @@ def fpu__init_system_xstate_size_legacy(caps: BootCpuCaps) -> tuple[int, int]:
     if caps.has("FXSR"):
         return FXREGS_STATE_SIZE, XFEATURE_MASK_FPSSE
     return FREGS_STATE_SIZE, XFEATURE_MASK_FP
+
+
+# -- per CPU, at run time ---------------------------------------------------------------------
+
+
+def fpu__disable_cpu(c: Cpu) -> None:
+    """fpu__disable_cpu() (fpu/init.c, v6.16+), from cpu_disable_common() as the CPU goes
+    offline: kernel_fpu_allowed = false, so that the CPU comes back with irq_fpu_usable()
+    false until fpu__init_cpu(). Before 6.16 (and variant ``fpu-usable-before-init-cpu``)
+    nothing: in_kernel_fpu was false, which irq_fpu_usable() read as usable."""
+    if not c.m.system.runs_unfixed("fpu-usable-before-init-cpu", "kernel_fpu_allowed"):
+        c.kernel_fpu_allowed = False
+
+
+def fpu__init_cpu(c: Cpu) -> None:
+    """fpu__init_cpu() (fpu/init.c): fpu__init_cpu_generic() -- CR4.OSFXSR and OSXMMEXCPT,
+    FNINIT -- then fpu__init_cpu_xstate() -- CR4.OSXSAVE, IA32_XFD = init_fpstate.xfd through
+    xfd_set_state() (the MSR alone before v6.9, and variant ``xfd-state-stale-on-online``),
+    XCR0 and IA32_XSS as at boot -- then, since v6.16, kernel_fpu_allowed = true."""
+    s, regs = c.m.system, c.regs
+    regs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
+    regs.fninit()
+    regs.cr4 |= X86_CR4_OSXSAVE
+    if s.xfd:
+        if s.runs_unfixed("xfd-state-stale-on-online", "xfd_state_synced"):
+            regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
+        else:
+            xfd_set_state(c, s.init_xfd)
+    c.kernel_fpu_allowed = True

@@ -2,9 +2,10 @@
 
 Models arch/x86/kernel/smpboot.c (cpu_disable_common() -> fpu__disable_cpu(); native_kick_ap():
 "the FPU context is blank, nobody can own it", then INIT/SIPI; start_secondary() ->
-load_ucode_ap(), fpu__init_cpu(), ap_starting() -> identify_secondary_cpu() -> setup_pku())
-with fpu/init.c (fpu__init_cpu_generic(): CR4.OSFXSR, FNINIT) and fpu/xstate.c
-(fpu__init_cpu_xstate(): CR4.OSXSAVE, IA32_XFD, XCR0, IA32_XSS), Linux v6.18.
+load_ucode_ap(), fpu__init_cpu(), ap_starting() -> identify_secondary_cpu() -> setup_pku()),
+Linux v6.18. fpu/init.c's per-CPU functions are in fpstate.kernel.x86.init
+(fpu__init_cpu_generic(): CR4.OSFXSR, FNINIT; fpu__init_cpu_xstate(): CR4.OSXSAVE, IA32_XFD,
+XCR0, IA32_XSS), the microcode loader in fpstate.kernel.x86.microcode.
 
 Theory of operation: per-CPU variables outlive the CPU's time offline, the registers do not
 all survive it. INIT clears CR4 and puts MPX and CET state in their initial configuration and
@@ -24,43 +25,13 @@ takes #NM (CVE-2024-35801: 10e4b5166df9, v6.9; kernels before it, and variant
 
 from __future__ import annotations
 
-from fpstate.kernel.x86.core import pkru_write_default, xfd_set_state
-from fpstate.kernel.x86.hw import (
-    CR4_FPU_BITS,
-    X86_CR4_OSFXSR,
-    X86_CR4_OSXMMEXCPT,
-    X86_CR4_OSXSAVE,
-)
+from fpstate.kernel.x86.core import pkru_write_default
+from fpstate.kernel.x86.hw import CR4_FPU_BITS
+from fpstate.kernel.x86.init import fpu__disable_cpu, fpu__init_cpu
 from fpstate.kernel.x86.microcode import load_ucode_ap
 from fpstate.kernel.x86.sched import Cpu, Machine
 from fpstate.kernel.x86.types import IllegalEvent
 from fpstate.x86.xfeatures import XFEATURE_MASK_CLEARED_BY_INIT
-
-
-def fpu__disable_cpu(c: Cpu) -> None:
-    """fpu__disable_cpu() (fpu/init.c, v6.16+), from cpu_disable_common() as the CPU goes
-    offline: kernel_fpu_allowed = false, so that the CPU comes back with irq_fpu_usable()
-    false until fpu__init_cpu(). Before 6.16 (and variant ``fpu-usable-before-init-cpu``)
-    nothing: in_kernel_fpu was false, which irq_fpu_usable() read as usable."""
-    if not c.m.system.runs_unfixed("fpu-usable-before-init-cpu", "kernel_fpu_allowed"):
-        c.kernel_fpu_allowed = False
-
-
-def fpu__init_cpu(c: Cpu) -> None:
-    """fpu__init_cpu() (fpu/init.c): fpu__init_cpu_generic() -- CR4.OSFXSR and OSXMMEXCPT,
-    FNINIT -- then fpu__init_cpu_xstate() -- CR4.OSXSAVE, IA32_XFD = init_fpstate.xfd through
-    xfd_set_state() (the MSR alone before v6.9, and variant ``xfd-state-stale-on-online``),
-    XCR0 and IA32_XSS as at boot -- then, since v6.16, kernel_fpu_allowed = true."""
-    s, regs = c.m.system, c.regs
-    regs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
-    regs.fninit()
-    regs.cr4 |= X86_CR4_OSXSAVE
-    if s.xfd:
-        if s.runs_unfixed("xfd-state-stale-on-online", "xfd_state_synced"):
-            regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
-        else:
-            xfd_set_state(c, s.init_xfd)
-    c.kernel_fpu_allowed = True
 
 
 def native_kick_ap(c: Cpu) -> None:
@@ -76,8 +47,8 @@ def native_kick_ap(c: Cpu) -> None:
 
 def start_secondary(c: Cpu) -> None:
     """start_secondary(), interrupts off: load_ucode_ap() (`microcode.load_ucode_ap`: on AMD,
-    a SHA-256 digest that may use the FPU), `fpu__init_cpu`, then ap_starting() ->
-    identify_secondary_cpu() -> setup_pku() loads init_pkru_value."""
+    a SHA-256 digest that may use the FPU), fpu__init_cpu() (`fpstate.kernel.x86.init`), then
+    ap_starting() -> identify_secondary_cpu() -> setup_pku() loads init_pkru_value."""
     c.irqs_disabled = True
     try:
         load_ucode_ap(c)
@@ -90,7 +61,7 @@ def start_secondary(c: Cpu) -> None:
 def cpu_down_up(m: Machine, nr: int) -> None:
     """``echo 0`` then ``echo 1`` to /sys/devices/system/cpu/cpuN/online for CPU ``nr``:
     takedown leaves it running nothing (the model asks that it be idle already: its tasks
-    have gone elsewhere) and runs cpu_disable_common() -> `fpu__disable_cpu`; bring-up is
+    have gone elsewhere) and runs cpu_disable_common() -> fpu__disable_cpu(); bring-up is
     `native_kick_ap` then `start_secondary`. CPU 0 cannot go offline (v6.5 removed the CPU0
     hotplug option)."""
     if not 0 < nr < len(m.cpus):
@@ -103,5 +74,4 @@ def cpu_down_up(m: Machine, nr: int) -> None:
     start_secondary(c)
 
 
-__all__ = ["cpu_down_up", "fpu__disable_cpu", "fpu__init_cpu", "native_kick_ap",
-           "start_secondary"]
+__all__ = ["cpu_down_up", "native_kick_ap", "start_secondary"]
