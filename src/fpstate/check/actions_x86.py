@@ -1556,7 +1556,7 @@ class X86World(X86Views, World):
                 out.extend(self._ptrace_actions(t.comm, st.comm))
         for st in stopped:
             add(self._task_actions(st.comm)["ptrace_cont"])
-        for comm in self.nm_pending:
+        for comm in sorted(self.nm_pending):  # insertion order is not in the key
             t = self.tasks[comm]
             if (t.kpath is not None and t.on_cpu is not None
                     and self.m.cpus[t.on_cpu].current is t):
