@@ -414,6 +414,19 @@ class FpRegs:
         if mask & XFEATURE_MASK_SSE:
             self.mxcsr = MXCSR_DEFAULT
 
+    def reset(self) -> None:
+        """Power-up or RESET (SDM Vol. 3A, 10.1.1, Table 10-1, as after S3): CR4 0, XCR0 1
+        (x87 only), IA32_XSS, IA32_XFD, IA32_XFD_ERR and PKRU 0, MXCSR 1F80H, every other
+        component in its initial configuration. x87 is kept initial too although FCW powers up
+        as 0040H, not FNINIT's 037FH: the kernel's next XRSTOR of a task (RFBM always has x87)
+        replaces it before anything can read it."""
+        self.values.clear()
+        self.xinuse = 0
+        self.mxcsr = MXCSR_DEFAULT
+        self.xcr0 = XFEATURE_MASK_FP
+        self.xss = self.xfd = self.xfd_err = 0
+        self.cr4 = 0
+
     def fninit(self) -> None:
         """FNINIT (SDM Vol. 2A): FCW = 037FH, FSW = 0, every register tagged empty, FOP, FIP
         and FDP 0. R0-R7 keep their bits, tagged empty, which XSAVE does not record: after

@@ -154,7 +154,8 @@ def fpu__init_cpu(c: Cpu) -> None:
     """fpu__init_cpu() (fpu/init.c): fpu__init_cpu_generic() -- CR4.OSFXSR and OSXMMEXCPT,
     FNINIT -- then fpu__init_cpu_xstate() -- CR4.OSXSAVE, IA32_XFD = init_fpstate.xfd through
     xfd_set_state() (the MSR alone before v6.9, and variant ``xfd-state-stale-on-online``),
-    XCR0 and IA32_XSS as at boot -- then, since v6.16, kernel_fpu_allowed = true."""
+    XCR0 = fpu_user_cfg.max_features and IA32_XSS = supervisor | independent features, as at
+    boot -- then, since v6.16, kernel_fpu_allowed = true."""
     s, regs = c.m.system, c.regs
     regs.cr4 |= X86_CR4_OSFXSR | X86_CR4_OSXMMEXCPT
     regs.fninit()
@@ -164,4 +165,6 @@ def fpu__init_cpu(c: Cpu) -> None:
             regs.xfd = s.init_xfd  # wrmsrl(MSR_IA32_XFD, init_fpstate.xfd) alone
         else:
             xfd_set_state(c, s.init_xfd)
+    regs.xcr0 = s.xcr0
+    regs.xss = s.xss
     c.kernel_fpu_allowed = True

@@ -204,6 +204,22 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "the (all initial) components: FCW, MXCSR and MXCSR_MASK stay 0, and every copy "
             "that fills an absent x87 or SSE component from init_fpstate (PTRACE_GETREGSET, "
             "core dumps, KVM_GET_XSAVE2) shows those zeros"),
+    Variant("xfd-state-stale-on-resume", "fpu__resume_cpu",
+            "every kernel since 5.16 (672365477ae8): fpu__resume_cpu() writes IA32_XFD with "
+            "wrmsrq() alone, missed by 10e4b5166df9's 'use it in all places that set "
+            "MSR_IA32_XFD' (kernel-findings 10a; proposed fix resume_xfd_set_state)",
+            "after resume from suspend the boot CPU's IA32_XFD is the suspending task's "
+            "fpstate->xfd while xfd_state still holds the value of the last task restored "
+            "there: the next task with that value is restored without the MSR write -- with "
+            "AMX tile data, XRSTOR takes #NM in the kernel (die); with the MSR clear, a task "
+            "without AMX permission can use AMX"),
+    Variant("pkru-lost-on-resume", "restore_processor_state",
+            "every kernel since 5.14 ('x86/fpu: Don't restore PKRU in "
+            "fpregs_restore_userspace()'): nothing writes PKRU back after resume "
+            "(kernel-findings 10b; proposed fix resume_pkru)",
+            "the boot CPU resumes with PKRU 0, its reset value; the task that suspended returns "
+            "to user mode with it (the return restores every component but PKRU), every "
+            "protection key open, and its next switch-out stashes 0 in thread.pkru"),
     Variant("hardirq-fpu-in-fpregs-lock", "irq_fpu_usable",
             "before 59f5ede3bc0f 'x86/fpu: Prevent FPU state corruption' (v5.18; the "
             "condition dates back to 5d2bd7009f30, 2014)",
@@ -268,6 +284,9 @@ class FpuSystem:
     strict_sigaltstack_size: bool = False
     user_shadow_stack: bool = True
     variants: frozenset[str] = frozenset()
+    #: Proposed fixes applied (`fpstate.kernel.x86.versions.PROPOSED` keys): no listed kernel
+    #: has them; `runs_unfixed` treats them as present.
+    fixes: frozenset[str] = frozenset()
     #: The derived predicates below, computed once (the run-time model reads them at every
     #: save and restore; the facts they derive from are frozen).
     _derived: tuple[Any, ...] = field(default=(), init=False, repr=False, compare=False)
@@ -278,6 +297,13 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown model variant(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(VARIANTS)})")
+        from fpstate.kernel.x86.versions import PROPOSED_FIXES
+
+        unknown = set(self.fixes) - PROPOSED_FIXES
+        if unknown:
+            raise FpstateError(
+                f"unknown proposed fix(es) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(PROPOSED_FIXES))})")
         xcompacted = self.xsavec or self.xsaves
         supervisor = self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
         xss = (supervisor | self.kernel.independent_features) if self.xsaves else 0
@@ -336,17 +362,21 @@ class FpuSystem:
     def runs_unfixed(self, variant: str, fix: str) -> bool:
         """Whether the code of rejected design ``variant`` runs: selected, or this kernel
         predates ``fix``, the versions row of the commit that fixed it (a listed kernel that
-        shipped the bug runs it)."""
+        shipped the bug runs it), or ``fix`` is a proposed fix (versions.PROPOSED) this system
+        was not given in ``fixes``."""
         from fpstate.kernel.x86.versions import running
 
-        return self.has_variant(variant) or not running(self.kernel_version).has(fix)
+        if self.has_variant(variant):
+            return True
+        return fix not in self.fixes and not running(self.kernel_version).has(fix)
 
     def with_options(self, **changes: Any) -> FpuSystem:
         """A copy with some fields changed (e.g. ``variants={"pasid-write-incoherent"}``)."""
         from dataclasses import replace
 
-        if "variants" in changes:
-            changes["variants"] = frozenset(changes["variants"])
+        for key in ("variants", "fixes"):
+            if key in changes:
+                changes[key] = frozenset(changes[key])
         return replace(self, **changes)
 
     @classmethod
@@ -380,8 +410,9 @@ class FpuSystem:
             mxcsr_feature_mask=mxcsr_feature_mask(profile),
             sigframe_xstate_size_checks=sigframe_xstate_size_checks(boot.kernel),
         )
-        if "variants" in options:
-            options["variants"] = frozenset(options["variants"])
+        for key in ("variants", "fixes"):
+            if key in options:
+                options[key] = frozenset(options[key])
         facts.update(options)
         return cls(**facts)
 

@@ -4,8 +4,10 @@ Models the history of arch/x86/kernel/fpu/xstate.c, arch/x86/include/asm/fpu/xst
 types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18,
 of the run-time FPU code where a listed kernel shipped a bug the model knows (fpu/core.c
 irq_fpu_usable(), exec's reset, fpu__init_cpu()'s xfd_state; `FpuSystem.runs_unfixed`), of
-the SHA-256 library a CPU coming online uses, and of the generic code a core's FPU notes pass
-through (fs/coredump.c, and the scheduler's wait_task_inactive() that coredump_wait() calls).
+the SHA-256 library a CPU coming online uses, of the suspend/resume path
+(`fpstate.kernel.x86.power`: :data:`PROPOSED` fixes no release has), and of the generic code
+a core's FPU notes pass through (fs/coredump.c, and the scheduler's wait_task_inactive() that
+coredump_wait() calls).
 Each difference is one row of :data:`CHANGES`: a key, the first listed version that has it,
 and the commit (or tip/stable/list mail) it comes from. A :class:`KernelVersion` is a name
 plus the set of keys it has; everything version-dependent asks ``kernel.has(KEY)``, never
@@ -93,10 +95,11 @@ CHANGES: tuple[Change, ...] = (
     Change("xfd_state_synced", "6.9",
            "10e4b5166df9 x86/fpu: Keep xfd_state in sync with MSR_IA32_XFD (Adamos Ttofari, "
            "March 2024; CVE-2024-35801, stable 6.1.84, 6.6.24, 6.7.12, 6.8.3)",
-           "fpu__init_cpu_xstate() and fpu__resume_cpu() write IA32_XFD with xfd_set_state(), "
-           "the per-CPU cache xfd_state with it (before: the MSR alone, so after a CPU came "
-           "back online xfd_update_state() could skip the write a task's AMX state needs and "
-           "XRSTOR took #NM in the kernel; variant xfd-state-stale-on-online)"),
+           "fpu__init_cpu_xstate() writes IA32_XFD with xfd_set_state(), the per-CPU cache "
+           "xfd_state with it (before: the MSR alone, so after a CPU came back online "
+           "xfd_update_state() could skip the write a task's AMX state needs and XRSTOR took "
+           "#NM in the kernel; variant xfd-state-stale-on-online). fpu__resume_cpu() still "
+           "writes the MSR alone (proposed fix resume_xfd_set_state)"),
     Change("independent_enumerated", "6.11",
            "2848ff28d180 x86/fpu: Avoid writing LBR bit to IA32_XSS unless supported",
            "fpu_kernel_cfg.independent_features = enumerated & LBR; IA32_XSS gets LBR only when "
@@ -149,7 +152,32 @@ CHANGES: tuple[Change, ...] = (
            "max_features and guest_default_cfg, not in the host defaults; '(KVM only)'"),
 )
 
-_BY_KEY = {c.key: c for c in CHANGES}
+#: Fixes no listed kernel has: bugs of the modelled code found by this model (from the v6.17
+#: source, docs/findings/kernel-findings.md section 10), each with the change that would fix
+#: it. No `KernelVersion` has them; a configuration applies them by name (`FpuSystem.fixes`,
+#: the checker's ``config.fixes``), and the variant of each runs the unfixed code even then.
+PROPOSED: tuple[Change, ...] = (
+    Change("resume_xfd_set_state", "proposed",
+           "fpstate: kernel-findings 10a (fpu__resume_cpu() in every kernel since 5.16, "
+           "672365477ae8, and after 10e4b5166df9)",
+           "fpu__resume_cpu() writes IA32_XFD through xfd_set_state(), so that the boot CPU's "
+           "xfd_state matches the MSR after resume, as 10e4b5166df9 made fpu__init_cpu_xstate() "
+           "do (unfixed: wrmsrq() alone, current's fpstate->xfd in the MSR and the cache as "
+           "before suspend; variant xfd-state-stale-on-resume)"),
+    Change("resume_pkru", "proposed",
+           "fpstate: kernel-findings 10b (every kernel since 5.14, Thomas Gleixner's 'x86/fpu: "
+           "Don't restore PKRU in fpregs_restore_userspace()': 'the PKRU value of current is "
+           "always valid in the hardware')",
+           "__save_processor_state() keeps current's PKRU (rdpkru()) in struct saved_context "
+           "and __restore_processor_state() writes it back, as it does CR4 and the MSRs "
+           "(unfixed: the boot CPU resumes with PKRU's reset value 0, the task that suspended "
+           "returns to user mode with it, since the return restores every component but "
+           "PKRU, and its first switch-out stashes it in thread.pkru; variant "
+           "pkru-lost-on-resume)"),
+)
+
+_BY_KEY = {c.key: c for c in (*CHANGES, *PROPOSED)}
+PROPOSED_FIXES: frozenset[str] = frozenset(c.key for c in PROPOSED)
 
 
 def version_key(name: str) -> tuple[int, int]:

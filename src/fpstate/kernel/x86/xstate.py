@@ -18,7 +18,8 @@ the versions differ) together with the masks of arch/x86/include/asm/fpu/xstate.
    uses the compacted format) and 'Enabled xstate features'.
 
 The file's core-dump hooks (v6.12+) follow from the boot too: the NT_X86_XSAVE_LAYOUT note that
-ends a core's notes (`elf_coredump_extra_notes`).
+ends a core's notes (`elf_coredump_extra_notes`). Its one run-time function of a CPU,
+fpu__resume_cpu(), is here as well (`fpu__resume_cpu`, called by fpstate.kernel.x86.power).
 
 The CPU side of step 4: the kernel reads CPUID.(0xD,0).EBX and CPUID.(0xD,1).EBX *after*
 writing XCR0 and IA32_XSS itself, so the numbers in a dump (taken under another OS, e.g.
@@ -33,6 +34,7 @@ as xstate.c does, so the paranoia check compares two independent computations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fpstate.errors import FpstateError, MaskError, ProfileError
 from fpstate.kernel.x86.config import (
@@ -77,6 +79,9 @@ from fpstate.x86.xfeatures import (
     XSAVE_HDR_SIZE,
     bits,
 )
+
+if TYPE_CHECKING:
+    from fpstate.kernel.x86.sched import Cpu
 
 XFEATURE_XTILE_DATA = 18
 XTILE_DATA_TILE_SIZE = 1024  #: sizeof(struct xtile_data): one 16 x 64-byte tile
@@ -607,6 +612,30 @@ def fpu__init_system_xstate(profile: CpuidProfile, kernel: str | KernelVersion =
         lines=tuple(line for line in b.log if line.startswith("x86/fpu: ")),
         log=tuple(b.log),
     )
+
+
+# -- per CPU, at run time: resume from suspend -------------------------------------------------
+
+
+def fpu__resume_cpu(c: Cpu) -> None:
+    """fpu__resume_cpu() (xstate.c), from fix_processor_context() as the boot CPU resumes
+    (fpstate.kernel.x86.power): XCR0 = fpu_user_cfg.max_features; with XSAVES, IA32_XSS =
+    supervisor | independent features; with dynamic sizing, IA32_XFD = current's
+    fpstate->xfd by wrmsrq() alone -- the per-CPU xfd_state keeps what it held before suspend
+    (every kernel since 5.16 and variant ``xfd-state-stale-on-resume``; with proposed fix
+    ``resume_xfd_set_state``, through xfd_set_state())."""
+    from fpstate.kernel.x86.core import xfd_set_state
+
+    s, regs = c.m.system, c.regs
+    regs.xcr0 = s.xcr0
+    if s.xsaves:
+        regs.xss = s.xss
+    if s.fpu_state_size_dynamic:
+        xfd = c.current.fpu.fpstate.xfd
+        if s.runs_unfixed("xfd-state-stale-on-resume", "resume_xfd_set_state"):
+            regs.xfd = xfd
+        else:
+            xfd_set_state(c, xfd)
 
 
 # -- core dumps: the NT_X86_XSAVE_LAYOUT note (CONFIG_COREDUMP, v6.12+) -------------------------

@@ -1,0 +1,121 @@
+"""Suspend to RAM (ACPI S3), as far as the FPU is concerned: every CPU loses power, the boot
+CPU comes back through restore_processor_state(), the others through CPU hotplug.
+
+Models arch/x86/power/cpu.c (save_processor_state() -> __save_processor_state():
+kernel_fpu_begin(), CR4 into struct saved_context; restore_processor_state() ->
+__restore_processor_state(): CR4, fix_processor_context() -> fpu__resume_cpu(),
+do_fpu_end() -> kernel_fpu_end()) in the order kernel/power/suspend.c's suspend_enter() runs
+them: pm_sleep_disable_secondary_cpus(), IRQs off, the platform's enter() (ACPI:
+x86_acpi_suspend_lowlevel(): save_processor_state(), do_suspend_lowlevel(), the wakeup vector,
+restore_processor_state()), IRQs on, pm_sleep_enable_secondary_cpus(). Read in the v6.17 source
+(Kingxukai/linux).
+
+Theory of operation: the freezer has stopped every other user task outside its kernel paths
+before suspend_enter() runs, the task that wrote ``mem`` to /sys/power/state is current on the
+boot CPU, in the kernel, and every other CPU goes offline (fpstate.kernel.x86.smpboot's
+takedown). S3 removes power, so every CPU comes back with its RESET values (`FpRegs.reset`:
+CR4 0, XCR0 1, IA32_XSS, IA32_XFD and PKRU 0). The secondary CPUs are brought up as after
+hotplug, which sets everything fpu__init_cpu() and setup_pku() set. The boot CPU gets CR4 back
+from saved_context, XCR0, IA32_XSS and IA32_XFD from fpu__resume_cpu(), and nothing else: the
+kernel_fpu_begin() before suspend saved the suspending task's registers and left none valid,
+so its next return to user mode restores them from memory -- all but PKRU, which the return
+never restores because "the PKRU value of current is always valid in the hardware" (5.14), and
+which nothing writes back here. So that task returns to user mode with PKRU 0, every key open,
+and its next switch-out stashes 0 in thread.pkru (variant ``pkru-lost-on-resume``; proposed
+fix ``resume_pkru``: keep rdpkru() in saved_context). And fpu__resume_cpu() writes IA32_XFD
+without the per-CPU cache xfd_state, which keeps the value of the last task restored on this
+CPU before suspend (variant ``xfd-state-stale-on-resume``; proposed fix
+``resume_xfd_set_state``). docs/findings/kernel-findings.md, section 10.
+
+Hibernation (S4) restores through the same restore_processor_state() but from the registers the
+boot kernel left, not RESET values; it is not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fpstate.kernel.x86.core import kernel_fpu_begin, kernel_fpu_end
+from fpstate.kernel.x86.hw import PKRU
+from fpstate.kernel.x86.init import fpu__disable_cpu
+from fpstate.kernel.x86.sched import STATE_KERNEL, Cpu, Machine
+from fpstate.kernel.x86.smpboot import native_kick_ap, start_secondary
+from fpstate.kernel.x86.types import PF_KTHREAD, PF_USER_WORKER, IllegalEvent
+from fpstate.kernel.x86.xstate import fpu__resume_cpu
+
+
+@dataclass(frozen=True, slots=True)
+class SavedContext:
+    """What struct saved_context holds of the FPU's world: CR4, and (proposed fix
+    ``resume_pkru`` only) PKRU as rdpkru() read it."""
+
+    cr4: int
+    pkru: int | None = None
+
+
+def save_processor_state(c: Cpu) -> SavedContext:
+    """save_processor_state() -> __save_processor_state() on the boot CPU, IRQs off:
+    kernel_fpu_begin() (current's live registers saved, TIF_NEED_FPU_LOAD set, this CPU's
+    registers owned by no one), then CR4 into saved_context; with proposed fix
+    ``resume_pkru``, PKRU too."""
+    kernel_fpu_begin(c)
+    s = c.m.system
+    pkru = None
+    if s.ospke and not s.runs_unfixed("pkru-lost-on-resume", "resume_pkru"):
+        pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
+    return SavedContext(c.regs.cr4, pkru)
+
+
+def restore_processor_state(c: Cpu, ctxt: SavedContext) -> None:
+    """restore_processor_state() -> __restore_processor_state() on the boot CPU, IRQs off, its
+    registers at their RESET values: CR4 from saved_context, fix_processor_context() ->
+    `fpu__resume_cpu` (XCR0, IA32_XSS, IA32_XFD), with proposed fix ``resume_pkru`` WRPKRU
+    of the saved value, then do_fpu_end() -> kernel_fpu_end(). PKRU is otherwise left at 0."""
+    c.regs.cr4 = ctxt.cr4
+    fpu__resume_cpu(c)
+    if ctxt.pkru is not None:
+        c.regs.wrpkru(ctxt.pkru)
+    kernel_fpu_end(c)
+
+
+def suspend_enter(m: Machine) -> None:
+    """suspend_enter() for ``echo mem > /sys/power/state`` by the current task of CPU 0, in
+    the kernel (it wrote the file and slept in the freezer, so it may have been switched out
+    and in). IllegalEvent unless the freezer could have finished: no task inside a kernel
+    path (an unfinished KVM_RUN, #NM allocation or exec) and every other CPU idle (its
+    tasks frozen, switched out).
+
+    pm_sleep_disable_secondary_cpus(): each other CPU runs fpu__disable_cpu() and goes down;
+    IRQs off; `save_processor_state`; power off (`FpRegs.reset` on every CPU);
+    `restore_processor_state`; IRQs on; pm_sleep_enable_secondary_cpus(): each other CPU is
+    brought up as after hotplug (`native_kick_ap`, `start_secondary`)."""
+    c0 = m.cpus[0]
+    t = c0.current
+    if t is c0.idle or t.flags & (PF_KTHREAD | PF_USER_WORKER):
+        raise IllegalEvent("suspend: CPU 0 runs no user task to write /sys/power/state")
+    if t.state is not STATE_KERNEL:
+        raise IllegalEvent(f"suspend: {t!r} is not in the kernel")
+    busy = [u for u in m.tasks.values() if u.kpath is not None]
+    if busy:
+        raise IllegalEvent(f"suspend: {busy[0]!r} is inside a kernel path, which the freezer "
+                           f"waits for")
+    for c in m.cpus[1:]:
+        if c.current is not c.idle:
+            raise IllegalEvent(f"suspend: CPU {c.nr} still runs {c.current!r}: the freezer "
+                               f"stops it first")
+    for c in m.cpus[1:]:
+        fpu__disable_cpu(c)
+    c0.irqs_disabled = True
+    try:
+        ctxt = save_processor_state(c0)
+        for c in m.cpus:
+            c.regs.reset()
+        restore_processor_state(c0, ctxt)
+    finally:
+        c0.irqs_disabled = False
+    for c in m.cpus[1:]:
+        native_kick_ap(c)
+        start_secondary(c)
+
+
+__all__ = ["SavedContext", "restore_processor_state", "save_processor_state", "suspend_enter"]

@@ -1,0 +1,147 @@
+"""Suspend to RAM in the kernel model (fpstate.kernel.x86.power): what the boot CPU and the
+suspending task hold after resume, under Linux 6.18 as released and with the proposed fixes
+of kernel-findings section 10, and when the freezer could not have finished."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpstate.kernel.x86 import core
+from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU, FpRegs
+from fpstate.kernel.x86.power import suspend_enter
+from fpstate.kernel.x86.sched import Machine, Task, TaskState
+from fpstate.kernel.x86.types import IllegalEvent, KernelBug
+from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
+
+YMM, TILEDATA = 2, 18
+FIXES = ("resume_pkru", "resume_xfd_set_state")
+INIT_PKRU = core.INIT_PKRU_VALUE.to_bytes(4, "little")
+
+
+def _pkru(regs: FpRegs) -> int:
+    return int.from_bytes(regs.component(PKRU)[:4], "little")
+
+
+def test_reset_leaves_power_up_values() -> None:
+    m = Machine.boot("sapphire-rapids")
+    regs = m.cpus[0].regs
+    m.run(0, m.spawn("t"))
+    m.user_write(0, YMM)
+    regs.reset()
+    assert (regs.cr4, regs.xcr0, regs.xss, regs.xfd, regs.xfd_err) == (0, 1, 0, 0, 0)
+    assert regs.xinuse == 0 and regs.mxcsr == 0x1F80 and _pkru(regs) == 0
+
+
+def test_the_suspending_task_keeps_its_registers_but_pkru_as_released() -> None:
+    """Linux 6.18 as released: every component comes back from memory, PKRU stays 0."""
+    m = Machine.boot("sapphire-rapids")
+    t = m.spawn("t")
+    m.run(0, t)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    m.enter_kernel(0)
+    suspend_enter(m)
+    c0 = m.cpus[0]
+    assert c0.fpu_fpregs_owner_ctx is None and t.need_fpu_load and t.state is TaskState.KERNEL
+    assert c0.regs.cr4 == CR4_FPU_BITS and c0.kernel_fpu_allowed
+    assert (c0.regs.xcr0, c0.regs.xss) == (m.system.xcr0, m.system.xss)
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, YMM) == mine
+    assert _pkru(c0.regs) == 0  # every protection key open (kernel-findings 10b)
+    # Its first switch-out stashes that 0 in thread.pkru (x86_pkru_load()).
+    m.idle(0)
+    assert t.thread_pkru == 0
+
+
+def test_the_pkru_fix_writes_the_saved_value_back() -> None:
+    m = Machine.boot("sapphire-rapids", fixes=FIXES)
+    t = m.spawn("t")
+    m.run(0, t)
+    m.enter_kernel(0)
+    suspend_enter(m)
+    m.exit_to_user_mode(0)
+    assert m.cpus[0].regs.component(PKRU)[:4] == INIT_PKRU
+
+
+def test_secondary_cpus_come_back_as_after_hotplug() -> None:
+    m = Machine.boot("sapphire-rapids")
+    m.run(0, m.spawn("t"))
+    m.enter_kernel(0)
+    suspend_enter(m)
+    c1 = m.cpus[1]
+    assert c1.regs.cr4 == CR4_FPU_BITS and c1.kernel_fpu_allowed
+    assert c1.regs.component(PKRU)[:4] == INIT_PKRU  # setup_pku()
+    assert c1.regs.xfd == c1.xfd_state == m.system.init_xfd
+    assert (c1.regs.xcr0, c1.regs.xss) == (m.system.xcr0, m.system.xss)
+
+
+def _amx_ran_last_on_cpu0(fixes: tuple[str, ...] = ()) -> tuple[Machine, Task, Task, bytes]:
+    """a used AMX tile data on CPU 0 (IA32_XFD and xfd_state 0 there) and was switched out;
+    s, without AMX, is switched in on CPU 0 inside its write to /sys/power/state. The machine,
+    a, s and a's tile data."""
+    m = Machine.boot("sapphire-rapids", fixes=fixes)
+    a, s = m.spawn("a"), m.spawn("s")
+    m.run(0, a)
+    assert m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, TILEDATA) == 0
+    m.user_write(0, TILEDATA)
+    tiles = m.user_read(0, TILEDATA)
+    assert m.cpus[0].regs.xfd == m.cpus[0].xfd_state == 0
+    m.preempt(0, s)
+    return m, a, s, tiles
+
+
+def test_resume_arms_xfd_behind_the_cache_as_released() -> None:
+    """fpu__resume_cpu()'s wrmsrq() alone: IA32_XFD is s's, xfd_state still a's, and a's
+    restore on CPU 0 skips the write and takes #NM in the kernel (kernel-findings 10a)."""
+    m, a, s, _ = _amx_ran_last_on_cpu0()
+    suspend_enter(m)
+    c0 = m.cpus[0]
+    assert c0.regs.xfd == s.fpu.fpstate.xfd == 1 << TILEDATA and c0.xfd_state == 0
+    m.idle(0)
+    with pytest.raises(KernelBug, match="unexpected-nm"):
+        m.run(0, a)
+
+
+def test_resume_with_xfd_set_state_keeps_the_cache() -> None:
+    m, a, _, tiles = _amx_ran_last_on_cpu0(FIXES)
+    suspend_enter(m)
+    c0 = m.cpus[0]
+    assert c0.regs.xfd == c0.xfd_state == 1 << TILEDATA
+    m.idle(0)
+    m.run(0, a)
+    assert c0.regs.xfd == 0 and m.user_read(0, TILEDATA) == tiles
+
+
+def test_resume_on_a_cpu_without_dynamic_state_writes_no_xfd() -> None:
+    """Skylake-SP (no XFD): fpu__resume_cpu() writes XCR0 and IA32_XSS and leaves IA32_XFD."""
+    m = Machine.boot("skylake-sp")
+    assert not m.system.fpu_state_size_dynamic
+    m.run(0, m.spawn("t"))
+    m.enter_kernel(0)
+    suspend_enter(m)
+    assert m.cpus[0].regs.xfd == 0 and m.cpus[0].regs.xcr0 == m.system.xcr0
+
+
+@pytest.mark.parametrize("why", ["idle", "user", "busy-cpu", "in-path"])
+def test_suspend_waits_for_the_freezer(why: str) -> None:
+    """Refused, with nothing changed, unless CPU 0 runs a user task in the kernel, every other
+    CPU is idle and no task is inside a kernel path."""
+    m = Machine.boot("sapphire-rapids")
+    t, u = m.spawn("t"), m.spawn("u")
+    if why != "idle":
+        m.run(0, t)
+        if why != "user":
+            m.enter_kernel(0)
+    if why == "busy-cpu":
+        m.run(1, u)
+    if why == "in-path":
+        m.run(1, u)
+        assert m.syscall(1, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, TILEDATA) == 0
+        m.user_write_begin(1, TILEDATA)  # asleep in fpstate_realloc()'s vzalloc()
+        assert u.kpath is not None
+        m.idle(1)
+    before = [c.regs.snapshot() for c in m.cpus]
+    with pytest.raises(IllegalEvent):
+        suspend_enter(m)
+    assert [c.regs.snapshot() for c in m.cpus] == before
+    assert m.cpus[0].kernel_fpu_allowed
