@@ -1,7 +1,7 @@
 """Shared campaigns for the campaign tests (fixtures: importlib mode has no test imports).
 
 ``small(depth, ...)`` is campaigns/small.yaml (Sapphire Rapids, one CPU, one task that is the
-VMM of one vCPU) with another bound and variants: at depth 2 the kernel's design has 28 states
+VMM of one vCPU) with another bound and variants: at depth 2 the kernel's design has 43 states
 and the seed-004 variant (pasid-write-incoherent) one violating transition, found in 2 steps.
 """
 

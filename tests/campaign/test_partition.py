@@ -23,6 +23,7 @@ from fpstate.check.explore import Job, explore
 from fpstate.check.world import Action
 
 CFG = {"cpu": "sapphire-rapids", "kernel": "6.18", "cpus": 1, "processes": {"p0": 1},
+       "fixes": ["resume_pkru", "resume_xfd_set_state"],
        "vms": {"vm0": {"vmm": "p0.t0", "vcpus": 1}}}
 
 

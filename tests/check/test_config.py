@@ -41,7 +41,11 @@ X86 = [
     ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
      "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
-                    "processes, max_tasks, compat, vms, kvm_vendor, omit)"),
+                    "processes, max_tasks, compat, fixes, vms, kvm_vendor, omit)"),
+    ({"fixes": "resume_pkru"}, "config.fixes: must be a list of proposed fix names, not "
+                               "'resume_pkru'"),
+    ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a proposed fix "
+                                      "(known: resume_pkru, resume_xfd_set_state)"),
     ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),
     ({"compat": ["p7"]}, "config.compat: 'p7' is not a process of config.processes (p0, p1)"),
 ]

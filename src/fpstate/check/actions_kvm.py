@@ -223,6 +223,8 @@ class KvmX86World(X86World):
         system = kv.model_system(profile, kvm_variants, self.config.get("kernel"))
         if self._system_variants():
             system = system.with_options(variants=self._system_variants())
+        if self.config.get("fixes"):
+            system = system.with_options(fixes=self.config["fixes"])
         m = Machine(system, int(self.config.get("cpus", 2)))
         vendor = self.config.get("kvm_vendor") or (
             "vmx" if profile.vendor == "intel" else "svm")

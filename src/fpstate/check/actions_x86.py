@@ -74,6 +74,7 @@ from fpstate.kernel.x86.hw import (
     token,
 )
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
+from fpstate.kernel.x86.power import suspend_enter
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
@@ -133,6 +134,7 @@ from fpstate.kernel.x86.types import (
     KernelBug,
 )
 from fpstate.kernel.x86.types import VARIANTS as KERNEL_MODEL_VARIANTS
+from fpstate.kernel.x86.versions import PROPOSED_FIXES
 from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
@@ -279,6 +281,13 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "then 1): INIT, the microcode loader (on AMD, a SHA-256 that may use the FPU), "
                "fpu__init_cpu() (CR4, FNINIT, XCR0, IA32_XSS, IA32_XFD), PKRU "
                "(fpstate.kernel.x86.smpboot); not CPU 0", {"cpu": _CPU}),
+    ActionSpec("suspend", "the task writes mem to /sys/power/state (from user mode on CPU 0, "
+               "or already inside that write, in the kernel on CPU 0): the other CPUs go "
+               "offline, save_processor_state(), every CPU loses power (RESET values), "
+               "restore_processor_state() (CR4, fpu__resume_cpu(): XCR0, IA32_XSS, IA32_XFD), "
+               "the other CPUs come back as after hotplug; the task stays in the kernel "
+               "(fpstate.kernel.x86.power). Needs every other CPU idle and no task inside a "
+               "kernel path (the freezer's work)", {"task": _TASK}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -395,7 +404,7 @@ class X86World(X86Views, World):
     model: ClassVar[str] = "x86"
     SPECS: ClassVar[dict[str, ActionSpec]] = X86_SPECS
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "kernel", "cpus", "processes",
-                                              "max_tasks", "compat")
+                                              "max_tasks", "compat", "fixes")
     #: Kernel-model variants (FpuSystem.variants) this world accepts: all of them.
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(KERNEL_MODEL_VARIANTS)
 
@@ -428,6 +437,14 @@ class X86World(X86Views, World):
                                     f"config.processes ({', '.join(procs)})")
         if "max_tasks" in config:
             config_int("config.max_tasks", config["max_tasks"], 1, 64)
+        fixes = config.get("fixes", [])
+        if not isinstance(fixes, list) or not all(isinstance(f, str) for f in fixes):
+            raise ScenarioError(f"config.fixes: must be a list of proposed fix names, not "
+                                f"{fixes!r}")
+        for name in fixes:
+            if name not in PROPOSED_FIXES:
+                raise ScenarioError(f"config.fixes: {name!r} is not a proposed fix (known: "
+                                    f"{', '.join(sorted(PROPOSED_FIXES))})")
 
     @classmethod
     def task_names(cls, config: Mapping[str, Any]) -> list[str]:
@@ -484,7 +501,8 @@ class X86World(X86Views, World):
 
     def _boot(self) -> Machine:
         return Machine.boot(self.config.get("cpu", "sapphire-rapids"), self.config.get("kernel"),
-                            int(self.config.get("cpus", 2)), variants=self._system_variants())
+                            int(self.config.get("cpus", 2)), variants=self._system_variants(),
+                            fixes=self.config.get("fixes", ()))
 
     def _setup(self) -> None:
         procs = self.config.get("processes", self.DEFAULT_PROCESSES) or {}
@@ -1112,6 +1130,31 @@ class X86World(X86Views, World):
         cpu_down_up(self.m, self.cpu(cpu))
         return {}
 
+    def do_suspend(self, task: str) -> dict[str, Value]:
+        """suspend_enter() with ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's
+        PKRU, IA32_XFD and xfd_state after resume (hex), those that exist."""
+        t = self.task(task)
+        c0 = self.m.cpus[0]
+        if c0.current is not t:
+            raise StepError(f"{task} is not current on CPU 0")
+        entered = t.state is STATE_USER
+        if entered:
+            self.m.enter_kernel(0)  # the write() to /sys/power/state
+        try:
+            suspend_enter(self.m)
+        except IllegalEvent:
+            if entered:
+                t.event("exit_to_user")  # refused before it changed anything
+            raise
+        s = self.m.system
+        out: dict[str, Value] = {}
+        if s.ospke:
+            out["pkru"] = f"{int.from_bytes(c0.regs.component(PKRU)[:4], 'little'):#x}"
+        if s.fpu_state_size_dynamic:
+            out["xfd"] = f"{c0.regs.xfd:#x}"
+            out["xfd_state"] = f"{c0.xfd_state:#x}"
+        return out
+
     def do_kernel_fpu(self, cpu: int, components: str = "sse|avx",
                       hardirq: bool = False) -> dict[str, Value]:
         nr = self.cpu(cpu)
@@ -1436,6 +1479,7 @@ class X86World(X86Views, World):
                 "frame_mxcsr": A("frame_mxcsr", task=comm),
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
+                "suspend": A("suspend", task=comm),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
@@ -1459,7 +1503,10 @@ class X86World(X86Views, World):
         user = []
         stopped = []
         groups: dict[int, str] = {}  # tgid -> its first live thread, which names it to kill
+        in_path = False
         for t in live:
+            if t.kpath is not None:
+                in_path = True
             if not t.flags & (PF_KTHREAD | PF_USER_WORKER):
                 groups.setdefault(t.process.tgid, t.comm)
             st = t.state
@@ -1490,6 +1537,12 @@ class X86World(X86Views, World):
                         if self.exec_at.get(cur.comm) != EXEC_LOAD:
                             add(ta["exec_finish_sleep"])
             add(kfpu)
+        c0 = self.m.cpus[0]
+        cur0 = c0.current
+        if (cur0 is not c0.idle and not in_path and cur0.comm in self.tasks
+                and not cur0.flags & (PF_KTHREAD | PF_USER_WORKER)
+                and all(c.current is c.idle for c in self.m.cpus[1:])):
+            add(self._task_actions(cur0.comm)["suspend"])
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:

@@ -338,8 +338,8 @@ FIELDS: dict[str, dict[str, str]] = {
     "FpRegs": {
         **dict.fromkeys(("xcr0", "xss", "xfd", "xfd_err", "xinuse", "mxcsr", "values"), "key"),
         **dict.fromkeys(("profile", "xsavec_supported", "mxcsr_mask"), "fixed at boot"),
-        "cr4": "its FPU bits are clear only inside a hotplug step, from INIT to "
-               "fpu__init_cpu()",
+        "cr4": "its FPU bits are clear only inside a hotplug or suspend step, from INIT or "
+               "RESET to fpu__init_cpu() or restore_processor_state()",
     },
     "KvmVcpu": {
         **dict.fromkeys(("arch", "wants_to_run", "last_vmentry_cpu", "pending_init"), "key"),

@@ -288,6 +288,23 @@ VARIANTS: tuple[Variant, ...] = (
             # one thread per process and no VM: fewer actions between first AMX use, idle,
             # hotplug and the run that restores
             config={"vms": {}, "processes": {"p0": 1, "p1": 1}}),
+    Variant("xfd-state-stale-on-resume", "x86",
+            "v5.16-v6.18, unfixed (kernel-findings 10a; proposed fix resume_xfd_set_state)",
+            "after resume from suspend fpu__resume_cpu() has set the boot CPU's IA32_XFD to "
+            "the suspending task's value without xfd_state: restoring a task with AMX tile "
+            "data skips the MSR write and XRSTOR takes #NM in the kernel", "kernel-warn",
+            needs=(18,), also=("dynamic-state-needs-permission",),
+            # as for xfd-state-stale-on-online, one thread per process and no VM, and none of
+            # the actions that neither arm nor restore AMX state (found in 4-55 s with them)
+            config={"vms": {}, "processes": {"p0": 1, "p1": 1},
+                    "omit": ["sigaction", "sigaltstack", "exec", "fork", "clone", "core_dump",
+                             "ptrace_stop", "kill", "pasid_write", "kernel_fpu", "ldmxcsr",
+                             "hotplug"]}),
+    Variant("pkru-lost-on-resume", "x86",
+            "v5.14-v6.18, unfixed (kernel-findings 10b; proposed fix resume_pkru)",
+            "after resume from suspend the boot CPU's PKRU is its reset value 0, which nothing "
+            "writes back: the task that suspended returns to user mode with every protection "
+            "key open", "no-lost-write", needs=(9,)),
     Variant("init-fpstate-by-xsaves", "x86", "before v5.13 (fixed: f9dfb5e390fa)",
             "init_fpstate read back with XSAVES, which writes nothing of components in their "
             "initial configuration: FCW and MXCSR 0 in every view that fills an absent x87 or "
