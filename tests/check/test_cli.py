@@ -57,6 +57,27 @@ def test_explore_without_violation_prints_coverage(capsys: pytest.CaptureFixture
     assert out[1].split()[0] == "states" and int(out[1].split()[1]) > 0
 
 
+def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default x86 configuration runs Linux 6.18 with the proposed fixes of
+    kernel-findings 10, and says so; without them the explorer finds the suspending task's
+    PKRU 0 in two steps, a scenario that fails under the kernel as released."""
+    assert main(["explore", "--seconds", "1", "--workers", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("no violation: model x86 (the kernel's design, cpu "
+                            "sapphire-rapids, proposed fixes resume_pkru, resume_xfd_set_state)")
+    out = tmp_path / "cx.yaml"
+    assert main(["explore", "--config", "{fixes: []}", "--seconds", "30", "--workers", "1",
+                 "--json", "--out", str(out)]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["fixes"] == []
+    (v,) = data["violations"]
+    assert (v["invariant"], v["steps"]) == ("no-lost-write", 2)
+    s = scn.load(out)
+    assert [step.action.name for step in s.steps] == ["run", "suspend"]
+    assert main(["run", str(out)]) == 1
+
+
 def test_explore_rejects_a_variant_of_another_model(capsys: pytest.CaptureFixture) -> None:
     assert main(["explore", "--model", "x86", "--variant", "fpmr-ungated"]) == 2
     assert "variant of model arm64" in capsys.readouterr().err

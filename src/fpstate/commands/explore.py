@@ -148,18 +148,20 @@ def run_explore(args: argparse.Namespace) -> int:
     violations = []
     if res.found is not None:
         violations.append(report_violation(job, res, args.out, args.plot, quiet=args.json))
+    fixes = list(job.config.get("fixes") or [])
     if args.json:
         print(json.dumps({
             "violations": violations, "states": res.states, "transitions": res.transitions,
             "seconds": round(res.seconds, 3), "model": job.model, "variant": job.variant,
-            "cpu": job.config.get("cpu"), "mode": res.mode, "depth": res.depth,
+            "cpu": job.config.get("cpu"), "fixes": fixes, "mode": res.mode, "depth": res.depth,
             "complete": res.complete, "walks": res.walks,
             "per_action": dict(sorted(res.per_action.items())),
         }, indent=2))
     elif res.found is None:
         design = f"variant {job.variant}" if job.variant else "the kernel's design"
-        print(f"no violation: model {job.model} ({design}, cpu {job.config.get('cpu')}), "
-              f"{res.mode} mode, {res.seconds:.1f} s")
+        with_fixes = f", proposed fixes {', '.join(fixes)}" if fixes else ""
+        print(f"no violation: model {job.model} ({design}, cpu {job.config.get('cpu')}"
+              f"{with_fixes}), {res.mode} mode, {res.seconds:.1f} s")
         print(f"  states {res.states}  transitions {res.transitions}"
               + (f"  walks {res.walks}" if res.mode == "random" else
                  f"  depth {res.depth}{' (complete)' if res.complete else ''}"))
