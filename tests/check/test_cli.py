@@ -9,7 +9,7 @@ import pytest
 
 from fpstate.check import scenario as scn
 from fpstate.check.timeline import draw, plot_paths
-from fpstate.check.variants import SEED_VARIANTS, VARIANTS
+from fpstate.check.variants import SEED_VARIANTS, UNFIXED_VARIANTS, VARIANTS
 from fpstate.check.world import Action
 from fpstate.cli import main
 
@@ -142,12 +142,13 @@ def test_check_runs_everything_and_prints_one_table(tmp_path: Path,
     data = json.loads(capsys.readouterr().out)
     assert rc == 0, [r for r in data["rows"] if not r["ok"]]
     kinds = [r["kind"] for r in data["rows"]]
-    assert kinds.count("variant") == len(SEED_VARIANTS)
+    assert kinds.count("variant") == len(SEED_VARIANTS) + len(UNFIXED_VARIANTS)
     assert kinds.count("scenario") >= 10 and "explore" in kinds
     keys = [r for r in data["rows"] if r["kind"] == "keys"]
     assert {r["cpu"] for r in keys} >= {"sapphire-rapids", "fvp-aem-fpmr"}
     assert all(r["outcome"].endswith("pairs of histories compared, no mismatch") for r in keys)
-    assert {p.name for p in tmp_path.glob("*.yaml")} == {f"{v}.yaml" for v in SEED_VARIANTS}
+    assert {p.name for p in tmp_path.glob("*.yaml")} == {
+        f"{v}.yaml" for v in SEED_VARIANTS + UNFIXED_VARIANTS}
 
 
 #: sigframe-magic2-at-user-size's counterexample before shrinking (found by fpstate explore).
