@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from fpstate.errors import FpstateError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU, FpRegs
 from fpstate.kernel.x86.power import suspend_enter
@@ -145,3 +146,21 @@ def test_suspend_waits_for_the_freezer(why: str) -> None:
         suspend_enter(m)
     assert [c.regs.snapshot() for c in m.cpus] == before
     assert m.cpus[0].kernel_fpu_allowed
+
+
+def test_a_variant_runs_the_unfixed_code_even_with_its_fix() -> None:
+    m = Machine.boot("sapphire-rapids", fixes=FIXES, variants={"pkru-lost-on-resume"})
+    assert m.system.runs_unfixed("pkru-lost-on-resume", "resume_pkru")
+    assert not m.system.runs_unfixed("xfd-state-stale-on-resume", "resume_xfd_set_state")
+    t = m.spawn("t")
+    m.run(0, t)
+    m.enter_kernel(0)
+    suspend_enter(m)
+    m.exit_to_user_mode(0)
+    assert _pkru(m.cpus[0].regs) == 0
+
+
+def test_an_unknown_fix_is_refused_by_name() -> None:
+    with pytest.raises(FpstateError, match=r"unknown proposed fix\(es\) xfd_state_synced "
+                                           r"\(known: resume_pkru, resume_xfd_set_state\)"):
+        Machine.boot("sapphire-rapids", fixes={"xfd_state_synced"})
