@@ -295,7 +295,7 @@ VARIANTS: tuple[Variant, ...] = (
             "data skips the MSR write and XRSTOR takes #NM in the kernel", "kernel-warn",
             needs=(18,), also=("dynamic-state-needs-permission",),
             # as for xfd-state-stale-on-online, one thread per process and no VM, and none of
-            # the actions that neither arm nor restore AMX state (found in 4-55 s with them)
+            # the actions that neither arm nor restore AMX state (12-55 s with them, seeds 1-3)
             config={"vms": {}, "processes": {"p0": 1, "p1": 1},
                     "omit": ["sigaction", "sigaltstack", "exec", "fork", "clone", "core_dump",
                              "ptrace_stop", "kill", "pasid_write", "kernel_fpu", "ldmxcsr",
