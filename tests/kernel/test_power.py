@@ -8,19 +8,16 @@ import pytest
 
 from fpstate.errors import FpstateError
 from fpstate.kernel.x86 import core
-from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU, FpRegs
+from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU
 from fpstate.kernel.x86.power import suspend_enter
 from fpstate.kernel.x86.sched import Machine, Task, TaskState
+from fpstate.kernel.x86.signal import read_pkru
 from fpstate.kernel.x86.types import IllegalEvent, KernelBug
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
 
 YMM, TILEDATA = 2, 18
 FIXES = ("resume_pkru", "resume_xfd_set_state")
 INIT_PKRU = core.INIT_PKRU_VALUE.to_bytes(4, "little")
-
-
-def _pkru(regs: FpRegs) -> int:
-    return int.from_bytes(regs.component(PKRU)[:4], "little")
 
 
 def test_reset_leaves_power_up_values() -> None:
@@ -30,7 +27,7 @@ def test_reset_leaves_power_up_values() -> None:
     m.user_write(0, YMM)
     regs.reset()
     assert (regs.cr4, regs.xcr0, regs.xss, regs.xfd, regs.xfd_err) == (0, 1, 0, 0, 0)
-    assert regs.xinuse == 0 and regs.mxcsr == 0x1F80 and _pkru(regs) == 0
+    assert regs.xinuse == 0 and regs.mxcsr == 0x1F80 and read_pkru(m.cpus[0]) == 0
 
 
 def test_the_suspending_task_keeps_its_registers_but_pkru_as_released() -> None:
@@ -48,7 +45,7 @@ def test_the_suspending_task_keeps_its_registers_but_pkru_as_released() -> None:
     assert (c0.regs.xcr0, c0.regs.xss) == (m.system.xcr0, m.system.xss)
     m.exit_to_user_mode(0)
     assert m.user_read(0, YMM) == mine
-    assert _pkru(c0.regs) == 0  # every protection key open (kernel-findings 10b)
+    assert read_pkru(c0) == 0  # every protection key open (kernel-findings 10b)
     # Its first switch-out stashes that 0 in thread.pkru (x86_pkru_load()).
     m.idle(0)
     assert t.thread_pkru == 0
@@ -157,7 +154,7 @@ def test_a_variant_runs_the_unfixed_code_even_with_its_fix() -> None:
     m.enter_kernel(0)
     suspend_enter(m)
     m.exit_to_user_mode(0)
-    assert _pkru(m.cpus[0].regs) == 0
+    assert read_pkru(m.cpus[0]) == 0
 
 
 def test_an_unknown_fix_is_refused_by_name() -> None:

@@ -116,6 +116,7 @@ from fpstate.kernel.x86.signal import (
     at_minsigstksz,
     handler_ia32_return,
     handler_return,
+    read_pkru,
     save_sw_bytes,
     sys32_rt_sigreturn,
     sys32_sigreturn,
@@ -1149,7 +1150,7 @@ class X86World(X86Views, World):
         s = self.m.system
         out: dict[str, Value] = {}
         if s.ospke:
-            out["pkru"] = f"{int.from_bytes(c0.regs.component(PKRU)[:4], 'little'):#x}"
+            out["pkru"] = f"{read_pkru(c0):#x}"
         if s.fpu_state_size_dynamic:
             out["xfd"] = f"{c0.regs.xfd:#x}"
             out["xfd_state"] = f"{c0.xfd_state:#x}"

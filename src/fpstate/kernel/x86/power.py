@@ -36,9 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fpstate.kernel.x86.core import kernel_fpu_begin, kernel_fpu_end
-from fpstate.kernel.x86.hw import PKRU
 from fpstate.kernel.x86.init import fpu__disable_cpu
 from fpstate.kernel.x86.sched import STATE_KERNEL, Cpu, Machine
+from fpstate.kernel.x86.signal import read_pkru
 from fpstate.kernel.x86.smpboot import native_kick_ap, start_secondary
 from fpstate.kernel.x86.types import PF_KTHREAD, PF_USER_WORKER, IllegalEvent
 from fpstate.kernel.x86.xstate import fpu__resume_cpu
@@ -62,7 +62,7 @@ def save_processor_state(c: Cpu) -> SavedContext:
     s = c.m.system
     pkru = None
     if s.ospke and not s.runs_unfixed("pkru-lost-on-resume", "resume_pkru"):
-        pkru = int.from_bytes(c.regs.component(PKRU)[:4], "little")
+        pkru = read_pkru(c)
     return SavedContext(c.regs.cr4, pkru)
 
 
