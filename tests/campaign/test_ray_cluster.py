@@ -26,7 +26,7 @@ import yaml
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'fpstate[ray]')")
 
-from fpstate.campaign.engines import LocalEngine
+from fpstate.campaign.engines import LocalEngine, connect_error
 from fpstate.campaign.runner import run_campaign
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -71,9 +71,12 @@ def cluster():
             env["RAY_AUTH_MODE"] = "token"  # the token is in ~/.ray/auth_token
         # The Ray Client server is a process of its own: it listens a little after the head is
         # up, and on a loaded machine its first sessions may still fail to initialise. Wait
-        # until a client session opens, as a user would before pointing a campaign at it.
-        probe = ("import ray, sys; ray.init(sys.argv[1], logging_level='ERROR'); "
-                 "ray.shutdown()")
+        # until a client session opens, as a user would before pointing a campaign at it. The
+        # probe opens it as the campaign does (RayEngine): with fpstate's runtime_env, whose
+        # session server waits for the head's runtime-env agent too (a session without one
+        # does not, and opened while the agent was still not answering: CI, session 30).
+        probe = ("import sys; from fpstate.campaign.engines import RayEngine; "
+                 "RayEngine(address=sys.argv[1]).close()")
         client_error: str | None = f"nothing listened on port {client_port}"
         while time.monotonic() < deadline:
             try:
@@ -189,3 +192,27 @@ def test_a_cluster_that_wants_a_token_we_lack_is_a_one_line_error(tmp_path: Path
                            f"127.0.0.1:{port}: Token authentication is enabled but no "
                            "authentication token was found")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_client_session_refused_by_the_server_names_the_cause() -> None:
+    """Ray Client's "Initialization failure from server:" is followed by the server's
+    traceback; the one-line error gives its last line, and no token hint (the connection and
+    its token were accepted)."""
+    refused = ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n"
+        '  File "proxier.py", line 764, in Datapath\n'
+        "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err "
+        "for detailed logs.\n")
+    assert connect_error("ray://10.0.0.1:10001", refused) == (
+        "cannot connect to the Ray cluster at ray://10.0.0.1:10001: the Ray Client server "
+        "refused the session: RuntimeError: Starting Ray client server failed. See "
+        "ray_client_server_23001.err for detailed logs.")
+    bare = ConnectionAbortedError("Initialization failure from server:\n")
+    assert connect_error("ray://10.0.0.1:10001", bare).endswith(
+        "refused the session: no reason given")
+    # Any other failure keeps Ray's first line, and for an address the token hint.
+    other = connect_error("10.0.0.1:6379", ConnectionError("GCS did not answer\nmore"))
+    assert other.startswith("cannot connect to the Ray cluster at 10.0.0.1:6379: GCS did not "
+                            "answer (a cluster started with token authentication")
+    assert connect_error(None, ValueError("")) == ("cannot connect to a local Ray instance: "
+                                                   "ValueError")

@@ -365,6 +365,26 @@ _AUTH_HINT = (" (a cluster started with token authentication, the default of `ra
 CONNECT_TIMEOUT = 5.0
 
 
+def connect_error(address: str | None, e: BaseException) -> str:
+    """The one-line message for ``ray.init(address)`` failing with ``e``.
+
+    Ray's message names the cause on its first line, except a Ray Client server's refusal
+    ("Initialization failure from server:"), which the proxier (ray.util.client.server.proxier)
+    follows with the server's traceback: its last line is the cause (the session's own server
+    did not start, or the runtime-env agent did not answer). That refusal comes after the
+    connection was accepted, so it is not a missing token either."""
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return f"cannot connect to {where}: {type(e).__name__}"
+    first = lines[0]
+    if first.startswith("Initialization failure from server"):
+        cause = lines[-1] if len(lines) > 1 else "no reason given"
+        return f"cannot connect to {where}: the Ray Client server refused the session: {cause}"
+    hint = _AUTH_HINT if address is not None and "token" not in first else ""
+    return f"cannot connect to {where}: {first}{hint}"
+
+
 def _reachable(address: str) -> None:
     """FpstateError unless ``address`` (``host:port`` or ``ray://host:port``; ``auto`` and
     ``local`` are Ray's to resolve) accepts a TCP connection within `CONNECT_TIMEOUT`."""
@@ -407,10 +427,7 @@ class RayEngine(Engine):
                 ray.init(address=address, **opts)
             except (ConnectionError, ValueError, ray.exceptions.RayError) as e:
                 # No cluster there, a malformed address, a token missing or refused.
-                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                hint = _AUTH_HINT if address is not None and "token" not in first else ""
-                raise FpstateError(f"cannot connect to {where}: {first}{hint}") from None
+                raise FpstateError(connect_error(address, e)) from None
             self._owns = True
         self.address = address
         cpus = int(ray.cluster_resources().get("CPU", 1))
