@@ -10,6 +10,7 @@ from fpstate.check.explore import Job, default_config
 from fpstate.check.keysound import bisimulate
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action
+from fpstate.kernel.x86.hw import token
 from fpstate.kernel.x86.sched import TaskState
 
 A = Action.of
@@ -131,6 +132,30 @@ def test_the_memo_audit_catches_a_key_that_names_states_alike(monkeypatch) -> No
     steps, found = audit(initial, walks=20, seed=3)
     assert found and {f.kind for f in found} <= {"successor", "enabled", "clean"}
     assert all(f.second and f.first != f.second for f in found)
+
+
+def test_x87_folded_by_an_ia32_sigreturn_is_ranked_like_its_token() -> None:
+    """An ia32 sigreturn folds the frame's x87 token (convert_from_fxsr, convert_to_fxsr):
+    two histories that differ only in the generation of that token (one write of x87 or
+    two) reach equal keys, and a third value of another generation would not. Before session
+    30 the folded value was keyed by its bytes, generation included, and the memo audit of
+    variant mxcsr-flip-keeps-xmm's narrow world caught equal keys with unequal successors."""
+    from fpstate.check.actions_x86 import fold_x87
+
+    one_cpu = {"cpu": "sapphire-rapids", "cpus": 1, "processes": {"p0": 1}, "vms": {}}
+    start = (A("run", task="p0.t0", cpu=0), A("exec", task="p0.t0", abi="ia32"),
+             A("sigaction", task="p0.t0"))
+    end = (A("signal", task="p0.t0"), A("sigreturn", task="p0.t0"))
+    x87 = A("write", task="p0.t0", component="x87")
+    once = _steps(*start, x87, *end, config=one_cpu)
+    twice = _steps(*start, x87, x87, *end, config=one_cpu)
+    pid = once.tasks["p0.t0"].pid
+    assert [w.expected["p0.t0"][0] for w in (once, twice)] == [
+        fold_x87(token(pid, g, 0, 160)) for g in (1, 2)]
+    assert once.key() == twice.key()
+    held = once.clone()
+    held.step(x87)
+    assert held.key() != once.key()
 
 
 def test_pkru_in_thread_pkru_is_ranked_like_any_value() -> None:
