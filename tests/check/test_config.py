@@ -45,7 +45,8 @@ X86 = [
     ({"fixes": "resume_pkru"}, "config.fixes: must be a list of proposed fix names, not "
                                "'resume_pkru'"),
     ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a proposed fix "
-                                      "(known: resume_pkru, resume_xfd_set_state)"),
+                                      "(known: mxcsr_by_format, mxcsr_flip_inits_xmm, "
+                                      "resume_pkru, resume_xfd_set_state)"),
     ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),
     ({"compat": ["p7"]}, "config.compat: 'p7' is not a process of config.processes (p0, p1)"),
 ]

@@ -219,6 +219,79 @@ def test_ymm_without_sse_mxcsr_differs_between_view_and_registers(s: Session) ->
     assert s.m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
 
 
+# -- the proposed fix mxcsr_by_format (Chang S. Bae's v3, 2022) and its amendment ------------
+
+V3 = frozenset({"mxcsr_by_format"})
+V3_AMENDED = frozenset({"mxcsr_by_format", "mxcsr_flip_inits_xmm"})
+
+
+@pytest.mark.parametrize("fixes", [V3, V3_AMENDED])
+def test_v3_a_ymm_only_header_keeps_its_mxcsr(fixes: frozenset[str]) -> None:
+    """Under v3 the YMM-only write of the test above gives the task the buffer's MXCSR: it is
+    stored and SSE set in XSTATE_BV since it is not 1F80H. As posted, the XRSTORS then loads
+    the fpstate's XMM bytes -- the tracee's old XMM registers, where the header said initial;
+    the amendment zeroes them."""
+    s = Session(host_machine(fixes=fixes))
+    assert s.set(_with(s.get()[1], 512, struct.pack("<Q", 0x4))) == 0
+    assert s.child.fpu.fpstate.xstate_bv & 0xE7 == 0x6
+    ret, data = s.get()
+    assert ret == 0 and struct.unpack_from("<Q", data, 512)[0] == 0x6
+    assert struct.unpack_from("<I", data, 24)[0] == MXCSR_PATTERN
+    s.resume(0)
+    assert s.m.cpus[0].regs.mxcsr == MXCSR_PATTERN
+    want = bytes(256) if "mxcsr_flip_inits_xmm" in fixes else s.before[SSE]
+    assert s.m.user_read(0, SSE) == want
+
+
+def test_v3_an_empty_header_still_sets_mxcsr() -> None:
+    """Chang S. Bae's selftest (mxcsr.c, v2 2/4): MXCSR 0xabc written with XSTATE_BV 0 is
+    loaded "regardless of XSTATE_BV" and read back; every release puts the task in 1F80H
+    (test_xstate_bv_zero_puts_everything_in_init)."""
+    s = Session(host_machine(fixes=V3_AMENDED))
+    buf = _with(_with(s.get()[1], 512, bytes(8)), 24, struct.pack("<I", 0xABC))
+    assert s.set(buf) == 0
+    assert struct.unpack_from("<I", s.get()[1], 24)[0] == 0xABC
+    s.resume(0)
+    assert s.m.cpus[0].regs.mxcsr == 0xABC
+    assert s.m.user_read(0, SSE) == bytes(256) and s.m.user_read(0, YMM) == bytes(256)
+
+
+def test_v3_validates_mxcsr_whatever_the_header_says() -> None:
+    """v3 checks MXCSR against mxcsr_feature_mask whenever user_xfeatures has SSE or YMM;
+    every release only when the header has x87, SSE or YMM (`_predict`)."""
+    buf = _with(_with(Session(host_machine()).get()[1], 512, bytes(8)), 24,
+                struct.pack("<I", 0x40000))
+    assert Session(host_machine()).set(buf) == 0
+    assert Session(host_machine(fixes=V3)).set(buf) == -EINVAL
+
+
+@pytest.mark.parametrize("profile", ["compacted", "standard"])
+def test_v3_view_shows_the_mxcsr_the_task_runs_with(profile: str) -> None:
+    """The stale view of kernel-findings 6: the task loads 0x1f00, is saved, puts SSE in its
+    initial configuration (MXCSR 1F80H) and uses AVX, and is saved again. Compacted, every
+    release shows the bytes of SSE's first save (0x1f00), v3 1F80H by the SSE bit; standard,
+    XSAVE writes MXCSR with AVX, so both show 1F80H."""
+    for fixes, stale in ((frozenset(), True), (V3, False)):
+        m = (host_machine(fixes=fixes) if profile == "compacted"
+             else Machine.boot("haswell", fixes=fixes))
+        child, tracer = m.spawn("child"), m.spawn("tracer")
+        m.run(0, child)
+        m.user_write(0, SSE)
+        assert m.user_ldmxcsr(0, MXCSR_PATTERN) is None
+        m.run(0, tracer)  # the switch saves SSE, MXCSR with it
+        m.run(0, child)
+        m.user_release(0, 1 << SSE)  # XMM0-15 zero, MXCSR 1F80H: SSE initial
+        m.user_write(0, YMM)
+        assert m.cpus[0].regs.mxcsr == MXCSR_DEFAULT
+        m.stop(child)
+        m.run(0, tracer)
+        ret, data = m.syscall(0, sys_ptrace_regset, child, PTRACE_GETREGSET, NT_X86_XSTATE,
+                              m.system.user.max_size)
+        assert ret == 0 and struct.unpack_from("<Q", data, 512)[0] & 0x6 == 0x4
+        want = MXCSR_PATTERN if stale and profile == "compacted" else MXCSR_DEFAULT
+        assert struct.unpack_from("<I", data, 24)[0] == want, (profile, fixes)
+
+
 def test_a_running_tracee_is_esrch() -> None:
     m = host_machine()
     child, tracer = m.spawn("child"), m.spawn("tracer")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.context import __fpu_invalidate_fpregs_state
-from fpstate.kernel.x86.hw import HDR, MXCSR_OFFSET
+from fpstate.kernel.x86.hw import HDR, MXCSR_INIT, MXCSR_OFFSET
 from fpstate.kernel.x86.mm import PageFault, UserMemory
 from fpstate.kernel.x86.sched import TaskState
 from fpstate.kernel.x86.types import (
@@ -99,7 +99,12 @@ def __copy_xstate_to_uabi_buf(system: FpuSystem, init_regs: bytes, fps: Fpstate,
         out.extend((xsave if present else init_regs)[lo:hi])
 
     feature(hdr & XFEATURE_MASK_FP, 0, MXCSR_OFFSET)
-    feature(hdr & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM), MXCSR_OFFSET, MXCSR_OFFSET + 8)
+    if _mxcsr_by_format(system):  # the proposed fix: MXCSR goes by the kernel's format
+        feature(hdr & XFEATURE_MASK_SSE if system.xcompacted
+                else fps.user_xfeatures & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM),
+                MXCSR_OFFSET, MXCSR_OFFSET + 8)
+    else:
+        feature(hdr & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM), MXCSR_OFFSET, MXCSR_OFFSET + 8)
     feature(hdr & XFEATURE_MASK_FP, 32, 160)
     feature(hdr & XFEATURE_MASK_SSE, 160, 416)
     if mode == XSTATE_COPY_XSAVE:
@@ -142,11 +147,20 @@ def validate_user_xstate_header(hdr: bytes, fps: Fpstate) -> bool:
     return not int.from_bytes(hdr[16:64], "little")  # no reserved byte set
 
 
+def _mxcsr_by_format(system: FpuSystem) -> bool:
+    """Whether the UABI copies run Chang S. Bae's "x86/fpu: Fix the MXCSR state reshuffling
+    between userspace and kernel buffers" (v3 1/3, October 2022, not merged; the proposed fix
+    ``mxcsr_by_format``), rather than the code every release has (variant uabi-mxcsr-by-ymm)."""
+    return not system.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format")
+
+
 def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
                         pkru: list[int] | None) -> int:
     """copy_uabi_to_xstate() (xstate.c) from a kernel copy of the buffer: 0, or -EINVAL for a
     bad header or MXCSR, -EFAULT when the buffer is too short to read what the header names.
-    ``pkru`` is a one-element list standing for the u32 *pkru (None: KVM's NULL)."""
+    ``pkru`` is a one-element list standing for the u32 *pkru (None: KVM's NULL).
+
+    With the proposed fix ``mxcsr_by_format`` it is the patch's version (`_copy_uabi_v3`)."""
     fps.check_alive("copy_uabi_to_xstate")
 
     def read(off: int, n: int) -> bytes | None:
@@ -158,6 +172,8 @@ def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
     if not validate_user_xstate_header(hdr, fps):
         return -EINVAL
     xfeatures = int.from_bytes(hdr[0:8], "little")
+    if _mxcsr_by_format(system):
+        return _copy_uabi_v3(system, fps, read, xfeatures, pkru)
     if xfeatures & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
         mx = read(MXCSR_OFFSET, 8)
         if mx is None:
@@ -187,6 +203,64 @@ def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
     elif pkru is not None:
         pkru[0] = 0
     fps.xstate_bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
+    return 0
+
+
+def _copy_uabi_v3(system: FpuSystem, fps: Fpstate, read: Any, xfeatures: int,
+                  pkru: list[int] | None) -> int:
+    """copy_uabi_to_xstate() after the header's validation, as Chang S. Bae's v3 1/3 has it:
+    x87 (its control words and ST0-7, not MXCSR) only with FP in the header, a copy that
+    faults being -EINVAL; MXCSR (validated, -EFAULT/-EINVAL) whenever the fpstate's
+    user_xfeatures has SSE or YMM, whatever the header says ("userspace uses the uncompacted
+    format"); XMM0-15 only with SSE; the extended components as before; then on a compacted
+    kernel SSE is set in XSTATE_BV whenever the stored MXCSR is not MXCSR_DEFAULT, so that
+    XRSTORS loads it -- and with it the XMM bytes of the fpstate, which this copy wrote only
+    if the header had SSE: a header without SSE then gives the task whatever XMM values the
+    fpstate last held instead of their initial zeros (variant mxcsr-flip-keeps-xmm,
+    kernel-findings 6). The proposed amendment ``mxcsr_flip_inits_xmm`` zeroes them when the
+    flip sets SSE that the header did not have."""
+    regs = fps.regs
+    if xfeatures & XFEATURE_MASK_FP:
+        legacy, st = read(0, MXCSR_OFFSET), read(32, 128)
+        if legacy is None or st is None:
+            return -EINVAL
+        regs[0:MXCSR_OFFSET], regs[32:160] = legacy, st
+    if fps.user_xfeatures & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM):
+        mx = read(MXCSR_OFFSET, 8)
+        if mx is None:
+            return -EFAULT
+        if int.from_bytes(mx[0:4], "little") & ~system.mxcsr_feature_mask:
+            return -EINVAL
+        regs[MXCSR_OFFSET:MXCSR_OFFSET + 8] = mx
+    if xfeatures & XFEATURE_MASK_SSE:
+        xmm = read(160, 256)
+        if xmm is None:
+            return -EINVAL
+        regs[160:416] = xmm
+    for i in bits(xfeatures & ~XFEATURE_MASK_FPSSE):
+        comp = system.profile.component(i)
+        data = read(comp.offset, comp.size)
+        if data is None:
+            return -EFAULT
+        dst = core._component_offset(system, fps, i)
+        if dst + comp.size > len(regs):
+            raise KernelBug("xsave-out-of-bounds",
+                            f"copy_uabi_to_xstate: component {i} at {dst} of "
+                            f"{len(regs)}-byte fpstate #{fps.ident}")
+        regs[dst:dst + comp.size] = data
+    if xfeatures & XFEATURE_MASK_PKRU:
+        off = core._component_offset(system, fps, 9)
+        if pkru is not None:
+            pkru[0] = int.from_bytes(regs[off:off + 4], "little")
+    elif pkru is not None:
+        pkru[0] = 0
+    bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
+    if system.xcompacted and regs[MXCSR_OFFSET:MXCSR_OFFSET + 4] != MXCSR_INIT:
+        if not bv & XFEATURE_MASK_SSE and not system.runs_unfixed("mxcsr-flip-keeps-xmm",
+                                                                  "mxcsr_flip_inits_xmm"):
+            regs[160:416] = bytes(256)  # the amendment: XMM0-15 as the header says, initial
+        bv |= XFEATURE_MASK_SSE
+    fps.xstate_bv = bv
     return 0
 
 

@@ -220,6 +220,20 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "the boot CPU resumes with PKRU 0, its reset value; the task that suspended returns "
             "to user mode with it (the return restores every component but PKRU), every "
             "protection key open, and its next switch-out stashes 0 in thread.pkru"),
+    Variant("uabi-mxcsr-by-ymm", "__copy_xstate_to_uabi_buf",
+            "every kernel since 91c3dba7dbc1 'x86/fpu/xstate: Fix PTRACE frames for XSAVES' "
+            "(2016) to 6.18 (kernel-findings 6; proposed fix mxcsr_by_format, Chang S. "
+            "Bae's v3 of October 2022)",
+            "copies MXCSR into the UABI image whenever the header has SSE or YMM: on a kernel "
+            "that saves with XSAVES, a task whose SSE is initial while AVX is in use shows "
+            "the MXCSR of SSE's last save (PTRACE_GETREGSET, core dumps, KVM_GET_XSAVE2), "
+            "and a write-back of that buffer with SSE hands it to the task"),
+    Variant("mxcsr-flip-keeps-xmm", "copy_uabi_to_xstate",
+            "Chang S. Bae's v3 1/3 as posted (October 2022, not merged): the proposed fix "
+            "mxcsr_by_format without the amendment mxcsr_flip_inits_xmm",
+            "sets SSE in a compacted fpstate's XSTATE_BV for a non-default MXCSR whose header "
+            "lacked SSE, without writing XMM0-15: XRSTORS gives the task the XMM values the "
+            "fpstate last held instead of their initial zeros"),
     Variant("hardirq-fpu-in-fpregs-lock", "irq_fpu_usable",
             "before 59f5ede3bc0f 'x86/fpu: Prevent FPU state corruption' (v5.18; the "
             "condition dates back to 5d2bd7009f30, 2014)",
@@ -304,6 +318,9 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown proposed fix(es) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(sorted(PROPOSED_FIXES))})")
+        if "mxcsr_flip_inits_xmm" in self.fixes and "mxcsr_by_format" not in self.fixes:
+            raise FpstateError("proposed fix mxcsr_flip_inits_xmm amends mxcsr_by_format, "
+                               "which is not applied")
         xcompacted = self.xsavec or self.xsaves
         supervisor = self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
         xss = (supervisor | self.kernel.independent_features) if self.xsaves else 0

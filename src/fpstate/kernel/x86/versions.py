@@ -174,6 +174,25 @@ PROPOSED: tuple[Change, ...] = (
            "returns to user mode with it, since the return restores every component but "
            "PKRU, and its first switch-out stashes it in thread.pkru; variant "
            "pkru-lost-on-resume)"),
+    Change("mxcsr_by_format", "proposed",
+           "Chang S. Bae, 'x86/fpu: Fix the MXCSR state reshuffling between userspace and "
+           "kernel buffers', v3 1/3 (5 Oct 2022, reported by Andrei Vagin, not merged; "
+           "kernel-findings 6), applied to the v6.17 code",
+           "__copy_xstate_to_uabi_buf() copies MXCSR by the kernel's format: on a compacted "
+           "(XSAVES) kernel only with SSE in XSTATE_BV, init_fpstate's 1F80H otherwise; on a "
+           "standard one whenever user_xfeatures has SSE or YMM. copy_uabi_to_xstate() "
+           "stores MXCSR whatever the header says and, compacted, sets SSE in XSTATE_BV when "
+           "it is not MXCSR_DEFAULT (unfixed: MXCSR is copied out whenever the header has SSE "
+           "or YMM -- on a compacted kernel the bytes of SSE's last save, which a debugger's "
+           "or a VMM's write-back hands to the task; variant uabi-mxcsr-by-ymm)"),
+    Change("mxcsr_flip_inits_xmm", "proposed",
+           "fpstate: an amendment of mxcsr_by_format (kernel-findings 6), which it needs",
+           "when copy_uabi_to_xstate() sets SSE in XSTATE_BV for a non-default MXCSR that "
+           "the header did not have SSE for, it also puts XMM0-15 of the fpstate in their "
+           "initial configuration (zeros, as init_fpstate holds them) (without it: the "
+           "XRSTORS loads the XMM bytes the fpstate last held -- an ia32 sigreturn whose "
+           "frame clears SSE, or a debugger's write of MXCSR alone, gives the task old XMM "
+           "values instead of zeros; variant mxcsr-flip-keeps-xmm)"),
 )
 
 _BY_KEY = {c.key: c for c in (*CHANGES, *PROPOSED)}
