@@ -23,7 +23,8 @@ from fpstate.check.explore import Job, explore
 from fpstate.check.world import Action
 
 CFG = {"cpu": "sapphire-rapids", "kernel": "6.18", "cpus": 1, "processes": {"p0": 1},
-       "fixes": ["resume_pkru", "resume_xfd_set_state"],
+       "fixes": ["resume_pkru", "resume_xfd_set_state", "mxcsr_by_format",
+                 "mxcsr_flip_inits_xmm"],
        "vms": {"vm0": {"vmm": "p0.t0", "vcpus": 1}}}
 
 

@@ -60,12 +60,13 @@ def test_explore_without_violation_prints_coverage(capsys: pytest.CaptureFixture
 def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The default x86 configuration runs Linux 6.18 with the proposed fixes of
-    kernel-findings 10, and says so; without them the explorer finds the suspending task's
-    PKRU 0 in two steps, a scenario that fails under the kernel as released."""
+    kernel-findings 10 and 6, and says so; without them the explorer finds the suspending
+    task's PKRU 0 in two steps, a scenario that fails under the kernel as released."""
     assert main(["explore", "--seconds", "1", "--workers", "1"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("no violation: model x86 (the kernel's design, cpu "
-                            "sapphire-rapids, proposed fixes resume_pkru, resume_xfd_set_state)")
+                            "sapphire-rapids, proposed fixes resume_pkru, resume_xfd_set_state, "
+                            "mxcsr_by_format, mxcsr_flip_inits_xmm)")
     out = tmp_path / "cx.yaml"
     assert main(["explore", "--config", "{fixes: []}", "--seconds", "30", "--workers", "1",
                  "--json", "--out", str(out)]) == 1

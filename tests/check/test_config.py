@@ -47,6 +47,8 @@ X86 = [
     ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a proposed fix "
                                       "(known: mxcsr_by_format, mxcsr_flip_inits_xmm, "
                                       "resume_pkru, resume_xfd_set_state)"),
+    ({"fixes": ["mxcsr_flip_inits_xmm"]}, "config.fixes: 'mxcsr_flip_inits_xmm' amends "
+                                          "'mxcsr_by_format', which is not listed"),
     ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),
     ({"compat": ["p7"]}, "config.compat: 'p7' is not a process of config.processes (p0, p1)"),
 ]

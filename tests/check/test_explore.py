@@ -21,10 +21,12 @@ from fpstate.check.world import Action, audited_memos
 
 A = Action.of
 SERIAL = SerialExecutor()
-#: One process, no VM; Linux 6.18 with the proposed fixes of its suspend/resume bugs, as in
-#: the default configuration (without them a walk finds pkru-lost-on-resume in two steps).
+#: One process, no VM; Linux 6.18 with the proposed fixes of its suspend/resume bugs and of
+#: its stale MXCSR in UABI buffers, as in the default configuration (without them a walk
+#: finds pkru-lost-on-resume in two steps).
 SMALL = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 1}, "vms": {},
-         "fixes": ["resume_pkru", "resume_xfd_set_state"]}
+         "fixes": ["resume_pkru", "resume_xfd_set_state", "mxcsr_by_format",
+                   "mxcsr_flip_inits_xmm"]}
 
 
 @pytest.mark.parametrize("model", ["x86", "arm64"])

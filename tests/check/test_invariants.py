@@ -620,15 +620,17 @@ def test_ptrace_set_writes_x87_and_sse(cpu: str) -> None:
 def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a compacted kernel, PTRACE_GETREGSET of a task whose SSE is initial and AVX in use
     shows the MXCSR its fpstate kept from SSE's last save, and a write of SSE hands that MXCSR
-    back to the task (kernel-findings 6, measured on Linux 6.18). The explorer's expectation
-    is that rule; the naive one -- the task keeps its own 1F80H -- breaks no-lost-write."""
+    back to the task (kernel-findings 6, measured on Linux 6.18). The view is flagged
+    (regset-view-shows-the-task); the write follows the kernel's rule, which the explorer's
+    expectation states -- the naive one, the task keeps its own 1F80H, breaks no-lost-write."""
     from fpstate.check.actions_x86 import X86World
     from fpstate.check.world import no_memos
 
     w = world(TRACED, steps=STALE)
     t = w.tasks["p0.t0"]
-    got = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0")).observed
-    assert got["mxcsr"] == mxcsr_token(t.pid, 1) and got["xstate_bv"] & 0x6 == 0x4
+    r = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0"))
+    assert r.observed["mxcsr"] == mxcsr_token(t.pid, 1) and r.observed["xstate_bv"] & 0x6 == 0x4
+    assert [v.invariant for v in r.violations] == ["regset-view-shows-the-task"]
     assert w.step(A("observe", task="p0.t0")).observed["mxcsr"] == 0x1F80
     r = w.clone().step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
     assert not r.violations
@@ -636,6 +638,19 @@ def test_ptrace_set_expects_the_kernels_stale_mxcsr(monkeypatch: pytest.MonkeyPa
     with no_memos():
         r = w.step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse"))
     assert {v.invariant for v in r.violations} == {"no-lost-write"}, r.violations
+
+
+@pytest.mark.parametrize("cpu", ["sapphire-rapids", "haswell"])
+def test_with_the_mxcsr_fix_the_view_and_the_write_back_keep_1f80(cpu: str) -> None:
+    """With the proposed fix mxcsr_by_format (Chang S. Bae's v3) the same sequence shows the
+    task's own 1F80H -- compacted, by the SSE bit; standard, the image's MXCSR -- and a write
+    of SSE leaves it 1F80H: nothing is flagged."""
+    w = world({**TRACED, "cpu": cpu, "fixes": ["mxcsr_by_format", "mxcsr_flip_inits_xmm"]},
+              steps=STALE)
+    r = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0"))
+    assert r.observed["mxcsr"] == 0x1F80 and not r.violations
+    assert not w.step(A("ptrace_set", tracer="p0.t1", task="p0.t0", component="sse")).violations
+    assert w.step(A("observe", task="p0.t0")).observed["mxcsr"] == 0x1F80
 
 
 # -- regset-view-shows-the-task ------------------------------------------------------------------
@@ -659,15 +674,19 @@ def test_regset_view_flags_a_view_the_task_does_not_hold() -> None:
             "holds p0.t0#9") in str(r.violations)
 
 
-def test_regset_view_of_the_stale_mxcsr_is_the_stated_rule() -> None:
+def test_regset_view_of_the_stale_mxcsr_is_flagged_with_both_values() -> None:
     """kernel-findings 6: the view's MXCSR is the fpstate's stale bytes when the header has
-    YMM without SSE on a compacted kernel; the invariant states that rule, so the view
-    differs from what the task holds and nothing is flagged."""
+    YMM without SSE on a compacted kernel, which every release does (variant
+    uabi-mxcsr-by-ymm): the violation names the stale value and the task's 1F80H."""
     w = world(TRACED, steps=STALE)
     t = w.tasks["p0.t0"]
     r = w.step(A("ptrace_get", tracer="p0.t1", task="p0.t0"))
-    assert r.observed["mxcsr"] == mxcsr_token(t.pid, 1) and not r.violations
+    assert r.observed["mxcsr"] == mxcsr_token(t.pid, 1)
     assert w._held(t)[-1] == (0x1F80).to_bytes(4, "little")
+    assert [str(v) for v in r.violations] == [
+        "regset-view-shows-the-task: PTRACE_GETREGSET NT_X86_XSTATE of p0.t0 shows MXCSR = "
+        f"MXCSR {mxcsr_token(t.pid, 1):#x} (p0.t0's value 1) where the task holds MXCSR 0x1f80 "
+        "(init)"]
 
 
 def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
@@ -696,7 +715,10 @@ def test_core_dump_shows_the_pkru_of_the_last_switch() -> None:
     assert w.step(A("core_dump", task="p1.t0")).observed["pkru"] == "p1.t0#1"
 
 
-THREADED = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 1}, "vms": {}}
+#: (With the proposed MXCSR fixes: an AMX thread's reallocated fpstate otherwise shows MXCSR 0
+#: in its note, scenarios/core-dump-mxcsr-after-realloc.yaml.)
+THREADED = {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 1}, "vms": {},
+            "fixes": ["mxcsr_by_format", "mxcsr_flip_inits_xmm"]}
 #: Both threads of p0 write PKRU and AVX, p0.t0 on CPU 0, p0.t1 on CPU 1 (both in user mode).
 BOTH_WROTE = [A("run", task="p0.t0", cpu=0), A("write", task="p0.t0", component="pkru"),
               A("write", task="p0.t0", component="avx"), A("run", task="p0.t1", cpu=1),

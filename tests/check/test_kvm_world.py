@@ -343,9 +343,11 @@ def test_an_edit_that_set_xsave_drops_is_a_lost_write(monkeypatch) -> None:
 
 def test_an_edit_of_sse_gives_the_guest_the_mxcsr_its_buffer_held(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """scenarios/kvm-edit-sse-stale-mxcsr.yaml holds under the kernel's rule for MXCSR after
-    KVM_SET_XSAVE (`_mxcsr_after_uabi_set`: the stale MXCSR of the buffer comes back); under
-    the naive expectation -- the guest keeps its own 1F80H -- the edit breaks no-lost-write."""
+    """scenarios/kvm-edit-sse-stale-mxcsr.yaml: with the proposed fix mxcsr_by_format the
+    buffer shows the guest's 1F80H and the edit leaves it; every release (variant
+    uabi-mxcsr-by-ymm) shows the stale 0x3f80 at the KVM_GET_XSAVE2. Past that view, the
+    write-back follows the kernel's rule (`_mxcsr_after_uabi_set`: the buffer's MXCSR comes
+    back); the naive expectation -- the guest keeps its own 1F80H -- breaks no-lost-write."""
     from pathlib import Path
 
     from fpstate.check import scenario as scn
@@ -354,10 +356,21 @@ def test_an_edit_of_sse_gives_the_guest_the_mxcsr_its_buffer_held(
 
     path = Path(__file__).resolve().parents[2] / "scenarios" / "kvm-edit-sse-stale-mxcsr.yaml"
     assert scn.run(scn.load(path)).ok
+    report = scn.run(scn.load(path), variant="uabi-mxcsr-by-ymm")
+    assert report.violation is not None
+    assert report.violation[1].invariant == "regset-view-shows-the-task"
+    assert "KVM_GET_XSAVE2 of vm0.v0 shows MXCSR = MXCSR 0x3f80" in report.violation[1].detail
+    sc = scn.load(path)
+    w = make_world(sc.model, {**sc.config, "fixes": []}, None)
+    for st in sc.steps[:3]:
+        w.step(st.action)
+    edit = sc.steps[4].action
+    assert w.clone().step(edit).violations[0].invariant == "regset-view-shows-the-task"
     monkeypatch.setattr(X86World, "_mxcsr_after_uabi_set", lambda self, name, mxcsr, bv: None)
     with no_memos():
-        report = scn.run(scn.load(path))
-    assert report.violation is not None and report.violation[1].invariant == "no-lost-write"
+        r = w.step(edit)
+    assert {v.invariant for v in r.violations} == {"regset-view-shows-the-task",
+                                                    "no-lost-write"}, r.violations
 
 
 def test_set_fpu_reaches_the_guest_only_through_the_header(

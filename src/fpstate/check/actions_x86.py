@@ -446,6 +446,9 @@ class X86World(X86Views, World):
             if name not in PROPOSED_FIXES:
                 raise ScenarioError(f"config.fixes: {name!r} is not a proposed fix (known: "
                                     f"{', '.join(sorted(PROPOSED_FIXES))})")
+        if "mxcsr_flip_inits_xmm" in fixes and "mxcsr_by_format" not in fixes:
+            raise ScenarioError("config.fixes: 'mxcsr_flip_inits_xmm' amends 'mxcsr_by_format', "
+                                "which is not listed")
 
     @classmethod
     def task_names(cls, config: Mapping[str, Any]) -> list[str]:
@@ -1102,7 +1105,8 @@ class X86World(X86Views, World):
           already under TIF_NEED_FPU_LOAD; else what the fpstate last held). XSTATE_BV is
           then cut to the frame's xfeatures (user_xfeatures), and the restore of the fpstate
           is compacted on XSAVES/XSAVEC kernels: without SSE in XSTATE_BV it puts MXCSR to
-          1F80H (RFBM, max_features, has SSE)."""
+          1F80H (RFBM, max_features, has SSE). With the proposed fix ``mxcsr_by_format``,
+          the frame's: stored whatever the header says, SSE set for it if not 1F80H."""
         mm = t.process.mm
         fp = _frame_xsave(mm, lo, kind)
         frame = mm.read(fp + MXCSR_OFFSET, 4)
@@ -1116,8 +1120,8 @@ class X86World(X86Views, World):
                                                and not s.xcompacted):
                 return MXCSR_INIT
             return frame
-        if fx_only:
-            return frame
+        if fx_only or not s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"):
+            return frame  # (the fix stores MXCSR whatever the header says, SSE set for it)
         bv = int.from_bytes(mm.read(fp + HDR, 8), "little")
         if s.xcompacted and not bv & sw.xfeatures & XFEATURE_MASK_SSE:  # header &= user_xfeatures
             return MXCSR_INIT
@@ -1396,12 +1400,18 @@ class X86World(X86Views, World):
         restore is XRSTORS/XRSTOR of the fpstate with RFBM holding SSE -- compacted, it loads
         MXCSR only with SSE in XSTATE_BV and puts 1F80H otherwise; standard, it loads the
         fpstate's MXCSR whatever XSTATE_BV says (the task's own where the buffer's was not
-        stored). The buffer's MXCSR is what PTRACE_GETREGSET or KVM_GET_XSAVE2 gave: on a
-        compacted kernel, with YMM but not SSE in the header, the fpstate's bytes that no
-        XSAVES wrote since SSE was last in use (kernel-findings 6: a stale MXCSR in the
-        view)."""
+        stored). With the proposed fix ``mxcsr_by_format`` (Chang S. Bae's v3) the buffer's
+        MXCSR is stored whatever its header says and, on a compacted kernel, SSE set when it
+        is not 1F80H: the task runs with it. The buffer's MXCSR is what PTRACE_GETREGSET or
+        KVM_GET_XSAVE2 gave, which without the fix is, on a compacted kernel with YMM but
+        not SSE in the header, the fpstate's bytes that no XSAVES wrote since SSE was last in
+        use (kernel-findings 6: a stale MXCSR in the view, which regset-view-shows-the-task
+        flags)."""
         exp = self.expected[name]
-        if self.m.system.xcompacted:
+        s = self.m.system
+        if not s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"):
+            value = mxcsr
+        elif s.xcompacted:
             value = mxcsr if bv & XFEATURE_MASK_SSE else MXCSR_INIT
         elif bv & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
             value = mxcsr

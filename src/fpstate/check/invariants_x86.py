@@ -403,9 +403,11 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
     """NT_X86_XSTATE -- of a stopped tracee (PTRACE_GETREGSET) or in a core -- and a VMM's
     KVM_GET_XSAVE2 of a vCPU, read as a restore would read them, show every tracked user
     component and MXCSR as the task or the guest holds them.
-    Known rules of the kernel that break it are stated here, not silenced elsewhere:
-    MXCSR on a compacted kernel when the header has YMM without SSE (the fpstate's stale
-    bytes, docs/findings/kernel-findings.md 6); PKRU in the core of a dumping task that
+    A compacted kernel's MXCSR when the header has YMM without SSE -- the fpstate's bytes
+    of SSE's last save -- breaks it (docs/findings/kernel-findings.md 6; variant
+    uabi-mxcsr-by-ymm, every release: the default configuration applies the proposed fix
+    ``mxcsr_by_format``). Known rules of the kernel that break it are stated here, not
+    silenced elsewhere: PKRU in the core of a dumping task that
     nothing switched out -- no thread to wait for, or all of them arrived before it waited
     -- which is thread.pkru, the value of its last context switch, not the one it crashed
     with (kernel-findings 9i; every other thread's note, and a dumper's that slept, must
@@ -417,7 +419,8 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
     writes vcpu->arch.pkru only under that bit, which a KVM_SET_XSAVE without PKRU clears
     while keeping vcpu->arch.pkru
     (docs/findings/kvm-findings.md, "A guest's PKRU missing from KVM_GET_XSAVE2"); MXCSR on
-    a standard-format kernel when the header has neither SSE nor YMM -- the view says 1F80H
+    a standard-format kernel without ``mxcsr_by_format`` when the header has neither SSE nor
+    YMM -- the view says 1F80H
     (init_fpstate's, copy_feature), while XRSTOR loads the image's, which a
     copy_uabi_to_xstate() of such a header left as it was (kvm-findings, "A buffer whose
     XSTATE_BV has none of x87, SSE and AVX leaves MXCSR to the kernel's format")."""
@@ -455,10 +458,9 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
             if got != want:
                 yield (f"{what} shows {_name(i)} = {_writer(w, got, i)} where {who} holds "
                        f"{w.writer(want, i)}")
-        if s.xcompacted:  # the fpstate's bytes, stale since SSE's last save
-            stale = bv & XFEATURE_MASK_YMM and not bv & XFEATURE_MASK_SSE
-        else:  # the view's 1F80H, not the image's bytes that XRSTOR loads
-            stale = not bv & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM)
+        # Standard format, unfixed: the view's 1F80H, not the image's bytes that XRSTOR loads
+        stale = (not s.xcompacted and not bv & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM)
+                 and s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"))
         if not stale and view[MXCSR] != held[MXCSR]:
             yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where {who} "
                    f"holds {_writer(w, held[MXCSR], MXCSR)}")

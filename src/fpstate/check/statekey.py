@@ -183,7 +183,22 @@ def _decode_image(system: Any, regs: bytes) -> tuple[int, tuple[Any, ...]]:
         out.append((i, struct))
         if tok is not None:
             toks.append(tok)
+    if not xstate_bv & 2 and _flip_loads_stale_xmm(system):
+        # XMM bytes outside XSTATE_BV, which Chang S. Bae's v3 as posted loads when its
+        # copy_uabi_to_xstate() sets SSE for a non-default MXCSR (mxcsr-flip-keeps-xmm)
+        struct, tok = _classify(regs[160:416], 1)
+        out.append((-2, struct))
+        if tok is not None:
+            toks.append(tok)
     return digest((tuple(out), int.from_bytes(regs[24:28], "little"))), tuple(toks)
+
+
+def _flip_loads_stale_xmm(system: Any) -> bool:
+    """Whether an fpstate's XMM bytes count while its XSTATE_BV lacks SSE: on a compacted
+    kernel with the proposed fix mxcsr_by_format but without its amendment
+    mxcsr_flip_inits_xmm (fpstate.kernel.x86.regset._copy_uabi_v3)."""
+    return (system.xcompacted and not system.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format")
+            and system.runs_unfixed("mxcsr-flip-keeps-xmm", "mxcsr_flip_inits_xmm"))
 
 
 def pkru_value(cn: Canon, pkru: int) -> Any:

@@ -305,6 +305,30 @@ VARIANTS: tuple[Variant, ...] = (
             "after resume from suspend the boot CPU's PKRU is its reset value 0, which nothing "
             "writes back: the task that suspended returns to user mode with every protection "
             "key open", "no-lost-write", needs=(9,)),
+    Variant("uabi-mxcsr-by-ymm", "x86",
+            "2016-v6.18, unfixed (kernel-findings 6; proposed fix mxcsr_by_format, Chang S. "
+            "Bae's v3 of October 2022)",
+            "a compacted kernel copies MXCSR into PTRACE_GETREGSET, core dumps and "
+            "KVM_GET_XSAVE2 whenever the header has SSE or YMM: with SSE initial and AVX in "
+            "use, the MXCSR of SSE's last save, which a write-back of the buffer with SSE "
+            "hands to the task", "regset-view-shows-the-task", also=("no-lost-write",)),
+    Variant("mxcsr-flip-keeps-xmm", "x86",
+            "Chang S. Bae's v3 of October 2022 as posted (proposed fix mxcsr_by_format "
+            "without its amendment mxcsr_flip_inits_xmm; kernel-findings 6)",
+            "copy_uabi_to_xstate() sets SSE for a non-default MXCSR whose header lacked SSE "
+            "without initialising XMM0-15: an ia32 sigreturn whose frame says SSE is initial "
+            "gives the task the XMM values its fpstate last held", "no-lost-write",
+            # one task on one CPU of Zen 2 (XSAVES, so compacted, with x87, SSE and AVX only:
+            # fewer components to pick), and only the actions that exec a 32-bit program,
+            # write SSE, take a signal or edit its frame (0.0-3.6 s in one process, seeds
+            # 0-3; 7-42 s on Sapphire Rapids)
+            config={"cpu": "zen2", "vms": {}, "cpus": 1, "processes": {"p0": 1},
+                    "omit": ["ptrace_get", "ptrace_set", "ptrace_stop", "ptrace_cont",
+                             "core_dump", "kill", "fork", "clone", "exit", "pasid_write",
+                             "kernel_fpu", "hotplug", "suspend", "sigaltstack", "arch_prctl",
+                             "pkey_open", "pkey_altstack", "write_nm", "syscall",
+                             "frame_write", "frame_resize", "frame_fx_only", "idle",
+                             "switch_in", "release", "ldmxcsr", "return_to_user"]}),
     Variant("init-fpstate-by-xsaves", "x86", "before v5.13 (fixed: f9dfb5e390fa)",
             "init_fpstate read back with XSAVES, which writes nothing of components in their "
             "initial configuration: FCW and MXCSR 0 in every view that fills an absent x87 or "
@@ -351,7 +375,8 @@ SEED_VARIANTS: tuple[str, ...] = ("kvm-save-min-size", "guest-only-in-host-fpsta
 #: The variants that are the newest modelled kernel's own code, bugs this model found in it
 #: (docs/findings/kernel-findings.md section 10; the default configuration applies their
 #: proposed fixes): fpstate check requires each to be found as well.
-UNFIXED_VARIANTS: tuple[str, ...] = ("pkru-lost-on-resume", "xfd-state-stale-on-resume")
+UNFIXED_VARIANTS: tuple[str, ...] = ("pkru-lost-on-resume", "xfd-state-stale-on-resume",
+                                     "uabi-mxcsr-by-ymm")
 
 
 def missing(v: Variant, cpu: str) -> str | None:
