@@ -29,7 +29,6 @@ from fpstate.kernel.x86.mm import PageFault, UserMemory
 from fpstate.kernel.x86.sched import TaskState
 from fpstate.kernel.x86.types import (
     XFEATURE_MASK_SUPERVISOR_ALL,
-    XFEATURE_MAX,
     Fpstate,
     Fpu,
     FpuSystem,
@@ -182,28 +181,42 @@ def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
             return -EINVAL
         if not xfeatures & XFEATURE_MASK_FP:
             fps.regs[MXCSR_OFFSET:MXCSR_OFFSET + 8] = mx
-    for i in range(XFEATURE_MAX):
-        if not (xfeatures >> i) & 1:
-            continue
+    if _copy_components(system, fps, read, xfeatures):
+        return -EFAULT
+    _pkru_from_xstate(system, fps, xfeatures, pkru)
+    fps.xstate_bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
+    return 0
+
+
+def _copy_components(system: FpuSystem, fps: Fpstate, read: Any, mask: int) -> bool:
+    """copy_uabi_to_xstate()'s loop over the components in ``mask``: each from its standard
+    offset in the buffer to its offset in the fpstate. True where the buffer ends first
+    (-EFAULT); an fpstate too small for a component is the model's KernelBug."""
+    for i in bits(mask):
         comp = system.profile.component(i)
         data = read(comp.offset, comp.size)
         if data is None:
-            return -EFAULT
+            return True
         dst = core._component_offset(system, fps, i)
         if dst + comp.size > len(fps.regs):
             raise KernelBug("xsave-out-of-bounds",
                             f"copy_uabi_to_xstate: component {i} at {dst} of "
                             f"{len(fps.regs)}-byte fpstate #{fps.ident}")
         fps.regs[dst:dst + comp.size] = data
+    return False
+
+
+def _pkru_from_xstate(system: FpuSystem, fps: Fpstate, xfeatures: int,
+                      pkru: list[int] | None) -> None:
+    """copy_uabi_to_xstate()'s *pkru: the copied PKRU where the header has it, else 0 (KVM
+    passes NULL: nothing)."""
+    if pkru is None:
+        return
     if xfeatures & XFEATURE_MASK_PKRU:
         off = core._component_offset(system, fps, 9)
-        value = int.from_bytes(fps.regs[off:off + 4], "little")
-        if pkru is not None:
-            pkru[0] = value
-    elif pkru is not None:
+        pkru[0] = int.from_bytes(fps.regs[off:off + 4], "little")
+    else:
         pkru[0] = 0
-    fps.xstate_bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
-    return 0
 
 
 def _copy_uabi_v3(system: FpuSystem, fps: Fpstate, read: Any, xfeatures: int,
@@ -237,23 +250,9 @@ def _copy_uabi_v3(system: FpuSystem, fps: Fpstate, read: Any, xfeatures: int,
         if xmm is None:
             return -EINVAL
         regs[160:416] = xmm
-    for i in bits(xfeatures & ~XFEATURE_MASK_FPSSE):
-        comp = system.profile.component(i)
-        data = read(comp.offset, comp.size)
-        if data is None:
-            return -EFAULT
-        dst = core._component_offset(system, fps, i)
-        if dst + comp.size > len(regs):
-            raise KernelBug("xsave-out-of-bounds",
-                            f"copy_uabi_to_xstate: component {i} at {dst} of "
-                            f"{len(regs)}-byte fpstate #{fps.ident}")
-        regs[dst:dst + comp.size] = data
-    if xfeatures & XFEATURE_MASK_PKRU:
-        off = core._component_offset(system, fps, 9)
-        if pkru is not None:
-            pkru[0] = int.from_bytes(regs[off:off + 4], "little")
-    elif pkru is not None:
-        pkru[0] = 0
+    if _copy_components(system, fps, read, xfeatures & ~XFEATURE_MASK_FPSSE):
+        return -EFAULT
+    _pkru_from_xstate(system, fps, xfeatures, pkru)
     bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
     if system.xcompacted and regs[MXCSR_OFFSET:MXCSR_OFFSET + 4] != MXCSR_INIT:
         if not bv & XFEATURE_MASK_SSE and not system.runs_unfixed("mxcsr-flip-keeps-xmm",
