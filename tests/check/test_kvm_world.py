@@ -281,6 +281,24 @@ def test_migrate_xsave_of_an_empty_header_keeps_mxcsr_on_a_standard_format_kerne
     assert seen == {"haswell": 0x3F00, "sapphire-rapids": 0x1F80}
 
 
+def test_migrate_xsave_of_an_empty_header_under_the_mxcsr_fix() -> None:
+    """The same migration with the proposed fix mxcsr_by_format: the buffer's MXCSR (the
+    never-run vCPU's 1F80H) is stored whatever the header says, so both formats give the
+    guest 1F80H, and KVM_GET_XSAVE2 shows what it runs with (campaign x86-kernels found the
+    contract still stating the unfixed rule, Haswell with two vCPUs)."""
+    for cpu in ("haswell", "sapphire-rapids"):
+        cfg = {**MIGRATION, "cpu": cpu, "vms": {"a": {"vmm": "vmm.t0", "vcpus": 2}},
+               "fixes": ["mxcsr_by_format", "mxcsr_flip_inits_xmm"]}
+        w = make_world("x86", cfg, None)
+        w.step(A("run", task="vmm.t0", cpu=0))
+        assert not w.step(A("kvm_run", task="vmm.t0", vcpu="a.v1", guest="ldmxcsr")).violations
+        r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="a.v1", src="a.v0"))
+        assert not r.violations and r.observed == {"ret": 0, "xstate_bv": 0}
+        assert w.do_observe_vcpu("a.v1")["mxcsr"] == 0x1F80, cpu
+        r = w.step(A("get_xsave", task="vmm.t0", vcpu="a.v1"))
+        assert not r.violations, r
+
+
 def test_user_xfeatures_guest_only_loses_a_pre_xsave_guests_legacy_state() -> None:
     """Variant user-xfeatures-guest-only (KVM from ad856280ddea until legacy FP/SSE were
     always allowed): a guest offered no XSAVE features has user_xfeatures 0, so its round trip
