@@ -49,6 +49,7 @@ from fpstate.kernel.x86.hw import (
     pkru_bytes,
     token,
 )
+from fpstate.kernel.x86.regset import mxcsr_by_format
 from fpstate.kernel.x86.sched import STATE_USER, Machine, Task
 from fpstate.kernel.x86.types import XFEATURE_MASK_SUPERVISOR_ALL, Fpstate
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_GUEST_PERM, sys_arch_prctl
@@ -674,7 +675,7 @@ class KvmX86World(X86World):
                 exp.pop(i, None)
         s = self.m.system
         if (not hdr & 0x7 and not s.xcompacted
-                and s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format")):
+                and not mxcsr_by_format(s)):
             # copy_uabi_to_xstate() copies MXCSR only with x87, SSE or AVX in the header, and
             # a standard-format XRSTOR loads MXCSR from the image whatever XSTATE_BV says: the
             # guest keeps its old MXCSR (a compacted XRSTORS gives 1F80H). Found by the

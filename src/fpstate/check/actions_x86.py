@@ -83,6 +83,7 @@ from fpstate.kernel.x86.regset import (
     USER_I387_IA32_SIZE,
     convert_from_fxsr,
     convert_to_fxsr,
+    mxcsr_by_format,
 )
 from fpstate.kernel.x86.sched import (
     SA_IA32_ABI,
@@ -1120,7 +1121,7 @@ class X86World(X86Views, World):
                                                and not s.xcompacted):
                 return MXCSR_INIT
             return frame
-        if fx_only or not s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"):
+        if fx_only or mxcsr_by_format(s):
             return frame  # (the fix stores MXCSR whatever the header says, SSE set for it)
         bv = int.from_bytes(mm.read(fp + HDR, 8), "little")
         if s.xcompacted and not bv & sw.xfeatures & XFEATURE_MASK_SSE:  # header &= user_xfeatures
@@ -1409,7 +1410,7 @@ class X86World(X86Views, World):
         flags)."""
         exp = self.expected[name]
         s = self.m.system
-        if not s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"):
+        if mxcsr_by_format(s):
             value = mxcsr
         elif s.xcompacted:
             value = mxcsr if bv & XFEATURE_MASK_SSE else MXCSR_INIT

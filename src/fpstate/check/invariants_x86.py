@@ -27,6 +27,7 @@ from fpstate.kernel.x86.hw import (
     read_mxcsr_token,
     read_token,
 )
+from fpstate.kernel.x86.regset import mxcsr_by_format
 from fpstate.kernel.x86.sched import SA_IA32_ABI, STATE_USER, Task
 from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET
 from fpstate.kernel.x86.types import (
@@ -460,7 +461,7 @@ def regset_view_shows_the_task(w: Any) -> Iterator[str]:
                        f"{w.writer(want, i)}")
         # Standard format, unfixed: the view's 1F80H, not the image's bytes that XRSTOR loads
         stale = (not s.xcompacted and not bv & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM)
-                 and s.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format"))
+                 and not mxcsr_by_format(s))
         if not stale and view[MXCSR] != held[MXCSR]:
             yield (f"{what} shows MXCSR = {_writer(w, view[MXCSR], MXCSR)} where {who} "
                    f"holds {_writer(w, held[MXCSR], MXCSR)}")

@@ -34,7 +34,13 @@ from fpstate.kernel.x86.hw import (
     read_token,
     token,
 )
-from fpstate.kernel.x86.regset import USER32_CS, USER_DS, convert_from_fxsr
+from fpstate.kernel.x86.regset import (
+    USER32_CS,
+    USER_DS,
+    convert_from_fxsr,
+    flip_inits_xmm,
+    mxcsr_by_format,
+)
 from fpstate.kernel.x86.sched import STATE_DEAD
 from fpstate.kernel.x86.signal import (
     RT_IA32_SC,
@@ -197,8 +203,7 @@ def _flip_loads_stale_xmm(system: Any) -> bool:
     """Whether an fpstate's XMM bytes count while its XSTATE_BV lacks SSE: on a compacted
     kernel with the proposed fix mxcsr_by_format but without its amendment
     mxcsr_flip_inits_xmm (fpstate.kernel.x86.regset._copy_uabi_v3)."""
-    return (system.xcompacted and not system.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format")
-            and system.runs_unfixed("mxcsr-flip-keeps-xmm", "mxcsr_flip_inits_xmm"))
+    return system.xcompacted and mxcsr_by_format(system) and not flip_inits_xmm(system)
 
 
 def pkru_value(cn: Canon, pkru: int) -> Any:

@@ -98,7 +98,7 @@ def __copy_xstate_to_uabi_buf(system: FpuSystem, init_regs: bytes, fps: Fpstate,
         out.extend((xsave if present else init_regs)[lo:hi])
 
     feature(hdr & XFEATURE_MASK_FP, 0, MXCSR_OFFSET)
-    if _mxcsr_by_format(system):  # the proposed fix: MXCSR goes by the kernel's format
+    if mxcsr_by_format(system):  # the proposed fix: MXCSR goes by the kernel's format
         feature(hdr & XFEATURE_MASK_SSE if system.xcompacted
                 else fps.user_xfeatures & (XFEATURE_MASK_SSE | XFEATURE_MASK_YMM),
                 MXCSR_OFFSET, MXCSR_OFFSET + 8)
@@ -146,11 +146,17 @@ def validate_user_xstate_header(hdr: bytes, fps: Fpstate) -> bool:
     return not int.from_bytes(hdr[16:64], "little")  # no reserved byte set
 
 
-def _mxcsr_by_format(system: FpuSystem) -> bool:
+def mxcsr_by_format(system: FpuSystem) -> bool:
     """Whether the UABI copies run Chang S. Bae's "x86/fpu: Fix the MXCSR state reshuffling
     between userspace and kernel buffers" (v3 1/3, October 2022, not merged; the proposed fix
     ``mxcsr_by_format``), rather than the code every release has (variant uabi-mxcsr-by-ymm)."""
     return not system.runs_unfixed("uabi-mxcsr-by-ymm", "mxcsr_by_format")
+
+
+def flip_inits_xmm(system: FpuSystem) -> bool:
+    """Whether v3's SSE flip also puts XMM0-15 in their initial configuration (the proposed
+    amendment ``mxcsr_flip_inits_xmm``; without it, variant mxcsr-flip-keeps-xmm)."""
+    return not system.runs_unfixed("mxcsr-flip-keeps-xmm", "mxcsr_flip_inits_xmm")
 
 
 def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
@@ -171,7 +177,7 @@ def copy_uabi_to_xstate(system: FpuSystem, fps: Fpstate, kbuf: bytes,
     if not validate_user_xstate_header(hdr, fps):
         return -EINVAL
     xfeatures = int.from_bytes(hdr[0:8], "little")
-    if _mxcsr_by_format(system):
+    if mxcsr_by_format(system):
         return _copy_uabi_v3(system, fps, read, xfeatures, pkru)
     if xfeatures & (XFEATURE_MASK_FPSSE | XFEATURE_MASK_YMM):
         mx = read(MXCSR_OFFSET, 8)
@@ -255,8 +261,7 @@ def _copy_uabi_v3(system: FpuSystem, fps: Fpstate, read: Any, xfeatures: int,
     _pkru_from_xstate(system, fps, xfeatures, pkru)
     bv = (fps.xstate_bv & XFEATURE_MASK_SUPERVISOR_ALL) | xfeatures
     if system.xcompacted and regs[MXCSR_OFFSET:MXCSR_OFFSET + 4] != MXCSR_INIT:
-        if not bv & XFEATURE_MASK_SSE and not system.runs_unfixed("mxcsr-flip-keeps-xmm",
-                                                                  "mxcsr_flip_inits_xmm"):
+        if not bv & XFEATURE_MASK_SSE and flip_inits_xmm(system):
             regs[160:416] = bytes(256)  # the amendment: XMM0-15 as the header says, initial
         bv |= XFEATURE_MASK_SSE
     fps.xstate_bv = bv
