@@ -858,8 +858,8 @@ def test_fxrstor32_zero_extends_the_pointers_and_ignores_deprecated_selectors() 
 def test_fxsave32_where_selectors_are_kept() -> None:
     """Zen 4 does not deprecate FCS/FDS, and saves FIP, FDP and the selectors only with an
     unmasked exception pending (X87_POINTERS "when-es"): without one the whole pointer area is
-    zero; with one, the selectors an FXRSTOR32 loaded come back, and before any such load the
-    model does not know them (UnknownPointers)."""
+    zero; with one, the selectors an FXRSTOR32 loaded come back. The 64-bit restore of the
+    start image leaves them zero (X87_SELECTORS_LOAD64, measured on Zen 4)."""
     zen4 = load_profile("zen4")
     quiet = Program(_x87_image(0x11223344, 0x55667788), (Insn("FXSAVE32", buf=0),), (Buffer(),))
     (o,) = run_program(zen4, quiet, preempt=False)
@@ -873,8 +873,44 @@ def test_fxsave32_where_selectors_are_kept() -> None:
     (o,) = run_program(zen4, p, preempt=False)
     assert struct.unpack_from("<IHHIHH", o.buffers[1], 8) == (0x0A0B0C0D, 0x23, 0, 0x01020304,
                                                               0x2B, 0)
+    (o,) = run_program(zen4, Program(pending, (Insn("FXSAVE32", buf=0),), (Buffer(),)),
+                       preempt=False)
+    assert struct.unpack_from("<IHHIHH", o.buffers[0], 8) == (0x11223344, 0, 0, 0x55667788,
+                                                              0, 0)
     with pytest.raises(UnknownPointers, match="FCS/FDS"):
-        run_program(zen4, Program(pending, (Insn("FXSAVE32", buf=0),), (Buffer(),)))
+        run_program(zen4, Program(pending, (Insn("FXSAVE32", buf=0),), (Buffer(),)),
+                    impl=I.AMD_ZEN4_HOST.with_choice(I.X87_SELECTORS_LOAD64, "kept"))
+
+
+def test_x87_instructions_leave_their_selectors_in_fcs_and_fds_on_zen4() -> None:
+    """SDM Vol. 1 8.1.8 on Zen 4 (measured, session 31): an FLD m80 that incurs an unmasked
+    stack overflow leaves FCS := its CS and FDS := its DS, which the runner's placement names
+    (0x33 and 0 for a 64-bit Linux task); FLD1 and FLDZ, which have no memory operand, keep FDP
+    and FDS (X87_NO_OPERAND_FDP "kept"). Without the selectors in the placement the model
+    cannot answer the 32-bit save (UnknownPointers); with X87_NO_OPERAND_FDP "undefined" it
+    cannot answer any save after FLD1."""
+    zen4 = load_profile("zen4")
+    full = bytearray(_legacy32(0x1111, 0x23, 0x2222, 0x2B))
+    struct.pack_into("<HHB", full, 0, 0x037E, 0x8081, 0xFF)  # all tags valid, IE pending
+    at = (Placement(0x1000), Placement(0x2000), Placement(0x3000, 0x4000, 0x3AB, 0x33, 0),
+          Placement(0x5000))
+    fld = Program(_x87_image(0, 0), (Insn("FXRSTOR32", buf=0), Insn("FNCLEX"),
+                                     Insn("FLD", data=bytes(10)), Insn("FXSAVE32", buf=1)),
+                  (Buffer(data=bytes(full)), Buffer()))
+    (o,) = run_program(zen4, fld, preempt=False, placement=at)
+    assert struct.unpack_from("<HIHHIHH", o.buffers[1], 6) == (0x3AB, 0x3000, 0x33, 0, 0x4000,
+                                                               0, 0)
+    one = Program(fld.start, (*fld.insns[:2], Insn("FLD1"), fld.insns[3]), fld.buffers)
+    at1 = (*at[:2], Placement(0x3000, 0, 0x1E8, 0x33, 0), at[3])
+    (o,) = run_program(zen4, one, preempt=False, placement=at1)
+    assert struct.unpack_from("<HIHHIHH", o.buffers[1], 6) == (0x1E8, 0x3000, 0x33, 0, 0x2222,
+                                                               0x2B, 0)
+    with pytest.raises(UnknownPointers, match="FCS/FDS"):
+        run_program(zen4, fld, preempt=False,
+                    placement=(*at[:2], Placement(0x3000, 0x4000, 0x3AB), at[3]))
+    with pytest.raises(UnknownPointers, match="FIP/FDP"):
+        run_program(zen4, one, preempt=False, placement=at1,
+                    impl=I.AMD_ZEN4_HOST.with_choice(I.X87_NO_OPERAND_FDP, "undefined"))
 
 
 def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() -> None:

@@ -167,16 +167,19 @@ _PREFIXES = frozenset((0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x6
                        *range(0x40, 0x50)))
 
 
-def placement(code: bytes | bytearray, base: int, address: int, operand: int) -> Placement:
+def placement(code: bytes | bytearray, base: int, address: int, operand: int,
+              selectors: tuple[int, int] | None = None) -> Placement:
     """Where an emitted instruction ran (`fpstate.x86.program.Placement`): ``address`` (in
-    ``code``, which starts at ``base``), its data-pool operand's address, and for an x87
-    escape opcode (D8-DF after the prefixes) its FOP: the opcode's low 3 bits, then the next
-    byte (SDM Vol. 1 8.1.9)."""
+    ``code``, which starts at ``base``), its data-pool operand's address, for an x87 escape
+    opcode (D8-DF after the prefixes) its FOP: the opcode's low 3 bits, then the next byte
+    (SDM Vol. 1 8.1.9), and the (CS, DS) ``selectors`` it ran with where the caller read
+    them."""
     at = address - base
     while code[at] in _PREFIXES:
         at += 1
     fop = (code[at] & 7) << 8 | code[at + 1] if 0xD8 <= code[at] <= 0xDF else 0
-    return Placement(address, operand, fop)
+    cs, ds = selectors if selectors is not None else (None, None)
+    return Placement(address, operand, fop, cs, ds)
 
 
 def emit_insn(asm: Asm, insn: Insn, ops: Operands) -> int:

@@ -133,3 +133,31 @@ def xgetbv(ecx: int) -> int:
         _xgetbv_code = ExecutableCode(_PAGE)
         _xgetbv_fn = _xgetbv_code.load(_xgetbv_code_bytes())
     return _xgetbv_fn(ecx)
+
+
+_selectors: tuple[int, int] | None = None
+
+
+def segment_selectors() -> tuple[int, int]:
+    """(CS, DS) of this process, read by ``MOV r/m16, Sreg`` (8C /r): the selectors an x87
+    instruction leaves in FCS and FDS (SDM Vol. 1 8.1.8). On x86-64 Linux a 64-bit task runs
+    with CS = __USER_CS (0x33) and a null DS; a child inherits both."""
+    global _selectors
+    if _selectors is None:
+        from iced_x86 import Code as C
+        from iced_x86 import Instruction as In
+        from iced_x86 import Register as R
+
+        code = ExecutableCode(_PAGE)
+        fn = code.load(encode([
+            In.create_reg_reg(C.XOR_R32_RM32, R.EAX, R.EAX),
+            In.create_reg_reg(C.XOR_R32_RM32, R.ECX, R.ECX),
+            In.create_reg_reg(C.MOV_RM16_SREG, R.AX, R.CS),
+            In.create_reg_reg(C.MOV_RM16_SREG, R.CX, R.DS),
+            In.create_reg_i32(C.SHL_RM32_IMM8, R.EAX, 16),
+            In.create_reg_reg(C.OR_R32_RM32, R.EAX, R.ECX),
+            In.create(C.RETNQ),
+        ]))
+        both = fn()
+        _selectors = (both >> 16 & 0xFFFF, both & 0xFFFF)
+    return _selectors

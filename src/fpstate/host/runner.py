@@ -522,9 +522,12 @@ class Runner:
 
 def _placement(code: bytes, base: int, arena: int, allowed: tuple[tuple[int, ...], ...],
                lay: _Layout) -> tuple[Placement, ...]:
-    """Where each program instruction ran: its address (the last of its step's addresses)
-    and its data-pool operand's address (`fpstate.host.asm.placement`)."""
-    return tuple(placement(code, base, addrs[-1], arena + ops.data if ops.data else 0)
+    """Where each program instruction ran: its address (the last of its step's addresses),
+    its data-pool operand's address and the child's CS and DS, which it inherits from this
+    process (`fpstate.host.asm.placement`, `fpstate.host.native.segment_selectors`)."""
+    selectors = native.segment_selectors()
+    return tuple(placement(code, base, addrs[-1], arena + ops.data if ops.data else 0,
+                           selectors)
                  for addrs, ops in zip(allowed, lay.operands, strict=True))
 
 

@@ -54,8 +54,10 @@ from fpstate.x86.impl import (
     MXCSR_MASK,
     WRITE_XINUSE,
     X87_FDP_BITS,
+    X87_NO_OPERAND_FDP,
     X87_POINTER_BITS,
     X87_POINTERS,
+    X87_SELECTORS_LOAD64,
     ImplDefined,
 )
 from fpstate.x86.xfeatures import BY_NUMBER, MXCSR_DEFAULT, bits
@@ -262,7 +264,9 @@ class Cpu:
         self.x87_regs_written = False
         #: (FCS, FDS), the selectors the 32-bit save forms store where the CPU does not zero
         #: them (ZERO_FCS_FDS): None while unknown to the model (left by code before the
-        #: program, or by an x87 instruction's CS/DS), known after an FXRSTOR32 of them
+        #: program, or by an x87 instruction that ran where no one said with which CS/DS),
+        #: known after an FXRSTOR32 of them, a 64-bit load (X87_SELECTORS_LOAD64) or an
+        #: x87 instruction whose placement names its selectors
         self.x87_selectors: tuple[int, int] | None = None
         #: where the instruction being executed runs (`fpstate.x86.program.Placement`, from
         #: the host runner), None where no one says: then an FLD leaves FIP (and FDP, FOP)
@@ -364,22 +368,29 @@ class Cpu:
         exception while the fopcode compatibility sub-mode is off). Without a memory operand
         (``operand`` False: FLD1, FLDZ) the SDM leaves FDP "undefined": kept where the CPU
         enumerates FDP_EXCPTN_ONLY (measured on Emerald Rapids, an unmasked stack overflow
-        included), unknown to the model elsewhere. Each pointer is kept to X87_POINTER_BITS /
-        X87_FDP_BITS, as a load would. Where the instruction's placement is unknown (``insn_at``
-        None) the pointers become unknown to the model instead; the selectors (FCS, FDS: its
-        CS and DS) always do."""
+        included), elsewhere as X87_NO_OPERAND_FDP says (kept, measured on Zen 4; or unknown
+        to the model). Each pointer is kept to X87_POINTER_BITS / X87_FDP_BITS, as a load
+        would. The selectors follow their pointers: FCS := the instruction's CS, FDS := its DS
+        where FDP is written, kept where FDP is (measured on Zen 4), each known where the
+        placement says which selectors it ran with. Where the instruction's placement is
+        unknown (``insn_at`` None) the pointers become unknown to the model instead."""
         at = self.insn_at
-        self.x87_selectors = None
+        old_selectors, self.x87_selectors = self.x87_selectors, None
         if at is None:
             self.x87_pointers_known = False
             return
         r = self.regs[X87]
         struct.pack_into("<Q", r, 8, _sign_extend(at.address, self.impl[X87_POINTER_BITS]))
         exception_only = self.machine.has("FDP_EXCPTN_ONLY")
-        if not operand and not exception_only:
+        fds: int | None = at.ds
+        if not operand and not exception_only and self.impl[X87_NO_OPERAND_FDP] != "kept":
             self.x87_pointers_known = False
         elif operand and (unmasked or not exception_only):
             struct.pack_into("<Q", r, 16, _sign_extend(at.operand, self.impl[X87_FDP_BITS]))
+        else:
+            fds = old_selectors[1] if old_selectors is not None else None
+        if at.cs is not None and fds is not None:
+            self.x87_selectors = (at.cs, fds)
         if unmasked or self.impl[FOP_UPDATE] == "always":
             struct.pack_into("<H", r, 6, at.fop & 0x7FF)
 
@@ -389,13 +400,16 @@ class Cpu:
         each ST register; byte 5 and the 6 unused bytes of each register slot are ignored.
         ``form32`` (FXRSTOR without REX.W, SDM Vol. 1 Table 10-2): FIP and FDP are the 32-bit
         offsets at bytes 8 and 16, zero-extended (measured on Emerald Rapids), and FCS/FDS at
-        12 and 20 are loaded where the CPU does not deprecate them (ZERO_FCS_FDS)."""
+        12 and 20 are loaded where the CPU does not deprecate them (ZERO_FCS_FDS). A 64-bit
+        form leaves the selectors as X87_SELECTORS_LOAD64 says (Zen 4: zeroed)."""
         r = self.regs[X87]
         fcw, fsw, ftw, _, fop, fip, fdp = struct.unpack_from("<HHBBHQQ", image, at)
         if form32:
             fip, fcs, _, fdp, fds, _ = struct.unpack_from("<IHHIHH", image, at + 8)
             if not self.machine.has("ZERO_FCS_FDS"):
                 self.x87_selectors = (fcs, fds)
+        elif self.impl[X87_SELECTORS_LOAD64] == "zeroed":
+            self.x87_selectors = (0, 0)
         self.set_fcw(fcw)
         r[4], r[5] = ftw, 0
         struct.pack_into("<HQQ", r, 6, fop & 0x7FF, _sign_extend(fip, self.impl[X87_POINTER_BITS]),

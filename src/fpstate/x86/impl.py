@@ -64,6 +64,8 @@ VEX_XINUSE_RECOMPUTED = "vex_xinuse_recomputed"
 LDMXCSR_XINUSE = "ldmxcsr_xinuse"
 FOP_UPDATE = "fop_update"
 FNCLEX_UNDEFINED_FLAGS = "fnclex_undefined_flags"
+X87_SELECTORS_LOAD64 = "x87_selectors_load64"
+X87_NO_OPERAND_FDP = "x87_no_operand_fdp"
 
 CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(XRSTOR_INIT_XINUSE,
@@ -180,6 +182,20 @@ CHOICES: dict[str, Choice] = {c.key: c for c in (
     Choice(FNCLEX_UNDEFINED_FLAGS,
            "The C0, C1, C2, and C3 flags are undefined. (FCLEX/FNCLEX)",
            "SDM Vol. 2A FCLEX/FNCLEX, FPU Flags Affected", ("unchanged", "cleared")),
+    Choice(X87_SELECTORS_LOAD64,
+           "The 64-bit forms of FXRSTOR and XRSTOR (REX.W = 1) load 64-bit FIP and FDP and "
+           "no FCS or FDS. (Here: what they leave in the FPU's CS and DS selectors, which the "
+           "32-bit save forms store where the CPU does not deprecate them -- cleared to "
+           "0000H ('zeroed') or as they were ('kept').)",
+           "SDM Vol. 1 10.5.1 (Tables 10-2, 10-3), 13.5.1; Vol. 2A FXRSTOR",
+           ("zeroed", "kept")),
+    Choice(X87_NO_OPERAND_FDP,
+           "The x87 FPU data pointer holds the address of the memory operand of the last "
+           "non-control instruction; FLD1 and FLDZ have none. (Here, on a CPU that does not "
+           "enumerate FDP_EXCPTN_ONLY: such an instruction leaves FDP and FDS as they were "
+           "('kept'), or the model claims nothing about them ('undefined': a save that "
+           "would show them is one the model cannot answer).)",
+           "SDM Vol. 1 8.1.8; CPUID.(EAX=07H,ECX=0):EBX[6]", ("kept", "undefined")),
 )}
 
 
@@ -245,6 +261,8 @@ AMD_ZEN5_HOST = ImplDefined(
         LDMXCSR_XINUSE: "kept",
         FOP_UPDATE: "always",
         FNCLEX_UNDEFINED_FLAGS: "unchanged",
+        X87_SELECTORS_LOAD64: "zeroed",
+        X87_NO_OPERAND_FDP: "kept",
     },
     origins={
         XRSTOR_INIT_XINUSE: _MEASURED + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -303,6 +321,8 @@ AMD_ZEN5_HOST = ImplDefined(
         FNCLEX_UNDEFINED_FLAGS: "assumed: as measured on the Emerald Rapids host (FNCLEX came "
                                 "into the programs after the AMD hosts were gone); the "
                                 "differential tests check it on an AMD host",
+        X87_SELECTORS_LOAD64: "assumed: as measured on the Zen 4 host (AMD_ZEN4_HOST)",
+        X87_NO_OPERAND_FDP: "assumed: as measured on the Zen 4 host (AMD_ZEN4_HOST)",
     },
 )
 
@@ -341,6 +361,8 @@ INTEL_EMR_HOST = ImplDefined(
         LDMXCSR_XINUSE: "set",
         FOP_UPDATE: "unmasked",
         FNCLEX_UNDEFINED_FLAGS: "unchanged",
+        X87_SELECTORS_LOAD64: "zeroed",
+        X87_NO_OPERAND_FDP: "undefined",
     },
     origins={
         XRSTOR_INIT_XINUSE: _EMR + " (XRSTOR of XSTATE_BV=0 then XGETBV(1) reads 0)",
@@ -412,6 +434,13 @@ INTEL_EMR_HOST = ImplDefined(
         FNCLEX_UNDEFINED_FLAGS: _EMR + " (FSW 0x477F: FNCLEX leaves 0x4700; 0x3A41: 0x3A00; "
                                 "0x80BF with FCW.IM clear: 0 -- the flags, SF, ES and B "
                                 "cleared, C0-C3 and TOP kept)",
+        X87_SELECTORS_LOAD64: "moot there: the CPU deprecates FCS and FDS "
+                              "(CPUID.(EAX=07H,ECX=0):EBX[13] ZERO_FCS_FDS), every save stores "
+                              "0000H",
+        X87_NO_OPERAND_FDP: "moot there: the CPU enumerates FDP_EXCPTN_ONLY, and FLD1 or FLDZ "
+                            "kept FDP (measured, an unmasked stack overflow included: "
+                            "FOP_UPDATE). 'undefined' is the generic Intel record's claim for "
+                            "cores without FDP_EXCPTN_ONLY (Haswell), none of them measured",
     },
 )
 
@@ -461,7 +490,9 @@ AMD_ZEN3_HOST = replace(
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
              LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
              FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE],
-             FNCLEX_UNDEFINED_FLAGS: AMD_ZEN5_HOST.origins[FNCLEX_UNDEFINED_FLAGS]})
+             FNCLEX_UNDEFINED_FLAGS: AMD_ZEN5_HOST.origins[FNCLEX_UNDEFINED_FLAGS],
+             X87_SELECTORS_LOAD64: AMD_ZEN5_HOST.origins[X87_SELECTORS_LOAD64],
+             X87_NO_OPERAND_FDP: AMD_ZEN5_HOST.origins[X87_NO_OPERAND_FDP]})
 
 _ZEN4 = ("measured on an AMD EPYC family 19h model 11h (Zen 4, Genoa) KVM guest, Linux 6.18, "
          "with fpstate.host.runner; test_differential checks it")
@@ -486,9 +517,29 @@ AMD_ZEN4_HOST = replace(
                                    "MOVDQU xmm10, FXRSTOR, XGETBV(1) -- reads bit 2 clear: "
                                    "the Zen 3 behaviour is absent)",
              VEX_XINUSE_RECOMPUTED: AMD_ZEN5_HOST.origins[VEX_XINUSE_RECOMPUTED],
-             LDMXCSR_XINUSE: AMD_ZEN5_HOST.origins[LDMXCSR_XINUSE],
-             FOP_UPDATE: AMD_ZEN5_HOST.origins[FOP_UPDATE],
-             FNCLEX_UNDEFINED_FLAGS: AMD_ZEN5_HOST.origins[FNCLEX_UNDEFINED_FLAGS]})
+             # measured when the project came back to a Zen 4 host (session 31), after the
+             # Emerald Rapids sessions had added these choices
+             LDMXCSR_XINUSE: _ZEN4 + " (LDMXCSR 0x3FA0 from the initial state: XGETBV(1) "
+                             "reads 0x2 -- the SDM's MXCSR term of XGETBV(1) -- but an XSAVE "
+                             "after it writes XSTATE_BV[1] = 0, 8 runs of 8)",
+             FOP_UPDATE: _ZEN4 + " (FSW.IE set and masked, FOP 0x123 in the start image; an FLD "
+                         "m80 without an exception, then FLDCW 0x37E, which sets FSW.ES: "
+                         "XSAVE64 shows FOP 0x3AB -- DB /5 with ModRM 0xAB -- and the FLD's "
+                         "FIP and FDP)",
+             FNCLEX_UNDEFINED_FLAGS: _ZEN4 + " (FSW 0x477F: FNCLEX leaves 0x4700; 0x3A41: "
+                                     "0x3A00; 0x80BF with FCW.IM clear: 0, as on Emerald "
+                                     "Rapids)",
+             FLD_UNDEFINED_FLAGS: _ZEN4 + " (FSW 0x4500, FLD m80 of 0.0 or FLD1: FNSTSW reads "
+                                  "0x7D00; FLDZ from 0x4700: 0x7D00 -- C0, C2, C3 kept)",
+             X87_SELECTORS_LOAD64: _ZEN4 + " (FXRSTOR32 of FCS 0x33 and FDS 0x2B with an "
+                                   "exception pending, then FXRSTOR64 or XRSTOR64 of x87 "
+                                   "state: FXSAVE32 stores FCS = FDS = 0; an XRSTOR64 of SSE "
+                                   "alone keeps 0x33 and 0x2B)",
+             X87_NO_OPERAND_FDP: _ZEN4 + " (after that FXRSTOR32 -- FDP 0x2222, FDS 0x2B -- "
+                                 "and FNCLEX, FLD1 or FLDZ onto a full stack with FCW.IM "
+                                 "clear: FXSAVE32 stores FDP 0x2222 and FDS 0x2B, FIP the "
+                                 "instruction's and FCS 0x33; an FLD m80 stores FDS 0, this "
+                                 "task's DS)"})
 
 #: Family 19h models of Zen 3 (Milan, Vermeer, Rembrandt, Cezanne); the others are Zen 4.
 _ZEN3_MODELS = (range(0x00, 0x10), range(0x20, 0x30), range(0x40, 0x60))

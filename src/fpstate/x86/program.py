@@ -180,11 +180,15 @@ class Placement:
     prefixes that preceded the instruction"), ``operand`` the linear address of its memory
     operand in the data pool (FDP; 0 without one), ``fop`` its 11-bit opcode register value
     (the low 3 bits of its first opcode byte after the prefixes, then its second byte; 0 for
-    an instruction that is not x87)."""
+    an instruction that is not x87). ``cs`` and ``ds`` are the code and data segment selectors
+    it ran with (FCS and FDS, which the 32-bit save forms store where the CPU does not zero
+    them: SDM Vol. 1 8.1.8, Table 10-2), None where the runner did not read them."""
 
     address: int
     operand: int = 0
     fop: int = 0
+    cs: int | None = None
+    ds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
