@@ -16,7 +16,9 @@ The figures come from the models, never from formulas of this file:
   and with ARCH_REQ_XCOMP_GUEST_PERM.
 
 `measure_host` answers the same questions on the real machine with the probes of
-`fpstate.host` and says, for each figure it cannot measure, why.
+`fpstate.host` and says, for each figure it cannot measure, why. fpu_kernel_cfg.default_size,
+which no user interface reports, is read back out of the task_struct slab cache
+(`fpstate.host.task_size`).
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ def measure_host(predicted: Sizes, profile: CpuidProfile) -> Sizes:
     """``predicted`` (for the host profile and the running kernel) with every figure this
     machine can answer measured beside it."""
     from fpstate.host import auxv, ptrace, signals
+    from fpstate.host.task_size import kernel_default_size
 
     def frame_size() -> int:
         run = signals.raise_signal()
@@ -296,7 +299,11 @@ def measure_host(predicted: Sizes, profile: CpuidProfile) -> Sizes:
     how = {
         "user_default_size": (frame, "sw_bytes.xstate_size of a real signal frame"),
         "user_max_size": (_measure(ptrace_size), "PTRACE_GETREGSET NT_X86_XSTATE length"),
-        "kernel_default_size": ((None, "no user interface reports it"), ""),
+        "kernel_default_size": (_measure(kernel_default_size),
+                                "the task_struct cache's object size minus sizeof(struct "
+                                "task_struct) and sizeof(struct fpu), plus sizeof(union "
+                                "fpregs_state), from the kernel's BTF "
+                                "(fpu__init_task_struct_size)"),
         "kernel_max_size": (_measure(_kernel_max_from_log), "the boot log's context size"),
         "at_minsigstksz": (_measure(auxv.at_minsigstksz), "getauxval(AT_MINSIGSTKSZ)"),
         "sigframe_xstate_size.no_perm": (frame, "sw_bytes.xstate_size of a real frame"),
