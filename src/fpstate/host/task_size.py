@@ -31,6 +31,24 @@ TYPES = (("STRUCT", "task_struct"), ("STRUCT", "fpu"), ("UNION", "fpregs_state")
 _RAW = re.compile(r"^\[\d+\] (STRUCT|UNION) '([^']+)' size=(\d+) ")
 
 
+def _bpftool() -> str | None:
+    return shutil.which("bpftool") or next(
+        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if os.access(p, os.X_OK)), None)
+
+
+def task_size_unavailable() -> str | None:
+    """Why `kernel_default_size` cannot be measured here (without running bpftool), or None."""
+    if not BTF_VMLINUX.exists():
+        return f"{BTF_VMLINUX} does not exist: the kernel was built without CONFIG_DEBUG_INFO_BTF"
+    if _bpftool() is None:
+        return "bpftool is not installed (Debian package bpftool)"
+    if not SLAB_OBJECT_SIZE.exists():
+        return f"{SLAB_OBJECT_SIZE} does not exist (no SLUB sysfs, or the cache was merged)"
+    if not os.access(SLAB_OBJECT_SIZE, os.R_OK):
+        return f"{SLAB_OBJECT_SIZE} is readable by root only"
+    return None
+
+
 def btf_sizes(wanted: tuple[tuple[str, str], ...] = TYPES) -> dict[str, int]:
     """sizeof() of each (kind, name) of ``wanted`` in the running kernel's BTF, by ``bpftool
     btf dump file /sys/kernel/btf/vmlinux format raw``. HostUnavailable where the kernel has
@@ -38,8 +56,7 @@ def btf_sizes(wanted: tuple[tuple[str, str], ...] = TYPES) -> dict[str, int]:
     if not BTF_VMLINUX.exists():
         raise HostUnavailable(f"{BTF_VMLINUX} does not exist: the kernel was built without "
                               "CONFIG_DEBUG_INFO_BTF")
-    tool = shutil.which("bpftool") or next(
-        (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if os.access(p, os.X_OK)), None)
+    tool = _bpftool()
     if tool is None:
         raise HostUnavailable("bpftool is not installed (Debian package bpftool)")
     run = subprocess.run([tool, "btf", "dump", "file", str(BTF_VMLINUX), "format", "raw"],

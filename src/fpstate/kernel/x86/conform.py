@@ -400,6 +400,22 @@ def _boot_model(system: FpuSystem, given: Any) -> Facts:
     return facts
 
 
+def _task_size_host() -> HostAnswer:
+    from fpstate.host.task_size import kernel_default_size
+
+    return HostAnswer({"fpu_kernel_cfg.default_size": kernel_default_size()})
+
+
+def _task_size_model(system: FpuSystem, given: Any) -> Facts:
+    return {"fpu_kernel_cfg.default_size": system.kernel.default_size}
+
+
+def _task_size_reason() -> str | None:
+    from fpstate.host.task_size import task_size_unavailable
+
+    return task_size_unavailable()
+
+
 def _sigframe_line_host() -> HostAnswer:
     from fpstate.host.auxv import max_sigframe_size_from_dmesg
 
@@ -614,6 +630,10 @@ BASE_CASES: tuple[Case, ...] = (
          _boot_host, _boot_model),
     Case("boot/sigframe-line", "init_sigframe_size: 'signal: max sigframe size' of the boot log",
          _sigframe_line_host, _sigframe_line_model),
+    Case("boot/task-size", "fpu__init_task_struct_size: the XSAVE buffer of every task's "
+         "task_struct allocation is fpu_kernel_cfg.default_size (no dynamic or guest-only "
+         "features; host/task_size.py reads it from the slab cache and BTF)",
+         _task_size_host, _task_size_model, _task_size_reason),
     Case("auxv/AT_MINSIGSTKSZ", "get_sigframe_size (ARCH_DLINFO)", _minsigstksz_host,
          _minsigstksz_model),
     *(Case(f"arch_prctl/{s.name}", "fpu_xstate_prctl, xstate_request_perm, "
