@@ -127,6 +127,8 @@ def test_quoted_numbers_match_numbers() -> None:
      "step 1: one action per step"),
     ("model: x86\nsteps:\n  - arch_prctl: {task: a, option: frob}\n",
      "field 'option' = 'frob' is not one of"),
+    ("model: x86\nsteps:\n  - suspend: {task: a, state: freeze}\n",
+     "step 1: suspend: field 'state' = 'freeze' is not one of mem, disk"),
     ("model: x86\nvariants: {fpmr-ungated: no-lost-write}\nsteps: []\n",
      "fpmr-ungated is a variant of model arm64"),
     ("model: x86\nvariants: {pasid-write-incoherent: be-nice}\nsteps: []\n",

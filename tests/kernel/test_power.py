@@ -1,6 +1,6 @@
-"""Suspend to RAM in the kernel model (fpstate.kernel.x86.power): what the boot CPU and the
-suspending task hold after resume, under Linux 6.18 as released and with the proposed fixes
-of kernel-findings section 10, and when the freezer could not have finished."""
+"""Suspend to RAM and hibernation in the kernel model (fpstate.kernel.x86.power): what the boot
+CPU and the suspending task hold after resume, under Linux 6.18 as released and with the
+proposed fixes of kernel-findings section 10, and when the freezer could not have finished."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 from fpstate.errors import FpstateError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU
-from fpstate.kernel.x86.power import suspend_enter
+from fpstate.kernel.x86.power import (
+    BOOT_KERNEL_FILL,
+    BOOT_KERNEL_MXCSR,
+    hibernate_enter,
+    suspend_enter,
+)
 from fpstate.kernel.x86.sched import Machine, Task, TaskState
 from fpstate.kernel.x86.signal import read_pkru
 from fpstate.kernel.x86.types import IllegalEvent, KernelBug
@@ -165,3 +170,91 @@ def test_an_unknown_fix_is_refused_by_name() -> None:
     with pytest.raises(FpstateError, match=r"^proposed fix mxcsr_flip_inits_xmm amends "
                                            r"mxcsr_by_format, which is not applied$"):
         Machine.boot("sapphire-rapids", fixes={"mxcsr_flip_inits_xmm"})
+
+
+# -- hibernation (S4) ---------------------------------------------------------------------------
+
+
+def test_hibernation_hands_over_the_boot_kernels_registers() -> None:
+    """After hibernate_enter() the CPUs hold what the boot of the same kernel left
+    (boot_kernel_registers): its tasks' values in the vector registers, PKRU init_pkru_value,
+    MXCSR 1F80H on the boot CPU (its kernel_fpu_begin()) and its tasks' FTZ value elsewhere;
+    no CPU has an owner, so every task's own values come back from memory."""
+    m = Machine.boot("sapphire-rapids")
+    t, u = m.spawn("t"), m.spawn("u")
+    m.run(1, u)
+    m.user_write(1, YMM)
+    theirs = m.user_read(1, YMM)
+    m.idle(1)  # u switched out, its registers still valid on CPU 1
+    m.run(0, t)
+    m.user_write(0, YMM)
+    mine = m.user_read(0, YMM)
+    m.enter_kernel(0)
+    hibernate_enter(m)
+    c0, c1 = m.cpus
+    fill = bytes([BOOT_KERNEL_FILL]) * c0.regs.size(YMM)
+    assert c0.regs.component(YMM) == c1.regs.component(YMM) == fill
+    assert (c0.regs.mxcsr, c1.regs.mxcsr) == (0x1F80, BOOT_KERNEL_MXCSR) == (0x1F80, 0x9F80)
+    assert c0.regs.component(PKRU)[:4] == c1.regs.component(PKRU)[:4] == INIT_PKRU
+    assert c0.fpu_fpregs_owner_ctx is None and c1.fpu_fpregs_owner_ctx is None
+    assert all(c.regs.cr4 == CR4_FPU_BITS and c.kernel_fpu_allowed for c in m.cpus)
+    assert all((c.regs.xcr0, c.regs.xss) == (m.system.xcr0, m.system.xss) for c in m.cpus)
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, YMM) == mine
+    m.run(1, u)
+    assert m.user_read(1, YMM) == theirs
+
+
+def _wrote_pkru(fixes: tuple[str, ...] = ()) -> tuple[Machine, bytes]:
+    """t's WRPKRU of its own value, then its write of disk to /sys/power/state."""
+    m = Machine.boot("sapphire-rapids", fixes=fixes)
+    m.run(0, m.spawn("t"))
+    m.user_write(0, PKRU)
+    own = m.user_read(0, PKRU)
+    assert own[:4] != INIT_PKRU
+    m.enter_kernel(0)
+    hibernate_enter(m)
+    m.exit_to_user_mode(0)
+    return m, own
+
+
+def test_hibernation_gives_the_boot_kernels_pkru_as_released() -> None:
+    """kernel-findings 10c: restore_processor_state() leaves PKRU as the boot kernel left it,
+    init_pkru_value, where S3 leaves 0."""
+    m, own = _wrote_pkru()
+    assert read_pkru(m.cpus[0]) == core.INIT_PKRU_VALUE != int.from_bytes(own[:4], "little")
+
+
+def test_the_pkru_fix_covers_hibernation() -> None:
+    m, own = _wrote_pkru(FIXES)
+    assert m.user_read(0, PKRU) == own
+
+
+def test_hibernation_arms_xfd_behind_the_cache_as_released() -> None:
+    """kernel-findings 10a by way of S4: the image's xfd_state is the snapshot's (a's 0), the
+    MSR s's armed value, and a's restore takes #NM in the kernel; with resume_xfd_set_state the
+    cache follows the MSR."""
+    m, a, s, _ = _amx_ran_last_on_cpu0()
+    hibernate_enter(m)
+    c0 = m.cpus[0]
+    assert c0.regs.xfd == s.fpu.fpstate.xfd == 1 << TILEDATA and c0.xfd_state == 0
+    m.idle(0)
+    with pytest.raises(KernelBug, match="unexpected-nm"):
+        m.run(0, a)
+    m, a, _, tiles = _amx_ran_last_on_cpu0(FIXES)
+    hibernate_enter(m)
+    m.idle(0)
+    m.run(0, a)
+    assert m.user_read(0, TILEDATA) == tiles
+
+
+def test_hibernation_waits_for_the_freezer() -> None:
+    m = Machine.boot("sapphire-rapids")
+    t, u = m.spawn("t"), m.spawn("u")
+    m.run(0, t)
+    m.enter_kernel(0)
+    m.run(1, u)
+    before = [c.regs.snapshot() for c in m.cpus]
+    with pytest.raises(IllegalEvent, match="hibernate: CPU 1 still runs"):
+        hibernate_enter(m)
+    assert [c.regs.snapshot() for c in m.cpus] == before

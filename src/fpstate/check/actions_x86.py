@@ -74,7 +74,7 @@ from fpstate.kernel.x86.hw import (
     token,
 )
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
-from fpstate.kernel.x86.power import suspend_enter
+from fpstate.kernel.x86.power import hibernate_enter, suspend_enter
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
@@ -289,7 +289,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "restore_processor_state() (CR4, fpu__resume_cpu(): XCR0, IA32_XSS, IA32_XFD), "
                "the other CPUs come back as after hotplug; the task stays in the kernel "
                "(fpstate.kernel.x86.power). Needs every other CPU idle and no task inside a "
-               "kernel path (the freezer's work)", {"task": _TASK}),
+               "kernel path (the freezer's work). With state disk, hibernation: the snapshot "
+               "is taken after save_processor_state(), and every CPU comes back as a boot of "
+               "the same kernel leaves it (its own values in the vector registers, MXCSR and "
+               "PKRU) before restore_processor_state() (power.hibernate_enter)", {
+                   "task": _TASK,
+                   "state": FieldSpec(str, "what the task writes to /sys/power/state: mem "
+                                      "(suspend to RAM) or disk (hibernation)",
+                                      required=False, default="mem",
+                                      choices=("mem", "disk"))}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -1136,9 +1144,11 @@ class X86World(X86Views, World):
         cpu_down_up(self.m, self.cpu(cpu))
         return {}
 
-    def do_suspend(self, task: str) -> dict[str, Value]:
-        """suspend_enter() with ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's
-        PKRU, IA32_XFD and xfd_state after resume (hex), those that exist."""
+    def do_suspend(self, task: str, state: str = "mem") -> dict[str, Value]:
+        """suspend_enter() (``mem``) or hibernate_enter() (``disk``, through to the resumed
+        image) with ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's PKRU,
+        IA32_XFD and xfd_state after resume (hex), those that exist."""
+        enter = hibernate_enter if state == "disk" else suspend_enter
         t = self.task(task)
         c0 = self.m.cpus[0]
         if c0.current is not t:
@@ -1147,7 +1157,7 @@ class X86World(X86Views, World):
         if entered:
             self.m.enter_kernel(0)  # the write() to /sys/power/state
         try:
-            suspend_enter(self.m)
+            enter(self.m)
         except IllegalEvent:
             if entered:
                 t.event("exit_to_user")  # refused before it changed anything
@@ -1492,6 +1502,7 @@ class X86World(X86Views, World):
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
                 "suspend": A("suspend", task=comm),
+                "hibernate": A("suspend", task=comm, state="disk"),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
@@ -1555,6 +1566,7 @@ class X86World(X86Views, World):
                 and not cur0.flags & (PF_KTHREAD | PF_USER_WORKER)
                 and all(c.current is c.idle for c in self.m.cpus[1:])):
             add(self._task_actions(cur0.comm)["suspend"])
+            add(self._task_actions(cur0.comm)["hibernate"])
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:

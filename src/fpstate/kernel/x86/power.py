@@ -27,15 +27,21 @@ without the per-CPU cache xfd_state, which keeps the value of the last task rest
 CPU before suspend (variant ``xfd-state-stale-on-resume``; proposed fix
 ``resume_xfd_set_state``). docs/findings/kernel-findings.md, section 10.
 
-Hibernation (S4) restores through the same restore_processor_state() but from the registers the
-boot kernel left, not RESET values; it is not modelled.
+Hibernation (S4, `hibernate_enter`) restores through the same restore_processor_state(), in
+kernel/power/hibernate.c's create_image(), but on registers the boot kernel left, not RESET
+values: the image kernel's memory is the snapshot taken between save_processor_state() and
+swsusp_arch_suspend(), and the CPU is the one a fresh boot of the same kernel handed over from
+resume_target_kernel(). Its PKRU is the boot kernel's, init_pkru_value where its resume ran from
+a task with the default; its vector registers hold whatever the boot kernel's own tasks wrote
+(`BOOT_KERNEL_FILL`). The same two bugs follow, with the boot kernel's PKRU for RESET's 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fpstate.kernel.x86.core import kernel_fpu_begin, kernel_fpu_end
+from fpstate.kernel.x86.core import INIT_PKRU_VALUE, kernel_fpu_begin, kernel_fpu_end
+from fpstate.kernel.x86.hw import CR4_FPU_BITS, MXCSR_DEFAULT, PKRU
 from fpstate.kernel.x86.init import fpu__disable_cpu
 from fpstate.kernel.x86.sched import STATE_KERNEL, Cpu, Machine
 from fpstate.kernel.x86.signal import read_pkru
@@ -68,14 +74,37 @@ def save_processor_state(c: Cpu) -> SavedContext:
 
 def restore_processor_state(c: Cpu, ctxt: SavedContext) -> None:
     """restore_processor_state() -> __restore_processor_state() on the boot CPU, IRQs off, its
-    registers at their RESET values: CR4 from saved_context, fix_processor_context() ->
-    `fpu__resume_cpu` (XCR0, IA32_XSS, IA32_XFD), with proposed fix ``resume_pkru`` WRPKRU
-    of the saved value, then do_fpu_end() -> kernel_fpu_end(). PKRU is otherwise left at 0."""
+    registers at their RESET values (S3) or as the boot kernel left them (S4): CR4 from
+    saved_context, fix_processor_context() -> `fpu__resume_cpu` (XCR0, IA32_XSS, IA32_XFD),
+    with proposed fix ``resume_pkru`` WRPKRU of the saved value, then do_fpu_end() ->
+    kernel_fpu_end(). PKRU is otherwise left as it was: 0 after S3, the boot kernel's after
+    S4."""
     c.regs.cr4 = ctxt.cr4
     fpu__resume_cpu(c)
     if ctxt.pkru is not None:
         c.regs.wrpkru(ctxt.pkru)
     kernel_fpu_end(c)
+
+
+def _frozen(m: Machine, what: str) -> Cpu:
+    """CPU 0, whose current user task wrote ``what`` to /sys/power/state and is in the
+    kernel; IllegalEvent unless the freezer could have finished: no task inside a kernel path
+    (an unfinished KVM_RUN, #NM allocation or exec) and every other CPU idle."""
+    c0 = m.cpus[0]
+    t = c0.current
+    if t is c0.idle or t.flags & (PF_KTHREAD | PF_USER_WORKER):
+        raise IllegalEvent(f"{what}: CPU 0 runs no user task to write /sys/power/state")
+    if t.state is not STATE_KERNEL:
+        raise IllegalEvent(f"{what}: {t!r} is not in the kernel")
+    busy = [u for u in m.tasks.values() if u.kpath is not None]
+    if busy:
+        raise IllegalEvent(f"{what}: {busy[0]!r} is inside a kernel path, which the freezer "
+                           f"waits for")
+    for c in m.cpus[1:]:
+        if c.current is not c.idle:
+            raise IllegalEvent(f"{what}: CPU {c.nr} still runs {c.current!r}: the freezer "
+                               f"stops it first")
+    return c0
 
 
 def suspend_enter(m: Machine) -> None:
@@ -89,20 +118,7 @@ def suspend_enter(m: Machine) -> None:
     IRQs off; `save_processor_state`; power off (`FpRegs.reset` on every CPU);
     `restore_processor_state`; IRQs on; pm_sleep_enable_secondary_cpus(): each other CPU is
     brought up as after hotplug (`native_kick_ap`, `start_secondary`)."""
-    c0 = m.cpus[0]
-    t = c0.current
-    if t is c0.idle or t.flags & (PF_KTHREAD | PF_USER_WORKER):
-        raise IllegalEvent("suspend: CPU 0 runs no user task to write /sys/power/state")
-    if t.state is not STATE_KERNEL:
-        raise IllegalEvent(f"suspend: {t!r} is not in the kernel")
-    busy = [u for u in m.tasks.values() if u.kpath is not None]
-    if busy:
-        raise IllegalEvent(f"suspend: {busy[0]!r} is inside a kernel path, which the freezer "
-                           f"waits for")
-    for c in m.cpus[1:]:
-        if c.current is not c.idle:
-            raise IllegalEvent(f"suspend: CPU {c.nr} still runs {c.current!r}: the freezer "
-                               f"stops it first")
+    c0 = _frozen(m, "suspend")
     for c in m.cpus[1:]:
         fpu__disable_cpu(c)
     c0.irqs_disabled = True
@@ -118,4 +134,73 @@ def suspend_enter(m: Machine) -> None:
         start_secondary(c)
 
 
-__all__ = ["SavedContext", "restore_processor_state", "save_processor_state", "suspend_enter"]
+#: The byte the boot kernel's own tasks leave in every vector register they used: a value no
+#: task of the image kernel wrote (not a token of `fpstate.kernel.x86.hw`).
+BOOT_KERNEL_FILL = 0xB0
+#: The MXCSR they leave: flush-to-zero set (bit 15), a value no task of the image wrote.
+BOOT_KERNEL_MXCSR = MXCSR_DEFAULT | 0x8000
+
+
+def boot_kernel_registers(c: Cpu, *, boot_cpu: bool) -> None:
+    """The registers of ``c`` as the boot kernel hands them to the image kernel (a fresh boot of
+    the same build, kernel/power/hibernate.c software_resume() -> resume_target_kernel()):
+    power-up (`FpRegs.reset`), fpu__init_cpu() (CR4, FNINIT, XCR0, IA32_XSS, IA32_XFD =
+    init_fpstate.xfd), setup_pku() (PKRU = init_pkru_value, as the task that started the
+    resume keeps it), every other user component its tasks could use -- all of XCR0 but the
+    dynamic ones, which need a permission -- filled with `BOOT_KERNEL_FILL`, MXCSR
+    `BOOT_KERNEL_MXCSR`. On the boot CPU, resume_target_kernel()'s own save_processor_state()
+    -> kernel_fpu_begin() then loads MXCSR 1F80H (KFPU_MXCSR). Only the registers: the boot
+    kernel's per-CPU data is not the image's, which the snapshot brings back."""
+    s, regs = c.m.system, c.regs
+    regs.reset()
+    regs.cr4 = CR4_FPU_BITS
+    regs.xcr0, regs.xss = s.xcr0, s.xss
+    regs.xfd = s.init_xfd if s.xfd else 0
+    for i in range(64):
+        if not s.xcr0 >> i & 1 or i == PKRU or s.init_xfd >> i & 1 or i == 17:
+            continue  # PKRU below; TILEDATA (armed) and TILECFG need the AMX permission
+        fill = bytearray([BOOT_KERNEL_FILL]) * regs.size(i)
+        if i == 0:
+            fill[24:32] = bytes(8)  # MXCSR and MXCSR_MASK live in regs.mxcsr
+        regs.values[i] = bytes(fill)
+        regs.xinuse |= 1 << i
+    if s.ospke:
+        regs.wrpkru(INIT_PKRU_VALUE)
+    regs.mxcsr = MXCSR_DEFAULT if boot_cpu else BOOT_KERNEL_MXCSR
+
+
+def hibernate_enter(m: Machine) -> None:
+    """hibernate() for ``echo disk > /sys/power/state`` by the current task of CPU 0, in the
+    kernel, through to the resumed image (IllegalEvent as for `suspend_enter`).
+
+    The image kernel's create_image() (kernel/power/hibernate.c):
+    pm_sleep_disable_secondary_cpus() (fpu__disable_cpu() on each other CPU), IRQs off,
+    `save_processor_state`, and swsusp_arch_suspend() takes the snapshot -- the machine model as
+    it is now. What the image kernel does after it (writing the image, power_down()) is lost
+    with the power. The machine boots the same kernel again, which loads the image and jumps
+    into it from resume_target_kernel() with every CPU's registers as it left them
+    (`boot_kernel_registers`). Control reappears after swsusp_arch_suspend():
+    `restore_processor_state` on the boot CPU, IRQs on, pm_sleep_enable_secondary_cpus()
+    (`native_kick_ap`, `start_secondary` for each other CPU). A wakeup event that aborts the
+    power-off (power_down() returns) resumes the live machine without a restore and is not
+    modelled; nor is suspend-to-both (hibernation_mode "suspend"), which after writing the image
+    suspends to RAM as `suspend_enter` does."""
+    c0 = _frozen(m, "hibernate")
+    for c in m.cpus[1:]:
+        fpu__disable_cpu(c)
+    c0.irqs_disabled = True
+    try:
+        ctxt = save_processor_state(c0)
+        for c in m.cpus:
+            boot_kernel_registers(c, boot_cpu=c is c0)
+        restore_processor_state(c0, ctxt)
+    finally:
+        c0.irqs_disabled = False
+    for c in m.cpus[1:]:
+        native_kick_ap(c)
+        start_secondary(c)
+
+
+__all__ = ["BOOT_KERNEL_FILL", "BOOT_KERNEL_MXCSR", "SavedContext", "boot_kernel_registers",
+           "hibernate_enter", "restore_processor_state", "save_processor_state",
+           "suspend_enter"]
