@@ -28,7 +28,9 @@ checkpointer and a VMM do:
   and FOP follows the fopcode sub-mode (FOP_UPDATE). They restore either way, so this never
   makes a move unsafe; but a record/replay trace (rr, which compares saved state) of x87 code
   diverges between two such CPUs (rr issue 2698), and a moved guest's or process's later saves
-  follow DST.
+  follow DST. The same holds for the selectors a 32-bit FXSAVE stores with an exception
+  pending: FCS and FDS on a CPU that keeps them (AMD), 0000H where CPUID.(EAX=07H,ECX=0):EBX[13]
+  deprecates them (Intel since Haswell).
 
 With ``guest_xcr0`` the VM's CPU model offers fewer XSAVE features than SRC's KVM supports
 (QEMU's -cpu, a Firecracker CPU template, `fpstate template`'s answer): SRC's leaf 0xD is cut
@@ -468,21 +470,50 @@ def _x87_why(profile: CpuidProfile) -> str:
     return f"FIP the FLD's address, {fdp}, {fop}"
 
 
+def _x87_selectors(profile: CpuidProfile) -> tuple[int, int]:
+    """(FCS, FDS) as the CPU model of ``profile`` stores them in an FXSAVE32 after an
+    FXRSTOR32 of FCS 0x23 and FDS 0x2B with an unmasked invalid-operation exception pending
+    (FCW 0x37E, FSW 0x8081)."""
+    legacy = bytearray(512)
+    struct.pack_into("<HHBBHIHHIHHI", legacy, 0, 0x037E, 0x8081, 0, 0, 0x123, 0x1111, 0x23, 0,
+                     0x2222, 0x2B, 0, MXCSR_DEFAULT)
+    start = bytearray(576)
+    struct.pack_into("<HHI", start, 0, 0x037F, 0, 0)
+    struct.pack_into("<I", start, 24, MXCSR_DEFAULT)
+    program = Program(bytes(start), (Insn("FXRSTOR32", buf=0), Insn("FXSAVE32", buf=1)),
+                      (Buffer(bytes(legacy)), Buffer()))
+    out = run_program(profile, program, preempt=False)[0].buffers[1]
+    fcs, fds = struct.unpack_from("<H6xH", out, 12)
+    return fcs, fds
+
+
 def _x87(src: CpuidProfile, dst: CpuidProfile) -> list[Finding]:
-    """Findings where SRC and DST store different x87 pointers for the probe (see the module
-    docstring); none where they agree."""
+    """Findings where SRC and DST store different x87 pointers or 32-bit selectors for the
+    probes (see the module docstring); none where they agree."""
+    out: list[Finding] = []
     a, b = _x87_saved(src), _x87_saved(dst)
     differ = [n for n, _at, _n in _X87_FIELDS if a[n] != b[n]]
-    if not differ:
-        return []
-    saved = "; ".join(f"{n} {a[n]:#x} -> {b[n]:#x}" for n in differ)
-    what = (f"after an FLD (at 0x401000, from 0x402000) with no exception pending, an FXSAVE "
-            f"or XSAVE stores {saved} (SRC: {_x87_why(src)}; DST: {_x87_why(dst)})")
-    return [Finding("rr", False, what + ": a trace recorded on SRC diverges on DST where it "
-                    "compares saved state after x87 code, unless the recorder clears FIP/FDP "
-                    "(rr issue 2698)"),
-            Finding("guest", False, "a guest or process moved from SRC keeps its x87 "
-                    "registers, but its later saves store the pointers as DST does")]
+    if differ:
+        saved = "; ".join(f"{n} {a[n]:#x} -> {b[n]:#x}" for n in differ)
+        what = (f"after an FLD (at 0x401000, from 0x402000) with no exception pending, an "
+                f"FXSAVE or XSAVE stores {saved} (SRC: {_x87_why(src)}; DST: {_x87_why(dst)})")
+        out.append(Finding("rr", False, what + ": a trace recorded on SRC diverges on DST "
+                           "where it compares saved state after x87 code, unless the recorder "
+                           "clears FIP/FDP (rr issue 2698)"))
+    sa, sb = _x87_selectors(src), _x87_selectors(dst)
+    if sa != sb:
+        def why(p: CpuidProfile) -> str:
+            return ("FCS and FDS deprecated, stored as 0000H" if machine(p).has("ZERO_FCS_FDS")
+                    else "FCS and FDS kept")
+        out.append(Finding("rr", False, f"a 32-bit FXSAVE (without REX.W) with an x87 exception "
+                           f"pending stores FCS {sa[0]:#x} -> {sb[0]:#x}, FDS {sa[1]:#x} -> "
+                           f"{sb[1]:#x} (SRC: {why(src)}; DST: {why(dst)}; CPUID.(EAX=07H,"
+                           f"ECX=0):EBX[13]): a trace of 32-bit x87 code recorded on SRC "
+                           f"diverges on DST where it compares that save"))
+    if out:
+        out.append(Finding("guest", False, "a guest or process moved from SRC keeps its x87 "
+                           "registers, but its later saves store the pointers as DST does"))
+    return out
 
 
 # -- the report -----------------------------------------------------------------------------------
