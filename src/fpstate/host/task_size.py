@@ -36,12 +36,19 @@ def _bpftool() -> str | None:
         (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if os.access(p, os.X_OK)), None)
 
 
-def task_size_unavailable() -> str | None:
-    """Why `kernel_default_size` cannot be measured here (without running bpftool), or None."""
+def _btf_unavailable() -> str | None:
     if not BTF_VMLINUX.exists():
         return f"{BTF_VMLINUX} does not exist: the kernel was built without CONFIG_DEBUG_INFO_BTF"
     if _bpftool() is None:
         return "bpftool is not installed (Debian package bpftool)"
+    return None
+
+
+def task_size_unavailable() -> str | None:
+    """Why `kernel_default_size` cannot be measured here (without running bpftool), or None."""
+    why = _btf_unavailable()
+    if why:
+        return why
     if not SLAB_OBJECT_SIZE.exists():
         return f"{SLAB_OBJECT_SIZE} does not exist (no SLUB sysfs, or the cache was merged)"
     if not os.access(SLAB_OBJECT_SIZE, os.R_OK):
@@ -53,14 +60,11 @@ def btf_sizes(wanted: tuple[tuple[str, str], ...] = TYPES) -> dict[str, int]:
     """sizeof() of each (kind, name) of ``wanted`` in the running kernel's BTF, by ``bpftool
     btf dump file /sys/kernel/btf/vmlinux format raw``. HostUnavailable where the kernel has
     no BTF, bpftool is missing, or a type is absent or named twice with two sizes."""
-    if not BTF_VMLINUX.exists():
-        raise HostUnavailable(f"{BTF_VMLINUX} does not exist: the kernel was built without "
-                              "CONFIG_DEBUG_INFO_BTF")
-    tool = _bpftool()
-    if tool is None:
-        raise HostUnavailable("bpftool is not installed (Debian package bpftool)")
-    run = subprocess.run([tool, "btf", "dump", "file", str(BTF_VMLINUX), "format", "raw"],
-                         capture_output=True, text=True, timeout=120)
+    why = _btf_unavailable()
+    if why:
+        raise HostUnavailable(why)
+    argv = [str(_bpftool()), "btf", "dump", "file", str(BTF_VMLINUX), "format", "raw"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if run.returncode != 0:
         raise HostUnavailable(f"bpftool btf dump failed: {run.stderr.strip()[:120]}")
     keys = set(wanted)
