@@ -385,6 +385,7 @@ class Cpu:
         fds: int | None = at.ds
         if not operand and not exception_only and self.impl[X87_NO_OPERAND_FDP] != "kept":
             self.x87_pointers_known = False
+            fds = None
         elif operand and (unmasked or not exception_only):
             struct.pack_into("<Q", r, 16, _sign_extend(at.operand, self.impl[X87_FDP_BITS]))
         else:
