@@ -38,6 +38,7 @@ a task with the default; its vector registers hold whatever the boot kernel's ow
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE, kernel_fpu_begin, kernel_fpu_end
@@ -118,20 +119,7 @@ def suspend_enter(m: Machine) -> None:
     IRQs off; `save_processor_state`; power off (`FpRegs.reset` on every CPU);
     `restore_processor_state`; IRQs on; pm_sleep_enable_secondary_cpus(): each other CPU is
     brought up as after hotplug (`native_kick_ap`, `start_secondary`)."""
-    c0 = _frozen(m, "suspend")
-    for c in m.cpus[1:]:
-        fpu__disable_cpu(c)
-    c0.irqs_disabled = True
-    try:
-        ctxt = save_processor_state(c0)
-        for c in m.cpus:
-            c.regs.reset()
-        restore_processor_state(c0, ctxt)
-    finally:
-        c0.irqs_disabled = False
-    for c in m.cpus[1:]:
-        native_kick_ap(c)
-        start_secondary(c)
+    _sleep(m, "suspend", lambda c: c.regs.reset())
 
 
 #: The byte the boot kernel's own tasks leave in every vector register they used: a value no
@@ -185,14 +173,23 @@ def hibernate_enter(m: Machine) -> None:
     power-off (power_down() returns) resumes the live machine without a restore and is not
     modelled; nor is suspend-to-both (hibernation_mode "suspend"), which after writing the image
     suspends to RAM as `suspend_enter` does."""
-    c0 = _frozen(m, "hibernate")
+    _sleep(m, "hibernate", lambda c: boot_kernel_registers(c, boot_cpu=c.nr == 0))
+
+
+def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None]) -> None:
+    """The sequence suspend to RAM and hibernation share: `_frozen`; each other CPU's
+    fpu__disable_cpu() as it goes down; IRQs off; `save_processor_state` on CPU 0; the power
+    goes and ``power_back`` sets each CPU's registers as they come back (RESET values, or a
+    boot kernel's); `restore_processor_state`; IRQs on; each other CPU brought up as after
+    hotplug (`native_kick_ap`, `start_secondary`)."""
+    c0 = _frozen(m, what)
     for c in m.cpus[1:]:
         fpu__disable_cpu(c)
     c0.irqs_disabled = True
     try:
         ctxt = save_processor_state(c0)
         for c in m.cpus:
-            boot_kernel_registers(c, boot_cpu=c is c0)
+            power_back(c)
         restore_processor_state(c0, ctxt)
     finally:
         c0.irqs_disabled = False
