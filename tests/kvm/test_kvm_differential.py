@@ -233,3 +233,53 @@ def test_a_guest_fld_leaves_its_guest_address_in_fip(ctx: conform.Context) -> No
                                    0x2222 if hw.cpuid(7, 0)[1] >> 6 & 1 else place[0].operand)
     outs = run_guest_program(vcpu, prog, xcr0=xcr0, placement=place)
     assert real.key() in {o.key() for o in outs}
+
+
+def test_a_guest_x87_instruction_leaves_its_selectors_for_the_32_bit_save(
+        ctx: conform.Context) -> None:
+    """Where the CPU does not deprecate FCS and FDS, an FLD's unmasked exception leaves FCS :=
+    the guest's CS and FDS := its DS (SDM Vol. 1 8.1.8), which FXSAVE without REX.W stores
+    (Table 10-2). The guest reads its selectors (MOV r/m16, Sreg) as VMX and SVM run it:
+    KERNEL_CS and KERNEL_DS at CPL 0, USER_CS and a null DS at CPL 3
+    (`architectural_selectors`), or as a backend's divergence says (kvm_pvm: the host's user
+    CS at CPL 3). The placement carries what it reads, the 32-bit save shows the same, and the
+    model of the guest's hardware, told the placement, gives the same bytes."""
+    import struct
+
+    from fpstate.host.kvm_guest import architectural_selectors
+    from fpstate.kvm.x86.vcpu import run_guest_program
+    from fpstate.x86.cpu import machine
+    from fpstate.x86.program import Buffer, Insn, Program
+
+    vcpu = ctx.model_vcpu(ctx.vmm())
+    if machine(vcpu.kvm.config.host).has("ZERO_FCS_FDS"):
+        pytest.skip("the CPU deprecates FCS and FDS: every 32-bit save stores 0000H")
+    # FCW 0x37E (IM clear), FSW.ES with IE, every tag valid, FCS 0x23, FDS 0x2B
+    legacy = bytearray(512)
+    struct.pack_into("<HHBBHIHHIHHI", legacy, 0, 0x37E, 0x8081, 0xFF, 0, 0x123, 0x1111, 0x23,
+                     0, 0x2222, 0x2B, 0, 0x1F80)
+    start = bytearray(576)
+    struct.pack_into("<HHBBHQQI", start, 0, 0x37F, 0, 0, 0, 0, 0, 0, 0x1F80)
+    g = ctx.guest_machine()
+    xcr0 = ctx.system.xcr0
+    pvm = "guest_cs_of_host" in ctx.divergences()
+    for cpl in (0, 3):
+        read = g.selectors(cpl)
+        if cpl == 3 and pvm:
+            assert read == (0x33, 0)
+        else:
+            assert read == architectural_selectors(cpl)
+        if cpl == 0 and g.xstate_at_cpl0() is not None:
+            continue  # (its FLD traps to an emulator that cannot run it)
+        # FNCLEX, then an FLD onto the full stack: an unmasked stack overflow
+        prog = Program(bytes(start), (Insn("FXRSTOR32", buf=1), Insn("FNCLEX"),
+                                      Insn("FLD", data=bytes(10)), Insn("FXSAVE32", buf=0)),
+                       (Buffer(), Buffer(bytes(legacy))), cpl=cpl)
+        place = g.placement(prog, xcr0=xcr0)
+        real = g.run_program(prog, xcr0=xcr0)
+        assert real.placement == place
+        fip, fcs, fdp, fds = struct.unpack_from("<IHxxIHxx", real.buffers[0], 8)
+        assert (fcs, fds) == read == (place[2].cs, place[2].ds), (cpl, fcs, fds)
+        assert (fip, fdp) == (place[2].address & 0xFFFFFFFF, place[2].operand & 0xFFFFFFFF)
+        outs = run_guest_program(vcpu, prog, xcr0=xcr0, placement=place)
+        assert real.key() in {o.key() for o in outs}, cpl

@@ -274,6 +274,22 @@ def test_intel_programs_have_flds_each_followed_by_fninit() -> None:
                for n in zen4 for k, m in enumerate(n) if m == "FLD")
 
 
+def test_programs_draw_the_32_bit_forms_where_the_selectors_are_kept() -> None:
+    """Zen 4 does not deprecate FCS and FDS, and the model knows them through every path of a
+    program (the start image's XRSTOR64 zeroes them, an x87 initialisation too, FXRSTOR32 and
+    XRSTOR32 load them, an x87 instruction's placement names them): the 32-bit forms are drawn
+    at random, not only on request, and the model answers each program."""
+    from fpstate.x86.program import FORMS32
+
+    drawn = 0
+    for seed in range(200):
+        program = generate_program(RandomDraw(seed), ZEN4)
+        if {i.mnemonic for i in program.insns} & FORMS32:
+            drawn += 1
+            assert run_program(ZEN4, program)
+    assert drawn >= 40, drawn
+
+
 @pytest.mark.parametrize("focus", ["TILELOADD", "TILESTORED", "TILEZERO"])
 def test_generated_amx_programs_get_past_the_tile_checks(focus: str) -> None:
     """On Sapphire Rapids the tile instructions do not only #UD: start images and LDTILECFG

@@ -314,6 +314,28 @@ def test_an_fld_leaves_its_address_in_fip_on_this_cpu() -> None:
     check(full)
 
 
+@pytest.mark.parametrize("init", ["FNINIT", "XRSTOR32", "XRSTOR"])
+def test_x87_initialisation_zeroes_fcs_and_fds_on_this_cpu(init: str) -> None:
+    """Where FCS and FDS are not deprecated: an FXRSTOR32 loads FDS 0x2B; FNINIT, or an XRSTOR
+    (with or without REX.W) that puts x87 in its initial configuration (XSTATE_BV[0] = 0),
+    zeroes FDS (SDM Vol. 1 13.6; FINIT "FPUDataPointer <- 0"), which nine FLD1 -- they keep
+    FDS, X87_NO_OPERAND_FDP -- leave for the 32-bit save after an FLDCW sets FSW.ES; FCS is
+    the FLD1's CS. The model, told the placement, gives the same bytes."""
+    if machine(PROFILE).has("ZERO_FCS_FDS"):
+        pytest.skip("moot on this CPU: it deprecates FCS and FDS, every save stores 0000H")
+    if IMPL[I.X87_NO_OPERAND_FDP] != "kept":
+        pytest.skip("FLD1 leaves FDP undefined on this CPU (X87_NO_OPERAND_FDP)")
+    prog = Program(image(0), (
+        Insn("FXRSTOR32", buf=1), Insn("FNINIT") if init == "FNINIT" else Insn(init, buf=2, mask=1),
+        *[Insn("FLD1")] * 9, Insn("FLDCW", value=0x37E), Insn("FXSAVE32", buf=0)),
+        (_AA, Buffer(_legacy32(fsw=0x8081, ftw=0xFF)), Buffer(image(0))))
+    host = host_run(prog)
+    fip, fcs, fdp, fds = struct.unpack_from("<IHxxIHxx", host.buffers[0], 8)
+    assert (fip, fcs, fdp, fds) == (host.placement[10].address & 0xFFFFFFFF,
+                                    host.placement[10].cs, 0, 0)
+    check(prog)
+
+
 @pytest.mark.parametrize("restore", ["XRSTOR", "FXRSTOR"])
 def test_a_restore_loads_the_x87_pointers_without_a_pending_exception(restore: str) -> None:
     """arch/x86/kernel/cpu/amd.c sets X86_BUG_FXSAVE_LEAK on an AMD CPU that does not enumerate

@@ -913,6 +913,26 @@ def test_x87_instructions_leave_their_selectors_in_fcs_and_fds_on_zen4() -> None
                     impl=I.AMD_ZEN4_HOST.with_choice(I.X87_NO_OPERAND_FDP, "undefined"))
 
 
+@pytest.mark.parametrize("init", ["FNINIT", "XRSTOR32", "XRSTOR"])
+def test_x87_initialisation_zeroes_fcs_and_fds_on_zen4(init: str) -> None:
+    """FNINIT ("FPUDataPointer <- 0"), and XRSTOR with RFBM[0] = 1 and XSTATE_BV[0] = 0 (x87's
+    initial configuration, SDM Vol. 1 13.6: FCS = FDS = 0), in either form, zero the selectors
+    an FXRSTOR32 loaded (measured on Zen 4, session 32): FLD1, which keeps FDS there, then
+    leaves FDS 0 for the 32-bit save. Nine FLD1 overflow the empty stack with IE masked, and an
+    FLDCW that unmasks IE sets FSW.ES, so that the save shows the pointers."""
+    zen4 = load_profile("zen4")
+    insns = (Insn("FXRSTOR32", buf=0),
+             Insn("FNINIT") if init == "FNINIT" else Insn(init, buf=2, mask=1),
+             *[Insn("FLD1")] * 9, Insn("FLDCW", value=0x37E), Insn("FXSAVE32", buf=1))
+    at = tuple(Placement(0x1000 * (n + 1), 0, 0x1E8 if i.mnemonic == "FLD1" else 0, 0x33, 0)
+               for n, i in enumerate(insns))
+    p = Program(_x87_image(0, 0), insns, (Buffer(data=_legacy32(0x1111, 0x23, 0x2222, 0x2B)),
+                                          Buffer(), Buffer(data=image(0))))
+    (o,) = run_program(zen4, p, preempt=False, placement=at)
+    assert struct.unpack_from("<HHBxHIHHIHH", o.buffers[1], 0) == (
+        0x37E, 0xBAC1, 0xFF, 0x1E8, 0xB000, 0x33, 0, 0, 0, 0)
+
+
 def test_loads_of_registers_8_to_15_hold_xinuse_until_an_avx_restore_on_intel() -> None:
     """VEX_XINUSE_RECOMPUTED, refined in session 21 (measured on Emerald Rapids, each 4 runs
     of 4): a MOVDQU of xmm8-15 from the initial state sets XINUSE[1] as a VEX.256 load of

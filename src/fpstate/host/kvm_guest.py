@@ -79,7 +79,7 @@ BUFFERS, BUFFER_STRIDE = 0x20000, 0x4000
 START_IMAGE, FINAL_IMAGE, SCRATCH, DATA = 0x40000, 0x44000, 0x48000, 0x48040
 EXIT_PORT = 0xF1
 
-_STATE, _VECTOR, _ERROR, _STEP, _RIP, _XINUSE, _VALUES = 0, 4, 8, 16, 24, 32, 64
+_STATE, _VECTOR, _ERROR, _STEP, _RIP, _XINUSE, _SELECTORS, _VALUES = 0, 4, 8, 16, 24, 32, 40, 64
 _MAX_VALUES = (0x1000 - _VALUES) // 8
 _DONE, _FAULTED = 1, 2
 #: Setup steps, stored sign-extended in the step word (program steps are 0..n-1, final n).
@@ -124,6 +124,11 @@ BACKEND_DIVERGENCES: dict[str, dict[str, str]] = {
             "the guest runs in hardware ring 3 under the host's CR4, whose PKE is set: WRPKRU "
             "and RDPKRU at guest CPL 3 run although the guest left CR4.PKE clear (VMX/SVM KVM: "
             "#UD, CR4.PKE is the guest's own)"),
+        "guest_cs_of_host": (
+            "guest CPL 3 runs in hardware ring 3 with the host's user code segment: after an "
+            "IRETQ that loads the guest's CS selector 0x1B, MOV from CS reads 0x33 (the host's "
+            "__USER_CS), and an x87 instruction leaves 0x33 in FCS, which FXSAVE without REX.W "
+            "stores (VMX/SVM: the guest's own selector; measured on Zen 4, session 32)"),
         "cpl3_gp_emulated": (
             "a #GP at guest CPL 3 goes to KVM's instruction emulator first: LDMXCSR of a "
             "reserved MXCSR bit reaches the guest as #UD (hardware: #GP), and a FXSAVE64 to a "
@@ -177,6 +182,15 @@ def _gdt_entries() -> bytes:
     tss_lo = 0x67 | (TSS & 0xFFFFFF) << 16 | 0x89 << 40 | ((TSS >> 24) & 0xFF) << 56
     return struct.pack("<7Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00AFFA000000FFFF,
                        0x00CFF2000000FFFF, tss_lo, TSS >> 32)
+
+
+def architectural_selectors(cpl: int) -> tuple[int, int]:
+    """(CS, DS) of a program at guest ``cpl`` as VMX or SVM runs it: the FCS and FDS an x87
+    instruction leaves (`fpstate.x86.program.Placement`). Setup runs with KERNEL_CS and every
+    data segment KERNEL_DS (`GuestMachine.long_mode_sregs`); the IRETQ to the program loads CS
+    from its frame and, returning to CPL 3, loads DS with a null selector because KERNEL_DS's
+    DPL 0 is below the new CPL (SDM Vol. 2A IRET, "RETURN-TO-OUTER-PRIVILEGE-LEVEL")."""
+    return (USER_CS, 0) if cpl == 3 else (KERNEL_CS, KERNEL_DS)
 
 
 def _segment(selector: int, *, code: bool) -> u.KvmSegment:
@@ -242,6 +256,7 @@ class GuestMachine:
         self.offsets = {i: (o, s) for i in range(2, 63)
                         for s, o, _c, _d in [find_cpuid(self.cpuid, 0xD, i)] if s}
         self._cpl0: str | None = ""  # "" = not probed yet (xstate_at_cpl0)
+        self._selectors: dict[int, tuple[int, int]] = {}  # cpl -> (CS, DS) (selectors)
 
     def close(self) -> None:
         self.vm.close()
@@ -312,10 +327,10 @@ class GuestMachine:
                 raise HostError(reason, f"unexpected I/O on port {port:#x}")
         elif reason != u.KVM_EXIT_HLT:
             raise HostError(reason, self.vcpu.exit_detail(reason))
-        state, vector, error, step, rip, xinuse = struct.unpack_from(
-            "<IIQqQQ", self.read(STATUS, 40))
+        state, vector, error, step, rip, xinuse, cs, ds = struct.unpack_from(
+            "<IIQqQQHH", self.read(STATUS, 44))
         return {"state": state, "vector": vector, "error": error, "step": step, "rip": rip,
-                "xinuse": xinuse}
+                "xinuse": xinuse, "cs": cs, "ds": ds}
 
     def run_program(self, program: Program, *, xcr0: int, xss: int = 0, xfd: int = 0
                     ) -> Outcome:
@@ -371,7 +386,7 @@ class GuestMachine:
                       0x3002 if user else 0x2, USER_CS if user else KERNEL_CS, PROGRAM_CODE):
             a.emit(Instruction.create_u32(Code.PUSHQ_IMM32, value))  # SS, RSP, RFLAGS, CS, RIP
         a.op(Code.IRETQ)
-        b, place = self._program_code(program, ops, xcr0, xstate)
+        b, where = self._program_code(program, ops, xcr0, xstate)
         # memory
         bufs = [buffer_address(i, x.misalign) for i, x in enumerate(program.buffers)]
         for i, x in enumerate(program.buffers):
@@ -383,13 +398,19 @@ class GuestMachine:
             self.write(at, data)
         self.write(PROGRAM_CODE, bytes(b.code))
         st = self.run_code(bytes(a.code))
+        sel = self._selectors[program.cpl] = (st["cs"], st["ds"])
+        place = tuple(placed_at(b.code, PROGRAM_CODE, at, data, sel) for at, data in where)
         return replace(self._outcome(program, st, bufs, ops, xcr0, xstate), placement=place)
 
     def _program_code(self, program: Program, ops: list[Operands], xcr0: int, xstate: bool
-                      ) -> tuple[Asm, tuple[Placement, ...]]:
-        """Steps 2-4 at ``program.cpl``: XRSTOR64 of the start image, the program, XGETBV(1)
-        and XSAVE64; with where each instruction sits (`fpstate.host.asm.placement`)."""
+                      ) -> tuple[Asm, list[tuple[int, int]]]:
+        """Steps 2-4 at ``program.cpl``: the program's CS and DS into the status block (MOV
+        r/m16, Sreg), XRSTOR64 of the start image, the program, XGETBV(1) and XSAVE64; with
+        the address of each instruction and of its data-pool operand."""
         b = Asm(PROGRAM_CODE)
+        for n, sreg in enumerate((Register.CS, Register.DS)):  # as the program reads them
+            b.emit(Instruction.create_mem_reg(Code.MOV_RM16_SREG, mem(STATUS + _SELECTORS + 2 * n),
+                                              sreg))
         if xstate:
             _step(b, _STEP_XRSTOR)
             b.edx_eax(xcr0)
@@ -410,16 +431,29 @@ class GuestMachine:
         _report(b, _DONE)
         if len(b.code) > BUFFERS - PROGRAM_CODE:
             raise ProgramError(f"program of {len(program.insns)} instructions is too long")
-        return b, tuple(placed_at(b.code, PROGRAM_CODE, at, data) for at, data in where)
+        return b, where
 
     def placement(self, program: Program, *, xcr0: int) -> tuple[Placement, ...]:
-        """Where `run_program` puts each instruction of ``program`` -- the guest's addresses
-        are fixed, so this needs no run: the model, told it, knows the x87 pointers an x87
-        push leaves (`fpstate.x86.insn.run_program`). Guest-linear addresses equal
-        guest-physical ones."""
+        """Where `run_program` puts each instruction of ``program`` and the selectors it runs
+        with -- the guest's addresses are fixed, and the selectors are those `selectors`
+        reads, so this needs no run of the program: the model, told it, knows the x87
+        pointers and selectors an x87 instruction leaves (`fpstate.x86.insn.run_program`).
+        Guest-linear addresses equal guest-physical ones."""
         check_program(program)
         ops, _pool = _operands(program)
-        return self._program_code(program, ops, xcr0, True)[1]
+        b, where = self._program_code(program, ops, xcr0, True)
+        sel = self.selectors(program.cpl)
+        return tuple(placed_at(b.code, PROGRAM_CODE, at, data, sel) for at, data in where)
+
+    def selectors(self, cpl: int) -> tuple[int, int]:
+        """(CS, DS) as a program at guest ``cpl`` reads them, the FCS and FDS an x87 instruction
+        of it leaves: read by every run (the program code starts with MOV r/m16, Sreg), here
+        by a run of no instruction the first time. On VMX and SVM, `architectural_selectors`;
+        kvm_pvm runs guest CPL 3 with the host's user CS (BACKEND_DIVERGENCES
+        "guest_cs_of_host")."""
+        if cpl not in self._selectors:
+            self.run_insns([], xcr0=1, cpl=cpl)
+        return self._selectors[cpl]
 
     def _outcome(self, program: Program, st: dict[str, int], bufs: list[int],
                  ops: list[Operands], xcr0: int, xstate: bool) -> Outcome:

@@ -465,8 +465,14 @@ class Cpu:
             dst[160:416] = self.regs[SSE]
 
     def init_x87(self) -> None:
+        """x87 state to its initial configuration (SDM Vol. 1 13.6: FCW 037FH, FSW 0, FTW
+        FFFFH, FCS = FDS = 0, FIP = FDP = 0, FOP 0, ST0-ST7 0), as an XRSTOR does with RFBM[0]
+        = 1 and XSTATE_BV[0] = 0. FCS and FDS 0000H: measured on Zen 4 (an FXRSTOR32 of FDS
+        002BH, then XRSTOR32 or XRSTOR64 of x87 in its initial configuration: FLD1, which keeps
+        FDS there, leaves FDS 0 for FXSAVE32 to show)."""
         self.regs[X87][:] = self.machine.components[X87].init
         self.x87_pointers_known = True
+        self.x87_selectors = (0, 0)
         self.x87_regs_written = False
 
     def st(self, i: int) -> bytes:

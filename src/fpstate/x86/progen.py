@@ -46,7 +46,7 @@ from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.impl import MXCSR_MASK, X87_POINTERS, ImplDefined, for_profile
 from fpstate.x86.insn import compacted_offsets, default_xcr0
 from fpstate.x86.layout import standard_size
-from fpstate.x86.program import BUFFER_SIZE, FORMS32, MAX_PKEY, Buffer, Insn, Program
+from fpstate.x86.program import BUFFER_SIZE, MAX_PKEY, Buffer, Insn, Program
 from fpstate.x86.xfeatures import XCOMP_BV_COMPACTED_FORMAT, bits
 
 T = TypeVar("T")
@@ -269,11 +269,6 @@ def _insn(d: Draw, m: Machine, xcr0: int, nbuf: int, mxcsr_mask: int, masked: bo
           mn: str | None = None) -> Insn:
     if mn is None:
         mn = d.choice(_MNEMONICS)
-        if mn in FORMS32 and not m.has("ZERO_FCS_FDS"):
-            # Where FCS/FDS are not zeroed the 32-bit forms store selectors the model does
-            # not know after the start image's XRSTOR64: the 64-bit form instead (a program
-            # asked to focus on them still gets them).
-            mn = mn[:-2]
     buf = d.integer(0, nbuf - 1)
     if mn in _XSAVE_FAMILY or mn in ("XSAVES", "XRSTORS"):
         return Insn(mn, buf=buf, mask=_request_mask(d, xcr0))
