@@ -248,6 +248,66 @@ def test_hibernation_arms_xfd_behind_the_cache_as_released() -> None:
     assert m.user_read(0, TILEDATA) == tiles
 
 
+def test_a_rolled_back_hibernation_keeps_pkru_but_arms_xfd_behind_the_cache() -> None:
+    """A wakeup event rolls the hibernation back (power_down() returns): no power was lost,
+    so the task gets its own PKRU back with no fix -- restore_processor_state() ran on this
+    kernel's registers -- but fpu__resume_cpu() still wrote IA32_XFD behind xfd_state, and
+    a's restore takes #NM in the kernel (kernel-findings 10a); resume_xfd_set_state covers
+    this path too."""
+    m = Machine.boot("sapphire-rapids")
+    m.run(0, m.spawn("t"))
+    m.user_write(0, PKRU)
+    m.user_write(0, YMM)
+    own, mine = m.user_read(0, PKRU), m.user_read(0, YMM)
+    m.enter_kernel(0)
+    hibernate_enter(m, "rollback")
+    assert all(c.regs.cr4 == CR4_FPU_BITS and c.kernel_fpu_allowed for c in m.cpus)
+    m.exit_to_user_mode(0)
+    assert (m.user_read(0, PKRU), m.user_read(0, YMM)) == (own, mine)
+    m, a, s, _ = _amx_ran_last_on_cpu0()
+    hibernate_enter(m, "rollback")
+    assert m.cpus[0].regs.xfd == s.fpu.fpstate.xfd == 1 << TILEDATA
+    assert m.cpus[0].xfd_state == 0
+    m.idle(0)
+    with pytest.raises(KernelBug, match="unexpected-nm"):
+        m.run(0, a)
+    m, a, _, tiles = _amx_ran_last_on_cpu0(FIXES)
+    hibernate_enter(m, "rollback")
+    m.idle(0)
+    m.run(0, a)
+    assert m.user_read(0, TILEDATA) == tiles
+
+
+def test_suspend_to_both_wakes_from_ram_with_pkru_0_as_released() -> None:
+    """/sys/power/disk "suspend": after the image is written the machine suspends to RAM and
+    wakes from it, so PKRU comes back as S3 leaves it, 0 (kernel-findings 10b), not the
+    boot kernel's init_pkru_value; resume_pkru covers it."""
+    m = Machine.boot("sapphire-rapids")
+    m.run(0, m.spawn("t"))
+    m.user_write(0, PKRU)
+    m.enter_kernel(0)
+    hibernate_enter(m, "suspend")
+    m.exit_to_user_mode(0)
+    assert read_pkru(m.cpus[0]) == 0
+    m = Machine.boot("sapphire-rapids", fixes=FIXES)
+    m.run(0, m.spawn("t"))
+    m.user_write(0, PKRU)
+    own = m.user_read(0, PKRU)
+    m.enter_kernel(0)
+    hibernate_enter(m, "suspend")
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, PKRU) == own
+
+
+def test_an_unknown_hibernation_ending_is_refused() -> None:
+    m = Machine.boot("sapphire-rapids")
+    m.run(0, m.spawn("t"))
+    m.enter_kernel(0)
+    with pytest.raises(FpstateError, match="hibernation ending 'shutdown': one of resume, "
+                                           "rollback, suspend"):
+        hibernate_enter(m, "shutdown")
+
+
 def test_hibernation_waits_for_the_freezer() -> None:
     m = Machine.boot("sapphire-rapids")
     t, u = m.spawn("t"), m.spawn("u")

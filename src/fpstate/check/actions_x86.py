@@ -74,7 +74,7 @@ from fpstate.kernel.x86.hw import (
     token,
 )
 from fpstate.kernel.x86.pkeys import sys_pkey_alloc, sys_pkey_mprotect
-from fpstate.kernel.x86.power import hibernate_enter, suspend_enter
+from fpstate.kernel.x86.power import HIBERNATION_ENDINGS, hibernate_enter, suspend_enter
 from fpstate.kernel.x86.process import de_thread_waits, sys_clone, sys_execve
 from fpstate.kernel.x86.regset import (
     NT_X86_XSTATE,
@@ -297,7 +297,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                    "state": FieldSpec(str, "what the task writes to /sys/power/state: mem "
                                       "(suspend to RAM) or disk (hibernation)",
                                       required=False, default="mem",
-                                      choices=("mem", "disk"))}),
+                                      choices=("mem", "disk")),
+                   "ending": FieldSpec(str, "with state disk, how the hibernation ends "
+                                       "(power.HIBERNATION_ENDINGS): resume (the power goes, "
+                                       "the image is resumed), rollback (a wakeup event: "
+                                       "power_down() returns, the power never goes) or "
+                                       "suspend (/sys/power/disk suspend: suspend to RAM "
+                                       "after writing the image, woken from RAM)",
+                                       required=False, default="resume",
+                                       choices=HIBERNATION_ENDINGS)}),
     ActionSpec("kernel_fpu", "an interrupt handler uses the FPU (kernel_fpu_begin/end) and "
                "clobbers components", {
                    "cpu": _CPU,
@@ -1144,11 +1152,13 @@ class X86World(X86Views, World):
         cpu_down_up(self.m, self.cpu(cpu))
         return {}
 
-    def do_suspend(self, task: str, state: str = "mem") -> dict[str, Value]:
-        """suspend_enter() (``mem``) or hibernate_enter() (``disk``, through to the resumed
-        image) with ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's PKRU,
-        IA32_XFD and xfd_state after resume (hex), those that exist."""
-        enter = hibernate_enter if state == "disk" else suspend_enter
+    def do_suspend(self, task: str, state: str = "mem", ending: str = "resume"
+                   ) -> dict[str, Value]:
+        """suspend_enter() (``mem``) or hibernate_enter() (``disk``, to its ``ending``) with
+        ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's PKRU, IA32_XFD and
+        xfd_state after resume (hex), those that exist."""
+        if state != "disk" and ending != "resume":
+            raise StepError(f"ending {ending}: only a hibernation (state disk) has one")
         t = self.task(task)
         c0 = self.m.cpus[0]
         if c0.current is not t:
@@ -1157,7 +1167,10 @@ class X86World(X86Views, World):
         if entered:
             self.m.enter_kernel(0)  # the write() to /sys/power/state
         try:
-            enter(self.m)
+            if state == "disk":
+                hibernate_enter(self.m, ending)
+            else:
+                suspend_enter(self.m)
         except IllegalEvent:
             if entered:
                 t.event("exit_to_user")  # refused before it changed anything
@@ -1503,6 +1516,8 @@ class X86World(X86Views, World):
                 "pasid_write": A("pasid_write", task=comm),
                 "suspend": A("suspend", task=comm),
                 "hibernate": A("suspend", task=comm, state="disk"),
+                "hibernate_rollback": A("suspend", task=comm, state="disk", ending="rollback"),
+                "hibernate_suspend": A("suspend", task=comm, state="disk", ending="suspend"),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
@@ -1566,7 +1581,8 @@ class X86World(X86Views, World):
                 and not cur0.flags & (PF_KTHREAD | PF_USER_WORKER)
                 and all(c.current is c.idle for c in self.m.cpus[1:])):
             add(self._task_actions(cur0.comm)["suspend"])
-            add(self._task_actions(cur0.comm)["hibernate"])
+            for key in ("hibernate", "hibernate_rollback", "hibernate_suspend"):
+                add(self._task_actions(cur0.comm)[key])
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:

@@ -34,6 +34,9 @@ swsusp_arch_suspend(), and the CPU is the one a fresh boot of the same kernel ha
 resume_target_kernel(). Its PKRU is the boot kernel's, init_pkru_value where its resume ran from
 a task with the default; its vector registers hold whatever the boot kernel's own tasks wrote
 (`BOOT_KERNEL_FILL`). The same two bugs follow, with the boot kernel's PKRU for RESET's 0.
+A hibernation can also end without the power going (`HIBERNATION_ENDINGS`): the same
+restore_processor_state() then runs right after the snapshot on this kernel's own registers,
+where PKRU is intact and the IA32_XFD write still bypasses xfd_state.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fpstate.errors import FpstateError
 from fpstate.kernel.x86.core import INIT_PKRU_VALUE, kernel_fpu_begin, kernel_fpu_end
 from fpstate.kernel.x86.hw import CR4_FPU_BITS, MXCSR_DEFAULT, PKRU
 from fpstate.kernel.x86.init import fpu__disable_cpu
@@ -157,23 +161,52 @@ def boot_kernel_registers(c: Cpu, *, boot_cpu: bool) -> None:
     regs.mxcsr = MXCSR_DEFAULT if boot_cpu else BOOT_KERNEL_MXCSR
 
 
-def hibernate_enter(m: Machine) -> None:
+#: How a hibernation ends (kernel/power/hibernate.c, v6.17: hibernate() -> power_down()).
+#: ``resume``: the power goes, and a boot of the same kernel loads the image and jumps into it.
+#: ``rollback``: a wakeup event makes hibernation_platform_enter() return -EAGAIN (or a device
+#: -EBUSY), and power_down() returns ("Wakeup event detected during hibernation, rolling
+#: back"): the power never goes. ``suspend``: /sys/power/disk is "suspend" (suspend-to-both):
+#: after writing the image power_down() suspends to RAM, and the machine wakes from RAM.
+HIBERNATION_ENDINGS = ("resume", "rollback", "suspend")
+
+
+def hibernate_enter(m: Machine, ending: str = "resume") -> None:
     """hibernate() for ``echo disk > /sys/power/state`` by the current task of CPU 0, in the
-    kernel, through to the resumed image (IllegalEvent as for `suspend_enter`).
+    kernel, to one of the `HIBERNATION_ENDINGS` (IllegalEvent as for `suspend_enter`).
 
     The image kernel's create_image() (kernel/power/hibernate.c):
     pm_sleep_disable_secondary_cpus() (fpu__disable_cpu() on each other CPU), IRQs off,
     `save_processor_state`, and swsusp_arch_suspend() takes the snapshot -- the machine model as
-    it is now. What the image kernel does after it (writing the image, power_down()) is lost
-    with the power. The machine boots the same kernel again, which loads the image and jumps
-    into it from resume_target_kernel() with every CPU's registers as it left them
-    (`boot_kernel_registers`). Control reappears after swsusp_arch_suspend():
-    `restore_processor_state` on the boot CPU, IRQs on, pm_sleep_enable_secondary_cpus()
-    (`native_kick_ap`, `start_secondary` for each other CPU). A wakeup event that aborts the
-    power-off (power_down() returns) resumes the live machine without a restore and is not
-    modelled; nor is suspend-to-both (hibernation_mode "suspend"), which after writing the image
-    suspends to RAM as `suspend_enter` does."""
-    _sleep(m, "hibernate", lambda c: boot_kernel_registers(c, boot_cpu=c.nr == 0))
+    it is now. Control returns after it twice in the kernel's history:
+
+    - at once, on this kernel's own registers: `restore_processor_state`, IRQs on,
+      pm_sleep_enable_secondary_cpus() (`native_kick_ap`, `start_secondary`); then
+      swsusp_write() and power_down(). ``rollback``: hibernation_platform_enter() takes the
+      other CPUs down and up again (pm_sleep_disable_secondary_cpus(), syscore_suspend(),
+      pm_wakeup_pending(), syscore_resume(), pm_sleep_enable_secondary_cpus()) and fails,
+      and hibernate() thaws. ``suspend``: suspend_devices_and_enter() (`suspend_enter`), and
+      hibernate() thaws;
+    - ``resume``: after the power went, in the image the boot of the same kernel loaded, with
+      every CPU's registers as that boot left them (`boot_kernel_registers`). What the image
+      kernel did after the snapshot is lost with the power, so only this return is modelled:
+      `restore_processor_state` on the boot CPU, IRQs on, the other CPUs brought up."""
+    if ending == "resume":
+        _sleep(m, "hibernate", lambda c: boot_kernel_registers(c, boot_cpu=c.nr == 0))
+        return
+    if ending not in HIBERNATION_ENDINGS:
+        raise FpstateError(f"hibernation ending {ending!r}: one of "
+                           f"{', '.join(HIBERNATION_ENDINGS)}")
+    _sleep(m, "hibernate", _power_stays)
+    if ending == "rollback":
+        for c in m.cpus[1:]:
+            fpu__disable_cpu(c)
+        _secondaries_up(m)
+    else:
+        suspend_enter(m)
+
+
+def _power_stays(c: Cpu) -> None:
+    """No power is lost: ``c`` keeps every register (create_image()'s immediate return)."""
 
 
 def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None]) -> None:
@@ -193,11 +226,16 @@ def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None]) -> None:
         restore_processor_state(c0, ctxt)
     finally:
         c0.irqs_disabled = False
+    _secondaries_up(m)
+
+
+def _secondaries_up(m: Machine) -> None:
+    """pm_sleep_enable_secondary_cpus(): each other CPU brought up as after hotplug."""
     for c in m.cpus[1:]:
         native_kick_ap(c)
         start_secondary(c)
 
 
-__all__ = ["BOOT_KERNEL_FILL", "BOOT_KERNEL_MXCSR", "SavedContext", "boot_kernel_registers",
-           "hibernate_enter", "restore_processor_state", "save_processor_state",
-           "suspend_enter"]
+__all__ = ["BOOT_KERNEL_FILL", "BOOT_KERNEL_MXCSR", "HIBERNATION_ENDINGS", "SavedContext",
+           "boot_kernel_registers", "hibernate_enter", "restore_processor_state",
+           "save_processor_state", "suspend_enter"]
