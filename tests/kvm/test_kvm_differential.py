@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 
 import pytest
 
@@ -177,8 +178,6 @@ def test_guest_pkru_instructions_follow_the_guests_cr4_pke(ctx: conform.Context)
     test guest leaves it clear): the model of a VMX/SVM guest says so. This host's backend is
     asked too: where it runs them anyway its divergence says why (kvm_pvm's guest runs under
     the host's CR4), else it must agree with the model."""
-    import struct
-
     from fpstate.kvm.x86.vcpu import run_guest_program
     from fpstate.x86.program import Buffer, Insn, Program
 
@@ -206,8 +205,6 @@ def test_a_guest_fld_leaves_its_guest_address_in_fip(ctx: conform.Context) -> No
     a run, equal to those the run reports; a guest's FLD leaves its own guest-linear address
     in FIP (SDM Vol. 1 8.1.8), its operand's in FDP where the silicon lacks FDP_EXCPTN_ONLY,
     and the model of the guest's hardware, told the placement, agrees byte for byte."""
-    import struct
-
     from fpstate.kvm.x86.vcpu import run_guest_program
     from fpstate.x86.program import Buffer, Insn, Program
 
@@ -244,8 +241,6 @@ def test_a_guest_x87_instruction_leaves_its_selectors_for_the_32_bit_save(
     (`architectural_selectors`), or as a backend's divergence says (kvm_pvm: the host's user
     CS at CPL 3). The placement carries what it reads, the 32-bit save shows the same, and the
     model of the guest's hardware, told the placement, gives the same bytes."""
-    import struct
-
     from fpstate.host.kvm_guest import architectural_selectors
     from fpstate.kvm.x86.vcpu import run_guest_program
     from fpstate.x86.cpu import machine
@@ -283,3 +278,28 @@ def test_a_guest_x87_instruction_leaves_its_selectors_for_the_32_bit_save(
         assert (fip, fdp) == (place[2].address & 0xFFFFFFFF, place[2].operand & 0xFFFFFFFF)
         outs = run_guest_program(vcpu, prog, xcr0=xcr0, placement=place)
         assert real.key() in {o.key() for o in outs}, cpl
+
+
+def test_a_new_vcpu_starts_with_fninit_values_not_the_power_up_fcw(ctx: conform.Context
+                                                                    ) -> None:
+    """RESET of a new vCPU: fpu_alloc_guest_fpstate() -> fpstate_init_user() writes FCW 037FH
+    and MXCSR 1F80H in a zeroed fpstate (XSTATE_BV 0, every tag empty), and kvm_xstate_reset()
+    leaves it on RESET. The SDM's power-up and RESET values differ (Vol. 3A Table 10-1: FCW
+    0040H, FTW 5555H -- every register tagged zero, not empty); INIT leaves x87 as it was. A
+    guest that reads FCW before its first FNINIT sees 037FH. The model's new vCPU gives the same
+    KVM_GET_XSAVE2 legacy area and header."""
+    from fpstate.host.kvm_guest import GuestMachine
+    from fpstate.x86.program import Insn
+
+    v = ctx.vmm()
+    model = v.get_xsave2(ctx.model_vcpu(v))
+    g = GuestMachine()
+    try:
+        real = g.vcpu.get_xsave2()
+        assert struct.unpack_from("<HHBxHQQI", real, 0) == (0x37F, 0, 0, 0, 0, 0, 0x1F80)
+        assert real[32:160] == bytes(128) and struct.unpack_from("<Q", real, 512)[0] == 0
+        assert model[:464] == real[:464] and model[512:576] == real[512:576]
+        out = g.run_insns([Insn("FNSTCW"), Insn("FNSTSW")], xcr0=1, cpl=3)
+        assert out.fault is None and out.values == (0x37F, 0)
+    finally:
+        g.close()
