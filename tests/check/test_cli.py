@@ -61,7 +61,9 @@ def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The default x86 configuration runs Linux 6.18 with the proposed fixes of
     kernel-findings 10 and 6, and says so; without them the explorer finds the suspending
-    task's PKRU 0 in two steps, a scenario that fails under the kernel as released."""
+    task's PKRU 0 in two steps, a scenario that fails under the kernel as released; with
+    autosleep configured, in one step the worker's suspend that makes fpu__resume_cpu()
+    dereference x86_task_fpu()'s NULL for a kernel thread (10d)."""
     assert main(["explore", "--seconds", "1", "--workers", "1"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("no violation: model x86 (the kernel's design, cpu "
@@ -77,6 +79,15 @@ def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
     s = scn.load(out)
     assert [step.action.name for step in s.steps] == ["run", "suspend"]
     assert main(["run", str(out)]) == 1
+    capsys.readouterr()
+    assert main(["explore", "--config", "{fixes: [], autosleep: true}", "--seconds", "30",
+                 "--workers", "1", "--json", "--out", str(out)]) == 1
+    (v,) = json.loads(capsys.readouterr().out)["violations"]
+    assert (v["invariant"], v["steps"]) == ("kernel-warn", 1)
+    assert v["detail"].startswith("x86-task-fpu-kthread: fpu__resume_cpu() on ")
+    s = scn.load(out)
+    assert [(step.action.name, step.action.get("autosleep")) for step in s.steps] == [
+        ("suspend", True)]
 
 
 def test_explore_rejects_a_variant_of_another_model(capsys: pytest.CaptureFixture) -> None:

@@ -38,10 +38,11 @@ X86 = [
     ({"vms": {"vm0": {"vmm": "p1.t0", "xcr0": "0x1ffffffffffffffff"}}},
      "config.vms.vm0.xcr0: mask '0x1ffffffffffffffff' is not a 64-bit value"),
     ({"kvm_vendor": "tdx"}, "config.kvm_vendor: must be one of vmx, svm, not 'tdx'"),
+    ({"autosleep": "mem"}, "config.autosleep: must be true or false, not 'mem'"),
     ({"vms": {f"vm{n}": {"vmm": "p1.t0"} for n in range(65)}},
      "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
-                    "processes, max_tasks, compat, fixes, vms, kvm_vendor, omit)"),
+                    "processes, max_tasks, compat, fixes, autosleep, vms, kvm_vendor, omit)"),
     ({"fixes": "resume_pkru"}, "config.fixes: must be a list of proposed fix names, not "
                                "'resume_pkru'"),
     ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a proposed fix "

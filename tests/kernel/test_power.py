@@ -10,6 +10,7 @@ from fpstate.errors import FpstateError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.hw import CR4_FPU_BITS, PKRU
 from fpstate.kernel.x86.power import (
+    AUTOSLEEP_WORKER,
     BOOT_KERNEL_FILL,
     BOOT_KERNEL_MXCSR,
     hibernate_enter,
@@ -17,7 +18,7 @@ from fpstate.kernel.x86.power import (
 )
 from fpstate.kernel.x86.sched import Machine, Task, TaskState
 from fpstate.kernel.x86.signal import read_pkru
-from fpstate.kernel.x86.types import IllegalEvent, KernelBug
+from fpstate.kernel.x86.types import PF_KTHREAD, IllegalEvent, KernelBug
 from fpstate.kernel.x86.xstate_prctl import ARCH_REQ_XCOMP_PERM, sys_arch_prctl
 
 YMM, TILEDATA = 2, 18
@@ -306,6 +307,72 @@ def test_an_unknown_hibernation_ending_is_refused() -> None:
     with pytest.raises(FpstateError, match="hibernation ending 'shutdown': one of resume, "
                                            "rollback, suspend"):
         hibernate_enter(m, "shutdown")
+
+
+# -- autosleep: a kernel thread suspends -------------------------------------------------------
+
+
+def _amx_then_idle(kernel: str, fixes: tuple[str, ...] = ()) -> tuple[Machine, Task, bytes]:
+    """a used AMX tile data on CPU 0 (IA32_XFD and xfd_state 0 there), then every CPU idle."""
+    m = Machine.boot("sapphire-rapids", kernel=kernel, fixes=fixes)
+    a = m.spawn("a")
+    m.run(0, a)
+    assert m.syscall(0, sys_arch_prctl, ARCH_REQ_XCOMP_PERM, TILEDATA) == 0
+    m.user_write(0, TILEDATA)
+    tiles = m.user_read(0, TILEDATA)
+    m.idle(0)
+    assert m.cpus[0].regs.xfd == m.cpus[0].xfd_state == 0
+    return m, a, tiles
+
+
+@pytest.mark.parametrize("state", ["mem", "disk"])
+def test_autosleep_on_6_15_and_later_dereferences_null_in_fpu_resume_cpu(state: str) -> None:
+    """kernel-findings 10d: the autosleep worker is current as the boot CPU resumes, and
+    fpu__resume_cpu() asks x86_task_fpu() of it, which WARNs and returns NULL for a
+    PF_KTHREAD task (22aafe3bcb67, CONFIG_X86_DEBUG_FPU). With resume_xfd_set_state the
+    worker's IA32_XFD is init_fpstate's, the cache follows it, and a's restore writes 0."""
+    m, _, _ = _amx_then_idle("6.18")
+    with pytest.raises(KernelBug, match="x86-task-fpu-kthread"):
+        if state == "mem":
+            suspend_enter(m, autosleep=True)
+        else:
+            hibernate_enter(m, autosleep=True)
+    m, a, tiles = _amx_then_idle("6.18", FIXES)
+    if state == "mem":
+        suspend_enter(m, autosleep=True)
+    else:
+        hibernate_enter(m, autosleep=True)
+    c0 = m.cpus[0]
+    assert c0.current is c0.idle and c0.regs.xfd == c0.xfd_state == 1 << TILEDATA
+    m.run(0, a)
+    assert m.user_read(0, TILEDATA) == tiles
+
+
+def test_autosleep_before_6_15_arms_xfd_behind_the_cache() -> None:
+    """Before 22aafe3bcb67 the worker's own fpstate->xfd (init_fpstate's, armed) goes into the
+    MSR by wrmsrq() alone, while xfd_state keeps a's 0: a's restore skips the write and its
+    XRSTOR of tile data takes #NM in the kernel (10a, with no user task involved)."""
+    m, a, _ = _amx_then_idle("6.12")
+    suspend_enter(m, autosleep=True)
+    c0 = m.cpus[0]
+    assert c0.regs.xfd == 1 << TILEDATA and c0.xfd_state == 0
+    with pytest.raises(KernelBug, match="unexpected-nm"):
+        m.run(0, a)
+
+
+def test_autosleep_needs_every_cpu_idle_and_reuses_its_worker() -> None:
+    m = Machine.boot("sapphire-rapids", fixes=FIXES)
+    t = m.spawn("t")
+    m.run(1, t)
+    with pytest.raises(IllegalEvent, match="suspend by autosleep: CPU 1 still runs"):
+        suspend_enter(m, autosleep=True)
+    m.idle(1)
+    suspend_enter(m, autosleep=True)
+    hibernate_enter(m, "rollback", autosleep=True)
+    hibernate_enter(m, "suspend", autosleep=True)
+    workers = [u for u in m.tasks.values() if u.comm == AUTOSLEEP_WORKER]
+    assert len(workers) == 1 and workers[0].flags & PF_KTHREAD
+    assert all(c.current is c.idle for c in m.cpus)
 
 
 def test_hibernation_waits_for_the_freezer() -> None:

@@ -46,6 +46,7 @@ from fpstate.check.world import (
     Value,
     Violation,
     World,
+    config_bool,
     config_int,
     config_mapping,
     config_str,
@@ -180,6 +181,11 @@ _IRQ_IN_LOCK = FieldSpec(bool, "a hard interrupt whose handler wants the FPU (as
 _CPU = FieldSpec(int, "a CPU number")
 
 
+#: The autosleep worker suspends to RAM or hibernates an idle machine (`power.AUTOSLEEP_WORKER`).
+_AUTOSLEEP = (Action.of("suspend", autosleep=True),
+              Action.of("suspend", autosleep=True, state="disk"))
+
+
 def component_number(name: str) -> int:
     """The xfeature number of a short name (fpstate.x86.xfeatures: avx, xtiledata, pasid...)."""
     try:
@@ -292,8 +298,14 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                "kernel path (the freezer's work). With state disk, hibernation: the snapshot "
                "is taken after save_processor_state(), and every CPU comes back as a boot of "
                "the same kernel leaves it (its own values in the vector registers, MXCSR and "
-               "PKRU) before restore_processor_state() (power.hibernate_enter)", {
-                   "task": _TASK,
+               "PKRU) before restore_processor_state() (power.hibernate_enter). With "
+               "autosleep, no task: the autosleep workqueue's worker, a kernel thread, "
+               "suspends or hibernates an idle machine from CPU 0", {
+                   "task": FieldSpec(str, "the task that writes /sys/power/state (none with "
+                                     "autosleep)", required=False, default=""),
+                   "autosleep": FieldSpec(bool, "the autosleep worker suspends (config."
+                                          "autosleep; every CPU idle)",
+                                          required=False, default=False),
                    "state": FieldSpec(str, "what the task writes to /sys/power/state: mem "
                                       "(suspend to RAM) or disk (hibernation)",
                                       required=False, default="mem",
@@ -422,7 +434,7 @@ class X86World(X86Views, World):
     model: ClassVar[str] = "x86"
     SPECS: ClassVar[dict[str, ActionSpec]] = X86_SPECS
     CONFIG_KEYS: ClassVar[tuple[str, ...]] = ("cpu", "kernel", "cpus", "processes",
-                                              "max_tasks", "compat", "fixes")
+                                              "max_tasks", "compat", "fixes", "autosleep")
     #: Kernel-model variants (FpuSystem.variants) this world accepts: all of them.
     KERNEL_VARIANTS: ClassVar[frozenset[str]] = frozenset(KERNEL_MODEL_VARIANTS)
 
@@ -455,6 +467,8 @@ class X86World(X86Views, World):
                                     f"config.processes ({', '.join(procs)})")
         if "max_tasks" in config:
             config_int("config.max_tasks", config["max_tasks"], 1, 64)
+        if "autosleep" in config:
+            config_bool("config.autosleep", config["autosleep"])
         fixes = config.get("fixes", [])
         if not isinstance(fixes, list) or not all(isinstance(f, str) for f in fixes):
             raise ScenarioError(f"config.fixes: must be a list of proposed fix names, not "
@@ -500,6 +514,9 @@ class X86World(X86Views, World):
         self.writable = tuple(bits(s.xcr0 & ~XFEATURE_MASK_PKRU)) + pkru
         self.supervisor_tracked = tuple(i for i in self.tracked if i not in self.writable)
         self.max_tasks = int(self.config.get("max_tasks", 6))
+        #: CONFIG_PM_AUTOSLEEP with a state written to /sys/power/autosleep: the autosleep
+        #: worker may suspend whenever every CPU is idle (`suspend` with autosleep).
+        self.autosleep = bool(self.config.get("autosleep", False))
         #: (steps, pickled world) for `clone`, valid while ``steps`` is unchanged
         self._snapshot: tuple[int, bytes] | None = None
         self.sizes: dict[tuple[int, bool], int] = {}  #: XSAVE sizes by (mask, compacted)
@@ -1152,25 +1169,35 @@ class X86World(X86Views, World):
         cpu_down_up(self.m, self.cpu(cpu))
         return {}
 
-    def do_suspend(self, task: str, state: str = "mem", ending: str = "resume"
-                   ) -> dict[str, Value]:
+    def do_suspend(self, task: str = "", state: str = "mem", ending: str = "resume",
+                   autosleep: bool = False) -> dict[str, Value]:
         """suspend_enter() (``mem``) or hibernate_enter() (``disk``, to its ``ending``) with
-        ``task`` as CPU 0's writer of /sys/power/state; the boot CPU's PKRU, IA32_XFD and
-        xfd_state after resume (hex), those that exist."""
+        ``task`` as CPU 0's writer of /sys/power/state, or with ``autosleep`` by the autosleep
+        worker; the boot CPU's PKRU, IA32_XFD and xfd_state after resume (hex), those that
+        exist."""
         if state != "disk" and ending != "resume":
             raise StepError(f"ending {ending}: only a hibernation (state disk) has one")
-        t = self.task(task)
+        if autosleep and not self.autosleep:
+            raise StepError("suspend: autosleep needs config.autosleep (a state written to "
+                            "/sys/power/autosleep)")
+        if autosleep == bool(task):
+            raise StepError("suspend: either a task writes /sys/power/state or autosleep "
+                            "suspends, not both" if task else
+                            "suspend: a task writes /sys/power/state, or autosleep: true")
         c0 = self.m.cpus[0]
-        if c0.current is not t:
-            raise StepError(f"{task} is not current on CPU 0")
-        entered = t.state is STATE_USER
-        if entered:
-            self.m.enter_kernel(0)  # the write() to /sys/power/state
+        entered = False
+        if task:
+            t = self.task(task)
+            if c0.current is not t:
+                raise StepError(f"{task} is not current on CPU 0")
+            entered = t.state is STATE_USER
+            if entered:
+                self.m.enter_kernel(0)  # the write() to /sys/power/state
         try:
             if state == "disk":
-                hibernate_enter(self.m, ending)
+                hibernate_enter(self.m, ending, autosleep=autosleep)
             else:
-                suspend_enter(self.m)
+                suspend_enter(self.m, autosleep=autosleep)
         except IllegalEvent:
             if entered:
                 t.event("exit_to_user")  # refused before it changed anything
@@ -1583,6 +1610,8 @@ class X86World(X86Views, World):
             add(self._task_actions(cur0.comm)["suspend"])
             for key in ("hibernate", "hibernate_rollback", "hibernate_suspend"):
                 add(self._task_actions(cur0.comm)[key])
+        elif self.autosleep and not in_path and all(c.current is c.idle for c in self.m.cpus):
+            out.extend(_AUTOSLEEP)
         ntasks = len(live)
         amx = s.xcr0 & XFEATURE_MASK_XTILE
         for t in user:

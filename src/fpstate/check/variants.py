@@ -292,7 +292,9 @@ VARIANTS: tuple[Variant, ...] = (
             "v5.16-v6.18, unfixed (kernel-findings 10a; proposed fix resume_xfd_set_state)",
             "after resume from suspend fpu__resume_cpu() has set the boot CPU's IA32_XFD to "
             "the suspending task's value without xfd_state: restoring a task with AMX tile "
-            "data skips the MSR write and XRSTOR takes #NM in the kernel", "kernel-warn",
+            "data skips the MSR write and XRSTOR takes #NM in the kernel; when the autosleep "
+            "worker suspended, 6.15+ dereferences x86_task_fpu()'s NULL for it (10d)",
+            "kernel-warn",
             needs=(18,), also=("dynamic-state-needs-permission",),
             # as for xfd-state-stale-on-online, one thread per process and no VM, and none of
             # the actions that neither arm nor restore AMX state (12-55 s with them, seeds 1-3)

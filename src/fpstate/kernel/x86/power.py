@@ -91,20 +91,39 @@ def restore_processor_state(c: Cpu, ctxt: SavedContext) -> None:
     kernel_fpu_end(c)
 
 
-def _frozen(m: Machine, what: str) -> Cpu:
+#: The name of the autosleep workqueue's worker (kernel/power/autosleep.c: an ordered
+#: workqueue "autosleep", whose try_to_suspend() calls pm_suspend() or hibernate()).
+AUTOSLEEP_WORKER = "kworker/u:autosleep"
+
+
+def _frozen(m: Machine, what: str, autosleep: bool = False) -> Cpu:
     """CPU 0, whose current user task wrote ``what`` to /sys/power/state and is in the
     kernel; IllegalEvent unless the freezer could have finished: no task inside a kernel path
-    (an unfinished KVM_RUN, #NM allocation or exec) and every other CPU idle."""
+    (an unfinished KVM_RUN, #NM allocation or exec) and every other CPU idle.
+
+    ``autosleep``: the autosleep workqueue's worker suspends instead (``what`` written to
+    /sys/power/autosleep earlier); every CPU must be idle, and the worker -- a kernel thread,
+    created the first time -- is switched in on CPU 0."""
     c0 = m.cpus[0]
+    busy = [u for u in m.tasks.values() if u.kpath is not None]
+    if busy:
+        raise IllegalEvent(f"{what}: {busy[0]!r} is inside a kernel path, which the freezer "
+                           f"waits for")
+    if autosleep:
+        for c in m.cpus:
+            if c.current is not c.idle:
+                raise IllegalEvent(f"{what} by autosleep: CPU {c.nr} still runs "
+                                   f"{c.current!r}: the freezer stops it first")
+        worker = next((u for u in m.tasks.values() if u.comm == AUTOSLEEP_WORKER), None)
+        if worker is None:
+            worker = m.kthread(AUTOSLEEP_WORKER)
+        m.switch_to(0, worker)
+        return c0
     t = c0.current
     if t is c0.idle or t.flags & (PF_KTHREAD | PF_USER_WORKER):
         raise IllegalEvent(f"{what}: CPU 0 runs no user task to write /sys/power/state")
     if t.state is not STATE_KERNEL:
         raise IllegalEvent(f"{what}: {t!r} is not in the kernel")
-    busy = [u for u in m.tasks.values() if u.kpath is not None]
-    if busy:
-        raise IllegalEvent(f"{what}: {busy[0]!r} is inside a kernel path, which the freezer "
-                           f"waits for")
     for c in m.cpus[1:]:
         if c.current is not c.idle:
             raise IllegalEvent(f"{what}: CPU {c.nr} still runs {c.current!r}: the freezer "
@@ -112,18 +131,20 @@ def _frozen(m: Machine, what: str) -> Cpu:
     return c0
 
 
-def suspend_enter(m: Machine) -> None:
+def suspend_enter(m: Machine, *, autosleep: bool = False) -> None:
     """suspend_enter() for ``echo mem > /sys/power/state`` by the current task of CPU 0, in
     the kernel (it wrote the file and slept in the freezer, so it may have been switched out
     and in). IllegalEvent unless the freezer could have finished: no task inside a kernel
     path (an unfinished KVM_RUN, #NM allocation or exec) and every other CPU idle (its
-    tasks frozen, switched out).
+    tasks frozen, switched out). With ``autosleep`` the autosleep worker suspends from an idle
+    machine and goes back to sleep after resume (`_frozen`): kernel_fpu_begin() saves no
+    user state for it, and fpu__resume_cpu() finds a kernel thread current.
 
     pm_sleep_disable_secondary_cpus(): each other CPU runs fpu__disable_cpu() and goes down;
     IRQs off; `save_processor_state`; power off (`FpRegs.reset` on every CPU);
     `restore_processor_state`; IRQs on; pm_sleep_enable_secondary_cpus(): each other CPU is
     brought up as after hotplug (`native_kick_ap`, `start_secondary`)."""
-    _sleep(m, "suspend", lambda c: c.regs.reset())
+    _sleep(m, "suspend", lambda c: c.regs.reset(), autosleep)
 
 
 #: The byte the boot kernel's own tasks leave in every vector register they used: a value no
@@ -170,7 +191,7 @@ def boot_kernel_registers(c: Cpu, *, boot_cpu: bool) -> None:
 HIBERNATION_ENDINGS = ("resume", "rollback", "suspend")
 
 
-def hibernate_enter(m: Machine, ending: str = "resume") -> None:
+def hibernate_enter(m: Machine, ending: str = "resume", *, autosleep: bool = False) -> None:
     """hibernate() for ``echo disk > /sys/power/state`` by the current task of CPU 0, in the
     kernel, to one of the `HIBERNATION_ENDINGS` (IllegalEvent as for `suspend_enter`).
 
@@ -189,33 +210,42 @@ def hibernate_enter(m: Machine, ending: str = "resume") -> None:
     - ``resume``: after the power went, in the image the boot of the same kernel loaded, with
       every CPU's registers as that boot left them (`boot_kernel_registers`). What the image
       kernel did after the snapshot is lost with the power, so only this return is modelled:
-      `restore_processor_state` on the boot CPU, IRQs on, the other CPUs brought up."""
-    if ending == "resume":
-        _sleep(m, "hibernate", lambda c: boot_kernel_registers(c, boot_cpu=c.nr == 0))
-        return
+      `restore_processor_state` on the boot CPU, IRQs on, the other CPUs brought up.
+
+    ``autosleep``: the autosleep worker hibernates (autosleep_state "disk") from an idle
+    machine, as for `suspend_enter`."""
     if ending not in HIBERNATION_ENDINGS:
         raise FpstateError(f"hibernation ending {ending!r}: one of "
                            f"{', '.join(HIBERNATION_ENDINGS)}")
-    _sleep(m, "hibernate", _power_stays)
+    if ending == "resume":
+        _sleep(m, "hibernate", lambda c: boot_kernel_registers(c, boot_cpu=c.nr == 0),
+               autosleep)
+        return
+    _sleep(m, "hibernate", _power_stays, autosleep, keep=True)
     if ending == "rollback":
         for c in m.cpus[1:]:
             fpu__disable_cpu(c)
         _secondaries_up(m)
+        if autosleep:
+            m.idle(0)
     else:
-        suspend_enter(m)
+        _sleep(m, "suspend", lambda c: c.regs.reset(), autosleep, resumed=True)
 
 
 def _power_stays(c: Cpu) -> None:
     """No power is lost: ``c`` keeps every register (create_image()'s immediate return)."""
 
 
-def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None]) -> None:
+def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None], autosleep: bool = False,
+           *, keep: bool = False, resumed: bool = False) -> None:
     """The sequence suspend to RAM and hibernation share: `_frozen`; each other CPU's
     fpu__disable_cpu() as it goes down; IRQs off; `save_processor_state` on CPU 0; the power
     goes and ``power_back`` sets each CPU's registers as they come back (RESET values, or a
     boot kernel's); `restore_processor_state`; IRQs on; each other CPU brought up as after
-    hotplug (`native_kick_ap`, `start_secondary`)."""
-    c0 = _frozen(m, what)
+    hotplug (`native_kick_ap`, `start_secondary`). With ``autosleep`` the autosleep worker
+    runs it and CPU 0 goes idle after it, unless ``keep`` (more follows); ``resumed``: the
+    worker is already current (a suspend that follows a hibernation's image)."""
+    c0 = m.cpus[0] if resumed else _frozen(m, what, autosleep)
     for c in m.cpus[1:]:
         fpu__disable_cpu(c)
     c0.irqs_disabled = True
@@ -227,6 +257,8 @@ def _sleep(m: Machine, what: str, power_back: Callable[[Cpu], None]) -> None:
     finally:
         c0.irqs_disabled = False
     _secondaries_up(m)
+    if autosleep and not keep:
+        m.idle(0)
 
 
 def _secondaries_up(m: Machine) -> None:
@@ -236,6 +268,6 @@ def _secondaries_up(m: Machine) -> None:
         start_secondary(c)
 
 
-__all__ = ["BOOT_KERNEL_FILL", "BOOT_KERNEL_MXCSR", "HIBERNATION_ENDINGS", "SavedContext",
-           "boot_kernel_registers", "hibernate_enter", "restore_processor_state",
-           "save_processor_state", "suspend_enter"]
+__all__ = ["AUTOSLEEP_WORKER", "BOOT_KERNEL_FILL", "BOOT_KERNEL_MXCSR", "HIBERNATION_ENDINGS",
+           "SavedContext", "boot_kernel_registers", "hibernate_enter",
+           "restore_processor_state", "save_processor_state", "suspend_enter"]

@@ -212,7 +212,9 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "fpstate->xfd while xfd_state still holds the value of the last task restored "
             "there: the next task with that value is restored without the MSR write -- with "
             "AMX tile data, XRSTOR takes #NM in the kernel (die); with the MSR clear, a task "
-            "without AMX permission can use AMX"),
+            "without AMX permission can use AMX; with the autosleep worker current, 6.15+ "
+            "dereferences the NULL x86_task_fpu() returns for a kernel thread under "
+            "CONFIG_X86_DEBUG_FPU (kernel-findings 10d)"),
     Variant("pkru-lost-on-resume", "restore_processor_state",
             "every kernel since 5.14 ('x86/fpu: Don't restore PKRU in "
             "fpregs_restore_userspace()'): nothing writes PKRU back after resume "

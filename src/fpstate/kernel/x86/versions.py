@@ -110,6 +110,13 @@ CHANGES: tuple[Change, ...] = (
            "core dumps end their notes with NT_X86_XSAVE_LAYOUT (type, size, standard offset, "
            "flags of each extended user feature); zero records abort the dump's memory "
            "(c8161e5304ab fixes it in 6.19, with stable backports; not modelled)"),
+    Change("x86_task_fpu_kthread_warn", "6.15",
+           "22aafe3bcb67 x86/fpu: Remove init_task FPU state dependencies, add debugging "
+           "warning for PF_KTHREAD tasks (Ingo Molnar, 6.15 merge window)",
+           "x86_task_fpu() of a PF_KTHREAD task WARNs and returns NULL under "
+           "CONFIG_X86_DEBUG_FPU (before: &task->thread.fpu, which every task has); "
+           "fpu__resume_cpu() dereferences it when a kernel thread -- the autosleep "
+           "workqueue's worker -- suspends the machine (kernel-findings 10d)"),
     Change("apx", "6.16",
            "x86/fpu/apx series (Chang S. Bae): XFEATURE_APX, APX/MPX conflict check, "
            "xfeature_uncompact_order[]",
@@ -162,8 +169,11 @@ PROPOSED: tuple[Change, ...] = (
            "672365477ae8, and after 10e4b5166df9)",
            "fpu__resume_cpu() writes IA32_XFD through xfd_set_state(), so that the boot CPU's "
            "xfd_state matches the MSR after resume, as 10e4b5166df9 made fpu__init_cpu_xstate() "
-           "do (unfixed: wrmsrq() alone, current's fpstate->xfd in the MSR and the cache as "
-           "before suspend; variant xfd-state-stale-on-resume)"),
+           "do, and for a kernel thread current (autosleep) writes init_fpstate.xfd without "
+           "asking x86_task_fpu() (unfixed: wrmsrq() alone, current's fpstate->xfd in the MSR "
+           "and the cache as before suspend, and since 22aafe3bcb67 a NULL dereference under "
+           "CONFIG_X86_DEBUG_FPU when current is a kernel thread; variant "
+           "xfd-state-stale-on-resume)"),
     Change("resume_pkru", "proposed",
            "fpstate: kernel-findings 10b (every kernel since 5.14, Thomas Gleixner's 'x86/fpu: "
            "Don't restore PKRU in fpregs_restore_userspace()': 'the PKRU value of current is "

@@ -55,7 +55,8 @@ from fpstate.kernel.x86.init import (
     fpu__init_system_xstate_size_legacy,
     why_absent,
 )
-from fpstate.kernel.x86.versions import NEWEST, KernelVersion, kernel_version
+from fpstate.kernel.x86.types import PF_KTHREAD, KernelBug
+from fpstate.kernel.x86.versions import NEWEST, KernelVersion, kernel_version, running
 from fpstate.x86 import layout
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import (
@@ -623,7 +624,14 @@ def fpu__resume_cpu(c: Cpu) -> None:
     supervisor | independent features; with dynamic sizing, IA32_XFD = current's
     fpstate->xfd by wrmsrq() alone -- the per-CPU xfd_state keeps what it held before suspend
     (every kernel since 5.16 and variant ``xfd-state-stale-on-resume``; with proposed fix
-    ``resume_xfd_set_state``, through xfd_set_state())."""
+    ``resume_xfd_set_state``, through xfd_set_state()).
+
+    current is a kernel thread when the autosleep workqueue's worker suspended the machine
+    (kernel/power/autosleep.c). Its fpstate->xfd is init_fpstate.xfd (fpu_clone()'s minimal
+    path). Since 22aafe3bcb67 (6.15) x86_task_fpu() of a PF_KTHREAD task WARNs and returns
+    NULL under CONFIG_X86_DEBUG_FPU, whose checks the model runs throughout, and the
+    ->fpstate->xfd read dereferences it: `KernelBug` ``x86-task-fpu-kthread``. The proposed
+    fix writes init_fpstate.xfd for a kernel thread without asking x86_task_fpu()."""
     from fpstate.kernel.x86.core import xfd_set_state
 
     s, regs = c.m.system, c.regs
@@ -631,8 +639,19 @@ def fpu__resume_cpu(c: Cpu) -> None:
     if s.xsaves:
         regs.xss = s.xss
     if s.fpu_state_size_dynamic:
-        xfd = c.current.fpu.fpstate.xfd
-        if s.runs_unfixed("xfd-state-stale-on-resume", "resume_xfd_set_state"):
+        cur = c.current
+        unfixed = s.runs_unfixed("xfd-state-stale-on-resume", "resume_xfd_set_state")
+        if cur.flags & PF_KTHREAD:
+            if not unfixed:
+                xfd_set_state(c, c.m.init_fpstate.xfd)
+                return
+            if running(s.kernel_version).has("x86_task_fpu_kthread_warn"):
+                raise KernelBug("x86-task-fpu-kthread",
+                                f"fpu__resume_cpu() on {cur.comm}: x86_task_fpu() of a "
+                                "PF_KTHREAD task WARNs and returns NULL "
+                                "(CONFIG_X86_DEBUG_FPU), then ->fpstate->xfd dereferences it")
+        xfd = cur.fpu.fpstate.xfd
+        if unfixed:
             regs.xfd = xfd
         else:
             xfd_set_state(c, xfd)
