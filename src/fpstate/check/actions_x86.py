@@ -178,6 +178,13 @@ _IRQ_IN_LOCK = FieldSpec(bool, "a hard interrupt whose handler wants the FPU (as
                          "fpregs_mark_activate(); it clobbers SSE and AVX if irq_fpu_usable() "
                          "lets it (output irq: fpu, scalar, or none when the section was not "
                          "reached)", required=False, default=False)
+#: The same for fork and clone: fpu_clone()'s section, between making the parent's registers
+#: live and their XSAVE into the child's fpstate.
+_IRQ_CLONE = FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives inside "
+                       "fpu_clone()'s fpregs_lock()ed section, between making the parent's "
+                       "registers live and the XSAVE that copies them to the child; it "
+                       "clobbers SSE and AVX if irq_fpu_usable() lets it (output irq)",
+                       required=False, default=False)
 _CPU = FieldSpec(int, "a CPU number")
 
 
@@ -325,9 +332,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                            default="sse|avx"),
                    "hardirq": FieldSpec(bool, "hard interrupt rather than softirq",
                                         required=False, default=False)}),
-    ActionSpec("fork", "fork(): a new process", {"task": _TASK, "child": _TASK}),
+    ActionSpec("fork", "fork(): a new process",
+               {"task": _TASK, "child": _TASK, "irq": _IRQ_CLONE}),
     ActionSpec("clone", "clone(CLONE_VM|CLONE_THREAD): a new thread",
-               {"task": _TASK, "child": _TASK}),
+               {"task": _TASK, "child": _TASK, "irq": _IRQ_CLONE}),
     ActionSpec("exec", "execve(): other threads die, default fpstate and permissions; with "
                "a thread switched out inside a kernel path, de_thread() sleeps until it has "
                "left the path and exited (then exec_finish)", {
@@ -1219,25 +1227,26 @@ class X86World(X86Views, World):
 
     # -- actions: task lifetime ------------------------------------------------------------
 
-    def _spawn_child(self, task: str, child: str, flags: int) -> dict[str, Value]:
+    def _spawn_child(self, task: str, child: str, flags: int, irq: bool) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         if child in self.tasks:
             raise StepError(f"task name {child!r} is taken")
-        new = self.m.syscall(nr, sys_clone, flags, child)
+        new, out = self._irq_in_lock(nr, irq, lambda: self.m.syscall(nr, sys_clone, flags,
+                                                                     child))
         if flags & CLONE_VM:
             self._thread_stack(new)
         # fpu_clone: dynamic features are caller-saved, PASID is never inherited.
         drop = XFEATURE_MASK_USER_DYNAMIC | XFEATURE_MASK_PASID
         self._adopt(new, {i: v for i, v in self.expected[t.comm].items()
                           if i < 0 or not (drop >> i) & 1})  # MXCSR (-1) is copied
-        return {"pid": new.pid}
+        return {"pid": new.pid, **out}
 
-    def do_fork(self, task: str, child: str) -> dict[str, Value]:
-        return self._spawn_child(task, child, 0)
+    def do_fork(self, task: str, child: str, irq: bool = False) -> dict[str, Value]:
+        return self._spawn_child(task, child, 0, irq)
 
-    def do_clone(self, task: str, child: str) -> dict[str, Value]:
-        return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD)
+    def do_clone(self, task: str, child: str, irq: bool = False) -> dict[str, Value]:
+        return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD, irq)
 
     def do_exec(self, task: str, abi: str = "same", sleep: bool = False) -> dict[str, Value]:
         t = self.task(task)
@@ -1775,8 +1784,9 @@ def _late_dumps(m: Machine, t: Task) -> list[Action]:
             if o.on_cpu is not None and zap_refusal(m, t, late=o) is None]
 
 
-def _spawn(comm: str, pid: int) -> tuple[Action, Action]:
-    """fork and clone by ``comm`` when the next pid is ``pid`` (it names the child)."""
+def _spawn(comm: str, pid: int) -> tuple[Action, ...]:
+    """fork and clone by ``comm`` when the next pid is ``pid`` (it names the child), each also
+    with a hard interrupt inside fpu_clone()'s section."""
     k = (comm, pid)
     got = _SPAWN_ACTIONS.get(k)
     if got is None:
@@ -1784,14 +1794,16 @@ def _spawn(comm: str, pid: int) -> tuple[Action, Action]:
             _SPAWN_ACTIONS.clear()
         got = _SPAWN_ACTIONS[k] = (
             Action.of("fork", task=comm, child=f"f{pid}.t0"),
-            Action.of("clone", task=comm, child=f"{comm.split('.')[0]}.c{pid}"))
+            Action.of("clone", task=comm, child=f"{comm.split('.')[0]}.c{pid}"),
+            Action.of("fork", task=comm, child=f"f{pid}.t0", irq=True),
+            Action.of("clone", task=comm, child=f"{comm.split('.')[0]}.c{pid}", irq=True))
     return got
 
 
 #: Interned action tuples of `X86World.enabled`.
 _SCHED_ACTIONS: dict[tuple[str, int], tuple[Action, ...]] = {}
 _CPU_ACTIONS: dict[int, tuple[Action, Action, Action, Action]] = {}
-_SPAWN_ACTIONS: dict[tuple[str, int], tuple[Action, Action]] = {}
+_SPAWN_ACTIONS: dict[tuple[str, int], tuple[Action, ...]] = {}
 _PTRACE_ACTIONS: dict[tuple[str, str, tuple[int, ...]], tuple[Action, ...]] = {}
 
 

@@ -567,7 +567,9 @@ def fpu_clone(c: Cpu, dst: Task, clone_flags: int, minimal: bool, ssp: int = 0) 
     TIF_NEED_FPU_LOAD. Kernel threads and user workers (``minimal``) get init_fpstate's legacy
     area and header. Others get an XSAVE of the parent's live registers with RFBM = the child's
     default features: dynamic features (AMX tile data) are caller-saved and never copied. A
-    new process (not CLONE_THREAD) inherits the group's permissions; PASID never.
+    new process (not CLONE_THREAD) inherits the group's permissions; PASID never. A hard
+    interrupt may arrive between making the parent's registers live and their XSAVE
+    (`fpregs_locked_irq_window`).
     """
     system = c.m.system
     dst_fpu = dst.fpu
@@ -581,6 +583,7 @@ def fpu_clone(c: Cpu, dst: Task, clone_flags: int, minimal: bool, ssp: int = 0) 
     fpregs_lock(c)
     if c.current.need_fpu_load:
         fpregs_restore_userregs(c)
+    fpregs_locked_irq_window(c)
     save_fpregs_to_fpstate(c, dst_fpu)
     fpregs_unlock(c)
     if not clone_flags & CLONE_THREAD:
