@@ -314,6 +314,18 @@ def test_generation_is_deterministic(seed: int) -> None:
 # --- fpstate conform ---------------------------------------------------------------------------
 
 
+def test_a_conform_mismatch_records_the_selectors_of_each_placement() -> None:
+    """A cpu-layer mismatch carries what replays it: each instruction's address, operand
+    address, FOP, CS and DS (the 32-bit save forms store the selectors on Zen 4)."""
+    from fpstate.commands.conform import _placement_json
+    from fpstate.x86.program import Outcome, Placement
+
+    host = Outcome((), (), placement=(Placement(0x1000, 0x2000, 0x3AB, 0x33, 0),
+                                      Placement(0x1008)))
+    assert _placement_json(host) == [[0x1000, 0x2000, 0x3AB, 0x33, 0],
+                                     [0x1008, 0, 0, None, None]]
+
+
 def test_conform_unknown_layer_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["conform", "--layer", "nope"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -184,10 +184,12 @@ def run_cpu_layer(samples: int, seed: int) -> LayerResult:
     return LayerResult("cpu", samples, mismatches, [], time.monotonic() - start)
 
 
-def _placement_json(host: Outcome) -> list[list[int]]:
-    """Where the host ran each instruction, [address, operand address, FOP] (what the model
-    needs to replay the case: `fpstate.x86.insn.run_program`'s ``placement``)."""
-    return [[p.address, p.operand, p.fop] for p in host.placement or ()]
+def _placement_json(host: Outcome) -> list[list[int | None]]:
+    """Where the host ran each instruction, [address, operand address, FOP, CS, DS] (what the
+    model needs to replay the case: `fpstate.x86.insn.run_program`'s ``placement``; the
+    selectors, which the 32-bit save forms store where the CPU keeps them, null where the
+    runner did not read them)."""
+    return [[p.address, p.operand, p.fop, p.cs, p.ds] for p in host.placement or ()]
 
 
 register_layer(Layer("cpu", "x86 instruction programs: CPU model vs this CPU (CPL 3)",
