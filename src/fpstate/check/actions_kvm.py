@@ -117,7 +117,14 @@ KVM_SPECS.update({s.name: s for s in (
                {"task": _VMM, "vcpu": _VCPU,
                 "guest": FieldSpec(str, "the guest program", required=False, default="")}),
     ActionSpec("kvm_finish", "the suspended KVM_RUN runs the guest and returns to user mode",
-               {"task": _VMM}),
+               {"task": _VMM,
+                "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
+                                 "inside the next fpregs_lock()ed section the rest of the run "
+                                 "reaches: fpu_swap_kvm_fpstate() putting the guest FPU back, "
+                                 "between the XRSTOR of the VMM's own state and "
+                                 "fpregs_mark_activate(); it clobbers SSE and AVX if "
+                                 "irq_fpu_usable() lets it (output irq: fpu, scalar or none)",
+                                 required=False, default=False)}),
     ActionSpec("kvm_init", "INIT latched (KVM_SET_VCPU_EVENTS) and accepted by "
                "KVM_GET_MP_STATE (kvm_apic_accept_events -> kvm_vcpu_reset(init_event))",
                {"task": _VMM, "vcpu": _VCPU}),
@@ -518,17 +525,17 @@ class KvmX86World(X86World):
         self._pending_run[task] = (vcpu, v, ops, guest)
         return {}
 
-    def do_kvm_finish(self, task: str) -> dict[str, V]:
+    def do_kvm_finish(self, task: str, irq: bool = False) -> dict[str, V]:
         t = self.task(task)
         pending = self._pending_run.get(task)
         if t.kpath is None or pending is None or t.on_cpu is None or task in self.nm_pending:
             raise StepError(f"{task} has no KVM_RUN in progress on a CPU")
         nr = t.on_cpu
-        result = self.m.finish(nr)
+        result, out = self._irq_in_lock(nr, irq, lambda: self.m.finish(nr))
         self.m.exit_to_user_mode(nr)
         del self._pending_run[task]
         name, v, ops, _guest = pending
-        return self._after_run(name, v, ops, result)
+        return {**self._after_run(name, v, ops, result), **out}
 
     def do_kvm_init(self, task: str, vcpu: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
@@ -777,6 +784,7 @@ class KvmX86World(X86World):
                   and t.comm not in self.nm_pending and self.m.cpus[t.on_cpu].current is t
                   and self._pending_run[t.comm][0] == name):  # once, for its vCPU
                 out.append(A("kvm_finish", task=t.comm))
+                out.append(A("kvm_finish", task=t.comm, irq=True))
         return out
 
     def extra_key(self, cn: Any) -> Hashable:
