@@ -941,3 +941,18 @@ def test_core_dump_ack_without_kernel_leaves_no_notes() -> None:
     with pytest.raises(StepError, match="an ack of reject comes only from a socket-request"):
         w.step(A("core_dump", task="p0.t0", pattern="file", ack="reject"))
     assert w.tasks["p0.t0"].state.value == "running in user mode"
+
+
+def test_suspend_names_a_pkru_value_its_task_wrote_as_observe_does() -> None:
+    """A hibernation rolled back leaves the writer's PKRU in the register: the action's output
+    names it as ``observe`` does (writer and generation, which the key soundness check
+    canonicalises: two histories of equal keys may number the same value differently), not by
+    its raw token bits. Found by bisimulate: a VMM's KVM_SET_FPU between two equal keys moved
+    the generation counter, and the raw hex differed."""
+    w = world({**CRASH, "fixes": ["resume_pkru", "resume_xfd_set_state"]},
+              steps=[A("run", task="p0.t0", cpu=0),
+                     A("write", task="p0.t0", component="pkru")])
+    observed = w._apply(A("suspend", task="p0.t0", state="disk", ending="rollback"))
+    assert observed["pkru"] == "p0.t0#1"
+    observed = w._apply(A("observe", task="p0.t0"))
+    assert observed["pkru"] == "p0.t0#1"
