@@ -21,8 +21,9 @@ Theory of operation
    intercepts the XSETBV and the WRMSRs (until a nonzero IA32_XFD write stops XFD write
    interception on VMX). A fault here is bad input (ProgramError).
 2. IRETQ to ``program.cpl`` (CPL 3 runs with RFLAGS.IOPL = 3 so that it may report with OUT;
-   CR0.AM is set as Linux sets it, RFLAGS.AC clear), then XRSTOR64 of ``start`` with RFBM =
-   xcr0 (a fault there is bad input too).
+   CR0.AM is set as Linux sets it, RFLAGS.AC clear), where the program first stores its CS
+   and DS (MOV r/m16, Sreg: the selectors each `Placement` names), then XRSTOR64 of ``start``
+   with RFBM = xcr0 (a fault there is bad input too).
 3. Before instruction n the guest stores n in the status block, so an exception handler knows
    the faulting step. Handlers (interrupt gates, vectors 0-31) store vector, error code and the
    faulting RIP, then OUT to `EXIT_PORT` and HLT.
