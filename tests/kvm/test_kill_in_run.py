@@ -75,7 +75,8 @@ def test_a_thread_preempted_inside_kvm_run_leaves_it_when_scheduled_then_exits()
     assert [a.name for a in w.enabled_actions() if a.task == "p1.t0"] == ["run", "switch_in",
                                                                          "run", "switch_in"]
     w.step(A("run", task="p1.t0", cpu=1))
-    assert [a.name for a in w.enabled_actions() if a.task == "p1.t0"] == ["kvm_finish"]
+    assert [a for a in w.enabled_actions() if a.task == "p1.t0"] == [
+        A("kvm_finish", task="p1.t0"), A("kvm_finish", task="p1.t0", irq=True)]
     r = w.step(A("kvm_finish", task="p1.t0"))
     assert r.violations == () and r.observed == {"faults": "none", "overflow": 0}
     assert t0.state is TaskState.DEAD
