@@ -401,7 +401,13 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                  "kernel writes the core), kernel-wait (and the dumper waits "
                                  "for the server's shutdown), userspace (no core from the "
                                  "kernel, WCOREDUMP), reject (nothing)", required=False,
-                                 choices=tuple(CORE_ACKS), default="kernel")}),
+                                 choices=tuple(CORE_ACKS), default="kernel"),
+                "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
+                                 "inside fpu_sync_fpstate()'s fpregs_lock()ed section as the "
+                                 "dumper's own note is taken, between its TIF_NEED_FPU_LOAD "
+                                 "test and the XSAVE; it clobbers SSE and AVX if "
+                                 "irq_fpu_usable() lets it (output irq)", required=False,
+                                 default=False)}),
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
@@ -1363,7 +1369,7 @@ class X86World(X86Views, World):
 
     def do_core_dump(self, task: str, raced: bool = False, late: bool = False,
                      late_thread: str = "", pattern: str = "file",
-                     ack: str = "kernel") -> dict[str, Value]:
+                     ack: str = "kernel", irq: bool = False) -> dict[str, Value]:
         """vfs_coredump() (fpstate.kernel.x86.coredump.do_coredump): every other thread of
         the process is zapped and switched out, the dumper sleeps in coredump_wait() unless it
         has no thread to wait for or ``raced`` (they all arrived before it waited), and again
@@ -1391,13 +1397,14 @@ class X86World(X86Views, World):
             raise StepError(f"core_dump of {task}: {why}")
         held = {o.comm: self._held(o) for o in t.process.threads if o.state is not STATE_DEAD}
         self.m.enter_kernel(nr)
-        dump = do_coredump(self.m, nr, raced=raced, late=unwaited, core_type=pattern, ack=ack)
+        dump, out = self._irq_in_lock(nr, irq, lambda: do_coredump(
+            self.m, nr, raced=raced, late=unwaited, core_type=pattern, ack=ack))
         if not dump.notes:  # the server took the dump away (COREDUMP_REJECT, _USERSPACE)
             return {"ret": 0, "threads": 0, "slept": dump.dumper_slept,
-                    "core_dumped": dump.core_dumped}
+                    "core_dumped": dump.core_dumped, **out}
         first = dump.notes[0].xstate
         if isinstance(first, int):  # no XSAVE: the regset is absent from the core
-            return {"ret": first, "threads": len(dump.notes)}
+            return {"ret": first, "threads": len(dump.notes), **out}
         late_bv: dict[str, Value] = {}
         for note in dump.notes:
             stale = "pkru" if note.task is t and not dump.dumper_slept else ""
@@ -1411,7 +1418,7 @@ class X86World(X86Views, World):
                 "mxcsr": int.from_bytes(first[MXCSR_OFFSET:MXCSR_OFFSET + 4], "little"),
                 **({"pkru": self.writer(pkru_bytes(int.from_bytes(
                     first[self._pkru_at:self._pkru_at + 4], "little")), PKRU)}
-                   if self.pkru_tracked else {})}
+                   if self.pkru_tracked else {}), **out}
 
     def _held(self, t: Task) -> dict[int, bytes]:
         """What ``t`` holds by the contract: its expected value of every tracked component
@@ -1560,6 +1567,7 @@ class X86World(X86Views, World):
                 "hibernate_suspend": A("suspend", task=comm, state="disk", ending="suspend"),
                 "ptrace_stop": A("ptrace_stop", task=comm),
                 "core_dump": A("core_dump", task=comm),
+                "core_dump_irq": A("core_dump", task=comm, irq=True),
                 "core_dump_raced": A("core_dump", task=comm, raced=True),
                 "core_dump_late": A("core_dump", task=comm, late=True),
                 "core_dump_pipe": A("core_dump", task=comm, pattern="pipe"),
@@ -1671,6 +1679,7 @@ class X86World(X86Views, World):
             add(ta["ptrace_stop"])
             if len(groups) > 1:
                 add(ta["core_dump"])
+                add(ta["core_dump_irq"])
                 add(ta["core_dump_pipe"])
                 if ncpu > 1 and all(o.kpath is None for o in t.process.threads) and \
                         zapped_threads(t):

@@ -338,8 +338,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("hardirq-fpu-in-fpregs-lock", "x86", "before v5.18 (fixed: 59f5ede3bc0f)",
             "irq_fpu_usable() lets a hard interrupt that hit a fpregs_lock()ed section take "
             "the FPU: its kernel_fpu_begin() clobbers registers the section then writes to a "
-            "signal frame or a forked child's fpstate, or activates as the task's after "
-            "sigreturn's XRSTOR",
+            "signal frame, a forked child's fpstate or a core, or activates as the task's "
+            "after sigreturn's XRSTOR or KVM_RUN's exit",
             "no-foreign-value"),
     Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
             "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "

@@ -421,11 +421,13 @@ def kernel_fpu_clobber(c: Cpu, mask: int) -> None:
 @requires("task_context")
 def fpu_sync_fpstate(c: Cpu, fpu: Fpu) -> None:
     """fpu_sync_fpstate(): current's memory image catches up with its live registers (which are
-    preserved). ``fpu`` must be current's."""
+    preserved). ``fpu`` must be current's. A hard interrupt may arrive between the
+    TIF_NEED_FPU_LOAD test and the XSAVE (`fpregs_locked_irq_window`)."""
     if fpu is not c.current.fpu:
         raise IllegalEvent("fpu_sync_fpstate() on another task's fpu")
     fpregs_lock(c)
     if not c.current.need_fpu_load:
+        fpregs_locked_irq_window(c)
         save_fpregs_to_fpstate(c, fpu)
     fpregs_unlock(c)
 
