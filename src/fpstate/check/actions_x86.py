@@ -1219,10 +1219,10 @@ class X86World(X86Views, World):
         s = self.m.system
         out: dict[str, Value] = {}
         if s.ospke:
-            tok = read_token(c0.regs.component(PKRU))
+            value = c0.regs.component(PKRU)
             # a value a task wrote is named as observe names it (its generation is not part
-            # of the state: equal keys may number it differently)
-            out["pkru"] = (f"{self.name_of_owner(tok[0])}#{tok[1]}" if tok is not None
+            # of the state: equal keys may number it differently); any other in hex, 0 too
+            out["pkru"] = (self.writer(value, PKRU) if read_token(value) is not None
                            else f"{read_pkru(c0):#x}")
         if s.fpu_state_size_dynamic:
             out["xfd"] = f"{c0.regs.xfd:#x}"
