@@ -150,6 +150,30 @@ def test_realloc_variant_without_restore_loses_the_state() -> None:
     assert m.user_read(1, YMM) == bytes(256)
 
 
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_a_hardirq_inside_the_realloc_section_empties_the_task_only_before_5_18(
+        variants: tuple[str, ...]) -> None:
+    """fpstate_realloc() holds fpregs_lock() (bottom halves off, interrupts on) from making
+    the registers live to installing the zeroed buffer. A hard interrupt wanting the FPU there
+    is refused by irq_fpu_usable() (softirq_count() != 0): the registers carry the task's state
+    into the new buffer. Before 5.18 its kernel_fpu_begin() saved them into the old buffer
+    (then freed) and set TIF_NEED_FPU_LOAD: the task returns to the zeroed buffer."""
+    m = Machine.boot("sapphire-rapids", variants=variants)
+    t = start(m)
+    permit(m)
+    m.user_write(0, YMM)
+    ymm = m.user_read(0, YMM)
+    assert m.cpus[0].regs.user_write(TILEDATA, bytes(8192)).vector == "#NM"
+    c = m.enter_kernel(0)
+    m.start(0, exc_device_not_available)  # to the vzalloc() preemption point
+    c.irq_in_lock, c.irq_in_lock_site = 1 << YMM, "fpstate_realloc"
+    m.finish(0)
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
+    assert t.fpu.fpstate.size == 10752 and t.need_fpu_load is bool(variants)
+    m.exit_to_user_mode(0)
+    assert m.user_read(0, YMM) == (bytes(256) if variants else ymm)
+
+
 def test_exit_frees_the_large_buffer(spr: Machine) -> None:
     """arch_release_task_struct() -> fpstate_free(): vfree of the vmalloc'ed fpstate."""
     t = start(spr)

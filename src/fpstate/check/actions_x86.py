@@ -178,6 +178,8 @@ _IRQ_IN_LOCK = FieldSpec(bool, "a hard interrupt whose handler wants the FPU (as
                          "fpregs_mark_activate(); it clobbers SSE and AVX if irq_fpu_usable() "
                          "lets it (output irq: fpu, scalar, or none when the section was not "
                          "reached)", required=False, default=False)
+#: signal's ``irq_at``: the kernel function whose section the interrupt arrives in.
+SIGNAL_IRQ_SITES = {"sigframe": "copy_fpstate_to_sigframe", "clear": "fpu__clear_user_states"}
 #: The same for fork and clone: fpu_clone()'s section, between making the parent's registers
 #: live and their XSAVE into the child's fpstate.
 _IRQ_CLONE = FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives inside "
@@ -260,7 +262,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("sigaltstack", "map and install an alternate signal stack",
                {"task": _TASK, "size": FieldSpec(int, "ss_size in bytes")}),
     ActionSpec("signal", "tgkill(SIGUSR1) of a task running in user mode: delivered at once",
-               {"task": _TASK, "irq": _IRQ_IN_LOCK}),
+               {"task": _TASK, "irq": _IRQ_IN_LOCK,
+                "irq_at": FieldSpec(str, "the section the interrupt of irq arrives in: "
+                                    "sigframe (copy_fpstate_to_sigframe(), between loading "
+                                    "the registers and the XSAVE to the frame) or clear "
+                                    "(fpu__clear_user_states(), between putting the user "
+                                    "components in their initial state and "
+                                    "fpregs_mark_activate(), as the handler's state is set "
+                                    "up)", required=False, choices=tuple(SIGNAL_IRQ_SITES),
+                                    default="sigframe")}),
     ActionSpec("pkey_altstack", "pkey_alloc(0, 0) and pkey_mprotect() of the task's "
                "sigaltstack with the new key, then WRPKRU of a value of the task's own, which "
                "closes keys 1 (AD) and 2 (WD): the stack is behind a key the task closed",
@@ -420,7 +430,14 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                                                       "(xtilecfg, xtiledata)")}),
     ActionSpec("nm_return", "the sleeping #NM handler of a task that is current again "
                "finishes, the task returns to user mode and the instruction is retried",
-               {"task": _TASK}),
+               {"task": _TASK,
+                "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
+                                 "inside fpstate_realloc()'s fpregs_lock()ed section, after "
+                                 "the task's registers are made live and before the new "
+                                 "buffer is installed; it clobbers SSE and AVX if "
+                                 "irq_fpu_usable() lets it (output irq: fpu, scalar or none "
+                                 "when no buffer was allocated)", required=False,
+                                 default=False)}),
     ActionSpec("observe", "what a task would see and where its state lives (for expect:)",
                {"task": _TASK}),
 )}
@@ -738,14 +755,14 @@ class X86World(X86Views, World):
             return self._nm_complete(t, nr)
         return {"fault": "#NM", "alive": True, "sleeping": True}
 
-    def do_nm_return(self, task: str) -> dict[str, Value]:
+    def do_nm_return(self, task: str, irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
         if (t.comm not in self.nm_pending or t.kpath is None or t.on_cpu is None
                 or self.m.cpus[t.on_cpu].current is not t):
             raise StepError(f"{task} has no sleeping #NM handler on a CPU")
         nr = t.on_cpu
-        self.m.finish(nr)
-        return self._nm_complete(t, nr)
+        _, out = self._irq_in_lock(nr, irq, lambda: self.m.finish(nr), "fpstate_realloc")
+        return {**self._nm_complete(t, nr), **out}
 
     def _nm_complete(self, t: Task, nr: int) -> dict[str, Value]:
         i, value = self.nm_pending.pop(t.comm)
@@ -830,29 +847,33 @@ class X86World(X86Views, World):
         ret = self.m.syscall(nr, sys_sigaltstack, addr, size, 0)
         return {"ret": ret, "errno": errno_name(ret)}
 
-    def _irq_in_lock(self, nr: int, irq: bool,
-                     fn: Callable[[], Any]) -> tuple[Any, dict[str, Value]]:
+    def _irq_in_lock(self, nr: int, irq: bool, fn: Callable[[], Any],
+                     site: str = "") -> tuple[Any, dict[str, Value]]:
         """``fn()`` and, with ``irq`` (the action's argument), a hard interrupt armed for CPU
-        ``nr``'s next fpregs_lock()ed section: the result, and the output key ``irq`` saying
-        what its handler did (fpu, scalar, or none when no such section was reached)."""
+        ``nr``'s next fpregs_lock()ed section (of the kernel function ``site`` if one is
+        named): the result, and the output key ``irq`` saying what its handler did (fpu,
+        scalar, or none when no such section was reached)."""
         if not irq:
             return fn(), {}
         c = self.m.cpus[nr]
         c.irq_in_lock, c.irq_in_lock_used = components_mask("sse|avx"), None
+        c.irq_in_lock_site = site
         try:
             result = fn()
             used = c.irq_in_lock_used
         finally:
-            c.irq_in_lock, c.irq_in_lock_used = 0, None
+            c.irq_in_lock, c.irq_in_lock_used, c.irq_in_lock_site = 0, None, ""
         return result, {"irq": "none" if used is None else "fpu" if used else "scalar"}
 
-    def do_signal(self, task: str, irq: bool = False) -> dict[str, Value]:
+    def do_signal(self, task: str, irq: bool = False,
+                  irq_at: str = "sigframe") -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
         handled = SIGUSR1 in t.handlers
         before = (t.sas_ss_sp, t.sas_ss_size, t.handlers.get(SIGUSR1))
         room = self._sigframe_room(t) if handled else 0
-        _, out = self._irq_in_lock(nr, irq, lambda: self.m.kill(t, SIGUSR1))
+        _, out = self._irq_in_lock(nr, irq, lambda: self.m.kill(t, SIGUSR1),
+                                   SIGNAL_IRQ_SITES[irq_at])
         delivered = handled and t.state is STATE_USER
         if handled and not delivered:
             self.emitted.append(("undelivered", (t, room, at_minsigstksz(self.m.system))))
@@ -1540,6 +1561,7 @@ class X86World(X86Views, World):
                 "writes_nm": tuple((i, A("write_nm", task=comm, component=BY_NUMBER[i].short))
                                    for i in self.writable if (XFEATURE_MASK_XTILE >> i) & 1),
                 "nm_return": A("nm_return", task=comm),
+                "nm_return_irq": A("nm_return", task=comm, irq=True),
                 "release": A("release", task=comm, components="xtilecfg|xtiledata"),
                 "ldmxcsr": A("ldmxcsr", task=comm),
                 "req_perm": A("arch_prctl", task=comm, option="req_perm", feature=18),
@@ -1548,6 +1570,7 @@ class X86World(X86Views, World):
                 "sigaction_nosiginfo": A("sigaction", task=comm, onstack=True, siginfo=False),
                 "signal": A("signal", task=comm),
                 "signal_irq": A("signal", task=comm, irq=True),
+                "signal_irq_clear": A("signal", task=comm, irq=True, irq_at="clear"),
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
                 "pkey_altstack": A("pkey_altstack", task=comm),
                 "pkey_open": A("pkey_open", task=comm),
@@ -1654,6 +1677,7 @@ class X86World(X86Views, World):
             else:
                 add(ta["signal"])
                 add(ta["signal_irq"])
+                add(ta["signal_irq_clear"])
             if t.sas_ss_size == 0:
                 add(ta["sigaltstack"])
             elif self.pkru_tracked and t.sas_ss_sp not in t.process.mm.pkeys:
@@ -1704,7 +1728,9 @@ class X86World(X86Views, World):
             t = self.tasks[comm]
             if (t.kpath is not None and t.on_cpu is not None
                     and self.m.cpus[t.on_cpu].current is t):
-                add(self._task_actions(comm)["nm_return"])
+                nta = self._task_actions(comm)
+                add(nta["nm_return"])
+                add(nta["nm_return_irq"])
         return out
 
     def _ptrace_actions(self, tracer: str, task: str) -> tuple[Action, ...]:

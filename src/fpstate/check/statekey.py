@@ -367,7 +367,7 @@ FIELDS: dict[str, dict[str, str]] = {
                          "nmi", "pagefault_disabled"),
                         "raised and dropped inside a step (a kernel path never yields with "
                         "them raised: Machine._advance asserts it)"),
-        **dict.fromkeys(("irq_in_lock", "irq_in_lock_used"),
+        **dict.fromkeys(("irq_in_lock", "irq_in_lock_used", "irq_in_lock_site"),
                         "set and cleared by one action (X86World's `irq` argument)"),
     },
     "FpRegs": {

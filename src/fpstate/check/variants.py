@@ -339,8 +339,9 @@ VARIANTS: tuple[Variant, ...] = (
             "irq_fpu_usable() lets a hard interrupt that hit a fpregs_lock()ed section take "
             "the FPU: its kernel_fpu_begin() clobbers registers the section then writes to a "
             "signal frame, a forked child's fpstate or a core, or activates as the task's "
-            "after sigreturn's XRSTOR or KVM_RUN's exit",
-            "no-foreign-value"),
+            "after sigreturn's XRSTOR, a signal handler's setup or KVM_RUN's exit; in "
+            "fpstate_realloc() it saves them into the buffer about to be freed",
+            "no-foreign-value", also=("no-lost-write",)),
     Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
             "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "
             "microcode loader hashes its patch with SIMD code and kernel_fpu_begin()'s LDMXCSR "

@@ -353,13 +353,14 @@ def irq_handler_kernel_fpu(c: Cpu, hardirq: bool, clobber: int) -> bool:
             c.softirq -= 1
 
 
-def fpregs_locked_irq_window(c: Cpu) -> None:
+def fpregs_locked_irq_window(c: Cpu, site: str = "") -> None:
     """A point inside a fpregs_lock()ed section where interrupts are enabled (only bottom
     halves are off): the hard interrupt armed for this step (Cpu.irq_in_lock, the components
     its handler clobbers) arrives here, and Cpu.irq_in_lock_used records whether its handler
-    used the FPU."""
+    used the FPU. ``site`` names the kernel function of the section; an interrupt armed for
+    one site (Cpu.irq_in_lock_site) passes the windows of the others."""
     mask = c.irq_in_lock
-    if mask:
+    if mask and c.irq_in_lock_site in ("", site):
         c.irq_in_lock = 0
         c.irq_in_lock_used = irq_handler_kernel_fpu(c, True, mask)
 
@@ -512,7 +513,8 @@ def pkru_write_default(c: Cpu) -> None:
 def fpu__clear_user_states(c: Cpu, fpu: Fpu) -> None:
     """fpu__clear_user_states() (core.c): reset current's user components in the registers
     (supervisor ones restored from memory first if the registers are not valid), PKRU default,
-    and mark the registers as the truth. Used at signal delivery and failed sigreturn."""
+    and mark the registers as the truth. Used at signal delivery and failed sigreturn. A hard
+    interrupt may arrive before the marking (`fpregs_locked_irq_window`)."""
     if fpu is not c.current.fpu:
         raise IllegalEvent("fpu__clear_user_states() on another task's fpu")
     fpregs_lock(c)
@@ -524,6 +526,7 @@ def fpu__clear_user_states(c: Cpu, fpu: Fpu) -> None:
                           system.xrstor_insn)
     assert fault is None, fault
     pkru_write_default(c)
+    fpregs_locked_irq_window(c, "fpu__clear_user_states")
     fpregs_mark_activate(c)
     fpregs_unlock(c)
 

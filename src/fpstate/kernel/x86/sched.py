@@ -227,6 +227,8 @@ class Cpu:
     #: (None: it has not arrived). Set and cleared by one step.
     irq_in_lock: int = 0
     irq_in_lock_used: bool | None = None
+    #: The kernel function whose section that interrupt is due in ("" for the first reached).
+    irq_in_lock_site: str = ""
 
     def __repr__(self) -> str:
         return f"Cpu({self.nr}, current={self.current.comm})"

@@ -44,7 +44,10 @@ def fpstate_realloc(c: Cpu, xfeatures: int, ksize: int, usize: int,
 
     If the fpstate is the active one and TIF_NEED_FPU_LOAD is set, the registers are made
     authoritative first (fpregs_restore_userregs), so that nothing lives only in the old buffer
-    when it is freed. Variant ``realloc-no-restore-userregs`` skips that.
+    when it is freed. Variant ``realloc-no-restore-userregs`` skips that. A hard interrupt may
+    arrive after that, before the swap (`core.fpregs_locked_irq_window`): a handler allowed the
+    FPU (variant ``hardirq-fpu-in-fpregs-lock``) saves the registers into the old buffer and
+    sets TIF_NEED_FPU_LOAD, so the task comes back to the new, zeroed one.
     """
     m = c.m
     task = c.current
@@ -64,6 +67,7 @@ def fpstate_realloc(c: Cpu, xfeatures: int, ksize: int, usize: int,
     core.fpregs_lock(c)
     if in_use and task.need_fpu_load and not m.system.has_variant("realloc-no-restore-userregs"):
         fpregs_restore_userregs(c)
+    core.fpregs_locked_irq_window(c, "fpstate_realloc")
     newfps.xfeatures = curfps.xfeatures | xfeatures
     newfps.user_xfeatures = curfps.user_xfeatures | xfeatures
     newfps.xfd = curfps.xfd & ~xfeatures
