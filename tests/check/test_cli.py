@@ -31,6 +31,9 @@ def test_variants_lists_one_line_each(capsys: pytest.CaptureFixture) -> None:
     rare = {d["name"] for d in data if not d["explorer_finds"]}
     assert rare == {"sigreturn-za-without-sve-state", "sigreturn-sm-without-tif-sme"}
     assert not rare & set(SEED_VARIANTS)
+    # what a variant's search leaves out of the default configuration is shown with it
+    uabi = next(d for d in data if d["name"] == "uabi-mxcsr-by-ymm")
+    assert uabi["config"]["vms"] == {} and "fork" not in uabi["config"]["omit"]
 
 
 def test_explore_json_writes_a_runnable_counterexample(tmp_path: Path,

@@ -24,7 +24,8 @@ def run_variants(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": v.name, "model": v.model, "seed": v.seed,
                            "breaks": v.expect, "description": v.description,
-                           "explorer_finds": v.explorer_finds, "mode": v.mode}
+                           "explorer_finds": v.explorer_finds, "mode": v.mode,
+                           "config": dict(v.config)}
                           for v in VARIANTS], indent=2))
         return 0
     width = max(len(v.name) for v in VARIANTS)
