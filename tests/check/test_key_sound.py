@@ -12,6 +12,7 @@ from fpstate.check.scenario import make_world
 from fpstate.check.world import Action
 from fpstate.kernel.x86.hw import token
 from fpstate.kernel.x86.sched import TaskState
+from fpstate.kernel.x86.signal import FP_XSTATE_MAGIC2, SC_FPSTATE_OFFSET
 
 A = Action.of
 
@@ -115,6 +116,31 @@ def test_x87_bytes_a_frame_header_leaves_out_are_named_by_the_key() -> None:
         w.step(A("sigreturn", task="p0.t0"))
     x87 = [w.m.cpus[0].regs.component(0)[32:42] for w in (wrote, clean)]
     assert x87[0] != x87[1] and x87[1] == bytes(10)
+
+
+def test_an_older_frames_magic2_in_a_layout_hole_is_not_named_by_the_key() -> None:
+    """A handler that resizes its frame to x87|SSE|AVX puts MAGIC2 at 832, in the standard
+    layout's hole where Sapphire Rapids has no MPX, and that MAGIC2 is in the frame's key.
+    After sigreturn a later frame is written at the same address, and no XSAVE writes the
+    hole: the old MAGIC2 stays there, read by no sigreturn. Such a frame and one with a clean
+    hole must key alike (the memo audit found the pair in session 33)."""
+    start = (A("run", task="p0.t0", cpu=0), A("sigaction", task="p0.t0"),
+             A("write", task="p0.t0", component="avx"), A("signal", task="p0.t0"))
+    resized = _steps(*start)
+    before = resized.key()
+    resized.step(A("frame_resize", task="p0.t0"))
+    (lo, _, _), = resized.frames["p0.t0"]
+    mm = resized.tasks["p0.t0"].process.mm
+    fp = int.from_bytes(mm.read(lo + SC_FPSTATE_OFFSET, 8), "little")
+    magic2 = FP_XSTATE_MAGIC2.to_bytes(4, "little")
+    assert mm.read(fp + 832, 4) == magic2 and resized.key() != before
+    plain, stale = _steps(*start), _steps(*start)
+    mm = stale.tasks["p0.t0"].process.mm
+    assert mm.read(fp + 832, 4) != magic2
+    mm.write(fp + 832, magic2)  # what the resized frame left on the stack
+    assert stale.key() == plain.key()
+    mm.write(fp + 576, magic2)  # AVX's bytes are the frame's
+    assert stale.key() != plain.key()
 
 
 def test_the_memo_audit_catches_a_key_that_names_states_alike(monkeypatch) -> None:

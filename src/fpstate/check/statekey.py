@@ -47,6 +47,7 @@ from fpstate.kernel.x86.signal import (
     SC32_FPSTATE,
     SC_FPSTATE_OFFSET,
     SIGFRAME_IA32_SC,
+    SW_BYTES_OFFSET,
 )
 from fpstate.kernel.x86.types import FREGS_STATE_SIZE
 from fpstate.x86.layout import compacted_offset
@@ -278,6 +279,26 @@ def frame_values(cn: Canon, system: Any, data: bytes, lo: int, kind: str = FRAME
     return got[0]
 
 
+_HOLES: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+
+
+def _holes(profile: Any, features: int) -> tuple[tuple[int, int], ...]:
+    """The byte ranges of a standard-format XSAVE area of ``features`` past its header and
+    below the end of its last component that belong to no component."""
+    k = (id(profile), features)
+    got = _HOLES.get(k)
+    if got is None:
+        spans = sorted((c.offset, c.offset + c.size) for c in
+                       (profile.component(i) for i in bits(features) if i >= 2))
+        holes, at = [], 576
+        for a, b in spans:
+            if a > at:
+                holes.append((at, a))
+            at = max(at, b)
+        got = _HOLES[k] = tuple(holes)
+    return got
+
+
 def _frame_values(system: Any, data: bytes, lo: int,
                   kind: str) -> tuple[int, tuple[Any, ...]]:
     sc = FRAME_SC.get(kind)
@@ -307,6 +328,14 @@ def _frame_values(system: Any, data: bytes, lo: int,
                     toks.append(tok)
             for a, b in spans:
                 rest[a:b] = bytes(b - a)
+        # The standard layout's holes (SPR's MPX area, the pad before XTILECFG) are written
+        # by no XSAVE and read by no XRSTOR: they hold an older frame's bytes. Only MAGIC2
+        # may sit in one, where the frame's own xstate_size puts it (a handler's resize).
+        at = fp + SW_BYTES_OFFSET + 16
+        magic2 = fp + int.from_bytes(data[at:at + 4], "little")
+        for a, b in _holes(profile, system.user.max_features):
+            rest[fp + a:fp + b] = bytes(b - a)
+        rest[magic2:magic2 + 4] = data[magic2:magic2 + 4]
         if sc is not None and fp >= FREGS_STATE_SIZE:
             # An ia32 frame's fsave header, as the kernel wrote it, follows from the x87
             # value of its XSAVE area (convert_from_fxsr, status = FSW), which the key holds
