@@ -195,6 +195,25 @@ def test_exec_resets_everything(spr: Machine) -> None:
     assert spr.cpus[0].regs.xgetbv1() == 1 << 9  # only PKRU (init_pkru_value) is in use
 
 
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_a_hardirq_inside_the_exec_reset_leaks_the_old_program_only_before_5_18(
+        variants: tuple[str, ...]) -> None:
+    """fpu_reset_fpstate_regs() copies init_fpstate into the memory image, then sets
+    TIF_NEED_FPU_LOAD, under fpregs_lock(). A hard interrupt wanting the FPU between the two
+    takes its scalar code; before 5.18 its kernel_fpu_begin() found the flag clear and saved
+    the old program's live registers over the copy, which the new program then loads."""
+    m = Machine.boot("sapphire-rapids", variants=variants)
+    p = start(m)
+    m.user_write(0, YMM)
+    old = m.user_read(0, YMM)
+    c = m.cpus[0]
+    c.irq_in_lock, c.irq_in_lock_site = 1 << YMM, "fpu_reset_fpstate_regs"
+    assert m.syscall(0, sys_execve, "new") == 0
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
+    assert p.need_fpu_load is False  # the return to user mode loaded the image
+    assert m.user_read(0, YMM) == (old if variants else bytes(256))
+
+
 @pytest.mark.parametrize("user_worker", [False, True])
 def test_kernel_thread_kernel_fpu_never_saves_and_takes_a_cached_cpu(user_worker: bool) -> None:
     """A kworker (PF_KTHREAD) or io_uring worker (PF_USER_WORKER) doing kernel_fpu_begin() in

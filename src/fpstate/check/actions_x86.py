@@ -356,7 +356,15 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                    "sleep": FieldSpec(bool, "the exec sleeps in begin_new_exec() before "
                                       "flush_thread() (exec_mmap()): the task stays in the "
                                       "kernel, to be switched out, moved and continued by "
-                                      "exec_finish", required=False, default=False)}),
+                                      "exec_finish", required=False, default=False),
+                   "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU "
+                                    "arrives inside fpu_reset_fpstate_regs()'s "
+                                    "fpregs_lock()ed section, between copying init_fpstate "
+                                    "into the memory image and setting TIF_NEED_FPU_LOAD; it "
+                                    "clobbers SSE and AVX if irq_fpu_usable() lets it (output "
+                                    "irq: fpu, scalar, or none when the exec did not reach "
+                                    "flush_thread() in this step)", required=False,
+                                    default=False)}),
     ActionSpec("exec_finish", "the exec asleep (in de_thread(), its other threads gone, or "
                "where exec's sleep left it) goes on, loads the binary and returns to user mode",
                {"task": _TASK,
@@ -1279,9 +1287,15 @@ class X86World(X86Views, World):
     def do_clone(self, task: str, child: str, irq: bool = False) -> dict[str, Value]:
         return self._spawn_child(task, child, CLONE_VM | CLONE_THREAD, irq)
 
-    def do_exec(self, task: str, abi: str = "same", sleep: bool = False) -> dict[str, Value]:
+    def do_exec(self, task: str, abi: str = "same", sleep: bool = False,
+                irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
         nr = self.user_cpu(t)
+        result, out = self._irq_in_lock(nr, irq, lambda: self._exec(t, nr, abi, sleep),
+                                        "fpu_reset_fpstate_regs")
+        return {**result, **out}
+
+    def _exec(self, t: Task, nr: int, abi: str, sleep: bool) -> dict[str, Value]:
         self.m.enter_kernel(nr)
         compat = None if abi == "same" else abi == "ia32"
         self.exec_abi[t.comm] = abi
@@ -1596,6 +1610,7 @@ class X86World(X86Views, World):
                 "core_dump_pipe": A("core_dump", task=comm, pattern="pipe"),
                 "ptrace_cont": A("ptrace_cont", task=comm),
                 "exec": A("exec", task=comm),
+                "exec_irq": A("exec", task=comm, irq=True),
                 "exec_sleep": A("exec", task=comm, sleep=True),
                 "exec_finish_sleep": A("exec_finish", task=comm, sleep=True),
                 "exec_ia32": A("exec", task=comm, abi="ia32"),
@@ -1715,6 +1730,7 @@ class X86World(X86Views, World):
             if ntasks < self.max_tasks:
                 out.extend(_spawn(t.comm, self.m.next_pid))
             add(ta["exec"])
+            add(ta["exec_irq"])
             add(ta["exec_sleep"])
             add(ta["exec_x86_64"] if t.process.compat else ta["exec_ia32"])
             for tgid, victim in groups.items():

@@ -348,7 +348,8 @@ VARIANTS: tuple[Variant, ...] = (
             "the FPU: its kernel_fpu_begin() clobbers registers the section then writes to a "
             "signal frame, a forked child's fpstate or a core, or activates as the task's "
             "after sigreturn's XRSTOR, a signal handler's setup or KVM_RUN's exit; in "
-            "fpstate_realloc() it saves them into the buffer about to be freed",
+            "fpstate_realloc() it saves them into the buffer about to be freed, in exec's "
+            "fpu_reset_fpstate_regs() over the new program's initial image",
             "no-foreign-value", also=("no-lost-write",)),
     Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
             "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "

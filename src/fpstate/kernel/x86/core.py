@@ -489,7 +489,11 @@ def fpu_reset_fpstate_regs(c: Cpu) -> None:
     Kernels before v6.5 (versions row ``exec_invalidates_fpregs``), and variant
     ``exec-fpu-drop`` on any kernel, run v5.14-v6.4's fpu__drop(fpu) there instead, which only
     deactivates this CPU (fpu_fpregs_owner_ctx = NULL): another CPU that still owns the fpu
-    and that last_cpu names keeps holding the old registers as valid (1f69383b203e)."""
+    and that last_cpu names keeps holding the old registers as valid (1f69383b203e).
+
+    A hard interrupt may arrive between the copy and TIF_NEED_FPU_LOAD
+    (`fpregs_locked_irq_window`): one allowed the FPU (variant hardirq-fpu-in-fpregs-lock)
+    finds the flag clear and XSAVEs the old program's registers over the copy."""
     fpu = c.current.fpu
     fpregs_lock(c)
     if c.m.system.runs_unfixed("exec-fpu-drop", "exec_invalidates_fpregs"):
@@ -499,6 +503,7 @@ def fpu_reset_fpstate_regs(c: Cpu) -> None:
     n = init_fpstate_copy_size(c.m.system)
     fpu.fpstate.check_alive("fpu_reset_fpstate_regs")
     fpu.fpstate.regs[0:n] = c.m.init_fpstate.regs[0:n]
+    fpregs_locked_irq_window(c, "fpu_reset_fpstate_regs")
     c.current.need_fpu_load = True
     fpregs_unlock(c)
 
