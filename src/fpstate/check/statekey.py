@@ -328,9 +328,10 @@ def _frame_values(system: Any, data: bytes, lo: int,
                     toks.append(tok)
             for a, b in spans:
                 rest[a:b] = bytes(b - a)
-        # The standard layout's holes (SPR's MPX area, the pad before XTILECFG) are written
-        # by no XSAVE and read by no XRSTOR: they hold an older frame's bytes. Only MAGIC2
-        # may sit in one, where the frame's own xstate_size puts it (a handler's resize).
+        # The standard layout's holes (MPX's area on a CPU without it, the pad before
+        # XTILECFG) are written by no XSAVE and read by no XRSTOR: they hold an older frame's
+        # bytes. Only MAGIC2 may sit in one, where the frame's own xstate_size puts it (a
+        # handler's resize).
         at = fp + SW_BYTES_OFFSET + 16
         magic2 = fp + int.from_bytes(data[at:at + 4], "little")
         for a, b in _holes(profile, system.user.max_features):
