@@ -166,8 +166,8 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
 def test_list_actions_names_every_action(capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--list-actions"]) == 0
     out = capsys.readouterr().out
-    for name in ("pasid_write(task: str, pasid?: int)", "kvm_init(task: str, vcpu: str)",
-                 "guest_op(vcpu: str, op: str, arg?: str)"):
+    for name in ("pasid_write(task: str, pasid?: int, irq?: bool)",
+                 "kvm_init(task: str, vcpu: str)", "guest_op(vcpu: str, op: str, arg?: str)"):
         assert name in out
 
 

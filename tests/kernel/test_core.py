@@ -397,6 +397,24 @@ def test_pasid_write_incoherent_variant_loses_the_write() -> None:
     assert m.user_state(a)[CET_USER] == bytes(16)
 
 
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_a_hardirq_between_the_tif_test_and_the_register_write_loses_it_before_5_18(
+        variants: tuple[str, ...]) -> None:
+    """Seed 004's rule writes the register when TIF_NEED_FPU_LOAD is clear. A hard interrupt
+    wanting the FPU between that test and the write is refused under the kernel's
+    irq_fpu_usable(); the old one let its kernel_fpu_begin() save the registers (old value)
+    and set the flag, so the write went into registers that were no longer the task's."""
+    m = Machine.boot("zen5", variants=variants)
+    a, _ = two_tasks(m)
+    c = m.enter_kernel(0)
+    value = token(a.pid, 7, CET_USER, 16)
+    c.irq_in_lock, c.irq_in_lock_site = 1 << YMM, "fpregs_update_current_xstate"
+    assert core.fpregs_update_current_xstate(c, CET_USER, value) == "regs"
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
+    m.exit_to_user_mode(0)
+    assert m.user_state(a)[CET_USER] == (bytes(16) if variants else value)
+
+
 def test_update_refuses_a_component_without_space(m: Machine) -> None:
     """CET_KERNEL (12) is guest-only since v6.17: host fpstates have no room for it."""
     two_tasks(m)

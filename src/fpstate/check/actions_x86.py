@@ -429,7 +429,13 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
     ActionSpec("pasid_write", "the kernel updates current's IA32_PASID xstate (seed 004: "
                "fpregs_update_current_xstate); a task in user mode enters the kernel first",
                {"task": _TASK, "pasid": FieldSpec(int, "the PASID", required=False,
-                                                  default=1)}),
+                                                  default=1),
+                "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
+                                 "inside the fpregs_lock()ed section, between the "
+                                 "TIF_NEED_FPU_LOAD test and the register write; it clobbers "
+                                 "SSE and AVX if irq_fpu_usable() lets it (output irq: fpu, "
+                                 "scalar, or none when the write went to memory)",
+                                 required=False, default=False)}),
     ActionSpec("write_nm", "a user instruction touches an XFD-armed component (TILELOADD, "
                "LDTILECFG): the #NM handler (exc_device_not_available -> fpstate_realloc) runs "
                "to its preemption point, the vzalloc() of the larger buffer, and sleeps there "
@@ -1527,7 +1533,7 @@ class X86World(X86Views, World):
         if value != MXCSR_INIT:
             exp[MXCSR] = value
 
-    def do_pasid_write(self, task: str, pasid: int = 1) -> dict[str, Value]:
+    def do_pasid_write(self, task: str, pasid: int = 1, irq: bool = False) -> dict[str, Value]:
         t = self.task(task)
         if not self.m.system.kernel.max_features & XFEATURE_MASK_PASID:
             raise StepError("this CPU has no PASID state (ENQCMD)")
@@ -1539,11 +1545,12 @@ class X86World(X86Views, World):
             self.m.enter_kernel(nr)
         value = (pasid | MSR_IA32_PASID_VALID).to_bytes(8, "little")
         t.process.pasid = pasid
-        where = core.fpregs_update_current_xstate(self.m.cpus[nr], PASID, value)
+        where, out = self._irq_in_lock(nr, irq, lambda: core.fpregs_update_current_xstate(
+            self.m.cpus[nr], PASID, value), "fpregs_update_current_xstate")
         self.expected[t.comm][PASID] = value
         if was_user:
             self.m.exit_to_user_mode(nr)
-        return {"where": where}
+        return {"where": where, **out}
 
     def do_observe(self, task: str) -> dict[str, Value]:
         t = self.task(task)
@@ -1598,6 +1605,7 @@ class X86World(X86Views, World):
                 "frame_mxcsr": A("frame_mxcsr", task=comm),
                 "frame_resize": A("frame_resize", task=comm),
                 "pasid_write": A("pasid_write", task=comm),
+                "pasid_write_irq": A("pasid_write", task=comm, irq=True),
                 "suspend": A("suspend", task=comm),
                 "hibernate": A("suspend", task=comm, state="disk"),
                 "hibernate_rollback": A("suspend", task=comm, state="disk", ending="rollback"),
@@ -1715,6 +1723,7 @@ class X86World(X86Views, World):
                         add(ta["frame_resize"])
             if pasid:
                 add(ta["pasid_write"])
+                add(ta["pasid_write_irq"])
             add(ta["ptrace_stop"])
             if len(groups) > 1:
                 add(ta["core_dump"])

@@ -349,7 +349,8 @@ VARIANTS: tuple[Variant, ...] = (
             "signal frame, a forked child's fpstate or a core, or activates as the task's "
             "after sigreturn's XRSTOR, a signal handler's setup or KVM_RUN's exit; in "
             "fpstate_realloc() it saves them into the buffer about to be freed, in exec's "
-            "fpu_reset_fpstate_regs() over the new program's initial image",
+            "fpu_reset_fpstate_regs() over the new program's initial image; a PASID write "
+            "then goes into registers that are no longer the task's",
             "no-foreign-value", also=("no-lost-write",)),
     Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
             "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "

@@ -662,6 +662,12 @@ def fpregs_update_current_xstate(c: Cpu, i: int, value: bytes) -> str:
     Variant ``pasid-write-incoherent`` is the rejected v1 order: write the register whenever
     TIF_NEED_FPU_LOAD is clear *or* fpregs_state_valid(); the memory image (the truth while the
     flag is set) keeps the old value and the write is lost as soon as anyone reloads from it.
+
+    A hard interrupt may arrive between the TIF_NEED_FPU_LOAD test and the register write
+    (`fpregs_locked_irq_window`). One allowed the FPU (variant hardirq-fpu-in-fpregs-lock, the
+    irq_fpu_usable() of 2021, when the rule was agreed) saves the registers into the memory
+    image and sets the flag, and the write then goes into registers that are no longer the
+    task's.
     """
     system = c.m.system
     fpu = c.current.fpu
@@ -676,6 +682,7 @@ def fpregs_update_current_xstate(c: Cpu, i: int, value: bytes) -> str:
             fpstate_write_component(system, fpu.fpstate, i, value)
             return "memory"
         if not c.current.need_fpu_load:
+            fpregs_locked_irq_window(c, "fpregs_update_current_xstate")
             fpregs_assert_state_consistent(c)
             c.regs.set_component(i, value)
             return "regs"
