@@ -11,6 +11,7 @@ from fpstate.check.executor import SerialExecutor
 from fpstate.check.explore import Job, default_config, explore
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action, ScenarioError
+from fpstate.kernel.x86.core import KERNEL_OWNER
 from fpstate.kernel.x86.hw import read_token, token
 from fpstate.kernel.x86.sched import SA_IA32_ABI, SIGUSR1
 
@@ -260,3 +261,30 @@ def test_an_x87_edit_of_an_ia32_frame_goes_to_the_fsave_header(cleared: bool) ->
         assert [v.invariant for v in r.violations] == (["no-lost-write"] if undo else [])
         if not undo:
             assert x87 == expected and x87[0:2] == cw.to_bytes(2, "little")
+
+
+@pytest.mark.parametrize("variant", [None, "hardirq-fpu-in-fpregs-lock"])
+def test_an_interrupt_in_the_fsave_header_save_leaves_the_delivery_intact(
+        variant: str | None) -> None:
+    """save_fsave_header() tests TIF_NEED_FPU_LOAD and FXSAVEs the live registers into the
+    fpstate under fpregs_lock(). An interrupt between the two that takes the FPU (the old
+    irq_fpu_usable()) leaves the kernel's XMM and MXCSR in the fpstate's legacy area, but
+    nothing reads them: the frame's XSAVE area was written before, the fsave header holds
+    only x87 (which the clobber leaves alone), and fpu__clear_user_states() makes the
+    registers the truth for the handler. The ia32 task gets its own values back."""
+    w = make_world("x86", COMPAT, variant)
+    w.step(Action.of("run", task="p0.t0", cpu=0))
+    w.step(Action.of("write", task="p0.t0", component="x87"))
+    w.step(Action.of("write", task="p0.t0", component="sse"))
+    w.step(Action.of("sigaction", task="p0.t0"))
+    offered = {(a.name, a.get("irq_at")) for a in w.enabled_actions() if a.task == "p0.t0"}
+    assert ("signal", "fsave") in offered
+    r = w.step(Action.of("signal", task="p0.t0", irq=True, irq_at="fsave"))
+    assert not r.violations and r.observed["irq"] == ("fpu" if variant else "scalar")
+    fps = w.tasks["p0.t0"].fpu.fpstate
+    xmm0 = bytes(fps.regs[160:176])
+    assert (read_token(xmm0)[0] == KERNEL_OWNER) is bool(variant)
+    r = w.step(Action.of("sigreturn", task="p0.t0"))
+    assert not r.violations
+    r = w.step(Action.of("observe", task="p0.t0"))
+    assert r.observed["sse"].startswith("p0.t0#") and r.observed["x87"].startswith("p0.t0#")

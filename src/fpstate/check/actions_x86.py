@@ -179,7 +179,8 @@ _IRQ_IN_LOCK = FieldSpec(bool, "a hard interrupt whose handler wants the FPU (as
                          "lets it (output irq: fpu, scalar, or none when the section was not "
                          "reached)", required=False, default=False)
 #: signal's ``irq_at``: the kernel function whose section the interrupt arrives in.
-SIGNAL_IRQ_SITES = {"sigframe": "copy_fpstate_to_sigframe", "clear": "fpu__clear_user_states"}
+SIGNAL_IRQ_SITES = {"sigframe": "copy_fpstate_to_sigframe", "fsave": "save_fsave_header",
+                    "clear": "fpu__clear_user_states"}
 #: The same for fork and clone: fpu_clone()'s section, between making the parent's registers
 #: live and their XSAVE into the child's fpstate.
 _IRQ_CLONE = FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives inside "
@@ -265,7 +266,10 @@ X86_SPECS: dict[str, ActionSpec] = {s.name: s for s in (
                {"task": _TASK, "irq": _IRQ_IN_LOCK,
                 "irq_at": FieldSpec(str, "the section the interrupt of irq arrives in: "
                                     "sigframe (copy_fpstate_to_sigframe(), between loading "
-                                    "the registers and the XSAVE to the frame) or clear "
+                                    "the registers and the XSAVE to the frame), fsave "
+                                    "(save_fsave_header() of an ia32 frame, between its "
+                                    "TIF_NEED_FPU_LOAD test and the FXSAVE into the fpstate) "
+                                    "or clear "
                                     "(fpu__clear_user_states(), between putting the user "
                                     "components in their initial state and "
                                     "fpregs_mark_activate(), as the handler's state is set "
@@ -1592,6 +1596,7 @@ class X86World(X86Views, World):
                 "signal": A("signal", task=comm),
                 "signal_irq": A("signal", task=comm, irq=True),
                 "signal_irq_clear": A("signal", task=comm, irq=True, irq_at="clear"),
+                "signal_irq_fsave": A("signal", task=comm, irq=True, irq_at="fsave"),
                 "sigaltstack": A("sigaltstack", task=comm, size=16384),
                 "pkey_altstack": A("pkey_altstack", task=comm),
                 "pkey_open": A("pkey_open", task=comm),
@@ -1701,6 +1706,8 @@ class X86World(X86Views, World):
                 add(ta["signal"])
                 add(ta["signal_irq"])
                 add(ta["signal_irq_clear"])
+                if t.process.compat:  # only an ia32 frame has an fsave header
+                    add(ta["signal_irq_fsave"])
             if t.sas_ss_size == 0:
                 add(ta["sigaltstack"])
             elif self.pkru_tracked and t.sas_ss_sp not in t.process.mm.pkeys:

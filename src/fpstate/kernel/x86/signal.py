@@ -291,12 +291,15 @@ def copy_fpstate_to_sigframe(c: Cpu, buf: int, buf_fx: int, size: int,
 def save_fsave_header(c: Cpu, buf: int) -> bool:
     """save_fsave_header() (signal.c) with FXSR: if current's registers are live, FXSAVE them
     into its fpstate's legacy area first (under fpregs_lock; the image's XSAVE header is not
-    touched); then the user_i387_ia32_struct converted from that area (convert_from_fxsr),
-    ``status`` = its FSW and ``magic`` = X86_FXSR_MAGIC, at ``buf``. False on a fault."""
+    touched; a hard interrupt may arrive between the test and the FXSAVE:
+    core.fpregs_locked_irq_window); then the user_i387_ia32_struct converted from that area
+    (convert_from_fxsr), ``status`` = its FSW and ``magic`` = X86_FXSR_MAGIC, at ``buf``. False
+    on a fault."""
     t = c.current
     fps = t.fpu.fpstate
     core.fpregs_lock(c)
     if not t.need_fpu_load:
+        core.fpregs_locked_irq_window(c, "save_fsave_header")
         fault = c.regs.fxsave(KernelBuf(fps.regs, fps))
         assert fault is None, fault
     core.fpregs_unlock(c)
