@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from fpstate.errors import FpstateError
@@ -224,13 +226,10 @@ def test_before_5_18_a_hardirq_inside_fpregs_lock_takes_the_fpu(kernel: str | No
     core.fpregs_unlock(c)
 
 
-@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
-def test_a_hardirq_armed_for_the_handler_setup_passes_the_frame_save(
-        variants: tuple[str, ...]) -> None:
-    """An interrupt armed for fpu__clear_user_states() (Cpu.irq_in_lock_site) lets
-    copy_fpstate_to_sigframe()'s window go by and arrives after the XRSTOR of init_fpstate,
-    before fpregs_mark_activate(). Under the old irq_fpu_usable() the marking then gives
-    current the handler's registers: a signal handler starting with the kernel's AVX."""
+def _frame_save_with_irq(variants: tuple[str, ...], site: str) -> tuple[Any, ...]:
+    """Task a writes AVX on a Zen 5 and, in the kernel, has its frame written by
+    copy_fpstate_to_sigframe() with a hard interrupt armed for ``site`` ("" for the first
+    window): the CPU, the task, its AVX value and the frame's AVX bytes."""
     from fpstate.kernel.x86.signal import copy_fpstate_to_sigframe
 
     m = Machine.boot("zen5", variants=variants)
@@ -239,11 +238,22 @@ def test_a_hardirq_armed_for_the_handler_setup_passes_the_frame_save(
     mine = m.user_read(0, YMM)
     c = m.enter_kernel(0)
     frame = a.user_sp - 0x2000 & ~63
-    c.irq_in_lock, c.irq_in_lock_site = 1 << YMM, "fpu__clear_user_states"
+    c.irq_in_lock, c.irq_in_lock_site = 1 << YMM, site
     assert copy_fpstate_to_sigframe(c, frame, frame, a.fpu.fpstate.user_size, None)
-    assert c.irq_in_lock == 1 << YMM and c.irq_in_lock_used is None
     off = m.system.profile.component(YMM).offset
-    assert a.process.mm.read(frame + off, 256) == mine
+    return c, a, mine, a.process.mm.read(frame + off, 256)
+
+
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_a_hardirq_armed_for_the_handler_setup_passes_the_frame_save(
+        variants: tuple[str, ...]) -> None:
+    """An interrupt armed for fpu__clear_user_states() (Cpu.irq_in_lock_site) lets
+    copy_fpstate_to_sigframe()'s window go by and arrives after the XRSTOR of init_fpstate,
+    before fpregs_mark_activate(). Under the old irq_fpu_usable() the marking then gives
+    current the handler's registers: a signal handler starting with the kernel's AVX."""
+    c, a, mine, saved = _frame_save_with_irq(variants, "fpu__clear_user_states")
+    assert c.irq_in_lock == 1 << YMM and c.irq_in_lock_used is None
+    assert saved == mine
     core.fpu__clear_user_states(c, a.fpu)
     assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
     assert not a.need_fpu_load
@@ -260,19 +270,8 @@ def test_a_hardirq_inside_the_signal_frame_save_reaches_the_frame_only_before_5_
     """copy_fpstate_to_sigframe() holds fpregs_lock() from loading the registers to the XSAVE
     into the frame; a hard interrupt armed for that window (core.fpregs_locked_irq_window)
     scalar under the kernel's rule, and under the old one its clobber lands in the frame."""
-    from fpstate.kernel.x86.signal import copy_fpstate_to_sigframe
-
-    m = Machine.boot("zen5", variants=variants)
-    a, _ = two_tasks(m)
-    m.user_write(0, YMM)
-    mine = m.user_read(0, YMM)
-    c = m.enter_kernel(0)
-    frame = a.user_sp - 0x2000 & ~63
-    c.irq_in_lock = 1 << YMM
-    assert copy_fpstate_to_sigframe(c, frame, frame, a.fpu.fpstate.user_size, None)
+    c, _, mine, saved = _frame_save_with_irq(variants, "")
     assert c.irq_in_lock == 0 and c.irq_in_lock_used is bool(variants)
-    off = m.system.profile.component(YMM).offset
-    saved = a.process.mm.read(frame + off, 256)
     if variants:
         assert read_token(saved)[0] == core.KERNEL_OWNER
     else:
