@@ -43,11 +43,12 @@ X86 = [
      "config.vms: at most 64 VMs, not 65"),
     ({"nosuch": 1}, "config: unknown key 'nosuch' for model x86 (keys: cpu, kernel, cpus, "
                     "processes, max_tasks, compat, fixes, autosleep, vms, kvm_vendor, omit)"),
-    ({"fixes": "resume_pkru"}, "config.fixes: must be a list of proposed fix names, not "
+    ({"fixes": "resume_pkru"}, "config.fixes: must be a list of fix names, not "
                                "'resume_pkru'"),
-    ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a proposed fix "
-                                      "(known: mxcsr_by_format, mxcsr_flip_inits_xmm, "
-                                      "resume_pkru, resume_xfd_set_state)"),
+    ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a fix the model "
+                                      "applies by name (known: guest_xfd_clears_xstate_bv, "
+                                      "mxcsr_by_format, mxcsr_flip_inits_xmm, resume_pkru, "
+                                      "resume_xfd_set_state)"),
     ({"fixes": ["mxcsr_flip_inits_xmm"]}, "config.fixes: 'mxcsr_flip_inits_xmm' amends "
                                           "'mxcsr_by_format', which is not listed"),
     ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),

@@ -164,9 +164,10 @@ def test_a_variant_runs_the_unfixed_code_even_with_its_fix() -> None:
 
 
 def test_an_unknown_fix_is_refused_by_name() -> None:
-    with pytest.raises(FpstateError, match=r"unknown proposed fix\(es\) xfd_state_synced "
-                                           r"\(known: mxcsr_by_format, mxcsr_flip_inits_xmm, "
-                                           r"resume_pkru, resume_xfd_set_state\)"):
+    with pytest.raises(FpstateError, match=r"unknown fix\(es\) xfd_state_synced \(known: "
+                                           r"guest_xfd_clears_xstate_bv, mxcsr_by_format, "
+                                           r"mxcsr_flip_inits_xmm, resume_pkru, "
+                                           r"resume_xfd_set_state\)"):
         Machine.boot("sapphire-rapids", fixes={"xfd_state_synced"})
     with pytest.raises(FpstateError, match=r"^proposed fix mxcsr_flip_inits_xmm amends "
                                            r"mxcsr_by_format, which is not applied$"):

@@ -15,7 +15,7 @@ import pytest
 from fpstate.errors import FpstateError, ProgramError
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.sched import Machine
-from fpstate.kernel.x86.types import FPU_GUEST_PERM_LOCKED
+from fpstate.kernel.x86.types import FPU_GUEST_PERM_LOCKED, KernelBug
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_REQ_XCOMP_GUEST_PERM,
     ARCH_REQ_XCOMP_PERM,
@@ -717,3 +717,95 @@ def test_kvm_set_fpu_with_x87_and_sse_in_xstate_bv_reaches_the_guest() -> None:
     assert buf[0:2] == (0x027F).to_bytes(2, "little")
     assert buf[32:42] == b"\x11" * 10 and buf[160:176] == b"\x22" * 16
     assert buf[24:28] == (0x1F80).to_bytes(4, "little")
+
+
+# -- guest XFD_ERR across exits (vcpu_enter_guest's XFD lines) ----------------------------------
+
+
+def _xfd_guest(variants=(), ncpus: int = 1, kernel_variants=()):
+    v = vmm(SPR, variants=variants, ncpus=ncpus)
+    if kernel_variants:  # the kernel model's variants: booted into the system
+        system = v.m.system.with_options(variants=frozenset(kernel_variants))
+        v = Vmm(Machine(system, ncpus), model_config(system, "vmx", variants))
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    vcpu = vcpu_with_cpuid(v)
+    assert v.set_xcrs(vcpu, [(0, 0x602E7)]) == 0
+    return v, vcpu
+
+
+def test_a_second_xfd_nm_before_the_guest_clears_xfd_err_keeps_it() -> None:
+    # The second #NM exits with guest_fpu.xfd_err still set: handle_exit_irqoff() reads the
+    # MSR before vcpu_enter_guest() writes 0 to it, so the guest still reads bit 18.
+    v, vcpu = _xfd_guest()
+    r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA), GuestOp("write", 18),
+                     GuestOp("write", 18), GuestOp("rdmsr", x86.MSR_IA32_XFD_ERR)])
+    assert [getattr(x, "vector", x) for x in r.results] == [None, "#NM", "#NM", XTILE_DATA]
+    assert vcpu.arch.guest_fpu.xfd_err == XTILE_DATA
+    assert v.m.cpus[v.nr].regs.xfd_err == 0
+
+
+def _arm_in_the_guest_then_fault(v: Vmm, vcpu) -> None:
+    """Arm XFD (emulated: the first nonzero write), disarm it with the write passed through,
+    exit (fps->xfd synced to 0); then arm it again in the guest and take the #NM in the same
+    entry."""
+    v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA),
+                 GuestOp("wrmsr", x86.MSR_IA32_XFD, 0)])
+    assert vcpu.arch.xfd_no_write_intercept and vcpu.arch.guest_fpu.fpstate.xfd == 0
+    r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA), GuestOp("write", 18)])
+    assert r.results[1].vector == "#NM"
+    assert vcpu.arch.guest_fpu.fpstate.xfd == XTILE_DATA  # synced at the exit either way
+
+
+@pytest.mark.parametrize("variants", [(), ("xfd-sync-after-irqoff",)])
+def test_xfd_err_of_a_guest_armed_xfd_follows_the_vcpu_to_another_cpu(variants) -> None:
+    v, vcpu = _xfd_guest(variants, ncpus=2)
+    _arm_in_the_guest_then_fault(v, vcpu)
+    late = bool(variants)
+    # The kernel's order syncs fps->xfd before handle_nm_fault_irqoff(), which saves
+    # XFD_ERR and clears the MSR; v3's order tests the stale fps->xfd = 0 and saves nothing.
+    assert vcpu.arch.guest_fpu.xfd_err == (0 if late else XTILE_DATA)
+    assert v.m.cpus[0].regs.xfd_err == (XTILE_DATA if late else 0)
+    v.m.idle(0)
+    v.m.run(1, v.task)
+    r = v.run(vcpu, [GuestOp("rdmsr", x86.MSR_IA32_XFD_ERR)])
+    assert r.results == ((0 if late else XTILE_DATA),)
+
+
+def test_an_interrupt_while_kvm_handles_an_exit_saves_the_guest_and_reentry_reloads() -> None:
+    # handle_exit() runs with interrupts on: the handler's kernel_fpu_begin() saves the guest's
+    # registers into the guest fpstate and sets TIF_NEED_FPU_LOAD; vcpu_enter_guest() reloads
+    # them before the guest runs on, so the guest reads its own AVX after the interrupt.
+    v, vcpu = _xfd_guest()
+    c = v.m.cpus[v.nr]
+    c.irq_in_lock, c.irq_in_lock_site = 1 << 2, "handle_exit"
+    value = bytes(range(256))  # YMM_Hi128: 16 x 16 bytes
+    r = v.run(vcpu, [GuestOp("write", 2, data=value), GuestOp("rdmsr", x86.MSR_IA32_XSS),
+                     GuestOp("read", 2)])
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is True
+    assert r.results[2] == value
+    assert not v.task.need_fpu_load
+
+
+@pytest.mark.parametrize("variants", [(), ("hardirq-fpu-in-fpregs-lock",)])
+def test_an_interrupt_inside_fpu_update_guest_xfd(variants) -> None:
+    # The first nonzero guest WRMSR IA32_XFD is emulated: fpu_update_guest_xfd() sets fps->xfd
+    # and then the MSR, under fpregs_lock(). Since v5.18 an interrupt between the two takes
+    # its scalar path, and the guest reads its own AVX after the re-entry. v5.17 let it take
+    # the FPU: its kernel_fpu_begin() XSAVES the guest fpstate, current's, while IA32_XFD
+    # still has the old value -- xfd_validate_state() WARNs (and the reload would XRSTORS
+    # tile data the image holds with XFD armed: #NM in the kernel).
+    v, vcpu = _xfd_guest(kernel_variants=variants)
+    c = v.m.cpus[v.nr]
+    c.irq_in_lock, c.irq_in_lock_site = 1 << 2, "fpu_update_guest_xfd"
+    value = bytes(range(256))
+    ops = [GuestOp("write", 2, data=value), GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA),
+           GuestOp("read", 2)]
+    if variants:
+        with pytest.raises(KernelBug, match="IA32_XFD 0x0 differs from current's fpstate "
+                                            "xfd 0x40000"):
+            v.run(vcpu, ops)
+        assert c.irq_in_lock == 0
+        return
+    r = v.run(vcpu, ops)
+    assert c.irq_in_lock == 0 and c.irq_in_lock_used is False
+    assert r.results[2] == value and c.regs.xfd == XTILE_DATA

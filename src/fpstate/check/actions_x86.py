@@ -137,7 +137,7 @@ from fpstate.kernel.x86.types import (
     KernelBug,
 )
 from fpstate.kernel.x86.types import VARIANTS as KERNEL_MODEL_VARIANTS
-from fpstate.kernel.x86.versions import PROPOSED_FIXES
+from fpstate.kernel.x86.versions import APPLICABLE_FIXES
 from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
@@ -520,12 +520,11 @@ class X86World(X86Views, World):
             config_bool("config.autosleep", config["autosleep"])
         fixes = config.get("fixes", [])
         if not isinstance(fixes, list) or not all(isinstance(f, str) for f in fixes):
-            raise ScenarioError(f"config.fixes: must be a list of proposed fix names, not "
-                                f"{fixes!r}")
+            raise ScenarioError(f"config.fixes: must be a list of fix names, not {fixes!r}")
         for name in fixes:
-            if name not in PROPOSED_FIXES:
-                raise ScenarioError(f"config.fixes: {name!r} is not a proposed fix (known: "
-                                    f"{', '.join(sorted(PROPOSED_FIXES))})")
+            if name not in APPLICABLE_FIXES:
+                raise ScenarioError(f"config.fixes: {name!r} is not a fix the model applies "
+                                    f"by name (known: {', '.join(sorted(APPLICABLE_FIXES))})")
         if "mxcsr_flip_inits_xmm" in fixes and "mxcsr_by_format" not in fixes:
             raise ScenarioError("config.fixes: 'mxcsr_flip_inits_xmm' amends 'mxcsr_by_format', "
                                 "which is not listed")

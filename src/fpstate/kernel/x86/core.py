@@ -353,16 +353,24 @@ def irq_handler_kernel_fpu(c: Cpu, hardirq: bool, clobber: int) -> bool:
             c.softirq -= 1
 
 
-def fpregs_locked_irq_window(c: Cpu, site: str = "") -> None:
-    """A point inside a fpregs_lock()ed section where interrupts are enabled (only bottom
-    halves are off): the hard interrupt armed for this step (Cpu.irq_in_lock, the components
-    its handler clobbers) arrives here, and Cpu.irq_in_lock_used records whether its handler
-    used the FPU. ``site`` names the kernel function of the section; an interrupt armed for
-    one site (Cpu.irq_in_lock_site) passes the windows of the others."""
+def irq_window(c: Cpu, site: str, named_only: bool = False) -> None:
+    """A point of a kernel path where interrupts are enabled: the hard interrupt armed for
+    this step (Cpu.irq_in_lock, the components its handler clobbers) arrives here, and
+    Cpu.irq_in_lock_used records whether its handler used the FPU. ``site`` names the kernel
+    function; an interrupt armed for one site (Cpu.irq_in_lock_site) passes the windows of the
+    others, and one armed for no site ("") arrives at the first window unless ``named_only``
+    (a window only an interrupt aimed at it reaches)."""
     mask = c.irq_in_lock
-    if mask and c.irq_in_lock_site in ("", site):
+    if mask and (c.irq_in_lock_site == site or (not named_only and not c.irq_in_lock_site)):
         c.irq_in_lock = 0
         c.irq_in_lock_used = irq_handler_kernel_fpu(c, True, mask)
+
+
+def fpregs_locked_irq_window(c: Cpu, site: str = "", named_only: bool = False) -> None:
+    """A point inside a fpregs_lock()ed section where interrupts are enabled (only bottom
+    halves are off): `irq_window` there. Since 59f5ede3bc0f (v5.18) irq_fpu_usable() refuses
+    the FPU to a hard interrupt that lands here."""
+    irq_window(c, site, named_only)
 
 
 def kernel_fpu_begin_mask(c: Cpu, kfpu_mask: int = KFPU_MXCSR) -> None:

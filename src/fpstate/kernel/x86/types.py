@@ -241,7 +241,9 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "condition dates back to 5d2bd7009f30, 2014)",
             "a hard interrupt that hit a fpregs_lock()ed section may take the FPU: its "
             "kernel_fpu_begin() saves and clobbers the registers the section is about to "
-            "write to a signal frame or to activate as the task's after sigreturn's XRSTOR"),
+            "write to a signal frame or to activate as the task's after sigreturn's XRSTOR "
+            "(or, in fpu_update_guest_xfd(), saves them while IA32_XFD and fps->xfd "
+            "disagree)"),
     Variant("fpu-usable-before-init-cpu", "irq_fpu_usable",
             "before 2297554f01df 'x86/fpu: Fix irq_fpu_usable() to return false during CPU "
             "onlining' (Eric Biggers, 6.16 merge window): a per-CPU in_kernel_fpu that starts "
@@ -250,6 +252,14 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "irq_fpu_usable() says yes on a CPU coming online before fpu__init_cpu(): AMD's "
             "microcode loader hashes its patch with SIMD code, and kernel_fpu_begin()'s LDMXCSR "
             "takes #UD (CR4.OSFXSR is still clear after INIT)"),
+    Variant("guest-xfd-keeps-xstate-bv", "fpu_update_guest_xfd",
+            "v5.17 (820a6ee944e7 'kvm: x86: Add emulation for IA32_XFD') to 6.18, fixed by "
+            "b45f72177594 (January 2026, 6.19 and stable)",
+            "a guest fpstate may hold XSTATE_BV[i] = 1 for a component its XFD arms: an "
+            "interrupt's kernel_fpu_begin() saves the guest's registers between the exit of "
+            "its WRMSR IA32_XFD and fpu_update_guest_xfd(), or a VMM's KVM_SET_XSAVE stores "
+            "the bit; the next XRSTORS, with the guest's XFD in the MSR, takes #NM in the host "
+            "(the WARN in exc_device_not_available())"),
     Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
             "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
             "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "
@@ -300,8 +310,9 @@ class FpuSystem:
     strict_sigaltstack_size: bool = False
     user_shadow_stack: bool = True
     variants: frozenset[str] = frozenset()
-    #: Proposed fixes applied (`fpstate.kernel.x86.versions.PROPOSED` keys): no listed kernel
-    #: has them; `runs_unfixed` treats them as present.
+    #: Fixes applied by name (`fpstate.kernel.x86.versions.APPLICABLE_FIXES`: the proposed
+    #: ones and those merged after the newest listed kernel): no listed kernel has them;
+    #: `runs_unfixed` treats them as present.
     fixes: frozenset[str] = frozenset()
     #: The derived predicates below, computed once (the run-time model reads them at every
     #: save and restore; the facts they derive from are frozen).
@@ -313,13 +324,13 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown model variant(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(VARIANTS)})")
-        from fpstate.kernel.x86.versions import PROPOSED_FIXES
+        from fpstate.kernel.x86.versions import APPLICABLE_FIXES
 
-        unknown = set(self.fixes) - PROPOSED_FIXES
+        unknown = set(self.fixes) - APPLICABLE_FIXES
         if unknown:
             raise FpstateError(
-                f"unknown proposed fix(es) {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(PROPOSED_FIXES))})")
+                f"unknown fix(es) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(APPLICABLE_FIXES))})")
         if "mxcsr_flip_inits_xmm" in self.fixes and "mxcsr_by_format" not in self.fixes:
             raise FpstateError("proposed fix mxcsr_flip_inits_xmm amends mxcsr_by_format, "
                                "which is not applied")

@@ -205,8 +205,29 @@ PROPOSED: tuple[Change, ...] = (
            "values instead of zeros; variant mxcsr-flip-keeps-xmm)"),
 )
 
-_BY_KEY = {c.key: c for c in (*CHANGES, *PROPOSED)}
+#: Fixes merged in mainline after the newest listed kernel (and sent to the stable trees of
+#: the listed ones): no `KernelVersion` has them; a configuration applies them by name, as it
+#: does the proposed ones, and the variant of each runs the code before them even then.
+LATER: tuple[Change, ...] = (
+    Change("guest_xfd_clears_xstate_bv", "6.19",
+           "b45f72177594 x86/fpu: Clear XSTATE_BV[i] in guest XSAVE state whenever XFD[i]=1 "
+           "(Sean Christopherson and Paolo Bonzini, January 2026, Cc stable, e.g. 6.6.y; "
+           "fixes 820a6ee944e7 'kvm: x86: Add emulation for IA32_XFD' of v5.17)",
+           "fpu_update_guest_xfd() clears the newly armed components' XSTATE_BV bits in the "
+           "guest fpstate when the guest's registers are not live (TIF_NEED_FPU_LOAD), and "
+           "KVM_SET_XSAVE clears those of the components the guest's XFD arms before "
+           "fpu_copy_uabi_to_guest_fpstate(), which WARNs and refuses one that remains "
+           "(before: an interrupt's kernel_fpu_begin() between a guest's WRMSR IA32_XFD exit "
+           "and fpu_update_guest_xfd(), or a VMM's KVM_SET_XSAVE, left XSTATE_BV[i] = 1 with "
+           "XFD[i] = 1, and the next XRSTORS took #NM in the host; variant "
+           "guest-xfd-keeps-xstate-bv)"),
+)
+
+_BY_KEY = {c.key: c for c in (*CHANGES, *PROPOSED, *LATER)}
 PROPOSED_FIXES: frozenset[str] = frozenset(c.key for c in PROPOSED)
+#: Every fix a configuration may apply by name (`FpuSystem.fixes`, the checker's
+#: ``config.fixes``): the proposed ones and those merged after the newest listed kernel.
+APPLICABLE_FIXES: frozenset[str] = PROPOSED_FIXES | frozenset(c.key for c in LATER)
 
 
 def version_key(name: str) -> tuple[int, int]:

@@ -31,7 +31,7 @@ vcpu->arch.user_fpu; the model lets the write run past the allocation and report
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -270,25 +270,39 @@ def kvm_load_host_xsave_state(c: Cpu, vcpu: KvmVcpu) -> None:
 
 
 def handle_nm_fault_irqoff(c: Cpu, vcpu: KvmVcpu) -> None:
-    """handle_nm_fault_irqoff() (vmx.c): a guest #NM intercepted with IRQs still off. If it is
-    an XFD #NM (the guest fpstate arms XFD and guest CR0.TS is clear), IA32_XFD_ERR is read
-    into guest_fpu.xfd_err now, before an interrupt's kernel_fpu_begin() could clobber it."""
+    """handle_nm_fault_irqoff() (vmx.c): a guest #NM intercepted, interrupts still off. If it
+    is an XFD #NM (the guest fpstate arms XFD and guest CR0.TS is clear), IA32_XFD_ERR is read
+    into guest_fpu.xfd_err now, before host activity (a host task's own XFD #NM, after a
+    preemption once interrupts are on) could clobber it. The test reads fps->xfd, which
+    fpu_sync_guest_vmexit_xfd_state() must have brought up to date first (`vcpu_exit_xfd`)."""
     gfpu = vcpu.arch.guest_fpu
     if gfpu.fpstate.xfd and not vcpu.arch.cr0_ts:
         gfpu.xfd_err = c.regs.xfd_err
 
 
-def vcpu_exit_xfd(c: Cpu, vcpu: KvmVcpu) -> None:
-    """The XFD lines of vcpu_enter_guest() after VM exit: with XFD writes passed through, sync
-    the guest's IA32_XFD into its fpstate (fpu_sync_guest_vmexit_xfd_state) before
-    handle_exit_irqoff(); afterwards the host must not keep the guest's XFD_ERR: write 0."""
-    if vcpu.arch.xfd_no_write_intercept:
-        saved = c.irqs_disabled
-        c.irqs_disabled = True
+def vcpu_exit_xfd(c: Cpu, vcpu: KvmVcpu,
+                  handle_exit_irqoff: Callable[[Cpu, KvmVcpu], None] | None = None) -> None:
+    """The XFD lines of vcpu_enter_guest() after VM exit, interrupts off, around
+    ``handle_exit_irqoff`` (for an intercepted #NM: `handle_nm_fault_irqoff`): with XFD writes
+    passed through, first sync the guest's IA32_XFD into its fpstate
+    (fpu_sync_guest_vmexit_xfd_state: "Sync xfd before calling handle_exit_irqoff() which may
+    rely on the fact that guest_fpu::xfd is up-to-date (e.g. in #NM irqoff handler)"), then
+    the handler, then IA32_XFD_ERR = 0 if the guest has one pending: the host must not keep
+    the guest's. Variant ``xfd-sync-after-irqoff`` syncs after the handler and the clear (the
+    order of v3 of the AMX series, December 2021, whose #NM handler still read XFD_ERR
+    unconditionally), so the handler tests a stale fps->xfd."""
+    late = vcpu.kvm.has_variant("xfd-sync-after-irqoff")
+    saved = c.irqs_disabled
+    c.irqs_disabled = True
+    if vcpu.arch.xfd_no_write_intercept and not late:
         fpu_sync_guest_vmexit_xfd_state(c)
-        c.irqs_disabled = saved
+    if handle_exit_irqoff is not None:
+        handle_exit_irqoff(c, vcpu)
     if vcpu.arch.guest_fpu.xfd_err:
         c.regs.xfd_err = 0
+    if vcpu.arch.xfd_no_write_intercept and late:
+        fpu_sync_guest_vmexit_xfd_state(c)
+    c.irqs_disabled = saved
 
 
 # -- guest-only supervisor state (seed 001) -----------------------------------------------------

@@ -86,12 +86,25 @@ def fpu_enable_guest_xfd_features(c: Cpu, gfpu: FpuGuest, xfeatures: int) -> KPa
 
 
 def fpu_update_guest_xfd(c: Cpu, gfpu: FpuGuest, xfd: int) -> None:
-    """fpu_update_guest_xfd() (core.c): a guest write of IA32_XFD that KVM emulates. Under
-    fpregs_lock: fps->xfd = xfd, and the MSR is updated at once if the guest fpstate is the
-    one swapped in (in_use)."""
+    """fpu_update_guest_xfd() (core.c): a guest write of IA32_XFD that KVM emulates (or a
+    host KVM_SET_MSRS). Under fpregs_lock: with fix guest_xfd_clears_xstate_bv (b45f72177594,
+    6.19 and stable), when current's registers are not live (TIF_NEED_FPU_LOAD: an
+    interrupt's kernel_fpu_begin() saved the guest's since the exit) the components ``xfd``
+    arms lose their XSTATE_BV bits, which a save under the old XFD set; then fps->xfd = xfd,
+    and the MSR is updated at once if the guest fpstate is the one swapped in (in_use).
+    Variant guest-xfd-keeps-xstate-bv runs the code before the fix. KVM handles the guest's
+    WRMSR with interrupts on: a hard interrupt aimed at this section arrives between fps->xfd
+    and the MSR, when they (and the per-CPU xfd_state) disagree."""
+    fps = gfpu.fpstate
     core.fpregs_lock(c)
-    gfpu.fpstate.xfd = xfd
-    if gfpu.fpstate.in_use:
+    if xfd and c.current.need_fpu_load and not c.m.system.runs_unfixed(
+            "guest-xfd-keeps-xstate-bv", "guest_xfd_clears_xstate_bv"):
+        # b45f72177594: the guest's registers are not live, so no XSAVE with the new XFD
+        # will clear XSTATE_BV[i] for a component it arms; a later XRSTORS would #NM.
+        fps.xstate_bv &= ~xfd
+    fps.xfd = xfd
+    core.fpregs_locked_irq_window(c, "fpu_update_guest_xfd", named_only=True)
+    if fps.in_use:
         core.xfd_update_state(c, gfpu.fpstate)
     core.fpregs_unlock(c)
 
@@ -129,12 +142,21 @@ def fpu_copy_uabi_to_guest_fpstate(c: Cpu, gfpu: FpuGuest, buf: bytes, xcr0: int
     A header XSTATE_BV with a bit outside ``xcr0`` (KVM passes kvm_caps.supported_xcr0, the
     KVM-wide mask, not the guest's) is -EINVAL. Without PKRU in the header, ``vpkru`` is
     replaced by NULL so that vcpu->arch.pkru keeps its value (KVM's historic ABI). Then
+    With fix guest_xfd_clears_xstate_bv, a header bit of a component the guest fpstate's XFD
+    arms WARNs and is -EINVAL (KVM_SET_XSAVE has cleared them). Then
     copy_uabi_from_kernel_to_xstate(): header within the fpstate's user_xfeatures, XCOMP_BV 0,
     reserved bytes 0, MXCSR within mxcsr_feature_mask, else -EINVAL; user components copied,
     supervisor ones kept. ``vpkru`` is a one-element list standing for the u32 pointer."""
     xstate_bv = int.from_bytes(buf[512:520], "little")
     if xstate_bv & ~xcr0:
         return -EINVAL
+    if xstate_bv & gfpu.fpstate.xfd and not c.m.system.runs_unfixed(
+            "guest-xfd-keeps-xstate-bv", "guest_xfd_clears_xstate_bv"):
+        # b45f72177594: "Disabled features must be in their initial state, otherwise XRSTOR
+        # causes an exception" -- WARN_ON_ONCE, then -EINVAL (KVM clears them before).
+        raise KernelBug("xfd-armed-in-uabi-buffer",
+                        f"XSTATE_BV {xstate_bv:#x} has components IA32_XFD "
+                        f"{gfpu.fpstate.xfd:#x} arms")
     pkru = vpkru if xstate_bv & XFEATURE_MASK_PKRU else None
     return copy_uabi_to_xstate(c.m.system, gfpu.fpstate, buf, pkru)
 

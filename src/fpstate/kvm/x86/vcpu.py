@@ -21,8 +21,9 @@ and exit on the CPU's registers; an op KVM intercepts costs an exit and a re-ent
 Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fpu.py),
 ``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
 default features include CET_KERNEL, applied to the booted kernel by `model_system`),
-``kvm-pkru-cr4-pke-only`` (fpu.py), ``get-xsave-unmasked`` (x86.py) and
-``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid), from KVM's own history.
+``kvm-pkru-cr4-pke-only`` (fpu.py), ``get-xsave-unmasked`` (x86.py),
+``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid) and ``xfd-sync-after-irqoff``
+(fpu.py), from KVM's own history.
 """
 
 from __future__ import annotations
@@ -112,6 +113,16 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "a guest offered no XSAVE features that is 0, so KVM_GET_XSAVE's header drops x87 "
             "and SSE (their values, MXCSR included, do not travel) and KVM_SET_XSAVE refuses a "
             "buffer that has them"),
+    Variant("xfd-sync-after-irqoff", "vcpu_exit_xfd",
+            "v3 of the AMX series (December 2021: 'kvm: x86: Disable interception for IA32_XFD "
+            "on demand' syncs after handle_exit_irqoff()); the merged b5274b1b7ba8 (v5.17) "
+            "syncs first, 'which may rely on the fact that guest_fpu::xfd is up-to-date (e.g. in "
+            "#NM irqoff handler)'",
+            "fpu_sync_guest_vmexit_xfd_state() runs after handle_exit_irqoff(): a guest that "
+            "armed XFD itself (writes passed through) and took the #NM in the same entry is "
+            "judged by a stale fps->xfd, its IA32_XFD_ERR is not saved into guest_fpu.xfd_err "
+            "and stays in the CPU's MSR: the guest's emulated WRMSR XFD_ERR 0 never reaches "
+            "it, and a vCPU that runs on another CPU next reads 0"),
 )}
 
 #: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable
@@ -319,9 +330,39 @@ def kvm_apic_accept_events(c: Any, vcpu: KvmVcpu) -> int:
 # -- KVM_RUN --------------------------------------------------------------------------------------
 
 
-def _exit(c: Any, vcpu: KvmVcpu) -> None:
+def _exit(c: Any, vcpu: KvmVcpu, nm: bool = False) -> None:
+    """A VM exit, up to where vcpu_enter_guest() turns interrupts back on: the host's XCR0,
+    XSS and PKRU back (kvm_load_host_xsave_state), then the XFD lines around
+    handle_exit_irqoff() (`kfpu.vcpu_exit_xfd`; for an intercepted #NM the handler is
+    handle_nm_fault_irqoff)."""
     kfpu.kvm_load_host_xsave_state(c, vcpu)
-    kfpu.vcpu_exit_xfd(c, vcpu)
+    kfpu.vcpu_exit_xfd(c, vcpu, kfpu.handle_nm_fault_irqoff if nm else None)
+
+
+#: The place in the exit path where a hard interrupt armed for it arrives (Cpu.irq_in_lock_site):
+#: handle_exit(), which vcpu_enter_guest()'s caller runs with interrupts and preemption on.
+HANDLE_EXIT = "handle_exit"
+
+
+def _handle_exit_irqs_on(c: Any) -> None:
+    """vcpu_enter_guest() has returned and vcpu_run() handles the exit with interrupts on (the
+    model runs it without preemption): a hard interrupt armed for this place arrives now,
+    outside any fpregs_lock()ed section, so irq_fpu_usable() lets its handler take the FPU:
+    kernel_fpu_begin() saves the guest's registers into the guest fpstate (current's while it
+    is swapped in) and sets TIF_NEED_FPU_LOAD."""
+    c.irqs_disabled = False
+    core.irq_window(c, HANDLE_EXIT, named_only=True)
+
+
+def _reenter(c: Any, vcpu: KvmVcpu) -> None:
+    """vcpu_enter_guest() again after an exit handled with interrupts on: interrupts off, the
+    guest's registers reloaded if an interrupt saved them meanwhile (TIF_NEED_FPU_LOAD ->
+    switch_fpu_return(), as at the first entry), then the guest's XCR0, XSS, PKRU and
+    XFD_ERR (kvm_load_guest_xsave_state)."""
+    c.irqs_disabled = True
+    if c.current.need_fpu_load:
+        core.switch_fpu_return(c)
+    kfpu.kvm_load_guest_xsave_state(c, vcpu)
 
 
 def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
@@ -335,9 +376,10 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
         data = op.data if op.data is not None else _guest_token(c, vcpu, op.number)
         fault = c.regs.user_write(op.number, data)
         if fault is not None and fault.vector == "#NM" and arch.xfd_no_write_intercept:
-            _exit(c, vcpu)  # the #NM intercept (exception bitmap), then re-injection
-            kfpu.handle_nm_fault_irqoff(c, vcpu)
-            kfpu.kvm_load_guest_xsave_state(c, vcpu)
+            # The #NM intercept (exception bitmap), then its re-injection into the guest.
+            _exit(c, vcpu, nm=True)
+            _handle_exit_irqs_on(c)
+            _reenter(c, vcpu)
         return fault
     if op.kind == "read":
         if op.number >= 2 and not (c.regs.xcr0 >> op.number) & 1:
@@ -359,8 +401,9 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
             return Fault("#GP", f"WRMSR IA32_XFD {op.value:#x}: bits the CPU cannot arm")
         c.regs.xfd = op.value  # passed through since the first nonzero write
         return None
-    # Everything else is intercepted: exit, handle, re-enter.
+    # Everything else is intercepted: exit, handle (interrupts on), re-enter.
     _exit(c, vcpu)
+    _handle_exit_irqs_on(c)
     if op.kind == "xsetbv":
         result: Any = x86.kvm_emulate_xsetbv(vcpu, op.cpl, op.number, op.value)
     elif op.kind == "wrmsr":
@@ -374,7 +417,7 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
         result = kvm_apic_accept_events(c, vcpu)
     else:
         raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {', '.join(sorted(GUEST_OPS))})")
-    kfpu.kvm_load_guest_xsave_state(c, vcpu)
+    _reenter(c, vcpu)
     return result
 
 

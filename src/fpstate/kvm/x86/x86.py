@@ -422,15 +422,25 @@ def kvm_arch_vcpu_ioctl_get_xsave2(c: Cpu, vcpu: KvmVcpu) -> bytes:
 
 def kvm_arch_vcpu_ioctl_set_xsave(c: Cpu, vcpu: KvmVcpu, buf: bytes) -> int:
     """KVM_SET_XSAVE: memdup_user() of guest_fpu.uabi_size bytes (-EFAULT when the user buffer
-    is shorter), then fpu_copy_uabi_to_guest_fpstate() against kvm_caps.supported_xcr0 with
-    vcpu->arch.pkru as the PKRU destination. 0 or -EINVAL."""
+    is shorter); with fix guest_xfd_clears_xstate_bv (b45f72177594) the header's bits of the
+    components the guest fpstate's XFD arms are cleared ("for backwards compatibility, do
+    not expect disabled features to be in their initial state": they get it); then
+    fpu_copy_uabi_to_guest_fpstate() against kvm_caps.supported_xcr0 with vcpu->arch.pkru
+    as the PKRU destination. 0 or -EINVAL."""
     size = vcpu.arch.guest_fpu.uabi_size
     if len(buf) < size:
         return -EFAULT
-    if vcpu.arch.guest_fpu.fpstate.is_confidential:
+    fps = vcpu.arch.guest_fpu.fpstate
+    if fps.is_confidential:
         return 0
+    buf = bytes(buf[:size])
+    xfd = fps.xfd
+    if xfd and not c.m.system.runs_unfixed("guest-xfd-keeps-xstate-bv",
+                                           "guest_xfd_clears_xstate_bv"):
+        bv = int.from_bytes(buf[512:520], "little") & ~xfd
+        buf = buf[:512] + bv.to_bytes(8, "little") + buf[520:]
     pkru = [vcpu.arch.pkru]
-    ret = fpu_copy_uabi_to_guest_fpstate(c, vcpu.arch.guest_fpu, bytes(buf[:size]),
+    ret = fpu_copy_uabi_to_guest_fpstate(c, vcpu.arch.guest_fpu, buf,
                                          vcpu.kvm.caps.supported_xcr0, pkru)
     vcpu.arch.pkru = pkru[0]
     return ret
