@@ -63,7 +63,8 @@ def test_explore_without_violation_prints_coverage(capsys: pytest.CaptureFixture
 def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The default x86 configuration runs Linux 6.18 with the proposed fixes of
-    kernel-findings 10 and 6, and says so; without them the explorer finds the suspending
+    kernel-findings 10 and 6 and 6.19's fix of guest XFD (b45f72177594), and says so; without
+    them the explorer finds the suspending
     task's PKRU 0 in two steps, a scenario that fails under the kernel as released; with
     autosleep configured, in one step the worker's suspend that makes fpu__resume_cpu()
     dereference x86_task_fpu()'s NULL for a kernel thread (10d)."""
@@ -71,7 +72,8 @@ def test_explore_names_the_proposed_fixes_and_finds_linux_6_18_without_them(
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("no violation: model x86 (the kernel's design, cpu "
                             "sapphire-rapids, proposed fixes resume_pkru, resume_xfd_set_state, "
-                            "mxcsr_by_format, mxcsr_flip_inits_xmm)")
+                            "mxcsr_by_format, mxcsr_flip_inits_xmm, later fixes "
+                            "guest_xfd_clears_xstate_bv)")
     out = tmp_path / "cx.yaml"
     assert main(["explore", "--config", "{fixes: []}", "--seconds", "30", "--workers", "1",
                  "--json", "--out", str(out)]) == 1

@@ -148,7 +148,8 @@ def test_nothing_beyond_what_is_advertised() -> None:
     buf = bytearray(w._get_xsave2(0, "vm0.v0", v))
     bv = int.from_bytes(buf[512:520], "little")
     buf[512:520] = (bv | 1 << 19).to_bytes(8, "little")
-    w.emitted = [("kvm_uabi", ("vm0.v0", v, bytes(buf), w._guest_held("vm0.v0", v)))]
+    w.emitted = [("kvm_uabi", ("vm0.v0", v, bytes(buf), w._guest_held("vm0.v0", v),
+                               frozenset()))]
     assert broken(w) == {"nothing-beyond-advertised"}
 
 

@@ -117,3 +117,20 @@ def test_changing_a_keyed_field_changes_the_key() -> None:
             assert c.key() != base, f"{where}: {cls}.{field} changed, the key did not"
             tried += 1
     assert tried > 150
+
+
+def test_a_guests_xfd_err_and_its_loosened_components_are_keyed() -> None:
+    """The checker's own record of what a guest expects beside its component values: its
+    IA32_XFD_ERR, and the components it armed in XFD while they held a value of its own
+    (which may read back as initial): both change what the invariants say."""
+    w = _world()
+    base = w.key()
+    c = w.clone()
+    c.guest_xfd_err["vm0.v0"] = 1 << 18
+    assert c.key() != base
+    own = bytes(range(256))  # a value of the guest's own in YMM_Hi128
+    held, loosened = w.clone(), w.clone()
+    for c in (held, loosened):
+        c.expected["vm0.v0"][2] = own
+    loosened.guest_loose["vm0.v0"][2] = own
+    assert held.key() != loosened.key()

@@ -416,3 +416,105 @@ def test_set_fpu_reaches_the_guest_only_through_the_header(
     step, violation = report.violation
     assert step == 2 and violation.invariant == "no-lost-write"
     assert "guest vm0.v0 would see x87 = init (expected vmm.t0#1" in str(violation)
+
+
+# -- a guest's XFD (guest programs wrmsr/rdmsr) ---------------------------------------------------
+
+AMX_VM = {"cpus": 2, "processes": {"vmm": 1},
+          "vms": {"vm0": {"vmm": "vmm.t0", "vcpus": 1, "guest_amx": True}},
+          "fixes": ["guest_xfd_clears_xstate_bv"]}
+ARM = "wrmsr xfd 0x40000"
+HANDLER = "rdmsr xfd_err; wrmsr xfd_err 0; wrmsr xfd 0; write xtiledata"
+
+
+def _amx_world(variant=None, steps=()):
+    w = make_world("x86", AMX_VM, variant)
+    for a in [A("run", task="vmm.t0", cpu=0), *steps]:
+        r = w.step(a)
+        assert not r.violations, (a, r.violations)
+    return w
+
+
+def _run(guest: str, **kw) -> Action:
+    return A("kvm_run", task="vmm.t0", vcpu="vm0.v0", guest=guest, **kw)
+
+
+@pytest.mark.parametrize("program, message", [
+    ("wrmsr pkru 1", "guest op 'wrmsr pkru 1': unknown MSR 'pkru' (known: xfd, xfd_err)"),
+    ("wrmsr xfd", "guest op 'wrmsr xfd': wrmsr needs an MSR name and an integer value "
+                  "(e.g. 'wrmsr xfd 0x40000')"),
+    ("wrmsr xfd arm", "guest op 'wrmsr xfd arm': wrmsr needs an MSR name and an integer value "
+                      "(e.g. 'wrmsr xfd 0x40000')"),
+    ("wrmsr xfd -1", "guest op 'wrmsr xfd -1': -0x1 is not a 64-bit MSR value"),
+    ("rdmsr xfd_err 0", "guest op 'rdmsr xfd_err 0': rdmsr takes an MSR name only"),
+])
+def test_a_bad_guest_msr_op_is_named(program: str, message: str) -> None:
+    from fpstate.check.world import StepError
+
+    w = _amx_world()
+    with pytest.raises(StepError) as e:
+        w.step(_run(program))
+    assert str(e.value) == message
+
+
+def test_the_guests_xfd_programs_are_offered_with_guest_amx_only() -> None:
+    w = _amx_world()
+    progs = {(a.get("guest"), a.get("irq_at")) for a in w.enabled_actions()
+             if a.name == "kvm_run" and a.task == "vmm.t0"}
+    assert {(ARM, None), (HANDLER, None), (ARM + "; write xtiledata", None), (ARM, "exit"),
+            (ARM, "xfd"), ("write avx; xsetbv", "exit")} <= progs
+    plain = make_world("x86", {**AMX_VM, "vms": {"vm0": {"vmm": "vmm.t0", "vcpus": 1}}}, None)
+    plain.step(A("run", task="vmm.t0", cpu=0))
+    progs = {a.get("guest") for a in plain.enabled_actions() if a.name == "kvm_run"}
+    assert "write avx" in progs and not any("xfd" in p for p in progs)
+
+
+def test_a_guests_xfd_err_read_must_be_what_its_nm_and_its_write_left() -> None:
+    w = _amx_world(steps=[_run(ARM), _run("write xtiledata")])
+    assert w.guest_xfd_err["vm0.v0"] == 1 << 18
+    assert w.do_observe_vcpu("vm0.v0")["xfd_err"] == 1 << 18
+    r = w.step(_run(HANDLER))
+    assert not r.violations and r.observed["faults"] == "none"
+    assert w.guest_xfd_err["vm0.v0"] == 0
+    # A KVM that loses the guest's XFD_ERR across an exit: the next read breaks no-lost-write.
+    w.step(_run(ARM + "; write xtiledata"))
+    w.vcpus["vm0.v0"].arch.guest_fpu.xfd_err = 0
+    r = w.step(_run("rdmsr xfd_err"))
+    assert [(v.invariant, v.detail) for v in r.violations] == [
+        ("no-lost-write", "guest vm0.v0 read IA32_XFD_ERR = 0x0 instead of its 0x40000")]
+
+
+def test_arming_a_component_that_holds_a_value_lets_it_read_back_initial() -> None:
+    # The exit's XSAVE under the armed XFD records TILEDATA as initial: allowed (guest_loose),
+    # and a VMM's KVM_GET_XSAVE2 that shows it so is right too.
+    w = _amx_world(steps=[_run("write xtiledata"), _run(ARM)])
+    own = w.expected["vm0.v0"][18]
+    assert w.guest_loose["vm0.v0"] == {18: own}
+    assert w.do_observe_vcpu("vm0.v0")["xtiledata"] == "init"
+    r = w.step(A("get_xsave", task="vmm.t0", vcpu="vm0.v0"))
+    assert not r.violations and not r.observed["xstate_bv"] & 1 << 18
+    # Another writer's value would still be foreign; the guest's next write ends the allowance.
+    r = w.step(_run(HANDLER))
+    assert not r.violations and w.guest_loose["vm0.v0"] == {}
+    assert w.do_observe_vcpu("vm0.v0")["xtiledata"].startswith("vm0.v0#")
+
+
+def test_a_vmms_edit_of_an_armed_component_gives_the_guest_its_initial_configuration() -> None:
+    w = _amx_world(steps=[_run(ARM)])
+    r = w.step(A("edit_xsave", task="vmm.t0", vcpu="vm0.v0", component="xtiledata"))
+    assert not r.violations and r.observed["ret"] == 0
+    assert 18 not in w.expected["vm0.v0"]
+    assert not w.vcpus["vm0.v0"].arch.guest_fpu.fpstate.xstate_bv & 1 << 18
+    r = w.step(_run(HANDLER))
+    assert not r.violations
+
+
+def test_the_code_before_b45f72177594_stores_the_armed_bit() -> None:
+    w = _amx_world("guest-xfd-keeps-xstate-bv", steps=[_run(ARM)])
+    r = w.step(A("edit_xsave", task="vmm.t0", vcpu="vm0.v0", component="xtiledata"))
+    assert "no-lost-write" in {v.invariant for v in r.violations}
+    assert w.vcpus["vm0.v0"].arch.guest_fpu.fpstate.xstate_bv & 1 << 18
+    w = _amx_world("guest-xfd-keeps-xstate-bv", steps=[_run("write xtiledata")])
+    r = w.step(_run(ARM, irq=True, irq_at="exit"))
+    assert [v.invariant for v in r.violations] == ["kernel-warn"]
+    assert "XSTATE_BV loads" in r.violations[0].detail

@@ -104,14 +104,24 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("set_xcr0", "KVM_SET_XCRS: XCR0 = every feature the guest CPUID supports",
                {"task": _VMM, "vcpu": _VCPU}),
     ActionSpec("kvm_run", "KVM_RUN: the guest runs a ';'-separated program of 'write <comp>', "
-               "'read <comp>', 'release <comp|comp>', 'xsetbv', 'init'",
+               "'read <comp>', 'release <comp|comp>', 'ldmxcsr', 'xsetbv', 'init', "
+               "'wrmsr <xfd|xfd_err> <value>', 'rdmsr <xfd|xfd_err>'",
                {"task": _VMM, "vcpu": _VCPU, "guest": FieldSpec(str, "the guest program"),
                 "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
-                                 "inside fpu_swap_kvm_fpstate()'s fpregs_lock()ed section as "
-                                 "the guest FPU is loaded, between its XRSTOR and "
-                                 "fpregs_mark_activate(); it clobbers SSE and AVX if "
-                                 "irq_fpu_usable() lets it (output irq: fpu or scalar)",
-                                 required=False, default=False)}),
+                                 "where irq_at says; it clobbers SSE and AVX if "
+                                 "irq_fpu_usable() lets it (output irq: fpu, scalar, or none "
+                                 "when the run did not get there)",
+                                 required=False, default=False),
+                "irq_at": FieldSpec(str, "where the interrupt of irq arrives: swap -- inside "
+                                    "fpu_swap_kvm_fpstate()'s fpregs_lock()ed section as the "
+                                    "guest FPU is loaded, between its XRSTOR and "
+                                    "fpregs_mark_activate(); exit -- while KVM handles the "
+                                    "program's first intercepted exit, interrupts on, "
+                                    "outside any such section; xfd -- inside "
+                                    "fpu_update_guest_xfd()'s section, between fps->xfd and "
+                                    "the IA32_XFD write, as KVM emulates a guest WRMSR",
+                                    required=False, choices=("swap", "exit", "xfd"),
+                                    default="swap")}),
     ActionSpec("kvm_enter", "KVM_RUN up to its preemption point (guest FPU loaded, VMM in the "
                "kernel): a later idle/run preempts it there",
                {"task": _VMM, "vcpu": _VCPU,
@@ -148,13 +158,21 @@ KVM_SPECS.update({s.name: s for s in (
                "src's user state, and its own PKRU where the buffer has none (KVM's ABI)",
                {"task": _VMM, "vcpu": _VCPU, "src": FieldSpec(str, "the source vCPU")}),
     ActionSpec("observe_vcpu", "what the guest would see and where its state lives (for "
-               "expect:)", {"vcpu": _VCPU}),
+               "expect:), with its fpstate's XFD and XSTATE_BV and KVM's copy of its XFD_ERR",
+               {"vcpu": _VCPU}),
     ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
                "cet_user, IA32_PL0_SSP for cet_kernel): the guest FPU is loaded around the "
                "WRMSR", {"task": _VMM, "vcpu": _VCPU,
                          "component": FieldSpec(str, "cet_user or cet_kernel",
                                                 choices=("cet_user", "cet_kernel"))}),
 )})
+
+
+#: kvm_run's ``irq_at``: the site its interrupt is armed for (Cpu.irq_in_lock_site; "" is the
+#: first fpregs_lock()ed section, fpu_swap_kvm_fpstate() loading the guest FPU).
+KVM_RUN_IRQ_SITES = {"swap": "", "exit": kv.HANDLE_EXIT, "xfd": "fpu_update_guest_xfd"}
+#: The MSRs a guest program names (wrmsr, rdmsr).
+GUEST_MSRS = {"xfd": kx86.MSR_IA32_XFD, "xfd_err": kx86.MSR_IA32_XFD_ERR}
 
 
 class _Eio(Exception):
@@ -246,6 +264,14 @@ class KvmX86World(X86World):
         #: The KVM_RUNs suspended at their preemption point (kvm_enter), by VMM task: (vCPU,
         #: the vCPU, its ops, the guest program).
         self._pending_run: dict[str, tuple[str, kv.KvmVcpu, list[Any], str]] = {}
+        #: Each guest's IA32_XFD_ERR as the guest expects to read it: set by its XFD #NMs
+        #: (the CPU ORs in the component's bit), replaced by its own WRMSR.
+        self.guest_xfd_err: dict[str, int] = {}
+        #: Each guest's components it armed in IA32_XFD while they held a value of its own:
+        #: component -> that value. The SDM does not keep an armed component's state (an
+        #: XSAVE* saves it as initial), so until the guest changes the component it may read
+        #: back that value or the initial configuration, nothing else (`guest_loose_ok`).
+        self.guest_loose: dict[str, dict[int, bytes]] = {}
         return m
 
     def _setup(self) -> None:
@@ -382,6 +408,11 @@ class KvmX86World(X86World):
         except _Eio:
             return {"ret": -5, "errno": "EIO"}
         finally:
+            for name, loose in self.guest_loose.items():
+                if loose:  # an allowance ends with the value it was given for
+                    exp = self.expected.get(name, {})
+                    for i in [i for i, own in loose.items() if exp.get(i) != own]:
+                        del loose[i]
             if self._pending_run:
                 for task in list(self._pending_run):
                     t = self.tasks.get(task)
@@ -417,6 +448,8 @@ class KvmX86World(X86World):
         self.vcpu_vm[vcpu] = vm
         self.vm_mm[vcpu] = t.process.mm
         self.expected[vcpu] = {}
+        self.guest_xfd_err[vcpu] = 0
+        self.guest_loose[vcpu] = {}
         self.emitted.append(("reset", (vcpu, v)))
         return {"size": v.arch.guest_fpu.fpstate.size,
                 "xfeatures": v.arch.guest_fpu.fpstate.xfeatures}
@@ -465,15 +498,49 @@ class KvmX86World(X86World):
                                        | XFEATURE_MASK_FP), None))
             elif word == "init":
                 ops.append((kv.GuestOp("init"), None))
+            elif word in ("wrmsr", "rdmsr"):
+                ops.append((self._guest_msr_op(word, arg, part), None))
             else:
                 raise StepError(f"unknown guest op {part!r}")
         return ops
+
+    @staticmethod
+    def _guest_msr_op(word: str, arg: str, part: str) -> kv.GuestOp:
+        """'wrmsr <msr> <value>' or 'rdmsr <msr>' of a guest program (`GUEST_MSRS`)."""
+        name, _, value = arg.partition(" ")
+        index = GUEST_MSRS.get(name)
+        if index is None:
+            raise StepError(f"guest op {part!r}: unknown MSR {name!r} "
+                            f"(known: {', '.join(GUEST_MSRS)})")
+        value = value.strip()
+        if word == "rdmsr":
+            if value:
+                raise StepError(f"guest op {part!r}: rdmsr takes an MSR name only")
+            return kv.GuestOp("rdmsr", index)
+        try:
+            data = int(value, 0)
+        except ValueError:
+            raise StepError(f"guest op {part!r}: wrmsr needs an MSR name and an integer "
+                            f"value (e.g. 'wrmsr xfd 0x40000')") from None
+        if not 0 <= data < 1 << 64:
+            raise StepError(f"guest op {part!r}: {data:#x} is not a 64-bit MSR value")
+        return kv.GuestOp("wrmsr", index, data)
+
+    def guest_loose_ok(self, name: str, i: int, got: bytes | None) -> bool:
+        """Whether ``got`` is what the guest of ``name`` may read in component ``i`` that it
+        armed in IA32_XFD with a value of its own (`guest_loose`): that value's initial
+        configuration (a save while armed dropped it). A later change of the component's
+        expected value ends the allowance (`_apply`)."""
+        own = self.guest_loose[name].get(i)
+        return own is not None and got == self.init_values[i]
 
     def _guest_contract(self, name: str, v: kv.KvmVcpu,
                         ops: list[tuple[kv.GuestOp, int | None]], results: tuple[Any, ...]) -> None:
         exp = self.expected[name]
         for (op, i), r in zip(ops, results, strict=False):
-            if op.kind == "ldmxcsr" and r is None:
+            if op.kind in ("wrmsr", "rdmsr") or (op.kind == "write" and r is not None):
+                self._guest_msr_contract(name, op, i, r)
+            elif op.kind == "ldmxcsr" and r is None:
                 exp[MXCSR] = op.value.to_bytes(4, "little")
             elif op.kind == "write" and r is None and i is not None:
                 exp[i] = op.data  # type: ignore[assignment]
@@ -487,18 +554,42 @@ class KvmX86World(X86World):
             elif op.kind == "init":
                 self._init_contract(name)
 
+    def _guest_msr_contract(self, name: str, op: kv.GuestOp, i: int | None, r: Any) -> None:
+        """IA32_XFD and IA32_XFD_ERR as the guest of ``name`` sees them (SDM 13.14): an XFD
+        #NM sets the component's bit in XFD_ERR, the guest's WRMSR XFD_ERR replaces it, and
+        its RDMSR must read what those left (an event no-lost-write judges); arming a
+        component that holds a value of the guest's loosens it (`guest_loose`)."""
+        if op.kind == "write":
+            if i is not None and getattr(r, "vector", None) == "#NM":
+                self.guest_xfd_err[name] |= 1 << i
+        elif op.kind == "wrmsr" and r is None:
+            if op.number == kx86.MSR_IA32_XFD_ERR:
+                self.guest_xfd_err[name] = op.value
+            elif op.number == kx86.MSR_IA32_XFD:
+                exp, loose = self.expected[name], self.guest_loose[name]
+                for b in bits(op.value):
+                    own = exp.get(b)
+                    if own is not None and loose.get(b) != own:
+                        loose[b] = own
+        elif (op.kind == "rdmsr" and op.number == kx86.MSR_IA32_XFD_ERR
+              and isinstance(r, int) and r != self.guest_xfd_err[name]):
+            self.emitted.append(("guest_msr", (name, "IA32_XFD_ERR", r,
+                                               self.guest_xfd_err[name])))
+
     def _init_contract(self, name: str) -> None:
         caps = self.kvm.caps
         for b in bits((caps.supported_xcr0 | caps.supported_xss) & ARCH_INIT_CLEARED):
             self.expected[name].pop(b, None)
 
-    def do_kvm_run(self, task: str, vcpu: str, guest: str, irq: bool = False) -> dict[str, V]:
+    def do_kvm_run(self, task: str, vcpu: str, guest: str, irq: bool = False,
+                   irq_at: str = "swap") -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
         ops = self._guest_ops(v, guest)
         prog = tuple(op for op, _ in ops)
         result, out = self._irq_in_lock(
-            nr, irq, lambda: self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog))
+            nr, irq, lambda: self.m.syscall(nr, kv.kvm_arch_vcpu_ioctl_run, v, prog),
+            KVM_RUN_IRQ_SITES[irq_at])
         return {**self._after_run(vcpu, v, ops, result), **out}
 
     def _after_run(self, name: str, v: kv.KvmVcpu, ops: list[tuple[kv.GuestOp, int | None]],
@@ -549,9 +640,12 @@ class KvmX86World(X86World):
 
     def _get_xsave2(self, nr: int, name: str, v: kv.KvmVcpu) -> bytes:
         """KVM_GET_XSAVE2 of ``v`` from CPU ``nr``, emitted for the invariants that judge what
-        a VMM is shown (nothing-beyond-advertised)."""
+        a VMM is shown (nothing-beyond-advertised, regset-view-shows-the-task), with what
+        the guest holds and the components it armed in its XFD holding a value of its own
+        (`guest_loose`: they may show as initial)."""
         buf = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_get_xsave2), v)
-        self.emitted.append(("kvm_uabi", (name, v, buf, self._guest_held(name, v))))
+        self.emitted.append(("kvm_uabi", (name, v, buf, self._guest_held(name, v),
+                                          frozenset(self.guest_loose[name]))))
         return buf
 
     def _guest_held(self, name: str, v: kv.KvmVcpu) -> dict[int, bytes]:
@@ -587,7 +681,9 @@ class KvmX86World(X86World):
         """KVM_GET_XSAVE2, one component of the buffer replaced by a value of ``task``'s own
         (x87 without MXCSR and MXCSR_MASK, which stay the buffer's) with its XSTATE_BV bit
         set, KVM_SET_XSAVE. On success the guest expects that value (PKRU: vcpu->arch.pkru
-        takes it, the header having PKRU), and the MXCSR the kernel's rule gives
+        takes it, the header having PKRU) -- or, for a component its XFD arms, the initial
+        configuration (KVM clears the bit since b45f72177594) -- and the MXCSR the kernel's
+        rule gives
         (`_mxcsr_after_uabi_set`: an edit of SSE hands a compacted kernel's stale MXCSR back).
         """
         t, nr = self.vmm_cpu(task, vcpu)
@@ -606,9 +702,15 @@ class KvmX86World(X86World):
             buf[comp.offset:comp.offset + comp.size] = value
         bv = int.from_bytes(buf[512:520], "little") | 1 << i
         buf[512:520] = bv.to_bytes(8, "little")
+        armed = v.arch.guest_fpu.fpstate.xfd
         ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), v, bytes(buf))
         if ret == 0:
-            self.expected[vcpu][i] = value
+            if (armed >> i) & 1:
+                # KVM's ABI since b45f72177594: a component the guest's XFD arms takes its
+                # initial configuration, whatever the buffer says (as XSAVE would save it).
+                self.expected[vcpu].pop(i, None)
+            else:
+                self.expected[vcpu][i] = value
             self._mxcsr_after_uabi_set(vcpu, bytes(buf[MXCSR_OFFSET:MXCSR_OFFSET + 4]), bv)
         return {"ret": ret, "xstate_bv": bv}
 
@@ -647,7 +749,9 @@ class KvmX86World(X86World):
         ``task``'s mm. The contract on success (fpu_copy_uabi_to_guest_fpstate): every user
         component ``vcpu``'s guest can use takes ``src``'s value where ``src``'s guest can use
         it too, else its initial configuration (the buffer does not hold it: KVM_GET_XSAVE2
-        masks with the source's guest_supported_xcr0), MXCSR included; PKRU takes ``src``'s
+        masks with the source's guest_supported_xcr0), MXCSR included; a component
+        ``vcpu``'s XFD arms takes its initial configuration (KVM_SET_XSAVE clears its header
+        bit since b45f72177594); PKRU takes ``src``'s
         where the buffer's XSTATE_BV has PKRU and is left as it was otherwise (KVM passes a
         NULL PKRU pointer); so is MXCSR on a standard-format kernel when XSTATE_BV has none
         of x87, SSE and AVX, unless the proposed fix mxcsr_by_format is applied; supervisor
@@ -659,14 +763,15 @@ class KvmX86World(X86World):
         _t, nr = self.vmm_cpu(task, vcpu)
         vs, vd = self.vcpu(src), self.vcpu(vcpu)
         buf = self._get_xsave2(nr, src, vs)
+        armed = vd.arch.guest_fpu.fpstate.xfd
         ret = self.m.syscall(nr, _path(kx86.kvm_arch_vcpu_ioctl_set_xsave), vd, buf)
         hdr = int.from_bytes(buf[512:520], "little")
         if ret == 0:
-            self._migrate_contract(vcpu, vd, src, vs, hdr)
+            self._migrate_contract(vcpu, vd, src, vs, hdr, armed)
         return {"ret": ret, "xstate_bv": hdr}
 
     def _migrate_contract(self, name: str, v: kv.KvmVcpu, src: str, vs: kv.KvmVcpu,
-                          hdr: int) -> None:
+                          hdr: int, armed: int = 0) -> None:
         exp, sexp = self.expected[name], self.expected[src]
         src_user = set(self.guest_tracked(vs)) - {PKRU}
         for i in self.guest_tracked(v):
@@ -676,7 +781,9 @@ class KvmX86World(X86World):
                 if hdr & XFEATURE_MASK_PKRU:
                     exp[i] = self.expected_value(src, PKRU)
                 continue
-            if i in src_user and i in sexp:
+            if (armed >> i) & 1:
+                exp.pop(i, None)  # armed in the destination's XFD: initial (b45f72177594)
+            elif i in src_user and i in sexp:
                 exp[i] = sexp[i]
             else:
                 exp.pop(i, None)
@@ -701,7 +808,9 @@ class KvmX86World(X86World):
         fps = v.arch.guest_fpu.fpstate
         out: dict[str, V] = {"where": where, "cpu": -1 if cpu is None else cpu,
                              "xfeatures": fps.xfeatures, "size": fps.size,
-                             "xcr0": v.arch.xcr0}
+                             "xcr0": v.arch.xcr0, "xfd": fps.xfd,
+                             "xfd_err": v.arch.guest_fpu.xfd_err,
+                             "xstate_bv": fps.xstate_bv}
         seen = self.guest_seen(vcpu)
         for i in self.guest_tracked(v):
             out[BY_NUMBER[i].short] = self.writer(seen[i], i)
@@ -732,6 +841,13 @@ class KvmX86World(X86World):
     GUEST_PROGRAMS: ClassVar[tuple[str, ...]] = ("write avx", "write opmask", "write xtiledata",
                                                  "xsetbv; write avx", "xsetbv; write pkru",
                                                  "init", "read avx", "ldmxcsr")
+    #: A guest OS's use of XFD for AMX (Linux's own, as a guest), offered where the guest has
+    #: TILEDATA: switch to a task that has not used AMX (arm), the same with that task's first
+    #: TILEDATA access (#NM in the same entry), and the #NM handler (read and clear XFD_ERR,
+    #: disarm, retry the access).
+    GUEST_XFD_PROGRAMS: ClassVar[tuple[str, ...]] = (
+        "wrmsr xfd 0x40000", "wrmsr xfd 0x40000; write xtiledata",
+        "rdmsr xfd_err; wrmsr xfd_err 0; wrmsr xfd 0; write xtiledata")
 
     def enabled(self) -> list[Action]:
         out = super().enabled()
@@ -748,7 +864,8 @@ class KvmX86World(X86World):
                 # The other vCPUs of this VMM's mm: sources a migration may take from.
                 srcs = tuple(n for n in self.vcpus if n != name and self.vm_mm[n] is mm)
                 edits = self._editable(v)
-                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS, srcs, edits)
+                k = (t.comm, name, xcr0, xss, self.GUEST_PROGRAMS, self.GUEST_XFD_PROGRAMS,
+                     srcs, edits)
                 acts = _VMM_ACTIONS.get(k)
                 if acts is None:
                     acts = []
@@ -759,6 +876,14 @@ class KvmX86World(X86World):
                             acts.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
                     acts.append(A("kvm_run", task=t.comm, vcpu=name, guest="read avx",
                                   irq=True))
+                    acts.append(A("kvm_run", task=t.comm, vcpu=name, guest="write avx; xsetbv",
+                                  irq=True, irq_at="exit"))
+                    if (xcr0 >> 18) & 1:
+                        for prog in self.GUEST_XFD_PROGRAMS:
+                            acts.append(A("kvm_run", task=t.comm, vcpu=name, guest=prog))
+                        for at in ("exit", "xfd"):
+                            acts.append(A("kvm_run", task=t.comm, vcpu=name,
+                                          guest="wrmsr xfd 0x40000", irq=True, irq_at=at))
                     acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))
@@ -806,7 +931,8 @@ class KvmX86World(X86World):
                          fps_values(cn, self.m.system, fps)), exp,
                         None if user_fpu is None else (
                             user_fpu.size, fps_values(cn, self.m.system, user_fpu),
-                            bytes(user_fpu.regs[512:528]), raw_digest(bytes(a.user_fpu_tail)))))
+                            bytes(user_fpu.regs[512:528]), raw_digest(bytes(a.user_fpu_tail))),
+                        self.guest_xfd_err[name], regs_values(cn, self.guest_loose[name])))
         pending = tuple(sorted((task, p[0], p[3]) for task, p in self._pending_run.items()))
         return tuple(out), pending
 

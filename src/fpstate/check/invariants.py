@@ -146,7 +146,8 @@ INVARIANTS: tuple[Invariant, ...] = (
         "no-lost-write",
         "A context observes its own latest value of every tracked component, and of MXCSR "
         "for tasks: what it wrote last, or what the ABI set (signal entry/return, fork, exec, "
-        "ptrace, the kernel's xstate updates).",
+        "ptrace, the kernel's xstate updates); a guest's RDMSR IA32_XFD_ERR reads what its "
+        "XFD #NMs and its own WRMSR left (SDM 13.14).",
         "seed 004 (Andy Lutomirski: modify the registers only when they are the one source "
         "of truth, else the memory image, and invalidate every cached copy)"),
     Invariant(

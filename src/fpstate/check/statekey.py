@@ -427,7 +427,8 @@ FIELDS: dict[str, dict[str, str]] = {
     # The checker's own bookkeeping beside the model (X86World, KvmX86World).
     "World": {
         **dict.fromkeys(("m", "expected", "sigstack", "frames", "nm_pending", "vcpus",
-                         "vm_mm", "_pending_run", "exec_abi", "exec_at"), "key"),
+                         "vm_mm", "_pending_run", "exec_abi", "exec_at", "guest_xfd_err",
+                         "guest_loose"), "key"),
         "tasks": "names to tasks: a task's name is its comm, which is keyed",
         **dict.fromkeys(("config", "variant", "max_tasks", "autosleep", "init_values",
                          "fresh_values",

@@ -350,8 +350,10 @@ VARIANTS: tuple[Variant, ...] = (
             "after sigreturn's XRSTOR, a signal handler's setup or KVM_RUN's exit; in "
             "fpstate_realloc() it saves them into the buffer about to be freed, in exec's "
             "fpu_reset_fpstate_regs() over the new program's initial image; a PASID write "
-            "then goes into registers that are no longer the task's",
-            "no-foreign-value", also=("no-lost-write",)),
+            "then goes into registers that are no longer the task's; in 5.17's "
+            "fpu_update_guest_xfd() it XSAVES the guest fpstate while IA32_XFD and fps->xfd "
+            "disagree (xfd_validate_state() WARNs)",
+            "no-foreign-value", also=("no-lost-write", "save-within-allocation")),
     Variant("fpu-usable-before-init-cpu", "x86", "before 2297554f01df (linux-next, May 2025)",
             "irq_fpu_usable() is true on a CPU coming online before fpu__init_cpu(): AMD's "
             "microcode loader hashes its patch with SIMD code and kernel_fpu_begin()'s LDMXCSR "
@@ -380,6 +382,35 @@ VARIANTS: tuple[Variant, ...] = (
             "first AMX use grew the fpstate past its frame, the frame is not restored",
             # AVX: the layout frame_resize rewrites to keeps it (AMX shows the other face).
             "sigreturn-restores-own-frame", needs=(2,), also=("no-lost-write",)),
+    Variant("guest-xfd-keeps-xstate-bv", "x86",
+            "v5.17-v6.18 (820a6ee944e7; fixed: b45f72177594, 6.19 and stable)",
+            "a guest fpstate keeps XSTATE_BV[18] = 1 while the guest's XFD arms TILEDATA -- "
+            "stored by a VMM's KVM_SET_XSAVE, or saved by an interrupt's kernel_fpu_begin() "
+            "between the exit of the guest's WRMSR IA32_XFD and fpu_update_guest_xfd(): the "
+            "next XRSTORS takes #NM in the host", "kernel-warn",
+            # the guest's view of a fpstate that cannot be restored shows nothing
+            needs=(18,), also=("no-lost-write",)),
+    Variant("xfd-sync-after-irqoff", "x86",
+            "v3 of the KVM AMX series (December 2021); the merged b5274b1b7ba8 (v5.17) syncs "
+            "fps->xfd before handle_exit_irqoff()",
+            "fpu_sync_guest_vmexit_xfd_state() after handle_exit_irqoff(): a guest that armed "
+            "XFD itself and took the #NM in the same entry is judged by a stale fps->xfd, its "
+            "XFD_ERR stays in the CPU's MSR instead of guest_fpu.xfd_err: the guest's WRMSR "
+            "XFD_ERR 0 then never reaches the MSR (it reads the bit back), and on another CPU "
+            "it reads 0", "no-lost-write", needs=(18,),
+            # the VMM alone, with what moves it between CPUs and its guest's runs: the
+            # counterexample is three guest programs, a move and a fourth program
+            config={"processes": {"p1": 1},
+                    "omit": ["arch_prctl", "clone", "core_dump", "edit_xsave", "exec",
+                             "exec_finish", "exit", "fork", "frame_clear", "frame_fx_only",
+                             "frame_mxcsr", "frame_resize", "frame_write", "get_xsave",
+                             "hotplug", "kernel_fpu", "kill", "kvm_enter", "kvm_finish",
+                             "kvm_init", "ldmxcsr", "migrate_xsave", "nm_return",
+                             "pasid_write", "pkey_altstack", "pkey_open", "ptrace_cont",
+                             "ptrace_get", "ptrace_set", "ptrace_stop", "release",
+                             "set_cet_msr", "set_cpuid", "set_fpu", "set_xcr0", "set_xsave",
+                             "sigaction", "sigaltstack", "signal", "sigreturn", "suspend",
+                             "syscall", "write", "write_nm"]}),
 )
 
 BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}

@@ -31,6 +31,7 @@ from fpstate.check import variants as vreg
 from fpstate.check.explore import Job, Result, counterexample, default_config, explore, shrink
 from fpstate.commands import positive_int, positive_seconds
 from fpstate.errors import FpstateError
+from fpstate.kernel.x86.versions import PROPOSED_FIXES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -159,7 +160,10 @@ def run_explore(args: argparse.Namespace) -> int:
         }, indent=2))
     elif res.found is None:
         design = f"variant {job.variant}" if job.variant else "the kernel's design"
-        with_fixes = f", proposed fixes {', '.join(fixes)}" if fixes else ""
+        proposed = [f for f in fixes if f in PROPOSED_FIXES]
+        later = [f for f in fixes if f not in PROPOSED_FIXES]
+        with_fixes = (f", proposed fixes {', '.join(proposed)}" if proposed else "") + (
+            f", later fixes {', '.join(later)}" if later else "")
         print(f"no violation: model {job.model} ({design}, cpu {job.config.get('cpu')}"
               f"{with_fixes}), {res.mode} mode, {res.seconds:.1f} s")
         print(f"  states {res.states}  transitions {res.transitions}"
