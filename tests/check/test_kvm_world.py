@@ -518,3 +518,32 @@ def test_the_code_before_b45f72177594_stores_the_armed_bit() -> None:
     r = w.step(_run(ARM, irq=True, irq_at="exit"))
     assert [v.invariant for v in r.violations] == ["kernel-warn"]
     assert "XSTATE_BV loads" in r.violations[0].detail
+
+
+def test_kvm_enter_at_an_exit_holds_the_guest_to_what_ran_before_it() -> None:
+    """kvm_enter(at: exit) stops while KVM handles the program's first intercepted exit: the
+    guest's AVX write before it is its own value already (the contract of the ops done), the
+    rest is judged at kvm_finish; a program that exits nowhere runs to its end."""
+    w = _amx_world()
+    r = w.step(A("kvm_enter", task="vmm.t0", vcpu="vm0.v0", guest="write avx; xsetbv",
+                 at="exit"))
+    assert not r.violations and r.observed == {"stopped": True}
+    assert w.expected["vm0.v0"][2] == w.guest_seen("vm0.v0")[2]
+    assert w._pending_run["vmm.t0"][4:] == ("exit", 1)
+    for a in [A("idle", cpu=0), A("run", task="vmm.t0", cpu=1),
+              A("kvm_finish", task="vmm.t0")]:
+        r = w.step(a)
+        assert not r.violations, (a, r.violations)
+    assert r.observed["faults"] == "none"
+    assert w.do_observe_vcpu("vm0.v0")["avx"].startswith("vm0.v0#")
+    r = w.step(A("kvm_enter", task="vmm.t0", vcpu="vm0.v0", guest="write avx", at="exit"))
+    assert r.observed == {"stopped": False, "faults": "none", "overflow": 0}
+    assert "vmm.t0" not in w._pending_run
+
+
+def test_the_two_positions_of_a_suspended_run_have_different_keys() -> None:
+    entry, exit_ = _amx_world(), _amx_world()
+    entry.step(A("kvm_enter", task="vmm.t0", vcpu="vm0.v0", guest="wrmsr xfd 0x40000"))
+    exit_.step(A("kvm_enter", task="vmm.t0", vcpu="vm0.v0", guest="wrmsr xfd 0x40000",
+                 at="exit"))
+    assert entry.key() != exit_.key()

@@ -722,10 +722,10 @@ def test_kvm_set_fpu_with_x87_and_sse_in_xstate_bv_reaches_the_guest() -> None:
 # -- guest XFD_ERR across exits (vcpu_enter_guest's XFD lines) ----------------------------------
 
 
-def _xfd_guest(variants=(), ncpus: int = 1, kernel_variants=()):
+def _xfd_guest(variants=(), ncpus: int = 1, kernel_variants=(), fixes=()):
     v = vmm(SPR, variants=variants, ncpus=ncpus)
-    if kernel_variants:  # the kernel model's variants: booted into the system
-        system = v.m.system.with_options(variants=frozenset(kernel_variants))
+    if kernel_variants or fixes:  # the kernel model's variants and fixes: booted in
+        system = v.m.system.with_options(variants=frozenset(kernel_variants), fixes=fixes)
         v = Vmm(Machine(system, ncpus), model_config(system, "vmx", variants))
     assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
     vcpu = vcpu_with_cpuid(v)
@@ -809,3 +809,95 @@ def test_an_interrupt_inside_fpu_update_guest_xfd(variants) -> None:
     r = v.run(vcpu, ops)
     assert c.irq_in_lock == 0 and c.irq_in_lock_used is False
     assert r.results[2] == value and c.regs.xfd == XTILE_DATA
+
+
+# -- KVM_RUN preempted while KVM handles an exit -------------------------------------------------
+
+
+def _preempted_at_exit(v: Vmm, vcpu, ops, move: bool = True):
+    """KVM_RUN of ``ops`` stopped at its first intercepted exit's preemption point, the
+    thread switched out and run again on CPU 1 (``move``) or 0; the run's result."""
+    from fpstate.kvm.x86.vcpu import kvm_arch_vcpu_ioctl_run
+
+    m = v.m
+    m.enter_kernel(0)
+    m.start(0, kvm_arch_vcpu_ioctl_run, vcpu, tuple(ops), "exit")
+    assert v.task.kpath is not None  # stopped inside the program
+    m.idle(0)
+    nr = 1 if move else 0
+    m.run(nr, v.task)
+    result = m.finish(nr)
+    m.exit_to_user_mode(nr)
+    return result
+
+
+def test_a_run_preempted_at_an_exit_goes_on_with_the_guests_registers_on_another_cpu() -> None:
+    v, vcpu = _xfd_guest(ncpus=2)
+    value = bytes(range(256))
+    r = _preempted_at_exit(v, vcpu, [GuestOp("write", 2, data=value), GuestOp(
+        "xsetbv", 0, 0x602E7), GuestOp("read", 2)])
+    assert r.results == (None, None, value)
+    assert vcpu.last_vmentry_cpu == 1
+
+
+@pytest.mark.parametrize("variants", [(), ("guest-xfd-keeps-xstate-bv",)])
+def test_preempted_before_fpu_update_guest_xfd(variants) -> None:
+    # b45f72177594's "similar scenarios involving preemption on preemptible kernels": the
+    # context switch saved XSTATE_BV[18] = 1 under XFD 0; arming XFD must clear it first.
+    # The fix is applied by name (6.18 as released runs the variant's code).
+    v, vcpu = _xfd_guest(ncpus=2, kernel_variants=variants,
+                         fixes={"guest_xfd_clears_xstate_bv"})
+    v.run(vcpu, [GuestOp("write", 18)])
+    if variants:
+        with pytest.raises(KernelBug, match="XSTATE_BV loads"):
+            _preempted_at_exit(v, vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+        return
+    r = _preempted_at_exit(v, vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+    assert r.results == (None,)
+    fps = vcpu.arch.guest_fpu.fpstate
+    assert fps.xfd == XTILE_DATA and not fps.xstate_bv & XTILE_DATA
+
+
+@pytest.mark.parametrize("variants", [(), ("nm-xfd-err-read-irqs-on",)])
+def test_xfd_err_is_saved_before_the_exit_can_be_preempted(variants) -> None:
+    v, vcpu = _xfd_guest(variants, ncpus=2)
+    v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+    r = _preempted_at_exit(v, vcpu, [GuestOp("write", 18),
+                                     GuestOp("rdmsr", x86.MSR_IA32_XFD_ERR)])
+    assert r.results[0].vector == "#NM"
+    # Read with interrupts on, after the move, the MSR is CPU 1's 0.
+    assert r.results[1] == (0 if variants else XTILE_DATA)
+
+
+def test_linux_6_18_as_released_stores_an_armed_component_from_kvm_set_xsave() -> None:
+    """KVM_SET_XSAVE of a buffer with XSTATE_BV[18] into a guest whose XFD arms it: 6.18 as
+    released copies the bit and the next KVM_RUN's XRSTORS takes #NM in the host; with
+    b45f72177594 (fix guest_xfd_clears_xstate_bv) KVM clears it first."""
+    for fixes, stored in (((), True), ({"guest_xfd_clears_xstate_bv"}, False)):
+        v, vcpu = _xfd_guest(fixes=fixes)
+        v.run(vcpu, [GuestOp("write", 18), GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+        buf = bytearray(v.get_xsave2(vcpu))
+        assert not int.from_bytes(buf[512:520], "little") & XTILE_DATA  # saved as initial
+        buf[512:520] = (int.from_bytes(buf[512:520], "little") | XTILE_DATA).to_bytes(8, "little")
+        assert v.set_xsave(vcpu, bytes(buf)) == 0
+        fps = vcpu.arch.guest_fpu.fpstate
+        assert bool(fps.xstate_bv & XTILE_DATA) is stored
+        if stored:
+            with pytest.raises(KernelBug, match="unexpected-nm"):
+                v.run(vcpu, [])
+        else:
+            assert v.run(vcpu, []).results == ()
+
+
+def test_the_fix_refuses_an_armed_component_that_reaches_the_copy() -> None:
+    # fpu_copy_uabi_to_guest_fpstate()'s WARN_ON_ONCE(xfeatures & xfd): KVM_SET_XSAVE clears
+    # the bits before, so only a caller that skips that reaches it.
+    from fpstate.kvm.x86.fpu_api import fpu_copy_uabi_to_guest_fpstate
+
+    v, vcpu = _xfd_guest(fixes={"guest_xfd_clears_xstate_bv"})
+    v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+    buf = bytearray(v.get_xsave2(vcpu))
+    buf[512:520] = (int.from_bytes(buf[512:520], "little") | XTILE_DATA).to_bytes(8, "little")
+    with pytest.raises(KernelBug, match="xfd-armed-in-uabi-buffer"):
+        fpu_copy_uabi_to_guest_fpstate(v.m.cpus[0], vcpu.arch.guest_fpu, bytes(buf),
+                                       v.kvm.caps.supported_xcr0, [0])

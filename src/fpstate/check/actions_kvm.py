@@ -125,7 +125,12 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("kvm_enter", "KVM_RUN up to its preemption point (guest FPU loaded, VMM in the "
                "kernel): a later idle/run preempts it there",
                {"task": _VMM, "vcpu": _VCPU,
-                "guest": FieldSpec(str, "the guest program", required=False, default="")}),
+                "guest": FieldSpec(str, "the guest program", required=False, default=""),
+                "at": FieldSpec(str, "the preemption point: entry -- the run loop's "
+                                "cond_resched() before the guest runs; exit -- KVM handling "
+                                "the program's first intercepted exit, interrupts on (a "
+                                "program that exits nowhere runs to its end: output stopped)",
+                                required=False, choices=kv.PREEMPT_POINTS, default="entry")}),
     ActionSpec("kvm_finish", "the suspended KVM_RUN runs the guest and returns to user mode",
                {"task": _VMM,
                 "irq": FieldSpec(bool, "a hard interrupt whose handler wants the FPU arrives "
@@ -262,8 +267,9 @@ class KvmX86World(X86World):
         self.vm_names: dict[int, str] = {}
         self._seen_bugs = 0
         #: The KVM_RUNs suspended at their preemption point (kvm_enter), by VMM task: (vCPU,
-        #: the vCPU, its ops, the guest program).
-        self._pending_run: dict[str, tuple[str, kv.KvmVcpu, list[Any], str]] = {}
+        #: the vCPU, its ops, the guest program, where the run stopped -- kvm_enter's ``at``
+        #: -- and how many of its ops had completed).
+        self._pending_run: dict[str, tuple[str, kv.KvmVcpu, list[Any], str, str, int]] = {}
         #: Each guest's IA32_XFD_ERR as the guest expects to read it: set by its XFD #NMs
         #: (the CPU ORs in the component's bit), replaced by its own WRMSR.
         self.guest_xfd_err: dict[str, int] = {}
@@ -607,14 +613,22 @@ class KvmX86World(X86World):
         return {"faults": ",".join(faults) or "none",
                 "overflow": 0 if result.overflow is None else result.overflow.bytes_beyond}
 
-    def do_kvm_enter(self, task: str, vcpu: str, guest: str = "") -> dict[str, V]:
-        _t, nr = self.vmm_cpu(task, vcpu)
+    def do_kvm_enter(self, task: str, vcpu: str, guest: str = "",
+                     at: str = "entry") -> dict[str, V]:
+        t, nr = self.vmm_cpu(task, vcpu)
         v = self.vcpu(vcpu)
         ops = self._guest_ops(v, guest)
         self.m.enter_kernel(nr)
-        self.m.start(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops))
-        self._pending_run[task] = (vcpu, v, ops, guest)
-        return {}
+        done: list[Any] = []
+        self.m.start(nr, kv.kvm_arch_vcpu_ioctl_run, v, tuple(op for op, _ in ops), at, done)
+        if t.kpath is None:  # at: exit, and the program exited nowhere: the run is over
+            result = t.kresult
+            self.m.exit_to_user_mode(nr)
+            return {"stopped": False, **self._after_run(vcpu, v, ops, result)}
+        # Stopped inside the program: the guest expects what the ops before the exit did.
+        self._guest_contract(vcpu, v, ops[:len(done)], tuple(done))
+        self._pending_run[task] = (vcpu, v, ops, guest, at, len(done))
+        return {"stopped": True} if at == "exit" else {}
 
     def do_kvm_finish(self, task: str, irq: bool = False) -> dict[str, V]:
         t = self.task(task)
@@ -625,8 +639,9 @@ class KvmX86World(X86World):
         result, out = self._irq_in_lock(nr, irq, lambda: self.m.finish(nr))
         self.m.exit_to_user_mode(nr)
         del self._pending_run[task]
-        name, v, ops, _guest = pending
-        return {**self._after_run(name, v, ops, result), **out}
+        name, v, ops, _guest, _at, before = pending
+        rest = kv.RunResult(result.results[before:], result.overflow)
+        return {**self._after_run(name, v, ops[before:], rest), **out}
 
     def do_kvm_init(self, task: str, vcpu: str) -> dict[str, V]:
         _t, nr = self.vmm_cpu(task, vcpu)
@@ -884,7 +899,14 @@ class KvmX86World(X86World):
                         for at in ("exit", "xfd"):
                             acts.append(A("kvm_run", task=t.comm, vcpu=name,
                                           guest="wrmsr xfd 0x40000", irq=True, irq_at=at))
+                        for prog in ("wrmsr xfd 0x40000", "write xtiledata"):
+                            acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest=prog,
+                                          at="exit"))
                     acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
+                    # Preempted while KVM handles an exit: programs with one op that can exit,
+                    # so that where the run stopped is the program's and the state's to say.
+                    acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx; xsetbv",
+                                  at="exit"))
                     acts.append(A("kvm_init", task=t.comm, vcpu=name))
                     acts.append(A("get_xsave", task=t.comm, vcpu=name))
                     acts.append(A("set_xsave", task=t.comm, vcpu=name))
@@ -933,7 +955,8 @@ class KvmX86World(X86World):
                             user_fpu.size, fps_values(cn, self.m.system, user_fpu),
                             bytes(user_fpu.regs[512:528]), raw_digest(bytes(a.user_fpu_tail))),
                         self.guest_xfd_err[name], regs_values(cn, self.guest_loose[name])))
-        pending = tuple(sorted((task, p[0], p[3]) for task, p in self._pending_run.items()))
+        pending = tuple(sorted((task, p[0], p[3], p[4], p[5])
+                               for task, p in self._pending_run.items()))
         return tuple(out), pending
 
     def frame(self, action: str, violation: str | None, detail: str = "") -> Frame:

@@ -411,6 +411,14 @@ VARIANTS: tuple[Variant, ...] = (
                              "set_cet_msr", "set_cpuid", "set_fpu", "set_xcr0", "set_xsave",
                              "sigaction", "sigaltstack", "signal", "sigreturn", "suspend",
                              "syscall", "write", "write_nm"]}),
+    Variant("nm-xfd-err-read-irqs-on", "x86",
+            "the rule of v5.17's 'kvm: x86: Intercept #NM for saving IA32_XFD_ERR': 'This must "
+            "be done with interrupt disabled, otherwise the unsaved MSR value may be clobbered "
+            "by host operations'",
+            "a guest XFD #NM's IA32_XFD_ERR is read in handle_exit(), with interrupts and "
+            "preemption on: a vCPU thread preempted there and moved to another CPU reads that "
+            "CPU's 0, and the guest's #NM handler finds no XFD cause", "no-lost-write",
+            needs=(18,)),
 )
 
 BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}

@@ -22,13 +22,13 @@ Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fp
 ``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
 default features include CET_KERNEL, applied to the booted kernel by `model_system`),
 ``kvm-pkru-cr4-pke-only`` (fpu.py), ``get-xsave-unmasked`` (x86.py),
-``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid) and ``xfd-sync-after-irqoff``
-(fpu.py), from KVM's own history.
+``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid), ``xfd-sync-after-irqoff`` (fpu.py)
+and ``nm-xfd-err-read-irqs-on`` (`_guest_op`), from KVM's own history.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,14 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "judged by a stale fps->xfd, its IA32_XFD_ERR is not saved into guest_fpu.xfd_err "
             "and stays in the CPU's MSR: the guest's emulated WRMSR XFD_ERR 0 never reaches "
             "it, and a vCPU that runs on another CPU next reads 0"),
+    Variant("nm-xfd-err-read-irqs-on", "handle_nm_fault_irqoff",
+            "the rule of 'kvm: x86: Intercept #NM for saving IA32_XFD_ERR' (v5.17): 'This must "
+            "be done with interrupt disabled, otherwise the unsaved MSR value may be clobbered "
+            "by host operations'",
+            "a guest XFD #NM's IA32_XFD_ERR is read in handle_exit(), with interrupts and "
+            "preemption on: preempted in between and moved to another CPU (or after a host "
+            "task's own XFD #NM there), the vCPU thread reads that CPU's 0, and the guest's "
+            "#NM handler finds no XFD cause"),
 )}
 
 #: kvm_cpu_caps[CPUID_D_1_EAX] each vendor module keeps (VMX: XSAVES needs the "enable
@@ -342,68 +350,99 @@ def _exit(c: Any, vcpu: KvmVcpu, nm: bool = False) -> None:
 #: The place in the exit path where a hard interrupt armed for it arrives (Cpu.irq_in_lock_site):
 #: handle_exit(), which vcpu_enter_guest()'s caller runs with interrupts and preemption on.
 HANDLE_EXIT = "handle_exit"
+#: Where a KVM_RUN may be preempted (kvm_arch_vcpu_ioctl_run's ``preempt_at``): the run loop's
+#: cond_resched() before the first entry, or the handling of the program's first intercepted
+#: exit.
+PREEMPT_POINTS = ("entry", "exit")
 
 
-def _handle_exit_irqs_on(c: Any) -> None:
-    """vcpu_enter_guest() has returned and vcpu_run() handles the exit with interrupts on (the
-    model runs it without preemption): a hard interrupt armed for this place arrives now,
-    outside any fpregs_lock()ed section, so irq_fpu_usable() lets its handler take the FPU:
+class _Killed:
+    """A fatal signal arrived while the run was preempted: the loop leaves (-EINTR)."""
+
+
+KILLED = _Killed()
+
+
+def _handle_exit(c: Any, vcpu: KvmVcpu,
+                 preempt: list[bool]) -> Generator[None, Any, tuple[Any, bool]]:
+    """vcpu_enter_guest() has returned and vcpu_run() handles the exit with interrupts and
+    preemption on: a hard interrupt armed for this place arrives now, outside any
+    fpregs_lock()ed section, so irq_fpu_usable() lets its handler take the FPU --
     kernel_fpu_begin() saves the guest's registers into the guest fpstate (current's while it
-    is swapped in) and sets TIF_NEED_FPU_LOAD."""
+    is swapped in) and sets TIF_NEED_FPU_LOAD; then, if ``preempt`` (the run's one preemption
+    point) is here, the task is preempted, and the context switch saves them likewise. (The
+    CPU the task goes on with -- another after a migration --, whether a fatal signal came
+    meanwhile.)"""
     c.irqs_disabled = False
     core.irq_window(c, HANDLE_EXIT, named_only=True)
+    if preempt[0]:
+        preempt[0] = False
+        c = yield
+        return c, c.current.killed_by is not None
+    return c, False
 
 
 def _reenter(c: Any, vcpu: KvmVcpu) -> None:
     """vcpu_enter_guest() again after an exit handled with interrupts on: interrupts off, the
-    guest's registers reloaded if an interrupt saved them meanwhile (TIF_NEED_FPU_LOAD ->
-    switch_fpu_return(), as at the first entry), then the guest's XCR0, XSS, PKRU and
-    XFD_ERR (kvm_load_guest_xsave_state)."""
+    guest's registers reloaded if an interrupt or a context switch saved them meanwhile
+    (TIF_NEED_FPU_LOAD -> switch_fpu_return(), as at the first entry), then the guest's XCR0,
+    XSS, PKRU and XFD_ERR (kvm_load_guest_xsave_state)."""
     c.irqs_disabled = True
     if c.current.need_fpu_load:
         core.switch_fpu_return(c)
+    vcpu.last_vmentry_cpu = c.nr
     kfpu.kvm_load_guest_xsave_state(c, vcpu)
 
 
-def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
-    """One guest action on the CPU (in guest mode, guest XCR0/XSS/PKRU loaded)."""
+def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp,
+              preempt: list[bool]) -> Generator[None, Any, tuple[Any, Any]]:
+    """One guest action on the CPU (in guest mode, guest XCR0/XSS/PKRU loaded): (its result,
+    the CPU the guest runs on afterwards), or (`KILLED`, the CPU) when a fatal signal ended
+    the run while an exit's handling was preempted (``preempt``: `_handle_exit`)."""
     arch = vcpu.arch
     if op.kind in ("write", "read") and op.number >= 2 and not arch.cr4_osxsave:
-        return Fault("#UD", "guest CR4.OSXSAVE = 0: no XSAVE-managed state beyond x87/SSE")
+        return Fault("#UD", "guest CR4.OSXSAVE = 0: no XSAVE-managed state beyond x87/SSE"), c
     if op.kind == "write":
         if op.number >= 2 and not (c.regs.xcr0 >> op.number) & 1:
-            return Fault("#UD", f"XCR0[{op.number}] = 0")  # before any operand is read
+            return Fault("#UD", f"XCR0[{op.number}] = 0"), c  # before any operand is read
         data = op.data if op.data is not None else _guest_token(c, vcpu, op.number)
         fault = c.regs.user_write(op.number, data)
         if fault is not None and fault.vector == "#NM" and arch.xfd_no_write_intercept:
             # The #NM intercept (exception bitmap), then its re-injection into the guest.
-            _exit(c, vcpu, nm=True)
-            _handle_exit_irqs_on(c)
+            late = vcpu.kvm.has_variant("nm-xfd-err-read-irqs-on")
+            _exit(c, vcpu, nm=not late)
+            c, killed = yield from _handle_exit(c, vcpu, preempt)
+            if killed:
+                return KILLED, c
+            if late:
+                kfpu.handle_nm_fault_irqoff(c, vcpu)
             _reenter(c, vcpu)
-        return fault
+        return fault, c
     if op.kind == "read":
         if op.number >= 2 and not (c.regs.xcr0 >> op.number) & 1:
-            return Fault("#UD", f"XCR0[{op.number}] = 0")
-        return c.regs.component(op.number)
+            return Fault("#UD", f"XCR0[{op.number}] = 0"), c
+        return c.regs.component(op.number), c
     if op.kind == "release":
         c.regs.init_components(op.value & c.regs.xcr0)
-        return None
+        return None, c
     if op.kind == "ldmxcsr":  # no exit: LDMXCSR is not intercepted
-        return c.regs.set_mxcsr(op.value)
+        return c.regs.set_mxcsr(op.value), c
     if op.kind in ("clts", "stts"):
         arch.cr0_ts = op.kind == "stts"
-        return None
+        return None, c
     if op.kind == "rdmsr" and op.number == x86.MSR_IA32_XFD_ERR and guest_cpu_cap_has(
             vcpu.kvm.caps, arch.cpuid, XFD):
-        return c.regs.xfd_err  # reads pass through once the guest has XFD (vmx.c)
+        return c.regs.xfd_err, c  # reads pass through once the guest has XFD (vmx.c)
     if op.kind == "wrmsr" and op.number == x86.MSR_IA32_XFD and arch.xfd_no_write_intercept:
         if op.value & ~x86.kvm_guest_supported_xfd(vcpu):
-            return Fault("#GP", f"WRMSR IA32_XFD {op.value:#x}: bits the CPU cannot arm")
+            return Fault("#GP", f"WRMSR IA32_XFD {op.value:#x}: bits the CPU cannot arm"), c
         c.regs.xfd = op.value  # passed through since the first nonzero write
-        return None
+        return None, c
     # Everything else is intercepted: exit, handle (interrupts on), re-enter.
     _exit(c, vcpu)
-    _handle_exit_irqs_on(c)
+    c, killed = yield from _handle_exit(c, vcpu, preempt)
+    if killed:
+        return KILLED, c
     if op.kind == "xsetbv":
         result: Any = x86.kvm_emulate_xsetbv(vcpu, op.cpl, op.number, op.value)
     elif op.kind == "wrmsr":
@@ -418,7 +457,7 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp) -> Any:
     else:
         raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {', '.join(sorted(GUEST_OPS))})")
     _reenter(c, vcpu)
-    return result
+    return result, c
 
 
 #: The writer ids of guests' values (fpstate.kernel.x86.hw.token) have this bit.
@@ -436,19 +475,28 @@ def _guest_token(c: Any, vcpu: KvmVcpu, i: int) -> bytes:
     return token(guest_owner(vcpu), c.m.generation, i, c.regs.size(i))
 
 
-def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KPath:
+def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp],
+                            preempt_at: str = "entry", done: list[Any] | None = None) -> KPath:
     """KVM_RUN -> kvm_arch_vcpu_ioctl_run() (x86.c): kvm_load_guest_fpu(); a pending INIT is
-    accepted with the guest FPU loaded; one preemption point (the run loop's cond_resched());
-    vcpu_enter_guest(): the guest registers reloaded if a context switch saved them
-    (TIF_NEED_FPU_LOAD -> switch_fpu_return), guest XCR0/XSS/PKRU and XFD_ERR loaded, the ops,
-    host state back; kvm_put_guest_fpu(). Returns a `RunResult`."""
+    accepted with the guest FPU loaded; one preemption point, ``preempt_at``: the run loop's
+    cond_resched() before the first entry, or the handling of the first intercepted exit
+    (`_handle_exit`; a program without one is not preempted); vcpu_enter_guest(): the guest
+    registers reloaded if a context switch saved them (TIF_NEED_FPU_LOAD ->
+    switch_fpu_return), guest XCR0/XSS/PKRU and XFD_ERR loaded, the ops, host state back;
+    kvm_put_guest_fpu(). Returns a `RunResult` (without the results of the ops a fatal signal
+    kept from running); ``done``, if given, receives each op's result as it completes (what a
+    caller sees of a run stopped at its preemption point)."""
     for op in ops:
         if op.kind not in GUEST_OPS:
             raise IllegalEvent(f"unknown guest op {op.kind!r} (known: {sorted(GUEST_OPS)})")
+    if preempt_at not in PREEMPT_POINTS:
+        raise IllegalEvent(f"unknown preemption point {preempt_at!r} "
+                           f"(known: {', '.join(PREEMPT_POINTS)})")
     vcpu.wants_to_run = True
     overflow = kfpu.kvm_load_guest_fpu(c, vcpu)
     kvm_apic_accept_events(c, vcpu)
-    c = yield
+    if preempt_at == "entry":
+        c = yield
     if c.current.killed_by is not None:
         # A fatal signal arrived while the run loop was preempted: kvm_vcpu_exit_request()
         # / xfer_to_guest_mode_handle_work() leave the loop (-EINTR) without entering the
@@ -463,7 +511,16 @@ def kvm_arch_vcpu_ioctl_run(c: Any, vcpu: KvmVcpu, ops: Sequence[GuestOp]) -> KP
     c.irqs_disabled = True
     vcpu.last_vmentry_cpu = c.nr
     kfpu.kvm_load_guest_xsave_state(c, vcpu)
-    results = [_guest_op(c, vcpu, op) for op in ops]
+    preempt = [preempt_at == "exit"]
+    results: list[Any] = [] if done is None else done
+    for op in ops:
+        result, c = yield from _guest_op(c, vcpu, op, preempt)
+        if result is KILLED:
+            # kvm_vcpu_exit_request(): out of the run loop with the guest FPU put back.
+            kfpu.kvm_put_guest_fpu(c, vcpu)
+            vcpu.wants_to_run = False
+            return RunResult(tuple(results), overflow)
+        results.append(result)
     _exit(c, vcpu)
     c.irqs_disabled = False
     kfpu.kvm_put_guest_fpu(c, vcpu)
