@@ -547,3 +547,26 @@ def test_the_two_positions_of_a_suspended_run_have_different_keys() -> None:
     exit_.step(A("kvm_enter", task="vmm.t0", vcpu="vm0.v0", guest="wrmsr xfd 0x40000",
                  at="exit"))
     assert entry.key() != exit_.key()
+
+
+def test_a_thread_group_that_dies_while_kvm_run_is_preempted_at_an_exit() -> None:
+    """As kill-while-preempted-in-kvm-run.yaml, at the exit's preemption point: p1.t1 takes
+    an AMX #NM without permission (SIGSEGV kills the group) while p1.t0 is switched out inside
+    KVM's handling of its guest's XSETBV. p1.t0 leaves the run without re-entering: the
+    guest FPU is put back, and the guest keeps the AVX it wrote before the exit."""
+    w = make_world("x86", {"cpus": 2, "processes": {"p0": 1, "p1": 2},
+                           "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1}}}, None)
+    steps = [A("run", task="p1.t0", cpu=0),
+             A("kvm_enter", task="p1.t0", vcpu="vm0.v0", guest="write avx; xsetbv; read avx",
+               at="exit"),
+             A("run", task="p0.t0", cpu=0), A("run", task="p1.t1", cpu=1),
+             A("write", task="p1.t1", component="xtiledata"),
+             A("run", task="p1.t0", cpu=1)]
+    for a in steps:
+        r = w.step(a)
+        assert not r.violations, (a, r.violations)
+    r = w.step(A("kvm_finish", task="p1.t0"))
+    assert not r.violations
+    v = w.vcpus["vm0.v0"]
+    assert not v.wants_to_run and not v.arch.guest_fpu.fpstate.in_use
+    assert w.do_observe_vcpu("vm0.v0")["avx"] == "vm0.v0#1"
