@@ -4,6 +4,8 @@ should see, with several VMMs at once."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fpstate.check.scenario import make_world
 from fpstate.check.world import Action
@@ -380,8 +382,8 @@ def test_an_edit_of_sse_gives_the_guest_the_mxcsr_its_buffer_held(
     assert "KVM_GET_XSAVE2 of vm0.v0 shows MXCSR = MXCSR 0x3f80" in report.violation[1].detail
     sc = scn.load(path)
     w = make_world(sc.model, {**sc.config, "fixes": []}, None)
-    for st in sc.steps[:3]:
-        w.step(st.action)
+    for step in sc.steps[:3]:
+        w.step(step.action)
     edit = sc.steps[4].action
     assert w.clone().step(edit).violations[0].invariant == "regset-view-shows-the-task"
     monkeypatch.setattr(X86World, "_mxcsr_after_uabi_set", lambda self, name, mxcsr, bv: None)
@@ -570,3 +572,25 @@ def test_a_thread_group_that_dies_while_kvm_run_is_preempted_at_an_exit() -> Non
     v = w.vcpus["vm0.v0"]
     assert not v.wants_to_run and not v.arch.guest_fpu.fpstate.in_use
     assert w.do_observe_vcpu("vm0.v0")["avx"] == "vm0.v0#1"
+
+
+_WORDS = st.sampled_from(["write", "read", "release", "wrmsr", "rdmsr", "xfd", "xfd_err",
+                          "avx", "xtiledata", "0x40000", "0", "-1", "0x1_0000_0000_0000_0000",
+                          "zz", "xsetbv", "init", "ldmxcsr", "pkru", "avx|zz", ";", " "])
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(_WORDS, max_size=8))
+def test_a_guest_program_either_runs_or_is_refused_by_name(words: list[str]) -> None:
+    """Fuzz the guest program grammar: any text runs, or fails with a StepError (one line
+    naming what is wrong), never another exception."""
+    from fpstate.check.world import StepError
+
+    w = _FUZZ_WORLD.clone()
+    try:
+        w.step(_run(" ".join(words)))
+    except StepError as e:
+        assert "\n" not in str(e) and str(e)
+
+
+_FUZZ_WORLD = _amx_world()
