@@ -901,3 +901,33 @@ def test_the_fix_refuses_an_armed_component_that_reaches_the_copy() -> None:
     with pytest.raises(KernelBug, match="xfd-armed-in-uabi-buffer"):
         fpu_copy_uabi_to_guest_fpstate(v.m.cpus[0], vcpu.arch.guest_fpu, bytes(buf),
                                        v.kvm.caps.supported_xcr0, [0])
+
+
+# -- the #NM bit of the exception bitmap ---------------------------------------------------------
+
+
+def test_a_host_initiated_nonzero_xfd_write_also_passes_xfd_writes_through() -> None:
+    """vmx_set_msr() disables XFD write interception on any successful nonzero write, a
+    VMM's KVM_SET_MSRS (a migration restoring XFD) included, and traps #NM from then on."""
+    v, vcpu = _xfd_guest()
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, 0)]) == 1  # KVM_SET_MSRS: the count set
+    assert not vcpu.arch.xfd_no_write_intercept and not vcpu.arch.nm_intercepted
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == 1
+    assert vcpu.arch.xfd_no_write_intercept and vcpu.arch.nm_intercepted
+    r = v.run(vcpu, [GuestOp("write", 18), GuestOp("rdmsr", x86.MSR_IA32_XFD_ERR)])
+    assert r.results[0].vector == "#NM" and r.results[1] == XTILE_DATA
+    assert vcpu.arch.guest_fpu.xfd_err == XTILE_DATA  # saved at the intercepted #NM
+
+
+@pytest.mark.parametrize("variants", [(), ("nm-intercept-follows-xfd",)])
+def test_the_nm_intercept_after_an_init_with_xfd_disarmed(variants) -> None:
+    v, vcpu = _xfd_guest(variants)
+    v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA),
+                 GuestOp("wrmsr", x86.MSR_IA32_XFD, 0), GuestOp("init")])
+    # kvm_vcpu_reset() brought the bitmap up to date while the guest's XFD was 0.
+    assert vcpu.arch.nm_intercepted is not bool(variants)
+    r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA), GuestOp("write", 18)])
+    assert r.results[1].vector == "#NM"
+    # Not trapped, the #NM leaves XFD_ERR in the CPU's MSR, which the host then keeps.
+    assert vcpu.arch.guest_fpu.xfd_err == (0 if variants else XTILE_DATA)
+    assert v.m.cpus[0].regs.xfd_err == (XTILE_DATA if variants else 0)

@@ -977,7 +977,8 @@ class KvmX86World(X86World):
 #: PKRU and the host's PKRU go in apart (statekey.pkru_value: a guest's token is ranked).
 _ARCH_FIELDS = attrgetter("xcr0", "ia32_xss", "guest_supported_xcr0",
                           "guest_supported_xss", "cpuid_dynamic_bits_dirty",
-                          "xfd_no_write_intercept", "cr4_osxsave", "cr4_pke", "cr0_ts")
+                          "xfd_no_write_intercept", "nm_intercepted", "cr4_osxsave",
+                          "cr4_pke", "cr0_ts")
 _GUEST_FPU_FIELDS = attrgetter("xfeatures", "xfd_err", "uabi_size")
 
 

@@ -414,7 +414,8 @@ FIELDS: dict[str, dict[str, str]] = {
     "VcpuArch": dict.fromkeys((
         "guest_fpu", "xcr0", "ia32_xss", "pkru", "host_pkru", "guest_supported_xcr0",
         "guest_supported_xss", "cpuid", "cpuid_dynamic_bits_dirty", "xfd_no_write_intercept",
-        "cr4_osxsave", "cr4_pke", "cr0_ts", "user_fpu", "user_fpu_tail"), "key"),
+        "nm_intercepted", "cr4_osxsave", "cr4_pke", "cr0_ts", "user_fpu", "user_fpu_tail"),
+        "key"),
     "FpuGuest": dict.fromkeys(("xfeatures", "xfd_err", "uabi_size", "fpstate"), "key"),
     "Machine": {
         **dict.fromkeys(("cpus", "tasks", "next_pid"), "key"),

@@ -22,8 +22,9 @@ Variants (rejected designs, `KVM_VARIANTS`): ``kvm-save-min-size`` (seed 000, fp
 ``init-keeps-cet`` (seed 003, x86.py), ``guest-only-in-host-fpstate`` (seed 001: the host's
 default features include CET_KERNEL, applied to the booted kernel by `model_system`),
 ``kvm-pkru-cr4-pke-only`` (fpu.py), ``get-xsave-unmasked`` (x86.py),
-``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid), ``xfd-sync-after-irqoff`` (fpu.py)
-and ``nm-xfd-err-read-irqs-on`` (`_guest_op`), from KVM's own history.
+``user-xfeatures-guest-only`` (kvm_vcpu_after_set_cpuid), ``xfd-sync-after-irqoff`` (fpu.py),
+``nm-intercept-follows-xfd`` (x86.py) and ``nm-xfd-err-read-irqs-on`` (`_guest_op`), from
+KVM's own history.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ KVM_VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "judged by a stale fps->xfd, its IA32_XFD_ERR is not saved into guest_fpu.xfd_err "
             "and stays in the CPU's MSR: the guest's emulated WRMSR XFD_ERR 0 never reaches "
             "it, and a vCPU that runs on another CPU next reads 0"),
+    Variant("nm-intercept-follows-xfd", "vmx_update_exception_bitmap",
+            "b5274b1b7ba8 'kvm: x86: Disable interception for IA32_XFD on demand' (v5.17) "
+            "without its exception-bitmap hunk, which replaced v4's rule (#NM trapped iff the "
+            "guest fpstate's xfd is nonzero): 'Always trap #NM in this case for proper "
+            "virtualization of guest xfd_err'",
+            "with XFD writes passed through, the #NM intercept follows fps->xfd as it was at "
+            "the last bitmap update (an INIT, the first nonzero XFD write): a guest that "
+            "disarmed XFD before an INIT and arms it again takes its XFD #NM without an exit, "
+            "KVM saves no XFD_ERR and leaves it in the CPU's MSR: the guest's WRMSR XFD_ERR 0 "
+            "never reaches it, and on another CPU it reads 0"),
     Variant("nm-xfd-err-read-irqs-on", "handle_nm_fault_irqoff",
             "the rule of 'kvm: x86: Intercept #NM for saving IA32_XFD_ERR' (v5.17): 'This must "
             "be done with interrupt disabled, otherwise the unsaved MSR value may be clobbered "
@@ -205,6 +216,8 @@ class VcpuArch:
     cpuid: tuple[CpuidEntry2, ...] = ()
     cpuid_dynamic_bits_dirty: bool = False
     xfd_no_write_intercept: bool = False
+    #: the #NM bit of the VMCS exception bitmap, as vmx_update_exception_bitmap() last set it
+    nm_intercepted: bool = False
     cr4_osxsave: bool = False
     cr4_pke: bool = False
     cr0_ts: bool = False
@@ -407,7 +420,7 @@ def _guest_op(c: Any, vcpu: KvmVcpu, op: GuestOp,
             return Fault("#UD", f"XCR0[{op.number}] = 0"), c  # before any operand is read
         data = op.data if op.data is not None else _guest_token(c, vcpu, op.number)
         fault = c.regs.user_write(op.number, data)
-        if fault is not None and fault.vector == "#NM" and arch.xfd_no_write_intercept:
+        if fault is not None and fault.vector == "#NM" and arch.nm_intercepted:
             # The #NM intercept (exception bitmap), then its re-injection into the guest.
             late = vcpu.kvm.has_variant("nm-xfd-err-read-irqs-on")
             _exit(c, vcpu, nm=not late)

@@ -192,9 +192,10 @@ def kvm_set_msr_common(c: Cpu, vcpu: KvmVcpu, index: int, data: int,
     IA32_XSS: KVM_MSR_RET_UNSUPPORTED without the guest's XSAVES cap (host writes too); 1 for
     a bit outside guest_supported_xss; a change marks CPUID dirty. IA32_XFD and IA32_XFD_ERR:
     a guest access needs the guest's XFD cap (1 otherwise, host accesses pass); 1 for a bit
-    outside guest_supported_xcr0 & XTILE_DATA; XFD goes through fpu_update_guest_xfd(), the
-    first nonzero guest write stops write interception (VMX, vmx_set_msr), XFD_ERR is stored
-    in guest_fpu.xfd_err.
+    outside guest_supported_xcr0 & XTILE_DATA; XFD goes through fpu_update_guest_xfd(), and
+    the first nonzero write -- the guest's, or a host-initiated one -- stops write
+    interception and updates the exception bitmap (VMX, vmx_set_msr); XFD_ERR is stored in
+    guest_fpu.xfd_err.
     """
     arch = vcpu.arch
     caps = vcpu.kvm.caps
@@ -214,8 +215,9 @@ def kvm_set_msr_common(c: Cpu, vcpu: KvmVcpu, index: int, data: int,
             return 1
         if index == MSR_IA32_XFD:
             fpu_update_guest_xfd(c, arch.guest_fpu, data)
-            if not host_initiated and data:
+            if data:  # vmx_set_msr(): host-initiated writes too
                 arch.xfd_no_write_intercept = True
+                vmx_update_exception_bitmap(vcpu)
         else:
             arch.guest_fpu.xfd_err = data
         return 0
@@ -540,16 +542,30 @@ def kvm_xstate_reset(c: Cpu, vcpu: KvmVcpu, init_event: bool) -> int:
     return mask
 
 
+def vmx_update_exception_bitmap(vcpu: KvmVcpu) -> None:
+    """The #NM bit of vmx_update_exception_bitmap() (vmx.c): trapped once XFD writes pass
+    through (xfd_no_write_intercept: "Always trap #NM in this case for proper virtualization
+    of guest xfd_err"). Variant ``nm-intercept-follows-xfd`` keeps v4's rule, trapped iff the
+    guest fpstate's xfd is nonzero -- right only while every XFD write is intercepted."""
+    arch = vcpu.arch
+    if vcpu.kvm.has_variant("nm-intercept-follows-xfd"):
+        arch.nm_intercepted = bool(arch.guest_fpu.fpstate.xfd)
+    else:
+        arch.nm_intercepted = arch.xfd_no_write_intercept
+
+
 def kvm_vcpu_reset(c: Cpu, vcpu: KvmVcpu, init_event: bool) -> int:
     """The XSAVE part of kvm_vcpu_reset() (x86.c): kvm_xstate_reset(); on RESET (not INIT)
     also XCR0 = x87 through __kvm_set_xcr and a host-initiated IA32_XSS = 0 (whose result is
     ignored: without XSAVES the write is refused and XSS stays 0 anyway). INIT keeps XCR0,
-    IA32_XSS and every component outside the cleared mask. Returns the mask INIT zeroed."""
+    IA32_XSS and every component outside the cleared mask. Both end with the exception bitmap
+    brought up to date (`vmx_update_exception_bitmap`). Returns the mask INIT zeroed."""
     cleared = kvm_xstate_reset(c, vcpu, init_event)
     if not init_event:
         __kvm_set_xcr(vcpu, XCR_XFEATURE_ENABLED_MASK, XFEATURE_MASK_FP)
         kvm_do_msr_access_write(c, vcpu, MSR_IA32_XSS, 0, True)
         vcpu.arch.ia32_xss = 0
+    vmx_update_exception_bitmap(vcpu)
     return cleared
 
 
@@ -558,5 +574,5 @@ __all__ = [
     "__kvm_set_xcr", "kvm_arch_vcpu_ioctl_get_xsave", "kvm_arch_vcpu_ioctl_get_xsave2",
     "kvm_arch_vcpu_ioctl_set_xsave", "kvm_emulate_xsetbv", "kvm_vcpu_ioctl_get_msrs",
     "kvm_vcpu_ioctl_set_msrs", "kvm_vcpu_ioctl_x86_get_xcrs", "kvm_vcpu_ioctl_x86_set_xcrs",
-    "kvm_vcpu_reset", "kvm_xstate_reset",
+    "kvm_vcpu_reset", "kvm_xstate_reset", "vmx_update_exception_bitmap",
 ]
