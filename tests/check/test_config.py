@@ -47,8 +47,11 @@ X86 = [
                                "'resume_pkru'"),
     ({"fixes": ["xfd_state_synced"]}, "config.fixes: 'xfd_state_synced' is not a fix the model "
                                       "applies by name (known: guest_xfd_clears_xstate_bv, "
-                                      "mxcsr_by_format, mxcsr_flip_inits_xmm, resume_pkru, "
+                                      "guest_xfd_host_write, mxcsr_by_format, "
+                                      "mxcsr_flip_inits_xmm, resume_pkru, "
                                       "resume_xfd_set_state)"),
+    ({"fixes": ["guest_xfd_host_write"]}, "config.fixes: 'guest_xfd_host_write' amends "
+                                          "'guest_xfd_clears_xstate_bv', which is not listed"),
     ({"fixes": ["mxcsr_flip_inits_xmm"]}, "config.fixes: 'mxcsr_flip_inits_xmm' amends "
                                           "'mxcsr_by_format', which is not listed"),
     ({"omit": "fork"}, "config.omit: must be a list of action names, not 'fork'"),

@@ -594,3 +594,25 @@ def test_a_guest_program_either_runs_or_is_refused_by_name(words: list[str]) -> 
 
 
 _FUZZ_WORLD = _amx_world()
+
+
+def test_a_vmms_xfd_write_holds_the_guest_to_the_armed_rules() -> None:
+    """set_xfd_msr: KVM_SET_MSRS of IA32_XFD from the VMM. With the proposed amendment of
+    b45f72177594 the guest's tile data goes to its initial configuration (allowed: it holds a
+    value of its own in an armed component); with the merged fix alone (the unfixed variant)
+    the guest fpstate cannot be restored."""
+    fixes = {**AMX_VM, "fixes": ["guest_xfd_clears_xstate_bv", "guest_xfd_host_write"]}
+    w = make_world("x86", fixes, None)
+    for a in [A("run", task="vmm.t0", cpu=0), _run("write xtiledata")]:
+        w.step(a)
+    assert A("set_xfd_msr", task="vmm.t0", vcpu="vm0.v0") in w.enabled_actions()
+    r = w.step(A("set_xfd_msr", task="vmm.t0", vcpu="vm0.v0"))
+    assert not r.violations and r.observed == {"ret": 1}
+    assert w.guest_loose["vm0.v0"] == {18: w.expected["vm0.v0"][18]}
+    assert w.do_observe_vcpu("vm0.v0")["xtiledata"] == "init"
+    assert not w.step(_run(HANDLER)).violations
+    w = make_world("x86", fixes, "guest-xfd-host-write-keeps-xstate-bv")
+    for a in [A("run", task="vmm.t0", cpu=0), _run("write xtiledata")]:
+        w.step(a)
+    r = w.step(A("set_xfd_msr", task="vmm.t0", vcpu="vm0.v0"))
+    assert "no-lost-write" in {v.invariant for v in r.violations}

@@ -165,13 +165,17 @@ def test_a_variant_runs_the_unfixed_code_even_with_its_fix() -> None:
 
 def test_an_unknown_fix_is_refused_by_name() -> None:
     with pytest.raises(FpstateError, match=r"unknown fix\(es\) xfd_state_synced \(known: "
-                                           r"guest_xfd_clears_xstate_bv, mxcsr_by_format, "
+                                           r"guest_xfd_clears_xstate_bv, guest_xfd_host_write, "
+                                           r"mxcsr_by_format, "
                                            r"mxcsr_flip_inits_xmm, resume_pkru, "
                                            r"resume_xfd_set_state\)"):
         Machine.boot("sapphire-rapids", fixes={"xfd_state_synced"})
     with pytest.raises(FpstateError, match=r"^proposed fix mxcsr_flip_inits_xmm amends "
                                            r"mxcsr_by_format, which is not applied$"):
         Machine.boot("sapphire-rapids", fixes={"mxcsr_flip_inits_xmm"})
+    with pytest.raises(FpstateError, match=r"^proposed fix guest_xfd_host_write amends "
+                                           r"guest_xfd_clears_xstate_bv, which is not applied$"):
+        Machine.boot("sapphire-rapids", fixes={"guest_xfd_host_write"})
 
 
 # -- hibernation (S4) ---------------------------------------------------------------------------

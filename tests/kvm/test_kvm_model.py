@@ -931,3 +931,27 @@ def test_the_nm_intercept_after_an_init_with_xfd_disarmed(variants) -> None:
     # Not trapped, the #NM leaves XFD_ERR in the CPU's MSR, which the host then keeps.
     assert vcpu.arch.guest_fpu.xfd_err == (0 if variants else XTILE_DATA)
     assert v.m.cpus[0].regs.xfd_err == (XTILE_DATA if variants else 0)
+
+
+@pytest.mark.parametrize("fixes, stored", [
+    ({"guest_xfd_clears_xstate_bv"}, True),  # b45f72177594 as merged
+    ({"guest_xfd_clears_xstate_bv", "guest_xfd_host_write"}, False),
+])
+def test_a_vmms_xfd_write_outside_kvm_run_with_the_guests_tile_data(fixes, stored) -> None:
+    """fpu_update_guest_xfd() from a VMM's KVM_SET_MSRS, outside KVM_RUN: current is the VMM
+    thread, whose TIF_NEED_FPU_LOAD is clear -- its own registers are live -- while the guest
+    fpstate, not swapped in, holds XSTATE_BV[18] = 1. The merged fix tests the flag alone and
+    keeps the bit: the next KVM_RUN's XRSTORS takes #NM in the host. The proposed amendment
+    tests !fpstate->in_use too."""
+    v, vcpu = _xfd_guest(fixes=fixes)
+    v.run(vcpu, [GuestOp("write", 18)])
+    fps = vcpu.arch.guest_fpu.fpstate
+    assert fps.xstate_bv & XTILE_DATA and not fps.in_use and not v.task.need_fpu_load
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == 1
+    assert bool(fps.xstate_bv & XTILE_DATA) is stored
+    if stored:
+        with pytest.raises(KernelBug, match="unexpected-nm"):
+            v.run(vcpu, [])
+    else:
+        r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, 0), GuestOp("read", 18)])
+        assert r.results[1] == bytes(8192)  # TILEDATA's initial configuration

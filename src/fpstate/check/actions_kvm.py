@@ -165,6 +165,12 @@ KVM_SPECS.update({s.name: s for s in (
     ActionSpec("observe_vcpu", "what the guest would see and where its state lives (for "
                "expect:), with its fpstate's XFD and XSTATE_BV and KVM's copy of its XFD_ERR",
                {"vcpu": _VCPU}),
+    ActionSpec("set_xfd_msr", "KVM_SET_MSRS of IA32_XFD by the VMM (host-initiated: a restore "
+               "of saved MSRs, a debugger): the guest's contract is that of its own WRMSR "
+               "(output ret: the number of MSRs written, 0 or 1)",
+               {"task": _VMM, "vcpu": _VCPU,
+                "value": FieldSpec(int, "the value (default 0x40000: arm TILEDATA)",
+                                   required=False, default=1 << 18)}),
     ActionSpec("set_cet_msr", "KVM_SET_MSRS of an XSAVE-managed CET MSR (IA32_U_CET for "
                "cet_user, IA32_PL0_SSP for cet_kernel): the guest FPU is loaded around the "
                "WRMSR", {"task": _VMM, "vcpu": _VCPU,
@@ -850,6 +856,19 @@ class KvmX86World(X86World):
         self.expected[vcpu][i] = value
         return {"ret": ret}
 
+    def do_set_xfd_msr(self, task: str, vcpu: str, value: int = 1 << 18) -> dict[str, V]:
+        """KVM_SET_MSRS of IA32_XFD = ``value`` from the VMM (host-initiated: a restore, a
+        debugger). The guest's contract is that of its own WRMSR: a component the write arms
+        while it holds a value of the guest's may read back as initial (`guest_loose`)."""
+        _t, nr = self.vmm_cpu(task, vcpu)
+        v = self.vcpu(vcpu)
+        written = self.m.syscall(nr, _path(kx86.kvm_vcpu_ioctl_set_msrs), v,
+                                 [(kx86.MSR_IA32_XFD, value)])
+        if written == 1:
+            self._guest_msr_contract(vcpu, kv.GuestOp("wrmsr", kx86.MSR_IA32_XFD, value),
+                                     None, None)
+        return {"ret": written}
+
     # -- exploration -------------------------------------------------------------------------
 
     #: "xsetbv; write pkru": PKRU in the guest's XCR0 but CR4.PKE clear, so XRSTOR writes it.
@@ -902,6 +921,7 @@ class KvmX86World(X86World):
                         for prog in ("wrmsr xfd 0x40000", "write xtiledata"):
                             acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest=prog,
                                           at="exit"))
+                        acts.append(A("set_xfd_msr", task=t.comm, vcpu=name))
                     acts.append(A("kvm_enter", task=t.comm, vcpu=name, guest="write avx"))
                     # Preempted while KVM handles an exit: programs with one op that can exit,
                     # so that where the run stopped is the program's and the state's to say.

@@ -528,6 +528,9 @@ class X86World(X86Views, World):
         if "mxcsr_flip_inits_xmm" in fixes and "mxcsr_by_format" not in fixes:
             raise ScenarioError("config.fixes: 'mxcsr_flip_inits_xmm' amends 'mxcsr_by_format', "
                                 "which is not listed")
+        if "guest_xfd_host_write" in fixes and "guest_xfd_clears_xstate_bv" not in fixes:
+            raise ScenarioError("config.fixes: 'guest_xfd_host_write' amends "
+                                "'guest_xfd_clears_xstate_bv', which is not listed")
 
     @classmethod
     def task_names(cls, config: Mapping[str, Any]) -> list[str]:

@@ -48,12 +48,13 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
     # 6.18 with the proposed fixes of its two suspend/resume bugs (kernel-findings 10) and
     # of its stale MXCSR in UABI buffers (kernel-findings 6: Chang S. Bae's v3 and our
     # amendment), and with 6.19's fix of guest XFD and XSTATE_BV (b45f72177594, also in
-    # the stable trees), so that the walks look past them; their variants run the code
-    # without.
+    # the stable trees) and our amendment of it for a VMM's XFD writes, so that the walks
+    # look past them; their variants run the code without.
     "x86": {"cpu": "sapphire-rapids", "cpus": 2, "processes": {"p0": 2, "p1": 2},
             "vms": {"vm0": {"vmm": "p1.t0", "vcpus": 1, "guest_amx": True}},
             "fixes": ["resume_pkru", "resume_xfd_set_state", "mxcsr_by_format",
-                      "mxcsr_flip_inits_xmm", "guest_xfd_clears_xstate_bv"]},
+                      "mxcsr_flip_inits_xmm", "guest_xfd_clears_xstate_bv",
+                      "guest_xfd_host_write"]},
     # The Arm FVP profile with FPMR, a VMM and one other task, 1 VM with 1 vCPU.
     "arm64": {"cpu": "fvp-aem-fpmr", "cpus": 2, "tasks": ["other"],
               "vms": {"vm0": {"vcpus": 1}}},

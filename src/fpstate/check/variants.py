@@ -414,6 +414,15 @@ VARIANTS: tuple[Variant, ...] = (
             # the VMM alone, with what moves it between CPUs and its guest's runs: the
             # counterexample is three guest programs, a move and a fourth program
             config=VMM_ALONE),
+    Variant("guest-xfd-host-write-keeps-xstate-bv", "x86",
+            "b45f72177594 as merged (6.19 and stable), unfixed (kvm-findings, session 34; "
+            "proposed fix guest_xfd_host_write)",
+            "fpu_update_guest_xfd() clears an armed component's XSTATE_BV bit only under "
+            "current's TIF_NEED_FPU_LOAD: a VMM's KVM_SET_MSRS of a nonzero IA32_XFD outside "
+            "KVM_RUN, its own registers live, leaves the guest's tile data in XSTATE_BV, and "
+            "the next KVM_RUN's XRSTORS takes #NM in the host", "kernel-warn", needs=(18,),
+            # the guest's view of a fpstate that cannot be restored shows nothing
+            also=("no-lost-write",)),
     Variant("nm-intercept-follows-xfd", "x86",
             "b5274b1b7ba8 (v5.17) without its exception-bitmap hunk: v4's rule of the KVM AMX "
             "series, #NM trapped iff the guest fpstate's xfd is nonzero",
@@ -439,10 +448,11 @@ BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}
 SEED_VARIANTS: tuple[str, ...] = ("kvm-save-min-size", "guest-only-in-host-fpstate",
                                   "fpmr-ungated", "init-keeps-cet", "pasid-write-incoherent")
 #: The variants that are the newest modelled kernel's own code, bugs this model found in it
-#: (docs/findings/kernel-findings.md section 10; the default configuration applies their
-#: proposed fixes): fpstate check requires each to be found as well.
+#: (docs/findings/kernel-findings.md sections 10 and 6, and kvm-findings.md: the guest XFD
+#: left by b45f72177594; the default configuration applies their proposed fixes): fpstate
+#: check requires each to be found as well.
 UNFIXED_VARIANTS: tuple[str, ...] = ("pkru-lost-on-resume", "xfd-state-stale-on-resume",
-                                     "uabi-mxcsr-by-ymm")
+                                     "uabi-mxcsr-by-ymm", "guest-xfd-host-write-keeps-xstate-bv")
 
 
 def missing(v: Variant, cpu: str) -> str | None:

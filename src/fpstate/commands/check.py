@@ -8,8 +8,9 @@ Sapphire Rapids; the bundled FVP profile with FPMR for arm64):
 1. every scenario of ``scenarios/`` under the kernel's design (must hold), and under each
    variant it lists (must violate the invariant it names);
 2. every seed variant, and every variant that is the newest kernel's own unfixed code
-   (`variants.UNFIXED_VARIANTS`: Linux 6.18's two suspend/resume bugs, whose proposed fixes
-   the default configuration applies), through the explorer from the default configuration,
+   (`variants.UNFIXED_VARIANTS`: Linux 6.18's two suspend/resume bugs, its stale MXCSR in
+   UABI buffers, and the guest XFD gap b45f72177594 leaves, whose proposed fixes the default
+   configuration applies), through the explorer from the default configuration,
    no scenario hint (must find the invariant the variant breaks, within ``--budget``
    seconds);
 3. the explorer under the kernel's design for ``--seconds`` per model and CPU (must find

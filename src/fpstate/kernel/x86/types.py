@@ -260,6 +260,13 @@ VARIANTS: Mapping[str, Variant] = {v.name: v for v in (
             "its WRMSR IA32_XFD and fpu_update_guest_xfd(), or a VMM's KVM_SET_XSAVE stores "
             "the bit; the next XRSTORS, with the guest's XFD in the MSR, takes #NM in the host "
             "(the WARN in exc_device_not_available())"),
+    Variant("guest-xfd-host-write-keeps-xstate-bv", "fpu_update_guest_xfd",
+            "b45f72177594 as merged (6.19 and stable; fpstate kvm-findings, session 34, "
+            "proposed fix guest_xfd_host_write)",
+            "fpu_update_guest_xfd() clears an armed component's XSTATE_BV bit only when "
+            "current's TIF_NEED_FPU_LOAD is set: a VMM's KVM_SET_MSRS of a nonzero IA32_XFD "
+            "outside KVM_RUN, with its own registers live, leaves the bit of the guest's tile "
+            "data, and the next KVM_RUN's XRSTORS takes #NM in the host"),
     Variant("sigframe-magic2-at-user-size", "check_xstate_in_sigframe",
             "v6.15 to v6.17: dc8aa31a7ac2 'x86/fpu: Refine and simplify the magic number check "
             "during signal return', reverted by 44eeff9bc467 (7.1, and 6.18.y); what the model "
@@ -331,6 +338,10 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown fix(es) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(sorted(APPLICABLE_FIXES))})")
+        if ("guest_xfd_host_write" in self.fixes
+                and "guest_xfd_clears_xstate_bv" not in self.fixes):
+            raise FpstateError("proposed fix guest_xfd_host_write amends "
+                               "guest_xfd_clears_xstate_bv, which is not applied")
         if "mxcsr_flip_inits_xmm" in self.fixes and "mxcsr_by_format" not in self.fixes:
             raise FpstateError("proposed fix mxcsr_flip_inits_xmm amends mxcsr_by_format, "
                                "which is not applied")

@@ -195,6 +195,16 @@ PROPOSED: tuple[Change, ...] = (
            "it is not MXCSR_DEFAULT (unfixed: MXCSR is copied out whenever the header has SSE "
            "or YMM -- on a compacted kernel the bytes of SSE's last save, which a debugger's "
            "or a VMM's write-back hands to the task; variant uabi-mxcsr-by-ymm)"),
+    Change("guest_xfd_host_write", "proposed",
+           "fpstate: kvm-findings, session 34 (b45f72177594's fpu_update_guest_xfd() tests "
+           "current's TIF_NEED_FPU_LOAD, which says nothing of a guest fpstate that is not "
+           "swapped in: a VMM's KVM_SET_MSRS outside KVM_RUN)",
+           "an amendment of guest_xfd_clears_xstate_bv, which it needs: fpu_update_guest_xfd() "
+           "clears the armed components' XSTATE_BV bits whenever the guest's registers are not "
+           "live, !fpstate->in_use || TIF_NEED_FPU_LOAD (without it: a VMM's nonzero "
+           "KVM_SET_MSRS of IA32_XFD while the guest holds tile data leaves XSTATE_BV[18] = 1 "
+           "under XFD[18] = 1, and the next KVM_RUN's XRSTORS takes #NM in the host; variant "
+           "guest-xfd-host-write-keeps-xstate-bv)"),
     Change("mxcsr_flip_inits_xmm", "proposed",
            "fpstate: an amendment of mxcsr_by_format (kernel-findings 6), which it needs",
            "when copy_uabi_to_xstate() sets SSE in XSTATE_BV for a non-default MXCSR that "

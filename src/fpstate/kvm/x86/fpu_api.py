@@ -89,16 +89,24 @@ def fpu_update_guest_xfd(c: Cpu, gfpu: FpuGuest, xfd: int) -> None:
     """fpu_update_guest_xfd() (core.c): a guest write of IA32_XFD that KVM emulates (or a
     host KVM_SET_MSRS). Under fpregs_lock: with fix guest_xfd_clears_xstate_bv (b45f72177594,
     6.19 and stable), when current's registers are not live (TIF_NEED_FPU_LOAD: an
-    interrupt's kernel_fpu_begin() saved the guest's since the exit) the components ``xfd``
-    arms lose their XSTATE_BV bits, which a save under the old XFD set; then fps->xfd = xfd,
+    interrupt's kernel_fpu_begin() or a context switch saved the guest's since the exit) the
+    components ``xfd`` arms lose their XSTATE_BV bits, which a save under the old XFD set --
+    with proposed fix guest_xfd_host_write also when the guest fpstate is not swapped in at
+    all (a VMM's KVM_SET_MSRS outside KVM_RUN, whose own registers are live; variant
+    guest-xfd-host-write-keeps-xstate-bv is the merged test alone); then fps->xfd = xfd,
     and the MSR is updated at once if the guest fpstate is the one swapped in (in_use).
     Variant guest-xfd-keeps-xstate-bv runs the code before the fix. KVM handles the guest's
     WRMSR with interrupts on: a hard interrupt aimed at this section arrives between fps->xfd
     and the MSR, when they (and the per-CPU xfd_state) disagree."""
     fps = gfpu.fpstate
+    system = c.m.system
     core.fpregs_lock(c)
-    if xfd and c.current.need_fpu_load and not c.m.system.runs_unfixed(
-            "guest-xfd-keeps-xstate-bv", "guest_xfd_clears_xstate_bv"):
+    if system.runs_unfixed("guest-xfd-host-write-keeps-xstate-bv", "guest_xfd_host_write"):
+        not_live = c.current.need_fpu_load  # b45f72177594 as merged: current's flag only
+    else:
+        not_live = not fps.in_use or c.current.need_fpu_load
+    if xfd and not_live and not system.runs_unfixed("guest-xfd-keeps-xstate-bv",
+                                                     "guest_xfd_clears_xstate_bv"):
         # b45f72177594: the guest's registers are not live, so no XSAVE with the new XFD
         # will clear XSTATE_BV[i] for a component it arms; a later XRSTORS would #NM.
         fps.xstate_bv &= ~xfd
