@@ -85,6 +85,12 @@ def fpu_enable_guest_xfd_features(c: Cpu, gfpu: FpuGuest, xfeatures: int) -> KPa
     return (yield from __xfd_enable_feature(c, xfeatures, gfpu))
 
 
+def guest_xfd_clears_xstate_bv(system: FpuSystem) -> bool:
+    """Whether ``system`` runs b45f72177594 (fix ``guest_xfd_clears_xstate_bv``, not variant
+    ``guest-xfd-keeps-xstate-bv``): no guest fpstate keeps an XSTATE_BV bit its XFD arms."""
+    return not system.runs_unfixed("guest-xfd-keeps-xstate-bv", "guest_xfd_clears_xstate_bv")
+
+
 def fpu_update_guest_xfd(c: Cpu, gfpu: FpuGuest, xfd: int) -> None:
     """fpu_update_guest_xfd() (core.c): a guest write of IA32_XFD that KVM emulates (or a
     host KVM_SET_MSRS). Under fpregs_lock: with fix guest_xfd_clears_xstate_bv (b45f72177594,
@@ -105,8 +111,7 @@ def fpu_update_guest_xfd(c: Cpu, gfpu: FpuGuest, xfd: int) -> None:
         not_live = c.current.need_fpu_load  # b45f72177594 as merged: current's flag only
     else:
         not_live = not fps.in_use or c.current.need_fpu_load
-    if xfd and not_live and not system.runs_unfixed("guest-xfd-keeps-xstate-bv",
-                                                     "guest_xfd_clears_xstate_bv"):
+    if xfd and not_live and guest_xfd_clears_xstate_bv(system):
         # b45f72177594: the guest's registers are not live, so no XSAVE with the new XFD
         # will clear XSTATE_BV[i] for a component it arms; a later XRSTORS would #NM.
         fps.xstate_bv &= ~xfd
@@ -158,8 +163,7 @@ def fpu_copy_uabi_to_guest_fpstate(c: Cpu, gfpu: FpuGuest, buf: bytes, xcr0: int
     xstate_bv = int.from_bytes(buf[512:520], "little")
     if xstate_bv & ~xcr0:
         return -EINVAL
-    if xstate_bv & gfpu.fpstate.xfd and not c.m.system.runs_unfixed(
-            "guest-xfd-keeps-xstate-bv", "guest_xfd_clears_xstate_bv"):
+    if xstate_bv & gfpu.fpstate.xfd and guest_xfd_clears_xstate_bv(c.m.system):
         # b45f72177594: "Disabled features must be in their initial state, otherwise XRSTOR
         # causes an exception" -- WARN_ON_ONCE, then -EINVAL (KVM clears them before).
         raise KernelBug("xfd-armed-in-uabi-buffer",
@@ -185,5 +189,5 @@ __all__ = [
     "KVM_XSAVE_SIZE", "fpstate_clear_xstate_component", "fpu_alloc_guest_fpstate",
     "fpu_copy_guest_fpstate_to_uabi", "fpu_copy_uabi_to_guest_fpstate",
     "fpu_enable_guest_xfd_features", "fpu_free_guest_fpstate", "fpu_sync_guest_vmexit_xfd_state",
-    "fpu_update_guest_xfd",
+    "fpu_update_guest_xfd", "guest_xfd_clears_xstate_bv",
 ]

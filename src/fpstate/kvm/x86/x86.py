@@ -36,6 +36,7 @@ from fpstate.kvm.x86.fpu_api import (
     fpu_copy_guest_fpstate_to_uabi,
     fpu_copy_uabi_to_guest_fpstate,
     fpu_update_guest_xfd,
+    guest_xfd_clears_xstate_bv,
 )
 from fpstate.x86.program import Fault
 from fpstate.x86.xfeatures import (
@@ -437,8 +438,7 @@ def kvm_arch_vcpu_ioctl_set_xsave(c: Cpu, vcpu: KvmVcpu, buf: bytes) -> int:
         return 0
     buf = bytes(buf[:size])
     xfd = fps.xfd
-    if xfd and not c.m.system.runs_unfixed("guest-xfd-keeps-xstate-bv",
-                                           "guest_xfd_clears_xstate_bv"):
+    if xfd and guest_xfd_clears_xstate_bv(c.m.system):
         bv = int.from_bytes(buf[512:520], "little") & ~xfd
         buf = buf[:512] + bv.to_bytes(8, "little") + buf[520:]
     pkru = [vcpu.arch.pkru]
