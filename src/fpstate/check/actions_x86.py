@@ -137,7 +137,7 @@ from fpstate.kernel.x86.types import (
     KernelBug,
 )
 from fpstate.kernel.x86.types import VARIANTS as KERNEL_MODEL_VARIANTS
-from fpstate.kernel.x86.versions import APPLICABLE_FIXES
+from fpstate.kernel.x86.versions import AMENDS, APPLICABLE_FIXES
 from fpstate.kernel.x86.xfd import MSR_IA32_PASID_VALID
 from fpstate.kernel.x86.xstate_prctl import (
     ARCH_GET_XCOMP_GUEST_PERM,
@@ -525,12 +525,10 @@ class X86World(X86Views, World):
             if name not in APPLICABLE_FIXES:
                 raise ScenarioError(f"config.fixes: {name!r} is not a fix the model applies "
                                     f"by name (known: {', '.join(sorted(APPLICABLE_FIXES))})")
-        if "mxcsr_flip_inits_xmm" in fixes and "mxcsr_by_format" not in fixes:
-            raise ScenarioError("config.fixes: 'mxcsr_flip_inits_xmm' amends 'mxcsr_by_format', "
-                                "which is not listed")
-        if "guest_xfd_host_write" in fixes and "guest_xfd_clears_xstate_bv" not in fixes:
-            raise ScenarioError("config.fixes: 'guest_xfd_host_write' amends "
-                                "'guest_xfd_clears_xstate_bv', which is not listed")
+        for amendment, base in AMENDS.items():
+            if amendment in fixes and base not in fixes:
+                raise ScenarioError(f"config.fixes: {amendment!r} amends {base!r}, which is not "
+                                    f"listed")
 
     @classmethod
     def task_names(cls, config: Mapping[str, Any]) -> list[str]:

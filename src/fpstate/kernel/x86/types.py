@@ -331,20 +331,17 @@ class FpuSystem:
             raise FpstateError(
                 f"unknown model variant(s) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(VARIANTS)})")
-        from fpstate.kernel.x86.versions import APPLICABLE_FIXES
+        from fpstate.kernel.x86.versions import AMENDS, APPLICABLE_FIXES
 
         unknown = set(self.fixes) - APPLICABLE_FIXES
         if unknown:
             raise FpstateError(
                 f"unknown fix(es) {', '.join(sorted(unknown))} "
                 f"(known: {', '.join(sorted(APPLICABLE_FIXES))})")
-        if ("guest_xfd_host_write" in self.fixes
-                and "guest_xfd_clears_xstate_bv" not in self.fixes):
-            raise FpstateError("proposed fix guest_xfd_host_write amends "
-                               "guest_xfd_clears_xstate_bv, which is not applied")
-        if "mxcsr_flip_inits_xmm" in self.fixes and "mxcsr_by_format" not in self.fixes:
-            raise FpstateError("proposed fix mxcsr_flip_inits_xmm amends mxcsr_by_format, "
-                               "which is not applied")
+        for amendment, base in AMENDS.items():
+            if amendment in self.fixes and base not in self.fixes:
+                raise FpstateError(f"proposed fix {amendment} amends {base}, which is not "
+                                   f"applied")
         xcompacted = self.xsavec or self.xsaves
         supervisor = self.kernel.max_features & XFEATURE_MASK_SUPERVISOR_SUPPORTED
         xss = (supervisor | self.kernel.independent_features) if self.xsaves else 0

@@ -235,6 +235,9 @@ LATER: tuple[Change, ...] = (
 
 _BY_KEY = {c.key: c for c in (*CHANGES, *PROPOSED, *LATER)}
 PROPOSED_FIXES: frozenset[str] = frozenset(c.key for c in PROPOSED)
+#: Proposed fixes that amend another fix and need it applied too: amendment -> the fix.
+AMENDS: dict[str, str] = {"mxcsr_flip_inits_xmm": "mxcsr_by_format",
+                          "guest_xfd_host_write": "guest_xfd_clears_xstate_bv"}
 #: Every fix a configuration may apply by name (`FpuSystem.fixes`, the checker's
 #: ``config.fixes``): the proposed ones and those merged after the newest listed kernel.
 APPLICABLE_FIXES: frozenset[str] = PROPOSED_FIXES | frozenset(c.key for c in LATER)
