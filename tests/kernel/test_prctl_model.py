@@ -155,6 +155,19 @@ def test_v5_16_request_revoked_the_default_permission() -> None:
     assert t.fpu.perm.state_size == compacted_size(m.system.profile, 0x60EE7)
 
 
+@pytest.mark.parametrize("kernel", ["5.16", "5.17"])
+def test_guest_permission_options_come_with_v5_17(kernel: str) -> None:
+    """980fe2fddcff (v5.17, versions row kvm_amx) added the two GUEST options; before it they
+    are unknown options (-EINVAL, before the pointer is looked at: EFAULT after)."""
+    m = Machine.boot("sapphire-rapids", kernel=kernel)
+    start(m)
+    old = kernel == "5.16"
+    assert prctl(m, 0, xp.ARCH_GET_XCOMP_GUEST_PERM, 0) == (-xp.EINVAL if old else -xp.EFAULT)
+    assert prctl(m, 0, xp.ARCH_REQ_XCOMP_GUEST_PERM, 18) == (-xp.EINVAL if old else 0)
+    assert prctl(m, 0, xp.ARCH_GET_XCOMP_PERM, 0) == -xp.EFAULT
+    assert prctl(m, 0, xp.ARCH_REQ_XCOMP_PERM, 18) == 0
+
+
 def test_spr_guest_permission_keeps_cet_kernel_and_locks(spr: Machine) -> None:
     """guest_perm starts at guest_default_cfg (CET_KERNEL included, invisible to GET); a vCPU
     locks it: later changes -> EBUSY, an already granted request still 0."""

@@ -26,6 +26,7 @@ from fpstate.kernel.x86.xstate_prctl import (
 )
 from fpstate.kvm.x86 import x86
 from fpstate.kvm.x86.cpuid import (
+    XFD,
     CpuidEntry2,
     KvmCaps,
     find_cpuid,
@@ -133,6 +134,27 @@ def test_guest_permission_for_amx_on_a_cpu_without_amx_is_eopnotsupp() -> None:
     v = vmm(ZEN5)
     assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == -EOPNOTSUPP
     assert v.cap_xsave2() == 4096
+
+
+@pytest.mark.parametrize("kernel", ["5.16", "5.17"])
+def test_kvm_offers_guests_amx_from_v5_17(kernel: str) -> None:
+    """Versions row kvm_amx: before v5.17 arch_prctl() has no guest-permission options
+    (-EINVAL), KVM_SUPPORTED_XCR0 has no tile components and kvm_cpu_caps no XFD, so a guest
+    that arms IA32_XFD takes #GP and KVM_SET_MSRS refuses the tile bit."""
+    system = model_system(SPR, kernel=kernel)
+    v = Vmm(Machine(system, 1), model_config(system))
+    new = kernel == "5.17"
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == (0 if new else -EINVAL)
+    assert v.kvm.caps.supported_xcr0 == (0x602E7 if new else 0x2E7)
+    assert v.kvm.caps.cap(XFD) is new
+    sup = v.supported_cpuid_0xd()
+    assert find_cpuid(sup, 0xD, 0).eax == (0x602E7 if new else 0x2E7)
+    assert bool(find_cpuid(sup, 0xD, 1).eax & XFD) is new
+    vcpu = vcpu_with_cpuid(v)
+    r = v.run(vcpu, [GuestOp("wrmsr", x86.MSR_IA32_XFD, XTILE_DATA)])
+    assert r.results[0] is None if new else r.results[0].vector == "#GP"
+    assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == (1 if new else 0)
+    assert v.arch_prctl(ARCH_REQ_XCOMP_PERM, 18) == 0  # the host's own permission: v5.16
 
 
 # -- KVM_SET_CPUID2 -----------------------------------------------------------------------------

@@ -54,6 +54,16 @@ CHANGES: tuple[Change, ...] = (
            "interrupted_user_mode() || interrupted_kernel_fpu_idle(), true there too, so the "
            "handler's kernel_fpu_begin() saved and clobbered registers the section was using; "
            "variant hardirq-fpu-in-fpregs-lock)"),
+    Change("kvm_amx", "5.17",
+           "980fe2fddcff x86/fpu: Extend fpu_xstate_prctl() with guest permissions, with the "
+           "KVM AMX series of Jing Liu and Yang Zhong it opens (January 2022, merged for "
+           "v5.17: 820a6ee944e7 kvm: x86: Add emulation for IA32_XFD, XCR0 and CPUID support "
+           "for AMX)",
+           "arch_prctl() knows ARCH_GET_XCOMP_GUEST_PERM and ARCH_REQ_XCOMP_GUEST_PERM, and KVM "
+           "offers guests AMX: KVM_SUPPORTED_XCR0 has XTILE_CFG and XTILE_DATA, kvm_cpu_caps "
+           "CPUID.(0DH,1):EAX[4] (XFD), so a guest may have IA32_XFD and IA32_XFD_ERR (before: "
+           "the two options are -EINVAL, and a guest's CPUID and XCR0 have no AMX and no XFD; "
+           "KVM's other code is v6.18's at every version)"),
     Change("xcompacted_xsavec", "5.19",
            "8ad7e8f69695 x86/fpu/xsave: Support XSAVEC in the kernel",
            "X86_FEATURE_XCOMPACTED = XSAVEC || XSAVES (before: compacted only with XSAVES); "
@@ -271,7 +281,8 @@ class KernelVersion:
 
 #: Every version ``--kernel`` accepts, oldest first.
 VERSION_NAMES: tuple[str, ...] = (
-    "5.16", "5.19", "6.1", "6.3", "6.5", "6.6", "6.9", "6.11", "6.12", "6.16", "6.17", "6.18",
+    "5.16", "5.17", "5.19", "6.1", "6.3", "6.5", "6.6", "6.9", "6.11", "6.12", "6.16", "6.17",
+    "6.18",
 )
 NEWEST = VERSION_NAMES[-1]
 

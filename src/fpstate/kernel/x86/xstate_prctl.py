@@ -49,6 +49,7 @@ from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
     ARCH_XCOMP_TILECFG,
     ARCH_XCOMP_TILEDATA,
 )
+from fpstate.kernel.x86.versions import running
 
 # include/uapi/asm-generic/errno-base.h, errno.h
 EPERM, ENOMEM, EFAULT, EBUSY, EINVAL, ENOSPC, EOPNOTSUPP = 1, 12, 14, 16, 22, 28, 95
@@ -174,9 +175,13 @@ def fpu_xstate_prctl(c: Cpu, option: int, arg2: int) -> int:
     GET_XCOMP_SUPP writes fpu_user_cfg.max_features | legacy_features to *arg2;
     GET_XCOMP_PERM and GET_XCOMP_GUEST_PERM write the group's permission masked to user
     features (never supervisor bits or FPU_GUEST_PERM_LOCKED); REQ_XCOMP_(GUEST_)PERM take a
-    feature number in arg2. A bad pointer gives EFAULT; any other option EINVAL.
+    feature number in arg2. A bad pointer gives EFAULT; any other option EINVAL, as the two
+    GUEST options are before v5.17 (versions row ``kvm_amx``: 980fe2fddcff added them).
     """
     system = c.m.system
+    if option in (ARCH_GET_XCOMP_GUEST_PERM, ARCH_REQ_XCOMP_GUEST_PERM) \
+            and not running(system.kernel_version).has("kvm_amx"):
+        return -EINVAL
     if option == ARCH_GET_XCOMP_SUPP:
         return put_user_u64(c, arg2, system.user.max_features | system.user.legacy_features)
     if option == ARCH_GET_XCOMP_PERM:

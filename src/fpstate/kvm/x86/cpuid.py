@@ -188,7 +188,7 @@ def xstate_cache(host: CpuidProfile) -> tuple[XstateSize, ...]:
 
 
 def kvm_x86_vendor_init(host: CpuidProfile, host_xcr0: int, host_xss: int, *, host_d1_eax: int,
-                        vendor_d1_eax: int, cet: bool) -> KvmCaps:
+                        vendor_d1_eax: int, cet: bool, amx: bool = True) -> KvmCaps:
     """The xcr0/xss part of kvm_x86_vendor_init() (x86.c, v6.18) on a host whose kernel wrote
     XCR0 = ``host_xcr0`` and IA32_XSS = ``host_xss``.
 
@@ -198,15 +198,21 @@ def kvm_x86_vendor_init(host: CpuidProfile, host_xcr0: int, host_xss: int, *, ho
     VM-execution control, PVM offers none). supported_xcr0 = host XCR0 & KVM_SUPPORTED_XCR0;
     supported_xss = host XSS & KVM_SUPPORTED_XSS, 0 without the XSAVES cap, and CET only when
     the guest may get SHSTK or IBT (``cet``) and both CET bits are there (all-or-nothing).
+    ``amx`` False is a kernel before v5.17 (versions row ``kvm_amx``): KVM_SUPPORTED_XCR0
+    without XTILE_CFG and XTILE_DATA, kvm_cpu_caps without XFD.
     """
     d1_eax = host_d1_eax & vendor_d1_eax & (XSAVEOPT | XSAVEC | XGETBV1 | XSAVES | XFD)
+    supported_xcr0 = KVM_SUPPORTED_XCR0
+    if not amx:
+        d1_eax &= ~XFD
+        supported_xcr0 &= ~XFEATURE_MASK_XTILE
     sxss = host_xss & KVM_SUPPORTED_XSS if d1_eax & XSAVES else 0
     if not cet:
         sxss &= ~KVM_SUPPORTED_XSS
     if sxss & KVM_SUPPORTED_XSS != KVM_SUPPORTED_XSS:
         sxss &= ~KVM_SUPPORTED_XSS
     return KvmCaps(
-        supported_xcr0=host_xcr0 & KVM_SUPPORTED_XCR0,
+        supported_xcr0=host_xcr0 & supported_xcr0,
         supported_xss=sxss,
         host_xcr0=host_xcr0,
         host_xss=host_xss,

@@ -46,6 +46,7 @@ from fpstate.kernel.x86.types import (
     StateConfig,
     Variant,
 )
+from fpstate.kernel.x86.versions import running
 from fpstate.kernel.x86.xstate_prctl import EINVAL, sys_arch_prctl, xstate_get_group_perm
 from fpstate.kvm.x86 import fpu as kfpu
 from fpstate.kvm.x86 import x86
@@ -671,7 +672,8 @@ def model_config(system: FpuSystem, vendor: str = "vmx",
                                         (XFD, system.xfd)) if flag)
     caps = kvm_x86_vendor_init(p, system.xcr0, system.xss, host_d1_eax=host_d1,
                                vendor_d1_eax=VENDOR_D1_EAX[vendor],
-                               cet=p.has("SHSTK") or p.has("IBT"))
+                               cet=p.has("SHSTK") or p.has("IBT"),
+                               amx=running(system.kernel_version).has("kvm_amx"))
     return KvmConfig(caps, p, frozenset(variants))
 
 
