@@ -16,6 +16,7 @@ import pytest
 from fpstate.cli import main
 from fpstate.errors import FpstateError
 from fpstate.kernel.x86.versions import (
+    CHANGES,
     VERSION_NAMES,
     kernel_version,
     version_for_release,
@@ -332,12 +333,20 @@ def _bits(mask: int) -> list[int]:
 def test_kernel_versions() -> None:
     assert kernel_version("6.12.8-arch1").name == "6.12"
     assert kernel_version("v6.18").name == "6.18"
-    assert version_for_release("6.14.2-300.fc42.x86_64").name == "6.12"
+    assert version_for_release("6.14.2-300.fc42.x86_64").name == "6.13"
     assert version_for_release("6.18.44-fc-v657").name == "6.18"
     with pytest.raises(FpstateError, match=r"unknown kernel version '6\.14'; known: 5\.16, "):
         kernel_version("6.14")
     with pytest.raises(FpstateError, match="older than the oldest"):
         version_for_release("5.10.0")
+
+
+def test_every_change_is_dated_by_a_listed_version() -> None:
+    """The rule of versions.py: a version is listed wherever behaviour changes, so a release
+    between two listed ones behaves as the earlier one."""
+    assert {c.since for c in CHANGES} <= set(VERSION_NAMES)
+    assert version_for_release("5.18.19").has("hardirq_fpu_checks_bh")
+    assert not version_for_release("5.17.15").has("hardirq_fpu_checks_bh")
 
 
 def test_cli_boot_log_prints_lines_and_json(capsys: pytest.CaptureFixture[str]) -> None:

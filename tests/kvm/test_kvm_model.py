@@ -136,14 +136,15 @@ def test_guest_permission_for_amx_on_a_cpu_without_amx_is_eopnotsupp() -> None:
     assert v.cap_xsave2() == 4096
 
 
-@pytest.mark.parametrize("kernel", ["5.16", "5.17"])
+@pytest.mark.parametrize("kernel", ["5.16", "5.18"])
 def test_kvm_offers_guests_amx_from_v5_17(kernel: str) -> None:
     """Versions row kvm_amx: before v5.17 arch_prctl() has no guest-permission options
     (-EINVAL), KVM_SUPPORTED_XCR0 has no tile components and kvm_cpu_caps no XFD, so a guest
-    that arms IA32_XFD takes #GP and KVM_SET_MSRS refuses the tile bit."""
+    that arms IA32_XFD takes #GP and KVM_SET_MSRS refuses the tile bit. (5.18, not 5.17: the
+    next test.)"""
     system = model_system(SPR, kernel=kernel)
     v = Vmm(Machine(system, 1), model_config(system))
-    new = kernel == "5.17"
+    new = kernel == "5.18"
     assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == (0 if new else -EINVAL)
     assert v.kvm.caps.supported_xcr0 == (0x602E7 if new else 0x2E7)
     assert v.kvm.caps.cap(XFD) is new
@@ -155,6 +156,24 @@ def test_kvm_offers_guests_amx_from_v5_17(kernel: str) -> None:
     assert r.results[0] is None if new else r.results[0].vector == "#GP"
     assert v.set_msrs(vcpu, [(x86.MSR_IA32_XFD, XTILE_DATA)]) == (1 if new else 0)
     assert v.arch_prctl(ARCH_REQ_XCOMP_PERM, 18) == 0  # the host's own permission: v5.16
+
+
+def test_v5_17s_guest_permission_request_hides_the_default_features_from_the_vmm() -> None:
+    """v5.17's __xstate_request_perm() stored the requested bits alone (063452fd94d1 fixed it
+    in v5.18; versions row req_perm_adds), for guest permissions too: after a VMM's
+    ARCH_REQ_XCOMP_GUEST_PERM(18) the guest permission is XTILE_DATA alone, and
+    KVM_GET_SUPPORTED_CPUID -- which masks leaf 0xD with it -- offers the guest nothing else:
+    no x87, SSE or AVX. A VMM that builds the guest's CPUID from it gives a guest whose CPUID
+    has no FP/SSE in XCR0, which a Linux guest refuses to run XSAVE with."""
+    system = model_system(SPR, kernel="5.17")
+    v = Vmm(Machine(system, 1), model_config(system))
+    assert find_cpuid(v.supported_cpuid_0xd(), 0xD, 0).eax == 0x2E7
+    assert v.arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM, 18) == 0
+    assert v.task.fpu.guest_perm.state_perm == XTILE_DATA
+    d0 = find_cpuid(v.supported_cpuid_0xd(), 0xD, 0)
+    assert (d0.eax, d0.ebx) == (XTILE_DATA, 11008)
+    assert v.cap_xsave2() == 11008
+    assert v.xcomp_guest_supp() == 0x602E7  # KVM_GET_DEVICE_ATTR is not filtered
 
 
 # -- KVM_SET_CPUID2 -----------------------------------------------------------------------------

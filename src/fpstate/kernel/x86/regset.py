@@ -318,9 +318,9 @@ def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, ubuf: Ubuf) -> in
     (pos 0, count == fpu_user_cfg.max_size) else -EFAULT; copy_from_user() of the buffer
     (-EFAULT, the tracee untouched, where it faults); then fpu_force_restore() and
     copy_uabi_from_kernel_to_xstate(), whose PKRU goes to thread.pkru. Variant
-    ``ptrace-set-no-invalidate`` skips the invalidation; variant ``ptrace-pkru-ignored``
-    (v5.14 to v6.1) leaves thread.pkru as it was: the PKRU of the buffer lands in the
-    fpstate, which no restore reads for PKRU."""
+    ``ptrace-set-no-invalidate`` skips the invalidation. Before v6.2 (versions row
+    ``ptrace_pkru_to_thread``; variant ``ptrace-pkru-ignored``) thread.pkru stays as it was:
+    the PKRU of the buffer lands in the fpstate, which no restore reads for PKRU."""
     system = c.m.system
     if not system.xsave:
         return -ENODEV
@@ -333,7 +333,7 @@ def xstateregs_set(c: Cpu, target: Task, pos: int, count: int, ubuf: Ubuf) -> in
         fpu_force_restore(c, target.fpu)
     pkru = [target.thread_pkru]
     ret = copy_uabi_to_xstate(system, target.fpu.fpstate, data, pkru)
-    if not system.has_variant("ptrace-pkru-ignored"):
+    if not system.runs_unfixed("ptrace-pkru-ignored", "ptrace_pkru_to_thread"):
         target.thread_pkru = pkru[0]
     return ret
 

@@ -210,11 +210,12 @@ def set_xfeature_in_sigframe(c: Cpu, buf_fx: int, mask: int, *, faults: bool = T
 def update_pkru_in_sigframe(c: Cpu, buf_fx: int, pkru: int) -> None:
     """update_pkru_in_sigframe(): with OSPKE, mark PKRU in use in the frame and store the
     pre-signal PKRU (the register is 0 while the frame is written) at its standard offset.
-    Variant ``pkru-sigframe-no-xstate-bv`` (v6.12) stores the value only: where XSAVE wrote
-    XSTATE_BV[PKRU] = 0 (AMD after WRPKRU 0, `FpRegs.wrpkru`) sigreturn ignores it."""
+    v6.12 (versions row ``sigframe_pkru_xstate_bv``; variant ``pkru-sigframe-no-xstate-bv``)
+    stores the value only: where XSAVE wrote XSTATE_BV[PKRU] = 0 (AMD after WRPKRU 0,
+    `FpRegs.wrpkru`) sigreturn ignores it."""
     if not c.m.system.ospke:
         return
-    if not c.m.system.has_variant("pkru-sigframe-no-xstate-bv"):
+    if not c.m.system.runs_unfixed("pkru-sigframe-no-xstate-bv", "sigframe_pkru_xstate_bv"):
         set_xfeature_in_sigframe(c, buf_fx, XFEATURE_MASK_PKRU, faults=False)
     off = c.m.system.profile.component(9).offset
     c.current.process.mm.write(buf_fx + off, pkru.to_bytes(4, "little"), faults_enabled=False,
@@ -369,9 +370,10 @@ def get_sigframe(c: Cpu, sa_flags: int, frame_size: int = RT_SIGFRAME_SIZE,
     if (nested or entering) and not (t.sas_ss_sp < sp <= t.sas_ss_sp + t.sas_ss_size):
         c.m.log.append(f"{t.comm}[{t.pid}] overflowed sigaltstack")
         return -1, fpstate
-    if c.m.system.has_variant("sigframe-under-user-pkru"):
-        # Before v6.12 the frame was written under the interrupted code's PKRU, whose value
-        # XSAVE stores itself: no key opened, no update_pkru_in_sigframe().
+    if c.m.system.runs_unfixed("sigframe-under-user-pkru", "sigframe_pkru_opened"):
+        # Before v6.12 (versions row sigframe_pkru_opened) the frame was written under the
+        # interrupted code's PKRU, whose value XSAVE stores itself: no key opened, no
+        # update_pkru_in_sigframe().
         if not copy_fpstate_to_sigframe(c, fpstate, buf_fx, math_size, None):
             return -1, fpstate
         return sp, fpstate

@@ -64,6 +64,12 @@ CHANGES: tuple[Change, ...] = (
            "CPUID.(0DH,1):EAX[4] (XFD), so a guest may have IA32_XFD and IA32_XFD_ERR (before: "
            "the two options are -EINVAL, and a guest's CPUID and XCR0 have no AMX and no XFD; "
            "KVM's other code is v6.18's at every version)"),
+    Change("req_perm_adds", "5.18",
+           "063452fd94d1 x86/fpu/xstate: Fix the ARCH_REQ_XCOMP_PERM implementation (Yang "
+           "Zhong, x86-urgent of April 2022, Cc stable; backports not modelled)",
+           "__xstate_request_perm() stores permitted | requested as the permission (before: the "
+           "requested bits alone, so a grant revoked the default features and "
+           "ARCH_GET_XCOMP_PERM stopped reporting them; variant req-perm-overwrites)"),
     Change("xcompacted_xsavec", "5.19",
            "8ad7e8f69695 x86/fpu/xsave: Support XSAVEC in the kernel",
            "X86_FEATURE_XCOMPACTED = XSAVEC || XSAVES (before: compacted only with XSAVES); "
@@ -84,6 +90,12 @@ CHANGES: tuple[Change, ...] = (
            "init_fpstate sized for the kernel default features and checked against its 4096-byte "
            "buffer in fpu__init_system_xstate() (before: max features, and "
            "is_supported_xstate_size() on the default size in init_xstate_size())"),
+    Change("ptrace_pkru_to_thread", "6.2",
+           "4a804c4f8356 x86/fpu: Allow PKRU to be (once again) written by ptrace (Kyle Huey, "
+           "January 2023, Cc stable; backports not modelled)",
+           "PTRACE_SETREGSET(NT_X86_XSTATE) puts the buffer's PKRU into thread.pkru, which the "
+           "return to user mode loads (before, since v5.14: into the fpstate only, where no "
+           "restore reads PKRU, so a debugger's write was lost; variant ptrace-pkru-ignored)"),
     Change("erratum_1386", "6.3",
            "x86/amd: Work around Erratum 1386 - XSAVES malfunction on context switch "
            "(Andrew Cooper, March 2023; backported to stable)",
@@ -114,12 +126,25 @@ CHANGES: tuple[Change, ...] = (
            "2848ff28d180 x86/fpu: Avoid writing LBR bit to IA32_XSS unless supported",
            "fpu_kernel_cfg.independent_features = enumerated & LBR; IA32_XSS gets LBR only when "
            "the CPU enumerates it (before: whenever X86_FEATURE_ARCH_LBR)"),
+    Change("sigframe_pkru_opened", "6.12",
+           "70044df250d0 x86/pkeys: Update PKRU to enable all pkeys before XSAVE (Aruna "
+           "Ramakrishna, tip x86/urgent, 6.12)",
+           "signal delivery opens every key (PKRU = 0) while it writes the frame, then stores "
+           "the interrupted code's PKRU in the frame (before, since v4.9: the frame was written "
+           "under that PKRU, and a sigaltstack behind a key it had closed made the signal a "
+           "SIGSEGV; variant sigframe-under-user-pkru)"),
     Change("xsave_layout_note", "6.12",
            "ba386777a30b x86/elf: Add a new FPU buffer layout info to x86 core files "
            "(Vignesh Balasubramanian; tip x86/fpu, pulled for 6.12)",
            "core dumps end their notes with NT_X86_XSAVE_LAYOUT (type, size, standard offset, "
            "flags of each extended user feature); zero records abort the dump's memory "
            "(c8161e5304ab fixes it in 6.19, with stable backports; not modelled)"),
+    Change("sigframe_pkru_xstate_bv", "6.13",
+           "ae6012d72fa6 x86/pkeys: Ensure updated PKRU value is XRSTOR'd (Aruna Ramakrishna, "
+           "December 2024, Cc stable)",
+           "update_pkru_in_sigframe() also sets XSTATE_BV[PKRU] in the frame (before, in v6.12: "
+           "the value only, which sigreturn ignores where XSAVE found PKRU = 0 in its initial "
+           "configuration; variant pkru-sigframe-no-xstate-bv)"),
     Change("x86_task_fpu_kthread_warn", "6.15",
            "22aafe3bcb67 x86/fpu: Remove init_task FPU state dependencies, add debugging "
            "warning for PF_KTHREAD tasks (Ingo Molnar, 6.15 merge window)",
@@ -281,8 +306,8 @@ class KernelVersion:
 
 #: Every version ``--kernel`` accepts, oldest first.
 VERSION_NAMES: tuple[str, ...] = (
-    "5.16", "5.17", "5.19", "6.1", "6.3", "6.5", "6.6", "6.9", "6.11", "6.12", "6.16", "6.17",
-    "6.18",
+    "5.16", "5.17", "5.18", "5.19", "6.1", "6.2", "6.3", "6.5", "6.6", "6.9", "6.11", "6.12",
+    "6.13", "6.15", "6.16", "6.17", "6.18",
 )
 NEWEST = VERSION_NAMES[-1]
 

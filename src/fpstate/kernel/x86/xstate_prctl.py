@@ -127,7 +127,8 @@ def __xstate_request_perm(c: Cpu, permitted: int, requested: int, guest: bool) -
     """__xstate_request_perm() (xstate.c, v6.16+): mask = permitted | requested (supervisor and
     software bits preserved, d8414603b29f); ksize compacted (if XCOMPACTED), usize standard of
     the user part; host requests must fit every existing sigaltstack; then store all three.
-    Variant ``req-perm-overwrites`` stores ``requested`` as the permission."""
+    Before v5.18 (versions row ``req_perm_adds``; variant ``req-perm-overwrites``) it stores
+    ``requested`` as the permission."""
     if permitted & requested == requested:
         return 0
     system = c.m.system
@@ -140,8 +141,9 @@ def __xstate_request_perm(c: Cpu, permitted: int, requested: int, guest: bool) -
             return ret
     leader = c.current.process.leader.fpu
     perm = leader.guest_perm if guest else leader.perm
-    # Variant req-perm-overwrites (v5.16, v5.17): the requested bits replace the permission.
-    perm.state_perm = requested if system.has_variant("req-perm-overwrites") else mask
+    # Before v5.18 (req-perm-overwrites): the requested bits replace the permission.
+    overwrites = system.runs_unfixed("req-perm-overwrites", "req_perm_adds")
+    perm.state_perm = requested if overwrites else mask
     perm.state_size = ksize
     perm.user_state_size = usize
     return 0
