@@ -3,11 +3,12 @@
 Models the history of arch/x86/kernel/fpu/xstate.c, arch/x86/include/asm/fpu/xstate.h and
 types.h from v5.16 (the first kernel with ``struct fpu_state_config``, AMX and XFD) to v6.18,
 of the run-time FPU code where a listed kernel shipped a bug the model knows (fpu/core.c
-irq_fpu_usable(), exec's reset, fpu__init_cpu()'s xfd_state; `FpuSystem.runs_unfixed`), of
-the SHA-256 library a CPU coming online uses, of the suspend/resume path
-(`fpstate.kernel.x86.power`: :data:`PROPOSED` fixes no release has), and of the generic code
-a core's FPU notes pass through (fs/coredump.c, and the scheduler's wait_task_inactive() that
-coredump_wait() calls).
+irq_fpu_usable(), exec's reset, fpu__init_cpu()'s xfd_state, arch_prctl()'s permission grant,
+ptrace's PKRU, the signal frame's PKRU; `FpuSystem.runs_unfixed`), of the SHA-256 library a
+CPU coming online uses, of the suspend/resume path (`fpstate.kernel.x86.power`:
+:data:`PROPOSED` fixes no release has), of the generic code a core's FPU notes pass through
+(fs/coredump.c, and the scheduler's wait_task_inactive() that coredump_wait() calls), and of
+KVM only in whether it offers guests AMX (row ``kvm_amx``: the KVM model is otherwise v6.18's).
 Each difference is one row of :data:`CHANGES`: a key, the first listed version that has it,
 and the commit (or tip/stable/list mail) it comes from. A :class:`KernelVersion` is a name
 plus the set of keys it has; everything version-dependent asks ``kernel.has(KEY)``, never
