@@ -70,6 +70,61 @@ def test_each_seed_scenario_breaks_its_invariant_under_the_rejected_design(path:
     assert invariant in {v.invariant for v in first}
 
 
+#: Variants whose fixing commit is a mainline release (versions.py rows): the last listed
+#: kernel that shipped the bug, and the first without it.
+VERSIONED = {
+    "hardirq-fpu-in-fpregs-lock": ("5.17", "5.18"),
+    "req-perm-overwrites": ("5.17", "5.18"),
+    "ptrace-pkru-ignored": ("6.1", "6.2"),
+    "exec-fpu-drop": ("6.3", "6.5"),
+    "xfd-state-stale-on-online": ("6.6", "6.9"),
+    # 6.12 fixed it with a bug of its own on AMD (pkru-sigframe-no-xstate-bv; below)
+    "sigframe-under-user-pkru": ("6.11", "6.13"),
+    "pkru-sigframe-no-xstate-bv": ("6.12", "6.13"),
+    "sigframe-magic2-at-user-size": ("6.17", "6.18"),
+}
+#: Scenarios where another bug of the old kernel breaks its invariant first: 5.17's
+#: ARCH_REQ_XCOMP_PERM revokes the default features before the interrupt comes.
+OTHER_BUG_FIRST = {"hardirq-fpu-in-guest-xfd-update.yaml": "permission-keeps-defaults",
+                   "hardirq-fpu-in-xfd-realloc.yaml": "permission-keeps-defaults"}
+BY_VERSION = [(p, v) for p in WITH_VARIANT for v in scn.load(p).variants if v in VERSIONED]
+
+
+def _first_violation(report: scn.Report) -> set[str]:
+    assert report.violation is not None, "no violation"
+    step, _ = report.violation
+    first = (report.initial if step == 0
+             else next(r.violations for r in report.records if r.n == step))
+    return {v.invariant for v in first}
+
+
+def _at(s: scn.Scenario, kernel: str) -> scn.Scenario:
+    return scn.Scenario(s.name, s.model, {**s.config, "kernel": kernel}, s.steps, s.variants)
+
+
+@pytest.mark.parametrize(("path", "variant"), BY_VERSION,
+                         ids=lambda x: x.name if isinstance(x, Path) else x)
+def test_a_kernel_that_shipped_a_bug_runs_it(path: Path, variant: str) -> None:
+    """The scenario of a variant with a mainline fix breaks the variant's invariant under the
+    kernel's design of the last kernel that shipped the bug, and holds on the first without."""
+    s = scn.load(path)
+    old, new = VERSIONED[variant]
+    assert _first_violation(scn.run(_at(s, old))) >= {
+        OTHER_BUG_FIRST.get(path.name, s.variants[variant])}
+    assert scn.run(_at(s, new)).ok
+
+
+def test_the_pkru_frame_fix_of_6_12_broke_sigreturn_on_amd() -> None:
+    """Zen 4, a key-protected sigaltstack: 6.11 cannot write the frame (SIGSEGV), 6.12 writes
+    it with every key open and stores the old PKRU without XSTATE_BV[PKRU], which an AMD
+    XSAVE after WRPKRU 0 leaves 0, so sigreturn loses the task's PKRU; 6.13 sets the bit."""
+    s = scn.load(ROOT / "scenarios" / "pkey-altstack-signal.yaml")
+    assert s.config["cpu"] == "zen4"
+    assert _first_violation(scn.run(_at(s, "6.11"))) == {"sigframe-delivered-with-room"}
+    assert _first_violation(scn.run(_at(s, "6.12"))) == {"no-lost-write"}
+    assert scn.run(_at(s, "6.13")).ok
+
+
 def test_run_prints_the_trace_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(write(tmp_path, MINIMAL))]) == 0
     out = capsys.readouterr().out.splitlines()
