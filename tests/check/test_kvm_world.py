@@ -511,6 +511,27 @@ def test_a_vmms_edit_of_an_armed_component_gives_the_guest_its_initial_configura
     assert not r.violations
 
 
+def test_a_migration_from_a_vcpu_that_holds_a_component_loosely_loosens_it() -> None:
+    """Found by campaign x86-kernels (Emerald Rapids, two vCPUs): the guest of v0 writes tile
+    data and the VMM arms its XFD (KVM_SET_MSRS), which may drop the value from v0's image
+    (`guest_loose`); here it does (b45f72177594 with the guest_xfd_host_write amendment). A
+    migration of v0's buffer to v1 then carries TILEDATA initial, and v1 -- whose XFD is not
+    armed -- may read either, as v0 may: not a lost write."""
+    w = make_world("x86", {**AMX_VM, "vms": {"vm0": {"vmm": "vmm.t0", "vcpus": 2,
+                                                      "guest_amx": True}},
+                           "fixes": ["guest_xfd_clears_xstate_bv", "guest_xfd_host_write"]},
+                   None)
+    for a in [A("run", task="vmm.t0", cpu=0), _run("write xtiledata"),
+              A("set_xfd_msr", task="vmm.t0", vcpu="vm0.v0")]:
+        assert not w.step(a).violations
+    own = w.expected["vm0.v0"][18]
+    assert w.guest_loose["vm0.v0"] == {18: own}
+    r = w.step(A("migrate_xsave", task="vmm.t0", vcpu="vm0.v1", src="vm0.v0"))
+    assert not r.violations and not r.observed["xstate_bv"] & 1 << 18
+    assert w.expected["vm0.v1"][18] == own and w.guest_loose["vm0.v1"] == {18: own}
+    assert w.do_observe_vcpu("vm0.v1")["xtiledata"] == "init"
+
+
 def test_the_code_before_b45f72177594_stores_the_armed_bit() -> None:
     w = _amx_world("guest-xfd-keeps-xstate-bv", steps=[_run(ARM)])
     r = w.step(A("edit_xsave", task="vmm.t0", vcpu="vm0.v0", component="xtiledata"))

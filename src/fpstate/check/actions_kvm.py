@@ -772,7 +772,8 @@ class KvmX86World(X86World):
         it too, else its initial configuration (the buffer does not hold it: KVM_GET_XSAVE2
         masks with the source's guest_supported_xcr0), MXCSR included; a component
         ``vcpu``'s XFD arms takes its initial configuration (KVM_SET_XSAVE clears its header
-        bit since b45f72177594); PKRU takes ``src``'s
+        bit since b45f72177594); one that ``src`` holds loosely (`guest_loose`: armed with a
+        value, so its image may have dropped it) is loose in ``vcpu`` too; PKRU takes ``src``'s
         where the buffer's XSTATE_BV has PKRU and is left as it was otherwise (KVM passes a
         NULL PKRU pointer); so is MXCSR on a standard-format kernel when XSTATE_BV has none
         of x87, SSE and AVX, unless the proposed fix mxcsr_by_format is applied; supervisor
@@ -794,6 +795,7 @@ class KvmX86World(X86World):
     def _migrate_contract(self, name: str, v: kv.KvmVcpu, src: str, vs: kv.KvmVcpu,
                           hdr: int, armed: int = 0) -> None:
         exp, sexp = self.expected[name], self.expected[src]
+        loose, sloose = self.guest_loose[name], self.guest_loose[src]
         src_user = set(self.guest_tracked(vs)) - {PKRU}
         for i in self.guest_tracked(v):
             if (XFEATURE_MASK_SUPERVISOR_ALL >> i) & 1:
@@ -806,6 +808,8 @@ class KvmX86World(X86World):
                 exp.pop(i, None)  # armed in the destination's XFD: initial (b45f72177594)
             elif i in src_user and i in sexp:
                 exp[i] = sexp[i]
+                if sloose.get(i) == sexp[i]:
+                    loose[i] = sexp[i]  # the source's value or its initial configuration
             else:
                 exp.pop(i, None)
         s = self.m.system
