@@ -25,7 +25,6 @@ from __future__ import annotations
 from fpstate.kernel.x86 import core
 from fpstate.kernel.x86.sched import Cpu
 from fpstate.kernel.x86.types import KernelBug
-from fpstate.kernel.x86.versions import running
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import XFEATURE_MASK_SSE
 
@@ -47,7 +46,7 @@ def sha256_blocks(c: Cpu) -> bool:
     generic C code (and always before 6.16). True when the FPU was used (SHA-NI's XMM
     registers). Taking the FPU before fpu__init_cpu() oopses in kernel_fpu_begin_mask()
     (KernelBug ``invalid-opcode``)."""
-    if not running(c.m.system.kernel_version).has("sha256_simd") or not core.irq_fpu_usable(c):
+    if not c.m.system.kernel_has("sha256_simd") or not core.irq_fpu_usable(c):
         return False
     try:
         core.kernel_fpu_begin(c)

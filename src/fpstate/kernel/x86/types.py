@@ -397,16 +397,21 @@ class FpuSystem:
         assert name in VARIANTS, f"unknown variant {name}"
         return name in self.variants
 
+    def kernel_has(self, key: str) -> bool:
+        """Whether the kernel this system runs has versions row ``key``
+        (`KernelVersion.has`)."""
+        from fpstate.kernel.x86.versions import running
+
+        return running(self.kernel_version).has(key)
+
     def runs_unfixed(self, variant: str, fix: str) -> bool:
         """Whether the code of rejected design ``variant`` runs: selected, or this kernel
         predates ``fix``, the versions row of the commit that fixed it (a listed kernel that
         shipped the bug runs it), or ``fix`` is a proposed fix (versions.PROPOSED) this system
         was not given in ``fixes``."""
-        from fpstate.kernel.x86.versions import running
-
         if self.has_variant(variant):
             return True
-        return fix not in self.fixes and not running(self.kernel_version).has(fix)
+        return fix not in self.fixes and not self.kernel_has(fix)
 
     def with_options(self, **changes: Any) -> FpuSystem:
         """A copy with some fields changed (e.g. ``variants={"pasid-write-incoherent"}``)."""

@@ -56,7 +56,7 @@ from fpstate.kernel.x86.init import (
     why_absent,
 )
 from fpstate.kernel.x86.types import PF_KTHREAD, KernelBug
-from fpstate.kernel.x86.versions import NEWEST, KernelVersion, kernel_version, running
+from fpstate.kernel.x86.versions import NEWEST, KernelVersion, kernel_version
 from fpstate.x86 import layout
 from fpstate.x86.cpuid import CpuidProfile
 from fpstate.x86.xfeatures import (
@@ -645,7 +645,7 @@ def fpu__resume_cpu(c: Cpu) -> None:
             if not unfixed:
                 xfd_set_state(c, c.m.init_fpstate.xfd)
                 return
-            if running(s.kernel_version).has("x86_task_fpu_kthread_warn"):
+            if s.kernel_has("x86_task_fpu_kthread_warn"):
                 raise KernelBug("x86-task-fpu-kthread",
                                 f"fpu__resume_cpu() on {cur.comm}: x86_task_fpu() of a "
                                 "PF_KTHREAD task WARNs and returns NULL "

@@ -49,7 +49,6 @@ from fpstate.kernel.x86.uapi import (  # noqa: F401 (re-exported)
     ARCH_XCOMP_TILECFG,
     ARCH_XCOMP_TILEDATA,
 )
-from fpstate.kernel.x86.versions import running
 
 # include/uapi/asm-generic/errno-base.h, errno.h
 EPERM, ENOMEM, EFAULT, EBUSY, EINVAL, ENOSPC, EOPNOTSUPP = 1, 12, 14, 16, 22, 28, 95
@@ -182,7 +181,7 @@ def fpu_xstate_prctl(c: Cpu, option: int, arg2: int) -> int:
     """
     system = c.m.system
     if option in (ARCH_GET_XCOMP_GUEST_PERM, ARCH_REQ_XCOMP_GUEST_PERM) \
-            and not running(system.kernel_version).has("kvm_amx"):
+            and not system.kernel_has("kvm_amx"):
         return -EINVAL
     if option == ARCH_GET_XCOMP_SUPP:
         return put_user_u64(c, arg2, system.user.max_features | system.user.legacy_features)

@@ -46,7 +46,6 @@ from fpstate.kernel.x86.types import (
     StateConfig,
     Variant,
 )
-from fpstate.kernel.x86.versions import running
 from fpstate.kernel.x86.xstate_prctl import EINVAL, sys_arch_prctl, xstate_get_group_perm
 from fpstate.kvm.x86 import fpu as kfpu
 from fpstate.kvm.x86 import x86
@@ -673,7 +672,7 @@ def model_config(system: FpuSystem, vendor: str = "vmx",
     caps = kvm_x86_vendor_init(p, system.xcr0, system.xss, host_d1_eax=host_d1,
                                vendor_d1_eax=VENDOR_D1_EAX[vendor],
                                cet=p.has("SHSTK") or p.has("IBT"),
-                               amx=running(system.kernel_version).has("kvm_amx"))
+                               amx=system.kernel_has("kvm_amx"))
     return KvmConfig(caps, p, frozenset(variants))
 
 
